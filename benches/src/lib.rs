@@ -1,0 +1,1 @@
+//! Criterion benchmarks for the uffdkit crates live in `benches/`.

@@ -1,0 +1,1 @@
+//! page-state: the lock-free 2-bit page state map.

@@ -1,0 +1,1 @@
+//! pager: the fault-resolution engine (regions, sources, fault loop, placement, prefetch, stats).

@@ -1,0 +1,1 @@
+//! postcopy: live post-copy migration (wire format, source page server, destination, recovery).

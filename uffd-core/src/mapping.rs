@@ -1,0 +1,319 @@
+//! Memory to register: anonymous, shmem (memfd) and hugetlb mappings, owned and unmapped
+//! on drop, plus the hugetlb pool controls that tests and tools need.
+//!
+//! A shmem or hugetlb mapping can be mapped a second time ([`Mapping::alias`]): the alias
+//! is not registered, so writing through it fills the page cache without faulting, which
+//! is how minor-fault (CONTINUE) pagers stage pages.
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+
+/// 2 MiB, the huge page size used for hugetlb mappings here.
+pub const HUGE_PAGE_SIZE: usize = 2 << 20;
+
+/// What backs a mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MemoryKind {
+    /// Private anonymous memory.
+    Anon,
+    /// Shared memory (a memfd), 4 KiB pages.
+    Shmem,
+    /// Shared hugetlbfs memory (a `MFD_HUGETLB` memfd), 2 MiB pages.
+    Hugetlb,
+    /// Private anonymous hugetlb memory (`MAP_HUGETLB`), 2 MiB pages: Firecracker's layout.
+    HugetlbPrivate,
+}
+
+impl MemoryKind {
+    /// The page size of this kind of memory.
+    pub fn page_size(self) -> usize {
+        match self {
+            MemoryKind::Anon | MemoryKind::Shmem => crate::page_size(),
+            MemoryKind::Hugetlb | MemoryKind::HugetlbPrivate => HUGE_PAGE_SIZE,
+        }
+    }
+
+    /// A short lowercase name.
+    pub fn name(self) -> &'static str {
+        match self {
+            MemoryKind::Anon => "anon",
+            MemoryKind::Shmem => "shmem",
+            MemoryKind::Hugetlb => "hugetlb",
+            MemoryKind::HugetlbPrivate => "hugetlb-private",
+        }
+    }
+
+    /// Whether the memory is file-backed and shared (aliasable, minor faults possible).
+    pub fn is_shared(self) -> bool {
+        matches!(self, MemoryKind::Shmem | MemoryKind::Hugetlb)
+    }
+
+    /// Whether this kind uses the hugetlb pool.
+    pub fn is_hugetlb(self) -> bool {
+        matches!(self, MemoryKind::Hugetlb | MemoryKind::HugetlbPrivate)
+    }
+}
+
+/// An owned memory mapping, unmapped on drop.
+#[derive(Debug)]
+pub struct Mapping {
+    addr: usize,
+    len: usize,
+    kind: MemoryKind,
+    file: Option<Arc<OwnedFd>>,
+}
+
+// SAFETY: a Mapping is an address range plus an fd; it hands out raw addresses only, and
+// the kernel serialises concurrent operations on the range.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; no method gives out references to the memory.
+unsafe impl Sync for Mapping {}
+
+fn mmap(len: usize, prot: i32, flags: i32, fd: i32) -> io::Result<usize> {
+    // SAFETY: a fresh mapping at a kernel-chosen address overlaps nothing we own.
+    let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, fd, 0) };
+    if ptr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ptr as usize)
+}
+
+fn memfd(name: &CStr, flags: u32, len: usize) -> io::Result<OwnedFd> {
+    // SAFETY: `name` is NUL-terminated.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags | libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create returned a fresh fd that we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ftruncate on an fd we own.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+const RW: i32 = libc::PROT_READ | libc::PROT_WRITE;
+
+impl Mapping {
+    /// Maps `len` bytes (rounded up to the kind's page size) of `kind` memory.
+    pub fn new(kind: MemoryKind, len: usize) -> io::Result<Mapping> {
+        let len = len.next_multiple_of(kind.page_size());
+        let (addr, file) = match kind {
+            MemoryKind::Anon => (
+                mmap(
+                    len,
+                    RW,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                )?,
+                None,
+            ),
+            MemoryKind::HugetlbPrivate => (
+                mmap(
+                    len,
+                    RW,
+                    libc::MAP_PRIVATE
+                        | libc::MAP_ANONYMOUS
+                        | libc::MAP_HUGETLB
+                        | libc::MAP_HUGE_2MB
+                        | libc::MAP_NORESERVE,
+                    -1,
+                )?,
+                None,
+            ),
+            MemoryKind::Shmem => {
+                let fd = memfd(c"uffdkit-shmem", 0, len)?;
+                (
+                    mmap(len, RW, libc::MAP_SHARED, fd.as_raw_fd())?,
+                    Some(Arc::new(fd)),
+                )
+            }
+            MemoryKind::Hugetlb => {
+                let fd = memfd(
+                    c"uffdkit-hugetlb",
+                    libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
+                    len,
+                )?;
+                (
+                    mmap(
+                        len,
+                        RW,
+                        libc::MAP_SHARED | libc::MAP_NORESERVE,
+                        fd.as_raw_fd(),
+                    )?,
+                    Some(Arc::new(fd)),
+                )
+            }
+        };
+        Ok(Mapping {
+            addr,
+            len,
+            kind,
+            file,
+        })
+    }
+
+    /// Private anonymous memory whose start is aligned to `align` (a power of two), e.g.
+    /// 2 MiB so that transparent huge pages can back it.
+    pub fn anon_aligned(len: usize, align: usize) -> io::Result<Mapping> {
+        assert!(align.is_power_of_two(), "alignment must be a power of two");
+        let len = len.next_multiple_of(crate::page_size());
+        let raw_len = len + align;
+        let raw = mmap(
+            raw_len,
+            RW,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+        )?;
+        let addr = raw.next_multiple_of(align);
+        // SAFETY: both trimmed pieces lie inside the mapping we just made and own.
+        unsafe {
+            if addr > raw {
+                libc::munmap(raw as *mut _, addr - raw);
+            }
+            let end = addr + len;
+            if raw + raw_len > end {
+                libc::munmap(end as *mut _, raw + raw_len - end);
+            }
+        }
+        Ok(Mapping {
+            addr,
+            len,
+            kind: MemoryKind::Anon,
+            file: None,
+        })
+    }
+
+    /// A second mapping of the same shmem/hugetlb file, not registered with anything:
+    /// writes through it fill the page cache without faults.
+    pub fn alias(&self) -> io::Result<Mapping> {
+        let file = self.file.as_ref().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "only shared mappings have aliases",
+            )
+        })?;
+        let mut flags = libc::MAP_SHARED;
+        if self.kind == MemoryKind::Hugetlb {
+            flags |= libc::MAP_NORESERVE;
+        }
+        Ok(Mapping {
+            addr: mmap(self.len, RW, flags, file.as_raw_fd())?,
+            len: self.len,
+            kind: self.kind,
+            file: Some(file.clone()),
+        })
+    }
+
+    /// Start address.
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the mapping is empty (never: mappings have at least one page).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The memory kind.
+    pub fn kind(&self) -> MemoryKind {
+        self.kind
+    }
+
+    /// The page size of the mapping.
+    pub fn page_size(&self) -> usize {
+        self.kind.page_size()
+    }
+
+    /// Number of pages.
+    pub fn pages(&self) -> usize {
+        self.len / self.page_size()
+    }
+
+    /// Address of page `index`.
+    pub fn page_addr(&self, index: usize) -> usize {
+        assert!(index < self.pages(), "page {index} beyond the mapping");
+        self.addr + index * self.page_size()
+    }
+
+    /// The backing file, for shared kinds.
+    pub fn file(&self) -> Option<&OwnedFd> {
+        self.file.as_deref()
+    }
+
+    /// Start as a raw pointer. Reading or writing through it may fault into a handler.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.addr as *mut u8
+    }
+
+    /// `madvise(2)` on a sub-range (e.g. `MADV_DONTNEED`, which raises a REMOVE event).
+    pub fn madvise(&self, offset: usize, len: usize, advice: i32) -> io::Result<()> {
+        assert!(offset + len <= self.len, "madvise range beyond the mapping");
+        // SAFETY: the range lies within this mapping.
+        if unsafe { libc::madvise((self.addr + offset) as *mut _, len, advice) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Gives up the mapping without unmapping it (e.g. after `mremap` moved it), returning
+    /// its address and length.
+    pub fn leak(self) -> (usize, usize) {
+        let me = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `me` is never dropped, so the Arc is moved out exactly once.
+        drop(unsafe { std::ptr::read(&me.file) });
+        (me.addr, me.len)
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: we own this range; nothing refers to it after drop.
+        unsafe { libc::munmap(self.addr as *mut _, self.len) };
+    }
+}
+
+/// The 2 MiB hugetlb pool: `/proc/sys/vm/nr_hugepages` and its free count.
+pub mod hugetlb {
+    use std::io;
+
+    const POOL: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
+
+    fn read(name: &str) -> io::Result<usize> {
+        let text = std::fs::read_to_string(format!("{POOL}/{name}"))?;
+        text.trim()
+            .parse()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    /// Reserved 2 MiB pages (`nr_hugepages`).
+    pub fn reserved() -> io::Result<usize> {
+        read("nr_hugepages")
+    }
+
+    /// Free 2 MiB pages.
+    pub fn free() -> io::Result<usize> {
+        read("free_hugepages")
+    }
+
+    /// Makes at least `pages` 2 MiB pages free, growing the pool if allowed (root).
+    /// Returns the free count afterwards, which can still be short if memory is
+    /// fragmented or the caller is not privileged.
+    pub fn ensure_free(pages: usize) -> io::Result<usize> {
+        let now = free()?;
+        if now >= pages {
+            return Ok(now);
+        }
+        let want = reserved()? + (pages - now);
+        std::fs::write(format!("{POOL}/nr_hugepages"), want.to_string())?;
+        free()
+    }
+}
