@@ -118,8 +118,8 @@ impl Ioctls {
 /// What a successful `UFFDIO_API` returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ApiInfo {
-    /// The features now enabled on the fd; when `UFFDIO_API` is called with no features,
-    /// every feature the kernel supports.
+    /// Every feature the kernel supports. (Not the enabled set: on success the kernel
+    /// enables exactly the features requested.)
     pub features: Features,
     /// The ioctls the fd accepts.
     pub ioctls: Ioctls,

@@ -262,13 +262,14 @@ impl Uffd {
         Uffd::builder().require(features).open()
     }
 
-    /// Raw `UFFDIO_API` on this fd; on success records the negotiated features.
-    /// A second call on the same fd fails (EINVAL) as the kernel requires.
+    /// Raw `UFFDIO_API` on this fd; on success records `features` as the negotiated set
+    /// (the kernel enables exactly what was requested, or fails). A second call on the
+    /// same fd fails (EINVAL) as the kernel requires.
     ///
     /// See `ioctl_userfaultfd(2)`. Since Linux 4.3.
     pub fn api(&mut self, version: u64, features: Features) -> Result<ApiInfo> {
         let info = api_ioctl(self.fd.as_fd(), version, features)?;
-        self.features = info.features;
+        self.features = features;
         self.ioctls = info.ioctls;
         Ok(info)
     }
