@@ -77,7 +77,11 @@ fn remap_event_reports_old_and_new_address() {
     let event = next_event(&uffd, &mut EventBuffer::new(4));
     mover.join().expect("mremap thread");
     match event {
-        Event::Remap { from: f, to: t, len: l } => assert_eq!((f, t, l), (from, to, len)),
+        Event::Remap {
+            from: f,
+            to: t,
+            len: l,
+        } => assert_eq!((f, t, l), (from, to, len)),
         other => panic!("expected remap, got {other:?}"),
     }
     // SAFETY: the moved range is ours.
@@ -96,7 +100,8 @@ fn remove_event_reports_the_dropped_range() {
     let (addr, len) = (region.page_addr(1), 2 * PS);
     let dropper = std::thread::spawn(move || {
         // SAFETY: a range of our mapping.
-        assert_eq!(unsafe { libc::madvise(addr as *mut _, len, libc::MADV_DONTNEED) }, 0);
+        let r = unsafe { libc::madvise(addr as *mut _, len, libc::MADV_DONTNEED) };
+        assert_eq!(r, 0);
     });
     let event = next_event(&uffd, &mut EventBuffer::new(4));
     dropper.join().expect("madvise thread");
@@ -131,13 +136,15 @@ fn placements_return_again_with_nothing_done_while_a_remove_is_unread() {
     let shmem = Mapping::new(MemoryKind::Shmem, PS).expect("map shmem");
     let alias = shmem.alias().expect("alias");
     let src = Mapping::new(MemoryKind::Anon, PS).expect("map src");
-    src.madvise(0, PS, libc::MADV_DONTFORK).expect("MADV_DONTFORK");
+    src.madvise(0, PS, libc::MADV_DONTFORK)
+        .expect("MADV_DONTFORK");
     // SAFETY: our unregistered mappings.
     unsafe {
         std::ptr::write_volatile(src.as_ptr(), 1);
         std::ptr::write_volatile(alias.as_ptr(), 2);
     }
-    let uffd = open(Features::EVENT_REMOVE | Features::MOVE | Features::POISON | Features::MINOR_SHMEM);
+    let uffd =
+        open(Features::EVENT_REMOVE | Features::MOVE | Features::POISON | Features::MINOR_SHMEM);
     uffd.register(anon.addr(), anon.len(), RegisterMode::MISSING)
         .expect("register anon");
     uffd.register(shmem.addr(), shmem.len(), RegisterMode::MINOR)
@@ -145,9 +152,14 @@ fn placements_return_again_with_nothing_done_while_a_remove_is_unread() {
     let victim = anon.page_addr(0);
     let dropper = std::thread::spawn(move || {
         // SAFETY: a page of our mapping.
-        assert_eq!(unsafe { libc::madvise(victim as *mut _, PS, libc::MADV_DONTNEED) }, 0);
+        let r = unsafe { libc::madvise(victim as *mut _, PS, libc::MADV_DONTNEED) };
+        assert_eq!(r, 0);
     });
-    assert!(uffd.wait_readable(Some(Duration::from_secs(5))).expect("poll"), "REMOVE pending");
+    assert!(
+        uffd.wait_readable(Some(Duration::from_secs(5)))
+            .expect("poll"),
+        "REMOVE pending"
+    );
 
     let data = pattern(1, PS, 1);
     let dst = anon.page_addr(1);
@@ -155,12 +167,18 @@ fn placements_return_again_with_nothing_done_while_a_remove_is_unread() {
         Err(Error::Again { done: 0, .. }) => {}
         other => panic!("{what}: expected Again {{ done: 0 }}, got {other:?}"),
     };
-    // SAFETY (all below): missing pages of our registered regions; src is ours.
-    again(unsafe { uffd.copy(dst, &data, CopyMode::empty()) }, "copy");
+    // SAFETY: a missing page of our registered region.
+    let copy = unsafe { uffd.copy(dst, &data, CopyMode::empty()) };
+    again(copy, "copy");
     again(uffd.zeropage(dst, PS, ZeropageMode::empty()), "zeropage");
-    again(unsafe { uffd.move_pages(dst, src.addr(), PS, MoveMode::empty()) }, "move");
-    again(uffd.poison(anon.page_addr(2), PS, PoisonMode::empty()), "poison");
-    again(unsafe { uffd.continue_range(shmem.addr(), PS, ContinueMode::empty()) }, "continue");
+    // SAFETY: dst as above; src is our own page.
+    let moved = unsafe { uffd.move_pages(dst, src.addr(), PS, MoveMode::empty()) };
+    again(moved, "move");
+    let poison = uffd.poison(anon.page_addr(2), PS, PoisonMode::empty());
+    again(poison, "poison");
+    // SAFETY: the shmem page cache holds what we wrote through the alias.
+    let cont = unsafe { uffd.continue_range(shmem.addr(), PS, ContinueMode::empty()) };
+    again(cont, "continue");
 
     let event = next_event(&uffd, &mut EventBuffer::new(4));
     assert!(matches!(event, Event::Remove { .. }), "{event:?}");
@@ -208,7 +226,8 @@ fn fault_events_carry_the_faulting_thread_id_when_asked() {
         Event::Pagefault { thread, .. } => assert_eq!(thread, Some(tid)),
         other => panic!("{other:?}"),
     }
-    uffd.zeropage(addr, PS, ZeropageMode::empty()).expect("zeropage");
+    uffd.zeropage(addr, PS, ZeropageMode::empty())
+        .expect("zeropage");
     reader.join().expect("reader");
 }
 
@@ -236,7 +255,10 @@ fn many_faults_are_read_in_one_batch() {
     // Let every reader block before the single read.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while fdinfo_pending(&uffd) < pages {
-        assert!(std::time::Instant::now() < deadline, "faults never all pending");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "faults never all pending"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let mut buf = EventBuffer::new(64);
@@ -255,8 +277,8 @@ fn many_faults_are_read_in_one_batch() {
 /// The `pending:` count of faults not yet read, from fdinfo.
 fn fdinfo_pending(uffd: &uffd_core::Uffd) -> usize {
     use std::os::fd::AsRawFd;
-    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", uffd.as_raw_fd()))
-        .expect("fdinfo");
+    let info =
+        std::fs::read_to_string(format!("/proc/self/fdinfo/{}", uffd.as_raw_fd())).expect("fdinfo");
     info.lines()
         .find_map(|l| l.strip_prefix("pending:"))
         .and_then(|v| v.trim().parse().ok())

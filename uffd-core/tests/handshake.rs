@@ -52,7 +52,8 @@ fn unknown_feature_bit_fails() {
 #[test]
 fn second_api_on_same_fd_fails() {
     let mut uffd = Uffd::builder().open_unnegotiated().expect("open");
-    uffd.api(sys::UFFD_API, Features::EVENT_REMOVE).expect("first API");
+    uffd.api(sys::UFFD_API, Features::EVENT_REMOVE)
+        .expect("first API");
     let err = uffd
         .api(sys::UFFD_API, Features::EVENT_REMOVE)
         .expect_err("second API on one fd");
@@ -70,7 +71,11 @@ fn api_reports_fd_ioctls() {
 fn probe_reports_move_poison_and_wp_async() {
     let probe = probe().expect("probe");
     for f in [Features::MOVE, Features::POISON, Features::WP_ASYNC] {
-        assert!(probe.features.contains(f), "{f:?} missing from {:?}", probe.features.names());
+        assert!(
+            probe.features.contains(f),
+            "{f:?} missing from {:?}",
+            probe.features.names()
+        );
     }
     assert!(probe.device.works && probe.device.kernel_faults);
     assert!(probe.syscall.works);
@@ -80,7 +85,10 @@ fn probe_reports_move_poison_and_wp_async() {
 fn probe_runs_on_a_throwaway_fd_so_a_later_handshake_still_works() {
     let before = probe().expect("probe").features;
     let uffd = Uffd::open(before - Features::SIGBUS - Features::WP_ASYNC).expect("open");
-    assert_eq!(uffd.features(), before - Features::SIGBUS - Features::WP_ASYNC);
+    assert_eq!(
+        uffd.features(),
+        before - Features::SIGBUS - Features::WP_ASYNC
+    );
 }
 
 #[test]
@@ -125,7 +133,9 @@ fn adopted_fd_learns_negotiated_features_from_fdinfo() {
 
 #[test]
 fn adopting_a_non_uffd_fails_clearly() {
-    let file: OwnedFd = std::fs::File::open("/proc/self/status").expect("open").into();
+    let file: OwnedFd = std::fs::File::open("/proc/self/status")
+        .expect("open")
+        .into();
     let err = Uffd::from_fd(file).expect_err("a file is no userfaultfd");
     assert!(err.to_string().contains("not a userfaultfd"), "{err}");
 }
@@ -134,5 +144,9 @@ fn adopting_a_non_uffd_fails_clearly() {
 fn raw_api_ioctl_on_fresh_fd_lists_all_supported_features() {
     let fd = Uffd::builder().open_unnegotiated().expect("open");
     let info = api_ioctl(fd.as_fd(), sys::UFFD_API, Features::empty()).expect("api");
-    assert!(info.features.contains(Features::all_named()), "{:?}", info.features);
+    assert!(
+        info.features.contains(Features::all_named()),
+        "{:?}",
+        info.features
+    );
 }

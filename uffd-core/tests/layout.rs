@@ -5,25 +5,43 @@ use std::mem::{offset_of, size_of};
 use linux_raw_sys::general as g;
 use linux_raw_sys::ioctl as i;
 use uffd_core::sys;
-use uffd_core::{Features, FaultFlags, Ioctls, RegisterMode};
+use uffd_core::{FaultFlags, Features, Ioctls, RegisterMode};
 
 #[test]
 fn struct_sizes_match_kernel_headers() {
     assert_eq!(size_of::<sys::uffdio_api>(), size_of::<g::uffdio_api>());
     assert_eq!(size_of::<sys::uffdio_range>(), size_of::<g::uffdio_range>());
-    assert_eq!(size_of::<sys::uffdio_register>(), size_of::<g::uffdio_register>());
+    assert_eq!(
+        size_of::<sys::uffdio_register>(),
+        size_of::<g::uffdio_register>()
+    );
     assert_eq!(size_of::<sys::uffdio_copy>(), size_of::<g::uffdio_copy>());
-    assert_eq!(size_of::<sys::uffdio_zeropage>(), size_of::<g::uffdio_zeropage>());
-    assert_eq!(size_of::<sys::uffdio_writeprotect>(), size_of::<g::uffdio_writeprotect>());
-    assert_eq!(size_of::<sys::uffdio_continue>(), size_of::<g::uffdio_continue>());
-    assert_eq!(size_of::<sys::uffdio_poison>(), size_of::<g::uffdio_poison>());
+    assert_eq!(
+        size_of::<sys::uffdio_zeropage>(),
+        size_of::<g::uffdio_zeropage>()
+    );
+    assert_eq!(
+        size_of::<sys::uffdio_writeprotect>(),
+        size_of::<g::uffdio_writeprotect>()
+    );
+    assert_eq!(
+        size_of::<sys::uffdio_continue>(),
+        size_of::<g::uffdio_continue>()
+    );
+    assert_eq!(
+        size_of::<sys::uffdio_poison>(),
+        size_of::<g::uffdio_poison>()
+    );
     assert_eq!(size_of::<sys::uffdio_move>(), size_of::<g::uffdio_move>());
     assert_eq!(size_of::<sys::uffd_msg>(), size_of::<g::uffd_msg>());
 }
 
 #[test]
 fn result_fields_sit_at_kernel_offsets() {
-    assert_eq!(offset_of!(sys::uffdio_copy, copy), offset_of!(g::uffdio_copy, copy));
+    assert_eq!(
+        offset_of!(sys::uffdio_copy, copy),
+        offset_of!(g::uffdio_copy, copy)
+    );
     assert_eq!(
         offset_of!(sys::uffdio_zeropage, zeropage),
         offset_of!(g::uffdio_zeropage, zeropage)
@@ -36,8 +54,14 @@ fn result_fields_sit_at_kernel_offsets() {
         offset_of!(sys::uffdio_poison, updated),
         offset_of!(g::uffdio_poison, updated)
     );
-    assert_eq!(offset_of!(sys::uffdio_move, moved), offset_of!(g::uffdio_move, move_));
-    assert_eq!(offset_of!(sys::uffdio_register, ioctls), offset_of!(g::uffdio_register, ioctls));
+    assert_eq!(
+        offset_of!(sys::uffdio_move, moved),
+        offset_of!(g::uffdio_move, move_)
+    );
+    assert_eq!(
+        offset_of!(sys::uffdio_register, ioctls),
+        offset_of!(g::uffdio_register, ioctls)
+    );
     assert_eq!(offset_of!(sys::uffd_msg, arg), offset_of!(g::uffd_msg, arg));
 }
 
@@ -63,11 +87,17 @@ fn ioctl_numbers_match_kernel_headers() {
 #[test]
 fn flag_values_match_kernel_headers() {
     let features = [
-        (Features::PAGEFAULT_FLAG_WP, g::UFFD_FEATURE_PAGEFAULT_FLAG_WP),
+        (
+            Features::PAGEFAULT_FLAG_WP,
+            g::UFFD_FEATURE_PAGEFAULT_FLAG_WP,
+        ),
         (Features::EVENT_FORK, g::UFFD_FEATURE_EVENT_FORK),
         (Features::EVENT_REMAP, g::UFFD_FEATURE_EVENT_REMAP),
         (Features::EVENT_REMOVE, g::UFFD_FEATURE_EVENT_REMOVE),
-        (Features::MISSING_HUGETLBFS, g::UFFD_FEATURE_MISSING_HUGETLBFS),
+        (
+            Features::MISSING_HUGETLBFS,
+            g::UFFD_FEATURE_MISSING_HUGETLBFS,
+        ),
         (Features::MISSING_SHMEM, g::UFFD_FEATURE_MISSING_SHMEM),
         (Features::EVENT_UNMAP, g::UFFD_FEATURE_EVENT_UNMAP),
         (Features::SIGBUS, g::UFFD_FEATURE_SIGBUS),
@@ -75,7 +105,10 @@ fn flag_values_match_kernel_headers() {
         (Features::MINOR_HUGETLBFS, g::UFFD_FEATURE_MINOR_HUGETLBFS),
         (Features::MINOR_SHMEM, g::UFFD_FEATURE_MINOR_SHMEM),
         (Features::EXACT_ADDRESS, g::UFFD_FEATURE_EXACT_ADDRESS),
-        (Features::WP_HUGETLBFS_SHMEM, g::UFFD_FEATURE_WP_HUGETLBFS_SHMEM),
+        (
+            Features::WP_HUGETLBFS_SHMEM,
+            g::UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+        ),
         (Features::WP_UNPOPULATED, g::UFFD_FEATURE_WP_UNPOPULATED),
         (Features::POISON, g::UFFD_FEATURE_POISON),
         (Features::WP_ASYNC, g::UFFD_FEATURE_WP_ASYNC),
@@ -84,14 +117,29 @@ fn flag_values_match_kernel_headers() {
     for (ours, theirs) in features {
         assert_eq!(ours.bits(), u64::from(theirs), "{ours:?}");
     }
-    assert_eq!(Features::all_named().bits().count_ones() as usize, features.len());
+    assert_eq!(
+        Features::all_named().bits().count_ones() as usize,
+        features.len()
+    );
 
     assert_eq!(sys::UFFD_API, u64::from(g::UFFD_API));
     assert_eq!(sys::UFFD_USER_MODE_ONLY as u32, g::UFFD_USER_MODE_ONLY);
-    assert_eq!(RegisterMode::MISSING.bits(), u64::from(g::UFFDIO_REGISTER_MODE_MISSING));
-    assert_eq!(RegisterMode::WP.bits(), u64::from(g::UFFDIO_REGISTER_MODE_WP));
-    assert_eq!(RegisterMode::MINOR.bits(), u64::from(g::UFFDIO_REGISTER_MODE_MINOR));
-    assert_eq!(sys::UFFDIO_COPY_MODE_DONTWAKE, u64::from(g::UFFDIO_COPY_MODE_DONTWAKE));
+    assert_eq!(
+        RegisterMode::MISSING.bits(),
+        u64::from(g::UFFDIO_REGISTER_MODE_MISSING)
+    );
+    assert_eq!(
+        RegisterMode::WP.bits(),
+        u64::from(g::UFFDIO_REGISTER_MODE_WP)
+    );
+    assert_eq!(
+        RegisterMode::MINOR.bits(),
+        u64::from(g::UFFDIO_REGISTER_MODE_MINOR)
+    );
+    assert_eq!(
+        sys::UFFDIO_COPY_MODE_DONTWAKE,
+        u64::from(g::UFFDIO_COPY_MODE_DONTWAKE)
+    );
     assert_eq!(sys::UFFDIO_COPY_MODE_WP, u64::from(g::UFFDIO_COPY_MODE_WP));
     assert_eq!(
         sys::UFFDIO_ZEROPAGE_MODE_DONTWAKE,
@@ -100,10 +148,19 @@ fn flag_values_match_kernel_headers() {
     // The WRITEPROTECT / CONTINUE / POISON / MOVE mode bits are `(__u64)1 << n` macros
     // that bindgen does not carry into linux-raw-sys; tests/placement.rs exercises them
     // against the kernel instead.
-    assert_eq!(FaultFlags::WRITE.bits(), u64::from(g::UFFD_PAGEFAULT_FLAG_WRITE));
+    assert_eq!(
+        FaultFlags::WRITE.bits(),
+        u64::from(g::UFFD_PAGEFAULT_FLAG_WRITE)
+    );
     assert_eq!(FaultFlags::WP.bits(), u64::from(g::UFFD_PAGEFAULT_FLAG_WP));
-    assert_eq!(FaultFlags::MINOR.bits(), u64::from(g::UFFD_PAGEFAULT_FLAG_MINOR));
-    assert_eq!(u32::from(sys::UFFD_EVENT_PAGEFAULT), g::UFFD_EVENT_PAGEFAULT);
+    assert_eq!(
+        FaultFlags::MINOR.bits(),
+        u64::from(g::UFFD_PAGEFAULT_FLAG_MINOR)
+    );
+    assert_eq!(
+        u32::from(sys::UFFD_EVENT_PAGEFAULT),
+        g::UFFD_EVENT_PAGEFAULT
+    );
     assert_eq!(u32::from(sys::UFFD_EVENT_FORK), g::UFFD_EVENT_FORK);
     assert_eq!(u32::from(sys::UFFD_EVENT_REMAP), g::UFFD_EVENT_REMAP);
     assert_eq!(u32::from(sys::UFFD_EVENT_REMOVE), g::UFFD_EVENT_REMOVE);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::{bytes, next_event, open, pattern, read_on_thread, write_on_thread};
 use nix::errno::Errno;
 use uffd_core::{
-    ContinueMode, CopyMode, Error, Event, EventBuffer, Features, FaultFlags, Mapping, MemoryKind,
+    ContinueMode, CopyMode, Error, Event, EventBuffer, FaultFlags, Features, Mapping, MemoryKind,
     MoveMode, PoisonMode, RegisterMode, WriteProtectMode, ZeropageMode,
 };
 
@@ -48,13 +48,18 @@ fn copy_resolves_missing_faults_byte_for_byte() {
             assert_eq!(placed, ps);
             assert_eq!(reader.join().expect("reader"), data[123], "{kind:?}");
             // SAFETY: the page is present now.
-            assert_eq!(unsafe { bytes(addr, ps) }, data.as_slice(), "{kind:?} page {page}");
+            let present = unsafe { bytes(addr, ps) };
+            assert_eq!(present, data.as_slice(), "{kind:?} page {page}");
         }
         if kind.is_shared() {
             let alias = region.alias().expect("alias");
             // SAFETY: the alias is not registered; its pages are in the page cache.
             let through_alias = unsafe { bytes(alias.addr(), ps) };
-            assert_eq!(through_alias, pattern(0, ps, kind as u64).as_slice(), "{kind:?}");
+            assert_eq!(
+                through_alias,
+                pattern(0, ps, kind as u64).as_slice(),
+                "{kind:?}"
+            );
         }
     }
 }
@@ -76,10 +81,12 @@ fn zeropage_reads_as_zero_and_is_refused_on_hugetlb() {
         }
         let reader = read_on_thread(region.addr() + 7);
         let (addr, _) = fault_addr(next_event(&uffd, &mut EventBuffer::new(4)));
-        uffd.zeropage(addr, ps, ZeropageMode::empty()).expect("zeropage");
+        uffd.zeropage(addr, ps, ZeropageMode::empty())
+            .expect("zeropage");
         assert_eq!(reader.join().expect("reader"), 0);
         // SAFETY: present now.
-        assert!(unsafe { bytes(addr, ps) }.iter().all(|&b| b == 0), "{kind:?}");
+        let present = unsafe { bytes(addr, ps) };
+        assert!(present.iter().all(|&b| b == 0), "{kind:?}");
     }
 }
 
@@ -100,13 +107,23 @@ fn copy_onto_present_page_reports_exists_then_wake_releases_waiter() {
         assert!(!reader.is_finished(), "{kind:?}: DONTWAKE woke the waiter");
         // SAFETY: as above; the kernel must refuse to overwrite.
         let again = unsafe { uffd.copy(addr, &pattern(2, ps, 2), CopyMode::DONTWAKE) };
-        assert!(matches!(again, Err(Error::Exists { .. })), "{kind:?}: {again:?}");
+        assert!(
+            matches!(again, Err(Error::Exists { .. })),
+            "{kind:?}: {again:?}"
+        );
         if !kind.is_hugetlb() {
             let zero = uffd.zeropage(addr, ps, ZeropageMode::DONTWAKE);
-            assert!(matches!(zero, Err(Error::Exists { .. })), "{kind:?}: {zero:?}");
+            assert!(
+                matches!(zero, Err(Error::Exists { .. })),
+                "{kind:?}: {zero:?}"
+            );
         }
         uffd.wake(addr, ps).expect("wake");
-        assert_eq!(reader.join().expect("reader"), first[0], "{kind:?}: first copy wins");
+        assert_eq!(
+            reader.join().expect("reader"),
+            first[0],
+            "{kind:?}: first copy wins"
+        );
         // SAFETY: present.
         assert_eq!(unsafe { bytes(addr, ps) }, first.as_slice());
     }
@@ -121,7 +138,9 @@ fn dontwake_batch_then_one_range_wake_releases_every_waiter() {
         let uffd = open(ALL);
         uffd.register(region.addr(), region.len(), RegisterMode::MISSING)
             .expect("register");
-        let readers: Vec<_> = (0..pages).map(|p| read_on_thread(region.page_addr(p))).collect();
+        let readers: Vec<_> = (0..pages)
+            .map(|p| read_on_thread(region.page_addr(p)))
+            .collect();
         let mut buf = EventBuffer::new(16);
         let faulted = common::collect_faults(&uffd, &mut buf, pages);
         for (i, &addr) in faulted.iter().enumerate() {
@@ -129,7 +148,10 @@ fn dontwake_batch_then_one_range_wake_releases_every_waiter() {
             unsafe { uffd.copy(addr, &pattern(i, ps, 9), CopyMode::DONTWAKE) }.expect("copy");
         }
         std::thread::sleep(Duration::from_millis(30));
-        assert!(readers.iter().all(|r| !r.is_finished()), "{kind:?}: woken early");
+        assert!(
+            readers.iter().all(|r| !r.is_finished()),
+            "{kind:?}: woken early"
+        );
         uffd.wake(region.addr(), region.len()).expect("one wake");
         for (i, r) in readers.into_iter().enumerate() {
             assert_eq!(r.join().expect("reader"), pattern(i, ps, 9)[0], "{kind:?}");
@@ -165,7 +187,10 @@ fn move_resolves_a_fault_and_leaves_the_source_empty() {
     // SAFETY: both mapped; src now reads as a fresh zero page.
     unsafe {
         assert_eq!(bytes(dst.addr(), ps), data.as_slice());
-        assert!(bytes(src.addr(), ps).iter().all(|&b| b == 0), "source emptied");
+        assert!(
+            bytes(src.addr(), ps).iter().all(|&b| b == 0),
+            "source emptied"
+        );
     }
 }
 
@@ -189,7 +214,9 @@ fn anon_huge_kib(addr: usize) -> usize {
     for line in smaps.lines() {
         if let Some((range, _)) = line.split_once(' ') {
             if let Some((lo, hi)) = range.split_once('-') {
-                if let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16)) {
+                if let (Ok(lo), Ok(hi)) =
+                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+                {
                     inside = (lo..hi).contains(&addr);
                     continue;
                 }
@@ -209,7 +236,8 @@ fn move_of_a_2mib_thp_aligned_chunk() {
     let huge = uffd_core::HUGE_PAGE_SIZE;
     let src = Mapping::anon_aligned(huge, huge).expect("map src");
     let dst = Mapping::anon_aligned(huge, huge).expect("map dst");
-    src.madvise(0, huge, libc::MADV_HUGEPAGE).expect("MADV_HUGEPAGE");
+    src.madvise(0, huge, libc::MADV_HUGEPAGE)
+        .expect("MADV_HUGEPAGE");
     dont_fork(&src);
     let ps = uffd_core::page_size();
     for page in 0..huge / ps {
@@ -253,12 +281,12 @@ fn move_with_allow_src_holes_skips_holes() {
     let strict = unsafe { uffd.move_pages(dst.addr(), src.addr(), 2 * ps, MoveMode::empty()) };
     assert!(matches!(strict, Err(Error::RangeGone { .. })), "{strict:?}");
     // SAFETY: as above.
-    let lenient = unsafe {
-        uffd.move_pages(dst.addr(), src.addr(), 2 * ps, MoveMode::ALLOW_SRC_HOLES)
-    };
+    let lenient =
+        unsafe { uffd.move_pages(dst.addr(), src.addr(), 2 * ps, MoveMode::ALLOW_SRC_HOLES) };
     assert!(lenient.is_ok(), "{lenient:?}");
     // SAFETY: the second dst page is present now.
-    assert_eq!(unsafe { std::ptr::read_volatile(dst.as_ptr().add(ps)) }, 0x5A);
+    let second = unsafe { std::ptr::read_volatile(dst.as_ptr().add(ps)) };
+    assert_eq!(second, 0x5A);
 }
 
 #[test]
@@ -288,7 +316,11 @@ fn poison_raises_sigbus_and_spares_neighbours() {
             unsafe { std::ptr::read_volatile(region.page_addr(1) as *const u8) };
             3
         });
-        assert_eq!(outcome, Err(libc::SIGBUS), "{kind:?}: child should die of SIGBUS");
+        assert_eq!(
+            outcome,
+            Err(libc::SIGBUS),
+            "{kind:?}: child should die of SIGBUS"
+        );
     }
 }
 
@@ -312,8 +344,8 @@ fn minor_fault_on_shared_memory_is_resolved_by_continue() {
         assert_eq!(addr, region.page_addr(1));
         assert!(flags.contains(FaultFlags::MINOR), "{kind:?}: {flags:?}");
         // SAFETY: the page cache holds what the test staged through the alias.
-        let mapped = unsafe { uffd.continue_range(addr, ps, ContinueMode::empty()) }
-            .expect("continue");
+        let mapped =
+            unsafe { uffd.continue_range(addr, ps, ContinueMode::empty()) }.expect("continue");
         assert_eq!(mapped, ps);
         assert_eq!(reader.join().expect("reader"), data[17], "{kind:?}");
     }
@@ -325,8 +357,12 @@ fn write_protect_fault_is_reported_and_unprotect_releases_the_writer() {
         let ps = kind.page_size();
         let region = Mapping::new(kind, ps).expect("map");
         let uffd = open(ALL);
-        uffd.register(region.addr(), region.len(), RegisterMode::MISSING | RegisterMode::WP)
-            .expect("register MISSING|WP");
+        uffd.register(
+            region.addr(),
+            region.len(),
+            RegisterMode::MISSING | RegisterMode::WP,
+        )
+        .expect("register MISSING|WP");
         let data = pattern(0, ps, 4);
         // SAFETY: missing page of our registered region.
         unsafe { uffd.copy(region.addr(), &data, CopyMode::empty()) }.expect("copy");
@@ -335,9 +371,15 @@ fn write_protect_fault_is_reported_and_unprotect_releases_the_writer() {
         let writer = write_on_thread(region.addr() + 5, 0xEE);
         let (addr, flags) = fault_addr(next_event(&uffd, &mut EventBuffer::new(4)));
         assert_eq!(addr, region.addr());
-        assert!(flags.contains(FaultFlags::WP | FaultFlags::WRITE), "{kind:?}: {flags:?}");
+        assert!(
+            flags.contains(FaultFlags::WP | FaultFlags::WRITE),
+            "{kind:?}: {flags:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
-        assert!(!writer.is_finished(), "{kind:?}: writer passed a write-protected page");
+        assert!(
+            !writer.is_finished(),
+            "{kind:?}: writer passed a write-protected page"
+        );
         uffd.write_protect(region.addr(), ps, WriteProtectMode::empty())
             .expect("unprotect");
         writer.join().expect("writer");
@@ -354,8 +396,12 @@ fn copy_in_wp_mode_maps_the_page_write_protected() {
         let ps = kind.page_size();
         let region = Mapping::new(kind, ps).expect("map");
         let uffd = open(ALL);
-        uffd.register(region.addr(), region.len(), RegisterMode::MISSING | RegisterMode::WP)
-            .expect("register");
+        uffd.register(
+            region.addr(),
+            region.len(),
+            RegisterMode::MISSING | RegisterMode::WP,
+        )
+        .expect("register");
         let mut buf = EventBuffer::new(4);
         let reader = read_on_thread(region.addr());
         let (addr, _) = fault_addr(next_event(&uffd, &mut buf));
@@ -365,7 +411,10 @@ fn copy_in_wp_mode_maps_the_page_write_protected() {
         assert_eq!(reader.join().expect("reader"), data[0], "reads pass");
         let writer = write_on_thread(region.addr(), 0x11);
         let (_, flags) = fault_addr(next_event(&uffd, &mut buf));
-        assert!(flags.contains(FaultFlags::WP), "{kind:?}: write hit the WP bit");
+        assert!(
+            flags.contains(FaultFlags::WP),
+            "{kind:?}: write hit the WP bit"
+        );
         uffd.write_protect(addr, ps, WriteProtectMode::empty())
             .expect("unprotect");
         writer.join().expect("writer");

@@ -78,7 +78,11 @@ fn shmem_without_missing_shmem_feature_still_registers_on_this_kernel() {
 fn unaligned_or_empty_ranges_are_refused_before_the_kernel() {
     let region = Mapping::new(MemoryKind::Anon, 8192).expect("map");
     let uffd = common::open(Features::empty());
-    for (start, len) in [(region.addr() + 1, 4096), (region.addr(), 100), (region.addr(), 0)] {
+    for (start, len) in [
+        (region.addr() + 1, 4096),
+        (region.addr(), 100),
+        (region.addr(), 0),
+    ] {
         match uffd.register(start, len, RegisterMode::MISSING) {
             Err(Error::InvalidArgument { .. }) => {}
             other => panic!("({start:#x}, {len}) gave {other:?}"),
@@ -108,8 +112,13 @@ fn unregistering_wakes_waiters_who_then_see_zero() {
     let reader = common::read_on_thread(region.addr());
     let mut buf = uffd_core::EventBuffer::new(4);
     let _fault = common::next_event(&uffd, &mut buf);
-    uffd.unregister(region.addr(), region.len()).expect("unregister");
-    assert_eq!(reader.join().expect("reader"), 0, "fault retried without uffd");
+    uffd.unregister(region.addr(), region.len())
+        .expect("unregister");
+    assert_eq!(
+        reader.join().expect("reader"),
+        0,
+        "fault retried without uffd"
+    );
 }
 
 #[test]

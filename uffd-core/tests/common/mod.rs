@@ -19,7 +19,11 @@ pub fn skip(test: &str, reason: &str) {
     let line = format!("SKIPPED {test}: {reason}");
     eprintln!("\n*** {line} ***\n");
     let log = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/uffdkit-skips.log");
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+    {
         let _ = writeln!(f, "{line}");
     }
 }
@@ -79,7 +83,10 @@ pub fn next_event(uffd: &Uffd, buf: &mut EventBuffer) -> Event {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         assert!(Instant::now() < deadline, "no userfaultfd event within 5 s");
-        if !uffd.wait_readable(Some(Duration::from_millis(100))).expect("poll") {
+        if !uffd
+            .wait_readable(Some(Duration::from_millis(100)))
+            .expect("poll")
+        {
             continue;
         }
         if let ReadStatus::Events(n) = uffd.read_events(buf).expect("read events") {
@@ -95,8 +102,15 @@ pub fn collect_faults(uffd: &Uffd, buf: &mut EventBuffer, count: usize) -> Vec<u
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut addrs = Vec::new();
     while addrs.len() < count {
-        assert!(Instant::now() < deadline, "only {} of {count} faults in 5 s", addrs.len());
-        if !uffd.wait_readable(Some(Duration::from_millis(100))).expect("poll") {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {count} faults in 5 s",
+            addrs.len()
+        );
+        if !uffd
+            .wait_readable(Some(Duration::from_millis(100)))
+            .expect("poll")
+        {
             continue;
         }
         if uffd.read_events(buf).expect("read") == ReadStatus::WouldBlock {
@@ -132,7 +146,10 @@ impl Handler {
                 let mut buf = EventBuffer::new(64);
                 // Relaxed: the flag only says "stop"; join() orders the rest.
                 while !stop.load(Ordering::Relaxed) {
-                    if !uffd.wait_readable(Some(Duration::from_millis(20))).expect("poll") {
+                    if !uffd
+                        .wait_readable(Some(Duration::from_millis(20)))
+                        .expect("poll")
+                    {
                         continue;
                     }
                     if uffd.read_events(&mut buf).expect("read") == ReadStatus::WouldBlock {
