@@ -12,7 +12,11 @@ fn uffdkit(args: &[&str]) -> std::process::Output {
 #[test]
 fn probe_json_names_features_as_kernel_constants() {
     let out = uffdkit(&["probe", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
     let features: Vec<&str> = v["features"]
         .as_array()
@@ -26,7 +30,10 @@ fn probe_json_names_features_as_kernel_constants() {
     assert_eq!(v["open"]["device"]["works"], true);
     assert_eq!(v["kinds"]["anon"]["modes"]["MINOR"]["ok"], false);
     let anon_missing = &v["kinds"]["anon"]["modes"]["MISSING"]["ioctls"];
-    assert!(anon_missing.as_array().expect("ioctls").contains(&"COPY".into()));
+    assert!(anon_missing
+        .as_array()
+        .expect("ioctls")
+        .contains(&"COPY".into()));
     assert!(v["thp"].is_string());
     assert!(v["hugepages_2m"]["free"].is_number());
 }
@@ -44,7 +51,11 @@ fn probe_table_is_readable() {
 fn demo_serves_and_verifies_every_page() {
     let out = uffdkit(&["demo", "--size-mib", "8"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("faults served: 2048 "), "{text}");
     assert!(text.contains("every page verified"), "{text}");
     assert!(text.contains("µs per fault"), "{text}");
