@@ -1,0 +1,608 @@
+//! The fault-resolution engine shared by every handler thread, the prefetcher and the
+//! placement handle: page lookup, the page-state decision, placement, and the events
+//! that change the address space.
+
+use std::collections::HashSet;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use page_state::{PageState, PageStateMap, RequestOutcome};
+use uffd_core::{
+    ContinueMode, CopyMode, Error as UffdError, Event, FaultFlags, Uffd, ZeropageMode,
+};
+
+use crate::error::{Error, Result};
+use crate::region::{PageRef, RegionTable, Resolve};
+use crate::source::{Fetched, Source};
+use crate::stats::{add, bump, Stats};
+
+/// What to put in a page.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Content<'a> {
+    Data(&'a [u8]),
+    Zero,
+}
+
+/// Who placed a page (for the stats).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    Fault,
+    Prefetch,
+    Arrival,
+}
+
+/// The result of one placement attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Placement {
+    /// Placed now, or found already present (EEXIST, then woken).
+    Done,
+    /// EAGAIN: an address-space change is pending; `done` bytes were placed. Retry the
+    /// rest after the events are read.
+    Again { done: usize },
+    /// The page's range is gone (unmapped) or the process exited: nothing to do.
+    Dropped,
+}
+
+/// State shared by all the pager's threads.
+pub(crate) struct Shared {
+    pub uffd: Uffd,
+    pub regions: RwLock<RegionTable>,
+    pub states: PageStateMap,
+    pub source: Arc<dyn Source>,
+    pub stats: Stats,
+    /// Set to stop every thread; `wakeup` makes blocked pollers notice.
+    pub stop: AtomicBool,
+    pub wakeup: OwnedFd,
+    /// The faulting process exited (ESRCH): nothing more can be served.
+    pub gone: AtomicBool,
+    /// Pages a REMOVE hit while their fetch was in flight: place a zero page instead.
+    removed_in_flight: Mutex<HashSet<usize>>,
+    removed_count: AtomicUsize,
+    /// The prefetcher's next page; each fault moves it to just after the faulting page.
+    pub cursor: AtomicUsize,
+    /// Fault order of first touches, when recording a working set.
+    pub recorder: Option<Mutex<Vec<u64>>>,
+    /// Extra pages placed after each faulting page (spatial locality).
+    pub fault_around: usize,
+    /// Zeros for placing zero pages where ZEROPAGE is unavailable (hugetlb, minor mode).
+    zeros: Box<[u8]>,
+    /// The first fatal error (a failing source); the pager stops on it.
+    pub fatal: Mutex<Option<Error>>,
+}
+
+impl Shared {
+    pub fn new(
+        uffd: Uffd,
+        regions: RegionTable,
+        source: Arc<dyn Source>,
+        record: bool,
+        fault_around: usize,
+    ) -> Result<Self> {
+        let max_page = regions
+            .regions()
+            .iter()
+            .map(|r| r.spec.page_size)
+            .max()
+            .unwrap_or(4096);
+        let needs_zeros = regions
+            .regions()
+            .iter()
+            .any(|r| r.spec.kind.is_hugetlb() || r.spec.resolve != Resolve::Copy);
+        // SAFETY: eventfd has no preconditions; the fd is ours.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            return Err(Error::Io {
+                what: "eventfd",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let states = PageStateMap::new(regions.pages());
+        Ok(Self {
+            uffd,
+            regions: RwLock::new(regions),
+            states,
+            source,
+            stats: Stats::default(),
+            stop: AtomicBool::new(false),
+            // SAFETY: eventfd returned a fresh fd.
+            wakeup: unsafe { OwnedFd::from_raw_fd(efd) },
+            gone: AtomicBool::new(false),
+            removed_in_flight: Mutex::new(HashSet::new()),
+            removed_count: AtomicUsize::new(0),
+            cursor: AtomicUsize::new(0),
+            recorder: record.then(|| Mutex::new(Vec::new())),
+            fault_around,
+            zeros: vec![0u8; if needs_zeros { max_page } else { 0 }].into_boxed_slice(),
+            fatal: Mutex::new(None),
+        })
+    }
+
+    /// Whether threads should stop. Relaxed: the flag carries no data; joins synchronise.
+    #[inline]
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Asks every thread to stop and wakes the blocked pollers.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes to our eventfd.
+        unsafe { libc::write(self.wakeup.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Records a fatal error (the first one wins) and stops.
+    pub fn fail(&self, error: Error) {
+        let mut fatal = self.fatal.lock().unwrap_or_else(|p| p.into_inner());
+        fatal.get_or_insert(error);
+        drop(fatal);
+        self.request_stop();
+    }
+
+    #[inline]
+    pub fn page(&self, page: usize) -> Option<PageRef> {
+        self.regions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_page(page)
+    }
+
+    #[inline]
+    pub fn page_at(&self, addr: usize) -> Option<PageRef> {
+        self.regions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_addr(addr)
+    }
+
+    /// Takes `page` out of the removed-in-flight set; true if it was there. The counter
+    /// keeps the common case (nothing removed) to one relaxed load.
+    fn take_removed(&self, page: usize) -> bool {
+        if self.removed_count.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let mut set = self
+            .removed_in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let hit = set.remove(&page);
+        self.removed_count.store(set.len(), Ordering::Relaxed);
+        hit
+    }
+
+    fn remember_removed(&self, page: usize) {
+        let mut set = self
+            .removed_in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        set.insert(page);
+        self.removed_count.store(set.len(), Ordering::Relaxed);
+    }
+
+    /// Places `content` at `p` (which spans `count` pages of the same region) and marks
+    /// the pages received. With `wake`, threads waiting on the range are woken.
+    pub fn place(
+        &self,
+        p: &PageRef,
+        count: usize,
+        content: Content<'_>,
+        wake: bool,
+        origin: Origin,
+    ) -> Placement {
+        let len = p.size * count;
+        let removed = count == 1 && self.take_removed(p.page);
+        let content = if removed { Content::Zero } else { content };
+        let result = match (p.resolve, content) {
+            (Resolve::Copy, Content::Data(data)) => {
+                let mode = if wake {
+                    CopyMode::empty()
+                } else {
+                    CopyMode::DONTWAKE
+                };
+                // SAFETY: `p.addr..+len` lies in a region registered with this uffd whose
+                // content the pager owns: it places exactly the image's bytes.
+                unsafe { self.uffd.copy(p.addr, &data[..len], mode) }
+            }
+            (Resolve::Copy, Content::Zero) if !p.kind.is_hugetlb() => {
+                let mode = if wake {
+                    ZeropageMode::empty()
+                } else {
+                    ZeropageMode::DONTWAKE
+                };
+                self.uffd.zeropage(p.addr, len, mode)
+            }
+            (Resolve::Copy, Content::Zero) => self.place_zeros_by_copy(p, count, wake),
+            (Resolve::Continue { alias }, content) => {
+                self.stage_in_page_cache(alias + p.in_region, len, content);
+                let mode = if wake {
+                    ContinueMode::empty()
+                } else {
+                    ContinueMode::DONTWAKE
+                };
+                // SAFETY: the page cache behind `p.addr` now holds the image's bytes.
+                unsafe { self.uffd.continue_range(p.addr, len, mode) }
+            }
+        };
+        match result {
+            Ok(_) => {
+                self.mark_received(p.page, count);
+                self.account(origin, content, len, count);
+                Placement::Done
+            }
+            Err(UffdError::Exists { .. }) => {
+                bump(&self.stats.exists);
+                self.mark_received(p.page, count);
+                if wake {
+                    let _ = self.uffd.wake(p.addr, len);
+                }
+                Placement::Done
+            }
+            Err(UffdError::Again { done, .. }) => {
+                bump(&self.stats.again);
+                if removed {
+                    self.remember_removed(p.page);
+                }
+                let whole = done / p.size;
+                if whole > 0 {
+                    self.mark_received(p.page, whole);
+                    self.account(origin, content, whole * p.size, whole);
+                }
+                Placement::Again {
+                    done: whole * p.size,
+                }
+            }
+            Err(UffdError::ProcessGone { .. }) => {
+                self.gone.store(true, Ordering::Relaxed);
+                self.request_stop();
+                Placement::Dropped
+            }
+            Err(UffdError::RangeGone { .. }) => Placement::Dropped,
+            Err(e) => {
+                self.fail(e.into());
+                Placement::Dropped
+            }
+        }
+    }
+
+    fn place_zeros_by_copy(
+        &self,
+        p: &PageRef,
+        count: usize,
+        wake: bool,
+    ) -> uffd_core::Result<usize> {
+        let mode = if wake {
+            CopyMode::empty()
+        } else {
+            CopyMode::DONTWAKE
+        };
+        for i in 0..count {
+            // SAFETY: as in `place`; zeros are what the image holds here.
+            unsafe {
+                self.uffd
+                    .copy(p.addr + i * p.size, &self.zeros[..p.size], mode)
+            }?;
+        }
+        Ok(count * p.size)
+    }
+
+    /// Writes `content` into the page cache through the unregistered alias mapping.
+    fn stage_in_page_cache(&self, alias: usize, len: usize, content: Content<'_>) {
+        // SAFETY: `alias..alias + len` is the pager's own alias mapping of the region's
+        // file (the builder checked it is mapped); no Rust reference points into it.
+        unsafe {
+            match content {
+                Content::Data(data) => {
+                    std::ptr::copy_nonoverlapping(data.as_ptr(), alias as *mut u8, len)
+                }
+                Content::Zero => std::ptr::write_bytes(alias as *mut u8, 0, len),
+            }
+        }
+    }
+
+    fn mark_received(&self, page: usize, count: usize) {
+        if count == 1 {
+            // A page already received (raced placement, EEXIST) stays so.
+            let _ = self.states.mark_received(page);
+        } else {
+            let _ = self.states.mark_received_range(page, page + count);
+        }
+    }
+
+    fn account(&self, origin: Origin, content: Content<'_>, bytes: usize, count: usize) {
+        let n = count as u64;
+        match content {
+            Content::Zero => add(&self.stats.placed_zero, n),
+            Content::Data(_) => {
+                add(&self.stats.bytes, bytes as u64);
+                match origin {
+                    Origin::Fault => add(&self.stats.placed_fault, n),
+                    Origin::Prefetch => add(&self.stats.placed_prefetch, n),
+                    Origin::Arrival => add(&self.stats.placed_arrival, n),
+                }
+            }
+        }
+    }
+
+    /// Asks the source for `count` pages at `p` (already Requested by the caller) and
+    /// places what comes back. `Pending` leaves them to the remote source's placer.
+    pub fn fetch_and_place(
+        &self,
+        p: &PageRef,
+        count: usize,
+        scratch: &mut [u8],
+        wake: bool,
+        origin: Origin,
+    ) -> Placement {
+        let len = p.size * count;
+        match self.source.fetch(p.offset, &mut scratch[..len]) {
+            Ok(Fetched::Data(data)) => {
+                add(&self.stats.source_reads, count as u64);
+                self.place(p, count, Content::Data(data), wake, origin)
+            }
+            Ok(Fetched::Zero) => self.place(p, count, Content::Zero, wake, origin),
+            Ok(Fetched::Pending) => Placement::Done,
+            Err(e) => {
+                bump(&self.stats.source_errors);
+                self.fail(e.into());
+                Placement::Dropped
+            }
+        }
+    }
+
+    /// Resolves one fault. Returns the page if it must be retried later (EAGAIN).
+    pub fn on_fault(
+        &self,
+        addr: usize,
+        flags: FaultFlags,
+        scratch: &mut [u8],
+        wake: bool,
+    ) -> Option<PageRef> {
+        if flags.contains(FaultFlags::MINOR) {
+            bump(&self.stats.faults_minor);
+        } else if flags.contains(FaultFlags::WP) {
+            bump(&self.stats.faults_wp);
+        } else {
+            bump(&self.stats.faults_missing);
+        }
+        let Some(p) = self.page_at(addr) else {
+            bump(&self.stats.faults_unknown);
+            return None;
+        };
+        // Relaxed: a hint for the prefetcher's position, not a synchronisation point.
+        self.cursor.store(p.page + 1, Ordering::Relaxed);
+        let outcome = match self.states.request(p.page) {
+            Ok(outcome) => outcome,
+            Err(_) => return None, // beyond the map: cannot happen for a looked-up page
+        };
+        let placement = match outcome {
+            RequestOutcome::Requested => {
+                if let Some(rec) = &self.recorder {
+                    rec.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(p.page as u64);
+                }
+                let placed = self.fetch_and_place(&p, 1, scratch, wake, Origin::Fault);
+                if placed == Placement::Done && self.fault_around > 0 {
+                    self.place_around(&p, scratch);
+                }
+                placed
+            }
+            RequestOutcome::AlreadyRequested => {
+                bump(&self.stats.faults_duplicate);
+                Placement::Done
+            }
+            RequestOutcome::AlreadyReceived => {
+                bump(&self.stats.faults_wake_only);
+                let _ = self.uffd.wake(p.addr, p.size);
+                Placement::Done
+            }
+            RequestOutcome::IsZero => self.place(&p, 1, Content::Zero, wake, Origin::Fault),
+        };
+        match placement {
+            Placement::Again { .. } => Some(p),
+            _ => None,
+        }
+    }
+
+    /// Places up to `fault_around` Missing pages after `p` in its region, unwoken.
+    fn place_around(&self, p: &PageRef, scratch: &mut [u8]) {
+        for k in 1..=self.fault_around {
+            let Some(next) = self.page(p.page + k) else {
+                break;
+            };
+            if next.addr != p.addr + k * p.size {
+                break; // another region
+            }
+            if self.states.request(next.page) != Ok(RequestOutcome::Requested) {
+                continue;
+            }
+            // Fault-around is opportunistic: a page it cannot place now (EAGAIN) goes
+            // back to Missing, and a later fault or the prefetcher places it.
+            if let Placement::Again { .. } =
+                self.fetch_and_place(&next, 1, scratch, true, Origin::Prefetch)
+            {
+                self.unclaim(next.page);
+                break;
+            }
+        }
+    }
+
+    /// Returns a page we claimed (Requested) but could not place to Missing, by marking
+    /// it received then discarding — both legal transitions — so a later fault asks again.
+    pub fn unclaim(&self, page: usize) {
+        let _ = self.states.mark_received(page);
+        let _ = self.states.discard(page);
+    }
+
+    /// Applies a non-fault event. Fork events are returned to the caller (they need a
+    /// new engine).
+    pub fn on_event(&self, event: Event) -> Option<Uffd> {
+        match event {
+            Event::Remove { start, end } => {
+                bump(&self.stats.events_remove);
+                let ranges = self
+                    .regions
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .page_ranges(start, end);
+                for range in ranges {
+                    self.zero_range(range);
+                }
+            }
+            Event::Unmap { start, end } => {
+                bump(&self.stats.events_unmap);
+                self.regions
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .unmap(start, end);
+            }
+            Event::Remap { from, to, len } => {
+                bump(&self.stats.events_remap);
+                self.regions
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remap(from, to, len);
+            }
+            Event::Fork { uffd } => {
+                bump(&self.stats.events_fork);
+                return Some(uffd);
+            }
+            Event::Pagefault { .. } | Event::Unknown { .. } => {}
+            _ => {}
+        }
+        None
+    }
+
+    /// After a REMOVE: the range reads as missing and must come back as zeros, never as
+    /// image data. Pages in flight (Requested) are remembered and zeroed on placement.
+    fn zero_range(&self, range: std::ops::Range<usize>) {
+        if self.states.mark_zero_range(range.start, range.end).is_ok() {
+            return;
+        }
+        let mut set = self
+            .removed_in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for page in range {
+            if self.states.get(page) == Ok(PageState::Requested) {
+                set.insert(page);
+            }
+        }
+        self.removed_count.store(set.len(), Ordering::Relaxed);
+    }
+
+    /// Marks the image's known-zero ranges Zero in the state map.
+    pub fn mark_known_zero(&self) {
+        let zero = self.source.zero_ranges();
+        if zero.is_empty() {
+            return;
+        }
+        let regions = self.regions.read().unwrap_or_else(|p| p.into_inner());
+        for r in regions.regions() {
+            let (lo, hi) = (r.spec.image_offset, r.spec.image_offset + r.spec.len as u64);
+            let ps = r.spec.page_size as u64;
+            for z in &zero {
+                let (a, b) = (z.start.max(lo), z.end.min(hi));
+                if a >= b {
+                    continue;
+                }
+                // Whole pages only.
+                let first = (a - lo).div_ceil(ps) as usize;
+                let last = ((b - lo) / ps) as usize;
+                if first < last {
+                    let _ = self
+                        .states
+                        .mark_zero_range(r.first_page + first, r.first_page + last);
+                }
+            }
+        }
+    }
+
+    /// Whether every page has been placed (Received) or is known zero and placed.
+    pub fn complete(&self) -> bool {
+        self.states.count(PageState::Received) == self.states.len()
+    }
+}
+
+/// A cloneable handle through which any thread places pages that arrive from a remote
+/// source. Addresses are found from the image offset; page states and stats are kept.
+#[derive(Clone)]
+pub struct Placer {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Placer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Placer").finish_non_exhaustive()
+    }
+}
+
+/// What [`Placer::place`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placed {
+    /// The page is in memory and its waiters woken.
+    Placed,
+    /// It was already received; nothing done (a duplicate arrival).
+    Duplicate,
+    /// No mapped region holds this offset (unmapped meanwhile, or out of range).
+    NoRegion,
+    /// The pager is stopping or the process is gone.
+    Stopped,
+}
+
+impl Placer {
+    /// Places the page at image offset `offset` (page aligned) with `data` (one page), or
+    /// a zero page when `data` is `None`. Retries while the address space is changing.
+    pub fn place(&self, offset: u64, data: Option<&[u8]>) -> Result<Placed> {
+        let shared = &self.shared;
+        let Some(p) = shared
+            .regions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_offset(offset)
+        else {
+            return Ok(Placed::NoRegion);
+        };
+        if p.offset != offset {
+            return Err(Error::BadRegion {
+                base: p.addr,
+                len: p.size,
+                reason: "arrival offset is not page aligned",
+            });
+        }
+        if let Some(d) = data {
+            if d.len() != p.size {
+                return Err(Error::BadRegion {
+                    base: p.addr,
+                    len: d.len(),
+                    reason: "arrival is not exactly one page",
+                });
+            }
+        }
+        if shared.states.get(p.page) == Ok(PageState::Received) {
+            return Ok(Placed::Duplicate);
+        }
+        let content = data.map_or(Content::Zero, Content::Data);
+        let started = Instant::now();
+        loop {
+            if shared.stopping() {
+                return Ok(Placed::Stopped);
+            }
+            match shared.place(&p, 1, content, true, Origin::Arrival) {
+                Placement::Done => {
+                    shared.stats.record_latency(started.elapsed());
+                    return Ok(Placed::Placed);
+                }
+                Placement::Again { .. } => std::thread::sleep(std::time::Duration::from_micros(50)),
+                Placement::Dropped => return Ok(Placed::Stopped),
+            }
+        }
+    }
+
+    /// The page state map (to check what is still missing).
+    pub fn states(&self) -> &PageStateMap {
+        &self.shared.states
+    }
+}

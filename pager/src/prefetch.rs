@@ -1,0 +1,104 @@
+//! The background filler: places pages no fault asked for, behind faults in priority
+//! (its thread runs `SCHED_IDLE`, so it only gets a CPU nobody else wants). Replayed
+//! working-set pages go first, then every missing page from a cursor that each fault moves
+//! to just after itself.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use page_state::RequestOutcome;
+
+use crate::engine::{Origin, Placement, Shared};
+
+/// What the prefetcher does.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Prefetch {
+    /// Nothing: pages arrive only on faults.
+    #[default]
+    None,
+    /// Every missing page, from a cursor that jumps to just after each fault.
+    Sequential,
+    /// These pages (a recorded working set, in fault order) first, then sequential.
+    Replay(Vec<u64>),
+}
+
+/// Pages placed per ioctl: contiguous missing pages in one region, up to this many.
+const BATCH_BYTES: usize = 256 << 10;
+
+/// Puts the calling thread in `SCHED_IDLE` so faults (and the workload) always win.
+fn lower_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; the call only changes its policy.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+}
+
+/// Runs the prefetcher until every page is placed or the pager stops.
+pub(crate) fn run(shared: Arc<Shared>, plan: Prefetch, max_page: usize) {
+    lower_priority();
+    let mut scratch = vec![0u8; BATCH_BYTES.max(max_page)];
+    if let Prefetch::Replay(pages) = &plan {
+        for &page in pages {
+            if shared.stopping() {
+                return;
+            }
+            prefetch_run(&shared, page as usize, 1, &mut scratch);
+        }
+    }
+    if plan == Prefetch::None {
+        return;
+    }
+    while !shared.stopping() {
+        // Relaxed: the cursor is a position hint; page states are the synchronisation.
+        let from = shared.cursor.load(Ordering::Relaxed);
+        let Some(page) = shared.states.next_missing_wrapping(from) else {
+            return; // nothing missing: done
+        };
+        let next = prefetch_run(&shared, page, BATCH_BYTES, &mut scratch);
+        // Move on unless a fault moved the cursor meanwhile.
+        let _ = shared
+            .cursor
+            .compare_exchange(from, next, Ordering::Relaxed, Ordering::Relaxed);
+    }
+}
+
+/// Claims up to `max_bytes` of contiguous missing pages at `page` and places them with
+/// one fetch and one placement. Returns the page after the run.
+fn prefetch_run(shared: &Shared, page: usize, max_bytes: usize, scratch: &mut [u8]) -> usize {
+    let Some(first) = shared.page(page) else {
+        return page + 1;
+    };
+    if shared.states.request(page) != Ok(RequestOutcome::Requested) {
+        return page + 1;
+    }
+    let limit = (max_bytes / first.size).clamp(1, scratch.len() / first.size);
+    let mut count = 1;
+    while count < limit {
+        match shared.page(page + count) {
+            Some(next) if next.addr == first.addr + count * first.size => {}
+            _ => break,
+        }
+        if shared.states.request(page + count) != Ok(RequestOutcome::Requested) {
+            break;
+        }
+        count += 1;
+    }
+    let mut placed = 0;
+    while placed < count && !shared.stopping() {
+        let at = shared.page(page + placed).expect("checked above");
+        match shared.fetch_and_place(&at, count - placed, scratch, true, Origin::Prefetch) {
+            Placement::Done => placed = count,
+            Placement::Again { done } => {
+                placed += done / first.size;
+                // A REMOVE is pending: the handler threads read it; wait and retry.
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            Placement::Dropped => break,
+        }
+    }
+    // Pages we claimed and could not place go back to faults.
+    for p in page + placed..page + count {
+        shared.unclaim(p);
+    }
+    page + count
+}

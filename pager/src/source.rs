@@ -1,0 +1,386 @@
+//! Sources: where pages come from.
+//!
+//! [`Source`] is the embedding surface: one object-safe trait. A *local* source answers
+//! [`Source::fetch`] at once with the bytes ([`Fetched::Data`]) or "known zero"
+//! ([`Fetched::Zero`]). A *remote* source sends a request and answers
+//! [`Fetched::Pending`]; the page arrives later on the source's own thread, which places
+//! it through the [`Placer`](crate::Placer) handed to [`Source::attach`]. The fault loop
+//! never blocks on a remote round trip.
+
+use std::fs::File;
+use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::error::SourceError;
+use crate::Placer;
+
+/// A source's answer for one page.
+#[derive(Debug)]
+pub enum Fetched<'a> {
+    /// The page's bytes (exactly the requested length).
+    Data(&'a [u8]),
+    /// The page is all zero: place a zero page, transfer nothing.
+    Zero,
+    /// Asked; the page will arrive through the [`Placer`].
+    Pending,
+}
+
+/// Where pages come from. Object safe; see the module docs for local vs remote.
+///
+/// ```
+/// use pager::{Fetched, Source, SourceError};
+///
+/// /// Every page filled with its page number's low byte.
+/// struct Counting { len: u64 }
+///
+/// impl Source for Counting {
+///     fn len(&self) -> u64 { self.len }
+///     fn fetch<'a>(&'a self, offset: u64, scratch: &'a mut [u8]) -> Result<Fetched<'a>, SourceError> {
+///         scratch.fill((offset / 4096) as u8);
+///         Ok(Fetched::Data(scratch))
+///     }
+/// }
+/// let source: Box<dyn Source> = Box::new(Counting { len: 1 << 20 });
+/// let mut page = vec![0; 4096];
+/// assert!(matches!(source.fetch(8192, &mut page)?, Fetched::Data(d) if d[0] == 2));
+/// # Ok::<(), SourceError>(())
+/// ```
+pub trait Source: Send + Sync {
+    /// Image length in bytes; regions must lie within it.
+    fn len(&self) -> u64;
+
+    /// Whether the image is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The `scratch.len()` bytes at image offset `offset` (page aligned). May fill
+    /// `scratch` and return it, or return borrowed bytes of its own. Bytes beyond the end
+    /// of the image read as zero.
+    fn fetch<'a>(&'a self, offset: u64, scratch: &'a mut [u8]) -> Result<Fetched<'a>, SourceError>;
+
+    /// Image ranges known to be zero (holes): the pager marks their pages Zero up front,
+    /// so faults there get zero pages locally and nothing is ever fetched.
+    fn zero_ranges(&self) -> Vec<Range<u64>> {
+        Vec::new()
+    }
+
+    /// Hands a remote source the placement handle for its arrivals. Called once, before
+    /// any fetch.
+    fn attach(&self, _placer: Placer) {}
+
+    /// Whether [`Source::fetch`] can answer without allocating or blocking on anything
+    /// but memory (required by the SIGBUS delivery mode).
+    fn is_signal_safe(&self) -> bool {
+        false
+    }
+}
+
+/// `bytes[offset..offset + scratch.len()]`, zero-padded past the end.
+fn slice_or_pad<'a>(bytes: &'a [u8], offset: u64, scratch: &'a mut [u8]) -> &'a [u8] {
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(bytes.len());
+    let end = start.saturating_add(scratch.len());
+    if end <= bytes.len() {
+        return &bytes[start..end];
+    }
+    let have = bytes.len() - start;
+    scratch[..have].copy_from_slice(&bytes[start..]);
+    scratch[have..].fill(0);
+    scratch
+}
+
+/// An image held in memory.
+#[derive(Debug, Clone)]
+pub struct MemorySource {
+    bytes: Arc<[u8]>,
+    zero: Vec<Range<u64>>,
+}
+
+impl MemorySource {
+    /// Serves `bytes`.
+    pub fn new(bytes: impl Into<Arc<[u8]>>) -> Self {
+        Self {
+            bytes: bytes.into(),
+            zero: Vec::new(),
+        }
+    }
+
+    /// Scans for all-zero pages of `page_size` and reports them as known zero.
+    pub fn with_zero_scan(mut self, page_size: usize) -> Self {
+        self.zero = zero_pages(&self.bytes, page_size);
+        self
+    }
+}
+
+/// Runs of all-zero `page_size` pages in `bytes`, as image ranges.
+fn zero_pages(bytes: &[u8], page_size: usize) -> Vec<Range<u64>> {
+    let mut ranges: Vec<Range<u64>> = Vec::new();
+    for (i, page) in bytes.chunks(page_size).enumerate() {
+        if page.iter().all(|&b| b == 0) {
+            let start = (i * page_size) as u64;
+            let end = start + page.len() as u64;
+            match ranges.last_mut() {
+                Some(last) if last.end == start => last.end = end,
+                _ => ranges.push(start..end),
+            }
+        }
+    }
+    ranges
+}
+
+impl Source for MemorySource {
+    fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    fn fetch<'a>(&'a self, offset: u64, scratch: &'a mut [u8]) -> Result<Fetched<'a>, SourceError> {
+        Ok(Fetched::Data(slice_or_pad(&self.bytes, offset, scratch)))
+    }
+
+    fn zero_ranges(&self) -> Vec<Range<u64>> {
+        self.zero.clone()
+    }
+
+    fn is_signal_safe(&self) -> bool {
+        true
+    }
+}
+
+/// How a [`FileSource`] reads.
+#[derive(Debug)]
+enum Access {
+    /// `pread(2)` into the fault loop's scratch buffer.
+    Pread,
+    /// A read-only private mapping of the file; bytes are copied straight from it.
+    Mmap { addr: usize, len: usize },
+}
+
+/// An image file: read with `pread(2)` or through an `mmap`, optionally with its holes
+/// (`SEEK_HOLE`) known as zero.
+#[derive(Debug)]
+pub struct FileSource {
+    file: File,
+    len: u64,
+    access: Access,
+    holes: Vec<Range<u64>>,
+}
+
+// SAFETY: the mapping is read-only and lives as long as the source; File is Sync.
+unsafe impl Sync for FileSource {}
+// SAFETY: as above; nothing is tied to the creating thread.
+unsafe impl Send for FileSource {}
+
+fn io_err(what: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> SourceError {
+    move |source| SourceError {
+        what,
+        offset,
+        source,
+    }
+}
+
+impl FileSource {
+    fn open(path: &Path) -> Result<(File, u64), SourceError> {
+        let file = File::open(path).map_err(io_err("open image", 0))?;
+        let len = file.metadata().map_err(io_err("stat image", 0))?.len();
+        Ok((file, len))
+    }
+
+    /// Reads pages with `pread(2)`.
+    pub fn pread(path: impl AsRef<Path>) -> Result<Self, SourceError> {
+        let (file, len) = Self::open(path.as_ref())?;
+        Ok(Self {
+            file,
+            len,
+            access: Access::Pread,
+            holes: Vec::new(),
+        })
+    }
+
+    /// Maps the file read-only and copies pages from the mapping (no syscall per page
+    /// beyond the placement itself; the page cache is read on first touch).
+    pub fn mmap(path: impl AsRef<Path>) -> Result<Self, SourceError> {
+        let (file, len) = Self::open(path.as_ref())?;
+        let map_len = usize::try_from(len).map_err(|_| SourceError {
+            what: "map image",
+            offset: 0,
+            source: std::io::Error::from(std::io::ErrorKind::FileTooLarge),
+        })?;
+        let access = if map_len == 0 {
+            Access::Pread
+        } else {
+            // SAFETY: a fresh read-only private mapping of a file we hold open.
+            let addr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    map_len,
+                    libc::PROT_READ,
+                    libc::MAP_PRIVATE,
+                    file.as_raw_fd(),
+                    0,
+                )
+            };
+            if addr == libc::MAP_FAILED {
+                return Err(io_err("map image", 0)(std::io::Error::last_os_error()));
+            }
+            Access::Mmap {
+                addr: addr as usize,
+                len: map_len,
+            }
+        };
+        Ok(Self {
+            file,
+            len,
+            access,
+            holes: Vec::new(),
+        })
+    }
+
+    /// Reads with `pread(2)` and learns the file's holes (`SEEK_DATA` / `SEEK_HOLE`):
+    /// their pages are known zero and never read.
+    pub fn sparse(path: impl AsRef<Path>) -> Result<Self, SourceError> {
+        let mut source = Self::pread(path)?;
+        source.holes = holes(&source.file, source.len)?;
+        Ok(source)
+    }
+
+    /// The holes found (empty unless opened with [`FileSource::sparse`]).
+    pub fn holes(&self) -> &[Range<u64>] {
+        &self.holes
+    }
+
+    fn in_hole(&self, offset: u64, len: u64) -> bool {
+        let i = self.holes.partition_point(|h| h.end <= offset);
+        self.holes
+            .get(i)
+            .is_some_and(|h| h.start <= offset && offset + len <= h.end)
+    }
+}
+
+/// The holes of `file` up to `len`, by walking `SEEK_DATA` / `SEEK_HOLE`.
+fn holes(file: &File, len: u64) -> Result<Vec<Range<u64>>, SourceError> {
+    let fd = file.as_raw_fd();
+    let mut holes = Vec::new();
+    let mut pos: u64 = 0;
+    while pos < len {
+        // SAFETY: lseek on a file we hold open.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        let data = if data < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                len // no data after pos: the rest is a hole
+            } else {
+                return Err(io_err("SEEK_DATA", pos)(err));
+            }
+        } else {
+            data as u64
+        };
+        if data > pos {
+            holes.push(pos..data.min(len));
+        }
+        if data >= len {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io_err("SEEK_HOLE", data)(std::io::Error::last_os_error()));
+        }
+        pos = hole as u64;
+    }
+    Ok(holes)
+}
+
+impl Drop for FileSource {
+    fn drop(&mut self) {
+        if let Access::Mmap { addr, len } = self.access {
+            // SAFETY: our own mapping, no longer used.
+            unsafe { libc::munmap(addr as *mut _, len) };
+        }
+    }
+}
+
+impl Source for FileSource {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn fetch<'a>(&'a self, offset: u64, scratch: &'a mut [u8]) -> Result<Fetched<'a>, SourceError> {
+        if self.in_hole(offset, scratch.len() as u64) {
+            return Ok(Fetched::Zero);
+        }
+        match self.access {
+            Access::Mmap { addr, len } => {
+                // SAFETY: the mapping covers `len` readable bytes while `self` lives.
+                let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+                Ok(Fetched::Data(slice_or_pad(bytes, offset, scratch)))
+            }
+            Access::Pread => {
+                let mut done = 0;
+                while done < scratch.len() {
+                    let n = self
+                        .file
+                        .read_at(&mut scratch[done..], offset + done as u64)
+                        .map_err(io_err("read image", offset))?;
+                    if n == 0 {
+                        scratch[done..].fill(0); // past the end of the image
+                        break;
+                    }
+                    done += n;
+                }
+                Ok(Fetched::Data(scratch))
+            }
+        }
+    }
+
+    fn zero_ranges(&self) -> Vec<Range<u64>> {
+        self.holes.clone()
+    }
+
+    fn is_signal_safe(&self) -> bool {
+        // Copying out of a file mapping may take page-cache faults but no locks of ours.
+        matches!(self.access, Access::Mmap { .. }) && self.holes.is_empty()
+    }
+}
+
+/// An all-zero image of `len` bytes: every page is placed with ZEROPAGE.
+#[derive(Debug, Clone, Copy)]
+pub struct ZeroSource {
+    len: u64,
+}
+
+impl ZeroSource {
+    /// `len` bytes of zeros.
+    pub fn new(len: u64) -> Self {
+        Self { len }
+    }
+}
+
+impl Source for ZeroSource {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn fetch<'a>(
+        &'a self,
+        _offset: u64,
+        _scratch: &'a mut [u8],
+    ) -> Result<Fetched<'a>, SourceError> {
+        Ok(Fetched::Zero)
+    }
+
+    fn zero_ranges(&self) -> Vec<Range<u64>> {
+        // One range: the whole image.
+        #[allow(clippy::single_range_in_vec_init)]
+        let all = vec![0..self.len];
+        all
+    }
+
+    fn is_signal_safe(&self) -> bool {
+        true
+    }
+}
