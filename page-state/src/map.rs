@@ -289,6 +289,13 @@ impl PageStateMap {
         None
     }
 
+    /// The first page in `state` at or after `from`, wrapping around to page 0.
+    pub fn next_in_state_wrapping(&self, state: PageState, from: usize) -> Option<usize> {
+        let from = from.min(self.len);
+        self.find(state, false, from, self.len)
+            .or_else(|| self.find(state, false, 0, from))
+    }
+
     /// The first Missing page at or after `from` (no wrap-around).
     pub fn next_missing(&self, from: usize) -> Option<usize> {
         self.find(PageState::Missing, false, from.min(self.len), self.len)

@@ -528,9 +528,12 @@ impl Shared {
 
 /// A cloneable handle through which any thread places pages that arrive from a remote
 /// source. Addresses are found from the image offset; page states and stats are kept.
+///
+/// It holds the engine weakly: a remote source's thread keeping a placer does not keep
+/// the pager (and its userfaultfd) alive once the [`Pager`](crate::Pager) is gone.
 #[derive(Clone)]
 pub struct Placer {
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) shared: std::sync::Weak<Shared>,
 }
 
 impl std::fmt::Debug for Placer {
@@ -556,7 +559,9 @@ impl Placer {
     /// Places the page at image offset `offset` (page aligned) with `data` (one page), or
     /// a zero page when `data` is `None`. Retries while the address space is changing.
     pub fn place(&self, offset: u64, data: Option<&[u8]>) -> Result<Placed> {
-        let shared = &self.shared;
+        let Some(shared) = self.shared.upgrade() else {
+            return Ok(Placed::Stopped);
+        };
         let Some(p) = shared
             .regions
             .read()
@@ -601,8 +606,9 @@ impl Placer {
         }
     }
 
-    /// The page state map (to check what is still missing).
-    pub fn states(&self) -> &PageStateMap {
-        &self.shared.states
+    /// Whether page `page` (index in the state map) is still to be placed; `None` once
+    /// the pager is gone.
+    pub fn state(&self, page: usize) -> Option<PageState> {
+        self.shared.upgrade()?.states.get(page).ok()
     }
 }

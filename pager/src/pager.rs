@@ -210,7 +210,13 @@ impl PagerBuilder {
             for r in table.regions() {
                 let (mode, needed) = match r.spec.resolve {
                     Resolve::Copy => (RegisterMode::MISSING, Ioctls::COPY),
-                    Resolve::Continue { .. } => (RegisterMode::MINOR, Ioctls::CONTINUE),
+                    // MINOR alone never faults on pages absent from the page cache (they
+                    // read as zero), so both kinds are registered; both are resolved by
+                    // staging the page in the cache and CONTINUE.
+                    Resolve::Continue { .. } => (
+                        RegisterMode::MISSING | RegisterMode::MINOR,
+                        Ioctls::CONTINUE,
+                    ),
                 };
                 let ioctls = self.uffd.register(r.spec.base, r.spec.len, mode)?;
                 if !ioctls.contains(needed) {
@@ -238,7 +244,7 @@ impl PagerBuilder {
         )?);
         shared.mark_known_zero();
         let placer = Placer {
-            shared: shared.clone(),
+            shared: Arc::downgrade(&shared),
         };
         source.attach(placer);
 
@@ -325,7 +331,7 @@ impl Pager {
     /// A handle for placing pages that arrive from a remote source.
     pub fn placer(&self) -> Placer {
         Placer {
-            shared: self.shared.clone(),
+            shared: Arc::downgrade(&self.shared),
         }
     }
 

@@ -7,9 +7,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use page_state::RequestOutcome;
+use page_state::{PageState, RequestOutcome};
 
-use crate::engine::{Origin, Placement, Shared};
+use crate::engine::{Content, Origin, Placement, Shared};
 
 /// What the prefetcher does.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -51,10 +51,13 @@ pub(crate) fn run(shared: Arc<Shared>, plan: Prefetch, max_page: usize) {
     while !shared.stopping() {
         // Relaxed: the cursor is a position hint; page states are the synchronisation.
         let from = shared.cursor.load(Ordering::Relaxed);
-        let Some(page) = shared.states.next_missing_wrapping(from) else {
-            return; // nothing missing: done
+        let next = if let Some(page) = shared.states.next_missing_wrapping(from) {
+            prefetch_run(&shared, page, BATCH_BYTES, &mut scratch)
+        } else if let Some(page) = shared.states.next_in_state_wrapping(PageState::Zero, from) {
+            zero_run(&shared, page)
+        } else {
+            return; // every page placed: done
         };
-        let next = prefetch_run(&shared, page, BATCH_BYTES, &mut scratch);
         // Move on unless a fault moved the cursor meanwhile.
         let _ = shared
             .cursor
@@ -99,6 +102,32 @@ fn prefetch_run(shared: &Shared, page: usize, max_bytes: usize, scratch: &mut [u
     // Pages we claimed and could not place go back to faults.
     for p in page + placed..page + count {
         shared.unclaim(p);
+    }
+    page + count
+}
+
+/// Places the run of known-zero pages at `page` with one zero-page placement (faults on
+/// them race harmlessly: the loser sees EEXIST). Returns the page after the run.
+fn zero_run(shared: &Shared, page: usize) -> usize {
+    let Some(first) = shared.page(page) else {
+        return page + 1;
+    };
+    let mut count = 1;
+    while count < BATCH_BYTES / first.size {
+        match shared.page(page + count) {
+            Some(next) if next.addr == first.addr + count * first.size => {}
+            _ => break,
+        }
+        if shared.states.get(page + count) != Ok(PageState::Zero) {
+            break;
+        }
+        count += 1;
+    }
+    while !shared.stopping() {
+        match shared.place(&first, count, Content::Zero, true, Origin::Prefetch) {
+            Placement::Again { .. } => std::thread::sleep(Duration::from_micros(200)),
+            _ => break,
+        }
     }
     page + count
 }

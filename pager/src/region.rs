@@ -10,9 +10,9 @@ use crate::error::{Error, Result};
 pub enum Resolve {
     /// MISSING mode: pages are placed with `UFFDIO_COPY` / `UFFDIO_ZEROPAGE`.
     Copy,
-    /// MINOR mode on shared memory: the page is written into the page cache through an
-    /// unregistered alias mapping of the same file at `alias` (in this process), then
-    /// mapped with `UFFDIO_CONTINUE`.
+    /// MINOR mode on shared memory (registered MISSING | MINOR): the page is written into
+    /// the page cache through an unregistered alias mapping of the same file at `alias`
+    /// (in this process), then mapped with `UFFDIO_CONTINUE`.
     Continue {
         /// Start of the alias mapping.
         alias: usize,

@@ -1,0 +1,471 @@
+//! The engine's promises under real concurrency: one source read per page, zeros after
+//! REMOVE, remote sources that never block the loop, prefetch and replay, clean stops.
+
+mod common;
+
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use page_state::PageState;
+use pager::{
+    DeliveryMode, Fetched, MemorySource, Pager, Placer, Prefetch, RegionSpec, Source, SourceError,
+};
+use uffd_core::{Features, Mapping, MemoryKind, Uffd};
+
+const PS: usize = 4096;
+
+fn region(m: &Mapping) -> RegionSpec {
+    RegionSpec::new(m.addr(), m.len(), m.kind(), 0)
+}
+
+#[test]
+fn many_threads_on_the_same_pages_read_each_page_from_the_source_once() {
+    let pages = 256;
+    let image = common::image(pages, PS, 0);
+    let source = common::Counting::new(MemorySource::new(image.clone()), PS);
+    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+    let pager = Pager::builder(common::uffd(), source.clone())
+        .region(region(&memory))
+        .mode(DeliveryMode::PerCpu)
+        .start()
+        .expect("start");
+    let (addr, image) = (memory.addr(), Arc::new(image));
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let image = image.clone();
+            std::thread::spawn(move || {
+                for i in 0..pages {
+                    let page = (i * (2 * t + 1) + t * 31) % pages; // a different order each
+                                                                   // SAFETY: inside the served region.
+                    let got = unsafe { common::bytes(addr + page * PS, PS) };
+                    assert_eq!(got, &image[page * PS..(page + 1) * PS], "page {page}");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("worker");
+    }
+    let stats = pager.stop().expect("stop");
+    for page in 0..pages {
+        assert_eq!(source.reads_of(page), 1, "page {page} read from the source");
+    }
+    assert_eq!(stats.placed_fault, pages as u64);
+    assert!(stats.faults() >= pages as u64);
+}
+
+#[test]
+fn removed_pages_fault_back_as_zeros_never_image_data() {
+    let pages = 64;
+    let image = common::image(pages, PS, 0);
+    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+    let pager = Pager::builder(common::uffd(), Arc::new(MemorySource::new(image.clone())))
+        .region(region(&memory))
+        .mode(DeliveryMode::Thread)
+        .start()
+        .expect("start");
+    // SAFETY: the region is served; reads fault pages in.
+    let all = unsafe { common::bytes(memory.addr(), pages * PS) };
+    assert_eq!(all, image.as_slice());
+    memory
+        .madvise(16 * PS, 8 * PS, libc::MADV_DONTNEED)
+        .expect("DONTNEED");
+    for page in 0..pages {
+        // SAFETY: as above.
+        let got = unsafe { common::bytes(memory.page_addr(page), PS) };
+        if (16..24).contains(&page) {
+            assert!(
+                got.iter().all(|&b| b == 0),
+                "page {page} must read zero after REMOVE"
+            );
+        } else {
+            assert_eq!(got, &image[page * PS..(page + 1) * PS], "page {page} kept");
+        }
+    }
+    let stats = pager.stop().expect("stop");
+    assert_eq!(stats.events_remove, 1);
+    assert_eq!(stats.placed_zero, 8, "removed pages placed as zero pages");
+}
+
+/// A memory source whose fetch of one page first drops that page with MADV_DONTNEED on
+/// another thread and waits, so the copy meets an unread REMOVE (EAGAIN).
+struct RacingRemove {
+    inner: MemorySource,
+    victim: u64,
+    addr: usize,
+    fired: AtomicBool,
+}
+
+impl Source for RacingRemove {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn fetch<'a>(&'a self, offset: u64, scratch: &'a mut [u8]) -> Result<Fetched<'a>, SourceError> {
+        if offset == self.victim && !self.fired.swap(true, Ordering::Relaxed) {
+            let at = self.addr + offset as usize;
+            std::thread::spawn(move || {
+                // SAFETY: a page of the test's mapping.
+                unsafe { libc::madvise(at as *mut _, PS, libc::MADV_DONTNEED) };
+            });
+            // Give madvise time to queue its REMOVE; the handler (us) cannot read it yet.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.inner.fetch(offset, scratch)
+    }
+}
+
+#[test]
+fn a_remove_racing_a_fault_is_retried_through_eagain_and_yields_zeros() {
+    let pages = 8;
+    let image = common::image(pages, PS, 0);
+    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+    let source = Arc::new(RacingRemove {
+        inner: MemorySource::new(image.clone()),
+        victim: 3 * PS as u64,
+        addr: memory.addr(),
+        fired: AtomicBool::new(false),
+    });
+    let pager = Pager::builder(common::uffd(), source)
+        .region(region(&memory))
+        .mode(DeliveryMode::Thread)
+        .start()
+        .expect("start");
+    // SAFETY: served region.
+    let victim = unsafe { common::bytes(memory.page_addr(3), PS) };
+    assert!(
+        victim.iter().all(|&b| b == 0),
+        "dropped while in flight: zeros, not image data"
+    );
+    // SAFETY: served region.
+    let other = unsafe { common::bytes(memory.page_addr(4), PS) };
+    assert_eq!(other, &image[4 * PS..5 * PS]);
+    let stats = pager.stop().expect("stop");
+    assert!(stats.again >= 1, "the EAGAIN path ran: {stats:?}");
+    assert_eq!(stats.events_remove, 1);
+}
+
+#[test]
+fn a_child_sends_its_uffd_and_the_pager_serves_the_child() {
+    let pages = 32;
+    let image = common::image(pages, PS, 3);
+    let (parent, child) = UnixStream::pair().expect("socketpair");
+    let child_image = image.clone();
+    // SAFETY: the child runs the closure and exits; glibc makes malloc safe after fork.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        drop(parent);
+        let code = std::panic::catch_unwind(|| {
+            let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+            let uffd = common::uffd();
+            uffd.register(
+                memory.addr(),
+                memory.len(),
+                uffd_core::RegisterMode::MISSING,
+            )
+            .expect("register");
+            let table = format!("{} {}", memory.addr(), memory.len());
+            uffd_core::send_fds(&child, table.as_bytes(), &[uffd.as_fd()]).expect("send");
+            // SAFETY: our registered region, served by the parent.
+            let got = unsafe { common::bytes(memory.addr(), memory.len()) };
+            i32::from(got != child_image.as_slice())
+        })
+        .unwrap_or(101);
+        // SAFETY: ends the child.
+        unsafe { libc::_exit(code) };
+    }
+    drop(child);
+    let mut buf = [0u8; 64];
+    let got = uffd_core::recv_fds(&parent, &mut buf, 2).expect("recv");
+    let text = std::str::from_utf8(&buf[..got.bytes]).expect("utf8");
+    let mut it = text.split(' ').map(|n| n.parse::<usize>().expect("number"));
+    let (base, len) = (it.next().expect("base"), it.next().expect("len"));
+    let uffd = Uffd::from_fd(got.fds.into_iter().next().expect("fd")).expect("adopt");
+    let pager = Pager::builder(uffd, Arc::new(MemorySource::new(image).with_zero_scan(PS)))
+        .region(RegionSpec::new(base, len, MemoryKind::Anon, 0))
+        .register(false)
+        .mode(DeliveryMode::Thread)
+        .start()
+        .expect("start");
+    let mut status = 0;
+    // SAFETY: waiting for our child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child verified its memory"
+    );
+    let stats = pager.stop().expect("stop");
+    assert_eq!(stats.placed(), pages as u64);
+    assert_eq!(
+        stats.placed_zero,
+        (pages / 3) as u64,
+        "known-zero pages sent as zero pages"
+    );
+}
+
+/// A remote-style source: even pages are "remote" (answered after `delay` by another
+/// thread through the placer), odd pages local. Counts requests per page.
+struct Remote {
+    image: Arc<Vec<u8>>,
+    delay: Duration,
+    requests: Vec<AtomicU32>,
+    queue: Mutex<Option<mpsc::Sender<u64>>>,
+}
+
+impl Remote {
+    fn new(image: Vec<u8>, delay: Duration) -> Arc<Self> {
+        let pages = image.len() / PS;
+        Arc::new(Self {
+            image: Arc::new(image),
+            delay,
+            requests: (0..pages).map(|_| AtomicU32::new(0)).collect(),
+            queue: Mutex::new(None),
+        })
+    }
+}
+
+impl Source for Remote {
+    fn len(&self) -> u64 {
+        self.image.len() as u64
+    }
+    fn fetch<'a>(&'a self, offset: u64, scratch: &'a mut [u8]) -> Result<Fetched<'a>, SourceError> {
+        let page = offset as usize / PS;
+        self.requests[page].fetch_add(1, Ordering::Relaxed);
+        if page % 2 == 1 {
+            return Ok(Fetched::Data(&self.image[page * PS..(page + 1) * PS]));
+        }
+        let _ = scratch;
+        let tx = self.queue.lock().expect("queue").clone().expect("attached");
+        tx.send(offset).expect("remote thread alive");
+        Ok(Fetched::Pending)
+    }
+    fn attach(&self, placer: Placer) {
+        let (tx, rx) = mpsc::channel::<u64>();
+        *self.queue.lock().expect("queue") = Some(tx);
+        let (image, delay) = (self.image.clone(), self.delay);
+        std::thread::spawn(move || {
+            for offset in rx {
+                std::thread::sleep(delay);
+                let at = offset as usize;
+                let _ = placer.place(offset, Some(&image[at..at + PS]));
+            }
+        });
+    }
+}
+
+#[test]
+fn a_remote_source_never_blocks_the_loop_and_is_asked_once_per_page() {
+    let pages = 64;
+    let image = common::image(pages, PS, 0);
+    let source = Remote::new(image.clone(), Duration::from_millis(300));
+    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+    let pager = Pager::builder(common::uffd(), source.clone())
+        .region(region(&memory))
+        .mode(DeliveryMode::Thread)
+        .start()
+        .expect("start");
+    let addr = memory.addr();
+    // Four threads wait on the same remote page 0.
+    let slow: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                // SAFETY: served region.
+                let b = unsafe { std::ptr::read_volatile((addr + 8) as *const u8) };
+                (b, t.elapsed())
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(20));
+    // Meanwhile the single handler thread serves every local (odd) page.
+    let t = Instant::now();
+    for page in (1..pages).step_by(2) {
+        // SAFETY: served region.
+        let got = unsafe { common::bytes(addr + page * PS, PS) };
+        assert_eq!(got, &image[page * PS..(page + 1) * PS]);
+    }
+    let local = t.elapsed();
+    for s in slow {
+        let (b, waited) = s.join().expect("slow reader");
+        assert_eq!(b, image[8]);
+        assert!(
+            waited >= Duration::from_millis(250),
+            "remote page took the delay: {waited:?}"
+        );
+    }
+    assert!(
+        local < Duration::from_millis(200),
+        "local pages were served while the remote page was pending ({local:?})"
+    );
+    assert_eq!(
+        source.requests[0].load(Ordering::Relaxed),
+        1,
+        "page 0 asked once"
+    );
+    let stats = pager.stop().expect("stop");
+    assert!(
+        stats.faults_duplicate >= 1,
+        "later faults on page 0 asked nothing: {stats:?}"
+    );
+    assert_eq!(stats.placed_arrival, 1);
+}
+
+#[test]
+fn prefetch_places_every_page_and_cuts_faults() {
+    let pages = 2048;
+    let image = common::image(pages, PS, 5);
+    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+    let pager = Pager::builder(
+        common::uffd(),
+        Arc::new(MemorySource::new(image.clone()).with_zero_scan(PS)),
+    )
+    .region(region(&memory))
+    .mode(DeliveryMode::Thread)
+    .prefetch(Prefetch::Sequential)
+    .start()
+    .expect("start");
+    assert!(
+        pager.wait_complete(Duration::from_secs(20)),
+        "prefetch placed every page"
+    );
+    assert_eq!(pager.states().count(PageState::Received), pages);
+    // SAFETY: served region (now fully present).
+    let all = unsafe { common::bytes(memory.addr(), memory.len()) };
+    assert_eq!(all, image.as_slice());
+    let stats = pager.stop().expect("stop");
+    assert!(
+        stats.faults() < (pages / 10) as u64,
+        "faults dropped: {stats:?}"
+    );
+    assert_eq!(stats.placed(), pages as u64);
+    assert_eq!(stats.placed_zero, (pages / 5) as u64);
+}
+
+/// Touches `order` pages of a fresh restore and returns the faults it took.
+fn restore_run(
+    image: &[u8],
+    order: &[usize],
+    record: Option<&std::path::Path>,
+    replay: Option<&std::path::Path>,
+) -> u64 {
+    let pages = image.len() / PS;
+    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+    let mut builder = Pager::builder(common::uffd(), Arc::new(MemorySource::new(image.to_vec())))
+        .region(region(&memory))
+        .mode(DeliveryMode::Thread);
+    if let Some(path) = record {
+        builder = builder.record(path);
+    }
+    if let Some(path) = replay {
+        builder = builder.replay(path).expect("load working set");
+    }
+    let pager = builder.start().expect("start");
+    if replay.is_some() {
+        // The replayed working set goes first; give the restore a moment to bring it in,
+        // as a VMM does between restore and resuming vCPUs.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while order
+            .iter()
+            .any(|&p| pager.states().get(p) != Ok(PageState::Received))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "replay did not bring the working set in"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    for &page in order {
+        // SAFETY: served region.
+        let got = unsafe { common::bytes(memory.page_addr(page), PS) };
+        assert_eq!(got, &image[page * PS..(page + 1) * PS]);
+    }
+    pager.stop().expect("stop").faults()
+}
+
+#[test]
+fn replaying_a_recorded_working_set_cuts_faults_by_ninety_percent() {
+    let pages = 4096;
+    let image = common::image(pages, PS, 0);
+    let mut x = 12345u64;
+    let order: Vec<usize> = (0..600)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % pages as u64) as usize
+        })
+        .collect();
+    let path = std::env::temp_dir().join(format!("uffdkit-ws-{}", std::process::id()));
+    let first = restore_run(&image, &order, Some(&path), None);
+    let second = restore_run(&image, &order, None, Some(&path));
+    std::fs::remove_file(&path).ok();
+    assert!(first > 400, "first run faulted on its working set: {first}");
+    assert!(
+        second * 10 <= first,
+        "replay: {second} faults vs {first} without"
+    );
+}
+
+#[test]
+fn the_faulting_process_exiting_mid_run_stops_the_pager_cleanly() {
+    let pages = 4096;
+    let image = common::image(pages, PS, 0);
+    let (parent, child) = UnixStream::pair().expect("socketpair");
+    // SAFETY: the child runs the closure and exits.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        drop(parent);
+        let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+        let uffd = common::uffd();
+        uffd.register(
+            memory.addr(),
+            memory.len(),
+            uffd_core::RegisterMode::MISSING,
+        )
+        .expect("register");
+        let table = format!("{} {}", memory.addr(), memory.len());
+        uffd_core::send_fds(&child, table.as_bytes(), &[uffd.as_fd()]).expect("send");
+        // Touch a few pages, then exit mid-restore.
+        for p in 0..8 {
+            // SAFETY: our registered region, served by the parent.
+            unsafe { std::ptr::read_volatile((memory.addr() + p * PS) as *const u8) };
+        }
+        // SAFETY: ends the child.
+        unsafe { libc::_exit(0) };
+    }
+    drop(child);
+    let mut buf = [0u8; 64];
+    let got = uffd_core::recv_fds(&parent, &mut buf, 2).expect("recv");
+    let text = std::str::from_utf8(&buf[..got.bytes]).expect("utf8");
+    let mut it = text.split(' ').map(|n| n.parse::<usize>().expect("number"));
+    let (base, len) = (it.next().expect("base"), it.next().expect("len"));
+    let uffd = Uffd::from_fd(got.fds.into_iter().next().expect("fd")).expect("adopt");
+    let pager = Pager::builder(uffd, Arc::new(MemorySource::new(image)))
+        .region(RegionSpec::new(base, len, MemoryKind::Anon, 0))
+        .register(false)
+        .mode(DeliveryMode::Thread)
+        .prefetch(Prefetch::Sequential)
+        .start()
+        .expect("start");
+    let mut status = 0;
+    // SAFETY: waiting for our child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pager.has_stopped() && !pager.is_complete() {
+        assert!(
+            Instant::now() < deadline,
+            "pager noticed neither exit nor completion"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if pager.has_stopped() {
+        assert!(pager.process_gone(), "stopped because the process is gone");
+    }
+    pager.stop().expect("a clean stop, no error");
+    let _ = Features::empty();
+}

@@ -1,0 +1,128 @@
+//! Helpers for the pager's integration tests: real uffds, real mappings, real faults.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use pager::{Fetched, Source, SourceError};
+use uffd_core::{hugetlb, Features, MemoryKind, Uffd};
+
+/// Reports a skipped case loudly (stderr and target/uffdkit-skips.log).
+pub fn skip(test: &str, reason: &str) {
+    let line = format!("SKIPPED {test}: {reason}");
+    eprintln!("\n*** {line} ***\n");
+    let log = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/uffdkit-skips.log");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+    {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+/// Whether 2 MiB hugetlb pages can be had (reserving them as root); skips loudly if not.
+pub fn hugetlb_available(test: &str) -> bool {
+    match hugetlb::ensure_free(64) {
+        Ok(free) if free >= 8 => true,
+        Ok(free) => {
+            skip(test, &format!("hugetlb: only {free} free 2 MiB pages"));
+            false
+        }
+        Err(e) => {
+            skip(test, &format!("hugetlb: cannot reserve 2 MiB pages: {e}"));
+            false
+        }
+    }
+}
+
+/// A non-blocking uffd with the events a pager handles.
+pub fn uffd() -> Uffd {
+    Uffd::builder()
+        .non_blocking(true)
+        .require(Features::EVENT_REMOVE | Features::EVENT_UNMAP | Features::EVENT_REMAP)
+        .optional(
+            Features::MISSING_SHMEM
+                | Features::MISSING_HUGETLBFS
+                | Features::MINOR_SHMEM
+                | Features::MINOR_HUGETLBFS,
+        )
+        .open()
+        .expect("open uffd")
+}
+
+/// A synthetic image: page `i` holds a pattern derived from `i`, except every
+/// `zero_every`-th page which is all zero.
+pub fn image(pages: usize, page_size: usize, zero_every: usize) -> Vec<u8> {
+    let mut out = vec![0u8; pages * page_size];
+    for (i, page) in out.chunks_exact_mut(page_size).enumerate() {
+        if zero_every != 0 && i % zero_every == zero_every - 1 {
+            continue;
+        }
+        let seed = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        for (w, chunk) in page.chunks_exact_mut(8).enumerate() {
+            chunk.copy_from_slice(&(seed ^ w as u64).to_ne_bytes());
+        }
+    }
+    out
+}
+
+/// The bytes at `addr` (mapped, and served by a running pager if missing).
+///
+/// # Safety
+/// `addr..addr + len` is mapped and readable.
+pub unsafe fn bytes<'a>(addr: usize, len: usize) -> &'a [u8] {
+    // SAFETY: forwarded to the caller.
+    unsafe { std::slice::from_raw_parts(addr as *const u8, len) }
+}
+
+/// Wraps a source and counts fetches per page.
+pub struct Counting<S> {
+    pub inner: S,
+    pub page_size: usize,
+    pub reads: Vec<AtomicU32>,
+}
+
+impl<S: Source> Counting<S> {
+    pub fn new(inner: S, page_size: usize) -> Arc<Self> {
+        let pages = (inner.len() as usize).div_ceil(page_size);
+        Arc::new(Self {
+            inner,
+            page_size,
+            reads: (0..pages).map(|_| AtomicU32::new(0)).collect(),
+        })
+    }
+
+    pub fn reads_of(&self, page: usize) -> u32 {
+        self.reads[page].load(Ordering::Relaxed)
+    }
+}
+
+impl<S: Source> Source for Counting<S> {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+
+    fn fetch<'a>(&'a self, offset: u64, scratch: &'a mut [u8]) -> Result<Fetched<'a>, SourceError> {
+        let first = offset as usize / self.page_size;
+        for p in first..first + scratch.len() / self.page_size {
+            self.reads[p].fetch_add(1, Ordering::Relaxed);
+        }
+        self.inner.fetch(offset, scratch)
+    }
+
+    fn zero_ranges(&self) -> Vec<std::ops::Range<u64>> {
+        self.inner.zero_ranges()
+    }
+}
+
+/// Memory of `kind` for the tests (hugetlb needs its pool).
+pub fn kinds(test: &str) -> Vec<MemoryKind> {
+    let mut kinds = vec![MemoryKind::Anon, MemoryKind::Shmem];
+    if hugetlb_available(test) {
+        kinds.push(MemoryKind::Hugetlb);
+        kinds.push(MemoryKind::HugetlbPrivate);
+    }
+    kinds
+}
