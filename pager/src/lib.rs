@@ -39,6 +39,7 @@ mod pager;
 mod prefetch;
 pub mod record;
 mod region;
+mod sigbus;
 mod source;
 mod stats;
 mod worker;

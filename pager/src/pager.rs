@@ -35,6 +35,10 @@ pub enum DeliveryMode {
     /// One handler thread per CPU, each pinned to its CPU, all polling the uffd.
     #[default]
     PerCpu,
+    /// `UFFD_FEATURE_SIGBUS`: the faulting thread resolves its own fault in a signal
+    /// handler (in-process memory, a signal-safe local source); an event thread reads
+    /// the non-fault events.
+    Sigbus,
 }
 
 impl DeliveryMode {
@@ -44,6 +48,7 @@ impl DeliveryMode {
             DeliveryMode::Thread => "thread",
             DeliveryMode::BusyPoll => "poll",
             DeliveryMode::PerCpu => "percpu",
+            DeliveryMode::Sigbus => "sigbus",
         }
     }
 }
@@ -206,6 +211,22 @@ impl PagerBuilder {
             }
         }
         ensure_non_blocking(&self.uffd)?;
+        if self.mode == DeliveryMode::Sigbus {
+            if !self.uffd.features().contains(uffd_core::Features::SIGBUS) {
+                return Err(Error::Mode {
+                    mode: "sigbus",
+                    reason: "the userfaultfd was not negotiated with the SIGBUS feature".into(),
+                });
+            }
+            if !self.source.is_signal_safe() {
+                return Err(Error::Mode {
+                    mode: "sigbus",
+                    reason: "the source cannot answer inside a signal handler (use a memory \
+                             or mmap source)"
+                        .into(),
+                });
+            }
+        }
         if self.register {
             for r in table.regions() {
                 let (mode, needed) = match r.spec.resolve {
@@ -299,6 +320,10 @@ impl PagerBuilder {
                     )?);
                 }
             }
+            DeliveryMode::Sigbus => {
+                crate::sigbus::install(shared.clone(), 2 * allowed_cpus().len(), max_page)?;
+                threads.push(spawn_worker(None, Wait::Block, "uffd-events".into())?);
+            }
         }
         if self.prefetch != Prefetch::None {
             let (shared, plan) = (shared.clone(), self.prefetch);
@@ -380,6 +405,9 @@ impl Pager {
 
     fn join(&mut self) {
         self.shared.request_stop();
+        if self.mode == DeliveryMode::Sigbus {
+            crate::sigbus::uninstall();
+        }
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

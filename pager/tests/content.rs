@@ -90,7 +90,19 @@ fn serve_and_verify(kind: MemoryKind, minor: bool, src: SourceKind, mode: Delive
     if let Some(a) = &alias {
         spec = spec.minor(a.addr());
     }
-    let pager = Pager::builder(common::uffd(), source)
+    if mode == DeliveryMode::Sigbus && !source.is_signal_safe() {
+        return; // SIGBUS mode takes signal-safe sources only (tested in tests/sigbus.rs)
+    }
+    let uffd = if mode == DeliveryMode::Sigbus {
+        uffd_core::Uffd::builder()
+            .non_blocking(true)
+            .require(uffd_core::Features::SIGBUS | uffd_core::Features::EVENT_REMOVE)
+            .open()
+            .expect("open")
+    } else {
+        common::uffd()
+    };
+    let pager = Pager::builder(uffd, source)
         .region(spec)
         .mode(mode)
         .start()
