@@ -64,6 +64,7 @@ pub struct PagerBuilder {
     record: Option<PathBuf>,
     register: bool,
     batch: usize,
+    handler_cpu: Option<usize>,
 }
 
 /// A running pager: handler threads serving faults on its regions from its source.
@@ -137,6 +138,7 @@ impl Pager {
             record: None,
             register: true,
             batch: 64,
+            handler_cpu: None,
         }
     }
 }
@@ -189,6 +191,14 @@ impl PagerBuilder {
     /// received from a VMM that registered them).
     pub fn register(mut self, register: bool) -> Self {
         self.register = register;
+        self
+    }
+
+    /// Pins the handler thread of the single-thread modes (thread, busy-poll, and the
+    /// SIGBUS mode's event thread) to `cpu` (default: unpinned). Per-CPU handlers are
+    /// always pinned one per CPU.
+    pub fn handler_cpu(mut self, cpu: Option<usize>) -> Self {
+        self.handler_cpu = cpu;
         self
     }
 
@@ -305,12 +315,16 @@ impl PagerBuilder {
                 })
         };
         match self.mode {
-            DeliveryMode::Thread => {
-                threads.push(spawn_worker(None, Wait::Block, "uffd-handler".into())?)
-            }
-            DeliveryMode::BusyPoll => {
-                threads.push(spawn_worker(None, Wait::Spin, "uffd-busypoll".into())?)
-            }
+            DeliveryMode::Thread => threads.push(spawn_worker(
+                self.handler_cpu,
+                Wait::Block,
+                "uffd-handler".into(),
+            )?),
+            DeliveryMode::BusyPoll => threads.push(spawn_worker(
+                self.handler_cpu,
+                Wait::Spin,
+                "uffd-busypoll".into(),
+            )?),
             DeliveryMode::PerCpu => {
                 for cpu in allowed_cpus() {
                     threads.push(spawn_worker(
@@ -322,7 +336,11 @@ impl PagerBuilder {
             }
             DeliveryMode::Sigbus => {
                 crate::sigbus::install(shared.clone(), 2 * allowed_cpus().len(), max_page)?;
-                threads.push(spawn_worker(None, Wait::Block, "uffd-events".into())?);
+                threads.push(spawn_worker(
+                    self.handler_cpu,
+                    Wait::Block,
+                    "uffd-events".into(),
+                )?);
             }
         }
         if self.prefetch != Prefetch::None {

@@ -1,7 +1,10 @@
 //! `uffdkit`: probe, benchmark and serve memory on demand through userfaultfd.
 
+mod bench;
 mod demo;
 mod probe;
+mod restore;
+mod workload;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -18,8 +21,13 @@ struct Cli {
 enum Command {
     /// What this kernel and this process can do with userfaultfd.
     Probe(probe::Args),
-    /// The main job: serve a 64 MiB region on demand, verify every page, report.
+    /// The main job: lazily restore a 512 MiB synthetic image through the pager, verify
+    /// every page, report.
     Demo(demo::Args),
+    /// Run a workload over memory restored lazily from an image file (and compare).
+    Restore(restore::Args),
+    /// Fault-latency stress across delivery modes, with same-run baselines.
+    Bench(bench::Args),
 }
 
 fn main() -> Result<()> {
@@ -27,5 +35,7 @@ fn main() -> Result<()> {
     match cli.command.unwrap_or(Command::Demo(demo::Args::default())) {
         Command::Probe(args) => probe::run(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Restore(args) => restore::run(&args),
+        Command::Bench(args) => bench::run(&args),
     }
 }

@@ -48,15 +48,87 @@ fn probe_table_is_readable() {
 }
 
 #[test]
-fn demo_serves_and_verifies_every_page() {
-    let out = uffdkit(&["demo", "--size-mib", "8"]);
+fn demo_restores_lazily_and_verifies_every_page() {
+    let out = uffdkit(&["demo", "--size-mib", "16"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("faults served: 2048 "), "{text}");
+    assert!(text.contains("all 4096 pages"), "{text}");
     assert!(text.contains("every page verified"), "{text}");
-    assert!(text.contains("µs per fault"), "{text}");
+    assert!(text.contains("zero pages (never transferred)"), "{text}");
+    assert!(text.contains("latency histogram"), "{text}");
+}
+
+#[test]
+fn bench_json_reports_percentiles_and_ratios_for_each_mode() {
+    let out = uffdkit(&[
+        "bench",
+        "--pages",
+        "300",
+        "--repeat",
+        "1",
+        "--placement",
+        "unpinned",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let results = v["results"].as_array().expect("results");
+    assert_eq!(results.len(), 4, "thread, poll, percpu, sigbus");
+    for r in results {
+        assert!(r["pager"]["p50_us"].as_f64().expect("p50") > 0.0, "{r}");
+        assert!(r["raw"]["p99_us"].as_f64().expect("p99") > 0.0, "{r}");
+        assert!(r["pager_vs_raw_p50"].as_f64().expect("ratio") > 0.0);
+        assert_eq!(r["pager"]["count"], 300);
+    }
+    assert!(v["first_touch"]["p50_us"].as_f64().expect("baseline") > 0.0);
+}
+
+#[test]
+fn restore_compares_strategies_and_verifies_pages() {
+    let path = std::env::temp_dir().join(format!("uffdkit-cli-image-{}", std::process::id()));
+    let image: Vec<u8> = (0..4 << 20)
+        .map(|i: u32| (i / 4096) as u8 ^ (i as u8))
+        .collect();
+    std::fs::write(&path, &image).expect("write image");
+    let out = uffdkit(&[
+        "restore",
+        "--image",
+        path.to_str().expect("utf8"),
+        "--strategy",
+        "all",
+        "--touch",
+        "0.5",
+        "--json",
+    ]);
+    std::fs::remove_file(&path).ok();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["touched_pages"], 512);
+    let names: Vec<&str> = v["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .filter_map(|r| r["strategy"].as_str())
+        .collect();
+    assert_eq!(names, ["pager", "eager", "mmap"]);
+}
+
+#[test]
+fn restore_of_a_missing_image_fails_clearly() {
+    let out = uffdkit(&["restore", "--image", "/nonexistent/image"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/image"));
 }
