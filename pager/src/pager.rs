@@ -21,11 +21,14 @@ use crate::worker::{Wait, Worker};
 
 /// How faults reach a handler.
 ///
-/// Measured here (2-vCPU nested VM, minimal loops, per 4 KiB fault): one handler thread
-/// blocking in poll on the *other* CPU ~51–70 µs (waking an idle vCPU is what costs);
-/// busy-polling ~18–28 µs; one pinned handler per CPU ~5.5–6.4 µs (the fault is served
-/// on the CPU that just went idle by blocking on it). [`DeliveryMode::PerCpu`] is the
-/// default for that reason: it is the fastest mode that does not burn a CPU.
+/// Measured with `uffdkit bench` on a 2-vCPU nested VM (4 KiB pages, memory source, one
+/// faulting thread, p50 of the median of 3 runs, pager ≈ raw uffd-core loop of the same
+/// mode): one handler thread blocking in poll on the *other* CPU 82–95 µs (waking an idle
+/// vCPU is what costs); busy-polling 18–21 µs (and a CPU burnt); one pinned handler per
+/// CPU 11–12 µs whether or not the faulting thread is pinned (the fault is served on the
+/// CPU that just went idle by blocking on it); SIGBUS in the faulting thread ~6 µs.
+/// [`DeliveryMode::PerCpu`] is the default: the fastest mode that serves memory of another
+/// process and does not burn a CPU. [`DeliveryMode::Sigbus`] is faster but in-process only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeliveryMode {
     /// One handler thread blocking in poll.

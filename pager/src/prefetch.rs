@@ -88,7 +88,10 @@ fn prefetch_run(shared: &Shared, page: usize, max_bytes: usize, scratch: &mut [u
     }
     let mut placed = 0;
     while placed < count && !shared.stopping() {
-        let at = shared.page(page + placed).expect("checked above");
+        // An UNMAP may have taken the region away since the pages were claimed.
+        let Some(at) = shared.page(page + placed) else {
+            break;
+        };
         match shared.fetch_and_place(&at, count - placed, scratch, true, Origin::Prefetch) {
             Placement::Done => placed = count,
             Placement::Again { done } => {

@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,7 +11,7 @@ use page_state::PageState;
 use pager::{
     DeliveryMode, Fetched, MemorySource, Pager, Placer, Prefetch, RegionSpec, Source, SourceError,
 };
-use uffd_core::{Features, Mapping, MemoryKind, Uffd};
+use uffd_core::{Mapping, MemoryKind};
 
 const PS: usize = 4096;
 
@@ -151,52 +149,19 @@ fn a_remove_racing_a_fault_is_retried_through_eagain_and_yields_zeros() {
 fn a_child_sends_its_uffd_and_the_pager_serves_the_child() {
     let pages = 32;
     let image = common::image(pages, PS, 3);
-    let (parent, child) = UnixStream::pair().expect("socketpair");
     let child_image = image.clone();
-    // SAFETY: the child runs the closure and exits; glibc makes malloc safe after fork.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0);
-    if pid == 0 {
-        drop(parent);
-        let code = std::panic::catch_unwind(|| {
-            let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
-            let uffd = common::uffd();
-            uffd.register(
-                memory.addr(),
-                memory.len(),
-                uffd_core::RegisterMode::MISSING,
-            )
-            .expect("register");
-            let table = format!("{} {}", memory.addr(), memory.len());
-            uffd_core::send_fds(&child, table.as_bytes(), &[uffd.as_fd()]).expect("send");
-            // SAFETY: our registered region, served by the parent.
-            let got = unsafe { common::bytes(memory.addr(), memory.len()) };
-            i32::from(got != child_image.as_slice())
-        })
-        .unwrap_or(101);
-        // SAFETY: ends the child.
-        unsafe { libc::_exit(code) };
-    }
-    drop(child);
-    let mut buf = [0u8; 64];
-    let got = uffd_core::recv_fds(&parent, &mut buf, 2).expect("recv");
-    let text = std::str::from_utf8(&buf[..got.bytes]).expect("utf8");
-    let mut it = text.split(' ').map(|n| n.parse::<usize>().expect("number"));
-    let (base, len) = (it.next().expect("base"), it.next().expect("len"));
-    let uffd = Uffd::from_fd(got.fds.into_iter().next().expect("fd")).expect("adopt");
+    let (pid, uffd, base, len) = common::child_with_uffd(pages, move |memory| {
+        // SAFETY: the child's registered region, served by the parent.
+        let got = unsafe { common::bytes(memory.addr(), memory.len()) };
+        i32::from(got != child_image.as_slice())
+    });
     let pager = Pager::builder(uffd, Arc::new(MemorySource::new(image).with_zero_scan(PS)))
         .region(RegionSpec::new(base, len, MemoryKind::Anon, 0))
         .register(false)
         .mode(DeliveryMode::Thread)
         .start()
         .expect("start");
-    let mut status = 0;
-    // SAFETY: waiting for our child.
-    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "child verified its memory"
-    );
+    assert_eq!(common::wait(pid), 0, "child verified its memory");
     let stats = pager.stop().expect("stop");
     assert_eq!(stats.placed(), pages as u64);
     assert_eq!(
@@ -414,37 +379,14 @@ fn replaying_a_recorded_working_set_cuts_faults_by_ninety_percent() {
 fn the_faulting_process_exiting_mid_run_stops_the_pager_cleanly() {
     let pages = 4096;
     let image = common::image(pages, PS, 0);
-    let (parent, child) = UnixStream::pair().expect("socketpair");
-    // SAFETY: the child runs the closure and exits.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0);
-    if pid == 0 {
-        drop(parent);
-        let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
-        let uffd = common::uffd();
-        uffd.register(
-            memory.addr(),
-            memory.len(),
-            uffd_core::RegisterMode::MISSING,
-        )
-        .expect("register");
-        let table = format!("{} {}", memory.addr(), memory.len());
-        uffd_core::send_fds(&child, table.as_bytes(), &[uffd.as_fd()]).expect("send");
+    let (pid, uffd, base, len) = common::child_with_uffd(pages, |memory| {
         // Touch a few pages, then exit mid-restore.
         for p in 0..8 {
-            // SAFETY: our registered region, served by the parent.
-            unsafe { std::ptr::read_volatile((memory.addr() + p * PS) as *const u8) };
+            // SAFETY: the child's registered region, served by the parent.
+            unsafe { std::ptr::read_volatile(memory.page_addr(p) as *const u8) };
         }
-        // SAFETY: ends the child.
-        unsafe { libc::_exit(0) };
-    }
-    drop(child);
-    let mut buf = [0u8; 64];
-    let got = uffd_core::recv_fds(&parent, &mut buf, 2).expect("recv");
-    let text = std::str::from_utf8(&buf[..got.bytes]).expect("utf8");
-    let mut it = text.split(' ').map(|n| n.parse::<usize>().expect("number"));
-    let (base, len) = (it.next().expect("base"), it.next().expect("len"));
-    let uffd = Uffd::from_fd(got.fds.into_iter().next().expect("fd")).expect("adopt");
+        0
+    });
     let pager = Pager::builder(uffd, Arc::new(MemorySource::new(image)))
         .region(RegionSpec::new(base, len, MemoryKind::Anon, 0))
         .register(false)
@@ -452,9 +394,7 @@ fn the_faulting_process_exiting_mid_run_stops_the_pager_cleanly() {
         .prefetch(Prefetch::Sequential)
         .start()
         .expect("start");
-    let mut status = 0;
-    // SAFETY: waiting for our child.
-    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert_eq!(common::wait(pid), 0);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !pager.has_stopped() && !pager.is_complete() {
         assert!(
@@ -467,5 +407,25 @@ fn the_faulting_process_exiting_mid_run_stops_the_pager_cleanly() {
         assert!(pager.process_gone(), "stopped because the process is gone");
     }
     pager.stop().expect("a clean stop, no error");
-    let _ = Features::empty();
+}
+
+#[test]
+fn unmapping_a_region_during_prefetch_stops_serving_it_without_harm() {
+    let pages = 8192;
+    let image = common::image(pages, PS, 0);
+    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+    let pager = Pager::builder(common::uffd(), Arc::new(MemorySource::new(image.clone())))
+        .region(region(&memory))
+        .mode(DeliveryMode::Thread)
+        .prefetch(Prefetch::Sequential)
+        .start()
+        .expect("start");
+    // SAFETY: served region.
+    let first = unsafe { std::ptr::read_volatile(memory.as_ptr()) };
+    assert_eq!(first, image[0]);
+    drop(memory); // munmap: an UNMAP event, possibly while the prefetcher holds a run
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!pager.has_stopped(), "an unmap is not an error");
+    let stats = pager.stop().expect("stop");
+    assert_eq!(stats.events_unmap, 1);
 }

@@ -465,7 +465,7 @@ pub fn run(args: &Args) -> Result<()> {
         args.threads, args.pages, page_size / 1024, args.pattern, args.kind, args.source, args.repeat, cpus()
     );
     println!(
-        "first-touch anonymous faults (no uffd, unpinned): p50 {:.2} µs, p99 {:.2} µs, {:.0} pages/s",
+        "first-touch faults on the same memory kind, no uffd, unpinned: p50 {:.2} µs, p99 {:.2} µs, {:.0} pages/s",
         first_touch.p50_us, first_touch.p99_us, first_touch.pages_per_s
     );
     println!(

@@ -84,7 +84,7 @@ bitflags! {
 
 impl Uffd {
     /// Issues `request` with `arg`; on failure classifies the errno using the result field.
-    fn range_ioctl<T>(
+    pub(crate) fn range_ioctl<T>(
         &self,
         op: Op,
         request: u32,

@@ -1,9 +1,6 @@
 //! `UFFDIO_REGISTER` / `UFFDIO_UNREGISTER`: which memory this fd serves, and how.
 
-use std::os::fd::AsRawFd;
-
 use bitflags::bitflags;
-use nix::errno::Errno;
 
 use crate::api::Ioctls;
 use crate::error::{Error, Op, Result};
@@ -77,11 +74,7 @@ impl Uffd {
             mode: mode.bits(),
             ioctls: 0,
         };
-        // SAFETY: UFFDIO_REGISTER reads and writes exactly one `uffdio_register`.
-        let ret = unsafe { libc::ioctl(self.as_raw_fd(), sys::UFFDIO_REGISTER as _, &mut arg) };
-        if ret < 0 {
-            return Err(Error::from_errno(Op::Register, Errno::last(), 0));
-        }
+        self.range_ioctl(Op::Register, sys::UFFDIO_REGISTER, &mut arg, |_| 0, len)?;
         Ok(Ioctls::from_bits_retain(arg.ioctls))
     }
 
@@ -95,11 +88,7 @@ impl Uffd {
             start: start as u64,
             len: len as u64,
         };
-        // SAFETY: UFFDIO_UNREGISTER reads exactly one `uffdio_range`.
-        let ret = unsafe { libc::ioctl(self.as_raw_fd(), sys::UFFDIO_UNREGISTER as _, &mut arg) };
-        if ret < 0 {
-            return Err(Error::from_errno(Op::Unregister, Errno::last(), 0));
-        }
-        Ok(())
+        self.range_ioctl(Op::Unregister, sys::UFFDIO_UNREGISTER, &mut arg, |_| 0, len)
+            .map(drop)
     }
 }

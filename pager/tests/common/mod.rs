@@ -126,3 +126,62 @@ pub fn kinds(test: &str) -> Vec<MemoryKind> {
     }
     kinds
 }
+
+/// Forks a child that maps `pages` anonymous pages, registers them (MISSING) on a uffd of
+/// its own, sends that uffd over a socket, runs `body` on its memory and exits with its
+/// code. Returns the child's pid, the adopted uffd, and the region's base and length.
+pub fn child_with_uffd(
+    pages: usize,
+    body: impl FnOnce(&uffd_core::Mapping) -> i32,
+) -> (i32, Uffd, usize, usize) {
+    use std::os::fd::AsFd;
+    let (parent, child) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    // SAFETY: the child runs `body` and `_exit`s; glibc makes malloc safe after fork.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork");
+    if pid == 0 {
+        drop(parent);
+        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let memory = uffd_core::Mapping::new(MemoryKind::Anon, pages * 4096).expect("map");
+            let uffd = uffd();
+            uffd.register(
+                memory.addr(),
+                memory.len(),
+                uffd_core::RegisterMode::MISSING,
+            )
+            .expect("register");
+            let table = format!("{} {}", memory.addr(), memory.len());
+            uffd_core::send_fds(&child, table.as_bytes(), &[uffd.as_fd()]).expect("send");
+            drop(uffd); // the parent serves it now
+            let code = body(&memory);
+            // Exit with the region still mapped: a process that dies mid-restore sends no
+            // UNMAP, it just goes away.
+            // SAFETY: ends the child without running the parent's exit handlers.
+            unsafe { libc::_exit(code) }
+        }))
+        .unwrap_or(101);
+        // SAFETY: ends the child without running the parent's exit handlers.
+        unsafe { libc::_exit(code) };
+    }
+    drop(child);
+    let mut buf = [0u8; 64];
+    let got = uffd_core::recv_fds(&parent, &mut buf, 2).expect("recv");
+    let text = std::str::from_utf8(&buf[..got.bytes]).expect("utf8");
+    let mut it = text.split(' ').map(|n| n.parse::<usize>().expect("number"));
+    let (base, len) = (it.next().expect("base"), it.next().expect("len"));
+    let fd = got.fds.into_iter().next().expect("one fd");
+    (pid, Uffd::from_fd(fd).expect("adopt"), base, len)
+}
+
+/// Waits for `pid`; returns its exit code (or 128 + signal).
+pub fn wait(pid: i32) -> i32 {
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(waited, pid, "waitpid");
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        128 + libc::WTERMSIG(status)
+    }
+}
