@@ -477,6 +477,13 @@ impl Shared {
 
     /// After a REMOVE: the range reads as missing and must come back as zeros, never as
     /// image data. Pages in flight (Requested) are remembered and zeroed on placement.
+    ///
+    /// Known limit: the kernel lets `madvise` zap the range once the REMOVE event has been
+    /// *read*, not once it has been handled. With several handler threads, a placement of
+    /// a page fetched before the REMOVE may pass its check just before another thread
+    /// records the REMOVE and land just after the zap, leaving image data where zeros
+    /// belong. A single handler thread (thread / busy-poll mode) orders the two and is
+    /// exact; user space cannot close the window for another process's memory.
     fn zero_range(&self, range: std::ops::Range<usize>) {
         if self.states.mark_zero_range(range.start, range.end).is_ok() {
             return;

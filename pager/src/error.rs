@@ -36,6 +36,9 @@ pub enum Error {
         /// The error.
         source: std::io::Error,
     },
+    /// A Firecracker handshake that cannot be served.
+    #[error("firecracker handshake: {0}")]
+    Handshake(String),
     /// A working-set file that is not one.
     #[error("working-set file: {0}")]
     BadRecording(String),

@@ -35,6 +35,7 @@
 
 mod engine;
 mod error;
+pub mod firecracker;
 mod pager;
 mod prefetch;
 pub mod record;

@@ -68,6 +68,7 @@ pub struct PagerBuilder {
     register: bool,
     batch: usize,
     handler_cpu: Option<usize>,
+    prefetch_after_first_fault: bool,
 }
 
 /// A running pager: handler threads serving faults on its regions from its source.
@@ -142,6 +143,7 @@ impl Pager {
             register: true,
             batch: 64,
             handler_cpu: None,
+            prefetch_after_first_fault: false,
         }
     }
 }
@@ -168,6 +170,13 @@ impl PagerBuilder {
     /// The background prefetcher's plan (default none).
     pub fn prefetch(mut self, prefetch: Prefetch) -> Self {
         self.prefetch = prefetch;
+        self
+    }
+
+    /// Holds the prefetcher back until the first fault has been served (a VMM restoring a
+    /// snapshot touches memory first; default off).
+    pub fn prefetch_after_first_fault(mut self, wait: bool) -> Self {
+        self.prefetch_after_first_fault = wait;
         self
     }
 
@@ -348,10 +357,19 @@ impl PagerBuilder {
         }
         if self.prefetch != Prefetch::None {
             let (shared, plan) = (shared.clone(), self.prefetch);
+            let after_first_fault = self.prefetch_after_first_fault;
             threads.push(
                 std::thread::Builder::new()
                     .name("uffd-prefetch".into())
-                    .spawn(move || prefetch::run(shared, plan, max_page))
+                    .spawn(move || {
+                        while after_first_fault
+                            && shared.stats.snapshot().placed() == 0
+                            && !shared.stopping()
+                        {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        prefetch::run(shared, plan, max_page)
+                    })
                     .map_err(|source| Error::Io {
                         what: "spawn prefetcher",
                         source,

@@ -1,0 +1,342 @@
+//! The Firecracker UFFD handshake and serving, against a client that does what Firecracker
+//! does: anonymous (or 2 MiB hugetlb) private guest memory, a uffd with EVENT_REMOVE,
+//! MISSING registration, the JSON region table and the uffd in one sendmsg, the socket
+//! kept open while the guest runs.
+
+mod common;
+
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use pager::firecracker::{self, HandshakeError, ServeOptions};
+use pager::{DeliveryMode, FileSource, Prefetch};
+use uffd_core::{send_fds, Features, Mapping, MemoryKind, RegisterMode, Uffd};
+
+#[derive(Clone)]
+struct Client {
+    /// (pages, offset in the memory file) per region.
+    regions: Vec<(usize, u64)>,
+    page_size: usize,
+    three_fds: bool,
+    split_json: bool,
+    dontneed: bool,
+    exit_after: Option<usize>,
+}
+
+fn temp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("uffdkit-fc-{}-{name}", std::process::id()))
+}
+
+fn mem_file(name: &str, bytes: usize, page_size: usize) -> PathBuf {
+    let path = temp(name);
+    std::fs::write(&path, common::image(bytes / page_size, page_size, 5))
+        .expect("write memory file");
+    path
+}
+
+fn json(regions: &[(usize, usize, u64)], page_size: usize) -> String {
+    let items: Vec<String> = regions
+        .iter()
+        .map(|(base, size, offset)| {
+            format!(
+                r#"{{"base_host_virt_addr":{base},"size":{size},"offset":{offset},"page_size":{page_size},"page_size_kib":{page_size},"future_field":[1,2]}}"#
+            )
+        })
+        .collect();
+    format!("[{}]", items.join(","))
+}
+
+/// Firecracker's side, in the child: returns its exit code.
+fn run_client(sock: &Path, file: &Path, c: &Client) -> i32 {
+    let kind = if c.page_size == 4096 {
+        MemoryKind::Anon
+    } else {
+        MemoryKind::HugetlbPrivate
+    };
+    let maps: Vec<Mapping> = c
+        .regions
+        .iter()
+        .map(|(pages, _)| Mapping::new(kind, pages * c.page_size).expect("map guest memory"))
+        .collect();
+    let uffd = Uffd::builder()
+        .non_blocking(true)
+        .require(Features::EVENT_REMOVE)
+        .open()
+        .expect("uffd");
+    for m in &maps {
+        uffd.register(m.addr(), m.len(), RegisterMode::MISSING)
+            .expect("register");
+    }
+    let table: Vec<(usize, usize, u64)> = maps
+        .iter()
+        .zip(&c.regions)
+        .map(|(m, (_, off))| (m.addr(), m.len(), *off))
+        .collect();
+    let body = json(&table, c.page_size);
+    let mut stream = UnixStream::connect(sock).expect("connect");
+    let (r, w) = nix::unistd::pipe().expect("pipe");
+    let fds: Vec<_> = if c.three_fds {
+        vec![r.as_fd(), uffd.as_fd(), w.as_fd()]
+    } else {
+        vec![uffd.as_fd()]
+    };
+    let first = if c.split_json { 7 } else { body.len() };
+    send_fds(&stream, &body.as_bytes()[..first], &fds).expect("sendmsg");
+    if c.split_json {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        stream
+            .write_all(&body.as_bytes()[first..])
+            .expect("rest of the JSON");
+    }
+    let file = std::fs::File::open(file).expect("memory file");
+    let ps = c.page_size;
+    let mut want = vec![0u8; ps];
+    let mut touched = 0;
+    for (m, (pages, offset)) in maps.iter().zip(&c.regions) {
+        let dropped = if c.dontneed {
+            pages / 4..pages / 2
+        } else {
+            0..0
+        };
+        for page in 0..*pages {
+            if c.exit_after == Some(touched) {
+                // Gone mid-restore, memory still mapped: no UNMAP, just EOF.
+                // SAFETY: ends the child.
+                unsafe { libc::_exit(0) };
+            }
+            if c.dontneed && page == pages / 2 {
+                // Balloon-style: drop pages that were served; they must come back zero.
+                m.madvise(dropped.start * ps, dropped.len() * ps, libc::MADV_DONTNEED)
+                    .expect("DONTNEED");
+                for z in dropped.clone() {
+                    // SAFETY: guest memory, served by the handler.
+                    let got = unsafe { common::bytes(m.page_addr(z), ps) };
+                    if got.iter().any(|&b| b != 0) {
+                        return 3;
+                    }
+                }
+            }
+            file.read_exact_at(&mut want, offset + (page * ps) as u64)
+                .expect("read file");
+            // SAFETY: guest memory, served by the handler.
+            let got = unsafe { common::bytes(m.page_addr(page), ps) };
+            if got != want.as_slice() {
+                return 2;
+            }
+            touched += 1;
+        }
+    }
+    0
+}
+
+/// Runs a client against the library handler; returns the client's exit code and the
+/// handler's stats.
+fn restore(name: &str, c: Client) -> (i32, pager::StatsSnapshot) {
+    let total: usize = c
+        .regions
+        .iter()
+        .map(|(p, o)| *o as usize + p * c.page_size)
+        .max()
+        .unwrap_or(0);
+    let file = mem_file(name, total, c.page_size);
+    let sock = temp(&format!("{name}.sock"));
+    let _ = std::fs::remove_file(&sock);
+    let listener = UnixListener::bind(&sock).expect("bind");
+    // SAFETY: the child runs the client and `_exit`s.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        drop(listener);
+        let code = std::panic::catch_unwind(|| run_client(&sock, &file, &c)).unwrap_or(101);
+        // SAFETY: ends the child.
+        unsafe { libc::_exit(code) };
+    }
+    let hs = firecracker::accept(&listener).expect("handshake");
+    assert_eq!(hs.regions.len(), c.regions.len());
+    assert_eq!(
+        hs.peer.map(|p| p.pid),
+        Some(pid),
+        "SO_PEERCRED names the VMM"
+    );
+    let source = Arc::new(FileSource::mmap(&file).expect("open memory file"));
+    let options = ServeOptions {
+        mode: DeliveryMode::Thread,
+        prefetch: Prefetch::Sequential,
+        ..ServeOptions::default()
+    };
+    let stats = firecracker::serve(hs, source, &options).expect("served until EOF");
+    let code = common::wait(pid);
+    std::fs::remove_file(&file).ok();
+    std::fs::remove_file(&sock).ok();
+    (code, stats)
+}
+
+fn base(regions: Vec<(usize, u64)>, page_size: usize) -> Client {
+    Client {
+        regions,
+        page_size,
+        three_fds: false,
+        split_json: false,
+        dontneed: false,
+        exit_after: None,
+    }
+}
+
+#[test]
+fn one_region_is_served_from_the_memory_file_with_removed_pages_zero() {
+    let client = Client {
+        dontneed: true,
+        ..base(vec![(512, 0)], 4096)
+    };
+    let (code, stats) = restore("one", client);
+    assert_eq!(
+        code, 0,
+        "the client saw file data, and zeros where it dropped pages"
+    );
+    assert_eq!(stats.events_remove, 1);
+    assert!(
+        stats.placed_zero >= 128,
+        "dropped pages came back as zero pages: {stats:?}"
+    );
+}
+
+#[test]
+fn three_regions_end_to_end_with_split_json_and_three_fds() {
+    let client = Client {
+        three_fds: true,
+        split_json: true,
+        dontneed: true,
+        ..base(vec![(128, 0), (256, 128 * 4096), (64, 384 * 4096)], 4096)
+    };
+    let (code, stats) = restore("three", client);
+    assert_eq!(code, 0);
+    assert_eq!(stats.events_remove, 3);
+}
+
+#[test]
+fn two_mib_regions_are_served_whole() {
+    if !common::hugetlb_available("two_mib_regions_are_served_whole") {
+        return;
+    }
+    let ps = 2 << 20;
+    let client = Client {
+        dontneed: true,
+        ..base(vec![(4, 0), (4, 4 * ps as u64)], ps)
+    };
+    let (code, stats) = restore("huge", client);
+    assert_eq!(code, 0);
+    assert!(stats.placed() >= 8);
+}
+
+#[test]
+fn a_client_exiting_mid_restore_ends_serving_cleanly() {
+    let client = Client {
+        exit_after: Some(40),
+        ..base(vec![(1024, 0)], 4096)
+    };
+    let (code, _) = restore("exit", client);
+    assert_eq!(code, 0);
+}
+
+/// Sends `data` with `fds` from a connected client and returns the handler's verdict.
+fn handshake_with(
+    data: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+    close_after: bool,
+) -> Result<firecracker::Handshake, HandshakeError> {
+    let (server, client) = UnixStream::pair().expect("socketpair");
+    if fds.is_empty() {
+        (&client).write_all(data).expect("write");
+    } else {
+        send_fds(&client, data, fds).expect("send");
+    }
+    if close_after {
+        drop(client);
+        return firecracker::handshake(server);
+    }
+    let result = firecracker::handshake(server);
+    drop(client);
+    result
+}
+
+#[test]
+fn malformed_handshakes_are_refused_clearly_without_hanging() {
+    let uffd = Uffd::builder()
+        .non_blocking(true)
+        .require(Features::EVENT_REMOVE)
+        .open()
+        .expect("uffd");
+    let good = json(&[(0x7f00_0000_0000, 1 << 20, 0)], 4096);
+
+    let err = handshake_with(b"not json at all", &[uffd.as_fd()], false).expect_err("not JSON");
+    assert!(matches!(err, HandshakeError::Json(_)), "{err}");
+
+    let err = handshake_with(good.as_bytes(), &[], false).expect_err("no fd");
+    assert!(matches!(err, HandshakeError::NoUffd(0)), "{err}");
+
+    let (r, _w) = nix::unistd::pipe().expect("pipe");
+    let err = handshake_with(good.as_bytes(), &[r.as_fd()], false).expect_err("a pipe is no uffd");
+    assert!(matches!(err, HandshakeError::NoUffd(1)), "{err}");
+    assert!(err.to_string().contains("none a userfaultfd"), "{err}");
+
+    let err = handshake_with(&good.as_bytes()[..20], &[uffd.as_fd()], true).expect_err("truncated");
+    assert!(matches!(err, HandshakeError::Truncated(20)), "{err}");
+
+    let odd = good
+        .replace("\"page_size\":4096", "\"page_size\":8192")
+        .replace("\"page_size_kib\":4096", "\"page_size_kib\":8192");
+    let err = handshake_with(odd.as_bytes(), &[uffd.as_fd()], false).expect_err("8 KiB pages");
+    assert!(
+        err.to_string().contains("unsupported page size 8192"),
+        "{err}"
+    );
+
+    let kib_only = r#"[{"base_host_virt_addr":4096,"size":4096,"offset":0,"page_size_kib":4096}]"#;
+    let hs = handshake_with(kib_only.as_bytes(), &[uffd.as_fd()], false)
+        .expect("page_size_kib alone is accepted");
+    assert_eq!(hs.regions[0].page_size().expect("size"), 4096);
+}
+
+#[test]
+fn regions_overlapping_or_beyond_the_file_fail_to_serve_with_an_error() {
+    let file = mem_file("small", 64 * 4096, 4096);
+    let memory = Mapping::new(MemoryKind::Anon, 128 * 4096).expect("map");
+    for (what, table) in [
+        (
+            "beyond the file",
+            json(&[(memory.addr(), 128 * 4096, 0)], 4096),
+        ),
+        (
+            "overlapping",
+            json(
+                &[
+                    (memory.addr(), 16 * 4096, 0),
+                    (memory.addr() + 8 * 4096, 16 * 4096, 0),
+                ],
+                4096,
+            ),
+        ),
+    ] {
+        let uffd = Uffd::builder()
+            .non_blocking(true)
+            .require(Features::EVENT_REMOVE)
+            .open()
+            .expect("uffd");
+        let (server, client) = UnixStream::pair().expect("socketpair");
+        send_fds(&client, table.as_bytes(), &[uffd.as_fd()]).expect("send");
+        let hs = firecracker::handshake(server).expect("the handshake itself is well formed");
+        let source = Arc::new(FileSource::mmap(&file).expect("open"));
+        let err = firecracker::serve(hs, source, &ServeOptions::default()).expect_err(what);
+        let text = err.to_string();
+        assert!(
+            text.contains("the image has") || text.contains("overlap"),
+            "{what}: {text}"
+        );
+        drop(client);
+    }
+    std::fs::remove_file(&file).ok();
+}
