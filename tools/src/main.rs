@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod fc_handler;
 mod probe;
 mod restore;
 mod workload;
@@ -28,6 +29,10 @@ enum Command {
     Restore(restore::Args),
     /// Fault-latency stress across delivery modes, with same-run baselines.
     Bench(bench::Args),
+    /// External page-fault handler for Firecracker snapshot restore.
+    FcHandler(fc_handler::Args),
+    /// Play Firecracker's side of the UFFD handshake against a handler, and verify.
+    FcClient(fc_handler::ClientArgs),
 }
 
 fn main() -> Result<()> {
@@ -37,5 +42,7 @@ fn main() -> Result<()> {
         Command::Demo(args) => demo::run(&args),
         Command::Restore(args) => restore::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::FcHandler(args) => fc_handler::run(&args),
+        Command::FcClient(args) => fc_handler::run_client(&args),
     }
 }

@@ -132,3 +132,80 @@ fn restore_of_a_missing_image_fails_clearly() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/image"));
 }
+
+fn temp(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("uffdkit-cli-{}-{name}", std::process::id()))
+}
+
+/// Starts `uffdkit fc-handler` and waits for its socket.
+fn spawn_handler(sock: &std::path::Path, mem: &std::path::Path) -> std::process::Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_uffdkit"))
+        .args(["fc-handler", "--socket"])
+        .arg(sock)
+        .arg("--mem-file")
+        .arg(mem)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn fc-handler");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fc-handler never listened"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child
+}
+
+#[test]
+fn fc_handler_serves_fc_client_and_exits_zero_on_eof() {
+    let (sock, mem) = (temp("fc.sock"), temp("fc-mem"));
+    let image: Vec<u8> = (0..(8u32 << 20))
+        .map(|i| (i >> 12) as u8 ^ (i as u8))
+        .collect();
+    std::fs::write(&mem, &image).expect("write memory file");
+    let handler = spawn_handler(&sock, &mem);
+    let client = uffdkit(&[
+        "fc-client",
+        "--socket",
+        sock.to_str().expect("utf8"),
+        "--mem-file",
+        mem.to_str().expect("utf8"),
+        "--regions",
+        "3",
+        "--dontneed",
+    ]);
+    let out = handler.wait_with_output().expect("handler exit");
+    std::fs::remove_file(&mem).ok();
+    assert!(
+        client.status.success(),
+        "client: {}",
+        String::from_utf8_lossy(&client.stderr)
+    );
+    assert!(String::from_utf8_lossy(&client.stdout).contains("touched and verified"));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "handler: {log}");
+    assert!(
+        log.contains("3 region(s)") && log.contains("peer closed"),
+        "{log}"
+    );
+    assert!(log.contains("1 REMOVE events"), "{log}");
+}
+
+#[test]
+fn fc_handler_rejects_a_malformed_handshake_with_a_clear_error() {
+    use std::io::Write;
+    let (sock, mem) = (temp("bad.sock"), temp("bad-mem"));
+    std::fs::write(&mem, vec![0u8; 1 << 20]).expect("write memory file");
+    let handler = spawn_handler(&sock, &mem);
+    let mut stream = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+    stream
+        .write_all(b"{this is not a region table")
+        .expect("write");
+    let out = handler.wait_with_output().expect("handler exit");
+    std::fs::remove_file(&mem).ok();
+    assert!(!out.status.success(), "a malformed handshake must fail");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("malformed region table"), "{log}");
+}
