@@ -429,3 +429,90 @@ fn unmapping_a_region_during_prefetch_stops_serving_it_without_harm() {
     let stats = pager.stop().expect("stop");
     assert_eq!(stats.events_unmap, 1);
 }
+
+fn uffd_with(features: uffd_core::Features) -> uffd_core::Uffd {
+    uffd_core::Uffd::builder()
+        .non_blocking(true)
+        .require(features | uffd_core::Features::EVENT_REMOVE)
+        .open()
+        .expect("uffd")
+}
+
+#[test]
+fn a_forked_child_is_served_by_a_child_engine() {
+    let pages = 64;
+    let image = common::image(pages, PS, 0);
+    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+    let pager = Pager::builder(
+        uffd_with(uffd_core::Features::EVENT_FORK),
+        Arc::new(MemorySource::new(image.clone())),
+    )
+    .region(region(&memory))
+    .mode(DeliveryMode::Thread)
+    .start()
+    .expect("start");
+    // The parent faults the first half in; the child inherits those pages and faults the
+    // second half through its own uffd, served by the engine the fork event started.
+    // SAFETY: served region.
+    let half = unsafe { common::bytes(memory.addr(), pages / 2 * PS) };
+    assert_eq!(half, &image[..pages / 2 * PS]);
+    let (addr, expect) = (memory.addr(), image.clone());
+    // SAFETY: the child only reads memory and exits.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: the child's copy of the region.
+        let got = unsafe { common::bytes(addr, pages * PS) };
+        let code = i32::from(got != expect.as_slice());
+        // SAFETY: ends the child.
+        unsafe { libc::_exit(code) };
+    }
+    assert_eq!(
+        common::wait(pid),
+        0,
+        "the child read the image through its own uffd"
+    );
+    let stats = pager.stop().expect("stop");
+    assert_eq!(stats.events_fork, 1);
+}
+
+#[test]
+fn a_remapped_region_is_served_at_its_new_address() {
+    let pages = 32;
+    let image = common::image(pages, PS, 0);
+    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+    let target = Mapping::new(MemoryKind::Anon, pages * PS).expect("map target");
+    let pager = Pager::builder(
+        uffd_with(uffd_core::Features::EVENT_REMAP),
+        Arc::new(MemorySource::new(image.clone())),
+    )
+    .region(region(&memory))
+    .mode(DeliveryMode::Thread)
+    .start()
+    .expect("start");
+    // SAFETY: served region: page 0 in before the move.
+    assert_eq!(
+        unsafe { std::ptr::read_volatile(memory.as_ptr()) },
+        image[0]
+    );
+    let (from, len) = memory.leak();
+    let (to, _) = target.leak();
+    // SAFETY: moves our leaked mapping over our leaked target.
+    let moved = unsafe {
+        libc::mremap(
+            from as *mut _,
+            len,
+            len,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            to as *mut libc::c_void,
+        )
+    };
+    assert_eq!(moved as usize, to);
+    // SAFETY: the region now lives at `to`; faults there are served from the same image.
+    let got = unsafe { common::bytes(to, len) };
+    assert_eq!(got, image.as_slice());
+    let stats = pager.stop().expect("stop");
+    assert_eq!(stats.events_remap, 1);
+    // SAFETY: our mapping.
+    unsafe { libc::munmap(to as *mut _, len) };
+}
