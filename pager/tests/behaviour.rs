@@ -491,10 +491,8 @@ fn a_remapped_region_is_served_at_its_new_address() {
     .start()
     .expect("start");
     // SAFETY: served region: page 0 in before the move.
-    assert_eq!(
-        unsafe { std::ptr::read_volatile(memory.as_ptr()) },
-        image[0]
-    );
+    let first = unsafe { std::ptr::read_volatile(memory.as_ptr()) };
+    assert_eq!(first, image[0]);
     let (from, len) = memory.leak();
     let (to, _) = target.leak();
     // SAFETY: moves our leaked mapping over our leaked target.
