@@ -172,6 +172,44 @@ impl Shared {
         hit
     }
 
+    /// Whether any of `count` pages from `page` is in the removed-in-flight set.
+    fn any_removed(&self, page: usize, count: usize) -> bool {
+        if self.removed_count.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let set = self
+            .removed_in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        (page..page + count).any(|q| set.contains(&q))
+    }
+
+    /// Places a run one page at a time (see `place`).
+    fn place_each(
+        &self,
+        p: &PageRef,
+        count: usize,
+        content: Content<'_>,
+        wake: bool,
+        origin: Origin,
+    ) -> Placement {
+        for i in 0..count {
+            let Some(q) = self.page(p.page + i) else {
+                return Placement::Dropped;
+            };
+            let one = match content {
+                Content::Data(d) => Content::Data(&d[i * p.size..(i + 1) * p.size]),
+                Content::Zero => Content::Zero,
+            };
+            match self.place(&q, 1, one, wake, origin) {
+                Placement::Done => {}
+                Placement::Again { .. } => return Placement::Again { done: i * p.size },
+                Placement::Dropped => return Placement::Dropped,
+            }
+        }
+        Placement::Done
+    }
+
     fn remember_removed(&self, page: usize) {
         let mut set = self
             .removed_in_flight
@@ -192,6 +230,11 @@ impl Shared {
         origin: Origin,
     ) -> Placement {
         let len = p.size * count;
+        if count > 1 && self.any_removed(p.page, count) {
+            // Part of the run was dropped while in flight: place page by page so those
+            // pages get zeros.
+            return self.place_each(p, count, content, wake, origin);
+        }
         let removed = count == 1 && self.take_removed(p.page);
         let content = if removed { Content::Zero } else { content };
         let result = match (p.resolve, content) {
@@ -593,10 +636,12 @@ impl Placer {
                 });
             }
         }
-        if shared.states.get(p.page) == Ok(PageState::Received) {
-            return Ok(Placed::Duplicate);
-        }
-        let content = data.map_or(Content::Zero, Content::Data);
+        let content = match shared.states.get(p.page) {
+            Ok(PageState::Received) => return Ok(Placed::Duplicate),
+            // Dropped (REMOVE) or known zero: the arrival is stale; the page reads zero.
+            Ok(PageState::Zero) => Content::Zero,
+            _ => data.map_or(Content::Zero, Content::Data),
+        };
         let started = Instant::now();
         loop {
             if shared.stopping() {

@@ -109,8 +109,8 @@ impl Worker {
             let n = match self.shared.uffd.read_events(&mut self.events) {
                 Ok(ReadStatus::Events(n)) => n,
                 Ok(ReadStatus::WouldBlock) => return total,
-                Err(_) => {
-                    self.shared.request_stop();
+                Err(e) => {
+                    self.shared.fail(e.into());
                     return total;
                 }
             };

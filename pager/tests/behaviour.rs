@@ -514,3 +514,38 @@ fn a_remapped_region_is_served_at_its_new_address() {
     // SAFETY: our mapping.
     unsafe { libc::munmap(to as *mut _, len) };
 }
+
+#[test]
+fn an_arrival_for_a_removed_page_places_zeros_not_the_stale_data() {
+    let pages = 8;
+    let image = common::image(pages, PS, 0);
+    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+    let source = Remote::new(image.clone(), Duration::from_millis(1));
+    let pager = Pager::builder(common::uffd(), source)
+        .region(region(&memory))
+        .mode(DeliveryMode::Thread)
+        .start()
+        .expect("start");
+    let placer = pager.placer();
+    // Page 3 is local (odd): fault it in, then drop it; the REMOVE makes it Zero.
+    // SAFETY: served region.
+    let before = unsafe { common::bytes(memory.page_addr(3), PS) };
+    assert_eq!(before, &image[3 * PS..4 * PS]);
+    memory
+        .madvise(3 * PS, PS, libc::MADV_DONTNEED)
+        .expect("DONTNEED");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pager.states().get(3) != Ok(PageState::Zero) {
+        assert!(Instant::now() < deadline, "REMOVE applied");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // A late background-stream arrival of the old data must not resurrect it.
+    let placed = placer
+        .place(3 * PS as u64, Some(&image[3 * PS..4 * PS]))
+        .expect("place");
+    assert_eq!(placed, pager::Placed::Placed);
+    // SAFETY: served region.
+    let after = unsafe { common::bytes(memory.page_addr(3), PS) };
+    assert!(after.iter().all(|&b| b == 0), "a removed page reads zero");
+    pager.stop().expect("stop");
+}
