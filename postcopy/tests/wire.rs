@@ -1,0 +1,385 @@
+//! The wire format: every message round-trips; malformed input gets a typed error.
+
+use postcopy::wire::*;
+use proptest::prelude::*;
+
+const PAGES: u64 = 1 << 20;
+
+fn advised() -> Limits {
+    Limits {
+        page_size: Some(4096),
+        page_count: Some(PAGES),
+        ..Limits::default()
+    }
+}
+
+fn range() -> impl Strategy<Value = PageRange> {
+    (0..PAGES - 64, 1u64..64).prop_map(|(first, count)| PageRange { first, count })
+}
+
+fn message() -> impl Strategy<Value = Message> {
+    let nonce = proptest::array::uniform32(any::<u8>());
+    prop_oneof![
+        (any::<u64>(), any::<u64>(), any::<bool>(), any::<bool>()).prop_map(|(f, s, r, c)| {
+            Message::Hello {
+                version: VERSION,
+                features: Features::from_bits_retain(f),
+                role: if r { Role::Source } else { Role::Destination },
+                channel: if c { Channel::Urgent } else { Channel::Main },
+                session: s,
+            }
+        }),
+        nonce.clone().prop_map(|nonce| Message::Challenge { nonce }),
+        (nonce.clone(), nonce.clone()).prop_map(|(proof, nonce)| Message::Auth { proof, nonce }),
+        nonce.prop_map(|proof| Message::AuthOk { proof }),
+        proptest::collection::vec((1u64..1000, 1u64..1000), 0..20).prop_map(|gaps| {
+            let mut first = 0;
+            let regions = gaps
+                .into_iter()
+                .map(|(gap, pages)| {
+                    let r = WireRegion {
+                        first_page: first + gap,
+                        pages,
+                    };
+                    first += gap + pages;
+                    r
+                })
+                .collect();
+            Message::Advise(Advise {
+                page_size: 4096,
+                page_count: PAGES,
+                features: Features::ZERO_RUNS,
+                regions,
+            })
+        }),
+        proptest::collection::vec(range(), 0..50).prop_map(|ranges| Message::Discard { ranges }),
+        proptest::collection::vec(range(), 0..50).prop_map(|ranges| Message::ReqPages { ranges }),
+        Just(Message::Listen),
+        Just(Message::Run),
+        Just(Message::End),
+        (0..PAGES - 8, 1usize..8, any::<u8>()).prop_map(|(first, n, b)| Message::Pages {
+            first,
+            data: vec![b; n * 4096]
+        }),
+        proptest::collection::vec(0..PAGES, 1..8).prop_map(|pages| {
+            let data = vec![7u8; pages.len() * 4096];
+            Message::ScatteredPages { pages, data }
+        }),
+        range().prop_map(Message::ZeroRun),
+        any::<u64>().prop_map(|seq| Message::Ack { seq }),
+        any::<u64>().prop_map(|seq| Message::Ping { seq }),
+        any::<u64>().prop_map(|seq| Message::Pong { seq }),
+        proptest::collection::vec(any::<u64>(), (PAGES / 64) as usize)
+            .prop_map(|words| Message::RecvBitmap { words }),
+        ("[a-zA-Z0-9 é]{0,100}", 1u8..5).prop_map(|(detail, r)| Message::Shut {
+            reason: [
+                ShutReason::Done,
+                ShutReason::Error,
+                ShutReason::Auth,
+                ShutReason::Cancelled
+            ][usize::from(r - 1)],
+            detail,
+        }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_message_round_trips(msg in message()) {
+        let mut frame = Vec::new();
+        encode(&msg, &mut frame);
+        let decoded = decode(&frame, &advised());
+        prop_assert_eq!(decoded, Ok(Some((msg, frame.len()))));
+    }
+
+    #[test]
+    fn every_prefix_of_a_frame_asks_for_more(msg in message()) {
+        let mut frame = Vec::new();
+        encode(&msg, &mut frame);
+        for cut in [0, 1, HEADER_LEN - 1, HEADER_LEN, frame.len() / 2, frame.len() - 1] {
+            prop_assert_eq!(decode(&frame[..cut], &advised()), Ok(None), "cut at {}", cut);
+        }
+    }
+
+    #[test]
+    fn any_flipped_byte_is_an_error_never_a_panic_or_a_wrong_message(msg in message(), at in any::<prop::sample::Index>(), bit in 0u8..8) {
+        let mut frame = Vec::new();
+        encode(&msg, &mut frame);
+        let i = at.index(frame.len());
+        frame[i] ^= 1 << bit;
+        match decode(&frame, &advised()) {
+            // A flipped length byte may make the frame look incomplete or oversized.
+            Ok(None) | Err(_) => {}
+            Ok(Some((other, _))) => prop_assert!(false, "corrupted frame decoded as {:?}", other),
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = decode(&bytes, &advised());
+        let _ = decode(&bytes, &Limits::default());
+    }
+}
+
+fn frame(msg: &Message) -> Vec<u8> {
+    let mut f = Vec::new();
+    encode(msg, &mut f);
+    f
+}
+
+/// Re-frames `body` under `kind` with a valid checksum.
+fn raw(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut f = (body.len() as u32).to_le_bytes().to_vec();
+    f.extend_from_slice(&[kind, 0, 0, 0]);
+    f.extend_from_slice(body);
+    let crc = crc32fast_hash(&f[4..]);
+    f.extend_from_slice(&crc.to_le_bytes());
+    f
+}
+
+fn crc32fast_hash(bytes: &[u8]) -> u32 {
+    // The same CRC-32 (IEEE) the format uses, bit by bit: an independent oracle.
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+#[test]
+fn the_checksum_is_crc32_ieee_over_kind_flags_reserved_and_body() {
+    let f = frame(&Message::Ack { seq: 42 });
+    assert_eq!(raw(31, &42u64.to_le_bytes()), f);
+}
+
+#[test]
+fn oversize_frames_are_refused_before_reading_them() {
+    let mut f = frame(&Message::Run);
+    f[..4].copy_from_slice(&(DEFAULT_MAX_BODY as u32 + 1).to_le_bytes());
+    assert!(matches!(
+        decode(&f, &advised()),
+        Err(WireError::Oversize { .. })
+    ));
+}
+
+#[test]
+fn wrong_version_magic_and_unknown_kind_are_refused() {
+    let mut hello = frame(&Message::Hello {
+        version: VERSION,
+        features: Features::empty(),
+        role: Role::Destination,
+        channel: Channel::Main,
+        session: 1,
+    });
+    let body_start = HEADER_LEN;
+    hello[body_start + 8] = 9; // version 9
+    let body = hello[HEADER_LEN..hello.len() - 4].to_vec();
+    assert_eq!(
+        decode(&raw(1, &body), &advised()),
+        Err(WireError::BadVersion(9))
+    );
+    let mut bad_magic = body.clone();
+    bad_magic[0] = b'X';
+    assert_eq!(
+        decode(&raw(1, &bad_magic), &advised()),
+        Err(WireError::BadMagic)
+    );
+    assert_eq!(
+        decode(&raw(99, &[]), &advised()),
+        Err(WireError::UnknownKind(99))
+    );
+}
+
+#[test]
+fn bad_checksum_and_reserved_bits_are_refused() {
+    let mut f = frame(&Message::Ping { seq: 1 });
+    let last = f.len() - 1;
+    f[last] ^= 0xFF;
+    assert_eq!(
+        decode(&f, &advised()),
+        Err(WireError::BadChecksum { kind: 32 })
+    );
+    let mut g = raw(32, &1u64.to_le_bytes());
+    g[5] = 1;
+    let crc = crc32fast_hash(&g[4..g.len() - 4]);
+    let n = g.len();
+    g[n - 4..].copy_from_slice(&crc.to_le_bytes());
+    assert_eq!(
+        decode(&g, &advised()),
+        Err(WireError::Reserved { kind: 32 })
+    );
+}
+
+#[test]
+fn truncated_and_trailing_bodies_are_refused() {
+    assert_eq!(
+        decode(&raw(31, &[1, 2, 3]), &advised()),
+        Err(WireError::Truncated { kind: 31 })
+    );
+    assert_eq!(
+        decode(&raw(31, &[0; 9]), &advised()),
+        Err(WireError::Trailing { kind: 31, extra: 1 })
+    );
+}
+
+#[test]
+fn out_of_range_pages_are_refused_against_the_advised_geometry() {
+    let beyond = Message::ZeroRun(PageRange {
+        first: PAGES - 1,
+        count: 2,
+    });
+    assert!(matches!(
+        decode(&frame(&beyond), &advised()),
+        Err(WireError::OutOfRange { .. })
+    ));
+    let req = Message::ReqPages {
+        ranges: vec![PageRange {
+            first: u64::MAX,
+            count: 2,
+        }],
+    };
+    assert!(matches!(
+        decode(&frame(&req), &advised()),
+        Err(WireError::OutOfRange { .. })
+    ));
+    let pages = Message::Pages {
+        first: PAGES,
+        data: vec![0; 4096],
+    };
+    assert!(matches!(
+        decode(&frame(&pages), &advised()),
+        Err(WireError::OutOfRange { .. })
+    ));
+    let before_advise = decode(
+        &frame(&Message::Pages {
+            first: 0,
+            data: vec![0; 4096],
+        }),
+        &Limits::default(),
+    );
+    assert_eq!(
+        before_advise,
+        Err(WireError::Invalid("page data before ADVISE"))
+    );
+    let partial = Message::Pages {
+        first: 0,
+        data: vec![0; 100],
+    };
+    assert_eq!(
+        decode(&frame(&partial), &advised()),
+        Err(WireError::Invalid("page data is not whole pages"))
+    );
+}
+
+#[test]
+fn advise_geometry_is_checked() {
+    let overlapping = Message::Advise(Advise {
+        page_size: 4096,
+        page_count: 100,
+        features: Features::empty(),
+        regions: vec![
+            WireRegion {
+                first_page: 0,
+                pages: 10,
+            },
+            WireRegion {
+                first_page: 5,
+                pages: 10,
+            },
+        ],
+    });
+    assert!(matches!(
+        decode(&frame(&overlapping), &Limits::default()),
+        Err(WireError::Invalid(_))
+    ));
+    let odd_page = Message::Advise(Advise {
+        page_size: 8192,
+        page_count: 100,
+        features: Features::empty(),
+        regions: vec![],
+    });
+    assert!(matches!(
+        decode(&frame(&odd_page), &Limits::default()),
+        Err(WireError::OutOfRange { .. })
+    ));
+    let beyond = Message::Advise(Advise {
+        page_size: 4096,
+        page_count: 100,
+        features: Features::empty(),
+        regions: vec![WireRegion {
+            first_page: 90,
+            pages: 20,
+        }],
+    });
+    assert!(matches!(
+        decode(&frame(&beyond), &Limits::default()),
+        Err(WireError::OutOfRange { .. })
+    ));
+}
+
+#[test]
+fn a_lying_count_cannot_make_the_decoder_allocate() {
+    let mut body = (u32::MAX).to_le_bytes().to_vec(); // "4 billion ranges"
+    body.extend_from_slice(&[0; 16]);
+    assert!(matches!(
+        decode(&raw(30, &body), &advised()),
+        Err(WireError::OutOfRange { .. })
+    ));
+    let mut body = 1000u32.to_le_bytes().to_vec(); // 1000 ranges, 1 present
+    body.extend_from_slice(&[0; 16]);
+    assert_eq!(
+        decode(&raw(30, &body), &advised()),
+        Err(WireError::Truncated { kind: 30 })
+    );
+}
+
+#[test]
+fn recv_bitmap_must_match_the_page_count() {
+    let limits = Limits {
+        page_count: Some(100),
+        page_size: Some(4096),
+        ..Limits::default()
+    };
+    let short = Message::RecvBitmap { words: vec![0] };
+    assert!(matches!(
+        decode(&frame(&short), &limits),
+        Err(WireError::Invalid(_))
+    ));
+    let beyond = Message::RecvBitmap {
+        words: vec![0, 1 << 40],
+    };
+    assert!(matches!(
+        decode(&frame(&beyond), &limits),
+        Err(WireError::Invalid(_))
+    ));
+    let ok = Message::RecvBitmap {
+        words: vec![u64::MAX, (1 << 36) - 1],
+    };
+    assert!(matches!(decode(&frame(&ok), &limits), Ok(Some(_))));
+}
+
+#[test]
+fn frames_decode_back_to_back_from_one_buffer() {
+    let mut buf = Vec::new();
+    for seq in 0..5 {
+        encode(&Message::Ping { seq }, &mut buf);
+    }
+    let mut at = 0;
+    for seq in 0..5 {
+        let (msg, used) = decode(&buf[at..], &advised())
+            .expect("valid")
+            .expect("whole");
+        assert_eq!(msg, Message::Ping { seq });
+        at += used;
+    }
+    assert_eq!(at, buf.len());
+}
