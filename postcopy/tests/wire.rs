@@ -29,8 +29,8 @@ fn message() -> impl Strategy<Value = Message> {
                 session: s,
             }
         }),
-        nonce.clone().prop_map(|nonce| Message::Challenge { nonce }),
-        (nonce.clone(), nonce.clone()).prop_map(|(proof, nonce)| Message::Auth { proof, nonce }),
+        nonce.prop_map(|nonce| Message::Challenge { nonce }),
+        (nonce, nonce).prop_map(|(proof, nonce)| Message::Auth { proof, nonce }),
         nonce.prop_map(|proof| Message::AuthOk { proof }),
         proptest::collection::vec((1u64..1000, 1u64..1000), 0..20).prop_map(|gaps| {
             let mut first = 0;
