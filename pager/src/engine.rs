@@ -63,7 +63,7 @@ pub(crate) struct Shared {
     /// The prefetcher's next page; each fault moves it to just after the faulting page.
     pub cursor: AtomicUsize,
     /// Fault order of first touches, when recording a working set.
-    pub recorder: Option<Mutex<Vec<u64>>>,
+    pub recorder: Option<Recorder>,
     /// Extra pages placed after each faulting page (spatial locality).
     pub fault_around: usize,
     /// Zeros for placing zero pages where ZEROPAGE is unavailable (hugetlb, minor mode).
@@ -98,7 +98,8 @@ impl Shared {
                 source: std::io::Error::last_os_error(),
             });
         }
-        let states = PageStateMap::new(regions.pages());
+        let pages = regions.pages();
+        let states = PageStateMap::new(pages);
         Ok(Self {
             uffd,
             regions: RwLock::new(regions),
@@ -112,7 +113,7 @@ impl Shared {
             removed_in_flight: Mutex::new(HashSet::new()),
             removed_count: AtomicUsize::new(0),
             cursor: AtomicUsize::new(0),
-            recorder: record.then(|| Mutex::new(Vec::new())),
+            recorder: record.then(|| Recorder::new(pages)),
             fault_around,
             zeros: vec![0u8; if needs_zeros { max_page } else { 0 }].into_boxed_slice(),
             fatal: Mutex::new(None),
@@ -422,9 +423,7 @@ impl Shared {
         let placement = match outcome {
             RequestOutcome::Requested => {
                 if let Some(rec) = &self.recorder {
-                    rec.lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(p.page as u64);
+                    rec.record(p.page);
                 }
                 let placed = self.fetch_and_place(&p, 1, scratch, wake, Origin::Fault);
                 if placed == Placement::Done && self.fault_around > 0 {
@@ -573,6 +572,42 @@ impl Shared {
     /// Whether every page has been placed (Received) or is known zero and placed.
     pub fn complete(&self) -> bool {
         self.states.count(PageState::Received) == self.states.len()
+    }
+}
+
+/// The order of first faults, for working-set recording. Lock-free and allocation-free
+/// after creation, so the SIGBUS path can record too: one slot per page (a page is
+/// requested once unless discarded; later requests beyond capacity are dropped).
+pub(crate) struct Recorder {
+    slots: Box<[std::sync::atomic::AtomicU64]>,
+    len: AtomicUsize,
+}
+
+impl Recorder {
+    fn new(pages: usize) -> Self {
+        Self {
+            slots: (0..pages)
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+            len: AtomicUsize::new(0),
+        }
+    }
+
+    /// Appends `page`. Relaxed: readers take a snapshot only after the threads are joined.
+    pub fn record(&self, page: usize) {
+        let i = self.len.fetch_add(1, Ordering::Relaxed);
+        if let Some(slot) = self.slots.get(i) {
+            slot.store(page as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// The pages recorded, in order.
+    pub fn pages(&self) -> Vec<u64> {
+        let n = self.len.load(Ordering::Relaxed).min(self.slots.len());
+        self.slots[..n]
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .collect()
     }
 }
 

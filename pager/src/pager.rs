@@ -466,8 +466,7 @@ impl Pager {
         self.join();
         if let Some(path) = &self.record {
             if let Some(rec) = &self.shared.recorder {
-                let pages = rec.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                record::save(path, &pages)?;
+                record::save(path, &rec.pages())?;
             }
         }
         let fatal = self

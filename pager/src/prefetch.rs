@@ -1,7 +1,8 @@
-//! The background filler: places pages no fault asked for, behind faults in priority
-//! (its thread runs `SCHED_IDLE`, so it only gets a CPU nobody else wants). Replayed
-//! working-set pages go first, then every missing page from a cursor that each fault moves
-//! to just after itself.
+//! The background filler: places pages no fault asked for. A replayed working set goes
+//! first, at normal priority (it is what the workload is about to touch); then every
+//! missing page from a cursor that each fault moves to just after itself, behind faults
+//! in priority (the thread switches to `SCHED_IDLE`, so it only gets a CPU nobody else
+//! wants).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -35,16 +36,22 @@ fn lower_priority() {
 
 /// Runs the prefetcher until every page is placed or the pager stops.
 pub(crate) fn run(shared: Arc<Shared>, plan: Prefetch, max_page: usize) {
-    lower_priority();
     let mut scratch = vec![0u8; BATCH_BYTES.max(max_page)];
     if let Prefetch::Replay(pages) = &plan {
-        for &page in pages {
-            if shared.stopping() {
-                return;
+        // The recorded working set is what the workload needs first: bring it in at
+        // normal priority, coalescing consecutive pages into one fetch and placement.
+        let mut i = 0;
+        while i < pages.len() && !shared.stopping() {
+            let mut run = 1;
+            while i + run < pages.len() && pages[i + run] == pages[i] + run as u64 {
+                run += 1;
             }
-            prefetch_run(&shared, page as usize, 1, &mut scratch);
+            let bytes = run * shared.page(pages[i] as usize).map_or(max_page, |p| p.size);
+            prefetch_run(&shared, pages[i] as usize, bytes, &mut scratch);
+            i += run;
         }
     }
+    lower_priority();
     if plan == Prefetch::None {
         return;
     }

@@ -143,6 +143,11 @@ fn resolve(engine: &Engine, addr: usize) -> bool {
             Ok(o) => o,
             Err(_) => return false,
         };
+        if outcome == RequestOutcome::Requested {
+            if let Some(rec) = &shared.recorder {
+                rec.record(p.page); // atomics only: signal safe
+            }
+        }
         let placement = match outcome {
             RequestOutcome::Requested => with_slot(engine, |scratch| {
                 match shared.source.fetch(p.offset, &mut scratch[..p.size]) {

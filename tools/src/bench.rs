@@ -17,6 +17,7 @@ use uffd_core::{
     RegisterMode, Uffd, ZeropageMode,
 };
 
+use crate::cli_args::Mode;
 use crate::workload::{order, summarize, synthetic_image, timed_touch, Pattern, Summary};
 
 /// Memory kinds the bench can fault on.
@@ -29,20 +30,6 @@ pub enum Kind {
     Shmem,
     /// Private hugetlb, 2 MiB.
     Hugetlb,
-}
-
-/// Delivery modes, as named on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// One handler thread blocking in poll.
-    Thread,
-    /// One busy-polling handler thread.
-    Poll,
-    /// One pinned handler per CPU.
-    Percpu,
-    /// SIGBUS in the faulting thread.
-    Sigbus,
 }
 
 /// Where the faulting and handler threads run.
@@ -188,12 +175,7 @@ impl Case<'_> {
 
     fn run_pager(&self, mode: Mode) -> Result<Summary> {
         let region = self.map()?;
-        let delivery = match mode {
-            Mode::Thread => DeliveryMode::Thread,
-            Mode::Poll => DeliveryMode::BusyPoll,
-            Mode::Percpu => DeliveryMode::PerCpu,
-            Mode::Sigbus => DeliveryMode::Sigbus,
-        };
+        let delivery = DeliveryMode::from(mode);
         let pager = Pager::builder(self.uffd(mode)?, self.source())
             .region(RegionSpec::new(
                 region.addr(),

@@ -11,21 +11,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use pager::firecracker::{self, ServeOptions};
-use pager::{DeliveryMode, FileSource, Prefetch};
+use pager::FileSource;
 use uffd_core::{send_fds, Features, Mapping, MemoryKind, RegisterMode, Uffd};
 
+use crate::cli_args::{Mode, PrefetchArgs};
 use crate::workload::{order, Pattern};
-
-/// Delivery modes for memory in another process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Mode {
-    /// One handler thread.
-    Thread,
-    /// A busy-polling handler.
-    Poll,
-    /// One pinned handler per CPU.
-    Percpu,
-}
 
 /// Options of `uffdkit fc-handler`.
 #[derive(clap::Args, Debug)]
@@ -36,16 +26,10 @@ pub struct Args {
     /// The snapshot memory file (regions laid end to end, at their `offset`s).
     #[arg(long)]
     mem_file: PathBuf,
-    /// Background prefetch once the first fault is served: none or sequential.
-    #[arg(long, default_value = "seq", value_parser = ["none", "seq"])]
-    prefetch: String,
-    /// Replay this recorded working set first (then sequential).
-    #[arg(long)]
-    replay: Option<PathBuf>,
-    /// Record the order of first faults to this file.
-    #[arg(long)]
-    record: Option<PathBuf>,
-    /// Delivery mode.
+    /// Prefetch (started once the first fault is served) and recording.
+    #[command(flatten)]
+    prefetch: PrefetchArgs,
+    /// Delivery mode (not sigbus: the memory is Firecracker's).
     #[arg(long, value_enum, default_value_t = Mode::Percpu)]
     mode: Mode,
     /// On a serving error, SIGKILL the Firecracker process (found with SO_PEERCRED) so it
@@ -81,19 +65,13 @@ pub fn run(args: &Args) -> Result<()> {
         pages,
         hs.peer.map_or(-1, |p| p.pid)
     );
-    let prefetch = match (&args.replay, args.prefetch.as_str()) {
-        (Some(path), _) => Prefetch::Replay(pager::record::load(path, pages)?),
-        (None, "seq") => Prefetch::Sequential,
-        (None, _) => Prefetch::None,
-    };
+    if args.mode == Mode::Sigbus {
+        bail!("--mode sigbus cannot serve another process's memory");
+    }
     let options = ServeOptions {
-        mode: match args.mode {
-            Mode::Thread => DeliveryMode::Thread,
-            Mode::Poll => DeliveryMode::BusyPoll,
-            Mode::Percpu => DeliveryMode::PerCpu,
-        },
-        prefetch,
-        record: args.record.clone(),
+        mode: args.mode.into(),
+        prefetch: args.prefetch.plan(pages)?,
+        record: args.prefetch.record.clone(),
         kill_peer_on_error: args.kill_peer_on_error,
     };
     let started = Instant::now();

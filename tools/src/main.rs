@@ -1,6 +1,7 @@
 //! `uffdkit`: probe, benchmark and serve memory on demand through userfaultfd.
 
 mod bench;
+mod cli_args;
 mod demo;
 mod fc_handler;
 mod probe;

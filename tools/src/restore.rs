@@ -9,24 +9,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use pager::{DeliveryMode, FileSource, Pager, Prefetch, RegionSpec, Source};
+use pager::{DeliveryMode, FileSource, Pager, RegionSpec, Source};
 use serde_json::json;
 use uffd_core::{Features, Mapping, MemoryKind, Uffd};
 
+use crate::cli_args::{Mode, PrefetchArgs};
 use crate::workload::{order, Pattern};
-
-/// Delivery modes on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Mode {
-    /// One handler thread.
-    Thread,
-    /// A busy-polling handler.
-    Poll,
-    /// Per-CPU handlers.
-    Percpu,
-    /// SIGBUS in the faulting thread (needs `--source mmap`).
-    Sigbus,
-}
 
 /// How the image file is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -64,15 +52,8 @@ pub struct Args {
     /// How the pager reads the image (mmap lets the kernel's readahead batch a cold read).
     #[arg(long, value_enum, default_value_t = SourceKind::Mmap)]
     source: SourceKind,
-    /// Background prefetch: none, or sequential behind the faults.
-    #[arg(long, default_value = "seq", value_parser = ["none", "seq"])]
-    prefetch: String,
-    /// Replay this recorded working set first (implies sequential prefetch after it).
-    #[arg(long)]
-    replay: Option<PathBuf>,
-    /// Record the order of first faults to this file.
-    #[arg(long)]
-    record: Option<PathBuf>,
+    #[command(flatten)]
+    prefetch: PrefetchArgs,
     /// Fraction of pages the workload touches.
     #[arg(long, default_value_t = 1.0)]
     touch: f64,
@@ -157,11 +138,10 @@ fn run_pager(args: &Args, len: u64, pages: &[usize], file: &std::fs::File) -> Re
     };
     let map_len = (len as usize).next_multiple_of(PS);
     let memory = Mapping::new(MemoryKind::Anon, map_len)?;
-    let (mode, extra) = match args.mode {
-        Mode::Thread => (DeliveryMode::Thread, Features::empty()),
-        Mode::Poll => (DeliveryMode::BusyPoll, Features::empty()),
-        Mode::Percpu => (DeliveryMode::PerCpu, Features::empty()),
-        Mode::Sigbus => (DeliveryMode::Sigbus, Features::SIGBUS),
+    let extra = if args.mode == Mode::Sigbus {
+        Features::SIGBUS
+    } else {
+        Features::empty()
     };
     let start = Instant::now();
     let uffd = Uffd::builder()
@@ -173,26 +153,15 @@ fn run_pager(args: &Args, len: u64, pages: &[usize], file: &std::fs::File) -> Re
         inner: source,
         len: map_len as u64,
     });
-    let mut builder = Pager::builder(uffd, padded)
+    let builder = Pager::builder(uffd, padded)
         .region(RegionSpec::new(
             memory.addr(),
             memory.len(),
             MemoryKind::Anon,
             0,
         ))
-        .mode(mode)
-        .prefetch(if args.prefetch == "seq" {
-            Prefetch::Sequential
-        } else {
-            Prefetch::None
-        });
-    if let Some(path) = &args.replay {
-        builder = builder.replay(path)?;
-    }
-    if let Some(path) = &args.record {
-        builder = builder.record(path);
-    }
-    let pager = builder.start()?;
+        .mode(DeliveryMode::from(args.mode));
+    let pager = args.prefetch.apply(builder, map_len / PS)?.start()?;
     let t = Instant::now();
     run_workload(memory.addr(), pages);
     let workload = t.elapsed();
