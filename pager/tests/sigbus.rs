@@ -18,8 +18,12 @@ fn sigbus_uffd() -> Uffd {
         .expect("open")
 }
 
+/// One SIGBUS-mode pager per process: the tests that start one take turns.
+static SIGBUS_SLOT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn sigbus_mode_serves_every_page_in_the_faulting_threads() {
+    let _turn = SIGBUS_SLOT.lock().unwrap_or_else(|p| p.into_inner());
     let pages = 512;
     let image = common::image(pages, PS, 7);
     for kind in [MemoryKind::Anon, MemoryKind::Shmem] {
@@ -29,9 +33,8 @@ fn sigbus_mode_serves_every_page_in_the_faulting_threads() {
             Arc::new(MemorySource::new(image.clone()).with_zero_scan(PS)),
         )
         .region(RegionSpec::new(memory.addr(), memory.len(), kind, 0))
-        .mode(DeliveryMode::Sigbus)
-        .start()
-        .expect("start");
+        .mode(DeliveryMode::Sigbus);
+        let pager = pager.start().expect("start");
         let addr = memory.addr();
         let image = Arc::new(image.clone());
         let threads: Vec<_> = (0..4)
@@ -89,4 +92,35 @@ fn sigbus_mode_refuses_a_uffd_without_the_feature_or_an_unsafe_source() {
         .err()
         .expect("pread is not signal safe");
     assert!(err.to_string().contains("signal handler"), "{err}");
+}
+
+#[test]
+fn sigbus_mode_records_the_first_fault_order() {
+    let _turn = SIGBUS_SLOT.lock().unwrap_or_else(|p| p.into_inner());
+    let pages = 64;
+    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+    let path = std::env::temp_dir().join(format!("uffdkit-sigbus-ws-{}", std::process::id()));
+    let pager = Pager::builder(
+        sigbus_uffd(),
+        Arc::new(MemorySource::new(common::image(pages, PS, 0))),
+    )
+    .region(RegionSpec::new(
+        memory.addr(),
+        memory.len(),
+        MemoryKind::Anon,
+        0,
+    ))
+    .mode(DeliveryMode::Sigbus)
+    .record(&path)
+    .start()
+    .expect("start");
+    let order = [5usize, 9, 1, 40];
+    for &p in &order {
+        // SAFETY: the served region.
+        unsafe { std::ptr::read_volatile(memory.page_addr(p) as *const u8) };
+    }
+    pager.stop().expect("stop");
+    let recorded = pager::record::load(&path, pages).expect("load working set");
+    std::fs::remove_file(&path).ok();
+    assert_eq!(recorded, order.map(|p| p as u64));
 }
