@@ -1,9 +1,10 @@
 //! # postcopy: live post-copy migration on uffdkit
 //!
-//! Source → destination over a byte stream. This crate starts with its wire format
-//! ([`wire`]): length-framed, CRC-checked messages whose decoder refuses malformed,
-//! oversize and out-of-range input. The endpoints (page server, destination, recovery)
-//! build on it.
+//! Source → destination over a byte stream: the wire format ([`wire`]), the pre-shared-key
+//! authentication of every connection ([`auth`]), framed TCP/Unix connections ([`net`]),
+//! and the page server ([`server::PageServer`]) with its restore-side source
+//! ([`client::RemoteSource`]): faults become urgent requests on their own connection while
+//! a background stream pushes every page. Migration endpoints build on these.
 //!
 //! ```
 //! use postcopy::wire::{decode, encode, Limits, Message};
@@ -16,4 +17,31 @@
 //! # Ok::<(), postcopy::wire::WireError>(())
 //! ```
 
+pub mod auth;
+pub mod client;
+pub mod net;
+pub mod server;
 pub mod wire;
+
+/// Errors of the postcopy endpoints.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The connection failed.
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// A malformed frame.
+    #[error(transparent)]
+    Wire(#[from] wire::WireError),
+    /// Authentication failed.
+    #[error("authentication: {0}")]
+    Auth(String),
+    /// The peer broke the protocol.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// The peer closed the connection.
+    #[error("the peer closed the connection")]
+    Closed,
+    /// The image source failed.
+    #[error(transparent)]
+    Source(#[from] pager::SourceError),
+}

@@ -24,8 +24,15 @@ pub struct Args {
     #[arg(long)]
     socket: PathBuf,
     /// The snapshot memory file (regions laid end to end, at their `offset`s).
+    #[arg(long, required_unless_present = "source")]
+    mem_file: Option<PathBuf>,
+    /// Serve pages from a `uffdkit serve` page server at this address instead of a
+    /// file (host:port or unix:/path; 4 KiB regions).
+    #[arg(long, conflicts_with = "mem_file", requires = "key_file")]
+    source: Option<String>,
+    /// The page server's pre-shared key file (with --source).
     #[arg(long)]
-    mem_file: PathBuf,
+    key_file: Option<PathBuf>,
     /// Prefetch (started once the first fault is served) and recording.
     #[command(flatten)]
     prefetch: PrefetchArgs,
@@ -40,10 +47,21 @@ pub struct Args {
 
 /// Runs `uffdkit fc-handler`: one restore, then exits 0 when Firecracker exits.
 pub fn run(args: &Args) -> Result<()> {
-    let source = Arc::new(
-        FileSource::mmap(&args.mem_file)
-            .with_context(|| format!("open memory file {}", args.mem_file.display()))?,
-    );
+    let source: Arc<dyn pager::Source> = match (&args.mem_file, &args.source, &args.key_file) {
+        (Some(file), _, _) => Arc::new(
+            FileSource::mmap(file)
+                .with_context(|| format!("open memory file {}", file.display()))?,
+        ),
+        (None, Some(addr), Some(key)) => {
+            let key = postcopy::auth::Key::from_file(key).context("read the key file")?;
+            let addr: postcopy::net::Addr = addr.parse()?;
+            Arc::new(
+                postcopy::client::RemoteSource::connect(&addr, &key)
+                    .with_context(|| format!("connect to the page server at {addr:?}"))?,
+            )
+        }
+        _ => bail!("give --mem-file, or --source with --key-file"),
+    };
     if let Ok(meta) = std::fs::symlink_metadata(&args.socket) {
         if !meta.file_type().is_socket() {
             bail!("{} exists and is not a socket", args.socket.display());
@@ -54,6 +72,9 @@ pub fn run(args: &Args) -> Result<()> {
         .with_context(|| format!("bind {}", args.socket.display()))?;
     eprintln!("fc-handler: listening on {}", args.socket.display());
     let hs = firecracker::accept(&listener).context("Firecracker handshake")?;
+    if args.source.is_some() && hs.regions.iter().any(|r| r.page_size().ok() != Some(4096)) {
+        bail!("--source serves 4 KiB pages; this restore has 2 MiB regions");
+    }
     let pages: usize = hs
         .regions
         .iter()
@@ -70,18 +91,25 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let options = ServeOptions {
         mode: args.mode.into(),
-        prefetch: args.prefetch.plan(pages)?,
+        // A page server streams every page itself; the pager's prefetcher would only
+        // duplicate that on the urgent channel.
+        prefetch: if args.source.is_some() {
+            pager::Prefetch::None
+        } else {
+            args.prefetch.plan(pages)?
+        },
         record: args.prefetch.record.clone(),
         kill_peer_on_error: args.kill_peer_on_error,
     };
     let started = Instant::now();
     let stats = firecracker::serve(hs, source, &options).context("serving guest memory")?;
     eprintln!(
-        "fc-handler: peer closed after {:.2} s; {} faults, {} pages on fault, {} prefetched, {} zero pages, {} REMOVE events",
+        "fc-handler: peer closed after {:.2} s; {} faults, {} pages on fault, {} prefetched, {} from the page server, {} zero pages, {} REMOVE events",
         started.elapsed().as_secs_f64(),
         stats.faults(),
         stats.placed_fault,
         stats.placed_prefetch,
+        stats.placed_arrival,
         stats.placed_zero,
         stats.events_remove
     );

@@ -6,6 +6,7 @@ mod demo;
 mod fc_handler;
 mod probe;
 mod restore;
+mod serve;
 mod workload;
 
 use anyhow::Result;
@@ -30,6 +31,8 @@ enum Command {
     Restore(restore::Args),
     /// Fault-latency stress across delivery modes, with same-run baselines.
     Bench(bench::Args),
+    /// A page server that many destinations restore one image from.
+    Serve(serve::Args),
     /// External page-fault handler for Firecracker snapshot restore.
     FcHandler(fc_handler::Args),
     /// Play Firecracker's side of the UFFD handshake against a handler, and verify.
@@ -43,6 +46,7 @@ fn main() -> Result<()> {
         Command::Demo(args) => demo::run(&args),
         Command::Restore(args) => restore::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Serve(args) => serve::run(&args),
         Command::FcHandler(args) => fc_handler::run(&args),
         Command::FcClient(args) => fc_handler::run_client(&args),
     }

@@ -209,3 +209,65 @@ fn fc_handler_rejects_a_malformed_handshake_with_a_clear_error() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("malformed region table"), "{log}");
 }
+
+#[test]
+fn fc_handler_serves_from_a_page_server_with_a_key() {
+    let (sock, mem, key) = (temp("remote.sock"), temp("remote-mem"), temp("remote-key"));
+    let image: Vec<u8> = (0..(4u32 << 20))
+        .map(|i| (i >> 12) as u8 ^ (i as u8).rotate_left(3))
+        .collect();
+    std::fs::write(&mem, &image).expect("write memory file");
+    std::fs::write(&key, "cli-test-key-0123456789\n").expect("write key");
+    let listen = "127.0.0.1:7811";
+    let mut server = Command::new(env!("CARGO_BIN_EXE_uffdkit"))
+        .args(["serve", "--listen", listen, "--image"])
+        .arg(&mem)
+        .arg("--key-file")
+        .arg(&key)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn serve");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(listen).is_err() {
+        assert!(std::time::Instant::now() < deadline, "serve never listened");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let handler = Command::new(env!("CARGO_BIN_EXE_uffdkit"))
+        .args(["fc-handler", "--source", listen, "--socket"])
+        .arg(&sock)
+        .arg("--key-file")
+        .arg(&key)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn fc-handler");
+    while !sock.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fc-handler never listened"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let client = uffdkit(&[
+        "fc-client",
+        "--socket",
+        sock.to_str().expect("utf8"),
+        "--mem-file",
+        mem.to_str().expect("utf8"),
+        "--regions",
+        "2",
+        "--dontneed",
+    ]);
+    let out = handler.wait_with_output().expect("handler exit");
+    let _ = server.kill();
+    let _ = server.wait();
+    std::fs::remove_file(&mem).ok();
+    std::fs::remove_file(&key).ok();
+    assert!(
+        client.status.success(),
+        "client: {}",
+        String::from_utf8_lossy(&client.stderr)
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "handler: {log}");
+    assert!(log.contains("from the page server"), "{log}");
+}

@@ -1,0 +1,243 @@
+//! Addresses, streams and framed connections (TCP or Unix).
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+
+use crate::wire::{decode, encode, Limits, Message};
+use crate::Error;
+
+/// Where to listen or connect: `unix:/path` or `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Addr {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A Unix socket path.
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for Addr {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            return Ok(Addr::Unix(path.into()));
+        }
+        s.parse()
+            .map(Addr::Tcp)
+            .map_err(|_| Error::Protocol(format!("not an address (host:port or unix:/path): {s}")))
+    }
+}
+
+/// A connected stream.
+#[derive(Debug)]
+pub enum Stream {
+    /// TCP.
+    Tcp(TcpStream),
+    /// Unix.
+    Unix(UnixStream),
+}
+
+impl Stream {
+    /// Connects to `addr`.
+    pub fn connect(addr: &Addr) -> io::Result<Stream> {
+        Ok(match addr {
+            Addr::Tcp(a) => {
+                let s = TcpStream::connect(a)?;
+                s.set_nodelay(true)?;
+                Stream::Tcp(s)
+            }
+            Addr::Unix(p) => Stream::Unix(UnixStream::connect(p)?),
+        })
+    }
+
+    /// A second handle on the same connection.
+    pub fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+
+    /// Shuts both directions down (wakes a blocked reader).
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.flush(),
+            Stream::Unix(s) => s.flush(),
+        }
+    }
+}
+
+/// A listening socket.
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// Unix.
+    Unix(UnixListener),
+}
+
+impl Listener {
+    /// Binds `addr` (a stale Unix socket file is replaced).
+    pub fn bind(addr: &Addr) -> io::Result<Listener> {
+        Ok(match addr {
+            Addr::Tcp(a) => Listener::Tcp(TcpListener::bind(a)?),
+            Addr::Unix(p) => {
+                let _ = std::fs::remove_file(p);
+                Listener::Unix(UnixListener::bind(p)?)
+            }
+        })
+    }
+
+    /// The bound address (for TCP port 0).
+    pub fn local_addr(&self) -> io::Result<Addr> {
+        Ok(match self {
+            Listener::Tcp(l) => Addr::Tcp(l.local_addr()?),
+            Listener::Unix(l) => Addr::Unix(
+                l.local_addr()?
+                    .as_pathname()
+                    .map(PathBuf::from)
+                    .unwrap_or_default(),
+            ),
+        })
+    }
+
+    /// The listening socket's fd.
+    pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l) => l.as_raw_fd(),
+        }
+    }
+
+    /// Accepts one connection.
+    pub fn accept(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                s.set_nodelay(true)?;
+                Stream::Tcp(s)
+            }
+            Listener::Unix(l) => Stream::Unix(l.accept()?.0),
+        })
+    }
+}
+
+/// Reads whole frames from a stream.
+#[derive(Debug)]
+pub struct FrameReader {
+    stream: Stream,
+    buf: Vec<u8>,
+    start: usize,
+    /// What the decoder checks against.
+    pub limits: Limits,
+}
+
+impl FrameReader {
+    /// Reads frames from `stream`.
+    pub fn new(stream: Stream) -> Self {
+        Self {
+            stream,
+            buf: Vec::with_capacity(1 << 20),
+            start: 0,
+            limits: Limits::default(),
+        }
+    }
+
+    /// The next message; `Error::Closed` at a clean end of stream between frames.
+    pub fn recv(&mut self) -> Result<Message, Error> {
+        loop {
+            if let Some((msg, used)) = decode(&self.buf[self.start..], &self.limits)? {
+                self.start += used;
+                if self.start == self.buf.len() {
+                    self.buf.clear();
+                    self.start = 0;
+                }
+                return Ok(msg);
+            }
+            if self.start > 0 {
+                self.buf.drain(..self.start);
+                self.start = 0;
+            }
+            let have = self.buf.len();
+            self.buf.resize(have + (256 << 10), 0);
+            let n = self.stream.read(&mut self.buf[have..]);
+            let n = match n {
+                Ok(n) => n,
+                Err(e) => {
+                    self.buf.truncate(have);
+                    return Err(e.into());
+                }
+            };
+            self.buf.truncate(have + n);
+            if n == 0 {
+                return Err(if have == 0 {
+                    Error::Closed
+                } else {
+                    Error::Protocol("connection closed mid-frame".into())
+                });
+            }
+        }
+    }
+}
+
+/// Writes frames to a stream.
+#[derive(Debug)]
+pub struct FrameWriter {
+    stream: Stream,
+    buf: Vec<u8>,
+}
+
+impl FrameWriter {
+    /// Writes frames to `stream`.
+    pub fn new(stream: Stream) -> Self {
+        Self {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Sends one message.
+    pub fn send(&mut self, msg: &Message) -> Result<(), Error> {
+        self.buf.clear();
+        encode(msg, &mut self.buf);
+        self.stream.write_all(&self.buf)?;
+        Ok(())
+    }
+
+    /// Shuts the connection down.
+    pub fn shutdown(&self) {
+        self.stream.shutdown();
+    }
+}
+
+/// Splits a stream into a frame reader and writer.
+pub fn split(stream: Stream) -> io::Result<(FrameReader, FrameWriter)> {
+    let w = stream.try_clone()?;
+    Ok((FrameReader::new(stream), FrameWriter::new(w)))
+}
