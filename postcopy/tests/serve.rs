@@ -39,19 +39,14 @@ fn server(addr: &str, image: &[u8]) -> postcopy::server::ServerHandle {
         .expect("spawn")
 }
 
-/// Restores `image` from `addr` into fresh memory, touching pages in a scattered order;
-/// returns the pager's stats after the background stream completed.
-fn restore(addr: &Addr, image: &[u8]) -> pager::StatsSnapshot {
-    let pages = image.len() / PS;
-    let source = Arc::new(RemoteSource::connect(addr, &key()).expect("connect"));
-    assert_eq!(source.page_size(), PS);
-    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+/// A pager serving `memory` from `source` with one handler thread.
+fn pager_for(source: Arc<RemoteSource>, memory: &Mapping) -> Pager {
     let uffd = Uffd::builder()
         .non_blocking(true)
         .require(Features::EVENT_REMOVE)
         .open()
         .expect("uffd");
-    let pager = Pager::builder(uffd, source)
+    Pager::builder(uffd, source)
         .region(RegionSpec::new(
             memory.addr(),
             memory.len(),
@@ -60,7 +55,17 @@ fn restore(addr: &Addr, image: &[u8]) -> pager::StatsSnapshot {
         ))
         .mode(DeliveryMode::Thread)
         .start()
-        .expect("start");
+        .expect("start")
+}
+
+/// Restores `image` from `addr` into fresh memory, touching pages in a scattered order;
+/// returns the pager's stats after the background stream completed.
+fn restore(addr: &Addr, image: &[u8]) -> pager::StatsSnapshot {
+    let pages = image.len() / PS;
+    let source = Arc::new(RemoteSource::connect(addr, &key()).expect("connect"));
+    assert_eq!(source.page_size(), PS);
+    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+    let pager = pager_for(source, &memory);
     for i in 0..pages {
         let page = (i * 37) % pages;
         // SAFETY: the served region.
@@ -140,22 +145,8 @@ fn urgent_pages_overtake_the_background_stream() {
     let srv = server("127.0.0.1:0", &img);
     let source = Arc::new(RemoteSource::connect(srv.addr(), &key()).expect("connect"));
     let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
-    let uffd = Uffd::builder()
-        .non_blocking(true)
-        .require(Features::EVENT_REMOVE)
-        .open()
-        .expect("uffd");
     let started = Instant::now();
-    let pager = Pager::builder(uffd, source)
-        .region(RegionSpec::new(
-            memory.addr(),
-            memory.len(),
-            MemoryKind::Anon,
-            0,
-        ))
-        .mode(DeliveryMode::Thread)
-        .start()
-        .expect("start");
+    let pager = pager_for(source, &memory);
     let t = Instant::now();
     // SAFETY: the served region; the last page, far from where the stream starts.
     let b = unsafe { std::ptr::read_volatile(memory.page_addr(pages - 3) as *const u8) };

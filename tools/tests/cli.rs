@@ -137,13 +137,12 @@ fn temp(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("uffdkit-cli-{}-{name}", std::process::id()))
 }
 
-/// Starts `uffdkit fc-handler` and waits for its socket.
-fn spawn_handler(sock: &std::path::Path, mem: &std::path::Path) -> std::process::Child {
+/// Starts `uffdkit fc-handler --socket SOCK ARGS…` and waits for its socket.
+fn spawn_handler(sock: &std::path::Path, args: &[&std::ffi::OsStr]) -> std::process::Child {
     let child = Command::new(env!("CARGO_BIN_EXE_uffdkit"))
         .args(["fc-handler", "--socket"])
         .arg(sock)
-        .arg("--mem-file")
-        .arg(mem)
+        .args(args)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn fc-handler");
@@ -165,7 +164,7 @@ fn fc_handler_serves_fc_client_and_exits_zero_on_eof() {
         .map(|i| (i >> 12) as u8 ^ (i as u8))
         .collect();
     std::fs::write(&mem, &image).expect("write memory file");
-    let handler = spawn_handler(&sock, &mem);
+    let handler = spawn_handler(&sock, &["--mem-file".as_ref(), mem.as_os_str()]);
     let client = uffdkit(&[
         "fc-client",
         "--socket",
@@ -198,7 +197,7 @@ fn fc_handler_rejects_a_malformed_handshake_with_a_clear_error() {
     use std::io::Write;
     let (sock, mem) = (temp("bad.sock"), temp("bad-mem"));
     std::fs::write(&mem, vec![0u8; 1 << 20]).expect("write memory file");
-    let handler = spawn_handler(&sock, &mem);
+    let handler = spawn_handler(&sock, &["--mem-file".as_ref(), mem.as_os_str()]);
     let mut stream = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
     stream
         .write_all(b"{this is not a region table")
@@ -232,21 +231,15 @@ fn fc_handler_serves_from_a_page_server_with_a_key() {
         assert!(std::time::Instant::now() < deadline, "serve never listened");
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    let handler = Command::new(env!("CARGO_BIN_EXE_uffdkit"))
-        .args(["fc-handler", "--source", listen, "--socket"])
-        .arg(&sock)
-        .arg("--key-file")
-        .arg(&key)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn fc-handler");
-    while !sock.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "fc-handler never listened"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    let handler = spawn_handler(
+        &sock,
+        &[
+            "--source".as_ref(),
+            listen.as_ref(),
+            "--key-file".as_ref(),
+            key.as_os_str(),
+        ],
+    );
     let client = uffdkit(&[
         "fc-client",
         "--socket",
