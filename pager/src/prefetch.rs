@@ -22,10 +22,15 @@ pub enum Prefetch {
     Sequential,
     /// These pages (a recorded working set, in fault order) first, then sequential.
     Replay(Vec<u64>),
+    /// Every page at full priority in 2 MiB batches, from the start: an eager copy that
+    /// still serves faults first (the baseline "copy everything at once" restore).
+    Eager,
 }
 
 /// Pages placed per ioctl: contiguous missing pages in one region, up to this many.
 const BATCH_BYTES: usize = 256 << 10;
+/// The eager plan's batch.
+const EAGER_BATCH_BYTES: usize = 2 << 20;
 
 /// Puts the calling thread in `SCHED_IDLE` so faults (and the workload) always win.
 fn lower_priority() {
@@ -51,15 +56,23 @@ pub(crate) fn run(shared: Arc<Shared>, plan: Prefetch, max_page: usize) {
             i += run;
         }
     }
-    lower_priority();
+    let batch = if plan == Prefetch::Eager {
+        EAGER_BATCH_BYTES
+    } else {
+        lower_priority();
+        BATCH_BYTES
+    };
     if plan == Prefetch::None {
         return;
+    }
+    if scratch.len() < batch {
+        scratch.resize(batch, 0);
     }
     while !shared.stopping() {
         // Relaxed: the cursor is a position hint; page states are the synchronisation.
         let from = shared.cursor.load(Ordering::Relaxed);
         let next = if let Some(page) = shared.states.next_missing_wrapping(from) {
-            prefetch_run(&shared, page, BATCH_BYTES, &mut scratch)
+            prefetch_run(&shared, page, batch, &mut scratch)
         } else if let Some(page) = shared.states.next_in_state_wrapping(PageState::Zero, from) {
             zero_run(&shared, page)
         } else {

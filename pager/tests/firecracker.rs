@@ -340,3 +340,45 @@ fn regions_overlapping_or_beyond_the_file_fail_to_serve_with_an_error() {
     }
     std::fs::remove_file(&file).ok();
 }
+
+#[test]
+fn kill_peer_on_error_kills_the_vmm_when_serving_fails() {
+    let file = mem_file("killpeer", 16 * 4096, 4096);
+    let sock = temp("killpeer.sock");
+    let _ = std::fs::remove_file(&sock);
+    let listener = UnixListener::bind(&sock).expect("bind");
+    // SAFETY: the child connects, sends a region table beyond the file, and waits.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        let memory = Mapping::new(MemoryKind::Anon, 64 * 4096).expect("map");
+        let uffd = Uffd::builder()
+            .non_blocking(true)
+            .require(Features::EVENT_REMOVE)
+            .open()
+            .expect("uffd");
+        uffd.register(memory.addr(), memory.len(), RegisterMode::MISSING)
+            .expect("register");
+        let stream = UnixStream::connect(&sock).expect("connect");
+        let body = json(&[(memory.addr(), memory.len(), 0)], 4096); // 64 pages, file has 16
+        send_fds(&stream, body.as_bytes(), &[uffd.as_fd()]).expect("send");
+        std::thread::sleep(std::time::Duration::from_secs(30)); // a VMM waiting on its load call
+                                                                // SAFETY: ends the child (only reached if nobody killed it).
+        unsafe { libc::_exit(0) };
+    }
+    let hs = firecracker::accept(&listener).expect("handshake");
+    let options = ServeOptions {
+        kill_peer_on_error: true,
+        ..ServeOptions::default()
+    };
+    let source = Arc::new(FileSource::mmap(&file).expect("open"));
+    let err = firecracker::serve(hs, source, &options).expect_err("regions beyond the file");
+    assert!(err.to_string().contains("the image has"), "{err}");
+    assert_eq!(
+        common::wait(pid),
+        128 + libc::SIGKILL,
+        "the VMM was killed, not left hanging"
+    );
+    std::fs::remove_file(&file).ok();
+    std::fs::remove_file(&sock).ok();
+}

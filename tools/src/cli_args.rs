@@ -33,8 +33,9 @@ impl From<Mode> for DeliveryMode {
 /// Background prefetch and working-set recording.
 #[derive(clap::Args, Debug, Clone)]
 pub struct PrefetchArgs {
-    /// Background prefetch: none, or sequential behind the faults.
-    #[arg(long, default_value = "seq", value_parser = ["none", "seq"])]
+    /// Background prefetch: none; seq (sequential, behind the faults); eager (everything
+    /// at full priority, the copy-it-all baseline).
+    #[arg(long, default_value = "seq", value_parser = ["none", "seq", "eager"])]
     pub prefetch: String,
     /// Replay this recorded working set first (then sequential).
     #[arg(long)]
@@ -50,6 +51,7 @@ impl PrefetchArgs {
         Ok(match (&self.replay, self.prefetch.as_str()) {
             (Some(path), _) => Prefetch::Replay(pager::record::load(path, pages)?),
             (None, "seq") => Prefetch::Sequential,
+            (None, "eager") => Prefetch::Eager,
             (None, _) => Prefetch::None,
         })
     }
