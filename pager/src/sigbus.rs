@@ -63,7 +63,7 @@ pub(crate) fn install(shared: Arc<Shared>, slots: usize, max_page: usize) -> Res
         shared,
         regions,
         slots,
-        // SAFETY: an all-zero sigaction is a valid placeholder, filled below.
+        // SAFETY: an all-zero sigaction is valid; sigaction(2) below overwrites it.
         previous: unsafe { std::mem::zeroed() },
     }));
     // AcqRel: publishes the engine's fields to handlers that load it with Acquire.
