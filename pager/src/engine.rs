@@ -33,6 +33,15 @@ pub(crate) enum Origin {
     Arrival,
 }
 
+/// What a handler must do after a fault it could not finish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FollowUp {
+    /// EAGAIN: retry the placement once the pending events are read.
+    Retry,
+    /// Another party requested the page: wake the fault once the page leaves Requested.
+    Watch,
+}
+
 /// The result of one placement attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Placement {
@@ -271,8 +280,10 @@ impl Shared {
         };
         match result {
             Ok(_) => {
-                self.mark_received(p.page, count);
+                // Count before publishing Received: whoever sees the page done (e.g.
+                // `wait_complete`) then also sees it counted.
                 self.account(origin, content, len, count);
+                self.mark_received(p.page, count);
                 Placement::Done
             }
             Err(UffdError::Exists { .. }) => {
@@ -290,8 +301,8 @@ impl Shared {
                 }
                 let whole = done / p.size;
                 if whole > 0 {
-                    self.mark_received(p.page, whole);
                     self.account(origin, content, whole * p.size, whole);
+                    self.mark_received(p.page, whole);
                 }
                 Placement::Again {
                     done: whole * p.size,
@@ -301,6 +312,16 @@ impl Shared {
                 self.gone.store(true, Ordering::Relaxed);
                 self.request_stop();
                 Placement::Dropped
+            }
+            // ENOENT also means "the layout changed under the operation" (a REMOVE being
+            // applied): while the region is still ours, retry like EAGAIN; an UNMAP event
+            // unmaps it in the table, and then the page is dropped for good.
+            Err(UffdError::RangeGone { .. }) if self.page(p.page).is_some() => {
+                bump(&self.stats.again);
+                if removed {
+                    self.remember_removed(p.page);
+                }
+                Placement::Again { done: 0 }
             }
             Err(UffdError::RangeGone { .. }) => Placement::Dropped,
             Err(e) => {
@@ -395,14 +416,15 @@ impl Shared {
         }
     }
 
-    /// Resolves one fault. Returns the page if it must be retried later (EAGAIN).
+    /// Resolves one fault. Returns the page if the caller must follow up: retry it
+    /// (EAGAIN), or watch it (someone else requested it) until it leaves Requested.
     pub fn on_fault(
         &self,
         addr: usize,
         flags: FaultFlags,
         scratch: &mut [u8],
         wake: bool,
-    ) -> Option<PageRef> {
+    ) -> Option<(PageRef, FollowUp)> {
         if flags.contains(FaultFlags::MINOR) {
             bump(&self.stats.faults_minor);
         } else if flags.contains(FaultFlags::WP) {
@@ -433,17 +455,30 @@ impl Shared {
             }
             RequestOutcome::AlreadyRequested => {
                 bump(&self.stats.faults_duplicate);
-                Placement::Done
+                // Its requester places and wakes it; the caller watches it anyway, so a
+                // requester that gives up (or a wake lost to a race) strands nobody.
+                return Some((p, FollowUp::Watch));
             }
             RequestOutcome::AlreadyReceived => {
                 bump(&self.stats.faults_wake_only);
-                let _ = self.uffd.wake(p.addr, p.size);
-                Placement::Done
+                match p.resolve {
+                    // Usually the fault raced its placement: the zero page meets EEXIST and
+                    // the waiter is woken. But the kernel zaps a REMOVE'd range only after
+                    // the event is read, so a placement landing in between is zapped while
+                    // the map says Received; then this places the dropped page's content,
+                    // zero, instead of waking into the same fault forever.
+                    Resolve::Copy => self.place(&p, 1, Content::Zero, wake, Origin::Fault),
+                    // Shared memory keeps its page cache across a drop: just wake.
+                    Resolve::Continue { .. } => {
+                        let _ = self.uffd.wake(p.addr, p.size);
+                        Placement::Done
+                    }
+                }
             }
             RequestOutcome::IsZero => self.place(&p, 1, Content::Zero, wake, Origin::Fault),
         };
         match placement {
-            Placement::Again { .. } => Some(p),
+            Placement::Again { .. } => Some((p, FollowUp::Retry)),
             _ => None,
         }
     }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use uffd_core::{Event, EventBuffer, ReadStatus};
 
-use crate::engine::{Content, Origin, Placement, Shared};
+use crate::engine::{Content, FollowUp, Origin, Placement, Shared};
 use crate::region::PageRef;
 
 /// How a handler waits for events.
@@ -19,10 +19,12 @@ pub(crate) enum Wait {
     Spin,
 }
 
-/// A fault refused with EAGAIN, to retry once the pending events are read.
+/// A fault refused with EAGAIN (retry once the pending events are read), or one waiting
+/// on a page another party requested (wake it once the page leaves Requested).
 struct Parked {
     page: PageRef,
     since: Instant,
+    follow_up: FollowUp,
 }
 
 /// One handler thread's state.
@@ -142,8 +144,14 @@ impl Worker {
         let shared = self.shared.clone();
         for i in 0..self.faults.len() {
             let (addr, flags) = self.faults[i];
-            if let Some(page) = shared.on_fault(addr, flags, &mut self.scratch, wake_each) {
-                self.parked.push(Parked { page, since: now });
+            if let Some((page, follow_up)) =
+                shared.on_fault(addr, flags, &mut self.scratch, wake_each)
+            {
+                self.parked.push(Parked {
+                    page,
+                    since: now,
+                    follow_up,
+                });
             } else if wake_each {
                 shared.stats.record_latency(now.elapsed());
             }
@@ -171,13 +179,20 @@ impl Worker {
         for parked in std::mem::take(&mut self.parked) {
             let p = parked.page;
             let state = shared.states.get(p.page);
-            let placement = match state {
-                Ok(page_state::PageState::Zero) => {
+            let placement = match (parked.follow_up, state) {
+                // Still in someone else's hands: keep watching.
+                (FollowUp::Watch, Ok(page_state::PageState::Requested)) => {
+                    still.push(parked);
+                    continue;
+                }
+                (FollowUp::Retry, Ok(page_state::PageState::Zero)) => {
                     shared.place(&p, 1, Content::Zero, true, Origin::Fault)
                 }
-                Ok(page_state::PageState::Requested) => {
+                (FollowUp::Retry, Ok(page_state::PageState::Requested)) => {
                     shared.fetch_and_place(&p, 1, &mut self.scratch, true, Origin::Fault)
                 }
+                // Placed, zeroed, or given back: wake; a thread still missing its page
+                // refaults and is handled afresh.
                 _ => {
                     let _ = shared.uffd.wake(p.addr, p.size);
                     Placement::Done
