@@ -157,6 +157,22 @@ fn spawn_handler(sock: &std::path::Path, args: &[&std::ffi::OsStr]) -> std::proc
     child
 }
 
+/// Runs `uffdkit fc-client` against SOCK over MEM with `regions` regions and a
+/// MADV_DONTNEED mid-run.
+fn fc_client(sock: &std::path::Path, mem: &std::path::Path, regions: &str) -> std::process::Output {
+    let (sock, mem) = (sock.to_str().expect("utf8"), mem.to_str().expect("utf8"));
+    uffdkit(&[
+        "fc-client",
+        "--socket",
+        sock,
+        "--mem-file",
+        mem,
+        "--regions",
+        regions,
+        "--dontneed",
+    ])
+}
+
 #[test]
 fn fc_handler_serves_fc_client_and_exits_zero_on_eof() {
     let (sock, mem) = (temp("fc.sock"), temp("fc-mem"));
@@ -165,16 +181,7 @@ fn fc_handler_serves_fc_client_and_exits_zero_on_eof() {
         .collect();
     std::fs::write(&mem, &image).expect("write memory file");
     let handler = spawn_handler(&sock, &["--mem-file".as_ref(), mem.as_os_str()]);
-    let client = uffdkit(&[
-        "fc-client",
-        "--socket",
-        sock.to_str().expect("utf8"),
-        "--mem-file",
-        mem.to_str().expect("utf8"),
-        "--regions",
-        "3",
-        "--dontneed",
-    ]);
+    let client = fc_client(&sock, &mem, "3");
     let out = handler.wait_with_output().expect("handler exit");
     std::fs::remove_file(&mem).ok();
     assert!(
@@ -240,16 +247,7 @@ fn fc_handler_serves_from_a_page_server_with_a_key() {
             key.as_os_str(),
         ],
     );
-    let client = uffdkit(&[
-        "fc-client",
-        "--socket",
-        sock.to_str().expect("utf8"),
-        "--mem-file",
-        mem.to_str().expect("utf8"),
-        "--regions",
-        "2",
-        "--dontneed",
-    ]);
+    let client = fc_client(&sock, &mem, "2");
     let out = handler.wait_with_output().expect("handler exit");
     let _ = server.kill();
     let _ = server.wait();

@@ -351,18 +351,24 @@ fn minor_fault_on_shared_memory_is_resolved_by_continue() {
     }
 }
 
+/// One page of `kind` registered MISSING | WP.
+fn wp_page(kind: MemoryKind) -> (Mapping, uffd_core::Uffd) {
+    let region = Mapping::new(kind, kind.page_size()).expect("map");
+    let uffd = open(ALL);
+    uffd.register(
+        region.addr(),
+        region.len(),
+        RegisterMode::MISSING | RegisterMode::WP,
+    )
+    .expect("register MISSING|WP");
+    (region, uffd)
+}
+
 #[test]
 fn write_protect_fault_is_reported_and_unprotect_releases_the_writer() {
     for kind in common::kinds("write_protect_fault_is_reported_and_unprotect_releases_the_writer") {
         let ps = kind.page_size();
-        let region = Mapping::new(kind, ps).expect("map");
-        let uffd = open(ALL);
-        uffd.register(
-            region.addr(),
-            region.len(),
-            RegisterMode::MISSING | RegisterMode::WP,
-        )
-        .expect("register MISSING|WP");
+        let (region, uffd) = wp_page(kind);
         let data = pattern(0, ps, 4);
         // SAFETY: missing page of our registered region.
         unsafe { uffd.copy(region.addr(), &data, CopyMode::empty()) }.expect("copy");
@@ -394,14 +400,7 @@ fn write_protect_fault_is_reported_and_unprotect_releases_the_writer() {
 fn copy_in_wp_mode_maps_the_page_write_protected() {
     for kind in common::kinds("copy_in_wp_mode_maps_the_page_write_protected") {
         let ps = kind.page_size();
-        let region = Mapping::new(kind, ps).expect("map");
-        let uffd = open(ALL);
-        uffd.register(
-            region.addr(),
-            region.len(),
-            RegisterMode::MISSING | RegisterMode::WP,
-        )
-        .expect("register");
+        let (region, uffd) = wp_page(kind);
         let mut buf = EventBuffer::new(4);
         let reader = read_on_thread(region.addr());
         let (addr, _) = fault_addr(next_event(&uffd, &mut buf));
