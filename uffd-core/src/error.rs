@@ -32,6 +32,8 @@ pub enum Op {
     Poison,
     /// `UFFDIO_MOVE`.
     Move,
+    /// `PAGEMAP_SCAN` on `/proc/self/pagemap`.
+    PagemapScan,
     /// `read(2)` of events.
     Read,
     /// `poll(2)` on the fd.
@@ -54,6 +56,7 @@ impl fmt::Display for Op {
             Op::Continue => "UFFDIO_CONTINUE",
             Op::Poison => "UFFDIO_POISON",
             Op::Move => "UFFDIO_MOVE",
+            Op::PagemapScan => "PAGEMAP_SCAN",
             Op::Read => "read userfaultfd events",
             Op::Poll => "poll userfaultfd",
             Op::Adopt => "adopt userfaultfd",

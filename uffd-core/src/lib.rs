@@ -19,6 +19,7 @@
 //! | `UFFDIO_CONTINUE` | [`Uffd::continue_range`] | 5.13 |
 //! | `UFFDIO_POISON` | [`Uffd::poison`] | 6.6 |
 //! | `UFFDIO_MOVE` | [`Uffd::move_pages`] | 6.8 |
+//! | `PAGEMAP_SCAN` (dirty tracking with `WP_ASYNC`) | [`Pagemap::scan`] | 6.7 |
 //! | `read(2)` of `uffd_msg` | [`Uffd::read_events`] → [`Event`] | 4.3 |
 //! | `SCM_RIGHTS` | [`send_fds`], [`recv_fds`] | |
 //!
@@ -58,6 +59,7 @@ pub mod fd_passing;
 pub mod ioctl;
 pub mod mapping;
 pub mod open;
+pub mod pagemap;
 pub mod probe;
 pub mod register;
 pub mod sys;
@@ -69,5 +71,6 @@ pub use fd_passing::{peer_credentials, recv_fds, send_fds, PeerCredentials, Rece
 pub use ioctl::{ContinueMode, CopyMode, MoveMode, PoisonMode, WriteProtectMode, ZeropageMode};
 pub use mapping::{hugetlb, Mapping, MemoryKind, HUGE_PAGE_SIZE};
 pub use open::{OpenPath, PathPolicy, Uffd, UffdBuilder, UserMode};
+pub use pagemap::{PageCategories, PageRegion, Pagemap, ScanFlags, ScanQuery};
 pub use probe::{probe, KindProbe, ModeProbe, PathProbe, Probe, MODE_COMBINATIONS};
 pub use register::{page_size, RegisterMode};

@@ -169,6 +169,24 @@ impl uffd_msg {
     }
 }
 
+/// `struct pm_scan_arg` of `PAGEMAP_SCAN` (on `/proc/PID/pagemap`).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct pm_scan_arg {
+    pub size: u64,
+    pub flags: u64,
+    pub start: u64,
+    pub end: u64,
+    pub walk_end: u64,
+    pub vec: u64,
+    pub vec_len: u64,
+    pub max_pages: u64,
+    pub category_inverted: u64,
+    pub category_mask: u64,
+    pub category_anyof_mask: u64,
+    pub return_mask: u64,
+}
+
 const fn ioc(dir: u32, nr: u32, size: usize) -> u32 {
     (dir << 30) | ((size as u32) << 16) | (UFFDIO << 8) | nr
 }
@@ -192,10 +210,15 @@ pub const UFFDIO_MOVE: u32 = iowr(_UFFDIO_MOVE, size_of::<uffdio_move>());
 pub const UFFDIO_WRITEPROTECT: u32 = iowr(_UFFDIO_WRITEPROTECT, size_of::<uffdio_writeprotect>());
 pub const UFFDIO_CONTINUE: u32 = iowr(_UFFDIO_CONTINUE, size_of::<uffdio_continue>());
 pub const UFFDIO_POISON: u32 = iowr(_UFFDIO_POISON, size_of::<uffdio_poison>());
+/// `PAGEMAP_SCAN`: `_IOWR('f', 16, struct pm_scan_arg)`.
+pub const PAGEMAP_SCAN: u32 =
+    (3 << 30) | ((size_of::<pm_scan_arg>() as u32) << 16) | ((b'f' as u32) << 8) | 16;
 /// `USERFAULTFD_IOC_NEW`: `_IO(0xAA, 0x00)` on `/dev/userfaultfd`.
 pub const USERFAULTFD_IOC_NEW: u32 = ioc(0, 0x00, 0);
 
 const _: () = {
+    assert!(size_of::<pm_scan_arg>() == 96);
+    assert!(size_of::<crate::pagemap::PageRegion>() == 24);
     assert!(size_of::<uffdio_api>() == 24);
     assert!(size_of::<uffdio_range>() == 16);
     assert!(size_of::<uffdio_register>() == 32);

@@ -168,3 +168,45 @@ fn flag_values_match_kernel_headers() {
     assert_eq!(Ioctls::MOVE.bits(), 1 << g::_UFFDIO_MOVE);
     assert_eq!(Ioctls::API.bits(), 1 << g::_UFFDIO_API);
 }
+
+#[test]
+fn pagemap_scan_layout_and_constants_match_kernel_headers() {
+    use uffd_core::{PageCategories, PageRegion, ScanFlags};
+    assert_eq!(size_of::<sys::pm_scan_arg>(), size_of::<g::pm_scan_arg>());
+    assert_eq!(size_of::<PageRegion>(), size_of::<g::page_region>());
+    assert_eq!(
+        offset_of!(sys::pm_scan_arg, walk_end),
+        offset_of!(g::pm_scan_arg, walk_end)
+    );
+    assert_eq!(
+        offset_of!(sys::pm_scan_arg, return_mask),
+        offset_of!(g::pm_scan_arg, return_mask)
+    );
+    assert_eq!(
+        offset_of!(PageRegion, categories),
+        offset_of!(g::page_region, categories)
+    );
+    for (ours, theirs) in [
+        (PageCategories::WP_ALLOWED, g::PAGE_IS_WPALLOWED),
+        (PageCategories::WRITTEN, g::PAGE_IS_WRITTEN),
+        (PageCategories::FILE, g::PAGE_IS_FILE),
+        (PageCategories::PRESENT, g::PAGE_IS_PRESENT),
+        (PageCategories::SWAPPED, g::PAGE_IS_SWAPPED),
+        (PageCategories::PFN_ZERO, g::PAGE_IS_PFNZERO),
+        (PageCategories::HUGE, g::PAGE_IS_HUGE),
+        (PageCategories::SOFT_DIRTY, g::PAGE_IS_SOFT_DIRTY),
+        (PageCategories::GUARD, g::PAGE_IS_GUARD),
+    ] {
+        assert_eq!(ours.bits(), u64::from(theirs), "{ours:?}");
+    }
+    assert_eq!(
+        ScanFlags::WP_MATCHING.bits(),
+        u64::from(g::PM_SCAN_WP_MATCHING)
+    );
+    assert_eq!(
+        ScanFlags::CHECK_WPASYNC.bits(),
+        u64::from(g::PM_SCAN_CHECK_WPASYNC)
+    );
+    // linux-raw-sys has no PAGEMAP_SCAN request number: _IOWR('f', 16, struct pm_scan_arg).
+    assert_eq!(sys::PAGEMAP_SCAN, 0xc060_6610);
+}
