@@ -79,13 +79,14 @@ pub fn open(
     r: &mut FrameReader,
     w: &mut FrameWriter,
     key: &Key,
+    role: Role,
     channel: Channel,
     session: u64,
 ) -> Result<(), Error> {
     w.send(&Message::Hello {
         version: VERSION,
-        features: Features::ZERO_RUNS | Features::URGENT_CHANNEL,
-        role: Role::Destination,
+        features: Features::ZERO_RUNS | Features::URGENT_CHANNEL | Features::RECOVERY,
+        role,
         channel,
         session,
     })?;
@@ -111,16 +112,19 @@ pub fn open(
     }
 }
 
-/// The listener's side. Returns the opener's channel and session.
+/// The listener's side. Returns the opener's role, channel and session.
 pub fn listen(
     r: &mut FrameReader,
     w: &mut FrameWriter,
     key: &Key,
-) -> Result<(Channel, u64), Error> {
-    let (channel, session) = match r.recv()? {
+) -> Result<(Role, Channel, u64), Error> {
+    let (role, channel, session) = match r.recv()? {
         Message::Hello {
-            channel, session, ..
-        } => (channel, session),
+            role,
+            channel,
+            session,
+            ..
+        } => (role, channel, session),
         other => return Err(Error::Protocol(format!("expected HELLO, got {other:?}"))),
     };
     let challenge = nonce();
@@ -139,5 +143,5 @@ pub fn listen(
     w.send(&Message::AuthOk {
         proof: key.proof(b"listen", &theirs, session),
     })?;
-    Ok((channel, session))
+    Ok((role, channel, session))
 }

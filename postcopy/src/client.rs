@@ -8,7 +8,7 @@ use pager::{Fetched, Placer, Source, SourceError};
 
 use crate::auth::{self, Key};
 use crate::net::{split, Addr, FrameReader, FrameWriter, Stream};
-use crate::wire::{Channel, Message, PageRange};
+use crate::wire::{Channel, Message, PageRange, Role};
 use crate::Error;
 
 /// Pages from a `uffdkit serve` page server.
@@ -35,7 +35,7 @@ fn connect(
     session: u64,
 ) -> Result<(FrameReader, FrameWriter, u64, usize), Error> {
     let (mut r, mut w) = split(Stream::connect(addr)?)?;
-    auth::open(&mut r, &mut w, key, channel, session)?;
+    auth::open(&mut r, &mut w, key, Role::Destination, channel, session)?;
     let advise = match r.recv()? {
         Message::Advise(a) => a,
         other => return Err(Error::Protocol(format!("expected ADVISE, got {other:?}"))),

@@ -19,6 +19,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod migrate;
 pub mod net;
 pub mod server;
 pub mod wire;
@@ -44,4 +45,21 @@ pub enum Error {
     /// The image source failed.
     #[error(transparent)]
     Source(#[from] pager::SourceError),
+    /// A userfaultfd or pagemap operation failed.
+    #[error(transparent)]
+    Kernel(#[from] uffd_core::Error),
+    /// The destination's pager failed.
+    #[error(transparent)]
+    Pager(#[from] pager::Error),
+    /// The migration cannot go on (no reconnection can help).
+    #[error("{0}")]
+    Fatal(String),
+    /// The destination's pages differ from the source's final content.
+    #[error("verification failed: {pages} pages differ, the first is page {first}")]
+    Mismatch {
+        /// How many.
+        pages: u64,
+        /// The lowest.
+        first: u64,
+    },
 }

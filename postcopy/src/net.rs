@@ -5,7 +5,9 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
-use crate::wire::{decode, encode, Limits, Message};
+use std::time::Duration;
+
+use crate::wire::{decode, encode, kind, Limits, Message};
 use crate::Error;
 
 /// Where to listen or connect: `unix:/path` or `host:port`.
@@ -57,6 +59,21 @@ impl Stream {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
         })
+    }
+
+    /// Sets (or clears, with `None`) the read and write timeouts; a timed-out call fails
+    /// with `WouldBlock`, which the framed connections report as a broken connection.
+    pub fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
+            }
+            Stream::Unix(s) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
+            }
+        }
     }
 
     /// Shuts both directions down (wakes a blocked reader).
@@ -132,6 +149,30 @@ impl Listener {
         match self {
             Listener::Tcp(l) => l.as_raw_fd(),
             Listener::Unix(l) => l.as_raw_fd(),
+        }
+    }
+
+    /// Accepts one connection, or returns `None` after `timeout`.
+    pub fn accept_timeout(&self, timeout: Duration) -> io::Result<Option<Stream>> {
+        let mut pfd = libc::pollfd {
+            fd: self.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        match n {
+            0 => Ok(None),
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            }
+            _ => self.accept().map(Some),
         }
     }
 
@@ -227,6 +268,30 @@ impl FrameWriter {
         self.buf.clear();
         encode(msg, &mut self.buf);
         self.stream.write_all(&self.buf)?;
+        Ok(())
+    }
+
+    /// Sends a PAGES frame for `data` (whole pages starting at page `first`) straight from
+    /// the caller's memory: the same bytes as `send(&Message::Pages { .. })` without
+    /// copying the data into a message first.
+    pub fn send_pages(&mut self, first: u64, data: &[u8]) -> Result<(), Error> {
+        let body_len = 8 + data.len();
+        self.buf.clear();
+        self.buf.extend_from_slice(&(body_len as u32).to_le_bytes());
+        self.buf.extend_from_slice(&[kind::PAGES, 0, 0, 0]);
+        self.buf.extend_from_slice(&first.to_le_bytes());
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&self.buf[4..]);
+        crc.update(data);
+        self.stream.write_all(&self.buf)?;
+        self.stream.write_all(data)?;
+        self.stream.write_all(&crc.finalize().to_le_bytes())?;
+        Ok(())
+    }
+
+    /// Writes raw bytes (fault injection: a half-written frame; relays).
+    pub fn write_raw(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        self.stream.write_all(bytes)?;
         Ok(())
     }
 

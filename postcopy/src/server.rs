@@ -136,7 +136,7 @@ impl Drop for ServerHandle {
 
 fn serve_connection(shared: &Shared, stream: Stream) -> Result<(), Error> {
     let (mut r, mut w) = split(stream)?;
-    let (channel, session) = match auth::listen(&mut r, &mut w, &shared.key) {
+    let (_, channel, session) = match auth::listen(&mut r, &mut w, &shared.key) {
         Ok(x) => x,
         Err(e) => {
             shared.stats.refused.fetch_add(1, Ordering::Relaxed);

@@ -196,6 +196,14 @@ pub enum Message {
         /// `ceil(page_count / 64)` words.
         words: Vec<u64>,
     },
+    /// After END: 64-bit digests of the destination's pages `first..first + n`, for the
+    /// source to verify against its final content.
+    Digests {
+        /// First page index.
+        first: u64,
+        /// One digest per page.
+        digests: Vec<u64>,
+    },
     /// The sender is closing the connection.
     Shut {
         /// Why.
@@ -205,7 +213,7 @@ pub enum Message {
     },
 }
 
-mod kind {
+pub(crate) mod kind {
     pub const HELLO: u8 = 1;
     pub const CHALLENGE: u8 = 2;
     pub const AUTH: u8 = 3;
@@ -223,6 +231,7 @@ mod kind {
     pub const PING: u8 = 32;
     pub const PONG: u8 = 33;
     pub const RECV_BITMAP: u8 = 34;
+    pub const DIGESTS: u8 = 35;
     pub const SHUT: u8 = 40;
 }
 
@@ -367,6 +376,7 @@ impl Message {
             Message::Ping { .. } => kind::PING,
             Message::Pong { .. } => kind::PONG,
             Message::RecvBitmap { .. } => kind::RECV_BITMAP,
+            Message::Digests { .. } => kind::DIGESTS,
             Message::Shut { .. } => kind::SHUT,
         }
     }
@@ -425,6 +435,13 @@ impl Message {
                 w.u32(words.len() as u32);
                 for x in words {
                     w.u64(*x);
+                }
+            }
+            Message::Digests { first, digests } => {
+                w.u64(*first);
+                w.u32(digests.len() as u32);
+                for d in digests {
+                    w.u64(*d);
                 }
             }
             Message::Shut { reason, detail } => {
@@ -711,6 +728,13 @@ fn decode_body(kind: u8, body: &[u8], limits: &Limits) -> Result<Message, WireEr
                 }
             }
             Message::RecvBitmap { words }
+        }
+        kind::DIGESTS => {
+            let first = r.u64()?;
+            let n = r.count(MAX_RANGES * 4, 8)?;
+            check_pages(limits, "digest run end", first, n as u64)?;
+            let digests = (0..n).map(|_| r.u64()).collect::<Result<Vec<_>, _>>()?;
+            Message::Digests { first, digests }
         }
         kind::SHUT => {
             let reason = match r.u8()? {

@@ -71,6 +71,11 @@ fn message() -> impl Strategy<Value = Message> {
         any::<u64>().prop_map(|seq| Message::Pong { seq }),
         proptest::collection::vec(any::<u64>(), (PAGES / 64) as usize)
             .prop_map(|words| Message::RecvBitmap { words }),
+        (
+            0..PAGES - 64,
+            proptest::collection::vec(any::<u64>(), 0..64)
+        )
+            .prop_map(|(first, digests)| Message::Digests { first, digests }),
         ("[a-zA-Z0-9 é]{0,100}", 1u8..5).prop_map(|(detail, r)| Message::Shut {
             reason: [
                 ShutReason::Done,
@@ -382,4 +387,20 @@ fn frames_decode_back_to_back_from_one_buffer() {
         at += used;
     }
     assert_eq!(at, buf.len());
+}
+
+#[test]
+fn digests_beyond_the_page_count_are_refused() {
+    let mut frame = Vec::new();
+    encode(
+        &Message::Digests {
+            first: PAGES - 1,
+            digests: vec![1, 2],
+        },
+        &mut frame,
+    );
+    assert!(matches!(
+        decode(&frame, &advised()),
+        Err(WireError::OutOfRange { .. })
+    ));
 }

@@ -1,0 +1,428 @@
+//! Live migration end to end, in one process: a source region with a writing workload,
+//! a destination whose workload runs from RUN on, real dirty tracking (WP_ASYNC +
+//! PAGEMAP_SCAN), real faults served through the pager, real sockets. Every test ends
+//! with the protocol's digest verification *and* a byte-for-byte comparison of every page.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use pager::DeliveryMode;
+use postcopy::auth::Key;
+use postcopy::migrate::{
+    DestControl, DestOptions, DestReport, Destination, Fault, Migration, SourceControl,
+    SourceOptions, SourceReport, Timing,
+};
+use postcopy::net::Addr;
+use uffd_core::{hugetlb, Mapping, MemoryKind, HUGE_PAGE_SIZE};
+
+fn skip(test: &str, reason: &str) {
+    let line = format!("SKIPPED {test}: {reason}");
+    eprintln!("\n*** {line} ***\n");
+    let log = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/uffdkit-skips.log");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+    {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+fn key() -> Key {
+    Key::new(*b"0123456789abcdef-test-key").expect("key")
+}
+
+fn fast_timing() -> Timing {
+    Timing {
+        io_timeout: Duration::from_millis(500),
+        first_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(200),
+        give_up_after: Duration::from_secs(20),
+    }
+}
+
+/// Source memory: most pages patterned, every 5th left zero (travels as a zero run).
+fn source_memory(bytes: usize) -> Mapping {
+    let m = Mapping::new(MemoryKind::Anon, bytes).expect("map source");
+    for p in 0..bytes / 4096 {
+        if p % 5 == 4 {
+            continue;
+        }
+        let seed = (p as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        for w in 0..512 {
+            // SAFETY: inside the mapping.
+            unsafe {
+                ((m.addr() + p * 4096) as *mut u64)
+                    .add(w)
+                    .write(seed ^ w as u64)
+            };
+        }
+    }
+    m
+}
+
+/// Writes to pages of `[base, base + len)` until stopped: `pick(i)` chooses the 4 KiB page.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    writes: Arc<AtomicU64>,
+    thread: JoinHandle<()>,
+}
+
+impl Writer {
+    fn start(base: usize, len: usize, pick: fn(u64, usize) -> usize) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let writes = Arc::new(AtomicU64::new(0));
+        let (s, w) = (stop.clone(), writes.clone());
+        let thread = std::thread::spawn(move || {
+            let pages = len / 4096;
+            let mut i = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                let p = pick(i, pages);
+                // SAFETY: inside the source mapping, which outlives the migration.
+                unsafe {
+                    let word = ((base + p * 4096) as *mut u64).add((i % 512) as usize);
+                    word.write_volatile(word.read_volatile().wrapping_add(i | 1));
+                }
+                i += 1;
+                w.store(i, Ordering::Relaxed);
+                if i % 64 == 0 {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            }
+        });
+        Writer {
+            stop,
+            writes,
+            thread,
+        }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("writer");
+        self.writes.load(Ordering::Relaxed)
+    }
+}
+
+fn random_pick(i: u64, pages: usize) -> usize {
+    (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 17) as usize % pages
+}
+
+/// The destination's workload: touches every page (content-preserving atomic writes, so
+/// they are write faults) in a scattered order, checking nothing; the verification does.
+fn toucher(mem: postcopy::migrate::RunningMemory) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let pages = mem.len / 4096;
+        for i in 0..pages {
+            let p = (i * 7919) % pages;
+            // SAFETY: inside the destination mapping, alive until the report is dropped
+            // (joined before that).
+            let a = unsafe { &*((mem.base + p * 4096) as *const AtomicU64) };
+            a.fetch_or(0, Ordering::Relaxed);
+        }
+    })
+}
+
+struct Case {
+    addr: &'static str,
+    bytes: usize,
+    opts: SourceOptions,
+    pick: fn(u64, usize) -> usize,
+    src: Box<dyn FnOnce(&SourceControl) + Send>,
+    dst: Box<dyn FnOnce(&DestControl) + Send>,
+}
+
+impl Case {
+    fn new(addr: &'static str, bytes: usize) -> Case {
+        Case {
+            addr,
+            bytes,
+            opts: SourceOptions {
+                max_rounds: 3,
+                switch_below: 0,
+                converge_ratio: 10.0,
+                timing: fast_timing(),
+                ..SourceOptions::default()
+            },
+            pick: random_pick,
+            src: Box::new(|_| {}),
+            dst: Box::new(|_| {}),
+        }
+    }
+
+    /// Runs the migration; checks the verdict and every byte.
+    fn run(self) -> (SourceReport, DestReport) {
+        let addr: Addr = if self.addr.starts_with("unix:") {
+            let path = std::env::temp_dir().join(format!(
+                "uffdkit-migrate-{}-{}.sock",
+                std::process::id(),
+                rand_tag()
+            ));
+            Addr::Unix(path)
+        } else {
+            self.addr.parse().expect("addr")
+        };
+        let dest = Destination::bind(
+            &addr,
+            key(),
+            DestOptions {
+                mode: DeliveryMode::Thread,
+                timing: fast_timing(),
+            },
+        )
+        .expect("bind");
+        let addr = dest.local_addr().expect("addr");
+        (self.dst)(&dest.control());
+        let dest_workload: Arc<Mutex<Option<JoinHandle<()>>>> = Arc::default();
+        let dw = dest_workload.clone();
+        let dest_t = std::thread::spawn(move || {
+            dest.run(move |mem| *dw.lock().unwrap() = Some(toucher(mem)))
+        });
+        let memory = source_memory(self.bytes);
+        let writer = Arc::new(Mutex::new(Some(Writer::start(
+            memory.addr(),
+            memory.len(),
+            self.pick,
+        ))));
+        let stopper = writer.clone();
+        // SAFETY: `memory` is ours, mapped until the end of this function; only `writer`
+        // writes it, and the callback stops it.
+        let migration = unsafe {
+            Migration::new(addr, key(), memory.addr(), memory.len(), self.opts).expect("new")
+        };
+        (self.src)(&migration.control());
+        let src = migration.run(move || {
+            stopper.lock().unwrap().take().map(Writer::stop);
+        });
+        // A failed migration leaves the workload running: stop it before the memory goes.
+        writer.lock().unwrap().take().map(Writer::stop);
+        let dst = dest_t.join().expect("dest thread");
+        let (src, dst) = match (src, dst) {
+            (Ok(s), Ok(d)) => (s, d),
+            (s, d) => panic!("source: {:?}\ndestination: {:?}", s.err(), d.err()),
+        };
+        if let Some(t) = dest_workload.lock().unwrap().take() {
+            t.join().expect("dest workload");
+        }
+        assert_eq!(src.verified, src.pages, "every page verified by digest");
+        for p in 0..memory.len() / 4096 {
+            // SAFETY: both mappings are alive and nothing writes them now.
+            let (a, b) = unsafe {
+                (
+                    std::slice::from_raw_parts((memory.addr() + p * 4096) as *const u8, 4096),
+                    std::slice::from_raw_parts((dst.memory.addr() + p * 4096) as *const u8, 4096),
+                )
+            };
+            assert!(a == b, "page {p} differs from the source's final content");
+        }
+        (src, dst)
+    }
+}
+
+fn rand_tag() -> u64 {
+    postcopy::auth::session_id() & 0xffff_ffff
+}
+
+#[test]
+fn precopy_then_postcopy_over_tcp_with_a_writing_workload() {
+    let (src, dst) = Case::new("127.0.0.1:0", 32 << 20).run();
+    assert!(src.rounds.len() >= 2, "{:?}", src.rounds);
+    assert!(src.precopy_bytes > 0 && src.postcopy_bytes > 0, "{src:?}");
+    assert!(dst.postcopy_pages > 0);
+    eprintln!(
+        "tcp 4K: rounds {:?}, discarded {}, requested {}, downtime {:?}",
+        src.rounds.iter().map(|r| r.pages).collect::<Vec<_>>(),
+        src.discarded,
+        dst.requested,
+        src.downtime
+    );
+}
+
+#[test]
+fn precopy_then_postcopy_over_unix_with_a_writing_workload() {
+    let (src, _) = Case::new("unix:", 32 << 20).run();
+    assert!(src.rounds.len() >= 2);
+}
+
+#[test]
+fn two_mib_pages_migrate_over_tcp_and_unix() {
+    const TEST: &str = "two_mib_pages_migrate_over_tcp_and_unix";
+    match hugetlb::ensure_free(32) {
+        Ok(n) if n >= 32 => {}
+        Ok(n) => return skip(TEST, &format!("only {n} free 2 MiB huge pages")),
+        Err(e) => return skip(TEST, &format!("cannot reserve 2 MiB huge pages: {e}")),
+    }
+    for addr in ["127.0.0.1:0", "unix:"] {
+        let mut case = Case::new(addr, 16 * HUGE_PAGE_SIZE);
+        case.opts.page_size = HUGE_PAGE_SIZE;
+        let (src, dst) = case.run();
+        assert_eq!(src.pages, 16);
+        assert_eq!(dst.page_size, HUGE_PAGE_SIZE);
+    }
+}
+
+#[test]
+fn pages_dirtied_after_being_sent_are_discarded_and_fetched_again() {
+    // The writer hammers the first 64 pages only: they are sent in round 1, dirtied,
+    // re-sent, dirtied again... and at the switch discarded; the destination must fetch
+    // them again (a stale precopy copy would fail the byte comparison).
+    let mut case = Case::new("127.0.0.1:0", 8 << 20);
+    case.pick = |i, _| (i % 64) as usize;
+    case.opts.max_rounds = 4;
+    let (src, dst) = case.run();
+    assert!(src.discarded > 0, "nothing was discarded: {src:?}");
+    assert_eq!(dst.discarded, src.discarded);
+    assert!(
+        src.discarded <= 64,
+        "only hammered pages are dirty: {}",
+        src.discarded
+    );
+    assert!(
+        src.rounds.len() >= 2 && src.rounds[1].pages > 0,
+        "dirty pages were re-sent in later rounds: {:?}",
+        src.rounds
+    );
+}
+
+#[test]
+fn pure_postcopy_serves_faults_by_request() {
+    let mut case = Case::new("127.0.0.1:0", 16 << 20);
+    case.opts.max_rounds = 0;
+    let (src, dst) = case.run();
+    assert_eq!(src.precopy_bytes, 0);
+    assert!(src.rounds.is_empty());
+    assert!(dst.requested > 0, "faults became requests");
+    assert!(src.urgent_pages > 0);
+    assert!(
+        dst.latency.iter().sum::<u64>() > 0,
+        "requested-page latency recorded"
+    );
+}
+
+fn injected(fault: Fault, after: u64, addr: &'static str) {
+    let mut case = Case::new(addr, 32 << 20);
+    case.opts.max_rounds = 0; // everything moves in postcopy: the cut lands there
+    case.src = Box::new(move |c| c.inject(fault, after));
+    let (src, dst) = case.run();
+    assert!(src.reconnects >= 1, "{fault:?}: no reconnection");
+    assert_eq!(dst.reconnects, src.reconnects);
+}
+
+#[test]
+fn a_closed_connection_pauses_and_resumes_at_several_points() {
+    for after in [0, 1000, 6000] {
+        injected(Fault::Close, after, "127.0.0.1:0");
+    }
+    injected(Fault::Close, 3000, "unix:");
+}
+
+#[test]
+fn a_half_written_frame_pauses_and_resumes() {
+    for after in [10, 4000] {
+        injected(Fault::HalfFrame, after, "127.0.0.1:0");
+    }
+}
+
+#[test]
+fn a_destination_that_stops_reading_is_cut_by_the_io_timeout_and_resumed() {
+    // 64 MiB cannot hide in the loopback socket buffers (a few MiB): the source's send
+    // blocks for the 500 ms I/O timeout while the destination sleeps 2 s.
+    let mut case = Case::new("127.0.0.1:0", 64 << 20);
+    case.opts.max_rounds = 0;
+    case.dst = Box::new(|c| c.stall_reading(100, Duration::from_secs(2)));
+    let (src, dst) = case.run();
+    assert!(src.reconnects >= 1);
+    assert!(dst.reconnects >= 1);
+}
+
+#[test]
+fn resume_waits_for_the_operator_when_automatic_resume_is_off() {
+    let mut case = Case::new("127.0.0.1:0", 16 << 20);
+    case.opts.max_rounds = 0;
+    case.opts.auto_resume = false;
+    case.src = Box::new(|c| {
+        c.inject(Fault::Close, 500);
+        // The operator's command, from another thread, once the source is paused.
+        let c: *const SourceControl = c;
+        let c = c as usize;
+        std::thread::spawn(move || {
+            // SAFETY: the control outlives the migration, which cannot end before this
+            // resume (it is paused waiting for it).
+            let c = unsafe { &*(c as *const SourceControl) };
+            while c.progress.phase() != postcopy::migrate::source::Phase::Paused {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            assert_eq!(
+                c.progress.phase(),
+                postcopy::migrate::source::Phase::Paused,
+                "it did not resume by itself"
+            );
+            c.resume();
+        });
+    });
+    let (src, _) = case.run();
+    assert_eq!(src.reconnects, 1);
+}
+
+#[test]
+fn a_wrong_key_is_refused_and_a_stranger_does_not_disturb_the_migration() {
+    let dest = Destination::bind(
+        &"127.0.0.1:0".parse().unwrap(),
+        key(),
+        DestOptions {
+            mode: DeliveryMode::Thread,
+            timing: fast_timing(),
+        },
+    )
+    .expect("bind");
+    let addr = dest.local_addr().unwrap();
+    let dest_t = std::thread::spawn(move || dest.run(|_| {}));
+    let memory = source_memory(1 << 20);
+    let source = |key: Key| {
+        // SAFETY: our mapping, nobody writes it.
+        unsafe {
+            Migration::new(
+                addr.clone(),
+                key,
+                memory.addr(),
+                memory.len(),
+                SourceOptions {
+                    timing: fast_timing(),
+                    ..SourceOptions::default()
+                },
+            )
+        }
+        .unwrap()
+    };
+    let wrong = Key::new(*b"not-the-key-not-the-key!!").unwrap();
+    let err = source(wrong)
+        .run(|| {})
+        .expect_err("a wrong key must be refused");
+    assert!(matches!(err, postcopy::Error::Auth(_)), "{err}");
+    // The destination still takes the real source and completes.
+    let report = source(key()).run(|| {}).expect("the real source");
+    assert_eq!(report.verified, report.pages);
+    dest_t.join().unwrap().expect("destination");
+}
+
+#[test]
+fn a_destination_nobody_connects_to_gives_up_with_an_error() {
+    let dest = Destination::bind(
+        &"127.0.0.1:0".parse().unwrap(),
+        key(),
+        DestOptions {
+            mode: DeliveryMode::Thread,
+            timing: Timing {
+                give_up_after: Duration::from_millis(300),
+                ..fast_timing()
+            },
+        },
+    )
+    .expect("bind");
+    let err = dest.run(|_| {}).expect_err("no source came");
+    assert!(err.to_string().contains("no source"), "{err}");
+}
