@@ -111,8 +111,9 @@ fn random_pick(i: u64, pages: usize) -> usize {
     (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 17) as usize % pages
 }
 
-/// The destination's workload: touches every page (content-preserving atomic writes, so
-/// they are write faults) in a scattered order, checking nothing; the verification does.
+/// The destination's workload: touches every page in a scattered order with a volatile
+/// read and a volatile write of the same value (a write fault that changes nothing; this
+/// is the only writer), checking nothing: the verification does.
 fn toucher(mem: postcopy::migrate::RunningMemory) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let pages = mem.len / 4096;
@@ -120,8 +121,10 @@ fn toucher(mem: postcopy::migrate::RunningMemory) -> JoinHandle<()> {
             let p = (i * 7919) % pages;
             // SAFETY: inside the destination mapping, alive until the report is dropped
             // (joined before that).
-            let a = unsafe { &*((mem.base + p * 4096) as *const AtomicU64) };
-            a.fetch_or(0, Ordering::Relaxed);
+            unsafe {
+                let w = (mem.base + p * 4096) as *mut u64;
+                w.write_volatile(w.read_volatile());
+            }
         }
     })
 }
@@ -131,6 +134,8 @@ struct Case {
     bytes: usize,
     opts: SourceOptions,
     pick: fn(u64, usize) -> usize,
+    /// Pages written once more just before the workload stops (after their last send).
+    write_at_stop: usize,
     src: Box<dyn FnOnce(&SourceControl) + Send>,
     dst: Box<dyn FnOnce(&DestControl) + Send>,
 }
@@ -148,6 +153,7 @@ impl Case {
                 ..SourceOptions::default()
             },
             pick: random_pick,
+            write_at_stop: 0,
             src: Box::new(|_| {}),
             dst: Box::new(|_| {}),
         }
@@ -188,6 +194,7 @@ impl Case {
             self.pick,
         ))));
         let stopper = writer.clone();
+        let (base, last_writes) = (memory.addr(), self.write_at_stop);
         // SAFETY: `memory` is ours, mapped until the end of this function; only `writer`
         // writes it, and the callback stops it.
         let migration = unsafe {
@@ -196,6 +203,10 @@ impl Case {
         (self.src)(&migration.control());
         let src = migration.run(move || {
             stopper.lock().unwrap().take().map(Writer::stop);
+            for p in 0..last_writes {
+                // SAFETY: inside the source mapping; the writer has stopped.
+                unsafe { ((base + p * 4096) as *mut u64).write_volatile(0x5a5a_5a5a ^ p as u64) };
+            }
         });
         // A failed migration leaves the workload running: stop it before the memory goes.
         writer.lock().unwrap().take().map(Writer::stop);
@@ -294,6 +305,7 @@ fn pure_postcopy_serves_faults_by_request() {
     let (src, dst) = case.run();
     assert_eq!(src.precopy_bytes, 0);
     assert!(src.rounds.is_empty());
+    assert!(dst.pager.faults() > 0, "the workload faulted");
     assert!(dst.requested > 0, "faults became requests");
     assert!(src.urgent_pages > 0);
     assert!(

@@ -4,6 +4,7 @@ mod bench;
 mod cli_args;
 mod demo;
 mod fc_handler;
+mod migrate;
 mod probe;
 mod restore;
 mod serve;
@@ -31,6 +32,9 @@ enum Command {
     Restore(restore::Args),
     /// Fault-latency stress across delivery modes, with same-run baselines.
     Bench(bench::Args),
+    /// Live migration of a memory region with a running, writing workload.
+    #[command(subcommand)]
+    Migrate(migrate::Args),
     /// A page server that many destinations restore one image from.
     Serve(serve::Args),
     /// External page-fault handler for Firecracker snapshot restore.
@@ -46,6 +50,7 @@ fn main() -> Result<()> {
         Command::Demo(args) => demo::run(&args),
         Command::Restore(args) => restore::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Migrate(args) => migrate::run(&args),
         Command::Serve(args) => serve::run(&args),
         Command::FcHandler(args) => fc_handler::run(&args),
         Command::FcClient(args) => fc_handler::run_client(&args),
