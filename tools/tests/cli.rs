@@ -262,3 +262,119 @@ fn fc_handler_serves_from_a_page_server_with_a_key() {
     assert!(out.status.success(), "handler: {log}");
     assert!(log.contains("from the page server"), "{log}");
 }
+
+#[test]
+fn migrate_local_moves_a_written_region_between_two_processes_and_verifies_it() {
+    let out = uffdkit(&[
+        "migrate",
+        "local",
+        "--size",
+        "32M",
+        "--precopy-rounds",
+        "2",
+        "--workload",
+        "hot",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("8192 of 8192 pages verified"), "{text}");
+    assert!(text.contains("downtime"), "{text}");
+    assert!(text.contains("requested pages"), "{text}");
+}
+
+#[test]
+fn migrate_local_json_with_2mib_pages_over_unix() {
+    if uffd_core::hugetlb::ensure_free(16).map_or(true, |n| n < 16) {
+        eprintln!("\n*** SKIPPED migrate_local_json_with_2mib_pages_over_unix: no 16 free 2 MiB huge pages ***\n");
+        let log = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/uffdkit-skips.log");
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .and_then(|mut f| {
+                std::io::Write::write_all(
+                    &mut f,
+                    b"SKIPPED migrate_local_json_with_2mib_pages_over_unix: no huge pages\n",
+                )
+            });
+        return;
+    }
+    let out = uffdkit(&[
+        "migrate",
+        "local",
+        "--size",
+        "16M",
+        "--page-size",
+        "2m",
+        "--via",
+        "unix",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["source"]["pages"], 8);
+    assert_eq!(v["source"]["verified"], 8);
+    assert_eq!(v["dest"]["page_size"], 2 << 20);
+}
+
+#[test]
+fn a_dying_destination_leaves_the_source_paused_then_failing_cleanly() {
+    let dir = temp("migrate-die");
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("key");
+    std::fs::write(&key, b"a-key-of-enough-length").unwrap();
+    let mut dest = Command::new(env!("CARGO_BIN_EXE_uffdkit"))
+        .args([
+            "migrate",
+            "dest",
+            "--listen",
+            "127.0.0.1:0",
+            "--die-after-pages",
+            "200",
+        ])
+        .arg("--key-file")
+        .arg(&key)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("dest");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(dest.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("LISTEN ")
+        .expect("LISTEN line")
+        .to_string();
+    let source = Command::new(env!("CARGO_BIN_EXE_uffdkit"))
+        .args(["migrate", "source", "--connect", &addr, "--size", "64M"])
+        .args(["--precopy-rounds", "0", "--give-up", "2"])
+        .arg("--key-file")
+        .arg(&key)
+        .output()
+        .expect("source");
+    let status = dest.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "the destination killed itself"
+    );
+    let err = String::from_utf8_lossy(&source.stderr);
+    assert_eq!(
+        source.status.code(),
+        Some(1),
+        "a clean failure, not a crash: {err}"
+    );
+    assert!(err.contains("gave up reconnecting"), "{err}");
+    assert!(err.contains("Paused"), "progress showed the pause: {err}");
+}
