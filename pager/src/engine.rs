@@ -286,6 +286,13 @@ impl Shared {
                 self.mark_received(p.page, count);
                 Placement::Done
             }
+            Err(UffdError::Exists { .. }) if count > 1 => {
+                // Another placer won a page of the run and the kernel stopped there: redo
+                // page by page (placed pages meet EEXIST and are marked, the rest copied),
+                // never marking the tail received unplaced.
+                bump(&self.stats.exists);
+                self.place_each(p, count, content, wake, origin)
+            }
             Err(UffdError::Exists { .. }) => {
                 bump(&self.stats.exists);
                 self.mark_received(p.page, count);
@@ -726,6 +733,100 @@ impl Placer {
                 Placement::Dropped => return Ok(Placed::Stopped),
             }
         }
+    }
+
+    /// Places a run of arriving pages, `data` being whole pages from image offset `offset`,
+    /// with one ioctl per stretch of pages still to be placed (Missing or Requested);
+    /// received pages are skipped, known-zero ones get zeros (as in [`place`]). Returns
+    /// how many pages were placed, or `None` if the pager is gone or stopping.
+    ///
+    /// [`place`]: Placer::place
+    pub fn place_run(&self, offset: u64, data: &[u8]) -> Result<Option<usize>> {
+        let Some(shared) = self.shared.upgrade() else {
+            return Ok(None);
+        };
+        let lookup = |off: u64| {
+            shared
+                .regions
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .by_offset(off)
+        };
+        let Some(p) = lookup(offset) else {
+            return Ok(None);
+        };
+        if p.offset != offset || data.len() % p.size != 0 || data.is_empty() {
+            return Err(Error::BadRegion {
+                base: p.addr,
+                len: data.len(),
+                reason: "an arriving run must start on a page and hold whole pages",
+            });
+        }
+        let ps = p.size;
+        let n = data.len() / ps;
+        let contiguous = lookup(offset + ((n - 1) * ps) as u64)
+            .is_some_and(|last| last.page == p.page + n - 1 && last.addr == p.addr + (n - 1) * ps);
+        let one_by_one = |from: usize| -> Result<Option<usize>> {
+            let mut placed = 0;
+            for i in from..n {
+                match self.place(offset + (i * ps) as u64, Some(&data[i * ps..(i + 1) * ps]))? {
+                    Placed::Placed => placed += 1,
+                    Placed::Duplicate => {}
+                    Placed::NoRegion | Placed::Stopped => return Ok(None),
+                }
+            }
+            Ok(Some(placed))
+        };
+        if !contiguous {
+            return one_by_one(0);
+        }
+        let open = |i: usize| {
+            matches!(
+                shared.states.get(p.page + i),
+                Ok(PageState::Missing | PageState::Requested)
+            )
+        };
+        let mut placed = 0;
+        let mut i = 0;
+        while i < n {
+            if shared.stopping() {
+                return Ok(None);
+            }
+            if !open(i) {
+                // Received: a duplicate. Zero: dropped here meanwhile, `place` zeroes it.
+                if let Ok(PageState::Zero) = shared.states.get(p.page + i) {
+                    let off = offset + (i * ps) as u64;
+                    if self.place(off, Some(&data[i * ps..(i + 1) * ps]))? == Placed::Placed {
+                        placed += 1;
+                    }
+                }
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < n && open(j) {
+                j += 1;
+            }
+            let Some(q) = shared.page(p.page + i) else {
+                return Ok(None);
+            };
+            match shared.place(
+                &q,
+                j - i,
+                Content::Data(&data[i * ps..j * ps]),
+                true,
+                Origin::Arrival,
+            ) {
+                Placement::Done => placed += j - i,
+                // The address space is changing: the careful path, page by page.
+                Placement::Again { .. } => {
+                    return Ok(one_by_one(i)?.map(|rest| placed + rest));
+                }
+                Placement::Dropped => return Ok(None),
+            }
+            i = j;
+        }
+        Ok(Some(placed))
     }
 
     /// Whether page `page` (index in the state map) is still to be placed; `None` once

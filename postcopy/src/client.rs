@@ -8,7 +8,7 @@ use pager::{Fetched, Placer, Source, SourceError};
 
 use crate::auth::{self, Key};
 use crate::net::{split, Addr, FrameReader, FrameWriter, Stream};
-use crate::wire::{Channel, Message, PageRange, Role};
+use crate::wire::{Channel, Frame, Message, PageRange, Role};
 use crate::Error;
 
 /// Pages from a `uffdkit serve` page server.
@@ -113,14 +113,17 @@ impl Source for RemoteSource {
 
 /// Places every page arriving on one connection until it closes or the pager is gone.
 fn receive(mut reader: FrameReader, placer: Placer, ps: usize) {
-    while let Ok(msg) = reader.recv() {
+    while let Ok(frame) = reader.recv_frame() {
+        let msg = match frame {
+            Frame::Pages { first, data } => {
+                if matches!(placer.place_run(first * ps as u64, data), Ok(Some(_))) {
+                    continue;
+                }
+                return;
+            }
+            Frame::Other(msg) => msg,
+        };
         let stopped = match msg {
-            Message::Pages { first, data } => data.chunks_exact(ps).enumerate().any(|(i, page)| {
-                matches!(
-                    placer.place((first + i as u64) * ps as u64, Some(page)),
-                    Ok(pager::Placed::Stopped) | Err(_)
-                )
-            }),
             Message::ZeroRun(r) => (r.first..r.first + r.count).any(|p| {
                 matches!(
                     placer.place(p * ps as u64, None),

@@ -2,9 +2,11 @@
 //!
 //! Source → destination over a byte stream: the wire format ([`wire`]), the pre-shared-key
 //! authentication of every connection ([`auth`]), framed TCP/Unix connections ([`net`]),
-//! and the page server ([`server::PageServer`]) with its restore-side source
+//! the page server ([`server::PageServer`]) with its restore-side source
 //! ([`client::RemoteSource`]): faults become urgent requests on their own connection while
-//! a background stream pushes every page. Migration endpoints build on these.
+//! a background stream pushes every page; and live migration ([`migrate`]): a source with
+//! dirty tracking and iterative precopy, the switch with DISCARD, a destination built on
+//! the pager, and recovery from broken connections.
 //!
 //! ```
 //! use postcopy::wire::{decode, encode, Limits, Message};

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use std::time::Duration;
 
-use crate::wire::{decode, encode, kind, Limits, Message};
+use crate::wire::{decode_frame, encode, frame_len, kind, Frame, Limits, Message};
 use crate::Error;
 
 /// Where to listen or connect: `unix:/path` or `host:port`.
@@ -99,6 +99,12 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write_vectored(bufs),
+            Stream::Unix(s) => s.write_vectored(bufs),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -195,6 +201,7 @@ pub struct FrameReader {
     stream: Stream,
     buf: Vec<u8>,
     start: usize,
+    end: usize,
     /// What the decoder checks against.
     pub limits: Limits,
 }
@@ -204,46 +211,57 @@ impl FrameReader {
     pub fn new(stream: Stream) -> Self {
         Self {
             stream,
-            buf: Vec::with_capacity(1 << 20),
+            buf: vec![0; 1 << 20],
             start: 0,
+            end: 0,
             limits: Limits::default(),
         }
     }
 
     /// The next message; `Error::Closed` at a clean end of stream between frames.
     pub fn recv(&mut self) -> Result<Message, Error> {
+        self.recv_frame().map(Frame::into_owned)
+    }
+
+    /// The next frame, its page data borrowed from the receive buffer (valid until the
+    /// next call).
+    ///
+    /// Bytes are read into one reused buffer (`buf[start..end]` unparsed); a partial frame
+    /// is moved to the front only when the space behind it runs short, and the buffer grows
+    /// only for a frame larger than it.
+    pub fn recv_frame(&mut self) -> Result<Frame<'_>, Error> {
+        const READ: usize = 256 << 10;
         loop {
-            if let Some((msg, used)) = decode(&self.buf[self.start..], &self.limits)? {
-                self.start += used;
-                if self.start == self.buf.len() {
-                    self.buf.clear();
-                    self.start = 0;
-                }
-                return Ok(msg);
+            let have = &self.buf[self.start..self.end];
+            if frame_len(have, &self.limits)?.is_some_and(|n| n <= have.len()) {
+                break;
             }
-            if self.start > 0 {
-                self.buf.drain(..self.start);
+            if self.buf.len() - self.end < READ {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
                 self.start = 0;
-            }
-            let have = self.buf.len();
-            self.buf.resize(have + (256 << 10), 0);
-            let n = self.stream.read(&mut self.buf[have..]);
-            let n = match n {
-                Ok(n) => n,
-                Err(e) => {
-                    self.buf.truncate(have);
-                    return Err(e.into());
+                if self.buf.len() - self.end < READ {
+                    self.buf.resize(self.end + READ, 0);
                 }
-            };
-            self.buf.truncate(have + n);
+            }
+            let n = self.stream.read(&mut self.buf[self.end..])?;
             if n == 0 {
-                return Err(if have == 0 {
+                return Err(if self.end == self.start {
                     Error::Closed
                 } else {
                     Error::Protocol("connection closed mid-frame".into())
                 });
             }
+            self.end += n;
         }
+        let (frame, used) = decode_frame(&self.buf[self.start..self.end], &self.limits)?
+            .ok_or_else(|| Error::Protocol("a whole frame did not decode".into()))?;
+        self.start += used;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        Ok(frame)
     }
 }
 
@@ -283,9 +301,30 @@ impl FrameWriter {
         let mut crc = crc32fast::Hasher::new();
         crc.update(&self.buf[4..]);
         crc.update(data);
-        self.stream.write_all(&self.buf)?;
-        self.stream.write_all(data)?;
-        self.stream.write_all(&crc.finalize().to_le_bytes())?;
+        let crc = crc.finalize().to_le_bytes();
+        // One writev for header, data and trailer: with TCP_NODELAY, separate writes
+        // would send the 16-byte header and the 4-byte trailer as segments of their own.
+        let parts = [&self.buf[..], data, &crc[..]];
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let mut done = 0;
+        while done < total {
+            let mut skip = done;
+            let mut slices = Vec::with_capacity(3);
+            for part in parts {
+                if skip >= part.len() {
+                    skip -= part.len();
+                } else {
+                    slices.push(io::IoSlice::new(&part[skip..]));
+                    skip = 0;
+                }
+            }
+            match self.stream.write_vectored(&slices) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(())
     }
 

@@ -528,6 +528,18 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The body of PAGES: the first page and whole pages of data within the geometry.
+fn pages_body<'a>(r: &mut Reader<'a>, limits: &Limits) -> Result<(u64, &'a [u8]), WireError> {
+    let ps = page_size(limits)?;
+    let first = r.u64()?;
+    let data = r.take(r.buf.len())?;
+    if data.is_empty() || data.len() % ps != 0 {
+        return Err(WireError::Invalid("page data is not whole pages"));
+    }
+    check_pages(limits, "page run end", first, (data.len() / ps) as u64)?;
+    Ok((first, data))
+}
+
 /// Checks that pages `first..first + count` exist in the advised geometry.
 fn check_pages(
     limits: &Limits,
@@ -668,13 +680,7 @@ fn decode_body(kind: u8, body: &[u8], limits: &Limits) -> Result<Message, WireEr
         kind::RUN => Message::Run,
         kind::END => Message::End,
         kind::PAGES => {
-            let ps = page_size(limits)?;
-            let first = r.u64()?;
-            let data = r.take(r.buf.len())?;
-            if data.is_empty() || data.len() % ps != 0 {
-                return Err(WireError::Invalid("page data is not whole pages"));
-            }
-            check_pages(limits, "page run end", first, (data.len() / ps) as u64)?;
+            let (first, data) = pages_body(&mut r, limits)?;
             Message::Pages {
                 first,
                 data: data.to_vec(),
@@ -763,9 +769,37 @@ fn decode_body(kind: u8, body: &[u8], limits: &Limits) -> Result<Message, WireEr
     Ok(msg)
 }
 
-/// Decodes the first frame of `buf`: `Ok(None)` if it is incomplete (read more), or the
-/// message and the bytes it used.
-pub fn decode(buf: &[u8], limits: &Limits) -> Result<Option<(Message, usize)>, WireError> {
+/// A decoded frame whose page data borrows from the input: the bulk of a migration is
+/// placed straight from the receive buffer. Every other message is owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// PAGES: whole pages from page `first`.
+    Pages {
+        /// First page index.
+        first: u64,
+        /// `count * page_size` bytes.
+        data: &'a [u8],
+    },
+    /// Any other message.
+    Other(Message),
+}
+
+impl Frame<'_> {
+    /// The owned message.
+    pub fn into_owned(self) -> Message {
+        match self {
+            Frame::Pages { first, data } => Message::Pages {
+                first,
+                data: data.to_vec(),
+            },
+            Frame::Other(m) => m,
+        }
+    }
+}
+
+/// The length of the first frame of `buf` once its header is in: `Ok(None)` if even the
+/// header is incomplete. Refuses an oversize length before anything is buffered for it.
+pub fn frame_len(buf: &[u8], limits: &Limits) -> Result<Option<usize>, WireError> {
     if buf.len() < HEADER_LEN {
         return Ok(None);
     }
@@ -776,7 +810,17 @@ pub fn decode(buf: &[u8], limits: &Limits) -> Result<Option<(Message, usize)>, W
             max: limits.max_body,
         });
     }
-    let total = HEADER_LEN + body_len + TRAILER_LEN;
+    Ok(Some(HEADER_LEN + body_len + TRAILER_LEN))
+}
+
+/// Decodes the first frame of `buf` like [`decode`], borrowing page data.
+pub fn decode_frame<'a>(
+    buf: &'a [u8],
+    limits: &Limits,
+) -> Result<Option<(Frame<'a>, usize)>, WireError> {
+    let Some(total) = frame_len(buf, limits)? else {
+        return Ok(None);
+    };
     if buf.len() < total {
         return Ok(None);
     }
@@ -788,6 +832,20 @@ pub fn decode(buf: &[u8], limits: &Limits) -> Result<Option<(Message, usize)>, W
     if buf[5] != 0 || buf[6] != 0 || buf[7] != 0 {
         return Err(WireError::Reserved { kind });
     }
-    let msg = decode_body(kind, &buf[HEADER_LEN..HEADER_LEN + body_len], limits)?;
-    Ok(Some((msg, total)))
+    let body = &buf[HEADER_LEN..total - TRAILER_LEN];
+    let frame = if kind == kind::PAGES {
+        let mut r = Reader { buf: body, kind };
+        let (first, data) = pages_body(&mut r, limits)?;
+        r.finish()?;
+        Frame::Pages { first, data }
+    } else {
+        Frame::Other(decode_body(kind, body, limits)?)
+    };
+    Ok(Some((frame, total)))
+}
+
+/// Decodes the first frame of `buf`: `Ok(None)` if it is incomplete (read more), or the
+/// message and the bytes it used.
+pub fn decode(buf: &[u8], limits: &Limits) -> Result<Option<(Message, usize)>, WireError> {
+    Ok(decode_frame(buf, limits)?.map(|(f, used)| (f.into_owned(), used)))
 }

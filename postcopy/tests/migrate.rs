@@ -114,7 +114,7 @@ fn random_pick(i: u64, pages: usize) -> usize {
 /// The destination's workload: touches every page in a scattered order with a volatile
 /// read and a volatile write of the same value (a write fault that changes nothing; this
 /// is the only writer), checking nothing: the verification does.
-fn toucher(mem: postcopy::migrate::RunningMemory) -> JoinHandle<()> {
+fn toucher(mem: postcopy::migrate::RunningMemory) -> JoinHandle<Vec<Duration>> {
     std::thread::spawn(move || {
         let pages = mem.len / 4096;
         for i in 0..pages {
@@ -126,6 +126,26 @@ fn toucher(mem: postcopy::migrate::RunningMemory) -> JoinHandle<()> {
                 w.write_volatile(w.read_volatile());
             }
         }
+        Vec::new()
+    })
+}
+
+/// A destination workload that times reads of 200 scattered pages in the last half of
+/// the region (the part the background stream reaches last), one every 2 ms.
+fn far_reader(mem: postcopy::migrate::RunningMemory) -> JoinHandle<Vec<Duration>> {
+    std::thread::spawn(move || {
+        let pages = mem.len / 4096;
+        (0..200)
+            .map(|i| {
+                let p = pages / 2 + (i * 7919) % (pages / 2);
+                let t = std::time::Instant::now();
+                // SAFETY: inside the destination mapping (see `toucher`).
+                unsafe { std::ptr::read_volatile((mem.base + p * 4096) as *const u8) };
+                let took = t.elapsed();
+                std::thread::sleep(Duration::from_millis(2));
+                took
+            })
+            .collect()
     })
 }
 
@@ -134,6 +154,8 @@ struct Case {
     bytes: usize,
     opts: SourceOptions,
     pick: fn(u64, usize) -> usize,
+    /// The destination's workload, started at RUN; returns its timings.
+    workload: fn(postcopy::migrate::RunningMemory) -> JoinHandle<Vec<Duration>>,
     /// Pages written once more just before the workload stops (after their last send).
     write_at_stop: usize,
     src: Box<dyn FnOnce(&SourceControl) + Send>,
@@ -153,6 +175,7 @@ impl Case {
                 ..SourceOptions::default()
             },
             pick: random_pick,
+            workload: toucher,
             write_at_stop: 0,
             src: Box::new(|_| {}),
             dst: Box::new(|_| {}),
@@ -161,6 +184,12 @@ impl Case {
 
     /// Runs the migration; checks the verdict and every byte.
     fn run(self) -> (SourceReport, DestReport) {
+        let (s, d, _) = self.run_timed();
+        (s, d)
+    }
+
+    /// Runs the migration; checks the verdict and every byte; returns the workload's timings.
+    fn run_timed(self) -> (SourceReport, DestReport, Vec<Duration>) {
         let addr: Addr = if self.addr.starts_with("unix:") {
             let path = std::env::temp_dir().join(format!(
                 "uffdkit-migrate-{}-{}.sock",
@@ -182,10 +211,11 @@ impl Case {
         .expect("bind");
         let addr = dest.local_addr().expect("addr");
         (self.dst)(&dest.control());
-        let dest_workload: Arc<Mutex<Option<JoinHandle<()>>>> = Arc::default();
+        let dest_workload: Arc<Mutex<Option<JoinHandle<Vec<Duration>>>>> = Arc::default();
         let dw = dest_workload.clone();
+        let workload = self.workload;
         let dest_t = std::thread::spawn(move || {
-            dest.run(move |mem| *dw.lock().unwrap() = Some(toucher(mem)))
+            dest.run(move |mem| *dw.lock().unwrap() = Some(workload(mem)))
         });
         let memory = source_memory(self.bytes);
         let writer = Arc::new(Mutex::new(Some(Writer::start(
@@ -215,9 +245,10 @@ impl Case {
             (Ok(s), Ok(d)) => (s, d),
             (s, d) => panic!("source: {:?}\ndestination: {:?}", s.err(), d.err()),
         };
-        if let Some(t) = dest_workload.lock().unwrap().take() {
-            t.join().expect("dest workload");
-        }
+        let timings = match dest_workload.lock().unwrap().take() {
+            Some(t) => t.join().expect("dest workload"),
+            None => Vec::new(),
+        };
         assert_eq!(src.verified, src.pages, "every page verified by digest");
         for p in 0..memory.len() / 4096 {
             // SAFETY: both mappings are alive and nothing writes them now.
@@ -229,7 +260,7 @@ impl Case {
             };
             assert!(a == b, "page {p} differs from the source's final content");
         }
-        (src, dst)
+        (src, dst, timings)
     }
 }
 
@@ -322,7 +353,7 @@ fn injected(fault: Fault, after: u64, addr: &'static str) {
 
 #[test]
 fn a_closed_connection_pauses_and_resumes_at_several_points() {
-    for after in [0, 1000, 6000] {
+    for after in [0, 1000, 5000] {
         injected(Fault::Close, after, "127.0.0.1:0");
     }
     injected(Fault::Close, 3000, "unix:");
@@ -434,4 +465,38 @@ fn a_destination_nobody_connects_to_gives_up_with_an_error() {
     .expect("bind");
     let err = dest.run(|_| {}).expect_err("no source came");
     assert!(err.to_string().contains("no source"), "{err}");
+}
+
+#[test]
+fn requested_pages_overtake_a_saturating_background_stream() {
+    // 128 MiB in pure postcopy: the stream saturates the link for the whole run while the
+    // workload reads pages in the half the stream reaches last. Their requests travel on
+    // the urgent connection, so they arrive far sooner than the stream would bring them.
+    let mut case = Case::new("127.0.0.1:0", 128 << 20);
+    case.opts.max_rounds = 0;
+    case.workload = far_reader;
+    let (src, dst, reads) = case.run_timed();
+    // Reads of pages already present take well under 2 µs; the rest faulted.
+    let mut faulted: Vec<Duration> = reads
+        .into_iter()
+        .filter(|d| *d > Duration::from_micros(2))
+        .collect();
+    faulted.sort();
+    assert!(faulted.len() >= 10, "only {} reads faulted", faulted.len());
+    let p50 = faulted[faulted.len() / 2];
+    eprintln!(
+        "postcopy took {:?}; {} far reads faulted: p50 {p50:?}, max {:?}; {} requested",
+        dst.postcopy,
+        faulted.len(),
+        faulted.last().unwrap(),
+        dst.requested
+    );
+    assert!(src.urgent_pages > 0, "some reads became requests");
+    // Loosely: the stream alone would bring a page of the far half after at least half
+    // the postcopy time; requested pages take a small fraction of that.
+    assert!(
+        p50 * 8 < dst.postcopy,
+        "p50 {p50:?} is not far below the stream's {:?}",
+        dst.postcopy
+    );
 }

@@ -73,7 +73,8 @@ fn message() -> impl Strategy<Value = Message> {
             .prop_map(|words| Message::RecvBitmap { words }),
         (
             0..PAGES - 64,
-            proptest::collection::vec(any::<u64>(), 0..64)
+            // At least one: an empty run is refused like an empty page range.
+            proptest::collection::vec(any::<u64>(), 1..64)
         )
             .prop_map(|(first, digests)| Message::Digests { first, digests }),
         ("[a-zA-Z0-9 é]{0,100}", 1u8..5).prop_map(|(detail, r)| Message::Shut {

@@ -5,6 +5,7 @@ mod cli_args;
 mod demo;
 mod fc_handler;
 mod migrate;
+mod netbench;
 mod probe;
 mod restore;
 mod serve;

@@ -33,6 +33,9 @@ pub enum Args {
     Dest(DestArgs),
     /// Both, as two processes over loopback, with a report.
     Local(LocalArgs),
+    /// Same-run figures over TCP loopback: round trip, raw throughput, the postcopy
+    /// stream's throughput, requested-page latency with and without the stream running.
+    Netbench(crate::netbench::NetArgs),
 }
 
 /// Workloads.
@@ -131,7 +134,7 @@ pub struct LocalArgs {
     json: bool,
 }
 
-fn parse_size(s: &str) -> Result<usize, String> {
+pub(crate) fn parse_size(s: &str) -> Result<usize, String> {
     let s = s.trim();
     let (num, mult) = match s.chars().last() {
         Some('K' | 'k') => (&s[..s.len() - 1], 1usize << 10),
@@ -162,6 +165,7 @@ pub fn run(args: &Args) -> Result<()> {
         Args::Source(a) => source(a),
         Args::Dest(a) => dest(a),
         Args::Local(a) => local(a),
+        Args::Netbench(a) => crate::netbench::run(a),
     }
 }
 

@@ -17,7 +17,7 @@ use uffd_core::{Features as UffdFeatures, Mapping, MemoryKind, Uffd};
 use super::{digest_raw, Histogram, Timing, BUCKETS};
 use crate::auth::{self, Key};
 use crate::net::{split, Addr, FrameReader, FrameWriter, Listener, Stream};
-use crate::wire::{Advise, Channel, Limits, Message, PageRange, Role, ShutReason};
+use crate::wire::{Advise, Channel, Frame, Limits, Message, PageRange, Role, ShutReason};
 use crate::Error;
 
 /// Digests per DIGESTS frame.
@@ -564,25 +564,40 @@ impl Destination {
             main_cut.shutdown();
             urgent_cut.shutdown();
         };
+        // Requested pages that are now present: their latency, request → arrival.
+        let arrived = |first: u64, count: u64| {
+            let now = remote.started.elapsed().as_nanos() as u64 + 1;
+            for p in first..first + count {
+                let asked = remote.asked[p as usize].swap(0, Ordering::Relaxed);
+                if asked != 0 {
+                    hist.record(Duration::from_nanos(now.saturating_sub(asked)));
+                }
+            }
+        };
+        let stopped = || Error::Fatal("the pager stopped".into());
         let place = |first: u64, data: Option<&[u8]>, count: u64| -> Result<(), Error> {
-            for i in 0..count {
-                let p = first + i;
-                let page = data.map(|d| &d[i as usize * ps..(i as usize + 1) * ps]);
-                match placer.place(p * ps as u64, page)? {
-                    pager::Placed::Placed => {
-                        ctl.postcopy_pages.fetch_add(1, Ordering::Relaxed);
-                        let asked = remote.asked[p as usize].swap(0, Ordering::Relaxed);
-                        if asked != 0 {
-                            let now = remote.started.elapsed().as_nanos() as u64 + 1;
-                            hist.record(Duration::from_nanos(now.saturating_sub(asked)));
+            match data {
+                Some(d) => {
+                    let n = placer
+                        .place_run(first * ps as u64, d)?
+                        .ok_or_else(stopped)?;
+                    ctl.postcopy_pages.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                None => {
+                    for p in first..first + count {
+                        match placer.place(p * ps as u64, None)? {
+                            pager::Placed::Placed => {
+                                ctl.postcopy_pages.fetch_add(1, Ordering::Relaxed);
+                            }
+                            pager::Placed::Duplicate => {}
+                            pager::Placed::NoRegion | pager::Placed::Stopped => {
+                                return Err(stopped())
+                            }
                         }
-                    }
-                    pager::Placed::Duplicate => {}
-                    pager::Placed::NoRegion | pager::Placed::Stopped => {
-                        return Err(Error::Fatal("the pager stopped".into()))
                     }
                 }
             }
+            arrived(first, count);
             Ok(())
         };
         // Ok(detail) when the source says the migration is done and verified.
@@ -590,14 +605,19 @@ impl Destination {
                        on_end: &mut dyn FnMut() -> Result<(), Error>|
          -> Result<String, Error> {
             loop {
-                match r.recv()? {
-                    Message::Pages { first, data } => {
-                        place(first, Some(&data), (data.len() / ps) as u64)?
+                let msg = match r.recv_frame()? {
+                    Frame::Pages { first, data } => {
+                        place(first, Some(data), (data.len() / ps) as u64)?;
+                        None
                     }
-                    Message::ZeroRun(z) => place(z.first, None, z.count)?,
-                    Message::End => on_end()?,
-                    Message::Pong { .. } | Message::Ack { .. } => {}
-                    Message::Shut { reason, detail } => {
+                    Frame::Other(msg) => Some(msg),
+                };
+                match msg {
+                    None => {}
+                    Some(Message::ZeroRun(z)) => place(z.first, None, z.count)?,
+                    Some(Message::End) => on_end()?,
+                    Some(Message::Pong { .. } | Message::Ack { .. }) => {}
+                    Some(Message::Shut { reason, detail }) => {
                         return match reason {
                             ShutReason::Done => Ok(detail),
                             _ => Err(Error::Fatal(format!(
@@ -605,7 +625,7 @@ impl Destination {
                             ))),
                         }
                     }
-                    other => {
+                    Some(other) => {
                         return Err(Error::Protocol(format!("unexpected {other:?} in postcopy")))
                     }
                 }

@@ -18,7 +18,7 @@ use crate::wire::{
 use crate::Error;
 
 /// Bytes of page data per PAGES frame (at least one page).
-const FRAME_BYTES: usize = 256 << 10;
+const FRAME_BYTES: usize = 1 << 20;
 
 /// How the source migrates.
 #[derive(Debug, Clone, Copy)]
@@ -32,6 +32,10 @@ pub struct SourceOptions {
     /// A round that leaves more than this fraction of the previous round's dirty pages
     /// is not converging: switch.
     pub converge_ratio: f64,
+    /// Push the pages nobody asked for in the background (the normal case). Without it,
+    /// postcopy moves pages only on request and ends when the destination has asked for
+    /// all of them: a measuring mode for demand-only latency.
+    pub background: bool,
     /// Reconnect by itself after a broken connection (else wait for
     /// [`SourceControl::resume`]).
     pub auto_resume: bool,
@@ -46,6 +50,7 @@ impl Default for SourceOptions {
             max_rounds: 5,
             switch_below: 256,
             converge_ratio: 0.9,
+            background: true,
             auto_resume: true,
             timing: Timing::default(),
         }
@@ -148,7 +153,8 @@ impl SourceControl {
         self.resumed.notify_all();
     }
 
-    /// Injects `fault` once the postcopy stream has sent `after_pages` pages.
+    /// Injects `fault` on the main connection once `after_pages` pages were sent in
+    /// postcopy (stream and urgent answers).
     pub fn inject(&self, fault: Fault, after_pages: u64) {
         *self.fault.lock().unwrap_or_else(|p| p.into_inner()) = Some((after_pages, fault));
     }
@@ -274,18 +280,10 @@ impl Memory {
         (self.base + p as usize * self.ps) as *const u8
     }
 
-    fn is_zero(&self, p: u64) -> bool {
-        let words = self.ps / 8;
-        let ptr = self.page_ptr(p).cast::<u64>();
-        // SAFETY: `p < pages`, so the page is inside the migrated mapping, which
-        // `Migration::new`'s caller keeps mapped; volatile reads tolerate the workload
-        // writing it.
-        (0..words).all(|i| unsafe { std::ptr::read_volatile(ptr.add(i)) } == 0)
-    }
-
     /// Sends pages `first..first + count` as PAGES and ZERO_RUN frames; returns data bytes.
-    /// With `snapshot` (the workload is running), the pages are copied into `snapshot`
-    /// first, so the frame's checksum covers exactly the bytes sent.
+    /// With `snapshot` (the workload is running), each frame's pages are copied into
+    /// `snapshot` first and classified and sent from there, so the frame's checksum covers
+    /// exactly the bytes sent; without it the memory is frozen and sent in place.
     fn send(
         &self,
         w: &mut FrameWriter,
@@ -293,37 +291,46 @@ impl Memory {
         count: u64,
         mut snapshot: Option<&mut Vec<u8>>,
     ) -> Result<u64, Error> {
-        let per_frame = (FRAME_BYTES / self.ps).max(1) as u64;
+        let ps = self.ps;
+        let per_frame = (FRAME_BYTES / ps).max(1) as u64;
         let end = first + count;
         let mut p = first;
         let mut bytes = 0;
         while p < end {
-            let zero = self.is_zero(p);
-            let mut q = p + 1;
-            while q < end && q - p < per_frame && self.is_zero(q) == zero {
-                q += 1;
-            }
-            if zero {
-                w.send(&Message::ZeroRun(PageRange {
-                    first: p,
-                    count: q - p,
-                }))?;
-            } else {
-                let n = (q - p) as usize * self.ps;
-                // SAFETY: pages p..q lie in the mapping (see `is_zero`); the bytes are only
-                // handed to write(2), which copies them whatever the workload does.
-                let data = unsafe { std::slice::from_raw_parts(self.page_ptr(p), n) };
-                match snapshot.as_deref_mut() {
-                    Some(buf) => {
-                        buf.clear();
-                        buf.extend_from_slice(data);
-                        w.send_pages(p, buf)?;
-                    }
-                    None => w.send_pages(p, data)?,
+            let n = (end - p).min(per_frame) as usize;
+            // SAFETY: pages p..p + n lie in the mapping (`end <= pages`), which
+            // `Migration::new`'s caller keeps mapped. While the workload runs the bytes
+            // are only memcpy'd into the snapshot (a torn copy is re-sent: the write that
+            // tore it marked the page dirty); after the switch nothing writes them.
+            let raw = unsafe { std::slice::from_raw_parts(self.page_ptr(p), n * ps) };
+            let chunk: &[u8] = match snapshot.as_deref_mut() {
+                Some(buf) => {
+                    buf.clear();
+                    buf.extend_from_slice(raw);
+                    buf
                 }
-                bytes += n as u64;
+                None => raw,
+            };
+            let zero = |i: usize| is_zero(&chunk[i * ps..(i + 1) * ps]);
+            let mut i = 0;
+            while i < n {
+                let z = zero(i);
+                let mut j = i + 1;
+                while j < n && zero(j) == z {
+                    j += 1;
+                }
+                if z {
+                    w.send(&Message::ZeroRun(PageRange {
+                        first: p + i as u64,
+                        count: (j - i) as u64,
+                    }))?;
+                } else {
+                    w.send_pages(p + i as u64, &chunk[i * ps..j * ps])?;
+                    bytes += ((j - i) * ps) as u64;
+                }
+                i = j;
             }
-            p = q;
+            p += n as u64;
         }
         Ok(bytes)
     }
@@ -332,6 +339,13 @@ impl Memory {
         // SAFETY: in the mapping; after the switch nothing writes it.
         unsafe { digest_raw(self.page_ptr(p), self.ps) }
     }
+}
+
+/// Whether `page` is all zero (64-byte blocks OR-reduced: vectorises, unlike an early-exit
+/// byte loop).
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks(64)
+        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
 /// How one postcopy connection pair ended.
@@ -673,7 +687,8 @@ impl Migration {
                         if broken.load(Ordering::Relaxed) {
                             return Err(Error::Closed);
                         }
-                        let sent = prog.stream_pages.load(Ordering::Relaxed);
+                        let sent = prog.stream_pages.load(Ordering::Relaxed)
+                            + prog.urgent_pages.load(Ordering::Relaxed);
                         match self.control.take_fault(sent) {
                             Some(Fault::Close) => {
                                 return Err(Error::Protocol("injected: close".into()))
@@ -697,6 +712,11 @@ impl Migration {
                         let Some(first) = need.next_set_wrapping(at) else {
                             break;
                         };
+                        if !self.opts.background {
+                            // Demand only: the urgent thread clears `need`.
+                            std::thread::sleep(Duration::from_micros(200));
+                            continue;
+                        }
                         let mut count = 0;
                         while count < per_frame
                             && first + count < mem.pages

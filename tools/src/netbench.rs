@@ -1,0 +1,245 @@
+//! `uffdkit migrate netbench`: the postcopy transport against its own baselines, measured
+//! in one run over TCP loopback (raw TCP pinned both ways, the rest unpinned): the round trip of a small frame, raw
+//! TCP throughput of the same bytes the stream carries, the background stream's
+//! throughput (pages placed at the destination), and the latency of requested pages
+//! with the link idle and with the stream saturating it.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use postcopy::auth::Key;
+use postcopy::migrate::{DestOptions, Destination, Migration, SourceOptions};
+use postcopy::net::{split, Addr, Stream};
+use postcopy::wire::Message;
+use serde_json::json;
+use uffd_core::{Mapping, MemoryKind};
+
+use crate::workload::{fill_page, order, summarize, timed_touch, Pattern, Summary};
+
+/// Options of `uffdkit migrate netbench`.
+#[derive(clap::Args, Debug)]
+pub struct NetArgs {
+    /// Bytes streamed per throughput run (and the region of the loaded-latency run).
+    #[arg(long, default_value = "256M", value_parser = crate::migrate::parse_size)]
+    pub size: usize,
+    /// Region of the demand-only (idle) latency run: every page is requested.
+    #[arg(long, default_value = "32M", value_parser = crate::migrate::parse_size)]
+    pub idle_size: usize,
+    /// Random pages touched (timed) by the destination workload per latency run.
+    #[arg(long, default_value_t = 1000)]
+    pub touches: usize,
+    /// Runs of each measurement; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Round trips of a PING/PONG frame pair over one loopback connection.
+fn round_trips(n: usize) -> Result<Summary> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr: Addr = Addr::Tcp(l.local_addr()?);
+    let echo = std::thread::spawn(move || -> Result<()> {
+        let (s, _) = l.accept()?;
+        s.set_nodelay(true)?;
+        let (mut r, mut w) = split(Stream::Tcp(s))?;
+        while let Ok(Message::Ping { seq }) = r.recv() {
+            w.send(&Message::Pong { seq })?;
+        }
+        Ok(())
+    });
+    let (mut r, mut w) = split(Stream::connect(&addr)?)?;
+    let mut ns = Vec::with_capacity(n);
+    let t = Instant::now();
+    for seq in 0..n as u64 {
+        let s = Instant::now();
+        w.send(&Message::Ping { seq })?;
+        match r.recv()? {
+            Message::Pong { seq: got } if got == seq => {}
+            other => anyhow::bail!("echo answered {other:?}"),
+        }
+        ns.push(s.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+    }
+    let wall = t.elapsed();
+    w.shutdown();
+    let _ = echo.join();
+    Ok(summarize(ns, wall))
+}
+
+/// MiB/s of `bytes` written in 256 KiB chunks to a reader that discards them, the writer
+/// pinned to CPU 0 and the reader to `reader_cpu`.
+fn raw_tcp(bytes: usize, reader_cpu: usize) -> Result<f64> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let reader = std::thread::spawn(move || -> Result<()> {
+        pager::pin_to_cpu(reader_cpu)?;
+        let (mut s, _) = l.accept()?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0;
+        while got < bytes {
+            let n = s.read(&mut buf)?;
+            anyhow::ensure!(n > 0, "closed early");
+            got += n;
+        }
+        s.write_all(&[1])?;
+        Ok(())
+    });
+    let writer = std::thread::spawn(move || -> Result<Duration> {
+        pager::pin_to_cpu(0)?;
+        let mut s = TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        let chunk = vec![0x5au8; 256 << 10];
+        let t = Instant::now();
+        let mut sent = 0;
+        while sent < bytes {
+            let n = chunk.len().min(bytes - sent);
+            s.write_all(&chunk[..n])?;
+            sent += n;
+        }
+        let mut ack = [0u8; 1];
+        s.read_exact(&mut ack)?;
+        Ok(t.elapsed())
+    });
+    let took = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    Ok(bytes as f64 / took.as_secs_f64() / f64::from(1u32 << 20))
+}
+
+/// One in-process pure-postcopy migration of `bytes` of non-zero pages. `touches`: the
+/// destination workload times that many random-page reads at RUN (then, without
+/// `background`, reads every page so the demand-only run completes). Returns the
+/// destination's RUN → complete time and the touch latencies of pages that faulted.
+fn migration(bytes: usize, background: bool, touches: usize) -> Result<(Duration, Vec<u32>)> {
+    let key = Key::new(postcopy::auth::nonce().to_vec())?;
+    let dest = Destination::bind(&"127.0.0.1:0".parse()?, key.clone(), DestOptions::default())?;
+    let addr = dest.local_addr()?;
+    let lat: Arc<Mutex<Option<std::thread::JoinHandle<Vec<u32>>>>> = Arc::default();
+    let l = lat.clone();
+    let dest_t = std::thread::spawn(move || {
+        dest.run(move |mem| {
+            *l.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::thread::spawn(move || {
+                let pages = mem.len / 4096;
+                let mut timed: Vec<usize> = order(Pattern::Random, pages, 11);
+                timed.truncate(touches);
+                let (ns, _) = timed_touch(mem.base, 4096, &timed);
+                if !background {
+                    let all: Vec<usize> = (0..pages).collect();
+                    let _ = timed_touch(mem.base, 4096, &all);
+                }
+                ns
+            }));
+        })
+    });
+    let memory = Mapping::new(MemoryKind::Anon, bytes)?;
+    for p in 0..bytes / 4096 {
+        // SAFETY: our fresh mapping.
+        let page =
+            unsafe { std::slice::from_raw_parts_mut((memory.addr() + p * 4096) as *mut u8, 4096) };
+        fill_page(page, p, 0);
+    }
+    let opts = SourceOptions {
+        max_rounds: 0,
+        background,
+        ..SourceOptions::default()
+    };
+    // SAFETY: our mapping, alive until `run` returns; nothing writes it.
+    let m = unsafe { Migration::new(addr, key, memory.addr(), bytes, opts)? };
+    m.run(|| {}).context("source")?;
+    let report = dest_t
+        .join()
+        .map_err(|_| anyhow::anyhow!("destination panicked"))?
+        .context("destination")?;
+    let ns = lat
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .and_then(|h| h.join().ok())
+        .unwrap_or_default();
+    // A touch of a present page costs well under 2 µs here; a fault costs tens of µs.
+    let faulted = ns.into_iter().filter(|&n| n > 2_000).collect();
+    Ok((report.postcopy, faulted))
+}
+
+/// Runs the benchmark.
+pub fn run(a: &NetArgs) -> Result<()> {
+    let rtt = round_trips(20_000)?;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut raw_same = Vec::new();
+    let mut raw_cross = Vec::new();
+    let mut stream = Vec::new();
+    let mut idle = Vec::new();
+    let mut loaded = Vec::new();
+    for _ in 0..a.repeat {
+        raw_same.push(raw_tcp(a.size, 0)?);
+        raw_cross.push(raw_tcp(a.size, 1 % cpus)?);
+        let (t, _) = migration(a.size, true, 0)?;
+        stream.push(a.size as f64 / t.as_secs_f64() / f64::from(1u32 << 20));
+        idle.extend(migration(a.idle_size, false, a.touches)?.1);
+        loaded.extend(migration(a.size, true, a.touches)?.1);
+    }
+    let wall = Duration::from_secs(1);
+    let (idle, loaded) = (summarize(idle, wall), summarize(loaded, wall));
+    let (same, cross, stream) = (median(raw_same), median(raw_cross), median(stream));
+    let raw = same.min(cross);
+    let figures = json!({
+        "placement": "unpinned, TCP loopback, destination per-CPU handlers",
+        "rtt_us": { "p50": rtt.p50_us, "p99": rtt.p99_us },
+        "raw_tcp_same_cpu_mib_s": same,
+        "raw_tcp_cross_cpu_mib_s": cross,
+        "stream_mib_s": stream,
+        "stream_vs_raw_same_cpu": stream / same,
+        "stream_vs_raw_cross_cpu": stream / cross,
+        "requested_idle_us": { "p50": idle.p50_us, "p99": idle.p99_us, "count": idle.count },
+        "requested_loaded_us": { "p50": loaded.p50_us, "p99": loaded.p99_us, "count": loaded.count },
+        "idle_p50_vs_rtt": idle.p50_us / rtt.p50_us,
+        "loaded_p50_vs_rtt": loaded.p50_us / rtt.p50_us,
+    });
+    if a.json {
+        println!("{figures}");
+        return Ok(());
+    }
+    println!(
+        "migrate netbench (TCP loopback, unpinned; medians of {} runs; same run):",
+        a.repeat
+    );
+    println!(
+        "  frame round trip (PING/PONG)        p50 {:>8.1} µs  p99 {:>8.1} µs",
+        rtt.p50_us, rtt.p99_us
+    );
+    println!(
+        "  requested page, link idle           p50 {:>8.1} µs  p99 {:>8.1} µs  ({:.1}× RTT, {} faults, {} MiB demand-only)",
+        idle.p50_us,
+        idle.p99_us,
+        idle.p50_us / rtt.p50_us,
+        idle.count,
+        a.idle_size >> 20
+    );
+    println!(
+        "  requested page, stream saturating   p50 {:>8.1} µs  p99 {:>8.1} µs  ({:.1}× RTT, {} faults)",
+        loaded.p50_us,
+        loaded.p99_us,
+        loaded.p50_us / rtt.p50_us,
+        loaded.count
+    );
+    println!(
+        "  raw TCP {same:.0} MiB/s pinned same CPU, {cross:.0} MiB/s pinned across CPUs; postcopy stream (unpinned, placed at the destination) {stream:.0} MiB/s = {:.0} % / {:.0} % of raw ({} MiB)",
+        100.0 * stream / same,
+        100.0 * stream / cross,
+        a.size >> 20
+    );
+    let _ = raw;
+    Ok(())
+}
