@@ -420,10 +420,11 @@ impl Destination {
                 RECEIVED => {
                     let _ = pager.states().mark_received_range(p, q);
                 }
+                // Known zero: a fault there gets a zero page locally, nothing is fetched
+                // (and nothing is placed now, which would cost one ioctl per page of
+                // downtime).
                 ZERO => {
-                    for z in p..q {
-                        placer.place((z * ps) as u64, None)?;
-                    }
+                    let _ = pager.states().mark_zero_range(p, q);
                 }
                 _ => {}
             }
