@@ -3,7 +3,6 @@
 //! PAGEMAP_SCAN), real faults served through the pager, real sockets. Every test ends
 //! with the protocol's digest verification *and* a byte-for-byte comparison of every page.
 
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -16,20 +15,8 @@ use postcopy::migrate::{
     SourceOptions, SourceReport, Timing,
 };
 use postcopy::net::Addr;
+use testkit::skip;
 use uffd_core::{hugetlb, Mapping, MemoryKind, HUGE_PAGE_SIZE};
-
-fn skip(test: &str, reason: &str) {
-    let line = format!("SKIPPED {test}: {reason}");
-    eprintln!("\n*** {line} ***\n");
-    let log = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/uffdkit-skips.log");
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-    {
-        let _ = writeln!(f, "{line}");
-    }
-}
 
 fn key() -> Key {
     Key::new(*b"0123456789abcdef-test-key").expect("key")
@@ -42,6 +29,15 @@ fn fast_timing() -> Timing {
         max_backoff: Duration::from_millis(200),
         give_up_after: Duration::from_secs(20),
     }
+}
+
+/// A destination on loopback TCP with one handler thread.
+fn destination(timing: Timing) -> Destination {
+    let opts = DestOptions {
+        mode: DeliveryMode::Thread,
+        timing,
+    };
+    Destination::bind(&"127.0.0.1:0".parse().unwrap(), key(), opts).expect("bind")
 }
 
 /// Source memory: most pages patterned, every 5th left zero (travels as a zero run).
@@ -410,15 +406,7 @@ fn resume_waits_for_the_operator_when_automatic_resume_is_off() {
 
 #[test]
 fn a_wrong_key_is_refused_and_a_stranger_does_not_disturb_the_migration() {
-    let dest = Destination::bind(
-        &"127.0.0.1:0".parse().unwrap(),
-        key(),
-        DestOptions {
-            mode: DeliveryMode::Thread,
-            timing: fast_timing(),
-        },
-    )
-    .expect("bind");
+    let dest = destination(fast_timing());
     let addr = dest.local_addr().unwrap();
     let dest_t = std::thread::spawn(move || dest.run(|_| {}));
     let memory = source_memory(1 << 20);
@@ -451,18 +439,10 @@ fn a_wrong_key_is_refused_and_a_stranger_does_not_disturb_the_migration() {
 
 #[test]
 fn a_destination_nobody_connects_to_gives_up_with_an_error() {
-    let dest = Destination::bind(
-        &"127.0.0.1:0".parse().unwrap(),
-        key(),
-        DestOptions {
-            mode: DeliveryMode::Thread,
-            timing: Timing {
-                give_up_after: Duration::from_millis(300),
-                ..fast_timing()
-            },
-        },
-    )
-    .expect("bind");
+    let dest = destination(Timing {
+        give_up_after: Duration::from_millis(300),
+        ..fast_timing()
+    });
     let err = dest.run(|_| {}).expect_err("no source came");
     assert!(err.to_string().contains("no source"), "{err}");
 }

@@ -289,18 +289,10 @@ fn migrate_local_moves_a_written_region_between_two_processes_and_verifies_it() 
 #[test]
 fn migrate_local_json_with_2mib_pages_over_unix() {
     if uffd_core::hugetlb::ensure_free(16).map_or(true, |n| n < 16) {
-        eprintln!("\n*** SKIPPED migrate_local_json_with_2mib_pages_over_unix: no 16 free 2 MiB huge pages ***\n");
-        let log = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/uffdkit-skips.log");
-        let _ = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .and_then(|mut f| {
-                std::io::Write::write_all(
-                    &mut f,
-                    b"SKIPPED migrate_local_json_with_2mib_pages_over_unix: no huge pages\n",
-                )
-            });
+        testkit::skip(
+            "migrate_local_json_with_2mib_pages_over_unix",
+            "no 16 free 2 MiB huge pages",
+        );
         return;
     }
     let out = uffdkit(&[

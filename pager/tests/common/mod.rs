@@ -1,26 +1,13 @@
 //! Helpers for the pager's integration tests: real uffds, real mappings, real faults.
 #![allow(dead_code)]
 
-use std::io::Write;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use pager::{Fetched, Source, SourceError};
 use uffd_core::{hugetlb, Features, MemoryKind, Uffd};
 
-/// Reports a skipped case loudly (stderr and target/uffdkit-skips.log).
-pub fn skip(test: &str, reason: &str) {
-    let line = format!("SKIPPED {test}: {reason}");
-    eprintln!("\n*** {line} ***\n");
-    let log = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/uffdkit-skips.log");
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-    {
-        let _ = writeln!(f, "{line}");
-    }
-}
+pub use testkit::skip;
 
 /// Whether 2 MiB hugetlb pages can be had (reserving them as root); skips loudly if not.
 pub fn hugetlb_available(test: &str) -> bool {

@@ -340,6 +340,14 @@ impl Destination {
 
         // Precopy: copy in, zero, discard.
         let mut state = vec![MISSING; pages as usize];
+        // Drops pages (a private mapping's MADV_DONTNEED frees them: they read as zero
+        // and, once registered, fault) and records what they are now.
+        let drop_pages = |state: &mut [u8], r: PageRange, now: u8| -> Result<(), Error> {
+            let (first, count) = (r.first as usize, r.count as usize);
+            memory.madvise(first * ps, count * ps, libc::MADV_DONTNEED)?;
+            state[first..first + count].fill(now);
+            Ok(())
+        };
         let mut discarded = 0;
         loop {
             match main.r.recv()? {
@@ -357,22 +365,10 @@ impl Destination {
                     state[first as usize..(first + n) as usize].fill(RECEIVED);
                     ctl.precopy_pages.fetch_add(n, Ordering::Relaxed);
                 }
-                Message::ZeroRun(r) => {
-                    memory.madvise(
-                        r.first as usize * ps,
-                        r.count as usize * ps,
-                        libc::MADV_DONTNEED,
-                    )?;
-                    state[r.first as usize..(r.first + r.count) as usize].fill(ZERO);
-                }
+                Message::ZeroRun(r) => drop_pages(&mut state, r, ZERO)?,
                 Message::Discard { ranges } => {
                     for r in ranges {
-                        memory.madvise(
-                            r.first as usize * ps,
-                            r.count as usize * ps,
-                            libc::MADV_DONTNEED,
-                        )?;
-                        state[r.first as usize..(r.first + r.count) as usize].fill(MISSING);
+                        drop_pages(&mut state, r, MISSING)?;
                         discarded += r.count;
                     }
                 }

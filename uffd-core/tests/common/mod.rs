@@ -2,7 +2,6 @@
 //! kernel: real userfaultfds, real mappings, real faults.
 #![allow(dead_code)]
 
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -13,20 +12,7 @@ use uffd_core::{hugetlb, Event, EventBuffer, Features, MemoryKind, ReadStatus, U
 /// Huge pages the hugetlb tests of one binary may use at once.
 const HUGE_POOL: usize = 64;
 
-/// Reports a skipped case loudly: on stderr and in `target/uffdkit-skips.log`, which
-/// `.ci/run` prints at the end of the run.
-pub fn skip(test: &str, reason: &str) {
-    let line = format!("SKIPPED {test}: {reason}");
-    eprintln!("\n*** {line} ***\n");
-    let log = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/uffdkit-skips.log");
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-    {
-        let _ = writeln!(f, "{line}");
-    }
-}
+pub use testkit::skip;
 
 /// The memory kinds a test should cover: anon and shmem always, hugetlb when the 2 MiB
 /// pool has (or, as root, can be grown to) enough free pages; otherwise a loud skip.
