@@ -288,8 +288,9 @@ fn precopy_then_postcopy_over_unix_with_a_writing_workload() {
 #[test]
 fn two_mib_pages_migrate_over_tcp_and_unix() {
     const TEST: &str = "two_mib_pages_migrate_over_tcp_and_unix";
-    match hugetlb::ensure_free(32) {
-        Ok(n) if n >= 32 => {}
+    // 48: this test's 32 and the other 2 MiB test's 16, which may run at the same time.
+    match hugetlb::ensure_free(48) {
+        Ok(n) if n >= 48 => {}
         Ok(n) => return skip(TEST, &format!("only {n} free 2 MiB huge pages")),
         Err(e) => return skip(TEST, &format!("cannot reserve 2 MiB huge pages: {e}")),
     }
@@ -339,7 +340,12 @@ fn pure_postcopy_serves_faults_by_request() {
 }
 
 fn injected(fault: Fault, after: u64, addr: &'static str) {
-    let mut case = Case::new(addr, 32 << 20);
+    injected_with(fault, after, addr, 4096, 32 << 20);
+}
+
+fn injected_with(fault: Fault, after: u64, addr: &'static str, page_size: usize, bytes: usize) {
+    let mut case = Case::new(addr, bytes);
+    case.opts.page_size = page_size;
     case.opts.max_rounds = 0; // everything moves in postcopy: the cut lands there
     case.src = Box::new(move |c| c.inject(fault, after));
     let (src, dst) = case.run();
@@ -360,6 +366,32 @@ fn a_half_written_frame_pauses_and_resumes() {
     for after in [10, 4000] {
         injected(Fault::HalfFrame, after, "127.0.0.1:0");
     }
+    injected(Fault::HalfFrame, 2000, "unix:");
+}
+
+#[test]
+fn two_mib_pages_survive_a_cut_connection() {
+    const TEST: &str = "two_mib_pages_survive_a_cut_connection";
+    // 48: this test's 32 and the other 2 MiB test's 16, which may run at the same time.
+    match hugetlb::ensure_free(48) {
+        Ok(n) if n >= 48 => {}
+        Ok(n) => return skip(TEST, &format!("only {n} free 2 MiB huge pages")),
+        Err(e) => return skip(TEST, &format!("cannot reserve 2 MiB huge pages: {e}")),
+    }
+    injected_with(
+        Fault::Close,
+        8,
+        "127.0.0.1:0",
+        HUGE_PAGE_SIZE,
+        32 * HUGE_PAGE_SIZE,
+    );
+    injected_with(
+        Fault::HalfFrame,
+        16,
+        "unix:",
+        HUGE_PAGE_SIZE,
+        32 * HUGE_PAGE_SIZE,
+    );
 }
 
 #[test]
