@@ -288,7 +288,7 @@ fn precopy_then_postcopy_over_unix_with_a_writing_workload() {
 #[test]
 fn two_mib_pages_migrate_over_tcp_and_unix() {
     const TEST: &str = "two_mib_pages_migrate_over_tcp_and_unix";
-    // 48: this test's 32 and the other 2 MiB test's 16, which may run at the same time.
+    // 48: this test's 16 and the cut-connection 2 MiB test's 32, which may run at the same time.
     match hugetlb::ensure_free(48) {
         Ok(n) if n >= 48 => {}
         Ok(n) => return skip(TEST, &format!("only {n} free 2 MiB huge pages")),
