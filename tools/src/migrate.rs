@@ -476,6 +476,12 @@ fn dest(a: &DestArgs) -> Result<()> {
     Ok(())
 }
 
+/// `≤ N µs` for a latency bound, `n/a` when nothing was requested.
+fn us_or_none(v: &serde_json::Value) -> String {
+    v.as_u64()
+        .map_or_else(|| "n/a (no requests)".into(), |us| format!("≤ {us} µs"))
+}
+
 fn addr_text(a: &Addr) -> String {
     match a {
         Addr::Tcp(s) => s.to_string(),
@@ -591,14 +597,14 @@ fn local(a: &LocalArgs) -> Result<()> {
         src["needed_at_switch"]
     );
     println!(
-        "  requested pages {} ({} requests answered with {} pages), stream pages {}; blocktime {:.1} ms; requested-page latency p50 ≤ {} µs, p99 ≤ {} µs",
+        "  requested pages {} ({} requests answered with {} pages), stream pages {}; blocktime {:.1} ms; requested-page latency p50 {}, p99 {}",
         dst["requested"],
         src["requests"],
         src["urgent_pages"],
         src["stream_pages"],
         f(&dst, "blocktime_ms"),
-        dst["requested_p50_us"],
-        dst["requested_p99_us"]
+        us_or_none(&dst["requested_p50_us"]),
+        us_or_none(&dst["requested_p99_us"])
     );
     if let Some(b) = dst["latency_buckets_log2_us"].as_array() {
         let mut counts = [0u64; postcopy::migrate::BUCKETS];
