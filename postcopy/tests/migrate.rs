@@ -165,7 +165,7 @@ impl Case {
             bytes,
             opts: SourceOptions {
                 max_rounds: 3,
-                switch_below: 0,
+                switch_below_bytes: 0,
                 converge_ratio: 10.0,
                 timing: fast_timing(),
                 ..SourceOptions::default()

@@ -27,8 +27,8 @@ pub struct SourceOptions {
     pub page_size: usize,
     /// Precopy rounds before the switch, the first being the full pass; 0 = pure postcopy.
     pub max_rounds: u32,
-    /// Switch as soon as a round leaves at most this many dirty pages.
-    pub switch_below: u64,
+    /// Switch as soon as a round leaves at most this many bytes of dirty pages.
+    pub switch_below_bytes: u64,
     /// A round that leaves more than this fraction of the previous round's dirty pages
     /// is not converging: switch.
     pub converge_ratio: f64,
@@ -48,7 +48,7 @@ impl Default for SourceOptions {
         Self {
             page_size: 4096,
             max_rounds: 5,
-            switch_below: 256,
+            switch_below_bytes: 1 << 20,
             converge_ratio: 0.9,
             background: true,
             auto_resume: true,
@@ -473,7 +473,7 @@ impl Migration {
                     switch_reason = "operator command";
                 } else if rounds.len() as u32 >= self.opts.max_rounds {
                     switch_reason = "round limit";
-                } else if dirty_after <= self.opts.switch_below {
+                } else if dirty_after * ps as u64 <= self.opts.switch_below_bytes {
                     switch_reason = "converged";
                 } else if previous
                     .is_some_and(|p| dirty_after as f64 > p as f64 * self.opts.converge_ratio)
