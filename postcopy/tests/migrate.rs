@@ -512,3 +512,13 @@ fn requested_pages_overtake_a_saturating_background_stream() {
         dst.postcopy
     );
 }
+
+#[test]
+fn the_operator_switches_to_postcopy_after_the_current_round() {
+    let mut case = Case::new("127.0.0.1:0", 16 << 20);
+    case.opts.max_rounds = 50;
+    case.src = Box::new(|c| c.switch_to_postcopy());
+    let (src, _) = case.run();
+    assert_eq!(src.switch_reason, "operator command");
+    assert_eq!(src.rounds.len(), 1, "the switch came after the first round");
+}

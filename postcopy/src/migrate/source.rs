@@ -397,6 +397,12 @@ impl Migration {
     /// Runs the migration. `stop_workload` is called at the switch and must return only
     /// when nothing writes the memory any more. Returns once the destination's digests
     /// of every page matched the final content.
+    ///
+    /// Failures: before RUN is acknowledged nothing runs at the destination, so an error
+    /// there (a broken connection in precopy or during the switch) ends the migration and
+    /// the caller may simply resume its workload if it was already stopped. After RUN the
+    /// destination owns the workload: broken connections pause and resume (see the module
+    /// docs) until [`Timing::give_up_after`] passes without a reconnection.
     pub fn run(self, stop_workload: impl FnOnce()) -> Result<SourceReport, Error> {
         let started = Instant::now();
         let ps = self.opts.page_size;
