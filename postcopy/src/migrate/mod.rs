@@ -35,6 +35,33 @@
 //!
 //! **Dirty tracking** is userfaultfd async write-protect plus `PAGEMAP_SCAN`; see
 //! [`dirty`] for why it beats soft-dirty bits.
+//!
+//! ## Example: migrate 1 MiB within one process
+//!
+//! ```
+//! use postcopy::auth::Key;
+//! use postcopy::migrate::{DestOptions, Destination, Migration, SourceOptions};
+//! use uffd_core::{Mapping, MemoryKind};
+//!
+//! let key = Key::new(*b"sixteen-bytes-or-more")?;
+//! let dest = Destination::bind(&"127.0.0.1:0".parse()?, key.clone(), DestOptions::default())?;
+//! let addr = dest.local_addr()?;
+//! // The destination runs on its own thread; `on_run` would start its workload.
+//! let receiving = std::thread::spawn(move || dest.run(|_memory| {}));
+//!
+//! let memory = Mapping::new(MemoryKind::Anon, 1 << 20)?;
+//! // SAFETY (example): our own mapping, alive until `run` returns; nothing else writes it.
+//! unsafe { std::ptr::write_bytes(memory.as_ptr(), 7, memory.len()) };
+//! let migration = unsafe {
+//!     Migration::new(addr, key, memory.addr(), memory.len(), SourceOptions::default())?
+//! };
+//! let report = migration.run(|| { /* stop the workload here */ })?;
+//! assert_eq!(report.verified, 256); // every page's digest matched at the destination
+//! let arrived = receiving.join().unwrap()?;
+//! // SAFETY (example): the destination's memory is mapped for as long as the report.
+//! assert_eq!(unsafe { *arrived.memory.as_ptr().add(4096) }, 7);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod bitmap;
 pub mod dest;
