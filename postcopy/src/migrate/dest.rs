@@ -309,6 +309,11 @@ impl Destination {
 
     /// Runs the destination to the end. `on_run` is called at RUN with the memory (start
     /// the workload there; it runs while pages are still arriving).
+    ///
+    /// A broken connection after RUN pauses (the pager keeps the workload's faults waiting)
+    /// until the source reconnects, or fails after [`Timing::give_up_after`]. If the
+    /// migration fails after RUN, the memory is left mapped (the workload may still use
+    /// it) and, with the pager gone, pages that never arrived read as zero.
     pub fn run(self, on_run: impl FnOnce(RunningMemory)) -> Result<DestReport, Error> {
         let t = self.opts.timing;
         let ctl = self.control.clone();
