@@ -69,6 +69,10 @@ pub(crate) struct Shared {
     /// Pages a REMOVE hit while their fetch was in flight: place a zero page instead.
     removed_in_flight: Mutex<HashSet<usize>>,
     removed_count: AtomicUsize,
+    /// Placements under way (ioctl issued, not yet counted and published). A racing
+    /// placer that meets EEXIST marks the page Received before the winner has counted
+    /// it, so completion also waits for this to reach zero.
+    placing: AtomicUsize,
     /// The prefetcher's next page; each fault moves it to just after the faulting page.
     pub cursor: AtomicUsize,
     /// Fault order of first touches, when recording a working set.
@@ -121,6 +125,7 @@ impl Shared {
             gone: AtomicBool::new(false),
             removed_in_flight: Mutex::new(HashSet::new()),
             removed_count: AtomicUsize::new(0),
+            placing: AtomicUsize::new(0),
             cursor: AtomicUsize::new(0),
             recorder: record.then(|| Recorder::new(pages)),
             fault_around,
@@ -232,6 +237,23 @@ impl Shared {
     /// Places `content` at `p` (which spans `count` pages of the same region) and marks
     /// the pages received. With `wake`, threads waiting on the range are woken.
     pub fn place(
+        &self,
+        p: &PageRef,
+        count: usize,
+        content: Content<'_>,
+        wake: bool,
+        origin: Origin,
+    ) -> Placement {
+        // SeqCst: pairs with `complete`, which reads this after seeing every page
+        // Received; a placement whose page a racing EEXIST already published is then
+        // still counted here until its stats are in.
+        self.placing.fetch_add(1, Ordering::SeqCst);
+        let r = self.place_counted(p, count, content, wake, origin);
+        self.placing.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+
+    fn place_counted(
         &self,
         p: &PageRef,
         count: usize,
@@ -614,6 +636,7 @@ impl Shared {
     /// Whether every page has been placed (Received) or is known zero and placed.
     pub fn complete(&self) -> bool {
         self.states.count(PageState::Received) == self.states.len()
+            && self.placing.load(Ordering::SeqCst) == 0
     }
 }
 

@@ -204,16 +204,21 @@ fn send_range(
                 return Err(Error::Protocol("a page server needs a local source".into()))
             }
         };
-        if data.iter().all(|&b| b == 0) {
+        let (data_pages, zero_pages) = if data.is_empty() {
             w.send(&Message::ZeroRun(PageRange { first, count: n }))?;
-            shared.stats.zero_pages_sent.fetch_add(n, Ordering::Relaxed);
+            (0, n)
         } else {
-            w.send(&Message::Pages {
-                first,
-                data: data.to_vec(),
-            })?;
-            shared.stats.pages_sent.fetch_add(n, Ordering::Relaxed);
-        }
+            let data_pages = w.send_page_data(first, data, shared.page_size)? / ps;
+            (data_pages, n - data_pages)
+        };
+        shared
+            .stats
+            .pages_sent
+            .fetch_add(data_pages, Ordering::Relaxed);
+        shared
+            .stats
+            .zero_pages_sent
+            .fetch_add(zero_pages, Ordering::Relaxed);
         first += n;
     }
     Ok(())

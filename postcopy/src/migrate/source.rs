@@ -311,25 +311,7 @@ impl Memory {
                 }
                 None => raw,
             };
-            let zero = |i: usize| is_zero(&chunk[i * ps..(i + 1) * ps]);
-            let mut i = 0;
-            while i < n {
-                let z = zero(i);
-                let mut j = i + 1;
-                while j < n && zero(j) == z {
-                    j += 1;
-                }
-                if z {
-                    w.send(&Message::ZeroRun(PageRange {
-                        first: p + i as u64,
-                        count: (j - i) as u64,
-                    }))?;
-                } else {
-                    w.send_pages(p + i as u64, &chunk[i * ps..j * ps])?;
-                    bytes += ((j - i) * ps) as u64;
-                }
-                i = j;
-            }
+            bytes += w.send_page_data(p, chunk, ps)?;
             p += n as u64;
         }
         Ok(bytes)
@@ -339,13 +321,6 @@ impl Memory {
         // SAFETY: in the mapping; after the switch nothing writes it.
         unsafe { digest_raw(self.page_ptr(p), self.ps) }
     }
-}
-
-/// Whether `page` is all zero (64-byte blocks OR-reduced: vectorises, unlike an early-exit
-/// byte loop).
-fn is_zero(page: &[u8]) -> bool {
-    page.chunks(64)
-        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
 /// How one postcopy connection pair ended.
@@ -646,10 +621,11 @@ impl Migration {
             main.cut.shutdown();
             urgent.cut.shutdown();
         };
-        // Handshake replies came under a read timeout; now both peers may idle.
-        let _ = main
-            .cut
-            .set_timeouts(None, Some(self.opts.timing.io_timeout));
+        // Handshake replies came under a read timeout; now both peers may idle (the
+        // urgent channel is silent whenever the destination does not fault).
+        for conn in [&main.cut, &urgent.cut] {
+            let _ = conn.set_timeouts(None, Some(self.opts.timing.io_timeout));
+        }
         let main_w = Mutex::new(main.w);
         let (mut main_r, mut urgent_r, mut urgent_w) = (main.r, urgent.r, urgent.w);
         let prog = &self.control.progress;
