@@ -72,9 +72,12 @@ fn bounce_all(kind: MemoryKind, pages: usize) -> (u64, u64) {
         let copier = {
             let (uffd, source, lost) = (uffd.clone(), source.clone(), lost.clone());
             std::thread::spawn(move || {
-                // Walk from the middle so the copier meets the workers' faults.
+                // Walk from the middle so the copier meets the workers' faults. Every
+                // fourth page is left to the handler, so it serves faults however the
+                // scheduler orders the threads (a loaded machine may run the copier first).
                 for i in 0..pages {
-                    if place(&uffd, base, &source, ps, (i + pages / 2) % pages) {
+                    let page = (i + pages / 2) % pages;
+                    if page % 4 != 0 && place(&uffd, base, &source, ps, page) {
                         lost.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -109,10 +112,16 @@ fn bounce_all(kind: MemoryKind, pages: usize) -> (u64, u64) {
             w.join().expect("worker");
         }
         copier.join().expect("copier");
+        // Pages the copier left and no worker touched: place them now.
+        for page in (0..pages).step_by(4) {
+            if place(&uffd, base, &source, ps, page) {
+                lost.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         faults += handler.handled.load(Ordering::Relaxed);
         handler.stop();
         exists += lost.load(Ordering::Relaxed);
-        // Every page is present now (the copier placed all of them): carry the region over.
+        // Every page is present now: carry the region over.
         // SAFETY: the whole region is populated.
         src = unsafe { common::bytes(region.addr(), region.len()) }.to_vec();
     }
