@@ -2,6 +2,17 @@
 
 use std::process::Command;
 
+/// The stdout of a run that must have succeeded (else fails showing both streams).
+fn success_text(out: &std::process::Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 fn uffdkit(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_uffdkit"))
         .args(args)
@@ -50,12 +61,7 @@ fn probe_table_is_readable() {
 #[test]
 fn demo_restores_lazily_and_verifies_every_page() {
     let out = uffdkit(&["demo", "--size-mib", "16"]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = success_text(&out);
     assert!(text.contains("all 4096 pages"), "{text}");
     assert!(text.contains("every page verified"), "{text}");
     assert!(text.contains("zero pages (never transferred)"), "{text}");
@@ -275,12 +281,7 @@ fn migrate_local_moves_a_written_region_between_two_processes_and_verifies_it() 
         "--workload",
         "hot",
     ]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = success_text(&out);
     assert!(text.contains("8192 of 8192 pages verified"), "{text}");
     assert!(text.contains("downtime"), "{text}");
     assert!(text.contains("requested pages"), "{text}");
