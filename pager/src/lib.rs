@@ -51,4 +51,4 @@ pub use pager::{pin_to_cpu, DeliveryMode, Pager, PagerBuilder};
 pub use prefetch::Prefetch;
 pub use region::{PageRef, Region, RegionSpec, RegionTable, Resolve};
 pub use source::{Fetched, FileSource, MemorySource, Source, ZeroSource};
-pub use stats::{bucket, Stats, StatsSnapshot, BUCKETS};
+pub use stats::{bucket, histogram_lines, latency_quantile, Stats, StatsSnapshot, BUCKETS};

@@ -157,37 +157,48 @@ impl StatsSnapshot {
     /// The latency below which `q` (0..=1) of recorded faults fall, as a bucket's upper
     /// bound (log2 resolution).
     pub fn latency_quantile(&self, q: f64) -> Option<Duration> {
-        let total: u64 = self.latency.iter().sum();
-        if total == 0 {
-            return None;
-        }
-        let want = ((total as f64) * q).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (k, n) in self.latency.iter().enumerate() {
-            seen += n;
-            if seen >= want {
-                return Some(Duration::from_micros(1u64 << k));
-            }
-        }
-        None
+        latency_quantile(&self.latency, q)
     }
 
-    /// The histogram as text lines `[lo, hi) µs  count  bar`.
+    /// The fault-latency histogram as text lines (see [`histogram_lines`]).
     pub fn histogram_lines(&self) -> Vec<String> {
-        let max = self.latency.iter().copied().max().unwrap_or(0).max(1);
-        self.latency
-            .iter()
-            .enumerate()
-            .filter(|(_, &n)| n > 0)
-            .map(|(k, &n)| {
-                let (lo, hi) = if k == 0 {
-                    (0, 1)
-                } else {
-                    (1u64 << (k - 1), 1u64 << k)
-                };
-                let bar = "#".repeat(((n * 40).div_ceil(max)) as usize);
-                format!("{lo:>7}..{hi:<7} µs {n:>9}  {bar}")
-            })
-            .collect()
+        histogram_lines(&self.latency)
     }
+}
+
+/// The latency below which `q` (0..=1) of the counts in `latency` (log2-µs buckets, see
+/// [`BUCKETS`]) fall, as a bucket's upper bound; `None` when nothing was recorded.
+pub fn latency_quantile(latency: &[u64; BUCKETS], q: f64) -> Option<Duration> {
+    let total: u64 = latency.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let want = ((total as f64) * q).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (k, n) in latency.iter().enumerate() {
+        seen += n;
+        if seen >= want {
+            return Some(Duration::from_micros(1u64 << k));
+        }
+    }
+    None
+}
+
+/// A log2-µs histogram as text lines `lo..hi µs  count  bar`, empty buckets left out.
+pub fn histogram_lines(latency: &[u64; BUCKETS]) -> Vec<String> {
+    let max = latency.iter().copied().max().unwrap_or(0).max(1);
+    latency
+        .iter()
+        .enumerate()
+        .filter(|(_, &n)| n > 0)
+        .map(|(k, &n)| {
+            let (lo, hi) = if k == 0 {
+                (0, 1)
+            } else {
+                (1u64 << (k - 1), 1u64 << k)
+            };
+            let bar = "#".repeat(((n * 40).div_ceil(max)) as usize);
+            format!("{lo:>7}..{hi:<7} µs {n:>9}  {bar}")
+        })
+        .collect()
 }

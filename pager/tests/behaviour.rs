@@ -493,26 +493,14 @@ fn a_remapped_region_is_served_at_its_new_address() {
     // SAFETY: served region: page 0 in before the move.
     let first = unsafe { std::ptr::read_volatile(memory.as_ptr()) };
     assert_eq!(first, image[0]);
-    let (from, len) = memory.leak();
-    let (to, _) = target.leak();
-    // SAFETY: moves our leaked mapping over our leaked target.
-    let moved = unsafe {
-        libc::mremap(
-            from as *mut _,
-            len,
-            len,
-            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-            to as *mut libc::c_void,
-        )
-    };
-    assert_eq!(moved as usize, to);
+    let to = target.addr();
+    let moved = memory.move_onto(target).expect("mremap");
+    assert_eq!(moved.addr(), to);
     // SAFETY: the region now lives at `to`; faults there are served from the same image.
-    let got = unsafe { common::bytes(to, len) };
+    let got = unsafe { common::bytes(moved.addr(), moved.len()) };
     assert_eq!(got, image.as_slice());
     let stats = pager.stop().expect("stop");
     assert_eq!(stats.events_remap, 1);
-    // SAFETY: our mapping.
-    unsafe { libc::munmap(to as *mut _, len) };
 }
 
 #[test]

@@ -304,23 +304,16 @@ impl FrameWriter {
         let crc = crc.finalize().to_le_bytes();
         // One writev for header, data and trailer: with TCP_NODELAY, separate writes
         // would send the 16-byte header and the 4-byte trailer as segments of their own.
-        let parts = [&self.buf[..], data, &crc[..]];
-        let total: usize = parts.iter().map(|p| p.len()).sum();
-        let mut done = 0;
-        while done < total {
-            let mut skip = done;
-            let mut slices = Vec::with_capacity(3);
-            for part in parts {
-                if skip >= part.len() {
-                    skip -= part.len();
-                } else {
-                    slices.push(io::IoSlice::new(&part[skip..]));
-                    skip = 0;
-                }
-            }
-            match self.stream.write_vectored(&slices) {
+        let mut slices = [
+            io::IoSlice::new(&self.buf),
+            io::IoSlice::new(data),
+            io::IoSlice::new(&crc),
+        ];
+        let mut left = &mut slices[..];
+        while !left.is_empty() {
+            match self.stream.write_vectored(left) {
                 Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
-                Ok(n) => done += n,
+                Ok(n) => io::IoSlice::advance_slices(&mut left, n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
             }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use postcopy::auth::Key;
 use postcopy::migrate::{
-    histogram_lines, quantile_us, DestOptions, Destination, Migration, Phase, SourceControl,
+    histogram_lines, latency_quantile, DestOptions, Destination, Migration, Phase, SourceControl,
     SourceOptions, Timing,
 };
 use postcopy::net::Addr;
@@ -454,8 +454,8 @@ fn dest(a: &DestArgs) -> Result<()> {
         "postcopy_pages": r.postcopy_pages,
         "requested": r.requested,
         "latency_buckets_log2_us": r.latency.to_vec(),
-        "requested_p50_us": quantile_us(&r.latency, 0.5),
-        "requested_p99_us": quantile_us(&r.latency, 0.99),
+        "requested_p50_us": requested_quantile_us(&r.latency, 0.5),
+        "requested_p99_us": requested_quantile_us(&r.latency, 0.99),
         "blocktime_ms": r.blocktime.as_secs_f64() * 1e3,
         "postcopy_ms": r.postcopy.as_secs_f64() * 1e3,
         "workload_ms": workload_ms,
@@ -480,6 +480,11 @@ fn dest(a: &DestArgs) -> Result<()> {
 fn us_or_none(v: &serde_json::Value) -> String {
     v.as_u64()
         .map_or_else(|| "n/a (no requests)".into(), |us| format!("≤ {us} µs"))
+}
+
+/// A quantile bound of requested-page latencies in µs (`None`: nothing requested).
+fn requested_quantile_us(latency: &[u64; postcopy::migrate::BUCKETS], q: f64) -> Option<u64> {
+    latency_quantile(latency, q).map(|d| d.as_micros() as u64)
 }
 
 fn addr_text(a: &Addr) -> String {

@@ -193,7 +193,6 @@ pub fn run(a: &NetArgs) -> Result<()> {
     let wall = Duration::from_secs(1);
     let (idle, loaded) = (summarize(idle, wall), summarize(loaded, wall));
     let (same, cross, stream) = (median(raw_same), median(raw_cross), median(stream));
-    let raw = same.min(cross);
     let figures = json!({
         "placement": "unpinned, TCP loopback, destination per-CPU handlers",
         "rtt_us": { "p50": rtt.p50_us, "p99": rtt.p99_us },
@@ -240,6 +239,5 @@ pub fn run(a: &NetArgs) -> Result<()> {
         100.0 * stream / cross,
         a.size >> 20
     );
-    let _ = raw;
     Ok(())
 }

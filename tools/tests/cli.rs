@@ -13,6 +13,11 @@ fn success_text(out: &std::process::Output) -> String {
     text
 }
 
+/// The stdout of a run that must have succeeded, parsed as JSON.
+fn success_json(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_str(&success_text(out)).expect("valid JSON")
+}
+
 fn uffdkit(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_uffdkit"))
         .args(args)
@@ -23,12 +28,7 @@ fn uffdkit(args: &[&str]) -> std::process::Output {
 #[test]
 fn probe_json_names_features_as_kernel_constants() {
     let out = uffdkit(&["probe", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    let v = success_json(&out);
     let features: Vec<&str> = v["features"]
         .as_array()
         .expect("features array")
@@ -80,12 +80,7 @@ fn bench_json_reports_percentiles_and_ratios_for_each_mode() {
         "unpinned",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let v = success_json(&out);
     let results = v["results"].as_array().expect("results");
     assert_eq!(results.len(), 4, "thread, poll, percpu, sigbus");
     for r in results {
@@ -115,12 +110,7 @@ fn restore_compares_strategies_and_verifies_pages() {
         "--json",
     ]);
     std::fs::remove_file(&path).ok();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let v = success_json(&out);
     assert_eq!(v["verified"], true);
     assert_eq!(v["touched_pages"], 512);
     let names: Vec<&str> = v["results"]
@@ -307,12 +297,7 @@ fn migrate_local_json_with_2mib_pages_over_unix() {
         "unix",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let v = success_json(&out);
     assert_eq!(v["source"]["pages"], 8);
     assert_eq!(v["source"]["verified"], 8);
     assert_eq!(v["dest"]["page_size"], 2 << 20);

@@ -264,6 +264,56 @@ impl Mapping {
         Ok(())
     }
 
+    /// Moves this mapping onto `target`'s range with `mremap(MREMAP_MAYMOVE |
+    /// MREMAP_FIXED)` (what a VMM moving guest memory does; a registered range raises a
+    /// REMAP event). `target`'s pages are replaced; the result owns the moved range.
+    pub fn move_onto(self, target: Mapping) -> io::Result<Mapping> {
+        if target.len != self.len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "mremap target must have the same length",
+            ));
+        }
+        let me = std::mem::ManuallyDrop::new(self);
+        let (to, _) = target.leak();
+        // SAFETY: both ranges are ours (`me` is never dropped, `target` was leaked); the
+        // kernel unmaps whatever was at `to` and moves our pages there.
+        let moved = unsafe {
+            libc::mremap(
+                me.addr as *mut _,
+                me.len,
+                me.len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                to as *mut libc::c_void,
+            )
+        };
+        // SAFETY: `me` is never dropped, so its Arc is moved out exactly once.
+        let file = unsafe { std::ptr::read(&me.file) };
+        if moved == libc::MAP_FAILED {
+            let e = io::Error::last_os_error();
+            // Both ranges are still mapped and ours: unmap them rather than leak.
+            drop(Mapping {
+                addr: to,
+                len: me.len,
+                kind: me.kind,
+                file: None,
+            });
+            drop(Mapping {
+                addr: me.addr,
+                len: me.len,
+                kind: me.kind,
+                file,
+            });
+            return Err(e);
+        }
+        Ok(Mapping {
+            addr: to,
+            len: me.len,
+            kind: me.kind,
+            file,
+        })
+    }
+
     /// Gives up the mapping without unmapping it (e.g. after `mremap` moved it), returning
     /// its address and length.
     pub fn leak(self) -> (usize, usize) {

@@ -59,23 +59,11 @@ fn remap_event_reports_old_and_new_address() {
     let uffd = open(Features::EVENT_REMAP);
     uffd.register(region.addr(), region.len(), RegisterMode::MISSING)
         .expect("register");
-    let (from, len) = region.leak();
-    let (to, _) = target.leak();
-    let mover = std::thread::spawn(move || {
-        // SAFETY: moves the leaked range over the leaked target; both are ours.
-        let p = unsafe {
-            libc::mremap(
-                from as *mut _,
-                len,
-                len,
-                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                to as *mut libc::c_void,
-            )
-        };
-        assert_eq!(p as usize, to, "mremap");
-    });
+    let (from, to, len) = (region.addr(), target.addr(), region.len());
+    let mover = std::thread::spawn(move || region.move_onto(target).expect("mremap"));
     let event = next_event(&uffd, &mut EventBuffer::new(4));
-    mover.join().expect("mremap thread");
+    let moved = mover.join().expect("mremap thread");
+    assert_eq!(moved.addr(), to);
     match event {
         Event::Remap {
             from: f,
@@ -84,8 +72,6 @@ fn remap_event_reports_old_and_new_address() {
         } => assert_eq!((f, t, l), (from, to, len)),
         other => panic!("expected remap, got {other:?}"),
     }
-    // SAFETY: the moved range is ours.
-    unsafe { libc::munmap(to as *mut _, len) };
 }
 
 #[test]

@@ -67,8 +67,6 @@ pub struct DestControl {
     pub precopy_pages: AtomicU64,
     /// Pages placed in postcopy (arrivals).
     pub postcopy_pages: AtomicU64,
-    /// Pages requested (REQ_PAGES sent for them).
-    pub requested: AtomicU64,
     /// Reconnections accepted.
     pub reconnects: AtomicU64,
     stall: Mutex<Option<(u64, Duration)>>,

@@ -104,10 +104,10 @@ pub unsafe fn digest_raw(ptr: *const u8, len: usize) -> u64 {
     h ^ (h >> 33)
 }
 
-/// Log2-microsecond buckets (bucket k holds [2^(k-1), 2^k) µs; bucket 0 holds < 1 µs).
-pub const BUCKETS: usize = 32;
+/// Histogram buckets: the pager's log2-µs layout, so its quantile and text helpers apply.
+pub use pager::{histogram_lines, latency_quantile, BUCKETS};
 
-/// A lock-free latency histogram.
+/// A lock-free latency histogram (the requested-page latencies of a destination).
 #[derive(Debug)]
 pub struct Histogram {
     buckets: [AtomicU64; BUCKETS],
@@ -126,9 +126,7 @@ impl Default for Histogram {
 impl Histogram {
     /// Records one latency. Relaxed: counters read after the recording threads finish.
     pub fn record(&self, latency: Duration) {
-        let us = latency.as_micros() as u64;
-        let k = (64 - us.leading_zeros() as usize).min(BUCKETS - 1);
-        self.buckets[k].fetch_add(1, Ordering::Relaxed);
+        self.buckets[pager::bucket(latency)].fetch_add(1, Ordering::Relaxed);
         self.sum_ns
             .fetch_add(latency.as_nanos() as u64, Ordering::Relaxed);
     }
@@ -142,38 +140,6 @@ impl Histogram {
     pub fn sum(&self) -> Duration {
         Duration::from_nanos(self.sum_ns.load(Ordering::Relaxed))
     }
-}
-
-/// Upper bound of the bucket holding quantile `q` of `counts`, in µs.
-pub fn quantile_us(counts: &[u64; BUCKETS], q: f64) -> Option<u64> {
-    let total: u64 = counts.iter().sum();
-    if total == 0 {
-        return None;
-    }
-    let want = ((total as f64) * q).ceil().max(1.0) as u64;
-    let mut seen = 0;
-    for (k, n) in counts.iter().enumerate() {
-        seen += n;
-        if seen >= want {
-            return Some(1u64 << k);
-        }
-    }
-    None
-}
-
-/// The histogram as text lines `[lo, hi) µs  count`.
-pub fn histogram_lines(counts: &[u64; BUCKETS]) -> Vec<String> {
-    let max = counts.iter().copied().max().unwrap_or(0).max(1);
-    counts
-        .iter()
-        .enumerate()
-        .filter(|(_, &n)| n > 0)
-        .map(|(k, &n)| {
-            let lo = if k == 0 { 0 } else { 1u64 << (k - 1) };
-            let bar = "#".repeat(((n * 40).div_ceil(max)) as usize);
-            format!("[{lo:>8}, {:>8}) µs {n:>9} {bar}", 1u64 << k)
-        })
-        .collect()
 }
 
 /// Timeouts and retry policy shared by both endpoints.

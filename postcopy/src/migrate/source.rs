@@ -581,7 +581,7 @@ impl Migration {
                 match main.r.recv()? {
                     Message::RecvBitmap { words } => need.set_complement_of(&words),
                     Message::Shut { detail, .. } => {
-                        return Err(Error::Protocol(format!("destination refused: {detail}")))
+                        return Err(Error::Fatal(format!("destination refused: {detail}")))
                     }
                     other => {
                         return Err(Error::Protocol(format!(
@@ -593,9 +593,7 @@ impl Migration {
             })();
             match attempt {
                 Ok(pair) => return Ok(pair),
-                Err(Error::Protocol(m)) if m.starts_with("destination refused") => {
-                    return Err(Error::Protocol(m))
-                }
+                Err(e @ Error::Fatal(_)) => return Err(e),
                 Err(e) => {
                     last = e;
                     delay = (delay * 2).min(t.max_backoff);
@@ -615,8 +613,8 @@ impl Migration {
         last_sent: &mut Instant,
     ) -> SessionEnd {
         let broken = AtomicBool::new(false);
-        let cut = |e: &Error| {
-            let _ = e;
+        // Ends both connections: on any error, and once verified (ending the urgent reader).
+        let cut = || {
             broken.store(true, Ordering::Relaxed);
             main.cut.shutdown();
             urgent.cut.shutdown();
@@ -656,8 +654,8 @@ impl Migration {
                         }
                     }
                 })();
-                if let Err(e) = &r {
-                    cut(e);
+                if r.is_err() {
+                    cut();
                 }
                 r
             });
@@ -723,8 +721,8 @@ impl Migration {
                         .unwrap_or_else(|p| p.into_inner())
                         .send(&Message::End)
                 })();
-                if let Err(e) = &r {
-                    cut(e);
+                if r.is_err() {
+                    cut();
                 }
                 r
             });
@@ -783,15 +781,7 @@ impl Migration {
                     Err(Error::Fatal(e.to_string()))
                 }
             })();
-            match &verdict {
-                Ok(_) => {
-                    // Done: end the urgent reader too.
-                    broken.store(true, Ordering::Relaxed);
-                    main.cut.shutdown();
-                    urgent.cut.shutdown();
-                }
-                Err(e) => cut(e),
-            }
+            cut();
             let stream_r = stream_t.join().unwrap_or(Err(Error::Closed));
             let urgent_r = urgent_t.join().unwrap_or(Err(Error::Closed));
             if let Some(t) = *finished.lock().unwrap_or_else(|p| p.into_inner()) {
@@ -799,7 +789,7 @@ impl Migration {
             }
             match verdict {
                 Ok(n) => SessionEnd::Verified(n),
-                Err(Error::Fatal(m)) => SessionEnd::Broken(Error::Fatal(m)),
+                Err(e @ Error::Fatal(_)) => SessionEnd::Broken(e),
                 Err(e) => {
                     SessionEnd::Broken(stream_r.err().or(urgent_r.err()).map_or(e, |first| first))
                 }
