@@ -852,6 +852,18 @@ impl Placer {
         Ok(Some(placed))
     }
 
+    /// Reports that a remote source can no longer deliver pages it answered
+    /// [`Fetched::Pending`](crate::Fetched::Pending) for (retries exhausted, data that failed
+    /// verification): the pager records the error, stops, and returns it from
+    /// [`Pager::stop`](crate::Pager::stop). Faults left unserved are released when the
+    /// userfaultfd closes; an embedder serving another process should end that process.
+    pub fn fail(&self, error: crate::SourceError) {
+        if let Some(shared) = self.shared.upgrade() {
+            bump(&shared.stats.source_errors);
+            shared.fail(error.into());
+        }
+    }
+
     /// Whether page `page` (index in the state map) is still to be placed; `None` once
     /// the pager is gone.
     pub fn state(&self, page: usize) -> Option<PageState> {
