@@ -14,9 +14,14 @@
 //!
 //! Allowed transitions — everything else is refused with a [`TransitionError`] naming the
 //! page, the state found and the transition tried, and never applied:
-//! missing → requested (a fault); missing / requested / zero → received (a page arrived or
-//! a zero page was placed); received → missing (discard, setup only); missing / received →
-//! zero (a hole, or a REMOVE).
+//! missing → requested (a fault); requested → missing (release: a claim given back in one
+//! step); missing / requested / zero → received (a page arrived or a zero page was placed);
+//! received → missing (discard, setup only); missing / received → zero (a hole, or a REMOVE).
+//!
+//! Beside the map, [`Bitmap`] is the 1-bit atomic page set the layers above share (sent,
+//! dirty, removed-in-flight, a peer's received set), in the same word layout as the map's
+//! exports ([`PageStateMap::export_present`]: Received ∪ Zero, what a resuming destination
+//! reports).
 //!
 //! ```
 //! use page_state::{PageState, PageStateMap, RequestOutcome};
@@ -26,6 +31,9 @@
 //! assert_eq!(map.request(7)?, RequestOutcome::AlreadyRequested); // do not ask twice
 //! assert_eq!(map.mark_received(7)?, PageState::Requested);
 //! assert_eq!(map.request(7)?, RequestOutcome::AlreadyReceived);  // just wake
+//! assert_eq!(map.request(8)?, RequestOutcome::Requested);
+//! assert_eq!(map.release(8)?, PageState::Requested);              // could not place: give back
+//! assert_eq!(map.request(8)?, RequestOutcome::Requested);        // the next fault asks again
 //! map.mark_zero_range(100, 200)?;                                // a hole in the image
 //! assert_eq!(map.request(150)?, RequestOutcome::IsZero);
 //! assert!(map.discard(150).is_err());                            // zero → missing: refused
@@ -34,6 +42,7 @@
 //! # Ok::<(), page_state::Error>(())
 //! ```
 
+mod bitmap;
 mod error;
 mod map;
 pub mod model;
@@ -41,6 +50,7 @@ mod state;
 mod sync;
 mod word;
 
+pub use bitmap::{Bitmap, Runs};
 pub use error::{Error, TransitionError};
 pub use map::{MissingRuns, PageStateMap, RequestOutcome};
 pub use state::{PageState, Transition};

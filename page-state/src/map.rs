@@ -192,6 +192,14 @@ impl PageStateMap {
         self.transition(page, Transition::Discard)
     }
 
+    /// Gives back a claim: requested → missing in one CAS, so a later fault asks again.
+    /// For a requester that cannot place the page now (the address space is changing);
+    /// no other thread ever sees the page in a state it was not in.
+    #[inline]
+    pub fn release(&self, page: usize) -> Result<PageState, Error> {
+        self.transition(page, Transition::Release)
+    }
+
     /// Applies `transition` to `start..end`, one CAS per word. Pages already in the target
     /// state are left alone; pages whose state forbids it are left alone and reported.
     /// Returns the number of pages changed.
@@ -245,6 +253,11 @@ impl PageStateMap {
     /// Marks `start..end` received (received stays).
     pub fn mark_received_range(&self, start: usize, end: usize) -> Result<usize, Error> {
         self.transition_range(start, end, Transition::Receive)
+    }
+
+    /// Releases `start..end`: requested → missing (missing stays; others refused).
+    pub fn release_range(&self, start: usize, end: usize) -> Result<usize, Error> {
+        self.transition_range(start, end, Transition::Release)
     }
 
     /// Pages in `state` in the whole map.
@@ -325,8 +338,9 @@ impl PageStateMap {
         self.len.div_ceil(64)
     }
 
-    /// Writes the Received set as a bitmap (bit `i % 64` of word `i / 64` is page `i`).
-    pub fn export_received_into(&self, out: &mut [u64]) -> Result<(), Error> {
+    /// Writes the set of pages in any of `states` as a bitmap (bit `i % 64` of word
+    /// `i / 64` is page `i`) into `out`, one load per 32 pages.
+    fn export_into(&self, states: &[PageState], out: &mut [u64]) -> Result<(), Error> {
         if out.len() != self.bitmap_words() {
             return Err(Error::BitmapSize {
                 got: out.len(),
@@ -335,16 +349,38 @@ impl PageStateMap {
         }
         out.fill(0);
         for (w, cell) in self.words.iter().enumerate() {
-            let bits = word::compress(word::in_state(cell.load(LOAD), PageState::Received));
-            out[w / 2] |= bits << (32 * (w % 2));
+            let word = cell.load(LOAD);
+            let slots = states
+                .iter()
+                .fold(0, |acc, &s| acc | word::in_state(word, s));
+            out[w / 2] |= word::compress(slots) << (32 * (w % 2));
         }
         Ok(())
+    }
+
+    /// Writes the Received set as a bitmap (bit `i % 64` of word `i / 64` is page `i`).
+    pub fn export_received_into(&self, out: &mut [u64]) -> Result<(), Error> {
+        self.export_into(&[PageState::Received], out)
     }
 
     /// The Received set as a bitmap.
     pub fn export_received(&self) -> Vec<u64> {
         let mut out = vec![0; self.bitmap_words()];
         self.export_received_into(&mut out)
+            .expect("sized to the map");
+        out
+    }
+
+    /// Writes the *present* set — Received ∪ Zero, every page that needs nothing more
+    /// from a source — as a bitmap: what a destination reports on resume (RECV_BITMAP).
+    pub fn export_present_into(&self, out: &mut [u64]) -> Result<(), Error> {
+        self.export_into(&[PageState::Received, PageState::Zero], out)
+    }
+
+    /// The present set (Received ∪ Zero) as a bitmap.
+    pub fn export_present(&self) -> Vec<u64> {
+        let mut out = vec![0; self.bitmap_words()];
+        self.export_present_into(&mut out)
             .expect("sized to the map");
         out
     }

@@ -139,15 +139,25 @@ impl Model {
         runs
     }
 
-    /// The Received set as a bitmap.
-    pub fn export_received(&self) -> Vec<u64> {
+    /// The set of pages in any of `states` as a bitmap.
+    fn export(&self, states: &[PageState]) -> Vec<u64> {
         let mut out = vec![0u64; self.states.len().div_ceil(64)];
         for (p, s) in self.states.iter().enumerate() {
-            if *s == PageState::Received {
+            if states.contains(s) {
                 out[p / 64] |= 1 << (p % 64);
             }
         }
         out
+    }
+
+    /// The Received set as a bitmap.
+    pub fn export_received(&self) -> Vec<u64> {
+        self.export(&[PageState::Received])
+    }
+
+    /// The present set (Received ∪ Zero) as a bitmap.
+    pub fn export_present(&self) -> Vec<u64> {
+        self.export(&[PageState::Received, PageState::Zero])
     }
 }
 
@@ -162,6 +172,8 @@ pub enum Op {
     MarkZero(usize),
     /// `discard(page)`.
     Discard(usize),
+    /// `release(page)`.
+    Release(usize),
     /// A range transition over `start..end`.
     Range(Transition, usize, usize),
     /// `count_range(state, start, end)`.
@@ -170,7 +182,8 @@ pub enum Op {
     NextMissing(usize),
     /// `missing_runs(cursor)`, collected.
     Runs(usize),
-    /// Export the received bitmap, and import it into a fresh map.
+    /// Export the received and present bitmaps, and import the received one into a
+    /// fresh map.
     ExportImport,
     /// Import a bitmap with the given seed bits into the map (and the model).
     Import(u64),
@@ -189,22 +202,18 @@ impl Op {
         } else {
             (a, b)
         };
-        let transitions = [
-            Transition::Request,
-            Transition::Receive,
-            Transition::Discard,
-            Transition::MarkZero,
-        ];
-        let op = match head[0] % 10 {
+        let kind = usize::from(head[0] / 11);
+        let op = match head[0] % 11 {
             0 => Op::Request(a),
             1 => Op::Receive(a),
             2 => Op::MarkZero(a),
             3 => Op::Discard(a),
-            4 => Op::Range(transitions[usize::from(head[0] / 10) % 4], lo, hi),
-            5 => Op::Count(PageState::ALL[usize::from(head[0] / 10) % 4], lo, hi),
-            6 => Op::NextMissing(a),
-            7 => Op::Runs(a),
-            8 => Op::ExportImport,
+            4 => Op::Release(a),
+            5 => Op::Range(Transition::ALL[kind % Transition::ALL.len()], lo, hi),
+            6 => Op::Count(PageState::ALL[kind % 4], lo, hi),
+            7 => Op::NextMissing(a),
+            8 => Op::Runs(a),
+            9 => Op::ExportImport,
             _ => Op::Import(u64::from_le_bytes([
                 head[1], head[2], head[3], head[4], head[0], head[2], head[1], head[4],
             ])),
@@ -226,10 +235,11 @@ pub fn check(map: &PageStateMap, model: &mut Model, op: Op) -> Result<(), String
                 return differ("result", &m, &r);
             }
         }
-        Op::Receive(p) | Op::MarkZero(p) | Op::Discard(p) => {
+        Op::Receive(p) | Op::MarkZero(p) | Op::Discard(p) | Op::Release(p) => {
             let (m, t) = match op {
                 Op::Receive(_) => (map.mark_received(p), Transition::Receive),
                 Op::MarkZero(_) => (map.mark_zero(p), Transition::MarkZero),
+                Op::Release(_) => (map.release(p), Transition::Release),
                 _ => (map.discard(p), Transition::Discard),
             };
             let r = model.transition(p, t);
@@ -242,6 +252,7 @@ pub fn check(map: &PageStateMap, model: &mut Model, op: Op) -> Result<(), String
                 Transition::Receive => map.mark_received_range(a, b),
                 Transition::MarkZero => map.mark_zero_range(a, b),
                 Transition::Discard => map.discard_range(a, b),
+                Transition::Release => map.release_range(a, b),
                 // No range request exists: requests are per fault.
                 Transition::Request => return Ok(()),
             };
@@ -277,6 +288,10 @@ pub fn check(map: &PageStateMap, model: &mut Model, op: Op) -> Result<(), String
             }
         }
         Op::ExportImport => {
+            let (m, r) = (map.export_present(), model.export_present());
+            if m != r {
+                return differ("export present", &m, &r);
+            }
             let (m, r) = (map.export_received(), model.export_received());
             if m != r {
                 return differ("export", &m, &r);

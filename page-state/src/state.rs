@@ -59,6 +59,9 @@ pub enum Transition {
     Discard,
     /// A hole, or a REMOVE: missing / received → zero.
     MarkZero,
+    /// A claim given back (the placement could not be made now): requested → missing,
+    /// in one step, so no other thread ever sees the page in a state it was not in.
+    Release,
 }
 
 impl Transition {
@@ -70,8 +73,18 @@ impl Transition {
             Transition::Receive => PageState::Received,
             Transition::Discard => PageState::Missing,
             Transition::MarkZero => PageState::Zero,
+            Transition::Release => PageState::Missing,
         }
     }
+
+    /// Every transition, in declaration order.
+    pub const ALL: [Transition; 5] = [
+        Transition::Request,
+        Transition::Receive,
+        Transition::Discard,
+        Transition::MarkZero,
+        Transition::Release,
+    ];
 
     /// Whether the table allows this transition from `from`. A page already in the
     /// target state is not a transition and is not allowed here.
@@ -84,6 +97,7 @@ impl Transition {
                 | (Transition::Receive, Missing | Requested | Zero)
                 | (Transition::Discard, Received)
                 | (Transition::MarkZero, Missing | Received)
+                | (Transition::Release, Requested)
         )
     }
 }
@@ -95,6 +109,7 @@ impl fmt::Display for Transition {
             Transition::Receive => "receive",
             Transition::Discard => "discard",
             Transition::MarkZero => "mark zero",
+            Transition::Release => "release",
         })
     }
 }

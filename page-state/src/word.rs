@@ -62,6 +62,7 @@ fn legal(word: u64, transition: Transition) -> u64 {
         Transition::Receive => (!hi | lo) & LO,
         Transition::Discard => hi & !lo,
         Transition::MarkZero => !lo & LO,
+        Transition::Release => lo & !hi,
     }
 }
 
@@ -137,13 +138,7 @@ mod tests {
 
     #[test]
     fn closed_form_legality_matches_the_table() {
-        let transitions = [
-            Transition::Request,
-            Transition::Receive,
-            Transition::Discard,
-            Transition::MarkZero,
-        ];
-        for t in transitions {
+        for t in Transition::ALL {
             for s in PageState::ALL {
                 let word = s as u64;
                 assert_eq!(
@@ -171,5 +166,10 @@ mod tests {
         let discard = apply(word, all, Transition::Discard);
         assert_eq!(discard.word, 0b11_00_01_00);
         assert_eq!(discard.refused, (1 << 2) | (1 << 6));
+        let release = apply(word, all, Transition::Release);
+        assert_eq!(release.word, 0b11_10_00_00);
+        assert_eq!(release.changed, 1 << 2);
+        assert_eq!(release.already, 1);
+        assert_eq!(release.refused, (1 << 4) | (1 << 6));
     }
 }

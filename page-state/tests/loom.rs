@@ -114,3 +114,95 @@ fn range_discard_racing_single_ops_applies_only_legal_transitions() {
         }
     });
 }
+
+#[test]
+fn release_racing_a_request_and_an_arrival_never_passes_through_received() {
+    loom::model(|| {
+        let map = Arc::new(PageStateMap::new(32));
+        assert_eq!(map.request(3), Ok(RequestOutcome::Requested));
+        // The claimant gives the page back while a fault asks for it and it arrives.
+        let releaser = {
+            let map = map.clone();
+            thread::spawn(move || map.release(3))
+        };
+        let requester = {
+            let map = map.clone();
+            thread::spawn(move || map.request(3).expect("in range"))
+        };
+        let arrived_over = map.mark_received(3).expect("legal from missing/requested");
+        let released = releaser.join().expect("releaser");
+        let asked = requester.join().expect("requester");
+        match released {
+            Ok(previous) => assert_eq!(previous, PageState::Requested),
+            // Only an arrival can take the page out of Requested before the release.
+            Err(Error::Illegal(e)) => assert_eq!(e.found, PageState::Received),
+            Err(other) => panic!("{other:?}"),
+        }
+        match asked {
+            // A new claim exists only after a successful release, and the arrival then
+            // found it Requested again.
+            RequestOutcome::Requested => {
+                assert!(released.is_ok());
+                assert_eq!(arrived_over, PageState::Requested);
+            }
+            RequestOutcome::AlreadyRequested | RequestOutcome::AlreadyReceived => {}
+            RequestOutcome::IsZero => panic!("nobody marked it zero"),
+        }
+        if arrived_over == PageState::Missing {
+            // The release came first and the request did not claim in between.
+            assert!(released.is_ok());
+            assert_ne!(asked, RequestOutcome::Requested);
+        }
+        assert_eq!(map.get(3), Ok(PageState::Received));
+    });
+}
+
+#[test]
+fn release_range_racing_requests_on_one_word_keeps_each_claim() {
+    loom::model(|| {
+        let map = Arc::new(PageStateMap::new(32));
+        for page in 0..3 {
+            assert_eq!(map.request(page), Ok(RequestOutcome::Requested));
+        }
+        // A prefetcher gives back its run 0..3 while faults ask for pages 1 and 4.
+        let faulter = {
+            let map = map.clone();
+            thread::spawn(move || (map.request(1).expect("in range"), map.request(4)))
+        };
+        let released = map.release_range(0, 3).expect("all requested or missing");
+        let (one, four) = faulter.join().expect("faulter");
+        assert_eq!(
+            four,
+            Ok(RequestOutcome::Requested),
+            "a neighbour is untouched"
+        );
+        assert_eq!(map.get(4), Ok(PageState::Requested));
+        match one {
+            // Asked after the release: a fresh claim that the release did not undo.
+            RequestOutcome::Requested => assert_eq!(map.get(1), Ok(PageState::Requested)),
+            // Asked before: it waits on the claim, which the release gave back.
+            RequestOutcome::AlreadyRequested => assert_eq!(map.get(1), Ok(PageState::Missing)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(released, 3);
+        assert_eq!(map.get(0), Ok(PageState::Missing));
+        assert_eq!(map.get(2), Ok(PageState::Missing));
+    });
+}
+
+#[test]
+fn bitmap_claims_are_exclusive_and_lose_no_neighbour() {
+    loom::model(|| {
+        let bits = Arc::new(page_state::Bitmap::new(64));
+        bits.set(5);
+        let other = {
+            let bits = bits.clone();
+            thread::spawn(move || (bits.clear(5), bits.set(6)))
+        };
+        let mine = bits.clear(5);
+        let (theirs, six_was_set) = other.join().expect("thread");
+        assert!(mine ^ theirs, "exactly one clearer claims the bit");
+        assert!(!six_was_set);
+        assert!(!bits.test(5) && bits.test(6));
+    });
+}

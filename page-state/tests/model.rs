@@ -12,6 +12,7 @@ fn op(pages: usize) -> impl Strategy<Value = Op> {
         Just(Transition::Receive),
         Just(Transition::MarkZero),
         Just(Transition::Discard),
+        Just(Transition::Release),
     ];
     let state = prop_oneof![
         Just(PageState::Missing),
@@ -24,6 +25,7 @@ fn op(pages: usize) -> impl Strategy<Value = Op> {
         3 => page.clone().prop_map(Op::Receive),
         2 => page.clone().prop_map(Op::MarkZero),
         2 => page.clone().prop_map(Op::Discard),
+        2 => page.clone().prop_map(Op::Release),
         3 => (transition, page.clone(), page.clone()).prop_map(|(t, a, b)| Op::Range(t, a.min(b), a.max(b))),
         1 => (Just(Transition::Discard), page.clone(), page.clone()).prop_map(|(t, a, b)| Op::Range(t, a.max(b), a.min(b))),
         2 => (state, page.clone(), page.clone()).prop_map(|(s, a, b)| Op::Count(s, a.min(b), a.max(b))),
