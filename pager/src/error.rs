@@ -1,5 +1,11 @@
 //! Pager errors.
 
+use std::path::PathBuf;
+
+use page_state::PageState;
+
+use crate::record::RecordingError;
+
 /// Errors of the pager.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -22,26 +28,49 @@ pub enum Error {
         /// Bytes available.
         have: u64,
     },
+    /// A seeded page-state map that does not fit the regions.
+    #[error("seeded page states: {pages} pages given, the regions hold {want}")]
+    StatesSize {
+        /// Pages in the map given.
+        pages: usize,
+        /// Pages the regions hold.
+        want: usize,
+    },
+    /// A seeded page-state map with a page in a state nobody would resolve.
+    #[error("seeded page states: page {page} is {state}; a seed holds only missing, received or zero pages")]
+    SeededState {
+        /// The first such page.
+        page: usize,
+        /// Its state.
+        state: PageState,
+    },
     /// The kernel refused an operation.
     #[error(transparent)]
     Uffd(#[from] uffd_core::Error),
     /// The source failed.
-    #[error("source: {0}")]
+    #[error(transparent)]
     Source(#[from] SourceError),
-    /// I/O (recording files, threads).
-    #[error("{what}: {source}")]
+    /// I/O (threads, eventfd, CPU affinity).
+    #[error("{what}")]
     Io {
         /// What was being done.
         what: &'static str,
         /// The error.
+        #[source]
         source: std::io::Error,
     },
     /// A Firecracker handshake that cannot be served.
     #[error("firecracker handshake: {0}")]
     Handshake(String),
-    /// A working-set file that is not one.
-    #[error("working-set file: {0}")]
-    BadRecording(String),
+    /// A working-set file that cannot be used.
+    #[error("working-set file {}", path.display())]
+    BadRecording {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        problem: RecordingError,
+    },
     /// The requested delivery mode cannot be used here.
     #[error("delivery mode {mode}: {reason}")]
     Mode {
@@ -54,7 +83,7 @@ pub enum Error {
 
 /// An error from a [`crate::Source`].
 #[derive(Debug, thiserror::Error)]
-#[error("{what} at image offset {offset:#x}: {source}")]
+#[error("{what} at image offset {offset:#x}")]
 pub struct SourceError {
     /// What failed.
     pub what: &'static str,

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use page_state::{PageState, RequestOutcome};
 
-use crate::engine::{Content, Origin, Placement, Shared};
+use crate::place::{Content, Origin, Placement};
+use crate::shared::Shared;
 
 /// What the prefetcher does.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -40,7 +41,8 @@ fn lower_priority() {
 }
 
 /// Runs the prefetcher until every page is placed or the pager stops.
-pub(crate) fn run(shared: Arc<Shared>, plan: Prefetch, max_page: usize) {
+pub(crate) fn run(shared: Arc<Shared>, plan: Prefetch) {
+    let max_page = shared.regions.max_page_size();
     let mut scratch = vec![0u8; BATCH_BYTES.max(max_page)];
     if let Prefetch::Replay(pages) = &plan {
         // The recorded working set is what the workload needs first: bring it in at
@@ -115,16 +117,20 @@ fn prefetch_run(shared: &Shared, page: usize, max_bytes: usize, scratch: &mut [u
         match shared.fetch_and_place(&at, count - placed, scratch, true, Origin::Prefetch) {
             Placement::Done => placed = count,
             Placement::Again { done } => {
-                placed += done / first.size;
+                placed += done;
                 // A REMOVE is pending: the handler threads read it; wait and retry.
                 std::thread::sleep(Duration::from_micros(200));
             }
             Placement::Dropped => break,
+            Placement::Failed(e) => {
+                shared.fail(e.into());
+                break;
+            }
         }
     }
-    // Pages we claimed and could not place go back to faults.
+    // Pages we claimed and could not place go back to faults, each in one step.
     for p in page + placed..page + count {
-        shared.unclaim(p);
+        shared.release(p);
     }
     page + count
 }
@@ -149,7 +155,11 @@ fn zero_run(shared: &Shared, page: usize) -> usize {
     while !shared.stopping() {
         match shared.place(&first, count, Content::Zero, true, Origin::Prefetch) {
             Placement::Again { .. } => std::thread::sleep(Duration::from_micros(200)),
-            _ => break,
+            Placement::Failed(e) => {
+                shared.fail(e.into());
+                break;
+            }
+            Placement::Done | Placement::Dropped => break,
         }
     }
     page + count

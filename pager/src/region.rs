@@ -1,5 +1,11 @@
 //! Regions: the registered address ranges a pager serves, and the mapping between an
 //! address, a page index in the pager's state map, and an offset in the image.
+//!
+//! The table is fixed in size at start; only a region's base (REMAP) and whether it is
+//! still mapped (UNMAP) change, and both are atomics. Lookups therefore take no lock and
+//! allocate nothing: the fault path, placements and the SIGBUS handler all use them.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use uffd_core::MemoryKind;
 
@@ -61,20 +67,34 @@ impl RegionSpec {
     }
 }
 
-/// A region as the pager tracks it: the spec plus its first index in the state map.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Region {
-    /// What was asked for (`base` follows REMAP events).
+/// A region as the pager tracks it. Orderings: `base` and `mapped` carry no other data
+/// (page content is ordered by the page states), so Relaxed would do; Acquire/Release
+/// keep a REMAP's new base visible to a thread that saw the REMAP's later effects.
+#[derive(Debug)]
+pub(crate) struct Region {
+    /// What was asked for (`spec.base` is the base at start; see `base`).
     pub spec: RegionSpec,
     /// Index of the region's first page in the pager's page state map.
     pub first_page: usize,
+    /// The current base: follows REMAP events.
+    base: AtomicUsize,
     /// Cleared by an UNMAP event: the range is gone, its pages are never served again.
-    pub mapped: bool,
+    mapped: AtomicBool,
+}
+
+impl Region {
+    fn base(&self) -> usize {
+        self.base.load(Ordering::Acquire)
+    }
+
+    fn mapped(&self) -> bool {
+        self.mapped.load(Ordering::Acquire)
+    }
 }
 
 /// Where a page is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PageRef {
+pub(crate) struct PageRef {
     /// Index in the state map.
     pub page: usize,
     /// Page-aligned address.
@@ -91,55 +111,39 @@ pub struct PageRef {
     pub kind: MemoryKind,
 }
 
-/// The regions of one pager, with lookups by address, page index and image offset.
-#[derive(Debug, Clone, Default)]
-pub struct RegionTable {
-    regions: Vec<Region>,
+impl PageRef {
+    /// Whether `other` is the page right after this one in the same region.
+    pub fn is_followed_by(&self, other: &PageRef) -> bool {
+        other.page == self.page + 1 && other.addr == self.addr + self.size
+    }
+}
+
+/// The regions of one pager, with lock-free lookups by address, page index and offset.
+#[derive(Debug)]
+pub(crate) struct RegionTable {
+    regions: Box<[Region]>,
     pages: usize,
 }
 
 impl RegionTable {
     /// Builds the table, checking alignment and overlaps.
     pub fn new(specs: &[RegionSpec]) -> Result<Self> {
-        let mut regions = Vec::with_capacity(specs.len());
+        let mut regions: Vec<Region> = Vec::with_capacity(specs.len());
         let mut pages = 0;
         for spec in specs {
-            let ps = spec.page_size;
-            if !ps.is_power_of_two() || spec.len == 0 || spec.len % ps != 0 || spec.base % ps != 0 {
-                return Err(Error::BadRegion {
-                    base: spec.base,
-                    len: spec.len,
-                    reason: "base and length must be non-zero multiples of the page size",
-                });
-            }
-            if spec.image_offset % ps as u64 != 0 {
-                return Err(Error::BadRegion {
-                    base: spec.base,
-                    len: spec.len,
-                    reason: "image offset must be page aligned",
-                });
-            }
-            if let Some(other) = regions.iter().find(|r: &&Region| {
-                spec.base < r.spec.base + r.spec.len && r.spec.base < spec.base + spec.len
-            }) {
-                return Err(Error::BadRegion {
-                    base: spec.base,
-                    len: spec.len,
-                    reason: if other.spec.base == spec.base {
-                        "region listed twice"
-                    } else {
-                        "regions overlap"
-                    },
-                });
-            }
+            check(spec, &regions)?;
             regions.push(Region {
                 spec: *spec,
                 first_page: pages,
-                mapped: true,
+                base: AtomicUsize::new(spec.base),
+                mapped: AtomicBool::new(true),
             });
             pages += spec.pages();
         }
-        Ok(Self { regions, pages })
+        Ok(Self {
+            regions: regions.into_boxed_slice(),
+            pages,
+        })
     }
 
     /// Total pages across regions.
@@ -152,12 +156,21 @@ impl RegionTable {
         &self.regions
     }
 
-    fn page_ref(region: &Region, index_in_region: usize) -> PageRef {
+    /// The largest page size.
+    pub fn max_page_size(&self) -> usize {
+        self.regions
+            .iter()
+            .map(|r| r.spec.page_size)
+            .max()
+            .unwrap_or(4096)
+    }
+
+    fn page_ref(region: &Region, base: usize, index_in_region: usize) -> PageRef {
         let spec = &region.spec;
         let in_region = index_in_region * spec.page_size;
         PageRef {
             page: region.first_page + index_in_region,
-            addr: spec.base + in_region,
+            addr: base + in_region,
             size: spec.page_size,
             offset: spec.image_offset + in_region as u64,
             resolve: spec.resolve,
@@ -169,14 +182,11 @@ impl RegionTable {
     /// The page containing `addr`, if a mapped region holds it.
     #[inline]
     pub fn by_addr(&self, addr: usize) -> Option<PageRef> {
-        let region = self
-            .regions
-            .iter()
-            .find(|r| r.mapped && addr >= r.spec.base && addr - r.spec.base < r.spec.len)?;
-        Some(Self::page_ref(
-            region,
-            (addr - region.spec.base) / region.spec.page_size,
-        ))
+        self.regions.iter().find_map(|r| {
+            let base = r.base();
+            (r.mapped() && addr >= base && addr - base < r.spec.len)
+                .then(|| Self::page_ref(r, base, (addr - base) / r.spec.page_size))
+        })
     }
 
     /// Page `page` of the state map, if its region is still mapped.
@@ -187,56 +197,149 @@ impl RegionTable {
             .iter()
             .find(|r| page >= r.first_page && page - r.first_page < r.spec.pages())?;
         region
-            .mapped
-            .then(|| Self::page_ref(region, page - region.first_page))
+            .mapped()
+            .then(|| Self::page_ref(region, region.base(), page - region.first_page))
     }
 
     /// The page holding image offset `offset`, if a mapped region covers it.
     pub fn by_offset(&self, offset: u64) -> Option<PageRef> {
         let region = self.regions.iter().find(|r| {
-            r.mapped
+            r.mapped()
                 && offset >= r.spec.image_offset
                 && offset - r.spec.image_offset < r.spec.len as u64
         })?;
         let index = ((offset - region.spec.image_offset) / region.spec.page_size as u64) as usize;
-        Some(Self::page_ref(region, index))
+        Some(Self::page_ref(region, region.base(), index))
     }
 
-    /// Page-index ranges of the mapped parts of `[start, end)` (for REMOVE).
-    pub fn page_ranges(&self, start: usize, end: usize) -> Vec<std::ops::Range<usize>> {
-        self.regions
-            .iter()
-            .filter(|r| r.mapped)
-            .filter_map(|r| {
-                let lo = start.max(r.spec.base);
-                let hi = end.min(r.spec.base + r.spec.len);
-                (lo < hi).then(|| {
-                    let ps = r.spec.page_size;
-                    // Only whole pages were dropped.
-                    let first = (lo - r.spec.base).div_ceil(ps);
-                    let last = (hi - r.spec.base) / ps;
-                    r.first_page + first..r.first_page + last
-                })
-            })
-            .filter(|range| !range.is_empty())
-            .collect()
+    /// Calls `f(kind of region, page range)` for the whole pages of the mapped parts of
+    /// `[start, end)` (a REMOVE), allocating nothing.
+    pub fn for_each_page_range(
+        &self,
+        start: usize,
+        end: usize,
+        mut f: impl FnMut(&Region, std::ops::Range<usize>),
+    ) {
+        for r in self.regions.iter().filter(|r| r.mapped()) {
+            let base = r.base();
+            let lo = start.max(base);
+            let hi = end.min(base + r.spec.len);
+            if lo >= hi {
+                continue;
+            }
+            let ps = r.spec.page_size;
+            // Only whole pages were dropped.
+            let first = (lo - base).div_ceil(ps);
+            let last = (hi - base) / ps;
+            if first < last {
+                f(r, r.first_page + first..r.first_page + last);
+            }
+        }
     }
 
     /// Applies a REMAP: regions inside `[from, from + len)` move by `to - from`.
-    pub fn remap(&mut self, from: usize, to: usize, len: usize) {
-        for r in &mut self.regions {
-            if r.mapped && r.spec.base >= from && r.spec.base + r.spec.len <= from + len {
-                r.spec.base = r.spec.base - from + to;
+    pub fn remap(&self, from: usize, to: usize, len: usize) {
+        for r in self.regions.iter().filter(|r| r.mapped()) {
+            let base = r.base();
+            if base >= from && base + r.spec.len <= from + len {
+                r.base.store(base - from + to, Ordering::Release);
             }
         }
     }
 
     /// Applies an UNMAP of `[start, end)`: regions it touches stop being served.
-    pub fn unmap(&mut self, start: usize, end: usize) {
-        for r in &mut self.regions {
-            if r.spec.base < end && start < r.spec.base + r.spec.len {
-                r.mapped = false;
+    pub fn unmap(&self, start: usize, end: usize) {
+        for r in self.regions.iter() {
+            let base = r.base();
+            if base < end && start < base + r.spec.len {
+                r.mapped.store(false, Ordering::Release);
             }
         }
+    }
+}
+
+/// Refuses a spec that is misaligned or overlaps one already in `regions`.
+fn check(spec: &RegionSpec, regions: &[Region]) -> Result<()> {
+    let bad = |reason| {
+        Err(Error::BadRegion {
+            base: spec.base,
+            len: spec.len,
+            reason,
+        })
+    };
+    let ps = spec.page_size;
+    if !ps.is_power_of_two() || spec.len == 0 || spec.len % ps != 0 || spec.base % ps != 0 {
+        return bad("base and length must be non-zero multiples of the page size");
+    }
+    if spec.image_offset % ps as u64 != 0 {
+        return bad("image offset must be page aligned");
+    }
+    if let Some(other) = regions
+        .iter()
+        .find(|r| spec.base < r.spec.base + r.spec.len && r.spec.base < spec.base + spec.len)
+    {
+        return bad(if other.spec.base == spec.base {
+            "region listed twice"
+        } else {
+            "regions overlap"
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> RegionTable {
+        RegionTable::new(&[
+            RegionSpec::new(0x10_0000, 4 * 4096, MemoryKind::Anon, 0),
+            RegionSpec::new(0x20_0000, 2 * 4096, MemoryKind::Anon, 4 * 4096),
+        ])
+        .expect("valid")
+    }
+
+    #[test]
+    fn lookups_by_address_page_and_offset_agree() {
+        let t = table();
+        let p = t.by_addr(0x20_0000 + 4097).expect("in the second region");
+        assert_eq!((p.page, p.addr, p.offset), (5, 0x20_1000, 5 * 4096));
+        assert_eq!(t.by_page(5), Some(p));
+        assert_eq!(t.by_offset(5 * 4096 + 12), Some(p));
+        assert!(t.by_addr(0x20_0000 + 2 * 4096).is_none());
+        assert!(t.by_page(6).is_none());
+    }
+
+    #[test]
+    fn remap_moves_and_unmap_hides_a_region() {
+        let t = table();
+        t.remap(0x10_0000, 0x40_0000, 4 * 4096);
+        assert_eq!(t.by_page(1).map(|p| p.addr), Some(0x40_1000));
+        assert!(t.by_addr(0x10_1000).is_none());
+        t.unmap(0x40_0000, 0x40_1000);
+        assert!(
+            t.by_page(1).is_none(),
+            "a region touched by UNMAP is gone whole"
+        );
+        let mut seen = Vec::new();
+        t.for_each_page_range(0, usize::MAX, |_, r| seen.push(r));
+        assert_eq!(seen, vec![4..6]);
+    }
+
+    #[test]
+    fn overlapping_or_misaligned_regions_are_refused() {
+        let overlap = RegionTable::new(&[
+            RegionSpec::new(0x10_0000, 2 * 4096, MemoryKind::Anon, 0),
+            RegionSpec::new(0x10_1000, 2 * 4096, MemoryKind::Anon, 0),
+        ]);
+        assert!(matches!(
+            overlap,
+            Err(Error::BadRegion {
+                reason: "regions overlap",
+                ..
+            })
+        ));
+        let misaligned = RegionTable::new(&[RegionSpec::new(0x10_0001, 4096, MemoryKind::Anon, 0)]);
+        assert!(misaligned.is_err());
     }
 }

@@ -1,13 +1,27 @@
 //! SIGBUS delivery: with `UFFD_FEATURE_SIGBUS` a fault raises SIGBUS in the faulting
 //! thread instead of queueing an event, and the handler here resolves it right there —
-//! no context switch to a handler thread. The handler runs async-signal-safe code only:
-//! atomics, the page state map (lock-free), a region table snapshot taken at start (no
-//! lock), preallocated scratch buffers, and one placement ioctl. REMOVE/UNMAP/REMAP
-//! events still go to an event thread.
+//! no context switch to a handler thread. REMOVE/UNMAP/REMAP events still go to an event
+//! thread, which applies them before it lets placements go on (the [gate](crate::gate)).
+//!
+//! **What the handler may call**, everything it reaches being async-signal-safe:
+//! - atomics: the page-state map and the removed-in-flight [`Bitmap`](page_state::Bitmap)
+//!   (page-state, lock-free), the region table (atomics, no lock), the gate, the
+//!   counters and the latency histogram, the working-set recorder;
+//! - a scratch buffer claimed from a preallocated set with a CAS;
+//! - the source's `fetch`, which [`Source::is_signal_safe`](crate::Source::is_signal_safe)
+//!   promises copies from memory without allocating or locking;
+//! - the placement ioctls (`UFFDIO_COPY`, `ZEROPAGE`, `CONTINUE`, `WAKE`);
+//! - `clock_gettime(2)` (latency), `sched_yield(2)` and `clock_nanosleep(2)` (waiting on
+//!   the gate, a busy scratch slot, or a page another thread is placing), `write(2)` on
+//!   an eventfd and `sigaction(2)` (a fatal error: stop, and hand the signal back).
+//!
+//! It never locks, allocates, logs or builds an error value: a failure is recorded in
+//! atomics ([`Shared::fail_in_signal`]) and turned into an error when the pager stops.
+//! The pager's tests prove it with a global allocator that aborts when called while
+//! [`in_fault_handler`](crate::in_fault_handler) is true, under a REMOVE storm.
 //!
 //! One SIGBUS-mode pager per process (the signal disposition is process-wide). Memory
-//! must be this process's own; the source must be [`Source::is_signal_safe`]. Regions are
-//! fixed for the signal path: a region moved by `mremap` is not followed there.
+//! must be this process's own; the source must be signal-safe.
 
 use std::cell::UnsafeCell;
 use std::ptr;
@@ -15,11 +29,16 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use page_state::{PageState, RequestOutcome};
+use uffd_core::Error as UffdError;
 
-use crate::engine::{Content, Origin, Placement, Shared};
 use crate::error::{Error, Result};
-use crate::region::RegionTable;
+use crate::place::{Content, Origin, Placement};
+use crate::region::PageRef;
+use crate::shared::Shared;
+use crate::sigsafe::{backoff, sleep, HandlerScope};
 use crate::source::Fetched;
 use crate::stats::bump;
 
@@ -31,15 +50,13 @@ struct Slot {
 
 struct Engine {
     shared: Arc<Shared>,
-    regions: RegionTable,
     slots: Box<[Slot]>,
-    previous: libc::sigaction,
+    previous: SigAction,
 }
 
-// SAFETY: a slot's buffer is only touched by the thread that won its `busy` flag.
+// SAFETY: a slot's buffer is only touched by the thread that won its `busy` flag (the
+// UnsafeCell is what makes the auto traits refuse).
 unsafe impl Sync for Engine {}
-// SAFETY: as above.
-unsafe impl Send for Engine {}
 
 /// The installed engine, or null.
 static ENGINE: AtomicPtr<Engine> = AtomicPtr::new(ptr::null_mut());
@@ -47,24 +64,23 @@ static ENGINE: AtomicPtr<Engine> = AtomicPtr::new(ptr::null_mut());
 static ACTIVE: AtomicUsize = AtomicUsize::new(0);
 
 /// Installs the SIGBUS handler for `shared`. Fails if another SIGBUS pager is active.
-pub(crate) fn install(shared: Arc<Shared>, slots: usize, max_page: usize) -> Result<()> {
-    let regions = shared
-        .regions
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+pub(crate) fn install(shared: Arc<Shared>, slots: usize) -> Result<()> {
+    let max_page = shared.regions.max_page_size();
     let slots = (0..slots.max(1))
         .map(|_| Slot {
             busy: AtomicBool::new(false),
             buf: UnsafeCell::new(vec![0u8; max_page].into_boxed_slice()),
         })
         .collect();
+    let action = SigAction::new(
+        SigHandler::SigAction(on_sigbus),
+        SaFlags::SA_SIGINFO,
+        SigSet::empty(),
+    );
     let engine = Box::into_raw(Box::new(Engine {
         shared,
-        regions,
         slots,
-        // SAFETY: an all-zero sigaction is valid; sigaction(2) below overwrites it.
-        previous: unsafe { std::mem::zeroed() },
+        previous: action, // replaced by the real previous disposition below
     }));
     // AcqRel: publishes the engine's fields to handlers that load it with Acquire.
     if ENGINE
@@ -78,34 +94,45 @@ pub(crate) fn install(shared: Arc<Shared>, slots: usize, max_page: usize) -> Res
             reason: "another SIGBUS-mode pager is active in this process".into(),
         });
     }
-    // SAFETY: installs an SA_SIGINFO handler; `previous` is written by the kernel into the
-    // engine we own (handlers only read it after this returns, on an unknown address).
-    unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = on_sigbus as *const () as usize;
-        action.sa_flags = libc::SA_SIGINFO;
-        libc::sigemptyset(&mut action.sa_mask);
-        if libc::sigaction(libc::SIGBUS, &action, &mut (*engine).previous) != 0 {
-            let err = std::io::Error::last_os_error();
+    // SAFETY: `on_sigbus` is async-signal-safe (module docs). Until `previous` is stored,
+    // a SIGBUS on memory that is not ours would hand back our own handler: none can come
+    // from a served region before `start` returns, and other SIGBUSes are a crash anyway.
+    match unsafe { sigaction(Signal::SIGBUS, &action) } {
+        Ok(previous) => {
+            // SAFETY: published but not yet read by handlers for anything but their own
+            // address (`previous` is read only for foreign faults, see above).
+            unsafe { (*engine).previous = previous };
+            Ok(())
+        }
+        Err(errno) => {
             ENGINE.store(ptr::null_mut(), Ordering::Release);
-            drop(Box::from_raw(engine));
-            return Err(Error::Io {
+            // SAFETY: the handler never ran (installing failed): nobody else holds it.
+            drop(unsafe { Box::from_raw(engine) });
+            Err(Error::Io {
                 what: "install the SIGBUS handler",
-                source: err,
-            });
+                source: errno.into(),
+            })
         }
     }
-    Ok(())
 }
 
-/// Restores the previous SIGBUS disposition and frees the engine once no handler runs.
-pub(crate) fn uninstall() {
-    let engine = ENGINE.swap(ptr::null_mut(), Ordering::AcqRel);
-    if engine.is_null() {
+/// If `shared`'s engine is the one installed: restores the previous SIGBUS disposition
+/// and frees the engine once no handler runs.
+pub(crate) fn uninstall(shared: &Arc<Shared>) {
+    let engine = ENGINE.load(Ordering::Acquire);
+    // SAFETY: a published engine stays alive until it is unpublished, which only its
+    // owner does, here.
+    if engine.is_null() || !Arc::ptr_eq(unsafe { &(*engine).shared }, shared) {
+        return; // not installed, or another pager's
+    }
+    if ENGINE
+        .compare_exchange(engine, ptr::null_mut(), Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
         return;
     }
-    // SAFETY: restores the disposition saved at install.
-    unsafe { libc::sigaction(libc::SIGBUS, &(*engine).previous, ptr::null_mut()) };
+    // SAFETY: restores the disposition saved at install; `engine` is ours again.
+    let _ = unsafe { sigaction(Signal::SIGBUS, &(*engine).previous) };
     // Acquire: pairs with each handler's Release decrement, so its accesses are done.
     while ACTIVE.load(Ordering::Acquire) != 0 {
         std::thread::yield_now();
@@ -115,80 +142,121 @@ pub(crate) fn uninstall() {
 }
 
 extern "C" fn on_sigbus(sig: i32, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    let _scope = HandlerScope::enter();
     // Counted before the engine is loaded, so `uninstall` cannot free it under us.
     ACTIVE.fetch_add(1, Ordering::AcqRel);
     let engine = ENGINE.load(Ordering::Acquire);
     // SAFETY: non-null engines stay alive while ACTIVE > 0; `info` is the kernel's.
     let handled = !engine.is_null() && unsafe { resolve(&*engine, (*info).si_addr() as usize) };
     if !handled && !engine.is_null() {
-        // Not ours: hand the signal back to whoever had it; the access re-faults and
-        // the restored disposition (by default: terminate) applies.
-        // SAFETY: restores the saved disposition.
-        unsafe { libc::sigaction(sig, &(*engine).previous, ptr::null_mut()) };
+        // Not ours (or not servable): hand the signal back to whoever had it; the access
+        // re-faults and the restored disposition (by default: terminate) applies.
+        if let Ok(signal) = Signal::try_from(sig) {
+            // SAFETY: restores the disposition saved at install (sigaction(2) is
+            // async-signal-safe).
+            let _ = unsafe { sigaction(signal, &(*engine).previous) };
+        }
     }
     // Release: our reads of the engine happen before `uninstall` may free it.
     ACTIVE.fetch_sub(1, Ordering::Release);
 }
 
-/// Resolves a SIGBUS at `addr`. Async-signal-safe: atomics, ioctls, nanosleep.
+/// Resolves a SIGBUS at `addr`; false if it is not ours or cannot be served.
 fn resolve(engine: &Engine, addr: usize) -> bool {
-    let started = Instant::now(); // clock_gettime(2) is async-signal-safe
+    let started = Instant::now(); // clock_gettime(2)
     let shared = &*engine.shared;
-    let Some(p) = engine.regions.by_addr(addr) else {
+    let Some(p) = shared.page_at(addr) else {
         return false;
     };
     bump(&shared.stats.faults_missing);
     loop {
-        let outcome = match shared.states.request(p.page) {
-            Ok(o) => o,
-            Err(_) => return false,
+        let Ok(outcome) = shared.states.request(p.page) else {
+            return false;
         };
-        if outcome == RequestOutcome::Requested {
-            if let Some(rec) = &shared.recorder {
-                rec.record(p.page); // atomics only: signal safe
-            }
-        }
         let placement = match outcome {
-            RequestOutcome::Requested => with_slot(engine, |scratch| {
-                match shared.source.fetch(p.offset, &mut scratch[..p.size]) {
-                    Ok(Fetched::Data(data)) => {
-                        shared.place(&p, 1, Content::Data(data), true, Origin::Fault)
-                    }
-                    Ok(Fetched::Zero) => shared.place(&p, 1, Content::Zero, true, Origin::Fault),
-                    // Signal-safe sources answer locally; anything else cannot be served.
-                    Ok(Fetched::Pending) | Err(_) => Placement::Dropped,
+            RequestOutcome::Requested => {
+                if let Some(rec) = &shared.recorder {
+                    rec.record(p.page);
                 }
-            }),
+                fetch_and_place(engine, &p)
+            }
             RequestOutcome::IsZero => shared.place(&p, 1, Content::Zero, true, Origin::Fault),
-            RequestOutcome::AlreadyReceived => Placement::Done,
+            RequestOutcome::AlreadyReceived => {
+                shared.place(&p, 1, shared.received_again(&p), true, Origin::Fault)
+            }
             RequestOutcome::AlreadyRequested => {
                 // Another thread is placing it: wait for that, then retry the access.
+                let mut spins = 0;
                 while shared.states.get(p.page) == Ok(PageState::Requested) {
-                    std::hint::spin_loop();
+                    backoff(&mut spins);
                 }
                 Placement::Done
             }
         };
         match placement {
-            Placement::Done => {
+            Placement::Done | Placement::Dropped => {
+                // Dropped: the range went away; the access re-faults as it now must.
                 shared.stats.record_latency(started.elapsed());
                 return true;
             }
-            // A REMOVE is pending; the event thread reads it. The page is still ours
-            // (Requested) or became Zero: go round again after a short sleep.
+            // A REMOVE is pending; the event thread reads it. Give the claim back in one
+            // step and go round again after a short sleep.
             Placement::Again { .. } => {
                 if outcome == RequestOutcome::Requested {
-                    shared.unclaim(p.page);
+                    shared.release(p.page);
                 }
                 sleep(Duration::from_micros(50));
             }
-            Placement::Dropped => return false,
+            Placement::Failed(e) => {
+                if outcome == RequestOutcome::Requested {
+                    shared.release(p.page);
+                }
+                shared.fail_in_signal(p.offset, errno_of(&e));
+                return false;
+            }
         }
     }
 }
 
-/// Runs `f` with a claimed scratch slot, spinning until one is free.
+/// Fetches page `p` (claimed) from the signal-safe source into a scratch slot, places it.
+fn fetch_and_place(engine: &Engine, p: &PageRef) -> Placement {
+    let shared = &*engine.shared;
+    with_slot(engine, |scratch| {
+        match shared.source.fetch(p.offset, &mut scratch[..p.size]) {
+            Ok(Fetched::Data(data)) => {
+                bump(&shared.stats.source_reads);
+                shared.place(p, 1, Content::Data(data), true, Origin::Fault)
+            }
+            Ok(Fetched::Zero) => shared.place(p, 1, Content::Zero, true, Origin::Fault),
+            // Signal-safe sources answer locally: `Pending` is a source's broken promise.
+            Ok(Fetched::Pending) => Placement::Failed(UffdError::InvalidArgument {
+                op: uffd_core::Op::Copy,
+                reason: "a signal-safe source answered Pending",
+            }),
+            Err(e) => {
+                bump(&shared.stats.source_errors);
+                let errno = e.source.raw_os_error().unwrap_or(Errno::EIO as i32);
+                Placement::Failed(UffdError::Os {
+                    op: uffd_core::Op::Copy,
+                    errno: Errno::from_raw(errno),
+                })
+            }
+        }
+    })
+}
+
+/// The errno behind a kernel refusal, for the atomics `fail_in_signal` keeps.
+fn errno_of(e: &UffdError) -> i32 {
+    match e {
+        UffdError::Os { errno, .. } | UffdError::ProcessGone { errno, .. } => *errno as i32,
+        UffdError::InvalidArgument { .. } => Errno::EINVAL as i32,
+        _ => Errno::EIO as i32,
+    }
+}
+
+/// Runs `f` with a claimed scratch slot, waiting until one is free.
 fn with_slot(engine: &Engine, f: impl FnOnce(&mut [u8]) -> Placement) -> Placement {
+    let mut spins = 0;
     loop {
         for slot in engine.slots.iter() {
             // Acquire: the previous holder's writes to the buffer are done.
@@ -204,16 +272,6 @@ fn with_slot(engine: &Engine, f: impl FnOnce(&mut [u8]) -> Placement) -> Placeme
                 return result;
             }
         }
-        std::hint::spin_loop();
+        backoff(&mut spins);
     }
-}
-
-/// nanosleep(2), async-signal-safe.
-fn sleep(d: Duration) {
-    let ts = libc::timespec {
-        tv_sec: d.as_secs() as libc::time_t,
-        tv_nsec: d.subsec_nanos() as libc::c_long,
-    };
-    // SAFETY: a valid timespec; no remainder wanted.
-    unsafe { libc::nanosleep(&ts, ptr::null_mut()) };
 }

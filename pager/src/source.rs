@@ -8,11 +8,17 @@
 //! never blocks on a remote round trip.
 
 use std::fs::File;
+use std::num::NonZeroUsize;
 use std::ops::Range;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::ptr::NonNull;
 use std::sync::Arc;
+
+use nix::errno::Errno;
+use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+use nix::unistd::{lseek, Whence};
 
 use crate::error::SourceError;
 use crate::Placer;
@@ -156,7 +162,9 @@ impl Source for MemorySource {
 enum Access {
     /// `pread(2)` into the fault loop's scratch buffer.
     Pread,
-    /// A read-only private mapping of the file; bytes are copied straight from it.
+    /// A read-only private mapping of the file; bytes are copied straight from it. (The
+    /// address as an integer: the mapping is plain shared-readable memory, so the source
+    /// stays `Send + Sync` without an `unsafe impl` that would hide a future raw pointer.)
     Mmap { addr: usize, len: usize },
 }
 
@@ -169,11 +177,6 @@ pub struct FileSource {
     access: Access,
     holes: Vec<Range<u64>>,
 }
-
-// SAFETY: the mapping is read-only and lives as long as the source; File is Sync.
-unsafe impl Sync for FileSource {}
-// SAFETY: as above; nothing is tied to the creating thread.
-unsafe impl Send for FileSource {}
 
 fn io_err(what: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> SourceError {
     move |source| SourceError {
@@ -213,22 +216,22 @@ impl FileSource {
         let access = if map_len == 0 {
             Access::Pread
         } else {
-            // SAFETY: a fresh read-only private mapping of a file we hold open.
+            let size = NonZeroUsize::new(map_len).expect("non-zero, checked above");
+            // SAFETY: a fresh read-only private mapping of a file we hold open; nothing
+            // else refers to its address range.
             let addr = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    map_len,
-                    libc::PROT_READ,
-                    libc::MAP_PRIVATE,
-                    file.as_raw_fd(),
+                mmap(
+                    None,
+                    size,
+                    ProtFlags::PROT_READ,
+                    MapFlags::MAP_PRIVATE,
+                    &file,
                     0,
                 )
-            };
-            if addr == libc::MAP_FAILED {
-                return Err(io_err("map image", 0)(std::io::Error::last_os_error()));
             }
+            .map_err(|e| io_err("map image", 0)(e.into()))?;
             Access::Mmap {
-                addr: addr as usize,
+                addr: addr.as_ptr() as usize,
                 len: map_len,
             }
         };
@@ -261,23 +264,16 @@ impl FileSource {
     }
 }
 
-/// The holes of `file` up to `len`, by walking `SEEK_DATA` / `SEEK_HOLE`.
+/// The holes of `file` up to `len`, by walking `SEEK_DATA` / `SEEK_HOLE` (`lseek(2)`).
 fn holes(file: &File, len: u64) -> Result<Vec<Range<u64>>, SourceError> {
-    let fd = file.as_raw_fd();
     let mut holes = Vec::new();
     let mut pos: u64 = 0;
+    let seek = |pos: u64, whence| lseek(file.as_fd(), pos as libc::off_t, whence);
     while pos < len {
-        // SAFETY: lseek on a file we hold open.
-        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-        let data = if data < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::ENXIO) {
-                len // no data after pos: the rest is a hole
-            } else {
-                return Err(io_err("SEEK_DATA", pos)(err));
-            }
-        } else {
-            data as u64
+        let data = match seek(pos, Whence::SeekData) {
+            Ok(data) => data as u64,
+            Err(Errno::ENXIO) => len, // no data after pos: the rest is a hole
+            Err(e) => return Err(io_err("SEEK_DATA", pos)(e.into())),
         };
         if data > pos {
             holes.push(pos..data.min(len));
@@ -285,12 +281,7 @@ fn holes(file: &File, len: u64) -> Result<Vec<Range<u64>>, SourceError> {
         if data >= len {
             break;
         }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(io_err("SEEK_HOLE", data)(std::io::Error::last_os_error()));
-        }
-        pos = hole as u64;
+        pos = seek(data, Whence::SeekHole).map_err(|e| io_err("SEEK_HOLE", data)(e.into()))? as u64;
     }
     Ok(holes)
 }
@@ -298,8 +289,10 @@ fn holes(file: &File, len: u64) -> Result<Vec<Range<u64>>, SourceError> {
 impl Drop for FileSource {
     fn drop(&mut self) {
         if let Access::Mmap { addr, len } = self.access {
-            // SAFETY: our own mapping, no longer used.
-            unsafe { libc::munmap(addr as *mut _, len) };
+            if let Some(addr) = NonNull::new(addr as *mut libc::c_void) {
+                // SAFETY: our own mapping; the borrows `fetch` handed out ended with `self`.
+                let _ = unsafe { munmap(addr, len) };
+            }
         }
     }
 }
@@ -315,7 +308,9 @@ impl Source for FileSource {
         }
         match self.access {
             Access::Mmap { addr, len } => {
-                // SAFETY: the mapping covers `len` readable bytes while `self` lives.
+                // SAFETY: the mapping covers `len` readable bytes while `self` lives, and
+                // nothing in this process writes it (read-only, private). The image file
+                // must not be truncated while served (that would raise SIGBUS here).
                 let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
                 Ok(Fetched::Data(slice_or_pad(bytes, offset, scratch)))
             }

@@ -1,36 +1,40 @@
-//! Counters and the fault-latency histogram: relaxed atomics, cheap enough to leave on.
+//! Counters: relaxed atomics, cheap enough to leave on, safe to bump from the SIGBUS
+//! handler. [`StatsSnapshot`] is what embedders read.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// Histogram buckets: bucket 0 is < 1 µs, bucket k ≥ 1 is [2^(k-1), 2^k) µs.
-pub const BUCKETS: usize = 32;
+use crate::histogram::{AtomicLatencyHistogram, LatencyHistogram};
 
 /// Live counters. Every field is a relaxed atomic: counters carry no data between
 /// threads, and readers only need eventually-consistent totals.
 #[derive(Debug, Default)]
-pub struct Stats {
-    pub(crate) faults_missing: AtomicU64,
-    pub(crate) faults_minor: AtomicU64,
-    pub(crate) faults_wp: AtomicU64,
-    pub(crate) faults_duplicate: AtomicU64,
-    pub(crate) faults_wake_only: AtomicU64,
-    pub(crate) faults_unknown: AtomicU64,
-    pub(crate) placed_fault: AtomicU64,
-    pub(crate) placed_prefetch: AtomicU64,
-    pub(crate) placed_zero: AtomicU64,
-    pub(crate) placed_arrival: AtomicU64,
-    pub(crate) bytes: AtomicU64,
-    pub(crate) exists: AtomicU64,
-    pub(crate) again: AtomicU64,
-    pub(crate) source_reads: AtomicU64,
-    pub(crate) source_errors: AtomicU64,
-    pub(crate) events_remove: AtomicU64,
-    pub(crate) events_unmap: AtomicU64,
-    pub(crate) events_remap: AtomicU64,
-    pub(crate) events_fork: AtomicU64,
-    pub(crate) blocktime_ns: AtomicU64,
-    pub(crate) latency: [AtomicU64; BUCKETS],
+pub(crate) struct Stats {
+    pub faults_missing: AtomicU64,
+    pub faults_minor: AtomicU64,
+    pub faults_wp: AtomicU64,
+    pub faults_duplicate: AtomicU64,
+    pub faults_wake_only: AtomicU64,
+    pub faults_unknown: AtomicU64,
+    pub placed_fault: AtomicU64,
+    pub placed_prefetch: AtomicU64,
+    pub placed_zero: AtomicU64,
+    pub placed_arrival: AtomicU64,
+    pub bytes: AtomicU64,
+    pub exists: AtomicU64,
+    pub again: AtomicU64,
+    pub released: AtomicU64,
+    pub removed_in_flight: AtomicU64,
+    pub source_reads: AtomicU64,
+    pub source_errors: AtomicU64,
+    pub events_remove: AtomicU64,
+    pub events_unmap: AtomicU64,
+    pub events_remap: AtomicU64,
+    pub events_fork: AtomicU64,
+    pub forks_served: AtomicU64,
+    pub forks_refused: AtomicU64,
+    pub forks_failed: AtomicU64,
+    pub latency: AtomicLatencyHistogram,
 }
 
 #[inline]
@@ -43,32 +47,17 @@ pub(crate) fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }
 
-/// The histogram bucket of a latency.
-#[inline]
-pub fn bucket(latency: Duration) -> usize {
-    let us = latency.as_micros() as u64;
-    if us == 0 {
-        0
-    } else {
-        (64 - us.leading_zeros() as usize).min(BUCKETS - 1)
-    }
-}
-
 impl Stats {
     /// Records one fault's latency (event read → page placed).
     #[inline]
-    pub(crate) fn record_latency(&self, latency: Duration) {
-        bump(&self.latency[bucket(latency)]);
-        add(&self.blocktime_ns, latency.as_nanos() as u64);
+    pub fn record_latency(&self, latency: Duration) {
+        self.latency.record(latency);
     }
 
     /// A consistent-enough copy of every counter.
     pub fn snapshot(&self) -> StatsSnapshot {
         let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let mut latency = [0; BUCKETS];
-        for (out, c) in latency.iter_mut().zip(&self.latency) {
-            *out = l(c);
-        }
+        let latency = self.latency.snapshot();
         StatsSnapshot {
             faults_missing: l(&self.faults_missing),
             faults_minor: l(&self.faults_minor),
@@ -83,13 +72,18 @@ impl Stats {
             bytes: l(&self.bytes),
             exists: l(&self.exists),
             again: l(&self.again),
+            released: l(&self.released),
+            removed_in_flight: l(&self.removed_in_flight),
             source_reads: l(&self.source_reads),
             source_errors: l(&self.source_errors),
             events_remove: l(&self.events_remove),
             events_unmap: l(&self.events_unmap),
             events_remap: l(&self.events_remap),
             events_fork: l(&self.events_fork),
-            blocktime: Duration::from_nanos(l(&self.blocktime_ns)),
+            forks_served: l(&self.forks_served),
+            forks_refused: l(&self.forks_refused),
+            forks_failed: l(&self.forks_failed),
+            blocktime: latency.sum(),
             latency,
         }
     }
@@ -97,6 +91,7 @@ impl Stats {
 
 /// A copy of the pager's counters at one moment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct StatsSnapshot {
     /// MISSING faults read.
     pub faults_missing: u64,
@@ -112,7 +107,7 @@ pub struct StatsSnapshot {
     pub faults_unknown: u64,
     /// Data pages placed to resolve a fault.
     pub placed_fault: u64,
-    /// Pages placed by the prefetcher.
+    /// Pages placed by the prefetcher (and fault-around).
     pub placed_prefetch: u64,
     /// Zero pages placed (fault or prefetch).
     pub placed_zero: u64,
@@ -124,6 +119,10 @@ pub struct StatsSnapshot {
     pub exists: u64,
     /// Placements refused while the address space changed (EAGAIN).
     pub again: u64,
+    /// Claims given back (requested → missing) because a placement could not be made now.
+    pub released: u64,
+    /// Pages a REMOVE dropped while their fetch was in flight (placed as zeros).
+    pub removed_in_flight: u64,
     /// Pages read from the source.
     pub source_reads: u64,
     /// Source failures.
@@ -136,11 +135,18 @@ pub struct StatsSnapshot {
     pub events_remap: u64,
     /// FORK events.
     pub events_fork: u64,
+    /// Forked children served by a child engine.
+    pub forks_served: u64,
+    /// Forked children refused (too many at once): their uffd was closed, so their
+    /// missing pages read as zeros.
+    pub forks_refused: u64,
+    /// Forked children whose engine failed to start (logged; their uffd was closed).
+    pub forks_failed: u64,
     /// Sum of fault latencies: the time faulting threads spent blocked after the pager
     /// saw their fault (the kernel does not say when a fault began).
     pub blocktime: Duration,
-    /// Fault latency histogram, see [`BUCKETS`].
-    pub latency: [u64; BUCKETS],
+    /// Fault latency (event read → page placed).
+    pub latency: LatencyHistogram,
 }
 
 impl StatsSnapshot {
@@ -153,52 +159,4 @@ impl StatsSnapshot {
     pub fn placed(&self) -> u64 {
         self.placed_fault + self.placed_prefetch + self.placed_zero + self.placed_arrival
     }
-
-    /// The latency below which `q` (0..=1) of recorded faults fall, as a bucket's upper
-    /// bound (log2 resolution).
-    pub fn latency_quantile(&self, q: f64) -> Option<Duration> {
-        latency_quantile(&self.latency, q)
-    }
-
-    /// The fault-latency histogram as text lines (see [`histogram_lines`]).
-    pub fn histogram_lines(&self) -> Vec<String> {
-        histogram_lines(&self.latency)
-    }
-}
-
-/// The latency below which `q` (0..=1) of the counts in `latency` (log2-µs buckets, see
-/// [`BUCKETS`]) fall, as a bucket's upper bound; `None` when nothing was recorded.
-pub fn latency_quantile(latency: &[u64; BUCKETS], q: f64) -> Option<Duration> {
-    let total: u64 = latency.iter().sum();
-    if total == 0 {
-        return None;
-    }
-    let want = ((total as f64) * q).ceil().max(1.0) as u64;
-    let mut seen = 0;
-    for (k, n) in latency.iter().enumerate() {
-        seen += n;
-        if seen >= want {
-            return Some(Duration::from_micros(1u64 << k));
-        }
-    }
-    None
-}
-
-/// A log2-µs histogram as text lines `lo..hi µs  count  bar`, empty buckets left out.
-pub fn histogram_lines(latency: &[u64; BUCKETS]) -> Vec<String> {
-    let max = latency.iter().copied().max().unwrap_or(0).max(1);
-    latency
-        .iter()
-        .enumerate()
-        .filter(|(_, &n)| n > 0)
-        .map(|(k, &n)| {
-            let (lo, hi) = if k == 0 {
-                (0, 1)
-            } else {
-                (1u64 << (k - 1), 1u64 << k)
-            };
-            let bar = "#".repeat(((n * 40).div_ceil(max)) as usize);
-            format!("{lo:>7}..{hi:<7} µs {n:>9}  {bar}")
-        })
-        .collect()
 }

@@ -1,21 +1,35 @@
-//! Handler threads: read fault events in batches, resolve them through the engine, apply
-//! address-space events, and retry faults the kernel refused while the space changed.
+//! Handler threads: wait for events, read them in batches, apply the address-space events
+//! with the [gate](crate::gate) closed, resolve the faults, and retry the faults the
+//! kernel refused while the address space changed.
+//!
+//! **Fork-safe.** From one `read(2)` to the next a handler allocates nothing and takes no
+//! lock that another thread could hold across `fork()` (glibc's malloc and stdio locks):
+//! the event buffer, the scratch buffer and the parked list are allocated up front, a
+//! forked child's uffd goes to the fork service through a lock-free slot array, and
+//! nothing here logs. Sources are called on this path: a source used with fork events on
+//! must not allocate in `fetch` either (the pager's own sources do not).
 
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use uffd_core::{Event, EventBuffer, ReadStatus};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use page_state::PageState;
+use uffd_core::{Event, EventBuffer, FaultFlags, ReadStatus, WriteProtectMode};
 
-use crate::engine::{Content, FollowUp, Origin, Placement, Shared};
+use crate::fault::FollowUp;
+use crate::fork::ForkQueue;
+use crate::place::{Content, Origin, Placement};
 use crate::region::PageRef;
+use crate::shared::Shared;
+use crate::stats::bump;
 
 /// How a handler waits for events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Wait {
     /// poll(2) on the uffd and the stop eventfd.
     Block,
-    /// Non-blocking reads in a spin loop.
+    /// Non-blocking polls in a spin loop (burns a CPU).
     Spin,
 }
 
@@ -27,6 +41,11 @@ struct Parked {
     follow_up: FollowUp,
 }
 
+/// Parked faults a handler holds without allocating. A faulting thread has one fault
+/// outstanding, so this bounds the threads blocked on one handler's refused faults; past
+/// it the list grows (an allocation, off the common path).
+const PARKED: usize = 1024;
+
 /// One handler thread's state.
 pub(crate) struct Worker {
     shared: Arc<Shared>,
@@ -34,126 +53,163 @@ pub(crate) struct Worker {
     scratch: Vec<u8>,
     parked: Vec<Parked>,
     /// The faults of the batch being handled (reused: no allocation per batch).
-    faults: Vec<(usize, uffd_core::FaultFlags)>,
-    /// Uffds of forked children handed to the pager for new engines.
-    pub forks: Vec<uffd_core::Uffd>,
+    faults: Vec<(usize, FaultFlags)>,
+    /// Where forked children's uffds go; `None` in a child engine or without fork events.
+    forks: Option<Arc<ForkQueue>>,
+    /// A child engine's process may exit without telling us: probe for it this often
+    /// while idle.
+    probe_exit: Option<Duration>,
 }
 
 impl Worker {
-    pub fn new(shared: Arc<Shared>, batch: usize, max_page: usize) -> Self {
-        let scratch = vec![0u8; max_page * (shared.fault_around + 1).max(1)];
+    pub fn new(
+        shared: Arc<Shared>,
+        batch: usize,
+        forks: Option<Arc<ForkQueue>>,
+        probe_exit: Option<Duration>,
+    ) -> Self {
+        let max_page = shared.regions.max_page_size();
+        let scratch = vec![0u8; max_page];
         Self {
             shared,
             events: EventBuffer::new(batch),
             scratch,
-            parked: Vec::new(),
+            parked: Vec::with_capacity(PARKED),
             faults: Vec::with_capacity(batch),
-            forks: Vec::new(),
+            forks,
+            probe_exit,
         }
     }
 
     /// Runs until the pager stops or the faulting process is gone.
-    pub fn run(&mut self, wait: Wait, on_fork: &dyn Fn(uffd_core::Uffd)) {
+    pub fn run(&mut self, wait: Wait) {
         while !self.shared.stopping() {
-            let ready = match wait {
+            let readable = match wait {
                 Wait::Block => self.poll(),
-                Wait::Spin => true,
+                Wait::Spin => self.ready_now(),
             };
-            if ready {
-                let got = self.drain();
-                if got == 0 && wait == Wait::Spin {
-                    std::hint::spin_loop();
-                }
+            if readable {
+                self.drain();
+            } else if wait == Wait::Spin {
+                std::hint::spin_loop();
             }
             if !self.parked.is_empty() {
                 self.retry_parked();
             }
-            for uffd in self.forks.drain(..) {
-                on_fork(uffd);
-            }
         }
     }
 
-    /// Blocks in poll until the uffd is readable, the pager stops, or (with parked
-    /// faults) a short retry interval passes. Returns whether the uffd is readable.
-    fn poll(&self) -> bool {
-        let mut fds = [
-            libc::pollfd {
-                fd: self.shared.uffd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: self.shared.wakeup.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        let timeout = if self.parked.is_empty() { -1 } else { 1 };
-        // SAFETY: two valid pollfds.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
-        if n < 0 {
-            return false; // EINTR: loop and look at the stop flag
-        }
-        if fds[0].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+    /// Blocks in poll until the uffd is readable, the pager stops, or (with parked faults
+    /// or an exit probe) a short interval passes. Returns whether the uffd is readable.
+    fn poll(&mut self) -> bool {
+        let timeout = if !self.parked.is_empty() {
+            PollTimeout::from(1u8)
+        } else if let Some(every) = self.probe_exit {
+            PollTimeout::try_from(every).unwrap_or(PollTimeout::MAX)
+        } else {
+            PollTimeout::NONE
+        };
+        let (uffd_events, _) = {
+            let mut fds = [
+                PollFd::new(self.shared.uffd.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.shared.wakeup.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, timeout) {
+                Ok(0) => {
+                    self.probe_process();
+                    return false;
+                }
+                Ok(_) => (fds[0].revents().unwrap_or(PollFlags::empty()), ()),
+                Err(_) => return false, // EINTR: loop and look at the stop flag
+            }
+        };
+        if uffd_events.intersects(PollFlags::POLLERR | PollFlags::POLLHUP | PollFlags::POLLNVAL) {
             // POLLERR means a blocking or unnegotiated fd: a misuse the builder prevents;
             // stop rather than spin.
             self.shared.request_stop();
             return false;
         }
-        fds[0].revents & libc::POLLIN != 0
+        uffd_events.contains(PollFlags::POLLIN)
     }
 
-    /// Reads and handles events until none are pending. Returns how many were read.
-    fn drain(&mut self) -> usize {
-        let mut total = 0;
+    /// Whether the uffd is readable right now (a zero-timeout poll: the gate is closed
+    /// only around reads that will find something).
+    fn ready_now(&self) -> bool {
+        let mut fds = [PollFd::new(self.shared.uffd.as_fd(), PollFlags::POLLIN)];
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+    }
+
+    /// A child engine's process may have exited: `UFFDIO_WRITEPROTECT` un-protecting one
+    /// page of a region not registered for write-protection changes nothing and answers
+    /// ENOENT while the process lives, ESRCH once it is gone.
+    fn probe_process(&self) {
+        if self.probe_exit.is_none() {
+            return;
+        }
+        let Some(p) = self.shared.page(0) else {
+            return;
+        };
+        if let Err(uffd_core::Error::ProcessGone { .. }) =
+            self.shared
+                .uffd
+                .write_protect(p.addr, p.size, WriteProtectMode::DONTWAKE)
+        {
+            self.shared
+                .gone
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.shared.request_stop();
+        }
+    }
+
+    /// Reads and handles events until none are pending.
+    fn drain(&mut self) {
         loop {
-            let n = match self.shared.uffd.read_events(&mut self.events) {
-                Ok(ReadStatus::Events(n)) => n,
-                Ok(ReadStatus::WouldBlock) => return total,
-                Err(e) => {
-                    self.shared.fail(e.into());
-                    return total;
-                }
+            let n = {
+                // No placement runs while a batch is read and its REMOVEs applied.
+                let shared = &*self.shared;
+                let _closed = shared.gate.close();
+                let n = match shared.uffd.read_events(&mut self.events) {
+                    Ok(ReadStatus::Events(n)) => n,
+                    Ok(ReadStatus::WouldBlock) => return,
+                    Err(e) => {
+                        drop(_closed);
+                        shared.fail(e.into());
+                        return;
+                    }
+                };
+                take_events(
+                    shared,
+                    &mut self.events,
+                    &mut self.faults,
+                    self.forks.as_deref(),
+                );
+                n
             };
-            total += n;
-            self.handle_batch();
+            self.resolve_faults();
             if n < self.events.capacity() {
-                return total;
+                return;
             }
         }
     }
 
-    /// Address-space events first (a REMOVE must reach the page states before any fault
-    /// of the same batch is resolved), then the faults. A batch of several faults is
-    /// placed unwoken, with one wake per page at the end.
-    fn handle_batch(&mut self) {
+    /// Resolves the batch's faults. A batch of several faults is placed unwoken, with one
+    /// wake per page at the end.
+    fn resolve_faults(&mut self) {
         let now = Instant::now();
-        self.faults.clear();
-        for event in self.events.drain() {
-            match event {
-                Event::Pagefault { addr, flags, .. } => self.faults.push((addr, flags)),
-                other => {
-                    if let Some(child) = self.shared.on_event(other) {
-                        self.forks.push(child);
-                    }
-                }
-            }
-        }
         let wake_each = self.faults.len() == 1;
-        let shared = self.shared.clone();
-        for i in 0..self.faults.len() {
-            let (addr, flags) = self.faults[i];
-            if let Some((page, follow_up)) =
-                shared.on_fault(addr, flags, &mut self.scratch, wake_each)
-            {
-                self.parked.push(Parked {
-                    page,
-                    since: now,
-                    follow_up,
-                });
-            } else if wake_each {
-                shared.stats.record_latency(now.elapsed());
+        let shared = &*self.shared;
+        for &(addr, flags) in &self.faults {
+            match shared.on_fault(addr, flags, &mut self.scratch, wake_each) {
+                Some((page, follow_up)) => park(
+                    &mut self.parked,
+                    Parked {
+                        page,
+                        since: now,
+                        follow_up,
+                    },
+                ),
+                None if wake_each => shared.stats.record_latency(now.elapsed()),
+                None => {}
             }
         }
         if !wake_each {
@@ -171,27 +227,27 @@ impl Worker {
         }
     }
 
-    /// Retries every parked fault: its page may be Zero now (REMOVE), placed by someone
-    /// else, or still ours to fetch.
+    /// Retries every parked fault in place: its page may be Zero now (REMOVE), placed by
+    /// someone else, or still ours to fetch.
     fn retry_parked(&mut self) {
-        let shared = self.shared.clone();
-        let mut still = Vec::new();
-        for parked in std::mem::take(&mut self.parked) {
-            let p = parked.page;
-            let state = shared.states.get(p.page);
-            let placement = match (parked.follow_up, state) {
+        let shared = &*self.shared;
+        let scratch = &mut self.scratch;
+        self.parked.retain(|parked| {
+            let p = &parked.page;
+            let placement = match (parked.follow_up, shared.states.get(p.page)) {
                 // Still in someone else's hands: keep watching.
-                (FollowUp::Watch, Ok(page_state::PageState::Requested)) => {
-                    still.push(parked);
-                    continue;
+                (FollowUp::Watch, Ok(PageState::Requested)) => return true,
+                (FollowUp::Retry, Ok(PageState::Requested)) => {
+                    shared.fetch_and_place(p, 1, scratch, true, Origin::Fault)
                 }
-                (FollowUp::Retry, Ok(page_state::PageState::Zero)) => {
-                    shared.place(&p, 1, Content::Zero, true, Origin::Fault)
+                (FollowUp::Retry, Ok(PageState::Zero)) => {
+                    shared.place(p, 1, Content::Zero, true, Origin::Fault)
                 }
-                (FollowUp::Retry, Ok(page_state::PageState::Requested)) => {
-                    shared.fetch_and_place(&p, 1, &mut self.scratch, true, Origin::Fault)
+                (FollowUp::Retry, Ok(PageState::Received)) => {
+                    let content = shared.received_again(p);
+                    shared.place(p, 1, content, true, Origin::Fault)
                 }
-                // Placed, zeroed, or given back: wake; a thread still missing its page
+                // Given back (Missing) or done: wake; a thread still missing its page
                 // refaults and is handled afresh.
                 _ => {
                     let _ = shared.uffd.wake(p.addr, p.size);
@@ -199,11 +255,56 @@ impl Worker {
                 }
             };
             match placement {
-                Placement::Again { .. } => still.push(parked),
-                Placement::Done => shared.stats.record_latency(parked.since.elapsed()),
-                Placement::Dropped => {}
+                Placement::Again { .. } => true,
+                Placement::Done => {
+                    shared.stats.record_latency(parked.since.elapsed());
+                    false
+                }
+                Placement::Dropped => false,
+                Placement::Failed(e) => {
+                    shared.fail(e.into());
+                    false
+                }
+            }
+        });
+    }
+}
+
+/// Applies the batch's address-space events (the gate is closed) and keeps its faults.
+fn take_events(
+    shared: &Shared,
+    events: &mut EventBuffer,
+    faults: &mut Vec<(usize, FaultFlags)>,
+    forks: Option<&ForkQueue>,
+) {
+    faults.clear();
+    for event in events.drain() {
+        match event {
+            Event::Pagefault { addr, flags, .. } => faults.push((addr, flags)),
+            other => {
+                if let Some(child) = shared.on_event(other) {
+                    let refused = match forks {
+                        Some(queue) => queue.push(child).err(),
+                        None => Some(child),
+                    };
+                    if let Some(child) = refused {
+                        bump(&shared.stats.forks_refused);
+                        drop(child); // closing it releases the child's faults
+                    }
+                }
             }
         }
-        self.parked = still;
     }
+}
+
+/// Parks a fault, once per page: a thread woken early refaults, and its page is already
+/// being watched or retried.
+fn park(parked: &mut Vec<Parked>, new: Parked) {
+    if let Some(old) = parked.iter_mut().find(|p| p.page.page == new.page.page) {
+        if new.follow_up == FollowUp::Retry {
+            old.follow_up = FollowUp::Retry;
+        }
+        return;
+    }
+    parked.push(new);
 }

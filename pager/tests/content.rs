@@ -181,8 +181,7 @@ fn regions_beyond_the_image_or_overlapping_are_refused() {
             0,
         ))
         .start()
-        .err()
-        .expect("image too small");
+        .expect_err("image too small");
     assert!(err.to_string().contains("the image has 16384"), "{err}");
     let err = Pager::builder(common::uffd(), small)
         .region(RegionSpec::new(
@@ -198,8 +197,7 @@ fn regions_beyond_the_image_or_overlapping_are_refused() {
             0,
         ))
         .start()
-        .err()
-        .expect("overlap");
+        .expect_err("overlap");
     assert!(err.to_string().contains("overlap"), "{err}");
 }
 

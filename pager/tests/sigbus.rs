@@ -1,9 +1,16 @@
 //! SIGBUS delivery: faults resolved inside the faulting thread. Its own test binary:
 //! the SIGBUS disposition is process-wide.
+//!
+//! Every test here runs under [`Guarded`], a global allocator that aborts the process if
+//! it is called while the calling thread is inside the pager's SIGBUS handler: the signal
+//! path must not allocate (a signal landing while its thread holds the allocator's lock,
+//! or a forking thread holding it, would deadlock the workload).
 
 mod common;
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
+use std::time::Duration;
 
 use pager::{DeliveryMode, MemorySource, Pager, RegionSpec, ZeroSource};
 use uffd_core::{Features, Mapping, MemoryKind, ReadStatus, Uffd};
@@ -16,6 +23,43 @@ fn sigbus_uffd() -> Uffd {
         .require(Features::SIGBUS | Features::EVENT_REMOVE)
         .open()
         .expect("open")
+}
+
+/// The system allocator, refusing to serve the SIGBUS handler.
+struct Guarded;
+
+// SAFETY: forwards to the system allocator, which upholds the GlobalAlloc contract; the
+// check only reads a const-initialised thread-local flag (no allocation, no lock).
+unsafe impl GlobalAlloc for Guarded {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        refuse_inside_the_handler();
+        // SAFETY: forwarded with the caller's promises.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        refuse_inside_the_handler();
+        // SAFETY: forwarded with the caller's promises.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        refuse_inside_the_handler();
+        // SAFETY: forwarded with the caller's promises.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Guarded = Guarded;
+
+fn refuse_inside_the_handler() {
+    if pager::in_fault_handler() {
+        let msg = b"FATAL: the allocator was called from inside the pager's SIGBUS handler\n";
+        // SAFETY: writes a static buffer to stderr; abort ends the process.
+        unsafe {
+            libc::write(2, msg.as_ptr().cast(), msg.len());
+            libc::abort();
+        }
+    }
 }
 
 /// One SIGBUS-mode pager per process: the tests that start one take turns.
@@ -63,7 +107,7 @@ fn sigbus_mode_serves_every_page_in_the_faulting_threads() {
         assert_eq!(stats.placed(), pages as u64, "{kind:?}: {stats:?}");
         assert_eq!(stats.placed_zero, (pages / 7) as u64);
         assert!(
-            stats.latency.iter().sum::<u64>() >= pages as u64,
+            stats.latency.count() >= pages as u64,
             "latency recorded per fault"
         );
     }
@@ -78,8 +122,7 @@ fn sigbus_mode_refuses_a_uffd_without_the_feature_or_an_unsafe_source() {
         .region(spec)
         .mode(DeliveryMode::Sigbus)
         .start()
-        .err()
-        .expect("no SIGBUS feature");
+        .expect_err("no SIGBUS feature");
     assert!(err.to_string().contains("SIGBUS feature"), "{err}");
     let path = std::env::temp_dir().join(format!("uffdkit-sigbus-{}", std::process::id()));
     std::fs::write(&path, vec![1u8; 4 * PS]).expect("write");
@@ -89,8 +132,7 @@ fn sigbus_mode_refuses_a_uffd_without_the_feature_or_an_unsafe_source() {
         .region(spec)
         .mode(DeliveryMode::Sigbus)
         .start()
-        .err()
-        .expect("pread is not signal safe");
+        .expect_err("pread is not signal safe");
     assert!(err.to_string().contains("signal handler"), "{err}");
 }
 
@@ -123,4 +165,93 @@ fn sigbus_mode_records_the_first_fault_order() {
     let recorded = pager::record::load(&path, pages).expect("load working set");
     std::fs::remove_file(&path).ok();
     assert_eq!(recorded, order.map(|p| p as u64));
+}
+
+/// The balloon stress (common/balloon.rs) in SIGBUS mode, under the allocator guard: a
+/// REMOVE storm makes placements in the signal handler meet EAGAIN and give their claims
+/// back, pages dropped in flight are placed as zeros — all without allocating or locking.
+fn balloon(kind: MemoryKind) {
+    let _turn = SIGBUS_SLOT.lock().unwrap_or_else(|p| p.into_inner());
+    let outcome = common::balloon::run(
+        DeliveryMode::Sigbus,
+        kind,
+        Features::SIGBUS,
+        Duration::from_millis(2500),
+    );
+    eprintln!("sigbus balloon {kind:?}: {outcome:?}");
+    assert!(outcome.removes > 0 && outcome.reads > 0, "{outcome:?}");
+    assert!(
+        outcome.again + outcome.removed_in_flight > 0,
+        "drops raced placements in the handler at least once: {outcome:?}"
+    );
+}
+
+#[test]
+fn balloon_sigbus_mode_anon_reads_no_wrong_page_and_never_allocates_in_the_handler() {
+    balloon(MemoryKind::Anon);
+}
+
+#[test]
+fn balloon_sigbus_mode_hugetlb_reads_no_wrong_page_and_never_allocates_in_the_handler() {
+    if common::hugetlb_available("balloon_sigbus_mode_hugetlb") {
+        balloon(MemoryKind::HugetlbPrivate);
+    }
+}
+
+/// A source that claims to be signal-safe and allocates in `fetch`: a broken promise the
+/// allocator guard must catch.
+struct Allocating(MemorySource);
+
+impl pager::Source for Allocating {
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+    fn fetch<'a>(
+        &'a self,
+        offset: u64,
+        scratch: &'a mut [u8],
+    ) -> Result<pager::Fetched<'a>, pager::SourceError> {
+        let copy = vec![0u8; 64];
+        std::hint::black_box(&copy);
+        self.0.fetch(offset, scratch)
+    }
+    fn is_signal_safe(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn the_allocator_guard_aborts_a_fault_handler_that_allocates() {
+    const NAME: &str = "the_allocator_guard_aborts_a_fault_handler_that_allocates";
+    if let Some((status, output)) = testkit::isolated_outcome(NAME, Duration::from_secs(60)) {
+        assert!(
+            !status.success(),
+            "the child must abort: {status}\n{output}"
+        );
+        assert!(
+            output
+                .contains("FATAL: the allocator was called from inside the pager's SIGBUS handler"),
+            "{output}"
+        );
+        return;
+    }
+    // In the child: one fault through a source that allocates.
+    let memory = Mapping::new(MemoryKind::Anon, 4 * PS).expect("map");
+    let pager = Pager::builder(
+        sigbus_uffd(),
+        Arc::new(Allocating(MemorySource::new(vec![7u8; 4 * PS]))),
+    )
+    .region(RegionSpec::new(
+        memory.addr(),
+        memory.len(),
+        MemoryKind::Anon,
+        0,
+    ))
+    .mode(DeliveryMode::Sigbus)
+    .start()
+    .expect("start");
+    // SAFETY: the served region.
+    let byte = unsafe { std::ptr::read_volatile(memory.as_ptr()) };
+    drop(pager);
+    eprintln!("not caught: read {byte}");
 }

@@ -53,6 +53,10 @@ pub enum Error {
     /// The destination's pager failed.
     #[error(transparent)]
     Pager(#[from] pager::Error),
+    /// A page bitmap or range that does not fit the region (a peer's RECV_BITMAP of the
+    /// wrong size, a page beyond the end).
+    #[error("page set: {0}")]
+    Pages(#[from] page_state::Error),
     /// The migration cannot go on (no reconnection can help).
     #[error("{0}")]
     Fatal(String),

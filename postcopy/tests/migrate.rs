@@ -342,10 +342,7 @@ fn pure_postcopy_serves_faults_by_request() {
     assert!(dst.pager.faults() > 0, "the workload faulted");
     assert!(dst.requested > 0, "faults became requests");
     assert!(src.urgent_pages > 0);
-    assert!(
-        dst.latency.iter().sum::<u64>() > 0,
-        "requested-page latency recorded"
-    );
+    assert!(dst.latency.count() > 0, "requested-page latency recorded");
 }
 
 fn injected(fault: Fault, after: u64, addr: &'static str) {

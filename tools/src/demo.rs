@@ -151,12 +151,12 @@ pub fn run(args: &Args) -> Result<()> {
         "  EEXIST {}, EAGAIN {}; fault latency (event read → placed): p50 ≤ {} µs, p99 ≤ {} µs; blocktime {:.1} ms",
         stats.exists,
         stats.again,
-        stats.latency_quantile(0.5).map_or(0, |d| d.as_micros()),
-        stats.latency_quantile(0.99).map_or(0, |d| d.as_micros()),
+        stats.latency.quantile(0.5).map_or(0, |d| d.as_micros()),
+        stats.latency.quantile(0.99).map_or(0, |d| d.as_micros()),
         stats.blocktime.as_secs_f64() * 1e3
     );
     println!("  latency histogram (log2 µs buckets):");
-    for line in stats.histogram_lines() {
+    for line in stats.latency.lines() {
         println!("    {line}");
     }
     println!("  every page verified byte for byte");

@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use postcopy::auth::Key;
 use postcopy::migrate::{
-    histogram_lines, latency_quantile, DestOptions, Destination, Migration, Phase, SourceControl,
-    SourceOptions, Timing,
+    DestOptions, Destination, Migration, Phase, SourceControl, SourceOptions, Timing,
 };
 use postcopy::net::Addr;
 use serde_json::json;
@@ -453,7 +452,7 @@ fn dest(a: &DestArgs) -> Result<()> {
         "discarded": r.discarded,
         "postcopy_pages": r.postcopy_pages,
         "requested": r.requested,
-        "latency_buckets_log2_us": r.latency.to_vec(),
+        "latency_buckets_log2_us": r.latency.counts().to_vec(),
         "requested_p50_us": requested_quantile_us(&r.latency, 0.5),
         "requested_p99_us": requested_quantile_us(&r.latency, 0.99),
         "blocktime_ms": r.blocktime.as_secs_f64() * 1e3,
@@ -467,7 +466,7 @@ fn dest(a: &DestArgs) -> Result<()> {
         println!("{report}");
     } else {
         eprintln!("{}", serde_json::to_string_pretty(&report)?);
-        for line in histogram_lines(&r.latency) {
+        for line in r.latency.lines() {
             eprintln!("  {line}");
         }
     }
@@ -483,8 +482,8 @@ fn us_or_none(v: &serde_json::Value) -> String {
 }
 
 /// A quantile bound of requested-page latencies in µs (`None`: nothing requested).
-fn requested_quantile_us(latency: &[u64; postcopy::migrate::BUCKETS], q: f64) -> Option<u64> {
-    latency_quantile(latency, q).map(|d| d.as_micros() as u64)
+fn requested_quantile_us(latency: &pager::LatencyHistogram, q: f64) -> Option<u64> {
+    latency.quantile(q).map(|d| d.as_micros() as u64)
 }
 
 fn addr_text(a: &Addr) -> String {
@@ -612,11 +611,9 @@ fn local(a: &LocalArgs) -> Result<()> {
         us_or_none(&dst["requested_p99_us"])
     );
     if let Some(b) = dst["latency_buckets_log2_us"].as_array() {
-        let mut counts = [0u64; postcopy::migrate::BUCKETS];
-        for (c, v) in counts.iter_mut().zip(b) {
-            *c = v.as_u64().unwrap_or(0);
-        }
-        for line in histogram_lines(&counts) {
+        let counts: Vec<u64> = b.iter().map(|v| v.as_u64().unwrap_or(0)).collect();
+        let histogram = pager::LatencyHistogram::from_counts(&counts, Duration::ZERO);
+        for line in histogram.lines() {
             println!("    {line}");
         }
     }

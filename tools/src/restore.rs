@@ -179,10 +179,10 @@ fn run_pager(args: &Args, len: u64, pages: &[usize], file: &std::fs::File) -> Re
             "placed_fault": stats.placed_fault,
             "placed_prefetch": stats.placed_prefetch,
             "placed_zero": stats.placed_zero,
-            "p50_us": stats.latency_quantile(0.5).map(|d| d.as_micros()),
-            "p99_us": stats.latency_quantile(0.99).map(|d| d.as_micros()),
+            "p50_us": stats.latency.quantile(0.5).map(|d| d.as_micros()),
+            "p99_us": stats.latency.quantile(0.99).map(|d| d.as_micros()),
             "blocktime_s": stats.blocktime.as_secs_f64(),
-            "histogram": stats.histogram_lines(),
+            "histogram": stats.latency.lines(),
         }),
     })
 }

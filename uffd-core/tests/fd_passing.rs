@@ -80,11 +80,14 @@ fn a_child_registers_memory_sends_its_uffd_and_the_parent_serves_its_faults() {
         }
     });
     assert_eq!(common::wait_child(pid), Ok(0), "child verified every page");
+    // Counted after each copy returns, which may be after the woken child has exited:
+    // read the count once the handler thread is joined.
+    let handled = handler.handled.clone();
+    handler.stop();
     assert_eq!(
-        handler.handled.load(std::sync::atomic::Ordering::Relaxed),
+        handled.load(std::sync::atomic::Ordering::Relaxed),
         pages as u64
     );
-    handler.stop();
     // The child is gone: placing into its address space reports it.
     // SAFETY: the target address space no longer exists.
     let gone = unsafe { uffd.copy(base, &[0u8; PS], CopyMode::empty()) };

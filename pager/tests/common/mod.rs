@@ -1,6 +1,8 @@
 //! Helpers for the pager's integration tests: real uffds, real mappings, real faults.
 #![allow(dead_code)]
 
+pub mod balloon;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 

@@ -14,11 +14,12 @@ use page_state::PageState;
 use pager::{DeliveryMode, Fetched, Pager, Placer, Prefetch, RegionSpec, Source, SourceError};
 use uffd_core::{Features as UffdFeatures, Mapping, MemoryKind, Uffd};
 
-use super::{digest_raw, Histogram, Timing, BUCKETS};
+use super::{digest_raw, Timing};
 use crate::auth::{self, Key};
 use crate::net::{split, Addr, FrameReader, FrameWriter, Listener, Stream};
 use crate::wire::{Advise, Channel, Frame, Limits, Message, PageRange, Role, ShutReason};
 use crate::Error;
+use pager::{AtomicLatencyHistogram, LatencyHistogram, PageStateMap};
 
 /// Digests per DIGESTS frame.
 const DIGESTS_PER_FRAME: usize = 8192;
@@ -135,8 +136,8 @@ pub struct DestReport {
     pub postcopy_pages: u64,
     /// Pages requested by faults.
     pub requested: u64,
-    /// Requested-page latency (request sent → page placed), log2 µs buckets.
-    pub latency: [u64; BUCKETS],
+    /// Requested-page latency (request sent → page placed).
+    pub latency: LatencyHistogram,
     /// Sum of requested-page latencies: the time faulting threads spent waiting for the
     /// source (an upper bound; concurrent faults on one page count once).
     pub blocktime: Duration,
@@ -220,11 +221,6 @@ pub struct Destination {
     opts: DestOptions,
     control: Arc<DestControl>,
 }
-
-/// Precopy-time page states (before the pager exists).
-const MISSING: u8 = 0;
-const RECEIVED: u8 = 1;
-const ZERO: u8 = 2;
 
 impl Destination {
     /// Listens on `addr` for a source that knows `key`.
@@ -342,14 +338,14 @@ impl Destination {
         main.w.send(&Message::Ack { seq: 0 })?;
 
         // Precopy: copy in, zero, discard.
-        let mut state = vec![MISSING; pages as usize];
-        // Drops pages (a private mapping's MADV_DONTNEED frees them: they read as zero
-        // and, once registered, fault) and records what they are now.
-        let drop_pages = |state: &mut [u8], r: PageRange, now: u8| -> Result<(), Error> {
+        // The page states the pager will run with, written as precopy goes.
+        let states = PageStateMap::new(pages as usize);
+        // Drops pages: a private mapping's MADV_DONTNEED frees them (they read as zero
+        // and, once registered, fault).
+        let drop_pages = |r: PageRange| -> Result<std::ops::Range<usize>, Error> {
             let (first, count) = (r.first as usize, r.count as usize);
             memory.madvise(first * ps, count * ps, libc::MADV_DONTNEED)?;
-            state[first..first + count].fill(now);
-            Ok(())
+            Ok(first..first + count)
         };
         let mut discarded = 0;
         loop {
@@ -365,13 +361,23 @@ impl Destination {
                         )
                     };
                     let n = (data.len() / ps) as u64;
-                    state[first as usize..(first + n) as usize].fill(RECEIVED);
+                    states.mark_received_range(first as usize, (first + n) as usize)?;
                     ctl.precopy_pages.fetch_add(n, Ordering::Relaxed);
                 }
-                Message::ZeroRun(r) => drop_pages(&mut state, r, ZERO)?,
+                // Known zero: a fault there gets a zero page locally, nothing is fetched
+                // (and nothing is placed now, which would cost one ioctl per page of
+                // downtime).
+                Message::ZeroRun(r) => {
+                    let pages = drop_pages(r)?;
+                    states.mark_zero_range(pages.start, pages.end)?;
+                }
                 Message::Discard { ranges } => {
                     for r in ranges {
-                        drop_pages(&mut state, r, MISSING)?;
+                        let pages = drop_pages(r)?;
+                        // Setup, nothing runs yet: a page sent as zero goes through
+                        // Received (zero → received → missing are both legal).
+                        states.mark_received_range(pages.start, pages.end)?;
+                        states.discard_range(pages.start, pages.end)?;
                         discarded += r.count;
                     }
                 }
@@ -406,30 +412,9 @@ impl Destination {
             .region(RegionSpec::new(base, len, kind, 0))
             .mode(self.opts.mode)
             .prefetch(Prefetch::None)
+            .states(states)
             .start()?;
         let placer = pager.placer();
-        let mut p = 0;
-        while p < pages as usize {
-            let s = state[p];
-            let mut q = p + 1;
-            while q < pages as usize && state[q] == s {
-                q += 1;
-            }
-            match s {
-                RECEIVED => {
-                    let _ = pager.states().mark_received_range(p, q);
-                }
-                // Known zero: a fault there gets a zero page locally, nothing is fetched
-                // (and nothing is placed now, which would cost one ioctl per page of
-                // downtime).
-                ZERO => {
-                    let _ = pager.states().mark_zero_range(p, q);
-                }
-                _ => {}
-            }
-            p = q;
-        }
-        drop(state);
         *remote.urgent.lock().unwrap_or_else(|p| p.into_inner()) = Some(urgent.w);
         ctl.set_phase(DestPhase::Listen);
         main.w.send(&Message::Ack { seq: 1 })?;
@@ -448,7 +433,7 @@ impl Destination {
         let _ = main.w.send(&Message::Ack { seq: 2 });
 
         // RUNNING, resumed after every broken connection.
-        let hist = Histogram::default();
+        let hist = AtomicLatencyHistogram::default();
         let mut complete_at = None;
         let (mut urgent_r, mut urgent_cut) = (urgent.r, urgent.cut);
         let running = (|| -> Result<String, Error> {
@@ -476,18 +461,14 @@ impl Destination {
                     m.r.limits = limits;
                     u.r.limits = limits;
                     // What we have (placed, or zero here); the source sends the rest.
-                    let mut words = vec![0u64; (pages as usize).div_ceil(64)];
-                    let mut outstanding = Vec::new();
-                    for (i, s) in pager.states().states().enumerate() {
-                        match s {
-                            PageState::Received | PageState::Zero => words[i / 64] |= 1 << (i % 64),
-                            PageState::Requested => outstanding.push(PageRange {
-                                first: i as u64,
-                                count: 1,
-                            }),
-                            PageState::Missing => {}
-                        }
-                    }
+                    let words = pager.states().export_present();
+                    let outstanding: Vec<PageRange> = (pager.states().iter().enumerate())
+                        .filter(|(_, s)| *s == PageState::Requested)
+                        .map(|(i, _)| PageRange {
+                            first: i as u64,
+                            count: 1,
+                        })
+                        .collect();
                     if m.w.send(&Message::RecvBitmap { words }).is_err() {
                         continue;
                     }
@@ -528,8 +509,8 @@ impl Destination {
             discarded,
             postcopy_pages: ctl.postcopy_pages.load(Ordering::Relaxed),
             requested: remote.requested.load(Ordering::Relaxed),
-            latency: hist.counts(),
-            blocktime: hist.sum(),
+            blocktime: hist.snapshot().sum(),
+            latency: hist.snapshot(),
             reconnects: ctl.reconnects.load(Ordering::Relaxed),
             postcopy,
             pager: stats,
@@ -547,7 +528,7 @@ impl Destination {
         placer: &Placer,
         pager: &Pager,
         remote: &Remote,
-        hist: &Histogram,
+        hist: &AtomicLatencyHistogram,
         complete_at: &mut Option<Instant>,
     ) -> Result<String, Error> {
         let ctl = &*self.control;

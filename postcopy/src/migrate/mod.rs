@@ -63,7 +63,6 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-pub mod bitmap;
 pub mod dest;
 pub mod dirty;
 pub mod source;
@@ -71,7 +70,6 @@ pub mod source;
 pub use dest::{DestControl, DestOptions, DestReport, Destination, RunningMemory};
 pub use source::{Fault, Migration, Phase, SourceControl, SourceOptions, SourceReport};
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// The 64-bit digest of one page (FNV-1a over 64-bit words, then a final mix): what the
@@ -102,44 +100,6 @@ pub unsafe fn digest_raw(ptr: *const u8, len: usize) -> u64 {
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^ (h >> 33)
-}
-
-/// Histogram buckets: the pager's log2-µs layout, so its quantile and text helpers apply.
-pub use pager::{histogram_lines, latency_quantile, BUCKETS};
-
-/// A lock-free latency histogram (the requested-page latencies of a destination).
-#[derive(Debug)]
-pub struct Histogram {
-    buckets: [AtomicU64; BUCKETS],
-    sum_ns: AtomicU64,
-}
-
-impl Default for Histogram {
-    fn default() -> Self {
-        Self {
-            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
-            sum_ns: AtomicU64::new(0),
-        }
-    }
-}
-
-impl Histogram {
-    /// Records one latency. Relaxed: counters read after the recording threads finish.
-    pub fn record(&self, latency: Duration) {
-        self.buckets[pager::bucket(latency)].fetch_add(1, Ordering::Relaxed);
-        self.sum_ns
-            .fetch_add(latency.as_nanos() as u64, Ordering::Relaxed);
-    }
-
-    /// Counts per bucket.
-    pub fn counts(&self) -> [u64; BUCKETS] {
-        std::array::from_fn(|k| self.buckets[k].load(Ordering::Relaxed))
-    }
-
-    /// Sum of all recorded latencies.
-    pub fn sum(&self) -> Duration {
-        Duration::from_nanos(self.sum_ns.load(Ordering::Relaxed))
-    }
 }
 
 /// Timeouts and retry policy shared by both endpoints.

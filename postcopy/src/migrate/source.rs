@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::bitmap::AtomicBitmap;
 use super::dirty::DirtyTracker;
 use super::{digest_raw, Timing};
 use crate::auth::{self, Key};
@@ -16,6 +15,7 @@ use crate::wire::{
     MAX_RANGES,
 };
 use crate::Error;
+use page_state::Bitmap;
 
 /// Bytes of page data per PAGES frame (at least one page).
 const FRAME_BYTES: usize = 1 << 20;
@@ -420,8 +420,8 @@ impl Migration {
 
         // Precopy.
         prog.set_phase(Phase::Precopy);
-        let sent = AtomicBitmap::new(pages);
-        let dirty = AtomicBitmap::new(pages);
+        let sent = Bitmap::new(pages as usize);
+        let dirty = Bitmap::new(pages as usize);
         let mut rounds = Vec::new();
         let mut switch_reason = "pure postcopy (no precopy rounds)";
         if let Some(tracker) = &mut tracker {
@@ -431,18 +431,22 @@ impl Migration {
                 let t = Instant::now();
                 prog.round.store(rounds.len() as u64 + 1, Ordering::Relaxed);
                 let (mut n, mut bytes) = (0, 0);
-                for (first, count) in dirty.runs() {
-                    for p in first..first + count {
+                let runs: Vec<_> = dirty.runs().collect();
+                for run in runs {
+                    for p in run.clone() {
                         dirty.clear(p);
                         sent.set(p);
                     }
+                    let (first, count) = (run.start as u64, run.len() as u64);
                     let b = mem.send(&mut main.w, first, count, Some(&mut snapshot))?;
                     bytes += b;
                     prog.precopy_bytes.fetch_add(b, Ordering::Relaxed);
                     n += count;
                 }
-                tracker.collect(ps, |g| dirty.set(g))?;
-                let dirty_after = dirty.count();
+                tracker.collect(ps, |g| {
+                    dirty.set(g as usize);
+                })?;
+                let dirty_after = dirty.count() as u64;
                 let previous = rounds.last().map(|r: &Round| r.dirty_after);
                 rounds.push(Round {
                     pages: n,
@@ -472,23 +476,27 @@ impl Migration {
         let stopped = Instant::now();
         stop_workload();
         if let Some(mut tracker) = tracker.take() {
-            tracker.collect(ps, |g| dirty.set(g))?;
+            tracker.collect(ps, |g| {
+                dirty.set(g as usize);
+            })?;
         }
-        let need = AtomicBitmap::new(pages);
-        need.set_complement_of(&sent.to_words());
-        let discard = AtomicBitmap::new(pages);
-        for p in (0..pages).filter(|&p| dirty.get(p)) {
+        let need = Bitmap::new(pages as usize);
+        need.store_complement_of(&sent.to_words())?;
+        let discard = Bitmap::new(pages as usize);
+        for p in dirty.runs().flatten() {
             need.set(p);
-            if sent.get(p) {
+            if sent.test(p) {
                 discard.set(p);
             }
         }
-        let discarded = discard.count();
-        let needed_at_switch = need.count();
+        let discarded = discard.count() as u64;
+        let needed_at_switch = need.count() as u64;
         let ranges: Vec<PageRange> = discard
             .runs()
-            .into_iter()
-            .map(|(first, count)| PageRange { first, count })
+            .map(|run| PageRange {
+                first: run.start as u64,
+                count: run.len() as u64,
+            })
             .collect();
         for chunk in ranges.chunks(MAX_RANGES) {
             main.w.send(&Message::Discard {
@@ -507,7 +515,7 @@ impl Migration {
         let mut last_sent = run_at;
         let verified = loop {
             prog.set_phase(Phase::Postcopy);
-            prog.needed.store(need.count(), Ordering::Relaxed);
+            prog.needed.store(need.count() as u64, Ordering::Relaxed);
             match self.postcopy(main, urgent, &mem, &need, &cursor, &mut last_sent) {
                 SessionEnd::Verified(n) => break n,
                 SessionEnd::Broken(e @ Error::Fatal(_)) => return Err(e),
@@ -545,7 +553,7 @@ impl Migration {
         &self,
         session: u64,
         limits: Limits,
-        need: &AtomicBitmap,
+        need: &Bitmap,
         cause: Error,
     ) -> Result<(Conn, Conn), Error> {
         let t = &self.opts.timing;
@@ -579,7 +587,7 @@ impl Migration {
                 main.r.limits = limits;
                 urgent.r.limits = limits;
                 match main.r.recv()? {
-                    Message::RecvBitmap { words } => need.set_complement_of(&words),
+                    Message::RecvBitmap { words } => need.store_complement_of(&words)?,
                     Message::Shut { detail, .. } => {
                         return Err(Error::Fatal(format!("destination refused: {detail}")))
                     }
@@ -608,7 +616,7 @@ impl Migration {
         main: Conn,
         urgent: Conn,
         mem: &Memory,
-        need: &AtomicBitmap,
+        need: &Bitmap,
         cursor: &AtomicU64,
         last_sent: &mut Instant,
     ) -> SessionEnd {
@@ -636,9 +644,7 @@ impl Migration {
                         Message::ReqPages { ranges } => {
                             prog.requests.fetch_add(1, Ordering::Relaxed);
                             for r in ranges {
-                                for p in r.first..r.first + r.count {
-                                    need.clear(p);
-                                }
+                                need.clear_range(r.first as usize..(r.first + r.count) as usize)?;
                                 let b = mem.send(&mut urgent_w, r.first, r.count, None)?;
                                 prog.postcopy_bytes.fetch_add(b, Ordering::Relaxed);
                                 prog.urgent_pages.fetch_add(r.count, Ordering::Relaxed);
@@ -689,9 +695,10 @@ impl Migration {
                             None => {}
                         }
                         let at = cursor.load(Ordering::Relaxed);
-                        let Some(first) = need.next_set_wrapping(at) else {
+                        let Some(first) = need.next_set_wrapping(at as usize) else {
                             break;
                         };
+                        let first = first as u64;
                         if !self.opts.background {
                             // Demand only: the urgent thread clears `need`.
                             std::thread::sleep(Duration::from_micros(200));
@@ -700,7 +707,7 @@ impl Migration {
                         let mut count = 0;
                         while count < per_frame
                             && first + count < mem.pages
-                            && need.test_and_clear(first + count)
+                            && need.clear((first + count) as usize)
                         {
                             count += 1;
                         }

@@ -1,0 +1,407 @@
+//! [`PagerBuilder`]: validates the configuration, registers the regions, builds the engine
+//! and starts its threads in the chosen delivery mode.
+
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use page_state::{PageState, PageStateMap};
+use uffd_core::{Features, Ioctls, RegisterMode, Uffd};
+
+use crate::cpu::{allowed_cpus, pin_to_cpu};
+use crate::error::{Error, Result};
+use crate::fork::{self, ChildPlan, ForkQueue};
+use crate::pager::{DeliveryMode, Pager};
+use crate::placer::Placer;
+use crate::prefetch::{self, Prefetch};
+use crate::record;
+use crate::region::{RegionSpec, RegionTable, Resolve};
+use crate::shared::Shared;
+use crate::source::Source;
+use crate::worker::{Wait, Worker};
+
+/// Child engines alive at once by default; further forked children are refused.
+const MAX_FORK_CHILDREN: usize = 64;
+
+/// Configures and starts a [`Pager`].
+pub struct PagerBuilder {
+    uffd: Uffd,
+    source: Arc<dyn Source>,
+    regions: Vec<RegionSpec>,
+    mode: DeliveryMode,
+    prefetch: Prefetch,
+    fault_around: usize,
+    record: Option<PathBuf>,
+    register: bool,
+    batch: usize,
+    handler_cpu: Option<usize>,
+    handler_cpus: Option<Vec<usize>>,
+    prefetch_after_first_fault: bool,
+    states: Option<PageStateMap>,
+    max_fork_children: usize,
+    /// A forked child's engine: probe for the child's exit this often while idle.
+    child_probe: Option<Duration>,
+}
+
+impl std::fmt::Debug for PagerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PagerBuilder")
+            .field("regions", &self.regions)
+            .field("mode", &self.mode)
+            .field("prefetch", &self.prefetch)
+            .field("fault_around", &self.fault_around)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pager {
+    /// Starts configuring a pager for `uffd` (negotiated; opened here or received from
+    /// the process whose memory it serves) with pages from `source`.
+    pub fn builder(uffd: Uffd, source: Arc<dyn Source>) -> PagerBuilder {
+        PagerBuilder {
+            uffd,
+            source,
+            regions: Vec::new(),
+            mode: DeliveryMode::default(),
+            prefetch: Prefetch::None,
+            fault_around: 0,
+            record: None,
+            register: true,
+            batch: 64,
+            handler_cpu: None,
+            handler_cpus: None,
+            prefetch_after_first_fault: false,
+            states: None,
+            max_fork_children: MAX_FORK_CHILDREN,
+            child_probe: None,
+        }
+    }
+}
+
+impl PagerBuilder {
+    /// Adds a region.
+    pub fn region(mut self, spec: RegionSpec) -> Self {
+        self.regions.push(spec);
+        self
+    }
+
+    /// Adds regions.
+    pub fn regions(mut self, specs: impl IntoIterator<Item = RegionSpec>) -> Self {
+        self.regions.extend(specs);
+        self
+    }
+
+    /// The delivery mode (default [`DeliveryMode::PerCpu`]).
+    pub fn mode(mut self, mode: DeliveryMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// The background prefetcher's plan (default none).
+    pub fn prefetch(mut self, prefetch: Prefetch) -> Self {
+        self.prefetch = prefetch;
+        self
+    }
+
+    /// Holds the prefetcher back until the first fault has been served (a VMM restoring a
+    /// snapshot touches memory first; default off).
+    pub fn prefetch_after_first_fault(mut self, wait: bool) -> Self {
+        self.prefetch_after_first_fault = wait;
+        self
+    }
+
+    /// Loads a working-set file and replays it first, then prefetches sequentially.
+    /// The regions must be added first (the file is checked against their pages).
+    pub fn replay(mut self, path: impl Into<PathBuf>) -> Result<Self> {
+        let pages = RegionTable::new(&self.regions)?.pages();
+        self.prefetch = Prefetch::Replay(record::load(&path.into(), pages)?);
+        Ok(self)
+    }
+
+    /// Places up to `pages` missing pages after each faulting page (default 0).
+    pub fn fault_around(mut self, pages: usize) -> Self {
+        self.fault_around = pages;
+        self
+    }
+
+    /// Records the order of first faults, written to `path` when the pager stops.
+    pub fn record(mut self, path: impl Into<PathBuf>) -> Self {
+        self.record = Some(path.into());
+        self
+    }
+
+    /// Whether the pager registers the regions (default) or they already are (a uffd
+    /// received from a VMM that registered them).
+    pub fn register(mut self, register: bool) -> Self {
+        self.register = register;
+        self
+    }
+
+    /// Pins the handler thread of the single-thread modes (thread, busy-poll, and the
+    /// SIGBUS mode's event thread) to `cpu` (default: unpinned).
+    pub fn handler_cpu(mut self, cpu: Option<usize>) -> Self {
+        self.handler_cpu = cpu;
+        self
+    }
+
+    /// The CPUs per-CPU handlers run on, one pinned handler each (default: every CPU this
+    /// process may run on). A VMM gives its own CPU set here.
+    pub fn handler_cpus(mut self, cpus: impl IntoIterator<Item = usize>) -> Self {
+        let mut cpus: Vec<usize> = cpus.into_iter().collect();
+        cpus.sort_unstable();
+        cpus.dedup();
+        self.handler_cpus = Some(cpus);
+        self
+    }
+
+    /// Events read per `read(2)` (default 64).
+    pub fn batch(mut self, events: usize) -> Self {
+        self.batch = events.max(1);
+        self
+    }
+
+    /// Seeds the page-state map: pages already in memory (Received) or known zero (Zero)
+    /// before the pager starts — e.g. what a migration's precopy placed. The map must
+    /// have exactly as many pages as the regions, in region order, and hold only Missing,
+    /// Received and Zero pages. The pager owns it from then on; read it through
+    /// [`Pager::states`].
+    pub fn states(mut self, map: PageStateMap) -> Self {
+        self.states = Some(map);
+        self
+    }
+
+    /// Forked children served at once (with `EVENT_FORK`; default 64). A child forked
+    /// while that many are served is refused: its uffd is closed, so its missing pages
+    /// read as zeros ([`StatsSnapshot::forks_refused`](crate::StatsSnapshot)).
+    pub fn max_fork_children(mut self, children: usize) -> Self {
+        self.max_fork_children = children;
+        self
+    }
+
+    /// Marks this pager as a forked child's engine, probing for the child's exit.
+    pub(crate) fn child_of_fork(mut self, probe: Duration) -> Self {
+        self.child_probe = Some(probe);
+        self
+    }
+
+    /// Validates, registers, marks known-zero pages, and starts the threads.
+    pub fn start(mut self) -> Result<Pager> {
+        let table = RegionTable::new(&self.regions)?;
+        self.check(&table)?;
+        let states = self.seeded_states(table.pages())?;
+        make_non_blocking(&self.uffd)?;
+        if self.register {
+            self.register_regions(&table)?;
+        }
+        let shared = Arc::new(Shared::new(
+            self.uffd,
+            table,
+            states,
+            self.source.clone(),
+            self.record.is_some(),
+            self.fault_around,
+        )?);
+        shared.mark_known_zero();
+        self.source.attach(Placer {
+            shared: Arc::downgrade(&shared),
+        });
+        // Threads join through the pager: an error past this point stops what started.
+        let mut pager = Pager::new(shared.clone(), Vec::new(), self.record.take(), self.mode);
+        let forks = if self.child_probe.is_none() {
+            let plan = ChildPlan {
+                source: self.source.clone(),
+                regions: self.regions.clone(),
+                batch: self.batch,
+                max_children: self.max_fork_children,
+            };
+            start_fork_service(&shared, plan, &mut pager)?
+        } else {
+            None // a child's engine: its own children are not served
+        };
+        let mut start_worker = |cpu: Option<usize>, wait: Wait, name: String| {
+            let mut worker =
+                Worker::new(shared.clone(), self.batch, forks.clone(), self.child_probe);
+            let thread = spawn(name, move || {
+                if let Some(cpu) = cpu {
+                    let _ = pin_to_cpu(cpu);
+                }
+                worker.run(wait);
+            })?;
+            pager.push_thread(thread);
+            Ok::<_, Error>(())
+        };
+        match self.mode {
+            DeliveryMode::Thread => {
+                start_worker(self.handler_cpu, Wait::Block, "uffd-handler".into())?
+            }
+            DeliveryMode::BusyPoll => {
+                start_worker(self.handler_cpu, Wait::Spin, "uffd-busypoll".into())?
+            }
+            DeliveryMode::PerCpu => {
+                for &cpu in self.handler_cpus.as_deref().unwrap_or(&allowed_cpus()) {
+                    start_worker(Some(cpu), Wait::Block, format!("uffd-cpu{cpu}"))?;
+                }
+            }
+            DeliveryMode::Sigbus => {
+                crate::sigbus::install(shared.clone(), 2 * allowed_cpus().len())?;
+                start_worker(self.handler_cpu, Wait::Block, "uffd-events".into())?;
+            }
+        }
+        if self.prefetch != Prefetch::None {
+            let (shared, plan) = (shared.clone(), self.prefetch);
+            let after_first_fault = self.prefetch_after_first_fault;
+            pager.push_thread(spawn("uffd-prefetch".into(), move || {
+                while after_first_fault
+                    && shared.stats.snapshot().placed() == 0
+                    && !shared.stopping()
+                {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                prefetch::run(shared, plan)
+            })?);
+        }
+        log::debug!(
+            "pager started: {} pages in {} region(s), {} mode",
+            shared.regions.pages(),
+            shared.regions.regions().len(),
+            self.mode.name()
+        );
+        Ok(pager)
+    }
+
+    /// Refuses what cannot be served: regions beyond the image, a SIGBUS mode without the
+    /// feature or a signal-safe source, handler CPUs this process may not use.
+    fn check(&self, table: &RegionTable) -> Result<()> {
+        for r in table.regions() {
+            let need = r.spec.image_offset + r.spec.len as u64;
+            if need > self.source.len() {
+                return Err(Error::ImageTooSmall {
+                    need,
+                    have: self.source.len(),
+                });
+            }
+        }
+        if self.mode == DeliveryMode::Sigbus {
+            if !self.uffd.features().contains(Features::SIGBUS) {
+                return Err(Error::Mode {
+                    mode: "sigbus",
+                    reason: "the userfaultfd was not negotiated with the SIGBUS feature".into(),
+                });
+            }
+            if !self.source.is_signal_safe() {
+                return Err(Error::Mode {
+                    mode: "sigbus",
+                    reason: "the source cannot answer inside a signal handler (use a memory \
+                             or mmap source)"
+                        .into(),
+                });
+            }
+        }
+        if let Some(cpus) = &self.handler_cpus {
+            let allowed = allowed_cpus();
+            if cpus.is_empty() {
+                return Err(Error::Mode {
+                    mode: "percpu",
+                    reason: "an empty set of handler CPUs".into(),
+                });
+            }
+            if let Some(cpu) = cpus.iter().find(|c| !allowed.contains(c)) {
+                return Err(Error::Mode {
+                    mode: "percpu",
+                    reason: format!("CPU {cpu} is not in this process's allowed set {allowed:?}"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The seeded map, checked, or a fresh one.
+    fn seeded_states(&mut self, pages: usize) -> Result<PageStateMap> {
+        let Some(map) = self.states.take() else {
+            return Ok(PageStateMap::new(pages));
+        };
+        if map.len() != pages {
+            return Err(Error::StatesSize {
+                pages: map.len(),
+                want: pages,
+            });
+        }
+        if let Some(page) = map.next_in_state_wrapping(PageState::Requested, 0) {
+            return Err(Error::SeededState {
+                page,
+                state: PageState::Requested,
+            });
+        }
+        Ok(map)
+    }
+
+    fn register_regions(&self, table: &RegionTable) -> Result<()> {
+        for r in table.regions() {
+            let (mode, needed) = match r.spec.resolve {
+                Resolve::Copy => (RegisterMode::MISSING, Ioctls::COPY),
+                // MINOR alone never faults on pages absent from the page cache (they
+                // read as zero), so both kinds are registered; both are resolved by
+                // staging the page in the cache and CONTINUE.
+                Resolve::Continue { .. } => (
+                    RegisterMode::MISSING | RegisterMode::MINOR,
+                    Ioctls::CONTINUE,
+                ),
+            };
+            let ioctls = self.uffd.register(r.spec.base, r.spec.len, mode)?;
+            if !ioctls.contains(needed) {
+                return Err(Error::BadRegion {
+                    base: r.spec.base,
+                    len: r.spec.len,
+                    reason: "the kernel does not allow the placement ioctl on this range",
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// With fork events on, starts the thread that serves forked children, and returns the
+/// queue handlers hand them to.
+fn start_fork_service(
+    shared: &Arc<Shared>,
+    plan: ChildPlan,
+    pager: &mut Pager,
+) -> Result<Option<Arc<ForkQueue>>> {
+    if !shared.uffd.features().contains(Features::EVENT_FORK) {
+        return Ok(None);
+    }
+    let queue = Arc::new(ForkQueue::new(plan.max_children).map_err(|e| Error::Io {
+        what: "create the fork hand-off eventfd",
+        source: e,
+    })?);
+    let (shared, q) = (shared.clone(), queue.clone());
+    pager.push_thread(spawn("uffd-forks".into(), move || {
+        fork::serve(shared, q, plan)
+    })?);
+    Ok(Some(queue))
+}
+
+/// Spawns a named pager thread.
+fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(f)
+        .map_err(|source| Error::Io {
+            what: "spawn a pager thread",
+            source,
+        })
+}
+
+/// poll(2) on a uffd needs O_NONBLOCK.
+fn make_non_blocking(uffd: &Uffd) -> Result<()> {
+    let io = |e: nix::Error| Error::Io {
+        what: "make the userfaultfd non-blocking",
+        source: e.into(),
+    };
+    let flags = OFlag::from_bits_retain(fcntl(uffd.as_fd(), FcntlArg::F_GETFL).map_err(io)?);
+    fcntl(uffd.as_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map_err(io)?;
+    Ok(())
+}

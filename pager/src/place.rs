@@ -1,0 +1,342 @@
+//! Placement: putting a page's content into memory with one ioctl (COPY, ZEROPAGE, or a
+//! page-cache write and CONTINUE), publishing it in the page states and the counters, and
+//! turning the kernel's answers into what the caller does next: EEXIST → mark and wake,
+//! EAGAIN → retry after the pending events are read, ENOENT → retry while the region is
+//! still ours, ESRCH → the process is gone.
+//!
+//! Every placement runs inside the [gate](crate::gate), from the decision of what to put
+//! there to the end of its ioctl; a page a REMOVE dropped (removed bit set, or Zero) gets
+//! zeros, never the image's bytes. Async-signal-safe: atomics and ioctls only.
+
+use nix::errno::Errno;
+use uffd_core::{ContinueMode, CopyMode, Error as UffdError, ZeropageMode};
+
+use crate::region::{PageRef, Resolve};
+use crate::shared::Shared;
+use crate::stats::{add, bump};
+use page_state::PageState;
+
+/// What to put in a page.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Content<'a> {
+    /// The image's bytes (exactly the placement's length).
+    Data(&'a [u8]),
+    /// Zeros.
+    Zero,
+    /// MINOR mode only: map what the page cache already holds (a page the workload
+    /// had, unmapped by `MADV_DONTNEED` on shared memory), writing nothing.
+    Present,
+}
+
+/// Who placed a page (for the stats).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    Fault,
+    Prefetch,
+    Arrival,
+}
+
+/// The result of one placement attempt.
+#[derive(Debug)]
+pub(crate) enum Placement {
+    /// Placed now, or found already present (EEXIST, then woken).
+    Done,
+    /// EAGAIN (or ENOENT while the region is ours): an address-space change is pending;
+    /// the first `done` pages were placed. Retry the rest after the events are read.
+    Again { done: usize },
+    /// The page's range is gone (unmapped) or the process exited: nothing to do.
+    Dropped,
+    /// The kernel refused with anything else: the caller reports it (its own way: the
+    /// SIGBUS handler may not lock or allocate).
+    Failed(UffdError),
+}
+
+impl Shared {
+    /// Places `content` at `p` (which spans `count` pages of the same region) and marks
+    /// the pages received. With `wake`, threads waiting on the range are woken.
+    pub fn place(
+        &self,
+        p: &PageRef,
+        count: usize,
+        content: Content<'_>,
+        wake: bool,
+        origin: Origin,
+    ) -> Placement {
+        let _in = self.gate.enter();
+        self.place_in_gate(p, count, content, wake, origin)
+    }
+
+    /// Whether page `page`'s next placement must be zeros whatever was fetched: a REMOVE
+    /// dropped it (removed bit, or Zero), or it is Received (placed, then dropped: a fault
+    /// there means the zap took it; zeros meet EEXIST otherwise).
+    fn must_be_zero(&self, page: usize) -> bool {
+        self.removed.test(page)
+            || matches!(
+                self.states.get(page),
+                Ok(PageState::Zero | PageState::Received)
+            )
+    }
+
+    /// What actually goes into page `p` for a placement of `content`: consumes its
+    /// removed bit (returned, to be restored if the placement must be retried).
+    fn decide<'a>(&self, p: &PageRef, content: Content<'a>) -> (Content<'a>, bool) {
+        let removed = self.removed.test(p.page) && self.removed.clear(p.page);
+        if removed {
+            bump(&self.stats.removed_in_flight);
+        }
+        let state = self.states.get(p.page);
+        let dropped = matches!(state, Ok(PageState::Zero | PageState::Received));
+        let content = match (p.resolve, content) {
+            (Resolve::Copy, Content::Data(_)) if removed || dropped => Content::Zero,
+            (Resolve::Copy, Content::Present) => Content::Zero,
+            // Shared memory: a page placed before may be mapped (a fault that raced its
+            // placement) or unmapped with its page cache intact (MADV_DONTNEED): map it
+            // as it is, never write over it. If its page is gone too, zeros.
+            (Resolve::Continue { .. }, _) if state == Ok(PageState::Received) => Content::Present,
+            (Resolve::Continue { .. }, Content::Data(_))
+                if removed || state == Ok(PageState::Zero) =>
+            {
+                Content::Zero
+            }
+            (_, content) => content,
+        };
+        (content, removed)
+    }
+
+    /// [`place`](Self::place) with the gate already entered.
+    fn place_in_gate(
+        &self,
+        p: &PageRef,
+        count: usize,
+        content: Content<'_>,
+        wake: bool,
+        origin: Origin,
+    ) -> Placement {
+        if count > 1 {
+            let any_zero = (p.page..p.page + count).any(|q| self.must_be_zero(q));
+            if any_zero && !matches!(content, Content::Zero) {
+                // Part of the run was dropped meanwhile: page by page, so those get zeros.
+                return self.place_each_in_gate(p, count, content, wake, origin);
+            }
+            return self.place_one_ioctl(p, count, content, wake, origin, false);
+        }
+        let (content, removed) = self.decide(p, content);
+        self.place_one_ioctl(p, 1, content, wake, origin, removed)
+    }
+
+    /// Places a run one page at a time, each decided on its own.
+    fn place_each_in_gate(
+        &self,
+        p: &PageRef,
+        count: usize,
+        content: Content<'_>,
+        wake: bool,
+        origin: Origin,
+    ) -> Placement {
+        for i in 0..count {
+            let Some(q) = self.page(p.page + i) else {
+                return Placement::Dropped;
+            };
+            let one = match content {
+                Content::Data(d) => Content::Data(&d[i * p.size..(i + 1) * p.size]),
+                other => other,
+            };
+            let (one, removed) = self.decide(&q, one);
+            match self.place_one_ioctl(&q, 1, one, wake, origin, removed) {
+                Placement::Done => {}
+                Placement::Again { .. } => return Placement::Again { done: i },
+                other => return other,
+            }
+        }
+        Placement::Done
+    }
+
+    /// One placement ioctl for `count` pages at `p`, and what follows from its answer.
+    /// `removed`: the page's removed bit was consumed (restored on a retry).
+    fn place_one_ioctl(
+        &self,
+        p: &PageRef,
+        count: usize,
+        content: Content<'_>,
+        wake: bool,
+        origin: Origin,
+        removed: bool,
+    ) -> Placement {
+        let len = p.size * count;
+        let result = match (p.resolve, content) {
+            (Resolve::Copy, Content::Data(data)) => {
+                // SAFETY: `p.addr..+len` lies in a region registered with this uffd whose
+                // content the pager owns: it places exactly the image's bytes.
+                unsafe { self.uffd.copy(p.addr, &data[..len], copy_mode(wake)) }
+            }
+            (Resolve::Copy, Content::Zero | Content::Present) if !p.kind.is_hugetlb() => {
+                let mode = if wake {
+                    ZeropageMode::empty()
+                } else {
+                    ZeropageMode::DONTWAKE
+                };
+                self.uffd.zeropage(p.addr, len, mode)
+            }
+            (Resolve::Copy, _) => self.place_zeros_by_copy(p, count, wake),
+            (Resolve::Continue { alias }, content) => {
+                self.continue_with(alias + p.in_region, p.addr, len, content, wake)
+            }
+        };
+        match result {
+            Ok(_) => {
+                // Count before publishing Received: whoever sees the page done (e.g.
+                // `wait_complete`) then also sees it counted.
+                self.account(origin, content, len, count);
+                self.mark_received(p.page, count);
+                Placement::Done
+            }
+            Err(UffdError::Exists { .. }) if count > 1 => {
+                // Another placer won a page of the run and the kernel stopped there: redo
+                // page by page (placed pages meet EEXIST and are marked, the rest copied),
+                // never marking the tail received unplaced.
+                bump(&self.stats.exists);
+                self.place_each_in_gate(p, count, content, wake, origin)
+            }
+            Err(UffdError::Exists { .. }) => {
+                bump(&self.stats.exists);
+                self.mark_received(p.page, count);
+                if wake {
+                    let _ = self.uffd.wake(p.addr, len);
+                }
+                Placement::Done
+            }
+            Err(UffdError::Again { done, .. }) => self.again(p, content, origin, removed, done),
+            Err(UffdError::ProcessGone { .. }) => {
+                self.gone.store(true, std::sync::atomic::Ordering::Relaxed);
+                self.request_stop();
+                Placement::Dropped
+            }
+            // ENOENT also means "the layout changed under the operation" (a REMOVE being
+            // applied): while the region is still ours, retry like EAGAIN; an UNMAP event
+            // unmaps it in the table, and then the page is dropped for good.
+            Err(UffdError::RangeGone { .. }) if self.page(p.page).is_some() => {
+                self.again(p, content, origin, removed, 0)
+            }
+            Err(UffdError::RangeGone { .. }) => Placement::Dropped,
+            Err(e) => Placement::Failed(e),
+        }
+    }
+
+    /// The kernel stopped after `done` bytes: count and publish the whole pages placed,
+    /// put back a consumed removed bit, and ask for a retry of the rest.
+    fn again(
+        &self,
+        p: &PageRef,
+        content: Content<'_>,
+        origin: Origin,
+        removed: bool,
+        done: usize,
+    ) -> Placement {
+        bump(&self.stats.again);
+        let whole = done / p.size;
+        if removed && whole == 0 {
+            self.removed.set(p.page);
+        }
+        if whole > 0 {
+            self.account(origin, content, whole * p.size, whole);
+            self.mark_received(p.page, whole);
+        }
+        Placement::Again { done: whole }
+    }
+
+    /// Zero pages where ZEROPAGE cannot be used (hugetlb): COPY from the zero buffer.
+    fn place_zeros_by_copy(
+        &self,
+        p: &PageRef,
+        count: usize,
+        wake: bool,
+    ) -> uffd_core::Result<usize> {
+        for i in 0..count {
+            // SAFETY: as in `place_one_ioctl`; zeros are what the page holds now.
+            if let Err(e) = unsafe {
+                self.uffd
+                    .copy(p.addr + i * p.size, &self.zeros[..p.size], copy_mode(wake))
+            } {
+                return Err(match e {
+                    UffdError::Again { op, done } => UffdError::Again {
+                        op,
+                        done: i * p.size + done,
+                    },
+                    e => e,
+                });
+            }
+        }
+        Ok(count * p.size)
+    }
+
+    /// MINOR mode: writes `content` into the page cache through the alias, then maps it.
+    /// `Present` writes nothing; if the page cache has no page there (a hole punched),
+    /// zeros are written first.
+    fn continue_with(
+        &self,
+        alias: usize,
+        addr: usize,
+        len: usize,
+        content: Content<'_>,
+        wake: bool,
+    ) -> uffd_core::Result<usize> {
+        let mode = if wake {
+            ContinueMode::empty()
+        } else {
+            ContinueMode::DONTWAKE
+        };
+        let bytes = match content {
+            Content::Data(data) => &data[..len],
+            Content::Zero => &self.zeros[..len.min(self.zeros.len())],
+            Content::Present => {
+                // SAFETY: the page cache behind `addr` holds what the page must show.
+                match unsafe { self.uffd.continue_range(addr, len, mode) } {
+                    Err(UffdError::Os {
+                        errno: Errno::EFAULT,
+                        ..
+                    }) => &self.zeros[..len.min(self.zeros.len())],
+                    other => return other,
+                }
+            }
+        };
+        for off in (0..len).step_by(bytes.len().max(1)) {
+            let n = bytes.len().min(len - off);
+            // SAFETY: `alias..alias + len` is the pager's own alias mapping of the region's
+            // file (the builder checked it is mapped); the pages are not mapped in the
+            // registered range yet (a mapped page is Received and never written here) and
+            // only the claimant writes them.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), (alias + off) as *mut u8, n) };
+        }
+        // SAFETY: the page cache behind `addr` now holds the bytes the page must show.
+        unsafe { self.uffd.continue_range(addr, len, mode) }
+    }
+
+    fn mark_received(&self, page: usize, count: usize) {
+        // A page already received (raced placement, EEXIST) stays so.
+        let _ = self.states.mark_received_range(page, page + count);
+    }
+
+    fn account(&self, origin: Origin, content: Content<'_>, bytes: usize, count: usize) {
+        let n = count as u64;
+        match content {
+            Content::Zero => add(&self.stats.placed_zero, n),
+            Content::Present => {}
+            Content::Data(_) => {
+                add(&self.stats.bytes, bytes as u64);
+                match origin {
+                    Origin::Fault => add(&self.stats.placed_fault, n),
+                    Origin::Prefetch => add(&self.stats.placed_prefetch, n),
+                    Origin::Arrival => add(&self.stats.placed_arrival, n),
+                }
+            }
+        }
+    }
+}
+
+fn copy_mode(wake: bool) -> CopyMode {
+    if wake {
+        CopyMode::empty()
+    } else {
+        CopyMode::DONTWAKE
+    }
+}
