@@ -10,7 +10,7 @@
 //! example handlers do, rather than leave it hanging in `PUT /snapshot/load` with its API
 //! dead — unless `--no-kill-peer`.
 
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Write};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -137,7 +137,7 @@ pub fn run(args: &Args) -> Result<()> {
     let hs = accept_vmm(&claimed.listener, kill)?;
     session.set_peer(hs.peer);
     let peer = hs.peer;
-    let who = peer_name(peer);
+    let who = vmm_name(peer);
     let geometry = Geometry::of(&hs.regions);
     info!("{who} connected: {}", geometry.describe());
     refuse_others(&claimed.listener, who.clone())?;
@@ -148,8 +148,10 @@ pub fn run(args: &Args) -> Result<()> {
         end_peer(&peer, kill, "the restore failed (the error follows)");
     }
     let stats = result?;
+    let mut out = std::io::stdout().lock();
     for line in summary(&who, started.elapsed(), &geometry, &memory, args, &stats) {
-        println!("{line}");
+        // The restore is done: a closed stdout loses the summary, not the result.
+        let _ = writeln!(out, "{line}");
     }
     Ok(())
 }
@@ -215,7 +217,7 @@ fn accept_vmm(listener: &UnixListener, kill: bool) -> Result<Handshake> {
         match firecracker::handshake(stream) {
             Ok(hs) => return Ok(hs),
             Err(HandshakeError::Empty) => debug!(
-                "{} closed its connection without a word (a probe of the socket?); still waiting",
+                "a connection from {} closed without a word (a probe of the socket?); still waiting",
                 peer_name(peer)
             ),
             Err(e) if !e.leaves_vmm_waiting() => warn!(
@@ -226,7 +228,7 @@ fn accept_vmm(listener: &UnixListener, kill: bool) -> Result<Handshake> {
                 if let Some(peer) = peer {
                     end_peer(&peer, kill, "its region table was refused");
                 }
-                return Err(e).with_context(|| format!("handshake with {}", peer_name(peer)));
+                return Err(e).with_context(|| format!("handshake with {}", vmm_name(peer)));
             }
         }
     }
@@ -272,7 +274,16 @@ fn transient(e: &std::io::Error) -> bool {
     )
 }
 
+/// A connection's peer before it proved to be a VMM.
 fn peer_name(peer: Option<PeerCredentials>) -> String {
+    match peer {
+        Some(p) => format!("pid {}", p.pid),
+        None => "an unknown peer".into(),
+    }
+}
+
+/// The VMM that completed the handshake.
+fn vmm_name(peer: Option<PeerCredentials>) -> String {
     match peer {
         Some(p) => format!("Firecracker (pid {})", p.pid),
         None => "Firecracker (pid unknown)".into(),
@@ -281,7 +292,7 @@ fn peer_name(peer: Option<PeerCredentials>) -> String {
 
 /// Kills the VMM after a fatal error (or says why it is left running).
 fn end_peer(peer: &PeerCredentials, kill: bool, why: &str) {
-    let who = peer_name(Some(*peer));
+    let who = vmm_name(Some(*peer));
     if !kill {
         warn!("leaving {who} running (--no-kill-peer): {why}; its guest hangs on its next fault");
         return;

@@ -88,12 +88,17 @@ pub fn track<R>(
     let Some(mut view) = View::choose(target, label) else {
         return work();
     };
+    // The first status is shown before the work starts, however soon it ends.
+    view.show(&status());
     let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
         let sampler = scope.spawn(|| {
-            while !stop.load(Ordering::Relaxed) {
-                view.show(&status());
+            loop {
                 std::thread::park_timeout(SAMPLE_EVERY);
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                view.show(&status());
             }
             view.finish();
         });

@@ -104,12 +104,14 @@ fn serve_prints_plain_lines_when_stderr_is_not_a_terminal() {
     let (image, key, sock) = (temp("lines.img"), temp("lines.key"), temp("lines.sock"));
     common::image(&image, 1 << 20);
     std::fs::write(&key, "output-test-key-0123456789").expect("key");
+    let started = Instant::now();
     let mut server = Proc::start(serve_cmd(&image, &key, &sock));
     wait_listening(&sock, &mut server);
-    // The first status line comes at once; then one every 5 s: stop before the next.
-    std::thread::sleep(Duration::from_millis(500));
+    // The first status line comes at once, then one every 5 s.
+    std::thread::sleep(Duration::from_millis(1500));
     server.signal(nix::sys::signal::Signal::SIGTERM);
     let out = server.finish();
+    let most = 1 + started.elapsed().as_secs() as usize / 5;
     for f in [&image, &key, &sock] {
         let _ = std::fs::remove_file(f);
     }
@@ -118,10 +120,9 @@ fn serve_prints_plain_lines_when_stderr_is_not_a_terminal() {
         .lines()
         .filter(|l| l.contains("image reads"))
         .collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "one line, not one per 500 ms: {}",
+    assert!(
+        (1..=most).contains(&lines.len()),
+        "at most {most} line(s), not one per 500 ms: {}",
         out.text()
     );
     assert!(lines[0].starts_with("serve:    0."), "{}", out.text());
