@@ -128,8 +128,13 @@ pub fn run(args: &Args) -> Result<()> {
     crate::signals::on_termination(move |signal| on_signal.terminate(signal, kill))?;
 
     let socket = socket_of(args).context("no socket path")?;
-    let memory = open_memory(args)?;
+    if args.source.is_some() && args.prefetch.replay.is_some() {
+        return Err(crate::exit::usage(
+            "--replay needs a memory file: a page server streams every page itself",
+        ));
+    }
     args.prefetch.check()?;
+    let memory = open_memory(args)?;
     let claimed = socket_file::claim(socket)?;
     session.set_socket(claimed.file.clone());
     info!("listening on {} for Firecracker", socket.display());
@@ -178,11 +183,6 @@ fn open_memory(args: &Args) -> Result<Memory> {
             "give SOCKET MEMFILE, --mem-file, or --source with --key-file",
         ));
     };
-    if args.prefetch.replay.is_some() {
-        return Err(crate::exit::usage(
-            "--replay needs a memory file: a page server streams every page itself",
-        ));
-    }
     let key = postcopy::auth::Key::from_file(key)
         .with_context(|| format!("key file {}", key.display()))?;
     let source = postcopy::client::RemoteSource::connect(addr, &key)
