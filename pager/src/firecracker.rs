@@ -9,15 +9,23 @@
 //! it has exited. It touches guest memory during the load call, so serving starts the
 //! moment the fd arrives. Balloon inflation and free-page reporting raise REMOVE events:
 //! those pages then read as zeros, never as snapshot data.
+//!
+//! Firecracker keeps its own copy of the userfaultfd, so once it has sent it, a handler
+//! that gives up leaves its vCPUs hanging on their next fault and its API dead inside
+//! `PUT /snapshot/load`. [`HandshakeError::leaves_vmm_waiting`] says when that is the
+//! case, and [`kill_peer`] ends such a VMM, as Firecracker's example handlers do. A peer
+//! that sends nothing, or no userfaultfd, is not a VMM (a probe, a stranger) and is
+//! refused without harm; one that stays silent is refused after [`HANDSHAKE_DEADLINE`].
 
-use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::io::{ErrorKind, Read};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
-use uffd_core::{peer_credentials, recv_fds, MemoryKind, PeerCredentials, Uffd};
+use uffd_core::{peer_credentials, recv_fds, MemoryKind, PeerCredentials, Received, Uffd};
 
 use crate::prefetch::Prefetch;
 use crate::{DeliveryMode, Pager, RegionSpec, Source, StatsSnapshot};
@@ -48,14 +56,13 @@ impl GuestRegion {
         match self.page_size.or(self.page_size_kib) {
             Some(4096) => Ok(4096),
             Some(2097152) => Ok(2 << 20),
-            Some(other) => Err(HandshakeError::Invalid(format!(
-                "region at {:#x}: unsupported page size {other}",
-                self.base_host_virt_addr
-            ))),
-            None => Err(HandshakeError::Invalid(format!(
-                "region at {:#x}: no page_size or page_size_kib",
-                self.base_host_virt_addr
-            ))),
+            Some(size) => Err(HandshakeError::PageSize {
+                base: self.base_host_virt_addr,
+                size,
+            }),
+            None => Err(HandshakeError::NoPageSize {
+                base: self.base_host_virt_addr,
+            }),
         }
     }
 
@@ -72,9 +79,10 @@ impl GuestRegion {
             usize::try_from(self.size),
         );
         let (Ok(base), Ok(len)) = (base, len) else {
-            return Err(HandshakeError::Invalid(
-                "region beyond the address space".into(),
-            ));
+            return Err(HandshakeError::AddressSpace {
+                base: self.base_host_virt_addr,
+                size: self.size,
+            });
         };
         let mut spec = RegionSpec::new(base, len, kind, self.offset);
         spec.page_size = page;
@@ -83,24 +91,97 @@ impl GuestRegion {
 }
 
 /// Why a handshake was refused.
+///
+/// A VMM sends its userfaultfd with the first bytes of the region table, so every refusal
+/// after those first bytes is a refusal of a VMM that now holds a registered userfaultfd
+/// and will hang on its first fault: see [`HandshakeError::leaves_vmm_waiting`].
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum HandshakeError {
     /// The socket failed.
-    #[error("handshake socket: {0}")]
-    Io(#[from] std::io::Error),
+    #[error("handshake socket")]
+    Io(#[source] std::io::Error),
+    /// The peer closed the connection without sending anything (a probe of the socket,
+    /// not a VMM).
+    #[error("the peer closed the connection without sending anything")]
+    Empty,
+    /// No complete region table arrived within the deadline.
+    #[error("no complete region table within {deadline:?} ({received} bytes received)")]
+    Silent {
+        /// The deadline.
+        deadline: Duration,
+        /// Bytes received before it passed.
+        received: usize,
+    },
     /// The peer closed before a complete region table arrived.
     #[error("the peer closed the connection before a complete region table ({0} bytes received)")]
     Truncated(usize),
     /// Not the JSON Firecracker sends.
-    #[error("malformed region table: {0}")]
-    Json(serde_json::Error),
-    /// JSON, but not usable.
-    #[error("invalid region table: {0}")]
-    Invalid(String),
-    /// No userfaultfd came with the message.
+    #[error("malformed region table")]
+    Json(#[source] serde_json::Error),
+    /// More bytes than any region table needs.
+    #[error("more than {0} bytes without a complete region table")]
+    TooLarge(usize),
+    /// A table with no region in it.
+    #[error("the region table lists no regions")]
+    NoRegions,
+    /// A page size the pager cannot serve.
+    #[error("region at {base:#x}: unsupported page size {size} (4096 or 2097152 expected)")]
+    PageSize {
+        /// The region's base address.
+        base: u64,
+        /// Its page size.
+        size: u64,
+    },
+    /// A region without `page_size` or `page_size_kib`.
+    #[error("region at {base:#x}: no page_size or page_size_kib")]
+    NoPageSize {
+        /// The region's base address.
+        base: u64,
+    },
+    /// A region this process cannot address.
+    #[error("region at {base:#x} of {size} bytes lies beyond this process's address space")]
+    AddressSpace {
+        /// The region's base address.
+        base: u64,
+        /// Its size.
+        size: u64,
+    },
+    /// No userfaultfd came with the first bytes of the table.
     #[error("no userfaultfd came with the region table ({0} fd(s) received, none a userfaultfd)")]
     NoUffd(usize),
 }
+
+impl HandshakeError {
+    /// Whether the peer had sent its userfaultfd before the handshake failed: it is a VMM
+    /// whose guest will hang on its first fault now that nobody serves it, so it should
+    /// be killed ([`kill_peer`]) rather than left waiting. False for a peer that sent
+    /// nothing, or bytes without a userfaultfd (not a VMM), and for socket errors.
+    pub fn leaves_vmm_waiting(&self) -> bool {
+        match self {
+            Self::Io(_) | Self::Empty | Self::NoUffd(_) => false,
+            Self::Silent { received, .. } => *received > 0,
+            Self::Truncated(_)
+            | Self::Json(_)
+            | Self::TooLarge(_)
+            | Self::NoRegions
+            | Self::PageSize { .. }
+            | Self::NoPageSize { .. }
+            | Self::AddressSpace { .. } => true,
+        }
+    }
+}
+
+impl From<std::io::Error> for HandshakeError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+/// How long [`handshake`] waits for a complete region table. Firecracker sends it the
+/// moment it connects; a peer that stays silent longer is not a VMM, and must not hold
+/// the listener (a VMM queued behind it is already touching its memory).
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(3);
 
 /// A completed handshake: the connection (kept open: EOF means the VMM exited), the
 /// VMM's userfaultfd, its regions, and who it is.
@@ -117,8 +198,9 @@ pub struct Handshake {
 }
 
 /// Accepts one connection on `listener` and completes the handshake: reads until the
-/// JSON region table is complete (it may arrive in several reads), takes the userfaultfd
-/// among the fds that came with it (closing any others), and validates the regions.
+/// JSON region table is complete (it may arrive in several reads, within
+/// [`HANDSHAKE_DEADLINE`]), takes the userfaultfd among the fds that came with its first
+/// bytes (closing any others), and validates the regions.
 pub fn accept(listener: &UnixListener) -> Result<Handshake, HandshakeError> {
     let (stream, _) = listener.accept()?;
     handshake(stream)
@@ -126,45 +208,106 @@ pub fn accept(listener: &UnixListener) -> Result<Handshake, HandshakeError> {
 
 /// The handshake on an accepted connection; see [`accept`].
 pub fn handshake(stream: UnixStream) -> Result<Handshake, HandshakeError> {
+    handshake_within(stream, HANDSHAKE_DEADLINE)
+}
+
+/// The handshake on an accepted connection, waiting at most `deadline` for the table.
+pub fn handshake_within(
+    stream: UnixStream,
+    deadline: Duration,
+) -> Result<Handshake, HandshakeError> {
     let peer = peer_credentials(&stream).ok();
-    let mut data = Vec::new();
-    let mut fds: Vec<OwnedFd> = Vec::new();
-    let mut buf = vec![0u8; 64 << 10];
-    let regions: Vec<GuestRegion> = loop {
-        let got = recv_fds(&stream, &mut buf, 8)?;
-        fds.extend(got.fds);
-        if got.bytes == 0 {
-            return Err(HandshakeError::Truncated(data.len()));
-        }
-        data.extend_from_slice(&buf[..got.bytes]);
-        if data.len() > MAX_HANDSHAKE {
-            return Err(HandshakeError::Invalid(format!(
-                "more than {MAX_HANDSHAKE} bytes without a complete region table"
-            )));
-        }
-        match serde_json::from_slice(&data) {
-            Ok(regions) => break regions,
-            Err(e) if e.is_eof() => continue, // the rest is still on its way
-            Err(e) => return Err(HandshakeError::Json(e)),
-        }
-    };
+    let (regions, uffd) = receive_table(&stream, deadline)?;
+    stream.set_read_timeout(None)?;
     if regions.is_empty() {
-        return Err(HandshakeError::Invalid("no regions".into()));
+        return Err(HandshakeError::NoRegions);
     }
     for r in &regions {
         r.spec()?;
     }
-    let count = fds.len();
-    let uffd = fds
-        .into_iter()
-        .find_map(|fd| Uffd::from_fd(fd).ok())
-        .ok_or(HandshakeError::NoUffd(count))?;
     Ok(Handshake {
         stream,
         uffd,
         regions,
         peer,
     })
+}
+
+/// Reads the JSON region table and the userfaultfd that comes with its first bytes.
+fn receive_table(
+    stream: &UnixStream,
+    deadline: Duration,
+) -> Result<(Vec<GuestRegion>, Uffd), HandshakeError> {
+    let until = Instant::now() + deadline;
+    let mut buf = vec![0u8; 64 << 10];
+    let first = receive_before(stream, &mut buf, until, deadline, 0)?;
+    if first.bytes == 0 {
+        return Err(HandshakeError::Empty);
+    }
+    // A VMM attaches its userfaultfd to the table's first bytes; bytes without one are
+    // not from a VMM, whatever follows. Any other fds are closed on drop.
+    let count = first.fds.len();
+    let uffd = first
+        .fds
+        .into_iter()
+        .find_map(|fd| Uffd::from_fd(fd).ok())
+        .ok_or(HandshakeError::NoUffd(count))?;
+    let mut data = buf[..first.bytes].to_vec();
+    loop {
+        match serde_json::from_slice(&data) {
+            Ok(regions) => return Ok((regions, uffd)),
+            Err(e) if e.is_eof() => {} // the rest is still on its way
+            Err(e) => return Err(HandshakeError::Json(e)),
+        }
+        let more = receive_before(stream, &mut buf, until, deadline, data.len())?;
+        if more.bytes == 0 {
+            return Err(HandshakeError::Truncated(data.len()));
+        }
+        data.extend_from_slice(&buf[..more.bytes]);
+        if data.len() > MAX_HANDSHAKE {
+            return Err(HandshakeError::TooLarge(MAX_HANDSHAKE));
+        }
+    }
+}
+
+/// One `recvmsg` that must complete before `until` (`received`: bytes so far, for the
+/// error).
+fn receive_before(
+    stream: &UnixStream,
+    buf: &mut [u8],
+    until: Instant,
+    deadline: Duration,
+    received: usize,
+) -> Result<Received, HandshakeError> {
+    let silent = HandshakeError::Silent { deadline, received };
+    let left = until.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(silent);
+    }
+    stream.set_read_timeout(Some(left))?;
+    match recv_fds(stream, buf, 8) {
+        Ok(got) => Ok(got),
+        // SO_RCVTIMEO expired.
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Err(silent),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Sends SIGKILL to the peer of a handshake, as Firecracker's example handlers do on a
+/// fatal error: a VMM whose faults nobody serves hangs forever, its API dead. Refuses
+/// pids that cannot name a VMM peer (≤ 0, or this process).
+pub fn kill_peer(peer: &PeerCredentials) -> std::io::Result<()> {
+    if peer.pid <= 0 || peer.pid as u32 == std::process::id() {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidInput,
+            format!("pid {} is not a VMM peer", peer.pid),
+        ));
+    }
+    // SAFETY: kill(2) takes no pointers; the pid is the VMM that connected to us.
+    if unsafe { libc::kill(peer.pid, libc::SIGKILL) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// How [`serve`] runs the pager.
@@ -176,8 +319,8 @@ pub struct ServeOptions {
     pub prefetch: Prefetch,
     /// Record the first-fault order to this file.
     pub record: Option<PathBuf>,
-    /// Kill the VMM (SIGKILL, by `SO_PEERCRED` pid) if serving fails, so it does not
-    /// hang forever on faults nobody will serve.
+    /// Kill the VMM ([`kill_peer`]) if serving fails, so it does not hang forever on
+    /// faults nobody will serve.
     pub kill_peer_on_error: bool,
 }
 
@@ -202,9 +345,9 @@ pub fn serve(
     let peer = hs.peer;
     let result = serve_inner(hs, source, options);
     if result.is_err() && options.kill_peer_on_error {
-        if let Some(peer) = peer.filter(|p| p.pid > 0) {
-            // SAFETY: kill(2) of the VMM process that connected to us.
-            unsafe { libc::kill(peer.pid, libc::SIGKILL) };
+        if let Some(peer) = &peer {
+            // Best effort: the error being returned is the one that matters.
+            let _ = kill_peer(peer);
         }
     }
     result

@@ -27,6 +27,15 @@ struct Client {
     exit_after: Option<usize>,
 }
 
+/// A userfaultfd as Firecracker opens it: non-blocking, with REMOVE events.
+fn vmm_uffd() -> Uffd {
+    Uffd::builder()
+        .non_blocking(true)
+        .require(Features::EVENT_REMOVE)
+        .open()
+        .expect("uffd")
+}
+
 fn temp(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("uffdkit-fc-{}-{name}", std::process::id()))
 }
@@ -62,11 +71,7 @@ fn run_client(sock: &Path, file: &Path, c: &Client) -> i32 {
         .iter()
         .map(|(pages, _)| Mapping::new(kind, pages * c.page_size).expect("map guest memory"))
         .collect();
-    let uffd = Uffd::builder()
-        .non_blocking(true)
-        .require(Features::EVENT_REMOVE)
-        .open()
-        .expect("uffd");
+    let uffd = vmm_uffd();
     for m in &maps {
         uffd.register(m.addr(), m.len(), RegisterMode::MISSING)
             .expect("register");
@@ -265,18 +270,16 @@ fn handshake_with(
 
 #[test]
 fn malformed_handshakes_are_refused_clearly_without_hanging() {
-    let uffd = Uffd::builder()
-        .non_blocking(true)
-        .require(Features::EVENT_REMOVE)
-        .open()
-        .expect("uffd");
+    let uffd = vmm_uffd();
     let good = json(&[(0x7f00_0000_0000, 1 << 20, 0)], 4096);
 
     let err = handshake_with(b"not json at all", &[uffd.as_fd()], false).expect_err("not JSON");
     assert!(matches!(err, HandshakeError::Json(_)), "{err}");
+    assert!(err.leaves_vmm_waiting(), "a uffd came: the VMM waits");
 
     let err = handshake_with(good.as_bytes(), &[], false).expect_err("no fd");
     assert!(matches!(err, HandshakeError::NoUffd(0)), "{err}");
+    assert!(!err.leaves_vmm_waiting(), "no uffd: not a VMM");
 
     let (r, _w) = nix::unistd::pipe().expect("pipe");
     let err = handshake_with(good.as_bytes(), &[r.as_fd()], false).expect_err("a pipe is no uffd");
@@ -285,20 +288,78 @@ fn malformed_handshakes_are_refused_clearly_without_hanging() {
 
     let err = handshake_with(&good.as_bytes()[..20], &[uffd.as_fd()], true).expect_err("truncated");
     assert!(matches!(err, HandshakeError::Truncated(20)), "{err}");
+    assert!(err.leaves_vmm_waiting());
 
     let odd = good
         .replace("\"page_size\":4096", "\"page_size\":8192")
         .replace("\"page_size_kib\":4096", "\"page_size_kib\":8192");
     let err = handshake_with(odd.as_bytes(), &[uffd.as_fd()], false).expect_err("8 KiB pages");
     assert!(
+        matches!(err, HandshakeError::PageSize { size: 8192, .. }),
+        "{err}"
+    );
+    assert!(
         err.to_string().contains("unsupported page size 8192"),
         "{err}"
     );
+
+    let err = handshake_with(b"[]", &[uffd.as_fd()], false).expect_err("no regions");
+    assert!(matches!(err, HandshakeError::NoRegions), "{err}");
 
     let kib_only = r#"[{"base_host_virt_addr":4096,"size":4096,"offset":0,"page_size_kib":4096}]"#;
     let hs = handshake_with(kib_only.as_bytes(), &[uffd.as_fd()], false)
         .expect("page_size_kib alone is accepted");
     assert_eq!(hs.regions[0].page_size().expect("size"), 4096);
+}
+
+#[test]
+fn a_connection_closed_without_data_is_reported_as_empty_not_as_a_vmm() {
+    let (server, client) = UnixStream::pair().expect("socketpair");
+    drop(client);
+    let err = firecracker::handshake(server).expect_err("nothing sent");
+    assert!(matches!(err, HandshakeError::Empty), "{err}");
+    assert!(!err.leaves_vmm_waiting());
+}
+
+#[test]
+fn a_silent_or_stalled_peer_is_refused_at_the_deadline() {
+    let deadline = std::time::Duration::from_millis(200);
+    // Connected, never a byte.
+    let (server, client) = UnixStream::pair().expect("socketpair");
+    let started = std::time::Instant::now();
+    let err = firecracker::handshake_within(server, deadline).expect_err("silent");
+    assert!(
+        matches!(err, HandshakeError::Silent { received: 0, .. }),
+        "{err}"
+    );
+    assert!(started.elapsed() >= deadline, "waited the deadline out");
+    assert!(!err.leaves_vmm_waiting(), "nothing came: not a VMM");
+    drop(client);
+
+    // The table's first bytes with the uffd, then silence: a VMM left waiting.
+    let uffd = vmm_uffd();
+    let (server, client) = UnixStream::pair().expect("socketpair");
+    send_fds(&client, b"[{\"base_host", &[uffd.as_fd()]).expect("send");
+    let err = firecracker::handshake_within(server, deadline).expect_err("stalled");
+    assert!(
+        matches!(err, HandshakeError::Silent { received: 12, .. }),
+        "{err}"
+    );
+    assert!(err.leaves_vmm_waiting());
+    drop(client);
+}
+
+#[test]
+fn kill_peer_refuses_this_process_and_invalid_pids() {
+    for pid in [0, -1, std::process::id() as i32] {
+        let peer = uffd_core::PeerCredentials {
+            pid,
+            uid: 0,
+            gid: 0,
+        };
+        let err = firecracker::kill_peer(&peer).expect_err("refused");
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "pid {pid}");
+    }
 }
 
 #[test]
@@ -321,11 +382,7 @@ fn regions_overlapping_or_beyond_the_file_fail_to_serve_with_an_error() {
             ),
         ),
     ] {
-        let uffd = Uffd::builder()
-            .non_blocking(true)
-            .require(Features::EVENT_REMOVE)
-            .open()
-            .expect("uffd");
+        let uffd = vmm_uffd();
         let (server, client) = UnixStream::pair().expect("socketpair");
         send_fds(&client, table.as_bytes(), &[uffd.as_fd()]).expect("send");
         let hs = firecracker::handshake(server).expect("the handshake itself is well formed");
@@ -352,11 +409,7 @@ fn kill_peer_on_error_kills_the_vmm_when_serving_fails() {
     assert!(pid >= 0);
     if pid == 0 {
         let memory = Mapping::new(MemoryKind::Anon, 64 * 4096).expect("map");
-        let uffd = Uffd::builder()
-            .non_blocking(true)
-            .require(Features::EVENT_REMOVE)
-            .open()
-            .expect("uffd");
+        let uffd = vmm_uffd();
         uffd.register(memory.addr(), memory.len(), RegisterMode::MISSING)
             .expect("register");
         let stream = UnixStream::connect(&sock).expect("connect");

@@ -1,8 +1,8 @@
 //! Command-line options shared by several subcommands.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use pager::{DeliveryMode, PagerBuilder, Prefetch};
 
 /// Delivery modes as named on the command line.
@@ -30,6 +30,29 @@ impl From<Mode> for DeliveryMode {
     }
 }
 
+/// Delivery modes that serve another process's memory: handler threads (not SIGBUS,
+/// which resolves faults inside the faulting process).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HandlerMode {
+    /// One handler thread blocking in poll.
+    Thread,
+    /// One busy-polling handler thread.
+    Poll,
+    /// One pinned handler per CPU.
+    Percpu,
+}
+
+impl From<HandlerMode> for DeliveryMode {
+    fn from(mode: HandlerMode) -> Self {
+        match mode {
+            HandlerMode::Thread => DeliveryMode::Thread,
+            HandlerMode::Poll => DeliveryMode::BusyPoll,
+            HandlerMode::Percpu => DeliveryMode::PerCpu,
+        }
+    }
+}
+
 /// Background prefetch and working-set recording.
 #[derive(clap::Args, Debug, Clone)]
 pub struct PrefetchArgs {
@@ -46,10 +69,22 @@ pub struct PrefetchArgs {
 }
 
 impl PrefetchArgs {
+    /// Checks what can be checked before the page count is known: the replay file is
+    /// a readable working set, the record path can be written.
+    pub fn check(&self) -> Result<()> {
+        if let Some(path) = &self.replay {
+            load_replay(path, usize::MAX)?;
+        }
+        if let Some(path) = &self.record {
+            check_writable(path).with_context(|| format!("record file {}", path.display()))?;
+        }
+        Ok(())
+    }
+
     /// The prefetch plan for a pager of `pages` pages (loads the replay file).
     pub fn plan(&self, pages: usize) -> Result<Prefetch> {
         Ok(match (&self.replay, self.prefetch.as_str()) {
-            (Some(path), _) => Prefetch::Replay(pager::record::load(path, pages)?),
+            (Some(path), _) => Prefetch::Replay(load_replay(path, pages)?),
             (None, "seq") => Prefetch::Sequential,
             (None, "eager") => Prefetch::Eager,
             (None, _) => Prefetch::None,
@@ -64,4 +99,24 @@ impl PrefetchArgs {
             None => builder,
         })
     }
+}
+
+/// Loads a working-set file, naming it in any error.
+fn load_replay(path: &Path, pages: usize) -> Result<Vec<u64>> {
+    pager::record::load(path, pages).with_context(|| format!("replay file {}", path.display()))
+}
+
+/// Fails unless `path` can be opened for writing; creates nothing that was not there.
+pub fn check_writable(path: &Path) -> Result<()> {
+    let existed = std::fs::symlink_metadata(path).is_ok();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .context("cannot open it for writing")?;
+    if !existed {
+        std::fs::remove_file(path).context("remove the probe")?;
+    }
+    Ok(())
 }

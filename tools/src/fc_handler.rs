@@ -1,221 +1,505 @@
 //! `uffdkit fc-handler`: a drop-in external page-fault handler for Firecracker snapshot
-//! restore (`"mem_backend": {"backend_type": "Uffd", "backend_path": SOCK}`), and
-//! `uffdkit fc-client`, which plays Firecracker's side against any such handler.
+//! restore (`"mem_backend": {"backend_type": "Uffd", "backend_path": SOCKET}`), run as
+//! Firecracker's example handlers are (`uffdkit fc-handler SOCKET MEMFILE`) or with flags.
+//!
+//! What it promises the VMM: everything that can be checked is checked before the socket
+//! exists, so a bad option never reaches Firecracker; a path another handler listens on
+//! is refused (taking it over would orphan that one), a stale socket file replaced, and
+//! ours removed on exit and on SIGINT/SIGTERM/SIGHUP; once Firecracker has handed over its
+//! userfaultfd, any fatal error kills it (SIGKILL, the `SO_PEERCRED` pid), as Firecracker's
+//! example handlers do, rather than leave it hanging in `PUT /snapshot/load` with its API
+//! dead — unless `--no-kill-peer`.
 
-use std::os::fd::AsFd;
-use std::os::unix::fs::{FileExt, FileTypeExt};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Instant;
+use std::io::{ErrorKind, Write};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use pager::firecracker::{self, ServeOptions};
-use pager::FileSource;
-use uffd_core::{send_fds, Features, Mapping, MemoryKind, RegisterMode, Uffd};
+use log::{debug, info, warn};
+use pager::firecracker::{self, GuestRegion, Handshake, HandshakeError, ServeOptions};
+use pager::{FileSource, Source, StatsSnapshot};
+use uffd_core::{peer_credentials, PeerCredentials};
 
-use crate::cli_args::{Mode, PrefetchArgs};
-use crate::workload::{order, Pattern};
+use crate::cli_args::{HandlerMode, PrefetchArgs};
+use crate::socket_file::{self, SocketFile};
+use crate::units;
+
+const AFTER_HELP: &str = "\
+Drop-in for Firecracker's example handlers: `uffdkit fc-handler SOCKET MEMFILE` is the \
+same command line, and so is `--socket SOCKET --mem-file MEMFILE`.
+
+Before the socket exists, the handler checks its options, the memory file (readable, not \
+empty), the replay file and the record path, and refuses a SOCKET where another listener \
+answers; a stale socket file is replaced. Once Firecracker has sent its userfaultfd, any \
+fatal error (a memory file shorter than the guest, a refused region table, a failing \
+source, SIGINT/SIGTERM/SIGHUP) SIGKILLs the Firecracker process (SO_PEERCRED), which \
+would otherwise hang on faults nobody serves; --no-kill-peer leaves it running. The \
+socket is removed on every exit. Exit status: 0 when Firecracker closed the connection \
+(it exited) after a clean restore; 1 on failure; 2 on a usage error; 128+N on signal N.";
 
 /// Options of `uffdkit fc-handler`.
 #[derive(clap::Args, Debug)]
+#[command(
+    after_help = AFTER_HELP,
+    group = clap::ArgGroup::new("socket_path").required(true).args(["socket_arg", "socket"]),
+    group = clap::ArgGroup::new("memory").required(true).args(["mem_file_arg", "mem_file", "source"]),
+)]
 pub struct Args {
-    /// The Unix socket to create; Firecracker's `backend_path`.
-    #[arg(long)]
-    socket: PathBuf,
-    /// The snapshot memory file (regions laid end to end, at their `offset`s).
-    #[arg(long, required_unless_present = "source")]
+    /// The Unix socket to listen on: Firecracker's `backend_path` (or --socket).
+    #[arg(value_name = "SOCKET")]
+    socket_arg: Option<PathBuf>,
+    /// The snapshot memory file (or --mem-file).
+    #[arg(value_name = "MEMFILE")]
+    mem_file_arg: Option<PathBuf>,
+    /// The Unix socket to listen on (SOCKET as a flag).
+    #[arg(long, value_name = "SOCKET")]
+    socket: Option<PathBuf>,
+    /// The snapshot memory file: Firecracker's regions at their `offset`s (MEMFILE as a
+    /// flag).
+    #[arg(long, value_name = "MEMFILE")]
     mem_file: Option<PathBuf>,
-    /// Serve pages from a `uffdkit serve` page server at this address instead of a
-    /// file (host:port or unix:/path; 4 KiB regions).
-    #[arg(long, conflicts_with = "mem_file", requires = "key_file")]
-    source: Option<String>,
+    /// Serve pages from a `uffdkit serve` page server at this address instead of a file
+    /// (host:port or unix:/path; 4 KiB regions; the server streams every page itself, so
+    /// --prefetch does not apply).
+    #[arg(long, requires = "key_file", value_parser = parse_addr)]
+    source: Option<postcopy::net::Addr>,
     /// The page server's pre-shared key file (with --source).
-    #[arg(long)]
+    #[arg(long, requires = "source")]
     key_file: Option<PathBuf>,
     /// Prefetch (started once the first fault is served) and recording.
     #[command(flatten)]
     prefetch: PrefetchArgs,
-    /// Delivery mode (not sigbus: the memory is Firecracker's).
-    #[arg(long, value_enum, default_value_t = Mode::Percpu)]
-    mode: Mode,
-    /// On a serving error, SIGKILL the Firecracker process (found with SO_PEERCRED) so it
-    /// does not hang on faults nobody will serve.
+    /// Delivery mode: handler threads, which can serve Firecracker's memory.
+    #[arg(long, value_enum, default_value_t = HandlerMode::Percpu)]
+    mode: HandlerMode,
+    /// On a fatal error after Firecracker connected, leave it running instead of
+    /// SIGKILLing it (its guest then hangs on its next fault until someone kills it).
     #[arg(long)]
+    no_kill_peer: bool,
+    /// Accepted for old command lines: killing the peer on error is now the default.
+    #[arg(long, hide = true, conflicts_with = "no_kill_peer")]
     kill_peer_on_error: bool,
+}
+
+/// Where the pages come from, opened and checked before the socket exists.
+struct Memory {
+    source: Arc<dyn Source>,
+    /// The memory file, or `None` for a page server.
+    file: Option<PathBuf>,
+}
+
+/// What a signal or an error must clean up: our socket, and the VMM once it connected.
+#[derive(Default)]
+struct Session {
+    socket: Mutex<Option<SocketFile>>,
+    peer: Mutex<Option<PeerCredentials>>,
+}
+
+impl Session {
+    fn set_socket(&self, file: SocketFile) {
+        *self.socket.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
+    }
+
+    fn set_peer(&self, peer: Option<PeerCredentials>) {
+        *self.peer.lock().unwrap_or_else(|p| p.into_inner()) = peer;
+    }
+
+    /// On SIGINT/SIGTERM/SIGHUP: the restore cannot complete, so the VMM goes first (if
+    /// told to), then our socket.
+    fn terminate(&self, signal: nix::sys::signal::Signal, kill: bool) {
+        warn!("{signal}: stopping");
+        if let Some(peer) = *self.peer.lock().unwrap_or_else(|p| p.into_inner()) {
+            end_peer(&peer, kill, &format!("the handler got {signal}"));
+        }
+        if let Some(file) = &*self.socket.lock().unwrap_or_else(|p| p.into_inner()) {
+            file.remove();
+        }
+    }
 }
 
 /// Runs `uffdkit fc-handler`: one restore, then exits 0 when Firecracker exits.
 pub fn run(args: &Args) -> Result<()> {
-    let source: Arc<dyn pager::Source> = match (&args.mem_file, &args.source, &args.key_file) {
-        (Some(file), _, _) => Arc::new(
-            FileSource::mmap(file)
-                .with_context(|| format!("open memory file {}", file.display()))?,
-        ),
-        (None, Some(addr), Some(key)) => {
-            let key = postcopy::auth::Key::from_file(key).context("read the key file")?;
-            let addr: postcopy::net::Addr = addr.parse()?;
-            Arc::new(
-                postcopy::client::RemoteSource::connect(&addr, &key)
-                    .with_context(|| format!("connect to the page server at {addr:?}"))?,
-            )
+    let kill = !args.no_kill_peer;
+    let session = Arc::new(Session::default());
+    let on_signal = session.clone();
+    // First: every thread started after this inherits the blocked signals.
+    crate::signals::on_termination(move |signal| on_signal.terminate(signal, kill))?;
+
+    let socket = socket_of(args).context("no socket path")?;
+    if args.source.is_some() && args.prefetch.replay.is_some() {
+        return Err(crate::exit::usage(
+            "--replay needs a memory file: a page server streams every page itself",
+        ));
+    }
+    args.prefetch.check()?;
+    let memory = open_memory(args)?;
+    let claimed = socket_file::claim(socket)?;
+    session.set_socket(claimed.file.clone());
+    info!("listening on {} for Firecracker", socket.display());
+
+    let hs = accept_vmm(&claimed.listener, kill)?;
+    session.set_peer(hs.peer);
+    let peer = hs.peer;
+    let who = vmm_name(peer);
+    let geometry = Geometry::of(&hs.regions);
+    info!("{who} connected: {}", geometry.describe());
+    refuse_others(&claimed.listener, who.clone())?;
+
+    let started = Instant::now();
+    let result = serve(args, &memory, &geometry, hs);
+    if let (Err(_), Some(peer)) = (&result, peer) {
+        end_peer(&peer, kill, "the restore failed (the error follows)");
+    }
+    let stats = result?;
+    let mut out = std::io::stdout().lock();
+    for line in summary(&who, started.elapsed(), &geometry, &memory, args, &stats) {
+        // The restore is done: a closed stdout loses the summary, not the result.
+        let _ = writeln!(out, "{line}");
+    }
+    Ok(())
+}
+
+/// Opens the memory file (readable, not empty) or connects to the page server.
+fn open_memory(args: &Args) -> Result<Memory> {
+    if let Some(path) = args.mem_file_arg.as_ref().or(args.mem_file.as_ref()) {
+        let len = std::fs::File::open(path)
+            .and_then(|f| f.metadata())
+            .with_context(|| format!("memory file {}", path.display()))?
+            .len();
+        if len == 0 {
+            bail!("memory file {} is empty", path.display());
         }
-        _ => bail!("give --mem-file, or --source with --key-file"),
+        let source =
+            FileSource::mmap(path).with_context(|| format!("memory file {}", path.display()))?;
+        return Ok(Memory {
+            source: Arc::new(source),
+            file: Some(path.clone()),
+        });
+    }
+    let (Some(addr), Some(key)) = (&args.source, &args.key_file) else {
+        return Err(crate::exit::usage(
+            "give SOCKET MEMFILE, --mem-file, or --source with --key-file",
+        ));
     };
-    if let Ok(meta) = std::fs::symlink_metadata(&args.socket) {
-        if !meta.file_type().is_socket() {
-            bail!("{} exists and is not a socket", args.socket.display());
+    let key = postcopy::auth::Key::from_file(key)
+        .with_context(|| format!("key file {}", key.display()))?;
+    let source = postcopy::client::RemoteSource::connect(addr, &key)
+        .with_context(|| format!("connect to the page server at {addr:?}"))?;
+    Ok(Memory {
+        source: Arc::new(source),
+        file: None,
+    })
+}
+
+/// `--source`: host:port or unix:/path.
+fn parse_addr(text: &str) -> Result<postcopy::net::Addr, String> {
+    text.parse()
+        .map_err(|_| format!("not an address (host:port or unix:/path): {text}"))
+}
+
+/// Waits for Firecracker: a connection that sends nothing, or no userfaultfd, is not a
+/// VMM (a probe, a stranger) and is let go; a VMM whose handshake fails is killed (unless
+/// told not to) and ends the run.
+fn accept_vmm(listener: &UnixListener, kill: bool) -> Result<Handshake> {
+    loop {
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if transient(&e) => {
+                warn!("accept: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            Err(e) => return Err(e).context("accept a connection"),
+        };
+        let peer = peer_credentials(&stream).ok();
+        match firecracker::handshake(stream) {
+            Ok(hs) => return Ok(hs),
+            Err(HandshakeError::Empty) => debug!(
+                "a connection from {} closed without a word (a probe of the socket?); still waiting",
+                peer_name(peer)
+            ),
+            Err(e) if !e.leaves_vmm_waiting() => warn!(
+                "ignoring a connection from {}: {e}; still waiting for Firecracker",
+                peer_name(peer)
+            ),
+            Err(e) => {
+                if let Some(peer) = peer {
+                    end_peer(&peer, kill, "its region table was refused");
+                }
+                return Err(e).with_context(|| format!("handshake with {}", vmm_name(peer)));
+            }
         }
-        std::fs::remove_file(&args.socket).context("remove a stale socket")?;
     }
-    let listener = UnixListener::bind(&args.socket)
-        .with_context(|| format!("bind {}", args.socket.display()))?;
-    eprintln!("fc-handler: listening on {}", args.socket.display());
-    let hs = firecracker::accept(&listener).context("Firecracker handshake")?;
-    if args.source.is_some() && hs.regions.iter().any(|r| r.page_size().ok() != Some(4096)) {
-        bail!("--source serves 4 KiB pages; this restore has 2 MiB regions");
+}
+
+/// After the handshake the listener stays bound (the path is ours until we exit, so a
+/// second handler is refused); connections to it are closed at once, not left queued.
+fn refuse_others(listener: &UnixListener, serving: String) -> Result<()> {
+    let listener = listener.try_clone().context("clone the listener")?;
+    std::thread::Builder::new()
+        .name("refuse".into())
+        .spawn(move || {
+            let mut refused = 0u64;
+            loop {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let who = peer_name(peer_credentials(&stream).ok());
+                        refused += 1;
+                        if refused == 1 {
+                            warn!("refused a connection from {who}: this handler serves {serving} only (further refusals at debug level)");
+                        } else {
+                            debug!("refused connection {refused} from {who}");
+                        }
+                    }
+                    Err(e) if transient(&e) => std::thread::sleep(Duration::from_millis(100)),
+                    Err(_) => return,
+                }
+            }
+        })
+        .context("start the refusing thread")?;
+    Ok(())
+}
+
+/// Errors `accept(2)` recovers from: an aborted connection, or fds and memory running
+/// out (a flood of connections) for a moment.
+fn transient(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::ConnectionAborted | ErrorKind::Interrupted
+    ) || matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// A connection's peer before it proved to be a VMM.
+fn peer_name(peer: Option<PeerCredentials>) -> String {
+    match peer {
+        Some(p) => format!("pid {}", p.pid),
+        None => "an unknown peer".into(),
     }
-    let pages: usize = hs
-        .regions
-        .iter()
-        .map(|r| r.spec().map(|s| s.pages()).unwrap_or(0))
-        .sum();
-    eprintln!(
-        "fc-handler: {} region(s), {} pages, peer pid {}",
-        hs.regions.len(),
-        pages,
-        hs.peer.map_or(-1, |p| p.pid)
-    );
-    if args.mode == Mode::Sigbus {
-        bail!("--mode sigbus cannot serve another process's memory");
+}
+
+/// The VMM that completed the handshake.
+fn vmm_name(peer: Option<PeerCredentials>) -> String {
+    match peer {
+        Some(p) => format!("Firecracker (pid {})", p.pid),
+        None => "Firecracker (pid unknown)".into(),
+    }
+}
+
+/// Kills the VMM after a fatal error (or says why it is left running).
+fn end_peer(peer: &PeerCredentials, kill: bool, why: &str) {
+    let who = vmm_name(Some(*peer));
+    if !kill {
+        warn!("leaving {who} running (--no-kill-peer): {why}; its guest hangs on its next fault");
+        return;
+    }
+    match firecracker::kill_peer(peer) {
+        Ok(()) => {
+            warn!("killed {who} with SIGKILL, as it would hang on faults nobody serves: {why}")
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => debug!("{who} is already gone"),
+        Err(e) => warn!("could not kill {who}: {e}"),
+    }
+}
+
+/// The guest memory Firecracker described.
+struct Geometry {
+    regions: usize,
+    pages: u64,
+    bytes: u64,
+    /// The page size, if every region has the same.
+    page_size: Option<u64>,
+    /// Bytes of the memory file the regions need (the furthest `offset + size`).
+    extent: u64,
+}
+
+impl Geometry {
+    /// Of a handshake's regions (validated by the handshake: page sizes are known).
+    fn of(regions: &[GuestRegion]) -> Geometry {
+        let sizes: Vec<u64> = regions
+            .iter()
+            .map(|r| r.page_size().map_or(4096, |s| s as u64))
+            .collect();
+        Geometry {
+            regions: regions.len(),
+            pages: regions.iter().zip(&sizes).map(|(r, s)| r.size / s).sum(),
+            bytes: regions.iter().map(|r| r.size).sum(),
+            page_size: sizes
+                .iter()
+                .all(|s| Some(s) == sizes.first())
+                .then(|| sizes[0]),
+            extent: regions
+                .iter()
+                .map(|r| r.offset.saturating_add(r.size))
+                .max()
+                .unwrap_or(0),
+        }
+    }
+
+    fn describe(&self) -> String {
+        let pages = match self.page_size {
+            Some(size) => format!("{} pages of {}", self.pages, units::bytes(size)),
+            None => format!("{} pages of mixed sizes", self.pages),
+        };
+        format!(
+            "{} region(s), {pages} ({} of guest memory)",
+            self.regions,
+            units::bytes(self.bytes)
+        )
+    }
+}
+
+/// Serves the handshake's regions until Firecracker exits.
+fn serve(
+    args: &Args,
+    memory: &Memory,
+    geometry: &Geometry,
+    hs: Handshake,
+) -> Result<StatsSnapshot> {
+    let have = memory.source.len();
+    match &memory.file {
+        Some(path) if geometry.extent > have => bail!(
+            "memory file {} is shorter than the guest: {} ({have} bytes), Firecracker's regions need {} ({} bytes); is it this snapshot's memory file?",
+            path.display(),
+            units::bytes(have),
+            units::bytes(geometry.extent),
+            geometry.extent
+        ),
+        None if geometry.page_size != Some(4096) => {
+            bail!("--source serves 4 KiB pages; this restore has other page sizes")
+        }
+        _ => {}
     }
     let options = ServeOptions {
         mode: args.mode.into(),
         // A page server streams every page itself; the pager's prefetcher would only
         // duplicate that on the urgent channel.
-        prefetch: if args.source.is_some() {
-            pager::Prefetch::None
+        prefetch: if memory.file.is_some() {
+            args.prefetch.plan(geometry.pages as usize)?
         } else {
-            args.prefetch.plan(pages)?
+            pager::Prefetch::None
         },
         record: args.prefetch.record.clone(),
-        kill_peer_on_error: args.kill_peer_on_error,
+        // `run` kills on every fatal error, this one included.
+        kill_peer_on_error: false,
     };
-    let started = Instant::now();
-    let stats = firecracker::serve(hs, source, &options).context("serving guest memory")?;
-    eprintln!(
-        "fc-handler: peer closed after {:.2} s; {} faults, {} pages on fault, {} prefetched, {} from the page server, {} zero pages, {} REMOVE events",
-        started.elapsed().as_secs_f64(),
-        stats.faults(),
-        stats.placed_fault,
-        stats.placed_prefetch,
-        stats.placed_arrival,
-        stats.placed_zero,
-        stats.events_remove
-    );
-    let _ = std::fs::remove_file(&args.socket);
-    Ok(())
+    firecracker::serve(hs, memory.source.clone(), &options).context("serving guest memory")
 }
 
-/// Options of `uffdkit fc-client`.
-#[derive(clap::Args, Debug)]
-pub struct ClientArgs {
-    /// The handler's socket.
-    #[arg(long)]
-    socket: PathBuf,
-    /// The memory file the handler serves (to verify what arrives).
-    #[arg(long)]
-    mem_file: PathBuf,
-    /// Split the file into this many regions laid end to end.
-    #[arg(long, default_value_t = 1)]
-    regions: usize,
-    /// Guest page size: 4096, or 2097152 for 2 MiB hugetlb.
-    #[arg(long, default_value_t = 4096)]
-    page_size: usize,
-    /// Order in which the guest touches its pages.
-    #[arg(long, value_enum, default_value_t = Pattern::Random)]
-    pattern: Pattern,
-    /// Drop (MADV_DONTNEED) a quarter of the first region mid-run and expect zeros there.
-    #[arg(long)]
-    dontneed: bool,
-}
-
-/// Runs `uffdkit fc-client`: maps guest memory as Firecracker does, hands the uffd over,
-/// touches and verifies every page, and reports the time until every page was touched.
-pub fn run_client(args: &ClientArgs) -> Result<()> {
-    let kind = match args.page_size {
-        4096 => MemoryKind::Anon,
-        2097152 => MemoryKind::HugetlbPrivate,
-        other => bail!("--page-size must be 4096 or 2097152, not {other}"),
+/// The exit summary: what was served, in pages and bytes, naming only what was used.
+fn summary(
+    who: &str,
+    elapsed: Duration,
+    geometry: &Geometry,
+    memory: &Memory,
+    args: &Args,
+    stats: &StatsSnapshot,
+) -> Vec<String> {
+    let of = |pages: u64| match geometry.page_size {
+        Some(size) => units::bytes(pages * size),
+        None => "mixed page sizes".into(),
     };
-    let file = std::fs::File::open(&args.mem_file).context("open memory file")?;
-    let len = file.metadata()?.len() as usize;
-    let ps = args.page_size;
-    let pages = len / ps;
-    if args.regions == 0 || pages < args.regions {
-        bail!("{pages} pages cannot make {} regions", args.regions);
-    }
-    let per = pages / args.regions;
-    let maps: Vec<(Mapping, u64)> = (0..args.regions)
-        .map(|i| Ok((Mapping::new(kind, per * ps)?, (i * per * ps) as u64)))
-        .collect::<Result<_>>()?;
-    let uffd = Uffd::builder()
-        .non_blocking(true)
-        .require(Features::EVENT_REMOVE)
-        .open()?;
-    for (m, _) in &maps {
-        uffd.register(m.addr(), m.len(), RegisterMode::MISSING)?;
-    }
-    let table: Vec<String> = maps
-        .iter()
-        .map(|(m, off)| {
-            format!(
-                r#"{{"base_host_virt_addr":{},"size":{},"offset":{},"page_size":{},"page_size_kib":{}}}"#,
-                m.addr(),
-                m.len(),
-                off,
-                ps,
-                ps
-            )
-        })
-        .collect();
-    let body = format!("[{}]", table.join(","));
-    let stream = UnixStream::connect(&args.socket).context("connect to the handler")?;
-    let started = Instant::now();
-    send_fds(&stream, body.as_bytes(), &[uffd.as_fd()]).context("send the region table")?;
-    drop(uffd); // the handler owns it now, as with Firecracker
-    let mut want = vec![0u8; ps];
-    let mut zeroed = 0..0;
-    for (r, (m, off)) in maps.iter().enumerate() {
-        for (i, page) in order(args.pattern, per, 7 + r as u64)
-            .into_iter()
-            .enumerate()
-        {
-            if args.dontneed && r == 0 && i == per / 2 {
-                zeroed = per / 4..per / 2;
-                m.madvise(zeroed.start * ps, zeroed.len() * ps, libc::MADV_DONTNEED)?;
-            }
-            // Each page is touched once: after the drop, dropped pages must read zero.
-            if r == 0 && zeroed.contains(&page) {
-                want.fill(0);
-            } else {
-                file.read_exact_at(&mut want, off + (page * ps) as u64)?;
-            }
-            // SAFETY: guest memory, served by the handler under test.
-            let got = unsafe { std::slice::from_raw_parts(m.page_addr(page) as *const u8, ps) };
-            if got != want.as_slice() {
-                bail!("region {r} page {page}: wrong content");
-            }
+    let mut lines = vec![format!(
+        "fc-handler: {who} closed the connection after {:.2} s; it had {}.",
+        elapsed.as_secs_f64(),
+        geometry.describe()
+    )];
+    let faults = stats.faults();
+    if memory.file.is_some() {
+        lines.push(format!(
+            "  on fault:   {} pages ({}) for {faults} faults",
+            stats.placed_fault,
+            of(stats.placed_fault)
+        ));
+        if args.prefetch.prefetch != "none" || args.prefetch.replay.is_some() {
+            lines.push(format!(
+                "  prefetched: {} pages ({})",
+                stats.placed_prefetch,
+                of(stats.placed_prefetch)
+            ));
         }
+    } else {
+        lines.push(format!(
+            "  from the page server: {} pages ({}), requested on fault or streamed; {faults} faults",
+            stats.placed_arrival,
+            of(stats.placed_arrival)
+        ));
     }
-    let elapsed = started.elapsed();
-    println!(
-        "fc-client: {} region(s), {} pages of {} KiB touched and verified in {:.1} ms",
-        args.regions,
-        per * args.regions,
-        ps / 1024,
-        elapsed.as_secs_f64() * 1e3
-    );
-    drop(stream); // EOF: the handler exits
-    Ok(())
+    if faults != stats.placed_fault {
+        let answered = if memory.file.is_some() {
+            "with a zero page"
+        } else {
+            "by the page server (a request, or the stream)"
+        };
+        lines.push(format!(
+            "  (faults are touches the kernel reported, not pages: a fault may be answered \
+             {answered}, or find its page already on its way ({}) or already placed ({}) and \
+             need only a wake)",
+            stats.faults_duplicate, stats.faults_wake_only
+        ));
+    }
+    if stats.placed_zero > 0 || stats.events_remove > 0 {
+        lines.push(format!(
+            "  zero pages: {} (placed with UFFDIO_ZEROPAGE, never read), {} REMOVE event(s) (balloon or free-page reporting dropped pages)",
+            stats.placed_zero, stats.events_remove
+        ));
+    }
+    if let Some(path) = &args.prefetch.record {
+        lines.push(format!("  working set recorded to {}", path.display()));
+    }
+    lines
+}
+
+/// The socket path given, positional or flag.
+fn socket_of(args: &Args) -> Option<&Path> {
+    args.socket_arg.as_deref().or(args.socket.as_deref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn parse(argv: &[&str]) -> Result<Args, clap::Error> {
+        Cli::try_parse_from(std::iter::once("fc-handler").chain(argv.iter().copied()))
+            .map(|c| c.args)
+    }
+
+    #[test]
+    fn the_positional_form_and_the_flags_are_the_same_command() {
+        let a = parse(&["/run/fc.sock", "snap.mem"]).expect("positional");
+        let b = parse(&["--socket", "/run/fc.sock", "--mem-file", "snap.mem"]).expect("flags");
+        assert_eq!(socket_of(&a), socket_of(&b));
+        assert_eq!(
+            a.mem_file_arg.as_deref(),
+            b.mem_file.as_deref(),
+            "same memory file"
+        );
+    }
+
+    #[test]
+    fn usage_mistakes_are_refused_by_the_parser() {
+        for argv in [
+            &["/run/fc.sock"][..],                                  // no memory
+            &["snap.mem", "--socket", "/run/fc.sock"],              // both sockets
+            &["/s", "m", "--mode", "sigbus"],                       // not a handler mode
+            &["/s", "m", "--no-kill-peer", "--kill-peer-on-error"], // contradiction
+            &["/s", "--source", "127.0.0.1:1"],                     // no key
+            &["/s", "--source", "nohost", "--key-file", "k"],       // not an address
+            &["/s", "m", "--source", "127.0.0.1:1", "--key-file", "k"],
+        ] {
+            assert!(parse(argv).is_err(), "{argv:?} must be refused");
+        }
+        parse(&["/s", "m", "--kill-peer-on-error"]).expect("the old flag is still accepted");
+    }
 }

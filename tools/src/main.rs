@@ -3,23 +3,42 @@
 mod bench;
 mod cli_args;
 mod demo;
+mod exit;
+mod fc_client;
 mod fc_handler;
+mod logging;
 mod migrate;
 mod netbench;
 mod probe;
+mod progress;
 mod restore;
 mod serve;
+mod signals;
+mod socket_file;
+mod units;
 mod workload;
 
+use std::process::ExitCode;
+
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{ArgAction, Parser, Subcommand};
 
 /// Serve memory pages to a running process on demand through Linux userfaultfd.
 #[derive(Parser)]
-#[command(name = "uffdkit", version, about)]
+#[command(name = "uffdkit", version, about, after_help = exit::HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// More output: -v debug messages (and error backtraces), -vv trace.
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Less output: -q only warnings and errors (no progress), -qq only errors.
+    #[arg(short, long, action = ArgAction::Count, global = true, conflicts_with = "verbose")]
+    quiet: u8,
+    /// Progress of migrate, restore and serve: a live bar on a terminal, plain lines
+    /// otherwise (auto), or as chosen.
+    #[arg(long, value_enum, default_value_t = progress::Display::Auto, global = true)]
+    progress: progress::Display,
 }
 
 #[derive(Subcommand)]
@@ -38,15 +57,27 @@ enum Command {
     Migrate(migrate::Args),
     /// A page server that many destinations restore one image from.
     Serve(serve::Args),
-    /// External page-fault handler for Firecracker snapshot restore.
+    /// External page-fault handler for Firecracker snapshot restore (a drop-in for
+    /// Firecracker's example handlers: `uffdkit fc-handler SOCKET MEMFILE`).
     FcHandler(fc_handler::Args),
     /// Play Firecracker's side of the UFFD handshake against a handler, and verify.
-    FcClient(fc_handler::ClientArgs),
+    FcClient(fc_client::ClientArgs),
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
+    // Usage errors (and --help, --version) exit here, through clap: status 2 (0).
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Demo(demo::Args::default())) {
+    let backtrace = exit::decide_backtraces(cli.verbose);
+    logging::init(cli.verbose, cli.quiet);
+    progress::set_display(cli.progress);
+    match run(cli.command.unwrap_or(Command::Demo(demo::Args::default()))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => exit::report(&e, backtrace),
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
         Command::Probe(args) => probe::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Restore(args) => restore::run(&args),
@@ -54,6 +85,6 @@ fn main() -> Result<()> {
         Command::Migrate(args) => migrate::run(&args),
         Command::Serve(args) => serve::run(&args),
         Command::FcHandler(args) => fc_handler::run(&args),
-        Command::FcClient(args) => fc_handler::run_client(&args),
+        Command::FcClient(args) => fc_client::run(&args),
     }
 }

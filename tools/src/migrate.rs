@@ -21,6 +21,7 @@ use serde_json::json;
 use uffd_core::{Mapping, MemoryKind, HUGE_PAGE_SIZE};
 
 use crate::cli_args::Mode;
+use crate::progress::{self, Status};
 use crate::workload::fill_page;
 
 /// `uffdkit migrate` subcommands.
@@ -240,11 +241,11 @@ fn operator_signals(control: Arc<SourceControl>, done: Arc<AtomicBool>) {
     std::thread::spawn(move || {
         while !done.load(Ordering::Relaxed) {
             if USR1.swap(false, Ordering::Relaxed) {
-                eprintln!("migrate: SIGUSR1: resume");
+                log::info!("SIGUSR1: resume");
                 control.resume();
             }
             if USR2.swap(false, Ordering::Relaxed) {
-                eprintln!("migrate: SIGUSR2: switch to postcopy after this round");
+                log::info!("SIGUSR2: switch to postcopy after this round");
                 control.switch_to_postcopy();
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -290,43 +291,39 @@ fn source(a: &SourceArgs) -> Result<()> {
     let control = migration.control();
     let done = Arc::new(AtomicBool::new(false));
     operator_signals(control.clone(), done.clone());
-    let progress = {
-        let (control, done) = (control.clone(), done.clone());
-        std::thread::spawn(move || {
-            let t = Instant::now();
-            while !done.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(500));
-                let p = &control.progress;
-                let phase = p.phase();
-                let extra = match phase {
-                    Phase::Precopy => format!("round {}", p.round.load(Ordering::Relaxed)),
-                    _ => format!(
-                        "stream {} urgent {} pages, {} requests, {} reconnects",
-                        p.stream_pages.load(Ordering::Relaxed),
-                        p.urgent_pages.load(Ordering::Relaxed),
-                        p.requests.load(Ordering::Relaxed),
-                        p.reconnects.load(Ordering::Relaxed)
-                    ),
-                };
-                eprintln!(
-                    "source {:>6.1}s {:?}: precopy {:.0} MiB, postcopy {:.0} MiB, {extra}",
-                    t.elapsed().as_secs_f64(),
-                    phase,
-                    mib(p.precopy_bytes.load(Ordering::Relaxed)),
-                    mib(p.postcopy_bytes.load(Ordering::Relaxed)),
-                );
-            }
-        })
+    let status = || {
+        let p = &control.progress;
+        let phase = p.phase();
+        let extra = match phase {
+            Phase::Precopy => format!("round {}", p.round.load(Ordering::Relaxed)),
+            _ => format!(
+                "stream {} urgent {} pages, {} requests, {} reconnects",
+                p.stream_pages.load(Ordering::Relaxed),
+                p.urgent_pages.load(Ordering::Relaxed),
+                p.requests.load(Ordering::Relaxed),
+                p.reconnects.load(Ordering::Relaxed)
+            ),
+        };
+        Status {
+            phase: format!("{phase:?}"),
+            fraction: None,
+            text: format!(
+                "precopy {:.0} MiB, postcopy {:.0} MiB, {extra}",
+                mib(p.precopy_bytes.load(Ordering::Relaxed)),
+                mib(p.postcopy_bytes.load(Ordering::Relaxed)),
+            ),
+        }
     };
     let stopper = writer.clone();
-    let result = migration.run(move || {
-        if let Some(w) = stopper.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let writes = w.stop();
-            eprintln!("source: workload stopped after {writes} writes");
-        }
+    let result = progress::track(module_path!(), "source", status, || {
+        migration.run(move || {
+            if let Some(w) = stopper.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let writes = w.stop();
+                log::info!("source: workload stopped after {writes} writes");
+            }
+        })
     });
     done.store(true, Ordering::Relaxed);
-    let _ = progress.join();
     if let Some(w) = writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
         w.stop();
     }
@@ -403,41 +400,38 @@ fn dest(a: &DestArgs) -> Result<()> {
     println!("LISTEN {}", addr_text(&d.local_addr()?));
     std::io::stdout().flush()?;
     let control = d.control();
-    let done = Arc::new(AtomicBool::new(false));
-    {
-        let (control, done, die) = (control.clone(), done.clone(), a.die_after_pages);
-        std::thread::spawn(move || {
-            let mut last = Instant::now();
-            while !done.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(1));
-                let arrived = control.postcopy_pages.load(Ordering::Relaxed);
-                if die.is_some_and(|n| arrived >= n) {
-                    eprintln!("dest: fault injection: dying after {arrived} postcopy pages");
-                    // SAFETY: kill(2) on ourselves.
-                    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
-                }
-                if last.elapsed() >= Duration::from_millis(500) {
-                    last = Instant::now();
-                    eprintln!(
-                        "dest: {:?}: precopy {} pages, postcopy {} pages, {} reconnects",
-                        control.phase(),
-                        control.precopy_pages.load(Ordering::Relaxed),
-                        arrived,
-                        control.reconnects.load(Ordering::Relaxed)
-                    );
-                }
+    if let Some(die) = a.die_after_pages {
+        let control = control.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(1));
+            let arrived = control.postcopy_pages.load(Ordering::Relaxed);
+            if arrived >= die {
+                log::warn!("dest: fault injection: dying after {arrived} postcopy pages");
+                // SAFETY: kill(2) on ourselves.
+                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
             }
         });
     }
+    let status = || Status {
+        phase: format!("{:?}", control.phase()),
+        fraction: None,
+        text: format!(
+            "precopy {} pages, postcopy {} pages, {} reconnects",
+            control.precopy_pages.load(Ordering::Relaxed),
+            control.postcopy_pages.load(Ordering::Relaxed),
+            control.reconnects.load(Ordering::Relaxed)
+        ),
+    };
     let workload = a.workload;
     let touched: Arc<Mutex<Option<JoinHandle<Duration>>>> = Arc::default();
     let t = touched.clone();
-    let result = d.run(move |mem| {
-        *t.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::thread::spawn(move || {
-            touch_all(mem.base, mem.len, workload)
-        }));
+    let result = progress::track(module_path!(), "dest", status, || {
+        d.run(move |mem| {
+            *t.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::thread::spawn(move || {
+                touch_all(mem.base, mem.len, workload)
+            }));
+        })
     });
-    done.store(true, Ordering::Relaxed);
     let r = result.context("migration failed")?;
     let workload_ms = touched
         .lock()
@@ -510,6 +504,8 @@ fn local(a: &LocalArgs) -> Result<()> {
         .args([
             "migrate", "dest", "--json", "--listen", &listen, "--mode", &mode,
         ])
+        // Two live bars on one terminal would tear each other: the children print lines.
+        .args(["--progress", "lines"])
         .args([
             "--workload",
             &workload,
@@ -531,6 +527,7 @@ fn local(a: &LocalArgs) -> Result<()> {
     let s = &a.shape;
     let source = Command::new(&exe)
         .args(["migrate", "source", "--json", "--connect", addr])
+        .args(["--progress", "lines"])
         .args(["--size", &s.size.to_string(), "--workload", &workload])
         .args(["--precopy-rounds", &s.precopy_rounds.to_string()])
         .args([

@@ -163,7 +163,18 @@ fn run_pager(args: &Args, len: u64, pages: &[usize], file: &std::fs::File) -> Re
         .mode(DeliveryMode::from(args.mode));
     let pager = args.prefetch.apply(builder, map_len / PS)?.start()?;
     let t = Instant::now();
-    run_workload(memory.addr(), pages);
+    let restored = || {
+        let s = pager.stats();
+        let placed = s.placed_fault + s.placed_prefetch + s.placed_zero;
+        crate::progress::Status {
+            phase: String::new(),
+            fraction: Some((placed, (map_len / PS) as u64)),
+            text: format!("{placed} pages in, {} faults", s.faults()),
+        }
+    };
+    crate::progress::track(module_path!(), "restore", restored, || {
+        run_workload(memory.addr(), pages)
+    });
     let workload = t.elapsed();
     let total = start.elapsed();
     let stats = pager.stop()?;

@@ -1,0 +1,144 @@
+//! A Unix socket path claimed by a listener: taken only if nobody answers there, and
+//! removed when its holder is done — but only while it is still the holder's.
+//!
+//! A socket file outlives its listener, so a path that exists may be live (another
+//! handler is listening: taking it over would orphan that one) or stale (its process is
+//! gone). `connect(2)` tells them apart: a live listener accepts, a stale file refuses.
+
+use std::io::ErrorKind;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+/// A bound socket's path and identity (device and inode of the file `bind(2)` made).
+#[derive(Debug, Clone)]
+pub struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl SocketFile {
+    /// Removes the path if it still names the socket we bound (not one another process
+    /// bound there since); true if it did.
+    pub fn remove(&self) -> bool {
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(meta) if meta.dev() == self.dev && meta.ino() == self.ino => {
+                std::fs::remove_file(&self.path).is_ok()
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A listener on a claimed path; the path is removed on drop.
+#[derive(Debug)]
+pub struct Claimed {
+    /// The listener.
+    pub listener: UnixListener,
+    /// Its path.
+    pub file: SocketFile,
+}
+
+impl Drop for Claimed {
+    fn drop(&mut self) {
+        self.file.remove();
+    }
+}
+
+/// Binds a listener at `path`: refuses a path where a listener answers or that is not a
+/// socket, removes a stale socket file first.
+pub fn claim(path: &Path) -> Result<Claimed> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("inspect {}", path.display())),
+        Ok(meta) if !meta.file_type().is_socket() => {
+            bail!("{} exists and is not a socket", path.display())
+        }
+        Ok(_) => match UnixStream::connect(path) {
+            Ok(_) => bail!(
+                "{} is in use: a listener answers there (another handler?); \
+                 refusing to take it over — stop that one or choose another path",
+                path.display()
+            ),
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path)
+                    .with_context(|| format!("remove the stale socket {}", path.display()))?;
+                log::info!(
+                    "removed a stale socket file {} (nobody listening)",
+                    path.display()
+                );
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("probe the socket {}", path.display()))
+            }
+        },
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
+    let meta = std::fs::symlink_metadata(path)
+        .with_context(|| format!("inspect the bound socket {}", path.display()))?;
+    Ok(Claimed {
+        listener,
+        file: SocketFile {
+            path: path.to_path_buf(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("uffdkit-sockfile-{}-{name}", std::process::id()))
+    }
+
+    #[test]
+    fn a_live_socket_is_refused_and_left_alone() {
+        let path = temp("live");
+        let _ = std::fs::remove_file(&path);
+        let first = claim(&path).expect("free path");
+        let err = claim(&path).expect_err("live listener");
+        assert!(err.to_string().contains("is in use"), "{err}");
+        assert!(path.exists(), "the first listener's socket stays");
+        UnixStream::connect(&path).expect("the first listener still answers");
+        drop(first);
+        assert!(!path.exists(), "removed on drop");
+    }
+
+    #[test]
+    fn a_stale_socket_is_replaced_and_a_plain_file_refused() {
+        let path = temp("stale");
+        let _ = std::fs::remove_file(&path);
+        drop(UnixListener::bind(&path).expect("bind"));
+        assert!(path.exists(), "a closed listener leaves its file");
+        let claimed = claim(&path).expect("stale socket replaced");
+        UnixStream::connect(&path).expect("now ours");
+        drop(claimed);
+
+        std::fs::write(&path, b"not a socket").expect("write");
+        let err = claim(&path).expect_err("plain file");
+        assert!(err.to_string().contains("is not a socket"), "{err}");
+        assert!(path.exists(), "a file that is not ours is never removed");
+        std::fs::remove_file(&path).ok();
+    }
+
+    #[test]
+    fn a_path_rebound_by_another_is_not_removed() {
+        let path = temp("rebound");
+        let _ = std::fs::remove_file(&path);
+        let ours = claim(&path).expect("free path");
+        std::fs::remove_file(&path).expect("someone removes it");
+        let theirs = UnixListener::bind(&path).expect("and binds their own");
+        assert!(!ours.file.remove(), "not ours any more");
+        assert!(path.exists());
+        drop(ours);
+        assert!(path.exists(), "drop leaves their socket too");
+        drop(theirs);
+        std::fs::remove_file(&path).ok();
+    }
+}

@@ -1,0 +1,34 @@
+//! Sizes as people read them.
+
+/// `n` bytes in binary units: `4 KiB`, `2 MiB`, `1.5 GiB`, `512 bytes` (whole numbers
+/// without decimals, others to one decimal).
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} bytes");
+    }
+    let mut unit = 0;
+    let mut scale = 1024u64;
+    while unit + 1 < UNITS.len() && n >= scale * 1024 {
+        unit += 1;
+        scale *= 1024;
+    }
+    if n % scale == 0 {
+        format!("{} {}", n / scale, UNITS[unit])
+    } else {
+        format!("{:.1} {}", n as f64 / scale as f64, UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_read_in_binary_units() {
+        assert_eq!(super::bytes(0), "0 bytes");
+        assert_eq!(super::bytes(4096), "4 KiB");
+        assert_eq!(super::bytes(2 << 20), "2 MiB");
+        assert_eq!(super::bytes(1536 << 20), "1.5 GiB");
+        assert_eq!(super::bytes(1000), "1000 bytes");
+        assert_eq!(super::bytes(3 << 40), "3 TiB");
+    }
+}

@@ -1,0 +1,540 @@
+//! `uffdkit fc-handler` against `uffdkit fc-client`, which does what Firecracker does
+//! (maps guest memory, registers it with a userfaultfd, sends the region table with the
+//! fd, touches and verifies every page): serving, drop-in command lines, refusals before
+//! the socket exists, the peer killed on a fatal error, the socket path's life cycle,
+//! and how errors read.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+
+use common::{temp, uffdkit, wait_listening, Finished, Proc};
+use nix::sys::signal::Signal;
+
+/// Starts `uffdkit fc-handler ARGS…` and waits until it listens on `sock`.
+fn handler(sock: &Path, args: &[&OsStr]) -> Proc {
+    let mut proc = Proc::start(uffdkit([OsStr::new("fc-handler")].iter().chain(args)));
+    wait_listening(sock, &mut proc);
+    proc
+}
+
+/// Starts `uffdkit fc-client` against `sock`, verifying against `mem`.
+fn client(sock: &Path, mem: &Path, extra: &[&str]) -> Proc {
+    let mut cmd = uffdkit(["fc-client", "--socket"]);
+    cmd.arg(sock).arg("--mem-file").arg(mem).args(extra);
+    Proc::start(cmd)
+}
+
+fn os(p: &Path) -> &OsStr {
+    p.as_os_str()
+}
+
+/// A test's files, removed when it ends however it ends.
+struct Files(Vec<std::path::PathBuf>);
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        for f in &self.0 {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+/// Runs `fc-client ARGS` against a started handler; asserts the client's pages were
+/// all served and the handler exited 0 after; returns the handler's output.
+fn served_by(handler: Proc, sock: &Path, mem: &Path, client_args: &[&str]) -> Finished {
+    let c = client(sock, mem, client_args).finish();
+    let h = handler.finish();
+    assert!(
+        c.status.success(),
+        "client: {}\nhandler: {}",
+        c.text(),
+        h.text()
+    );
+    assert!(c.stdout.contains("touched and verified"), "{}", c.text());
+    assert!(h.status.success(), "handler: {}", h.text());
+    h
+}
+
+#[test]
+fn serves_fc_client_and_exits_zero_with_a_summary_in_units() {
+    let (sock, mem) = (temp("serve.sock"), temp("serve.mem"));
+    let _files = Files(vec![sock.clone(), mem.clone()]);
+    common::image(&mem, 8 << 20);
+    let h = handler(
+        &sock,
+        &[
+            "--socket".as_ref(),
+            os(&sock),
+            "--mem-file".as_ref(),
+            os(&mem),
+        ],
+    );
+    let h = served_by(h, &sock, &mem, &["--regions", "3", "--dontneed"]);
+    let summary = &h.stdout;
+    for want in [
+        "closed the connection",
+        "3 region(s), 2046 pages of 4 KiB",
+        "on fault:",
+        "prefetched:",
+        "1 REMOVE event(s)",
+        "faults are touches the kernel reported, not pages",
+    ] {
+        assert!(summary.contains(want), "{want:?} missing: {}", h.text());
+    }
+    assert!(
+        !summary.contains("page server"),
+        "file mode names no page server: {summary}"
+    );
+    assert!(
+        h.stderr.contains("listening on") && h.stderr.contains("connected"),
+        "{}",
+        h.text()
+    );
+    assert!(!sock.exists(), "the socket is removed on exit");
+}
+
+#[test]
+fn the_positional_form_of_firecrackers_examples_serves_too() {
+    let (sock, mem) = (temp("pos.sock"), temp("pos.mem"));
+    let _files = Files(vec![sock.clone(), mem.clone()]);
+    common::image(&mem, 4 << 20);
+    let h = handler(&sock, &[os(&sock), os(&mem)]);
+    let h = served_by(h, &sock, &mem, &[]);
+    assert!(
+        h.stdout.contains("1 region(s), 1024 pages of 4 KiB (4 MiB"),
+        "{}",
+        h.text()
+    );
+}
+
+#[test]
+fn bad_options_fail_before_any_socket_exists() {
+    let (sock, mem, empty, junk, key) = (
+        temp("bad.sock"),
+        temp("bad.mem"),
+        temp("bad-empty.mem"),
+        temp("bad-junk.ws"),
+        temp("bad.key"),
+    );
+    let _files = Files(vec![
+        sock.clone(),
+        mem.clone(),
+        empty.clone(),
+        junk.clone(),
+        key.clone(),
+    ]);
+    common::image(&mem, 1 << 20);
+    std::fs::write(&empty, b"").expect("empty file");
+    std::fs::write(&junk, b"this is no working set").expect("junk file");
+    std::fs::write(&key, b"a-key-of-enough-length").expect("key");
+    let missing = temp("bad-missing");
+    let s = sock.to_str().expect("utf8");
+    let (m, e, j, k, x) = (
+        mem.to_str().expect("utf8"),
+        empty.to_str().expect("utf8"),
+        junk.to_str().expect("utf8"),
+        key.to_str().expect("utf8"),
+        missing.to_str().expect("utf8"),
+    );
+    let cases: Vec<(Vec<&str>, i32, Vec<String>)> = vec![
+        (
+            vec![s, x],
+            1,
+            vec![format!("memory file {x}"), "No such file".into()],
+        ),
+        (vec![s, e], 1, vec![format!("memory file {e} is empty")]),
+        (
+            vec![s, m, "--replay", x],
+            1,
+            vec![format!("replay file {x}"), "No such file".into()],
+        ),
+        (
+            vec![s, m, "--replay", j],
+            1,
+            vec![
+                format!("replay file {j}"),
+                "not a uffdkit working-set file".into(),
+            ],
+        ),
+        (
+            vec![s, m, "--record", "/nonexistent-dir/ws.bin"],
+            1,
+            vec!["record file /nonexistent-dir/ws.bin".into()],
+        ),
+        (
+            vec![s, m, "--mode", "sigbus"],
+            2,
+            vec!["invalid value 'sigbus'".into()],
+        ),
+        (vec![s], 2, vec!["required".into()]),
+        (
+            vec![s, "--source", "nohost", "--key-file", k],
+            2,
+            vec!["not an address".into()],
+        ),
+        (
+            vec![s, "--source", "127.0.0.1:1", "--key-file", k, "--replay", j],
+            2,
+            vec!["--replay needs a memory file".into()],
+        ),
+    ];
+    for (args, code, wants) in cases {
+        let out = common::run(uffdkit(["fc-handler"].iter().chain(&args)));
+        assert_eq!(out.code(), Some(code), "{args:?}: {}", out.text());
+        for want in wants {
+            assert!(
+                out.stderr.contains(&want),
+                "{args:?}: {want:?} missing: {}",
+                out.text()
+            );
+        }
+        assert!(
+            out.stderr.starts_with("error: "),
+            "{args:?}: {}",
+            out.text()
+        );
+        assert!(!sock.exists(), "{args:?}: a socket was created");
+    }
+
+    // A path that is not a socket is refused and left alone.
+    std::fs::write(&sock, b"precious").expect("plain file");
+    let out = common::run(uffdkit(["fc-handler", s, m]));
+    assert_eq!(out.code(), Some(1), "{}", out.text());
+    assert!(
+        out.stderr.contains("exists and is not a socket"),
+        "{}",
+        out.text()
+    );
+    assert_eq!(std::fs::read(&sock).expect("still there"), b"precious");
+}
+
+#[test]
+fn a_short_memory_file_kills_the_peer_and_fails() {
+    let (sock, mem, short) = (
+        temp("short.sock"),
+        temp("short-full.mem"),
+        temp("short.mem"),
+    );
+    let _files = Files(vec![sock.clone(), mem.clone(), short.clone()]);
+    common::image(&mem, 4 << 20);
+    common::image(&short, 2 << 20);
+    let h = handler(&sock, &[os(&sock), os(&short)]);
+    let c = client(&sock, &mem, &[]).finish();
+    let h = h.finish();
+    assert_eq!(
+        c.signal(),
+        Some(libc::SIGKILL),
+        "the VMM was killed, not left hanging: {}",
+        c.text()
+    );
+    assert_eq!(h.code(), Some(1), "{}", h.text());
+    assert!(h.stderr.contains("shorter than the guest"), "{}", h.text());
+    assert!(h.stderr.contains("killed Firecracker (pid"), "{}", h.text());
+    assert!(!sock.exists(), "the socket is removed on failure too");
+}
+
+#[test]
+fn no_kill_peer_leaves_the_peer_alive_after_a_fatal_error() {
+    let (sock, mem, short) = (
+        temp("nokill.sock"),
+        temp("nokill-full.mem"),
+        temp("nokill.mem"),
+    );
+    let _files = Files(vec![sock.clone(), mem.clone(), short.clone()]);
+    common::image(&mem, 4 << 20);
+    common::image(&short, 2 << 20);
+    let h = handler(&sock, &[os(&sock), os(&short), "--no-kill-peer".as_ref()]);
+    let c = client(&sock, &mem, &[]);
+    let h = h.finish();
+    assert_eq!(h.code(), Some(1), "{}", h.text());
+    assert!(
+        h.stderr.contains("leaving Firecracker (pid"),
+        "{}",
+        h.text()
+    );
+    // With the handler's uffd closed the kernel lets the client's faults through (fc-client,
+    // unlike Firecracker, kept no uffd of its own): it reads zeros and fails verification
+    // on its own — but it was not killed.
+    let c = c.finish();
+    assert_eq!(c.signal(), None, "not killed: {}", c.text());
+    assert!(
+        !c.status.success(),
+        "it read pages nobody served: {}",
+        c.text()
+    );
+}
+
+#[test]
+fn a_second_handler_on_a_live_socket_is_refused_and_the_first_keeps_serving() {
+    let (sock, mem) = (temp("twice.sock"), temp("twice.mem"));
+    let _files = Files(vec![sock.clone(), mem.clone()]);
+    common::image(&mem, 4 << 20);
+    let first = handler(&sock, &[os(&sock), os(&mem)]);
+    let second = common::run(uffdkit([OsStr::new("fc-handler"), os(&sock), os(&mem)]));
+    assert_eq!(second.code(), Some(1), "{}", second.text());
+    assert!(second.stderr.contains("is in use"), "{}", second.text());
+    assert!(sock.exists(), "the first handler's socket is still there");
+    let first = served_by(first, &sock, &mem, &["--regions", "2"]);
+    assert!(first.stdout.contains("2 region(s)"), "{}", first.text());
+}
+
+#[test]
+fn a_second_handler_is_refused_while_the_first_serves() {
+    let (sock, mem) = (temp("busy.sock"), temp("busy.mem"));
+    let _files = Files(vec![sock.clone(), mem.clone()]);
+    common::image(&mem, 1 << 20);
+    let first = handler(&sock, &[os(&sock), os(&mem)]);
+    // This test is the VMM: guest memory registered, the table and the uffd sent, the
+    // connection held open, no page touched.
+    let memory = uffd_core::Mapping::new(uffd_core::MemoryKind::Anon, 1 << 20).expect("map");
+    let uffd = uffd_core::Uffd::builder()
+        .non_blocking(true)
+        .require(uffd_core::Features::EVENT_REMOVE)
+        .open()
+        .expect("uffd");
+    uffd.register(
+        memory.addr(),
+        memory.len(),
+        uffd_core::RegisterMode::MISSING,
+    )
+    .expect("register");
+    let table = format!(
+        r#"[{{"base_host_virt_addr":{},"size":{},"offset":0,"page_size":4096}}]"#,
+        memory.addr(),
+        memory.len()
+    );
+    let vmm = UnixStream::connect(&sock).expect("connect");
+    uffd_core::send_fds(&vmm, table.as_bytes(), &[uffd.as_fd()]).expect("send");
+    let second = common::run(uffdkit([OsStr::new("fc-handler"), os(&sock), os(&mem)]));
+    assert_eq!(second.code(), Some(1), "{}", second.text());
+    assert!(second.stderr.contains("is in use"), "{}", second.text());
+    // SAFETY: our mapping, served by the first handler.
+    let byte = unsafe { std::ptr::read_volatile(memory.as_ptr().add(4096 + 7)) };
+    let image = std::fs::read(&mem).expect("image");
+    assert_eq!(byte, image[4096 + 7], "the first handler still serves");
+    drop(vmm); // the VMM exits
+    let first = first.finish();
+    assert!(first.status.success(), "{}", first.text());
+    assert!(
+        first.stderr.contains("refused a connection"),
+        "{}",
+        first.text()
+    );
+}
+
+#[test]
+fn a_stale_socket_file_is_replaced() {
+    let (sock, mem) = (temp("stale.sock"), temp("stale.mem"));
+    let _files = Files(vec![sock.clone(), mem.clone()]);
+    common::image(&mem, 1 << 20);
+    drop(UnixListener::bind(&sock).expect("bind"));
+    assert!(sock.exists(), "a dead listener's socket file");
+    let h = handler(&sock, &[os(&sock), os(&mem)]);
+    let h = served_by(h, &sock, &mem, &[]);
+    assert!(
+        h.stderr.contains("removed a stale socket file"),
+        "{}",
+        h.text()
+    );
+}
+
+#[test]
+fn sigterm_sigint_and_sighup_remove_the_socket() {
+    let mem = temp("sig.mem");
+    let _files = Files(vec![mem.clone()]);
+    common::image(&mem, 1 << 20);
+    for (signal, code) in [
+        (Signal::SIGTERM, 143),
+        (Signal::SIGINT, 130),
+        (Signal::SIGHUP, 129),
+    ] {
+        let sock = temp(&format!("sig-{}.sock", signal as i32));
+        let _sock = Files(vec![sock.clone()]);
+        let h = handler(&sock, &[os(&sock), os(&mem)]);
+        h.signal(signal);
+        let h = h.finish();
+        assert_eq!(h.code(), Some(code), "{signal}: {}", h.text());
+        assert!(!sock.exists(), "{signal}: socket left behind");
+    }
+}
+
+#[test]
+fn a_stranger_without_a_userfaultfd_is_ignored_and_firecracker_still_served() {
+    use std::io::Write;
+    let (sock, mem) = (temp("stranger.sock"), temp("stranger.mem"));
+    let _files = Files(vec![sock.clone(), mem.clone()]);
+    common::image(&mem, 1 << 20);
+    let h = handler(&sock, &[os(&sock), os(&mem)]);
+    let mut stranger = UnixStream::connect(&sock).expect("connect");
+    stranger
+        .write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .expect("write");
+    drop(stranger);
+    let h = served_by(h, &sock, &mem, &[]);
+    assert!(
+        h.stderr.contains("ignoring a connection") && h.stderr.contains("no userfaultfd"),
+        "{}",
+        h.text()
+    );
+}
+
+#[test]
+fn a_malformed_region_table_with_a_userfaultfd_fails_clearly() {
+    let (sock, mem) = (temp("malformed.sock"), temp("malformed.mem"));
+    let _files = Files(vec![sock.clone(), mem.clone()]);
+    common::image(&mem, 1 << 20);
+    // --no-kill-peer: the "VMM" here is this test process.
+    let h = handler(&sock, &[os(&sock), os(&mem), "--no-kill-peer".as_ref()]);
+    let uffd = uffd_core::Uffd::builder()
+        .non_blocking(true)
+        .open()
+        .expect("uffd");
+    let stream = UnixStream::connect(&sock).expect("connect");
+    uffd_core::send_fds(&stream, b"{this is not a region table", &[uffd.as_fd()]).expect("send");
+    let h = h.finish();
+    drop(stream);
+    assert_eq!(h.code(), Some(1), "{}", h.text());
+    assert!(h.stderr.contains("malformed region table"), "{}", h.text());
+    assert!(
+        h.stderr.contains("leaving Firecracker (pid"),
+        "{}",
+        h.text()
+    );
+    assert!(!sock.exists());
+}
+
+#[test]
+fn serves_from_a_page_server_naming_only_what_was_used() {
+    let (sock, mem, key, server_sock) = (
+        temp("remote.sock"),
+        temp("remote.mem"),
+        temp("remote.key"),
+        temp("remote-server.sock"),
+    );
+    let _files = Files(vec![
+        sock.clone(),
+        mem.clone(),
+        key.clone(),
+        server_sock.clone(),
+    ]);
+    common::image(&mem, 4 << 20);
+    std::fs::write(&key, "cli-test-key-0123456789\n").expect("write key");
+    let listen = format!("unix:{}", server_sock.display());
+    let mut server_cmd = uffdkit(["serve", "--listen", &listen, "--image"]);
+    server_cmd.arg(&mem).arg("--key-file").arg(&key);
+    let mut server = Proc::start(server_cmd);
+    wait_listening(&server_sock, &mut server);
+    let h = handler(
+        &sock,
+        &[
+            os(&sock),
+            "--source".as_ref(),
+            listen.as_ref(),
+            "--key-file".as_ref(),
+            os(&key),
+        ],
+    );
+    let h = served_by(h, &sock, &mem, &["--regions", "2"]);
+    drop(server);
+    assert!(h.stdout.contains("from the page server:"), "{}", h.text());
+    assert!(
+        !h.stdout.contains("prefetched") && !h.stdout.contains("on fault:"),
+        "only what was used: {}",
+        h.text()
+    );
+}
+
+#[test]
+fn errors_print_once_without_a_backtrace_unless_asked() {
+    let missing = temp("bt-missing.ws");
+    let (sock, mem) = (temp("bt.sock"), temp("bt.mem"));
+    let _files = Files(vec![mem.clone()]);
+    common::image(&mem, 1 << 20);
+    let args = [
+        OsStr::new("fc-handler"),
+        os(&sock),
+        os(&mem),
+        "--replay".as_ref(),
+        os(&missing),
+    ];
+
+    let mut cmd = uffdkit(args);
+    cmd.env("RUST_BACKTRACE", "1")
+        .env_remove("UFFDKIT_BACKTRACE");
+    let out = common::run(cmd);
+    assert_eq!(out.code(), Some(1), "{}", out.text());
+    assert_eq!(
+        out.stderr,
+        format!(
+            "error: replay file {}\n  caused by: read working set: No such file or directory (os error 2)\n",
+            missing.display()
+        ),
+        "one error line, one cause, the OS text once, no backtrace"
+    );
+
+    let mut cmd = uffdkit(args);
+    cmd.env("UFFDKIT_BACKTRACE", "1");
+    let out = common::run(cmd);
+    assert_eq!(out.code(), Some(1));
+    assert!(
+        out.stderr.contains("backtrace:"),
+        "asked for: {}",
+        out.text()
+    );
+}
+
+#[test]
+fn help_offers_only_handler_modes_and_documents_kill_and_exit_status() {
+    let out = common::run(uffdkit(["fc-handler", "--help"]));
+    assert!(out.status.success(), "{}", out.text());
+    let help = out.stdout.to_lowercase();
+    assert!(!help.contains("sigbus"), "{help}");
+    for want in [
+        "<socket>",
+        "<memfile>",
+        "--no-kill-peer",
+        "sigkill",
+        "exit status",
+        "percpu",
+    ] {
+        assert!(help.contains(want), "{want:?} missing: {help}");
+    }
+    assert!(
+        !help.contains("--kill-peer-on-error"),
+        "the old flag is hidden"
+    );
+    let out = common::run(uffdkit(["--help"]));
+    assert!(out.stdout.contains("Exit status"), "{}", out.text());
+    assert!(out.stdout.contains("-q, --quiet"), "{}", out.text());
+}
+
+#[test]
+fn quiet_prints_only_the_result_and_verbose_shows_debug_lines() {
+    let (sock, mem) = (temp("levels.sock"), temp("levels.mem"));
+    let _files = Files(vec![sock.clone(), mem.clone()]);
+    common::image(&mem, 1 << 20);
+
+    let h = handler(&sock, &["-q".as_ref(), os(&sock), os(&mem)]);
+    let h = served_by(h, &sock, &mem, &[]);
+    assert_eq!(h.stderr, "", "-q: no info lines");
+    assert!(
+        h.stdout.contains("closed the connection"),
+        "the result stays"
+    );
+
+    // -v: debug lines with timestamps, e.g. for the test's own probes of the socket.
+    let h = handler(&sock, &["-v".as_ref(), os(&sock), os(&mem)]);
+    let h = served_by(h, &sock, &mem, &[]);
+    assert!(
+        h.stderr
+            .contains("debug: fc-handler: a connection from pid")
+            && h.stderr.contains("closed without a word"),
+        "{}",
+        h.text()
+    );
+    assert!(h.stderr.starts_with('['), "timestamps: {}", h.text());
+}
