@@ -60,8 +60,9 @@ pub enum Error {
         source: std::io::Error,
     },
     /// A Firecracker handshake that cannot be served.
-    #[error("firecracker handshake: {0}")]
-    Handshake(String),
+    #[cfg(feature = "firecracker")]
+    #[error("firecracker handshake")]
+    Handshake(#[source] crate::firecracker::HandshakeError),
     /// A working-set file that cannot be used.
     #[error("working-set file {}", path.display())]
     BadRecording {

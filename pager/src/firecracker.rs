@@ -18,12 +18,13 @@
 //! refused without harm; one that stays silent is refused after [`HANDSHAKE_DEADLINE`].
 
 use std::io::{ErrorKind, Read};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use serde::Deserialize;
 use uffd_core::{peer_credentials, recv_fds, MemoryKind, PeerCredentials, Received, Uffd};
 
@@ -303,10 +304,10 @@ pub fn kill_peer(peer: &PeerCredentials) -> std::io::Result<()> {
             format!("pid {} is not a VMM peer", peer.pid),
         ));
     }
-    // SAFETY: kill(2) takes no pointers; the pid is the VMM that connected to us.
-    if unsafe { libc::kill(peer.pid, libc::SIGKILL) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(peer.pid),
+        nix::sys::signal::SIGKILL,
+    )?;
     Ok(())
 }
 
@@ -363,7 +364,7 @@ fn serve_inner(
         .iter()
         .map(|r| r.spec())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| crate::Error::Handshake(e.to_string()))?;
+        .map_err(crate::Error::Handshake)?;
     let mut builder = Pager::builder(hs.uffd, source)
         .regions(specs)
         .register(false)
@@ -382,13 +383,8 @@ fn serve_inner(
 fn wait_for_eof(stream: &UnixStream, pager: &Pager) {
     let mut sink = [0u8; 256];
     loop {
-        let mut pfd = libc::pollfd {
-            fd: stream.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, 50) };
+        let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+        let n = poll(&mut fds, PollTimeout::from(50u8)).unwrap_or(0);
         if pager.has_stopped() {
             return;
         }
