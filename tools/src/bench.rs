@@ -309,6 +309,7 @@ impl Raw {
 /// The raw SIGBUS baseline: a process-wide handler that places the page itself.
 mod raw_sigbus {
     use super::*;
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
     static RAW: AtomicPtr<Raw> = AtomicPtr::new(std::ptr::null_mut());
 
@@ -326,33 +327,32 @@ mod raw_sigbus {
 
     /// Restores the previous disposition on drop.
     pub struct Guard {
-        previous: libc::sigaction,
+        previous: SigAction,
         raw: *mut Raw,
     }
 
     pub fn install(raw: Raw) -> Guard {
         let raw = Box::into_raw(Box::new(raw));
         RAW.store(raw, Ordering::Release);
-        // SAFETY: installs an SA_SIGINFO handler doing one ioctl.
-        unsafe {
-            let mut previous: libc::sigaction = std::mem::zeroed();
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_sigbus as *const () as usize;
-            action.sa_flags = libc::SA_SIGINFO;
-            libc::sigaction(libc::SIGBUS, &action, &mut previous);
-            Guard { previous, raw }
-        }
+        let action = SigAction::new(
+            SigHandler::SigAction(on_sigbus),
+            SaFlags::SA_SIGINFO,
+            SigSet::empty(),
+        );
+        // SAFETY: the handler does one placement ioctl (async-signal-safe) on a `Raw` that
+        // lives until the guard is dropped.
+        let previous = unsafe { sigaction(Signal::SIGBUS, &action) }.expect("sigaction(SIGBUS)");
+        Guard { previous, raw }
     }
 
     impl Drop for Guard {
         fn drop(&mut self) {
             RAW.store(std::ptr::null_mut(), Ordering::Release);
-            // SAFETY: restores the saved disposition; no fault is in flight (the faulting
-            // threads were joined), so nothing uses `raw` any more.
-            unsafe {
-                libc::sigaction(libc::SIGBUS, &self.previous, std::ptr::null_mut());
-                drop(Box::from_raw(self.raw));
-            }
+            // SAFETY: restores the saved disposition.
+            let _ = unsafe { sigaction(Signal::SIGBUS, &self.previous) };
+            // SAFETY: no fault is in flight (the faulting threads were joined) and the
+            // handler is gone, so nothing uses `raw` any more.
+            drop(unsafe { Box::from_raw(self.raw) });
         }
     }
 }

@@ -101,9 +101,9 @@ impl PrefetchArgs {
     }
 }
 
-/// Loads a working-set file, naming it in any error.
+/// Loads a working-set file (the library's error names the file).
 fn load_replay(path: &Path, pages: usize) -> Result<Vec<u64>> {
-    pager::record::load(path, pages).with_context(|| format!("replay file {}", path.display()))
+    pager::record::load(path, pages).context("cannot use the --replay file")
 }
 
 /// Fails unless `path` can be opened for writing; creates nothing that was not there.

@@ -150,13 +150,13 @@ fn bad_options_fail_before_any_socket_exists() {
         (
             vec![s, m, "--replay", x],
             1,
-            vec![format!("replay file {x}"), "No such file".into()],
+            vec![format!("working-set file {x}"), "No such file".into()],
         ),
         (
             vec![s, m, "--replay", j],
             1,
             vec![
-                format!("replay file {j}"),
+                format!("working-set file {j}"),
                 "not a uffdkit working-set file".into(),
             ],
         ),
@@ -470,7 +470,7 @@ fn errors_print_once_without_a_backtrace_unless_asked() {
     assert_eq!(
         out.stderr,
         format!(
-            "error: replay file {}\n  caused by: read working set: No such file or directory (os error 2)\n",
+            "error: cannot use the --replay file\n  caused by: working-set file {}\n  caused by: No such file or directory (os error 2)\n",
             missing.display()
         ),
         "one error line, one cause, the OS text once, no backtrace"
