@@ -12,8 +12,8 @@
 //! (the later zap then drops it, and the fault that follows sees the REMOVE), or it starts
 //! after the REMOVE is in the page states.
 //!
-//! It is a counter, not a lock: placements in flight in the low 32 bits, readers in the
-//! high 32. No allocation and no blocking call: a waiting side spins, yields, then sleeps
+//! It is a counter, not a lock: placements in flight in the low 32 bits, the reader (at
+//! most one: a second handler woken by the same event polls again instead) in the high 32. No allocation and no blocking call: a waiting side spins, yields, then sleeps
 //! with `clock_nanosleep(2)`, all async-signal-safe, so the SIGBUS handler enters it too.
 //! Neither side ever waits while holding the other's side (a placement never reads events;
 //! a reader never places), so it cannot deadlock. A gate built without REMOVE events to
@@ -72,19 +72,34 @@ impl Gate {
         }
     }
 
-    /// Closes the gate for a read of events: waits until no placement is in flight; new
+    /// Closes the gate for a read of events, unless another reader holds it closed (then
+    /// `None`: that reader takes the pending events; poll again rather than read after it
+    /// — a second handler woken by the same event would only read nothing, and make the
+    /// first one's placement wait for that). Waits until no placement is in flight; new
     /// placements wait until the returned guard is dropped.
     #[inline]
-    pub fn close(&self) -> Reading<'_> {
+    pub fn try_close(&self) -> Option<Reading<'_>> {
         if !self.guards_reads {
-            return Reading(None);
+            return Some(Reading(None));
         }
-        self.state.fetch_add(READER, SeqCst);
+        let mut now = self.state.load(SeqCst);
+        loop {
+            if now & !PLACERS != 0 {
+                return None;
+            }
+            match self
+                .state
+                .compare_exchange_weak(now, now + READER, SeqCst, SeqCst)
+            {
+                Ok(_) => break,
+                Err(actual) => now = actual,
+            }
+        }
         let mut spins = 0;
         while self.state.load(SeqCst) & PLACERS != 0 {
             backoff(&mut spins);
         }
-        Reading(Some(self))
+        Some(Reading(Some(self)))
     }
 
     /// Placements in flight now.
@@ -132,8 +147,7 @@ mod loom_tests {
                     placing.store(false, SeqCst);
                 })
             };
-            {
-                let _closed = gate.close();
+            if let Some(_closed) = gate.try_close() {
                 reading.store(true, SeqCst);
                 assert!(!placing.load(SeqCst), "read during a placement");
                 reading.store(false, SeqCst);
@@ -167,11 +181,16 @@ mod tests {
             // Two readers: per-CPU handlers read the same uffd at once.
             for _ in 0..2 {
                 s.spawn(|| {
-                    for _ in 0..20_000 {
-                        let _r = gate.close();
+                    let mut reads = 0;
+                    while reads < 20_000 {
+                        let Some(_r) = gate.try_close() else {
+                            std::hint::spin_loop();
+                            continue;
+                        };
                         let now = inside.fetch_add(1000, SeqCst) + 1000;
-                        assert!(now % 1000 == 0, "a read overlapped a placement");
+                        assert!(now == 1000, "a read overlapped a placement or a read");
                         inside.fetch_sub(1000, SeqCst);
+                        reads += 1;
                     }
                 });
             }
@@ -182,7 +201,7 @@ mod tests {
     #[test]
     fn an_unguarded_gate_only_counts() {
         let gate = Gate::new(false);
-        let _closed = gate.close();
+        let _closed = gate.try_close();
         let p = gate.enter(); // would wait forever if it guarded
         assert_eq!(gate.placing(), 1);
         drop(p);

@@ -167,7 +167,13 @@ impl Worker {
             let n = {
                 // No placement runs while a batch is read and its REMOVEs applied.
                 let shared = &*self.shared;
-                let _closed = shared.gate.close();
+                let Some(_closed) = shared.gate.try_close() else {
+                    // Another handler is reading: it takes what is pending. Poll again
+                    // (the uffd stays readable if anything is left), after a yield so
+                    // as not to spin on the gate's cache line while the reader works.
+                    let _ = nix::sched::sched_yield();
+                    return;
+                };
                 let n = match shared.uffd.read_events(&mut self.events) {
                     Ok(ReadStatus::Events(n)) => n,
                     Ok(ReadStatus::WouldBlock) => return,
