@@ -210,12 +210,25 @@ impl Pager {
     /// final counters, or the fatal error that stopped the pager early.
     pub fn stop(mut self) -> Result<StatsSnapshot> {
         self.join();
+        let stats = self.stats();
+        if self.process_gone() {
+            log::info!("pager stopped: the faulting process exited");
+        }
+        log::debug!(
+            "pager stopped after {} faults, {} pages placed ({} by fault, {} prefetched, {} zero, {} arrived)",
+            stats.faults(),
+            stats.placed(),
+            stats.placed_fault,
+            stats.placed_prefetch,
+            stats.placed_zero,
+            stats.placed_arrival
+        );
         if let (Some(path), Some(rec)) = (&self.record, &self.shared.recorder) {
             record::save(path, &rec.pages())?;
         }
         match self.shared.take_fatal() {
             Some(e) => Err(e),
-            None => Ok(self.stats()),
+            None => Ok(stats),
         }
     }
 }
