@@ -29,12 +29,15 @@ use crate::manifest::{Manifest, MAGIC, MAX_MANIFEST_BYTES};
 
 /// Network timeouts of a store's client. Retries are the fetcher's (see
 /// [`RetryPolicy`](crate::RetryPolicy)), so the client itself retries nothing.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StoreOptions {
     /// Connecting.
     pub connect_timeout: Duration,
     /// A whole request, including its body: a connection that goes silent fails here.
     pub request_timeout: Duration,
+    /// Store settings applied over the environment's, named as `object_store` names them
+    /// (`aws_endpoint`, `aws_access_key_id`, `aws_allow_http`, `google_service_account`, …).
+    pub config: Vec<(String, String)>,
 }
 
 impl Default for StoreOptions {
@@ -42,6 +45,7 @@ impl Default for StoreOptions {
         Self {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
+            config: Vec::new(),
         }
     }
 }
@@ -180,6 +184,22 @@ impl Store {
     }
 }
 
+/// Applies `config` keys to a builder, refusing unknown ones.
+fn configure<B, K: std::str::FromStr>(
+    mut builder: B,
+    config: &[(String, String)],
+    url: &str,
+    set: impl Fn(B, K, String) -> B,
+) -> Result<B> {
+    for (key, value) in config {
+        let Ok(k) = key.parse::<K>() else {
+            return Err(bad_url(url, format!("unknown store setting {key:?}")));
+        };
+        builder = set(builder, k, value.clone());
+    }
+    Ok(builder)
+}
+
 /// Builds the client for `scheme`, with credentials from the environment.
 fn build(
     url: &str,
@@ -202,37 +222,52 @@ fn build(
         ObjectStoreScheme::AmazonS3 => {
             use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey as K};
             Arc::new(
-                AmazonS3Builder::from_env()
-                    .with_url(url)
-                    .with_retry(retry)
-                    .with_config(K::Client(C::ConnectTimeout), connect)
-                    .with_config(K::Client(C::Timeout), request)
-                    .build()
-                    .map_err(err)?,
+                configure(
+                    AmazonS3Builder::from_env()
+                        .with_url(url)
+                        .with_retry(retry)
+                        .with_config(K::Client(C::ConnectTimeout), connect)
+                        .with_config(K::Client(C::Timeout), request),
+                    &options.config,
+                    url,
+                    |b, k: K, v| b.with_config(k, v),
+                )?
+                .build()
+                .map_err(err)?,
             )
         }
         ObjectStoreScheme::GoogleCloudStorage => {
             use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey as K};
             Arc::new(
-                GoogleCloudStorageBuilder::from_env()
-                    .with_url(url)
-                    .with_retry(retry)
-                    .with_config(K::Client(C::ConnectTimeout), connect)
-                    .with_config(K::Client(C::Timeout), request)
-                    .build()
-                    .map_err(err)?,
+                configure(
+                    GoogleCloudStorageBuilder::from_env()
+                        .with_url(url)
+                        .with_retry(retry)
+                        .with_config(K::Client(C::ConnectTimeout), connect)
+                        .with_config(K::Client(C::Timeout), request),
+                    &options.config,
+                    url,
+                    |b, k: K, v| b.with_config(k, v),
+                )?
+                .build()
+                .map_err(err)?,
             )
         }
         ObjectStoreScheme::MicrosoftAzure => {
             use object_store::azure::{AzureConfigKey as K, MicrosoftAzureBuilder};
             Arc::new(
-                MicrosoftAzureBuilder::from_env()
-                    .with_url(url)
-                    .with_retry(retry)
-                    .with_config(K::Client(C::ConnectTimeout), connect)
-                    .with_config(K::Client(C::Timeout), request)
-                    .build()
-                    .map_err(err)?,
+                configure(
+                    MicrosoftAzureBuilder::from_env()
+                        .with_url(url)
+                        .with_retry(retry)
+                        .with_config(K::Client(C::ConnectTimeout), connect)
+                        .with_config(K::Client(C::Timeout), request),
+                    &options.config,
+                    url,
+                    |b, k: K, v| b.with_config(k, v),
+                )?
+                .build()
+                .map_err(err)?,
             )
         }
         ObjectStoreScheme::Http => {

@@ -17,3 +17,5 @@ pub fn skip(test: &str, reason: &str) {
         let _ = writeln!(f, "{line}");
     }
 }
+
+pub mod s3;
