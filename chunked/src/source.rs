@@ -352,7 +352,17 @@ impl Shared {
                 }
             }
             Ok(None) => {}
-            Err(e) => log::error!("chunk {index}: placement refused: {e}"),
+            // A region whose pages do not tile the chunk (2 MiB pages, smaller chunks):
+            // nothing of it can ever be placed, so stop rather than strand its faults.
+            Err(e) => {
+                self.stopped.store(true, Ordering::Relaxed);
+                placer.fail(SourceError {
+                    what: "place chunk",
+                    offset: start,
+                    source: std::io::Error::other(e),
+                });
+                return;
+            }
         }
         let _ = self.first_place.set(Instant::now());
         self.placed.fetch_add(1, Ordering::Relaxed);

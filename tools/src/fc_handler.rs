@@ -24,8 +24,14 @@ pub struct Args {
     #[arg(long)]
     socket: PathBuf,
     /// The snapshot memory file (regions laid end to end, at their `offset`s).
-    #[arg(long, required_unless_present = "source")]
+    #[arg(long, required_unless_present_any = ["source", "image"])]
     mem_file: Option<PathBuf>,
+    /// Serve a chunked image from an object store (s3://…, file:///…) instead of a file.
+    #[arg(long, conflicts_with_all = ["mem_file", "source"])]
+    image: Option<String>,
+    /// Fetching and caching of `--image`.
+    #[command(flatten)]
+    image_source: crate::image::SourceArgs,
     /// Serve pages from a `uffdkit serve` page server at this address instead of a
     /// file (host:port or unix:/path; 4 KiB regions).
     #[arg(long, conflicts_with = "mem_file", requires = "key_file")]
@@ -48,6 +54,9 @@ pub struct Args {
 /// Runs `uffdkit fc-handler`: one restore, then exits 0 when Firecracker exits.
 pub fn run(args: &Args) -> Result<()> {
     let source: Arc<dyn pager::Source> = match (&args.mem_file, &args.source, &args.key_file) {
+        _ if args.image.is_some() => {
+            crate::image::fc_source(args.image.as_deref(), &args.image_source)?
+        }
         (Some(file), _, _) => Arc::new(
             FileSource::mmap(file)
                 .with_context(|| format!("open memory file {}", file.display()))?,
@@ -93,7 +102,7 @@ pub fn run(args: &Args) -> Result<()> {
         mode: args.mode.into(),
         // A page server streams every page itself; the pager's prefetcher would only
         // duplicate that on the urgent channel.
-        prefetch: if args.source.is_some() {
+        prefetch: if args.source.is_some() || args.image.is_some() {
             pager::Prefetch::None
         } else {
             args.prefetch.plan(pages)?

@@ -4,6 +4,7 @@ mod bench;
 mod cli_args;
 mod demo;
 mod fc_handler;
+mod image;
 mod migrate;
 mod netbench;
 mod probe;
@@ -40,6 +41,9 @@ enum Command {
     Serve(serve::Args),
     /// External page-fault handler for Firecracker snapshot restore.
     FcHandler(fc_handler::Args),
+    /// Chunked images in an object store: push, pull, inspect.
+    #[command(subcommand)]
+    Image(image::Args),
     /// Play Firecracker's side of the UFFD handshake against a handler, and verify.
     FcClient(fc_handler::ClientArgs),
 }
@@ -55,5 +59,6 @@ fn main() -> Result<()> {
         Command::Serve(args) => serve::run(&args),
         Command::FcHandler(args) => fc_handler::run(&args),
         Command::FcClient(args) => fc_handler::run_client(&args),
+        Command::Image(args) => image::run(&args),
     }
 }
