@@ -195,6 +195,10 @@ pub enum ManifestError {
     /// A zero or inherited run of length zero.
     #[error("empty run at chunk {0}")]
     EmptyRun(u64),
+    /// A run that continues the previous run of the same kind (the encoding is canonical:
+    /// one manifest, one byte string, one digest).
+    #[error("split run at chunk {0}")]
+    SplitRun(u64),
     /// Entries describe more chunks than declared.
     #[error("entries describe more than the {0} declared chunks")]
     TooManyEntries(u64),
@@ -426,6 +430,8 @@ impl Manifest {
             .collect::<Result<Vec<_>, _>>()?;
         // At least one entry byte per run: the body bounds the allocation, not the header.
         let mut chunks = Vec::with_capacity((expected as usize).min(bytes.len()));
+        // The previous entry, if it was a run: its tag and length.
+        let mut last_run: Option<(u8, u64)> = None;
         while (chunks.len() as u64) < expected {
             let index = chunks.len() as u64;
             let chunk = match r.u8("entry tag")? {
@@ -442,6 +448,10 @@ impl Manifest {
                     if index + run > expected {
                         return Err(ManifestError::TooManyEntries(expected));
                     }
+                    if matches!(last_run, Some((t, n)) if t == tag && n < u64::from(u32::MAX)) {
+                        return Err(ManifestError::SplitRun(index));
+                    }
+                    last_run = Some((tag, run));
                     let kind = if tag == TAG_ZERO {
                         Chunk::Zero
                     } else {
@@ -453,6 +463,7 @@ impl Manifest {
                 }
                 tag => return Err(ManifestError::UnknownTag { tag, chunk: index }),
             };
+            last_run = None;
             check_chunk(&geometry, index, &chunk, pack_count, parent.is_some())?;
             chunks.push(chunk);
         }
@@ -672,6 +683,25 @@ mod tests {
             Manifest::new(bad, None, vec![], vec![]),
             Err(ManifestError::BadChunkSize { .. })
         ));
+    }
+
+    #[test]
+    fn a_run_split_in_two_is_refused() {
+        let g = Geometry {
+            page_size: 4096,
+            chunk_size: 4096,
+            len: 2 * 4096,
+        };
+        let m = Manifest::new(g, None, vec![], vec![Chunk::Zero; 2]).unwrap();
+        let mut b = m.encode();
+        b.truncate(b.len() - 32);
+        let n = b.len();
+        // One run of two zero chunks becomes two runs of one.
+        b[n - 4..].copy_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&[0, 1, 0, 0, 0]);
+        let d = Digest::of(&b);
+        b.extend_from_slice(&d.0);
+        assert_eq!(Manifest::decode(&b), Err(ManifestError::SplitRun(1)));
     }
 
     #[test]
