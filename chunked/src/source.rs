@@ -48,6 +48,10 @@ pub struct SourceOptions {
     pub max_in_flight: usize,
     /// Chunks kept free of background fetches for faults.
     pub reserved_for_faults: usize,
+    /// Chunks the background plan fetches at once, at most: enough to keep a store busy,
+    /// few enough that a fault's read and placement do not queue behind a flood of them
+    /// for the CPUs.
+    pub max_background: usize,
     /// Most bytes one ranged read covers when coalescing adjacent chunks.
     pub max_read: u64,
     /// The background plan.
@@ -65,6 +69,7 @@ impl Default for SourceOptions {
         Self {
             max_in_flight: 64,
             reserved_for_faults: 16,
+            max_background: 16,
             max_read: 4 << 20,
             background: Background::Sequential,
             background_after_first_fault: false,
@@ -109,6 +114,8 @@ struct Table {
     zero_pages: Vec<Range<u64>>,
     replay: VecDeque<usize>,
     in_flight: usize,
+    /// Of which fetched by the background plan.
+    background_in_flight: usize,
     /// Where the sequential background plan looks next.
     scan: usize,
     started_background: bool,
@@ -189,6 +196,7 @@ impl ChunkedSource {
                 zero_pages: Vec::new(),
                 replay,
                 in_flight: 0,
+                background_in_flight: 0,
                 scan: 0,
                 started_background: !options.background_after_first_fault,
             }),
@@ -264,11 +272,16 @@ impl Shared {
             reads.push((run, false));
         }
         let limit = o.max_in_flight.saturating_sub(o.reserved_for_faults).max(1);
-        while t.started_background && t.in_flight < limit && o.background != Background::None {
+        while t.started_background
+            && t.in_flight < limit
+            && t.background_in_flight < o.max_background
+            && o.background != Background::None
+        {
             let Some(c) = self.next_background(&mut t) else {
                 break;
             };
             let run = self.claim_run(&mut t, c, per_read, State::Idle);
+            t.background_in_flight += run.len();
             reads.push((run, true));
         }
         reads
@@ -381,8 +394,11 @@ impl Shared {
         }
     }
 
-    fn finish(&self, run: &[usize], ok: bool) {
+    fn finish(&self, run: &[usize], ok: bool, background: bool) {
         let mut t = self.lock();
+        if background {
+            t.background_in_flight -= run.len();
+        }
         for &c in run {
             if t.state[c] == State::InFlight {
                 t.state[c] = if ok { State::Done } else { State::Idle };
@@ -436,7 +452,7 @@ async fn dispatch(shared: Arc<Shared>) {
             counter.fetch_add(run.len() as u64, Ordering::Relaxed);
             tokio::spawn(async move {
                 let ok = s.fetcher.fetch(&run, &*s).await;
-                s.finish(&run, ok);
+                s.finish(&run, ok, background);
                 s.wake.notify_one();
             });
         }
