@@ -2,8 +2,8 @@
 //!
 //! BLAKE3 rather than SHA-256 (already a workspace dependency): every chunk is hashed on
 //! every read (verification before placement, and again from the cache), so hashing sits
-//! on the restore path; BLAKE3 runs several times faster on one core here
-//! (`cargo bench -p uffdkit-benches --bench chunked`).
+//! on the restore path; BLAKE3 hashes a 512 KiB chunk 2.5× as fast on one core here
+//! (3.5 vs 1.4 GiB/s, `cargo bench -p uffdkit-benches --bench chunked`).
 
 use std::fmt;
 use std::str::FromStr;
