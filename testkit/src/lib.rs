@@ -1,5 +1,7 @@
 //! Test support shared by the workspace's integration tests.
 
+pub mod s3;
+
 use std::io::Write;
 
 /// Reports a skipped case loudly: on stderr and in `target/uffdkit-skips.log`, which

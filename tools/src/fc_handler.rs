@@ -44,7 +44,7 @@ socket is removed on every exit. Exit status: 0 when Firecracker closed the conn
 #[command(
     after_help = AFTER_HELP,
     group = clap::ArgGroup::new("socket_path").required(true).args(["socket_arg", "socket"]),
-    group = clap::ArgGroup::new("memory").required(true).args(["mem_file_arg", "mem_file", "source"]),
+    group = clap::ArgGroup::new("memory").required(true).args(["mem_file_arg", "mem_file", "source", "image"]),
 )]
 pub struct Args {
     /// The Unix socket to listen on: Firecracker's `backend_path` (or --socket).
@@ -65,6 +65,13 @@ pub struct Args {
     /// --prefetch does not apply).
     #[arg(long, requires = "key_file", value_parser = parse_addr)]
     source: Option<postcopy::net::Addr>,
+    /// Serve a chunked image from an object store (s3://…, gs://…, file:///…) instead of
+    /// a file (see `uffdkit image`).
+    #[arg(long, conflicts_with_all = ["mem_file", "mem_file_arg", "source"])]
+    image: Option<String>,
+    /// Fetching and caching of `--image`.
+    #[command(flatten)]
+    image_source: crate::image::SourceArgs,
     /// The page server's pre-shared key file (with --source).
     #[arg(long, requires = "source")]
     key_file: Option<PathBuf>,
@@ -86,8 +93,10 @@ pub struct Args {
 /// Where the pages come from, opened and checked before the socket exists.
 struct Memory {
     source: Arc<dyn Source>,
-    /// The memory file, or `None` for a page server.
+    /// The memory file, or `None` for a remote source.
     file: Option<PathBuf>,
+    /// What a remote source is called in the summary.
+    remote: &'static str,
 }
 
 /// What a signal or an error must clean up: our socket, and the VMM once it connected.
@@ -176,6 +185,14 @@ fn open_memory(args: &Args) -> Result<Memory> {
         return Ok(Memory {
             source: Arc::new(source),
             file: Some(path.clone()),
+            remote: "",
+        });
+    }
+    if let Some(url) = &args.image {
+        return Ok(Memory {
+            source: crate::image::fc_source(Some(url), &args.image_source)?,
+            file: None,
+            remote: "the object store",
         });
     }
     let (Some(addr), Some(key)) = (&args.source, &args.key_file) else {
@@ -190,6 +207,7 @@ fn open_memory(args: &Args) -> Result<Memory> {
     Ok(Memory {
         source: Arc::new(source),
         file: None,
+        remote: "the page server",
     })
 }
 
@@ -424,16 +442,18 @@ fn summary(
         }
     } else {
         lines.push(format!(
-            "  from the page server: {} pages ({}), requested on fault or streamed; {faults} faults",
+            "  from {}: {} pages ({}), requested on fault or streamed; {faults} faults",
+            memory.remote,
             stats.placed_arrival,
             of(stats.placed_arrival)
         ));
     }
     if faults != stats.placed_fault {
+        let remote_answer = format!("by {} (a request, or the stream)", memory.remote);
         let answered = if memory.file.is_some() {
             "with a zero page"
         } else {
-            "by the page server (a request, or the stream)"
+            remote_answer.as_str()
         };
         lines.push(format!(
             "  (faults are touches the kernel reported, not pages: a fault may be answered \

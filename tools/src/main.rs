@@ -6,6 +6,7 @@ mod demo;
 mod exit;
 mod fc_client;
 mod fc_handler;
+mod image;
 mod logging;
 mod migrate;
 mod netbench;
@@ -60,6 +61,9 @@ enum Command {
     /// External page-fault handler for Firecracker snapshot restore (a drop-in for
     /// Firecracker's example handlers: `uffdkit fc-handler SOCKET MEMFILE`).
     FcHandler(fc_handler::Args),
+    /// Chunked images in an object store: push, pull, inspect.
+    #[command(subcommand)]
+    Image(image::Args),
     /// Play Firecracker's side of the UFFD handshake against a handler, and verify.
     FcClient(fc_client::ClientArgs),
 }
@@ -86,5 +90,6 @@ fn run(command: Command) -> Result<()> {
         Command::Serve(args) => serve::run(&args),
         Command::FcHandler(args) => fc_handler::run(&args),
         Command::FcClient(args) => fc_client::run(&args),
+        Command::Image(args) => image::run(&args),
     }
 }

@@ -1,6 +1,9 @@
-//! `uffdkit restore`: run a workload over memory restored lazily from an image file, and
-//! the same workload over the two alternatives measured the same way: eager (read the
-//! whole file, then run) and `mmap(MAP_PRIVATE)` of the file (the kernel's lazy loading).
+//! `uffdkit restore`: run a workload over memory restored lazily from an image — a local
+//! file, or a chunked image in an object store (`--image s3://…`) — and the same workload
+//! over the alternatives measured the same way: eager (read the whole file, or download
+//! the whole image, then run) and `mmap(MAP_PRIVATE)` of the file (the kernel's lazy
+//! loading). `--writes F` makes that share of touches writes, so every strategy pays what
+//! a guest pays: `mmap` its copy-on-write, the others nothing more.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -14,7 +17,8 @@ use serde_json::json;
 use uffd_core::{Features, Mapping, MemoryKind, Uffd};
 
 use crate::cli_args::{Mode, PrefetchArgs};
-use crate::workload::{order, Pattern};
+use crate::image::{is_url, SourceArgs};
+use crate::workload::{clustered, order, summarize, Pattern};
 
 /// How the image file is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -25,6 +29,9 @@ pub enum SourceKind {
     Mmap,
     /// pread(2), with the file's holes known as zero.
     Sparse,
+    /// The chunked read path: large reads (`--chunk-kib`), many in flight, placed a chunk
+    /// at a time; holes known as zero.
+    Chunked,
 }
 
 /// What to compare.
@@ -32,7 +39,8 @@ pub enum SourceKind {
 pub enum Strategy {
     /// The pager (lazy, with the chosen prefetch).
     Pager,
-    /// Read the whole file into anonymous memory, then run.
+    /// Read the whole file into anonymous memory (for a URL: download the whole image
+    /// first), then run.
     Eager,
     /// mmap(MAP_PRIVATE) the file and run.
     Mmap,
@@ -43,9 +51,13 @@ pub enum Strategy {
 /// Options of `uffdkit restore`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The memory image.
+    /// The memory image: a raw file, or a chunked image's URL (s3://…, file:///…).
     #[arg(long)]
-    image: PathBuf,
+    image: String,
+    /// For a URL image: the raw file it was pushed from, to verify touched pages against
+    /// (chunks are verified by digest regardless).
+    #[arg(long)]
+    reference: Option<PathBuf>,
     /// Delivery mode (SIGBUS is fastest for in-process memory, see `uffdkit bench`).
     #[arg(long, value_enum, default_value_t = Mode::Sigbus)]
     mode: Mode,
@@ -54,6 +66,14 @@ pub struct Args {
     source: SourceKind,
     #[command(flatten)]
     prefetch: PrefetchArgs,
+    /// Chunk size of `--source chunked`, in KiB.
+    #[arg(long, default_value_t = chunked::DEFAULT_CHUNK_SIZE / 1024)]
+    chunk_kib: u32,
+    #[command(flatten)]
+    chunked: SourceArgs,
+    /// Share of touches that are writes (0..=1).
+    #[arg(long, default_value_t = 0.0)]
+    writes: f64,
     /// Fraction of pages the workload touches.
     #[arg(long, default_value_t = 1.0)]
     touch: f64,
@@ -82,8 +102,11 @@ fn touched(args: &Args, pages: usize) -> Result<Vec<usize>> {
     if !(0.0..=1.0).contains(&args.touch) {
         bail!("--touch must be within 0..=1");
     }
-    let all = order(args.pattern, pages, 0xC0FFEE);
     let n = ((pages as f64) * args.touch).round() as usize;
+    if args.pattern == Pattern::Clustered {
+        return Ok(clustered(pages, n, 0xC0FFEE));
+    }
+    let all = order(args.pattern, pages, 0xC0FFEE);
     Ok(match args.pattern {
         // A random fraction: the first n of a random permutation.
         Pattern::Random => all[..n].to_vec(),
@@ -95,19 +118,39 @@ fn touched(args: &Args, pages: usize) -> Result<Vec<usize>> {
     })
 }
 
-/// Reads one byte of each touched page; returns the elapsed time.
-fn run_workload(base: usize, pages: &[usize]) -> u64 {
-    let mut sum = 0u64;
-    for &p in pages {
-        // SAFETY: callers map every page of the image at `base`.
-        sum = sum.wrapping_add(u64::from(unsafe {
-            std::ptr::read_volatile((base + p * PS) as *const u8)
-        }));
-    }
-    sum
+/// Whether the touch of `page` is a write, for a write share `share` (deterministic).
+fn is_write(page: usize, share: f64) -> bool {
+    let h = (page as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
+    (h as f64) < share * (1u64 << 24) as f64
 }
 
-fn verify(base: usize, file: &std::fs::File, pages: &[usize], len: u64) -> Result<()> {
+/// What a write touch stores in byte 0 of its page.
+fn written_byte(page: usize) -> u8 {
+    (page as u8) ^ 0xA5
+}
+
+/// The workload: touches each page once (a read of byte 0, or for a write share of them
+/// a store to it), timing every touch. Returns the touch latencies in nanoseconds.
+fn run_workload(base: usize, pages: &[usize], writes: f64) -> Vec<u32> {
+    let mut lat = Vec::with_capacity(pages.len());
+    let mut sum = 0u64;
+    for &p in pages {
+        let addr = (base + p * PS) as *mut u8;
+        let t = Instant::now();
+        if is_write(p, writes) {
+            // SAFETY: callers map every page of the image at `base`, writable.
+            unsafe { std::ptr::write_volatile(addr, written_byte(p)) };
+        } else {
+            // SAFETY: as above.
+            sum = sum.wrapping_add(u64::from(unsafe { std::ptr::read_volatile(addr) }));
+        }
+        lat.push(t.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+    }
+    std::hint::black_box(sum);
+    lat
+}
+
+fn verify(base: usize, file: &std::fs::File, pages: &[usize], len: u64, writes: f64) -> Result<()> {
     let mut want = vec![0u8; PS];
     for &p in pages {
         let off = (p * PS) as u64;
@@ -115,6 +158,9 @@ fn verify(base: usize, file: &std::fs::File, pages: &[usize], len: u64) -> Resul
         want.fill(0);
         file.read_exact_at(&mut want[..n], off)
             .context("read image for verification")?;
+        if is_write(p, writes) {
+            want[0] = written_byte(p);
+        }
         // SAFETY: the page is mapped (the workload touched it).
         let got = unsafe { std::slice::from_raw_parts((base + p * PS) as *const u8, PS) };
         if got != want.as_slice() {
@@ -130,20 +176,84 @@ struct Outcome {
     detail: serde_json::Value,
 }
 
-fn run_pager(args: &Args, len: u64, pages: &[usize], file: &std::fs::File) -> Result<Outcome> {
-    let source: Arc<dyn Source> = match args.source {
-        SourceKind::Pread => Arc::new(FileSource::pread(&args.image)?),
-        SourceKind::Mmap => Arc::new(FileSource::mmap(&args.image)?),
-        SourceKind::Sparse => Arc::new(FileSource::sparse(&args.image)?),
-    };
+/// The common report of a timed workload.
+fn workload_detail(lat: Vec<u32>, wall: Duration) -> serde_json::Value {
+    let first_us = lat.first().map(|&ns| f64::from(ns) / 1e3);
+    let s = summarize(lat, wall);
+    json!({
+        "workload_s": wall.as_secs_f64(),
+        "touch_p50_us": s.p50_us, "touch_p99_us": s.p99_us, "touch_max_us": s.max_us,
+        "first_touch_us": first_us,
+    })
+}
+
+/// Where the image is.
+enum Image {
+    File(std::fs::File, PathBuf),
+    Url(String),
+}
+
+fn file_source(args: &Args, path: &std::path::Path) -> Result<Arc<dyn Source>> {
+    Ok(match args.source {
+        SourceKind::Pread => Arc::new(FileSource::pread(path)?),
+        SourceKind::Mmap => Arc::new(FileSource::mmap(path)?),
+        SourceKind::Sparse => Arc::new(FileSource::sparse(path)?),
+        SourceKind::Chunked => Arc::new(chunked::file_source(
+            path,
+            PS as u32,
+            args.chunk_kib * 1024,
+            args.chunked.options(background(args, path_pages(path)?)?),
+        )?),
+    })
+}
+
+fn path_pages(path: &std::path::Path) -> Result<usize> {
+    Ok((std::fs::metadata(path)?.len() as usize).div_ceil(PS))
+}
+
+/// The chunked sources' own prefetch plan, from `--prefetch` / `--replay`.
+fn background(args: &Args, pages: usize) -> Result<chunked::Background> {
+    Ok(match args.prefetch.plan(pages)? {
+        pager::Prefetch::None => chunked::Background::None,
+        pager::Prefetch::Replay(pages) => {
+            chunked::Background::Replay(pages.iter().map(|&p| p * PS as u64).collect())
+        }
+        _ => chunked::Background::Sequential,
+    })
+}
+
+fn run_pager(
+    args: &Args,
+    image: &Image,
+    len: u64,
+    pages: &[usize],
+    reference: Option<&std::fs::File>,
+) -> Result<Outcome> {
     let map_len = (len as usize).next_multiple_of(PS);
+    let chunked_source = match image {
+        Image::Url(url) => Some(crate::image::open_source(
+            url,
+            &args.chunked,
+            background(args, map_len / PS)?,
+        )?),
+        Image::File(..) => None,
+    };
+    let is_chunked = chunked_source.is_some() || args.source == SourceKind::Chunked;
     let memory = Mapping::new(MemoryKind::Anon, map_len)?;
     let extra = if args.mode == Mode::Sigbus {
         Features::SIGBUS
     } else {
         Features::empty()
     };
+    if is_chunked && args.mode == Mode::Sigbus {
+        bail!("a chunked source answers faults later: use --mode thread, poll or percpu");
+    }
     let start = Instant::now();
+    let source: Arc<dyn Source> = match (&chunked_source, image) {
+        (Some(c), _) => c.clone(),
+        (None, Image::File(_, path)) => file_source(args, path)?,
+        (None, Image::Url(_)) => unreachable!("a URL image has a chunked source"),
+    };
     let uffd = Uffd::builder()
         .non_blocking(true)
         .require(Features::EVENT_REMOVE | extra)
@@ -161,41 +271,70 @@ fn run_pager(args: &Args, len: u64, pages: &[usize], file: &std::fs::File) -> Re
             0,
         ))
         .mode(DeliveryMode::from(args.mode));
-    let pager = args.prefetch.apply(builder, map_len / PS)?.start()?;
+    let builder = args.prefetch.apply(builder, map_len / PS)?;
+    // A chunked source prefetches itself (it knows which chunks are on their way).
+    let builder = if is_chunked {
+        builder.prefetch(pager::Prefetch::None)
+    } else {
+        builder
+    };
+    let pager = builder.start()?;
     let t = Instant::now();
     let restored = || {
         let s = pager.stats();
-        let placed = s.placed_fault + s.placed_prefetch + s.placed_zero;
+        let placed = s.placed();
         crate::progress::Status {
             phase: String::new(),
             fraction: Some((placed, (map_len / PS) as u64)),
             text: format!("{placed} pages in, {} faults", s.faults()),
         }
     };
-    crate::progress::track(module_path!(), "restore", restored, || {
-        run_workload(memory.addr(), pages)
+    let lat = crate::progress::track(module_path!(), "restore", restored, || {
+        run_workload(memory.addr(), pages, args.writes)
     });
     let workload = t.elapsed();
     let total = start.elapsed();
     let stats = pager.stop()?;
-    if !args.no_verify {
-        verify(memory.addr(), file, pages, len)?;
+    if let (false, Some(file)) = (args.no_verify, reference) {
+        verify(memory.addr(), file, pages, len, args.writes)?;
+    }
+    let mut detail = workload_detail(lat, workload);
+    let extra = json!({
+        "faults": stats.faults(),
+        "placed_fault": stats.placed_fault,
+        "placed_prefetch": stats.placed_prefetch,
+        "placed_arrival": stats.placed_arrival,
+        "placed_zero": stats.placed_zero,
+        "fault_p50_us": stats.latency.quantile(0.5).map(|d| d.as_micros()),
+        "fault_p99_us": stats.latency.quantile(0.99).map(|d| d.as_micros()),
+        "histogram": stats.latency.lines(),
+        "blocktime_s": stats.blocktime.as_secs_f64(),
+    });
+    merge(&mut detail, extra);
+    if let Some(c) = &chunked_source {
+        let s = c.stats();
+        merge(
+            &mut detail,
+            json!({
+                "bytes_fetched": s.fetch.bytes_fetched, "chunks_fetched": s.fetch.chunks_fetched,
+                "reads": s.fetch.reads, "cache_hits": s.fetch.cache_hits, "peer_waits": s.fetch.peer_waits,
+                "retries": s.fetch.retries, "chunks_faulted": s.chunks_faulted,
+                "chunks_background": s.chunks_background,
+                "first_fault_to_place_us": s.first_fault_to_place.map(|d| d.as_micros()),
+            }),
+        );
     }
     Ok(Outcome {
         strategy: "pager",
         total,
-        detail: json!({
-            "workload_s": workload.as_secs_f64(),
-            "faults": stats.faults(),
-            "placed_fault": stats.placed_fault,
-            "placed_prefetch": stats.placed_prefetch,
-            "placed_zero": stats.placed_zero,
-            "p50_us": stats.latency.quantile(0.5).map(|d| d.as_micros()),
-            "p99_us": stats.latency.quantile(0.99).map(|d| d.as_micros()),
-            "blocktime_s": stats.blocktime.as_secs_f64(),
-            "histogram": stats.latency.lines(),
-        }),
+        detail,
     })
+}
+
+fn merge(into: &mut serde_json::Value, from: serde_json::Value) {
+    if let (Some(a), serde_json::Value::Object(b)) = (into.as_object_mut(), from) {
+        a.extend(b);
+    }
 }
 
 /// A source of whole pages over an image whose last page may be partial.
@@ -218,38 +357,81 @@ impl Source for Padded {
     fn zero_ranges(&self) -> Vec<std::ops::Range<u64>> {
         self.inner.zero_ranges()
     }
+    fn attach(&self, placer: pager::Placer) {
+        self.inner.attach(placer)
+    }
     fn is_signal_safe(&self) -> bool {
         self.inner.is_signal_safe()
     }
 }
 
-fn run_eager(args: &Args, len: u64, pages: &[usize], file: &std::fs::File) -> Result<Outcome> {
+fn run_eager(
+    args: &Args,
+    image: &Image,
+    len: u64,
+    pages: &[usize],
+    reference: Option<&std::fs::File>,
+) -> Result<Outcome> {
     let start = Instant::now();
+    let downloaded = match image {
+        Image::Url(url) => {
+            // Download the whole image first (every chunk, verified), as a restore that
+            // does not page lazily must.
+            let dir = std::env::temp_dir().join(format!("uffdkit-download-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let path = dir.join("image");
+            let img = chunked::Image::open(url, &chunked::StoreOptions::default())?;
+            img.pull(
+                &path,
+                args.chunked.cache.open()?,
+                chunked::RetryPolicy::default(),
+                16,
+            )?;
+            Some((dir, std::fs::File::open(&path)?))
+        }
+        Image::File(..) => None,
+    };
+    let file = match (&downloaded, image) {
+        (Some((_, f)), _) => f,
+        (None, Image::File(f, _)) => f,
+        (None, Image::Url(_)) => unreachable!("downloaded above"),
+    };
     let memory = Mapping::new(MemoryKind::Anon, (len as usize).next_multiple_of(PS))?;
     // SAFETY: our fresh mapping of at least `len` bytes.
     let dst = unsafe { std::slice::from_raw_parts_mut(memory.as_ptr(), len as usize) };
     file.read_exact_at(dst, 0).context("read the image")?;
     let loaded = start.elapsed();
-    run_workload(memory.addr(), pages);
-    let total = start.elapsed();
-    if !args.no_verify {
-        verify(memory.addr(), file, pages, len)?;
+    if let Some((dir, _)) = &downloaded {
+        let _ = std::fs::remove_dir_all(dir);
     }
+    let t = Instant::now();
+    let lat = run_workload(memory.addr(), pages, args.writes);
+    let workload = t.elapsed();
+    let total = start.elapsed();
+    if let (false, Some(file)) = (args.no_verify, reference) {
+        verify(memory.addr(), file, pages, len, args.writes)?;
+    }
+    let mut detail = workload_detail(lat, workload);
+    merge(&mut detail, json!({ "load_s": loaded.as_secs_f64() }));
     Ok(Outcome {
-        strategy: "eager",
+        strategy: if downloaded.is_some() {
+            "download"
+        } else {
+            "eager"
+        },
         total,
-        detail: json!({ "load_s": loaded.as_secs_f64() }),
+        detail,
     })
 }
 
 fn run_mmap(args: &Args, len: u64, pages: &[usize], file: &std::fs::File) -> Result<Outcome> {
     let start = Instant::now();
-    // SAFETY: a fresh private read-only mapping of the open file.
+    // SAFETY: a fresh private mapping of the open file; writes are copied on write.
     let addr = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
             len as usize,
-            libc::PROT_READ,
+            libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE,
             file.as_raw_fd(),
             0,
@@ -258,12 +440,14 @@ fn run_mmap(args: &Args, len: u64, pages: &[usize], file: &std::fs::File) -> Res
     if addr == libc::MAP_FAILED {
         bail!("mmap: {}", std::io::Error::last_os_error());
     }
-    run_workload(addr as usize, pages);
+    let t = Instant::now();
+    let lat = run_workload(addr as usize, pages, args.writes);
+    let workload = t.elapsed();
     let total = start.elapsed();
     let checked = if args.no_verify {
         Ok(())
     } else {
-        verify(addr as usize, file, pages, len)
+        verify(addr as usize, file, pages, len, args.writes)
     };
     // SAFETY: our mapping, no longer used.
     unsafe { libc::munmap(addr, len as usize) };
@@ -271,18 +455,39 @@ fn run_mmap(args: &Args, len: u64, pages: &[usize], file: &std::fs::File) -> Res
     Ok(Outcome {
         strategy: "mmap",
         total,
-        detail: json!({}),
+        detail: workload_detail(lat, workload),
     })
 }
 
 /// Runs `uffdkit restore`.
 pub fn run(args: &Args) -> Result<()> {
-    let file = std::fs::File::open(&args.image)
-        .with_context(|| format!("open {}", args.image.display()))?;
-    let len = file.metadata()?.len();
-    if len == 0 {
-        bail!("{} is empty", args.image.display());
+    if !(0.0..=1.0).contains(&args.writes) {
+        bail!("--writes must be within 0..=1");
     }
+    let (image, len) = if is_url(&args.image) {
+        let img = chunked::Image::open(&args.image, &chunked::StoreOptions::default())
+            .with_context(|| format!("open image {}", args.image))?;
+        (
+            Image::Url(args.image.clone()),
+            img.manifest().geometry().len,
+        )
+    } else {
+        let path = PathBuf::from(&args.image);
+        let file =
+            std::fs::File::open(&path).with_context(|| format!("open {}", path.display()))?;
+        let len = file.metadata()?.len();
+        (Image::File(file, path), len)
+    };
+    if len == 0 {
+        bail!("{} is empty", args.image);
+    }
+    let reference = match (&image, &args.reference) {
+        (Image::File(f, _), _) => Some(f.try_clone()?),
+        (Image::Url(_), Some(path)) => {
+            Some(std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?)
+        }
+        (Image::Url(_), None) => None,
+    };
     let pages = (len as usize).div_ceil(PS);
     let touched = touched(args, pages)?;
     let mut outcomes = Vec::new();
@@ -298,16 +503,19 @@ pub fn run(args: &Args) -> Result<()> {
     };
     if all || args.strategy == Strategy::Pager {
         cold()?;
-        outcomes.push(run_pager(args, len, &touched, &file)?);
+        outcomes.push(run_pager(args, &image, len, &touched, reference.as_ref())?);
     }
     if all || args.strategy == Strategy::Eager {
         cold()?;
-        outcomes.push(run_eager(args, len, &touched, &file)?);
+        outcomes.push(run_eager(args, &image, len, &touched, reference.as_ref())?);
     }
-    if all || args.strategy == Strategy::Mmap {
+    if let (true, Image::File(file, _)) = (all || args.strategy == Strategy::Mmap, &image) {
         cold()?;
-        outcomes.push(run_mmap(args, len, &touched, &file)?);
+        outcomes.push(run_mmap(args, len, &touched, file)?);
+    } else if args.strategy == Strategy::Mmap {
+        bail!("--strategy mmap needs a local image file");
     }
+    let verified = !args.no_verify && reference.is_some();
     if args.json {
         let out: Vec<_> = outcomes
             .iter()
@@ -316,29 +524,30 @@ pub fn run(args: &Args) -> Result<()> {
         println!(
             "{}",
             serde_json::to_string_pretty(&json!({
-                "image_bytes": len, "touched_pages": touched.len(), "pages": pages,
-                "pattern": args.pattern, "verified": !args.no_verify, "cold_cache": args.drop_caches,
-            "results": out,
+                "image": args.image, "image_bytes": len, "touched_pages": touched.len(), "pages": pages,
+                "pattern": args.pattern, "writes": args.writes, "verified": verified,
+                "cold_cache": args.drop_caches, "results": out,
             }))?
         );
         return Ok(());
     }
     println!(
-        "uffdkit restore: {} ({} MiB), workload touches {} of {} pages ({:?}){}",
-        args.image.display(),
+        "uffdkit restore: {} ({} MiB), workload touches {} of {} pages ({:?}, {:.0} % writes){}",
+        args.image,
         len >> 20,
         touched.len(),
         pages,
         args.pattern,
-        if args.no_verify {
-            ""
-        } else {
+        args.writes * 100.0,
+        if verified {
             ", every touched page verified"
+        } else {
+            ""
         }
     );
     for o in &outcomes {
         println!(
-            "  {:<6} {:>9.1} ms   {}",
+            "  {:<8} {:>9.1} ms   {}",
             o.strategy,
             o.total.as_secs_f64() * 1e3,
             o.detail

@@ -37,6 +37,9 @@ pub enum Pattern {
     Strided,
     /// All threads walk the same pages (racing on them).
     Shared,
+    /// Runs of 1–4 MiB of contiguous pages at random places, in random order (a working
+    /// set as a guest's memory has it: clustered, not spread page by page).
+    Clustered,
 }
 
 /// The page order for one thread: `count` pages of its own slice (or the shared one).
@@ -50,6 +53,7 @@ pub fn order(pattern: Pattern, count: usize, seed: u64) -> Vec<usize> {
                 .collect()
         }
         Pattern::Random => (0..count).collect(),
+        Pattern::Clustered => return clustered(count, count, seed),
     };
     if pattern == Pattern::Random {
         let mut x = seed | 1;
@@ -61,6 +65,35 @@ pub fn order(pattern: Pattern, count: usize, seed: u64) -> Vec<usize> {
         }
     }
     pages
+}
+
+/// `want` distinct pages of `pages`, as clusters of 256–1024 contiguous 4 KiB pages
+/// (1–4 MiB) starting at random pages, each walked in order, the clusters in random order.
+pub fn clustered(pages: usize, want: usize, seed: u64) -> Vec<usize> {
+    let mut x = seed | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let want = want.min(pages);
+    let mut taken = vec![false; pages];
+    let mut out = Vec::with_capacity(want);
+    while out.len() < want {
+        let len = (256 + next() % 769) as usize;
+        let start = (next() % pages as u64) as usize;
+        let end = (start + len).min(pages);
+        for (p, seen) in taken[start..end].iter_mut().enumerate() {
+            if out.len() == want {
+                break;
+            }
+            if !std::mem::replace(seen, true) {
+                out.push(start + p);
+            }
+        }
+    }
+    out
 }
 
 /// Reads one byte of each page of `order` under `base` and records each access's

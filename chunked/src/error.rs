@@ -1,0 +1,135 @@
+//! Errors of chunked images.
+
+use crate::hash::Digest;
+use crate::manifest::ManifestError;
+
+/// Errors of chunked images: opening, pushing, pulling and serving them.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A URL that does not parse or names no supported store.
+    #[error("image URL {url:?}: {reason}")]
+    Url {
+        /// The URL.
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The object store refused or failed an operation.
+    #[error("{what} {path}: {source}")]
+    Store {
+        /// What was being done.
+        what: &'static str,
+        /// The object.
+        path: String,
+        /// The store's error.
+        #[source]
+        source: object_store::Error,
+    },
+    /// A manifest that is not one.
+    #[error("manifest {name}: {source}")]
+    Manifest {
+        /// Where it came from.
+        name: String,
+        /// Why it was refused.
+        #[source]
+        source: ManifestError,
+    },
+    /// Local I/O (image files, the cache).
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A chunk whose bytes do not hash to its name.
+    #[error("chunk {chunk} failed verification: expected {expected}, read {actual}")]
+    Corrupt {
+        /// Chunk index in the image.
+        chunk: usize,
+        /// Its name in the manifest.
+        expected: Digest,
+        /// The digest of what was read.
+        actual: Digest,
+    },
+    /// A read came back with the wrong length.
+    #[error("chunk {chunk}: read {got} bytes, expected {want}")]
+    ShortRead {
+        /// Chunk index.
+        chunk: usize,
+        /// Bytes expected.
+        want: u64,
+        /// Bytes read.
+        got: u64,
+    },
+    /// A fetch failed on every attempt its retry policy allowed.
+    #[error("chunk {chunk}: gave up after {attempts} attempts over {elapsed_ms} ms")]
+    GaveUp {
+        /// The first chunk of the failed read.
+        chunk: usize,
+        /// Attempts made.
+        attempts: u32,
+        /// Time spent.
+        elapsed_ms: u64,
+        /// The last attempt's error.
+        #[source]
+        last: Box<Error>,
+    },
+    /// An image whose shape the caller cannot use.
+    #[error("image geometry: {0}")]
+    Geometry(String),
+    /// The image is a layer; serving layers needs their chain resolved first.
+    #[error("image {0} is a layer (has a parent); layered restore is not supported here")]
+    Layer(String),
+}
+
+impl Error {
+    /// Wraps an I/O error.
+    pub(crate) fn io(
+        what: &'static str,
+        path: impl std::fmt::Display,
+    ) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.to_string();
+        move |source| Error::Io { what, path, source }
+    }
+
+    /// Wraps an object store error.
+    pub(crate) fn store(
+        what: &'static str,
+        path: impl std::fmt::Display,
+    ) -> impl FnOnce(object_store::Error) -> Error {
+        let path = path.to_string();
+        move |source| Error::Store { what, path, source }
+    }
+
+    /// Whether trying again may help (a transport failure rather than bad data or a
+    /// missing object).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Store { source, .. } => !matches!(
+                source,
+                object_store::Error::NotFound { .. }
+                    | object_store::Error::InvalidPath { .. }
+                    | object_store::Error::NotSupported { .. }
+                    | object_store::Error::NotImplemented { .. }
+                    | object_store::Error::PermissionDenied { .. }
+                    | object_store::Error::Unauthenticated { .. }
+            ),
+            Error::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::Interrupted
+                    | std::io::ErrorKind::TimedOut
+                    | std::io::ErrorKind::WouldBlock
+            ),
+            Error::ShortRead { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

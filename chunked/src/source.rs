@@ -1,0 +1,534 @@
+//! [`ChunkedSource`]: a [`pager::Source`] that serves an image a chunk at a time.
+//!
+//! A fault asks for a page; [`Source::fetch`] marks the page's chunk wanted and answers
+//! [`Fetched::Pending`] at once (or [`Fetched::Zero`] for a zero chunk) — the fault loop
+//! never waits on storage. A dispatcher on the source's own runtime turns wanted chunks
+//! into ranged reads: urgent ones (asked for by a fault) first, adjacent wanted chunks
+//! coalesced into one read, up to `max_in_flight` chunks at once; then, with the
+//! remaining capacity, the background plan (a replayed working set, then every chunk in
+//! order from the last fault). A chunk is fetched once however many faults hit it. When it
+//! arrives and verifies, the faulted pages are placed first and woken, the rest of the
+//! chunk right after with one placement.
+//!
+//! Use it with the pager's own prefetch off ([`pager::Prefetch::None`]): the source
+//! prefetches itself, because it knows which chunks are already on their way and keeps
+//! every page it has not placed `Missing`, so a fault on a chunk still queued in the
+//! background reaches the source and is served first.
+
+use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use pager::{Fetched, Placed, Placer, Source, SourceError};
+
+use crate::cache::ChunkCache;
+use crate::error::{Error, Result};
+use crate::fetch::{FetchStats, Fetcher, RetryPolicy, Sink};
+use crate::layout::{Layout, Slot};
+use crate::manifest::Geometry;
+
+/// What the source fetches when no fault asks for anything.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Background {
+    /// Nothing: chunks arrive only when faulted.
+    None,
+    /// Every chunk, in order from just after the last fault.
+    #[default]
+    Sequential,
+    /// These image offsets first (a recorded working set, in fault order), then sequential.
+    Replay(Vec<u64>),
+}
+
+/// Tuning of a [`ChunkedSource`].
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    /// Chunks being fetched at once, at most (their bytes are the memory in flight).
+    pub max_in_flight: usize,
+    /// Chunks kept free of background fetches for faults.
+    pub reserved_for_faults: usize,
+    /// Chunks the background plan fetches at once, at most: enough to keep a store busy,
+    /// few enough that a fault's read and placement do not queue behind a flood of them
+    /// for the CPUs.
+    pub max_background: usize,
+    /// Most bytes one ranged read covers when coalescing adjacent chunks.
+    pub max_read: u64,
+    /// The background plan.
+    pub background: Background,
+    /// Hold the background plan back until the first fault (a VMM touches memory first).
+    pub background_after_first_fault: bool,
+    /// Retries.
+    pub retry: RetryPolicy,
+    /// Threads of the source's runtime.
+    pub threads: usize,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 64,
+            reserved_for_faults: 16,
+            max_background: 16,
+            max_read: 4 << 20,
+            background: Background::Sequential,
+            background_after_first_fault: false,
+            retry: RetryPolicy::default(),
+            threads: 2,
+        }
+    }
+}
+
+/// Counters of a [`ChunkedSource`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SourceStats {
+    /// Fetching.
+    pub fetch: FetchStats,
+    /// Chunks placed.
+    pub chunks_placed: u64,
+    /// Chunks asked for by faults (each counted once while wanted).
+    pub chunks_faulted: u64,
+    /// Chunks fetched by the background plan.
+    pub chunks_background: u64,
+    /// Time from the source's first fault to its first placement, if any.
+    pub first_fault_to_place: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Idle,
+    /// Wanted by a fault, waiting for a fetch slot.
+    Queued,
+    InFlight,
+    Done,
+    Zero,
+}
+
+struct Table {
+    state: Vec<State>,
+    /// Chunks faults asked for, in order (entries no longer Queued are skipped).
+    urgent: VecDeque<usize>,
+    /// Faulted page offsets per chunk in flight or queued: placed before the rest.
+    waiting: HashMap<usize, Vec<u64>>,
+    /// Zero pages to place for requests that straddled a zero and a data chunk.
+    zero_pages: Vec<Range<u64>>,
+    replay: VecDeque<usize>,
+    in_flight: usize,
+    /// Of which fetched by the background plan.
+    background_in_flight: usize,
+    /// Where the sequential background plan looks next.
+    scan: usize,
+    started_background: bool,
+}
+
+struct Shared {
+    fetcher: Fetcher,
+    table: Mutex<Table>,
+    wake: tokio::sync::Notify,
+    placer: OnceLock<Placer>,
+    options: SourceOptions,
+    stopped: AtomicBool,
+    /// Chunk after the last fault: where the sequential plan resumes.
+    cursor: AtomicUsize,
+    placed: AtomicU64,
+    faulted: AtomicU64,
+    background: AtomicU64,
+    first_fault: OnceLock<Instant>,
+    first_place: OnceLock<Instant>,
+}
+
+/// A chunked image served lazily to a pager (see the module docs).
+pub struct ChunkedSource {
+    shared: Arc<Shared>,
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    len: u64,
+}
+
+impl std::fmt::Debug for ChunkedSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkedSource")
+            .field("geometry", &self.geometry())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChunkedSource {
+    pub(crate) fn new(
+        layout: Layout,
+        cache: Option<Arc<ChunkCache>>,
+        options: SourceOptions,
+    ) -> Result<Self> {
+        let g = layout.geometry;
+        let chunks = layout.slots.len();
+        let state = layout
+            .slots
+            .iter()
+            .map(|s| match s {
+                Slot::Zero => State::Zero,
+                Slot::Data { .. } => State::Idle,
+            })
+            .collect();
+        let replay = match &options.background {
+            Background::Replay(offsets) => {
+                let mut seen = vec![false; chunks];
+                offsets
+                    .iter()
+                    .map(|&o| g.chunk_of(o))
+                    .filter(|&c| c < chunks && !std::mem::replace(&mut seen[c], true))
+                    .collect()
+            }
+            _ => VecDeque::new(),
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(options.threads.max(1))
+            .thread_name("chunked-fetch")
+            .enable_all()
+            .build()
+            .map_err(Error::io("start the fetch runtime", "tokio"))?;
+        let fetcher = Fetcher::new(layout, cache, options.retry, options.max_read);
+        let len = g.len.next_multiple_of(u64::from(g.page_size));
+        let shared = Arc::new(Shared {
+            fetcher,
+            table: Mutex::new(Table {
+                state,
+                urgent: VecDeque::new(),
+                waiting: HashMap::new(),
+                zero_pages: Vec::new(),
+                replay,
+                in_flight: 0,
+                background_in_flight: 0,
+                scan: 0,
+                started_background: !options.background_after_first_fault,
+            }),
+            wake: tokio::sync::Notify::new(),
+            placer: OnceLock::new(),
+            options,
+            stopped: AtomicBool::new(false),
+            cursor: AtomicUsize::new(0),
+            placed: AtomicU64::new(0),
+            faulted: AtomicU64::new(0),
+            background: AtomicU64::new(0),
+            first_fault: OnceLock::new(),
+            first_place: OnceLock::new(),
+        });
+        Ok(Self {
+            shared,
+            runtime: Mutex::new(Some(runtime)),
+            len,
+        })
+    }
+
+    /// Page size, chunk size, length of the image.
+    pub fn geometry(&self) -> Geometry {
+        self.shared.fetcher.layout.geometry
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> SourceStats {
+        let s = &self.shared;
+        SourceStats {
+            fetch: s.fetcher.stats(),
+            chunks_placed: s.placed.load(Ordering::Relaxed),
+            chunks_faulted: s.faulted.load(Ordering::Relaxed),
+            chunks_background: s.background.load(Ordering::Relaxed),
+            first_fault_to_place: match (s.first_fault.get(), s.first_place.get()) {
+                (Some(f), Some(p)) => Some(p.saturating_duration_since(*f)),
+                _ => None,
+            },
+        }
+    }
+
+    /// Whether every data chunk has been placed.
+    pub fn is_complete(&self) -> bool {
+        let t = self.shared.lock();
+        t.state
+            .iter()
+            .all(|s| matches!(s, State::Done | State::Zero))
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn geometry(&self) -> Geometry {
+        self.fetcher.layout.geometry
+    }
+
+    /// Picks the next reads: urgent chunks first (each with its queued neighbours), then
+    /// background runs while capacity is left.
+    fn next_reads(&self) -> Vec<(Vec<usize>, bool)> {
+        let o = &self.options;
+        let mut t = self.lock();
+        let mut reads = Vec::new();
+        let per_read = (o.max_read / u64::from(self.geometry().chunk_size)).max(1) as usize;
+        while t.in_flight < o.max_in_flight {
+            let Some(c) = t.urgent.pop_front() else { break };
+            if t.state[c] != State::Queued {
+                continue;
+            }
+            let run = self.claim_run(&mut t, c, per_read, State::Queued);
+            reads.push((run, false));
+        }
+        let limit = o.max_in_flight.saturating_sub(o.reserved_for_faults).max(1);
+        while t.started_background
+            && t.in_flight < limit
+            && t.background_in_flight < o.max_background
+            && o.background != Background::None
+        {
+            let Some(c) = self.next_background(&mut t) else {
+                break;
+            };
+            let run = self.claim_run(&mut t, c, per_read, State::Idle);
+            t.background_in_flight += run.len();
+            reads.push((run, true));
+        }
+        reads
+    }
+
+    /// Marks `c` and following chunks in state `like` (and storage-adjacent) in flight.
+    fn claim_run(&self, t: &mut Table, c: usize, per_read: usize, like: State) -> Vec<usize> {
+        let layout = &self.fetcher.layout;
+        let mut run = vec![c];
+        t.state[c] = State::InFlight;
+        while run.len() < per_read {
+            let next = c + run.len();
+            if next >= t.state.len() || t.state[next] != like || !layout.follows(next - 1, next) {
+                break;
+            }
+            t.state[next] = State::InFlight;
+            run.push(next);
+        }
+        t.in_flight += run.len();
+        run
+    }
+
+    fn next_background(&self, t: &mut Table) -> Option<usize> {
+        while let Some(c) = t.replay.pop_front() {
+            if t.state[c] == State::Idle {
+                return Some(c);
+            }
+        }
+        let n = t.state.len();
+        // Relaxed: a position hint; the table (under its lock) is the truth.
+        let cursor = self.cursor.load(Ordering::Relaxed);
+        if cursor != usize::MAX {
+            t.scan = cursor % n.max(1);
+            self.cursor.store(usize::MAX, Ordering::Relaxed);
+        }
+        for k in 0..n {
+            let c = (t.scan + k) % n;
+            if t.state[c] == State::Idle {
+                t.scan = c;
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// Places a verified chunk: its faulted pages first (each woken at once), then the
+    /// whole chunk with one placement (pages already placed are skipped).
+    fn place_chunk(&self, index: usize, data: &[u8]) {
+        let Some(placer) = self.placer.get() else {
+            return;
+        };
+        let g = self.geometry();
+        let ps = g.page_size as usize;
+        let start = g.chunk_range(index).start;
+        let padded;
+        let data = if data.len() % ps == 0 {
+            data
+        } else {
+            padded = pad(data, ps);
+            &padded[..]
+        };
+        let waiting = self.lock().waiting.remove(&index).unwrap_or_default();
+        for off in waiting {
+            let i = ((off - start) as usize) / ps;
+            if let Some(page) = data.get(i * ps..(i + 1) * ps) {
+                let _ = placer.place(off - off % ps as u64, Some(page));
+            }
+        }
+        match placer.place_run(start, data) {
+            Ok(Some(_)) => {}
+            // Part of the chunk lies outside every region (or a region ends inside it):
+            // place page by page, passing over what no region holds.
+            Ok(None) if !self.stopped.load(Ordering::Relaxed) => {
+                for (i, page) in data.chunks_exact(ps).enumerate() {
+                    if matches!(
+                        placer.place(start + (i * ps) as u64, Some(page)),
+                        Ok(Placed::Stopped)
+                    ) {
+                        break;
+                    }
+                }
+            }
+            Ok(None) => {}
+            // A region whose pages do not tile the chunk (2 MiB pages, smaller chunks):
+            // nothing of it can ever be placed, so stop rather than strand its faults.
+            Err(e) => {
+                self.stopped.store(true, Ordering::Relaxed);
+                placer.fail(SourceError {
+                    what: "place chunk",
+                    offset: start,
+                    source: std::io::Error::other(e),
+                });
+                return;
+            }
+        }
+        let _ = self.first_place.set(Instant::now());
+        self.placed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn place_zero_pages(&self) {
+        let pages = std::mem::take(&mut self.lock().zero_pages);
+        let (Some(placer), false) = (self.placer.get(), pages.is_empty()) else {
+            return;
+        };
+        let ps = u64::from(self.geometry().page_size);
+        for r in pages {
+            for off in (r.start..r.end).step_by(ps as usize) {
+                let _ = placer.place(off, None);
+            }
+        }
+    }
+
+    fn finish(&self, run: &[usize], ok: bool, background: bool) {
+        let mut t = self.lock();
+        if background {
+            t.background_in_flight -= run.len();
+        }
+        for &c in run {
+            if t.state[c] == State::InFlight {
+                t.state[c] = if ok { State::Done } else { State::Idle };
+            }
+        }
+        t.in_flight -= run.len();
+    }
+}
+
+fn pad(data: &[u8], ps: usize) -> Vec<u8> {
+    let mut v = data.to_vec();
+    v.resize(data.len().next_multiple_of(ps), 0);
+    v
+}
+
+impl Sink for Shared {
+    fn deliver(&self, index: usize, data: &[u8]) {
+        self.place_chunk(index, data);
+    }
+
+    fn fail(&self, index: usize, error: Error) {
+        log::error!("chunk {index}: {error}");
+        self.stopped.store(true, Ordering::Relaxed);
+        let offset = self.geometry().chunk_range(index).start;
+        if let Some(placer) = self.placer.get() {
+            placer.fail(SourceError {
+                what: "fetch chunk",
+                offset,
+                source: std::io::Error::other(error),
+            });
+        }
+    }
+}
+
+/// The dispatcher: runs until the source is dropped or fails.
+async fn dispatch(shared: Arc<Shared>) {
+    loop {
+        if shared.stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        // Registered before looking at the table, so a wake-up in between is not lost.
+        let woken = shared.wake.notified();
+        shared.place_zero_pages();
+        for (run, background) in shared.next_reads() {
+            let s = shared.clone();
+            let counter = if background {
+                &s.background
+            } else {
+                &s.faulted
+            };
+            counter.fetch_add(run.len() as u64, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let ok = s.fetcher.fetch(&run, &*s).await;
+                s.finish(&run, ok, background);
+                s.wake.notify_one();
+            });
+        }
+        woken.await;
+    }
+}
+
+impl Source for ChunkedSource {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn fetch<'a>(&'a self, offset: u64, scratch: &'a mut [u8]) -> Result<Fetched<'a>, SourceError> {
+        let s = &self.shared;
+        let g = s.geometry();
+        let end = (offset + scratch.len() as u64).min(g.len);
+        if offset >= end {
+            return Ok(Fetched::Zero); // the padding after the image
+        }
+        let _ = s.first_fault.set(Instant::now());
+        let (first, last) = (g.chunk_of(offset), g.chunk_of(end - 1));
+        let mut t = s.lock();
+        if (first..=last).all(|c| t.state[c] == State::Zero) {
+            return Ok(Fetched::Zero);
+        }
+        t.started_background = true;
+        for c in first..=last {
+            let r = g.chunk_range(c);
+            let wanted = offset.max(r.start);
+            match t.state[c] {
+                State::Zero => t.zero_pages.push(wanted..end.min(r.end)),
+                State::Idle | State::Done => {
+                    t.state[c] = State::Queued;
+                    t.urgent.push_back(c);
+                    t.waiting.entry(c).or_default().push(wanted);
+                }
+                State::Queued | State::InFlight => t.waiting.entry(c).or_default().push(wanted),
+            }
+        }
+        drop(t);
+        // Relaxed: a hint for the background plan.
+        s.cursor.store(last + 1, Ordering::Relaxed);
+        s.wake.notify_one();
+        Ok(Fetched::Pending)
+    }
+
+    fn zero_ranges(&self) -> Vec<Range<u64>> {
+        self.shared.fetcher.layout.zero_ranges()
+    }
+
+    fn attach(&self, placer: Placer) {
+        if self.shared.placer.set(placer).is_err() {
+            return; // attached once already
+        }
+        if let Some(rt) = self
+            .runtime
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            rt.spawn(dispatch(self.shared.clone()));
+        }
+    }
+}
+
+impl Drop for ChunkedSource {
+    fn drop(&mut self) {
+        self.shared.stopped.store(true, Ordering::Relaxed);
+        self.shared.wake.notify_one();
+        if let Some(rt) = self
+            .runtime
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            rt.shutdown_background();
+        }
+    }
+}

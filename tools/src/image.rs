@@ -1,0 +1,313 @@
+//! `uffdkit image push|pull|inspect`: chunked, content-addressed images in an object
+//! store, and the one hook the serving commands share to open one as a pager source
+//! ([`open_source`]).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use chunked::{
+    Background, Chunk, ChunkCache, ChunkedSource, Image, PushOptions, RetryPolicy, SourceOptions,
+    StoreOptions,
+};
+use serde_json::json;
+
+/// `uffdkit image` subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub enum Args {
+    /// Chunk a raw memory file, upload the chunks the store lacks, write the manifest,
+    /// and print the dedupe ratio.
+    Push(PushArgs),
+    /// Download an image into a raw file (zero chunks as holes), every chunk verified.
+    Pull(PullArgs),
+    /// Show an image's manifest.
+    Inspect(InspectArgs),
+}
+
+/// The host chunk cache, as command-line options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CacheArgs {
+    /// The host's shared chunk cache directory.
+    #[arg(long, default_value = "/var/tmp/uffdkit-chunks")]
+    pub cache: PathBuf,
+    /// Bound of the cache in MiB (least recently used chunks go first).
+    #[arg(long, default_value_t = 8192)]
+    pub cache_mib: u64,
+    /// Do not use a cache.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Empty the cache first (a cold restore on a fresh host).
+    #[arg(long)]
+    pub cold_cache: bool,
+}
+
+impl CacheArgs {
+    /// Opens the cache as asked (emptied first with `--cold-cache`).
+    pub fn open(&self) -> Result<Option<Arc<ChunkCache>>> {
+        if self.no_cache {
+            return Ok(None);
+        }
+        if self.cold_cache {
+            let chunks = self.cache.join("chunks");
+            if chunks.exists() {
+                std::fs::remove_dir_all(&chunks)
+                    .with_context(|| format!("empty the cache {}", chunks.display()))?;
+            }
+        }
+        let cache = ChunkCache::open(&self.cache, self.cache_mib << 20)
+            .with_context(|| format!("open the chunk cache {}", self.cache.display()))?;
+        Ok(Some(Arc::new(cache)))
+    }
+}
+
+/// Options of `uffdkit image push`.
+#[derive(clap::Args, Debug)]
+pub struct PushArgs {
+    /// The raw memory file.
+    file: PathBuf,
+    /// Where the image goes: s3://bucket/dir/NAME, gs://…, az://…, file:///dir/NAME.
+    url: String,
+    /// Chunk size in KiB (a multiple of the page size).
+    #[arg(long, default_value_t = chunked::DEFAULT_CHUNK_SIZE / 1024)]
+    chunk_kib: u32,
+    /// Page size of the memory the image is for.
+    #[arg(long, default_value_t = 4096)]
+    page_size: u32,
+    /// Do not deduplicate against the other images in the store root.
+    #[arg(long)]
+    no_dedupe: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Options of `uffdkit image pull`.
+#[derive(clap::Args, Debug)]
+pub struct PullArgs {
+    /// The image.
+    url: String,
+    /// The raw file to write.
+    file: PathBuf,
+    #[command(flatten)]
+    cache: CacheArgs,
+    /// Ranged reads in flight.
+    #[arg(long, default_value_t = 16)]
+    in_flight: usize,
+}
+
+/// Options of `uffdkit image inspect`.
+#[derive(clap::Args, Debug)]
+pub struct InspectArgs {
+    /// The image.
+    url: String,
+    /// List every chunk.
+    #[arg(long)]
+    chunks: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `uffdkit image …`.
+pub fn run(args: &Args) -> Result<()> {
+    match args {
+        Args::Push(a) => push(a),
+        Args::Pull(a) => pull(a),
+        Args::Inspect(a) => inspect(a),
+    }
+}
+
+fn push(args: &PushArgs) -> Result<()> {
+    let options = PushOptions {
+        page_size: args.page_size,
+        chunk_size: args.chunk_kib * 1024,
+        dedupe_with_store: !args.no_dedupe,
+        ..PushOptions::default()
+    };
+    let started = Instant::now();
+    let r = chunked::push(&args.file, &args.url, &options)
+        .with_context(|| format!("push {} to {}", args.file.display(), args.url))?;
+    let secs = started.elapsed().as_secs_f64();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "url": args.url, "chunks": r.chunks, "zero_chunks": r.zero_chunks,
+                "repeated_chunks": r.repeated_chunks, "existing_chunks": r.existing_chunks,
+                "new_chunks": r.new_chunks, "data_bytes": r.data_bytes,
+                "uploaded_bytes": r.uploaded_bytes, "dedupe_ratio": r.dedupe_ratio(),
+                "manifests_indexed": r.manifests_indexed, "seconds": secs,
+            }))?
+        );
+        return Ok(());
+    }
+    println!(
+        "pushed {} to {} in {:.2} s: {} chunks of {} KiB — {} zero (not stored), {} repeated within the image, \
+         {} already in the store ({} images indexed), {} new ({} MiB uploaded); dedupe ratio {:.2}",
+        args.file.display(),
+        args.url,
+        secs,
+        r.chunks,
+        args.chunk_kib,
+        r.zero_chunks,
+        r.repeated_chunks,
+        r.existing_chunks,
+        r.manifests_indexed,
+        r.new_chunks,
+        r.uploaded_bytes >> 20,
+        r.dedupe_ratio()
+    );
+    Ok(())
+}
+
+fn pull(args: &PullArgs) -> Result<()> {
+    let started = Instant::now();
+    let image = Image::open(&args.url, &StoreOptions::default())?;
+    let r = image.pull(
+        &args.file,
+        args.cache.open()?,
+        RetryPolicy::default(),
+        args.in_flight,
+    )?;
+    println!(
+        "pulled {} to {} in {:.2} s: {} MiB, {} chunks fetched in {} reads ({} MiB), {} from the cache",
+        args.url,
+        args.file.display(),
+        started.elapsed().as_secs_f64(),
+        r.bytes >> 20,
+        r.fetch.chunks_fetched,
+        r.fetch.reads,
+        r.fetch.bytes_fetched >> 20,
+        r.fetch.cache_hits
+    );
+    Ok(())
+}
+
+fn inspect(args: &InspectArgs) -> Result<()> {
+    let image = Image::open(&args.url, &StoreOptions::default())?;
+    let m = image.manifest();
+    let g = m.geometry();
+    let mut data = 0u64;
+    let mut zero = 0u64;
+    let mut unique = std::collections::HashSet::new();
+    for c in m.chunks() {
+        match c {
+            Chunk::Data { digest, .. } => {
+                data += 1;
+                unique.insert(*digest);
+            }
+            Chunk::Zero => zero += 1,
+            Chunk::Inherited => {}
+        }
+    }
+    let chunks: Vec<serde_json::Value> = if args.chunks {
+        m.chunks()
+            .iter()
+            .enumerate()
+            .map(|(i, c)| match c {
+                Chunk::Data {
+                    digest,
+                    pack,
+                    offset,
+                } => json!({"index": i, "kind": "data", "digest": digest.to_hex(),
+                            "pack": m.packs()[*pack as usize].to_hex(), "offset": offset}),
+                Chunk::Zero => json!({"index": i, "kind": "zero"}),
+                Chunk::Inherited => json!({"index": i, "kind": "inherited"}),
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let v = json!({
+        "url": args.url, "version": chunked::manifest::VERSION, "hash": m.hash_algorithm().name(),
+        "digest": m.digest().to_hex(), "page_size": g.page_size, "chunk_size": g.chunk_size,
+        "length": g.len, "chunks": m.chunks().len(), "data_chunks": data, "zero_chunks": zero,
+        "unique_chunks": unique.len(), "packs": m.packs().iter().map(|p| p.to_hex()).collect::<Vec<_>>(),
+        "parent": m.parent().map(|p| json!({"name": p.name, "digest": p.digest.to_hex()})),
+    });
+    if args.json {
+        let mut v = v;
+        if args.chunks {
+            v["chunk_list"] = chunks.into();
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{}\n  manifest v{} ({} {})\n  {} bytes in {} chunks of {} KiB, {} KiB pages\n  {} data ({} unique), {} zero\n  {} pack(s)",
+        args.url,
+        chunked::manifest::VERSION,
+        m.hash_algorithm().name(),
+        m.digest(),
+        g.len,
+        m.chunks().len(),
+        g.chunk_size / 1024,
+        g.page_size / 1024,
+        data,
+        unique.len(),
+        zero,
+        m.packs().len()
+    );
+    for c in &chunks {
+        println!("  {c}");
+    }
+    Ok(())
+}
+
+/// Whether an `--image` argument names a chunked image in a store (a URL) rather than a
+/// local file.
+pub fn is_url(image: &str) -> bool {
+    image.contains("://")
+}
+
+/// Tuning of a chunked source from the command line.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SourceArgs {
+    /// Chunks fetched at once, at most.
+    #[arg(long, default_value_t = 64)]
+    pub in_flight: usize,
+    /// Give up on a chunk after this many seconds of failed attempts.
+    #[arg(long, default_value_t = 60)]
+    pub retry_secs: u64,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+}
+
+impl SourceArgs {
+    /// The source options, with `background` as the plan.
+    pub fn options(&self, background: Background) -> SourceOptions {
+        SourceOptions {
+            max_in_flight: self.in_flight.max(1),
+            reserved_for_faults: (self.in_flight / 4).max(1),
+            background,
+            // A VMM touches memory first; the background plan starts at its first fault.
+            background_after_first_fault: true,
+            retry: RetryPolicy {
+                deadline: Duration::from_secs(self.retry_secs),
+                ..RetryPolicy::default()
+            },
+            ..SourceOptions::default()
+        }
+    }
+}
+
+/// Opens the chunked image at `url` as a pager source through the host cache: the hook
+/// `restore --image URL` and `fc-handler --image URL` share.
+pub fn open_source(
+    url: &str,
+    args: &SourceArgs,
+    background: Background,
+) -> Result<Arc<ChunkedSource>> {
+    let image =
+        Image::open(url, &StoreOptions::default()).with_context(|| format!("open image {url}"))?;
+    let source = image.source(args.cache.open()?, args.options(background))?;
+    Ok(Arc::new(source))
+}
+
+/// `fc-handler --image URL`'s source: the image served lazily, its own background
+/// plan (sequential from each fault) standing in for the pager's prefetch.
+pub fn fc_source(url: Option<&str>, args: &SourceArgs) -> Result<Arc<dyn pager::Source>> {
+    let url = url.context("no --image given")?;
+    Ok(open_source(url, args, Background::Sequential)?)
+}

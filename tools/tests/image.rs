@@ -1,0 +1,151 @@
+//! `uffdkit image` and `restore --image URL` end to end, against a real S3-compatible
+//! server (`s3s-fs`) reached with credentials from the environment, as a user runs them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use testkit::s3::S3Server;
+
+const BUCKET: &str = "images";
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("uffdkit-image-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn uffdkit(server: &S3Server, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uffdkit"));
+    cmd.args(args).envs(server.env());
+    cmd
+}
+
+fn success(out: &Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// `pages` pages of a per-page pattern, every 5th page zero.
+fn write_image(path: &Path, pages: usize) {
+    let mut out = vec![0u8; pages * 4096];
+    for (i, page) in out.chunks_exact_mut(4096).enumerate() {
+        if i % 5 != 4 {
+            page.fill((i % 251) as u8 + 1);
+            page[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        }
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn push_prints_the_dedupe_ratio_and_inspect_reads_the_manifest() {
+    let Some(server) = S3Server::start("image_push_inspect", BUCKET) else {
+        return;
+    };
+    let dir = TempDir::new("push");
+    let raw = dir.0.join("mem.raw");
+    write_image(&raw, 2048);
+    let raw_s = raw.to_str().unwrap();
+    let url = "s3://images/snap/one";
+    let first = success(
+        &uffdkit(&server, &["image", "push", raw_s, url])
+            .output()
+            .unwrap(),
+    );
+    assert!(first.contains("16 new"), "{first}");
+    // The same content under another name stores nothing new.
+    let again = uffdkit(
+        &server,
+        &["image", "push", "--json", raw_s, "s3://images/snap/two"],
+    )
+    .output()
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&success(&again)).unwrap();
+    assert_eq!(v["new_chunks"], 0);
+    assert_eq!(v["existing_chunks"], 16);
+    let inspect = uffdkit(&server, &["image", "inspect", "--json", url])
+        .output()
+        .unwrap();
+    let m: serde_json::Value = serde_json::from_str(&success(&inspect)).unwrap();
+    assert_eq!(m["length"], 2048 * 4096);
+    assert_eq!(m["chunk_size"], 512 * 1024);
+    assert_eq!(m["hash"], "blake3");
+    assert_eq!(m["data_chunks"], 16);
+}
+
+#[test]
+fn two_restores_at_once_share_the_host_cache() {
+    let Some(server) = S3Server::start("two_restores_share_the_cache", BUCKET) else {
+        return;
+    };
+    let dir = TempDir::new("share");
+    let raw = dir.0.join("mem.raw");
+    let pages = 8192; // 32 MiB
+    write_image(&raw, pages);
+    let raw_s = raw.to_str().unwrap();
+    let url = "s3://images/snap/shared";
+    success(
+        &uffdkit(&server, &["image", "push", raw_s, url])
+            .output()
+            .unwrap(),
+    );
+    let cache = dir.0.join("cache");
+    let restore = || {
+        uffdkit(
+            &server,
+            &[
+                "restore",
+                "--image",
+                url,
+                "--reference",
+                raw_s,
+                "--cache",
+                cache.to_str().unwrap(),
+                "--mode",
+                "thread",
+                "--touch",
+                "1",
+                "--writes",
+                "0.3",
+                "--json",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+    };
+    let (a, b) = (restore(), restore());
+    let outs = [a, b].map(|c| c.wait_with_output().unwrap());
+    let mut fetched = 0u64;
+    let mut shared = 0u64;
+    for out in &outs {
+        let v: serde_json::Value = serde_json::from_str(&success(out)).unwrap();
+        assert_eq!(v["verified"], true);
+        let d = &v["results"][0]["detail"];
+        fetched += d["bytes_fetched"].as_u64().unwrap();
+        shared += d["cache_hits"].as_u64().unwrap();
+    }
+    let data_bytes = 64 * 512 * 1024u64;
+    assert!(
+        fetched <= data_bytes + data_bytes / 4,
+        "two restores fetched {fetched} bytes of a {data_bytes}-byte image from the store"
+    );
+    assert!(shared > 0, "one restore took chunks the other fetched");
+}
