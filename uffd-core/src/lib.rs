@@ -19,7 +19,7 @@
 //! | `UFFDIO_CONTINUE` | [`Uffd::continue_range`] | 5.13 |
 //! | `UFFDIO_POISON` | [`Uffd::poison`] | 6.6 |
 //! | `UFFDIO_MOVE` | [`Uffd::move_pages`] | 6.8 |
-//! | `PAGEMAP_SCAN` (dirty tracking with `WP_ASYNC`) | [`Pagemap::scan`] | 6.7 |
+//! | `PAGEMAP_SCAN` (dirty tracking with `WP_ASYNC`) | [`Pagemap::scan`], [`DirtyTracker`] | 6.7 |
 //! | `read(2)` of `uffd_msg` | [`Uffd::read_events`] → [`Event`] | 4.3 |
 //! | `SCM_RIGHTS` | [`send_fds`], [`recv_fds`] | |
 //!
@@ -53,6 +53,7 @@
 //! ```
 
 pub mod api;
+pub mod dirty;
 pub mod error;
 pub mod event;
 pub mod fd_passing;
@@ -65,6 +66,7 @@ pub mod register;
 pub mod sys;
 
 pub use api::{api_ioctl, ApiInfo, Features, Ioctls};
+pub use dirty::DirtyTracker;
 pub use error::{Error, Op, Result};
 pub use event::{Event, EventBuffer, FaultFlags, ReadStatus};
 pub use fd_passing::{peer_credentials, recv_fds, send_fds, PeerCredentials, Received};

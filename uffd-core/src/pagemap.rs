@@ -7,8 +7,7 @@
 //! page becomes "written", with no event and no handler. `PAGEMAP_SCAN` with
 //! [`ScanFlags::WP_MATCHING`] then returns the written pages *and* protects them again
 //! under the page-table lock, so no write between the report and the re-protection is
-//! lost. That pair is a dirty-page tracker for memory in this process (see
-//! `postcopy`'s migration source).
+//! lost. That pair is a dirty-page tracker: [`DirtyTracker`](crate::DirtyTracker).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -110,7 +109,17 @@ pub struct Pagemap {
 impl Pagemap {
     /// Opens `/proc/self/pagemap`.
     pub fn open() -> Result<Pagemap> {
-        let file = File::open("/proc/self/pagemap").map_err(|e| Error::Os {
+        Pagemap::open_path("/proc/self/pagemap")
+    }
+
+    /// Opens `/proc/PID/pagemap`: scans then walk process `pid`'s page tables (the caller
+    /// needs ptrace read access to it, e.g. root or its parent with a permissive Yama).
+    pub fn open_pid(pid: u32) -> Result<Pagemap> {
+        Pagemap::open_path(&format!("/proc/{pid}/pagemap"))
+    }
+
+    fn open_path(path: &str) -> Result<Pagemap> {
+        let file = File::open(path).map_err(|e| Error::Os {
             op: Op::PagemapScan,
             errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
         })?;

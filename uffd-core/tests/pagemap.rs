@@ -132,3 +132,29 @@ fn writes_racing_the_scan_are_never_lost() {
     );
     assert_eq!(missed, Vec::<usize>::new(), "writes lost between scans");
 }
+
+#[test]
+fn dirty_tracker_reports_written_blocks_once_per_round() {
+    let pages = 64;
+    let map = Mapping::new(MemoryKind::Anon, pages * page_size()).expect("map");
+    let mut tracker = uffd_core::DirtyTracker::start(map.addr(), map.len()).expect("start");
+    for p in [0, 3, 17, 18, 63] {
+        write(&map, p, 7);
+    }
+    // Blocks of 4 pages: 0 holds pages 0 and 3, 4 holds 17 and 18, 15 holds 63.
+    let mut blocks = Vec::new();
+    let written = tracker
+        .collect(4 * page_size(), |b| blocks.push(b))
+        .expect("collect");
+    blocks.dedup();
+    assert_eq!(written, 5, "five pages written");
+    assert_eq!(blocks, vec![0, 4, 15]);
+    let mut runs = Vec::new();
+    assert_eq!(tracker.collect_runs(|r| runs.push(r)).expect("collect"), 0);
+    assert!(runs.is_empty(), "protected again by the first round");
+    write(&map, 18, 8);
+    tracker.collect_runs(|r| runs.push(r)).expect("collect");
+    assert_eq!(runs, vec![18 * page_size()..19 * page_size()]);
+    drop(tracker);
+    write(&map, 5, 1); // unregistered: plain memory again, no fault, no tracking
+}
