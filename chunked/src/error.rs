@@ -1,5 +1,6 @@
 //! Errors of chunked images.
 
+use crate::chain::ChainError;
 use crate::hash::Digest;
 use crate::manifest::ManifestError;
 
@@ -82,9 +83,43 @@ pub enum Error {
     /// An image whose shape the caller cannot use.
     #[error("image geometry: {0}")]
     Geometry(String),
-    /// The image is a layer; serving layers needs their chain resolved first.
-    #[error("image {0} is a layer (has a parent); layered restore is not supported here")]
-    Layer(String),
+    /// A layer whose chain of parents was refused.
+    #[error("layer {layer}: {source}")]
+    Chain {
+        /// The layer whose parent link failed.
+        layer: String,
+        /// Why.
+        #[source]
+        source: ChainError,
+    },
+    /// A chunk index beyond the image.
+    #[error("chunk {index} is beyond the image's {chunks} chunks")]
+    ChunkOutOfRange {
+        /// The index given.
+        index: usize,
+        /// Chunks in the image.
+        chunks: usize,
+    },
+    /// A chunk of the wrong length.
+    #[error("chunk {index} must be {want} bytes, got {got}")]
+    ChunkLength {
+        /// The chunk.
+        index: usize,
+        /// Its length in the image.
+        want: usize,
+        /// The length given.
+        got: usize,
+    },
+    /// An image without a parent finished with chunks never written.
+    #[error("image {name}: chunk {first} (and {more} more) never written; an image with no parent must be complete")]
+    Incomplete {
+        /// The image.
+        name: String,
+        /// The first chunk missing.
+        first: usize,
+        /// How many more are missing.
+        more: usize,
+    },
 }
 
 impl Error {

@@ -1,5 +1,6 @@
-//! [`Image`]: an image opened from a store (its manifest read and checked), to inspect,
-//! pull into a file, or serve to a pager as a [`ChunkedSource`].
+//! [`Image`]: an image opened from a store (its manifest read and checked, and for a layer
+//! its chain of parents resolved and flattened), to inspect, pull into a file, merge into a
+//! new image, or serve to a pager as a [`ChunkedSource`].
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -7,6 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use crate::cache::ChunkCache;
+use crate::chain::{Chain, ChainError};
 use crate::error::{Error, Result};
 use crate::fetch::{FetchStats, Fetcher, RetryPolicy, Sink};
 use crate::layout::Layout;
@@ -14,12 +16,13 @@ use crate::manifest::{Chunk, Geometry, Manifest};
 use crate::source::{ChunkedSource, SourceOptions};
 use crate::store::{Store, StoreOptions};
 
-/// An image in a store.
+/// An image in a store: a plain image, or a layer with its chain resolved.
 #[derive(Debug)]
 pub struct Image {
     store: Store,
     name: String,
-    manifest: Manifest,
+    chain: Chain,
+    flat: Manifest,
 }
 
 /// What a pull did.
@@ -32,20 +35,39 @@ pub struct PullReport {
 }
 
 impl Image {
-    /// Reads and checks the manifest at `url`.
+    /// Reads and checks the manifest at `url` and, for a layer, its parents down to the
+    /// base (see [`Chain::resolve`]).
     pub fn open(url: &str, options: &StoreOptions) -> Result<Image> {
         let (store, name) = Store::for_image(url, options)?;
-        let manifest = crate::runtime()?.block_on(store.manifest(&name))?;
+        crate::runtime()?.block_on(Image::open_in(store, name))
+    }
+
+    /// Opens image `name` of `store`.
+    pub(crate) async fn open_in(store: Store, name: String) -> Result<Image> {
+        let top = store.manifest(&name).await?;
+        let chain = Chain::resolve(&store, &name, top).await?;
+        let flat = chain.flatten();
         Ok(Image {
             store,
             name,
-            manifest,
+            chain,
+            flat,
         })
     }
 
-    /// The manifest.
+    /// The image's own manifest (for a layer: its changed chunks, the rest inherited).
     pub fn manifest(&self) -> &Manifest {
-        &self.manifest
+        self.chain.top()
+    }
+
+    /// The image as served: the chain folded into one manifest ([`Chain::flatten`]).
+    pub fn flattened(&self) -> &Manifest {
+        &self.flat
+    }
+
+    /// The chain: this image and its parents, top first (one layer for a plain image).
+    pub fn chain(&self) -> &Chain {
+        &self.chain
     }
 
     /// The image's name in its store.
@@ -58,14 +80,29 @@ impl Image {
         &self.store
     }
 
-    /// Serves the image lazily to a pager, through `cache` if given.
+    /// Serves the image lazily to a pager, through `cache` if given. A layer is served
+    /// straight from its chain: one lookup per fault at any depth, nothing merged first.
     pub fn source(
         &self,
         cache: Option<Arc<ChunkCache>>,
         options: SourceOptions,
     ) -> Result<ChunkedSource> {
-        let layout = Layout::from_manifest(self.store.clone(), &self.name, &self.manifest)?;
+        let layout = Layout::from_manifest(self.store.clone(), &self.flat);
         ChunkedSource::new(layout, cache, options)
+    }
+
+    /// Writes the flattened chain as a new image `name` in the same store root: a manifest
+    /// with no parent naming the chunks where they already are (no chunk data is read or
+    /// written). The result restores without reading any layer manifest.
+    pub fn merge_into(&self, name: &str) -> Result<Manifest> {
+        if self.chain.layers().iter().any(|(n, _)| n == name) {
+            return Err(Error::Chain {
+                layer: format!("{}{name}", self.store.url()),
+                source: ChainError::Cycle(name.to_owned()),
+            });
+        }
+        crate::runtime()?.block_on(self.store.put_manifest(name, &self.flat))?;
+        Ok(self.flat.clone())
     }
 
     /// Writes the whole image to `path` (zero chunks as holes), every chunk verified.
@@ -76,21 +113,21 @@ impl Image {
         retry: RetryPolicy,
         max_in_flight: usize,
     ) -> Result<PullReport> {
-        let layout = Layout::from_manifest(self.store.clone(), &self.name, &self.manifest)?;
+        let layout = Layout::from_manifest(self.store.clone(), &self.flat);
         let shown = path.display().to_string();
         let file = File::create(path).map_err(Error::io("create", &shown))?;
-        file.set_len(self.manifest.geometry().len)
+        file.set_len(self.flat.geometry().len)
             .map_err(Error::io("size", &shown))?;
         let fetcher = Arc::new(Fetcher::new(layout, cache, retry, 4 << 20));
         let sink = Arc::new(FileSink {
             file,
-            geometry: self.manifest.geometry(),
+            geometry: self.flat.geometry(),
             error: Mutex::new(None),
         });
-        let data: Vec<usize> = (0..self.manifest.chunks().len())
-            .filter(|&i| matches!(self.manifest.chunks()[i], Chunk::Data { .. }))
+        let data: Vec<usize> = (0..self.flat.chunks().len())
+            .filter(|&i| matches!(self.flat.chunks()[i], Chunk::Data { .. }))
             .collect();
-        let per_read = (4 << 20) / self.manifest.geometry().chunk_size as usize;
+        let per_read = (4 << 20) / self.flat.geometry().chunk_size as usize;
         let batches: Vec<Vec<usize>> = data
             .chunks(per_read.max(1))
             .map(<[usize]>::to_vec)
@@ -111,7 +148,7 @@ impl Image {
         }
         sink.file.sync_all().map_err(Error::io("sync", &shown))?;
         Ok(PullReport {
-            bytes: self.manifest.geometry().len,
+            bytes: self.flat.geometry().len,
             fetch: fetcher.stats(),
         })
     }
@@ -138,6 +175,24 @@ impl Sink for FileSink {
             .unwrap_or_else(|p| p.into_inner())
             .get_or_insert(error);
     }
+}
+
+/// Flattens the chain of the image at `top` into a new image `out` in the same store root
+/// (see [`Image::merge_into`]: no chunk data is copied). For a raw file, use
+/// [`Image::pull`].
+pub fn merge(top: &str, out: &str, options: &StoreOptions) -> Result<Manifest> {
+    let image = Image::open(top, options)?;
+    let (store, name) = Store::for_image(out, options)?;
+    if store.url() != image.store().url() {
+        return Err(Error::Url {
+            url: out.to_owned(),
+            reason: format!(
+                "a merged manifest names the chain's chunks where they are: it must be in the same store root as {top} ({})",
+                image.store().url()
+            ),
+        });
+    }
+    image.merge_into(&name)
 }
 
 /// Serves a raw local image file through the chunked read path: large reads, many at

@@ -41,34 +41,36 @@ pub(crate) struct Layout {
 }
 
 impl Layout {
-    /// The chunks of an image in a store. Layers are refused: their chain must be resolved
-    /// into one manifest first.
-    pub fn from_manifest(store: Store, name: &str, manifest: &Manifest) -> Result<Self> {
-        let slots = manifest
+    /// The chunks of an image in a store, from its flattened manifest ([`Chain::flatten`]:
+    /// nothing inherited is left).
+    ///
+    /// [`Chain::flatten`]: crate::Chain::flatten
+    pub fn from_manifest(store: Store, flat: &Manifest) -> Self {
+        let slots = flat
             .chunks()
             .iter()
             .map(|c| match *c {
-                Chunk::Zero => Ok(Slot::Zero),
+                Chunk::Zero => Slot::Zero,
                 Chunk::Data {
                     digest,
                     pack,
                     offset,
-                } => Ok(Slot::Data {
+                } => Slot::Data {
                     digest: Some(digest),
                     object: pack,
                     offset,
-                }),
-                Chunk::Inherited => Err(Error::Layer(name.to_owned())),
+                },
+                Chunk::Inherited => unreachable!("a flattened manifest inherits nothing"),
             })
-            .collect::<Result<_>>()?;
-        Ok(Self {
-            geometry: manifest.geometry(),
+            .collect();
+        Self {
+            geometry: flat.geometry(),
             slots,
             backend: Backend::Store {
                 store,
-                packs: manifest.packs().to_vec(),
+                packs: flat.packs().to_vec(),
             },
-        })
+        }
     }
 
     /// A raw image file cut into `chunk_size` chunks; chunks wholly inside a hole

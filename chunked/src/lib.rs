@@ -10,6 +10,12 @@
 //! [`ChunkCache`] per host. The same read path serves a raw local image file in large
 //! parallel reads ([`file_source`]), which a cold page cache rewards.
 //!
+//! An image may be a *layer* (an incremental snapshot): its manifest names a parent and
+//! holds only the chunks that changed. [`ImageWriter`] writes images and layers chunk by
+//! chunk; [`Image::open`] resolves a layer's [`Chain`] and flattens it, so a chain is
+//! served directly — one lookup per fault at any depth — and [`merge`] writes the
+//! flattened chain as a plain image without copying chunk data.
+//!
 //! Why a crate of its own: `object_store` is async and needs a tokio runtime. The pager is
 //! a synchronous engine a VMM embeds, and stays free of tokio; this crate owns its runtime
 //! (a couple of threads) and meets the pager only through [`pager::Source`] and
@@ -49,6 +55,7 @@
 //! ```
 
 mod cache;
+mod chain;
 mod error;
 mod fetch;
 mod hash;
@@ -58,16 +65,19 @@ pub mod manifest;
 mod push;
 mod source;
 mod store;
+mod writer;
 
 pub use cache::{CacheStats, ChunkCache};
+pub use chain::{Chain, ChainError, MAX_CHAIN_DEPTH};
 pub use error::{Error, Result};
 pub use fetch::{FetchStats, RetryPolicy};
 pub use hash::{BadDigest, Digest, HashAlgorithm};
-pub use image::{file_source, Image, PullReport};
-pub use manifest::{Chunk, Geometry, Manifest, ManifestError};
+pub use image::{file_source, merge, Image, PullReport};
+pub use manifest::{Chunk, Geometry, Manifest, ManifestError, Parent};
 pub use push::{push, PushOptions, PushReport, DEFAULT_CHUNK_SIZE};
 pub use source::{Background, ChunkedSource, SourceOptions, SourceStats};
 pub use store::{Store, StoreOptions};
+pub use writer::ImageWriter;
 
 /// A runtime for one blocking call into the async store (push, pull, open).
 fn runtime() -> Result<tokio::runtime::Runtime> {
