@@ -40,6 +40,8 @@ pub enum Op {
     Poll,
     /// Adopting an fd that came from elsewhere.
     Adopt,
+    /// `fcntl(2)` on the fd (its status flags).
+    Fcntl,
 }
 
 impl fmt::Display for Op {
@@ -60,6 +62,7 @@ impl fmt::Display for Op {
             Op::Read => "read userfaultfd events",
             Op::Poll => "poll userfaultfd",
             Op::Adopt => "adopt userfaultfd",
+            Op::Fcntl => "fcntl userfaultfd",
         };
         f.write_str(name)
     }

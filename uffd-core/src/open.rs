@@ -329,6 +329,27 @@ impl Uffd {
         }
     }
 
+    /// Sets or clears `O_NONBLOCK` on the fd's open file description — for an adopted fd,
+    /// which arrives as its creator opened it (`poll(2)` and several readers need it
+    /// non-blocking). The description is shared with every other holder of the fd.
+    ///
+    /// See `fcntl(2)`, `F_SETFL`.
+    pub fn set_non_blocking(&self, on: bool) -> Result<()> {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let os = |errno| Error::Os {
+            op: Op::Fcntl,
+            errno,
+        };
+        let flags = OFlag::from_bits_retain(fcntl(self.fd.as_fd(), FcntlArg::F_GETFL).map_err(os)?);
+        let flags = if on {
+            flags | OFlag::O_NONBLOCK
+        } else {
+            flags - OFlag::O_NONBLOCK
+        };
+        fcntl(self.fd.as_fd(), FcntlArg::F_SETFL(flags)).map_err(os)?;
+        Ok(())
+    }
+
     /// Gives up ownership of the fd.
     pub fn into_fd(self) -> OwnedFd {
         self.fd

@@ -150,3 +150,24 @@ fn raw_api_ioctl_on_fresh_fd_lists_all_supported_features() {
         info.features
     );
 }
+
+#[test]
+fn an_adopted_blocking_fd_can_be_made_non_blocking_for_poll() {
+    let uffd = Uffd::builder().open().expect("open blocking");
+    assert!(
+        matches!(
+            uffd.wait_readable(Some(std::time::Duration::ZERO)),
+            Err(uffd_core::Error::InvalidArgument { .. })
+        ),
+        "the kernel refuses poll on a blocking uffd"
+    );
+    let adopted = Uffd::from_fd(uffd.into_fd()).expect("adopt");
+    adopted.set_non_blocking(true).expect("set O_NONBLOCK");
+    assert!(!adopted
+        .wait_readable(Some(std::time::Duration::ZERO))
+        .expect("poll"));
+    adopted.set_non_blocking(false).expect("clear O_NONBLOCK");
+    assert!(adopted
+        .wait_readable(Some(std::time::Duration::ZERO))
+        .is_err());
+}
