@@ -161,8 +161,10 @@ fn covered(holes: &[Range<u64>], r: &Range<u64>) -> bool {
         .is_some_and(|h| h.start <= r.start && r.end <= h.end)
 }
 
-/// The holes of `file` up to `len` (`SEEK_DATA` / `SEEK_HOLE`).
-fn holes(file: &File, len: u64) -> std::io::Result<Vec<Range<u64>>> {
+/// The holes of a sparse `file` up to `len`, in order, found with `lseek(2)`'s
+/// `SEEK_DATA` / `SEEK_HOLE` (ranges the file system allocated nothing for; they read as
+/// zero). Granularity is the file system's block size.
+pub fn holes(file: &File, len: u64) -> std::io::Result<Vec<Range<u64>>> {
     use nix::unistd::{lseek, Whence};
     let mut holes = Vec::new();
     let mut pos: u64 = 0;

@@ -73,6 +73,7 @@ pub use error::{Error, Result};
 pub use fetch::{FetchStats, RetryPolicy};
 pub use hash::{BadDigest, Digest, HashAlgorithm};
 pub use image::{file_source, merge, Image, PullReport};
+pub use layout::holes;
 pub use manifest::{Chunk, Geometry, Manifest, ManifestError, Parent};
 pub use push::{push, PushOptions, PushReport, DEFAULT_CHUNK_SIZE};
 pub use source::{Background, ChunkedSource, SourceOptions, SourceStats};

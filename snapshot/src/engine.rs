@@ -1,0 +1,413 @@
+//! The workers of a live snapshot. Each worker does, in a loop:
+//!
+//! 1. **Faults first.** Read the pending write-protect faults (non-blocking) and serve
+//!    each: save the page if no one has (claim it in `claimed`, copy it to the sink, mark
+//!    it `saved`), or wait the few microseconds until whoever claimed it has; then
+//!    un-protect it, which wakes the writer. A page is never un-protected before it is
+//!    saved, so every page is saved as it was at the cut.
+//! 2. **Then one background batch** of the regions, in order: claim the pages no one has,
+//!    copy each run of them with one read and one sink write, mark them saved, un-protect
+//!    the run (unless writes are tracked for a chain: then saved pages stay protected, and
+//!    their first write later faults once, costing no save, to be recorded as written).
+//!    Batches are small so that a fault waits at most one batch for a worker to look.
+//! 3. When no batch is left, sleep in `poll(2)` on the userfaultfd and a stop eventfd.
+//!
+//! Nothing is un-protected until the whole cut has been applied (the workers start after
+//! it), which is what makes the result a consistent cut across pages: a writer that
+//! blocked on a page protected early cannot go on to write, unnoticed, a page protected
+//! later.
+//!
+//! On any failure the engine releases everything at once (un-protect with wake over every
+//! region), so no writer is ever left blocked on a snapshot that will not complete.
+
+use std::collections::VecDeque;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use page_state::Bitmap;
+use pager::AtomicLatencyHistogram;
+use uffd_core::{Event, EventBuffer, FaultFlags, ReadStatus, Uffd, WriteProtectMode};
+
+use crate::error::{Error, Result};
+use crate::memory::Memory;
+use crate::region::{Batch, Page, Regions};
+use crate::sink::PageSink;
+
+/// Reads a run of memory into `buf` and hands it to the sink: the one copy path of live
+/// snapshots and stop-the-world dumps.
+pub(crate) fn save_run(
+    memory: &Memory,
+    sink: &dyn PageSink,
+    addr: usize,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<()> {
+    memory.read(addr, buf)?;
+    sink.write(offset, buf).map_err(|source| Error::Sink {
+        offset,
+        len: buf.len(),
+        source,
+    })
+}
+
+/// Counters; Relaxed: statistics, read for reports only.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub faults: AtomicU64,
+    pub saved_by_fault: AtomicU64,
+    pub saved_in_background: AtomicU64,
+    /// Faults on a page a background batch was copying: served once it was saved.
+    pub waited_for_batch: AtomicU64,
+    /// Faults outside every region (a range of a received uffd that is not ours).
+    pub foreign: AtomicU64,
+    /// From reading a fault to un-protecting its page.
+    pub service: AtomicLatencyHistogram,
+}
+
+/// What the workers share.
+pub(crate) struct Engine {
+    pub uffd: Uffd,
+    pub regions: Regions,
+    pub memory: Memory,
+    pub sink: Arc<dyn PageSink>,
+    /// A page someone is saving or has saved: set once, by the one who saves it.
+    claimed: Bitmap,
+    /// A page whose content is in the sink: only then may it be un-protected.
+    saved: Bitmap,
+    /// Pages written since the cut (chains only): their first write after the cut faulted.
+    pub written: Option<Bitmap>,
+    batches: Vec<Batch>,
+    batch_bytes: usize,
+    next_batch: AtomicUsize,
+    saved_pages: AtomicUsize,
+    stop: AtomicBool,
+    wakeup: EventFd,
+    failed: AtomicBool,
+    error: Mutex<Option<Error>>,
+    pub counters: Counters,
+}
+
+/// One worker's scratch: preallocated, reused for every fault and batch.
+struct Scratch {
+    events: EventBuffer,
+    /// The faults of the last read.
+    faults: Vec<usize>,
+    buf: Vec<u8>,
+    /// Faults read while waiting out an EAGAIN, served next.
+    deferred: VecDeque<usize>,
+}
+
+/// Events one read takes at most.
+const EVENTS_PER_READ: usize = 64;
+
+/// How long a worker with nothing to do sleeps before looking at the stop flag again
+/// (a stop also writes the eventfd, so this only bounds a lost wake-up).
+const IDLE_TICK: Duration = Duration::from_millis(100);
+
+impl Engine {
+    pub fn new(
+        uffd: Uffd,
+        regions: Regions,
+        memory: Memory,
+        sink: Arc<dyn PageSink>,
+        batch_bytes: usize,
+        track_writes: bool,
+    ) -> Result<Engine> {
+        let pages = regions.pages();
+        let wakeup =
+            EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                .map_err(|e| Error::System {
+                    what: "create the snapshot's wake-up eventfd",
+                    source: e.into(),
+                })?;
+        Ok(Engine {
+            batches: regions.batches(batch_bytes),
+            batch_bytes: batch_bytes.max(regions.max_page_size()),
+            uffd,
+            memory,
+            sink,
+            claimed: Bitmap::new(pages),
+            saved: Bitmap::new(pages),
+            written: track_writes.then(|| Bitmap::new(pages)),
+            regions,
+            next_batch: AtomicUsize::new(0),
+            saved_pages: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            wakeup,
+            failed: AtomicBool::new(false),
+            error: Mutex::new(None),
+            counters: Counters::default(),
+        })
+    }
+
+    /// Pages saved so far.
+    pub fn saved_pages(&self) -> usize {
+        // Acquire: pairs with the Release add after a save, for callers that then read
+        // what was saved.
+        self.saved_pages.load(Ordering::Acquire)
+    }
+
+    /// Whether every page is saved.
+    pub fn all_saved(&self) -> bool {
+        self.saved_pages() == self.regions.pages()
+    }
+
+    /// Whether a worker failed (the error is kept for [`Engine::take_error`]).
+    pub fn failed(&self) -> bool {
+        // Acquire: a worker that sees the failure also sees the release that went with it.
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// The first error, once.
+    pub fn take_error(&self) -> Option<Error> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Asks the workers to return (they finish what they are doing first).
+    pub fn request_stop(&self) {
+        // Release: a worker seeing the flag sees everything done before the request.
+        self.stop.store(true, Ordering::Release);
+        let _ = self.wakeup.write(1);
+    }
+
+    /// Records the first error, releases every blocked writer and stops the workers.
+    pub fn fail(&self, error: Error) {
+        log::error!("live snapshot failed: {error}");
+        self.error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(error);
+        self.failed.store(true, Ordering::Release);
+        self.release_all();
+        self.request_stop();
+    }
+
+    /// Un-protects every region (waking whoever waits on one): the snapshot gives up its
+    /// hold on the memory.
+    pub fn release_all(&self) {
+        for n in self.regions.list() {
+            if let Err(e) =
+                self.uffd
+                    .write_protect(n.region.addr, n.region.len, WriteProtectMode::empty())
+            {
+                log::warn!("releasing {:#x}+{:#x}: {e}", n.region.addr, n.region.len);
+            }
+        }
+    }
+
+    /// A worker: faults first, then background batches, until stopped (or, unless writes
+    /// are tracked, until every page is saved).
+    pub fn run_worker(&self) {
+        let mut s = Scratch {
+            events: EventBuffer::new(EVENTS_PER_READ),
+            faults: Vec::with_capacity(EVENTS_PER_READ),
+            buf: vec![0; self.batch_bytes],
+            deferred: VecDeque::new(),
+        };
+        while let Err(e) = self.work(&mut s) {
+            self.fail(e);
+        }
+    }
+
+    fn work(&self, s: &mut Scratch) -> Result<()> {
+        loop {
+            // Acquire: pairs with request_stop.
+            if self.stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            while let Some(addr) = s.deferred.pop_front() {
+                self.serve_fault(addr, s)?;
+            }
+            match self.uffd.read_events(&mut s.events) {
+                Ok(ReadStatus::Events(_)) => {
+                    s.faults.clear();
+                    s.faults.extend(s.events.drain().filter_map(fault_addr));
+                    for i in 0..s.faults.len() {
+                        let addr = s.faults[i];
+                        self.serve_fault(addr, s)?;
+                    }
+                    continue;
+                }
+                Ok(ReadStatus::WouldBlock) => {}
+                Err(e) => return Err(Error::uffd("read write-protect faults")(e)),
+            }
+            if self.save_next_batch(s)? {
+                continue;
+            }
+            if self.written.is_none() && self.all_saved() {
+                return Ok(()); // standalone: nothing protected is left
+            }
+            self.sleep()?;
+        }
+    }
+
+    /// Waits in poll(2) for a fault or a stop.
+    fn sleep(&self) -> Result<()> {
+        let mut fds = [
+            PollFd::new(self.uffd.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.wakeup.as_fd(), PollFlags::POLLIN),
+        ];
+        let tick = PollTimeout::try_from(IDLE_TICK).unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, tick) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+            Err(e) => Err(Error::uffd("poll the userfaultfd")(uffd_core::Error::Os {
+                op: uffd_core::Op::Poll,
+                errno: e,
+            })),
+        }
+    }
+
+    /// Serves one write-protect fault (see the module docs).
+    fn serve_fault(&self, addr: usize, s: &mut Scratch) -> Result<()> {
+        let read = Instant::now();
+        let c = &self.counters;
+        let Some(page) = self.regions.page_at(addr) else {
+            if c.foreign.fetch_add(1, Ordering::Relaxed) == 0 {
+                log::warn!("a fault at {addr:#x} outside every region: not ours to serve");
+            }
+            return Ok(());
+        };
+        c.faults.fetch_add(1, Ordering::Relaxed);
+        if !self.claimed.set(page.index) {
+            self.save(page, 1, s)?;
+            c.saved_by_fault.fetch_add(1, Ordering::Relaxed);
+        } else if !self.saved.test(page.index) {
+            c.waited_for_batch.fetch_add(1, Ordering::Relaxed);
+            self.wait_saved(page.index);
+        }
+        if let Some(w) = &self.written {
+            w.set(page.index);
+        }
+        self.unprotect(page.addr, page.size, s)?;
+        c.service.record(read.elapsed());
+        Ok(())
+    }
+
+    /// Spins until the batch that claimed page `index` has saved it (a copy of one batch
+    /// at most), or the snapshot failed (then everything is released anyway).
+    fn wait_saved(&self, index: usize) {
+        let mut spins = 0u32;
+        while !self.saved.test(index) && !self.failed() {
+            spins += 1;
+            if spins < 1000 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// Saves `count` claimed pages of one region starting at `first` with one read and one
+    /// sink write, and marks them saved.
+    fn save(&self, first: Page, count: usize, s: &mut Scratch) -> Result<()> {
+        let len = first.size * count;
+        save_run(
+            &self.memory,
+            &*self.sink,
+            first.addr,
+            first.offset,
+            &mut s.buf[..len],
+        )?;
+        for i in first.index..first.index + count {
+            self.saved.set(i);
+        }
+        // Release: whoever counts all pages saved also sees them in the sink.
+        self.saved_pages.fetch_add(count, Ordering::Release);
+        Ok(())
+    }
+
+    /// Claims and saves the next background batch's unclaimed pages. Returns false when no
+    /// batch is left.
+    fn save_next_batch(&self, s: &mut Scratch) -> Result<bool> {
+        // Relaxed: a ticket; each batch is handed out once.
+        let b = self.next_batch.fetch_add(1, Ordering::Relaxed);
+        let Some(&batch) = self.batches.get(b) else {
+            return Ok(false);
+        };
+        let end = batch.start + batch.count;
+        let mut k = batch.start;
+        while k < end {
+            let first = self.regions.page(batch.region, k);
+            if self.claimed.set(first.index) {
+                k += 1; // a fault saved it already
+                continue;
+            }
+            let mut n = 1;
+            while k + n < end && !self.claimed.set(first.index + n) {
+                n += 1;
+            }
+            self.save(first, n, s)?;
+            self.counters
+                .saved_in_background
+                .fetch_add(n as u64, Ordering::Relaxed);
+            if self.written.is_none() {
+                self.unprotect(first.addr, first.size * n, s)?;
+            }
+            // Page k + n (if inside the batch) was claimed by someone else: skip it too.
+            k += n + 1;
+        }
+        Ok(true)
+    }
+
+    /// Un-protects `[addr, addr + len)` and wakes its writers. An EAGAIN (an address-space
+    /// event such as a REMOVE is pending on a received uffd) is waited out by reading the
+    /// events; faults read meanwhile are deferred.
+    fn unprotect(&self, addr: usize, len: usize, s: &mut Scratch) -> Result<()> {
+        loop {
+            match self
+                .uffd
+                .write_protect(addr, len, WriteProtectMode::empty())
+            {
+                Ok(()) => return Ok(()),
+                Err(uffd_core::Error::Again { .. }) => {
+                    if let Ok(ReadStatus::Events(_)) = self.uffd.read_events(&mut s.events) {
+                        s.deferred.extend(s.events.drain().filter_map(fault_addr));
+                    }
+                }
+                Err(e) => return Err(Error::uffd("un-protect a saved page")(e)),
+            }
+        }
+    }
+}
+
+/// The address of a write-protect fault; other events are logged and let go (a REMOVE's
+/// pages read as zero from now on, which is what the workload asked for; a forked
+/// child's uffd is closed, releasing the child).
+fn fault_addr(event: Event) -> Option<usize> {
+    match event {
+        Event::Pagefault { addr, flags, .. } if flags.contains(FaultFlags::WP) => Some(addr),
+        Event::Pagefault { addr, flags, .. } => {
+            log::warn!(
+                "a {flags:?} fault at {addr:#x} is not a write-protect fault: not ours to serve"
+            );
+            None
+        }
+        other => {
+            log::debug!("live snapshot: {other:?}");
+            None
+        }
+    }
+}
+
+/// Spawns `n` workers on `engine`.
+pub(crate) fn spawn_workers(
+    engine: &Arc<Engine>,
+    n: usize,
+) -> Result<Vec<std::thread::JoinHandle<()>>> {
+    (0..n.max(1))
+        .map(|i| {
+            let e = engine.clone();
+            std::thread::Builder::new()
+                .name(format!("snapshot-{i}"))
+                .spawn(move || e.run_worker())
+                .map_err(|source| Error::System {
+                    what: "start a snapshot worker",
+                    source,
+                })
+        })
+        .collect()
+}

@@ -1,0 +1,71 @@
+//! Helpers for the snapshot tests: real memory, real writers, real faults.
+#![allow(dead_code)] // each test file uses its own part
+
+use std::time::{Duration, Instant};
+
+use snapshot::workload::{fill_initial, WriterOptions, Writers};
+use uffd_core::{hugetlb, Mapping, MemoryKind};
+
+pub use testkit::skip;
+
+/// Writes each thread may log: 32 MiB of log per thread, far more than the seconds of a
+/// test write.
+pub const LOG: usize = 8 << 20;
+
+/// Whether `pages` free 2 MiB hugetlb pages can be had (reserving as root); skips loudly
+/// if not.
+pub fn hugetlb_available(test: &str, pages: usize) -> bool {
+    match hugetlb::ensure_free(pages) {
+        Ok(free) if free >= pages => true,
+        Ok(free) => {
+            skip(test, &format!("hugetlb: only {free} free 2 MiB pages"));
+            false
+        }
+        Err(e) => {
+            skip(test, &format!("hugetlb: cannot reserve 2 MiB pages: {e}"));
+            false
+        }
+    }
+}
+
+/// A mapping of `kind` with the workload's initial content (anonymous memory keeps every
+/// fourth page unpopulated) and that content as bytes.
+pub fn memory(kind: MemoryKind, len: usize) -> (Mapping, Vec<u8>) {
+    let map = Mapping::new(kind, len).expect("map");
+    let mut initial = vec![0u8; len];
+    fill_initial(&mut initial);
+    for (p, page) in initial.chunks_exact(4096).enumerate() {
+        if kind == MemoryKind::Anon && p % 4 == 3 {
+            continue; // untouched: no page behind it yet
+        }
+        // SAFETY: the page lies in our fresh mapping.
+        unsafe {
+            std::ptr::copy_nonoverlapping(page.as_ptr(), (map.addr() + p * 4096) as *mut u8, 4096)
+        };
+    }
+    (map, initial)
+}
+
+/// Starts `threads` logged writers on `map` at full speed and waits until they have
+/// written `warm_up` words.
+pub fn writers(map: &Mapping, threads: usize, warm_up: u64) -> Writers {
+    let options = WriterOptions {
+        threads,
+        log_capacity: LOG,
+        ..WriterOptions::default()
+    };
+    // SAFETY: the mapping outlives the writers (every test stops them before it goes).
+    let w = unsafe { Writers::start(map.addr(), map.len(), &options) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while w.writes() < warm_up {
+        assert!(Instant::now() < deadline, "the writers did not start");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    w
+}
+
+/// The bytes of `map` (read directly; call with no writer running).
+pub fn contents(map: &Mapping) -> Vec<u8> {
+    // SAFETY: a live mapping of ours, nothing writes it now.
+    unsafe { std::slice::from_raw_parts(map.as_ptr(), map.len()) }.to_vec()
+}

@@ -1,0 +1,358 @@
+//! Live snapshots against the real kernel: writers write at full speed while the snapshot
+//! is taken, each write logged with a sequence number; the snapshot must equal the memory
+//! at one consistent instant of that log (every thread's included writes a prefix of its
+//! log, replayed over the initial content, byte for byte) — with writes held by faults on
+//! the way. Anonymous (with unpopulated pages), shmem and hugetlb memory; another process's
+//! memory through the userfaultfd it sends; failures that must release every writer.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{contents, memory, writers};
+use snapshot::{Error, FileSink, LiveSnapshot, MemorySink, PageSink, Quiesce, Region};
+use uffd_core::{peer_credentials, recv_fds, send_fds, Features, MemoryKind, Uffd};
+
+/// Takes a live snapshot of `len` bytes of `kind` memory while `threads` writers write
+/// at full speed, and checks it holds one consistent instant of their logs.
+fn holds_the_cut(kind: MemoryKind, len: usize, threads: usize, workers: usize, batch: usize) {
+    let (map, mut initial) = memory(kind, len);
+    let w = writers(&map, threads, 50_000);
+    let sink = Arc::new(MemorySink::new(len));
+    // SAFETY: the mapping outlives the snapshot; no other uffd is registered on it.
+    let live = unsafe {
+        LiveSnapshot::builder()
+            .region(Region::new(map.addr(), len, kind, 0))
+            .workers(workers)
+            .batch(batch)
+            .start(sink.clone())
+    }
+    .expect("start");
+    let report = live.finish().expect("finish");
+    // Writes go on after the snapshot, unhindered.
+    let after = w.writes();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while w.writes() < after + 50_000 {
+        assert!(
+            Instant::now() < deadline,
+            "writers stuck after the snapshot"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let log = w.stop();
+    let cut = log
+        .check_cut(&mut initial, &sink.to_vec())
+        .unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+    for (t, &(included, total)) in cut.included.iter().enumerate() {
+        assert!(
+            included > 0 && included < total,
+            "{kind:?}: thread {t}'s cut must fall mid-run ({included} of {total})"
+        );
+    }
+    assert_eq!(report.pages as usize, len / kind.page_size());
+    assert!(
+        report.faults > 0,
+        "{kind:?}: writes to pages not yet saved were held (faults served)"
+    );
+    assert_eq!(
+        report.saved_by_fault + report.saved_in_background,
+        report.pages,
+        "each page saved once"
+    );
+}
+
+#[test]
+fn a_live_snapshot_of_anonymous_memory_under_full_speed_writes_is_the_memory_at_the_cut() {
+    holds_the_cut(MemoryKind::Anon, 32 << 20, 2, 2, snapshot::DEFAULT_BATCH);
+}
+
+#[test]
+fn one_page_batches_and_three_writers_race_faults_against_background_saves() {
+    // Batches of one page claimed by the background while a fault wants the same page.
+    holds_the_cut(MemoryKind::Anon, 8 << 20, 3, 3, 4096);
+}
+
+#[test]
+fn a_live_snapshot_of_shared_memory_is_the_memory_at_the_cut() {
+    holds_the_cut(MemoryKind::Shmem, 16 << 20, 2, 2, snapshot::DEFAULT_BATCH);
+}
+
+#[test]
+fn a_live_snapshot_of_two_mib_pages_is_the_memory_at_the_cut() {
+    let test = "a_live_snapshot_of_two_mib_pages_is_the_memory_at_the_cut";
+    if !common::hugetlb_available(test, 8) {
+        return;
+    }
+    holds_the_cut(
+        MemoryKind::HugetlbPrivate,
+        16 << 20,
+        2,
+        2,
+        snapshot::DEFAULT_BATCH,
+    );
+}
+
+/// A sink that fails after `ok` writes.
+struct FailingSink {
+    ok: usize,
+    seen: AtomicUsize,
+}
+
+impl PageSink for FailingSink {
+    fn write(&self, _offset: u64, _data: &[u8]) -> std::io::Result<()> {
+        if self.seen.fetch_add(1, Ordering::Relaxed) >= self.ok {
+            return Err(std::io::Error::other("disk full"));
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_failing_sink_fails_the_snapshot_and_releases_every_writer() {
+    let (map, _) = memory(MemoryKind::Anon, 16 << 20);
+    let w = writers(&map, 2, 10_000);
+    let sink = Arc::new(FailingSink {
+        ok: 20,
+        seen: AtomicUsize::new(0),
+    });
+    // SAFETY: as above.
+    let live = unsafe {
+        LiveSnapshot::builder()
+            .region(Region::new(map.addr(), map.len(), MemoryKind::Anon, 0))
+            .batch(4096)
+            .start(sink)
+    }
+    .expect("start");
+    let err = live.finish().expect_err("the sink fails");
+    assert!(
+        matches!(&err, Error::Sink { source, .. } if source.to_string() == "disk full"),
+        "{err}"
+    );
+    let before = w.writes();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while w.writes() < before + 50_000 {
+        assert!(
+            Instant::now() < deadline,
+            "a writer is still blocked after the snapshot failed"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    w.stop();
+}
+
+#[test]
+fn a_dropped_snapshot_releases_its_writers() {
+    let (map, _) = memory(MemoryKind::Anon, 16 << 20);
+    let w = writers(&map, 2, 10_000);
+    // SAFETY: as above.
+    let live = unsafe {
+        LiveSnapshot::builder()
+            .region(Region::new(map.addr(), map.len(), MemoryKind::Anon, 0))
+            .workers(1)
+            .batch(4096)
+            .start(Arc::new(MemorySink::new(map.len())))
+    }
+    .expect("start");
+    drop(live);
+    let before = w.writes();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while w.writes() < before + 50_000 {
+        assert!(Instant::now() < deadline, "writers blocked after the drop");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    w.stop();
+}
+
+#[test]
+fn unsuitable_userfaultfds_and_regions_are_refused() {
+    let (map, _) = memory(MemoryKind::Anon, 1 << 20);
+    let region = Region::new(map.addr(), map.len(), MemoryKind::Anon, 0);
+    let sink = || Arc::new(MemorySink::new(1 << 20)) as Arc<dyn PageSink>;
+    let asynchronous = Uffd::builder()
+        .require(Features::WP_ASYNC | Features::WP_UNPOPULATED)
+        .open()
+        .unwrap();
+    let err = LiveSnapshot::builder()
+        .region(region)
+        .uffd(asynchronous)
+        .start_remote(std::process::id(), sink())
+        .expect_err("WP_ASYNC");
+    assert!(matches!(err, Error::AsyncWriteProtect), "{err}");
+    let bare = Uffd::builder().open().unwrap();
+    let err = LiveSnapshot::builder()
+        .region(region)
+        .uffd(bare)
+        .start_remote(std::process::id(), sink())
+        .expect_err("no WP_UNPOPULATED");
+    assert!(
+        matches!(err, Error::MissingFeatures { missing } if missing == Features::WP_UNPOPULATED),
+        "{err}"
+    );
+    let err = LiveSnapshot::builder()
+        .region(region)
+        .start_remote(std::process::id(), sink())
+        .expect_err("another process's memory without its uffd");
+    assert!(matches!(err, Error::Region { .. }), "{err}");
+    // SAFETY: nothing is started: the region is refused first.
+    let err = unsafe {
+        LiveSnapshot::builder()
+            .region(Region::new(map.addr() + 100, 4096, MemoryKind::Anon, 0))
+            .start(sink())
+    }
+    .expect_err("misaligned");
+    assert!(matches!(err, Error::Region { index: 0, .. }), "{err}");
+    // The memory is untouched by the refusals: plain writable memory.
+    // SAFETY: our mapping.
+    unsafe { (map.addr() as *mut u8).write_volatile(1) };
+}
+
+const CHILD: &str = "SNAPSHOT_TEST_CHILD_SOCKET";
+const REMOTE_LEN: usize = 16 << 20;
+
+/// The child of `another_process_memory_is_snapshot_through_the_uffd_it_sends`: maps and
+/// fills memory, sends its userfaultfd and the region, writes at full speed until told
+/// the snapshot is done, then checks the snapshot file against its own log.
+fn remote_child(socket: &str) {
+    let mut stream = UnixStream::connect(socket).expect("connect");
+    let (map, mut initial) = memory(MemoryKind::Anon, REMOTE_LEN);
+    let uffd = Uffd::builder()
+        .require(Features::WP_UNPOPULATED)
+        .open()
+        .expect("uffd");
+    let w = writers(&map, 2, 50_000);
+    let text = format!("{} {}", map.addr(), map.len());
+    send_fds(&stream, text.as_bytes(), &[uffd.as_fd()]).expect("send uffd");
+    drop(uffd);
+    let mut path = String::new();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    stream
+        .read_to_string(&mut path)
+        .expect("the snapshot's path");
+    let log = w.stop();
+    let snapshot = std::fs::read(path.trim()).expect("read the snapshot");
+    let cut = log
+        .check_cut(&mut initial, &snapshot)
+        .expect("a consistent cut");
+    assert!(cut.included.iter().all(|&(i, t)| i > 0 && i < t), "{cut:?}");
+    println!("child: snapshot verified, cut {:?}", cut.included);
+}
+
+#[test]
+fn another_process_memory_is_snapshot_through_the_uffd_it_sends() {
+    if let Ok(socket) = std::env::var(CHILD) {
+        return remote_child(&socket);
+    }
+    let dir = std::env::temp_dir();
+    let socket = dir.join(format!("snapshot-remote-{}.sock", std::process::id()));
+    let image = dir.join(format!("snapshot-remote-{}.raw", std::process::id()));
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket).expect("bind");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "another_process_memory_is_snapshot_through_the_uffd_it_sends",
+            "--exact",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(CHILD, &socket)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the child");
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut stream = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+                    let _ = child.kill();
+                    panic!("the child never connected");
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    stream.set_nonblocking(false).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let pid = peer_credentials(&stream).unwrap().pid as u32;
+    let mut buf = [0u8; 64];
+    let got = recv_fds(&stream, &mut buf, 1).expect("receive the uffd");
+    let text = std::str::from_utf8(&buf[..got.bytes]).unwrap();
+    let (addr, len) = text.split_once(' ').unwrap();
+    let (addr, len): (usize, usize) = (addr.parse().unwrap(), len.parse().unwrap());
+    let uffd = Uffd::from_fd(got.fds.into_iter().next().expect("an fd")).expect("adopt");
+    let sink = Arc::new(FileSink::create(&image, len as u64).unwrap());
+    let report = LiveSnapshot::builder()
+        .region(Region::new(addr, len, MemoryKind::Anon, 0))
+        .uffd(uffd)
+        .workers(2)
+        .start_remote(pid, sink)
+        .expect("start on the child's memory")
+        .finish()
+        .expect("finish");
+    stream
+        .write_all(image.to_str().unwrap().as_bytes())
+        .unwrap();
+    drop(stream); // EOF: the child stops writing and checks
+    let out = loop {
+        if let Some(_status) = child.try_wait().unwrap() {
+            break child.wait_with_output().unwrap();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the child hung");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(&image);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "child: {text}");
+    assert!(text.contains("child: snapshot verified"), "{text}");
+    assert_eq!(report.pages as usize, REMOTE_LEN / 4096);
+    assert!(
+        report.faults > 0,
+        "the child's writes were held: {report:?}"
+    );
+}
+
+#[test]
+fn a_stop_the_world_dump_of_paused_writers_is_their_memory() {
+    let (map, mut initial) = memory(MemoryKind::Anon, 8 << 20);
+    let mut w = writers(&map, 2, 50_000);
+    w.pause().expect("pause");
+    let sink = MemorySink::new(map.len());
+    // SAFETY: paused writers; the mapping is ours.
+    let report = unsafe {
+        snapshot::dump(
+            &[Region::new(map.addr(), map.len(), MemoryKind::Anon, 0)],
+            &sink,
+            2,
+        )
+    }
+    .expect("dump");
+    let now = contents(&map);
+    w.resume().expect("resume");
+    let log = w.stop();
+    let dumped = sink.into_bytes();
+    assert!(dumped == now, "the dump is the paused memory");
+    log.check_cut(&mut initial, &dumped)
+        .expect("a consistent cut");
+    assert_eq!(report.bytes, 8 << 20);
+}
