@@ -219,8 +219,10 @@ fn write_loop(
         ..ThreadLog::default()
     };
     let threshold = options.stall_threshold.as_nanos() as u64;
-    // Writes per millisecond for this thread (each dirties a random page).
-    let per_ms = options.rate_mib * 256 / 1000 / threads as u64;
+    // Writes per second for this thread (each dirties a random page), checked against the
+    // clock about every millisecond.
+    let per_s = options.rate_mib * 256 / threads as u64;
+    let check_every = (per_s / 1000).max(1);
     let mut x = 0x2545_f491_4f6c_dd1d_u64 ^ ((t as u64 + 1) << 32);
     let throttle_start = Instant::now();
     let mut seq = 0u64;
@@ -265,9 +267,9 @@ fn write_loop(
         if log.writes % 1024 == 0 {
             shared.writes.fetch_add(1024, Ordering::Relaxed);
         }
-        if per_ms > 0 && log.writes % per_ms == 0 {
-            // Throttle: n writes should take n / per_ms milliseconds.
-            let due = Duration::from_millis(log.writes / per_ms);
+        if options.rate_mib > 0 && log.writes % check_every == 0 {
+            // Throttle: n writes should take n / per_s seconds.
+            let due = Duration::from_nanos(log.writes * 1_000_000_000 / per_s.max(1));
             if let Some(ahead) = due.checked_sub(throttle_start.elapsed()) {
                 std::thread::sleep(ahead);
             }

@@ -49,8 +49,15 @@ pub fn memory(kind: MemoryKind, len: usize) -> (Mapping, Vec<u8>) {
 /// Starts `threads` logged writers on `map` at full speed and waits until they have
 /// written `warm_up` words.
 pub fn writers(map: &Mapping, threads: usize, warm_up: u64) -> Writers {
+    writers_at(map, threads, 0, warm_up)
+}
+
+/// Starts `threads` logged writers dirtying `rate_mib` MiB/s of pages (0: full speed) and
+/// waits until they have written `warm_up` words.
+pub fn writers_at(map: &Mapping, threads: usize, rate_mib: u64, warm_up: u64) -> Writers {
     let options = WriterOptions {
         threads,
+        rate_mib,
         log_capacity: LOG,
         ..WriterOptions::default()
     };

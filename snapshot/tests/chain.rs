@@ -1,0 +1,215 @@
+//! Incremental chains against the real kernel: a live base taken while writers write at
+//! full speed, handed over to async dirty tracking, then five layers of changed chunks;
+//! every snapshot of the chain restored through a real pager straight from its chain and
+//! compared byte for byte with the memory captured while the writers were paused for it,
+//! and checked against the writers' logs. 4 KiB and 2 MiB pages.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use chunked::{Image, PushOptions, SourceOptions, StoreOptions};
+use common::{contents, memory, writers_at};
+use pager::{DeliveryMode, Pager, Prefetch, RegionSpec};
+use snapshot::workload::Writers;
+use snapshot::{Chain, FileSink, LiveSnapshot, Quiesce, QuiesceError, Region};
+use uffd_core::{Features, Mapping, MemoryKind, Uffd};
+
+/// A store root in a scratch directory, removed on drop.
+struct Store(PathBuf);
+
+impl Store {
+    fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("snapshot-chain-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Store(p)
+    }
+
+    fn url(&self, name: &str) -> String {
+        format!("file://{}/{name}", self.0.display())
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Pauses the writers and copies the memory while they are paused: the reference each
+/// layer must restore to.
+struct Capturing<'a> {
+    writers: &'a mut Writers,
+    memory: &'a Mapping,
+    captured: Vec<Vec<u8>>,
+}
+
+impl Quiesce for Capturing<'_> {
+    fn pause(&mut self) -> Result<(), QuiesceError> {
+        self.writers.pause()?;
+        self.captured.push(contents(self.memory));
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), QuiesceError> {
+        self.writers.resume()
+    }
+}
+
+/// Restores image `url` into fresh `kind` memory through a pager, every page faulted.
+fn restore(url: &str, kind: MemoryKind, len: usize) -> Vec<u8> {
+    let image = Image::open(url, &StoreOptions::default()).expect("open");
+    let source = Arc::new(image.source(None, SourceOptions::default()).unwrap());
+    let memory = Mapping::new(kind, len).unwrap();
+    let uffd = Uffd::builder()
+        .non_blocking(true)
+        .require(Features::EVENT_REMOVE)
+        .optional(Features::MISSING_HUGETLBFS)
+        .open()
+        .unwrap();
+    let pager = Pager::builder(uffd, source)
+        .region(RegionSpec::new(memory.addr(), memory.len(), kind, 0))
+        .mode(DeliveryMode::Thread)
+        .prefetch(Prefetch::None)
+        .start()
+        .expect("pager");
+    let got = contents(&memory); // faults every page in, in order
+    pager.stop().expect("stop");
+    got
+}
+
+/// A live base and five layers of `kind` memory with `chunk`-byte chunks, each restored
+/// and checked.
+fn five_layers(test: &str, kind: MemoryKind, len: usize, chunk: u32, rate_mib: u64) {
+    let store = Store::new(test);
+    let (map, initial) = memory(kind, len);
+    // A slow writer: each layer changes some chunks and inherits the rest.
+    let mut w = writers_at(&map, 2, rate_mib, 100);
+    let base_raw = store.0.join("base.raw");
+    let sink = Arc::new(FileSink::create(&base_raw, len as u64).unwrap());
+    // SAFETY: the mapping outlives the snapshot and the chain.
+    let live = unsafe {
+        LiveSnapshot::builder()
+            .region(Region::new(map.addr(), len, kind, 0))
+            .track_writes(true)
+            .start(sink)
+    }
+    .expect("live base");
+    let (mut chain, base_report, handover) = Chain::from_live(live, &mut w).expect("hand over");
+    assert_eq!(base_report.pages as usize, len / kind.page_size());
+    assert!(handover < std::time::Duration::from_secs(10));
+    let options = PushOptions {
+        page_size: kind.page_size() as u32,
+        chunk_size: chunk,
+        ..PushOptions::default()
+    };
+    chunked::push(&base_raw, &store.url("vm.0"), &options).expect("push the base");
+    let mut q = Capturing {
+        writers: &mut w,
+        memory: &map,
+        captured: Vec::new(),
+    };
+    let mut reports = Vec::new();
+    for k in 1..=5 {
+        std::thread::sleep(std::time::Duration::from_millis(30)); // the writers write on
+        let r = chain
+            .layer(
+                &store.url(&format!("vm.{k}")),
+                &format!("vm.{}", k - 1),
+                &StoreOptions::default(),
+                &mut q,
+            )
+            .expect("layer");
+        assert!(
+            r.dirty_pages > 0 && r.dirty_chunks > 0,
+            "layer {k}: nothing written?"
+        );
+        assert_eq!(
+            r.push.inherited_chunks + r.dirty_chunks,
+            r.push.chunks,
+            "layer {k}: the chunks not written since are inherited"
+        );
+        reports.push(r);
+    }
+    let inherited: Vec<u64> = reports.iter().map(|r| r.push.inherited_chunks).collect();
+    assert!(
+        inherited.iter().sum::<u64>() > 0,
+        "unchanged chunks are inherited: {inherited:?}"
+    );
+    let captured = std::mem::take(&mut q.captured);
+    drop(q);
+    let log = w.stop();
+    // The base holds the live cut; each layer the memory of its pause, byte for byte.
+    let mut cuts = Vec::new();
+    let base = std::fs::read(&base_raw).unwrap();
+    cuts.push(log.check_cut(&mut initial.clone(), &base).expect("base"));
+    for (k, want) in captured.iter().enumerate() {
+        let url = store.url(&format!("vm.{}", k + 1));
+        let got = restore(&url, kind, len);
+        assert!(got == *want, "layer {} restores byte for byte", k + 1);
+        cuts.push(
+            log.check_cut(&mut initial.clone(), &got)
+                .expect("a layer's cut"),
+        );
+    }
+    for pair in cuts.windows(2) {
+        for (a, b) in pair[0].included.iter().zip(&pair[1].included) {
+            assert!(
+                b.0 > a.0,
+                "each snapshot holds more writes than the one before"
+            );
+        }
+    }
+    let top = Image::open(&store.url("vm.5"), &StoreOptions::default()).unwrap();
+    assert_eq!(top.chain().depth(), 6);
+}
+
+#[test]
+fn a_live_base_and_five_layers_of_4k_pages_restore_each_instant_byte_for_byte() {
+    five_layers("chain4k", MemoryKind::Anon, 16 << 20, 64 << 10, 4);
+}
+
+#[test]
+fn a_live_base_and_five_layers_of_2m_pages_restore_each_instant_byte_for_byte() {
+    let test = "a_live_base_and_five_layers_of_2m_pages_restore_each_instant_byte_for_byte";
+    if !common::hugetlb_available(test, 24) {
+        return;
+    }
+    five_layers("chain2m", MemoryKind::HugetlbPrivate, 24 << 20, 2 << 20, 1);
+}
+
+#[test]
+fn a_layer_over_an_image_of_another_shape_is_refused() {
+    let store = Store::new("shape");
+    let (map, _) = memory(MemoryKind::Anon, 1 << 20);
+    let raw = store.0.join("small.raw");
+    std::fs::write(&raw, vec![1u8; 512 << 10]).unwrap();
+    chunked::push(&raw, &store.url("small"), &PushOptions::default()).unwrap();
+    // SAFETY: the mapping outlives the chain; nothing writes it.
+    let mut chain =
+        unsafe { Chain::start(&[Region::new(map.addr(), map.len(), MemoryKind::Anon, 0)]) }
+            .expect("track");
+    struct Still;
+    impl Quiesce for Still {
+        fn pause(&mut self) -> Result<(), QuiesceError> {
+            Ok(())
+        }
+        fn resume(&mut self) -> Result<(), QuiesceError> {
+            Ok(())
+        }
+    }
+    let err = chain
+        .layer(
+            &store.url("l1"),
+            "small",
+            &StoreOptions::default(),
+            &mut Still,
+        )
+        .expect_err("512 KiB image under 1 MiB of memory");
+    assert!(
+        matches!(err, snapshot::Error::Chunked(chunked::Error::Geometry(_))),
+        "{err}"
+    );
+}
