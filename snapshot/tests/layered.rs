@@ -20,7 +20,8 @@ struct Dir(PathBuf);
 
 impl Dir {
     fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("snapshot-layered-{name}-{}", std::process::id()));
+        let p =
+            std::env::temp_dir().join(format!("snapshot-layered-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
         Dir(p)
@@ -150,7 +151,9 @@ fn merge_writes_what_rebase_snap_would_and_keeps_zero_pages_as_holes() {
     assert!(std::fs::read(&out).unwrap() == memory);
     let holes = chunked::holes(&File::open(&out).unwrap(), report.len).unwrap();
     assert!(
-        holes.iter().any(|h| h.start <= 7 * PS as u64 && h.end >= 8 * PS as u64),
+        holes
+            .iter()
+            .any(|h| h.start <= 7 * PS as u64 && h.end >= 8 * PS as u64),
         "a zero page of the base stays a hole: {holes:?}"
     );
     // The merged file alone serves the same memory.

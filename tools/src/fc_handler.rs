@@ -60,6 +60,10 @@ pub struct Args {
     /// flag).
     #[arg(long, value_name = "MEMFILE")]
     mem_file: Option<PathBuf>,
+    /// A Firecracker diff snapshot's memory file over MEMFILE, oldest first (repeat for
+    /// a chain): the chain is served directly, newest layer first, without rebase-snap.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["source", "image"])]
+    diff: Vec<PathBuf>,
     /// Serve pages from a `uffdkit serve` page server at this address instead of a file
     /// (host:port or unix:/path; 4 KiB regions; the server streams every page itself, so
     /// --prefetch does not apply).
@@ -180,10 +184,16 @@ fn open_memory(args: &Args) -> Result<Memory> {
         if len == 0 {
             bail!("memory file {} is empty", path.display());
         }
-        let source =
-            FileSource::mmap(path).with_context(|| format!("memory file {}", path.display()))?;
+        let source: Arc<dyn Source> = if args.diff.is_empty() {
+            Arc::new(
+                FileSource::mmap(path)
+                    .with_context(|| format!("memory file {}", path.display()))?,
+            )
+        } else {
+            crate::snapshot::diff_chain_source(path, &args.diff)?
+        };
         return Ok(Memory {
-            source: Arc::new(source),
+            source,
             file: Some(path.clone()),
             remote: "",
         });

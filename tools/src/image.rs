@@ -1,6 +1,7 @@
-//! `uffdkit image push|pull|inspect`: chunked, content-addressed images in an object
-//! store, and the one hook the serving commands share to open one as a pager source
-//! ([`open_source`]).
+//! `uffdkit image push|pull|inspect|merge`: chunked, content-addressed images in an object
+//! store (and layers of them), and the one hook the serving commands share to open one as
+//! a pager source ([`open_source`]). `merge` also folds a Firecracker diff-snapshot chain
+//! into one memory file, as `rebase-snap` does.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,8 +22,12 @@ pub enum Args {
     Push(PushArgs),
     /// Download an image into a raw file (zero chunks as holes), every chunk verified.
     Pull(PullArgs),
-    /// Show an image's manifest.
+    /// Show an image's manifest (and, for a layer, its chain).
     Inspect(InspectArgs),
+    /// Fold a chain into one image: a layer's chain into a plain image beside it (a
+    /// manifest only, no chunk data copied) or into a raw file; or a Firecracker memory
+    /// file and its diff snapshots into one memory file (what rebase-snap makes).
+    Merge(MergeArgs),
 }
 
 /// The host chunk cache, as command-line options.
@@ -77,9 +82,25 @@ pub struct PushArgs {
     /// Do not deduplicate against the other images in the store root.
     #[arg(long)]
     no_dedupe: bool,
+    /// Push as a layer over this image of the same store root (its name): chunks equal to
+    /// the parent's are inherited, not stored; page and chunk size are the parent's.
+    #[arg(long, value_name = "NAME")]
+    parent: Option<String>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// Options of `uffdkit image merge`.
+#[derive(clap::Args, Debug)]
+pub struct MergeArgs {
+    /// A layer's URL; or a Firecracker memory file followed by its diff snapshots, oldest
+    /// first.
+    #[arg(required = true, value_name = "INPUT")]
+    inputs: Vec<String>,
+    /// Where the merged image goes: a URL in the layer's store root, or a raw file.
+    #[arg(long, short)]
+    out: String,
 }
 
 /// Options of `uffdkit image pull`.
@@ -115,6 +136,7 @@ pub fn run(args: &Args) -> Result<()> {
         Args::Push(a) => push(a),
         Args::Pull(a) => pull(a),
         Args::Inspect(a) => inspect(a),
+        Args::Merge(a) => merge(a),
     }
 }
 
@@ -123,6 +145,7 @@ fn push(args: &PushArgs) -> Result<()> {
         page_size: args.page_size,
         chunk_size: args.chunk_kib * 1024,
         dedupe_with_store: !args.no_dedupe,
+        parent: args.parent.clone(),
         ..PushOptions::default()
     };
     let started = Instant::now();
@@ -135,12 +158,19 @@ fn push(args: &PushArgs) -> Result<()> {
             serde_json::to_string_pretty(&json!({
                 "url": args.url, "chunks": r.chunks, "zero_chunks": r.zero_chunks,
                 "repeated_chunks": r.repeated_chunks, "existing_chunks": r.existing_chunks,
-                "new_chunks": r.new_chunks, "data_bytes": r.data_bytes,
+                "new_chunks": r.new_chunks, "inherited_chunks": r.inherited_chunks,
+                "data_bytes": r.data_bytes,
                 "uploaded_bytes": r.uploaded_bytes, "dedupe_ratio": r.dedupe_ratio(),
                 "manifests_indexed": r.manifests_indexed, "seconds": secs,
             }))?
         );
         return Ok(());
+    }
+    if let Some(parent) = &args.parent {
+        println!(
+            "layer over {parent}: {} of {} chunks unchanged (inherited, not stored)",
+            r.inherited_chunks, r.chunks
+        );
     }
     println!(
         "pushed {} to {} in {:.2} s: {} chunks of {} KiB — {} zero (not stored), {} repeated within the image, \
@@ -149,7 +179,7 @@ fn push(args: &PushArgs) -> Result<()> {
         args.url,
         secs,
         r.chunks,
-        args.chunk_kib,
+        r.manifest.geometry().chunk_size / 1024,
         r.zero_chunks,
         r.repeated_chunks,
         r.existing_chunks,
@@ -190,6 +220,7 @@ fn inspect(args: &InspectArgs) -> Result<()> {
     let g = m.geometry();
     let mut data = 0u64;
     let mut zero = 0u64;
+    let mut inherited = 0u64;
     let mut unique = std::collections::HashSet::new();
     for c in m.chunks() {
         match c {
@@ -198,7 +229,7 @@ fn inspect(args: &InspectArgs) -> Result<()> {
                 unique.insert(*digest);
             }
             Chunk::Zero => zero += 1,
-            Chunk::Inherited => {}
+            Chunk::Inherited => inherited += 1,
         }
     }
     let chunks: Vec<serde_json::Value> = if args.chunks {
@@ -225,6 +256,8 @@ fn inspect(args: &InspectArgs) -> Result<()> {
         "length": g.len, "chunks": m.chunks().len(), "data_chunks": data, "zero_chunks": zero,
         "unique_chunks": unique.len(), "packs": m.packs().iter().map(|p| p.to_hex()).collect::<Vec<_>>(),
         "parent": m.parent().map(|p| json!({"name": p.name, "digest": p.digest.to_hex()})),
+        "inherited_chunks": inherited,
+        "chain": image.chain().layers().iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
     });
     if args.json {
         let mut v = v;
@@ -249,8 +282,84 @@ fn inspect(args: &InspectArgs) -> Result<()> {
         zero,
         m.packs().len()
     );
+    if let Some(p) = m.parent() {
+        let names: Vec<&str> = image
+            .chain()
+            .layers()
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
+        println!(
+            "  a layer over {} ({}): {inherited} chunks inherited; chain of {}: {}",
+            p.name,
+            p.digest,
+            names.len(),
+            names.join(" → ")
+        );
+    }
     for c in &chunks {
         println!("  {c}");
+    }
+    Ok(())
+}
+
+fn merge(args: &MergeArgs) -> Result<()> {
+    let started = Instant::now();
+    let out_is_url = is_url(&args.out);
+    match args.inputs.as_slice() {
+        [url] if is_url(url) => {
+            if out_is_url {
+                let m = chunked::merge(url, &args.out, &StoreOptions::default())
+                    .with_context(|| format!("merge {url} into {}", args.out))?;
+                println!(
+                    "merged {url} into {} in {:.2} s: a manifest of {} chunks naming {} pack(s), no chunk data copied",
+                    args.out,
+                    started.elapsed().as_secs_f64(),
+                    m.chunks().len(),
+                    m.packs().len()
+                );
+            } else {
+                let image = Image::open(url, &StoreOptions::default())
+                    .with_context(|| format!("open {url}"))?;
+                let r = image.pull(
+                    std::path::Path::new(&args.out),
+                    None,
+                    RetryPolicy::default(),
+                    16,
+                )?;
+                println!(
+                    "merged {url} (a chain of {}) into {} in {:.2} s: {} MiB",
+                    image.chain().depth(),
+                    args.out,
+                    started.elapsed().as_secs_f64(),
+                    r.bytes >> 20
+                );
+            }
+        }
+        [base, diffs @ ..] if !args.inputs.iter().any(|i| is_url(i)) => {
+            if out_is_url {
+                return Err(crate::exit::usage(
+                    "a Firecracker chain merges into a file; push that file to store it",
+                ));
+            }
+            let diffs: Vec<PathBuf> = diffs.iter().map(PathBuf::from).collect();
+            let source = snapshot::LayeredSource::open(base, &diffs)
+                .with_context(|| format!("open the chain of {base}"))?;
+            let r = source.merge_into(std::path::Path::new(&args.out))?;
+            println!(
+                "merged {base} and {} diff(s) into {} in {:.2} s: {} of data in {} extents, the rest holes",
+                diffs.len(),
+                args.out,
+                started.elapsed().as_secs_f64(),
+                crate::units::bytes(r.data_bytes),
+                r.extents
+            );
+        }
+        _ => {
+            return Err(crate::exit::usage(
+                "give one image URL, or a memory file and its diff files (no URLs among them)",
+            ))
+        }
     }
     Ok(())
 }

@@ -15,6 +15,7 @@ mod progress;
 mod restore;
 mod serve;
 mod signals;
+mod snapshot;
 mod socket_file;
 mod units;
 mod workload;
@@ -61,11 +62,14 @@ enum Command {
     /// External page-fault handler for Firecracker snapshot restore (a drop-in for
     /// Firecracker's example handlers: `uffdkit fc-handler SOCKET MEMFILE`).
     FcHandler(fc_handler::Args),
-    /// Chunked images in an object store: push, pull, inspect.
+    /// Chunked images in an object store: push, pull, inspect, merge.
     #[command(subcommand)]
     Image(image::Args),
     /// Play Firecracker's side of the UFFD handshake against a handler, and verify.
     FcClient(fc_client::ClientArgs),
+    /// Live and incremental snapshots of a region that keeps being written.
+    #[command(subcommand)]
+    Snapshot(snapshot::Args),
 }
 
 fn main() -> ExitCode {
@@ -91,5 +95,6 @@ fn run(command: Command) -> Result<()> {
         Command::FcHandler(args) => fc_handler::run(&args),
         Command::FcClient(args) => fc_client::run(&args),
         Command::Image(args) => image::run(&args),
+        Command::Snapshot(args) => snapshot::run(&args),
     }
 }

@@ -1,0 +1,539 @@
+//! `uffdkit snapshot`: snapshots of a memory region that writer threads keep writing.
+//!
+//! `live` takes one live consistent snapshot (userfaultfd write-protect; writes wait only
+//! for their own page) and, in the same run, a stop-the-world dump of the same memory, and
+//! reports what each cost the workload. `chain` takes a live base and then incremental
+//! layers in the chunked image format, and the same memory as one full image to compare.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use snapshot::workload::{fill_initial, Stall, WriterOptions, Writers};
+use snapshot::{
+    Chain, FileSink, LayerReport, LiveSnapshot, Quiesce, QuiesceError, Region, SnapshotReport,
+};
+use uffd_core::{hugetlb, Mapping, MemoryKind, HUGE_PAGE_SIZE};
+
+use crate::migrate::parse_size;
+use crate::progress::{self, Status};
+use crate::units;
+
+/// `uffdkit snapshot` subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub enum Args {
+    /// A live snapshot of a region being written, and a stop-the-world dump of the same
+    /// memory in the same run.
+    Live(LiveArgs),
+    /// A live base, then incremental layers (chunked images naming their parent), and the
+    /// same memory as one full image.
+    Chain(ChainArgs),
+}
+
+/// The region and its writers.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Workload {
+    /// Region size (K, M, G suffixes).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    size: usize,
+    /// Pages of the region: 4k; thp (anonymous memory with MADV_HUGEPAGE: the kernel maps
+    /// 2 MiB where it can, as QEMU's guest memory); or 2m (hugetlb; the pool is grown if
+    /// root).
+    #[arg(long, default_value = "4k", value_parser = ["4k", "thp", "2m"])]
+    page_size: String,
+    /// Writer threads.
+    #[arg(long, default_value_t = 1)]
+    writers: usize,
+    /// 4 KiB pages the writers dirty per second, in MiB/s (0: as fast as they can).
+    #[arg(long, default_value_t = 64)]
+    dirty_rate: u64,
+}
+
+/// Options of `uffdkit snapshot live`.
+#[derive(clap::Args, Debug)]
+pub struct LiveArgs {
+    #[command(flatten)]
+    workload: Workload,
+    /// Snapshot worker threads (default: one per CPU, at least two).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Background batch, KiB.
+    #[arg(long, default_value_t = (snapshot::DEFAULT_BATCH / 1024) as u64)]
+    batch_kib: u64,
+    /// Where the snapshot goes (a sparse raw memory file).
+    #[arg(long)]
+    out: PathBuf,
+    /// Seconds the writers run before the snapshot (the same span is the no-snapshot
+    /// baseline of blocked writes).
+    #[arg(long, default_value_t = 2.0)]
+    warm_up: f64,
+    /// Skip the stop-the-world dump.
+    #[arg(long)]
+    no_baseline: bool,
+    /// Log every write and check that the snapshot is the memory at one instant (needs
+    /// twice the region in memory, and 4 bytes per write).
+    #[arg(long)]
+    verify: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Options of `uffdkit snapshot chain`.
+#[derive(clap::Args, Debug)]
+pub struct ChainArgs {
+    #[command(flatten)]
+    workload: Workload,
+    /// The base image's URL (file:///dir/NAME, s3://…); layer k is NAME.k beside it.
+    #[arg(long)]
+    url: String,
+    /// Layers after the base.
+    #[arg(long, default_value_t = 5)]
+    layers: u32,
+    /// Seconds between snapshots.
+    #[arg(long, default_value_t = 1.0)]
+    interval: f64,
+    /// Chunk size in KiB: the granule of change of the layers.
+    #[arg(long, default_value_t = 64)]
+    chunk_kib: u32,
+    /// Directory for the base's raw file while it is pushed (and the reference).
+    #[arg(long, default_value = "/var/tmp")]
+    work_dir: PathBuf,
+    /// Keep the memory at the last layer as a raw file here (to verify a restore with
+    /// `uffdkit restore --image URL.N --reference FILE`).
+    #[arg(long)]
+    reference: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `uffdkit snapshot …`.
+pub fn run(args: &Args) -> Result<()> {
+    match args {
+        Args::Live(a) => live(a),
+        Args::Chain(a) => chain(a),
+    }
+}
+
+impl Workload {
+    fn kind(&self) -> MemoryKind {
+        if self.page_size == "2m" {
+            MemoryKind::HugetlbPrivate
+        } else {
+            MemoryKind::Anon
+        }
+    }
+
+    /// The region, filled with the workload's initial content.
+    fn region(&self) -> Result<Mapping> {
+        let kind = self.kind();
+        if kind.is_hugetlb() {
+            let want = self.size.div_ceil(HUGE_PAGE_SIZE);
+            let free = hugetlb::ensure_free(want).context("reserve 2 MiB hugetlb pages")?;
+            if free < want {
+                bail!("{want} free 2 MiB pages needed, {free} available");
+            }
+        }
+        let map = if self.page_size == "thp" {
+            let map = Mapping::anon_aligned(self.size, HUGE_PAGE_SIZE).context("map the region")?;
+            map.madvise(0, map.len(), libc::MADV_HUGEPAGE)
+                .context("madvise(MADV_HUGEPAGE)")?;
+            map
+        } else {
+            Mapping::new(kind, self.size).context("map the region")?
+        };
+        // SAFETY: a fresh mapping of ours; nothing else uses it yet.
+        fill_initial(unsafe { std::slice::from_raw_parts_mut(map.as_ptr(), map.len()) });
+        Ok(map)
+    }
+
+    fn writers(&self, map: &Mapping, log: bool) -> Writers {
+        let options = WriterOptions {
+            threads: self.writers.max(1),
+            rate_mib: self.dirty_rate,
+            // Enough for minutes at any rate this machine reaches with a snapshot running.
+            log_capacity: if log { 256 << 20 } else { 0 },
+            ..WriterOptions::default()
+        };
+        // SAFETY: the mapping outlives the writers (they are stopped before it goes).
+        unsafe { Writers::start(map.addr(), map.len(), &options) }
+    }
+
+    fn describe(&self) -> String {
+        let rate = if self.dirty_rate == 0 {
+            "unthrottled".to_owned()
+        } else {
+            format!("dirtying {} MiB/s", self.dirty_rate)
+        };
+        format!(
+            "{} of {} pages, {} writer(s) {rate}",
+            units::bytes(self.size as u64),
+            match self.page_size.as_str() {
+                "2m" => "2 MiB hugetlb",
+                "thp" => "transparent huge",
+                _ => "4 KiB",
+            },
+            self.writers
+        )
+    }
+}
+
+/// Blocked writes in a window of the writers' run.
+fn stalls_in(stalls: &[Stall], from: Duration, to: Duration) -> serde_json::Value {
+    let mut took: Vec<Duration> = stalls
+        .iter()
+        .filter(|s| s.at >= from && s.at <= to)
+        .map(|s| s.took)
+        .collect();
+    took.sort_unstable();
+    let q = |p: f64| {
+        took.get(((took.len() as f64 * p).ceil() as usize).saturating_sub(1))
+            .map_or(0.0, |d| d.as_secs_f64() * 1e6)
+    };
+    json!({
+        "count": took.len(),
+        "p50_us": q(0.5), "p99_us": q(0.99), "max_us": q(1.0),
+        "total_ms": took.iter().sum::<Duration>().as_secs_f64() * 1e3,
+    })
+}
+
+fn describe_stalls(v: &serde_json::Value) -> String {
+    format!(
+        "{} blocked writes, p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs, {:.1} ms blocked in all",
+        v["count"],
+        v["p50_us"].as_f64().unwrap_or(0.0),
+        v["p99_us"].as_f64().unwrap_or(0.0),
+        v["max_us"].as_f64().unwrap_or(0.0),
+        v["total_ms"].as_f64().unwrap_or(0.0)
+    )
+}
+
+fn region_of(map: &Mapping) -> Region {
+    Region::new(map.addr(), map.len(), map.kind(), 0)
+}
+
+/// Takes a live snapshot with a progress display.
+fn take_live(
+    map: &Mapping,
+    sink: Arc<FileSink>,
+    workers: Option<usize>,
+    batch: usize,
+    track_writes: bool,
+) -> Result<LiveSnapshot> {
+    let mut builder = LiveSnapshot::builder()
+        .region(region_of(map))
+        .batch(batch)
+        .track_writes(track_writes);
+    if let Some(n) = workers {
+        builder = builder.workers(n);
+    }
+    // SAFETY: the mapping outlives the snapshot (finished or dropped before it goes), and
+    // no other userfaultfd is registered on it.
+    let mut live = unsafe { builder.start(sink) }.context("start the live snapshot")?;
+    let total = live.progress().1;
+    let status = std::sync::Mutex::new((0u64, total));
+    progress::track(
+        "uffdkit::snapshot",
+        "live snapshot",
+        || {
+            let (saved, total) = *status.lock().unwrap_or_else(|p| p.into_inner());
+            Status {
+                phase: String::new(),
+                fraction: Some((saved, total)),
+                text: format!("{saved} of {total} pages saved"),
+            }
+        },
+        || -> Result<()> {
+            while !live.wait_saved(Some(Duration::from_millis(50)))? {
+                *status.lock().unwrap_or_else(|p| p.into_inner()) = live.progress();
+            }
+            Ok(())
+        },
+    )?;
+    Ok(live)
+}
+
+fn snapshot_json(r: &SnapshotReport) -> serde_json::Value {
+    json!({
+        "elapsed_ms": r.elapsed.as_secs_f64() * 1e3,
+        "cut_ms": r.protect.as_secs_f64() * 1e3,
+        "pages": r.pages, "saved_by_fault": r.saved_by_fault,
+        "saved_in_background": r.saved_in_background, "faults": r.faults,
+        "fault_service_p50_us": r.fault_service.quantile(0.5).map(|d| d.as_secs_f64() * 1e6),
+        "fault_service_p99_us": r.fault_service.quantile(0.99).map(|d| d.as_secs_f64() * 1e6),
+    })
+}
+
+fn live(args: &LiveArgs) -> Result<()> {
+    let w = &args.workload;
+    let map = w.region()?;
+    let mut writers = w.writers(&map, args.verify);
+    let warm = Duration::from_secs_f64(args.warm_up.max(0.1));
+    std::thread::sleep(warm);
+    let sink = Arc::new(FileSink::create(&args.out, map.len() as u64)?);
+    let from = writers.started().elapsed();
+    let writes_before = writers.writes();
+    let live = take_live(
+        &map,
+        sink.clone(),
+        args.workers,
+        (args.batch_kib as usize) << 10,
+        false,
+    )?;
+    let report = live.finish().context("live snapshot")?;
+    let to = writers.started().elapsed();
+    let writes_during = writers.writes() - writes_before;
+    let span = to - from;
+    std::thread::sleep(Duration::from_millis(200));
+    let baseline = if args.no_baseline {
+        None
+    } else {
+        let stw = args.out.with_extension("stw");
+        let sink = FileSink::create(&stw, map.len() as u64)?;
+        let paused = Instant::now();
+        writers
+            .pause()
+            .map_err(|e| anyhow::anyhow!("pause the writers: {e}"))?;
+        // SAFETY: the writers are paused; the mapping is ours.
+        let dump = unsafe { snapshot::dump(&[region_of(&map)], &sink, args.workers.unwrap_or(2)) };
+        writers
+            .resume()
+            .map_err(|e| anyhow::anyhow!("resume the writers: {e}"))?;
+        let paused = paused.elapsed();
+        let _ = std::fs::remove_file(&stw);
+        Some((dump.context("stop-the-world dump")?, paused))
+    };
+    let log = writers.stop();
+    let stalls = log.stalls();
+    let during = stalls_in(&stalls, from, to);
+    let before = stalls_in(&stalls, from.saturating_sub(span.min(warm)), from);
+    let verified = if args.verify {
+        let mut expected = vec![0u8; map.len()];
+        fill_initial(&mut expected);
+        let got =
+            std::fs::read(&args.out).with_context(|| format!("read {}", args.out.display()))?;
+        let cut = log
+            .check_cut(&mut expected, &got)
+            .map_err(|e| anyhow::anyhow!("the snapshot is not one instant of the run: {e}"))?;
+        Some(cut.included)
+    } else {
+        None
+    };
+    let v = json!({
+        "region_bytes": map.len(), "page_size": map.page_size(), "writers": w.writers,
+        "dirty_rate_mib": w.dirty_rate,
+        "live": snapshot_json(&report),
+        "live_stalls": during, "no_snapshot_stalls": before,
+        "writes_during_snapshot": writes_during,
+        "stop_the_world": baseline.map(|(d, p)| json!({
+            "dump_ms": d.elapsed.as_secs_f64() * 1e3, "paused_ms": p.as_secs_f64() * 1e3,
+        })),
+        "verified_cut": verified,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "live snapshot of {} to {}:",
+        w.describe(),
+        args.out.display()
+    );
+    println!(
+        "  cut (write-protect everything) {:.1} ms; all {} pages saved after {:.0} ms ({} by a write's fault, {} in the background)",
+        report.protect.as_secs_f64() * 1e3,
+        report.pages,
+        report.elapsed.as_secs_f64() * 1e3,
+        report.saved_by_fault,
+        report.saved_in_background
+    );
+    println!("  workload meanwhile: {}", describe_stalls(&during));
+    println!(
+        "  same span before, no snapshot: {}",
+        describe_stalls(&before)
+    );
+    if let Some((d, p)) = baseline {
+        println!(
+            "stop-the-world dump of the same memory: {:.0} ms; the workload paused {:.0} ms",
+            d.elapsed.as_secs_f64() * 1e3,
+            p.as_secs_f64() * 1e3
+        );
+    }
+    if let Some(cut) = v["verified_cut"].as_array() {
+        println!("verified: the snapshot is the memory at one instant of the run (writes included per writer, of those logged: {cut:?})");
+    }
+    Ok(())
+}
+
+/// A workload that is not running: nothing to pause.
+struct Stopped;
+
+impl Quiesce for Stopped {
+    fn pause(&mut self) -> Result<(), QuiesceError> {
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), QuiesceError> {
+        Ok(())
+    }
+}
+
+fn layer_json(k: u32, r: &LayerReport) -> serde_json::Value {
+    json!({
+        "layer": k, "dirty_pages": r.dirty_pages, "dirty_chunks": r.dirty_chunks,
+        "find_ms": r.find.as_secs_f64() * 1e3, "copy_ms": r.copy.as_secs_f64() * 1e3,
+        "paused_ms": r.paused.as_secs_f64() * 1e3, "write_ms": r.write.as_secs_f64() * 1e3,
+        "uploaded_bytes": r.push.uploaded_bytes, "inherited_chunks": r.push.inherited_chunks,
+    })
+}
+
+fn chain(args: &ChainArgs) -> Result<()> {
+    let w = &args.workload;
+    let (root, name) = args
+        .url
+        .rsplit_once('/')
+        .filter(|(_, n)| !n.is_empty())
+        .context("--url must end with the image's name")?;
+    let layer_url = |k: u32| format!("{root}/{name}.{k}");
+    let layer_name = |k: u32| {
+        if k == 0 {
+            name.to_owned()
+        } else {
+            format!("{name}.{k}")
+        }
+    };
+    let map = w.region()?;
+    let mut writers = w.writers(&map, false);
+    std::thread::sleep(Duration::from_millis(500));
+    let base_raw = scratch(&args.work_dir, "base")?;
+    let sink = Arc::new(FileSink::create(&base_raw, map.len() as u64)?);
+    let live = take_live(&map, sink, None, snapshot::DEFAULT_BATCH, true)?;
+    let (mut chain, base, handover) =
+        Chain::from_live(live, &mut writers).context("hand the memory over to dirty tracking")?;
+    let options = chunked::PushOptions {
+        page_size: map.page_size() as u32,
+        chunk_size: args.chunk_kib * 1024,
+        ..chunked::PushOptions::default()
+    };
+    let pushed = Instant::now();
+    let base_push = chunked::push(&base_raw, &args.url, &options)
+        .with_context(|| format!("push the base to {}", args.url))?;
+    let base_push_time = pushed.elapsed();
+    let _ = std::fs::remove_file(&base_raw);
+    let mut layers = Vec::new();
+    let mut writers = Some(writers);
+    for k in 1..=args.layers {
+        std::thread::sleep(Duration::from_secs_f64(args.interval));
+        // The last layer is taken with the writers stopped, so that the reference and the
+        // full image below hold exactly its memory.
+        if k == args.layers {
+            if let Some(w) = writers.take() {
+                w.stop();
+            }
+        }
+        let quiesce: &mut dyn Quiesce = match writers.as_mut() {
+            Some(w) => w,
+            None => &mut Stopped,
+        };
+        let r = chain
+            .layer(
+                &layer_url(k),
+                &layer_name(k - 1),
+                &chunked::StoreOptions::default(),
+                quiesce,
+            )
+            .with_context(|| format!("layer {k}"))?;
+        log::info!(
+            "layer {k}: {} dirty pages in {} chunks, paused {:.1} ms, {} uploaded",
+            r.dirty_pages,
+            r.dirty_chunks,
+            r.paused.as_secs_f64() * 1e3,
+            units::bytes(r.push.uploaded_bytes)
+        );
+        layers.push(r);
+    }
+    // The same memory as one full image (no deduplication), to compare.
+    let full_raw = scratch(&args.work_dir, "full")?;
+    let dumped = Instant::now();
+    let sink = FileSink::create(&full_raw, map.len() as u64)?;
+    // SAFETY: the writers are stopped; the mapping is ours.
+    unsafe { snapshot::dump(&[region_of(&map)], &sink, 2) }.context("dump the full memory")?;
+    let full_options = chunked::PushOptions {
+        dedupe_with_store: false,
+        ..options.clone()
+    };
+    let full = chunked::push(&full_raw, &format!("{root}/{name}.full"), &full_options)
+        .context("push the full image")?;
+    let full_time = dumped.elapsed();
+    match &args.reference {
+        Some(path) => std::fs::rename(&full_raw, path)
+            .or_else(|_| std::fs::copy(&full_raw, path).map(drop))
+            .with_context(|| format!("keep the reference at {}", path.display()))?,
+        None => std::fs::remove_file(&full_raw).context("remove the scratch file")?,
+    }
+    let v = json!({
+        "region_bytes": map.len(), "page_size": map.page_size(), "dirty_rate_mib": w.dirty_rate,
+        "chunk_size": args.chunk_kib * 1024, "interval_s": args.interval,
+        "base": { "live": snapshot_json(&base), "handover_pause_ms": handover.as_secs_f64() * 1e3,
+                  "push_ms": base_push_time.as_secs_f64() * 1e3, "uploaded_bytes": base_push.uploaded_bytes },
+        "layers": layers.iter().zip(1..).map(|(r, k)| layer_json(k, r)).collect::<Vec<_>>(),
+        "full": { "uploaded_bytes": full.uploaded_bytes, "ms": full_time.as_secs_f64() * 1e3 },
+        "top": layer_url(args.layers),
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("snapshot chain of {} at {}:", w.describe(), args.url);
+    println!(
+        "  base: live snapshot in {:.0} ms, hand-over to dirty tracking paused the workload {:.1} ms, pushed {} in {:.0} ms",
+        base.elapsed.as_secs_f64() * 1e3,
+        handover.as_secs_f64() * 1e3,
+        units::bytes(base_push.uploaded_bytes),
+        base_push_time.as_secs_f64() * 1e3
+    );
+    for (r, k) in layers.iter().zip(1..) {
+        println!(
+            "  layer {k}: {} dirty pages in {} of {} chunks; paused {:.1} ms (find {:.1} ms, copy {:.1} ms); written in {:.0} ms, {} stored",
+            r.dirty_pages,
+            r.dirty_chunks,
+            r.push.chunks,
+            r.paused.as_secs_f64() * 1e3,
+            r.find.as_secs_f64() * 1e3,
+            r.copy.as_secs_f64() * 1e3,
+            r.write.as_secs_f64() * 1e3,
+            units::bytes(r.push.uploaded_bytes)
+        );
+    }
+    println!(
+        "  the same memory as a full image: {} stored in {:.0} ms",
+        units::bytes(full.uploaded_bytes),
+        full_time.as_secs_f64() * 1e3
+    );
+    println!("  top of the chain: {}", layer_url(args.layers));
+    Ok(())
+}
+
+/// A scratch file path in `dir`, unique to this process.
+fn scratch(dir: &Path, what: &str) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    Ok(dir.join(format!(
+        "uffdkit-snapshot-{}-{what}.raw",
+        std::process::id()
+    )))
+}
+
+/// `fc-handler --diff`'s source: Firecracker's memory file `base` with its diff snapshots
+/// over it (oldest first), served as one memory file without `rebase-snap`.
+pub fn diff_chain_source(base: &Path, diffs: &[PathBuf]) -> Result<Arc<dyn pager::Source>> {
+    let source = snapshot::LayeredSource::open(base, diffs).with_context(|| {
+        format!(
+            "the diff-snapshot chain of {} ({} diff(s))",
+            base.display(),
+            diffs.len()
+        )
+    })?;
+    Ok(Arc::new(source))
+}
