@@ -3,7 +3,8 @@
 //! real pager straight from the chain, merged without copying chunk data, and refused
 //! when malformed (a missing or replaced parent, a different geometry, a chain too deep).
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::Arc;
 
 use chunked::{
@@ -12,36 +13,12 @@ use chunked::{
 };
 use pager::{DeliveryMode, Pager, Prefetch, RegionSpec};
 use testkit::s3::S3Server;
+
+use common::TempDir;
 use uffd_core::{Features, Mapping, MemoryKind, Uffd};
 
 const PS: usize = 4096;
 const CHUNK: u32 = 64 << 10;
-
-/// A scratch directory holding a store root, removed on drop.
-struct Store(PathBuf);
-
-impl Store {
-    fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("chunked-layers-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Store(p)
-    }
-
-    fn url(&self, name: &str) -> String {
-        format!("file://{}/{name}", self.0.display())
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Store {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Fills `page` with a pattern of (generation, page index); generation 0 of every 5th page
 /// is zero.
@@ -75,7 +52,7 @@ struct Change {
 /// Applies `change` to `memory` and writes it as layer `name` over `parent`, handing the
 /// writer only the chunks holding changed pages (and the untouched ones named).
 fn write_layer(
-    store: &Store,
+    store: &TempDir,
     name: &str,
     parent: &str,
     memory: &mut [u8],
@@ -116,7 +93,7 @@ fn write_layer(
 }
 
 /// Pushes `memory` as base image `name`.
-fn push_base(store: &Store, name: &str, memory: &[u8], page_size: u32, chunk: u32) {
+fn push_base(store: &TempDir, name: &str, memory: &[u8], page_size: u32, chunk: u32) {
     let raw = store.path(&format!("{name}.raw"));
     std::fs::write(&raw, memory).unwrap();
     let options = PushOptions {
@@ -190,7 +167,7 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 
 #[test]
 fn a_five_layer_chain_is_served_lazily_byte_for_byte_and_stores_only_changes() {
-    let store = Store::new("five");
+    let store = TempDir::new("five");
     let pages = 512; // 2 MiB, 32 chunks of 64 KiB
     let per_chunk = CHUNK as usize / PS;
     let mut memory = base_image(pages, PS);
@@ -281,7 +258,7 @@ fn a_chain_of_two_mib_pages_restores_into_hugetlb_memory() {
         }
     }
     const HUGE: usize = 2 << 20;
-    let store = Store::new("huge");
+    let store = TempDir::new("huge");
     let pages = 4; // 8 MiB: four 2 MiB pages, one chunk each
     let mut memory = base_image(pages, HUGE);
     push_base(&store, "vm", &memory, HUGE as u32, HUGE as u32);
@@ -325,7 +302,7 @@ fn a_chain_of_two_mib_pages_restores_into_hugetlb_memory() {
 
 #[test]
 fn merge_flattens_a_chain_without_copying_chunk_data_and_pull_writes_it_raw() {
-    let store = Store::new("merge");
+    let store = TempDir::new("merge");
     let pages = 256;
     let mut memory = base_image(pages, PS);
     push_base(&store, "vm", &memory, PS as u32, CHUNK);
@@ -387,7 +364,7 @@ fn merge_flattens_a_chain_without_copying_chunk_data_and_pull_writes_it_raw() {
         std::fs::read(&layer_raw).unwrap() == memory,
         "pulling a layer writes its chain merged"
     );
-    let elsewhere = Store::new("merge-elsewhere");
+    let elsewhere = TempDir::new("merge-elsewhere");
     let err = chunked::merge(
         &store.url("vm.3"),
         &elsewhere.url("flat"),
@@ -415,7 +392,7 @@ fn merge_flattens_a_chain_without_copying_chunk_data_and_pull_writes_it_raw() {
 
 #[test]
 fn push_with_a_parent_stores_only_the_chunks_that_differ() {
-    let store = Store::new("push-parent");
+    let store = TempDir::new("push-parent");
     let pages = 256; // 16 chunks
     let mut memory = base_image(pages, PS);
     push_base(&store, "vm", &memory, PS as u32, CHUNK);
@@ -451,17 +428,17 @@ fn push_with_a_parent_stores_only_the_chunks_that_differ() {
 }
 
 /// Writes a hand-made manifest straight into the store root.
-fn put(store: &Store, name: &str, m: &Manifest) {
+fn put(store: &TempDir, name: &str, m: &Manifest) {
     std::fs::write(store.path(name), m.encode()).unwrap();
 }
 
-fn open_err(store: &Store, name: &str) -> Error {
+fn open_err(store: &TempDir, name: &str) -> Error {
     Image::open(&store.url(name), &StoreOptions::default()).expect_err("must be refused")
 }
 
 #[test]
 fn malformed_layers_are_refused_with_the_reason() {
-    let store = Store::new("malformed");
+    let store = TempDir::new("malformed");
     let memory = base_image(64, PS);
     push_base(&store, "vm", &memory, PS as u32, CHUNK);
     let base = Image::open(&store.url("vm"), &StoreOptions::default()).unwrap();
@@ -659,7 +636,7 @@ fn a_chain_in_s3_is_served_from_the_store() {
         request_timeout: std::time::Duration::from_secs(5),
         ..StoreOptions::default()
     };
-    let scratch = Store::new("s3");
+    let scratch = TempDir::new("s3");
     let pages = 512;
     let mut memory = base_image(pages, PS);
     let raw = scratch.path("base.raw");

@@ -2,7 +2,9 @@
 //! loopback port) and real userfaultfd faults: restores verified byte for byte, the
 //! server stopped mid-restore, a chunk corrupted in the bucket, malformed manifests.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,30 +12,13 @@ use chunked::{
     Background, Chunk, ChunkCache, ChunkedSource, Error, Image, ManifestError, PushOptions,
     RetryPolicy, SourceOptions, StoreOptions,
 };
+use common::TempDir;
 use pager::{DeliveryMode, Pager, Prefetch, RegionSpec};
 use testkit::s3::S3Server;
 use uffd_core::{Features, Mapping, MemoryKind, Uffd};
 
 const PS: usize = 4096;
 const BUCKET: &str = "images";
-
-/// A scratch directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("chunked-test-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Page `i`'s pattern; every 7th page zero, and pages 1024..1536 (2 MiB, four zero
 /// chunks) zero; chunk 30 repeats chunk 20 (stored once).

@@ -40,6 +40,21 @@ pub trait Quiesce {
     fn resume(&mut self) -> std::result::Result<(), QuiesceError>;
 }
 
+/// The [`Quiesce`] of memory nothing writes (its workload has stopped): pausing does
+/// nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stopped;
+
+impl Quiesce for Stopped {
+    fn pause(&mut self) -> std::result::Result<(), QuiesceError> {
+        Ok(())
+    }
+
+    fn resume(&mut self) -> std::result::Result<(), QuiesceError> {
+        Ok(())
+    }
+}
+
 /// Runs `f` with the workload paused; resumes it whatever `f` returns. Returns `f`'s
 /// value and how long the workload was paused.
 fn paused<T>(quiesce: &mut dyn Quiesce, f: impl FnOnce() -> Result<T>) -> Result<(T, Duration)> {

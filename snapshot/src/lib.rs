@@ -59,7 +59,7 @@ mod region;
 mod sink;
 pub mod workload;
 
-pub use chain::{Chain, LayerReport, Quiesce, QuiesceError};
+pub use chain::{Chain, LayerReport, Quiesce, QuiesceError, Stopped};
 pub use dump::{dump, DumpReport};
 pub use error::{Error, Result};
 pub use layered::{LayeredSource, MergeReport};

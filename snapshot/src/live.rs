@@ -330,24 +330,30 @@ impl LiveSnapshot {
         Ok(self.report())
     }
 
-    /// Stops and joins the workers; releases and unregisters the memory.
-    fn stop(&mut self) -> Result<()> {
+    /// Stops and joins the workers: the first error any of them met, if one did.
+    fn join_workers(&mut self) -> Result<()> {
         self.engine.request_stop();
         let panicked = self
             .workers
             .drain(..)
             .map(JoinHandle::join)
             .any(|r| r.is_err());
-        if !self.released {
-            self.released = true;
-            self.engine.release_all();
-            unregister(&self.engine);
-        }
         match self.engine.take_error() {
             Some(e) => Err(e),
             None if panicked => Err(Error::WorkerPanicked),
             None => Ok(()),
         }
+    }
+
+    /// Stops and joins the workers; releases and unregisters the memory.
+    fn stop(&mut self) -> Result<()> {
+        let joined = self.join_workers();
+        if !self.released {
+            self.released = true;
+            self.engine.release_all();
+            unregister(&self.engine);
+        }
+        joined
     }
 
     fn stop_with_error(&mut self) -> Error {
@@ -378,18 +384,8 @@ impl LiveSnapshot {
     /// For a chain taking over: stops the workers without releasing the memory (the
     /// caller has paused the workload), and hands over the engine.
     pub(crate) fn into_engine(mut self) -> Result<(Arc<Engine>, SnapshotReport)> {
-        self.engine.request_stop();
-        let panicked = self
-            .workers
-            .drain(..)
-            .map(JoinHandle::join)
-            .any(|r| r.is_err());
-        if let Some(e) = self.engine.take_error() {
-            return Err(e);
-        }
-        if panicked {
-            return Err(Error::WorkerPanicked);
-        }
+        // On an error, drop releases and unregisters the memory.
+        self.join_workers()?;
         let report = self.report();
         self.released = true; // the chain unregisters, under its pause
         Ok((self.engine.clone(), report))

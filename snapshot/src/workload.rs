@@ -71,7 +71,8 @@ struct Shared {
     stop: AtomicBool,
     pause: AtomicBool,
     parked: AtomicUsize,
-    writes: AtomicU64,
+    /// Writes per thread, updated every 1024 writes.
+    writes: Vec<AtomicU64>,
 }
 
 /// One thread's record.
@@ -119,7 +120,7 @@ impl Writers {
             stop: AtomicBool::new(false),
             pause: AtomicBool::new(false),
             parked: AtomicUsize::new(0),
-            writes: AtomicU64::new(0),
+            writes: (0..threads).map(|_| AtomicU64::new(0)).collect(),
         });
         let started = Instant::now();
         let handles = (0..threads)
@@ -140,7 +141,17 @@ impl Writers {
 
     /// Writes so far, all threads (updated every 1024 writes per thread).
     pub fn writes(&self) -> u64 {
-        self.shared.writes.load(Ordering::Relaxed)
+        self.per_thread().iter().sum()
+    }
+
+    /// Writes so far of each thread (updated every 1024 writes).
+    pub fn per_thread(&self) -> Vec<u64> {
+        // Relaxed: progress figures.
+        self.shared
+            .writes
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// When the writers started.
@@ -265,7 +276,7 @@ fn write_loop(
         }
         log.writes += 1;
         if log.writes % 1024 == 0 {
-            shared.writes.fetch_add(1024, Ordering::Relaxed);
+            shared.writes[t].fetch_add(1024, Ordering::Relaxed);
         }
         if options.rate_mib > 0 && log.writes % check_every == 0 {
             // Throttle: n writes should take n / per_s seconds.

@@ -11,10 +11,9 @@ use std::sync::Arc;
 
 use chunked::{Image, PushOptions, SourceOptions, StoreOptions};
 use common::{contents, memory, writers_at};
-use pager::{DeliveryMode, Pager, Prefetch, RegionSpec};
 use snapshot::workload::Writers;
 use snapshot::{Chain, FileSink, LiveSnapshot, Quiesce, QuiesceError, Region};
-use uffd_core::{Features, Mapping, MemoryKind, Uffd};
+use uffd_core::{Mapping, MemoryKind};
 
 /// A store root in a scratch directory, removed on drop.
 struct Store(PathBuf);
@@ -61,23 +60,11 @@ impl Quiesce for Capturing<'_> {
 /// Restores image `url` into fresh `kind` memory through a pager, every page faulted.
 fn restore(url: &str, kind: MemoryKind, len: usize) -> Vec<u8> {
     let image = Image::open(url, &StoreOptions::default()).expect("open");
-    let source = Arc::new(image.source(None, SourceOptions::default()).unwrap());
-    let memory = Mapping::new(kind, len).unwrap();
-    let uffd = Uffd::builder()
-        .non_blocking(true)
-        .require(Features::EVENT_REMOVE)
-        .optional(Features::MISSING_HUGETLBFS)
-        .open()
-        .unwrap();
-    let pager = Pager::builder(uffd, source)
-        .region(RegionSpec::new(memory.addr(), memory.len(), kind, 0))
-        .mode(DeliveryMode::Thread)
-        .prefetch(Prefetch::None)
-        .start()
-        .expect("pager");
-    let got = contents(&memory); // faults every page in, in order
-    pager.stop().expect("stop");
-    got
+    common::restore(
+        Arc::new(image.source(None, SourceOptions::default()).unwrap()),
+        kind,
+        len,
+    )
 }
 
 /// A live base and five layers of `kind` memory with `chunk`-byte chunks, each restored
@@ -155,12 +142,15 @@ fn five_layers(test: &str, kind: MemoryKind, len: usize, chunk: u32, rate_mib: u
         );
     }
     for pair in cuts.windows(2) {
-        for (a, b) in pair[0].included.iter().zip(&pair[1].included) {
-            assert!(
-                b.0 > a.0,
-                "each snapshot holds more writes than the one before"
-            );
-        }
+        let (a, b) = (&pair[0].included, &pair[1].included);
+        assert!(
+            a.iter().zip(b).all(|(a, b)| b.0 >= a.0),
+            "no snapshot loses a write of the one before: {a:?} then {b:?}"
+        );
+        assert!(
+            b.iter().map(|x| x.0).sum::<u64>() > a.iter().map(|x| x.0).sum::<u64>(),
+            "each snapshot holds writes the one before did not: {a:?} then {b:?}"
+        );
     }
     let top = Image::open(&store.url("vm.5"), &StoreOptions::default()).unwrap();
     assert_eq!(top.chain().depth(), 6);
@@ -191,21 +181,12 @@ fn a_layer_over_an_image_of_another_shape_is_refused() {
     let mut chain =
         unsafe { Chain::start(&[Region::new(map.addr(), map.len(), MemoryKind::Anon, 0)]) }
             .expect("track");
-    struct Still;
-    impl Quiesce for Still {
-        fn pause(&mut self) -> Result<(), QuiesceError> {
-            Ok(())
-        }
-        fn resume(&mut self) -> Result<(), QuiesceError> {
-            Ok(())
-        }
-    }
     let err = chain
         .layer(
             &store.url("l1"),
             "small",
             &StoreOptions::default(),
-            &mut Still,
+            &mut snapshot::Stopped,
         )
         .expect_err("512 KiB image under 1 MiB of memory");
     assert!(

@@ -9,9 +9,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use pager::{DeliveryMode, Pager, RegionSpec, Source};
+use common::restore;
+use pager::Source;
 use snapshot::{Error, LayeredSource};
-use uffd_core::{Features, Mapping, MemoryKind, Uffd};
+use uffd_core::MemoryKind;
 
 const PS: usize = 4096;
 
@@ -82,25 +83,6 @@ fn chain(dir: &Dir, pages: usize, diffs: usize) -> (PathBuf, Vec<PathBuf>, Vec<u
         paths.push(path);
     }
     (base, paths, memory)
-}
-
-/// Serves `source` into fresh `kind` memory through a pager and reads all of it.
-fn restore(source: Arc<dyn Source>, kind: MemoryKind, len: usize) -> Vec<u8> {
-    let memory = Mapping::new(kind, len).unwrap();
-    let uffd = Uffd::builder()
-        .non_blocking(true)
-        .require(Features::EVENT_REMOVE)
-        .optional(Features::MISSING_HUGETLBFS)
-        .open()
-        .unwrap();
-    let pager = Pager::builder(uffd, source)
-        .region(RegionSpec::new(memory.addr(), memory.len(), kind, 0))
-        .mode(DeliveryMode::Thread)
-        .start()
-        .expect("pager");
-    let got = common::contents(&memory);
-    pager.stop().expect("stop");
-    got
 }
 
 #[test]

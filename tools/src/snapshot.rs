@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 use snapshot::workload::{fill_initial, Stall, WriterOptions, Writers};
 use snapshot::{
-    Chain, FileSink, LayerReport, LiveSnapshot, Quiesce, QuiesceError, Region, SnapshotReport,
+    Chain, FileSink, LayerReport, LiveSnapshot, Quiesce, Region, SnapshotReport, Stopped,
 };
 use uffd_core::{hugetlb, Mapping, MemoryKind, HUGE_PAGE_SIZE};
 
@@ -366,18 +366,6 @@ fn live(args: &LiveArgs) -> Result<()> {
         println!("verified: the snapshot is the memory at one instant of the run (writes included per writer, of those logged: {cut:?})");
     }
     Ok(())
-}
-
-/// A workload that is not running: nothing to pause.
-struct Stopped;
-
-impl Quiesce for Stopped {
-    fn pause(&mut self) -> Result<(), QuiesceError> {
-        Ok(())
-    }
-    fn resume(&mut self) -> Result<(), QuiesceError> {
-        Ok(())
-    }
 }
 
 fn layer_json(k: u32, r: &LayerReport) -> serde_json::Value {

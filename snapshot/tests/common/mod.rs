@@ -1,10 +1,12 @@
 //! Helpers for the snapshot tests: real memory, real writers, real faults.
 #![allow(dead_code)] // each test file uses its own part
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pager::{DeliveryMode, Pager, Prefetch, RegionSpec, Source};
 use snapshot::workload::{fill_initial, WriterOptions, Writers};
-use uffd_core::{hugetlb, Mapping, MemoryKind};
+use uffd_core::{hugetlb, Features, Mapping, MemoryKind, Uffd};
 
 pub use testkit::skip;
 
@@ -75,4 +77,45 @@ pub fn writers_at(map: &Mapping, threads: usize, rate_mib: u64, warm_up: u64) ->
 pub fn contents(map: &Mapping) -> Vec<u8> {
     // SAFETY: a live mapping of ours, nothing writes it now.
     unsafe { std::slice::from_raw_parts(map.as_ptr(), map.len()) }.to_vec()
+}
+
+/// Asserts that every writer keeps writing (none is left blocked): 10 000 more writes
+/// each within 30 s (generous: a loaded machine may starve one of them for a while).
+pub fn assert_writing(w: &Writers, after: &str) {
+    let before = w.per_thread();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while w
+        .per_thread()
+        .iter()
+        .zip(&before)
+        .any(|(now, then)| *now < then + 10_000)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "a writer is blocked {after}: {:?} writes, {before:?} before",
+            w.per_thread()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Serves `source` into fresh `kind` memory through a pager and reads all of it (every
+/// page faulted in, in order).
+pub fn restore(source: Arc<dyn Source>, kind: MemoryKind, len: usize) -> Vec<u8> {
+    let memory = Mapping::new(kind, len).expect("map");
+    let uffd = Uffd::builder()
+        .non_blocking(true)
+        .require(Features::EVENT_REMOVE)
+        .optional(Features::MISSING_HUGETLBFS)
+        .open()
+        .expect("uffd");
+    let pager = Pager::builder(uffd, source)
+        .region(RegionSpec::new(memory.addr(), memory.len(), kind, 0))
+        .mode(DeliveryMode::Thread)
+        .prefetch(Prefetch::None)
+        .start()
+        .expect("pager");
+    let got = contents(&memory);
+    pager.stop().expect("stop");
+    got
 }
