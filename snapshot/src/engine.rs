@@ -1,18 +1,19 @@
-//! The workers of a live snapshot. Each worker does, in a loop:
+//! The threads of a live snapshot.
 //!
-//! 1. **Faults first.** Read the pending write-protect faults (non-blocking) and serve
-//!    each: save the page if no one has (claim it in `claimed`, copy it to the sink, mark
-//!    it `saved`), or wait the few microseconds until whoever claimed it has; then
-//!    un-protect it, which wakes the writer. A page is never un-protected before it is
-//!    saved, so every page is saved as it was at the cut.
-//! 2. **Then one background batch** of the regions, in order: claim the pages no one has,
-//!    copy each run of them with one read and one sink write, mark them saved, un-protect
-//!    the run (unless writes are tracked for a chain: then saved pages stay protected, and
-//!    their first write later faults once, costing no save, to be recorded as written).
-//!    Batches are small so that a fault waits at most one batch for a worker to look.
-//! 3. When no batch is left, sleep in `poll(2)` on the userfaultfd and a stop eventfd.
+//! - **Fault handlers** (normal priority, asleep in `poll(2)` on the userfaultfd and a stop
+//!   eventfd) serve each write-protect fault as it comes: save the page if no one has
+//!   (claim it in `claimed`, copy it to the sink, mark it `saved`), or wait the few
+//!   microseconds until whoever claimed it has; then un-protect it, which wakes the
+//!   writer. A page is never un-protected before it is saved, so every page is saved as it
+//!   was at the cut. Written pages first: a handler never does background work.
+//! - **Savers** (at a lower priority, so that a woken writer or handler gets a CPU at once)
+//!   take background batches of the regions in order: claim the pages no one has, copy
+//!   each run of them with one read and one sink write, mark them saved, un-protect the run
+//!   (unless writes are tracked for a chain: then saved pages stay protected, and their
+//!   first write later faults once, costing no save, to be recorded as written). The last
+//!   saver to finish wakes the handlers.
 //!
-//! Nothing is un-protected until the whole cut has been applied (the workers start after
+//! Nothing is un-protected until the whole cut has been applied (the threads start after
 //! it), which is what makes the result a consistent cut across pages: a writer that
 //! blocked on a page protected early cannot go on to write, unnoticed, a page protected
 //! later.
@@ -82,6 +83,7 @@ pub(crate) struct Engine {
     pub written: Option<Bitmap>,
     batches: Vec<Batch>,
     batch_bytes: usize,
+    max_page: usize,
     next_batch: AtomicUsize,
     saved_pages: AtomicUsize,
     stop: AtomicBool,
@@ -127,6 +129,7 @@ impl Engine {
         Ok(Engine {
             batches: regions.batches(batch_bytes),
             batch_bytes: batch_bytes.max(regions.max_page_size()),
+            max_page: regions.max_page_size(),
             uffd,
             memory,
             sink,
@@ -199,26 +202,22 @@ impl Engine {
         }
     }
 
-    /// A worker: faults first, then background batches, until stopped (or, unless writes
-    /// are tracked, until every page is saved).
-    pub fn run_worker(&self) {
+    /// A fault handler: serves faults until stopped (or, unless writes are tracked, until
+    /// every page is saved).
+    pub fn run_handler(&self) {
         let mut s = Scratch {
             events: EventBuffer::new(EVENTS_PER_READ),
             faults: Vec::with_capacity(EVENTS_PER_READ),
-            buf: vec![0; self.batch_bytes],
+            buf: vec![0; self.max_page],
             deferred: VecDeque::new(),
         };
-        while let Err(e) = self.work(&mut s) {
+        if let Err(e) = self.handle(&mut s) {
             self.fail(e);
         }
     }
 
-    fn work(&self, s: &mut Scratch) -> Result<()> {
+    fn handle(&self, s: &mut Scratch) -> Result<()> {
         loop {
-            // Acquire: pairs with request_stop.
-            if self.stop.load(Ordering::Acquire) {
-                return Ok(());
-            }
             while let Some(addr) = s.deferred.pop_front() {
                 self.serve_fault(addr, s)?;
             }
@@ -235,13 +234,38 @@ impl Engine {
                 Ok(ReadStatus::WouldBlock) => {}
                 Err(e) => return Err(Error::uffd("read write-protect faults")(e)),
             }
-            if self.save_next_batch(s)? {
-                continue;
-            }
-            if self.written.is_none() && self.all_saved() {
+            // Acquire: pairs with request_stop.
+            if self.stop.load(Ordering::Acquire) || (self.written.is_none() && self.all_saved()) {
                 return Ok(()); // standalone: nothing protected is left
             }
             self.sleep()?;
+        }
+    }
+
+    /// A saver: saves background batches until none is left (or stopped).
+    pub fn run_saver(&self, nice: Option<i32>) {
+        if let Some(nice) = nice {
+            lower_priority(nice);
+        }
+        let mut s = Scratch {
+            events: EventBuffer::new(1),
+            faults: Vec::new(),
+            buf: vec![0; self.batch_bytes],
+            deferred: VecDeque::new(),
+        };
+        loop {
+            // Acquire: pairs with request_stop.
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+            match self.save_next_batch(&mut s) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => return self.fail(e),
+            }
+        }
+        if self.all_saved() {
+            let _ = self.wakeup.write(1); // the handlers can go
         }
     }
 
@@ -355,7 +379,8 @@ impl Engine {
 
     /// Un-protects `[addr, addr + len)` and wakes its writers. An EAGAIN (an address-space
     /// event such as a REMOVE is pending on a received uffd) is waited out by reading the
-    /// events; faults read meanwhile are deferred.
+    /// events; faults read meanwhile are deferred (a saver's are served by itself, in its
+    /// next batch's stead: its scratch holds a page).
     fn unprotect(&self, addr: usize, len: usize, s: &mut Scratch) -> Result<()> {
         loop {
             match self
@@ -367,6 +392,10 @@ impl Engine {
                     if let Ok(ReadStatus::Events(_)) = self.uffd.read_events(&mut s.events) {
                         s.deferred.extend(s.events.drain().filter_map(fault_addr));
                     }
+                    if self.stop.load(Ordering::Acquire) {
+                        return Ok(()); // stopping releases everything anyway
+                    }
+                    std::thread::yield_now();
                 }
                 Err(e) => return Err(Error::uffd("un-protect a saved page")(e)),
             }
@@ -393,21 +422,46 @@ fn fault_addr(event: Event) -> Option<usize> {
     }
 }
 
-/// Spawns `n` workers on `engine`.
-pub(crate) fn spawn_workers(
+/// Lowers the calling thread's priority to `nice` (`setpriority(2)` on its thread id), so
+/// that writers and fault handlers preempt it. Failure only costs latency: logged.
+fn lower_priority(nice: i32) {
+    let tid = nix::unistd::gettid().as_raw();
+    // SAFETY: setpriority takes plain integers and touches no memory of ours.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) } != 0 {
+        log::debug!("saver priority: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// Spawns `handlers` fault handlers and `savers` savers (at `nice`) on `engine`.
+pub(crate) fn spawn_threads(
     engine: &Arc<Engine>,
-    n: usize,
+    handlers: usize,
+    savers: usize,
+    nice: Option<i32>,
 ) -> Result<Vec<std::thread::JoinHandle<()>>> {
-    (0..n.max(1))
-        .map(|i| {
-            let e = engine.clone();
-            std::thread::Builder::new()
-                .name(format!("snapshot-{i}"))
-                .spawn(move || e.run_worker())
-                .map_err(|source| Error::System {
-                    what: "start a snapshot worker",
-                    source,
-                })
-        })
-        .collect()
+    let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(f)
+            .map_err(|source| Error::System {
+                what: "start a snapshot thread",
+                source,
+            })
+    };
+    let mut threads = Vec::new();
+    for i in 0..handlers.max(1) {
+        let e = engine.clone();
+        threads.push(spawn(
+            format!("snap-fault-{i}"),
+            Box::new(move || e.run_handler()),
+        )?);
+    }
+    for i in 0..savers.max(1) {
+        let e = engine.clone();
+        threads.push(spawn(
+            format!("snap-save-{i}"),
+            Box::new(move || e.run_saver(nice)),
+        )?);
+    }
+    Ok(threads)
 }

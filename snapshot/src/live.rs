@@ -19,14 +19,14 @@ use nix::unistd::Pid;
 use pager::LatencyHistogram;
 use uffd_core::{Features, MemoryKind, RegisterMode, Uffd, WriteProtectMode};
 
-use crate::engine::{spawn_workers, Engine};
+use crate::engine::{spawn_threads, Engine};
 use crate::error::{Error, Result};
 use crate::memory::Memory;
 use crate::region::{Region, Regions};
 use crate::sink::PageSink;
 
-/// The default background batch: small enough that a fault waits at most one batch's copy
-/// for a worker to look at it.
+/// The default background batch: large enough for few system calls, small enough that a
+/// fault on a page a batch has claimed waits little for it.
 pub const DEFAULT_BATCH: usize = 64 << 10;
 
 /// How to take a live snapshot.
@@ -34,7 +34,9 @@ pub const DEFAULT_BATCH: usize = 64 << 10;
 pub struct LiveSnapshotBuilder {
     regions: Vec<Region>,
     uffd: Option<Uffd>,
-    workers: usize,
+    savers: usize,
+    handlers: usize,
+    saver_nice: Option<i32>,
     batch: usize,
     track_writes: bool,
 }
@@ -101,9 +103,25 @@ impl LiveSnapshotBuilder {
         self
     }
 
-    /// Worker threads (default: one per CPU this process may use, at least two).
-    pub fn workers(mut self, n: usize) -> Self {
-        self.workers = n.max(1);
+    /// Threads saving background batches (default: one per CPU this process may use, at
+    /// least two).
+    pub fn savers(mut self, n: usize) -> Self {
+        self.savers = n.max(1);
+        self
+    }
+
+    /// Threads serving write faults (default one: a fault takes a few microseconds of
+    /// it; more help when many writers fault at once on many CPUs).
+    pub fn handlers(mut self, n: usize) -> Self {
+        self.handlers = n.max(1);
+        self
+    }
+
+    /// The savers' nice value (default 10; `None` leaves them at the caller's priority):
+    /// below the workload's, so that a writer woken from a fault, and the handler that
+    /// wakes it, preempt background saving instead of queueing behind it.
+    pub fn saver_nice(mut self, nice: Option<i32>) -> Self {
+        self.saver_nice = nice;
         self
     }
 
@@ -179,18 +197,20 @@ impl LiveSnapshotBuilder {
         // release and unregister do (through `LiveSnapshot`'s drop once it exists).
         register_and_protect(&engine)?;
         let protect = started.elapsed();
-        let workers = match spawn_workers(&engine, self.workers) {
+        let workers = match spawn_threads(&engine, self.handlers, self.savers, self.saver_nice) {
             Ok(w) => w,
             Err(e) => {
+                engine.request_stop(); // the threads that did start return
                 engine.release_all();
                 unregister(&engine);
                 return Err(e);
             }
         };
         log::debug!(
-            "live snapshot: {} pages write-protected in {protect:?}, {} workers",
+            "live snapshot: {} pages write-protected in {protect:?}; {} fault handler(s), {} saver(s)",
             engine.regions.pages(),
-            workers.len()
+            self.handlers,
+            self.savers
         );
         Ok(LiveSnapshot {
             engine,
@@ -262,8 +282,8 @@ pub(crate) fn unregister(engine: &Engine) {
     }
 }
 
-/// Default worker count: the CPUs this process may use, at least two.
-fn default_workers() -> usize {
+/// Default saver count: the CPUs this process may use, at least two.
+fn default_savers() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
@@ -271,12 +291,15 @@ fn default_workers() -> usize {
 }
 
 impl LiveSnapshot {
-    /// A builder with no regions, [`DEFAULT_BATCH`], and one worker per CPU.
+    /// A builder with no regions, [`DEFAULT_BATCH`], one fault handler and one saver per
+    /// CPU.
     pub fn builder() -> LiveSnapshotBuilder {
         LiveSnapshotBuilder {
             regions: Vec::new(),
             uffd: None,
-            workers: default_workers(),
+            savers: default_savers(),
+            handlers: 1,
+            saver_nice: Some(10),
             batch: DEFAULT_BATCH,
             track_writes: false,
         }

@@ -56,9 +56,12 @@ pub struct Workload {
 pub struct LiveArgs {
     #[command(flatten)]
     workload: Workload,
-    /// Snapshot worker threads (default: one per CPU, at least two).
+    /// Threads saving in the background (default: one per CPU, at least two).
     #[arg(long)]
-    workers: Option<usize>,
+    savers: Option<usize>,
+    /// Threads serving write faults.
+    #[arg(long, default_value_t = 1)]
+    handlers: usize,
     /// Background batch, KiB.
     #[arg(long, default_value_t = (snapshot::DEFAULT_BATCH / 1024) as u64)]
     batch_kib: u64,
@@ -219,16 +222,18 @@ fn region_of(map: &Mapping) -> Region {
 fn take_live(
     map: &Mapping,
     sink: Arc<FileSink>,
-    workers: Option<usize>,
+    savers: Option<usize>,
+    handlers: usize,
     batch: usize,
     track_writes: bool,
 ) -> Result<LiveSnapshot> {
     let mut builder = LiveSnapshot::builder()
         .region(region_of(map))
         .batch(batch)
+        .handlers(handlers)
         .track_writes(track_writes);
-    if let Some(n) = workers {
-        builder = builder.workers(n);
+    if let Some(n) = savers {
+        builder = builder.savers(n);
     }
     // SAFETY: the mapping outlives the snapshot (finished or dropped before it goes), and
     // no other userfaultfd is registered on it.
@@ -279,7 +284,8 @@ fn live(args: &LiveArgs) -> Result<()> {
     let live = take_live(
         &map,
         sink.clone(),
-        args.workers,
+        args.savers,
+        args.handlers,
         (args.batch_kib as usize) << 10,
         false,
     )?;
@@ -298,7 +304,7 @@ fn live(args: &LiveArgs) -> Result<()> {
             .pause()
             .map_err(|e| anyhow::anyhow!("pause the writers: {e}"))?;
         // SAFETY: the writers are paused; the mapping is ours.
-        let dump = unsafe { snapshot::dump(&[region_of(&map)], &sink, args.workers.unwrap_or(2)) };
+        let dump = unsafe { snapshot::dump(&[region_of(&map)], &sink, args.savers.unwrap_or(2)) };
         writers
             .resume()
             .map_err(|e| anyhow::anyhow!("resume the writers: {e}"))?;
@@ -397,7 +403,7 @@ fn chain(args: &ChainArgs) -> Result<()> {
     std::thread::sleep(Duration::from_millis(500));
     let base_raw = scratch(&args.work_dir, "base")?;
     let sink = Arc::new(FileSink::create(&base_raw, map.len() as u64)?);
-    let live = take_live(&map, sink, None, snapshot::DEFAULT_BATCH, true)?;
+    let live = take_live(&map, sink, None, 1, snapshot::DEFAULT_BATCH, true)?;
     let (mut chain, base, handover) =
         Chain::from_live(live, &mut writers).context("hand the memory over to dirty tracking")?;
     let options = chunked::PushOptions {
