@@ -5,11 +5,26 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::engine::save_run;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::memory::Memory;
 use crate::region::{Region, Regions};
 use crate::sink::PageSink;
+
+/// Reads a run of memory into `buf` and hands it to the sink.
+fn save_run(
+    memory: &Memory,
+    sink: &dyn PageSink,
+    addr: usize,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<()> {
+    memory.read(addr, buf)?;
+    sink.write(offset, buf).map_err(|source| Error::Sink {
+        offset,
+        len: buf.len(),
+        source,
+    })
+}
 
 /// Bytes one thread copies at once.
 const DUMP_BATCH: usize = 1 << 20;
@@ -57,7 +72,7 @@ pub unsafe fn dump(regions: &[Region], sink: &dyn PageSink, threads: usize) -> R
             .collect();
         workers
             .into_iter()
-            .map(|w| w.join().unwrap_or(Err(crate::Error::WorkerPanicked)))
+            .map(|w| w.join().unwrap_or(Err(Error::WorkerPanicked)))
             .collect::<Result<Vec<()>>>()
     })?;
     Ok(DumpReport {

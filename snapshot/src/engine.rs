@@ -1,17 +1,19 @@
 //! The threads of a live snapshot.
 //!
 //! - **Fault handlers** (normal priority, asleep in `poll(2)` on the userfaultfd and a stop
-//!   eventfd) serve each write-protect fault as it comes: save the page if no one has
-//!   (claim it in `claimed`, copy it to the sink, mark it `saved`), or wait the few
-//!   microseconds until whoever claimed it has; then un-protect it, which wakes the
-//!   writer. A page is never un-protected before it is saved, so every page is saved as it
-//!   was at the cut. Written pages first: a handler never does background work.
+//!   eventfd) serve each write-protect fault as it comes: capture the page if no one has
+//!   (claim it in `claimed`, copy it into the handler's buffer, mark it `captured`), or
+//!   wait the few microseconds until whoever claimed it has; then un-protect it, which
+//!   wakes the writer, and only then hand the copy to the sink (a sink write, which may
+//!   wait on the file's lock behind a saver's, is never part of a writer's stall). A page
+//!   is never un-protected before it is captured, so every page is saved as it was at the
+//!   cut. Written pages first: a handler never does background work.
 //! - **Savers** (at a lower priority, so that a woken writer or handler gets a CPU at once)
-//!   take background batches of the regions in order: claim the pages no one has, copy
-//!   each run of them with one read and one sink write, mark them saved, un-protect the run
-//!   (unless writes are tracked for a chain: then saved pages stay protected, and their
-//!   first write later faults once, costing no save, to be recorded as written). The last
-//!   saver to finish wakes the handlers.
+//!   take background batches of the regions in order: claim the pages no one has, capture
+//!   each run of them with one copy, un-protect the run (unless writes are tracked for a
+//!   chain: then captured pages stay protected, and their first write later faults once,
+//!   costing no copy, to be recorded as written), and write it to the sink with one call.
+//!   The last saver to finish wakes the handlers.
 //!
 //! Nothing is un-protected until the whole cut has been applied (the threads start after
 //! it), which is what makes the result a consistent cut across pages: a writer that
@@ -38,23 +40,6 @@ use crate::memory::Memory;
 use crate::region::{Batch, Page, Regions};
 use crate::sink::PageSink;
 
-/// Reads a run of memory into `buf` and hands it to the sink: the one copy path of live
-/// snapshots and stop-the-world dumps.
-pub(crate) fn save_run(
-    memory: &Memory,
-    sink: &dyn PageSink,
-    addr: usize,
-    offset: u64,
-    buf: &mut [u8],
-) -> Result<()> {
-    memory.read(addr, buf)?;
-    sink.write(offset, buf).map_err(|source| Error::Sink {
-        offset,
-        len: buf.len(),
-        source,
-    })
-}
-
 /// Counters; Relaxed: statistics, read for reports only.
 #[derive(Default)]
 pub(crate) struct Counters {
@@ -75,17 +60,18 @@ pub(crate) struct Engine {
     pub regions: Regions,
     pub memory: Memory,
     pub sink: Arc<dyn PageSink>,
-    /// A page someone is saving or has saved: set once, by the one who saves it.
+    /// A page someone is capturing or has captured: set once, by the one who captures it.
     claimed: Bitmap,
-    /// A page whose content is in the sink: only then may it be un-protected.
-    saved: Bitmap,
+    /// A page whose content at the cut is copied out: only then may it be un-protected.
+    captured: Bitmap,
     /// Pages written since the cut (chains only): their first write after the cut faulted.
     pub written: Option<Bitmap>,
     batches: Vec<Batch>,
     batch_bytes: usize,
     max_page: usize,
     next_batch: AtomicUsize,
-    saved_pages: AtomicUsize,
+    /// Pages written to the sink.
+    stored_pages: AtomicUsize,
     stop: AtomicBool,
     wakeup: EventFd,
     failed: AtomicBool,
@@ -134,11 +120,11 @@ impl Engine {
             memory,
             sink,
             claimed: Bitmap::new(pages),
-            saved: Bitmap::new(pages),
+            captured: Bitmap::new(pages),
             written: track_writes.then(|| Bitmap::new(pages)),
             regions,
             next_batch: AtomicUsize::new(0),
-            saved_pages: AtomicUsize::new(0),
+            stored_pages: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             wakeup,
             failed: AtomicBool::new(false),
@@ -147,11 +133,11 @@ impl Engine {
         })
     }
 
-    /// Pages saved so far.
+    /// Pages saved (written to the sink) so far.
     pub fn saved_pages(&self) -> usize {
-        // Acquire: pairs with the Release add after a save, for callers that then read
-        // what was saved.
-        self.saved_pages.load(Ordering::Acquire)
+        // Acquire: pairs with the Release add after a sink write, for callers that then
+        // read what was saved.
+        self.stored_pages.load(Ordering::Acquire)
     }
 
     /// Whether every page is saved.
@@ -248,7 +234,7 @@ impl Engine {
             lower_priority(nice);
         }
         let mut s = Scratch {
-            events: EventBuffer::new(1),
+            events: EventBuffer::new(1), // unused: savers read no events
             faults: Vec::new(),
             buf: vec![0; self.batch_bytes],
             deferred: VecDeque::new(),
@@ -296,26 +282,30 @@ impl Engine {
             return Ok(());
         };
         c.faults.fetch_add(1, Ordering::Relaxed);
-        if !self.claimed.set(page.index) {
-            self.save(page, 1, s)?;
+        let ours = !self.claimed.set(page.index);
+        if ours {
+            self.capture(page, 1, s)?;
             c.saved_by_fault.fetch_add(1, Ordering::Relaxed);
-        } else if !self.saved.test(page.index) {
+        } else if !self.captured.test(page.index) {
             c.waited_for_batch.fetch_add(1, Ordering::Relaxed);
-            self.wait_saved(page.index);
+            self.wait_captured(page.index);
         }
         if let Some(w) = &self.written {
             w.set(page.index);
         }
-        self.unprotect(page.addr, page.size, s)?;
+        self.unprotect(page.addr, page.size, Some(s))?;
         c.service.record(read.elapsed());
+        if ours {
+            self.store(page, 1, s)?; // the writer runs on meanwhile
+        }
         Ok(())
     }
 
-    /// Spins until the batch that claimed page `index` has saved it (a copy of one batch
-    /// at most), or the snapshot failed (then everything is released anyway).
-    fn wait_saved(&self, index: usize) {
+    /// Spins until the batch that claimed page `index` has captured it (a copy of one
+    /// batch at most), or the snapshot failed (then everything is released anyway).
+    fn wait_captured(&self, index: usize) {
         let mut spins = 0u32;
-        while !self.saved.test(index) && !self.failed() {
+        while !self.captured.test(index) && !self.failed() {
             spins += 1;
             if spins < 1000 {
                 std::hint::spin_loop();
@@ -325,22 +315,29 @@ impl Engine {
         }
     }
 
-    /// Saves `count` claimed pages of one region starting at `first` with one read and one
-    /// sink write, and marks them saved.
-    fn save(&self, first: Page, count: usize, s: &mut Scratch) -> Result<()> {
-        let len = first.size * count;
-        save_run(
-            &self.memory,
-            &*self.sink,
-            first.addr,
-            first.offset,
-            &mut s.buf[..len],
-        )?;
+    /// Copies `count` claimed pages of one region starting at `first` into the scratch
+    /// buffer with one read, and marks them captured: from now on they may be released.
+    fn capture(&self, first: Page, count: usize, s: &mut Scratch) -> Result<()> {
+        self.memory
+            .read(first.addr, &mut s.buf[..first.size * count])?;
         for i in first.index..first.index + count {
-            self.saved.set(i);
+            self.captured.set(i);
         }
+        Ok(())
+    }
+
+    /// Writes the pages [`Engine::capture`] copied to the sink.
+    fn store(&self, first: Page, count: usize, s: &Scratch) -> Result<()> {
+        let len = first.size * count;
+        self.sink
+            .write(first.offset, &s.buf[..len])
+            .map_err(|source| Error::Sink {
+                offset: first.offset,
+                len,
+                source,
+            })?;
         // Release: whoever counts all pages saved also sees them in the sink.
-        self.saved_pages.fetch_add(count, Ordering::Release);
+        self.stored_pages.fetch_add(count, Ordering::Release);
         Ok(())
     }
 
@@ -364,13 +361,14 @@ impl Engine {
             while k + n < end && !self.claimed.set(first.index + n) {
                 n += 1;
             }
-            self.save(first, n, s)?;
+            self.capture(first, n, s)?;
+            if self.written.is_none() {
+                self.unprotect(first.addr, first.size * n, None)?;
+            }
+            self.store(first, n, s)?;
             self.counters
                 .saved_in_background
                 .fetch_add(n as u64, Ordering::Relaxed);
-            if self.written.is_none() {
-                self.unprotect(first.addr, first.size * n, s)?;
-            }
             // Page k + n (if inside the batch) was claimed by someone else: skip it too.
             k += n + 1;
         }
@@ -378,10 +376,10 @@ impl Engine {
     }
 
     /// Un-protects `[addr, addr + len)` and wakes its writers. An EAGAIN (an address-space
-    /// event such as a REMOVE is pending on a received uffd) is waited out by reading the
-    /// events; faults read meanwhile are deferred (a saver's are served by itself, in its
-    /// next batch's stead: its scratch holds a page).
-    fn unprotect(&self, addr: usize, len: usize, s: &mut Scratch) -> Result<()> {
+    /// event such as a REMOVE is pending on a received uffd) is waited out: a handler
+    /// (`events` given) reads the events itself and defers the faults among them; a saver
+    /// yields until a handler has read them.
+    fn unprotect(&self, addr: usize, len: usize, mut events: Option<&mut Scratch>) -> Result<()> {
         loop {
             match self
                 .uffd
@@ -389,9 +387,12 @@ impl Engine {
             {
                 Ok(()) => return Ok(()),
                 Err(uffd_core::Error::Again { .. }) => {
-                    if let Ok(ReadStatus::Events(_)) = self.uffd.read_events(&mut s.events) {
-                        s.deferred.extend(s.events.drain().filter_map(fault_addr));
+                    if let Some(s) = events.as_deref_mut() {
+                        if let Ok(ReadStatus::Events(_)) = self.uffd.read_events(&mut s.events) {
+                            s.deferred.extend(s.events.drain().filter_map(fault_addr));
+                        }
                     }
+                    // Acquire: pairs with request_stop.
                     if self.stop.load(Ordering::Acquire) {
                         return Ok(()); // stopping releases everything anyway
                     }
