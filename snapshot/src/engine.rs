@@ -69,6 +69,8 @@ pub(crate) struct Engine {
     batches: Vec<Batch>,
     batch_bytes: usize,
     max_page: usize,
+    /// How long a handler keeps looking for faults after serving one.
+    spin: Duration,
     next_batch: AtomicUsize,
     /// Pages written to the sink.
     stored_pages: AtomicUsize,
@@ -104,6 +106,7 @@ impl Engine {
         sink: Arc<dyn PageSink>,
         batch_bytes: usize,
         track_writes: bool,
+        spin: Duration,
     ) -> Result<Engine> {
         let pages = regions.pages();
         let wakeup =
@@ -116,6 +119,7 @@ impl Engine {
             batches: regions.batches(batch_bytes),
             batch_bytes: batch_bytes.max(regions.max_page_size()),
             max_page: regions.max_page_size(),
+            spin,
             uffd,
             memory,
             sink,
@@ -203,6 +207,10 @@ impl Engine {
     }
 
     fn handle(&self, s: &mut Scratch) -> Result<()> {
+        // When the last fault was served: for a while after it the handler keeps looking
+        // instead of sleeping (a writer released from one fault often takes the next at
+        // once, and a sleeping handler costs it a wake-up on top).
+        let mut last = Instant::now();
         loop {
             while let Some(addr) = s.deferred.pop_front() {
                 self.serve_fault(addr, s)?;
@@ -215,10 +223,15 @@ impl Engine {
                         let addr = s.faults[i];
                         self.serve_fault(addr, s)?;
                     }
+                    last = Instant::now();
                     continue;
                 }
                 Ok(ReadStatus::WouldBlock) => {}
                 Err(e) => return Err(Error::uffd("read write-protect faults")(e)),
+            }
+            if last.elapsed() < self.spin {
+                std::hint::spin_loop();
+                continue;
             }
             // Acquire: pairs with request_stop.
             if self.stop.load(Ordering::Acquire) || (self.written.is_none() && self.all_saved()) {

@@ -29,6 +29,9 @@ use crate::sink::PageSink;
 /// fault on a page a batch has claimed waits little for it.
 pub const DEFAULT_BATCH: usize = 64 << 10;
 
+/// The default [`LiveSnapshotBuilder::spin`].
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(100);
+
 /// How to take a live snapshot.
 #[derive(Debug)]
 pub struct LiveSnapshotBuilder {
@@ -39,6 +42,7 @@ pub struct LiveSnapshotBuilder {
     saver_nice: Option<i32>,
     batch: usize,
     track_writes: bool,
+    spin: Duration,
 }
 
 /// A live snapshot being taken (see the module docs). Dropping it before it finished
@@ -125,6 +129,14 @@ impl LiveSnapshotBuilder {
         self
     }
 
+    /// How long a fault handler keeps polling after serving a fault before it sleeps
+    /// (default [`DEFAULT_SPIN`]; zero: sleep at once). A writer released from one fault
+    /// often faults again at once; a handler still looking saves it a wake-up.
+    pub fn spin(mut self, spin: Duration) -> Self {
+        self.spin = spin;
+        self
+    }
+
     /// Bytes a background batch saves at once (default [`DEFAULT_BATCH`]; at least a page).
     pub fn batch(mut self, bytes: usize) -> Self {
         self.batch = bytes;
@@ -191,6 +203,7 @@ impl LiveSnapshotBuilder {
             sink,
             self.batch,
             self.track_writes,
+            self.spin,
         )?);
         let started = Instant::now();
         // From the first registration on, a failure must undo what was done: the engine's
@@ -300,6 +313,7 @@ impl LiveSnapshot {
             savers: default_savers(),
             handlers: 1,
             saver_nice: Some(10),
+            spin: DEFAULT_SPIN,
             batch: DEFAULT_BATCH,
             track_writes: false,
         }
