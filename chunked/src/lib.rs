@@ -78,7 +78,7 @@ pub use manifest::{Chunk, Geometry, Manifest, ManifestError, Parent};
 pub use push::{push, PushOptions, PushReport, DEFAULT_CHUNK_SIZE};
 pub use source::{Background, ChunkedSource, SourceOptions, SourceStats};
 pub use store::{Store, StoreOptions};
-pub use writer::ImageWriter;
+pub use writer::{ImageWriter, Patch};
 
 /// A runtime for one blocking call into the async store (push, pull, open).
 fn runtime() -> Result<tokio::runtime::Runtime> {

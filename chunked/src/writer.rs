@@ -4,9 +4,10 @@
 //!
 //! Given a parent, it writes a *layer*: a chunk equal to the parent chain's chunk at the
 //! same index is recorded as inherited (shared, not stored again), and so is every chunk
-//! never written — an incremental snapshot hands in only the chunks it saw change. Chunks
-//! may be written in any order; storage order follows the writes, so writing in image
-//! order keeps neighbouring chunks one ranged read apart.
+//! never written — an incremental snapshot hands in only the chunks it saw change, or
+//! only their changed pages ([`ImageWriter::write_patches`]: the rest of each chunk is read
+//! from the parent, verified). Chunks may be written in any order; storage order follows
+//! the writes, so writing in image order keeps neighbouring chunks one ranged read apart.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,8 +18,10 @@ use tokio::io::AsyncWriteExt;
 
 use crate::chain::ChainError;
 use crate::error::{Error, Result};
+use crate::fetch::{Fetcher, RetryPolicy, Sink};
 use crate::hash::Digest;
 use crate::image::Image;
+use crate::layout::Layout;
 use crate::manifest::{Chunk, Geometry, Manifest, Parent};
 use crate::push::{PushOptions, PushReport};
 use crate::store::Store;
@@ -197,6 +200,62 @@ impl ImageWriter {
         Ok(())
     }
 
+    /// Writes chunks of which only `patches` changed: each chunk's bytes are the
+    /// parent's (fetched from the store in ranged reads and verified; zero where the parent
+    /// has a zero chunk, or for an image with no parent) with the patch's pieces laid over
+    /// them. Patches are taken in order, a bounded batch of chunks in memory at a time.
+    pub fn write_patches(&mut self, patches: &[Patch]) -> Result<()> {
+        const BATCH: usize = 32 << 20;
+        let per_batch = (BATCH / self.geometry.chunk_size as usize).max(1);
+        let fetcher = match &self.parent {
+            Some((_, flat)) => Some(Fetcher::new(
+                Layout::from_manifest(self.store.clone(), flat),
+                None,
+                RetryPolicy::default(),
+                4 << 20,
+            )),
+            None => None,
+        };
+        for batch in patches.chunks(per_batch) {
+            for p in batch {
+                if p.chunk >= self.chunks.len() {
+                    return Err(Error::ChunkOutOfRange {
+                        index: p.chunk,
+                        chunks: self.chunks.len(),
+                    });
+                }
+            }
+            let sink = Collect::default();
+            if let Some(fetcher) = &fetcher {
+                let mut indices: Vec<usize> = batch.iter().map(|p| p.chunk).collect();
+                indices.sort_unstable();
+                indices.dedup();
+                self.runtime.block_on(fetcher.fetch(&indices, &sink));
+                if let Some(e) = sink.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    return Err(e);
+                }
+            }
+            let mut fetched = sink.chunks.into_inner().unwrap_or_else(|p| p.into_inner());
+            for p in batch {
+                let range = self.geometry.chunk_range(p.chunk);
+                let len = (range.end - range.start) as usize;
+                let mut data = fetched.remove(&p.chunk).unwrap_or_else(|| vec![0u8; len]);
+                for (at, bytes) in &p.pieces {
+                    let end = at.checked_add(bytes.len()).filter(|&e| e <= len).ok_or(
+                        Error::ChunkLength {
+                            index: p.chunk,
+                            want: len,
+                            got: at.saturating_add(bytes.len()),
+                        },
+                    )?;
+                    data[*at..end].copy_from_slice(bytes);
+                }
+                self.write_chunk(p.chunk, &data)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Names data chunk `data` in the new pack or where the store already has it.
     fn store_data(&mut self, digest: Digest, data: &[u8]) -> Result<Chunk> {
         let (pack, offset) = if let Some(&offset) = self.ours.get(&digest) {
@@ -302,5 +361,38 @@ fn index(known: &mut Known, m: &Manifest) {
                 .entry(digest)
                 .or_insert((m.packs()[pack as usize], offset));
         }
+    }
+}
+
+/// A chunk's changed bytes: pieces at offsets within the chunk (see
+/// [`ImageWriter::write_patches`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Patch {
+    /// The chunk's index.
+    pub chunk: usize,
+    /// (offset in the chunk, new bytes there).
+    pub pieces: Vec<(usize, Vec<u8>)>,
+}
+
+/// Gathers fetched chunks for a patch batch.
+#[derive(Default)]
+struct Collect {
+    chunks: std::sync::Mutex<HashMap<usize, Vec<u8>>>,
+    error: std::sync::Mutex<Option<Error>>,
+}
+
+impl Sink for Collect {
+    fn deliver(&self, index: usize, data: &[u8]) {
+        self.chunks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(index, data.to_vec());
+    }
+
+    fn fail(&self, _index: usize, error: Error) {
+        self.error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(error);
     }
 }

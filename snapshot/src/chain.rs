@@ -5,9 +5,10 @@
 //! Between snapshots the memory is tracked with uffd-core's [`DirtyTracker`] (async
 //! write-protect + `PAGEMAP_SCAN`): the kernel resolves each first write by itself, so the
 //! workload never waits on us. Taking a layer pauses the workload (the embedder's
-//! [`Quiesce`]: a VMM pauses its vCPUs) only while the written chunks are found — one
-//! `PAGEMAP_SCAN` that also re-protects them — and copied out; the layer is hashed and
-//! written after the workload resumed. The pause is what makes a layer consistent: an
+//! [`Quiesce`]: a VMM pauses its vCPUs) only while the written pages are found — one
+//! `PAGEMAP_SCAN` that also re-protects them — and copied out; after the workload resumed,
+//! each chunk holding written pages is completed from the parent (read from the store and
+//! verified), hashed and stored. The pause is what makes a layer consistent: an
 //! async-protected page cannot hold a write, and a range belongs to one userfaultfd, so the
 //! same memory cannot also be protected synchronously (see [`DirtyTracker`]).
 //!
@@ -18,7 +19,9 @@
 
 use std::time::{Duration, Instant};
 
-use chunked::{ImageWriter, PushOptions, PushReport, StoreOptions};
+use std::ops::Range;
+
+use chunked::{ImageWriter, Patch, PushOptions, PushReport, StoreOptions};
 use page_state::Bitmap;
 use uffd_core::DirtyTracker;
 
@@ -74,6 +77,9 @@ fn paused<T>(quiesce: &mut dyn Quiesce, f: impl FnOnce() -> Result<T>) -> Result
     Ok((out, took))
 }
 
+/// Written ranges: (region position, image offsets), in order.
+type Written = Vec<(usize, Range<u64>)>;
+
 /// A chain of incremental snapshots of memory in this process (see the module docs).
 #[derive(Debug)]
 pub struct Chain {
@@ -90,15 +96,17 @@ pub struct Chain {
 pub struct LayerReport {
     /// 4 KiB pages written since the previous snapshot.
     pub dirty_pages: u64,
-    /// Chunks holding them: the chunks copied.
+    /// Chunks holding them: the chunks the layer stores (unless a chunk's new content is
+    /// its old).
     pub dirty_chunks: u64,
     /// Finding them (the scan that re-protects them), with the workload paused.
     pub find: Duration,
-    /// Copying their chunks out, with the workload paused.
+    /// Copying them out, with the workload paused.
     pub copy: Duration,
     /// The whole pause, from asking for it to the workload running again.
     pub paused: Duration,
-    /// Hashing and writing the layer, with the workload running.
+    /// Completing their chunks from the parent, hashing and writing the layer, with the
+    /// workload running.
     pub write: Duration,
     /// The layer as written.
     pub push: PushReport,
@@ -210,18 +218,17 @@ impl Chain {
                 ),
             });
         }
-        let (((dirty_pages, find, copy), chunks), paused) = paused(quiesce, || {
+        let (((dirty_pages, find, copy), written), paused) = paused(quiesce, || {
             let t = Instant::now();
-            let (dirty, pages) = self.find_dirty(&g)?;
+            let (ranges, pages) = self.find_written()?;
             let find = t.elapsed();
-            let chunks = self.copy_chunks(&g, &dirty)?;
-            Ok(((pages, find, t.elapsed() - find), chunks))
+            let written = self.copy_ranges(&ranges)?;
+            Ok(((pages, find, t.elapsed() - find), written))
         })?;
         let t = Instant::now();
-        let dirty_chunks = chunks.len() as u64;
-        for (c, data) in chunks {
-            writer.write_chunk(c, &data)?;
-        }
+        let patches = patches(&g, written);
+        let dirty_chunks = patches.len() as u64;
+        writer.write_patches(&patches)?;
         let push = writer.finish()?;
         Ok(LayerReport {
             dirty_pages,
@@ -234,54 +241,83 @@ impl Chain {
         })
     }
 
-    /// The chunks written since the last snapshot (the trackers' scans, which protect them
-    /// again, plus what was carried over), and the 4 KiB pages written.
-    fn find_dirty(&mut self, g: &chunked::Geometry) -> Result<(Vec<bool>, u64)> {
-        let mut dirty = vec![false; g.chunk_count() as usize];
-        let mut mark = |start: u64, end: u64| {
-            dirty[g.chunk_of(start)..=g.chunk_of(end - 1)].fill(true);
-        };
+    /// What was written since the last snapshot, as (region, range of image offsets) in
+    /// order: the trackers' scans (which protect those pages again) and what was carried
+    /// over. Also the 4 KiB pages written.
+    fn find_written(&mut self) -> Result<(Written, u64)> {
+        let mut ranges: Vec<(usize, Range<u64>)> = Vec::new();
         let mut pages = 0;
-        for (t, n) in self.trackers.iter_mut().zip(self.regions.list()) {
+        for (i, (t, n)) in self
+            .trackers
+            .iter_mut()
+            .zip(self.regions.list())
+            .enumerate()
+        {
             let off = n.region.offset;
             pages += t
-                .collect_runs(|r| mark(off + r.start as u64, off + r.end as u64))
+                .collect_runs(|r| ranges.push((i, off + r.start as u64..off + r.end as u64)))
                 .map_err(Error::uffd("find the written pages"))?;
         }
         if let Some(carried) = self.carried.take() {
             for run in carried.runs() {
                 for index in run {
-                    let p = self.regions.page_by_index(index);
-                    mark(p.offset, p.offset + p.size as u64);
+                    let (i, p) = self.regions.locate(index);
+                    ranges.push((i, p.offset..p.offset + p.size as u64));
                     pages += (p.size / 4096) as u64;
                 }
             }
         }
-        Ok((dirty, pages))
+        // Ranges of one region merged: a page reported twice is copied once.
+        ranges.sort_by_key(|(i, r)| (*i, r.start));
+        let mut merged: Vec<(usize, Range<u64>)> = Vec::with_capacity(ranges.len());
+        for (i, r) in ranges {
+            match merged.last_mut() {
+                Some((j, last)) if *j == i && last.end >= r.start => last.end = last.end.max(r.end),
+                _ => merged.push((i, r)),
+            }
+        }
+        Ok((merged, pages))
     }
 
-    /// Copies the dirty chunks out of memory (the parts no region covers read as zero).
-    fn copy_chunks(&self, g: &chunked::Geometry, dirty: &[bool]) -> Result<Vec<(usize, Vec<u8>)>> {
-        let mut out = Vec::new();
-        for (c, _) in dirty.iter().enumerate().filter(|(_, d)| **d) {
-            let range = g.chunk_range(c);
-            let mut data = vec![0u8; (range.end - range.start) as usize];
-            for n in self.regions.list() {
-                let r = &n.region;
-                let (start, end) = (
-                    range.start.max(r.offset),
-                    range.end.min(r.offset + r.len as u64),
-                );
-                if start < end {
-                    let dst =
-                        &mut data[(start - range.start) as usize..(end - range.start) as usize];
-                    Memory::ThisProcess.read(r.addr + (start - r.offset) as usize, dst)?;
-                }
-            }
-            out.push((c, data));
-        }
-        Ok(out)
+    /// Copies the written ranges out of memory (with the workload paused).
+    fn copy_ranges(&self, ranges: &[(usize, Range<u64>)]) -> Result<Vec<(u64, Vec<u8>)>> {
+        ranges
+            .iter()
+            .map(|(i, r)| {
+                let region = &self.regions.list()[*i].region;
+                let mut data = vec![0u8; (r.end - r.start) as usize];
+                Memory::ThisProcess
+                    .read(region.addr + (r.start - region.offset) as usize, &mut data)?;
+                Ok((r.start, data))
+            })
+            .collect()
     }
+}
+
+/// The written bytes cut at chunk boundaries, as one patch per chunk, in chunk order.
+fn patches(g: &chunked::Geometry, written: Vec<(u64, Vec<u8>)>) -> Vec<Patch> {
+    let mut out: Vec<Patch> = Vec::new();
+    let mut sorted = written;
+    sorted.sort_by_key(|(at, _)| *at);
+    for (start, data) in sorted {
+        let mut at = start;
+        while at < start + data.len() as u64 {
+            let chunk = g.chunk_of(at);
+            let range = g.chunk_range(chunk);
+            let end = range.end.min(start + data.len() as u64);
+            let piece = data[(at - start) as usize..(end - start) as usize].to_vec();
+            let offset = (at - range.start) as usize;
+            match out.last_mut() {
+                Some(p) if p.chunk == chunk => p.pieces.push((offset, piece)),
+                _ => out.push(Patch {
+                    chunk,
+                    pieces: vec![(offset, piece)],
+                }),
+            }
+            at = end;
+        }
+    }
+    out
 }
 
 /// A tracker per region.

@@ -182,12 +182,12 @@ impl Regions {
         Some(self.page(i, k))
     }
 
-    /// The page numbered `index` (below [`Regions::pages`]).
-    pub fn page_by_index(&self, index: usize) -> Page {
+    /// The page numbered `index` (below [`Regions::pages`]) and its region's position.
+    pub fn locate(&self, index: usize) -> (usize, Page) {
         let i = self
             .list
             .partition_point(|n| n.first + n.region.pages() <= index);
-        self.page(i, index - self.list[i].first)
+        (i, self.page(i, index - self.list[i].first))
     }
 
     /// Page `k` of region `i`.
@@ -240,8 +240,8 @@ mod tests {
         assert_eq!((p.index, p.addr, p.offset), (3, 0x20_1000, 0x10_1000));
         assert!(r.page_at(0x10_2000).is_none(), "between regions");
         assert!(r.page_at(0x20_3000).is_none(), "after the last");
-        assert_eq!(r.page_by_index(3), p);
-        assert_eq!(r.page_by_index(1).addr, 0x10_1000);
+        assert_eq!(r.locate(3), (1, p));
+        assert_eq!(r.locate(1).1.addr, 0x10_1000);
         let b = r.batches(0x2000);
         assert_eq!(b.len(), 3, "2 pages, then 2 + 1");
     }

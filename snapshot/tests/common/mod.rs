@@ -48,15 +48,23 @@ pub fn memory(kind: MemoryKind, len: usize) -> (Mapping, Vec<u8>) {
     (map, initial)
 }
 
-/// Starts `threads` logged writers on `map` at full speed and waits until they have
+/// Starts `threads` logged writers on `map` at full speed and waits until each has
 /// written `warm_up` words.
 pub fn writers(map: &Mapping, threads: usize, warm_up: u64) -> Writers {
-    writers_at(map, threads, 0, warm_up)
+    writers_at(map, map.len(), threads, 0, warm_up)
 }
 
-/// Starts `threads` logged writers dirtying `rate_mib` MiB/s of pages (0: full speed) and
-/// waits until they have written `warm_up` words.
-pub fn writers_at(map: &Mapping, threads: usize, rate_mib: u64, warm_up: u64) -> Writers {
+/// Starts `threads` logged writers on the first `span` bytes of `map`, dirtying
+/// `rate_mib` MiB/s of pages (0: full speed), and waits until each has written `warm_up`
+/// words.
+pub fn writers_at(
+    map: &Mapping,
+    span: usize,
+    threads: usize,
+    rate_mib: u64,
+    warm_up: u64,
+) -> Writers {
+    assert!(span <= map.len());
     let options = WriterOptions {
         threads,
         rate_mib,
@@ -64,9 +72,9 @@ pub fn writers_at(map: &Mapping, threads: usize, rate_mib: u64, warm_up: u64) ->
         ..WriterOptions::default()
     };
     // SAFETY: the mapping outlives the writers (every test stops them before it goes).
-    let w = unsafe { Writers::start(map.addr(), map.len(), &options) };
+    let w = unsafe { Writers::start(map.addr(), span, &options) };
     let deadline = Instant::now() + Duration::from_secs(30);
-    while w.writes() < warm_up {
+    while w.per_thread().iter().any(|&n| n < warm_up) {
         assert!(Instant::now() < deadline, "the writers did not start");
         std::thread::sleep(Duration::from_millis(1));
     }
