@@ -681,3 +681,58 @@ fn a_chain_in_s3_is_served_from_the_store() {
     let names: Vec<&str> = chain.layers().iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["l3", "l2", "l1", "base"]);
 }
+
+#[test]
+fn patches_are_completed_from_the_parent_and_checked() {
+    let store = TempDir::new("patches");
+    let pages = 64; // 4 chunks of 64 KiB; page 4 (chunk 0) of the base is zero
+    let mut memory = base_image(pages, PS);
+    memory[16 * PS..32 * PS].fill(0); // chunk 1 all zero: a zero chunk in the parent
+    push_base(&store, "vm", &memory, PS as u32, CHUNK);
+    let options = PushOptions {
+        parent: Some("vm".into()),
+        ..PushOptions::default()
+    };
+    let mut w = ImageWriter::create(&store.url("vm.1"), memory.len() as u64, &options).unwrap();
+    let patches = vec![
+        chunked::Patch {
+            chunk: 0,
+            pieces: vec![(3 * PS, vec![7u8; PS]), (9 * PS + 100, vec![8u8; 10])],
+        },
+        chunked::Patch {
+            chunk: 1,
+            pieces: vec![(PS, vec![9u8; 2 * PS])],
+        },
+        // Chunk 3 patched with what it already holds: inherited, not stored.
+        chunked::Patch {
+            chunk: 3,
+            pieces: vec![(0, memory[48 * PS..49 * PS].to_vec())],
+        },
+    ];
+    w.write_patches(&patches).expect("patch");
+    let r = w.finish().expect("finish");
+    memory[3 * PS..4 * PS].fill(7);
+    memory[9 * PS + 100..9 * PS + 110].fill(8);
+    memory[17 * PS..19 * PS].fill(9);
+    assert_eq!(r.inherited_chunks, 2, "chunks 2 and 3");
+    assert_eq!(r.new_chunks, 2);
+    let got = restore(
+        &store.url("vm.1"),
+        &StoreOptions::default(),
+        MemoryKind::Anon,
+        memory.len(),
+    );
+    assert!(
+        got == memory,
+        "patched chunks hold the parent's bytes around the patches"
+    );
+    let mut w = ImageWriter::create(&store.url("vm.2"), memory.len() as u64, &options).unwrap();
+    let beyond = chunked::Patch {
+        chunk: 0,
+        pieces: vec![(CHUNK as usize - 4, vec![1u8; 8])],
+    };
+    let e = w
+        .write_patches(&[beyond])
+        .expect_err("a piece past the chunk's end");
+    assert!(matches!(e, Error::ChunkLength { index: 0, .. }), "{e}");
+}
