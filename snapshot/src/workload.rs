@@ -42,6 +42,9 @@ pub struct WriterOptions {
     pub threads: usize,
     /// 4 KiB pages dirtied per second, in MiB/s, over all threads (0: as fast as they can).
     pub rate_mib: u64,
+    /// Send 90 % of the writes to a hot 5 % of the pages (the region's first), the rest
+    /// anywhere: a working set, as a guest's writes have one. Otherwise uniform.
+    pub hot: bool,
     /// Writes each thread logs (and then stops writing): bounds the log's memory, 4 bytes
     /// a write. 0: no log (no check possible), write until stopped.
     pub log_capacity: usize,
@@ -54,6 +57,7 @@ impl Default for WriterOptions {
         Self {
             threads: 1,
             rate_mib: 0,
+            hot: false,
             log_capacity: 0,
             stall_threshold: Duration::from_micros(4),
         }
@@ -255,7 +259,12 @@ fn write_loop(
             std::thread::sleep(Duration::from_micros(200)); // log full: write no more
             continue;
         }
-        let page = next(&mut x) % pages;
+        let r = next(&mut x);
+        let page = if options.hot && r % 10 != 0 {
+            (r >> 8) % (pages / 20).max(1)
+        } else {
+            (r >> 8) % pages
+        };
         let lane = (next(&mut x) >> 8) % lanes;
         let word = page as usize * WORDS_PER_PAGE + lane as usize * threads + t;
         if word >= len / 8 {

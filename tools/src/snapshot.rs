@@ -49,6 +49,9 @@ pub struct Workload {
     /// 4 KiB pages the writers dirty per second, in MiB/s (0: as fast as they can).
     #[arg(long, default_value_t = 64)]
     dirty_rate: u64,
+    /// Where the writes go: random (uniform over the region) or hot (90 % to a hot 5 %).
+    #[arg(long, default_value = "random", value_parser = ["random", "hot"])]
+    workload: String,
 }
 
 /// Options of `uffdkit snapshot live`.
@@ -157,6 +160,7 @@ impl Workload {
         let options = WriterOptions {
             threads: self.writers.max(1),
             rate_mib: self.dirty_rate,
+            hot: self.workload == "hot",
             // Enough for minutes at any rate this machine reaches with a snapshot running.
             log_capacity: if log { 256 << 20 } else { 0 },
             ..WriterOptions::default()
@@ -172,14 +176,15 @@ impl Workload {
             format!("dirtying {} MiB/s", self.dirty_rate)
         };
         format!(
-            "{} of {} pages, {} writer(s) {rate}",
+            "{} of {} pages, {} {} writer(s) {rate}",
             units::bytes(self.size as u64),
             match self.page_size.as_str() {
                 "2m" => "2 MiB hugetlb",
                 "thp" => "transparent huge",
                 _ => "4 KiB",
             },
-            self.writers
+            self.writers,
+            self.workload
         )
     }
 }
@@ -330,7 +335,7 @@ fn live(args: &LiveArgs) -> Result<()> {
     };
     let v = json!({
         "region_bytes": map.len(), "page_size": map.page_size(), "writers": w.writers,
-        "dirty_rate_mib": w.dirty_rate,
+        "dirty_rate_mib": w.dirty_rate, "workload": w.workload,
         "live": snapshot_json(&report),
         "live_stalls": during, "no_snapshot_stalls": before,
         "writes_during_snapshot": writes_during,
@@ -469,7 +474,7 @@ fn chain(args: &ChainArgs) -> Result<()> {
     }
     let v = json!({
         "region_bytes": map.len(), "page_size": map.page_size(), "dirty_rate_mib": w.dirty_rate,
-        "chunk_size": args.chunk_kib * 1024, "interval_s": args.interval,
+        "workload": w.workload, "chunk_size": args.chunk_kib * 1024, "interval_s": args.interval,
         "base": { "live": snapshot_json(&base), "handover_pause_ms": handover.as_secs_f64() * 1e3,
                   "push_ms": base_push_time.as_secs_f64() * 1e3, "uploaded_bytes": base_push.uploaded_bytes },
         "layers": layers.iter().zip(1..).map(|(r, k)| layer_json(k, r)).collect::<Vec<_>>(),
