@@ -26,6 +26,9 @@ use crate::manifest::{Chunk, Geometry, Manifest, Parent};
 use crate::push::{PushOptions, PushReport};
 use crate::store::Store;
 
+/// New chunk bytes are handed to the pack upload in pieces of at least this much.
+const PUT_BYTES: usize = 4 << 20;
+
 /// Where an existing chunk lives: its pack and offset.
 type Known = HashMap<Digest, (Digest, u64)>;
 
@@ -44,6 +47,9 @@ pub struct ImageWriter {
     pack_index: HashMap<Digest, u32>,
     /// Offsets in the new pack of the chunks it holds.
     ours: HashMap<Digest, u64>,
+    /// New chunk bytes not yet handed to the pack upload (put in large pieces: a put per
+    /// small chunk would cost a runtime round trip each).
+    pending: Vec<u8>,
     chunks: Vec<Option<Chunk>>,
     report: PushReport,
 }
@@ -144,6 +150,7 @@ impl ImageWriter {
             packs: Vec::new(),
             pack_index: HashMap::new(),
             ours: HashMap::new(),
+            pending: Vec::new(),
             chunks: vec![None; count],
             report: PushReport {
                 manifest: empty,
@@ -204,7 +211,7 @@ impl ImageWriter {
     /// parent's (fetched from the store in ranged reads and verified; zero where the parent
     /// has a zero chunk, or for an image with no parent) with the patch's pieces laid over
     /// them. Patches are taken in order, a bounded batch of chunks in memory at a time.
-    pub fn write_patches(&mut self, patches: &[Patch]) -> Result<()> {
+    pub fn write_patches(&mut self, patches: &[Patch<'_>]) -> Result<()> {
         const BATCH: usize = 32 << 20;
         let per_batch = (BATCH / self.geometry.chunk_size as usize).max(1);
         let fetcher = match &self.parent {
@@ -227,7 +234,15 @@ impl ImageWriter {
             }
             let sink = Collect::default();
             if let Some(fetcher) = &fetcher {
-                let mut indices: Vec<usize> = batch.iter().map(|p| p.chunk).collect();
+                // A chunk the pieces cover whole needs nothing of the parent.
+                let mut indices: Vec<usize> = batch
+                    .iter()
+                    .filter(|p| {
+                        let r = self.geometry.chunk_range(p.chunk);
+                        !covers(&p.pieces, (r.end - r.start) as usize)
+                    })
+                    .map(|p| p.chunk)
+                    .collect();
                 indices.sort_unstable();
                 indices.dedup();
                 self.runtime.block_on(fetcher.fetch(&indices, &sink));
@@ -264,11 +279,10 @@ impl ImageWriter {
             at
         } else {
             let offset = self.report.uploaded_bytes;
-            let put = self.pack.put(Bytes::copy_from_slice(data));
-            self.runtime.block_on(put).map_err(Error::store(
-                "upload pack",
-                self.store.pack_path(&self.pack_id),
-            ))?;
+            self.pending.extend_from_slice(data);
+            if self.pending.len() >= PUT_BYTES {
+                self.put_pending()?;
+            }
             self.report.uploaded_bytes += data.len() as u64;
             self.ours.insert(digest, offset);
             (self.pack_id, offset)
@@ -282,6 +296,20 @@ impl ImageWriter {
             pack,
             offset,
         })
+    }
+
+    /// Hands the pending bytes to the pack upload.
+    fn put_pending(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let bytes = Bytes::from(std::mem::take(&mut self.pending));
+        self.runtime
+            .block_on(self.pack.put(bytes))
+            .map_err(Error::store(
+                "upload pack",
+                self.store.pack_path(&self.pack_id),
+            ))
     }
 
     /// Completes the pack, then writes the manifest. Chunks never written are inherited
@@ -300,6 +328,7 @@ impl ImageWriter {
             }
         }
         let pack_path = self.store.pack_path(&self.pack_id);
+        self.put_pending()?;
         if self.ours.is_empty() {
             let _ = self.runtime.block_on(self.pack.abort());
         } else {
@@ -367,11 +396,28 @@ fn index(known: &mut Known, m: &Manifest) {
 /// A chunk's changed bytes: pieces at offsets within the chunk (see
 /// [`ImageWriter::write_patches`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Patch {
+pub struct Patch<'a> {
     /// The chunk's index.
     pub chunk: usize,
     /// (offset in the chunk, new bytes there).
-    pub pieces: Vec<(usize, Vec<u8>)>,
+    pub pieces: Vec<(usize, &'a [u8])>,
+}
+
+/// Whether `pieces` cover `[0, len)` of a chunk entirely.
+fn covers(pieces: &[(usize, &[u8])], len: usize) -> bool {
+    let mut spans: Vec<(usize, usize)> = pieces
+        .iter()
+        .map(|(at, b)| (*at, at.saturating_add(b.len())))
+        .collect();
+    spans.sort_unstable();
+    let mut reached = 0;
+    for (start, end) in spans {
+        if start > reached {
+            return false;
+        }
+        reached = reached.max(end);
+    }
+    reached >= len
 }
 
 /// Gathers fetched chunks for a patch batch.

@@ -697,16 +697,16 @@ fn patches_are_completed_from_the_parent_and_checked() {
     let patches = vec![
         chunked::Patch {
             chunk: 0,
-            pieces: vec![(3 * PS, vec![7u8; PS]), (9 * PS + 100, vec![8u8; 10])],
+            pieces: vec![(3 * PS, &[7u8; PS][..]), (9 * PS + 100, &[8u8; 10][..])],
         },
         chunked::Patch {
             chunk: 1,
-            pieces: vec![(PS, vec![9u8; 2 * PS])],
+            pieces: vec![(PS, &[9u8; 2 * PS][..])],
         },
         // Chunk 3 patched with what it already holds: inherited, not stored.
         chunked::Patch {
             chunk: 3,
-            pieces: vec![(0, memory[48 * PS..49 * PS].to_vec())],
+            pieces: vec![(0, &memory[48 * PS..49 * PS])],
         },
     ];
     w.write_patches(&patches).expect("patch");
@@ -729,7 +729,7 @@ fn patches_are_completed_from_the_parent_and_checked() {
     let mut w = ImageWriter::create(&store.url("vm.2"), memory.len() as u64, &options).unwrap();
     let beyond = chunked::Patch {
         chunk: 0,
-        pieces: vec![(CHUNK as usize - 4, vec![1u8; 8])],
+        pieces: vec![(CHUNK as usize - 4, &[1u8; 8][..])],
     };
     let e = w
         .write_patches(&[beyond])

@@ -81,7 +81,6 @@ fn paused<T>(quiesce: &mut dyn Quiesce, f: impl FnOnce() -> Result<T>) -> Result
 type Written = Vec<(usize, Range<u64>)>;
 
 /// A chain of incremental snapshots of memory in this process (see the module docs).
-#[derive(Debug)]
 pub struct Chain {
     regions: Regions,
     /// One per region, in the order of `regions.list()`.
@@ -89,6 +88,17 @@ pub struct Chain {
     /// Pages written since the last snapshot that no tracker saw (a live base's writes
     /// before the hand-over), by page index.
     carried: Option<Bitmap>,
+    /// Where a layer's written pages are copied in its pause (reused: see `copy_ranges`).
+    buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for Chain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chain")
+            .field("regions", &self.regions)
+            .field("trackers", &self.trackers)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What taking a layer did.
@@ -127,6 +137,7 @@ impl Chain {
             regions,
             trackers,
             carried: None,
+            buf: Vec::new(),
         })
     }
 
@@ -172,6 +183,7 @@ impl Chain {
                     regions,
                     trackers,
                     carried: Some(carried),
+                    buf: Vec::new(),
                 },
                 report,
             ))
@@ -226,7 +238,7 @@ impl Chain {
             Ok(((pages, find, t.elapsed() - find), written))
         })?;
         let t = Instant::now();
-        let patches = patches(&g, written);
+        let patches = patches(&g, &written, &self.buf);
         let dirty_chunks = patches.len() as u64;
         writer.write_patches(&patches)?;
         let push = writer.finish()?;
@@ -279,33 +291,51 @@ impl Chain {
         Ok((merged, pages))
     }
 
-    /// Copies the written ranges out of memory (with the workload paused).
-    fn copy_ranges(&self, ranges: &[(usize, Range<u64>)]) -> Result<Vec<(u64, Vec<u8>)>> {
-        ranges
-            .iter()
-            .map(|(i, r)| {
-                let region = &self.regions.list()[*i].region;
-                let mut data = vec![0u8; (r.end - r.start) as usize];
-                Memory::ThisProcess
-                    .read(region.addr + (r.start - region.offset) as usize, &mut data)?;
-                Ok((r.start, data))
-            })
-            .collect()
+    /// Copies the written ranges out of memory (with the workload paused) into the chain's
+    /// buffer, back to back (kept across layers: its pages are already faulted in, so the
+    /// pause does not pay for them again). Returns each range's image offset and length.
+    fn copy_ranges(&mut self, ranges: &[(usize, Range<u64>)]) -> Result<Vec<(u64, usize)>> {
+        let total: u64 = ranges.iter().map(|(_, r)| r.end - r.start).sum();
+        self.buf.clear();
+        self.buf.resize(total as usize, 0);
+        let mut at = 0;
+        let mut out = Vec::with_capacity(ranges.len());
+        for (i, r) in ranges {
+            let region = &self.regions.list()[*i].region;
+            let len = (r.end - r.start) as usize;
+            Memory::ThisProcess.read(
+                region.addr + (r.start - region.offset) as usize,
+                &mut self.buf[at..at + len],
+            )?;
+            out.push((r.start, len));
+            at += len;
+        }
+        Ok(out)
     }
 }
 
-/// The written bytes cut at chunk boundaries, as one patch per chunk, in chunk order.
-fn patches(g: &chunked::Geometry, written: Vec<(u64, Vec<u8>)>) -> Vec<Patch> {
-    let mut out: Vec<Patch> = Vec::new();
-    let mut sorted = written;
-    sorted.sort_by_key(|(at, _)| *at);
-    for (start, data) in sorted {
+/// The written bytes (`written` ranges, back to back in `buf`) cut at chunk boundaries, as
+/// one patch per chunk, in chunk order.
+fn patches<'a>(g: &chunked::Geometry, written: &[(u64, usize)], buf: &'a [u8]) -> Vec<Patch<'a>> {
+    let mut out: Vec<Patch<'a>> = Vec::new();
+    let mut from = 0usize;
+    let mut ranges: Vec<(u64, usize, usize)> = written
+        .iter()
+        .map(|&(start, len)| {
+            let r = (start, len, from);
+            from += len;
+            r
+        })
+        .collect();
+    ranges.sort_by_key(|r| r.0);
+    for (start, len, from) in ranges {
+        let end = start + len as u64;
         let mut at = start;
-        while at < start + data.len() as u64 {
+        while at < end {
             let chunk = g.chunk_of(at);
             let range = g.chunk_range(chunk);
-            let end = range.end.min(start + data.len() as u64);
-            let piece = data[(at - start) as usize..(end - start) as usize].to_vec();
+            let stop = range.end.min(end);
+            let piece = &buf[from + (at - start) as usize..from + (stop - start) as usize];
             let offset = (at - range.start) as usize;
             match out.last_mut() {
                 Some(p) if p.chunk == chunk => p.pieces.push((offset, piece)),
@@ -314,7 +344,7 @@ fn patches(g: &chunked::Geometry, written: Vec<(u64, Vec<u8>)>) -> Vec<Patch> {
                     pieces: vec![(offset, piece)],
                 }),
             }
-            at = end;
+            at = stop;
         }
     }
     out
