@@ -7,15 +7,20 @@
 //! into the base with `rebase-snap` first, a copy of every diff. This source reads the chain
 //! as it is: at open it walks each file's data with `SEEK_DATA` / `SEEK_HOLE` and folds the
 //! chain into one sorted extent map (newest layer wins; a range where no layer has data,
-//! holes of the base included, is zero), so a fault costs one binary search and a
-//! `pread(2)` of the layer that has the page, at any depth — e2b's flattening of its diff
-//! chains, for Firecracker's own files. [`LayeredSource::merge_into`] writes the merged
+//! holes of the base included, is zero), so a fault costs one binary search and a copy out
+//! of a read-only mapping of the layer that has the page, at any depth — e2b's flattening
+//! of its diff chains, for Firecracker's own files. (The files must not be truncated while
+//! served: reading a mapping past a file's end raises SIGBUS, as with
+//! `pager::FileSource::mmap`.) [`LayeredSource::merge_into`] writes the merged
 //! memory file when a single file is wanted.
 
 use std::fs::File;
+use std::num::NonZeroUsize;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+
+use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 
 use pager::{Fetched, Source, SourceError};
 
@@ -34,10 +39,76 @@ struct Extent {
     layer: usize,
 }
 
+/// A layer's file, mapped read-only. (The address as an integer: the mapping is plain
+/// shared-readable memory, so the source stays `Send + Sync` without an `unsafe impl`.)
+#[derive(Debug)]
+struct Layer {
+    path: PathBuf,
+    addr: usize,
+    len: usize,
+    /// The file (its holes are read at open; kept open for the mapping).
+    file: File,
+}
+
+impl Layer {
+    fn open(path: &Path) -> Result<Layer> {
+        let file = File::open(path).map_err(Error::io("open", path))?;
+        let len = file.metadata().map_err(Error::io("stat", path))?.len();
+        let size = usize::try_from(len)
+            .ok()
+            .and_then(NonZeroUsize::new)
+            .ok_or_else(|| {
+                Error::io("open", path)(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "empty memory file",
+                ))
+            })?;
+        // SAFETY: a fresh read-only private mapping of a file we hold open; nothing else
+        // refers to its address range.
+        let addr = unsafe {
+            mmap(
+                None,
+                size,
+                ProtFlags::PROT_READ,
+                MapFlags::MAP_PRIVATE,
+                &file,
+                0,
+            )
+        }
+        .map_err(|e| Error::io("map", path)(e.into()))?;
+        Ok(Layer {
+            path: path.to_path_buf(),
+            addr: addr.as_ptr() as usize,
+            len: size.get(),
+            file,
+        })
+    }
+
+    /// Copies `buf.len()` bytes at `offset` (zero past the file's end).
+    fn read(&self, offset: u64, buf: &mut [u8]) {
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(self.len);
+        let have = (self.len - start).min(buf.len());
+        // SAFETY: the mapping covers `len` readable bytes while `self` lives, and nothing
+        // in this process writes it (read-only, private); `start + have <= len`.
+        let bytes = unsafe { std::slice::from_raw_parts((self.addr + start) as *const u8, have) };
+        buf[..have].copy_from_slice(bytes);
+        buf[have..].fill(0);
+    }
+}
+
+impl Drop for Layer {
+    fn drop(&mut self) {
+        if let Some(addr) = NonNull::new(self.addr as *mut libc::c_void) {
+            // SAFETY: our own mapping; the borrows `read` made ended with their calls.
+            let _ = unsafe { munmap(addr, self.len) };
+        }
+    }
+}
+
 /// A diff-snapshot chain served as one image (see the module docs).
 #[derive(Debug)]
 pub struct LayeredSource {
-    layers: Vec<(PathBuf, File)>,
+    layers: Vec<Layer>,
     /// Sorted, disjoint; the gaps are zero.
     extents: Vec<Extent>,
     len: u64,
@@ -58,25 +129,24 @@ impl LayeredSource {
     /// Opens `base` (a full memory file; its holes read as zero) and `diffs` (oldest
     /// first; their holes inherit from below). Every diff must be the base's length.
     pub fn open<P: AsRef<Path>>(base: impl AsRef<Path>, diffs: &[P]) -> Result<LayeredSource> {
-        let base = base.as_ref();
-        let (file, len) = open_layer(base)?;
+        let base = Layer::open(base.as_ref())?;
+        let len = base.len as u64;
         let mut extents =
-            data_extents(&file, len, 0).map_err(Error::io("find the data of", base))?;
-        let mut layers = vec![(base.to_path_buf(), file)];
+            data_extents(&base.file, len, 0).map_err(Error::io("find the data of", &base.path))?;
+        let mut layers = vec![base];
         for (i, diff) in diffs.iter().enumerate() {
-            let path = diff.as_ref();
-            let (file, diff_len) = open_layer(path)?;
-            if diff_len != len {
+            let layer = Layer::open(diff.as_ref())?;
+            if layer.len as u64 != len {
                 return Err(Error::LayerLength {
-                    path: path.to_path_buf(),
-                    len: diff_len,
+                    path: layer.path.clone(),
+                    len: layer.len as u64,
                     base_len: len,
                 });
             }
-            let data =
-                data_extents(&file, len, i + 1).map_err(Error::io("find the data of", path))?;
+            let data = data_extents(&layer.file, len, i + 1)
+                .map_err(Error::io("find the data of", &layer.path))?;
             extents = overlay(&extents, &data);
-            layers.push((path.to_path_buf(), file));
+            layers.push(layer);
         }
         log::debug!(
             "layered source: {} layer(s) of {len} bytes folded into {} extents",
@@ -92,7 +162,7 @@ impl LayeredSource {
 
     /// The files, base first.
     pub fn layers(&self) -> impl Iterator<Item = &Path> {
-        self.layers.iter().map(|(p, _)| p.as_path())
+        self.layers.iter().map(|l| l.path.as_path())
     }
 
     /// The flattened map: each data range with the index of the layer serving it (0 is the
@@ -111,8 +181,7 @@ impl LayeredSource {
             let mut at = e.start;
             while at < e.end {
                 let n = (e.end - at).min(buf.len() as u64) as usize;
-                self.read_layer(e.layer, at, &mut buf[..n])
-                    .map_err(|s| Error::io("read", &self.layers[e.layer].0)(s.source))?;
+                self.layers[e.layer].read(at, &mut buf[..n]);
                 sink.write(at, &buf[..n]).map_err(Error::io("write", out))?;
                 at += n as u64;
                 data_bytes += n as u64;
@@ -125,39 +194,6 @@ impl LayeredSource {
             extents: self.extents.len(),
         })
     }
-
-    /// Reads `buf.len()` bytes of layer `layer` at `offset` (zero past its end).
-    fn read_layer(&self, layer: usize, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        let file = &self.layers[layer].1;
-        let mut done = 0;
-        while done < buf.len() {
-            let n = file
-                .read_at(&mut buf[done..], offset + done as u64)
-                .map_err(|source| SourceError {
-                    what: "read a layer",
-                    offset,
-                    source,
-                })?;
-            if n == 0 {
-                buf[done..].fill(0);
-                break;
-            }
-            done += n;
-        }
-        Ok(())
-    }
-}
-
-fn open_layer(path: &Path) -> Result<(File, u64)> {
-    let file = File::open(path).map_err(Error::io("open", path))?;
-    let len = file.metadata().map_err(Error::io("stat", path))?.len();
-    if len == 0 {
-        return Err(Error::io("open", path)(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "empty memory file",
-        )));
-    }
-    Ok((file, len))
 }
 
 /// The data of `file` in `[0, len)` as extents of `layer`, widened to whole pages.
@@ -246,16 +282,19 @@ impl Source for LayeredSource {
             let from = e.start.max(at);
             scratch[(at - offset) as usize..(from - offset) as usize].fill(0);
             let to = e.end.min(end);
-            self.read_layer(
-                e.layer,
+            self.layers[e.layer].read(
                 from,
                 &mut scratch[(from - offset) as usize..(to - offset) as usize],
-            )?;
+            );
             at = to;
             i += 1;
         }
         scratch[(at - offset) as usize..].fill(0);
         Ok(Fetched::Data(scratch))
+    }
+
+    fn is_signal_safe(&self) -> bool {
+        true // a binary search and a copy out of mappings: no lock, no allocation
     }
 
     fn zero_ranges(&self) -> Vec<Range<u64>> {
