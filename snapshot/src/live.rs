@@ -114,8 +114,8 @@ impl LiveSnapshotBuilder {
         self
     }
 
-    /// Threads serving write faults (default one: a fault takes a few microseconds of
-    /// it; more help when many writers fault at once on many CPUs).
+    /// Threads serving write faults (default two: while one hands its last page to the
+    /// sink, the other serves the next fault; more help when many writers fault at once).
     pub fn handlers(mut self, n: usize) -> Self {
         self.handlers = n.max(1);
         self
@@ -304,14 +304,14 @@ fn default_savers() -> usize {
 }
 
 impl LiveSnapshot {
-    /// A builder with no regions, [`DEFAULT_BATCH`], one fault handler and one saver per
+    /// A builder with no regions, [`DEFAULT_BATCH`], two fault handlers and one saver per
     /// CPU.
     pub fn builder() -> LiveSnapshotBuilder {
         LiveSnapshotBuilder {
             regions: Vec::new(),
             uffd: None,
             savers: default_savers(),
-            handlers: 1,
+            handlers: 2,
             saver_nice: Some(10),
             spin: DEFAULT_SPIN,
             batch: DEFAULT_BATCH,

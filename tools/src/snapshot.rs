@@ -63,7 +63,7 @@ pub struct LiveArgs {
     #[arg(long)]
     savers: Option<usize>,
     /// Threads serving write faults.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 2)]
     handlers: usize,
     /// Background batch, KiB.
     #[arg(long, default_value_t = (snapshot::DEFAULT_BATCH / 1024) as u64)]
@@ -408,7 +408,7 @@ fn chain(args: &ChainArgs) -> Result<()> {
     std::thread::sleep(Duration::from_millis(500));
     let base_raw = scratch(&args.work_dir, "base")?;
     let sink = Arc::new(FileSink::create(&base_raw, map.len() as u64)?);
-    let live = take_live(&map, sink, None, 1, snapshot::DEFAULT_BATCH, true)?;
+    let live = take_live(&map, sink, None, 2, snapshot::DEFAULT_BATCH, true)?;
     let (mut chain, base, handover) =
         Chain::from_live(live, &mut writers).context("hand the memory over to dirty tracking")?;
     let options = chunked::PushOptions {
