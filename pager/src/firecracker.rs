@@ -323,6 +323,10 @@ pub struct ServeOptions {
     /// Kill the VMM ([`kill_peer`]) if serving fails, so it does not hang forever on
     /// faults nobody will serve.
     pub kill_peer_on_error: bool,
+    /// Pages placed after each faulting page ([`PagerBuilder::fault_around`](crate::PagerBuilder::fault_around)).
+    pub fault_around: usize,
+    /// Sequential readahead ([`PagerBuilder::readahead`](crate::PagerBuilder::readahead)).
+    pub readahead: bool,
 }
 
 impl Default for ServeOptions {
@@ -332,6 +336,8 @@ impl Default for ServeOptions {
             prefetch: Prefetch::Sequential,
             record: None,
             kill_peer_on_error: false,
+            fault_around: 0,
+            readahead: true,
         }
     }
 }
@@ -370,7 +376,9 @@ fn serve_inner(
         .register(false)
         .mode(options.mode)
         .prefetch(options.prefetch.clone())
-        .prefetch_after_first_fault(true);
+        .prefetch_after_first_fault(true)
+        .fault_around(options.fault_around)
+        .readahead(options.readahead);
     if let Some(path) = &options.record {
         builder = builder.record(path);
     }

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use page_state::{PageState, RequestOutcome};
+use page_state::PageState;
 
 use crate::place::{Content, Origin, Placement};
 use crate::shared::Shared;
@@ -88,51 +88,29 @@ pub(crate) fn run(shared: Arc<Shared>, plan: Prefetch) {
 }
 
 /// Claims up to `max_bytes` of contiguous missing pages at `page` and places them with
-/// one fetch and one placement. Returns the page after the run.
+/// one fetch and one placement, retrying through EAGAIN. Returns the page after the run.
+///
+/// A remote source (it answers `Pending`) is asked one run at a time: the prefetcher waits
+/// until the run's first page has arrived before it claims the next, instead of asking
+/// for the whole image at once; faults on pages it asked for jump the queue
+/// (`Source::prioritize`).
 fn prefetch_run(shared: &Shared, page: usize, max_bytes: usize, scratch: &mut [u8]) -> usize {
-    let Some(first) = shared.page(page) else {
+    let Some(size) = shared.page(page).map(|p| p.size) else {
         return page + 1;
     };
-    if shared.states.request(page) != Ok(RequestOutcome::Requested) {
+    let limit = (max_bytes / size).clamp(1, scratch.len() / size);
+    let Some((first, count)) = shared.claim_run(page, limit, None) else {
         return page + 1;
-    }
-    let limit = (max_bytes / first.size).clamp(1, scratch.len() / first.size);
-    let mut count = 1;
-    while count < limit {
-        match shared.page(page + count) {
-            Some(next) if next.addr == first.addr + count * first.size => {}
-            _ => break,
-        }
-        if shared.states.request(page + count) != Ok(RequestOutcome::Requested) {
-            break;
-        }
-        count += 1;
-    }
-    let mut placed = 0;
-    while placed < count && !shared.stopping() {
-        // An UNMAP may have taken the region away since the pages were claimed.
-        let Some(at) = shared.page(page + placed) else {
-            break;
-        };
-        match shared.fetch_and_place(&at, count - placed, scratch, true, Origin::Prefetch) {
-            Placement::Done => placed = count,
-            Placement::Again { done } => {
-                placed += done;
-                // A REMOVE is pending: the handler threads read it; wait and retry.
+    };
+    match shared.place_claimed(&first, count, scratch, Origin::Prefetch, true) {
+        Ok(_) => {
+            while shared.states.get(first.page) == Ok(PageState::Requested) && !shared.stopping() {
                 std::thread::sleep(Duration::from_micros(200));
             }
-            Placement::Dropped => break,
-            Placement::Failed(e) => {
-                shared.fail(e.into());
-                break;
-            }
         }
+        Err(failed) => shared.fail_placement(failed),
     }
-    // Pages we claimed and could not place go back to faults, each in one step.
-    for p in page + placed..page + count {
-        shared.release(p);
-    }
-    page + count
+    first.page + count
 }
 
 /// Places the run of known-zero pages at `page` with one zero-page placement (faults on
@@ -155,11 +133,11 @@ fn zero_run(shared: &Shared, page: usize) -> usize {
     while !shared.stopping() {
         match shared.place(&first, count, Content::Zero, true, Origin::Prefetch) {
             Placement::Again { .. } => std::thread::sleep(Duration::from_micros(200)),
-            Placement::Failed(e) => {
-                shared.fail(e.into());
+            Placement::Done | Placement::Asked | Placement::Dropped => break,
+            failed => {
+                shared.fail_placement(failed);
                 break;
             }
-            Placement::Done | Placement::Dropped => break,
         }
     }
     page + count

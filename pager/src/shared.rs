@@ -39,8 +39,14 @@ pub(crate) struct Shared {
     pub cursor: AtomicUsize,
     /// Fault order of first touches, when recording a working set.
     pub recorder: Option<Recorder>,
-    /// Extra pages placed after each faulting page (spatial locality).
+    /// Pages placed after each faulting page (spatial locality): the starting window.
     pub fault_around: usize,
+    /// The page after the last fault-around run, and the window it used: a fault there
+    /// is sequential and doubles the window (fault.rs).
+    pub around_next: AtomicUsize,
+    pub around_window: AtomicUsize,
+    /// Whether sequential faults grow the fault-around window (readahead).
+    pub readahead: bool,
     /// Zeros for placing zero pages where ZEROPAGE is unavailable (hugetlb, minor mode).
     pub zeros: Box<[u8]>,
     /// The first fatal error (a failing source); the pager stops on it.
@@ -58,6 +64,7 @@ impl Shared {
         source: Arc<dyn Source>,
         record: bool,
         fault_around: usize,
+        readahead: bool,
     ) -> Result<Self> {
         let needs_zeros = regions
             .regions()
@@ -91,6 +98,9 @@ impl Shared {
             cursor: AtomicUsize::new(0),
             recorder: record.then(|| Recorder::new(pages)),
             fault_around,
+            around_next: AtomicUsize::new(usize::MAX),
+            around_window: AtomicUsize::new(fault_around),
+            readahead,
             zeros: zeros.into_boxed_slice(),
             fatal: Mutex::new(None),
             signal_errno: AtomicI32::new(0),

@@ -404,6 +404,8 @@ fn serve(
         record: args.prefetch.record.clone(),
         // `run` kills on every fatal error, this one included.
         kill_peer_on_error: false,
+        fault_around: args.prefetch.fault_around,
+        readahead: !args.prefetch.no_readahead,
     };
     firecracker::serve(hs, memory.source.clone(), &options).context("serving guest memory")
 }
