@@ -350,6 +350,9 @@ pub fn serve(
     options: &ServeOptions,
 ) -> crate::Result<StatsSnapshot> {
     let peer = hs.peer;
+    // Held until the VMM is dealt with: closing the last descriptor of its userfaultfd
+    // would release its blocked faults onto zero pages before it is killed.
+    let hold = hs.uffd.as_fd().try_clone_to_owned().ok();
     let result = serve_inner(hs, source, options);
     if result.is_err() && options.kill_peer_on_error {
         if let Some(peer) = &peer {
@@ -357,6 +360,7 @@ pub fn serve(
             let _ = kill_peer(peer);
         }
     }
+    drop(hold);
     result
 }
 

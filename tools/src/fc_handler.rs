@@ -11,6 +11,7 @@
 //! dead — unless `--no-kill-peer`.
 
 use std::io::{ErrorKind, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -156,11 +157,19 @@ pub fn run(args: &Args) -> Result<()> {
     info!("{who} connected: {}", geometry.describe());
     refuse_others(&claimed.listener, who.clone())?;
 
+    // Held until the VMM is dealt with: closing the last descriptor of its userfaultfd
+    // would release its blocked faults onto zero pages before it is killed.
+    let hold_uffd = hs
+        .uffd
+        .as_fd()
+        .try_clone_to_owned()
+        .context("duplicate the VMM's userfaultfd")?;
     let started = Instant::now();
     let result = serve(args, &memory, &geometry, hs);
     if let (Err(_), Some(peer)) = (&result, peer) {
         end_peer(&peer, kill, "the restore failed (the error follows)");
     }
+    drop(hold_uffd);
     let stats = result?;
     let mut out = std::io::stdout().lock();
     for line in summary(&who, started.elapsed(), &geometry, &memory, args, &stats) {
