@@ -25,6 +25,12 @@ use crate::stats::{add, bump};
 /// The largest fault-around run, in bytes (the window doubles up to this).
 pub(crate) const MAX_AROUND_BYTES: usize = 2 << 20;
 
+/// A fault on a page the background prefetcher claimed from a local source waits this
+/// long, then places the page itself: the prefetcher runs at SCHED_IDLE and a busy
+/// workload can starve it while it holds its claim (priority inversion). Claims of
+/// handler threads are waited for; a remote source's page is never asked twice.
+pub(crate) const TAKE_OVER_AFTER: Duration = Duration::from_millis(1);
+
 /// What became of a fault.
 #[derive(Debug)]
 pub(crate) enum FaultOutcome {
@@ -65,7 +71,11 @@ impl Shared {
                 self.place(p, count, Content::Data(data), wake, origin)
             }
             Ok(Fetched::Zero) => self.place(p, count, Content::Zero, wake, origin),
-            Ok(Fetched::Pending) => Placement::Asked,
+            Ok(Fetched::Pending) => {
+                // Relaxed: a one-way flag the fault path reads as a hint.
+                self.remote.store(true, Ordering::Relaxed);
+                Placement::Asked
+            }
             Err(e) => {
                 bump(&self.stats.source_errors);
                 Placement::SourceFailed(e)
@@ -259,6 +269,16 @@ impl Shared {
             Some(f) => Err(f),
             None => Ok(done),
         }
+    }
+
+    /// Whether a fault that has waited `waited` on page `page` (Requested by someone
+    /// else) places it itself: only a local page the starved prefetcher holds (see
+    /// [`TAKE_OVER_AFTER`]).
+    pub fn may_take_over(&self, page: usize, waited: Duration) -> bool {
+        // Relaxed: a one-way flag read as a hint.
+        waited >= TAKE_OVER_AFTER
+            && !self.remote.load(Ordering::Relaxed)
+            && self.background.test(page)
     }
 
     /// Gives back a claim (requested → missing in one CAS) so a later fault asks again.

@@ -26,6 +26,9 @@ pub(crate) struct Shared {
     /// Pages a REMOVE hit while a claimant (or an arrival) was bringing them in: whoever
     /// places one next places zeros instead, and clears the bit.
     pub removed: Bitmap,
+    /// Pages the background prefetcher holds claimed (Requested): a fault waiting on one
+    /// of them for long places it itself (the prefetcher runs at SCHED_IDLE).
+    pub background: Bitmap,
     /// Orders placements against the reading of REMOVE events.
     pub gate: Gate,
     pub source: Arc<dyn Source>,
@@ -47,6 +50,8 @@ pub(crate) struct Shared {
     pub around_window: AtomicUsize,
     /// Whether sequential faults grow the fault-around window (readahead).
     pub readahead: bool,
+    /// Set once the source answers `Pending` (see `Shared::is_remote`).
+    pub remote: AtomicBool,
     /// Zeros for placing zero pages where ZEROPAGE is unavailable (hugetlb, minor mode).
     pub zeros: Box<[u8]>,
     /// The first fatal error (a failing source); the pager stops on it.
@@ -90,6 +95,7 @@ impl Shared {
             uffd,
             states,
             removed: Bitmap::new(pages),
+            background: Bitmap::new(pages),
             source,
             stats: Stats::default(),
             stop: AtomicBool::new(false),
@@ -101,6 +107,7 @@ impl Shared {
             around_next: AtomicUsize::new(usize::MAX),
             around_window: AtomicUsize::new(fault_around),
             readahead,
+            remote: AtomicBool::new(false),
             zeros: zeros.into_boxed_slice(),
             fatal: Mutex::new(None),
             signal_errno: AtomicI32::new(0),

@@ -39,7 +39,7 @@ use uffd_core::{Error as UffdError, FaultFlags};
 
 use crate::error::{Error, Result};
 use crate::fault::{FaultOutcome, FollowUp, MAX_AROUND_BYTES};
-use crate::place::Placement;
+use crate::place::{Origin, Placement};
 use crate::shared::Shared;
 use crate::sigsafe::{backoff, sleep, HandlerScope};
 
@@ -188,9 +188,20 @@ fn resolve(engine: &Engine, addr: usize) -> bool {
                 return true;
             }
             FaultOutcome::FollowUp(p, FollowUp::Watch) => {
-                // Another thread is placing it: wait for that, then retry the access.
+                // Another thread is placing it: wait for that, then retry the access —
+                // or, if it takes long (a starved SCHED_IDLE prefetcher holding the
+                // claim), place it here from the local source.
+                let waiting = Instant::now();
                 let mut spins = 0;
                 while shared.states.get(p.page) == Ok(PageState::Requested) {
+                    if shared.may_take_over(p.page, waiting.elapsed()) {
+                        let placed = with_slot(engine, |scratch| {
+                            shared.fetch_and_place(&p, 1, scratch, true, Origin::Fault)
+                        });
+                        if !matches!(placed, Placement::Again { .. }) {
+                            break;
+                        }
+                    }
                     backoff(&mut spins);
                 }
                 shared.stats.record_latency(started.elapsed());

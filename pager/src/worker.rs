@@ -252,6 +252,14 @@ impl Worker {
         self.parked.retain(|parked| {
             let p = &parked.page;
             let placement = match (parked.follow_up, shared.states.get(p.page)) {
+                // In someone else's hands for long (a SCHED_IDLE prefetcher starved of CPU
+                // holding its claim): a local page is fetched and placed here instead —
+                // a fault never waits on a background thread's priority.
+                (FollowUp::Watch, Ok(PageState::Requested))
+                    if shared.may_take_over(p.page, parked.since.elapsed()) =>
+                {
+                    shared.fetch_and_place(p, 1, scratch, true, Origin::Fault)
+                }
                 // Still in someone else's hands: keep watching.
                 (FollowUp::Watch, Ok(PageState::Requested)) => return true,
                 (FollowUp::Retry, Ok(PageState::Requested)) => {
