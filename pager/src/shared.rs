@@ -38,6 +38,8 @@ pub(crate) struct Shared {
     pub wakeup: EventFd,
     /// The faulting process exited (ESRCH): nothing more can be served.
     pub gone: AtomicBool,
+    /// Handler threads in their loops (past the start-up of their thread).
+    running: AtomicUsize,
     /// The prefetcher's next page; each fault moves it to just after the faulting page.
     pub cursor: AtomicUsize,
     /// Fault order of first touches, when recording a working set.
@@ -101,6 +103,7 @@ impl Shared {
             stop: AtomicBool::new(false),
             wakeup,
             gone: AtomicBool::new(false),
+            running: AtomicUsize::new(0),
             cursor: AtomicUsize::new(0),
             recorder: record.then(|| Recorder::new(pages)),
             fault_around,
@@ -114,6 +117,16 @@ impl Shared {
             signal_offset: AtomicU64::new(0),
             regions,
         })
+    }
+
+    /// A handler thread entered its loop. Release: pairs with `running`'s Acquire.
+    pub fn handler_running(&self) {
+        self.running.fetch_add(1, Ordering::Release);
+    }
+
+    /// Handler threads in their loops.
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::Acquire)
     }
 
     /// Whether threads should stop. Relaxed: the flag carries no data; joins synchronise.

@@ -89,6 +89,7 @@ impl Worker {
 
     /// Runs until the pager stops or the faulting process is gone.
     pub fn run(&mut self, wait: Wait) {
+        self.shared.handler_running();
         while !self.shared.stopping() {
             let readable = match wait {
                 Wait::Block => self.poll(),
