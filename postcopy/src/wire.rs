@@ -11,8 +11,8 @@ use bitflags::bitflags;
 
 /// Identifies a uffdkit postcopy connection.
 pub const MAGIC: [u8; 8] = *b"UFFDKPC\0";
-/// The wire version this crate speaks.
-pub const VERSION: u16 = 1;
+/// The wire version this crate speaks (2: HELLO carries the connection generation).
+pub const VERSION: u16 = 2;
 /// Bytes before the body.
 pub const HEADER_LEN: usize = 8;
 /// Bytes after the body.
@@ -124,6 +124,9 @@ pub enum Message {
         channel: Channel,
         /// Migration session id (ties the urgent channel and reconnects to a session).
         session: u64,
+        /// Which connection pair of the session this is: the opener counts its attempts,
+        /// and a newer generation supersedes the pair of an older one.
+        generation: u32,
     },
     /// The listener's authentication challenge.
     Challenge {
@@ -356,7 +359,41 @@ impl Writer<'_> {
     }
 }
 
+impl std::fmt::Display for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Channel::Main => "main",
+            Channel::Urgent => "urgent",
+        })
+    }
+}
+
 impl Message {
+    /// The message's name on the wire (for errors and logs).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "HELLO",
+            Message::Challenge { .. } => "CHALLENGE",
+            Message::Auth { .. } => "AUTH",
+            Message::AuthOk { .. } => "AUTH_OK",
+            Message::Advise(_) => "ADVISE",
+            Message::Discard { .. } => "DISCARD",
+            Message::Listen => "LISTEN",
+            Message::Run => "RUN",
+            Message::End => "END",
+            Message::Pages { .. } => "PAGES",
+            Message::ScatteredPages { .. } => "SCATTERED_PAGES",
+            Message::ZeroRun(_) => "ZERO_RUN",
+            Message::ReqPages { .. } => "REQ_PAGES",
+            Message::Ack { .. } => "ACK",
+            Message::Ping { .. } => "PING",
+            Message::Pong { .. } => "PONG",
+            Message::RecvBitmap { .. } => "RECV_BITMAP",
+            Message::Digests { .. } => "DIGESTS",
+            Message::Shut { .. } => "SHUT",
+        }
+    }
+
     fn kind(&self) -> u8 {
         match self {
             Message::Hello { .. } => kind::HELLO,
@@ -389,6 +426,7 @@ impl Message {
                 role,
                 channel,
                 session,
+                generation,
             } => {
                 w.bytes(&MAGIC);
                 w.u16(*version);
@@ -396,6 +434,7 @@ impl Message {
                 w.u8(*role as u8);
                 w.u8(*channel as u8);
                 w.u64(*session);
+                w.u32(*generation);
             }
             Message::Challenge { nonce } => w.bytes(nonce),
             Message::Auth { proof, nonce } => {
@@ -453,16 +492,28 @@ impl Message {
     }
 }
 
-/// Appends `msg` as one frame to `out`.
-pub fn encode(msg: &Message, out: &mut Vec<u8>) {
+/// Appends one frame of `kind` whose body `body` writes.
+fn frame(out: &mut Vec<u8>, kind: u8, body: impl FnOnce(&mut Writer<'_>)) {
     let start = out.len();
     out.extend_from_slice(&[0; HEADER_LEN]);
-    msg.body(&mut Writer(out));
+    body(&mut Writer(out));
     let body_len = out.len() - start - HEADER_LEN;
     out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
-    out[start + 4] = msg.kind();
+    out[start + 4] = kind;
     let crc = crc32fast::hash(&out[start + 4..]);
     out.extend_from_slice(&crc.to_le_bytes());
+}
+
+/// Appends `msg` as one frame to `out`.
+pub fn encode(msg: &Message, out: &mut Vec<u8>) {
+    frame(out, msg.kind(), |w| msg.body(w));
+}
+
+/// Appends a REQ_PAGES frame for `ranges` to `out`: the same bytes as
+/// `encode(&Message::ReqPages { .. })` without building a message, so a fault handler
+/// asking for pages allocates nothing once `out` has the capacity.
+pub fn encode_request(ranges: &[PageRange], out: &mut Vec<u8>) {
+    frame(out, kind::REQ_PAGES, |w| w.ranges(ranges));
 }
 
 struct Reader<'a> {
@@ -614,6 +665,7 @@ fn decode_body(kind: u8, body: &[u8], limits: &Limits) -> Result<Message, WireEr
                 role,
                 channel,
                 session: r.u64()?,
+                generation: r.u32()?,
             }
         }
         kind::CHALLENGE => Message::Challenge {

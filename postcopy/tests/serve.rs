@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 use pager::{DeliveryMode, MemorySource, Pager, RegionSpec};
 use postcopy::auth::Key;
 use postcopy::client::RemoteSource;
+use postcopy::link::Timing;
 use postcopy::net::Addr;
 use postcopy::server::PageServer;
+use postcopy::Refusal;
 use uffd_core::{Features, Mapping, MemoryKind, Uffd};
 
 const PS: usize = 4096;
@@ -31,12 +33,10 @@ fn key() -> Key {
     Key::new(*b"0123456789abcdef-test-key").expect("key")
 }
 
-fn server(addr: &str, image: &[u8]) -> postcopy::server::ServerHandle {
+fn server(addr: &str, image: &[u8]) -> PageServer {
     let addr: Addr = addr.parse().expect("addr");
-    PageServer::bind(&addr, Arc::new(MemorySource::new(image.to_vec())), key())
-        .expect("bind")
-        .spawn()
-        .expect("spawn")
+    let source = Arc::new(MemorySource::new(image.to_vec()));
+    PageServer::bind(&addr, source, key(), Timing::default()).expect("bind")
 }
 
 /// A pager serving `memory` from `source` with one handler thread.
@@ -83,12 +83,12 @@ fn restore(addr: &Addr, image: &[u8]) -> pager::StatsSnapshot {
 fn restore_from_a_page_server_over_tcp_and_unix() {
     let img = image(2048);
     let tcp = server("127.0.0.1:0", &img);
-    let stats = restore(tcp.addr(), &img);
+    let stats = restore(&tcp.local_addr().unwrap(), &img);
     assert_eq!(stats.placed(), 2048, "{stats:?}");
     assert!(stats.placed_zero > 0, "zero pages arrived as zero runs");
     let path = std::env::temp_dir().join(format!("uffdkit-serve-{}.sock", std::process::id()));
     let unix = server(&format!("unix:{}", path.display()), &img);
-    let stats = restore(unix.addr(), &img);
+    let stats = restore(&unix.local_addr().unwrap(), &img);
     assert_eq!(stats.placed(), 2048);
     std::fs::remove_file(&path).ok();
 }
@@ -98,25 +98,24 @@ fn a_wrong_key_is_refused_both_ways() {
     let img = image(16);
     let srv = server("127.0.0.1:0", &img);
     let wrong = Key::new(*b"not-the-right-key-at-all").expect("key");
-    let err = RemoteSource::connect(srv.addr(), &wrong).expect_err("wrong key");
-    assert!(matches!(err, postcopy::Error::Auth(_)), "{err}");
+    let addr = srv.local_addr().unwrap();
+    let err = RemoteSource::connect(&addr, &wrong).expect_err("wrong key");
+    assert!(
+        matches!(
+            err,
+            postcopy::Error::Refused {
+                reason: Refusal::PeerShut { .. } | Refusal::WrongKey
+            }
+        ),
+        "{err}"
+    );
     // Let the server's connection thread count it.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while srv
-        .stats()
-        .refused
-        .load(std::sync::atomic::Ordering::Relaxed)
-        == 0
-    {
+    while srv.stats().refused == 0 {
         assert!(Instant::now() < deadline, "refusal counted");
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert_eq!(
-        srv.stats()
-            .sessions
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
+    assert_eq!(srv.stats().pairs, 0);
 }
 
 #[test]
@@ -124,8 +123,8 @@ fn many_clients_restore_from_one_server_at_once_and_a_dying_one_harms_nobody() {
     let img = Arc::new(image(1024));
     let srv = server("127.0.0.1:0", &img);
     // One client connects and goes away mid-stream.
-    drop(RemoteSource::connect(srv.addr(), &key()).expect("connect"));
-    let addr = srv.addr().clone();
+    let addr = srv.local_addr().unwrap();
+    drop(RemoteSource::connect(&addr, &key()).expect("connect"));
     let clients: Vec<_> = (0..3)
         .map(|_| {
             let (addr, img) = (addr.clone(), img.clone());
@@ -143,7 +142,8 @@ fn urgent_pages_overtake_the_background_stream() {
     let pages = 16384;
     let img = image(pages);
     let srv = server("127.0.0.1:0", &img);
-    let source = Arc::new(RemoteSource::connect(srv.addr(), &key()).expect("connect"));
+    let addr = srv.local_addr().unwrap();
+    let source = Arc::new(RemoteSource::connect(&addr, &key()).expect("connect"));
     let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
     let started = Instant::now();
     let pager = pager_for(source, &memory);

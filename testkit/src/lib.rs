@@ -1,5 +1,8 @@
 //! Test support shared by the workspace's integration tests.
 
+pub mod hugepages;
+pub mod proxy;
+
 use std::io::Write;
 
 /// Reports a skipped case loudly: on stderr and in `target/uffdkit-skips.log`, which

@@ -68,6 +68,15 @@ pub struct Args {
     /// The page server's pre-shared key file (with --source).
     #[arg(long, requires = "source")]
     key_file: Option<PathBuf>,
+    /// With --source: give up on the page server after this many seconds without a
+    /// working connection (at the start, or after a break), failing the restore (and so
+    /// killing the VMM, unless --no-kill-peer). Breaks shorter than this are survived.
+    #[arg(long, requires = "source", default_value_t = 60.0)]
+    give_up: f64,
+    /// With --source: a page server connection that brings nothing for this many seconds
+    /// is broken (heartbeats are sent every sixth of it); the client reconnects.
+    #[arg(long, requires = "source", default_value_t = 3.0)]
+    silence: f64,
     /// Prefetch (started once the first fault is served) and recording.
     #[command(flatten)]
     prefetch: PrefetchArgs,
@@ -88,6 +97,8 @@ struct Memory {
     source: Arc<dyn Source>,
     /// The memory file, or `None` for a page server.
     file: Option<PathBuf>,
+    /// The page server's client, for its reconnection count.
+    remote: Option<Arc<postcopy::client::RemoteSource>>,
 }
 
 /// What a signal or an error must clean up: our socket, and the VMM once it connected.
@@ -176,6 +187,7 @@ fn open_memory(args: &Args) -> Result<Memory> {
         return Ok(Memory {
             source: Arc::new(source),
             file: Some(path.clone()),
+            remote: None,
         });
     }
     let (Some(addr), Some(key)) = (&args.source, &args.key_file) else {
@@ -185,11 +197,28 @@ fn open_memory(args: &Args) -> Result<Memory> {
     };
     let key = postcopy::auth::Key::from_file(key)
         .with_context(|| format!("key file {}", key.display()))?;
-    let source = postcopy::client::RemoteSource::connect(addr, &key)
-        .with_context(|| format!("connect to the page server at {addr:?}"))?;
+    let seconds = |what: &str, v: f64| {
+        Duration::try_from_secs_f64(v)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                crate::exit::usage(format!("--{what} must be a positive number of seconds"))
+            })
+    };
+    let silence = seconds("silence", args.silence)?;
+    let timing = postcopy::link::Timing {
+        silence,
+        heartbeat: silence / 6,
+        give_up_after: seconds("give-up", args.give_up)?,
+        ..postcopy::link::Timing::default()
+    };
+    let remote = postcopy::client::RemoteSource::connect_with(addr, &key, timing)
+        .with_context(|| format!("connect to the page server at {addr}"))?;
+    let remote = Arc::new(remote);
     Ok(Memory {
-        source: Arc::new(source),
+        source: remote.clone(),
         file: None,
+        remote: Some(remote),
     })
 }
 
@@ -423,8 +452,9 @@ fn summary(
             ));
         }
     } else {
+        let reconnects = memory.remote.as_ref().map_or(0, |r| r.reconnects());
         lines.push(format!(
-            "  from the page server: {} pages ({}), requested on fault or streamed; {faults} faults",
+            "  from the page server: {} pages ({}), requested on fault or streamed; {faults} faults; {reconnects} reconnections",
             stats.placed_arrival,
             of(stats.placed_arrival)
         ));
