@@ -1,5 +1,6 @@
 //! Restoring memory from a page server over loopback TCP and Unix sockets, with real
-//! faults served through the pager.
+//! faults served through the pager — also through a proxy that resets and freezes its
+//! connections.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,6 +12,9 @@ use postcopy::link::Timing;
 use postcopy::net::Addr;
 use postcopy::server::PageServer;
 use postcopy::Refusal;
+use testkit::proxy::{CutMode, Direction, Proxy, ProxyOptions, Target};
+
+mod common;
 use uffd_core::{Features, Mapping, MemoryKind, Uffd};
 
 const PS: usize = 4096;
@@ -61,22 +65,123 @@ fn pager_for(source: Arc<RemoteSource>, memory: &Mapping) -> Pager {
 /// Restores `image` from `addr` into fresh memory, touching pages in a scattered order;
 /// returns the pager's stats after the background stream completed.
 fn restore(addr: &Addr, image: &[u8]) -> pager::StatsSnapshot {
-    let pages = image.len() / PS;
     let source = Arc::new(RemoteSource::connect(addr, &key()).expect("connect"));
+    restore_from(source, image, 1)
+}
+
+/// [`restore`] from a connected source: touches every `touch_every`th page of a
+/// scattered order (faults), waits for the stream to bring the rest, then compares every
+/// page byte for byte.
+fn restore_from(
+    source: Arc<RemoteSource>,
+    image: &[u8],
+    touch_every: usize,
+) -> pager::StatsSnapshot {
+    let pages = image.len() / PS;
     assert_eq!(source.page_size(), PS);
     let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
     let pager = pager_for(source, &memory);
-    for i in 0..pages {
-        let page = (i * 37) % pages;
-        // SAFETY: the served region.
-        let got = unsafe { std::slice::from_raw_parts(memory.page_addr(page) as *const u8, PS) };
-        assert_eq!(got, &image[page * PS..(page + 1) * PS], "page {page}");
+    let page = |p: usize| {
+        // SAFETY: the served region, alive for this function.
+        unsafe { std::slice::from_raw_parts(memory.page_addr(p) as *const u8, PS) }
+    };
+    for i in (0..pages).step_by(touch_every) {
+        let p = (i * 37) % pages;
+        assert_eq!(page(p), &image[p * PS..(p + 1) * PS], "page {p}");
     }
     assert!(
-        pager.wait_complete(Duration::from_secs(30)),
+        pager.wait_complete(Duration::from_secs(60)),
         "the stream brought every page"
     );
+    for p in 0..pages {
+        assert_eq!(page(p), &image[p * PS..(p + 1) * PS], "page {p}");
+    }
     pager.stop().expect("stop")
+}
+
+/// A page server behind a proxy that counts the pages it streams to its client.
+fn proxied_server(image: &[u8]) -> (PageServer, Arc<Proxy>) {
+    let srv = server("127.0.0.1:0", image);
+    let Addr::Tcp(to) = srv.local_addr().unwrap() else {
+        unreachable!("a TCP server")
+    };
+    let opts = ProxyOptions {
+        classify: common::channel_of,
+        counted: "main",
+        direction: Direction::ToOpener,
+        settle: 4096,
+    };
+    (srv, Arc::new(Proxy::start(to, opts).expect("proxy")))
+}
+
+#[test]
+fn a_restore_survives_resets_and_freezes_of_either_channel() {
+    common::log_to_stderr();
+    let img = image(16384); // 64 MiB
+    let (_srv, proxy) = proxied_server(&img);
+    let mut cuts = proxy.plan_random(5, 4, 32 << 20, CutMode::Reset, Target::All);
+    // Freezes on main (alone or with urgent): a frozen urgent connection alone could
+    // go unnoticed by a restore the stream completes first.
+    let kinds = [
+        (CutMode::Reset, Target::Tag("urgent")),
+        (CutMode::Freeze, Target::Tag("main")),
+        (CutMode::Reset, Target::Tag("main")),
+        (CutMode::Freeze, Target::All),
+    ];
+    for (cut, (mode, target)) in cuts.iter_mut().zip(kinds) {
+        (cut.mode, cut.target) = (mode, target);
+    }
+    proxy.plan(cuts);
+    let addr = Addr::Tcp(proxy.addr());
+    let source = Arc::new(
+        RemoteSource::connect_with(&addr, &key(), common::test_timing()).expect("connect"),
+    );
+    // Few faults: the stream must bring most pages, so every cut stops the restore
+    // until it is noticed and resumed.
+    let stats = restore_from(source.clone(), &img, 64);
+    assert_eq!(stats.placed(), 16384, "{stats:?}");
+    assert_eq!(proxy.pending(), 0, "every cut landed");
+    assert_eq!(proxy.cuts(), 4);
+    assert_eq!(
+        source.reconnects(),
+        proxy.cuts(),
+        "one reconnection per cut"
+    );
+}
+
+#[test]
+fn a_client_cut_off_from_its_server_fails_its_pager_within_the_bound() {
+    let img = image(4096);
+    let (_srv, proxy) = proxied_server(&img);
+    let timing = Timing {
+        silence: Duration::from_secs(1),
+        heartbeat: Duration::from_millis(150),
+        give_up_after: Duration::from_secs(2),
+        ..common::test_timing()
+    };
+    let addr = Addr::Tcp(proxy.addr());
+    let source = Arc::new(RemoteSource::connect_with(&addr, &key(), timing).expect("connect"));
+    proxy.partition(true);
+    let memory = Mapping::new(MemoryKind::Anon, img.len()).expect("map");
+    let pager = pager_for(source, &memory);
+    let base = memory.addr();
+    // A faulting thread, as a vCPU would be: it waits for the page.
+    let toucher = std::thread::spawn(move || {
+        // SAFETY: the served region, mapped until after this thread is joined.
+        unsafe { std::ptr::read_volatile((base + 4096 * 4000) as *const u8) }
+    });
+    let t = Instant::now();
+    while !pager.has_stopped() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the pager stopped within the bound"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let err = pager.stop().expect_err("the source failed the pager");
+    assert!(matches!(err, pager::Error::Source(_)), "{err}");
+    // The uffd is closed with the pager: the faulting thread is released (a zero page).
+    toucher.join().expect("the faulting thread was released");
 }
 
 #[test]

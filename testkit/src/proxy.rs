@@ -88,6 +88,10 @@ pub struct ProxyOptions {
 
 /// One proxied connection.
 struct Link {
+    /// Its number, in accepting order.
+    id: u64,
+    /// Pumps still running (two, until a side closes).
+    pumps: AtomicU64,
     tag: OnceLock<&'static str>,
     sockets: [TcpStream; 2],
     frozen: AtomicBool,
@@ -95,6 +99,12 @@ struct Link {
 }
 
 impl Link {
+    fn live(&self) -> bool {
+        self.pumps.load(Ordering::SeqCst) > 0
+            && !self.frozen.load(Ordering::SeqCst)
+            && !self.reset.load(Ordering::SeqCst)
+    }
+
     fn hit_by(&self, target: Target) -> bool {
         match target {
             Target::All => true,
@@ -134,8 +144,12 @@ struct State {
     opts: ProxyOptions,
     upstream: SocketAddr,
     stop: AtomicBool,
+    blocked: AtomicBool,
     links: Mutex<Vec<Arc<Link>>>,
     plan: Mutex<Plan>,
+    /// Only connections accepted after the last cut count bytes: a cut never lands on
+    /// what is left of a pair an earlier cut already broke.
+    fresh_from: AtomicU64,
     cuts: AtomicU64,
     connections: AtomicU64,
 }
@@ -160,8 +174,10 @@ impl Proxy {
             opts,
             upstream,
             stop: AtomicBool::new(false),
+            blocked: AtomicBool::new(false),
             links: Mutex::default(),
             plan: Mutex::default(),
+            fresh_from: AtomicU64::new(0),
             cuts: AtomicU64::new(0),
             connections: AtomicU64::new(0),
         });
@@ -228,6 +244,15 @@ impl Proxy {
         self.state.cut(mode, target)
     }
 
+    /// A partition that does not heal: freezes every connection and closes every new one
+    /// at once (`false` lets new connections through again).
+    pub fn partition(&self, on: bool) {
+        self.state.blocked.store(on, Ordering::SeqCst);
+        if on {
+            self.state.cut(CutMode::Freeze, Target::All);
+        }
+    }
+
     /// Cuts made so far (each hit at least one connection).
     pub fn cuts(&self) -> u64 {
         self.state.cuts.load(Ordering::SeqCst)
@@ -273,16 +298,17 @@ impl State {
     fn cut(&self, mode: CutMode, target: Target) -> usize {
         let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
         let mut hit = 0;
-        for link in links.iter().filter(|l| l.hit_by(target)) {
-            if !link.frozen.load(Ordering::SeqCst) && !link.reset.load(Ordering::SeqCst) {
-                link.apply(mode);
-                hit += 1;
-            }
+        for link in links.iter().filter(|l| l.hit_by(target) && l.live()) {
+            link.apply(mode);
+            hit += 1;
         }
+        let accepted = self.connections.load(Ordering::SeqCst);
+        self.fresh_from.store(accepted, Ordering::SeqCst);
         // A reset link's sockets close when its pumps let go too: the last close sends RST.
         links.retain(|l| !l.reset.load(Ordering::SeqCst));
         if hit > 0 {
-            self.cuts.fetch_add(1, Ordering::SeqCst);
+            let n = self.cuts.fetch_add(1, Ordering::SeqCst) + 1;
+            eprintln!("proxy: cut {n}: {mode:?} of {target:?} ({hit} connections)");
         }
         hit
     }
@@ -316,6 +342,9 @@ fn accept(state: &Arc<State>, listener: &TcpListener) {
             }
             Err(_) => continue,
         };
+        if state.blocked.load(Ordering::SeqCst) {
+            continue; // closed at once: the opener sees its connection end
+        }
         let Ok(listener_side) = TcpStream::connect(state.upstream) else {
             continue; // the opener sees its connection closed, as if refused
         };
@@ -326,6 +355,8 @@ fn accept(state: &Arc<State>, listener: &TcpListener) {
                 s.set_write_timeout(Some(TICK))?;
             }
             Ok(Arc::new(Link {
+                id: state.connections.load(Ordering::SeqCst),
+                pumps: AtomicU64::new(2),
                 tag: OnceLock::new(),
                 sockets: [opener.try_clone()?, listener_side.try_clone()?],
                 frozen: AtomicBool::new(false),
@@ -355,7 +386,10 @@ fn accept(state: &Arc<State>, listener: &TcpListener) {
                 continue;
             };
             let (s, l) = (state.clone(), link.clone());
-            std::thread::spawn(move || pump(&s, &l, dir, from, to));
+            std::thread::spawn(move || {
+                pump(&s, &l, dir, from, to);
+                l.pumps.fetch_sub(1, Ordering::SeqCst);
+            });
         }
     }
 }
@@ -398,7 +432,9 @@ fn pump(state: &State, link: &Link, dir: Direction, mut from: TcpStream, mut to:
                 let _ = link.tag.set(tag);
             }
         }
-        let counted = dir == state.opts.direction && link.tag.get() == Some(&state.opts.counted);
+        let counted = dir == state.opts.direction
+            && link.tag.get() == Some(&state.opts.counted)
+            && link.id >= state.fresh_from.load(Ordering::SeqCst);
         let skip = if counted {
             state.opts.settle.saturating_sub(carried).min(n as u64)
         } else {

@@ -21,6 +21,28 @@ use postcopy::wire::{decode, Channel, Limits, Message};
 use testkit::proxy::{Direction, Proxy, ProxyOptions};
 use uffd_core::{Mapping, MemoryKind};
 
+/// Logs to stderr, with times, when `UFFDKIT_TEST_LOG` names a level (`info`, `debug`).
+pub fn log_to_stderr() {
+    struct Stderr(std::time::Instant);
+    impl log::Log for Stderr {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, r: &log::Record<'_>) {
+            let t = self.0.elapsed().as_secs_f64();
+            eprintln!("[{t:8.3}] {} {}: {}", r.level(), r.target(), r.args());
+        }
+        fn flush(&self) {}
+    }
+    let Ok(level) = std::env::var("UFFDKIT_TEST_LOG") else {
+        return;
+    };
+    let logger = Box::leak(Box::new(Stderr(std::time::Instant::now())));
+    if log::set_logger(logger).is_ok() {
+        log::set_max_level(level.parse().unwrap_or(log::LevelFilter::Info));
+    }
+}
+
 pub fn key() -> Key {
     Key::new(*b"0123456789abcdef-test-key").expect("key")
 }
@@ -233,6 +255,7 @@ impl Case {
 
     /// Runs the migration; checks the verdict and every byte.
     pub fn run_all(mut self) -> Outcome {
+        log_to_stderr();
         let opts = DestOptions {
             mode: DeliveryMode::Thread,
             timing: self.dest_timing,
