@@ -19,7 +19,8 @@ pub struct Args {
     /// The memory image to serve.
     #[arg(long)]
     image: PathBuf,
-    /// Where to listen: host:port (loopback unless told otherwise) or unix:/path.
+    /// Where to listen: host:port (loopback unless told otherwise) or unix:/path. The
+    /// bound address is printed on stdout as `LISTEN <addr>`.
     #[arg(long, default_value = "127.0.0.1:7700")]
     listen: String,
     /// File holding the pre-shared key (at least 16 bytes) every client must prove.
@@ -48,12 +49,15 @@ pub fn run(args: &Args) -> Result<()> {
         FileSource::mmap(&args.image).with_context(|| format!("open {}", args.image.display()))?;
     let len = image.len();
     let server = PageServer::bind(&addr, std::sync::Arc::new(image), key, timing)?;
+    let bound = server.local_addr()?;
     log::info!(
-        "{} ({}) on {}",
+        "{} ({}) on {bound}",
         args.image.display(),
-        units::bytes(len),
-        server.local_addr()?
+        units::bytes(len)
     );
+    // For scripts (and port 0): the address, first thing on stdout.
+    println!("LISTEN {bound}");
+    std::io::Write::flush(&mut std::io::stdout())?;
     let started = Instant::now();
     let status = || {
         let s = server.stats();

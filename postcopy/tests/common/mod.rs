@@ -183,6 +183,9 @@ pub fn idle(_: RunningMemory) -> JoinHandle<Vec<Duration>> {
     std::thread::spawn(Vec::new)
 }
 
+/// A hook run with one end's handle before the migration starts.
+pub type Hook<T> = Box<dyn FnOnce(&Arc<T>) + Send>;
+
 /// One in-process migration and what to do to it.
 pub struct Case {
     pub addr: &'static str,
@@ -197,11 +200,11 @@ pub struct Case {
     /// Pages written once more just before the workload stops (after their last send).
     pub write_at_stop: usize,
     /// A proxy between source and destination (TCP only), handed to `on_proxy` first.
-    pub proxy: Option<Box<dyn FnOnce(&Arc<Proxy>) + Send>>,
+    pub proxy: Option<Hook<Proxy>>,
     /// Called as the source's workload stops (the switch).
     pub at_stop: Box<dyn FnMut() + Send>,
-    pub src: Box<dyn FnOnce(&Arc<SourceControl>) + Send>,
-    pub dst: Box<dyn FnOnce(&Arc<DestControl>) + Send>,
+    pub src: Hook<SourceControl>,
+    pub dst: Hook<DestControl>,
 }
 
 /// What a case did.
