@@ -16,13 +16,13 @@ use std::time::{Duration, Instant};
 use pager::{Fetched, Placer, Source, SourceError};
 
 use crate::auth::Key;
-use crate::endpoint::receiver::{Land, Receiver};
+use crate::endpoint::receiver::{read_advise, Land, Receiver};
 use crate::endpoint::RecvStats;
 use crate::error::{chain, unexpected, LinkError, Refusal};
 use crate::link::dial::Dialer;
 use crate::link::{self, Pair, Timing};
-use crate::net::{Addr, Conn};
-use crate::wire::{Advise, Channel, Limits, Message, Role, ShutReason};
+use crate::net::Addr;
+use crate::wire::{Advise, Message, Role, ShutReason};
 use crate::Error;
 
 /// Pages from a `uffdkit serve` page server.
@@ -52,14 +52,6 @@ impl std::fmt::Debug for RemoteSource {
     }
 }
 
-/// The server's ADVISE, first on main.
-fn read_advise(main: &mut Conn) -> Result<Advise, Error> {
-    match main.r.recv()? {
-        Message::Advise(a) => Ok(a),
-        other => Err(unexpected(other, "ADVISE", Channel::Main)),
-    }
-}
-
 impl RemoteSource {
     /// Connects to the server at `addr`, authenticating with `key`, with default
     /// [`Timing`].
@@ -70,14 +62,13 @@ impl RemoteSource {
     /// Connects with `timing` (retrying for up to its `give_up_after`).
     pub fn connect_with(addr: &Addr, key: &Key, timing: Timing) -> Result<RemoteSource, Error> {
         let mut dialer = Dialer::new(addr.clone(), key.clone(), Role::Destination, timing)?;
-        let (mut main, urgent, advise) = dialer.connect(
-            Instant::now(),
-            |d| sleep(d, &AtomicBool::new(false)),
-            |mut main, urgent| {
-                let advise = read_advise(&mut main)?;
-                Ok((main, urgent, advise))
-            },
-        )?;
+        let (conns, advise) = dialer
+            .connect(
+                Instant::now(),
+                |d| sleep(d, &AtomicBool::new(false)),
+                |mut main, urgent| Ok((read_advise(&mut main)?, main, urgent)),
+            )
+            .map(|(advise, main, urgent)| ((main, urgent), advise))?;
         let ps = advise.page_size as usize;
         if ps != 4096 || advise.regions.len() != 1 {
             return Err(Error::refused(Refusal::Geometry(
@@ -86,11 +77,7 @@ impl RemoteSource {
         }
         let stats = Arc::new(RecvStats::default());
         let receiver = Arc::new(Receiver::new(ps, advise.page_count, Land::Idle, stats));
-        let limits = Limits::default().advised(&advise);
-        main.r.limits = limits;
-        let mut urgent = urgent;
-        urgent.r.limits = limits;
-        let pair = link::pair(main, urgent, receiver.clone(), &timing)?;
+        let pair = link::pair(conns, &advise, receiver.clone(), &timing)?;
         log::info!(
             "connected to the page server at {addr}: {} pages of {ps} bytes",
             advise.page_count
@@ -212,13 +199,10 @@ impl Client {
     /// every page, then tell the server we are done.
     fn session(&self, pair: &Pair) -> Result<(), Error> {
         self.receiver.greet(pair, None)?;
-        loop {
-            match pair.next_within(Duration::from_millis(200))? {
-                None if self.stopping() => return Err(LinkError::Cut.into()),
-                None => {}
-                Some((_, Message::End)) => break,
-                Some((channel, other)) => return Err(unexpected(other, "END", channel)),
-            }
+        // Dropping the source cuts the pair, which ends this wait.
+        match pair.wait()? {
+            (_, Message::End) => {}
+            (channel, other) => return Err(unexpected(other, "END", channel)),
         }
         let timing = self.dialer.lock().unwrap_or_else(|p| p.into_inner()).timing;
         self.receiver.wait_complete(pair, timing.silence)?;
@@ -236,13 +220,11 @@ impl Client {
         let pair = dialer.connect(
             Instant::now(),
             |d| sleep(d, &self.stop),
-            |mut main, mut urgent| {
+            |mut main, urgent| {
                 if read_advise(&mut main)? != self.advise {
                     return Err(Error::refused(Refusal::GeometryChanged));
                 }
-                let limits = Limits::default().advised(&self.advise);
-                (main.r.limits, urgent.r.limits) = (limits, limits);
-                link::pair(main, urgent, self.receiver.clone(), &timing)
+                link::pair((main, urgent), &self.advise, self.receiver.clone(), &timing)
             },
         )?;
         *self.cutter.lock().unwrap_or_else(|p| p.into_inner()) = Some(pair.cutter.clone());

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::wire::{Channel, Message, Role, ShutReason, WireError};
+use crate::wire::{Channel, Message, ShutReason, WireError};
 
 /// Why a connection of a session stopped working. Always recoverable: the session pauses
 /// and resumes on a new connection pair.
@@ -82,12 +82,6 @@ pub enum Refusal {
         /// Its words.
         detail: String,
     },
-    /// A peer of the wrong role (a destination dialling a destination).
-    #[error("a {0:?} connected where only the other role may")]
-    WrongRole(Role),
-    /// Another session holds this endpoint.
-    #[error("another session is in progress here")]
-    OtherSession,
     /// The geometry advised on a reconnection differs from the first one.
     #[error("the geometry changed on reconnection")]
     GeometryChanged,

@@ -64,6 +64,16 @@ pub enum Socket {
     Unix(UnixStream),
 }
 
+/// `$e` on whichever stream or listener `$s` holds, bound to `$v`.
+macro_rules! either {
+    ($s:expr, $t:ident, $v:ident => $e:expr) => {
+        match $s {
+            $t::Tcp($v) => $e,
+            $t::Unix($v) => $e,
+        }
+    };
+}
+
 impl Socket {
     /// Connects to `addr`, giving up on TCP after `timeout`.
     pub fn connect(addr: &Addr, timeout: Duration) -> io::Result<Socket> {
@@ -88,34 +98,22 @@ impl Socket {
 
 impl AsFd for Socket {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        match self {
-            Socket::Tcp(s) => s.as_fd(),
-            Socket::Unix(s) => s.as_fd(),
-        }
+        either!(self, Socket, s => s.as_fd())
     }
 }
 
 impl Read for Socket {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Socket::Tcp(s) => s.read(buf),
-            Socket::Unix(s) => s.read(buf),
-        }
+        either!(self, Socket, s => s.read(buf))
     }
 }
 
 impl Write for Socket {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Socket::Tcp(s) => s.write(buf),
-            Socket::Unix(s) => s.write(buf),
-        }
+        either!(self, Socket, s => s.write(buf))
     }
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Socket::Tcp(s) => s.write_vectored(bufs),
-            Socket::Unix(s) => s.write_vectored(bufs),
-        }
+        either!(self, Socket, s => s.write_vectored(bufs))
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
@@ -143,16 +141,10 @@ impl Link {
     /// or write that times out fails with `WouldBlock`, which the framing reports as
     /// [`LinkError::Silent`].
     pub fn set_deadlines(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
-        match &self.0 {
-            Socket::Tcp(s) => {
-                s.set_read_timeout(read)?;
-                s.set_write_timeout(write)
-            }
-            Socket::Unix(s) => {
-                s.set_read_timeout(read)?;
-                s.set_write_timeout(write)
-            }
-        }
+        either!(&self.0, Socket, s => {
+            s.set_read_timeout(read)?;
+            s.set_write_timeout(write)
+        })
     }
 }
 
@@ -191,10 +183,7 @@ impl Listener {
     }
 
     fn fd(&self) -> BorrowedFd<'_> {
-        match self {
-            Listener::Tcp(l) => l.as_fd(),
-            Listener::Unix(l) => l.as_fd(),
-        }
+        either!(self, Listener, l => l.as_fd())
     }
 
     /// Accepts one connection, or returns `None` after `timeout` (or on a signal).

@@ -19,7 +19,7 @@ use crate::error::{unexpected, LinkError};
 use crate::link::accept::{Acceptor, Admit, Arrival};
 use crate::link::{Pair, Timing};
 use crate::net::{Addr, Listener};
-use crate::wire::{Advise, Features, Limits, Message, Role, WireRegion};
+use crate::wire::{Advise, Features, Message, Role, WireRegion};
 use crate::Error;
 
 /// The page size a page server serves.
@@ -159,8 +159,7 @@ fn serve(
     timing: &Timing,
 ) -> Result<(), Error> {
     let Arrival {
-        mut main,
-        mut urgent,
+        conns: (mut main, urgent),
         cutter,
         ..
     } = arrival;
@@ -175,11 +174,9 @@ fn serve(
         }],
     };
     main.w.send(&Message::Advise(advise.clone()))?;
-    let limits = Limits::default().advised(&advise);
-    (main.r.limits, urgent.r.limits) = (limits, limits);
     let sender = Arc::new(Sender::new(image, stats));
     sender.answer_requests();
-    let pair = Pair::start(main, urgent, cutter, sender.clone(), timing)?;
+    let pair = Pair::start((main, urgent), cutter, &advise, sender.clone(), timing)?;
     // The client says what it has; the stream brings the rest.
     match pair.next("RECV_BITMAP", timing.give_up_after)? {
         (_, Message::RecvBitmap { words }) => sender.need.store_complement_of(&words)?,
@@ -188,13 +185,10 @@ fn serve(
     std::thread::scope(|s| {
         let (main, cutter) = (&pair.main, &pair.cutter);
         let stream = s.spawn(|| sender.stream(main, cutter, true));
-        let end = loop {
-            match pair.next_within(Duration::from_secs(1)) {
-                Ok(None) => {}
-                Ok(Some((_, Message::Shut { .. }))) => break Ok(()),
-                Ok(Some((channel, other))) => break Err(unexpected(other, "SHUT", channel)),
-                Err(e) => break Err(e),
-            }
+        let end = match pair.wait() {
+            Ok((_, Message::Shut { .. })) => Ok(()),
+            Ok((channel, other)) => Err(unexpected(other, "SHUT", channel)),
+            Err(e) => Err(e),
         };
         pair.cut(LinkError::Cut);
         let streamed = stream.join().unwrap_or(Ok(()));

@@ -67,10 +67,6 @@ fn message() -> impl Strategy<Value = Message> {
             first,
             data: vec![b; n * 4096]
         }),
-        proptest::collection::vec(0..PAGES, 1..8).prop_map(|pages| {
-            let data = vec![7u8; pages.len() * 4096];
-            Message::ScatteredPages { pages, data }
-        }),
         range().prop_map(Message::ZeroRun),
         any::<u64>().prop_map(|seq| Message::Ack { seq }),
         any::<u64>().prop_map(|seq| Message::Ping { seq }),

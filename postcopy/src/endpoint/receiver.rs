@@ -15,9 +15,19 @@ use pager::{
     SourceError,
 };
 
+use crate::error::unexpected;
 use crate::link::{Chan, Inbound, Pair};
-use crate::wire::{Frame, Message, PageRange};
+use crate::net::Conn;
+use crate::wire::{Advise, Channel, Frame, Message, PageRange};
 use crate::Error;
+
+/// The sender's ADVISE, first on every main connection.
+pub(crate) fn read_advise(main: &mut Conn) -> Result<Advise, Error> {
+    match main.r.recv()? {
+        Message::Advise(a) => Ok(a),
+        other => Err(unexpected(other, "ADVISE", Channel::Main)),
+    }
+}
 
 /// Where arriving pages go.
 pub(crate) enum Land {
@@ -249,7 +259,7 @@ impl Receiver {
                 return Err(Error::Unexpected {
                     expected: "no pages before the session runs",
                     got: "pages",
-                    channel: crate::wire::Channel::Main,
+                    channel: Channel::Main,
                 })
             }
             Land::Copy { memory, states } => {

@@ -22,10 +22,8 @@ use crate::Error;
 pub(crate) struct Arrival {
     /// Its session.
     pub session: u64,
-    /// The main connection.
-    pub main: Conn,
-    /// The urgent connection.
-    pub urgent: Conn,
+    /// The main and the urgent connection.
+    pub conns: (Conn, Conn),
     /// Cuts both (a newer generation cuts it too).
     pub cutter: Arc<Cutter>,
 }
@@ -228,8 +226,7 @@ impl Shared {
         }
         let arrival = Arrival {
             session: hello.session,
-            main,
-            urgent,
+            conns: (main, urgent),
             cutter,
         };
         match &self.deliver {

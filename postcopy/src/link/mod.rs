@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::LinkError;
 use crate::net::{Conn, FrameReader, FrameWriter, Link};
-use crate::wire::{Channel, Frame, Message, PageRange};
+use crate::wire::{Advise, Channel, Frame, Limits, Message, PageRange};
 use crate::Error;
 
 /// Liveness and retry policy, shared by every endpoint.
@@ -243,19 +243,22 @@ pub(crate) struct Pair {
 }
 
 impl Pair {
-    /// Starts the readers (handing frames to `inbound`) and the heartbeat.
+    /// Starts the readers (decoding against `advise`, handing frames to `inbound`) and
+    /// the heartbeat.
     pub fn start(
-        main: Conn,
-        urgent: Conn,
+        (main, urgent): (Conn, Conn),
         cutter: Arc<Cutter>,
+        advise: &Advise,
         inbound: Arc<dyn Inbound>,
         timing: &Timing,
     ) -> Result<Pair, Error> {
+        let limits = Limits::default().advised(advise);
         let (tx, queue) = mpsc::channel();
         let mut threads = Vec::new();
         let mut chans = Vec::new();
         for (channel, conn) in [(Channel::Main, main), (Channel::Urgent, urgent)] {
-            let Conn { r, w, link } = conn;
+            let Conn { mut r, w, link } = conn;
+            r.limits = limits;
             let chan = Arc::new(Chan::new(channel, w, link));
             let (c, cut, inb, tx) = (chan.clone(), cutter.clone(), inbound.clone(), tx.clone());
             threads.push(spawn(&format!("pc-{channel}-rx"), move || {
@@ -285,6 +288,16 @@ impl Pair {
                 Err(self.cutter.take_cause().into())
             }
             Err(mpsc::RecvTimeoutError::Timeout) => Ok(None),
+        }
+    }
+
+    /// The next queued message, however long it takes (the pair's liveness bounds it:
+    /// a dead or silent pair ends in its cause).
+    pub fn wait(&self) -> Result<(Channel, Message), Error> {
+        match self.queue.recv() {
+            Ok(Queued::Message(c, m)) => Ok((c, m)),
+            Ok(Queued::Failed(e)) => Err(e),
+            Ok(Queued::Broken) | Err(_) => Err(self.cutter.take_cause().into()),
         }
     }
 
@@ -383,11 +396,11 @@ fn heartbeat(main: &Chan, urgent: &Chan, cutter: &Cutter, timing: &Timing) {
 
 /// Makes a pair from two connections: their cutter, then the running [`Pair`].
 pub(crate) fn pair(
-    main: Conn,
-    urgent: Conn,
+    conns: (Conn, Conn),
+    advise: &Advise,
     inbound: Arc<dyn Inbound>,
     timing: &Timing,
 ) -> Result<Pair, Error> {
-    let cutter = Cutter::new(&main, &urgent).map_err(Error::io("clone a connection"))?;
-    Pair::start(main, urgent, cutter, inbound, timing)
+    let cutter = Cutter::new(&conns.0, &conns.1).map_err(Error::io("clone a connection"))?;
+    Pair::start(conns, cutter, advise, inbound, timing)
 }

@@ -8,7 +8,7 @@
 //! on the urgent connection and returns at once, and the connection readers place what
 //! arrives. The workload starts at RUN.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,13 +17,13 @@ use uffd_core::{Features as UffdFeatures, Mapping, MemoryKind, Uffd};
 
 use super::{digest_raw, step, LinkStatus, Timing};
 use crate::auth::Key;
-use crate::endpoint::receiver::{Land, Receiver};
+use crate::endpoint::receiver::{read_advise, Land, Receiver};
 use crate::endpoint::RecvStats;
 use crate::error::{unexpected, LinkError, Refusal};
 use crate::link::accept::{Acceptor, Admit, Arrival};
 use crate::link::Pair;
 use crate::net::{Addr, Listener};
-use crate::wire::{Advise, Channel, Limits, Message, PageRange, Role, ShutReason};
+use crate::wire::{Advise, Channel, Message, PageRange, Role, ShutReason};
 use crate::Error;
 
 /// Digests per DIGESTS frame.
@@ -48,27 +48,27 @@ impl Default for DestOptions {
 }
 
 /// Destination phases.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DestPhase {
     /// Waiting for the source.
-    Waiting = 0,
+    #[default]
+    Waiting,
     /// ADVISE received; precopy pages arriving.
-    Precopy = 1,
+    Precopy,
     /// Registered; waiting for RUN.
-    Listening = 2,
+    Listening,
     /// The workload runs; pages arrive on demand and in the background.
-    Running = 3,
+    Running,
     /// Every page arrived; digests sent, waiting for the verdict.
-    Verifying = 4,
+    Verifying,
     /// Verified.
-    Done = 5,
+    Done,
 }
 
 /// Live counters of a running destination.
 #[derive(Debug, Default)]
 pub struct DestControl {
-    phase: AtomicU8,
+    phase: std::sync::Mutex<DestPhase>,
     /// Pages copied in and placed, pages requested.
     pub received: Arc<RecvStats>,
     /// Paused or not, and reconnections.
@@ -80,20 +80,11 @@ pub struct DestControl {
 impl DestControl {
     /// The current phase.
     pub fn phase(&self) -> DestPhase {
-        [
-            DestPhase::Precopy,
-            DestPhase::Listening,
-            DestPhase::Running,
-            DestPhase::Verifying,
-            DestPhase::Done,
-        ]
-        .into_iter()
-        .find(|p| *p as u8 == self.phase.load(Ordering::Relaxed))
-        .unwrap_or(DestPhase::Waiting)
+        *self.phase.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn set_phase(&self, p: DestPhase) {
-        self.phase.store(p as u8, Ordering::Relaxed);
+        *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = p;
     }
 
     /// Plans `fault` (a stall of the readers) once `after_pages` pages arrived.
@@ -212,14 +203,6 @@ impl Destination {
     }
 }
 
-/// The source's ADVISE, first on every main connection.
-fn read_advise(arrival: &mut Arrival) -> Result<Advise, Error> {
-    match arrival.main.r.recv()? {
-        Message::Advise(a) => Ok(a),
-        other => Err(unexpected(other, "ADVISE", Channel::Main)),
-    }
-}
-
 /// A running destination's state, across connection pairs.
 struct DestRun<'d> {
     d: &'d Destination,
@@ -250,7 +233,7 @@ impl<'d> DestRun<'d> {
                     after: t.give_up_after,
                 },
             })?;
-            match read_advise(&mut arrival) {
+            match read_advise(&mut arrival.conns.0) {
                 Ok(advise) => break (arrival, advise),
                 Err(e) if e.is_link() => continue,
                 Err(e) => return Err(e),
@@ -259,7 +242,7 @@ impl<'d> DestRun<'d> {
         let (ps, pages) = match check_advise(&advise) {
             Ok(g) => g,
             Err(e) => {
-                crate::auth::refuse(&mut arrival.main, ShutReason::Error, &e.to_string());
+                crate::auth::refuse(&mut arrival.conns.0, ShutReason::Error, &e.to_string());
                 return Err(e);
             }
         };
@@ -307,19 +290,11 @@ impl<'d> DestRun<'d> {
     fn adopt(&mut self, mut arrival: Arrival, advise: Advise) -> Result<(), Error> {
         if advise != self.advise {
             let e = Refusal::GeometryChanged;
-            crate::auth::refuse(&mut arrival.main, ShutReason::Error, &e.to_string());
+            crate::auth::refuse(&mut arrival.conns.0, ShutReason::Error, &e.to_string());
             return Err(Error::refused(e));
         }
-        let limits = Limits::default().advised(&advise);
-        (arrival.main.r.limits, arrival.urgent.r.limits) = (limits, limits);
-        let Arrival {
-            main,
-            urgent,
-            cutter,
-            ..
-        } = arrival;
-        let timing = &self.d.opts.timing;
-        let pair = Pair::start(main, urgent, cutter, self.receiver.clone(), timing)?;
+        let (timing, receiver) = (&self.d.opts.timing, self.receiver.clone());
+        let pair = Pair::start(arrival.conns, arrival.cutter, &advise, receiver, timing)?;
         self.receiver.greet(&pair, Some(self.step))?;
         self.pair = Some(pair);
         Ok(())
@@ -332,45 +307,44 @@ impl<'d> DestRun<'d> {
     /// Pauses after `cause` until the source's next pair is up, or gives up.
     fn resume(&mut self, cause: Error) -> Result<(), Error> {
         let control = &self.d.control;
-        control
-            .link
-            .pause("destination", &format!("{:?}", control.phase()), &cause);
+        let phase = format!("{:?}", control.phase());
+        control.link.pause("destination", &phase, &cause);
         self.receiver.pause();
         self.pair = None;
-        let t = self.d.opts.timing;
-        let until = Instant::now() + t.give_up_after;
+        let after = self.d.opts.timing.give_up_after;
         let mut last = match cause {
             Error::Link(e) => e,
             _ => LinkError::Cut,
         };
-        loop {
-            let Some(mut arrival) = self.d.acceptor.take(Some(self.session), until) else {
-                let e = Error::GaveUp {
-                    after: t.give_up_after,
-                    last,
-                };
-                return Err(self.fail(e));
-            };
-            match read_advise(&mut arrival).and_then(|a| self.adopt(arrival, a)) {
-                Ok(()) => break,
-                Err(Error::Link(e)) => last = e,
-                Err(e) => return Err(self.fail(e)),
+        match self.next_pair(Instant::now() + after, &mut last) {
+            Ok(true) => {}
+            Ok(false) => return Err(self.fail(Error::GaveUp { after, last })),
+            Err(e) => return Err(self.fail(e)),
+        }
+        self.d.control.link.resumed("destination");
+        Ok(())
+    }
+
+    /// Adopts the session's next pair that greets; false if `until` passes first
+    /// (`last`: the latest failure).
+    fn next_pair(&mut self, until: Instant, last: &mut LinkError) -> Result<bool, Error> {
+        while let Some(mut arrival) = self.d.acceptor.take(Some(self.session), until) {
+            match read_advise(&mut arrival.conns.0).and_then(|a| self.adopt(arrival, a)) {
+                Ok(()) => return Ok(true),
+                Err(Error::Link(e)) => *last = e,
+                Err(e) => return Err(e),
             }
         }
-        control.link.resumed("destination");
-        Ok(())
+        Ok(false)
     }
 
     /// Precopy until LISTEN: pages land on the reader thread; DISCARD here.
     fn precopy(&mut self) -> Result<(), Error> {
         loop {
-            match self.pair().next_within(Duration::from_secs(1))? {
-                None => {}
-                Some((_, Message::Discard { ranges })) => self.discard(&ranges)?,
-                Some((_, Message::Listen)) => return self.listen(),
-                Some((channel, other)) => {
-                    return Err(unexpected(other, "DISCARD or LISTEN", channel))
-                }
+            match self.pair().wait()? {
+                (_, Message::Discard { ranges }) => self.discard(&ranges)?,
+                (_, Message::Listen) => return self.listen(),
+                (channel, other) => return Err(unexpected(other, "DISCARD or LISTEN", channel)),
             }
         }
     }
@@ -429,12 +403,9 @@ impl<'d> DestRun<'d> {
 
     /// RUN: starts the workload (once) and acknowledges.
     fn await_run(&mut self, on_run: &mut Option<impl FnOnce(RunningMemory)>) -> Result<(), Error> {
-        loop {
-            match self.pair().next_within(Duration::from_secs(1))? {
-                None => {}
-                Some((_, Message::Run)) => break,
-                Some((channel, other)) => return Err(unexpected(other, "RUN", channel)),
-            }
+        match self.pair().wait()? {
+            (_, Message::Run) => {}
+            (channel, other) => return Err(unexpected(other, "RUN", channel)),
         }
         let memory = self.memory.as_ref().expect("mapped at LISTEN");
         if let Some(on_run) = on_run.take() {
@@ -457,12 +428,9 @@ impl<'d> DestRun<'d> {
     /// source's verdict.
     fn postcopy(&mut self) -> Result<(), Error> {
         let pair = self.pair.as_ref().expect("a pair between adopt and resume");
-        loop {
-            match pair.next_within(Duration::from_secs(1))? {
-                None => {}
-                Some((_, Message::End)) => break,
-                Some((channel, other)) => return Err(unexpected(other, "END", channel)),
-            }
+        match pair.wait()? {
+            (_, Message::End) => {}
+            (channel, other) => return Err(unexpected(other, "END", channel)),
         }
         self.receiver
             .wait_complete(pair, self.d.opts.timing.silence)?;
@@ -519,13 +487,7 @@ impl<'d> DestRun<'d> {
                 Err(Error::Link(LinkError::Superseded)) => self.pair = None,
                 _ => return,
             }
-            let Some(mut arrival) = self.d.acceptor.take(Some(self.session), until) else {
-                return;
-            };
-            if read_advise(&mut arrival)
-                .and_then(|a| self.adopt(arrival, a))
-                .is_err()
-            {
+            if !matches!(self.next_pair(until, &mut LinkError::Cut), Ok(true)) {
                 return;
             }
         }

@@ -3,7 +3,7 @@
 //! destination reports after every reconnection.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,9 +18,7 @@ use crate::error::{unexpected, LinkError, Refusal};
 use crate::link::dial::Dialer;
 use crate::link::{self, Pair};
 use crate::net::Addr;
-use crate::wire::{
-    Advise, Features, Limits, Message, PageRange, Role, ShutReason, WireRegion, MAX_RANGES,
-};
+use crate::wire::{Advise, Features, Message, PageRange, Role, ShutReason, WireRegion, MAX_RANGES};
 use crate::Error;
 
 /// How the source migrates.
@@ -61,36 +59,21 @@ impl Default for SourceOptions {
 }
 
 /// Where a migration is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Phase {
     /// Connecting.
-    Connecting = 0,
+    #[default]
+    Connecting,
     /// Iterative precopy.
-    Precopy = 1,
+    Precopy,
     /// Workload stopped; discard, listen, run.
-    Switching = 2,
+    Switching,
     /// Destination running; pages streamed and requested.
-    Postcopy = 3,
+    Postcopy,
     /// Every page sent; checking the destination's digests.
-    Verifying = 4,
+    Verifying,
     /// Done.
-    Done = 5,
-}
-
-impl Phase {
-    fn from_u8(v: u8) -> Phase {
-        [
-            Phase::Precopy,
-            Phase::Switching,
-            Phase::Postcopy,
-            Phase::Verifying,
-            Phase::Done,
-        ]
-        .into_iter()
-        .find(|p| *p as u8 == v)
-        .unwrap_or(Phase::Connecting)
-    }
+    Done,
 }
 
 /// Why precopy ended.
@@ -111,7 +94,7 @@ pub enum SwitchReason {
 /// Live counters of a running migration, for progress displays.
 #[derive(Debug, Default)]
 pub struct Progress {
-    phase: AtomicU8,
+    phase: Mutex<Phase>,
     /// Current precopy round (1-based).
     pub round: AtomicU64,
     /// Pages in the migration.
@@ -129,11 +112,11 @@ pub struct Progress {
 impl Progress {
     /// The current phase.
     pub fn phase(&self) -> Phase {
-        Phase::from_u8(self.phase.load(Ordering::Relaxed))
+        *self.phase.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn set_phase(&self, p: Phase) {
-        self.phase.store(p as u8, Ordering::Relaxed);
+        *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = p;
     }
 }
 
@@ -488,11 +471,9 @@ impl<'m> Run<'m> {
             }
             Ok(control.wait_resume(&mut seen, d.max(Duration::from_millis(200))))
         };
-        let greet = |mut main: crate::net::Conn, mut urgent: crate::net::Conn| {
-            let limits = Limits::default().advised(advise);
-            (main.r.limits, urgent.r.limits) = (limits, limits);
+        let greet = |mut main: crate::net::Conn, urgent| {
             main.w.send(&Message::Advise(advise.clone()))?;
-            let pair = link::pair(main, urgent, sender.clone(), &timing)?;
+            let pair = link::pair((main, urgent), advise, sender.clone(), &timing)?;
             let present = match pair.next("RECV_BITMAP", timing.give_up_after)? {
                 (_, Message::RecvBitmap { words }) => words,
                 (channel, other) => return Err(unexpected(other, "RECV_BITMAP", channel)),
@@ -714,9 +695,8 @@ impl<'m> Run<'m> {
     fn digests(&self, pair: &Pair) -> Result<Vec<u64>, Error> {
         let (mut checked, mut bad) = (0, Vec::new());
         while checked < self.memory.pages {
-            match pair.next_within(Duration::from_secs(1))? {
-                None => {}
-                Some((_, Message::Digests { first, digests })) => {
+            match pair.wait()? {
+                (_, Message::Digests { first, digests }) => {
                     self.progress().set_phase(Phase::Verifying);
                     for (i, d) in digests.into_iter().enumerate() {
                         let p = first + i as u64;
@@ -726,7 +706,7 @@ impl<'m> Run<'m> {
                         checked += 1;
                     }
                 }
-                Some((channel, other)) => return Err(unexpected(other, "DIGESTS", channel)),
+                (channel, other) => return Err(unexpected(other, "DIGESTS", channel)),
             }
         }
         Ok(bad)
