@@ -30,7 +30,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{setsockopt, sockopt::Linger};
 
@@ -152,6 +152,8 @@ struct State {
     fresh_from: AtomicU64,
     cuts: AtomicU64,
     connections: AtomicU64,
+    /// When the last cut was made, and when counted bytes flowed again after it.
+    cut_and_flow: Mutex<(Option<Instant>, Option<Instant>)>,
 }
 
 /// A running proxy; stops (closing every connection) on drop.
@@ -180,6 +182,7 @@ impl Proxy {
             fresh_from: AtomicU64::new(0),
             cuts: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            cut_and_flow: Mutex::default(),
         });
         let s = state.clone();
         let thread = std::thread::spawn(move || accept(&s, &listener));
@@ -268,6 +271,17 @@ impl Proxy {
             .len()
     }
 
+    /// How long after the last cut counted bytes flowed again (a resumed stream), if
+    /// they did.
+    pub fn resumed_after(&self) -> Option<Duration> {
+        let (cut, flow) = *self
+            .state
+            .cut_and_flow
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        Some(flow?.saturating_duration_since(cut?))
+    }
+
     /// Connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.state.connections.load(Ordering::SeqCst)
@@ -307,6 +321,8 @@ impl State {
         // A reset link's sockets close when its pumps let go too: the last close sends RST.
         links.retain(|l| !l.reset.load(Ordering::SeqCst));
         if hit > 0 {
+            *self.cut_and_flow.lock().unwrap_or_else(|p| p.into_inner()) =
+                (Some(Instant::now()), None);
             let n = self.cuts.fetch_add(1, Ordering::SeqCst) + 1;
             eprintln!("proxy: cut {n}: {mode:?} of {target:?} ({hit} connections)");
         }
@@ -315,6 +331,12 @@ impl State {
 
     /// Counts `n` bytes; returns how many may go before a cut that is due, and the cut.
     fn count(&self, n: u64) -> (u64, Option<Cut>) {
+        if n > 0 {
+            let mut cf = self.cut_and_flow.lock().unwrap_or_else(|p| p.into_inner());
+            if cf.0.is_some() && cf.1.is_none() {
+                cf.1 = Some(Instant::now());
+            }
+        }
         let mut plan = self.plan.lock().unwrap_or_else(|p| p.into_inner());
         let Some(&cut) = plan.cuts.front() else {
             plan.counted += n;

@@ -279,7 +279,13 @@ fn handshake(shared: &Shared, socket: Socket) {
         Ok(h) => h,
         Err(e) => {
             shared.stats.refused.fetch_add(1, Ordering::Relaxed);
-            return log::info!("refused a connection: {}", chain(&e));
+            // A wrong key is worth a warning; a probe that closes or says nothing is not.
+            let level = match e {
+                Error::Refused { .. } => log::Level::Warn,
+                Error::Link(_) => log::Level::Debug,
+                _ => log::Level::Info,
+            };
+            return log::log!(level, "refused a connection: {}", chain(&e));
         }
     };
     if hello.role != shared.peer {

@@ -84,7 +84,13 @@ impl DestControl {
     }
 
     fn set_phase(&self, p: DestPhase) {
-        *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = p;
+        let was = std::mem::replace(
+            &mut *self.phase.lock().unwrap_or_else(|p| p.into_inner()),
+            p,
+        );
+        if was != p {
+            log::debug!("destination: {p:?}");
+        }
     }
 
     /// Plans `fault` (a stall of the readers) once `after_pages` pages arrived.

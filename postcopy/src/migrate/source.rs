@@ -116,7 +116,13 @@ impl Progress {
     }
 
     fn set_phase(&self, p: Phase) {
-        *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = p;
+        let was = std::mem::replace(
+            &mut *self.phase.lock().unwrap_or_else(|p| p.into_inner()),
+            p,
+        );
+        if was != p {
+            log::debug!("source: {p:?}");
+        }
     }
 }
 
@@ -555,6 +561,10 @@ impl<'m> Run<'m> {
                 })?;
             }
             if let Some(reason) = self.end_round() {
+                log::info!(
+                    "source: switching after {} rounds: {reason:?}",
+                    self.rounds.len()
+                );
                 self.reason = reason;
                 return Ok(());
             }
@@ -565,6 +575,8 @@ impl<'m> Run<'m> {
     fn end_round(&mut self) -> Option<SwitchReason> {
         let (began, pages, bytes) = std::mem::replace(&mut self.round, (Instant::now(), 0, 0));
         let dirty_after = self.dirty.count() as u64;
+        let round = self.rounds.len() + 1;
+        log::debug!("source: round {round}: {pages} pages sent, {dirty_after} dirty after");
         let previous = self.rounds.last().map(|r| r.dirty_after);
         self.rounds.push(Round {
             pages,
