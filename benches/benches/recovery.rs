@@ -15,19 +15,12 @@ use pager::DeliveryMode;
 use postcopy::auth::Key;
 use postcopy::migrate::{DestOptions, Destination, Migration, SourceOptions, Timing};
 use postcopy::net::Addr;
-use postcopy::wire::{decode, Channel, Limits, Message};
+use postcopy::wire::Channel;
 use testkit::proxy::{Cut, CutMode, Direction, Proxy, ProxyOptions, Target};
 use uffd_core::{Mapping, MemoryKind};
 
 fn channel_of(first: &[u8]) -> Option<&'static str> {
-    match decode(first, &Limits::default()) {
-        Ok(Some((Message::Hello { channel, .. }, _))) => Some(match channel {
-            Channel::Main => "main",
-            Channel::Urgent => "urgent",
-        }),
-        Ok(None) => None,
-        _ => Some("other"),
-    }
+    postcopy::wire::peek_channel(first).map(|c| c.map_or("other", Channel::name))
 }
 
 fn env(name: &str, default: u64) -> u64 {

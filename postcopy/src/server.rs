@@ -49,11 +49,8 @@ struct Image {
 }
 
 impl Pages for Image {
-    fn page_size(&self) -> usize {
-        PAGE_SIZE
-    }
-    fn page_count(&self) -> u64 {
-        self.pages
+    fn geometry(&self) -> (usize, u64) {
+        (PAGE_SIZE, self.pages)
     }
     fn read<'a>(
         &'a self,
@@ -163,7 +160,7 @@ fn serve(
         cutter,
         ..
     } = arrival;
-    let pages = image.page_count();
+    let pages = image.geometry().1;
     let advise = Advise {
         page_size: PAGE_SIZE as u32,
         page_count: pages,

@@ -351,12 +351,31 @@ impl Writer<'_> {
     }
 }
 
-impl std::fmt::Display for Channel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl Channel {
+    /// `main` or `urgent`.
+    pub fn name(self) -> &'static str {
+        match self {
             Channel::Main => "main",
             Channel::Urgent => "urgent",
-        })
+        }
+    }
+}
+
+impl std::fmt::Display for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The channel a connection carries, from its opener's first bytes (its HELLO): `None`
+/// until the whole frame is there, an error if they are not a HELLO. For what sits
+/// between two endpoints (a proxy, a test's fault injector).
+pub fn peek_channel(first: &[u8]) -> Option<Result<Channel, WireError>> {
+    match decode(first, &Limits::default()) {
+        Ok(Some((Message::Hello { channel, .. }, _))) => Some(Ok(channel)),
+        Ok(Some((other, _))) => Some(Err(WireError::UnknownKind(other.kind()))),
+        Ok(None) => None,
+        Err(e) => Some(Err(e)),
     }
 }
 

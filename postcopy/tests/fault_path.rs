@@ -10,14 +10,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pager::{
-    DeliveryMode, Features, Fetched, Mapping, MemoryKind, MemorySource, Pager, RegionSpec,
-};
-use pager::{Source, Uffd};
+use pager::{Fetched, Mapping, MemoryKind, MemorySource, Source};
 use postcopy::auth::Key;
 use postcopy::client::RemoteSource;
 use postcopy::link::Timing;
 use postcopy::server::PageServer;
+
+mod common;
 
 struct Counting;
 
@@ -73,22 +72,8 @@ fn fetch_on_the_fault_path_allocates_nothing_connected_or_paused() {
     let source =
         Arc::new(RemoteSource::connect(&server.local_addr().unwrap(), &key).expect("connect"));
     let memory = Mapping::new(MemoryKind::Anon, PAGES as usize * 4096).expect("map");
-    let uffd = Uffd::builder()
-        .non_blocking(true)
-        .require(Features::EVENT_REMOVE)
-        .open()
-        .expect("uffd");
     // Attaching starts the client: its first pair greets, and requests go to it.
-    let pager = Pager::builder(uffd, source.clone())
-        .region(RegionSpec::new(
-            memory.addr(),
-            memory.len(),
-            MemoryKind::Anon,
-            0,
-        ))
-        .mode(DeliveryMode::Thread)
-        .start()
-        .expect("start");
+    let pager = common::pager_for(source.clone(), &memory);
     // Once the stream runs, the client has greeted: requests go out on the urgent
     // connection.
     let t = Instant::now();

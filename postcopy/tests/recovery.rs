@@ -278,26 +278,26 @@ fn never_heals(
     );
 }
 
+/// Plans one cut after `after` counted bytes and, once it hit, a partition for good.
+fn partition_after(p: &Arc<Proxy>, mode: CutMode, after: u64) {
+    let target = Target::All;
+    p.plan(vec![testkit::proxy::Cut {
+        mode,
+        target,
+        after,
+    }]);
+    let p = p.clone();
+    std::thread::spawn(move || {
+        while p.cuts() == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        p.partition(true);
+    });
+}
+
 #[test]
 fn both_ends_give_up_within_their_bound_when_the_network_never_heals_in_precopy() {
-    never_heals(
-        |p, _| {
-            p.plan(vec![testkit::proxy::Cut {
-                mode: CutMode::Freeze,
-                target: Target::All,
-                after: 2 << 20,
-            }]);
-            // The first freeze leaves new connections through: block them too once it hit.
-            let p = p.clone();
-            std::thread::spawn(move || {
-                while p.cuts() == 0 {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                p.partition(true);
-            });
-        },
-        50,
-    );
+    never_heals(|p, _| partition_after(p, CutMode::Freeze, 2 << 20), 50);
 }
 
 #[test]
@@ -307,21 +307,5 @@ fn both_ends_give_up_within_their_bound_when_the_network_never_heals_at_the_swit
 
 #[test]
 fn both_ends_give_up_within_their_bound_when_the_network_never_heals_in_postcopy() {
-    never_heals(
-        |p, _| {
-            p.plan(vec![testkit::proxy::Cut {
-                mode: CutMode::Reset,
-                target: Target::All,
-                after: 1 << 20,
-            }]);
-            let p = p.clone();
-            std::thread::spawn(move || {
-                while p.cuts() == 0 {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                p.partition(true);
-            });
-        },
-        0,
-    );
+    never_heals(|p, _| partition_after(p, CutMode::Reset, 1 << 20), 0);
 }

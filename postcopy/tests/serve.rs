@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pager::{DeliveryMode, MemorySource, Pager, RegionSpec};
+use pager::MemorySource;
 use postcopy::auth::Key;
 use postcopy::client::RemoteSource;
 use postcopy::link::Timing;
@@ -15,7 +15,7 @@ use postcopy::Refusal;
 use testkit::proxy::{CutMode, Direction, Proxy, ProxyOptions, Target};
 
 mod common;
-use uffd_core::{Features, Mapping, MemoryKind, Uffd};
+use uffd_core::{Mapping, MemoryKind};
 
 const PS: usize = 4096;
 
@@ -43,25 +43,6 @@ fn server(addr: &str, image: &[u8]) -> PageServer {
     PageServer::bind(&addr, source, key(), Timing::default()).expect("bind")
 }
 
-/// A pager serving `memory` from `source` with one handler thread.
-fn pager_for(source: Arc<RemoteSource>, memory: &Mapping) -> Pager {
-    let uffd = Uffd::builder()
-        .non_blocking(true)
-        .require(Features::EVENT_REMOVE)
-        .open()
-        .expect("uffd");
-    Pager::builder(uffd, source)
-        .region(RegionSpec::new(
-            memory.addr(),
-            memory.len(),
-            MemoryKind::Anon,
-            0,
-        ))
-        .mode(DeliveryMode::Thread)
-        .start()
-        .expect("start")
-}
-
 /// Restores `image` from `addr` into fresh memory, touching pages in a scattered order;
 /// returns the pager's stats after the background stream completed.
 fn restore(addr: &Addr, image: &[u8]) -> pager::StatsSnapshot {
@@ -80,7 +61,7 @@ fn restore_from(
     let pages = image.len() / PS;
     assert_eq!(source.page_size(), PS);
     let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
-    let pager = pager_for(source, &memory);
+    let pager = common::pager_for(source, &memory);
     let page = |p: usize| {
         // SAFETY: the served region, alive for this function.
         unsafe { std::slice::from_raw_parts(memory.page_addr(p) as *const u8, PS) }
@@ -163,7 +144,7 @@ fn a_client_cut_off_from_its_server_fails_its_pager_within_the_bound() {
     let source = Arc::new(RemoteSource::connect_with(&addr, &key(), timing).expect("connect"));
     proxy.partition(true);
     let memory = Mapping::new(MemoryKind::Anon, img.len()).expect("map");
-    let pager = pager_for(source, &memory);
+    let pager = common::pager_for(source, &memory);
     let base = memory.addr();
     // A faulting thread, as a vCPU would be: it waits for the page.
     let toucher = std::thread::spawn(move || {
@@ -251,7 +232,7 @@ fn urgent_pages_overtake_the_background_stream() {
     let source = Arc::new(RemoteSource::connect(&addr, &key()).expect("connect"));
     let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
     let started = Instant::now();
-    let pager = pager_for(source, &memory);
+    let pager = common::pager_for(source, &memory);
     let t = Instant::now();
     // SAFETY: the served region; the last page, far from where the stream starts.
     let b = unsafe { std::ptr::read_volatile(memory.page_addr(pages - 3) as *const u8) };

@@ -3,25 +3,18 @@
 
 use std::io;
 
-const POOL: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
-
-fn read(name: &str) -> io::Result<usize> {
-    let text = std::fs::read_to_string(format!("{POOL}/{name}"))?;
-    text.trim()
-        .parse()
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
-}
+use uffd_core::hugetlb;
 
 /// Makes at least `pages` 2 MiB pages free, growing the pool if allowed (root). Returns
 /// the free count afterwards, which can still be short (fragmented memory, no privilege).
 pub fn ensure_free(pages: usize) -> io::Result<usize> {
-    let free = read("free_hugepages")?;
+    let free = hugetlb::free()?;
     if free >= pages {
         return Ok(free);
     }
-    let want = read("nr_hugepages")? + (pages - free);
-    std::fs::write(format!("{POOL}/nr_hugepages"), want.to_string())?;
-    read("free_hugepages")
+    let want = hugetlb::reserved()? + (pages - free);
+    std::fs::write("/proc/sys/vm/nr_hugepages", want.to_string())?;
+    hugetlb::free()
 }
 
 /// Whether `pages` free 2 MiB pages can be had for `test` (reserving them as root);

@@ -435,16 +435,7 @@ fn pump(state: &State, link: &Link, dir: Direction, mut from: TcpStream, mut to:
                 return;
             }
             Ok(n) => n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue
-            }
+            Err(e) if transient(&e) => continue,
             Err(_) => return link.apply(CutMode::Reset),
         };
         if dir == Direction::ToListener && link.tag.get().is_none() {
@@ -480,6 +471,12 @@ fn pump(state: &State, link: &Link, dir: Direction, mut from: TcpStream, mut to:
     }
 }
 
+/// A timed-out or interrupted read or write: try again.
+fn transient(e: &io::Error) -> bool {
+    use io::ErrorKind::{Interrupted, TimedOut, WouldBlock};
+    matches!(e.kind(), WouldBlock | TimedOut | Interrupted)
+}
+
 /// Writes all of `bytes` unless the link is reset or frozen, or the proxy stops meanwhile.
 fn write_all(state: &State, link: &Link, to: &mut TcpStream, mut bytes: &[u8]) -> bool {
     while !bytes.is_empty() {
@@ -492,13 +489,7 @@ fn write_all(state: &State, link: &Link, to: &mut TcpStream, mut bytes: &[u8]) -
         match to.write(bytes) {
             Ok(0) => return false,
             Ok(n) => bytes = &bytes[n..],
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if transient(&e) => {}
             Err(_) => {
                 link.apply(CutMode::Reset);
                 return false;

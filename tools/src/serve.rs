@@ -67,12 +67,12 @@ pub fn run(args: &Args) -> Result<()> {
             phase: String::new(),
             fraction: None,
             text: format!(
-                "sent {} ({}/s on average) and {} zero pages; {} requests; {} connection pairs ({} superseded by a reconnection), {} refused",
+                "sent {}, {}/s; {} connection pairs, {} requests, {} zero pages, {} superseded, {} refused",
                 units::bytes(bytes),
                 units::bytes((bytes as f64 / secs) as u64),
-                s.zero_pages_sent,
-                s.requests,
                 s.pairs,
+                s.requests,
+                s.zero_pages_sent,
                 s.superseded,
                 s.refused
             ),

@@ -13,18 +13,14 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{temp, uffdkit, wait_listening, Finished, Proc};
-use postcopy::wire::{decode, Channel, Limits, Message};
+use postcopy::wire::Channel;
 use testkit::proxy::{CutMode, Direction, Proxy, ProxyOptions, Target};
 
-/// The stdout of a run that must have succeeded (else fails showing both streams).
-fn success_text(out: &std::process::Output) -> String {
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
+/// The stdout of `uffdkit ARGS`, which must succeed.
+fn success_text(args: &[&str]) -> String {
+    let f = common::run(uffdkit(args));
+    assert!(f.status.success(), "{}", f.text());
+    f.stdout
 }
 
 /// A test's files, removed when it ends however it ends.
@@ -40,14 +36,7 @@ impl Drop for Files {
 
 /// Tags a postcopy connection `main` or `urgent` from its HELLO.
 fn channel_of(first: &[u8]) -> Option<&'static str> {
-    match decode(first, &Limits::default()) {
-        Ok(Some((Message::Hello { channel, .. }, _))) => Some(match channel {
-            Channel::Main => "main",
-            Channel::Urgent => "urgent",
-        }),
-        Ok(None) => None,
-        _ => Some("other"),
-    }
+    postcopy::wire::peek_channel(first).map(|c| c.map_or("other", Channel::name))
 }
 
 /// A proxy to `addr` (`host:port`) counting page bytes on `main` going `direction`.
@@ -107,7 +96,7 @@ fn report(f: &Finished, who: &str) -> serde_json::Value {
 
 #[test]
 fn migrate_local_moves_a_written_region_between_two_processes_and_verifies_it() {
-    let out = uffdkit([
+    let text = success_text(&[
         "migrate",
         "local",
         "--size",
@@ -116,10 +105,7 @@ fn migrate_local_moves_a_written_region_between_two_processes_and_verifies_it() 
         "2",
         "--workload",
         "hot",
-    ])
-    .output()
-    .expect("run");
-    let text = success_text(&out);
+    ]);
     assert!(text.contains("8192 of 8192 pages verified"), "{text}");
     assert!(text.contains("downtime"), "{text}");
     assert!(text.contains("requested pages"), "{text}");
@@ -131,7 +117,7 @@ fn migrate_local_json_with_2mib_pages_over_unix() {
     if !testkit::hugepages::available("migrate_local_json_with_2mib_pages_over_unix", 16) {
         return;
     }
-    let out = uffdkit([
+    let text = success_text(&[
         "migrate",
         "local",
         "--size",
@@ -141,10 +127,8 @@ fn migrate_local_json_with_2mib_pages_over_unix() {
         "--via",
         "unix",
         "--json",
-    ])
-    .output()
-    .expect("run");
-    let v: serde_json::Value = serde_json::from_str(&success_text(&out)).expect("JSON");
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&text).expect("JSON");
     assert_eq!(v["source"]["pages"], 8);
     assert_eq!(v["source"]["verified"], 8);
     assert_eq!(v["dest"]["page_size"], 2 << 20);

@@ -19,10 +19,8 @@ const FRAME_BYTES: usize = 1 << 20;
 
 /// Where a sender's pages come from.
 pub(crate) trait Pages: Send + Sync {
-    /// Bytes per page.
-    fn page_size(&self) -> usize;
-    /// Pages in all.
-    fn page_count(&self) -> u64;
+    /// Bytes per page, and pages in all.
+    fn geometry(&self) -> (usize, u64);
     /// Pages `first..first + count` (`count * page_size <= scratch.len()`), in `scratch` or
     /// borrowed; `None` when they are known to be all zero.
     fn read<'a>(
@@ -71,7 +69,7 @@ impl Sender {
     /// A sender of `pages`, counting into `stats`; nothing needed yet, requests refused
     /// until [`Sender::answer_requests`].
     pub fn new(pages: Arc<dyn Pages>, stats: Arc<SendStats>) -> Sender {
-        let (ps, count) = (pages.page_size(), pages.page_count());
+        let (ps, count) = pages.geometry();
         let per_frame = (FRAME_BYTES / ps).max(1) as u64;
         Sender {
             need: Bitmap::new(count as usize),

@@ -252,11 +252,8 @@ impl Memory {
 }
 
 impl Pages for Memory {
-    fn page_size(&self) -> usize {
-        self.ps
-    }
-    fn page_count(&self) -> u64 {
-        self.pages
+    fn geometry(&self) -> (usize, u64) {
+        (self.ps, self.pages)
     }
     fn read<'a>(
         &'a self,
@@ -265,7 +262,7 @@ impl Pages for Memory {
         scratch: &'a mut [u8],
     ) -> Result<Option<&'a [u8]>, Error> {
         let len = count as usize * self.ps;
-        // Acquire: pairs with the Release in `freeze`, after the workload stopped.
+        // Acquire: pairs with the Release store at the switch, after the workload stopped.
         if self.frozen.load(Ordering::Acquire) {
             // SAFETY: pages first..first + count lie in the region (`Sender` checks against
             // `page_count`), which `Migration::new`'s caller keeps mapped and readable until

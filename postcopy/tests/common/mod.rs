@@ -17,7 +17,7 @@ use postcopy::migrate::{
     SourceOptions, SourceReport, Timing,
 };
 use postcopy::net::Addr;
-use postcopy::wire::{decode, Channel, Limits, Message};
+use postcopy::wire::Channel;
 use testkit::proxy::{Direction, Proxy, ProxyOptions};
 use uffd_core::{Mapping, MemoryKind};
 
@@ -61,14 +61,7 @@ pub fn test_timing() -> Timing {
 
 /// Tags a postcopy connection `main` or `urgent` from its HELLO.
 pub fn channel_of(first: &[u8]) -> Option<&'static str> {
-    match decode(first, &Limits::default()) {
-        Ok(Some((Message::Hello { channel, .. }, _))) => Some(match channel {
-            Channel::Main => "main",
-            Channel::Urgent => "urgent",
-        }),
-        Ok(None) => None,
-        _ => Some("other"),
-    }
+    postcopy::wire::peek_channel(first).map(|c| c.map_or("other", Channel::name))
 }
 
 /// A proxy in front of `to` counting the bytes the opener sends on `main` (the source's
@@ -185,6 +178,21 @@ pub fn idle(_: RunningMemory) -> JoinHandle<Vec<Duration>> {
 
 /// A hook run with one end's handle before the migration starts.
 pub type Hook<T> = Box<dyn FnOnce(&Arc<T>) + Send>;
+
+/// A pager serving `memory` (anonymous) from `source` with one handler thread.
+pub fn pager_for(source: Arc<dyn pager::Source>, memory: &Mapping) -> pager::Pager {
+    let uffd = uffd_core::Uffd::builder()
+        .non_blocking(true)
+        .require(uffd_core::Features::EVENT_REMOVE)
+        .open()
+        .expect("uffd");
+    let region = pager::RegionSpec::new(memory.addr(), memory.len(), MemoryKind::Anon, 0);
+    pager::Pager::builder(uffd, source)
+        .region(region)
+        .mode(DeliveryMode::Thread)
+        .start()
+        .expect("start")
+}
 
 /// One in-process migration and what to do to it.
 pub struct Case {
