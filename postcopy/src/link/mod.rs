@@ -1,6 +1,6 @@
 //! Connection pairs that notice when they die.
 //!
-//! A session runs over a [`Pair`] of authenticated connections: *main* (control and the
+//! A session runs over a `Pair` of authenticated connections: *main* (control and the
 //! background stream) and *urgent* (requested pages, so they never queue behind the
 //! stream). While a pair lives, one thread reads each connection and one sends a PING on
 //! both every [`Timing::heartbeat`]; every read and write has the [`Timing::silence`]
@@ -8,17 +8,17 @@
 //! established, nothing flowing) is noticed on both sides within the deadline, and the
 //! side that notices cuts both connections, which tells a reachable peer at once.
 //!
-//! Readers hand data frames to the endpoint's [`Inbound`] on their own thread (pages are
+//! Readers hand data frames to the endpoint's `Inbound` on their own thread (pages are
 //! placed, requests answered, without a hop) and queue everything else for the endpoint's
-//! phase logic, which reads the queue with [`Pair::next`]. A broken pair ends in one
+//! phase logic, which reads the queue with `Pair::next`. A broken pair ends in one
 //! [`LinkError`]: the first cause.
 //!
-//! Pairs are made by a [`dial::Dialer`] (with backoff, bounded) or an
-//! [`accept::Acceptor`] (which pairs the two connections of one session generation and
+//! Pairs are made by a `dial::Dialer` (with backoff, bounded) or an
+//! `accept::Acceptor` (which pairs the two connections of one session generation and
 //! lets a newer generation supersede the older pair).
 
-pub mod accept;
-pub mod dial;
+pub(crate) mod accept;
+pub(crate) mod dial;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
