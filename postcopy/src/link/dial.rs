@@ -106,12 +106,13 @@ impl Dialer {
             {
                 Ok(done) => return Ok(done),
                 Err(Error::Link(e)) => {
-                    log::info!(
-                        "connecting to {} (attempt {}): {}; retrying",
-                        self.addr,
-                        self.generation,
-                        crate::error::chain(&e)
-                    );
+                    // The first failure is news; the retries after it are detail.
+                    let level = match last {
+                        None => log::Level::Info,
+                        Some(_) => log::Level::Debug,
+                    };
+                    let (addr, n, why) = (&self.addr, self.generation, crate::error::chain(&e));
+                    log::log!(level, "connecting to {addr} (attempt {n}): {why}; retrying");
                     last = Some(e);
                 }
                 Err(e) => return Err(e),
