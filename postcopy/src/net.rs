@@ -3,9 +3,12 @@
 //! A [`Conn`] is a byte stream split into a [`FrameReader`] and a [`FrameWriter`], plus a
 //! [`Link`]: a handle on the socket underneath for deadlines and shutdown. The framing
 //! reads and writes through `Read`/`Write` halves and never touches the socket, so an
-//! encrypted session (TLS over the same socket) slots in with [`Conn::over`] without the
-//! endpoints above noticing; deadlines and shutdown stay on the socket, where they work
-//! whatever runs over it.
+//! encrypted session slots in without the endpoints above noticing: where a connection
+//! is made (the dialer and the acceptor in `link`, between the socket and the key
+//! handshake), `Conn::over(Link::new(socket), tls_reader, tls_writer)` instead of
+//! [`Conn::plain`]. Deadlines and shutdown stay on the socket, where they work whatever
+//! runs over it (a timed-out socket read surfaces through the session as `WouldBlock`,
+//! which the framing reports as silence).
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -126,6 +129,12 @@ impl Write for Socket {
 pub struct Link(Socket);
 
 impl Link {
+    /// The handle on `socket` (for [`Conn::over`]: the socket under an encrypted
+    /// session).
+    pub fn new(socket: Socket) -> Link {
+        Link(socket)
+    }
+
     /// A second handle on the same socket.
     pub fn try_clone(&self) -> io::Result<Link> {
         self.0.try_clone().map(Link)
@@ -467,7 +476,7 @@ impl Conn {
     /// A plaintext connection over `socket`.
     pub fn plain(socket: Socket) -> io::Result<Conn> {
         let (r, w) = (socket.try_clone()?, socket.try_clone()?);
-        Ok(Conn::over(Link(socket), Box::new(r), Box::new(w)))
+        Ok(Conn::over(Link::new(socket), Box::new(r), Box::new(w)))
     }
 
     /// A connection whose bytes go through `r` and `w` (e.g. the halves of an encrypted
