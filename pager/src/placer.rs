@@ -202,6 +202,16 @@ impl Placer {
         }
     }
 
+    /// Runs `f` on a read-only view of the page states (what a remote source reports when
+    /// it reconnects: the present set, the pages still Requested); `None` once the pager
+    /// is gone.
+    pub fn states<R>(&self, f: impl FnOnce(crate::PageStates<'_>) -> R) -> Option<R> {
+        let shared = self.shared.upgrade()?;
+        Some(f(crate::PageStates {
+            map: &shared.states,
+        }))
+    }
+
     /// Whether page `page` (index in the state map) is still to be placed; `None` once
     /// the pager is gone.
     pub fn state(&self, page: usize) -> Option<PageState> {
