@@ -34,6 +34,7 @@ pub struct PagerBuilder {
     mode: DeliveryMode,
     prefetch: Prefetch,
     fault_around: usize,
+    readahead: bool,
     record: Option<PathBuf>,
     register: bool,
     batch: usize,
@@ -68,6 +69,7 @@ impl Pager {
             mode: DeliveryMode::default(),
             prefetch: Prefetch::None,
             fault_around: 0,
+            readahead: false,
             record: None,
             register: true,
             batch: 64,
@@ -121,9 +123,19 @@ impl PagerBuilder {
         Ok(self)
     }
 
-    /// Places up to `pages` missing pages after each faulting page (default 0).
+    /// Places up to `pages` missing pages after each faulting page, with the same fetch
+    /// and one ioctl (default 0).
     pub fn fault_around(mut self, pages: usize) -> Self {
         self.fault_around = pages;
+        self
+    }
+
+    /// Sequential readahead (default off): a fault right after the previous fault-around
+    /// run doubles the run, up to 2 MiB, as the kernel's readahead does for files; any
+    /// other fault starts again from [`fault_around`](Self::fault_around). A sequential
+    /// fault stream then becomes 2 MiB placements, and a random one costs nothing extra.
+    pub fn readahead(mut self, on: bool) -> Self {
+        self.readahead = on;
         self
     }
 
@@ -203,6 +215,7 @@ impl PagerBuilder {
             self.source.clone(),
             self.record.is_some(),
             self.fault_around,
+            self.readahead,
         )?);
         shared.mark_known_zero();
         self.source.attach(Placer {
@@ -221,6 +234,7 @@ impl PagerBuilder {
         } else {
             None // a child's engine: its own children are not served
         };
+        let mut workers = 0;
         let mut start_worker = |cpu: Option<usize>, wait: Wait, name: String| {
             let mut worker =
                 Worker::new(shared.clone(), self.batch, forks.clone(), self.child_probe);
@@ -231,6 +245,7 @@ impl PagerBuilder {
                 worker.run(wait);
             })?;
             pager.push_thread(thread);
+            workers += 1;
             Ok::<_, Error>(())
         };
         match self.mode {
@@ -250,6 +265,7 @@ impl PagerBuilder {
                 start_worker(self.handler_cpu, Wait::Block, "uffd-events".into())?;
             }
         }
+        wait_until_running(&shared, workers)?;
         if self.prefetch != Prefetch::None {
             let (shared, plan) = (shared.clone(), self.prefetch);
             let after_first_fault = self.prefetch_after_first_fault;
@@ -373,15 +389,38 @@ fn start_fork_service(
     if !shared.uffd.features().contains(Features::EVENT_FORK) {
         return Ok(None);
     }
-    let queue = Arc::new(ForkQueue::new(plan.max_children).map_err(|e| Error::Io {
-        what: "create the fork hand-off eventfd",
-        source: e,
-    })?);
+    let queue = Arc::new(
+        ForkQueue::new(shared.clone(), plan.max_children).map_err(|e| Error::Io {
+            what: "create the fork hand-off eventfd",
+            source: e,
+        })?,
+    );
     let (shared, q) = (shared.clone(), queue.clone());
     pager.push_thread(spawn("uffd-forks".into(), move || {
         fork::serve(shared, q, plan)
     })?);
     Ok(Some(queue))
+}
+
+/// How long handler threads may take to start.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Waits until `workers` handler threads are in their loops. A new thread frees memory
+/// as it starts (the standard library's start-up), so a `fork()` in the embedding
+/// process right after `start` returned — glibc holding the malloc locks until a handler
+/// reads the FORK event — would otherwise find no handler able to read it.
+fn wait_until_running(shared: &Shared, workers: usize) -> Result<()> {
+    let deadline = std::time::Instant::now() + START_TIMEOUT;
+    while shared.running() < workers {
+        if std::time::Instant::now() >= deadline {
+            return Err(Error::Io {
+                what: "start the handler threads",
+                source: std::io::ErrorKind::TimedOut.into(),
+            });
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    Ok(())
 }
 
 /// Spawns a named pager thread.

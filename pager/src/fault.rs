@@ -1,9 +1,16 @@
 //! A fault's decision: the page-state map says what to do with it — ask the source (the
 //! first fault on a missing page), wait for whoever asked (requested), only wake or put a
 //! dropped page back as zeros (received), or place a zero page (zero) — then the page is
-//! fetched and [placed](crate::place), and fault-around brings its neighbours.
+//! fetched and [placed](crate::place), and fault-around brings the pages after it: a run
+//! claimed and placed with one fetch and one ioctl, doubling while the faults stay
+//! sequential (readahead, as the kernel does for files), so a sequential fault stream
+//! becomes 2 MiB placements.
+//!
+//! Everything here is async-signal-safe (atomics, the source's `fetch`, placement ioctls):
+//! the SIGBUS handler takes the same path. Failures are returned, never logged here.
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use page_state::RequestOutcome;
 use uffd_core::FaultFlags;
@@ -11,8 +18,31 @@ use uffd_core::FaultFlags;
 use crate::place::{Content, Origin, Placement};
 use crate::region::{PageRef, Resolve};
 use crate::shared::Shared;
+use crate::sigsafe;
 use crate::source::Fetched;
 use crate::stats::{add, bump};
+
+/// The largest fault-around run, in bytes (the window doubles up to this).
+pub(crate) const MAX_AROUND_BYTES: usize = 2 << 20;
+
+/// A fault on a page the background prefetcher claimed from a local source waits this
+/// long, then places the page itself: the prefetcher runs at SCHED_IDLE and a busy
+/// workload can starve it while it holds its claim (priority inversion). Claims of
+/// handler threads are waited for; a remote source's page is never asked twice.
+pub(crate) const TAKE_OVER_AFTER: Duration = Duration::from_millis(1);
+
+/// What became of a fault.
+#[derive(Debug)]
+pub(crate) enum FaultOutcome {
+    /// Placed (or found placed): the thread can be woken and its latency counted.
+    Resolved,
+    /// Asked of a remote source: the page arrives through the placer, which wakes it.
+    Asked,
+    /// The caller must follow up on this page.
+    FollowUp(PageRef, FollowUp),
+    /// Could not be served (fatal error, reported through the returned placement).
+    Failed(Placement),
+}
 
 /// What a handler must do after a fault it could not finish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,25 +71,26 @@ impl Shared {
                 self.place(p, count, Content::Data(data), wake, origin)
             }
             Ok(Fetched::Zero) => self.place(p, count, Content::Zero, wake, origin),
-            Ok(Fetched::Pending) => Placement::Done,
+            Ok(Fetched::Pending) => {
+                // Relaxed: a one-way flag the fault path reads as a hint.
+                self.remote.store(true, Ordering::Relaxed);
+                Placement::Asked
+            }
             Err(e) => {
                 bump(&self.stats.source_errors);
-                self.fail(e.into());
-                Placement::Dropped
+                Placement::SourceFailed(e)
             }
         }
     }
 
-    /// Resolves one fault (handler threads). Returns the page if the caller must follow
-    /// up: retry it (EAGAIN), or watch it (someone else requested it) until it leaves
-    /// Requested.
+    /// Resolves one fault; `scratch` holds at least one page plus a fault-around run.
     pub fn on_fault(
         &self,
         addr: usize,
         flags: FaultFlags,
         scratch: &mut [u8],
         wake: bool,
-    ) -> Option<(PageRef, FollowUp)> {
+    ) -> FaultOutcome {
         if flags.contains(FaultFlags::MINOR) {
             bump(&self.stats.faults_minor);
         } else if flags.contains(FaultFlags::WP) {
@@ -69,27 +100,35 @@ impl Shared {
         }
         let Some(p) = self.page_at(addr) else {
             bump(&self.stats.faults_unknown);
-            return None;
+            return FaultOutcome::Resolved;
         };
         // Relaxed: a hint for the prefetcher's position, not a synchronisation point.
         self.cursor.store(p.page + 1, Ordering::Relaxed);
-        let outcome = self.states.request(p.page).ok()?; // in range: looked up above
+        let Ok(outcome) = self.states.request(p.page) else {
+            return FaultOutcome::Resolved; // in range: looked up above
+        };
         let placement = match outcome {
             RequestOutcome::Requested => {
                 if let Some(rec) = &self.recorder {
                     rec.record(p.page);
                 }
                 let placed = self.fetch_and_place(&p, 1, scratch, wake, Origin::Fault);
-                if matches!(placed, Placement::Done) && self.fault_around > 0 {
-                    self.place_around(&p, scratch);
+                let around = self.fault_around > 0 || self.readahead;
+                if matches!(placed, Placement::Done | Placement::Asked) && around {
+                    if let Err(failed) = self.place_around(&p, scratch) {
+                        return FaultOutcome::Failed(failed);
+                    }
                 }
                 placed
             }
             RequestOutcome::AlreadyRequested => {
                 bump(&self.stats.faults_duplicate);
+                // Asked before (perhaps by the prefetcher, behind other pages): a waiting
+                // thread now needs it first.
+                self.source.prioritize(p.offset);
                 // Its requester places and wakes it; the caller watches it anyway, so a
                 // requester that gives up (or a wake lost to a race) strands nobody.
-                return Some((p, FollowUp::Watch));
+                return FaultOutcome::FollowUp(p, FollowUp::Watch);
             }
             RequestOutcome::AlreadyReceived => {
                 bump(&self.stats.faults_wake_only);
@@ -105,12 +144,12 @@ impl Shared {
             }
         };
         match placement {
-            Placement::Again { .. } => Some((p, FollowUp::Retry)),
-            Placement::Failed(e) => {
-                self.fail(e.into());
-                None
+            Placement::Done | Placement::Dropped => FaultOutcome::Resolved,
+            Placement::Asked => FaultOutcome::Asked,
+            Placement::Again { .. } => FaultOutcome::FollowUp(p, FollowUp::Retry),
+            failed @ (Placement::Failed(_) | Placement::SourceFailed(_)) => {
+                FaultOutcome::Failed(failed)
             }
-            Placement::Done | Placement::Dropped => None,
         }
     }
 
@@ -126,35 +165,120 @@ impl Shared {
         }
     }
 
-    /// Places up to `fault_around` Missing pages after `p` in its region, woken.
-    fn place_around(&self, p: &PageRef, scratch: &mut [u8]) {
-        let mut prev = *p;
-        for k in 1..=self.fault_around {
-            let Some(next) = self.page(p.page + k) else {
+    /// The fault-around window for a fault on `page`: with readahead, doubled when the
+    /// fault lands right after the previous run (a sequential stream); `fault_around`
+    /// otherwise (0: nothing around a lone fault).
+    fn around_window(&self, p: &PageRef) -> usize {
+        let max = (MAX_AROUND_BYTES / p.size).max(1);
+        // Relaxed: a heuristic's memory; a race only picks another window size.
+        let sequential = self.around_next.load(Ordering::Relaxed) == p.page;
+        let window = if sequential && self.readahead {
+            (self.around_window.load(Ordering::Relaxed).max(1) * 2).min(max)
+        } else {
+            self.fault_around.min(max)
+        };
+        self.around_window.store(window, Ordering::Relaxed);
+        window
+    }
+
+    /// Places the run of Missing pages after `p` (one fetch, one ioctl), woken.
+    /// Opportunistic: pages it cannot place now go back to Missing.
+    fn place_around(&self, p: &PageRef, scratch: &mut [u8]) -> Result<(), Placement> {
+        let window = self.around_window(p).min(scratch.len() / p.size);
+        let Some((first, count)) = self.claim_run(p.page + 1, window, Some(p)) else {
+            self.around_next.store(p.page + 1, Ordering::Relaxed);
+            return Ok(());
+        };
+        let placed = self.place_claimed(&first, count, scratch, Origin::Prefetch, false)?;
+        self.around_next
+            .store(first.page + placed, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Claims up to `max` contiguous Missing pages from `page` in one region
+    /// (missing → requested each); `after`, when given, must be the page just before
+    /// (same region). Returns the first page and how many were claimed.
+    pub fn claim_run(
+        &self,
+        page: usize,
+        max: usize,
+        after: Option<&PageRef>,
+    ) -> Option<(PageRef, usize)> {
+        let first = self.page(page)?;
+        if after.is_some_and(|a| !a.is_followed_by(&first)) || max == 0 {
+            return None;
+        }
+        if self.states.request(page) != Ok(RequestOutcome::Requested) {
+            return None;
+        }
+        let mut prev = first;
+        let mut count = 1;
+        while count < max {
+            match self.page(page + count) {
+                Some(next) if prev.is_followed_by(&next) => prev = next,
+                _ => break,
+            }
+            if self.states.request(page + count) != Ok(RequestOutcome::Requested) {
+                break;
+            }
+            count += 1;
+        }
+        Some((first, count))
+    }
+
+    /// Fetches and places a run the caller claimed. With `retry`, an EAGAIN waits for
+    /// the pending events and goes on; without, it stops. Pages not placed (nor handed
+    /// to a remote source) are released. Returns how many were; a fatal failure is
+    /// returned for the caller to report (its own way: the SIGBUS handler may not lock).
+    pub fn place_claimed(
+        &self,
+        first: &PageRef,
+        count: usize,
+        scratch: &mut [u8],
+        origin: Origin,
+        retry: bool,
+    ) -> Result<usize, Placement> {
+        let mut done = 0;
+        let mut failed = None;
+        while done < count && !self.stopping() {
+            // An UNMAP may have taken the region away since the pages were claimed.
+            let Some(at) = self.page(first.page + done) else {
                 break;
             };
-            if !prev.is_followed_by(&next) {
-                break; // another region
-            }
-            prev = next;
-            if self.states.request(next.page) != Ok(RequestOutcome::Requested) {
-                continue;
-            }
-            // Fault-around is opportunistic: a page it cannot place now goes back to
-            // Missing in one step, and a later fault or the prefetcher places it.
-            match self.fetch_and_place(&next, 1, scratch, true, Origin::Prefetch) {
-                Placement::Done => {}
-                Placement::Again { .. } => {
-                    self.release(next.page);
-                    break;
+            match self.fetch_and_place(&at, count - done, scratch, true, origin) {
+                Placement::Done | Placement::Asked => done = count,
+                Placement::Again { done: more } => {
+                    done += more;
+                    if !retry {
+                        break;
+                    }
+                    // A REMOVE is pending: the event reader applies it; wait and retry.
+                    sigsafe::sleep(Duration::from_micros(200));
                 }
                 Placement::Dropped => break,
-                Placement::Failed(e) => {
-                    self.fail(e.into());
+                other => {
+                    failed = Some(other);
                     break;
                 }
             }
         }
+        for page in first.page + done..first.page + count {
+            self.release(page);
+        }
+        match failed {
+            Some(f) => Err(f),
+            None => Ok(done),
+        }
+    }
+
+    /// Whether a fault that has waited `waited` on page `page` (Requested by someone
+    /// else) places it itself: only a local page the starved prefetcher holds (see
+    /// [`TAKE_OVER_AFTER`]).
+    pub fn may_take_over(&self, page: usize, waited: Duration) -> bool {
+        // Relaxed: a one-way flag read as a hint.
+        waited >= TAKE_OVER_AFTER
+            && !self.remote.load(Ordering::Relaxed)
+            && self.background.test(page)
     }
 
     /// Gives back a claim (requested → missing in one CAS) so a later fault asks again.
@@ -162,6 +286,15 @@ impl Shared {
     pub fn release(&self, page: usize) {
         if self.states.release(page).is_ok() {
             bump(&self.stats.released);
+        }
+    }
+
+    /// Reports a fatal placement outcome (not from the SIGBUS handler).
+    pub fn fail_placement(&self, placement: Placement) {
+        match placement {
+            Placement::Failed(e) => self.fail(e.into()),
+            Placement::SourceFailed(e) => self.fail(e.into()),
+            _ => {}
         }
     }
 }

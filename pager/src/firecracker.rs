@@ -323,6 +323,10 @@ pub struct ServeOptions {
     /// Kill the VMM ([`kill_peer`]) if serving fails, so it does not hang forever on
     /// faults nobody will serve.
     pub kill_peer_on_error: bool,
+    /// Pages placed after each faulting page ([`PagerBuilder::fault_around`](crate::PagerBuilder::fault_around)).
+    pub fault_around: usize,
+    /// Sequential readahead ([`PagerBuilder::readahead`](crate::PagerBuilder::readahead)).
+    pub readahead: bool,
 }
 
 impl Default for ServeOptions {
@@ -332,6 +336,8 @@ impl Default for ServeOptions {
             prefetch: Prefetch::Sequential,
             record: None,
             kill_peer_on_error: false,
+            fault_around: 0,
+            readahead: true,
         }
     }
 }
@@ -344,6 +350,9 @@ pub fn serve(
     options: &ServeOptions,
 ) -> crate::Result<StatsSnapshot> {
     let peer = hs.peer;
+    // Held until the VMM is dealt with: closing the last descriptor of its userfaultfd
+    // would release its blocked faults onto zero pages before it is killed.
+    let hold = hs.uffd.as_fd().try_clone_to_owned().ok();
     let result = serve_inner(hs, source, options);
     if result.is_err() && options.kill_peer_on_error {
         if let Some(peer) = &peer {
@@ -351,6 +360,7 @@ pub fn serve(
             let _ = kill_peer(peer);
         }
     }
+    drop(hold);
     result
 }
 
@@ -370,7 +380,9 @@ fn serve_inner(
         .register(false)
         .mode(options.mode)
         .prefetch(options.prefetch.clone())
-        .prefetch_after_first_fault(true);
+        .prefetch_after_first_fault(true)
+        .fault_around(options.fault_around)
+        .readahead(options.readahead);
     if let Some(path) = &options.record {
         builder = builder.record(path);
     }

@@ -31,15 +31,22 @@ use crate::stats::bump;
 /// An empty slot.
 const EMPTY: i32 = -1;
 
+/// How often an idle child engine checks whether its process has exited (one cheap
+/// ioctl); exited children are reaped within about this long.
+const CHILD_EXIT_PROBE: Duration = Duration::from_millis(20);
+
 /// The lock-free hand-off from handlers to the service: fds of children's uffds.
 pub(crate) struct ForkQueue {
     slots: Box<[AtomicI32]>,
     ready: EventFd,
+    /// For counting the children still queued when the pager stops (refused).
+    shared: Arc<Shared>,
 }
 
 impl ForkQueue {
-    pub fn new(capacity: usize) -> std::io::Result<Self> {
+    pub fn new(shared: Arc<Shared>, capacity: usize) -> std::io::Result<Self> {
         Ok(Self {
+            shared,
             slots: (0..capacity.max(1))
                 .map(|_| AtomicI32::new(EMPTY))
                 .collect(),
@@ -85,7 +92,12 @@ impl ForkQueue {
 
 impl Drop for ForkQueue {
     fn drop(&mut self) {
-        self.drain(drop); // close what nobody took
+        // Children queued when the pager stopped are refused: their uffds close here.
+        let shared = self.shared.clone();
+        self.drain(|fd| {
+            bump(&shared.stats.forks_refused);
+            drop(fd);
+        });
     }
 }
 
@@ -107,7 +119,7 @@ pub(crate) fn serve(shared: Arc<Shared>, queue: Arc<ForkQueue>, plan: ChildPlan)
             PollFd::new(queue.ready.as_fd(), PollFlags::POLLIN),
             PollFd::new(shared.wakeup.as_fd(), PollFlags::POLLIN),
         ];
-        let _ = poll(&mut fds, PollTimeout::from(100u16));
+        let _ = poll(&mut fds, PollTimeout::from(20u8));
         children.retain_mut(|child| {
             let done = child.has_stopped();
             if done {
@@ -149,6 +161,6 @@ fn start_child(fd: OwnedFd, plan: &ChildPlan) -> crate::Result<Pager> {
         .mode(DeliveryMode::Thread)
         .register(false)
         .batch(plan.batch)
-        .child_of_fork(Duration::from_millis(100))
+        .child_of_fork(CHILD_EXIT_PROBE)
         .start()
 }

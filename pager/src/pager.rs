@@ -83,7 +83,7 @@ impl std::fmt::Debug for Pager {
 /// the map, and only it changes states.
 #[derive(Debug, Clone, Copy)]
 pub struct PageStates<'a> {
-    map: &'a PageStateMap,
+    pub(crate) map: &'a PageStateMap,
 }
 
 impl PageStates<'_> {

@@ -11,6 +11,7 @@
 use nix::errno::Errno;
 use uffd_core::{ContinueMode, CopyMode, Error as UffdError, ZeropageMode};
 
+use crate::error::SourceError;
 use crate::region::{PageRef, Resolve};
 use crate::shared::Shared;
 use crate::stats::{add, bump};
@@ -46,9 +47,14 @@ pub(crate) enum Placement {
     Again { done: usize },
     /// The page's range is gone (unmapped) or the process exited: nothing to do.
     Dropped,
+    /// A remote source was asked (it answered `Pending`): the page arrives through the
+    /// placer, which wakes its waiters.
+    Asked,
     /// The kernel refused with anything else: the caller reports it (its own way: the
     /// SIGBUS handler may not lock or allocate).
     Failed(UffdError),
+    /// The source failed; reported like `Failed`.
+    SourceFailed(SourceError),
 }
 
 impl Shared {

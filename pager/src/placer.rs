@@ -2,7 +2,7 @@
 //! source's own, are placed through a cloneable [`Placer`] with the same rules as the
 //! fault path (gate, removed pages as zeros, EEXIST, EAGAIN retried).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use page_state::PageState;
 
@@ -72,21 +72,17 @@ impl Placer {
             Ok(PageState::Zero) => Content::Zero,
             _ => data.map_or(Content::Zero, Content::Data),
         };
-        let started = Instant::now();
         loop {
             if shared.stopping() {
                 return Ok(Placed::Stopped);
             }
             match shared.place(&p, 1, content, true, Origin::Arrival) {
-                Placement::Done => {
-                    shared.stats.record_latency(started.elapsed());
-                    return Ok(Placed::Placed);
-                }
+                Placement::Done | Placement::Asked => return Ok(Placed::Placed),
                 Placement::Again { .. } => std::thread::sleep(Duration::from_micros(50)),
                 Placement::Dropped => return Ok(Placed::Stopped),
-                Placement::Failed(e) => {
+                failed => {
                     // The pager stops with the kernel's refusal; the source sees it stop.
-                    shared.fail(e.into());
+                    shared.fail_placement(failed);
                     return Ok(Placed::Stopped);
                 }
             }
@@ -95,8 +91,9 @@ impl Placer {
 
     /// Places a run of arriving pages, `data` being whole pages from image offset `offset`,
     /// with one ioctl per stretch of pages still to be placed (Missing or Requested);
-    /// received pages are skipped, known-zero ones get zeros (as in [`place`]). Returns
-    /// how many pages were placed, or `None` if the pager is gone or stopping.
+    /// received pages are skipped, known-zero ones get zeros (as in [`place`]), pages no
+    /// mapped region holds (unmapped meanwhile) are skipped. Returns how many pages were
+    /// placed, or `None` if the pager is gone or stopping.
     ///
     /// [`place`]: Placer::place
     pub fn place_run(&self, offset: u64, data: &[u8]) -> Result<Option<usize>> {
@@ -104,8 +101,26 @@ impl Placer {
             return Ok(None);
         };
         let lookup = |off: u64| shared.regions.by_offset(off);
+        let one_by_one = |from: usize, ps: usize| -> Result<Option<usize>> {
+            let mut placed = 0;
+            for i in from..data.len() / ps {
+                match self.place(offset + (i * ps) as u64, Some(&data[i * ps..(i + 1) * ps]))? {
+                    Placed::Placed => placed += 1,
+                    Placed::Duplicate | Placed::NoRegion => {}
+                    Placed::Stopped => return Ok(None),
+                }
+            }
+            Ok(Some(placed))
+        };
         let Some(p) = lookup(offset) else {
-            return Ok(None);
+            // Its first page went away: place what is still mapped, page by page (pages
+            // are the smallest size a region uses).
+            let ps = shared.regions.min_page_size();
+            return if data.len() % ps == 0 && !data.is_empty() {
+                one_by_one(0, ps)
+            } else {
+                Ok(None)
+            };
         };
         if p.offset != offset || data.len() % p.size != 0 || data.is_empty() {
             return Err(Error::BadRegion {
@@ -118,19 +133,8 @@ impl Placer {
         let n = data.len() / ps;
         let contiguous = lookup(offset + ((n - 1) * ps) as u64)
             .is_some_and(|last| last.page == p.page + n - 1 && last.addr == p.addr + (n - 1) * ps);
-        let one_by_one = |from: usize| -> Result<Option<usize>> {
-            let mut placed = 0;
-            for i in from..n {
-                match self.place(offset + (i * ps) as u64, Some(&data[i * ps..(i + 1) * ps]))? {
-                    Placed::Placed => placed += 1,
-                    Placed::Duplicate => {}
-                    Placed::NoRegion | Placed::Stopped => return Ok(None),
-                }
-            }
-            Ok(Some(placed))
-        };
         if !contiguous {
-            return one_by_one(0);
+            return one_by_one(0, ps);
         }
         let open = |i: usize| {
             matches!(
@@ -160,7 +164,8 @@ impl Placer {
                 j += 1;
             }
             let Some(q) = shared.page(p.page + i) else {
-                return Ok(None);
+                // Unmapped meanwhile: what is left goes page by page (and is skipped).
+                return Ok(one_by_one(i, ps)?.map(|rest| placed + rest));
             };
             match shared.place(
                 &q,
@@ -169,14 +174,14 @@ impl Placer {
                 true,
                 Origin::Arrival,
             ) {
-                Placement::Done => placed += j - i,
+                Placement::Done | Placement::Asked => placed += j - i,
                 // The address space is changing: the careful path, page by page.
                 Placement::Again { .. } => {
-                    return Ok(one_by_one(i)?.map(|rest| placed + rest));
+                    return Ok(one_by_one(i, ps)?.map(|rest| placed + rest));
                 }
                 Placement::Dropped => return Ok(None),
-                Placement::Failed(e) => {
-                    shared.fail(e.into());
+                failed => {
+                    shared.fail_placement(failed);
                     return Ok(None);
                 }
             }
@@ -195,6 +200,16 @@ impl Placer {
             bump(&shared.stats.source_errors);
             shared.fail(error.into());
         }
+    }
+
+    /// Runs `f` on a read-only view of the page states (what a remote source reports when
+    /// it reconnects: the present set, the pages still Requested); `None` once the pager
+    /// is gone.
+    pub fn states<R>(&self, f: impl FnOnce(crate::PageStates<'_>) -> R) -> Option<R> {
+        let shared = self.shared.upgrade()?;
+        Some(f(crate::PageStates {
+            map: &shared.states,
+        }))
     }
 
     /// Whether page `page` (index in the state map) is still to be placed; `None` once

@@ -2,13 +2,14 @@
 //! first, at normal priority (it is what the workload is about to touch); then every
 //! missing page from a cursor that each fault moves to just after itself, behind faults
 //! in priority (the thread switches to `SCHED_IDLE`, so it only gets a CPU nobody else
-//! wants).
+//! wants — except while it holds the placement gate, where it runs at normal priority so
+//! that a busy workload cannot preempt it there and stall every handler behind it).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use page_state::{PageState, RequestOutcome};
+use page_state::PageState;
 
 use crate::place::{Content, Origin, Placement};
 use crate::shared::Shared;
@@ -33,11 +34,38 @@ const BATCH_BYTES: usize = 256 << 10;
 /// The eager plan's batch.
 const EAGER_BATCH_BYTES: usize = 2 << 20;
 
-/// Puts the calling thread in `SCHED_IDLE` so faults (and the workload) always win.
-fn lower_priority() {
+/// Sets the calling thread's scheduling policy: `SCHED_IDLE` so faults (and the workload)
+/// always win, or back to `SCHED_OTHER`. (nix does not wrap sched_setscheduler(2).)
+fn set_idle(idle: bool) {
+    let policy = if idle {
+        libc::SCHED_IDLE
+    } else {
+        libc::SCHED_OTHER
+    };
     let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: pid 0 is the calling thread; the call only changes its policy.
-    unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param; the call only
+    // changes this thread's policy.
+    unsafe { libc::sched_setscheduler(0, policy, &param) };
+}
+
+thread_local! {
+    static IDLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs a placement at normal priority: a placement holds the gate, which handler threads
+/// must wait for before they read events, and a `SCHED_IDLE` thread preempted inside it
+/// by a busy workload would stall every fault (priority inversion). Priority inheritance
+/// by hand, as a lock with PI would do.
+fn at_normal_priority<T>(f: impl FnOnce() -> T) -> T {
+    let idle = IDLE.with(|i| i.get());
+    if idle {
+        set_idle(false);
+    }
+    let out = f();
+    if idle {
+        set_idle(true);
+    }
+    out
 }
 
 /// Runs the prefetcher until every page is placed or the pager stops.
@@ -61,7 +89,8 @@ pub(crate) fn run(shared: Arc<Shared>, plan: Prefetch) {
     let batch = if plan == Prefetch::Eager {
         EAGER_BATCH_BYTES
     } else {
-        lower_priority();
+        set_idle(true);
+        IDLE.with(|i| i.set(true));
         BATCH_BYTES
     };
     if plan == Prefetch::None {
@@ -88,51 +117,34 @@ pub(crate) fn run(shared: Arc<Shared>, plan: Prefetch) {
 }
 
 /// Claims up to `max_bytes` of contiguous missing pages at `page` and places them with
-/// one fetch and one placement. Returns the page after the run.
+/// one fetch and one placement, retrying through EAGAIN. Returns the page after the run.
+///
+/// A remote source (it answers `Pending`) is asked one run at a time: the prefetcher waits
+/// until the run's first page has arrived before it claims the next, instead of asking
+/// for the whole image at once; faults on pages it asked for jump the queue
+/// (`Source::prioritize`).
 fn prefetch_run(shared: &Shared, page: usize, max_bytes: usize, scratch: &mut [u8]) -> usize {
-    let Some(first) = shared.page(page) else {
+    let Some(size) = shared.page(page).map(|p| p.size) else {
         return page + 1;
     };
-    if shared.states.request(page) != Ok(RequestOutcome::Requested) {
+    let limit = (max_bytes / size).clamp(1, scratch.len() / size);
+    let Some((first, count)) = shared.claim_run(page, limit, None) else {
         return page + 1;
-    }
-    let limit = (max_bytes / first.size).clamp(1, scratch.len() / first.size);
-    let mut count = 1;
-    while count < limit {
-        match shared.page(page + count) {
-            Some(next) if next.addr == first.addr + count * first.size => {}
-            _ => break,
-        }
-        if shared.states.request(page + count) != Ok(RequestOutcome::Requested) {
-            break;
-        }
-        count += 1;
-    }
-    let mut placed = 0;
-    while placed < count && !shared.stopping() {
-        // An UNMAP may have taken the region away since the pages were claimed.
-        let Some(at) = shared.page(page + placed) else {
-            break;
-        };
-        match shared.fetch_and_place(&at, count - placed, scratch, true, Origin::Prefetch) {
-            Placement::Done => placed = count,
-            Placement::Again { done } => {
-                placed += done;
-                // A REMOVE is pending: the handler threads read it; wait and retry.
+    };
+    let run = first.page..first.page + count;
+    let _ = shared.background.set_range(run.clone());
+    let placed =
+        at_normal_priority(|| shared.place_claimed(&first, count, scratch, Origin::Prefetch, true));
+    let _ = shared.background.clear_range(run);
+    match placed {
+        Ok(_) => {
+            while shared.states.get(first.page) == Ok(PageState::Requested) && !shared.stopping() {
                 std::thread::sleep(Duration::from_micros(200));
             }
-            Placement::Dropped => break,
-            Placement::Failed(e) => {
-                shared.fail(e.into());
-                break;
-            }
         }
+        Err(failed) => shared.fail_placement(failed),
     }
-    // Pages we claimed and could not place go back to faults, each in one step.
-    for p in page + placed..page + count {
-        shared.release(p);
-    }
-    page + count
+    first.page + count
 }
 
 /// Places the run of known-zero pages at `page` with one zero-page placement (faults on
@@ -153,13 +165,15 @@ fn zero_run(shared: &Shared, page: usize) -> usize {
         count += 1;
     }
     while !shared.stopping() {
-        match shared.place(&first, count, Content::Zero, true, Origin::Prefetch) {
+        match at_normal_priority(|| {
+            shared.place(&first, count, Content::Zero, true, Origin::Prefetch)
+        }) {
             Placement::Again { .. } => std::thread::sleep(Duration::from_micros(200)),
-            Placement::Failed(e) => {
-                shared.fail(e.into());
+            Placement::Done | Placement::Asked | Placement::Dropped => break,
+            failed => {
+                shared.fail_placement(failed);
                 break;
             }
-            Placement::Done | Placement::Dropped => break,
         }
     }
     page + count

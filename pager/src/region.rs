@@ -156,6 +156,15 @@ impl RegionTable {
         &self.regions
     }
 
+    /// The smallest page size.
+    pub fn min_page_size(&self) -> usize {
+        self.regions
+            .iter()
+            .map(|r| r.spec.page_size)
+            .min()
+            .unwrap_or(4096)
+    }
+
     /// The largest page size.
     pub fn max_page_size(&self) -> usize {
         self.regions

@@ -26,6 +26,9 @@ pub(crate) struct Shared {
     /// Pages a REMOVE hit while a claimant (or an arrival) was bringing them in: whoever
     /// places one next places zeros instead, and clears the bit.
     pub removed: Bitmap,
+    /// Pages the background prefetcher holds claimed (Requested): a fault waiting on one
+    /// of them for long places it itself (the prefetcher runs at SCHED_IDLE).
+    pub background: Bitmap,
     /// Orders placements against the reading of REMOVE events.
     pub gate: Gate,
     pub source: Arc<dyn Source>,
@@ -35,12 +38,22 @@ pub(crate) struct Shared {
     pub wakeup: EventFd,
     /// The faulting process exited (ESRCH): nothing more can be served.
     pub gone: AtomicBool,
+    /// Handler threads in their loops (past the start-up of their thread).
+    running: AtomicUsize,
     /// The prefetcher's next page; each fault moves it to just after the faulting page.
     pub cursor: AtomicUsize,
     /// Fault order of first touches, when recording a working set.
     pub recorder: Option<Recorder>,
-    /// Extra pages placed after each faulting page (spatial locality).
+    /// Pages placed after each faulting page (spatial locality): the starting window.
     pub fault_around: usize,
+    /// The page after the last fault-around run, and the window it used: a fault there
+    /// is sequential and doubles the window (fault.rs).
+    pub around_next: AtomicUsize,
+    pub around_window: AtomicUsize,
+    /// Whether sequential faults grow the fault-around window (readahead).
+    pub readahead: bool,
+    /// Set once the source answers `Pending` (see `Shared::is_remote`).
+    pub remote: AtomicBool,
     /// Zeros for placing zero pages where ZEROPAGE is unavailable (hugetlb, minor mode).
     pub zeros: Box<[u8]>,
     /// The first fatal error (a failing source); the pager stops on it.
@@ -58,6 +71,7 @@ impl Shared {
         source: Arc<dyn Source>,
         record: bool,
         fault_around: usize,
+        readahead: bool,
     ) -> Result<Self> {
         let needs_zeros = regions
             .regions()
@@ -83,20 +97,36 @@ impl Shared {
             uffd,
             states,
             removed: Bitmap::new(pages),
+            background: Bitmap::new(pages),
             source,
             stats: Stats::default(),
             stop: AtomicBool::new(false),
             wakeup,
             gone: AtomicBool::new(false),
+            running: AtomicUsize::new(0),
             cursor: AtomicUsize::new(0),
             recorder: record.then(|| Recorder::new(pages)),
             fault_around,
+            around_next: AtomicUsize::new(usize::MAX),
+            around_window: AtomicUsize::new(fault_around),
+            readahead,
+            remote: AtomicBool::new(false),
             zeros: zeros.into_boxed_slice(),
             fatal: Mutex::new(None),
             signal_errno: AtomicI32::new(0),
             signal_offset: AtomicU64::new(0),
             regions,
         })
+    }
+
+    /// A handler thread entered its loop. Release: pairs with `running`'s Acquire.
+    pub fn handler_running(&self) {
+        self.running.fetch_add(1, Ordering::Release);
+    }
+
+    /// Handler threads in their loops.
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::Acquire)
     }
 
     /// Whether threads should stop. Relaxed: the flag carries no data; joins synchronise.

@@ -8,8 +8,11 @@
 //!   (page-state, lock-free), the region table (atomics, no lock), the gate, the
 //!   counters and the latency histogram, the working-set recorder;
 //! - a scratch buffer claimed from a preallocated set with a CAS;
-//! - the source's `fetch`, which [`Source::is_signal_safe`](crate::Source::is_signal_safe)
-//!   promises copies from memory without allocating or locking;
+//! - the fault path shared with the handler threads (`fault.rs`, `place.rs`), including
+//!   fault-around runs;
+//! - the source's `fetch` (and `prioritize`), which
+//!   [`Source::is_signal_safe`](crate::Source::is_signal_safe) promises copy from memory
+//!   without allocating or locking;
 //! - the placement ioctls (`UFFDIO_COPY`, `ZEROPAGE`, `CONTINUE`, `WAKE`);
 //! - `clock_gettime(2)` (latency), `sched_yield(2)` and `clock_nanosleep(2)` (waiting on
 //!   the gate, a busy scratch slot, or a page another thread is placing), `write(2)` on
@@ -31,16 +34,14 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-use page_state::{PageState, RequestOutcome};
-use uffd_core::Error as UffdError;
+use page_state::PageState;
+use uffd_core::{Error as UffdError, FaultFlags};
 
 use crate::error::{Error, Result};
-use crate::place::{Content, Origin, Placement};
-use crate::region::PageRef;
+use crate::fault::{FaultOutcome, FollowUp, MAX_AROUND_BYTES};
+use crate::place::{Origin, Placement};
 use crate::shared::Shared;
 use crate::sigsafe::{backoff, sleep, HandlerScope};
-use crate::source::Fetched;
-use crate::stats::bump;
 
 /// A scratch buffer a signal handler may claim without allocating.
 struct Slot {
@@ -65,11 +66,17 @@ static ACTIVE: AtomicUsize = AtomicUsize::new(0);
 
 /// Installs the SIGBUS handler for `shared`. Fails if another SIGBUS pager is active.
 pub(crate) fn install(shared: Arc<Shared>, slots: usize) -> Result<()> {
-    let max_page = shared.regions.max_page_size();
+    // A page, or a fault-around run.
+    let around = if shared.fault_around > 0 || shared.readahead {
+        MAX_AROUND_BYTES
+    } else {
+        0
+    };
+    let size = shared.regions.max_page_size().max(around);
     let slots = (0..slots.max(1))
         .map(|_| Slot {
             busy: AtomicBool::new(false),
-            buf: UnsafeCell::new(vec![0u8; max_page].into_boxed_slice()),
+            buf: UnsafeCell::new(vec![0u8; size].into_boxed_slice()),
         })
         .collect();
     let action = SigAction::new(
@@ -161,88 +168,76 @@ extern "C" fn on_sigbus(sig: i32, info: *mut libc::siginfo_t, _ctx: *mut libc::c
     ACTIVE.fetch_sub(1, Ordering::Release);
 }
 
-/// Resolves a SIGBUS at `addr`; false if it is not ours or cannot be served.
+/// Resolves a SIGBUS at `addr` through the same fault path as the handler threads
+/// (`fault.rs`, async-signal-safe); false if it is not ours or cannot be served.
 fn resolve(engine: &Engine, addr: usize) -> bool {
     let started = Instant::now(); // clock_gettime(2)
     let shared = &*engine.shared;
-    let Some(p) = shared.page_at(addr) else {
+    if shared.page_at(addr).is_none() {
         return false;
-    };
-    bump(&shared.stats.faults_missing);
+    }
     loop {
-        let Ok(outcome) = shared.states.request(p.page) else {
-            return false;
-        };
-        let placement = match outcome {
-            RequestOutcome::Requested => {
-                if let Some(rec) = &shared.recorder {
-                    rec.record(p.page);
-                }
-                fetch_and_place(engine, &p)
+        // The signal says nothing of the fault's kind: MISSING unless the page cache
+        // holds it (fault.rs treats a received page in MINOR mode alike either way).
+        let outcome = with_slot(engine, |scratch| {
+            shared.on_fault(addr, FaultFlags::empty(), scratch, true)
+        });
+        match outcome {
+            FaultOutcome::Resolved => {
+                shared.stats.record_latency(started.elapsed());
+                return true;
             }
-            RequestOutcome::IsZero => shared.place(&p, 1, Content::Zero, true, Origin::Fault),
-            RequestOutcome::AlreadyReceived => {
-                shared.place(&p, 1, shared.received_again(&p), true, Origin::Fault)
-            }
-            RequestOutcome::AlreadyRequested => {
-                // Another thread is placing it: wait for that, then retry the access.
+            FaultOutcome::FollowUp(p, FollowUp::Watch) => {
+                // Another thread is placing it: wait for that, then retry the access —
+                // or, if it takes long (a starved SCHED_IDLE prefetcher holding the
+                // claim), place it here from the local source.
+                let waiting = Instant::now();
                 let mut spins = 0;
                 while shared.states.get(p.page) == Ok(PageState::Requested) {
+                    if shared.may_take_over(p.page, waiting.elapsed()) {
+                        let placed = with_slot(engine, |scratch| {
+                            shared.fetch_and_place(&p, 1, scratch, true, Origin::Fault)
+                        });
+                        if !matches!(placed, Placement::Again { .. }) {
+                            break;
+                        }
+                    }
                     backoff(&mut spins);
                 }
-                Placement::Done
-            }
-        };
-        match placement {
-            Placement::Done | Placement::Dropped => {
-                // Dropped: the range went away; the access re-faults as it now must.
                 shared.stats.record_latency(started.elapsed());
                 return true;
             }
             // A REMOVE is pending; the event thread reads it. Give the claim back in one
             // step and go round again after a short sleep.
-            Placement::Again { .. } => {
-                if outcome == RequestOutcome::Requested {
-                    shared.release(p.page);
-                }
+            FaultOutcome::FollowUp(p, FollowUp::Retry) => {
+                shared.release(p.page);
                 sleep(Duration::from_micros(50));
             }
-            Placement::Failed(e) => {
-                if outcome == RequestOutcome::Requested {
+            // Signal-safe sources answer locally: `Pending` is a source's broken promise.
+            FaultOutcome::Asked => {
+                if let Some(p) = shared.page_at(addr) {
+                    shared.release(p.page);
+                    shared.fail_in_signal(p.offset, Errno::EINVAL as i32);
+                }
+                return false;
+            }
+            FaultOutcome::Failed(failed) => {
+                let p = shared.page_at(addr);
+                if let Some(p) = p {
                     shared.release(p.page);
                 }
-                shared.fail_in_signal(p.offset, errno_of(&e));
+                let errno = match &failed {
+                    Placement::Failed(e) => errno_of(e),
+                    Placement::SourceFailed(e) => {
+                        e.source.raw_os_error().unwrap_or(Errno::EIO as i32)
+                    }
+                    _ => Errno::EIO as i32,
+                };
+                shared.fail_in_signal(p.map_or(0, |p| p.offset), errno);
                 return false;
             }
         }
     }
-}
-
-/// Fetches page `p` (claimed) from the signal-safe source into a scratch slot, places it.
-fn fetch_and_place(engine: &Engine, p: &PageRef) -> Placement {
-    let shared = &*engine.shared;
-    with_slot(engine, |scratch| {
-        match shared.source.fetch(p.offset, &mut scratch[..p.size]) {
-            Ok(Fetched::Data(data)) => {
-                bump(&shared.stats.source_reads);
-                shared.place(p, 1, Content::Data(data), true, Origin::Fault)
-            }
-            Ok(Fetched::Zero) => shared.place(p, 1, Content::Zero, true, Origin::Fault),
-            // Signal-safe sources answer locally: `Pending` is a source's broken promise.
-            Ok(Fetched::Pending) => Placement::Failed(UffdError::InvalidArgument {
-                op: uffd_core::Op::Copy,
-                reason: "a signal-safe source answered Pending",
-            }),
-            Err(e) => {
-                bump(&shared.stats.source_errors);
-                let errno = e.source.raw_os_error().unwrap_or(Errno::EIO as i32);
-                Placement::Failed(UffdError::Os {
-                    op: uffd_core::Op::Copy,
-                    errno: Errno::from_raw(errno),
-                })
-            }
-        }
-    })
 }
 
 /// The errno behind a kernel refusal, for the atomics `fail_in_signal` keeps.
@@ -255,7 +250,7 @@ fn errno_of(e: &UffdError) -> i32 {
 }
 
 /// Runs `f` with a claimed scratch slot, waiting until one is free.
-fn with_slot(engine: &Engine, f: impl FnOnce(&mut [u8]) -> Placement) -> Placement {
+fn with_slot<T>(engine: &Engine, f: impl FnOnce(&mut [u8]) -> T) -> T {
     let mut spins = 0;
     loop {
         for slot in engine.slots.iter() {

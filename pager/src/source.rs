@@ -78,6 +78,12 @@ pub trait Source: Send + Sync {
     /// any fetch.
     fn attach(&self, _placer: Placer) {}
 
+    /// A thread now waits on the page at `offset`, which was asked for earlier (answered
+    /// `Pending`, perhaps for a background run): a remote source moves it to the front.
+    /// Called on the fault path: must not block, allocate, or take a lock another thread
+    /// could hold across `fork()`. Local sources ignore it.
+    fn prioritize(&self, _offset: u64) {}
+
     /// Whether [`Source::fetch`] can answer without allocating or blocking on anything
     /// but memory (required by the SIGBUS delivery mode).
     fn is_signal_safe(&self) -> bool {

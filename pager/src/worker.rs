@@ -17,7 +17,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use page_state::PageState;
 use uffd_core::{Event, EventBuffer, FaultFlags, ReadStatus, WriteProtectMode};
 
-use crate::fault::FollowUp;
+use crate::fault::{FaultOutcome, FollowUp, MAX_AROUND_BYTES};
 use crate::fork::ForkQueue;
 use crate::place::{Content, Origin, Placement};
 use crate::region::PageRef;
@@ -52,8 +52,9 @@ pub(crate) struct Worker {
     events: EventBuffer,
     scratch: Vec<u8>,
     parked: Vec<Parked>,
-    /// The faults of the batch being handled (reused: no allocation per batch).
-    faults: Vec<(usize, FaultFlags)>,
+    /// The faults of the batch being handled, and whether each was resolved (reused: no
+    /// allocation per batch).
+    faults: Vec<(usize, FaultFlags, bool)>,
     /// Where forked children's uffds go; `None` in a child engine or without fork events.
     forks: Option<Arc<ForkQueue>>,
     /// A child engine's process may exit without telling us: probe for it this often
@@ -69,7 +70,12 @@ impl Worker {
         probe_exit: Option<Duration>,
     ) -> Self {
         let max_page = shared.regions.max_page_size();
-        let scratch = vec![0u8; max_page];
+        let around = if shared.fault_around > 0 || shared.readahead {
+            MAX_AROUND_BYTES
+        } else {
+            0
+        };
+        let scratch = vec![0u8; max_page.max(around)];
         Self {
             shared,
             events: EventBuffer::new(batch),
@@ -83,6 +89,7 @@ impl Worker {
 
     /// Runs until the pager stops or the faulting process is gone.
     pub fn run(&mut self, wait: Wait) {
+        self.shared.handler_running();
         while !self.shared.stopping() {
             let readable = match wait {
                 Wait::Block => self.poll(),
@@ -199,14 +206,20 @@ impl Worker {
     }
 
     /// Resolves the batch's faults. A batch of several faults is placed unwoken, with one
-    /// wake per page at the end.
+    /// wake per resolved page at the end (a fault left to a remote source or parked is
+    /// woken by whoever places its page: waking it now would only make it fault again).
     fn resolve_faults(&mut self) {
         let now = Instant::now();
         let wake_each = self.faults.len() == 1;
         let shared = &*self.shared;
-        for &(addr, flags) in &self.faults {
-            match shared.on_fault(addr, flags, &mut self.scratch, wake_each) {
-                Some((page, follow_up)) => park(
+        for fault in self.faults.iter_mut() {
+            let (addr, flags, _) = *fault;
+            let outcome = shared.on_fault(addr, flags, &mut self.scratch, wake_each);
+            fault.2 = matches!(outcome, FaultOutcome::Resolved);
+            match outcome {
+                FaultOutcome::Resolved if wake_each => shared.stats.record_latency(now.elapsed()),
+                FaultOutcome::Resolved | FaultOutcome::Asked => {}
+                FaultOutcome::FollowUp(page, follow_up) => park(
                     &mut self.parked,
                     Parked {
                         page,
@@ -214,20 +227,19 @@ impl Worker {
                         follow_up,
                     },
                 ),
-                None if wake_each => shared.stats.record_latency(now.elapsed()),
-                None => {}
+                FaultOutcome::Failed(placement) => shared.fail_placement(placement),
             }
         }
         if !wake_each {
-            for &(addr, _) in &self.faults {
-                // Waking a page that is not placed yet (remote, parked) is harmless: the
-                // thread refaults and waits again on the still-missing page.
-                if let Some(p) = shared.page_at(addr) {
+            let mut resolved = 0;
+            for &(addr, _, done) in &self.faults {
+                if let (true, Some(p)) = (done, shared.page_at(addr)) {
                     let _ = shared.uffd.wake(p.addr, p.size);
+                    resolved += 1;
                 }
             }
             let latency = now.elapsed();
-            for _ in 0..self.faults.len() {
+            for _ in 0..resolved {
                 shared.stats.record_latency(latency);
             }
         }
@@ -241,6 +253,14 @@ impl Worker {
         self.parked.retain(|parked| {
             let p = &parked.page;
             let placement = match (parked.follow_up, shared.states.get(p.page)) {
+                // In someone else's hands for long (a SCHED_IDLE prefetcher starved of CPU
+                // holding its claim): a local page is fetched and placed here instead —
+                // a fault never waits on a background thread's priority.
+                (FollowUp::Watch, Ok(PageState::Requested))
+                    if shared.may_take_over(p.page, parked.since.elapsed()) =>
+                {
+                    shared.fetch_and_place(p, 1, scratch, true, Origin::Fault)
+                }
                 // Still in someone else's hands: keep watching.
                 (FollowUp::Watch, Ok(PageState::Requested)) => return true,
                 (FollowUp::Retry, Ok(PageState::Requested)) => {
@@ -266,9 +286,9 @@ impl Worker {
                     shared.stats.record_latency(parked.since.elapsed());
                     false
                 }
-                Placement::Dropped => false,
-                Placement::Failed(e) => {
-                    shared.fail(e.into());
+                Placement::Asked | Placement::Dropped => false,
+                failed => {
+                    shared.fail_placement(failed);
                     false
                 }
             }
@@ -280,13 +300,13 @@ impl Worker {
 fn take_events(
     shared: &Shared,
     events: &mut EventBuffer,
-    faults: &mut Vec<(usize, FaultFlags)>,
+    faults: &mut Vec<(usize, FaultFlags, bool)>,
     forks: Option<&ForkQueue>,
 ) {
     faults.clear();
     for event in events.drain() {
         match event {
-            Event::Pagefault { addr, flags, .. } => faults.push((addr, flags)),
+            Event::Pagefault { addr, flags, .. } => faults.push((addr, flags, false)),
             other => {
                 if let Some(child) = shared.on_event(other) {
                     let refused = match forks {

@@ -473,3 +473,123 @@ fn an_arrival_for_a_removed_page_places_zeros_not_the_stale_data() {
     assert!(after.iter().all(|&b| b == 0), "a removed page reads zero");
     pager.stop().expect("stop");
 }
+
+#[test]
+fn readahead_turns_a_sequential_fault_stream_into_large_runs_and_leaves_random_faults_alone() {
+    let pages = 4096;
+    let image = common::image(pages, PS, 0);
+    let walk = |readahead: bool, order: &[usize]| {
+        let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+        let pager = Pager::builder(common::uffd(), Arc::new(MemorySource::new(image.clone())))
+            .region(region(&memory))
+            .mode(DeliveryMode::Thread)
+            .readahead(readahead)
+            .start()
+            .expect("start");
+        for &page in order {
+            // SAFETY: served region.
+            let got = unsafe { common::bytes(memory.page_addr(page), PS) };
+            assert_eq!(got, &image[page * PS..(page + 1) * PS], "page {page}");
+        }
+        pager.stop().expect("stop")
+    };
+    let sequential: Vec<usize> = (0..pages).collect();
+    let s = walk(true, &sequential);
+    // The window doubles up to 512 pages (2 MiB): about log2(512) + 4096 / 512 faults.
+    assert!(
+        s.faults() <= 40,
+        "a sequential walk faulted {} times: {s:?}",
+        s.faults()
+    );
+    assert_eq!(s.placed(), pages as u64);
+    let plain = walk(false, &sequential);
+    assert_eq!(
+        plain.faults(),
+        pages as u64,
+        "without readahead: one fault per page"
+    );
+    // Every other page, backwards: never sequential, nothing placed around.
+    let random: Vec<usize> = (0..pages).rev().step_by(2).collect();
+    let r = walk(true, &random);
+    assert_eq!(r.placed_prefetch, 0, "no run around a lone fault: {r:?}");
+    assert_eq!(r.faults(), random.len() as u64);
+}
+
+/// A remote source that answers every fetch later, counts `prioritize` calls, and
+/// answers the first page asked only after `hold`.
+struct Prioritized {
+    image: Arc<Vec<u8>>,
+    queue: Mutex<Option<mpsc::Sender<u64>>>,
+    prioritized: AtomicU32,
+    hold: Duration,
+}
+
+impl Source for Prioritized {
+    fn len(&self) -> u64 {
+        self.image.len() as u64
+    }
+    fn fetch<'a>(&'a self, offset: u64, scratch: &'a mut [u8]) -> Result<Fetched<'a>, SourceError> {
+        let tx = self.queue.lock().expect("queue").clone().expect("attached");
+        for i in 0..scratch.len() / PS {
+            tx.send(offset + (i * PS) as u64)
+                .expect("remote thread alive");
+        }
+        Ok(Fetched::Pending)
+    }
+    fn prioritize(&self, _offset: u64) {
+        self.prioritized.fetch_add(1, Ordering::Relaxed);
+    }
+    fn attach(&self, placer: Placer) {
+        let (tx, rx) = mpsc::channel::<u64>();
+        *self.queue.lock().expect("queue") = Some(tx);
+        let (image, hold) = (self.image.clone(), self.hold);
+        std::thread::spawn(move || {
+            for offset in rx {
+                std::thread::sleep(hold);
+                let at = offset as usize;
+                let _ = placer.place(offset, Some(&image[at..at + PS]));
+            }
+        });
+    }
+}
+
+#[test]
+fn threads_waiting_on_a_page_already_asked_for_tell_the_source_and_do_not_refault_in_a_storm() {
+    let pages = 16;
+    let image = Arc::new(common::image(pages, PS, 0));
+    let source = Arc::new(Prioritized {
+        image: image.clone(),
+        queue: Mutex::new(None),
+        prioritized: AtomicU32::new(0),
+        hold: Duration::from_millis(300),
+    });
+    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+    let pager = Pager::builder(common::uffd(), source.clone())
+        .region(region(&memory))
+        .mode(DeliveryMode::Thread)
+        .start()
+        .expect("start");
+    let addr = memory.addr();
+    let threads: Vec<_> = (0..16)
+        .map(|_| {
+            // SAFETY: served region.
+            std::thread::spawn(move || unsafe {
+                std::ptr::read_volatile((addr + 5 * PS) as *const u8)
+            })
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().expect("reader"), image[5 * PS]);
+    }
+    let stats = pager.stop().expect("stop");
+    assert!(
+        source.prioritized.load(Ordering::Relaxed) >= 1,
+        "faults on a page already asked for reach the source: {stats:?}"
+    );
+    // 16 threads, one fault each, plus a few a wake may race; never a refault storm.
+    assert!(
+        stats.faults() <= 48,
+        "{} faults for 16 waiting threads: {stats:?}",
+        stats.faults()
+    );
+}

@@ -5,10 +5,13 @@
 //! (listener verifies) AUTH_OK{HMAC(k, "listen"|n_o|session)} → opener verifies.
 //! HMAC-SHA256; comparisons in constant time.
 
+use std::io::Read;
+
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::net::{FrameReader, FrameWriter};
+use crate::error::{unexpected, Refusal};
+use crate::net::Conn;
 use crate::wire::{Channel, Features, Message, Role, ShutReason, VERSION};
 use crate::Error;
 
@@ -27,16 +30,18 @@ impl Key {
     pub fn new(bytes: impl Into<Vec<u8>>) -> Result<Key, Error> {
         let bytes = bytes.into();
         if bytes.len() < 16 {
-            return Err(Error::Auth("a key needs at least 16 bytes".into()));
+            return Err(Error::Invalid {
+                what: "a key needs at least 16 bytes",
+                value: format!("{} bytes", bytes.len()),
+            });
         }
         Ok(Key(bytes))
     }
 
     /// Reads a key file (surrounding whitespace ignored).
     pub fn from_file(path: &std::path::Path) -> Result<Key, Error> {
-        let text = std::fs::read(path)?;
-        let trimmed = text.trim_ascii();
-        Key::new(trimmed.to_vec())
+        let text = std::fs::read(path).map_err(Error::io("read the key file"))?;
+        Key::new(text.trim_ascii().to_vec())
     }
 
     fn mac(&self, label: &[u8], nonce: &[u8; 32], session: u64) -> Hmac<Sha256> {
@@ -60,88 +65,101 @@ impl Key {
     }
 }
 
-/// 32 random bytes from the kernel.
-pub fn nonce() -> [u8; 32] {
+/// 32 random bytes from the kernel's CSPRNG.
+pub fn nonce() -> Result<[u8; 32], Error> {
     let mut n = [0u8; 32];
-    // SAFETY: getrandom writes at most 32 bytes into `n`.
-    let got = unsafe { libc::getrandom(n.as_mut_ptr().cast(), 32, 0) };
-    assert_eq!(got, 32, "getrandom failed");
-    n
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut n))
+        .map_err(Error::io("read /dev/urandom"))?;
+    Ok(n)
 }
 
 /// A random session id.
-pub fn session_id() -> u64 {
-    u64::from_le_bytes(nonce()[..8].try_into().expect("8 bytes"))
+pub fn session_id() -> Result<u64, Error> {
+    Ok(u64::from_le_bytes(
+        nonce()?[..8].try_into().expect("8 bytes"),
+    ))
+}
+
+/// What an opener said of itself in its HELLO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello {
+    /// Its role.
+    pub role: Role,
+    /// What the connection carries.
+    pub channel: Channel,
+    /// Its session.
+    pub session: u64,
+    /// Which connection pair of the session.
+    pub generation: u32,
 }
 
 /// The opener's side: succeeds once both ends have proved the key.
-pub fn open(
-    r: &mut FrameReader,
-    w: &mut FrameWriter,
-    key: &Key,
-    role: Role,
-    channel: Channel,
-    session: u64,
-) -> Result<(), Error> {
-    w.send(&Message::Hello {
+pub fn open(conn: &mut Conn, key: &Key, hello: Hello) -> Result<(), Error> {
+    conn.set_channel(hello.channel);
+    conn.w.send(&Message::Hello {
         version: VERSION,
         features: Features::ZERO_RUNS | Features::URGENT_CHANNEL | Features::RECOVERY,
-        role,
-        channel,
-        session,
+        role: hello.role,
+        channel: hello.channel,
+        session: hello.session,
+        generation: hello.generation,
     })?;
-    let challenge = match r.recv()? {
+    let challenge = match conn.r.recv()? {
         Message::Challenge { nonce } => nonce,
-        Message::Shut { detail, .. } => return Err(Error::Auth(detail)),
-        other => {
-            return Err(Error::Protocol(format!(
-                "expected CHALLENGE, got {other:?}"
-            )))
-        }
+        other => return Err(unexpected(other, "CHALLENGE", hello.channel)),
     };
-    let mine = nonce();
-    w.send(&Message::Auth {
-        proof: key.proof(b"open", &challenge, session),
+    let mine = nonce()?;
+    conn.w.send(&Message::Auth {
+        proof: key.proof(b"open", &challenge, hello.session),
         nonce: mine,
     })?;
-    match r.recv()? {
-        Message::AuthOk { proof } if key.verify(b"listen", &mine, session, &proof) => Ok(()),
-        Message::AuthOk { .. } => Err(Error::Auth("the peer does not know the key".into())),
-        Message::Shut { detail, .. } => Err(Error::Auth(detail)),
-        other => Err(Error::Protocol(format!("expected AUTH_OK, got {other:?}"))),
+    match conn.r.recv()? {
+        Message::AuthOk { proof } if key.verify(b"listen", &mine, hello.session, &proof) => Ok(()),
+        Message::AuthOk { .. } => Err(Error::refused(Refusal::WrongKey)),
+        other => Err(unexpected(other, "AUTH_OK", hello.channel)),
     }
 }
 
-/// The listener's side. Returns the opener's role, channel and session.
-pub fn listen(
-    r: &mut FrameReader,
-    w: &mut FrameWriter,
-    key: &Key,
-) -> Result<(Role, Channel, u64), Error> {
-    let (role, channel, session) = match r.recv()? {
+/// The listener's side. Returns what the opener said of itself.
+pub fn listen(conn: &mut Conn, key: &Key) -> Result<Hello, Error> {
+    let hello = match conn.r.recv()? {
         Message::Hello {
             role,
             channel,
             session,
+            generation,
             ..
-        } => (role, channel, session),
-        other => return Err(Error::Protocol(format!("expected HELLO, got {other:?}"))),
+        } => Hello {
+            role,
+            channel,
+            session,
+            generation,
+        },
+        other => return Err(unexpected(other, "HELLO", Channel::Main)),
     };
-    let challenge = nonce();
-    w.send(&Message::Challenge { nonce: challenge })?;
-    let (proof, theirs) = match r.recv()? {
+    conn.set_channel(hello.channel);
+    let challenge = nonce()?;
+    conn.w.send(&Message::Challenge { nonce: challenge })?;
+    let (proof, theirs) = match conn.r.recv()? {
         Message::Auth { proof, nonce } => (proof, nonce),
-        other => return Err(Error::Protocol(format!("expected AUTH, got {other:?}"))),
+        other => return Err(unexpected(other, "AUTH", hello.channel)),
     };
-    if !key.verify(b"open", &challenge, session, &proof) {
-        let _ = w.send(&Message::Shut {
-            reason: ShutReason::Auth,
-            detail: "authentication failed: wrong key".into(),
-        });
-        return Err(Error::Auth("a peer presented a wrong key".into()));
+    if !key.verify(b"open", &challenge, hello.session, &proof) {
+        refuse(conn, ShutReason::Auth, "authentication failed: wrong key");
+        return Err(Error::refused(Refusal::WrongKey));
     }
-    w.send(&Message::AuthOk {
-        proof: key.proof(b"listen", &theirs, session),
+    conn.w.send(&Message::AuthOk {
+        proof: key.proof(b"listen", &theirs, hello.session),
     })?;
-    Ok((role, channel, session))
+    Ok(hello)
+}
+
+/// Tells the peer why it is refused (best effort: it may be gone) and closes.
+pub(crate) fn refuse(conn: &mut Conn, reason: ShutReason, detail: &str) {
+    let _ = conn.w.send(&Message::Shut {
+        reason,
+        detail: detail.into(),
+    });
+    conn.link.shutdown();
 }

@@ -1,152 +1,249 @@
-//! The restore client's side of a page server: a [`pager::Source`] that asks for faulted
-//! pages on the urgent connection and places whatever arrives — urgent answers and the
-//! background stream alike — through the pager's placement handle.
+//! The restore client of a page server: a [`pager::Source`] whose faults become requests
+//! on the urgent connection and whose arrivals — answers and the background stream alike —
+//! are placed through the pager's placement handle.
+//!
+//! It recovers like a migration does: a connection that breaks or goes silent pauses it
+//! (faults wait, their pages stay Requested), it reconnects with backoff, reports what it
+//! has, asks again for what is outstanding, and the stream resumes with what is still
+//! missing. After [`Timing::give_up_after`] without a working connection it fails the
+//! pager ([`Placer::fail`]), so the embedder stops — `uffdkit fc-handler` then kills the
+//! VMM rather than leave it hanging on faults nobody will serve.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use pager::{Fetched, Placer, Source, SourceError};
 
-use crate::auth::{self, Key};
-use crate::net::{split, Addr, FrameReader, FrameWriter, Stream};
-use crate::wire::{Channel, Frame, Message, PageRange, Role};
+use crate::auth::Key;
+use crate::endpoint::receiver::{read_advise, Land, Receiver};
+use crate::endpoint::RecvStats;
+use crate::error::{chain, unexpected, LinkError, Refusal};
+use crate::link::dial::Dialer;
+use crate::link::{self, Pair, Timing};
+use crate::net::Addr;
+use crate::wire::{Advise, Message, Role, ShutReason};
 use crate::Error;
 
 /// Pages from a `uffdkit serve` page server.
 pub struct RemoteSource {
-    len: u64,
-    page_size: usize,
-    urgent: Mutex<FrameWriter>,
-    main: Mutex<FrameWriter>,
-    readers: Mutex<Option<(FrameReader, FrameReader)>>,
+    client: Arc<Client>,
+}
+
+struct Client {
+    advise: Advise,
+    ps: usize,
+    receiver: Arc<Receiver>,
+    dialer: Mutex<Dialer>,
+    /// The pair connected before the pager attached.
+    first: Mutex<Option<Pair>>,
+    /// The pair in use, to cut when the source is dropped.
+    cutter: Mutex<Option<Arc<link::Cutter>>>,
+    stop: AtomicBool,
+    reconnects: AtomicU64,
 }
 
 impl std::fmt::Debug for RemoteSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RemoteSource")
-            .field("len", &self.len)
+            .field("page_size", &self.client.ps)
+            .field("pages", &self.client.advise.page_count)
             .finish_non_exhaustive()
     }
 }
 
-fn connect(
-    addr: &Addr,
-    key: &Key,
-    channel: Channel,
-    session: u64,
-) -> Result<(FrameReader, FrameWriter, u64, usize), Error> {
-    let (mut r, mut w) = split(Stream::connect(addr)?)?;
-    auth::open(&mut r, &mut w, key, Role::Destination, channel, session)?;
-    let advise = match r.recv()? {
-        Message::Advise(a) => a,
-        other => return Err(Error::Protocol(format!("expected ADVISE, got {other:?}"))),
-    };
-    r.limits = r.limits.advised(&advise);
-    Ok((r, w, advise.page_count, advise.page_size as usize))
-}
-
 impl RemoteSource {
-    /// Connects both channels to the server at `addr` and authenticates with `key`.
+    /// Connects to the server at `addr`, authenticating with `key`, with default
+    /// [`Timing`].
     pub fn connect(addr: &Addr, key: &Key) -> Result<RemoteSource, Error> {
-        let session = auth::session_id();
-        let (ur, uw, pages, page_size) = connect(addr, key, Channel::Urgent, session)?;
-        let (mr, mw, _, _) = connect(addr, key, Channel::Main, session)?;
+        Self::connect_with(addr, key, Timing::default())
+    }
+
+    /// Connects with `timing` (retrying for up to its `give_up_after`).
+    pub fn connect_with(addr: &Addr, key: &Key, timing: Timing) -> Result<RemoteSource, Error> {
+        let mut dialer = Dialer::new(addr.clone(), key.clone(), Role::Destination, timing)?;
+        let (conns, advise) = dialer
+            .connect(
+                Instant::now(),
+                |d| sleep(d, &AtomicBool::new(false)),
+                |mut main, urgent| Ok((read_advise(&mut main)?, main, urgent)),
+            )
+            .map(|(advise, main, urgent)| ((main, urgent), advise))?;
+        let ps = advise.page_size as usize;
+        if ps != 4096 || advise.regions.len() != 1 {
+            return Err(Error::refused(Refusal::Geometry(
+                "a restore client takes 4 KiB pages in one region",
+            )));
+        }
+        let stats = Arc::new(RecvStats::default());
+        let receiver = Arc::new(Receiver::new(ps, advise.page_count, Land::Idle, stats));
+        let pair = link::pair(conns, &advise, receiver.clone(), &timing)?;
+        log::info!(
+            "connected to the page server at {addr}: {} pages of {ps} bytes",
+            advise.page_count
+        );
         Ok(RemoteSource {
-            len: pages * page_size as u64,
-            page_size,
-            urgent: Mutex::new(uw),
-            main: Mutex::new(mw),
-            readers: Mutex::new(Some((ur, mr))),
+            client: Arc::new(Client {
+                advise,
+                ps,
+                receiver,
+                dialer: Mutex::new(dialer),
+                cutter: Mutex::new(Some(pair.cutter.clone())),
+                first: Mutex::new(Some(pair)),
+                stop: AtomicBool::new(false),
+                reconnects: AtomicU64::new(0),
+            }),
         })
     }
 
     /// The server's page size (pager regions must use it).
     pub fn page_size(&self) -> usize {
-        self.page_size
+        self.client.ps
     }
+
+    /// Reconnections so far.
+    pub fn reconnects(&self) -> u64 {
+        self.client.reconnects.load(Ordering::Relaxed)
+    }
+}
+
+/// Sleeps `d` in short steps; aborts once `stop` is set.
+fn sleep(d: Duration, stop: &AtomicBool) -> Result<bool, Error> {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        if stop.load(Ordering::Relaxed) {
+            return Err(Error::PagerStopped);
+        }
+        std::thread::sleep((until - Instant::now()).min(Duration::from_millis(50)));
+    }
+    Ok(true)
 }
 
 impl Source for RemoteSource {
     fn len(&self) -> u64 {
-        self.len
+        self.client.advise.page_count * self.client.ps as u64
     }
 
+    /// Asks for the pages without allocating and answers Pending; while paused the
+    /// request is remembered and made on reconnection.
     fn fetch<'a>(&'a self, offset: u64, scratch: &'a mut [u8]) -> Result<Fetched<'a>, SourceError> {
-        let range = PageRange {
-            first: offset / self.page_size as u64,
-            count: (scratch.len() / self.page_size).max(1) as u64,
-        };
-        self.urgent
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(&Message::ReqPages {
-                ranges: vec![range],
-            })
-            .map_err(|e| SourceError {
-                what: "request pages from the page server",
-                offset,
-                source: std::io::Error::other(e.to_string()),
-            })?;
-        Ok(Fetched::Pending)
+        self.client.receiver.fetch(offset, scratch)
     }
 
     fn attach(&self, placer: Placer) {
-        let Some((urgent, main)) = self
-            .readers
+        let Some(pair) = self
+            .client
+            .first
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
         else {
             return;
         };
-        let ps = self.page_size;
-        for reader in [urgent, main] {
-            let placer = placer.clone();
-            std::thread::spawn(move || receive(reader, placer, ps));
+        self.client.receiver.set_land(Land::Place(placer.clone()));
+        let client = self.client.clone();
+        let started = std::thread::Builder::new()
+            .name("pc-client".into())
+            .spawn(move || client.supervise(pair, &placer));
+        if let Err(e) = started {
+            log::error!("cannot start the page server client: {e}");
         }
-        let _ = self
-            .main
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(&Message::Run);
     }
 }
 
-/// Places every page arriving on one connection until it closes or the pager is gone.
-fn receive(mut reader: FrameReader, placer: Placer, ps: usize) {
-    while let Ok(frame) = reader.recv_frame() {
-        let msg = match frame {
-            Frame::Pages { first, data } => {
-                if matches!(placer.place_run(first * ps as u64, data), Ok(Some(_))) {
-                    continue;
-                }
+impl Client {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Runs sessions until every page is here, reconnecting after every break; fails
+    /// the pager when it gives up.
+    fn supervise(&self, mut pair: Pair, placer: &Placer) {
+        loop {
+            let error = match self.session(&pair) {
+                Ok(()) => return log::info!("every page arrived from the page server"),
+                Err(e) => e,
+            };
+            if self.stopping() || matches!(error, Error::PagerStopped) {
                 return;
             }
-            Frame::Other(msg) => msg,
-        };
-        let stopped = match msg {
-            Message::ZeroRun(r) => (r.first..r.first + r.count).any(|p| {
-                matches!(
-                    placer.place(p * ps as u64, None),
-                    Ok(pager::Placed::Stopped) | Err(_)
-                )
-            }),
-            Message::End | Message::Pong { .. } => false,
-            Message::Shut { .. } => true,
-            _ => true,
-        };
-        if stopped {
-            return;
+            if !error.is_link() {
+                return self.fail(placer, error);
+            }
+            log::warn!(
+                "page server connection broken: {}; reconnecting",
+                chain(&error)
+            );
+            self.receiver.pause();
+            drop(pair);
+            pair = match self.reconnect() {
+                Ok(p) => p,
+                Err(Error::PagerStopped) => return,
+                Err(e) => return self.fail(placer, e),
+            };
+            self.reconnects.fetch_add(1, Ordering::Relaxed);
+            log::info!("reconnected to the page server");
         }
+    }
+
+    fn fail(&self, placer: &Placer, error: Error) {
+        log::error!("page server: {}", chain(&error));
+        placer.fail(SourceError {
+            what: "pages from the page server",
+            offset: 0,
+            source: std::io::Error::other(error),
+        });
+    }
+
+    /// One pair: say what is here, ask again for what is outstanding, wait for END and
+    /// every page, then tell the server we are done.
+    fn session(&self, pair: &Pair) -> Result<(), Error> {
+        self.receiver.greet(pair, None)?;
+        // Dropping the source cuts the pair, which ends this wait.
+        match pair.wait()? {
+            (_, Message::End) => {}
+            (channel, other) => return Err(unexpected(other, "END", channel)),
+        }
+        let timing = self.dialer.lock().unwrap_or_else(|p| p.into_inner()).timing;
+        self.receiver.wait_complete(pair, timing.silence)?;
+        pair.main.send(&Message::Shut {
+            reason: ShutReason::Done,
+            detail: "every page arrived".into(),
+        })?;
+        Ok(())
+    }
+
+    /// A new pair of the session, with the same geometry.
+    fn reconnect(&self) -> Result<Pair, Error> {
+        let mut dialer = self.dialer.lock().unwrap_or_else(|p| p.into_inner());
+        let timing = dialer.timing;
+        let pair = dialer.connect(
+            Instant::now(),
+            |d| sleep(d, &self.stop),
+            |mut main, urgent| {
+                if read_advise(&mut main)? != self.advise {
+                    return Err(Error::refused(Refusal::GeometryChanged));
+                }
+                link::pair((main, urgent), &self.advise, self.receiver.clone(), &timing)
+            },
+        )?;
+        *self.cutter.lock().unwrap_or_else(|p| p.into_inner()) = Some(pair.cutter.clone());
+        Ok(pair)
     }
 }
 
 impl Drop for RemoteSource {
     fn drop(&mut self) {
-        for w in [&self.urgent, &self.main] {
-            w.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
+        self.client.stop.store(true, Ordering::Relaxed);
+        if let Some(c) = &*self.client.cutter.lock().unwrap_or_else(|p| p.into_inner()) {
+            c.cut(LinkError::Cut);
         }
+        drop(
+            self.client
+                .first
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
     }
 }
-
-/// Shares a remote source between a pager and its owner.
-pub type SharedRemote = Arc<RemoteSource>;

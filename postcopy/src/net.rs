@@ -1,13 +1,30 @@
-//! Addresses, streams and framed connections (TCP or Unix).
+//! Addresses, sockets and framed connections (TCP or Unix).
+//!
+//! A [`Conn`] is a byte stream split into a [`FrameReader`] and a [`FrameWriter`], plus a
+//! [`Link`]: a handle on the socket underneath for deadlines and shutdown. The framing
+//! reads and writes through `Read`/`Write` halves and never touches the socket, so an
+//! encrypted session slots in without the endpoints above noticing: where a connection
+//! is made (the dialer and the acceptor in `link`, between the socket and the key
+//! handshake), `Conn::over(Link::new(socket), tls_reader, tls_writer)` instead of
+//! [`Conn::plain`]. Deadlines and shutdown stay on the socket, where they work whatever
+//! runs over it (a timed-out socket read surfaces through the session as `WouldBlock`,
+//! which the framing reports as silence).
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-
 use std::time::Duration;
 
-use crate::wire::{decode_frame, encode, frame_len, kind, Frame, Limits, Message, PageRange};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{shutdown, Shutdown};
+
+use crate::error::LinkError;
+use crate::wire::{
+    decode_frame, encode, encode_request, frame_len, kind, Channel, Frame, Limits, Message,
+    PageRange,
+};
 use crate::Error;
 
 /// Where to listen or connect: `unix:/path` or `host:port`.
@@ -25,93 +42,118 @@ impl std::str::FromStr for Addr {
         if let Some(path) = s.strip_prefix("unix:") {
             return Ok(Addr::Unix(path.into()));
         }
-        s.parse()
-            .map(Addr::Tcp)
-            .map_err(|_| Error::Protocol(format!("not an address (host:port or unix:/path): {s}")))
+        s.parse().map(Addr::Tcp).map_err(|_| Error::Invalid {
+            what: "not an address (host:port or unix:/path)",
+            value: s.into(),
+        })
     }
 }
 
-/// A connected stream.
+impl std::fmt::Display for Addr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Addr::Tcp(a) => write!(f, "{a}"),
+            Addr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A connected socket.
 #[derive(Debug)]
-pub enum Stream {
-    /// TCP.
+pub enum Socket {
+    /// TCP (with `TCP_NODELAY`: frames are written whole).
     Tcp(TcpStream),
     /// Unix.
     Unix(UnixStream),
 }
 
-impl Stream {
-    /// Connects to `addr`.
-    pub fn connect(addr: &Addr) -> io::Result<Stream> {
+/// `$e` on whichever stream or listener `$s` holds, bound to `$v`.
+macro_rules! either {
+    ($s:expr, $t:ident, $v:ident => $e:expr) => {
+        match $s {
+            $t::Tcp($v) => $e,
+            $t::Unix($v) => $e,
+        }
+    };
+}
+
+impl Socket {
+    /// Connects to `addr`, giving up on TCP after `timeout`.
+    pub fn connect(addr: &Addr, timeout: Duration) -> io::Result<Socket> {
         Ok(match addr {
             Addr::Tcp(a) => {
-                let s = TcpStream::connect(a)?;
+                let s = TcpStream::connect_timeout(a, timeout)?;
                 s.set_nodelay(true)?;
-                Stream::Tcp(s)
+                Socket::Tcp(s)
             }
-            Addr::Unix(p) => Stream::Unix(UnixStream::connect(p)?),
+            Addr::Unix(p) => Socket::Unix(UnixStream::connect(p)?),
         })
     }
 
     /// A second handle on the same connection.
-    pub fn try_clone(&self) -> io::Result<Stream> {
+    pub fn try_clone(&self) -> io::Result<Socket> {
         Ok(match self {
-            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
-            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Socket::Tcp(s) => Socket::Tcp(s.try_clone()?),
+            Socket::Unix(s) => Socket::Unix(s.try_clone()?),
         })
     }
+}
 
-    /// Sets (or clears, with `None`) the read and write timeouts; a timed-out call fails
-    /// with `WouldBlock`, which the framed connections report as a broken connection.
-    pub fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => {
-                s.set_read_timeout(read)?;
-                s.set_write_timeout(write)
-            }
-            Stream::Unix(s) => {
-                s.set_read_timeout(read)?;
-                s.set_write_timeout(write)
-            }
-        }
-    }
-
-    /// Shuts both directions down (wakes a blocked reader).
-    pub fn shutdown(&self) {
-        let _ = match self {
-            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
-            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
-        };
+impl AsFd for Socket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        either!(self, Socket, s => s.as_fd())
     }
 }
 
-impl Read for Stream {
+impl Read for Socket {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.read(buf),
-            Stream::Unix(s) => s.read(buf),
-        }
+        either!(self, Socket, s => s.read(buf))
     }
 }
 
-impl Write for Stream {
+impl Write for Socket {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.write(buf),
-            Stream::Unix(s) => s.write(buf),
-        }
+        either!(self, Socket, s => s.write(buf))
     }
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.write_vectored(bufs),
-            Stream::Unix(s) => s.write_vectored(bufs),
-        }
+        either!(self, Socket, s => s.write_vectored(bufs))
     }
     fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.flush(),
-            Stream::Unix(s) => s.flush(),
-        }
+        Ok(())
+    }
+}
+
+/// A handle on the socket under a connection: its deadlines, and shutdown (which wakes
+/// a thread blocked reading or writing it, and tells the peer at once).
+#[derive(Debug)]
+pub struct Link(Socket);
+
+impl Link {
+    /// The handle on `socket` (for [`Conn::over`]: the socket under an encrypted
+    /// session).
+    pub fn new(socket: Socket) -> Link {
+        Link(socket)
+    }
+
+    /// A second handle on the same socket.
+    pub fn try_clone(&self) -> io::Result<Link> {
+        self.0.try_clone().map(Link)
+    }
+
+    /// Shuts both directions down; harmless on a connection already shut or reset.
+    pub fn shutdown(&self) {
+        // The fd is ours (owned by `self.0`), so it is open for the call.
+        let _ = shutdown(self.0.as_fd().as_raw_fd(), Shutdown::Both);
+    }
+
+    /// Sets how long one read or write may make no progress (`None`: forever). A read
+    /// or write that times out fails with `WouldBlock`, which the framing reports as
+    /// [`LinkError::Silent`].
+    pub fn set_deadlines(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        either!(&self.0, Socket, s => {
+            s.set_read_timeout(read)?;
+            s.set_write_timeout(write)
+        })
     }
 }
 
@@ -149,77 +191,91 @@ impl Listener {
         })
     }
 
-    /// The listening socket's fd.
-    pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsRawFd;
-        match self {
-            Listener::Tcp(l) => l.as_raw_fd(),
-            Listener::Unix(l) => l.as_raw_fd(),
-        }
+    fn fd(&self) -> BorrowedFd<'_> {
+        either!(self, Listener, l => l.as_fd())
     }
 
-    /// Accepts one connection, or returns `None` after `timeout`.
-    pub fn accept_timeout(&self, timeout: Duration) -> io::Result<Option<Stream>> {
-        let mut pfd = libc::pollfd {
-            fd: self.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: one valid pollfd for the duration of the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-        match n {
-            0 => Ok(None),
-            n if n < 0 => {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    Ok(None)
-                } else {
-                    Err(e)
-                }
-            }
-            _ => self.accept().map(Some),
+    /// Accepts one connection, or returns `None` after `timeout` (or on a signal).
+    pub fn accept_timeout(&self, timeout: Duration) -> io::Result<Option<Socket>> {
+        let mut fds = [PollFd::new(self.fd(), PollFlags::POLLIN)];
+        match poll(
+            &mut fds,
+            PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX),
+        ) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => Ok(None),
+            Ok(_) => self.accept().map(Some),
+            Err(e) => Err(e.into()),
         }
     }
 
     /// Accepts one connection.
-    pub fn accept(&self) -> io::Result<Stream> {
+    pub fn accept(&self) -> io::Result<Socket> {
         Ok(match self {
             Listener::Tcp(l) => {
                 let (s, _) = l.accept()?;
                 s.set_nodelay(true)?;
-                Stream::Tcp(s)
+                Socket::Tcp(s)
             }
-            Listener::Unix(l) => Stream::Unix(l.accept()?.0),
+            Listener::Unix(l) => Socket::Unix(l.accept()?.0),
         })
+    }
+
+    /// Shuts the listening socket down: a thread blocked accepting on it returns (Linux).
+    /// The socket stays open until the listener is dropped.
+    pub fn shutdown(&self) {
+        // The fd is ours (owned by `self`), so it is open for the call: no fd that may have
+        // been closed and reused meanwhile.
+        let _ = shutdown(self.fd().as_raw_fd(), Shutdown::Both);
     }
 }
 
-/// Reads whole frames from a stream.
-#[derive(Debug)]
+/// What a failed read or write means for the link.
+fn link_error(channel: Channel, deadline: Duration, e: io::Error) -> LinkError {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => LinkError::Silent {
+            channel,
+            after: deadline,
+        },
+        _ => LinkError::Io { channel, source: e },
+    }
+}
+
+/// Reads whole frames.
 pub struct FrameReader {
-    stream: Stream,
+    inner: Box<dyn Read + Send>,
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    channel: Channel,
+    deadline: Duration,
     /// What the decoder checks against.
     pub limits: Limits,
 }
 
+impl std::fmt::Debug for FrameReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameReader")
+            .field("channel", &self.channel)
+            .finish_non_exhaustive()
+    }
+}
+
 impl FrameReader {
-    /// Reads frames from `stream`.
-    pub fn new(stream: Stream) -> Self {
+    /// Reads frames from `inner`.
+    pub fn new(inner: Box<dyn Read + Send>) -> Self {
         Self {
-            stream,
+            inner,
             buf: vec![0; 1 << 20],
             start: 0,
             end: 0,
+            channel: Channel::Main,
+            deadline: Duration::ZERO,
             limits: Limits::default(),
         }
     }
 
-    /// The next message; `Error::Closed` at a clean end of stream between frames.
-    pub fn recv(&mut self) -> Result<Message, Error> {
+    /// The next message; [`LinkError::Closed`] at a clean end of stream between frames.
+    pub fn recv(&mut self) -> Result<Message, LinkError> {
         self.recv_frame().map(Frame::into_owned)
     }
 
@@ -229,11 +285,16 @@ impl FrameReader {
     /// Bytes are read into one reused buffer (`buf[start..end]` unparsed); a partial frame
     /// is moved to the front only when the space behind it runs short, and the buffer grows
     /// only for a frame larger than it.
-    pub fn recv_frame(&mut self) -> Result<Frame<'_>, Error> {
+    pub fn recv_frame(&mut self) -> Result<Frame<'_>, LinkError> {
         const READ: usize = 256 << 10;
+        let channel = self.channel;
+        let malformed = |source| LinkError::Malformed { channel, source };
         loop {
             let have = &self.buf[self.start..self.end];
-            if frame_len(have, &self.limits)?.is_some_and(|n| n <= have.len()) {
+            if frame_len(have, &self.limits)
+                .map_err(malformed)?
+                .is_some_and(|n| n <= have.len())
+            {
                 break;
             }
             if self.buf.len() - self.end < READ {
@@ -244,18 +305,21 @@ impl FrameReader {
                     self.buf.resize(self.end + READ, 0);
                 }
             }
-            let n = self.stream.read(&mut self.buf[self.end..])?;
-            if n == 0 {
-                return Err(if self.end == self.start {
-                    Error::Closed
-                } else {
-                    Error::Protocol("connection closed mid-frame".into())
-                });
-            }
+            let n = match self.inner.read(&mut self.buf[self.end..]) {
+                Ok(0) if self.end == self.start => return Err(LinkError::Closed { channel }),
+                Ok(0) => {
+                    let e = io::Error::new(io::ErrorKind::UnexpectedEof, "closed mid-frame");
+                    return Err(LinkError::Io { channel, source: e });
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(link_error(channel, self.deadline, e)),
+            };
             self.end += n;
         }
-        let (frame, used) = decode_frame(&self.buf[self.start..self.end], &self.limits)?
-            .ok_or_else(|| Error::Protocol("a whole frame did not decode".into()))?;
+        let (frame, used) = decode_frame(&self.buf[self.start..self.end], &self.limits)
+            .map_err(malformed)?
+            .expect("a whole frame is in the buffer");
         self.start += used;
         if self.start == self.end {
             self.start = 0;
@@ -265,34 +329,63 @@ impl FrameReader {
     }
 }
 
-/// Writes frames to a stream.
-#[derive(Debug)]
+/// Writes frames. Its buffer is preallocated: control frames (PING, REQ_PAGES of a few
+/// ranges) are encoded and sent without allocating.
 pub struct FrameWriter {
-    stream: Stream,
+    inner: Box<dyn Write + Send>,
     buf: Vec<u8>,
+    channel: Channel,
+    deadline: Duration,
+}
+
+impl std::fmt::Debug for FrameWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameWriter")
+            .field("channel", &self.channel)
+            .finish_non_exhaustive()
+    }
 }
 
 impl FrameWriter {
-    /// Writes frames to `stream`.
-    pub fn new(stream: Stream) -> Self {
+    /// Writes frames to `inner`.
+    pub fn new(inner: Box<dyn Write + Send>) -> Self {
         Self {
-            stream,
-            buf: Vec::new(),
+            inner,
+            buf: Vec::with_capacity(4096),
+            channel: Channel::Main,
+            deadline: Duration::ZERO,
         }
     }
 
+    fn fail(&self, e: io::Error) -> LinkError {
+        link_error(self.channel, self.deadline, e)
+    }
+
+    fn write_buf(&mut self) -> Result<(), LinkError> {
+        self.inner
+            .write_all(&self.buf)
+            .map_err(|e| link_error(self.channel, self.deadline, e))
+    }
+
     /// Sends one message.
-    pub fn send(&mut self, msg: &Message) -> Result<(), Error> {
+    pub fn send(&mut self, msg: &Message) -> Result<(), LinkError> {
         self.buf.clear();
         encode(msg, &mut self.buf);
-        self.stream.write_all(&self.buf)?;
-        Ok(())
+        self.write_buf()
+    }
+
+    /// Sends REQ_PAGES for `ranges` without allocating (while the encoded frame fits the
+    /// preallocated buffer: 4 KiB, some 250 ranges). For fault handlers.
+    pub fn request(&mut self, ranges: &[PageRange]) -> Result<(), LinkError> {
+        self.buf.clear();
+        encode_request(ranges, &mut self.buf);
+        self.write_buf()
     }
 
     /// Sends a PAGES frame for `data` (whole pages starting at page `first`) straight from
     /// the caller's memory: the same bytes as `send(&Message::Pages { .. })` without
     /// copying the data into a message first.
-    pub fn send_pages(&mut self, first: u64, data: &[u8]) -> Result<(), Error> {
+    pub fn send_pages(&mut self, first: u64, data: &[u8]) -> Result<(), LinkError> {
         let body_len = 8 + data.len();
         self.buf.clear();
         self.buf.extend_from_slice(&(body_len as u32).to_le_bytes());
@@ -311,11 +404,11 @@ impl FrameWriter {
         ];
         let mut left = &mut slices[..];
         while !left.is_empty() {
-            match self.stream.write_vectored(left) {
-                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+            match self.inner.write_vectored(left) {
+                Ok(0) => return Err(self.fail(io::ErrorKind::WriteZero.into())),
                 Ok(n) => io::IoSlice::advance_slices(&mut left, n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(self.fail(e)),
             }
         }
         Ok(())
@@ -328,7 +421,7 @@ impl FrameWriter {
         first: u64,
         data: &[u8],
         page_size: usize,
-    ) -> Result<u64, Error> {
+    ) -> Result<u64, LinkError> {
         let n = data.len() / page_size;
         let zero = |i: usize| is_zero(&data[i * page_size..(i + 1) * page_size]);
         let mut bytes = 0;
@@ -339,13 +432,14 @@ impl FrameWriter {
             while j < n && zero(j) == z {
                 j += 1;
             }
+            let at = first + i as u64;
             if z {
                 self.send(&Message::ZeroRun(PageRange {
-                    first: first + i as u64,
+                    first: at,
                     count: (j - i) as u64,
                 }))?;
             } else {
-                self.send_pages(first + i as u64, &data[i * page_size..j * page_size])?;
+                self.send_pages(at, &data[i * page_size..j * page_size])?;
                 bytes += ((j - i) * page_size) as u64;
             }
             i = j;
@@ -353,15 +447,10 @@ impl FrameWriter {
         Ok(bytes)
     }
 
-    /// Writes raw bytes (fault injection: a half-written frame; relays).
-    pub fn write_raw(&mut self, bytes: &[u8]) -> Result<(), Error> {
-        self.stream.write_all(bytes)?;
-        Ok(())
-    }
-
-    /// Shuts the connection down.
-    pub fn shutdown(&self) {
-        self.stream.shutdown();
+    /// Writes raw bytes (fault injection: a frame cut in half).
+    #[cfg(feature = "fault-injection")]
+    pub fn write_raw(&mut self, bytes: &[u8]) -> Result<(), LinkError> {
+        self.inner.write_all(bytes).map_err(|e| self.fail(e))
     }
 }
 
@@ -372,8 +461,45 @@ fn is_zero(page: &[u8]) -> bool {
         .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
-/// Splits a stream into a frame reader and writer.
-pub fn split(stream: Stream) -> io::Result<(FrameReader, FrameWriter)> {
-    let w = stream.try_clone()?;
-    Ok((FrameReader::new(stream), FrameWriter::new(w)))
+/// A framed connection: reader, writer and the link under them.
+#[derive(Debug)]
+pub struct Conn {
+    /// The reading half.
+    pub r: FrameReader,
+    /// The writing half.
+    pub w: FrameWriter,
+    /// The socket's handle.
+    pub link: Link,
+}
+
+impl Conn {
+    /// A plaintext connection over `socket`.
+    pub fn plain(socket: Socket) -> io::Result<Conn> {
+        let (r, w) = (socket.try_clone()?, socket.try_clone()?);
+        Ok(Conn::over(Link::new(socket), Box::new(r), Box::new(w)))
+    }
+
+    /// A connection whose bytes go through `r` and `w` (e.g. the halves of an encrypted
+    /// session) over the socket that `link` holds.
+    pub fn over(link: Link, r: Box<dyn Read + Send>, w: Box<dyn Write + Send>) -> Conn {
+        Conn {
+            r: FrameReader::new(r),
+            w: FrameWriter::new(w),
+            link,
+        }
+    }
+
+    /// Names the connection's channel (for errors) once the handshake said it.
+    pub fn set_channel(&mut self, channel: Channel) {
+        self.r.channel = channel;
+        self.w.channel = channel;
+    }
+
+    /// Sets the silence deadline: a read that brings nothing, or a write that makes no
+    /// progress, for this long breaks the link.
+    pub fn set_deadline(&mut self, deadline: Duration) -> io::Result<()> {
+        self.r.deadline = deadline;
+        self.w.deadline = deadline;
+        self.link.set_deadlines(Some(deadline), Some(deadline))
+    }
 }

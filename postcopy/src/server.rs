@@ -1,298 +1,194 @@
 //! The page server: serves one image to many restore clients at once (fan-out restore of
-//! one snapshot). Per client session: an urgent connection answering REQ_PAGES, and a
-//! main connection pushing every page in order (zero pages as ZERO_RUN), whose cursor
-//! jumps to just after each urgently requested page. A client that dies or misbehaves
-//! ends its own connections only.
+//! one snapshot). Each client session runs over a connection pair: the urgent connection
+//! answers the client's requests, the main connection streams every page the client does
+//! not have yet (its RECV_BITMAP says), zero pages as ZERO_RUN, from just after its last
+//! request. A client that breaks or goes silent ends its own pair only; when it comes
+//! back with a newer generation of its session, that pair supersedes whatever is left of
+//! the old one, and the stream resumes from what the client still misses.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
 
 use pager::{Fetched, Source};
 
-use crate::auth::{self, Key};
-use crate::net::{split, Addr, FrameReader, FrameWriter, Listener, Stream};
-use crate::wire::{Advise, Channel, Features, Message, PageRange, ShutReason, WireRegion};
+use crate::auth::Key;
+use crate::endpoint::sender::{Pages, Sender};
+use crate::endpoint::SendStats;
+use crate::error::{unexpected, LinkError};
+use crate::link::accept::{Acceptor, Admit, Arrival};
+use crate::link::{Pair, Timing};
+use crate::net::{Addr, Listener};
+use crate::wire::{Advise, Features, Message, Role, WireRegion};
 use crate::Error;
 
-/// Pages per PAGES frame.
-const BATCH: u64 = 64;
+/// The page size a page server serves.
+const PAGE_SIZE: usize = 4096;
 
 /// Counters of a running server.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ServerStats {
-    /// Connections that passed authentication.
-    pub sessions: AtomicU64,
-    /// Connections refused (authentication or protocol).
-    pub refused: AtomicU64,
+    /// Connection pairs that authenticated and were served.
+    pub pairs: u64,
+    /// Connections refused (handshake failed, wrong key).
+    pub refused: u64,
+    /// Pairs superseded by a newer generation of their session (reconnections).
+    pub superseded: u64,
     /// Pages sent as data.
-    pub pages_sent: AtomicU64,
+    pub pages_sent: u64,
     /// Pages sent as zero runs.
-    pub zero_pages_sent: AtomicU64,
+    pub zero_pages_sent: u64,
+    /// Requests answered.
+    pub requests: u64,
 }
 
-struct Shared {
+/// An image behind a local [`Source`], as a sender's pages.
+struct Image {
     source: Arc<dyn Source>,
-    key: Key,
-    page_size: usize,
-    /// Each session's stream cursor, moved by its urgent requests.
-    cursors: Mutex<HashMap<u64, Arc<AtomicU64>>>,
-    stats: ServerStats,
-    stop: AtomicBool,
+    pages: u64,
 }
 
-/// A page server accepting connections on a listener.
+impl Pages for Image {
+    fn geometry(&self) -> (usize, u64) {
+        (PAGE_SIZE, self.pages)
+    }
+    fn read<'a>(
+        &'a self,
+        first: u64,
+        count: u64,
+        scratch: &'a mut [u8],
+    ) -> Result<Option<&'a [u8]>, Error> {
+        let bytes = &mut scratch[..count as usize * PAGE_SIZE];
+        match self.source.fetch(first * PAGE_SIZE as u64, bytes)? {
+            Fetched::Data(d) => Ok(Some(d)),
+            Fetched::Zero => Ok(None),
+            Fetched::Pending => Err(Error::Invalid {
+                what: "a page server needs a local source; this one answered Pending at page",
+                value: first.to_string(),
+            }),
+        }
+    }
+}
+
+/// A page server, serving on threads of its own from the moment it is bound; stops on
+/// drop (sessions in progress end as their connections do).
 pub struct PageServer {
-    listener: Listener,
-    shared: Arc<Shared>,
-}
-
-/// A server running on its own thread; stops on drop.
-pub struct ServerHandle {
-    addr: Addr,
-    listener_fd: std::os::fd::RawFd,
-    shared: Arc<Shared>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    acceptor: Acceptor,
+    stats: Arc<SendStats>,
 }
 
 impl PageServer {
     /// Binds `addr` and serves `source` (4 KiB pages) to clients that know `key`.
-    pub fn bind(addr: &Addr, source: Arc<dyn Source>, key: Key) -> Result<PageServer, Error> {
-        Ok(PageServer {
-            listener: Listener::bind(addr)?,
-            shared: Arc::new(Shared {
-                source,
-                key,
-                page_size: 4096,
-                cursors: Mutex::new(HashMap::new()),
-                stats: ServerStats::default(),
-                stop: AtomicBool::new(false),
-            }),
-        })
+    pub fn bind(
+        addr: &Addr,
+        source: Arc<dyn Source>,
+        key: Key,
+        timing: Timing,
+    ) -> Result<PageServer, Error> {
+        let listener = Listener::bind(addr).map_err(Error::io("bind the page server"))?;
+        let image: Arc<dyn Pages> = Arc::new(Image {
+            pages: source.len().div_ceil(PAGE_SIZE as u64),
+            source,
+        });
+        let stats = Arc::new(SendStats::default());
+        let s = stats.clone();
+        let deliver = Box::new(move |arrival: Arrival| {
+            let (image, stats) = (image.clone(), s.clone());
+            let served = std::thread::Builder::new()
+                .name("pc-serve".into())
+                .spawn(move || match serve(image, stats, arrival, &timing) {
+                    Ok(()) => log::info!("a client finished its restore"),
+                    Err(e) if e.is_link() => {
+                        log::info!("a client's connection broke: {}", crate::error::chain(&e))
+                    }
+                    Err(e) => log::warn!("a client session failed: {}", crate::error::chain(&e)),
+                });
+            if let Err(e) = served {
+                log::warn!("cannot start a session thread: {e}");
+            }
+        });
+        let acceptor = Acceptor::start(
+            listener,
+            key,
+            timing,
+            Role::Destination,
+            Admit::AnySession,
+            Some(deliver),
+        )?;
+        Ok(PageServer { acceptor, stats })
     }
 
     /// The bound address.
     pub fn local_addr(&self) -> Result<Addr, Error> {
-        Ok(self.listener.local_addr()?)
+        self.acceptor.local_addr()
     }
 
-    /// Serves forever (until the listener fails).
-    pub fn run(self) -> Result<(), Error> {
+    /// The counters now.
+    pub fn stats(&self) -> ServerStats {
+        let (a, s) = (self.acceptor.stats(), &self.stats);
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let sent = get(&s.stream_pages) + get(&s.urgent_pages);
+        let zero = get(&s.zero_pages);
+        ServerStats {
+            pairs: get(&a.admitted) / 2,
+            refused: get(&a.refused),
+            superseded: get(&a.superseded),
+            pages_sent: sent.saturating_sub(zero),
+            zero_pages_sent: zero,
+            requests: get(&s.requests),
+        }
+    }
+
+    /// Serves until the process ends.
+    pub fn serve_forever(&self) -> ! {
         loop {
-            if self.shared.stop.load(Ordering::Relaxed) {
-                return Ok(());
-            }
-            let stream = self.listener.accept()?;
-            if self.shared.stop.load(Ordering::Relaxed) {
-                return Ok(());
-            }
-            let shared = self.shared.clone();
-            // A failing connection ends only itself; it was counted where it failed.
-            std::thread::spawn(move || serve_connection(&shared, stream));
-        }
-    }
-
-    /// Runs the server on a thread.
-    pub fn spawn(self) -> Result<ServerHandle, Error> {
-        let addr = self.local_addr()?;
-        let listener_fd = self.listener.as_raw_fd();
-        let shared = self.shared.clone();
-        let thread = std::thread::spawn(move || {
-            let _ = self.run();
-        });
-        Ok(ServerHandle {
-            addr,
-            listener_fd,
-            shared,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl ServerHandle {
-    /// Where clients connect.
-    pub fn addr(&self) -> &Addr {
-        &self.addr
-    }
-
-    /// The server's counters.
-    pub fn stats(&self) -> &ServerStats {
-        &self.shared.stats
-    }
-}
-
-impl Drop for ServerHandle {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
-        // shutdown(2) on a listening socket makes a blocked accept return (Linux); the
-        // fd stays open until the server thread, which owns it, ends.
-        // SAFETY: the listener is alive until the thread we join below exits.
-        unsafe { libc::shutdown(self.listener_fd, libc::SHUT_RDWR) };
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            std::thread::park_timeout(Duration::from_secs(3600));
         }
     }
 }
 
-fn serve_connection(shared: &Shared, stream: Stream) -> Result<(), Error> {
-    let (mut r, mut w) = split(stream)?;
-    let (_, channel, session) = match auth::listen(&mut r, &mut w, &shared.key) {
-        Ok(x) => x,
-        Err(e) => {
-            shared.stats.refused.fetch_add(1, Ordering::Relaxed);
-            return Err(e);
-        }
-    };
-    shared.stats.sessions.fetch_add(1, Ordering::Relaxed);
-    let ps = shared.page_size as u64;
-    let page_count = shared.source.len().div_ceil(ps);
+/// Serves one connection pair of a client session until the client is done or the
+/// pair breaks.
+fn serve(
+    image: Arc<dyn Pages>,
+    stats: Arc<SendStats>,
+    arrival: Arrival,
+    timing: &Timing,
+) -> Result<(), Error> {
+    let Arrival {
+        conns: (mut main, urgent),
+        cutter,
+        ..
+    } = arrival;
+    let pages = image.geometry().1;
     let advise = Advise {
-        page_size: shared.page_size as u32,
-        page_count,
-        features: Features::ZERO_RUNS | Features::URGENT_CHANNEL,
+        page_size: PAGE_SIZE as u32,
+        page_count: pages,
+        features: Features::ZERO_RUNS | Features::URGENT_CHANNEL | Features::RECOVERY,
         regions: vec![WireRegion {
             first_page: 0,
-            pages: page_count,
+            pages,
         }],
     };
-    w.send(&Message::Advise(advise.clone()))?;
-    r.limits = r.limits.advised(&advise);
-    let cursor = shared
-        .cursors
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .entry(session)
-        .or_insert_with(|| Arc::new(AtomicU64::new(0)))
-        .clone();
-    let result = match channel {
-        Channel::Urgent => serve_requests(shared, &mut r, &mut w, &cursor, page_count),
-        Channel::Main => serve_stream(shared, &mut r, &mut w, &cursor, page_count),
-    };
-    if channel == Channel::Main {
-        shared
-            .cursors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&session);
+    main.w.send(&Message::Advise(advise.clone()))?;
+    let sender = Arc::new(Sender::new(image, stats));
+    sender.answer_requests();
+    let pair = Pair::start((main, urgent), cutter, &advise, sender.clone(), timing)?;
+    // The client says what it has; the stream brings the rest.
+    match pair.next("RECV_BITMAP", timing.give_up_after)? {
+        (_, Message::RecvBitmap { words }) => sender.need.store_complement_of(&words)?,
+        (channel, other) => return Err(unexpected(other, "RECV_BITMAP", channel)),
     }
-    if let Err(e) = &result {
-        let _ = w.send(&Message::Shut {
-            reason: ShutReason::Error,
-            detail: e.to_string(),
-        });
-    }
-    result
-}
-
-/// Sends pages `range` as PAGES / ZERO_RUN frames.
-fn send_range(
-    shared: &Shared,
-    w: &mut FrameWriter,
-    range: PageRange,
-    scratch: &mut [u8],
-) -> Result<(), Error> {
-    let ps = shared.page_size as u64;
-    let mut first = range.first;
-    let end = range.first + range.count;
-    while first < end {
-        let n = (end - first).min(BATCH);
-        let bytes = &mut scratch[..(n * ps) as usize];
-        let data = match shared.source.fetch(first * ps, bytes)? {
-            Fetched::Data(d) => d,
-            Fetched::Zero => &[][..],
-            Fetched::Pending => {
-                return Err(Error::Protocol("a page server needs a local source".into()))
-            }
+    std::thread::scope(|s| {
+        let (main, cutter) = (&pair.main, &pair.cutter);
+        let stream = s.spawn(|| sender.stream(main, cutter, true));
+        let end = match pair.wait() {
+            Ok((_, Message::Shut { .. })) => Ok(()),
+            Ok((channel, other)) => Err(unexpected(other, "SHUT", channel)),
+            Err(e) => Err(e),
         };
-        let (data_pages, zero_pages) = if data.is_empty() {
-            w.send(&Message::ZeroRun(PageRange { first, count: n }))?;
-            (0, n)
-        } else {
-            let data_pages = w.send_page_data(first, data, shared.page_size)? / ps;
-            (data_pages, n - data_pages)
-        };
-        shared
-            .stats
-            .pages_sent
-            .fetch_add(data_pages, Ordering::Relaxed);
-        shared
-            .stats
-            .zero_pages_sent
-            .fetch_add(zero_pages, Ordering::Relaxed);
-        first += n;
-    }
-    Ok(())
-}
-
-fn serve_requests(
-    shared: &Shared,
-    r: &mut FrameReader,
-    w: &mut FrameWriter,
-    cursor: &AtomicU64,
-    page_count: u64,
-) -> Result<(), Error> {
-    let mut scratch = vec![0u8; (BATCH as usize) * shared.page_size];
-    loop {
-        match r.recv() {
-            Ok(Message::ReqPages { ranges }) => {
-                for range in ranges {
-                    send_range(shared, w, range, &mut scratch)?;
-                    // Spatial locality: the stream continues just after this page.
-                    // Relaxed: a position hint only.
-                    cursor.store((range.first + range.count) % page_count, Ordering::Relaxed);
-                }
-            }
-            Ok(Message::Ping { seq }) => w.send(&Message::Pong { seq })?,
-            Ok(Message::Shut { .. }) | Err(Error::Closed) => return Ok(()),
-            Ok(other) => {
-                return Err(Error::Protocol(format!(
-                    "unexpected {other:?} on the urgent channel"
-                )))
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-fn serve_stream(
-    shared: &Shared,
-    r: &mut FrameReader,
-    w: &mut FrameWriter,
-    cursor: &AtomicU64,
-    page_count: u64,
-) -> Result<(), Error> {
-    // The client says RUN to start the stream.
-    match r.recv()? {
-        Message::Run => {}
-        other => return Err(Error::Protocol(format!("expected RUN, got {other:?}"))),
-    }
-    let mut scratch = vec![0u8; (BATCH as usize) * shared.page_size];
-    let mut sent = vec![false; page_count as usize];
-    let mut remaining = page_count;
-    while remaining > 0 {
-        // Relaxed: see serve_requests.
-        let at = cursor.load(Ordering::Relaxed) % page_count;
-        let Some(first) = (at..page_count).chain(0..at).find(|&p| !sent[p as usize]) else {
-            break;
-        };
-        let mut count = 1;
-        while count < BATCH && first + count < page_count && !sent[(first + count) as usize] {
-            count += 1;
-        }
-        send_range(shared, w, PageRange { first, count }, &mut scratch)?;
-        for p in first..first + count {
-            sent[p as usize] = true;
-        }
-        remaining -= count;
-        cursor.store((first + count) % page_count, Ordering::Relaxed);
-    }
-    w.send(&Message::End)?;
-    // Keep the connection until the client closes it.
-    loop {
-        match r.recv() {
-            Ok(Message::Ping { seq }) => w.send(&Message::Pong { seq })?,
-            Ok(_) => {}
-            Err(_) => return Ok(()),
-        }
-    }
+        pair.cut(LinkError::Cut);
+        let streamed = stream.join().unwrap_or(Ok(()));
+        end.and(streamed.or_else(|e| if e.is_link() { Ok(()) } else { Err(e) }))
+    })
 }

@@ -11,8 +11,8 @@ use bitflags::bitflags;
 
 /// Identifies a uffdkit postcopy connection.
 pub const MAGIC: [u8; 8] = *b"UFFDKPC\0";
-/// The wire version this crate speaks.
-pub const VERSION: u16 = 1;
+/// The wire version this crate speaks (2: HELLO carries the connection generation).
+pub const VERSION: u16 = 2;
 /// Bytes before the body.
 pub const HEADER_LEN: usize = 8;
 /// Bytes after the body.
@@ -124,6 +124,9 @@ pub enum Message {
         channel: Channel,
         /// Migration session id (ties the urgent channel and reconnects to a session).
         session: u64,
+        /// Which connection pair of the session this is: the opener counts its attempts,
+        /// and a newer generation supersedes the pair of an older one.
+        generation: u32,
     },
     /// The listener's authentication challenge.
     Challenge {
@@ -160,13 +163,6 @@ pub enum Message {
         /// First page index.
         first: u64,
         /// `count * page_size` bytes.
-        data: Vec<u8>,
-    },
-    /// Scattered pages of data, in the order listed.
-    ScatteredPages {
-        /// Page indices.
-        pages: Vec<u64>,
-        /// `pages.len() * page_size` bytes.
         data: Vec<u8>,
     },
     /// A run of zero pages.
@@ -224,7 +220,6 @@ pub(crate) mod kind {
     pub const RUN: u8 = 13;
     pub const END: u8 = 14;
     pub const PAGES: u8 = 20;
-    pub const SCATTERED: u8 = 21;
     pub const ZERO_RUN: u8 = 22;
     pub const REQ_PAGES: u8 = 30;
     pub const ACK: u8 = 31;
@@ -356,28 +351,64 @@ impl Writer<'_> {
     }
 }
 
-impl Message {
-    fn kind(&self) -> u8 {
+impl Channel {
+    /// `main` or `urgent`.
+    pub fn name(self) -> &'static str {
         match self {
-            Message::Hello { .. } => kind::HELLO,
-            Message::Challenge { .. } => kind::CHALLENGE,
-            Message::Auth { .. } => kind::AUTH,
-            Message::AuthOk { .. } => kind::AUTH_OK,
-            Message::Advise(_) => kind::ADVISE,
-            Message::Discard { .. } => kind::DISCARD,
-            Message::Listen => kind::LISTEN,
-            Message::Run => kind::RUN,
-            Message::End => kind::END,
-            Message::Pages { .. } => kind::PAGES,
-            Message::ScatteredPages { .. } => kind::SCATTERED,
-            Message::ZeroRun(_) => kind::ZERO_RUN,
-            Message::ReqPages { .. } => kind::REQ_PAGES,
-            Message::Ack { .. } => kind::ACK,
-            Message::Ping { .. } => kind::PING,
-            Message::Pong { .. } => kind::PONG,
-            Message::RecvBitmap { .. } => kind::RECV_BITMAP,
-            Message::Digests { .. } => kind::DIGESTS,
-            Message::Shut { .. } => kind::SHUT,
+            Channel::Main => "main",
+            Channel::Urgent => "urgent",
+        }
+    }
+}
+
+impl std::fmt::Display for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The channel a connection carries, from its opener's first bytes (its HELLO): `None`
+/// until the whole frame is there, an error if they are not a HELLO. For what sits
+/// between two endpoints (a proxy, a test's fault injector).
+pub fn peek_channel(first: &[u8]) -> Option<Result<Channel, WireError>> {
+    match decode(first, &Limits::default()) {
+        Ok(Some((Message::Hello { channel, .. }, _))) => Some(Ok(channel)),
+        Ok(Some((other, _))) => Some(Err(WireError::UnknownKind(other.kind()))),
+        Ok(None) => None,
+        Err(e) => Some(Err(e)),
+    }
+}
+
+impl Message {
+    /// The message's name on the wire (for errors and logs).
+    pub fn name(&self) -> &'static str {
+        self.kind_name().1
+    }
+
+    fn kind(&self) -> u8 {
+        self.kind_name().0
+    }
+
+    fn kind_name(&self) -> (u8, &'static str) {
+        match self {
+            Message::Hello { .. } => (kind::HELLO, "HELLO"),
+            Message::Challenge { .. } => (kind::CHALLENGE, "CHALLENGE"),
+            Message::Auth { .. } => (kind::AUTH, "AUTH"),
+            Message::AuthOk { .. } => (kind::AUTH_OK, "AUTH_OK"),
+            Message::Advise(_) => (kind::ADVISE, "ADVISE"),
+            Message::Discard { .. } => (kind::DISCARD, "DISCARD"),
+            Message::Listen => (kind::LISTEN, "LISTEN"),
+            Message::Run => (kind::RUN, "RUN"),
+            Message::End => (kind::END, "END"),
+            Message::Pages { .. } => (kind::PAGES, "PAGES"),
+            Message::ZeroRun(_) => (kind::ZERO_RUN, "ZERO_RUN"),
+            Message::ReqPages { .. } => (kind::REQ_PAGES, "REQ_PAGES"),
+            Message::Ack { .. } => (kind::ACK, "ACK"),
+            Message::Ping { .. } => (kind::PING, "PING"),
+            Message::Pong { .. } => (kind::PONG, "PONG"),
+            Message::RecvBitmap { .. } => (kind::RECV_BITMAP, "RECV_BITMAP"),
+            Message::Digests { .. } => (kind::DIGESTS, "DIGESTS"),
+            Message::Shut { .. } => (kind::SHUT, "SHUT"),
         }
     }
 
@@ -389,6 +420,7 @@ impl Message {
                 role,
                 channel,
                 session,
+                generation,
             } => {
                 w.bytes(&MAGIC);
                 w.u16(*version);
@@ -396,6 +428,7 @@ impl Message {
                 w.u8(*role as u8);
                 w.u8(*channel as u8);
                 w.u64(*session);
+                w.u32(*generation);
             }
             Message::Challenge { nonce } => w.bytes(nonce),
             Message::Auth { proof, nonce } => {
@@ -417,13 +450,6 @@ impl Message {
             Message::Listen | Message::Run | Message::End => {}
             Message::Pages { first, data } => {
                 w.u64(*first);
-                w.bytes(data);
-            }
-            Message::ScatteredPages { pages, data } => {
-                w.u32(pages.len() as u32);
-                for p in pages {
-                    w.u64(*p);
-                }
                 w.bytes(data);
             }
             Message::ZeroRun(r) => {
@@ -453,16 +479,28 @@ impl Message {
     }
 }
 
-/// Appends `msg` as one frame to `out`.
-pub fn encode(msg: &Message, out: &mut Vec<u8>) {
+/// Appends one frame of `kind` whose body `body` writes.
+fn frame(out: &mut Vec<u8>, kind: u8, body: impl FnOnce(&mut Writer<'_>)) {
     let start = out.len();
     out.extend_from_slice(&[0; HEADER_LEN]);
-    msg.body(&mut Writer(out));
+    body(&mut Writer(out));
     let body_len = out.len() - start - HEADER_LEN;
     out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
-    out[start + 4] = msg.kind();
+    out[start + 4] = kind;
     let crc = crc32fast::hash(&out[start + 4..]);
     out.extend_from_slice(&crc.to_le_bytes());
+}
+
+/// Appends `msg` as one frame to `out`.
+pub fn encode(msg: &Message, out: &mut Vec<u8>) {
+    frame(out, msg.kind(), |w| msg.body(w));
+}
+
+/// Appends a REQ_PAGES frame for `ranges` to `out`: the same bytes as
+/// `encode(&Message::ReqPages { .. })` without building a message, so a fault handler
+/// asking for pages allocates nothing once `out` has the capacity.
+pub fn encode_request(ranges: &[PageRange], out: &mut Vec<u8>) {
+    frame(out, kind::REQ_PAGES, |w| w.ranges(ranges));
 }
 
 struct Reader<'a> {
@@ -589,33 +627,7 @@ fn ranges(
 fn decode_body(kind: u8, body: &[u8], limits: &Limits) -> Result<Message, WireError> {
     let mut r = Reader { buf: body, kind };
     let msg = match kind {
-        kind::HELLO => {
-            if r.take(8)? != MAGIC {
-                return Err(WireError::BadMagic);
-            }
-            let version = r.u16()?;
-            if version != VERSION {
-                return Err(WireError::BadVersion(version));
-            }
-            let features = Features::from_bits_retain(r.u64()?);
-            let role = match r.u8()? {
-                1 => Role::Destination,
-                2 => Role::Source,
-                _ => return Err(WireError::Invalid("unknown role")),
-            };
-            let channel = match r.u8()? {
-                1 => Channel::Main,
-                2 => Channel::Urgent,
-                _ => return Err(WireError::Invalid("unknown channel")),
-            };
-            Message::Hello {
-                version,
-                features,
-                role,
-                channel,
-                session: r.u64()?,
-            }
-        }
+        kind::HELLO => hello(&mut r)?,
         kind::CHALLENGE => Message::Challenge {
             nonce: r.array32()?,
         },
@@ -626,50 +638,7 @@ fn decode_body(kind: u8, body: &[u8], limits: &Limits) -> Result<Message, WireEr
         kind::AUTH_OK => Message::AuthOk {
             proof: r.array32()?,
         },
-        kind::ADVISE => {
-            let page_size = r.u32()?;
-            if page_size != 4096 && page_size != 2 << 20 {
-                return Err(WireError::OutOfRange {
-                    what: "page size",
-                    value: u64::from(page_size),
-                    limit: 2 << 20,
-                });
-            }
-            let page_count = r.u64()?;
-            if page_count == 0 || page_count > MAX_PAGES {
-                return Err(WireError::OutOfRange {
-                    what: "page count",
-                    value: page_count,
-                    limit: MAX_PAGES,
-                });
-            }
-            let features = Features::from_bits_retain(r.u64()?);
-            let n = r.count(MAX_REGIONS, 16)?;
-            let mut regions: Vec<WireRegion> = Vec::with_capacity(n);
-            let geometry = Limits {
-                page_count: Some(page_count),
-                ..*limits
-            };
-            for _ in 0..n {
-                let region = WireRegion {
-                    first_page: r.u64()?,
-                    pages: r.u64()?,
-                };
-                check_pages(&geometry, "region end", region.first_page, region.pages)?;
-                if let Some(prev) = regions.last() {
-                    if region.first_page < prev.first_page + prev.pages {
-                        return Err(WireError::Invalid("regions overlap or are not sorted"));
-                    }
-                }
-                regions.push(region);
-            }
-            Message::Advise(Advise {
-                page_size,
-                page_count,
-                features,
-                regions,
-            })
-        }
+        kind::ADVISE => Message::Advise(advise(&mut r, limits)?),
         kind::DISCARD => Message::Discard {
             ranges: ranges(&mut r, limits, "discard range end")?,
         },
@@ -686,26 +655,6 @@ fn decode_body(kind: u8, body: &[u8], limits: &Limits) -> Result<Message, WireEr
                 data: data.to_vec(),
             }
         }
-        kind::SCATTERED => {
-            let ps = page_size(limits)?;
-            let n = r.count(r.buf.len() / 8, 8)?;
-            let mut pages = Vec::with_capacity(n);
-            for _ in 0..n {
-                let p = r.u64()?;
-                check_pages(limits, "scattered page", p, 1)?;
-                pages.push(p);
-            }
-            let data = r.take(r.buf.len())?;
-            if n == 0 || data.len() != n * ps {
-                return Err(WireError::Invalid(
-                    "scattered data does not match its page list",
-                ));
-            }
-            Message::ScatteredPages {
-                pages,
-                data: data.to_vec(),
-            }
-        }
         kind::ZERO_RUN => {
             let range = PageRange {
                 first: r.u64()?,
@@ -717,24 +666,7 @@ fn decode_body(kind: u8, body: &[u8], limits: &Limits) -> Result<Message, WireEr
         kind::ACK => Message::Ack { seq: r.u64()? },
         kind::PING => Message::Ping { seq: r.u64()? },
         kind::PONG => Message::Pong { seq: r.u64()? },
-        kind::RECV_BITMAP => {
-            let n = r.count(MAX_PAGES.div_ceil(64) as usize, 8)?;
-            let words = (0..n).map(|_| r.u64()).collect::<Result<Vec<_>, _>>()?;
-            if let Some(count) = limits.page_count {
-                if n as u64 != count.div_ceil(64) {
-                    return Err(WireError::Invalid(
-                        "bitmap length does not match the page count",
-                    ));
-                }
-                let tail = count % 64;
-                if tail != 0 && words[n - 1] >> tail != 0 {
-                    return Err(WireError::Invalid(
-                        "bitmap marks pages beyond the page count",
-                    ));
-                }
-            }
-            Message::RecvBitmap { words }
-        }
+        kind::RECV_BITMAP => recv_bitmap(&mut r, limits)?,
         kind::DIGESTS => {
             let first = r.u64()?;
             let n = r.count(MAX_RANGES * 4, 8)?;
@@ -742,31 +674,126 @@ fn decode_body(kind: u8, body: &[u8], limits: &Limits) -> Result<Message, WireEr
             let digests = (0..n).map(|_| r.u64()).collect::<Result<Vec<_>, _>>()?;
             Message::Digests { first, digests }
         }
-        kind::SHUT => {
-            let reason = match r.u8()? {
-                1 => ShutReason::Done,
-                2 => ShutReason::Error,
-                3 => ShutReason::Auth,
-                4 => ShutReason::Cancelled,
-                _ => return Err(WireError::Invalid("unknown shut reason")),
-            };
-            let len = r.u16()? as usize;
-            if len > MAX_DETAIL {
-                return Err(WireError::OutOfRange {
-                    what: "shut detail length",
-                    value: len as u64,
-                    limit: MAX_DETAIL as u64,
-                });
-            }
-            let detail = std::str::from_utf8(r.take(len)?)
-                .map_err(|_| WireError::Invalid("shut detail is not UTF-8"))?
-                .to_string();
-            Message::Shut { reason, detail }
-        }
+        kind::SHUT => shut(&mut r)?,
         other => return Err(WireError::UnknownKind(other)),
     };
     r.finish()?;
     Ok(msg)
+}
+
+fn hello(r: &mut Reader<'_>) -> Result<Message, WireError> {
+    if r.take(8)? != MAGIC {
+        return Err(WireError::BadMagic);
+    }
+    let version = r.u16()?;
+    if version != VERSION {
+        return Err(WireError::BadVersion(version));
+    }
+    let features = Features::from_bits_retain(r.u64()?);
+    let role = match r.u8()? {
+        1 => Role::Destination,
+        2 => Role::Source,
+        _ => return Err(WireError::Invalid("unknown role")),
+    };
+    let channel = match r.u8()? {
+        1 => Channel::Main,
+        2 => Channel::Urgent,
+        _ => return Err(WireError::Invalid("unknown channel")),
+    };
+    Ok(Message::Hello {
+        version,
+        features,
+        role,
+        channel,
+        session: r.u64()?,
+        generation: r.u32()?,
+    })
+}
+
+fn advise(r: &mut Reader<'_>, limits: &Limits) -> Result<Advise, WireError> {
+    let page_size = r.u32()?;
+    if page_size != 4096 && page_size != 2 << 20 {
+        return Err(WireError::OutOfRange {
+            what: "page size",
+            value: u64::from(page_size),
+            limit: 2 << 20,
+        });
+    }
+    let page_count = r.u64()?;
+    if page_count == 0 || page_count > MAX_PAGES {
+        return Err(WireError::OutOfRange {
+            what: "page count",
+            value: page_count,
+            limit: MAX_PAGES,
+        });
+    }
+    let features = Features::from_bits_retain(r.u64()?);
+    let n = r.count(MAX_REGIONS, 16)?;
+    let mut regions: Vec<WireRegion> = Vec::with_capacity(n);
+    let geometry = Limits {
+        page_count: Some(page_count),
+        ..*limits
+    };
+    for _ in 0..n {
+        let region = WireRegion {
+            first_page: r.u64()?,
+            pages: r.u64()?,
+        };
+        check_pages(&geometry, "region end", region.first_page, region.pages)?;
+        if let Some(prev) = regions.last() {
+            if region.first_page < prev.first_page + prev.pages {
+                return Err(WireError::Invalid("regions overlap or are not sorted"));
+            }
+        }
+        regions.push(region);
+    }
+    Ok(Advise {
+        page_size,
+        page_count,
+        features,
+        regions,
+    })
+}
+
+fn recv_bitmap(r: &mut Reader<'_>, limits: &Limits) -> Result<Message, WireError> {
+    let n = r.count(MAX_PAGES.div_ceil(64) as usize, 8)?;
+    let words = (0..n).map(|_| r.u64()).collect::<Result<Vec<_>, _>>()?;
+    if let Some(count) = limits.page_count {
+        if n as u64 != count.div_ceil(64) {
+            return Err(WireError::Invalid(
+                "bitmap length does not match the page count",
+            ));
+        }
+        let tail = count % 64;
+        if tail != 0 && words[n - 1] >> tail != 0 {
+            return Err(WireError::Invalid(
+                "bitmap marks pages beyond the page count",
+            ));
+        }
+    }
+    Ok(Message::RecvBitmap { words })
+}
+
+fn shut(r: &mut Reader<'_>) -> Result<Message, WireError> {
+    let reason = match r.u8()? {
+        1 => ShutReason::Done,
+        2 => ShutReason::Error,
+        3 => ShutReason::Auth,
+        4 => ShutReason::Cancelled,
+        _ => return Err(WireError::Invalid("unknown shut reason")),
+    };
+    let len = r.u16()? as usize;
+    if len > MAX_DETAIL {
+        return Err(WireError::OutOfRange {
+            what: "shut detail length",
+            value: len as u64,
+            limit: MAX_DETAIL as u64,
+        });
+    }
+    let detail = std::str::from_utf8(r.take(len)?)
+        .map_err(|_| WireError::Invalid("shut detail is not UTF-8"))?
+        .to_string();
+    Ok(Message::Shut { reason, detail })
 }
 
 /// A decoded frame whose page data borrows from the input: the bulk of a migration is

@@ -1,15 +1,21 @@
 //! Restoring memory from a page server over loopback TCP and Unix sockets, with real
-//! faults served through the pager.
+//! faults served through the pager — also through a proxy that resets and freezes its
+//! connections.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pager::{DeliveryMode, MemorySource, Pager, RegionSpec};
+use pager::MemorySource;
 use postcopy::auth::Key;
 use postcopy::client::RemoteSource;
+use postcopy::link::Timing;
 use postcopy::net::Addr;
 use postcopy::server::PageServer;
-use uffd_core::{Features, Mapping, MemoryKind, Uffd};
+use postcopy::Refusal;
+use testkit::proxy::{CutMode, Direction, Proxy, ProxyOptions, Target};
+
+mod common;
+use uffd_core::{Mapping, MemoryKind};
 
 const PS: usize = 4096;
 
@@ -31,64 +37,144 @@ fn key() -> Key {
     Key::new(*b"0123456789abcdef-test-key").expect("key")
 }
 
-fn server(addr: &str, image: &[u8]) -> postcopy::server::ServerHandle {
+fn server(addr: &str, image: &[u8]) -> PageServer {
     let addr: Addr = addr.parse().expect("addr");
-    PageServer::bind(&addr, Arc::new(MemorySource::new(image.to_vec())), key())
-        .expect("bind")
-        .spawn()
-        .expect("spawn")
-}
-
-/// A pager serving `memory` from `source` with one handler thread.
-fn pager_for(source: Arc<RemoteSource>, memory: &Mapping) -> Pager {
-    let uffd = Uffd::builder()
-        .non_blocking(true)
-        .require(Features::EVENT_REMOVE)
-        .open()
-        .expect("uffd");
-    Pager::builder(uffd, source)
-        .region(RegionSpec::new(
-            memory.addr(),
-            memory.len(),
-            MemoryKind::Anon,
-            0,
-        ))
-        .mode(DeliveryMode::Thread)
-        .start()
-        .expect("start")
+    let source = Arc::new(MemorySource::new(image.to_vec()));
+    PageServer::bind(&addr, source, key(), Timing::default()).expect("bind")
 }
 
 /// Restores `image` from `addr` into fresh memory, touching pages in a scattered order;
 /// returns the pager's stats after the background stream completed.
 fn restore(addr: &Addr, image: &[u8]) -> pager::StatsSnapshot {
-    let pages = image.len() / PS;
     let source = Arc::new(RemoteSource::connect(addr, &key()).expect("connect"));
+    restore_from(source, image, 1)
+}
+
+/// [`restore`] from a connected source: touches every `touch_every`th page of a
+/// scattered order (faults), waits for the stream to bring the rest, then compares every
+/// page byte for byte.
+fn restore_from(
+    source: Arc<RemoteSource>,
+    image: &[u8],
+    touch_every: usize,
+) -> pager::StatsSnapshot {
+    let pages = image.len() / PS;
     assert_eq!(source.page_size(), PS);
     let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
-    let pager = pager_for(source, &memory);
-    for i in 0..pages {
-        let page = (i * 37) % pages;
-        // SAFETY: the served region.
-        let got = unsafe { std::slice::from_raw_parts(memory.page_addr(page) as *const u8, PS) };
-        assert_eq!(got, &image[page * PS..(page + 1) * PS], "page {page}");
+    let pager = common::pager_for(source, &memory);
+    let page = |p: usize| {
+        // SAFETY: the served region, alive for this function.
+        unsafe { std::slice::from_raw_parts(memory.page_addr(p) as *const u8, PS) }
+    };
+    for i in (0..pages).step_by(touch_every) {
+        let p = (i * 37) % pages;
+        assert_eq!(page(p), &image[p * PS..(p + 1) * PS], "page {p}");
     }
     assert!(
-        pager.wait_complete(Duration::from_secs(30)),
+        pager.wait_complete(Duration::from_secs(60)),
         "the stream brought every page"
     );
+    for p in 0..pages {
+        assert_eq!(page(p), &image[p * PS..(p + 1) * PS], "page {p}");
+    }
     pager.stop().expect("stop")
+}
+
+/// A page server behind a proxy that counts the pages it streams to its client.
+fn proxied_server(image: &[u8]) -> (PageServer, Arc<Proxy>) {
+    let srv = server("127.0.0.1:0", image);
+    let Addr::Tcp(to) = srv.local_addr().unwrap() else {
+        unreachable!("a TCP server")
+    };
+    let opts = ProxyOptions {
+        classify: common::channel_of,
+        counted: "main",
+        direction: Direction::ToOpener,
+        settle: 4096,
+    };
+    (srv, Arc::new(Proxy::start(to, opts).expect("proxy")))
+}
+
+#[test]
+fn a_restore_survives_resets_and_freezes_of_either_channel() {
+    common::log_to_stderr();
+    let img = image(16384); // 64 MiB
+    let (_srv, proxy) = proxied_server(&img);
+    let mut cuts = proxy.plan_random(5, 4, 32 << 20, CutMode::Reset, Target::All);
+    // Freezes on main (alone or with urgent): a frozen urgent connection alone could
+    // go unnoticed by a restore the stream completes first.
+    let kinds = [
+        (CutMode::Reset, Target::Tag("urgent")),
+        (CutMode::Freeze, Target::Tag("main")),
+        (CutMode::Reset, Target::Tag("main")),
+        (CutMode::Freeze, Target::All),
+    ];
+    for (cut, (mode, target)) in cuts.iter_mut().zip(kinds) {
+        (cut.mode, cut.target) = (mode, target);
+    }
+    proxy.plan(cuts);
+    let addr = Addr::Tcp(proxy.addr());
+    let source = Arc::new(
+        RemoteSource::connect_with(&addr, &key(), common::test_timing()).expect("connect"),
+    );
+    // Few faults: the stream must bring most pages, so every cut stops the restore
+    // until it is noticed and resumed.
+    let stats = restore_from(source.clone(), &img, 64);
+    assert_eq!(stats.placed(), 16384, "{stats:?}");
+    assert_eq!(proxy.pending(), 0, "every cut landed");
+    assert_eq!(proxy.cuts(), 4);
+    assert_eq!(
+        source.reconnects(),
+        proxy.cuts(),
+        "one reconnection per cut"
+    );
+}
+
+#[test]
+fn a_client_cut_off_from_its_server_fails_its_pager_within_the_bound() {
+    let img = image(4096);
+    let (_srv, proxy) = proxied_server(&img);
+    let timing = Timing {
+        silence: Duration::from_secs(1),
+        heartbeat: Duration::from_millis(150),
+        give_up_after: Duration::from_secs(2),
+        ..common::test_timing()
+    };
+    let addr = Addr::Tcp(proxy.addr());
+    let source = Arc::new(RemoteSource::connect_with(&addr, &key(), timing).expect("connect"));
+    proxy.partition(true);
+    let memory = Mapping::new(MemoryKind::Anon, img.len()).expect("map");
+    let pager = common::pager_for(source, &memory);
+    let base = memory.addr();
+    // A faulting thread, as a vCPU would be: it waits for the page.
+    let toucher = std::thread::spawn(move || {
+        // SAFETY: the served region, mapped until after this thread is joined.
+        unsafe { std::ptr::read_volatile((base + 4096 * 4000) as *const u8) }
+    });
+    let t = Instant::now();
+    while !pager.has_stopped() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the pager stopped within the bound"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let err = pager.stop().expect_err("the source failed the pager");
+    assert!(matches!(err, pager::Error::Source(_)), "{err}");
+    // The uffd is closed with the pager: the faulting thread is released (a zero page).
+    toucher.join().expect("the faulting thread was released");
 }
 
 #[test]
 fn restore_from_a_page_server_over_tcp_and_unix() {
     let img = image(2048);
     let tcp = server("127.0.0.1:0", &img);
-    let stats = restore(tcp.addr(), &img);
+    let stats = restore(&tcp.local_addr().unwrap(), &img);
     assert_eq!(stats.placed(), 2048, "{stats:?}");
     assert!(stats.placed_zero > 0, "zero pages arrived as zero runs");
     let path = std::env::temp_dir().join(format!("uffdkit-serve-{}.sock", std::process::id()));
     let unix = server(&format!("unix:{}", path.display()), &img);
-    let stats = restore(unix.addr(), &img);
+    let stats = restore(&unix.local_addr().unwrap(), &img);
     assert_eq!(stats.placed(), 2048);
     std::fs::remove_file(&path).ok();
 }
@@ -98,25 +184,24 @@ fn a_wrong_key_is_refused_both_ways() {
     let img = image(16);
     let srv = server("127.0.0.1:0", &img);
     let wrong = Key::new(*b"not-the-right-key-at-all").expect("key");
-    let err = RemoteSource::connect(srv.addr(), &wrong).expect_err("wrong key");
-    assert!(matches!(err, postcopy::Error::Auth(_)), "{err}");
+    let addr = srv.local_addr().unwrap();
+    let err = RemoteSource::connect(&addr, &wrong).expect_err("wrong key");
+    assert!(
+        matches!(
+            err,
+            postcopy::Error::Refused {
+                reason: Refusal::PeerShut { .. } | Refusal::WrongKey
+            }
+        ),
+        "{err}"
+    );
     // Let the server's connection thread count it.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while srv
-        .stats()
-        .refused
-        .load(std::sync::atomic::Ordering::Relaxed)
-        == 0
-    {
+    while srv.stats().refused == 0 {
         assert!(Instant::now() < deadline, "refusal counted");
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert_eq!(
-        srv.stats()
-            .sessions
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
+    assert_eq!(srv.stats().pairs, 0);
 }
 
 #[test]
@@ -124,8 +209,8 @@ fn many_clients_restore_from_one_server_at_once_and_a_dying_one_harms_nobody() {
     let img = Arc::new(image(1024));
     let srv = server("127.0.0.1:0", &img);
     // One client connects and goes away mid-stream.
-    drop(RemoteSource::connect(srv.addr(), &key()).expect("connect"));
-    let addr = srv.addr().clone();
+    let addr = srv.local_addr().unwrap();
+    drop(RemoteSource::connect(&addr, &key()).expect("connect"));
     let clients: Vec<_> = (0..3)
         .map(|_| {
             let (addr, img) = (addr.clone(), img.clone());
@@ -143,10 +228,11 @@ fn urgent_pages_overtake_the_background_stream() {
     let pages = 16384;
     let img = image(pages);
     let srv = server("127.0.0.1:0", &img);
-    let source = Arc::new(RemoteSource::connect(srv.addr(), &key()).expect("connect"));
+    let addr = srv.local_addr().unwrap();
+    let source = Arc::new(RemoteSource::connect(&addr, &key()).expect("connect"));
     let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
     let started = Instant::now();
-    let pager = pager_for(source, &memory);
+    let pager = common::pager_for(source, &memory);
     let t = Instant::now();
     // SAFETY: the served region; the last page, far from where the stream starts.
     let b = unsafe { std::ptr::read_volatile(memory.page_addr(pages - 3) as *const u8) };

@@ -1,5 +1,7 @@
 //! Test support shared by the workspace's integration tests.
 
+pub mod hugepages;
+pub mod proxy;
 pub mod s3;
 
 use std::io::Write;

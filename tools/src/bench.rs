@@ -379,7 +379,7 @@ pub fn run(args: &Args) -> Result<()> {
     let page_size = match args.kind {
         Kind::Hugetlb => {
             let need = args.pages * args.threads.max(1);
-            let free = uffd_core::hugetlb::ensure_free(need).unwrap_or(0);
+            let free = crate::hugepages::reserve(need);
             if free < need {
                 bail!(
                     "hugetlb: need {need} free 2 MiB pages, have {free} (run as root to reserve)"

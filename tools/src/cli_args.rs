@@ -66,6 +66,14 @@ pub struct PrefetchArgs {
     /// Record the order of first faults to this file (written when serving ends).
     #[arg(long)]
     pub record: Option<PathBuf>,
+    /// Pages placed after each faulting page, with the same fetch and one ioctl.
+    #[arg(long, default_value_t = 0, value_name = "PAGES")]
+    pub fault_around: usize,
+    /// No sequential readahead (by default a fault right after the previous run doubles
+    /// the run placed after it, up to 2 MiB: a sequential fault stream becomes large
+    /// placements, a random one costs nothing extra).
+    #[arg(long)]
+    pub no_readahead: bool,
 }
 
 impl PrefetchArgs {
@@ -93,7 +101,10 @@ impl PrefetchArgs {
 
     /// Applies the plan and the recording to a pager builder.
     pub fn apply(&self, builder: PagerBuilder, pages: usize) -> Result<PagerBuilder> {
-        let builder = builder.prefetch(self.plan(pages)?);
+        let builder = builder
+            .prefetch(self.plan(pages)?)
+            .fault_around(self.fault_around)
+            .readahead(!self.no_readahead);
         Ok(match &self.record {
             Some(path) => builder.record(path),
             None => builder,

@@ -11,6 +11,7 @@
 //! dead — unless `--no-kill-peer`.
 
 use std::io::{ErrorKind, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -79,6 +80,15 @@ pub struct Args {
     /// The page server's pre-shared key file (with --source).
     #[arg(long, requires = "source")]
     key_file: Option<PathBuf>,
+    /// With --source: give up on the page server after this many seconds without a
+    /// working connection (at the start, or after a break), failing the restore (and so
+    /// killing the VMM, unless --no-kill-peer). Breaks shorter than this are survived.
+    #[arg(long, requires = "source", default_value_t = 60.0)]
+    give_up: f64,
+    /// With --source: a page server connection that brings nothing for this many seconds
+    /// is broken (heartbeats are sent every sixth of it); the client reconnects.
+    #[arg(long, requires = "source", default_value_t = 3.0)]
+    silence: f64,
     /// Prefetch (started once the first fault is served) and recording.
     #[command(flatten)]
     prefetch: PrefetchArgs,
@@ -101,6 +111,8 @@ struct Memory {
     file: Option<PathBuf>,
     /// What a remote source is called in the summary.
     remote: &'static str,
+    /// The page server's client, for its reconnection count.
+    client: Option<Arc<postcopy::client::RemoteSource>>,
 }
 
 /// What a signal or an error must clean up: our socket, and the VMM once it connected.
@@ -160,11 +172,19 @@ pub fn run(args: &Args) -> Result<()> {
     info!("{who} connected: {}", geometry.describe());
     refuse_others(&claimed.listener, who.clone())?;
 
+    // Held until the VMM is dealt with: closing the last descriptor of its userfaultfd
+    // would release its blocked faults onto zero pages before it is killed.
+    let hold_uffd = hs
+        .uffd
+        .as_fd()
+        .try_clone_to_owned()
+        .context("duplicate the VMM's userfaultfd")?;
     let started = Instant::now();
     let result = serve(args, &memory, &geometry, hs);
     if let (Err(_), Some(peer)) = (&result, peer) {
         end_peer(&peer, kill, "the restore failed (the error follows)");
     }
+    drop(hold_uffd);
     let stats = result?;
     let mut out = std::io::stdout().lock();
     for line in summary(&who, started.elapsed(), &geometry, &memory, args, &stats) {
@@ -196,6 +216,7 @@ fn open_memory(args: &Args) -> Result<Memory> {
             source,
             file: Some(path.clone()),
             remote: "",
+            client: None,
         });
     }
     if let Some(url) = &args.image {
@@ -203,6 +224,7 @@ fn open_memory(args: &Args) -> Result<Memory> {
             source: crate::image::fc_source(Some(url), &args.image_source)?,
             file: None,
             remote: "the object store",
+            client: None,
         });
     }
     let (Some(addr), Some(key)) = (&args.source, &args.key_file) else {
@@ -212,12 +234,29 @@ fn open_memory(args: &Args) -> Result<Memory> {
     };
     let key = postcopy::auth::Key::from_file(key)
         .with_context(|| format!("key file {}", key.display()))?;
-    let source = postcopy::client::RemoteSource::connect(addr, &key)
-        .with_context(|| format!("connect to the page server at {addr:?}"))?;
+    let seconds = |what: &str, v: f64| {
+        Duration::try_from_secs_f64(v)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                crate::exit::usage(format!("--{what} must be a positive number of seconds"))
+            })
+    };
+    let silence = seconds("silence", args.silence)?;
+    let timing = postcopy::link::Timing {
+        silence,
+        heartbeat: silence / 6,
+        give_up_after: seconds("give-up", args.give_up)?,
+        ..postcopy::link::Timing::default()
+    };
+    let remote = postcopy::client::RemoteSource::connect_with(addr, &key, timing)
+        .with_context(|| format!("connect to the page server at {addr}"))?;
+    let remote = Arc::new(remote);
     Ok(Memory {
-        source: Arc::new(source),
+        source: remote.clone(),
         file: None,
         remote: "the page server",
+        client: Some(remote),
     })
 }
 
@@ -414,6 +453,8 @@ fn serve(
         record: args.prefetch.record.clone(),
         // `run` kills on every fatal error, this one included.
         kill_peer_on_error: false,
+        fault_around: args.prefetch.fault_around,
+        readahead: !args.prefetch.no_readahead,
     };
     firecracker::serve(hs, memory.source.clone(), &options).context("serving guest memory")
 }
@@ -451,11 +492,16 @@ fn summary(
             ));
         }
     } else {
+        let reconnects = match &memory.client {
+            Some(client) => format!("; {} reconnections", client.reconnects()),
+            None => String::new(),
+        };
         lines.push(format!(
-            "  from {}: {} pages ({}), requested on fault or streamed; {faults} faults",
+            "  from {}: {} pages ({}), requested on fault or streamed; {faults} faults{}",
             memory.remote,
             stats.placed_arrival,
-            of(stats.placed_arrival)
+            of(stats.placed_arrival),
+            reconnects
         ));
     }
     if faults != stats.placed_fault {

@@ -6,6 +6,7 @@ mod demo;
 mod exit;
 mod fc_client;
 mod fc_handler;
+mod hugepages;
 mod image;
 mod logging;
 mod migrate;

@@ -2,6 +2,8 @@
 //!
 //! `source` owns the region and a writer workload, `dest` receives it and runs a workload
 //! from RUN on, `local` runs both as two processes over loopback and prints the figures.
+//! Both ends survive broken and silent connections (they pause and resume); each gives
+//! up after `--give-up` seconds without a working connection, exiting 1.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -12,9 +14,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use nix::sys::signal::{SigSet, Signal};
 use postcopy::auth::Key;
 use postcopy::migrate::{
-    DestOptions, Destination, Migration, Phase, SourceControl, SourceOptions, Timing,
+    DestOptions, Destination, LinkStatus, Migration, SourceControl, SourceOptions, Timing,
 };
 use postcopy::net::Addr;
 use serde_json::json;
@@ -49,6 +52,46 @@ pub enum Workload {
     Hot,
 }
 
+/// Liveness options both ends take.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Liveness {
+    /// Give up after this many seconds without a working connection (paused, or not
+    /// connected yet), exiting 1.
+    #[arg(long, default_value_t = 60.0)]
+    give_up: f64,
+    /// A connection that brings nothing for this many seconds (heartbeats are sent
+    /// every sixth of it) is broken: the migration pauses and reconnects.
+    #[arg(long, default_value_t = 3.0)]
+    silence: f64,
+}
+
+impl Liveness {
+    fn timing(&self) -> Result<Timing> {
+        let secs = |what: &str, v: f64| {
+            Duration::try_from_secs_f64(v)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .with_context(|| format!("--{what} must be a positive number of seconds"))
+        };
+        let silence = secs("silence", self.silence)?;
+        Ok(Timing {
+            silence,
+            heartbeat: silence / 6,
+            give_up_after: secs("give-up", self.give_up)?,
+            ..Timing::default()
+        })
+    }
+
+    fn args(&self) -> [String; 4] {
+        [
+            "--give-up".into(),
+            self.give_up.to_string(),
+            "--silence".into(),
+            self.silence.to_string(),
+        ]
+    }
+}
+
 /// What source and local share.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Shape {
@@ -67,9 +110,8 @@ pub struct Shape {
     /// Source workload write rate, MiB/s of 4 KiB pages dirtied (0: unthrottled).
     #[arg(long, default_value_t = 64)]
     dirty_rate: u64,
-    /// Give up after this many seconds paused (no reconnection).
-    #[arg(long, default_value_t = 60)]
-    give_up: u64,
+    #[command(flatten)]
+    liveness: Liveness,
 }
 
 /// Options of `uffdkit migrate source`.
@@ -107,11 +149,14 @@ pub struct DestArgs {
     /// Fault delivery mode of the destination's pager.
     #[arg(long, value_enum, default_value = "percpu")]
     mode: Mode,
-    /// Give up after this many seconds waiting for the source.
-    #[arg(long, default_value_t = 60)]
-    give_up: u64,
+    #[command(flatten)]
+    liveness: Liveness,
+    /// Grow the 2 MiB hugetlb pool (as root) to this many free pages before listening,
+    /// for a source migrating 2 MiB pages.
+    #[arg(long, value_name = "PAGES")]
+    reserve_hugepages: Option<usize>,
     /// Fault injection: SIGKILL this process once this many postcopy pages arrived.
-    #[arg(long)]
+    #[arg(long, hide = true)]
     die_after_pages: Option<u64>,
     /// Print the report as JSON on stdout.
     #[arg(long)]
@@ -222,46 +267,67 @@ impl Writer {
     }
 }
 
-/// Forwards SIGUSR1 (resume) and SIGUSR2 (switch to postcopy) to a migration.
-fn operator_signals(control: Arc<SourceControl>, done: Arc<AtomicBool>) {
-    static USR1: AtomicBool = AtomicBool::new(false);
-    static USR2: AtomicBool = AtomicBool::new(false);
-    extern "C" fn on_signal(sig: libc::c_int) {
-        if sig == libc::SIGUSR1 {
-            USR1.store(true, Ordering::Relaxed);
-        } else {
-            USR2.store(true, Ordering::Relaxed);
-        }
-    }
-    // SAFETY: the handler only stores to atomics (async-signal-safe).
-    unsafe {
-        libc::signal(libc::SIGUSR1, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGUSR2, on_signal as *const () as libc::sighandler_t);
-    }
-    std::thread::spawn(move || {
-        while !done.load(Ordering::Relaxed) {
-            if USR1.swap(false, Ordering::Relaxed) {
-                log::info!("SIGUSR1: resume");
-                control.resume();
+/// Takes SIGUSR1 (resume) and SIGUSR2 (switch to postcopy) for a migration, on a thread
+/// of its own with `sigwait(2)`. Call before starting any other thread.
+fn operator_signals(control: Arc<SourceControl>) -> Result<()> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGUSR1);
+    set.add(Signal::SIGUSR2);
+    set.thread_block().context("block SIGUSR1 and SIGUSR2")?;
+    std::thread::Builder::new()
+        .name("operator".into())
+        .spawn(move || {
+            while let Ok(signal) = set.wait() {
+                if signal == Signal::SIGUSR1 {
+                    log::info!("SIGUSR1: resume");
+                    control.resume();
+                } else {
+                    log::info!("SIGUSR2: switch to postcopy after this round");
+                    control.switch_to_postcopy();
+                }
             }
-            if USR2.swap(false, Ordering::Relaxed) {
-                log::info!("SIGUSR2: switch to postcopy after this round");
-                control.switch_to_postcopy();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    });
+        })
+        .context("start the operator thread")?;
+    Ok(())
 }
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / f64::from(1u32 << 20)
 }
 
+/// The phase for progress: `Paused (Phase)` while paused, so a plain line marks the
+/// pause and the resume; the text says why and for how long.
+fn link_status(phase: String, link: &LinkStatus, counters: String) -> Status {
+    let reconnects = link.reconnects();
+    match link.paused() {
+        Some((paused, why)) => Status {
+            phase: format!("Paused ({phase})"),
+            fraction: None,
+            text: format!(
+                "for {:.1} s: {why}; {reconnects} reconnects so far",
+                paused.as_secs_f64()
+            ),
+        },
+        None => Status {
+            phase,
+            fraction: None,
+            text: format!("{counters}, {reconnects} reconnects"),
+        },
+    }
+}
+
 fn source(a: &SourceArgs) -> Result<()> {
-    let key = Key::from_file(&a.key_file).context("read the key file")?;
+    let key = Key::from_file(&a.key_file)?;
     let addr: Addr = a.connect.parse()?;
     let ps = a.shape.page_size();
     let size = a.shape.size.div_ceil(ps) * ps;
+    let opts = SourceOptions {
+        page_size: ps,
+        max_rounds: a.shape.precopy_rounds,
+        auto_resume: !a.no_auto_resume,
+        timing: a.shape.liveness.timing()?,
+        ..SourceOptions::default()
+    };
     let memory = Mapping::new(MemoryKind::Anon, size).context("map the region")?;
     for p in 0..size / 4096 {
         // SAFETY: our fresh mapping; no other thread yet.
@@ -269,50 +335,38 @@ fn source(a: &SourceArgs) -> Result<()> {
             unsafe { std::slice::from_raw_parts_mut((memory.addr() + p * 4096) as *mut u8, 4096) };
         fill_page(page, p, 7);
     }
+    // SAFETY: `memory` is ours and outlives `run`; only the writer writes it, and the
+    // callback stops it.
+    let migration = unsafe { Migration::new(addr, key, memory.addr(), size, opts)? };
+    let control = migration.control();
+    operator_signals(control.clone())?;
     let writer = Arc::new(Mutex::new(Some(Writer::start(
         memory.addr(),
         size,
         a.shape.workload,
         a.shape.dirty_rate,
     ))));
-    let opts = SourceOptions {
-        page_size: ps,
-        max_rounds: a.shape.precopy_rounds,
-        auto_resume: !a.no_auto_resume,
-        timing: Timing {
-            give_up_after: Duration::from_secs(a.shape.give_up),
-            ..Timing::default()
-        },
-        ..SourceOptions::default()
-    };
-    // SAFETY: `memory` is ours and outlives `run`; only the writer writes it, and the
-    // callback stops it.
-    let migration = unsafe { Migration::new(addr, key, memory.addr(), size, opts)? };
-    let control = migration.control();
-    let done = Arc::new(AtomicBool::new(false));
-    operator_signals(control.clone(), done.clone());
     let status = || {
         let p = &control.progress;
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         let phase = p.phase();
-        let extra = match phase {
-            Phase::Precopy => format!("round {}", p.round.load(Ordering::Relaxed)),
+        let post = &p.postcopy;
+        let counters = match phase {
+            postcopy::migrate::Phase::Precopy => format!(
+                "round {}, precopy {:.0} MiB",
+                get(&p.round),
+                mib(get(&p.precopy_bytes))
+            ),
             _ => format!(
-                "stream {} urgent {} pages, {} requests, {} reconnects",
-                p.stream_pages.load(Ordering::Relaxed),
-                p.urgent_pages.load(Ordering::Relaxed),
-                p.requests.load(Ordering::Relaxed),
-                p.reconnects.load(Ordering::Relaxed)
+                "precopy {:.0} MiB, postcopy {:.0} MiB: stream {} urgent {} pages, {} requests",
+                mib(get(&p.precopy_bytes)),
+                mib(get(&post.bytes)),
+                get(&post.stream_pages),
+                get(&post.urgent_pages),
+                get(&post.requests)
             ),
         };
-        Status {
-            phase: format!("{phase:?}"),
-            fraction: None,
-            text: format!(
-                "precopy {:.0} MiB, postcopy {:.0} MiB, {extra}",
-                mib(p.precopy_bytes.load(Ordering::Relaxed)),
-                mib(p.postcopy_bytes.load(Ordering::Relaxed)),
-            ),
-        }
+        link_status(format!("{phase:?}"), &p.link, counters)
     };
     let stopper = writer.clone();
     let result = progress::track(module_path!(), "source", status, || {
@@ -323,7 +377,6 @@ fn source(a: &SourceArgs) -> Result<()> {
             }
         })
     });
-    done.store(true, Ordering::Relaxed);
     if let Some(w) = writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
         w.stop();
     }
@@ -335,7 +388,7 @@ fn source(a: &SourceArgs) -> Result<()> {
             "pages": x.pages, "bytes": x.bytes, "dirty_after": x.dirty_after,
             "ms": x.took.as_secs_f64() * 1e3,
         })).collect::<Vec<_>>(),
-        "switch_reason": r.switch_reason,
+        "switch_reason": format!("{:?}", r.switch_reason),
         "precopy_bytes": r.precopy_bytes,
         "postcopy_bytes": r.postcopy_bytes,
         "discarded": r.discarded,
@@ -349,10 +402,14 @@ fn source(a: &SourceArgs) -> Result<()> {
         "reconnects": r.reconnects,
         "verified": r.verified,
     });
-    if a.json {
+    print_report(&report, a.json)
+}
+
+fn print_report(report: &serde_json::Value, json: bool) -> Result<()> {
+    if json {
         println!("{report}");
     } else {
-        eprintln!("{}", serde_json::to_string_pretty(&report)?);
+        eprintln!("{}", serde_json::to_string_pretty(report)?);
     }
     Ok(())
 }
@@ -382,45 +439,48 @@ fn touch_all(base: usize, len: usize, workload: Workload) -> Duration {
     t.elapsed()
 }
 
+/// `--die-after-pages`: SIGKILLs this process once that many pages were placed.
+fn die_after(control: Arc<postcopy::migrate::DestControl>, pages: u64) {
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(1));
+        let arrived = control.received.placed.load(Ordering::Relaxed);
+        if arrived >= pages {
+            log::warn!("dest: fault injection: dying after {arrived} postcopy pages");
+            let _ = nix::sys::signal::raise(Signal::SIGKILL);
+        }
+    });
+}
+
 fn dest(a: &DestArgs) -> Result<()> {
-    let key = Key::from_file(&a.key_file).context("read the key file")?;
+    let key = Key::from_file(&a.key_file)?;
     let addr: Addr = a.listen.parse()?;
-    let d = Destination::bind(
-        &addr,
-        key,
-        DestOptions {
-            mode: a.mode.into(),
-            timing: Timing {
-                give_up_after: Duration::from_secs(a.give_up),
-                ..Timing::default()
-            },
-        },
-    )
-    .context("bind")?;
-    println!("LISTEN {}", addr_text(&d.local_addr()?));
+    if let Some(pages) = a.reserve_hugepages {
+        let free = crate::hugepages::reserve(pages);
+        if free < pages {
+            bail!("{pages} free 2 MiB huge pages are needed, {free} could be had");
+        }
+    }
+    let opts = DestOptions {
+        mode: a.mode.into(),
+        timing: a.liveness.timing()?,
+    };
+    let d = Destination::bind(&addr, key, opts).context("bind")?;
+    println!("LISTEN {}", d.local_addr()?);
     std::io::stdout().flush()?;
     let control = d.control();
-    if let Some(die) = a.die_after_pages {
-        let control = control.clone();
-        std::thread::spawn(move || loop {
-            std::thread::sleep(Duration::from_millis(1));
-            let arrived = control.postcopy_pages.load(Ordering::Relaxed);
-            if arrived >= die {
-                log::warn!("dest: fault injection: dying after {arrived} postcopy pages");
-                // SAFETY: kill(2) on ourselves.
-                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
-            }
-        });
+    if let Some(pages) = a.die_after_pages {
+        die_after(control.clone(), pages);
     }
-    let status = || Status {
-        phase: format!("{:?}", control.phase()),
-        fraction: None,
-        text: format!(
-            "precopy {} pages, postcopy {} pages, {} reconnects",
-            control.precopy_pages.load(Ordering::Relaxed),
-            control.postcopy_pages.load(Ordering::Relaxed),
-            control.reconnects.load(Ordering::Relaxed)
-        ),
+    let status = || {
+        let r = &control.received;
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let counters = format!(
+            "precopy {} pages, postcopy {} pages, {} requested",
+            get(&r.copied),
+            get(&r.placed),
+            get(&r.requested)
+        );
+        link_status(format!("{:?}", control.phase()), &control.link, counters)
     };
     let workload = a.workload;
     let touched: Arc<Mutex<Option<JoinHandle<Duration>>>> = Arc::default();
@@ -456,10 +516,8 @@ fn dest(a: &DestArgs) -> Result<()> {
         "faults": r.pager.faults(),
         "verdict": r.verdict,
     });
-    if a.json {
-        println!("{report}");
-    } else {
-        eprintln!("{}", serde_json::to_string_pretty(&report)?);
+    print_report(&report, a.json)?;
+    if !a.json {
         for line in r.latency.lines() {
             eprintln!("  {line}");
         }
@@ -480,10 +538,44 @@ fn requested_quantile_us(latency: &pager::LatencyHistogram, q: f64) -> Option<u6
     latency.quantile(q).map(|d| d.as_micros() as u64)
 }
 
-fn addr_text(a: &Addr) -> String {
-    match a {
-        Addr::Tcp(s) => s.to_string(),
-        Addr::Unix(p) => format!("unix:{}", p.display()),
+/// Starts `uffdkit migrate dest` for `local`; returns it and its listening address.
+fn start_dest(
+    a: &LocalArgs,
+    key_file: &std::path::Path,
+    listen: &str,
+) -> Result<(
+    std::process::Child,
+    BufReader<std::process::ChildStdout>,
+    String,
+)> {
+    let s = &a.shape;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["migrate", "dest", "--json", "--listen", listen])
+        .args(["--mode", &format!("{:?}", a.mode).to_lowercase()])
+        // Two live bars on one terminal would tear each other: the children print lines.
+        .args(["--progress", "lines"])
+        .args(["--workload", &format!("{:?}", s.workload).to_lowercase()])
+        .args(s.liveness.args())
+        .arg("--key-file")
+        .arg(key_file)
+        .stdout(Stdio::piped());
+    if s.page_size() == HUGE_PAGE_SIZE {
+        cmd.args([
+            "--reserve-hugepages",
+            &s.size.div_ceil(HUGE_PAGE_SIZE).to_string(),
+        ]);
+    }
+    let mut dest = cmd.spawn().context("start the destination")?;
+    let mut out = BufReader::new(dest.stdout.take().context("dest stdout")?);
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    match line.trim().strip_prefix("LISTEN ") {
+        Some(addr) => Ok((dest, out, addr.to_string())),
+        None => {
+            let _ = dest.kill();
+            let _ = dest.wait();
+            bail!("the destination did not start: {line:?}")
+        }
     }
 }
 
@@ -491,52 +583,23 @@ fn local(a: &LocalArgs) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("uffdkit-migrate-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let key_file = dir.join("key");
-    std::fs::write(&key_file, postcopy::auth::nonce())?;
+    std::fs::write(&key_file, postcopy::auth::nonce()?)?;
     let listen = match a.via.as_str() {
         "unix" => format!("unix:{}", dir.join("sock").display()),
         _ => "127.0.0.1:0".to_string(),
     };
-    let exe = std::env::current_exe()?;
-    let mode = format!("{:?}", a.mode).to_lowercase();
-    let workload = format!("{:?}", a.shape.workload).to_lowercase();
     let started = Instant::now();
-    let mut dest = Command::new(&exe)
-        .args([
-            "migrate", "dest", "--json", "--listen", &listen, "--mode", &mode,
-        ])
-        // Two live bars on one terminal would tear each other: the children print lines.
-        .args(["--progress", "lines"])
-        .args([
-            "--workload",
-            &workload,
-            "--give-up",
-            &a.shape.give_up.to_string(),
-        ])
-        .arg("--key-file")
-        .arg(&key_file)
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("start the destination")?;
-    let mut dest_out = BufReader::new(dest.stdout.take().context("dest stdout")?);
-    let mut line = String::new();
-    dest_out.read_line(&mut line)?;
-    let Some(addr) = line.trim().strip_prefix("LISTEN ") else {
-        let _ = dest.kill();
-        bail!("the destination did not start: {line:?}");
-    };
+    let (mut dest, mut dest_out, addr) = start_dest(a, &key_file, &listen)?;
     let s = &a.shape;
-    let source = Command::new(&exe)
-        .args(["migrate", "source", "--json", "--connect", addr])
+    let source = Command::new(std::env::current_exe()?)
+        .args(["migrate", "source", "--json", "--connect", &addr])
         .args(["--progress", "lines"])
-        .args(["--size", &s.size.to_string(), "--workload", &workload])
+        .args(["--size", &s.size.to_string()])
+        .args(["--workload", &format!("{:?}", s.workload).to_lowercase()])
         .args(["--precopy-rounds", &s.precopy_rounds.to_string()])
-        .args([
-            "--page-size",
-            &s.page_size,
-            "--dirty-rate",
-            &s.dirty_rate.to_string(),
-        ])
-        .args(["--give-up", &s.give_up.to_string()])
+        .args(["--page-size", &s.page_size])
+        .args(["--dirty-rate", &s.dirty_rate.to_string()])
+        .args(s.liveness.args())
         .arg("--key-file")
         .arg(&key_file)
         .stdout(Stdio::piped())
@@ -556,44 +619,49 @@ fn local(a: &LocalArgs) -> Result<()> {
     let src: serde_json::Value = serde_json::from_slice(&source.stdout).context("source report")?;
     let dst: serde_json::Value = serde_json::from_str(dest_json.trim()).context("dest report")?;
     if a.json {
-        println!(
-            "{}",
-            json!({ "wall_ms": wall.as_secs_f64() * 1e3, "source": src, "dest": dst })
-        );
+        let all = json!({ "wall_ms": wall.as_secs_f64() * 1e3, "source": src, "dest": dst });
+        println!("{all}");
         return Ok(());
     }
+    print_local(a, &src, &dst, wall);
+    Ok(())
+}
+
+fn print_local(a: &LocalArgs, src: &serde_json::Value, dst: &serde_json::Value, wall: Duration) {
+    let s = &a.shape;
     let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     let mib_of = |v: &serde_json::Value, k: &str| f(v, k) / f64::from(1u32 << 20);
     println!(
-        "migrate local: {} MiB, {} pages of {} bytes, workload {workload}, via {}, destination mode {mode}",
+        "migrate local: {} MiB, {} pages of {} bytes, workload {:?}, via {}, destination mode {:?}",
         s.size >> 20,
         src["pages"],
         src["page_size"],
-        a.via
+        s.workload,
+        a.via,
+        a.mode
     );
+    let rounds = src["rounds"].as_array().map(|r| {
+        r.iter()
+            .map(|x| format!("{}/{}", x["pages"], x["dirty_after"]))
+            .collect::<Vec<_>>()
+            .join(", ")
+    });
     println!(
         "  precopy rounds (pages sent / dirty after): {}; switch: {}",
-        src["rounds"]
-            .as_array()
-            .map(|r| r
-                .iter()
-                .map(|x| format!("{}/{}", x["pages"], x["dirty_after"]))
-                .collect::<Vec<_>>()
-                .join(", "))
-            .unwrap_or_default(),
+        rounds.unwrap_or_default(),
         src["switch_reason"].as_str().unwrap_or("?")
     );
     println!(
         "  total {:.0} ms (wall, both processes {:.0} ms); downtime (stop → RUN acknowledged) {:.1} ms; postcopy {:.0} ms",
-        f(&src, "total_ms"),
+        f(src, "total_ms"),
         wall.as_secs_f64() * 1e3,
-        f(&src, "downtime_ms"),
-        f(&src, "postcopy_ms")
+        f(src, "downtime_ms"),
+        f(src, "postcopy_ms")
     );
     println!(
         "  bytes: precopy {:.1} MiB, postcopy {:.1} MiB; discarded {} pages; needed at switch {}",
-        mib_of(&src, "precopy_bytes"),
-        mib_of(&src, "postcopy_bytes"),
+        mib_of(src, "precopy_bytes"),
+        mib_of(src, "postcopy_bytes"),
         src["discarded"],
         src["needed_at_switch"]
     );
@@ -603,7 +671,7 @@ fn local(a: &LocalArgs) -> Result<()> {
         src["requests"],
         src["urgent_pages"],
         src["stream_pages"],
-        f(&dst, "blocktime_ms"),
+        f(dst, "blocktime_ms"),
         us_or_none(&dst["requested_p50_us"]),
         us_or_none(&dst["requested_p99_us"])
     );
@@ -616,11 +684,10 @@ fn local(a: &LocalArgs) -> Result<()> {
     }
     println!(
         "  destination workload touched every page in {:.0} ms from RUN; reconnects {}; {} of {} pages verified: {}",
-        f(&dst, "workload_ms"),
+        f(dst, "workload_ms"),
         src["reconnects"],
         src["verified"],
         src["pages"],
         dst["verdict"].as_str().unwrap_or("?")
     );
-    Ok(())
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use postcopy::auth::Key;
 use postcopy::migrate::{DestOptions, Destination, Migration, SourceOptions};
-use postcopy::net::{split, Addr, Stream};
+use postcopy::net::{Conn, Socket};
 use postcopy::wire::Message;
 use serde_json::json;
 use uffd_core::{Mapping, MemoryKind};
@@ -47,30 +47,32 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Round trips of a PING/PONG frame pair over one loopback connection.
 fn round_trips(n: usize) -> Result<Summary> {
     let l = TcpListener::bind("127.0.0.1:0")?;
-    let addr: Addr = Addr::Tcp(l.local_addr()?);
+    let addr = l.local_addr()?;
     let echo = std::thread::spawn(move || -> Result<()> {
         let (s, _) = l.accept()?;
         s.set_nodelay(true)?;
-        let (mut r, mut w) = split(Stream::Tcp(s))?;
-        while let Ok(Message::Ping { seq }) = r.recv() {
-            w.send(&Message::Pong { seq })?;
+        let mut conn = Conn::plain(Socket::Tcp(s))?;
+        while let Ok(Message::Ping { seq }) = conn.r.recv() {
+            conn.w.send(&Message::Pong { seq })?;
         }
         Ok(())
     });
-    let (mut r, mut w) = split(Stream::connect(&addr)?)?;
+    let s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    let mut conn = Conn::plain(Socket::Tcp(s))?;
     let mut ns = Vec::with_capacity(n);
     let t = Instant::now();
     for seq in 0..n as u64 {
         let s = Instant::now();
-        w.send(&Message::Ping { seq })?;
-        match r.recv()? {
+        conn.w.send(&Message::Ping { seq })?;
+        match conn.r.recv()? {
             Message::Pong { seq: got } if got == seq => {}
             other => anyhow::bail!("echo answered {other:?}"),
         }
         ns.push(s.elapsed().as_nanos().min(u32::MAX as u128) as u32);
     }
     let wall = t.elapsed();
-    w.shutdown();
+    conn.link.shutdown();
     let _ = echo.join();
     Ok(summarize(ns, wall))
 }
@@ -123,7 +125,7 @@ fn raw_tcp(bytes: usize, reader_cpu: usize) -> Result<f64> {
 /// `background`, reads every page so the demand-only run completes). Returns the
 /// destination's RUN → complete time and the touch latencies of pages that faulted.
 fn migration(bytes: usize, background: bool, touches: usize) -> Result<(Duration, Vec<u32>)> {
-    let key = Key::new(postcopy::auth::nonce().to_vec())?;
+    let key = Key::new(postcopy::auth::nonce()?.to_vec())?;
     let dest = Destination::bind(&"127.0.0.1:0".parse()?, key.clone(), DestOptions::default())?;
     let addr = dest.local_addr()?;
     let lat: Arc<Mutex<Option<std::thread::JoinHandle<Vec<u32>>>>> = Arc::default();

@@ -94,7 +94,7 @@ fn serve_draws_a_live_bar_on_a_terminal() {
     wait_listening(&sock, &mut server);
     // A bar redraws its line in place: carriage returns or cursor movement, with the
     // status text, and more than once.
-    let redraws = |t: &str| t.matches("image reads").count();
+    let redraws = |t: &str| t.matches("connection pairs").count();
     let seen = term.read_until(|t| redraws(t) >= 3);
     drop(server);
     for f in [&image, &key, &sock] {
@@ -127,7 +127,7 @@ fn serve_prints_plain_lines_when_stderr_is_not_a_terminal() {
     let lines: Vec<&str> = out
         .stderr
         .lines()
-        .filter(|l| l.contains("image reads"))
+        .filter(|l| l.contains("connection pairs"))
         .collect();
     assert!(
         (1..=most).contains(&lines.len()),

@@ -331,7 +331,9 @@ impl Drop for Mapping {
     }
 }
 
-/// The 2 MiB hugetlb pool: `/proc/sys/vm/nr_hugepages` and its free count.
+/// The 2 MiB hugetlb pool, read-only: how many pages are reserved and free. Growing the
+/// pool is the operator's (or the tool's) decision, never a library's: see
+/// `/proc/sys/vm/nr_hugepages`.
 pub mod hugetlb {
     use std::io;
 
@@ -352,18 +354,5 @@ pub mod hugetlb {
     /// Free 2 MiB pages.
     pub fn free() -> io::Result<usize> {
         read("free_hugepages")
-    }
-
-    /// Makes at least `pages` 2 MiB pages free, growing the pool if allowed (root).
-    /// Returns the free count afterwards, which can still be short if memory is
-    /// fragmented or the caller is not privileged.
-    pub fn ensure_free(pages: usize) -> io::Result<usize> {
-        let now = free()?;
-        if now >= pages {
-            return Ok(now);
-        }
-        let want = reserved()? + (pages - now);
-        std::fs::write(format!("{POOL}/nr_hugepages"), want.to_string())?;
-        free()
     }
 }

@@ -1,6 +1,6 @@
 //! The balloon stress: a workload reads and verifies pages while another thread drops
 //! random ranges with `MADV_DONTNEED` (what a balloon driver inflating does), with the
-//! prefetcher and fault-around placing pages at the same time. Every read is checked
+//! prefetcher, fault-around and readahead placing pages (runs, too) at the same time. Every read is checked
 //! against a log of the drops: a page reads its image content until a drop of it has
 //! completed, and zeros from then on (pages are never written by the workload). A page
 //! that reads zeros but was never dropped, or image data after its drop completed, or
@@ -159,6 +159,7 @@ fn round(
         .region(RegionSpec::new(memory.addr(), memory.len(), kind, 0))
         .mode(mode)
         .fault_around(4)
+        .readahead(true)
         .prefetch(Prefetch::Sequential)
         .start()
         .expect("start");

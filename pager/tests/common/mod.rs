@@ -7,13 +7,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use pager::{Fetched, Source, SourceError};
-use uffd_core::{hugetlb, Features, MemoryKind, Uffd};
+use uffd_core::{Features, MemoryKind, Uffd};
 
 pub use testkit::skip;
 
 /// Whether 2 MiB hugetlb pages can be had (reserving them as root); skips loudly if not.
 pub fn hugetlb_available(test: &str) -> bool {
-    match hugetlb::ensure_free(64) {
+    match testkit::hugepages::ensure_free(64) {
         Ok(free) if free >= 8 => true,
         Ok(free) => {
             skip(test, &format!("hugetlb: only {free} free 2 MiB pages"));

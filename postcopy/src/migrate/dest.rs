@@ -1,25 +1,30 @@
-//! The migration destination: ADVISE → LISTEN → RUNNING → END.
+//! The migration destination: precopy → LISTEN → RUN → postcopy → verdict, each its own
+//! function, each resumed on the next connection pair of the session after a break.
 //!
-//! Before LISTEN, arriving pages are copied straight into the fresh mapping (no
-//! userfaultfd yet; precopy rounds may overwrite them) and DISCARD drops the ones the
-//! source dirtied after sending. At LISTEN a pager registers the mapping with a remote
-//! source that turns faults into REQ_PAGES on the urgent connection; receiver threads place
-//! whatever arrives on either connection. The workload starts at RUN.
+//! Before LISTEN, arriving pages are copied straight into a fresh mapping (no
+//! userfaultfd yet; precopy rounds may overwrite them) and their states written into the
+//! map the pager will start with; DISCARD drops the ones the source dirtied after sending.
+//! At LISTEN a pager registers the mapping with the receiver as its source: a fault asks
+//! on the urgent connection and returns at once, and the connection readers place what
+//! arrives. The workload starts at RUN.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use page_state::PageState;
-use pager::{DeliveryMode, Fetched, Pager, Placer, Prefetch, RegionSpec, Source, SourceError};
+use pager::{DeliveryMode, LatencyHistogram, PageStateMap, Pager, Prefetch, RegionSpec};
 use uffd_core::{Features as UffdFeatures, Mapping, MemoryKind, Uffd};
 
-use super::{digest_raw, Timing};
-use crate::auth::{self, Key};
-use crate::net::{split, Addr, FrameReader, FrameWriter, Listener, Stream};
-use crate::wire::{Advise, Channel, Frame, Limits, Message, PageRange, Role, ShutReason};
+use super::{digest_raw, step, LinkStatus, Timing};
+use crate::auth::Key;
+use crate::endpoint::receiver::{read_advise, Land, Receiver};
+use crate::endpoint::RecvStats;
+use crate::error::{unexpected, LinkError, Refusal};
+use crate::link::accept::{Acceptor, Admit, Arrival};
+use crate::link::Pair;
+use crate::net::{Addr, Listener};
+use crate::wire::{Advise, Channel, Message, PageRange, Role, ShutReason};
 use crate::Error;
-use pager::{AtomicLatencyHistogram, LatencyHistogram, PageStateMap};
 
 /// Digests per DIGESTS frame.
 const DIGESTS_PER_FRAME: usize = 8192;
@@ -29,7 +34,7 @@ const DIGESTS_PER_FRAME: usize = 8192;
 pub struct DestOptions {
     /// How the pager receives faults.
     pub mode: DeliveryMode,
-    /// Timeouts; `give_up_after` bounds a pause waiting for the source to reconnect.
+    /// Liveness, and the bound on waiting for the source (first, and after a break).
     pub timing: Timing,
 }
 
@@ -42,69 +47,56 @@ impl Default for DestOptions {
     }
 }
 
-/// Destination states.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
+/// Destination phases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DestPhase {
     /// Waiting for the source.
-    Waiting = 0,
+    #[default]
+    Waiting,
     /// ADVISE received; precopy pages arriving.
-    Advise = 1,
+    Precopy,
     /// Registered; waiting for RUN.
-    Listen = 2,
+    Listening,
     /// The workload runs; pages arrive on demand and in the background.
-    Running = 3,
-    /// A connection broke; waiting for the source to reconnect.
-    Paused = 4,
-    /// Every page arrived and was verified.
-    End = 5,
+    Running,
+    /// Every page arrived; digests sent, waiting for the verdict.
+    Verifying,
+    /// Verified.
+    Done,
 }
 
-/// Live counters and fault injection of a running destination.
+/// Live counters of a running destination.
 #[derive(Debug, Default)]
 pub struct DestControl {
-    phase: AtomicU8,
-    /// Pages copied in during precopy (including re-sends).
-    pub precopy_pages: AtomicU64,
-    /// Pages placed in postcopy (arrivals).
-    pub postcopy_pages: AtomicU64,
-    /// Reconnections accepted.
-    pub reconnects: AtomicU64,
-    stall: Mutex<Option<(u64, Duration)>>,
+    phase: std::sync::Mutex<DestPhase>,
+    /// Pages copied in and placed, pages requested.
+    pub received: Arc<RecvStats>,
+    /// Paused or not, and reconnections.
+    pub link: LinkStatus,
+    #[cfg(feature = "fault-injection")]
+    faults: Arc<crate::fault::Faults>,
 }
 
 impl DestControl {
-    /// The current state.
+    /// The current phase.
     pub fn phase(&self) -> DestPhase {
-        match self.phase.load(Ordering::Relaxed) {
-            1 => DestPhase::Advise,
-            2 => DestPhase::Listen,
-            3 => DestPhase::Running,
-            4 => DestPhase::Paused,
-            5 => DestPhase::End,
-            _ => DestPhase::Waiting,
-        }
+        *self.phase.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn set_phase(&self, p: DestPhase) {
-        self.phase.store(p as u8, Ordering::Relaxed);
-    }
-
-    /// Fault injection: once `after_pages` postcopy pages were placed, the main receiver
-    /// stops reading for `pause` (a peer that stops reading).
-    pub fn stall_reading(&self, after_pages: u64, pause: Duration) {
-        *self.stall.lock().unwrap_or_else(|p| p.into_inner()) = Some((after_pages, pause));
-    }
-
-    fn take_stall(&self) -> Option<Duration> {
-        let mut s = self.stall.lock().unwrap_or_else(|p| p.into_inner());
-        match *s {
-            Some((after, pause)) if self.postcopy_pages.load(Ordering::Relaxed) >= after => {
-                *s = None;
-                Some(pause)
-            }
-            _ => None,
+        let was = std::mem::replace(
+            &mut *self.phase.lock().unwrap_or_else(|p| p.into_inner()),
+            p,
+        );
+        if was != p {
+            log::debug!("destination: {p:?}");
         }
+    }
+
+    /// Plans `fault` (a stall of the readers) once `after_pages` pages arrived.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject(&self, fault: crate::fault::Fault, after_pages: u64) {
+        self.faults.inject(fault, after_pages);
     }
 }
 
@@ -151,554 +143,433 @@ pub struct DestReport {
     pub verdict: String,
 }
 
-/// The destination's view of the source, as a pager source: a fault asks on the urgent
-/// connection and returns at once; receivers place the answer. While paused the request
-/// is only remembered (the page stays Requested) and re-sent on reconnection.
-struct Remote {
-    base: usize,
-    len: u64,
-    ps: usize,
-    started: Instant,
-    urgent: Mutex<Option<FrameWriter>>,
-    /// Per page: ns since `started` when requested + 1, 0 when not requested.
-    asked: Box<[AtomicU64]>,
-    requested: AtomicU64,
-}
-
-impl std::fmt::Debug for Remote {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Remote")
-            .field("len", &self.len)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Remote {
-    fn ask(&self, ranges: Vec<PageRange>) {
-        let mut w = self.urgent.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(writer) = w.as_mut() {
-            if writer.send(&Message::ReqPages { ranges }).is_err() {
-                // Broken: the receivers notice too; the page stays Requested and is asked
-                // again after reconnection.
-                writer.shutdown();
-                *w = None;
-            }
-        }
-    }
-}
-
-impl Source for Remote {
-    fn len(&self) -> u64 {
-        self.len
-    }
-
-    fn fetch<'a>(&'a self, offset: u64, scratch: &'a mut [u8]) -> Result<Fetched<'a>, SourceError> {
-        let first = offset / self.ps as u64;
-        let count = (scratch.len() / self.ps).max(1) as u64;
-        let now = self.started.elapsed().as_nanos() as u64 + 1;
-        for p in first..first + count {
-            if let Some(a) = self.asked.get(p as usize) {
-                // Relaxed: a timestamp read back by the receiver that places the page.
-                let _ = a.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
-            }
-        }
-        self.requested.fetch_add(count, Ordering::Relaxed);
-        self.ask(vec![PageRange { first, count }]);
-        Ok(Fetched::Pending)
-    }
-}
-
-struct Conn {
-    r: FrameReader,
-    w: FrameWriter,
-    cut: Stream,
-}
-
 /// A migration destination listening for its source.
 pub struct Destination {
-    listener: Listener,
-    key: Key,
+    acceptor: Acceptor,
     opts: DestOptions,
     control: Arc<DestControl>,
 }
 
 impl Destination {
-    /// Listens on `addr` for a source that knows `key`.
+    /// Listens on `addr` for a source that knows `key`. The first session to
+    /// authenticate is the one served; any other is refused.
     pub fn bind(addr: &Addr, key: Key, opts: DestOptions) -> Result<Destination, Error> {
-        Ok(Destination {
-            listener: Listener::bind(addr)?,
+        let listener = Listener::bind(addr).map_err(Error::io("bind the destination"))?;
+        let acceptor = Acceptor::start(
+            listener,
             key,
+            opts.timing,
+            Role::Source,
+            Admit::OneSession,
+            None,
+        )?;
+        Ok(Destination {
+            acceptor,
             opts,
-            control: Arc::new(DestControl::default()),
+            control: Arc::default(),
         })
     }
 
     /// The bound address.
     pub fn local_addr(&self) -> Result<Addr, Error> {
-        Ok(self.listener.local_addr()?)
+        self.acceptor.local_addr()
     }
 
-    /// Progress and fault injection.
+    /// Progress.
     pub fn control(&self) -> Arc<DestControl> {
         self.control.clone()
-    }
-
-    /// Accepts the main and urgent connections of one session (`expected`, or the first
-    /// authenticated one). Strangers and wrong keys are refused and do not count.
-    fn accept_pair(
-        &self,
-        expected: Option<u64>,
-        deadline: Instant,
-    ) -> Result<(Conn, Conn, u64), Error> {
-        let t = &self.opts.timing;
-        let (mut main, mut urgent) = (None, None);
-        let mut session = expected;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Error::Fatal(format!(
-                    "no source (re)connected within {:?}",
-                    t.give_up_after
-                )));
-            }
-            let Some(stream) = self.listener.accept_timeout(left)? else {
-                continue;
-            };
-            let attempt = (|| -> Result<(Conn, Channel, u64), Error> {
-                stream.set_timeouts(Some(t.io_timeout), Some(t.io_timeout))?;
-                let cut = stream.try_clone()?;
-                let (mut r, mut w) = split(stream)?;
-                let (role, channel, s) = auth::listen(&mut r, &mut w, &self.key)?;
-                if role != Role::Source {
-                    let _ = w.send(&Message::Shut {
-                        reason: ShutReason::Error,
-                        detail: "a migration destination talks to sources only".into(),
-                    });
-                    return Err(Error::Protocol("a non-source connected".into()));
-                }
-                if session.is_some_and(|x| x != s) {
-                    let _ = w.send(&Message::Shut {
-                        reason: ShutReason::Error,
-                        detail: "another migration is in progress here".into(),
-                    });
-                    return Err(Error::Protocol("a second session connected".into()));
-                }
-                Ok((Conn { r, w, cut }, channel, s))
-            })();
-            // A failed attempt is that connection's problem only.
-            let Ok((conn, channel, s)) = attempt else {
-                continue;
-            };
-            session = Some(s);
-            match channel {
-                Channel::Main => main = Some(conn),
-                Channel::Urgent => urgent = Some(conn),
-            }
-            if main.is_some() && urgent.is_some() {
-                let (m, u) = (main.take().expect("main"), urgent.take().expect("urgent"));
-                return Ok((m, u, s));
-            }
-        }
     }
 
     /// Runs the destination to the end. `on_run` is called at RUN with the memory (start
     /// the workload there; it runs while pages are still arriving).
     ///
-    /// A broken connection after RUN pauses (the pager keeps the workload's faults waiting)
-    /// until the source reconnects, or fails after [`Timing::give_up_after`]. If the
-    /// migration fails after RUN, the memory is left mapped (the workload may still use
-    /// it) and, with the pager gone, pages that never arrived read as zero.
+    /// A broken or silent connection pauses (after RUN the pager keeps the workload's
+    /// faults waiting) until the source reconnects, or fails after
+    /// [`Timing::give_up_after`]. If the migration fails after RUN, the memory is left
+    /// mapped (the workload may still use it) and, with the pager gone, pages that never
+    /// arrived read as zero.
     pub fn run(self, on_run: impl FnOnce(RunningMemory)) -> Result<DestReport, Error> {
-        let t = self.opts.timing;
-        let ctl = self.control.clone();
-        let (mut main, mut urgent, session) =
-            self.accept_pair(None, Instant::now() + t.give_up_after)?;
-        let advise = match main.r.recv()? {
-            Message::Advise(a) => a,
-            other => return Err(Error::Protocol(format!("expected ADVISE, got {other:?}"))),
-        };
-        ctl.set_phase(DestPhase::Advise);
-        let (ps, pages) = check_advise(&advise)?;
-        let limits = Limits::default().advised(&advise);
-        main.r.limits = limits;
-        urgent.r.limits = limits;
-        let len = ps * pages as usize;
-        let kind = if ps == 4096 {
-            MemoryKind::Anon
-        } else {
-            uffd_core::hugetlb::ensure_free(pages as usize).map_err(|e| {
-                Error::Fatal(format!("{pages} free 2 MiB huge pages are needed: {e}"))
-            })?;
-            // Private: MADV_DONTNEED (DISCARD) really drops a private page, where a shared
-            // hugetlb mapping would keep it in its page cache and never fault.
-            MemoryKind::HugetlbPrivate
-        };
-        let memory = Mapping::new(kind, len)?;
-        let base = memory.addr();
-        main.w.send(&Message::Ack { seq: 0 })?;
-
-        // Precopy: copy in, zero, discard.
-        // The page states the pager will run with, written as precopy goes.
-        let states = PageStateMap::new(pages as usize);
-        // Drops pages: a private mapping's MADV_DONTNEED frees them (they read as zero
-        // and, once registered, fault).
-        let drop_pages = |r: PageRange| -> Result<std::ops::Range<usize>, Error> {
-            let (first, count) = (r.first as usize, r.count as usize);
-            memory.madvise(first * ps, count * ps, libc::MADV_DONTNEED)?;
-            Ok(first..first + count)
-        };
-        let mut discarded = 0;
-        loop {
-            match main.r.recv()? {
-                Message::Pages { first, data } => {
-                    // SAFETY: the decoder checked first + n <= pages against the advise; the
-                    // mapping is ours and not yet shared with any other thread.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            data.as_ptr(),
-                            (base + first as usize * ps) as *mut u8,
-                            data.len(),
-                        )
-                    };
-                    let n = (data.len() / ps) as u64;
-                    states.mark_received_range(first as usize, (first + n) as usize)?;
-                    ctl.precopy_pages.fetch_add(n, Ordering::Relaxed);
-                }
-                // Known zero: a fault there gets a zero page locally, nothing is fetched
-                // (and nothing is placed now, which would cost one ioctl per page of
-                // downtime).
-                Message::ZeroRun(r) => {
-                    let pages = drop_pages(r)?;
-                    states.mark_zero_range(pages.start, pages.end)?;
-                }
-                Message::Discard { ranges } => {
-                    for r in ranges {
-                        let pages = drop_pages(r)?;
-                        // Setup, nothing runs yet: a page sent as zero goes through
-                        // Received (zero → received → missing are both legal).
-                        states.mark_received_range(pages.start, pages.end)?;
-                        states.discard_range(pages.start, pages.end)?;
-                        discarded += r.count;
-                    }
-                }
-                Message::Listen => break,
-                Message::Ping { seq } => main.w.send(&Message::Pong { seq })?,
-                Message::Shut { detail, .. } => {
-                    return Err(Error::Fatal(format!("the source cancelled: {detail}")))
-                }
-                other => {
-                    return Err(Error::Protocol(format!(
-                        "unexpected {other:?} before LISTEN"
-                    )))
-                }
+        let mut d = DestRun::start(&self)?;
+        let mut on_run = Some(on_run);
+        while d.step != step::VERIFIED {
+            let done = match d.step {
+                step::ADVISED => d.precopy(),
+                step::LISTENING => d.await_run(&mut on_run),
+                _ => d.postcopy(),
+            };
+            match done {
+                Ok(()) => {}
+                Err(e) if e.is_link() => d.resume(e)?,
+                Err(e) => return Err(d.fail(e)),
             }
         }
+        d.linger();
+        self.control.set_phase(DestPhase::Done);
+        d.report()
+    }
+}
 
-        // LISTEN: register and start the pager with what precopy brought.
-        let remote = Arc::new(Remote {
-            base,
-            len: len as u64,
-            ps,
-            started: Instant::now(),
-            urgent: Mutex::new(None),
-            asked: (0..pages).map(|_| AtomicU64::new(0)).collect(),
-            requested: AtomicU64::new(0),
-        });
+/// A running destination's state, across connection pairs.
+struct DestRun<'d> {
+    d: &'d Destination,
+    session: u64,
+    advise: Advise,
+    kind: MemoryKind,
+    receiver: Arc<Receiver>,
+    pair: Option<Pair>,
+    step: u64,
+    memory: Option<Mapping>,
+    pager: Option<Pager>,
+    discarded: u64,
+    run_at: Option<Instant>,
+    complete_at: Option<Instant>,
+    verdict: String,
+}
+
+impl<'d> DestRun<'d> {
+    /// Waits for the first session (bounded), maps its memory and greets it.
+    fn start(d: &'d Destination) -> Result<DestRun<'d>, Error> {
+        let t = d.opts.timing;
+        let until = Instant::now() + t.give_up_after;
+        let (mut arrival, advise) = loop {
+            let mut arrival = d.acceptor.take(None, until).ok_or(Error::GaveUp {
+                after: t.give_up_after,
+                last: LinkError::NoAnswer {
+                    expected: "a source",
+                    after: t.give_up_after,
+                },
+            })?;
+            match read_advise(&mut arrival.conns.0) {
+                Ok(advise) => break (arrival, advise),
+                Err(e) if e.is_link() => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        let (ps, pages) = match check_advise(&advise) {
+            Ok(g) => g,
+            Err(e) => {
+                crate::auth::refuse(&mut arrival.conns.0, ShutReason::Error, &e.to_string());
+                return Err(e);
+            }
+        };
+        let kind = match ps {
+            4096 => MemoryKind::Anon,
+            // Private: MADV_DONTNEED (DISCARD) really drops a private page, where a shared
+            // hugetlb mapping would keep it in its page cache and never fault.
+            _ => MemoryKind::HugetlbPrivate,
+        };
+        let memory = map(kind, ps, pages)?;
+        let states = PageStateMap::new(pages as usize);
+        let land = Land::Copy { memory, states };
+        #[allow(unused_mut)]
+        let mut receiver = Receiver::new(ps, pages, land, d.control.received.clone());
+        #[cfg(feature = "fault-injection")]
+        {
+            receiver.faults = d.control.faults.clone();
+        }
+        let mut run = DestRun {
+            d,
+            session: arrival.session,
+            advise,
+            kind,
+            receiver: Arc::new(receiver),
+            pair: None,
+            step: step::ADVISED,
+            memory: None,
+            pager: None,
+            discarded: 0,
+            run_at: None,
+            complete_at: None,
+            verdict: String::new(),
+        };
+        d.control.set_phase(DestPhase::Precopy);
+        let advise = run.advise.clone();
+        match run.adopt(arrival, advise) {
+            Err(e) if e.is_link() => run.resume(e)?,
+            other => other?,
+        }
+        Ok(run)
+    }
+
+    /// Takes `arrival` as the session's pair: its ADVISE must be the first one; then
+    /// RECV_BITMAP and the step go back.
+    fn adopt(&mut self, mut arrival: Arrival, advise: Advise) -> Result<(), Error> {
+        if advise != self.advise {
+            let e = Refusal::GeometryChanged;
+            crate::auth::refuse(&mut arrival.conns.0, ShutReason::Error, &e.to_string());
+            return Err(Error::refused(e));
+        }
+        let (timing, receiver) = (&self.d.opts.timing, self.receiver.clone());
+        let pair = Pair::start(arrival.conns, arrival.cutter, &advise, receiver, timing)?;
+        self.receiver.greet(&pair, Some(self.step))?;
+        self.pair = Some(pair);
+        Ok(())
+    }
+
+    fn pair(&self) -> &Pair {
+        self.pair.as_ref().expect("a pair between adopt and resume")
+    }
+
+    /// Pauses after `cause` until the source's next pair is up, or gives up.
+    fn resume(&mut self, cause: Error) -> Result<(), Error> {
+        let control = &self.d.control;
+        let phase = format!("{:?}", control.phase());
+        control.link.pause("destination", &phase, &cause);
+        self.receiver.pause();
+        self.pair = None;
+        let after = self.d.opts.timing.give_up_after;
+        let mut last = match cause {
+            Error::Link(e) => e,
+            _ => LinkError::Cut,
+        };
+        match self.next_pair(Instant::now() + after, &mut last) {
+            Ok(true) => {}
+            Ok(false) => return Err(self.fail(Error::GaveUp { after, last })),
+            Err(e) => return Err(self.fail(e)),
+        }
+        self.d.control.link.resumed("destination");
+        Ok(())
+    }
+
+    /// Adopts the session's next pair that greets; false if `until` passes first
+    /// (`last`: the latest failure).
+    fn next_pair(&mut self, until: Instant, last: &mut LinkError) -> Result<bool, Error> {
+        while let Some(mut arrival) = self.d.acceptor.take(Some(self.session), until) {
+            match read_advise(&mut arrival.conns.0).and_then(|a| self.adopt(arrival, a)) {
+                Ok(()) => return Ok(true),
+                Err(Error::Link(e)) => *last = e,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(false)
+    }
+
+    /// Precopy until LISTEN: pages land on the reader thread; DISCARD here.
+    fn precopy(&mut self) -> Result<(), Error> {
+        loop {
+            match self.pair().wait()? {
+                (_, Message::Discard { ranges }) => self.discard(&ranges)?,
+                (_, Message::Listen) => return self.listen(),
+                (channel, other) => return Err(unexpected(other, "DISCARD or LISTEN", channel)),
+            }
+        }
+    }
+
+    /// Drops pages dirtied after they were sent (setup: nothing runs yet).
+    fn discard(&mut self, ranges: &[PageRange]) -> Result<(), Error> {
+        let ps = self.advise.page_size as usize;
+        let dropped = self
+            .receiver
+            .with_copy(|memory, states| -> Result<u64, Error> {
+                let mut n = 0;
+                for r in ranges {
+                    let (start, end) = (r.first as usize, (r.first + r.count) as usize);
+                    memory
+                        .madvise(start * ps, (end - start) * ps, libc::MADV_DONTNEED)
+                        .map_err(Error::io("drop discarded pages"))?;
+                    // A page sent as zero goes through Received (zero → received → missing).
+                    states.mark_received_range(start, end)?;
+                    states.discard_range(start, end)?;
+                    n += r.count;
+                }
+                Ok(n)
+            });
+        self.discarded += dropped.ok_or(Error::Unexpected {
+            expected: "DISCARD before LISTEN",
+            got: "DISCARD",
+            channel: Channel::Main,
+        })??;
+        Ok(())
+    }
+
+    /// LISTEN: registers the memory and starts the pager with the states precopy wrote.
+    fn listen(&mut self) -> Result<(), Error> {
+        let Land::Copy { memory, states } = self.receiver.set_land(Land::Idle) else {
+            unreachable!("LISTEN is handled once, from the precopy land");
+        };
         let uffd = Uffd::builder()
             .non_blocking(true)
             .require(UffdFeatures::EVENT_REMOVE)
             .open()?;
-        let pager = Pager::builder(uffd, remote.clone())
-            .region(RegionSpec::new(base, len, kind, 0))
-            .mode(self.opts.mode)
+        let pager = Pager::builder(uffd, self.receiver.clone())
+            .region(RegionSpec::new(memory.addr(), memory.len(), self.kind, 0))
+            .mode(self.d.opts.mode)
             .prefetch(Prefetch::None)
             .states(states)
             .start()?;
-        let placer = pager.placer();
-        *remote.urgent.lock().unwrap_or_else(|p| p.into_inner()) = Some(urgent.w);
-        ctl.set_phase(DestPhase::Listen);
-        main.w.send(&Message::Ack { seq: 1 })?;
-        match main.r.recv()? {
-            Message::Run => {}
-            other => return Err(Error::Protocol(format!("expected RUN, got {other:?}"))),
-        }
-        on_run(RunningMemory {
-            base,
-            len,
-            page_size: ps,
-        });
-        let run_at = Instant::now();
-        ctl.set_phase(DestPhase::Running);
-        // A failed send here shows up as a broken session below.
-        let _ = main.w.send(&Message::Ack { seq: 2 });
-
-        // RUNNING, resumed after every broken connection.
-        let hist = AtomicLatencyHistogram::default();
-        let mut complete_at = None;
-        let (mut urgent_r, mut urgent_cut) = (urgent.r, urgent.cut);
-        let running = (|| -> Result<String, Error> {
-            loop {
-                match self.session(
-                    &mut main,
-                    &mut urgent_r,
-                    &urgent_cut,
-                    &placer,
-                    &pager,
-                    &remote,
-                    &hist,
-                    &mut complete_at,
-                ) {
-                    Ok(verdict) => return Ok(verdict),
-                    Err(e @ (Error::Fatal(_) | Error::Mismatch { .. })) => return Err(e),
-                    Err(_) => {}
-                }
-                // Paused until a reconnection gets through the re-plan.
-                ctl.set_phase(DestPhase::Paused);
-                loop {
-                    *remote.urgent.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                    let (mut m, mut u, _) =
-                        self.accept_pair(Some(session), Instant::now() + t.give_up_after)?;
-                    m.r.limits = limits;
-                    u.r.limits = limits;
-                    // What we have (placed, or zero here); the source sends the rest.
-                    let words = pager.states().export_present();
-                    let outstanding: Vec<PageRange> = (pager.states().iter().enumerate())
-                        .filter(|(_, s)| *s == PageState::Requested)
-                        .map(|(i, _)| PageRange {
-                            first: i as u64,
-                            count: 1,
-                        })
-                        .collect();
-                    if m.w.send(&Message::RecvBitmap { words }).is_err() {
-                        continue;
-                    }
-                    *remote.urgent.lock().unwrap_or_else(|p| p.into_inner()) = Some(u.w);
-                    // Outstanding requests again, once the new writer is in place: a fault
-                    // racing this either sent on the new writer or was Requested above (a
-                    // duplicate request is answered twice and placed once).
-                    for chunk in outstanding.chunks(1024) {
-                        remote.ask(chunk.to_vec());
-                    }
-                    (main, urgent_r, urgent_cut) = (m, u.r, u.cut);
-                    ctl.reconnects.fetch_add(1, Ordering::Relaxed);
-                    ctl.set_phase(DestPhase::Running);
-                    break;
-                }
-            }
-        })();
-        let verdict = match running {
-            Ok(v) => v,
-            Err(e) => {
-                // The workload may still be using the memory: leave it mapped. With the
-                // pager gone, pages that never arrived read as zero.
-                drop(pager);
-                let _ = memory.leak();
-                return Err(e);
-            }
-        };
-        ctl.set_phase(DestPhase::End);
-        let postcopy = complete_at
-            .unwrap_or(run_at)
-            .saturating_duration_since(run_at);
-        let stats = pager.stop()?;
-        Ok(DestReport {
-            memory,
-            page_size: ps,
-            pages,
-            precopy_pages: ctl.precopy_pages.load(Ordering::Relaxed),
-            discarded,
-            postcopy_pages: ctl.postcopy_pages.load(Ordering::Relaxed),
-            requested: remote.requested.load(Ordering::Relaxed),
-            blocktime: hist.snapshot().sum(),
-            latency: hist.snapshot(),
-            reconnects: ctl.reconnects.load(Ordering::Relaxed),
-            postcopy,
-            pager: stats,
-            verdict,
-        })
+        self.receiver.set_land(Land::Place(pager.placer()));
+        (self.memory, self.pager) = (Some(memory), Some(pager));
+        self.step = step::LISTENING;
+        self.d.control.set_phase(DestPhase::Listening);
+        self.pair().main.send(&Message::Ack {
+            seq: step::LISTENING,
+        })?;
+        Ok(())
     }
 
-    /// Receives on one connection pair until the source's verdict (Ok) or a break (Err).
-    #[allow(clippy::too_many_arguments)]
-    fn session(
-        &self,
-        main: &mut Conn,
-        urgent_r: &mut FrameReader,
-        urgent_cut: &Stream,
-        placer: &Placer,
-        pager: &Pager,
-        remote: &Remote,
-        hist: &AtomicLatencyHistogram,
-        complete_at: &mut Option<Instant>,
-    ) -> Result<String, Error> {
-        let ctl = &*self.control;
-        let ps = remote.ps;
-        let pages = (remote.len / ps as u64) as usize;
-        let _ = main
-            .cut
-            .set_timeouts(None, Some(self.opts.timing.io_timeout));
-        let _ = urgent_cut.set_timeouts(None, Some(self.opts.timing.io_timeout));
-        let broken = AtomicBool::new(false);
-        let main_cut = &main.cut;
-        let cut = || {
-            broken.store(true, Ordering::Relaxed);
-            main_cut.shutdown();
-            urgent_cut.shutdown();
-        };
-        // Requested pages that are now present: their latency, request → arrival.
-        let arrived = |first: u64, count: u64| {
-            let now = remote.started.elapsed().as_nanos() as u64 + 1;
-            for p in first..first + count {
-                let asked = remote.asked[p as usize].swap(0, Ordering::Relaxed);
-                if asked != 0 {
-                    hist.record(Duration::from_nanos(now.saturating_sub(asked)));
-                }
-            }
-        };
-        let stopped = || Error::Fatal("the pager stopped".into());
-        let place = |first: u64, data: Option<&[u8]>, count: u64| -> Result<(), Error> {
-            match data {
-                Some(d) => {
-                    let n = placer
-                        .place_run(first * ps as u64, d)?
-                        .ok_or_else(stopped)?;
-                    ctl.postcopy_pages.fetch_add(n as u64, Ordering::Relaxed);
-                }
-                None => {
-                    for p in first..first + count {
-                        match placer.place(p * ps as u64, None)? {
-                            pager::Placed::Placed => {
-                                ctl.postcopy_pages.fetch_add(1, Ordering::Relaxed);
-                            }
-                            pager::Placed::Duplicate => {}
-                            pager::Placed::NoRegion | pager::Placed::Stopped => {
-                                return Err(stopped())
-                            }
-                        }
-                    }
-                }
-            }
-            arrived(first, count);
-            Ok(())
-        };
-        // Ok(detail) when the source says the migration is done and verified.
-        let receive = |r: &mut FrameReader,
-                       on_end: &mut dyn FnMut() -> Result<(), Error>|
-         -> Result<String, Error> {
-            loop {
-                let msg = match r.recv_frame()? {
-                    Frame::Pages { first, data } => {
-                        place(first, Some(data), (data.len() / ps) as u64)?;
-                        None
-                    }
-                    Frame::Other(msg) => Some(msg),
-                };
-                match msg {
-                    None => {}
-                    Some(Message::ZeroRun(z)) => place(z.first, None, z.count)?,
-                    Some(Message::End) => on_end()?,
-                    Some(Message::Pong { .. } | Message::Ack { .. }) => {}
-                    Some(Message::Shut { reason, detail }) => {
-                        return match reason {
-                            ShutReason::Done => Ok(detail),
-                            _ => Err(Error::Fatal(format!(
-                                "the source shut the migration: {detail}"
-                            ))),
-                        }
-                    }
-                    Some(other) => {
-                        return Err(Error::Protocol(format!("unexpected {other:?} in postcopy")))
-                    }
-                }
-                if let Some(pause) = ctl.take_stall() {
-                    std::thread::sleep(pause);
-                }
-            }
-        };
-        std::thread::scope(|s| {
-            let urgent_t = s.spawn(|| {
-                let r = receive(urgent_r, &mut || {
-                    Err(Error::Protocol("END on the urgent channel".into()))
-                });
-                // A clean close is the source finishing (or dying: main sees that too).
-                if !matches!(r, Err(Error::Closed)) {
-                    cut();
-                }
-                r
+    /// RUN: starts the workload (once) and acknowledges.
+    fn await_run(&mut self, on_run: &mut Option<impl FnOnce(RunningMemory)>) -> Result<(), Error> {
+        match self.pair().wait()? {
+            (_, Message::Run) => {}
+            (channel, other) => return Err(unexpected(other, "RUN", channel)),
+        }
+        let memory = self.memory.as_ref().expect("mapped at LISTEN");
+        if let Some(on_run) = on_run.take() {
+            on_run(RunningMemory {
+                base: memory.addr(),
+                len: memory.len(),
+                page_size: self.advise.page_size as usize,
             });
-            let main_result: Result<String, Error> = {
-                let (mr, mw) = (&mut main.r, &mut main.w);
-                let mut on_end = || -> Result<(), Error> {
-                    // Wait for the last placements (urgent answers may still be in flight).
-                    while count_missing(pager) > 0 {
-                        if broken.load(Ordering::Relaxed) {
-                            return Err(Error::Closed);
-                        }
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    complete_at.get_or_insert_with(Instant::now);
-                    for first in (0..pages).step_by(DIGESTS_PER_FRAME) {
-                        let n = DIGESTS_PER_FRAME.min(pages - first);
-                        let digests = (first..first + n)
-                            // SAFETY: every page is present now; the mapping lives as
-                            // long as the report.
-                            .map(|p| unsafe { digest_raw((remote.base + p * ps) as *const u8, ps) })
-                            .collect();
-                        mw.send(&Message::Digests {
-                            first: first as u64,
-                            digests,
-                        })?;
-                    }
-                    Ok(())
-                };
-                receive(mr, &mut on_end)
-            };
-            if main_result.is_ok() {
-                broken.store(true, Ordering::Relaxed);
-                main_cut.shutdown();
-                urgent_cut.shutdown();
-            } else {
-                cut();
+            self.run_at = Some(Instant::now());
+        }
+        self.step = step::RUNNING;
+        self.d.control.set_phase(DestPhase::Running);
+        self.pair()
+            .main
+            .send(&Message::Ack { seq: step::RUNNING })?;
+        Ok(())
+    }
+
+    /// Postcopy: pages land on the readers; after END and every page, DIGESTS, then the
+    /// source's verdict.
+    fn postcopy(&mut self) -> Result<(), Error> {
+        let pair = self.pair.as_ref().expect("a pair between adopt and resume");
+        match pair.wait()? {
+            (_, Message::End) => {}
+            (channel, other) => return Err(unexpected(other, "END", channel)),
+        }
+        self.receiver
+            .wait_complete(pair, self.d.opts.timing.silence)?;
+        self.complete_at.get_or_insert_with(Instant::now);
+        self.d.control.set_phase(DestPhase::Verifying);
+        self.send_digests(pair)?;
+        match pair.next("the verdict", self.d.opts.timing.give_up_after)? {
+            (
+                _,
+                Message::Shut {
+                    reason: ShutReason::Done,
+                    detail,
+                },
+            ) => self.verdict = detail,
+            (channel, other) => return Err(unexpected(other, "SHUT", channel)),
+        }
+        self.step = step::VERIFIED;
+        // Lost, it is asked for again: the source reconnects and hears step 3.
+        let _ = pair.main.send(&Message::Ack {
+            seq: step::VERIFIED,
+        });
+        Ok(())
+    }
+
+    fn send_digests(&self, pair: &Pair) -> Result<(), Error> {
+        let memory = self.memory.as_ref().expect("mapped at LISTEN");
+        let (ps, pages) = (
+            self.advise.page_size as usize,
+            self.advise.page_count as usize,
+        );
+        for first in (0..pages).step_by(DIGESTS_PER_FRAME) {
+            let n = DIGESTS_PER_FRAME.min(pages - first);
+            let digests = (first..first + n)
+                // SAFETY: every page is present and the mapping is ours until the report
+                // goes; the workload may be writing (volatile loads).
+                .map(|p| unsafe { digest_raw(memory.as_ptr().add(p * ps), ps) })
+                .collect();
+            pair.main.send(&Message::Digests {
+                first: first as u64,
+                digests,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// After the verdict: until the source closes the pair, or, if it reconnects (its
+    /// pair broke before our ACK arrived), until it heard step 3 on the new one; bounded.
+    fn linger(&mut self) {
+        let t = self.d.opts.timing;
+        let until = Instant::now() + t.silence * 2 + t.max_backoff;
+        while let Some(pair) = &self.pair {
+            match pair.next_within(until.saturating_duration_since(Instant::now())) {
+                Ok(Some(_)) => continue,
+                Err(Error::Link(LinkError::Superseded)) => self.pair = None,
+                _ => return,
             }
-            let urgent_result = urgent_t.join().unwrap_or(Err(Error::Closed));
-            match main_result {
-                Ok(v) => Ok(v),
-                Err(e @ (Error::Fatal(_) | Error::Mismatch { .. })) => Err(e),
-                Err(e) => Err(match urgent_result {
-                    Err(u @ Error::Fatal(_)) => u,
-                    _ => e,
-                }),
+            if !matches!(self.next_pair(until, &mut LinkError::Cut), Ok(true)) {
+                return;
             }
+        }
+    }
+
+    /// After RUN the workload may still use the memory: it stays mapped (with the pager
+    /// gone, pages that never arrived read as zero).
+    fn fail(&mut self, e: Error) -> Error {
+        log::error!("destination: {}", crate::error::chain(&e));
+        self.pair = None;
+        self.pager = None;
+        if self.run_at.is_some() {
+            if let Some(m) = self.memory.take() {
+                let _ = m.leak();
+            }
+        }
+        e
+    }
+
+    fn report(mut self) -> Result<DestReport, Error> {
+        let stats = self.pager.take().expect("started at LISTEN").stop()?;
+        let stats_of = &self.d.control.received;
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let run_at = self.run_at.unwrap_or_else(Instant::now);
+        let latency = self.receiver.latency.snapshot();
+        Ok(DestReport {
+            memory: self.memory.take().expect("mapped at LISTEN"),
+            page_size: self.advise.page_size as usize,
+            pages: self.advise.page_count,
+            precopy_pages: get(&stats_of.copied),
+            discarded: self.discarded,
+            postcopy_pages: get(&stats_of.placed),
+            requested: get(&stats_of.requested),
+            blocktime: latency.sum(),
+            latency,
+            reconnects: self.d.control.link.reconnects(),
+            postcopy: self
+                .complete_at
+                .unwrap_or(run_at)
+                .saturating_duration_since(run_at),
+            pager: stats,
+            verdict: std::mem::take(&mut self.verdict),
         })
     }
 }
 
-fn count_missing(pager: &Pager) -> usize {
-    pager.states().count(PageState::Missing) + pager.states().count(PageState::Requested)
+/// Maps the destination memory; a hugetlb pool too small is named as such.
+fn map(kind: MemoryKind, ps: usize, pages: u64) -> Result<Mapping, Error> {
+    Mapping::new(kind, ps * pages as usize).map_err(|source| {
+        match (kind.is_hugetlb(), uffd_core::hugetlb::free()) {
+            (true, Ok(free)) if (free as u64) < pages => Error::HugePages {
+                needed: pages,
+                free: free as u64,
+            },
+            _ => Error::Io {
+                what: "map the destination memory",
+                source,
+            },
+        }
+    })
 }
 
 fn check_advise(a: &Advise) -> Result<(usize, u64), Error> {
     let ps = a.page_size as usize;
+    let geometry = |what| Err(Error::refused(Refusal::Geometry(what)));
     if ps != 4096 && ps != uffd_core::HUGE_PAGE_SIZE {
-        return Err(Error::Protocol(format!("unsupported page size {ps}")));
+        return geometry("a page size other than 4 KiB or 2 MiB");
     }
-    if a.page_count == 0
-        || a.regions.len() != 1
-        || a.regions[0].first_page != 0
-        || a.regions[0].pages != a.page_count
-    {
-        return Err(Error::Protocol(
-            "a migration destination takes one region covering every page".into(),
-        ));
+    if a.regions.len() != 1 || a.regions[0].first_page != 0 || a.regions[0].pages != a.page_count {
+        return geometry("a migration destination takes one region covering every page");
     }
     if a.page_count
         .checked_mul(ps as u64)
         .is_none_or(|b| b > 1 << 46)
     {
-        return Err(Error::Protocol(format!(
-            "{} pages is too large",
-            a.page_count
-        )));
+        return geometry("more than 64 TiB");
     }
     Ok((ps, a.page_count))
 }

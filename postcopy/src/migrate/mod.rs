@@ -1,37 +1,44 @@
 //! Live migration of a memory region: iterative precopy with dirty tracking, the switch to
-//! postcopy, and postcopy with an urgent channel and recovery.
+//! postcopy, and postcopy with an urgent channel — each surviving broken and silent
+//! connections.
 //!
-//! The [`source`] owns the memory and a running, writing workload. It connects to the
-//! [`dest`]ination with two authenticated connections of one session: *main* (control
-//! messages and the background stream) and *urgent* (the destination's page requests and
-//! their answers, so a requested page never queues behind the stream).
+//! The [`source`] owns the memory and a running, writing workload; the [`dest`]ination
+//! receives it and runs the workload from RUN on. They talk over a connection pair of one
+//! session ([`crate::link`]): *main* (control and the background stream) and *urgent*
+//! (the destination's page requests and their answers).
 //!
 //! ```text
 //! source                                   destination
-//!   ADVISE ─────────────────────────────▶  map the region          (state ADVISE)
-//!   precopy rounds: PAGES / ZERO_RUN ───▶  copied in, no uffd yet
+//!   ADVISE ─────────────────────────────▶  map the region
+//!                               ◀────────  RECV_BITMAP, ACK(step)   (on every pair)
+//!   precopy rounds: PAGES / ZERO_RUN ───▶  copied in, no uffd yet           (step 0)
 //!     (round k sends what round k-1's
 //!      dirty scan found written)
 //!   stop the workload; final dirty scan
 //!   DISCARD (sent ∧ dirty) ─────────────▶  drop those pages
-//!   LISTEN ─────────────────────────────▶  register uffd, start the pager (LISTEN)
-//!                               ◀────────  ACK
-//!   RUN ────────────────────────────────▶  start the workload      (RUNNING)
-//!                               ◀────────  ACK   (downtime = stop → this ACK)
-//!   stream what is still needed ────────▶  receivers place arrivals
+//!   LISTEN ─────────────────────────────▶  register uffd, start the pager
+//!                               ◀────────  ACK(1)                          (step 1)
+//!   RUN ────────────────────────────────▶  start the workload
+//!                               ◀────────  ACK(2)   (downtime: stop → here) (step 2)
+//!   stream what is still needed ────────▶  readers place arrivals
 //!   urgent: ◀─ REQ_PAGES ── PAGES ─▶       faults become requests
-//!   END ────────────────────────────────▶  wait for the last pages  (END)
+//!   END ────────────────────────────────▶  wait for the last pages
 //!                               ◀────────  DIGESTS (every page's digest)
 //!   SHUT (verified / mismatch) ─────────▶
+//!                               ◀────────  ACK(3)                          (step 3)
 //! ```
 //!
-//! **Recovery.** A connection that breaks during postcopy (closed, reset, a frame cut in
-//! half, a peer that stops reading for longer than the I/O timeout) pauses both sides;
-//! nothing is lost, because the destination's page-state map says what it has. The
-//! source reconnects (automatically with exponential backoff, or at once on
-//! [`SourceControl::resume`]); the destination answers the new main connection with
-//! RECV_BITMAP, the source marks everything else needed again, the destination re-sends
-//! its outstanding requests (pages still Requested), and the migration goes on.
+//! **Recovery, in every phase.** A connection that breaks or goes silent (see
+//! [`Timing`]) pauses both sides; nothing is lost, because the destination's page-state
+//! map says what it has. The source reconnects (with backoff, or at once on
+//! [`SourceControl::resume`]) with a newer generation of the session, which supersedes
+//! whatever the destination still holds; it sends ADVISE again, and the destination
+//! answers with what it has (RECV_BITMAP) and how far it got (its *step*). From those the
+//! source re-plans: in precopy, pages that never arrived count as dirty (the workload
+//! kept running and the dirty tracker kept counting); at the switch, it repeats only what
+//! the destination did not do; in postcopy, it streams what is missing, and the
+//! destination asks again for its outstanding requests. Either side gives up after
+//! [`Timing::give_up_after`] without a working pair, with [`Error::GaveUp`].
 //!
 //! **Dirty tracking** is userfaultfd async write-protect plus `PAGEMAP_SCAN`; see
 //! [`dirty`] for why it beats soft-dirty bits.
@@ -62,15 +69,71 @@
 //! assert_eq!(unsafe { *arrived.memory.as_ptr().add(4096) }, 7);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! [`Error::GaveUp`]: crate::Error::GaveUp
 
 pub mod dest;
 pub mod dirty;
 pub mod source;
 
-pub use dest::{DestControl, DestOptions, DestReport, Destination, RunningMemory};
-pub use source::{Fault, Migration, Phase, SourceControl, SourceOptions, SourceReport};
+pub use crate::link::Timing;
+pub use dest::{DestControl, DestOptions, DestPhase, DestReport, Destination, RunningMemory};
+pub use source::{
+    Migration, Phase, Progress, Round, SourceControl, SourceOptions, SourceReport, SwitchReason,
+};
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::error::chain;
+use crate::Error;
+
+/// How far the destination got, as it reports it in ACK on every connection pair.
+pub(crate) mod step {
+    /// Advised: precopy pages are copied in.
+    pub const ADVISED: u64 = 0;
+    /// LISTEN done: the pager runs.
+    pub const LISTENING: u64 = 1;
+    /// RUN done: the workload runs.
+    pub const RUNNING: u64 = 2;
+    /// The source's verdict arrived.
+    pub const VERIFIED: u64 = 3;
+}
+
+/// Whether an endpoint is paused (its connection pair broke) and how often it resumed.
+#[derive(Debug, Default)]
+pub struct LinkStatus {
+    paused: Mutex<Option<(Instant, String)>>,
+    reconnects: AtomicU64,
+}
+
+impl LinkStatus {
+    /// How long it has been paused and why, if it is.
+    pub fn paused(&self) -> Option<(Duration, String)> {
+        let p = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        p.as_ref()
+            .map(|(since, why)| (since.elapsed(), why.clone()))
+    }
+
+    /// Pairs re-established after a break.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+
+    fn pause(&self, side: &str, phase: &str, cause: &Error) {
+        let why = chain(cause);
+        log::warn!("{side}: paused in {phase}: {why}");
+        *self.paused.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), why));
+    }
+
+    fn resumed(&self, side: &str) {
+        let was = self.paused.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let n = self.reconnects.fetch_add(1, Ordering::Relaxed) + 1;
+        let after = was.map_or(Duration::ZERO, |(since, _)| since.elapsed());
+        log::info!("{side}: resumed after {after:.2?} (reconnection {n})");
+    }
+}
 
 /// The 64-bit digest of one page (FNV-1a over 64-bit words, then a final mix): what the
 /// destination sends in DIGESTS and the source checks against its final content.
@@ -102,27 +165,17 @@ pub unsafe fn digest_raw(ptr: *const u8, len: usize) -> u64 {
     h ^ (h >> 33)
 }
 
-/// Timeouts and retry policy shared by both endpoints.
-#[derive(Debug, Clone, Copy)]
-pub struct Timing {
-    /// A send or handshake that makes no progress for this long breaks the connection
-    /// (a peer that stopped reading).
-    pub io_timeout: Duration,
-    /// First reconnection delay; doubled per failed attempt up to `max_backoff`.
-    pub first_backoff: Duration,
-    /// Largest reconnection delay.
-    pub max_backoff: Duration,
-    /// A side paused for this long gives up and fails the migration.
-    pub give_up_after: Duration,
-}
-
-impl Default for Timing {
-    fn default() -> Self {
-        Self {
-            io_timeout: Duration::from_secs(5),
-            first_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_secs(2),
-            give_up_after: Duration::from_secs(60),
-        }
+/// Copies `dst.len()` bytes from `src` with volatile 8-byte loads: memory a workload is
+/// writing while we read it, which a `&[u8]` must not cover (a torn copy is harmless
+/// where the write that tore it is tracked and the page sent again).
+///
+/// # Safety
+/// `src..src + dst.len()` must be readable and 8-byte aligned; `dst.len()` a multiple
+/// of 8.
+unsafe fn copy_raw(src: *const u8, dst: &mut [u8]) {
+    for (i, out) in dst.chunks_exact_mut(8).enumerate() {
+        // SAFETY: within the readable, aligned range (caller).
+        let word = unsafe { std::ptr::read_volatile(src.add(i * 8).cast::<u64>()) };
+        out.copy_from_slice(&word.to_ne_bytes());
     }
 }

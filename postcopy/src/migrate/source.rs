@@ -1,24 +1,25 @@
-//! The migration source: owns the memory and its writing workload, runs the precopy
-//! rounds, switches to postcopy, streams and answers requests, and reconnects after a
-//! broken connection.
+//! The migration source: owns the memory and its writing workload; runs the precopy
+//! rounds, the switch and postcopy, each its own function, and re-plans from what the
+//! destination reports after every reconnection.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::dirty::DirtyTracker;
-use super::{digest_raw, Timing};
-use crate::auth::{self, Key};
-use crate::net::{split, Addr, FrameReader, FrameWriter, Stream};
-use crate::wire::{
-    encode, Advise, Channel, Features, Limits, Message, PageRange, Role, ShutReason, WireRegion,
-    MAX_RANGES,
-};
-use crate::Error;
 use page_state::Bitmap;
 
-/// Bytes of page data per PAGES frame (at least one page).
-const FRAME_BYTES: usize = 1 << 20;
+use super::dirty::DirtyTracker;
+use super::{copy_raw, digest_raw, step, LinkStatus, Timing};
+use crate::auth::Key;
+use crate::endpoint::sender::{Pages, Sender};
+use crate::endpoint::SendStats;
+use crate::error::{unexpected, LinkError, Refusal};
+use crate::link::dial::Dialer;
+use crate::link::{self, Pair};
+use crate::net::Addr;
+use crate::wire::{Advise, Features, Message, PageRange, Role, ShutReason, WireRegion, MAX_RANGES};
+use crate::Error;
 
 /// How the source migrates.
 #[derive(Debug, Clone, Copy)]
@@ -39,7 +40,7 @@ pub struct SourceOptions {
     /// Reconnect by itself after a broken connection (else wait for
     /// [`SourceControl::resume`]).
     pub auto_resume: bool,
-    /// Timeouts and backoff.
+    /// Liveness, backoff and the give-up bound.
     pub timing: Timing,
 }
 
@@ -57,75 +58,71 @@ impl Default for SourceOptions {
     }
 }
 
-/// A connection fault to inject (tests, and drills of an operator's recovery runbook).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
-    /// Close both connections.
-    Close,
-    /// Write half of a PAGES frame, then close.
-    HalfFrame,
-}
-
 /// Where a migration is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Phase {
     /// Connecting.
-    Connecting = 0,
+    #[default]
+    Connecting,
     /// Iterative precopy.
-    Precopy = 1,
+    Precopy,
     /// Workload stopped; discard, listen, run.
-    Switching = 2,
+    Switching,
     /// Destination running; pages streamed and requested.
-    Postcopy = 3,
-    /// A connection broke; reconnecting.
-    Paused = 4,
+    Postcopy,
     /// Every page sent; checking the destination's digests.
-    Verifying = 5,
+    Verifying,
     /// Done.
-    Done = 6,
+    Done,
+}
+
+/// Why precopy ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwitchReason {
+    /// No precopy rounds were asked for.
+    PurePostcopy,
+    /// [`SourceControl::switch_to_postcopy`].
+    Operator,
+    /// [`SourceOptions::max_rounds`] reached.
+    RoundLimit,
+    /// A round left at most [`SourceOptions::switch_below_bytes`] dirty.
+    Converged,
+    /// A round left more than [`SourceOptions::converge_ratio`] of the previous one's.
+    NotConverging,
 }
 
 /// Live counters of a running migration, for progress displays.
 #[derive(Debug, Default)]
 pub struct Progress {
-    phase: AtomicU8,
+    phase: Mutex<Phase>,
     /// Current precopy round (1-based).
     pub round: AtomicU64,
     /// Pages in the migration.
     pub pages: AtomicU64,
     /// Page data bytes sent in precopy.
     pub precopy_bytes: AtomicU64,
-    /// Page data bytes sent in postcopy (stream and urgent).
-    pub postcopy_bytes: AtomicU64,
-    /// Pages sent by the postcopy stream.
-    pub stream_pages: AtomicU64,
-    /// Pages sent because they were requested.
-    pub urgent_pages: AtomicU64,
-    /// REQ_PAGES messages answered.
-    pub requests: AtomicU64,
-    /// Pages the destination still needed when the current postcopy connection began.
+    /// What postcopy sent (stream and requests).
+    pub postcopy: Arc<SendStats>,
+    /// Pages the destination still needed when the current postcopy pair began.
     pub needed: AtomicU64,
-    /// Successful reconnections.
-    pub reconnects: AtomicU64,
+    /// Paused or not, and reconnections.
+    pub link: LinkStatus,
 }
 
 impl Progress {
     /// The current phase.
     pub fn phase(&self) -> Phase {
-        match self.phase.load(Ordering::Relaxed) {
-            1 => Phase::Precopy,
-            2 => Phase::Switching,
-            3 => Phase::Postcopy,
-            4 => Phase::Paused,
-            5 => Phase::Verifying,
-            6 => Phase::Done,
-            _ => Phase::Connecting,
-        }
+        *self.phase.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn set_phase(&self, p: Phase) {
-        self.phase.store(p as u8, Ordering::Relaxed);
+        let was = std::mem::replace(
+            &mut *self.phase.lock().unwrap_or_else(|p| p.into_inner()),
+            p,
+        );
+        if was != p {
+            log::debug!("source: {p:?}");
+        }
     }
 }
 
@@ -135,9 +132,10 @@ pub struct SourceControl {
     switch_now: AtomicBool,
     resume: Mutex<u64>,
     resumed: Condvar,
-    fault: Mutex<Option<(u64, Fault)>>,
     /// Live counters.
     pub progress: Progress,
+    #[cfg(feature = "fault-injection")]
+    faults: Arc<crate::fault::Faults>,
 }
 
 impl SourceControl {
@@ -153,13 +151,13 @@ impl SourceControl {
         self.resumed.notify_all();
     }
 
-    /// Injects `fault` on the main connection once `after_pages` pages were sent in
-    /// postcopy (stream and urgent answers).
-    pub fn inject(&self, fault: Fault, after_pages: u64) {
-        *self.fault.lock().unwrap_or_else(|p| p.into_inner()) = Some((after_pages, fault));
+    /// Plans `fault` once `after_pages` pages were sent in postcopy.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject(&self, fault: crate::fault::Fault, after_pages: u64) {
+        self.faults.inject(fault, after_pages);
     }
 
-    /// Waits up to `timeout` for a resume command; true if one came.
+    /// Waits up to `timeout` for a resume command after the `seen`th; true if one came.
     fn wait_resume(&self, seen: &mut u64, timeout: Duration) -> bool {
         let guard = self.resume.lock().unwrap_or_else(|p| p.into_inner());
         let (guard, _) = self
@@ -169,17 +167,6 @@ impl SourceControl {
         let came = *guard != *seen;
         *seen = *guard;
         came
-    }
-
-    fn take_fault(&self, sent: u64) -> Option<Fault> {
-        let mut f = self.fault.lock().unwrap_or_else(|p| p.into_inner());
-        match *f {
-            Some((after, fault)) if sent >= after => {
-                *f = None;
-                Some(fault)
-            }
-            _ => None,
-        }
     }
 }
 
@@ -206,7 +193,7 @@ pub struct SourceReport {
     /// The precopy rounds.
     pub rounds: Vec<Round>,
     /// Why precopy ended.
-    pub switch_reason: &'static str,
+    pub switch_reason: SwitchReason,
     /// Page data bytes sent in precopy.
     pub precopy_bytes: u64,
     /// Page data bytes sent in postcopy.
@@ -243,36 +230,13 @@ pub struct Migration {
     control: Arc<SourceControl>,
 }
 
-/// One authenticated connection and a handle to cut it.
-struct Conn {
-    r: FrameReader,
-    w: FrameWriter,
-    cut: Stream,
-}
-
-fn connect(
-    addr: &Addr,
-    key: &Key,
-    channel: Channel,
-    session: u64,
-    timing: &Timing,
-) -> Result<Conn, Error> {
-    let stream = Stream::connect(addr)?;
-    stream.set_timeouts(Some(timing.io_timeout), Some(timing.io_timeout))?;
-    let cut = stream.try_clone()?;
-    let (mut r, mut w) = split(stream)?;
-    auth::open(&mut r, &mut w, key, Role::Source, channel, session)?;
-    Ok(Conn { r, w, cut })
-}
-
-/// The memory being migrated, read only through raw pointers: the workload writes it
-/// concurrently during precopy (a torn copy is harmless: the write that tore it marked
-/// the page dirty, so it is sent again or discarded).
-#[derive(Clone, Copy)]
+/// The migrated memory as a sender's pages: copied with volatile loads while the
+/// workload runs, sent in place once it is stopped (`frozen`).
 struct Memory {
     base: usize,
     ps: usize,
     pages: u64,
+    frozen: AtomicBool,
 }
 
 impl Memory {
@@ -280,53 +244,40 @@ impl Memory {
         (self.base + p as usize * self.ps) as *const u8
     }
 
-    /// Sends pages `first..first + count` as PAGES and ZERO_RUN frames; returns data bytes.
-    /// With `snapshot` (the workload is running), each frame's pages are copied into
-    /// `snapshot` first and classified and sent from there, so the frame's checksum covers
-    /// exactly the bytes sent; without it the memory is frozen and sent in place.
-    fn send(
-        &self,
-        w: &mut FrameWriter,
-        first: u64,
-        count: u64,
-        mut snapshot: Option<&mut Vec<u8>>,
-    ) -> Result<u64, Error> {
-        let ps = self.ps;
-        let per_frame = (FRAME_BYTES / ps).max(1) as u64;
-        let end = first + count;
-        let mut p = first;
-        let mut bytes = 0;
-        while p < end {
-            let n = (end - p).min(per_frame) as usize;
-            // SAFETY: pages p..p + n lie in the mapping (`end <= pages`), which
-            // `Migration::new`'s caller keeps mapped. While the workload runs the bytes
-            // are only memcpy'd into the snapshot (a torn copy is re-sent: the write that
-            // tore it marked the page dirty); after the switch nothing writes them.
-            let raw = unsafe { std::slice::from_raw_parts(self.page_ptr(p), n * ps) };
-            let chunk: &[u8] = match snapshot.as_deref_mut() {
-                Some(buf) => {
-                    buf.clear();
-                    buf.extend_from_slice(raw);
-                    buf
-                }
-                None => raw,
-            };
-            bytes += w.send_page_data(p, chunk, ps)?;
-            p += n as u64;
-        }
-        Ok(bytes)
-    }
-
     fn digest(&self, p: u64) -> u64 {
-        // SAFETY: in the mapping; after the switch nothing writes it.
+        // SAFETY: in the region `Migration::new`'s caller keeps mapped; frozen, so
+        // nothing writes it (and the digest reads with volatile loads anyway).
         unsafe { digest_raw(self.page_ptr(p), self.ps) }
     }
 }
 
-/// How one postcopy connection pair ended.
-enum SessionEnd {
-    Verified(u64),
-    Broken(Error),
+impl Pages for Memory {
+    fn geometry(&self) -> (usize, u64) {
+        (self.ps, self.pages)
+    }
+    fn read<'a>(
+        &'a self,
+        first: u64,
+        count: u64,
+        scratch: &'a mut [u8],
+    ) -> Result<Option<&'a [u8]>, Error> {
+        let len = count as usize * self.ps;
+        // Acquire: pairs with the Release store at the switch, after the workload stopped.
+        if self.frozen.load(Ordering::Acquire) {
+            // SAFETY: pages first..first + count lie in the region (`Sender` checks against
+            // `page_count`), which `Migration::new`'s caller keeps mapped and readable until
+            // `run` returns; frozen means the workload was stopped and nothing writes the
+            // region any more, so a shared slice over it is sound.
+            return Ok(Some(unsafe {
+                std::slice::from_raw_parts(self.page_ptr(first), len)
+            }));
+        }
+        let out = &mut scratch[..len];
+        // SAFETY: readable and page-aligned as above; the workload may be writing it, so
+        // it is copied with volatile loads, never through a slice.
+        unsafe { copy_raw(self.page_ptr(first), out) };
+        Ok(Some(out))
+    }
 }
 
 impl Migration {
@@ -345,14 +296,16 @@ impl Migration {
     ) -> Result<Migration, Error> {
         let ps = opts.page_size;
         if ps != 4096 && ps != uffd_core::HUGE_PAGE_SIZE {
-            return Err(Error::Protocol(format!(
-                "page size {ps} is neither 4 KiB nor 2 MiB"
-            )));
+            return Err(Error::Invalid {
+                what: "the page size must be 4 KiB or 2 MiB",
+                value: ps.to_string(),
+            });
         }
         if len == 0 || len % ps != 0 || base % 4096 != 0 {
-            return Err(Error::Protocol(format!(
-                "region {base:#x}+{len:#x} is empty or not a whole number of {ps}-byte pages"
-            )));
+            return Err(Error::Invalid {
+                what: "the region is empty or not a whole number of pages",
+                value: format!("{base:#x}+{len:#x}"),
+            });
         }
         Ok(Migration {
             addr,
@@ -373,446 +326,450 @@ impl Migration {
     /// when nothing writes the memory any more. Returns once the destination's digests
     /// of every page matched the final content.
     ///
-    /// Failures: before RUN is acknowledged nothing runs at the destination, so an error
-    /// there (a broken connection in precopy or during the switch) ends the migration and
-    /// the caller may simply resume its workload if it was already stopped. After RUN the
-    /// destination owns the workload: broken connections pause and resume (see the module
-    /// docs) until [`Timing::give_up_after`] passes without a reconnection.
+    /// Failures: a broken or silent connection in any phase pauses the migration (the
+    /// workload keeps running before the switch; after it the destination holds it) and
+    /// it resumes on a new pair, until [`Timing::give_up_after`] passes without one: then
+    /// [`Error::GaveUp`]. Before RUN nothing runs at the destination, so the caller may
+    /// simply resume its workload if it was already stopped.
     pub fn run(self, stop_workload: impl FnOnce()) -> Result<SourceReport, Error> {
-        let started = Instant::now();
-        let ps = self.opts.page_size;
-        let pages = (self.len / ps) as u64;
-        let mem = Memory {
-            base: self.base,
+        let mut run = Run::new(&self)?;
+        let mut stop = Some(stop_workload);
+        let mut pair = run.connect(true)?;
+        let mut stage = if self.opts.max_rounds > 0 {
+            Stage::Precopy
+        } else {
+            Stage::Switch
+        };
+        loop {
+            let done = match stage {
+                Stage::Precopy => run.precopy(&pair).map(|()| Stage::Switch),
+                Stage::Switch => run.switch(&pair, &mut stop).map(|()| Stage::Postcopy),
+                Stage::Postcopy => run.postcopy(&pair).map(|()| Stage::Done),
+                Stage::Done => break,
+            };
+            match done {
+                Ok(next) => stage = next,
+                Err(e) if e.is_link() => pair = run.resume(pair, e)?,
+                Err(e) => {
+                    log::error!("source: {}", crate::error::chain(&e));
+                    return Err(e);
+                }
+            }
+        }
+        self.control.progress.set_phase(Phase::Done);
+        Ok(run.report())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Precopy,
+    Switch,
+    Postcopy,
+    Done,
+}
+
+/// A running migration's state, across connection pairs.
+struct Run<'m> {
+    m: &'m Migration,
+    memory: Arc<Memory>,
+    sender: Arc<Sender>,
+    /// Pages the destination holds in the version last sent.
+    sent: Bitmap,
+    /// Pages written since they were last sent (or never sent).
+    dirty: Bitmap,
+    tracker: Option<DirtyTracker>,
+    dialer: Dialer,
+    advise: Advise,
+    /// The destination's step, as it last reported.
+    step: u64,
+    rounds: Vec<Round>,
+    round: (Instant, u64, u64),
+    reason: SwitchReason,
+    started: Instant,
+    stopped: Option<Instant>,
+    downtime: Duration,
+    discarded: u64,
+    needed_at_switch: u64,
+    run_at: Option<Instant>,
+    last_sent: Option<Instant>,
+    verified: u64,
+}
+
+impl<'m> Run<'m> {
+    fn new(m: &'m Migration) -> Result<Run<'m>, Error> {
+        let ps = m.opts.page_size;
+        let pages = (m.len / ps) as u64;
+        let memory = Arc::new(Memory {
+            base: m.base,
             ps,
             pages,
-        };
-        let ctl = &self.control;
-        let prog = &ctl.progress;
+            frozen: AtomicBool::new(false),
+        });
+        let prog = &m.control.progress;
         prog.pages.store(pages, Ordering::Relaxed);
-        let timing = &self.opts.timing;
-        let mut tracker = if self.opts.max_rounds > 0 {
-            Some(DirtyTracker::start(self.base, self.len)?)
-        } else {
-            None
+        #[allow(unused_mut)]
+        let mut sender = Sender::new(memory.clone(), prog.postcopy.clone());
+        #[cfg(feature = "fault-injection")]
+        {
+            sender.faults = m.control.faults.clone();
+        }
+        let tracker = match m.opts.max_rounds {
+            0 => None,
+            _ => Some(DirtyTracker::start(m.base, m.len)?),
         };
-        let session = auth::session_id();
-        let mut main = connect(&self.addr, &self.key, Channel::Main, session, timing)?;
-        let mut urgent = connect(&self.addr, &self.key, Channel::Urgent, session, timing)?;
         let mut features = Features::ZERO_RUNS | Features::URGENT_CHANNEL | Features::RECOVERY;
         if ps > 4096 {
             features |= Features::HUGE_PAGES;
         }
-        let advise = Advise {
-            page_size: ps as u32,
-            page_count: pages,
-            features,
-            regions: vec![WireRegion {
-                first_page: 0,
-                pages,
-            }],
-        };
-        let limits = Limits::default().advised(&advise);
-        main.r.limits = limits;
-        urgent.r.limits = limits;
-        main.w.send(&Message::Advise(advise))?;
-        expect_ack(&mut main.r, 0)?;
-
-        // Precopy.
-        prog.set_phase(Phase::Precopy);
-        let sent = Bitmap::new(pages as usize);
         let dirty = Bitmap::new(pages as usize);
-        let mut rounds = Vec::new();
-        let mut switch_reason = "pure postcopy (no precopy rounds)";
-        if let Some(tracker) = &mut tracker {
-            let mut snapshot = Vec::with_capacity(FRAME_BYTES.max(ps));
-            dirty.fill();
-            loop {
-                let t = Instant::now();
-                prog.round.store(rounds.len() as u64 + 1, Ordering::Relaxed);
-                let (mut n, mut bytes) = (0, 0);
-                let runs: Vec<_> = dirty.runs().collect();
-                for run in runs {
-                    for p in run.clone() {
-                        dirty.clear(p);
-                        sent.set(p);
-                    }
-                    let (first, count) = (run.start as u64, run.len() as u64);
-                    let b = mem.send(&mut main.w, first, count, Some(&mut snapshot))?;
-                    bytes += b;
-                    prog.precopy_bytes.fetch_add(b, Ordering::Relaxed);
-                    n += count;
+        dirty.fill(); // nothing sent yet
+        Ok(Run {
+            m,
+            memory,
+            sender: Arc::new(sender),
+            sent: Bitmap::new(pages as usize),
+            dirty,
+            tracker,
+            dialer: Dialer::new(m.addr.clone(), m.key.clone(), Role::Source, m.opts.timing)?,
+            advise: Advise {
+                page_size: ps as u32,
+                page_count: pages,
+                features,
+                regions: vec![WireRegion {
+                    first_page: 0,
+                    pages,
+                }],
+            },
+            step: step::ADVISED,
+            rounds: Vec::new(),
+            round: (Instant::now(), 0, 0),
+            reason: SwitchReason::PurePostcopy,
+            started: Instant::now(),
+            stopped: None,
+            downtime: Duration::ZERO,
+            discarded: 0,
+            needed_at_switch: 0,
+            run_at: None,
+            last_sent: None,
+            verified: 0,
+        })
+    }
+
+    fn progress(&self) -> &Progress {
+        &self.m.control.progress
+    }
+
+    /// A new pair of the session (the first, or after a break): ADVISE, then the
+    /// destination's RECV_BITMAP and step, from which the plan is redone.
+    fn connect(&mut self, first: bool) -> Result<Pair, Error> {
+        let (control, auto) = (&self.m.control, self.m.opts.auto_resume || first);
+        let timing = self.m.opts.timing;
+        let (advise, sender) = (&self.advise, &self.sender);
+        let mut seen = *control.resume.lock().unwrap_or_else(|p| p.into_inner());
+        let wait = |d: Duration| {
+            if auto {
+                control.wait_resume(&mut seen, d);
+                return Ok(true);
+            }
+            Ok(control.wait_resume(&mut seen, d.max(Duration::from_millis(200))))
+        };
+        let greet = |mut main: crate::net::Conn, urgent| {
+            main.w.send(&Message::Advise(advise.clone()))?;
+            let pair = link::pair((main, urgent), advise, sender.clone(), &timing)?;
+            let present = match pair.next("RECV_BITMAP", timing.give_up_after)? {
+                (_, Message::RecvBitmap { words }) => words,
+                (channel, other) => return Err(unexpected(other, "RECV_BITMAP", channel)),
+            };
+            match pair.next("ACK", timing.give_up_after)? {
+                (_, Message::Ack { seq }) => Ok((pair, present, seq)),
+                (channel, other) => Err(unexpected(other, "ACK", channel)),
+            }
+        };
+        let (pair, present, step) = self.dialer.connect(Instant::now(), wait, greet)?;
+        self.replan(&present, step)?;
+        Ok(pair)
+    }
+
+    /// Pauses after `cause` until a new pair is up.
+    fn resume(&mut self, pair: Pair, cause: Error) -> Result<Pair, Error> {
+        let phase = self.progress().phase();
+        self.progress()
+            .link
+            .pause("source", &format!("{phase:?}"), &cause);
+        drop(pair);
+        let pair = self.connect(false)?;
+        self.progress().link.resumed("source");
+        Ok(pair)
+    }
+
+    /// Re-plans from the destination's present pages and step.
+    fn replan(&mut self, present: &[u64], step: u64) -> Result<(), Error> {
+        let pages = self.memory.pages as usize;
+        let present = Bitmap::from_words(pages, present)?;
+        let switched = self.stopped.is_some();
+        match step {
+            step::ADVISED => {
+                // Sent but never arrived (in flight when the pair broke): send again.
+                let lost: Vec<Range<usize>> = self.sent.runs().collect();
+                for p in lost.into_iter().flatten().filter(|&p| !present.test(p)) {
+                    self.sent.clear(p);
+                    self.dirty.set(p);
                 }
-                tracker.collect(ps, |g| {
+            }
+            step::LISTENING | step::RUNNING | step::VERIFIED if switched => {
+                self.sender.need.store_complement_of(&present.to_words())?;
+            }
+            _ => return Err(Error::refused(Refusal::Step { step })),
+        }
+        self.step = step;
+        Ok(())
+    }
+
+    /// Precopy rounds until the switch is due; a round broken off goes on after the
+    /// resume with what is still dirty.
+    fn precopy(&mut self, pair: &Pair) -> Result<(), Error> {
+        self.progress().set_phase(Phase::Precopy);
+        let ps = self.memory.ps;
+        let mut scratch = self.sender.scratch();
+        loop {
+            self.progress()
+                .round
+                .store(self.rounds.len() as u64 + 1, Ordering::Relaxed);
+            let runs: Vec<Range<usize>> = self.dirty.runs().collect();
+            for run in runs {
+                self.dirty.clear_range(run.clone())?;
+                self.sent.set_range(run.clone())?;
+                let (first, count) = (run.start as u64, run.len() as u64);
+                let b = self.sender.send(&pair.main, first, count, &mut scratch)?;
+                self.round.1 += count;
+                self.round.2 += b;
+                self.progress()
+                    .precopy_bytes
+                    .fetch_add(b, Ordering::Relaxed);
+                if let Some((channel, msg)) = pair.next_within(Duration::ZERO)? {
+                    return Err(unexpected(msg, "nothing during precopy", channel));
+                }
+            }
+            let dirty = &self.dirty;
+            if let Some(t) = &mut self.tracker {
+                t.collect(ps, |g| {
                     dirty.set(g as usize);
                 })?;
-                let dirty_after = dirty.count() as u64;
-                let previous = rounds.last().map(|r: &Round| r.dirty_after);
-                rounds.push(Round {
-                    pages: n,
-                    bytes,
-                    dirty_after,
-                    took: t.elapsed(),
-                });
-                if ctl.switch_now.load(Ordering::Relaxed) {
-                    switch_reason = "operator command";
-                } else if rounds.len() as u32 >= self.opts.max_rounds {
-                    switch_reason = "round limit";
-                } else if dirty_after * ps as u64 <= self.opts.switch_below_bytes {
-                    switch_reason = "converged";
-                } else if previous
-                    .is_some_and(|p| dirty_after as f64 > p as f64 * self.opts.converge_ratio)
-                {
-                    switch_reason = "not converging";
-                } else {
-                    continue;
-                }
-                break;
+            }
+            if let Some(reason) = self.end_round() {
+                log::info!(
+                    "source: switching after {} rounds: {reason:?}",
+                    self.rounds.len()
+                );
+                self.reason = reason;
+                return Ok(());
             }
         }
+    }
 
-        // The switch: stop, final scan, discard what was sent and dirtied since.
-        prog.set_phase(Phase::Switching);
-        let stopped = Instant::now();
-        stop_workload();
-        if let Some(mut tracker) = tracker.take() {
-            tracker.collect(ps, |g| {
-                dirty.set(g as usize);
-            })?;
-        }
-        let need = Bitmap::new(pages as usize);
-        need.store_complement_of(&sent.to_words())?;
-        let discard = Bitmap::new(pages as usize);
-        for p in dirty.runs().flatten() {
-            need.set(p);
-            if sent.test(p) {
-                discard.set(p);
-            }
-        }
-        let discarded = discard.count() as u64;
-        let needed_at_switch = need.count() as u64;
-        let ranges: Vec<PageRange> = discard
-            .runs()
-            .map(|run| PageRange {
-                first: run.start as u64,
-                count: run.len() as u64,
-            })
-            .collect();
-        for chunk in ranges.chunks(MAX_RANGES) {
-            main.w.send(&Message::Discard {
-                ranges: chunk.to_vec(),
-            })?;
-        }
-        main.w.send(&Message::Listen)?;
-        expect_ack(&mut main.r, 1)?;
-        main.w.send(&Message::Run)?;
-        expect_ack(&mut main.r, 2)?;
-        let downtime = stopped.elapsed();
-        let run_at = Instant::now();
-
-        // Postcopy, resumed after every broken connection.
-        let cursor = AtomicU64::new(0);
-        let mut last_sent = run_at;
-        let verified = loop {
-            prog.set_phase(Phase::Postcopy);
-            prog.needed.store(need.count() as u64, Ordering::Relaxed);
-            match self.postcopy(main, urgent, &mem, &need, &cursor, &mut last_sent) {
-                SessionEnd::Verified(n) => break n,
-                SessionEnd::Broken(e @ Error::Fatal(_)) => return Err(e),
-                SessionEnd::Broken(e) => {
-                    prog.set_phase(Phase::Paused);
-                    (main, urgent) = self.reconnect(session, limits, &need, e)?;
-                    prog.reconnects.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        };
-        prog.set_phase(Phase::Done);
-        Ok(SourceReport {
+    /// Records the round just done; says whether to switch now, and why.
+    fn end_round(&mut self) -> Option<SwitchReason> {
+        let (began, pages, bytes) = std::mem::replace(&mut self.round, (Instant::now(), 0, 0));
+        let dirty_after = self.dirty.count() as u64;
+        let round = self.rounds.len() + 1;
+        log::debug!("source: round {round}: {pages} pages sent, {dirty_after} dirty after");
+        let previous = self.rounds.last().map(|r| r.dirty_after);
+        self.rounds.push(Round {
             pages,
-            page_size: ps,
-            rounds,
-            switch_reason,
-            precopy_bytes: prog.precopy_bytes.load(Ordering::Relaxed),
-            postcopy_bytes: prog.postcopy_bytes.load(Ordering::Relaxed),
-            discarded,
-            needed_at_switch,
-            stream_pages: prog.stream_pages.load(Ordering::Relaxed),
-            urgent_pages: prog.urgent_pages.load(Ordering::Relaxed),
-            requests: prog.requests.load(Ordering::Relaxed),
-            downtime,
-            postcopy: last_sent.saturating_duration_since(run_at),
-            total: started.elapsed(),
-            reconnects: prog.reconnects.load(Ordering::Relaxed),
-            verified,
-        })
-    }
-
-    /// Pauses until a reconnection succeeds (with backoff, or on command), then re-plans
-    /// from the destination's received bitmap.
-    fn reconnect(
-        &self,
-        session: u64,
-        limits: Limits,
-        need: &Bitmap,
-        cause: Error,
-    ) -> Result<(Conn, Conn), Error> {
-        let t = &self.opts.timing;
-        let paused = Instant::now();
-        let mut delay = t.first_backoff;
-        let mut seen = *self
-            .control
-            .resume
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let mut last = cause;
-        loop {
-            let left = t.give_up_after.saturating_sub(paused.elapsed());
-            if left.is_zero() {
-                return Err(Error::Protocol(format!(
-                    "gave up reconnecting after {:?}; last error: {last}",
-                    t.give_up_after
-                )));
-            }
-            if self.opts.auto_resume {
-                self.control.wait_resume(&mut seen, delay.min(left));
-            } else if !self
-                .control
-                .wait_resume(&mut seen, left.min(Duration::from_secs(1)))
-            {
-                continue;
-            }
-            let attempt = (|| {
-                let mut main = connect(&self.addr, &self.key, Channel::Main, session, t)?;
-                let mut urgent = connect(&self.addr, &self.key, Channel::Urgent, session, t)?;
-                main.r.limits = limits;
-                urgent.r.limits = limits;
-                match main.r.recv()? {
-                    Message::RecvBitmap { words } => need.store_complement_of(&words)?,
-                    Message::Shut { detail, .. } => {
-                        return Err(Error::Fatal(format!("destination refused: {detail}")))
-                    }
-                    other => {
-                        return Err(Error::Protocol(format!(
-                            "expected RECV_BITMAP, got {other:?}"
-                        )))
-                    }
-                }
-                Ok((main, urgent))
-            })();
-            match attempt {
-                Ok(pair) => return Ok(pair),
-                Err(e @ Error::Fatal(_)) => return Err(e),
-                Err(e) => {
-                    last = e;
-                    delay = (delay * 2).min(t.max_backoff);
-                }
-            }
+            bytes,
+            dirty_after,
+            took: began.elapsed(),
+        });
+        let o = &self.m.opts;
+        if self.m.control.switch_now.load(Ordering::Relaxed) {
+            Some(SwitchReason::Operator)
+        } else if self.rounds.len() as u32 >= o.max_rounds {
+            Some(SwitchReason::RoundLimit)
+        } else if dirty_after * o.page_size as u64 <= o.switch_below_bytes {
+            Some(SwitchReason::Converged)
+        } else if previous.is_some_and(|p| dirty_after as f64 > p as f64 * o.converge_ratio) {
+            Some(SwitchReason::NotConverging)
+        } else {
+            None
         }
     }
 
-    /// Streams and answers requests on one connection pair until verified or broken.
-    fn postcopy(
-        &self,
-        main: Conn,
-        urgent: Conn,
-        mem: &Memory,
-        need: &Bitmap,
-        cursor: &AtomicU64,
-        last_sent: &mut Instant,
-    ) -> SessionEnd {
-        let broken = AtomicBool::new(false);
-        // Ends both connections: on any error, and once verified (ending the urgent reader).
-        let cut = || {
-            broken.store(true, Ordering::Relaxed);
-            main.cut.shutdown();
-            urgent.cut.shutdown();
-        };
-        // Handshake replies came under a read timeout; now both peers may idle (the
-        // urgent channel is silent whenever the destination does not fault).
-        for conn in [&main.cut, &urgent.cut] {
-            let _ = conn.set_timeouts(None, Some(self.opts.timing.io_timeout));
+    /// The switch: stop the workload (once), final scan, then whatever of DISCARD,
+    /// LISTEN and RUN the destination has not done yet.
+    fn switch(&mut self, pair: &Pair, stop: &mut Option<impl FnOnce()>) -> Result<(), Error> {
+        self.progress().set_phase(Phase::Switching);
+        if let Some(stop_workload) = stop.take() {
+            self.stopped = Some(Instant::now());
+            stop_workload();
+            let dirty = &self.dirty;
+            if let Some(mut t) = self.tracker.take() {
+                t.collect(self.memory.ps, |g| {
+                    dirty.set(g as usize);
+                })?;
+            }
+            // Release: the Acquire in `Memory::read` sees the memory as the workload left it.
+            self.memory.frozen.store(true, Ordering::Release);
+            self.sender.answer_requests();
         }
-        let main_w = Mutex::new(main.w);
-        let (mut main_r, mut urgent_r, mut urgent_w) = (main.r, urgent.r, urgent.w);
-        let prog = &self.control.progress;
-        let finished = Mutex::new(None::<Instant>);
-        std::thread::scope(|s| {
-            // Urgent: answer requests at once.
-            let urgent_t = s.spawn(|| {
-                let r: Result<(), Error> = (|| loop {
-                    match urgent_r.recv()? {
-                        Message::ReqPages { ranges } => {
-                            prog.requests.fetch_add(1, Ordering::Relaxed);
-                            for r in ranges {
-                                need.clear_range(r.first as usize..(r.first + r.count) as usize)?;
-                                let b = mem.send(&mut urgent_w, r.first, r.count, None)?;
-                                prog.postcopy_bytes.fetch_add(b, Ordering::Relaxed);
-                                prog.urgent_pages.fetch_add(r.count, Ordering::Relaxed);
-                                // Spatial locality: the stream goes on after this page.
-                                cursor.store(r.first + r.count, Ordering::Relaxed);
-                            }
-                        }
-                        Message::Ping { seq } => urgent_w.send(&Message::Pong { seq })?,
-                        other => {
-                            return Err(Error::Protocol(format!(
-                                "unexpected {other:?} on the urgent channel"
-                            )))
-                        }
-                    }
-                })();
-                if r.is_err() {
-                    cut();
+        if self.step == step::ADVISED {
+            self.discard(pair)?;
+            pair.main.send(&Message::Listen)?;
+            self.expect_step(pair, step::LISTENING)?;
+        }
+        if self.step == step::LISTENING {
+            pair.main.send(&Message::Run)?;
+            self.expect_step(pair, step::RUNNING)?;
+            let stopped = self.stopped.unwrap_or(self.started);
+            self.downtime = stopped.elapsed();
+            self.run_at = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// DISCARD what was sent and dirtied since; everything else not sent is needed.
+    fn discard(&mut self, pair: &Pair) -> Result<(), Error> {
+        let need = &self.sender.need;
+        need.store_complement_of(&self.sent.to_words())?;
+        let mut ranges = Vec::new();
+        for run in self.dirty.runs() {
+            need.set_range(run.clone())?;
+            let mut p = run.start;
+            while p < run.end {
+                let (start, sent) = (p, self.sent.test(p));
+                while p < run.end && self.sent.test(p) == sent {
+                    p += 1;
                 }
-                r
-            });
-            // Background stream in address order from the cursor.
-            let stream_t = s.spawn(|| {
-                let per_frame = (FRAME_BYTES / mem.ps).max(1) as u64;
-                let r: Result<(), Error> = (|| {
-                    loop {
-                        if broken.load(Ordering::Relaxed) {
-                            return Err(Error::Closed);
-                        }
-                        let sent = prog.stream_pages.load(Ordering::Relaxed)
-                            + prog.urgent_pages.load(Ordering::Relaxed);
-                        match self.control.take_fault(sent) {
-                            Some(Fault::Close) => {
-                                return Err(Error::Protocol("injected: close".into()))
-                            }
-                            Some(Fault::HalfFrame) => {
-                                let mut frame = Vec::new();
-                                encode(
-                                    &Message::Pages {
-                                        first: 0,
-                                        data: vec![0xa5; mem.ps],
-                                    },
-                                    &mut frame,
-                                );
-                                let mut w = main_w.lock().unwrap_or_else(|p| p.into_inner());
-                                let _ = w.write_raw(&frame[..frame.len() / 2]);
-                                return Err(Error::Protocol("injected: half-written frame".into()));
-                            }
-                            None => {}
-                        }
-                        let at = cursor.load(Ordering::Relaxed);
-                        let Some(first) = need.next_set_wrapping(at as usize) else {
-                            break;
-                        };
-                        let first = first as u64;
-                        if !self.opts.background {
-                            // Demand only: the urgent thread clears `need`.
-                            std::thread::sleep(Duration::from_micros(200));
-                            continue;
-                        }
-                        let mut count = 0;
-                        while count < per_frame
-                            && first + count < mem.pages
-                            && need.clear((first + count) as usize)
-                        {
-                            count += 1;
-                        }
-                        if count == 0 {
-                            continue; // an urgent answer took it meanwhile
-                        }
-                        cursor.store(first + count, Ordering::Relaxed);
-                        let b = {
-                            let mut w = main_w.lock().unwrap_or_else(|p| p.into_inner());
-                            mem.send(&mut w, first, count, None)?
-                        };
-                        prog.postcopy_bytes.fetch_add(b, Ordering::Relaxed);
-                        prog.stream_pages.fetch_add(count, Ordering::Relaxed);
-                    }
-                    *finished.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-                    main_w
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .send(&Message::End)
-                })();
-                if r.is_err() {
-                    cut();
-                }
-                r
-            });
-            // Main reader: digests after END, then the verdict.
-            let verdict: Result<u64, Error> = (|| {
-                let mut checked = 0u64;
-                let mut bad = Vec::new();
-                loop {
-                    match main_r.recv()? {
-                        Message::Digests { first, digests } => {
-                            prog.set_phase(Phase::Verifying);
-                            for (i, d) in digests.into_iter().enumerate() {
-                                let p = first + i as u64;
-                                if mem.digest(p) != d {
-                                    bad.push(p);
-                                }
-                                checked += 1;
-                            }
-                            if checked >= mem.pages {
-                                break;
-                            }
-                        }
-                        Message::Ping { seq } => main_w
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .send(&Message::Pong { seq })?,
-                        Message::Ack { .. } | Message::Pong { .. } => {}
-                        Message::Shut { reason, detail } => {
-                            return Err(Error::Fatal(format!(
-                                "the destination shut the migration ({reason:?}): {detail}"
-                            )))
-                        }
-                        other => {
-                            return Err(Error::Protocol(format!(
-                                "unexpected {other:?} on the main channel"
-                            )))
-                        }
-                    }
-                }
-                let mut w = main_w.lock().unwrap_or_else(|p| p.into_inner());
-                if bad.is_empty() {
-                    w.send(&Message::Shut {
-                        reason: ShutReason::Done,
-                        detail: format!("verified {checked} pages"),
-                    })?;
-                    Ok(checked)
-                } else {
-                    let e = Error::Mismatch {
-                        pages: bad.len() as u64,
-                        first: bad[0],
-                    };
-                    let _ = w.send(&Message::Shut {
-                        reason: ShutReason::Error,
-                        detail: e.to_string(),
+                if sent {
+                    ranges.push(PageRange {
+                        first: start as u64,
+                        count: (p - start) as u64,
                     });
-                    Err(Error::Fatal(e.to_string()))
-                }
-            })();
-            cut();
-            let stream_r = stream_t.join().unwrap_or(Err(Error::Closed));
-            let urgent_r = urgent_t.join().unwrap_or(Err(Error::Closed));
-            if let Some(t) = *finished.lock().unwrap_or_else(|p| p.into_inner()) {
-                *last_sent = t;
-            }
-            match verdict {
-                Ok(n) => SessionEnd::Verified(n),
-                Err(e @ Error::Fatal(_)) => SessionEnd::Broken(e),
-                Err(e) => {
-                    SessionEnd::Broken(stream_r.err().or(urgent_r.err()).map_or(e, |first| first))
                 }
             }
-        })
+        }
+        if self.needed_at_switch == 0 {
+            self.discarded = ranges.iter().map(|r| r.count).sum();
+            self.needed_at_switch = need.count() as u64;
+        }
+        for chunk in ranges.chunks(MAX_RANGES) {
+            let ranges = chunk.to_vec();
+            pair.main.send(&Message::Discard { ranges })?;
+        }
+        Ok(())
     }
-}
 
-fn expect_ack(r: &mut FrameReader, seq: u64) -> Result<(), Error> {
-    match r.recv()? {
-        Message::Ack { seq: got } if got == seq => Ok(()),
-        Message::Shut { detail, .. } => Err(Error::Fatal(format!(
-            "the destination shut the migration: {detail}"
-        ))),
-        other => Err(Error::Protocol(format!(
-            "expected ACK {seq}, got {other:?}"
-        ))),
+    /// Waits for the destination's ACK of `step`.
+    fn expect_step(&mut self, pair: &Pair, want: u64) -> Result<(), Error> {
+        match pair.next("ACK", self.m.opts.timing.give_up_after)? {
+            (_, Message::Ack { seq }) if seq == want => {
+                self.step = want;
+                Ok(())
+            }
+            (channel, other) => Err(unexpected(other, "ACK", channel)),
+        }
+    }
+
+    /// Postcopy on one pair: stream what is needed (requests are answered by the urgent
+    /// reader), then check the destination's digests and send the verdict.
+    fn postcopy(&mut self, pair: &Pair) -> Result<(), Error> {
+        if self.step == step::VERIFIED {
+            return Ok(());
+        }
+        self.progress().set_phase(Phase::Postcopy);
+        let needed = self.sender.need.count() as u64;
+        self.progress().needed.store(needed, Ordering::Relaxed);
+        let (sender, background) = (self.sender.clone(), self.m.opts.background);
+        let (main, cutter) = (&pair.main, &pair.cutter);
+        let verdict = std::thread::scope(|s| {
+            let streamed = s.spawn(|| {
+                let r = sender.stream(main, cutter, background);
+                r.map(|()| Instant::now())
+            });
+            let verdict = self.digests(pair);
+            if verdict.is_err() {
+                pair.cut(LinkError::Cut);
+            }
+            let streamed = streamed.join().unwrap_or(Err(LinkError::Cut.into()));
+            if let Ok(at) = streamed {
+                self.last_sent = Some(at);
+            }
+            verdict
+        })?;
+        self.verdict(pair, verdict)
+    }
+
+    /// Checks DIGESTS against the final content until every page is checked; returns
+    /// the pages that differ.
+    fn digests(&self, pair: &Pair) -> Result<Vec<u64>, Error> {
+        let (mut checked, mut bad) = (0, Vec::new());
+        while checked < self.memory.pages {
+            match pair.wait()? {
+                (_, Message::Digests { first, digests }) => {
+                    self.progress().set_phase(Phase::Verifying);
+                    for (i, d) in digests.into_iter().enumerate() {
+                        let p = first + i as u64;
+                        if self.memory.digest(p) != d {
+                            bad.push(p);
+                        }
+                        checked += 1;
+                    }
+                }
+                (channel, other) => return Err(unexpected(other, "DIGESTS", channel)),
+            }
+        }
+        Ok(bad)
+    }
+
+    /// Sends the verdict; a match waits for the destination to acknowledge it.
+    fn verdict(&mut self, pair: &Pair, bad: Vec<u64>) -> Result<(), Error> {
+        let pages = self.memory.pages;
+        if let Some(&first) = bad.first() {
+            let e = Error::Mismatch {
+                pages: bad.len() as u64,
+                first,
+            };
+            let detail = e.to_string();
+            let _ = pair.main.send(&Message::Shut {
+                reason: ShutReason::Error,
+                detail,
+            });
+            return Err(e);
+        }
+        let detail = format!("verified {pages} pages");
+        pair.main.send(&Message::Shut {
+            reason: ShutReason::Done,
+            detail,
+        })?;
+        self.expect_step(pair, step::VERIFIED)?;
+        self.verified = pages;
+        Ok(())
+    }
+
+    fn report(&self) -> SourceReport {
+        let prog = self.progress();
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let run_at = self.run_at.unwrap_or(self.started);
+        SourceReport {
+            pages: self.memory.pages,
+            page_size: self.memory.ps,
+            rounds: self.rounds.clone(),
+            switch_reason: self.reason,
+            precopy_bytes: get(&prog.precopy_bytes),
+            postcopy_bytes: get(&prog.postcopy.bytes),
+            discarded: self.discarded,
+            needed_at_switch: self.needed_at_switch,
+            stream_pages: get(&prog.postcopy.stream_pages),
+            urgent_pages: get(&prog.postcopy.urgent_pages),
+            requests: get(&prog.postcopy.requests),
+            downtime: self.downtime,
+            postcopy: self
+                .last_sent
+                .unwrap_or(run_at)
+                .saturating_duration_since(run_at),
+            total: self.started.elapsed(),
+            reconnects: prog.link.reconnects(),
+            verified: self.verified,
+        }
     }
 }

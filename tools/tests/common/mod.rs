@@ -83,6 +83,25 @@ impl Proc {
         Self::start_with(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()))
     }
 
+    /// Starts `cmd` and reads its first stdout line (`LISTEN <addr>` for the commands
+    /// that listen); the rest of its output is drained as usual.
+    pub fn start_reading_first_line(mut cmd: Command) -> (Proc, String) {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn uffdkit");
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut out, &mut line);
+        let err = drain(child.stderr.take());
+        let proc = Proc {
+            child: Some(child),
+            out: drain(Some(out)),
+            err,
+        };
+        (proc, line)
+    }
+
     /// Starts `cmd` as configured.
     pub fn start_with(cmd: &mut Command) -> Proc {
         let mut child = cmd.spawn().expect("spawn uffdkit");

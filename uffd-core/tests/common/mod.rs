@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use uffd_core::{hugetlb, Event, EventBuffer, Features, MemoryKind, ReadStatus, Uffd};
+use uffd_core::{Event, EventBuffer, Features, MemoryKind, ReadStatus, Uffd};
 
 /// Huge pages the hugetlb tests of one binary may use at once.
 const HUGE_POOL: usize = 64;
@@ -18,7 +18,7 @@ pub use testkit::skip;
 /// pool has (or, as root, can be grown to) enough free pages; otherwise a loud skip.
 pub fn kinds(test: &str) -> Vec<MemoryKind> {
     let mut kinds = vec![MemoryKind::Anon, MemoryKind::Shmem];
-    match hugetlb::ensure_free(HUGE_POOL) {
+    match testkit::hugepages::ensure_free(HUGE_POOL) {
         Ok(free) if free >= 8 => kinds.push(MemoryKind::Hugetlb),
         Ok(free) => skip(test, &format!("hugetlb: only {free} free 2 MiB pages")),
         Err(e) => skip(test, &format!("hugetlb: cannot reserve 2 MiB pages: {e}")),

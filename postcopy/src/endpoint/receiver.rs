@@ -1,0 +1,352 @@
+//! The receiving half, written once: a page server's restore client and the migration
+//! destination both take pages through it. It lands what arrives on either connection —
+//! copied into fresh memory before a pager runs (precopy), placed through the pager's
+//! [`Placer`] after — asks for faulted pages on the urgent connection without allocating
+//! (a fault handler calls it; see pager's worker docs on fork), and on every new
+//! connection pair reports what is present (RECV_BITMAP) and asks again for the pages
+//! still outstanding.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use pager::{
+    AtomicLatencyHistogram, Fetched, Mapping, PageState, PageStateMap, Placed, Placer, Source,
+    SourceError,
+};
+
+use crate::error::unexpected;
+use crate::link::{Chan, Inbound, Pair};
+use crate::net::Conn;
+use crate::wire::{Advise, Channel, Frame, Message, PageRange};
+use crate::Error;
+
+/// The sender's ADVISE, first on every main connection.
+pub(crate) fn read_advise(main: &mut Conn) -> Result<Advise, Error> {
+    match main.r.recv()? {
+        Message::Advise(a) => Ok(a),
+        other => Err(unexpected(other, "ADVISE", Channel::Main)),
+    }
+}
+
+/// Where arriving pages go.
+pub(crate) enum Land {
+    /// Nowhere yet: pages are unexpected.
+    Idle,
+    /// Copied into `memory`, which no pager serves yet, their states kept in `states`
+    /// (the map the pager will start with).
+    Copy {
+        /// The memory.
+        memory: Mapping,
+        /// Its page states.
+        states: PageStateMap,
+    },
+    /// Placed by a running pager.
+    Place(Placer),
+}
+
+/// Counters of what a receiver received.
+#[derive(Debug, Default)]
+pub struct RecvStats {
+    /// Pages copied in before a pager ran (re-sends included).
+    pub copied: AtomicU64,
+    /// Pages placed through the pager.
+    pub placed: AtomicU64,
+    /// Pages asked for by faults.
+    pub requested: AtomicU64,
+}
+
+/// Relaxed: counters and timestamps that only feed statistics.
+const STAT: Ordering = Ordering::Relaxed;
+
+/// One session's receiving half (it outlives connection pairs).
+pub(crate) struct Receiver {
+    ps: usize,
+    land: RwLock<Land>,
+    urgent: Mutex<Option<Arc<Chan>>>,
+    /// Per page: when it was requested (ns since `epoch`, plus one), or 0.
+    asked: Box<[AtomicU64]>,
+    epoch: Instant,
+    /// Requested-page latency: request sent → page placed.
+    pub latency: AtomicLatencyHistogram,
+    stats: Arc<RecvStats>,
+    #[cfg(feature = "fault-injection")]
+    pub faults: Arc<crate::fault::Faults>,
+}
+
+impl Receiver {
+    /// A receiver of `pages` pages of `ps` bytes landing into `land`, counting into
+    /// `stats`.
+    pub fn new(ps: usize, pages: u64, land: Land, stats: Arc<RecvStats>) -> Receiver {
+        Receiver {
+            ps,
+            land: RwLock::new(land),
+            urgent: Mutex::new(None),
+            asked: (0..pages).map(|_| AtomicU64::new(0)).collect(),
+            epoch: Instant::now(),
+            latency: AtomicLatencyHistogram::default(),
+            stats,
+            #[cfg(feature = "fault-injection")]
+            faults: Default::default(),
+        }
+    }
+
+    fn land(&self) -> std::sync::RwLockReadGuard<'_, Land> {
+        self.land.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces where pages land; returns the old one.
+    pub fn set_land(&self, land: Land) -> Land {
+        let mut l = self.land.write().unwrap_or_else(|p| p.into_inner());
+        std::mem::replace(&mut *l, land)
+    }
+
+    /// Runs `f` on the memory and states of a [`Land::Copy`].
+    pub fn with_copy<R>(&self, f: impl FnOnce(&Mapping, &PageStateMap) -> R) -> Option<R> {
+        match &*self.land() {
+            Land::Copy { memory, states } => Some(f(memory, states)),
+            _ => None,
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64 + 1
+    }
+
+    /// Asks for pages `first..first + count` on the urgent connection, or, while there
+    /// is none (paused), only remembers them: they stay Requested and are asked again
+    /// on the next pair. Called by fault handlers: allocates nothing, and its locks are
+    /// held only by our own threads, never across an allocation.
+    pub fn request(&self, first: u64, count: u64) {
+        let now = self.now();
+        for p in first..first + count {
+            if let Some(a) = self.asked.get(p as usize) {
+                let _ = a.compare_exchange(0, now, STAT, STAT);
+            }
+        }
+        self.stats.requested.fetch_add(count, STAT);
+        let urgent = self.urgent.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(chan) = urgent.as_ref() {
+            chan.request(&[PageRange { first, count }]);
+        }
+    }
+
+    /// Sets (or, with `None`, drops) the connection requests go to. The old one is
+    /// dropped outside the lock: a fault handler never waits on a deallocation.
+    fn set_urgent(&self, chan: Option<Arc<Chan>>) {
+        let old = std::mem::replace(
+            &mut *self.urgent.lock().unwrap_or_else(|p| p.into_inner()),
+            chan,
+        );
+        drop(old);
+    }
+
+    /// Pauses requests (the pair broke).
+    pub fn pause(&self) {
+        self.set_urgent(None);
+    }
+
+    /// Greets a new pair: RECV_BITMAP (what is present here), then ACK `step` if given,
+    /// on main; then requests go to its urgent connection, and the pages still
+    /// outstanding are asked for again.
+    pub fn greet(&self, pair: &Pair, step: Option<u64>) -> Result<(), Error> {
+        pair.main.send(&Message::RecvBitmap {
+            words: self.present(),
+        })?;
+        if let Some(seq) = step {
+            pair.main.send(&Message::Ack { seq })?;
+        }
+        // Requests go to the new pair before the scan for outstanding ones: a fault
+        // racing this either sends on the new pair or is Requested when scanned (a page
+        // asked twice is answered twice and placed once).
+        self.set_urgent(Some(pair.urgent.clone()));
+        let outstanding = self.outstanding();
+        for chunk in outstanding.chunks(200) {
+            pair.urgent.writer().request(chunk)?;
+        }
+        if !outstanding.is_empty() {
+            log::info!(
+                "asked again for {} outstanding page run(s)",
+                outstanding.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// The present pages (received, or known zero) as bitmap words.
+    fn present(&self) -> Vec<u64> {
+        match &*self.land() {
+            Land::Copy { states, .. } => states.export_present(),
+            Land::Place(placer) => placer.states(|s| s.export_present()).unwrap_or_default(),
+            Land::Idle => vec![0; self.asked.len().div_ceil(64)],
+        }
+    }
+
+    /// Runs of pages asked for and not yet placed.
+    fn outstanding(&self) -> Vec<PageRange> {
+        let Land::Place(placer) = &*self.land() else {
+            return Vec::new();
+        };
+        let mut runs: Vec<PageRange> = Vec::new();
+        placer.states(|s| {
+            for (i, state) in s.iter().enumerate() {
+                if state != PageState::Requested {
+                    continue;
+                }
+                match runs.last_mut() {
+                    Some(r) if r.first + r.count == i as u64 => r.count += 1,
+                    _ => runs.push(PageRange {
+                        first: i as u64,
+                        count: 1,
+                    }),
+                }
+            }
+        });
+        runs
+    }
+
+    /// Pages not yet present (missing or requested); `None` if nothing lands yet or
+    /// the pager is gone.
+    pub fn missing(&self) -> Option<usize> {
+        let count =
+            |s: pager::PageStates<'_>| s.count(PageState::Missing) + s.count(PageState::Requested);
+        match &*self.land() {
+            Land::Place(placer) => placer.states(count),
+            _ => None,
+        }
+    }
+
+    /// Waits until every page is present, the pair breaks, or `limit` passes (then the
+    /// pair is cut: what is missing is asked for on the next one).
+    pub fn wait_complete(&self, pair: &Pair, limit: Duration) -> Result<(), Error> {
+        let until = Instant::now() + limit;
+        while self.missing().ok_or(Error::PagerStopped)? > 0 {
+            if Instant::now() > until {
+                let after = limit;
+                let expected = "every page after END";
+                pair.cut(crate::error::LinkError::NoAnswer { expected, after });
+            }
+            // Nothing but pages may come before every page is here.
+            if let Some((channel, msg)) = pair.next_within(Duration::from_millis(2))? {
+                return Err(Error::Unexpected {
+                    expected: "pages",
+                    got: msg.name(),
+                    channel,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the latency of requested pages among `first..first + count`.
+    fn arrived(&self, first: u64, count: u64) {
+        let now = self.now();
+        for p in first..first + count {
+            let asked = self.asked.get(p as usize).map_or(0, |a| a.swap(0, STAT));
+            if asked != 0 {
+                self.latency
+                    .record(Duration::from_nanos(now.saturating_sub(asked)));
+            }
+        }
+    }
+
+    /// Lands pages `first..` with `data`, or zero pages when `data` is `None`.
+    fn land_pages(&self, first: u64, count: u64, data: Option<&[u8]>) -> Result<(), Error> {
+        let ps = self.ps;
+        let (start, end) = (first as usize, (first + count) as usize);
+        match &*self.land() {
+            Land::Idle => {
+                return Err(Error::Unexpected {
+                    expected: "no pages before the session runs",
+                    got: "pages",
+                    channel: Channel::Main,
+                })
+            }
+            Land::Copy { memory, states } => {
+                match data {
+                    Some(d) => {
+                        // SAFETY: the decoder checked first + count <= pages of the advised
+                        // geometry, which `memory` was mapped for; no pager serves it yet
+                        // and no other thread reads or writes it (the workload starts
+                        // after this land is gone, and pages land on one thread).
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                d.as_ptr(),
+                                memory.as_ptr().add(start * ps),
+                                d.len(),
+                            )
+                        };
+                        states.mark_received_range(start, end)?;
+                    }
+                    // Known zero: dropped here (a private mapping reads zero after
+                    // DONTNEED); a fault there later gets a zero page locally.
+                    None => {
+                        memory
+                            .madvise(start * ps, (end - start) * ps, libc::MADV_DONTNEED)
+                            .map_err(Error::io("drop zero pages"))?;
+                        states.mark_zero_range(start, end)?;
+                    }
+                }
+                self.stats.copied.fetch_add(count, STAT);
+                return Ok(());
+            }
+            Land::Place(placer) => {
+                let placed = match data {
+                    Some(d) => placer.place_run(first * ps as u64, d)?,
+                    None => place_zeros(placer, first, count, ps)?,
+                };
+                let placed = placed.ok_or(Error::PagerStopped)?;
+                self.stats.placed.fetch_add(placed as u64, STAT);
+            }
+        }
+        self.arrived(first, count);
+        Ok(())
+    }
+}
+
+/// The receiver is the pager's source at a destination: a fault asks and returns at once.
+impl Source for Receiver {
+    fn len(&self) -> u64 {
+        self.asked.len() as u64 * self.ps as u64
+    }
+
+    /// Asks for the pages ([`Receiver::request`]: allocation-free) and answers Pending.
+    fn fetch<'a>(&'a self, offset: u64, scratch: &'a mut [u8]) -> Result<Fetched<'a>, SourceError> {
+        let count = (scratch.len() / self.ps).max(1) as u64;
+        self.request(offset / self.ps as u64, count);
+        Ok(Fetched::Pending)
+    }
+}
+
+/// Places zero pages one by one; `None` once the pager stops.
+fn place_zeros(placer: &Placer, first: u64, count: u64, ps: usize) -> Result<Option<usize>, Error> {
+    let mut placed = 0;
+    for p in first..first + count {
+        match placer.place(p * ps as u64, None)? {
+            Placed::Placed => placed += 1,
+            Placed::Duplicate => {}
+            Placed::NoRegion | Placed::Stopped => return Ok(None),
+        }
+    }
+    Ok(Some(placed))
+}
+
+impl Inbound for Receiver {
+    fn frame(&self, _chan: &Chan, frame: Frame<'_>) -> Result<Option<Message>, Error> {
+        match frame {
+            Frame::Pages { first, data } => {
+                let count = (data.len() / self.ps) as u64;
+                self.land_pages(first, count, Some(data))?;
+            }
+            Frame::Other(Message::ZeroRun(r)) => self.land_pages(r.first, r.count, None)?,
+            Frame::Other(msg) => return Ok(Some(msg)),
+        }
+        #[cfg(feature = "fault-injection")]
+        if let Some(crate::fault::Fault::Stall(d)) =
+            (self.faults).due(self.stats.placed.load(STAT) + self.stats.copied.load(STAT))
+        {
+            std::thread::sleep(d);
+        }
+        Ok(None)
+    }
+}

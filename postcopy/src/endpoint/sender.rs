@@ -1,0 +1,234 @@
+//! The sending half, written once: a page server's sessions and the migration source
+//! both push pages through it. It frames page data and zero runs, answers urgent requests
+//! at once (moving the stream's cursor just past them: spatial locality), and streams what
+//! is still needed, in order from that cursor, over page-state's [`Bitmap`].
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use page_state::Bitmap;
+
+use crate::error::LinkError;
+use crate::link::{Chan, Cutter, Inbound};
+use crate::wire::{Frame, Message, PageRange};
+use crate::Error;
+
+/// Bytes of page data per PAGES frame (at least one page).
+const FRAME_BYTES: usize = 1 << 20;
+
+/// Where a sender's pages come from.
+pub(crate) trait Pages: Send + Sync {
+    /// Bytes per page, and pages in all.
+    fn geometry(&self) -> (usize, u64);
+    /// Pages `first..first + count` (`count * page_size <= scratch.len()`), in `scratch` or
+    /// borrowed; `None` when they are known to be all zero.
+    fn read<'a>(
+        &'a self,
+        first: u64,
+        count: u64,
+        scratch: &'a mut [u8],
+    ) -> Result<Option<&'a [u8]>, Error>;
+}
+
+/// Counters of what a sender sent.
+#[derive(Debug, Default)]
+pub struct SendStats {
+    /// Pages pushed by the background stream.
+    pub stream_pages: AtomicU64,
+    /// Pages sent because they were requested.
+    pub urgent_pages: AtomicU64,
+    /// REQ_PAGES messages answered.
+    pub requests: AtomicU64,
+    /// Pages that went as zero runs (no data).
+    pub zero_pages: AtomicU64,
+    /// Page data bytes sent (stream and requests).
+    pub bytes: AtomicU64,
+}
+
+/// Relaxed: counters and the cursor are statistics and a position hint only.
+const STAT: Ordering = Ordering::Relaxed;
+
+/// One session's sending half.
+pub(crate) struct Sender {
+    pages: Arc<dyn Pages>,
+    ps: usize,
+    count: u64,
+    per_frame: u64,
+    /// Pages the stream still has to push (requests clear them too).
+    pub need: Bitmap,
+    cursor: AtomicU64,
+    answering: AtomicBool,
+    urgent_scratch: Mutex<Vec<u8>>,
+    stats: Arc<SendStats>,
+    #[cfg(feature = "fault-injection")]
+    pub faults: Arc<crate::fault::Faults>,
+}
+
+impl Sender {
+    /// A sender of `pages`, counting into `stats`; nothing needed yet, requests refused
+    /// until [`Sender::answer_requests`].
+    pub fn new(pages: Arc<dyn Pages>, stats: Arc<SendStats>) -> Sender {
+        let (ps, count) = pages.geometry();
+        let per_frame = (FRAME_BYTES / ps).max(1) as u64;
+        Sender {
+            need: Bitmap::new(count as usize),
+            cursor: AtomicU64::new(0),
+            answering: AtomicBool::new(false),
+            urgent_scratch: Mutex::new(vec![0; per_frame as usize * ps]),
+            pages,
+            ps,
+            count,
+            per_frame,
+            stats,
+            #[cfg(feature = "fault-injection")]
+            faults: Default::default(),
+        }
+    }
+
+    /// Answers REQ_PAGES from now on (before, a request is an unexpected message).
+    pub fn answer_requests(&self) {
+        self.answering.store(true, Ordering::Release);
+    }
+
+    /// A buffer of one frame's pages, for [`Sender::send`].
+    pub fn scratch(&self) -> Vec<u8> {
+        vec![0; self.per_frame as usize * self.ps]
+    }
+
+    /// Sends pages `first..first + count` on `chan` as PAGES and ZERO_RUN frames of at
+    /// most a frame's worth each, taking the writer per frame (heartbeats and other
+    /// senders get their turn); returns the data bytes sent.
+    pub fn send(
+        &self,
+        chan: &Chan,
+        first: u64,
+        count: u64,
+        scratch: &mut [u8],
+    ) -> Result<u64, Error> {
+        let (end, mut p, mut bytes) = (first + count, first, 0);
+        while p < end {
+            let n = (end - p).min(self.per_frame);
+            let data = self.pages.read(p, n, scratch)?;
+            let mut w = chan.writer();
+            let sent = match data {
+                Some(data) => w.send_page_data(p, data, self.ps)?,
+                None => {
+                    w.send(&Message::ZeroRun(PageRange { first: p, count: n }))?;
+                    0
+                }
+            };
+            drop(w);
+            self.stats
+                .zero_pages
+                .fetch_add(n - sent / self.ps as u64, STAT);
+            bytes += sent;
+            p += n;
+        }
+        Ok(bytes)
+    }
+
+    /// Answers one REQ_PAGES on the connection it came on.
+    fn answer(&self, chan: &Chan, ranges: &[PageRange]) -> Result<(), Error> {
+        self.stats.requests.fetch_add(1, STAT);
+        let mut scratch = self
+            .urgent_scratch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for r in ranges {
+            self.need
+                .clear_range(r.first as usize..(r.first + r.count) as usize)?;
+            let b = self.send(chan, r.first, r.count, &mut scratch)?;
+            self.stats.bytes.fetch_add(b, STAT);
+            self.stats.urgent_pages.fetch_add(r.count, STAT);
+            // The stream goes on just after the requested page.
+            self.cursor.store((r.first + r.count) % self.count, STAT);
+        }
+        Ok(())
+    }
+
+    /// Pushes every needed page on `chan` in order from the cursor (with `push` off,
+    /// only waits for requests to take them all: demand-only), then sends END. On any
+    /// failure the pair is cut (a broken link's cause becomes the pair's); it returns
+    /// early once the pair is cut.
+    pub fn stream(&self, chan: &Chan, cutter: &Cutter, push: bool) -> Result<(), Error> {
+        match self.push(chan, cutter, push) {
+            Err(Error::Link(e)) => {
+                cutter.cut(e);
+                Err(LinkError::Cut.into())
+            }
+            Err(e) => {
+                cutter.cut(LinkError::Cut);
+                Err(e)
+            }
+            Ok(()) => Ok(()),
+        }
+    }
+
+    fn push(&self, chan: &Chan, cutter: &Cutter, push: bool) -> Result<(), Error> {
+        let mut scratch = self.scratch();
+        loop {
+            if cutter.is_cut() {
+                return Err(LinkError::Cut.into());
+            }
+            #[cfg(feature = "fault-injection")]
+            self.inject(chan)?;
+            let at = self.cursor.load(STAT) as usize;
+            let Some(first) = self.need.next_set_wrapping(at) else {
+                break;
+            };
+            if !push {
+                std::thread::sleep(Duration::from_micros(200));
+                continue;
+            }
+            let first = first as u64;
+            let mut n = 0;
+            while n < self.per_frame
+                && first + n < self.count
+                && self.need.clear((first + n) as usize)
+            {
+                n += 1;
+            }
+            if n == 0 {
+                continue; // a request took it meanwhile
+            }
+            self.cursor.store((first + n) % self.count, STAT);
+            let b = self.send(chan, first, n, &mut scratch)?;
+            self.stats.bytes.fetch_add(b, STAT);
+            self.stats.stream_pages.fetch_add(n, STAT);
+        }
+        chan.send(&Message::End)?;
+        Ok(())
+    }
+
+    #[cfg(feature = "fault-injection")]
+    fn inject(&self, chan: &Chan) -> Result<(), Error> {
+        use crate::fault::Fault;
+        let sent = self.stats.stream_pages.load(STAT) + self.stats.urgent_pages.load(STAT);
+        match self.faults.due(sent) {
+            Some(Fault::Cut) => Err(LinkError::Cut.into()),
+            Some(Fault::HalfFrame) => {
+                let mut frame = Vec::new();
+                let data = vec![0xa5; self.ps];
+                crate::wire::encode(&Message::Pages { first: 0, data }, &mut frame);
+                let _ = chan.writer().write_raw(&frame[..frame.len() / 2]);
+                Err(LinkError::Cut.into())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Inbound for Sender {
+    fn frame(&self, chan: &Chan, frame: Frame<'_>) -> Result<Option<Message>, Error> {
+        match frame {
+            Frame::Other(Message::ReqPages { ranges })
+                if self.answering.load(Ordering::Acquire) =>
+            {
+                self.answer(chan, &ranges)?;
+                Ok(None)
+            }
+            other => Ok(Some(other.into_owned())),
+        }
+    }
+}

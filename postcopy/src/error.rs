@@ -1,0 +1,220 @@
+//! Errors: a broken link ([`LinkError`], which pauses a session until it reconnects) is kept
+//! apart from everything that ends it ([`Error`]'s other variants).
+
+use std::time::Duration;
+
+use crate::wire::{Channel, Message, ShutReason, WireError};
+
+/// Why a connection of a session stopped working. Always recoverable: the session pauses
+/// and resumes on a new connection pair.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// Connecting failed (refused, unreachable, timed out).
+    #[error("connect to {addr}")]
+    Connect {
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading or writing failed (reset, broken pipe, a write that made no progress for
+    /// the silence deadline).
+    #[error("{channel} connection")]
+    Io {
+        /// Which connection.
+        channel: Channel,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The peer closed the connection.
+    #[error("the peer closed the {channel} connection")]
+    Closed {
+        /// Which connection.
+        channel: Channel,
+    },
+    /// Nothing arrived for the silence deadline although the peer sends heartbeats:
+    /// a partition, a frozen peer, a dead proxy.
+    #[error("the {channel} connection was silent for {after:?}")]
+    Silent {
+        /// Which connection.
+        channel: Channel,
+        /// The deadline.
+        after: Duration,
+    },
+    /// A frame that does not decode (corrupted or cut in transit).
+    #[error("malformed frame on the {channel} connection")]
+    Malformed {
+        /// Which connection.
+        channel: Channel,
+        /// What is wrong with it.
+        #[source]
+        source: WireError,
+    },
+    /// A newer authenticated connection pair of the same session took over.
+    #[error("superseded by a newer connection of the same session")]
+    Superseded,
+    /// An expected answer did not come in time although the connection is alive.
+    #[error("no {expected} within {after:?}")]
+    NoAnswer {
+        /// What was awaited.
+        expected: &'static str,
+        /// How long.
+        after: Duration,
+    },
+    /// This side cut the pair (its other connection broke, or it is closing).
+    #[error("connection pair cut by this side")]
+    Cut,
+}
+
+/// Why a peer or this side refuses a session.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The peer does not know the pre-shared key (or we do not know its).
+    #[error("wrong key")]
+    WrongKey,
+    /// The peer shut the session with a reason of its own.
+    #[error("the peer shut the session ({reason:?}): {detail}")]
+    PeerShut {
+        /// Its reason.
+        reason: ShutReason,
+        /// Its words.
+        detail: String,
+    },
+    /// The geometry advised on a reconnection differs from the first one.
+    #[error("the geometry changed on reconnection")]
+    GeometryChanged,
+    /// Geometry this endpoint cannot serve.
+    #[error("unsupported geometry: {0}")]
+    Geometry(&'static str),
+    /// The peer reports a state this side cannot continue from.
+    #[error("the peer is at step {step}, this side cannot continue from there")]
+    Step {
+        /// The step the peer reported.
+        step: u64,
+    },
+}
+
+/// Errors of the postcopy endpoints.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A connection broke; a session pauses and resumes on such errors.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// A message that has no place where it arrived.
+    #[error("unexpected {got} on the {channel} connection (expected {expected})")]
+    Unexpected {
+        /// What was expected.
+        expected: &'static str,
+        /// What came.
+        got: &'static str,
+        /// Where.
+        channel: Channel,
+    },
+    /// The session was refused, by the peer or by this side.
+    #[error("refused: {reason}")]
+    Refused {
+        /// Why.
+        reason: Refusal,
+    },
+    /// Paused (or connecting) for longer than the bound without a working connection.
+    #[error("gave up after {after:?} without a working connection")]
+    GaveUp {
+        /// The bound.
+        after: Duration,
+        /// The last failure.
+        #[source]
+        last: LinkError,
+    },
+    /// An option or argument that cannot work.
+    #[error("{what}: {value}")]
+    Invalid {
+        /// Which.
+        what: &'static str,
+        /// The value given.
+        value: String,
+    },
+    /// Local I/O: binding, a key file, mapping memory.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// 2 MiB pages were needed and the hugetlb pool does not have them.
+    #[error("{needed} free 2 MiB huge pages are needed, {free} are free (grow /proc/sys/vm/nr_hugepages)")]
+    HugePages {
+        /// Pages needed.
+        needed: u64,
+        /// Pages free.
+        free: u64,
+    },
+    /// The image source failed.
+    #[error(transparent)]
+    Source(#[from] pager::SourceError),
+    /// A userfaultfd or pagemap operation failed.
+    #[error(transparent)]
+    Kernel(#[from] uffd_core::Error),
+    /// The destination's pager failed.
+    #[error(transparent)]
+    Pager(#[from] pager::Error),
+    /// The pager stopped (its process exited, or it failed) while pages were arriving.
+    #[error("the pager stopped while pages were arriving")]
+    PagerStopped,
+    /// A page bitmap or range that does not fit the region (a peer's RECV_BITMAP of the
+    /// wrong size, a page beyond the end).
+    #[error("page set")]
+    Pages(#[from] page_state::Error),
+    /// The destination's pages differ from the source's final content.
+    #[error("verification failed: {pages} pages differ, the first is page {first}")]
+    Mismatch {
+        /// How many.
+        pages: u64,
+        /// The lowest.
+        first: u64,
+    },
+}
+
+impl Error {
+    /// Whether a new connection pair can carry on (a broken link), as opposed to an
+    /// error that ends the session.
+    pub fn is_link(&self) -> bool {
+        matches!(self, Error::Link(_))
+    }
+
+    pub(crate) fn refused(reason: Refusal) -> Error {
+        Error::Refused { reason }
+    }
+
+    pub(crate) fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+        move |source| Error::Io { what, source }
+    }
+}
+
+/// What a message that has no place here means: a SHUT is the peer refusing, anything
+/// else is [`Error::Unexpected`].
+pub(crate) fn unexpected(msg: Message, expected: &'static str, channel: Channel) -> Error {
+    match msg {
+        Message::Shut { reason, detail } => Error::refused(Refusal::PeerShut { reason, detail }),
+        other => Error::Unexpected {
+            expected,
+            got: other.name(),
+            channel,
+        },
+    }
+}
+
+/// An error and its causes on one line: `a: b: c` (for logs).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}

@@ -1,0 +1,123 @@
+//! The opening side of a session: both connections of one generation, authenticated, and
+//! the retry loop that ends a pause in a new pair or in a bounded give-up.
+
+use std::time::{Duration, Instant};
+
+use super::Timing;
+use crate::auth::{self, Hello, Key};
+use crate::error::LinkError;
+use crate::net::{Addr, Conn, Socket};
+use crate::wire::{Channel, Role};
+use crate::Error;
+
+/// Opens connection pairs of one session, each attempt a newer generation (so the
+/// listener lets it supersede whatever pair of the session it still holds).
+pub(crate) struct Dialer {
+    /// Where.
+    pub addr: Addr,
+    key: Key,
+    role: Role,
+    /// The session id.
+    pub session: u64,
+    generation: u32,
+    /// Deadlines and backoff.
+    pub timing: Timing,
+}
+
+impl Dialer {
+    /// A dialer for a new session.
+    pub fn new(addr: Addr, key: Key, role: Role, timing: Timing) -> Result<Dialer, Error> {
+        Ok(Dialer {
+            addr,
+            key,
+            role,
+            session: auth::session_id()?,
+            generation: 0,
+            timing,
+        })
+    }
+
+    /// Both connections of the next generation, authenticated, with the silence deadline.
+    pub fn attempt(&mut self) -> Result<(Conn, Conn), Error> {
+        self.generation = self.generation.wrapping_add(1);
+        Ok((self.open(Channel::Main)?, self.open(Channel::Urgent)?))
+    }
+
+    fn open(&self, channel: Channel) -> Result<Conn, Error> {
+        let connect = |source| LinkError::Connect {
+            addr: self.addr.to_string(),
+            source,
+        };
+        let socket = Socket::connect(&self.addr, self.timing.silence).map_err(connect)?;
+        let mut conn = Conn::plain(socket).map_err(connect)?;
+        conn.set_deadline(self.timing.silence).map_err(connect)?;
+        let hello = Hello {
+            role: self.role,
+            channel,
+            session: self.session,
+            generation: self.generation,
+        };
+        auth::open(&mut conn, &self.key, hello)?;
+        Ok(conn)
+    }
+
+    /// Connects and greets until `greet` succeeds. A broken link (connecting, the
+    /// handshake, or the greeting) is retried after a delay that starts at nothing and
+    /// then doubles from [`Timing::first_backoff`] up to [`Timing::max_backoff`]; `wait(d)`
+    /// spends each delay and says whether to try now (it may end a delay early, hold
+    /// attempts back until an operator says so, or fail to abort). Gives up once
+    /// [`Timing::give_up_after`] has passed since `since`; any error other than a broken
+    /// link (a refusal, a wrong key) ends it at once.
+    pub fn connect<T>(
+        &mut self,
+        since: Instant,
+        mut wait: impl FnMut(Duration) -> Result<bool, Error>,
+        mut greet: impl FnMut(Conn, Conn) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let t = self.timing;
+        let mut delay = Duration::ZERO;
+        let mut last = None;
+        loop {
+            loop {
+                let left = t.give_up_after.saturating_sub(since.elapsed());
+                if left.is_zero() {
+                    let last = last.unwrap_or(LinkError::NoAnswer {
+                        expected: "a connection",
+                        after: t.give_up_after,
+                    });
+                    log::warn!(
+                        "giving up on {} after {:?}: {}",
+                        self.addr,
+                        t.give_up_after,
+                        crate::error::chain(&last)
+                    );
+                    return Err(Error::GaveUp {
+                        after: t.give_up_after,
+                        last,
+                    });
+                }
+                if wait(delay.min(left))? {
+                    break;
+                }
+            }
+            match self
+                .attempt()
+                .and_then(|(main, urgent)| greet(main, urgent))
+            {
+                Ok(done) => return Ok(done),
+                Err(Error::Link(e)) => {
+                    // The first failure is news; the retries after it are detail.
+                    let level = match last {
+                        None => log::Level::Info,
+                        Some(_) => log::Level::Debug,
+                    };
+                    let (addr, n, why) = (&self.addr, self.generation, crate::error::chain(&e));
+                    log::log!(level, "connecting to {addr} (attempt {n}): {why}; retrying");
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+            delay = (delay * 2).clamp(t.first_backoff, t.max_backoff.max(t.first_backoff));
+        }
+    }
+}

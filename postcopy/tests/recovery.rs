@@ -1,0 +1,311 @@
+//! Migrations through testkit's fault-injecting proxy: connections reset or silently
+//! frozen (a partition: both ends established, nothing flowing) at seeded random byte
+//! offsets in precopy, at the switch and in postcopy, on the main connection alone, the
+//! urgent one alone, or both. Each run ends with the digest verdict and a byte-for-byte
+//! comparison (zero pages lost), and both ends resumed exactly once per cut.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{hot_pick, key, proxy_to, source_memory, test_timing, Case, Outcome};
+use pager::DeliveryMode;
+use postcopy::migrate::{DestOptions, Destination, Migration, SourceOptions, Timing};
+use postcopy::net::Addr;
+use postcopy::Error;
+use testkit::proxy::{CutMode, Direction, Proxy, Target};
+use uffd_core::HUGE_PAGE_SIZE;
+
+/// Where and how one run cuts.
+struct Plan {
+    seed: u64,
+    /// Cuts spread over the first `precopy_within` bytes of pages (precopy's first round).
+    precopy: Vec<(CutMode, Target)>,
+    precopy_within: u64,
+    /// One cut as the source's workload stops.
+    switch: (CutMode, Target),
+    /// Cuts spread over the first `postcopy_within` bytes postcopy streams.
+    postcopy: Vec<(CutMode, Target)>,
+    postcopy_within: u64,
+}
+
+/// Plans cuts `kinds` at seeded random offsets over `within` counted bytes.
+fn plan(proxy: &Proxy, seed: u64, kinds: &[(CutMode, Target)], within: u64) {
+    let mut cuts = proxy.plan_random(seed, kinds.len(), within, CutMode::Reset, Target::All);
+    for (cut, &(mode, target)) in cuts.iter_mut().zip(kinds) {
+        (cut.mode, cut.target) = (mode, target);
+    }
+    proxy.plan(cuts);
+}
+
+/// Runs `case` through a proxy cutting as `p` says; checks every cut landed where it
+/// was meant to and each was resumed once on both sides.
+///
+/// Precopy goes on (round after round) until every precopy cut was made *and* resumed;
+/// then the test asks for the switch, so the switch's own cut hits live connections
+/// rather than ones an unnoticed freeze already holds.
+fn run_with(mut case: Case, p: Plan) -> Outcome {
+    let proxy: Arc<Mutex<Option<Arc<Proxy>>>> = Arc::default();
+    let precopy_done = Arc::new(AtomicBool::new(false));
+    let (px, pre) = (proxy.clone(), p.precopy.clone());
+    case.proxy = Some(Box::new(move |pr: &Arc<Proxy>| {
+        plan(pr, p.seed, &pre, p.precopy_within);
+        *px.lock().unwrap() = Some(pr.clone());
+    }));
+    case.opts.max_rounds = 1000;
+    let (px, done) = (proxy.clone(), precopy_done.clone());
+    case.src = Box::new(move |control| {
+        let control = control.clone();
+        std::thread::spawn(move || {
+            let until = Instant::now() + Duration::from_secs(120);
+            let pr = px.lock().unwrap().clone().expect("the proxy");
+            let link = &control.progress.link;
+            while Instant::now() < until
+                && (pr.pending() > 0 || link.paused().is_some() || link.reconnects() < pr.cuts())
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            done.store(pr.pending() == 0, Ordering::SeqCst);
+            control.switch_to_postcopy();
+        });
+    });
+    let (px, post) = (proxy.clone(), p.postcopy.clone());
+    case.at_stop = Box::new(move || {
+        let pr = px.lock().unwrap().clone().expect("the proxy");
+        assert!(pr.cut_now(p.switch.0, p.switch.1) > 0, "the switch cut hit");
+        plan(&pr, p.seed ^ 0x5eed, &post, p.postcopy_within);
+    });
+    case.reconnects = None;
+    let o = case.run_all();
+    let pr = proxy.lock().unwrap().clone().expect("the proxy");
+    assert!(
+        precopy_done.load(Ordering::SeqCst),
+        "every precopy cut landed and was resumed before the switch"
+    );
+    assert_eq!(pr.pending(), 0, "every postcopy cut landed");
+    let planned = (p.precopy.len() + 1 + p.postcopy.len()) as u64;
+    assert_eq!(o.cuts, planned, "cuts made");
+    assert_eq!(o.src.reconnects, o.cuts, "the source resumed once per cut");
+    assert_eq!(
+        o.dst.reconnects, o.cuts,
+        "the destination resumed once per cut"
+    );
+    eprintln!(
+        "{} cuts, {} resumes; {} rounds, discarded {}, postcopy {} MiB, requested {}",
+        o.cuts,
+        o.src.reconnects,
+        o.src.rounds.len(),
+        o.src.discarded,
+        o.src.postcopy_bytes >> 20,
+        o.dst.requested
+    );
+    o
+}
+
+/// A 4 KiB case whose writer keeps a hot eighth dirty, so postcopy has MiBs to move.
+fn hot_case(bytes: usize) -> Case {
+    let mut case = Case::new("127.0.0.1:0", bytes);
+    case.pick = hot_pick;
+    case
+}
+
+const MAIN: Target = Target::Tag("main");
+const URGENT: Target = Target::Tag("urgent");
+
+#[test]
+fn resets_in_precopy_at_the_switch_and_in_postcopy_lose_nothing() {
+    let o = run_with(
+        hot_case(32 << 20),
+        Plan {
+            seed: 11,
+            precopy: vec![(CutMode::Reset, MAIN), (CutMode::Reset, Target::All)],
+            precopy_within: 16 << 20,
+            switch: (CutMode::Reset, URGENT),
+            postcopy: vec![(CutMode::Reset, Target::All), (CutMode::Reset, URGENT)],
+            postcopy_within: 1 << 20,
+        },
+    );
+    assert!(o.src.precopy_bytes > 0 && o.src.postcopy_bytes > 0);
+}
+
+#[test]
+fn silent_freezes_in_precopy_at_the_switch_and_in_postcopy_lose_nothing() {
+    run_with(
+        hot_case(32 << 20),
+        Plan {
+            seed: 23,
+            precopy: vec![(CutMode::Freeze, URGENT), (CutMode::Freeze, Target::All)],
+            precopy_within: 16 << 20,
+            switch: (CutMode::Freeze, MAIN),
+            // Not the urgent connection alone: postcopy could end on main before the
+            // freeze is noticed (a correct run, but not one resumed once per cut).
+            postcopy: vec![(CutMode::Freeze, MAIN)],
+            postcopy_within: 1 << 20,
+        },
+    );
+}
+
+#[test]
+fn two_mib_pages_survive_resets_and_freezes_in_every_phase() {
+    // 64: this test's 32 and another 2 MiB test's, which may run at the same time.
+    if !testkit::hugepages::available(
+        "two_mib_pages_survive_resets_and_freezes_in_every_phase",
+        64,
+    ) {
+        return;
+    }
+    let mut case = hot_case(32 * HUGE_PAGE_SIZE);
+    case.opts.page_size = HUGE_PAGE_SIZE;
+    // Postcopy has only the few huge pages the writer dirtied last: no destination
+    // workload takes any of them on request, so both postcopy cuts find a stream to cut.
+    case.workload = common::idle;
+    let o = run_with(
+        case,
+        Plan {
+            seed: 37,
+            precopy: vec![(CutMode::Reset, MAIN), (CutMode::Freeze, URGENT)],
+            precopy_within: 24 << 20,
+            switch: (CutMode::Freeze, Target::All),
+            postcopy: vec![(CutMode::Reset, URGENT), (CutMode::Freeze, MAIN)],
+            postcopy_within: 512 << 10,
+        },
+    );
+    assert_eq!(o.dst.page_size, HUGE_PAGE_SIZE);
+}
+
+#[test]
+fn a_newer_connection_supersedes_the_pair_a_destination_still_waits_on() {
+    // The destination's silence deadline is far longer than the source's: after a freeze
+    // the source reconnects first, and the destination, still waiting on its frozen
+    // pair, must let the newer pair take over rather than wait out its own deadline.
+    let mut case = hot_case(32 << 20);
+    case.opts.max_rounds = 0;
+    case.opts.timing.silence = Duration::from_millis(1500);
+    case.dest_timing.silence = Duration::from_secs(60);
+    case.reconnects = Some(1);
+    case.proxy = Some(Box::new(|p: &Arc<Proxy>| {
+        p.plan(vec![testkit::proxy::Cut {
+            mode: CutMode::Freeze,
+            target: Target::All,
+            after: 4 << 20,
+        }])
+    }));
+    let t = Instant::now();
+    let o = case.run_all();
+    assert_eq!(o.cuts, 1);
+    assert!(
+        t.elapsed() < Duration::from_secs(40),
+        "resumed without waiting out the destination's deadline: {:?}",
+        t.elapsed()
+    );
+}
+
+/// The first word of every page.
+fn first_bytes(m: &uffd_core::Mapping) -> Vec<u64> {
+    (0..m.len())
+        .step_by(4096)
+        // SAFETY: inside the mapping; nothing writes it now.
+        .map(|o| unsafe { std::ptr::read_volatile(m.as_ptr().add(o).cast::<u64>()) })
+        .collect()
+}
+
+/// A migration whose network partitions for good once `partition` says so; both ends
+/// must give up within their bound, the source's memory intact.
+fn never_heals(
+    partition: impl FnOnce(&Arc<Proxy>, &Arc<AtomicBool>) + Send + 'static,
+    rounds: u32,
+) {
+    let timing = Timing {
+        give_up_after: Duration::from_secs(3),
+        silence: Duration::from_secs(1),
+        heartbeat: Duration::from_millis(150),
+        ..test_timing()
+    };
+    let opts = DestOptions {
+        mode: DeliveryMode::Thread,
+        timing,
+    };
+    let dest = Destination::bind(&"127.0.0.1:0".parse().unwrap(), key(), opts).unwrap();
+    let proxy = proxy_to(&dest.local_addr().unwrap(), Direction::ToListener);
+    let stopped = Arc::new(AtomicBool::new(false));
+    partition(&proxy, &stopped);
+    let dest_t = std::thread::spawn(move || dest.run(|mem| drop(common::toucher(mem))));
+    let memory = source_memory(8 << 20);
+    let before = first_bytes(&memory);
+    let opts = SourceOptions {
+        max_rounds: rounds,
+        switch_below_bytes: 0,
+        timing,
+        ..SourceOptions::default()
+    };
+    // SAFETY: our mapping; nothing writes it.
+    let m = unsafe {
+        Migration::new(
+            Addr::Tcp(proxy.addr()),
+            key(),
+            memory.addr(),
+            memory.len(),
+            opts,
+        )
+    }
+    .unwrap();
+    let (px, st) = (proxy.clone(), stopped.clone());
+    let t = Instant::now();
+    let src = m.run(move || {
+        if st.load(Ordering::SeqCst) {
+            px.partition(true);
+        }
+    });
+    let dst = dest_t.join().expect("destination thread");
+    let bound = Duration::from_secs(20);
+    assert!(
+        t.elapsed() < bound,
+        "both gave up within {bound:?}: {:?}",
+        t.elapsed()
+    );
+    for (what, r) in [("source", src.err()), ("destination", dst.err())] {
+        assert!(
+            matches!(r, Some(Error::GaveUp { .. })),
+            "the {what} gave up: {r:?}"
+        );
+    }
+    assert_eq!(
+        before,
+        first_bytes(&memory),
+        "the source's memory is intact"
+    );
+}
+
+/// Plans one cut after `after` counted bytes and, once it hit, a partition for good.
+fn partition_after(p: &Arc<Proxy>, mode: CutMode, after: u64) {
+    let target = Target::All;
+    p.plan(vec![testkit::proxy::Cut {
+        mode,
+        target,
+        after,
+    }]);
+    let p = p.clone();
+    std::thread::spawn(move || {
+        while p.cuts() == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        p.partition(true);
+    });
+}
+
+#[test]
+fn both_ends_give_up_within_their_bound_when_the_network_never_heals_in_precopy() {
+    never_heals(|p, _| partition_after(p, CutMode::Freeze, 2 << 20), 50);
+}
+
+#[test]
+fn both_ends_give_up_within_their_bound_when_the_network_never_heals_at_the_switch() {
+    never_heals(|_, at_switch| at_switch.store(true, Ordering::SeqCst), 1);
+}
+
+#[test]
+fn both_ends_give_up_within_their_bound_when_the_network_never_heals_in_postcopy() {
+    never_heals(|p, _| partition_after(p, CutMode::Reset, 1 << 20), 0);
+}

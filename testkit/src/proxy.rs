@@ -1,0 +1,500 @@
+//! A fault-injecting TCP proxy: put it between two real endpoints and cut their
+//! connections the way networks do — a **reset** (both ends get RST) or a **silent
+//! freeze** (both ends stay established and nothing flows: a partition) — at planned byte
+//! offsets, or now.
+//!
+//! Each connection is tagged by a classifier that reads the opener's first bytes (a
+//! postcopy test tags `main` and `urgent` from the HELLO), so a cut can hit one channel
+//! alone or every connection. Offsets count the bytes one tagged connection carries in
+//! one direction (e.g. source → destination on `main`), past its first `settle` bytes
+//! (the handshake), summed over reconnections, from when the cuts were planned: a byte
+//! counted is payload sent after the endpoints greeted, so each cut lands in a session,
+//! never inside a reconnection's handshake. The byte at which a cut falls is random
+//! ([`Proxy::plan_random`], seeded), so frames are cut anywhere in the middle.
+//!
+//! ```no_run
+//! use testkit::proxy::{Cut, CutMode, Direction, Proxy, ProxyOptions, Target};
+//! let proxy = Proxy::start("127.0.0.1:7701".parse().unwrap(), ProxyOptions {
+//!     classify: |first| (first.len() >= 4).then_some("any"),
+//!     counted: "any",
+//!     direction: Direction::ToListener,
+//!     settle: 1024,
+//! })?;
+//! proxy.plan(vec![Cut { mode: CutMode::Freeze, target: Target::All, after: 1 << 20 }]);
+//! // connect the opener to proxy.addr() ...
+//! # Ok::<(), std::io::Error>(())
+//! ```
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{setsockopt, sockopt::Linger};
+
+/// How a cut breaks connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CutMode {
+    /// Both ends get a reset (RST).
+    Reset,
+    /// Nothing flows any more, both ways, and nothing is closed: both ends see silence.
+    Freeze,
+}
+
+/// Which connections a cut breaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Every live connection.
+    All,
+    /// Live connections with this tag only.
+    Tag(&'static str),
+}
+
+/// One planned cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cut {
+    /// Reset or freeze.
+    pub mode: CutMode,
+    /// Which connections.
+    pub target: Target,
+    /// Counted bytes from the plan (or the previous cut) to this cut.
+    pub after: u64,
+}
+
+/// Which way the counted bytes flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Opener → listener.
+    ToListener,
+    /// Listener → opener.
+    ToOpener,
+}
+
+/// How the proxy tags and counts.
+#[derive(Debug, Clone, Copy)]
+pub struct ProxyOptions {
+    /// Tags a connection from the opener's first bytes (`None`: read more; untagged after
+    /// 4 KiB).
+    pub classify: fn(&[u8]) -> Option<&'static str>,
+    /// Connections with this tag carry the counted bytes.
+    pub counted: &'static str,
+    /// In this direction.
+    pub direction: Direction,
+    /// Each connection's first bytes (in that direction) are not counted.
+    pub settle: u64,
+}
+
+/// One proxied connection.
+struct Link {
+    /// Its number, in accepting order.
+    id: u64,
+    /// Pumps still running (two, until a side closes).
+    pumps: AtomicU64,
+    tag: OnceLock<&'static str>,
+    sockets: [TcpStream; 2],
+    frozen: AtomicBool,
+    reset: AtomicBool,
+}
+
+impl Link {
+    fn live(&self) -> bool {
+        self.pumps.load(Ordering::SeqCst) > 0
+            && !self.frozen.load(Ordering::SeqCst)
+            && !self.reset.load(Ordering::SeqCst)
+    }
+
+    fn hit_by(&self, target: Target) -> bool {
+        match target {
+            Target::All => true,
+            Target::Tag(t) => self.tag.get() == Some(&t),
+        }
+    }
+
+    fn apply(&self, mode: CutMode) {
+        match mode {
+            CutMode::Freeze => self.frozen.store(true, Ordering::SeqCst),
+            CutMode::Reset => {
+                for s in &self.sockets {
+                    // Linger 0: the last close sends RST instead of FIN.
+                    let _ = setsockopt(
+                        s,
+                        Linger,
+                        &nix::libc::linger {
+                            l_onoff: 1,
+                            l_linger: 0,
+                        },
+                    );
+                }
+                self.reset.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Plan {
+    counted: u64,
+    cuts: std::collections::VecDeque<Cut>,
+    next_at: u64,
+}
+
+struct State {
+    opts: ProxyOptions,
+    upstream: SocketAddr,
+    stop: AtomicBool,
+    blocked: AtomicBool,
+    links: Mutex<Vec<Arc<Link>>>,
+    plan: Mutex<Plan>,
+    /// Only connections accepted after the last cut count bytes: a cut never lands on
+    /// what is left of a pair an earlier cut already broke.
+    fresh_from: AtomicU64,
+    cuts: AtomicU64,
+    connections: AtomicU64,
+    /// When the last cut was made, and when counted bytes flowed again after it.
+    cut_and_flow: Mutex<(Option<Instant>, Option<Instant>)>,
+}
+
+/// A running proxy; stops (closing every connection) on drop.
+pub struct Proxy {
+    addr: SocketAddr,
+    state: Arc<State>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Pumps poll their flags this often.
+const TICK: Duration = Duration::from_millis(20);
+
+impl Proxy {
+    /// Listens on loopback and forwards every connection to `upstream`.
+    pub fn start(upstream: SocketAddr, opts: ProxyOptions) -> io::Result<Proxy> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            opts,
+            upstream,
+            stop: AtomicBool::new(false),
+            blocked: AtomicBool::new(false),
+            links: Mutex::default(),
+            plan: Mutex::default(),
+            fresh_from: AtomicU64::new(0),
+            cuts: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            cut_and_flow: Mutex::default(),
+        });
+        let s = state.clone();
+        let thread = std::thread::spawn(move || accept(&s, &listener));
+        Ok(Proxy {
+            addr,
+            state,
+            thread: Some(thread),
+        })
+    }
+
+    /// Where openers connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Plans `cuts`, each `after` counted bytes past the one before (the first past now).
+    pub fn plan(&self, cuts: Vec<Cut>) {
+        let mut plan = self.state.plan.lock().unwrap_or_else(|p| p.into_inner());
+        plan.cuts = cuts.into();
+        plan.next_at = plan.counted + plan.cuts.front().map_or(0, |c| c.after);
+    }
+
+    /// Plans `n` cuts of `mode` on `target` at random offsets spread over `within` counted
+    /// bytes from now (seeded: the same seed cuts at the same bytes). Returns the plan.
+    pub fn plan_random(
+        &self,
+        seed: u64,
+        n: usize,
+        within: u64,
+        mode: CutMode,
+        target: Target,
+    ) -> Vec<Cut> {
+        let mut x = seed | 1;
+        let mut at: Vec<u64> = (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                1 + x % within.max(1)
+            })
+            .collect();
+        at.sort_unstable();
+        let mut prev = 0;
+        let cuts: Vec<Cut> = at
+            .into_iter()
+            .map(|a| {
+                let after = (a - prev).max(1);
+                prev = a;
+                Cut {
+                    mode,
+                    target,
+                    after,
+                }
+            })
+            .collect();
+        self.plan(cuts.clone());
+        cuts
+    }
+
+    /// Cuts `target` now; returns how many connections it hit.
+    pub fn cut_now(&self, mode: CutMode, target: Target) -> usize {
+        self.state.cut(mode, target)
+    }
+
+    /// A partition that does not heal: freezes every connection and closes every new one
+    /// at once (`false` lets new connections through again).
+    pub fn partition(&self, on: bool) {
+        self.state.blocked.store(on, Ordering::SeqCst);
+        if on {
+            self.state.cut(CutMode::Freeze, Target::All);
+        }
+    }
+
+    /// Cuts made so far (each hit at least one connection).
+    pub fn cuts(&self) -> u64 {
+        self.state.cuts.load(Ordering::SeqCst)
+    }
+
+    /// Planned cuts not made yet.
+    pub fn pending(&self) -> usize {
+        self.state
+            .plan
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .cuts
+            .len()
+    }
+
+    /// How long after the last cut counted bytes flowed again (a resumed stream), if
+    /// they did.
+    pub fn resumed_after(&self) -> Option<Duration> {
+        let (cut, flow) = *self
+            .state
+            .cut_and_flow
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        Some(flow?.saturating_duration_since(cut?))
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        for link in self
+            .state
+            .links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            for s in &link.sockets {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+impl State {
+    fn cut(&self, mode: CutMode, target: Target) -> usize {
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        let mut hit = 0;
+        for link in links.iter().filter(|l| l.hit_by(target) && l.live()) {
+            link.apply(mode);
+            hit += 1;
+        }
+        let accepted = self.connections.load(Ordering::SeqCst);
+        self.fresh_from.store(accepted, Ordering::SeqCst);
+        // A reset link's sockets close when its pumps let go too: the last close sends RST.
+        links.retain(|l| !l.reset.load(Ordering::SeqCst));
+        if hit > 0 {
+            *self.cut_and_flow.lock().unwrap_or_else(|p| p.into_inner()) =
+                (Some(Instant::now()), None);
+            let n = self.cuts.fetch_add(1, Ordering::SeqCst) + 1;
+            eprintln!("proxy: cut {n}: {mode:?} of {target:?} ({hit} connections)");
+        }
+        hit
+    }
+
+    /// Counts `n` bytes; returns how many may go before a cut that is due, and the cut.
+    fn count(&self, n: u64) -> (u64, Option<Cut>) {
+        if n > 0 {
+            let mut cf = self.cut_and_flow.lock().unwrap_or_else(|p| p.into_inner());
+            if cf.0.is_some() && cf.1.is_none() {
+                cf.1 = Some(Instant::now());
+            }
+        }
+        let mut plan = self.plan.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(&cut) = plan.cuts.front() else {
+            plan.counted += n;
+            return (n, None);
+        };
+        if plan.counted + n < plan.next_at {
+            plan.counted += n;
+            return (n, None);
+        }
+        let before = plan.next_at - plan.counted;
+        plan.counted = plan.next_at;
+        plan.cuts.pop_front();
+        plan.next_at = plan.counted + plan.cuts.front().map_or(0, |c| c.after);
+        (before, Some(cut))
+    }
+}
+
+fn accept(state: &Arc<State>, listener: &TcpListener) {
+    while !state.stop.load(Ordering::SeqCst) {
+        let opener = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            Err(_) => continue,
+        };
+        if state.blocked.load(Ordering::SeqCst) {
+            continue; // closed at once: the opener sees its connection end
+        }
+        let Ok(listener_side) = TcpStream::connect(state.upstream) else {
+            continue; // the opener sees its connection closed, as if refused
+        };
+        let setup = || -> io::Result<Arc<Link>> {
+            for s in [&opener, &listener_side] {
+                s.set_nodelay(true)?;
+                s.set_read_timeout(Some(TICK))?;
+                s.set_write_timeout(Some(TICK))?;
+            }
+            Ok(Arc::new(Link {
+                id: state.connections.load(Ordering::SeqCst),
+                pumps: AtomicU64::new(2),
+                tag: OnceLock::new(),
+                sockets: [opener.try_clone()?, listener_side.try_clone()?],
+                frozen: AtomicBool::new(false),
+                reset: AtomicBool::new(false),
+            }))
+        };
+        let Ok(link) = setup() else { continue };
+        state.connections.fetch_add(1, Ordering::SeqCst);
+        state
+            .links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(link.clone());
+        for (dir, from, to) in [
+            (
+                Direction::ToListener,
+                opener.try_clone(),
+                listener_side.try_clone(),
+            ),
+            (
+                Direction::ToOpener,
+                listener_side.try_clone(),
+                opener.try_clone(),
+            ),
+        ] {
+            let (Ok(from), Ok(to)) = (from, to) else {
+                continue;
+            };
+            let (s, l) = (state.clone(), link.clone());
+            std::thread::spawn(move || {
+                pump(&s, &l, dir, from, to);
+                l.pumps.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    }
+}
+
+/// Forwards one direction of one connection until it closes, is reset, or the proxy
+/// stops; frozen, it holds the sockets open and moves nothing.
+fn pump(state: &State, link: &Link, dir: Direction, mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = vec![0u8; 64 << 10];
+    let (mut first, mut carried) = (Vec::new(), 0u64);
+    loop {
+        if state.stop.load(Ordering::SeqCst) || link.reset.load(Ordering::SeqCst) {
+            return;
+        }
+        if link.frozen.load(Ordering::SeqCst) {
+            std::thread::sleep(TICK);
+            continue;
+        }
+        let n = match from.read(&mut buf) {
+            Ok(0) => {
+                let _ = to.shutdown(std::net::Shutdown::Write);
+                return;
+            }
+            Ok(n) => n,
+            Err(e) if transient(&e) => continue,
+            Err(_) => return link.apply(CutMode::Reset),
+        };
+        if dir == Direction::ToListener && link.tag.get().is_none() {
+            first.extend_from_slice(&buf[..n]);
+            if let Some(tag) = (state.opts.classify)(&first).or((first.len() > 4096).then_some(""))
+            {
+                let _ = link.tag.set(tag);
+            }
+        }
+        let counted = dir == state.opts.direction
+            && link.tag.get() == Some(&state.opts.counted)
+            && link.id >= state.fresh_from.load(Ordering::SeqCst);
+        let skip = if counted {
+            state.opts.settle.saturating_sub(carried).min(n as u64)
+        } else {
+            n as u64
+        };
+        carried += n as u64;
+        let (go, cut) = state.count(n as u64 - skip);
+        let go = (skip + go) as usize;
+        if !write_all(state, link, &mut to, &buf[..go]) {
+            return;
+        }
+        if let Some(cut) = cut {
+            state.cut(cut.mode, cut.target);
+            if link.frozen.load(Ordering::SeqCst) || link.reset.load(Ordering::SeqCst) {
+                continue; // the rest of this read never arrives
+            }
+        }
+        if !write_all(state, link, &mut to, &buf[go..n]) {
+            return;
+        }
+    }
+}
+
+/// A timed-out or interrupted read or write: try again.
+fn transient(e: &io::Error) -> bool {
+    use io::ErrorKind::{Interrupted, TimedOut, WouldBlock};
+    matches!(e.kind(), WouldBlock | TimedOut | Interrupted)
+}
+
+/// Writes all of `bytes` unless the link is reset or frozen, or the proxy stops meanwhile.
+fn write_all(state: &State, link: &Link, to: &mut TcpStream, mut bytes: &[u8]) -> bool {
+    while !bytes.is_empty() {
+        if state.stop.load(Ordering::SeqCst) || link.reset.load(Ordering::SeqCst) {
+            return false;
+        }
+        if link.frozen.load(Ordering::SeqCst) {
+            return true;
+        }
+        match to.write(bytes) {
+            Ok(0) => return false,
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if transient(&e) => {}
+            Err(_) => {
+                link.apply(CutMode::Reset);
+                return false;
+            }
+        }
+    }
+    true
+}

@@ -1,0 +1,358 @@
+//! `uffdkit migrate` and `uffdkit serve` end to end, as separate processes over real
+//! sockets — and through testkit's fault-injecting proxy, which resets and silently
+//! freezes their connections: both ends pause, say why, resume once per cut and verify
+//! every page; when the network never heals, both give up within their bound and exit 1;
+//! a restore through `fc-handler --source` survives the same cuts, or, cut off for good,
+//! kills the VMM (`fc-client`) rather than leave it hanging.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{temp, uffdkit, wait_listening, Finished, Proc};
+use postcopy::wire::Channel;
+use testkit::proxy::{CutMode, Direction, Proxy, ProxyOptions, Target};
+
+/// The stdout of `uffdkit ARGS`, which must succeed.
+fn success_text(args: &[&str]) -> String {
+    let f = common::run(uffdkit(args));
+    assert!(f.status.success(), "{}", f.text());
+    f.stdout
+}
+
+/// A test's files, removed when it ends however it ends.
+struct Files(Vec<std::path::PathBuf>);
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        for f in &self.0 {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+/// Tags a postcopy connection `main` or `urgent` from its HELLO.
+fn channel_of(first: &[u8]) -> Option<&'static str> {
+    postcopy::wire::peek_channel(first).map(|c| c.map_or("other", Channel::name))
+}
+
+/// A proxy to `addr` (`host:port`) counting page bytes on `main` going `direction`.
+fn proxy(addr: &str, direction: Direction) -> Proxy {
+    let opts = ProxyOptions {
+        classify: channel_of,
+        counted: "main",
+        direction,
+        settle: 4096,
+    };
+    Proxy::start(addr.parse().expect("an address"), opts).expect("start the proxy")
+}
+
+/// Starts a command that prints `LISTEN <addr>` first on stdout; returns it (its output
+/// drained from then on) and the address.
+fn listening(cmd: Command) -> (Proc, String) {
+    let (proc, line) = Proc::start_reading_first_line(cmd);
+    let addr = line.trim().strip_prefix("LISTEN ").map(str::to_string);
+    let Some(addr) = addr else {
+        let f = proc.finish_within(Duration::from_secs(5));
+        panic!("no LISTEN line: {}", f.text());
+    };
+    (proc, addr)
+}
+
+fn key_file(name: &str) -> std::path::PathBuf {
+    let key = temp(name);
+    std::fs::write(&key, b"a-key-of-enough-length").expect("write the key");
+    key
+}
+
+/// `migrate dest` on loopback with `args`.
+fn dest(key: &Path, args: &[&str]) -> (Proc, String) {
+    let mut cmd = uffdkit(["migrate", "dest", "--listen", "127.0.0.1:0", "--json"]);
+    cmd.args(["--progress", "lines", "--mode", "thread"])
+        .args(args)
+        .arg("--key-file")
+        .arg(key);
+    listening(cmd)
+}
+
+/// `migrate source` to `addr` with `args`.
+fn source(key: &Path, addr: &str, args: &[&str]) -> Proc {
+    let mut cmd = uffdkit(["migrate", "source", "--json", "--connect", addr]);
+    cmd.args(["--progress", "lines"])
+        .args(args)
+        .arg("--key-file")
+        .arg(key);
+    Proc::start(cmd)
+}
+
+fn report(f: &Finished, who: &str) -> serde_json::Value {
+    assert!(f.status.success(), "{who}: {}", f.text());
+    let last = f.stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("{who} report: {e}: {}", f.text()))
+}
+
+#[test]
+fn migrate_local_moves_a_written_region_between_two_processes_and_verifies_it() {
+    let text = success_text(&[
+        "migrate",
+        "local",
+        "--size",
+        "32M",
+        "--precopy-rounds",
+        "2",
+        "--workload",
+        "hot",
+    ]);
+    assert!(text.contains("8192 of 8192 pages verified"), "{text}");
+    assert!(text.contains("downtime"), "{text}");
+    assert!(text.contains("requested pages"), "{text}");
+    assert!(text.contains("reconnects 0"), "{text}");
+}
+
+#[test]
+fn migrate_local_json_with_2mib_pages_over_unix() {
+    if !testkit::hugepages::available("migrate_local_json_with_2mib_pages_over_unix", 16) {
+        return;
+    }
+    let text = success_text(&[
+        "migrate",
+        "local",
+        "--size",
+        "16M",
+        "--page-size",
+        "2m",
+        "--via",
+        "unix",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(v["source"]["pages"], 8);
+    assert_eq!(v["source"]["verified"], 8);
+    assert_eq!(v["dest"]["page_size"], 2 << 20);
+}
+
+#[test]
+fn a_dying_destination_leaves_the_source_paused_then_failing_cleanly() {
+    let key = key_file("die.key");
+    let _files = Files(vec![key.clone()]);
+    let (d, addr) = dest(&key, &["--die-after-pages", "200"]);
+    let s = source(
+        &key,
+        &addr,
+        &["--size", "64M", "--precopy-rounds", "0", "--give-up", "2"],
+    )
+    .finish();
+    let d = d.finish();
+    assert_eq!(
+        d.signal(),
+        Some(9),
+        "the destination killed itself: {}",
+        d.text()
+    );
+    assert_eq!(
+        s.code(),
+        Some(1),
+        "a clean failure, not a crash: {}",
+        s.text()
+    );
+    assert!(s.stderr.contains("gave up"), "{}", s.text());
+    assert!(
+        s.stderr.contains("Paused (Postcopy)"),
+        "progress showed the pause: {}",
+        s.text()
+    );
+}
+
+#[test]
+fn a_migration_through_a_cutting_proxy_pauses_says_why_and_resumes_once_per_cut() {
+    let key = key_file("cut.key");
+    let _files = Files(vec![key.clone()]);
+    let liveness = ["--silence", "2", "--give-up", "60"];
+    let (d, addr) = dest(&key, &liveness);
+    let proxy = proxy(&addr, Direction::ToListener);
+    proxy.plan(vec![
+        testkit::proxy::Cut {
+            mode: CutMode::Freeze,
+            target: Target::All,
+            after: 8 << 20,
+        },
+        testkit::proxy::Cut {
+            mode: CutMode::Reset,
+            target: Target::Tag("main"),
+            after: 8 << 20,
+        },
+    ]);
+    let via = proxy.addr().to_string();
+    let mut args = vec!["--size", "64M", "--precopy-rounds", "0"];
+    args.extend(liveness);
+    let s = source(&key, &via, &args).finish_within(Duration::from_secs(120));
+    let d = d.finish_within(Duration::from_secs(60));
+    let (src, dst) = (report(&s, "source"), report(&d, "destination"));
+    assert_eq!(proxy.cuts(), 2, "both cuts landed");
+    assert_eq!(src["reconnects"], 2, "{}", s.text());
+    assert_eq!(dst["reconnects"], 2, "{}", d.text());
+    assert_eq!(
+        src["verified"],
+        src["pages"],
+        "every page verified: {}",
+        s.text()
+    );
+    for f in [&s, &d] {
+        // A pause this short lasts less than the progress sampling; the log says it.
+        assert!(
+            f.stderr.contains("paused in "),
+            "the pause is told: {}",
+            f.text()
+        );
+        assert!(f.stderr.contains("resumed after"), "{}", f.text());
+    }
+    assert!(
+        s.stderr.contains("silent for") || d.stderr.contains("silent for"),
+        "the freeze is named as silence: {}\n{}",
+        s.text(),
+        d.text()
+    );
+}
+
+#[test]
+fn both_ends_give_up_and_exit_1_when_the_network_never_heals() {
+    let key = key_file("heal.key");
+    let _files = Files(vec![key.clone()]);
+    let liveness = ["--silence", "1", "--give-up", "3"];
+    let (d, addr) = dest(&key, &liveness);
+    let proxy = proxy(&addr, Direction::ToListener);
+    let via = proxy.addr().to_string();
+    let mut args = vec!["--size", "64M", "--precopy-rounds", "2"];
+    args.extend(liveness);
+    let started = Instant::now();
+    let s = source(&key, &via, &args);
+    // In precopy (the first round is 64 MiB), the network goes and never comes back.
+    while proxy.connections() < 2 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    proxy.partition(true);
+    let (s, d) = (s.finish(), d.finish());
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "bounded: {:?}",
+        started.elapsed()
+    );
+    for (who, f) in [("source", &s), ("destination", &d)] {
+        assert_eq!(f.code(), Some(1), "{who} exits 1: {}", f.text());
+        assert!(f.stderr.contains("gave up"), "{who}: {}", f.text());
+    }
+}
+
+/// `uffdkit serve` of `mem` on loopback TCP.
+fn serve(mem: &Path, key: &Path) -> (Proc, String) {
+    let mut cmd = uffdkit(["serve", "--listen", "127.0.0.1:0", "--image"]);
+    cmd.arg(mem).arg("--key-file").arg(key);
+    listening(cmd)
+}
+
+/// `fc-handler SOCK --source ADDR --key-file KEY EXTRA…`, listening.
+fn remote_handler(sock: &Path, addr: &str, key: &Path, extra: &[&str]) -> Proc {
+    let mut cmd = uffdkit([OsStr::new("fc-handler"), sock.as_os_str()]);
+    cmd.args(["--source", addr, "--key-file"])
+        .arg(key)
+        .args(extra);
+    let mut h = Proc::start(cmd);
+    wait_listening(sock, &mut h);
+    h
+}
+
+fn fc_client(sock: &Path, mem: &Path) -> Proc {
+    let mut cmd = uffdkit(["fc-client", "--socket"]);
+    cmd.arg(sock).arg("--mem-file").arg(mem);
+    Proc::start(cmd)
+}
+
+#[test]
+fn fc_handler_restores_through_resets_and_freezes_of_its_page_server_link() {
+    let (sock, mem, key) = (
+        temp("cut-fc.sock"),
+        temp("cut-fc.mem"),
+        key_file("cut-fc.key"),
+    );
+    let _files = Files(vec![sock.clone(), mem.clone(), key.clone()]);
+    common::image(&mem, 128 << 20);
+    let (_server, addr) = serve(&mem, &key);
+    let proxy = proxy(&addr, Direction::ToOpener);
+    let mut cuts = proxy.plan_random(7, 3, 48 << 20, CutMode::Reset, Target::All);
+    // Freezes hit both channels: with one alone, the client's faults could complete the
+    // restore through the other before the silence is noticed.
+    let kinds = [
+        (CutMode::Reset, Target::Tag("urgent")),
+        (CutMode::Freeze, Target::All),
+        (CutMode::Reset, Target::Tag("main")),
+    ];
+    for (cut, (mode, target)) in cuts.iter_mut().zip(kinds) {
+        (cut.mode, cut.target) = (mode, target);
+    }
+    proxy.plan(cuts);
+    let via = proxy.addr().to_string();
+    let h = remote_handler(&sock, &via, &key, &["--silence", "2", "--mode", "thread"]);
+    let c = fc_client(&sock, &mem).finish_within(Duration::from_secs(120));
+    let h = h.finish();
+    assert!(
+        c.status.success(),
+        "every page verified: {}\n{}",
+        c.text(),
+        h.text()
+    );
+    assert!(c.stdout.contains("touched and verified"), "{}", c.text());
+    assert!(h.status.success(), "{}", h.text());
+    assert_eq!(proxy.cuts(), 3, "every cut landed: {}", h.text());
+    assert!(
+        h.stdout.contains("; 3 reconnections"),
+        "one reconnection per cut: {}",
+        h.text()
+    );
+}
+
+#[test]
+fn fc_handler_cut_off_from_its_page_server_gives_up_and_kills_the_vmm() {
+    let (sock, mem, key) = (
+        temp("off-fc.sock"),
+        temp("off-fc.mem"),
+        key_file("off-fc.key"),
+    );
+    let _files = Files(vec![sock.clone(), mem.clone(), key.clone()]);
+    common::image(&mem, 64 << 20);
+    let (_server, addr) = serve(&mem, &key);
+    let proxy = proxy(&addr, Direction::ToOpener);
+    // The partition comes after the first 8 MiB of the stream, and stays.
+    proxy.plan(vec![testkit::proxy::Cut {
+        mode: CutMode::Freeze,
+        target: Target::All,
+        after: 8 << 20,
+    }]);
+    let via = proxy.addr().to_string();
+    let liveness = ["--silence", "1", "--give-up", "3", "--mode", "thread"];
+    let h = remote_handler(&sock, &via, &key, &liveness);
+    let c = fc_client(&sock, &mem);
+    let started = Instant::now();
+    while proxy.cuts() == 0 && started.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    proxy.partition(true);
+    let (h, c) = (h.finish(), c.finish());
+    assert_eq!(
+        c.signal(),
+        Some(9),
+        "the VMM was killed: {}\n{}",
+        c.text(),
+        h.text()
+    );
+    assert_eq!(h.code(), Some(1), "{}", h.text());
+    assert!(h.stderr.contains("gave up"), "{}", h.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "bounded: {:?}",
+        started.elapsed()
+    );
+}
