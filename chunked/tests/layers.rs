@@ -242,20 +242,8 @@ fn a_five_layer_chain_is_served_lazily_byte_for_byte_and_stores_only_changes() {
 
 #[test]
 fn a_chain_of_two_mib_pages_restores_into_hugetlb_memory() {
-    match uffd_core::hugetlb::ensure_free(8) {
-        Ok(free) if free >= 4 => {}
-        Ok(free) => {
-            return testkit::skip(
-                "a_chain_of_two_mib_pages_restores_into_hugetlb_memory",
-                &format!("hugetlb: only {free} free 2 MiB pages"),
-            )
-        }
-        Err(e) => {
-            return testkit::skip(
-                "a_chain_of_two_mib_pages_restores_into_hugetlb_memory",
-                &format!("hugetlb: {e}"),
-            )
-        }
+    if !testkit::hugepages::available("a_chain_of_two_mib_pages_restores_into_hugetlb_memory", 8) {
+        return;
     }
     const HUGE: usize = 2 << 20;
     let store = TempDir::new("huge");

@@ -174,7 +174,7 @@ fn a_live_base_and_five_layers_of_4k_pages_restore_each_instant_byte_for_byte() 
 #[test]
 fn a_live_base_and_five_layers_of_2m_pages_restore_each_instant_byte_for_byte() {
     let test = "a_live_base_and_five_layers_of_2m_pages_restore_each_instant_byte_for_byte";
-    if !common::hugetlb_available(test, 24) {
+    if !testkit::hugepages::available(test, 24) {
         return;
     }
     five_layers("chain2m", MemoryKind::HugetlbPrivate, 24 << 20, 2 << 20, 1);

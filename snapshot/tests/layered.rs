@@ -110,7 +110,7 @@ fn a_diff_chain_is_served_newest_layer_first_with_holes_as_zero() {
 
 #[test]
 fn two_mib_pages_assemble_from_several_layers() {
-    if !common::hugetlb_available("two_mib_pages_assemble_from_several_layers", 4) {
+    if !testkit::hugepages::available("two_mib_pages_assemble_from_several_layers", 4) {
         return;
     }
     let dir = Dir::new("huge");

@@ -106,7 +106,7 @@ fn a_live_snapshot_of_shared_memory_is_the_memory_at_the_cut() {
 #[test]
 fn a_live_snapshot_of_two_mib_pages_is_the_memory_at_the_cut() {
     let test = "a_live_snapshot_of_two_mib_pages_is_the_memory_at_the_cut";
-    if !common::hugetlb_available(test, 8) {
+    if !testkit::hugepages::available(test, 8) {
         return;
     }
     holds_the_cut(

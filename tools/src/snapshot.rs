@@ -15,7 +15,7 @@ use snapshot::workload::{fill_initial, Stall, WriterOptions, Writers};
 use snapshot::{
     Chain, FileSink, LayerReport, LiveSnapshot, Quiesce, Region, SnapshotReport, Stopped,
 };
-use uffd_core::{hugetlb, Mapping, MemoryKind, HUGE_PAGE_SIZE};
+use uffd_core::{Mapping, MemoryKind, HUGE_PAGE_SIZE};
 
 use crate::migrate::parse_size;
 use crate::progress::{self, Status};
@@ -138,7 +138,7 @@ impl Workload {
         let kind = self.kind();
         if kind.is_hugetlb() {
             let want = self.size.div_ceil(HUGE_PAGE_SIZE);
-            let free = hugetlb::ensure_free(want).context("reserve 2 MiB hugetlb pages")?;
+            let free = crate::hugepages::reserve(want);
             if free < want {
                 bail!("{want} free 2 MiB pages needed, {free} available");
             }

@@ -41,7 +41,7 @@
 //! [`Timing::give_up_after`] without a working pair, with [`Error::GaveUp`].
 //!
 //! **Dirty tracking** is userfaultfd async write-protect plus `PAGEMAP_SCAN`; see
-//! [`dirty`] for why it beats soft-dirty bits.
+//! [`uffd_core::DirtyTracker`] for why it beats soft-dirty bits.
 //!
 //! ## Example: migrate 1 MiB within one process
 //!
@@ -73,7 +73,6 @@
 //! [`Error::GaveUp`]: crate::Error::GaveUp
 
 pub mod dest;
-pub mod dirty;
 pub mod source;
 
 pub use crate::link::Timing;

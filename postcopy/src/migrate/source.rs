@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use page_state::Bitmap;
 
-use super::dirty::DirtyTracker;
 use super::{copy_raw, digest_raw, step, LinkStatus, Timing};
 use crate::auth::Key;
 use crate::endpoint::sender::{Pages, Sender};
@@ -20,6 +19,7 @@ use crate::link::{self, Pair};
 use crate::net::Addr;
 use crate::wire::{Advise, Features, Message, PageRange, Role, ShutReason, WireRegion, MAX_RANGES};
 use crate::Error;
+use uffd_core::DirtyTracker;
 
 /// How the source migrates.
 #[derive(Debug, Clone, Copy)]

@@ -6,29 +6,11 @@ use std::time::{Duration, Instant};
 
 use pager::{DeliveryMode, Pager, Prefetch, RegionSpec, Source};
 use snapshot::workload::{fill_initial, WriterOptions, Writers};
-use uffd_core::{hugetlb, Features, Mapping, MemoryKind, Uffd};
-
-pub use testkit::skip;
+use uffd_core::{Features, Mapping, MemoryKind, Uffd};
 
 /// Writes each thread may log: 32 MiB of log per thread, far more than the seconds of a
 /// test write.
 pub const LOG: usize = 8 << 20;
-
-/// Whether `pages` free 2 MiB hugetlb pages can be had (reserving as root); skips loudly
-/// if not.
-pub fn hugetlb_available(test: &str, pages: usize) -> bool {
-    match hugetlb::ensure_free(pages) {
-        Ok(free) if free >= pages => true,
-        Ok(free) => {
-            skip(test, &format!("hugetlb: only {free} free 2 MiB pages"));
-            false
-        }
-        Err(e) => {
-            skip(test, &format!("hugetlb: cannot reserve 2 MiB pages: {e}"));
-            false
-        }
-    }
-}
 
 /// A mapping of `kind` with the workload's initial content (anonymous memory keeps every
 /// fourth page unpopulated) and that content as bytes.
