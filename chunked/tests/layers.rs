@@ -155,16 +155,6 @@ fn restore(url: &str, options: &StoreOptions, kind: MemoryKind, len: usize) -> V
     got
 }
 
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        text += &format!(": {c}");
-        cause = c.source();
-    }
-    text
-}
-
 #[test]
 fn a_five_layer_chain_is_served_lazily_byte_for_byte_and_stores_only_changes() {
     let store = TempDir::new("five");
@@ -420,6 +410,14 @@ fn put(store: &TempDir, name: &str, m: &Manifest) {
     std::fs::write(store.path(name), m.encode()).unwrap();
 }
 
+/// The chain error `e` is (or the test fails).
+fn chain_error(e: &Error) -> &ChainError {
+    match e {
+        Error::Chain { source, .. } => source,
+        other => panic!("not a chain error: {other}"),
+    }
+}
+
 fn open_err(store: &TempDir, name: &str) -> Error {
     Image::open(&store.url(name), &StoreOptions::default()).expect_err("must be refused")
 }
@@ -449,7 +447,7 @@ fn malformed_layers_are_refused_with_the_reason() {
     put(&store, "orphan", &layer("gone", digest, g));
     let e = open_err(&store, "orphan");
     assert!(
-        matches!(&e, Error::Chain { source: ChainError::ParentMissing { parent }, .. } if parent == "gone"),
+        matches!(chain_error(&e), ChainError::ParentMissing { parent } if parent == "gone"),
         "{e}"
     );
 
@@ -460,19 +458,13 @@ fn malformed_layers_are_refused_with_the_reason() {
     );
     let e = open_err(&store, "stale");
     assert!(
-        matches!(
-            &e,
-            Error::Chain {
-                source: ChainError::ParentChanged { .. },
-                ..
-            }
-        ),
+        matches!(chain_error(&e), ChainError::ParentChanged { .. }),
         "{e}"
     );
     assert!(
-        error_chain(&e).contains("changed since the layer was made"),
+        common::error_chain(&e).contains("changed since the layer was made"),
         "{}",
-        error_chain(&e)
+        common::error_chain(&e)
     );
 
     let other = chunked::Geometry {
@@ -482,13 +474,7 @@ fn malformed_layers_are_refused_with_the_reason() {
     put(&store, "reshaped", &layer("vm", digest, other));
     let e = open_err(&store, "reshaped");
     assert!(
-        matches!(
-            &e,
-            Error::Chain {
-                source: ChainError::Geometry { .. },
-                ..
-            }
-        ),
+        matches!(chain_error(&e), ChainError::Geometry { .. }),
         "{e}"
     );
 
@@ -500,18 +486,12 @@ fn malformed_layers_are_refused_with_the_reason() {
     put(&store, "b", &layer("a", a.digest(), g));
     let e = open_err(&store, "b");
     assert!(
-        matches!(&e, Error::Chain { source: ChainError::Cycle(name), .. } if name == "b"),
+        matches!(chain_error(&e), ChainError::Cycle(name) if name == "b"),
         "{e}"
     );
     let e = open_err(&store, "a");
     assert!(
-        matches!(
-            &e,
-            Error::Chain {
-                source: ChainError::ParentChanged { .. },
-                ..
-            }
-        ),
+        matches!(chain_error(&e), ChainError::ParentChanged { .. }),
         "{e}"
     );
 
@@ -529,16 +509,7 @@ fn malformed_layers_are_refused_with_the_reason() {
     assert_eq!(ok.chain().depth(), MAX_CHAIN_DEPTH);
     put(&store, "too-deep", &layer(&parent.0, parent.1, g));
     let e = open_err(&store, "too-deep");
-    assert!(
-        matches!(
-            &e,
-            Error::Chain {
-                source: ChainError::TooDeep,
-                ..
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(chain_error(&e), ChainError::TooDeep), "{e}");
 
     // A layer's bytes corrupted in the store: the manifest decoder refuses it.
     let mut bytes = std::fs::read(store.path("orphan")).unwrap();
@@ -564,16 +535,7 @@ fn malformed_layers_are_refused_with_the_reason() {
     };
     let e = ImageWriter::create(&store.url("vm"), memory.len() as u64, &options)
         .expect_err("self-parent");
-    assert!(
-        matches!(
-            &e,
-            Error::Chain {
-                source: ChainError::Cycle(_),
-                ..
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(chain_error(&e), ChainError::Cycle(_)), "{e}");
     let base_options = PushOptions {
         chunk_size: CHUNK,
         ..PushOptions::default()

@@ -101,17 +101,6 @@ fn touch_async(memory: &Mapping, page: usize) -> std::thread::JoinHandle<u8> {
     std::thread::spawn(move || unsafe { std::ptr::read_volatile(addr as *const u8) })
 }
 
-/// An error and its causes, as one line of text.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        text += &format!(": {c}");
-        cause = c.source();
-    }
-    text
-}
-
 fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
     while Instant::now() < end {
@@ -286,7 +275,7 @@ fn server_gone_for_good_fails_the_pager_after_the_retry_bound() {
         "gave up before the bound: {took:?}"
     );
     let err = pager.stop().expect_err("the pager reports the failure");
-    let text = chain(&err);
+    let text = common::error_chain(&err);
     assert!(text.contains("gave up"), "{text}");
     // The uffd is closed: the waiting thread is released (onto a zero page), never
     // onto image data that was not fetched.

@@ -7,11 +7,11 @@
 //! into the base with `rebase-snap` first, a copy of every diff. This source reads the chain
 //! as it is: at open it walks each file's data with `SEEK_DATA` / `SEEK_HOLE` and folds the
 //! chain into one sorted extent map (newest layer wins; a range where no layer has data,
-//! holes of the base included, is zero) with a direct index per 64 KiB, so a fault costs one
-//! lookup and a copy out of a read-only mapping of the layer that has the page, at any depth — e2b's flattening
-//! of its diff chains, for Firecracker's own files. (The files must not be truncated while
-//! served: reading a mapping past a file's end raises SIGBUS, as with
-//! `pager::FileSource::mmap`.) [`LayeredSource::merge_into`] writes the merged
+//! holes of the base included, is zero) with a direct index per 64 KiB, so a fault costs
+//! one lookup and a copy out of a read-only mapping of the layer that has the page, at any
+//! depth — e2b's flattening of its diff chains, for Firecracker's own files. (The files
+//! must not be truncated while served: reading a mapping past a file's end raises SIGBUS,
+//! as with `pager::FileSource::mmap`.) [`LayeredSource::merge_into`] writes the merged
 //! memory file when a single file is wanted.
 
 use std::fs::File;
@@ -312,7 +312,7 @@ impl Source for LayeredSource {
     }
 
     fn is_signal_safe(&self) -> bool {
-        true // a binary search and a copy out of mappings: no lock, no allocation
+        true // an index lookup and a copy out of mappings: no lock, no allocation
     }
 
     fn zero_ranges(&self) -> Vec<Range<u64>> {

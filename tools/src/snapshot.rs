@@ -189,11 +189,11 @@ impl Workload {
     }
 }
 
-/// Blocked writes in a window of the writers' run.
-fn stalls_in(stalls: &[Stall], from: Duration, to: Duration) -> serde_json::Value {
+/// Blocked writes that ended in a window of the writers' run (and began after `began`).
+fn stalls_in(stalls: &[Stall], from: Duration, to: Duration, began: Duration) -> serde_json::Value {
     let mut took: Vec<Duration> = stalls
         .iter()
-        .filter(|s| s.at >= from && s.at <= to)
+        .filter(|s| s.at >= from && s.at <= to && s.at.saturating_sub(s.took) > began)
         .map(|s| s.took)
         .collect();
     took.sort_unstable();
@@ -272,6 +272,7 @@ fn snapshot_json(r: &SnapshotReport) -> serde_json::Value {
         "cut_ms": r.protect.as_secs_f64() * 1e3,
         "pages": r.pages, "saved_by_fault": r.saved_by_fault,
         "saved_in_background": r.saved_in_background, "faults": r.faults,
+        "waited_for_batch": r.waited_for_batch,
         "fault_service_p50_us": r.fault_service.quantile(0.5).map(|d| d.as_secs_f64() * 1e6),
         "fault_service_p99_us": r.fault_service.quantile(0.99).map(|d| d.as_secs_f64() * 1e6),
     })
@@ -319,8 +320,17 @@ fn live(args: &LiveArgs) -> Result<()> {
     };
     let log = writers.stop();
     let stalls = log.stalls();
-    let during = stalls_in(&stalls, from, to);
-    let before = stalls_in(&stalls, from.saturating_sub(span.min(warm)), from);
+    let during = stalls_in(&stalls, from, to, Duration::ZERO);
+    // Writes that began once every page was protected: what serving a fault costs, without
+    // the writes held while the cut was still being applied (consistency holds those until
+    // it is complete).
+    let after_cut = stalls_in(&stalls, from, to, from + report.protect);
+    let before = stalls_in(
+        &stalls,
+        from.saturating_sub(span.min(warm)),
+        from,
+        Duration::ZERO,
+    );
     let verified = if args.verify {
         let mut expected = vec![0u8; map.len()];
         fill_initial(&mut expected);
@@ -337,7 +347,7 @@ fn live(args: &LiveArgs) -> Result<()> {
         "region_bytes": map.len(), "page_size": map.page_size(), "writers": w.writers,
         "dirty_rate_mib": w.dirty_rate, "workload": w.workload,
         "live": snapshot_json(&report),
-        "live_stalls": during, "no_snapshot_stalls": before,
+        "live_stalls": during, "live_stalls_after_cut": after_cut, "no_snapshot_stalls": before,
         "writes_during_snapshot": writes_during,
         "stop_the_world": baseline.map(|(d, p)| json!({
             "dump_ms": d.elapsed.as_secs_f64() * 1e3, "paused_ms": p.as_secs_f64() * 1e3,
@@ -362,6 +372,10 @@ fn live(args: &LiveArgs) -> Result<()> {
         report.saved_in_background
     );
     println!("  workload meanwhile: {}", describe_stalls(&during));
+    println!(
+        "  of which begun after the cut: {}",
+        describe_stalls(&after_cut)
+    );
     println!(
         "  same span before, no snapshot: {}",
         describe_stalls(&before)
