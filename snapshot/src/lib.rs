@@ -14,10 +14,25 @@
 //! - [`dump`]: the stop-the-world baseline; [`workload`]: logged writers that measure the
 //!   stalls a snapshot causes and check that it holds one consistent instant.
 //!
-//! Why a crate of its own, beside `pager`: a snapshot *reads* memory and writes images,
-//! where the pager *places* pages; it needs uffd-core (write-protect, dirty tracking),
-//! page-state (its bitmaps) and `chunked` (layers), and the pager needs none of it. It
-//! meets the pager only in [`LayeredSource`], a [`pager::Source`].
+//! ## Where it sits in the layers, and why
+//!
+//! Beside `pager` and `chunked`, above uffd-core and page-state, below `tools`; arrows
+//! only point down, and nothing but the CLI depends on it.
+//!
+//! - Not in `pager`: the pager resolves *missing* faults by *placing* pages from a source;
+//!   a snapshot resolves *write-protect* faults by *reading* pages out to a sink — another
+//!   engine with other threads, priorities and failure rules. The pager needs none of it,
+//!   and would otherwise pull in `chunked` (and its tokio runtime) for layers. The two meet
+//!   only in [`LayeredSource`], a [`pager::Source`], and in restoring a layer, which is
+//!   `chunked`'s job.
+//! - Not in uffd-core: uffd-core knows nothing of pages' meaning. What a snapshot needs of
+//!   the kernel went there — [`DirtyTracker`] (async write-protect + `PAGEMAP_SCAN`), lifted
+//!   out of postcopy's migration source so that both use one tracker, and
+//!   `Uffd::set_non_blocking` for a userfaultfd received from another process.
+//! - Not in `postcopy`: a snapshot sends nothing anywhere; a live snapshot can feed a page
+//!   server or an object store through its sink.
+//! - Its state is page-state's [`Bitmap`](page_state::Bitmap)s (claimed, captured,
+//!   written), shared lock-free by its fault handlers and savers.
 //!
 //! ```
 //! use std::sync::Arc;
