@@ -6,7 +6,7 @@
 //! encrypted session slots in without the endpoints above noticing: where a connection
 //! is made (the dialer and the acceptor in `link`, between the socket and the key
 //! handshake), `Conn::over(Link::new(socket), tls_reader, tls_writer)` instead of
-//! [`Conn::plain`]. Deadlines and shutdown stay on the socket, where they work whatever
+//! [`Conn::plain`] — which is what [`crate::tls`] does. Deadlines and shutdown stay on the socket, where they work whatever
 //! runs over it (a timed-out socket read surfaces through the session as `WouldBlock`,
 //! which the framing reports as silence).
 
@@ -97,6 +97,20 @@ impl Socket {
             Socket::Unix(s) => Socket::Unix(s.try_clone()?),
         })
     }
+
+    /// Sets or clears `O_NONBLOCK` (on the open file: every handle on it).
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        either!(self, Socket, s => s.set_nonblocking(on))
+    }
+
+    /// Sets how long one read or write may make no progress (`None`: forever); a read
+    /// or write that times out fails with `WouldBlock`.
+    pub fn set_deadlines(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        either!(self, Socket, s => {
+            s.set_read_timeout(read)?;
+            s.set_write_timeout(write)
+        })
+    }
 }
 
 impl AsFd for Socket {
@@ -150,10 +164,7 @@ impl Link {
     /// or write that times out fails with `WouldBlock`, which the framing reports as
     /// [`LinkError::Silent`].
     pub fn set_deadlines(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
-        either!(&self.0, Socket, s => {
-            s.set_read_timeout(read)?;
-            s.set_write_timeout(write)
-        })
+        self.0.set_deadlines(read, write)
     }
 }
 
@@ -191,8 +202,14 @@ impl Listener {
         })
     }
 
-    fn fd(&self) -> BorrowedFd<'_> {
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         either!(self, Listener, l => l.as_fd())
+    }
+
+    /// Sets or clears `O_NONBLOCK`: a non-blocking listener's `accept` fails with
+    /// `WouldBlock` when nobody is waiting.
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        either!(self, Listener, l => l.set_nonblocking(on))
     }
 
     /// Accepts one connection, or returns `None` after `timeout` (or on a signal).
@@ -230,7 +247,7 @@ impl Listener {
 }
 
 /// What a failed read or write means for the link.
-fn link_error(channel: Channel, deadline: Duration, e: io::Error) -> LinkError {
+pub(crate) fn link_error(channel: Channel, deadline: Duration, e: io::Error) -> LinkError {
     match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => LinkError::Silent {
             channel,
@@ -470,13 +487,19 @@ pub struct Conn {
     pub w: FrameWriter,
     /// The socket's handle.
     pub link: Link,
+    /// Whether a write may allocate (an encrypted session seals each record in a fresh
+    /// buffer): a fault handler's requests then go through a thread of their own.
+    pub(crate) writes_allocate: bool,
 }
 
 impl Conn {
     /// A plaintext connection over `socket`.
     pub fn plain(socket: Socket) -> io::Result<Conn> {
         let (r, w) = (socket.try_clone()?, socket.try_clone()?);
-        Ok(Conn::over(Link::new(socket), Box::new(r), Box::new(w)))
+        Ok(Conn {
+            writes_allocate: false,
+            ..Conn::over(Link::new(socket), Box::new(r), Box::new(w))
+        })
     }
 
     /// A connection whose bytes go through `r` and `w` (e.g. the halves of an encrypted
@@ -486,6 +509,7 @@ impl Conn {
             r: FrameReader::new(r),
             w: FrameWriter::new(w),
             link,
+            writes_allocate: true,
         }
     }
 
