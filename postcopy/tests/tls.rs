@@ -384,3 +384,52 @@ fn random_bytes_after_a_valid_tls_handshake_are_refused_by_the_decoder() {
     let source = Arc::new(connect(&srv, tls_for(&NAMES)).expect("connect"));
     assert_eq!(restore_from(source, &image(64), 1).placed(), 64);
 }
+
+/// A relay to `to` that keeps a copy of every byte the listener sends to the opener.
+fn tap(to: SocketAddr) -> (SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let at = l.local_addr().unwrap();
+    let seen: Arc<std::sync::Mutex<Vec<u8>>> = Arc::default();
+    let s = seen.clone();
+    std::thread::spawn(move || {
+        for opener in l.incoming().flatten() {
+            let Ok(listener) = TcpStream::connect(to) else {
+                return;
+            };
+            let (mut o_in, mut l_out) =
+                (opener.try_clone().unwrap(), listener.try_clone().unwrap());
+            std::thread::spawn(move || std::io::copy(&mut o_in, &mut l_out));
+            let (mut l_in, mut o_out, s) = (listener, opener, s.clone());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 16 << 10];
+                while let Ok(n @ 1..) = l_in.read(&mut buf) {
+                    s.lock().unwrap().extend_from_slice(&buf[..n]);
+                    if o_out.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (at, seen)
+}
+
+#[test]
+fn pages_on_a_tls_link_are_never_on_the_wire_in_the_clear() {
+    let img = image(256);
+    let page = &img[3 * 4096..3 * 4096 + 64];
+    let ends: [(Security, Security, bool); 2] = [
+        (common::key().into(), common::key().into(), true),
+        (tls_for(&NAMES).into(), tls_for(&NAMES).into(), false),
+    ];
+    for (listener, opener, clear) in ends {
+        let srv = server(listener, 256);
+        let (at, seen) = tap(tcp_of(&srv));
+        let source = RemoteSource::connect(&Addr::Tcp(at), opener).expect("connect");
+        assert_eq!(restore_from(Arc::new(source), &img, 5).placed(), 256);
+        let seen = seen.lock().unwrap();
+        assert!(seen.len() > img.len() / 2, "the tap saw the stream");
+        let found = seen.windows(page.len()).any(|w| w == page);
+        assert_eq!(found, clear, "page 3 in the clear on the wire: {found}");
+    }
+}

@@ -46,6 +46,7 @@ socket is removed on every exit. Exit status: 0 when Firecracker closed the conn
     after_help = AFTER_HELP,
     group = clap::ArgGroup::new("socket_path").required(true).args(["socket_arg", "socket"]),
     group = clap::ArgGroup::new("memory").required(true).args(["mem_file_arg", "mem_file", "source", "image"]),
+    group = clap::ArgGroup::new("source_security").args(["key_file", "tls_cert"]),
 )]
 pub struct Args {
     /// The Unix socket to listen on: Firecracker's `backend_path` (or --socket).
@@ -63,8 +64,9 @@ pub struct Args {
     mem_file: Option<PathBuf>,
     /// Serve pages from a `uffdkit serve` page server at this address instead of a file
     /// (host:port or unix:/path; 4 KiB regions; the server streams every page itself, so
-    /// --prefetch does not apply).
-    #[arg(long, requires = "key_file", value_parser = parse_addr)]
+    /// --prefetch does not apply). Secured by TLS (--tls-cert, --tls-key, --tls-ca) or,
+    /// on a trusted link only, a pre-shared key (--key-file: pages travel unencrypted).
+    #[arg(long, requires = "source_security", value_parser = parse_addr)]
     source: Option<postcopy::net::Addr>,
     /// Serve a chunked image from an object store (s3://…, gs://…, file:///…) instead of
     /// a file (see `uffdkit image`).
@@ -73,9 +75,23 @@ pub struct Args {
     /// Fetching and caching of `--image`.
     #[command(flatten)]
     image_source: crate::image::SourceArgs,
-    /// The page server's pre-shared key file (with --source).
-    #[arg(long, requires = "source")]
+    /// The page server's pre-shared key file (with --source; plaintext, trusted links
+    /// only).
+    #[arg(long, requires = "source", conflicts_with = "tls_cert")]
     key_file: Option<PathBuf>,
+    /// With --source: this host's TLS certificate chain (PEM); with --tls-key, --tls-ca.
+    #[arg(long, value_name = "PEM", requires_all = ["source", "tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// With --source: this host's TLS private key (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// With --source: the certificate(s) of the CA that signs the page server's (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// With --source: the name the page server's certificate must carry (default: the
+    /// address dialled; `localhost` over a Unix socket).
+    #[arg(long, value_name = "NAME", requires = "tls_cert")]
+    tls_peer_name: Option<String>,
     /// With --source: give up on the page server after this many seconds without a
     /// working connection (at the start, or after a break), failing the restore (and so
     /// killing the VMM, unless --no-kill-peer). Breaks shorter than this are survived.
@@ -217,13 +233,17 @@ fn open_memory(args: &Args) -> Result<Memory> {
             client: None,
         });
     }
-    let (Some(addr), Some(key)) = (&args.source, &args.key_file) else {
+    let Some(addr) = &args.source else {
         return Err(crate::exit::usage(
-            "give SOCKET MEMFILE, --mem-file, or --source with --key-file",
+            "give SOCKET MEMFILE, --mem-file, or --source with TLS files or --key-file",
         ));
     };
-    let key = postcopy::auth::Key::from_file(key)
-        .with_context(|| format!("key file {}", key.display()))?;
+    let security = crate::link_args::security(
+        args.tls_cert.as_deref(),
+        (args.tls_key.as_deref(), args.tls_ca.as_deref()),
+        args.tls_peer_name.as_deref(),
+        args.key_file.as_deref(),
+    )?;
     let seconds = |what: &str, v: f64| {
         Duration::try_from_secs_f64(v)
             .ok()
@@ -239,7 +259,7 @@ fn open_memory(args: &Args) -> Result<Memory> {
         give_up_after: seconds("give-up", args.give_up)?,
         ..postcopy::link::Timing::default()
     };
-    let remote = postcopy::client::RemoteSource::connect_with(addr, &key, timing)
+    let remote = postcopy::client::RemoteSource::connect_with(addr, security, timing)
         .with_context(|| format!("connect to the page server at {addr}"))?;
     let remote = Arc::new(remote);
     Ok(Memory {
