@@ -116,6 +116,10 @@ pub enum CertProblem {
     /// Revoked by its issuer.
     #[error("revoked")]
     Revoked,
+    /// Its signature does not verify with the trusted CA its issuer names: another CA
+    /// of the same name signed it (an impostor, or a CA made twice under one name).
+    #[error("not signed by the trusted CA of its issuer's name (another CA of that name?)")]
+    BadSignature,
     /// Unusable otherwise (encoding, signature, key usage); the checker's words.
     #[error("unusable ({0})")]
     Unusable(String),

@@ -150,6 +150,36 @@ fn a_client_certificate_from_another_ca_is_refused_by_the_server() {
 }
 
 #[test]
+fn certificates_from_an_impostor_ca_of_the_trusted_name_are_refused_as_badly_signed() {
+    // Another CA under the very name of the one both ends trust.
+    let impostor = Authority::new("uffdkit test CA").expect("CA");
+    let forged = impostor.issue(&NAMES).unwrap();
+    let srv = server(config_of(&impostor, &forged), 16);
+    let err = connect(&srv, tls_for(&NAMES)).expect_err("refused");
+    assert_eq!(
+        refusal(err),
+        Refusal::PeerCertificate(CertProblem::BadSignature)
+    );
+    // A client presenting the forged certificate: the server's alert says so.
+    let opener = TlsConfig::from_pem(
+        forged.cert_pem.as_bytes(),
+        forged.key_pem.as_bytes(),
+        authority().ca_pem().as_bytes(),
+    )
+    .unwrap();
+    let srv = server(tls_for(&NAMES), 16);
+    let err = connect(&srv, opener).expect_err("refused");
+    assert_eq!(
+        refusal(err),
+        Refusal::CertificateRefused {
+            alert: AlertDescription::DecryptError
+        }
+    );
+    let s = counted(&srv, "refusal counted", |s| s.refused_certificate == 1);
+    assert_eq!((s.pairs, s.refused), (0, 1), "{s:?}");
+}
+
+#[test]
 fn expired_and_not_yet_valid_certificates_are_refused_as_such() {
     let ca = authority();
     let day = Duration::from_secs(86_400);

@@ -236,6 +236,8 @@ fn certificate_alert(alert: rustls::AlertDescription) -> bool {
             | A::UnknownCA
             | A::CertificateRequired
             | A::AccessDenied
+            // What rustls sends for a certificate whose signature does not verify.
+            | A::DecryptError
     )
 }
 
@@ -253,6 +255,7 @@ pub(crate) fn handshake_error(e: rustls::Error, expected: impl FnOnce() -> Strin
                 expected: expected(),
             },
             C::Revoked => CertProblem::Revoked,
+            C::BadSignature => CertProblem::BadSignature,
             other => CertProblem::Unusable(format!("{other:?}")),
         },
         rustls::Error::NoCertificatesPresented => CertProblem::Missing,
