@@ -12,13 +12,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{image, restore_from, test_timing, tls_ends};
+use common::{counted, image, restore_from, test_timing, tls_ends};
 use pager::MemorySource;
 use postcopy::client::RemoteSource;
 use postcopy::handshake::Hello;
 use postcopy::link::{Admission, Timing};
 use postcopy::net::Addr;
-use postcopy::server::{PageServer, ServerOptions, ServerStats};
+use postcopy::server::{PageServer, ServerOptions};
 use postcopy::wire::{encode, Channel, Role};
 use postcopy::{Error, LinkError, Security, SecurityKind};
 
@@ -36,19 +36,6 @@ fn tcp_of(srv: &PageServer) -> SocketAddr {
     match srv.local_addr().expect("addr") {
         Addr::Tcp(a) => a,
         Addr::Unix(_) => unreachable!("a TCP server"),
-    }
-}
-
-/// Waits (bounded) until the server's counters satisfy `done`.
-fn counted(srv: &PageServer, what: &str, done: impl Fn(&ServerStats) -> bool) -> ServerStats {
-    let until = Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = srv.stats();
-        if done(&s) {
-            return s;
-        }
-        assert!(Instant::now() < until, "{what}: {s:?}");
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -79,11 +79,12 @@ fn open_files_for(need: u64) -> bool {
 }
 
 /// What [`restore_among`] leaves: the peak thread count during the restore, the server
-/// (still serving), the strangers' sockets (open on our side) and when they were opened.
+/// (still serving), the strangers' sockets (open on our side) each with when it was
+/// opened, and when the first was.
 struct Among {
     peak_threads: usize,
     server: PageServer,
-    strangers: Vec<TcpStream>,
+    strangers: Vec<(TcpStream, Instant)>,
     opened: Instant,
 }
 
@@ -104,15 +105,30 @@ fn restore_among(strangers: usize, admission: Admission) -> Among {
     let sampler = Sampler::start();
     let opened = Instant::now();
     let held = open_idle(to, strangers);
-    // Every stranger is at the gate before the client comes.
-    let until = Instant::now() + Duration::from_secs(20);
-    while (srv.stats().handshaking as usize) < strangers {
-        assert!(
-            Instant::now() < until,
-            "strangers at the gate: {:?}",
-            srv.stats()
+    // Every stranger is accepted before the client comes (on a loaded machine the first
+    // may time out before the last is in).
+    let at_gate = common::counted(&srv, "strangers accepted", |s| {
+        (s.handshaking + s.timed_out) as usize >= strangers
+    });
+    // Not before the deadline: the first stranger is still open (when there is margin).
+    if let Some((first, came)) = held.first() {
+        if came.elapsed() + Duration::from_secs(1) < admission.handshake_deadline {
+            first.set_nonblocking(true).expect("nonblocking");
+            let peeked = first.peek(&mut [0u8; 1]);
+            assert!(
+                matches!(&peeked, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+                "the first stranger closed {:?} after it came: {peeked:?}",
+                came.elapsed()
+            );
+            first.set_nonblocking(false).expect("blocking");
+        }
+    }
+    if strangers > 0 {
+        eprintln!(
+            "{strangers} strangers opened in {:?}; {} at the gate as the client comes",
+            opened.elapsed(),
+            at_gate.handshaking
         );
-        std::thread::sleep(Duration::from_millis(10));
     }
     let client = RemoteSource::connect_with(&srv.local_addr().unwrap(), opener, test_timing())
         .expect("the client gets in among the strangers");
@@ -132,9 +148,12 @@ fn restore_among(strangers: usize, admission: Admission) -> Among {
     }
 }
 
-fn open_idle(to: SocketAddr, n: usize) -> Vec<TcpStream> {
+fn open_idle(to: SocketAddr, n: usize) -> Vec<(TcpStream, Instant)> {
     (0..n)
-        .map(|i| TcpStream::connect(to).unwrap_or_else(|e| panic!("stranger {i}: {e}")))
+        .map(|i| {
+            let s = TcpStream::connect(to).unwrap_or_else(|e| panic!("stranger {i}: {e}"));
+            (s, Instant::now())
+        })
         .collect()
 }
 
@@ -152,7 +171,7 @@ fn two_thousand_idle_strangers_cost_no_threads_and_are_closed_at_the_deadline_wh
     }
     // Room for every stranger in its handshake, so the deadline (not eviction) closes
     // them all: 2 000 handshakes in progress at once on one gate thread.
-    let deadline = Duration::from_secs(5);
+    let deadline = Duration::from_secs(10);
     let admission = Admission {
         handshake_deadline: deadline,
         max_handshakes: STRANGERS + 48,
@@ -171,11 +190,12 @@ fn two_thousand_idle_strangers_cost_no_threads_and_are_closed_at_the_deadline_wh
         among <= alone + 4,
         "threads: {among} among strangers vs {alone} alone"
     );
-    // Each stranger is closed by the server once the deadline passed, not before.
+    // Each stranger is closed by the server within a few seconds of its deadline (the
+    // gate's turn and a loaded machine's scheduling).
     let mut buf = [0u8; 64];
-    for (i, s) in strangers.iter_mut().enumerate() {
+    for (i, (s, came)) in strangers.iter_mut().enumerate() {
         let left =
-            (opened + deadline + Duration::from_secs(5)).saturating_duration_since(Instant::now());
+            (*came + deadline + Duration::from_secs(5)).saturating_duration_since(Instant::now());
         s.set_read_timeout(Some(left.max(Duration::from_millis(10))))
             .expect("timeout");
         let closed = loop {
@@ -189,24 +209,20 @@ fn two_thousand_idle_strangers_cost_no_threads_and_are_closed_at_the_deadline_wh
         assert!(
             closed,
             "stranger {i} still open {:?} after it came",
-            opened.elapsed()
+            came.elapsed()
         );
-    }
-    let all_closed = opened.elapsed();
-    assert!(
-        all_closed >= deadline,
-        "closed after {all_closed:?}, before the {deadline:?} deadline"
-    );
-    // By the deadline, each of them: none evicted, none refused, none left in.
-    let until = Instant::now() + Duration::from_secs(5);
-    let s = loop {
-        let s = server.stats();
-        if s.timed_out as usize >= STRANGERS && s.handshaking == 0 {
-            break s;
+        if i == 0 {
+            let first = opened.elapsed();
+            assert!(
+                first >= deadline,
+                "closed after {first:?}, before the {deadline:?} deadline"
+            );
         }
-        assert!(Instant::now() < until, "strangers counted: {s:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    }
+    // By the deadline, each of them: none evicted, none refused, none left in.
+    let s = common::counted(&server, "every stranger timed out", |s| {
+        s.timed_out as usize >= STRANGERS && s.handshaking == 0
+    });
     assert_eq!(
         (s.timed_out as usize, s.evicted, s.refused, s.pairs),
         (STRANGERS, 0, 0, 1),

@@ -90,31 +90,41 @@ fn report(f: &Finished, who: &str) -> serde_json::Value {
     serde_json::from_str(last).unwrap_or_else(|e| panic!("{who} report: {e}: {}", f.text()))
 }
 
+/// Certificates for `dst.test` (dialled at 127.0.0.1) and `src.test` in `pki`, then a
+/// `migrate dest` requiring `peer_name` and a `migrate source` of `size` to it, both with
+/// `extra` options; both finished.
+fn migration(
+    test: &str,
+    pki: &Dir,
+    peer_name: &str,
+    size: &str,
+    extra: &[&str],
+) -> Option<(Finished, Finished)> {
+    if !certificates(test, &pki.0, &["dst.test,127.0.0.1", "src.test"]) {
+        return None;
+    }
+    let mut d = uffdkit(["migrate", "dest", "--listen", "127.0.0.1:0", "--json"]);
+    d.args(["--progress", "lines", "--mode", "thread"])
+        .args(extra)
+        .args(tls_args(&pki.0, "dst.test"))
+        .args(["--tls-peer-name", peer_name]);
+    let (d, addr) = listening(d);
+    let mut s = uffdkit(["migrate", "source", "--json", "--connect", &addr]);
+    s.args(["--progress", "lines", "--size", size])
+        .args(extra)
+        .args(tls_args(&pki.0, "src.test"));
+    let s = Proc::start(s).finish_within(Duration::from_secs(120));
+    Some((s, d.finish_within(Duration::from_secs(60))))
+}
+
 #[test]
 fn a_migration_between_two_hosts_certified_by_the_readme_recipe_checks_both_names() {
     let test = "a_migration_between_two_hosts_certified_by_the_readme_recipe";
     let pki = Dir::new("mig-pki");
     // The destination is dialled at 127.0.0.1; the source is known by its name only.
-    if !certificates(test, &pki.0, &["dst.test,127.0.0.1", "src.test"]) {
+    let Some((s, d)) = migration(test, &pki, "src.test", "32M", &[]) else {
         return;
-    }
-    let mut d = uffdkit(["migrate", "dest", "--listen", "127.0.0.1:0", "--json"]);
-    d.args(["--progress", "lines", "--mode", "thread"])
-        .args(tls_args(&pki.0, "dst.test"))
-        .args(["--tls-peer-name", "src.test"]);
-    let (d, addr) = listening(d);
-    let mut s = uffdkit(["migrate", "source", "--json", "--connect", &addr]);
-    s.args([
-        "--progress",
-        "lines",
-        "--size",
-        "32M",
-        "--precopy-rounds",
-        "1",
-    ])
-    .args(tls_args(&pki.0, "src.test"));
-    let s = Proc::start(s).finish_within(Duration::from_secs(120));
-    let d = d.finish_within(Duration::from_secs(60));
+    };
     let (src, dst) = (report(&s, "source"), report(&d, "destination"));
     assert_eq!(src["pages"], 8192, "{}", s.text());
     assert_eq!(src["verified"], src["pages"], "every page: {}", s.text());
@@ -125,24 +135,22 @@ fn a_migration_between_two_hosts_certified_by_the_readme_recipe_checks_both_name
 fn a_destination_requiring_another_peer_name_refuses_the_source_saying_so() {
     let test = "a_destination_requiring_another_peer_name";
     let pki = Dir::new("name-pki");
-    if !certificates(test, &pki.0, &["dst.test,127.0.0.1", "src.test"]) {
+    let Some((s, d)) = migration(test, &pki, "other-source.test", "4M", &["--give-up", "5"]) else {
         return;
+    };
+    for (who, f) in [("source", &s), ("destination", &d)] {
+        assert_eq!(f.code(), Some(1), "{who} gives up: {}", f.text());
     }
-    let mut d = uffdkit(["migrate", "dest", "--listen", "127.0.0.1:0", "--json"]);
-    d.args(["--progress", "lines", "--give-up", "5"])
-        .args(tls_args(&pki.0, "dst.test"))
-        .args(["--tls-peer-name", "other-source.test"]);
-    let (d, addr) = listening(d);
-    let mut s = uffdkit(["migrate", "source", "--connect", &addr]);
-    s.args(["--progress", "lines", "--size", "4M", "--give-up", "5"])
-        .args(tls_args(&pki.0, "src.test"));
-    let s = Proc::start(s).finish_within(Duration::from_secs(60));
-    drop(d);
-    assert_eq!(s.code(), Some(1), "{}", s.text());
     assert!(
         s.stderr.contains("refused this side's certificate"),
-        "the refusal names the certificate: {}",
+        "the source is told its certificate was refused: {}",
         s.text()
+    );
+    assert!(
+        d.stderr
+            .contains("not valid for the name other-source.test"),
+        "the destination names the name it wanted: {}",
+        d.text()
     );
 }
 

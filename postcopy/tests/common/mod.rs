@@ -86,6 +86,24 @@ pub fn test_timing() -> Timing {
     }
 }
 
+/// Waits (bounded, 20 s) until a page server's counters satisfy `done`; fails saying
+/// `what` was awaited.
+pub fn counted(
+    srv: &postcopy::server::PageServer,
+    what: &str,
+    done: impl Fn(&postcopy::server::ServerStats) -> bool,
+) -> postcopy::server::ServerStats {
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = srv.stats();
+        if done(&s) {
+            return s;
+        }
+        assert!(std::time::Instant::now() < until, "{what}: {s:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Tags a postcopy connection `main` or `urgent` from its HELLO.
 pub fn channel_of(first: &[u8]) -> Option<&'static str> {
     postcopy::wire::peek_channel(first).map(|c| c.map_or("other", Channel::name))
