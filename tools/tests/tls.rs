@@ -286,3 +286,41 @@ fn help_says_a_pre_shared_key_leaves_pages_unencrypted() {
         );
     }
 }
+
+#[test]
+fn netbench_tls_reports_tls_against_plaintext_and_raw_tcp_from_one_run() {
+    let f = common::run(uffdkit([
+        "migrate",
+        "netbench",
+        "--tls",
+        "--json",
+        "--size",
+        "8M",
+        "--idle-size",
+        "4M",
+        "--touches",
+        "50",
+        "--repeat",
+        "1",
+    ]));
+    assert!(f.status.success(), "{}", f.text());
+    let v: serde_json::Value = serde_json::from_str(f.stdout.trim()).expect("JSON");
+    let tls = &v["tls"];
+    let positive = |x: &serde_json::Value| x.as_f64().is_some_and(|x| x > 0.0);
+    for (what, x) in [
+        ("TLS stream", &tls["stream_mib_s"]),
+        ("TLS vs raw TCP", &tls["stream_vs_raw_same_cpu"]),
+        ("TLS vs plaintext", &tls["stream_vs_plaintext"]),
+        ("TLS idle p50", &tls["requested_idle_us"]["p50"]),
+        ("TLS idle p99", &tls["requested_idle_us"]["p99"]),
+        ("TLS loaded p50", &tls["requested_loaded_us"]["p50"]),
+        ("plaintext stream", &v["stream_mib_s"]),
+        ("raw TCP", &v["raw_tcp_same_cpu_mib_s"]),
+    ] {
+        assert!(positive(x), "{what}: {x} in {v}");
+    }
+    assert_eq!(
+        tls["requested_idle_us"]["count"], 50,
+        "every touch faulted: {v}"
+    );
+}
