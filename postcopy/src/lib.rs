@@ -1,7 +1,8 @@
 //! # postcopy: live post-copy migration and remote paging on uffdkit
 //!
 //! Source → destination over byte streams: the wire format ([`wire`]), pre-shared-key
-//! authentication of every connection ([`auth`]), framed TCP/Unix connections ([`net`]),
+//! authentication of every connection ([`auth`]), framed TCP/Unix connections ([`net`];
+//! a Unix path is claimed, never stolen from a live listener: [`socket_file`]),
 //! and connection pairs that notice silence and recover ([`link`]). On top, two halves
 //! written once — a sender and a receiver ([`endpoint`]) — make two endpoints each:
 //!
@@ -37,6 +38,7 @@ pub mod link;
 pub mod migrate;
 pub mod net;
 pub mod server;
+pub mod socket_file;
 pub mod wire;
 
 pub use error::Error;
