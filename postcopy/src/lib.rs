@@ -3,8 +3,9 @@
 //! Source → destination over byte streams: the wire format ([`wire`]); every connection
 //! secured ([`handshake`]) by TLS 1.3 with mutual certificate authentication ([`tls`]) or,
 //! on trusted links only, a pre-shared-key challenge–response in plaintext ([`auth`]);
-//! framed TCP/Unix connections ([`net`]); connection pairs that notice silence and
-//! recover, behind listeners that strangers cannot exhaust ([`link`]). On top, two halves
+//! framed TCP/Unix connections ([`net`]; a Unix path is claimed, never stolen from a live
+//! listener: [`socket_file`]); connection pairs that notice silence and recover, behind
+//! listeners that strangers cannot exhaust ([`link`]). On top, two halves
 //! written once — a sender and a receiver ([`endpoint`]) — make two endpoints each:
 //!
 //! - the page server ([`server::PageServer`]) and its restore-side source
@@ -40,6 +41,7 @@ pub mod link;
 pub mod migrate;
 pub mod net;
 pub mod server;
+pub mod socket_file;
 pub mod tls;
 pub mod wire;
 

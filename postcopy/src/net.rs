@@ -13,7 +13,7 @@
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -21,6 +21,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{shutdown, Shutdown};
 
 use crate::error::LinkError;
+use crate::socket_file::{self, Claimed};
 use crate::wire::{
     decode_frame, encode, encode_request, frame_len, kind, Channel, Frame, Limits, Message,
     PageRange,
@@ -173,19 +174,19 @@ impl Link {
 pub enum Listener {
     /// TCP.
     Tcp(TcpListener),
-    /// Unix.
-    Unix(UnixListener),
+    /// Unix, on a path claimed for it (see [`crate::socket_file`]): a path where another
+    /// listener answers is refused, never taken over; the file is removed on drop.
+    Unix(Claimed),
 }
 
 impl Listener {
-    /// Binds `addr` (a stale Unix socket file is replaced).
+    /// Binds `addr`. A Unix path is claimed: a stale socket file is replaced, a path where
+    /// a listener answers fails with `AddrInUse` (as a TCP port would), anything else that
+    /// is not a socket with `AlreadyExists`.
     pub fn bind(addr: &Addr) -> io::Result<Listener> {
         Ok(match addr {
             Addr::Tcp(a) => Listener::Tcp(TcpListener::bind(a)?),
-            Addr::Unix(p) => {
-                let _ = std::fs::remove_file(p);
-                Listener::Unix(UnixListener::bind(p)?)
-            }
+            Addr::Unix(p) => Listener::Unix(socket_file::claim(p)?),
         })
     }
 
@@ -193,8 +194,9 @@ impl Listener {
     pub fn local_addr(&self) -> io::Result<Addr> {
         Ok(match self {
             Listener::Tcp(l) => Addr::Tcp(l.local_addr()?),
-            Listener::Unix(l) => Addr::Unix(
-                l.local_addr()?
+            Listener::Unix(c) => Addr::Unix(
+                c.listener
+                    .local_addr()?
                     .as_pathname()
                     .map(PathBuf::from)
                     .unwrap_or_default(),
@@ -203,13 +205,19 @@ impl Listener {
     }
 
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
-        either!(self, Listener, l => l.as_fd())
+        match self {
+            Listener::Tcp(l) => l.as_fd(),
+            Listener::Unix(c) => c.listener.as_fd(),
+        }
     }
 
     /// Sets or clears `O_NONBLOCK`: a non-blocking listener's `accept` fails with
     /// `WouldBlock` when nobody is waiting.
     pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
-        either!(self, Listener, l => l.set_nonblocking(on))
+        match self {
+            Listener::Tcp(l) => l.set_nonblocking(on),
+            Listener::Unix(c) => c.listener.set_nonblocking(on),
+        }
     }
 
     /// Accepts one connection, or returns `None` after `timeout` (or on a signal).
@@ -233,7 +241,7 @@ impl Listener {
                 s.set_nodelay(true)?;
                 Socket::Tcp(s)
             }
-            Listener::Unix(l) => Socket::Unix(l.accept()?.0),
+            Listener::Unix(c) => Socket::Unix(c.listener.accept()?.0),
         })
     }
 

@@ -145,10 +145,27 @@ fn restore_from_a_page_server_over_tcp_and_unix() {
     assert_eq!(stats.placed(), 2048, "{stats:?}");
     assert!(stats.placed_zero > 0, "zero pages arrived as zero runs");
     let path = std::env::temp_dir().join(format!("uffdkit-serve-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
     let unix = server(&format!("unix:{}", path.display()), &img);
     let stats = restore(&unix.local_addr().unwrap(), &img);
     assert_eq!(stats.placed(), 2048);
-    std::fs::remove_file(&path).ok();
+    let second = PageServer::bind(
+        &unix.local_addr().unwrap(),
+        Arc::new(MemorySource::new(img.clone())),
+        key(),
+        Timing::default(),
+    );
+    assert!(
+        matches!(
+            &second,
+            Err(postcopy::Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::AddrInUse
+        ),
+        "a live server's path is refused, not taken over: {:?}",
+        second.err()
+    );
+    assert!(path.exists(), "the first server keeps its socket");
+    drop(unix);
+    assert!(!path.exists(), "a stopped server removes its socket file");
 }
 
 #[test]

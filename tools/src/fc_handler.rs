@@ -24,8 +24,8 @@ use pager::{FileSource, Source, StatsSnapshot};
 use uffd_core::{peer_credentials, PeerCredentials};
 
 use crate::cli_args::{HandlerMode, PrefetchArgs};
-use crate::socket_file::{self, SocketFile};
 use crate::units;
+use postcopy::socket_file::{self, SocketFile};
 
 const AFTER_HELP: &str = "\
 Drop-in for Firecracker's example handlers: `uffdkit fc-handler SOCKET MEMFILE` is the \

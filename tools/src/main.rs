@@ -17,7 +17,6 @@ mod progress;
 mod restore;
 mod serve;
 mod signals;
-mod socket_file;
 mod units;
 mod workload;
 

@@ -5,7 +5,6 @@
 //! loading). `--writes F` makes that share of touches writes, so every strategy pays what
 //! a guest pays: `mmap` its copy-on-write, the others nothing more.
 
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -426,31 +425,32 @@ fn run_eager(
 
 fn run_mmap(args: &Args, len: u64, pages: &[usize], file: &std::fs::File) -> Result<Outcome> {
     let start = Instant::now();
-    // SAFETY: a fresh private mapping of the open file; writes are copied on write.
-    let addr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE,
-            file.as_raw_fd(),
+    let size = std::num::NonZeroUsize::new(len as usize).context("an empty image")?;
+    // SAFETY: a fresh private mapping of the open file, nothing else refers to its range;
+    // writes are copied on write and never reach the file.
+    let mapped = unsafe {
+        nix::sys::mman::mmap(
+            None,
+            size,
+            nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+            nix::sys::mman::MapFlags::MAP_PRIVATE,
+            file,
             0,
         )
-    };
-    if addr == libc::MAP_FAILED {
-        bail!("mmap: {}", std::io::Error::last_os_error());
     }
+    .context("mmap the image")?;
+    let addr = mapped.as_ptr() as usize;
     let t = Instant::now();
-    let lat = run_workload(addr as usize, pages, args.writes);
+    let lat = run_workload(addr, pages, args.writes);
     let workload = t.elapsed();
     let total = start.elapsed();
     let checked = if args.no_verify {
         Ok(())
     } else {
-        verify(addr as usize, file, pages, len, args.writes)
+        verify(addr, file, pages, len, args.writes)
     };
     // SAFETY: our mapping, no longer used.
-    unsafe { libc::munmap(addr, len as usize) };
+    let _ = unsafe { nix::sys::mman::munmap(mapped, len as usize) };
     checked?;
     Ok(Outcome {
         strategy: "mmap",
@@ -494,8 +494,7 @@ pub fn run(args: &Args) -> Result<()> {
     let all = args.strategy == Strategy::All;
     let cold = || -> Result<()> {
         if args.drop_caches {
-            // SAFETY: sync(2) has no preconditions.
-            unsafe { libc::sync() };
+            nix::unistd::sync();
             std::fs::write("/proc/sys/vm/drop_caches", "3")
                 .context("drop the page cache (needs root)")?;
         }

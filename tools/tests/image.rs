@@ -149,3 +149,76 @@ fn two_restores_at_once_share_the_host_cache() {
     );
     assert!(shared > 0, "one restore took chunks the other fetched");
 }
+
+/// `fc-handler --image URL` serves a Firecracker-like client (`uffdkit fc-client`, which
+/// registers its memory, hands over the uffd and verifies every page against the file
+/// the image was pushed from) from an image in the object store.
+#[test]
+fn fc_handler_restores_a_vm_from_an_image_in_the_object_store() {
+    let Some(server) = S3Server::start("image_fc_handler", BUCKET) else {
+        return;
+    };
+    let dir = TempDir::new("fc");
+    let raw = dir.0.join("mem.raw");
+    write_image(&raw, 2048); // 8 MiB
+    let (raw_s, url) = (raw.to_str().unwrap(), "s3://images/vm/fc");
+    success(
+        &uffdkit(&server, &["image", "push", raw_s, url])
+            .output()
+            .unwrap(),
+    );
+    let sock = dir.0.join("fc.sock");
+    let cache = dir.0.join("cache");
+    let mut handler = uffdkit(
+        &server,
+        &[
+            "fc-handler",
+            sock.to_str().unwrap(),
+            "--image",
+            url,
+            "--cache",
+            cache.to_str().unwrap(),
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        if std::time::Instant::now() > deadline || handler.try_wait().unwrap().is_some() {
+            let _ = handler.kill();
+            panic!(
+                "{}",
+                String::from_utf8_lossy(&handler.wait_with_output().unwrap().stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let client = Command::new(env!("CARGO_BIN_EXE_uffdkit"))
+        .args([
+            "fc-client",
+            "--socket",
+            sock.to_str().unwrap(),
+            "--mem-file",
+            raw_s,
+        ])
+        .args(["--regions", "2"])
+        .output()
+        .unwrap();
+    let out = handler.wait_with_output().unwrap();
+    let handler_text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        success(&client).contains("touched and verified"),
+        "handler: {handler_text}"
+    );
+    assert!(out.status.success(), "{handler_text}");
+    assert!(
+        handler_text.contains("from the object store"),
+        "{handler_text}"
+    );
+}
