@@ -46,7 +46,7 @@ socket is removed on every exit. Exit status: 0 when Firecracker closed the conn
     after_help = AFTER_HELP,
     group = clap::ArgGroup::new("socket_path").required(true).args(["socket_arg", "socket"]),
     group = clap::ArgGroup::new("memory").required(true).args(["mem_file_arg", "mem_file", "source", "image"]),
-    group = clap::ArgGroup::new("source_security").args(["key_file", "tls_cert"]),
+    group = clap::ArgGroup::new("source_security").args(["key_file", "tls_cert"]).requires("source"),
 )]
 pub struct Args {
     /// The Unix socket to listen on: Firecracker's `backend_path` (or --socket).
@@ -75,23 +75,10 @@ pub struct Args {
     /// Fetching and caching of `--image`.
     #[command(flatten)]
     image_source: crate::image::SourceArgs,
-    /// The page server's pre-shared key file (with --source; plaintext, trusted links
-    /// only).
-    #[arg(long, requires = "source", conflicts_with = "tls_cert")]
-    key_file: Option<PathBuf>,
-    /// With --source: this host's TLS certificate chain (PEM); with --tls-key, --tls-ca.
-    #[arg(long, value_name = "PEM", requires_all = ["source", "tls_key", "tls_ca"])]
-    tls_cert: Option<PathBuf>,
-    /// With --source: this host's TLS private key (PEM).
-    #[arg(long, value_name = "PEM", requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
-    /// With --source: the certificate(s) of the CA that signs the page server's (PEM).
-    #[arg(long, value_name = "PEM", requires = "tls_cert")]
-    tls_ca: Option<PathBuf>,
-    /// With --source: the name the page server's certificate must carry (default: the
-    /// address dialled; `localhost` over a Unix socket).
-    #[arg(long, value_name = "NAME", requires = "tls_cert")]
-    tls_peer_name: Option<String>,
+    /// With --source: TLS certificates (the page server's must carry the address dialled,
+    /// or --tls-peer-name), or a pre-shared key (trusted links only).
+    #[command(flatten)]
+    security: crate::link_args::SecurityArgs,
     /// With --source: give up on the page server after this many seconds without a
     /// working connection (at the start, or after a break), failing the restore (and so
     /// killing the VMM, unless --no-kill-peer). Breaks shorter than this are survived.
@@ -238,12 +225,7 @@ fn open_memory(args: &Args) -> Result<Memory> {
             "give SOCKET MEMFILE, --mem-file, or --source with TLS files or --key-file",
         ));
     };
-    let security = crate::link_args::security(
-        args.tls_cert.as_deref(),
-        (args.tls_key.as_deref(), args.tls_ca.as_deref()),
-        args.tls_peer_name.as_deref(),
-        args.key_file.as_deref(),
-    )?;
+    let security = args.security.security()?;
     let seconds = |what: &str, v: f64| {
         Duration::try_from_secs_f64(v)
             .ok()

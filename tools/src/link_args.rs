@@ -86,7 +86,7 @@ impl SecurityArgs {
 }
 
 /// The security of an end given a certificate (with its key and CA) or a key file.
-pub fn security(
+fn security(
     cert: Option<&Path>,
     (key, ca): (Option<&Path>, Option<&Path>),
     peer_name: Option<&str>,
