@@ -222,34 +222,25 @@ fn a_listener_requiring_a_peer_name_refuses_other_certificates() {
     assert_eq!(restore_from(source, &image(16), 1).placed(), 16);
 }
 
-#[test]
-fn a_plaintext_opener_at_a_tls_listener_is_a_security_mismatch_both_ways() {
-    let srv = server(tls_for(&NAMES), 16);
-    let err = connect(&srv, common::key()).expect_err("refused");
-    assert_eq!(
-        refusal(err),
-        Refusal::SecurityMismatch {
-            ours: SecurityKind::PreSharedKey,
-            peer: SecurityKind::Tls
-        }
-    );
+/// An opener speaking `opener` at a listener speaking `listener`: the opener's refusal
+/// names both securities, and the listener counts a mismatch.
+fn mismatch(listener: Security, opener: Security) {
+    let (ours, peer) = (opener.kind(), listener.kind());
+    let srv = server(listener, 16);
+    let err = connect(&srv, opener).expect_err("refused");
+    assert_eq!(refusal(err), Refusal::SecurityMismatch { ours, peer });
     let s = counted(&srv, "mismatch counted", |s| s.refused_mismatch == 1);
     assert_eq!(s.refused, 1, "{s:?}");
 }
 
 #[test]
+fn a_plaintext_opener_at_a_tls_listener_is_a_security_mismatch_both_ways() {
+    mismatch(tls_for(&NAMES).into(), common::key().into());
+}
+
+#[test]
 fn a_tls_opener_at_a_plaintext_listener_is_a_security_mismatch_both_ways() {
-    let srv = server(common::key(), 16);
-    let err = connect(&srv, tls_for(&NAMES)).expect_err("refused");
-    assert_eq!(
-        refusal(err),
-        Refusal::SecurityMismatch {
-            ours: SecurityKind::Tls,
-            peer: SecurityKind::PreSharedKey
-        }
-    );
-    let s = counted(&srv, "mismatch counted", |s| s.refused_mismatch == 1);
-    assert_eq!(s.refused, 1, "{s:?}");
+    mismatch(common::key().into(), tls_for(&NAMES).into());
 }
 
 /// A client made with rustls directly, trusting the test CA, with `identity` or none.
