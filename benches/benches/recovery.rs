@@ -36,6 +36,7 @@ fn one(timing: Timing) -> Duration {
     let opts = DestOptions {
         mode: DeliveryMode::PerCpu,
         timing,
+        ..DestOptions::default()
     };
     let dest =
         Destination::bind(&"127.0.0.1:0".parse().expect("addr"), key.clone(), opts).expect("bind");

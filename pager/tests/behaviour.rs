@@ -182,17 +182,23 @@ impl Source for Remote {
         Ok(Fetched::Pending)
     }
     fn attach(&self, placer: Placer) {
-        let (tx, rx) = mpsc::channel::<u64>();
-        *self.queue.lock().expect("queue") = Some(tx);
-        let (image, delay) = (self.image.clone(), self.delay);
-        std::thread::spawn(move || {
-            for offset in rx {
-                std::thread::sleep(delay);
-                let at = offset as usize;
-                let _ = placer.place(offset, Some(&image[at..at + PS]));
-            }
-        });
+        *self.queue.lock().expect("queue") =
+            Some(remote_peer(placer, self.image.clone(), self.delay));
     }
+}
+
+/// A test source's remote peer: a thread that places each page offset sent on the
+/// returned queue, `delay` after it arrives.
+fn remote_peer(placer: Placer, image: Arc<Vec<u8>>, delay: Duration) -> mpsc::Sender<u64> {
+    let (tx, rx) = mpsc::channel::<u64>();
+    std::thread::spawn(move || {
+        for offset in rx {
+            std::thread::sleep(delay);
+            let at = offset as usize;
+            let _ = placer.place(offset, Some(&image[at..at + PS]));
+        }
+    });
+    tx
 }
 
 #[test]
@@ -540,16 +546,8 @@ impl Source for Prioritized {
         self.prioritized.fetch_add(1, Ordering::Relaxed);
     }
     fn attach(&self, placer: Placer) {
-        let (tx, rx) = mpsc::channel::<u64>();
-        *self.queue.lock().expect("queue") = Some(tx);
-        let (image, hold) = (self.image.clone(), self.hold);
-        std::thread::spawn(move || {
-            for offset in rx {
-                std::thread::sleep(hold);
-                let at = offset as usize;
-                let _ = placer.place(offset, Some(&image[at..at + PS]));
-            }
-        });
+        *self.queue.lock().expect("queue") =
+            Some(remote_peer(placer, self.image.clone(), self.hold));
     }
 }
 

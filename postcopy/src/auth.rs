@@ -1,18 +1,22 @@
-//! Pre-shared-key challenge–response on every connection, both ways: a stranger can
-//! neither pull memory from a page server nor push pages into a destination.
+//! Pre-shared-key challenge–response, for links that need no encryption (trusted links
+//! only: pages then travel in the clear): both ends prove the key on every connection,
+//! so a stranger can neither pull memory from a page server nor push pages into a
+//! destination. Between hosts, use TLS ([`crate::tls`]).
 //!
 //! Opener: HELLO → (listener) CHALLENGE{n_l} → AUTH{HMAC(k, "open"|n_l|session), n_o} →
 //! (listener verifies) AUTH_OK{HMAC(k, "listen"|n_o|session)} → opener verifies.
-//! HMAC-SHA256; comparisons in constant time.
+//! HMAC-SHA256; comparisons in constant time. The listener's side is in
+//! [`crate::handshake::Listening`].
 
 use std::io::Read;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::error::{unexpected, Refusal};
+use crate::error::{unexpected, Refusal, SecurityKind};
+use crate::handshake::{refused_by_listener, Hello};
 use crate::net::Conn;
-use crate::wire::{Channel, Features, Message, Role, ShutReason, VERSION};
+use crate::wire::{Message, ShutReason};
 use crate::Error;
 
 /// A pre-shared key.
@@ -53,14 +57,20 @@ impl Key {
         mac
     }
 
-    fn proof(&self, label: &[u8], nonce: &[u8; 32], session: u64) -> [u8; 32] {
+    pub(crate) fn proof(&self, label: &[u8], nonce: &[u8; 32], session: u64) -> [u8; 32] {
         self.mac(label, nonce, session)
             .finalize()
             .into_bytes()
             .into()
     }
 
-    fn verify(&self, label: &[u8], nonce: &[u8; 32], session: u64, proof: &[u8; 32]) -> bool {
+    pub(crate) fn verify(
+        &self,
+        label: &[u8],
+        nonce: &[u8; 32],
+        session: u64,
+        proof: &[u8; 32],
+    ) -> bool {
         self.mac(label, nonce, session).verify_slice(proof).is_ok()
     }
 }
@@ -81,33 +91,22 @@ pub fn session_id() -> Result<u64, Error> {
     ))
 }
 
-/// What an opener said of itself in its HELLO.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Hello {
-    /// Its role.
-    pub role: Role,
-    /// What the connection carries.
-    pub channel: Channel,
-    /// Its session.
-    pub session: u64,
-    /// Which connection pair of the session.
-    pub generation: u32,
-}
-
-/// The opener's side: succeeds once both ends have proved the key.
-pub fn open(conn: &mut Conn, key: &Key, hello: Hello) -> Result<(), Error> {
-    conn.set_channel(hello.channel);
-    conn.w.send(&Message::Hello {
-        version: VERSION,
-        features: Features::ZERO_RUNS | Features::URGENT_CHANNEL | Features::RECOVERY,
-        role: hello.role,
-        channel: hello.channel,
-        session: hello.session,
-        generation: hello.generation,
-    })?;
+/// The opener's side: HELLO in the clear, then the challenge–response; succeeds once both
+/// ends have proved the key.
+pub(crate) fn open(conn: &mut Conn, key: &Key, hello: Hello) -> Result<(), Error> {
+    let channel = hello.channel;
+    conn.set_channel(channel);
+    conn.w.send(&hello.message(SecurityKind::PreSharedKey))?;
     let challenge = match conn.r.recv()? {
         Message::Challenge { nonce } => nonce,
-        other => return Err(unexpected(other, "CHALLENGE", hello.channel)),
+        Message::Shut { reason, detail } => {
+            return Err(refused_by_listener(
+                SecurityKind::PreSharedKey,
+                reason,
+                detail,
+            ))
+        }
+        other => return Err(unexpected(other, "CHALLENGE", channel)),
     };
     let mine = nonce()?;
     conn.w.send(&Message::Auth {
@@ -117,42 +116,13 @@ pub fn open(conn: &mut Conn, key: &Key, hello: Hello) -> Result<(), Error> {
     match conn.r.recv()? {
         Message::AuthOk { proof } if key.verify(b"listen", &mine, hello.session, &proof) => Ok(()),
         Message::AuthOk { .. } => Err(Error::refused(Refusal::WrongKey)),
-        other => Err(unexpected(other, "AUTH_OK", hello.channel)),
+        Message::Shut { reason, detail } => Err(refused_by_listener(
+            SecurityKind::PreSharedKey,
+            reason,
+            detail,
+        )),
+        other => Err(unexpected(other, "AUTH_OK", channel)),
     }
-}
-
-/// The listener's side. Returns what the opener said of itself.
-pub fn listen(conn: &mut Conn, key: &Key) -> Result<Hello, Error> {
-    let hello = match conn.r.recv()? {
-        Message::Hello {
-            role,
-            channel,
-            session,
-            generation,
-            ..
-        } => Hello {
-            role,
-            channel,
-            session,
-            generation,
-        },
-        other => return Err(unexpected(other, "HELLO", Channel::Main)),
-    };
-    conn.set_channel(hello.channel);
-    let challenge = nonce()?;
-    conn.w.send(&Message::Challenge { nonce: challenge })?;
-    let (proof, theirs) = match conn.r.recv()? {
-        Message::Auth { proof, nonce } => (proof, nonce),
-        other => return Err(unexpected(other, "AUTH", hello.channel)),
-    };
-    if !key.verify(b"open", &challenge, hello.session, &proof) {
-        refuse(conn, ShutReason::Auth, "authentication failed: wrong key");
-        return Err(Error::refused(Refusal::WrongKey));
-    }
-    conn.w.send(&Message::AuthOk {
-        proof: key.proof(b"listen", &theirs, hello.session),
-    })?;
-    Ok(hello)
 }
 
 /// Tells the peer why it is refused (best effort: it may be gone) and closes.

@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use pager::{Fetched, Placer, Source, SourceError};
 
-use crate::auth::Key;
 use crate::endpoint::receiver::{read_advise, Land, Receiver};
 use crate::endpoint::RecvStats;
 use crate::error::{chain, unexpected, LinkError, Refusal};
+use crate::handshake::Security;
 use crate::link::dial::Dialer;
 use crate::link::{self, Pair, Timing};
 use crate::net::Addr;
@@ -53,15 +53,21 @@ impl std::fmt::Debug for RemoteSource {
 }
 
 impl RemoteSource {
-    /// Connects to the server at `addr`, authenticating with `key`, with default
-    /// [`Timing`].
-    pub fn connect(addr: &Addr, key: &Key) -> Result<RemoteSource, Error> {
-        Self::connect_with(addr, key, Timing::default())
+    /// Connects to the server at `addr`, secured as `security` says (a
+    /// [`TlsConfig`](crate::tls::TlsConfig), or a pre-shared [`Key`](crate::auth::Key) on
+    /// trusted links), with default [`Timing`].
+    pub fn connect(addr: &Addr, security: impl Into<Security>) -> Result<RemoteSource, Error> {
+        Self::connect_with(addr, security, Timing::default())
     }
 
-    /// Connects with `timing` (retrying for up to its `give_up_after`).
-    pub fn connect_with(addr: &Addr, key: &Key, timing: Timing) -> Result<RemoteSource, Error> {
-        let mut dialer = Dialer::new(addr.clone(), key.clone(), Role::Destination, timing)?;
+    /// Connects with `timing` (retrying for up to its `give_up_after`; a refusal — a
+    /// wrong key or certificate, a security mismatch — ends it at once).
+    pub fn connect_with(
+        addr: &Addr,
+        security: impl Into<Security>,
+        timing: Timing,
+    ) -> Result<RemoteSource, Error> {
+        let mut dialer = Dialer::new(addr.clone(), security.into(), Role::Destination, timing)?;
         let (conns, advise) = dialer
             .connect(
                 Instant::now(),

@@ -1,8 +1,11 @@
 //! # postcopy: live post-copy migration and remote paging on uffdkit
 //!
-//! Source → destination over byte streams: the wire format ([`wire`]), pre-shared-key
-//! authentication of every connection ([`auth`]), framed TCP/Unix connections ([`net`]),
-//! and connection pairs that notice silence and recover ([`link`]). On top, two halves
+//! Source → destination over byte streams: the wire format ([`wire`]); every connection
+//! secured ([`handshake`]) by TLS 1.3 with mutual certificate authentication ([`tls`]) or,
+//! on trusted links only, a pre-shared-key challenge–response in plaintext ([`auth`]);
+//! framed TCP/Unix connections ([`net`]; a Unix path is claimed, never stolen from a live
+//! listener: [`socket_file`]); connection pairs that notice silence and recover, behind
+//! listeners that strangers cannot exhaust ([`link`]). On top, two halves
 //! written once — a sender and a receiver ([`endpoint`]) — make two endpoints each:
 //!
 //! - the page server ([`server::PageServer`]) and its restore-side source
@@ -33,11 +36,15 @@ pub mod endpoint;
 mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
+pub mod handshake;
 pub mod link;
 pub mod migrate;
 pub mod net;
 pub mod server;
+pub mod socket_file;
+pub mod tls;
 pub mod wire;
 
 pub use error::Error;
-pub use error::{LinkError, Refusal};
+pub use error::{CertProblem, LinkError, Refusal, SecurityKind};
+pub use handshake::Security;

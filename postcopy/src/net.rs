@@ -6,14 +6,14 @@
 //! encrypted session slots in without the endpoints above noticing: where a connection
 //! is made (the dialer and the acceptor in `link`, between the socket and the key
 //! handshake), `Conn::over(Link::new(socket), tls_reader, tls_writer)` instead of
-//! [`Conn::plain`]. Deadlines and shutdown stay on the socket, where they work whatever
+//! [`Conn::plain`] — which is what [`crate::tls`] does. Deadlines and shutdown stay on the socket, where they work whatever
 //! runs over it (a timed-out socket read surfaces through the session as `WouldBlock`,
 //! which the framing reports as silence).
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -21,6 +21,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{shutdown, Shutdown};
 
 use crate::error::LinkError;
+use crate::socket_file::{self, Claimed};
 use crate::wire::{
     decode_frame, encode, encode_request, frame_len, kind, Channel, Frame, Limits, Message,
     PageRange,
@@ -97,6 +98,20 @@ impl Socket {
             Socket::Unix(s) => Socket::Unix(s.try_clone()?),
         })
     }
+
+    /// Sets or clears `O_NONBLOCK` (on the open file: every handle on it).
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        either!(self, Socket, s => s.set_nonblocking(on))
+    }
+
+    /// Sets how long one read or write may make no progress (`None`: forever); a read
+    /// or write that times out fails with `WouldBlock`.
+    pub fn set_deadlines(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        either!(self, Socket, s => {
+            s.set_read_timeout(read)?;
+            s.set_write_timeout(write)
+        })
+    }
 }
 
 impl AsFd for Socket {
@@ -150,10 +165,7 @@ impl Link {
     /// or write that times out fails with `WouldBlock`, which the framing reports as
     /// [`LinkError::Silent`].
     pub fn set_deadlines(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
-        either!(&self.0, Socket, s => {
-            s.set_read_timeout(read)?;
-            s.set_write_timeout(write)
-        })
+        self.0.set_deadlines(read, write)
     }
 }
 
@@ -162,19 +174,19 @@ impl Link {
 pub enum Listener {
     /// TCP.
     Tcp(TcpListener),
-    /// Unix.
-    Unix(UnixListener),
+    /// Unix, on a path claimed for it (see [`crate::socket_file`]): a path where another
+    /// listener answers is refused, never taken over; the file is removed on drop.
+    Unix(Claimed),
 }
 
 impl Listener {
-    /// Binds `addr` (a stale Unix socket file is replaced).
+    /// Binds `addr`. A Unix path is claimed: a stale socket file is replaced, a path where
+    /// a listener answers fails with `AddrInUse` (as a TCP port would), anything else that
+    /// is not a socket with `AlreadyExists`.
     pub fn bind(addr: &Addr) -> io::Result<Listener> {
         Ok(match addr {
             Addr::Tcp(a) => Listener::Tcp(TcpListener::bind(a)?),
-            Addr::Unix(p) => {
-                let _ = std::fs::remove_file(p);
-                Listener::Unix(UnixListener::bind(p)?)
-            }
+            Addr::Unix(p) => Listener::Unix(socket_file::claim(p)?),
         })
     }
 
@@ -182,8 +194,9 @@ impl Listener {
     pub fn local_addr(&self) -> io::Result<Addr> {
         Ok(match self {
             Listener::Tcp(l) => Addr::Tcp(l.local_addr()?),
-            Listener::Unix(l) => Addr::Unix(
-                l.local_addr()?
+            Listener::Unix(c) => Addr::Unix(
+                c.listener
+                    .local_addr()?
                     .as_pathname()
                     .map(PathBuf::from)
                     .unwrap_or_default(),
@@ -191,8 +204,20 @@ impl Listener {
         })
     }
 
-    fn fd(&self) -> BorrowedFd<'_> {
-        either!(self, Listener, l => l.as_fd())
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Listener::Tcp(l) => l.as_fd(),
+            Listener::Unix(c) => c.listener.as_fd(),
+        }
+    }
+
+    /// Sets or clears `O_NONBLOCK`: a non-blocking listener's `accept` fails with
+    /// `WouldBlock` when nobody is waiting.
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l) => l.set_nonblocking(on),
+            Listener::Unix(c) => c.listener.set_nonblocking(on),
+        }
     }
 
     /// Accepts one connection, or returns `None` after `timeout` (or on a signal).
@@ -216,7 +241,7 @@ impl Listener {
                 s.set_nodelay(true)?;
                 Socket::Tcp(s)
             }
-            Listener::Unix(l) => Socket::Unix(l.accept()?.0),
+            Listener::Unix(c) => Socket::Unix(c.listener.accept()?.0),
         })
     }
 
@@ -230,7 +255,7 @@ impl Listener {
 }
 
 /// What a failed read or write means for the link.
-fn link_error(channel: Channel, deadline: Duration, e: io::Error) -> LinkError {
+pub(crate) fn link_error(channel: Channel, deadline: Duration, e: io::Error) -> LinkError {
     match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => LinkError::Silent {
             channel,
@@ -470,13 +495,19 @@ pub struct Conn {
     pub w: FrameWriter,
     /// The socket's handle.
     pub link: Link,
+    /// Whether a write may allocate (an encrypted session seals each record in a fresh
+    /// buffer): a fault handler's requests then go through a thread of their own.
+    pub(crate) writes_allocate: bool,
 }
 
 impl Conn {
     /// A plaintext connection over `socket`.
     pub fn plain(socket: Socket) -> io::Result<Conn> {
         let (r, w) = (socket.try_clone()?, socket.try_clone()?);
-        Ok(Conn::over(Link::new(socket), Box::new(r), Box::new(w)))
+        Ok(Conn {
+            writes_allocate: false,
+            ..Conn::over(Link::new(socket), Box::new(r), Box::new(w))
+        })
     }
 
     /// A connection whose bytes go through `r` and `w` (e.g. the halves of an encrypted
@@ -486,6 +517,7 @@ impl Conn {
             r: FrameReader::new(r),
             w: FrameWriter::new(w),
             link,
+            writes_allocate: true,
         }
     }
 

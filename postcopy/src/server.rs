@@ -5,6 +5,13 @@
 //! request. A client that breaks or goes silent ends its own pair only; when it comes
 //! back with a newer generation of its session, that pair supersedes whatever is left of
 //! the old one, and the stream resumes from what the client still misses.
+//!
+//! Strangers cannot exhaust it: connections wait for their handshake on one thread, each
+//! with a deadline, at most [`Admission::max_handshakes`] at once (the oldest goes when
+//! one more comes), and at most [`Admission::max_sessions`] sessions are served. So its
+//! threads are bounded by `2 + 5 × max_sessions` whatever anyone opens: the accepting
+//! thread, and per session one serving it, one reading each connection, a heartbeat and
+//! the stream.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -12,12 +19,12 @@ use std::time::Duration;
 
 use pager::{Fetched, Source};
 
-use crate::auth::Key;
 use crate::endpoint::sender::{Pages, Sender};
 use crate::endpoint::SendStats;
 use crate::error::{unexpected, LinkError};
+use crate::handshake::Security;
 use crate::link::accept::{Acceptor, Admit, Arrival};
-use crate::link::{Pair, Timing};
+use crate::link::{Admission, Pair, Timing};
 use crate::net::{Addr, Listener};
 use crate::wire::{Advise, Features, Message, Role, WireRegion};
 use crate::Error;
@@ -25,13 +32,37 @@ use crate::Error;
 /// The page size a page server serves.
 const PAGE_SIZE: usize = 4096;
 
+/// How a page server runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServerOptions {
+    /// Liveness of client connections.
+    pub timing: Timing,
+    /// What strangers may hold, and how many clients are served at once.
+    pub admission: Admission,
+}
+
 /// Counters of a running server.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ServerStats {
     /// Connection pairs that authenticated and were served.
     pub pairs: u64,
-    /// Connections refused (handshake failed, wrong key).
+    /// Client sessions held now.
+    pub sessions: u64,
+    /// Connections in their handshake now.
+    pub handshaking: u64,
+    /// Connections refused by their handshake (a wrong key or certificate, a security
+    /// mismatch, garbage, closed midway).
     pub refused: u64,
+    /// Of `refused`: certificates refused.
+    pub refused_certificate: u64,
+    /// Of `refused`: openers speaking the other security.
+    pub refused_mismatch: u64,
+    /// Connections closed at the handshake deadline.
+    pub timed_out: u64,
+    /// Connections closed to make room (the handshake cap, out of descriptors).
+    pub evicted: u64,
+    /// Sessions refused at the session cap.
+    pub busy: u64,
     /// Pairs superseded by a newer generation of their session (reconnections).
     pub superseded: u64,
     /// Pages sent as data.
@@ -78,13 +109,30 @@ pub struct PageServer {
 }
 
 impl PageServer {
-    /// Binds `addr` and serves `source` (4 KiB pages) to clients that know `key`.
+    /// Binds `addr` and serves `source` (4 KiB pages) to clients that pass `security`
+    /// (a [`TlsConfig`](crate::tls::TlsConfig), or a pre-shared [`Key`](crate::auth::Key)
+    /// on trusted links), with the default [`Admission`].
     pub fn bind(
         addr: &Addr,
         source: Arc<dyn Source>,
-        key: Key,
+        security: impl Into<Security>,
         timing: Timing,
     ) -> Result<PageServer, Error> {
+        let opts = ServerOptions {
+            timing,
+            ..ServerOptions::default()
+        };
+        Self::bind_with(addr, source, security, opts)
+    }
+
+    /// [`PageServer::bind`] with every option.
+    pub fn bind_with(
+        addr: &Addr,
+        source: Arc<dyn Source>,
+        security: impl Into<Security>,
+        opts: ServerOptions,
+    ) -> Result<PageServer, Error> {
+        let timing = opts.timing;
         let listener = Listener::bind(addr).map_err(Error::io("bind the page server"))?;
         let image: Arc<dyn Pages> = Arc::new(Image {
             pages: source.len().div_ceil(PAGE_SIZE as u64),
@@ -109,10 +157,9 @@ impl PageServer {
         });
         let acceptor = Acceptor::start(
             listener,
-            key,
-            timing,
-            Role::Destination,
-            Admit::AnySession,
+            security.into(),
+            (timing, opts.admission),
+            (Role::Destination, Admit::AnySession),
             Some(deliver),
         )?;
         Ok(PageServer { acceptor, stats })
@@ -131,7 +178,14 @@ impl PageServer {
         let zero = get(&s.zero_pages);
         ServerStats {
             pairs: get(&a.admitted) / 2,
+            sessions: self.acceptor.sessions() as u64,
+            handshaking: get(&a.handshaking),
             refused: get(&a.refused),
+            refused_certificate: get(&a.refused_certificate),
+            refused_mismatch: get(&a.refused_mismatch),
+            timed_out: get(&a.timed_out),
+            evicted: get(&a.evicted),
+            busy: get(&a.busy),
             superseded: get(&a.superseded),
             pages_sent: sent.saturating_sub(zero),
             zero_pages_sent: zero,

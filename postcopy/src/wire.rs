@@ -11,8 +11,9 @@ use bitflags::bitflags;
 
 /// Identifies a uffdkit postcopy connection.
 pub const MAGIC: [u8; 8] = *b"UFFDKPC\0";
-/// The wire version this crate speaks (2: HELLO carries the connection generation).
-pub const VERSION: u16 = 2;
+/// The wire version this crate speaks (3: a HELLO asking for TLS is answered with START_TLS,
+/// and the connection is admitted inside TLS with ADMITTED).
+pub const VERSION: u16 = 3;
 /// Bytes before the body.
 pub const HEADER_LEN: usize = 8;
 /// Bytes after the body.
@@ -40,6 +41,10 @@ bitflags! {
         const RECOVERY = 1 << 2;
         /// 2 MiB pages.
         const HUGE_PAGES = 1 << 3;
+        /// In HELLO: the opener speaks TLS 1.3 with certificates (without it: plaintext and
+        /// a pre-shared key). A listener speaking the other refuses it with
+        /// [`ShutReason::SecurityMismatch`].
+        const TLS = 1 << 4;
         const _ = !0;
     }
 }
@@ -76,6 +81,10 @@ pub enum ShutReason {
     Auth = 3,
     /// The operator cancelled.
     Cancelled = 4,
+    /// One side speaks TLS, the other plaintext with a pre-shared key.
+    SecurityMismatch = 5,
+    /// The listener serves as many sessions as it may; try again later.
+    Busy = 6,
 }
 
 /// A run of pages.
@@ -145,6 +154,11 @@ pub enum Message {
         /// MAC of the opener's nonce.
         proof: [u8; 32],
     },
+    /// The listener's answer to a HELLO asking for TLS, in plaintext: the opener's TLS
+    /// handshake comes next.
+    StartTls,
+    /// Inside TLS, after the opener repeated its HELLO there: the connection is admitted.
+    Admitted,
     /// Geometry and features.
     Advise(Advise),
     /// Pages the destination must drop (dirtied after they were sent).
@@ -214,6 +228,8 @@ pub(crate) mod kind {
     pub const CHALLENGE: u8 = 2;
     pub const AUTH: u8 = 3;
     pub const AUTH_OK: u8 = 4;
+    pub const START_TLS: u8 = 5;
+    pub const ADMITTED: u8 = 6;
     pub const ADVISE: u8 = 10;
     pub const DISCARD: u8 = 11;
     pub const LISTEN: u8 = 12;
@@ -395,6 +411,8 @@ impl Message {
             Message::Challenge { .. } => (kind::CHALLENGE, "CHALLENGE"),
             Message::Auth { .. } => (kind::AUTH, "AUTH"),
             Message::AuthOk { .. } => (kind::AUTH_OK, "AUTH_OK"),
+            Message::StartTls => (kind::START_TLS, "START_TLS"),
+            Message::Admitted => (kind::ADMITTED, "ADMITTED"),
             Message::Advise(_) => (kind::ADVISE, "ADVISE"),
             Message::Discard { .. } => (kind::DISCARD, "DISCARD"),
             Message::Listen => (kind::LISTEN, "LISTEN"),
@@ -447,7 +465,11 @@ impl Message {
                 }
             }
             Message::Discard { ranges } | Message::ReqPages { ranges } => w.ranges(ranges),
-            Message::Listen | Message::Run | Message::End => {}
+            Message::StartTls
+            | Message::Admitted
+            | Message::Listen
+            | Message::Run
+            | Message::End => {}
             Message::Pages { first, data } => {
                 w.u64(*first);
                 w.bytes(data);
@@ -638,6 +660,8 @@ fn decode_body(kind: u8, body: &[u8], limits: &Limits) -> Result<Message, WireEr
         kind::AUTH_OK => Message::AuthOk {
             proof: r.array32()?,
         },
+        kind::START_TLS => Message::StartTls,
+        kind::ADMITTED => Message::Admitted,
         kind::ADVISE => Message::Advise(advise(&mut r, limits)?),
         kind::DISCARD => Message::Discard {
             ranges: ranges(&mut r, limits, "discard range end")?,
@@ -780,6 +804,8 @@ fn shut(r: &mut Reader<'_>) -> Result<Message, WireError> {
         2 => ShutReason::Error,
         3 => ShutReason::Auth,
         4 => ShutReason::Cancelled,
+        5 => ShutReason::SecurityMismatch,
+        6 => ShutReason::Busy,
         _ => return Err(WireError::Invalid("unknown shut reason")),
     };
     let len = r.u16()? as usize;

@@ -2,7 +2,8 @@
 //! `read()` without allocating: a thread that forks holds the allocator's locks until the
 //! kernel's FORK event is read (see pager's worker docs). Here a global allocator counts
 //! the allocations each thread makes while a flag is up, and `fetch` — a request sent on
-//! a live urgent connection, and one remembered while paused — must make none.
+//! a live urgent connection (plaintext, and TLS), and one remembered while paused — must
+//! make none.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -15,6 +16,7 @@ use postcopy::auth::Key;
 use postcopy::client::RemoteSource;
 use postcopy::link::Timing;
 use postcopy::server::PageServer;
+use postcopy::Security;
 
 mod common;
 
@@ -58,6 +60,17 @@ fn allocations_in(f: impl FnOnce()) -> u64 {
 #[test]
 fn fetch_on_the_fault_path_allocates_nothing_connected_or_paused() {
     let key = Key::new(*b"0123456789abcdef-test-key").expect("key");
+    fetch_allocates_nothing(key.clone().into(), key.into());
+}
+
+#[test]
+fn fetch_on_the_fault_path_allocates_nothing_over_tls() {
+    // Sealing a record allocates: requests go through the pair's forwarding thread.
+    let (listener, opener) = common::tls_ends();
+    fetch_allocates_nothing(listener, opener);
+}
+
+fn fetch_allocates_nothing(listener: Security, opener: Security) {
     const PAGES: u64 = 16384;
     let image: Vec<u8> = (0..PAGES as usize * 4096)
         .map(|i| (i / 4096) as u8)
@@ -65,12 +78,12 @@ fn fetch_on_the_fault_path_allocates_nothing_connected_or_paused() {
     let server = PageServer::bind(
         &"127.0.0.1:0".parse().unwrap(),
         Arc::new(MemorySource::new(image)),
-        key.clone(),
+        listener,
         Timing::default(),
     )
     .expect("bind");
     let source =
-        Arc::new(RemoteSource::connect(&server.local_addr().unwrap(), &key).expect("connect"));
+        Arc::new(RemoteSource::connect(&server.local_addr().unwrap(), opener).expect("connect"));
     let memory = Mapping::new(MemoryKind::Anon, PAGES as usize * 4096).expect("map");
     // Attaching starts the client: its first pair greets, and requests go to it.
     let pager = common::pager_for(source.clone(), &memory);

@@ -24,6 +24,7 @@ fn destination(timing: Timing) -> Destination {
     let opts = DestOptions {
         mode: DeliveryMode::Thread,
         timing,
+        ..DestOptions::default()
     };
     Destination::bind(&"127.0.0.1:0".parse().unwrap(), key(), opts).expect("bind")
 }

@@ -148,6 +148,23 @@ fn silent_freezes_in_precopy_at_the_switch_and_in_postcopy_lose_nothing() {
 }
 
 #[test]
+fn a_tls_migration_survives_resets_and_freezes_in_every_phase_with_fresh_handshakes() {
+    let mut case = hot_case(32 << 20);
+    case.ends = common::tls_ends();
+    run_with(
+        case,
+        Plan {
+            seed: 41,
+            precopy: vec![(CutMode::Reset, MAIN), (CutMode::Freeze, Target::All)],
+            precopy_within: 16 << 20,
+            switch: (CutMode::Freeze, MAIN),
+            postcopy: vec![(CutMode::Reset, Target::All), (CutMode::Reset, URGENT)],
+            postcopy_within: 1 << 20,
+        },
+    );
+}
+
+#[test]
 fn two_mib_pages_survive_resets_and_freezes_in_every_phase() {
     // 64: this test's 32 and another 2 MiB test's, which may run at the same time.
     if !testkit::hugepages::available(
@@ -226,6 +243,7 @@ fn never_heals(
     let opts = DestOptions {
         mode: DeliveryMode::Thread,
         timing,
+        ..DestOptions::default()
     };
     let dest = Destination::bind(&"127.0.0.1:0".parse().unwrap(), key(), opts).unwrap();
     let proxy = proxy_to(&dest.local_addr().unwrap(), Direction::ToListener);

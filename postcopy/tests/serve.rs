@@ -11,78 +11,37 @@ use postcopy::client::RemoteSource;
 use postcopy::link::Timing;
 use postcopy::net::Addr;
 use postcopy::server::PageServer;
-use postcopy::Refusal;
+use postcopy::{Refusal, Security};
 use testkit::proxy::{CutMode, Direction, Proxy, ProxyOptions, Target};
 
 mod common;
+use common::PS;
 use uffd_core::{Mapping, MemoryKind};
-
-const PS: usize = 4096;
-
-fn image(pages: usize) -> Vec<u8> {
-    let mut out = vec![0u8; pages * PS];
-    for (i, page) in out.chunks_exact_mut(PS).enumerate() {
-        if i % 5 == 4 {
-            continue; // zero pages travel as ZERO_RUN
-        }
-        let seed = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        for (w, c) in page.chunks_exact_mut(8).enumerate() {
-            c.copy_from_slice(&(seed ^ w as u64).to_ne_bytes());
-        }
-    }
-    out
-}
 
 fn key() -> Key {
     Key::new(*b"0123456789abcdef-test-key").expect("key")
 }
 
 fn server(addr: &str, image: &[u8]) -> PageServer {
+    server_with(addr, image, key())
+}
+
+fn server_with(addr: &str, image: &[u8], listener: impl Into<Security>) -> PageServer {
     let addr: Addr = addr.parse().expect("addr");
     let source = Arc::new(MemorySource::new(image.to_vec()));
-    PageServer::bind(&addr, source, key(), Timing::default()).expect("bind")
+    PageServer::bind(&addr, source, listener, Timing::default()).expect("bind")
 }
 
 /// Restores `image` from `addr` into fresh memory, touching pages in a scattered order;
 /// returns the pager's stats after the background stream completed.
 fn restore(addr: &Addr, image: &[u8]) -> pager::StatsSnapshot {
-    let source = Arc::new(RemoteSource::connect(addr, &key()).expect("connect"));
-    restore_from(source, image, 1)
-}
-
-/// [`restore`] from a connected source: touches every `touch_every`th page of a
-/// scattered order (faults), waits for the stream to bring the rest, then compares every
-/// page byte for byte.
-fn restore_from(
-    source: Arc<RemoteSource>,
-    image: &[u8],
-    touch_every: usize,
-) -> pager::StatsSnapshot {
-    let pages = image.len() / PS;
-    assert_eq!(source.page_size(), PS);
-    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
-    let pager = common::pager_for(source, &memory);
-    let page = |p: usize| {
-        // SAFETY: the served region, alive for this function.
-        unsafe { std::slice::from_raw_parts(memory.page_addr(p) as *const u8, PS) }
-    };
-    for i in (0..pages).step_by(touch_every) {
-        let p = (i * 37) % pages;
-        assert_eq!(page(p), &image[p * PS..(p + 1) * PS], "page {p}");
-    }
-    assert!(
-        pager.wait_complete(Duration::from_secs(60)),
-        "the stream brought every page"
-    );
-    for p in 0..pages {
-        assert_eq!(page(p), &image[p * PS..(p + 1) * PS], "page {p}");
-    }
-    pager.stop().expect("stop")
+    let source = Arc::new(RemoteSource::connect(addr, key()).expect("connect"));
+    common::restore_from(source, image, 1)
 }
 
 /// A page server behind a proxy that counts the pages it streams to its client.
-fn proxied_server(image: &[u8]) -> (PageServer, Arc<Proxy>) {
-    let srv = server("127.0.0.1:0", image);
+fn proxied_server(image: &[u8], listener: Security) -> (PageServer, Arc<Proxy>) {
+    let srv = server_with("127.0.0.1:0", image, listener);
     let Addr::Tcp(to) = srv.local_addr().unwrap() else {
         unreachable!("a TCP server")
     };
@@ -97,9 +56,20 @@ fn proxied_server(image: &[u8]) -> (PageServer, Arc<Proxy>) {
 
 #[test]
 fn a_restore_survives_resets_and_freezes_of_either_channel() {
+    survives_cuts(common::psk_ends());
+}
+
+#[test]
+fn a_tls_restore_survives_resets_and_freezes_with_fresh_handshakes() {
+    // Sessions never resume: every reconnection is a full TLS handshake through the proxy.
+    survives_cuts(common::tls_ends());
+}
+
+/// A 64 MiB restore through a proxy that resets and freezes either channel four times.
+fn survives_cuts((listener, opener): (Security, Security)) {
     common::log_to_stderr();
-    let img = image(16384); // 64 MiB
-    let (_srv, proxy) = proxied_server(&img);
+    let img = common::image(16384); // 64 MiB
+    let (srv, proxy) = proxied_server(&img, listener);
     let mut cuts = proxy.plan_random(5, 4, 32 << 20, CutMode::Reset, Target::All);
     // Freezes on main (alone or with urgent): a frozen urgent connection alone could
     // go unnoticed by a restore the stream completes first.
@@ -115,11 +85,11 @@ fn a_restore_survives_resets_and_freezes_of_either_channel() {
     proxy.plan(cuts);
     let addr = Addr::Tcp(proxy.addr());
     let source = Arc::new(
-        RemoteSource::connect_with(&addr, &key(), common::test_timing()).expect("connect"),
+        RemoteSource::connect_with(&addr, opener, common::test_timing()).expect("connect"),
     );
     // Few faults: the stream must bring most pages, so every cut stops the restore
     // until it is noticed and resumed.
-    let stats = restore_from(source.clone(), &img, 64);
+    let stats = common::restore_from(source.clone(), &img, 64);
     assert_eq!(stats.placed(), 16384, "{stats:?}");
     assert_eq!(proxy.pending(), 0, "every cut landed");
     assert_eq!(proxy.cuts(), 4);
@@ -128,12 +98,14 @@ fn a_restore_survives_resets_and_freezes_of_either_channel() {
         proxy.cuts(),
         "one reconnection per cut"
     );
+    // A pair per connection: the first and one per cut, each freshly handshaken.
+    assert_eq!(srv.stats().pairs, 1 + proxy.cuts(), "{:?}", srv.stats());
 }
 
 #[test]
 fn a_client_cut_off_from_its_server_fails_its_pager_within_the_bound() {
-    let img = image(4096);
-    let (_srv, proxy) = proxied_server(&img);
+    let img = common::image(4096);
+    let (_srv, proxy) = proxied_server(&img, key().into());
     let timing = Timing {
         silence: Duration::from_secs(1),
         heartbeat: Duration::from_millis(150),
@@ -141,7 +113,7 @@ fn a_client_cut_off_from_its_server_fails_its_pager_within_the_bound() {
         ..common::test_timing()
     };
     let addr = Addr::Tcp(proxy.addr());
-    let source = Arc::new(RemoteSource::connect_with(&addr, &key(), timing).expect("connect"));
+    let source = Arc::new(RemoteSource::connect_with(&addr, key(), timing).expect("connect"));
     proxy.partition(true);
     let memory = Mapping::new(MemoryKind::Anon, img.len()).expect("map");
     let pager = common::pager_for(source, &memory);
@@ -167,21 +139,38 @@ fn a_client_cut_off_from_its_server_fails_its_pager_within_the_bound() {
 
 #[test]
 fn restore_from_a_page_server_over_tcp_and_unix() {
-    let img = image(2048);
+    let img = common::image(2048);
     let tcp = server("127.0.0.1:0", &img);
     let stats = restore(&tcp.local_addr().unwrap(), &img);
     assert_eq!(stats.placed(), 2048, "{stats:?}");
     assert!(stats.placed_zero > 0, "zero pages arrived as zero runs");
     let path = std::env::temp_dir().join(format!("uffdkit-serve-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
     let unix = server(&format!("unix:{}", path.display()), &img);
     let stats = restore(&unix.local_addr().unwrap(), &img);
     assert_eq!(stats.placed(), 2048);
-    std::fs::remove_file(&path).ok();
+    let second = PageServer::bind(
+        &unix.local_addr().unwrap(),
+        Arc::new(MemorySource::new(img.clone())),
+        key(),
+        Timing::default(),
+    );
+    assert!(
+        matches!(
+            &second,
+            Err(postcopy::Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::AddrInUse
+        ),
+        "a live server's path is refused, not taken over: {:?}",
+        second.err()
+    );
+    assert!(path.exists(), "the first server keeps its socket");
+    drop(unix);
+    assert!(!path.exists(), "a stopped server removes its socket file");
 }
 
 #[test]
 fn a_wrong_key_is_refused_both_ways() {
-    let img = image(16);
+    let img = common::image(16);
     let srv = server("127.0.0.1:0", &img);
     let wrong = Key::new(*b"not-the-right-key-at-all").expect("key");
     let addr = srv.local_addr().unwrap();
@@ -206,11 +195,11 @@ fn a_wrong_key_is_refused_both_ways() {
 
 #[test]
 fn many_clients_restore_from_one_server_at_once_and_a_dying_one_harms_nobody() {
-    let img = Arc::new(image(1024));
+    let img = Arc::new(common::image(1024));
     let srv = server("127.0.0.1:0", &img);
     // One client connects and goes away mid-stream.
     let addr = srv.local_addr().unwrap();
-    drop(RemoteSource::connect(&addr, &key()).expect("connect"));
+    drop(RemoteSource::connect(&addr, key()).expect("connect"));
     let clients: Vec<_> = (0..3)
         .map(|_| {
             let (addr, img) = (addr.clone(), img.clone());
@@ -226,10 +215,10 @@ fn many_clients_restore_from_one_server_at_once_and_a_dying_one_harms_nobody() {
 fn urgent_pages_overtake_the_background_stream() {
     // 64 MiB: the stream alone takes a while to reach the last page.
     let pages = 16384;
-    let img = image(pages);
+    let img = common::image(pages);
     let srv = server("127.0.0.1:0", &img);
     let addr = srv.local_addr().unwrap();
-    let source = Arc::new(RemoteSource::connect(&addr, &key()).expect("connect"));
+    let source = Arc::new(RemoteSource::connect(&addr, key()).expect("connect"));
     let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
     let started = Instant::now();
     let pager = common::pager_for(source, &memory);

@@ -38,6 +38,8 @@ fn message() -> impl Strategy<Value = Message> {
         nonce.prop_map(|nonce| Message::Challenge { nonce }),
         (nonce, nonce).prop_map(|(proof, nonce)| Message::Auth { proof, nonce }),
         nonce.prop_map(|proof| Message::AuthOk { proof }),
+        Just(Message::StartTls),
+        Just(Message::Admitted),
         proptest::collection::vec((1u64..1000, 1u64..1000), 0..20).prop_map(|gaps| {
             let mut first = 0;
             let regions = gaps
@@ -79,12 +81,14 @@ fn message() -> impl Strategy<Value = Message> {
             proptest::collection::vec(any::<u64>(), 1..64)
         )
             .prop_map(|(first, digests)| Message::Digests { first, digests }),
-        ("[a-zA-Z0-9 é]{0,100}", 1u8..5).prop_map(|(detail, r)| Message::Shut {
+        ("[a-zA-Z0-9 é]{0,100}", 1u8..7).prop_map(|(detail, r)| Message::Shut {
             reason: [
                 ShutReason::Done,
                 ShutReason::Error,
                 ShutReason::Auth,
-                ShutReason::Cancelled
+                ShutReason::Cancelled,
+                ShutReason::SecurityMismatch,
+                ShutReason::Busy,
             ][usize::from(r - 1)],
             detail,
         }),

@@ -24,8 +24,8 @@ use pager::{FileSource, Source, StatsSnapshot};
 use uffd_core::{peer_credentials, PeerCredentials};
 
 use crate::cli_args::{HandlerMode, PrefetchArgs};
-use crate::socket_file::{self, SocketFile};
 use crate::units;
+use postcopy::socket_file::{self, SocketFile};
 
 const AFTER_HELP: &str = "\
 Drop-in for Firecracker's example handlers: `uffdkit fc-handler SOCKET MEMFILE` is the \
@@ -46,6 +46,7 @@ socket is removed on every exit. Exit status: 0 when Firecracker closed the conn
     after_help = AFTER_HELP,
     group = clap::ArgGroup::new("socket_path").required(true).args(["socket_arg", "socket"]),
     group = clap::ArgGroup::new("memory").required(true).args(["mem_file_arg", "mem_file", "source", "image"]),
+    group = clap::ArgGroup::new("source_security").args(["key_file", "tls_cert"]).requires("source"),
 )]
 pub struct Args {
     /// The Unix socket to listen on: Firecracker's `backend_path` (or --socket).
@@ -67,8 +68,9 @@ pub struct Args {
     diff: Vec<PathBuf>,
     /// Serve pages from a `uffdkit serve` page server at this address instead of a file
     /// (host:port or unix:/path; 4 KiB regions; the server streams every page itself, so
-    /// --prefetch does not apply).
-    #[arg(long, requires = "key_file", value_parser = parse_addr)]
+    /// --prefetch does not apply). Secured by TLS (--tls-cert, --tls-key, --tls-ca) or,
+    /// on a trusted link only, a pre-shared key (--key-file: pages travel unencrypted).
+    #[arg(long, requires = "source_security", value_parser = parse_addr)]
     source: Option<postcopy::net::Addr>,
     /// Serve a chunked image from an object store (s3://…, gs://…, file:///…) instead of
     /// a file (see `uffdkit image`).
@@ -77,9 +79,10 @@ pub struct Args {
     /// Fetching and caching of `--image`.
     #[command(flatten)]
     image_source: crate::image::SourceArgs,
-    /// The page server's pre-shared key file (with --source).
-    #[arg(long, requires = "source")]
-    key_file: Option<PathBuf>,
+    /// With --source: TLS certificates (the page server's must carry the address dialled,
+    /// or --tls-peer-name), or a pre-shared key (trusted links only).
+    #[command(flatten)]
+    security: crate::link_args::SecurityArgs,
     /// With --source: give up on the page server after this many seconds without a
     /// working connection (at the start, or after a break), failing the restore (and so
     /// killing the VMM, unless --no-kill-peer). Breaks shorter than this are survived.
@@ -227,13 +230,12 @@ fn open_memory(args: &Args) -> Result<Memory> {
             client: None,
         });
     }
-    let (Some(addr), Some(key)) = (&args.source, &args.key_file) else {
+    let Some(addr) = &args.source else {
         return Err(crate::exit::usage(
-            "give SOCKET MEMFILE, --mem-file, or --source with --key-file",
+            "give SOCKET MEMFILE, --mem-file, or --source with TLS files or --key-file",
         ));
     };
-    let key = postcopy::auth::Key::from_file(key)
-        .with_context(|| format!("key file {}", key.display()))?;
+    let security = args.security.security()?;
     let seconds = |what: &str, v: f64| {
         Duration::try_from_secs_f64(v)
             .ok()
@@ -249,7 +251,7 @@ fn open_memory(args: &Args) -> Result<Memory> {
         give_up_after: seconds("give-up", args.give_up)?,
         ..postcopy::link::Timing::default()
     };
-    let remote = postcopy::client::RemoteSource::connect_with(addr, &key, timing)
+    let remote = postcopy::client::RemoteSource::connect_with(addr, security, timing)
         .with_context(|| format!("connect to the page server at {addr}"))?;
     let remote = Arc::new(remote);
     Ok(Memory {

@@ -8,6 +8,7 @@ mod fc_client;
 mod fc_handler;
 mod hugepages;
 mod image;
+mod link_args;
 mod logging;
 mod migrate;
 mod netbench;
@@ -17,7 +18,6 @@ mod restore;
 mod serve;
 mod signals;
 mod snapshot;
-mod socket_file;
 mod units;
 mod workload;
 
@@ -62,7 +62,7 @@ enum Command {
     Serve(serve::Args),
     /// External page-fault handler for Firecracker snapshot restore (a drop-in for
     /// Firecracker's example handlers: `uffdkit fc-handler SOCKET MEMFILE`).
-    FcHandler(fc_handler::Args),
+    FcHandler(Box<fc_handler::Args>),
     /// Chunked images in an object store: push, pull, inspect, merge.
     #[command(subcommand)]
     Image(image::Args),

@@ -6,7 +6,6 @@
 //! up after `--give-up` seconds without a working connection, exiting 1.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::{SigSet, Signal};
-use postcopy::auth::Key;
 use postcopy::migrate::{
     DestOptions, Destination, LinkStatus, Migration, SourceControl, SourceOptions, Timing,
 };
@@ -24,6 +22,7 @@ use serde_json::json;
 use uffd_core::{Mapping, MemoryKind, HUGE_PAGE_SIZE};
 
 use crate::cli_args::Mode;
+use crate::link_args::{raise_open_files, AutoTls, SecurityArgs, SECURITY_HELP};
 use crate::progress::{self, Status};
 use crate::workload::fill_page;
 
@@ -116,13 +115,14 @@ pub struct Shape {
 
 /// Options of `uffdkit migrate source`.
 #[derive(clap::Args, Debug)]
+#[command(after_help = SECURITY_HELP)]
 pub struct SourceArgs {
     /// The destination: host:port or unix:/path.
     #[arg(long)]
     connect: String,
-    /// File holding the pre-shared key.
-    #[arg(long)]
-    key_file: PathBuf,
+    /// TLS certificates, or a pre-shared key (trusted links only).
+    #[command(flatten)]
+    security: SecurityArgs,
     #[command(flatten)]
     shape: Shape,
     /// Do not reconnect by itself: wait for SIGUSR1 (the operator's resume command).
@@ -135,14 +135,15 @@ pub struct SourceArgs {
 
 /// Options of `uffdkit migrate dest`.
 #[derive(clap::Args, Debug)]
+#[command(after_help = SECURITY_HELP)]
 pub struct DestArgs {
     /// Where to listen: host:port (loopback unless told otherwise) or unix:/path. The
     /// bound address is printed on stdout as `LISTEN <addr>`.
     #[arg(long, default_value = "127.0.0.1:7701")]
     listen: String,
-    /// File holding the pre-shared key.
-    #[arg(long)]
-    key_file: PathBuf,
+    /// TLS certificates, or a pre-shared key (trusted links only).
+    #[command(flatten)]
+    security: SecurityArgs,
     /// Destination workload order.
     #[arg(long, value_enum, default_value = "random")]
     workload: Workload,
@@ -174,6 +175,10 @@ pub struct LocalArgs {
     /// Destination fault delivery mode.
     #[arg(long, value_enum, default_value = "percpu")]
     mode: Mode,
+    /// TLS between the two processes, with certificates made for this run by a
+    /// throwaway CA (without it: plaintext with a pre-shared key).
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "auto")]
+    tls: Option<AutoTls>,
     /// Print both reports as JSON.
     #[arg(long)]
     json: bool,
@@ -317,7 +322,7 @@ fn link_status(phase: String, link: &LinkStatus, counters: String) -> Status {
 }
 
 fn source(a: &SourceArgs) -> Result<()> {
-    let key = Key::from_file(&a.key_file)?;
+    let security = a.security.security()?;
     let addr: Addr = a.connect.parse()?;
     let ps = a.shape.page_size();
     let size = a.shape.size.div_ceil(ps) * ps;
@@ -337,7 +342,7 @@ fn source(a: &SourceArgs) -> Result<()> {
     }
     // SAFETY: `memory` is ours and outlives `run`; only the writer writes it, and the
     // callback stops it.
-    let migration = unsafe { Migration::new(addr, key, memory.addr(), size, opts)? };
+    let migration = unsafe { Migration::new(addr, security, memory.addr(), size, opts)? };
     let control = migration.control();
     operator_signals(control.clone())?;
     let writer = Arc::new(Mutex::new(Some(Writer::start(
@@ -452,7 +457,7 @@ fn die_after(control: Arc<postcopy::migrate::DestControl>, pages: u64) {
 }
 
 fn dest(a: &DestArgs) -> Result<()> {
-    let key = Key::from_file(&a.key_file)?;
+    let security = a.security.security()?;
     let addr: Addr = a.listen.parse()?;
     if let Some(pages) = a.reserve_hugepages {
         let free = crate::hugepages::reserve(pages);
@@ -463,8 +468,10 @@ fn dest(a: &DestArgs) -> Result<()> {
     let opts = DestOptions {
         mode: a.mode.into(),
         timing: a.liveness.timing()?,
+        ..DestOptions::default()
     };
-    let d = Destination::bind(&addr, key, opts).context("bind")?;
+    raise_open_files();
+    let d = Destination::bind(&addr, security, opts).context("bind")?;
     println!("LISTEN {}", d.local_addr()?);
     std::io::stdout().flush()?;
     let control = d.control();
@@ -541,7 +548,7 @@ fn requested_quantile_us(latency: &pager::LatencyHistogram, q: f64) -> Option<u6
 /// Starts `uffdkit migrate dest` for `local`; returns it and its listening address.
 fn start_dest(
     a: &LocalArgs,
-    key_file: &std::path::Path,
+    security: &SecurityArgs,
     listen: &str,
 ) -> Result<(
     std::process::Child,
@@ -556,8 +563,7 @@ fn start_dest(
         .args(["--progress", "lines"])
         .args(["--workload", &format!("{:?}", s.workload).to_lowercase()])
         .args(s.liveness.args())
-        .arg("--key-file")
-        .arg(key_file)
+        .args(security.to_args())
         .stdout(Stdio::piped());
     if s.page_size() == HUGE_PAGE_SIZE {
         cmd.args([
@@ -582,14 +588,24 @@ fn start_dest(
 fn local(a: &LocalArgs) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("uffdkit-migrate-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let key_file = dir.join("key");
-    std::fs::write(&key_file, postcopy::auth::nonce()?)?;
+    let (listener, opener) = match a.tls {
+        Some(AutoTls::Auto) => crate::link_args::throwaway(&dir)?,
+        None => {
+            let key_file = dir.join("key");
+            std::fs::write(&key_file, postcopy::auth::nonce()?)?;
+            let psk = SecurityArgs {
+                key_file: Some(key_file),
+                ..SecurityArgs::default()
+            };
+            (psk.clone(), psk)
+        }
+    };
     let listen = match a.via.as_str() {
         "unix" => format!("unix:{}", dir.join("sock").display()),
         _ => "127.0.0.1:0".to_string(),
     };
     let started = Instant::now();
-    let (mut dest, mut dest_out, addr) = start_dest(a, &key_file, &listen)?;
+    let (mut dest, mut dest_out, addr) = start_dest(a, &listener, &listen)?;
     let s = &a.shape;
     let source = Command::new(std::env::current_exe()?)
         .args(["migrate", "source", "--json", "--connect", &addr])
@@ -600,8 +616,7 @@ fn local(a: &LocalArgs) -> Result<()> {
         .args(["--page-size", &s.page_size])
         .args(["--dirty-rate", &s.dirty_rate.to_string()])
         .args(s.liveness.args())
-        .arg("--key-file")
-        .arg(&key_file)
+        .args(opener.to_args())
         .stdout(Stdio::piped())
         .output()
         .context("run the source")?;
@@ -631,8 +646,12 @@ fn print_local(a: &LocalArgs, src: &serde_json::Value, dst: &serde_json::Value, 
     let s = &a.shape;
     let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     let mib_of = |v: &serde_json::Value, k: &str| f(v, k) / f64::from(1u32 << 20);
+    let link = match a.tls {
+        Some(AutoTls::Auto) => "TLS 1.3 (throwaway CA)",
+        None => "plaintext with a pre-shared key",
+    };
     println!(
-        "migrate local: {} MiB, {} pages of {} bytes, workload {:?}, via {}, destination mode {:?}",
+        "migrate local: {} MiB, {} pages of {} bytes, workload {:?}, via {} ({link}), destination mode {:?}",
         s.size >> 20,
         src["pages"],
         src["page_size"],

@@ -1,8 +1,10 @@
 //! `uffdkit migrate netbench`: the postcopy transport against its own baselines, measured
-//! in one run over TCP loopback (raw TCP pinned both ways, the rest unpinned): the round trip of a small frame, raw
-//! TCP throughput of the same bytes the stream carries, the background stream's
-//! throughput (pages placed at the destination), and the latency of requested pages
-//! with the link idle and with the stream saturating it.
+//! in one run over TCP loopback (raw TCP pinned both ways, the rest unpinned): the round
+//! trip of a small frame, raw TCP throughput of the same bytes the stream carries, the
+//! background stream's throughput (pages placed at the destination), and the latency of
+//! requested pages with the link idle and with the stream saturating it — with `--tls`,
+//! the stream and the requested pages over TLS 1.3 too (certificates from a throwaway
+//! CA), each series interleaved with the plaintext one so both see the same machine.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -13,7 +15,9 @@ use anyhow::{Context, Result};
 use postcopy::auth::Key;
 use postcopy::migrate::{DestOptions, Destination, Migration, SourceOptions};
 use postcopy::net::{Conn, Socket};
+use postcopy::tls::Authority;
 use postcopy::wire::Message;
+use postcopy::Security;
 use serde_json::json;
 use uffd_core::{Mapping, MemoryKind};
 
@@ -34,6 +38,10 @@ pub struct NetArgs {
     /// Runs of each measurement; medians are reported.
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
+    /// Also over TLS 1.3 (`auto`: certificates from a throwaway CA), against plaintext
+    /// with a pre-shared key in the same run.
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "auto")]
+    pub tls: Option<crate::link_args::AutoTls>,
     /// Print the figures as JSON.
     #[arg(long)]
     pub json: bool,
@@ -124,9 +132,13 @@ fn raw_tcp(bytes: usize, reader_cpu: usize) -> Result<f64> {
 /// destination workload times that many random-page reads at RUN (then, without
 /// `background`, reads every page so the demand-only run completes). Returns the
 /// destination's RUN → complete time and the touch latencies of pages that faulted.
-fn migration(bytes: usize, background: bool, touches: usize) -> Result<(Duration, Vec<u32>)> {
-    let key = Key::new(postcopy::auth::nonce()?.to_vec())?;
-    let dest = Destination::bind(&"127.0.0.1:0".parse()?, key.clone(), DestOptions::default())?;
+fn migration(
+    (listener, opener): &(Security, Security),
+    bytes: usize,
+    background: bool,
+    touches: usize,
+) -> Result<(Duration, Vec<u32>)> {
+    let dest = Destination::bind(&"127.0.0.1:0".parse()?, listener, DestOptions::default())?;
     let addr = dest.local_addr()?;
     let lat: Arc<Mutex<Option<std::thread::JoinHandle<Vec<u32>>>>> = Arc::default();
     let l = lat.clone();
@@ -158,7 +170,7 @@ fn migration(bytes: usize, background: bool, touches: usize) -> Result<(Duration
         ..SourceOptions::default()
     };
     // SAFETY: our mapping, alive until `run` returns; nothing writes it.
-    let m = unsafe { Migration::new(addr, key, memory.addr(), bytes, opts)? };
+    let m = unsafe { Migration::new(addr, opener, memory.addr(), bytes, opts)? };
     m.run(|| {}).context("source")?;
     let report = dest_t
         .join()
@@ -175,27 +187,71 @@ fn migration(bytes: usize, background: bool, touches: usize) -> Result<(Duration
     Ok((report.postcopy, faulted))
 }
 
+/// Both ends of a link secured one way.
+type Ends = (Security, Security);
+
+/// The plaintext ends, and the TLS ends if asked for.
+fn ends(tls: bool) -> Result<(Ends, Option<Ends>)> {
+    let key: Security = Key::new(postcopy::auth::nonce()?.to_vec())?.into();
+    let psk = (key.clone(), key);
+    if !tls {
+        return Ok((psk, None));
+    }
+    let ca = Authority::new("uffdkit netbench")?;
+    let names = ["localhost", "127.0.0.1"];
+    let end = || -> Result<Security> { Ok(ca.config(&ca.issue(&names)?)?.into()) };
+    Ok((psk, Some((end()?, end()?))))
+}
+
+/// One security's series: stream MiB/s per run, requested-page latencies (ns).
+#[derive(Default)]
+struct Series {
+    stream: Vec<f64>,
+    idle: Vec<u32>,
+    loaded: Vec<u32>,
+}
+
+impl Series {
+    /// One run of each measurement over `ends`.
+    fn run(&mut self, ends: &Ends, a: &NetArgs) -> Result<()> {
+        let (t, _) = migration(ends, a.size, true, 0)?;
+        self.stream
+            .push(a.size as f64 / t.as_secs_f64() / f64::from(1u32 << 20));
+        self.idle
+            .extend(migration(ends, a.idle_size, false, a.touches)?.1);
+        self.loaded
+            .extend(migration(ends, a.size, true, a.touches)?.1);
+        Ok(())
+    }
+
+    /// Median stream MiB/s, idle and loaded latency summaries.
+    fn figures(self) -> (f64, Summary, Summary) {
+        let wall = Duration::from_secs(1);
+        let (idle, loaded) = (summarize(self.idle, wall), summarize(self.loaded, wall));
+        (median(self.stream), idle, loaded)
+    }
+}
+
 /// Runs the benchmark.
 pub fn run(a: &NetArgs) -> Result<()> {
     let rtt = round_trips(20_000)?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (plain_ends, tls_ends) = ends(a.tls.is_some())?;
     let mut raw_same = Vec::new();
     let mut raw_cross = Vec::new();
-    let mut stream = Vec::new();
-    let mut idle = Vec::new();
-    let mut loaded = Vec::new();
+    let (mut plain, mut tls) = (Series::default(), Series::default());
     for _ in 0..a.repeat {
         raw_same.push(raw_tcp(a.size, 0)?);
         raw_cross.push(raw_tcp(a.size, 1 % cpus)?);
-        let (t, _) = migration(a.size, true, 0)?;
-        stream.push(a.size as f64 / t.as_secs_f64() / f64::from(1u32 << 20));
-        idle.extend(migration(a.idle_size, false, a.touches)?.1);
-        loaded.extend(migration(a.size, true, a.touches)?.1);
+        plain.run(&plain_ends, a)?;
+        if let Some(ends) = &tls_ends {
+            tls.run(ends, a).context("over TLS")?;
+        }
     }
-    let wall = Duration::from_secs(1);
-    let (idle, loaded) = (summarize(idle, wall), summarize(loaded, wall));
-    let (same, cross, stream) = (median(raw_same), median(raw_cross), median(stream));
-    let figures = json!({
+    let (same, cross) = (median(raw_same), median(raw_cross));
+    let (stream, idle, loaded) = plain.figures();
+    let tls = tls_ends.map(|_| tls.figures());
+    let mut figures = json!({
         "placement": "unpinned, TCP loopback, destination per-CPU handlers",
         "rtt_us": { "p50": rtt.p50_us, "p99": rtt.p99_us },
         "raw_tcp_same_cpu_mib_s": same,
@@ -208,6 +264,18 @@ pub fn run(a: &NetArgs) -> Result<()> {
         "idle_p50_vs_rtt": idle.p50_us / rtt.p50_us,
         "loaded_p50_vs_rtt": loaded.p50_us / rtt.p50_us,
     });
+    if let Some((t_stream, t_idle, t_loaded)) = &tls {
+        figures["tls"] = json!({
+            "stream_mib_s": t_stream,
+            "stream_vs_raw_same_cpu": t_stream / same,
+            "stream_vs_raw_cross_cpu": t_stream / cross,
+            "stream_vs_plaintext": t_stream / stream,
+            "requested_idle_us": { "p50": t_idle.p50_us, "p99": t_idle.p99_us, "count": t_idle.count },
+            "requested_loaded_us": { "p50": t_loaded.p50_us, "p99": t_loaded.p99_us, "count": t_loaded.count },
+            "idle_p50_vs_plaintext": t_idle.p50_us / idle.p50_us,
+            "loaded_p50_vs_plaintext": t_loaded.p50_us / loaded.p50_us,
+        });
+    }
     if a.json {
         println!("{figures}");
         return Ok(());
@@ -217,29 +285,43 @@ pub fn run(a: &NetArgs) -> Result<()> {
         a.repeat
     );
     println!(
-        "  frame round trip (PING/PONG)        p50 {:>8.1} µs  p99 {:>8.1} µs",
+        "  frame round trip (PING/PONG)          p50 {:>8.1} µs  p99 {:>8.1} µs",
         rtt.p50_us, rtt.p99_us
     );
-    println!(
-        "  requested page, link idle           p50 {:>8.1} µs  p99 {:>8.1} µs  ({:.1}× RTT, {} faults, {} MiB demand-only)",
-        idle.p50_us,
-        idle.p99_us,
-        idle.p50_us / rtt.p50_us,
-        idle.count,
-        a.idle_size >> 20
-    );
-    println!(
-        "  requested page, stream saturating   p50 {:>8.1} µs  p99 {:>8.1} µs  ({:.1}× RTT, {} faults)",
-        loaded.p50_us,
-        loaded.p99_us,
-        loaded.p50_us / rtt.p50_us,
-        loaded.count
-    );
+    let latency = |what: &str, s: &Summary, extra: String| {
+        println!(
+            "  requested page, {what:<23}p50 {:>8.1} µs  p99 {:>8.1} µs  ({:.1}× RTT, {} faults{extra})",
+            s.p50_us,
+            s.p99_us,
+            s.p50_us / rtt.p50_us,
+            s.count
+        );
+    };
+    let demand = format!(", {} MiB demand-only", a.idle_size >> 20);
+    latency("link idle", &idle, demand.clone());
+    latency("stream saturating", &loaded, String::new());
+    if let Some((_, t_idle, t_loaded)) = &tls {
+        let vs = |t: &Summary, p: &Summary| format!(", {:.2}× plaintext", t.p50_us / p.p50_us);
+        latency(
+            "TLS, link idle",
+            t_idle,
+            format!("{demand}{}", vs(t_idle, &idle)),
+        );
+        latency("TLS, stream saturating", t_loaded, vs(t_loaded, &loaded));
+    }
     println!(
         "  raw TCP {same:.0} MiB/s pinned same CPU, {cross:.0} MiB/s pinned across CPUs; postcopy stream (unpinned, placed at the destination) {stream:.0} MiB/s = {:.0} % / {:.0} % of raw ({} MiB)",
         100.0 * stream / same,
         100.0 * stream / cross,
         a.size >> 20
     );
+    if let Some((t_stream, ..)) = &tls {
+        println!(
+            "  postcopy stream over TLS 1.3 {t_stream:.0} MiB/s = {:.0} % / {:.0} % of raw, {:.0} % of plaintext",
+            100.0 * t_stream / same,
+            100.0 * t_stream / cross,
+            100.0 * t_stream / stream
+        );
+    }
     Ok(())
 }

@@ -5,16 +5,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use pager::{FileSource, Source};
-use postcopy::auth::Key;
 use postcopy::link::Timing;
 use postcopy::net::Addr;
-use postcopy::server::PageServer;
+use postcopy::server::{PageServer, ServerOptions};
 
+use crate::link_args::{raise_open_files, AdmissionArgs, SecurityArgs, SECURITY_HELP};
 use crate::progress::{self, Status};
 use crate::units;
 
 /// Options of `uffdkit serve`.
 #[derive(clap::Args, Debug)]
+#[command(after_help = SECURITY_HELP)]
 pub struct Args {
     /// The memory image to serve.
     #[arg(long)]
@@ -23,9 +24,12 @@ pub struct Args {
     /// bound address is printed on stdout as `LISTEN <addr>`.
     #[arg(long, default_value = "127.0.0.1:7700")]
     listen: String,
-    /// File holding the pre-shared key (at least 16 bytes) every client must prove.
-    #[arg(long)]
-    key_file: PathBuf,
+    /// TLS certificates, or a pre-shared key (trusted links only).
+    #[command(flatten)]
+    security: SecurityArgs,
+    /// Bounds on what strangers may hold.
+    #[command(flatten)]
+    admission: AdmissionArgs,
     /// A client connection that brings nothing for this many seconds (heartbeats are
     /// sent every sixth of it) is closed; the client reconnects and resumes.
     #[arg(long, default_value_t = 3.0)]
@@ -34,7 +38,8 @@ pub struct Args {
 
 /// Runs `uffdkit serve` until killed.
 pub fn run(args: &Args) -> Result<()> {
-    let key = Key::from_file(&args.key_file)?;
+    let security = args.security.security()?;
+    let admission = args.admission.admission()?;
     let addr: Addr = args.listen.parse()?;
     let silence = Duration::try_from_secs_f64(args.silence)
         .ok()
@@ -48,12 +53,18 @@ pub fn run(args: &Args) -> Result<()> {
     let image =
         FileSource::mmap(&args.image).with_context(|| format!("open {}", args.image.display()))?;
     let len = image.len();
-    let server = PageServer::bind(&addr, std::sync::Arc::new(image), key, timing)?;
+    let open_files = raise_open_files();
+    let opts = ServerOptions { timing, admission };
+    let kind = security.kind();
+    let server = PageServer::bind_with(&addr, std::sync::Arc::new(image), security, opts)?;
     let bound = server.local_addr()?;
     log::info!(
-        "{} ({}) on {bound}",
+        "{} ({}) on {bound}, {kind}; at most {} handshakes ({:?} each) and {} clients at once, {open_files} open files",
         args.image.display(),
-        units::bytes(len)
+        units::bytes(len),
+        admission.max_handshakes,
+        admission.handshake_deadline,
+        admission.max_sessions,
     );
     // For scripts (and port 0): the address, first thing on stdout.
     println!("LISTEN {bound}");
@@ -67,16 +78,28 @@ pub fn run(args: &Args) -> Result<()> {
             phase: String::new(),
             fraction: None,
             text: format!(
-                "sent {}, {}/s; {} connection pairs, {} requests, {} zero pages, {} superseded, {} refused",
+                "sent {}, {}/s; {} connection pairs, {} requests, {} zero pages, {} superseded{}",
                 units::bytes(bytes),
                 units::bytes((bytes as f64 / secs) as u64),
                 s.pairs,
                 s.requests,
                 s.zero_pages_sent,
                 s.superseded,
-                s.refused
+                strangers(&s)
             ),
         }
     };
     progress::track(module_path!(), "serve", status, || server.serve_forever())
+}
+
+/// What strangers cost the server, when they cost anything: connections in their
+/// handshake, and those not admitted, by why.
+fn strangers(s: &postcopy::server::ServerStats) -> String {
+    if s.handshaking + s.refused + s.timed_out + s.evicted + s.busy == 0 {
+        return String::new();
+    }
+    format!(
+        "; {} in handshake, {} refused, {} timed out, {} evicted, {} busy",
+        s.handshaking, s.refused, s.timed_out, s.evicted, s.busy
+    )
 }

@@ -65,11 +65,12 @@ pub struct Mapping {
     file: Option<Arc<OwnedFd>>,
 }
 
-// SAFETY: a Mapping is an address range plus an fd; it hands out raw addresses only, and
-// the kernel serialises concurrent operations on the range.
-unsafe impl Send for Mapping {}
-// SAFETY: as above; no method gives out references to the memory.
-unsafe impl Sync for Mapping {}
+// Send and Sync follow from the fields (an address kept as an integer, an fd): a raw
+// pointer added later would take them away rather than hide behind an `unsafe impl`.
+const _: () = {
+    const fn send_and_sync<T: Send + Sync>() {}
+    send_and_sync::<Mapping>();
+};
 
 fn mmap(len: usize, prot: i32, flags: i32, fd: i32) -> io::Result<usize> {
     // SAFETY: a fresh mapping at a kernel-chosen address overlaps nothing we own.

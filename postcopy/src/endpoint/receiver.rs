@@ -332,6 +332,10 @@ fn place_zeros(placer: &Placer, first: u64, count: u64, ps: usize) -> Result<Opt
 }
 
 impl Inbound for Receiver {
+    fn asks_for_pages(&self) -> bool {
+        true
+    }
+
     fn frame(&self, _chan: &Chan, frame: Frame<'_>) -> Result<Option<Message>, Error> {
         match frame {
             Frame::Pages { first, data } => {

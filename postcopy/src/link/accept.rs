@@ -1,20 +1,24 @@
-//! The listening side of sessions: accepts, authenticates every connection on a thread of
-//! its own (bounded by the silence deadline, so a silent stranger costs a few seconds),
-//! pairs a session's main and urgent connections of one generation, and lets a newer
-//! generation supersede the pair the session had: the old sockets are shut down, so a
-//! peer that reconnects through a partition is let in even while this side still waits
-//! on the dead pair.
+//! The listening side of sessions: one thread takes every connection through its
+//! handshake (`gate`), then this pairs a session's main and urgent connections of one
+//! generation and lets a newer generation supersede the pair the session had: the old
+//! sockets are shut down, so a peer that reconnects through a partition is let in even
+//! while this side still waits on the dead pair.
+//!
+//! Sessions are admitted here too, before the opener is told it is in: a migration
+//! destination takes the first session only, a page server up to
+//! [`Admission::max_sessions`] (a session already here — reconnecting — always), and a
+//! session authenticated by a certificate keeps that certificate.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use super::{Cutter, Timing};
-use crate::auth::{self, Hello, Key};
-use crate::error::{chain, LinkError};
-use crate::net::{Addr, Conn, Listener, Socket};
+use super::{Admission, Cutter, Timing};
+use crate::error::{LinkError, Refusal};
+use crate::handshake::{Hello, Security};
+use crate::net::{Addr, Conn, Listener};
 use crate::wire::{Channel, Role, ShutReason};
 use crate::Error;
 
@@ -33,34 +37,50 @@ pub(crate) struct Arrival {
 pub(crate) enum Admit {
     /// The first authenticated session only (a migration destination).
     OneSession,
-    /// Any number (a page server).
+    /// Up to [`Admission::max_sessions`] at once (a page server).
     AnySession,
 }
 
-/// Counters of a listener.
+/// Counters of a listener. Every connection that is not admitted is counted once, in
+/// `refused`, `timed_out`, `evicted` or `busy`.
 #[derive(Debug, Default)]
 pub struct AcceptStats {
     /// Connections that authenticated and were admitted.
     pub admitted: AtomicU64,
-    /// Connections refused (a failed handshake, a wrong key or role, another session).
+    /// Connections refused by their handshake: a wrong key or certificate, a security
+    /// mismatch, the wrong role, malformed bytes, closed midway.
     pub refused: AtomicU64,
+    /// Of `refused`: a certificate refused (the opener's here, or ours by the opener).
+    pub refused_certificate: AtomicU64,
+    /// Of `refused`: the opener spoke the other security (TLS vs. pre-shared key).
+    pub refused_mismatch: AtomicU64,
+    /// Closed at the handshake deadline.
+    pub timed_out: AtomicU64,
+    /// Closed to make room: the handshake cap, or no file descriptor left to accept with.
+    pub evicted: AtomicU64,
+    /// Authenticated, and refused at the session cap.
+    pub busy: AtomicU64,
     /// Connection pairs superseded by a newer generation of their session.
     pub superseded: AtomicU64,
+    /// Connections in their handshake now.
+    pub handshaking: AtomicU64,
 }
 
 type Deliver = Box<dyn Fn(Arrival) + Send + Sync>;
 
-struct Shared {
-    listener: Listener,
-    key: Key,
-    timing: Timing,
-    peer: Role,
+/// What the gate and the pairing share.
+pub(super) struct Shared {
+    pub listener: Listener,
+    pub security: Security,
+    pub timing: Timing,
+    pub admission: Admission,
+    pub peer: Role,
     admit: Admit,
-    stop: AtomicBool,
+    pub stop: AtomicBool,
     slots: Mutex<Slots>,
     ready: Condvar,
     deliver: Option<Deliver>,
-    stats: AcceptStats,
+    pub stats: AcceptStats,
 }
 
 #[derive(Default)]
@@ -76,31 +96,49 @@ struct Slot {
     generation: u32,
     main: Option<Conn>,
     urgent: Option<Conn>,
+    /// When the first half of the generation arrived.
+    since: Option<Instant>,
     ready: Option<Arrival>,
     active: Option<Arc<Cutter>>,
+    /// The certificate the session authenticated with (TLS).
+    identity: Option<[u8; 32]>,
 }
 
-/// A listener accepting sessions on a thread of its own; stops on drop.
+impl Slot {
+    /// Whether the session holds anything: a half, a pair to take, a live pair.
+    fn live(&self) -> bool {
+        self.main.is_some()
+            || self.urgent.is_some()
+            || self.ready.is_some()
+            || self.active.as_ref().is_some_and(|c| !c.is_cut())
+    }
+}
+
+/// A listener admitting sessions on a thread of its own; stops on drop.
 pub(crate) struct Acceptor {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Acceptor {
-    /// Accepts openers of role `peer` on `listener`. With `deliver`, each ready pair is
-    /// handed to it (on a handshake thread); without, pairs wait for [`Acceptor::take`].
+    /// Accepts openers of role `peer` on `listener`, secured as `security` says. With
+    /// `deliver`, each ready pair is handed to it (on the accepting thread: it must not
+    /// block); without, pairs wait for [`Acceptor::take`].
     pub fn start(
         listener: Listener,
-        key: Key,
-        timing: Timing,
-        peer: Role,
-        admit: Admit,
+        security: Security,
+        (timing, admission): (Timing, Admission),
+        (peer, admit): (Role, Admit),
         deliver: Option<Deliver>,
     ) -> Result<Acceptor, Error> {
+        listener
+            .set_nonblocking(true)
+            .map_err(Error::io("make the listener non-blocking"))?;
         let shared = Arc::new(Shared {
             listener,
-            key,
+            security,
             timing,
+            admission,
             peer,
             admit,
             stop: AtomicBool::new(false),
@@ -112,7 +150,7 @@ impl Acceptor {
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("pc-accept".into())
-            .spawn(move || accept_loop(&s))
+            .spawn(move || super::gate::run(&s))
             .map_err(Error::io("start the accepting thread"))?;
         Ok(Acceptor {
             shared,
@@ -128,6 +166,16 @@ impl Acceptor {
     /// The counters.
     pub fn stats(&self) -> &AcceptStats {
         &self.shared.stats
+    }
+
+    /// Sessions held now (a pair or half of one, live or waiting to be taken).
+    pub fn sessions(&self) -> usize {
+        self.shared
+            .lock()
+            .sessions
+            .values()
+            .filter(|s| s.live())
+            .count()
     }
 
     /// Waits until `until` for the next pair of `session` (of any session with `None`).
@@ -156,7 +204,6 @@ impl Acceptor {
 impl Drop for Acceptor {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
-        self.shared.listener.shutdown();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -168,41 +215,58 @@ impl Shared {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn refuse(&self, mut conn: Conn, detail: &str, why: &str) {
-        self.stats.refused.fetch_add(1, Ordering::Relaxed);
-        log::info!("refused a connection: {why}");
-        auth::refuse(&mut conn, ShutReason::Error, detail);
-    }
-
-    /// Files an authenticated connection under its session; a completed pair supersedes
-    /// the session's previous pair and is delivered.
-    fn deposit(&self, hello: Hello, conn: Conn) {
+    /// Whether the authenticated opener `hello` (with `identity`, under TLS) may come
+    /// in: else why not, as the SHUT that tells it.
+    pub fn admits(
+        &self,
+        hello: &Hello,
+        identity: Option<[u8; 32]>,
+    ) -> Result<(), (ShutReason, String)> {
         let mut slots = self.lock();
         if self.admit == Admit::OneSession {
             match slots.owner {
                 Some(owner) if owner != hello.session => {
-                    drop(slots);
-                    let detail = "another session is in progress here";
-                    return self.refuse(conn, detail, detail);
+                    return Err((ShutReason::Error, Refusal::OtherSession.to_string()));
                 }
                 _ => slots.owner = Some(hello.session),
             }
         }
+        if let Some(slot) = slots.sessions.get(&hello.session).filter(|s| s.live()) {
+            return match slot.identity == identity {
+                true => Ok(()),
+                false => Err((ShutReason::Error, Refusal::PeerChanged.to_string())),
+            };
+        }
+        let live = slots.sessions.values().filter(|s| s.live()).count();
+        let max = self.admission.max_sessions.max(1);
+        if live >= max {
+            return Err((
+                ShutReason::Busy,
+                format!("{live} sessions in progress, the most this listener serves"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Files an admitted connection under its session; a completed pair supersedes the
+    /// session's previous pair and is delivered.
+    pub fn deposit(&self, hello: Hello, identity: Option<[u8; 32]>, conn: Conn) {
         self.stats.admitted.fetch_add(1, Ordering::Relaxed);
+        let mut slots = self.lock();
         // Sessions whose pair broke and that have nothing pending are forgotten (a client
         // coming back starts a slot afresh, its generation still newer than any stale one).
-        slots.sessions.retain(|_, s| {
-            s.main.is_some() || s.urgent.is_some() || s.active.as_ref().is_some_and(|c| !c.is_cut())
-        });
+        slots.sessions.retain(|_, s| s.live());
         let slot = slots.sessions.entry(hello.session).or_default();
+        slot.identity = identity;
         if hello.generation < slot.generation {
             return log::debug!(
                 "dropped a stale connection of generation {}",
                 hello.generation
             );
         }
-        if hello.generation > slot.generation {
+        if hello.generation > slot.generation || slot.since.is_none() {
             (slot.generation, slot.main, slot.urgent) = (hello.generation, None, None);
+            slot.since = Some(Instant::now());
         }
         match hello.channel {
             Channel::Main => slot.main = Some(conn),
@@ -213,6 +277,7 @@ impl Shared {
         }
         let main = slot.main.take().expect("both halves are here");
         let urgent = slot.urgent.take().expect("both halves are here");
+        slot.since = None;
         let cutter = match Cutter::new(&main, &urgent) {
             Ok(c) => c,
             Err(e) => return log::warn!("cannot keep a connection pair: {e}"),
@@ -240,60 +305,17 @@ impl Shared {
             }
         }
     }
-}
 
-fn accept_loop(shared: &Arc<Shared>) {
-    while !shared.stop.load(Ordering::Relaxed) {
-        match shared.listener.accept_timeout(Duration::from_millis(200)) {
-            Ok(Some(socket)) => {
-                let s = shared.clone();
-                let started = std::thread::Builder::new()
-                    .name("pc-handshake".into())
-                    .spawn(move || handshake(&s, socket));
-                if let Err(e) = started {
-                    log::warn!("cannot start a handshake thread: {e}");
-                }
-            }
-            Ok(None) => {}
-            // Out of fds or memory for a moment, an aborted connection: keep listening.
-            Err(e) => {
-                if !shared.stop.load(Ordering::Relaxed) {
-                    log::warn!("accept: {e}");
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+    /// Drops half pairs whose other half has not come within the handshake deadline.
+    pub fn drop_stale_halves(&self) {
+        let limit = self.admission.handshake_deadline;
+        let mut slots = self.lock();
+        for slot in slots.sessions.values_mut() {
+            if slot.since.is_some_and(|t| t.elapsed() > limit) {
+                log::debug!("dropped half a connection pair: its other half never came");
+                (slot.main, slot.urgent, slot.since) = (None, None, None);
             }
         }
+        slots.sessions.retain(|_, s| s.live());
     }
-}
-
-fn handshake(shared: &Shared, socket: Socket) {
-    let mut conn = match Conn::plain(socket) {
-        Ok(c) => c,
-        Err(e) => return log::warn!("cannot use an accepted connection: {e}"),
-    };
-    // A stranger that says nothing is dropped after the deadline.
-    if let Err(e) = conn.set_deadline(shared.timing.silence) {
-        return log::warn!("cannot set a deadline: {e}");
-    }
-    let hello = match auth::listen(&mut conn, &shared.key) {
-        Ok(h) => h,
-        Err(e) => {
-            shared.stats.refused.fetch_add(1, Ordering::Relaxed);
-            // A wrong key is worth a warning; a probe that closes or says nothing is not.
-            let level = match e {
-                Error::Refused { .. } => log::Level::Warn,
-                Error::Link(_) => log::Level::Debug,
-                _ => log::Level::Info,
-            };
-            return log::log!(level, "refused a connection: {}", chain(&e));
-        }
-    };
-    if hello.role != shared.peer {
-        let detail = format!(
-            "a {:?} connected where only a {:?} may",
-            hello.role, shared.peer
-        );
-        return shared.refuse(conn, &detail, &detail);
-    }
-    shared.deposit(hello, conn);
 }

@@ -4,8 +4,9 @@
 use std::time::{Duration, Instant};
 
 use super::Timing;
-use crate::auth::{self, Hello, Key};
+use crate::auth;
 use crate::error::LinkError;
+use crate::handshake::{self, Hello, Security};
 use crate::net::{Addr, Conn, Socket};
 use crate::wire::{Channel, Role};
 use crate::Error;
@@ -15,7 +16,7 @@ use crate::Error;
 pub(crate) struct Dialer {
     /// Where.
     pub addr: Addr,
-    key: Key,
+    security: Security,
     role: Role,
     /// The session id.
     pub session: u64,
@@ -26,10 +27,15 @@ pub(crate) struct Dialer {
 
 impl Dialer {
     /// A dialer for a new session.
-    pub fn new(addr: Addr, key: Key, role: Role, timing: Timing) -> Result<Dialer, Error> {
+    pub fn new(
+        addr: Addr,
+        security: Security,
+        role: Role,
+        timing: Timing,
+    ) -> Result<Dialer, Error> {
         Ok(Dialer {
             addr,
-            key,
+            security,
             role,
             session: auth::session_id()?,
             generation: 0,
@@ -48,16 +54,19 @@ impl Dialer {
             addr: self.addr.to_string(),
             source,
         };
-        let socket = Socket::connect(&self.addr, self.timing.silence).map_err(connect)?;
-        let mut conn = Conn::plain(socket).map_err(connect)?;
-        conn.set_deadline(self.timing.silence).map_err(connect)?;
+        let silence = self.timing.silence;
+        let socket = Socket::connect(&self.addr, silence).map_err(connect)?;
+        socket
+            .set_deadlines(Some(silence), Some(silence))
+            .map_err(connect)?;
         let hello = Hello {
             role: self.role,
             channel,
             session: self.session,
             generation: self.generation,
         };
-        auth::open(&mut conn, &self.key, hello)?;
+        let mut conn = handshake::open(socket, &self.security, hello, &self.addr, silence)?;
+        conn.set_deadline(silence).map_err(connect)?;
         Ok(conn)
     }
 

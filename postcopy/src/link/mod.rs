@@ -19,6 +19,10 @@
 
 pub(crate) mod accept;
 pub(crate) mod dial;
+mod forward;
+mod gate;
+
+pub use accept::AcceptStats;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -26,6 +30,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use self::forward::Forward;
 use crate::error::LinkError;
 use crate::net::{Conn, FrameReader, FrameWriter, Link};
 use crate::wire::{Advise, Channel, Frame, Limits, Message, PageRange};
@@ -61,12 +66,42 @@ impl Default for Timing {
     }
 }
 
+/// What a listener lets strangers hold, and how many sessions it serves: whatever
+/// anyone opens, a listener's threads and memory stay bounded.
+#[derive(Debug, Clone, Copy)]
+pub struct Admission {
+    /// A connection that has not completed its handshake (and sent everything it was
+    /// answered) within this is closed.
+    pub handshake_deadline: Duration,
+    /// Most connections in their handshake at once; one more closes the oldest, so a
+    /// flood of idle strangers cannot keep an opener that completes its handshake out.
+    /// Each costs a socket and a few KiB, never a thread.
+    pub max_handshakes: usize,
+    /// Most sessions served at once (a page server's clients; a migration destination
+    /// takes one). An opener beyond is refused as busy ([`LinkError::Busy`]) and retries;
+    /// a session reconnecting is never refused.
+    pub max_sessions: usize,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Self {
+            handshake_deadline: Duration::from_secs(5),
+            max_handshakes: 256,
+            max_sessions: 64,
+        }
+    }
+}
+
 /// One connection's writing side, shared by the threads that send on it.
 pub(crate) struct Chan {
     /// What it carries.
     pub channel: Channel,
     writer: Mutex<FrameWriter>,
     link: Link,
+    /// Where fault handlers' requests go when a write may allocate (an encrypted
+    /// connection): a thread of the pair's sends them.
+    forward: Option<Arc<Forward>>,
     epoch: Instant,
     /// When the send in progress began (ns since `epoch`, plus one), or 0: a send that
     /// takes longer than the silence deadline breaks the pair, however the socket
@@ -101,11 +136,17 @@ impl Drop for Sending<'_> {
 }
 
 impl Chan {
-    fn new(channel: Channel, writer: FrameWriter, link: Link) -> Chan {
+    fn new(
+        channel: Channel,
+        writer: FrameWriter,
+        link: Link,
+        forward: Option<Arc<Forward>>,
+    ) -> Chan {
         Chan {
             channel,
             writer: Mutex::new(writer),
             link,
+            forward,
             epoch: Instant::now(),
             busy_since: AtomicU64::new(0),
         }
@@ -151,11 +192,21 @@ impl Chan {
         self.sending(writer).send(&Message::Ping { seq })
     }
 
-    /// Sends REQ_PAGES without allocating; on failure shuts the connection down (its
-    /// reader reports the break). For fault handlers.
+    /// Sends REQ_PAGES without allocating — on an encrypted connection, through the
+    /// pair's forwarding thread; on failure shuts the connection down (its reader reports
+    /// the break). For fault handlers.
     pub fn request(&self, ranges: &[PageRange]) {
-        if self.writer().request(ranges).is_err() {
-            self.link.shutdown();
+        match &self.forward {
+            Some(forward) => {
+                if !forward.push(ranges) {
+                    self.link.shutdown();
+                }
+            }
+            None => {
+                if self.writer().request(ranges).is_err() {
+                    self.link.shutdown();
+                }
+            }
         }
     }
 }
@@ -220,6 +271,11 @@ impl Cutter {
 pub(crate) trait Inbound: Send + Sync {
     /// Handles one frame read on `chan`'s connection (PING and PONG never get here).
     fn frame(&self, chan: &Chan, frame: Frame<'_>) -> Result<Option<Message>, Error>;
+
+    /// Whether fault handlers ask for pages through [`Chan::request`] on this pair.
+    fn asks_for_pages(&self) -> bool {
+        false
+    }
 }
 
 /// What the readers queue for the phase logic.
@@ -239,6 +295,7 @@ pub(crate) struct Pair {
     /// Cuts both.
     pub cutter: Arc<Cutter>,
     queue: mpsc::Receiver<Queued>,
+    forward: Option<Arc<Forward>>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -256,10 +313,13 @@ impl Pair {
         let (tx, queue) = mpsc::channel();
         let mut threads = Vec::new();
         let mut chans = Vec::new();
+        let forward = (urgent.writes_allocate && inbound.asks_for_pages())
+            .then(|| Arc::new(Forward::new(timing.silence)));
         for (channel, conn) in [(Channel::Main, main), (Channel::Urgent, urgent)] {
-            let Conn { mut r, w, link } = conn;
+            let Conn { mut r, w, link, .. } = conn;
             r.limits = limits;
-            let chan = Arc::new(Chan::new(channel, w, link));
+            let fwd = forward.clone().filter(|_| channel == Channel::Urgent);
+            let chan = Arc::new(Chan::new(channel, w, link, fwd));
             let (c, cut, inb, tx) = (chan.clone(), cutter.clone(), inbound.clone(), tx.clone());
             threads.push(spawn(&format!("pc-{channel}-rx"), move || {
                 read_loop(r, &c, &cut, &*inb, &tx)
@@ -269,11 +329,16 @@ impl Pair {
         let (main, urgent) = (chans[0].clone(), chans[1].clone());
         let (m, u, cut, t) = (main.clone(), urgent.clone(), cutter.clone(), *timing);
         threads.push(spawn("pc-heartbeat", move || heartbeat(&m, &u, &cut, &t))?);
+        if let Some(f) = &forward {
+            let (f, u, cut) = (f.clone(), urgent.clone(), cutter.clone());
+            threads.push(spawn("pc-requests", move || f.run(&u, &cut))?);
+        }
         Ok(Pair {
             main,
             urgent,
             cutter,
             queue,
+            forward,
             threads,
         })
     }
@@ -326,6 +391,9 @@ impl Pair {
 impl Drop for Pair {
     fn drop(&mut self) {
         self.cutter.cut(LinkError::Cut);
+        if let Some(f) = &self.forward {
+            f.close();
+        }
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

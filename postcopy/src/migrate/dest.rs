@@ -16,12 +16,12 @@ use pager::{DeliveryMode, LatencyHistogram, PageStateMap, Pager, Prefetch, Regio
 use uffd_core::{Features as UffdFeatures, Mapping, MemoryKind, Uffd};
 
 use super::{digest_raw, step, LinkStatus, Timing};
-use crate::auth::Key;
 use crate::endpoint::receiver::{read_advise, Land, Receiver};
 use crate::endpoint::RecvStats;
 use crate::error::{unexpected, LinkError, Refusal};
+use crate::handshake::Security;
 use crate::link::accept::{Acceptor, Admit, Arrival};
-use crate::link::Pair;
+use crate::link::{Admission, Pair};
 use crate::net::{Addr, Listener};
 use crate::wire::{Advise, Channel, Message, PageRange, Role, ShutReason};
 use crate::Error;
@@ -36,6 +36,8 @@ pub struct DestOptions {
     pub mode: DeliveryMode,
     /// Liveness, and the bound on waiting for the source (first, and after a break).
     pub timing: Timing,
+    /// What strangers may hold while the destination listens (one session is served).
+    pub admission: Admission,
 }
 
 impl Default for DestOptions {
@@ -43,6 +45,7 @@ impl Default for DestOptions {
         Self {
             mode: DeliveryMode::PerCpu,
             timing: Timing::default(),
+            admission: Admission::default(),
         }
     }
 }
@@ -151,16 +154,25 @@ pub struct Destination {
 }
 
 impl Destination {
-    /// Listens on `addr` for a source that knows `key`. The first session to
-    /// authenticate is the one served; any other is refused.
-    pub fn bind(addr: &Addr, key: Key, opts: DestOptions) -> Result<Destination, Error> {
+    /// Listens on `addr` for a source that passes `security` (a
+    /// [`TlsConfig`](crate::tls::TlsConfig), or a pre-shared [`Key`](crate::auth::Key) on
+    /// trusted links). The first session to authenticate is the one served; any other is
+    /// refused.
+    pub fn bind(
+        addr: &Addr,
+        security: impl Into<Security>,
+        opts: DestOptions,
+    ) -> Result<Destination, Error> {
         let listener = Listener::bind(addr).map_err(Error::io("bind the destination"))?;
+        let admission = Admission {
+            max_sessions: 1,
+            ..opts.admission
+        };
         let acceptor = Acceptor::start(
             listener,
-            key,
-            opts.timing,
-            Role::Source,
-            Admit::OneSession,
+            security.into(),
+            (opts.timing, admission),
+            (Role::Source, Admit::OneSession),
             None,
         )?;
         Ok(Destination {

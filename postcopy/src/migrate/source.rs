@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use page_state::Bitmap;
 
 use super::{copy_raw, digest_raw, step, LinkStatus, Timing};
-use crate::auth::Key;
 use crate::endpoint::sender::{Pages, Sender};
 use crate::endpoint::SendStats;
 use crate::error::{unexpected, LinkError, Refusal};
+use crate::handshake::Security;
 use crate::link::dial::Dialer;
 use crate::link::{self, Pair};
 use crate::net::Addr;
@@ -223,7 +223,7 @@ pub struct SourceReport {
 /// A migration of `[base, base + len)` of this process to a destination.
 pub struct Migration {
     addr: Addr,
-    key: Key,
+    security: Security,
     base: usize,
     len: usize,
     opts: SourceOptions,
@@ -289,7 +289,7 @@ impl Migration {
     /// stopped by `run`'s callback may write it.
     pub unsafe fn new(
         addr: Addr,
-        key: Key,
+        security: impl Into<Security>,
         base: usize,
         len: usize,
         opts: SourceOptions,
@@ -309,7 +309,7 @@ impl Migration {
         }
         Ok(Migration {
             addr,
-            key,
+            security: security.into(),
             base,
             len,
             opts,
@@ -431,7 +431,12 @@ impl<'m> Run<'m> {
             sent: Bitmap::new(pages as usize),
             dirty,
             tracker,
-            dialer: Dialer::new(m.addr.clone(), m.key.clone(), Role::Source, m.opts.timing)?,
+            dialer: Dialer::new(
+                m.addr.clone(),
+                m.security.clone(),
+                Role::Source,
+                m.opts.timing,
+            )?,
             advise: Advise {
                 page_size: ps as u32,
                 page_count: pages,

@@ -17,7 +17,9 @@ use postcopy::migrate::{
     SourceOptions, SourceReport, Timing,
 };
 use postcopy::net::Addr;
+use postcopy::tls::{Authority, TlsConfig};
 use postcopy::wire::Channel;
+use postcopy::Security;
 use testkit::proxy::{Direction, Proxy, ProxyOptions};
 use uffd_core::{Mapping, MemoryKind};
 
@@ -47,6 +49,31 @@ pub fn key() -> Key {
     Key::new(*b"0123456789abcdef-test-key").expect("key")
 }
 
+/// A throwaway CA shared by a test process's TLS ends.
+pub fn authority() -> &'static Authority {
+    static CA: std::sync::OnceLock<Authority> = std::sync::OnceLock::new();
+    CA.get_or_init(|| Authority::new("uffdkit test CA").expect("a CA"))
+}
+
+/// A TLS configuration of `authority()` for `names` (both ends of a loopback link carry
+/// `localhost` and `127.0.0.1`).
+pub fn tls_for(names: &[&str]) -> TlsConfig {
+    let ca = authority();
+    ca.config(&ca.issue(names).expect("a certificate"))
+        .expect("a TLS configuration")
+}
+
+/// The listener's and the opener's TLS ends of a loopback link.
+pub fn tls_ends() -> (Security, Security) {
+    let names = ["localhost", "127.0.0.1"];
+    (tls_for(&names).into(), tls_for(&names).into())
+}
+
+/// The listener's and the opener's pre-shared-key ends.
+pub fn psk_ends() -> (Security, Security) {
+    (key().into(), key().into())
+}
+
 /// Liveness for tests: generous against a loaded 2-vCPU machine (a heartbeat starved for
 /// a second is no break), short enough that a freeze is noticed in a few seconds.
 pub fn test_timing() -> Timing {
@@ -56,6 +83,24 @@ pub fn test_timing() -> Timing {
         first_backoff: Duration::from_millis(20),
         max_backoff: Duration::from_millis(300),
         give_up_after: Duration::from_secs(30),
+    }
+}
+
+/// Waits (bounded, 20 s) until a page server's counters satisfy `done`; fails saying
+/// `what` was awaited.
+pub fn counted(
+    srv: &postcopy::server::PageServer,
+    what: &str,
+    done: impl Fn(&postcopy::server::ServerStats) -> bool,
+) -> postcopy::server::ServerStats {
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = srv.stats();
+        if done(&s) {
+            return s;
+        }
+        assert!(std::time::Instant::now() < until, "{what}: {s:?}");
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -211,6 +256,8 @@ pub struct Case {
     pub proxy: Option<Hook<Proxy>>,
     /// Called as the source's workload stops (the switch).
     pub at_stop: Box<dyn FnMut() + Send>,
+    /// How the destination and the source secure their link.
+    pub ends: (Security, Security),
     pub src: Hook<SourceControl>,
     pub dst: Hook<DestControl>,
 }
@@ -243,6 +290,7 @@ impl Case {
             reconnects: Some(0),
             proxy: None,
             at_stop: Box::new(|| {}),
+            ends: psk_ends(),
             src: Box::new(|_| {}),
             dst: Box::new(|_| {}),
         }
@@ -270,8 +318,10 @@ impl Case {
         let opts = DestOptions {
             mode: DeliveryMode::Thread,
             timing: self.dest_timing,
+            ..DestOptions::default()
         };
-        let dest = Destination::bind(&self.listen_addr(), key(), opts).expect("bind");
+        let (listener, opener) = self.ends.clone();
+        let dest = Destination::bind(&self.listen_addr(), listener, opts).expect("bind");
         let mut addr = dest.local_addr().expect("addr");
         let proxy = self.proxy.take().map(|plan| {
             let p = proxy_to(&addr, Direction::ToListener);
@@ -297,7 +347,7 @@ impl Case {
         // SAFETY: `memory` is ours, mapped until the end of this function; only `writer`
         // writes it, and the callback stops it.
         let migration = unsafe {
-            Migration::new(addr, key(), memory.addr(), memory.len(), self.opts).expect("new")
+            Migration::new(addr, opener, memory.addr(), memory.len(), self.opts).expect("new")
         };
         (self.src)(&migration.control());
         let mut at_stop = self.at_stop;
@@ -349,4 +399,52 @@ pub fn same_bytes(src: &Mapping, dst: &Mapping) {
         };
         assert!(a == b, "page {p} differs from the source's final content");
     }
+}
+
+/// Bytes per page of a page server.
+pub const PS: usize = 4096;
+
+/// An image of `pages` pages: most patterned, every 5th zero (travels as a zero run).
+pub fn image(pages: usize) -> Vec<u8> {
+    let mut out = vec![0u8; pages * PS];
+    for (i, page) in out.chunks_exact_mut(PS).enumerate() {
+        if i % 5 == 4 {
+            continue;
+        }
+        let seed = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        for (w, c) in page.chunks_exact_mut(8).enumerate() {
+            c.copy_from_slice(&(seed ^ w as u64).to_ne_bytes());
+        }
+    }
+    out
+}
+
+/// Restores `image` from a connected source: touches every `touch_every`th page of a
+/// scattered order (faults), waits for the stream to bring the rest, then compares every
+/// page byte for byte.
+pub fn restore_from(
+    source: Arc<postcopy::client::RemoteSource>,
+    image: &[u8],
+    touch_every: usize,
+) -> pager::StatsSnapshot {
+    let pages = image.len() / PS;
+    assert_eq!(source.page_size(), PS);
+    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+    let pager = pager_for(source, &memory);
+    let page = |p: usize| {
+        // SAFETY: the served region, alive for this function.
+        unsafe { std::slice::from_raw_parts(memory.page_addr(p) as *const u8, PS) }
+    };
+    for i in (0..pages).step_by(touch_every) {
+        let p = (i * 37) % pages;
+        assert_eq!(page(p), &image[p * PS..(p + 1) * PS], "page {p}");
+    }
+    assert!(
+        pager.wait_complete(Duration::from_secs(60)),
+        "the stream brought every page"
+    );
+    for p in 0..pages {
+        assert_eq!(page(p), &image[p * PS..(p + 1) * PS], "page {p}");
+    }
+    pager.stop().expect("stop")
 }

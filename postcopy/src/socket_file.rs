@@ -5,12 +5,53 @@
 //! handler is listening: taking it over would orphan that one) or stale (its process is
 //! gone). `connect(2)` tells them apart: a live listener accepts, a stale file refuses.
 
-use std::io::ErrorKind;
+use std::io::{self, ErrorKind};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+/// Why a path could not be claimed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    /// A listener answers at the path: taking it over would orphan that one.
+    #[error(
+        "{} is in use: a listener answers there (another handler?); refusing to take it \
+         over — stop that one or choose another path",
+        path.display()
+    )]
+    InUse {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Something other than a socket is at the path; it is never removed.
+    #[error("{} exists and is not a socket", path.display())]
+    NotASocket {
+        /// The path.
+        path: PathBuf,
+    },
+    /// A system call on the path failed.
+    #[error("{what} {}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The failure.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl From<ClaimError> for io::Error {
+    fn from(e: ClaimError) -> io::Error {
+        let kind = match &e {
+            ClaimError::InUse { .. } => ErrorKind::AddrInUse,
+            ClaimError::NotASocket { .. } => ErrorKind::AlreadyExists,
+            ClaimError::Io { source, .. } => source.kind(),
+        };
+        io::Error::new(kind, e)
+    }
+}
 
 /// A bound socket's path and identity (device and inode of the file `bind(2)` made).
 #[derive(Debug, Clone)]
@@ -21,6 +62,11 @@ pub struct SocketFile {
 }
 
 impl SocketFile {
+    /// The path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Removes the path if it still names the socket we bound (not one another process
     /// bound there since); true if it did.
     pub fn remove(&self) -> bool {
@@ -50,35 +96,37 @@ impl Drop for Claimed {
 
 /// Binds a listener at `path`: refuses a path where a listener answers or that is not a
 /// socket, removes a stale socket file first.
-pub fn claim(path: &Path) -> Result<Claimed> {
+pub fn claim(path: &Path) -> Result<Claimed, ClaimError> {
+    let io = |what| {
+        let path = path.to_path_buf();
+        move |source| ClaimError::Io { what, path, source }
+    };
     match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("inspect {}", path.display())),
+        Err(e) => return Err(io("inspect")(e)),
         Ok(meta) if !meta.file_type().is_socket() => {
-            bail!("{} exists and is not a socket", path.display())
+            return Err(ClaimError::NotASocket {
+                path: path.to_path_buf(),
+            })
         }
         Ok(_) => match UnixStream::connect(path) {
-            Ok(_) => bail!(
-                "{} is in use: a listener answers there (another handler?); \
-                 refusing to take it over — stop that one or choose another path",
-                path.display()
-            ),
+            Ok(_) => {
+                return Err(ClaimError::InUse {
+                    path: path.to_path_buf(),
+                })
+            }
             Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-                std::fs::remove_file(path)
-                    .with_context(|| format!("remove the stale socket {}", path.display()))?;
+                std::fs::remove_file(path).map_err(io("remove the stale socket"))?;
                 log::info!(
                     "removed a stale socket file {} (nobody listening)",
                     path.display()
                 );
             }
-            Err(e) => {
-                return Err(e).with_context(|| format!("probe the socket {}", path.display()))
-            }
+            Err(e) => return Err(io("probe the socket")(e)),
         },
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
-    let meta = std::fs::symlink_metadata(path)
-        .with_context(|| format!("inspect the bound socket {}", path.display()))?;
+    let listener = UnixListener::bind(path).map_err(io("bind"))?;
+    let meta = std::fs::symlink_metadata(path).map_err(io("inspect the bound socket"))?;
     Ok(Claimed {
         listener,
         file: SocketFile {
@@ -103,7 +151,7 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let first = claim(&path).expect("free path");
         let err = claim(&path).expect_err("live listener");
-        assert!(err.to_string().contains("is in use"), "{err}");
+        assert!(matches!(err, ClaimError::InUse { .. }), "{err}");
         assert!(path.exists(), "the first listener's socket stays");
         UnixStream::connect(&path).expect("the first listener still answers");
         drop(first);
@@ -122,7 +170,7 @@ mod tests {
 
         std::fs::write(&path, b"not a socket").expect("write");
         let err = claim(&path).expect_err("plain file");
-        assert!(err.to_string().contains("is not a socket"), "{err}");
+        assert!(matches!(err, ClaimError::NotASocket { .. }), "{err}");
         assert!(path.exists(), "a file that is not ours is never removed");
         std::fs::remove_file(&path).ok();
     }

@@ -1,0 +1,173 @@
+//! How every connection starts, before any page moves.
+//!
+//! The opener's HELLO always goes first and in the clear: who it is (role), what the
+//! connection carries (channel), its session and which connection pair of it
+//! (generation), and whether it speaks TLS ([`Features::TLS`]). Nothing in it is secret;
+//! it lets the listener refuse a peer that speaks the other security at once, with a
+//! SHUT saying so (each end then reports [`Refusal::SecurityMismatch`] naming both), and
+//! lets what sits between the ends (a proxy, a fault injector) tell the channels apart.
+//!
+//! ```text
+//! plaintext, pre-shared key (trusted links only)   TLS 1.3, mutual certificates
+//!   HELLO ──────────────────────▶                    HELLO (TLS) ─────────────────▶
+//!         ◀────────────── CHALLENGE                        ◀──────────────── START_TLS
+//!   AUTH (proof, nonce) ────────▶                    TLS handshake, both certificates
+//!         ◀─────────────── AUTH_OK (proof)           HELLO again, inside ─────────▶
+//!                                                          ◀───────────────── ADMITTED
+//! ```
+//!
+//! With TLS, the listener admits the connection only if the HELLO repeated inside the
+//! encrypted session is the one sent outside (so the session, channel and generation it
+//! files the connection under are authenticated). Either way the listener may instead
+//! answer SHUT: the peer's key or certificate is wrong, it is the wrong role, another
+//! session owns this destination, or the listener is at its session cap
+//! ([`LinkError::Busy`], which an opener retries).
+//!
+//! Openers handshake with blocking I/O on their own thread; listeners run
+//! [`Listening`], which does no I/O at all, so that one thread can take any number of
+//! strangers' connections through it at once (see `link::gate`).
+//!
+//! [`Refusal::SecurityMismatch`]: crate::Refusal::SecurityMismatch
+//! [`LinkError::Busy`]: crate::LinkError::Busy
+
+mod listen;
+mod open;
+
+pub use listen::{Listening, Progress};
+pub(crate) use open::open;
+
+use crate::auth::Key;
+use crate::error::{LinkError, Refusal, SecurityKind};
+use crate::tls::TlsConfig;
+use crate::wire::{Channel, Features, Message, Role, ShutReason, VERSION};
+use crate::Error;
+
+/// How a link's connections are secured.
+#[derive(Debug, Clone)]
+pub enum Security {
+    /// TLS 1.3 with mutual certificate authentication: for any network.
+    Tls(TlsConfig),
+    /// Plaintext with a pre-shared-key challenge–response: both ends prove the key, but
+    /// pages then travel in the clear, protected by a CRC only. For trusted links only
+    /// (one host, a dedicated migration network).
+    PreSharedKey(Key),
+}
+
+impl Security {
+    /// Which it is.
+    pub fn kind(&self) -> SecurityKind {
+        match self {
+            Security::Tls(_) => SecurityKind::Tls,
+            Security::PreSharedKey(_) => SecurityKind::PreSharedKey,
+        }
+    }
+}
+
+impl From<Key> for Security {
+    fn from(key: Key) -> Security {
+        Security::PreSharedKey(key)
+    }
+}
+
+impl From<&Key> for Security {
+    fn from(key: &Key) -> Security {
+        Security::PreSharedKey(key.clone())
+    }
+}
+
+impl From<TlsConfig> for Security {
+    fn from(tls: TlsConfig) -> Security {
+        Security::Tls(tls)
+    }
+}
+
+impl From<&TlsConfig> for Security {
+    fn from(tls: &TlsConfig) -> Security {
+        Security::Tls(tls.clone())
+    }
+}
+
+impl From<&Security> for Security {
+    fn from(s: &Security) -> Security {
+        s.clone()
+    }
+}
+
+/// What an opener says of itself in its HELLO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello {
+    /// Its role.
+    pub role: Role,
+    /// What the connection carries.
+    pub channel: Channel,
+    /// Its session.
+    pub session: u64,
+    /// Which connection pair of the session.
+    pub generation: u32,
+}
+
+impl Hello {
+    /// The HELLO message an opener speaking `security` sends.
+    pub fn message(&self, security: SecurityKind) -> Message {
+        let mut features = Features::ZERO_RUNS | Features::URGENT_CHANNEL | Features::RECOVERY;
+        if security == SecurityKind::Tls {
+            features |= Features::TLS;
+        }
+        Message::Hello {
+            version: VERSION,
+            features,
+            role: self.role,
+            channel: self.channel,
+            session: self.session,
+            generation: self.generation,
+        }
+    }
+
+    /// The opener's words in a HELLO message, and the security it asks for.
+    fn of(msg: &Message) -> Option<(Hello, SecurityKind)> {
+        match *msg {
+            Message::Hello {
+                features,
+                role,
+                channel,
+                session,
+                generation,
+                ..
+            } => {
+                let hello = Hello {
+                    role,
+                    channel,
+                    session,
+                    generation,
+                };
+                let kind = match features.contains(Features::TLS) {
+                    true => SecurityKind::Tls,
+                    false => SecurityKind::PreSharedKey,
+                };
+                Some((hello, kind))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The other security.
+fn other(kind: SecurityKind) -> SecurityKind {
+    match kind {
+        SecurityKind::Tls => SecurityKind::PreSharedKey,
+        SecurityKind::PreSharedKey => SecurityKind::Tls,
+    }
+}
+
+/// What a listener's SHUT during the handshake means to an opener speaking `ours`.
+pub(crate) fn refused_by_listener(ours: SecurityKind, reason: ShutReason, detail: String) -> Error {
+    match reason {
+        ShutReason::SecurityMismatch => Error::refused(Refusal::SecurityMismatch {
+            ours,
+            peer: other(ours),
+        }),
+        ShutReason::Busy => LinkError::Busy { detail }.into(),
+        ShutReason::Auth if ours == SecurityKind::PreSharedKey => Error::refused(Refusal::WrongKey),
+        reason => Error::refused(Refusal::PeerShut { reason, detail }),
+    }
+}
