@@ -106,8 +106,9 @@ fn push_base(store: &TempDir, name: &str, memory: &[u8], page_size: u32, chunk: 
 }
 
 /// Restores the image at `url` into fresh memory of `kind` through a pager, touching every
-/// page from two threads, and returns the memory's bytes.
-fn restore(url: &str, options: &StoreOptions, kind: MemoryKind, len: usize) -> Vec<u8> {
+/// page from two threads, and asserts that the memory is `want` (`what` says why).
+fn assert_restores(url: &str, options: &StoreOptions, kind: MemoryKind, want: &[u8], what: &str) {
+    let len = want.len();
     let image = Image::open(url, options).expect("open");
     let source = Arc::new(
         image
@@ -152,7 +153,7 @@ fn restore(url: &str, options: &StoreOptions, kind: MemoryKind, len: usize) -> V
     // SAFETY: every page was faulted in above.
     let got = unsafe { std::slice::from_raw_parts(memory.as_ptr(), len) }.to_vec();
     pager.stop().expect("stop");
-    got
+    assert!(got == want, "{url}: {what}");
 }
 
 #[test]
@@ -217,15 +218,12 @@ fn a_five_layer_chain_is_served_lazily_byte_for_byte_and_stores_only_changes() {
         } else {
             format!("vm.{layer}")
         };
-        let got = restore(
+        assert_restores(
             &store.url(&name),
             &StoreOptions::default(),
             MemoryKind::Anon,
-            want.len(),
-        );
-        assert!(
-            got == *want,
-            "{name} restores its own instant byte for byte"
+            want,
+            "a layer restores its own instant byte for byte",
         );
     }
 }
@@ -266,15 +264,12 @@ fn a_chain_of_two_mib_pages_restores_into_hugetlb_memory() {
             "a layer takes its parent's geometry"
         );
     }
-    let got = restore(
+    assert_restores(
         &store.url("vm.5"),
         &StoreOptions::default(),
         MemoryKind::HugetlbPrivate,
-        memory.len(),
-    );
-    assert!(
-        got == memory,
-        "five layers of 2 MiB pages restore byte for byte"
+        &memory,
+        "five layers of 2 MiB pages restore byte for byte",
     );
 }
 
@@ -391,13 +386,13 @@ fn push_with_a_parent_stores_only_the_chunks_that_differ() {
         "one changed data chunk uploaded"
     );
     assert_eq!(r.manifest.geometry().page_size, PS as u32);
-    let got = restore(
+    assert_restores(
         &store.url("vm.1"),
         &StoreOptions::default(),
         MemoryKind::Anon,
-        memory.len(),
+        &memory,
+        "the image restores byte for byte",
     );
-    assert!(got == memory);
     let short = store.path("short.raw");
     std::fs::write(&short, &memory[..memory.len() / 2]).unwrap();
     let err =
@@ -614,15 +609,12 @@ fn a_chain_in_s3_is_served_from_the_store() {
         let r = push(&raw, &format!("l{layer}"), Some(&parent));
         assert!(r.inherited_chunks >= 30);
     }
-    let got = restore(
+    assert_restores(
         "s3://images/vm/l3",
         &options,
         MemoryKind::Anon,
-        memory.len(),
-    );
-    assert!(
-        got == memory,
-        "a three-layer chain restores from S3 byte for byte"
+        &memory,
+        "a three-layer chain restores from S3 byte for byte",
     );
     let chain: &Chain = &Image::open("s3://images/vm/l3", &options)
         .unwrap()
@@ -666,15 +658,12 @@ fn patches_are_completed_from_the_parent_and_checked() {
     memory[17 * PS..19 * PS].fill(9);
     assert_eq!(r.inherited_chunks, 2, "chunks 2 and 3");
     assert_eq!(r.new_chunks, 2);
-    let got = restore(
+    assert_restores(
         &store.url("vm.1"),
         &StoreOptions::default(),
         MemoryKind::Anon,
-        memory.len(),
-    );
-    assert!(
-        got == memory,
-        "patched chunks hold the parent's bytes around the patches"
+        &memory,
+        "patched chunks hold the parent's bytes around the patches",
     );
     let mut w = ImageWriter::create(&store.url("vm.2"), memory.len() as u64, &options).unwrap();
     let beyond = chunked::Patch {
