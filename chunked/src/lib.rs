@@ -54,38 +54,47 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-mod cache;
-mod chain;
-mod error;
-mod fetch;
 mod hash;
-mod image;
-mod layout;
 pub mod manifest;
-mod push;
-mod source;
-mod store;
-mod writer;
 
-pub use cache::{CacheStats, ChunkCache};
-pub use chain::{Chain, ChainError, MAX_CHAIN_DEPTH};
-pub use error::{Error, Result};
-pub use fetch::{FetchStats, RetryPolicy};
 pub use hash::{BadDigest, Digest, HashAlgorithm};
-pub use image::{file_source, merge, Image, PullReport};
-pub use layout::holes;
 pub use manifest::{Chunk, Geometry, Manifest, ManifestError, Parent};
-pub use push::{push, PushOptions, PushReport, DEFAULT_CHUNK_SIZE};
-pub use source::{Background, ChunkedSource, SourceOptions, SourceStats};
-pub use store::{Store, StoreOptions};
-pub use writer::{ImageWriter, Patch};
 
-/// A runtime for one blocking call into the async store (push, pull, open).
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("chunked")
-        .enable_all()
-        .build()
-        .map_err(Error::io("start a runtime", "tokio"))
+/// Items of the `store` feature (on by default): all but the manifest codec.
+macro_rules! with_store {
+    ($($item:item)*) => { $( #[cfg(feature = "store")] $item )* };
+}
+
+with_store! {
+    mod cache;
+    mod chain;
+    mod error;
+    mod fetch;
+    mod image;
+    mod layout;
+    mod push;
+    mod source;
+    mod store;
+    mod writer;
+
+    pub use cache::{CacheStats, ChunkCache};
+    pub use chain::{Chain, ChainError, MAX_CHAIN_DEPTH};
+    pub use error::{Error, Result};
+    pub use fetch::{FetchStats, RetryPolicy};
+    pub use image::{file_source, merge, Image, PullReport};
+    pub use layout::holes;
+    pub use push::{push, PushOptions, PushReport, DEFAULT_CHUNK_SIZE};
+    pub use source::{Background, ChunkedSource, SourceOptions, SourceStats};
+    pub use store::{Store, StoreOptions};
+    pub use writer::{ImageWriter, Patch};
+
+    /// A runtime for one blocking call into the async store (push, pull, open).
+    fn runtime() -> Result<tokio::runtime::Runtime> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("chunked")
+            .enable_all()
+            .build()
+            .map_err(Error::io("start a runtime", "tokio"))
+    }
 }
