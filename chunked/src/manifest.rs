@@ -43,6 +43,11 @@ pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
 pub const MAX_IMAGE_LEN: u64 = 1 << 50;
 /// The longest parent name accepted.
 pub const MAX_PARENT_NAME: usize = 1024;
+/// The most chunks an image may have (16 Mi: 8 TiB in 512 KiB chunks, 1 TiB in 64 KiB
+/// ones). A decoded manifest holds an entry per chunk, so this bounds what a manifest of a
+/// few bytes — a header claiming a huge length and one zero run — makes the decoder
+/// allocate (about 48 bytes a chunk: 768 MiB at the limit).
+pub const MAX_CHUNKS: u64 = 1 << 24;
 
 const FLAG_PARENT: u8 = 1;
 const TAG_ZERO: u8 = 0;
@@ -120,6 +125,9 @@ impl Geometry {
         if self.len == 0 || self.len > MAX_IMAGE_LEN {
             return Err(ManifestError::BadLength(self.len));
         }
+        if self.chunk_count() > MAX_CHUNKS {
+            return Err(ManifestError::TooManyChunks(self.chunk_count()));
+        }
         Ok(())
     }
 }
@@ -165,6 +173,11 @@ pub enum ManifestError {
     /// Zero or beyond [`MAX_IMAGE_LEN`].
     #[error("bad image length {0}")]
     BadLength(u64),
+    /// More chunks than [`MAX_CHUNKS`] (choose a larger chunk size).
+    #[error(
+        "{0} chunks is more than an image may have ({MAX_CHUNKS}): choose a larger chunk size"
+    )]
+    TooManyChunks(u64),
     /// The declared chunk count does not match length / chunk size.
     #[error("declares {declared} chunks, length and chunk size make {expected}")]
     ChunkCount {
@@ -564,6 +577,32 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the fuzzer: a 45-byte manifest whose header claims a length of ~2^41 bytes
+    /// in 4 KiB chunks and whose one zero run then made the decoder allocate ~29 GB.
+    #[test]
+    fn a_huge_declared_length_is_refused_before_allocating() {
+        let input = b"UFFDIMG\0\x01\0\x01\0\0\0\x01\0\0\0\x02\0#\xd7\xff\xd7\xd7\xd7\x01\0\0\
+            \xec\xeb\xeb\0\0\0\0\0\0\0\0\0\0\0\x01$";
+        assert_eq!(input.len(), 45);
+        assert!(
+            matches!(
+                Manifest::decode(input),
+                Err(ManifestError::TooManyChunks(_))
+            ),
+            "{:?}",
+            Manifest::decode(input).map(|m| m.geometry)
+        );
+        let g = Geometry {
+            page_size: 4096,
+            chunk_size: 4096,
+            len: (MAX_CHUNKS + 1) * 4096,
+        };
+        assert_eq!(
+            g.validate(),
+            Err(ManifestError::TooManyChunks(MAX_CHUNKS + 1))
+        );
+    }
 
     fn geometry() -> Geometry {
         Geometry {
