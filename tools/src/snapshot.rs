@@ -59,11 +59,11 @@ pub struct Workload {
 pub struct LiveArgs {
     #[command(flatten)]
     workload: Workload,
-    /// Threads saving in the background (default: one per CPU, at least two).
+    /// Threads saving in the background (default: one per CPU but one, at least one).
     #[arg(long)]
     savers: Option<usize>,
     /// Threads serving write faults.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 1)]
     handlers: usize,
     /// Background batch, KiB.
     #[arg(long, default_value_t = (snapshot::DEFAULT_BATCH / 1024) as u64)]
