@@ -1,0 +1,411 @@
+//! The postcopy wire format: length-framed, checksummed messages.
+//!
+//! A frame is `body_len: u32 | kind: u8 | flags: u8 | reserved: u16 | body | crc32: u32`,
+//! little endian, the CRC-32 covering kind, flags, reserved and body. Every connection
+//! starts with [`Message::Hello`] (magic, version, features). [`decode`] refuses anything
+//! malformed — oversize, unknown kind, bad checksum, wrong version, fields out of range
+//! for the advised geometry, trailing bytes — with a typed [`WireError`], never a panic;
+//! an incomplete frame is `Ok(None)` (read more).
+
+use bitflags::bitflags;
+
+mod decode;
+mod encode;
+
+pub use decode::{decode, decode_frame, frame_len, Frame};
+pub use encode::{encode, encode_request};
+
+/// Identifies a uffdkit postcopy connection.
+pub const MAGIC: [u8; 8] = *b"UFFDKPC\0";
+/// The wire version this crate speaks (3: a HELLO asking for TLS is answered with START_TLS,
+/// and the connection is admitted inside TLS with ADMITTED).
+pub const VERSION: u16 = 3;
+/// Bytes before the body.
+pub const HEADER_LEN: usize = 8;
+/// Bytes after the body.
+pub const TRAILER_LEN: usize = 4;
+/// The default largest body accepted (a 32 MiB batch of pages plus headers).
+pub const DEFAULT_MAX_BODY: usize = 32 << 20 | 4096;
+/// Page counts above this are refused (2^40 pages: 4 PiB of 4 KiB pages).
+pub const MAX_PAGES: u64 = 1 << 40;
+/// Most regions in one ADVISE.
+pub const MAX_REGIONS: usize = 4096;
+/// Most ranges in one DISCARD or REQ_PAGES.
+pub const MAX_RANGES: usize = 1 << 16;
+/// Longest SHUT detail text.
+pub const MAX_DETAIL: usize = 1024;
+
+bitflags! {
+    /// Protocol features, negotiated in HELLO (the intersection is used).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct Features: u64 {
+        /// Zero pages travel as ZERO_RUN, not data.
+        const ZERO_RUNS = 1 << 0;
+        /// A second connection carries urgent (requested) pages.
+        const URGENT_CHANNEL = 1 << 1;
+        /// A broken connection pauses and resumes with RECV_BITMAP.
+        const RECOVERY = 1 << 2;
+        /// 2 MiB pages.
+        const HUGE_PAGES = 1 << 3;
+        /// In HELLO: the opener speaks TLS 1.3 with certificates (without it: plaintext and
+        /// a pre-shared key). A listener speaking the other refuses it with
+        /// [`ShutReason::SecurityMismatch`].
+        const TLS = 1 << 4;
+        const _ = !0;
+    }
+}
+
+/// Which end a connection's opener is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Role {
+    /// The migration destination (or a restore client of a page server).
+    Destination = 1,
+    /// The migration source.
+    Source = 2,
+}
+
+/// What a connection carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Channel {
+    /// Control messages and the background stream.
+    Main = 1,
+    /// Requested pages only, so they never queue behind the stream.
+    Urgent = 2,
+}
+
+/// Why a peer shuts a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ShutReason {
+    /// The migration finished.
+    Done = 1,
+    /// The peer failed; see the detail text.
+    Error = 2,
+    /// Authentication failed.
+    Auth = 3,
+    /// The operator cancelled.
+    Cancelled = 4,
+    /// One side speaks TLS, the other plaintext with a pre-shared key.
+    SecurityMismatch = 5,
+    /// The listener serves as many sessions as it may; try again later.
+    Busy = 6,
+}
+
+/// A run of pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PageRange {
+    /// First page index.
+    pub first: u64,
+    /// Number of pages (at least one).
+    pub count: u64,
+}
+
+/// One region of the migrated memory, in page units of the advised page size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WireRegion {
+    /// First page of the region in the migration's page space.
+    pub first_page: u64,
+    /// Pages in the region.
+    pub pages: u64,
+}
+
+/// The geometry a source announces before anything else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Advise {
+    /// Page size in bytes: 4096 or 2 MiB.
+    pub page_size: u32,
+    /// Pages in the migration.
+    pub page_count: u64,
+    /// Features in use.
+    pub features: Features,
+    /// The regions, sorted and disjoint, within `page_count`.
+    pub regions: Vec<WireRegion>,
+}
+
+/// Every message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// First message on every connection, from its opener.
+    Hello {
+        /// Protocol version.
+        version: u16,
+        /// Offered features.
+        features: Features,
+        /// Who is opening.
+        role: Role,
+        /// What this connection carries.
+        channel: Channel,
+        /// Migration session id (ties the urgent channel and reconnects to a session).
+        session: u64,
+        /// Which connection pair of the session this is: the opener counts its attempts,
+        /// and a newer generation supersedes the pair of an older one.
+        generation: u32,
+    },
+    /// The listener's authentication challenge.
+    Challenge {
+        /// Random nonce to prove the key over.
+        nonce: [u8; 32],
+    },
+    /// The opener's proof of the pre-shared key over the challenge, and its own nonce.
+    Auth {
+        /// MAC of the challenge nonce.
+        proof: [u8; 32],
+        /// Nonce for the listener to prove the key over.
+        nonce: [u8; 32],
+    },
+    /// The listener's proof over the opener's nonce: both sides are authenticated.
+    AuthOk {
+        /// MAC of the opener's nonce.
+        proof: [u8; 32],
+    },
+    /// The listener's answer to a HELLO asking for TLS, in plaintext: the opener's TLS
+    /// handshake comes next.
+    StartTls,
+    /// Inside TLS, after the opener repeated its HELLO there: the connection is admitted.
+    Admitted,
+    /// Geometry and features.
+    Advise(Advise),
+    /// Pages the destination must drop (dirtied after they were sent).
+    Discard {
+        /// The ranges.
+        ranges: Vec<PageRange>,
+    },
+    /// The destination may start listening for faults.
+    Listen,
+    /// Run the workload on the destination.
+    Run,
+    /// Every page has been sent.
+    End,
+    /// Contiguous pages of data.
+    Pages {
+        /// First page index.
+        first: u64,
+        /// `count * page_size` bytes.
+        data: Vec<u8>,
+    },
+    /// A run of zero pages.
+    ZeroRun(PageRange),
+    /// Return path: the destination asks for these pages now.
+    ReqPages {
+        /// The ranges.
+        ranges: Vec<PageRange>,
+    },
+    /// Acknowledges a sequence number.
+    Ack {
+        /// The sequence number.
+        seq: u64,
+    },
+    /// Liveness probe.
+    Ping {
+        /// Echoed in the PONG.
+        seq: u64,
+    },
+    /// Answer to PING.
+    Pong {
+        /// The PING's sequence number.
+        seq: u64,
+    },
+    /// On resume: every page the destination has received (bit i = page i).
+    RecvBitmap {
+        /// `ceil(page_count / 64)` words.
+        words: Vec<u64>,
+    },
+    /// After END: 64-bit digests of the destination's pages `first..first + n`, for the
+    /// source to verify against its final content.
+    Digests {
+        /// First page index.
+        first: u64,
+        /// One digest per page.
+        digests: Vec<u64>,
+    },
+    /// The sender is closing the connection.
+    Shut {
+        /// Why.
+        reason: ShutReason,
+        /// Human-readable detail (UTF-8, at most [`MAX_DETAIL`] bytes).
+        detail: String,
+    },
+}
+
+pub(crate) mod kind {
+    pub const HELLO: u8 = 1;
+    pub const CHALLENGE: u8 = 2;
+    pub const AUTH: u8 = 3;
+    pub const AUTH_OK: u8 = 4;
+    pub const START_TLS: u8 = 5;
+    pub const ADMITTED: u8 = 6;
+    pub const ADVISE: u8 = 10;
+    pub const DISCARD: u8 = 11;
+    pub const LISTEN: u8 = 12;
+    pub const RUN: u8 = 13;
+    pub const END: u8 = 14;
+    pub const PAGES: u8 = 20;
+    pub const ZERO_RUN: u8 = 22;
+    pub const REQ_PAGES: u8 = 30;
+    pub const ACK: u8 = 31;
+    pub const PING: u8 = 32;
+    pub const PONG: u8 = 33;
+    pub const RECV_BITMAP: u8 = 34;
+    pub const DIGESTS: u8 = 35;
+    pub const SHUT: u8 = 40;
+}
+
+/// A malformed frame or message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// The frame's body is larger than accepted.
+    #[error("frame body of {len} bytes exceeds the limit of {max}")]
+    Oversize {
+        /// Announced length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The checksum does not match.
+    #[error("checksum mismatch on a kind-{kind} frame")]
+    BadChecksum {
+        /// The frame's kind byte.
+        kind: u8,
+    },
+    /// A kind this version does not know.
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    /// Flags or reserved bits set.
+    #[error("kind-{kind} frame has reserved bits set")]
+    Reserved {
+        /// The kind.
+        kind: u8,
+    },
+    /// HELLO with the wrong magic.
+    #[error("not a uffdkit postcopy peer (bad magic)")]
+    BadMagic,
+    /// HELLO with another version.
+    #[error("peer speaks wire version {0}, this side {VERSION}")]
+    BadVersion(u16),
+    /// The body ended before the message did.
+    #[error("kind-{kind} body truncated")]
+    Truncated {
+        /// The kind.
+        kind: u8,
+    },
+    /// Bytes after the message.
+    #[error("kind-{kind} body has {extra} trailing bytes")]
+    Trailing {
+        /// The kind.
+        kind: u8,
+        /// How many.
+        extra: usize,
+    },
+    /// A field outside what the geometry allows.
+    #[error("{what} {value} out of range (limit {limit})")]
+    OutOfRange {
+        /// Which field.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+        /// The limit it broke.
+        limit: u64,
+    },
+    /// Anything else that cannot be.
+    #[error("invalid message: {0}")]
+    Invalid(&'static str),
+}
+
+/// What the decoder knows of the session: the frame size limit and, after ADVISE, the
+/// geometry that page indices are checked against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest body accepted.
+    pub max_body: usize,
+    /// The advised page size, once known.
+    pub page_size: Option<u32>,
+    /// The advised page count, once known.
+    pub page_count: Option<u64>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body: DEFAULT_MAX_BODY,
+            page_size: None,
+            page_count: None,
+        }
+    }
+}
+
+impl Limits {
+    /// The limits after `advise` was accepted.
+    pub fn advised(self, advise: &Advise) -> Self {
+        Self {
+            page_size: Some(advise.page_size),
+            page_count: Some(advise.page_count),
+            ..self
+        }
+    }
+}
+
+impl Channel {
+    /// `main` or `urgent`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Channel::Main => "main",
+            Channel::Urgent => "urgent",
+        }
+    }
+}
+
+impl std::fmt::Display for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The channel a connection carries, from its opener's first bytes (its HELLO): `None`
+/// until the whole frame is there, an error if they are not a HELLO. For what sits
+/// between two endpoints (a proxy, a test's fault injector).
+pub fn peek_channel(first: &[u8]) -> Option<Result<Channel, WireError>> {
+    match decode(first, &Limits::default()) {
+        Ok(Some((Message::Hello { channel, .. }, _))) => Some(Ok(channel)),
+        Ok(Some((other, _))) => Some(Err(WireError::UnknownKind(other.kind()))),
+        Ok(None) => None,
+        Err(e) => Some(Err(e)),
+    }
+}
+
+impl Message {
+    /// The message's name on the wire (for errors and logs).
+    pub fn name(&self) -> &'static str {
+        self.kind_name().1
+    }
+
+    fn kind(&self) -> u8 {
+        self.kind_name().0
+    }
+
+    fn kind_name(&self) -> (u8, &'static str) {
+        match self {
+            Message::Hello { .. } => (kind::HELLO, "HELLO"),
+            Message::Challenge { .. } => (kind::CHALLENGE, "CHALLENGE"),
+            Message::Auth { .. } => (kind::AUTH, "AUTH"),
+            Message::AuthOk { .. } => (kind::AUTH_OK, "AUTH_OK"),
+            Message::StartTls => (kind::START_TLS, "START_TLS"),
+            Message::Admitted => (kind::ADMITTED, "ADMITTED"),
+            Message::Advise(_) => (kind::ADVISE, "ADVISE"),
+            Message::Discard { .. } => (kind::DISCARD, "DISCARD"),
+            Message::Listen => (kind::LISTEN, "LISTEN"),
+            Message::Run => (kind::RUN, "RUN"),
+            Message::End => (kind::END, "END"),
+            Message::Pages { .. } => (kind::PAGES, "PAGES"),
+            Message::ZeroRun(_) => (kind::ZERO_RUN, "ZERO_RUN"),
+            Message::ReqPages { .. } => (kind::REQ_PAGES, "REQ_PAGES"),
+            Message::Ack { .. } => (kind::ACK, "ACK"),
+            Message::Ping { .. } => (kind::PING, "PING"),
+            Message::Pong { .. } => (kind::PONG, "PONG"),
+            Message::RecvBitmap { .. } => (kind::RECV_BITMAP, "RECV_BITMAP"),
+            Message::Digests { .. } => (kind::DIGESTS, "DIGESTS"),
+            Message::Shut { .. } => (kind::SHUT, "SHUT"),
+        }
+    }
+}
