@@ -1,376 +1,9 @@
-//! The migration source: owns the memory and its writing workload; runs the precopy
-//! rounds, the switch and postcopy, each its own function, and re-plans from what the
-//! destination reports after every reconnection.
+//! A running migration: its state across connection pairs, and each phase — precopy
+//! rounds, the switch, postcopy, resumption — as its own function.
 
-use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
-
-use page_state::Bitmap;
-
-use super::{copy_raw, digest_raw, step, LinkStatus, Timing};
-use crate::endpoint::sender::{Pages, Sender};
-use crate::endpoint::SendStats;
-use crate::error::{unexpected, LinkError, Refusal};
-use crate::handshake::Security;
-use crate::link::dial::Dialer;
-use crate::link::{self, Pair};
-use crate::net::Addr;
-use crate::wire::{Advise, Features, Message, PageRange, Role, ShutReason, WireRegion, MAX_RANGES};
-use crate::Error;
-use uffd_core::DirtyTracker;
-
-/// How the source migrates.
-#[derive(Debug, Clone, Copy)]
-pub struct SourceOptions {
-    /// Page size on the wire and at the destination: 4096 or 2 MiB.
-    pub page_size: usize,
-    /// Precopy rounds before the switch, the first being the full pass; 0 = pure postcopy.
-    pub max_rounds: u32,
-    /// Switch as soon as a round leaves at most this many bytes of dirty pages.
-    pub switch_below_bytes: u64,
-    /// A round that leaves more than this fraction of the previous round's dirty pages
-    /// is not converging: switch.
-    pub converge_ratio: f64,
-    /// Push the pages nobody asked for in the background (the normal case). Without it,
-    /// postcopy moves pages only on request and ends when the destination has asked for
-    /// all of them: a measuring mode for demand-only latency.
-    pub background: bool,
-    /// Reconnect by itself after a broken connection (else wait for
-    /// [`SourceControl::resume`]).
-    pub auto_resume: bool,
-    /// Liveness, backoff and the give-up bound.
-    pub timing: Timing,
-}
-
-impl Default for SourceOptions {
-    fn default() -> Self {
-        Self {
-            page_size: 4096,
-            max_rounds: 5,
-            switch_below_bytes: 1 << 20,
-            converge_ratio: 0.9,
-            background: true,
-            auto_resume: true,
-            timing: Timing::default(),
-        }
-    }
-}
-
-/// Where a migration is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Phase {
-    /// Connecting.
-    #[default]
-    Connecting,
-    /// Iterative precopy.
-    Precopy,
-    /// Workload stopped; discard, listen, run.
-    Switching,
-    /// Destination running; pages streamed and requested.
-    Postcopy,
-    /// Every page sent; checking the destination's digests.
-    Verifying,
-    /// Done.
-    Done,
-}
-
-/// Why precopy ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SwitchReason {
-    /// No precopy rounds were asked for.
-    PurePostcopy,
-    /// [`SourceControl::switch_to_postcopy`].
-    Operator,
-    /// [`SourceOptions::max_rounds`] reached.
-    RoundLimit,
-    /// A round left at most [`SourceOptions::switch_below_bytes`] dirty.
-    Converged,
-    /// A round left more than [`SourceOptions::converge_ratio`] of the previous one's.
-    NotConverging,
-}
-
-/// Live counters of a running migration, for progress displays.
-#[derive(Debug, Default)]
-pub struct Progress {
-    phase: Mutex<Phase>,
-    /// Current precopy round (1-based).
-    pub round: AtomicU64,
-    /// Pages in the migration.
-    pub pages: AtomicU64,
-    /// Page data bytes sent in precopy.
-    pub precopy_bytes: AtomicU64,
-    /// What postcopy sent (stream and requests).
-    pub postcopy: Arc<SendStats>,
-    /// Pages the destination still needed when the current postcopy pair began.
-    pub needed: AtomicU64,
-    /// Paused or not, and reconnections.
-    pub link: LinkStatus,
-}
-
-impl Progress {
-    /// The current phase.
-    pub fn phase(&self) -> Phase {
-        *self.phase.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn set_phase(&self, p: Phase) {
-        let was = std::mem::replace(
-            &mut *self.phase.lock().unwrap_or_else(|p| p.into_inner()),
-            p,
-        );
-        if was != p {
-            log::debug!("source: {p:?}");
-        }
-    }
-}
-
-/// Operator commands to a running migration, and its progress.
-#[derive(Debug, Default)]
-pub struct SourceControl {
-    switch_now: AtomicBool,
-    resume: Mutex<u64>,
-    resumed: Condvar,
-    /// Live counters.
-    pub progress: Progress,
-    #[cfg(feature = "fault-injection")]
-    faults: Arc<crate::fault::Faults>,
-}
-
-impl SourceControl {
-    /// Ends precopy after the current round and switches to postcopy.
-    pub fn switch_to_postcopy(&self) {
-        self.switch_now.store(true, Ordering::Relaxed);
-    }
-
-    /// Reconnects now if paused (skips the rest of the backoff; required when automatic
-    /// resume is off).
-    pub fn resume(&self) {
-        *self.resume.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        self.resumed.notify_all();
-    }
-
-    /// Plans `fault` once `after_pages` pages were sent in postcopy.
-    #[cfg(feature = "fault-injection")]
-    pub fn inject(&self, fault: crate::fault::Fault, after_pages: u64) {
-        self.faults.inject(fault, after_pages);
-    }
-
-    /// Waits up to `timeout` for a resume command after the `seen`th; true if one came.
-    fn wait_resume(&self, seen: &mut u64, timeout: Duration) -> bool {
-        let guard = self.resume.lock().unwrap_or_else(|p| p.into_inner());
-        let (guard, _) = self
-            .resumed
-            .wait_timeout_while(guard, timeout, |n| *n == *seen)
-            .unwrap_or_else(|p| p.into_inner());
-        let came = *guard != *seen;
-        *seen = *guard;
-        came
-    }
-}
-
-/// One precopy round.
-#[derive(Debug, Clone, Copy)]
-pub struct Round {
-    /// Pages sent.
-    pub pages: u64,
-    /// Data bytes sent (zero runs cost none).
-    pub bytes: u64,
-    /// Pages found dirty after the round (sent again next round or discarded).
-    pub dirty_after: u64,
-    /// How long it took.
-    pub took: Duration,
-}
-
-/// What a finished migration did.
-#[derive(Debug, Clone)]
-pub struct SourceReport {
-    /// Pages migrated.
-    pub pages: u64,
-    /// Their size.
-    pub page_size: usize,
-    /// The precopy rounds.
-    pub rounds: Vec<Round>,
-    /// Why precopy ended.
-    pub switch_reason: SwitchReason,
-    /// Page data bytes sent in precopy.
-    pub precopy_bytes: u64,
-    /// Page data bytes sent in postcopy.
-    pub postcopy_bytes: u64,
-    /// Pages discarded at the switch (sent, then dirtied).
-    pub discarded: u64,
-    /// Pages the destination still needed at the switch.
-    pub needed_at_switch: u64,
-    /// Pages sent by the postcopy stream.
-    pub stream_pages: u64,
-    /// Pages sent on request.
-    pub urgent_pages: u64,
-    /// REQ_PAGES messages answered.
-    pub requests: u64,
-    /// Workload stopped → the destination acknowledged RUN.
-    pub downtime: Duration,
-    /// From RUN to the last page sent.
-    pub postcopy: Duration,
-    /// From start to verified.
-    pub total: Duration,
-    /// Reconnections after broken connections.
-    pub reconnects: u64,
-    /// Pages whose destination digest matched.
-    pub verified: u64,
-}
-
-/// A migration of `[base, base + len)` of this process to a destination.
-pub struct Migration {
-    addr: Addr,
-    security: Security,
-    base: usize,
-    len: usize,
-    opts: SourceOptions,
-    control: Arc<SourceControl>,
-}
-
-/// The migrated memory as a sender's pages: copied with volatile loads while the
-/// workload runs, sent in place once it is stopped (`frozen`).
-struct Memory {
-    base: usize,
-    ps: usize,
-    pages: u64,
-    frozen: AtomicBool,
-}
-
-impl Memory {
-    fn page_ptr(&self, p: u64) -> *const u8 {
-        (self.base + p as usize * self.ps) as *const u8
-    }
-
-    fn digest(&self, p: u64) -> u64 {
-        // SAFETY: in the region `Migration::new`'s caller keeps mapped; frozen, so
-        // nothing writes it (and the digest reads with volatile loads anyway).
-        unsafe { digest_raw(self.page_ptr(p), self.ps) }
-    }
-}
-
-impl Pages for Memory {
-    fn geometry(&self) -> (usize, u64) {
-        (self.ps, self.pages)
-    }
-    fn read<'a>(
-        &'a self,
-        first: u64,
-        count: u64,
-        scratch: &'a mut [u8],
-    ) -> Result<Option<&'a [u8]>, Error> {
-        let len = count as usize * self.ps;
-        // Acquire: pairs with the Release store at the switch, after the workload stopped.
-        if self.frozen.load(Ordering::Acquire) {
-            // SAFETY: pages first..first + count lie in the region (`Sender` checks against
-            // `page_count`), which `Migration::new`'s caller keeps mapped and readable until
-            // `run` returns; frozen means the workload was stopped and nothing writes the
-            // region any more, so a shared slice over it is sound.
-            return Ok(Some(unsafe {
-                std::slice::from_raw_parts(self.page_ptr(first), len)
-            }));
-        }
-        let out = &mut scratch[..len];
-        // SAFETY: readable and page-aligned as above; the workload may be writing it, so
-        // it is copied with volatile loads, never through a slice.
-        unsafe { copy_raw(self.page_ptr(first), out) };
-        Ok(Some(out))
-    }
-}
-
-impl Migration {
-    /// Prepares the migration of `[base, base + len)` to the destination at `addr`.
-    ///
-    /// # Safety
-    /// The range must be mapped, readable, private anonymous memory of this process that
-    /// stays mapped until [`run`](Migration::run) returns, and nothing but the workload
-    /// stopped by `run`'s callback may write it.
-    pub unsafe fn new(
-        addr: Addr,
-        security: impl Into<Security>,
-        base: usize,
-        len: usize,
-        opts: SourceOptions,
-    ) -> Result<Migration, Error> {
-        let ps = opts.page_size;
-        if ps != 4096 && ps != uffd_core::HUGE_PAGE_SIZE {
-            return Err(Error::Invalid {
-                what: "the page size must be 4 KiB or 2 MiB",
-                value: ps.to_string(),
-            });
-        }
-        if len == 0 || len % ps != 0 || base % 4096 != 0 {
-            return Err(Error::Invalid {
-                what: "the region is empty or not a whole number of pages",
-                value: format!("{base:#x}+{len:#x}"),
-            });
-        }
-        Ok(Migration {
-            addr,
-            security: security.into(),
-            base,
-            len,
-            opts,
-            control: Arc::new(SourceControl::default()),
-        })
-    }
-
-    /// Commands and progress of this migration (clone it before `run`).
-    pub fn control(&self) -> Arc<SourceControl> {
-        self.control.clone()
-    }
-
-    /// Runs the migration. `stop_workload` is called at the switch and must return only
-    /// when nothing writes the memory any more. Returns once the destination's digests
-    /// of every page matched the final content.
-    ///
-    /// Failures: a broken or silent connection in any phase pauses the migration (the
-    /// workload keeps running before the switch; after it the destination holds it) and
-    /// it resumes on a new pair, until [`Timing::give_up_after`] passes without one: then
-    /// [`Error::GaveUp`]. Before RUN nothing runs at the destination, so the caller may
-    /// simply resume its workload if it was already stopped.
-    pub fn run(self, stop_workload: impl FnOnce()) -> Result<SourceReport, Error> {
-        let mut run = Run::new(&self)?;
-        let mut stop = Some(stop_workload);
-        let mut pair = run.connect(true)?;
-        let mut stage = if self.opts.max_rounds > 0 {
-            Stage::Precopy
-        } else {
-            Stage::Switch
-        };
-        loop {
-            let done = match stage {
-                Stage::Precopy => run.precopy(&pair).map(|()| Stage::Switch),
-                Stage::Switch => run.switch(&pair, &mut stop).map(|()| Stage::Postcopy),
-                Stage::Postcopy => run.postcopy(&pair).map(|()| Stage::Done),
-                Stage::Done => break,
-            };
-            match done {
-                Ok(next) => stage = next,
-                Err(e) if e.is_link() => pair = run.resume(pair, e)?,
-                Err(e) => {
-                    log::error!("source: {}", crate::error::chain(&e));
-                    return Err(e);
-                }
-            }
-        }
-        self.control.progress.set_phase(Phase::Done);
-        Ok(run.report())
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stage {
-    Precopy,
-    Switch,
-    Postcopy,
-    Done,
-}
-
+use super::*;
 /// A running migration's state, across connection pairs.
-struct Run<'m> {
+pub(super) struct Run<'m> {
     m: &'m Migration,
     memory: Arc<Memory>,
     sender: Arc<Sender>,
@@ -397,7 +30,7 @@ struct Run<'m> {
 }
 
 impl<'m> Run<'m> {
-    fn new(m: &'m Migration) -> Result<Run<'m>, Error> {
+    pub(super) fn new(m: &'m Migration) -> Result<Run<'m>, Error> {
         let ps = m.opts.page_size;
         let pages = (m.len / ps) as u64;
         let memory = Arc::new(Memory {
@@ -467,7 +100,7 @@ impl<'m> Run<'m> {
 
     /// A new pair of the session (the first, or after a break): ADVISE, then the
     /// destination's RECV_BITMAP and step, from which the plan is redone.
-    fn connect(&mut self, first: bool) -> Result<Pair, Error> {
+    pub(super) fn connect(&mut self, first: bool) -> Result<Pair, Error> {
         let (control, auto) = (&self.m.control, self.m.opts.auto_resume || first);
         let timing = self.m.opts.timing;
         let (advise, sender) = (&self.advise, &self.sender);
@@ -497,7 +130,7 @@ impl<'m> Run<'m> {
     }
 
     /// Pauses after `cause` until a new pair is up.
-    fn resume(&mut self, pair: Pair, cause: Error) -> Result<Pair, Error> {
+    pub(super) fn resume(&mut self, pair: Pair, cause: Error) -> Result<Pair, Error> {
         let phase = self.progress().phase();
         self.progress()
             .link
@@ -533,7 +166,7 @@ impl<'m> Run<'m> {
 
     /// Precopy rounds until the switch is due; a round broken off goes on after the
     /// resume with what is still dirty.
-    fn precopy(&mut self, pair: &Pair) -> Result<(), Error> {
+    pub(super) fn precopy(&mut self, pair: &Pair) -> Result<(), Error> {
         self.progress().set_phase(Phase::Precopy);
         let ps = self.memory.ps;
         let mut scratch = self.sender.scratch();
@@ -602,7 +235,11 @@ impl<'m> Run<'m> {
 
     /// The switch: stop the workload (once), final scan, then whatever of DISCARD,
     /// LISTEN and RUN the destination has not done yet.
-    fn switch(&mut self, pair: &Pair, stop: &mut Option<impl FnOnce()>) -> Result<(), Error> {
+    pub(super) fn switch(
+        &mut self,
+        pair: &Pair,
+        stop: &mut Option<impl FnOnce()>,
+    ) -> Result<(), Error> {
         self.progress().set_phase(Phase::Switching);
         if let Some(stop_workload) = stop.take() {
             self.stopped = Some(Instant::now());
@@ -677,7 +314,7 @@ impl<'m> Run<'m> {
 
     /// Postcopy on one pair: stream what is needed (requests are answered by the urgent
     /// reader), then check the destination's digests and send the verdict.
-    fn postcopy(&mut self, pair: &Pair) -> Result<(), Error> {
+    pub(super) fn postcopy(&mut self, pair: &Pair) -> Result<(), Error> {
         if self.step == step::VERIFIED {
             return Ok(());
         }
@@ -751,7 +388,7 @@ impl<'m> Run<'m> {
         Ok(())
     }
 
-    fn report(&self) -> SourceReport {
+    pub(super) fn report(&self) -> SourceReport {
         let prog = self.progress();
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let run_at = self.run_at.unwrap_or(self.started);
