@@ -1,0 +1,169 @@
+//! `uffdkit migrate local`: both ends as two processes over loopback, and the figures.
+
+use super::*;
+
+/// Starts `uffdkit migrate dest` for `local`; returns it and its listening address.
+fn start_dest(
+    a: &LocalArgs,
+    security: &SecurityArgs,
+    listen: &str,
+) -> Result<(
+    std::process::Child,
+    BufReader<std::process::ChildStdout>,
+    String,
+)> {
+    let s = &a.shape;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["migrate", "dest", "--json", "--listen", listen])
+        .args(["--mode", &format!("{:?}", a.mode).to_lowercase()])
+        // Two live bars on one terminal would tear each other: the children print lines.
+        .args(["--progress", "lines"])
+        .args(["--workload", &format!("{:?}", s.workload).to_lowercase()])
+        .args(s.liveness.args())
+        .args(security.to_args())
+        .stdout(Stdio::piped());
+    if s.page_size() == HUGE_PAGE_SIZE {
+        cmd.args([
+            "--reserve-hugepages",
+            &s.size.div_ceil(HUGE_PAGE_SIZE).to_string(),
+        ]);
+    }
+    let mut dest = cmd.spawn().context("start the destination")?;
+    let mut out = BufReader::new(dest.stdout.take().context("dest stdout")?);
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    match line.trim().strip_prefix("LISTEN ") {
+        Some(addr) => Ok((dest, out, addr.to_string())),
+        None => {
+            let _ = dest.kill();
+            let _ = dest.wait();
+            bail!("the destination did not start: {line:?}")
+        }
+    }
+}
+
+pub(super) fn local(a: &LocalArgs) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("uffdkit-migrate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (listener, opener) = match a.tls {
+        Some(AutoTls::Auto) => crate::link_args::throwaway(&dir)?,
+        None => {
+            let key_file = dir.join("key");
+            std::fs::write(&key_file, postcopy::auth::nonce()?)?;
+            let psk = SecurityArgs {
+                key_file: Some(key_file),
+                ..SecurityArgs::default()
+            };
+            (psk.clone(), psk)
+        }
+    };
+    let listen = match a.via.as_str() {
+        "unix" => format!("unix:{}", dir.join("sock").display()),
+        _ => "127.0.0.1:0".to_string(),
+    };
+    let started = Instant::now();
+    let (mut dest, mut dest_out, addr) = start_dest(a, &listener, &listen)?;
+    let s = &a.shape;
+    let source = Command::new(std::env::current_exe()?)
+        .args(["migrate", "source", "--json", "--connect", &addr])
+        .args(["--progress", "lines"])
+        .args(["--size", &s.size.to_string()])
+        .args(["--workload", &format!("{:?}", s.workload).to_lowercase()])
+        .args(["--precopy-rounds", &s.precopy_rounds.to_string()])
+        .args(["--page-size", &s.page_size])
+        .args(["--dirty-rate", &s.dirty_rate.to_string()])
+        .args(s.liveness.args())
+        .args(opener.to_args())
+        .stdout(Stdio::piped())
+        .output()
+        .context("run the source")?;
+    let mut dest_json = String::new();
+    std::io::Read::read_to_string(&mut dest_out, &mut dest_json)?;
+    let dest_status = dest.wait()?;
+    let wall = started.elapsed();
+    let _ = std::fs::remove_dir_all(&dir);
+    if !source.status.success() || !dest_status.success() {
+        bail!(
+            "migration failed (source {}, destination {dest_status}); see the messages above",
+            source.status
+        );
+    }
+    let src: serde_json::Value = serde_json::from_slice(&source.stdout).context("source report")?;
+    let dst: serde_json::Value = serde_json::from_str(dest_json.trim()).context("dest report")?;
+    if a.json {
+        let all = json!({ "wall_ms": wall.as_secs_f64() * 1e3, "source": src, "dest": dst });
+        println!("{all}");
+        return Ok(());
+    }
+    print_local(a, &src, &dst, wall);
+    Ok(())
+}
+
+fn print_local(a: &LocalArgs, src: &serde_json::Value, dst: &serde_json::Value, wall: Duration) {
+    let s = &a.shape;
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let mib_of = |v: &serde_json::Value, k: &str| f(v, k) / f64::from(1u32 << 20);
+    let link = match a.tls {
+        Some(AutoTls::Auto) => "TLS 1.3 (throwaway CA)",
+        None => "plaintext with a pre-shared key",
+    };
+    println!(
+        "migrate local: {} MiB, {} pages of {} bytes, workload {:?}, via {} ({link}), destination mode {:?}",
+        s.size >> 20,
+        src["pages"],
+        src["page_size"],
+        s.workload,
+        a.via,
+        a.mode
+    );
+    let rounds = src["rounds"].as_array().map(|r| {
+        r.iter()
+            .map(|x| format!("{}/{}", x["pages"], x["dirty_after"]))
+            .collect::<Vec<_>>()
+            .join(", ")
+    });
+    println!(
+        "  precopy rounds (pages sent / dirty after): {}; switch: {}",
+        rounds.unwrap_or_default(),
+        src["switch_reason"].as_str().unwrap_or("?")
+    );
+    println!(
+        "  total {:.0} ms (wall, both processes {:.0} ms); downtime (stop → RUN acknowledged) {:.1} ms; postcopy {:.0} ms",
+        f(src, "total_ms"),
+        wall.as_secs_f64() * 1e3,
+        f(src, "downtime_ms"),
+        f(src, "postcopy_ms")
+    );
+    println!(
+        "  bytes: precopy {:.1} MiB, postcopy {:.1} MiB; discarded {} pages; needed at switch {}",
+        mib_of(src, "precopy_bytes"),
+        mib_of(src, "postcopy_bytes"),
+        src["discarded"],
+        src["needed_at_switch"]
+    );
+    println!(
+        "  requested pages {} ({} requests answered with {} pages), stream pages {}; blocktime {:.1} ms; requested-page latency p50 {}, p99 {}",
+        dst["requested"],
+        src["requests"],
+        src["urgent_pages"],
+        src["stream_pages"],
+        f(dst, "blocktime_ms"),
+        us_or_none(&dst["requested_p50_us"]),
+        us_or_none(&dst["requested_p99_us"])
+    );
+    if let Some(b) = dst["latency_buckets_log2_us"].as_array() {
+        let counts: Vec<u64> = b.iter().map(|v| v.as_u64().unwrap_or(0)).collect();
+        let histogram = pager::LatencyHistogram::from_counts(&counts, Duration::ZERO);
+        for line in histogram.lines() {
+            println!("    {line}");
+        }
+    }
+    println!(
+        "  destination workload touched every page in {:.0} ms from RUN; reconnects {}; {} of {} pages verified: {}",
+        f(dst, "workload_ms"),
+        src["reconnects"],
+        src["verified"],
+        src["pages"],
+        dst["verdict"].as_str().unwrap_or("?")
+    );
+}
