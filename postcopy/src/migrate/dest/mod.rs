@@ -1,0 +1,225 @@
+//! The migration destination: precopy → LISTEN → RUN → postcopy → verdict, each its own
+//! function, each resumed on the next connection pair of the session after a break.
+//!
+//! Before LISTEN, arriving pages are copied straight into a fresh mapping (no
+//! userfaultfd yet; precopy rounds may overwrite them) and their states written into the
+//! map the pager will start with; DISCARD drops the ones the source dirtied after sending.
+//! At LISTEN a pager registers the mapping with the receiver as its source: a fault asks
+//! on the urgent connection and returns at once, and the connection readers place what
+//! arrives. The workload starts at RUN.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pager::{DeliveryMode, LatencyHistogram, PageStateMap, Pager, Prefetch, RegionSpec};
+use uffd_core::{Features as UffdFeatures, Mapping, MemoryKind, Uffd};
+
+use super::{digest_raw, step, LinkStatus, Timing};
+use crate::endpoint::receiver::{read_advise, Land, Receiver};
+use crate::endpoint::RecvStats;
+use crate::error::{unexpected, LinkError, Refusal};
+use crate::handshake::Security;
+use crate::link::accept::{Acceptor, Admit, Arrival};
+use crate::link::{Admission, Pair};
+use crate::net::{Addr, Listener};
+use crate::wire::{Advise, Channel, Message, PageRange, Role, ShutReason};
+use crate::Error;
+
+mod run;
+use run::DestRun;
+
+/// Digests per DIGESTS frame.
+const DIGESTS_PER_FRAME: usize = 8192;
+
+/// How the destination runs.
+#[derive(Debug, Clone, Copy)]
+pub struct DestOptions {
+    /// How the pager receives faults.
+    pub mode: DeliveryMode,
+    /// Liveness, and the bound on waiting for the source (first, and after a break).
+    pub timing: Timing,
+    /// What strangers may hold while the destination listens (one session is served).
+    pub admission: Admission,
+}
+
+impl Default for DestOptions {
+    fn default() -> Self {
+        Self {
+            mode: DeliveryMode::PerCpu,
+            timing: Timing::default(),
+            admission: Admission::default(),
+        }
+    }
+}
+
+/// Destination phases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DestPhase {
+    /// Waiting for the source.
+    #[default]
+    Waiting,
+    /// ADVISE received; precopy pages arriving.
+    Precopy,
+    /// Registered; waiting for RUN.
+    Listening,
+    /// The workload runs; pages arrive on demand and in the background.
+    Running,
+    /// Every page arrived; digests sent, waiting for the verdict.
+    Verifying,
+    /// Verified.
+    Done,
+}
+
+/// Live counters of a running destination.
+#[derive(Debug, Default)]
+pub struct DestControl {
+    phase: std::sync::Mutex<DestPhase>,
+    /// Pages copied in and placed, pages requested.
+    pub received: Arc<RecvStats>,
+    /// Paused or not, and reconnections.
+    pub link: LinkStatus,
+    #[cfg(feature = "fault-injection")]
+    faults: Arc<crate::fault::Faults>,
+}
+
+impl DestControl {
+    /// The current phase.
+    pub fn phase(&self) -> DestPhase {
+        *self.phase.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_phase(&self, p: DestPhase) {
+        let was = std::mem::replace(
+            &mut *self.phase.lock().unwrap_or_else(|p| p.into_inner()),
+            p,
+        );
+        if was != p {
+            log::debug!("destination: {p:?}");
+        }
+    }
+
+    /// Plans `fault` (a stall of the readers) once `after_pages` pages arrived.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject(&self, fault: crate::fault::Fault, after_pages: u64) {
+        self.faults.inject(fault, after_pages);
+    }
+}
+
+/// The migrated memory, handed to the workload at RUN.
+#[derive(Debug, Clone, Copy)]
+pub struct RunningMemory {
+    /// First byte.
+    pub base: usize,
+    /// Bytes.
+    pub len: usize,
+    /// Page size.
+    pub page_size: usize,
+}
+
+/// What a finished destination did. Owns the migrated memory.
+#[derive(Debug)]
+pub struct DestReport {
+    /// The migrated memory (still mapped; the workload may go on using it).
+    pub memory: Mapping,
+    /// Page size.
+    pub page_size: usize,
+    /// Pages.
+    pub pages: u64,
+    /// Pages copied in during precopy (with re-sends).
+    pub precopy_pages: u64,
+    /// Pages dropped by DISCARD.
+    pub discarded: u64,
+    /// Pages placed in postcopy.
+    pub postcopy_pages: u64,
+    /// Pages requested by faults.
+    pub requested: u64,
+    /// Requested-page latency (request sent → page placed).
+    pub latency: LatencyHistogram,
+    /// Sum of requested-page latencies: the time faulting threads spent waiting for the
+    /// source (an upper bound; concurrent faults on one page count once).
+    pub blocktime: Duration,
+    /// Reconnections.
+    pub reconnects: u64,
+    /// RUN → every page present.
+    pub postcopy: Duration,
+    /// The pager's counters.
+    pub pager: pager::StatsSnapshot,
+    /// The source's verdict.
+    pub verdict: String,
+}
+
+/// A migration destination listening for its source.
+pub struct Destination {
+    acceptor: Acceptor,
+    opts: DestOptions,
+    control: Arc<DestControl>,
+}
+
+impl Destination {
+    /// Listens on `addr` for a source that passes `security` (a
+    /// [`TlsConfig`](crate::tls::TlsConfig), or a pre-shared [`Key`](crate::auth::Key) on
+    /// trusted links). The first session to authenticate is the one served; any other is
+    /// refused.
+    pub fn bind(
+        addr: &Addr,
+        security: impl Into<Security>,
+        opts: DestOptions,
+    ) -> Result<Destination, Error> {
+        let listener = Listener::bind(addr).map_err(Error::io("bind the destination"))?;
+        let admission = Admission {
+            max_sessions: 1,
+            ..opts.admission
+        };
+        let acceptor = Acceptor::start(
+            listener,
+            security.into(),
+            (opts.timing, admission),
+            (Role::Source, Admit::OneSession),
+            None,
+        )?;
+        Ok(Destination {
+            acceptor,
+            opts,
+            control: Arc::default(),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Result<Addr, Error> {
+        self.acceptor.local_addr()
+    }
+
+    /// Progress.
+    pub fn control(&self) -> Arc<DestControl> {
+        self.control.clone()
+    }
+
+    /// Runs the destination to the end. `on_run` is called at RUN with the memory (start
+    /// the workload there; it runs while pages are still arriving).
+    ///
+    /// A broken or silent connection pauses (after RUN the pager keeps the workload's
+    /// faults waiting) until the source reconnects, or fails after
+    /// [`Timing::give_up_after`]. If the migration fails after RUN, the memory is left
+    /// mapped (the workload may still use it) and, with the pager gone, pages that never
+    /// arrived read as zero.
+    pub fn run(self, on_run: impl FnOnce(RunningMemory)) -> Result<DestReport, Error> {
+        let mut d = DestRun::start(&self)?;
+        let mut on_run = Some(on_run);
+        while d.step != step::VERIFIED {
+            let done = match d.step {
+                step::ADVISED => d.precopy(),
+                step::LISTENING => d.await_run(&mut on_run),
+                _ => d.postcopy(),
+            };
+            match done {
+                Ok(()) => {}
+                Err(e) if e.is_link() => d.resume(e)?,
+                Err(e) => return Err(d.fail(e)),
+            }
+        }
+        d.linger();
+        self.control.set_phase(DestPhase::Done);
+        d.report()
+    }
+}
