@@ -27,6 +27,11 @@ use crate::cli_args::{HandlerMode, PrefetchArgs};
 use crate::units;
 use postcopy::socket_file::{self, SocketFile};
 
+mod summary;
+mod vmm;
+use summary::{summary, Geometry};
+use vmm::{accept_vmm, end_peer, refuse_others, vmm_name};
+
 const AFTER_HELP: &str = "\
 Drop-in for Firecracker's example handlers: `uffdkit fc-handler SOCKET MEMFILE` is the \
 same command line, and so is `--socket SOCKET --mem-file MEMFILE`.
@@ -268,160 +273,6 @@ fn parse_addr(text: &str) -> Result<postcopy::net::Addr, String> {
         .map_err(|_| format!("not an address (host:port or unix:/path): {text}"))
 }
 
-/// Waits for Firecracker: a connection that sends nothing, or no userfaultfd, is not a
-/// VMM (a probe, a stranger) and is let go; a VMM whose handshake fails is killed (unless
-/// told not to) and ends the run.
-fn accept_vmm(listener: &UnixListener, kill: bool) -> Result<Handshake> {
-    loop {
-        let stream = match listener.accept() {
-            Ok((stream, _)) => stream,
-            Err(e) if transient(&e) => {
-                warn!("accept: {e}; retrying");
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-            Err(e) => return Err(e).context("accept a connection"),
-        };
-        let peer = peer_credentials(&stream).ok();
-        match firecracker::handshake(stream) {
-            Ok(hs) => return Ok(hs),
-            Err(HandshakeError::Empty) => debug!(
-                "a connection from {} closed without a word (a probe of the socket?); still waiting",
-                peer_name(peer)
-            ),
-            Err(e) if !e.leaves_vmm_waiting() => warn!(
-                "ignoring a connection from {}: {e}; still waiting for Firecracker",
-                peer_name(peer)
-            ),
-            Err(e) => {
-                if let Some(peer) = peer {
-                    end_peer(&peer, kill, "its region table was refused");
-                }
-                return Err(e).with_context(|| format!("handshake with {}", vmm_name(peer)));
-            }
-        }
-    }
-}
-
-/// After the handshake the listener stays bound (the path is ours until we exit, so a
-/// second handler is refused); connections to it are closed at once, not left queued.
-fn refuse_others(listener: &UnixListener, serving: String) -> Result<()> {
-    let listener = listener.try_clone().context("clone the listener")?;
-    std::thread::Builder::new()
-        .name("refuse".into())
-        .spawn(move || {
-            let mut refused = 0u64;
-            loop {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        let who = peer_name(peer_credentials(&stream).ok());
-                        refused += 1;
-                        if refused == 1 {
-                            warn!("refused a connection from {who}: this handler serves {serving} only (further refusals at debug level)");
-                        } else {
-                            debug!("refused connection {refused} from {who}");
-                        }
-                    }
-                    Err(e) if transient(&e) => std::thread::sleep(Duration::from_millis(100)),
-                    Err(_) => return,
-                }
-            }
-        })
-        .context("start the refusing thread")?;
-    Ok(())
-}
-
-/// Errors `accept(2)` recovers from: an aborted connection, or fds and memory running
-/// out (a flood of connections) for a moment.
-fn transient(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        ErrorKind::ConnectionAborted | ErrorKind::Interrupted
-    ) || matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
-}
-
-/// A connection's peer before it proved to be a VMM.
-fn peer_name(peer: Option<PeerCredentials>) -> String {
-    match peer {
-        Some(p) => format!("pid {}", p.pid),
-        None => "an unknown peer".into(),
-    }
-}
-
-/// The VMM that completed the handshake.
-fn vmm_name(peer: Option<PeerCredentials>) -> String {
-    match peer {
-        Some(p) => format!("Firecracker (pid {})", p.pid),
-        None => "Firecracker (pid unknown)".into(),
-    }
-}
-
-/// Kills the VMM after a fatal error (or says why it is left running).
-fn end_peer(peer: &PeerCredentials, kill: bool, why: &str) {
-    let who = vmm_name(Some(*peer));
-    if !kill {
-        warn!("leaving {who} running (--no-kill-peer): {why}; its guest hangs on its next fault");
-        return;
-    }
-    match firecracker::kill_peer(peer) {
-        Ok(()) => {
-            warn!("killed {who} with SIGKILL, as it would hang on faults nobody serves: {why}")
-        }
-        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => debug!("{who} is already gone"),
-        Err(e) => warn!("could not kill {who}: {e}"),
-    }
-}
-
-/// The guest memory Firecracker described.
-struct Geometry {
-    regions: usize,
-    pages: u64,
-    bytes: u64,
-    /// The page size, if every region has the same.
-    page_size: Option<u64>,
-    /// Bytes of the memory file the regions need (the furthest `offset + size`).
-    extent: u64,
-}
-
-impl Geometry {
-    /// Of a handshake's regions (validated by the handshake: page sizes are known).
-    fn of(regions: &[GuestRegion]) -> Geometry {
-        let sizes: Vec<u64> = regions
-            .iter()
-            .map(|r| r.page_size().map_or(4096, |s| s as u64))
-            .collect();
-        Geometry {
-            regions: regions.len(),
-            pages: regions.iter().zip(&sizes).map(|(r, s)| r.size / s).sum(),
-            bytes: regions.iter().map(|r| r.size).sum(),
-            page_size: sizes
-                .iter()
-                .all(|s| Some(s) == sizes.first())
-                .then(|| sizes[0]),
-            extent: regions
-                .iter()
-                .map(|r| r.offset.saturating_add(r.size))
-                .max()
-                .unwrap_or(0),
-        }
-    }
-
-    fn describe(&self) -> String {
-        let pages = match self.page_size {
-            Some(size) => format!("{} pages of {}", self.pages, units::bytes(size)),
-            None => format!("{} pages of mixed sizes", self.pages),
-        };
-        format!(
-            "{} region(s), {pages} ({} of guest memory)",
-            self.regions,
-            units::bytes(self.bytes)
-        )
-    }
-}
-
 /// Serves the handshake's regions until Firecracker exits.
 fn serve(
     args: &Args,
@@ -459,77 +310,6 @@ fn serve(
         readahead: !args.prefetch.no_readahead,
     };
     firecracker::serve(hs, memory.source.clone(), &options).context("serving guest memory")
-}
-
-/// The exit summary: what was served, in pages and bytes, naming only what was used.
-fn summary(
-    who: &str,
-    elapsed: Duration,
-    geometry: &Geometry,
-    memory: &Memory,
-    args: &Args,
-    stats: &StatsSnapshot,
-) -> Vec<String> {
-    let of = |pages: u64| match geometry.page_size {
-        Some(size) => units::bytes(pages * size),
-        None => "mixed page sizes".into(),
-    };
-    let mut lines = vec![format!(
-        "fc-handler: {who} closed the connection after {:.2} s; it had {}.",
-        elapsed.as_secs_f64(),
-        geometry.describe()
-    )];
-    let faults = stats.faults();
-    if memory.file.is_some() {
-        lines.push(format!(
-            "  on fault:   {} pages ({}) for {faults} faults",
-            stats.placed_fault,
-            of(stats.placed_fault)
-        ));
-        if args.prefetch.prefetch != "none" || args.prefetch.replay.is_some() {
-            lines.push(format!(
-                "  prefetched: {} pages ({})",
-                stats.placed_prefetch,
-                of(stats.placed_prefetch)
-            ));
-        }
-    } else {
-        let reconnects = match &memory.client {
-            Some(client) => format!("; {} reconnections", client.reconnects()),
-            None => String::new(),
-        };
-        lines.push(format!(
-            "  from {}: {} pages ({}), requested on fault or streamed; {faults} faults{}",
-            memory.remote,
-            stats.placed_arrival,
-            of(stats.placed_arrival),
-            reconnects
-        ));
-    }
-    if faults != stats.placed_fault {
-        let remote_answer = format!("by {} (a request, or the stream)", memory.remote);
-        let answered = if memory.file.is_some() {
-            "with a zero page"
-        } else {
-            remote_answer.as_str()
-        };
-        lines.push(format!(
-            "  (faults are touches the kernel reported, not pages: a fault may be answered \
-             {answered}, or find its page already on its way ({}) or already placed ({}) and \
-             need only a wake)",
-            stats.faults_duplicate, stats.faults_wake_only
-        ));
-    }
-    if stats.placed_zero > 0 || stats.events_remove > 0 {
-        lines.push(format!(
-            "  zero pages: {} (placed with UFFDIO_ZEROPAGE, never read), {} REMOVE event(s) (balloon or free-page reporting dropped pages)",
-            stats.placed_zero, stats.events_remove
-        ));
-    }
-    if let Some(path) = &args.prefetch.record {
-        lines.push(format!("  working set recorded to {}", path.display()));
-    }
-    lines
 }
 
 /// The socket path given, positional or flag.
