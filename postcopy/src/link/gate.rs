@@ -67,6 +67,8 @@ struct Pending {
     shake: Listening,
     deadline: Instant,
     then: Then,
+    /// Whether it has sent anything: a peer in its handshake has, an idle stranger not.
+    heard: bool,
 }
 
 /// What happens to a connection once its output is sent.
@@ -212,6 +214,7 @@ impl Gate<'_> {
         if let Then::Close { .. } = p.then {
             return;
         }
+        p.heard |= n > 0;
         // (An admitted opener waits for its answer: bytes now are refused by `feed`.)
         match p.shake.feed(&self.scratch[..n]) {
             Ok(Progress::More) => {}
@@ -335,6 +338,7 @@ impl Gate<'_> {
                         shake,
                         deadline: now + self.shared.admission.handshake_deadline,
                         then: Then::Shake,
+                        heard: false,
                     });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
@@ -350,12 +354,15 @@ impl Gate<'_> {
         }
     }
 
-    /// Closes the oldest connection at the gate; false if there is none.
+    /// Closes the oldest connection at the gate that has sent nothing yet (an idle
+    /// stranger, not a peer in the middle of its handshake), or else the oldest; false if
+    /// there is none. A flood of idle connections thus never evicts a real client.
     fn evict_oldest(&mut self) -> bool {
         if self.pending.is_empty() {
             return false;
         }
-        let p = self.pending.remove(0);
+        let oldest_idle = self.pending.iter().position(|p| !p.heard).unwrap_or(0);
+        let p = self.pending.remove(oldest_idle);
         if let Then::Shake | Then::HandOver(..) = p.then {
             self.shared.stats.evicted.fetch_add(1, Ordering::Relaxed);
             log::debug!("closed the oldest connection in its handshake to make room");
