@@ -1,7 +1,10 @@
-//! A fault-injecting TCP proxy: put it between two real endpoints and cut their
-//! connections the way networks do — a **reset** (both ends get RST) or a **silent
-//! freeze** (both ends stay established and nothing flows: a partition) — at planned byte
-//! offsets, or now.
+//! A fault-injecting TCP proxy: put it between two real endpoints and break their
+//! connections the way networks do — a **reset** (both ends get RST), a **silent
+//! freeze** (both ends stay established and nothing flows: a partition), a **half-open**
+//! link (one direction frozen, the other flowing) — or degrade them: a **delay spike**
+//! (nothing moves for a while, then everything does, nothing lost) or a **slow drip**
+//! (bandwidth throttled to a trickle for a while) — at planned byte offsets, or now
+//! (a test that hears the endpoints' protocol events cuts at those).
 //!
 //! Each connection is tagged by a classifier that reads the opener's first bytes (a
 //! postcopy test tags `main` and `urgent` from the HELLO), so a cut can hit one channel
@@ -34,13 +37,34 @@ use std::time::{Duration, Instant};
 
 use nix::sys::socket::{setsockopt, sockopt::Linger};
 
-/// How a cut breaks connections.
+/// How a cut breaks (or degrades) connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CutMode {
     /// Both ends get a reset (RST).
     Reset,
     /// Nothing flows any more, both ways, and nothing is closed: both ends see silence.
     Freeze,
+    /// Nothing flows any more in this direction; the other still flows; nothing is closed.
+    HalfOpen(Direction),
+    /// Nothing moves for this long, then everything held moves on (nothing lost).
+    Delay(Duration),
+    /// At most `bytes_per_sec` each way for `lasting`, then full speed again.
+    Drip {
+        /// The trickle's rate.
+        bytes_per_sec: u64,
+        /// How long it lasts.
+        lasting: Duration,
+    },
+}
+
+impl CutMode {
+    /// Whether it breaks connections for good (the rest degrade them for a while).
+    pub fn breaks(self) -> bool {
+        matches!(
+            self,
+            CutMode::Reset | CutMode::Freeze | CutMode::HalfOpen(_)
+        )
+    }
 }
 
 /// Which connections a cut breaks.
@@ -63,13 +87,13 @@ pub struct Cut {
     pub after: u64,
 }
 
-/// Which way the counted bytes flow.
+/// Which way bytes flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
     /// Opener → listener.
-    ToListener,
+    ToListener = 0,
     /// Listener → opener.
-    ToOpener,
+    ToOpener = 1,
 }
 
 /// How the proxy tags and counts.
@@ -95,14 +119,40 @@ struct Link {
     tag: OnceLock<&'static str>,
     sockets: [TcpStream; 2],
     frozen: AtomicBool,
+    /// One direction frozen (indexed by `Direction as usize`).
+    half: [AtomicBool; 2],
     reset: AtomicBool,
+    /// Nothing moves before this.
+    held_until: Mutex<Option<Instant>>,
+    /// Until when, and how many bytes a tick each way.
+    drip: Mutex<Option<(Instant, usize)>>,
 }
 
 impl Link {
+    /// Whether a cut can still hit it: a half-open link can still freeze or reset whole.
     fn live(&self) -> bool {
         self.pumps.load(Ordering::SeqCst) > 0
             && !self.frozen.load(Ordering::SeqCst)
             && !self.reset.load(Ordering::SeqCst)
+    }
+
+    /// Whether nothing flows in `dir` any more.
+    fn blocked(&self, dir: Direction) -> bool {
+        self.frozen.load(Ordering::SeqCst) || self.half[dir as usize].load(Ordering::SeqCst)
+    }
+
+    /// How long nothing may move yet, if held.
+    fn held(&self) -> Option<Duration> {
+        let until = (*self.held_until.lock().unwrap_or_else(|p| p.into_inner()))?;
+        until.checked_duration_since(Instant::now())
+    }
+
+    /// Bytes one read may take now: a tick's worth while dripping.
+    fn allowance(&self, full: usize) -> (usize, bool) {
+        match *self.drip.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((until, per_tick)) if Instant::now() < until => (per_tick.min(full), true),
+            _ => (full, false),
+        }
     }
 
     fn hit_by(&self, target: Target) -> bool {
@@ -115,6 +165,19 @@ impl Link {
     fn apply(&self, mode: CutMode) {
         match mode {
             CutMode::Freeze => self.frozen.store(true, Ordering::SeqCst),
+            CutMode::HalfOpen(dir) => self.half[dir as usize].store(true, Ordering::SeqCst),
+            CutMode::Delay(d) => {
+                *self.held_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(Instant::now() + d)
+            }
+            CutMode::Drip {
+                bytes_per_sec,
+                lasting,
+            } => {
+                let per_tick = (bytes_per_sec as u128 * TICK.as_millis() / 1000).max(1) as usize;
+                *self.drip.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((Instant::now() + lasting, per_tick));
+            }
             CutMode::Reset => {
                 for s in &self.sockets {
                     // Linger 0: the last close sends RST instead of FIN.
@@ -316,8 +379,10 @@ impl State {
             link.apply(mode);
             hit += 1;
         }
-        let accepted = self.connections.load(Ordering::SeqCst);
-        self.fresh_from.store(accepted, Ordering::SeqCst);
+        if mode.breaks() {
+            let accepted = self.connections.load(Ordering::SeqCst);
+            self.fresh_from.store(accepted, Ordering::SeqCst);
+        }
         // A reset link's sockets close when its pumps let go too: the last close sends RST.
         links.retain(|l| !l.reset.load(Ordering::SeqCst));
         if hit > 0 {
@@ -382,7 +447,10 @@ fn accept(state: &Arc<State>, listener: &TcpListener) {
                 tag: OnceLock::new(),
                 sockets: [opener.try_clone()?, listener_side.try_clone()?],
                 frozen: AtomicBool::new(false),
+                half: [AtomicBool::new(false), AtomicBool::new(false)],
                 reset: AtomicBool::new(false),
+                held_until: Mutex::new(None),
+                drip: Mutex::new(None),
             }))
         };
         let Ok(link) = setup() else { continue };
@@ -425,11 +493,19 @@ fn pump(state: &State, link: &Link, dir: Direction, mut from: TcpStream, mut to:
         if state.stop.load(Ordering::SeqCst) || link.reset.load(Ordering::SeqCst) {
             return;
         }
-        if link.frozen.load(Ordering::SeqCst) {
+        if link.blocked(dir) {
             std::thread::sleep(TICK);
             continue;
         }
-        let n = match from.read(&mut buf) {
+        if let Some(wait) = link.held() {
+            std::thread::sleep(wait.min(TICK));
+            continue;
+        }
+        let (allowed, dripping) = link.allowance(buf.len());
+        if dripping {
+            std::thread::sleep(TICK);
+        }
+        let n = match from.read(&mut buf[..allowed]) {
             Ok(0) => {
                 let _ = to.shutdown(std::net::Shutdown::Write);
                 return;
@@ -456,16 +532,16 @@ fn pump(state: &State, link: &Link, dir: Direction, mut from: TcpStream, mut to:
         carried += n as u64;
         let (go, cut) = state.count(n as u64 - skip);
         let go = (skip + go) as usize;
-        if !write_all(state, link, &mut to, &buf[..go]) {
+        if !write_all(state, link, dir, &mut to, &buf[..go]) {
             return;
         }
         if let Some(cut) = cut {
             state.cut(cut.mode, cut.target);
-            if link.frozen.load(Ordering::SeqCst) || link.reset.load(Ordering::SeqCst) {
+            if link.blocked(dir) || link.reset.load(Ordering::SeqCst) {
                 continue; // the rest of this read never arrives
             }
         }
-        if !write_all(state, link, &mut to, &buf[go..n]) {
+        if !write_all(state, link, dir, &mut to, &buf[go..n]) {
             return;
         }
     }
@@ -478,12 +554,18 @@ fn transient(e: &io::Error) -> bool {
 }
 
 /// Writes all of `bytes` unless the link is reset or frozen, or the proxy stops meanwhile.
-fn write_all(state: &State, link: &Link, to: &mut TcpStream, mut bytes: &[u8]) -> bool {
+fn write_all(
+    state: &State,
+    link: &Link,
+    dir: Direction,
+    to: &mut TcpStream,
+    mut bytes: &[u8],
+) -> bool {
     while !bytes.is_empty() {
         if state.stop.load(Ordering::SeqCst) || link.reset.load(Ordering::SeqCst) {
             return false;
         }
-        if link.frozen.load(Ordering::SeqCst) {
+        if link.blocked(dir) {
             return true;
         }
         match to.write(bytes) {
