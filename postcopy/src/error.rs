@@ -151,6 +151,12 @@ pub enum Refusal {
         /// The step the peer reported.
         step: u64,
     },
+    /// A SYNCED for a SYNC that was never sent or was confirmed already.
+    #[error("the peer confirmed SYNC {seq}, which is not awaiting confirmation")]
+    Confirmation {
+        /// The sequence number it confirmed.
+        seq: u64,
+    },
     /// One end speaks TLS, the other plaintext with a pre-shared key.
     #[error("security mismatch: this side speaks {ours}, the peer {peer}")]
     SecurityMismatch {

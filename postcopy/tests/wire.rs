@@ -73,6 +73,8 @@ fn message() -> impl Strategy<Value = Message> {
         any::<u64>().prop_map(|seq| Message::Ack { seq }),
         any::<u64>().prop_map(|seq| Message::Ping { seq }),
         any::<u64>().prop_map(|seq| Message::Pong { seq }),
+        any::<u64>().prop_map(|seq| Message::Sync { seq }),
+        any::<u64>().prop_map(|seq| Message::Synced { seq }),
         proptest::collection::vec(any::<u64>(), (PAGES / 64) as usize)
             .prop_map(|words| Message::RecvBitmap { words }),
         (

@@ -5,6 +5,14 @@
 //! (a fault handler calls it; see pager's worker docs on fork), and on every new
 //! connection pair reports what is present (RECV_BITMAP) and asks again for the pages
 //! still outstanding.
+//!
+//! **Only the greeted pair lands.** A receiver lands frames only from the pair it greeted
+//! last (its epoch, the newest): greeting takes the landing lock for writing, so once a
+//! newer pair is greeted no frame of an older one is being landed or ever will be —
+//! whatever a superseded connection still delivers is refused and counted
+//! ([`RecvStats::stale_frames`]), never applied over what the newer pair brought. It also
+//! confirms precopy: SYNC is answered with SYNCED once every frame before it on the same
+//! connection has landed (frames land in order, on the reading thread).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -54,6 +62,9 @@ pub struct RecvStats {
     pub placed: AtomicU64,
     /// Pages asked for by faults.
     pub requested: AtomicU64,
+    /// Frames refused because they came on a pair older than the one greeted last (a
+    /// superseded connection still delivering): never applied.
+    pub stale_frames: AtomicU64,
 }
 
 /// Relaxed: counters and timestamps that only feed statistics.
@@ -62,7 +73,12 @@ const STAT: Ordering = Ordering::Relaxed;
 /// One session's receiving half (it outlives connection pairs).
 pub(crate) struct Receiver {
     ps: usize,
+    /// Where pages land. Read-locked while a frame lands; write-locked to change the
+    /// land or the epoch.
     land: RwLock<Land>,
+    /// The epoch of the pair greeted last: the only pair whose frames land. Written
+    /// under `land`'s write lock, read under its read lock (the lock orders it: Relaxed).
+    greeted: AtomicU64,
     urgent: Mutex<Option<Arc<Chan>>>,
     /// Per page: when it was requested (ns since `epoch`, plus one), or 0.
     asked: Box<[AtomicU64]>,
@@ -81,6 +97,7 @@ impl Receiver {
         Receiver {
             ps,
             land: RwLock::new(land),
+            greeted: AtomicU64::new(0),
             urgent: Mutex::new(None),
             asked: (0..pages).map(|_| AtomicU64::new(0)).collect(),
             epoch: Instant::now(),
@@ -150,6 +167,12 @@ impl Receiver {
     /// on main; then requests go to its urgent connection, and the pages still
     /// outstanding are asked for again.
     pub fn greet(&self, pair: &Pair, step: Option<u64>) -> Result<(), Error> {
+        {
+            // The write lock waits out any frame of an older pair being landed; every
+            // later landing sees the new epoch.
+            let _landing = self.land.write().unwrap_or_else(|p| p.into_inner());
+            self.greeted.fetch_max(pair.epoch, Ordering::Relaxed);
+        }
         pair.main.send(&Message::RecvBitmap {
             words: self.present(),
         })?;
@@ -250,11 +273,50 @@ impl Receiver {
         }
     }
 
-    /// Lands pages `first..` with `data`, or zero pages when `data` is `None`.
-    fn land_pages(&self, first: u64, count: u64, data: Option<&[u8]>) -> Result<(), Error> {
+    /// Whether a frame that came on `chan` may land: its pair is the one greeted last.
+    /// A frame of an older pair is counted and ends that pair (superseded); one of a pair
+    /// not greeted yet breaks the protocol (nothing but RECV_BITMAP's answer may follow
+    /// a greeting). Call with `land` read-locked.
+    fn current(&self, chan: &Chan, what: &'static str) -> Result<(), Error> {
+        let greeted = self.greeted.load(Ordering::Relaxed);
+        match chan.pair_epoch.cmp(&greeted) {
+            std::cmp::Ordering::Equal => Ok(()),
+            std::cmp::Ordering::Less => {
+                self.stats.stale_frames.fetch_add(1, STAT);
+                log::warn!(
+                    "refused {what} from a superseded connection pair (epoch {} < {greeted})",
+                    chan.pair_epoch
+                );
+                Err(crate::error::LinkError::Superseded.into())
+            }
+            std::cmp::Ordering::Greater => Err(Error::Unexpected {
+                expected: "nothing before this side's RECV_BITMAP",
+                got: what,
+                channel: chan.channel,
+            }),
+        }
+    }
+
+    /// [`Receiver::current`], taking the read lock for the check.
+    fn current_now(&self, chan: &Chan, what: &'static str) -> Result<(), Error> {
+        let _land = self.land();
+        self.current(chan, what)
+    }
+
+    /// Lands pages `first..` with `data`, or zero pages when `data` is `None`, if `chan`'s
+    /// pair is current.
+    fn land_pages(
+        &self,
+        chan: &Chan,
+        first: u64,
+        count: u64,
+        data: Option<&[u8]>,
+    ) -> Result<(), Error> {
         let ps = self.ps;
         let (start, end) = (first as usize, (first + count) as usize);
-        match &*self.land() {
+        let land = self.land();
+        self.current(chan, "pages")?;
+        match &*land {
             Land::Idle => {
                 return Err(Error::Unexpected {
                     expected: "no pages before the session runs",
@@ -336,13 +398,19 @@ impl Inbound for Receiver {
         true
     }
 
-    fn frame(&self, _chan: &Chan, frame: Frame<'_>) -> Result<Option<Message>, Error> {
+    fn frame(&self, chan: &Chan, frame: Frame<'_>) -> Result<Option<Message>, Error> {
         match frame {
             Frame::Pages { first, data } => {
                 let count = (data.len() / self.ps) as u64;
-                self.land_pages(first, count, Some(data))?;
+                self.land_pages(chan, first, count, Some(data))?;
             }
-            Frame::Other(Message::ZeroRun(r)) => self.land_pages(r.first, r.count, None)?,
+            Frame::Other(Message::ZeroRun(r)) => self.land_pages(chan, r.first, r.count, None)?,
+            Frame::Other(Message::Sync { seq }) => {
+                // Every frame before it on this connection has landed (in order, on this
+                // thread): confirm them, unless this pair was superseded meanwhile.
+                self.current_now(chan, "SYNC")?;
+                chan.send(&Message::Synced { seq })?;
+            }
             Frame::Other(msg) => return Ok(Some(msg)),
         }
         #[cfg(feature = "fault-injection")]

@@ -119,6 +119,9 @@ impl Sender {
                 }
             };
             drop(w);
+            #[cfg(feature = "fault-injection")]
+            self.faults
+                .event(crate::fault::Event::PageFrame(chan.channel));
             self.stats
                 .zero_pages
                 .fetch_add(n - sent / self.ps as u64, STAT);

@@ -93,10 +93,16 @@ impl Default for Admission {
     }
 }
 
+/// Pairs' epochs, increasing in the order pairs start, process-wide.
+static EPOCHS: AtomicU64 = AtomicU64::new(1);
+
 /// One connection's writing side, shared by the threads that send on it.
 pub(crate) struct Chan {
     /// What it carries.
     pub channel: Channel,
+    /// Its pair's epoch: a receiver lands frames only from the pair it greeted last, the
+    /// newest (see `Receiver`), so nothing a superseded pair still carries is applied.
+    pub pair_epoch: u64,
     writer: Mutex<FrameWriter>,
     link: Link,
     /// Where fault handlers' requests go when a write may allocate (an encrypted
@@ -137,13 +143,14 @@ impl Drop for Sending<'_> {
 
 impl Chan {
     fn new(
-        channel: Channel,
+        (channel, epoch): (Channel, u64),
         writer: FrameWriter,
         link: Link,
         forward: Option<Arc<Forward>>,
     ) -> Chan {
         Chan {
             channel,
+            pair_epoch: epoch,
             writer: Mutex::new(writer),
             link,
             forward,
@@ -294,6 +301,8 @@ pub(crate) struct Pair {
     pub urgent: Arc<Chan>,
     /// Cuts both.
     pub cutter: Arc<Cutter>,
+    /// Greater than every pair's started before it in this process.
+    pub epoch: u64,
     queue: mpsc::Receiver<Queued>,
     forward: Option<Arc<Forward>>,
     threads: Vec<JoinHandle<()>>,
@@ -310,6 +319,8 @@ impl Pair {
         timing: &Timing,
     ) -> Result<Pair, Error> {
         let limits = Limits::default().advised(advise);
+        // Relaxed: a unique, increasing number; the pair's threads start after it.
+        let epoch = EPOCHS.fetch_add(1, Ordering::Relaxed);
         let (tx, queue) = mpsc::channel();
         let mut threads = Vec::new();
         let mut chans = Vec::new();
@@ -319,7 +330,7 @@ impl Pair {
             let Conn { mut r, w, link, .. } = conn;
             r.limits = limits;
             let fwd = forward.clone().filter(|_| channel == Channel::Urgent);
-            let chan = Arc::new(Chan::new(channel, w, link, fwd));
+            let chan = Arc::new(Chan::new((channel, epoch), w, link, fwd));
             let (c, cut, inb, tx) = (chan.clone(), cutter.clone(), inbound.clone(), tx.clone());
             threads.push(spawn(&format!("pc-{channel}-rx"), move || {
                 read_loop(r, &c, &cut, &*inb, &tx)
@@ -337,6 +348,7 @@ impl Pair {
             main,
             urgent,
             cutter,
+            epoch,
             queue,
             forward,
             threads,

@@ -14,6 +14,8 @@
 //!   precopy rounds: PAGES / ZERO_RUN ───▶  copied in, no uffd yet           (step 0)
 //!     (round k sends what round k-1's
 //!      dirty scan found written)
+//!   SYNC(n) every 4 MiB and per round ──▶
+//!                               ◀────────  SYNCED(n): every page before it landed
 //!   stop the workload; final dirty scan
 //!   DISCARD (sent ∧ dirty) ─────────────▶  drop those pages
 //!   LISTEN ─────────────────────────────▶  register uffd, start the pager
@@ -26,6 +28,7 @@
 //!                               ◀────────  DIGESTS (every page's digest)
 //!   SHUT (verified / mismatch) ─────────▶
 //!                               ◀────────  ACK(3)                          (step 3)
+//!   ACK(3) (heard: the destination may go) ▶
 //! ```
 //!
 //! **Recovery, in every phase.** A connection that breaks or goes silent (see
@@ -39,6 +42,15 @@
 //! the destination did not do; in postcopy, it streams what is missing, and the
 //! destination asks again for its outstanding requests. Either side gives up after
 //! [`Timing::give_up_after`] without a working pair, with [`Error::GaveUp`].
+//!
+//! **The delivery invariant** (the README argues it at length): a page counts as delivered
+//! only once the destination confirmed it — SYNCED for precopy pages (after a break, every
+//! page not confirmed counts as dirty, whatever the present-set says: it cannot tell an old
+//! version from the new one that died in a frozen connection), the ACK of LISTEN for all of
+//! precopy, the present-set (RECV_BITMAP) after the switch, when each page has one version;
+//! nothing a superseded pair still carries is applied (the receiver lands frames only from
+//! the pair it greeted last); a page is placed once after the switch, so no older version
+//! overwrites a newer one. `tests/explore.rs` checks it under seeded fault schedules.
 //!
 //! **Dirty tracking** is userfaultfd async write-protect plus `PAGEMAP_SCAN`; see
 //! [`uffd_core::DirtyTracker`] for why it beats soft-dirty bits.

@@ -166,6 +166,8 @@ fn decode_body(kind: u8, body: &[u8], limits: &Limits) -> Result<Message, WireEr
             Message::ZeroRun(range)
         }
         kind::ACK => Message::Ack { seq: r.u64()? },
+        kind::SYNC => Message::Sync { seq: r.u64()? },
+        kind::SYNCED => Message::Synced { seq: r.u64()? },
         kind::PING => Message::Ping { seq: r.u64()? },
         kind::PONG => Message::Pong { seq: r.u64()? },
         kind::RECV_BITMAP => recv_bitmap(&mut r, limits)?,

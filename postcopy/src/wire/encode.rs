@@ -78,7 +78,11 @@ impl Message {
                 w.u64(r.first);
                 w.u64(r.count);
             }
-            Message::Ack { seq } | Message::Ping { seq } | Message::Pong { seq } => w.u64(*seq),
+            Message::Ack { seq }
+            | Message::Sync { seq }
+            | Message::Synced { seq }
+            | Message::Ping { seq }
+            | Message::Pong { seq } => w.u64(*seq),
             Message::RecvBitmap { words } => {
                 w.u32(words.len() as u32);
                 for x in words {

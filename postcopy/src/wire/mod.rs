@@ -18,8 +18,9 @@ pub use encode::{encode, encode_request};
 /// Identifies a uffdkit postcopy connection.
 pub const MAGIC: [u8; 8] = *b"UFFDKPC\0";
 /// The wire version this crate speaks (3: a HELLO asking for TLS is answered with START_TLS,
-/// and the connection is admitted inside TLS with ADMITTED).
-pub const VERSION: u16 = 3;
+/// and the connection is admitted inside TLS with ADMITTED; 4: precopy pages count as
+/// delivered only once a SYNC after them is answered with SYNCED).
+pub const VERSION: u16 = 4;
 /// Bytes before the body.
 pub const HEADER_LEN: usize = 8;
 /// Bytes after the body.
@@ -197,6 +198,19 @@ pub enum Message {
         /// The sequence number.
         seq: u64,
     },
+    /// Precopy: every page frame sent before this one on the connection is to be
+    /// confirmed; the destination answers [`Message::Synced`] once it has landed them.
+    Sync {
+        /// Echoed in SYNCED; increasing over the whole session.
+        seq: u64,
+    },
+    /// Return path: every page frame that came before SYNC `seq` on this connection is in
+    /// the destination's memory. Until it arrives, the source counts those pages as not
+    /// delivered (see the delivery invariant in [`crate::migrate`]).
+    Synced {
+        /// The SYNC's sequence number.
+        seq: u64,
+    },
     /// Liveness probe.
     Ping {
         /// Echoed in the PONG.
@@ -241,6 +255,7 @@ pub(crate) mod kind {
     pub const LISTEN: u8 = 12;
     pub const RUN: u8 = 13;
     pub const END: u8 = 14;
+    pub const SYNC: u8 = 15;
     pub const PAGES: u8 = 20;
     pub const ZERO_RUN: u8 = 22;
     pub const REQ_PAGES: u8 = 30;
@@ -249,6 +264,7 @@ pub(crate) mod kind {
     pub const PONG: u8 = 33;
     pub const RECV_BITMAP: u8 = 34;
     pub const DIGESTS: u8 = 35;
+    pub const SYNCED: u8 = 36;
     pub const SHUT: u8 = 40;
 }
 
@@ -401,6 +417,8 @@ impl Message {
             Message::ZeroRun(_) => (kind::ZERO_RUN, "ZERO_RUN"),
             Message::ReqPages { .. } => (kind::REQ_PAGES, "REQ_PAGES"),
             Message::Ack { .. } => (kind::ACK, "ACK"),
+            Message::Sync { .. } => (kind::SYNC, "SYNC"),
+            Message::Synced { .. } => (kind::SYNCED, "SYNCED"),
             Message::Ping { .. } => (kind::PING, "PING"),
             Message::Pong { .. } => (kind::PONG, "PONG"),
             Message::RecvBitmap { .. } => (kind::RECV_BITMAP, "RECV_BITMAP"),

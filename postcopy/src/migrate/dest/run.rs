@@ -279,19 +279,24 @@ impl<'d> DestRun<'d> {
         Ok(())
     }
 
-    /// After the verdict: until the source closes the pair, or, if it reconnects (its
-    /// pair broke before our ACK arrived), until it heard step 3 on the new one; bounded.
+    /// After the verdict: until the source says it heard our ACK of step 3 (it echoes
+    /// it), on this pair or — if this one breaks or is superseded first (the ACK may be
+    /// lost with it) — on the next one it opens, which hears step 3 in its greeting;
+    /// bounded by two silence deadlines and a backoff.
     pub(super) fn linger(&mut self) {
         let t = self.d.opts.timing;
         let until = Instant::now() + t.silence * 2 + t.max_backoff;
         while let Some(pair) = &self.pair {
             match pair.next_within(until.saturating_duration_since(Instant::now())) {
+                Ok(Some((_, Message::Ack { seq }))) if seq == step::VERIFIED => return,
                 Ok(Some(_)) => continue,
-                Err(Error::Link(LinkError::Superseded)) => self.pair = None,
-                _ => return,
+                Ok(None) => {
+                    return log::warn!("destination: the source never said it heard the end")
+                }
+                Err(_) => self.pair = None,
             }
             if !matches!(self.next_pair(until, &mut LinkError::Cut), Ok(true)) {
-                return;
+                return log::warn!("destination: the source did not come back to hear the end");
             }
         }
     }

@@ -21,6 +21,16 @@ use crate::wire::{Advise, Features, Message, PageRange, Role, ShutReason, WireRe
 use crate::Error;
 use uffd_core::DirtyTracker;
 
+/// Reports a protocol event to the test observer (`fault-injection` only; nothing
+/// otherwise, not even the event's construction).
+macro_rules! event {
+    ($control:expr, $event:ident $(($($arg:expr),*))?) => {
+        #[cfg(feature = "fault-injection")]
+        $control.faults.event(crate::fault::Event::$event $(($($arg),*))?);
+    };
+}
+
+mod confirm;
 mod run;
 use run::Run;
 
@@ -158,6 +168,12 @@ impl SourceControl {
     #[cfg(feature = "fault-injection")]
     pub fn inject(&self, fault: crate::fault::Fault, after_pages: u64) {
         self.faults.inject(fault, after_pages);
+    }
+
+    /// Reports the source's protocol events to `observer` (tests: faults at events).
+    #[cfg(feature = "fault-injection")]
+    pub fn observe(&self, observer: crate::fault::Observer) {
+        self.faults.observe(observer);
     }
 
     /// Waits up to `timeout` for a resume command after the `seen`th; true if one came.

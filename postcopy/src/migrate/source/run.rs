@@ -1,7 +1,9 @@
 //! A running migration: its state across connection pairs, and each phase — precopy
 //! rounds, the switch, postcopy, resumption — as its own function.
 
+use super::confirm::{Unconfirmed, SYNC_EVERY};
 use super::*;
+
 /// A running migration's state, across connection pairs.
 pub(super) struct Run<'m> {
     m: &'m Migration,
@@ -11,6 +13,8 @@ pub(super) struct Run<'m> {
     sent: Bitmap,
     /// Pages written since they were last sent (or never sent).
     dirty: Bitmap,
+    /// Precopy pages sent and not yet confirmed by the destination (SYNCED).
+    unconfirmed: Unconfirmed,
     tracker: Option<DirtyTracker>,
     dialer: Dialer,
     advise: Advise,
@@ -63,6 +67,7 @@ impl<'m> Run<'m> {
             sender: Arc::new(sender),
             sent: Bitmap::new(pages as usize),
             dirty,
+            unconfirmed: Unconfirmed::default(),
             tracker,
             dialer: Dialer::new(
                 m.addr.clone(),
@@ -138,16 +143,28 @@ impl<'m> Run<'m> {
         drop(pair);
         let pair = self.connect(false)?;
         self.progress().link.resumed("source");
+        event!(self.m.control, Resumed);
         Ok(pair)
     }
 
     /// Re-plans from the destination's present pages and step.
+    ///
+    /// The delivery invariant: a page counts as delivered only once the destination
+    /// confirmed it — by SYNCED in precopy, by acknowledging LISTEN (it lands every page
+    /// before handling a later message), or by its present-set once it runs the pager
+    /// (after the switch only one version of a page exists, so present means current).
     fn replan(&mut self, present: &[u64], step: u64) -> Result<(), Error> {
         let pages = self.memory.pages as usize;
         let present = Bitmap::from_words(pages, present)?;
         let switched = self.stopped.is_some();
         match step {
             step::ADVISED => {
+                // Not confirmed: what the destination holds may be an older version (the
+                // newer one died in a frozen connection's buffers). Dirty: sent again, or
+                // discarded at the switch.
+                for run in self.unconfirmed.take_all() {
+                    self.dirty.set_range(run)?;
+                }
                 // Sent but never arrived (in flight when the pair broke): send again.
                 let lost: Vec<Range<usize>> = self.sent.runs().collect();
                 for p in lost.into_iter().flatten().filter(|&p| !present.test(p)) {
@@ -156,6 +173,8 @@ impl<'m> Run<'m> {
                 }
             }
             step::LISTENING | step::RUNNING | step::VERIFIED if switched => {
+                // It handled LISTEN, so every precopy page before it had landed.
+                self.unconfirmed.confirm_all();
                 self.sender.need.store_complement_of(&present.to_words())?;
             }
             _ => return Err(Error::refused(Refusal::Step { step })),
@@ -165,30 +184,26 @@ impl<'m> Run<'m> {
     }
 
     /// Precopy rounds until the switch is due; a round broken off goes on after the
-    /// resume with what is still dirty.
+    /// resume with what is still dirty (and what was not confirmed).
     pub(super) fn precopy(&mut self, pair: &Pair) -> Result<(), Error> {
         self.progress().set_phase(Phase::Precopy);
         let ps = self.memory.ps;
+        let per_sync = (SYNC_EVERY as usize / ps).max(1);
         let mut scratch = self.sender.scratch();
         loop {
+            let round = self.rounds.len() as u32 + 1;
             self.progress()
                 .round
-                .store(self.rounds.len() as u64 + 1, Ordering::Relaxed);
+                .store(u64::from(round), Ordering::Relaxed);
+            event!(self.m.control, Round(round));
             let runs: Vec<Range<usize>> = self.dirty.runs().collect();
             for run in runs {
-                self.dirty.clear_range(run.clone())?;
-                self.sent.set_range(run.clone())?;
-                let (first, count) = (run.start as u64, run.len() as u64);
-                let b = self.sender.send(&pair.main, first, count, &mut scratch)?;
-                self.round.1 += count;
-                self.round.2 += b;
-                self.progress()
-                    .precopy_bytes
-                    .fetch_add(b, Ordering::Relaxed);
-                if let Some((channel, msg)) = pair.next_within(Duration::ZERO)? {
-                    return Err(unexpected(msg, "nothing during precopy", channel));
+                for start in run.clone().step_by(per_sync) {
+                    let part = start..(start + per_sync).min(run.end);
+                    self.send_precopy(pair, part, &mut scratch)?;
                 }
             }
+            self.sync(pair)?;
             let dirty = &self.dirty;
             if let Some(t) = &mut self.tracker {
                 t.collect(ps, |g| {
@@ -203,6 +218,55 @@ impl<'m> Run<'m> {
                 self.reason = reason;
                 return Ok(());
             }
+        }
+    }
+
+    /// Sends the pages of `part`, counted as sent, not dirty and not yet confirmed; a SYNC
+    /// after every [`SYNC_EVERY`] bytes; takes the confirmations that came meanwhile.
+    fn send_precopy(
+        &mut self,
+        pair: &Pair,
+        part: Range<usize>,
+        scratch: &mut [u8],
+    ) -> Result<(), Error> {
+        let (first, count) = (part.start as u64, part.len() as u64);
+        self.dirty.clear_range(part.clone())?;
+        self.sent.set_range(part.clone())?;
+        self.unconfirmed
+            .sending(part, count * self.memory.ps as u64);
+        let b = self.sender.send(&pair.main, first, count, scratch)?;
+        self.round.1 += count;
+        self.round.2 += b;
+        self.progress()
+            .precopy_bytes
+            .fetch_add(b, Ordering::Relaxed);
+        if self.unconfirmed.due() {
+            self.sync(pair)?;
+        }
+        while let Some((channel, msg)) = pair.next_within(Duration::ZERO)? {
+            self.confirmed(channel, msg, "nothing but SYNCED during precopy")?;
+        }
+        Ok(())
+    }
+
+    /// Asks the destination to confirm every page sent since the last SYNC.
+    fn sync(&mut self, pair: &Pair) -> Result<(), Error> {
+        match self.unconfirmed.mark() {
+            Some(seq) => Ok(pair.main.send(&Message::Sync { seq })?),
+            None => Ok(()),
+        }
+    }
+
+    /// Takes a SYNCED; anything else is unexpected (`expected` says what was).
+    fn confirmed(
+        &mut self,
+        channel: crate::wire::Channel,
+        msg: Message,
+        expected: &'static str,
+    ) -> Result<(), Error> {
+        match msg {
+            Message::Synced { seq } => self.unconfirmed.confirm(seq),
+            other => Err(unexpected(other, expected, channel)),
         }
     }
 
@@ -253,14 +317,19 @@ impl<'m> Run<'m> {
             // Release: the Acquire in `Memory::read` sees the memory as the workload left it.
             self.memory.frozen.store(true, Ordering::Release);
             self.sender.answer_requests();
+            event!(self.m.control, Stopped);
         }
         if self.step == step::ADVISED {
             self.discard(pair)?;
             pair.main.send(&Message::Listen)?;
+            event!(self.m.control, Sent("LISTEN"));
             self.expect_step(pair, step::LISTENING)?;
+            // It handled LISTEN after every page before it: all of precopy landed.
+            self.unconfirmed.confirm_all();
         }
         if self.step == step::LISTENING {
             pair.main.send(&Message::Run)?;
+            event!(self.m.control, Sent("RUN"));
             self.expect_step(pair, step::RUNNING)?;
             let stopped = self.stopped.unwrap_or(self.started);
             self.downtime = stopped.elapsed();
@@ -297,18 +366,22 @@ impl<'m> Run<'m> {
         for chunk in ranges.chunks(MAX_RANGES) {
             let ranges = chunk.to_vec();
             pair.main.send(&Message::Discard { ranges })?;
+            event!(self.m.control, Sent("DISCARD"));
         }
         Ok(())
     }
 
-    /// Waits for the destination's ACK of `step`.
+    /// Waits for the destination's ACK of `step` (taking the last precopy SYNCEDs that
+    /// come before it).
     fn expect_step(&mut self, pair: &Pair, want: u64) -> Result<(), Error> {
-        match pair.next("ACK", self.m.opts.timing.give_up_after)? {
-            (_, Message::Ack { seq }) if seq == want => {
-                self.step = want;
-                Ok(())
+        loop {
+            match pair.next("ACK", self.m.opts.timing.give_up_after)? {
+                (_, Message::Ack { seq }) if seq == want => {
+                    self.step = want;
+                    return Ok(());
+                }
+                (channel, other) => self.confirmed(channel, other, "ACK")?,
             }
-            (channel, other) => Err(unexpected(other, "ACK", channel)),
         }
     }
 
@@ -316,9 +389,14 @@ impl<'m> Run<'m> {
     /// reader), then check the destination's digests and send the verdict.
     pub(super) fn postcopy(&mut self, pair: &Pair) -> Result<(), Error> {
         if self.step == step::VERIFIED {
+            // The destination had our verdict (sent only once every digest matched);
+            // its ACK was lost with the last pair.
+            self.verified = self.memory.pages;
+            self.heard_end(pair);
             return Ok(());
         }
         self.progress().set_phase(Phase::Postcopy);
+        event!(self.m.control, Postcopy);
         let needed = self.sender.need.count() as u64;
         self.progress().needed.store(needed, Ordering::Relaxed);
         let (sender, background) = (self.sender.clone(), self.m.opts.background);
@@ -348,6 +426,9 @@ impl<'m> Run<'m> {
         while checked < self.memory.pages {
             match pair.wait()? {
                 (_, Message::Digests { first, digests }) => {
+                    if checked == 0 {
+                        event!(self.m.control, Digests);
+                    }
                     self.progress().set_phase(Phase::Verifying);
                     for (i, d) in digests.into_iter().enumerate() {
                         let p = first + i as u64;
@@ -383,9 +464,21 @@ impl<'m> Run<'m> {
             reason: ShutReason::Done,
             detail,
         })?;
+        event!(self.m.control, Sent("SHUT"));
         self.expect_step(pair, step::VERIFIED)?;
         self.verified = pages;
+        self.heard_end(pair);
         Ok(())
+    }
+
+    /// Echoes the destination's ACK of step 3, so it stops waiting for us at once; if
+    /// the echo is lost it stops at its bound (nothing depends on it any more).
+    fn heard_end(&self, pair: &Pair) {
+        if let Err(e) = pair.main.send(&Message::Ack {
+            seq: step::VERIFIED,
+        }) {
+            log::debug!("source: the last ACK was not sent: {e}");
+        }
     }
 
     pub(super) fn report(&self) -> SourceReport {

@@ -1,0 +1,137 @@
+//! Which precopy pages the destination has confirmed.
+//!
+//! A page written into a socket is not a page delivered: a connection that freezes holds
+//! whatever sits in its buffers (and in a proxy's, or a middlebox's) and delivers none of
+//! it, and the destination's present-set cannot tell an old version of a page from the
+//! new one that died on the way. So precopy sends a SYNC after every few MiB of pages and
+//! at the end of every round; the destination answers SYNCED once everything before it on
+//! the connection has landed. Pages sent since the last SYNCED are *unconfirmed*: after a
+//! break they count as dirty (sent again, or discarded at the switch if it comes first),
+//! whatever the destination's present-set says.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+
+use crate::error::Refusal;
+use crate::Error;
+
+/// Page bytes between two SYNCs: what a break may cost to send again, besides what sits
+/// in flight.
+pub(super) const SYNC_EVERY: u64 = 4 << 20;
+
+/// Runs of pages sent and not yet confirmed, grouped by the SYNC that follows them.
+#[derive(Debug, Default)]
+pub(super) struct Unconfirmed {
+    /// Groups closed by a SYNC, oldest first: its sequence number and the runs before it.
+    marked: VecDeque<(u64, Vec<Range<usize>>)>,
+    /// Runs sent since the last SYNC.
+    open: Vec<Range<usize>>,
+    /// Their page bytes.
+    open_bytes: u64,
+    /// The last SYNC's sequence number (session-wide, never reused).
+    last_seq: u64,
+}
+
+impl Unconfirmed {
+    /// Records `run` (`bytes` of pages) as sent and not yet confirmed; call before
+    /// sending it.
+    pub fn sending(&mut self, run: Range<usize>, bytes: u64) {
+        self.open_bytes += bytes;
+        match self.open.last_mut() {
+            Some(last) if last.end == run.start => last.end = run.end,
+            _ => self.open.push(run),
+        }
+    }
+
+    /// Whether enough was sent since the last SYNC that another is due.
+    pub fn due(&self) -> bool {
+        self.open_bytes >= SYNC_EVERY
+    }
+
+    /// Closes the open group; returns the SYNC's sequence number to send, or `None` if
+    /// nothing was sent since the last one.
+    pub fn mark(&mut self) -> Option<u64> {
+        if self.open.is_empty() {
+            return None;
+        }
+        self.last_seq += 1;
+        let runs = std::mem::take(&mut self.open);
+        self.marked.push_back((self.last_seq, runs));
+        self.open_bytes = 0;
+        Some(self.last_seq)
+    }
+
+    /// SYNCED `seq`: every group up to it is delivered. A sequence number never sent, or
+    /// one confirmed already, is refused (a confused or replaying peer).
+    pub fn confirm(&mut self, seq: u64) -> Result<(), Error> {
+        if !self.marked.iter().any(|&(s, _)| s == seq) {
+            return Err(Error::refused(Refusal::Confirmation { seq }));
+        }
+        while self.marked.front().is_some_and(|&(s, _)| s <= seq) {
+            self.marked.pop_front();
+        }
+        Ok(())
+    }
+
+    /// Every run not confirmed (after a break: to count as dirty), leaving none.
+    pub fn take_all(&mut self) -> impl Iterator<Item = Range<usize>> {
+        self.open_bytes = 0;
+        let open = std::mem::take(&mut self.open);
+        std::mem::take(&mut self.marked)
+            .into_iter()
+            .flat_map(|(_, runs)| runs)
+            .chain(open)
+    }
+
+    /// Everything is delivered without a SYNCED (the destination acknowledged a later
+    /// message on the same connection, which it handles only after landing every page
+    /// before it).
+    pub fn confirm_all(&mut self) {
+        self.marked.clear();
+        self.open.clear();
+        self.open_bytes = 0;
+    }
+
+    /// Pages sent and not confirmed.
+    #[cfg(test)]
+    fn pages(&self) -> usize {
+        let marked = self.marked.iter().flat_map(|(_, r)| r);
+        marked.chain(&self.open).map(|r| r.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_confirmation_covers_every_group_up_to_it_and_no_later_one() {
+        let mut u = Unconfirmed::default();
+        u.sending(0..10, 10 * 4096);
+        let a = u.mark().expect("a group");
+        u.sending(10..20, 10 * 4096);
+        u.sending(20..25, 5 * 4096); // adjacent: merged into one run
+        let b = u.mark().expect("a group");
+        u.sending(40..41, 4096);
+        assert_eq!(u.pages(), 26);
+        u.confirm(a).unwrap();
+        assert_eq!(u.pages(), 16);
+        assert!(u.confirm(a).is_err(), "confirmed twice");
+        assert!(u.confirm(b + 7).is_err(), "never sent");
+        let left: Vec<_> = u.take_all().collect();
+        assert_eq!(left, vec![10..25, 40..41]);
+        assert_eq!(u.pages(), 0);
+        assert_eq!(u.mark(), None, "nothing open");
+    }
+
+    #[test]
+    fn a_sync_is_due_after_sync_every_bytes() {
+        let mut u = Unconfirmed::default();
+        u.sending(0..1, SYNC_EVERY - 1);
+        assert!(!u.due());
+        u.sending(1..2, 1);
+        assert!(u.due());
+        u.mark();
+        assert!(!u.due());
+    }
+}
