@@ -1,8 +1,11 @@
 //! Migrations through testkit's fault-injecting proxy: connections reset or silently
 //! frozen (a partition: both ends established, nothing flowing) at seeded random byte
-//! offsets in precopy, at the switch and in postcopy, on the main connection alone, the
-//! urgent one alone, or both. Each run ends with the digest verdict and a byte-for-byte
-//! comparison (zero pages lost), and both ends resumed exactly once per cut.
+//! offsets of precopy's first round (whose volume is fixed), as the workload stops, and in
+//! postcopy at the source's protocol events (so every planned cut lands, whatever the
+//! timing), on the main connection alone, the urgent one alone, or both. Each run ends
+//! with the digest verdict and a byte-for-byte comparison (zero pages lost), and both
+//! ends resumed exactly once per cut. `tests/explore.rs` draws such schedules by the
+//! thousand.
 
 mod common;
 
@@ -10,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::inject::{Fault, Injector, Trigger};
 use common::{hot_pick, key, proxy_to, source_memory, test_timing, Case, Outcome};
 use pager::DeliveryMode;
 use postcopy::migrate::{DestOptions, Destination, Migration, SourceOptions, Timing};
@@ -24,11 +28,11 @@ struct Plan {
     /// Cuts spread over the first `precopy_within` bytes of pages (precopy's first round).
     precopy: Vec<(CutMode, Target)>,
     precopy_within: u64,
-    /// One cut as the source's workload stops.
+    /// One cut as the source's workload stops (once precopy's cuts were resumed from).
     switch: (CutMode, Target),
-    /// Cuts spread over the first `postcopy_within` bytes postcopy streams.
+    /// Cuts in postcopy, one per pair: each after the first page frame the pair's
+    /// postcopy sends (or as the digests come, if it has none left to send).
     postcopy: Vec<(CutMode, Target)>,
-    postcopy_within: u64,
 }
 
 /// Plans cuts `kinds` at seeded random offsets over `within` counted bytes.
@@ -71,20 +75,39 @@ fn run_with(mut case: Case, p: Plan) -> Outcome {
             control.switch_to_postcopy();
         });
     });
-    let (px, post) = (proxy.clone(), p.postcopy.clone());
-    case.at_stop = Box::new(move || {
+    // The switch's cut and postcopy's, one per pair: each lands once the source resumed
+    // from the one before.
+    let switch = Fault {
+        trigger: Trigger::Stopped,
+        mode: p.switch.0,
+        target: p.switch.1,
+    };
+    let postcopy = p.postcopy.iter().map(|&(mode, target)| Fault {
+        trigger: Trigger::Postcopy { frames: 1 },
+        mode,
+        target,
+    });
+    let faults: Vec<Fault> = std::iter::once(switch).chain(postcopy).collect();
+    let injector: Arc<Mutex<Option<Arc<Mutex<Injector>>>>> = Arc::default();
+    let (inj, px) = (injector.clone(), proxy.clone());
+    let src_hook = std::mem::replace(&mut case.src, Box::new(|_| {}));
+    case.src = Box::new(move |control| {
+        src_hook(control);
         let pr = px.lock().unwrap().clone().expect("the proxy");
-        assert!(pr.cut_now(p.switch.0, p.switch.1) > 0, "the switch cut hit");
-        plan(&pr, p.seed ^ 0x5eed, &post, p.postcopy_within);
+        *inj.lock().unwrap() = Some(Injector::start(pr, faults, true, control));
     });
     case.reconnects = None;
     let o = case.run_all();
-    let pr = proxy.lock().unwrap().clone().expect("the proxy");
     assert!(
         precopy_done.load(Ordering::SeqCst),
         "every precopy cut landed and was resumed before the switch"
     );
-    assert_eq!(pr.pending(), 0, "every postcopy cut landed");
+    let injector = injector.lock().unwrap().clone().expect("the injector");
+    assert_eq!(
+        injector.lock().unwrap().pending(),
+        0,
+        "the switch's cut and every postcopy cut landed"
+    );
     let planned = (p.precopy.len() + 1 + p.postcopy.len()) as u64;
     assert_eq!(o.cuts, planned, "cuts made");
     assert_eq!(o.src.reconnects, o.cuts, "the source resumed once per cut");
@@ -124,7 +147,6 @@ fn resets_in_precopy_at_the_switch_and_in_postcopy_lose_nothing() {
             precopy_within: 16 << 20,
             switch: (CutMode::Reset, URGENT),
             postcopy: vec![(CutMode::Reset, Target::All), (CutMode::Reset, URGENT)],
-            postcopy_within: 1 << 20,
         },
     );
     assert!(o.src.precopy_bytes > 0 && o.src.postcopy_bytes > 0);
@@ -142,7 +164,6 @@ fn silent_freezes_in_precopy_at_the_switch_and_in_postcopy_lose_nothing() {
             // Not the urgent connection alone: postcopy could end on main before the
             // freeze is noticed (a correct run, but not one resumed once per cut).
             postcopy: vec![(CutMode::Freeze, MAIN)],
-            postcopy_within: 1 << 20,
         },
     );
 }
@@ -159,7 +180,6 @@ fn a_tls_migration_survives_resets_and_freezes_in_every_phase_with_fresh_handsha
             precopy_within: 16 << 20,
             switch: (CutMode::Freeze, MAIN),
             postcopy: vec![(CutMode::Reset, Target::All), (CutMode::Reset, URGENT)],
-            postcopy_within: 1 << 20,
         },
     );
 }
@@ -186,7 +206,6 @@ fn two_mib_pages_survive_resets_and_freezes_in_every_phase() {
             precopy_within: 24 << 20,
             switch: (CutMode::Freeze, Target::All),
             postcopy: vec![(CutMode::Reset, URGENT), (CutMode::Freeze, MAIN)],
-            postcopy_within: 512 << 10,
         },
     );
     assert_eq!(o.dst.page_size, HUGE_PAGE_SIZE);

@@ -5,6 +5,8 @@
 //! *and* a byte-for-byte comparison of every page.
 #![allow(dead_code)] // each test file uses its own part
 
+pub mod inject;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;

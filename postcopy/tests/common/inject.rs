@@ -1,0 +1,163 @@
+//! Faults at protocol events: the source reports its events (`postcopy::fault::Event`) to
+//! an [`Injector`], which makes the proxy cut when a planned fault is due — so a planned
+//! fault always lands (the events happen whatever the timing), unlike a cut at a byte
+//! offset of traffic whose volume depends on timing.
+
+use std::sync::{Arc, Mutex};
+
+use postcopy::fault::Event;
+use postcopy::migrate::SourceControl;
+use testkit::proxy::{CutMode, Proxy, Target};
+
+/// Where in the protocol a fault is due: events ranked in the order a migration makes
+/// them (a resumed migration makes some again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// Precopy round `round`, once `frames` page frames went out in it.
+    Round { round: u32, frames: u32 },
+    /// The workload stopped.
+    Stopped,
+    /// This message sent (DISCARD, LISTEN, RUN, SHUT).
+    Sent(&'static str),
+    /// Postcopy, once `frames` page frames went out in it.
+    Postcopy { frames: u32 },
+    /// The digests arrived.
+    Digests,
+}
+
+impl Trigger {
+    pub fn rank(self) -> u32 {
+        match self {
+            Trigger::Round { round, .. } => round,
+            Trigger::Stopped => 100,
+            Trigger::Sent("DISCARD") => 101,
+            Trigger::Sent("LISTEN") => 102,
+            Trigger::Sent("RUN") => 103,
+            Trigger::Postcopy { .. } => 104,
+            Trigger::Digests => 105,
+            Trigger::Sent(_) => 106, // SHUT
+        }
+    }
+
+    pub fn frames(self) -> u32 {
+        match self {
+            Trigger::Round { frames, .. } | Trigger::Postcopy { frames } => frames,
+            _ => 0,
+        }
+    }
+
+    /// The phase it falls in, for summaries.
+    pub fn phase(self) -> &'static str {
+        match self {
+            Trigger::Round { round: 1, .. } => "precopy round 1",
+            Trigger::Round { round: 2, .. } => "precopy round 2",
+            Trigger::Round { .. } => "precopy round 3+",
+            Trigger::Stopped | Trigger::Sent("DISCARD") => "switch: stop, discard",
+            Trigger::Sent("LISTEN") | Trigger::Sent("RUN") => "switch: listen, run",
+            Trigger::Postcopy { .. } => "postcopy",
+            _ => "final exchange",
+        }
+    }
+}
+
+/// The rank an event moves the run to, if it is a phase event.
+fn rank_of(event: Event) -> Option<u32> {
+    Some(match event {
+        Event::Round(r) => r,
+        Event::Stopped => 100,
+        Event::Sent(m) => Trigger::Sent(m).rank(),
+        Event::Postcopy => 104,
+        Event::Digests => 105,
+        Event::PageFrame(_) | Event::Resumed => return None,
+    })
+}
+
+/// One planned fault.
+#[derive(Debug, Clone, Copy)]
+pub struct Fault {
+    pub trigger: Trigger,
+    pub mode: CutMode,
+    pub target: Target,
+}
+
+pub fn mode_name(m: CutMode) -> &'static str {
+    match m {
+        CutMode::Reset => "reset",
+        CutMode::Freeze => "freeze",
+        CutMode::HalfOpen(_) => "half-open",
+        CutMode::Delay(_) => "delay",
+        CutMode::Drip { .. } => "drip",
+    }
+}
+
+/// Fires planned faults, in order, at the source's events.
+pub struct Injector {
+    proxy: Arc<Proxy>,
+    faults: Vec<Fault>,
+    next: usize,
+    /// After a fault lands, wait for the source's next pair before arming the next one
+    /// (one fault per pair: each is resumed from on its own).
+    one_per_pair: bool,
+    waiting_resume: bool,
+    /// The highest phase rank seen, and page frames since it was entered (or since the
+    /// last resume).
+    rank: u32,
+    frames: u32,
+    /// The phases and modes of the faults that landed.
+    pub landed: Vec<(&'static str, &'static str)>,
+}
+
+impl Injector {
+    /// Plans `faults` (in trigger order) against `proxy`, and hears `control`'s events.
+    pub fn start(
+        proxy: Arc<Proxy>,
+        faults: Vec<Fault>,
+        one_per_pair: bool,
+        control: &SourceControl,
+    ) -> Arc<Mutex<Injector>> {
+        let injector = Arc::new(Mutex::new(Injector {
+            proxy,
+            faults,
+            next: 0,
+            one_per_pair,
+            waiting_resume: false,
+            rank: 0,
+            frames: 0,
+            landed: Vec::new(),
+        }));
+        let inj = injector.clone();
+        control.observe(Arc::new(move |e| {
+            inj.lock().unwrap_or_else(|p| p.into_inner()).on(e)
+        }));
+        injector
+    }
+
+    /// Planned faults that have not landed.
+    pub fn pending(&self) -> usize {
+        self.faults.len() - self.next
+    }
+
+    fn on(&mut self, event: Event) {
+        match (rank_of(event), event) {
+            (Some(r), _) if r > self.rank => (self.rank, self.frames) = (r, 0),
+            (None, Event::PageFrame(_)) => self.frames += 1,
+            (None, Event::Resumed) => (self.waiting_resume, self.frames) = (false, 0),
+            _ => {}
+        }
+        if self.waiting_resume {
+            return;
+        }
+        let Some(f) = self.faults.get(self.next).copied() else {
+            return;
+        };
+        let t = f.trigger;
+        let due = self.rank > t.rank() || (self.rank == t.rank() && self.frames >= t.frames());
+        // A fault that hits nothing live (an earlier one still holds every connection)
+        // stays due: it lands on the next pair.
+        if due && self.proxy.cut_now(f.mode, f.target) > 0 {
+            self.landed.push((t.phase(), mode_name(f.mode)));
+            self.next += 1;
+            self.waiting_resume = self.one_per_pair && f.mode.breaks();
+        }
+    }
+}
