@@ -40,6 +40,9 @@ pub struct SendStats {
     pub urgent_pages: AtomicU64,
     /// REQ_PAGES messages answered.
     pub requests: AtomicU64,
+    /// Requested pages not sent again: already on their way (streamed, or answered
+    /// before) on this connection pair.
+    pub already_sent: AtomicU64,
     /// Pages that went as zero runs (no data).
     pub zero_pages: AtomicU64,
     /// Page data bytes sent (stream and requests).
@@ -131,7 +134,8 @@ impl Sender {
         Ok(bytes)
     }
 
-    /// Answers one REQ_PAGES on the connection it came on.
+    /// Answers one REQ_PAGES on the connection it came on, with the requested pages this
+    /// pair has not carried yet: no page is sent twice on a pair.
     fn answer(&self, chan: &Chan, ranges: &[PageRange]) -> Result<(), Error> {
         self.stats.requests.fetch_add(1, STAT);
         let mut scratch = self
@@ -139,13 +143,28 @@ impl Sender {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         for r in ranges {
-            self.need
-                .clear_range(r.first as usize..(r.first + r.count) as usize)?;
-            let b = self.send(chan, r.first, r.count, &mut scratch)?;
-            self.stats.bytes.fetch_add(b, STAT);
-            self.stats.urgent_pages.fetch_add(r.count, STAT);
+            let end = (r.first + r.count).min(self.count);
+            let mut p = r.first;
+            while p < end {
+                // Only what this pair has not carried yet: a page the stream took is on
+                // its way on main, one answered before is on its way here, and after a
+                // break `need` holds everything the receiver does not have again.
+                if !self.need.clear(p as usize) {
+                    self.stats.already_sent.fetch_add(1, STAT);
+                    p += 1;
+                    continue;
+                }
+                let first = p;
+                p += 1;
+                while p < end && self.need.clear(p as usize) {
+                    p += 1;
+                }
+                let b = self.send(chan, first, p - first, &mut scratch)?;
+                self.stats.bytes.fetch_add(b, STAT);
+                self.stats.urgent_pages.fetch_add(p - first, STAT);
+            }
             // The stream goes on just after the requested page.
-            self.cursor.store((r.first + r.count) % self.count, STAT);
+            self.cursor.store(end % self.count, STAT);
         }
         Ok(())
     }

@@ -159,6 +159,7 @@ pub(super) fn source(a: &SourceArgs) -> Result<()> {
         "stream_pages": r.stream_pages,
         "urgent_pages": r.urgent_pages,
         "requests": r.requests,
+        "already_sent": r.already_sent,
         "downtime_ms": r.downtime.as_secs_f64() * 1e3,
         "postcopy_ms": r.postcopy.as_secs_f64() * 1e3,
         "total_ms": r.total.as_secs_f64() * 1e3,

@@ -227,6 +227,9 @@ pub struct SourceReport {
     pub urgent_pages: u64,
     /// REQ_PAGES messages answered.
     pub requests: u64,
+    /// Requested pages not sent again because they were on their way already (streamed
+    /// or answered before on the same pair).
+    pub already_sent: u64,
     /// Workload stopped → the destination acknowledged RUN.
     pub downtime: Duration,
     /// From RUN to the last page sent.

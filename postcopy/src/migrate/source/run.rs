@@ -497,6 +497,7 @@ impl<'m> Run<'m> {
             stream_pages: get(&prog.postcopy.stream_pages),
             urgent_pages: get(&prog.postcopy.urgent_pages),
             requests: get(&prog.postcopy.requests),
+            already_sent: get(&prog.postcopy.already_sent),
             downtime: self.downtime,
             postcopy: self
                 .last_sent
