@@ -221,13 +221,21 @@ fn a_newer_connection_supersedes_the_pair_a_destination_still_waits_on() {
     case.opts.timing.silence = Duration::from_millis(1500);
     case.dest_timing.silence = Duration::from_secs(60);
     case.reconnects = Some(1);
-    case.proxy = Some(Box::new(|p: &Arc<Proxy>| {
-        p.plan(vec![testkit::proxy::Cut {
+    let slot: Arc<Mutex<Option<Arc<Proxy>>>> = Arc::default();
+    let sl = slot.clone();
+    case.proxy = Some(Box::new(move |p: &Arc<Proxy>| {
+        *sl.lock().unwrap() = Some(p.clone())
+    }));
+    case.src = Box::new(move |control| {
+        let proxy = slot.lock().unwrap().clone().expect("the proxy");
+        let fault = Fault {
+            trigger: Trigger::Postcopy { frames: 4 },
             mode: CutMode::Freeze,
             target: Target::All,
-            after: 4 << 20,
-        }])
-    }));
+        };
+        // The injector lives as long as the control's observer.
+        drop(Injector::start(proxy, vec![fault], true, control));
+    });
     let t = Instant::now();
     let o = case.run_all();
     assert_eq!(o.cuts, 1);
@@ -247,12 +255,10 @@ fn first_bytes(m: &uffd_core::Mapping) -> Vec<u64> {
         .collect()
 }
 
-/// A migration whose network partitions for good once `partition` says so; both ends
-/// must give up within their bound, the source's memory intact.
-fn never_heals(
-    partition: impl FnOnce(&Arc<Proxy>, &Arc<AtomicBool>) + Send + 'static,
-    rounds: u32,
-) {
+/// A migration whose network partitions for good once a fault of `mode` lands at
+/// `trigger` (a protocol event: it always lands); both ends must give up within their
+/// bound, the source's memory intact.
+fn never_heals(trigger: Trigger, mode: CutMode, rounds: u32) {
     let timing = Timing {
         give_up_after: Duration::from_secs(3),
         silence: Duration::from_secs(1),
@@ -266,8 +272,6 @@ fn never_heals(
     };
     let dest = Destination::bind(&"127.0.0.1:0".parse().unwrap(), key(), opts).unwrap();
     let proxy = proxy_to(&dest.local_addr().unwrap(), Direction::ToListener);
-    let stopped = Arc::new(AtomicBool::new(false));
-    partition(&proxy, &stopped);
     let dest_t = std::thread::spawn(move || dest.run(|mem| drop(common::toucher(mem))));
     let memory = source_memory(8 << 20);
     let before = first_bytes(&memory);
@@ -288,14 +292,26 @@ fn never_heals(
         )
     }
     .unwrap();
-    let (px, st) = (proxy.clone(), stopped.clone());
-    let t = Instant::now();
-    let src = m.run(move || {
-        if st.load(Ordering::SeqCst) {
-            px.partition(true);
+    let fault = Fault {
+        trigger,
+        mode,
+        target: Target::All,
+    };
+    let injector = Injector::start(proxy.clone(), vec![fault], true, &m.control());
+    // Once the fault landed, the network never comes back.
+    let px = proxy.clone();
+    let partitioner = std::thread::spawn(move || {
+        let until = Instant::now() + Duration::from_secs(60);
+        while px.cuts() == 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(2));
         }
+        px.partition(true);
     });
+    let t = Instant::now();
+    let src = m.run(|| {});
     let dst = dest_t.join().expect("destination thread");
+    partitioner.join().expect("partitioner");
+    assert_eq!(injector.lock().unwrap().pending(), 0, "the fault landed");
     let bound = Duration::from_secs(20);
     assert!(
         t.elapsed() < bound,
@@ -315,34 +331,21 @@ fn never_heals(
     );
 }
 
-/// Plans one cut after `after` counted bytes and, once it hit, a partition for good.
-fn partition_after(p: &Arc<Proxy>, mode: CutMode, after: u64) {
-    let target = Target::All;
-    p.plan(vec![testkit::proxy::Cut {
-        mode,
-        target,
-        after,
-    }]);
-    let p = p.clone();
-    std::thread::spawn(move || {
-        while p.cuts() == 0 {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        p.partition(true);
-    });
-}
-
 #[test]
 fn both_ends_give_up_within_their_bound_when_the_network_never_heals_in_precopy() {
-    never_heals(|p, _| partition_after(p, CutMode::Freeze, 2 << 20), 50);
+    let trigger = Trigger::Round {
+        round: 1,
+        frames: 2,
+    };
+    never_heals(trigger, CutMode::Freeze, 50);
 }
 
 #[test]
 fn both_ends_give_up_within_their_bound_when_the_network_never_heals_at_the_switch() {
-    never_heals(|_, at_switch| at_switch.store(true, Ordering::SeqCst), 1);
+    never_heals(Trigger::Stopped, CutMode::Freeze, 1);
 }
 
 #[test]
 fn both_ends_give_up_within_their_bound_when_the_network_never_heals_in_postcopy() {
-    never_heals(|p, _| partition_after(p, CutMode::Reset, 1 << 20), 0);
+    never_heals(Trigger::Postcopy { frames: 1 }, CutMode::Reset, 0);
 }
