@@ -43,8 +43,9 @@ pub struct SourceOptions {
     pub max_rounds: u32,
     /// Switch as soon as a round leaves at most this many bytes of dirty pages.
     pub switch_below_bytes: u64,
-    /// A round that leaves more than this fraction of the previous round's dirty pages
-    /// is not converging: switch.
+    /// A round that leaves more than this fraction of what it set out to send (the
+    /// previous round's dirty pages; for the first round, every page) is not
+    /// converging: switch at once — another round would send as much again.
     pub converge_ratio: f64,
     /// Push the pages nobody asked for in the background (the normal case). Without it,
     /// postcopy moves pages only on request and ends when the destination has asked for
@@ -100,7 +101,7 @@ pub enum SwitchReason {
     RoundLimit,
     /// A round left at most [`SourceOptions::switch_below_bytes`] dirty.
     Converged,
-    /// A round left more than [`SourceOptions::converge_ratio`] of the previous one's.
+    /// A round left more than [`SourceOptions::converge_ratio`] of what it set out to send.
     NotConverging,
 }
 

@@ -276,7 +276,11 @@ impl<'m> Run<'m> {
         let dirty_after = self.dirty.count() as u64;
         let round = self.rounds.len() + 1;
         log::debug!("source: round {round}: {pages} pages sent, {dirty_after} dirty after");
-        let previous = self.rounds.last().map(|r| r.dirty_after);
+        // What the round set out to send: the previous round's leftovers, or every page.
+        let previous = self
+            .rounds
+            .last()
+            .map_or(self.memory.pages, |r| r.dirty_after);
         self.rounds.push(Round {
             pages,
             bytes,
@@ -290,7 +294,7 @@ impl<'m> Run<'m> {
             Some(SwitchReason::RoundLimit)
         } else if dirty_after * o.page_size as u64 <= o.switch_below_bytes {
             Some(SwitchReason::Converged)
-        } else if previous.is_some_and(|p| dirty_after as f64 > p as f64 * o.converge_ratio) {
+        } else if dirty_after as f64 > previous as f64 * o.converge_ratio {
             Some(SwitchReason::NotConverging)
         } else {
             None
