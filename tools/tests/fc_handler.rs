@@ -538,3 +538,34 @@ fn quiet_prints_only_the_result_and_verbose_shows_debug_lines() {
     );
     assert!(h.stderr.starts_with('['), "timestamps: {}", h.text());
 }
+
+/// Firecracker started beside its handler connects the moment the socket file appears:
+/// 1 000 starts, each connected at once, none refused (bind and listen apart, some were).
+#[test]
+fn a_vmm_connecting_the_moment_the_socket_appears_is_never_refused() {
+    let (sock, mem) = (temp("appears.sock"), temp("appears.mem"));
+    let _files = Files(vec![sock.clone(), mem.clone()]);
+    common::image(&mem, 1 << 20);
+    let mut refused = Vec::new();
+    for start in 0..1000 {
+        let mut h = Proc::start(uffdkit([OsStr::new("fc-handler"), os(&sock), os(&mem)]));
+        let until = std::time::Instant::now() + common::DEADLINE;
+        while std::fs::symlink_metadata(&sock).is_err() {
+            assert!(!h.exited(), "start {start}: exited before listening");
+            assert!(
+                std::time::Instant::now() < until,
+                "start {start}: no socket"
+            );
+            std::hint::spin_loop();
+        }
+        match UnixStream::connect(&sock) {
+            Ok(probe) => drop(probe), // closed without a word: the handler waits on
+            Err(e) => refused.push(format!("start {start}: {e}")),
+        }
+        h.signal(Signal::SIGTERM);
+        let h = h.finish();
+        assert_eq!(h.code(), Some(143), "start {start}: {}", h.text());
+        assert!(!sock.exists(), "start {start}: socket left behind");
+    }
+    assert!(refused.is_empty(), "refused: {refused:?}");
+}
