@@ -288,32 +288,12 @@ fn a_second_handler_is_refused_while_the_first_serves() {
     let _files = Files(vec![sock.clone(), mem.clone()]);
     common::image(&mem, 1 << 20);
     let first = handler(&sock, &[os(&sock), os(&mem)]);
-    // This test is the VMM: guest memory registered, the table and the uffd sent, the
-    // connection held open, no page touched.
-    let memory = uffd_core::Mapping::new(uffd_core::MemoryKind::Anon, 1 << 20).expect("map");
-    let uffd = uffd_core::Uffd::builder()
-        .non_blocking(true)
-        .require(uffd_core::Features::EVENT_REMOVE)
-        .open()
-        .expect("uffd");
-    uffd.register(
-        memory.addr(),
-        memory.len(),
-        uffd_core::RegisterMode::MISSING,
-    )
-    .expect("register");
-    let table = format!(
-        r#"[{{"base_host_virt_addr":{},"size":{},"offset":0,"page_size":4096}}]"#,
-        memory.addr(),
-        memory.len()
-    );
-    let vmm = UnixStream::connect(&sock).expect("connect");
-    uffd_core::send_fds(&vmm, table.as_bytes(), &[uffd.as_fd()]).expect("send");
+    let vmm = held_vmm(&sock, 1 << 20);
     let second = common::run(uffdkit([OsStr::new("fc-handler"), os(&sock), os(&mem)]));
     assert_eq!(second.code(), Some(1), "{}", second.text());
     assert!(second.stderr.contains("is in use"), "{}", second.text());
     // SAFETY: our mapping, served by the first handler.
-    let byte = unsafe { std::ptr::read_volatile(memory.as_ptr().add(4096 + 7)) };
+    let byte = unsafe { std::ptr::read_volatile(vmm.memory.as_ptr().add(4096 + 7)) };
     let image = std::fs::read(&mem).expect("image");
     assert_eq!(byte, image[4096 + 7], "the first handler still serves");
     drop(vmm); // the VMM exits
@@ -568,4 +548,77 @@ fn a_vmm_connecting_the_moment_the_socket_appears_is_never_refused() {
         assert!(!sock.exists(), "start {start}: socket left behind");
     }
     assert!(refused.is_empty(), "refused: {refused:?}");
+}
+
+/// This test as the VMM: guest memory of `len` bytes registered, the table and the uffd
+/// sent, the connection held open, no page touched.
+struct HeldVmm {
+    memory: uffd_core::Mapping,
+    _uffd: uffd_core::Uffd,
+    stream: UnixStream,
+}
+
+fn held_vmm(sock: &Path, len: usize) -> HeldVmm {
+    let memory = uffd_core::Mapping::new(uffd_core::MemoryKind::Anon, len).expect("map");
+    let uffd = uffd_core::Uffd::builder()
+        .non_blocking(true)
+        .require(uffd_core::Features::EVENT_REMOVE)
+        .open()
+        .expect("uffd");
+    uffd.register(
+        memory.addr(),
+        memory.len(),
+        uffd_core::RegisterMode::MISSING,
+    )
+    .expect("register");
+    let table = format!(
+        r#"[{{"base_host_virt_addr":{},"size":{},"offset":0,"page_size":4096}}]"#,
+        memory.addr(),
+        memory.len()
+    );
+    let stream = UnixStream::connect(sock).expect("connect");
+    uffd_core::send_fds(&stream, table.as_bytes(), &[uffd.as_fd()]).expect("send");
+    HeldVmm {
+        memory,
+        _uffd: uffd,
+        stream,
+    }
+}
+
+/// A second Firecracker connecting to a handler busy with another has already handed
+/// over its userfaultfd: left alone it would hang in `PUT /snapshot/load` forever. It is
+/// killed, said in the log and the summary, and the first is still served.
+#[test]
+fn a_second_vmm_is_killed_loudly_and_the_first_still_served() {
+    let (sock, mem) = (temp("second.sock"), temp("second.mem"));
+    let _files = Files(vec![sock.clone(), mem.clone()]);
+    common::image(&mem, 1 << 20);
+    let first = handler(&sock, &[os(&sock), os(&mem)]);
+    let vmm = held_vmm(&sock, 1 << 20);
+    let second = client(&sock, &mem, &[]).finish();
+    assert_eq!(
+        second.signal(),
+        Some(libc::SIGKILL),
+        "the second VMM is killed, not left hanging: {}",
+        second.text()
+    );
+    // SAFETY: our mapping, served by the first handler.
+    let byte = unsafe { std::ptr::read_volatile(vmm.memory.as_ptr().add(8192 + 3)) };
+    let image = std::fs::read(&mem).expect("image");
+    assert_eq!(byte, image[8192 + 3], "the first VMM is still served");
+    drop(vmm.stream); // the first VMM exits
+    let first = first.finish();
+    assert!(first.status.success(), "{}", first.text());
+    assert!(
+        first.stderr.contains("killed Firecracker (pid") && first.stderr.contains("already serves"),
+        "{}",
+        first.text()
+    );
+    assert!(
+        first
+            .stdout
+            .contains("second VMMs: 1 connected while this one was served, killed"),
+        "{}",
+        first.text()
+    );
 }

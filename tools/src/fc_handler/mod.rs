@@ -8,12 +8,14 @@
 //! ours removed on exit and on SIGINT/SIGTERM/SIGHUP; once Firecracker has handed over its
 //! userfaultfd, any fatal error kills it (SIGKILL, the `SO_PEERCRED` pid), as Firecracker's
 //! example handlers do, rather than leave it hanging in `PUT /snapshot/load` with its API
-//! dead — unless `--no-kill-peer`.
+//! dead — unless `--no-kill-peer`. A second VMM that connects while one is served has
+//! handed over its userfaultfd too, and nobody would serve it: the same policy applies.
 
 use std::io::{ErrorKind, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,7 +32,7 @@ use postcopy::socket_file::{self, SocketFile};
 mod summary;
 mod vmm;
 use summary::{summary, Geometry};
-use vmm::{accept_vmm, end_peer, refuse_others, vmm_name};
+use vmm::{accept_vmm, end_peer, refuse_others, vmm_name, Intruders};
 
 const AFTER_HELP: &str = "\
 Drop-in for Firecracker's example handlers: `uffdkit fc-handler SOCKET MEMFILE` is the \
@@ -41,7 +43,8 @@ empty), the replay file and the record path, and refuses a SOCKET where another 
 answers; a stale socket file is replaced. Once Firecracker has sent its userfaultfd, any \
 fatal error (a memory file shorter than the guest, a refused region table, a failing \
 source, SIGINT/SIGTERM/SIGHUP) SIGKILLs the Firecracker process (SO_PEERCRED), which \
-would otherwise hang on faults nobody serves; --no-kill-peer leaves it running. The \
+would otherwise hang on faults nobody serves; so is a second Firecracker that connects \
+while one is served; --no-kill-peer leaves them running. The \
 socket is removed on every exit. Exit status: 0 when Firecracker closed the connection \
 (it exited) after a clean restore; 1 on failure; 2 on a usage error; 128+N on signal N.";
 
@@ -178,7 +181,7 @@ pub fn run(args: &Args) -> Result<()> {
     let who = vmm_name(peer);
     let geometry = Geometry::of(&hs.regions);
     info!("{who} connected: {}", geometry.describe());
-    refuse_others(&claimed.listener, who.clone())?;
+    let intruders = refuse_others(&claimed.listener, who.clone(), kill)?;
 
     // Held until the VMM is dealt with: closing the last descriptor of its userfaultfd
     // would release its blocked faults onto zero pages before it is killed.
@@ -195,11 +198,26 @@ pub fn run(args: &Args) -> Result<()> {
     drop(hold_uffd);
     let stats = result?;
     let mut out = std::io::stdout().lock();
-    for line in summary(&who, started.elapsed(), &geometry, &memory, args, &stats) {
+    let mut lines = summary(&who, started.elapsed(), &geometry, &memory, args, &stats);
+    lines.extend(intruders_line(&intruders, kill));
+    for line in lines {
         // The restore is done: a closed stdout loses the summary, not the result.
         let _ = writeln!(out, "{line}");
     }
     Ok(())
+}
+
+/// The summary's line on second VMMs, if any came.
+fn intruders_line(intruders: &Intruders, kill: bool) -> Option<String> {
+    let vmms = intruders.vmms.load(Ordering::Relaxed);
+    (vmms > 0).then(|| {
+        let fate = if kill {
+            "killed (SIGKILL)"
+        } else {
+            "left running (--no-kill-peer)"
+        };
+        format!("  second VMMs: {vmms} connected while this one was served, {fate}")
+    })
 }
 
 /// Opens the memory file (readable, not empty) or connects to the page server.
