@@ -94,6 +94,11 @@ fn serves_fc_client_and_exits_zero_with_a_summary_in_units() {
         "{}",
         h.text()
     );
+    assert!(
+        !h.stderr.contains("closed without a word"),
+        "the test's probes of the socket are let go quietly (debug level, as the README says): {}",
+        h.text()
+    );
     assert!(!sock.exists(), "the socket is removed on exit");
 }
 
@@ -486,6 +491,10 @@ fn help_offers_only_handler_modes_and_documents_kill_and_exit_status() {
     assert!(
         !help.contains("--kill-peer-on-error"),
         "the old flag is hidden"
+    );
+    assert!(
+        help.contains("other commands have none") && !help.contains("progress of migrate"),
+        "--progress does not claim to show fc-handler's progress: {help}"
     );
     let out = common::run(uffdkit(["--help"]));
     assert!(out.stdout.contains("Exit status"), "{}", out.text());
