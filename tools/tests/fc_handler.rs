@@ -79,7 +79,7 @@ fn serves_fc_client_and_exits_zero_with_a_summary_in_units() {
         "closed the connection",
         "3 region(s), 2046 pages of 4 KiB",
         "on fault:",
-        "prefetched:",
+        "prefetched or read ahead beside faults:",
         "1 REMOVE event(s)",
         "faults are touches the kernel reported, not pages",
     ] {
@@ -630,4 +630,44 @@ fn a_second_vmm_is_killed_loudly_and_the_first_still_served() {
         "{}",
         first.text()
     );
+}
+
+/// The pages in a summary line `"{label}: N pages"`, if the line is there.
+fn pages_after(summary: &str, label: &str) -> Option<u64> {
+    let rest = &summary[summary.find(label)? + label.len()..];
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// With `--prefetch none` the guest still gets more than it faulted on: readahead places
+/// runs beside sequential faults. The summary counts them (on fault + read ahead = every
+/// page), and `--no-readahead` really is on demand only.
+#[test]
+fn readahead_placements_are_counted_and_printed() {
+    let (sock, mem) = (temp("readahead.sock"), temp("readahead.mem"));
+    let _files = Files(vec![sock.clone(), mem.clone()]);
+    common::image(&mem, 4 << 20);
+    let seq = ["--pattern", "seq"];
+    let none: [&OsStr; 4] = [os(&sock), os(&mem), "--prefetch".as_ref(), "none".as_ref()];
+
+    let h = served_by(handler(&sock, &none), &sock, &mem, &seq);
+    let fault = pages_after(&h.stdout, "on fault:").expect("on-fault line");
+    let ahead = pages_after(&h.stdout, "read ahead beside faults:").expect("readahead line");
+    assert!(ahead > 0, "a sequential guest is read ahead: {}", h.text());
+    assert_eq!(
+        fault + ahead,
+        1024,
+        "every page, by one or the other: {}",
+        h.text()
+    );
+
+    let mut no_ra = none.to_vec();
+    no_ra.push("--no-readahead".as_ref());
+    let h = served_by(handler(&sock, &no_ra), &sock, &mem, &seq);
+    assert_eq!(
+        pages_after(&h.stdout, "on fault:"),
+        Some(1024),
+        "{}",
+        h.text()
+    );
+    assert!(!h.stdout.contains("read ahead"), "{}", h.text());
 }

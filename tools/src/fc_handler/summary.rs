@@ -74,9 +74,19 @@ pub(super) fn summary(
             stats.placed_fault,
             of(stats.placed_fault)
         ));
-        if args.prefetch.prefetch != "none" || args.prefetch.replay.is_some() {
+        // The pager counts fault-around and readahead runs with the prefetcher's pages:
+        // without a prefetcher they are all read ahead beside faults.
+        let background = args.prefetch.prefetch != "none" || args.prefetch.replay.is_some();
+        let beside = args.prefetch.fault_around > 0 || !args.prefetch.no_readahead;
+        let label = match (background, beside) {
+            (true, true) => Some("prefetched or read ahead beside faults"),
+            (true, false) => Some("prefetched"),
+            (false, true) => Some("read ahead beside faults"),
+            (false, false) => None,
+        };
+        if let Some(label) = label {
             lines.push(format!(
-                "  prefetched: {} pages ({})",
+                "  {label}: {} pages ({})",
                 stats.placed_prefetch,
                 of(stats.placed_prefetch)
             ));
