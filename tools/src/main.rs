@@ -20,6 +20,7 @@ mod signals;
 mod snapshot;
 mod units;
 mod workload;
+mod zero_pages;
 
 use std::process::ExitCode;
 

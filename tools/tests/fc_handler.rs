@@ -671,3 +671,67 @@ fn readahead_placements_are_counted_and_printed() {
     );
     assert!(!h.stdout.contains("read ahead"), "{}", h.text());
 }
+
+/// A full snapshot's memory file, as Firecracker writes it: every byte allocated, every
+/// 4th page of `pages` written as zeros; then `hole_pages` pages of hole at its end.
+fn memory_file_with_zero_pages(path: &Path, pages: usize, hole_pages: usize) {
+    let mut bytes = Vec::with_capacity(pages * 4096);
+    for i in 0..pages {
+        let fill = if i % 4 == 3 { 0 } else { (i % 251) as u8 + 1 };
+        bytes.extend(std::iter::repeat_n(fill, 4096));
+    }
+    std::fs::write(path, &bytes).expect("write");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open");
+    file.set_len(((pages + hole_pages) * 4096) as u64)
+        .expect("extend with a hole");
+}
+
+/// A plain memory file's zero pages — written zeros and holes alike — are placed with
+/// UFFDIO_ZEROPAGE and reported; the guest reads them as zeros (fc-client verifies every
+/// page). One page per fault (`--prefetch none --no-readahead`), so the counts are exact.
+#[test]
+fn a_memory_files_zero_pages_are_placed_as_zero_pages_and_reported() {
+    let (sock, mem) = (temp("zeros.sock"), temp("zeros.mem"));
+    let _files = Files(vec![sock.clone(), mem.clone()]);
+    memory_file_with_zero_pages(&mem, 768, 256); // 192 written zeros, 256 in the hole
+    let on_demand: [&OsStr; 5] = [
+        os(&sock),
+        os(&mem),
+        "--prefetch".as_ref(),
+        "none".as_ref(),
+        "--no-readahead".as_ref(),
+    ];
+    let h = served_by(handler(&sock, &on_demand), &sock, &mem, &[]);
+    assert_eq!(
+        pages_after(&h.stdout, "zero pages:"),
+        Some(192 + 256),
+        "{}",
+        h.text()
+    );
+    assert_eq!(
+        pages_after(&h.stdout, "on fault:"),
+        Some(576),
+        "{}",
+        h.text()
+    );
+    assert!(
+        h.stdout.contains("the file's holes (1 MiB, never read)")
+            && h.stdout.contains("found all zero when read (768 KiB)"),
+        "{}",
+        h.text()
+    );
+
+    let mut copying = on_demand.to_vec();
+    copying.push("--no-zero-detection".as_ref());
+    let h = served_by(handler(&sock, &copying), &sock, &mem, &[]);
+    assert_eq!(
+        pages_after(&h.stdout, "on fault:"),
+        Some(1024),
+        "{}",
+        h.text()
+    );
+    assert!(!h.stdout.contains("zero pages"), "{}", h.text());
+}

@@ -27,6 +27,7 @@ use uffd_core::{peer_credentials, PeerCredentials};
 
 use crate::cli_args::{HandlerMode, PrefetchArgs};
 use crate::units;
+use crate::zero_pages::ZeroChecked;
 use postcopy::socket_file::{self, SocketFile};
 
 mod summary;
@@ -103,6 +104,11 @@ pub struct Args {
     /// Prefetch (started once the first fault is served) and recording.
     #[command(flatten)]
     prefetch: PrefetchArgs,
+    /// Copy the memory file's zero pages as data, as Firecracker's example handlers do
+    /// (by default its holes and its all-zero pages are placed with UFFDIO_ZEROPAGE:
+    /// nothing copied, no host memory allocated).
+    #[arg(long, conflicts_with_all = ["source", "image"])]
+    no_zero_detection: bool,
     /// Delivery mode: handler threads, which can serve Firecracker's memory.
     #[arg(long, value_enum, default_value_t = HandlerMode::Percpu)]
     mode: HandlerMode,
@@ -124,6 +130,8 @@ struct Memory {
     remote: &'static str,
     /// The page server's client, for its reconnection count.
     client: Option<Arc<postcopy::client::RemoteSource>>,
+    /// The memory file's zero-page detection, for its counts (unless turned off).
+    zero: Option<Arc<ZeroChecked>>,
 }
 
 /// What a signal or an error must clean up: our socket, and the VMM once it connected.
@@ -230,19 +238,28 @@ fn open_memory(args: &Args) -> Result<Memory> {
         if len == 0 {
             bail!("memory file {} is empty", path.display());
         }
-        let source: Arc<dyn Source> = if args.diff.is_empty() {
-            Arc::new(
-                FileSource::mmap(path)
-                    .with_context(|| format!("memory file {}", path.display()))?,
-            )
+        let context = || format!("memory file {}", path.display());
+        let (source, zero): (Arc<dyn Source>, _) = if args.no_zero_detection {
+            let source: Arc<dyn Source> = if args.diff.is_empty() {
+                Arc::new(FileSource::mmap(path).with_context(context)?)
+            } else {
+                crate::snapshot::diff_chain_source(path, &args.diff)?
+            };
+            (source, None)
         } else {
-            crate::snapshot::diff_chain_source(path, &args.diff)?
+            let checked = Arc::new(if args.diff.is_empty() {
+                ZeroChecked::file(path).with_context(context)?
+            } else {
+                ZeroChecked::over(crate::snapshot::diff_chain_source(path, &args.diff)?)
+            });
+            (checked.clone(), Some(checked))
         };
         return Ok(Memory {
             source,
             file: Some(path.clone()),
             remote: "",
             client: None,
+            zero,
         });
     }
     if let Some(url) = &args.image {
@@ -251,6 +268,7 @@ fn open_memory(args: &Args) -> Result<Memory> {
             file: None,
             remote: "the object store",
             client: None,
+            zero: None,
         });
     }
     let Some(addr) = &args.source else {
@@ -282,6 +300,7 @@ fn open_memory(args: &Args) -> Result<Memory> {
         file: None,
         remote: "the page server",
         client: Some(remote),
+        zero: None,
     })
 }
 

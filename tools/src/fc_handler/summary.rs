@@ -120,12 +120,27 @@ pub(super) fn summary(
     }
     if stats.placed_zero > 0 || stats.events_remove > 0 {
         lines.push(format!(
-            "  zero pages: {} (placed with UFFDIO_ZEROPAGE, never read), {} REMOVE event(s) (balloon or free-page reporting dropped pages)",
-            stats.placed_zero, stats.events_remove
+            "  zero pages: {} placed with UFFDIO_ZEROPAGE (nothing copied){}, {} REMOVE event(s) (balloon or free-page reporting dropped pages)",
+            stats.placed_zero,
+            zero_origin(memory),
+            stats.events_remove
         ));
     }
     if let Some(path) = &args.prefetch.record {
         lines.push(format!("  working set recorded to {}", path.display()));
     }
     lines
+}
+
+/// Where the memory file's zero pages were found: its holes, and the check of what was
+/// read.
+fn zero_origin(memory: &Memory) -> String {
+    match &memory.zero {
+        Some(zero) => format!(
+            ": the file's holes ({}, never read) and pages found all zero when read ({})",
+            units::bytes(zero.hole_bytes()),
+            units::bytes(zero.found_bytes())
+        ),
+        None => String::new(),
+    }
 }
