@@ -86,6 +86,11 @@ pub struct PushArgs {
     /// the parent's are inherited, not stored; page and chunk size are the parent's.
     #[arg(long, value_name = "NAME")]
     parent: Option<String>,
+    /// With --parent, what a sparse FILE's holes mean: inherit (unchanged since the
+    /// parent: a Firecracker diff snapshot) or zero (a full memory file copied sparse).
+    /// A sparse layer without it is refused.
+    #[arg(long, requires = "parent", value_parser = ["inherit", "zero"])]
+    holes: Option<String>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -146,6 +151,11 @@ fn push(args: &PushArgs) -> Result<()> {
         chunk_size: args.chunk_kib * 1024,
         dedupe_with_store: !args.no_dedupe,
         parent: args.parent.clone(),
+        holes: match args.holes.as_deref() {
+            Some("inherit") => chunked::Holes::Inherit,
+            Some(_) => chunked::Holes::Zero,
+            None => chunked::Holes::Refuse,
+        },
         ..PushOptions::default()
     };
     let started = Instant::now();

@@ -68,7 +68,9 @@ impl ZeroChecked {
 /// data page usually stops in its first block.
 pub fn is_zero(bytes: &[u8]) -> bool {
     let mut blocks = bytes.chunks_exact(64);
-    blocks.by_ref().all(|b| b.iter().fold(0, |acc, &x| acc | x) == 0)
+    blocks
+        .by_ref()
+        .all(|b| b.iter().fold(0, |acc, &x| acc | x) == 0)
         && blocks.remainder().iter().all(|&x| x == 0)
 }
 
