@@ -10,6 +10,8 @@
 //! file appears) gets ECONNREFUSED. So the listener is bound and listening under a
 //! temporary name in the same directory and then renamed into place (`renameat2` with
 //! `RENAME_NOREPLACE`, so a file someone else put there meanwhile is never replaced).
+//! The listener's `getsockname(2)` still names the temporary path: its address is
+//! [`SocketFile::path`].
 
 use std::io::{self, ErrorKind};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};

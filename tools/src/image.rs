@@ -423,10 +423,3 @@ pub fn open_source(
     let source = image.source(args.cache.open()?, args.options(background))?;
     Ok(Arc::new(source))
 }
-
-/// `fc-handler --image URL`'s source: the image served lazily, its own background
-/// plan (sequential from each fault) standing in for the pager's prefetch.
-pub fn fc_source(url: Option<&str>, args: &SourceArgs) -> Result<Arc<dyn pager::Source>> {
-    let url = url.context("no --image given")?;
-    Ok(open_source(url, args, Background::Sequential)?)
-}

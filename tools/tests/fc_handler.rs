@@ -735,3 +735,96 @@ fn a_memory_files_zero_pages_are_placed_as_zero_pages_and_reported() {
     );
     assert!(!h.stdout.contains("zero pages"), "{}", h.text());
 }
+
+/// A hugepage-backed guest (fc-client with 2 MiB hugetlb regions, verifying every byte)
+/// restored from a chunked image of 2 MiB pages and from a page server serving 2 MiB
+/// pages; a 4 KiB image for it is refused naming `--image`, and the VMM killed.
+#[test]
+fn two_mib_guest_pages_from_an_image_and_from_a_page_server_byte_for_byte() {
+    const TEST: &str = "two_mib_guest_pages_from_an_image_and_from_a_page_server_byte_for_byte";
+    if !testkit::hugepages::available(TEST, 8) {
+        return;
+    }
+    let dir = temp("huge");
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = Dir(dir);
+    std::fs::create_dir_all(&dir.0).expect("dir");
+    let (mem, sock, key) = (
+        dir.0.join("huge.mem"),
+        dir.0.join("fc.sock"),
+        dir.0.join("key"),
+    );
+    common::image(&mem, 8 << 20); // four 2 MiB pages
+    let huge = ["--page-size", "2097152", "--regions", "2"];
+    let push = |url: &str, extra: &[&str]| {
+        let mut push = uffdkit(["image", "push"]);
+        push.arg(&mem).arg(url).args(extra);
+        let out = common::run(push);
+        assert!(out.status.success(), "{}", out.text());
+    };
+    let store = format!("file://{}/store", dir.0.display());
+    let cache = dir.0.join("cache");
+    let image_handler = |url: &str| {
+        let args: [&OsStr; 5] = [
+            os(&sock),
+            "--image".as_ref(),
+            url.as_ref(),
+            "--cache".as_ref(),
+            os(&cache),
+        ];
+        handler(&sock, &args)
+    };
+
+    let huge_url = format!("{store}/huge");
+    push(
+        &huge_url,
+        &["--page-size", "2097152", "--chunk-kib", "2048"],
+    );
+    let h = served_by(image_handler(&huge_url), &sock, &mem, &huge);
+    assert!(h.stdout.contains("pages of 2 MiB"), "{}", h.text());
+
+    std::fs::write(&key, "huge-test-key-0123456789\n").expect("key");
+    let listen = format!("unix:{}", dir.0.join("server.sock").display());
+    let mut server = uffdkit(["serve", "--page-size", "2097152", "--listen", &listen]);
+    server.arg("--image").arg(&mem).arg("--key-file").arg(&key);
+    let mut server = Proc::start(server);
+    wait_listening(&dir.0.join("server.sock"), &mut server);
+    let args: [&OsStr; 5] = [
+        os(&sock),
+        "--source".as_ref(),
+        listen.as_ref(),
+        "--key-file".as_ref(),
+        os(&key),
+    ];
+    let h = served_by(handler(&sock, &args), &sock, &mem, &huge);
+    assert!(
+        h.stdout.contains("from the page server: 4 pages (8 MiB)"),
+        "{}",
+        h.text()
+    );
+    drop(server);
+
+    let small_url = format!("{store}/small");
+    push(&small_url, &[]);
+    let h = image_handler(&small_url);
+    let c = client(&sock, &mem, &huge).finish();
+    let h = h.finish();
+    assert_eq!(
+        c.signal(),
+        Some(libc::SIGKILL),
+        "the VMM is killed: {}",
+        c.text()
+    );
+    assert_eq!(h.code(), Some(1), "{}", h.text());
+    assert!(
+        h.stderr
+            .contains("--image serves pages of 4 KiB; this guest's regions have pages of 2 MiB"),
+        "{}",
+        h.text()
+    );
+}

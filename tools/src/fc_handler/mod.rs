@@ -76,7 +76,7 @@ pub struct Args {
     #[arg(long, value_name = "FILE", conflicts_with_all = ["source", "image"])]
     diff: Vec<PathBuf>,
     /// Serve pages from a `uffdkit serve` page server at this address instead of a file
-    /// (host:port or unix:/path; 4 KiB regions; the server streams every page itself, so
+    /// (host:port or unix:/path; its --page-size must be the guest's; the server streams every page itself, so
     /// --prefetch does not apply). Secured by TLS (--tls-cert, --tls-key, --tls-ca) or,
     /// on a trusted link only, a pre-shared key (--key-file: pages travel unencrypted).
     #[arg(long, requires = "source_security", value_parser = parse_addr)]
@@ -128,6 +128,9 @@ struct Memory {
     file: Option<PathBuf>,
     /// What a remote source is called in the summary.
     remote: &'static str,
+    /// For a remote source: the option that named it, and the page size it serves (the
+    /// guest's must be the same).
+    serves: Option<(&'static str, u64)>,
     /// The page server's client, for its reconnection count.
     client: Option<Arc<postcopy::client::RemoteSource>>,
     /// The memory file's zero-page detection, for its counts (unless turned off).
@@ -258,15 +261,22 @@ fn open_memory(args: &Args) -> Result<Memory> {
             source,
             file: Some(path.clone()),
             remote: "",
+            serves: None,
             client: None,
             zero,
         });
     }
     if let Some(url) = &args.image {
+        // Its own background plan (sequential from each fault) stands in for the
+        // pager's prefetch.
+        let image =
+            crate::image::open_source(url, &args.image_source, chunked::Background::Sequential)?;
+        let page_size = u64::from(image.geometry().page_size);
         return Ok(Memory {
-            source: crate::image::fc_source(Some(url), &args.image_source)?,
+            source: image,
             file: None,
             remote: "the object store",
+            serves: Some(("--image", page_size)),
             client: None,
             zero: None,
         });
@@ -295,10 +305,12 @@ fn open_memory(args: &Args) -> Result<Memory> {
     let remote = postcopy::client::RemoteSource::connect_with(addr, security, timing)
         .with_context(|| format!("connect to the page server at {addr}"))?;
     let remote = Arc::new(remote);
+    let page_size = remote.page_size() as u64;
     Ok(Memory {
         source: remote.clone(),
         file: None,
         remote: "the page server",
+        serves: Some(("--source", page_size)),
         client: Some(remote),
         zero: None,
     })
@@ -326,10 +338,25 @@ fn serve(
             units::bytes(geometry.extent),
             geometry.extent
         ),
-        None if geometry.page_size != Some(4096) => {
-            bail!("--source serves 4 KiB pages; this restore has other page sizes")
-        }
         _ => {}
+    }
+    if let Some((option, served)) = memory.serves {
+        if geometry.page_size != Some(served) {
+            bail!(
+                "{option} serves pages of {}; this guest's regions have {}: {}",
+                units::bytes(served),
+                geometry
+                    .page_size
+                    .map_or("mixed page sizes".into(), |s| format!(
+                        "pages of {}",
+                        units::bytes(s)
+                    )),
+                match option {
+                    "--image" => "push the image with --page-size equal to the guest's",
+                    _ => "serve it with uffdkit serve --page-size equal to the guest's",
+                }
+            );
+        }
     }
     let options = ServeOptions {
         mode: args.mode.into(),
