@@ -52,7 +52,8 @@ pub(super) struct Intruders {
 /// connection that turns out to be a VMM has already handed over its userfaultfd and
 /// waits in `PUT /snapshot/load` for pages nobody will serve: it gets the kill-peer
 /// policy, loudly, and its userfaultfd is held until then (closing it would release its
-/// faults onto zero pages).
+/// faults onto zero pages). One connection at a time, each bounded by the handshake
+/// deadline: a silent stranger delays the next VMM's fate by at most that.
 pub(super) fn refuse_others(
     listener: &UnixListener,
     serving: String,
