@@ -76,8 +76,8 @@ pub struct Args {
     #[arg(long, value_name = "FILE", conflicts_with_all = ["source", "image"])]
     diff: Vec<PathBuf>,
     /// Serve pages from a `uffdkit serve` page server at this address instead of a file
-    /// (host:port or unix:/path; its --page-size must be the guest's; the server streams every page itself, so
-    /// --prefetch does not apply). Secured by TLS (--tls-cert, --tls-key, --tls-ca) or,
+    /// (host:port or unix:/path; its --page-size must be the guest's; the server streams
+    /// every page itself, so --prefetch does not apply). Secured by TLS (--tls-cert, --tls-key, --tls-ca) or,
     /// on a trusted link only, a pre-shared key (--key-file: pages travel unencrypted).
     #[arg(long, requires = "source_security", value_parser = parse_addr)]
     source: Option<postcopy::net::Addr>,
@@ -128,13 +128,22 @@ struct Memory {
     file: Option<PathBuf>,
     /// What a remote source is called in the summary.
     remote: &'static str,
-    /// For a remote source: the option that named it, and the page size it serves (the
-    /// guest's must be the same).
-    serves: Option<(&'static str, u64)>,
+    /// For a remote source: the page size it serves (the guest's must be the same).
+    serves: Option<Serves>,
     /// The page server's client, for its reconnection count.
     client: Option<Arc<postcopy::client::RemoteSource>>,
     /// The memory file's zero-page detection, for its counts (unless turned off).
     zero: Option<Arc<ZeroChecked>>,
+}
+
+/// The page size a remote source serves, and what to say when it is not the guest's.
+#[derive(Debug, Clone, Copy)]
+struct Serves {
+    /// The option that named the source.
+    option: &'static str,
+    page_size: u64,
+    /// How to get a source of another page size.
+    remedy: &'static str,
 }
 
 /// What a signal or an error must clean up: our socket, and the VMM once it connected.
@@ -276,7 +285,11 @@ fn open_memory(args: &Args) -> Result<Memory> {
             source: image,
             file: None,
             remote: "the object store",
-            serves: Some(("--image", page_size)),
+            serves: Some(Serves {
+                option: "--image",
+                page_size,
+                remedy: "push the image with --page-size equal to the guest's",
+            }),
             client: None,
             zero: None,
         });
@@ -310,7 +323,11 @@ fn open_memory(args: &Args) -> Result<Memory> {
         source: remote.clone(),
         file: None,
         remote: "the page server",
-        serves: Some(("--source", page_size)),
+        serves: Some(Serves {
+            option: "--source",
+            page_size,
+            remedy: "start uffdkit serve with --page-size equal to the guest's",
+        }),
         client: Some(remote),
         zero: None,
     })
@@ -340,21 +357,17 @@ fn serve(
         ),
         _ => {}
     }
-    if let Some((option, served)) = memory.serves {
-        if geometry.page_size != Some(served) {
+    if let Some(serves) = memory.serves {
+        if geometry.page_size != Some(serves.page_size) {
+            let guest = match geometry.page_size {
+                Some(size) => format!("pages of {}", units::bytes(size)),
+                None => "mixed page sizes".into(),
+            };
             bail!(
-                "{option} serves pages of {}; this guest's regions have {}: {}",
-                units::bytes(served),
-                geometry
-                    .page_size
-                    .map_or("mixed page sizes".into(), |s| format!(
-                        "pages of {}",
-                        units::bytes(s)
-                    )),
-                match option {
-                    "--image" => "push the image with --page-size equal to the guest's",
-                    _ => "serve it with uffdkit serve --page-size equal to the guest's",
-                }
+                "{} serves pages of {}; this guest's regions have {guest}: {}",
+                serves.option,
+                units::bytes(serves.page_size),
+                serves.remedy
             );
         }
     }
