@@ -110,6 +110,27 @@ pub enum Error {
         /// The length given.
         got: usize,
     },
+    /// A sparse file pushed as a layer without saying what its holes mean.
+    #[error(
+        "{file} has holes ({hole_bytes} bytes) and is pushed as a layer over {parent:?}: say \
+         whether they are unchanged since the parent (a Firecracker diff snapshot: they \
+         inherit the parent's pages) or zeros (a full memory file copied sparse); read as \
+         zeros, a diff's holes would wipe the parent's pages"
+    )]
+    SparseLayer {
+        /// The input file.
+        file: String,
+        /// The parent named.
+        parent: String,
+        /// Bytes in its holes.
+        hole_bytes: u64,
+    },
+    /// Holes that inherit from a parent, without one.
+    #[error("{file}: holes can only inherit from a parent; name one, or push it as a full image")]
+    InheritWithoutParent {
+        /// The input file.
+        file: String,
+    },
     /// An image without a parent finished with chunks never written.
     #[error("image {name}: chunk {first} (and {more} more) never written; an image with no parent must be complete")]
     Incomplete {

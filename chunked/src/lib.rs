@@ -83,7 +83,7 @@ with_store! {
     pub use fetch::{FetchStats, RetryPolicy};
     pub use image::{file_source, merge, Image, PullReport};
     pub use layout::holes;
-    pub use push::{push, PushOptions, PushReport, DEFAULT_CHUNK_SIZE};
+    pub use push::{push, Holes, PushOptions, PushReport, DEFAULT_CHUNK_SIZE};
     pub use source::{Background, ChunkedSource, SourceOptions, SourceStats};
     pub use store::{Store, StoreOptions};
     pub use writer::{ImageWriter, Patch};

@@ -56,9 +56,9 @@ pub enum LinkError {
     #[error("superseded by a newer connection of the same session")]
     Superseded,
     /// An expected answer did not come in time although the connection is alive.
-    #[error("no {expected} within {after:?}")]
+    #[error("waited {after:?} for {expected}, in vain")]
     NoAnswer {
-        /// What was awaited.
+        /// What was awaited, as a noun phrase ("a source", "RECV_BITMAP").
         expected: &'static str,
         /// How long.
         after: Duration,
@@ -330,4 +330,21 @@ pub fn chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_answer_reads_as_a_sentence_whatever_was_awaited() {
+        let after = Duration::from_secs(5);
+        for (expected, want) in [
+            ("a source", "waited 5s for a source, in vain"),
+            ("RECV_BITMAP", "waited 5s for RECV_BITMAP, in vain"),
+            ("the verdict", "waited 5s for the verdict, in vain"),
+        ] {
+            assert_eq!(LinkError::NoAnswer { expected, after }.to_string(), want);
+        }
+    }
 }

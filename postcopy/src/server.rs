@@ -29,16 +29,29 @@ use crate::net::{Addr, Listener};
 use crate::wire::{Advise, Features, Message, Role, WireRegion};
 use crate::Error;
 
-/// The page size a page server serves.
-const PAGE_SIZE: usize = 4096;
+/// The page sizes a page server serves: 4 KiB, and 2 MiB for hugepage-backed guests.
+pub const PAGE_SIZES: [usize; 2] = [4096, 2 << 20];
 
 /// How a page server runs.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct ServerOptions {
     /// Liveness of client connections.
     pub timing: Timing,
     /// What strangers may hold, and how many clients are served at once.
     pub admission: Admission,
+    /// The page size served (one of [`PAGE_SIZES`]): the clients' guest memory's, as
+    /// their pagers place whole pages.
+    pub page_size: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            timing: Timing::default(),
+            admission: Admission::default(),
+            page_size: 4096,
+        }
+    }
 }
 
 /// Counters of a running server.
@@ -76,12 +89,13 @@ pub struct ServerStats {
 /// An image behind a local [`Source`], as a sender's pages.
 struct Image {
     source: Arc<dyn Source>,
+    page_size: usize,
     pages: u64,
 }
 
 impl Pages for Image {
     fn geometry(&self) -> (usize, u64) {
-        (PAGE_SIZE, self.pages)
+        (self.page_size, self.pages)
     }
     fn read<'a>(
         &'a self,
@@ -89,8 +103,8 @@ impl Pages for Image {
         count: u64,
         scratch: &'a mut [u8],
     ) -> Result<Option<&'a [u8]>, Error> {
-        let bytes = &mut scratch[..count as usize * PAGE_SIZE];
-        match self.source.fetch(first * PAGE_SIZE as u64, bytes)? {
+        let bytes = &mut scratch[..count as usize * self.page_size];
+        match self.source.fetch(first * self.page_size as u64, bytes)? {
             Fetched::Data(d) => Ok(Some(d)),
             Fetched::Zero => Ok(None),
             Fetched::Pending => Err(Error::Invalid {
@@ -109,7 +123,7 @@ pub struct PageServer {
 }
 
 impl PageServer {
-    /// Binds `addr` and serves `source` (4 KiB pages) to clients that pass `security`
+    /// Binds `addr` and serves `source` (4 KiB pages; see [`ServerOptions::page_size`]) to clients that pass `security`
     /// (a [`TlsConfig`](crate::tls::TlsConfig), or a pre-shared [`Key`](crate::auth::Key)
     /// on trusted links), with the default [`Admission`].
     pub fn bind(
@@ -133,9 +147,17 @@ impl PageServer {
         opts: ServerOptions,
     ) -> Result<PageServer, Error> {
         let timing = opts.timing;
+        let page_size = opts.page_size;
+        if !PAGE_SIZES.contains(&page_size) {
+            return Err(Error::Invalid {
+                what: "page server page size (4096 or 2097152)",
+                value: page_size.to_string(),
+            });
+        }
         let listener = Listener::bind(addr).map_err(Error::io("bind the page server"))?;
         let image: Arc<dyn Pages> = Arc::new(Image {
-            pages: source.len().div_ceil(PAGE_SIZE as u64),
+            pages: source.len().div_ceil(page_size as u64),
+            page_size,
             source,
         });
         let stats = Arc::new(SendStats::default());
@@ -214,9 +236,9 @@ fn serve(
         cutter,
         ..
     } = arrival;
-    let pages = image.geometry().1;
+    let (page_size, pages) = image.geometry();
     let advise = Advise {
-        page_size: PAGE_SIZE as u32,
+        page_size: page_size as u32,
         page_count: pages,
         features: Features::ZERO_RUNS | Features::URGENT_CHANNEL | Features::RECOVERY,
         regions: vec![WireRegion {

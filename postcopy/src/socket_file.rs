@@ -4,11 +4,21 @@
 //! A socket file outlives its listener, so a path that exists may be live (another
 //! handler is listening: taking it over would orphan that one) or stale (its process is
 //! gone). `connect(2)` tells them apart: a live listener accepts, a stale file refuses.
+//!
+//! The file appears only once it listens: `bind(2)` creates the file before `listen(2)`
+//! makes it accept, and a client that connects in between (a VMM started the moment the
+//! file appears) gets ECONNREFUSED. So the listener is bound and listening under a
+//! temporary name in the same directory and then renamed into place (`renameat2` with
+//! `RENAME_NOREPLACE`, so a file someone else put there meanwhile is never replaced).
+//! The listener's `getsockname(2)` still names the temporary path: its address is
+//! [`SocketFile::path`].
 
 use std::io::{self, ErrorKind};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+
+use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
 
 /// Why a path could not be claimed.
 #[derive(Debug, thiserror::Error)]
@@ -125,8 +135,24 @@ pub fn claim(path: &Path) -> Result<Claimed, ClaimError> {
             Err(e) => return Err(io("probe the socket")(e)),
         },
     }
-    let listener = UnixListener::bind(path).map_err(io("bind"))?;
-    let meta = std::fs::symlink_metadata(path).map_err(io("inspect the bound socket"))?;
+    let temp = temporary_name(path).map_err(io("name a temporary socket beside"))?;
+    let listener = UnixListener::bind(&temp).map_err(io("bind"))?; // bind + listen
+    let meta = std::fs::symlink_metadata(&temp).map_err(io("inspect the bound socket"))?;
+    if let Err(e) = renameat2(
+        AT_FDCWD,
+        &temp,
+        AT_FDCWD,
+        path,
+        RenameFlags::RENAME_NOREPLACE,
+    ) {
+        let _ = std::fs::remove_file(&temp); // ours, never visible under `path`
+        return Err(match e {
+            nix::errno::Errno::EEXIST => ClaimError::InUse {
+                path: path.to_path_buf(),
+            },
+            e => io("rename the listening socket into place")(e.into()),
+        });
+    }
     Ok(Claimed {
         listener,
         file: SocketFile {
@@ -135,6 +161,15 @@ pub fn claim(path: &Path) -> Result<Claimed, ClaimError> {
             ino: meta.ino(),
         },
     })
+}
+
+/// An unguessable name beside `path` (same directory, so the rename is atomic; short, as
+/// a socket path must fit in 108 bytes).
+fn temporary_name(path: &Path) -> io::Result<PathBuf> {
+    let mut random = [0u8; 6];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut random)?;
+    let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(path.with_file_name(format!(".uffdkit-{hex}")))
 }
 
 #[cfg(test)]
@@ -173,6 +208,42 @@ mod tests {
         assert!(matches!(err, ClaimError::NotASocket { .. }), "{err}");
         assert!(path.exists(), "a file that is not ours is never removed");
         std::fs::remove_file(&path).ok();
+    }
+
+    /// A client spinning on the path connects the moment the file appears, as a VMM
+    /// started beside its handler does: with bind and listen apart, some of these
+    /// connections met a socket not yet listening (ECONNREFUSED).
+    #[test]
+    fn a_client_connecting_the_moment_the_file_appears_is_never_refused() {
+        let path = temp("appears");
+        for start in 0..1000 {
+            let _ = std::fs::remove_file(&path);
+            let claimer = {
+                let path = path.clone();
+                std::thread::spawn(move || claim(&path).expect("free path"))
+            };
+            while std::fs::symlink_metadata(&path).is_err() {
+                std::hint::spin_loop();
+            }
+            if let Err(e) = UnixStream::connect(&path) {
+                panic!("start {start}: connecting as the file appeared: {e}");
+            }
+            drop(claimer.join().expect("claimer"));
+        }
+    }
+
+    #[test]
+    fn no_temporary_file_is_left_beside_the_socket() {
+        let dir = std::env::temp_dir().join(format!("uffdkit-sockdir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let claimed = claim(&dir.join("s.sock")).expect("free path");
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .expect("read dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, ["s.sock"], "only the socket itself");
+        drop(claimed);
+        std::fs::remove_dir(&dir).expect("empty after drop");
     }
 
     #[test]

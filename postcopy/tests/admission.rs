@@ -27,6 +27,7 @@ fn server(listener: Security, pages: usize, admission: Admission) -> PageServer 
     let opts = ServerOptions {
         timing: test_timing(),
         admission,
+        ..ServerOptions::default()
     };
     let addr = "127.0.0.1:0".parse().expect("addr");
     PageServer::bind_with(&addr, source, listener, opts).expect("bind")

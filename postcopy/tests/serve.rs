@@ -10,7 +10,7 @@ use postcopy::auth::Key;
 use postcopy::client::RemoteSource;
 use postcopy::link::Timing;
 use postcopy::net::Addr;
-use postcopy::server::PageServer;
+use postcopy::server::{PageServer, ServerOptions};
 use postcopy::{Refusal, Security};
 use testkit::proxy::{CutMode, Direction, Proxy, ProxyOptions, Target};
 
@@ -238,4 +238,74 @@ fn urgent_pages_overtake_the_background_stream() {
         "urgent {urgent:?} vs stream {stream:?}"
     );
     pager.stop().expect("stop");
+}
+
+/// A hugepage-backed guest restored from a page server serving 2 MiB pages: faults on
+/// hugetlb memory, answered and streamed a 2 MiB page at a time, every byte verified
+/// (one page zero, sent as a zero run).
+#[test]
+fn two_mib_pages_from_a_page_server_restore_hugetlb_memory_byte_for_byte() {
+    const HUGE: usize = 2 << 20;
+    const PAGES: usize = 6;
+    let test = "two_mib_pages_from_a_page_server_restore_hugetlb_memory_byte_for_byte";
+    if !testkit::hugepages::available(test, PAGES) {
+        return;
+    }
+    let mut img = common::image(PAGES * HUGE / PS);
+    img[3 * HUGE..4 * HUGE].fill(0);
+    let opts = ServerOptions {
+        page_size: HUGE,
+        ..ServerOptions::default()
+    };
+    let source = Arc::new(MemorySource::new(img.clone()));
+    let srv =
+        PageServer::bind_with(&"127.0.0.1:0".parse().unwrap(), source, key(), opts).expect("bind");
+    let remote =
+        Arc::new(RemoteSource::connect(&srv.local_addr().unwrap(), key()).expect("connect"));
+    assert_eq!(
+        remote.page_size(),
+        HUGE,
+        "the server's page size is advised"
+    );
+    let memory = Mapping::new(MemoryKind::HugetlbPrivate, PAGES * HUGE).expect("map hugetlb");
+    let uffd = uffd_core::Uffd::builder()
+        .non_blocking(true)
+        .require(uffd_core::Features::EVENT_REMOVE | uffd_core::Features::MISSING_HUGETLBFS)
+        .open()
+        .expect("uffd");
+    let region = pager::RegionSpec::new(memory.addr(), memory.len(), MemoryKind::HugetlbPrivate, 0);
+    let pager = pager::Pager::builder(uffd, remote)
+        .region(region)
+        .mode(pager::DeliveryMode::Thread)
+        .start()
+        .expect("start");
+    // SAFETY: the served region, alive until the end of this test.
+    let got = |range: std::ops::Range<usize>| unsafe {
+        std::slice::from_raw_parts((memory.addr() + range.start) as *const u8, range.len())
+    };
+    for p in [4, 0, 3, 5] {
+        let r = p * HUGE..(p + 1) * HUGE;
+        assert!(got(r.clone()) == &img[r], "2 MiB page {p}, on fault");
+    }
+    assert!(pager.wait_complete(Duration::from_secs(60)), "every page");
+    assert!(got(0..PAGES * HUGE) == &img[..], "all of it, byte for byte");
+    let stats = pager.stop().expect("stop");
+    assert_eq!(stats.placed(), PAGES as u64, "{stats:?}");
+    assert_eq!(
+        stats.placed_zero, 1,
+        "the zero page came as a zero run: {stats:?}"
+    );
+}
+
+#[test]
+fn a_page_server_refuses_a_page_size_no_pager_places() {
+    let opts = ServerOptions {
+        page_size: 8192,
+        ..ServerOptions::default()
+    };
+    let source = Arc::new(MemorySource::new(vec![1u8; 1 << 20]));
+    let err = PageServer::bind_with(&"127.0.0.1:0".parse().unwrap(), source, key(), opts)
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("page size"), "{err}");
 }

@@ -95,6 +95,7 @@ fn restore_among(strangers: usize, admission: Admission) -> Among {
     let opts = ServerOptions {
         timing: test_timing(),
         admission,
+        ..ServerOptions::default()
     };
     let source = Arc::new(MemorySource::new(image(PAGES)));
     let srv = PageServer::bind_with(&"127.0.0.1:0".parse().unwrap(), source, listener, opts)

@@ -86,6 +86,11 @@ pub struct PushArgs {
     /// the parent's are inherited, not stored; page and chunk size are the parent's.
     #[arg(long, value_name = "NAME")]
     parent: Option<String>,
+    /// With --parent, what a sparse FILE's holes mean: inherit (unchanged since the
+    /// parent: a Firecracker diff snapshot) or zero (a full memory file copied sparse).
+    /// A sparse layer without it is refused.
+    #[arg(long, requires = "parent", value_parser = ["inherit", "zero"])]
+    holes: Option<String>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -146,6 +151,11 @@ fn push(args: &PushArgs) -> Result<()> {
         chunk_size: args.chunk_kib * 1024,
         dedupe_with_store: !args.no_dedupe,
         parent: args.parent.clone(),
+        holes: match args.holes.as_deref() {
+            Some("inherit") => chunked::Holes::Inherit,
+            Some(_) => chunked::Holes::Zero,
+            None => chunked::Holes::Refuse,
+        },
         ..PushOptions::default()
     };
     let started = Instant::now();
@@ -412,11 +422,4 @@ pub fn open_source(
         Image::open(url, &StoreOptions::default()).with_context(|| format!("open image {url}"))?;
     let source = image.source(args.cache.open()?, args.options(background))?;
     Ok(Arc::new(source))
-}
-
-/// `fc-handler --image URL`'s source: the image served lazily, its own background
-/// plan (sequential from each fault) standing in for the pager's prefetch.
-pub fn fc_source(url: Option<&str>, args: &SourceArgs) -> Result<Arc<dyn pager::Source>> {
-    let url = url.context("no --image given")?;
-    Ok(open_source(url, args, Background::Sequential)?)
 }

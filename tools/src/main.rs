@@ -20,6 +20,7 @@ mod signals;
 mod snapshot;
 mod units;
 mod workload;
+mod zero_pages;
 
 use std::process::ExitCode;
 
@@ -38,8 +39,8 @@ struct Cli {
     /// Less output: -q only warnings and errors (no progress), -qq only errors.
     #[arg(short, long, action = ArgAction::Count, global = true, conflicts_with = "verbose")]
     quiet: u8,
-    /// Progress of migrate, restore and serve: a live bar on a terminal, plain lines
-    /// otherwise (auto), or as chosen.
+    /// How migrate, restore and serve show their progress (other commands have none): a
+    /// live bar on a terminal, plain lines otherwise (auto), or as chosen.
     #[arg(long, value_enum, default_value_t = progress::Display::Auto, global = true)]
     progress: progress::Display,
 }

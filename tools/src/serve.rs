@@ -34,6 +34,18 @@ pub struct Args {
     /// sent every sixth of it) is closed; the client reconnects and resumes.
     #[arg(long, default_value_t = 3.0)]
     silence: f64,
+    /// The page size served: the guest memory's (4096, or 2097152 for a hugepage-backed
+    /// guest); clients refuse regions of another size.
+    #[arg(long, default_value_t = 4096, value_parser = parse_page_size)]
+    page_size: usize,
+}
+
+/// `--page-size`: one of the sizes a pager places.
+fn parse_page_size(text: &str) -> Result<usize, String> {
+    text.parse()
+        .ok()
+        .filter(|s| postcopy::server::PAGE_SIZES.contains(s))
+        .ok_or_else(|| format!("{text}: the page size must be 4096 or 2097152"))
 }
 
 /// Runs `uffdkit serve` until killed.
@@ -54,7 +66,11 @@ pub fn run(args: &Args) -> Result<()> {
         FileSource::mmap(&args.image).with_context(|| format!("open {}", args.image.display()))?;
     let len = image.len();
     let open_files = raise_open_files();
-    let opts = ServerOptions { timing, admission };
+    let opts = ServerOptions {
+        timing,
+        admission,
+        page_size: args.page_size,
+    };
     let kind = security.kind();
     let server = PageServer::bind_with(&addr, std::sync::Arc::new(image), security, opts)?;
     let bound = server.local_addr()?;
@@ -72,7 +88,7 @@ pub fn run(args: &Args) -> Result<()> {
     let started = Instant::now();
     let status = || {
         let s = server.stats();
-        let bytes = s.pages_sent * 4096;
+        let bytes = s.pages_sent * args.page_size as u64;
         let secs = started.elapsed().as_secs_f64().max(1e-3);
         Status {
             phase: String::new(),

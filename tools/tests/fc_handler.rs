@@ -79,7 +79,7 @@ fn serves_fc_client_and_exits_zero_with_a_summary_in_units() {
         "closed the connection",
         "3 region(s), 2046 pages of 4 KiB",
         "on fault:",
-        "prefetched:",
+        "prefetched or read ahead beside faults:",
         "1 REMOVE event(s)",
         "faults are touches the kernel reported, not pages",
     ] {
@@ -92,6 +92,11 @@ fn serves_fc_client_and_exits_zero_with_a_summary_in_units() {
     assert!(
         h.stderr.contains("listening on") && h.stderr.contains("connected"),
         "{}",
+        h.text()
+    );
+    assert!(
+        !h.stderr.contains("closed without a word"),
+        "the test's probes of the socket are let go quietly (debug level, as the README says): {}",
         h.text()
     );
     assert!(!sock.exists(), "the socket is removed on exit");
@@ -288,32 +293,12 @@ fn a_second_handler_is_refused_while_the_first_serves() {
     let _files = Files(vec![sock.clone(), mem.clone()]);
     common::image(&mem, 1 << 20);
     let first = handler(&sock, &[os(&sock), os(&mem)]);
-    // This test is the VMM: guest memory registered, the table and the uffd sent, the
-    // connection held open, no page touched.
-    let memory = uffd_core::Mapping::new(uffd_core::MemoryKind::Anon, 1 << 20).expect("map");
-    let uffd = uffd_core::Uffd::builder()
-        .non_blocking(true)
-        .require(uffd_core::Features::EVENT_REMOVE)
-        .open()
-        .expect("uffd");
-    uffd.register(
-        memory.addr(),
-        memory.len(),
-        uffd_core::RegisterMode::MISSING,
-    )
-    .expect("register");
-    let table = format!(
-        r#"[{{"base_host_virt_addr":{},"size":{},"offset":0,"page_size":4096}}]"#,
-        memory.addr(),
-        memory.len()
-    );
-    let vmm = UnixStream::connect(&sock).expect("connect");
-    uffd_core::send_fds(&vmm, table.as_bytes(), &[uffd.as_fd()]).expect("send");
+    let vmm = held_vmm(&sock, 1 << 20);
     let second = common::run(uffdkit([OsStr::new("fc-handler"), os(&sock), os(&mem)]));
     assert_eq!(second.code(), Some(1), "{}", second.text());
     assert!(second.stderr.contains("is in use"), "{}", second.text());
     // SAFETY: our mapping, served by the first handler.
-    let byte = unsafe { std::ptr::read_volatile(memory.as_ptr().add(4096 + 7)) };
+    let byte = unsafe { std::ptr::read_volatile(vmm.memory.as_ptr().add(4096 + 7)) };
     let image = std::fs::read(&mem).expect("image");
     assert_eq!(byte, image[4096 + 7], "the first handler still serves");
     drop(vmm); // the VMM exits
@@ -507,6 +492,10 @@ fn help_offers_only_handler_modes_and_documents_kill_and_exit_status() {
         !help.contains("--kill-peer-on-error"),
         "the old flag is hidden"
     );
+    assert!(
+        help.contains("other commands have none") && !help.contains("progress of migrate"),
+        "--progress does not claim to show fc-handler's progress: {help}"
+    );
     let out = common::run(uffdkit(["--help"]));
     assert!(out.stdout.contains("Exit status"), "{}", out.text());
     assert!(out.stdout.contains("-q, --quiet"), "{}", out.text());
@@ -537,4 +526,307 @@ fn quiet_prints_only_the_result_and_verbose_shows_debug_lines() {
         h.text()
     );
     assert!(h.stderr.starts_with('['), "timestamps: {}", h.text());
+}
+
+/// Firecracker started beside its handler connects the moment the socket file appears:
+/// 1 000 starts, each connected at once, none refused (bind and listen apart, some were).
+#[test]
+fn a_vmm_connecting_the_moment_the_socket_appears_is_never_refused() {
+    let (sock, mem) = (temp("appears.sock"), temp("appears.mem"));
+    let _files = Files(vec![sock.clone(), mem.clone()]);
+    common::image(&mem, 1 << 20);
+    let mut refused = Vec::new();
+    for start in 0..1000 {
+        let mut h = Proc::start(uffdkit([OsStr::new("fc-handler"), os(&sock), os(&mem)]));
+        let until = std::time::Instant::now() + common::DEADLINE;
+        while std::fs::symlink_metadata(&sock).is_err() {
+            assert!(!h.exited(), "start {start}: exited before listening");
+            assert!(
+                std::time::Instant::now() < until,
+                "start {start}: no socket"
+            );
+            std::hint::spin_loop();
+        }
+        match UnixStream::connect(&sock) {
+            Ok(probe) => drop(probe), // closed without a word: the handler waits on
+            Err(e) => refused.push(format!("start {start}: {e}")),
+        }
+        h.signal(Signal::SIGTERM);
+        let h = h.finish();
+        assert_eq!(h.code(), Some(143), "start {start}: {}", h.text());
+        assert!(!sock.exists(), "start {start}: socket left behind");
+    }
+    assert!(refused.is_empty(), "refused: {refused:?}");
+}
+
+/// This test as the VMM: guest memory of `len` bytes registered, the table and the uffd
+/// sent, the connection held open, no page touched.
+struct HeldVmm {
+    memory: uffd_core::Mapping,
+    _uffd: uffd_core::Uffd,
+    stream: UnixStream,
+}
+
+fn held_vmm(sock: &Path, len: usize) -> HeldVmm {
+    let memory = uffd_core::Mapping::new(uffd_core::MemoryKind::Anon, len).expect("map");
+    let uffd = uffd_core::Uffd::builder()
+        .non_blocking(true)
+        .require(uffd_core::Features::EVENT_REMOVE)
+        .open()
+        .expect("uffd");
+    uffd.register(
+        memory.addr(),
+        memory.len(),
+        uffd_core::RegisterMode::MISSING,
+    )
+    .expect("register");
+    let table = format!(
+        r#"[{{"base_host_virt_addr":{},"size":{},"offset":0,"page_size":4096}}]"#,
+        memory.addr(),
+        memory.len()
+    );
+    let stream = UnixStream::connect(sock).expect("connect");
+    uffd_core::send_fds(&stream, table.as_bytes(), &[uffd.as_fd()]).expect("send");
+    HeldVmm {
+        memory,
+        _uffd: uffd,
+        stream,
+    }
+}
+
+/// A second Firecracker connecting to a handler busy with another has already handed
+/// over its userfaultfd: left alone it would hang in `PUT /snapshot/load` forever. It is
+/// killed, said in the log and the summary, and the first is still served.
+#[test]
+fn a_second_vmm_is_killed_loudly_and_the_first_still_served() {
+    let (sock, mem) = (temp("second.sock"), temp("second.mem"));
+    let _files = Files(vec![sock.clone(), mem.clone()]);
+    common::image(&mem, 1 << 20);
+    let first = handler(&sock, &[os(&sock), os(&mem)]);
+    let vmm = held_vmm(&sock, 1 << 20);
+    let second = client(&sock, &mem, &[]).finish();
+    assert_eq!(
+        second.signal(),
+        Some(libc::SIGKILL),
+        "the second VMM is killed, not left hanging: {}",
+        second.text()
+    );
+    // SAFETY: our mapping, served by the first handler.
+    let byte = unsafe { std::ptr::read_volatile(vmm.memory.as_ptr().add(8192 + 3)) };
+    let image = std::fs::read(&mem).expect("image");
+    assert_eq!(byte, image[8192 + 3], "the first VMM is still served");
+    drop(vmm.stream); // the first VMM exits
+    let first = first.finish();
+    assert!(first.status.success(), "{}", first.text());
+    assert!(
+        first.stderr.contains("killed Firecracker (pid") && first.stderr.contains("already serves"),
+        "{}",
+        first.text()
+    );
+    assert!(
+        first
+            .stdout
+            .contains("second VMMs: 1 connected while this one was served, killed"),
+        "{}",
+        first.text()
+    );
+}
+
+/// The pages in a summary line `"{label}: N pages"`, if the line is there.
+fn pages_after(summary: &str, label: &str) -> Option<u64> {
+    let rest = &summary[summary.find(label)? + label.len()..];
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// With `--prefetch none` the guest still gets more than it faulted on: readahead places
+/// runs beside sequential faults. The summary counts them (on fault + read ahead = every
+/// page), and `--no-readahead` really is on demand only.
+#[test]
+fn readahead_placements_are_counted_and_printed() {
+    let (sock, mem) = (temp("readahead.sock"), temp("readahead.mem"));
+    let _files = Files(vec![sock.clone(), mem.clone()]);
+    common::image(&mem, 4 << 20);
+    let seq = ["--pattern", "seq"];
+    let none: [&OsStr; 4] = [os(&sock), os(&mem), "--prefetch".as_ref(), "none".as_ref()];
+
+    let h = served_by(handler(&sock, &none), &sock, &mem, &seq);
+    let fault = pages_after(&h.stdout, "on fault:").expect("on-fault line");
+    let ahead = pages_after(&h.stdout, "read ahead beside faults:").expect("readahead line");
+    assert!(ahead > 0, "a sequential guest is read ahead: {}", h.text());
+    assert_eq!(
+        fault + ahead,
+        1024,
+        "every page, by one or the other: {}",
+        h.text()
+    );
+
+    let mut no_ra = none.to_vec();
+    no_ra.push("--no-readahead".as_ref());
+    let h = served_by(handler(&sock, &no_ra), &sock, &mem, &seq);
+    assert_eq!(
+        pages_after(&h.stdout, "on fault:"),
+        Some(1024),
+        "{}",
+        h.text()
+    );
+    assert!(!h.stdout.contains("read ahead"), "{}", h.text());
+}
+
+/// A full snapshot's memory file, as Firecracker writes it: every byte allocated, every
+/// 4th page of `pages` written as zeros; then `hole_pages` pages of hole at its end.
+fn memory_file_with_zero_pages(path: &Path, pages: usize, hole_pages: usize) {
+    let mut bytes = Vec::with_capacity(pages * 4096);
+    for i in 0..pages {
+        let fill = if i % 4 == 3 { 0 } else { (i % 251) as u8 + 1 };
+        bytes.extend(std::iter::repeat_n(fill, 4096));
+    }
+    std::fs::write(path, &bytes).expect("write");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open");
+    file.set_len(((pages + hole_pages) * 4096) as u64)
+        .expect("extend with a hole");
+}
+
+/// A plain memory file's zero pages — written zeros and holes alike — are placed with
+/// UFFDIO_ZEROPAGE and reported; the guest reads them as zeros (fc-client verifies every
+/// page). One page per fault (`--prefetch none --no-readahead`), so the counts are exact.
+#[test]
+fn a_memory_files_zero_pages_are_placed_as_zero_pages_and_reported() {
+    let (sock, mem) = (temp("zeros.sock"), temp("zeros.mem"));
+    let _files = Files(vec![sock.clone(), mem.clone()]);
+    memory_file_with_zero_pages(&mem, 768, 256); // 192 written zeros, 256 in the hole
+    let on_demand: [&OsStr; 5] = [
+        os(&sock),
+        os(&mem),
+        "--prefetch".as_ref(),
+        "none".as_ref(),
+        "--no-readahead".as_ref(),
+    ];
+    let h = served_by(handler(&sock, &on_demand), &sock, &mem, &[]);
+    assert_eq!(
+        pages_after(&h.stdout, "zero pages:"),
+        Some(192 + 256),
+        "{}",
+        h.text()
+    );
+    assert_eq!(
+        pages_after(&h.stdout, "on fault:"),
+        Some(576),
+        "{}",
+        h.text()
+    );
+    assert!(
+        h.stdout.contains("the file's holes (1 MiB, never read)")
+            && h.stdout.contains("found all zero when read (768 KiB)"),
+        "{}",
+        h.text()
+    );
+
+    let mut copying = on_demand.to_vec();
+    copying.push("--no-zero-detection".as_ref());
+    let h = served_by(handler(&sock, &copying), &sock, &mem, &[]);
+    assert_eq!(
+        pages_after(&h.stdout, "on fault:"),
+        Some(1024),
+        "{}",
+        h.text()
+    );
+    assert!(!h.stdout.contains("zero pages"), "{}", h.text());
+}
+
+/// A hugepage-backed guest (fc-client with 2 MiB hugetlb regions, verifying every byte)
+/// restored from a chunked image of 2 MiB pages and from a page server serving 2 MiB
+/// pages; a 4 KiB image for it is refused naming `--image`, and the VMM killed.
+#[test]
+fn two_mib_guest_pages_from_an_image_and_from_a_page_server_byte_for_byte() {
+    const TEST: &str = "two_mib_guest_pages_from_an_image_and_from_a_page_server_byte_for_byte";
+    if !testkit::hugepages::available(TEST, 8) {
+        return;
+    }
+    let dir = temp("huge");
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = Dir(dir);
+    std::fs::create_dir_all(&dir.0).expect("dir");
+    let (mem, sock, key) = (
+        dir.0.join("huge.mem"),
+        dir.0.join("fc.sock"),
+        dir.0.join("key"),
+    );
+    common::image(&mem, 8 << 20); // four 2 MiB pages
+    let huge = ["--page-size", "2097152", "--regions", "2"];
+    let push = |url: &str, extra: &[&str]| {
+        let mut push = uffdkit(["image", "push"]);
+        push.arg(&mem).arg(url).args(extra);
+        let out = common::run(push);
+        assert!(out.status.success(), "{}", out.text());
+    };
+    let store = format!("file://{}/store", dir.0.display());
+    let cache = dir.0.join("cache");
+    let image_handler = |url: &str| {
+        let args: [&OsStr; 5] = [
+            os(&sock),
+            "--image".as_ref(),
+            url.as_ref(),
+            "--cache".as_ref(),
+            os(&cache),
+        ];
+        handler(&sock, &args)
+    };
+
+    let huge_url = format!("{store}/huge");
+    push(
+        &huge_url,
+        &["--page-size", "2097152", "--chunk-kib", "2048"],
+    );
+    let h = served_by(image_handler(&huge_url), &sock, &mem, &huge);
+    assert!(h.stdout.contains("pages of 2 MiB"), "{}", h.text());
+
+    std::fs::write(&key, "huge-test-key-0123456789\n").expect("key");
+    let listen = format!("unix:{}", dir.0.join("server.sock").display());
+    let mut server = uffdkit(["serve", "--page-size", "2097152", "--listen", &listen]);
+    server.arg("--image").arg(&mem).arg("--key-file").arg(&key);
+    let mut server = Proc::start(server);
+    wait_listening(&dir.0.join("server.sock"), &mut server);
+    let args: [&OsStr; 5] = [
+        os(&sock),
+        "--source".as_ref(),
+        listen.as_ref(),
+        "--key-file".as_ref(),
+        os(&key),
+    ];
+    let h = served_by(handler(&sock, &args), &sock, &mem, &huge);
+    // Not the count placed: the summary's snapshot may miss an arrival whose placement
+    // woke the client before it was counted (the client has verified every byte).
+    assert!(
+        h.stdout.contains("4 pages of 2 MiB") && h.stdout.contains("from the page server:"),
+        "{}",
+        h.text()
+    );
+    drop(server);
+
+    let small_url = format!("{store}/small");
+    push(&small_url, &[]);
+    let h = image_handler(&small_url);
+    let c = client(&sock, &mem, &huge).finish();
+    let h = h.finish();
+    assert_eq!(
+        c.signal(),
+        Some(libc::SIGKILL),
+        "the VMM is killed: {}",
+        c.text()
+    );
+    assert_eq!(h.code(), Some(1), "{}", h.text());
+    assert!(
+        h.stderr
+            .contains("--image serves pages of 4 KiB; this guest's regions have pages of 2 MiB"),
+        "{}",
+        h.text()
+    );
 }

@@ -198,13 +198,9 @@ impl Listener {
     pub fn local_addr(&self) -> io::Result<Addr> {
         Ok(match self {
             Listener::Tcp(l) => Addr::Tcp(l.local_addr()?),
-            Listener::Unix(c) => Addr::Unix(
-                c.listener
-                    .local_addr()?
-                    .as_pathname()
-                    .map(PathBuf::from)
-                    .unwrap_or_default(),
-            ),
+            // Not getsockname(2): it names the temporary path the socket was bound at
+            // before it was renamed into place.
+            Listener::Unix(c) => Addr::Unix(c.file.path().to_path_buf()),
         })
     }
 

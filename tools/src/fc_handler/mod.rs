@@ -8,12 +8,14 @@
 //! ours removed on exit and on SIGINT/SIGTERM/SIGHUP; once Firecracker has handed over its
 //! userfaultfd, any fatal error kills it (SIGKILL, the `SO_PEERCRED` pid), as Firecracker's
 //! example handlers do, rather than leave it hanging in `PUT /snapshot/load` with its API
-//! dead — unless `--no-kill-peer`.
+//! dead — unless `--no-kill-peer`. A second VMM that connects while one is served has
+//! handed over its userfaultfd too, and nobody would serve it: the same policy applies.
 
 use std::io::{ErrorKind, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,12 +27,13 @@ use uffd_core::{peer_credentials, PeerCredentials};
 
 use crate::cli_args::{HandlerMode, PrefetchArgs};
 use crate::units;
+use crate::zero_pages::ZeroChecked;
 use postcopy::socket_file::{self, SocketFile};
 
 mod summary;
 mod vmm;
 use summary::{summary, Geometry};
-use vmm::{accept_vmm, end_peer, refuse_others, vmm_name};
+use vmm::{accept_vmm, end_peer, refuse_others, vmm_name, Intruders};
 
 const AFTER_HELP: &str = "\
 Drop-in for Firecracker's example handlers: `uffdkit fc-handler SOCKET MEMFILE` is the \
@@ -41,7 +44,8 @@ empty), the replay file and the record path, and refuses a SOCKET where another 
 answers; a stale socket file is replaced. Once Firecracker has sent its userfaultfd, any \
 fatal error (a memory file shorter than the guest, a refused region table, a failing \
 source, SIGINT/SIGTERM/SIGHUP) SIGKILLs the Firecracker process (SO_PEERCRED), which \
-would otherwise hang on faults nobody serves; --no-kill-peer leaves it running. The \
+would otherwise hang on faults nobody serves; so is a second Firecracker that connects \
+while one is served; --no-kill-peer leaves them running. The \
 socket is removed on every exit. Exit status: 0 when Firecracker closed the connection \
 (it exited) after a clean restore; 1 on failure; 2 on a usage error; 128+N on signal N.";
 
@@ -72,8 +76,8 @@ pub struct Args {
     #[arg(long, value_name = "FILE", conflicts_with_all = ["source", "image"])]
     diff: Vec<PathBuf>,
     /// Serve pages from a `uffdkit serve` page server at this address instead of a file
-    /// (host:port or unix:/path; 4 KiB regions; the server streams every page itself, so
-    /// --prefetch does not apply). Secured by TLS (--tls-cert, --tls-key, --tls-ca) or,
+    /// (host:port or unix:/path; its --page-size must be the guest's; the server streams
+    /// every page itself, so --prefetch does not apply). Secured by TLS (--tls-cert, --tls-key, --tls-ca) or,
     /// on a trusted link only, a pre-shared key (--key-file: pages travel unencrypted).
     #[arg(long, requires = "source_security", value_parser = parse_addr)]
     source: Option<postcopy::net::Addr>,
@@ -100,6 +104,11 @@ pub struct Args {
     /// Prefetch (started once the first fault is served) and recording.
     #[command(flatten)]
     prefetch: PrefetchArgs,
+    /// Copy the memory file's zero pages as data, as Firecracker's example handlers do
+    /// (by default its holes and its all-zero pages are placed with UFFDIO_ZEROPAGE:
+    /// nothing copied, no host memory allocated).
+    #[arg(long, conflicts_with_all = ["source", "image"])]
+    no_zero_detection: bool,
     /// Delivery mode: handler threads, which can serve Firecracker's memory.
     #[arg(long, value_enum, default_value_t = HandlerMode::Percpu)]
     mode: HandlerMode,
@@ -119,8 +128,22 @@ struct Memory {
     file: Option<PathBuf>,
     /// What a remote source is called in the summary.
     remote: &'static str,
+    /// For a remote source: the page size it serves (the guest's must be the same).
+    serves: Option<Serves>,
     /// The page server's client, for its reconnection count.
     client: Option<Arc<postcopy::client::RemoteSource>>,
+    /// The memory file's zero-page detection, for its counts (unless turned off).
+    zero: Option<Arc<ZeroChecked>>,
+}
+
+/// The page size a remote source serves, and what to say when it is not the guest's.
+#[derive(Debug, Clone, Copy)]
+struct Serves {
+    /// The option that named the source.
+    option: &'static str,
+    page_size: u64,
+    /// How to get a source of another page size.
+    remedy: &'static str,
 }
 
 /// What a signal or an error must clean up: our socket, and the VMM once it connected.
@@ -178,7 +201,7 @@ pub fn run(args: &Args) -> Result<()> {
     let who = vmm_name(peer);
     let geometry = Geometry::of(&hs.regions);
     info!("{who} connected: {}", geometry.describe());
-    refuse_others(&claimed.listener, who.clone())?;
+    let intruders = refuse_others(&claimed.listener, who.clone(), kill)?;
 
     // Held until the VMM is dealt with: closing the last descriptor of its userfaultfd
     // would release its blocked faults onto zero pages before it is killed.
@@ -195,11 +218,26 @@ pub fn run(args: &Args) -> Result<()> {
     drop(hold_uffd);
     let stats = result?;
     let mut out = std::io::stdout().lock();
-    for line in summary(&who, started.elapsed(), &geometry, &memory, args, &stats) {
+    let mut lines = summary(&who, started.elapsed(), &geometry, &memory, args, &stats);
+    lines.extend(intruders_line(&intruders, kill));
+    for line in lines {
         // The restore is done: a closed stdout loses the summary, not the result.
         let _ = writeln!(out, "{line}");
     }
     Ok(())
+}
+
+/// The summary's line on second VMMs, if any came.
+fn intruders_line(intruders: &Intruders, kill: bool) -> Option<String> {
+    let vmms = intruders.vmms.load(Ordering::Relaxed);
+    (vmms > 0).then(|| {
+        let fate = if kill {
+            "killed (SIGKILL)"
+        } else {
+            "left running (--no-kill-peer)"
+        };
+        format!("  second VMMs: {vmms} connected while this one was served, {fate}")
+    })
 }
 
 /// Opens the memory file (readable, not empty) or connects to the page server.
@@ -212,27 +250,48 @@ fn open_memory(args: &Args) -> Result<Memory> {
         if len == 0 {
             bail!("memory file {} is empty", path.display());
         }
-        let source: Arc<dyn Source> = if args.diff.is_empty() {
-            Arc::new(
-                FileSource::mmap(path)
-                    .with_context(|| format!("memory file {}", path.display()))?,
-            )
+        let context = || format!("memory file {}", path.display());
+        let (source, zero): (Arc<dyn Source>, _) = if args.no_zero_detection {
+            let source: Arc<dyn Source> = if args.diff.is_empty() {
+                Arc::new(FileSource::mmap(path).with_context(context)?)
+            } else {
+                crate::snapshot::diff_chain_source(path, &args.diff)?
+            };
+            (source, None)
         } else {
-            crate::snapshot::diff_chain_source(path, &args.diff)?
+            let checked = Arc::new(if args.diff.is_empty() {
+                ZeroChecked::file(path).with_context(context)?
+            } else {
+                ZeroChecked::over(crate::snapshot::diff_chain_source(path, &args.diff)?)
+            });
+            (checked.clone(), Some(checked))
         };
         return Ok(Memory {
             source,
             file: Some(path.clone()),
             remote: "",
+            serves: None,
             client: None,
+            zero,
         });
     }
     if let Some(url) = &args.image {
+        // Its own background plan (sequential from each fault) stands in for the
+        // pager's prefetch.
+        let image =
+            crate::image::open_source(url, &args.image_source, chunked::Background::Sequential)?;
+        let page_size = u64::from(image.geometry().page_size);
         return Ok(Memory {
-            source: crate::image::fc_source(Some(url), &args.image_source)?,
+            source: image,
             file: None,
             remote: "the object store",
+            serves: Some(Serves {
+                option: "--image",
+                page_size,
+                remedy: "push the image with --page-size equal to the guest's",
+            }),
             client: None,
+            zero: None,
         });
     }
     let Some(addr) = &args.source else {
@@ -259,11 +318,18 @@ fn open_memory(args: &Args) -> Result<Memory> {
     let remote = postcopy::client::RemoteSource::connect_with(addr, security, timing)
         .with_context(|| format!("connect to the page server at {addr}"))?;
     let remote = Arc::new(remote);
+    let page_size = remote.page_size() as u64;
     Ok(Memory {
         source: remote.clone(),
         file: None,
         remote: "the page server",
+        serves: Some(Serves {
+            option: "--source",
+            page_size,
+            remedy: "start uffdkit serve with --page-size equal to the guest's",
+        }),
         client: Some(remote),
+        zero: None,
     })
 }
 
@@ -289,10 +355,21 @@ fn serve(
             units::bytes(geometry.extent),
             geometry.extent
         ),
-        None if geometry.page_size != Some(4096) => {
-            bail!("--source serves 4 KiB pages; this restore has other page sizes")
-        }
         _ => {}
+    }
+    if let Some(serves) = memory.serves {
+        if geometry.page_size != Some(serves.page_size) {
+            let guest = match geometry.page_size {
+                Some(size) => format!("pages of {}", units::bytes(size)),
+                None => "mixed page sizes".into(),
+            };
+            bail!(
+                "{} serves pages of {}; this guest's regions have {guest}: {}",
+                serves.option,
+                units::bytes(serves.page_size),
+                serves.remedy
+            );
+        }
     }
     let options = ServeOptions {
         mode: args.mode.into(),

@@ -74,9 +74,19 @@ pub(super) fn summary(
             stats.placed_fault,
             of(stats.placed_fault)
         ));
-        if args.prefetch.prefetch != "none" || args.prefetch.replay.is_some() {
+        // The pager counts fault-around and readahead runs with the prefetcher's pages:
+        // without a prefetcher they are all read ahead beside faults.
+        let background = args.prefetch.prefetch != "none" || args.prefetch.replay.is_some();
+        let beside = args.prefetch.fault_around > 0 || !args.prefetch.no_readahead;
+        let label = match (background, beside) {
+            (true, true) => Some("prefetched or read ahead beside faults"),
+            (true, false) => Some("prefetched"),
+            (false, true) => Some("read ahead beside faults"),
+            (false, false) => None,
+        };
+        if let Some(label) = label {
             lines.push(format!(
-                "  prefetched: {} pages ({})",
+                "  {label}: {} pages ({})",
                 stats.placed_prefetch,
                 of(stats.placed_prefetch)
             ));
@@ -110,12 +120,27 @@ pub(super) fn summary(
     }
     if stats.placed_zero > 0 || stats.events_remove > 0 {
         lines.push(format!(
-            "  zero pages: {} (placed with UFFDIO_ZEROPAGE, never read), {} REMOVE event(s) (balloon or free-page reporting dropped pages)",
-            stats.placed_zero, stats.events_remove
+            "  zero pages: {} placed with UFFDIO_ZEROPAGE (nothing copied){}, {} REMOVE event(s) (balloon or free-page reporting dropped pages)",
+            stats.placed_zero,
+            zero_origin(memory),
+            stats.events_remove
         ));
     }
     if let Some(path) = &args.prefetch.record {
         lines.push(format!("  working set recorded to {}", path.display()));
     }
     lines
+}
+
+/// Where the memory file's zero pages were found: its holes, and the check of what was
+/// read.
+fn zero_origin(memory: &Memory) -> String {
+    match &memory.zero {
+        Some(zero) => format!(
+            ": the file's holes ({}, never read) and pages found all zero when read ({})",
+            units::bytes(zero.hole_bytes()),
+            units::bytes(zero.found_bytes())
+        ),
+        None => String::new(),
+    }
 }

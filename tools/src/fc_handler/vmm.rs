@@ -38,32 +38,82 @@ pub(super) fn accept_vmm(listener: &UnixListener, kill: bool) -> Result<Handshak
     }
 }
 
+/// VMMs that connected while another was served.
+#[derive(Debug, Default)]
+pub(super) struct Intruders {
+    /// Second VMMs killed (SIGKILL), or left running under --no-kill-peer.
+    pub(super) vmms: AtomicU64,
+    /// Other connections (probes, strangers) closed.
+    pub(super) others: AtomicU64,
+}
+
 /// After the handshake the listener stays bound (the path is ours until we exit, so a
-/// second handler is refused); connections to it are closed at once, not left queued.
-pub(super) fn refuse_others(listener: &UnixListener, serving: String) -> Result<()> {
+/// second handler is refused); connections to it are closed at once, not left queued. A
+/// connection that turns out to be a VMM has already handed over its userfaultfd and
+/// waits in `PUT /snapshot/load` for pages nobody will serve: it gets the kill-peer
+/// policy, loudly, and its userfaultfd is held until then (closing it would release its
+/// faults onto zero pages). One connection at a time, each bounded by the handshake
+/// deadline: a silent stranger delays the next VMM's fate by at most that.
+pub(super) fn refuse_others(
+    listener: &UnixListener,
+    serving: String,
+    kill: bool,
+) -> Result<Arc<Intruders>> {
     let listener = listener.try_clone().context("clone the listener")?;
+    let intruders = Arc::new(Intruders::default());
+    let counts = intruders.clone();
     std::thread::Builder::new()
         .name("refuse".into())
         .spawn(move || {
-            let mut refused = 0u64;
+            // Under --no-kill-peer: second VMMs' handshakes, held until we exit.
+            let mut held = Vec::new();
             loop {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        let who = peer_name(peer_credentials(&stream).ok());
-                        refused += 1;
-                        if refused == 1 {
-                            warn!("refused a connection from {who}: this handler serves {serving} only (further refusals at debug level)");
-                        } else {
-                            debug!("refused connection {refused} from {who}");
+                let stream = match listener.accept() {
+                    Ok((stream, _)) => stream,
+                    Err(e) if transient(&e) => {
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                    Err(_) => return,
+                };
+                let peer = peer_credentials(&stream).ok();
+                match firecracker::handshake(stream) {
+                    Ok(hs) => {
+                        counts.vmms.fetch_add(1, Ordering::Relaxed);
+                        refuse_vmm(hs.peer, kill, &serving);
+                        if !kill {
+                            held.push(hs);
                         }
                     }
-                    Err(e) if transient(&e) => std::thread::sleep(Duration::from_millis(100)),
-                    Err(_) => return,
+                    Err(e) if e.leaves_vmm_waiting() => {
+                        counts.vmms.fetch_add(1, Ordering::Relaxed);
+                        refuse_vmm(peer, kill, &serving);
+                    }
+                    Err(e) => {
+                        let n = counts.others.fetch_add(1, Ordering::Relaxed) + 1;
+                        let who = peer_name(peer);
+                        if n == 1 {
+                            warn!("refused a connection from {who} ({e}): this handler serves {serving} only (further refusals at debug level)");
+                        } else {
+                            debug!("refused connection {n} from {who}: {e}");
+                        }
+                    }
                 }
             }
         })
         .context("start the refusing thread")?;
-    Ok(())
+    Ok(intruders)
+}
+
+/// A second VMM: it cannot be served by this handler, and would hang.
+fn refuse_vmm(peer: Option<PeerCredentials>, kill: bool, serving: &str) {
+    let why = format!(
+        "this handler already serves {serving}; a second VMM's faults would never be served"
+    );
+    match peer {
+        Some(peer) => end_peer(&peer, kill, &why),
+        None => warn!("a second VMM (pid unknown) connected and cannot be killed: {why}"),
+    }
 }
 
 /// Errors `accept(2)` recovers from: an aborted connection, or fds and memory running

@@ -60,9 +60,11 @@ pub struct Args {
     /// (chunks are verified by digest regardless).
     #[arg(long)]
     reference: Option<PathBuf>,
-    /// Delivery mode (SIGBUS is fastest for in-process memory, see `uffdkit bench`).
-    #[arg(long, value_enum, default_value_t = Mode::Sigbus)]
-    mode: Mode,
+    /// Delivery mode. Default: sigbus for a file (fastest for in-process memory, see
+    /// `uffdkit bench`), percpu for a chunked source (it answers faults later, which
+    /// sigbus cannot wait for).
+    #[arg(long, value_enum)]
+    mode: Option<Mode>,
     /// How the pager reads the image (mmap lets the kernel's readahead batch a cold read).
     #[arg(long, value_enum, default_value_t = SourceKind::Mmap)]
     source: SourceKind,
@@ -241,15 +243,13 @@ fn run_pager(
         Image::File(..) => None,
     };
     let is_chunked = chunked_source.is_some() || args.source == SourceKind::Chunked;
+    let mode = delivery_mode(args.mode, is_chunked)?;
     let memory = Mapping::new(MemoryKind::Anon, map_len)?;
-    let extra = if args.mode == Mode::Sigbus {
+    let extra = if mode == Mode::Sigbus {
         Features::SIGBUS
     } else {
         Features::empty()
     };
-    if is_chunked && args.mode == Mode::Sigbus {
-        bail!("a chunked source answers faults later: use --mode thread, poll or percpu");
-    }
     let start = Instant::now();
     let source: Arc<dyn Source> = match (&chunked_source, image) {
         (Some(c), _) => c.clone(),
@@ -272,7 +272,7 @@ fn run_pager(
             MemoryKind::Anon,
             0,
         ))
-        .mode(DeliveryMode::from(args.mode));
+        .mode(DeliveryMode::from(mode));
     let builder = args.prefetch.apply(builder, map_len / PS)?;
     // A chunked source prefetches itself (it knows which chunks are on their way).
     let builder = if is_chunked {
@@ -302,6 +302,7 @@ fn run_pager(
     }
     let mut detail = workload_detail(lat, workload);
     let extra = json!({
+        "mode": mode,
         "faults": stats.faults(),
         "placed_fault": stats.placed_fault,
         "placed_prefetch": stats.placed_prefetch,
@@ -331,6 +332,19 @@ fn run_pager(
         total,
         detail,
     })
+}
+
+/// The delivery mode: the one asked for, or the fastest that can serve the source.
+fn delivery_mode(asked: Option<Mode>, chunked: bool) -> Result<Mode> {
+    match (asked, chunked) {
+        (Some(Mode::Sigbus), true) => Err(crate::exit::usage(
+            "--mode sigbus cannot serve a chunked source (--image URL or --source chunked): \
+             it answers faults later; use --mode thread, poll or percpu (the default for one)",
+        )),
+        (Some(mode), _) => Ok(mode),
+        (None, true) => Ok(Mode::Percpu),
+        (None, false) => Ok(Mode::Sigbus),
+    }
 }
 
 fn merge(into: &mut serde_json::Value, from: serde_json::Value) {
