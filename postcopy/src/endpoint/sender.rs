@@ -60,6 +60,9 @@ pub(crate) struct Sender {
     per_frame: u64,
     /// Pages the stream still has to push (requests clear them too).
     pub need: Bitmap,
+    /// Pages sent on the current connection pair by the stream or an answer: on their
+    /// way, so a request for one is not answered again (see [`Sender::new_pair`]).
+    carried: Bitmap,
     cursor: AtomicU64,
     answering: AtomicBool,
     urgent_scratch: Mutex<Vec<u8>>,
@@ -76,6 +79,7 @@ impl Sender {
         let per_frame = (FRAME_BYTES / ps).max(1) as u64;
         Sender {
             need: Bitmap::new(count as usize),
+            carried: Bitmap::new(count as usize),
             cursor: AtomicU64::new(0),
             answering: AtomicBool::new(false),
             urgent_scratch: Mutex::new(vec![0; per_frame as usize * ps]),
@@ -87,6 +91,12 @@ impl Sender {
             #[cfg(feature = "fault-injection")]
             faults: Default::default(),
         }
+    }
+
+    /// A new connection pair begins (the last one is gone, its threads joined): nothing is
+    /// on its way any more.
+    pub fn new_pair(&self) {
+        self.carried.clear_all();
     }
 
     /// Answers REQ_PAGES from now on (before, a request is an unexpected message).
@@ -147,18 +157,18 @@ impl Sender {
             let mut p = r.first;
             while p < end {
                 // Only what this pair has not carried yet: a page the stream took is on
-                // its way on main, one answered before is on its way here, and after a
-                // break `need` holds everything the receiver does not have again.
-                if !self.need.clear(p as usize) {
+                // its way on main, one answered before is on its way here.
+                if self.carried.set(p as usize) {
                     self.stats.already_sent.fetch_add(1, STAT);
                     p += 1;
                     continue;
                 }
                 let first = p;
                 p += 1;
-                while p < end && self.need.clear(p as usize) {
+                while p < end && !self.carried.set(p as usize) {
                     p += 1;
                 }
+                self.need.clear_range(first as usize..p as usize)?;
                 let b = self.send(chan, first, p - first, &mut scratch)?;
                 self.stats.bytes.fetch_add(b, STAT);
                 self.stats.urgent_pages.fetch_add(p - first, STAT);
@@ -209,6 +219,7 @@ impl Sender {
                 && first + n < self.count
                 && self.need.clear((first + n) as usize)
             {
+                self.carried.set((first + n) as usize);
                 n += 1;
             }
             if n == 0 {

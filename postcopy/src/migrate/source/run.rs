@@ -119,6 +119,8 @@ impl<'m> Run<'m> {
         };
         let greet = |mut main: crate::net::Conn, urgent| {
             main.w.send(&Message::Advise(advise.clone()))?;
+            // The last pair is gone (joined): what it carried is not on its way any more.
+            sender.new_pair();
             let pair = link::pair((main, urgent), advise, sender.clone(), &timing)?;
             let present = match pair.next("RECV_BITMAP", timing.give_up_after)? {
                 (_, Message::RecvBitmap { words }) => words,
