@@ -52,6 +52,10 @@ pub struct SecurityArgs {
     /// pages travel unencrypted.
     #[arg(long, value_name = "FILE")]
     pub key_file: Option<PathBuf>,
+    /// Accept a --key-file that group or others can read (refused otherwise: whoever
+    /// reads the key can pull or push pages).
+    #[arg(long, requires = "key_file")]
+    pub allow_readable_key_file: bool,
 }
 
 impl SecurityArgs {
@@ -62,6 +66,7 @@ impl SecurityArgs {
             (self.tls_key.as_deref(), self.tls_ca.as_deref()),
             self.tls_peer_name.as_deref(),
             self.key_file.as_deref(),
+            self.allow_readable_key_file,
         )
     }
 
@@ -78,6 +83,9 @@ impl SecurityArgs {
         push("--tls-key", self.tls_key.as_deref());
         push("--tls-ca", self.tls_ca.as_deref());
         push("--key-file", self.key_file.as_deref());
+        if self.allow_readable_key_file {
+            out.push("--allow-readable-key-file".into());
+        }
         if let Some(name) = &self.tls_peer_name {
             out.extend(["--tls-peer-name".into(), name.into()]);
         }
@@ -91,6 +99,7 @@ fn security(
     (key, ca): (Option<&Path>, Option<&Path>),
     peer_name: Option<&str>,
     key_file: Option<&Path>,
+    readable_key_ok: bool,
 ) -> Result<Security> {
     match (cert, key, ca, key_file) {
         (Some(cert), Some(key), Some(ca), None) => {
@@ -108,7 +117,7 @@ fn security(
             }
             .into())
         }
-        (None, None, None, Some(file)) => Ok(Key::from_file(file)
+        (None, None, None, Some(file)) => Ok(Key::from_file(file, readable_key_ok)
             .with_context(|| format!("key file {}", file.display()))?
             .into()),
         _ => Err(crate::exit::usage(
