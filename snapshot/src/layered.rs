@@ -52,7 +52,12 @@ struct Layer {
 
 impl Layer {
     fn open(path: &Path) -> Result<Layer> {
-        let file = File::open(path).map_err(Error::io("open", path))?;
+        // A regular file, opened without waiting on a FIFO planted at the path.
+        let file =
+            uffd_core::private_fs::open_regular(path, false).map_err(|source| Error::Private {
+                what: "open a memory file",
+                source,
+            })?;
         let len = file.metadata().map_err(Error::io("stat", path))?.len();
         let size = usize::try_from(len)
             .ok()
