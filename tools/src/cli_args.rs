@@ -114,6 +114,8 @@ impl PrefetchArgs {
 
 /// Loads a working-set file (the library's error names the file).
 fn load_replay(path: &Path, pages: usize) -> Result<Vec<u64>> {
+    // Refuses a FIFO (or device) at the path before the loader could block on it.
+    uffd_core::private_fs::open_regular(path, false).context("cannot use the --replay file")?;
     pager::record::load(path, pages).context("cannot use the --replay file")
 }
 
