@@ -489,4 +489,78 @@ mod tests {
         assert!(matches!(b.try_lock_fetch(&d), FetchLock::Ours(_)));
         std::fs::remove_dir_all(dir).unwrap();
     }
+
+    #[test]
+    fn a_fifo_at_a_chunks_name_is_dropped_not_waited_on() {
+        let dir = temp_dir("fifo");
+        let cache = ChunkCache::open(&dir, 1 << 20).unwrap();
+        let data = vec![3u8; 4096];
+        let d = Digest::of(&data);
+        cache.put(&d, &data).unwrap();
+        std::fs::remove_file(cache.path(&d)).unwrap();
+        nix::unistd::mkfifo(&cache.path(&d), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        // Before: File::open of the FIFO blocked until a writer came — forever.
+        assert_eq!(cache.get(&d, 4096), None);
+        assert!(std::fs::symlink_metadata(cache.path(&d)).is_err(), "the FIFO is gone");
+        cache.put(&d, &data).unwrap();
+        assert_eq!(cache.get(&d, 4096), Some(data));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_sparse_file_counts_the_blocks_it_takes_not_its_length() {
+        let dir = temp_dir("sparse");
+        let cache = ChunkCache::open(&dir, 1 << 20).unwrap();
+        let data = vec![4u8; 4096];
+        cache.put(&Digest::of(&data), &data).unwrap();
+        let filler = dir.join("chunks/ab/filler");
+        std::fs::create_dir_all(filler.parent().unwrap()).unwrap();
+        std::fs::File::create(&filler)
+            .and_then(|f| f.set_len(9 << 30))
+            .unwrap();
+        drop(cache);
+        let cache = ChunkCache::open(&dir, 1 << 20).unwrap();
+        assert!(cache.stats().used < 1 << 20, "{:?}", cache.stats());
+        cache.evict().unwrap();
+        assert!(cache.contains(&Digest::of(&data)), "nothing evicted for a hole");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn eviction_never_follows_a_linked_fan_out_directory() {
+        let dir = temp_dir("linked");
+        let outside = temp_dir("linked-outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("precious"), vec![1u8; 64 << 10]).unwrap();
+        let cache = ChunkCache::open(&dir, 8 * 4096).unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join("chunks/aa")).unwrap();
+        for i in 0..16u8 {
+            let data = vec![i; 4096];
+            cache.put(&Digest::of(&data), &data).unwrap();
+        }
+        assert!(cache.stats().evicted > 0);
+        assert!(outside.join("precious").exists(), "eviction left the cache");
+        std::fs::remove_dir_all(dir).unwrap();
+        std::fs::remove_dir_all(outside).unwrap();
+    }
+
+    #[test]
+    fn a_cache_directory_another_user_owns_is_refused() {
+        if !testkit::attacker::available("a_cache_directory_another_user_owns_is_refused") {
+            return;
+        }
+        // /tmp is sticky and world-writable: anyone may create a name there first.
+        let dir = temp_dir("strangers");
+        testkit::attacker::as_nobody(|| {
+            std::fs::create_dir(&dir).map_err(|e| testkit::attacker::failed("mkdir", &dir, e))
+        });
+        match ChunkCache::open(&dir, 1 << 20) {
+            Err(Error::Private {
+                source: FsError::NotOwned { owner, .. },
+                ..
+            }) => assert_eq!(owner, testkit::attacker::NOBODY),
+            other => panic!("opened a stranger's cache: {other:?}"),
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }

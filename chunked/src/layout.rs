@@ -78,11 +78,13 @@ impl Layout {
     pub fn from_file(path: &std::path::Path, page_size: u32, chunk_size: u32) -> Result<Self> {
         let name = path.display().to_string();
         // A regular file, opened without waiting on a FIFO planted at the path.
-        let file = uffd_core::private_fs::open_regular(path, false).map_err(|source| {
-            Error::Private {
+        let file = uffd_core::private_fs::open_regular(path, false).map_err(|e| match e {
+            // A missing or unreadable file keeps its plain I/O error.
+            uffd_core::private_fs::FsError::Io { source, .. } => Error::io("open", &name)(source),
+            source => Error::Private {
                 what: "open the image file",
                 source,
-            }
+            },
         })?;
         let len = file.metadata().map_err(Error::io("stat", &name))?.len();
         let geometry = Geometry {
