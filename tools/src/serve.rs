@@ -41,6 +41,7 @@ pub fn run(args: &Args) -> Result<()> {
     let security = args.security.security()?;
     let admission = args.admission.admission()?;
     let addr: Addr = args.listen.parse()?;
+    let socket_file = crate::signals::remove_socket_on_termination(&addr)?;
     let silence = Duration::try_from_secs_f64(args.silence)
         .ok()
         .filter(|d| !d.is_zero())
@@ -57,6 +58,7 @@ pub fn run(args: &Args) -> Result<()> {
     let opts = ServerOptions { timing, admission };
     let kind = security.kind();
     let server = PageServer::bind_with(&addr, std::sync::Arc::new(image), security, opts)?;
+    socket_file.bound();
     let bound = server.local_addr()?;
     log::info!(
         "{} ({}) on {bound}, {kind}; at most {} handshakes ({:?} each) and {} clients at once, {open_files} open files",

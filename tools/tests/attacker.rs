@@ -627,3 +627,31 @@ fn an_image_declaring_a_petabyte_is_refused_before_anything_is_allocated() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Finding 5: `serve` and `migrate dest` left their Unix socket files behind after
+/// SIGTERM. Now each removes it and dies of the signal's status.
+#[test]
+fn serve_and_migrate_dest_remove_their_socket_files_on_sigterm() {
+    let dir = temp("attacker-sockets");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (key, image) = (dir.join("key"), dir.join("image"));
+    write_key(&key, "a-key-of-enough-length");
+    common::image(&image, 1 << 20);
+    for name in ["serve", "dest"] {
+        let sock = dir.join(format!("{name}.sock"));
+        let mut cmd = match name {
+            "serve" => uffdkit(["serve".as_ref(), "--image".as_ref(), image.as_os_str()]),
+            _ => uffdkit(["migrate", "dest"]),
+        };
+        cmd.arg("--key-file").arg(&key);
+        cmd.arg("--listen").arg(format!("unix:{}", sock.display()));
+        let mut proc = Proc::start(cmd);
+        common::wait_listening(&sock, &mut proc);
+        proc.signal(nix::sys::signal::Signal::SIGTERM);
+        let f = proc.finish_within(Duration::from_secs(20));
+        assert_eq!(f.code(), Some(143), "{name}: {}", f.text());
+        assert!(!sock.exists(), "{name} left {}", sock.display());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
