@@ -213,8 +213,8 @@ fn a_cache_another_user_created_is_refused_and_none_of_its_links_is_followed() {
     let f = s
         .pull(&cache, &s.path("out.raw"), &["--cache-mib", "1"])
         .finish();
-    refused_because_another_user_owns(&f);
     assert_eq!(s.outside(), before, "root changed a file outside the cache");
+    refused_because_another_user_owns(&f);
     assert!(!created.exists(), "root created a file through fetch.lock");
 }
 
@@ -258,8 +258,8 @@ fn eviction_never_deletes_through_a_planted_link_nor_for_a_sparse_filler() {
     let f = s
         .pull(&cache, &s.path("out.raw"), &["--cache-mib", "64"])
         .finish();
-    refused_because_another_user_owns(&f);
     assert_eq!(s.outside(), before, "root changed a file outside the cache");
+    refused_because_another_user_owns(&f);
 }
 
 /// Finding 2: guest memory in the cache and in a pulled image must be unreadable to
@@ -342,10 +342,6 @@ fn another_user_cannot_lock_the_cache_and_stall_a_pull() {
         }
         Ok(())
     });
-    attacker::as_nobody(|| match std::fs::File::open(&lock) {
-        Ok(_) => Err(format!("nobody opened {}", lock.display())),
-        Err(_) => Ok(()),
-    });
     let started = Instant::now();
     let f = s
         .pull(&cache, &s.path("out.raw"), &["--cold-cache"])
@@ -357,6 +353,10 @@ fn another_user_cannot_lock_the_cache_and_stall_a_pull() {
         started.elapsed()
     );
     holder.finish();
+    attacker::as_nobody(|| match std::fs::File::open(&lock) {
+        Ok(_) => Err(format!("nobody opened {}", lock.display())),
+        Err(_) => Ok(()),
+    });
 }
 
 /// Finding 3: a FIFO where a chunk should be hung a root pull forever (the open blocked).
