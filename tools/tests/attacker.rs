@@ -313,6 +313,30 @@ fn cached_chunks_and_pulled_images_are_unreadable_to_other_users() {
     });
 }
 
+/// Finding 2: an output another user created first in a shared directory (mode 0666, so
+/// root could write it) would hand that user the guest memory written into it. Before:
+/// `image pull` wrote into it.
+#[test]
+fn a_pull_never_writes_into_an_output_another_user_created() {
+    let Some(s) = Scene::new("attacker-output") else {
+        return;
+    };
+    s.push();
+    let out = s.shared("out.raw");
+    attacker::as_nobody(|| {
+        std::fs::File::create(&out).map_err(|e| failed("create", &out, e))?;
+        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o666))
+            .map_err(|e| failed("chmod", &out, e))
+    });
+    let f = s.pull(&s.shared("cache"), &out, &[]).finish();
+    assert_eq!(
+        std::fs::metadata(&out).unwrap().len(),
+        0,
+        "root wrote into it"
+    );
+    refused_because_another_user_owns(&f);
+}
+
 /// Finding 3: a read lock on the cache's lock file, held by another user, made every
 /// chunk wait for the retry deadline (60 s a chunk). Now the lock file is unreachable to
 /// others and the pull does not wait.

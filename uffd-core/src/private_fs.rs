@@ -519,8 +519,9 @@ pub fn open_regular(path: &Path, block_device_ok: bool) -> Result<File> {
 }
 
 /// Creates (or truncates) the output file `path`, 0600, for reading and writing: a link at
-/// `path` is refused, not followed; so is anything but a regular file; an existing file
-/// of ours that others could read is narrowed to 0600 before any byte is written.
+/// `path` is refused, not followed; so is anything but a regular file of ours with no
+/// other hard link; an existing file of ours that others could read is narrowed to 0600
+/// before any byte is written.
 pub fn create_private(path: &Path) -> Result<File> {
     let flags =
         OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
@@ -546,7 +547,17 @@ pub fn create_private(path: &Path) -> Result<File> {
             links: st.st_nlink as u64,
         });
     }
-    if st.st_mode & GROUP_OTHER_ANY != 0 && st.st_uid == geteuid().as_raw() {
+    // Someone else's file (pre-created in a shared directory, say) would let its owner
+    // read what we write into it, whatever its mode now.
+    let euid = geteuid().as_raw();
+    if st.st_uid != euid {
+        return Err(FsError::NotOwned {
+            path: path.to_owned(),
+            owner: st.st_uid,
+            euid,
+        });
+    }
+    if st.st_mode & GROUP_OTHER_ANY != 0 {
         fchmod(&fd, Mode::S_IRUSR | Mode::S_IWUSR).map_err(io("chmod", path))?;
     }
     // Truncated only now that it is known to be a regular file.
