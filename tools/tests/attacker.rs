@@ -218,6 +218,27 @@ fn a_cache_another_user_created_is_refused_and_none_of_its_links_is_followed() {
     assert!(!created.exists(), "root created a file through fetch.lock");
 }
 
+/// Finding 1: a link another user planted where the cache should be, pointing into a
+/// root-only directory. Before: root created its cache there.
+#[test]
+fn a_cache_path_another_user_linked_elsewhere_is_refused() {
+    let Some(s) = Scene::new("attacker-cache-link") else {
+        return;
+    };
+    s.push();
+    let (cache, rootonly) = (s.shared("cache"), s.path("rootonly"));
+    attacker::as_nobody(|| symlink(&rootonly, &cache));
+    let before = s.outside();
+    let f = s.pull(&cache, &s.path("out.raw"), &[]).finish();
+    assert_eq!(s.outside(), before, "root changed a file outside the cache");
+    assert_eq!(
+        std::fs::read_dir(&rootonly).unwrap().count(),
+        0,
+        "root wrote into the link's target"
+    );
+    refused_because_another_user_owns(&f);
+}
+
 /// Finding 1, eviction: a 9 GB sparse filler pushes "used" over the bound, and a fan-out
 /// directory linked to a directory of root's files. Before: eviction deleted root's
 /// files through the link.

@@ -11,9 +11,10 @@
 //!   directory: every path component owned by root or the effective user and not
 //!   writable by group or others (a root-owned sticky directory such as `/tmp` is allowed
 //!   as an ancestor: nobody else can rename or remove what we own in it), the directory
-//!   itself owned by the effective user, 0700. It is walked component by component with
-//!   `openat(O_NOFOLLOW)` and kept open: every later operation is relative to its fd, so a
-//!   path swapped after the check is never followed.
+//!   itself owned by the effective user and created 0700. It is walked component by
+//!   component with `openat(O_NOFOLLOW)` (a link followed only if root or we own it) and
+//!   kept open: every later operation is relative to its fd, so a path swapped after the
+//!   check is never followed.
 //! - Files in it are opened with `O_NOFOLLOW | O_NONBLOCK` and checked by `fstat` to be
 //!   regular files (a FIFO cannot block an open, a device is refused); temporaries are
 //!   `O_EXCL` with unguessable names; everything is created 0600.
@@ -146,6 +147,20 @@ fn expect_kind(st: &FileStat, kind: SFlag, path: &Path) -> Result<()> {
     })
 }
 
+/// Symbolic links followed in one path at most (as the kernel's `MAXSYMLINKS`).
+const MAX_LINKS: u32 = 40;
+
+/// The names of `path`'s components, `..` kept (resolved by the walk, not lexically).
+fn names(path: &Path) -> std::collections::VecDeque<OsString> {
+    path.components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_owned()),
+            Component::ParentDir => Some(OsString::from("..")),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Mode bits of "writable by group or others".
 const GROUP_OTHER_WRITE: u32 = 0o022;
 /// Mode bits of "any access by group or others".
@@ -249,62 +264,80 @@ impl PrivateDir {
     /// Opens `path`, creating what is missing (0700), after checking every component:
     /// ancestors owned by root or us and not writable by others (root-owned sticky
     /// directories allowed), the directory itself owned by us and not writable by others.
-    /// A directory of ours that group or others can read or enter is narrowed to 0700.
-    /// Symlinks among the existing ancestors are resolved first (`/var/run` → `/run`);
-    /// then the walk follows none.
+    ///
+    /// The walk goes component by component from `/`, each opened with `O_NOFOLLOW`
+    /// relative to the last. A symbolic link on the way (`/var/run` → `/run`) is followed
+    /// only if root or we own it — its directory, already checked, lets nobody else
+    /// replace it — so a link another user planted in a shared directory is refused, not
+    /// followed somewhere of its choosing. An existing directory's mode is left as it is
+    /// (only created ones are 0700): what we put in it is 0600 regardless.
     pub fn open_or_create(path: &Path) -> Result<PrivateDir> {
         let absolute = std::path::absolute(path).map_err(|source| FsError::Io {
             op: "resolve",
             path: path.to_owned(),
             source,
         })?;
-        // The longest existing prefix, resolved; the rest is created below.
-        let mut existing = absolute.clone();
-        let mut missing: Vec<OsString> = Vec::new();
-        while std::fs::symlink_metadata(&existing).is_err() {
-            match (existing.file_name(), existing.parent()) {
-                (Some(name), Some(parent)) => {
-                    missing.push(name.to_owned());
-                    existing = parent.to_owned();
-                }
-                _ => break,
-            }
-        }
-        let resolved = std::fs::canonicalize(&existing).map_err(|source| FsError::Io {
-            op: "resolve",
-            path: existing.clone(),
-            source,
-        })?;
-        let mut shown = PathBuf::from("/");
-        let mut fd =
+        let euid = geteuid().as_raw();
+        let root =
             openat(nix::fcntl::AT_FDCWD, "/", DIR_FLAGS, Mode::empty()).map_err(io("open", "/"))?;
-        let mut st = fstat(&fd).map_err(io("stat", "/"))?;
-        let components: Vec<&OsStr> = resolved
-            .components()
-            .filter_map(|c| match c {
-                Component::Normal(n) => Some(n),
-                _ => None,
-            })
-            .collect();
-        let total = components.len() + missing.len();
-        let names = components
-            .into_iter()
-            .chain(missing.iter().rev().map(OsString::as_os_str));
-        for (i, name) in names.enumerate() {
-            check_ancestor(&st, &shown)?;
-            shown.push(name);
-            if i >= total - missing.len() {
-                match mkdirat(&fd, name, Mode::S_IRWXU) {
-                    Ok(()) | Err(Errno::EEXIST) => {}
-                    Err(e) => return Err(io("create", &shown)(e)),
+        let root_st = fstat(&root).map_err(io("stat", "/"))?;
+        // The directories walked so far, `/` first: `..` steps back along them.
+        let mut walked = vec![(root, root_st, PathBuf::from("/"))];
+        let mut queue = names(&absolute);
+        let mut links = 0;
+        while let Some(name) = queue.pop_front() {
+            if name == ".." {
+                if walked.len() > 1 {
+                    walked.pop();
                 }
+                continue;
             }
-            (fd, st) = open_dir_at(fd.as_fd(), name, &shown)?;
+            let (dir, st, shown) = walked.last().expect("/ is never popped");
+            check_ancestor(st, shown)?;
+            let next = shown.join(&name);
+            match fstatat(dir, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+                Ok(link) if is(&link, SFlag::S_IFLNK) => {
+                    if link.st_uid != 0 && link.st_uid != euid {
+                        return Err(FsError::NotOwned {
+                            path: next,
+                            owner: link.st_uid,
+                            euid,
+                        });
+                    }
+                    links += 1;
+                    if links > MAX_LINKS {
+                        return Err(io("resolve", &absolute)(Errno::ELOOP));
+                    }
+                    let target = nix::fcntl::readlinkat(dir, name.as_os_str())
+                        .map_err(io("read the link", &next))?;
+                    let target = Path::new(&target);
+                    if target.is_absolute() {
+                        walked.truncate(1);
+                    }
+                    for n in names(target).into_iter().rev() {
+                        queue.push_front(n);
+                    }
+                    continue;
+                }
+                Ok(_) => {}
+                Err(Errno::ENOENT) => match mkdirat(dir, name.as_os_str(), Mode::S_IRWXU) {
+                    Ok(()) | Err(Errno::EEXIST) => {}
+                    Err(e) => return Err(io("create", &next)(e)),
+                },
+                Err(e) => return Err(io("stat", &next)(e)),
+            }
+            let (fd, st) = open_dir_at(dir.as_fd(), &name, &next)?;
+            walked.push((fd, st, next));
         }
+        if walked.len() == 1 {
+            return Err(FsError::WrongKind {
+                path: absolute,
+                found: "root directory",
+                expected: "directory of our own",
+            });
+        }
+        let (fd, st, shown) = walked.pop().expect("more than / walked");
         check_own_dir(&st, &shown)?;
-        if st.st_mode & GROUP_OTHER_ANY != 0 {
-            fchmod(&fd, Mode::S_IRWXU).map_err(io("chmod", &shown))?;
-        }
         Ok(PrivateDir { fd, path: shown })
     }
 
@@ -633,6 +666,17 @@ mod tests {
         assert_eq!(mode(&sub.path().join(&name)), 0o600);
         dir.open_or_create_file("lock").unwrap();
         assert_eq!(mode(&dir.path().join("lock")), 0o600);
+    }
+
+    #[test]
+    fn links_of_ours_and_dot_dots_are_followed_by_the_walk() {
+        let tmp = TempDir::new("private-fs-").unwrap();
+        std::fs::create_dir(tmp.path().join("real")).unwrap();
+        std::os::unix::fs::symlink("real", tmp.path().join("link")).unwrap();
+        let dir = PrivateDir::open_or_create(&tmp.path().join("link/../link/cache")).unwrap();
+        assert_eq!(dir.path(), tmp.path().join("real/cache"));
+        assert!(tmp.path().join("real/cache").is_dir());
+        assert!(PrivateDir::open_or_create(Path::new("/")).is_err());
     }
 
     #[test]
