@@ -51,6 +51,9 @@ pub fn run(args: &Args) -> Result<()> {
         heartbeat: silence / 6,
         ..Timing::default()
     };
+    // A regular file, checked without blocking: a FIFO at the path would hang the open.
+    uffd_core::private_fs::open_regular(&args.image, false)
+        .with_context(|| format!("open {}", args.image.display()))?;
     let image =
         FileSource::mmap(&args.image).with_context(|| format!("open {}", args.image.display()))?;
     let len = image.len();

@@ -553,7 +553,8 @@ fn snapshot_chain_never_writes_through_a_planted_scratch_name() {
     assert_eq!(after, before, "root changed a file outside its own");
 }
 
-/// Finding 5: a FIFO given as the memory file hung `fc-handler` before it listened.
+/// Finding 5: a FIFO given as the memory file hung `fc-handler` before it listened (and
+/// `serve` and `restore` the same way).
 #[test]
 fn fc_handler_refuses_a_fifo_memory_file_at_once() {
     let Some(s) = Scene::new("attacker-fc-fifo") else {
@@ -566,6 +567,21 @@ fn fc_handler_refuses_a_fifo_memory_file_at_once() {
     let f = Proc::start(cmd).finish_within(Duration::from_secs(20));
     assert!(!f.status.success(), "{}", f.text());
     assert!(f.stderr.contains("FIFO"), "{}", f.text());
+    // serve's image, restore's image: the same.
+    let key = s.path("key");
+    write_key(&key, "a-key-of-enough-length");
+    let mut serve = uffdkit(["serve", "--image"]);
+    serve.arg(&mem).arg("--key-file").arg(&key);
+    serve
+        .arg("--listen")
+        .arg(format!("unix:{}", s.path("serve.sock").display()));
+    let mut restore = uffdkit(["restore", "--image"]);
+    restore.arg(&mem);
+    for cmd in [serve, restore] {
+        let f = Proc::start(cmd).finish_within(Duration::from_secs(20));
+        assert!(!f.status.success(), "{}", f.text());
+        assert!(f.stderr.contains("FIFO"), "{}", f.text());
+    }
 }
 
 /// Finding 5: a key file others can read is refused unless allowed explicitly, and a
