@@ -16,9 +16,9 @@
 //!   Evicting a chunk another process is reading is safe: its open file stays readable.
 //!   Sizes are the blocks files take, so a sparse file cannot inflate the count.
 //! - **Nobody else's**: the directory and its path are checked on open (owned by us,
-//!   writable by nobody else — `uffd_core::private_fs`), directories are 0700 and files
-//!   0600, and every file is reached relative to the checked directory fds without
-//!   following links; temporary names are unguessable and created `O_EXCL`; anything
+//!   writable by nobody else — `uffd_core::private_fs`), directories are created 0700
+//!   and files 0600, and every file is reached relative to the checked directory fds
+//!   without following links; temporary names are unguessable and created `O_EXCL`; anything
 //!   but a regular file where a chunk should be is removed, not opened. So another local
 //!   user can neither redirect what we write or delete, nor read guest memory, nor hold
 //!   a lock that makes us wait.
@@ -131,7 +131,7 @@ impl ChunkCache {
         let dir = PrivateDir::open_or_create(&dir.into()).map_err(private("open the cache"))?;
         let chunks = dir.subdir("chunks").map_err(private("open the cache"))?;
         let tmp = chunks.subdir("tmp").map_err(private("open the cache"))?;
-        // 0600 in a 0700 directory: no other user can open it, so no other user can
+        // Ours and 0600: no other user can open it, so no other user can
         // hold a lock in it and make us wait.
         let locks = dir
             .open_or_create_file("fetch.lock")
