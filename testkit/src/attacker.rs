@@ -6,6 +6,11 @@
 //!
 //! Tests that use it need root (to drop privileges at all); [`available`] says so loudly
 //! and records the skip when the tests run as another user.
+//!
+//! The child is forked from a multi-threaded test binary: what it runs must not take a
+//! process-wide lock another thread could have held at the fork (the environment's, as
+//! `std::env::var` and `temp_dir` do; stdout's, as `println!` does). Compute paths in the
+//! test, plant with plain file-system calls, report through the returned `Result`.
 
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
