@@ -618,6 +618,22 @@ fn a_key_file_others_can_read_or_a_device_is_refused() {
     let f = serve(Path::new("/dev/zero"), &[]).finish_within(Duration::from_secs(20));
     assert!(!f.status.success(), "{}", f.text());
     assert!(f.stderr.contains("character device"), "{}", f.text());
+    // TLS files the same: /dev/zero as a private key is refused, not read forever.
+    let mut tls = uffdkit(["serve", "--image"]);
+    tls.arg(s.path("raw"))
+        .args([
+            "--tls-cert",
+            "/dev/zero",
+            "--tls-key",
+            "/dev/zero",
+            "--tls-ca",
+            "/dev/zero",
+        ])
+        .arg("--listen")
+        .arg(format!("unix:{}", s.path("tls.sock").display()));
+    let f = Proc::start(tls).finish_within(Duration::from_secs(20));
+    assert!(!f.status.success(), "{}", f.text());
+    assert!(f.stderr.contains("character device"), "{}", f.text());
     // Allowed explicitly, the same key serves.
     let mut server = serve(&key, &["--allow-readable-key-file"]);
     common::wait_listening(&s.path("serve.sock"), &mut server);

@@ -84,6 +84,10 @@ fn tls(what: &'static str) -> impl FnOnce(rustls::Error) -> Error {
     move |source| Error::Tls { what, source }
 }
 
+/// The longest PEM file read: a certificate chain or a CA bundle of many certificates
+/// fits many times over.
+pub const MAX_PEM_FILE: u64 = 1 << 20;
+
 impl TlsConfig {
     /// A configuration from PEM text: this side's certificate chain (its own certificate
     /// first), its private key (PKCS#8, PKCS#1 or SEC1), and the certificates of the CAs
@@ -99,9 +103,14 @@ impl TlsConfig {
         Self::new(chain, key, cas)
     }
 
-    /// [`TlsConfig::from_pem`] of three files.
+    /// [`TlsConfig::from_pem`] of three files: regular files of at most [`MAX_PEM_FILE`]
+    /// bytes each.
     pub fn from_pem_files(chain: &Path, key: &Path, ca: &Path) -> Result<TlsConfig, Error> {
-        let read = |what, path: &Path| std::fs::read(path).map_err(Error::io(what));
+        // Regular files of bounded size: a FIFO or /dev/zero is refused, not read forever.
+        let read = |what, path: &Path| {
+            uffd_core::private_fs::read_secret(path, MAX_PEM_FILE, true)
+                .map_err(|e| Error::io(what)(std::io::Error::other(e)))
+        };
         Self::from_pem(
             &read("read the certificate file", chain)?,
             &read("read the private key file", key)?,
