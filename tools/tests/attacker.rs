@@ -635,7 +635,7 @@ fn a_key_file_others_can_read_or_a_device_is_refused() {
     assert!(!f.status.success(), "{}", f.text());
     assert!(f.stderr.contains("character device"), "{}", f.text());
     // Allowed explicitly, the same key serves.
-    let mut server = serve(&key, &["--allow-readable-key-file"]);
+    let mut server = serve(&key, &["--allow-readable-keys"]);
     common::wait_listening(&s.path("serve.sock"), &mut server);
 }
 
@@ -731,4 +731,56 @@ fn serve_and_migrate_dest_remove_their_socket_files_on_sigterm() {
         assert!(!sock.exists(), "{name} left {}", sock.display());
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Finding 5, TLS: a private key others can read lets them pose as this host; it is
+/// refused unless allowed explicitly.
+#[test]
+fn a_tls_key_others_can_read_is_refused() {
+    let Some(s) = Scene::new("attacker-tls-key") else {
+        return;
+    };
+    if Command::new("openssl").arg("version").output().is_err() {
+        testkit::skip(
+            "a_tls_key_others_can_read_is_refused",
+            "openssl is not installed (scripts/test installs it)",
+        );
+        return;
+    }
+    let pki = s.path("pki");
+    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/tls-certs"))
+        .arg(&pki)
+        .arg("localhost")
+        .output()
+        .expect("run scripts/tls-certs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = pki.join("localhost.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let serve = |extra: &[&str]| {
+        let mut cmd = uffdkit(["serve", "--image"]);
+        cmd.arg(s.path("raw"))
+            .arg("--tls-cert")
+            .arg(pki.join("localhost.pem"))
+            .arg("--tls-key")
+            .arg(&key)
+            .arg("--tls-ca")
+            .arg(pki.join("ca.pem"))
+            .arg("--listen")
+            .arg(format!("unix:{}", s.path("tls.sock").display()))
+            .args(extra);
+        Proc::start(cmd)
+    };
+    let f = serve(&[]).finish_within(Duration::from_secs(20));
+    assert!(!f.status.success(), "{}", f.text());
+    assert!(
+        f.stderr.contains("readable by group or others"),
+        "{}",
+        f.text()
+    );
+    let mut server = serve(&["--allow-readable-keys"]);
+    common::wait_listening(&s.path("tls.sock"), &mut server);
 }

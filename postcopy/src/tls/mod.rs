@@ -104,17 +104,23 @@ impl TlsConfig {
     }
 
     /// [`TlsConfig::from_pem`] of three files: regular files of at most [`MAX_PEM_FILE`]
-    /// bytes each.
-    pub fn from_pem_files(chain: &Path, key: &Path, ca: &Path) -> Result<TlsConfig, Error> {
+    /// bytes each, and — unless `key_readable_by_others` says the caller accepts it — a
+    /// private key its owner alone can read (whoever reads it can pose as this host).
+    pub fn from_pem_files(
+        chain: &Path,
+        key: &Path,
+        ca: &Path,
+        key_readable_by_others: bool,
+    ) -> Result<TlsConfig, Error> {
         // Regular files of bounded size: a FIFO or /dev/zero is refused, not read forever.
-        let read = |what, path: &Path| {
-            uffd_core::private_fs::read_secret(path, MAX_PEM_FILE, true)
+        let read = |what, path: &Path, shared_ok| {
+            uffd_core::private_fs::read_secret(path, MAX_PEM_FILE, shared_ok)
                 .map_err(|e| Error::io(what)(std::io::Error::other(e)))
         };
         Self::from_pem(
-            &read("read the certificate file", chain)?,
-            &read("read the private key file", key)?,
-            &read("read the CA file", ca)?,
+            &read("read the certificate file", chain, true)?,
+            &read("read the private key file", key, key_readable_by_others)?,
+            &read("read the CA file", ca, true)?,
         )
     }
 
