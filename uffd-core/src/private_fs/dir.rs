@@ -1,151 +1,20 @@
-//! Files no other local user can steer: the one place the workspace creates and opens
-//! files that hold guest memory or keys, or that live where another user could plant
-//! something (the chunk cache, temporary directories, outputs, key files).
-//!
-//! The threat is a local user without privileges (a tenant, a jailed VMM of another VM)
-//! attacking a root `uffdkit` on the same host: planting symlinks so that root truncates
-//! or writes a file of the attacker's choosing, FIFOs so that an open blocks forever,
-//! pre-created directories it owns, and reading guest memory left world-readable. So:
-//!
-//! - [`PrivateDir`] is a directory checked the way OpenSSH's `StrictModes` checks a home
-//!   directory: every path component owned by root or the effective user and not
-//!   writable by group or others (a root-owned sticky directory such as `/tmp` is allowed
-//!   as an ancestor: nobody else can rename or remove what we own in it), the directory
-//!   itself owned by the effective user and created 0700. It is walked component by
-//!   component with `openat(O_NOFOLLOW)` (a link followed only if root or we own it) and
-//!   kept open: every later operation is relative to its fd, so a path swapped after the
-//!   check is never followed.
-//! - Files in it are opened with `O_NOFOLLOW | O_NONBLOCK` and checked by `fstat` to be
-//!   regular files (a FIFO cannot block an open, a device is refused); temporaries are
-//!   `O_EXCL` with unguessable names; everything is created 0600.
-//! - [`TempDir`] is `mkdtemp(3)` — never a fixed or pid-derived name.
-//! - [`open_regular`], [`create_private`] and [`read_secret`] do the same for a path the
-//!   user named: a memory file, an output, a key file.
-//!
-//! Why here, in uffd-core: every crate that creates such files (chunked's cache, the
-//! snapshot sink, postcopy's key files, the CLI) already depends on this one, and the
-//! calls are thin wrappers of kernel calls, as the rest of the crate is.
+//! [`PrivateDir`] and [`TempDir`]: directories walked, checked and held open.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
-use std::io::Read;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::fcntl::{fcntl, openat, AtFlags, FcntlArg, OFlag};
+use nix::fcntl::{openat, AtFlags, OFlag};
 use nix::sys::stat::{fchmod, fstat, fstatat, mkdirat, FileStat, Mode, SFlag};
 use nix::unistd::{geteuid, unlinkat, UnlinkatFlags};
 
-/// Why a file or directory was refused, or an operation on it failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum FsError {
-    /// Owned by another user: whoever owns it can rename, replace or plant in it.
-    #[error("{path} is owned by uid {owner}, not by uid {euid} or root: refusing it (another user could plant links in it)")]
-    NotOwned {
-        /// The refused path.
-        path: PathBuf,
-        /// Its owner.
-        owner: u32,
-        /// Our effective uid.
-        euid: u32,
-    },
-    /// Writable by group or others (and not a root-owned sticky directory).
-    #[error("{path} is writable by group or others (mode {mode:04o}): refusing it")]
-    Writable {
-        /// The refused path.
-        path: PathBuf,
-        /// Its permission bits.
-        mode: u32,
-    },
-    /// Not the kind of file expected (a FIFO, a device, a symlink, a directory...).
-    #[error("{path} is a {found}, not a {expected}: refusing it")]
-    WrongKind {
-        /// The refused path.
-        path: PathBuf,
-        /// What it is.
-        found: &'static str,
-        /// What was expected.
-        expected: &'static str,
-    },
-    /// A secret readable by group or others.
-    #[error("{path} is readable by group or others (mode {mode:04o}): refusing a key others can read (chmod 600 it, or allow it explicitly)")]
-    Exposed {
-        /// The refused path.
-        path: PathBuf,
-        /// Its permission bits.
-        mode: u32,
-    },
-    /// Longer than anything of its kind can be.
-    #[error("{path} is longer than {max} bytes: refusing it")]
-    TooLarge {
-        /// The refused path.
-        path: PathBuf,
-        /// The bound.
-        max: u64,
-    },
-    /// An output with other hard links: writing it would write them too.
-    #[error("{path} has {links} hard links: refusing to write through them")]
-    HardLinked {
-        /// The refused path.
-        path: PathBuf,
-        /// Its link count.
-        links: u64,
-    },
-    /// A system call failed.
-    #[error("{op} {path}")]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// On what.
-        path: PathBuf,
-        /// The kernel's answer.
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-/// Results of this module.
-pub type Result<T, E = FsError> = std::result::Result<T, E>;
-
-fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(Errno) -> FsError {
-    let path = path.into();
-    move |e| FsError::Io {
-        op,
-        path,
-        source: std::io::Error::from(e),
-    }
-}
-
-fn kind_name(mode: u32) -> &'static str {
-    match SFlag::from_bits_truncate(mode & SFlag::S_IFMT.bits()) {
-        SFlag::S_IFREG => "regular file",
-        SFlag::S_IFDIR => "directory",
-        SFlag::S_IFLNK => "symbolic link",
-        SFlag::S_IFIFO => "FIFO",
-        SFlag::S_IFSOCK => "socket",
-        SFlag::S_IFBLK => "block device",
-        SFlag::S_IFCHR => "character device",
-        _ => "file of unknown kind",
-    }
-}
-
-fn is(st: &FileStat, kind: SFlag) -> bool {
-    st.st_mode & SFlag::S_IFMT.bits() == kind.bits()
-}
-
-fn expect_kind(st: &FileStat, kind: SFlag, path: &Path) -> Result<()> {
-    if is(st, kind) {
-        return Ok(());
-    }
-    Err(FsError::WrongKind {
-        path: path.to_owned(),
-        found: kind_name(st.st_mode),
-        expected: kind_name(kind.bits()),
-    })
-}
+use super::{
+    blocking, check_ancestor, check_own_dir, expect_kind, io, is, kind_name, unguessable_name,
+    FsError, Result, GROUP_OTHER_ANY,
+};
 
 /// Symbolic links followed in one path at most (as the kernel's `MAXSYMLINKS`).
 const MAX_LINKS: u32 = 40;
@@ -159,54 +28,6 @@ fn names(path: &Path) -> std::collections::VecDeque<OsString> {
             _ => None,
         })
         .collect()
-}
-
-/// Mode bits of "writable by group or others".
-const GROUP_OTHER_WRITE: u32 = 0o022;
-/// Mode bits of "any access by group or others".
-const GROUP_OTHER_ANY: u32 = 0o077;
-
-/// A directory on the way to ours: owned by root or us, and nobody else can change its
-/// entries (not writable by group/other, or a root-owned sticky directory like `/tmp`,
-/// where others cannot rename or remove what is not theirs).
-fn check_ancestor(st: &FileStat, path: &Path) -> Result<()> {
-    expect_kind(st, SFlag::S_IFDIR, path)?;
-    let euid = geteuid().as_raw();
-    if st.st_uid != 0 && st.st_uid != euid {
-        return Err(FsError::NotOwned {
-            path: path.to_owned(),
-            owner: st.st_uid,
-            euid,
-        });
-    }
-    let sticky = st.st_mode & Mode::S_ISVTX.bits() != 0;
-    if st.st_mode & GROUP_OTHER_WRITE != 0 && !(sticky && st.st_uid == 0) {
-        return Err(FsError::Writable {
-            path: path.to_owned(),
-            mode: st.st_mode & 0o7777,
-        });
-    }
-    Ok(())
-}
-
-/// Our own directory: owned by the effective user, writable by nobody else.
-fn check_own_dir(st: &FileStat, path: &Path) -> Result<()> {
-    expect_kind(st, SFlag::S_IFDIR, path)?;
-    let euid = geteuid().as_raw();
-    if st.st_uid != euid {
-        return Err(FsError::NotOwned {
-            path: path.to_owned(),
-            owner: st.st_uid,
-            euid,
-        });
-    }
-    if st.st_mode & GROUP_OTHER_WRITE != 0 {
-        return Err(FsError::Writable {
-            path: path.to_owned(),
-            mode: st.st_mode & 0o7777,
-        });
-    }
-    Ok(())
 }
 
 const DIR_FLAGS: OFlag = OFlag::O_RDONLY
@@ -230,27 +51,6 @@ fn open_dir_at(dir: BorrowedFd<'_>, name: &OsStr, shown: &Path) -> Result<(Owned
     })?;
     let st = fstat(&fd).map_err(io("stat", shown))?;
     Ok((fd, st))
-}
-
-/// Clears `O_NONBLOCK` once the open (which a FIFO could have blocked) is done.
-fn blocking(fd: OwnedFd, path: &Path) -> Result<File> {
-    let flags = fcntl(&fd, FcntlArg::F_GETFL).map_err(io("fcntl", path))?;
-    let flags = OFlag::from_bits_truncate(flags) & !OFlag::O_NONBLOCK;
-    fcntl(&fd, FcntlArg::F_SETFL(flags)).map_err(io("fcntl", path))?;
-    Ok(File::from(fd))
-}
-
-/// 128 random bits as hex, from the kernel's CSPRNG: a name nobody can guess.
-pub fn unguessable_name() -> Result<String> {
-    let mut bytes = [0u8; 16];
-    File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(|source| FsError::Io {
-            op: "read",
-            path: "/dev/urandom".into(),
-            source,
-        })?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// A directory of ours, checked and held open (see the module docs).
@@ -473,22 +273,6 @@ impl PrivateDir {
     }
 }
 
-/// Whether `st` describes a regular file (for callers sorting [`PrivateDir::entries`]).
-pub fn is_regular(st: &FileStat) -> bool {
-    is(st, SFlag::S_IFREG)
-}
-
-/// Whether `st` describes a directory.
-pub fn is_dir(st: &FileStat) -> bool {
-    is(st, SFlag::S_IFDIR)
-}
-
-/// Bytes a file really takes on disk: its allocated blocks, not its length (a sparse file
-/// claiming terabytes takes what it takes).
-pub fn allocated_bytes(st: &FileStat) -> u64 {
-    (st.st_blocks as u64).saturating_mul(512)
-}
-
 /// A directory made by `mkdtemp(3)` (0700, an unguessable name), removed with everything
 /// in it when dropped.
 #[derive(Debug)]
@@ -531,117 +315,6 @@ impl Drop for TempDir {
         // not log.
         let _ = std::fs::remove_dir_all(self.dir.path());
     }
-}
-
-const READ_FLAGS: OFlag = OFlag::O_RDONLY
-    .union(OFlag::O_NONBLOCK)
-    .union(OFlag::O_NOCTTY)
-    .union(OFlag::O_CLOEXEC);
-
-/// Opens `path` for reading, refusing anything but a regular file (or a block device, if
-/// `block_device_ok`) — without blocking: a FIFO planted at the path is refused, not
-/// waited on.
-pub fn open_regular(path: &Path, block_device_ok: bool) -> Result<File> {
-    let fd =
-        openat(nix::fcntl::AT_FDCWD, path, READ_FLAGS, Mode::empty()).map_err(io("open", path))?;
-    let st = fstat(&fd).map_err(io("stat", path))?;
-    if !(is(&st, SFlag::S_IFREG) || block_device_ok && is(&st, SFlag::S_IFBLK)) {
-        expect_kind(&st, SFlag::S_IFREG, path)?;
-    }
-    blocking(fd, path)
-}
-
-/// Creates (or truncates) the output file `path`, 0600, for reading and writing: a link at
-/// `path` is refused, not followed; so is anything but a regular file of ours with no
-/// other hard link; an existing file of ours that others could read is narrowed to 0600
-/// before any byte is written.
-pub fn create_private(path: &Path) -> Result<File> {
-    let flags =
-        OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
-    let fd = openat(
-        nix::fcntl::AT_FDCWD,
-        path,
-        flags,
-        Mode::S_IRUSR | Mode::S_IWUSR,
-    )
-    .map_err(|e| match e {
-        Errno::ELOOP => FsError::WrongKind {
-            path: path.to_owned(),
-            found: "symbolic link",
-            expected: "regular file",
-        },
-        e => io("create", path)(e),
-    })?;
-    let st = fstat(&fd).map_err(io("stat", path))?;
-    expect_kind(&st, SFlag::S_IFREG, path)?;
-    if st.st_nlink > 1 {
-        return Err(FsError::HardLinked {
-            path: path.to_owned(),
-            links: st.st_nlink as u64,
-        });
-    }
-    // Someone else's file (pre-created in a shared directory, say) would let its owner
-    // read what we write into it, whatever its mode now.
-    let euid = geteuid().as_raw();
-    if st.st_uid != euid {
-        return Err(FsError::NotOwned {
-            path: path.to_owned(),
-            owner: st.st_uid,
-            euid,
-        });
-    }
-    if st.st_mode & GROUP_OTHER_ANY != 0 {
-        fchmod(&fd, Mode::S_IRUSR | Mode::S_IWUSR).map_err(io("chmod", path))?;
-    }
-    // Truncated only now that it is known to be a regular file.
-    nix::unistd::ftruncate(&fd, 0).map_err(io("truncate", path))?;
-    blocking(fd, path)
-}
-
-/// Creates a new file 0600 with an unguessable name starting with `prefix` in `dir` (any
-/// directory, even a shared sticky one: `O_EXCL | O_NOFOLLOW` never opens what someone
-/// planted). Returns it and its path.
-pub fn create_temp_in(dir: &Path, prefix: &str) -> Result<(File, PathBuf)> {
-    let path = dir.join(format!("{prefix}{}", unguessable_name()?));
-    let flags =
-        OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let fd = openat(
-        nix::fcntl::AT_FDCWD,
-        &path,
-        flags,
-        Mode::S_IRUSR | Mode::S_IWUSR,
-    )
-    .map_err(io("create", &path))?;
-    Ok((File::from(fd), path))
-}
-
-/// Reads a secret (a key file): a regular file, at most `max` bytes, and — unless
-/// `allow_shared` — not readable by group or others.
-pub fn read_secret(path: &Path, max: u64, allow_shared: bool) -> Result<Vec<u8>> {
-    let file = open_regular(path, false)?;
-    let st = fstat(&file).map_err(io("stat", path))?;
-    if !allow_shared && st.st_mode & 0o044 != 0 {
-        return Err(FsError::Exposed {
-            path: path.to_owned(),
-            mode: st.st_mode & 0o7777,
-        });
-    }
-    let mut out = Vec::new();
-    // One byte more than allowed tells a too-long file from one at the bound.
-    file.take(max + 1)
-        .read_to_end(&mut out)
-        .map_err(|source| FsError::Io {
-            op: "read",
-            path: path.to_owned(),
-            source,
-        })?;
-    if out.len() as u64 > max {
-        return Err(FsError::TooLarge {
-            path: path.to_owned(),
-            max,
-        });
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -712,57 +385,5 @@ mod tests {
             !tmp.path().join("target").exists(),
             "nothing created through the link"
         );
-    }
-
-    #[test]
-    fn a_fifo_is_refused_at_once_not_waited_on() {
-        let tmp = TempDir::new("private-fs-").unwrap();
-        let fifo = tmp.path().join("fifo");
-        nix::unistd::mkfifo(&fifo, Mode::S_IRUSR | Mode::S_IWUSR).unwrap();
-        let err = open_regular(&fifo, false).unwrap_err();
-        assert!(
-            matches!(err, FsError::WrongKind { found: "FIFO", .. }),
-            "{err}"
-        );
-        assert!(matches!(
-            create_private(&fifo),
-            Err(FsError::WrongKind { .. })
-        ));
-        assert!(read_secret(&fifo, 64, true).is_err());
-    }
-
-    #[test]
-    fn a_secret_readable_by_others_or_too_long_is_refused() {
-        let tmp = TempDir::new("private-fs-").unwrap();
-        let key = tmp.path().join("key");
-        std::fs::write(&key, b"0123456789abcdef").unwrap();
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(matches!(
-            read_secret(&key, 64, false),
-            Err(FsError::Exposed { .. })
-        ));
-        assert_eq!(read_secret(&key, 64, true).unwrap(), b"0123456789abcdef");
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert!(matches!(
-            read_secret(&key, 8, false),
-            Err(FsError::TooLarge { .. })
-        ));
-        let zero = read_secret(Path::new("/dev/zero"), 64, true).unwrap_err();
-        assert!(matches!(zero, FsError::WrongKind { .. }), "{zero}");
-    }
-
-    #[test]
-    fn create_private_refuses_a_link_and_narrows_an_open_file() {
-        let tmp = TempDir::new("private-fs-").unwrap();
-        let target = tmp.path().join("target");
-        std::fs::write(&target, b"keep").unwrap();
-        let link = tmp.path().join("out");
-        std::os::unix::fs::symlink(&target, &link).unwrap();
-        assert!(create_private(&link).is_err());
-        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
-        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
-        create_private(&target).unwrap();
-        assert_eq!(mode(&target), 0o600);
-        assert_eq!(std::fs::metadata(&target).unwrap().len(), 0);
     }
 }
