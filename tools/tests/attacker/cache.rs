@@ -8,7 +8,9 @@ use crate::*;
 /// wrote chunks into the root-only directory.
 #[test]
 fn a_cache_another_user_created_is_refused_and_none_of_its_links_is_followed() {
-    let Some(s) = Scene::new("attacker-planted-cache") else {
+    let Some(s) =
+        Scene::new("a_cache_another_user_created_is_refused_and_none_of_its_links_is_followed")
+    else {
         return;
     };
     s.push();
@@ -39,7 +41,7 @@ fn a_cache_another_user_created_is_refused_and_none_of_its_links_is_followed() {
 /// root-only directory. Before: root created its cache there.
 #[test]
 fn a_cache_path_another_user_linked_elsewhere_is_refused() {
-    let Some(s) = Scene::new("attacker-cache-link") else {
+    let Some(s) = Scene::new("a_cache_path_another_user_linked_elsewhere_is_refused") else {
         return;
     };
     s.push();
@@ -61,7 +63,9 @@ fn a_cache_path_another_user_linked_elsewhere_is_refused() {
 /// files through the link.
 #[test]
 fn eviction_never_deletes_through_a_planted_link_nor_for_a_sparse_filler() {
-    let Some(s) = Scene::new("attacker-evict") else {
+    let Some(s) =
+        Scene::new("eviction_never_deletes_through_a_planted_link_nor_for_a_sparse_filler")
+    else {
         return;
     };
     s.push();
@@ -104,7 +108,8 @@ fn eviction_never_deletes_through_a_planted_link_nor_for_a_sparse_filler() {
 /// other users. Before: chunks were 0644 in 0755 directories, pulled images 0644.
 #[test]
 fn cached_chunks_and_pulled_images_are_unreadable_to_other_users() {
-    let Some(s) = Scene::new("attacker-read") else {
+    let Some(s) = Scene::new("cached_chunks_and_pulled_images_are_unreadable_to_other_users")
+    else {
         return;
     };
     s.push();
@@ -156,7 +161,7 @@ fn cached_chunks_and_pulled_images_are_unreadable_to_other_users() {
 /// `image pull` wrote into it.
 #[test]
 fn a_pull_never_writes_into_an_output_another_user_created() {
-    let Some(s) = Scene::new("attacker-output") else {
+    let Some(s) = Scene::new("a_pull_never_writes_into_an_output_another_user_created") else {
         return;
     };
     s.push();
@@ -180,7 +185,7 @@ fn a_pull_never_writes_into_an_output_another_user_created() {
 /// others and the pull does not wait.
 #[test]
 fn another_user_cannot_lock_the_cache_and_stall_a_pull() {
-    let Some(s) = Scene::new("attacker-lock") else {
+    let Some(s) = Scene::new("another_user_cannot_lock_the_cache_and_stall_a_pull") else {
         return;
     };
     s.push();
@@ -224,7 +229,7 @@ fn another_user_cannot_lock_the_cache_and_stall_a_pull() {
 /// Finding 3: a FIFO where a chunk should be hung a root pull forever (the open blocked).
 #[test]
 fn a_fifo_planted_at_a_chunk_name_cannot_hang_a_pull() {
-    let Some(s) = Scene::new("attacker-fifo") else {
+    let Some(s) = Scene::new("a_fifo_planted_at_a_chunk_name_cannot_hang_a_pull") else {
         return;
     };
     s.push();

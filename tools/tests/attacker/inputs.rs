@@ -6,7 +6,7 @@ use crate::*;
 /// `serve` and `restore` the same way).
 #[test]
 fn fc_handler_refuses_a_fifo_memory_file_at_once() {
-    let Some(s) = Scene::new("attacker-fc-fifo") else {
+    let Some(s) = Scene::new("fc_handler_refuses_a_fifo_memory_file_at_once") else {
         return;
     };
     let mem = s.shared("mem");
@@ -37,7 +37,7 @@ fn fc_handler_refuses_a_fifo_memory_file_at_once() {
 /// device (which would be read until memory runs out) is refused at once.
 #[test]
 fn a_key_file_others_can_read_or_a_device_is_refused() {
-    let Some(s) = Scene::new("attacker-key") else {
+    let Some(s) = Scene::new("a_key_file_others_can_read_or_a_device_is_refused") else {
         return;
     };
     let key = s.path("key");
@@ -186,7 +186,7 @@ fn serve_and_migrate_dest_remove_their_socket_files_on_sigterm() {
 /// refused unless allowed explicitly.
 #[test]
 fn a_tls_key_others_can_read_is_refused() {
-    let Some(s) = Scene::new("attacker-tls-key") else {
+    let Some(s) = Scene::new("a_tls_key_others_can_read_is_refused") else {
         return;
     };
     if Command::new("openssl").arg("version").output().is_err() {

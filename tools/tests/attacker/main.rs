@@ -37,7 +37,11 @@ impl Scene {
         if !attacker::available(test) {
             return None;
         }
-        let base = temp(test);
+        // Short: Unix socket paths under it must fit in sun_path (108 bytes).
+        let base = temp(&format!(
+            "atk-{}",
+            &chunked::Digest::of(test.as_bytes()).to_hex()[..8]
+        ));
         let _ = std::fs::remove_dir_all(&base);
         for (dir, mode) in [
             ("", 0o755),

@@ -6,7 +6,7 @@ use crate::*;
 /// existing one: a planted `key` link made root overwrite a file of root's with the key.
 #[test]
 fn migrate_local_never_uses_a_directory_another_user_planted() {
-    let Some(s) = Scene::new("attacker-migrate") else {
+    let Some(s) = Scene::new("migrate_local_never_uses_a_directory_another_user_planted") else {
         return;
     };
     let gate = s.path("gate");
@@ -35,7 +35,7 @@ fn migrate_local_never_uses_a_directory_another_user_planted() {
 /// `$TMPDIR/uffdkit-download-<pid>/image`, through a link planted there.
 #[test]
 fn the_download_baseline_never_writes_through_a_planted_link() {
-    let Some(s) = Scene::new("attacker-download") else {
+    let Some(s) = Scene::new("the_download_baseline_never_writes_through_a_planted_link") else {
         return;
     };
     s.push();
@@ -73,7 +73,7 @@ fn the_download_baseline_never_writes_through_a_planted_link() {
 /// `File::create`, through a link planted at that name in a shared directory.
 #[test]
 fn snapshot_chain_never_writes_through_a_planted_scratch_name() {
-    let Some(s) = Scene::new("attacker-chain") else {
+    let Some(s) = Scene::new("snapshot_chain_never_writes_through_a_planted_scratch_name") else {
         return;
     };
     let gate = s.path("gate");
