@@ -14,15 +14,24 @@
 //!   when the cache outgrows its bound, whichever process notices evicts the oldest files
 //!   (under an exclusive `flock` so two processes do not evict at once) down to 90 %.
 //!   Evicting a chunk another process is reading is safe: its open file stays readable.
+//!   Sizes are the blocks files take, so a sparse file cannot inflate the count.
+//! - **Nobody else's**: the directory and its path are checked on open (owned by us,
+//!   writable by nobody else — `uffd_core::private_fs`), directories are created 0700
+//!   and files 0600, and every file is reached relative to the checked directory fds
+//!   without following links; temporary names are unguessable and created `O_EXCL`; anything
+//!   but a regular file where a chunk should be is removed, not opened. So another local
+//!   user can neither redirect what we write or delete, nor read guest memory, nor hold
+//!   a lock that makes us wait.
 
-use std::fs::{File, OpenOptions};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::SystemTime;
 
 use nix::fcntl::{fcntl, FcntlArg};
+use uffd_core::private_fs::{self, FsError, PrivateDir};
 
 use crate::error::{Error, Result};
 use crate::hash::Digest;
@@ -34,14 +43,18 @@ const LOCK_SLOTS: u64 = 1 << 20;
 /// A chunk cache directory (see the module docs).
 #[derive(Debug)]
 pub struct ChunkCache {
-    dir: PathBuf,
+    /// The cache directory, checked to be ours and held open: every file below is
+    /// reached relative to it (or to `chunks`, `tmp`), never through a path again.
+    dir: PrivateDir,
+    /// `chunks/`: one fan-out directory per first digest byte.
+    chunks: PrivateDir,
+    /// `chunks/tmp/`: chunks being written, before their rename into place.
+    tmp: PrivateDir,
     capacity: u64,
     /// Bytes in the cache as this process last counted them, plus what it added since.
     used: AtomicU64,
     /// One open file description for every fetch lock this process holds.
     locks: File,
-    /// Names temporary files uniquely within this process.
-    seq: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
     evicted: AtomicU64,
@@ -69,39 +82,80 @@ pub(crate) enum FetchLock {
     Peer,
 }
 
+/// A cached chunk found by a scan: which fan-out directory, its name, its size on disk,
+/// its last use.
+struct Entry {
+    dir: usize,
+    name: OsString,
+    bytes: u64,
+    used: (i64, i64),
+}
+
+fn private(what: &'static str) -> impl FnOnce(FsError) -> Error {
+    move |source| Error::Private { what, source }
+}
+
+/// Bytes a chunk of `len` bytes takes on disk, as [`private_fs::allocated_bytes`] will
+/// count it later (whole 4 KiB blocks).
+fn on_disk(len: usize) -> u64 {
+    (len as u64).next_multiple_of(4096)
+}
+
 impl ChunkCache {
+    /// The default cache directory: `/var/cache/uffdkit` for root, else
+    /// `$XDG_CACHE_HOME/uffdkit` (or `~/.cache/uffdkit`). `None` if neither is known.
+    /// Never a shared directory such as `/var/tmp`, where another user could create it
+    /// first.
+    pub fn default_dir() -> Option<PathBuf> {
+        if nix::unistd::geteuid().is_root() {
+            return Some(PathBuf::from("/var/cache/uffdkit"));
+        }
+        let xdg = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute());
+        let home = || {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute())
+                .map(|h| h.join(".cache"))
+        };
+        Some(xdg.or_else(home)?.join("uffdkit"))
+    }
+
     /// Opens (creating if needed) the cache at `dir`, bounded to `capacity` bytes.
+    ///
+    /// The directory and each component of its path are checked first (see
+    /// [`PrivateDir::open_or_create`]): a cache another user owns, or could change, is
+    /// refused with [`Error::Private`] naming the culprit.
     pub fn open(dir: impl Into<PathBuf>, capacity: u64) -> Result<Self> {
-        let dir = dir.into();
-        let chunks = dir.join("chunks");
-        std::fs::create_dir_all(chunks.join("tmp"))
-            .map_err(Error::io("create cache", chunks.display()))?;
-        let lock_path = dir.join("fetch.lock");
-        let locks = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(Error::io("open", lock_path.display()))?;
+        let dir = PrivateDir::open_or_create(&dir.into()).map_err(private("open the cache"))?;
+        let chunks = dir.subdir("chunks").map_err(private("open the cache"))?;
+        let tmp = chunks.subdir("tmp").map_err(private("open the cache"))?;
+        // Ours and 0600: no other user can open it, so no other user can
+        // hold a lock in it and make us wait.
+        let locks = dir
+            .open_or_create_file("fetch.lock")
+            .map_err(private("open the cache's lock file"))?;
         let cache = Self {
             dir,
+            chunks,
+            tmp,
             capacity,
             used: AtomicU64::new(0),
             locks,
-            seq: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
         };
-        let used = cache.entries()?.iter().map(|e| e.1).sum();
+        let (_, entries) = cache.entries()?;
+        let used = entries.iter().map(|e| e.bytes).sum();
         cache.used.store(used, Ordering::Relaxed);
         Ok(cache)
     }
 
     /// The directory.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.dir.path()
     }
 
     /// The bound in bytes.
@@ -120,9 +174,11 @@ impl ChunkCache {
         }
     }
 
-    fn path(&self, digest: &Digest) -> PathBuf {
+    /// Where chunk `digest` lives (for messages and tests; the cache itself never opens
+    /// this path, only names relative to its checked directories).
+    pub fn path(&self, digest: &Digest) -> PathBuf {
         let hex = digest.to_hex();
-        self.dir.join("chunks").join(&hex[..2]).join(hex)
+        self.chunks.path().join(&hex[..2]).join(hex)
     }
 
     /// The chunk named `digest` of `len` bytes, if cached and intact.
@@ -137,15 +193,46 @@ impl ChunkCache {
         found
     }
 
+    /// The fan-out directory of `digest`, if it exists and is ours.
+    fn fan_out(&self, hex: &str) -> Option<PrivateDir> {
+        match self.chunks.existing_subdir(OsStr::new(&hex[..2])) {
+            Ok(dir) => dir,
+            Err(e) => {
+                log::warn!("cache: {e}; not using it");
+                None
+            }
+        }
+    }
+
+    /// Opens the cached file of `digest`: never through a link, never waiting on a FIFO.
+    /// Anything but a regular file there is removed (it is not a chunk of ours).
+    fn open_chunk(&self, digest: &Digest) -> Option<File> {
+        let hex = digest.to_hex();
+        let dir = self.fan_out(&hex)?;
+        match dir.open_file(&hex) {
+            Ok(file) => Some(file),
+            Err(FsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                None
+            }
+            Err(e) => {
+                log::warn!("cache: {e}; dropping it");
+                let _ = dir.remove(OsStr::new(&hex));
+                None
+            }
+        }
+    }
+
     fn read_verified(&self, digest: &Digest, len: usize) -> Option<Vec<u8>> {
-        let path = self.path(digest);
-        let mut file = File::open(&path).ok()?;
+        let mut file = self.open_chunk(digest)?;
         let mut data = Vec::with_capacity(len);
         // One byte more than expected tells a longer file from a right one.
         let read = (&mut file).take(len as u64 + 1).read_to_end(&mut data);
         if read.is_err() || data.len() != len || Digest::of(&data) != *digest {
-            log::warn!("cache: {} is corrupt; dropping it", path.display());
-            let _ = std::fs::remove_file(&path);
+            log::warn!("cache: {} is corrupt; dropping it", self.path(digest).display());
+            let hex = digest.to_hex();
+            if let Some(dir) = self.fan_out(&hex) {
+                let _ = dir.remove(OsStr::new(&hex));
+            }
             return None;
         }
         // A hit is a use: the LRU order is the files' modification times.
@@ -159,34 +246,35 @@ impl ChunkCache {
 
     /// Whether the chunk is present (not verified).
     pub fn contains(&self, digest: &Digest) -> bool {
-        self.path(digest).exists()
+        self.open_chunk(digest).is_some()
     }
 
-    /// Publishes a verified chunk: written aside, then renamed into place.
+    /// Publishes a verified chunk: written to a new file of an unguessable name (0600,
+    /// `O_EXCL`), then renamed into place relative to the checked directories.
     pub fn put(&self, digest: &Digest, data: &[u8]) -> Result<()> {
-        let path = self.path(digest);
-        if path.exists() {
+        if self.contains(digest) {
             return Ok(());
         }
-        let tmp = self.dir.join("chunks").join("tmp").join(format!(
-            "{}.{}.{}",
-            digest.to_hex(),
-            std::process::id(),
-            self.seq.fetch_add(1, Ordering::Relaxed)
-        ));
-        let written = (|| -> std::io::Result<()> {
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            let mut f = File::create(&tmp)?;
-            f.write_all(data)?;
-            std::fs::rename(&tmp, &path)
-        })();
+        let hex = digest.to_hex();
+        let dir = self.chunks.subdir(&hex[..2]).map_err(private("publish to cache"))?;
+        let (mut file, tmp) = self
+            .tmp
+            .create_temp(&format!("{hex}."))
+            .map_err(private("publish to cache"))?;
+        let written = file
+            .write_all(data)
+            .map_err(Error::io("publish to cache", self.path(digest).display()))
+            .and_then(|()| {
+                self.tmp
+                    .rename(&tmp, &dir, &hex)
+                    .map_err(private("publish to cache"))
+            });
         if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(Error::io("publish to cache", path.display())(e));
+            let _ = self.tmp.remove(OsStr::new(&tmp));
+            return Err(e);
         }
-        let used = self.used.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
+        let size = on_disk(data.len());
+        let used = self.used.fetch_add(size, Ordering::Relaxed) + size;
         if used > self.capacity {
             self.evict()?;
         }
@@ -227,47 +315,74 @@ impl ChunkCache {
         let _ = fcntl(self.locks.as_fd(), FcntlArg::F_OFD_SETLK(&lock));
     }
 
-    /// Every cached chunk with its size and modification time.
-    fn entries(&self) -> Result<Vec<(PathBuf, u64, SystemTime)>> {
-        let root = self.dir.join("chunks");
+    /// Every cached chunk with its size on disk (blocks actually used, so a sparse file
+    /// counts what it takes) and last use, and the fan-out directories they are in. Only
+    /// regular files in our own fan-out directories count; a link or anything else
+    /// planted there is neither followed nor counted.
+    fn entries(&self) -> Result<(Vec<PrivateDir>, Vec<Entry>)> {
+        let mut dirs = Vec::new();
         let mut out = Vec::new();
-        let dirs = std::fs::read_dir(&root).map_err(Error::io("list cache", root.display()))?;
-        for dir in dirs.flatten() {
-            if dir.file_name() == "tmp" || !dir.path().is_dir() {
+        let listed = self.chunks.entries().map_err(private("list the cache"))?;
+        for (name, st) in listed {
+            let fan_out = name.len() == 2 && name.as_encoded_bytes().iter().all(u8::is_ascii_hexdigit);
+            if !fan_out || !private_fs::is_dir(&st) {
                 continue;
             }
-            let Ok(files) = std::fs::read_dir(dir.path()) else {
-                continue;
+            let dir = match self.chunks.existing_subdir(&name) {
+                Ok(Some(dir)) => dir,
+                Ok(None) => continue,
+                Err(e) => {
+                    log::warn!("cache: {e}; skipping it");
+                    continue;
+                }
             };
-            for f in files.flatten() {
-                if let Ok(meta) = f.metadata() {
-                    let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                    out.push((f.path(), meta.len(), mtime));
+            let files = dir.entries().map_err(private("list the cache"))?;
+            for (name, st) in files {
+                if private_fs::is_regular(&st) {
+                    out.push(Entry {
+                        dir: dirs.len(),
+                        name,
+                        bytes: private_fs::allocated_bytes(&st),
+                        used: (st.st_mtime, st.st_mtime_nsec),
+                    });
                 }
             }
+            dirs.push(dir);
         }
-        Ok(out)
+        Ok((dirs, out))
     }
 
     /// Deletes the least recently used chunks until the cache holds at most 90 % of its
     /// bound. Another process already evicting makes this a no-op.
     pub fn evict(&self) -> Result<()> {
-        let lock_path = self.dir.join("evict.lock");
-        let file = File::create(&lock_path).map_err(Error::io("open", lock_path.display()))?;
+        self.evict_down_to(self.capacity / 10 * 9)
+    }
+
+    /// Empties the cache (a cold start): every chunk goes.
+    pub fn clear(&self) -> Result<()> {
+        self.evict_down_to(0)
+    }
+
+    fn evict_down_to(&self, target: u64) -> Result<()> {
+        let file = self
+            .dir
+            .open_or_create_file("evict.lock")
+            .map_err(private("open the cache's eviction lock"))?;
         let Ok(_guard) = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
         else {
             return Ok(());
         };
-        let mut entries = self.entries()?;
-        let mut used: u64 = entries.iter().map(|e| e.1).sum();
-        let target = self.capacity / 10 * 9;
-        entries.sort_by_key(|e| e.2);
-        for (path, size, _) in entries {
+        let (dirs, mut entries) = self.entries()?;
+        let mut used: u64 = entries.iter().map(|e| e.bytes).sum();
+        entries.sort_by_key(|e| e.used);
+        for e in entries {
             if used <= target {
                 break;
             }
-            if std::fs::remove_file(&path).is_ok() {
-                used -= size;
+            // unlinkat relative to the checked fan-out directory: never a path that could
+            // have been redirected, never outside the cache.
+            if dirs[e.dir].remove(&e.name).is_ok() {
+                used -= e.bytes;
                 self.evicted.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -372,6 +487,80 @@ mod tests {
         a.unlock_fetch(slot);
         assert!(!b.peer_fetching(&d));
         assert!(matches!(b.try_lock_fetch(&d), FetchLock::Ours(_)));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_fifo_at_a_chunks_name_is_dropped_not_waited_on() {
+        let dir = temp_dir("fifo");
+        let cache = ChunkCache::open(&dir, 1 << 20).unwrap();
+        let data = vec![3u8; 4096];
+        let d = Digest::of(&data);
+        cache.put(&d, &data).unwrap();
+        std::fs::remove_file(cache.path(&d)).unwrap();
+        nix::unistd::mkfifo(&cache.path(&d), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        // Before: File::open of the FIFO blocked until a writer came — forever.
+        assert_eq!(cache.get(&d, 4096), None);
+        assert!(std::fs::symlink_metadata(cache.path(&d)).is_err(), "the FIFO is gone");
+        cache.put(&d, &data).unwrap();
+        assert_eq!(cache.get(&d, 4096), Some(data));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_sparse_file_counts_the_blocks_it_takes_not_its_length() {
+        let dir = temp_dir("sparse");
+        let cache = ChunkCache::open(&dir, 1 << 20).unwrap();
+        let data = vec![4u8; 4096];
+        cache.put(&Digest::of(&data), &data).unwrap();
+        let filler = dir.join("chunks/ab/filler");
+        std::fs::create_dir_all(filler.parent().unwrap()).unwrap();
+        std::fs::File::create(&filler)
+            .and_then(|f| f.set_len(9 << 30))
+            .unwrap();
+        drop(cache);
+        let cache = ChunkCache::open(&dir, 1 << 20).unwrap();
+        assert!(cache.stats().used < 1 << 20, "{:?}", cache.stats());
+        cache.evict().unwrap();
+        assert!(cache.contains(&Digest::of(&data)), "nothing evicted for a hole");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn eviction_never_follows_a_linked_fan_out_directory() {
+        let dir = temp_dir("linked");
+        let outside = temp_dir("linked-outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("precious"), vec![1u8; 64 << 10]).unwrap();
+        let cache = ChunkCache::open(&dir, 8 * 4096).unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join("chunks/aa")).unwrap();
+        for i in 0..16u8 {
+            let data = vec![i; 4096];
+            cache.put(&Digest::of(&data), &data).unwrap();
+        }
+        assert!(cache.stats().evicted > 0);
+        assert!(outside.join("precious").exists(), "eviction left the cache");
+        std::fs::remove_dir_all(dir).unwrap();
+        std::fs::remove_dir_all(outside).unwrap();
+    }
+
+    #[test]
+    fn a_cache_directory_another_user_owns_is_refused() {
+        if !testkit::attacker::available("a_cache_directory_another_user_owns_is_refused") {
+            return;
+        }
+        // /tmp is sticky and world-writable: anyone may create a name there first.
+        let dir = temp_dir("strangers");
+        testkit::attacker::as_nobody(|| {
+            std::fs::create_dir(&dir).map_err(|e| testkit::attacker::failed("mkdir", &dir, e))
+        });
+        match ChunkCache::open(&dir, 1 << 20) {
+            Err(Error::Private {
+                source: FsError::NotOwned { owner, .. },
+                ..
+            }) => assert_eq!(owner, testkit::attacker::NOBODY),
+            other => panic!("opened a stranger's cache: {other:?}"),
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

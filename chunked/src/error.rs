@@ -47,6 +47,16 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A local directory or file another user could steer (the cache, an output), refused
+    /// by the checks of [`uffd_core::private_fs`], or an operation on it that failed.
+    #[error("{what}: {source}")]
+    Private {
+        /// What was being done.
+        what: &'static str,
+        /// The check that refused it, or the failed call.
+        #[source]
+        source: uffd_core::private_fs::FsError,
+    },
     /// A chunk whose bytes do not hash to its name.
     #[error("chunk {chunk} failed verification: expected {expected}, read {actual}")]
     Corrupt {

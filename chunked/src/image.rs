@@ -105,7 +105,8 @@ impl Image {
         Ok(self.flat.clone())
     }
 
-    /// Writes the whole image to `path` (zero chunks as holes), every chunk verified.
+    /// Writes the whole image to `path` (zero chunks as holes), every chunk verified. The
+    /// file is created 0600 (see [`uffd_core::private_fs::create_private`]).
     pub fn pull(
         &self,
         path: &Path,
@@ -115,7 +116,13 @@ impl Image {
     ) -> Result<PullReport> {
         let layout = Layout::from_manifest(self.store.clone(), &self.flat);
         let shown = path.display().to_string();
-        let file = File::create(path).map_err(Error::io("create", &shown))?;
+        // 0600, never through a link, never a FIFO: the file holds guest memory.
+        let file = uffd_core::private_fs::create_private(path).map_err(|source| {
+            Error::Private {
+                what: "create the pulled image",
+                source,
+            }
+        })?;
         file.set_len(self.flat.geometry().len)
             .map_err(Error::io("size", &shown))?;
         let fetcher = Arc::new(Fetcher::new(layout, cache, retry, 4 << 20));

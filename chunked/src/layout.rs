@@ -77,7 +77,15 @@ impl Layout {
     /// (`SEEK_HOLE`) are zero and never read.
     pub fn from_file(path: &std::path::Path, page_size: u32, chunk_size: u32) -> Result<Self> {
         let name = path.display().to_string();
-        let file = File::open(path).map_err(Error::io("open", &name))?;
+        // A regular file, opened without waiting on a FIFO planted at the path.
+        let file = uffd_core::private_fs::open_regular(path, false).map_err(|e| match e {
+            // A missing or unreadable file keeps its plain I/O error.
+            uffd_core::private_fs::FsError::Io { source, .. } => Error::io("open", &name)(source),
+            source => Error::Private {
+                what: "open the image file",
+                source,
+            },
+        })?;
         let len = file.metadata().map_err(Error::io("stat", &name))?.len();
         let geometry = Geometry {
             page_size,

@@ -41,6 +41,14 @@ pub const MAX_MANIFEST_BYTES: usize = 256 << 20;
 pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
 /// The largest image accepted (1 PiB).
 pub const MAX_IMAGE_LEN: u64 = 1 << 50;
+/// The longest image a reader accepts unless told otherwise ([`Manifest::decode_limited`],
+/// `StoreOptions::max_image`): 1 TiB. A manifest is input from a store anyone with write
+/// access can change, and what it declares shapes what every reader allocates.
+pub const DEFAULT_MAX_IMAGE: u64 = 1 << 40;
+/// Bytes of image per chunk-table entry a reader's bound allows: a reader accepting images
+/// of up to `max` bytes accepts up to `max / MIN_BYTES_PER_CHUNK` chunks (4 Mi at the
+/// default bound: a decoded table of ~200 MiB), whatever the chunk size declared.
+pub const MIN_BYTES_PER_CHUNK: u64 = 256 << 10;
 /// The longest parent name accepted.
 pub const MAX_PARENT_NAME: usize = 1024;
 /// The most chunks an image may have (16 Mi: 8 TiB in 512 KiB chunks, 1 TiB in 64 KiB
@@ -178,6 +186,19 @@ pub enum ManifestError {
         "{0} chunks is more than an image may have ({MAX_CHUNKS}): choose a larger chunk size"
     )]
     TooManyChunks(u64),
+    /// More than the reader's bound (see [`Manifest::decode_limited`]): refused before
+    /// the chunk table is allocated.
+    #[error("declares {len} bytes in {chunks} chunks, more than this reader accepts ({max} bytes, {max_chunks} chunks): raise the bound (--max-image) if the image is genuine")]
+    BeyondBound {
+        /// Declared length.
+        len: u64,
+        /// Chunks it makes.
+        chunks: u64,
+        /// The reader's bound on the length.
+        max: u64,
+        /// The reader's bound on the chunks.
+        max_chunks: u64,
+    },
     /// The declared chunk count does not match length / chunk size.
     #[error("declares {declared} chunks, length and chunk size make {expected}")]
     ChunkCount {
@@ -384,8 +405,18 @@ impl Manifest {
         out
     }
 
-    /// Decodes and validates a manifest.
+    /// Decodes and validates a manifest, within the format's own limits only
+    /// ([`MAX_IMAGE_LEN`], [`MAX_CHUNKS`]). A reader of untrusted manifests wants
+    /// [`Manifest::decode_limited`].
     pub fn decode(bytes: &[u8]) -> Result<Self, ManifestError> {
+        Self::decode_limited(bytes, MAX_IMAGE_LEN.saturating_mul(MIN_BYTES_PER_CHUNK))
+    }
+
+    /// Decodes and validates a manifest describing at most `max_len` bytes in at most
+    /// `max_len / MIN_BYTES_PER_CHUNK` chunks: a header declaring more is refused
+    /// ([`ManifestError::BeyondBound`]) before anything is allocated for its chunk table,
+    /// so a manifest of a few bytes cannot make its reader allocate gigabytes.
+    pub fn decode_limited(bytes: &[u8], max_len: u64) -> Result<Self, ManifestError> {
         if bytes.len() > MAX_MANIFEST_BYTES {
             return Err(ManifestError::TooLarge(bytes.len()));
         }
@@ -409,6 +440,15 @@ impl Manifest {
             len: r.u64("length")?,
         };
         geometry.validate()?;
+        let max_chunks = max_len / MIN_BYTES_PER_CHUNK;
+        if geometry.len > max_len || geometry.chunk_count() > max_chunks {
+            return Err(ManifestError::BeyondBound {
+                len: geometry.len,
+                chunks: geometry.chunk_count(),
+                max: max_len,
+                max_chunks,
+            });
+        }
         let declared = r.u64("chunk count")?;
         let expected = geometry.chunk_count();
         if declared != expected {
@@ -602,6 +642,58 @@ mod tests {
             g.validate(),
             Err(ManifestError::TooManyChunks(MAX_CHUNKS + 1))
         );
+    }
+
+    /// A manifest of one zero run: the header and one entry, whatever the length.
+    fn zero_run(g: Geometry) -> Vec<u8> {
+        let mut b = MAGIC.to_vec();
+        b.extend_from_slice(&VERSION.to_le_bytes());
+        b.extend_from_slice(&[HashAlgorithm::Blake3.id(), 0]);
+        b.extend_from_slice(&g.page_size.to_le_bytes());
+        b.extend_from_slice(&g.chunk_size.to_le_bytes());
+        b.extend_from_slice(&g.len.to_le_bytes());
+        b.extend_from_slice(&g.chunk_count().to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.push(TAG_ZERO);
+        b.extend_from_slice(&(g.chunk_count() as u32).to_le_bytes());
+        let trailer = Digest::of(&b);
+        b.extend_from_slice(&trailer.0);
+        b
+    }
+
+    /// Issue 27: a 77-byte manifest declaring 1 PiB in 2^24 chunks cost its readers
+    /// 1.6–2.4 GB. Beyond a reader's bound it is refused from its header alone.
+    #[test]
+    fn a_manifest_beyond_the_readers_bound_is_refused_from_its_header() {
+        let huge = zero_run(Geometry {
+            page_size: 4096,
+            chunk_size: MAX_CHUNK_SIZE,
+            len: MAX_IMAGE_LEN,
+        });
+        assert_eq!(huge.len(), 77);
+        assert!(matches!(
+            Manifest::decode_limited(&huge, DEFAULT_MAX_IMAGE),
+            Err(ManifestError::BeyondBound {
+                len: MAX_IMAGE_LEN,
+                ..
+            })
+        ));
+        // Many small chunks within the length bound are refused too.
+        let small_chunks = zero_run(Geometry {
+            page_size: 4096,
+            chunk_size: 4096,
+            len: 1 << 30,
+        });
+        assert!(matches!(
+            Manifest::decode_limited(&small_chunks, 16 << 30),
+            Err(ManifestError::BeyondBound {
+                chunks: 262_144,
+                max_chunks: 65_536,
+                ..
+            })
+        ));
+        let m = Manifest::decode_limited(&small_chunks, 64 << 30).unwrap();
+        assert_eq!(m.chunks().len(), 262_144);
     }
 
     fn geometry() -> Geometry {

@@ -38,6 +38,10 @@ pub struct StoreOptions {
     /// Store settings applied over the environment's, named as `object_store` names them
     /// (`aws_endpoint`, `aws_access_key_id`, `aws_allow_http`, `google_service_account`, …).
     pub config: Vec<(String, String)>,
+    /// The longest image (and, through it, the largest chunk table) a manifest read from
+    /// this store may declare; longer ones are refused before anything is allocated for
+    /// them (see [`Manifest::decode_limited`]).
+    pub max_image: u64,
 }
 
 impl Default for StoreOptions {
@@ -46,6 +50,7 @@ impl Default for StoreOptions {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
             config: Vec::new(),
+            max_image: crate::manifest::DEFAULT_MAX_IMAGE,
         }
     }
 }
@@ -56,6 +61,8 @@ pub struct Store {
     objects: Arc<dyn ObjectStore>,
     root: Path,
     url: String,
+    /// [`StoreOptions::max_image`].
+    max_image: u64,
 }
 
 impl std::fmt::Debug for Store {
@@ -99,6 +106,7 @@ impl Store {
                 objects,
                 root,
                 url: base,
+                max_image: options.max_image,
             },
             name.as_ref().to_owned(),
         ))
@@ -134,7 +142,7 @@ impl Store {
             .bytes()
             .await
             .map_err(Error::store("read manifest", &path))?;
-        Manifest::decode(&bytes).map_err(|source| Error::Manifest {
+        Manifest::decode_limited(&bytes, self.max_image).map_err(|source| Error::Manifest {
             name: format!("{}{name}", self.url),
             source,
         })

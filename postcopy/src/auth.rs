@@ -19,6 +19,9 @@ use crate::net::Conn;
 use crate::wire::{Message, ShutReason};
 use crate::Error;
 
+/// The longest key file read: far more than any key needs, little enough to read at once.
+pub const MAX_KEY_FILE: u64 = 4096;
+
 /// A pre-shared key.
 #[derive(Clone)]
 pub struct Key(Vec<u8>);
@@ -42,9 +45,14 @@ impl Key {
         Ok(Key(bytes))
     }
 
-    /// Reads a key file (surrounding whitespace ignored).
-    pub fn from_file(path: &std::path::Path) -> Result<Key, Error> {
-        let text = std::fs::read(path).map_err(Error::io("read the key file"))?;
+    /// Reads a key file (surrounding whitespace ignored): a regular file (a FIFO or a
+    /// device such as `/dev/zero` is refused, not read), at most [`MAX_KEY_FILE`] bytes,
+    /// and — unless `readable_by_others` says the caller accepts it — readable by its
+    /// owner only, since anyone who can read the key can pull memory from a page server
+    /// or push pages into a destination.
+    pub fn from_file(path: &std::path::Path, readable_by_others: bool) -> Result<Key, Error> {
+        let text = uffd_core::private_fs::read_secret(path, MAX_KEY_FILE, readable_by_others)
+            .map_err(|e| Error::io("read the key file")(std::io::Error::other(e)))?;
         Key::new(text.trim_ascii().to_vec())
     }
 

@@ -101,6 +101,16 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// An output refused by the checks of [`uffd_core::private_fs`] (a link, a FIFO, a
+    /// hard-linked file at its path), or its creation failed.
+    #[error("{what}: {source}")]
+    Private {
+        /// What was being done.
+        what: &'static str,
+        /// The check that refused it, or the failed call.
+        #[source]
+        source: uffd_core::private_fs::FsError,
+    },
     /// A Firecracker diff layer that does not belong on its base.
     #[error("layer {path}: {len} bytes, but the base is {base_len} bytes: not a diff snapshot of the same guest memory")]
     LayerLength {

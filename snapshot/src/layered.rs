@@ -52,7 +52,15 @@ struct Layer {
 
 impl Layer {
     fn open(path: &Path) -> Result<Layer> {
-        let file = File::open(path).map_err(Error::io("open", path))?;
+        // A regular file, opened without waiting on a FIFO planted at the path.
+        let file = uffd_core::private_fs::open_regular(path, false).map_err(|e| match e {
+            // A missing or unreadable file keeps its plain I/O error.
+            uffd_core::private_fs::FsError::Io { source, .. } => Error::io("open", path)(source),
+            source => Error::Private {
+                what: "open a memory file",
+                source,
+            },
+        })?;
         let len = file.metadata().map_err(Error::io("stat", path))?.len();
         let size = usize::try_from(len)
             .ok()

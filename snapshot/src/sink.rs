@@ -39,10 +39,22 @@ pub struct FileSink {
 }
 
 impl FileSink {
-    /// Creates (or truncates) `path` as a sparse file of `len` bytes.
+    /// Creates (or truncates) `path` as a sparse file of `len` bytes, 0600: it holds
+    /// guest memory. A link, a FIFO or a hard-linked file at `path` is refused, not
+    /// written through (see [`uffd_core::private_fs::create_private`]).
     pub fn create(path: impl AsRef<Path>, len: u64) -> Result<FileSink> {
         let path = path.as_ref().to_path_buf();
-        let file = File::create(&path).map_err(Error::io("create", &path))?;
+        let file =
+            uffd_core::private_fs::create_private(&path).map_err(|source| Error::Private {
+                what: "create the snapshot file",
+                source,
+            })?;
+        Self::from_file(file, path, len)
+    }
+
+    /// A sink writing into `file` (new and empty, e.g. from
+    /// [`uffd_core::private_fs::create_temp_in`]) at `path`, sized to `len` bytes.
+    pub fn from_file(file: File, path: PathBuf, len: u64) -> Result<FileSink> {
         file.set_len(len).map_err(Error::io("size", &path))?;
         Ok(FileSink { file, path })
     }

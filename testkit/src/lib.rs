@@ -1,5 +1,6 @@
 //! Test support shared by the workspace's integration tests.
 
+pub mod attacker;
 pub mod hugepages;
 pub mod proxy;
 pub mod s3;

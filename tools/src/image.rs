@@ -30,12 +30,34 @@ pub enum Args {
     Merge(MergeArgs),
 }
 
+/// How much an image may declare, as a command-line option.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BoundArgs {
+    /// The longest image accepted (K, M, G suffixes). A manifest declaring more — or more
+    /// chunks than one per 256 KiB of it — is refused before anything is allocated for it:
+    /// a manifest is input from a store others may write.
+    #[arg(long, value_name = "SIZE", default_value = "1024G", value_parser = crate::migrate::parse_size)]
+    pub max_image: usize,
+}
+
+impl BoundArgs {
+    /// Store options carrying the bound.
+    pub fn store_options(&self) -> StoreOptions {
+        StoreOptions {
+            max_image: self.max_image as u64,
+            ..StoreOptions::default()
+        }
+    }
+}
+
 /// The host chunk cache, as command-line options.
 #[derive(clap::Args, Debug, Clone)]
 pub struct CacheArgs {
-    /// The host's shared chunk cache directory.
-    #[arg(long, default_value = "/var/tmp/uffdkit-chunks")]
-    pub cache: PathBuf,
+    /// The host's shared chunk cache directory [default: /var/cache/uffdkit for root,
+    /// $XDG_CACHE_HOME/uffdkit or ~/.cache/uffdkit otherwise]. It must be ours: a
+    /// directory another user owns or can write (or one on such a path) is refused.
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
     /// Bound of the cache in MiB (least recently used chunks go first).
     #[arg(long, default_value_t = 8192)]
     pub cache_mib: u64,
@@ -53,15 +75,19 @@ impl CacheArgs {
         if self.no_cache {
             return Ok(None);
         }
+        let dir = match &self.cache {
+            Some(dir) => dir.clone(),
+            None => ChunkCache::default_dir()
+                .context("no cache directory: give --cache DIR (or --no-cache), or set HOME")?,
+        };
+        let cache = ChunkCache::open(&dir, self.cache_mib << 20)
+            .with_context(|| format!("open the chunk cache {}", dir.display()))?;
         if self.cold_cache {
-            let chunks = self.cache.join("chunks");
-            if chunks.exists() {
-                std::fs::remove_dir_all(&chunks)
-                    .with_context(|| format!("empty the cache {}", chunks.display()))?;
-            }
+            // Through the checked cache, never by a path another user could redirect.
+            cache
+                .clear()
+                .with_context(|| format!("empty the cache {}", dir.display()))?;
         }
-        let cache = ChunkCache::open(&self.cache, self.cache_mib << 20)
-            .with_context(|| format!("open the chunk cache {}", self.cache.display()))?;
         Ok(Some(Arc::new(cache)))
     }
 }
@@ -117,6 +143,8 @@ pub struct PullArgs {
     file: PathBuf,
     #[command(flatten)]
     cache: CacheArgs,
+    #[command(flatten)]
+    bound: BoundArgs,
     /// Ranged reads in flight.
     #[arg(long, default_value_t = 16)]
     in_flight: usize,
@@ -130,6 +158,8 @@ pub struct InspectArgs {
     /// List every chunk.
     #[arg(long)]
     chunks: bool,
+    #[command(flatten)]
+    bound: BoundArgs,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -203,7 +233,7 @@ fn push(args: &PushArgs) -> Result<()> {
 
 fn pull(args: &PullArgs) -> Result<()> {
     let started = Instant::now();
-    let image = Image::open(&args.url, &StoreOptions::default())?;
+    let image = Image::open(&args.url, &args.bound.store_options())?;
     let r = image.pull(
         &args.file,
         args.cache.open()?,
@@ -225,7 +255,7 @@ fn pull(args: &PullArgs) -> Result<()> {
 }
 
 fn inspect(args: &InspectArgs) -> Result<()> {
-    let image = Image::open(&args.url, &StoreOptions::default())?;
+    let image = Image::open(&args.url, &args.bound.store_options())?;
     let m = image.manifest();
     let g = m.geometry();
     let mut data = 0u64;
@@ -391,6 +421,8 @@ pub struct SourceArgs {
     pub retry_secs: u64,
     #[command(flatten)]
     pub cache: CacheArgs,
+    #[command(flatten)]
+    pub bound: BoundArgs,
 }
 
 impl SourceArgs {
@@ -418,8 +450,8 @@ pub fn open_source(
     args: &SourceArgs,
     background: Background,
 ) -> Result<Arc<ChunkedSource>> {
-    let image =
-        Image::open(url, &StoreOptions::default()).with_context(|| format!("open image {url}"))?;
+    let image = Image::open(url, &args.bound.store_options())
+        .with_context(|| format!("open image {url}"))?;
     let source = image.source(args.cache.open()?, args.options(background))?;
     Ok(Arc::new(source))
 }

@@ -52,6 +52,10 @@ pub struct SecurityArgs {
     /// pages travel unencrypted.
     #[arg(long, value_name = "FILE")]
     pub key_file: Option<PathBuf>,
+    /// Accept a --key-file or --tls-key that group or others can read (refused otherwise:
+    /// whoever reads the key can pull or push pages, or pose as this host).
+    #[arg(long)]
+    pub allow_readable_keys: bool,
 }
 
 impl SecurityArgs {
@@ -62,6 +66,7 @@ impl SecurityArgs {
             (self.tls_key.as_deref(), self.tls_ca.as_deref()),
             self.tls_peer_name.as_deref(),
             self.key_file.as_deref(),
+            self.allow_readable_keys,
         )
     }
 
@@ -78,6 +83,9 @@ impl SecurityArgs {
         push("--tls-key", self.tls_key.as_deref());
         push("--tls-ca", self.tls_ca.as_deref());
         push("--key-file", self.key_file.as_deref());
+        if self.allow_readable_keys {
+            out.push("--allow-readable-keys".into());
+        }
         if let Some(name) = &self.tls_peer_name {
             out.extend(["--tls-peer-name".into(), name.into()]);
         }
@@ -91,10 +99,11 @@ fn security(
     (key, ca): (Option<&Path>, Option<&Path>),
     peer_name: Option<&str>,
     key_file: Option<&Path>,
+    readable_key_ok: bool,
 ) -> Result<Security> {
     match (cert, key, ca, key_file) {
         (Some(cert), Some(key), Some(ca), None) => {
-            let tls = TlsConfig::from_pem_files(cert, key, ca).with_context(|| {
+            let tls = TlsConfig::from_pem_files(cert, key, ca, readable_key_ok).with_context(|| {
                 format!(
                     "TLS files --tls-cert {} --tls-key {} --tls-ca {}",
                     cert.display(),
@@ -108,7 +117,7 @@ fn security(
             }
             .into())
         }
-        (None, None, None, Some(file)) => Ok(Key::from_file(file)
+        (None, None, None, Some(file)) => Ok(Key::from_file(file, readable_key_ok)
             .with_context(|| format!("key file {}", file.display()))?
             .into()),
         _ => Err(crate::exit::usage(

@@ -53,6 +53,7 @@ pub fn run(args: &Args) -> Result<()> {
     let security = args.security.security()?;
     let admission = args.admission.admission()?;
     let addr: Addr = args.listen.parse()?;
+    let socket_file = crate::signals::remove_socket_on_termination(&addr)?;
     let silence = Duration::try_from_secs_f64(args.silence)
         .ok()
         .filter(|d| !d.is_zero())
@@ -62,6 +63,9 @@ pub fn run(args: &Args) -> Result<()> {
         heartbeat: silence / 6,
         ..Timing::default()
     };
+    // A regular file, checked without blocking: a FIFO at the path would hang the open.
+    uffd_core::private_fs::open_regular(&args.image, false)
+        .with_context(|| format!("open {}", args.image.display()))?;
     let image =
         FileSource::mmap(&args.image).with_context(|| format!("open {}", args.image.display()))?;
     let len = image.len();
@@ -73,6 +77,7 @@ pub fn run(args: &Args) -> Result<()> {
     };
     let kind = security.kind();
     let server = PageServer::bind_with(&addr, std::sync::Arc::new(image), security, opts)?;
+    socket_file.bound();
     let bound = server.local_addr()?;
     log::info!(
         "{} ({}) on {bound}, {kind}; at most {} handshakes ({:?} each) and {} clients at once, {open_files} open files",

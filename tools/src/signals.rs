@@ -31,3 +31,37 @@ pub fn on_termination(cleanup: impl FnOnce(Signal) + Send + 'static) -> Result<(
         .context("start the signal thread")?;
     Ok(())
 }
+
+/// Removes the Unix socket file of `addr` (if it is one) when the command is terminated,
+/// once [`SocketFile::bound`] says the file is ours: a socket file left behind after
+/// SIGTERM names a listener that is gone. Same rule as [`on_termination`]: call it before
+/// the process starts any thread.
+pub fn remove_socket_on_termination(addr: &postcopy::net::Addr) -> Result<SocketFile> {
+    let bound = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let postcopy::net::Addr::Unix(path) = addr {
+        let (path, ours) = (path.clone(), bound.clone());
+        on_termination(move |_| {
+            // Acquire: pairs with the Release in `bound`, after the bind created the file.
+            if ours.load(std::sync::atomic::Ordering::Acquire) {
+                if let Err(e) = std::fs::remove_file(&path) {
+                    log::warn!("remove {}: {e}", path.display());
+                }
+            }
+        })?;
+    }
+    Ok(SocketFile { bound })
+}
+
+/// Says when the socket file exists and is ours to remove (see
+/// [`remove_socket_on_termination`]).
+pub struct SocketFile {
+    bound: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SocketFile {
+    /// The listener is bound: its socket file is ours.
+    pub fn bound(&self) {
+        // Release: the bind happened before; see the Acquire in the signal thread.
+        self.bound.store(true, std::sync::atomic::Ordering::Release);
+    }
+}

@@ -11,7 +11,7 @@ use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
-use common::{temp, uffdkit, wait_listening, Finished, Proc};
+use common::{temp, uffdkit, wait_listening, write_key, Finished, Proc};
 use nix::sys::signal::Signal;
 
 /// Starts `uffdkit fc-handler ARGS…` and waits until it listens on `sock`.
@@ -135,7 +135,7 @@ fn bad_options_fail_before_any_socket_exists() {
     common::image(&mem, 1 << 20);
     std::fs::write(&empty, b"").expect("empty file");
     std::fs::write(&junk, b"this is no working set").expect("junk file");
-    std::fs::write(&key, b"a-key-of-enough-length").expect("key");
+    write_key(&key, b"a-key-of-enough-length");
     let missing = temp("bad-missing");
     let s = sock.to_str().expect("utf8");
     let (m, e, j, k, x) = (
@@ -407,7 +407,7 @@ fn serves_from_a_page_server_naming_only_what_was_used() {
         server_sock.clone(),
     ]);
     common::image(&mem, 4 << 20);
-    std::fs::write(&key, "cli-test-key-0123456789\n").expect("write key");
+    write_key(&key, "cli-test-key-0123456789\n");
     let listen = format!("unix:{}", server_sock.display());
     let mut server_cmd = uffdkit(["serve", "--listen", &listen, "--image"]);
     server_cmd.arg(&mem).arg("--key-file").arg(&key);

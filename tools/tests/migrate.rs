@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{temp, uffdkit, wait_listening, Finished, Proc};
+use common::{temp, uffdkit, wait_listening, write_key, Finished, Proc};
 use postcopy::wire::Channel;
 use testkit::proxy::{CutMode, Direction, Proxy, ProxyOptions, Target};
 
@@ -64,7 +64,7 @@ fn listening(cmd: Command) -> (Proc, String) {
 
 fn key_file(name: &str) -> std::path::PathBuf {
     let key = temp(name);
-    std::fs::write(&key, b"a-key-of-enough-length").expect("write the key");
+    write_key(&key, b"a-key-of-enough-length");
     key
 }
 

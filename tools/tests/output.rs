@@ -11,7 +11,7 @@ use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{temp, uffdkit, wait_listening, Proc};
+use common::{temp, uffdkit, wait_listening, write_key, Proc};
 
 /// A pseudo-terminal: the slave for the child's stderr, the master read by a thread.
 struct Terminal {
@@ -82,7 +82,7 @@ fn serve_cmd(image: &Path, key: &Path, sock: &Path) -> std::process::Command {
 fn serve_draws_a_live_bar_on_a_terminal() {
     let (image, key, sock) = (temp("bar.img"), temp("bar.key"), temp("bar.sock"));
     common::image(&image, 1 << 20);
-    std::fs::write(&key, "output-test-key-0123456789").expect("key");
+    write_key(&key, "output-test-key-0123456789");
     let Some(mut term) = Terminal::open("serve_draws_a_live_bar_on_a_terminal") else {
         return;
     };
@@ -112,7 +112,7 @@ fn serve_draws_a_live_bar_on_a_terminal() {
 fn serve_prints_plain_lines_when_stderr_is_not_a_terminal() {
     let (image, key, sock) = (temp("lines.img"), temp("lines.key"), temp("lines.sock"));
     common::image(&image, 1 << 20);
-    std::fs::write(&key, "output-test-key-0123456789").expect("key");
+    write_key(&key, "output-test-key-0123456789");
     let started = Instant::now();
     let mut server = Proc::start(serve_cmd(&image, &key, &sock));
     wait_listening(&sock, &mut server);

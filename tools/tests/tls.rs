@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{temp, uffdkit, wait_listening, Finished, Proc};
+use common::{temp, uffdkit, wait_listening, write_key, Finished, Proc};
 
 /// A test's directory, removed when it ends however it ends.
 struct Dir(PathBuf);
@@ -196,7 +196,7 @@ fn fc_handler_restores_from_a_tls_page_server_and_plaintext_or_a_stranger_ca_is_
     }
     let (sock, mem, key) = (dir.join("fc.sock"), dir.join("mem"), dir.join("psk"));
     common::image(&mem, 16 << 20);
-    std::fs::write(&key, "a-key-of-enough-length").expect("write the key");
+    write_key(&key, "a-key-of-enough-length");
     let (server, addr) = serve(&mem, &tls_args(&dir.0, "server.test"));
 
     let (h, c) = restore(&sock, &mem, &addr, &tls_args(&dir.0, "vmm.test"));

@@ -61,6 +61,7 @@ pub mod ioctl;
 pub mod mapping;
 pub mod open;
 pub mod pagemap;
+pub mod private_fs;
 pub mod probe;
 pub mod register;
 pub mod sys;

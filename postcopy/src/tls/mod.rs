@@ -84,6 +84,10 @@ fn tls(what: &'static str) -> impl FnOnce(rustls::Error) -> Error {
     move |source| Error::Tls { what, source }
 }
 
+/// The longest PEM file read: a certificate chain or a CA bundle of many certificates
+/// fits many times over.
+pub const MAX_PEM_FILE: u64 = 1 << 20;
+
 impl TlsConfig {
     /// A configuration from PEM text: this side's certificate chain (its own certificate
     /// first), its private key (PKCS#8, PKCS#1 or SEC1), and the certificates of the CAs
@@ -99,13 +103,24 @@ impl TlsConfig {
         Self::new(chain, key, cas)
     }
 
-    /// [`TlsConfig::from_pem`] of three files.
-    pub fn from_pem_files(chain: &Path, key: &Path, ca: &Path) -> Result<TlsConfig, Error> {
-        let read = |what, path: &Path| std::fs::read(path).map_err(Error::io(what));
+    /// [`TlsConfig::from_pem`] of three files: regular files of at most [`MAX_PEM_FILE`]
+    /// bytes each, and — unless `key_readable_by_others` says the caller accepts it — a
+    /// private key its owner alone can read (whoever reads it can pose as this host).
+    pub fn from_pem_files(
+        chain: &Path,
+        key: &Path,
+        ca: &Path,
+        key_readable_by_others: bool,
+    ) -> Result<TlsConfig, Error> {
+        // Regular files of bounded size: a FIFO or /dev/zero is refused, not read forever.
+        let read = |what, path: &Path, shared_ok| {
+            uffd_core::private_fs::read_secret(path, MAX_PEM_FILE, shared_ok)
+                .map_err(|e| Error::io(what)(std::io::Error::other(e)))
+        };
         Self::from_pem(
-            &read("read the certificate file", chain)?,
-            &read("read the private key file", key)?,
-            &read("read the CA file", ca)?,
+            &read("read the certificate file", chain, true)?,
+            &read("read the private key file", key, key_readable_by_others)?,
+            &read("read the CA file", ca, true)?,
         )
     }
 

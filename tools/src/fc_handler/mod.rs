@@ -243,8 +243,9 @@ fn intruders_line(intruders: &Intruders, kill: bool) -> Option<String> {
 /// Opens the memory file (readable, not empty) or connects to the page server.
 fn open_memory(args: &Args) -> Result<Memory> {
     if let Some(path) = args.mem_file_arg.as_ref().or(args.mem_file.as_ref()) {
-        let len = std::fs::File::open(path)
-            .and_then(|f| f.metadata())
+        let len = uffd_core::private_fs::open_regular(path, false)
+            .map_err(anyhow::Error::from)
+            .and_then(|f| Ok(f.metadata()?))
             .with_context(|| format!("memory file {}", path.display()))?
             .len();
         if len == 0 {

@@ -42,6 +42,7 @@ fn die_after(control: Arc<postcopy::migrate::DestControl>, pages: u64) {
 pub(super) fn dest(a: &DestArgs) -> Result<()> {
     let security = a.security.security()?;
     let addr: Addr = a.listen.parse()?;
+    let socket_file = crate::signals::remove_socket_on_termination(&addr)?;
     if let Some(pages) = a.reserve_hugepages {
         let free = crate::hugepages::reserve(pages);
         if free < pages {
@@ -55,6 +56,7 @@ pub(super) fn dest(a: &DestArgs) -> Result<()> {
     };
     raise_open_files();
     let d = Destination::bind(&addr, security, opts).context("bind")?;
+    socket_file.bound();
     println!("LISTEN {}", d.local_addr()?);
     std::io::stdout().flush()?;
     let control = d.control();

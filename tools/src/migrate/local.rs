@@ -1,5 +1,7 @@
 //! `uffdkit migrate local`: both ends as two processes over loopback, and the figures.
 
+use uffd_core::private_fs::TempDir;
+
 use super::*;
 
 /// Starts `uffdkit migrate dest` for `local`; returns it and its listening address.
@@ -43,13 +45,16 @@ fn start_dest(
 }
 
 pub(super) fn local(a: &LocalArgs) -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("uffdkit-migrate-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    // mkdtemp: a fresh 0700 directory of an unguessable name, so no other user can
+    // pre-create it, plant links in it, or reach the key and the socket in it.
+    let tmp = TempDir::new("uffdkit-migrate-").context("create a temporary directory")?;
+    let dir = tmp.path();
     let (listener, opener) = match a.tls {
-        Some(AutoTls::Auto) => crate::link_args::throwaway(&dir)?,
+        Some(AutoTls::Auto) => crate::link_args::throwaway(dir)?,
         None => {
-            let key_file = dir.join("key");
-            std::fs::write(&key_file, postcopy::auth::nonce()?)?;
+            let (mut file, name) = tmp.dir().create_temp("key.")?;
+            file.write_all(&postcopy::auth::nonce()?)?;
+            let key_file = dir.join(name);
             let psk = SecurityArgs {
                 key_file: Some(key_file),
                 ..SecurityArgs::default()
@@ -81,7 +86,7 @@ pub(super) fn local(a: &LocalArgs) -> Result<()> {
     std::io::Read::read_to_string(&mut dest_out, &mut dest_json)?;
     let dest_status = dest.wait()?;
     let wall = started.elapsed();
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(tmp);
     if !source.status.success() || !dest_status.success() {
         bail!(
             "migration failed (source {}, destination {dest_status}); see the messages above",

@@ -11,21 +11,22 @@ pub(super) fn run_eager(
     reference: Option<&std::fs::File>,
 ) -> Result<Outcome> {
     let start = Instant::now();
-    let downloaded = match image {
+    let mut downloaded = match image {
         Image::Url(url) => {
             // Download the whole image first (every chunk, verified), as a restore that
             // does not page lazily must.
-            let dir = std::env::temp_dir().join(format!("uffdkit-download-{}", std::process::id()));
-            std::fs::create_dir_all(&dir)?;
-            let path = dir.join("image");
-            let img = chunked::Image::open(url, &chunked::StoreOptions::default())?;
+            // mkdtemp: nobody else can pre-create the directory or plant a link in it.
+            let dir = uffd_core::private_fs::TempDir::new("uffdkit-download-")
+                .context("create a temporary directory")?;
+            let path = dir.path().join("image");
+            let img = chunked::Image::open(url, &args.chunked.bound.store_options())?;
             img.pull(
                 &path,
                 args.chunked.cache.open()?,
                 chunked::RetryPolicy::default(),
                 16,
             )?;
-            Some((dir, std::fs::File::open(&path)?))
+            Some((Some(dir), std::fs::File::open(&path)?))
         }
         Image::File(..) => None,
     };
@@ -39,8 +40,9 @@ pub(super) fn run_eager(
     let dst = unsafe { std::slice::from_raw_parts_mut(memory.as_ptr(), len as usize) };
     file.read_exact_at(dst, 0).context("read the image")?;
     let loaded = start.elapsed();
-    if let Some((dir, _)) = &downloaded {
-        let _ = std::fs::remove_dir_all(dir);
+    // Read in: the directory goes now (the file with it once closed).
+    if let Some((dir, _)) = &mut downloaded {
+        drop(dir.take());
     }
     let t = Instant::now();
     let lat = run_workload(memory.addr(), pages, args.writes);

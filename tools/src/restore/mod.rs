@@ -387,7 +387,7 @@ pub fn run(args: &Args) -> Result<()> {
         bail!("--writes must be within 0..=1");
     }
     let (image, len) = if is_url(&args.image) {
-        let img = chunked::Image::open(&args.image, &chunked::StoreOptions::default())
+        let img = chunked::Image::open(&args.image, &args.chunked.bound.store_options())
             .with_context(|| format!("open image {}", args.image))?;
         (
             Image::Url(args.image.clone()),
@@ -395,19 +395,28 @@ pub fn run(args: &Args) -> Result<()> {
         )
     } else {
         let path = PathBuf::from(&args.image);
-        let file =
-            std::fs::File::open(&path).with_context(|| format!("open {}", path.display()))?;
+        let file = uffd_core::private_fs::open_regular(&path, false)
+            .with_context(|| format!("open {}", path.display()))?;
         let len = file.metadata()?.len();
         (Image::File(file, path), len)
     };
     if len == 0 {
         bail!("{} is empty", args.image);
     }
+    // Before any per-page table: a sparse file of a petabyte costs nothing to make.
+    if len > args.chunked.bound.max_image as u64 {
+        bail!(
+            "{} is {len} bytes, more than --max-image {}: refusing to size tables for it",
+            args.image,
+            args.chunked.bound.max_image
+        );
+    }
     let reference = match (&image, &args.reference) {
         (Image::File(f, _), _) => Some(f.try_clone()?),
-        (Image::Url(_), Some(path)) => {
-            Some(std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?)
-        }
+        (Image::Url(_), Some(path)) => Some(
+            uffd_core::private_fs::open_regular(path, false)
+                .with_context(|| format!("open {}", path.display()))?,
+        ),
         (Image::Url(_), None) => None,
     };
     let pages = (len as usize).div_ceil(PS);

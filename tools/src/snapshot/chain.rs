@@ -30,8 +30,8 @@ pub(super) fn chain(args: &ChainArgs) -> Result<()> {
     let map = w.region()?;
     let mut writers = w.writers(&map, false);
     std::thread::sleep(Duration::from_millis(500));
-    let base_raw = scratch(&args.work_dir, "base")?;
-    let sink = Arc::new(FileSink::create(&base_raw, map.len() as u64)?);
+    let sink = Arc::new(scratch(&args.work_dir, "base", map.len() as u64)?);
+    let base_raw = sink.path().to_owned();
     let live = take_live(&map, sink, None, 2, snapshot::DEFAULT_BATCH, true)?;
     let (mut chain, base, handover) =
         Chain::from_live(live, &mut writers).context("hand the memory over to dirty tracking")?;
@@ -78,9 +78,9 @@ pub(super) fn chain(args: &ChainArgs) -> Result<()> {
         layers.push(r);
     }
     // The same memory as one full image (no deduplication), to compare.
-    let full_raw = scratch(&args.work_dir, "full")?;
     let dumped = Instant::now();
-    let sink = FileSink::create(&full_raw, map.len() as u64)?;
+    let sink = scratch(&args.work_dir, "full", map.len() as u64)?;
+    let full_raw = sink.path().to_owned();
     // SAFETY: the writers are stopped; the mapping is ours.
     unsafe { snapshot::dump(&[region_of(&map)], &sink, 2) }.context("dump the full memory")?;
     let full_options = chunked::PushOptions {
@@ -139,11 +139,12 @@ pub(super) fn chain(args: &ChainArgs) -> Result<()> {
     Ok(())
 }
 
-/// A scratch file path in `dir`, unique to this process.
-fn scratch(dir: &Path, what: &str) -> Result<PathBuf> {
+/// A new scratch file of `len` bytes in `dir` (shared, like `/var/tmp`): 0600, an
+/// unguessable name, `O_EXCL` — never a name another user could plant a link at.
+fn scratch(dir: &Path, what: &str, len: u64) -> Result<FileSink> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    Ok(dir.join(format!(
-        "uffdkit-snapshot-{}-{what}.raw",
-        std::process::id()
-    )))
+    let (file, path) =
+        uffd_core::private_fs::create_temp_in(dir, &format!("uffdkit-snapshot-{what}."))
+            .with_context(|| format!("create a scratch file in {}", dir.display()))?;
+    Ok(FileSink::from_file(file, path, len)?)
 }

@@ -19,6 +19,21 @@ pub fn temp(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("uffdkit-t{}-{name}", std::process::id()))
 }
 
+/// Writes a key file readable by its owner only (`--key-file` refuses one others can
+/// read).
+pub fn write_key(path: &Path, key: impl AsRef<[u8]>) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(key.as_ref()))
+        .expect("write the key");
+}
+
 /// A `uffdkit` command line.
 pub fn uffdkit<I, S>(args: I) -> Command
 where
