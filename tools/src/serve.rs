@@ -76,8 +76,8 @@ pub fn run(args: &Args) -> Result<()> {
         page_size: args.page_size,
     };
     let kind = security.kind();
-    let server = PageServer::bind_with(&addr, std::sync::Arc::new(image), security, opts)?;
-    socket_file.bound();
+    let server = socket_file
+        .bind(|| PageServer::bind_with(&addr, std::sync::Arc::new(image), security, opts))?;
     let bound = server.local_addr()?;
     log::info!(
         "{} ({}) on {bound}, {kind}; at most {} handshakes ({:?} each) and {} clients at once, {open_files} open files",

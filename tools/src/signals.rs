@@ -33,16 +33,16 @@ pub fn on_termination(cleanup: impl FnOnce(Signal) + Send + 'static) -> Result<(
 }
 
 /// Removes the Unix socket file of `addr` (if it is one) when the command is terminated,
-/// once [`SocketFile::bound`] says the file is ours: a socket file left behind after
-/// SIGTERM names a listener that is gone. Same rule as [`on_termination`]: call it before
-/// the process starts any thread.
+/// once the file is ours: a socket file left behind after SIGTERM names a listener that is
+/// gone. Bind through [`SocketFile::bind`], which holds the lock the signal thread takes,
+/// so a signal arriving while the file appears waits for the bind and then removes it.
+/// Same rule as [`on_termination`]: call it before the process starts any thread.
 pub fn remove_socket_on_termination(addr: &postcopy::net::Addr) -> Result<SocketFile> {
-    let bound = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let bound = std::sync::Arc::new(std::sync::Mutex::new(false));
     if let postcopy::net::Addr::Unix(path) = addr {
         let (path, ours) = (path.clone(), bound.clone());
         on_termination(move |_| {
-            // Acquire: pairs with the Release in `bound`, after the bind created the file.
-            if ours.load(std::sync::atomic::Ordering::Acquire) {
+            if *ours.lock().unwrap_or_else(|p| p.into_inner()) {
                 if let Err(e) = std::fs::remove_file(&path) {
                     log::warn!("remove {}: {e}", path.display());
                 }
@@ -52,16 +52,19 @@ pub fn remove_socket_on_termination(addr: &postcopy::net::Addr) -> Result<Socket
     Ok(SocketFile { bound })
 }
 
-/// Says when the socket file exists and is ours to remove (see
+/// Whether the socket file exists and is ours to remove (see
 /// [`remove_socket_on_termination`]).
 pub struct SocketFile {
-    bound: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    bound: std::sync::Arc<std::sync::Mutex<bool>>,
 }
 
 impl SocketFile {
-    /// The listener is bound: its socket file is ours.
-    pub fn bound(&self) {
-        // Release: the bind happened before; see the Acquire in the signal thread.
-        self.bound.store(true, std::sync::atomic::Ordering::Release);
+    /// Runs `bind` (which creates the socket file) with termination held off; once it
+    /// succeeded, the file is ours to remove.
+    pub fn bind<T, E>(&self, bind: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+        let mut bound = self.bound.lock().unwrap_or_else(|p| p.into_inner());
+        let r = bind();
+        *bound = r.is_ok();
+        r
     }
 }

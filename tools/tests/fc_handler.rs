@@ -788,7 +788,7 @@ fn two_mib_guest_pages_from_an_image_and_from_a_page_server_byte_for_byte() {
     let h = served_by(image_handler(&huge_url), &sock, &mem, &huge);
     assert!(h.stdout.contains("pages of 2 MiB"), "{}", h.text());
 
-    std::fs::write(&key, "huge-test-key-0123456789\n").expect("key");
+    common::write_key(&key, "huge-test-key-0123456789\n");
     let listen = format!("unix:{}", dir.0.join("server.sock").display());
     let mut server = uffdkit(["serve", "--page-size", "2097152", "--listen", &listen]);
     server.arg("--image").arg(&mem).arg("--key-file").arg(&key);

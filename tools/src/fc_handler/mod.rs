@@ -154,8 +154,13 @@ struct Session {
 }
 
 impl Session {
-    fn set_socket(&self, file: SocketFile) {
-        *self.socket.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
+    /// Claims the socket path, holding the lock the termination handler takes: a signal
+    /// that comes while the file appears waits for it to be recorded, then removes it.
+    fn claim_socket(&self, path: &Path) -> Result<socket_file::Claimed> {
+        let mut slot = self.socket.lock().unwrap_or_else(|p| p.into_inner());
+        let claimed = socket_file::claim(path)?;
+        *slot = Some(claimed.file.clone());
+        Ok(claimed)
     }
 
     fn set_peer(&self, peer: Option<PeerCredentials>) {
@@ -191,8 +196,7 @@ pub fn run(args: &Args) -> Result<()> {
     }
     args.prefetch.check()?;
     let memory = open_memory(args)?;
-    let claimed = socket_file::claim(socket)?;
-    session.set_socket(claimed.file.clone());
+    let claimed = session.claim_socket(socket)?;
     info!("listening on {} for Firecracker", socket.display());
 
     let hs = accept_vmm(&claimed.listener, kill)?;

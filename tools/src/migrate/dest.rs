@@ -55,8 +55,9 @@ pub(super) fn dest(a: &DestArgs) -> Result<()> {
         ..DestOptions::default()
     };
     raise_open_files();
-    let d = Destination::bind(&addr, security, opts).context("bind")?;
-    socket_file.bound();
+    let d = socket_file
+        .bind(|| Destination::bind(&addr, security, opts))
+        .context("bind")?;
     println!("LISTEN {}", d.local_addr()?);
     std::io::stdout().flush()?;
     let control = d.control();
