@@ -1,0 +1,122 @@
+//! Restores: eager (read the whole memory file, then run) or lazy (register guest memory
+//! with the pager, serving it from the memory file, and run at once: each page the guest
+//! or KVM first touches is placed while the vCPU thread waits in `KVM_RUN`).
+
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
+
+use pager::{DeliveryMode, Features, FileSource, Mapping, Pager, RegionSpec, Uffd};
+
+use crate::error::{Error, Result};
+use crate::snapshot::{fits, VmState, MEMORY_FILE};
+use crate::vm::{Vm, VmConfig};
+
+/// How guest memory comes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restore {
+    /// Copy the whole memory file into guest memory before the first `KVM_RUN`.
+    Eager,
+    /// Serve guest memory on demand from the memory file through the pager.
+    Lazy {
+        /// How faults reach the pager.
+        mode: DeliveryMode,
+        /// Pin the handler thread ([`DeliveryMode::Thread`], [`DeliveryMode::BusyPoll`]).
+        handler_cpu: Option<usize>,
+    },
+}
+
+impl Restore {
+    /// Lazy, one handler thread blocking in poll, unpinned.
+    pub const LAZY: Restore = Restore::Lazy {
+        mode: DeliveryMode::Thread,
+        handler_cpu: None,
+    };
+}
+
+impl Vm {
+    /// Restores the snapshot in `dir` into a new VM of `config`'s memory kind, vCPU count
+    /// and pinning (its size must be the snapshot's). The VM is ready to [`Vm::run`]: the
+    /// vCPUs continue after the `hlt` they were saved at.
+    pub fn restore(dir: &Path, config: VmConfig, how: Restore) -> Result<Vm> {
+        let state = VmState::load(dir)?;
+        if state.mib != config.mib || !fits(config.kind, config.mib) {
+            return Err(Error::Mismatch(format!(
+                "snapshot of {} MiB into {} MiB of {} memory",
+                state.mib,
+                config.mib,
+                config.kind.name()
+            )));
+        }
+        let memory = Mapping::new(config.kind, config.memory_len()).map_err(Error::Memory)?;
+        let path = dir.join(MEMORY_FILE);
+        let pager = match how {
+            Restore::Eager => {
+                read_into(&path, &memory)?;
+                None
+            }
+            Restore::Lazy { mode, handler_cpu } => {
+                Some(serve(&path, &memory, mode, handler_cpu)?)
+            }
+        };
+        let mut vm = Vm::with_memory(config, memory)?;
+        if let Some(pager) = pager {
+            vm.set_pager(pager);
+        }
+        vm.load_vcpus(&state)?;
+        Ok(vm)
+    }
+}
+
+/// Reads the whole memory file into `memory`.
+fn read_into(path: &Path, memory: &Mapping) -> Result<()> {
+    let err = |source| Error::File {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(err)?;
+    // SAFETY: `memory` is a fresh mapping of ours that no VM maps yet and no userfaultfd
+    // covers, so this is the only reference to its bytes while the slice lives.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(memory.as_ptr(), memory.len()) };
+    file.read_exact(bytes).map_err(err)
+}
+
+/// Starts a pager serving `memory` from the memory file.
+fn serve(
+    path: &Path,
+    memory: &Mapping,
+    mode: DeliveryMode,
+    handler_cpu: Option<usize>,
+) -> Result<Pager> {
+    let (source, features) = match mode {
+        // The SIGBUS path answers inside a signal handler: only a mapped file is safe there.
+        DeliveryMode::Sigbus => (FileSource::mmap(path)?, Features::SIGBUS),
+        _ => (FileSource::pread(path)?, Features::empty()),
+    };
+    let uffd = Uffd::builder()
+        .non_blocking(true)
+        .require(features)
+        .open()
+        .map_err(pager::Error::from)?;
+    if uffd.user_mode_only() {
+        return Err(Error::UserModeOnly);
+    }
+    let pager = Pager::builder(uffd, Arc::new(source))
+        .region(RegionSpec::new(
+            memory.addr(),
+            memory.len(),
+            memory.kind(),
+            0,
+        ))
+        .mode(mode)
+        .handler_cpu(handler_cpu)
+        .start()?;
+    log::debug!(
+        "guest memory {:#x}+{:#x} served lazily from {} ({} mode)",
+        memory.addr(),
+        memory.len(),
+        path.display(),
+        mode.name()
+    );
+    Ok(pager)
+}

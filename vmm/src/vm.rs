@@ -1,0 +1,305 @@
+//! The VM: one KVM memory slot over a [`Mapping`] of guest memory, vCPUs in flat 32-bit
+//! protected mode, and the run loop that answers the guest's port I/O.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use nix::errno::Errno;
+use pager::{Mapping, MemoryKind, Pager};
+
+use crate::error::{kvm, Error, Result};
+use crate::guest::{
+    Command, CODE, CODE_GPA, DATA_GPA, GUEST_PAGE, PORT_ARGS, PORT_COMMAND, PORT_RESULT,
+};
+
+/// The shape of a VM: memory size and kind, vCPU count, where the vCPU threads run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Guest memory in MiB (even for hugetlb).
+    pub mib: usize,
+    /// Anonymous 4 KiB pages or 2 MiB hugetlb pages.
+    pub kind: MemoryKind,
+    /// vCPUs.
+    pub vcpus: usize,
+    /// The CPU each vCPU thread is pinned to (vCPU `i` to `pin[i % len]`); empty: unpinned.
+    pub pin: Vec<usize>,
+}
+
+impl VmConfig {
+    /// `mib` MiB of anonymous memory, one vCPU, unpinned.
+    pub fn new(mib: usize) -> Self {
+        Self {
+            mib,
+            kind: MemoryKind::Anon,
+            vcpus: 1,
+            pin: Vec::new(),
+        }
+    }
+
+    /// Guest memory in bytes.
+    pub fn memory_len(&self) -> usize {
+        self.mib << 20
+    }
+
+    /// Data pages the guest can fill (everything above [`DATA_GPA`]).
+    pub fn data_pages(&self) -> u32 {
+        u32::try_from((self.memory_len() as u64 - DATA_GPA) / GUEST_PAGE)
+            .expect("guest memory below 4 GiB")
+    }
+}
+
+/// One vCPU run's outcome: what the guest wrote to [`PORT_RESULT`], and when it first
+/// exited (its first instruction that needs the VMM: the measure of "running again").
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    /// The guest's results, in order: one per command but [`Command::Halt`].
+    pub results: Vec<u32>,
+    /// When `KVM_RUN` first returned.
+    pub first_exit: Instant,
+}
+
+/// A VM of our own: KVM, its memory and vCPUs, and (after a lazy restore) the pager
+/// serving its memory.
+pub struct Vm {
+    // Field order is drop order: vCPUs and the VM go before the memory KVM maps, and the
+    // pager (whose uffd covers the memory) before the memory too.
+    vcpus: Vec<VcpuFd>,
+    vm: VmFd,
+    _kvm: Kvm,
+    pager: Option<Pager>,
+    memory: Mapping,
+    config: VmConfig,
+}
+
+impl Vm {
+    /// Opens `/dev/kvm`, maps guest memory and creates the vCPUs. The vCPUs have no state
+    /// yet: [`Vm::boot`] or a restore gives them one. `KVM_CAP_USER_MEMORY` is all it needs.
+    pub fn create(config: VmConfig) -> Result<Vm> {
+        assert!(config.vcpus >= 1, "a VM needs a vCPU");
+        assert!(
+            config.memory_len() as u64 > DATA_GPA && config.memory_len() <= 1 << 31,
+            "guest memory must hold the code and stay below 2 GiB"
+        );
+        let memory = Mapping::new(config.kind, config.memory_len()).map_err(Error::Memory)?;
+        Self::with_memory(config, memory)
+    }
+
+    /// Like [`Vm::create`] over memory the caller mapped (and maybe registered already).
+    pub(crate) fn with_memory(config: VmConfig, memory: Mapping) -> Result<Vm> {
+        assert_eq!(memory.len(), config.memory_len(), "memory of the VM's size");
+        let kvm_fd = Kvm::new().map_err(kvm("open /dev/kvm"))?;
+        let vm = kvm_fd.create_vm().map_err(kvm("create VM"))?;
+        let slot = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: memory.len() as u64,
+            userspace_addr: memory.addr() as u64,
+        };
+        // SAFETY: the slot covers exactly `memory`, a live mapping this Vm owns and drops
+        // only after the VM fd (field order); it is the VM's only slot, so nothing overlaps.
+        unsafe { vm.set_user_memory_region(slot) }.map_err(kvm("set memory slot"))?;
+        let vcpus = (0..config.vcpus)
+            .map(|i| vm.create_vcpu(i as u64).map_err(kvm("create vCPU")))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Vm {
+            vcpus,
+            vm,
+            _kvm: kvm_fd,
+            pager: None,
+            memory,
+            config,
+        })
+    }
+
+    /// A fresh guest: the code loaded at [`CODE_GPA`], every vCPU at its first instruction
+    /// in flat 32-bit protected mode.
+    pub fn boot(config: VmConfig) -> Result<Vm> {
+        let vm = Self::create(config)?;
+        // SAFETY: `memory` is this Vm's own fresh mapping, longer than DATA_GPA (checked in
+        // `create`), registered with no userfaultfd, and no vCPU has run yet: nothing else
+        // reads or writes these bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                CODE.as_ptr(),
+                vm.memory.as_ptr().add(CODE_GPA as usize),
+                CODE.len(),
+            );
+        }
+        for vcpu in &vm.vcpus {
+            let mut sregs = vcpu.get_sregs().map_err(kvm("get sregs"))?;
+            flat_protected_mode(&mut sregs);
+            vcpu.set_sregs(&sregs).map_err(kvm("set sregs"))?;
+            let regs = kvm_regs {
+                rip: CODE_GPA,
+                rflags: 0x2, // bit 1 is reserved and always set
+                ..Default::default()
+            };
+            vcpu.set_regs(&regs).map_err(kvm("set regs"))?;
+        }
+        Ok(vm)
+    }
+
+    /// The VM's shape.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &Mapping {
+        &self.memory
+    }
+
+    pub(crate) fn vcpus(&self) -> &[VcpuFd] {
+        &self.vcpus
+    }
+
+    pub(crate) fn set_pager(&mut self, pager: Pager) {
+        self.pager = Some(pager);
+    }
+
+    /// The pager serving guest memory, after a lazy restore.
+    pub fn pager(&self) -> Option<&Pager> {
+        self.pager.as_ref()
+    }
+
+    /// Takes the pager out (to stop it and read its stats); the memory stays mapped, and
+    /// pages it had not placed yet read as zeros from then on.
+    pub fn take_pager(&mut self) -> Option<Pager> {
+        self.pager.take()
+    }
+
+    /// Runs every vCPU, each in a thread of its own, through its program (`programs[i]`
+    /// for vCPU `i`, then [`Command::Halt`]) and returns when all have halted. A vCPU
+    /// thread blocks in `KVM_RUN` while the pager places a page its guest touched.
+    pub fn run(&mut self, programs: &[Vec<Command>]) -> Result<Vec<RunReport>> {
+        assert_eq!(programs.len(), self.vcpus.len(), "one program per vCPU");
+        let pin = &self.config.pin;
+        std::thread::scope(|scope| {
+            let threads: Vec<_> = self
+                .vcpus
+                .iter_mut()
+                .zip(programs)
+                .enumerate()
+                .map(|(index, (vcpu, program))| {
+                    let cpu = (!pin.is_empty()).then(|| pin[index % pin.len()]);
+                    std::thread::Builder::new()
+                        .name(format!("vcpu{index}"))
+                        .spawn_scoped(scope, move || {
+                            if let Some(cpu) = cpu {
+                                if let Err(e) = pager::pin_to_cpu(cpu) {
+                                    log::warn!("vCPU {index}: cannot pin to CPU {cpu}: {e}");
+                                }
+                            }
+                            run_vcpu(index, vcpu, program)
+                        })
+                        .expect("spawn a vCPU thread")
+                })
+                .collect();
+            threads
+                .into_iter()
+                .enumerate()
+                .map(|(index, t)| t.join().map_err(|_| Error::VcpuPanicked(index))?)
+                .collect()
+        })
+    }
+
+    /// The VM fd, for what this crate does not wrap.
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm
+    }
+}
+
+/// Flat 4 GiB code and data segments, protection on, paging off: guest physical addresses
+/// are the addresses the code uses. The segment caches are loaded directly, so no GDT is
+/// needed in guest memory (the code never reloads a segment register).
+fn flat_protected_mode(sregs: &mut kvm_sregs) {
+    let code = kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: 0x8,
+        type_: 0xb, // execute/read, accessed
+        present: 1,
+        dpl: 0,
+        db: 1, // 32-bit operands and addresses
+        s: 1,
+        l: 0,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    let data = kvm_segment {
+        selector: 0x10,
+        type_: 0x3, // read/write, accessed
+        ..code
+    };
+    sregs.cs = code;
+    (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+    sregs.cr0 = 0x11; // PE | ET
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+}
+
+/// The words the guest will read, each with the port it must read it from.
+fn port_script(program: &[Command]) -> VecDeque<(u16, u32)> {
+    program
+        .iter()
+        .chain(std::iter::once(&Command::Halt))
+        .flat_map(|c| {
+            let [command, args @ ..] = c.words();
+            std::iter::once((PORT_COMMAND, command)).chain(args.map(|a| (PORT_ARGS, a)))
+        })
+        .collect()
+}
+
+fn run_vcpu(index: usize, vcpu: &mut VcpuFd, program: &[Command]) -> Result<RunReport> {
+    let mut script = port_script(program);
+    let mut results = Vec::new();
+    let mut first_exit = None;
+    let unexpected = |exit: String| Error::Exit { vcpu: index, exit };
+    loop {
+        let exit = vcpu.run();
+        first_exit.get_or_insert_with(Instant::now);
+        match exit {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                let (want, word) = script
+                    .pop_front()
+                    .ok_or_else(|| unexpected(format!("in from port {port:#x} after halt")))?;
+                if port != want || data.len() != 4 {
+                    return Err(unexpected(format!(
+                        "in from port {port:#x} ({} bytes), expected {want:#x}",
+                        data.len()
+                    )));
+                }
+                data.copy_from_slice(&word.to_le_bytes());
+            }
+            Ok(VcpuExit::IoOut(PORT_RESULT, data)) => {
+                let word: [u8; 4] = data
+                    .try_into()
+                    .map_err(|_| unexpected(format!("out of {} bytes", data.len())))?;
+                results.push(u32::from_le_bytes(word));
+            }
+            Ok(VcpuExit::Hlt) if script.is_empty() => {
+                return Ok(RunReport {
+                    results,
+                    first_exit: first_exit.expect("set above"),
+                })
+            }
+            Ok(VcpuExit::MmioRead(gpa, _)) => return Err(Error::MmioRead { vcpu: index, gpa }),
+            Ok(VcpuExit::MemoryFault { flags, gpa, size }) => {
+                return Err(Error::MemoryFault {
+                    vcpu: index,
+                    gpa,
+                    size,
+                    flags,
+                })
+            }
+            Ok(other) => return Err(unexpected(format!("{other:?}"))),
+            Err(e) if e.errno() == Errno::EINTR as i32 => continue,
+            Err(e) => return Err(kvm("run vCPU")(e)),
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! A real guest under real KVM, snapshotted and restored eagerly and lazily through the
+//! pager (real userfaultfd): the guest's own checksum must match the model's, before and
+//! after, and keep matching as the restored guest writes on.
+
+mod common;
+
+use common::{kvm_available, SnapshotDir};
+use pager::{DeliveryMode, MemoryKind, PageState};
+use uffdkit_vmm::guest::{DATA_GPA, GUEST_PAGE};
+use uffdkit_vmm::{Command, Error, GuestModel, Restore, Vm, VmConfig};
+
+/// Data pages `[first, first + pages)` of vCPU `index` among `vcpus`: each its own share.
+fn share(config: &VmConfig, index: usize) -> (u32, u32) {
+    let per = config.data_pages() / config.vcpus as u32;
+    (index as u32 * per, per)
+}
+
+/// Runs `programs` (one per vCPU), applies them to the model and checks every checksum
+/// the guest reported against it.
+fn run_checked(vm: &mut Vm, model: &mut GuestModel, programs: &[Vec<Command>]) {
+    let reports = vm.run(programs).expect("the guest runs its programs");
+    for (index, (program, report)) in programs.iter().zip(&reports).enumerate() {
+        let mut results = report.results.iter();
+        for &command in program {
+            let got = *results.next().expect("a result per command");
+            match command {
+                Command::Fill { .. } => {
+                    model.apply(command);
+                    assert_eq!(got, 1, "vCPU {index}: fill reports its command number");
+                }
+                Command::Checksum { first, pages } => assert_eq!(
+                    got,
+                    model.checksum(first, pages),
+                    "vCPU {index}: checksum of pages {first}+{pages}"
+                ),
+                Command::Halt => unreachable!("programs end in a halt of their own"),
+            }
+        }
+    }
+}
+
+/// Every vCPU fills its share, rewrites every 7th page with a second seed, and checksums.
+fn fill_programs(config: &VmConfig, round: u32) -> Vec<Vec<Command>> {
+    (0..config.vcpus)
+        .map(|i| {
+            let (first, pages) = share(config, i);
+            vec![
+                Command::Fill {
+                    first,
+                    pages,
+                    seed: 0x5eed_0000 + round * 16 + i as u32,
+                    stride: 1,
+                },
+                Command::Fill {
+                    first: first + 3,
+                    pages: (pages - 3).div_ceil(7),
+                    seed: 0xbeef_0000 + round * 16 + i as u32,
+                    stride: 7,
+                },
+                Command::Checksum { first, pages },
+            ]
+        })
+        .collect()
+}
+
+fn checksum_programs(config: &VmConfig) -> Vec<Vec<Command>> {
+    (0..config.vcpus)
+        .map(|i| {
+            let (first, pages) = share(config, i);
+            vec![Command::Checksum { first, pages }]
+        })
+        .collect()
+}
+
+/// Boots, runs a round of fills and snapshots; returns the model of the snapshot.
+fn boot_and_snapshot(config: &VmConfig, dir: &SnapshotDir) -> GuestModel {
+    let mut vm = Vm::boot(config.clone()).expect("boot the guest");
+    let mut model = GuestModel::new(config.data_pages());
+    run_checked(&mut vm, &mut model, &fill_programs(config, 0));
+    vm.snapshot(dir.path()).expect("snapshot the guest");
+    model
+}
+
+/// The pager's page index of data page `page`.
+fn pager_page(config: &VmConfig, page: u32) -> usize {
+    ((DATA_GPA + u64::from(page) * GUEST_PAGE) / config.kind.page_size() as u64) as usize
+}
+
+/// Restores lazily, checks nothing was placed before the first `KVM_RUN`, that the
+/// checksum matches, that every data page was placed by a fault from KVM_RUN, and that the
+/// guest then writes on and snapshots again.
+fn lazy_restore_matches(test: &str, config: VmConfig) {
+    let dir = SnapshotDir::new(test);
+    let mut model = boot_and_snapshot(&config, &dir);
+
+    let mut vm = Vm::restore(dir.path(), config.clone(), Restore::LAZY).expect("restore");
+    let pager = vm.pager().expect("a lazy restore has a pager");
+    assert_eq!(
+        pager.states().count(PageState::Missing),
+        pager.states().len(),
+        "nothing is placed before the guest runs"
+    );
+    run_checked(&mut vm, &mut model, &checksum_programs(&config));
+    let pager = vm.pager().expect("still there");
+    for page in 0..config.data_pages() {
+        assert_eq!(
+            pager.states().get(pager_page(&config, page)),
+            Some(PageState::Received),
+            "data page {page} was placed"
+        );
+    }
+    let stats = pager.stats();
+    assert!(
+        stats.faults_missing > 0 && stats.placed_fault > 0,
+        "the pages came by faults: {stats:?}"
+    );
+
+    // The restored guest writes on, and a snapshot of it restores too.
+    run_checked(&mut vm, &mut model, &fill_programs(&config, 1));
+    let again = SnapshotDir::new(&format!("{test}-again"));
+    vm.snapshot(again.path()).expect("snapshot the restored guest");
+    let stats = vm.take_pager().expect("the pager").stop().expect("stop the pager");
+    assert_eq!(stats.source_errors, 0);
+    let mut vm = Vm::restore(again.path(), config.clone(), Restore::LAZY).expect("restore");
+    run_checked(&mut vm, &mut model, &checksum_programs(&config));
+}
+
+#[test]
+fn booted_guest_checksums_match_the_model() {
+    if !kvm_available("booted_guest_checksums_match_the_model") {
+        return;
+    }
+    for vcpus in [1, 2] {
+        let config = VmConfig {
+            vcpus,
+            ..VmConfig::new(4)
+        };
+        let mut vm = Vm::boot(config.clone()).expect("boot");
+        let mut model = GuestModel::new(config.data_pages());
+        run_checked(&mut vm, &mut model, &fill_programs(&config, 0));
+        run_checked(&mut vm, &mut model, &fill_programs(&config, 1));
+    }
+}
+
+#[test]
+fn model_sees_a_changed_page() {
+    // The check the tests lean on can fail: one rewritten page changes the checksum.
+    let mut model = GuestModel::new(64);
+    let fill = Command::Fill {
+        first: 0,
+        pages: 64,
+        seed: 1,
+        stride: 1,
+    };
+    model.apply(fill);
+    let before = model.checksum(0, 64);
+    model.apply(Command::Fill {
+        first: 40,
+        pages: 1,
+        seed: 2,
+        stride: 1,
+    });
+    assert_ne!(model.checksum(0, 64), before);
+}
+
+#[test]
+fn lazy_restore_one_vcpu_matches_checksum() {
+    let test = "lazy_restore_one_vcpu_matches_checksum";
+    if kvm_available(test) {
+        lazy_restore_matches(test, VmConfig::new(8));
+    }
+}
+
+#[test]
+fn lazy_restore_two_vcpus_matches_checksum() {
+    let test = "lazy_restore_two_vcpus_matches_checksum";
+    if kvm_available(test) {
+        let config = VmConfig {
+            vcpus: 2,
+            ..VmConfig::new(8)
+        };
+        lazy_restore_matches(test, config);
+    }
+}
+
+#[test]
+fn lazy_restore_into_hugetlb_matches_checksum() {
+    let test = "lazy_restore_into_hugetlb_matches_checksum";
+    // Two VMs at a time at most (the restored one and the one restored from it), 4 pages each.
+    if kvm_available(test) && testkit::hugepages::available(test, 8) {
+        let config = VmConfig {
+            kind: MemoryKind::Hugetlb,
+            vcpus: 2,
+            ..VmConfig::new(8)
+        };
+        lazy_restore_matches(test, config);
+    }
+}
+
+#[test]
+fn eager_restore_matches_checksum() {
+    let test = "eager_restore_matches_checksum";
+    if !kvm_available(test) {
+        return;
+    }
+    let config = VmConfig::new(8);
+    let dir = SnapshotDir::new(test);
+    let mut model = boot_and_snapshot(&config, &dir);
+    let mut vm = Vm::restore(dir.path(), config.clone(), Restore::Eager).expect("restore");
+    assert!(vm.pager().is_none());
+    run_checked(&mut vm, &mut model, &checksum_programs(&config));
+    run_checked(&mut vm, &mut model, &fill_programs(&config, 1));
+}
+
+#[test]
+fn restore_refuses_a_snapshot_of_another_size() {
+    let test = "restore_refuses_a_snapshot_of_another_size";
+    if !kvm_available(test) {
+        return;
+    }
+    let dir = SnapshotDir::new(test);
+    boot_and_snapshot(&VmConfig::new(4), &dir);
+    let err = Vm::restore(dir.path(), VmConfig::new(8), Restore::LAZY).err();
+    assert!(matches!(err, Some(Error::Mismatch(_))), "{err:?}");
+}
+
+/// The SIGBUS path: the vCPU thread would resolve its own fault. What KVM does with a
+/// SIGBUS-registered page touched from `KVM_RUN` depends on the host: on this nested host
+/// the read comes back as an MMIO exit at the page. Either the guest's checksum is right,
+/// or KVM says which page it could not reach (an MMIO read or a memory-fault exit inside
+/// guest memory, at a page the pager never placed) — never a wrong checksum.
+#[test]
+fn sigbus_restore_serves_the_guest_or_reports_the_unreached_page() {
+    let test = "sigbus_restore_serves_the_guest_or_reports_the_unreached_page";
+    if !kvm_available(test) {
+        return;
+    }
+    let config = VmConfig::new(4);
+    let dir = SnapshotDir::new(test);
+    let mut model = boot_and_snapshot(&config, &dir);
+    let how = Restore::Lazy {
+        mode: DeliveryMode::Sigbus,
+        handler_cpu: None,
+    };
+    let mut vm = Vm::restore(dir.path(), config.clone(), how).expect("restore");
+    let programs = checksum_programs(&config);
+    match vm.run(&programs) {
+        Ok(reports) => {
+            eprintln!("SIGBUS restore: KVM faulted the pages in through the handler");
+            let (first, pages) = share(&config, 0);
+            assert_eq!(reports[0].results, [model.checksum(first, pages)]);
+        }
+        Err(e @ (Error::MmioRead { gpa, .. } | Error::MemoryFault { gpa, .. })) => {
+            eprintln!("SIGBUS restore: {e}");
+            assert!(gpa < config.memory_len() as u64, "{e}: inside guest memory");
+            let page = (gpa / config.kind.page_size() as u64) as usize;
+            let pager = vm.pager().expect("the pager");
+            assert_eq!(pager.states().get(page), Some(PageState::Missing), "{e}");
+        }
+        Err(e) => panic!("SIGBUS restore: {e}"),
+    }
+    // Whatever happened, the memory file restores with the handler thread.
+    drop(vm);
+    let mut vm = Vm::restore(dir.path(), config.clone(), Restore::LAZY).expect("restore");
+    run_checked(&mut vm, &mut model, &programs);
+}
