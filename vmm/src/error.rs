@@ -69,6 +69,18 @@ pub enum Error {
         /// KVM's flags.
         flags: u64,
     },
+    /// `KVM_EXIT_INTERNAL_ERROR`: KVM could not go on (suberror 1 is an emulation
+    /// failure: the nested host's emulator could not fetch or decode an instruction).
+    #[error("vCPU {vcpu}: KVM internal error, suberror {suberror}, data {data:x?}")]
+    Internal {
+        /// The vCPU.
+        vcpu: usize,
+        /// `KVM_INTERNAL_ERROR_*`.
+        suberror: u32,
+        /// KVM's extra words (for an emulation failure: the instruction bytes, the
+        /// guest physical address when known).
+        data: Vec<u64>,
+    },
     /// The guest did something the protocol does not allow (an exit we do not serve, a
     /// port out of turn, more reads than commands).
     #[error("vCPU {vcpu}: unexpected exit: {exit}")]
@@ -77,6 +89,16 @@ pub enum Error {
         vcpu: usize,
         /// The exit, as KVM reported it.
         exit: String,
+    },
+    /// The guest reported a checksum its model does not expect: memory came back wrong.
+    #[error("vCPU {vcpu}: guest checksum {got:x?}, model {want:#x}")]
+    Checksum {
+        /// The vCPU.
+        vcpu: usize,
+        /// What the guest reported.
+        got: Vec<u32>,
+        /// What the model expects.
+        want: u32,
     },
     /// A vCPU thread panicked.
     #[error("vCPU {0} thread panicked")]

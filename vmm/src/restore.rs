@@ -55,9 +55,7 @@ impl Vm {
                 read_into(&path, &memory)?;
                 None
             }
-            Restore::Lazy { mode, handler_cpu } => {
-                Some(serve(&path, &memory, mode, handler_cpu)?)
-            }
+            Restore::Lazy { mode, handler_cpu } => Some(serve(&path, &memory, mode, handler_cpu)?),
         };
         let mut vm = Vm::with_memory(config, memory)?;
         if let Some(pager) = pager {

@@ -56,7 +56,11 @@ impl VmState {
 
 /// Writes `dir/name` through `write` under a temporary name created 0600 with `O_EXCL`,
 /// then renames it into place.
-fn write_new(dir: &Path, name: &str, write: impl FnOnce(&mut File) -> std::io::Result<()>) -> Result<()> {
+fn write_new(
+    dir: &Path,
+    name: &str,
+    write: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<()> {
     let path = dir.join(name);
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let err = |path: &PathBuf| {

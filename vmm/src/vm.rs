@@ -297,6 +297,18 @@ fn run_vcpu(index: usize, vcpu: &mut VcpuFd, program: &[Command]) -> Result<RunR
                     flags,
                 })
             }
+            Ok(VcpuExit::InternalError) => {
+                let run = vcpu.get_kvm_run();
+                // SAFETY: KVM_RUN returned with exit reason KVM_EXIT_INTERNAL_ERROR, for
+                // which KVM fills the `internal` member of the exit union.
+                let internal = unsafe { run.__bindgen_anon_1.internal };
+                let ndata = (internal.ndata as usize).min(internal.data.len());
+                return Err(Error::Internal {
+                    vcpu: index,
+                    suberror: internal.suberror,
+                    data: internal.data[..ndata].to_vec(),
+                });
+            }
             Ok(other) => return Err(unexpected(format!("{other:?}"))),
             Err(e) if e.errno() == Errno::EINTR as i32 => continue,
             Err(e) => return Err(kvm("run vCPU")(e)),

@@ -5,7 +5,11 @@ use std::path::{Path, PathBuf};
 
 /// Whether `/dev/kvm` can be opened; if not, reports the skip loudly.
 pub fn kvm_available(test: &str) -> bool {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(_) => true,
         Err(e) => {
             testkit::skip(test, &format!("/dev/kvm: {e}"));
