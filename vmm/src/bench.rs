@@ -59,11 +59,11 @@ pub fn prepare(config: &VmConfig, dir: &Path) -> Result<GuestModel> {
 pub fn time_restore(
     dir: &Path,
     config: &VmConfig,
-    how: Restore,
+    how: &Restore,
     model: &GuestModel,
 ) -> Result<RestoreTiming> {
     let start = Instant::now();
-    let mut vm = Vm::restore(dir, config.clone(), how)?;
+    let mut vm = Vm::restore(dir, config.clone(), how.clone())?;
     let shares = shares(config);
     let programs: Vec<_> = shares
         .iter()

@@ -42,5 +42,5 @@ pub mod vm;
 
 pub use error::{Error, Result};
 pub use guest::{Command, GuestModel};
-pub use restore::Restore;
+pub use restore::{Lazy, Restore};
 pub use vm::{RunReport, Vm, VmConfig};

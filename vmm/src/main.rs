@@ -11,9 +11,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use pager::{DeliveryMode, MemoryKind};
+use pager::{DeliveryMode, MemoryKind, Prefetch};
 use uffdkit_vmm::bench::{median, prepare, time_restore};
-use uffdkit_vmm::{Command, Error, Restore, Vm, VmConfig};
+use uffdkit_vmm::{Command, Error, Lazy, Restore, Vm, VmConfig};
 
 #[derive(Parser)]
 #[command(about = "A minimal KVM VMM embedding the uffdkit pager")]
@@ -57,6 +57,12 @@ struct BenchArgs {
     /// Fault delivery: thread, poll (busy-polling handler).
     #[arg(long, default_value = "thread")]
     mode: String,
+    /// Sequential readahead in the pager (runs doubling up to 2 MiB).
+    #[arg(long)]
+    readahead: bool,
+    /// Background prefetch: none, sequential.
+    #[arg(long, default_value = "none")]
+    prefetch: String,
     /// Where to keep the snapshot (a fresh directory under /tmp by default).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -99,18 +105,27 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         &dir,
     )
     .context("boot, fill and snapshot the guest")?;
-    let lazy = Restore::Lazy {
+    let prefetch = match args.prefetch.as_str() {
+        "none" => Prefetch::None,
+        "sequential" => Prefetch::Sequential,
+        other => bail!("--prefetch {other}: none or sequential"),
+    };
+    let lazy = Restore::Lazy(Lazy {
         mode,
         handler_cpu: args.handler_cpu,
-    };
+        readahead: args.readahead,
+        prefetch: prefetch.clone(),
+    });
     println!(
-        "{} MiB {} guest memory, {} vCPU(s) pinned to {:?}, handler ({}) on {:?}; {} runs each",
+        "{} MiB {} guest memory, {} vCPU(s) pinned to {:?}, handler ({}) on {:?}, readahead {}, prefetch {:?}; {} runs each",
         config.mib,
         config.kind.name(),
         config.vcpus,
         config.pin,
         mode.name(),
         args.handler_cpu,
+        args.readahead,
+        prefetch,
         args.runs
     );
     let mut rows = Vec::new();
@@ -118,7 +133,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         let mut first = Vec::new();
         let mut full = Vec::new();
         for _ in 0..args.runs {
-            let t = time_restore(&dir, &config, how, &model)
+            let t = time_restore(&dir, &config, &how, &model)
                 .with_context(|| format!("{name} restore"))?;
             first.push(t.first_instruction);
             full.push(t.full_pass);
@@ -145,10 +160,10 @@ fn probe(dir: Option<PathBuf>) -> anyhow::Result<()> {
     let config = VmConfig::new(4);
     let dir = snapshot_dir(dir)?;
     let model = prepare(&config, &dir)?;
-    let sigbus = Restore::Lazy {
+    let sigbus = Restore::Lazy(Lazy {
         mode: DeliveryMode::Sigbus,
-        handler_cpu: None,
-    };
+        ..Lazy::DEMAND
+    });
     let pages = config.data_pages();
     let checksum = vec![vec![Command::Checksum { first: 0, pages }]];
     let report = |what: &str, outcome: Result<Vec<uffdkit_vmm::RunReport>, Error>| match outcome {
@@ -158,10 +173,10 @@ fn probe(dir: Option<PathBuf>) -> anyhow::Result<()> {
         Ok(r) => println!("{what}: WRONG checksum {:x?}", r[0].results),
         Err(e) => println!("{what}: {e}"),
     };
-    let mut vm = Vm::restore(&dir, config.clone(), sigbus)?;
+    let mut vm = Vm::restore(&dir, config.clone(), sigbus.clone())?;
     report("SIGBUS mode, instruction fetch", vm.run(&checksum));
     drop(vm);
-    let mut vm = Vm::restore(&dir, config.clone(), sigbus)?;
+    let mut vm = Vm::restore(&dir, config.clone(), sigbus.clone())?;
     // SAFETY: guest memory is mapped and no vCPU runs; the read faults and the pager's
     // SIGBUS handler places the code page in this thread.
     unsafe {

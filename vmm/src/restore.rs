@@ -6,32 +6,48 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
-use pager::{DeliveryMode, Features, FileSource, Mapping, Pager, RegionSpec, Uffd};
+use pager::{DeliveryMode, Features, FileSource, Mapping, Pager, Prefetch, RegionSpec, Uffd};
 
 use crate::error::{Error, Result};
 use crate::snapshot::{fits, VmState, MEMORY_FILE};
 use crate::vm::{Vm, VmConfig};
 
 /// How guest memory comes back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Restore {
     /// Copy the whole memory file into guest memory before the first `KVM_RUN`.
     Eager,
     /// Serve guest memory on demand from the memory file through the pager.
-    Lazy {
-        /// How faults reach the pager.
-        mode: DeliveryMode,
-        /// Pin the handler thread ([`DeliveryMode::Thread`], [`DeliveryMode::BusyPoll`]).
-        handler_cpu: Option<usize>,
-    },
+    Lazy(Lazy),
+}
+
+/// The pager's settings for a lazy restore.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lazy {
+    /// How faults reach the pager.
+    pub mode: DeliveryMode,
+    /// Pin the handler thread ([`DeliveryMode::Thread`], [`DeliveryMode::BusyPoll`]).
+    pub handler_cpu: Option<usize>,
+    /// Sequential readahead: a fault right after the previous one places a run that
+    /// doubles up to 2 MiB (the guest's pass over its memory is sequential).
+    pub readahead: bool,
+    /// A background filler for the pages not faulted yet.
+    pub prefetch: Prefetch,
+}
+
+impl Lazy {
+    /// One handler thread blocking in poll, unpinned, page by page, no prefetch.
+    pub const DEMAND: Lazy = Lazy {
+        mode: DeliveryMode::Thread,
+        handler_cpu: None,
+        readahead: false,
+        prefetch: Prefetch::None,
+    };
 }
 
 impl Restore {
-    /// Lazy, one handler thread blocking in poll, unpinned.
-    pub const LAZY: Restore = Restore::Lazy {
-        mode: DeliveryMode::Thread,
-        handler_cpu: None,
-    };
+    /// Lazy, one handler thread blocking in poll, unpinned, page by page, no prefetch.
+    pub const LAZY: Restore = Restore::Lazy(Lazy::DEMAND);
 }
 
 impl Vm {
@@ -55,7 +71,7 @@ impl Vm {
                 read_into(&path, &memory)?;
                 None
             }
-            Restore::Lazy { mode, handler_cpu } => Some(serve(&path, &memory, mode, handler_cpu)?),
+            Restore::Lazy(lazy) => Some(serve(&path, &memory, lazy)?),
         };
         let mut vm = Vm::with_memory(config, memory)?;
         if let Some(pager) = pager {
@@ -80,12 +96,8 @@ fn read_into(path: &Path, memory: &Mapping) -> Result<()> {
 }
 
 /// Starts a pager serving `memory` from the memory file.
-fn serve(
-    path: &Path,
-    memory: &Mapping,
-    mode: DeliveryMode,
-    handler_cpu: Option<usize>,
-) -> Result<Pager> {
+fn serve(path: &Path, memory: &Mapping, lazy: Lazy) -> Result<Pager> {
+    let mode = lazy.mode;
     let (source, features) = match mode {
         // The SIGBUS path answers inside a signal handler: only a mapped file is safe there.
         DeliveryMode::Sigbus => (FileSource::mmap(path)?, Features::SIGBUS),
@@ -107,7 +119,9 @@ fn serve(
             0,
         ))
         .mode(mode)
-        .handler_cpu(handler_cpu)
+        .handler_cpu(lazy.handler_cpu)
+        .readahead(lazy.readahead)
+        .prefetch(lazy.prefetch)
         .start()?;
     log::debug!(
         "guest memory {:#x}+{:#x} served lazily from {} ({} mode)",

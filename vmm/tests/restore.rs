@@ -5,9 +5,9 @@
 mod common;
 
 use common::{kvm_available, SnapshotDir};
-use pager::{DeliveryMode, MemoryKind, PageState};
+use pager::{DeliveryMode, MemoryKind, PageState, Prefetch};
 use uffdkit_vmm::guest::{CODE_GPA, DATA_GPA, GUEST_PAGE};
-use uffdkit_vmm::{Command, Error, GuestModel, Restore, Vm, VmConfig};
+use uffdkit_vmm::{Command, Error, GuestModel, Lazy, Restore, Vm, VmConfig};
 
 /// Data pages `[first, first + pages)` of vCPU `index` among `vcpus`: each its own share.
 fn share(config: &VmConfig, index: usize) -> (u32, u32) {
@@ -89,17 +89,23 @@ fn pager_page(config: &VmConfig, page: u32) -> usize {
 /// Restores lazily, checks nothing was placed before the first `KVM_RUN`, that the
 /// checksum matches, that every data page was placed by a fault from KVM_RUN, and that the
 /// guest then writes on and snapshots again.
-fn lazy_restore_matches(test: &str, config: VmConfig) {
+/// (With a prefetcher, pages may be placed before the guest runs, and all of them before
+/// it faults: those two checks are left out.)
+fn lazy_restore_matches(test: &str, config: VmConfig, lazy: Lazy) {
     let dir = SnapshotDir::new(test);
     let mut model = boot_and_snapshot(&config, &dir);
+    let demand_only = lazy.prefetch == Prefetch::None;
 
-    let mut vm = Vm::restore(dir.path(), config.clone(), Restore::LAZY).expect("restore");
+    let how = Restore::Lazy(lazy);
+    let mut vm = Vm::restore(dir.path(), config.clone(), how.clone()).expect("restore");
     let pager = vm.pager().expect("a lazy restore has a pager");
-    assert_eq!(
-        pager.states().count(PageState::Missing),
-        pager.states().len(),
-        "nothing is placed before the guest runs"
-    );
+    if demand_only {
+        assert_eq!(
+            pager.states().count(PageState::Missing),
+            pager.states().len(),
+            "nothing is placed before the guest runs"
+        );
+    }
     run_checked(&mut vm, &mut model, &checksum_programs(&config));
     let pager = vm.pager().expect("still there");
     for page in 0..config.data_pages() {
@@ -111,7 +117,7 @@ fn lazy_restore_matches(test: &str, config: VmConfig) {
     }
     let stats = pager.stats();
     assert!(
-        stats.faults_missing > 0 && stats.placed_fault > 0,
+        !demand_only || (stats.faults_missing > 0 && stats.placed_fault > 0),
         "the pages came by faults: {stats:?}"
     );
 
@@ -126,7 +132,7 @@ fn lazy_restore_matches(test: &str, config: VmConfig) {
         .stop()
         .expect("stop the pager");
     assert_eq!(stats.source_errors, 0);
-    let mut vm = Vm::restore(again.path(), config.clone(), Restore::LAZY).expect("restore");
+    let mut vm = Vm::restore(again.path(), config.clone(), how).expect("restore");
     run_checked(&mut vm, &mut model, &checksum_programs(&config));
 }
 
@@ -172,7 +178,7 @@ fn model_sees_a_changed_page() {
 fn lazy_restore_one_vcpu_matches_checksum() {
     let test = "lazy_restore_one_vcpu_matches_checksum";
     if kvm_available(test) {
-        lazy_restore_matches(test, VmConfig::new(8));
+        lazy_restore_matches(test, VmConfig::new(8), Lazy::DEMAND);
     }
 }
 
@@ -184,7 +190,7 @@ fn lazy_restore_two_vcpus_matches_checksum() {
             vcpus: 2,
             ..VmConfig::new(8)
         };
-        lazy_restore_matches(test, config);
+        lazy_restore_matches(test, config, Lazy::DEMAND);
     }
 }
 
@@ -198,7 +204,36 @@ fn lazy_restore_into_hugetlb_matches_checksum() {
             vcpus: 2,
             ..VmConfig::new(8)
         };
-        lazy_restore_matches(test, config);
+        lazy_restore_matches(test, config, Lazy::DEMAND);
+    }
+}
+
+#[test]
+fn lazy_restore_with_readahead_matches_checksum() {
+    let test = "lazy_restore_with_readahead_matches_checksum";
+    if kvm_available(test) {
+        let lazy = Lazy {
+            readahead: true,
+            ..Lazy::DEMAND
+        };
+        lazy_restore_matches(test, VmConfig::new(8), lazy);
+    }
+}
+
+#[test]
+fn lazy_restore_with_sequential_prefetch_matches_checksum() {
+    let test = "lazy_restore_with_sequential_prefetch_matches_checksum";
+    if kvm_available(test) {
+        let config = VmConfig {
+            vcpus: 2,
+            ..VmConfig::new(8)
+        };
+        let lazy = Lazy {
+            readahead: true,
+            prefetch: Prefetch::Sequential,
+            ..Lazy::DEMAND
+        };
+        lazy_restore_matches(test, config, lazy);
     }
 }
 
@@ -271,18 +306,18 @@ fn sigbus_restore_serves_the_guest_or_reports_the_unreached_page() {
     let config = VmConfig::new(4);
     let dir = SnapshotDir::new(test);
     let mut model = boot_and_snapshot(&config, &dir);
-    let how = Restore::Lazy {
+    let how = Restore::Lazy(Lazy {
         mode: DeliveryMode::Sigbus,
-        handler_cpu: None,
-    };
-    let mut vm = Vm::restore(dir.path(), config.clone(), how).expect("restore");
+        ..Lazy::DEMAND
+    });
+    let mut vm = Vm::restore(dir.path(), config.clone(), how.clone()).expect("restore");
     eprintln!(
         "SIGBUS restore, code fetch: {}",
         sigbus_outcome(&config, &mut vm, &model)
     );
     drop(vm);
 
-    let mut vm = Vm::restore(dir.path(), config.clone(), how).expect("restore");
+    let mut vm = Vm::restore(dir.path(), config.clone(), how.clone()).expect("restore");
     // SAFETY: the guest memory mapping is live and no vCPU runs; the read faults and the
     // pager's SIGBUS handler places the page in this thread.
     let code = unsafe { std::ptr::read_volatile(vm.memory().as_ptr().add(CODE_GPA as usize)) };
