@@ -36,6 +36,7 @@
 pub mod bench;
 pub mod error;
 pub mod guest;
+mod in_thread;
 pub mod restore;
 pub mod snapshot;
 pub mod vm;

@@ -54,7 +54,8 @@ struct BenchArgs {
     /// Pin the pager's handler thread to this CPU.
     #[arg(long)]
     handler_cpu: Option<usize>,
-    /// Fault delivery: thread, poll (busy-polling handler).
+    /// Fault delivery: thread, poll (busy-polling handler), sigbus (resolved in the vCPU
+    /// thread).
     #[arg(long, default_value = "thread")]
     mode: String,
     /// Sequential readahead in the pager (runs doubling up to 2 MiB).
@@ -84,7 +85,8 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let mode = match args.mode.as_str() {
         "thread" => DeliveryMode::Thread,
         "poll" => DeliveryMode::BusyPoll,
-        other => bail!("--mode {other}: thread or poll"),
+        "sigbus" => DeliveryMode::Sigbus,
+        other => bail!("--mode {other}: thread, poll or sigbus"),
     };
     let config = VmConfig {
         mib: args.mib,
@@ -115,6 +117,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         handler_cpu: args.handler_cpu,
         readahead: args.readahead,
         prefetch: prefetch.clone(),
+        in_thread: true,
     });
     println!(
         "{} MiB {} guest memory, {} vCPU(s) pinned to {:?}, handler ({}) on {:?}, readahead {}, prefetch {:?}; {} runs each",
@@ -162,6 +165,7 @@ fn probe(dir: Option<PathBuf>) -> anyhow::Result<()> {
     let model = prepare(&config, &dir)?;
     let sigbus = Restore::Lazy(Lazy {
         mode: DeliveryMode::Sigbus,
+        in_thread: false,
         ..Lazy::DEMAND
     });
     let pages = config.data_pages();
@@ -188,8 +192,22 @@ fn probe(dir: Option<PathBuf>) -> anyhow::Result<()> {
     };
     report("SIGBUS mode, data read", vm.run(&checksum));
     drop(vm);
-    let mut vm = Vm::restore(&dir, config, Restore::LAZY)?;
+    let mut vm = Vm::restore(&dir, config.clone(), Restore::LAZY)?;
     report("handler thread", vm.run(&checksum));
+    drop(vm);
+    let in_thread = Restore::Lazy(Lazy {
+        mode: DeliveryMode::Sigbus,
+        ..Lazy::DEMAND
+    });
+    let mut vm = Vm::restore(&dir, config.clone(), in_thread)?;
+    let outcome = vm.run(&checksum);
+    if let Ok(r) = &outcome {
+        println!(
+            "SIGBUS mode, resolved in the vCPU thread: {} exits",
+            r[0].resolved_in_thread
+        );
+    }
+    report("SIGBUS mode, resolved in the vCPU thread", outcome);
     std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
     Ok(())
 }

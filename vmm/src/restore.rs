@@ -33,6 +33,10 @@ pub struct Lazy {
     pub readahead: bool,
     /// A background filler for the pages not faulted yet.
     pub prefetch: Prefetch,
+    /// In [`DeliveryMode::Sigbus`], resolve in the vCPU thread what KVM could not reach
+    /// (memory-fault and MMIO exits in guest RAM, failed instruction fetches; see
+    /// `in_thread.rs`). Off, those exits end the run as errors: the probe of what KVM does.
+    pub in_thread: bool,
 }
 
 impl Lazy {
@@ -42,6 +46,7 @@ impl Lazy {
         handler_cpu: None,
         readahead: false,
         prefetch: Prefetch::None,
+        in_thread: true,
     };
 }
 
@@ -71,11 +76,14 @@ impl Vm {
                 read_into(&path, &memory)?;
                 None
             }
-            Restore::Lazy(lazy) => Some(serve(&path, &memory, lazy)?),
+            Restore::Lazy(lazy) => {
+                let in_thread = lazy.in_thread && lazy.mode == DeliveryMode::Sigbus;
+                Some((serve(&path, &memory, lazy)?, in_thread))
+            }
         };
         let mut vm = Vm::with_memory(config, memory)?;
-        if let Some(pager) = pager {
-            vm.set_pager(pager);
+        if let Some((pager, in_thread)) = pager {
+            vm.set_pager(pager, in_thread);
         }
         vm.load_vcpus(&state)?;
         Ok(vm)

@@ -13,6 +13,7 @@ use crate::error::{kvm, Error, Result};
 use crate::guest::{
     Command, CODE, CODE_GPA, DATA_GPA, GUEST_PAGE, PORT_ARGS, PORT_COMMAND, PORT_RESULT,
 };
+use crate::in_thread::GuestRam;
 
 /// The shape of a VM: memory size and kind, vCPU count, where the vCPU threads run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +59,9 @@ pub struct RunReport {
     pub results: Vec<u32>,
     /// When `KVM_RUN` first returned.
     pub first_exit: Instant,
+    /// Exits the vCPU thread resolved itself (SIGBUS mode: MMIO exits and memory-fault
+    /// exits inside guest RAM, instruction fetches retried; see `in_thread.rs`).
+    pub resolved_in_thread: u64,
 }
 
 /// A VM of our own: KVM, its memory and vCPUs, and (after a lazy restore) the pager
@@ -71,6 +75,8 @@ pub struct Vm {
     pager: Option<Pager>,
     memory: Mapping,
     config: VmConfig,
+    /// Resolve SIGBUS-mode faults in the vCPU threads (see `in_thread.rs`).
+    in_thread: bool,
 }
 
 impl Vm {
@@ -111,6 +117,7 @@ impl Vm {
             pager: None,
             memory,
             config,
+            in_thread: false,
         })
     }
 
@@ -156,8 +163,9 @@ impl Vm {
         &self.vcpus
     }
 
-    pub(crate) fn set_pager(&mut self, pager: Pager) {
+    pub(crate) fn set_pager(&mut self, pager: Pager, in_thread: bool) {
         self.pager = Some(pager);
+        self.in_thread = in_thread;
     }
 
     /// The pager serving guest memory, after a lazy restore.
@@ -177,6 +185,8 @@ impl Vm {
     pub fn run(&mut self, programs: &[Vec<Command>]) -> Result<Vec<RunReport>> {
         assert_eq!(programs.len(), self.vcpus.len(), "one program per vCPU");
         let pin = &self.config.pin;
+        let in_thread = (self.in_thread && self.pager.is_some())
+            .then(|| GuestRam::new(self.memory.addr(), self.memory.len()));
         std::thread::scope(|scope| {
             let threads: Vec<_> = self
                 .vcpus
@@ -193,7 +203,7 @@ impl Vm {
                                     log::warn!("vCPU {index}: cannot pin to CPU {cpu}: {e}");
                                 }
                             }
-                            run_vcpu(index, vcpu, program)
+                            run_vcpu(index, vcpu, program, in_thread)
                         })
                         .expect("spawn a vCPU thread")
                 })
@@ -255,10 +265,18 @@ fn port_script(program: &[Command]) -> VecDeque<(u16, u32)> {
         .collect()
 }
 
-fn run_vcpu(index: usize, vcpu: &mut VcpuFd, program: &[Command]) -> Result<RunReport> {
+/// Runs one vCPU through its program. `ram`: resolve SIGBUS-mode faults in this thread.
+fn run_vcpu(
+    index: usize,
+    vcpu: &mut VcpuFd,
+    program: &[Command],
+    ram: Option<GuestRam>,
+) -> Result<RunReport> {
     let mut script = port_script(program);
     let mut results = Vec::new();
     let mut first_exit = None;
+    let mut resolved_in_thread = 0;
+    let mut refetched = None; // the instruction last retried, so a failure cannot loop
     let unexpected = |exit: String| Error::Exit { vcpu: index, exit };
     loop {
         let exit = vcpu.run();
@@ -286,9 +304,29 @@ fn run_vcpu(index: usize, vcpu: &mut VcpuFd, program: &[Command]) -> Result<RunR
                 return Ok(RunReport {
                     results,
                     first_exit: first_exit.expect("set above"),
+                    resolved_in_thread,
                 })
             }
-            Ok(VcpuExit::MmioRead(gpa, _)) => return Err(Error::MmioRead { vcpu: index, gpa }),
+            Ok(VcpuExit::MmioRead(gpa, data)) => match ram {
+                Some(ram) if ram.contains(gpa, data.len()) => {
+                    ram.read(gpa, data);
+                    resolved_in_thread += 1;
+                }
+                _ => return Err(Error::MmioRead { vcpu: index, gpa }),
+            },
+            Ok(VcpuExit::MmioWrite(gpa, data)) => match ram {
+                Some(ram) if ram.contains(gpa, data.len()) => {
+                    ram.write(gpa, data);
+                    resolved_in_thread += 1;
+                }
+                _ => return Err(unexpected(format!("MMIO write at {gpa:#x}"))),
+            },
+            Ok(VcpuExit::MemoryFault { gpa, size, .. })
+                if ram.is_some_and(|ram| ram.contains(gpa, size as usize)) =>
+            {
+                ram.expect("checked").touch(gpa, size);
+                resolved_in_thread += 1;
+            }
             Ok(VcpuExit::MemoryFault { flags, gpa, size }) => {
                 return Err(Error::MemoryFault {
                     vcpu: index,
@@ -298,6 +336,14 @@ fn run_vcpu(index: usize, vcpu: &mut VcpuFd, program: &[Command]) -> Result<RunR
                 })
             }
             Ok(VcpuExit::InternalError) => {
+                if let Some(ram) = ram {
+                    let rip = vcpu.get_regs().map_err(kvm("get regs"))?.rip;
+                    if refetched != Some(rip) && ram.touch_instruction(rip) {
+                        refetched = Some(rip);
+                        resolved_in_thread += 1;
+                        continue;
+                    }
+                }
                 let run = vcpu.get_kvm_run();
                 // SAFETY: KVM_RUN returned with exit reason KVM_EXIT_INTERNAL_ERROR, for
                 // which KVM fills the `internal` member of the exit union.

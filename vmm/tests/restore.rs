@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::{kvm_available, SnapshotDir};
 use pager::{DeliveryMode, MemoryKind, PageState, Prefetch};
 use uffdkit_vmm::guest::{CODE_GPA, DATA_GPA, GUEST_PAGE};
@@ -86,6 +88,20 @@ fn pager_page(config: &VmConfig, page: u32) -> usize {
     ((DATA_GPA + u64::from(page) * GUEST_PAGE) / config.kind.page_size() as u64) as usize
 }
 
+/// A page's state once its placement is published: the pager wakes the faulting thread
+/// with the placement ioctl and marks the page Received just after, so a vCPU can finish
+/// reading the page while it still shows Requested. Waits (bounded) for that to pass.
+fn settled_state(pager: &pager::Pager, page: usize) -> Option<PageState> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = pager.states().get(page);
+        if state != Some(PageState::Requested) || Instant::now() > deadline {
+            return state;
+        }
+        std::thread::yield_now();
+    }
+}
+
 /// Restores lazily, checks nothing was placed before the first `KVM_RUN`, that the
 /// checksum matches, that every data page was placed by a fault from KVM_RUN, and that the
 /// guest then writes on and snapshots again.
@@ -110,7 +126,7 @@ fn lazy_restore_matches(test: &str, config: VmConfig, lazy: Lazy) {
     let pager = vm.pager().expect("still there");
     for page in 0..config.data_pages() {
         assert_eq!(
-            pager.states().get(pager_page(&config, page)),
+            settled_state(pager, pager_page(&config, page)),
             Some(PageState::Received),
             "data page {page} was placed"
         );
@@ -300,7 +316,8 @@ fn sigbus_outcome(config: &VmConfig, vm: &mut Vm, model: &GuestModel) -> String 
 #[test]
 fn sigbus_restore_serves_the_guest_or_reports_the_unreached_page() {
     let test = "sigbus_restore_serves_the_guest_or_reports_the_unreached_page";
-    if !kvm_available(test) {
+    // One SIGBUS-mode pager per process: this test runs in a process of its own.
+    if !kvm_available(test) || !testkit::isolated(test, Duration::from_secs(120)) {
         return;
     }
     let config = VmConfig::new(4);
@@ -308,6 +325,7 @@ fn sigbus_restore_serves_the_guest_or_reports_the_unreached_page() {
     let mut model = boot_and_snapshot(&config, &dir);
     let how = Restore::Lazy(Lazy {
         mode: DeliveryMode::Sigbus,
+        in_thread: false,
         ..Lazy::DEMAND
     });
     let mut vm = Vm::restore(dir.path(), config.clone(), how.clone()).expect("restore");
@@ -331,4 +349,49 @@ fn sigbus_restore_serves_the_guest_or_reports_the_unreached_page() {
     // Whatever happened, the memory file restores with the handler thread.
     let mut vm = Vm::restore(dir.path(), config.clone(), Restore::LAZY).expect("restore");
     run_checked(&mut vm, &mut model, &checksum_programs(&config));
+}
+
+/// SIGBUS mode with the vCPU thread resolving what KVM could not reach (memory-fault exits
+/// where the kernel gives them; here, MMIO exits and failed fetches): the guest's checksum
+/// is right, every data page was placed, and the vCPU threads did resolve exits.
+#[test]
+fn sigbus_restore_resolved_in_the_vcpu_thread_matches_checksum() {
+    let test = "sigbus_restore_resolved_in_the_vcpu_thread_matches_checksum";
+    // One SIGBUS-mode pager per process: this test runs in a process of its own.
+    if !kvm_available(test) || !testkit::isolated(test, Duration::from_secs(120)) {
+        return;
+    }
+    for vcpus in [1, 2] {
+        let config = VmConfig {
+            vcpus,
+            ..VmConfig::new(4)
+        };
+        let dir = SnapshotDir::new(&format!("{test}-{vcpus}"));
+        let mut model = boot_and_snapshot(&config, &dir);
+        let how = Restore::Lazy(Lazy {
+            mode: DeliveryMode::Sigbus,
+            ..Lazy::DEMAND
+        });
+        let mut vm = Vm::restore(dir.path(), config.clone(), how).expect("restore");
+        let reports = vm.run(&checksum_programs(&config)).expect("run");
+        for (index, report) in reports.iter().enumerate() {
+            let (first, pages) = share(&config, index);
+            assert_eq!(
+                report.results,
+                [model.checksum(first, pages)],
+                "vCPU {index}"
+            );
+            assert!(report.resolved_in_thread > 0, "vCPU {index}: {report:?}");
+        }
+        let pager = vm.pager().expect("the pager");
+        for page in 0..config.data_pages() {
+            assert_eq!(
+                settled_state(pager, pager_page(&config, page)),
+                Some(PageState::Received),
+                "data page {page} was placed"
+            );
+        }
+        // Writes go through the same path (MMIO writes completed by the vCPU thread).
+        run_checked(&mut vm, &mut model, &fill_programs(&config, 1));
+    }
 }
