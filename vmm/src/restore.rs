@@ -6,7 +6,9 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
-use pager::{DeliveryMode, Features, FileSource, Mapping, Pager, Prefetch, RegionSpec, Uffd};
+use pager::{
+    DeliveryMode, Features, FileSource, Mapping, Pager, Prefetch, RegionSpec, Source, Uffd,
+};
 
 use crate::error::{Error, Result};
 use crate::snapshot::{fits, VmState, MEMORY_FILE};
@@ -56,19 +58,40 @@ impl Restore {
 }
 
 impl Vm {
+    /// Restores lazily with the vCPU state of the snapshot in `dir` and guest memory from
+    /// any pager [`Source`] holding the snapshot's memory file (guest physical address =
+    /// offset): a page server's `postcopy::client::RemoteSource`, a chunked image's
+    /// `ChunkedSource`, a layered source. The pager's settings are `lazy`'s.
+    pub fn restore_from(
+        dir: &Path,
+        config: VmConfig,
+        source: Arc<dyn Source>,
+        lazy: Lazy,
+    ) -> Result<Vm> {
+        let state = VmState::load(dir)?;
+        check_fits(&state, &config)?;
+        if source.len() < config.memory_len() as u64 {
+            return Err(Error::Mismatch(format!(
+                "a source of {} bytes for {} MiB of guest memory",
+                source.len(),
+                config.mib
+            )));
+        }
+        let memory = Mapping::new(config.kind, config.memory_len()).map_err(Error::Memory)?;
+        let in_thread = lazy.in_thread && lazy.mode == DeliveryMode::Sigbus;
+        let pager = serve_from(source, &memory, lazy)?;
+        let mut vm = Vm::with_memory(config, memory)?;
+        vm.set_pager(pager, in_thread);
+        vm.load_vcpus(&state)?;
+        Ok(vm)
+    }
+
     /// Restores the snapshot in `dir` into a new VM of `config`'s memory kind, vCPU count
     /// and pinning (its size must be the snapshot's). The VM is ready to [`Vm::run`]: the
     /// vCPUs continue after the `hlt` they were saved at.
     pub fn restore(dir: &Path, config: VmConfig, how: Restore) -> Result<Vm> {
         let state = VmState::load(dir)?;
-        if state.mib != config.mib || !fits(config.kind, config.mib) {
-            return Err(Error::Mismatch(format!(
-                "snapshot of {} MiB into {} MiB of {} memory",
-                state.mib,
-                config.mib,
-                config.kind.name()
-            )));
-        }
+        check_fits(&state, &config)?;
         let memory = Mapping::new(config.kind, config.memory_len()).map_err(Error::Memory)?;
         let path = dir.join(MEMORY_FILE);
         let pager = match how {
@@ -90,6 +113,19 @@ impl Vm {
     }
 }
 
+/// Refuses a snapshot that does not fit the VM's memory.
+fn check_fits(state: &VmState, config: &VmConfig) -> Result<()> {
+    if state.mib != config.mib || !fits(config.kind, config.mib) {
+        return Err(Error::Mismatch(format!(
+            "snapshot of {} MiB into {} MiB of {} memory",
+            state.mib,
+            config.mib,
+            config.kind.name()
+        )));
+    }
+    Ok(())
+}
+
 /// Reads the whole memory file into `memory`.
 fn read_into(path: &Path, memory: &Mapping) -> Result<()> {
     let err = |source| Error::File {
@@ -105,11 +141,21 @@ fn read_into(path: &Path, memory: &Mapping) -> Result<()> {
 
 /// Starts a pager serving `memory` from the memory file.
 fn serve(path: &Path, memory: &Mapping, lazy: Lazy) -> Result<Pager> {
+    // The SIGBUS path answers inside a signal handler: only a mapped file is safe there.
+    let source: Arc<dyn Source> = match lazy.mode {
+        DeliveryMode::Sigbus => Arc::new(FileSource::mmap(path)?),
+        _ => Arc::new(FileSource::pread(path)?),
+    };
+    log::debug!("guest memory served from {}", path.display());
+    serve_from(source, memory, lazy)
+}
+
+/// Starts a pager serving `memory` from `source` (guest physical address = image offset).
+fn serve_from(source: Arc<dyn Source>, memory: &Mapping, lazy: Lazy) -> Result<Pager> {
     let mode = lazy.mode;
-    let (source, features) = match mode {
-        // The SIGBUS path answers inside a signal handler: only a mapped file is safe there.
-        DeliveryMode::Sigbus => (FileSource::mmap(path)?, Features::SIGBUS),
-        _ => (FileSource::pread(path)?, Features::empty()),
+    let features = match mode {
+        DeliveryMode::Sigbus => Features::SIGBUS,
+        _ => Features::empty(),
     };
     let uffd = Uffd::builder()
         .non_blocking(true)
@@ -119,7 +165,7 @@ fn serve(path: &Path, memory: &Mapping, lazy: Lazy) -> Result<Pager> {
     if uffd.user_mode_only() {
         return Err(Error::UserModeOnly);
     }
-    let pager = Pager::builder(uffd, Arc::new(source))
+    let pager = Pager::builder(uffd, source)
         .region(RegionSpec::new(
             memory.addr(),
             memory.len(),
@@ -132,10 +178,9 @@ fn serve(path: &Path, memory: &Mapping, lazy: Lazy) -> Result<Pager> {
         .prefetch(lazy.prefetch)
         .start()?;
     log::debug!(
-        "guest memory {:#x}+{:#x} served lazily from {} ({} mode)",
+        "guest memory {:#x}+{:#x} served lazily ({} mode)",
         memory.addr(),
         memory.len(),
-        path.display(),
         mode.name()
     );
     Ok(pager)

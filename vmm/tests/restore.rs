@@ -4,103 +4,15 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{kvm_available, SnapshotDir};
+use common::{
+    boot_and_snapshot, checksum_programs, fill_programs, kvm_available, pager_page, run_checked,
+    settled_state, share, SnapshotDir,
+};
 use pager::{DeliveryMode, MemoryKind, PageState, Prefetch};
-use uffdkit_vmm::guest::{CODE_GPA, DATA_GPA, GUEST_PAGE};
+use uffdkit_vmm::guest::CODE_GPA;
 use uffdkit_vmm::{Command, Error, GuestModel, Lazy, Restore, Vm, VmConfig};
-
-/// Data pages `[first, first + pages)` of vCPU `index` among `vcpus`: each its own share.
-fn share(config: &VmConfig, index: usize) -> (u32, u32) {
-    let per = config.data_pages() / config.vcpus as u32;
-    (index as u32 * per, per)
-}
-
-/// Runs `programs` (one per vCPU), applies them to the model and checks every checksum
-/// the guest reported against it.
-fn run_checked(vm: &mut Vm, model: &mut GuestModel, programs: &[Vec<Command>]) {
-    let reports = vm.run(programs).expect("the guest runs its programs");
-    for (index, (program, report)) in programs.iter().zip(&reports).enumerate() {
-        let mut results = report.results.iter();
-        for &command in program {
-            let got = *results.next().expect("a result per command");
-            match command {
-                Command::Fill { .. } => {
-                    model.apply(command);
-                    assert_eq!(got, 1, "vCPU {index}: fill reports its command number");
-                }
-                Command::Checksum { first, pages } => assert_eq!(
-                    got,
-                    model.checksum(first, pages),
-                    "vCPU {index}: checksum of pages {first}+{pages}"
-                ),
-                Command::Halt => unreachable!("programs end in a halt of their own"),
-            }
-        }
-    }
-}
-
-/// Every vCPU fills its share, rewrites every 7th page with a second seed, and checksums.
-fn fill_programs(config: &VmConfig, round: u32) -> Vec<Vec<Command>> {
-    (0..config.vcpus)
-        .map(|i| {
-            let (first, pages) = share(config, i);
-            vec![
-                Command::Fill {
-                    first,
-                    pages,
-                    seed: 0x5eed_0000 + round * 16 + i as u32,
-                    stride: 1,
-                },
-                Command::Fill {
-                    first: first + 3,
-                    pages: (pages - 3).div_ceil(7),
-                    seed: 0xbeef_0000 + round * 16 + i as u32,
-                    stride: 7,
-                },
-                Command::Checksum { first, pages },
-            ]
-        })
-        .collect()
-}
-
-fn checksum_programs(config: &VmConfig) -> Vec<Vec<Command>> {
-    (0..config.vcpus)
-        .map(|i| {
-            let (first, pages) = share(config, i);
-            vec![Command::Checksum { first, pages }]
-        })
-        .collect()
-}
-
-/// Boots, runs a round of fills and snapshots; returns the model of the snapshot.
-fn boot_and_snapshot(config: &VmConfig, dir: &SnapshotDir) -> GuestModel {
-    let mut vm = Vm::boot(config.clone()).expect("boot the guest");
-    let mut model = GuestModel::new(config.data_pages());
-    run_checked(&mut vm, &mut model, &fill_programs(config, 0));
-    vm.snapshot(dir.path()).expect("snapshot the guest");
-    model
-}
-
-/// The pager's page index of data page `page`.
-fn pager_page(config: &VmConfig, page: u32) -> usize {
-    ((DATA_GPA + u64::from(page) * GUEST_PAGE) / config.kind.page_size() as u64) as usize
-}
-
-/// A page's state once its placement is published: the pager wakes the faulting thread
-/// with the placement ioctl and marks the page Received just after, so a vCPU can finish
-/// reading the page while it still shows Requested. Waits (bounded) for that to pass.
-fn settled_state(pager: &pager::Pager, page: usize) -> Option<PageState> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let state = pager.states().get(page);
-        if state != Some(PageState::Requested) || Instant::now() > deadline {
-            return state;
-        }
-        std::thread::yield_now();
-    }
-}
 
 /// Restores lazily, checks nothing was placed before the first `KVM_RUN`, that the
 /// checksum matches, that every data page was placed by a fault from KVM_RUN, and that the
