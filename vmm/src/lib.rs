@@ -6,7 +6,10 @@
 //! ([`snapshot`]: vCPU registers and a raw memory file) and restores it eagerly or lazily
 //! ([`restore`]): guest memory registered with the [`pager`], the vCPU thread blocking in
 //! `KVM_RUN` while the handler thread places the page the guest (or KVM on its behalf)
-//! touched. The guest's own checksum, against [`GuestModel`], says the restore was right.
+//! touched — from the memory file, or from any pager `Source` ([`Vm::restore_from`]: a
+//! page server, a chunked image). In SIGBUS mode the vCPU thread resolves what KVM could
+//! not reach itself (`in_thread.rs`). The guest's own checksum, against [`GuestModel`],
+//! says the restore was right. [`bench`](mod@bench) times lazy against eager restore.
 //!
 //! Why a VMM and not a thread touching memory: KVM resolves a guest access through the
 //! host page tables from inside `KVM_RUN`, so the uffd fault comes from the kernel, on a

@@ -109,9 +109,9 @@ impl Vm {
         let memory = self.memory();
         write_new(dir, MEMORY_FILE, |file| {
             // SAFETY: the mapping is live for `&self`, and no vCPU runs while `&self` is
-            // borrowed (`run` takes `&mut self`), so nothing writes guest memory during
-            // this read; a page a pager has yet to place faults and is filled in whole by
-            // one UFFDIO_COPY before the read proceeds.
+            // borrowed (`run` takes `&mut self`), so the guest writes nothing during this
+            // read; a pager (its fault path or prefetcher) only fills pages not yet present,
+            // each whole by one UFFDIO_COPY, so no byte this read can see ever changes.
             let bytes = unsafe { std::slice::from_raw_parts(memory.as_ptr(), memory.len()) };
             file.write_all(bytes)
         })?;
