@@ -2,6 +2,7 @@
 //! protected mode, and the run loop that answers the guest's port I/O.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region};
@@ -55,6 +56,8 @@ impl VmConfig {
 /// exited (its first instruction that needs the VMM: the measure of "running again").
 #[derive(Debug, Clone)]
 pub struct RunReport {
+    /// The commands the guest read, in order (the halt that ended the run left out).
+    pub commands: Vec<Command>,
     /// The guest's results, in order: one per command but [`Command::Halt`].
     pub results: Vec<u32>,
     /// When `KVM_RUN` first returned.
@@ -184,6 +187,26 @@ impl Vm {
     /// thread blocks in `KVM_RUN` while the pager places a page its guest touched.
     pub fn run(&mut self, programs: &[Vec<Command>]) -> Result<Vec<RunReport>> {
         assert_eq!(programs.len(), self.vcpus.len(), "one program per vCPU");
+        self.run_with(&|index, n| programs[index].get(n as usize).copied())
+    }
+
+    /// Runs every vCPU through the commands `next(vcpu, n)` gives for its `n`-th command
+    /// until `stop` is set (checked before each command; the vCPU then halts) — a guest
+    /// that keeps working while something else (a migration) goes on. Each report lists
+    /// the commands its guest read, in order.
+    pub fn run_until(
+        &mut self,
+        stop: &AtomicBool,
+        next: &(dyn Fn(usize, u64) -> Command + Sync),
+    ) -> Result<Vec<RunReport>> {
+        // Acquire: pairs with the setter's store; nothing else is ordered by it.
+        self.run_with(&|index, n| (!stop.load(Ordering::Acquire)).then(|| next(index, n)))
+    }
+
+    fn run_with(
+        &mut self,
+        next: &(dyn Fn(usize, u64) -> Option<Command> + Sync),
+    ) -> Result<Vec<RunReport>> {
         let pin = &self.config.pin;
         let in_thread = (self.in_thread && self.pager.is_some())
             .then(|| GuestRam::new(self.memory.addr(), self.memory.len()));
@@ -191,9 +214,8 @@ impl Vm {
             let threads: Vec<_> = self
                 .vcpus
                 .iter_mut()
-                .zip(programs)
                 .enumerate()
-                .map(|(index, (vcpu, program))| {
+                .map(|(index, vcpu)| {
                     let cpu = (!pin.is_empty()).then(|| pin[index % pin.len()]);
                     std::thread::Builder::new()
                         .name(format!("vcpu{index}"))
@@ -203,7 +225,7 @@ impl Vm {
                                     log::warn!("vCPU {index}: cannot pin to CPU {cpu}: {e}");
                                 }
                             }
-                            run_vcpu(index, vcpu, program, in_thread)
+                            run_vcpu(index, vcpu, &|n| next(index, n), in_thread)
                         })
                         .expect("spawn a vCPU thread")
                 })
@@ -253,26 +275,22 @@ fn flat_protected_mode(sregs: &mut kvm_sregs) {
     sregs.efer = 0;
 }
 
-/// The words the guest will read, each with the port it must read it from.
-fn port_script(program: &[Command]) -> VecDeque<(u16, u32)> {
-    program
-        .iter()
-        .chain(std::iter::once(&Command::Halt))
-        .flat_map(|c| {
-            let [command, args @ ..] = c.words();
-            std::iter::once((PORT_COMMAND, command)).chain(args.map(|a| (PORT_ARGS, a)))
-        })
-        .collect()
+/// The words the guest reads for `command`, each with the port it must read it from.
+fn port_words(command: Command) -> impl Iterator<Item = (u16, u32)> {
+    let [number, args @ ..] = command.words();
+    std::iter::once((PORT_COMMAND, number)).chain(args.map(|a| (PORT_ARGS, a)))
 }
 
 /// Runs one vCPU through its program. `ram`: resolve SIGBUS-mode faults in this thread.
 fn run_vcpu(
     index: usize,
     vcpu: &mut VcpuFd,
-    program: &[Command],
+    next: &dyn Fn(u64) -> Option<Command>,
     ram: Option<GuestRam>,
 ) -> Result<RunReport> {
-    let mut script = port_script(program);
+    let mut script = VecDeque::new();
+    let mut commands = Vec::new();
+    let mut halting = false;
     let mut results = Vec::new();
     let mut first_exit = None;
     let mut resolved_in_thread = 0;
@@ -283,6 +301,14 @@ fn run_vcpu(
         first_exit.get_or_insert_with(Instant::now);
         match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
+                if script.is_empty() && !halting {
+                    let command = next(commands.len() as u64).unwrap_or(Command::Halt);
+                    halting = command == Command::Halt;
+                    if !halting {
+                        commands.push(command);
+                    }
+                    script.extend(port_words(command));
+                }
                 let (want, word) = script
                     .pop_front()
                     .ok_or_else(|| unexpected(format!("in from port {port:#x} after halt")))?;
@@ -300,8 +326,9 @@ fn run_vcpu(
                     .map_err(|_| unexpected(format!("out of {} bytes", data.len())))?;
                 results.push(u32::from_le_bytes(word));
             }
-            Ok(VcpuExit::Hlt) if script.is_empty() => {
+            Ok(VcpuExit::Hlt) if halting && script.is_empty() => {
                 return Ok(RunReport {
+                    commands,
                     results,
                     first_exit: first_exit.expect("set above"),
                     resolved_in_thread,
