@@ -47,4 +47,5 @@ pub mod vm;
 pub use error::{Error, Result};
 pub use guest::{Command, GuestModel};
 pub use restore::{Lazy, Restore};
-pub use vm::{RunReport, Vm, VmConfig};
+pub use snapshot::VmState;
+pub use vm::{GuestMemory, RunReport, Vm, VmConfig};

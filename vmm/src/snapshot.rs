@@ -92,20 +92,7 @@ impl Vm {
     /// Saves the halted VM into `dir` (which must exist): vCPU state and all of guest
     /// memory. Pages a lazy restore has not placed yet are read through the pager.
     pub fn snapshot(&self, dir: &Path) -> Result<()> {
-        let vcpus = self
-            .vcpus()
-            .iter()
-            .map(|vcpu| {
-                Ok(VcpuState {
-                    regs: vcpu.get_regs().map_err(kvm("get regs"))?,
-                    sregs: vcpu.get_sregs().map_err(kvm("get sregs"))?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let state = VmState {
-            mib: self.config().mib,
-            vcpus,
-        };
+        let state = self.state()?;
         let memory = self.memory();
         write_new(dir, MEMORY_FILE, |file| {
             // SAFETY: the mapping is live for `&self`, and no vCPU runs while `&self` is
@@ -118,6 +105,29 @@ impl Vm {
         let path = dir.join(STATE_FILE);
         let json = serde_json::to_vec(&state).map_err(|source| Error::State { path, source })?;
         write_new(dir, STATE_FILE, |file| file.write_all(&json))
+    }
+
+    /// The vCPUs' state now (the VM halted): what travels with the memory.
+    pub fn state(&self) -> Result<VmState> {
+        let vcpus = self
+            .vcpus()
+            .iter()
+            .map(|vcpu| {
+                Ok(VcpuState {
+                    regs: vcpu.get_regs().map_err(kvm("get regs"))?,
+                    sregs: vcpu.get_sregs().map_err(kvm("get sregs"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(VmState {
+            mib: self.config().mib,
+            vcpus,
+        })
+    }
+
+    /// Puts saved vCPU state into this VM's vCPUs (after [`Vm::over`]).
+    pub fn load_state(&self, state: &VmState) -> Result<()> {
+        self.load_vcpus(state)
     }
 
     /// Puts saved vCPU state into this VM's vCPUs.

@@ -67,6 +67,49 @@ pub struct RunReport {
     pub resolved_in_thread: u64,
 }
 
+/// Guest memory: a mapping the VM owns, or memory lent to it (a migration destination's,
+/// which the destination owns and keeps mapped).
+#[derive(Debug)]
+pub enum GuestMemory {
+    /// Mapped by and for this VM.
+    Owned(Mapping),
+    /// Lent by the caller of [`Vm::over`], under its contract.
+    Lent {
+        /// First byte.
+        addr: usize,
+        /// Bytes.
+        len: usize,
+    },
+}
+
+impl GuestMemory {
+    /// First byte.
+    pub fn addr(&self) -> usize {
+        match self {
+            GuestMemory::Owned(m) => m.addr(),
+            GuestMemory::Lent { addr, .. } => *addr,
+        }
+    }
+
+    /// Bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            GuestMemory::Owned(m) => m.len(),
+            GuestMemory::Lent { len, .. } => *len,
+        }
+    }
+
+    /// Whether it is empty (never, for a VM's memory).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// First byte, as a pointer.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.addr() as *mut u8
+    }
+}
+
 /// A VM of our own: KVM, its memory and vCPUs, and (after a lazy restore) the pager
 /// serving its memory.
 pub struct Vm {
@@ -76,7 +119,7 @@ pub struct Vm {
     vm: VmFd,
     _kvm: Kvm,
     pager: Option<Pager>,
-    memory: Mapping,
+    memory: GuestMemory,
     config: VmConfig,
     /// Resolve SIGBUS-mode faults in the vCPU threads (see `in_thread.rs`).
     in_thread: bool,
@@ -97,6 +140,22 @@ impl Vm {
 
     /// Like [`Vm::create`] over memory the caller mapped (and maybe registered already).
     pub(crate) fn with_memory(config: VmConfig, memory: Mapping) -> Result<Vm> {
+        Self::with_guest_memory(config, GuestMemory::Owned(memory))
+    }
+
+    /// A VM over memory it does not own: a migration destination's, handed over at RUN.
+    /// Give it vCPU state with [`Vm::load_state`].
+    ///
+    /// # Safety
+    /// `[addr, addr + config.memory_len())` must be mapped, readable and writable private
+    /// memory that stays mapped until the returned `Vm` is dropped, and that only the
+    /// guest (and a pager placing pages) writes meanwhile.
+    pub unsafe fn over(config: VmConfig, addr: usize) -> Result<Vm> {
+        let len = config.memory_len();
+        Self::with_guest_memory(config, GuestMemory::Lent { addr, len })
+    }
+
+    fn with_guest_memory(config: VmConfig, memory: GuestMemory) -> Result<Vm> {
         assert_eq!(memory.len(), config.memory_len(), "memory of the VM's size");
         let kvm_fd = Kvm::new().map_err(kvm("open /dev/kvm"))?;
         let vm = kvm_fd.create_vm().map_err(kvm("create VM"))?;
@@ -107,8 +166,9 @@ impl Vm {
             memory_size: memory.len() as u64,
             userspace_addr: memory.addr() as u64,
         };
-        // SAFETY: the slot covers exactly `memory`, a live mapping this Vm owns and drops
-        // only after the VM fd (field order); it is the VM's only slot, so nothing overlaps.
+        // SAFETY: the slot covers exactly `memory`: a live mapping this Vm owns and drops
+        // only after the VM fd (field order), or memory lent under `Vm::over`'s contract
+        // (mapped until the Vm is dropped); it is the VM's only slot, so nothing overlaps.
         unsafe { vm.set_user_memory_region(slot) }.map_err(kvm("set memory slot"))?;
         let vcpus = (0..config.vcpus)
             .map(|i| vm.create_vcpu(i as u64).map_err(kvm("create vCPU")))
@@ -158,7 +218,7 @@ impl Vm {
     }
 
     /// Guest memory.
-    pub fn memory(&self) -> &Mapping {
+    pub fn memory(&self) -> &GuestMemory {
         &self.memory
     }
 
