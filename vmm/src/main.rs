@@ -4,8 +4,12 @@
 //!   it eagerly and lazily (through the pager) several times each, checking the guest's
 //!   checksum every time, and print medians of restore-to-first-instruction and the first
 //!   full pass.
+//! - `uffdkit-vmm migrate-in` / `migrate-out`: live post-copy migration of the running
+//!   guest between two VMM processes, checked by the guest's checksum at the destination.
 //! - `uffdkit-vmm probe`: what KVM on this host does with guest memory registered in
 //!   SIGBUS mode (memory-fault exit, MMIO exit, emulation failure).
+
+mod cli_migrate;
 
 use std::path::PathBuf;
 
@@ -26,6 +30,10 @@ struct Cli {
 enum Cmd {
     /// Lazy against eager restore of a snapshot of the tiny guest.
     Bench(BenchArgs),
+    /// Migrate a running guest to `migrate-in` (boots and fills it first).
+    MigrateOut(cli_migrate::OutArgs),
+    /// Receive a migrating guest, resume it at RUN and check its checksum.
+    MigrateIn(cli_migrate::InArgs),
     /// What KVM does with guest memory registered in SIGBUS mode.
     Probe {
         /// Where to keep the snapshot (a fresh directory under /tmp by default).
@@ -216,5 +224,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Bench(args) => bench(args),
         Cmd::Probe { dir } => probe(dir),
+        Cmd::MigrateOut(args) => cli_migrate::out(args),
+        Cmd::MigrateIn(args) => cli_migrate::into(args),
     }
 }

@@ -42,6 +42,13 @@ pub struct VmState {
 }
 
 impl VmState {
+    /// Writes `vm.json` into `dir` (0600, under a temporary name, then renamed).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(STATE_FILE);
+        let json = serde_json::to_vec(self).map_err(|source| Error::State { path, source })?;
+        write_new(dir, STATE_FILE, |file| file.write_all(&json))
+    }
+
     /// Reads `vm.json` from a snapshot directory.
     pub fn load(dir: &Path) -> Result<VmState> {
         let path = dir.join(STATE_FILE);
@@ -94,6 +101,7 @@ impl Vm {
     pub fn snapshot(&self, dir: &Path) -> Result<()> {
         let state = self.state()?;
         let memory = self.memory();
+        // Memory first: a `vm.json` beside it says the snapshot is complete.
         write_new(dir, MEMORY_FILE, |file| {
             // SAFETY: the mapping is live for `&self`, and no vCPU runs while `&self` is
             // borrowed (`run` takes `&mut self`), so the guest writes nothing during this
@@ -102,9 +110,7 @@ impl Vm {
             let bytes = unsafe { std::slice::from_raw_parts(memory.as_ptr(), memory.len()) };
             file.write_all(bytes)
         })?;
-        let path = dir.join(STATE_FILE);
-        let json = serde_json::to_vec(&state).map_err(|source| Error::State { path, source })?;
-        write_new(dir, STATE_FILE, |file| file.write_all(&json))
+        state.save(dir)
     }
 
     /// The vCPUs' state now (the VM halted): what travels with the memory.
