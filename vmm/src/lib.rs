@@ -10,6 +10,10 @@
 //! page server, a chunked image). In SIGBUS mode the vCPU thread resolves what KVM could
 //! not reach itself (`in_thread.rs`). The guest's own checksum, against [`GuestModel`],
 //! says the restore was right. [`bench`](mod@bench) times lazy against eager restore.
+//! [`Vm::run_until`], [`Vm::state`] and [`Vm::over`] are what a live migration needs: a
+//! guest that keeps working while precopy runs, its vCPU state at the switch, and a VM over
+//! the memory a migration destination fills (the `uffdkit-vmm migrate-in`/`migrate-out`
+//! commands and `tests/migrate.rs` use `postcopy` with them).
 //!
 //! Why a VMM and not a thread touching memory: KVM resolves a guest access through the
 //! host page tables from inside `KVM_RUN`, so the uffd fault comes from the kernel, on a
