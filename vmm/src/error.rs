@@ -100,6 +100,26 @@ pub enum Error {
         /// What the model expects.
         want: u32,
     },
+    /// A vCPU thread could not be started.
+    #[error("vCPU {vcpu}: cannot start its thread")]
+    Spawn {
+        /// The vCPU.
+        vcpu: usize,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A vCPU thread could not be pinned to the CPU its configuration names.
+    #[error("vCPU {vcpu}: cannot pin to CPU {cpu}")]
+    Pin {
+        /// The vCPU.
+        vcpu: usize,
+        /// The CPU.
+        cpu: usize,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A vCPU thread panicked.
     #[error("vCPU {0} thread panicked")]
     VcpuPanicked(usize),

@@ -78,7 +78,7 @@ fn write_new(
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .custom_flags(libc_o_nofollow())
+        .custom_flags(o_nofollow())
         .open(&tmp)
         .map_err(err(&tmp))?;
     let written = write(&mut file).and_then(|()| file.sync_all());
@@ -91,7 +91,7 @@ fn write_new(
     std::fs::rename(&tmp, &path).map_err(err(&path))
 }
 
-fn libc_o_nofollow() -> i32 {
+fn o_nofollow() -> i32 {
     nix::fcntl::OFlag::O_NOFOLLOW.bits()
 }
 

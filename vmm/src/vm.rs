@@ -271,6 +271,8 @@ impl Vm {
         let in_thread = (self.in_thread && self.pager.is_some())
             .then(|| GuestRam::new(self.memory.addr(), self.memory.len()));
         std::thread::scope(|scope| {
+            // Every vCPU thread that started is joined (the scope would anyway), and the
+            // first error — a thread that could not start included — is the result.
             let threads: Vec<_> = self
                 .vcpus
                 .iter_mut()
@@ -281,19 +283,24 @@ impl Vm {
                         .name(format!("vcpu{index}"))
                         .spawn_scoped(scope, move || {
                             if let Some(cpu) = cpu {
-                                if let Err(e) = pager::pin_to_cpu(cpu) {
-                                    log::warn!("vCPU {index}: cannot pin to CPU {cpu}: {e}");
-                                }
+                                pager::pin_to_cpu(cpu).map_err(|source| Error::Pin {
+                                    vcpu: index,
+                                    cpu,
+                                    source,
+                                })?;
                             }
                             run_vcpu(index, vcpu, &|n| next(index, n), in_thread)
                         })
-                        .expect("spawn a vCPU thread")
+                        .map_err(|source| Error::Spawn {
+                            vcpu: index,
+                            source,
+                        })
                 })
                 .collect();
             threads
                 .into_iter()
                 .enumerate()
-                .map(|(index, t)| t.join().map_err(|_| Error::VcpuPanicked(index))?)
+                .map(|(index, t)| t?.join().map_err(|_| Error::VcpuPanicked(index))?)
                 .collect()
         })
     }
