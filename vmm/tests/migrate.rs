@@ -1,0 +1,197 @@
+//! Live post-copy migration of a running guest: precopy rounds with the source's
+//! write-protect dirty tracking while the vCPU keeps rewriting guest memory (through KVM),
+//! the switch, then the guest continuing at the destination on memory the destination's
+//! pager fills from the source. The guest's checksum at the destination must equal the
+//! model of every command it ran at the source: a write KVM made that dirty tracking
+//! missed would leave a stale page there.
+//!
+//! The two VMs live in one process here (two KVM VMs, two guest memories, a TCP
+//! connection between them); the switch carries no device state, so the vCPU state goes
+//! beside the protocol, through a channel.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{kvm_available, run_checked};
+use pager::DeliveryMode;
+use postcopy::auth::Key;
+use postcopy::migrate::{DestOptions, Destination, Migration, RunningMemory, SourceOptions};
+use uffdkit_vmm::{Command, GuestModel, Vm, VmConfig, VmState};
+
+/// Commands the source guest runs at least before the switch stops it.
+const WRITES_BEFORE_SWITCH: u64 = 200;
+
+/// The data pages the guest rewrites while the migration runs (of 4 080).
+const DIRTIED_PAGES: u32 = 2000;
+
+fn key() -> Key {
+    Key::new(*b"uffdkit-vmm-migrate-key-0").expect("key")
+}
+
+#[test]
+fn postcopy_migration_of_a_running_guest_matches_checksum() {
+    let test = "postcopy_migration_of_a_running_guest_matches_checksum";
+    if !kvm_available(test) {
+        return;
+    }
+    let config = VmConfig::new(16);
+    let pages = config.data_pages();
+    assert!(DIRTIED_PAGES <= pages / 2);
+    let mut model = GuestModel::new(pages);
+    let mut source = Vm::boot(config.clone()).expect("boot");
+    let fill = Command::Fill {
+        first: 0,
+        pages,
+        seed: 0x1111_0000,
+        stride: 1,
+    };
+    run_checked(&mut source, &mut model, &[vec![fill]]);
+
+    let opts = DestOptions {
+        mode: DeliveryMode::Thread,
+        ..DestOptions::default()
+    };
+    let dest = Destination::bind(&"127.0.0.1:0".parse().expect("addr"), key(), opts)
+        .expect("bind the destination");
+    let addr = dest.local_addr().expect("its address");
+    let (state_tx, state_rx) = mpsc::channel::<VmState>();
+    let stop = AtomicBool::new(false);
+    // The guest rewrites 64-page runs at moving places in the first half of its data
+    // pages, each with a new seed, until stopped.
+    let issued = AtomicU64::new(0);
+    let rewrite = |_vcpu: usize, n: u64| {
+        // Release: pairs with the Acquire below; only the count matters.
+        issued.fetch_add(1, Ordering::Release);
+        Command::Fill {
+            first: (n as u32 * 61) % (DIRTIED_PAGES - 64),
+            pages: 64,
+            seed: 0x2222_0000 + n as u32,
+            stride: 1,
+        }
+    };
+
+    std::thread::scope(|scope| {
+        let checksum = Command::Checksum { first: 0, pages };
+        let dest_rewrite = Command::Fill {
+            first: 5,
+            pages: pages / 7,
+            seed: 0x3333_0000,
+            stride: 7,
+        };
+        let dest_programs = [vec![checksum], vec![dest_rewrite, checksum]];
+        let programs_at_dest = dest_programs.clone();
+        let config_at_dest = config.clone();
+        let (resumed_tx, resumed_rx) = mpsc::channel();
+        let (verified_tx, verified_rx) = mpsc::channel::<()>();
+        // At RUN the guest resumes at the destination at once, on memory its pager is
+        // still filling from the source (faults in KVM_RUN become requests).
+        let destination = scope.spawn(move || {
+            dest.run(|memory: RunningMemory| {
+                let resumed = scope.spawn(move || {
+                    assert_eq!(memory.len, config_at_dest.memory_len());
+                    // SAFETY: the destination's memory stays mapped until its report (which
+                    // owns it) is dropped, after this thread is joined; only this guest and
+                    // the destination's pager write it.
+                    let mut vm = unsafe { Vm::over(config_at_dest, memory.base) }?;
+                    vm.load_state(&state_rx.recv().expect("the vCPU state"))?;
+                    // While pages are still arriving, the guest only reads: the source checks
+                    // the destination's memory against its own at the end, so a write made
+                    // at the destination before then reads as a mismatch there.
+                    let [reading, writing] = &programs_at_dest;
+                    let read = vm.run(std::slice::from_ref(reading))?;
+                    verified_rx.recv().expect("the migration verified");
+                    let written = vm.run(std::slice::from_ref(writing))?;
+                    Ok::<_, uffdkit_vmm::Error>(vec![read, written])
+                });
+                resumed_tx.send(resumed).expect("hand over the guest");
+            })
+        });
+        let (base, len) = (source.memory().addr(), source.memory().len());
+        let stop = &stop;
+        let rewrite = &rewrite;
+        let guest = scope.spawn(move || {
+            let reports = source.run_until(stop, rewrite);
+            (source, reports)
+        });
+        let opts = SourceOptions {
+            max_rounds: 4,
+            ..SourceOptions::default()
+        };
+        // SAFETY: guest memory is the source VM's private anonymous mapping, kept mapped
+        // until after `run` returns (the VM comes back from its thread inside the stop
+        // callback and lives on below); only its guest writes it, and the callback stops
+        // the guest and returns once its vCPU has halted.
+        let migration =
+            unsafe { Migration::new(addr, key(), base, len, opts) }.expect("a migration");
+        let mut stopped = None;
+        let report = migration.run(|| {
+            // The guest must have run during the migration: wait (bounded) for
+            // WRITES_BEFORE_SWITCH commands, issued since before the first round.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while issued.load(Ordering::Acquire) < WRITES_BEFORE_SWITCH {
+                assert!(Instant::now() < deadline, "the source guest stalled");
+                std::thread::yield_now();
+            }
+            stop.store(true, Ordering::Release);
+            let (vm, reports) = guest.join().expect("the source vCPU thread");
+            let reports = reports.expect("the guest ran at the source");
+            state_tx
+                .send(vm.state().expect("the vCPU state"))
+                .expect("send the vCPU state");
+            stopped = Some((vm, reports));
+        });
+        let (_source_vm, reports) = stopped.expect("the switch stopped the guest");
+        let ran = &reports[0].commands;
+        ran.iter().for_each(|&command| model.apply(command));
+        assert!(ran.len() as u64 >= WRITES_BEFORE_SWITCH);
+        let report = match report {
+            Ok(report) => report,
+            Err(e) => panic!("the migration: {e}"),
+        };
+        verified_tx
+            .send(())
+            .expect("let the destination guest write");
+        let resumed = resumed_rx.recv().expect("RUN at the destination");
+        let dest_reports = resumed
+            .join()
+            .expect("the destination vCPU thread")
+            .expect("the guest ran at the destination");
+        let dest_report = destination
+            .join()
+            .expect("the destination thread")
+            .expect("the destination");
+        eprintln!(
+            "source: {} commands during the migration, {report:?}",
+            ran.len()
+        );
+        // The guest only writes the first half of its data pages (and nothing else): a
+        // dirty set beyond it would mean the tracking took KVM's reads for writes.
+        let writable = u64::from(DIRTIED_PAGES) + 1; // + the page a run may straddle into
+        for round in &report.rounds[1..] {
+            assert!(round.pages <= writable, "{round:?}");
+        }
+        assert!(
+            report.rounds.iter().all(|r| r.dirty_after <= writable),
+            "{report:?}"
+        );
+
+        for (program, reports) in dest_programs.iter().zip(&dest_reports) {
+            for (&command, &result) in program.iter().zip(&reports[0].results) {
+                model.apply(command);
+                if let Command::Checksum { first, pages } = command {
+                    assert_eq!(result, model.checksum(first, pages), "after {command:?}");
+                }
+            }
+        }
+        eprintln!(
+            "destination: {} precopy pages, {} postcopy pages, {} requested, pager {:?}",
+            dest_report.precopy_pages,
+            dest_report.postcopy_pages,
+            dest_report.requested,
+            dest_report.pager
+        );
+    });
+}

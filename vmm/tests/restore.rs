@@ -1,0 +1,309 @@
+//! A real guest under real KVM, snapshotted and restored eagerly and lazily through the
+//! pager (real userfaultfd): the guest's own checksum must match the model's, before and
+//! after, and keep matching as the restored guest writes on.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{
+    boot_and_snapshot, checksum_programs, fill_programs, kvm_available, pager_page, run_checked,
+    settled_state, share, SnapshotDir,
+};
+use pager::{DeliveryMode, MemoryKind, PageState, Prefetch};
+use uffdkit_vmm::guest::CODE_GPA;
+use uffdkit_vmm::{Command, Error, GuestModel, Lazy, Restore, Vm, VmConfig};
+
+/// Restores lazily, checks nothing was placed before the first `KVM_RUN`, that the
+/// checksum matches, that every data page was placed by a fault from KVM_RUN, and that the
+/// guest then writes on and snapshots again.
+/// (With a prefetcher, pages may be placed before the guest runs, and all of them before
+/// it faults: those two checks are left out.)
+fn lazy_restore_matches(test: &str, config: VmConfig, lazy: Lazy) {
+    let dir = SnapshotDir::new(test);
+    let mut model = boot_and_snapshot(&config, &dir);
+    let demand_only = lazy.prefetch == Prefetch::None;
+
+    let how = Restore::Lazy(lazy);
+    let mut vm = Vm::restore(dir.path(), config.clone(), how.clone()).expect("restore");
+    let pager = vm.pager().expect("a lazy restore has a pager");
+    if demand_only {
+        assert_eq!(
+            pager.states().count(PageState::Missing),
+            pager.states().len(),
+            "nothing is placed before the guest runs"
+        );
+    }
+    run_checked(&mut vm, &mut model, &checksum_programs(&config));
+    let pager = vm.pager().expect("still there");
+    for page in 0..config.data_pages() {
+        assert_eq!(
+            settled_state(pager, pager_page(&config, page)),
+            Some(PageState::Received),
+            "data page {page} was placed"
+        );
+    }
+    let stats = pager.stats();
+    assert!(
+        !demand_only || (stats.faults_missing > 0 && stats.placed_fault > 0),
+        "the pages came by faults: {stats:?}"
+    );
+
+    // The restored guest writes on, and a snapshot of it restores too.
+    run_checked(&mut vm, &mut model, &fill_programs(&config, 1));
+    let again = SnapshotDir::new(&format!("{test}-again"));
+    vm.snapshot(again.path())
+        .expect("snapshot the restored guest");
+    let stats = vm
+        .take_pager()
+        .expect("the pager")
+        .stop()
+        .expect("stop the pager");
+    assert_eq!(stats.source_errors, 0);
+    let mut vm = Vm::restore(again.path(), config.clone(), how).expect("restore");
+    run_checked(&mut vm, &mut model, &checksum_programs(&config));
+}
+
+#[test]
+fn booted_guest_checksums_match_the_model() {
+    if !kvm_available("booted_guest_checksums_match_the_model") {
+        return;
+    }
+    for vcpus in [1, 2] {
+        let config = VmConfig {
+            vcpus,
+            ..VmConfig::new(4)
+        };
+        let mut vm = Vm::boot(config.clone()).expect("boot");
+        let mut model = GuestModel::new(config.data_pages());
+        run_checked(&mut vm, &mut model, &fill_programs(&config, 0));
+        run_checked(&mut vm, &mut model, &fill_programs(&config, 1));
+    }
+}
+
+#[test]
+fn model_sees_a_changed_page() {
+    // The check the tests lean on can fail: one rewritten page changes the checksum.
+    let mut model = GuestModel::new(64);
+    let fill = Command::Fill {
+        first: 0,
+        pages: 64,
+        seed: 1,
+        stride: 1,
+    };
+    model.apply(fill);
+    let before = model.checksum(0, 64);
+    model.apply(Command::Fill {
+        first: 40,
+        pages: 1,
+        seed: 2,
+        stride: 1,
+    });
+    assert_ne!(model.checksum(0, 64), before);
+}
+
+#[test]
+fn lazy_restore_one_vcpu_matches_checksum() {
+    let test = "lazy_restore_one_vcpu_matches_checksum";
+    if kvm_available(test) {
+        lazy_restore_matches(test, VmConfig::new(8), Lazy::DEMAND);
+    }
+}
+
+#[test]
+fn lazy_restore_two_vcpus_matches_checksum() {
+    let test = "lazy_restore_two_vcpus_matches_checksum";
+    if kvm_available(test) {
+        let config = VmConfig {
+            vcpus: 2,
+            ..VmConfig::new(8)
+        };
+        lazy_restore_matches(test, config, Lazy::DEMAND);
+    }
+}
+
+#[test]
+fn lazy_restore_into_hugetlb_matches_checksum() {
+    let test = "lazy_restore_into_hugetlb_matches_checksum";
+    // Two VMs at a time at most (the restored one and the one restored from it), 4 pages each.
+    if kvm_available(test) && testkit::hugepages::available(test, 8) {
+        let config = VmConfig {
+            kind: MemoryKind::Hugetlb,
+            vcpus: 2,
+            ..VmConfig::new(8)
+        };
+        lazy_restore_matches(test, config, Lazy::DEMAND);
+    }
+}
+
+#[test]
+fn lazy_restore_with_readahead_matches_checksum() {
+    let test = "lazy_restore_with_readahead_matches_checksum";
+    if kvm_available(test) {
+        let lazy = Lazy {
+            readahead: true,
+            ..Lazy::DEMAND
+        };
+        lazy_restore_matches(test, VmConfig::new(8), lazy);
+    }
+}
+
+#[test]
+fn lazy_restore_with_sequential_prefetch_matches_checksum() {
+    let test = "lazy_restore_with_sequential_prefetch_matches_checksum";
+    if kvm_available(test) {
+        let config = VmConfig {
+            vcpus: 2,
+            ..VmConfig::new(8)
+        };
+        let lazy = Lazy {
+            readahead: true,
+            prefetch: Prefetch::Sequential,
+            ..Lazy::DEMAND
+        };
+        lazy_restore_matches(test, config, lazy);
+    }
+}
+
+#[test]
+fn eager_restore_matches_checksum() {
+    let test = "eager_restore_matches_checksum";
+    if !kvm_available(test) {
+        return;
+    }
+    let config = VmConfig::new(8);
+    let dir = SnapshotDir::new(test);
+    let mut model = boot_and_snapshot(&config, &dir);
+    let mut vm = Vm::restore(dir.path(), config.clone(), Restore::Eager).expect("restore");
+    assert!(vm.pager().is_none());
+    run_checked(&mut vm, &mut model, &checksum_programs(&config));
+    run_checked(&mut vm, &mut model, &fill_programs(&config, 1));
+}
+
+#[test]
+fn restore_refuses_a_snapshot_of_another_size() {
+    let test = "restore_refuses_a_snapshot_of_another_size";
+    if !kvm_available(test) {
+        return;
+    }
+    let dir = SnapshotDir::new(test);
+    boot_and_snapshot(&VmConfig::new(4), &dir);
+    let err = Vm::restore(dir.path(), VmConfig::new(8), Restore::LAZY).err();
+    assert!(matches!(err, Some(Error::Mismatch(_))), "{err:?}");
+}
+
+/// What a SIGBUS-mode restore did on this host, for the log.
+fn sigbus_outcome(config: &VmConfig, vm: &mut Vm, model: &GuestModel) -> String {
+    let programs = checksum_programs(config);
+    let missing = |vm: &Vm, gpa: u64| {
+        let page = (gpa / config.kind.page_size() as u64) as usize;
+        vm.pager().expect("the pager").states().get(page) == Some(PageState::Missing)
+    };
+    match vm.run(&programs) {
+        Ok(reports) => {
+            let (first, pages) = share(config, 0);
+            assert_eq!(reports[0].results, [model.checksum(first, pages)]);
+            "the guest ran: KVM faulted the pages in through the signal handler".into()
+        }
+        Err(e @ (Error::MmioRead { gpa, .. } | Error::MemoryFault { gpa, .. })) => {
+            assert!(gpa < config.memory_len() as u64, "{e}: inside guest memory");
+            assert!(missing(vm, gpa), "{e}: at a page never placed");
+            e.to_string()
+        }
+        // An emulation failure: the emulator could not fetch the instruction.
+        Err(e @ Error::Internal { suberror: 1, .. }) => {
+            assert!(missing(vm, CODE_GPA), "{e}: the code page was never placed");
+            e.to_string()
+        }
+        Err(e) => panic!("SIGBUS restore: {e}"),
+    }
+}
+
+/// The SIGBUS path: the vCPU thread would resolve its own fault. What KVM does with a
+/// SIGBUS-registered page touched from `KVM_RUN` depends on the host (the nested host here
+/// turns a read by emulated guest code into an MMIO exit). Either the guest's checksum is
+/// right, or KVM says it could not reach a page the pager never placed — never a wrong
+/// checksum. Once for an instruction fetch (nothing placed), once for a data read (the code
+/// page placed first by the VMM thread's own touch, through the pager's signal handler).
+#[test]
+fn sigbus_restore_serves_the_guest_or_reports_the_unreached_page() {
+    let test = "sigbus_restore_serves_the_guest_or_reports_the_unreached_page";
+    // One SIGBUS-mode pager per process: this test runs in a process of its own.
+    if !kvm_available(test) || !testkit::isolated(test, Duration::from_secs(120)) {
+        return;
+    }
+    let config = VmConfig::new(4);
+    let dir = SnapshotDir::new(test);
+    let mut model = boot_and_snapshot(&config, &dir);
+    let how = Restore::Lazy(Lazy {
+        mode: DeliveryMode::Sigbus,
+        in_thread: false,
+        ..Lazy::DEMAND
+    });
+    let mut vm = Vm::restore(dir.path(), config.clone(), how.clone()).expect("restore");
+    eprintln!(
+        "SIGBUS restore, code fetch: {}",
+        sigbus_outcome(&config, &mut vm, &model)
+    );
+    drop(vm);
+
+    let mut vm = Vm::restore(dir.path(), config.clone(), how.clone()).expect("restore");
+    // SAFETY: the guest memory mapping is live and no vCPU runs; the read faults and the
+    // pager's SIGBUS handler places the page in this thread.
+    let code = unsafe { std::ptr::read_volatile(vm.memory().as_ptr().add(CODE_GPA as usize)) };
+    assert_eq!(code, uffdkit_vmm::guest::CODE[0]);
+    eprintln!(
+        "SIGBUS restore, data read: {}",
+        sigbus_outcome(&config, &mut vm, &model)
+    );
+    drop(vm);
+
+    // Whatever happened, the memory file restores with the handler thread.
+    let mut vm = Vm::restore(dir.path(), config.clone(), Restore::LAZY).expect("restore");
+    run_checked(&mut vm, &mut model, &checksum_programs(&config));
+}
+
+/// SIGBUS mode with the vCPU thread resolving what KVM could not reach (memory-fault exits
+/// where the kernel gives them; here, MMIO exits and failed fetches): the guest's checksum
+/// is right, every data page was placed, and the vCPU threads did resolve exits.
+#[test]
+fn sigbus_restore_resolved_in_the_vcpu_thread_matches_checksum() {
+    let test = "sigbus_restore_resolved_in_the_vcpu_thread_matches_checksum";
+    // One SIGBUS-mode pager per process: this test runs in a process of its own.
+    if !kvm_available(test) || !testkit::isolated(test, Duration::from_secs(120)) {
+        return;
+    }
+    for vcpus in [1, 2] {
+        let config = VmConfig {
+            vcpus,
+            ..VmConfig::new(4)
+        };
+        let dir = SnapshotDir::new(&format!("{test}-{vcpus}"));
+        let mut model = boot_and_snapshot(&config, &dir);
+        let how = Restore::Lazy(Lazy {
+            mode: DeliveryMode::Sigbus,
+            ..Lazy::DEMAND
+        });
+        let mut vm = Vm::restore(dir.path(), config.clone(), how).expect("restore");
+        let reports = vm.run(&checksum_programs(&config)).expect("run");
+        for (index, report) in reports.iter().enumerate() {
+            let (first, pages) = share(&config, index);
+            assert_eq!(
+                report.results,
+                [model.checksum(first, pages)],
+                "vCPU {index}"
+            );
+            assert!(report.resolved_in_thread > 0, "vCPU {index}: {report:?}");
+        }
+        let pager = vm.pager().expect("the pager");
+        for page in 0..config.data_pages() {
+            assert_eq!(
+                settled_state(pager, pager_page(&config, page)),
+                Some(PageState::Received),
+                "data page {page} was placed"
+            );
+        }
+        // Writes go through the same path (MMIO writes completed by the vCPU thread).
+        run_checked(&mut vm, &mut model, &fill_programs(&config, 1));
+    }
+}

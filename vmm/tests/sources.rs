@@ -1,0 +1,106 @@
+//! Lazy restores from the other sources an embedder has: a page server (the one `uffdkit
+//! serve` runs, over loopback TCP) and a chunked image in an object store (a local
+//! directory store). The vCPU state comes from the snapshot's `vm.json`; only memory
+//! travels. Checked by the guest's checksum, as in `restore.rs`.
+
+mod common;
+
+use std::sync::Arc;
+
+use chunked::{push, Image, PushOptions, SourceOptions, StoreOptions};
+use common::{
+    boot_and_snapshot, checksum_programs, fill_programs, kvm_available, pager_page, run_checked,
+    settled_state, SnapshotDir,
+};
+use pager::{FileSource, PageState, Source};
+use postcopy::auth::Key;
+use postcopy::client::RemoteSource;
+use postcopy::link::Timing;
+use postcopy::server::PageServer;
+use uffdkit_vmm::snapshot::MEMORY_FILE;
+use uffdkit_vmm::{GuestModel, Lazy, Vm, VmConfig};
+
+/// Restores the snapshot in `dir` (of `model`) with memory from `source`, checks the
+/// checksum and that every data page was placed, then lets the guest write on.
+fn restore_from_matches(
+    config: VmConfig,
+    dir: &SnapshotDir,
+    mut model: GuestModel,
+    source: Arc<dyn Source>,
+) {
+    let mut vm =
+        Vm::restore_from(dir.path(), config.clone(), source, Lazy::DEMAND).expect("restore");
+    run_checked(&mut vm, &mut model, &checksum_programs(&config));
+    let pager = vm.pager().expect("the pager");
+    for page in 0..config.data_pages() {
+        assert_eq!(
+            settled_state(pager, pager_page(&config, page)),
+            Some(PageState::Received),
+            "data page {page} was placed"
+        );
+    }
+    run_checked(&mut vm, &mut model, &fill_programs(&config, 1));
+    let stats = vm.take_pager().expect("the pager").stop().expect("stop");
+    assert_eq!(stats.source_errors, 0, "{stats:?}");
+}
+
+#[test]
+fn lazy_restore_from_a_page_server_matches_checksum() {
+    let test = "lazy_restore_from_a_page_server_matches_checksum";
+    if !kvm_available(test) {
+        return;
+    }
+    let config = VmConfig {
+        vcpus: 2,
+        ..VmConfig::new(8)
+    };
+    let dir = SnapshotDir::new(test);
+    // The server opens the memory file when bound: snapshot first.
+    let model = boot_and_snapshot(&config, &dir);
+    let key = || Key::new(*b"uffdkit-vmm-test-key-0123").expect("key");
+    let image = Arc::new(FileSource::pread(dir.path().join(MEMORY_FILE)).expect("image"));
+    let addr = "127.0.0.1:0".parse().expect("addr");
+    let server = PageServer::bind(&addr, image, key(), Timing::default()).expect("bind");
+    let source = RemoteSource::connect(&server.local_addr().expect("addr"), key()).expect("dial");
+    restore_from_matches(config, &dir, model, Arc::new(source));
+    assert!(server.stats().pages_sent > 0, "{:?}", server.stats());
+}
+
+#[test]
+fn lazy_restore_from_a_chunked_image_matches_checksum() {
+    let test = "lazy_restore_from_a_chunked_image_matches_checksum";
+    if !kvm_available(test) {
+        return;
+    }
+    let config = VmConfig {
+        vcpus: 2,
+        ..VmConfig::new(8)
+    };
+    let dir = SnapshotDir::new(test);
+    let store = SnapshotDir::new(&format!("{test}-store"));
+    let model = boot_and_snapshot(&config, &dir);
+    let url = format!("file://{}/vm", store.path().display());
+    push(&dir.path().join(MEMORY_FILE), &url, &PushOptions::default()).expect("push");
+    let image = Image::open(&url, &StoreOptions::default()).expect("open image");
+    let source = image
+        .source(None, SourceOptions::default())
+        .expect("chunked source");
+    restore_from_matches(config, &dir, model, Arc::new(source));
+}
+
+#[test]
+fn restore_from_refuses_a_source_smaller_than_guest_memory() {
+    let test = "restore_from_refuses_a_source_smaller_than_guest_memory";
+    if !kvm_available(test) {
+        return;
+    }
+    let config = VmConfig::new(4);
+    let dir = SnapshotDir::new(test);
+    boot_and_snapshot(&config, &dir);
+    let short = Arc::new(pager::MemorySource::new(vec![0u8; 1 << 20]));
+    let err = Vm::restore_from(dir.path(), config, short, Lazy::DEMAND).err();
+    assert!(
+        matches!(err, Some(uffdkit_vmm::Error::Mismatch(_))),
+        "{err:?}"
+    );
+}

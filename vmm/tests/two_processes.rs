@@ -1,0 +1,90 @@
+//! Live migration of the running guest between two `uffdkit-vmm` processes: `migrate-in`
+//! listens, `migrate-out` boots a guest and migrates it while it rewrites its memory; the
+//! destination resumes it at RUN and checks its checksum against the source's model.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::OpenOptionsExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{kvm_available, SnapshotDir};
+
+/// Waits (bounded) for `child`; kills it if the bound passes.
+fn wait(mut child: Child, what: &str) -> (std::process::ExitStatus, String) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            let mut out = String::new();
+            if let Some(mut stdout) = child.stdout.take() {
+                stdout.read_to_string(&mut out).expect("read stdout");
+            }
+            return (status, out);
+        }
+        if Instant::now() > deadline {
+            child.kill().expect("kill");
+            panic!("{what} did not finish in 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn migration_between_two_vmm_processes_matches_checksum() {
+    let test = "migration_between_two_vmm_processes_matches_checksum";
+    if !kvm_available(test) {
+        return;
+    }
+    let dir = SnapshotDir::new(test);
+    let key = dir.path().join("key");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"uffdkit-vmm-two-processes-key"))
+        .expect("write the key");
+    let exe = env!("CARGO_BIN_EXE_uffdkit-vmm");
+    let common = |cmd: &mut Command| {
+        cmd.arg("--key-file")
+            .arg(&key)
+            .arg("--state-dir")
+            .arg(dir.path())
+            .args(["--mib", "16"]);
+    };
+    let mut dest = Command::new(exe);
+    dest.arg("migrate-in");
+    common(&mut dest);
+    let mut dest = dest
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start migrate-in");
+    let mut lines = BufReader::new(dest.stdout.take().expect("its stdout"));
+    let mut first = String::new();
+    lines.read_line(&mut first).expect("its address");
+    let addr = first
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("migrate-in said {first:?}"))
+        .to_owned();
+    dest.stdout = None;
+
+    let mut source = Command::new(exe);
+    source.arg("migrate-out").args(["--to", &addr]);
+    common(&mut source);
+    let source = source
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start migrate-out");
+    let (src_status, src_out) = wait(source, "migrate-out");
+    let mut rest = String::new();
+    lines
+        .read_to_string(&mut rest)
+        .expect("migrate-in's output");
+    let (dst_status, _) = wait(dest, "migrate-in");
+    eprintln!("source: {src_out}destination: {rest}");
+    assert!(src_status.success(), "migrate-out: {src_status}\n{src_out}");
+    assert!(dst_status.success(), "migrate-in: {dst_status}\n{rest}");
+    assert!(rest.contains("matches the source's model"), "{rest}");
+}
