@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,61 +21,36 @@ use postcopy::Error;
 use testkit::proxy::{CutMode, Direction, Proxy, Target};
 use uffd_core::HUGE_PAGE_SIZE;
 
-/// Where and how one run cuts.
+/// Where and how one run cuts, each cut once every earlier one was resumed from (one per
+/// connection pair), at the source's protocol events (so each lands whatever the timing).
 struct Plan {
-    seed: u64,
-    /// Cuts spread over the first `precopy_within` bytes of pages (precopy's first round).
+    /// Cuts in precopy, each at the second page frame after the last resume; precopy goes
+    /// on (round after round) until every one of them was resumed from.
     precopy: Vec<(CutMode, Target)>,
-    precopy_within: u64,
-    /// One cut as the source's workload stops (once precopy's cuts were resumed from).
+    /// One cut as the source's workload stops.
     switch: (CutMode, Target),
-    /// Cuts in postcopy, one per pair: each after the first page frame the pair's
-    /// postcopy sends (or as the digests come, if it has none left to send).
+    /// Cuts in postcopy: each after the first page frame the pair's postcopy sends (or as
+    /// the digests come, if it has none left to send).
     postcopy: Vec<(CutMode, Target)>,
 }
 
-/// Plans cuts `kinds` at seeded random offsets over `within` counted bytes.
-fn plan(proxy: &Proxy, seed: u64, kinds: &[(CutMode, Target)], within: u64) {
-    let mut cuts = proxy.plan_random(seed, kinds.len(), within, CutMode::Reset, Target::All);
-    for (cut, &(mode, target)) in cuts.iter_mut().zip(kinds) {
-        (cut.mode, cut.target) = (mode, target);
-    }
-    proxy.plan(cuts);
-}
-
-/// Runs `case` through a proxy cutting as `p` says; checks every cut landed where it
-/// was meant to and each was resumed once on both sides.
-///
-/// Precopy goes on (round after round) until every precopy cut was made *and* resumed;
-/// then the test asks for the switch, so the switch's own cut hits live connections
-/// rather than ones an unnoticed freeze already holds.
+/// Runs `case` through a proxy cutting as `p` says; checks every cut landed and each
+/// was resumed once on both sides.
 fn run_with(mut case: Case, p: Plan) -> Outcome {
     let proxy: Arc<Mutex<Option<Arc<Proxy>>>> = Arc::default();
-    let precopy_done = Arc::new(AtomicBool::new(false));
-    let (px, pre) = (proxy.clone(), p.precopy.clone());
+    let px = proxy.clone();
     case.proxy = Some(Box::new(move |pr: &Arc<Proxy>| {
-        plan(pr, p.seed, &pre, p.precopy_within);
         *px.lock().unwrap() = Some(pr.clone());
     }));
     case.opts.max_rounds = 1000;
-    let (px, done) = (proxy.clone(), precopy_done.clone());
-    case.src = Box::new(move |control| {
-        let control = control.clone();
-        std::thread::spawn(move || {
-            let until = Instant::now() + Duration::from_secs(120);
-            let pr = px.lock().unwrap().clone().expect("the proxy");
-            let link = &control.progress.link;
-            while Instant::now() < until
-                && (pr.pending() > 0 || link.paused().is_some() || link.reconnects() < pr.cuts())
-            {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            done.store(pr.pending() == 0, Ordering::SeqCst);
-            control.switch_to_postcopy();
-        });
+    let precopy = p.precopy.iter().map(|&(mode, target)| Fault {
+        trigger: Trigger::Round {
+            round: 1,
+            frames: 2,
+        },
+        mode,
+        target,
     });
-    // The switch's cut and postcopy's, one per pair: each lands once the source resumed
-    // from the one before.
     let switch = Fault {
         trigger: Trigger::Stopped,
         mode: p.switch.0,
@@ -87,26 +61,39 @@ fn run_with(mut case: Case, p: Plan) -> Outcome {
         mode,
         target,
     });
-    let faults: Vec<Fault> = std::iter::once(switch).chain(postcopy).collect();
+    let faults: Vec<Fault> = precopy
+        .chain(std::iter::once(switch))
+        .chain(postcopy)
+        .collect();
+    let in_precopy = p.precopy.len();
     let injector: Arc<Mutex<Option<Arc<Mutex<Injector>>>>> = Arc::default();
     let (inj, px) = (injector.clone(), proxy.clone());
-    let src_hook = std::mem::replace(&mut case.src, Box::new(|_| {}));
     case.src = Box::new(move |control| {
-        src_hook(control);
         let pr = px.lock().unwrap().clone().expect("the proxy");
-        *inj.lock().unwrap() = Some(Injector::start(pr, faults, true, control));
+        let injector = Injector::start(pr.clone(), faults, true, control);
+        *inj.lock().unwrap() = Some(injector.clone());
+        // The switch once precopy's cuts landed and were resumed from (bounded).
+        let control = control.clone();
+        std::thread::spawn(move || {
+            let until = Instant::now() + Duration::from_secs(120);
+            while Instant::now() < until {
+                let i = injector.lock().unwrap();
+                if i.landed.len() >= in_precopy && i.resumed() >= pr.cuts() {
+                    break;
+                }
+                drop(i);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            control.switch_to_postcopy();
+        });
     });
     case.reconnects = None;
     let o = case.run_all();
-    assert!(
-        precopy_done.load(Ordering::SeqCst),
-        "every precopy cut landed and was resumed before the switch"
-    );
     let injector = injector.lock().unwrap().clone().expect("the injector");
     assert_eq!(
         injector.lock().unwrap().pending(),
         0,
-        "the switch's cut and every postcopy cut landed"
+        "every planned cut landed"
     );
     let planned = (p.precopy.len() + 1 + p.postcopy.len()) as u64;
     assert_eq!(o.cuts, planned, "cuts made");
@@ -142,9 +129,7 @@ fn resets_in_precopy_at_the_switch_and_in_postcopy_lose_nothing() {
     let o = run_with(
         hot_case(32 << 20),
         Plan {
-            seed: 11,
             precopy: vec![(CutMode::Reset, MAIN), (CutMode::Reset, Target::All)],
-            precopy_within: 16 << 20,
             switch: (CutMode::Reset, URGENT),
             postcopy: vec![(CutMode::Reset, Target::All), (CutMode::Reset, URGENT)],
         },
@@ -157,9 +142,7 @@ fn silent_freezes_in_precopy_at_the_switch_and_in_postcopy_lose_nothing() {
     run_with(
         hot_case(32 << 20),
         Plan {
-            seed: 23,
             precopy: vec![(CutMode::Freeze, URGENT), (CutMode::Freeze, Target::All)],
-            precopy_within: 16 << 20,
             switch: (CutMode::Freeze, MAIN),
             // Not the urgent connection alone: postcopy could end on main before the
             // freeze is noticed (a correct run, but not one resumed once per cut).
@@ -175,9 +158,7 @@ fn a_tls_migration_survives_resets_and_freezes_in_every_phase_with_fresh_handsha
     run_with(
         case,
         Plan {
-            seed: 41,
             precopy: vec![(CutMode::Reset, MAIN), (CutMode::Freeze, Target::All)],
-            precopy_within: 16 << 20,
             switch: (CutMode::Freeze, MAIN),
             postcopy: vec![(CutMode::Reset, Target::All), (CutMode::Reset, URGENT)],
         },
@@ -201,9 +182,7 @@ fn two_mib_pages_survive_resets_and_freezes_in_every_phase() {
     let o = run_with(
         case,
         Plan {
-            seed: 37,
             precopy: vec![(CutMode::Reset, MAIN), (CutMode::Freeze, URGENT)],
-            precopy_within: 24 << 20,
             switch: (CutMode::Freeze, Target::All),
             postcopy: vec![(CutMode::Reset, URGENT), (CutMode::Freeze, MAIN)],
         },

@@ -95,10 +95,11 @@ pub struct Injector {
     proxy: Arc<Proxy>,
     faults: Vec<Fault>,
     next: usize,
-    /// After a fault lands, wait for the source's next pair before arming the next one
-    /// (one fault per pair: each is resumed from on its own).
+    /// Arm a fault only once the source resumed from every cut the proxy made so far
+    /// (by this injector or by a byte plan): one breaking fault per pair, each resumed
+    /// from on its own. For breaking faults only (a delay resumes nothing).
     one_per_pair: bool,
-    waiting_resume: bool,
+    resumed: u64,
     /// The highest phase rank seen, and page frames since it was entered (or since the
     /// last resume).
     rank: u32,
@@ -120,7 +121,7 @@ impl Injector {
             faults,
             next: 0,
             one_per_pair,
-            waiting_resume: false,
+            resumed: 0,
             rank: 0,
             frames: 0,
             landed: Vec::new(),
@@ -132,6 +133,11 @@ impl Injector {
         injector
     }
 
+    /// Resumes the source made so far.
+    pub fn resumed(&self) -> u64 {
+        self.resumed
+    }
+
     /// Planned faults that have not landed.
     pub fn pending(&self) -> usize {
         self.faults.len() - self.next
@@ -141,10 +147,10 @@ impl Injector {
         match (rank_of(event), event) {
             (Some(r), _) if r > self.rank => (self.rank, self.frames) = (r, 0),
             (None, Event::PageFrame(_)) => self.frames += 1,
-            (None, Event::Resumed) => (self.waiting_resume, self.frames) = (false, 0),
+            (None, Event::Resumed) => (self.resumed, self.frames) = (self.resumed + 1, 0),
             _ => {}
         }
-        if self.waiting_resume {
+        if self.one_per_pair && self.resumed < self.proxy.cuts() {
             return;
         }
         let Some(f) = self.faults.get(self.next).copied() else {
@@ -157,7 +163,6 @@ impl Injector {
         if due && self.proxy.cut_now(f.mode, f.target) > 0 {
             self.landed.push((t.phase(), mode_name(f.mode)));
             self.next += 1;
-            self.waiting_resume = self.one_per_pair && f.mode.breaks();
         }
     }
 }

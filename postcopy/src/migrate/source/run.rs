@@ -477,14 +477,19 @@ impl<'m> Run<'m> {
         Ok(())
     }
 
-    /// Echoes the destination's ACK of step 3, so it stops waiting for us at once; if
-    /// the echo is lost it stops at its bound (nothing depends on it any more).
+    /// Echoes the destination's ACK of step 3, so it stops waiting for us, then waits
+    /// (bounded by the silence deadline) for it to close the pair first: closing ours
+    /// while its heartbeats sit unread would reset the connection, and a reset may
+    /// discard the echo before the destination read it (it would then wait out its
+    /// bound). If the echo is lost anyway, the destination stops at its bound.
     fn heard_end(&self, pair: &Pair) {
         if let Err(e) = pair.main.send(&Message::Ack {
             seq: step::VERIFIED,
         }) {
-            log::debug!("source: the last ACK was not sent: {e}");
+            return log::debug!("source: the last ACK was not sent: {e}");
         }
+        let until = Instant::now() + self.m.opts.timing.silence;
+        while let Ok(Some(_)) = pair.next_within(until.saturating_duration_since(Instant::now())) {}
     }
 
     pub(super) fn report(&self) -> SourceReport {
