@@ -207,7 +207,7 @@ impl Shared {
                 bump(&self.stats.exists);
                 self.mark_received(p.page, count);
                 if wake {
-                    let _ = self.uffd.wake(p.addr, len);
+                    return self.wake(p.addr, len);
                 }
                 Placement::Done
             }
@@ -317,9 +317,26 @@ impl Shared {
         unsafe { self.uffd.continue_range(addr, len, mode) }
     }
 
+    /// Wakes the threads waiting on `[addr, addr + len)`. A wake the kernel refuses is
+    /// returned as a failure (those threads would stay blocked), except when the process
+    /// is gone (stop) or the range is (nobody waits there any more). Async-signal-safe.
+    pub fn wake(&self, addr: usize, len: usize) -> Placement {
+        match self.uffd.wake(addr, len) {
+            Ok(()) | Err(UffdError::RangeGone { .. }) => Placement::Done,
+            Err(UffdError::ProcessGone { .. }) => {
+                self.gone.store(true, std::sync::atomic::Ordering::Relaxed);
+                self.request_stop();
+                Placement::Dropped
+            }
+            Err(e) => Placement::Failed(e),
+        }
+    }
+
     fn mark_received(&self, page: usize, count: usize) {
         // A page already received (raced placement, EEXIST) stays so.
         let _ = self.states.mark_received_range(page, page + count);
+        // Faults a remote source answered later are timed now that their page is in.
+        self.pending.placed(page, count, &self.stats);
     }
 
     fn account(&self, origin: Origin, content: Content<'_>, bytes: usize, count: usize) {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use pager::{DeliveryMode, FileSource, Pager, RegionSpec, Source};
+use pager::{DeliveryMode, FileSource, Pager, Source};
 use serde_json::json;
 use uffd_core::{Features, Mapping, MemoryKind, Uffd};
 
@@ -241,7 +241,7 @@ fn run_pager(
         Image::File(..) => None,
     };
     let is_chunked = chunked_source.is_some() || args.source == SourceKind::Chunked;
-    let memory = Mapping::new(MemoryKind::Anon, map_len)?;
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, map_len)?);
     let extra = if args.mode == Mode::Sigbus {
         Features::SIGBUS
     } else {
@@ -266,12 +266,7 @@ fn run_pager(
         len: map_len as u64,
     });
     let builder = Pager::builder(uffd, padded)
-        .region(RegionSpec::new(
-            memory.addr(),
-            memory.len(),
-            MemoryKind::Anon,
-            0,
-        ))
+        .mapping(memory.clone(), 0)
         .mode(DeliveryMode::from(args.mode));
     let builder = args.prefetch.apply(builder, map_len / PS)?;
     // A chunked source prefetches itself (it knows which chunks are on their way).

@@ -185,8 +185,12 @@ impl<'d> DestRun<'d> {
             .non_blocking(true)
             .require(UffdFeatures::EVENT_REMOVE)
             .open()?;
-        let pager = Pager::builder(uffd, self.receiver.clone())
-            .region(RegionSpec::new(memory.addr(), memory.len(), self.kind, 0))
+        let builder = Pager::builder(uffd, self.receiver.clone());
+        // SAFETY: `memory` is the destination's own mapping, kept in `self.memory` until
+        // the pager is stopped, and read only through raw pointers.
+        let builder =
+            unsafe { builder.region(RegionSpec::new(memory.addr(), memory.len(), self.kind, 0)) };
+        let pager = builder
             .mode(self.d.opts.mode)
             .prefetch(Prefetch::None)
             .states(states)
