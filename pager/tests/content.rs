@@ -269,3 +269,46 @@ fn several_regions_map_to_their_image_offsets() {
     }
     pager.stop().expect("stop");
 }
+
+/// A seeded map that says a page is already in memory when it was never written: that
+/// page would read as zeros forever (the pager never serves a Received page). The debug
+/// check refuses it at start; a page really written passes.
+#[test]
+fn a_seeded_received_page_that_is_not_in_memory_is_refused() {
+    let ps = 4096;
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, 8 * ps).expect("map"));
+    let image = common::image(8, ps, 0);
+    // Page 2 really is in memory (written before the pager starts); page 5 is not.
+    // SAFETY: this test's own mapping, not yet registered.
+    unsafe {
+        std::ptr::copy_nonoverlapping(image[2 * ps..].as_ptr(), memory.as_ptr().add(2 * ps), ps)
+    };
+    let seed = |pages: &[usize]| {
+        let map = pager::PageStateMap::new(8);
+        for &p in pages {
+            map.mark_received(p).expect("seed");
+        }
+        map
+    };
+    let err = Pager::builder(common::uffd(), Arc::new(MemorySource::new(image.clone())))
+        .mapping(memory.clone(), 0)
+        .states(seed(&[2, 5]))
+        .check_seeded(true)
+        .start()
+        .expect_err("page 5 is marked received but was never written");
+    assert!(
+        matches!(err, pager::Error::SeededNotPresent { page: 5, .. }),
+        "{err}"
+    );
+    let pager = Pager::builder(common::uffd(), Arc::new(MemorySource::new(image.clone())))
+        .mapping(memory.clone(), 0)
+        .states(seed(&[2]))
+        .check_seeded(true)
+        .mode(DeliveryMode::Thread)
+        .start()
+        .expect("page 2 is in memory");
+    // SAFETY: served region.
+    let got = unsafe { common::bytes(memory.addr(), memory.len()) };
+    assert_eq!(got, image.as_slice());
+    pager.stop().expect("stop");
+}
