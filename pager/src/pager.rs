@@ -193,6 +193,18 @@ impl Pager {
         self.shared.stopping()
     }
 
+    /// Fails the pager on the embedder's behalf — a migration that cannot finish, a
+    /// source the embedder gives up on — exactly as a fatal error of its own: it stops,
+    /// poisons every page not yet placed (see
+    /// [`PagerBuilder::poison_on_fatal`](crate::PagerBuilder::poison_on_fatal)), and
+    /// [`stop`](Self::stop) returns `error`. Returns once that is done. Call it before
+    /// dropping a pager whose missing pages must not read as zeros.
+    pub fn fail(&self, error: crate::SourceError) {
+        crate::stats::bump(&self.shared.stats.source_errors);
+        self.shared.fail(error.into());
+        self.wait(None);
+    }
+
     /// An eventfd that becomes readable once the pager has stopped — by itself (a fatal
     /// error, its pages poisoned by then; the faulting process gone) or when asked — for
     /// an embedder's event loop (`poll`/`epoll` it; never read it). Then call

@@ -329,3 +329,52 @@ fn faults_answered_later_by_a_remote_source_are_timed_when_their_page_arrives() 
         stats.blocktime
     );
 }
+
+/// The embedder gives up (a migration that cannot finish): `Pager::fail` poisons what is
+/// not placed — the thread waiting on a page that will never arrive gets SIGBUS — and
+/// `stop` returns the embedder's error.
+#[test]
+fn an_embedder_that_gives_up_fails_the_pager_and_its_waiting_threads_get_sigbus() {
+    const NAME: &str =
+        "an_embedder_that_gives_up_fails_the_pager_and_its_waiting_threads_get_sigbus";
+    if !testkit::isolated(NAME, WATCHDOG) {
+        return;
+    }
+    /// A remote source whose pages never come.
+    struct Silent;
+    impl Source for Silent {
+        fn len(&self) -> u64 {
+            16 * PS as u64
+        }
+        fn fetch<'a>(&'a self, _: u64, _: &'a mut [u8]) -> Result<Fetched<'a>, SourceError> {
+            Ok(Fetched::Pending)
+        }
+    }
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, 16 * PS).expect("map"));
+    let pager = Pager::builder(common::uffd(), Arc::new(Silent))
+        .mapping(memory.clone(), 0)
+        .mode(DeliveryMode::Thread)
+        .start()
+        .expect("start");
+    let addr = memory.addr() + 7 * PS;
+    let toucher = std::thread::spawn(move || common::touch_expecting_sigbus(addr, SIGBUS_WAIT));
+    // The fault is in (and asked of the silent source) before the embedder gives up.
+    let deadline = std::time::Instant::now() + SIGBUS_WAIT;
+    while pager.stats().faults() == 0 {
+        assert!(std::time::Instant::now() < deadline, "no fault");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    pager.fail(SourceError {
+        what: "the migration source is gone",
+        offset: 0,
+        source: std::io::Error::from(std::io::ErrorKind::ConnectionReset),
+    });
+    toucher
+        .join()
+        .expect("toucher")
+        .expect("the waiting thread gets SIGBUS");
+    match pager.stop() {
+        Err(Error::Source(e)) => assert_eq!(e.what, "the migration source is gone"),
+        other => panic!("stop returned {other:?}"),
+    }
+}
