@@ -194,8 +194,10 @@ pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(3);
 pub struct Handshake {
     /// The connection.
     pub stream: UnixStream,
-    /// The VMM's userfaultfd.
-    pub uffd: Uffd,
+    /// The VMM's userfaultfd. Private: `serve` places pages through it, which is sound
+    /// only for the uffd the handshake checked is not this process's (read it with
+    /// [`Handshake::uffd`]).
+    uffd: Uffd,
     /// The guest memory regions.
     pub regions: Vec<GuestRegion>,
     /// The VMM process (`SO_PEERCRED`).
@@ -204,6 +206,13 @@ pub struct Handshake {
     /// was accepted: it names that process for good, where its PID may be reused once it
     /// exits. [`kill_pidfd`] signals through it.
     pub peer_pidfd: Option<OwnedFd>,
+}
+
+impl Handshake {
+    /// The VMM's userfaultfd.
+    pub fn uffd(&self) -> &Uffd {
+        &self.uffd
+    }
 }
 
 /// Accepts one connection on `listener` and completes the handshake: reads until the
