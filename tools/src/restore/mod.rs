@@ -357,6 +357,15 @@ impl Source for Padded {
     fn attach(&self, placer: pager::Placer) {
         self.inner.attach(placer)
     }
+    fn child(&self) -> pager::ChildSource {
+        match self.inner.child() {
+            pager::ChildSource::Own(inner) => pager::ChildSource::Own(Arc::new(Padded {
+                inner,
+                len: self.len,
+            })),
+            other => other,
+        }
+    }
     fn is_signal_safe(&self) -> bool {
         self.inner.is_signal_safe()
     }
