@@ -403,6 +403,11 @@ impl PagerBuilder {
                 &mut pager,
             )?;
         }
+        shared
+            .serving
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        // A thread that failed while the pager was starting settled without poisoning.
+        shared.settle();
         log::debug!(
             "pager started: {} pages in {} region(s), {} mode",
             shared.regions.pages(),

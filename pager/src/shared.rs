@@ -64,6 +64,9 @@ pub(crate) struct Shared {
     /// Whether a fatal error was recorded (by `fail` or `fail_in_signal`), read without
     /// locking.
     failed: AtomicBool,
+    /// Set once `start` has returned the pager: a start that fails poisons nothing (the
+    /// embedder gets the error, and the memory as it was).
+    pub serving: AtomicBool,
     /// Poison every page not yet placed on a fatal error (the default).
     pub poison_on_fatal: bool,
     /// Written once the pager has stopped and settled (pages poisoned after a fatal
@@ -136,6 +139,7 @@ impl Shared {
             zeros: zeros.into_boxed_slice(),
             fatal: Mutex::new(None),
             failed: AtomicBool::new(false),
+            serving: AtomicBool::new(false),
             poison_on_fatal: true,
             stopped,
             settled: Mutex::new(false),
@@ -211,6 +215,14 @@ impl Shared {
         }
         let mut settled = self.settled.lock().unwrap_or_else(|p| p.into_inner());
         if *settled {
+            return;
+        }
+        // Relaxed: `start` sets it, then settles again if the pager stopped meanwhile.
+        let serving = self.serving.load(Ordering::Relaxed);
+        if !serving {
+            // A start that fails poisons nothing; one that stopped while starting is
+            // settled again by `start` once serving.
+            let _ = self.stopped.write(1);
             return;
         }
         if self.failed() && !self.gone.load(Ordering::Relaxed) {
