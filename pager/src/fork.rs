@@ -109,6 +109,7 @@ impl Drop for ForkQueue {
 /// it between two reads, see `worker.rs`): `refuse` logs.
 pub(crate) fn refuse_quietly(shared: &Shared, uffd: &Uffd) {
     bump(&shared.stats.forks_refused);
+    bump(&shared.refused_unlogged);
     let _ = shared.poison_in(uffd, true);
 }
 
@@ -116,7 +117,8 @@ pub(crate) fn refuse_quietly(shared: &Shared, uffd: &Uffd) {
 fn refuse(shared: &Shared, fd: OwnedFd, why: &str) {
     match Uffd::from_fd(fd) {
         Ok(uffd) => {
-            refuse_quietly(shared, &uffd);
+            bump(&shared.stats.forks_refused);
+            let _ = shared.poison_in(&uffd, true);
             log::warn!("refusing a forked child ({why}): its missing pages are poisoned");
         }
         Err(e) => {
@@ -145,12 +147,25 @@ pub(crate) struct ChildPlan {
 /// queued uffds, reaps those whose process has exited, stops the rest at the end.
 pub(crate) fn serve(shared: Arc<Shared>, queue: Arc<ForkQueue>, plan: ChildPlan) {
     let mut children: Vec<Pager> = Vec::new();
+    // Refusals counted so far: a handler refuses a child when every slot is taken, and
+    // may not log (see `worker.rs`): the service logs them for it.
+    let mut refused = 0;
     while !shared.stopping() {
         let mut fds = [
             PollFd::new(queue.ready.as_fd(), PollFlags::POLLIN),
             PollFd::new(shared.wakeup.as_fd(), PollFlags::POLLIN),
         ];
         let _ = poll(&mut fds, PollTimeout::from(20u8));
+        // Relaxed: a counter read for a log line.
+        let now = shared.refused_unlogged.load(Ordering::Relaxed);
+        if now > refused {
+            log::warn!(
+                "{} forked child(ren) refused by a handler, every slot of the hand-off taken \
+                 (their missing pages poisoned)",
+                now - refused
+            );
+            refused = now;
+        }
         children.retain_mut(|child| {
             let done = child.has_stopped();
             if done {

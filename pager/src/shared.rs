@@ -64,6 +64,8 @@ pub(crate) struct Shared {
     /// Whether a fatal error was recorded (by `fail` or `fail_in_signal`), read without
     /// locking.
     failed: AtomicBool,
+    /// Forked children a handler refused (it may not log): the fork service logs them.
+    pub refused_unlogged: AtomicU64,
     /// Set once `start` has returned the pager: a start that fails poisons nothing (the
     /// embedder gets the error, and the memory as it was).
     pub serving: AtomicBool,
@@ -140,6 +142,7 @@ impl Shared {
             fatal: Mutex::new(None),
             failed: AtomicBool::new(false),
             serving: AtomicBool::new(false),
+            refused_unlogged: AtomicU64::new(0),
             poison_on_fatal: true,
             stopped,
             settled: Mutex::new(false),
