@@ -105,6 +105,9 @@ pub mod firecracker;
 mod fork;
 mod gate;
 mod histogram;
+#[cfg(feature = "fault-injection")]
+#[doc(hidden)]
+pub mod inject;
 mod maps;
 mod pager;
 mod place;

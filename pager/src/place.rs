@@ -325,6 +325,13 @@ impl Shared {
     /// returned as a failure (those threads would stay blocked), except when the process
     /// is gone (stop) or the range is (nobody waits there any more). Async-signal-safe.
     pub fn wake(&self, addr: usize, len: usize) -> Placement {
+        #[cfg(feature = "fault-injection")]
+        if crate::inject::wake_fails() {
+            return Placement::Failed(UffdError::Os {
+                op: uffd_core::Op::Wake,
+                errno: Errno::EINVAL,
+            });
+        }
         match self.uffd.wake(addr, len) {
             Ok(()) | Err(UffdError::RangeGone { .. }) => Placement::Done,
             Err(UffdError::ProcessGone { .. }) => {
