@@ -24,7 +24,7 @@
 //! ```
 //! use std::sync::Arc;
 //! use chunked::{push, Image, PushOptions, SourceOptions, StoreOptions};
-//! use pager::{DeliveryMode, Pager, Prefetch, RegionSpec};
+//! use pager::{DeliveryMode, Pager, Prefetch};
 //! use uffd_core::{Features, Mapping, MemoryKind, Uffd};
 //!
 //! // A 4 MiB image with a zero hole, pushed to a store in a local directory.
@@ -39,10 +39,10 @@
 //!
 //! // Restore it lazily into fresh memory.
 //! let source = Arc::new(Image::open(&url, &StoreOptions::default())?.source(None, SourceOptions::default())?);
-//! let memory = Mapping::new(MemoryKind::Anon, image.len())?;
+//! let memory = Arc::new(Mapping::new(MemoryKind::Anon, image.len())?);
 //! let uffd = Uffd::builder().non_blocking(true).require(Features::EVENT_REMOVE).open()?;
 //! let pager = Pager::builder(uffd, source.clone())
-//!     .region(RegionSpec::new(memory.addr(), memory.len(), MemoryKind::Anon, 0))
+//!     .mapping(memory.clone(), 0)
 //!     .mode(DeliveryMode::Thread)
 //!     .prefetch(Prefetch::None) // the source prefetches itself
 //!     .start()?;

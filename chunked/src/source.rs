@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use pager::{Fetched, Placed, Placer, Source, SourceError};
+use pager::{ChildSource, Fetched, Placed, Placer, Source, SourceError};
 
 use crate::cache::ChunkCache;
 use crate::error::{Error, Result};
@@ -501,6 +501,12 @@ impl Source for ChunkedSource {
 
     fn zero_ranges(&self) -> Vec<Range<u64>> {
         self.shared.fetcher.layout.zero_ranges()
+    }
+
+    /// Arrivals go to the placer of the pager attached first: a forked child is refused
+    /// (its missing pages poisoned), never left waiting.
+    fn child(&self) -> ChildSource {
+        ChildSource::Refuse("a chunked source places into one address space")
     }
 
     fn attach(&self, placer: Placer) {

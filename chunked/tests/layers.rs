@@ -11,7 +11,7 @@ use chunked::{
     Chain, ChainError, Chunk, Error, Image, ImageWriter, Manifest, Parent, PushOptions,
     SourceOptions, StoreOptions, MAX_CHAIN_DEPTH,
 };
-use pager::{DeliveryMode, Pager, Prefetch, RegionSpec};
+use pager::{DeliveryMode, Pager, Prefetch};
 use testkit::s3::S3Server;
 
 use common::TempDir;
@@ -115,7 +115,7 @@ fn assert_restores(url: &str, options: &StoreOptions, kind: MemoryKind, want: &[
             .source(None, SourceOptions::default())
             .expect("source"),
     );
-    let memory = Mapping::new(kind, len).unwrap();
+    let memory = Arc::new(Mapping::new(kind, len).unwrap());
     let uffd = Uffd::builder()
         .non_blocking(true)
         .require(Features::EVENT_REMOVE)
@@ -123,7 +123,7 @@ fn assert_restores(url: &str, options: &StoreOptions, kind: MemoryKind, want: &[
         .open()
         .unwrap();
     let pager = Pager::builder(uffd, source)
-        .region(RegionSpec::new(memory.addr(), memory.len(), kind, 0))
+        .mapping(memory.clone(), 0)
         .mode(DeliveryMode::Thread)
         .prefetch(Prefetch::None)
         .start()

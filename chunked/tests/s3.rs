@@ -13,7 +13,7 @@ use chunked::{
     RetryPolicy, SourceOptions, StoreOptions,
 };
 use common::TempDir;
-use pager::{DeliveryMode, Pager, Prefetch, RegionSpec};
+use pager::{DeliveryMode, Pager, Prefetch};
 use testkit::s3::S3Server;
 use uffd_core::{Features, Mapping, MemoryKind, Uffd};
 
@@ -67,20 +67,15 @@ fn push_image(
 }
 
 /// A pager serving `source` into fresh anonymous memory, one handler thread.
-fn serve(source: Arc<ChunkedSource>, len: usize) -> (Mapping, Pager) {
-    let memory = Mapping::new(MemoryKind::Anon, len).unwrap();
+fn serve(source: Arc<ChunkedSource>, len: usize) -> (Arc<Mapping>, Pager) {
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, len).unwrap());
     let uffd = Uffd::builder()
         .non_blocking(true)
         .require(Features::EVENT_REMOVE)
         .open()
         .unwrap();
     let pager = Pager::builder(uffd, source)
-        .region(RegionSpec::new(
-            memory.addr(),
-            memory.len(),
-            MemoryKind::Anon,
-            0,
-        ))
+        .mapping(memory.clone(), 0)
         .mode(DeliveryMode::Thread)
         .prefetch(Prefetch::None)
         .start()

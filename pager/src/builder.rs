@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use page_state::{PageState, PageStateMap};
-use uffd_core::{Features, Ioctls, RegisterMode, Uffd};
+use uffd_core::{Features, Ioctls, Mapping, RegisterMode, Uffd};
 
 use crate::cpu::{allowed_cpus, pin_to_cpu};
 use crate::error::{Error, Result};
@@ -26,11 +26,21 @@ use crate::worker::{Wait, Worker};
 /// Child engines alive at once by default; further forked children are refused.
 const MAX_FORK_CHILDREN: usize = 64;
 
+/// A region the pager checked and keeps alive: memory it was given as a [`Mapping`].
+struct Owned {
+    /// Its index in the builder's regions.
+    region: usize,
+    memory: Arc<Mapping>,
+    /// Resolved in MINOR mode through an alias the pager makes.
+    minor: bool,
+}
+
 /// Configures and starts a [`Pager`].
 pub struct PagerBuilder {
     uffd: Uffd,
     source: Arc<dyn Source>,
     regions: Vec<RegionSpec>,
+    owned: Vec<Owned>,
     mode: DeliveryMode,
     prefetch: Prefetch,
     fault_around: usize,
@@ -43,8 +53,14 @@ pub struct PagerBuilder {
     prefetch_after_first_fault: bool,
     states: Option<PageStateMap>,
     max_fork_children: usize,
+    poison_on_fatal: bool,
+    check_seeded: bool,
     /// A forked child's engine: probe for the child's exit this often while idle.
     child_probe: Option<Duration>,
+    /// A forked child's engine serving from its parent's source (not attached again).
+    child_shares_source: bool,
+    /// Memory kept alive for a forked child's engine (its parent's mappings).
+    keep_alive: Vec<Arc<Mapping>>,
 }
 
 impl std::fmt::Debug for PagerBuilder {
@@ -66,6 +82,7 @@ impl Pager {
             uffd,
             source,
             regions: Vec::new(),
+            owned: Vec::new(),
             mode: DeliveryMode::default(),
             prefetch: Prefetch::None,
             fault_around: 0,
@@ -78,21 +95,76 @@ impl Pager {
             prefetch_after_first_fault: false,
             states: None,
             max_fork_children: MAX_FORK_CHILDREN,
+            poison_on_fatal: true,
+            check_seeded: cfg!(debug_assertions),
             child_probe: None,
+            child_shares_source: false,
+            keep_alive: Vec::new(),
         }
     }
 }
 
 impl PagerBuilder {
-    /// Adds a region.
-    pub fn region(mut self, spec: RegionSpec) -> Self {
+    /// Adds a region named by address: the pager will write pages into it (and, for a
+    /// MINOR region, into its alias).
+    ///
+    /// # Safety
+    ///
+    /// The [crate's one contract](crate#safety-what-an-embedder-promises) for `spec`:
+    /// until the pager, its placers and its forked children's engines are gone, the
+    /// region's range in the address space the userfaultfd serves is memory whose
+    /// content the pager decides, and a MINOR region's alias is a shared mapping of the
+    /// region's own file, in this process, that nothing else relies on. Where the pager can
+    /// check the memory itself, use [`mapping`](Self::mapping) instead.
+    pub unsafe fn region(mut self, spec: RegionSpec) -> Self {
         self.regions.push(spec);
         self
     }
 
-    /// Adds regions.
-    pub fn regions(mut self, specs: impl IntoIterator<Item = RegionSpec>) -> Self {
+    /// Adds regions named by address.
+    ///
+    /// # Safety
+    ///
+    /// As [`region`](Self::region), for each of them.
+    pub unsafe fn regions(mut self, specs: impl IntoIterator<Item = RegionSpec>) -> Self {
         self.regions.extend(specs);
+        self
+    }
+
+    /// Adds the whole of `memory` as a region resolved by copy, at `image_offset` in the
+    /// image. Safe: the pager keeps the mapping alive while it (or a placer) may place
+    /// pages into it, and a [`Mapping`] hands out no references to its bytes.
+    pub fn mapping(mut self, memory: Arc<Mapping>, image_offset: u64) -> Self {
+        self.regions.push(RegionSpec::new(
+            memory.addr(),
+            memory.len(),
+            memory.kind(),
+            image_offset,
+        ));
+        self.owned.push(Owned {
+            region: self.regions.len() - 1,
+            memory,
+            minor: false,
+        });
+        self
+    }
+
+    /// Adds the whole of a shared `memory` (shmem or hugetlb) as a region resolved in
+    /// MINOR mode (`UFFDIO_CONTINUE`); the pager maps its own alias of the file to stage
+    /// pages in. `start` refuses memory that is not shared.
+    pub fn mapping_minor(mut self, memory: Arc<Mapping>, image_offset: u64) -> Self {
+        // The alias is made at start, where its failure can be returned.
+        self.regions.push(RegionSpec::new(
+            memory.addr(),
+            memory.len(),
+            memory.kind(),
+            image_offset,
+        ));
+        self.owned.push(Owned {
+            region: self.regions.len() - 1,
+            memory,
+            minor: true,
+        });
         self
     }
 
@@ -153,14 +225,17 @@ impl PagerBuilder {
     }
 
     /// Pins the handler thread of the single-thread modes (thread, busy-poll, and the
-    /// SIGBUS mode's event thread) to `cpu` (default: unpinned).
+    /// SIGBUS mode's event thread) to `cpu` (default: unpinned). `start` refuses a CPU
+    /// this process may not run on, and per-CPU mode (which takes
+    /// [`handler_cpus`](Self::handler_cpus)); a pin that fails fails `start`.
     pub fn handler_cpu(mut self, cpu: Option<usize>) -> Self {
         self.handler_cpu = cpu;
         self
     }
 
     /// The CPUs per-CPU handlers run on, one pinned handler each (default: every CPU this
-    /// process may run on). A VMM gives its own CPU set here.
+    /// process may run on). A VMM gives its own CPU set here. `start` refuses it in any
+    /// other mode, and CPUs this process may not run on.
     pub fn handler_cpus(mut self, cpus: impl IntoIterator<Item = usize>) -> Self {
         let mut cpus: Vec<usize> = cpus.into_iter().collect();
         cpus.sort_unstable();
@@ -185,30 +260,65 @@ impl PagerBuilder {
         self
     }
 
+    /// Checks at start that every page seeded Received ([`states`](Self::states)) is in
+    /// memory (default: on in debug builds; with `PAGEMAP_SCAN`, Linux 6.7). A page marked
+    /// Received that was never written reads as zeros forever: the pager never serves it.
+    /// Made only when the pager registers the regions (they are then this process's
+    /// memory); copy regions only. Refused with [`Error::SeededNotPresent`].
+    pub fn check_seeded(mut self, check: bool) -> Self {
+        self.check_seeded = check;
+        self
+    }
+
     /// Forked children served at once (with `EVENT_FORK`; default 64). A child forked
-    /// while that many are served is refused: its uffd is closed, so its missing pages
-    /// read as zeros ([`StatsSnapshot::forks_refused`](crate::StatsSnapshot)).
+    /// while that many are served is refused, as is one whose source cannot serve it
+    /// ([`Source::child`](crate::Source::child)): logged, counted
+    /// ([`StatsSnapshot::forks_refused`](crate::StatsSnapshot)), its missing pages
+    /// poisoned (a touch raises SIGBUS) and its uffd closed.
     pub fn max_fork_children(mut self, children: usize) -> Self {
         self.max_fork_children = children;
         self
     }
 
     /// Marks this pager as a forked child's engine, probing for the child's exit.
-    pub(crate) fn child_of_fork(mut self, probe: Duration) -> Self {
+    /// Keeps `memory` mapped while the pager lives.
+    pub(crate) fn keep_alive(mut self, memory: Vec<Arc<Mapping>>) -> Self {
+        self.keep_alive = memory;
+        self
+    }
+
+    pub(crate) fn child_of_fork(mut self, probe: Duration, shares_source: bool) -> Self {
         self.child_probe = Some(probe);
+        self.child_shares_source = shares_source;
+        self
+    }
+
+    /// Whether a fatal error poisons every page not yet placed (default: yes). Poisoned
+    /// pages raise SIGBUS when touched, even after the uffd is closed; unpoisoned ones
+    /// read as zeros once it is, which is memory that is not the guest's. Turn it off
+    /// only where the embedder ends the faulting process itself.
+    pub fn poison_on_fatal(mut self, poison: bool) -> Self {
+        self.poison_on_fatal = poison;
         self
     }
 
     /// Validates, registers, marks known-zero pages, and starts the threads.
+    ///
+    /// The uffd is made non-blocking (`O_NONBLOCK`) if it is not: `poll(2)` on a blocking
+    /// uffd reports POLLERR. The flag belongs to the open file description, which an
+    /// embedder that passed the fd on shares: clearing it again while the pager runs is a
+    /// fatal error ([`Error::UffdPoll`]).
     pub fn start(mut self) -> Result<Pager> {
+        let keep = self.make_aliases()?;
         let table = RegionTable::new(&self.regions)?;
         self.check(&table)?;
+        let seeded = self.states.is_some();
         let states = self.seeded_states(table.pages())?;
         make_non_blocking(&self.uffd)?;
         if self.register {
             self.register_regions(&table)?;
         }
-        let shared = Arc::new(Shared::new(
+        let mut shared = Shared::new(
             self.uffd,
             table,
             states,
@@ -216,19 +326,32 @@ impl PagerBuilder {
             self.record.is_some(),
             self.fault_around,
             self.readahead,
-        )?);
+        )?;
+        shared.keep = keep.clone();
+        shared.poison_on_fatal = self.poison_on_fatal;
+        shared.pending_is_fatal = self.child_shares_source;
+        let shared = Arc::new(shared);
         shared.mark_known_zero();
-        self.source.attach(Placer {
-            shared: Arc::downgrade(&shared),
-        });
+        if self.check_seeded && seeded && self.register {
+            crate::seeded::check_received(&shared)?;
+        }
+        if !self.child_shares_source {
+            // A child's engine that serves from its parent's source does not attach it
+            // again (its placer is the parent's).
+            self.source.attach(Placer {
+                shared: Arc::downgrade(&shared),
+            });
+        }
         // Threads join through the pager: an error past this point stops what started.
         let mut pager = Pager::new(shared.clone(), Vec::new(), self.record.take(), self.mode);
         let forks = if self.child_probe.is_none() {
             let plan = ChildPlan {
                 source: self.source.clone(),
                 regions: self.regions.clone(),
+                keep,
                 batch: self.batch,
                 max_children: self.max_fork_children,
+                poison_on_fatal: self.poison_on_fatal,
             };
             start_fork_service(&shared, plan, &mut pager)?
         } else {
@@ -238,9 +361,12 @@ impl PagerBuilder {
         let mut start_worker = |cpu: Option<usize>, wait: Wait, name: String| {
             let mut worker =
                 Worker::new(shared.clone(), self.batch, forks.clone(), self.child_probe);
-            let thread = spawn(name, move || {
+            let thread = spawn(&shared, name, move |shared| {
                 if let Some(cpu) = cpu {
-                    let _ = pin_to_cpu(cpu);
+                    if let Err(source) = pin_to_cpu(cpu) {
+                        shared.fail(Error::Pin { cpu, source });
+                        return;
+                    }
                 }
                 worker.run(wait);
             })?;
@@ -265,20 +391,23 @@ impl PagerBuilder {
                 start_worker(self.handler_cpu, Wait::Block, "uffd-events".into())?;
             }
         }
-        wait_until_running(&shared, workers)?;
-        if self.prefetch != Prefetch::None {
-            let (shared, plan) = (shared.clone(), self.prefetch);
-            let after_first_fault = self.prefetch_after_first_fault;
-            pager.push_thread(spawn("uffd-prefetch".into(), move || {
-                while after_first_fault
-                    && shared.stats.snapshot().placed() == 0
-                    && !shared.stopping()
-                {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                prefetch::run(shared, plan)
-            })?);
+        if let Err(e) = wait_until_running(&shared, workers) {
+            drop(pager); // joins what started
+            return Err(e);
         }
+        if self.prefetch != Prefetch::None {
+            prefetch::start(
+                &shared,
+                self.prefetch,
+                self.prefetch_after_first_fault,
+                &mut pager,
+            )?;
+        }
+        shared
+            .serving
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        // A thread that failed while the pager was starting settled without poisoning.
+        shared.settle();
         log::debug!(
             "pager started: {} pages in {} region(s), {} mode",
             shared.regions.pages(),
@@ -288,8 +417,28 @@ impl PagerBuilder {
         Ok(pager)
     }
 
+    /// Makes the aliases of the MINOR regions given as mappings; returns what the pager
+    /// keeps alive (the mappings and the aliases).
+    fn make_aliases(&mut self) -> Result<Vec<Arc<Mapping>>> {
+        let mut keep = std::mem::take(&mut self.keep_alive);
+        for owned in &self.owned {
+            keep.push(owned.memory.clone());
+            if !owned.minor {
+                continue;
+            }
+            let alias = owned.memory.alias().map_err(|source| Error::Io {
+                what: "map an alias of a MINOR region's memory (shared memory only)",
+                source,
+            })?;
+            self.regions[owned.region] = self.regions[owned.region].minor(alias.addr());
+            keep.push(Arc::new(alias));
+        }
+        Ok(keep)
+    }
+
     /// Refuses what cannot be served: regions beyond the image, a SIGBUS mode without the
-    /// feature or a signal-safe source, handler CPUs this process may not use.
+    /// feature or a signal-safe source, handler CPUs this process may not use or that the
+    /// mode does not use, a MINOR region whose alias is not its file's shared mapping.
     fn check(&self, table: &RegionTable) -> Result<()> {
         for r in table.regions() {
             let need = r.spec.image_offset + r.spec.len as u64;
@@ -298,6 +447,9 @@ impl PagerBuilder {
                     need,
                     have: self.source.len(),
                 });
+            }
+            if let Resolve::Continue { alias } = r.spec.resolve {
+                crate::maps::check_alias(&r.spec, alias, table)?;
             }
         }
         if self.mode == DeliveryMode::Sigbus {
@@ -316,18 +468,45 @@ impl PagerBuilder {
                 });
             }
         }
+        let mode = self.mode.name();
+        let allowed = allowed_cpus();
         if let Some(cpus) = &self.handler_cpus {
-            let allowed = allowed_cpus();
+            if self.mode != DeliveryMode::PerCpu {
+                return Err(Error::Mode {
+                    mode,
+                    reason: "handler_cpus sets per-CPU handlers; this mode has one handler \
+                             thread (use handler_cpu)"
+                        .into(),
+                });
+            }
             if cpus.is_empty() {
                 return Err(Error::Mode {
-                    mode: "percpu",
+                    mode,
                     reason: "an empty set of handler CPUs".into(),
                 });
             }
             if let Some(cpu) = cpus.iter().find(|c| !allowed.contains(c)) {
                 return Err(Error::Mode {
-                    mode: "percpu",
+                    mode,
                     reason: format!("CPU {cpu} is not in this process's allowed set {allowed:?}"),
+                });
+            }
+        }
+        if let Some(cpu) = self.handler_cpu {
+            if self.mode == DeliveryMode::PerCpu {
+                return Err(Error::Mode {
+                    mode,
+                    reason: "handler_cpu pins the one handler thread of the other modes; \
+                             per-CPU handlers take handler_cpus"
+                        .into(),
+                });
+            }
+            if !allowed.contains(&cpu) {
+                return Err(Error::Mode {
+                    mode,
+                    reason: format!(
+                        "handler CPU {cpu} is not in this process's allowed set {allowed:?}"
+                    ),
                 });
             }
         }
@@ -395,9 +574,9 @@ fn start_fork_service(
             source: e,
         })?,
     );
-    let (shared, q) = (shared.clone(), queue.clone());
-    pager.push_thread(spawn("uffd-forks".into(), move || {
-        fork::serve(shared, q, plan)
+    let q = queue.clone();
+    pager.push_thread(spawn(shared, "uffd-forks".into(), move |shared| {
+        fork::serve(shared.clone(), q, plan)
     })?);
     Ok(Some(queue))
 }
@@ -408,10 +587,18 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Waits until `workers` handler threads are in their loops. A new thread frees memory
 /// as it starts (the standard library's start-up), so a `fork()` in the embedding
 /// process right after `start` returned — glibc holding the malloc locks until a handler
-/// reads the FORK event — would otherwise find no handler able to read it.
+/// reads the FORK event — would otherwise find no handler able to read it. A thread that
+/// failed to start (its CPU could not be pinned, it panicked) fails the start with its
+/// error.
 fn wait_until_running(shared: &Shared, workers: usize) -> Result<()> {
     let deadline = std::time::Instant::now() + START_TIMEOUT;
     while shared.running() < workers {
+        if shared.stopping() {
+            return Err(shared.take_fatal().unwrap_or(Error::Io {
+                what: "start the handler threads",
+                source: std::io::ErrorKind::Interrupted.into(),
+            }));
+        }
         if std::time::Instant::now() >= deadline {
             return Err(Error::Io {
                 what: "start the handler threads",
@@ -423,11 +610,31 @@ fn wait_until_running(shared: &Shared, workers: usize) -> Result<()> {
     Ok(())
 }
 
-/// Spawns a named pager thread.
-fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
+/// Spawns a named pager thread running `f`. A panic in it is caught and recorded as the
+/// pager's fatal error ([`Error::ThreadPanicked`]), which stops the pager, poisons what
+/// is not placed, and is returned by [`Pager::stop`]; and a thread that leaves settles
+/// the stop.
+pub(crate) fn spawn(
+    shared: &Arc<Shared>,
+    name: String,
+    f: impl FnOnce(&Arc<Shared>) + Send + 'static,
+) -> Result<JoinHandle<()>> {
+    let shared = shared.clone();
+    let thread = name.clone();
     std::thread::Builder::new()
         .name(name)
-        .spawn(f)
+        .spawn(move || {
+            let run = std::panic::AssertUnwindSafe(|| f(&shared));
+            if let Err(panic) = std::panic::catch_unwind(run) {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(not a string)".into());
+                shared.fail(Error::ThreadPanicked { thread, message });
+            }
+            shared.settle();
+        })
         .map_err(|source| Error::Io {
             what: "spawn a pager thread",
             source,
@@ -441,6 +648,12 @@ fn make_non_blocking(uffd: &Uffd) -> Result<()> {
         source: e.into(),
     };
     let flags = OFlag::from_bits_retain(fcntl(uffd.as_fd(), FcntlArg::F_GETFL).map_err(io)?);
-    fcntl(uffd.as_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map_err(io)?;
+    if !flags.contains(OFlag::O_NONBLOCK) {
+        log::info!(
+            "the userfaultfd was blocking: setting O_NONBLOCK on its open file description \
+             (shared with every holder of the fd)"
+        );
+        fcntl(uffd.as_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map_err(io)?;
+    }
     Ok(())
 }

@@ -72,6 +72,53 @@ pub enum Error {
         #[source]
         problem: RecordingError,
     },
+    /// A pager thread panicked (a source's `fetch` that panicked, a broken invariant):
+    /// the pager stopped on it.
+    #[error("pager thread {thread} panicked: {message}")]
+    ThreadPanicked {
+        /// The thread's name.
+        thread: String,
+        /// The panic's message.
+        message: String,
+    },
+    /// `poll(2)` reported the userfaultfd in error (POLLERR: it was made blocking
+    /// again, or never negotiated; POLLHUP/POLLNVAL: it is gone): nothing more can be
+    /// read from it.
+    #[error("the userfaultfd reported {what} (poll revents {revents:#x})")]
+    UffdPoll {
+        /// Which condition.
+        what: &'static str,
+        /// The poll revents.
+        revents: i16,
+    },
+    /// A handler thread could not be pinned to its CPU.
+    #[error("pin a handler thread to CPU {cpu}")]
+    Pin {
+        /// The CPU.
+        cpu: usize,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A page seeded Received is not present in memory: it would read as zeros forever
+    /// ([`PagerBuilder::check_seeded`](crate::PagerBuilder::check_seeded)).
+    #[error(
+        "seeded page states: page {page} (at {addr:#x}) is marked received but is not in memory"
+    )]
+    SeededNotPresent {
+        /// The first such page.
+        page: usize,
+        /// Its address.
+        addr: usize,
+    },
+    /// A forked child's engine, serving from its parent's source
+    /// ([`ChildSource::Shared`](crate::ChildSource::Shared)), got `Pending`: the
+    /// source is remote and must give the child a source of its own or refuse it.
+    #[error("a forked child's engine got Pending from its parent's source at image offset {offset:#x}: a remote source must give a child a source of its own or refuse it (Source::child)")]
+    ChildSourcePending {
+        /// The offset asked for.
+        offset: u64,
+    },
     /// The requested delivery mode cannot be used here.
     #[error("delivery mode {mode}: {reason}")]
     Mode {

@@ -71,6 +71,12 @@ impl Shared {
                 self.place(p, count, Content::Data(data), wake, origin)
             }
             Ok(Fetched::Zero) => self.place(p, count, Content::Zero, wake, origin),
+            Ok(Fetched::Pending) if self.pending_is_fatal => {
+                // A child's engine never attached its parent's source: nothing would ever
+                // place this page. (Child engines run in thread mode: `fail` may lock.)
+                self.fail(crate::Error::ChildSourcePending { offset: p.offset });
+                Placement::Dropped
+            }
             Ok(Fetched::Pending) => {
                 // Relaxed: a one-way flag the fault path reads as a hint.
                 self.remote.store(true, Ordering::Relaxed);
@@ -268,6 +274,18 @@ impl Shared {
         match failed {
             Some(f) => Err(f),
             None => Ok(done),
+        }
+    }
+
+    /// A fault at `addr`, read at `at`, was left to a remote source: time it until its
+    /// page is placed (at once, if it already was).
+    pub fn asked(&self, addr: usize, at: std::time::Instant) {
+        let Some(p) = self.page_at(addr) else {
+            return;
+        };
+        self.pending.asked(p.page, at);
+        if self.states.get(p.page) == Ok(page_state::PageState::Received) {
+            self.pending.placed(p.page, 1, &self.stats);
         }
     }
 

@@ -18,13 +18,14 @@
 //! refused without harm; one that stays silent is refused after [`HANDSHAKE_DEADLINE`].
 
 use std::io::{ErrorKind, Read};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{getsockopt, sockopt::PeerPidfd};
 use serde::Deserialize;
 use uffd_core::{peer_credentials, recv_fds, MemoryKind, PeerCredentials, Received, Uffd};
 
@@ -148,6 +149,9 @@ pub enum HandshakeError {
         /// Its size.
         size: u64,
     },
+    /// The peer is this process: its userfaultfd would serve this process's memory.
+    #[error("the peer is this process")]
+    OwnProcess,
     /// No userfaultfd came with the first bytes of the table.
     #[error("no userfaultfd came with the region table ({0} fd(s) received, none a userfaultfd)")]
     NoUffd(usize),
@@ -160,7 +164,7 @@ impl HandshakeError {
     /// nothing, or bytes without a userfaultfd (not a VMM), and for socket errors.
     pub fn leaves_vmm_waiting(&self) -> bool {
         match self {
-            Self::Io(_) | Self::Empty | Self::NoUffd(_) => false,
+            Self::Io(_) | Self::Empty | Self::NoUffd(_) | Self::OwnProcess => false,
             Self::Silent { received, .. } => *received > 0,
             Self::Truncated(_)
             | Self::Json(_)
@@ -190,12 +194,25 @@ pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(3);
 pub struct Handshake {
     /// The connection.
     pub stream: UnixStream,
-    /// The VMM's userfaultfd.
-    pub uffd: Uffd,
+    /// The VMM's userfaultfd. Private: `serve` places pages through it, which is sound
+    /// only for the uffd the handshake checked is not this process's (read it with
+    /// [`Handshake::uffd`]).
+    uffd: Uffd,
     /// The guest memory regions.
     pub regions: Vec<GuestRegion>,
     /// The VMM process (`SO_PEERCRED`).
     pub peer: Option<PeerCredentials>,
+    /// A pidfd of the VMM process (`SO_PEERPIDFD`, Linux 6.5), taken as the connection
+    /// was accepted: it names that process for good, where its PID may be reused once it
+    /// exits. [`kill_pidfd`] signals through it.
+    pub peer_pidfd: Option<OwnedFd>,
+}
+
+impl Handshake {
+    /// The VMM's userfaultfd.
+    pub fn uffd(&self) -> &Uffd {
+        &self.uffd
+    }
 }
 
 /// Accepts one connection on `listener` and completes the handshake: reads until the
@@ -218,6 +235,7 @@ pub fn handshake_within(
     deadline: Duration,
 ) -> Result<Handshake, HandshakeError> {
     let peer = peer_credentials(&stream).ok();
+    let peer_pidfd = getsockopt(&stream, PeerPidfd).ok();
     let (regions, uffd) = receive_table(&stream, deadline)?;
     stream.set_read_timeout(None)?;
     if regions.is_empty() {
@@ -226,11 +244,17 @@ pub fn handshake_within(
     for r in &regions {
         r.spec()?;
     }
+    if peer.is_some_and(|p| p.pid as u32 == std::process::id()) {
+        // A userfaultfd of this process would have the pager write into this process's
+        // memory at addresses the peer named: `serve` relies on this refusal.
+        return Err(HandshakeError::OwnProcess);
+    }
     Ok(Handshake {
         stream,
         uffd,
         regions,
         peer,
+        peer_pidfd,
     })
 }
 
@@ -294,9 +318,33 @@ fn receive_before(
     }
 }
 
-/// Sends SIGKILL to the peer of a handshake, as Firecracker's example handlers do on a
-/// fatal error: a VMM whose faults nobody serves hangs forever, its API dead. Refuses
-/// pids that cannot name a VMM peer (≤ 0, or this process).
+/// Sends SIGKILL through `pidfd` (`pidfd_send_signal(2)`, Linux 5.1), as Firecracker's
+/// example handlers do on a fatal error: a VMM whose faults nobody serves hangs forever,
+/// its API dead. The pidfd names the process for good ([`Handshake::peer_pidfd`]): a
+/// VMM that already exited is reported (ESRCH), and no other process that reused its PID
+/// is ever signalled.
+pub fn kill_pidfd(pidfd: BorrowedFd<'_>) -> std::io::Result<()> {
+    // SAFETY: pidfd_send_signal(2) with a pidfd we borrow, a null siginfo and no flags;
+    // nix does not wrap it.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0u32,
+        )
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sends SIGKILL to the peer of a handshake by PID (`SO_PEERCRED`). **Racy**: once the
+/// VMM has exited, its PID may name another process; prefer [`kill_pidfd`] with
+/// [`Handshake::peer_pidfd`], which [`serve`] uses when the kernel gave one. Refuses pids
+/// that cannot name a VMM peer (≤ 0, or this process).
 pub fn kill_peer(peer: &PeerCredentials) -> std::io::Result<()> {
     if peer.pid <= 0 || peer.pid as u32 == std::process::id() {
         return Err(std::io::Error::new(
@@ -350,14 +398,20 @@ pub fn serve(
     options: &ServeOptions,
 ) -> crate::Result<StatsSnapshot> {
     let peer = hs.peer;
+    let pidfd = hs.peer_pidfd.as_ref().and_then(|fd| fd.try_clone().ok());
     // Held until the VMM is dealt with: closing the last descriptor of its userfaultfd
-    // would release its blocked faults onto zero pages before it is killed.
+    // would release its blocked faults before it is killed.
     let hold = hs.uffd.as_fd().try_clone_to_owned().ok();
     let result = serve_inner(hs, source, options);
     if result.is_err() && options.kill_peer_on_error {
-        if let Some(peer) = &peer {
-            // Best effort: the error being returned is the one that matters.
-            let _ = kill_peer(peer);
+        // Best effort: the error being returned is the one that matters.
+        let killed = match (&pidfd, &peer) {
+            (Some(fd), _) => kill_pidfd(fd.as_fd()),
+            (None, Some(peer)) => kill_peer(peer),
+            (None, None) => Ok(()),
+        };
+        if let Err(e) = killed {
+            log::warn!("cannot kill the VMM after a fatal error: {e}");
         }
     }
     drop(hold);
@@ -375,8 +429,12 @@ fn serve_inner(
         .map(|r| r.spec())
         .collect::<Result<Vec<_>, _>>()
         .map_err(crate::Error::Handshake)?;
-    let mut builder = Pager::builder(hs.uffd, source)
-        .regions(specs)
+    let builder = Pager::builder(hs.uffd, source);
+    // SAFETY: the regions are the peer's, in the address space its userfaultfd serves,
+    // which is not this process's (`handshake_within` refuses a peer that is this
+    // process); the pager writes nothing through an alias (copy regions only).
+    let builder = unsafe { builder.regions(specs) };
+    let mut builder = builder
         .register(false)
         .mode(options.mode)
         .prefetch(options.prefetch.clone())

@@ -7,11 +7,16 @@
 //! which waits for the handler: a deadlock. So the handler does nothing with a child's
 //! uffd but push its fd into a fixed array of atomic slots and write an eventfd; this
 //! service thread, which may allocate, starts the child engine. A full array refuses the
-//! child (its uffd is closed: its missing pages read as zeros) rather than block a handler.
+//! child rather than block a handler.
+//!
+//! The source says how a child is served ([`Source::child`]): from the parent's own
+//! source (a local one), from a source of the child's own, or not at all. A child that is
+//! not served — refused by its source, beyond the limit of children, or whose engine
+//! failed to start — is counted and logged, and its missing pages are poisoned before its
+//! uffd is closed: a touch raises SIGBUS, never reads zeros, and never blocks.
 //!
 //! A child engine stops when its process exits (its handler probes for that while idle)
-//! and is reaped here; a child engine that fails to start is counted and logged, never
-//! dropped silently.
+//! and is reaped here.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -20,12 +25,12 @@ use std::time::Duration;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use uffd_core::Uffd;
+use uffd_core::{Mapping, Uffd};
 
 use crate::pager::{DeliveryMode, Pager};
 use crate::region::RegionSpec;
 use crate::shared::Shared;
-use crate::source::Source;
+use crate::source::{ChildSource, Source};
 use crate::stats::bump;
 
 /// An empty slot.
@@ -92,12 +97,36 @@ impl ForkQueue {
 
 impl Drop for ForkQueue {
     fn drop(&mut self) {
-        // Children queued when the pager stopped are refused: their uffds close here.
+        // Children queued when the pager stopped are refused.
         let shared = self.shared.clone();
-        self.drain(|fd| {
+        self.drain(|fd| refuse(&shared, fd, "the pager stopped before serving it"));
+    }
+}
+
+/// Refuses a forked child that will not be served: counts it, poisons its missing pages
+/// through its uffd (a touch raises SIGBUS rather than reading zeros once the uffd is
+/// closed), and closes the uffd. Allocates nothing and does not log (a handler may call
+/// it between two reads, see `worker.rs`): `refuse` logs.
+pub(crate) fn refuse_quietly(shared: &Shared, uffd: &Uffd) {
+    bump(&shared.stats.forks_refused);
+    bump(&shared.refused_unlogged);
+    let _ = shared.poison_in(uffd, true);
+}
+
+/// [`refuse_quietly`], logged, for a child's uffd `fd`.
+fn refuse(shared: &Shared, fd: OwnedFd, why: &str) {
+    match Uffd::from_fd(fd) {
+        Ok(uffd) => {
             bump(&shared.stats.forks_refused);
-            drop(fd);
-        });
+            let _ = shared.poison_in(&uffd, true);
+            log::warn!("refusing a forked child ({why}): its missing pages are poisoned");
+        }
+        Err(e) => {
+            bump(&shared.stats.forks_refused);
+            log::error!(
+                "refusing a forked child ({why}); its uffd cannot be used to poison its pages: {e}"
+            );
+        }
     }
 }
 
@@ -105,45 +134,77 @@ impl Drop for ForkQueue {
 pub(crate) struct ChildPlan {
     pub source: Arc<dyn Source>,
     pub regions: Vec<RegionSpec>,
+    /// The memory the parent keeps alive (a MINOR region's alias is written for the
+    /// child too).
+    pub keep: Vec<Arc<Mapping>>,
     pub batch: usize,
     /// Child engines alive at once; more children are refused.
     pub max_children: usize,
+    pub poison_on_fatal: bool,
 }
 
 /// Runs the fork service until the parent's engine stops: starts child engines for the
 /// queued uffds, reaps those whose process has exited, stops the rest at the end.
 pub(crate) fn serve(shared: Arc<Shared>, queue: Arc<ForkQueue>, plan: ChildPlan) {
     let mut children: Vec<Pager> = Vec::new();
+    // Refusals counted so far: a handler refuses a child when every slot is taken, and
+    // may not log (see `worker.rs`): the service logs them for it.
+    let mut refused = 0;
     while !shared.stopping() {
         let mut fds = [
             PollFd::new(queue.ready.as_fd(), PollFlags::POLLIN),
             PollFd::new(shared.wakeup.as_fd(), PollFlags::POLLIN),
         ];
         let _ = poll(&mut fds, PollTimeout::from(20u8));
+        // Relaxed: a counter read for a log line.
+        let now = shared.refused_unlogged.load(Ordering::Relaxed);
+        if now > refused {
+            log::warn!(
+                "{} forked child(ren) refused by a handler, every slot of the hand-off taken \
+                 (their missing pages poisoned)",
+                now - refused
+            );
+            refused = now;
+        }
         children.retain_mut(|child| {
             let done = child.has_stopped();
             if done {
                 child.join();
+                // A child engine that failed (its pages poisoned by then) is counted.
+                if let Some(e) = child.take_fatal() {
+                    bump(&shared.stats.forks_failed);
+                    log::error!(
+                        "a forked child's engine failed (its missing pages are poisoned): {e}"
+                    );
+                }
             }
             !done
         });
         queue.drain(|fd| {
             if children.len() >= plan.max_children {
-                bump(&shared.stats.forks_refused);
-                log::warn!(
-                    "refusing a forked child: {} child engines already running",
-                    children.len()
-                );
-                return; // `fd` closes here
+                let why = format!("{} child engines already running", children.len());
+                return refuse(&shared, fd, &why);
             }
-            match start_child(fd, &plan) {
+            let source = match plan.source.child() {
+                ChildSource::Shared => None,
+                ChildSource::Own(source) => Some(source),
+                ChildSource::Refuse(why) => return refuse(&shared, fd, why),
+            };
+            // A spare descriptor, to poison the child's pages through if its engine fails.
+            let spare = fd.as_fd().try_clone_to_owned();
+            match start_child(fd, &plan, source) {
                 Ok(child) => {
                     bump(&shared.stats.forks_served);
                     children.push(child);
                 }
                 Err(e) => {
                     bump(&shared.stats.forks_failed);
-                    log::error!("cannot serve a forked child (its uffd is closed): {e}");
+                    if let Some(uffd) = spare.ok().and_then(|fd| Uffd::from_fd(fd).ok()) {
+                        let _ = shared.poison_in(&uffd, true);
+                    }
+                    log::error!(
+                        "cannot serve a forked child (its missing pages are poisoned): {e}"
+                    );
                 }
             }
         });
@@ -153,14 +214,27 @@ pub(crate) fn serve(shared: Arc<Shared>, queue: Arc<ForkQueue>, plan: ChildPlan)
     }
 }
 
-fn start_child(fd: OwnedFd, plan: &ChildPlan) -> crate::Result<Pager> {
+fn start_child(
+    fd: OwnedFd,
+    plan: &ChildPlan,
+    own: Option<Arc<dyn Source>>,
+) -> crate::Result<Pager> {
     log::debug!("starting a child engine for forked uffd {}", fd.as_raw_fd());
     let uffd = Uffd::from_fd(fd)?;
-    Pager::builder(uffd, plan.source.clone())
-        .regions(plan.regions.iter().copied())
+    let shares = own.is_none();
+    let source = own.unwrap_or_else(|| plan.source.clone());
+    let builder = Pager::builder(uffd, source);
+    // SAFETY: the child's regions are its copies of the parent's, whose contract the
+    // parent's embedder gave (or that the parent checked as mappings, kept alive in
+    // `plan.keep` with their aliases); the child's uffd serves the child's address space.
+    let builder = unsafe { builder.regions(plan.regions.iter().copied()) };
+    builder
         .mode(DeliveryMode::Thread)
         .register(false)
         .batch(plan.batch)
-        .child_of_fork(CHILD_EXIT_PROBE)
+        .poison_on_fatal(plan.poison_on_fatal)
+        .check_seeded(false)
+        .keep_alive(plan.keep.clone())
+        .child_of_fork(CHILD_EXIT_PROBE, shares)
         .start()
 }

@@ -18,23 +18,59 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use pager::{DeliveryMode, Features, Mapping, MemoryKind, MemorySource, Pager, RegionSpec, Uffd};
+//! use pager::{DeliveryMode, Features, Mapping, MemoryKind, MemorySource, Pager, Uffd};
 //!
 //! let image: Vec<u8> = (0..64 * 4096).map(|i| (i / 4096) as u8).collect();
-//! let memory = Mapping::new(MemoryKind::Anon, image.len())?;
+//! let memory = Arc::new(Mapping::new(MemoryKind::Anon, image.len())?);
 //! let uffd = Uffd::builder().non_blocking(true).require(Features::EVENT_REMOVE).open()?;
 //! let pager = Pager::builder(uffd, Arc::new(MemorySource::new(image)))
-//!     .region(RegionSpec::new(memory.addr(), memory.len(), MemoryKind::Anon, 0))
+//!     .mapping(memory.clone(), 0) // safe: the pager keeps the mapping alive
 //!     .mode(DeliveryMode::Thread)
 //!     .start()?;
 //! // Touching page 5 faults; the pager copies it in.
-//! // SAFETY (example): the region is mapped and served by the pager.
+//! // SAFETY (example): the mapping is served by the pager.
 //! let byte = unsafe { std::ptr::read_volatile(memory.as_ptr().add(5 * 4096)) };
 //! assert_eq!(byte, 5);
 //! let stats = pager.stop()?;
 //! assert_eq!(stats.placed_fault, 1);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! ## Safety: what an embedder promises
+//!
+//! A pager writes pages into memory: into its regions (`UFFDIO_COPY`, `ZEROPAGE`,
+//! `CONTINUE`, `POISON`), from its fault handlers, its prefetcher, every
+//! [`Placer`] and the engines of forked children — and, for a region resolved in MINOR
+//! mode, into its alias mapping in this process. So memory named by address is given
+//! under one contract, stated once, on [`PagerBuilder::region`] and
+//! [`PagerBuilder::regions`] (both `unsafe`):
+//!
+//! - until the pager, its placers and its children's engines are gone, each region's
+//!   range, in the address space the userfaultfd serves, is memory whose content the
+//!   pager decides: nothing relies on its bytes through references (only raw reads that
+//!   accept what the pager places), and it is not unmapped or moved without the pager
+//!   being told (UNMAP / REMAP events) or stopped first;
+//! - a MINOR region's alias is a writable shared mapping, in this process, of the
+//!   region's own file at the same offsets, used for nothing else. The pager checks what
+//!   it can (`/proc/self/maps`: a shared file mapping, of the region's file and offsets
+//!   when the region is mapped here too, overlapping no region) and refuses the rest.
+//!
+//! Memory the pager can check itself takes no promise: [`PagerBuilder::mapping`] and
+//! [`PagerBuilder::mapping_minor`] take an `Arc<Mapping>`, keep it alive, and make the
+//! alias themselves. The Firecracker handshake (module `firecracker`, feature `firecracker`)
+//! serves memory of another process, named by that process.
+//!
+//! ## When something fails
+//!
+//! Nothing fails silently. A fatal error — a source failure, a panic in any pager thread,
+//! the uffd in error (POLLERR/POLLHUP), a placement or wake the kernel refuses, a pin to a
+//! CPU that fails — stops the pager, and every page not yet placed is **poisoned**
+//! (`UFFDIO_POISON`, Linux 6.6): a later touch raises SIGBUS, even after the uffd is
+//! closed, rather than reading zeros ([`PagerBuilder::poison_on_fatal`]). The embedder
+//! learns it without polling ([`Pager::wait`], or [`Pager::stopped_fd`] in its event loop)
+//! and gets the error from [`Pager::stop`]. A forked child is served or refused as its
+//! source says ([`Source::child`]), never left blocked; a refusal is counted, logged, and
+//! the child's missing pages poisoned.
 //!
 //! ## Where a fault goes
 //!
@@ -52,6 +88,9 @@
 //! 4. `placer.rs` — arrivals from a remote source take the same path from any thread;
 //!    `prefetch.rs` pushes the rest in the background; `sigbus.rs` resolves faults inside
 //!    the faulting thread instead, async-signal-safe; `fork.rs` serves forked children.
+//! 5. `shared.rs` — a fatal error settles the stop: poison what is not placed, then tell
+//!    the embedder (`stopped_fd`). `maps.rs` checks a MINOR region's alias; `seeded.rs`
+//!    checks a seeded map's Received pages are in memory.
 //!
 //! The state they share is in `shared.rs`; regions in `region.rs`; counters in
 //! `stats.rs` and `histogram.rs`.
@@ -66,12 +105,17 @@ pub mod firecracker;
 mod fork;
 mod gate;
 mod histogram;
+#[cfg(feature = "fault-injection")]
+#[doc(hidden)]
+pub mod inject;
+mod maps;
 mod pager;
 mod place;
 mod placer;
 mod prefetch;
 pub mod record;
 mod region;
+mod seeded;
 mod shared;
 mod sigbus;
 mod sigsafe;
@@ -89,7 +133,7 @@ pub use placer::{Placed, Placer};
 pub use prefetch::Prefetch;
 pub use region::{RegionSpec, Resolve};
 pub use sigsafe::in_fault_handler;
-pub use source::{Fetched, FileSource, MemorySource, Source, ZeroSource};
+pub use source::{ChildSource, Fetched, FileSource, MemorySource, Source, ZeroSource};
 pub use stats::StatsSnapshot;
 
 pub use page_state::{PageState, PageStateMap};

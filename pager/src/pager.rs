@@ -1,11 +1,13 @@
 //! The running [`Pager`]: its delivery mode, what embedders read of it (counters, page
 //! states, completion), and stopping it.
 
+use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use page_state::{PageState, PageStateMap};
 use uffd_core::Uffd;
 
@@ -60,9 +62,18 @@ impl DeliveryMode {
 
 /// A running pager: handler threads serving faults on its regions from its source.
 ///
-/// Dropping it stops the threads. Threads blocked on faults the pager never served are
+/// **Failures.** A fatal error (a source failure, a thread's panic, the uffd in error, a
+/// placement the kernel refuses) stops the pager by itself, poisons every page not yet
+/// placed (unless [`PagerBuilder::poison_on_fatal`](crate::PagerBuilder::poison_on_fatal)
+/// says not to: a later touch raises SIGBUS instead of reading zeros), and is returned by
+/// [`stop`](Self::stop). The embedder learns of it without polling: [`wait`](Self::wait)
+/// blocks until the pager stops, and [`stopped_fd`](Self::stopped_fd) is an eventfd for
+/// its own event loop.
+///
+/// **Stopping.** Dropping it, or [`stop`](Self::stop), stops the threads. Threads blocked
+/// on faults the pager never served (a stop the embedder asked for, with pages left) are
 /// released when the uffd is closed (with the `Pager`, if it holds the last reference):
-/// the kernel then fills their pages with zeros.
+/// the kernel then fills their pages with zeros — stop only once that is acceptable.
 pub struct Pager {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
@@ -182,6 +193,49 @@ impl Pager {
         self.shared.stopping()
     }
 
+    /// Fails the pager on the embedder's behalf — a migration that cannot finish, a
+    /// source the embedder gives up on — exactly as a fatal error of its own: it stops,
+    /// poisons every page not yet placed (see
+    /// [`PagerBuilder::poison_on_fatal`](crate::PagerBuilder::poison_on_fatal)), and
+    /// [`stop`](Self::stop) returns `error`. Returns once that is done. Call it before
+    /// dropping a pager whose missing pages must not read as zeros.
+    pub fn fail(&self, error: crate::SourceError) {
+        crate::stats::bump(&self.shared.stats.source_errors);
+        self.shared.fail(error.into());
+        self.wait(None);
+    }
+
+    /// An eventfd that becomes readable once the pager has stopped — by itself (a fatal
+    /// error, its pages poisoned by then; the faulting process gone) or when asked — for
+    /// an embedder's event loop (`poll`/`epoll` it; never read it). Then call
+    /// [`stop`](Self::stop) for the error or the final counters.
+    pub fn stopped_fd(&self) -> BorrowedFd<'_> {
+        self.shared.stopped_fd()
+    }
+
+    /// Blocks until the pager has stopped by itself (see [`stopped_fd`](Self::stopped_fd)),
+    /// or `timeout` passes (`None`: no limit). Returns whether it stopped.
+    pub fn wait(&self, timeout: Option<Duration>) -> bool {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let left = match deadline {
+                None => PollTimeout::NONE,
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)
+                }
+            };
+            let mut fds = [PollFd::new(self.stopped_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, left) {
+                Ok(n) if n > 0 => return true,
+                Ok(_) if deadline.is_some_and(|d| Instant::now() >= d) => {
+                    return self.shared.is_settled()
+                }
+                Ok(_) | Err(_) => {} // EINTR, or a timeout rounded down: look again
+            }
+        }
+    }
+
     /// Waits until every page is placed, the pager stops, or `timeout` passes. Returns
     /// whether every page is placed.
     pub fn wait_complete(&self, timeout: Duration) -> bool {
@@ -202,8 +256,21 @@ impl Pager {
             crate::sigbus::uninstall(&self.shared);
         }
         for t in self.threads.drain(..) {
-            let _ = t.join();
+            // A panic is caught in the thread and recorded as the fatal error (builder's
+            // `spawn`); a join error can only be a panic while recording it.
+            if t.join().is_err() {
+                self.shared.fail(crate::Error::ThreadPanicked {
+                    thread: "(unknown)".into(),
+                    message: "panicked while reporting a failure".into(),
+                });
+            }
         }
+        self.shared.settle();
+    }
+
+    /// The fatal error that stopped the pager, taken (for the fork service's reaping).
+    pub(crate) fn take_fatal(&self) -> Option<crate::Error> {
+        self.shared.take_fatal()
     }
 
     /// Stops every thread, writes the recorded working set if asked, and returns the
@@ -223,12 +290,20 @@ impl Pager {
             stats.placed_zero,
             stats.placed_arrival
         );
-        if let (Some(path), Some(rec)) = (&self.record, &self.shared.recorder) {
-            record::save(path, &rec.pages())?;
-        }
-        match self.shared.take_fatal() {
-            Some(e) => Err(e),
-            None => Ok(stats),
+        let saved = match (&self.record, &self.shared.recorder) {
+            (Some(path), Some(rec)) => record::save(path, &rec.pages()),
+            _ => Ok(()),
+        };
+        // The error that stopped the pager comes first; a recording that could not be
+        // saved as well is logged, never returned in its place.
+        match (self.shared.take_fatal(), saved) {
+            (Some(fatal), Err(e)) => {
+                log::error!("the working set could not be saved either: {e}");
+                Err(fatal)
+            }
+            (Some(fatal), Ok(())) => Err(fatal),
+            (None, Err(e)) => Err(e),
+            (None, Ok(())) => Ok(stats),
         }
     }
 }

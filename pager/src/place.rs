@@ -171,8 +171,9 @@ impl Shared {
         let len = p.size * count;
         let result = match (p.resolve, content) {
             (Resolve::Copy, Content::Data(data)) => {
-                // SAFETY: `p.addr..+len` lies in a region registered with this uffd whose
-                // content the pager owns: it places exactly the image's bytes.
+                // SAFETY: `p.addr..+len` lies in one region, whose content is the pager's to
+                // decide (the embedder's contract on `PagerBuilder::region`, or a `Mapping`
+                // the pager keeps alive); COPY only fills pages still missing.
                 unsafe { self.uffd.copy(p.addr, &data[..len], copy_mode(wake)) }
             }
             (Resolve::Copy, Content::Zero | Content::Present) if !p.kind.is_hugetlb() => {
@@ -207,7 +208,7 @@ impl Shared {
                 bump(&self.stats.exists);
                 self.mark_received(p.page, count);
                 if wake {
-                    let _ = self.uffd.wake(p.addr, len);
+                    return self.wake(p.addr, len);
                 }
                 Placement::Done
             }
@@ -307,8 +308,11 @@ impl Shared {
         };
         for off in (0..len).step_by(bytes.len().max(1)) {
             let n = bytes.len().min(len - off);
-            // SAFETY: `alias..alias + len` is the pager's own alias mapping of the region's
-            // file (the builder checked it is mapped); the pages are not mapped in the
+            // SAFETY: `alias..alias + len` lies in the region's alias, which `start` checked
+            // (maps.rs) is a writable shared mapping, in this process, of the region's own
+            // file at the same offsets, overlapping no region — made by the pager itself
+            // for a `mapping_minor` region; what it holds is the region's content, which
+            // the pager decides (the same contract). The pages are not mapped in the
             // registered range yet (a mapped page is Received and never written here) and
             // only the claimant writes them.
             unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), (alias + off) as *mut u8, n) };
@@ -317,9 +321,33 @@ impl Shared {
         unsafe { self.uffd.continue_range(addr, len, mode) }
     }
 
+    /// Wakes the threads waiting on `[addr, addr + len)`. A wake the kernel refuses is
+    /// returned as a failure (those threads would stay blocked), except when the process
+    /// is gone (stop) or the range is (nobody waits there any more). Async-signal-safe.
+    pub fn wake(&self, addr: usize, len: usize) -> Placement {
+        #[cfg(feature = "fault-injection")]
+        if crate::inject::wake_fails() {
+            return Placement::Failed(UffdError::Os {
+                op: uffd_core::Op::Wake,
+                errno: Errno::EINVAL,
+            });
+        }
+        match self.uffd.wake(addr, len) {
+            Ok(()) | Err(UffdError::RangeGone { .. }) => Placement::Done,
+            Err(UffdError::ProcessGone { .. }) => {
+                self.gone.store(true, std::sync::atomic::Ordering::Relaxed);
+                self.request_stop();
+                Placement::Dropped
+            }
+            Err(e) => Placement::Failed(e),
+        }
+    }
+
     fn mark_received(&self, page: usize, count: usize) {
         // A page already received (raced placement, EEXIST) stays so.
         let _ = self.states.mark_received_range(page, page + count);
+        // Faults a remote source answered later are timed now that their page is in.
+        self.pending.placed(page, count, &self.stats);
     }
 
     fn account(&self, origin: Origin, content: Content<'_>, bytes: usize, count: usize) {

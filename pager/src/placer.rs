@@ -192,9 +192,10 @@ impl Placer {
 
     /// Reports that a remote source can no longer deliver pages it answered
     /// [`Fetched::Pending`](crate::Fetched::Pending) for (retries exhausted, data that failed
-    /// verification): the pager records the error, stops, and returns it from
-    /// [`Pager::stop`](crate::Pager::stop). Faults left unserved are released when the
-    /// userfaultfd closes; an embedder serving another process should end that process.
+    /// verification): the pager records the error, stops, poisons every page not yet
+    /// placed (unless told not to: the faulting threads get SIGBUS, never zeros), tells
+    /// the embedder ([`Pager::wait`](crate::Pager::wait)) and returns the error from
+    /// [`Pager::stop`](crate::Pager::stop).
     pub fn fail(&self, error: crate::SourceError) {
         if let Some(shared) = self.shared.upgrade() {
             bump(&shared.stats.source_errors);

@@ -1,16 +1,30 @@
 //! The background filler: places pages no fault asked for. A replayed working set goes
 //! first, at normal priority (it is what the workload is about to touch); then every
-//! missing page from a cursor that each fault moves to just after itself, behind faults
-//! in priority (the thread switches to `SCHED_IDLE`, so it only gets a CPU nobody else
-//! wants — except while it holds the placement gate, where it runs at normal priority so
-//! that a busy workload cannot preempt it there and stall every handler behind it).
+//! missing page of the regions still mapped, from a cursor that each fault moves to just
+//! after itself, behind faults in priority.
+//!
+//! **Priority without priority changes.** The placing thread always runs at normal
+//! priority: a placement holds the [gate](crate::gate), which every handler must wait for
+//! before it reads events, so a placer preempted inside it by a busy workload would stall
+//! every fault (priority inversion). What runs at `SCHED_IDLE` is a pacer: a thread that
+//! does nothing but hand the placer one batch at a time, so a batch starts only when a CPU
+//! had nothing better to do. A thread may always lower its own priority, but without
+//! `CAP_SYS_NICE` (or an `RLIMIT_NICE` allowance) it can never raise it again — an
+//! unprivileged VMM (Firecracker's jailer) cannot switch a `SCHED_IDLE` thread back for
+//! the time it holds the gate. Pacing needs no way back.
+//!
+//! The eager plan places everything at full priority, unpaced.
 
 use std::sync::atomic::Ordering;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::time::Duration;
 
 use page_state::PageState;
 
+use crate::builder::spawn;
+use crate::error::Result;
+use crate::pager::Pager;
 use crate::place::{Content, Origin, Placement};
 use crate::shared::Shared;
 
@@ -34,47 +48,82 @@ const BATCH_BYTES: usize = 256 << 10;
 /// The eager plan's batch.
 const EAGER_BATCH_BYTES: usize = 2 << 20;
 
-/// Sets the calling thread's scheduling policy: `SCHED_IDLE` so faults (and the workload)
-/// always win, or back to `SCHED_OTHER`. (nix does not wrap sched_setscheduler(2).)
-fn set_idle(idle: bool) {
-    let policy = if idle {
-        libc::SCHED_IDLE
-    } else {
-        libc::SCHED_OTHER
-    };
+/// Puts the calling thread under `SCHED_IDLE`: it runs only on a CPU nobody else wants.
+/// (nix does not wrap sched_setscheduler(2).)
+fn set_idle() -> std::io::Result<()> {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param; the call only
     // changes this thread's policy.
-    unsafe { libc::sched_setscheduler(0, policy, &param) };
-}
-
-thread_local! {
-    static IDLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Runs a placement at normal priority: a placement holds the gate, which handler threads
-/// must wait for before they read events, and a `SCHED_IDLE` thread preempted inside it
-/// by a busy workload would stall every fault (priority inversion). Priority inheritance
-/// by hand, as a lock with PI would do.
-fn at_normal_priority<T>(f: impl FnOnce() -> T) -> T {
-    let idle = IDLE.with(|i| i.get());
-    if idle {
-        set_idle(false);
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } < 0 {
+        return Err(std::io::Error::last_os_error());
     }
-    let out = f();
-    if idle {
-        set_idle(true);
-    }
-    out
+    Ok(())
 }
 
-/// Runs the prefetcher until every page is placed or the pager stops.
-pub(crate) fn run(shared: Arc<Shared>, plan: Prefetch) {
+/// The placer's side of the pacer: one token per batch.
+struct Paced {
+    /// A token: the pacer ran (some CPU was idle), place one batch.
+    go: Receiver<()>,
+    /// The batch is done: the pacer may hand out the next token.
+    done: SyncSender<()>,
+}
+
+impl Paced {
+    /// Waits until the pacer hands out a batch; false once it is gone (the pager stops).
+    fn wait_turn(&self) -> bool {
+        self.done.send(()).is_ok() && self.go.recv().is_ok()
+    }
+}
+
+/// Starts the pacer thread (SCHED_IDLE) and returns the placer's side of it.
+fn start_pacer(shared: &Arc<Shared>, pager: &mut Pager) -> Result<Paced> {
+    let (go_tx, go) = sync_channel::<()>(0);
+    let (done, done_rx) = sync_channel::<()>(0);
+    pager.push_thread(spawn(shared, "uffd-pacer".into(), move |shared| {
+        if let Err(source) = set_idle() {
+            // Not fatal: batches then start at normal priority, still one at a time.
+            log::warn!("the prefetch pacer cannot run at SCHED_IDLE: {source}");
+        }
+        // One token per finished batch: receiving `done` and sending `go` both need
+        // this thread on a CPU, which SCHED_IDLE grants only when one is idle.
+        while !shared.stopping() && done_rx.recv().is_ok() {
+            if go_tx.send(()).is_err() {
+                break;
+            }
+        }
+    })?);
+    Ok(Paced { go, done })
+}
+
+/// Starts the prefetcher (with its pacer for the background plans).
+pub(crate) fn start(
+    shared: &Arc<Shared>,
+    plan: Prefetch,
+    after_first_fault: bool,
+    pager: &mut Pager,
+) -> Result<()> {
+    let paced = match plan {
+        Prefetch::None => return Ok(()),
+        Prefetch::Eager => None,
+        Prefetch::Sequential | Prefetch::Replay(_) => Some(start_pacer(shared, pager)?),
+    };
+    pager.push_thread(spawn(shared, "uffd-prefetch".into(), move |shared| {
+        while after_first_fault && shared.stats.snapshot().placed() == 0 && !shared.stopping() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        run(shared, plan, paced)
+    })?);
+    Ok(())
+}
+
+/// Runs the prefetcher until every page of the mapped regions is placed or the pager
+/// stops.
+fn run(shared: &Shared, plan: Prefetch, paced: Option<Paced>) {
     let max_page = shared.regions.max_page_size();
     let mut scratch = vec![0u8; BATCH_BYTES.max(max_page)];
     if let Prefetch::Replay(pages) = &plan {
         // The recorded working set is what the workload needs first: bring it in at
-        // normal priority, coalescing consecutive pages into one fetch and placement.
+        // normal priority, unpaced, coalescing consecutive pages into one placement.
         let mut i = 0;
         while i < pages.len() && !shared.stopping() {
             let mut run = 1;
@@ -82,32 +131,31 @@ pub(crate) fn run(shared: Arc<Shared>, plan: Prefetch) {
                 run += 1;
             }
             let bytes = run * shared.page(pages[i] as usize).map_or(max_page, |p| p.size);
-            prefetch_run(&shared, pages[i] as usize, bytes, &mut scratch);
+            prefetch_run(shared, pages[i] as usize, bytes, &mut scratch);
             i += run;
         }
     }
     let batch = if plan == Prefetch::Eager {
         EAGER_BATCH_BYTES
     } else {
-        set_idle(true);
-        IDLE.with(|i| i.set(true));
         BATCH_BYTES
     };
-    if plan == Prefetch::None {
-        return;
-    }
     if scratch.len() < batch {
         scratch.resize(batch, 0);
     }
     while !shared.stopping() {
+        if paced.as_ref().is_some_and(|p| !p.wait_turn()) {
+            return;
+        }
         // Relaxed: the cursor is a position hint; page states are the synchronisation.
         let from = shared.cursor.load(Ordering::Relaxed);
-        let next = if let Some(page) = shared.states.next_missing_wrapping(from) {
-            prefetch_run(&shared, page, batch, &mut scratch)
-        } else if let Some(page) = shared.states.next_in_state_wrapping(PageState::Zero, from) {
-            zero_run(&shared, page)
+        let next = if let Some(page) = shared.next_servable(PageState::Missing, from) {
+            prefetch_run(shared, page, batch, &mut scratch)
+        } else if let Some(page) = shared.next_servable(PageState::Zero, from) {
+            zero_run(shared, page)
         } else {
-            return; // every page placed: done
+            log::debug!("prefetch complete");
+            return; // every page of the mapped regions placed: done
         };
         // Move on unless a fault moved the cursor meanwhile.
         let _ = shared
@@ -133,8 +181,7 @@ fn prefetch_run(shared: &Shared, page: usize, max_bytes: usize, scratch: &mut [u
     };
     let run = first.page..first.page + count;
     let _ = shared.background.set_range(run.clone());
-    let placed =
-        at_normal_priority(|| shared.place_claimed(&first, count, scratch, Origin::Prefetch, true));
+    let placed = shared.place_claimed(&first, count, scratch, Origin::Prefetch, true);
     let _ = shared.background.clear_range(run);
     match placed {
         Ok(_) => {
@@ -165,9 +212,7 @@ fn zero_run(shared: &Shared, page: usize) -> usize {
         count += 1;
     }
     while !shared.stopping() {
-        match at_normal_priority(|| {
-            shared.place(&first, count, Content::Zero, true, Origin::Prefetch)
-        }) {
+        match shared.place(&first, count, Content::Zero, true, Origin::Prefetch) {
             Placement::Again { .. } => std::thread::sleep(Duration::from_micros(200)),
             Placement::Done | Placement::Asked | Placement::Dropped => break,
             failed => {

@@ -221,6 +221,22 @@ impl RegionTable {
         Some(Self::page_ref(region, region.base(), index))
     }
 
+    /// The page range (in the state map) of the region holding page `page`.
+    pub fn pages_of_region(&self, page: usize) -> Option<std::ops::Range<usize>> {
+        self.regions
+            .iter()
+            .find(|r| page >= r.first_page && page - r.first_page < r.spec.pages())
+            .map(|r| r.first_page..r.first_page + r.spec.pages())
+    }
+
+    /// The page ranges of the regions an UNMAP took away.
+    pub fn unmapped(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        self.regions
+            .iter()
+            .filter(|r| !r.mapped())
+            .map(|r| r.first_page..r.first_page + r.spec.pages())
+    }
+
     /// Calls `f(kind of region, page range)` for the whole pages of the mapped parts of
     /// `[start, end)` (a REMOVE), allocating nothing.
     pub fn for_each_page_range(

@@ -9,14 +9,14 @@ use std::sync::{Arc, Mutex};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use page_state::{Bitmap, PageState, PageStateMap};
-use uffd_core::{Features, Uffd};
+use uffd_core::{Error as UffdError, Features, Mapping, PoisonMode, Uffd};
 
 use crate::error::{Error, Result, SourceError};
 use crate::gate::Gate;
 use crate::record::Recorder;
 use crate::region::{PageRef, RegionTable, Resolve};
 use crate::source::Source;
-use crate::stats::Stats;
+use crate::stats::{add, PendingFaults, Stats};
 
 /// State shared by all the pager's threads.
 pub(crate) struct Shared {
@@ -52,12 +52,36 @@ pub(crate) struct Shared {
     pub around_window: AtomicUsize,
     /// Whether sequential faults grow the fault-around window (readahead).
     pub readahead: bool,
+    /// A forked child's engine serving from its parent's source, which must answer at
+    /// once: `Pending` there is a fatal error (see `Source::child`).
+    pub pending_is_fatal: bool,
     /// Set once the source answers `Pending` (see `Shared::is_remote`).
     pub remote: AtomicBool,
     /// Zeros for placing zero pages where ZEROPAGE is unavailable (hugetlb, minor mode).
     pub zeros: Box<[u8]>,
     /// The first fatal error (a failing source); the pager stops on it.
     fatal: Mutex<Option<Error>>,
+    /// Whether a fatal error was recorded (by `fail` or `fail_in_signal`), read without
+    /// locking.
+    failed: AtomicBool,
+    /// Forked children a handler refused (it may not log): the fork service logs them.
+    pub refused_unlogged: AtomicU64,
+    /// Set once `start` has returned the pager: a start that fails poisons nothing (the
+    /// embedder gets the error, and the memory as it was).
+    pub serving: AtomicBool,
+    /// Poison every page not yet placed on a fatal error (the default).
+    pub poison_on_fatal: bool,
+    /// Written once the pager has stopped and settled (pages poisoned after a fatal
+    /// error): what an embedder polls or waits on.
+    stopped: EventFd,
+    /// Taken by whoever settles the stop; true once done.
+    settled: Mutex<bool>,
+    /// Memory the pager was given as mappings (and the aliases it made): kept mapped while
+    /// anything may place pages into it.
+    pub keep: Vec<Arc<Mapping>>,
+    /// When each fault answered `Pending` arrived, so its latency is counted when its page
+    /// is placed (see `PendingFaults`).
+    pub pending: PendingFaults,
     /// A failure inside the SIGBUS handler, which may not lock: errno and image offset.
     signal_errno: AtomicI32,
     signal_offset: AtomicU64,
@@ -77,12 +101,14 @@ impl Shared {
             .regions()
             .iter()
             .any(|r| r.spec.kind.is_hugetlb() || r.spec.resolve != Resolve::Copy);
-        let wakeup =
+        let eventfd = || {
             EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
                 .map_err(|e| Error::Io {
                     what: "eventfd",
                     source: e.into(),
-                })?;
+                })
+        };
+        let (wakeup, stopped) = (eventfd()?, eventfd()?);
         let pages = regions.pages();
         let zeros = vec![
             0u8;
@@ -111,8 +137,17 @@ impl Shared {
             around_window: AtomicUsize::new(fault_around),
             readahead,
             remote: AtomicBool::new(false),
+            pending_is_fatal: false,
             zeros: zeros.into_boxed_slice(),
             fatal: Mutex::new(None),
+            failed: AtomicBool::new(false),
+            serving: AtomicBool::new(false),
+            refused_unlogged: AtomicU64::new(0),
+            poison_on_fatal: true,
+            stopped,
+            settled: Mutex::new(false),
+            keep: Vec::new(),
+            pending: PendingFaults::default(),
             signal_errno: AtomicI32::new(0),
             signal_offset: AtomicU64::new(0),
             regions,
@@ -148,7 +183,14 @@ impl Shared {
         let mut fatal = self.fatal.lock().unwrap_or_else(|p| p.into_inner());
         fatal.get_or_insert(error);
         drop(fatal);
+        // Relaxed: the error itself is published by the mutex; this is a lock-free hint.
+        self.failed.store(true, Ordering::Relaxed);
         self.request_stop();
+    }
+
+    /// Whether a fatal error was recorded.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
     }
 
     /// [`fail`](Self::fail) for the SIGBUS handler: no lock, no allocation, only atomics;
@@ -162,7 +204,156 @@ impl Shared {
             Ordering::Release,
             Ordering::Relaxed,
         );
+        self.failed.store(true, Ordering::Relaxed);
         self.request_stop();
+    }
+
+    /// Settles a stop, once, after the threads that serve faults have left their loops (or
+    /// as they do): after a fatal error, poisons every page not yet placed so that a
+    /// touch raises SIGBUS instead of reading zeros once the uffd is closed; then writes
+    /// the `stopped` eventfd. Not for the SIGBUS handler (it locks).
+    pub fn settle(&self) {
+        if !self.stopping() {
+            return;
+        }
+        let mut settled = self.settled.lock().unwrap_or_else(|p| p.into_inner());
+        if *settled {
+            return;
+        }
+        // Relaxed: `start` sets it, then settles again if the pager stopped meanwhile.
+        let serving = self.serving.load(Ordering::Relaxed);
+        if !serving {
+            // A start that fails poisons nothing; one that stopped while starting is
+            // settled again by `start` once serving.
+            let _ = self.stopped.write(1);
+            return;
+        }
+        if self.failed() && !self.gone.load(Ordering::Relaxed) {
+            if self.poison_on_fatal {
+                let (poisoned, left) = self.poison_unplaced();
+                log::error!(
+                    "pager failed: {poisoned} page(s) not yet placed were poisoned (a touch \
+                     raises SIGBUS){}",
+                    if left > 0 {
+                        format!("; {left} could not be poisoned")
+                    } else {
+                        String::new()
+                    }
+                );
+            } else {
+                log::warn!("pager failed; pages not yet placed are left unpoisoned (they will read as zeros once the userfaultfd closes)");
+            }
+        }
+        *settled = true;
+        let _ = self.stopped.write(1);
+    }
+
+    /// The eventfd that becomes readable once the pager has stopped and settled.
+    pub fn stopped_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.stopped.as_fd()
+    }
+
+    /// Whether the stop has been settled.
+    pub fn is_settled(&self) -> bool {
+        *self.settled.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Poisons every page still Missing or Requested in a mapped region (`UFFDIO_POISON`,
+    /// one ioctl per run, page by page where a run meets a placed page). Returns the pages
+    /// poisoned and those that could not be.
+    fn poison_unplaced(&self) -> (usize, usize) {
+        self.poison_in(&self.uffd, false)
+    }
+
+    /// Poisons, through `uffd`, the pages of the regions that are not known zero: the
+    /// Missing and Requested ones in runs, and with `received` the Received ones too, one
+    /// by one (a forked child's copy may lack a page its parent received after the fork;
+    /// a present page answers EEXIST and keeps its content). Allocates nothing.
+    pub fn poison_in(&self, uffd: &Uffd, received: bool) -> (usize, usize) {
+        let state = |page| self.states.get(page);
+        let open = |page| matches!(state(page), Ok(PageState::Missing | PageState::Requested));
+        let (mut poisoned, mut left) = (0, 0);
+        let mut page = 0;
+        while page < self.states.len() {
+            let Some(first) = self.page(page) else {
+                page += 1;
+                continue;
+            };
+            let count = if open(page) {
+                let mut count = 1;
+                let mut prev = first;
+                while let Some(next) = self.page(page + count) {
+                    if !prev.is_followed_by(&next) || !open(page + count) {
+                        break;
+                    }
+                    prev = next;
+                    count += 1;
+                }
+                count
+            } else if received && state(page) == Ok(PageState::Received) {
+                1
+            } else {
+                page += 1;
+                continue;
+            };
+            let (done, failed) = self.poison_run(uffd, &first, count);
+            add(&self.stats.poisoned, done as u64);
+            poisoned += done;
+            left += failed;
+            page += count;
+        }
+        (poisoned, left)
+    }
+
+    /// Poisons `count` pages from `first`, skipping pages that turn out placed (EEXIST).
+    fn poison_run(&self, uffd: &Uffd, first: &PageRef, count: usize) -> (usize, usize) {
+        let (mut done, mut failed) = (0, 0);
+        let mut i = 0;
+        let mut tries = 0;
+        while i < count {
+            let addr = first.addr + i * first.size;
+            let len = (count - i) * first.size;
+            match uffd.poison(addr, len, PoisonMode::empty()) {
+                Ok(_) => {
+                    done += count - i;
+                    break;
+                }
+                // A page of the run is present: that one keeps its content.
+                Err(UffdError::Exists { .. }) if count - i == 1 => i += 1,
+                Err(UffdError::Exists { .. }) => {
+                    let (d, f) = self.poison_run(uffd, &self.page_after(first, i), 1);
+                    (done, failed) = (done + d, failed + f);
+                    i += 1;
+                }
+                // An address-space change is pending that no handler may read any more:
+                // a few tries, then give up on the rest.
+                Err(UffdError::Again { done: bytes, .. }) if tries < 100 => {
+                    let whole = bytes / first.size;
+                    done += whole;
+                    i += whole;
+                    tries += 1;
+                    crate::sigsafe::sleep(std::time::Duration::from_micros(100));
+                }
+                Err(UffdError::RangeGone { .. }) | Err(UffdError::ProcessGone { .. }) => break,
+                Err(_) => {
+                    failed += count - i;
+                    break;
+                }
+            }
+        }
+        (done, failed)
+    }
+
+    /// The page `i` pages after `first` in the same region.
+    fn page_after(&self, first: &PageRef, i: usize) -> PageRef {
+        PageRef {
+            page: first.page + i,
+            addr: first.addr + i * first.size,
+            offset: first.offset + (i * first.size) as u64,
+            in_region: first.in_region + i * first.size,
+            ..*first
+        }
     }
 
     /// The fatal error that stopped the pager, if any.
@@ -217,8 +408,41 @@ impl Shared {
         }
     }
 
-    /// Whether every page has been placed, and no placement is still being counted.
+    /// Whether every page of the regions still mapped has been placed, and no placement
+    /// is still being counted. (An unmapped region's pages are never served again.)
     pub fn complete(&self) -> bool {
-        self.states.count(PageState::Received) == self.states.len() && self.gate.placing() == 0
+        let gone: usize = self
+            .regions
+            .unmapped()
+            .map(|r| {
+                let received = self
+                    .states
+                    .count_range(PageState::Received, r.start, r.end)
+                    .unwrap_or(0);
+                r.len() - received
+            })
+            .sum();
+        self.states.count(PageState::Received) + gone == self.states.len()
+            && self.gate.placing() == 0
+    }
+
+    /// The next page in `state` from `from` (wrapping) in a region still mapped: pages of
+    /// unmapped regions stay as they were forever, and are skipped.
+    pub fn next_servable(&self, state: PageState, from: usize) -> Option<usize> {
+        let mut from = from;
+        // Each unmapped region is skipped at most once per lap.
+        for _ in 0..=self.regions.regions().len() {
+            let page = self.states.next_in_state_wrapping(state, from)?;
+            if self.page(page).is_some() {
+                return Some(page);
+            }
+            let region = self.regions.pages_of_region(page)?;
+            from = if region.end >= self.states.len() {
+                0
+            } else {
+                region.end
+            };
+        }
+        None
     }
 }

@@ -16,7 +16,11 @@
 //! - the placement ioctls (`UFFDIO_COPY`, `ZEROPAGE`, `CONTINUE`, `WAKE`);
 //! - `clock_gettime(2)` (latency), `sched_yield(2)` and `clock_nanosleep(2)` (waiting on
 //!   the gate, a busy scratch slot, or a page another thread is placing), `write(2)` on
-//!   an eventfd and `sigaction(2)` (a fatal error: stop, and hand the signal back).
+//!   an eventfd (a fatal error: stop);
+//! - the disposition we replaced, for a SIGBUS that is not ours (another address, a sent
+//!   signal, a poisoned page): its handler is called as the kernel would have, or the
+//!   default action is restored (`sigaction(2)`, `raise(3)`) to end the process as it
+//!   would have ended — ours stays installed otherwise, so later faults still reach it.
 //!
 //! It never locks, allocates, logs or builds an error value: a failure is recorded in
 //! atomics ([`Shared::fail_in_signal`]) and turned into an error when the pager stops.
@@ -52,7 +56,9 @@ struct Slot {
 struct Engine {
     shared: Arc<Shared>,
     slots: Box<[Slot]>,
-    previous: SigAction,
+    /// The SIGBUS disposition we replaced: foreign SIGBUSes are chained to it, and it is
+    /// restored at `uninstall`.
+    previous: libc::sigaction,
 }
 
 // SAFETY: a slot's buffer is only touched by the thread that won its `busy` flag (the
@@ -60,6 +66,14 @@ struct Engine {
 unsafe impl Sync for Engine {}
 
 /// The installed engine, or null.
+///
+/// `ENGINE` and `ACTIVE` form a store-buffering handshake between a handler and
+/// `uninstall`: the handler increments `ACTIVE`, then loads `ENGINE`; `uninstall` clears
+/// `ENGINE`, then loads `ACTIVE`. Each side stores one location and then loads the other,
+/// which acquire/release cannot order (both loads may see the old values: the handler an
+/// engine `uninstall` is about to free, `uninstall` no handler running). So all four
+/// accesses are SeqCst: in their single total order one of the stores comes first, and
+/// the other side's load sees it.
 static ENGINE: AtomicPtr<Engine> = AtomicPtr::new(ptr::null_mut());
 /// Handlers currently running: `uninstall` waits for them before freeing the engine.
 static ACTIVE: AtomicUsize = AtomicUsize::new(0);
@@ -84,14 +98,20 @@ pub(crate) fn install(shared: Arc<Shared>, slots: usize) -> Result<()> {
         SaFlags::SA_SIGINFO,
         SigSet::empty(),
     );
+    // The disposition we replace, in the engine before our handler can run: a foreign
+    // SIGBUS is chained to it from the first one on.
+    let previous = current_disposition(Signal::SIGBUS).map_err(|errno| Error::Io {
+        what: "read the SIGBUS disposition",
+        source: errno.into(),
+    })?;
     let engine = Box::into_raw(Box::new(Engine {
         shared,
         slots,
-        previous: action, // replaced by the real previous disposition below
+        previous,
     }));
-    // AcqRel: publishes the engine's fields to handlers that load it with Acquire.
+    // SeqCst: the handshake's ordering (see `ENGINE`); also publishes the engine's fields.
     if ENGINE
-        .compare_exchange(ptr::null_mut(), engine, Ordering::AcqRel, Ordering::Acquire)
+        .compare_exchange(ptr::null_mut(), engine, Ordering::SeqCst, Ordering::SeqCst)
         .is_err()
     {
         // SAFETY: never published; we still own it.
@@ -101,18 +121,14 @@ pub(crate) fn install(shared: Arc<Shared>, slots: usize) -> Result<()> {
             reason: "another SIGBUS-mode pager is active in this process".into(),
         });
     }
-    // SAFETY: `on_sigbus` is async-signal-safe (module docs). Until `previous` is stored,
-    // a SIGBUS on memory that is not ours would hand back our own handler: none can come
-    // from a served region before `start` returns, and other SIGBUSes are a crash anyway.
+    // SAFETY: `on_sigbus` is async-signal-safe (module docs). Whatever installs a SIGBUS
+    // handler between our query and this call is overwritten and not chained to: one
+    // SIGBUS-mode pager per process, installed by the embedder before its own threads
+    // race it.
     match unsafe { sigaction(Signal::SIGBUS, &action) } {
-        Ok(previous) => {
-            // SAFETY: published but not yet read by handlers for anything but their own
-            // address (`previous` is read only for foreign faults, see above).
-            unsafe { (*engine).previous = previous };
-            Ok(())
-        }
+        Ok(_) => Ok(()),
         Err(errno) => {
-            ENGINE.store(ptr::null_mut(), Ordering::Release);
+            ENGINE.store(ptr::null_mut(), Ordering::SeqCst);
             // SAFETY: the handler never ran (installing failed): nobody else holds it.
             drop(unsafe { Box::from_raw(engine) });
             Err(Error::Io {
@@ -132,40 +148,107 @@ pub(crate) fn uninstall(shared: &Arc<Shared>) {
     if engine.is_null() || !Arc::ptr_eq(unsafe { &(*engine).shared }, shared) {
         return; // not installed, or another pager's
     }
+    // SeqCst: the handshake (see `ENGINE`).
     if ENGINE
-        .compare_exchange(engine, ptr::null_mut(), Ordering::AcqRel, Ordering::Acquire)
+        .compare_exchange(engine, ptr::null_mut(), Ordering::SeqCst, Ordering::SeqCst)
         .is_err()
     {
         return;
     }
-    // SAFETY: restores the disposition saved at install; `engine` is ours again.
-    let _ = unsafe { sigaction(Signal::SIGBUS, &(*engine).previous) };
-    // Acquire: pairs with each handler's Release decrement, so its accesses are done.
-    while ACTIVE.load(Ordering::Acquire) != 0 {
+    // SAFETY: `engine` is ours again (unpublished, alive).
+    restore(unsafe { &(*engine).previous });
+    // SeqCst: the handshake; it also acquires each handler's decrement (SeqCst RMW),
+    // so the handler's accesses to the engine are done.
+    while ACTIVE.load(Ordering::SeqCst) != 0 {
         std::thread::yield_now();
     }
     // SAFETY: unpublished and no handler holds it any more.
     drop(unsafe { Box::from_raw(engine) });
 }
 
-extern "C" fn on_sigbus(sig: i32, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+/// The current disposition of `signal`, unchanged (raw: nix builds a `SigAction` only
+/// from a handler of its own, not from what `sigaction(2)` reports).
+fn current_disposition(signal: Signal) -> nix::Result<libc::sigaction> {
+    let mut old = std::mem::MaybeUninit::<libc::sigaction>::uninit();
+    // SAFETY: a null new action only queries; `old` is written by the kernel on success.
+    if unsafe { libc::sigaction(signal as i32, ptr::null(), old.as_mut_ptr()) } < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: initialised by the successful call above.
+    Ok(unsafe { old.assume_init() })
+}
+
+/// Sets the disposition of SIGBUS back to `previous`, as `current_disposition` read it.
+/// Async-signal-safe.
+fn restore(previous: &libc::sigaction) {
+    // SAFETY: `previous` is a disposition the kernel reported for SIGBUS.
+    unsafe { libc::sigaction(libc::SIGBUS, previous, ptr::null_mut()) };
+}
+
+extern "C" fn on_sigbus(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     let _scope = HandlerScope::enter();
     // Counted before the engine is loaded, so `uninstall` cannot free it under us.
-    ACTIVE.fetch_add(1, Ordering::AcqRel);
-    let engine = ENGINE.load(Ordering::Acquire);
-    // SAFETY: non-null engines stay alive while ACTIVE > 0; `info` is the kernel's.
-    let handled = !engine.is_null() && unsafe { resolve(&*engine, (*info).si_addr() as usize) };
+    // SeqCst: the handshake (see `ENGINE`).
+    ACTIVE.fetch_add(1, Ordering::SeqCst);
+    let engine = ENGINE.load(Ordering::SeqCst);
+    // SAFETY: `info` is the kernel's siginfo for this signal.
+    let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
+    // Only a fault on an address (BUS_ADRERR: what a uffd in SIGBUS mode raises) can be
+    // ours; a sent signal (si_code <= 0), a poisoned page (BUS_MCEERR_*) never is.
+    // SAFETY: non-null engines stay alive while ACTIVE > 0.
+    let handled =
+        !engine.is_null() && code == libc::BUS_ADRERR && unsafe { resolve(&*engine, addr) };
     if !handled && !engine.is_null() {
-        // Not ours (or not servable): hand the signal back to whoever had it; the access
-        // re-faults and the restored disposition (by default: terminate) applies.
-        if let Ok(signal) = Signal::try_from(sig) {
-            // SAFETY: restores the disposition saved at install (sigaction(2) is
-            // async-signal-safe).
-            let _ = unsafe { sigaction(signal, &(*engine).previous) };
+        // SAFETY: as above; `info` and `ctx` are the kernel's, passed on unchanged.
+        unsafe { chain(&(*engine).previous, sig, info, ctx, code) };
+    }
+    // SeqCst: our reads of the engine happen before `uninstall` may free it.
+    ACTIVE.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Hands a SIGBUS that is not ours to the disposition we replaced, without giving up
+/// ours: a handler is called as the kernel would have; the default action (or an ignored
+/// fault, which the kernel would not ignore) is restored and the signal raised again, to
+/// end the process as it would have ended. Async-signal-safe (`sigaction(2)`,
+/// `raise(3)`).
+///
+/// # Safety
+///
+/// Called from the SIGBUS handler with the kernel's `info` and `ctx`.
+unsafe fn chain(
+    previous: &libc::sigaction,
+    sig: i32,
+    info: *mut libc::siginfo_t,
+    ctx: *mut libc::c_void,
+    code: i32,
+) {
+    match previous.sa_sigaction {
+        // A sent SIGBUS the embedder ignores stays ignored.
+        libc::SIG_IGN if code <= 0 => {}
+        libc::SIG_DFL | libc::SIG_IGN => {
+            // The process ends as it would have without us. A fault re-faults on return
+            // and meets the default action; a sent signal is raised again (delivered once
+            // this handler returns, SIGBUS being blocked while it runs).
+            let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+            // SAFETY: restoring the default disposition of a signal about to kill us.
+            let _ = unsafe { sigaction(Signal::SIGBUS, &default) };
+            if code <= 0 {
+                let _ = nix::sys::signal::raise(Signal::SIGBUS);
+            }
+        }
+        handler if previous.sa_flags & libc::SA_SIGINFO != 0 => {
+            // SAFETY: the embedder installed this three-argument handler for SIGBUS
+            // (SA_SIGINFO); it is called as the kernel would have called it.
+            let f: extern "C" fn(i32, *mut libc::siginfo_t, *mut libc::c_void) =
+                unsafe { std::mem::transmute(handler) };
+            f(sig, info, ctx);
+        }
+        handler => {
+            // SAFETY: the embedder installed this one-argument handler for SIGBUS.
+            let f: extern "C" fn(i32) = unsafe { std::mem::transmute(handler) };
+            f(sig);
         }
     }
-    // Release: our reads of the engine happen before `uninstall` may free it.
-    ACTIVE.fetch_sub(1, Ordering::Release);
 }
 
 /// Resolves a SIGBUS at `addr` through the same fault path as the handler threads

@@ -23,21 +23,52 @@ use nix::unistd::{lseek, Whence};
 use crate::error::SourceError;
 use crate::Placer;
 
-/// A source's answer for one page.
+/// A source's answer for one fetch, which may span several pages (fault-around,
+/// readahead, prefetch batches): it covers the whole `scratch` range asked for.
 #[derive(Debug)]
 pub enum Fetched<'a> {
-    /// The page's bytes (exactly the requested length).
+    /// The bytes of the whole range (exactly the requested length).
     Data(&'a [u8]),
-    /// The page is all zero: place a zero page, transfer nothing.
+    /// Every byte of the whole range is zero: zero pages are placed, nothing transferred.
+    /// (A range only partly zero must be answered with `Data`.)
     Zero,
-    /// Asked; the page will arrive through the [`Placer`].
+    /// Asked; every page of the range will arrive through the [`Placer`].
     Pending,
+}
+
+/// How a forked child is served: see [`Source::child`].
+#[derive(Clone)]
+pub enum ChildSource {
+    /// From the parent's source, which answers every fetch at once (a local source); it
+    /// is not attached again.
+    Shared,
+    /// From a source of the child's own, which the child's engine attaches to its placer.
+    Own(Arc<dyn Source>),
+    /// Not served: the child is refused — logged with this reason, counted in
+    /// [`StatsSnapshot::forks_refused`](crate::StatsSnapshot), its missing pages poisoned
+    /// (a touch raises SIGBUS) and its uffd closed.
+    Refuse(&'static str),
+}
+
+impl std::fmt::Debug for ChildSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChildSource::Shared => f.write_str("Shared"),
+            ChildSource::Own(_) => f.write_str("Own(..)"),
+            ChildSource::Refuse(why) => f.debug_tuple("Refuse").field(why).finish(),
+        }
+    }
 }
 
 /// Where pages come from. Object safe; see the module docs for local vs remote.
 ///
+/// `fetch` may be asked for several pages at once (`scratch.len()` is a multiple of the
+/// page size: fault-around, readahead, prefetch batches), so content is computed per page
+/// of the range, never from `offset` alone:
+///
 /// ```
-/// use pager::{Fetched, Source, SourceError};
+/// use std::sync::Arc;
+/// use pager::{Fetched, Mapping, MemoryKind, Pager, Source, SourceError, Uffd};
 ///
 /// /// Every page filled with its page number's low byte.
 /// struct Counting { len: u64 }
@@ -45,14 +76,27 @@ pub enum Fetched<'a> {
 /// impl Source for Counting {
 ///     fn len(&self) -> u64 { self.len }
 ///     fn fetch<'a>(&'a self, offset: u64, scratch: &'a mut [u8]) -> Result<Fetched<'a>, SourceError> {
-///         scratch.fill((offset / 4096) as u8);
+///         for (i, page) in scratch.chunks_mut(4096).enumerate() {
+///             page.fill((offset / 4096 + i as u64) as u8);
+///         }
 ///         Ok(Fetched::Data(scratch))
 ///     }
 /// }
-/// let source: Box<dyn Source> = Box::new(Counting { len: 1 << 20 });
-/// let mut page = vec![0; 4096];
-/// assert!(matches!(source.fetch(8192, &mut page)?, Fetched::Data(d) if d[0] == 2));
-/// # Ok::<(), SourceError>(())
+///
+/// // Served with fault-around: each fault fetches up to 9 pages in one call.
+/// let memory = Arc::new(Mapping::new(MemoryKind::Anon, 64 * 4096)?);
+/// let uffd = Uffd::builder().non_blocking(true).open()?;
+/// let pager = Pager::builder(uffd, Arc::new(Counting { len: 64 * 4096 }))
+///     .mapping(memory.clone(), 0)
+///     .fault_around(8)
+///     .start()?;
+/// for page in 0..64 {
+///     // SAFETY (example): the mapping is served by the pager.
+///     let byte = unsafe { std::ptr::read_volatile(memory.as_ptr().add(page * 4096 + 100)) };
+///     assert_eq!(byte, page as u8);
+/// }
+/// assert!(pager.stop()?.placed_prefetch > 0, "fault-around placed pages");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub trait Source: Send + Sync {
     /// Image length in bytes; regions must lie within it.
@@ -63,9 +107,10 @@ pub trait Source: Send + Sync {
         self.len() == 0
     }
 
-    /// The `scratch.len()` bytes at image offset `offset` (page aligned). May fill
-    /// `scratch` and return it, or return borrowed bytes of its own. Bytes beyond the end
-    /// of the image read as zero.
+    /// The `scratch.len()` bytes at image offset `offset` (page aligned; the length is
+    /// one page or several, see the trait docs). May fill `scratch` and return it, or
+    /// return borrowed bytes of its own. Bytes beyond the end of the image read as zero.
+    /// [`Fetched::Zero`] and [`Fetched::Pending`] answer for the whole range.
     fn fetch<'a>(&'a self, offset: u64, scratch: &'a mut [u8]) -> Result<Fetched<'a>, SourceError>;
 
     /// Image ranges known to be zero (holes): the pager marks their pages Zero up front,
@@ -83,6 +128,18 @@ pub trait Source: Send + Sync {
     /// Called on the fault path: must not block, allocate, or take a lock another thread
     /// could hold across `fork()`. Local sources ignore it.
     fn prioritize(&self, _offset: u64) {}
+
+    /// How a forked child's copy of the regions is served (with `EVENT_FORK`), asked
+    /// once per child. The default, [`ChildSource::Shared`], is right for a local source
+    /// (every fetch answered at once). A remote source must override it: its arrivals go
+    /// to the parent's placer, so it gives the child a source of its own
+    /// ([`ChildSource::Own`]) or refuses it ([`ChildSource::Refuse`]). A shared source
+    /// that answers `Pending` in a child is a fatal error of the child's engine
+    /// ([`Error::ChildSourcePending`](crate::Error::ChildSourcePending)): the child's
+    /// missing pages are poisoned, never left blocked.
+    fn child(&self) -> ChildSource {
+        ChildSource::Shared
+    }
 
     /// Whether [`Source::fetch`] can answer without allocating or blocking on anything
     /// but memory (required by the SIGBUS delivery mode).

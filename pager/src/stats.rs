@@ -1,8 +1,8 @@
 //! Counters: relaxed atomics, cheap enough to leave on, safe to bump from the SIGBUS
 //! handler. [`StatsSnapshot`] is what embedders read.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::histogram::{AtomicLatencyHistogram, LatencyHistogram};
 
@@ -34,6 +34,7 @@ pub(crate) struct Stats {
     pub forks_served: AtomicU64,
     pub forks_refused: AtomicU64,
     pub forks_failed: AtomicU64,
+    pub poisoned: AtomicU64,
     pub latency: AtomicLatencyHistogram,
 }
 
@@ -83,6 +84,7 @@ impl Stats {
             forks_served: l(&self.forks_served),
             forks_refused: l(&self.forks_refused),
             forks_failed: l(&self.forks_failed),
+            poisoned: l(&self.poisoned),
             blocktime: latency.sum(),
             latency,
         }
@@ -137,15 +139,20 @@ pub struct StatsSnapshot {
     pub events_fork: u64,
     /// Forked children served by a child engine.
     pub forks_served: u64,
-    /// Forked children refused (too many at once): their uffd was closed, so their
-    /// missing pages read as zeros.
+    /// Forked children refused (too many at once, or a source that cannot serve a child,
+    /// see [`Source::child`](crate::Source::child)): logged, their missing pages poisoned
+    /// (a touch raises SIGBUS) and their uffd closed.
     pub forks_refused: u64,
-    /// Forked children whose engine failed to start (logged; their uffd was closed).
+    /// Forked children whose engine failed to start (logged; their missing pages were
+    /// poisoned and their uffd closed).
     pub forks_failed: u64,
+    /// Pages poisoned after a fatal error (a touch raises SIGBUS), or in a refused child.
+    pub poisoned: u64,
     /// Sum of fault latencies: the time faulting threads spent blocked after the pager
     /// saw their fault (the kernel does not say when a fault began).
     pub blocktime: Duration,
-    /// Fault latency (event read → page placed).
+    /// Fault latency (event read → page placed), faults a remote source answered later
+    /// included (counted when their page arrives).
     pub latency: LatencyHistogram,
 }
 
@@ -158,5 +165,112 @@ impl StatsSnapshot {
     /// Pages placed, all origins.
     pub fn placed(&self) -> u64 {
         self.placed_fault + self.placed_prefetch + self.placed_zero + self.placed_arrival
+    }
+}
+
+/// Slots of the pending-fault table: faults outstanding at once on a remote source (one
+/// per blocked thread); a fault that finds no free slot near its hash is not timed.
+const PENDING_SLOTS: usize = 1024;
+/// Slots probed from a page's hash.
+const PENDING_PROBE: usize = 16;
+/// A slot being filled in.
+const RESERVED: usize = usize::MAX;
+
+/// Faults a remote source answers later (`Pending`): when each was read, so that its
+/// latency is counted when its page is placed, by whichever thread places it. A fixed
+/// open-addressed table of atomics: no allocation or lock after creation.
+pub(crate) struct PendingFaults {
+    /// Page + 1 (0: free; `RESERVED`: being filled in).
+    keys: Box<[AtomicUsize]>,
+    /// Nanoseconds since `epoch` when the fault was read.
+    times: Box<[AtomicU64]>,
+    /// Entries in the table: placements skip the lookup while it is zero.
+    count: AtomicUsize,
+    epoch: Instant,
+}
+
+impl Default for PendingFaults {
+    fn default() -> Self {
+        Self {
+            keys: (0..PENDING_SLOTS).map(|_| AtomicUsize::new(0)).collect(),
+            times: (0..PENDING_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicUsize::new(0),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl std::fmt::Debug for PendingFaults {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingFaults")
+            .field("count", &self.count.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+fn slot_of(page: usize, probe: usize) -> usize {
+    (page.wrapping_mul(0x9E37_79B9_7F4A_7C15_u64 as usize) >> 7).wrapping_add(probe) % PENDING_SLOTS
+}
+
+impl PendingFaults {
+    /// A fault on `page`, read at `at`, was answered `Pending`. A page already waited on
+    /// keeps its earliest fault.
+    pub fn asked(&self, page: usize, at: Instant) {
+        let key = page + 1;
+        let nanos = at.saturating_duration_since(self.epoch).as_nanos() as u64;
+        for probe in 0..PENDING_PROBE {
+            let i = slot_of(page, probe);
+            // Acquire on failure: a key seen equal to ours is a complete entry.
+            match self.keys[i].compare_exchange(0, RESERVED, Ordering::Acquire, Ordering::Acquire) {
+                Ok(_) => {
+                    self.times[i].store(nanos, Ordering::Relaxed);
+                    // Release: the time is written before the key that names it.
+                    self.keys[i].store(key, Ordering::Release);
+                    self.count.fetch_add(1, Ordering::Release);
+                    // SeqCst fence: the caller reads the page's state next, while a placer
+                    // publishes the state and then reads `count` (store buffering, see
+                    // `placed`): one of the two sees the other's write.
+                    std::sync::atomic::fence(Ordering::SeqCst);
+                    return;
+                }
+                Err(k) if k == key => return,
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Pages `page..page + count` were placed: counts the latency of the faults waiting
+    /// on them into `stats`.
+    #[inline]
+    pub fn placed(&self, page: usize, count: usize, stats: &Stats) {
+        // SeqCst fence: pairs with the one in `asked` — the page's state was published
+        // before this load, an entry's count before its state is read, so either we see
+        // the entry here or `asked` sees the page placed and counts it itself.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        // Acquire: pairs with `asked`'s Release, so an entry made before is seen.
+        if self.count.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        for p in page..page + count {
+            let key = p + 1;
+            for probe in 0..PENDING_PROBE {
+                let i = slot_of(p, probe);
+                // Acquire: pairs with the Release store of the key (the time is written).
+                if self.keys[i].load(Ordering::Acquire) != key {
+                    continue;
+                }
+                let nanos = self.times[i].load(Ordering::Relaxed);
+                // The CAS decides which placer counts it (a duplicate placement may race).
+                if self.keys[i]
+                    .compare_exchange(key, 0, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    self.count.fetch_sub(1, Ordering::Relaxed);
+                    let now = Instant::now().saturating_duration_since(self.epoch);
+                    stats.record_latency(now.saturating_sub(Duration::from_nanos(nanos)));
+                }
+                break;
+            }
+        }
     }
 }

@@ -22,7 +22,6 @@ use crate::fork::ForkQueue;
 use crate::place::{Content, Origin, Placement};
 use crate::region::PageRef;
 use crate::shared::Shared;
-use crate::stats::bump;
 
 /// How a handler waits for events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,10 +129,21 @@ impl Worker {
                 Err(_) => return false, // EINTR: loop and look at the stop flag
             }
         };
-        if uffd_events.intersects(PollFlags::POLLERR | PollFlags::POLLHUP | PollFlags::POLLNVAL) {
-            // POLLERR means a blocking or unnegotiated fd: a misuse the builder prevents;
-            // stop rather than spin.
-            self.shared.request_stop();
+        let broken = [
+            (
+                PollFlags::POLLERR,
+                "POLLERR (made blocking again, or not negotiated)",
+            ),
+            (PollFlags::POLLHUP, "POLLHUP"),
+            (PollFlags::POLLNVAL, "POLLNVAL (not an open fd)"),
+        ];
+        if let Some(&(_, what)) = broken.iter().find(|(f, _)| uffd_events.contains(*f)) {
+            // Nothing more can be read: a fatal error (pages not placed are poisoned),
+            // never a quiet stop.
+            self.shared.fail(crate::Error::UffdPoll {
+                what,
+                revents: uffd_events.bits(),
+            });
             return false;
         }
         uffd_events.contains(PollFlags::POLLIN)
@@ -218,7 +228,9 @@ impl Worker {
             fault.2 = matches!(outcome, FaultOutcome::Resolved);
             match outcome {
                 FaultOutcome::Resolved if wake_each => shared.stats.record_latency(now.elapsed()),
-                FaultOutcome::Resolved | FaultOutcome::Asked => {}
+                FaultOutcome::Resolved => {}
+                // Timed from now until its page arrives (placed by the source's thread).
+                FaultOutcome::Asked => shared.asked(addr, now),
                 FaultOutcome::FollowUp(page, follow_up) => park(
                     &mut self.parked,
                     Parked {
@@ -234,7 +246,7 @@ impl Worker {
             let mut resolved = 0;
             for &(addr, _, done) in &self.faults {
                 if let (true, Some(p)) = (done, shared.page_at(addr)) {
-                    let _ = shared.uffd.wake(p.addr, p.size);
+                    shared.fail_placement(shared.wake(p.addr, p.size));
                     resolved += 1;
                 }
             }
@@ -275,10 +287,7 @@ impl Worker {
                 }
                 // Given back (Missing) or done: wake; a thread still missing its page
                 // refaults and is handled afresh.
-                _ => {
-                    let _ = shared.uffd.wake(p.addr, p.size);
-                    Placement::Done
-                }
+                _ => shared.wake(p.addr, p.size),
             };
             match placement {
                 Placement::Again { .. } => true,
@@ -314,8 +323,8 @@ fn take_events(
                         None => Some(child),
                     };
                     if let Some(child) = refused {
-                        bump(&shared.stats.forks_refused);
-                        drop(child); // closing it releases the child's faults
+                        // Poisoned, then closed: the child's faults raise SIGBUS.
+                        crate::fork::refuse_quietly(shared, &child);
                     }
                 }
             }

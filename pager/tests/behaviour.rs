@@ -15,18 +15,14 @@ use uffd_core::{Mapping, MemoryKind};
 
 const PS: usize = 4096;
 
-fn region(m: &Mapping) -> RegionSpec {
-    RegionSpec::new(m.addr(), m.len(), m.kind(), 0)
-}
-
 #[test]
 fn many_threads_on_the_same_pages_read_each_page_from_the_source_once() {
     let pages = 256;
     let image = common::image(pages, PS, 0);
     let source = common::Counting::new(MemorySource::new(image.clone()), PS);
-    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
     let pager = Pager::builder(common::uffd(), source.clone())
-        .region(region(&memory))
+        .mapping(memory.clone(), 0)
         .mode(DeliveryMode::PerCpu)
         .start()
         .expect("start");
@@ -59,9 +55,9 @@ fn many_threads_on_the_same_pages_read_each_page_from_the_source_once() {
 fn removed_pages_fault_back_as_zeros_never_image_data() {
     let pages = 64;
     let image = common::image(pages, PS, 0);
-    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
     let pager = Pager::builder(common::uffd(), Arc::new(MemorySource::new(image.clone())))
-        .region(region(&memory))
+        .mapping(memory.clone(), 0)
         .mode(DeliveryMode::Thread)
         .start()
         .expect("start");
@@ -119,7 +115,7 @@ impl Source for RacingRemove {
 fn a_remove_racing_a_fault_is_retried_through_eagain_and_yields_zeros() {
     let pages = 8;
     let image = common::image(pages, PS, 0);
-    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
     let source = Arc::new(RacingRemove {
         inner: MemorySource::new(image.clone()),
         victim: 3 * PS as u64,
@@ -127,7 +123,7 @@ fn a_remove_racing_a_fault_is_retried_through_eagain_and_yields_zeros() {
         fired: AtomicBool::new(false),
     });
     let pager = Pager::builder(common::uffd(), source)
-        .region(region(&memory))
+        .mapping(memory.clone(), 0)
         .mode(DeliveryMode::Thread)
         .start()
         .expect("start");
@@ -206,9 +202,9 @@ fn a_remote_source_never_blocks_the_loop_and_is_asked_once_per_page() {
     let pages = 64;
     let image = common::image(pages, PS, 0);
     let source = Remote::new(image.clone(), Duration::from_millis(300));
-    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
     let pager = Pager::builder(common::uffd(), source.clone())
-        .region(region(&memory))
+        .mapping(memory.clone(), 0)
         .mode(DeliveryMode::Thread)
         .start()
         .expect("start");
@@ -262,12 +258,12 @@ fn a_remote_source_never_blocks_the_loop_and_is_asked_once_per_page() {
 fn prefetch_places_every_page_and_cuts_faults() {
     let pages = 2048;
     let image = common::image(pages, PS, 5);
-    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
     let pager = Pager::builder(
         common::uffd(),
         Arc::new(MemorySource::new(image.clone()).with_zero_scan(PS)),
     )
-    .region(region(&memory))
+    .mapping(memory.clone(), 0)
     .mode(DeliveryMode::Thread)
     .prefetch(Prefetch::Sequential)
     .start()
@@ -297,9 +293,9 @@ fn restore_run(
     replay: Option<&std::path::Path>,
 ) -> u64 {
     let pages = image.len() / PS;
-    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
     let mut builder = Pager::builder(common::uffd(), Arc::new(MemorySource::new(image.to_vec())))
-        .region(region(&memory))
+        .mapping(memory.clone(), 0)
         .mode(DeliveryMode::Thread);
     if let Some(path) = record {
         builder = builder.record(path);
@@ -367,8 +363,9 @@ fn the_faulting_process_exiting_mid_run_stops_the_pager_cleanly() {
         }
         0
     });
-    let pager = Pager::builder(uffd, Arc::new(MemorySource::new(image)))
-        .region(RegionSpec::new(base, len, MemoryKind::Anon, 0))
+    let builder = Pager::builder(uffd, Arc::new(MemorySource::new(image)));
+    // SAFETY: the child's registered region, in the child's address space (its uffd).
+    let pager = unsafe { builder.region(RegionSpec::new(base, len, MemoryKind::Anon, 0)) }
         .register(false)
         .mode(DeliveryMode::Thread)
         .prefetch(Prefetch::Sequential)
@@ -389,23 +386,101 @@ fn the_faulting_process_exiting_mid_run_stops_the_pager_cleanly() {
     pager.stop().expect("a clean stop, no error");
 }
 
+/// A source whose fetches beyond page 0 wait until the test opens its gate: the
+/// prefetcher is then surely in the middle of a run when the test acts.
+struct Gated {
+    inner: MemorySource,
+    open: AtomicBool,
+    waiting: AtomicBool,
+}
+
+impl Source for Gated {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn fetch<'a>(&'a self, offset: u64, scratch: &'a mut [u8]) -> Result<Fetched<'a>, SourceError> {
+        if offset != 0 {
+            self.waiting.store(true, Ordering::SeqCst);
+            while !self.open.load(Ordering::SeqCst) {
+                std::thread::yield_now();
+            }
+        }
+        self.inner.fetch(offset, scratch)
+    }
+}
+
 #[test]
-fn unmapping_a_region_during_prefetch_stops_serving_it_without_harm() {
-    let pages = 8192;
-    let image = common::image(pages, PS, 0);
-    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
-    let pager = Pager::builder(common::uffd(), Arc::new(MemorySource::new(image.clone())))
-        .region(region(&memory))
+fn unmapping_a_region_during_prefetch_stops_serving_it_and_the_prefetch_completes() {
+    const NAME: &str =
+        "unmapping_a_region_during_prefetch_stops_serving_it_and_the_prefetch_completes";
+    // Its own process: the prefetcher's thread is watched by name.
+    if !testkit::isolated(NAME, Duration::from_secs(120)) {
+        return;
+    }
+    let pages = 1024;
+    let image = common::image(2 * pages, PS, 0);
+    let gone = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+    let kept = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
+    let source = Arc::new(Gated {
+        inner: MemorySource::new(image.clone()),
+        open: AtomicBool::new(false),
+        waiting: AtomicBool::new(false),
+    });
+    let builder = Pager::builder(common::uffd(), source.clone());
+    // SAFETY: `gone` is this test's mapping, read only through raw pointers; it is
+    // unmapped with munmap, which the pager hears as an UNMAP event.
+    let builder = unsafe {
+        builder.region(RegionSpec::new(
+            gone.addr(),
+            gone.len(),
+            MemoryKind::Anon,
+            0,
+        ))
+    };
+    let pager = builder
+        .mapping(kept.clone(), (pages * PS) as u64)
         .mode(DeliveryMode::Thread)
         .prefetch(Prefetch::Sequential)
         .start()
         .expect("start");
     // SAFETY: served region.
-    let first = unsafe { std::ptr::read_volatile(memory.as_ptr()) };
+    let first = unsafe { std::ptr::read_volatile(gone.as_ptr()) };
     assert_eq!(first, image[0]);
-    drop(memory); // munmap: an UNMAP event, possibly while the prefetcher holds a run
-    std::thread::sleep(Duration::from_millis(50));
+    // The prefetcher holds a claimed run of the region about to go, in its fetch.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !source.waiting.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "the prefetcher never fetched");
+        std::thread::yield_now();
+    }
+    drop(gone); // munmap: an UNMAP event while the prefetcher holds its run
+    source.open.store(true, Ordering::SeqCst);
+    assert!(
+        pager.wait_complete(Duration::from_secs(20)),
+        "the prefetch completes: every page of the mapped region placed, the unmapped \
+         region's pages never served again ({} received of {})",
+        pager.states().count(PageState::Received),
+        2 * pages
+    );
     assert!(!pager.has_stopped(), "an unmap is not an error");
+    // And the prefetcher knows it is done: its thread ends rather than coming back to the
+    // unmapped region's pages forever.
+    let prefetching = || {
+        std::fs::read_dir("/proc/self/task")
+            .expect("tasks")
+            .flatten()
+            .any(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.trim() == "uffd-prefetch")
+            })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while prefetching() {
+        assert!(Instant::now() < deadline, "the prefetcher never finished");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SAFETY: the kept region is served.
+    let got = unsafe { common::bytes(kept.addr(), kept.len()) };
+    assert_eq!(got, &image[pages * PS..]);
     let stats = pager.stop().expect("stop");
     assert_eq!(stats.events_unmap, 1);
 }
@@ -424,11 +499,20 @@ fn a_remapped_region_is_served_at_its_new_address() {
     let image = common::image(pages, PS, 0);
     let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
     let target = Mapping::new(MemoryKind::Anon, pages * PS).expect("map target");
-    let pager = Pager::builder(
+    let builder = Pager::builder(
         uffd_with(uffd_core::Features::EVENT_REMAP),
         Arc::new(MemorySource::new(image.clone())),
-    )
-    .region(region(&memory))
+    );
+    // SAFETY: this test's mapping, read through raw pointers only; it moves with mremap,
+    // which the pager hears as a REMAP event, and the moved mapping outlives the pager.
+    let pager = unsafe {
+        builder.region(RegionSpec::new(
+            memory.addr(),
+            memory.len(),
+            MemoryKind::Anon,
+            0,
+        ))
+    }
     .mode(DeliveryMode::Thread)
     .start()
     .expect("start");
@@ -449,10 +533,10 @@ fn a_remapped_region_is_served_at_its_new_address() {
 fn an_arrival_for_a_removed_page_places_zeros_not_the_stale_data() {
     let pages = 8;
     let image = common::image(pages, PS, 0);
-    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
     let source = Remote::new(image.clone(), Duration::from_millis(1));
     let pager = Pager::builder(common::uffd(), source)
-        .region(region(&memory))
+        .mapping(memory.clone(), 0)
         .mode(DeliveryMode::Thread)
         .start()
         .expect("start");
@@ -485,9 +569,9 @@ fn readahead_turns_a_sequential_fault_stream_into_large_runs_and_leaves_random_f
     let pages = 4096;
     let image = common::image(pages, PS, 0);
     let walk = |readahead: bool, order: &[usize]| {
-        let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+        let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
         let pager = Pager::builder(common::uffd(), Arc::new(MemorySource::new(image.clone())))
-            .region(region(&memory))
+            .mapping(memory.clone(), 0)
             .mode(DeliveryMode::Thread)
             .readahead(readahead)
             .start()
@@ -561,9 +645,9 @@ fn threads_waiting_on_a_page_already_asked_for_tell_the_source_and_do_not_refaul
         prioritized: AtomicU32::new(0),
         hold: Duration::from_millis(300),
     });
-    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
     let pager = Pager::builder(common::uffd(), source.clone())
-        .region(region(&memory))
+        .mapping(memory.clone(), 0)
         .mode(DeliveryMode::Thread)
         .start()
         .expect("start");

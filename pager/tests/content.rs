@@ -84,12 +84,7 @@ fn serve_and_verify(kind: MemoryKind, minor: bool, src: SourceKind, mode: Delive
     let image = common::image(pages, ps, 4);
     let tag = format!("{kind:?}-{minor}-{src:?}-{mode:?}");
     let (source, expect) = source(src, &image, ps, &tag);
-    let memory = Mapping::new(kind, pages * ps).expect("map");
-    let alias = minor.then(|| memory.alias().expect("alias"));
-    let mut spec = RegionSpec::new(memory.addr(), memory.len(), kind, 0);
-    if let Some(a) = &alias {
-        spec = spec.minor(a.addr());
-    }
+    let memory = Arc::new(Mapping::new(kind, pages * ps).expect("map"));
     if mode == DeliveryMode::Sigbus && !source.is_signal_safe() {
         return; // SIGBUS mode takes signal-safe sources only (tested in tests/sigbus.rs)
     }
@@ -102,8 +97,13 @@ fn serve_and_verify(kind: MemoryKind, minor: bool, src: SourceKind, mode: Delive
     } else {
         common::uffd()
     };
-    let pager = Pager::builder(uffd, source)
-        .region(spec)
+    let builder = Pager::builder(uffd, source);
+    let builder = if minor {
+        builder.mapping_minor(memory.clone(), 0)
+    } else {
+        builder.mapping(memory.clone(), 0)
+    };
+    let pager = builder
         .mode(mode)
         .start()
         .unwrap_or_else(|e| panic!("{tag}: start: {e}"));
@@ -171,50 +171,90 @@ fn every_source_kind_and_mode_serves_exact_content() {
 
 #[test]
 fn regions_beyond_the_image_or_overlapping_are_refused() {
-    let memory = Mapping::new(MemoryKind::Anon, 8 * 4096).expect("map");
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, 8 * 4096).expect("map"));
     let small = Arc::new(MemorySource::new(vec![0u8; 4 * 4096]));
     let err = Pager::builder(common::uffd(), small.clone())
-        .region(RegionSpec::new(
-            memory.addr(),
-            memory.len(),
-            MemoryKind::Anon,
-            0,
-        ))
+        .mapping(memory.clone(), 0)
         .start()
         .expect_err("image too small");
     assert!(err.to_string().contains("the image has 16384"), "{err}");
-    let err = Pager::builder(common::uffd(), small)
-        .region(RegionSpec::new(
-            memory.addr(),
-            2 * 4096,
-            MemoryKind::Anon,
-            0,
-        ))
-        .region(RegionSpec::new(
-            memory.addr() + 4096,
-            2 * 4096,
-            MemoryKind::Anon,
-            0,
-        ))
-        .start()
-        .expect_err("overlap");
+    let builder = Pager::builder(common::uffd(), small);
+    // SAFETY: refused before anything is placed (and the mapping outlives the builder).
+    let builder = unsafe {
+        builder
+            .region(RegionSpec::new(
+                memory.addr(),
+                2 * 4096,
+                MemoryKind::Anon,
+                0,
+            ))
+            .region(RegionSpec::new(
+                memory.addr() + 4096,
+                2 * 4096,
+                MemoryKind::Anon,
+                0,
+            ))
+    };
+    let err = builder.start().expect_err("overlap");
     assert!(err.to_string().contains("overlap"), "{err}");
+}
+
+/// A MINOR region named by address whose alias is not the region's file: the pager
+/// would write the image into whatever the alias names (here a `Vec` of this process).
+#[test]
+fn a_minor_region_whose_alias_is_not_its_file_is_refused() {
+    let ps = 4096;
+    let memory = Mapping::new(MemoryKind::Shmem, 4 * ps).expect("map");
+    let other = Mapping::new(MemoryKind::Shmem, 4 * ps).expect("another file");
+    let victim = vec![0x5au8; 64 * ps];
+    let heap = (victim.as_ptr() as usize).next_multiple_of(ps);
+    let aliases = [
+        (heap, "not a writable shared file mapping"),
+        (other.addr(), "another file"),
+        (memory.addr(), "overlaps a served region"),
+    ];
+    for (alias, why) in aliases {
+        let spec = RegionSpec::new(memory.addr(), memory.len(), MemoryKind::Shmem, 0).minor(alias);
+        let builder = Pager::builder(
+            common::uffd(),
+            Arc::new(MemorySource::new(common::image(4, ps, 0))),
+        );
+        // SAFETY: the region is this test's own mapping; the alias is wrong on purpose,
+        // and `start` must refuse it before any page is written.
+        let err = unsafe { builder.region(spec) }
+            .mode(DeliveryMode::Thread)
+            .start()
+            .expect_err(why);
+        assert!(err.to_string().contains(why), "{why}: {err}");
+    }
+    assert!(victim.iter().all(|&b| b == 0x5a), "the Vec was not written");
+    // The right alias, named by address, is accepted and served.
+    let alias = memory.alias().expect("alias");
+    let spec =
+        RegionSpec::new(memory.addr(), memory.len(), MemoryKind::Shmem, 0).minor(alias.addr());
+    let image = common::image(4, ps, 0);
+    let builder = Pager::builder(common::uffd(), Arc::new(MemorySource::new(image.clone())));
+    // SAFETY: the region is this test's mapping, its alias a mapping of the same memfd;
+    // both outlive the pager (stopped below).
+    let pager = unsafe { builder.region(spec) }
+        .mode(DeliveryMode::Thread)
+        .start()
+        .expect("the region's own alias");
+    // SAFETY: served region.
+    let got = unsafe { common::bytes(memory.addr() + ps, ps) };
+    assert_eq!(got, &image[ps..2 * ps]);
+    pager.stop().expect("stop");
 }
 
 #[test]
 fn several_regions_map_to_their_image_offsets() {
     let ps = 4096;
     let image = common::image(16, ps, 0);
-    let a = Mapping::new(MemoryKind::Anon, 4 * ps).expect("map a");
-    let b = Mapping::new(MemoryKind::Shmem, 8 * ps).expect("map b");
+    let a = Arc::new(Mapping::new(MemoryKind::Anon, 4 * ps).expect("map a"));
+    let b = Arc::new(Mapping::new(MemoryKind::Shmem, 8 * ps).expect("map b"));
     let pager = Pager::builder(common::uffd(), Arc::new(MemorySource::new(image.clone())))
-        .region(RegionSpec::new(a.addr(), a.len(), MemoryKind::Anon, 0))
-        .region(RegionSpec::new(
-            b.addr(),
-            b.len(),
-            MemoryKind::Shmem,
-            8 * ps as u64,
-        ))
+        .mapping(a.clone(), 0)
+        .mapping(b.clone(), 8 * ps as u64)
         .mode(DeliveryMode::Thread)
         .start()
         .expect("start");
@@ -227,5 +267,48 @@ fn several_regions_map_to_their_image_offsets() {
             &image[15 * ps..16 * ps]
         );
     }
+    pager.stop().expect("stop");
+}
+
+/// A seeded map that says a page is already in memory when it was never written: that
+/// page would read as zeros forever (the pager never serves a Received page). The debug
+/// check refuses it at start; a page really written passes.
+#[test]
+fn a_seeded_received_page_that_is_not_in_memory_is_refused() {
+    let ps = 4096;
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, 8 * ps).expect("map"));
+    let image = common::image(8, ps, 0);
+    // Page 2 really is in memory (written before the pager starts); page 5 is not.
+    // SAFETY: this test's own mapping, not yet registered.
+    unsafe {
+        std::ptr::copy_nonoverlapping(image[2 * ps..].as_ptr(), memory.as_ptr().add(2 * ps), ps)
+    };
+    let seed = |pages: &[usize]| {
+        let map = pager::PageStateMap::new(8);
+        for &p in pages {
+            map.mark_received(p).expect("seed");
+        }
+        map
+    };
+    let err = Pager::builder(common::uffd(), Arc::new(MemorySource::new(image.clone())))
+        .mapping(memory.clone(), 0)
+        .states(seed(&[2, 5]))
+        .check_seeded(true)
+        .start()
+        .expect_err("page 5 is marked received but was never written");
+    assert!(
+        matches!(err, pager::Error::SeededNotPresent { page: 5, .. }),
+        "{err}"
+    );
+    let pager = Pager::builder(common::uffd(), Arc::new(MemorySource::new(image.clone())))
+        .mapping(memory.clone(), 0)
+        .states(seed(&[2]))
+        .check_seeded(true)
+        .mode(DeliveryMode::Thread)
+        .start()
+        .expect("page 2 is in memory");
+    // SAFETY: served region.
+    let got = unsafe { common::bytes(memory.addr(), memory.len()) };
+    assert_eq!(got, image.as_slice());
     pager.stop().expect("stop");
 }

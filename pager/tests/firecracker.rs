@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -306,10 +306,15 @@ fn malformed_handshakes_are_refused_clearly_without_hanging() {
     let err = handshake_with(b"[]", &[uffd.as_fd()], false).expect_err("no regions");
     assert!(matches!(err, HandshakeError::NoRegions), "{err}");
 
+    // A table with page_size_kib alone passes every check of the table: what stops it
+    // here is only that this test's own process is the peer.
     let kib_only = r#"[{"base_host_virt_addr":4096,"size":4096,"offset":0,"page_size_kib":4096}]"#;
-    let hs = handshake_with(kib_only.as_bytes(), &[uffd.as_fd()], false)
-        .expect("page_size_kib alone is accepted");
-    assert_eq!(hs.regions[0].page_size().expect("size"), 4096);
+    let err = handshake_with(kib_only.as_bytes(), &[uffd.as_fd()], false)
+        .expect_err("page_size_kib alone is accepted, the peer is not");
+    assert!(matches!(err, HandshakeError::OwnProcess), "{err}");
+    let region: firecracker::GuestRegion =
+        serde_json::from_str(&kib_only[1..kib_only.len() - 1]).expect("parses");
+    assert_eq!(region.page_size().expect("size"), 4096);
 }
 
 #[test]
@@ -365,27 +370,34 @@ fn kill_peer_refuses_this_process_and_invalid_pids() {
 #[test]
 fn regions_overlapping_or_beyond_the_file_fail_to_serve_with_an_error() {
     let file = mem_file("small", 64 * 4096, 4096);
-    let memory = Mapping::new(MemoryKind::Anon, 128 * 4096).expect("map");
-    for (what, table) in [
-        (
-            "beyond the file",
-            json(&[(memory.addr(), 128 * 4096, 0)], 4096),
-        ),
-        (
-            "overlapping",
-            json(
-                &[
-                    (memory.addr(), 16 * 4096, 0),
-                    (memory.addr() + 8 * 4096, 16 * 4096, 0),
-                ],
-                4096,
-            ),
-        ),
+    for (what, tables) in [
+        ("beyond the file", vec![(0, 128 * 4096)]),
+        ("overlapping", vec![(0, 16 * 4096), (8 * 4096, 16 * 4096)]),
     ] {
-        let uffd = vmm_uffd();
-        let (server, client) = UnixStream::pair().expect("socketpair");
-        send_fds(&client, table.as_bytes(), &[uffd.as_fd()]).expect("send");
-        let hs = firecracker::handshake(server).expect("the handshake itself is well formed");
+        // The VMM is a child (a peer that is this process is refused: its uffd would
+        // have the pager write into this process): it maps, registers, sends, waits.
+        let sock = temp("bad-regions.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = UnixListener::bind(&sock).expect("bind");
+        // SAFETY: the child maps, sends and waits for EOF, then `_exit`s.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let client = UnixStream::connect(&sock).expect("connect");
+            let memory = Mapping::new(MemoryKind::Anon, 128 * 4096).expect("map");
+            let uffd = vmm_uffd();
+            uffd.register(memory.addr(), memory.len(), RegisterMode::MISSING)
+                .expect("register");
+            let regions: Vec<_> = tables
+                .iter()
+                .map(|&(at, len)| (memory.addr() + at, len, 0))
+                .collect();
+            send_fds(&client, json(&regions, 4096).as_bytes(), &[uffd.as_fd()]).expect("send");
+            let _ = (&client).read(&mut [0u8; 1]); // until the handler closes
+                                                   // SAFETY: ends the child.
+            unsafe { libc::_exit(0) };
+        }
+        let hs = firecracker::accept(&listener).expect("the handshake itself is well formed");
         let source = Arc::new(FileSource::mmap(&file).expect("open"));
         let err = firecracker::serve(hs, source, &ServeOptions::default()).expect_err(what);
         let text = err.to_string();
@@ -393,9 +405,93 @@ fn regions_overlapping_or_beyond_the_file_fail_to_serve_with_an_error() {
             text.contains("the image has") || text.contains("overlap"),
             "{what}: {text}"
         );
-        drop(client);
+        assert_eq!(common::wait(pid), 0);
+        std::fs::remove_file(&sock).ok();
     }
     std::fs::remove_file(&file).ok();
+}
+
+#[test]
+fn a_peer_that_is_this_process_is_refused() {
+    let memory = Mapping::new(MemoryKind::Anon, 16 * 4096).expect("map");
+    let uffd = vmm_uffd();
+    uffd.register(memory.addr(), memory.len(), RegisterMode::MISSING)
+        .expect("register");
+    let (server, client) = UnixStream::pair().expect("socketpair");
+    let table = json(&[(memory.addr(), memory.len(), 0)], 4096);
+    send_fds(&client, table.as_bytes(), &[uffd.as_fd()]).expect("send");
+    let err = firecracker::handshake(server).expect_err("our own uffd");
+    assert!(matches!(err, HandshakeError::OwnProcess), "{err}");
+}
+
+/// The VMM is named by a pidfd taken at accept: once it has exited and its PID is
+/// reused by another process, killing "the VMM" reports it gone and spares the other
+/// process (a kill by PID, as `kill_peer` does, would kill it).
+#[test]
+fn killing_the_vmm_through_its_pidfd_never_signals_a_process_that_reused_its_pid() {
+    const NAME: &str =
+        "killing_the_vmm_through_its_pidfd_never_signals_a_process_that_reused_its_pid";
+    if !testkit::isolated(NAME, std::time::Duration::from_secs(120)) {
+        return;
+    }
+    for _attempt in 0..20 {
+        let sock = temp("pidfd.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = UnixListener::bind(&sock).expect("bind");
+        // SAFETY: the child maps, registers, sends its table and exits at once.
+        let vmm = unsafe { libc::fork() };
+        assert!(vmm >= 0);
+        if vmm == 0 {
+            let memory = Mapping::new(MemoryKind::Anon, 4 * 4096).expect("map");
+            let uffd = vmm_uffd();
+            uffd.register(memory.addr(), memory.len(), RegisterMode::MISSING)
+                .expect("register");
+            let stream = UnixStream::connect(&sock).expect("connect");
+            let table = json(&[(memory.addr(), memory.len(), 0)], 4096);
+            send_fds(&stream, table.as_bytes(), &[uffd.as_fd()]).expect("send");
+            // SAFETY: ends the child.
+            unsafe { libc::_exit(0) };
+        }
+        let hs = firecracker::accept(&listener).expect("handshake");
+        let pidfd = hs.peer_pidfd.as_ref().expect("SO_PEERPIDFD (Linux 6.5)");
+        assert_eq!(hs.peer.expect("SO_PEERCRED").pid, vmm);
+        assert_eq!(common::wait(vmm), 0, "the VMM exited and was reaped");
+        // Another process takes its PID: the next PID handed out is `vmm`.
+        let last = "/proc/sys/kernel/ns_last_pid";
+        if std::fs::write(last, (vmm - 1).to_string()).is_err() {
+            return common::skip(NAME, "cannot set ns_last_pid (needs root)");
+        }
+        // SAFETY: the child sleeps until killed.
+        let other = unsafe { libc::fork() };
+        assert!(other >= 0);
+        if other == 0 {
+            std::thread::sleep(std::time::Duration::from_secs(60));
+            // SAFETY: ends the child.
+            unsafe { libc::_exit(0) };
+        }
+        if other != vmm {
+            // Another process of this machine forked in between: try again.
+            // SAFETY: our own child.
+            unsafe { libc::kill(other, libc::SIGKILL) };
+            common::wait(other);
+            continue;
+        }
+        let err = firecracker::kill_pidfd(pidfd.as_fd()).expect_err("the VMM is gone");
+        assert_eq!(err.raw_os_error(), Some(libc::ESRCH), "{err}");
+        let mut status = 0;
+        // SAFETY: polling our own child.
+        let waited = unsafe { libc::waitpid(other, &mut status, libc::WNOHANG) };
+        assert_eq!(waited, 0, "the process that reused the PID is alive");
+        // SAFETY: our own child.
+        unsafe { libc::kill(other, libc::SIGKILL) };
+        common::wait(other);
+        std::fs::remove_file(&sock).ok();
+        return;
+    }
+    common::skip(
+        NAME,
+        "the PID was taken by another process 20 times in a row",
+    );
 }
 
 #[test]

@@ -8,7 +8,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pager::{DeliveryMode, Features, Mapping, MemoryKind, MemorySource, Pager, RegionSpec, Uffd};
+use page_state::PageState;
+use pager::{
+    ChildSource, DeliveryMode, Features, Fetched, Mapping, MemoryKind, MemorySource, Pager, Placer,
+    RegionSpec, Source, SourceError, Uffd,
+};
 
 const PS: usize = 4096;
 const WATCHDOG: Duration = Duration::from_secs(240);
@@ -37,8 +41,9 @@ fn a_child_sends_its_uffd_and_the_pager_serves_the_child() {
         let got = unsafe { common::bytes(memory.addr(), memory.len()) };
         i32::from(got != child_image.as_slice())
     });
-    let pager = Pager::builder(uffd, Arc::new(MemorySource::new(image).with_zero_scan(PS)))
-        .region(RegionSpec::new(base, len, MemoryKind::Anon, 0))
+    let builder = Pager::builder(uffd, Arc::new(MemorySource::new(image).with_zero_scan(PS)));
+    // SAFETY: the child's registered region, in the child's address space (its uffd).
+    let pager = unsafe { builder.region(RegionSpec::new(base, len, MemoryKind::Anon, 0)) }
         .register(false)
         .mode(DeliveryMode::Thread)
         .start()
@@ -60,17 +65,12 @@ fn a_forked_child_is_served_by_a_child_engine() {
     }
     let pages = 64;
     let image = common::image(pages, PS, 0);
-    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
     let pager = Pager::builder(
         uffd_with(Features::EVENT_FORK),
         Arc::new(MemorySource::new(image.clone())),
     )
-    .region(RegionSpec::new(
-        memory.addr(),
-        memory.len(),
-        MemoryKind::Anon,
-        0,
-    ))
+    .mapping(memory.clone(), 0)
     .mode(DeliveryMode::Thread)
     .start()
     .expect("start");
@@ -104,9 +104,12 @@ fn a_forked_child_is_served_by_a_child_engine() {
 const CHILD_SERVED: i32 = 0;
 const CHILD_WRONG: i32 = 1;
 const CHILD_SAW_ZEROS: i32 = 3;
+/// Killed by SIGBUS: a refused child touching a poisoned page.
+const CHILD_SIGBUS: i32 = 128 + libc::SIGBUS;
 
 /// In a forked child: reads `count` pages picked from its pid, and says whether each was
-/// its image data (served), all zeros (its uffd was refused), or anything else (wrong).
+/// its image data (served), all zeros (never: a refused child's pages are poisoned, and
+/// it dies of SIGBUS), or anything else (wrong).
 /// Async-signal-safe only: memory reads, `getpid(2)`, `_exit(2)`.
 fn child_reads_and_exits(addr: usize, pages: usize, image: &[u8], count: usize) -> ! {
     let mut x = nix::unistd::getpid().as_raw() as u64 | 1;
@@ -142,17 +145,12 @@ fn a_thousand_forks_while_faults_are_served_never_hang_and_every_child_is_served
     const FORKS: u64 = 1000;
     let pages = 1024;
     let image = Arc::new(common::image(pages, PS, 0));
-    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
     let pager = Pager::builder(
         uffd_with(Features::EVENT_FORK),
         Arc::new(MemorySource::new(image.as_slice().to_vec())),
     )
-    .region(RegionSpec::new(
-        memory.addr(),
-        memory.len(),
-        MemoryKind::Anon,
-        0,
-    ))
+    .mapping(memory.clone(), 0)
     .mode(DeliveryMode::PerCpu)
     .start()
     .expect("start");
@@ -160,6 +158,7 @@ fn a_thousand_forks_while_faults_are_served_never_hang_and_every_child_is_served
     let stop = AtomicBool::new(false);
     let forks = AtomicU64::new(0);
     let (served, zeros, wrong) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let refused = AtomicU64::new(0);
     let parent_reads = AtomicU64::new(0);
     let started = Instant::now();
     std::thread::scope(|s| {
@@ -194,6 +193,7 @@ fn a_thousand_forks_while_faults_are_served_never_hang_and_every_child_is_served
             .map(|_| {
                 let image = image.clone();
                 let (forks, served, zeros, wrong) = (&forks, &served, &zeros, &wrong);
+                let refused = &refused;
                 s.spawn(move || {
                     while forks.fetch_add(1, SeqCst) < FORKS {
                         // SAFETY: the child only reads memory and `_exit`s.
@@ -204,6 +204,7 @@ fn a_thousand_forks_while_faults_are_served_never_hang_and_every_child_is_served
                         }
                         match common::wait(pid) {
                             CHILD_SERVED => served.fetch_add(1, SeqCst),
+                            CHILD_SIGBUS => refused.fetch_add(1, SeqCst),
                             CHILD_SAW_ZEROS => zeros.fetch_add(1, SeqCst),
                             _ => wrong.fetch_add(1, SeqCst),
                         };
@@ -219,16 +220,22 @@ fn a_thousand_forks_while_faults_are_served_never_hang_and_every_child_is_served
     let took = started.elapsed();
     let stats = pager.stop().expect("stop");
     let (served, zeros, wrong) = (served.into_inner(), zeros.into_inner(), wrong.into_inner());
+    let refused = refused.into_inner();
     eprintln!(
-        "{FORKS} forks in {took:?}: children served {served}, saw zeros {zeros}, wrong {wrong}; \
-         parent reads {}; engine: forks served {}, refused {}, failed {}",
+        "{FORKS} forks in {took:?}: children served {served}, died of SIGBUS {refused}, saw \
+         zeros {zeros}, wrong {wrong}; parent reads {}; engine: forks served {}, refused {}, \
+         failed {}",
         parent_reads.load(SeqCst),
         stats.forks_served,
         stats.forks_refused,
         stats.forks_failed
     );
     assert_eq!(wrong, 0, "no child read a wrong page");
-    assert_eq!(served + zeros, FORKS);
+    assert_eq!(
+        zeros, 0,
+        "no child read zeros: a refused child's pages are poisoned"
+    );
+    assert_eq!(served + refused, FORKS);
     assert_eq!(stats.events_fork, FORKS, "every fork was seen");
     assert_eq!(
         stats.forks_served + stats.forks_refused + stats.forks_failed,
@@ -236,9 +243,173 @@ fn a_thousand_forks_while_faults_are_served_never_hang_and_every_child_is_served
         "every child was served or refused, none dropped"
     );
     assert!(
-        zeros <= stats.forks_refused + stats.forks_failed,
-        "only refused children read zeros: {zeros} > {}",
+        refused <= stats.forks_refused + stats.forks_failed,
+        "only refused children died of SIGBUS: {refused} > {}",
         stats.forks_refused + stats.forks_failed
     );
     assert_eq!(stats.forks_failed, 0, "no child engine failed to start");
+}
+
+/// A remote source: `fetch` asks (answers `Pending`, allocating nothing, taking no lock:
+/// fork events are on), and a server thread of its own places every Requested page
+/// through the placer it was attached to. `child` says how a forked child is served.
+struct Remote {
+    image: Arc<Vec<u8>>,
+    children: ChildPolicy,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ChildPolicy {
+    /// Says nothing (the trait's default): what remote sources did before.
+    Default,
+    /// A remote source of the child's own.
+    Own,
+    /// Refused.
+    Refuse,
+}
+
+impl Source for Remote {
+    fn len(&self) -> u64 {
+        self.image.len() as u64
+    }
+    fn fetch<'a>(&'a self, _: u64, _: &'a mut [u8]) -> Result<Fetched<'a>, SourceError> {
+        Ok(Fetched::Pending)
+    }
+    fn attach(&self, placer: Placer) {
+        let image = self.image.clone();
+        std::thread::spawn(move || {
+            let pages = image.len() / PS;
+            // Until the pager is gone (its placer then answers None).
+            while placer.state(0).is_some() {
+                for page in 0..pages {
+                    if placer.state(page) == Some(PageState::Requested) {
+                        let data = &image[page * PS..(page + 1) * PS];
+                        let _ = placer.place((page * PS) as u64, Some(data));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+    }
+    fn child(&self) -> ChildSource {
+        match self.children {
+            ChildPolicy::Default => ChildSource::Shared,
+            ChildPolicy::Own => ChildSource::Own(Arc::new(Remote {
+                image: self.image.clone(),
+                children: ChildPolicy::Refuse,
+            })),
+            ChildPolicy::Refuse => ChildSource::Refuse("a remote test source serves one process"),
+        }
+    }
+}
+
+/// Forks a child that reads every page of `memory` and exits 0 if it read the image;
+/// returns its exit code (128 + signal if killed), killing it after 20 s (a hang).
+fn fork_and_read(memory: &Mapping, image: &[u8]) -> i32 {
+    let (addr, len) = (memory.addr(), memory.len());
+    // SAFETY: the child only reads memory and `_exit`s.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: the child's copy of the served region.
+        let got = unsafe { common::bytes(addr, len) };
+        let code = i32::from(got != image);
+        // SAFETY: ends the child.
+        unsafe { libc::_exit(code) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut status = 0;
+        // SAFETY: polling our own child.
+        let waited = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if waited == pid {
+            return if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else {
+                128 + libc::WTERMSIG(status)
+            };
+        }
+        if Instant::now() > deadline {
+            // SAFETY: our own child, hung.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            common::wait(pid);
+            return -1;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Serves `memory` from a remote source with fork events on; the parent reads the first
+/// half, then a child reads everything. Returns the child's outcome and the stats.
+fn remote_fork(policy: ChildPolicy) -> (i32, pager::StatsSnapshot) {
+    let pages = 32;
+    let image = Arc::new(common::image(pages, PS, 0));
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
+    let source = Arc::new(Remote {
+        image: image.clone(),
+        children: policy,
+    });
+    let pager = Pager::builder(uffd_with(Features::EVENT_FORK), source)
+        .mapping(memory.clone(), 0)
+        .mode(DeliveryMode::Thread)
+        .start()
+        .expect("start");
+    // SAFETY: served region.
+    let half = unsafe { common::bytes(memory.addr(), pages / 2 * PS) };
+    assert_eq!(half, &image[..pages / 2 * PS]);
+    let outcome = fork_and_read(&memory, &image);
+    let stats = pager.stop().expect("the parent's pager is fine");
+    (outcome, stats)
+}
+
+#[test]
+fn a_forked_child_of_a_remote_source_that_says_nothing_is_failed_and_poisoned_never_left_blocked() {
+    let name =
+        "a_forked_child_of_a_remote_source_that_says_nothing_is_failed_and_poisoned_never_left_blocked";
+    if !testkit::isolated(name, WATCHDOG) {
+        return;
+    }
+    let (outcome, stats) = remote_fork(ChildPolicy::Default);
+    assert_eq!(
+        outcome, CHILD_SIGBUS,
+        "the child dies of SIGBUS (-1: it hung)"
+    );
+    assert_eq!(stats.forks_served, 1);
+    assert_eq!(
+        stats.forks_failed, 1,
+        "its engine's failure is counted: {stats:?}"
+    );
+}
+
+#[test]
+fn a_forked_child_refused_by_its_remote_source_dies_of_sigbus_and_is_counted() {
+    let name = "a_forked_child_refused_by_its_remote_source_dies_of_sigbus_and_is_counted";
+    if !testkit::isolated(name, WATCHDOG) {
+        return;
+    }
+    let (outcome, stats) = remote_fork(ChildPolicy::Refuse);
+    assert_eq!(
+        outcome, CHILD_SIGBUS,
+        "the child dies of SIGBUS (-1: it hung)"
+    );
+    assert_eq!(
+        (stats.forks_served, stats.forks_refused),
+        (0, 1),
+        "{stats:?}"
+    );
+}
+
+#[test]
+fn a_forked_child_with_a_remote_source_of_its_own_is_served() {
+    let name = "a_forked_child_with_a_remote_source_of_its_own_is_served";
+    if !testkit::isolated(name, WATCHDOG) {
+        return;
+    }
+    let (outcome, stats) = remote_fork(ChildPolicy::Own);
+    assert_eq!(outcome, 0, "the child read the image (-1: it hung)");
+    assert_eq!(
+        (stats.forks_served, stats.forks_refused),
+        (1, 0),
+        "{stats:?}"
+    );
 }

@@ -12,7 +12,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pager::{DeliveryMode, MemorySource, Pager, RegionSpec, ZeroSource};
+use pager::{DeliveryMode, MemorySource, Pager, ZeroSource};
 use uffd_core::{Features, Mapping, MemoryKind, ReadStatus, Uffd};
 
 const PS: usize = 4096;
@@ -71,12 +71,12 @@ fn sigbus_mode_serves_every_page_in_the_faulting_threads() {
     let pages = 512;
     let image = common::image(pages, PS, 7);
     for kind in [MemoryKind::Anon, MemoryKind::Shmem] {
-        let memory = Mapping::new(kind, pages * PS).expect("map");
+        let memory = Arc::new(Mapping::new(kind, pages * PS).expect("map"));
         let pager = Pager::builder(
             sigbus_uffd(),
             Arc::new(MemorySource::new(image.clone()).with_zero_scan(PS)),
         )
-        .region(RegionSpec::new(memory.addr(), memory.len(), kind, 0))
+        .mapping(memory.clone(), 0)
         .mode(DeliveryMode::Sigbus);
         let pager = pager.start().expect("start");
         let addr = memory.addr();
@@ -115,11 +115,10 @@ fn sigbus_mode_serves_every_page_in_the_faulting_threads() {
 
 #[test]
 fn sigbus_mode_refuses_a_uffd_without_the_feature_or_an_unsafe_source() {
-    let memory = Mapping::new(MemoryKind::Anon, 4 * PS).expect("map");
-    let spec = RegionSpec::new(memory.addr(), memory.len(), MemoryKind::Anon, 0);
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, 4 * PS).expect("map"));
     let plain = Uffd::builder().non_blocking(true).open().expect("open");
     let err = Pager::builder(plain, Arc::new(ZeroSource::new(4 * PS as u64)))
-        .region(spec)
+        .mapping(memory.clone(), 0)
         .mode(DeliveryMode::Sigbus)
         .start()
         .expect_err("no SIGBUS feature");
@@ -129,7 +128,7 @@ fn sigbus_mode_refuses_a_uffd_without_the_feature_or_an_unsafe_source() {
     let pread = pager::FileSource::pread(&path).expect("open");
     std::fs::remove_file(&path).ok();
     let err = Pager::builder(sigbus_uffd(), Arc::new(pread))
-        .region(spec)
+        .mapping(memory.clone(), 0)
         .mode(DeliveryMode::Sigbus)
         .start()
         .expect_err("pread is not signal safe");
@@ -140,18 +139,13 @@ fn sigbus_mode_refuses_a_uffd_without_the_feature_or_an_unsafe_source() {
 fn sigbus_mode_records_the_first_fault_order() {
     let _turn = SIGBUS_SLOT.lock().unwrap_or_else(|p| p.into_inner());
     let pages = 64;
-    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
     let path = std::env::temp_dir().join(format!("uffdkit-sigbus-ws-{}", std::process::id()));
     let pager = Pager::builder(
         sigbus_uffd(),
         Arc::new(MemorySource::new(common::image(pages, PS, 0))),
     )
-    .region(RegionSpec::new(
-        memory.addr(),
-        memory.len(),
-        MemoryKind::Anon,
-        0,
-    ))
+    .mapping(memory.clone(), 0)
     .mode(DeliveryMode::Sigbus)
     .record(&path)
     .start()
@@ -236,17 +230,12 @@ fn the_allocator_guard_aborts_a_fault_handler_that_allocates() {
         return;
     }
     // In the child: one fault through a source that allocates.
-    let memory = Mapping::new(MemoryKind::Anon, 4 * PS).expect("map");
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, 4 * PS).expect("map"));
     let pager = Pager::builder(
         sigbus_uffd(),
         Arc::new(Allocating(MemorySource::new(vec![7u8; 4 * PS]))),
     )
-    .region(RegionSpec::new(
-        memory.addr(),
-        memory.len(),
-        MemoryKind::Anon,
-        0,
-    ))
+    .mapping(memory.clone(), 0)
     .mode(DeliveryMode::Sigbus)
     .start()
     .expect("start");
@@ -254,4 +243,63 @@ fn the_allocator_guard_aborts_a_fault_handler_that_allocates() {
     let byte = unsafe { std::ptr::read_volatile(memory.as_ptr()) };
     drop(pager);
     eprintln!("not caught: read {byte}");
+}
+
+/// The embedder's own SIGBUS handler, installed before the pager: counts its calls; a
+/// fault (si_code > 0) reaching it ends the process with code 3 (the pager's fault went
+/// to the VMM's handler).
+static VMM_SIGBUSES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+extern "C" fn vmm_on_sigbus(_: i32, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel's (or our caller's) siginfo.
+    if unsafe { (*info).si_code } > 0 {
+        // SAFETY: ends the process at once (async-signal-safe).
+        unsafe { libc::_exit(3) };
+    }
+    VMM_SIGBUSES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// A SIGBUS that is not the pager's goes to the handler the embedder had installed, and
+/// the pager keeps its own: faults on its pages after that are still served, and its
+/// stop puts the embedder's handler back.
+#[test]
+fn a_foreign_sigbus_is_chained_to_the_embedders_handler_and_the_pager_keeps_serving() {
+    const NAME: &str =
+        "a_foreign_sigbus_is_chained_to_the_embedders_handler_and_the_pager_keeps_serving";
+    if !testkit::isolated(NAME, Duration::from_secs(60)) {
+        return;
+    }
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let vmm = SigAction::new(
+        SigHandler::SigAction(vmm_on_sigbus),
+        SaFlags::SA_SIGINFO,
+        SigSet::empty(),
+    );
+    // SAFETY: the handler counts, or exits.
+    unsafe { sigaction(Signal::SIGBUS, &vmm) }.expect("install the VMM's handler");
+    let pages = 8;
+    let image = common::image(pages, PS, 0);
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
+    let pager = Pager::builder(sigbus_uffd(), Arc::new(MemorySource::new(image.clone())))
+        .mapping(memory.clone(), 0)
+        .mode(DeliveryMode::Sigbus)
+        .start()
+        .expect("start");
+    // SAFETY: served region.
+    assert_eq!(unsafe { common::bytes(memory.addr(), PS) }, &image[..PS]);
+    // A SIGBUS sent to us (not a fault on the pager's memory) is the VMM's.
+    nix::sys::signal::raise(Signal::SIGBUS).expect("raise");
+    assert_eq!(VMM_SIGBUSES.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // The pager still serves its faults (the VMM's handler would exit with code 3).
+    // SAFETY: served region.
+    let got = unsafe { common::bytes(memory.addr() + PS, 7 * PS) };
+    assert_eq!(got, &image[PS..]);
+    pager.stop().expect("stop");
+    // SAFETY: a query of the disposition.
+    let now = unsafe { sigaction(Signal::SIGBUS, &vmm) }.expect("query");
+    assert_eq!(
+        now.handler(),
+        SigHandler::SigAction(vmm_on_sigbus),
+        "the VMM's handler is back"
+    );
 }

@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pager::{DeliveryMode, Fetched, Pager, RegionSpec, Source, SourceError};
+use pager::{DeliveryMode, Fetched, Pager, Source, SourceError};
 use uffd_core::{Mapping, MemoryKind};
 
 const PS: usize = 4096;
@@ -24,14 +24,9 @@ fn stopping_with_faults_pending_returns_and_leaks_no_thread() {
             Ok(Fetched::Pending)
         }
     }
-    let memory = Mapping::new(MemoryKind::Anon, 16 * PS).expect("map");
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, 16 * PS).expect("map"));
     let pager = Pager::builder(common::uffd(), Arc::new(Silent))
-        .region(RegionSpec::new(
-            memory.addr(),
-            memory.len(),
-            MemoryKind::Anon,
-            0,
-        ))
+        .mapping(memory.clone(), 0)
         .mode(DeliveryMode::PerCpu)
         .start()
         .expect("start");

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pager::{Fetched, Placer, Source, SourceError};
+use pager::{ChildSource, Fetched, Placer, Source, SourceError};
 
 use crate::endpoint::receiver::{read_advise, Land, Receiver};
 use crate::endpoint::RecvStats;
@@ -135,6 +135,13 @@ impl Source for RemoteSource {
     /// request is remembered and made on reconnection.
     fn fetch<'a>(&'a self, offset: u64, scratch: &'a mut [u8]) -> Result<Fetched<'a>, SourceError> {
         self.client.receiver.fetch(offset, scratch)
+    }
+
+    /// One connection to the page server serves one address space: a forked child is
+    /// refused (its missing pages poisoned), never left waiting on arrivals that would go
+    /// to the parent's placer.
+    fn child(&self) -> ChildSource {
+        ChildSource::Refuse("a page-server connection serves one address space")
     }
 
     fn attach(&self, placer: Placer) {

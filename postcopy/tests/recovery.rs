@@ -237,7 +237,12 @@ fn first_bytes(m: &uffd_core::Mapping) -> Vec<u64> {
 /// A migration whose network partitions for good once a fault of `mode` lands at
 /// `trigger` (a protocol event: it always lands); both ends must give up within their
 /// bound, the source's memory intact.
-fn never_heals(trigger: Trigger, mode: CutMode, rounds: u32) {
+/// Returns the destination's memory if its workload ran (RUN happened).
+fn never_heals(
+    trigger: Trigger,
+    mode: CutMode,
+    rounds: u32,
+) -> Option<postcopy::migrate::RunningMemory> {
     let timing = Timing {
         give_up_after: Duration::from_secs(3),
         silence: Duration::from_secs(1),
@@ -251,7 +256,11 @@ fn never_heals(trigger: Trigger, mode: CutMode, rounds: u32) {
     };
     let dest = Destination::bind(&"127.0.0.1:0".parse().unwrap(), key(), opts).unwrap();
     let proxy = proxy_to(&dest.local_addr().unwrap(), Direction::ToListener);
-    let dest_t = std::thread::spawn(move || dest.run(|mem| drop(common::toucher(mem))));
+    // No workload at the destination: what never arrived is poisoned when it gives up
+    // (a touch would raise SIGBUS: `a_destination_that_gives_up_after_run_poisons…`).
+    let ran = Arc::new(Mutex::new(None));
+    let r = ran.clone();
+    let dest_t = std::thread::spawn(move || dest.run(move |mem| *r.lock().unwrap() = Some(mem)));
     let memory = source_memory(8 << 20);
     let before = first_bytes(&memory);
     let opts = SourceOptions {
@@ -308,6 +317,8 @@ fn never_heals(trigger: Trigger, mode: CutMode, rounds: u32) {
         first_bytes(&memory),
         "the source's memory is intact"
     );
+    let ran = ran.lock().unwrap().take();
+    ran
 }
 
 #[test]
@@ -327,4 +338,20 @@ fn both_ends_give_up_within_their_bound_when_the_network_never_heals_at_the_swit
 #[test]
 fn both_ends_give_up_within_their_bound_when_the_network_never_heals_in_postcopy() {
     never_heals(Trigger::Postcopy { frames: 1 }, CutMode::Reset, 0);
+}
+
+#[test]
+fn a_destination_that_gives_up_after_run_poisons_what_never_arrived() {
+    // Its own process: the touch that must raise SIGBUS parks its thread for good.
+    let test = "a_destination_that_gives_up_after_run_poisons_what_never_arrived";
+    if !testkit::isolated(test, Duration::from_secs(90)) {
+        return;
+    }
+    // Pure postcopy, cut at the stream's first frame and never healed: the stream goes
+    // from page 0 in order, so the last page never arrived.
+    let mem = never_heals(Trigger::Postcopy { frames: 1 }, CutMode::Reset, 0)
+        .expect("the destination's workload ran");
+    let last = mem.base + mem.len - 4096;
+    testkit::sigbus::touch_expecting_sigbus(last, Duration::from_secs(10))
+        .expect("a page that never arrived raises SIGBUS, never reads zeros");
 }

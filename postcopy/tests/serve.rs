@@ -104,6 +104,11 @@ fn survives_cuts((listener, opener): (Security, Security)) {
 
 #[test]
 fn a_client_cut_off_from_its_server_fails_its_pager_within_the_bound() {
+    // Its own process: the faulting thread ends parked in a SIGBUS handler.
+    let test = "a_client_cut_off_from_its_server_fails_its_pager_within_the_bound";
+    if !testkit::isolated(test, Duration::from_secs(60)) {
+        return;
+    }
     let img = common::image(4096);
     let (_srv, proxy) = proxied_server(&img, key().into());
     let timing = Timing {
@@ -117,24 +122,13 @@ fn a_client_cut_off_from_its_server_fails_its_pager_within_the_bound() {
     proxy.partition(true);
     let memory = Mapping::new(MemoryKind::Anon, img.len()).expect("map");
     let pager = common::pager_for(source, &memory);
-    let base = memory.addr();
-    // A faulting thread, as a vCPU would be: it waits for the page.
-    let toucher = std::thread::spawn(move || {
-        // SAFETY: the served region, mapped until after this thread is joined.
-        unsafe { std::ptr::read_volatile((base + 4096 * 4000) as *const u8) }
-    });
-    let t = Instant::now();
-    while !pager.has_stopped() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "the pager stopped within the bound"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // A faulting thread, as a vCPU would be: it waits for the page, and once the client
+    // gives up the page is poisoned — SIGBUS, never a zero page.
+    testkit::sigbus::touch_expecting_sigbus(memory.addr() + 4096 * 4000, Duration::from_secs(20))
+        .expect("the waiting thread gets SIGBUS when the client gives up");
+    assert!(pager.has_stopped(), "the pager stopped");
     let err = pager.stop().expect_err("the source failed the pager");
     assert!(matches!(err, pager::Error::Source(_)), "{err}");
-    // The uffd is closed with the pager: the faulting thread is released (a zero page).
-    toucher.join().expect("the faulting thread was released");
 }
 
 #[test]
@@ -267,15 +261,15 @@ fn two_mib_pages_from_a_page_server_restore_hugetlb_memory_byte_for_byte() {
         HUGE,
         "the server's page size is advised"
     );
-    let memory = Mapping::new(MemoryKind::HugetlbPrivate, PAGES * HUGE).expect("map hugetlb");
+    let memory =
+        Arc::new(Mapping::new(MemoryKind::HugetlbPrivate, PAGES * HUGE).expect("map hugetlb"));
     let uffd = uffd_core::Uffd::builder()
         .non_blocking(true)
         .require(uffd_core::Features::EVENT_REMOVE | uffd_core::Features::MISSING_HUGETLBFS)
         .open()
         .expect("uffd");
-    let region = pager::RegionSpec::new(memory.addr(), memory.len(), MemoryKind::HugetlbPrivate, 0);
     let pager = pager::Pager::builder(uffd, remote)
-        .region(region)
+        .mapping(memory.clone(), 0)
         .mode(pager::DeliveryMode::Thread)
         .start()
         .expect("start");

@@ -4,6 +4,7 @@ pub mod attacker;
 pub mod hugepages;
 pub mod proxy;
 pub mod s3;
+pub mod sigbus;
 
 use std::io::Write;
 

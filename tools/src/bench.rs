@@ -2,6 +2,11 @@
 //! a minimal raw handler loop of the same mode built directly on uffd-core, and, once per
 //! run, first-touch anonymous faults (the floor) — all in the same run, so the ratios
 //! compare like with like on a noisy machine.
+//!
+//! Like with like is checked, not assumed: CPUs are picked from the set this process may
+//! run on (a cpuset, `taskset`), every pin that fails is an error, each side records
+//! where its faulting and resolving threads ran, and a ratio of two sides placed
+//! differently is refused (`n/a`, `null` in JSON) rather than printed.
 
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::sync::{Arc, Barrier};
@@ -9,7 +14,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use pager::{pin_to_cpu, DeliveryMode, MemorySource, Pager, RegionSpec, Source, ZeroSource};
+use nix::sched::{sched_getaffinity, CpuSet};
+use nix::unistd::Pid;
+use pager::{pin_to_cpu, DeliveryMode, MemorySource, Pager, Source, ZeroSource};
 use serde::Serialize;
 use serde_json::json;
 use uffd_core::{
@@ -38,9 +45,9 @@ pub enum Kind {
 pub enum Placement {
     /// Nothing pinned.
     Unpinned,
-    /// Faulting threads and the handler pinned to CPU 0.
+    /// Faulting threads and the handler pinned to the first CPU this process may use.
     Same,
-    /// Faulting threads on CPU 0, the handler on CPU 1.
+    /// Faulting threads on the first CPU this process may use, the handler on the second.
     Other,
 }
 
@@ -91,18 +98,69 @@ struct Case<'a> {
     placement: Placement,
     page_size: usize,
     image: Arc<Vec<u8>>,
+    /// The CPUs this process may run on.
+    cpus: Vec<usize>,
+}
+
+/// Where a side's threads ran: what a ratio between two sides must agree on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Where {
+    /// The faulting threads' CPU (`None`: unpinned).
+    faulting: Option<usize>,
+    /// Where faults were resolved.
+    resolving: Resolving,
+}
+
+/// Where faults are resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Resolving {
+    /// Handler threads, unpinned.
+    Unpinned,
+    /// Handler threads pinned to these CPUs (one each).
+    Cpus(Vec<usize>),
+    /// In the faulting thread (SIGBUS).
+    FaultingThread,
+}
+
+/// `a / b`, only when both sides ran placed alike.
+fn ratio(a: (&Summary, &Where), b: (&Summary, &Where)) -> Option<f64> {
+    (a.1 == b.1).then(|| a.0.p50_us / b.0.p50_us.max(1e-3))
+}
+
+/// The CPUs this process may run on, in order.
+fn allowed_cpus() -> Result<Vec<usize>> {
+    let set = sched_getaffinity(Pid::from_raw(0)).context("sched_getaffinity")?;
+    Ok((0..CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect())
 }
 
 impl Case<'_> {
     fn fault_cpu(&self) -> Option<usize> {
-        (self.placement != Placement::Unpinned).then_some(0)
+        (self.placement != Placement::Unpinned).then(|| self.cpus[0])
     }
 
     fn handler_cpu(&self) -> Option<usize> {
         match self.placement {
             Placement::Unpinned => None,
-            Placement::Same => Some(0),
-            Placement::Other => Some(1 % cpus()),
+            Placement::Same => Some(self.cpus[0]),
+            // `run` refuses this placement with fewer than two CPUs.
+            Placement::Other => Some(self.cpus[1]),
+        }
+    }
+
+    /// Where a run placed its threads, from the CPUs its handlers were pinned to (each
+    /// pin that failed failed the run).
+    fn placed(&self, handlers: Option<&[Option<usize>]>) -> Where {
+        let resolving = match handlers {
+            None => Resolving::FaultingThread,
+            Some(cpus) if cpus.iter().all(Option::is_none) => Resolving::Unpinned,
+            Some(cpus) => Resolving::Cpus(cpus.iter().flatten().copied().collect()),
+        };
+        Where {
+            faulting: self.fault_cpu(),
+            resolving,
         }
     }
 
@@ -126,7 +184,7 @@ impl Case<'_> {
     fn fault(&self, region: &Mapping) -> Result<Summary> {
         let threads = self.args.threads;
         let barrier = Arc::new(Barrier::new(threads + 1));
-        let handles: Vec<JoinHandle<Vec<u32>>> = (0..threads)
+        let handles: Vec<JoinHandle<Result<Vec<u32>>>> = (0..threads)
             .map(|t| {
                 let barrier = barrier.clone();
                 let (ps, cpu) = (self.page_size, self.fault_cpu());
@@ -136,22 +194,26 @@ impl Case<'_> {
                 };
                 let pages = order(self.args.pattern, self.args.pages, 0x5EED + t as u64);
                 std::thread::spawn(move || {
-                    if let Some(cpu) = cpu {
-                        let _ = pin_to_cpu(cpu);
-                    }
-                    barrier.wait();
-                    timed_touch(base, ps, &pages).0
+                    let pinned = cpu.map_or(Ok(()), pin_to_cpu);
+                    barrier.wait(); // whatever happened, so that nobody waits forever
+                    pinned.with_context(|| format!("pin a faulting thread to CPU {cpu:?}"))?;
+                    Ok(timed_touch(base, ps, &pages).0)
                 })
             })
             .collect();
         barrier.wait();
         let start = Instant::now();
         let mut all = Vec::with_capacity(threads * self.args.pages);
+        let mut failed = None;
         for h in handles {
-            all.extend(
-                h.join()
-                    .map_err(|_| anyhow::anyhow!("faulting thread panicked"))?,
-            );
+            match h.join() {
+                Ok(Ok(ns)) => all.extend(ns),
+                Ok(Err(e)) => failed = Some(e),
+                Err(_) => failed = Some(anyhow::anyhow!("faulting thread panicked")),
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         Ok(summarize(all, start.elapsed()))
     }
@@ -173,19 +235,27 @@ impl Case<'_> {
         Ok(b.open()?)
     }
 
-    fn run_pager(&self, mode: Mode) -> Result<Summary> {
-        let region = self.map()?;
+    fn run_pager(&self, mode: Mode) -> Result<(Summary, Where)> {
+        let region = Arc::new(self.map()?);
         let delivery = DeliveryMode::from(mode);
-        let pager = Pager::builder(self.uffd(mode)?, self.source())
-            .region(RegionSpec::new(
-                region.addr(),
-                region.len(),
-                region.kind(),
-                0,
-            ))
-            .mode(delivery)
-            .handler_cpu(self.handler_cpu())
-            .start()?;
+        let builder = Pager::builder(self.uffd(mode)?, self.source())
+            .mapping(region.clone(), 0)
+            .mode(delivery);
+        // Pinned as the raw loop is (`placed`): one handler per allowed CPU in per-CPU
+        // mode, else the one handler thread (SIGBUS: its event thread).
+        let (builder, handlers) = match mode {
+            Mode::Percpu => {
+                let cpus: Vec<_> = self.cpus.iter().copied().map(Some).collect();
+                (builder.handler_cpus(self.cpus.iter().copied()), Some(cpus))
+            }
+            // The SIGBUS mode's event thread resolves no fault.
+            Mode::Sigbus => (builder.handler_cpu(self.handler_cpu()), None),
+            _ => (
+                builder.handler_cpu(self.handler_cpu()),
+                Some(vec![self.handler_cpu()]),
+            ),
+        };
+        let pager = builder.start()?;
         let summary = self.fault(&region)?;
         let stats = pager.stop()?;
         if stats.placed() != self.total_pages() as u64 {
@@ -195,10 +265,10 @@ impl Case<'_> {
                 self.total_pages()
             );
         }
-        Ok(summary)
+        Ok((summary, self.placed(handlers.as_deref())))
     }
 
-    fn run_raw(&self, mode: Mode) -> Result<Summary> {
+    fn run_raw(&self, mode: Mode) -> Result<(Summary, Where)> {
         let region = self.map()?;
         let uffd = Arc::new(self.uffd(mode)?);
         uffd.register(region.addr(), region.len(), RegisterMode::MISSING)?;
@@ -209,6 +279,7 @@ impl Case<'_> {
             page_size: self.page_size,
             zero: self.args.source == SourceKind::Zero,
         };
+        let mut handlers = None;
         let summary = if mode == Mode::Sigbus {
             let guard = raw_sigbus::install(raw);
             let s = self.fault(&region);
@@ -217,12 +288,12 @@ impl Case<'_> {
         } else {
             let stop = Arc::new(AtomicBool::new(false));
             let cpus: Vec<Option<usize>> = match mode {
-                Mode::Percpu => (0..cpus()).map(Some).collect(),
+                Mode::Percpu => self.cpus.iter().copied().map(Some).collect(),
                 _ => vec![self.handler_cpu()],
             };
-            let handlers: Vec<_> = cpus
-                .into_iter()
-                .map(|cpu| {
+            let threads: Vec<_> = cpus
+                .iter()
+                .map(|&cpu| {
                     let (raw, stop) = (raw.clone(), stop.clone());
                     let spin = mode == Mode::Poll;
                     std::thread::spawn(move || raw.serve(cpu, spin, &stop))
@@ -230,23 +301,20 @@ impl Case<'_> {
                 .collect();
             let s = self.fault(&region);
             stop.store(true, Ordering::Relaxed);
-            for h in handlers {
+            for h in threads {
                 h.join()
                     .map_err(|_| anyhow::anyhow!("raw handler panicked"))??;
             }
+            handlers = Some(cpus);
             s?
         };
-        Ok(summary)
+        Ok((summary, self.placed(handlers.as_deref())))
     }
 
     fn run_first_touch(&self) -> Result<Summary> {
         let region = self.map()?;
         self.fault(&region)
     }
-}
-
-fn cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// The minimal raw handler: read events, copy (or zero) the page, wake on EEXIST.
@@ -285,7 +353,7 @@ impl Raw {
 
     fn serve(&self, cpu: Option<usize>, spin: bool, stop: &AtomicBool) -> Result<()> {
         if let Some(cpu) = cpu {
-            let _ = pin_to_cpu(cpu);
+            pin_to_cpu(cpu).with_context(|| format!("pin the raw handler to CPU {cpu}"))?;
         }
         let mut buf = EventBuffer::new(64);
         // Relaxed: a stop flag only; join() synchronises.
@@ -358,10 +426,13 @@ mod raw_sigbus {
 }
 
 /// Runs `f` `n` times and keeps the median run by p50.
-fn median_of(n: usize, mut f: impl FnMut() -> Result<Summary>) -> Result<Summary> {
+fn median_of<T: Clone>(
+    n: usize,
+    mut f: impl FnMut() -> Result<(Summary, T)>,
+) -> Result<(Summary, T)> {
     let mut runs = (0..n.max(1)).map(|_| f()).collect::<Result<Vec<_>>>()?;
-    runs.sort_by(|a, b| a.p50_us.total_cmp(&b.p50_us));
-    Ok(runs[runs.len() / 2])
+    runs.sort_by(|a, b| a.0.p50_us.total_cmp(&b.0.p50_us));
+    Ok(runs[runs.len() / 2].clone())
 }
 
 #[derive(Serialize)]
@@ -370,8 +441,13 @@ struct Row {
     placement: Placement,
     pager: Summary,
     raw: Summary,
-    pager_vs_raw_p50: f64,
-    pager_vs_first_touch_p50: f64,
+    /// Where each side ran.
+    pager_placed: Where,
+    raw_placed: Where,
+    /// `None` (JSON `null`) when the two sides ran placed differently: no ratio is made
+    /// of unlike placements.
+    pager_vs_raw_p50: Option<f64>,
+    pager_vs_first_touch_p50: Option<f64>,
 }
 
 /// Runs `uffdkit bench`.
@@ -392,6 +468,13 @@ pub fn run(args: &Args) -> Result<()> {
     if args.threads == 0 || args.pages == 0 {
         bail!("--threads and --pages must be at least 1");
     }
+    let cpus = allowed_cpus()?;
+    if args.placement.contains(&Placement::Other) && cpus.len() < 2 {
+        bail!(
+            "placement \"other\" needs two CPUs; this process may run on {cpus:?} only (a \
+             cpuset or taskset): ask for --placement unpinned,same"
+        );
+    }
     let total = match args.pattern {
         Pattern::Shared => args.pages,
         _ => args.pages * args.threads,
@@ -403,8 +486,15 @@ pub fn run(args: &Args) -> Result<()> {
             placement: Placement::Unpinned,
             page_size,
             image: image.clone(),
+            cpus: cpus.clone(),
         };
-        median_of(args.repeat, || case.run_first_touch()).context("first-touch baseline")?
+        median_of(args.repeat, || Ok((case.run_first_touch()?, ())))
+            .context("first-touch baseline")?
+            .0
+    };
+    let first_touch_placed = Where {
+        faulting: None,
+        resolving: Resolving::FaultingThread,
     };
     let mut rows = Vec::new();
     for &placement in &args.placement {
@@ -413,19 +503,25 @@ pub fn run(args: &Args) -> Result<()> {
             placement,
             page_size,
             image: image.clone(),
+            cpus: cpus.clone(),
         };
         for &mode in &args.modes {
-            let raw = median_of(args.repeat, || case.run_raw(mode))
+            let (raw, raw_placed) = median_of(args.repeat, || case.run_raw(mode))
                 .with_context(|| format!("raw {mode:?} loop"))?;
-            let pager = median_of(args.repeat, || case.run_pager(mode))
+            let (pager, pager_placed) = median_of(args.repeat, || case.run_pager(mode))
                 .with_context(|| format!("pager in {mode:?} mode"))?;
+            // The floor is unpinned: a ratio against it only for an unpinned pager.
+            let pager_vs_first_touch_p50 = (pager_placed.faulting.is_none())
+                .then(|| pager.p50_us / first_touch.p50_us.max(1e-3));
             rows.push(Row {
                 mode,
                 placement,
-                pager_vs_raw_p50: pager.p50_us / raw.p50_us.max(1e-3),
-                pager_vs_first_touch_p50: pager.p50_us / first_touch.p50_us.max(1e-3),
+                pager_vs_raw_p50: ratio((&pager, &pager_placed), (&raw, &raw_placed)),
+                pager_vs_first_touch_p50,
                 pager,
                 raw,
+                pager_placed,
+                raw_placed,
             });
         }
     }
@@ -434,9 +530,10 @@ pub fn run(args: &Args) -> Result<()> {
             "config": {
                 "threads": args.threads, "pages_per_thread": args.pages, "pattern": args.pattern,
                 "kind": args.kind, "source": args.source, "page_size": page_size,
-                "repeat": args.repeat, "cpus": cpus(),
+                "repeat": args.repeat, "cpus": cpus,
             },
             "first_touch": first_touch,
+            "first_touch_placed": first_touch_placed,
             "results": rows,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -444,7 +541,7 @@ pub fn run(args: &Args) -> Result<()> {
     }
     println!(
         "uffdkit bench: {} thread(s) × {} pages of {} KiB, {:?} pattern, {:?} memory, {:?} source, median of {} run(s), {} CPUs",
-        args.threads, args.pages, page_size / 1024, args.pattern, args.kind, args.source, args.repeat, cpus()
+        args.threads, args.pages, page_size / 1024, args.pattern, args.kind, args.source, args.repeat, cpus.len()
     );
     println!(
         "first-touch faults on the same memory kind, no uffd, unpinned: p50 {:.2} µs, p99 {:.2} µs, {:.0} pages/s",
@@ -466,10 +563,15 @@ pub fn run(args: &Args) -> Result<()> {
     );
     for r in &rows {
         for (who, s) in [("raw", &r.raw), ("pager", &r.pager)] {
+            let shown = |ratio: Option<f64>, width: usize, digits: usize| match ratio {
+                Some(x) => format!("{x:>width$.digits$}x"),
+                None => format!("{:>w$}", "n/a", w = width + 1),
+            };
             let ratios = if who == "pager" {
                 format!(
-                    "{:>7.2}x {:>8.1}x",
-                    r.pager_vs_raw_p50, r.pager_vs_first_touch_p50
+                    "{} {}",
+                    shown(r.pager_vs_raw_p50, 7, 2),
+                    shown(r.pager_vs_first_touch_p50, 8, 1)
                 )
             } else {
                 String::new()
@@ -489,6 +591,45 @@ pub fn run(args: &Args) -> Result<()> {
             );
         }
     }
-    println!("placement: unpinned = nothing pinned; same = faulting threads and handler on CPU 0; other = faulting on CPU 0, handler on CPU 1 (per-CPU handlers are always one per CPU)");
+    println!(
+        "placement: unpinned = nothing pinned; same = faulting threads and handler on CPU {}; \
+         other = faulting on CPU {}, handler on CPU {} (per-CPU handlers: one on each of {:?}); \
+         n/a = no ratio of unlike placements (vs touch: the floor is unpinned)",
+        cpus[0],
+        cpus[0],
+        cpus.get(1).map_or("-".to_string(), |c| c.to_string()),
+        cpus
+    );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(p50_us: f64) -> Summary {
+        let mut s = summarize(vec![1000], Duration::from_millis(1));
+        s.p50_us = p50_us;
+        s
+    }
+
+    #[test]
+    fn a_ratio_of_unlike_placements_is_refused() {
+        let pinned = Where {
+            faulting: Some(0),
+            resolving: Resolving::Cpus(vec![1]),
+        };
+        let unpinned = Where {
+            faulting: None,
+            resolving: Resolving::Unpinned,
+        };
+        let (a, b) = (summary(20.0), summary(10.0));
+        assert_eq!(ratio((&a, &pinned), (&b, &pinned)), Some(2.0));
+        assert_eq!(ratio((&a, &pinned), (&b, &unpinned)), None);
+        let elsewhere = Where {
+            faulting: Some(0),
+            resolving: Resolving::Cpus(vec![0]),
+        };
+        assert_eq!(ratio((&a, &pinned), (&b, &elsewhere)), None);
+    }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use pager::{DeliveryMode, MemorySource, Pager, Prefetch, RegionSpec};
+use pager::{DeliveryMode, MemorySource, Pager, Prefetch};
 use uffd_core::{Features, Mapping, MemoryKind, Uffd};
 
 use crate::workload::{fill_page, synthetic_image};
@@ -81,7 +81,7 @@ pub fn run(args: &Args) -> Result<()> {
     let source = MemorySource::new(image).with_zero_scan(ps);
     println!("  image built in {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
 
-    let memory = Mapping::new(MemoryKind::Anon, len)?;
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, len)?);
     let uffd = Uffd::builder()
         .non_blocking(true)
         .require(Features::EVENT_REMOVE | Features::EVENT_UNMAP | Features::EVENT_REMAP)
@@ -89,12 +89,7 @@ pub fn run(args: &Args) -> Result<()> {
         .context("open a userfaultfd")?;
     let start = Instant::now();
     let pager = Pager::builder(uffd, Arc::new(source))
-        .region(RegionSpec::new(
-            memory.addr(),
-            memory.len(),
-            MemoryKind::Anon,
-            0,
-        ))
+        .mapping(memory.clone(), 0)
         .mode(DeliveryMode::PerCpu)
         .prefetch(Prefetch::Sequential)
         .start()

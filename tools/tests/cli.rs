@@ -93,6 +93,55 @@ fn bench_json_reports_percentiles_and_ratios_for_each_mode() {
     assert!(v["first_touch"]["p50_us"].as_f64().expect("baseline") > 0.0);
 }
 
+/// In a cpuset of one CPU (here `taskset`), the bench pins to the CPU it may use — not to
+/// CPU 0, which would fail and leave one side unpinned — records where each side ran,
+/// and refuses the placement that needs two CPUs instead of printing ratios of unlike
+/// placements.
+#[test]
+fn bench_in_a_one_cpu_cpuset_pins_where_it_may_and_refuses_what_it_cannot_place() {
+    let cpu = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+        .ok()
+        .and_then(|set| {
+            (0..nix::sched::CpuSet::count())
+                .rev()
+                .find(|&c| set.is_set(c).unwrap_or(false))
+        })
+        .expect("an allowed CPU");
+    let run = |placement: &str| {
+        Command::new("taskset")
+            .args([
+                "-c",
+                &cpu.to_string(),
+                env!("CARGO_BIN_EXE_uffdkit"),
+                "bench",
+            ])
+            .args([
+                "--pages",
+                "200",
+                "--repeat",
+                "1",
+                "--modes",
+                "thread,percpu",
+            ])
+            .args(["--placement", placement, "--json"])
+            .output()
+            .expect("run uffdkit under taskset")
+    };
+    let v = success_json(&run("same"));
+    for r in v["results"].as_array().expect("results") {
+        assert_eq!(r["pager_placed"], r["raw_placed"], "{r}");
+        assert_eq!(r["pager_placed"]["faulting"], cpu, "{r}");
+        assert!(r["pager_vs_raw_p50"].as_f64().is_some(), "{r}");
+    }
+    let out = run("other");
+    assert!(
+        !out.status.success(),
+        "placement other on one CPU is refused"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs two CPUs"), "{err}");
+}
+
 #[test]
 fn restore_compares_strategies_and_verifies_pages() {
     let path = std::env::temp_dir().join(format!("uffdkit-cli-image-{}", std::process::id()));

@@ -217,13 +217,15 @@ impl Uffd {
     }
 
     /// Marks the missing pages of `[start, start + len)` as poisoned: touching them raises
-    /// SIGBUS (as a hardware memory error would), neighbours are unaffected. Needs the
-    /// `POISON` feature.
+    /// SIGBUS (as a hardware memory error would), neighbours are unaffected, and the
+    /// marker outlives the userfaultfd (closing it does not turn the pages into zeros).
+    /// The `POISON` feature bit only advertises the ioctl: the kernel does not require it
+    /// to have been negotiated, so a uffd adopted from a VMM that asked for less (as
+    /// Firecracker's does) can still be poisoned; a kernel without it answers `EINVAL`.
     ///
     /// See `ioctl_userfaultfd(2)`, `UFFDIO_POISON`. Since Linux 6.6.
     pub fn poison(&self, start: usize, len: usize, mode: PoisonMode) -> Result<usize> {
         check_range(Op::Poison, start, len)?;
-        self.need(Op::Poison, Features::POISON)?;
         let mut arg = sys::uffdio_poison {
             range: sys::uffdio_range {
                 start: start as u64,

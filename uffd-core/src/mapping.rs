@@ -7,8 +7,11 @@
 
 use std::ffi::CStr;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
+
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use nix::unistd::ftruncate;
 
 /// 2 MiB, the huge page size used for hugetlb mappings here.
 pub const HUGE_PAGE_SIZE: usize = 2 << 20;
@@ -81,18 +84,13 @@ fn mmap(len: usize, prot: i32, flags: i32, fd: i32) -> io::Result<usize> {
     Ok(ptr as usize)
 }
 
-fn memfd(name: &CStr, flags: u32, len: usize) -> io::Result<OwnedFd> {
-    // SAFETY: `name` is NUL-terminated.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags | libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: memfd_create returned a fresh fd that we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: ftruncate on an fd we own.
-    if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+/// A memfd of `len` bytes (`memfd_create(2)` and `ftruncate(2)`, through nix's safe
+/// wrappers), close-on-exec.
+fn memfd(name: &CStr, flags: MFdFlags, len: usize) -> io::Result<OwnedFd> {
+    let fd = memfd_create(name, flags | MFdFlags::MFD_CLOEXEC)?;
+    let len =
+        libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    ftruncate(&fd, len)?;
     Ok(fd)
 }
 
@@ -126,7 +124,7 @@ impl Mapping {
                 None,
             ),
             MemoryKind::Shmem => {
-                let fd = memfd(c"uffdkit-shmem", 0, len)?;
+                let fd = memfd(c"uffdkit-shmem", MFdFlags::empty(), len)?;
                 (
                     mmap(len, RW, libc::MAP_SHARED, fd.as_raw_fd())?,
                     Some(Arc::new(fd)),
@@ -135,7 +133,7 @@ impl Mapping {
             MemoryKind::Hugetlb => {
                 let fd = memfd(
                     c"uffdkit-hugetlb",
-                    libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
+                    MFdFlags::MFD_HUGETLB | MFdFlags::MFD_HUGE_2MB,
                     len,
                 )?;
                 (

@@ -290,6 +290,32 @@ fn move_with_allow_src_holes_skips_holes() {
 }
 
 #[test]
+fn poison_needs_no_negotiated_feature_and_outlives_the_uffd() {
+    let outcome = common::fork_child(|| {
+        let region = Mapping::new(MemoryKind::Anon, 2 * 4096).expect("map");
+        // What a VMM such as Firecracker negotiates: no POISON bit.
+        let uffd = open(Features::EVENT_REMOVE);
+        uffd.register(region.addr(), region.len(), RegisterMode::MISSING)
+            .expect("register");
+        let poisoned = uffd
+            .poison(region.page_addr(1), 4096, PoisonMode::empty())
+            .expect("poison without the feature negotiated");
+        if poisoned != 4096 {
+            return 2;
+        }
+        drop(uffd);
+        // SAFETY: page 0 is no longer registered: it reads as zeros.
+        if unsafe { std::ptr::read_volatile(region.page_addr(0) as *const u8) } != 0 {
+            return 3;
+        }
+        // SAFETY: the poisoned page: this read must raise SIGBUS even with the uffd gone.
+        unsafe { std::ptr::read_volatile(region.page_addr(1) as *const u8) };
+        4
+    });
+    assert_eq!(outcome, Err(libc::SIGBUS), "the child should die of SIGBUS");
+}
+
+#[test]
 fn poison_raises_sigbus_and_spares_neighbours() {
     for kind in common::kinds("poison_raises_sigbus_and_spares_neighbours") {
         let ps = kind.page_size();

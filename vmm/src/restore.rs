@@ -6,9 +6,7 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
-use pager::{
-    DeliveryMode, Features, FileSource, Mapping, Pager, Prefetch, RegionSpec, Source, Uffd,
-};
+use pager::{DeliveryMode, Features, FileSource, Mapping, Pager, Prefetch, Source, Uffd};
 
 use crate::error::{Error, Result};
 use crate::snapshot::{fits, VmState, MEMORY_FILE};
@@ -77,7 +75,8 @@ impl Vm {
                 config.mib
             )));
         }
-        let memory = Mapping::new(config.kind, config.memory_len()).map_err(Error::Memory)?;
+        let memory =
+            Arc::new(Mapping::new(config.kind, config.memory_len()).map_err(Error::Memory)?);
         let in_thread = lazy.in_thread && lazy.mode == DeliveryMode::Sigbus;
         let pager = serve_from(source, &memory, lazy)?;
         let mut vm = Vm::with_memory(config, memory)?;
@@ -92,7 +91,8 @@ impl Vm {
     pub fn restore(dir: &Path, config: VmConfig, how: Restore) -> Result<Vm> {
         let state = VmState::load(dir)?;
         check_fits(&state, &config)?;
-        let memory = Mapping::new(config.kind, config.memory_len()).map_err(Error::Memory)?;
+        let memory =
+            Arc::new(Mapping::new(config.kind, config.memory_len()).map_err(Error::Memory)?);
         let path = dir.join(MEMORY_FILE);
         let pager = match how {
             Restore::Eager => {
@@ -140,7 +140,7 @@ fn read_into(path: &Path, memory: &Mapping) -> Result<()> {
 }
 
 /// Starts a pager serving `memory` from the memory file.
-fn serve(path: &Path, memory: &Mapping, lazy: Lazy) -> Result<Pager> {
+fn serve(path: &Path, memory: &Arc<Mapping>, lazy: Lazy) -> Result<Pager> {
     // The SIGBUS path answers inside a signal handler: only a mapped file is safe there.
     let source: Arc<dyn Source> = match lazy.mode {
         DeliveryMode::Sigbus => Arc::new(FileSource::mmap(path)?),
@@ -151,7 +151,7 @@ fn serve(path: &Path, memory: &Mapping, lazy: Lazy) -> Result<Pager> {
 }
 
 /// Starts a pager serving `memory` from `source` (guest physical address = image offset).
-fn serve_from(source: Arc<dyn Source>, memory: &Mapping, lazy: Lazy) -> Result<Pager> {
+fn serve_from(source: Arc<dyn Source>, memory: &Arc<Mapping>, lazy: Lazy) -> Result<Pager> {
     let mode = lazy.mode;
     let features = match mode {
         DeliveryMode::Sigbus => Features::SIGBUS,
@@ -166,12 +166,7 @@ fn serve_from(source: Arc<dyn Source>, memory: &Mapping, lazy: Lazy) -> Result<P
         return Err(Error::UserModeOnly);
     }
     let pager = Pager::builder(uffd, source)
-        .region(RegionSpec::new(
-            memory.addr(),
-            memory.len(),
-            memory.kind(),
-            0,
-        ))
+        .mapping(memory.clone(), 0)
         .mode(mode)
         .handler_cpu(lazy.handler_cpu)
         .readahead(lazy.readahead)

@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region};
@@ -71,8 +72,9 @@ pub struct RunReport {
 /// which the destination owns and keeps mapped).
 #[derive(Debug)]
 pub enum GuestMemory {
-    /// Mapped by and for this VM.
-    Owned(Mapping),
+    /// Mapped by and for this VM (shared with the pager serving it, which keeps it mapped
+    /// for as long as it may place pages).
+    Owned(Arc<Mapping>),
     /// Lent by the caller of [`Vm::over`], under its contract.
     Lent {
         /// First byte.
@@ -135,11 +137,11 @@ impl Vm {
             "guest memory must hold the code and stay below 2 GiB"
         );
         let memory = Mapping::new(config.kind, config.memory_len()).map_err(Error::Memory)?;
-        Self::with_memory(config, memory)
+        Self::with_memory(config, Arc::new(memory))
     }
 
     /// Like [`Vm::create`] over memory the caller mapped (and maybe registered already).
-    pub(crate) fn with_memory(config: VmConfig, memory: Mapping) -> Result<Vm> {
+    pub(crate) fn with_memory(config: VmConfig, memory: Arc<Mapping>) -> Result<Vm> {
         Self::with_guest_memory(config, GuestMemory::Owned(memory))
     }
 

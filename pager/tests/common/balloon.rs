@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pager::{
-    DeliveryMode, Features, Fetched, Mapping, MemoryKind, MemorySource, Pager, Prefetch,
-    RegionSpec, Source, SourceError, StatsSnapshot, Uffd,
+    DeliveryMode, Features, Fetched, Mapping, MemoryKind, MemorySource, Pager, Prefetch, Source,
+    SourceError, StatsSnapshot, Uffd,
 };
 
 /// What a stress run did.
@@ -145,7 +145,7 @@ fn round(
     seed: u64,
 ) -> (u64, u64, StatsSnapshot) {
     let ps = kind.page_size();
-    let memory = Mapping::new(kind, pages * ps).expect("map");
+    let memory = Arc::new(Mapping::new(kind, pages * ps).expect("map"));
     let uffd = Uffd::builder()
         .non_blocking(true)
         .require(Features::EVENT_REMOVE | features)
@@ -156,7 +156,7 @@ fn round(
         delay: Duration::from_micros(if kind.is_hugetlb() { 200 } else { 20 }),
     };
     let pager = Pager::builder(uffd, Arc::new(source))
-        .region(RegionSpec::new(memory.addr(), memory.len(), kind, 0))
+        .mapping(memory.clone(), 0)
         .mode(mode)
         .fault_around(4)
         .readahead(true)

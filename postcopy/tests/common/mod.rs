@@ -233,9 +233,11 @@ pub fn pager_for(source: Arc<dyn pager::Source>, memory: &Mapping) -> pager::Pag
         .require(uffd_core::Features::EVENT_REMOVE)
         .open()
         .expect("uffd");
+    let builder = pager::Pager::builder(uffd, source);
     let region = pager::RegionSpec::new(memory.addr(), memory.len(), MemoryKind::Anon, 0);
-    pager::Pager::builder(uffd, source)
-        .region(region)
+    // SAFETY: the caller's mapping, which the tests keep until the pager is stopped and
+    // read only through raw pointers.
+    unsafe { builder.region(region) }
         .mode(DeliveryMode::Thread)
         .start()
         .expect("start")

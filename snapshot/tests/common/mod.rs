@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pager::{DeliveryMode, Pager, Prefetch, RegionSpec, Source};
+use pager::{DeliveryMode, Pager, Prefetch, Source};
 use snapshot::workload::{fill_initial, WriterOptions, Writers};
 use uffd_core::{Features, Mapping, MemoryKind, Uffd};
 
@@ -92,7 +92,7 @@ pub fn assert_writing(w: &Writers, after: &str) {
 /// Serves `source` into fresh `kind` memory through a pager and reads all of it (every
 /// page faulted in, in order).
 pub fn restore(source: Arc<dyn Source>, kind: MemoryKind, len: usize) -> Vec<u8> {
-    let memory = Mapping::new(kind, len).expect("map");
+    let memory = Arc::new(Mapping::new(kind, len).expect("map"));
     let uffd = Uffd::builder()
         .non_blocking(true)
         .require(Features::EVENT_REMOVE)
@@ -100,7 +100,7 @@ pub fn restore(source: Arc<dyn Source>, kind: MemoryKind, len: usize) -> Vec<u8>
         .open()
         .expect("uffd");
     let pager = Pager::builder(uffd, source)
-        .region(RegionSpec::new(memory.addr(), memory.len(), kind, 0))
+        .mapping(memory.clone(), 0)
         .mode(DeliveryMode::Thread)
         .prefetch(Prefetch::None)
         .start()

@@ -210,7 +210,7 @@ pub fn run(args: &Args) -> Result<()> {
     // Held until the VMM is dealt with: closing the last descriptor of its userfaultfd
     // would release its blocked faults onto zero pages before it is killed.
     let hold_uffd = hs
-        .uffd
+        .uffd()
         .as_fd()
         .try_clone_to_owned()
         .context("duplicate the VMM's userfaultfd")?;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use pager::{DeliveryMode, FileSource, Pager, RegionSpec, Source};
+use pager::{DeliveryMode, FileSource, Pager, Source};
 use serde_json::json;
 use uffd_core::{Features, Mapping, MemoryKind, Uffd};
 
@@ -244,7 +244,7 @@ fn run_pager(
     };
     let is_chunked = chunked_source.is_some() || args.source == SourceKind::Chunked;
     let mode = delivery_mode(args.mode, is_chunked)?;
-    let memory = Mapping::new(MemoryKind::Anon, map_len)?;
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, map_len)?);
     let extra = if mode == Mode::Sigbus {
         Features::SIGBUS
     } else {
@@ -266,12 +266,7 @@ fn run_pager(
         len: map_len as u64,
     });
     let builder = Pager::builder(uffd, padded)
-        .region(RegionSpec::new(
-            memory.addr(),
-            memory.len(),
-            MemoryKind::Anon,
-            0,
-        ))
+        .mapping(memory.clone(), 0)
         .mode(DeliveryMode::from(mode));
     let builder = args.prefetch.apply(builder, map_len / PS)?;
     // A chunked source prefetches itself (it knows which chunks are on their way).
@@ -375,6 +370,15 @@ impl Source for Padded {
     }
     fn attach(&self, placer: pager::Placer) {
         self.inner.attach(placer)
+    }
+    fn child(&self) -> pager::ChildSource {
+        match self.inner.child() {
+            pager::ChildSource::Own(inner) => pager::ChildSource::Own(Arc::new(Padded {
+                inner,
+                len: self.len,
+            })),
+            other => other,
+        }
     }
     fn is_signal_safe(&self) -> bool {
         self.inner.is_signal_safe()

@@ -201,8 +201,8 @@ impl Destination {
     /// A broken or silent connection pauses (after RUN the pager keeps the workload's
     /// faults waiting) until the source reconnects, or fails after
     /// [`Timing::give_up_after`]. If the migration fails after RUN, the memory is left
-    /// mapped (the workload may still use it) and, with the pager gone, pages that never
-    /// arrived read as zero.
+    /// mapped (the workload may still use it) and every page that never arrived is
+    /// poisoned: a touch raises SIGBUS, never reads zeros.
     pub fn run(self, on_run: impl FnOnce(RunningMemory)) -> Result<DestReport, Error> {
         let mut d = DestRun::start(&self)?;
         let mut on_run = Some(on_run);

@@ -185,8 +185,12 @@ impl<'d> DestRun<'d> {
             .non_blocking(true)
             .require(UffdFeatures::EVENT_REMOVE)
             .open()?;
-        let pager = Pager::builder(uffd, self.receiver.clone())
-            .region(RegionSpec::new(memory.addr(), memory.len(), self.kind, 0))
+        let builder = Pager::builder(uffd, self.receiver.clone());
+        // SAFETY: `memory` is the destination's own mapping, kept in `self.memory` until
+        // the pager is stopped, and read only through raw pointers.
+        let builder =
+            unsafe { builder.region(RegionSpec::new(memory.addr(), memory.len(), self.kind, 0)) };
+        let pager = builder
             .mode(self.d.opts.mode)
             .prefetch(Prefetch::None)
             .states(states)
@@ -301,12 +305,19 @@ impl<'d> DestRun<'d> {
         }
     }
 
-    /// After RUN the workload may still use the memory: it stays mapped (with the pager
-    /// gone, pages that never arrived read as zero).
+    /// After RUN the workload may still use the memory: it stays mapped, and every page
+    /// that never arrived is poisoned first (the pager fails with the cause), so a touch
+    /// raises SIGBUS rather than reading zeros that were never the source's.
     pub(super) fn fail(&mut self, e: Error) -> Error {
         log::error!("destination: {}", crate::error::chain(&e));
         self.pair = None;
-        self.pager = None;
+        if let Some(pager) = self.pager.take() {
+            pager.fail(pager::SourceError {
+                what: "the migration",
+                offset: 0,
+                source: std::io::Error::other(crate::error::chain(&e)),
+            });
+        }
         if self.run_at.is_some() {
             if let Some(m) = self.memory.take() {
                 let _ = m.leak();
