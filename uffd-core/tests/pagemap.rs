@@ -87,8 +87,11 @@ fn writes_racing_the_scan_are_never_lost() {
     let pm = Pagemap::open().expect("open pagemap");
     let base = map.addr();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Writes so far: each scan window waits for some, so a starved writer (a loaded
+    // machine) makes the test slower, never vacuous.
+    let writes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let writer = {
-        let stop = stop.clone();
+        let (stop, writes) = (stop.clone(), writes.clone());
         std::thread::spawn(move || {
             let mut i = 0usize;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -99,8 +102,20 @@ fn writes_racing_the_scan_are_never_lost() {
                     std::ptr::write_volatile(w, std::ptr::read_volatile(w) + 1);
                 }
                 i += 1;
+                writes.store(i, std::sync::atomic::Ordering::Relaxed);
             }
         })
+    };
+    let some_writes = || {
+        let (from, until) = (
+            writes.load(std::sync::atomic::Ordering::Relaxed),
+            std::time::Instant::now() + std::time::Duration::from_secs(10),
+        );
+        while writes.load(std::sync::atomic::Ordering::Relaxed) < from + 16
+            && std::time::Instant::now() < until
+        {
+            std::thread::yield_now();
+        }
     };
     let read_all = || -> Vec<u64> {
         (0..pages)
@@ -116,7 +131,7 @@ fn writes_racing_the_scan_are_never_lost() {
     for _ in 0..200 {
         let _ = written_pages(&pm, &map); // S1
         let before = read_all();
-        std::thread::sleep(std::time::Duration::from_micros(200));
+        some_writes();
         let mut reported: std::collections::HashSet<usize> =
             written_pages(&pm, &map).into_iter().collect(); // S2
         let after = read_all();
