@@ -243,6 +243,11 @@ fn server_stopped_mid_restore_faults_wait_then_complete() {
 
 #[test]
 fn server_gone_for_good_fails_the_pager_after_the_retry_bound() {
+    // Its own process: the waiting thread ends parked in a SIGBUS handler.
+    let test = "server_gone_for_good_fails_the_pager_after_the_retry_bound";
+    if !testkit::isolated(test, Duration::from_secs(120)) {
+        return;
+    }
     let Some(mut server) = S3Server::start("server_gone_for_good", BUCKET) else {
         return;
     };
@@ -262,7 +267,10 @@ fn server_gone_for_good_fails_the_pager_after_the_retry_bound() {
     let (memory, pager) = serve(source.clone(), bytes.len());
     server.stop();
     let started = Instant::now();
-    let waiting = touch_async(&memory, 700);
+    // The waiting thread gets SIGBUS once the source gives up (its page is poisoned),
+    // never a zero page or image data that was not fetched.
+    testkit::sigbus::touch_expecting_sigbus(memory.addr() + 700 * PS, Duration::from_secs(30))
+        .expect("the waiting thread gets SIGBUS");
     assert!(wait_until(Duration::from_secs(30), || pager.has_stopped()));
     let took = started.elapsed();
     assert!(
@@ -272,14 +280,17 @@ fn server_gone_for_good_fails_the_pager_after_the_retry_bound() {
     let err = pager.stop().expect_err("the pager reports the failure");
     let text = common::error_chain(&err);
     assert!(text.contains("gave up"), "{text}");
-    // The uffd is closed: the waiting thread is released (onto a zero page), never
-    // onto image data that was not fetched.
-    assert_eq!(waiting.join().unwrap(), 0);
     drop(memory);
 }
 
 #[test]
 fn chunk_corrupted_in_the_bucket_is_refetched_then_reported_and_never_placed() {
+    // Its own process: the threads touching the poisoned chunk end parked in a SIGBUS
+    // handler.
+    let test = "chunk_corrupted_in_the_bucket_is_refetched_then_reported_and_never_placed";
+    if !testkit::isolated(test, Duration::from_secs(120)) {
+        return;
+    }
     let Some(server) = S3Server::start("chunk_corrupted_in_the_bucket", BUCKET) else {
         return;
     };
@@ -311,7 +322,9 @@ fn chunk_corrupted_in_the_bucket_is_refetched_then_reported_and_never_placed() {
     // A good chunk first.
     assert_eq!(page_of(&memory, 0), &bytes[..PS]);
     let victim = 5 * 128;
-    let waiting = touch_async(&memory, victim);
+    let page_addr = |p: usize| memory.addr() + p * PS;
+    testkit::sigbus::touch_expecting_sigbus(page_addr(victim), Duration::from_secs(20))
+        .expect("the waiting thread gets SIGBUS");
     assert!(wait_until(Duration::from_secs(20), || pager.has_stopped()));
     assert_eq!(
         source.stats().fetch.corrupt,
@@ -321,14 +334,9 @@ fn chunk_corrupted_in_the_bucket_is_refetched_then_reported_and_never_placed() {
     let err = pager.stop().expect_err("the corrupt chunk is reported");
     let chain = format!("{:?}", err);
     assert!(chain.contains("Corrupt"), "{chain}");
-    assert_eq!(waiting.join().unwrap(), 0);
-    // Nothing of the corrupt chunk was placed: its pages read as the kernel's zero page.
-    for p in victim..victim + 128 {
-        assert!(
-            page_of(&memory, p).iter().all(|&b| b == 0),
-            "page {p} was placed"
-        );
-    }
+    // Nothing of the corrupt chunk was placed: its last page is poisoned too.
+    testkit::sigbus::touch_expecting_sigbus(page_addr(victim + 127), Duration::from_secs(5))
+        .expect("the corrupt chunk's pages were never placed");
 }
 
 #[test]
