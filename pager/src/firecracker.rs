@@ -375,6 +375,12 @@ pub struct ServeOptions {
     pub fault_around: usize,
     /// Sequential readahead ([`PagerBuilder::readahead`](crate::PagerBuilder::readahead)).
     pub readahead: bool,
+    /// Poison the pages not yet placed on a fatal error
+    /// ([`PagerBuilder::poison_on_fatal`](crate::PagerBuilder::poison_on_fatal)). An
+    /// embedder that kills the VMM instead turns it off: the VMM's faults then stay
+    /// blocked (its userfaultfd is held) until it is killed, so it ends by the kill, never
+    /// by a SIGBUS racing it.
+    pub poison_on_fatal: bool,
 }
 
 impl Default for ServeOptions {
@@ -386,6 +392,7 @@ impl Default for ServeOptions {
             kill_peer_on_error: false,
             fault_around: 0,
             readahead: true,
+            poison_on_fatal: true,
         }
     }
 }
@@ -440,7 +447,8 @@ fn serve_inner(
         .prefetch(options.prefetch.clone())
         .prefetch_after_first_fault(true)
         .fault_around(options.fault_around)
-        .readahead(options.readahead);
+        .readahead(options.readahead)
+        .poison_on_fatal(options.poison_on_fatal);
     if let Some(path) = &options.record {
         builder = builder.record(path);
     }

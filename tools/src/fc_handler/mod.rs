@@ -388,6 +388,9 @@ fn serve(
         record: args.prefetch.record.clone(),
         // `run` kills on every fatal error, this one included.
         kill_peer_on_error: false,
+        // Killed (the default), the VMM ends by the kill: its faults wait on the held uffd
+        // until then. Left running (--no-kill-peer), what was never placed is poisoned.
+        poison_on_fatal: args.no_kill_peer,
         fault_around: args.prefetch.fault_around,
         readahead: !args.prefetch.no_readahead,
     };
