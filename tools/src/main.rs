@@ -6,6 +6,7 @@ mod demo;
 mod exit;
 mod fc_client;
 mod fc_handler;
+mod guarded;
 mod hugepages;
 mod image;
 mod link_args;

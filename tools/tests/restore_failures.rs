@@ -1,0 +1,242 @@
+//! `uffdkit restore --image URL` when the image cannot be served: a pack removed,
+//! corrupted or truncated in the store (a `file://` store, and a real S3-compatible one,
+//! `s3s-fs`), the store killed for longer than the retry bound. Each restore must end
+//! within its bound, exit 1 and say why once — never hang with its workload blocked, never
+//! die of the poisoned pages' SIGBUS.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{run, temp, uffdkit, Finished, Proc};
+use testkit::s3::S3Server;
+
+/// A directory removed when the test ends, however it ends.
+struct Dir(PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What the restore's last words must say, once.
+const STOPPED: &str = "the pager stopped while the workload ran";
+
+/// Pushes an 8 MiB image to `url` (with `env` for the store); returns the raw file.
+fn push(dir: &Path, url: &str, env: &[(String, String)]) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("dir");
+    let raw = dir.join("mem.raw");
+    common::image(&raw, 8 << 20);
+    let mut cmd = uffdkit(["image", "push"]);
+    cmd.arg(&raw).arg(url).envs(env.iter().cloned());
+    let out = run(cmd);
+    assert!(out.status.success(), "{}", out.text());
+    raw
+}
+
+/// The pack files of a store rooted at `root` (its `packs` directory, wherever it is).
+fn packs(root: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).expect("read the store").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.parent().and_then(|p| p.file_name()) == Some("packs".as_ref()) {
+                found.push(p);
+            }
+        }
+    }
+    assert!(!found.is_empty(), "no pack under {}", root.display());
+    found
+}
+
+/// How a test breaks the store's packs.
+#[derive(Clone, Copy)]
+enum Damage {
+    Removed,
+    Corrupted,
+    Truncated,
+}
+
+fn damage(root: &Path, how: Damage) {
+    for pack in packs(root) {
+        match how {
+            Damage::Removed => std::fs::remove_file(&pack).expect("remove the pack"),
+            Damage::Corrupted => {
+                let mut bytes = std::fs::read(&pack).expect("read the pack");
+                for b in bytes.iter_mut().step_by(4096) {
+                    *b ^= 0x5A;
+                }
+                std::fs::write(&pack, bytes).expect("corrupt the pack");
+            }
+            Damage::Truncated => {
+                let len = std::fs::metadata(&pack).expect("pack").len();
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&pack)
+                    .expect("open the pack");
+                f.set_len(len / 3).expect("truncate the pack");
+            }
+        }
+    }
+}
+
+/// Restores `url` with a handler `mode`, no cache and a `retry_secs` bound; asserts it
+/// ended within `bound`, with exit status 1, the pager's error once, and `cause` in it.
+fn restore_fails(
+    url: &str,
+    env: &[(String, String)],
+    mode: &str,
+    retry_secs: u64,
+    bound: Duration,
+    cause: &[&str],
+) -> Finished {
+    let mut cmd = uffdkit([
+        "restore",
+        "--no-cache",
+        "--touch",
+        "1",
+        "--mode",
+        mode,
+        "--retry-secs",
+        &retry_secs.to_string(),
+        "--image",
+        url,
+    ]);
+    cmd.envs(env.iter().cloned());
+    let started = Instant::now();
+    let out = Proc::start(cmd).finish_within(bound + Duration::from_secs(30));
+    let took = started.elapsed();
+    let text = out.text();
+    assert!(took < bound, "took {took:?}, bound {bound:?}: {text}");
+    assert_eq!(out.code(), Some(1), "exit status: {text}");
+    assert_eq!(
+        out.stderr.matches(STOPPED).count(),
+        1,
+        "the pager's error, once: {text}"
+    );
+    let last: String = out
+        .stderr
+        .split_once(STOPPED)
+        .map(|(_, tail)| tail.to_owned())
+        .unwrap_or_default();
+    assert!(
+        cause.iter().any(|c| last.contains(c)),
+        "the cause chain names one of {cause:?}: {text}"
+    );
+    out
+}
+
+const MODES: [&str; 3] = ["thread", "poll", "percpu"];
+
+#[test]
+fn restore_from_a_file_store_whose_pack_was_removed_exits_1_in_every_mode() {
+    let dir = Dir(temp("fail-removed"));
+    let url = format!("file://{}/store/img", dir.0.display());
+    push(&dir.0, &url, &[]);
+    damage(&dir.0.join("store"), Damage::Removed);
+    for mode in MODES {
+        restore_fails(
+            &url,
+            &[],
+            mode,
+            60,
+            Duration::from_secs(20),
+            &["not found", "No such file"],
+        );
+    }
+}
+
+#[test]
+fn restore_from_a_file_store_whose_pack_is_corrupt_exits_1_naming_the_verification() {
+    let dir = Dir(temp("fail-corrupt"));
+    let url = format!("file://{}/store/img", dir.0.display());
+    push(&dir.0, &url, &[]);
+    damage(&dir.0.join("store"), Damage::Corrupted);
+    restore_fails(
+        &url,
+        &[],
+        "percpu",
+        60,
+        Duration::from_secs(20),
+        &["failed verification"],
+    );
+}
+
+#[test]
+fn restore_from_a_file_store_whose_pack_is_truncated_exits_1() {
+    let dir = Dir(temp("fail-truncated"));
+    let url = format!("file://{}/store/img", dir.0.display());
+    push(&dir.0, &url, &[]);
+    damage(&dir.0.join("store"), Damage::Truncated);
+    restore_fails(
+        &url,
+        &[],
+        "thread",
+        60,
+        Duration::from_secs(20),
+        &["expected", "range", "Range", "bytes"],
+    );
+}
+
+/// An image pushed to a fresh `s3s-fs`, damaged as `how`; `None` (skipped loudly) when
+/// `s3s-fs` is not installed.
+fn s3_damaged(test: &str, how: Damage) -> Option<(S3Server, Dir, String)> {
+    let server = S3Server::start(test, "images")?;
+    let dir = Dir(temp(test));
+    let url = "s3://images/snap/img".to_owned();
+    push(&dir.0, &url, &server.env());
+    damage(server.data_dir(), how);
+    Some((server, dir, url))
+}
+
+#[test]
+fn restore_from_s3_whose_pack_was_removed_exits_1_with_the_stores_words() {
+    let Some((server, _dir, url)) = s3_damaged("s3_pack_removed", Damage::Removed) else {
+        return;
+    };
+    for mode in MODES {
+        restore_fails(
+            &url,
+            &server.env(),
+            mode,
+            60,
+            Duration::from_secs(20),
+            &["not found", "NotFound", "NoSuchKey", "404"],
+        );
+    }
+}
+
+#[test]
+fn restore_from_s3_whose_pack_is_corrupt_exits_1_naming_the_verification() {
+    let Some((server, _dir, url)) = s3_damaged("s3_pack_corrupt", Damage::Corrupted) else {
+        return;
+    };
+    restore_fails(
+        &url,
+        &server.env(),
+        "percpu",
+        60,
+        Duration::from_secs(20),
+        &["failed verification"],
+    );
+}
+
+#[test]
+fn restore_from_s3_whose_pack_is_truncated_exits_1() {
+    let Some((server, _dir, url)) = s3_damaged("s3_pack_truncated", Damage::Truncated) else {
+        return;
+    };
+    restore_fails(
+        &url,
+        &server.env(),
+        "percpu",
+        60,
+        Duration::from_secs(20),
+        &["416", "Range", "range", "expected"],
+    );
+}
