@@ -34,17 +34,37 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self {
-            attempts: 20,
-            deadline: Duration::from_secs(60),
-            initial_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_secs(2),
-            corrupt_refetches: 1,
-        }
+        Self::within(Duration::from_secs(60))
     }
 }
 
 impl RetryPolicy {
+    /// Retries of a read for up to `deadline`, the one bound: as many attempts as the
+    /// backoff fits in it (so the count never ends the retries before the time does).
+    pub fn within(deadline: Duration) -> Self {
+        let mut policy = Self {
+            attempts: 1,
+            deadline,
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(2),
+            corrupt_refetches: 1,
+        };
+        policy.attempts = policy.attempts_within();
+        policy
+    }
+
+    /// Attempts whose waits alone fit in the deadline, the first included (each attempt
+    /// takes time too: the deadline comes first).
+    fn attempts_within(&self) -> u32 {
+        let mut waited = Duration::ZERO;
+        let mut attempts = 1u32;
+        while waited < self.deadline && attempts < u32::MAX {
+            waited += self.backoff(attempts - 1);
+            attempts += 1;
+        }
+        attempts
+    }
+
     fn backoff(&self, attempt: u32) -> Duration {
         self.initial_backoff
             .saturating_mul(1u32 << attempt.min(16))
@@ -301,6 +321,33 @@ impl Fetcher {
         true
     }
 
+    /// The error of a failed ranged read that ends at `end`: a pack the store reports as
+    /// shorter than that is truncated ([`Error::PackTooShort`], permanent) — the store
+    /// says so only as a generic error (HTTP 416, a local "invalid range"), which would
+    /// otherwise be retried as transient.
+    async fn read_error(
+        &self,
+        path: &object_store::path::Path,
+        end: u64,
+        error: object_store::Error,
+    ) -> Error {
+        if let (object_store::Error::Generic { .. }, Backend::Store { store, .. }) =
+            (&error, &self.layout.backend)
+        {
+            if let Ok(meta) = object_store::ObjectStoreExt::head(store.objects(), path).await {
+                if meta.size < end {
+                    return Error::PackTooShort {
+                        path: path.to_string(),
+                        size: meta.size,
+                        want: end,
+                        source: error,
+                    };
+                }
+            }
+        }
+        Error::store("read pack", path)(error)
+    }
+
     /// One ranged read of `run`, delivering each chunk as soon as its bytes are in.
     async fn read_once(&self, run: Range<usize>, sink: &dyn Sink) -> Result<(), Stopped> {
         let first = run.start;
@@ -320,12 +367,10 @@ impl Fetcher {
                     range: Some(GetRange::Bounded(range.clone())),
                     ..GetOptions::default()
                 };
-                let result = store
-                    .objects()
-                    .get_opts(&path, options)
-                    .await
-                    .map_err(Error::store("read pack", &path))
-                    .map_err(stop(next))?;
+                let result = match store.objects().get_opts(&path, options).await {
+                    Ok(result) => result,
+                    Err(e) => return Err(stop(next)(self.read_error(&path, range.end, e).await)),
+                };
                 let mut stream = result.into_stream();
                 let mut buf = BytesMut::new();
                 while let Some(piece) = stream.next().await {
@@ -390,5 +435,35 @@ impl Fetcher {
         }
         sink.deliver(index, &data);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The waits between the attempts a policy allows, all added up.
+    fn waits(policy: &RetryPolicy) -> Duration {
+        (0..policy.attempts.saturating_sub(1))
+            .map(|a| policy.backoff(a))
+            .sum()
+    }
+
+    #[test]
+    fn retries_within_a_deadline_are_bounded_by_the_time_not_the_count() {
+        for secs in [1, 10, 29, 35, 60, 600] {
+            let policy = RetryPolicy::within(Duration::from_secs(secs));
+            assert!(
+                waits(&policy) >= policy.deadline,
+                "{secs} s: {} attempts wait only {:?}",
+                policy.attempts,
+                waits(&policy)
+            );
+        }
+        assert_eq!(
+            RetryPolicy::default().deadline,
+            Duration::from_secs(60),
+            "the default bound"
+        );
     }
 }

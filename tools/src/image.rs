@@ -434,10 +434,8 @@ impl SourceArgs {
             background,
             // A VMM touches memory first; the background plan starts at its first fault.
             background_after_first_fault: true,
-            retry: RetryPolicy {
-                deadline: Duration::from_secs(self.retry_secs),
-                ..RetryPolicy::default()
-            },
+            // One bound, the user's: the attempts follow from it.
+            retry: RetryPolicy::within(Duration::from_secs(self.retry_secs)),
             ..SourceOptions::default()
         }
     }

@@ -179,7 +179,7 @@ fn restore_from_a_file_store_whose_pack_is_truncated_exits_1() {
         "thread",
         60,
         Duration::from_secs(20),
-        &["expected", "range", "Range", "bytes"],
+        &["truncated in the store"],
     );
 }
 
@@ -237,6 +237,134 @@ fn restore_from_s3_whose_pack_is_truncated_exits_1() {
         "percpu",
         60,
         Duration::from_secs(20),
-        &["416", "Range", "range", "expected"],
+        &["truncated in the store"],
+    );
+}
+
+/// A store that dies at the first pack request: a TCP relay to `upstream` that forwards
+/// everything (the manifest is read) until a request names a pack, then resets every
+/// connection and stops listening, so each retry meets a refused connection — a store
+/// killed just as the restore's pages are wanted, whatever the timing.
+struct DyingStore {
+    addr: std::net::SocketAddr,
+    killed: Arc<AtomicBool>,
+}
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+impl DyingStore {
+    fn start(upstream: std::net::SocketAddr) -> DyingStore {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the relay");
+        let addr = listener.local_addr().expect("relay address");
+        let killed = Arc::new(AtomicBool::new(false));
+        let live: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let dying = killed.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if dying.load(Ordering::SeqCst) {
+                    break; // dropping the listener: connections are refused from now on
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                for s in [&client, &server] {
+                    live.lock().unwrap().push(s.try_clone().expect("clone"));
+                }
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (kill, all) = (dying.clone(), live.clone());
+                std::thread::spawn(move || relay(client, server, Some((kill, all, addr))));
+                std::thread::spawn(move || relay(s2, c2, None));
+            }
+        });
+        DyingStore { addr, killed }
+    }
+
+    fn env(&self, server: &S3Server) -> Vec<(String, String)> {
+        server
+            .env()
+            .into_iter()
+            .map(|(k, v)| {
+                if k == "AWS_ENDPOINT_URL" {
+                    (k, format!("http://{}", self.addr))
+                } else {
+                    (k, v)
+                }
+            })
+            .collect()
+    }
+}
+
+type Kill = (
+    Arc<AtomicBool>,
+    Arc<Mutex<Vec<TcpStream>>>,
+    std::net::SocketAddr,
+);
+
+/// Copies `from` to `to`; with `kill`, watches for a pack request and kills the store.
+fn relay(mut from: TcpStream, mut to: TcpStream, kill: Option<Kill>) {
+    let mut buf = [0u8; 16384];
+    let mut tail: Vec<u8> = Vec::new();
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some((killed, live, addr)) = &kill {
+            tail.extend_from_slice(&buf[..n]);
+            if tail.windows(7).any(|w| w == b"/packs/") {
+                killed.store(true, Ordering::SeqCst);
+                for s in live.lock().unwrap().drain(..) {
+                    let _ = s.shutdown(Shutdown::Both);
+                }
+                // Wake the accept loop so it sees `killed` and stops listening.
+                let _ = TcpStream::connect(addr);
+                break;
+            }
+            let keep = tail.len().saturating_sub(6);
+            tail.drain(..keep);
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+/// Past 29 s on purpose: the retry count capped it there before (`--retry-secs` was not
+/// the one bound).
+const LONG_RETRY_SECS: u64 = 35;
+
+#[test]
+fn restore_from_a_store_killed_past_the_retry_bound_exits_1_at_the_bound() {
+    let Some(server) = S3Server::start("s3_store_killed", "images") else {
+        return;
+    };
+    let dir = Dir(temp("s3_store_killed"));
+    let url = "s3://images/snap/img";
+    push(&dir.0, url, &server.env());
+    let upstream = server
+        .endpoint()
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let store = DyingStore::start(upstream);
+    let started = Instant::now();
+    let out = restore_fails(
+        url,
+        &store.env(&server),
+        "percpu",
+        LONG_RETRY_SECS,
+        Duration::from_secs(LONG_RETRY_SECS + 15),
+        &["gave up after"],
+    );
+    assert!(store.killed.load(Ordering::SeqCst), "{}", out.text());
+    assert!(
+        started.elapsed() >= Duration::from_secs(LONG_RETRY_SECS),
+        "gave up before --retry-secs {LONG_RETRY_SECS}: {}",
+        out.text()
     );
 }
