@@ -13,6 +13,7 @@ mod link_args;
 mod logging;
 mod migrate;
 mod netbench;
+mod partial;
 mod probe;
 mod progress;
 mod restore;
