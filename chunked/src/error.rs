@@ -87,9 +87,9 @@ pub enum Error {
         size: u64,
         /// The end of the read that failed.
         want: u64,
-        /// The store's error for that read.
+        /// The store's error for that read (none when it answered short).
         #[source]
-        source: object_store::Error,
+        source: Option<object_store::Error>,
     },
     /// A fetch failed on every attempt its retry policy allowed.
     #[error("chunk {chunk}: gave up after {attempts} attempts over {elapsed_ms} ms")]

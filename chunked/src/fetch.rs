@@ -331,21 +331,28 @@ impl Fetcher {
         end: u64,
         error: object_store::Error,
     ) -> Error {
-        if let (object_store::Error::Generic { .. }, Backend::Store { store, .. }) =
-            (&error, &self.layout.backend)
-        {
-            if let Ok(meta) = object_store::ObjectStoreExt::head(store.objects(), path).await {
-                if meta.size < end {
-                    return Error::PackTooShort {
-                        path: path.to_string(),
-                        size: meta.size,
-                        want: end,
-                        source: error,
-                    };
-                }
+        if let object_store::Error::Generic { .. } = &error {
+            if let Some(size) = self.pack_shorter_than(path, end).await {
+                return Error::PackTooShort {
+                    path: path.to_string(),
+                    size,
+                    want: end,
+                    source: Some(error),
+                };
             }
         }
         Error::store("read pack", path)(error)
+    }
+
+    /// The size of the pack at `path`, if the store reports it shorter than `end`.
+    async fn pack_shorter_than(&self, path: &object_store::path::Path, end: u64) -> Option<u64> {
+        let Backend::Store { store, .. } = &self.layout.backend else {
+            return None;
+        };
+        let meta = object_store::ObjectStoreExt::head(store.objects(), path)
+            .await
+            .ok()?;
+        (meta.size < end).then_some(meta.size)
     }
 
     /// One ranged read of `run`, delivering each chunk as soon as its bytes are in.
@@ -385,6 +392,15 @@ impl Fetcher {
                     }
                 }
                 if next < run.end {
+                    // A pack shorter than the manifest says answers short every time.
+                    if let Some(size) = self.pack_shorter_than(&path, range.end).await {
+                        return Err(stop(next)(Error::PackTooShort {
+                            path: path.to_string(),
+                            size,
+                            want: range.end,
+                            source: None,
+                        }));
+                    }
                     let want = self.layout.chunk_len(next) as u64;
                     return Err(stop(next)(Error::ShortRead {
                         chunk: next,

@@ -1,5 +1,5 @@
 //! Outputs that are complete or absent: a file is written under a temporary name in its
-//! own directory (`O_EXCL`, 0600, unguessable: [`uffd_core::private_fs::create_temp_in`])
+//! own directory (`O_EXCL`, 0600, unguessable: [`uffd_core::private_fs::create_temp_for`])
 //! and renamed to its name only once complete. A failure drops it (removed); SIGINT,
 //! SIGTERM or SIGHUP removes every one still being written ([`remove_on_termination`]).
 //! A sparse snapshot that stopped half-way would otherwise look whole: its unsaved pages
@@ -42,17 +42,9 @@ pub struct PartialOutput {
 impl PartialOutput {
     /// Creates the temporary file for `dest` in `dest`'s directory; returns it, empty.
     pub fn create(dest: &Path) -> Result<(File, PartialOutput)> {
-        let dir = match dest.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        let name = dest
-            .file_name()
-            .with_context(|| format!("{} names no file", dest.display()))?;
-        let prefix = format!(".{}.partial.", name.to_string_lossy());
         // Registered under the lock, so a signal sees it as soon as it exists.
         let mut pending = pending();
-        let (file, temp) = uffd_core::private_fs::create_temp_in(dir, &prefix)
+        let (file, temp) = uffd_core::private_fs::create_temp_for(dest)
             .with_context(|| format!("create a temporary file for {}", dest.display()))?;
         pending.push(temp.clone());
         Ok((

@@ -368,3 +368,27 @@ fn restore_from_a_store_killed_past_the_retry_bound_exits_1_at_the_bound() {
         out.text()
     );
 }
+
+#[test]
+fn image_pull_of_a_damaged_image_exits_1_and_leaves_no_file() {
+    for how in [Damage::Removed, Damage::Corrupted, Damage::Truncated] {
+        let dir = Dir(temp("pull-damaged"));
+        let url = format!("file://{}/store/img", dir.0.display());
+        push(&dir.0, &url, &[]);
+        damage(&dir.0.join("store"), how);
+        let out_dir = dir.0.join("out");
+        std::fs::create_dir_all(&out_dir).expect("dir");
+        let mut cmd = uffdkit(["image", "pull", "--no-cache", &url]);
+        cmd.arg(out_dir.join("mem.raw"));
+        let started = Instant::now();
+        let f = Proc::start(cmd).finish_within(Duration::from_secs(60));
+        assert!(started.elapsed() < Duration::from_secs(20), "{}", f.text());
+        assert_eq!(f.code(), Some(1), "{}", f.text());
+        let left: Vec<_> = std::fs::read_dir(&out_dir)
+            .expect("read")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}: {}", f.text());
+    }
+}
