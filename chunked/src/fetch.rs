@@ -30,6 +30,9 @@ pub struct RetryPolicy {
     pub max_backoff: Duration,
     /// Fetches of a chunk that failed verification before it is reported corrupt.
     pub corrupt_refetches: u32,
+    /// How long chunks other processes are fetching may see none published before the
+    /// rest are fetched here (a frozen or stalled peer is overtaken).
+    pub peer_patience: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -48,6 +51,7 @@ impl RetryPolicy {
             initial_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(2),
             corrupt_refetches: 1,
+            peer_patience: Duration::from_secs(1),
         };
         policy.attempts = policy.attempts_within();
         policy
@@ -217,14 +221,71 @@ impl Fetcher {
                 cache.unlock_fetch(slot);
             }
         }
-        if ok {
-            for c in peers {
+        ok && self.await_peers(peers, sink).await
+    }
+
+    /// Takes chunks `peers`, which other processes are fetching, from the cache as they
+    /// publish them. The wait is bounded in total (the retry deadline, from the start of
+    /// the wait, not per chunk), and peers that publish nothing for
+    /// [`RetryPolicy::peer_patience`] (frozen, stalled) are overtaken: the chunks still
+    /// missing are fetched here. A chunk whose peer gave up is fetched at once.
+    async fn await_peers(&self, mut peers: Vec<usize>, sink: &dyn Sink) -> bool {
+        let Some(cache) = &self.cache else {
+            return self.fetch_runs(&peers, sink).await;
+        };
+        let started = Instant::now();
+        let mut progress = Instant::now();
+        while !peers.is_empty()
+            && started.elapsed() < self.retry.deadline
+            && progress.elapsed() < self.retry.peer_patience
+        {
+            let mut abandoned = Vec::new();
+            let before = peers.len();
+            peers.retain(|&c| {
+                let Some(d) = self.digest(c) else {
+                    return false;
+                };
+                if let Some(data) = self.cached(c) {
+                    bump(&self.counters.peer_waits, 1);
+                    sink.deliver(c, &data);
+                    return false;
+                }
+                if !cache.peer_fetching(&d) {
+                    abandoned.push(c);
+                    return false;
+                }
+                true
+            });
+            if peers.len() + abandoned.len() < before {
+                progress = Instant::now();
+            }
+            for c in abandoned {
                 if !self.await_peer(c, sink).await {
                     return false;
                 }
             }
+            if !peers.is_empty() {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
         }
-        ok
+        if !peers.is_empty() {
+            log::debug!(
+                "{} chunk(s) another process is fetching made no progress for {:?}: fetching them here",
+                peers.len(),
+                progress.elapsed()
+            );
+        }
+        self.fetch_runs(&peers, sink).await
+    }
+
+    /// Fetches `chunks` (ascending) in runs; false once one failed for good.
+    async fn fetch_runs(&self, chunks: &[usize], sink: &dyn Sink) -> bool {
+        for run in self.runs(chunks) {
+            if !self.fetch_run(run, sink).await {
+                return false;
+            }
+        }
+        true
     }
 
     /// Splits ascending chunks into runs one ranged read can cover.

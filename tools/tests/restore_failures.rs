@@ -250,13 +250,22 @@ struct DyingStore {
     killed: Arc<AtomicBool>,
 }
 
+/// What the relay does at the first pack request.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// Resets every connection and stops listening (a killed store).
+    Die,
+    /// Forwards nothing more and closes nothing (a store that never answers).
+    Hang,
+}
+
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 impl DyingStore {
-    fn start(upstream: std::net::SocketAddr) -> DyingStore {
+    fn start(upstream: std::net::SocketAddr, fate: Fate) -> DyingStore {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the relay");
         let addr = listener.local_addr().expect("relay address");
         let killed = Arc::new(AtomicBool::new(false));
@@ -276,7 +285,7 @@ impl DyingStore {
                 }
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 let (kill, all) = (dying.clone(), live.clone());
-                std::thread::spawn(move || relay(client, server, Some((kill, all, addr))));
+                std::thread::spawn(move || relay(client, server, Some((kill, all, addr, fate))));
                 std::thread::spawn(move || relay(s2, c2, None));
             }
         });
@@ -302,6 +311,7 @@ type Kill = (
     Arc<AtomicBool>,
     Arc<Mutex<Vec<TcpStream>>>,
     std::net::SocketAddr,
+    Fate,
 );
 
 /// Copies `from` to `to`; with `kill`, watches for a pack request and kills the store.
@@ -313,10 +323,14 @@ fn relay(mut from: TcpStream, mut to: TcpStream, kill: Option<Kill>) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if let Some((killed, live, addr)) = &kill {
+        if let Some((killed, live, addr, fate)) = &kill {
             tail.extend_from_slice(&buf[..n]);
             if tail.windows(7).any(|w| w == b"/packs/") {
                 killed.store(true, Ordering::SeqCst);
+                if *fate == Fate::Hang {
+                    // The sockets stay open (`live` holds them); nothing is forwarded.
+                    return;
+                }
                 for s in live.lock().unwrap().drain(..) {
                     let _ = s.shutdown(Shutdown::Both);
                 }
@@ -351,7 +365,7 @@ fn restore_from_a_store_killed_past_the_retry_bound_exits_1_at_the_bound() {
         .trim_start_matches("http://")
         .parse()
         .unwrap();
-    let store = DyingStore::start(upstream);
+    let store = DyingStore::start(upstream, Fate::Die);
     let started = Instant::now();
     let out = restore_fails(
         url,
@@ -391,4 +405,58 @@ fn image_pull_of_a_damaged_image_exits_1_and_leaves_no_file() {
             .collect();
         assert!(left.is_empty(), "left behind: {left:?}: {}", f.text());
     }
+}
+
+/// A restore sharing the cache with a frozen peer: the peer (an `image pull` through a
+/// store that never answers its pack request, then SIGSTOPped) holds the fetch locks of
+/// the chunks it asked for and makes no progress. Another pull of the same image through
+/// the same cache overtakes it and ends at once — before, it waited the retry deadline
+/// (60 s) for each of the peer's chunks.
+#[test]
+fn a_pull_sharing_the_cache_with_a_frozen_peer_overtakes_it() {
+    let Some(server) = S3Server::start("s3_frozen_peer", "images") else {
+        return;
+    };
+    let dir = Dir(temp("s3_frozen_peer"));
+    let url = "s3://images/snap/img";
+    let raw = push(&dir.0, url, &server.env());
+    let cache = dir.0.join("cache");
+    let upstream = server
+        .endpoint()
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let store = DyingStore::start(upstream, Fate::Hang);
+    let pull = |out: &str, env: Vec<(String, String)>| {
+        let mut cmd = uffdkit(["image", "pull", url]);
+        cmd.arg(dir.0.join(out))
+            .arg("--cache")
+            .arg(&cache)
+            .envs(env);
+        Proc::start(cmd)
+    };
+    let mut peer = pull("peer.raw", store.env(&server));
+    let until = Instant::now() + common::DEADLINE;
+    // Its pack request is out: it holds the locks of the chunks it asked for.
+    while !store.killed.load(Ordering::SeqCst) {
+        assert!(!peer.exited(), "the peer ended before asking for a pack");
+        assert!(Instant::now() < until, "the peer never asked for a pack");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    peer.signal(nix::sys::signal::Signal::SIGSTOP);
+    let started = Instant::now();
+    let f = pull("mem.raw", server.env()).finish_within(Duration::from_secs(120));
+    let took = started.elapsed();
+    assert!(f.status.success(), "{}", f.text());
+    assert!(
+        took < Duration::from_secs(20),
+        "waited {took:?} for a frozen peer: {}",
+        f.text()
+    );
+    assert_eq!(
+        std::fs::read(dir.0.join("mem.raw")).expect("the pulled image"),
+        std::fs::read(&raw).expect("the pushed image"),
+        "the pull is the image"
+    );
+    peer.signal(nix::sys::signal::Signal::SIGKILL);
 }
