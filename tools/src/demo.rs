@@ -125,6 +125,7 @@ pub fn run(args: &Args) -> Result<()> {
     let workload = start.elapsed();
     let complete = pager.wait_complete(std::time::Duration::from_secs(30));
     let stats = pager.stop()?;
+    crate::guarded::disarm();
     if checked != pages {
         bail!("checked {checked} of {pages} pages");
     }

@@ -64,6 +64,13 @@ pub fn install(memory: &Mapping) -> Result<()> {
     Ok(())
 }
 
+/// Stops treating the memory [`install`] named as pager-served (once its pager stopped
+/// cleanly): a later SIGBUS there, in other memory mapped at the same address, meets the
+/// default action again.
+pub fn disarm() {
+    GUARDED_LEN.store(0, Ordering::SeqCst);
+}
+
 /// Runs `work` on a thread of its own over pager-served `memory` (kept mapped for as long
 /// as that thread may touch it) and waits for it or for the pager to stop, whichever
 /// comes first: `Some` with the work's result, `None` when the pager stopped first — then
@@ -85,9 +92,10 @@ pub fn run<R: Send + 'static>(
         .name("workload".into())
         .spawn(move || {
             let _mapped = memory;
+            // Dropped after the result is sent, or as a panic unwinds: either way the
+            // command's thread wakes (and finds the result, or none).
+            let _done = Done(signal);
             let _ = tx.send(work());
-            // Written after the result is sent: when the fd is readable the result is there.
-            let _ = nix::unistd::write(&signal, &1u64.to_ne_bytes());
         })
         .context("start the workload thread")?;
     loop {
@@ -104,12 +112,22 @@ pub fn run<R: Send + 'static>(
         if readable(&fds[0]) {
             let result = rx
                 .recv()
-                .map_err(|_| anyhow!("the workload thread ended without a result"))?;
+                .map_err(|_| anyhow!("the workload thread panicked"))?;
             return Ok(Some(result));
         }
         if readable(&fds[1]) {
             return Ok(None);
         }
+    }
+}
+
+/// Makes the workload's eventfd readable when dropped.
+struct Done(std::os::fd::OwnedFd);
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        // An eventfd write of 1 fails only if the counter would overflow: it cannot here.
+        let _ = nix::unistd::write(&self.0, &1u64.to_ne_bytes());
     }
 }
 

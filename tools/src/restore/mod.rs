@@ -301,6 +301,7 @@ fn run_pager(
     let workload = t.elapsed();
     let total = start.elapsed();
     let stats = pager.stop()?;
+    crate::guarded::disarm();
     if let (false, Some(file)) = (args.no_verify, reference) {
         verify(memory.addr(), file, pages, len, args.writes)?;
     }
