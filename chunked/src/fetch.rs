@@ -127,6 +127,11 @@ pub(crate) struct Fetcher {
     /// Most bytes one ranged read covers.
     pub max_read: u64,
     counters: Counters,
+    /// Whether a wait of this fetcher overtook peers that made no progress, none seen
+    /// since: later waits overtake at once, so a frozen peer costs one patience, not one
+    /// per chunk it holds. Relaxed: a hint; a stale read costs one wait or one duplicate
+    /// fetch.
+    peer_stalled: std::sync::atomic::AtomicBool,
 }
 
 /// Why a read stopped: the chunks before `next` were delivered.
@@ -148,6 +153,7 @@ impl Fetcher {
             retry,
             max_read,
             counters: Counters::default(),
+            peer_stalled: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -228,17 +234,22 @@ impl Fetcher {
     /// publish them. The wait is bounded in total (the retry deadline, from the start of
     /// the wait, not per chunk), and peers that publish nothing for
     /// [`RetryPolicy::peer_patience`] (frozen, stalled) are overtaken: the chunks still
-    /// missing are fetched here. A chunk whose peer gave up is fetched at once.
+    /// missing are fetched here; later waits overtake at once until a peer is seen to
+    /// move again. A chunk whose peer gave up is fetched at once.
     async fn await_peers(&self, mut peers: Vec<usize>, sink: &dyn Sink) -> bool {
         let Some(cache) = &self.cache else {
             return self.fetch_runs(&peers, sink).await;
         };
         let started = Instant::now();
-        let mut progress = Instant::now();
-        while !peers.is_empty()
-            && started.elapsed() < self.retry.deadline
-            && progress.elapsed() < self.retry.peer_patience
-        {
+        let patience = self.retry.peer_patience;
+        // A peer this fetcher already overtook, and has not seen move since, gets none.
+        let mut progress = if self.peer_stalled.load(Ordering::Relaxed) {
+            started.checked_sub(patience).unwrap_or(started)
+        } else {
+            started
+        };
+        // At least one look at the cache, then until the peers are done or out of time.
+        loop {
             let mut abandoned = Vec::new();
             let before = peers.len();
             peers.retain(|&c| {
@@ -258,17 +269,23 @@ impl Fetcher {
             });
             if peers.len() + abandoned.len() < before {
                 progress = Instant::now();
+                self.peer_stalled.store(false, Ordering::Relaxed);
             }
             for c in abandoned {
                 if !self.await_peer(c, sink).await {
                     return false;
                 }
             }
-            if !peers.is_empty() {
-                tokio::time::sleep(Duration::from_millis(2)).await;
+            if peers.is_empty()
+                || started.elapsed() >= self.retry.deadline
+                || progress.elapsed() >= patience
+            {
+                break;
             }
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
         if !peers.is_empty() {
+            self.peer_stalled.store(true, Ordering::Relaxed);
             log::debug!(
                 "{} chunk(s) another process is fetching made no progress for {:?}: fetching them here",
                 peers.len(),

@@ -407,35 +407,25 @@ fn image_pull_of_a_damaged_image_exits_1_and_leaves_no_file() {
     }
 }
 
-/// A restore sharing the cache with a frozen peer: the peer (an `image pull` through a
-/// store that never answers its pack request, then SIGSTOPped) holds the fetch locks of
-/// the chunks it asked for and makes no progress. Another pull of the same image through
-/// the same cache overtakes it and ends at once — before, it waited the retry deadline
-/// (60 s) for each of the peer's chunks.
-#[test]
-fn a_pull_sharing_the_cache_with_a_frozen_peer_overtakes_it() {
-    let Some(server) = S3Server::start("s3_frozen_peer", "images") else {
-        return;
-    };
-    let dir = Dir(temp("s3_frozen_peer"));
-    let url = "s3://images/snap/img";
+/// A peer frozen with chunks of the image locked in `cache`: an `image pull` through a
+/// store that never answers its pack request, then SIGSTOPped — it holds the fetch locks
+/// of the chunks it asked for and makes no progress. Returns it (killed when dropped), the
+/// raw image, and the test's directory.
+fn frozen_peer(server: &S3Server, test: &str, url: &str) -> (Proc, PathBuf, Dir) {
+    let dir = Dir(temp(test));
     let raw = push(&dir.0, url, &server.env());
-    let cache = dir.0.join("cache");
     let upstream = server
         .endpoint()
         .trim_start_matches("http://")
         .parse()
         .unwrap();
     let store = DyingStore::start(upstream, Fate::Hang);
-    let pull = |out: &str, env: Vec<(String, String)>| {
-        let mut cmd = uffdkit(["image", "pull", url]);
-        cmd.arg(dir.0.join(out))
-            .arg("--cache")
-            .arg(&cache)
-            .envs(env);
-        Proc::start(cmd)
-    };
-    let mut peer = pull("peer.raw", store.env(&server));
+    let mut cmd = uffdkit(["image", "pull", url]);
+    cmd.arg(dir.0.join("peer.raw"))
+        .arg("--cache")
+        .arg(dir.0.join("cache"))
+        .envs(store.env(server));
+    let mut peer = Proc::start(cmd);
     let until = Instant::now() + common::DEADLINE;
     // Its pack request is out: it holds the locks of the chunks it asked for.
     while !store.killed.load(Ordering::SeqCst) {
@@ -444,8 +434,26 @@ fn a_pull_sharing_the_cache_with_a_frozen_peer_overtakes_it() {
         std::thread::sleep(Duration::from_millis(10));
     }
     peer.signal(nix::sys::signal::Signal::SIGSTOP);
+    (peer, raw, dir)
+}
+
+/// Another pull of the same image through the same cache overtakes a frozen peer and
+/// ends at once — before, it waited the retry deadline (60 s) for each of the peer's
+/// chunks.
+#[test]
+fn a_pull_sharing_the_cache_with_a_frozen_peer_overtakes_it() {
+    let Some(server) = S3Server::start("s3_frozen_peer_pull", "images") else {
+        return;
+    };
+    let url = "s3://images/snap/img";
+    let (_peer, raw, dir) = frozen_peer(&server, "s3_frozen_peer_pull", url);
+    let mut cmd = uffdkit(["image", "pull", url]);
+    cmd.arg(dir.0.join("mem.raw"))
+        .arg("--cache")
+        .arg(dir.0.join("cache"))
+        .envs(server.env());
     let started = Instant::now();
-    let f = pull("mem.raw", server.env()).finish_within(Duration::from_secs(120));
+    let f = Proc::start(cmd).finish_within(Duration::from_secs(120));
     let took = started.elapsed();
     assert!(f.status.success(), "{}", f.text());
     assert!(
@@ -458,5 +466,41 @@ fn a_pull_sharing_the_cache_with_a_frozen_peer_overtakes_it() {
         std::fs::read(&raw).expect("the pushed image"),
         "the pull is the image"
     );
-    peer.signal(nix::sys::signal::Signal::SIGKILL);
+}
+
+/// A restore sharing the cache with a frozen peer, `--retry-secs 10`: it overtakes the
+/// peer once and ends well within its bound (before: 70 s, the deadline per chunk).
+#[test]
+fn a_restore_sharing_the_cache_with_a_frozen_peer_overtakes_it() {
+    let Some(server) = S3Server::start("s3_frozen_peer_restore", "images") else {
+        return;
+    };
+    let url = "s3://images/snap/img";
+    let (_peer, raw, dir) = frozen_peer(&server, "s3_frozen_peer_restore", url);
+    let mut cmd = uffdkit([
+        "restore",
+        "--json",
+        "--retry-secs",
+        "10",
+        "--touch",
+        "1",
+        "--image",
+        url,
+    ]);
+    cmd.arg("--cache")
+        .arg(dir.0.join("cache"))
+        .arg("--reference")
+        .arg(&raw)
+        .envs(server.env());
+    let started = Instant::now();
+    let f = Proc::start(cmd).finish_within(Duration::from_secs(120));
+    let took = started.elapsed();
+    assert!(f.status.success(), "{}", f.text());
+    let v: serde_json::Value = serde_json::from_str(&f.stdout).expect("json");
+    assert_eq!(v["verified"], true, "{}", f.text());
+    assert!(
+        took < Duration::from_secs(8),
+        "waited {took:?} for a frozen peer: {}",
+        f.text()
+    );
 }
