@@ -504,3 +504,44 @@ fn a_restore_sharing_the_cache_with_a_frozen_peer_overtakes_it() {
         f.text()
     );
 }
+
+/// `image pull` terminated while its output is being written (its store hangs on the pack
+/// request) removes the output: exit 128 + signal, nothing left in its directory.
+#[test]
+fn a_terminated_pull_leaves_no_output() {
+    let Some(server) = S3Server::start("s3_terminated_pull", "images") else {
+        return;
+    };
+    let url = "s3://images/snap/img";
+    let dir = Dir(temp("s3_terminated_pull"));
+    push(&dir.0, url, &server.env());
+    let upstream = server
+        .endpoint()
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let store = DyingStore::start(upstream, Fate::Hang);
+    let out = dir.0.join("out");
+    std::fs::create_dir_all(&out).expect("dir");
+    let mut cmd = uffdkit(["image", "pull", "--no-cache", url]);
+    cmd.arg(out.join("mem.raw")).envs(store.env(&server));
+    let mut pull = Proc::start(cmd);
+    let until = Instant::now() + common::DEADLINE;
+    while !store.killed.load(Ordering::SeqCst) {
+        assert!(!pull.exited(), "the pull ended before asking for a pack");
+        assert!(Instant::now() < until, "the pull never asked for a pack");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let left = || -> Vec<_> {
+        std::fs::read_dir(&out)
+            .expect("read")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect()
+    };
+    assert_eq!(left().len(), 1, "the partial output is there: {:?}", left());
+    pull.signal(nix::sys::signal::Signal::SIGTERM);
+    let f = pull.finish_within(Duration::from_secs(20));
+    assert_eq!(f.code(), Some(143), "{}", f.text());
+    assert!(left().is_empty(), "left behind: {:?}", left());
+}
