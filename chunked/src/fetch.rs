@@ -362,8 +362,32 @@ impl Fetcher {
         let mut corrupt_seen = 0u32;
         while next < run.end {
             attempts += 1;
-            let Err(stopped) = self.read_once(next..run.end, sink).await else {
-                return true;
+            // No attempt outlives the bound: a store that accepts and never answers would
+            // otherwise hold the last one for its whole request timeout.
+            let left = self
+                .retry
+                .deadline
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_millis(1));
+            let stopped = match tokio::time::timeout(left, self.read_once(next..run.end, sink))
+                .await
+            {
+                Ok(Ok(())) => return true,
+                Ok(Err(stopped)) => stopped,
+                Err(_) => Stopped {
+                    next,
+                    error: Error::Io {
+                        what: "read",
+                        path: format!("chunk {next}"),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!(
+                                "no answer within the retry bound ({} s)",
+                                self.retry.deadline.as_secs_f64()
+                            ),
+                        ),
+                    },
+                },
             };
             next = stopped.next;
             let error = stopped.error;

@@ -255,7 +255,8 @@ struct DyingStore {
 enum Fate {
     /// Resets every connection and stops listening (a killed store).
     Die,
-    /// Forwards nothing more and closes nothing (a store that never answers).
+    /// Forwards no pack request, on any connection, and closes nothing (a store that
+    /// accepts and never answers).
     Hang,
 }
 
@@ -273,7 +274,7 @@ impl DyingStore {
         let dying = killed.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
-                if dying.load(Ordering::SeqCst) {
+                if fate == Fate::Die && dying.load(Ordering::SeqCst) {
                     break; // dropping the listener: connections are refused from now on
                 }
                 let Ok(client) = client else { continue };
@@ -544,4 +545,30 @@ fn a_terminated_pull_leaves_no_output() {
     let f = pull.finish_within(Duration::from_secs(20));
     assert_eq!(f.code(), Some(143), "{}", f.text());
     assert!(left().is_empty(), "left behind: {:?}", left());
+}
+
+/// A store that accepts the pack request and never answers: the restore gives up at its
+/// `--retry-secs`, not after the store client's request timeout (30 s).
+#[test]
+fn restore_from_a_store_that_never_answers_exits_1_at_the_bound() {
+    let Some(server) = S3Server::start("s3_store_hangs", "images") else {
+        return;
+    };
+    let dir = Dir(temp("s3_store_hangs"));
+    let url = "s3://images/snap/img";
+    push(&dir.0, url, &server.env());
+    let upstream = server
+        .endpoint()
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let store = DyingStore::start(upstream, Fate::Hang);
+    restore_fails(
+        url,
+        &store.env(&server),
+        "percpu",
+        3,
+        Duration::from_secs(15),
+        &["no answer within the retry bound"],
+    );
 }
