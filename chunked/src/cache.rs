@@ -40,6 +40,11 @@ use crate::hash::Digest;
 /// serialises two fetches.
 const LOCK_SLOTS: u64 = 1 << 20;
 
+/// How old a temporary chunk file of a dead process must be before it is reclaimed.
+const ORPHAN_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+/// How old any temporary chunk file must be before it is reclaimed.
+const ABANDONED_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// A chunk cache directory (see the module docs).
 #[derive(Debug)]
 pub struct ChunkCache {
@@ -147,6 +152,7 @@ impl ChunkCache {
             misses: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
         };
+        cache.reclaim_orphans();
         let (_, entries) = cache.entries()?;
         let used = entries.iter().map(|e| e.bytes).sum();
         cache.used.store(used, Ordering::Relaxed);
@@ -249,6 +255,42 @@ impl ChunkCache {
         self.open_chunk(digest).is_some()
     }
 
+    /// Removes the temporary files of writers that died between writing a chunk and
+    /// renaming it into place (killed, say): named `<digest>.<pid>.<random>`, a file whose
+    /// process is gone and which is older than [`ORPHAN_AGE`] (a margin for a process of
+    /// another PID namespace, whose PID means nothing here), or any older than
+    /// [`ABANDONED_AGE`] (a chunk is written in far less). Best effort: what cannot be
+    /// removed stays for the next open.
+    fn reclaim_orphans(&self) {
+        let Ok(entries) = self.tmp.entries() else {
+            return;
+        };
+        let now = std::time::SystemTime::now();
+        for (name, st) in entries {
+            if !private_fs::is_regular(&st) {
+                continue;
+            }
+            let modified = std::time::UNIX_EPOCH
+                + std::time::Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec as u32);
+            let age = now.duration_since(modified).unwrap_or_default();
+            let pid = name
+                .to_str()
+                .and_then(|n| n.split('.').nth(1))
+                .and_then(|p| p.parse::<i32>().ok())
+                .filter(|&p| p > 0);
+            let dead = pid.is_some_and(|p| {
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None)
+                    == Err(nix::errno::Errno::ESRCH)
+            });
+            if (dead && age >= ORPHAN_AGE) || age >= ABANDONED_AGE {
+                match self.tmp.remove(&name) {
+                    Ok(()) => log::debug!("cache: removed {name:?}, left by a dead writer"),
+                    Err(e) => log::warn!("cache: could not remove a dead writer's file: {e}"),
+                }
+            }
+        }
+    }
+
     /// Publishes a verified chunk: written to a new file of an unguessable name (0600,
     /// `O_EXCL`), then renamed into place relative to the checked directories.
     pub fn put(&self, digest: &Digest, data: &[u8]) -> Result<()> {
@@ -259,7 +301,8 @@ impl ChunkCache {
         let dir = self.chunks.subdir(&hex[..2]).map_err(private("publish to cache"))?;
         let (mut file, tmp) = self
             .tmp
-            .create_temp(&format!("{hex}."))
+            // The PID in the name lets a later open reclaim it if we die before the rename.
+            .create_temp(&format!("{hex}.{}.", std::process::id()))
             .map_err(private("publish to cache"))?;
         let written = file
             .write_all(data)
@@ -409,6 +452,40 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("chunked-cache-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         dir
+    }
+
+    #[test]
+    fn open_reclaims_the_temporary_files_of_dead_writers_only() {
+        let dir = temp_dir("orphans");
+        drop(ChunkCache::open(&dir, 1 << 20).unwrap());
+        let tmp = dir.join("chunks/tmp");
+        let hex = Digest::of(b"orphan").to_hex();
+        // A PID that was a process's and is no more.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let ago = |secs| std::time::SystemTime::now() - std::time::Duration::from_secs(secs);
+        let plant = |name: String, modified| {
+            let f = std::fs::File::create(tmp.join(&name)).unwrap();
+            f.set_len(4096).unwrap();
+            f.set_modified(modified).unwrap();
+            name
+        };
+        let orphan = plant(format!("{hex}.{dead}.a"), ago(120));
+        let fresh = plant(format!("{hex}.{dead}.b"), ago(0));
+        let alive = plant(format!("{hex}.{}.c", std::process::id()), ago(120));
+        let abandoned = plant(format!("{hex}.{}.d", std::process::id()), ago(7200));
+        drop(ChunkCache::open(&dir, 1 << 20).unwrap());
+        let left: Vec<String> = std::fs::read_dir(&tmp)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(!left.contains(&orphan), "a dead writer's file stays: {left:?}");
+        assert!(!left.contains(&abandoned), "an abandoned file stays: {left:?}");
+        assert!(left.contains(&fresh), "a fresh file went: {left:?}");
+        assert!(left.contains(&alive), "a live writer's file went: {left:?}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -77,6 +77,20 @@ pub enum Error {
         /// Bytes read.
         got: u64,
     },
+    /// A pack shorter than the manifest says (truncated in the store: a ranged read past
+    /// its end, HTTP 416): permanent, never retried.
+    #[error("pack {path} is {size} bytes, the manifest reads it up to byte {want}: truncated in the store")]
+    PackTooShort {
+        /// The pack.
+        path: String,
+        /// Its size, as the store reports it.
+        size: u64,
+        /// The end of the read that failed.
+        want: u64,
+        /// The store's error for that read (none when it answered short).
+        #[source]
+        source: Option<object_store::Error>,
+    },
     /// A fetch failed on every attempt its retry policy allowed.
     #[error("chunk {chunk}: gave up after {attempts} attempts over {elapsed_ms} ms")]
     GaveUp {

@@ -30,21 +30,45 @@ pub struct RetryPolicy {
     pub max_backoff: Duration,
     /// Fetches of a chunk that failed verification before it is reported corrupt.
     pub corrupt_refetches: u32,
+    /// How long chunks other processes are fetching may see none published before the
+    /// rest are fetched here (a frozen or stalled peer is overtaken).
+    pub peer_patience: Duration,
 }
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self {
-            attempts: 20,
-            deadline: Duration::from_secs(60),
-            initial_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_secs(2),
-            corrupt_refetches: 1,
-        }
+        Self::within(Duration::from_secs(60))
     }
 }
 
 impl RetryPolicy {
+    /// Retries of a read for up to `deadline`, the one bound: as many attempts as the
+    /// backoff fits in it (so the count never ends the retries before the time does).
+    pub fn within(deadline: Duration) -> Self {
+        let mut policy = Self {
+            attempts: 1,
+            deadline,
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(2),
+            corrupt_refetches: 1,
+            peer_patience: Duration::from_secs(1),
+        };
+        policy.attempts = policy.attempts_within();
+        policy
+    }
+
+    /// Attempts whose waits alone fit in the deadline, the first included (each attempt
+    /// takes time too: the deadline comes first).
+    fn attempts_within(&self) -> u32 {
+        let mut waited = Duration::ZERO;
+        let mut attempts = 1u32;
+        while waited < self.deadline && attempts < u32::MAX {
+            waited += self.backoff(attempts - 1);
+            attempts += 1;
+        }
+        attempts
+    }
+
     fn backoff(&self, attempt: u32) -> Duration {
         self.initial_backoff
             .saturating_mul(1u32 << attempt.min(16))
@@ -103,6 +127,11 @@ pub(crate) struct Fetcher {
     /// Most bytes one ranged read covers.
     pub max_read: u64,
     counters: Counters,
+    /// Whether a wait of this fetcher overtook peers that made no progress, none seen
+    /// since: later waits overtake at once, so a frozen peer costs one patience, not one
+    /// per chunk it holds. Relaxed: a hint; a stale read costs one wait or one duplicate
+    /// fetch.
+    peer_stalled: std::sync::atomic::AtomicBool,
 }
 
 /// Why a read stopped: the chunks before `next` were delivered.
@@ -124,6 +153,7 @@ impl Fetcher {
             retry,
             max_read,
             counters: Counters::default(),
+            peer_stalled: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -197,14 +227,82 @@ impl Fetcher {
                 cache.unlock_fetch(slot);
             }
         }
-        if ok {
-            for c in peers {
+        ok && self.await_peers(peers, sink).await
+    }
+
+    /// Takes chunks `peers`, which other processes are fetching, from the cache as they
+    /// publish them. The wait is bounded in total (the retry deadline, from the start of
+    /// the wait, not per chunk), and peers that publish nothing for
+    /// [`RetryPolicy::peer_patience`] (frozen, stalled) are overtaken: the chunks still
+    /// missing are fetched here; later waits overtake at once until a peer is seen to
+    /// move again. A chunk whose peer gave up is fetched at once.
+    async fn await_peers(&self, mut peers: Vec<usize>, sink: &dyn Sink) -> bool {
+        let Some(cache) = &self.cache else {
+            return self.fetch_runs(&peers, sink).await;
+        };
+        let started = Instant::now();
+        let patience = self.retry.peer_patience;
+        // A peer this fetcher already overtook, and has not seen move since, gets none.
+        let mut progress = if self.peer_stalled.load(Ordering::Relaxed) {
+            started.checked_sub(patience).unwrap_or(started)
+        } else {
+            started
+        };
+        // At least one look at the cache, then until the peers are done or out of time.
+        loop {
+            let mut abandoned = Vec::new();
+            let before = peers.len();
+            peers.retain(|&c| {
+                let Some(d) = self.digest(c) else {
+                    return false;
+                };
+                if let Some(data) = self.cached(c) {
+                    bump(&self.counters.peer_waits, 1);
+                    sink.deliver(c, &data);
+                    return false;
+                }
+                if !cache.peer_fetching(&d) {
+                    abandoned.push(c);
+                    return false;
+                }
+                true
+            });
+            if peers.len() + abandoned.len() < before {
+                progress = Instant::now();
+                self.peer_stalled.store(false, Ordering::Relaxed);
+            }
+            for c in abandoned {
                 if !self.await_peer(c, sink).await {
                     return false;
                 }
             }
+            if peers.is_empty()
+                || started.elapsed() >= self.retry.deadline
+                || progress.elapsed() >= patience
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        ok
+        if !peers.is_empty() {
+            self.peer_stalled.store(true, Ordering::Relaxed);
+            log::debug!(
+                "{} chunk(s) another process is fetching made no progress for {:?}: fetching them here",
+                peers.len(),
+                progress.elapsed()
+            );
+        }
+        self.fetch_runs(&peers, sink).await
+    }
+
+    /// Fetches `chunks` (ascending) in runs; false once one failed for good.
+    async fn fetch_runs(&self, chunks: &[usize], sink: &dyn Sink) -> bool {
+        for run in self.runs(chunks) {
+            if !self.fetch_run(run, sink).await {
+                return false;
+            }
+        }
+        true
     }
 
     /// Splits ascending chunks into runs one ranged read can cover.
@@ -264,8 +362,32 @@ impl Fetcher {
         let mut corrupt_seen = 0u32;
         while next < run.end {
             attempts += 1;
-            let Err(stopped) = self.read_once(next..run.end, sink).await else {
-                return true;
+            // No attempt outlives the bound: a store that accepts and never answers would
+            // otherwise hold the last one for its whole request timeout.
+            let left = self
+                .retry
+                .deadline
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_millis(1));
+            let stopped = match tokio::time::timeout(left, self.read_once(next..run.end, sink))
+                .await
+            {
+                Ok(Ok(())) => return true,
+                Ok(Err(stopped)) => stopped,
+                Err(_) => Stopped {
+                    next,
+                    error: Error::Io {
+                        what: "read",
+                        path: format!("chunk {next}"),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!(
+                                "no answer within the retry bound ({} s)",
+                                self.retry.deadline.as_secs_f64()
+                            ),
+                        ),
+                    },
+                },
             };
             next = stopped.next;
             let error = stopped.error;
@@ -301,6 +423,40 @@ impl Fetcher {
         true
     }
 
+    /// The error of a failed ranged read that ends at `end`: a pack the store reports as
+    /// shorter than that is truncated ([`Error::PackTooShort`], permanent) — the store
+    /// says so only as a generic error (HTTP 416, a local "invalid range"), which would
+    /// otherwise be retried as transient.
+    async fn read_error(
+        &self,
+        path: &object_store::path::Path,
+        end: u64,
+        error: object_store::Error,
+    ) -> Error {
+        if let object_store::Error::Generic { .. } = &error {
+            if let Some(size) = self.pack_shorter_than(path, end).await {
+                return Error::PackTooShort {
+                    path: path.to_string(),
+                    size,
+                    want: end,
+                    source: Some(error),
+                };
+            }
+        }
+        Error::store("read pack", path)(error)
+    }
+
+    /// The size of the pack at `path`, if the store reports it shorter than `end`.
+    async fn pack_shorter_than(&self, path: &object_store::path::Path, end: u64) -> Option<u64> {
+        let Backend::Store { store, .. } = &self.layout.backend else {
+            return None;
+        };
+        let meta = object_store::ObjectStoreExt::head(store.objects(), path)
+            .await
+            .ok()?;
+        (meta.size < end).then_some(meta.size)
+    }
+
     /// One ranged read of `run`, delivering each chunk as soon as its bytes are in.
     async fn read_once(&self, run: Range<usize>, sink: &dyn Sink) -> Result<(), Stopped> {
         let first = run.start;
@@ -320,12 +476,10 @@ impl Fetcher {
                     range: Some(GetRange::Bounded(range.clone())),
                     ..GetOptions::default()
                 };
-                let result = store
-                    .objects()
-                    .get_opts(&path, options)
-                    .await
-                    .map_err(Error::store("read pack", &path))
-                    .map_err(stop(next))?;
+                let result = match store.objects().get_opts(&path, options).await {
+                    Ok(result) => result,
+                    Err(e) => return Err(stop(next)(self.read_error(&path, range.end, e).await)),
+                };
                 let mut stream = result.into_stream();
                 let mut buf = BytesMut::new();
                 while let Some(piece) = stream.next().await {
@@ -340,6 +494,15 @@ impl Fetcher {
                     }
                 }
                 if next < run.end {
+                    // A pack shorter than the manifest says answers short every time.
+                    if let Some(size) = self.pack_shorter_than(&path, range.end).await {
+                        return Err(stop(next)(Error::PackTooShort {
+                            path: path.to_string(),
+                            size,
+                            want: range.end,
+                            source: None,
+                        }));
+                    }
                     let want = self.layout.chunk_len(next) as u64;
                     return Err(stop(next)(Error::ShortRead {
                         chunk: next,
@@ -390,5 +553,35 @@ impl Fetcher {
         }
         sink.deliver(index, &data);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The waits between the attempts a policy allows, all added up.
+    fn waits(policy: &RetryPolicy) -> Duration {
+        (0..policy.attempts.saturating_sub(1))
+            .map(|a| policy.backoff(a))
+            .sum()
+    }
+
+    #[test]
+    fn retries_within_a_deadline_are_bounded_by_the_time_not_the_count() {
+        for secs in [1, 10, 29, 35, 60, 600] {
+            let policy = RetryPolicy::within(Duration::from_secs(secs));
+            assert!(
+                waits(&policy) >= policy.deadline,
+                "{secs} s: {} attempts wait only {:?}",
+                policy.attempts,
+                waits(&policy)
+            );
+        }
+        assert_eq!(
+            RetryPolicy::default().deadline,
+            Duration::from_secs(60),
+            "the default bound"
+        );
     }
 }

@@ -105,8 +105,11 @@ impl Image {
         Ok(self.flat.clone())
     }
 
-    /// Writes the whole image to `path` (zero chunks as holes), every chunk verified. The
-    /// file is created 0600 (see [`uffd_core::private_fs::create_private`]).
+    /// Writes the whole image to `path` (zero chunks as holes), every chunk verified:
+    /// complete or absent. It is written to a new file of an unguessable name in `path`'s
+    /// directory (0600, `O_EXCL`: see [`uffd_core::private_fs::create_temp_for`]), renamed
+    /// to `path` once complete, removed on failure — a full-length file of holes would
+    /// read as an image of zero pages.
     pub fn pull(
         &self,
         path: &Path,
@@ -114,15 +117,41 @@ impl Image {
         retry: RetryPolicy,
         max_in_flight: usize,
     ) -> Result<PullReport> {
+        let (file, temp) =
+            uffd_core::private_fs::create_temp_for(path).map_err(|source| {
+                Error::Private {
+                    what: "create the pulled image",
+                    source,
+                }
+            })?;
+        let pulled = self
+            .pull_into(file, &temp, cache, retry, max_in_flight)
+            .and_then(|report| {
+                std::fs::rename(&temp, path)
+                    .map_err(Error::io("rename the pulled image to", path.display()))?;
+                Ok(report)
+            });
+        if pulled.is_err() {
+            if let Err(e) = std::fs::remove_file(&temp) {
+                log::warn!("remove the partial pull {}: {e}", temp.display());
+            }
+        }
+        pulled
+    }
+
+    /// Writes the whole image into `file`, new and empty, at `path` (for messages), every
+    /// chunk verified; the caller renames it into place once this returns `Ok` (see
+    /// [`pull`](Self::pull)).
+    pub fn pull_into(
+        &self,
+        file: File,
+        path: &Path,
+        cache: Option<Arc<ChunkCache>>,
+        retry: RetryPolicy,
+        max_in_flight: usize,
+    ) -> Result<PullReport> {
         let layout = Layout::from_manifest(self.store.clone(), &self.flat);
         let shown = path.display().to_string();
-        // 0600, never through a link, never a FIFO: the file holds guest memory.
-        let file = uffd_core::private_fs::create_private(path).map_err(|source| {
-            Error::Private {
-                what: "create the pulled image",
-                source,
-            }
-        })?;
         file.set_len(self.flat.geometry().len)
             .map_err(Error::io("size", &shown))?;
         let fetcher = Arc::new(Fetcher::new(layout, cache, retry, 4 << 20));

@@ -236,6 +236,15 @@ impl Pager {
         }
     }
 
+    /// Takes the fatal error that stopped the pager, without joining its threads (`None`
+    /// if there is none, or it was taken). For an embedder that cannot join them: one
+    /// whose thread a SIGBUS-mode pager chained a poisoned page's SIGBUS to, and which
+    /// never returns from that handler, so [`stop`](Self::stop) would wait for it. Then
+    /// the embedder ends the process rather than stop or drop the pager.
+    pub fn take_error(&self) -> Option<crate::Error> {
+        self.shared.take_fatal()
+    }
+
     /// Waits until every page is placed, the pager stops, or `timeout` passes. Returns
     /// whether every page is placed.
     pub fn wait_complete(&self, timeout: Duration) -> bool {

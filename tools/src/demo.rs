@@ -88,6 +88,8 @@ pub fn run(args: &Args) -> Result<()> {
         .open()
         .context("open a userfaultfd")?;
     let start = Instant::now();
+    // A page the pager can no longer serve parks its toucher; the pager's error is reported.
+    crate::guarded::install(&memory)?;
     let pager = Pager::builder(uffd, Arc::new(source))
         .mapping(memory.clone(), 0)
         .mode(DeliveryMode::PerCpu)
@@ -101,21 +103,29 @@ pub fn run(args: &Args) -> Result<()> {
 
     let base = memory.addr();
     let lanes = 2;
-    let workers: Vec<_> = (0..lanes)
-        .map(|lane| {
-            let zero_every = args.zero_every;
-            std::thread::spawn(move || verify_all(base, pages, ps, zero_every, lane, lanes))
-        })
-        .collect();
-    let mut checked = 0;
-    for w in workers {
-        checked += w
-            .join()
-            .map_err(|_| anyhow::anyhow!("workload thread panicked"))??;
-    }
+    let zero_every = args.zero_every;
+    let workload = crate::guarded::run(&pager, memory.clone(), move || -> Result<usize> {
+        let workers: Vec<_> = (0..lanes)
+            .map(|lane| {
+                std::thread::spawn(move || verify_all(base, pages, ps, zero_every, lane, lanes))
+            })
+            .collect();
+        let mut checked = 0;
+        for w in workers {
+            checked += w
+                .join()
+                .map_err(|_| anyhow::anyhow!("workload thread panicked"))??;
+        }
+        Ok(checked)
+    })?;
+    let Some(checked) = workload else {
+        return Err(crate::guarded::stopped(pager));
+    };
+    let checked = checked?;
     let workload = start.elapsed();
     let complete = pager.wait_complete(std::time::Duration::from_secs(30));
     let stats = pager.stop()?;
+    crate::guarded::disarm();
     if checked != pages {
         bail!("checked {checked} of {pages} pages");
     }

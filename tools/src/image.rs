@@ -232,14 +232,19 @@ fn push(args: &PushArgs) -> Result<()> {
 }
 
 fn pull(args: &PullArgs) -> Result<()> {
+    // Before any thread: an interrupted pull leaves no file that looks whole.
+    crate::partial::remove_on_termination()?;
     let started = Instant::now();
     let image = Image::open(&args.url, &args.bound.store_options())?;
-    let r = image.pull(
-        &args.file,
+    let (file, out) = crate::partial::PartialOutput::create(&args.file)?;
+    let r = image.pull_into(
+        file,
+        out.temp_path(),
         args.cache.open()?,
         RetryPolicy::default(),
         args.in_flight,
     )?;
+    out.commit()?;
     println!(
         "pulled {} to {} in {:.2} s: {} MiB, {} chunks fetched in {} reads ({} MiB), {} from the cache",
         args.url,
@@ -434,10 +439,8 @@ impl SourceArgs {
             background,
             // A VMM touches memory first; the background plan starts at its first fault.
             background_after_first_fault: true,
-            retry: RetryPolicy {
-                deadline: Duration::from_secs(self.retry_secs),
-                ..RetryPolicy::default()
-            },
+            // One bound, the user's: the attempts follow from it.
+            retry: RetryPolicy::within(Duration::from_secs(self.retry_secs)),
             ..SourceOptions::default()
         }
     }

@@ -275,6 +275,9 @@ fn run_pager(
     } else {
         builder
     };
+    // Before the pager starts (a SIGBUS-mode pager chains to it): a page the pager can no
+    // longer serve parks the workload, and the pager's error is reported.
+    crate::guarded::install(&memory)?;
     let pager = builder.start()?;
     let t = Instant::now();
     let restored = || {
@@ -286,12 +289,19 @@ fn run_pager(
             text: format!("{placed} pages in, {} faults", s.faults()),
         }
     };
+    let (base, touches, writes) = (memory.addr(), pages.to_vec(), args.writes);
     let lat = crate::progress::track(module_path!(), "restore", restored, || {
-        run_workload(memory.addr(), pages, args.writes)
-    });
+        crate::guarded::run(&pager, memory.clone(), move || {
+            run_workload(base, &touches, writes)
+        })
+    })?;
+    let Some(lat) = lat else {
+        return Err(crate::guarded::stopped(pager));
+    };
     let workload = t.elapsed();
     let total = start.elapsed();
     let stats = pager.stop()?;
+    crate::guarded::disarm();
     if let (false, Some(file)) = (args.no_verify, reference) {
         verify(memory.addr(), file, pages, len, args.writes)?;
     }

@@ -18,6 +18,7 @@ use snapshot::{
 use uffd_core::{Mapping, MemoryKind, HUGE_PAGE_SIZE};
 
 use crate::migrate::parse_size;
+use crate::partial::PartialOutput;
 use crate::progress::{self, Status};
 use crate::units;
 
@@ -282,12 +283,21 @@ fn snapshot_json(r: &SnapshotReport) -> serde_json::Value {
 }
 
 fn live(args: &LiveArgs) -> Result<()> {
+    // Before any thread: an interrupted snapshot leaves no file that looks whole.
+    crate::partial::remove_on_termination()?;
     let w = &args.workload;
     let map = w.region()?;
+    // The output first (a full-length sparse file under a temporary name), so that
+    // nothing is run for an output that cannot be written.
+    let (file, out) = PartialOutput::create(&args.out)?;
+    let sink = Arc::new(FileSink::from_file(
+        file,
+        out.temp_path().to_owned(),
+        map.len() as u64,
+    )?);
     let mut writers = w.writers(&map, args.verify);
     let warm = Duration::from_secs_f64(args.warm_up.max(0.1));
     std::thread::sleep(warm);
-    let sink = Arc::new(FileSink::create(&args.out, map.len() as u64)?);
     let from = writers.started().elapsed();
     let writes_before = writers.writes();
     let live = take_live(
@@ -299,6 +309,8 @@ fn live(args: &LiveArgs) -> Result<()> {
         false,
     )?;
     let report = live.finish().context("live snapshot")?;
+    // Every page saved: the snapshot is whole, and takes its name.
+    out.commit()?;
     let to = writers.started().elapsed();
     let writes_during = writers.writes() - writes_before;
     let span = to - from;
@@ -306,8 +318,9 @@ fn live(args: &LiveArgs) -> Result<()> {
     let baseline = if args.no_baseline {
         None
     } else {
-        let stw = args.out.with_extension("stw");
-        let sink = FileSink::create(&stw, map.len() as u64)?;
+        // Never kept: dropped (removed) at the end of this block.
+        let (file, stw) = PartialOutput::create(&args.out.with_extension("stw"))?;
+        let sink = FileSink::from_file(file, stw.temp_path().to_owned(), map.len() as u64)?;
         let paused = Instant::now();
         writers
             .pause()
@@ -318,7 +331,7 @@ fn live(args: &LiveArgs) -> Result<()> {
             .resume()
             .map_err(|e| anyhow::anyhow!("resume the writers: {e}"))?;
         let paused = paused.elapsed();
-        let _ = std::fs::remove_file(&stw);
+        drop(stw);
         Some((dump.context("stop-the-world dump")?, paused))
     };
     let log = writers.stop();

@@ -93,6 +93,46 @@ pub fn create_temp_in(dir: &Path, prefix: &str) -> Result<(File, PathBuf)> {
     Ok((File::from(fd), path))
 }
 
+/// Creates the temporary file an output `dest` is written to before it is renamed to
+/// `dest` once complete (so that no partial output ever carries its name): new, 0600,
+/// `O_EXCL`, with an unguessable name in `dest`'s directory (see [`create_temp_in`]).
+/// What already sits at `dest` must be what [`create_private`] would have written into:
+/// a regular file of ours with no other link — another user's file is refused, not
+/// replaced. Returns the file and its path.
+pub fn create_temp_for(dest: &Path) -> Result<(File, PathBuf)> {
+    let st: nix::Result<nix::sys::stat::FileStat> = nix::sys::stat::lstat(dest);
+    match st {
+        Err(Errno::ENOENT) => {}
+        Err(e) => return Err(io("stat", dest)(e)),
+        Ok(st) => {
+            expect_kind(&st, SFlag::S_IFREG, dest)?;
+            let euid = geteuid().as_raw();
+            if st.st_uid != euid {
+                return Err(FsError::NotOwned {
+                    path: dest.to_owned(),
+                    owner: st.st_uid,
+                    euid,
+                });
+            }
+            if st.st_nlink > 1 {
+                return Err(FsError::HardLinked {
+                    path: dest.to_owned(),
+                    links: st.st_nlink,
+                });
+            }
+        }
+    }
+    let dir = match dest.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    create_temp_in(dir, &format!(".{name}.partial."))
+}
+
 /// Reads a secret (a key file): a regular file, at most `max` bytes, and — unless
 /// `allow_shared` — not readable by group or others.
 pub fn read_secret(path: &Path, max: u64, allow_shared: bool) -> Result<Vec<u8>> {

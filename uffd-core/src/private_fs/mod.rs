@@ -40,7 +40,7 @@ mod dir;
 mod file;
 
 pub use dir::{PrivateDir, TempDir};
-pub use file::{create_private, create_temp_in, open_regular, read_secret};
+pub use file::{create_private, create_temp_for, create_temp_in, open_regular, read_secret};
 
 /// Why a file or directory was refused, or an operation on it failed.
 #[derive(Debug, thiserror::Error)]
