@@ -14,7 +14,8 @@
 //! need to measure.
 //!
 //! This crate is all an embedder needs: it re-exports the kernel types ([`Uffd`],
-//! [`Features`], [`Mapping`], [`MemoryKind`]) and [`PageState`].
+//! [`Features`], [`UserMode`] — a VMM asks for [`UserMode::KernelFaults`], since KVM
+//! touches guest memory from the kernel — [`Mapping`], [`MemoryKind`]) and [`PageState`].
 //!
 //! ```
 //! use std::sync::Arc;
@@ -137,4 +138,4 @@ pub use source::{ChildSource, Fetched, FileSource, MemorySource, Source, ZeroSou
 pub use stats::StatsSnapshot;
 
 pub use page_state::{PageState, PageStateMap};
-pub use uffd_core::{Features, Mapping, MemoryKind, Uffd};
+pub use uffd_core::{Features, Mapping, MemoryKind, Uffd, UserMode};

@@ -258,6 +258,28 @@ impl Pager {
         true
     }
 
+    /// Waits until page `page` (index in the state map) is present — placed (Received) or
+    /// known zero — the pager stops, or `timeout` passes; returns its state then (`None`
+    /// beyond the end).
+    ///
+    /// For an embedder that saw a touch of the page return (a vCPU read it, a thread's
+    /// fault was resolved) and wants the pager's account of it: a placement's ioctl wakes
+    /// the faulting thread before the pager publishes the page as Received (one ioctl, then
+    /// the state; a whole batch's states after the batch's wake), so just after the touch
+    /// the page may still read Requested, or Missing. A page nobody touched stays Missing
+    /// and this waits out `timeout`.
+    pub fn wait_placed(&self, page: usize, timeout: Duration) -> Option<PageState> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let state = self.states().get(page)?;
+            let present = matches!(state, PageState::Received | PageState::Zero);
+            if present || self.has_stopped() || Instant::now() >= deadline {
+                return Some(state);
+            }
+            std::thread::yield_now();
+        }
+    }
+
     /// Stops and joins every thread (idempotent).
     pub(crate) fn join(&mut self) {
         self.shared.request_stop();
