@@ -281,6 +281,17 @@ pub enum Error {
     /// wrong size, a page beyond the end).
     #[error("page set")]
     Pages(#[from] page_state::Error),
+    /// The embedder could not give the device state at the switch (source), or could
+    /// not take it at RUN (destination): the migration ends before RUN completes, so the
+    /// source's workload may resume.
+    #[error("device state: {what}")]
+    DeviceState {
+        /// Which side failed, and how.
+        what: &'static str,
+        /// The embedder's error (or why RUN cannot carry what it gave).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The destination's pages differ from the source's final content.
     #[error("verification failed: {pages} pages differ, the first is page {first}")]
     Mismatch {

@@ -5,14 +5,16 @@
 //! memory size (8–32 MiB), security (a pre-shared key, or TLS 1.3 with certificates),
 //! the source's workload (random writes, a hot set rewritten all the time, a sequential
 //! sweep), precopy rounds (0–3), whether the destination's workload touches every page,
-//! and one to four faults — resets, silent freezes, half-open links (one direction
+//! the size of the device state RUN carries (none, small, or megabytes, so that a fault at
+//! RUN can catch it in flight), and one to four faults — resets, silent freezes, half-open links (one direction
 //! frozen), delay spikes and slow drips, on main, urgent or both — each triggered by a
 //! protocol event the source reports (precopy round *r* after *k* page frames, the
 //! stop, DISCARD, LISTEN, RUN, postcopy after *k* frames, the digests, SHUT) or by a
 //! byte offset of the stream, so that every planned fault lands. Then it runs the real
 //! source and destination (or a page server and its restore client) through testkit's
 //! proxy and checks that the run ended verified, every page equal to the source's final
-//! content, within its bound.
+//! content, the device state handed to the destination exactly once and byte for byte,
+//! within its bound.
 //!
 //! ```text
 //! cargo test -p postcopy --release --test explore                     # the CI set: 100 seeds
@@ -97,6 +99,8 @@ struct Schedule {
     faults: Vec<Fault>,
     /// Byte-triggered cuts: counted bytes of pages on main, from the start.
     byte_cuts: Vec<Cut>,
+    /// Bytes of device state the source gives at the stop.
+    device_state: usize,
 }
 
 const MAIN: Target = Target::Tag("main");
@@ -195,9 +199,12 @@ impl Schedule {
                 }
             }
         }
+        // Drawn last: the draws above are what they were before RUN carried a state.
+        let device_state = rng.pick(&[0, 300, 70_000, 3 << 20]);
         Schedule {
             seed,
             kind,
+            device_state,
             page_size,
             bytes,
             tls,
@@ -270,6 +277,12 @@ fn differing(a: &Mapping, b: &Mapping) -> (usize, Option<usize>) {
     (n, first)
 }
 
+/// The device state of a seed's source: `len` bytes of its own.
+fn device_state(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = Rng(seed ^ 0xde71_ce00);
+    (0..len).map(|_| rng.next() as u8).collect()
+}
+
 fn run_migration(s: &Schedule) -> Result<Outcome, String> {
     let t0 = Instant::now();
     let (listener, opener) = s.security();
@@ -287,14 +300,19 @@ fn run_migration(s: &Schedule) -> Result<Outcome, String> {
     let touches = s.dest_touches;
     let workload: Arc<Mutex<Option<std::thread::JoinHandle<Vec<Duration>>>>> = Arc::default();
     let w = workload.clone();
+    let (state_tx, state_rx) = mpsc::channel();
     let dest_t = std::thread::spawn(move || {
-        dest.run(move |mem| {
+        dest.run_with_state(move |mem, state| {
+            state_tx
+                .send(state)
+                .expect("the harness waits for the state");
             let t = if touches {
                 common::toucher(mem)
             } else {
                 common::idle(mem)
             };
             *w.lock().unwrap() = Some(t);
+            Ok::<(), std::convert::Infallible>(())
         })
     });
     let memory = source_memory(s.bytes);
@@ -325,8 +343,11 @@ fn run_migration(s: &Schedule) -> Result<Outcome, String> {
     .map_err(|e| format!("new: {e}"))?;
     let injector = Injector::start(proxy.clone(), s.faults.clone(), false, &migration.control());
     let stopper = writer.clone();
-    let src = migration.run(move || {
+    let state = device_state(s.seed, s.device_state);
+    let given = state.clone();
+    let src = migration.run_with_state(move || {
         stopper.lock().unwrap().take().map(Writer::stop);
+        Ok::<_, std::convert::Infallible>(given)
     });
     writer.lock().unwrap().take().map(Writer::stop);
     let dst = dest_t.join().map_err(|_| "the destination panicked")?;
@@ -353,6 +374,18 @@ fn run_migration(s: &Schedule) -> Result<Outcome, String> {
     }
     if src.verified != src.pages {
         return Err(format!("{} of {} pages verified", src.verified, src.pages));
+    }
+    let handed: Vec<Vec<u8>> = state_rx.try_iter().collect();
+    if handed.len() != 1 || handed[0] != state {
+        return Err(format!(
+            "the device state ({} bytes) was handed over {} times, {:?} bytes",
+            state.len(),
+            handed.len(),
+            handed
+                .iter()
+                .map(|h| (h.len(), *h == state))
+                .collect::<Vec<_>>()
+        ));
     }
     let inj = injector.lock().unwrap();
     let (mut landed, mut modes): (Vec<_>, Vec<_>) = inj.landed.iter().copied().unzip();

@@ -63,7 +63,8 @@ fn message() -> impl Strategy<Value = Message> {
         proptest::collection::vec(range(), 0..50).prop_map(|ranges| Message::Discard { ranges }),
         proptest::collection::vec(range(), 0..50).prop_map(|ranges| Message::ReqPages { ranges }),
         Just(Message::Listen),
-        Just(Message::Run),
+        proptest::collection::vec(any::<u8>(), 0..600)
+            .prop_map(|device_state| Message::Run { device_state }),
         Just(Message::End),
         (0..PAGES - 8, 1usize..8, any::<u8>()).prop_map(|(first, n, b)| Message::Pages {
             first,
@@ -177,7 +178,9 @@ fn the_checksum_is_crc32_ieee_over_kind_flags_reserved_and_body() {
 
 #[test]
 fn oversize_frames_are_refused_before_reading_them() {
-    let mut f = frame(&Message::Run);
+    let mut f = frame(&Message::Run {
+        device_state: Vec::new(),
+    });
     f[..4].copy_from_slice(&(DEFAULT_MAX_BODY as u32 + 1).to_le_bytes());
     assert!(matches!(
         decode(&f, &advised()),
@@ -425,4 +428,48 @@ proptest! {
         encode(&Message::ReqPages { ranges }, &mut via);
         prop_assert_eq!(direct, via);
     }
+}
+
+#[test]
+fn run_carries_its_device_state_byte_for_byte() {
+    let device_state: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+    let f = frame(&Message::Run {
+        device_state: device_state.clone(),
+    });
+    let mut body = (device_state.len() as u32).to_le_bytes().to_vec();
+    body.extend_from_slice(&device_state);
+    assert_eq!(f, raw(13, &body), "RUN = length (u32) + the bytes");
+    assert_eq!(
+        decode(&f, &Limits::default()),
+        Ok(Some((Message::Run { device_state }, f.len())))
+    );
+}
+
+#[test]
+fn run_with_a_device_state_too_long_or_cut_short_is_refused() {
+    let too_long = (MAX_DEVICE_STATE as u32 + 1).to_le_bytes();
+    assert!(matches!(
+        decode(&raw(13, &too_long), &Limits::default()),
+        Err(WireError::OutOfRange {
+            what: "device state length",
+            ..
+        })
+    ));
+    let mut short = 10u32.to_le_bytes().to_vec();
+    short.extend_from_slice(&[7; 9]);
+    assert_eq!(
+        decode(&raw(13, &short), &Limits::default()),
+        Err(WireError::Truncated { kind: 13 })
+    );
+    let mut long = 2u32.to_le_bytes().to_vec();
+    long.extend_from_slice(&[7; 3]);
+    assert_eq!(
+        decode(&raw(13, &long), &Limits::default()),
+        Err(WireError::Trailing { kind: 13, extra: 1 })
+    );
+    // Version 4 sent RUN with an empty body: refused, never read as "no state".
+    assert_eq!(
+        decode(&raw(13, &[]), &Limits::default()),
+        Err(WireError::Truncated { kind: 13 })
+    );
 }

@@ -44,13 +44,21 @@ pub(crate) enum Land {
     /// Copied into `memory`, which no pager serves yet, their states kept in `states`
     /// (the map the pager will start with).
     Copy {
-        /// The memory.
-        memory: Mapping,
+        /// The memory (the destination's own, or its embedder's).
+        memory: Arc<Mapping>,
         /// Its page states.
         states: PageStateMap,
     },
     /// Placed by a running pager.
     Place(Placer),
+}
+
+/// Told of every page a receiver lands in memory, before it is published as placed (the
+/// migration destination digests what it placed: see `migrate`'s delivery invariant).
+pub(crate) trait OnLand: Send + Sync {
+    /// Page `page` is being landed from the current pair with `data` (`None`: zeros), in a
+    /// copy (precopy: the latest copy wins) or a placement of a page not present yet.
+    fn landed(&self, page: u64, data: Option<&[u8]>);
 }
 
 /// Counters of what a receiver received.
@@ -86,6 +94,8 @@ pub(crate) struct Receiver {
     /// Requested-page latency: request sent → page placed.
     pub latency: AtomicLatencyHistogram,
     stats: Arc<RecvStats>,
+    /// Told of every page landed (set once, before the receiver is shared).
+    pub on_land: Option<Arc<dyn OnLand>>,
     #[cfg(feature = "fault-injection")]
     pub faults: Arc<crate::fault::Faults>,
 }
@@ -103,6 +113,7 @@ impl Receiver {
             epoch: Instant::now(),
             latency: AtomicLatencyHistogram::default(),
             stats,
+            on_land: None,
             #[cfg(feature = "fault-injection")]
             faults: Default::default(),
         }
@@ -325,6 +336,7 @@ impl Receiver {
                 })
             }
             Land::Copy { memory, states } => {
+                self.tell_landed(first, count, data, |_| true);
                 match data {
                     Some(d) => {
                         // SAFETY: the decoder checked first + count <= pages of the advised
@@ -353,6 +365,17 @@ impl Receiver {
                 return Ok(());
             }
             Land::Place(placer) => {
+                // Told before placing: the placement publishes Received (a Release CAS),
+                // so whoever sees the page placed sees what was told of it. A page present
+                // already is not placed again, and not told of.
+                placer.states(|s| {
+                    self.tell_landed(first, count, data, |p| {
+                        matches!(
+                            s.get(p as usize),
+                            Some(PageState::Missing | PageState::Requested)
+                        )
+                    })
+                });
                 let placed = match data {
                     Some(d) => placer.place_run(first * ps as u64, d)?,
                     None => place_zeros(placer, first, count, ps)?,
@@ -363,6 +386,27 @@ impl Receiver {
         }
         self.arrived(first, count);
         Ok(())
+    }
+}
+
+impl Receiver {
+    /// Tells [`Receiver::on_land`] of pages `first..first + count` landing with `data`
+    /// (`None`: zeros), those for which `lands(page)` holds.
+    fn tell_landed(
+        &self,
+        first: u64,
+        count: u64,
+        data: Option<&[u8]>,
+        lands: impl Fn(u64) -> bool,
+    ) {
+        let Some(on_land) = &self.on_land else {
+            return;
+        };
+        for (i, p) in (first..first + count).enumerate() {
+            if lands(p) {
+                on_land.landed(p, data.map(|d| &d[i * self.ps..(i + 1) * self.ps]));
+            }
+        }
     }
 }
 

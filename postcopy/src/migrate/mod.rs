@@ -16,16 +16,16 @@
 //!      dirty scan found written)
 //!   SYNC(n) every 4 MiB and per round ──▶
 //!                               ◀────────  SYNCED(n): every page before it landed
-//!   stop the workload; final dirty scan
+//!   stop the workload (it gives its device state); final dirty scan
 //!   DISCARD (sent ∧ dirty) ─────────────▶  drop those pages
 //!   LISTEN ─────────────────────────────▶  register uffd, start the pager
 //!                               ◀────────  ACK(1)                          (step 1)
-//!   RUN ────────────────────────────────▶  start the workload
+//!   RUN (device state) ─────────────────▶  embedder loads it, resumes the workload
 //!                               ◀────────  ACK(2)   (downtime: stop → here) (step 2)
 //!   stream what is still needed ────────▶  readers place arrivals
 //!   urgent: ◀─ REQ_PAGES ── PAGES ─▶       faults become requests
 //!   END ────────────────────────────────▶  wait for the last pages
-//!                               ◀────────  DIGESTS (every page's digest)
+//!                               ◀────────  DIGESTS (of what each page was placed with)
 //!   SHUT (verified / mismatch) ─────────▶
 //!                               ◀────────  ACK(3)                          (step 3)
 //!   ACK(3) (heard: the destination may go) ▶
@@ -51,6 +51,34 @@
 //! nothing a superseded pair still carries is applied (the receiver lands frames only from
 //! the pair it greeted last); a page is placed once after the switch, so no older version
 //! overwrites a newer one. `tests/explore.rs` checks it under seeded fault schedules.
+//!
+//! **The device state** (a VMM's vCPU registers, device models: opaque bytes the
+//! source's embedder gives when its workload stops, [`Migration::run_with_state`]) rides
+//! in RUN, and is delivered exactly once, before the workload resumes, whatever breaks:
+//! the destination hands it to its embedder while handling RUN, before it acknowledges
+//! (step 2), and reports step 2 on every later pair; the source keeps it and sends RUN
+//! again, with the same bytes, on every new pair until it hears step 2 (by ACK, or in a
+//! resumed pair's greeting); a RUN on a pair that breaks before it lands is lost with the
+//! pair and sent again; and `on_run` is taken once, so a RUN could not be applied twice
+//! even if one came. If either embedder fails with it, the migration ends before step 2,
+//! with nothing run at the destination.
+//!
+//! **The verdict holds for a running workload.** The destination's digests (DIGESTS) are
+//! not of its memory at the end — the workload has run there since RUN and may have
+//! written anywhere — but of what it *placed*: each page's digest is taken from the bytes
+//! it lands, as they land (`dest/placed.rs`): a precopy copy (a later copy of the same page
+//! replaces it; a DISCARD resets it to zeros, for the page reads zeros until placed
+//! again), and after LISTEN a placement of a page not present yet (a page present already
+//! is not placed again, so an arrival for it changes nothing — a stale precopy version a
+//! failed DISCARD left behind still shows as the stale version); a page never landed
+//! counts as zeros (a known-zero page, which the pager fills with zeros). The digest is
+//! taken before the page is published as placed, and read only once every page is seen
+//! placed, so DIGESTS covers every placement. The source compares them with its final
+//! content, frozen since the stop. So the check is: every page the workload found at the
+//! destination, when it first touched it, was the source's final version — which is what
+//! the delivery invariant promises — and it no longer depends on the workload keeping
+//! still. What it does not check is the kernel's copy of those bytes into memory
+//! (`UFFDIO_COPY`), which the byte-for-byte comparisons of the tests do.
 //!
 //! **Dirty tracking** is userfaultfd async write-protect plus `PAGEMAP_SCAN`; see
 //! [`uffd_core::DirtyTracker`] for why it beats soft-dirty bits.
@@ -98,7 +126,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::error::chain;
+use crate::link::Pair;
+use crate::wire::{Message, ShutReason, MAX_DETAIL};
 use crate::Error;
+
+/// What an embedder's device-state callback may fail with.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How far the destination got, as it reports it in ACK on every connection pair.
 pub(crate) mod step {
@@ -144,6 +177,24 @@ impl LinkStatus {
         let after = was.map_or(Duration::ZERO, |(since, _)| since.elapsed());
         log::info!("{side}: resumed after {after:.2?} (reconnection {n})");
     }
+}
+
+/// Ends the session over `cause`: SHUT (error) on main, then waits, up to `within`, for
+/// the peer to close the pair first — closing ours at once, the peer may see a connection
+/// close before it reads the SHUT, take it for a break and wait out its bound for a
+/// reconnection that never comes.
+fn shut_session(pair: &Pair, cause: &Error, within: Duration) {
+    // At most MAX_DETAIL bytes: a char is at most 4.
+    let detail = chain(cause).chars().take(MAX_DETAIL / 4).collect();
+    let shut = Message::Shut {
+        reason: ShutReason::Error,
+        detail,
+    };
+    if let Err(e) = pair.main.send(&shut) {
+        return log::debug!("the SHUT was not sent: {e}");
+    }
+    let until = Instant::now() + within;
+    while let Ok(Some(_)) = pair.next_within(until.saturating_duration_since(Instant::now())) {}
 }
 
 /// The 64-bit digest of one page (FNV-1a over 64-bit words, then a final mix): what the

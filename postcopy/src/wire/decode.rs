@@ -148,7 +148,7 @@ fn decode_body(kind: u8, body: &[u8], limits: &Limits) -> Result<Message, WireEr
             ranges: ranges(&mut r, limits, "requested range end")?,
         },
         kind::LISTEN => Message::Listen,
-        kind::RUN => Message::Run,
+        kind::RUN => run(&mut r)?,
         kind::END => Message::End,
         kind::PAGES => {
             let (first, data) = pages_body(&mut r, limits)?;
@@ -257,6 +257,20 @@ fn advise(r: &mut Reader<'_>, limits: &Limits) -> Result<Advise, WireError> {
         features,
         regions,
     })
+}
+
+/// RUN: the device state, length-prefixed, at most [`MAX_DEVICE_STATE`] bytes.
+fn run(r: &mut Reader<'_>) -> Result<Message, WireError> {
+    let len = r.u32()? as usize;
+    if len > MAX_DEVICE_STATE {
+        return Err(WireError::OutOfRange {
+            what: "device state length",
+            value: len as u64,
+            limit: MAX_DEVICE_STATE as u64,
+        });
+    }
+    let device_state = r.take(len)?.to_vec();
+    Ok(Message::Run { device_state })
 }
 
 fn recv_bitmap(r: &mut Reader<'_>, limits: &Limits) -> Result<Message, WireError> {

@@ -65,11 +65,11 @@ impl Message {
                 }
             }
             Message::Discard { ranges } | Message::ReqPages { ranges } => w.ranges(ranges),
-            Message::StartTls
-            | Message::Admitted
-            | Message::Listen
-            | Message::Run
-            | Message::End => {}
+            Message::StartTls | Message::Admitted | Message::Listen | Message::End => {}
+            Message::Run { device_state } => {
+                w.u32(device_state.len() as u32);
+                w.bytes(device_state);
+            }
             Message::Pages { first, data } => {
                 w.u64(*first);
                 w.bytes(data);

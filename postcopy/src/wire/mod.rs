@@ -19,8 +19,9 @@ pub use encode::{encode, encode_request};
 pub const MAGIC: [u8; 8] = *b"UFFDKPC\0";
 /// The wire version this crate speaks (3: a HELLO asking for TLS is answered with START_TLS,
 /// and the connection is admitted inside TLS with ADMITTED; 4: precopy pages count as
-/// delivered only once a SYNC after them is answered with SYNCED).
-pub const VERSION: u16 = 4;
+/// delivered only once a SYNC after them is answered with SYNCED; 5: RUN carries the
+/// source's opaque device state, handed to the destination's embedder before it resumes).
+pub const VERSION: u16 = 5;
 /// Bytes before the body.
 pub const HEADER_LEN: usize = 8;
 /// Bytes after the body.
@@ -35,6 +36,9 @@ pub const MAX_REGIONS: usize = 4096;
 pub const MAX_RANGES: usize = 1 << 16;
 /// Longest SHUT detail text.
 pub const MAX_DETAIL: usize = 1024;
+/// Largest device state RUN carries (vCPU registers and device models are kilobytes; a
+/// frame must stay under [`DEFAULT_MAX_BODY`]).
+pub const MAX_DEVICE_STATE: usize = 16 << 20;
 
 bitflags! {
     /// Protocol features, negotiated in HELLO (the intersection is used).
@@ -175,8 +179,14 @@ pub enum Message {
     },
     /// The destination may start listening for faults.
     Listen,
-    /// Run the workload on the destination.
-    Run,
+    /// Run the workload on the destination, after handing its embedder the device state
+    /// (the vCPUs' registers, device models: opaque bytes, as QEMU's postcopy package
+    /// carries them). Resent on every pair until the destination reports it ran.
+    Run {
+        /// The source's device state, taken once its workload stopped (at most
+        /// [`MAX_DEVICE_STATE`] bytes; empty when it has none).
+        device_state: Vec<u8>,
+    },
     /// Every page has been sent.
     End,
     /// Contiguous pages of data.
@@ -411,7 +421,7 @@ impl Message {
             Message::Advise(_) => (kind::ADVISE, "ADVISE"),
             Message::Discard { .. } => (kind::DISCARD, "DISCARD"),
             Message::Listen => (kind::LISTEN, "LISTEN"),
-            Message::Run => (kind::RUN, "RUN"),
+            Message::Run { .. } => (kind::RUN, "RUN"),
             Message::End => (kind::END, "END"),
             Message::Pages { .. } => (kind::PAGES, "PAGES"),
             Message::ZeroRun(_) => (kind::ZERO_RUN, "ZERO_RUN"),

@@ -1,21 +1,24 @@
 //! The migration destination: precopy → LISTEN → RUN → postcopy → verdict, each its own
 //! function, each resumed on the next connection pair of the session after a break.
 //!
-//! Before LISTEN, arriving pages are copied straight into a fresh mapping (no
-//! userfaultfd yet; precopy rounds may overwrite them) and their states written into the
-//! map the pager will start with; DISCARD drops the ones the source dirtied after sending.
-//! At LISTEN a pager registers the mapping with the receiver as its source: a fault asks
-//! on the urgent connection and returns at once, and the connection readers place what
-//! arrives. The workload starts at RUN.
+//! Before LISTEN, arriving pages are copied straight into the memory (a fresh mapping, or
+//! the embedder's guest memory: [`Destination::with_memory`]; no userfaultfd yet; precopy
+//! rounds may overwrite them) and their states written into the map the pager will start
+//! with; DISCARD drops the ones the source dirtied after sending. At LISTEN a pager
+//! registers the memory with the receiver as its source: a fault asks on the urgent
+//! connection and returns at once, and the connection readers place what arrives. At RUN
+//! the embedder gets the memory and the source's device state, and resumes its workload.
+//! Every page landed is digested as it lands (`placed.rs`): the digests the source checks
+//! at the end are of what was placed, whatever the workload wrote since.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pager::{DeliveryMode, LatencyHistogram, PageStateMap, Pager, Prefetch, RegionSpec};
+use pager::{DeliveryMode, LatencyHistogram, PageStateMap, Pager, Prefetch};
 use uffd_core::{Features as UffdFeatures, Mapping, MemoryKind, Uffd};
 
-use super::{digest_raw, step, LinkStatus, Timing};
+use super::{shut_session, step, BoxError, LinkStatus, Timing};
 use crate::endpoint::receiver::{read_advise, Land, Receiver};
 use crate::endpoint::RecvStats;
 use crate::error::{unexpected, LinkError, Refusal};
@@ -26,7 +29,9 @@ use crate::net::{Addr, Listener};
 use crate::wire::{Advise, Channel, Message, PageRange, Role, ShutReason};
 use crate::Error;
 
+mod placed;
 mod run;
+use placed::Placed;
 use run::DestRun;
 
 /// Digests per DIGESTS frame.
@@ -117,11 +122,12 @@ pub struct RunningMemory {
     pub page_size: usize,
 }
 
-/// What a finished destination did. Owns the migrated memory.
+/// What a finished destination did. Holds the migrated memory.
 #[derive(Debug)]
 pub struct DestReport {
-    /// The migrated memory (still mapped; the workload may go on using it).
-    pub memory: Mapping,
+    /// The migrated memory (still mapped; the workload may go on using it): the
+    /// embedder's own ([`Destination::with_memory`]) or the destination's.
+    pub memory: Arc<Mapping>,
     /// Page size.
     pub page_size: usize,
     /// Pages.
@@ -154,6 +160,8 @@ pub struct Destination {
     acceptor: Acceptor,
     opts: DestOptions,
     control: Arc<DestControl>,
+    /// The embedder's memory to receive into, if it gave one.
+    memory: Option<Arc<Mapping>>,
 }
 
 impl Destination {
@@ -182,7 +190,24 @@ impl Destination {
             acceptor,
             opts,
             control: Arc::default(),
+            memory: None,
         })
+    }
+
+    /// Receives into `memory` — the embedder's guest memory, already given to its
+    /// hypervisor (a KVM memory slot) — instead of a mapping of the destination's own: the
+    /// pager registers and serves it, and [`DestReport::memory`] is this `Arc`.
+    ///
+    /// It must be private memory of the advised size and page size: anonymous for 4 KiB
+    /// pages, private hugetlb for 2 MiB (DISCARD drops pages with `MADV_DONTNEED`, which a
+    /// shared mapping would keep in its page cache); else the session is refused with
+    /// [`Refusal::Geometry`], before anything lands. What it holds is dropped at ADVISE.
+    /// From then until `on_run` its content is the destination's: the embedder runs
+    /// nothing on it (its bytes are a mix of versions until the switch), and it must not
+    /// be registered with another userfaultfd.
+    pub fn with_memory(mut self, memory: Arc<Mapping>) -> Destination {
+        self.memory = Some(memory);
+        self
     }
 
     /// The bound address.
@@ -196,16 +221,42 @@ impl Destination {
     }
 
     /// Runs the destination to the end. `on_run` is called at RUN with the memory (start
-    /// the workload there; it runs while pages are still arriving).
+    /// the workload there; it runs while pages are still arriving). A device state the
+    /// source sent is dropped (see [`run_with_state`](Self::run_with_state)).
+    pub fn run(self, on_run: impl FnOnce(RunningMemory)) -> Result<DestReport, Error> {
+        self.run_with_state(|memory, device_state| {
+            if !device_state.is_empty() {
+                log::warn!(
+                    "destination: {} bytes of device state dropped",
+                    device_state.len()
+                );
+            }
+            on_run(memory);
+            Ok::<(), std::convert::Infallible>(())
+        })
+    }
+
+    /// Runs the destination to the end. At RUN, `on_run` gets the memory and the device
+    /// state the source's workload left ([`Migration::run_with_state`]), exactly once and
+    /// before the source hears that RUN is done: load the state and resume the workload
+    /// there (it runs while pages are still arriving). If it returns an error, the
+    /// migration fails before RUN completes — the source hears why and, since nothing ran
+    /// here, may resume its own workload — with [`Error::DeviceState`].
     ///
     /// A broken or silent connection pauses (after RUN the pager keeps the workload's
     /// faults waiting) until the source reconnects, or fails after
     /// [`Timing::give_up_after`]. If the migration fails after RUN, the memory is left
     /// mapped (the workload may still use it) and every page that never arrived is
     /// poisoned: a touch raises SIGBUS, never reads zeros.
-    pub fn run(self, on_run: impl FnOnce(RunningMemory)) -> Result<DestReport, Error> {
+    ///
+    /// [`Migration::run_with_state`]: super::Migration::run_with_state
+    pub fn run_with_state<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
+        self,
+        on_run: impl FnOnce(RunningMemory, Vec<u8>) -> Result<(), E>,
+    ) -> Result<DestReport, Error> {
         let mut d = DestRun::start(&self)?;
-        let mut on_run = Some(on_run);
+        let mut on_run =
+            Some(|memory, state| on_run(memory, state).map_err(|e| -> BoxError { e.into() }));
         while d.step != step::VERIFIED {
             let done = match d.step {
                 step::ADVISED => d.precopy(),

@@ -8,11 +8,12 @@ pub(super) struct DestRun<'d> {
     d: &'d Destination,
     session: u64,
     advise: Advise,
-    kind: MemoryKind,
     receiver: Arc<Receiver>,
     pair: Option<Pair>,
     pub(super) step: u64,
-    memory: Option<Mapping>,
+    memory: Option<Arc<Mapping>>,
+    /// What was placed in every page, as digests.
+    placed: Arc<Placed>,
     pager: Option<Pager>,
     discarded: u64,
     run_at: Option<Instant>,
@@ -39,24 +40,32 @@ impl<'d> DestRun<'d> {
                 Err(e) => return Err(e),
             }
         };
-        let (ps, pages) = match check_advise(&advise) {
+        let geometry = check_advise(&advise).and_then(|(ps, pages)| {
+            check_memory(d.memory.as_deref(), ps, pages).map(|()| (ps, pages))
+        });
+        let (ps, pages) = match geometry {
             Ok(g) => g,
             Err(e) => {
                 crate::auth::refuse(&mut arrival.conns.0, ShutReason::Error, &e.to_string());
                 return Err(e);
             }
         };
-        let kind = match ps {
-            4096 => MemoryKind::Anon,
-            // Private: MADV_DONTNEED (DISCARD) really drops a private page, where a shared
-            // hugetlb mapping would keep it in its page cache and never fault.
-            _ => MemoryKind::HugetlbPrivate,
+        let kind = kind_for(ps);
+        let memory = match &d.memory {
+            Some(memory) => {
+                // Pages it holds would never fault once registered: drop them all.
+                memory
+                    .madvise(0, memory.len(), libc::MADV_DONTNEED)
+                    .map_err(Error::io("drop the embedder's memory"))?;
+                memory.clone()
+            }
+            None => Arc::new(map(kind, ps, pages)?),
         };
-        let memory = map(kind, ps, pages)?;
         let states = PageStateMap::new(pages as usize);
         let land = Land::Copy { memory, states };
-        #[allow(unused_mut)]
+        let placed = Arc::new(Placed::new(ps, pages));
         let mut receiver = Receiver::new(ps, pages, land, d.control.received.clone());
+        receiver.on_land = Some(placed.clone());
         #[cfg(feature = "fault-injection")]
         {
             receiver.faults = d.control.faults.clone();
@@ -65,11 +74,11 @@ impl<'d> DestRun<'d> {
             d,
             session: arrival.session,
             advise,
-            kind,
             receiver: Arc::new(receiver),
             pair: None,
             step: step::ADVISED,
             memory: None,
+            placed,
             pager: None,
             discarded: 0,
             run_at: None,
@@ -164,6 +173,7 @@ impl<'d> DestRun<'d> {
                     // A page sent as zero goes through Received (zero → received → missing).
                     states.mark_received_range(start, end)?;
                     states.discard_range(start, end)?;
+                    self.placed.dropped(start..end);
                     n += r.count;
                 }
                 Ok(n)
@@ -185,12 +195,8 @@ impl<'d> DestRun<'d> {
             .non_blocking(true)
             .require(UffdFeatures::EVENT_REMOVE)
             .open()?;
-        let builder = Pager::builder(uffd, self.receiver.clone());
-        // SAFETY: `memory` is the destination's own mapping, kept in `self.memory` until
-        // the pager is stopped, and read only through raw pointers.
-        let builder =
-            unsafe { builder.region(RegionSpec::new(memory.addr(), memory.len(), self.kind, 0)) };
-        let pager = builder
+        let pager = Pager::builder(uffd, self.receiver.clone())
+            .mapping(memory.clone(), 0)
             .mode(self.d.opts.mode)
             .prefetch(Prefetch::None)
             .states(states)
@@ -208,19 +214,27 @@ impl<'d> DestRun<'d> {
     /// RUN: starts the workload (once) and acknowledges.
     pub(super) fn await_run(
         &mut self,
-        on_run: &mut Option<impl FnOnce(RunningMemory)>,
+        on_run: &mut Option<impl FnOnce(RunningMemory, Vec<u8>) -> Result<(), BoxError>>,
     ) -> Result<(), Error> {
-        match self.pair().wait()? {
-            (_, Message::Run) => {}
+        let device_state = match self.pair().wait()? {
+            (_, Message::Run { device_state }) => device_state,
             (channel, other) => return Err(unexpected(other, "RUN", channel)),
-        }
+        };
         let memory = self.memory.as_ref().expect("mapped at LISTEN");
+        // Once: a RUN repeated on a later pair cannot come (this side reports step
+        // RUNNING on every pair from here on), but would find `on_run` taken.
         if let Some(on_run) = on_run.take() {
-            on_run(RunningMemory {
+            let running = RunningMemory {
                 base: memory.addr(),
                 len: memory.len(),
                 page_size: self.advise.page_size as usize,
-            });
+            };
+            if let Err(source) = on_run(running, device_state) {
+                let what = "the destination's embedder could not take it";
+                let e = Error::DeviceState { what, source };
+                shut_session(self.pair(), &e, self.d.opts.timing.silence);
+                return Err(e);
+            }
             self.run_at = Some(Instant::now());
         }
         self.step = step::RUNNING;
@@ -263,18 +277,11 @@ impl<'d> DestRun<'d> {
     }
 
     fn send_digests(&self, pair: &Pair) -> Result<(), Error> {
-        let memory = self.memory.as_ref().expect("mapped at LISTEN");
-        let (ps, pages) = (
-            self.advise.page_size as usize,
-            self.advise.page_count as usize,
-        );
+        let pages = self.advise.page_count as usize;
         for first in (0..pages).step_by(DIGESTS_PER_FRAME) {
             let n = DIGESTS_PER_FRAME.min(pages - first);
-            let digests = (first..first + n)
-                // SAFETY: every page is present and the mapping is ours until the report
-                // goes; the workload may be writing (volatile loads).
-                .map(|p| unsafe { digest_raw(memory.as_ptr().add(p * ps), ps) })
-                .collect();
+            // Of what was placed, not of memory now: the workload may have written since.
+            let digests = (first..first + n).map(|p| self.placed.get(p)).collect();
             pair.main.send(&Message::Digests {
                 first: first as u64,
                 digests,
@@ -320,7 +327,8 @@ impl<'d> DestRun<'d> {
         }
         if self.run_at.is_some() {
             if let Some(m) = self.memory.take() {
-                let _ = m.leak();
+                // Never unmapped by us (the embedder may hold it too and keeps it mapped).
+                std::mem::forget(m);
             }
         }
         e
@@ -351,6 +359,30 @@ impl<'d> DestRun<'d> {
             verdict: std::mem::take(&mut self.verdict),
         })
     }
+}
+
+/// The memory kind a page size needs. Private: MADV_DONTNEED (DISCARD) really drops a
+/// private page, where a shared mapping would keep it in its page cache and never fault.
+fn kind_for(ps: usize) -> MemoryKind {
+    match ps {
+        4096 => MemoryKind::Anon,
+        _ => MemoryKind::HugetlbPrivate,
+    }
+}
+
+/// Checks the embedder's memory, if it gave one, against the advised geometry.
+fn check_memory(memory: Option<&Mapping>, ps: usize, pages: u64) -> Result<(), Error> {
+    let Some(memory) = memory else {
+        return Ok(());
+    };
+    let geometry = |what| Err(Error::refused(Refusal::Geometry(what)));
+    if memory.kind() != kind_for(ps) {
+        return geometry("the destination's memory is not private memory of the advised page size");
+    }
+    if memory.len() as u64 != pages * ps as u64 {
+        return geometry("the destination's memory is not the advised size");
+    }
+    Ok(())
 }
 
 /// Maps the destination memory; a hugetlb pool too small is named as such.

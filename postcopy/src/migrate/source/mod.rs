@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use page_state::Bitmap;
 
-use super::{copy_raw, digest_raw, step, LinkStatus, Timing};
+use super::{copy_raw, digest_raw, shut_session, step, BoxError, LinkStatus, Timing};
 use crate::endpoint::sender::{Pages, Sender};
 use crate::endpoint::SendStats;
 use crate::error::{unexpected, LinkError, Refusal};
@@ -17,7 +17,10 @@ use crate::handshake::Security;
 use crate::link::dial::Dialer;
 use crate::link::{self, Pair};
 use crate::net::Addr;
-use crate::wire::{Advise, Features, Message, PageRange, Role, ShutReason, WireRegion, MAX_RANGES};
+use crate::wire::{
+    Advise, Features, Message, PageRange, Role, ShutReason, WireRegion, MAX_DEVICE_STATE,
+    MAX_RANGES,
+};
 use crate::Error;
 use uffd_core::DirtyTracker;
 
@@ -345,18 +348,38 @@ impl Migration {
         self.control.clone()
     }
 
-    /// Runs the migration. `stop_workload` is called at the switch and must return only
-    /// when nothing writes the memory any more. Returns once the destination's digests
-    /// of every page matched the final content.
+    /// Runs the migration of a workload without device state: `stop_workload` is called
+    /// at the switch and must return only when nothing writes the memory any more. See
+    /// [`run_with_state`](Self::run_with_state).
+    pub fn run(self, stop_workload: impl FnOnce()) -> Result<SourceReport, Error> {
+        self.run_with_state(|| {
+            stop_workload();
+            Ok::<_, std::convert::Infallible>(Vec::new())
+        })
+    }
+
+    /// Runs the migration. `stop_workload` is called once, at the switch, and must return
+    /// only when nothing writes the memory any more, with the workload's device state
+    /// (opaque bytes, at most [`MAX_DEVICE_STATE`]: a VMM's vCPU registers and device
+    /// models). RUN carries them, and the destination hands them to its embedder before it
+    /// resumes the workload ([`Destination::run_with_state`]). An error (or a state too
+    /// large) ends the migration before RUN with [`Error::DeviceState`]; the destination
+    /// is told. Returns once the destination's digests of every page matched the final
+    /// content.
+    ///
+    /// [`Destination::run_with_state`]: super::Destination::run_with_state
     ///
     /// Failures: a broken or silent connection in any phase pauses the migration (the
     /// workload keeps running before the switch; after it the destination holds it) and
     /// it resumes on a new pair, until [`Timing::give_up_after`] passes without one: then
     /// [`Error::GaveUp`]. Before RUN nothing runs at the destination, so the caller may
     /// simply resume its workload if it was already stopped.
-    pub fn run(self, stop_workload: impl FnOnce()) -> Result<SourceReport, Error> {
+    pub fn run_with_state<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
+        self,
+        stop_workload: impl FnOnce() -> Result<Vec<u8>, E>,
+    ) -> Result<SourceReport, Error> {
         let mut run = Run::new(&self)?;
-        let mut stop = Some(stop_workload);
+        let mut stop = Some(|| stop_workload().map_err(|e| -> BoxError { e.into() }));
         let mut pair = run.connect(true)?;
         let mut stage = if self.opts.max_rounds > 0 {
             Stage::Precopy

@@ -31,6 +31,8 @@ pub(super) struct Run<'m> {
     run_at: Option<Instant>,
     last_sent: Option<Instant>,
     verified: u64,
+    /// The workload's device state, taken at the stop; RUN carries it.
+    device_state: Vec<u8>,
 }
 
 impl<'m> Run<'m> {
@@ -96,6 +98,7 @@ impl<'m> Run<'m> {
             run_at: None,
             last_sent: None,
             verified: 0,
+            device_state: Vec::new(),
         })
     }
 
@@ -308,12 +311,20 @@ impl<'m> Run<'m> {
     pub(super) fn switch(
         &mut self,
         pair: &Pair,
-        stop: &mut Option<impl FnOnce()>,
+        stop: &mut Option<impl FnOnce() -> Result<Vec<u8>, BoxError>>,
     ) -> Result<(), Error> {
         self.progress().set_phase(Phase::Switching);
         if let Some(stop_workload) = stop.take() {
             self.stopped = Some(Instant::now());
-            stop_workload();
+            self.device_state = match checked_state(stop_workload()) {
+                Ok(state) => state,
+                Err(source) => {
+                    let what = "the source's embedder could not give it";
+                    let e = Error::DeviceState { what, source };
+                    shut_session(pair, &e, self.m.opts.timing.silence);
+                    return Err(e);
+                }
+            };
             let dirty = &self.dirty;
             if let Some(mut t) = self.tracker.take() {
                 t.collect(self.memory.ps, |g| {
@@ -334,7 +345,11 @@ impl<'m> Run<'m> {
             self.unconfirmed.confirm_all();
         }
         if self.step == step::LISTENING {
-            pair.main.send(&Message::Run)?;
+            // Sent again on every pair until the destination reports it ran: the state
+            // is handed over there exactly once (see the delivery invariant).
+            pair.main.send(&Message::Run {
+                device_state: self.device_state.clone(),
+            })?;
             event!(self.m.control, Sent("RUN"));
             self.expect_step(pair, step::RUNNING)?;
             let stopped = self.stopped.unwrap_or(self.started);
@@ -519,4 +534,14 @@ impl<'m> Run<'m> {
             verified: self.verified,
         }
     }
+}
+
+/// The device state the embedder gave, if RUN can carry it.
+fn checked_state(given: Result<Vec<u8>, BoxError>) -> Result<Vec<u8>, BoxError> {
+    let state = given?;
+    if state.len() > MAX_DEVICE_STATE {
+        let len = state.len();
+        return Err(format!("{len} bytes, more than RUN carries ({MAX_DEVICE_STATE})").into());
+    }
+    Ok(state)
 }
