@@ -1,25 +1,35 @@
 //! `uffdkit-vmm migrate-out` / `migrate-in`: live post-copy migration of the running guest
 //! between two VMM processes over postcopy's protocol (TCP or a Unix socket, PSK).
 //!
-//! The switch carries no device state, so the vCPU state travels beside the protocol:
-//! the source writes `vm.json` (and the checksum its model expects) into a directory both
-//! processes see, before the switch's RUN; the destination reads it at RUN. Same host, or
-//! a shared directory, until the protocol carries it.
+//! The vCPU state travels at the switch as postcopy's device state (RUN carries it), with
+//! the source's model of guest memory beside it (a [`Handover`]), so that the destination
+//! can check the guest's own checksum. The destination creates its VM first and hands its
+//! guest memory — KVM's memory slot — to the migration destination, whose pager registers
+//! and fills it. At RUN the guest resumes and goes on rewriting its memory while postcopy
+//! brings the rest, until the migration is verified; then it checksums every page.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use pager::DeliveryMode;
 use postcopy::auth::Key;
-use postcopy::migrate::{DestOptions, Destination, Migration, RunningMemory, SourceOptions};
+use postcopy::migrate::{DestOptions, Destination, Migration, SourceOptions};
 use postcopy::net::Addr;
+use serde::{Deserialize, Serialize};
 use uffdkit_vmm::{Command, GuestModel, Vm, VmConfig, VmState};
 
-/// The file the source writes the expected checksum into, beside `vm.json`.
-const EXPECTED_FILE: &str = "expected-checksum";
+/// What the source hands over at the switch, as postcopy's device state.
+#[derive(Serialize, Deserialize)]
+struct Handover {
+    /// The vCPUs' registers.
+    vm: VmState,
+    /// What guest memory holds, by the source's count (the destination's check).
+    model: GuestModel,
+}
 
 /// Shared arguments.
 #[derive(clap::Args)]
@@ -30,9 +40,6 @@ pub struct Common {
     /// The pre-shared key file (trusted links only).
     #[arg(long)]
     key_file: PathBuf,
-    /// Where the vCPU state goes from source to destination (a directory both see).
-    #[arg(long)]
-    state_dir: PathBuf,
 }
 
 /// `migrate-out` arguments.
@@ -58,14 +65,13 @@ pub struct InArgs {
     listen: String,
 }
 
-/// The guest's work while it migrates: 64-page runs at moving places in the first half
-/// of its data pages, each with a new seed.
-fn rewrite(pages: u32, n: u64) -> Command {
-    let span = pages / 2;
+/// The guest's work: 64-page runs at moving places in the first `span` data pages, each
+/// with a seed of its own (`base` + n).
+fn rewrite(span: u32, base: u32, n: u64) -> Command {
     Command::Fill {
-        first: (n as u32 * 61) % (span - 64),
+        first: (n as u32).wrapping_mul(61) % (span - 64),
         pages: 64,
-        seed: 0x2222_0000 + n as u32,
+        seed: base.wrapping_add(n as u32),
         stride: 1,
     }
 }
@@ -75,7 +81,7 @@ fn key(path: &Path) -> anyhow::Result<Key> {
     Key::from_file(path, false).with_context(|| format!("key file {}", path.display()))
 }
 
-/// Boots a guest, fills it, and migrates it while it rewrites its memory.
+/// Boots a guest, fills it, and migrates it while it rewrites the first half of its memory.
 pub fn out(args: OutArgs) -> anyhow::Result<()> {
     let config = VmConfig::new(args.common.mib);
     let pages = config.data_pages();
@@ -96,7 +102,7 @@ pub fn out(args: OutArgs) -> anyhow::Result<()> {
     let next = |_vcpu: usize, n: u64| {
         // Release: pairs with the Acquire in the stop callback; only the count matters.
         issued.fetch_add(1, Ordering::Release);
-        rewrite(pages, n)
+        rewrite(pages / 2, 0x2222_0000, n)
     };
     std::thread::scope(|scope| {
         let (stop, next) = (&stop, &next);
@@ -105,9 +111,9 @@ pub fn out(args: OutArgs) -> anyhow::Result<()> {
             (vm, reports)
         });
         // SAFETY: guest memory is the VM's private anonymous mapping; the VM comes back
-        // from its thread in the stop callback and lives until this scope ends, after
-        // `run` returned; only its guest writes the memory, and the callback returns once
-        // the vCPU has halted.
+        // from its thread in the stop callback and is kept in `stopped` until this scope
+        // ends, after `run_with_state` returned; only its guest writes the memory, and the
+        // callback returns once the vCPU has halted.
         let migration = unsafe {
             Migration::new(
                 to,
@@ -118,15 +124,27 @@ pub fn out(args: OutArgs) -> anyhow::Result<()> {
             )
         }?;
         let mut stopped = None;
-        let report = migration.run(|| {
+        let report = migration.run_with_state(|| -> anyhow::Result<Vec<u8>> {
             let deadline = Instant::now() + Duration::from_secs(60);
             while issued.load(Ordering::Acquire) < args.min_commands && Instant::now() < deadline {
                 std::thread::yield_now();
             }
             stop.store(true, Ordering::Release);
-            stopped = Some(hand_over(guest.join(), &mut model, &args.common.state_dir));
+            let (vm, reports) = guest
+                .join()
+                .map_err(|_| anyhow::anyhow!("the vCPU thread panicked"))?;
+            // Kept before anything can fail: its memory must outlive the migration.
+            let (vm, ran) = stopped.insert((vm, 0));
+            let reports = reports?;
+            reports[0].commands.iter().for_each(|&c| model.apply(c));
+            *ran = reports[0].commands.len();
+            let handover = Handover {
+                vm: vm.state()?,
+                model: model.clone(),
+            };
+            Ok(serde_json::to_vec(&handover)?)
         })?;
-        let (_vm, commands) = stopped.context("the switch never came")??;
+        let (_vm, commands) = stopped.context("the switch never came")?;
         println!(
             "migrated: {commands} guest commands during the migration, {} precopy rounds, \
              downtime {:?}, postcopy {:?}, {} pages requested by the destination",
@@ -139,86 +157,89 @@ pub fn out(args: OutArgs) -> anyhow::Result<()> {
     })
 }
 
-type GuestThread = std::thread::Result<(Vm, uffdkit_vmm::Result<Vec<uffdkit_vmm::RunReport>>)>;
-
-/// At the switch: the stopped guest's state and the checksum its model expects go to
-/// the destination. Returns the VM (its memory must outlive the migration) and the number
-/// of commands the guest ran.
-fn hand_over(
-    joined: GuestThread,
-    model: &mut GuestModel,
-    dir: &Path,
-) -> anyhow::Result<(Vm, usize)> {
-    let (vm, reports) = joined.map_err(|_| anyhow::anyhow!("the vCPU thread panicked"))?;
-    let reports = reports?;
-    let ran = &reports[0].commands;
-    ran.iter().for_each(|&c| model.apply(c));
-    let pages = vm.config().data_pages();
-    vm.state()?.save(dir)?;
-    let expected = dir.join(EXPECTED_FILE);
-    std::fs::write(&expected, format!("{:#x}\n", model.checksum(0, pages)))
-        .with_context(|| format!("write {}", expected.display()))?;
-    Ok((vm, ran.len()))
+/// What the guest did at the destination.
+struct Resumed {
+    /// RUN → the guest's first exit to the VMM.
+    first_instruction: Duration,
+    /// Commands it ran until the migration was verified.
+    commands: usize,
+    /// Its checksum of every page, and what the source's model with its own commands
+    /// says it must be.
+    checksum: (u32, u32),
 }
 
-/// Listens, and at RUN resumes the guest on the arriving memory; checks its checksum.
+/// Listens, resumes the guest at RUN on its own memory, which the migration fills while
+/// it runs; checks its checksum once verified.
 pub fn into(args: InArgs) -> anyhow::Result<()> {
     let config = VmConfig::new(args.common.mib);
+    let vm = Vm::create(config)?;
     let listen: Addr = args.listen.parse().context("--listen")?;
     let opts = DestOptions {
         mode: DeliveryMode::Thread,
         ..DestOptions::default()
     };
-    let dest = Destination::bind(&listen, key(&args.common.key_file)?, opts)?;
+    let dest = Destination::bind(&listen, key(&args.common.key_file)?, opts)?
+        .with_memory(vm.memory().clone());
     println!("listening on {}", dest.local_addr()?);
     std::io::stdout().flush()?;
-    let dir = args.common.state_dir.clone();
+    let verified = AtomicBool::new(false);
     std::thread::scope(|scope| {
-        let (resumed_tx, resumed_rx) = std::sync::mpsc::channel();
-        let report = dest.run(|memory: RunningMemory| {
-            let config = config.clone();
-            let dir = dir.clone();
-            let resumed = scope.spawn(move || resume(config, memory, &dir));
-            // The receiver lives until after `run`: a send cannot fail.
-            let _ = resumed_tx.send(resumed);
-        })?;
+        let verified = &verified;
+        let (resumed_tx, resumed_rx) = mpsc::channel();
+        let report = dest.run_with_state(move |_memory, state| -> anyhow::Result<()> {
+            let handover: Handover =
+                serde_json::from_slice(&state).context("the source's device state")?;
+            vm.load_state(&handover.vm)?;
+            let at = Instant::now();
+            let guest = scope.spawn(move || resume(vm, handover.model, verified, at));
+            // The receiver lives until after `run_with_state`: a send cannot fail.
+            let _ = resumed_tx.send(guest);
+            Ok(())
+        });
+        // Release: pairs with the guest loop's Acquire; the guest stops rewriting.
+        verified.store(true, Ordering::Release);
+        let report = report?;
         let resumed = resumed_rx.recv().context("RUN never came")?;
-        let (got, want) = resumed
+        let resumed = resumed
             .join()
             .map_err(|_| anyhow::anyhow!("the vCPU thread panicked"))??;
         println!(
-            "destination: {} precopy pages, {} postcopy pages, {} requested by the guest's faults",
-            report.precopy_pages, report.postcopy_pages, report.requested
+            "destination: {} precopy pages, {} postcopy pages, {} requested by the guest's \
+             faults; the guest ran {} commands until verified, its first instruction {:?} \
+             after RUN",
+            report.precopy_pages,
+            report.postcopy_pages,
+            report.requested,
+            resumed.commands,
+            resumed.first_instruction
         );
+        let (got, want) = resumed.checksum;
         if got != want {
-            bail!("guest checksum {got:#x} after migration, the source's model says {want:#x}");
+            bail!("guest checksum {got:#x} after migration, the model says {want:#x}");
         }
         println!("guest checksum {got:#x} matches the source's model");
-        drop(report); // the memory, after the VM that used it (joined above)
         Ok(())
     })
 }
 
-/// The guest at the destination: state from the source, a checksum of every page while
-/// the pager may still be filling them.
-fn resume(config: VmConfig, memory: RunningMemory, dir: &Path) -> anyhow::Result<(u32, u32)> {
-    if memory.len != config.memory_len() {
-        bail!(
-            "{} bytes arrived for {} MiB of guest memory",
-            memory.len,
-            config.mib
-        );
-    }
-    // SAFETY: the destination's memory stays mapped until its report (which owns it) is
-    // dropped, after this thread is joined; only this guest and the pager write it.
-    let mut vm = unsafe { Vm::over(config.clone(), memory.base) }?;
-    vm.load_state(&VmState::load(dir)?)?;
-    let expected = dir.join(EXPECTED_FILE);
-    let text = std::fs::read_to_string(&expected)
-        .with_context(|| format!("read {}", expected.display()))?;
-    let want = u32::from_str_radix(text.trim().trim_start_matches("0x"), 16)
-        .with_context(|| format!("{}: not a checksum", expected.display()))?;
-    let pages = config.data_pages();
-    let reports = vm.run(&[vec![Command::Checksum { first: 0, pages }]])?;
-    Ok((reports[0].results[0], want))
+/// The guest at the destination: rewrites the whole of its memory (faulting on pages
+/// still at the source) until the migration is verified, then checksums every page.
+fn resume(
+    mut vm: Vm,
+    mut model: GuestModel,
+    verified: &AtomicBool,
+    at: Instant,
+) -> anyhow::Result<Resumed> {
+    let pages = vm.config().data_pages();
+    let reports = vm.run_until(verified, &|_, n| rewrite(pages, 0x4444_0000, n))?;
+    let first_instruction = reports[0].first_exit.saturating_duration_since(at);
+    let ran = &reports[0].commands;
+    ran.iter().for_each(|&c| model.apply(c));
+    let all = Command::Checksum { first: 0, pages };
+    let reports = vm.run(&[vec![all]])?;
+    Ok(Resumed {
+        first_instruction,
+        commands: ran.len(),
+        checksum: (reports[0].results[0], model.checksum(0, pages)),
+    })
 }

@@ -35,6 +35,10 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// vCPU state could not be encoded as, or decoded from, bytes (a migration's device
+    /// state).
+    #[error("vCPU state bytes")]
+    StateBytes(#[source] serde_json::Error),
     /// The snapshot does not fit the VM asked for (size, vCPUs, memory kind).
     #[error("snapshot does not fit: {0}")]
     Mismatch(String),
@@ -44,10 +48,6 @@ pub enum Error {
     /// The pager's source could not be opened.
     #[error("pager source")]
     Source(#[from] pager::SourceError),
-    /// The userfaultfd only sees user-mode faults, but KVM touches guest memory from the
-    /// kernel: every such fault would fail instead of waiting for the pager.
-    #[error("the userfaultfd is user-mode only; KVM's faults come from the kernel")]
-    UserModeOnly,
     /// The guest read guest memory KVM could not reach, and KVM reported it as MMIO (what
     /// the nested host here does when a page is registered in SIGBUS mode).
     #[error("vCPU {vcpu}: guest memory at {gpa:#x} came back as an MMIO read")]

@@ -132,8 +132,9 @@ fn page_gpa(page: u32) -> u32 {
 
 /// What the guest's memory must hold: the seed last written into each data page (`None`:
 /// never written, all zeros), so the expected checksum is known without reading guest
-/// memory.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// memory. Serializable: a migration's device state can carry it beside the vCPUs', for
+/// the destination to check the guest against.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GuestModel {
     seeds: Vec<Option<u32>>,
 }

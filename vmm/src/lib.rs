@@ -10,10 +10,12 @@
 //! page server, a chunked image). In SIGBUS mode the vCPU thread resolves what KVM could
 //! not reach itself (`in_thread.rs`). The guest's own checksum, against [`GuestModel`],
 //! says the restore was right. [`bench`](mod@bench) times lazy against eager restore.
-//! [`Vm::run_until`], [`Vm::state`] and [`Vm::over`] are what a live migration needs: a
-//! guest that keeps working while precopy runs, its vCPU state at the switch, and a VM over
-//! the memory a migration destination fills (the `uffdkit-vmm migrate-in`/`migrate-out`
-//! commands and `tests/migrate.rs` use `postcopy` with them).
+//! [`Vm::run_until`], [`VmState::to_bytes`] and [`Vm::memory`] are what a live migration
+//! needs: a guest that keeps working while precopy runs, its vCPU state as the device
+//! state postcopy's RUN carries, and the VM's own guest memory (already KVM's memory slot)
+//! for the migration destination to register and fill (`Destination::with_memory`). The
+//! `uffdkit-vmm migrate-in`/`migrate-out` commands and `tests/migrate.rs` use `postcopy`
+//! with them.
 //!
 //! Why a VMM and not a thread touching memory: KVM resolves a guest access through the
 //! host page tables from inside `KVM_RUN`, so the uffd fault comes from the kernel, on a
@@ -52,4 +54,4 @@ pub use error::{Error, Result};
 pub use guest::{Command, GuestModel};
 pub use restore::{Lazy, Restore};
 pub use snapshot::VmState;
-pub use vm::{GuestMemory, RunReport, Vm, VmConfig};
+pub use vm::{RunReport, Vm, VmConfig};

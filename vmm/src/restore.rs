@@ -6,7 +6,7 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
-use pager::{DeliveryMode, Features, FileSource, Mapping, Pager, Prefetch, Source, Uffd};
+use pager::{DeliveryMode, Features, FileSource, Mapping, Pager, Prefetch, Source, Uffd, UserMode};
 
 use crate::error::{Error, Result};
 use crate::snapshot::{fits, VmState, MEMORY_FILE};
@@ -157,14 +157,14 @@ fn serve_from(source: Arc<dyn Source>, memory: &Arc<Mapping>, lazy: Lazy) -> Res
         DeliveryMode::Sigbus => Features::SIGBUS,
         _ => Features::empty(),
     };
+    // KVM touches guest memory from the kernel: a user-mode-only uffd would fail those
+    // faults instead of waiting for the pager, so open one for kernel faults or fail.
     let uffd = Uffd::builder()
         .non_blocking(true)
+        .user_mode(UserMode::KernelFaults)
         .require(features)
         .open()
         .map_err(pager::Error::from)?;
-    if uffd.user_mode_only() {
-        return Err(Error::UserModeOnly);
-    }
     let pager = Pager::builder(uffd, source)
         .mapping(memory.clone(), 0)
         .mode(mode)

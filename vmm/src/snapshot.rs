@@ -49,6 +49,16 @@ impl VmState {
         write_new(dir, STATE_FILE, |file| file.write_all(&json))
     }
 
+    /// The state as bytes: what a migration carries at the switch (postcopy's RUN).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        serde_json::to_vec(self).map_err(Error::StateBytes)
+    }
+
+    /// The state from [`to_bytes`](Self::to_bytes)' bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<VmState> {
+        serde_json::from_slice(bytes).map_err(Error::StateBytes)
+    }
+
     /// Reads `vm.json` from a snapshot directory.
     pub fn load(dir: &Path) -> Result<VmState> {
         let path = dir.join(STATE_FILE);
@@ -131,7 +141,7 @@ impl Vm {
         })
     }
 
-    /// Puts saved vCPU state into this VM's vCPUs (after [`Vm::over`]).
+    /// Puts saved vCPU state into this VM's vCPUs (a migration destination's, at RUN).
     pub fn load_state(&self, state: &VmState) -> Result<()> {
         self.load_vcpus(state)
     }

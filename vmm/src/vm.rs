@@ -68,50 +68,6 @@ pub struct RunReport {
     pub resolved_in_thread: u64,
 }
 
-/// Guest memory: a mapping the VM owns, or memory lent to it (a migration destination's,
-/// which the destination owns and keeps mapped).
-#[derive(Debug)]
-pub enum GuestMemory {
-    /// Mapped by and for this VM (shared with the pager serving it, which keeps it mapped
-    /// for as long as it may place pages).
-    Owned(Arc<Mapping>),
-    /// Lent by the caller of [`Vm::over`], under its contract.
-    Lent {
-        /// First byte.
-        addr: usize,
-        /// Bytes.
-        len: usize,
-    },
-}
-
-impl GuestMemory {
-    /// First byte.
-    pub fn addr(&self) -> usize {
-        match self {
-            GuestMemory::Owned(m) => m.addr(),
-            GuestMemory::Lent { addr, .. } => *addr,
-        }
-    }
-
-    /// Bytes.
-    pub fn len(&self) -> usize {
-        match self {
-            GuestMemory::Owned(m) => m.len(),
-            GuestMemory::Lent { len, .. } => *len,
-        }
-    }
-
-    /// Whether it is empty (never, for a VM's memory).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// First byte, as a pointer.
-    pub fn as_ptr(&self) -> *mut u8 {
-        self.addr() as *mut u8
-    }
-}
-
 /// A VM of our own: KVM, its memory and vCPUs, and (after a lazy restore) the pager
 /// serving its memory.
 pub struct Vm {
@@ -121,7 +77,9 @@ pub struct Vm {
     vm: VmFd,
     _kvm: Kvm,
     pager: Option<Pager>,
-    memory: GuestMemory,
+    /// Guest memory, shared with whatever serves it (a pager, a migration destination),
+    /// which keeps it mapped for as long as it may place pages.
+    memory: Arc<Mapping>,
     config: VmConfig,
     /// Resolve SIGBUS-mode faults in the vCPU threads (see `in_thread.rs`).
     in_thread: bool,
@@ -129,7 +87,8 @@ pub struct Vm {
 
 impl Vm {
     /// Opens `/dev/kvm`, maps guest memory and creates the vCPUs. The vCPUs have no state
-    /// yet: [`Vm::boot`] or a restore gives them one. `KVM_CAP_USER_MEMORY` is all it needs.
+    /// yet: [`Vm::boot`], a restore or [`Vm::load_state`] gives them one (a migration
+    /// destination fills [`Vm::memory`] first). `KVM_CAP_USER_MEMORY` is all it needs.
     pub fn create(config: VmConfig) -> Result<Vm> {
         assert!(config.vcpus >= 1, "a VM needs a vCPU");
         assert!(
@@ -142,22 +101,6 @@ impl Vm {
 
     /// Like [`Vm::create`] over memory the caller mapped (and maybe registered already).
     pub(crate) fn with_memory(config: VmConfig, memory: Arc<Mapping>) -> Result<Vm> {
-        Self::with_guest_memory(config, GuestMemory::Owned(memory))
-    }
-
-    /// A VM over memory it does not own: a migration destination's, handed over at RUN.
-    /// Give it vCPU state with [`Vm::load_state`].
-    ///
-    /// # Safety
-    /// `[addr, addr + config.memory_len())` must be mapped, readable and writable private
-    /// memory that stays mapped until the returned `Vm` is dropped, and that only the
-    /// guest (and a pager placing pages) writes meanwhile.
-    pub unsafe fn over(config: VmConfig, addr: usize) -> Result<Vm> {
-        let len = config.memory_len();
-        Self::with_guest_memory(config, GuestMemory::Lent { addr, len })
-    }
-
-    fn with_guest_memory(config: VmConfig, memory: GuestMemory) -> Result<Vm> {
         assert_eq!(memory.len(), config.memory_len(), "memory of the VM's size");
         let kvm_fd = Kvm::new().map_err(kvm("open /dev/kvm"))?;
         let vm = kvm_fd.create_vm().map_err(kvm("create VM"))?;
@@ -168,9 +111,8 @@ impl Vm {
             memory_size: memory.len() as u64,
             userspace_addr: memory.addr() as u64,
         };
-        // SAFETY: the slot covers exactly `memory`: a live mapping this Vm owns and drops
-        // only after the VM fd (field order), or memory lent under `Vm::over`'s contract
-        // (mapped until the Vm is dropped); it is the VM's only slot, so nothing overlaps.
+        // SAFETY: the slot covers exactly `memory`: a live mapping this Vm holds and drops
+        // only after the VM fd (field order); it is the VM's only slot, so nothing overlaps.
         unsafe { vm.set_user_memory_region(slot) }.map_err(kvm("set memory slot"))?;
         let vcpus = (0..config.vcpus)
             .map(|i| vm.create_vcpu(i as u64).map_err(kvm("create vCPU")))
@@ -219,8 +161,10 @@ impl Vm {
         &self.config
     }
 
-    /// Guest memory.
-    pub fn memory(&self) -> &GuestMemory {
+    /// Guest memory: hand it to what fills it (a pager's
+    /// [`mapping`](pager::PagerBuilder::mapping), a migration destination's
+    /// `Destination::with_memory`), which keeps it mapped while it serves it.
+    pub fn memory(&self) -> &Arc<Mapping> {
         &self.memory
     }
 

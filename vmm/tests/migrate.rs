@@ -1,30 +1,31 @@
 //! Live post-copy migration of a running guest: precopy rounds with the source's
 //! write-protect dirty tracking while the vCPU keeps rewriting guest memory (through KVM),
-//! the switch, then the guest continuing at the destination on memory the destination's
-//! pager fills from the source. The guest's checksum at the destination must equal the
-//! model of every command it ran at the source: a write KVM made that dirty tracking
-//! missed would leave a stale page there.
+//! the switch carrying the vCPU state in RUN, then the guest continuing at the destination
+//! on its VM's own memory, which the destination's pager fills from the source while the
+//! guest writes on. The guest's checksums at the destination must equal the model of every
+//! command it ran, at the source and then at the destination: a write KVM made that dirty
+//! tracking missed would leave a stale page there. And the migration's verdict must hold
+//! although the guest wrote before it came (it is of what was placed, not of memory now).
 //!
 //! The two VMs live in one process here (two KVM VMs, two guest memories, a TCP
-//! connection between them); the switch carries no device state, so the vCPU state goes
-//! beside the protocol, through a channel.
+//! connection between them).
 
 mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use common::{kvm_available, run_checked};
 use pager::DeliveryMode;
 use postcopy::auth::Key;
-use postcopy::migrate::{DestOptions, Destination, Migration, RunningMemory, SourceOptions};
+use postcopy::migrate::{DestOptions, Destination, Migration, SourceOptions};
 use uffdkit_vmm::{Command, GuestModel, Vm, VmConfig, VmState};
 
 /// Commands the source guest runs at least before the switch stops it.
 const WRITES_BEFORE_SWITCH: u64 = 200;
 
-/// The data pages the guest rewrites while the migration runs (of 4 080).
+/// The data pages the source guest rewrites while the migration runs (of 4 080).
 const DIRTIED_PAGES: u32 = 2000;
 
 fn key() -> Key {
@@ -50,14 +51,17 @@ fn postcopy_migration_of_a_running_guest_matches_checksum() {
     };
     run_checked(&mut source, &mut model, &[vec![fill]]);
 
+    // The destination's VM first: its guest memory is what the migration fills.
+    let target = Vm::create(config.clone()).expect("the destination's VM");
+    let target_memory = target.memory().clone();
     let opts = DestOptions {
         mode: DeliveryMode::Thread,
         ..DestOptions::default()
     };
     let dest = Destination::bind(&"127.0.0.1:0".parse().expect("addr"), key(), opts)
-        .expect("bind the destination");
+        .expect("bind the destination")
+        .with_memory(target_memory.clone());
     let addr = dest.local_addr().expect("its address");
-    let (state_tx, state_rx) = mpsc::channel::<VmState>();
     let stop = AtomicBool::new(false);
     // The guest rewrites 64-page runs at moving places in the first half of its data
     // pages, each with a new seed, until stopped.
@@ -72,41 +76,55 @@ fn postcopy_migration_of_a_running_guest_matches_checksum() {
             stride: 1,
         }
     };
+    // Written once the source guest stopped, after every page was last sent: 64 pages
+    // the destination must get in postcopy (discarded there, then requested).
+    let last_write = Command::Fill {
+        first: 1000,
+        pages: 64,
+        seed: 0x5555_0000,
+        stride: 1,
+    };
 
     std::thread::scope(|scope| {
         let checksum = Command::Checksum { first: 0, pages };
-        let dest_rewrite = Command::Fill {
-            first: 5,
-            pages: pages / 7,
-            seed: 0x3333_0000,
-            stride: 7,
-        };
-        let dest_programs = [vec![checksum], vec![dest_rewrite, checksum]];
-        let programs_at_dest = dest_programs.clone();
-        let config_at_dest = config.clone();
+        // At the destination the guest writes first — over the whole of memory, faulting
+        // on pages still at the source — then reads every page; and after the verdict it
+        // writes and reads again.
+        let during = vec![
+            Command::Fill {
+                first: 5,
+                pages: pages / 7,
+                seed: 0x3333_0000,
+                stride: 7,
+            },
+            checksum,
+        ];
+        let after = vec![
+            Command::Fill {
+                first: 2,
+                pages: pages / 3,
+                seed: 0x4444_0000,
+                stride: 3,
+            },
+            checksum,
+        ];
+        let dest_programs = [during.clone(), after.clone()];
         let (resumed_tx, resumed_rx) = mpsc::channel();
         let (verified_tx, verified_rx) = mpsc::channel::<()>();
-        // At RUN the guest resumes at the destination at once, on memory its pager is
-        // still filling from the source (faults in KVM_RUN become requests).
+        // At RUN the guest gets its vCPU state from RUN's device state and resumes at
+        // once, on memory the pager is still filling (faults in KVM_RUN become requests).
         let destination = scope.spawn(move || {
-            dest.run(|memory: RunningMemory| {
+            dest.run_with_state(move |_memory, state| -> uffdkit_vmm::Result<()> {
+                let mut vm = target;
+                vm.load_state(&VmState::from_bytes(&state)?)?;
                 let resumed = scope.spawn(move || {
-                    assert_eq!(memory.len, config_at_dest.memory_len());
-                    // SAFETY: the destination's memory stays mapped until its report (which
-                    // owns it) is dropped, after this thread is joined; only this guest and
-                    // the destination's pager write it.
-                    let mut vm = unsafe { Vm::over(config_at_dest, memory.base) }?;
-                    vm.load_state(&state_rx.recv().expect("the vCPU state"))?;
-                    // While pages are still arriving, the guest only reads: the source checks
-                    // the destination's memory against its own at the end, so a write made
-                    // at the destination before then reads as a mismatch there.
-                    let [reading, writing] = &programs_at_dest;
-                    let read = vm.run(std::slice::from_ref(reading))?;
+                    let during = vm.run(&[during])?;
                     verified_rx.recv().expect("the migration verified");
-                    let written = vm.run(std::slice::from_ref(writing))?;
-                    Ok::<_, uffdkit_vmm::Error>(vec![read, written])
+                    let after = vm.run(&[after])?;
+                    Ok::<_, uffdkit_vmm::Error>([during, after])
                 });
                 resumed_tx.send(resumed).expect("hand over the guest");
+                Ok(())
             })
         });
         let (base, len) = (source.memory().addr(), source.memory().len());
@@ -116,18 +134,22 @@ fn postcopy_migration_of_a_running_guest_matches_checksum() {
             let reports = source.run_until(stop, rewrite);
             (source, reports)
         });
+        // Without the background stream, postcopy moves only what the destination asks
+        // for and ends once it has asked for every page it needs: the destination guest's
+        // writes come before the digests, whatever the timing.
         let opts = SourceOptions {
             max_rounds: 4,
+            background: false,
             ..SourceOptions::default()
         };
         // SAFETY: guest memory is the source VM's private anonymous mapping, kept mapped
-        // until after `run` returns (the VM comes back from its thread inside the stop
-        // callback and lives on below); only its guest writes it, and the callback stops
-        // the guest and returns once its vCPU has halted.
+        // until after `run_with_state` returns (the VM comes back from its thread inside
+        // the stop callback and lives on below); only its guest writes it, and the
+        // callback stops the guest and returns once its vCPU has halted.
         let migration =
             unsafe { Migration::new(addr, key(), base, len, opts) }.expect("a migration");
         let mut stopped = None;
-        let report = migration.run(|| {
+        let report = migration.run_with_state(|| {
             // The guest must have run during the migration: wait (bounded) for
             // WRITES_BEFORE_SWITCH commands, issued since before the first round.
             let deadline = Instant::now() + Duration::from_secs(60);
@@ -136,24 +158,29 @@ fn postcopy_migration_of_a_running_guest_matches_checksum() {
                 std::thread::yield_now();
             }
             stop.store(true, Ordering::Release);
-            let (vm, reports) = guest.join().expect("the source vCPU thread");
+            let (mut vm, reports) = guest.join().expect("the source vCPU thread");
             let reports = reports.expect("the guest ran at the source");
-            state_tx
-                .send(vm.state().expect("the vCPU state"))
-                .expect("send the vCPU state");
+            vm.run(&[vec![last_write]]).expect("the last write");
+            let state = vm.state().expect("the vCPU state").to_bytes();
             stopped = Some((vm, reports));
+            state
         });
         let (_source_vm, reports) = stopped.expect("the switch stopped the guest");
         let ran = &reports[0].commands;
         ran.iter().for_each(|&command| model.apply(command));
+        model.apply(last_write);
         assert!(ran.len() as u64 >= WRITES_BEFORE_SWITCH);
         let report = match report {
             Ok(report) => report,
             Err(e) => panic!("the migration: {e}"),
         };
+        assert_eq!(
+            report.verified, report.pages,
+            "every page verified, the guest writing since RUN"
+        );
         verified_tx
             .send(())
-            .expect("let the destination guest write");
+            .expect("let the destination guest write on");
         let resumed = resumed_rx.recv().expect("RUN at the destination");
         let dest_reports = resumed
             .join()
@@ -176,6 +203,14 @@ fn postcopy_migration_of_a_running_guest_matches_checksum() {
         assert!(
             report.rounds.iter().all(|r| r.dirty_after <= writable),
             "{report:?}"
+        );
+        assert!(
+            report.needed_at_switch >= 64 && report.urgent_pages >= 64,
+            "the last write's pages came in postcopy, on request: {report:?}"
+        );
+        assert!(
+            Arc::ptr_eq(&dest_report.memory, &target_memory),
+            "the destination served the VM's own memory"
         );
 
         for (program, reports) in dest_programs.iter().zip(&dest_reports) {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{
     boot_and_snapshot, checksum_programs, fill_programs, kvm_available, pager_page, run_checked,
-    settled_state, share, SnapshotDir,
+    share, SnapshotDir, SETTLE,
 };
 use pager::{DeliveryMode, MemoryKind, PageState, Prefetch};
 use uffdkit_vmm::guest::CODE_GPA;
@@ -38,7 +38,7 @@ fn lazy_restore_matches(test: &str, config: VmConfig, lazy: Lazy) {
     let pager = vm.pager().expect("still there");
     for page in 0..config.data_pages() {
         assert_eq!(
-            settled_state(pager, pager_page(&config, page)),
+            pager.wait_placed(pager_page(&config, page), SETTLE),
             Some(PageState::Received),
             "data page {page} was placed"
         );
@@ -298,7 +298,7 @@ fn sigbus_restore_resolved_in_the_vcpu_thread_matches_checksum() {
         let pager = vm.pager().expect("the pager");
         for page in 0..config.data_pages() {
             assert_eq!(
-                settled_state(pager, pager_page(&config, page)),
+                pager.wait_placed(pager_page(&config, page), SETTLE),
                 Some(PageState::Received),
                 "data page {page} was placed"
             );

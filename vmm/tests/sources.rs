@@ -10,7 +10,7 @@ use std::sync::Arc;
 use chunked::{push, Image, PushOptions, SourceOptions, StoreOptions};
 use common::{
     boot_and_snapshot, checksum_programs, fill_programs, kvm_available, pager_page, run_checked,
-    settled_state, SnapshotDir,
+    SnapshotDir, SETTLE,
 };
 use pager::{FileSource, PageState, Source};
 use postcopy::auth::Key;
@@ -34,7 +34,7 @@ fn restore_from_matches(
     let pager = vm.pager().expect("the pager");
     for page in 0..config.data_pages() {
         assert_eq!(
-            settled_state(pager, pager_page(&config, page)),
+            pager.wait_placed(pager_page(&config, page), SETTLE),
             Some(PageState::Received),
             "data page {page} was placed"
         );

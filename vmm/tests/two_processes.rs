@@ -1,6 +1,8 @@
 //! Live migration of the running guest between two `uffdkit-vmm` processes: `migrate-in`
 //! listens, `migrate-out` boots a guest and migrates it while it rewrites its memory; the
-//! destination resumes it at RUN and checks its checksum against the source's model.
+//! vCPU state travels in the protocol's RUN (no shared directory); the destination resumes
+//! the guest at RUN, where it goes on rewriting its memory during postcopy, and checks its
+//! checksum against the source's model and its own commands.
 
 mod common;
 
@@ -47,11 +49,7 @@ fn migration_between_two_vmm_processes_matches_checksum() {
         .expect("write the key");
     let exe = env!("CARGO_BIN_EXE_uffdkit-vmm");
     let common = |cmd: &mut Command| {
-        cmd.arg("--key-file")
-            .arg(&key)
-            .arg("--state-dir")
-            .arg(dir.path())
-            .args(["--mib", "16"]);
+        cmd.arg("--key-file").arg(&key).args(["--mib", "16"]);
     };
     let mut dest = Command::new(exe);
     dest.arg("migrate-in");

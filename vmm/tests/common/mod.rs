@@ -5,9 +5,8 @@
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use pager::PageState;
 use uffdkit_vmm::guest::{DATA_GPA, GUEST_PAGE};
 use uffdkit_vmm::{Command, GuestModel, Vm, VmConfig};
 
@@ -132,18 +131,5 @@ pub fn pager_page(config: &VmConfig, page: u32) -> usize {
     ((DATA_GPA + u64::from(page) * GUEST_PAGE) / config.kind.page_size() as u64) as usize
 }
 
-/// A page's state once its placement is published, for a page the guest has read: the
-/// pager wakes the faulting vCPU with the placement ioctl and marks the page Received just
-/// after (a whole batch after the batch's ioctl, for a background stream's arrivals), so a
-/// vCPU can finish with a page that still shows Requested, or even Missing. Waits, bounded,
-/// for Received.
-pub fn settled_state(pager: &pager::Pager, page: usize) -> Option<PageState> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let state = pager.states().get(page);
-        if state == Some(PageState::Received) || Instant::now() > deadline {
-            return state;
-        }
-        std::thread::yield_now();
-    }
-}
+/// How long a page the guest read may take to show placed (see `Pager::wait_placed`).
+pub const SETTLE: Duration = Duration::from_secs(10);
