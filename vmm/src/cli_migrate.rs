@@ -50,7 +50,8 @@ pub struct OutArgs {
     /// The destination's address (host:port or unix:PATH).
     #[arg(long)]
     to: String,
-    /// Commands the guest runs at least before the switch.
+    /// Commands the guest runs before the migration starts (it goes on through precopy,
+    /// until the switch stops it).
     #[arg(long, default_value_t = 200)]
     min_commands: u64,
 }
@@ -110,6 +111,19 @@ pub fn out(args: OutArgs) -> anyhow::Result<()> {
             let reports = vm.run_until(stop, next);
             (vm, reports)
         });
+        // Before the migration, not in the stop callback: that wait would count as
+        // downtime (the switch's clock starts as the callback is called).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while issued.load(Ordering::Acquire) < args.min_commands && !guest.is_finished() {
+            if Instant::now() > deadline {
+                stop.store(true, Ordering::Release); // the scope joins the guest
+                bail!(
+                    "the guest ran {} commands in 60 s",
+                    issued.load(Ordering::Acquire)
+                );
+            }
+            std::thread::yield_now();
+        }
         // SAFETY: guest memory is the VM's private anonymous mapping; the VM comes back
         // from its thread in the stop callback and is kept in `stopped` until this scope
         // ends, after `run_with_state` returned; only its guest writes the memory, and the
@@ -125,10 +139,6 @@ pub fn out(args: OutArgs) -> anyhow::Result<()> {
         }?;
         let mut stopped = None;
         let report = migration.run_with_state(|| -> anyhow::Result<Vec<u8>> {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while issued.load(Ordering::Acquire) < args.min_commands && Instant::now() < deadline {
-                std::thread::yield_now();
-            }
             stop.store(true, Ordering::Release);
             let (vm, reports) = guest
                 .join()
@@ -146,7 +156,7 @@ pub fn out(args: OutArgs) -> anyhow::Result<()> {
         })?;
         let (_vm, commands) = stopped.context("the switch never came")?;
         println!(
-            "migrated: {commands} guest commands during the migration, {} precopy rounds, \
+            "migrated: {commands} guest commands before the switch, {} precopy rounds, \
              downtime {:?}, postcopy {:?}, {} pages requested by the destination",
             report.rounds.len(),
             report.downtime,
