@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pager::DeliveryMode;
-use postcopy::auth::Key;
 use postcopy::migrate::{DestOptions, Destination, Migration, SourceOptions, Timing};
-use postcopy::net::Addr;
 use postcopy::wire::Channel;
 use testkit::proxy::{Cut, CutMode, Direction, Proxy, ProxyOptions, Target};
+use transport::Addr;
+use transport::Key;
 use uffd_core::{Mapping, MemoryKind};
 
 fn channel_of(first: &[u8]) -> Option<&'static str> {

@@ -12,9 +12,9 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use postcopy::handshake::{Hello, Listening, Progress};
-use postcopy::tls::Authority;
 use postcopy::wire::{encode, Channel, Role};
 use postcopy::Security;
+use transport::tls::Authority;
 
 /// What the listener may buffer for one connection: a handshake frame's worth of input
 /// twice over, and its answers (a CHALLENGE, or the TLS server's flight with certificate).
@@ -25,7 +25,7 @@ fn securities() -> &'static [Security; 2] {
     ENDS.get_or_init(|| {
         let ca = Authority::new("fuzz CA").expect("a CA");
         let id = ca.issue(&["localhost"]).expect("a certificate");
-        let key = postcopy::auth::Key::new(*b"fuzzing-key-0123456789").expect("a key");
+        let key = transport::Key::new(*b"fuzzing-key-0123456789").expect("a key");
         [ca.config(&id).expect("TLS").into(), key.into()]
     })
 }

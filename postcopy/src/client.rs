@@ -15,13 +15,14 @@ use std::time::{Duration, Instant};
 
 use pager::{ChildSource, Fetched, Placer, Source, SourceError};
 
+use transport::Addr;
+
 use crate::endpoint::receiver::{read_advise, Land, Receiver};
 use crate::endpoint::RecvStats;
 use crate::error::{chain, unexpected, LinkError, Refusal};
 use crate::handshake::Security;
 use crate::link::dial::Dialer;
 use crate::link::{self, Pair, Timing};
-use crate::net::Addr;
 use crate::wire::{Advise, Message, Role, ShutReason};
 use crate::Error;
 
@@ -54,7 +55,7 @@ impl std::fmt::Debug for RemoteSource {
 
 impl RemoteSource {
     /// Connects to the server at `addr`, secured as `security` says (a
-    /// [`TlsConfig`](crate::tls::TlsConfig), or a pre-shared [`Key`](crate::auth::Key) on
+    /// [`TlsConfig`](transport::TlsConfig), or a pre-shared [`Key`](transport::Key) on
     /// trusted links), with default [`Timing`].
     pub fn connect(addr: &Addr, security: impl Into<Security>) -> Result<RemoteSource, Error> {
         Self::connect_with(addr, security, Timing::default())

@@ -3,6 +3,9 @@
 
 use std::time::Duration;
 
+use transport::tls::rustls;
+pub use transport::{CertProblem, SecurityKind};
+
 use crate::wire::{Channel, Message, ShutReason, WireError};
 
 /// Why a connection of a session stopped working. Always recoverable: the session pauses
@@ -72,57 +75,6 @@ pub enum LinkError {
         /// The listener's words.
         detail: String,
     },
-}
-
-/// How a link is secured (named when the two ends disagree).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SecurityKind {
-    /// TLS 1.3 with mutual certificate authentication.
-    Tls,
-    /// Plaintext with a pre-shared key: trusted links only.
-    PreSharedKey,
-}
-
-impl std::fmt::Display for SecurityKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            SecurityKind::Tls => "TLS with certificates",
-            SecurityKind::PreSharedKey => "plaintext with a pre-shared key",
-        })
-    }
-}
-
-/// What is wrong with a certificate, as the side that checked it found.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CertProblem {
-    /// Not issued (directly or through the chain it came with) by a CA this side trusts.
-    #[error("not issued by a trusted CA")]
-    UnknownIssuer,
-    /// Past its validity.
-    #[error("expired")]
-    Expired,
-    /// Before its validity.
-    #[error("not valid yet")]
-    NotYetValid,
-    /// Valid, but not for the name the peer must have.
-    #[error("not valid for the name {expected}")]
-    WrongName {
-        /// The name this side required.
-        expected: String,
-    },
-    /// The peer presented none.
-    #[error("missing")]
-    Missing,
-    /// Revoked by its issuer.
-    #[error("revoked")]
-    Revoked,
-    /// Its signature does not verify with the trusted CA its issuer names: another CA
-    /// of the same name signed it (an impostor, or a CA made twice under one name).
-    #[error("not signed by the trusted CA of its issuer's name (another CA of that name?)")]
-    BadSignature,
-    /// Unusable otherwise (encoding, signature, key usage); the checker's words.
-    #[error("unusable ({0})")]
-    Unusable(String),
 }
 
 /// Why a peer or this side refuses a session.
@@ -315,6 +267,23 @@ impl Error {
 
     pub(crate) fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
         move |source| Error::Io { what, source }
+    }
+}
+
+impl From<transport::Error> for Error {
+    /// The same variant here: a certificate refused (by either side) is a refused session.
+    fn from(e: transport::Error) -> Error {
+        use transport::Error as T;
+        match e {
+            T::Invalid { what, value } => Error::Invalid { what, value },
+            T::Io { what, source } => Error::Io { what, source },
+            T::Tls { what, source } => Error::Tls { what, source },
+            T::TlsMaterial { what, source } => Error::TlsMaterial { what, source },
+            T::PeerCertificate(p) => Error::refused(Refusal::PeerCertificate(p)),
+            T::CertificateRefused { alert } => {
+                Error::refused(Refusal::CertificateRefused { alert })
+            }
+        }
     }
 }
 

@@ -1,18 +1,24 @@
-//! # postcopy: live post-copy migration and remote paging on uffdkit
+//! # postcopy: QEMU's postcopy protocol on a link
 //!
-//! Source → destination over byte streams: the wire format ([`wire`]); every connection
-//! secured ([`handshake`]) by TLS 1.3 with mutual certificate authentication ([`tls`]) or,
-//! on trusted links only, a pre-shared-key challenge–response in plaintext ([`auth`]);
-//! framed TCP/Unix connections ([`net`]; a Unix path is claimed, never stolen from a live
-//! listener: [`socket_file`]); connection pairs that notice silence and recover, behind
-//! listeners that strangers cannot exhaust ([`link`]). On top, two halves
-//! written once — a sender and a receiver ([`endpoint`]) — make two endpoints each:
+//! The migration protocol as QEMU's postcopy runs it — ADVISE, precopy rounds, DISCARD,
+//! LISTEN, RUN, then pages on demand while the rest streams — in a format of our own
+//! ([`wire`]), over connections secured and kept alive by the [`transport`] crate below
+//! (sockets, TLS 1.3 with mutual certificates or a pre-shared key). Here, on top of those:
+//! the handshake every connection starts with ([`handshake`]), framed connections
+//! ([`net`]) and connection pairs that notice silence and recover, behind listeners that
+//! strangers cannot exhaust ([`link`]). Two halves written once — a sender and a receiver
+//! ([`endpoint`]) — make two endpoints each:
 //!
 //! - the page server ([`server::PageServer`]) and its restore-side source
 //!   ([`client::RemoteSource`]): faults become urgent requests on a connection of their
 //!   own while a background stream pushes every page;
 //! - live migration ([`migrate`]): a source with dirty tracking and iterative precopy,
 //!   the switch with DISCARD, and a destination built on the pager.
+//!
+//! Where pages come from on the sending side is not [`pager::Source`] but the sender's own
+//! two-method view (see `endpoint::sender`): the page server adapts its image's `Source`
+//! to it, and the migration source reads its live memory in place — it does not use the
+//! pager at all. The receiving side (the restore client, the destination) is the pager's.
 //!
 //! Every session survives broken and silent connections: both sides pause, the opener
 //! reconnects with backoff (a newer connection pair supersedes the old one), the receiver
@@ -30,7 +36,6 @@
 //! # Ok::<(), postcopy::wire::WireError>(())
 //! ```
 
-pub mod auth;
 pub mod client;
 pub mod endpoint;
 mod error;
@@ -41,8 +46,6 @@ pub mod link;
 pub mod migrate;
 pub mod net;
 pub mod server;
-pub mod socket_file;
-pub mod tls;
 pub mod wire;
 
 pub use error::Error;

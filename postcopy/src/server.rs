@@ -19,13 +19,14 @@ use std::time::Duration;
 
 use pager::{Fetched, Source};
 
+use transport::{Addr, Listener};
+
 use crate::endpoint::sender::{Pages, Sender};
 use crate::endpoint::SendStats;
 use crate::error::{unexpected, LinkError};
 use crate::handshake::Security;
 use crate::link::accept::{Acceptor, Admit, Arrival};
 use crate::link::{Admission, Pair, Timing};
-use crate::net::{Addr, Listener};
 use crate::wire::{Advise, Features, Message, Role, WireRegion};
 use crate::Error;
 
@@ -124,7 +125,7 @@ pub struct PageServer {
 
 impl PageServer {
     /// Binds `addr` and serves `source` (4 KiB pages; see [`ServerOptions::page_size`]) to clients that pass `security`
-    /// (a [`TlsConfig`](crate::tls::TlsConfig), or a pre-shared [`Key`](crate::auth::Key)
+    /// (a [`TlsConfig`](transport::TlsConfig), or a pre-shared [`Key`](transport::Key)
     /// on trusted links), with the default [`Admission`].
     pub fn bind(
         addr: &Addr,

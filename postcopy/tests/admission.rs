@@ -17,10 +17,10 @@ use pager::MemorySource;
 use postcopy::client::RemoteSource;
 use postcopy::handshake::Hello;
 use postcopy::link::{Admission, Timing};
-use postcopy::net::Addr;
 use postcopy::server::{PageServer, ServerOptions};
 use postcopy::wire::{encode, Channel, Role};
 use postcopy::{Error, LinkError, Security, SecurityKind};
+use transport::Addr;
 
 fn server(listener: Security, pages: usize, admission: Admission) -> PageServer {
     let source = Arc::new(MemorySource::new(image(pages)));

@@ -37,10 +37,10 @@ use common::{hot_pick, random_pick, source_memory, tls_ends, Writer};
 use pager::DeliveryMode;
 use postcopy::client::RemoteSource;
 use postcopy::migrate::{DestOptions, Destination, Migration, SourceOptions, Timing};
-use postcopy::net::Addr;
 use postcopy::server::PageServer;
 use postcopy::Security;
 use testkit::proxy::{Cut, CutMode, Direction, Target};
+use transport::Addr;
 use uffd_core::{Mapping, HUGE_PAGE_SIZE};
 
 /// What the harness answers to `--list` and matches filters against.

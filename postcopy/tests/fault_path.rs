@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pager::{Fetched, Mapping, MemoryKind, MemorySource, Source};
-use postcopy::auth::Key;
 use postcopy::client::RemoteSource;
 use postcopy::link::Timing;
 use postcopy::server::PageServer;
 use postcopy::Security;
+use transport::Key;
 
 mod common;
 

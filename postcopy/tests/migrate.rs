@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::{idle, key, source_memory, test_timing, Case};
 use pager::DeliveryMode;
-use postcopy::auth::Key;
 use postcopy::fault::Fault;
 use postcopy::migrate::{
     DestOptions, Destination, Migration, RunningMemory, SourceControl, SourceOptions, SwitchReason,
@@ -17,6 +16,7 @@ use postcopy::migrate::{
 };
 use postcopy::{Error, LinkError, Refusal};
 use testkit::hugepages;
+use transport::Key;
 use uffd_core::HUGE_PAGE_SIZE;
 
 /// A destination on loopback TCP with one handler thread.
@@ -289,7 +289,7 @@ fn a_source_with_no_destination_gives_up_after_its_bound() {
     // SAFETY: our mapping, nobody writes it.
     let m = unsafe {
         Migration::new(
-            postcopy::net::Addr::Tcp(port),
+            transport::Addr::Tcp(port),
             key(),
             memory.addr(),
             memory.len(),

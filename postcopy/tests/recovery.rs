@@ -16,9 +16,9 @@ use common::inject::{Fault, Injector, Trigger};
 use common::{hot_pick, key, proxy_to, source_memory, test_timing, Case, Outcome};
 use pager::DeliveryMode;
 use postcopy::migrate::{DestOptions, Destination, Migration, SourceOptions, Timing};
-use postcopy::net::Addr;
 use postcopy::Error;
 use testkit::proxy::{CutMode, Direction, Proxy, Target};
+use transport::Addr;
 use uffd_core::HUGE_PAGE_SIZE;
 
 /// Where and how one run cuts, each cut once every earlier one was resumed from (one per

@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pager::MemorySource;
-use postcopy::auth::Key;
 use postcopy::client::RemoteSource;
 use postcopy::link::Timing;
-use postcopy::net::Addr;
 use postcopy::server::{PageServer, ServerOptions};
 use postcopy::{Refusal, Security};
 use testkit::proxy::{CutMode, Direction, Proxy, ProxyOptions, Target};
+use transport::Addr;
+use transport::Key;
 
 mod common;
 use common::PS;

@@ -18,8 +18,8 @@ use common::{image, restore_from, test_timing, tls_ends};
 use pager::MemorySource;
 use postcopy::client::RemoteSource;
 use postcopy::link::Admission;
-use postcopy::net::Addr;
 use postcopy::server::{PageServer, ServerOptions};
+use transport::Addr;
 
 const STRANGERS: usize = 2000;
 /// 64 MiB of 4 KiB pages.

@@ -16,14 +16,15 @@ use pager::MemorySource;
 use postcopy::client::RemoteSource;
 use postcopy::handshake::Hello;
 use postcopy::link::Timing;
-use postcopy::net::Addr;
 use postcopy::server::PageServer;
-use postcopy::tls::{Authority, Identity, TlsConfig};
 use postcopy::wire::{decode, encode, Channel, Limits, Message, Role};
 use postcopy::{CertProblem, Error, Refusal, Security, SecurityKind};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::AlertDescription;
+use transport::tls::rustls;
+use transport::tls::{Authority, Identity, TlsConfig};
+use transport::Addr;
 use uffd_core::HUGE_PAGE_SIZE;
 
 const NAMES: [&str; 2] = ["localhost", "127.0.0.1"];

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use postcopy::auth::Key;
 use postcopy::link::Admission;
-use postcopy::tls::{Authority, TlsConfig};
 use postcopy::Security;
+use transport::tls::{Authority, TlsConfig};
+use transport::Key;
 
 /// The help text's word on the two ways to secure a link.
 pub const SECURITY_HELP: &str = "\

@@ -12,13 +12,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use postcopy::auth::Key;
 use postcopy::migrate::{DestOptions, Destination, Migration, SourceOptions};
-use postcopy::net::{Conn, Socket};
-use postcopy::tls::Authority;
+use postcopy::net::Conn;
 use postcopy::wire::Message;
 use postcopy::Security;
 use serde_json::json;
+use transport::tls::Authority;
+use transport::Key;
+use transport::Socket;
 use uffd_core::{Mapping, MemoryKind};
 
 use crate::workload::{fill_page, order, summarize, timed_touch, Pattern, Summary};
@@ -192,7 +193,7 @@ type Ends = (Security, Security);
 
 /// The plaintext ends, and the TLS ends if asked for.
 fn ends(tls: bool) -> Result<(Ends, Option<Ends>)> {
-    let key: Security = Key::new(postcopy::auth::nonce()?.to_vec())?.into();
+    let key: Security = Key::new(transport::key::nonce()?.to_vec())?.into();
     let psk = (key.clone(), key);
     if !tls {
         return Ok((psk, None));

@@ -37,9 +37,9 @@ pub fn on_termination(cleanup: impl FnOnce(Signal) + Send + 'static) -> Result<(
 /// gone. Bind through [`SocketFile::bind`], which holds the lock the signal thread takes,
 /// so a signal arriving while the file appears waits for the bind and then removes it.
 /// Same rule as [`on_termination`]: call it before the process starts any thread.
-pub fn remove_socket_on_termination(addr: &postcopy::net::Addr) -> Result<SocketFile> {
+pub fn remove_socket_on_termination(addr: &transport::Addr) -> Result<SocketFile> {
     let bound = std::sync::Arc::new(std::sync::Mutex::new(false));
-    if let postcopy::net::Addr::Unix(path) = addr {
+    if let transport::Addr::Unix(path) = addr {
         let (path, ours) = (path.clone(), bound.clone());
         on_termination(move |_| {
             if *ours.lock().unwrap_or_else(|p| p.into_inner()) {

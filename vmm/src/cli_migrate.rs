@@ -16,10 +16,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use pager::DeliveryMode;
-use postcopy::auth::Key;
 use postcopy::migrate::{DestOptions, Destination, Migration, SourceOptions};
-use postcopy::net::Addr;
 use serde::{Deserialize, Serialize};
+use transport::{Addr, Key};
 use uffdkit_vmm::{Command, GuestModel, Vm, VmConfig, VmState};
 
 /// What the source hands over at the switch, as postcopy's device state.

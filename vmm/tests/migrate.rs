@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use common::{kvm_available, run_checked};
 use pager::DeliveryMode;
-use postcopy::auth::Key;
 use postcopy::migrate::{DestOptions, Destination, Migration, SourceOptions};
+use transport::Key;
 use uffdkit_vmm::{Command, GuestModel, Vm, VmConfig, VmState};
 
 /// Commands the source guest runs at least before the switch stops it.

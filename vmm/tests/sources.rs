@@ -13,10 +13,10 @@ use common::{
     SnapshotDir, SETTLE,
 };
 use pager::{FileSource, PageState, Source};
-use postcopy::auth::Key;
 use postcopy::client::RemoteSource;
 use postcopy::link::Timing;
 use postcopy::server::PageServer;
+use transport::Key;
 use uffdkit_vmm::snapshot::MEMORY_FILE;
 use uffdkit_vmm::{GuestModel, Lazy, Vm, VmConfig};
 

@@ -8,14 +8,15 @@
 
 use std::io::{Read, Write};
 
-use rustls::ServerConnection;
 use sha2::{Digest, Sha256};
+use transport::key::nonce;
+use transport::tls::handshake_error;
+use transport::tls::rustls::ServerConnection;
+use transport::Socket;
 
 use super::{other, Hello, Security};
-use crate::auth::nonce;
 use crate::error::{unexpected, LinkError, Refusal};
-use crate::net::{Conn, Socket};
-use crate::tls::{handshake_error, tls_conn};
+use crate::net::{tls_conn, Conn};
 use crate::wire::{decode, encode, Channel, Limits, Message, Role, ShutReason};
 use crate::Error;
 
@@ -274,7 +275,7 @@ impl Listening {
             let processed = tls.process_new_packets();
             let _ = tls.write_tls(&mut self.output); // alerts go out before we close
             if let Err(e) = processed {
-                return Err(handshake_error(e, || expected.clone()));
+                return Err(handshake_error(e, || expected.clone()).into());
             }
             if n == 0 {
                 return Err(LinkError::Closed { channel }.into());

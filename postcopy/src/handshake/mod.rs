@@ -32,66 +32,16 @@
 
 mod listen;
 mod open;
+mod psk;
 
 pub use listen::{Listening, Progress};
 pub(crate) use open::open;
+pub(crate) use psk::refuse;
+pub use transport::Security;
 
-use crate::auth::Key;
 use crate::error::{LinkError, Refusal, SecurityKind};
-use crate::tls::TlsConfig;
 use crate::wire::{Channel, Features, Message, Role, ShutReason, VERSION};
 use crate::Error;
-
-/// How a link's connections are secured.
-#[derive(Debug, Clone)]
-pub enum Security {
-    /// TLS 1.3 with mutual certificate authentication: for any network.
-    Tls(TlsConfig),
-    /// Plaintext with a pre-shared-key challenge–response: both ends prove the key, but
-    /// pages then travel in the clear, protected by a CRC only. For trusted links only
-    /// (one host, a dedicated migration network).
-    PreSharedKey(Key),
-}
-
-impl Security {
-    /// Which it is.
-    pub fn kind(&self) -> SecurityKind {
-        match self {
-            Security::Tls(_) => SecurityKind::Tls,
-            Security::PreSharedKey(_) => SecurityKind::PreSharedKey,
-        }
-    }
-}
-
-impl From<Key> for Security {
-    fn from(key: Key) -> Security {
-        Security::PreSharedKey(key)
-    }
-}
-
-impl From<&Key> for Security {
-    fn from(key: &Key) -> Security {
-        Security::PreSharedKey(key.clone())
-    }
-}
-
-impl From<TlsConfig> for Security {
-    fn from(tls: TlsConfig) -> Security {
-        Security::Tls(tls)
-    }
-}
-
-impl From<&TlsConfig> for Security {
-    fn from(tls: &TlsConfig) -> Security {
-        Security::Tls(tls.clone())
-    }
-}
-
-impl From<&Security> for Security {
-    fn from(s: &Security) -> Security {
-        s.clone()
-    }
-}
 
 /// What an opener says of itself in its HELLO.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

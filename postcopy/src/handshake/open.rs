@@ -4,12 +4,13 @@
 use std::io::{self, Read, Write};
 use std::time::Duration;
 
-use rustls::pki_types::ServerName;
+use transport::tls::rustls::pki_types::ServerName;
+use transport::tls::{handshake_error, rustls, rustls_error, TlsConfig};
+use transport::{Addr, Socket};
 
 use super::{refused_by_listener, Hello, Security};
 use crate::error::{unexpected, LinkError, SecurityKind};
-use crate::net::{link_error, Addr, Conn, Socket};
-use crate::tls::{handshake_error, rustls_error, tls_conn, TlsConfig};
+use crate::net::{link_error, tls_conn, Conn};
 use crate::wire::{decode, encode, frame_len, Channel, Limits, Message, HEADER_LEN, MAX_DETAIL};
 use crate::Error;
 
@@ -29,7 +30,7 @@ pub(crate) fn open(
     match security {
         Security::PreSharedKey(key) => {
             let mut conn = Conn::plain(socket).map_err(failed)?;
-            crate::auth::open(&mut conn, key, hello)?;
+            super::psk::open(&mut conn, key, hello)?;
             Ok(conn)
         }
         Security::Tls(config) => open_tls(socket, config, hello, (addr, deadline)),
@@ -91,7 +92,7 @@ fn open_tls(
 /// or a broken link.
 fn failure(e: io::Error, (channel, deadline): (Channel, Duration), name: &ServerName<'_>) -> Error {
     match rustls_error(&e) {
-        Some(tls) => handshake_error(tls.clone(), || name.to_str().into_owned()),
+        Some(tls) => handshake_error(tls.clone(), || name.to_str().into_owned()).into(),
         None => link_error(channel, deadline, e).into(),
     }
 }

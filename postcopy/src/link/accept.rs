@@ -4,115 +4,23 @@
 //! sockets are shut down, so a peer that reconnects through a partition is let in even
 //! while this side still waits on the dead pair.
 //!
-//! Sessions are admitted here too, before the opener is told it is in: a migration
-//! destination takes the first session only, a page server up to
+//! Sessions are admitted (by the session table, `sessions`) before the opener is told it
+//! is in: a migration destination takes the first session only, a page server up to
 //! [`Admission::max_sessions`] (a session already here — reconnecting — always), and a
 //! session authenticated by a certificate keeps that certificate.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use super::{Admission, Cutter, Timing};
-use crate::error::{LinkError, Refusal};
-use crate::handshake::{Hello, Security};
-use crate::net::{Addr, Conn, Listener};
-use crate::wire::{Channel, Role, ShutReason};
+use transport::{Addr, Listener, Security};
+
+use super::sessions::{AcceptStats, Deliver, Shared};
+pub(crate) use super::sessions::{Admit, Arrival};
+use super::{Admission, Timing};
+use crate::wire::Role;
 use crate::Error;
-
-/// An authenticated connection pair of one session generation.
-pub(crate) struct Arrival {
-    /// Its session.
-    pub session: u64,
-    /// The main and the urgent connection.
-    pub conns: (Conn, Conn),
-    /// Cuts both (a newer generation cuts it too).
-    pub cutter: Arc<Cutter>,
-}
-
-/// Which sessions a listener takes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Admit {
-    /// The first authenticated session only (a migration destination).
-    OneSession,
-    /// Up to [`Admission::max_sessions`] at once (a page server).
-    AnySession,
-}
-
-/// Counters of a listener. Every connection that is not admitted is counted once, in
-/// `refused`, `timed_out`, `evicted` or `busy`.
-#[derive(Debug, Default)]
-pub struct AcceptStats {
-    /// Connections that authenticated and were admitted.
-    pub admitted: AtomicU64,
-    /// Connections refused by their handshake: a wrong key or certificate, a security
-    /// mismatch, the wrong role, malformed bytes, closed midway.
-    pub refused: AtomicU64,
-    /// Of `refused`: a certificate refused (the opener's here, or ours by the opener).
-    pub refused_certificate: AtomicU64,
-    /// Of `refused`: the opener spoke the other security (TLS vs. pre-shared key).
-    pub refused_mismatch: AtomicU64,
-    /// Closed at the handshake deadline.
-    pub timed_out: AtomicU64,
-    /// Closed to make room: the handshake cap, or no file descriptor left to accept with.
-    pub evicted: AtomicU64,
-    /// Authenticated, and refused at the session cap.
-    pub busy: AtomicU64,
-    /// Connection pairs superseded by a newer generation of their session.
-    pub superseded: AtomicU64,
-    /// Connections in their handshake now.
-    pub handshaking: AtomicU64,
-}
-
-type Deliver = Box<dyn Fn(Arrival) + Send + Sync>;
-
-/// What the gate and the pairing share.
-pub(super) struct Shared {
-    pub listener: Listener,
-    pub security: Security,
-    pub timing: Timing,
-    pub admission: Admission,
-    pub peer: Role,
-    admit: Admit,
-    pub stop: AtomicBool,
-    slots: Mutex<Slots>,
-    ready: Condvar,
-    deliver: Option<Deliver>,
-    pub stats: AcceptStats,
-}
-
-#[derive(Default)]
-struct Slots {
-    owner: Option<u64>,
-    sessions: HashMap<u64, Slot>,
-}
-
-/// One session's connections: the newest generation's halves, its pair ready to be
-/// taken, and the cutter of its latest pair (which the next pair supersedes).
-#[derive(Default)]
-struct Slot {
-    generation: u32,
-    main: Option<Conn>,
-    urgent: Option<Conn>,
-    /// When the first half of the generation arrived.
-    since: Option<Instant>,
-    ready: Option<Arrival>,
-    active: Option<Arc<Cutter>>,
-    /// The certificate the session authenticated with (TLS).
-    identity: Option<[u8; 32]>,
-}
-
-impl Slot {
-    /// Whether the session holds anything: a half, a pair to take, a live pair.
-    fn live(&self) -> bool {
-        self.main.is_some()
-            || self.urgent.is_some()
-            || self.ready.is_some()
-            || self.active.as_ref().is_some_and(|c| !c.is_cut())
-    }
-}
 
 /// A listener admitting sessions on a thread of its own; stops on drop.
 pub(crate) struct Acceptor {
@@ -170,34 +78,12 @@ impl Acceptor {
 
     /// Sessions held now (a pair or half of one, live or waiting to be taken).
     pub fn sessions(&self) -> usize {
-        self.shared
-            .lock()
-            .sessions
-            .values()
-            .filter(|s| s.live())
-            .count()
+        self.shared.live_sessions()
     }
 
     /// Waits until `until` for the next pair of `session` (of any session with `None`).
     pub fn take(&self, session: Option<u64>, until: Instant) -> Option<Arrival> {
-        let mut slots = self.shared.lock();
-        loop {
-            let found = slots
-                .sessions
-                .iter_mut()
-                .filter(|(s, _)| session.is_none_or(|want| want == **s))
-                .find_map(|(_, slot)| slot.ready.take());
-            if found.is_some() {
-                return found;
-            }
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            slots = (self.shared.ready.wait_timeout(slots, left))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        self.shared.take(session, until)
     }
 }
 
@@ -207,115 +93,5 @@ impl Drop for Acceptor {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-    }
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Slots> {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Whether the authenticated opener `hello` (with `identity`, under TLS) may come
-    /// in: else why not, as the SHUT that tells it.
-    pub fn admits(
-        &self,
-        hello: &Hello,
-        identity: Option<[u8; 32]>,
-    ) -> Result<(), (ShutReason, String)> {
-        let mut slots = self.lock();
-        if self.admit == Admit::OneSession {
-            match slots.owner {
-                Some(owner) if owner != hello.session => {
-                    return Err((ShutReason::Error, Refusal::OtherSession.to_string()));
-                }
-                _ => slots.owner = Some(hello.session),
-            }
-        }
-        if let Some(slot) = slots.sessions.get(&hello.session).filter(|s| s.live()) {
-            return match slot.identity == identity {
-                true => Ok(()),
-                false => Err((ShutReason::Error, Refusal::PeerChanged.to_string())),
-            };
-        }
-        let live = slots.sessions.values().filter(|s| s.live()).count();
-        let max = self.admission.max_sessions.max(1);
-        if live >= max {
-            return Err((
-                ShutReason::Busy,
-                format!("{live} sessions in progress, the most this listener serves"),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Files an admitted connection under its session; a completed pair supersedes the
-    /// session's previous pair and is delivered.
-    pub fn deposit(&self, hello: Hello, identity: Option<[u8; 32]>, conn: Conn) {
-        self.stats.admitted.fetch_add(1, Ordering::Relaxed);
-        let mut slots = self.lock();
-        // Sessions whose pair broke and that have nothing pending are forgotten (a client
-        // coming back starts a slot afresh, its generation still newer than any stale one).
-        slots.sessions.retain(|_, s| s.live());
-        let slot = slots.sessions.entry(hello.session).or_default();
-        slot.identity = identity;
-        if hello.generation < slot.generation {
-            return log::debug!(
-                "dropped a stale connection of generation {}",
-                hello.generation
-            );
-        }
-        if hello.generation > slot.generation || slot.since.is_none() {
-            (slot.generation, slot.main, slot.urgent) = (hello.generation, None, None);
-            slot.since = Some(Instant::now());
-        }
-        match hello.channel {
-            Channel::Main => slot.main = Some(conn),
-            Channel::Urgent => slot.urgent = Some(conn),
-        }
-        if slot.main.is_none() || slot.urgent.is_none() {
-            return;
-        }
-        let main = slot.main.take().expect("both halves are here");
-        let urgent = slot.urgent.take().expect("both halves are here");
-        slot.since = None;
-        let cutter = match Cutter::new(&main, &urgent) {
-            Ok(c) => c,
-            Err(e) => return log::warn!("cannot keep a connection pair: {e}"),
-        };
-        if let Some(old) = slot.active.replace(cutter.clone()) {
-            if !old.is_cut() {
-                self.stats.superseded.fetch_add(1, Ordering::Relaxed);
-                log::info!("a newer connection pair of the session supersedes the current one");
-            }
-            old.cut(LinkError::Superseded);
-        }
-        let arrival = Arrival {
-            session: hello.session,
-            conns: (main, urgent),
-            cutter,
-        };
-        match &self.deliver {
-            Some(deliver) => {
-                drop(slots);
-                deliver(arrival);
-            }
-            None => {
-                slot.ready = Some(arrival);
-                self.ready.notify_all();
-            }
-        }
-    }
-
-    /// Drops half pairs whose other half has not come within the handshake deadline.
-    pub fn drop_stale_halves(&self) {
-        let limit = self.admission.handshake_deadline;
-        let mut slots = self.lock();
-        for slot in slots.sessions.values_mut() {
-            if slot.since.is_some_and(|t| t.elapsed() > limit) {
-                log::debug!("dropped half a connection pair: its other half never came");
-                (slot.main, slot.urgent, slot.since) = (None, None, None);
-            }
-        }
-        slots.sessions.retain(|_, s| s.live());
     }
 }

@@ -3,11 +3,12 @@
 
 use std::time::{Duration, Instant};
 
+use transport::{Addr, Socket};
+
 use super::Timing;
-use crate::auth;
 use crate::error::LinkError;
 use crate::handshake::{self, Hello, Security};
-use crate::net::{Addr, Conn, Socket};
+use crate::net::Conn;
 use crate::wire::{Channel, Role};
 use crate::Error;
 
@@ -37,7 +38,7 @@ impl Dialer {
             addr,
             security,
             role,
-            session: auth::session_id()?,
+            session: transport::key::session_id()?,
             generation: 0,
             timing,
         })

@@ -28,10 +28,11 @@ use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{recv, send, shutdown, MsgFlags, Shutdown};
 
-use super::accept::Shared;
+use transport::Socket;
+
+use super::sessions::Shared;
 use crate::error::{chain, Refusal};
 use crate::handshake::{Hello, Listening, Progress};
-use crate::net::Socket;
 use crate::wire::ShutReason;
 use crate::Error;
 
@@ -127,7 +128,7 @@ impl Gate<'_> {
     fn wait(&self, accepting: bool, now: Instant) -> (bool, Vec<PollFlags>) {
         let mut fds = Vec::with_capacity(self.pending.len() + 1);
         if accepting {
-            fds.push(PollFd::new(self.shared.listener.fd(), PollFlags::POLLIN));
+            fds.push(PollFd::new(self.shared.listener.as_fd(), PollFlags::POLLIN));
         }
         for p in &self.pending {
             let mut flags = PollFlags::POLLIN;

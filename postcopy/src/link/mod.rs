@@ -21,8 +21,9 @@ pub(crate) mod accept;
 pub(crate) mod dial;
 mod forward;
 mod gate;
+mod sessions;
 
-pub use accept::AcceptStats;
+pub use sessions::AcceptStats;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -31,8 +32,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use self::forward::Forward;
+use transport::Link;
+
 use crate::error::LinkError;
-use crate::net::{Conn, FrameReader, FrameWriter, Link};
+use crate::net::{Conn, FrameReader, FrameWriter};
 use crate::wire::{Advise, Channel, Frame, Limits, Message, PageRange};
 use crate::Error;
 

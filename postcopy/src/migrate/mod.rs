@@ -86,7 +86,7 @@
 //! ## Example: migrate 1 MiB within one process
 //!
 //! ```
-//! use postcopy::auth::Key;
+//! use transport::Key;
 //! use postcopy::migrate::{DestOptions, Destination, Migration, SourceOptions};
 //! use uffd_core::{Mapping, MemoryKind};
 //!

@@ -13,16 +13,16 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use pager::DeliveryMode;
-use postcopy::auth::Key;
 use postcopy::migrate::{
     DestControl, DestOptions, DestReport, Destination, Migration, RunningMemory, SourceControl,
     SourceOptions, SourceReport, Timing,
 };
-use postcopy::net::Addr;
-use postcopy::tls::{Authority, TlsConfig};
 use postcopy::wire::Channel;
 use postcopy::Security;
 use testkit::proxy::{Direction, Proxy, ProxyOptions};
+use transport::tls::{Authority, TlsConfig};
+use transport::Addr;
+use transport::Key;
 use uffd_core::{Mapping, MemoryKind};
 
 /// Logs to stderr, with times, when `UFFDKIT_TEST_LOG` names a level (`info`, `debug`).
@@ -302,7 +302,7 @@ impl Case {
 
     fn listen_addr(&self) -> Addr {
         if self.addr.starts_with("unix:") {
-            let tag = postcopy::auth::session_id().expect("random") & 0xffff_ffff;
+            let tag = transport::key::session_id().expect("random") & 0xffff_ffff;
             let name = format!("uffdkit-migrate-{}-{tag}.sock", std::process::id());
             Addr::Unix(std::env::temp_dir().join(name))
         } else {

@@ -28,7 +28,7 @@ use uffd_core::{peer_credentials, PeerCredentials};
 use crate::cli_args::{HandlerMode, PrefetchArgs};
 use crate::units;
 use crate::zero_pages::ZeroChecked;
-use postcopy::socket_file::{self, SocketFile};
+use transport::socket_file::{self, SocketFile};
 
 mod summary;
 mod vmm;
@@ -80,7 +80,7 @@ pub struct Args {
     /// every page itself, so --prefetch does not apply). Secured by TLS (--tls-cert, --tls-key, --tls-ca) or,
     /// on a trusted link only, a pre-shared key (--key-file: pages travel unencrypted).
     #[arg(long, requires = "source_security", value_parser = parse_addr)]
-    source: Option<postcopy::net::Addr>,
+    source: Option<transport::Addr>,
     /// Serve a chunked image from an object store (s3://…, gs://…, file:///…) instead of
     /// a file (see `uffdkit image`).
     #[arg(long, conflicts_with_all = ["mem_file", "mem_file_arg", "source"])]
@@ -339,7 +339,7 @@ fn open_memory(args: &Args) -> Result<Memory> {
 }
 
 /// `--source`: host:port or unix:/path.
-fn parse_addr(text: &str) -> Result<postcopy::net::Addr, String> {
+fn parse_addr(text: &str) -> Result<transport::Addr, String> {
     text.parse()
         .map_err(|_| format!("not an address (host:port or unix:/path): {text}"))
 }

@@ -53,7 +53,7 @@ pub(super) fn local(a: &LocalArgs) -> Result<()> {
         Some(AutoTls::Auto) => crate::link_args::throwaway(dir)?,
         None => {
             let (mut file, name) = tmp.dir().create_temp("key.")?;
-            file.write_all(&postcopy::auth::nonce()?)?;
+            file.write_all(&transport::key::nonce()?)?;
             let key_file = dir.join(name);
             let psk = SecurityArgs {
                 key_file: Some(key_file),

@@ -17,8 +17,8 @@ use nix::sys::signal::{SigSet, Signal};
 use postcopy::migrate::{
     DestOptions, Destination, LinkStatus, Migration, SourceControl, SourceOptions, Timing,
 };
-use postcopy::net::Addr;
 use serde_json::json;
+use transport::Addr;
 use uffd_core::{Mapping, MemoryKind, HUGE_PAGE_SIZE};
 
 use crate::cli_args::Mode;

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use pager::{DeliveryMode, LatencyHistogram, PageStateMap, Pager, Prefetch};
 use uffd_core::{Features as UffdFeatures, Mapping, MemoryKind, Uffd};
 
+use transport::{Addr, Listener};
+
 use super::{shut_session, step, BoxError, LinkStatus, Timing};
 use crate::endpoint::receiver::{read_advise, Land, Receiver};
 use crate::endpoint::RecvStats;
@@ -25,7 +27,6 @@ use crate::error::{unexpected, LinkError, Refusal};
 use crate::handshake::Security;
 use crate::link::accept::{Acceptor, Admit, Arrival};
 use crate::link::{Admission, Pair};
-use crate::net::{Addr, Listener};
 use crate::wire::{Advise, Channel, Message, PageRange, Role, ShutReason};
 use crate::Error;
 
@@ -166,7 +167,7 @@ pub struct Destination {
 
 impl Destination {
     /// Listens on `addr` for a source that passes `security` (a
-    /// [`TlsConfig`](crate::tls::TlsConfig), or a pre-shared [`Key`](crate::auth::Key) on
+    /// [`TlsConfig`](transport::TlsConfig), or a pre-shared [`Key`](transport::Key) on
     /// trusted links). The first session to authenticate is the one served; any other is
     /// refused.
     pub fn bind(

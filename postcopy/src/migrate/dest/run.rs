@@ -46,7 +46,7 @@ impl<'d> DestRun<'d> {
         let (ps, pages) = match geometry {
             Ok(g) => g,
             Err(e) => {
-                crate::auth::refuse(&mut arrival.conns.0, ShutReason::Error, &e.to_string());
+                crate::handshake::refuse(&mut arrival.conns.0, ShutReason::Error, &e.to_string());
                 return Err(e);
             }
         };
@@ -99,7 +99,7 @@ impl<'d> DestRun<'d> {
     fn adopt(&mut self, mut arrival: Arrival, advise: Advise) -> Result<(), Error> {
         if advise != self.advise {
             let e = Refusal::GeometryChanged;
-            crate::auth::refuse(&mut arrival.conns.0, ShutReason::Error, &e.to_string());
+            crate::handshake::refuse(&mut arrival.conns.0, ShutReason::Error, &e.to_string());
             return Err(Error::refused(e));
         }
         let (timing, receiver) = (&self.d.opts.timing, self.receiver.clone());

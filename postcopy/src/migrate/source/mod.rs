@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use page_state::Bitmap;
 
+use transport::Addr;
+
 use super::{copy_raw, digest_raw, shut_session, step, BoxError, LinkStatus, Timing};
 use crate::endpoint::sender::{Pages, Sender};
 use crate::endpoint::SendStats;
@@ -16,7 +18,6 @@ use crate::error::{unexpected, LinkError, Refusal};
 use crate::handshake::Security;
 use crate::link::dial::Dialer;
 use crate::link::{self, Pair};
-use crate::net::Addr;
 use crate::wire::{
     Advise, Features, Message, PageRange, Role, ShutReason, WireRegion, MAX_DEVICE_STATE,
     MAX_RANGES,

@@ -9,11 +9,11 @@
 //! listener given a peer name also checks that the opener's certificate carries it.
 //! Sessions never resume: each reconnection is a fresh full handshake.
 //!
-//! How TLS slots into a connection (see [`crate::handshake`]): the opener's HELLO goes in
-//! the clear with [`Features::TLS`](crate::wire::Features::TLS) set, the listener answers
-//! START_TLS (or, if it speaks plaintext, refuses with a security mismatch), the TLS
-//! handshake runs, and inside it the opener repeats its HELLO and the listener admits the
-//! connection. Then the frames of [`crate::wire`] flow as before, encrypted.
+//! How TLS slots into a connection (postcopy's handshake): the opener's HELLO goes in the
+//! clear asking for TLS, the listener answers START_TLS (or, if it speaks plaintext,
+//! refuses with a security mismatch), the TLS handshake runs, and inside it the opener
+//! repeats its HELLO and the listener admits the connection. Then the frames flow as
+//! before, encrypted ([`split`] makes the session a reader and a writer).
 //!
 //! Why *ring* and not aws-lc-rs: the workspace already builds rustls with ring (for
 //! object storage), ring needs no CMake or Go at build time, and on this machine its
@@ -30,7 +30,10 @@ mod verify;
 
 #[cfg(feature = "throwaway-ca")]
 pub use authority::{Authority, Identity};
-pub(crate) use stream::tls_conn;
+pub use stream::split;
+
+/// The TLS library whose types this API takes and gives (certificates, sessions, alerts).
+pub use rustls;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -42,7 +45,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
-use crate::error::{CertProblem, Refusal};
+use crate::error::CertProblem;
 use crate::net::Addr;
 use crate::Error;
 
@@ -177,7 +180,7 @@ impl TlsConfig {
 
     /// The name the listener at `addr` must prove: the configured peer name, else the IP
     /// address dialled, else (a Unix socket) `localhost`.
-    pub(crate) fn server_name(&self, addr: &Addr) -> ServerName<'static> {
+    pub fn server_name(&self, addr: &Addr) -> ServerName<'static> {
         match (&self.peer_name, addr) {
             (Some(name), _) => name.clone(),
             (None, Addr::Tcp(a)) => ServerName::IpAddress(a.ip().into()),
@@ -186,17 +189,17 @@ impl TlsConfig {
     }
 
     /// The opener's configuration.
-    pub(crate) fn client(&self) -> Arc<ClientConfig> {
+    pub fn client(&self) -> Arc<ClientConfig> {
         self.client.clone()
     }
 
     /// The listener's configuration.
-    pub(crate) fn server(&self) -> Arc<ServerConfig> {
+    pub fn server(&self) -> Arc<ServerConfig> {
         self.server.clone()
     }
 
     /// The name a listener requires of openers, if any.
-    pub(crate) fn required_peer_name(&self) -> Option<String> {
+    pub fn required_peer_name(&self) -> Option<String> {
         self.peer_name.as_ref().map(|n| n.to_str().into_owned())
     }
 }
@@ -259,7 +262,7 @@ fn certificate_alert(alert: rustls::AlertDescription) -> bool {
 /// What a TLS failure during the handshake means: a refused certificate (ours by the
 /// peer, or the peer's here — `expected` is the name this side required), or another TLS
 /// error. Either ends the attempt: retrying cannot help.
-pub(crate) fn handshake_error(e: rustls::Error, expected: impl FnOnce() -> String) -> Error {
+pub fn handshake_error(e: rustls::Error, expected: impl FnOnce() -> String) -> Error {
     use rustls::CertificateError as C;
     let problem = match &e {
         rustls::Error::InvalidCertificate(c) => match c {
@@ -275,15 +278,15 @@ pub(crate) fn handshake_error(e: rustls::Error, expected: impl FnOnce() -> Strin
         },
         rustls::Error::NoCertificatesPresented => CertProblem::Missing,
         rustls::Error::AlertReceived(alert) if certificate_alert(*alert) => {
-            return Error::refused(Refusal::CertificateRefused { alert: *alert });
+            return Error::CertificateRefused { alert: *alert };
         }
         _ => return tls("handshake")(e),
     };
-    Error::refused(Refusal::PeerCertificate(problem))
+    Error::PeerCertificate(problem)
 }
 
 /// The rustls error inside an I/O error from a TLS stream, if that is what it carries.
-pub(crate) fn rustls_error(e: &std::io::Error) -> Option<&rustls::Error> {
+pub fn rustls_error(e: &std::io::Error) -> Option<&rustls::Error> {
     e.get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
 }

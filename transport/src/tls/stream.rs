@@ -16,12 +16,12 @@
 //!
 //! Sealing allocates (rustls builds each record in a fresh buffer), so a fault handler
 //! must not write here: the link hands its requests to a thread of their own (see
-//! `link::Chan::request`).
+//! the link's `Chan::request` in postcopy).
 
 use std::io::{self, IoSlice, Read, Write};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::net::{Conn, Link, Socket};
+use crate::net::Socket;
 
 /// Plaintext sealed per lock hold: large enough for few syscalls, small enough that a
 /// reader waiting for the lock waits microseconds.
@@ -39,8 +39,12 @@ fn invalid(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-/// A framed connection over `session`, established on `socket`.
-pub(crate) fn tls_conn(socket: Socket, mut session: rustls::Connection) -> io::Result<Conn> {
+/// The two halves of `session`, established on `socket`: a reader and a writer, each with
+/// its own handle on the socket (the caller keeps `socket` for deadlines and shutdown).
+pub fn split(
+    socket: &Socket,
+    mut session: rustls::Connection,
+) -> io::Result<(impl Read + Send + 'static, impl Write + Send + 'static)> {
     session.set_buffer_limit(Some(SEAL_CHUNK));
     let session = Arc::new(Session(Mutex::new(session)));
     let reader = TlsReader {
@@ -57,11 +61,7 @@ pub(crate) fn tls_conn(socket: Socket, mut session: rustls::Connection) -> io::R
         out: Vec::with_capacity(SEAL_CHUNK + (SEAL_CHUNK >> 6)),
         broken: None,
     };
-    Ok(Conn::over(
-        Link::new(socket),
-        Box::new(reader),
-        Box::new(writer),
-    ))
+    Ok((reader, writer))
 }
 
 /// The reading half: plaintext out of the session, ciphertext in from the socket.

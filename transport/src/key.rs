@@ -5,18 +5,14 @@
 //!
 //! Opener: HELLO → (listener) CHALLENGE{n_l} → AUTH{HMAC(k, "open"|n_l|session), n_o} →
 //! (listener verifies) AUTH_OK{HMAC(k, "listen"|n_o|session)} → opener verifies.
-//! HMAC-SHA256; comparisons in constant time. The listener's side is in
-//! [`crate::handshake::Listening`].
+//! HMAC-SHA256 ([`Key::proof`], [`Key::verify`]); comparisons in constant time. The
+//! messages themselves are the handshake's (in postcopy).
 
 use std::io::Read;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::error::{unexpected, Refusal, SecurityKind};
-use crate::handshake::{refused_by_listener, Hello};
-use crate::net::Conn;
-use crate::wire::{Message, ShutReason};
 use crate::Error;
 
 /// The longest key file read: far more than any key needs, little enough to read at once.
@@ -65,20 +61,17 @@ impl Key {
         mac
     }
 
-    pub(crate) fn proof(&self, label: &[u8], nonce: &[u8; 32], session: u64) -> [u8; 32] {
+    /// HMAC-SHA256 over the domain label `label`, `nonce` and `session`: what the side
+    /// proving the key sends.
+    pub fn proof(&self, label: &[u8], nonce: &[u8; 32], session: u64) -> [u8; 32] {
         self.mac(label, nonce, session)
             .finalize()
             .into_bytes()
             .into()
     }
 
-    pub(crate) fn verify(
-        &self,
-        label: &[u8],
-        nonce: &[u8; 32],
-        session: u64,
-        proof: &[u8; 32],
-    ) -> bool {
+    /// Whether `proof` is [`Key::proof`] of the same inputs (in constant time).
+    pub fn verify(&self, label: &[u8], nonce: &[u8; 32], session: u64, proof: &[u8; 32]) -> bool {
         self.mac(label, nonce, session).verify_slice(proof).is_ok()
     }
 }
@@ -97,47 +90,4 @@ pub fn session_id() -> Result<u64, Error> {
     Ok(u64::from_le_bytes(
         nonce()?[..8].try_into().expect("8 bytes"),
     ))
-}
-
-/// The opener's side: HELLO in the clear, then the challenge–response; succeeds once both
-/// ends have proved the key.
-pub(crate) fn open(conn: &mut Conn, key: &Key, hello: Hello) -> Result<(), Error> {
-    let channel = hello.channel;
-    conn.set_channel(channel);
-    conn.w.send(&hello.message(SecurityKind::PreSharedKey))?;
-    let challenge = match conn.r.recv()? {
-        Message::Challenge { nonce } => nonce,
-        Message::Shut { reason, detail } => {
-            return Err(refused_by_listener(
-                SecurityKind::PreSharedKey,
-                reason,
-                detail,
-            ))
-        }
-        other => return Err(unexpected(other, "CHALLENGE", channel)),
-    };
-    let mine = nonce()?;
-    conn.w.send(&Message::Auth {
-        proof: key.proof(b"open", &challenge, hello.session),
-        nonce: mine,
-    })?;
-    match conn.r.recv()? {
-        Message::AuthOk { proof } if key.verify(b"listen", &mine, hello.session, &proof) => Ok(()),
-        Message::AuthOk { .. } => Err(Error::refused(Refusal::WrongKey)),
-        Message::Shut { reason, detail } => Err(refused_by_listener(
-            SecurityKind::PreSharedKey,
-            reason,
-            detail,
-        )),
-        other => Err(unexpected(other, "AUTH_OK", channel)),
-    }
-}
-
-/// Tells the peer why it is refused (best effort: it may be gone) and closes.
-pub(crate) fn refuse(conn: &mut Conn, reason: ShutReason, detail: &str) {
-    let _ = conn.w.send(&Message::Shut {
-        reason,
-        detail: detail.into(),
-    });
-    conn.link.shutdown();
 }

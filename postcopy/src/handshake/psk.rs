@@ -1,0 +1,53 @@
+//! The opener's side of the pre-shared-key challenge–response (see [`transport::key`] for
+//! the proofs), and the SHUT a refused connection gets.
+
+use transport::{Key, SecurityKind};
+
+use super::{refused_by_listener, Hello};
+use crate::error::{unexpected, Refusal};
+use crate::net::Conn;
+use crate::wire::{Message, ShutReason};
+use crate::Error;
+
+/// The opener's side: HELLO in the clear, then the challenge–response; succeeds once both
+/// ends have proved the key.
+pub(crate) fn open(conn: &mut Conn, key: &Key, hello: Hello) -> Result<(), Error> {
+    let channel = hello.channel;
+    conn.set_channel(channel);
+    conn.w.send(&hello.message(SecurityKind::PreSharedKey))?;
+    let challenge = match conn.r.recv()? {
+        Message::Challenge { nonce } => nonce,
+        Message::Shut { reason, detail } => {
+            return Err(refused_by_listener(
+                SecurityKind::PreSharedKey,
+                reason,
+                detail,
+            ))
+        }
+        other => return Err(unexpected(other, "CHALLENGE", channel)),
+    };
+    let mine = transport::key::nonce()?;
+    conn.w.send(&Message::Auth {
+        proof: key.proof(b"open", &challenge, hello.session),
+        nonce: mine,
+    })?;
+    match conn.r.recv()? {
+        Message::AuthOk { proof } if key.verify(b"listen", &mine, hello.session, &proof) => Ok(()),
+        Message::AuthOk { .. } => Err(Error::refused(Refusal::WrongKey)),
+        Message::Shut { reason, detail } => Err(refused_by_listener(
+            SecurityKind::PreSharedKey,
+            reason,
+            detail,
+        )),
+        other => Err(unexpected(other, "AUTH_OK", channel)),
+    }
+}
+
+/// Tells the peer why it is refused (best effort: it may be gone) and closes.
+pub(crate) fn refuse(conn: &mut Conn, reason: ShutReason, detail: &str) {
+    let _ = conn.w.send(&Message::Shut {
+        reason,
+        detail: detail.into(),
+    });
+    conn.link.shutdown();
+}

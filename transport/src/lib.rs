@@ -1,0 +1,34 @@
+//! # transport: the sockets, files and secrets under uffdkit's links
+//!
+//! What a link between two uffdkit processes is made of, below any protocol spoken on
+//! it: addresses and connected sockets, TCP or Unix, with deadlines and shutdown on the
+//! socket ([`net`]); Unix socket paths claimed, never stolen from a live listener
+//! ([`socket_file`]); and how a connection is secured ([`Security`]) — TLS 1.3 with
+//! mutual certificates ([`tls`], rustls with the *ring* provider) or, on trusted links
+//! only, a pre-shared key proved by HMAC challenge–response ([`key`]). Nothing here knows
+//! of pages or migration: postcopy speaks its protocol over these.
+//!
+//! ```
+//! use transport::{Addr, Key, Security, SecurityKind};
+//!
+//! let addr: Addr = "unix:/run/uffdkit.sock".parse()?;
+//! assert_eq!(addr.to_string(), "unix:/run/uffdkit.sock");
+//! let key = Key::new(*b"sixteen byte key")?;
+//! let (nonce, session) = ([7u8; 32], 42);
+//! assert!(key.verify(b"open", &nonce, session, &key.proof(b"open", &nonce, session)));
+//! assert_eq!(Security::from(key).kind(), SecurityKind::PreSharedKey);
+//! # Ok::<(), transport::Error>(())
+//! ```
+
+mod error;
+pub mod key;
+pub mod net;
+mod security;
+pub mod socket_file;
+pub mod tls;
+
+pub use error::{CertProblem, Error, SecurityKind};
+pub use key::Key;
+pub use net::{Addr, Link, Listener, Socket};
+pub use security::Security;
+pub use tls::TlsConfig;
