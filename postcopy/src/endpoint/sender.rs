@@ -17,7 +17,15 @@ use crate::Error;
 /// Bytes of page data per PAGES frame (at least one page).
 const FRAME_BYTES: usize = 1 << 20;
 
-/// Where a sender's pages come from.
+/// Where a sender's pages come from: the page server's image (a [`pager::Source`] behind
+/// it, adapted in `server.rs`) or the migration source's live memory (read in place: the
+/// migration source does not use the pager at all, it has no faults to serve).
+///
+/// Why not [`pager::Source`] itself: that trait is the fault side's, and most of it has no
+/// meaning for a sender — a sender must have every page it is asked for at once (a
+/// `Pending` answer, `attach`, `prioritize` and forked children are the fault loop's), and
+/// it reads runs of pages by page index of one advised geometry, never byte offsets of an
+/// image. This is the two methods a sender needs.
 pub(crate) trait Pages: Send + Sync {
     /// Bytes per page, and pages in all.
     fn geometry(&self) -> (usize, u64);
