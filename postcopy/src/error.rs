@@ -1,81 +1,15 @@
-//! Errors: a broken link ([`LinkError`], which pauses a session until it reconnects) is kept
-//! apart from everything that ends it ([`Error`]'s other variants).
+//! Errors: a broken link ([`LinkError`], the transport's: it pauses a session until it
+//! reconnects) is kept apart from everything that ends it ([`Error`]'s other variants).
 
 use std::time::Duration;
 
 use transport::tls::rustls;
 pub use transport::{CertProblem, SecurityKind};
 
-use crate::wire::{Channel, Message, ShutReason, WireError};
+pub use transport::chain;
+pub use transport::link::LinkError;
 
-/// Why a connection of a session stopped working. Always recoverable: the session pauses
-/// and resumes on a new connection pair.
-#[derive(Debug, thiserror::Error)]
-pub enum LinkError {
-    /// Connecting failed (refused, unreachable, timed out).
-    #[error("connect to {addr}")]
-    Connect {
-        /// The address.
-        addr: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Reading or writing failed (reset, broken pipe, a write that made no progress for
-    /// the silence deadline).
-    #[error("{channel} connection")]
-    Io {
-        /// Which connection.
-        channel: Channel,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The peer closed the connection.
-    #[error("the peer closed the {channel} connection")]
-    Closed {
-        /// Which connection.
-        channel: Channel,
-    },
-    /// Nothing arrived for the silence deadline although the peer sends heartbeats:
-    /// a partition, a frozen peer, a dead proxy.
-    #[error("the {channel} connection was silent for {after:?}")]
-    Silent {
-        /// Which connection.
-        channel: Channel,
-        /// The deadline.
-        after: Duration,
-    },
-    /// A frame that does not decode (corrupted or cut in transit).
-    #[error("malformed frame on the {channel} connection")]
-    Malformed {
-        /// Which connection.
-        channel: Channel,
-        /// What is wrong with it.
-        #[source]
-        source: WireError,
-    },
-    /// A newer authenticated connection pair of the same session took over.
-    #[error("superseded by a newer connection of the same session")]
-    Superseded,
-    /// An expected answer did not come in time although the connection is alive.
-    #[error("waited {after:?} for {expected}, in vain")]
-    NoAnswer {
-        /// What was awaited, as a noun phrase ("a source", "RECV_BITMAP").
-        expected: &'static str,
-        /// How long.
-        after: Duration,
-    },
-    /// This side cut the pair (its other connection broke, or it is closing).
-    #[error("connection pair cut by this side")]
-    Cut,
-    /// The listener serves as many sessions as it may (its session cap): try again later.
-    #[error("the listener is busy: {detail}")]
-    Busy {
-        /// The listener's words.
-        detail: String,
-    },
-}
+use crate::wire::{Channel, Message, ShutReason};
 
 /// Why a peer or this side refuses a session.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -297,34 +231,5 @@ pub(crate) fn unexpected(msg: Message, expected: &'static str, channel: Channel)
             got: other.name(),
             channel,
         },
-    }
-}
-
-/// An error and its causes on one line: `a: b: c` (for logs).
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn no_answer_reads_as_a_sentence_whatever_was_awaited() {
-        let after = Duration::from_secs(5);
-        for (expected, want) in [
-            ("a source", "waited 5s for a source, in vain"),
-            ("RECV_BITMAP", "waited 5s for RECV_BITMAP, in vain"),
-            ("the verdict", "waited 5s for the verdict, in vain"),
-        ] {
-            assert_eq!(LinkError::NoAnswer { expected, after }.to_string(), want);
-        }
     }
 }

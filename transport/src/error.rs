@@ -106,3 +106,15 @@ impl Error {
         move |source| Error::Io { what, source }
     }
 }
+
+/// An error and its causes on one line: `a: b: c` (for logs).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}

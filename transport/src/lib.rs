@@ -22,12 +22,13 @@
 
 mod error;
 pub mod key;
+pub mod link;
 pub mod net;
 mod security;
 pub mod socket_file;
 pub mod tls;
 
-pub use error::{CertProblem, Error, SecurityKind};
+pub use error::{chain, CertProblem, Error, SecurityKind};
 pub use key::Key;
 pub use net::{Addr, Link, Listener, Socket};
 pub use security::Security;

@@ -176,7 +176,7 @@ impl Listening {
                 Ok(Some(msg))
             }
             Ok(None) => Ok(None),
-            Err(source) => Err(LinkError::Malformed { channel, source }.into()),
+            Err(source) => Err(LinkError::malformed(channel, source).into()),
         }
     }
 
@@ -302,7 +302,7 @@ impl Listening {
                 msg
             }
             Ok(None) => return Ok(Progress::More),
-            Err(source) => return Err(LinkError::Malformed { channel, source }.into()),
+            Err(source) => return Err(LinkError::malformed(channel, source).into()),
         };
         if &inner != outer || !self.input.is_empty() {
             return Err(malformed("the HELLO sent before TLS, again"));

@@ -11,7 +11,9 @@ use transport::{Addr, Socket};
 use super::{refused_by_listener, Hello, Security};
 use crate::error::{unexpected, LinkError, SecurityKind};
 use crate::net::{link_error, tls_conn, Conn};
-use crate::wire::{decode, encode, frame_len, Channel, Limits, Message, HEADER_LEN, MAX_DETAIL};
+use crate::wire::{
+    decode, encode, frame_len, Channel, Limits, Message, WireError, HEADER_LEN, MAX_DETAIL,
+};
 use crate::Error;
 
 /// Opens `socket` (connected to `addr`, its reads and writes bounded by `deadline`) as
@@ -103,7 +105,7 @@ fn read_frame(socket: &mut Socket, channel: Channel, deadline: Duration) -> Resu
         max_body: MAX_DETAIL + 64,
         ..Limits::default()
     };
-    let malformed = |source| LinkError::Malformed { channel, source };
+    let malformed = |source: WireError| LinkError::malformed(channel, source);
     let io = |e: io::Error| match e.kind() {
         io::ErrorKind::UnexpectedEof => LinkError::Closed { channel },
         _ => link_error(channel, deadline, e),

@@ -24,6 +24,7 @@ mod gate;
 mod sessions;
 
 pub use sessions::AcceptStats;
+pub use transport::link::{Admission, Timing};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -38,63 +39,6 @@ use crate::error::LinkError;
 use crate::net::{Conn, FrameReader, FrameWriter};
 use crate::wire::{Advise, Channel, Frame, Limits, Message, PageRange};
 use crate::Error;
-
-/// Liveness and retry policy, shared by every endpoint.
-#[derive(Debug, Clone, Copy)]
-pub struct Timing {
-    /// Each side sends a PING on every connection this often, so that silence means a
-    /// dead link, never an idle one.
-    pub heartbeat: Duration,
-    /// A connection that brings nothing for this long, or a send that makes no progress
-    /// for this long, is broken (as if reset). Also bounds connecting and handshakes.
-    pub silence: Duration,
-    /// First reconnection delay; doubled per failed attempt up to `max_backoff`.
-    pub first_backoff: Duration,
-    /// Largest reconnection delay.
-    pub max_backoff: Duration,
-    /// A side without a working connection for this long (paused, or never connected)
-    /// gives up and ends with [`Error::GaveUp`].
-    pub give_up_after: Duration,
-}
-
-impl Default for Timing {
-    fn default() -> Self {
-        Self {
-            heartbeat: Duration::from_millis(500),
-            silence: Duration::from_secs(3),
-            first_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_secs(2),
-            give_up_after: Duration::from_secs(60),
-        }
-    }
-}
-
-/// What a listener lets strangers hold, and how many sessions it serves: whatever
-/// anyone opens, a listener's threads and memory stay bounded.
-#[derive(Debug, Clone, Copy)]
-pub struct Admission {
-    /// A connection that has not completed its handshake (and sent everything it was
-    /// answered) within this is closed.
-    pub handshake_deadline: Duration,
-    /// Most connections in their handshake at once; one more closes the oldest, so a
-    /// flood of idle strangers cannot keep an opener that completes its handshake out.
-    /// Each costs a socket and a few KiB, never a thread.
-    pub max_handshakes: usize,
-    /// Most sessions served at once (a page server's clients; a migration destination
-    /// takes one). An opener beyond is refused as busy ([`LinkError::Busy`]) and retries;
-    /// a session reconnecting is never refused.
-    pub max_sessions: usize,
-}
-
-impl Default for Admission {
-    fn default() -> Self {
-        Self {
-            handshake_deadline: Duration::from_secs(5),
-            max_handshakes: 256,
-            max_sessions: 64,
-        }
-    }
-}
 
 /// Pairs' epochs, increasing in the order pairs start, process-wide.
 static EPOCHS: AtomicU64 = AtomicU64::new(1);

@@ -62,7 +62,7 @@ impl FrameReader {
     pub fn recv_frame(&mut self) -> Result<Frame<'_>, LinkError> {
         const READ: usize = 256 << 10;
         let channel = self.channel;
-        let malformed = |source| LinkError::Malformed { channel, source };
+        let malformed = |source: WireError| LinkError::malformed(channel, source);
         loop {
             let have = &self.buf[self.start..self.end];
             if frame_len(have, &self.limits)

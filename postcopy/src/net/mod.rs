@@ -18,7 +18,7 @@ use transport::{Link, Socket};
 use crate::error::LinkError;
 use crate::wire::{
     decode_frame, encode, encode_request, frame_len, kind, Channel, Frame, Limits, Message,
-    PageRange,
+    PageRange, WireError,
 };
 
 mod frame;

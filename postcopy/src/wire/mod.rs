@@ -14,6 +14,8 @@ mod encode;
 
 pub use decode::{decode, decode_frame, frame_len, Frame};
 pub use encode::{encode, encode_request};
+/// The link's vocabulary, which HELLO and SHUT carry (defined by the transport).
+pub use transport::link::{Channel, Role, ShutReason};
 
 /// Identifies a uffdkit postcopy connection.
 pub const MAGIC: [u8; 8] = *b"UFFDKPC\0";
@@ -58,44 +60,6 @@ bitflags! {
         const TLS = 1 << 4;
         const _ = !0;
     }
-}
-
-/// Which end a connection's opener is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Role {
-    /// The migration destination (or a restore client of a page server).
-    Destination = 1,
-    /// The migration source.
-    Source = 2,
-}
-
-/// What a connection carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Channel {
-    /// Control messages and the background stream.
-    Main = 1,
-    /// Requested pages only, so they never queue behind the stream.
-    Urgent = 2,
-}
-
-/// Why a peer shuts a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum ShutReason {
-    /// The migration finished.
-    Done = 1,
-    /// The peer failed; see the detail text.
-    Error = 2,
-    /// Authentication failed.
-    Auth = 3,
-    /// The operator cancelled.
-    Cancelled = 4,
-    /// One side speaks TLS, the other plaintext with a pre-shared key.
-    SecurityMismatch = 5,
-    /// The listener serves as many sessions as it may; try again later.
-    Busy = 6,
 }
 
 /// A run of pages.
@@ -369,22 +333,6 @@ impl Limits {
             page_count: Some(advise.page_count),
             ..self
         }
-    }
-}
-
-impl Channel {
-    /// `main` or `urgent`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Channel::Main => "main",
-            Channel::Urgent => "urgent",
-        }
-    }
-}
-
-impl std::fmt::Display for Channel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
     }
 }
 
