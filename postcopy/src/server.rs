@@ -27,6 +27,7 @@ use crate::error::{unexpected, LinkError};
 use crate::handshake::Security;
 use crate::link::accept::{Acceptor, Admit, Arrival};
 use crate::link::{Admission, Pair, Timing};
+use crate::net::SendMessage;
 use crate::wire::{Advise, Features, Message, Role, WireRegion};
 use crate::Error;
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use postcopy::migrate::{DestOptions, Destination, Migration, SourceOptions};
-use postcopy::net::Conn;
+use postcopy::net::{Conn, RecvMessage, SendMessage};
 use postcopy::wire::Message;
 use postcopy::Security;
 use serde_json::json;

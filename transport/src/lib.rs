@@ -2,11 +2,15 @@
 //!
 //! What a link between two uffdkit processes is made of, below any protocol spoken on
 //! it: addresses and connected sockets, TCP or Unix, with deadlines and shutdown on the
-//! socket ([`net`]); Unix socket paths claimed, never stolen from a live listener
-//! ([`socket_file`]); and how a connection is secured ([`Security`]) — TLS 1.3 with
-//! mutual certificates ([`tls`], rustls with the *ring* provider) or, on trusted links
-//! only, a pre-shared key proved by HMAC challenge–response ([`key`]). Nothing here knows
-//! of pages or migration: postcopy speaks its protocol over these.
+//! socket ([`net`]); framed connections that hand out whole frames and report a silent
+//! or broken socket as a typed [`LinkError`](link::LinkError) ([`conn`]); the link's
+//! vocabulary — channels, roles, shut reasons, liveness and admission policy ([`link`]);
+//! Unix socket paths claimed, never stolen from a live listener ([`socket_file`]); and
+//! how a connection is secured ([`Security`]) — TLS 1.3 with mutual certificates
+//! ([`tls`], rustls with the *ring* provider) or, on trusted links only, a pre-shared key
+//! proved by HMAC challenge–response ([`key`]). Nothing here knows of pages or
+//! migration: postcopy encodes its messages into the frames and speaks its protocol
+//! over these.
 //!
 //! ```
 //! use transport::{Addr, Key, Security, SecurityKind};
@@ -20,6 +24,7 @@
 //! # Ok::<(), transport::Error>(())
 //! ```
 
+pub mod conn;
 mod error;
 pub mod key;
 pub mod link;
@@ -28,6 +33,7 @@ mod security;
 pub mod socket_file;
 pub mod tls;
 
+pub use conn::Conn;
 pub use error::{chain, CertProblem, Error, SecurityKind};
 pub use key::Key;
 pub use net::{Addr, Link, Listener, Socket};

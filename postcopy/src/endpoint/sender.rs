@@ -11,6 +11,7 @@ use page_state::Bitmap;
 
 use crate::error::LinkError;
 use crate::link::{Chan, Cutter, Inbound};
+use crate::net::SendMessage;
 use crate::wire::{Frame, Message, PageRange};
 use crate::Error;
 

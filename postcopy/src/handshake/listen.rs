@@ -16,7 +16,7 @@ use transport::Socket;
 
 use super::{other, Hello, Security};
 use crate::error::{unexpected, LinkError, Refusal};
-use crate::net::{tls_conn, Conn};
+use crate::net::Conn;
 use crate::wire::{decode, encode, Channel, Limits, Message, Role, ShutReason};
 use crate::Error;
 
@@ -393,7 +393,7 @@ impl Listening {
             source,
         };
         match tls {
-            Some(tls) => tls_conn(socket, (*tls).into()).map_err(failed),
+            Some(tls) => Conn::tls(socket, (*tls).into()).map_err(failed),
             None => Conn::plain(socket).map_err(failed),
         }
         .map_err(Error::from)

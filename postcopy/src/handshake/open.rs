@@ -10,7 +10,9 @@ use transport::{Addr, Socket};
 
 use super::{refused_by_listener, Hello, Security};
 use crate::error::{unexpected, LinkError, SecurityKind};
-use crate::net::{link_error, tls_conn, Conn};
+use transport::conn::link_error;
+
+use crate::net::{Conn, RecvMessage, SendMessage};
 use crate::wire::{
     decode, encode, frame_len, Channel, Limits, Message, WireError, HEADER_LEN, MAX_DETAIL,
 };
@@ -72,7 +74,7 @@ fn open_tls(
             return Err(failure(e, (channel, deadline), &name));
         }
     }
-    let mut conn = tls_conn(socket, tls.into()).map_err(io)?;
+    let mut conn = Conn::tls(socket, tls.into()).map_err(io)?;
     conn.set_channel(channel);
     // The answer is read even if the send failed: a listener that refused our
     // certificate sent its alert before closing.

@@ -5,7 +5,7 @@ use transport::{Key, SecurityKind};
 
 use super::{refused_by_listener, Hello};
 use crate::error::{unexpected, Refusal};
-use crate::net::Conn;
+use crate::net::{Conn, RecvMessage, SendMessage};
 use crate::wire::{Message, ShutReason};
 use crate::Error;
 

@@ -12,6 +12,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::{Chan, Cutter};
+use crate::net::SendMessage;
 use crate::wire::PageRange;
 
 /// Ranges the queue holds before a fault handler waits for room.

@@ -36,7 +36,9 @@ use self::forward::Forward;
 use transport::Link;
 
 use crate::error::LinkError;
-use crate::net::{Conn, FrameReader, FrameWriter};
+use transport::conn::{FrameReader, FrameWriter};
+
+use crate::net::{Conn, RecvMessage, SendMessage};
 use crate::wire::{Advise, Channel, Frame, Limits, Message, PageRange};
 use crate::Error;
 
@@ -271,16 +273,15 @@ impl Pair {
         let (tx, queue) = mpsc::channel();
         let mut threads = Vec::new();
         let mut chans = Vec::new();
-        let forward = (urgent.writes_allocate && inbound.asks_for_pages())
+        let forward = (urgent.writes_allocate() && inbound.asks_for_pages())
             .then(|| Arc::new(Forward::new(timing.silence)));
         for (channel, conn) in [(Channel::Main, main), (Channel::Urgent, urgent)] {
-            let Conn { mut r, w, link, .. } = conn;
-            r.limits = limits;
+            let Conn { r, w, link, .. } = conn;
             let fwd = forward.clone().filter(|_| channel == Channel::Urgent);
             let chan = Arc::new(Chan::new((channel, epoch), w, link, fwd));
             let (c, cut, inb, tx) = (chan.clone(), cutter.clone(), inbound.clone(), tx.clone());
             threads.push(spawn(&format!("pc-{channel}-rx"), move || {
-                read_loop(r, &c, &cut, &*inb, &tx)
+                read_loop((r, &limits), &c, &cut, &*inb, &tx)
             })?);
             chans.push(chan);
         }
@@ -367,14 +368,14 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
 }
 
 fn read_loop(
-    mut r: FrameReader,
+    (mut r, limits): (FrameReader, &Limits),
     chan: &Chan,
     cutter: &Cutter,
     inbound: &dyn Inbound,
     tx: &mpsc::Sender<Queued>,
 ) {
     let failed = loop {
-        let frame = match r.recv_frame() {
+        let frame = match r.recv_frame(limits) {
             Ok(Frame::Other(Message::Ping { .. } | Message::Pong { .. })) => continue,
             Ok(frame) => frame,
             Err(e) => break Queued::Broken.with_cut(cutter, e),

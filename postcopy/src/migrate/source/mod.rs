@@ -18,6 +18,7 @@ use crate::error::{unexpected, LinkError, Refusal};
 use crate::handshake::Security;
 use crate::link::dial::Dialer;
 use crate::link::{self, Pair};
+use crate::net::SendMessage;
 use crate::wire::{
     Advise, Features, Message, PageRange, Role, ShutReason, WireRegion, MAX_DEVICE_STATE,
     MAX_RANGES,
