@@ -184,8 +184,11 @@ fn a_destination_that_stops_reading_is_cut_by_the_silence_deadline_and_resumed()
     let stall = test_timing().silence * 2;
     case.dst = Box::new(move |c| c.inject(Fault::Stall(stall), 100));
     let (src, dst) = case.run();
-    assert!(src.reconnects >= 1, "the stall paused the migration");
-    assert_eq!(dst.reconnects, src.reconnects);
+    // Both ends resumed at least once. Not necessarily equally often: the source dials
+    // while the destination still sleeps, and a pair that breaks during its greeting
+    // counts at the side that had finished greeting only (src 2 / dst 1 seen at load 20).
+    assert!(src.reconnects >= 1, "the stall paused the source");
+    assert!(dst.reconnects >= 1, "the destination resumed too");
 }
 
 #[test]

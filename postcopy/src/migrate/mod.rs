@@ -160,7 +160,9 @@ impl LinkStatus {
             .map(|(since, why)| (since.elapsed(), why.clone()))
     }
 
-    /// Pairs re-established after a break.
+    /// Pairs re-established after a break, as this side counts them: once it finished its
+    /// half of the greeting. A pair that breaks while the greeting is under way may count
+    /// at one side only, so the two ends' counts can differ when breaks come close together.
     pub fn reconnects(&self) -> u64 {
         self.reconnects.load(Ordering::Relaxed)
     }
