@@ -271,7 +271,7 @@ impl Worker {
                 (FollowUp::Watch, Ok(PageState::Requested))
                     if shared.may_take_over(p.page, parked.since.elapsed()) =>
                 {
-                    shared.fetch_and_place(p, 1, scratch, true, Origin::Fault)
+                    shared.take_over(p, scratch)
                 }
                 // Still in someone else's hands: keep watching.
                 (FollowUp::Watch, Ok(PageState::Requested)) => return true,
