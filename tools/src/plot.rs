@@ -134,6 +134,8 @@ fn cdf(area: &Area, title: &str, series: &[(String, Vec<u32>)]) -> Result<()> {
         .map_err(drawing)?;
     chart
         .configure_mesh()
+        // Bold grid lines only: the light ones were most of the file's bytes.
+        .max_light_lines(0)
         .x_desc("latency, µs (log scale)")
         .y_desc("fraction ≤ latency")
         .draw()
@@ -181,6 +183,8 @@ fn timeline(area: &Area, title: &str, series: &[(String, Vec<(f64, f64)>)]) -> R
         .map_err(drawing)?;
     chart
         .configure_mesh()
+        // Bold grid lines only: the light ones were most of the file's bytes.
+        .max_light_lines(0)
         .x_desc("time since the restore started, ms")
         .y_desc("pages placed")
         .draw()
@@ -214,6 +218,8 @@ fn sweep(area: &Area, title: &str, curves: &[Curve]) -> Result<()> {
         .map_err(drawing)?;
     chart
         .configure_mesh()
+        // Bold grid lines only: the light ones were most of the file's bytes.
+        .max_light_lines(0)
         .x_desc("size, GiB")
         .y_desc("seconds per GiB (median; bars: min–max)")
         .draw()
