@@ -186,9 +186,10 @@ impl Worker {
                 let shared = &*self.shared;
                 let Some(_closed) = shared.gate.try_close() else {
                     // Another handler is reading: it takes what is pending. Poll again
-                    // (the uffd stays readable if anything is left), after a yield so
-                    // as not to spin on the gate's cache line while the reader works.
-                    let _ = nix::sched::sched_yield();
+                    // once it has (the uffd stays readable if anything is left): polling
+                    // at once would find the uffd readable and spin (poll, yield) for as
+                    // long as the reader waits for in-flight placements.
+                    shared.gate.wait_open();
                     return;
                 };
                 let n = match shared.uffd.read_events(&mut self.events) {
