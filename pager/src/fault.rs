@@ -299,6 +299,37 @@ impl Shared {
             && self.background.test(page)
     }
 
+    /// Places the page at `p`, which the starved prefetcher holds ([`may_take_over`]), and
+    /// the rest of the prefetcher's run after it — the pages still Requested and in its
+    /// in-flight run, as many as `scratch` holds — with one fetch and one ioctl. A
+    /// prefetcher that lost its CPU while holding a run then stalls the fault stream once,
+    /// not once per page of the run (a sequential workload would otherwise wait
+    /// [`TAKE_OVER_AFTER`] for each of its pages). The prefetcher's own placement of the
+    /// run later meets EEXIST, page by page. Handlers' scratch holds a run only with
+    /// readahead or fault-around on (as `uffdkit` runs); otherwise one page is taken.
+    /// Async-signal-safe.
+    ///
+    /// [`may_take_over`]: Self::may_take_over
+    pub fn take_over(&self, p: &PageRef, scratch: &mut [u8]) -> Placement {
+        let max = (scratch.len() / p.size).max(1);
+        let (mut last, mut count) = (*p, 1);
+        while count < max {
+            let q = p.page + count;
+            match self.page(q) {
+                Some(next)
+                    if last.is_followed_by(&next)
+                        && self.background.test(q)
+                        && self.states.get(q) == Ok(page_state::PageState::Requested) =>
+                {
+                    last = next;
+                    count += 1;
+                }
+                _ => break,
+            }
+        }
+        self.fetch_and_place(p, count, scratch, true, Origin::Fault)
+    }
+
     /// Gives back a claim (requested → missing in one CAS) so a later fault asks again.
     /// Async-signal-safe.
     pub fn release(&self, page: usize) {

@@ -102,6 +102,16 @@ impl Gate {
         Some(Reading(Some(self)))
     }
 
+    /// Waits (spinning, then yielding, then sleeping) until no reader holds the gate
+    /// closed. For a handler that lost the race to read: the uffd stays readable until
+    /// the reader has read, so polling again at once would spin on it.
+    pub fn wait_open(&self) {
+        let mut spins = 0;
+        while self.state.load(SeqCst) & !PLACERS != 0 {
+            backoff(&mut spins);
+        }
+    }
+
     /// Placements in flight now.
     pub fn placing(&self) -> u64 {
         self.state.load(SeqCst) & PLACERS

@@ -43,7 +43,7 @@ use uffd_core::{Error as UffdError, FaultFlags};
 
 use crate::error::{Error, Result};
 use crate::fault::{FaultOutcome, FollowUp, MAX_AROUND_BYTES};
-use crate::place::{Origin, Placement};
+use crate::place::Placement;
 use crate::shared::Shared;
 use crate::sigsafe::{backoff, sleep, HandlerScope};
 
@@ -278,9 +278,7 @@ fn resolve(engine: &Engine, addr: usize) -> bool {
                 let mut spins = 0;
                 while shared.states.get(p.page) == Ok(PageState::Requested) {
                     if shared.may_take_over(p.page, waiting.elapsed()) {
-                        let placed = with_slot(engine, |scratch| {
-                            shared.fetch_and_place(&p, 1, scratch, true, Origin::Fault)
-                        });
+                        let placed = with_slot(engine, |scratch| shared.take_over(&p, scratch));
                         if !matches!(placed, Placement::Again { .. }) {
                             break;
                         }

@@ -186,9 +186,10 @@ impl Worker {
                 let shared = &*self.shared;
                 let Some(_closed) = shared.gate.try_close() else {
                     // Another handler is reading: it takes what is pending. Poll again
-                    // (the uffd stays readable if anything is left), after a yield so
-                    // as not to spin on the gate's cache line while the reader works.
-                    let _ = nix::sched::sched_yield();
+                    // once it has (the uffd stays readable if anything is left): polling
+                    // at once would find the uffd readable and spin (poll, yield) for as
+                    // long as the reader waits for in-flight placements.
+                    shared.gate.wait_open();
                     return;
                 };
                 let n = match shared.uffd.read_events(&mut self.events) {
@@ -271,7 +272,7 @@ impl Worker {
                 (FollowUp::Watch, Ok(PageState::Requested))
                     if shared.may_take_over(p.page, parked.since.elapsed()) =>
                 {
-                    shared.fetch_and_place(p, 1, scratch, true, Origin::Fault)
+                    shared.take_over(p, scratch)
                 }
                 // Still in someone else's hands: keep watching.
                 (FollowUp::Watch, Ok(PageState::Requested)) => return true,

@@ -45,13 +45,13 @@ pub(super) fn run_eager(
         drop(dir.take());
     }
     let t = Instant::now();
-    let lat = run_workload(memory.addr(), pages, args.writes);
-    let workload = t.elapsed();
+    let workload = run_workload(memory.addr(), pages, args.writes, &AtomicUsize::new(0));
+    let wall = t.elapsed();
     let total = start.elapsed();
     if let (false, Some(file)) = (args.no_verify, reference) {
         verify(memory.addr(), file, pages, len, args.writes)?;
     }
-    let mut detail = workload_detail(lat, workload);
+    let mut detail = workload_detail(&workload, wall);
     merge(&mut detail, json!({ "load_s": loaded.as_secs_f64() }));
     Ok(Outcome {
         strategy: if downloaded.is_some() {
@@ -61,6 +61,8 @@ pub(super) fn run_eager(
         },
         total,
         detail,
+        lat: workload.lat,
+        timeline: Vec::new(),
     })
 }
 
@@ -87,8 +89,8 @@ pub(super) fn run_mmap(
     .context("mmap the image")?;
     let addr = mapped.as_ptr() as usize;
     let t = Instant::now();
-    let lat = run_workload(addr, pages, args.writes);
-    let workload = t.elapsed();
+    let workload = run_workload(addr, pages, args.writes, &AtomicUsize::new(0));
+    let wall = t.elapsed();
     let total = start.elapsed();
     let checked = if args.no_verify {
         Ok(())
@@ -101,6 +103,8 @@ pub(super) fn run_mmap(
     Ok(Outcome {
         strategy: "mmap",
         total,
-        detail: workload_detail(lat, workload),
+        detail: workload_detail(&workload, wall),
+        lat: workload.lat,
+        timeline: Vec::new(),
     })
 }

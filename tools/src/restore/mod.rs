@@ -7,6 +7,7 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +21,12 @@ use crate::image::{is_url, SourceArgs};
 use crate::workload::{clustered, order, summarize, Pattern};
 
 mod baselines;
-use baselines::{run_eager, run_mmap};
+mod compare;
+mod lazy;
+mod plots;
+mod timeline;
+
+pub use compare::run;
 
 /// How the image file is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -60,11 +66,11 @@ pub struct Args {
     /// (chunks are verified by digest regardless).
     #[arg(long)]
     reference: Option<PathBuf>,
-    /// Delivery mode. Default: sigbus for a file (fastest for in-process memory, see
-    /// `uffdkit bench`), percpu for a chunked source (it answers faults later, which
-    /// sigbus cannot wait for).
-    #[arg(long, value_enum)]
-    mode: Option<Mode>,
+    /// Delivery mode, or several (comma separated: the pager runs once in each). Default:
+    /// sigbus for a file (fastest for in-process memory, see `uffdkit bench`), percpu for
+    /// a chunked source (it answers faults later, which sigbus cannot wait for).
+    #[arg(long = "mode", value_enum, value_delimiter = ',')]
+    modes: Vec<Mode>,
     /// How the pager reads the image (mmap lets the kernel's readahead batch a cold read).
     #[arg(long, value_enum, default_value_t = SourceKind::Mmap)]
     source: SourceKind,
@@ -90,10 +96,23 @@ pub struct Args {
     /// Skip checking touched pages against the file afterwards.
     #[arg(long)]
     no_verify: bool,
-    /// Drop the page cache before each strategy (root), so each starts cold as a
-    /// snapshot restore on a fresh host does.
+    /// Drop the page cache before each run (root), so each starts cold as a snapshot
+    /// restore on a fresh host does. Without it every run of a local image starts warm:
+    /// the image is read once first.
     #[arg(long)]
     drop_caches: bool,
+    /// Runs of each strategy (and mode), their order rotated from one round to the next;
+    /// min, median and max are reported.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// Restore these sizes of the image (its first SIZE bytes; comma separated: 1G,2G,4G)
+    /// and report time per GiB and the growth exponent.
+    #[arg(long, value_delimiter = ',', value_parser = crate::sweep::size_arg)]
+    sizes: Vec<u64>,
+    /// Draw the pages placed over time, the touch-latency CDF of each strategy and (with
+    /// --sizes) the size sweep into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -134,11 +153,17 @@ fn written_byte(page: usize) -> u8 {
 }
 
 /// The workload: touches each page once (a read of byte 0, or for a write share of them
-/// a store to it), timing every touch. Returns the touch latencies in nanoseconds.
-fn run_workload(base: usize, pages: &[usize], writes: f64) -> Vec<u32> {
+/// a store to it), timing every touch, and counts its touches into `progress` (every
+/// [`PROGRESS_EVERY`]). Returns the touch latencies in nanoseconds.
+fn run_workload(base: usize, pages: &[usize], writes: f64, progress: &AtomicUsize) -> Workload {
+    let before = ThreadTimes::now();
     let mut lat = Vec::with_capacity(pages.len());
     let mut sum = 0u64;
-    for &p in pages {
+    for (i, &p) in pages.iter().enumerate() {
+        if i % PROGRESS_EVERY == 0 {
+            // Relaxed: a progress count others sample as a hint.
+            progress.store(i, Ordering::Relaxed);
+        }
         let addr = (base + p * PS) as *mut u8;
         let t = Instant::now();
         if is_write(p, writes) {
@@ -150,9 +175,62 @@ fn run_workload(base: usize, pages: &[usize], writes: f64) -> Vec<u32> {
         }
         lat.push(t.elapsed().as_nanos().min(u32::MAX as u128) as u32);
     }
+    progress.store(pages.len(), Ordering::Relaxed);
     std::hint::black_box(sum);
-    lat
+    Workload {
+        lat,
+        times: ThreadTimes::since(ThreadTimes::now(), before),
+    }
 }
+
+/// What the workload measured: each touch's latency (ns) and where its time went.
+struct Workload {
+    lat: Vec<u32>,
+    times: Option<ThreadTimes>,
+}
+
+/// The calling thread's time on a CPU and waiting on a run queue for one
+/// (`/proc/thread-self/schedstat`, kernel schedstats): of a workload's wall time, what is
+/// neither was spent blocked — waiting on a handler or a prefetcher, never on the machine.
+#[derive(Debug, Clone, Copy)]
+struct ThreadTimes {
+    on_cpu: Duration,
+    run_queue: Duration,
+}
+
+impl ThreadTimes {
+    fn now() -> Option<ThreadTimes> {
+        let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+        let mut fields = text.split_whitespace().map(|f| f.parse::<u64>().ok());
+        Some(ThreadTimes {
+            on_cpu: Duration::from_nanos(fields.next()??),
+            run_queue: Duration::from_nanos(fields.next()??),
+        })
+    }
+
+    /// The times from `before` to `now`.
+    fn since(now: Option<Self>, before: Option<Self>) -> Option<ThreadTimes> {
+        let (now, before) = (now?, before?);
+        Some(ThreadTimes {
+            on_cpu: now.on_cpu.saturating_sub(before.on_cpu),
+            run_queue: now.run_queue.saturating_sub(before.run_queue),
+        })
+    }
+
+    fn json(times: Option<ThreadTimes>, wall: Duration) -> serde_json::Value {
+        match times {
+            Some(t) => json!({
+                "workload_on_cpu_s": t.on_cpu.as_secs_f64(),
+                "workload_run_queue_s": t.run_queue.as_secs_f64(),
+                "workload_blocked_s": wall.saturating_sub(t.on_cpu + t.run_queue).as_secs_f64(),
+            }),
+            None => json!({}),
+        }
+    }
+}
+
+/// Touches between two updates of the workload's progress count.
+const PROGRESS_EVERY: usize = 256;
 
 fn verify(base: usize, file: &std::fs::File, pages: &[usize], len: u64, writes: f64) -> Result<()> {
     let mut want = vec![0u8; PS];
@@ -174,21 +252,28 @@ fn verify(base: usize, file: &std::fs::File, pages: &[usize], len: u64, writes: 
     Ok(())
 }
 
+/// One timed run of one strategy.
 struct Outcome {
     strategy: &'static str,
     total: Duration,
     detail: serde_json::Value,
+    /// Touch latencies (ns), for the plot.
+    lat: Vec<u32>,
+    /// The pager's counters over time (the pager only).
+    timeline: Vec<timeline::Sample>,
 }
 
 /// The common report of a timed workload.
-fn workload_detail(lat: Vec<u32>, wall: Duration) -> serde_json::Value {
-    let first_us = lat.first().map(|&ns| f64::from(ns) / 1e3);
-    let s = summarize(lat, wall);
-    json!({
+fn workload_detail(w: &Workload, wall: Duration) -> serde_json::Value {
+    let first_us = w.lat.first().map(|&ns| f64::from(ns) / 1e3);
+    let s = summarize(w.lat.clone(), wall);
+    let mut detail = json!({
         "workload_s": wall.as_secs_f64(),
         "touch_p50_us": s.p50_us, "touch_p99_us": s.p99_us, "touch_max_us": s.max_us,
         "first_touch_us": first_us,
-    })
+    });
+    merge(&mut detail, ThreadTimes::json(w.times, wall));
+    detail
 }
 
 /// Where the image is.
@@ -226,130 +311,20 @@ fn background(args: &Args, pages: usize) -> Result<chunked::Background> {
     })
 }
 
-fn run_pager(
-    args: &Args,
-    image: &Image,
-    len: u64,
-    pages: &[usize],
-    reference: Option<&std::fs::File>,
-) -> Result<Outcome> {
-    let map_len = (len as usize).next_multiple_of(PS);
-    let chunked_source = match image {
-        Image::Url(url) => Some(crate::image::open_source(
-            url,
-            &args.chunked,
-            background(args, map_len / PS)?,
-        )?),
-        Image::File(..) => None,
-    };
-    let is_chunked = chunked_source.is_some() || args.source == SourceKind::Chunked;
-    let mode = delivery_mode(args.mode, is_chunked)?;
-    let memory = Arc::new(Mapping::new(MemoryKind::Anon, map_len)?);
-    let extra = if mode == Mode::Sigbus {
-        Features::SIGBUS
-    } else {
-        Features::empty()
-    };
-    let start = Instant::now();
-    let source: Arc<dyn Source> = match (&chunked_source, image) {
-        (Some(c), _) => c.clone(),
-        (None, Image::File(_, path)) => file_source(args, path)?,
-        (None, Image::Url(_)) => unreachable!("a URL image has a chunked source"),
-    };
-    let uffd = Uffd::builder()
-        .non_blocking(true)
-        .require(Features::EVENT_REMOVE | extra)
-        .open()?;
-    // The image may end in a partial page: serve whole pages, zero-padded.
-    let padded: Arc<dyn Source> = Arc::new(Padded {
-        inner: source,
-        len: map_len as u64,
-    });
-    let builder = Pager::builder(uffd, padded)
-        .mapping(memory.clone(), 0)
-        .mode(DeliveryMode::from(mode));
-    let builder = args.prefetch.apply(builder, map_len / PS)?;
-    // A chunked source prefetches itself (it knows which chunks are on their way).
-    let builder = if is_chunked {
-        builder.prefetch(pager::Prefetch::None)
-    } else {
-        builder
-    };
-    // Before the pager starts (a SIGBUS-mode pager chains to it): a page the pager can no
-    // longer serve parks the workload, and the pager's error is reported.
-    crate::guarded::install(&memory)?;
-    let pager = builder.start()?;
-    let t = Instant::now();
-    let restored = || {
-        let s = pager.stats();
-        let placed = s.placed();
-        crate::progress::Status {
-            phase: String::new(),
-            fraction: Some((placed, (map_len / PS) as u64)),
-            text: format!("{placed} pages in, {} faults", s.faults()),
-        }
-    };
-    let (base, touches, writes) = (memory.addr(), pages.to_vec(), args.writes);
-    let lat = crate::progress::track(module_path!(), "restore", restored, || {
-        crate::guarded::run(&pager, memory.clone(), move || {
-            run_workload(base, &touches, writes)
-        })
-    })?;
-    let Some(lat) = lat else {
-        return Err(crate::guarded::stopped(pager));
-    };
-    let workload = t.elapsed();
-    let total = start.elapsed();
-    let stats = pager.stop()?;
-    crate::guarded::disarm();
-    if let (false, Some(file)) = (args.no_verify, reference) {
-        verify(memory.addr(), file, pages, len, args.writes)?;
-    }
-    let mut detail = workload_detail(lat, workload);
-    let extra = json!({
-        "mode": mode,
-        "faults": stats.faults(),
-        "placed_fault": stats.placed_fault,
-        "placed_prefetch": stats.placed_prefetch,
-        "placed_arrival": stats.placed_arrival,
-        "placed_zero": stats.placed_zero,
-        "fault_p50_us": stats.latency.quantile(0.5).map(|d| d.as_micros()),
-        "fault_p99_us": stats.latency.quantile(0.99).map(|d| d.as_micros()),
-        "histogram": stats.latency.lines(),
-        "blocktime_s": stats.blocktime.as_secs_f64(),
-    });
-    merge(&mut detail, extra);
-    if let Some(c) = &chunked_source {
-        let s = c.stats();
-        merge(
-            &mut detail,
-            json!({
-                "bytes_fetched": s.fetch.bytes_fetched, "chunks_fetched": s.fetch.chunks_fetched,
-                "reads": s.fetch.reads, "cache_hits": s.fetch.cache_hits, "peer_waits": s.fetch.peer_waits,
-                "retries": s.fetch.retries, "chunks_faulted": s.chunks_faulted,
-                "chunks_background": s.chunks_background,
-                "first_fault_to_place_us": s.first_fault_to_place.map(|d| d.as_micros()),
-            }),
-        );
-    }
-    Ok(Outcome {
-        strategy: "pager",
-        total,
-        detail,
-    })
-}
-
-/// The delivery mode: the one asked for, or the fastest that can serve the source.
-fn delivery_mode(asked: Option<Mode>, chunked: bool) -> Result<Mode> {
-    match (asked, chunked) {
-        (Some(Mode::Sigbus), true) => Err(crate::exit::usage(
+/// The delivery modes: those asked for, or the fastest that can serve the source.
+fn delivery_modes(asked: &[Mode], chunked: bool) -> Result<Vec<Mode>> {
+    if chunked && asked.contains(&Mode::Sigbus) {
+        return Err(crate::exit::usage(
             "--mode sigbus cannot serve a chunked source (--image URL or --source chunked): \
              it answers faults later; use --mode thread, poll or percpu (the default for one)",
-        )),
-        (Some(mode), _) => Ok(mode),
-        (None, true) => Ok(Mode::Percpu),
-        (None, false) => Ok(Mode::Sigbus),
+        ));
     }
+    let mut modes = asked.to_vec();
+    modes.dedup();
+    if modes.is_empty() {
+        modes.push(if chunked { Mode::Percpu } else { Mode::Sigbus });
+    }
+    Ok(modes)
 }
 
 fn merge(into: &mut serde_json::Value, from: serde_json::Value) {
@@ -393,109 +368,4 @@ impl Source for Padded {
     fn is_signal_safe(&self) -> bool {
         self.inner.is_signal_safe()
     }
-}
-
-/// Runs `uffdkit restore`.
-pub fn run(args: &Args) -> Result<()> {
-    if !(0.0..=1.0).contains(&args.writes) {
-        bail!("--writes must be within 0..=1");
-    }
-    let (image, len) = if is_url(&args.image) {
-        let img = chunked::Image::open(&args.image, &args.chunked.bound.store_options())
-            .with_context(|| format!("open image {}", args.image))?;
-        (
-            Image::Url(args.image.clone()),
-            img.manifest().geometry().len,
-        )
-    } else {
-        let path = PathBuf::from(&args.image);
-        let file = uffd_core::private_fs::open_regular(&path, false)
-            .with_context(|| format!("open {}", path.display()))?;
-        let len = file.metadata()?.len();
-        (Image::File(file, path), len)
-    };
-    if len == 0 {
-        bail!("{} is empty", args.image);
-    }
-    // Before any per-page table: a sparse file of a petabyte costs nothing to make.
-    if len > args.chunked.bound.max_image as u64 {
-        bail!(
-            "{} is {len} bytes, more than --max-image {}: refusing to size tables for it",
-            args.image,
-            args.chunked.bound.max_image
-        );
-    }
-    let reference = match (&image, &args.reference) {
-        (Image::File(f, _), _) => Some(f.try_clone()?),
-        (Image::Url(_), Some(path)) => Some(
-            uffd_core::private_fs::open_regular(path, false)
-                .with_context(|| format!("open {}", path.display()))?,
-        ),
-        (Image::Url(_), None) => None,
-    };
-    let pages = (len as usize).div_ceil(PS);
-    let touched = touched(args, pages)?;
-    let mut outcomes = Vec::new();
-    let all = args.strategy == Strategy::All;
-    let cold = || -> Result<()> {
-        if args.drop_caches {
-            nix::unistd::sync();
-            std::fs::write("/proc/sys/vm/drop_caches", "3")
-                .context("drop the page cache (needs root)")?;
-        }
-        Ok(())
-    };
-    if all || args.strategy == Strategy::Pager {
-        cold()?;
-        outcomes.push(run_pager(args, &image, len, &touched, reference.as_ref())?);
-    }
-    if all || args.strategy == Strategy::Eager {
-        cold()?;
-        outcomes.push(run_eager(args, &image, len, &touched, reference.as_ref())?);
-    }
-    if let (true, Image::File(file, _)) = (all || args.strategy == Strategy::Mmap, &image) {
-        cold()?;
-        outcomes.push(run_mmap(args, len, &touched, file)?);
-    } else if args.strategy == Strategy::Mmap {
-        bail!("--strategy mmap needs a local image file");
-    }
-    let verified = !args.no_verify && reference.is_some();
-    if args.json {
-        let out: Vec<_> = outcomes
-            .iter()
-            .map(|o| json!({ "strategy": o.strategy, "total_s": o.total.as_secs_f64(), "detail": o.detail }))
-            .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({
-                "image": args.image, "image_bytes": len, "touched_pages": touched.len(), "pages": pages,
-                "pattern": args.pattern, "writes": args.writes, "verified": verified,
-                "cold_cache": args.drop_caches, "results": out,
-            }))?
-        );
-        return Ok(());
-    }
-    println!(
-        "uffdkit restore: {} ({} MiB), workload touches {} of {} pages ({:?}, {:.0} % writes){}",
-        args.image,
-        len >> 20,
-        touched.len(),
-        pages,
-        args.pattern,
-        args.writes * 100.0,
-        if verified {
-            ", every touched page verified"
-        } else {
-            ""
-        }
-    );
-    for o in &outcomes {
-        println!(
-            "  {:<8} {:>9.1} ms   {}",
-            o.strategy,
-            o.total.as_secs_f64() * 1e3,
-            o.detail
-        );
-    }
-    Ok(())
 }
