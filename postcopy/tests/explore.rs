@@ -9,7 +9,7 @@
 //! RUN can catch it in flight), and one to four faults — resets, silent freezes, half-open links (one direction
 //! frozen), delay spikes and slow drips, on main, urgent or both — each triggered by a
 //! protocol event the source reports (precopy round *r* after *k* page frames, the
-//! stop, DISCARD, LISTEN, RUN, postcopy after *k* frames, the digests, SHUT) or by a
+//! DISCARD before the stop, the stop, DISCARD, LISTEN, RUN, postcopy after *k* frames, the digests, SHUT) or by a
 //! byte offset of the stream, so that every planned fault lands. Then it runs the real
 //! source and destination (or a page server and its restore client) through testkit's
 //! proxy and checks that the run ended verified, every page equal to the source's final
@@ -151,7 +151,9 @@ impl Schedule {
                             frames: rng.below(frames_per_round) as u32,
                         },
                         3 => Trigger::Stopped,
-                        4 => Trigger::Sent(rng.pick(&["DISCARD", "LISTEN", "RUN"])),
+                        4 => {
+                            Trigger::Sent(rng.pick(&["EARLY DISCARD", "DISCARD", "LISTEN", "RUN"]))
+                        }
                         5 | 6 => Trigger::Postcopy {
                             frames: rng.below(4) as u32,
                         },

@@ -12,7 +12,10 @@
 //! whatever a superseded connection still delivers is refused and counted
 //! ([`RecvStats::stale_frames`]), never applied over what the newer pair brought. It also
 //! confirms precopy: SYNC is answered with SYNCED once every frame before it on the same
-//! connection has landed (frames land in order, on the reading thread).
+//! connection has landed (frames land in order, on the reading thread). DISCARD lands
+//! there too, in the same order, so a SYNCED after a DISCARD confirms that it was applied:
+//! the migration source discards most pages before it stops its workload, and waits for
+//! that confirmation, so that little is left to drop in the downtime.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -59,6 +62,8 @@ pub(crate) trait OnLand: Send + Sync {
     /// Page `page` is being landed from the current pair with `data` (`None`: zeros), in a
     /// copy (precopy: the latest copy wins) or a placement of a page not present yet.
     fn landed(&self, page: u64, data: Option<&[u8]>);
+    /// Pages `pages` were dropped by DISCARD (they read as zeros until landed again).
+    fn dropped(&self, pages: std::ops::Range<usize>);
 }
 
 /// Counters of what a receiver received.
@@ -70,6 +75,10 @@ pub struct RecvStats {
     pub placed: AtomicU64,
     /// Pages asked for by faults.
     pub requested: AtomicU64,
+    /// Pages dropped by DISCARD (before a pager ran).
+    pub discarded: AtomicU64,
+    /// Time spent applying DISCARD, in nanoseconds.
+    pub discarding_ns: AtomicU64,
     /// Frames refused because they came on a pair older than the one greeted last (a
     /// superseded connection still delivering): never applied.
     pub stale_frames: AtomicU64,
@@ -127,14 +136,6 @@ impl Receiver {
     pub fn set_land(&self, land: Land) -> Land {
         let mut l = self.land.write().unwrap_or_else(|p| p.into_inner());
         std::mem::replace(&mut *l, land)
-    }
-
-    /// Runs `f` on the memory and states of a [`Land::Copy`].
-    pub fn with_copy<R>(&self, f: impl FnOnce(&Mapping, &PageStateMap) -> R) -> Option<R> {
-        match &*self.land() {
-            Land::Copy { memory, states } => Some(f(memory, states)),
-            _ => None,
-        }
     }
 
     fn now(&self) -> u64 {
@@ -390,6 +391,40 @@ impl Receiver {
 }
 
 impl Receiver {
+    /// Drops pages the sender wrote after sending them, if `chan`'s pair is current: they
+    /// are unmapped (a private mapping reads zeros, and faults once a pager serves it)
+    /// and become Missing, to be sent again or asked for. Only before a pager runs
+    /// ([`Land::Copy`]), when nothing but this thread touches the memory.
+    fn discard(&self, chan: &Chan, ranges: &[PageRange]) -> Result<(), Error> {
+        let at = Instant::now();
+        let ps = self.ps;
+        let land = self.land();
+        self.current(chan, "DISCARD")?;
+        let Land::Copy { memory, states } = &*land else {
+            return Err(Error::Unexpected {
+                expected: "DISCARD before LISTEN",
+                got: "DISCARD",
+                channel: chan.channel,
+            });
+        };
+        for r in ranges {
+            let (start, end) = (r.first as usize, (r.first + r.count) as usize);
+            memory
+                .madvise(start * ps, (end - start) * ps, libc::MADV_DONTNEED)
+                .map_err(Error::io("drop discarded pages"))?;
+            // A page sent as zero goes through Received (zero → received → missing).
+            states.mark_received_range(start, end)?;
+            states.discard_range(start, end)?;
+            if let Some(on_land) = &self.on_land {
+                on_land.dropped(start..end);
+            }
+            self.stats.discarded.fetch_add(r.count, STAT);
+        }
+        let took = at.elapsed().as_nanos() as u64;
+        self.stats.discarding_ns.fetch_add(took, STAT);
+        Ok(())
+    }
+
     /// Tells [`Receiver::on_land`] of pages `first..first + count` landing with `data`
     /// (`None`: zeros), those for which `lands(page)` holds.
     fn tell_landed(
@@ -449,6 +484,7 @@ impl Inbound for Receiver {
                 self.land_pages(chan, first, count, Some(data))?;
             }
             Frame::Other(Message::ZeroRun(r)) => self.land_pages(chan, r.first, r.count, None)?,
+            Frame::Other(Message::Discard { ranges }) => self.discard(chan, &ranges)?,
             Frame::Other(Message::Sync { seq }) => {
                 // Every frame before it on this connection has landed (in order, on this
                 // thread): confirm them, unless this pair was superseded meanwhile.

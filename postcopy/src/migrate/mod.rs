@@ -16,11 +16,14 @@
 //!      dirty scan found written)
 //!   SYNC(n) every 4 MiB and per round ──▶
 //!                               ◀────────  SYNCED(n): every page before it landed
+//!   DISCARD (sent ∧ dirty), SYNC(n) ────▶  drop those pages (in order with pages)
+//!                               ◀────────  SYNCED(n): dropped; the workload still runs
 //!   stop the workload (it gives its device state); final dirty scan
-//!   DISCARD (sent ∧ dirty) ─────────────▶  drop those pages
+//!   DISCARD (sent ∧ dirty since) ───────▶  drop those pages
 //!   LISTEN ─────────────────────────────▶  register uffd, start the pager
+//!   RUN (device state), not waiting ────▶
 //!                               ◀────────  ACK(1)                          (step 1)
-//!   RUN (device state) ─────────────────▶  embedder loads it, resumes the workload
+//!                                          embedder loads it, resumes the workload
 //!                               ◀────────  ACK(2)   (downtime: stop → here) (step 2)
 //!   stream what is still needed ────────▶  readers place arrivals
 //!   urgent: ◀─ REQ_PAGES ── PAGES ─▶       faults become requests
@@ -51,6 +54,15 @@
 //! nothing a superseded pair still carries is applied (the receiver lands frames only from
 //! the pair it greeted last); a page is placed once after the switch, so no older version
 //! overwrites a newer one. `tests/explore.rs` checks it under seeded fault schedules.
+//!
+//! **The switch's downtime** holds only what must wait for the stop: the stop itself, the
+//! last dirty scan, DISCARD of what was rewritten since the last round's scan, LISTEN and
+//! RUN — RUN right behind LISTEN, one round trip for both. The bulk of DISCARD (every page
+//! when precopy did not converge) goes before the stop, confirmed by a SYNCED before the
+//! workload is stopped; a discarded page can still never be read stale, because it is
+//! unmapped (and Missing) at the destination before LISTEN, and the pager serves it from
+//! the source. Unregistering the dirty tracker comes after RUN is acknowledged.
+//! [`SourceReport::switch`] and [`DestReport::switch`] time each step.
 //!
 //! **The device state** (a VMM's vCPU registers, device models: opaque bytes the
 //! source's embedder gives when its workload stops, [`Migration::run_with_state`]) rides
@@ -116,9 +128,12 @@ pub mod dest;
 pub mod source;
 
 pub use crate::link::Timing;
-pub use dest::{DestControl, DestOptions, DestPhase, DestReport, Destination, RunningMemory};
+pub use dest::{
+    DestControl, DestOptions, DestPhase, DestReport, DestSwitchSteps, Destination, RunningMemory,
+};
 pub use source::{
     Migration, Phase, Progress, Round, SourceControl, SourceOptions, SourceReport, SwitchReason,
+    SwitchSteps,
 };
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -17,7 +17,8 @@ pub enum Trigger {
     Round { round: u32, frames: u32 },
     /// The workload stopped.
     Stopped,
-    /// This message sent (DISCARD, LISTEN, RUN, SHUT).
+    /// This message sent (EARLY DISCARD: the DISCARD before the stop; DISCARD, LISTEN,
+    /// RUN, SHUT).
     Sent(&'static str),
     /// Postcopy, once `frames` page frames went out in it.
     Postcopy { frames: u32 },
@@ -29,6 +30,7 @@ impl Trigger {
     pub fn rank(self) -> u32 {
         match self {
             Trigger::Round { round, .. } => round,
+            Trigger::Sent("EARLY DISCARD") => 99,
             Trigger::Stopped => 100,
             Trigger::Sent("DISCARD") => 101,
             Trigger::Sent("LISTEN") => 102,
@@ -52,6 +54,7 @@ impl Trigger {
             Trigger::Round { round: 1, .. } => "precopy round 1",
             Trigger::Round { round: 2, .. } => "precopy round 2",
             Trigger::Round { .. } => "precopy round 3+",
+            Trigger::Sent("EARLY DISCARD") => "switch: discard before the stop",
             Trigger::Stopped | Trigger::Sent("DISCARD") => "switch: stop, discard",
             Trigger::Sent("LISTEN") | Trigger::Sent("RUN") => "switch: listen, run",
             Trigger::Postcopy { .. } => "postcopy",

@@ -104,9 +104,26 @@ pub(super) fn dest(a: &DestArgs) -> Result<()> {
         "requested_p99_us": requested_quantile_us(&r.latency, 0.99),
         "blocktime_ms": r.blocktime.as_secs_f64() * 1e3,
         "postcopy_ms": r.postcopy.as_secs_f64() * 1e3,
+        "switch": {
+            "discard_ms": ms(r.switch.discard),
+            "listen_ms": ms(r.switch.listen),
+            "run_ms": ms(r.switch.run),
+        },
         "workload_ms": workload_ms,
         "reconnects": r.reconnects,
         "faults": r.pager.faults(),
+        // What each fault needed: a wake (its page was placed already, e.g. arrived while
+        // the fault was read), a request to the source, nothing new (its page was already
+        // requested), or else a zero page placed here (the rest: the pager does not count
+        // those apart from zero arrivals).
+        "faults_by_kind": {
+            "wake_only": r.pager.faults_wake_only,
+            "requested": r.requested,
+            "in_flight": r.pager.faults_duplicate,
+            "zero_or_other": r.pager.faults().saturating_sub(
+                r.pager.faults_wake_only + r.requested + r.pager.faults_duplicate
+            ),
+        },
         "verdict": r.verdict,
     });
     print_report(&report, a.json)?;

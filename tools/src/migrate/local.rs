@@ -139,6 +139,20 @@ fn print_local(a: &LocalArgs, src: &serde_json::Value, dst: &serde_json::Value, 
         f(src, "downtime_ms"),
         f(src, "postcopy_ms")
     );
+    let sw = &src["switch"];
+    let dsw = &dst["switch"];
+    println!(
+        "  switch (ms): before the stop: DISCARD {:.2}; downtime: stop {:.2}, last scan {:.2}, DISCARD sent {:.2}, LISTEN round trip {:.2} (destination: DISCARD applied {:.2}, pager started {:.2}), RUN round trip {:.2} (destination's embedder {:.2})",
+        f(sw, "early_discard_ms"),
+        f(sw, "stop_ms"),
+        f(sw, "scan_ms"),
+        f(sw, "discard_ms"),
+        f(sw, "listen_ms"),
+        f(dsw, "discard_ms"),
+        f(dsw, "listen_ms"),
+        f(sw, "run_ms"),
+        f(dsw, "run_ms")
+    );
     println!(
         "  bytes: precopy {:.1} MiB, postcopy {:.1} MiB; discarded {} pages; needed at switch {}",
         mib_of(src, "precopy_bytes"),
@@ -155,6 +169,15 @@ fn print_local(a: &LocalArgs, src: &serde_json::Value, dst: &serde_json::Value, 
         f(dst, "blocktime_ms"),
         us_or_none(&dst["requested_p50_us"]),
         us_or_none(&dst["requested_p99_us"])
+    );
+    let kinds = &dst["faults_by_kind"];
+    println!(
+        "  destination faults {}: wake-only {}, requested {}, already in flight {}, zero page or other {}",
+        dst["faults"],
+        kinds["wake_only"],
+        kinds["requested"],
+        kinds["in_flight"],
+        kinds["zero_or_other"]
     );
     if let Some(b) = dst["latency_buckets_log2_us"].as_array() {
         let counts: Vec<u64> = b.iter().map(|v| v.as_u64().unwrap_or(0)).collect();

@@ -223,6 +223,11 @@ pub fn run(args: &Args) -> Result<()> {
     }
 }
 
+/// Milliseconds, for the JSON reports.
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / f64::from(1u32 << 20)
 }

@@ -40,7 +40,9 @@ impl Writer {
                     // Throttle: i writes should take i / per_ms milliseconds.
                     let due = Duration::from_millis(i / per_ms);
                     if let Some(ahead) = due.checked_sub(started.elapsed()) {
-                        std::thread::sleep(ahead);
+                        // Parked, not asleep: `stop` unparks it, so the stop (downtime)
+                        // does not wait out the throttle.
+                        std::thread::park_timeout(ahead);
                     }
                 }
             }
@@ -51,6 +53,7 @@ impl Writer {
 
     fn stop(self) -> u64 {
         self.stop.store(true, Ordering::Relaxed);
+        self.thread.thread().unpark();
         self.thread.join().unwrap_or(0)
     }
 }
@@ -161,6 +164,14 @@ pub(super) fn source(a: &SourceArgs) -> Result<()> {
         "requests": r.requests,
         "already_sent": r.already_sent,
         "downtime_ms": r.downtime.as_secs_f64() * 1e3,
+        "switch": {
+            "early_discard_ms": ms(r.switch.early_discard),
+            "stop_ms": ms(r.switch.stop),
+            "scan_ms": ms(r.switch.scan),
+            "discard_ms": ms(r.switch.discard),
+            "listen_ms": ms(r.switch.listen),
+            "run_ms": ms(r.switch.run),
+        },
         "postcopy_ms": r.postcopy.as_secs_f64() * 1e3,
         "total_ms": r.total.as_secs_f64() * 1e3,
         "reconnects": r.reconnects,

@@ -4,9 +4,10 @@
 //! Before LISTEN, arriving pages are copied straight into the memory (a fresh mapping, or
 //! the embedder's guest memory: [`Destination::with_memory`]; no userfaultfd yet; precopy
 //! rounds may overwrite them) and their states written into the map the pager will start
-//! with; DISCARD drops the ones the source dirtied after sending. At LISTEN a pager
-//! registers the memory with the receiver as its source: a fault asks on the urgent
-//! connection and returns at once, and the connection readers place what arrives. At RUN
+//! with; DISCARD (applied by the receiver, in order with the pages) drops the ones the
+//! source dirtied after sending. At LISTEN a pager registers the memory with the receiver
+//! as its source: a fault asks on the urgent connection and returns at once, and the
+//! connection readers place what arrives. At RUN
 //! the embedder gets the memory and the source's device state, and resumes its workload.
 //! Every page landed is digested as it lands (`placed.rs`): the digests the source checks
 //! at the end are of what was placed, whatever the workload wrote since.
@@ -27,7 +28,7 @@ use crate::error::{unexpected, LinkError, Refusal};
 use crate::handshake::Security;
 use crate::link::accept::{Acceptor, Admit, Arrival};
 use crate::link::{Admission, Pair};
-use crate::wire::{Advise, Channel, Message, PageRange, Role, ShutReason};
+use crate::wire::{Advise, Message, Role, ShutReason};
 use crate::Error;
 
 mod placed;
@@ -123,6 +124,18 @@ pub struct RunningMemory {
     pub page_size: usize,
 }
 
+/// The destination's share of the switch, step by step (the last attempt's, if a break
+/// made a step repeat).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DestSwitchSteps {
+    /// Applying DISCARD (every message of it, including any before the source's stop).
+    pub discard: Duration,
+    /// LISTEN: the userfaultfd opened, the memory registered, the pager started.
+    pub listen: Duration,
+    /// RUN: the embedder's callback (device state loaded, workload resumed).
+    pub run: Duration,
+}
+
 /// What a finished destination did. Holds the migrated memory.
 #[derive(Debug)]
 pub struct DestReport {
@@ -150,6 +163,8 @@ pub struct DestReport {
     pub reconnects: u64,
     /// RUN → every page present.
     pub postcopy: Duration,
+    /// Its share of the switch.
+    pub switch: DestSwitchSteps,
     /// The pager's counters.
     pub pager: pager::StatsSnapshot,
     /// The source's verdict.

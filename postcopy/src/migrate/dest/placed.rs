@@ -34,13 +34,6 @@ impl Placed {
         }
     }
 
-    /// DISCARD dropped these pages (they read as zeros until placed again).
-    pub(super) fn dropped(&self, pages: Range<usize>) {
-        for d in &self.of[pages] {
-            d.store(self.zero, DIGEST);
-        }
-    }
-
     /// Page `page`'s digest.
     pub(super) fn get(&self, page: usize) -> u64 {
         self.of[page].load(DIGEST)
@@ -52,5 +45,11 @@ impl OnLand for Placed {
         let d = data.map_or(self.zero, digest);
         // The receiver checked the page against the advised geometry, which sized `of`.
         self.of[page as usize].store(d, DIGEST);
+    }
+
+    fn dropped(&self, pages: Range<usize>) {
+        for d in &self.of[pages] {
+            d.store(self.zero, DIGEST);
+        }
     }
 }

@@ -15,7 +15,7 @@ pub(super) struct DestRun<'d> {
     /// What was placed in every page, as digests.
     placed: Arc<Placed>,
     pager: Option<Pager>,
-    discarded: u64,
+    steps: DestSwitchSteps,
     run_at: Option<Instant>,
     complete_at: Option<Instant>,
     verdict: String,
@@ -80,7 +80,7 @@ impl<'d> DestRun<'d> {
             memory: None,
             placed,
             pager: None,
-            discarded: 0,
+            steps: DestSwitchSteps::default(),
             run_at: None,
             complete_at: None,
             verdict: String::new(),
@@ -147,47 +147,17 @@ impl<'d> DestRun<'d> {
         Ok(false)
     }
 
-    /// Precopy until LISTEN: pages land on the reader thread; DISCARD here.
+    /// Precopy until LISTEN: pages and DISCARD land on the reader thread.
     pub(super) fn precopy(&mut self) -> Result<(), Error> {
-        loop {
-            match self.pair().wait()? {
-                (_, Message::Discard { ranges }) => self.discard(&ranges)?,
-                (_, Message::Listen) => return self.listen(),
-                (channel, other) => return Err(unexpected(other, "DISCARD or LISTEN", channel)),
-            }
+        match self.pair().wait()? {
+            (_, Message::Listen) => self.listen(),
+            (channel, other) => Err(unexpected(other, "LISTEN", channel)),
         }
-    }
-
-    /// Drops pages dirtied after they were sent (setup: nothing runs yet).
-    fn discard(&mut self, ranges: &[PageRange]) -> Result<(), Error> {
-        let ps = self.advise.page_size as usize;
-        let dropped = self
-            .receiver
-            .with_copy(|memory, states| -> Result<u64, Error> {
-                let mut n = 0;
-                for r in ranges {
-                    let (start, end) = (r.first as usize, (r.first + r.count) as usize);
-                    memory
-                        .madvise(start * ps, (end - start) * ps, libc::MADV_DONTNEED)
-                        .map_err(Error::io("drop discarded pages"))?;
-                    // A page sent as zero goes through Received (zero → received → missing).
-                    states.mark_received_range(start, end)?;
-                    states.discard_range(start, end)?;
-                    self.placed.dropped(start..end);
-                    n += r.count;
-                }
-                Ok(n)
-            });
-        self.discarded += dropped.ok_or(Error::Unexpected {
-            expected: "DISCARD before LISTEN",
-            got: "DISCARD",
-            channel: Channel::Main,
-        })??;
-        Ok(())
     }
 
     /// LISTEN: registers the memory and starts the pager with the states precopy wrote.
     fn listen(&mut self) -> Result<(), Error> {
+        let at = Instant::now();
         let Land::Copy { memory, states } = self.receiver.set_land(Land::Idle) else {
             unreachable!("LISTEN is handled once, from the precopy land");
         };
@@ -203,6 +173,7 @@ impl<'d> DestRun<'d> {
             .start()?;
         self.receiver.set_land(Land::Place(pager.placer()));
         (self.memory, self.pager) = (Some(memory), Some(pager));
+        self.steps.listen = at.elapsed();
         self.step = step::LISTENING;
         self.d.control.set_phase(DestPhase::Listening);
         self.pair().main.send(&Message::Ack {
@@ -229,7 +200,10 @@ impl<'d> DestRun<'d> {
                 len: memory.len(),
                 page_size: self.advise.page_size as usize,
             };
-            if let Err(source) = on_run(running, device_state) {
+            let at = Instant::now();
+            let ran = on_run(running, device_state);
+            self.steps.run = at.elapsed();
+            if let Err(source) = ran {
                 let what = "the destination's embedder could not take it";
                 let e = Error::DeviceState { what, source };
                 shut_session(self.pair(), &e, self.d.opts.timing.silence);
@@ -345,7 +319,7 @@ impl<'d> DestRun<'d> {
             page_size: self.advise.page_size as usize,
             pages: self.advise.page_count,
             precopy_pages: get(&stats_of.copied),
-            discarded: self.discarded,
+            discarded: get(&stats_of.discarded),
             postcopy_pages: get(&stats_of.placed),
             requested: get(&stats_of.requested),
             blocktime: latency.sum(),
@@ -355,6 +329,10 @@ impl<'d> DestRun<'d> {
                 .complete_at
                 .unwrap_or(run_at)
                 .saturating_duration_since(run_at),
+            switch: DestSwitchSteps {
+                discard: Duration::from_nanos(get(&stats_of.discarding_ns)),
+                ..self.steps
+            },
             pager: stats,
             verdict: std::mem::take(&mut self.verdict),
         })

@@ -54,11 +54,22 @@ impl Unconfirmed {
         if self.open.is_empty() {
             return None;
         }
+        Some(self.barrier())
+    }
+
+    /// Closes the open group, even an empty one: the SYNC to send after a message whose
+    /// application must be confirmed (DISCARD lands in order with pages).
+    pub fn barrier(&mut self) -> u64 {
         self.last_seq += 1;
         let runs = std::mem::take(&mut self.open);
         self.marked.push_back((self.last_seq, runs));
         self.open_bytes = 0;
-        Some(self.last_seq)
+        self.last_seq
+    }
+
+    /// Whether SYNC `seq` (one sent) was confirmed.
+    pub fn confirmed(&self, seq: u64) -> bool {
+        !self.marked.iter().any(|&(s, _)| s == seq)
     }
 
     /// SYNCED `seq`: every group up to it is delivered. A sequence number never sent, or
@@ -122,6 +133,10 @@ mod tests {
         assert_eq!(left, vec![10..25, 40..41]);
         assert_eq!(u.pages(), 0);
         assert_eq!(u.mark(), None, "nothing open");
+        let c = u.barrier();
+        assert!(!u.confirmed(c), "an empty group waits for its SYNCED too");
+        u.confirm(c).unwrap();
+        assert!(u.confirmed(c));
     }
 
     #[test]

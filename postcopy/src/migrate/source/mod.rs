@@ -208,6 +208,27 @@ pub struct Round {
     pub took: Duration,
 }
 
+/// Where the switch's time went, step by step, as the source saw it (the last attempt's,
+/// if a break made it repeat a step). Everything from `stop` on is downtime.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SwitchSteps {
+    /// Before the stop, not downtime: DISCARD of the pages the last round found written,
+    /// sent while the workload still runs, until the destination confirms it applied it.
+    pub early_discard: Duration,
+    /// The embedder's callback: the workload stopped, its device state taken.
+    pub stop: Duration,
+    /// The last dirty scan.
+    pub scan: Duration,
+    /// Working out what is needed and what to discard; DISCARD encoded and sent.
+    pub discard: Duration,
+    /// LISTEN sent → acknowledged: the destination applied DISCARD and handled LISTEN
+    /// (its own figures: [`DestReport::switch`](super::DestReport::switch)).
+    pub listen: Duration,
+    /// RUN sent → acknowledged: the destination's embedder took the device state and
+    /// resumed the workload.
+    pub run: Duration,
+}
+
 /// What a finished migration did.
 #[derive(Debug, Clone)]
 pub struct SourceReport {
@@ -238,6 +259,8 @@ pub struct SourceReport {
     pub already_sent: u64,
     /// Workload stopped → the destination acknowledged RUN.
     pub downtime: Duration,
+    /// The downtime (and what was moved out of it), step by step.
+    pub switch: SwitchSteps,
     /// From RUN to the last page sent.
     pub postcopy: Duration,
     /// From start to verified.

@@ -26,6 +26,7 @@ pub(super) struct Run<'m> {
     started: Instant,
     stopped: Option<Instant>,
     downtime: Duration,
+    steps: SwitchSteps,
     discarded: u64,
     needed_at_switch: u64,
     run_at: Option<Instant>,
@@ -93,6 +94,7 @@ impl<'m> Run<'m> {
             started: Instant::now(),
             stopped: None,
             downtime: Duration::ZERO,
+            steps: SwitchSteps::default(),
             discarded: 0,
             needed_at_switch: 0,
             run_at: None,
@@ -306,16 +308,22 @@ impl<'m> Run<'m> {
         }
     }
 
-    /// The switch: stop the workload (once), final scan, then whatever of DISCARD,
-    /// LISTEN and RUN the destination has not done yet.
+    /// The switch: DISCARD what the last round found rewritten, while the workload still
+    /// runs; stop the workload (once), final scan; then whatever of DISCARD (of the last
+    /// delta), LISTEN and RUN the destination has not done yet — RUN sent right behind
+    /// LISTEN, without waiting for its ACK (the destination handles them in order).
     pub(super) fn switch(
         &mut self,
         pair: &Pair,
         stop: &mut Option<impl FnOnce() -> Result<Vec<u8>, BoxError>>,
     ) -> Result<(), Error> {
         self.progress().set_phase(Phase::Switching);
+        if stop.is_some() && self.step == step::ADVISED {
+            self.discard_before_stop(pair)?;
+        }
         if let Some(stop_workload) = stop.take() {
-            self.stopped = Some(Instant::now());
+            let at = Instant::now();
+            self.stopped = Some(at);
             self.device_state = match checked_state(stop_workload()) {
                 Ok(state) => state,
                 Err(source) => {
@@ -325,37 +333,83 @@ impl<'m> Run<'m> {
                     return Err(e);
                 }
             };
+            let at = self.steps.lap(at, |s| &mut s.stop);
             let dirty = &self.dirty;
-            if let Some(mut t) = self.tracker.take() {
+            // The last scan. The tracker stays registered until RUN is acknowledged:
+            // unregistering walks every page table of the region (see below).
+            if let Some(t) = &mut self.tracker {
                 t.collect(self.memory.ps, |g| {
                     dirty.set(g as usize);
                 })?;
             }
+            self.steps.lap(at, |s| &mut s.scan);
             // Release: the Acquire in `Memory::read` sees the memory as the workload left it.
             self.memory.frozen.store(true, Ordering::Release);
             self.sender.answer_requests();
             event!(self.m.control, Stopped);
         }
-        if self.step == step::ADVISED {
+        let mut at = Instant::now();
+        let listen = self.step == step::ADVISED;
+        if listen {
             self.discard(pair)?;
+            at = self.steps.lap(at, |s| &mut s.discard);
             pair.main.send(&Message::Listen)?;
             event!(self.m.control, Sent("LISTEN"));
-            self.expect_step(pair, step::LISTENING)?;
-            // It handled LISTEN after every page before it: all of precopy landed.
-            self.unconfirmed.confirm_all();
         }
-        if self.step == step::LISTENING {
+        if self.step <= step::LISTENING {
             // Sent again on every pair until the destination reports it ran: the state
             // is handed over there exactly once (see the delivery invariant).
             pair.main.send(&Message::Run {
                 device_state: self.device_state.clone(),
             })?;
             event!(self.m.control, Sent("RUN"));
+        }
+        if listen {
+            self.expect_step(pair, step::LISTENING)?;
+            at = self.steps.lap(at, |s| &mut s.listen);
+            // It handled LISTEN after every page before it: all of precopy landed.
+            self.unconfirmed.confirm_all();
+        }
+        if self.step == step::LISTENING {
             self.expect_step(pair, step::RUNNING)?;
+            self.steps.lap(at, |s| &mut s.run);
             let stopped = self.stopped.unwrap_or(self.started);
             self.downtime = stopped.elapsed();
             self.run_at = Some(Instant::now());
+            // Out of the downtime: unregistering the tracker's write protection.
+            self.tracker = None;
         }
+        Ok(())
+    }
+
+    /// Before the stop, while the workload runs: DISCARD every page sent and rewritten
+    /// since (most of them when precopy did not converge), and wait for the destination
+    /// to confirm it applied it — it applies DISCARD in order with pages, so the SYNCED
+    /// of a SYNC sent behind it says so. Those pages then count as not sent: the
+    /// destination holds none of them (Missing there), so they are needed and never
+    /// discarded again; only what the workload rewrites from here to the stop is
+    /// discarded in the downtime. Unconfirmed (the pair broke), they stay sent and dirty,
+    /// and are discarded again at the switch, after the present-set was re-read: the
+    /// destination never keeps a stale version of a page as present.
+    fn discard_before_stop(&mut self, pair: &Pair) -> Result<(), Error> {
+        let at = Instant::now();
+        let ranges = self.sent_and_dirty();
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        self.send_discard(pair, &ranges, "EARLY DISCARD")?;
+        let seq = self.unconfirmed.barrier();
+        pair.main.send(&Message::Sync { seq })?;
+        while !self.unconfirmed.confirmed(seq) {
+            let (channel, msg) = pair.next("SYNCED", self.m.opts.timing.give_up_after)?;
+            self.confirmed(channel, msg, "SYNCED")?;
+        }
+        for r in &ranges {
+            self.sent
+                .clear_range(r.first as usize..(r.first + r.count) as usize)?;
+        }
+        self.discarded += ranges.iter().map(|r| r.count).sum::<u64>();
+        self.steps.early_discard = at.elapsed();
         Ok(())
     }
 
@@ -363,9 +417,21 @@ impl<'m> Run<'m> {
     fn discard(&mut self, pair: &Pair) -> Result<(), Error> {
         let need = &self.sender.need;
         need.store_complement_of(&self.sent.to_words())?;
+        for run in self.dirty.runs() {
+            need.set_range(run)?;
+        }
+        let ranges = self.sent_and_dirty();
+        if self.needed_at_switch == 0 {
+            self.discarded += ranges.iter().map(|r| r.count).sum::<u64>();
+            self.needed_at_switch = need.count() as u64;
+        }
+        self.send_discard(pair, &ranges, "DISCARD")
+    }
+
+    /// The runs of pages sent and written since.
+    fn sent_and_dirty(&self) -> Vec<PageRange> {
         let mut ranges = Vec::new();
         for run in self.dirty.runs() {
-            need.set_range(run.clone())?;
             let mut p = run.start;
             while p < run.end {
                 let (start, sent) = (p, self.sent.test(p));
@@ -380,14 +446,20 @@ impl<'m> Run<'m> {
                 }
             }
         }
-        if self.needed_at_switch == 0 {
-            self.discarded = ranges.iter().map(|r| r.count).sum();
-            self.needed_at_switch = need.count() as u64;
-        }
+        ranges
+    }
+
+    /// Sends `ranges` as DISCARD messages (`event`: what the test observer hears).
+    fn send_discard(
+        &self,
+        pair: &Pair,
+        ranges: &[PageRange],
+        #[allow(unused_variables)] event: &'static str,
+    ) -> Result<(), Error> {
         for chunk in ranges.chunks(MAX_RANGES) {
             let ranges = chunk.to_vec();
             pair.main.send(&Message::Discard { ranges })?;
-            event!(self.m.control, Sent("DISCARD"));
+            event!(self.m.control, Sent(event));
         }
         Ok(())
     }
@@ -525,6 +597,7 @@ impl<'m> Run<'m> {
             requests: get(&prog.postcopy.requests),
             already_sent: get(&prog.postcopy.already_sent),
             downtime: self.downtime,
+            switch: self.steps,
             postcopy: self
                 .last_sent
                 .unwrap_or(run_at)
@@ -533,6 +606,15 @@ impl<'m> Run<'m> {
             reconnects: prog.link.reconnects(),
             verified: self.verified,
         }
+    }
+}
+
+impl SwitchSteps {
+    /// Records the time since `since` as the step `step` picks; returns now.
+    fn lap(&mut self, since: Instant, step: impl FnOnce(&mut Self) -> &mut Duration) -> Instant {
+        let now = Instant::now();
+        *step(self) = now - since;
+        now
     }
 }
 
