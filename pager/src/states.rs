@@ -3,7 +3,7 @@
 
 use page_state::{PageState, PageStateMap};
 
-/// A read-only view of a pager's page states (see [`Pager::states`]): the engine owns
+/// A read-only view of a pager's page states (see [`Pager::states`](crate::Pager::states)): the engine owns
 /// the map, and only it changes states.
 #[derive(Debug, Clone, Copy)]
 pub struct PageStates<'a> {
