@@ -1,6 +1,6 @@
 //! `UFFDIO_REGISTER`: the ioctl set each mode yields on each memory kind.
 
-mod common;
+use crate::common;
 
 use nix::errno::Errno;
 use uffd_core::{Error, Features, Ioctls, Mapping, MemoryKind, RegisterMode, MODE_COMBINATIONS};
