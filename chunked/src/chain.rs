@@ -13,52 +13,10 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::error::{Error, Result};
+use crate::error::{ChainError, Error, Result};
 use crate::hash::Digest;
-use crate::manifest::{Chunk, Geometry, Manifest};
+use crate::manifest::{Chunk, Manifest, MAX_CHAIN_DEPTH};
 use crate::store::Store;
-
-/// Layers a chain may have, its base included: deeper chains are refused (and should be
-/// merged; each layer costs a manifest read at open).
-pub const MAX_CHAIN_DEPTH: usize = 128;
-
-/// Why a layer's chain was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ChainError {
-    /// The parent is not in the store.
-    #[error("its parent {parent:?} is not in the store")]
-    ParentMissing {
-        /// The parent's name.
-        parent: String,
-    },
-    /// The manifest under the parent's name is not the one the layer was made on.
-    #[error("its parent {parent:?} changed since the layer was made (layer names {expected}, the store holds {actual})")]
-    ParentChanged {
-        /// The parent's name.
-        parent: String,
-        /// The digest the layer recorded.
-        expected: Digest,
-        /// The digest of the manifest found.
-        actual: Digest,
-    },
-    /// The parent's page size, chunk size or length differs.
-    #[error("its geometry {layer:?} differs from its parent {parent:?}'s {parent_geometry:?}")]
-    Geometry {
-        /// The parent's name.
-        parent: String,
-        /// The layer's geometry.
-        layer: Geometry,
-        /// The parent's geometry.
-        parent_geometry: Geometry,
-    },
-    /// A name appears twice in the chain.
-    #[error("{0:?} appears twice in its chain")]
-    Cycle(String),
-    /// More than [`MAX_CHAIN_DEPTH`] layers.
-    #[error("its chain is deeper than {MAX_CHAIN_DEPTH} layers (merge it)")]
-    TooDeep,
-}
 
 /// A resolved chain: the layers from the top (the image opened) down to the base.
 #[derive(Debug, Clone)]

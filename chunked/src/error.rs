@@ -1,8 +1,7 @@
 //! Errors of chunked images.
 
-use crate::chain::ChainError;
 use crate::hash::Digest;
-use crate::manifest::ManifestError;
+use crate::manifest::{Geometry, ManifestError, MAX_CHAIN_DEPTH};
 
 /// Errors of chunked images: opening, pushing, pulling and serving them.
 #[derive(Debug, thiserror::Error)]
@@ -213,3 +212,41 @@ impl Error {
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a layer's chain was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ChainError {
+    /// The parent is not in the store.
+    #[error("its parent {parent:?} is not in the store")]
+    ParentMissing {
+        /// The parent's name.
+        parent: String,
+    },
+    /// The manifest under the parent's name is not the one the layer was made on.
+    #[error("its parent {parent:?} changed since the layer was made (layer names {expected}, the store holds {actual})")]
+    ParentChanged {
+        /// The parent's name.
+        parent: String,
+        /// The digest the layer recorded.
+        expected: Digest,
+        /// The digest of the manifest found.
+        actual: Digest,
+    },
+    /// The parent's page size, chunk size or length differs.
+    #[error("its geometry {layer:?} differs from its parent {parent:?}'s {parent_geometry:?}")]
+    Geometry {
+        /// The parent's name.
+        parent: String,
+        /// The layer's geometry.
+        layer: Geometry,
+        /// The parent's geometry.
+        parent_geometry: Geometry,
+    },
+    /// A name appears twice in the chain.
+    #[error("{0:?} appears twice in its chain")]
+    Cycle(String),
+    /// More than [`MAX_CHAIN_DEPTH`] layers.
+    #[error("its chain is deeper than {MAX_CHAIN_DEPTH} layers (merge it)")]
+    TooDeep,
+}

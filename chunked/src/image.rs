@@ -8,8 +8,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use crate::cache::ChunkCache;
-use crate::chain::{Chain, ChainError};
-use crate::error::{Error, Result};
+use crate::chain::Chain;
+use crate::error::{ChainError, Error, Result};
 use crate::fetch::{FetchStats, Fetcher, RetryPolicy, Sink};
 use crate::layout::Layout;
 use crate::manifest::{Chunk, Geometry, Manifest};

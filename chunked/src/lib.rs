@@ -58,7 +58,7 @@ mod hash;
 pub mod manifest;
 
 pub use hash::{BadDigest, Digest, HashAlgorithm};
-pub use manifest::{Chunk, Geometry, Manifest, ManifestError, Parent};
+pub use manifest::{Chunk, Geometry, Manifest, ManifestError, Parent, MAX_CHAIN_DEPTH};
 
 /// Items of the `store` feature (on by default): all but the manifest codec.
 macro_rules! with_store {
@@ -72,18 +72,20 @@ with_store! {
     mod fetch;
     mod image;
     mod layout;
+    mod options;
     mod push;
     mod source;
     mod store;
     mod writer;
 
     pub use cache::{CacheStats, ChunkCache};
-    pub use chain::{Chain, ChainError, MAX_CHAIN_DEPTH};
-    pub use error::{Error, Result};
+    pub use chain::Chain;
+    pub use error::{ChainError, Error, Result};
     pub use fetch::{FetchStats, RetryPolicy};
     pub use image::{file_source, merge, Image, PullReport};
     pub use layout::holes;
-    pub use push::{push, Holes, PushOptions, PushReport, DEFAULT_CHUNK_SIZE};
+    pub use options::{Holes, PushOptions, PushReport, DEFAULT_CHUNK_SIZE};
+    pub use push::push;
     pub use source::{Background, ChunkedSource, SourceOptions, SourceStats};
     pub use store::{Store, StoreOptions};
     pub use writer::{ImageWriter, Patch};

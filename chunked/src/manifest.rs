@@ -51,6 +51,10 @@ pub const DEFAULT_MAX_IMAGE: u64 = 1 << 40;
 pub const MIN_BYTES_PER_CHUNK: u64 = 256 << 10;
 /// The longest parent name accepted.
 pub const MAX_PARENT_NAME: usize = 1024;
+/// Layers a chain of parents may have, its base included: deeper chains are refused (and should be
+/// merged; each layer costs a manifest read at open).
+pub const MAX_CHAIN_DEPTH: usize = 128;
+
 /// The most chunks an image may have (16 Mi: 8 TiB in 512 KiB chunks, 1 TiB in 64 KiB
 /// ones). A decoded manifest holds an entry per chunk, so this bounds what a manifest of a
 /// few bytes — a header claiming a huge length and one zero run — makes the decoder

@@ -16,14 +16,13 @@ use bytes::Bytes;
 use object_store::buffered::BufWriter;
 use tokio::io::AsyncWriteExt;
 
-use crate::chain::ChainError;
-use crate::error::{Error, Result};
+use crate::error::{ChainError, Error, Result};
 use crate::fetch::{Fetcher, RetryPolicy, Sink};
 use crate::hash::Digest;
 use crate::image::Image;
 use crate::layout::Layout;
 use crate::manifest::{Chunk, Geometry, Manifest, Parent};
-use crate::push::{PushOptions, PushReport};
+use crate::options::{PushOptions, PushReport};
 use crate::store::Store;
 
 /// New chunk bytes are handed to the pack upload in pieces of at least this much.

@@ -3,7 +3,7 @@
 //! real pager straight from the chain, merged without copying chunk data, and refused
 //! when malformed (a missing or replaced parent, a different geometry, a chain too deep).
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 
@@ -229,6 +229,7 @@ fn a_five_layer_chain_is_served_lazily_byte_for_byte_and_stores_only_changes() {
 }
 
 #[test]
+#[ignore = "needs free 2 MiB hugepages: scripts/test reserves them and runs the ignored tests"]
 fn a_chain_of_two_mib_pages_restores_into_hugetlb_memory() {
     if !testkit::hugepages::available("a_chain_of_two_mib_pages_restores_into_hugetlb_memory", 8) {
         return;
@@ -572,6 +573,7 @@ fn malformed_layers_are_refused_with_the_reason() {
 }
 
 #[test]
+#[ignore = "needs s3s-fs: scripts/test installs it and runs the ignored tests"]
 fn a_chain_in_s3_is_served_from_the_store() {
     let Some(server) = S3Server::start("a_chain_in_s3_is_served_from_the_store", "images") else {
         return;

@@ -2,7 +2,7 @@
 //! pushed as a layer. Unsaid, it is refused; said to inherit, its holes are the parent's
 //! pages (checked by pulling the layer, byte for byte); said to be zeros, they are zeros.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::FileExt;
 

@@ -1,10 +1,9 @@
 //! [`PagerBuilder`]: validates the configuration, registers the regions, builds the engine
 //! and starts its threads in the chosen delivery mode.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -21,6 +20,7 @@ use crate::record;
 use crate::region::{RegionSpec, RegionTable, Resolve};
 use crate::shared::Shared;
 use crate::source::Source;
+use crate::thread::spawn;
 use crate::worker::{Wait, Worker};
 
 /// Child engines alive at once by default; further forked children are refused.
@@ -576,9 +576,39 @@ fn start_fork_service(
     );
     let q = queue.clone();
     pager.push_thread(spawn(shared, "uffd-forks".into(), move |shared| {
-        fork::serve(shared.clone(), q, plan)
+        fork::serve(shared.clone(), q, plan, start_child)
     })?);
     Ok(Some(queue))
+}
+
+/// How often an idle child engine checks whether its process has exited (one cheap
+/// ioctl); exited children are reaped within about this long.
+const CHILD_EXIT_PROBE: Duration = Duration::from_millis(20);
+
+/// Starts a child engine for forked uffd `fd` (see [`fork::StartChild`]).
+fn start_child(
+    fd: OwnedFd,
+    plan: &ChildPlan,
+    own: Option<Arc<dyn Source>>,
+) -> crate::Result<Pager> {
+    log::debug!("starting a child engine for forked uffd {}", fd.as_raw_fd());
+    let uffd = Uffd::from_fd(fd)?;
+    let shares = own.is_none();
+    let source = own.unwrap_or_else(|| plan.source.clone());
+    let builder = Pager::builder(uffd, source);
+    // SAFETY: the child's regions are its copies of the parent's, whose contract the
+    // parent's embedder gave (or that the parent checked as mappings, kept alive in
+    // `plan.keep` with their aliases); the child's uffd serves the child's address space.
+    let builder = unsafe { builder.regions(plan.regions.iter().copied()) };
+    builder
+        .mode(DeliveryMode::Thread)
+        .register(false)
+        .batch(plan.batch)
+        .poison_on_fatal(plan.poison_on_fatal)
+        .check_seeded(false)
+        .keep_alive(plan.keep.clone())
+        .child_of_fork(CHILD_EXIT_PROBE, shares)
+        .start()
 }
 
 /// How long handler threads may take to start.
@@ -608,37 +638,6 @@ fn wait_until_running(shared: &Shared, workers: usize) -> Result<()> {
         std::thread::sleep(Duration::from_micros(100));
     }
     Ok(())
-}
-
-/// Spawns a named pager thread running `f`. A panic in it is caught and recorded as the
-/// pager's fatal error ([`Error::ThreadPanicked`]), which stops the pager, poisons what
-/// is not placed, and is returned by [`Pager::stop`]; and a thread that leaves settles
-/// the stop.
-pub(crate) fn spawn(
-    shared: &Arc<Shared>,
-    name: String,
-    f: impl FnOnce(&Arc<Shared>) + Send + 'static,
-) -> Result<JoinHandle<()>> {
-    let shared = shared.clone();
-    let thread = name.clone();
-    std::thread::Builder::new()
-        .name(name)
-        .spawn(move || {
-            let run = std::panic::AssertUnwindSafe(|| f(&shared));
-            if let Err(panic) = std::panic::catch_unwind(run) {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "(not a string)".into());
-                shared.fail(Error::ThreadPanicked { thread, message });
-            }
-            shared.settle();
-        })
-        .map_err(|source| Error::Io {
-            what: "spawn a pager thread",
-            source,
-        })
 }
 
 /// poll(2) on a uffd needs O_NONBLOCK.

@@ -1,10 +1,12 @@
-//! Pager errors.
+//! Pager errors: the pager's own, a source's, and those of the files and handshakes it
+//! reads (working sets, Firecracker's region table), owned here so that every file can
+//! name them without importing the files that produce them.
 
 use std::path::PathBuf;
+#[cfg(feature = "firecracker")]
+use std::time::Duration;
 
 use page_state::PageState;
-
-use crate::record::RecordingError;
 
 /// Errors of the pager.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +64,7 @@ pub enum Error {
     /// A Firecracker handshake that cannot be served.
     #[cfg(feature = "firecracker")]
     #[error("firecracker handshake")]
-    Handshake(#[source] crate::firecracker::HandshakeError),
+    Handshake(#[source] HandshakeError),
     /// A working-set file that cannot be used.
     #[error("working-set file {}", path.display())]
     BadRecording {
@@ -144,3 +146,97 @@ pub struct SourceError {
 
 /// `Result` with the pager's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What is wrong with a working-set file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordingError {
+    /// It could not be read or written.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// It does not start with the working-set magic.
+    #[error("not a uffdkit working-set file (no UFWS0001 header)")]
+    NotAWorkingSet,
+    /// Its header and body disagree.
+    #[error("the header says {count} pages, the body holds {bytes} bytes")]
+    Truncated {
+        /// Pages the header announces.
+        count: u64,
+        /// Bytes after the header.
+        bytes: usize,
+    },
+    /// It names a page the pager does not serve.
+    #[error("page {page} is beyond the {pages} pages served")]
+    PageBeyond {
+        /// The page named.
+        page: u64,
+        /// Pages served.
+        pages: usize,
+    },
+}
+
+/// Why a handshake was refused.
+///
+/// A VMM sends its userfaultfd with the first bytes of the region table, so every refusal
+/// after those first bytes is a refusal of a VMM that now holds a registered userfaultfd
+/// and will hang on its first fault: see [`HandshakeError::leaves_vmm_waiting`].
+#[cfg(feature = "firecracker")]
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandshakeError {
+    /// The socket failed.
+    #[error("handshake socket")]
+    Io(#[source] std::io::Error),
+    /// The peer closed the connection without sending anything (a probe of the socket,
+    /// not a VMM).
+    #[error("the peer closed the connection without sending anything")]
+    Empty,
+    /// No complete region table arrived within the deadline.
+    #[error("no complete region table within {deadline:?} ({received} bytes received)")]
+    Silent {
+        /// The deadline.
+        deadline: Duration,
+        /// Bytes received before it passed.
+        received: usize,
+    },
+    /// The peer closed before a complete region table arrived.
+    #[error("the peer closed the connection before a complete region table ({0} bytes received)")]
+    Truncated(usize),
+    /// Not the JSON Firecracker sends.
+    #[error("malformed region table")]
+    Json(#[source] serde_json::Error),
+    /// More bytes than any region table needs.
+    #[error("more than {0} bytes without a complete region table")]
+    TooLarge(usize),
+    /// A table with no region in it.
+    #[error("the region table lists no regions")]
+    NoRegions,
+    /// A page size the pager cannot serve.
+    #[error("region at {base:#x}: unsupported page size {size} (4096 or 2097152 expected)")]
+    PageSize {
+        /// The region's base address.
+        base: u64,
+        /// Its page size.
+        size: u64,
+    },
+    /// A region without `page_size` or `page_size_kib`.
+    #[error("region at {base:#x}: no page_size or page_size_kib")]
+    NoPageSize {
+        /// The region's base address.
+        base: u64,
+    },
+    /// A region this process cannot address.
+    #[error("region at {base:#x} of {size} bytes lies beyond this process's address space")]
+    AddressSpace {
+        /// The region's base address.
+        base: u64,
+        /// Its size.
+        size: u64,
+    },
+    /// The peer is this process: its userfaultfd would serve this process's memory.
+    #[error("the peer is this process")]
+    OwnProcess,
+    /// No userfaultfd came with the first bytes of the table.
+    #[error("no userfaultfd came with the region table ({0} fd(s) received, none a userfaultfd)")]
+    NoUffd(usize),
+}

@@ -15,7 +15,7 @@ use std::time::Duration;
 use page_state::RequestOutcome;
 use uffd_core::FaultFlags;
 
-use crate::place::{Content, Origin, Placement};
+use crate::place::{Content, Origin, Placement, Request};
 use crate::region::{PageRef, Resolve};
 use crate::shared::Shared;
 use crate::sigsafe;
@@ -68,9 +68,21 @@ impl Shared {
         match self.source.fetch(p.offset, &mut scratch[..len]) {
             Ok(Fetched::Data(data)) => {
                 add(&self.stats.source_reads, count as u64);
-                self.place(p, count, Content::Data(data), wake, origin)
+                self.place(Request {
+                    at: *p,
+                    count,
+                    content: Content::Data(data),
+                    wake,
+                    origin,
+                })
             }
-            Ok(Fetched::Zero) => self.place(p, count, Content::Zero, wake, origin),
+            Ok(Fetched::Zero) => self.place(Request {
+                at: *p,
+                count,
+                content: Content::Zero,
+                wake,
+                origin,
+            }),
             Ok(Fetched::Pending) if self.pending_is_fatal => {
                 // A child's engine never attached its parent's source: nothing would ever
                 // place this page. (Child engines run in thread mode: `fail` may lock.)
@@ -138,7 +150,13 @@ impl Shared {
             }
             RequestOutcome::AlreadyReceived => {
                 bump(&self.stats.faults_wake_only);
-                self.place(&p, 1, self.received_again(&p), wake, Origin::Fault)
+                self.place(Request {
+                    at: p,
+                    count: 1,
+                    content: self.received_again(&p),
+                    wake,
+                    origin: Origin::Fault,
+                })
             }
             RequestOutcome::IsZero => {
                 let content = match (p.resolve, flags.contains(FaultFlags::MINOR)) {
@@ -146,7 +164,13 @@ impl Shared {
                     (Resolve::Continue { .. }, true) => Content::Present,
                     _ => Content::Zero,
                 };
-                self.place(&p, 1, content, wake, Origin::Fault)
+                self.place(Request {
+                    at: p,
+                    count: 1,
+                    content,
+                    wake,
+                    origin: Origin::Fault,
+                })
             }
         };
         match placement {

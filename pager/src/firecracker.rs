@@ -29,6 +29,7 @@ use nix::sys::socket::{getsockopt, sockopt::PeerPidfd};
 use serde::Deserialize;
 use uffd_core::{peer_credentials, recv_fds, MemoryKind, PeerCredentials, Received, Uffd};
 
+pub use crate::error::HandshakeError;
 use crate::prefetch::Prefetch;
 use crate::{DeliveryMode, Pager, RegionSpec, Source, StatsSnapshot};
 
@@ -90,71 +91,6 @@ impl GuestRegion {
         spec.page_size = page;
         Ok(spec)
     }
-}
-
-/// Why a handshake was refused.
-///
-/// A VMM sends its userfaultfd with the first bytes of the region table, so every refusal
-/// after those first bytes is a refusal of a VMM that now holds a registered userfaultfd
-/// and will hang on its first fault: see [`HandshakeError::leaves_vmm_waiting`].
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum HandshakeError {
-    /// The socket failed.
-    #[error("handshake socket")]
-    Io(#[source] std::io::Error),
-    /// The peer closed the connection without sending anything (a probe of the socket,
-    /// not a VMM).
-    #[error("the peer closed the connection without sending anything")]
-    Empty,
-    /// No complete region table arrived within the deadline.
-    #[error("no complete region table within {deadline:?} ({received} bytes received)")]
-    Silent {
-        /// The deadline.
-        deadline: Duration,
-        /// Bytes received before it passed.
-        received: usize,
-    },
-    /// The peer closed before a complete region table arrived.
-    #[error("the peer closed the connection before a complete region table ({0} bytes received)")]
-    Truncated(usize),
-    /// Not the JSON Firecracker sends.
-    #[error("malformed region table")]
-    Json(#[source] serde_json::Error),
-    /// More bytes than any region table needs.
-    #[error("more than {0} bytes without a complete region table")]
-    TooLarge(usize),
-    /// A table with no region in it.
-    #[error("the region table lists no regions")]
-    NoRegions,
-    /// A page size the pager cannot serve.
-    #[error("region at {base:#x}: unsupported page size {size} (4096 or 2097152 expected)")]
-    PageSize {
-        /// The region's base address.
-        base: u64,
-        /// Its page size.
-        size: u64,
-    },
-    /// A region without `page_size` or `page_size_kib`.
-    #[error("region at {base:#x}: no page_size or page_size_kib")]
-    NoPageSize {
-        /// The region's base address.
-        base: u64,
-    },
-    /// A region this process cannot address.
-    #[error("region at {base:#x} of {size} bytes lies beyond this process's address space")]
-    AddressSpace {
-        /// The region's base address.
-        base: u64,
-        /// Its size.
-        size: u64,
-    },
-    /// The peer is this process: its userfaultfd would serve this process's memory.
-    #[error("the peer is this process")]
-    OwnProcess,
-    /// No userfaultfd came with the first bytes of the table.
-    #[error("no userfaultfd came with the region table ({0} fd(s) received, none a userfaultfd)")]
-    NoUffd(usize),
 }
 
 impl HandshakeError {

@@ -21,13 +21,12 @@
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use uffd_core::{Mapping, Uffd};
 
-use crate::pager::{DeliveryMode, Pager};
+use crate::pager::Pager;
 use crate::region::RegionSpec;
 use crate::shared::Shared;
 use crate::source::{ChildSource, Source};
@@ -35,10 +34,6 @@ use crate::stats::bump;
 
 /// An empty slot.
 const EMPTY: i32 = -1;
-
-/// How often an idle child engine checks whether its process has exited (one cheap
-/// ioctl); exited children are reaped within about this long.
-const CHILD_EXIT_PROBE: Duration = Duration::from_millis(20);
 
 /// The lock-free hand-off from handlers to the service: fds of children's uffds.
 pub(crate) struct ForkQueue {
@@ -143,9 +138,21 @@ pub(crate) struct ChildPlan {
     pub poison_on_fatal: bool,
 }
 
+/// Builds and starts a child engine for a forked child's uffd, from the parent's plan,
+/// with the child's own source if it has one (the builder's job: see
+/// `builder::start_child`; passed in, so this file never names the builder).
+pub(crate) type StartChild =
+    fn(OwnedFd, &ChildPlan, Option<Arc<dyn Source>>) -> crate::Result<Pager>;
+
 /// Runs the fork service until the parent's engine stops: starts child engines for the
-/// queued uffds, reaps those whose process has exited, stops the rest at the end.
-pub(crate) fn serve(shared: Arc<Shared>, queue: Arc<ForkQueue>, plan: ChildPlan) {
+/// queued uffds (with `start_child`), reaps those whose process has exited, stops the
+/// rest at the end.
+pub(crate) fn serve(
+    shared: Arc<Shared>,
+    queue: Arc<ForkQueue>,
+    plan: ChildPlan,
+    start_child: StartChild,
+) {
     let mut children: Vec<Pager> = Vec::new();
     // Refusals counted so far: a handler refuses a child when every slot is taken, and
     // may not log (see `worker.rs`): the service logs them for it.
@@ -212,29 +219,4 @@ pub(crate) fn serve(shared: Arc<Shared>, queue: Arc<ForkQueue>, plan: ChildPlan)
     for mut child in children {
         child.join();
     }
-}
-
-fn start_child(
-    fd: OwnedFd,
-    plan: &ChildPlan,
-    own: Option<Arc<dyn Source>>,
-) -> crate::Result<Pager> {
-    log::debug!("starting a child engine for forked uffd {}", fd.as_raw_fd());
-    let uffd = Uffd::from_fd(fd)?;
-    let shares = own.is_none();
-    let source = own.unwrap_or_else(|| plan.source.clone());
-    let builder = Pager::builder(uffd, source);
-    // SAFETY: the child's regions are its copies of the parent's, whose contract the
-    // parent's embedder gave (or that the parent checked as mappings, kept alive in
-    // `plan.keep` with their aliases); the child's uffd serves the child's address space.
-    let builder = unsafe { builder.regions(plan.regions.iter().copied()) };
-    builder
-        .mode(DeliveryMode::Thread)
-        .register(false)
-        .batch(plan.batch)
-        .poison_on_fatal(plan.poison_on_fatal)
-        .check_seeded(false)
-        .keep_alive(plan.keep.clone())
-        .child_of_fork(CHILD_EXIT_PROBE, shares)
-        .start()
 }

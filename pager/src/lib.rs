@@ -121,20 +121,23 @@ mod shared;
 mod sigbus;
 mod sigsafe;
 mod source;
+mod states;
 mod stats;
 mod sync;
+mod thread;
 mod worker;
 
 pub use builder::PagerBuilder;
 pub use cpu::pin_to_cpu;
 pub use error::{Error, Result, SourceError};
 pub use histogram::{AtomicLatencyHistogram, LatencyHistogram};
-pub use pager::{DeliveryMode, PageStates, Pager};
+pub use pager::{DeliveryMode, Pager};
 pub use placer::{Placed, Placer};
 pub use prefetch::Prefetch;
 pub use region::{RegionSpec, Resolve};
 pub use sigsafe::in_fault_handler;
 pub use source::{ChildSource, Fetched, FileSource, MemorySource, Source, ZeroSource};
+pub use states::PageStates;
 pub use stats::StatsSnapshot;
 
 pub use page_state::{PageState, PageStateMap};

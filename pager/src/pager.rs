@@ -8,13 +8,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use page_state::{PageState, PageStateMap};
 use uffd_core::Uffd;
 
 use crate::error::Result;
 use crate::placer::Placer;
 use crate::record;
 use crate::shared::Shared;
+use crate::states::PageStates;
 use crate::stats::StatsSnapshot;
 
 /// How faults reach a handler.
@@ -87,46 +87,6 @@ impl std::fmt::Debug for Pager {
             .field("mode", &self.mode)
             .field("pages", &self.shared.states.len())
             .finish_non_exhaustive()
-    }
-}
-
-/// A read-only view of a pager's page states (see [`Pager::states`]): the engine owns
-/// the map, and only it changes states.
-#[derive(Debug, Clone, Copy)]
-pub struct PageStates<'a> {
-    pub(crate) map: &'a PageStateMap,
-}
-
-impl PageStates<'_> {
-    /// Pages served, across regions in order.
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    /// Whether no page is served.
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-
-    /// Page `page`'s state; `None` beyond the end.
-    pub fn get(&self, page: usize) -> Option<PageState> {
-        self.map.get(page).ok()
-    }
-
-    /// Pages in `state`.
-    pub fn count(&self, state: PageState) -> usize {
-        self.map.count(state)
-    }
-
-    /// Every page's state, in order.
-    pub fn iter(&self) -> impl Iterator<Item = PageState> + '_ {
-        self.map.states()
-    }
-
-    /// The present set (Received ∪ Zero) as a bitmap, 64 pages per word: what a migration
-    /// destination reports on resume.
-    pub fn export_present(&self) -> Vec<u64> {
-        self.map.export_present()
     }
 }
 

@@ -37,6 +37,22 @@ pub(crate) enum Origin {
     Arrival,
 }
 
+/// One placement: `count` pages from `at` (all in `at`'s region), what goes there, whether
+/// the threads waiting on them are woken, and who places them (for the stats).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Request<'a> {
+    /// The first page.
+    pub at: PageRef,
+    /// Pages from `at`, in the same region.
+    pub count: usize,
+    /// What to put there (`Data`: exactly `count` pages' bytes).
+    pub content: Content<'a>,
+    /// Wake the threads waiting on the range (else DONTWAKE, for a batch woken at once).
+    pub wake: bool,
+    /// Who places them.
+    pub origin: Origin,
+}
+
 /// The result of one placement attempt.
 #[derive(Debug)]
 pub(crate) enum Placement {
@@ -58,18 +74,11 @@ pub(crate) enum Placement {
 }
 
 impl Shared {
-    /// Places `content` at `p` (which spans `count` pages of the same region) and marks
-    /// the pages received. With `wake`, threads waiting on the range are woken.
-    pub fn place(
-        &self,
-        p: &PageRef,
-        count: usize,
-        content: Content<'_>,
-        wake: bool,
-        origin: Origin,
-    ) -> Placement {
+    /// Places `req.content` at `req.at` (which spans `req.count` pages of the same region)
+    /// and marks the pages received. With `req.wake`, threads waiting on the range are woken.
+    pub fn place(&self, req: Request<'_>) -> Placement {
         let _in = self.gate.enter();
-        self.place_in_gate(p, count, content, wake, origin)
+        self.place_in_gate(req)
     }
 
     /// Whether page `page`'s next placement must be zeros whatever was fetched: a REMOVE
@@ -110,45 +119,39 @@ impl Shared {
     }
 
     /// [`place`](Self::place) with the gate already entered.
-    fn place_in_gate(
-        &self,
-        p: &PageRef,
-        count: usize,
-        content: Content<'_>,
-        wake: bool,
-        origin: Origin,
-    ) -> Placement {
+    fn place_in_gate(&self, req: Request<'_>) -> Placement {
+        let (first, count) = (req.at.page, req.count);
         if count > 1 {
-            let any_zero = (p.page..p.page + count).any(|q| self.must_be_zero(q));
-            if any_zero && !matches!(content, Content::Zero) {
+            let any_zero = (first..first + count).any(|q| self.must_be_zero(q));
+            if any_zero && !matches!(req.content, Content::Zero) {
                 // Part of the run was dropped meanwhile: page by page, so those get zeros.
-                return self.place_each_in_gate(p, count, content, wake, origin);
+                return self.place_each_in_gate(req);
             }
-            return self.place_one_ioctl(p, count, content, wake, origin, false);
+            return self.place_one_ioctl(req, false);
         }
-        let (content, removed) = self.decide(p, content);
-        self.place_one_ioctl(p, 1, content, wake, origin, removed)
+        let (content, removed) = self.decide(&req.at, req.content);
+        self.place_one_ioctl(Request { content, ..req }, removed)
     }
 
     /// Places a run one page at a time, each decided on its own.
-    fn place_each_in_gate(
-        &self,
-        p: &PageRef,
-        count: usize,
-        content: Content<'_>,
-        wake: bool,
-        origin: Origin,
-    ) -> Placement {
-        for i in 0..count {
-            let Some(q) = self.page(p.page + i) else {
+    fn place_each_in_gate(&self, req: Request<'_>) -> Placement {
+        let size = req.at.size;
+        for i in 0..req.count {
+            let Some(q) = self.page(req.at.page + i) else {
                 return Placement::Dropped;
             };
-            let one = match content {
-                Content::Data(d) => Content::Data(&d[i * p.size..(i + 1) * p.size]),
+            let one = match req.content {
+                Content::Data(d) => Content::Data(&d[i * size..(i + 1) * size]),
                 other => other,
             };
             let (one, removed) = self.decide(&q, one);
-            match self.place_one_ioctl(&q, 1, one, wake, origin, removed) {
+            let one = Request {
+                at: q,
+                count: 1,
+                content: one,
+                ..req
+            };
+            match self.place_one_ioctl(one, removed) {
                 Placement::Done => {}
                 Placement::Again { .. } => return Placement::Again { done: i },
                 other => return other,
@@ -157,17 +160,16 @@ impl Shared {
         Placement::Done
     }
 
-    /// One placement ioctl for `count` pages at `p`, and what follows from its answer.
+    /// One placement ioctl for the request's pages, and what follows from its answer.
     /// `removed`: the page's removed bit was consumed (restored on a retry).
-    fn place_one_ioctl(
-        &self,
-        p: &PageRef,
-        count: usize,
-        content: Content<'_>,
-        wake: bool,
-        origin: Origin,
-        removed: bool,
-    ) -> Placement {
+    fn place_one_ioctl(&self, req: Request<'_>, removed: bool) -> Placement {
+        let Request {
+            at: ref p,
+            count,
+            content,
+            wake,
+            origin,
+        } = req;
         let len = p.size * count;
         let result = match (p.resolve, content) {
             (Resolve::Copy, Content::Data(data)) => {
@@ -202,7 +204,7 @@ impl Shared {
                 // page by page (placed pages meet EEXIST and are marked, the rest copied),
                 // never marking the tail received unplaced.
                 bump(&self.stats.exists);
-                self.place_each_in_gate(p, count, content, wake, origin)
+                self.place_each_in_gate(req)
             }
             Err(UffdError::Exists { .. }) => {
                 bump(&self.stats.exists);
@@ -212,7 +214,7 @@ impl Shared {
                 }
                 Placement::Done
             }
-            Err(UffdError::Again { done, .. }) => self.again(p, content, origin, removed, done),
+            Err(UffdError::Again { done, .. }) => self.again(&req, removed, done),
             Err(UffdError::ProcessGone { .. }) => {
                 self.gone.store(true, std::sync::atomic::Ordering::Relaxed);
                 self.request_stop();
@@ -222,7 +224,7 @@ impl Shared {
             // applied): while the region is still ours, retry like EAGAIN; an UNMAP event
             // unmaps it in the table, and then the page is dropped for good.
             Err(UffdError::RangeGone { .. }) if self.page(p.page).is_some() => {
-                self.again(p, content, origin, removed, 0)
+                self.again(&req, removed, 0)
             }
             Err(UffdError::RangeGone { .. }) => Placement::Dropped,
             Err(e) => Placement::Failed(e),
@@ -231,21 +233,15 @@ impl Shared {
 
     /// The kernel stopped after `done` bytes: count and publish the whole pages placed,
     /// put back a consumed removed bit, and ask for a retry of the rest.
-    fn again(
-        &self,
-        p: &PageRef,
-        content: Content<'_>,
-        origin: Origin,
-        removed: bool,
-        done: usize,
-    ) -> Placement {
+    fn again(&self, req: &Request<'_>, removed: bool, done: usize) -> Placement {
         bump(&self.stats.again);
+        let p = &req.at;
         let whole = done / p.size;
         if removed && whole == 0 {
             self.removed.set(p.page);
         }
         if whole > 0 {
-            self.account(origin, content, whole * p.size, whole);
+            self.account(req.origin, req.content, whole * p.size, whole);
             self.mark_received(p.page, whole);
         }
         Placement::Again { done: whole }

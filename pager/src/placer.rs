@@ -7,8 +7,9 @@ use std::time::Duration;
 use page_state::PageState;
 
 use crate::error::{Error, Result};
-use crate::place::{Content, Origin, Placement};
+use crate::place::{Content, Origin, Placement, Request};
 use crate::shared::Shared;
+use crate::states::PageStates;
 use crate::stats::bump;
 
 /// A cloneable handle through which any thread places pages that arrive from a remote
@@ -76,7 +77,13 @@ impl Placer {
             if shared.stopping() {
                 return Ok(Placed::Stopped);
             }
-            match shared.place(&p, 1, content, true, Origin::Arrival) {
+            match shared.place(Request {
+                at: p,
+                count: 1,
+                content,
+                wake: true,
+                origin: Origin::Arrival,
+            }) {
                 Placement::Done | Placement::Asked => return Ok(Placed::Placed),
                 Placement::Again { .. } => std::thread::sleep(Duration::from_micros(50)),
                 Placement::Dropped => return Ok(Placed::Stopped),
@@ -167,13 +174,13 @@ impl Placer {
                 // Unmapped meanwhile: what is left goes page by page (and is skipped).
                 return Ok(one_by_one(i, ps)?.map(|rest| placed + rest));
             };
-            match shared.place(
-                &q,
-                j - i,
-                Content::Data(&data[i * ps..j * ps]),
-                true,
-                Origin::Arrival,
-            ) {
+            match shared.place(Request {
+                at: q,
+                count: j - i,
+                content: Content::Data(&data[i * ps..j * ps]),
+                wake: true,
+                origin: Origin::Arrival,
+            }) {
                 Placement::Done | Placement::Asked => placed += j - i,
                 // The address space is changing: the careful path, page by page.
                 Placement::Again { .. } => {
@@ -206,9 +213,9 @@ impl Placer {
     /// Runs `f` on a read-only view of the page states (what a remote source reports when
     /// it reconnects: the present set, the pages still Requested); `None` once the pager
     /// is gone.
-    pub fn states<R>(&self, f: impl FnOnce(crate::PageStates<'_>) -> R) -> Option<R> {
+    pub fn states<R>(&self, f: impl FnOnce(PageStates<'_>) -> R) -> Option<R> {
         let shared = self.shared.upgrade()?;
-        Some(f(crate::PageStates {
+        Some(f(PageStates {
             map: &shared.states,
         }))
     }

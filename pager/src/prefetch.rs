@@ -22,11 +22,11 @@ use std::time::Duration;
 
 use page_state::PageState;
 
-use crate::builder::spawn;
 use crate::error::Result;
 use crate::pager::Pager;
-use crate::place::{Content, Origin, Placement};
+use crate::place::{Content, Origin, Placement, Request};
 use crate::shared::Shared;
+use crate::thread::spawn;
 
 /// What the prefetcher does.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -212,7 +212,13 @@ fn zero_run(shared: &Shared, page: usize) -> usize {
         count += 1;
     }
     while !shared.stopping() {
-        match shared.place(&first, count, Content::Zero, true, Origin::Prefetch) {
+        match shared.place(Request {
+            at: first,
+            count,
+            content: Content::Zero,
+            wake: true,
+            origin: Origin::Prefetch,
+        }) {
             Placement::Again { .. } => std::thread::sleep(Duration::from_micros(200)),
             Placement::Done | Placement::Asked | Placement::Dropped => break,
             failed => {

@@ -9,37 +9,10 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+pub use crate::error::RecordingError;
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"UFWS0001";
-
-/// What is wrong with a working-set file.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum RecordingError {
-    /// It could not be read or written.
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
-    /// It does not start with the working-set magic.
-    #[error("not a uffdkit working-set file (no UFWS0001 header)")]
-    NotAWorkingSet,
-    /// Its header and body disagree.
-    #[error("the header says {count} pages, the body holds {bytes} bytes")]
-    Truncated {
-        /// Pages the header announces.
-        count: u64,
-        /// Bytes after the header.
-        bytes: usize,
-    },
-    /// It names a page the pager does not serve.
-    #[error("page {page} is beyond the {pages} pages served")]
-    PageBeyond {
-        /// The page named.
-        page: u64,
-        /// Pages served.
-        pages: usize,
-    },
-}
 
 fn bad(path: &Path) -> impl FnOnce(RecordingError) -> Error + '_ {
     move |problem| Error::BadRecording {

@@ -19,7 +19,7 @@ use uffd_core::{Event, EventBuffer, FaultFlags, ReadStatus, WriteProtectMode};
 
 use crate::fault::{FaultOutcome, FollowUp, MAX_AROUND_BYTES};
 use crate::fork::ForkQueue;
-use crate::place::{Content, Origin, Placement};
+use crate::place::{Content, Origin, Placement, Request};
 use crate::region::PageRef;
 use crate::shared::Shared;
 
@@ -279,12 +279,22 @@ impl Worker {
                 (FollowUp::Retry, Ok(PageState::Requested)) => {
                     shared.fetch_and_place(p, 1, scratch, true, Origin::Fault)
                 }
-                (FollowUp::Retry, Ok(PageState::Zero)) => {
-                    shared.place(p, 1, Content::Zero, true, Origin::Fault)
-                }
+                (FollowUp::Retry, Ok(PageState::Zero)) => shared.place(Request {
+                    at: *p,
+                    count: 1,
+                    content: Content::Zero,
+                    wake: true,
+                    origin: Origin::Fault,
+                }),
                 (FollowUp::Retry, Ok(PageState::Received)) => {
                     let content = shared.received_again(p);
-                    shared.place(p, 1, content, true, Origin::Fault)
+                    shared.place(Request {
+                        at: *p,
+                        count: 1,
+                        content,
+                        wake: true,
+                        origin: Origin::Fault,
+                    })
                 }
                 // Given back (Missing) or done: wake; a thread still missing its page
                 // refaults and is handled afresh.

@@ -5,7 +5,7 @@
 //! Each case runs in a process of its own with a watchdog, so a hung thread fails the
 //! case instead of stalling the suite.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -49,6 +49,7 @@ fn balloon_percpu_mode_anon_reads_no_wrong_page() {
 }
 
 #[test]
+#[ignore = "needs free 2 MiB hugepages: scripts/test reserves them and runs the ignored tests"]
 fn balloon_thread_mode_hugetlb_reads_no_wrong_page() {
     stress(
         "balloon_thread_mode_hugetlb_reads_no_wrong_page",
@@ -58,6 +59,7 @@ fn balloon_thread_mode_hugetlb_reads_no_wrong_page() {
 }
 
 #[test]
+#[ignore = "needs free 2 MiB hugepages: scripts/test reserves them and runs the ignored tests"]
 fn balloon_percpu_mode_hugetlb_reads_no_wrong_page() {
     stress(
         "balloon_percpu_mode_hugetlb_reads_no_wrong_page",

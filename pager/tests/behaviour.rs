@@ -1,7 +1,7 @@
 //! The engine's promises under real concurrency: one source read per page, zeros after
 //! REMOVE, remote sources that never block the loop, prefetch and replay, clean stops.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};

@@ -1,7 +1,7 @@
 //! Every source × memory kind × delivery mode the kernel allows serves every page with
 //! exactly the image's bytes.
 
-mod common;
+use crate::common;
 
 use std::io::{Seek, SeekFrom, Write};
 use std::sync::Arc;

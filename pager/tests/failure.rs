@@ -4,7 +4,7 @@
 //! returns. Tests that touch poisoned pages run in a process of their own
 //! (`testkit::isolated`): the faulting thread ends parked in a SIGBUS handler.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! a fork anywhere in a process whose pager has fork events on is a FORK event for that
 //! pager, and a deadlock around `fork()` must fail its test, not stall the suite.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;

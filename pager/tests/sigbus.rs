@@ -186,6 +186,7 @@ fn balloon_sigbus_mode_anon_reads_no_wrong_page_and_never_allocates_in_the_handl
 }
 
 #[test]
+#[ignore = "needs free 2 MiB hugepages: scripts/test reserves them and runs the ignored tests"]
 fn balloon_sigbus_mode_hugetlb_reads_no_wrong_page_and_never_allocates_in_the_handler() {
     if common::hugetlb_available("balloon_sigbus_mode_hugetlb") {
         balloon(MemoryKind::HugetlbPrivate);

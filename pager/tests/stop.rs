@@ -1,7 +1,7 @@
-//! Stopping a pager with faults pending. Its own test binary, so that counting this
-//! process's threads is not disturbed by other tests.
+//! Stopping a pager with faults pending. In a process of its own (`testkit::isolated`), so
+//! that counting this process's threads is not disturbed by other tests.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +13,10 @@ const PS: usize = 4096;
 
 #[test]
 fn stopping_with_faults_pending_returns_and_leaks_no_thread() {
+    const NAME: &str = "stopping_with_faults_pending_returns_and_leaks_no_thread";
+    if !testkit::isolated(NAME, Duration::from_secs(60)) {
+        return;
+    }
     let threads_before = std::fs::read_dir("/proc/self/task").expect("tasks").count();
     // A remote source that never answers.
     struct Silent;

@@ -2,7 +2,7 @@
 //! that dropped to `nobody` before opening its userfaultfd (user-mode-only, through the
 //! syscall) and starting the pager.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -78,6 +78,6 @@ pub use chain::{Chain, LayerReport, Quiesce, QuiesceError, Stopped};
 pub use dump::{dump, DumpReport};
 pub use error::{Error, Result};
 pub use layered::{LayeredSource, MergeReport};
-pub use live::{LiveSnapshot, LiveSnapshotBuilder, SnapshotReport, DEFAULT_BATCH};
+pub use live::{LiveSnapshot, LiveSnapshotBuilder, SnapshotReport, DEFAULT_BATCH, DEFAULT_SPIN};
 pub use region::Region;
 pub use sink::{FileSink, MemorySink, PageSink};

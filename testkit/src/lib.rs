@@ -67,7 +67,13 @@ pub fn isolated_outcome(
     }
     let exe = std::env::current_exe().expect("the test binary's path");
     let mut child = std::process::Command::new(exe)
-        .args([test, "--exact", "--nocapture", "--test-threads", "1"])
+        .args([
+            &full_test_name(test),
+            "--exact",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
         .env(MARK, test)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -87,6 +93,30 @@ pub fn isolated_outcome(
             panic!("{test} hung: no result after {timeout:?}; killed.\nthreads:\n{stacks}\noutput:\n{out}");
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The full name this test binary knows `test` by: `module::test` once a crate's tests
+/// share one binary (`tests/main.rs`, a module per file), for re-running it alone with
+/// `--exact`. The one listed test whose name is `test` or ends in `::test`; panics if
+/// none is, or several are (give the module then: `fork::forks_in_a_loop`).
+pub fn full_test_name(test: &str) -> String {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let list = std::process::Command::new(exe)
+        .args(["--list", "--format", "terse"])
+        .output()
+        .expect("list the tests of this binary");
+    let list = String::from_utf8_lossy(&list.stdout);
+    let suffix = format!("::{test}");
+    let names: Vec<&str> = list
+        .lines()
+        .filter_map(|line| line.strip_suffix(": test"))
+        .filter(|name| *name == test || name.ends_with(&suffix))
+        .collect();
+    match names.as_slice() {
+        [name] => name.to_string(),
+        [] => panic!("no test named {test} in this binary"),
+        several => panic!("{test} names several tests here: {several:?}"),
     }
 }
 

@@ -28,10 +28,10 @@ use crate::workload::{fill_page, order, summarize, timed_touch, Pattern, Summary
 #[derive(clap::Args, Debug)]
 pub struct NetArgs {
     /// Bytes streamed per throughput run (and the region of the loaded-latency run).
-    #[arg(long, default_value = "256M", value_parser = crate::migrate::parse_size)]
+    #[arg(long, default_value = "256M", value_parser = crate::units::parse_size)]
     pub size: usize,
     /// Region of the demand-only (idle) latency run: every page is requested.
-    #[arg(long, default_value = "32M", value_parser = crate::migrate::parse_size)]
+    #[arg(long, default_value = "32M", value_parser = crate::units::parse_size)]
     pub idle_size: usize,
     /// Random pages touched (timed) by the destination workload per latency run.
     #[arg(long, default_value_t = 1000)]

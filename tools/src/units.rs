@@ -20,6 +20,23 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
+/// A size given on the command line: a whole number of bytes, or with a `K`, `M` or `G`
+/// suffix (binary units); zero is refused.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1usize << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("not a size: {s} (e.g. 512M)"))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -1,6 +1,6 @@
 //! Non-fault events (fork, remap, remove, unmap) and the mmap-changing EAGAIN protocol.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! Handing a userfaultfd to another process over a Unix socket, as a VMM hands guest
 //! memory's uffd to an external pager.
 
-mod common;
+use crate::common;
 
 use std::io::Read;
 use std::os::fd::AsFd;

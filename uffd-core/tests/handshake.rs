@@ -1,7 +1,5 @@
 //! Opening and `UFFDIO_API`, as in the kernel selftests' handshake cases.
 
-mod common;
-
 use std::os::fd::{AsFd, OwnedFd};
 
 use nix::errno::Errno;

@@ -1,7 +1,7 @@
 //! Resolving faults: copy, zeropage, wake, move, poison, continue, write-protect — on each
 //! memory kind where the kernel allows the case (cf. selftests/mm/uffd-unit-tests.c).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! to place the same pages (so `Exists` + wake is a normal path). After several bounces
 //! (each a fresh region filled from the previous one) every counter must be intact.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;

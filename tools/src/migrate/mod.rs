@@ -24,6 +24,9 @@ use uffd_core::{Mapping, MemoryKind, HUGE_PAGE_SIZE};
 use crate::cli_args::Mode;
 use crate::link_args::{raise_open_files, AutoTls, SecurityArgs, SECURITY_HELP};
 use crate::progress::{self, Status};
+/// Sizes on the command line are read by `units` (re-exported for the subcommands that
+/// name it here).
+pub(crate) use crate::units::parse_size;
 use crate::workload::fill_page;
 
 mod dest;
@@ -186,21 +189,6 @@ pub struct LocalArgs {
     /// Print both reports as JSON.
     #[arg(long)]
     json: bool,
-}
-
-pub(crate) fn parse_size(s: &str) -> Result<usize, String> {
-    let s = s.trim();
-    let (num, mult) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1usize << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    num.parse::<usize>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .filter(|&n| n > 0)
-        .ok_or_else(|| format!("not a size: {s} (e.g. 512M)"))
 }
 
 impl Shape {
