@@ -8,6 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use page_state::PageState;
 use uffd_core::Uffd;
 
 use crate::error::Result;

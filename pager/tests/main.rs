@@ -8,9 +8,11 @@ mod common;
 mod balloon;
 mod behaviour;
 mod content;
+mod embedding;
 mod failure;
 #[cfg(feature = "firecracker")]
 mod firecracker;
 mod fork;
 mod stop;
+mod takeover;
 mod unprivileged;

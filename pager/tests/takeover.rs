@@ -3,7 +3,7 @@
 //! in-flight run: one stall, not one per page of the run (the handler's scratch holds a
 //! run with readahead or fault-around on).
 
-mod common;
+use crate::common;
 
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
