@@ -71,6 +71,7 @@ fn precopy_then_postcopy_over_unix_with_a_writing_workload() {
 }
 
 #[test]
+#[ignore = "needs free 2 MiB hugepages: scripts/test reserves them and runs the ignored tests"]
 fn two_mib_pages_migrate_over_tcp_and_unix() {
     // 48: this test's 16 and the cut-connection 2 MiB test's 32, which may run at the same time.
     if !hugepages::available("two_mib_pages_migrate_over_tcp_and_unix", 48) {
@@ -148,6 +149,7 @@ fn a_half_written_frame_pauses_and_resumes() {
 }
 
 #[test]
+#[ignore = "needs free 2 MiB hugepages: scripts/test reserves them and runs the ignored tests"]
 fn two_mib_pages_survive_a_cut_connection() {
     // 48: this test's 32 and the other 2 MiB test's 16, which may run at the same time.
     if !hugepages::available("two_mib_pages_survive_a_cut_connection", 48) {

@@ -50,6 +50,10 @@ pub fn isolated(test: &str, timeout: std::time::Duration) -> bool {
                 status.success(),
                 "{test} failed in its own process ({status}):\n{out}"
             );
+            assert!(
+                out.contains("test result: ok. 1 passed"),
+                "{test} did not run in its own process (nothing passed):\n{out}"
+            );
             false
         }
     }
@@ -70,6 +74,9 @@ pub fn isolated_outcome(
         .args([
             &full_test_name(test),
             "--exact",
+            // A test marked `#[ignore = "needs …"]` runs when the suite asks for ignored
+            // ones: its child must run it too, not report 0 run as a success.
+            "--include-ignored",
             "--nocapture",
             "--test-threads",
             "1",

@@ -54,6 +54,7 @@ fn write_image(path: &Path, pages: usize) {
 }
 
 #[test]
+#[ignore = "needs s3s-fs: scripts/test installs it and runs the ignored tests"]
 fn push_prints_the_dedupe_ratio_and_inspect_reads_the_manifest() {
     let Some(server) = S3Server::start("image_push_inspect", BUCKET) else {
         return;
@@ -90,6 +91,7 @@ fn push_prints_the_dedupe_ratio_and_inspect_reads_the_manifest() {
 }
 
 #[test]
+#[ignore = "needs s3s-fs: scripts/test installs it and runs the ignored tests"]
 fn two_restores_at_once_share_the_host_cache() {
     let Some(server) = S3Server::start("two_restores_share_the_cache", BUCKET) else {
         return;
@@ -154,6 +156,7 @@ fn two_restores_at_once_share_the_host_cache() {
 /// registers its memory, hands over the uffd and verifies every page against the file
 /// the image was pushed from) from an image in the object store.
 #[test]
+#[ignore = "needs s3s-fs: scripts/test installs it and runs the ignored tests"]
 fn fc_handler_restores_a_vm_from_an_image_in_the_object_store() {
     let Some(server) = S3Server::start("image_fc_handler", BUCKET) else {
         return;

@@ -33,6 +33,7 @@ fn key() -> Key {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test runs the ignored tests and says SKIPPED where it is missing"]
 fn postcopy_migration_of_a_running_guest_matches_checksum() {
     let test = "postcopy_migration_of_a_running_guest_matches_checksum";
     if !kvm_available(test) {

@@ -65,6 +65,7 @@ fn lazy_restore_matches(test: &str, config: VmConfig, lazy: Lazy) {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test runs the ignored tests and says SKIPPED where it is missing"]
 fn booted_guest_checksums_match_the_model() {
     if !kvm_available("booted_guest_checksums_match_the_model") {
         return;
@@ -103,6 +104,7 @@ fn model_sees_a_changed_page() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test runs the ignored tests and says SKIPPED where it is missing"]
 fn lazy_restore_one_vcpu_matches_checksum() {
     let test = "lazy_restore_one_vcpu_matches_checksum";
     if kvm_available(test) {
@@ -111,6 +113,7 @@ fn lazy_restore_one_vcpu_matches_checksum() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test runs the ignored tests and says SKIPPED where it is missing"]
 fn lazy_restore_two_vcpus_matches_checksum() {
     let test = "lazy_restore_two_vcpus_matches_checksum";
     if kvm_available(test) {
@@ -123,6 +126,7 @@ fn lazy_restore_two_vcpus_matches_checksum() {
 }
 
 #[test]
+#[ignore = "needs free 2 MiB hugepages: scripts/test reserves them and runs the ignored tests"]
 fn lazy_restore_into_hugetlb_matches_checksum() {
     let test = "lazy_restore_into_hugetlb_matches_checksum";
     // Two VMs at a time at most (the restored one and the one restored from it), 4 pages each.
@@ -137,6 +141,7 @@ fn lazy_restore_into_hugetlb_matches_checksum() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test runs the ignored tests and says SKIPPED where it is missing"]
 fn lazy_restore_with_readahead_matches_checksum() {
     let test = "lazy_restore_with_readahead_matches_checksum";
     if kvm_available(test) {
@@ -149,6 +154,7 @@ fn lazy_restore_with_readahead_matches_checksum() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test runs the ignored tests and says SKIPPED where it is missing"]
 fn lazy_restore_with_sequential_prefetch_matches_checksum() {
     let test = "lazy_restore_with_sequential_prefetch_matches_checksum";
     if kvm_available(test) {
@@ -166,6 +172,7 @@ fn lazy_restore_with_sequential_prefetch_matches_checksum() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test runs the ignored tests and says SKIPPED where it is missing"]
 fn eager_restore_matches_checksum() {
     let test = "eager_restore_matches_checksum";
     if !kvm_available(test) {
@@ -181,6 +188,7 @@ fn eager_restore_matches_checksum() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test runs the ignored tests and says SKIPPED where it is missing"]
 fn restore_refuses_a_snapshot_of_another_size() {
     let test = "restore_refuses_a_snapshot_of_another_size";
     if !kvm_available(test) {
@@ -226,6 +234,7 @@ fn sigbus_outcome(config: &VmConfig, vm: &mut Vm, model: &GuestModel) -> String 
 /// checksum. Once for an instruction fetch (nothing placed), once for a data read (the code
 /// page placed first by the VMM thread's own touch, through the pager's signal handler).
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test runs the ignored tests and says SKIPPED where it is missing"]
 fn sigbus_restore_serves_the_guest_or_reports_the_unreached_page() {
     let test = "sigbus_restore_serves_the_guest_or_reports_the_unreached_page";
     // One SIGBUS-mode pager per process: this test runs in a process of its own.
@@ -267,6 +276,7 @@ fn sigbus_restore_serves_the_guest_or_reports_the_unreached_page() {
 /// where the kernel gives them; here, MMIO exits and failed fetches): the guest's checksum
 /// is right, every data page was placed, and the vCPU threads did resolve exits.
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test runs the ignored tests and says SKIPPED where it is missing"]
 fn sigbus_restore_resolved_in_the_vcpu_thread_matches_checksum() {
     let test = "sigbus_restore_resolved_in_the_vcpu_thread_matches_checksum";
     // One SIGBUS-mode pager per process: this test runs in a process of its own.

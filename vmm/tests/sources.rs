@@ -45,6 +45,7 @@ fn restore_from_matches(
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test runs the ignored tests and says SKIPPED where it is missing"]
 fn lazy_restore_from_a_page_server_matches_checksum() {
     let test = "lazy_restore_from_a_page_server_matches_checksum";
     if !kvm_available(test) {
@@ -67,6 +68,7 @@ fn lazy_restore_from_a_page_server_matches_checksum() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test runs the ignored tests and says SKIPPED where it is missing"]
 fn lazy_restore_from_a_chunked_image_matches_checksum() {
     let test = "lazy_restore_from_a_chunked_image_matches_checksum";
     if !kvm_available(test) {
@@ -89,6 +91,7 @@ fn lazy_restore_from_a_chunked_image_matches_checksum() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test runs the ignored tests and says SKIPPED where it is missing"]
 fn restore_from_refuses_a_source_smaller_than_guest_memory() {
     let test = "restore_from_refuses_a_source_smaller_than_guest_memory";
     if !kvm_available(test) {

@@ -33,6 +33,7 @@ fn wait(mut child: Child, what: &str) -> (std::process::ExitStatus, String) {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test runs the ignored tests and says SKIPPED where it is missing"]
 fn migration_between_two_vmm_processes_matches_checksum() {
     let test = "migration_between_two_vmm_processes_matches_checksum";
     if !kvm_available(test) {
