@@ -160,10 +160,15 @@ fn restore_64_mib_from_s3_is_byte_for_byte_and_fetches_each_chunk_once() {
         .iter()
         .filter(|c| matches!(c, Chunk::Data { .. }))
         .count() as u64;
-    assert_eq!(
-        stats.fetch.chunks_fetched + stats.fetch.cache_hits,
-        data_chunks,
-        "each data chunk fetched once (the repeated one may come from the cache)"
+    // Fetched from the store once each; the repeated chunk's twin may come from the cache
+    // instead. Cache reads are not counted against it: a fault that takes over a starved
+    // prefetcher's run reads those pages again, through the cache.
+    let fetched = stats.fetch.chunks_fetched;
+    assert!(
+        fetched == data_chunks || fetched == data_chunks - 1,
+        "each data chunk fetched from the store once: {fetched} of {data_chunks} \
+         ({} cache hits)",
+        stats.fetch.cache_hits
     );
     assert!(
         stats.fetch.reads < stats.fetch.chunks_fetched,
