@@ -11,10 +11,18 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use postcopy::handshake::{Hello, Listening, Progress};
-use postcopy::wire::{encode, Channel, Role};
-use postcopy::Security;
+use transport::handshake::{Hello, Listening, Progress};
+use transport::link::{Channel, Role};
 use transport::tls::Authority;
+use transport::wire::Protocol;
+use transport::Security;
+
+/// The protocol the fuzzed listener speaks (any: the handshake does not depend on it).
+const PROTOCOL: Protocol = Protocol {
+    magic: *b"FUZZPROT",
+    version: 1,
+    features: 0,
+};
 
 /// What the listener may buffer for one connection: a handshake frame's worth of input
 /// twice over, and its answers (a CHALLENGE, or the TLS server's flight with certificate).
@@ -35,7 +43,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let security = &securities()[usize::from(head & 1)];
-    let mut shake = Listening::new(security.clone(), Role::Destination);
+    let mut shake = Listening::new(PROTOCOL, security.clone(), Role::Destination);
     let mut input = Vec::new();
     if head & 2 != 0 {
         let hello = Hello {
@@ -44,7 +52,7 @@ fuzz_target!(|data: &[u8]| {
             session: 7,
             generation: 1,
         };
-        encode(&hello.message(security.kind()), &mut input);
+        hello.message(&PROTOCOL, security.kind()).encode(&mut input);
     }
     input.extend_from_slice(rest);
     let chunk = usize::from(head >> 2).max(1);

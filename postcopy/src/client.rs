@@ -20,11 +20,10 @@ use transport::Addr;
 use crate::endpoint::receiver::{read_advise, Land, Receiver};
 use crate::endpoint::RecvStats;
 use crate::error::{chain, unexpected, LinkError, Refusal};
-use crate::handshake::Security;
-use crate::link::dial::Dialer;
-use crate::link::{self, Pair, Timing};
-use crate::wire::{Advise, Message, Role, ShutReason};
+use crate::link::{self, Dialer, Messages, Pair, Timing};
+use crate::wire::{Advise, Message, Role, ShutReason, PROTOCOL};
 use crate::Error;
+use crate::Security;
 
 /// Pages from a `uffdkit serve` page server.
 pub struct RemoteSource {
@@ -68,7 +67,12 @@ impl RemoteSource {
         security: impl Into<Security>,
         timing: Timing,
     ) -> Result<RemoteSource, Error> {
-        let mut dialer = Dialer::new(addr.clone(), security.into(), Role::Destination, timing)?;
+        let mut dialer = Dialer::new(
+            addr.clone(),
+            (PROTOCOL, security.into()),
+            Role::Destination,
+            timing,
+        )?;
         let (conns, advise) = dialer
             .connect(
                 Instant::now(),

@@ -1,22 +1,15 @@
 //! Errors: a broken link ([`LinkError`], the transport's: it pauses a session until it
 //! reconnects) is kept apart from everything that ends it ([`Error`]'s other variants).
 
-use std::time::Duration;
-
-use transport::tls::rustls;
-pub use transport::{CertProblem, SecurityKind};
-
 pub use transport::chain;
 pub use transport::link::LinkError;
 
 use crate::wire::{Channel, Message, ShutReason};
 
-/// Why a peer or this side refuses a session.
+/// Why a peer or this side ends a session once it runs (refusals at a connection's
+/// handshake are the transport's: [`Error::Transport`] with [`transport::Refusal`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    /// The peer does not know the pre-shared key (or we do not know its).
-    #[error("wrong key")]
-    WrongKey,
     /// The peer shut the session with a reason of its own.
     #[error("the peer shut the session ({reason:?}): {detail}")]
     PeerShut {
@@ -43,37 +36,6 @@ pub enum Refusal {
         /// The sequence number it confirmed.
         seq: u64,
     },
-    /// One end speaks TLS, the other plaintext with a pre-shared key.
-    #[error("security mismatch: this side speaks {ours}, the peer {peer}")]
-    SecurityMismatch {
-        /// This side.
-        ours: SecurityKind,
-        /// The peer.
-        peer: SecurityKind,
-    },
-    /// This side refused the peer's certificate.
-    #[error("the peer's certificate is {0}")]
-    PeerCertificate(CertProblem),
-    /// The peer refused this side's certificate (or its absence): its TLS alert says why.
-    #[error("the peer refused this side's certificate (TLS alert {alert:?})")]
-    CertificateRefused {
-        /// The alert.
-        alert: rustls::AlertDescription,
-    },
-    /// The opener is not the role this listener serves.
-    #[error("a {got:?} connected where only a {want:?} may")]
-    WrongRole {
-        /// What it said it is.
-        got: crate::wire::Role,
-        /// What this listener takes.
-        want: crate::wire::Role,
-    },
-    /// Another session owns this listener (a migration destination takes one).
-    #[error("another session is in progress here")]
-    OtherSession,
-    /// A connection of a session came with another certificate than the session's first.
-    #[error("another certificate than the session's own")]
-    PeerChanged,
 }
 
 /// Errors of the postcopy endpoints.
@@ -82,6 +44,13 @@ pub enum Error {
     /// A connection broke; a session pauses and resumes on such errors.
     #[error(transparent)]
     Link(#[from] LinkError),
+    /// The link failed otherwise: a connection refused at its handshake (a wrong key or
+    /// certificate, a security mismatch, a busy listener's other session), giving up
+    /// after [`Timing::give_up_after`](transport::link::Timing::give_up_after) without a
+    /// working connection, TLS set-up, key or certificate material. Never a broken link
+    /// (that is [`Error::Link`]).
+    #[error(transparent)]
+    Transport(transport::Error),
     /// A message that has no place where it arrived.
     #[error("unexpected {got} on the {channel} connection (expected {expected})")]
     Unexpected {
@@ -98,15 +67,6 @@ pub enum Error {
         /// Why.
         reason: Refusal,
     },
-    /// Paused (or connecting) for longer than the bound without a working connection.
-    #[error("gave up after {after:?} without a working connection")]
-    GaveUp {
-        /// The bound.
-        after: Duration,
-        /// The last failure.
-        #[source]
-        last: LinkError,
-    },
     /// An option or argument that cannot work.
     #[error("{what}: {value}")]
     Invalid {
@@ -114,25 +74,6 @@ pub enum Error {
         what: &'static str,
         /// The value given.
         value: String,
-    },
-    /// TLS failed for a reason other than a certificate (no common protocol version or
-    /// cipher suite, a peer breaking the protocol) or cannot be set up.
-    #[error("TLS: {what}")]
-    Tls {
-        /// What was being done.
-        what: &'static str,
-        /// Why it failed.
-        #[source]
-        source: rustls::Error,
-    },
-    /// Certificates or keys that cannot be read or used.
-    #[error("{what}")]
-    TlsMaterial {
-        /// Which.
-        what: &'static str,
-        /// Why.
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// Local I/O: binding, a key file, mapping memory.
     #[error("{what}")]
@@ -199,24 +140,41 @@ impl Error {
         Error::Refused { reason }
     }
 
+    /// Gave up after `after` without a working connection, the last failure `last`.
+    pub(crate) fn gave_up(after: std::time::Duration, last: LinkError) -> Error {
+        Error::Transport(transport::Error::GaveUp { after, last })
+    }
+
     pub(crate) fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
         move |source| Error::Io { what, source }
     }
 }
 
 impl From<transport::Error> for Error {
-    /// The same variant here: a certificate refused (by either side) is a refused session.
+    /// A broken link stays one ([`Error::Link`]); the rest is [`Error::Transport`].
     fn from(e: transport::Error) -> Error {
-        use transport::Error as T;
         match e {
-            T::Invalid { what, value } => Error::Invalid { what, value },
-            T::Io { what, source } => Error::Io { what, source },
-            T::Tls { what, source } => Error::Tls { what, source },
-            T::TlsMaterial { what, source } => Error::TlsMaterial { what, source },
-            T::PeerCertificate(p) => Error::refused(Refusal::PeerCertificate(p)),
-            T::CertificateRefused { alert } => {
-                Error::refused(Refusal::CertificateRefused { alert })
-            }
+            transport::Error::Link(link) => Error::Link(link),
+            other => Error::Transport(other),
+        }
+    }
+}
+
+impl transport::link::Failure for Error {
+    fn into_link(self) -> Result<LinkError, Error> {
+        match self {
+            Error::Link(link) => Ok(link),
+            other => Err(other),
+        }
+    }
+}
+
+impl Error {
+    /// The transport's refusal, if a connection was refused at its handshake.
+    pub fn refusal(&self) -> Option<&transport::Refusal> {
+        match self {
+            Error::Transport(e) => e.refusal(),
+            _ => None,
         }
     }
 }

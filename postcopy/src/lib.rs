@@ -2,12 +2,11 @@
 //!
 //! The migration protocol as QEMU's postcopy runs it — ADVISE, precopy rounds, DISCARD,
 //! LISTEN, RUN, then pages on demand while the rest streams — in a format of our own
-//! ([`wire`]), over connections secured and kept alive by the [`transport`] crate below
-//! (sockets, TLS 1.3 with mutual certificates or a pre-shared key). Here, on top of those:
-//! the handshake every connection starts with ([`handshake`]), framed connections
-//! ([`net`]) and connection pairs that notice silence and recover, behind listeners that
-//! strangers cannot exhaust ([`link`]). Two halves written once — a sender and a receiver
-//! ([`endpoint`]) — make two endpoints each:
+//! ([`wire`]), over connection pairs that the [`transport`] crate below secures (TLS 1.3
+//! with mutual certificates, or a pre-shared key), authenticates, keeps alive (heartbeats,
+//! silence deadlines, reconnection) and admits behind listeners that strangers cannot
+//! exhaust. Here: the messages on those frames ([`net`]), and two halves written once —
+//! a sender and a receiver ([`endpoint`]) — that make two endpoints each:
 //!
 //! - the page server ([`server::PageServer`]) and its restore-side source
 //!   ([`client::RemoteSource`]): faults become urgent requests on a connection of their
@@ -29,9 +28,9 @@
 //! use postcopy::wire::{decode, encode, Limits, Message};
 //!
 //! let mut frame = Vec::new();
-//! encode(&Message::Ping { seq: 7 }, &mut frame);
+//! encode(&Message::Sync { seq: 7 }, &mut frame);
 //! let (msg, used) = decode(&frame, &Limits::default())?.expect("a whole frame");
-//! assert_eq!((msg, used), (Message::Ping { seq: 7 }, frame.len()));
+//! assert_eq!((msg, used), (Message::Sync { seq: 7 }, frame.len()));
 //! assert_eq!(decode(&frame[..5], &Limits::default())?, None); // incomplete: read more
 //! # Ok::<(), postcopy::wire::WireError>(())
 //! ```
@@ -41,13 +40,12 @@ pub mod endpoint;
 mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
-pub mod handshake;
-pub mod link;
+mod link;
 pub mod migrate;
 pub mod net;
 pub mod server;
 pub mod wire;
 
-pub use error::Error;
-pub use error::{CertProblem, LinkError, Refusal, SecurityKind};
-pub use handshake::Security;
+pub use error::{Error, LinkError, Refusal};
+pub use transport::link::{AcceptStats, Admission, Timing};
+pub use transport::{CertProblem, Security, SecurityKind};

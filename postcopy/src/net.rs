@@ -9,6 +9,7 @@
 use std::io::IoSlice;
 
 use transport::conn::{FrameReader, FrameWriter};
+use transport::wire::envelope;
 
 use crate::error::LinkError;
 use crate::wire::{decode_frame, encode, encode_request, kind, Frame, Limits, Message, PageRange};
@@ -76,15 +77,14 @@ impl SendMessage for FrameWriter {
     }
 
     fn send_pages(&mut self, first: u64, data: &[u8]) -> Result<(), LinkError> {
-        let mut head = [0u8; 16];
-        head[..4].copy_from_slice(&((8 + data.len()) as u32).to_le_bytes());
-        head[4..8].copy_from_slice(&[kind::PAGES, 0, 0, 0]);
-        head[8..].copy_from_slice(&first.to_le_bytes());
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&head[4..]);
-        crc.update(data);
-        let crc = crc.finalize().to_le_bytes();
-        let mut slices = [IoSlice::new(&head), IoSlice::new(data), IoSlice::new(&crc)];
+        let first = first.to_le_bytes();
+        let (head, crc) = envelope(kind::PAGES, &[&first, data]);
+        let mut slices = [
+            IoSlice::new(&head),
+            IoSlice::new(&first),
+            IoSlice::new(data),
+            IoSlice::new(&crc),
+        ];
         self.send_vectored(&mut slices)
     }
 

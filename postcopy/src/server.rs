@@ -24,12 +24,11 @@ use transport::{Addr, Listener};
 use crate::endpoint::sender::{Pages, Sender};
 use crate::endpoint::SendStats;
 use crate::error::{unexpected, LinkError};
-use crate::handshake::Security;
-use crate::link::accept::{Acceptor, Admit, Arrival};
-use crate::link::{Admission, Pair, Timing};
+use crate::link::{self, Acceptor, Admission, Admit, Arrival, Timing};
 use crate::net::SendMessage;
-use crate::wire::{Advise, Features, Message, Role, WireRegion};
+use crate::wire::{Advise, Features, Message, Role, WireRegion, PROTOCOL};
 use crate::Error;
+use crate::Security;
 
 /// The page sizes a page server serves: 4 KiB, and 2 MiB for hugepage-backed guests.
 pub const PAGE_SIZES: [usize; 2] = [4096, 2 << 20];
@@ -181,7 +180,7 @@ impl PageServer {
         });
         let acceptor = Acceptor::start(
             listener,
-            security.into(),
+            (PROTOCOL, security.into()),
             (timing, opts.admission),
             (Role::Destination, Admit::AnySession),
             Some(deliver),
@@ -191,7 +190,7 @@ impl PageServer {
 
     /// The bound address.
     pub fn local_addr(&self) -> Result<Addr, Error> {
-        self.acceptor.local_addr()
+        Ok(self.acceptor.local_addr()?)
     }
 
     /// The counters now.
@@ -251,7 +250,7 @@ fn serve(
     main.w.send(&Message::Advise(advise.clone()))?;
     let sender = Arc::new(Sender::new(image, stats));
     sender.answer_requests();
-    let pair = Pair::start((main, urgent), cutter, &advise, sender.clone(), timing)?;
+    let pair = link::start((main, urgent), cutter, &advise, sender.clone(), timing)?;
     // The client says what it has; the stream brings the rest.
     match pair.next("RECV_BITMAP", timing.give_up_after)? {
         (_, Message::RecvBitmap { words }) => sender.need.store_complement_of(&words)?,

@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 use common::{counted, image, restore_from, test_timing, tls_ends};
 use pager::MemorySource;
 use postcopy::client::RemoteSource;
-use postcopy::handshake::Hello;
-use postcopy::link::{Admission, Timing};
 use postcopy::server::{PageServer, ServerOptions};
-use postcopy::wire::{encode, Channel, Role};
+use postcopy::wire::{Channel, Role, PROTOCOL};
+use postcopy::{Admission, Timing};
 use postcopy::{Error, LinkError, Security, SecurityKind};
+use transport::handshake::Hello;
 use transport::Addr;
 
 fn server(listener: Security, pages: usize, admission: Admission) -> PageServer {
@@ -120,7 +120,9 @@ fn a_stranger_trickling_its_hello_is_closed_at_the_deadline() {
         generation: 1,
     };
     let mut frame = Vec::new();
-    encode(&hello.message(SecurityKind::PreSharedKey), &mut frame);
+    hello
+        .message(&PROTOCOL, SecurityKind::PreSharedKey)
+        .encode(&mut frame);
     let mut s = TcpStream::connect(tcp_of(&srv)).expect("connect");
     let t = Instant::now();
     // One byte every 300 ms: each read brings something, the whole never arrives in time.
@@ -159,10 +161,10 @@ fn beyond_the_session_cap_a_client_is_told_busy_and_gets_in_once_a_session_ends(
     assert!(
         matches!(
             err,
-            Error::GaveUp {
+            Error::Transport(transport::Error::GaveUp {
                 last: LinkError::Busy { .. },
                 ..
-            }
+            })
         ),
         "{err:?}"
     );

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use pager::{Fetched, Mapping, MemoryKind, MemorySource, Source};
 use postcopy::client::RemoteSource;
-use postcopy::link::Timing;
 use postcopy::server::PageServer;
 use postcopy::Security;
+use postcopy::Timing;
 use transport::Key;
 
 mod common;

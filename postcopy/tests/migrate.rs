@@ -14,7 +14,7 @@ use postcopy::migrate::{
     DestOptions, Destination, Migration, RunningMemory, SourceControl, SourceOptions, SwitchReason,
     Timing,
 };
-use postcopy::{Error, LinkError, Refusal};
+use postcopy::{Error, LinkError};
 use testkit::hugepages;
 use transport::Key;
 use uffd_core::HUGE_PAGE_SIZE;
@@ -247,10 +247,8 @@ fn a_wrong_key_is_refused_and_a_stranger_does_not_disturb_the_migration() {
         .expect_err("a wrong key must be refused");
     assert!(
         matches!(
-            err,
-            Error::Refused {
-                reason: Refusal::PeerShut { .. } | Refusal::WrongKey
-            }
+            err.refusal(),
+            Some(transport::Refusal::PeerShut { .. } | transport::Refusal::WrongKey)
         ),
         "{err}"
     );
@@ -268,7 +266,10 @@ fn a_destination_nobody_connects_to_gives_up_with_an_error() {
     });
     let t = Instant::now();
     let err = dest.run(|_| {}).expect_err("no source came");
-    assert!(matches!(err, Error::GaveUp { .. }), "{err}");
+    assert!(
+        matches!(err, Error::Transport(transport::Error::GaveUp { .. })),
+        "{err}"
+    );
     assert!(
         t.elapsed() < Duration::from_secs(10),
         "bounded: {:?}",
@@ -307,10 +308,10 @@ fn a_source_with_no_destination_gives_up_after_its_bound() {
     assert!(
         matches!(
             err,
-            Error::GaveUp {
+            Error::Transport(transport::Error::GaveUp {
                 last: LinkError::Connect { .. },
                 ..
-            }
+            })
         ),
         "{err:?}"
     );

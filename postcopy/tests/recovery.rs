@@ -309,7 +309,7 @@ fn never_heals(
     );
     for (what, r) in [("source", src.err()), ("destination", dst.err())] {
         assert!(
-            matches!(r, Some(Error::GaveUp { .. })),
+            matches!(r, Some(Error::Transport(transport::Error::GaveUp { .. }))),
             "the {what} gave up: {r:?}"
         );
     }

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use pager::MemorySource;
 use postcopy::client::RemoteSource;
-use postcopy::link::Timing;
 use postcopy::server::{PageServer, ServerOptions};
-use postcopy::{Refusal, Security};
+use postcopy::Security;
+use postcopy::Timing;
 use testkit::proxy::{CutMode, Direction, Proxy, ProxyOptions, Target};
 use transport::Addr;
 use transport::Key;
@@ -171,10 +171,8 @@ fn a_wrong_key_is_refused_both_ways() {
     let err = RemoteSource::connect(&addr, &wrong).expect_err("wrong key");
     assert!(
         matches!(
-            err,
-            postcopy::Error::Refused {
-                reason: Refusal::PeerShut { .. } | Refusal::WrongKey
-            }
+            err.refusal(),
+            Some(transport::Refusal::PeerShut { .. } | transport::Refusal::WrongKey)
         ),
         "{err}"
     );

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use common::{image, restore_from, test_timing, tls_ends};
 use pager::MemorySource;
 use postcopy::client::RemoteSource;
-use postcopy::link::Admission;
 use postcopy::server::{PageServer, ServerOptions};
+use postcopy::Admission;
 use transport::Addr;
 
 const STRANGERS: usize = 2000;

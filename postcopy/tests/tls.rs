@@ -14,17 +14,19 @@ use std::time::{Duration, Instant, SystemTime};
 use common::{authority, counted, image, restore_from, tls_ends, tls_for, Case};
 use pager::MemorySource;
 use postcopy::client::RemoteSource;
-use postcopy::handshake::Hello;
-use postcopy::link::Timing;
 use postcopy::server::PageServer;
-use postcopy::wire::{decode, encode, Channel, Limits, Message, Role};
-use postcopy::{CertProblem, Error, Refusal, Security, SecurityKind};
+use postcopy::wire::{Channel, Role, PROTOCOL};
+use postcopy::Timing;
+use postcopy::{CertProblem, Error, Security, SecurityKind};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::AlertDescription;
+use transport::handshake::Hello;
 use transport::tls::rustls;
 use transport::tls::{Authority, Identity, TlsConfig};
+use transport::wire::Control;
 use transport::Addr;
+use transport::Refusal;
 use uffd_core::HUGE_PAGE_SIZE;
 
 const NAMES: [&str; 2] = ["localhost", "127.0.0.1"];
@@ -49,9 +51,9 @@ fn connect(srv: &PageServer, opener: impl Into<Security>) -> Result<RemoteSource
 }
 
 fn refusal(e: Error) -> Refusal {
-    match e {
-        Error::Refused { reason } => reason,
-        other => panic!("expected a refusal, got {other:?}"),
+    match e.refusal() {
+        Some(reason) => reason.clone(),
+        None => panic!("expected a refusal, got {e:?}"),
     }
 }
 
@@ -284,18 +286,20 @@ fn raw_tls(
         generation: 1,
     };
     let mut frame = Vec::new();
-    encode(&hello.message(SecurityKind::Tls), &mut frame);
+    hello
+        .message(&PROTOCOL, SecurityKind::Tls)
+        .encode(&mut frame);
     sock.write_all(&frame).unwrap();
     let mut got = Vec::new();
     let answer = loop {
         let mut byte = [0u8];
         sock.read_exact(&mut byte).expect("START_TLS");
         got.push(byte[0]);
-        if let Some((msg, _)) = decode(&got, &Limits::default()).expect("a frame") {
+        if let Some((msg, _)) = Control::decode_frame(&got, 1024).expect("a frame") {
             break msg;
         }
     };
-    assert_eq!(answer, Message::StartTls);
+    assert_eq!(answer, Control::StartTls);
     let name = ServerName::try_from("127.0.0.1").unwrap();
     let mut tls = rustls::ClientConnection::new(config, name).unwrap();
     while tls.is_handshaking() {
@@ -322,7 +326,9 @@ fn a_client_presenting_no_certificate_is_refused() {
         generation: 1,
     };
     let mut frame = Vec::new();
-    encode(&hello.message(SecurityKind::Tls), &mut frame);
+    hello
+        .message(&PROTOCOL, SecurityKind::Tls)
+        .encode(&mut frame);
     let _ = tls.write_all(&frame);
     let mut buf = [0u8; 64];
     let err = tls.read(&mut buf).expect_err("refused");

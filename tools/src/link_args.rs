@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use postcopy::link::Admission;
+use postcopy::Admission;
 use postcopy::Security;
 use transport::tls::{Authority, TlsConfig};
 use transport::Key;

@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use postcopy::migrate::{DestOptions, Destination, Migration, SourceOptions};
-use postcopy::net::{Conn, RecvMessage, SendMessage};
-use postcopy::wire::Message;
+use postcopy::net::Conn;
 use postcopy::Security;
 use serde_json::json;
 use transport::tls::Authority;
+use transport::wire::Control;
 use transport::Key;
 use transport::Socket;
 use uffd_core::{Mapping, MemoryKind};
@@ -61,8 +61,8 @@ fn round_trips(n: usize) -> Result<Summary> {
         let (s, _) = l.accept()?;
         s.set_nodelay(true)?;
         let mut conn = Conn::plain(Socket::Tcp(s))?;
-        while let Ok(Message::Ping { seq }) = conn.r.recv() {
-            conn.w.send(&Message::Pong { seq })?;
+        while let Ok(Control::Ping { seq }) = conn.r.recv_control() {
+            conn.w.send_control(&Control::Pong { seq })?;
         }
         Ok(())
     });
@@ -73,9 +73,9 @@ fn round_trips(n: usize) -> Result<Summary> {
     let t = Instant::now();
     for seq in 0..n as u64 {
         let s = Instant::now();
-        conn.w.send(&Message::Ping { seq })?;
-        match conn.r.recv()? {
-            Message::Pong { seq: got } if got == seq => {}
+        conn.w.send_control(&Control::Ping { seq })?;
+        match conn.r.recv_control()? {
+            Control::Pong { seq: got } if got == seq => {}
             other => anyhow::bail!("echo answered {other:?}"),
         }
         ns.push(s.elapsed().as_nanos().min(u32::MAX as u128) as u32);

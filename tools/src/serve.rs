@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use pager::{FileSource, Source};
-use postcopy::link::Timing;
 use postcopy::server::{PageServer, ServerOptions};
+use postcopy::Timing;
 use transport::Addr;
 
 use crate::link_args::{raise_open_files, AdmissionArgs, SecurityArgs, SECURITY_HELP};

@@ -7,46 +7,16 @@
 //! [`crate::tls::split`]. A timed-out socket read surfaces through either as
 //! `WouldBlock`, which the framing reports as silence ([`LinkError::Silent`]).
 //!
-//! The transport knows a frame's envelope only: `body_len: u32` (little endian), four
-//! header bytes, the body and a four-byte trailer. What the header bytes, the body and
-//! the trailer mean (kind, flags, checksum) is the protocol's to encode and check.
+//! The reader cuts frames by their length ([`crate::wire`] has the frame's layout) and
+//! leaves checking them to the decoder: the link's own messages ([`Control`]) decode
+//! here, a protocol's in the protocol.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::time::Duration;
 
 use crate::link::{Channel, LinkError};
 use crate::net::{Link, Socket};
-
-/// Bytes before a frame's body: its length, then four bytes the protocol defines.
-pub const HEADER_LEN: usize = 8;
-/// Bytes after a frame's body (the protocol's checksum).
-pub const TRAILER_LEN: usize = 4;
-/// The largest body a reader accepts unless told otherwise: 32 MiB of data and a page of
-/// headers.
-pub const DEFAULT_MAX_BODY: usize = 32 << 20 | 4096;
-
-/// A frame announcing a body larger than the reader accepts.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("frame body of {len} bytes exceeds the limit of {max}")]
-pub struct Oversize {
-    /// Announced length.
-    pub len: usize,
-    /// The limit.
-    pub max: usize,
-}
-
-/// The length of the whole frame at the start of `buf`, once its header is there: `None`
-/// until then; an error if its body would exceed `max_body`.
-pub fn frame_len(buf: &[u8], max_body: usize) -> Result<Option<usize>, Oversize> {
-    let Some(len) = buf.first_chunk::<4>() else {
-        return Ok(None);
-    };
-    let len = u32::from_le_bytes(*len) as usize;
-    if len > max_body {
-        return Err(Oversize { len, max: max_body });
-    }
-    Ok(Some(HEADER_LEN + len + TRAILER_LEN))
-}
+use crate::wire::{frame_len, Control, DEFAULT_MAX_BODY};
 
 /// What a failed read or write on `channel` means for the link.
 pub fn link_error(channel: Channel, deadline: Duration, e: io::Error) -> LinkError {
@@ -145,6 +115,16 @@ impl FrameReader {
         }
         Ok(&self.buf[at..at + len])
     }
+
+    /// The next frame, which must be one of the link's messages (a handshake's).
+    pub fn recv_control(&mut self) -> Result<Control, LinkError> {
+        let channel = self.channel;
+        match Control::decode_frame(self.recv_raw()?, usize::MAX) {
+            Ok(Some((msg, _))) => Ok(msg),
+            Ok(None) => unreachable!("a whole frame"),
+            Err(e) => Err(LinkError::malformed(channel, e)),
+        }
+    }
 }
 
 /// Writes frames. Its buffer is preallocated: small frames (a heartbeat, a request of a
@@ -201,8 +181,13 @@ impl FrameWriter {
         Ok(())
     }
 
-    /// Writes raw bytes (fault injection: a frame cut in half).
-    #[cfg(feature = "fault-injection")]
+    /// Sends one of the link's messages.
+    pub fn send_control(&mut self, msg: &Control) -> Result<(), LinkError> {
+        self.send_with(|buf| msg.encode(buf))
+    }
+
+    /// Writes bytes as they are: whole frames encoded elsewhere (or, injecting faults,
+    /// a frame cut in half).
     pub fn write_raw(&mut self, bytes: &[u8]) -> Result<(), LinkError> {
         self.inner.write_all(bytes).map_err(|e| self.fail(e))
     }
@@ -283,11 +268,12 @@ mod tests {
     }
 
     #[test]
-    fn frame_len_waits_for_the_length_and_refuses_an_oversize_body() {
+    fn frame_len_waits_for_the_header_and_refuses_an_oversize_body() {
         let f = frame(&[7; 10]);
-        assert_eq!(frame_len(&f[..3], 64), Ok(None));
-        assert_eq!(frame_len(&f[..4], 64), Ok(Some(f.len())));
-        assert_eq!(frame_len(&f, 9), Err(Oversize { len: 10, max: 9 }));
+        assert_eq!(frame_len(&f[..7], 64), Ok(None));
+        assert_eq!(frame_len(&f[..8], 64), Ok(Some(f.len())));
+        let oversize = crate::wire::WireError::Oversize { len: 10, max: 9 };
+        assert_eq!(frame_len(&f, 9), Err(oversize));
     }
 
     #[test]

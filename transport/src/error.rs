@@ -1,4 +1,10 @@
-//! Errors of setting up links: addresses, key and certificate material, TLS handshakes.
+//! Errors of links: a broken or silent connection ([`LinkError`], after which a session
+//! pauses and reconnects) kept apart from everything else ([`Error`]'s other variants: a
+//! refused handshake, giving up, key and certificate material, local I/O).
+
+use std::time::Duration;
+
+use crate::link::{Channel, LinkError, Role, ShutReason};
 
 /// How a link is secured (named when the two ends disagree).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,9 +57,84 @@ pub enum CertProblem {
     Unusable(String),
 }
 
+/// Why a peer or this side refuses a connection at its handshake.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The peer does not know the pre-shared key (or we do not know its).
+    #[error("wrong key")]
+    WrongKey,
+    /// The peer shut the connection with a reason of its own.
+    #[error("the peer shut the connection ({reason:?}): {detail}")]
+    PeerShut {
+        /// Its reason.
+        reason: ShutReason,
+        /// Its words.
+        detail: String,
+    },
+    /// One end speaks TLS, the other plaintext with a pre-shared key.
+    #[error("security mismatch: this side speaks {ours}, the peer {peer}")]
+    SecurityMismatch {
+        /// This side.
+        ours: SecurityKind,
+        /// The peer.
+        peer: SecurityKind,
+    },
+    /// This side refused the peer's certificate.
+    #[error("the peer's certificate is {0}")]
+    PeerCertificate(CertProblem),
+    /// The peer refused this side's certificate (or its absence): its TLS alert says why.
+    #[error("the peer refused this side's certificate (TLS alert {alert:?})")]
+    CertificateRefused {
+        /// The alert.
+        alert: rustls::AlertDescription,
+    },
+    /// The opener is not the role this listener serves.
+    #[error("a {got:?} connected where only a {want:?} may")]
+    WrongRole {
+        /// What it said it is.
+        got: Role,
+        /// What this listener takes.
+        want: Role,
+    },
+    /// Another session owns this listener (one that takes a single session).
+    #[error("another session is in progress here")]
+    OtherSession,
+    /// A connection of a session came with another certificate than the session's first.
+    #[error("another certificate than the session's own")]
+    PeerChanged,
+}
+
 /// Errors of the transport.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A connection broke or went silent: a session pauses and reconnects on it.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// The connection was refused at its handshake, by the peer or by this side.
+    #[error("refused: {reason}")]
+    Refused {
+        /// Why.
+        reason: Refusal,
+    },
+    /// A handshake message out of turn.
+    #[error("unexpected {got} on the {channel} connection (expected {expected})")]
+    Unexpected {
+        /// What was expected.
+        expected: &'static str,
+        /// What came.
+        got: &'static str,
+        /// Where.
+        channel: Channel,
+    },
+    /// Paused (or connecting) for longer than the bound without a working connection.
+    #[error("gave up after {after:?} without a working connection")]
+    GaveUp {
+        /// The bound.
+        after: Duration,
+        /// The last failure.
+        #[source]
+        last: LinkError,
+    },
     /// An option or argument that cannot work.
     #[error("{what}: {value}")]
     Invalid {
@@ -62,7 +143,7 @@ pub enum Error {
         /// The value given.
         value: String,
     },
-    /// Local I/O: a key file, `/dev/urandom`.
+    /// Local I/O: a key file, `/dev/urandom`, a listener.
     #[error("{what}")]
     Io {
         /// What was being done.
@@ -90,18 +171,27 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// This side refused the peer's certificate.
-    #[error("the peer's certificate is {0}")]
-    PeerCertificate(CertProblem),
-    /// The peer refused this side's certificate (or its absence): its TLS alert says why.
-    #[error("the peer refused this side's certificate (TLS alert {alert:?})")]
-    CertificateRefused {
-        /// The alert.
-        alert: rustls::AlertDescription,
-    },
 }
 
 impl Error {
+    /// Whether a new connection can carry on (a broken link), as opposed to an error
+    /// that ends the session.
+    pub fn is_link(&self) -> bool {
+        matches!(self, Error::Link(_))
+    }
+
+    /// The refusal, if the connection was refused.
+    pub fn refusal(&self) -> Option<&Refusal> {
+        match self {
+            Error::Refused { reason } => Some(reason),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn refused(reason: Refusal) -> Error {
+        Error::Refused { reason }
+    }
+
     pub(crate) fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
         move |source| Error::Io { what, source }
     }
@@ -117,4 +207,13 @@ pub fn chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     text
+}
+
+impl crate::link::Failure for Error {
+    fn into_link(self) -> Result<LinkError, Error> {
+        match self {
+            Error::Link(link) => Ok(link),
+            other => Err(other),
+        }
+    }
 }

@@ -6,7 +6,7 @@
 //! Opener: HELLO → (listener) CHALLENGE{n_l} → AUTH{HMAC(k, "open"|n_l|session), n_o} →
 //! (listener verifies) AUTH_OK{HMAC(k, "listen"|n_o|session)} → opener verifies.
 //! HMAC-SHA256 ([`Key::proof`], [`Key::verify`]); comparisons in constant time. The
-//! messages themselves are the handshake's (in postcopy).
+//! messages themselves are the handshake's ([`crate::handshake`]).
 
 use std::io::Read;
 

@@ -14,8 +14,8 @@ use common::{
 };
 use pager::{FileSource, PageState, Source};
 use postcopy::client::RemoteSource;
-use postcopy::link::Timing;
 use postcopy::server::PageServer;
+use postcopy::Timing;
 use transport::Key;
 use uffdkit_vmm::snapshot::MEMORY_FILE;
 use uffdkit_vmm::{GuestModel, Lazy, Vm, VmConfig};

@@ -27,7 +27,7 @@ use pager::{
 };
 
 use crate::error::unexpected;
-use crate::link::{Chan, Inbound, Pair};
+use crate::link::{Chan, Inbound, Messages, Pair};
 use crate::net::{Conn, RecvMessage, SendMessage};
 use crate::wire::{Advise, Channel, Frame, Message, PageRange};
 use crate::Error;

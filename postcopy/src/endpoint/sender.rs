@@ -10,7 +10,7 @@ use std::time::Duration;
 use page_state::Bitmap;
 
 use crate::error::LinkError;
-use crate::link::{Chan, Cutter, Inbound};
+use crate::link::{Chan, Cutter, Inbound, Messages};
 use crate::net::SendMessage;
 use crate::wire::{Frame, Message, PageRange};
 use crate::Error;

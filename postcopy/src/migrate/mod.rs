@@ -4,7 +4,7 @@
 //!
 //! The [`source`] owns the memory and a running, writing workload; the [`dest`]ination
 //! receives it and runs the workload from RUN on. They talk over a connection pair of one
-//! session ([`crate::link`]): *main* (control and the background stream) and *urgent*
+//! session ([`transport::link::Pair`]): *main* (control and the background stream) and *urgent*
 //! (the destination's page requests and their answers).
 //!
 //! ```text
@@ -122,12 +122,11 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! [`Error::GaveUp`]: crate::Error::GaveUp
+//! [`Error::GaveUp`]: transport::Error::GaveUp
 
 pub mod dest;
 pub mod source;
 
-pub use crate::link::Timing;
 pub use dest::{
     DestControl, DestOptions, DestPhase, DestReport, DestSwitchSteps, Destination, RunningMemory,
 };
@@ -135,13 +134,14 @@ pub use source::{
     Migration, Phase, Progress, Round, SourceControl, SourceOptions, SourceReport, SwitchReason,
     SwitchSteps,
 };
+pub use transport::link::Timing;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::error::chain;
-use crate::link::Pair;
+use crate::link::{Messages, Pair};
 use crate::wire::{Message, ShutReason, MAX_DETAIL};
 use crate::Error;
 

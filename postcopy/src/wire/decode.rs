@@ -1,70 +1,9 @@
 //! Decoding: a frame's bytes into a message, refusing anything malformed with a typed
 //! [`WireError`].
 
+use transport::wire::{open_frame, Control, Opened, Reader};
+
 use super::*;
-
-struct Reader<'a> {
-    buf: &'a [u8],
-    kind: u8,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
-        if self.buf.len() < n {
-            return Err(WireError::Truncated { kind: self.kind });
-        }
-        let (head, rest) = self.buf.split_at(n);
-        self.buf = rest;
-        Ok(head)
-    }
-    fn u8(&mut self) -> Result<u8, WireError> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, WireError> {
-        Ok(u16::from_le_bytes(
-            self.take(2)?.try_into().expect("2 bytes"),
-        ))
-    }
-    fn u32(&mut self) -> Result<u32, WireError> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
-    }
-    fn u64(&mut self) -> Result<u64, WireError> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
-    }
-    fn array32(&mut self) -> Result<[u8; 32], WireError> {
-        Ok(self.take(32)?.try_into().expect("32 bytes"))
-    }
-    /// A count prefix, refused above `max` and above what the remaining bytes can hold
-    /// at `item` bytes each (so a lying count cannot make us allocate).
-    fn count(&mut self, max: usize, item: usize) -> Result<usize, WireError> {
-        let n = self.u32()? as usize;
-        if n > max {
-            return Err(WireError::OutOfRange {
-                what: "item count",
-                value: n as u64,
-                limit: max as u64,
-            });
-        }
-        if n.saturating_mul(item) > self.buf.len() {
-            return Err(WireError::Truncated { kind: self.kind });
-        }
-        Ok(n)
-    }
-    fn finish(self) -> Result<(), WireError> {
-        if self.buf.is_empty() {
-            Ok(())
-        } else {
-            Err(WireError::Trailing {
-                kind: self.kind,
-                extra: self.buf.len(),
-            })
-        }
-    }
-}
 
 /// The body of PAGES: the first page and whole pages of data within the geometry.
 fn pages_body<'a>(r: &mut Reader<'a>, limits: &Limits) -> Result<(u64, &'a [u8]), WireError> {
@@ -127,19 +66,6 @@ fn ranges(
 fn decode_body(kind: u8, body: &[u8], limits: &Limits) -> Result<Message, WireError> {
     let mut r = Reader { buf: body, kind };
     let msg = match kind {
-        kind::HELLO => hello(&mut r)?,
-        kind::CHALLENGE => Message::Challenge {
-            nonce: r.array32()?,
-        },
-        kind::AUTH => Message::Auth {
-            proof: r.array32()?,
-            nonce: r.array32()?,
-        },
-        kind::AUTH_OK => Message::AuthOk {
-            proof: r.array32()?,
-        },
-        kind::START_TLS => Message::StartTls,
-        kind::ADMITTED => Message::Admitted,
         kind::ADVISE => Message::Advise(advise(&mut r, limits)?),
         kind::DISCARD => Message::Discard {
             ranges: ranges(&mut r, limits, "discard range end")?,
@@ -168,8 +94,6 @@ fn decode_body(kind: u8, body: &[u8], limits: &Limits) -> Result<Message, WireEr
         kind::ACK => Message::Ack { seq: r.u64()? },
         kind::SYNC => Message::Sync { seq: r.u64()? },
         kind::SYNCED => Message::Synced { seq: r.u64()? },
-        kind::PING => Message::Ping { seq: r.u64()? },
-        kind::PONG => Message::Pong { seq: r.u64()? },
         kind::RECV_BITMAP => recv_bitmap(&mut r, limits)?,
         kind::DIGESTS => {
             let first = r.u64()?;
@@ -178,40 +102,14 @@ fn decode_body(kind: u8, body: &[u8], limits: &Limits) -> Result<Message, WireEr
             let digests = (0..n).map(|_| r.u64()).collect::<Result<Vec<_>, _>>()?;
             Message::Digests { first, digests }
         }
-        kind::SHUT => shut(&mut r)?,
+        kind::SHUT => match Control::decode(kind, body)? {
+            Control::Shut { reason, detail } => return Ok(Message::Shut { reason, detail }),
+            _ => unreachable!("a SHUT decodes as one"),
+        },
         other => return Err(WireError::UnknownKind(other)),
     };
     r.finish()?;
     Ok(msg)
-}
-
-fn hello(r: &mut Reader<'_>) -> Result<Message, WireError> {
-    if r.take(8)? != MAGIC {
-        return Err(WireError::BadMagic);
-    }
-    let version = r.u16()?;
-    if version != VERSION {
-        return Err(WireError::BadVersion(version));
-    }
-    let features = Features::from_bits_retain(r.u64()?);
-    let role = match r.u8()? {
-        1 => Role::Destination,
-        2 => Role::Source,
-        _ => return Err(WireError::Invalid("unknown role")),
-    };
-    let channel = match r.u8()? {
-        1 => Channel::Main,
-        2 => Channel::Urgent,
-        _ => return Err(WireError::Invalid("unknown channel")),
-    };
-    Ok(Message::Hello {
-        version,
-        features,
-        role,
-        channel,
-        session: r.u64()?,
-        generation: r.u32()?,
-    })
 }
 
 fn advise(r: &mut Reader<'_>, limits: &Limits) -> Result<Advise, WireError> {
@@ -292,30 +190,6 @@ fn recv_bitmap(r: &mut Reader<'_>, limits: &Limits) -> Result<Message, WireError
     Ok(Message::RecvBitmap { words })
 }
 
-fn shut(r: &mut Reader<'_>) -> Result<Message, WireError> {
-    let reason = match r.u8()? {
-        1 => ShutReason::Done,
-        2 => ShutReason::Error,
-        3 => ShutReason::Auth,
-        4 => ShutReason::Cancelled,
-        5 => ShutReason::SecurityMismatch,
-        6 => ShutReason::Busy,
-        _ => return Err(WireError::Invalid("unknown shut reason")),
-    };
-    let len = r.u16()? as usize;
-    if len > MAX_DETAIL {
-        return Err(WireError::OutOfRange {
-            what: "shut detail length",
-            value: len as u64,
-            limit: MAX_DETAIL as u64,
-        });
-    }
-    let detail = std::str::from_utf8(r.take(len)?)
-        .map_err(|_| WireError::Invalid("shut detail is not UTF-8"))?
-        .to_string();
-    Ok(Message::Shut { reason, detail })
-}
-
 /// A decoded frame whose page data borrows from the input: the bulk of a migration is
 /// placed straight from the receive buffer. Every other message is owned.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -344,42 +218,19 @@ impl Frame<'_> {
     }
 }
 
-/// The length of the first frame of `buf` once its header is in: `Ok(None)` if even the
-/// header is incomplete. Refuses an oversize length before anything is buffered for it.
-pub fn frame_len(buf: &[u8], limits: &Limits) -> Result<Option<usize>, WireError> {
-    if buf.len() < HEADER_LEN {
-        return Ok(None);
-    }
-    let body_len = u32::from_le_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
-    if body_len > limits.max_body {
-        return Err(WireError::Oversize {
-            len: body_len,
-            max: limits.max_body,
-        });
-    }
-    Ok(Some(HEADER_LEN + body_len + TRAILER_LEN))
-}
-
 /// Decodes the first frame of `buf` like [`decode`], borrowing page data.
 pub fn decode_frame<'a>(
     buf: &'a [u8],
     limits: &Limits,
 ) -> Result<Option<(Frame<'a>, usize)>, WireError> {
-    let Some(total) = frame_len(buf, limits)? else {
+    let Some(Opened {
+        kind,
+        body,
+        len: total,
+    }) = open_frame(buf, limits.max_body)?
+    else {
         return Ok(None);
     };
-    if buf.len() < total {
-        return Ok(None);
-    }
-    let kind = buf[4];
-    let crc = u32::from_le_bytes(buf[total - 4..total].try_into().expect("4 bytes"));
-    if crc32fast::hash(&buf[4..total - 4]) != crc {
-        return Err(WireError::BadChecksum { kind });
-    }
-    if buf[5] != 0 || buf[6] != 0 || buf[7] != 0 {
-        return Err(WireError::Reserved { kind });
-    }
-    let body = &buf[HEADER_LEN..total - TRAILER_LEN];
     let frame = if kind == kind::PAGES {
         let mut r = Reader { buf: body, kind };
         let (first, data) = pages_body(&mut r, limits)?;

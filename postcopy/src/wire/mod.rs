@@ -1,21 +1,25 @@
-//! The postcopy wire format: length-framed, checksummed messages.
+//! The postcopy wire format: its messages in the transport's frames.
 //!
-//! A frame is `body_len: u32 | kind: u8 | flags: u8 | reserved: u16 | body | crc32: u32`,
-//! little endian, the CRC-32 covering kind, flags, reserved and body. Every connection
-//! starts with [`Message::Hello`] (magic, version, features). [`decode`] refuses anything
-//! malformed — oversize, unknown kind, bad checksum, wrong version, fields out of range
-//! for the advised geometry, trailing bytes — with a typed [`WireError`], never a panic;
-//! an incomplete frame is `Ok(None)` (read more).
+//! A frame is `body_len: u32 | kind: u8 | flags: u8 | reserved: u16 | body | crc32: u32`
+//! ([`transport::wire`]); the transport's own messages — the handshake, heartbeats,
+//! SHUT — take a few kinds, and every other kind is one of these. A connection starts
+//! with the transport's HELLO naming this protocol ([`PROTOCOL`]: magic, version,
+//! features). [`decode`] refuses anything malformed — oversize, unknown kind, bad
+//! checksum, fields out of range for the advised geometry, trailing bytes — with a typed
+//! [`WireError`], never a panic; an incomplete frame is `Ok(None)` (read more).
 
 use bitflags::bitflags;
 
 mod decode;
 mod encode;
 
-pub use decode::{decode, decode_frame, frame_len, Frame};
+pub use decode::{decode, decode_frame, Frame};
 pub use encode::{encode, encode_request};
 /// The link's vocabulary, which HELLO and SHUT carry (defined by the transport).
 pub use transport::link::{Channel, Role, ShutReason};
+pub use transport::wire::{
+    peek_channel, WireError, DEFAULT_MAX_BODY, HEADER_LEN, MAX_DETAIL, TRAILER_LEN,
+};
 
 /// Identifies a uffdkit postcopy connection.
 pub const MAGIC: [u8; 8] = *b"UFFDKPC\0";
@@ -24,20 +28,12 @@ pub const MAGIC: [u8; 8] = *b"UFFDKPC\0";
 /// delivered only once a SYNC after them is answered with SYNCED; 5: RUN carries the
 /// source's opaque device state, handed to the destination's embedder before it resumes).
 pub const VERSION: u16 = 5;
-/// Bytes before the body.
-pub const HEADER_LEN: usize = 8;
-/// Bytes after the body.
-pub const TRAILER_LEN: usize = 4;
-/// The default largest body accepted (a 32 MiB batch of pages plus headers).
-pub const DEFAULT_MAX_BODY: usize = 32 << 20 | 4096;
 /// Page counts above this are refused (2^40 pages: 4 PiB of 4 KiB pages).
 pub const MAX_PAGES: u64 = 1 << 40;
 /// Most regions in one ADVISE.
 pub const MAX_REGIONS: usize = 4096;
 /// Most ranges in one DISCARD or REQ_PAGES.
 pub const MAX_RANGES: usize = 1 << 16;
-/// Longest SHUT detail text.
-pub const MAX_DETAIL: usize = 1024;
 /// Largest device state RUN carries (vCPU registers and device models are kilobytes; a
 /// frame must stay under [`DEFAULT_MAX_BODY`]).
 pub const MAX_DEVICE_STATE: usize = 16 << 20;
@@ -54,13 +50,20 @@ bitflags! {
         const RECOVERY = 1 << 2;
         /// 2 MiB pages.
         const HUGE_PAGES = 1 << 3;
-        /// In HELLO: the opener speaks TLS 1.3 with certificates (without it: plaintext and
-        /// a pre-shared key). A listener speaking the other refuses it with
-        /// [`ShutReason::SecurityMismatch`].
-        const TLS = 1 << 4;
         const _ = !0;
     }
 }
+
+/// What every connection's HELLO says of this protocol: a listener admits only openers
+/// that speak it (the features are informative; ADVISE carries the ones in use).
+pub const PROTOCOL: transport::wire::Protocol = transport::wire::Protocol {
+    magic: MAGIC,
+    version: VERSION,
+    features: Features::ZERO_RUNS
+        .union(Features::URGENT_CHANNEL)
+        .union(Features::RECOVERY)
+        .bits(),
+};
 
 /// A run of pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -96,44 +99,6 @@ pub struct Advise {
 /// Every message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    /// First message on every connection, from its opener.
-    Hello {
-        /// Protocol version.
-        version: u16,
-        /// Offered features.
-        features: Features,
-        /// Who is opening.
-        role: Role,
-        /// What this connection carries.
-        channel: Channel,
-        /// Migration session id (ties the urgent channel and reconnects to a session).
-        session: u64,
-        /// Which connection pair of the session this is: the opener counts its attempts,
-        /// and a newer generation supersedes the pair of an older one.
-        generation: u32,
-    },
-    /// The listener's authentication challenge.
-    Challenge {
-        /// Random nonce to prove the key over.
-        nonce: [u8; 32],
-    },
-    /// The opener's proof of the pre-shared key over the challenge, and its own nonce.
-    Auth {
-        /// MAC of the challenge nonce.
-        proof: [u8; 32],
-        /// Nonce for the listener to prove the key over.
-        nonce: [u8; 32],
-    },
-    /// The listener's proof over the opener's nonce: both sides are authenticated.
-    AuthOk {
-        /// MAC of the opener's nonce.
-        proof: [u8; 32],
-    },
-    /// The listener's answer to a HELLO asking for TLS, in plaintext: the opener's TLS
-    /// handshake comes next.
-    StartTls,
-    /// Inside TLS, after the opener repeated its HELLO there: the connection is admitted.
-    Admitted,
     /// Geometry and features.
     Advise(Advise),
     /// Pages the destination must drop (dirtied after they were sent).
@@ -185,16 +150,6 @@ pub enum Message {
         /// The SYNC's sequence number.
         seq: u64,
     },
-    /// Liveness probe.
-    Ping {
-        /// Echoed in the PONG.
-        seq: u64,
-    },
-    /// Answer to PING.
-    Pong {
-        /// The PING's sequence number.
-        seq: u64,
-    },
     /// On resume: every page the destination has received (bit i = page i).
     RecvBitmap {
         /// `ceil(page_count / 64)` words.
@@ -208,7 +163,8 @@ pub enum Message {
         /// One digest per page.
         digests: Vec<u64>,
     },
-    /// The sender is closing the connection.
+    /// The sender is closing the connection (the transport's SHUT, which a session's
+    /// phase logic hears too).
     Shut {
         /// Why.
         reason: ShutReason,
@@ -218,12 +174,7 @@ pub enum Message {
 }
 
 pub(crate) mod kind {
-    pub const HELLO: u8 = 1;
-    pub const CHALLENGE: u8 = 2;
-    pub const AUTH: u8 = 3;
-    pub const AUTH_OK: u8 = 4;
-    pub const START_TLS: u8 = 5;
-    pub const ADMITTED: u8 = 6;
+    pub use transport::wire::kind::SHUT;
     pub const ADVISE: u8 = 10;
     pub const DISCARD: u8 = 11;
     pub const LISTEN: u8 = 12;
@@ -234,73 +185,9 @@ pub(crate) mod kind {
     pub const ZERO_RUN: u8 = 22;
     pub const REQ_PAGES: u8 = 30;
     pub const ACK: u8 = 31;
-    pub const PING: u8 = 32;
-    pub const PONG: u8 = 33;
     pub const RECV_BITMAP: u8 = 34;
     pub const DIGESTS: u8 = 35;
     pub const SYNCED: u8 = 36;
-    pub const SHUT: u8 = 40;
-}
-
-/// A malformed frame or message.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum WireError {
-    /// The frame's body is larger than accepted.
-    #[error("frame body of {len} bytes exceeds the limit of {max}")]
-    Oversize {
-        /// Announced length.
-        len: usize,
-        /// The limit.
-        max: usize,
-    },
-    /// The checksum does not match.
-    #[error("checksum mismatch on a kind-{kind} frame")]
-    BadChecksum {
-        /// The frame's kind byte.
-        kind: u8,
-    },
-    /// A kind this version does not know.
-    #[error("unknown message kind {0}")]
-    UnknownKind(u8),
-    /// Flags or reserved bits set.
-    #[error("kind-{kind} frame has reserved bits set")]
-    Reserved {
-        /// The kind.
-        kind: u8,
-    },
-    /// HELLO with the wrong magic.
-    #[error("not a uffdkit postcopy peer (bad magic)")]
-    BadMagic,
-    /// HELLO with another version.
-    #[error("peer speaks wire version {0}, this side {VERSION}")]
-    BadVersion(u16),
-    /// The body ended before the message did.
-    #[error("kind-{kind} body truncated")]
-    Truncated {
-        /// The kind.
-        kind: u8,
-    },
-    /// Bytes after the message.
-    #[error("kind-{kind} body has {extra} trailing bytes")]
-    Trailing {
-        /// The kind.
-        kind: u8,
-        /// How many.
-        extra: usize,
-    },
-    /// A field outside what the geometry allows.
-    #[error("{what} {value} out of range (limit {limit})")]
-    OutOfRange {
-        /// Which field.
-        what: &'static str,
-        /// Its value.
-        value: u64,
-        /// The limit it broke.
-        limit: u64,
-    },
-    /// Anything else that cannot be.
-    #[error("invalid message: {0}")]
-    Invalid(&'static str),
 }
 
 /// What the decoder knows of the session: the frame size limit and, after ADVISE, the
@@ -336,18 +223,6 @@ impl Limits {
     }
 }
 
-/// The channel a connection carries, from its opener's first bytes (its HELLO): `None`
-/// until the whole frame is there, an error if they are not a HELLO. For what sits
-/// between two endpoints (a proxy, a test's fault injector).
-pub fn peek_channel(first: &[u8]) -> Option<Result<Channel, WireError>> {
-    match decode(first, &Limits::default()) {
-        Ok(Some((Message::Hello { channel, .. }, _))) => Some(Ok(channel)),
-        Ok(Some((other, _))) => Some(Err(WireError::UnknownKind(other.kind()))),
-        Ok(None) => None,
-        Err(e) => Some(Err(e)),
-    }
-}
-
 impl Message {
     /// The message's name on the wire (for errors and logs).
     pub fn name(&self) -> &'static str {
@@ -360,12 +235,6 @@ impl Message {
 
     fn kind_name(&self) -> (u8, &'static str) {
         match self {
-            Message::Hello { .. } => (kind::HELLO, "HELLO"),
-            Message::Challenge { .. } => (kind::CHALLENGE, "CHALLENGE"),
-            Message::Auth { .. } => (kind::AUTH, "AUTH"),
-            Message::AuthOk { .. } => (kind::AUTH_OK, "AUTH_OK"),
-            Message::StartTls => (kind::START_TLS, "START_TLS"),
-            Message::Admitted => (kind::ADMITTED, "ADMITTED"),
             Message::Advise(_) => (kind::ADVISE, "ADVISE"),
             Message::Discard { .. } => (kind::DISCARD, "DISCARD"),
             Message::Listen => (kind::LISTEN, "LISTEN"),
@@ -377,8 +246,6 @@ impl Message {
             Message::Ack { .. } => (kind::ACK, "ACK"),
             Message::Sync { .. } => (kind::SYNC, "SYNC"),
             Message::Synced { .. } => (kind::SYNCED, "SYNCED"),
-            Message::Ping { .. } => (kind::PING, "PING"),
-            Message::Pong { .. } => (kind::PONG, "PONG"),
             Message::RecvBitmap { .. } => (kind::RECV_BITMAP, "RECV_BITMAP"),
             Message::Digests { .. } => (kind::DIGESTS, "DIGESTS"),
             Message::Shut { .. } => (kind::SHUT, "SHUT"),

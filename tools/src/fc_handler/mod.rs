@@ -314,11 +314,11 @@ fn open_memory(args: &Args) -> Result<Memory> {
             })
     };
     let silence = seconds("silence", args.silence)?;
-    let timing = postcopy::link::Timing {
+    let timing = postcopy::Timing {
         silence,
         heartbeat: silence / 6,
         give_up_after: seconds("give-up", args.give_up)?,
-        ..postcopy::link::Timing::default()
+        ..postcopy::Timing::default()
     };
     let remote = postcopy::client::RemoteSource::connect_with(addr, security, timing)
         .with_context(|| format!("connect to the page server at {addr}"))?;

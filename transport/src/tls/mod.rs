@@ -9,7 +9,7 @@
 //! listener given a peer name also checks that the opener's certificate carries it.
 //! Sessions never resume: each reconnection is a fresh full handshake.
 //!
-//! How TLS slots into a connection (postcopy's handshake): the opener's HELLO goes in the
+//! How TLS slots into a connection ([`crate::handshake`]): the opener's HELLO goes in the
 //! clear asking for TLS, the listener answers START_TLS (or, if it speaks plaintext,
 //! refuses with a security mismatch), the TLS handshake runs, and inside it the opener
 //! repeats its HELLO and the listener admits the connection. Then the frames flow as
@@ -45,7 +45,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
-use crate::error::CertProblem;
+use crate::error::{CertProblem, Refusal};
 use crate::net::Addr;
 use crate::Error;
 
@@ -278,11 +278,11 @@ pub fn handshake_error(e: rustls::Error, expected: impl FnOnce() -> String) -> E
         },
         rustls::Error::NoCertificatesPresented => CertProblem::Missing,
         rustls::Error::AlertReceived(alert) if certificate_alert(*alert) => {
-            return Error::CertificateRefused { alert: *alert };
+            return Error::refused(Refusal::CertificateRefused { alert: *alert });
         }
         _ => return tls("handshake")(e),
     };
-    Error::PeerCertificate(problem)
+    Error::refused(Refusal::PeerCertificate(problem))
 }
 
 /// The rustls error inside an I/O error from a TLS stream, if that is what it carries.

@@ -15,8 +15,8 @@
 //! in the order they were sealed, because only the one writer drains them.
 //!
 //! Sealing allocates (rustls builds each record in a fresh buffer), so a fault handler
-//! must not write here: the link hands its requests to a thread of their own (see
-//! the link's `Chan::request` in postcopy).
+//! must not write here: a pair hands their frames to a thread of its own (see
+//! [`crate::link::Chan::request_with`]).
 
 use std::io::{self, IoSlice, Read, Write};
 use std::sync::{Arc, Mutex, MutexGuard};

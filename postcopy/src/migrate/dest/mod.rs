@@ -25,11 +25,10 @@ use super::{shut_session, step, BoxError, LinkStatus, Timing};
 use crate::endpoint::receiver::{read_advise, Land, Receiver};
 use crate::endpoint::RecvStats;
 use crate::error::{unexpected, LinkError, Refusal};
-use crate::handshake::Security;
-use crate::link::accept::{Acceptor, Admit, Arrival};
-use crate::link::{Admission, Pair};
-use crate::wire::{Advise, Message, Role, ShutReason};
+use crate::link::{self, Acceptor, Admission, Admit, Arrival, Messages, Pair};
+use crate::wire::{Advise, Message, Role, ShutReason, PROTOCOL};
 use crate::Error;
+use crate::Security;
 
 mod placed;
 mod run;
@@ -197,7 +196,7 @@ impl Destination {
         };
         let acceptor = Acceptor::start(
             listener,
-            security.into(),
+            (PROTOCOL, security.into()),
             (opts.timing, admission),
             (Role::Source, Admit::OneSession),
             None,
@@ -228,7 +227,7 @@ impl Destination {
 
     /// The bound address.
     pub fn local_addr(&self) -> Result<Addr, Error> {
-        self.acceptor.local_addr()
+        Ok(self.acceptor.local_addr()?)
     }
 
     /// Progress.

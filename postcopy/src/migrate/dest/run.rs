@@ -27,13 +27,13 @@ impl<'d> DestRun<'d> {
         let t = d.opts.timing;
         let until = Instant::now() + t.give_up_after;
         let (mut arrival, advise) = loop {
-            let mut arrival = d.acceptor.take(None, until).ok_or(Error::GaveUp {
-                after: t.give_up_after,
-                last: LinkError::NoAnswer {
+            let mut arrival = d.acceptor.take(None, until).ok_or(Error::gave_up(
+                t.give_up_after,
+                LinkError::NoAnswer {
                     expected: "a source",
                     after: t.give_up_after,
                 },
-            })?;
+            ))?;
             match read_advise(&mut arrival.conns.0) {
                 Ok(advise) => break (arrival, advise),
                 Err(e) if e.is_link() => continue,
@@ -46,7 +46,11 @@ impl<'d> DestRun<'d> {
         let (ps, pages) = match geometry {
             Ok(g) => g,
             Err(e) => {
-                crate::handshake::refuse(&mut arrival.conns.0, ShutReason::Error, &e.to_string());
+                transport::handshake::refuse(
+                    &mut arrival.conns.0,
+                    ShutReason::Error,
+                    &e.to_string(),
+                );
                 return Err(e);
             }
         };
@@ -99,11 +103,11 @@ impl<'d> DestRun<'d> {
     fn adopt(&mut self, mut arrival: Arrival, advise: Advise) -> Result<(), Error> {
         if advise != self.advise {
             let e = Refusal::GeometryChanged;
-            crate::handshake::refuse(&mut arrival.conns.0, ShutReason::Error, &e.to_string());
+            transport::handshake::refuse(&mut arrival.conns.0, ShutReason::Error, &e.to_string());
             return Err(Error::refused(e));
         }
         let (timing, receiver) = (&self.d.opts.timing, self.receiver.clone());
-        let pair = Pair::start(arrival.conns, arrival.cutter, &advise, receiver, timing)?;
+        let pair = link::start(arrival.conns, arrival.cutter, &advise, receiver, timing)?;
         self.receiver.greet(&pair, Some(self.step))?;
         self.pair = Some(pair);
         Ok(())
@@ -127,7 +131,7 @@ impl<'d> DestRun<'d> {
         };
         match self.next_pair(Instant::now() + after, &mut last) {
             Ok(true) => {}
-            Ok(false) => return Err(self.fail(Error::GaveUp { after, last })),
+            Ok(false) => return Err(self.fail(Error::gave_up(after, last))),
             Err(e) => return Err(self.fail(e)),
         }
         self.d.control.link.resumed("destination");

@@ -15,15 +15,14 @@ use super::{copy_raw, digest_raw, shut_session, step, BoxError, LinkStatus, Timi
 use crate::endpoint::sender::{Pages, Sender};
 use crate::endpoint::SendStats;
 use crate::error::{unexpected, LinkError, Refusal};
-use crate::handshake::Security;
-use crate::link::dial::Dialer;
-use crate::link::{self, Pair};
+use crate::link::{self, Dialer, Messages, Pair};
 use crate::net::SendMessage;
 use crate::wire::{
     Advise, Features, Message, PageRange, Role, ShutReason, WireRegion, MAX_DEVICE_STATE,
-    MAX_RANGES,
+    MAX_RANGES, PROTOCOL,
 };
 use crate::Error;
+use crate::Security;
 use uffd_core::DirtyTracker;
 
 /// Reports a protocol event to the test observer (`fault-injection` only; nothing
@@ -397,7 +396,7 @@ impl Migration {
     /// Failures: a broken or silent connection in any phase pauses the migration (the
     /// workload keeps running before the switch; after it the destination holds it) and
     /// it resumes on a new pair, until [`Timing::give_up_after`] passes without one: then
-    /// [`Error::GaveUp`]. Before RUN nothing runs at the destination, so the caller may
+    /// [`Error::Transport`] with [`transport::Error::GaveUp`]. Before RUN nothing runs at the destination, so the caller may
     /// simply resume its workload if it was already stopped.
     pub fn run_with_state<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
         self,

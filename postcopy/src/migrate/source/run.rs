@@ -74,7 +74,7 @@ impl<'m> Run<'m> {
             tracker,
             dialer: Dialer::new(
                 m.addr.clone(),
-                m.security.clone(),
+                (PROTOCOL, m.security.clone()),
                 Role::Source,
                 m.opts.timing,
             )?,

@@ -8,17 +8,16 @@
 
 use std::io::{Read, Write};
 
+use rustls::ServerConnection;
 use sha2::{Digest, Sha256};
-use transport::key::nonce;
-use transport::tls::handshake_error;
-use transport::tls::rustls::ServerConnection;
-use transport::Socket;
 
-use super::{other, Hello, Security};
-use crate::error::{unexpected, LinkError, Refusal};
-use crate::net::Conn;
-use crate::wire::{decode, encode, Channel, Limits, Message, Role, ShutReason};
-use crate::Error;
+use super::{other, unexpected, Hello};
+use crate::error::Refusal;
+use crate::key::nonce;
+use crate::link::{Channel, LinkError, Role, ShutReason};
+use crate::tls::handshake_error;
+use crate::wire::{Control, Protocol};
+use crate::{Conn, Error, Security, Socket};
 
 /// The largest body of a frame an opener may send before it is admitted.
 pub const MAX_HANDSHAKE_FRAME: usize = 256;
@@ -41,7 +40,7 @@ enum Stage {
     /// TLS: START_TLS sent; the TLS handshake, then the HELLO repeated inside it.
     Tls {
         hello: Hello,
-        outer: Message,
+        outer: Control,
         tls: Box<ServerConnection>,
     },
     /// Authenticated; waiting for the verdict. `proof_for` is the opener's nonce (PSK).
@@ -58,6 +57,7 @@ enum Stage {
 
 /// The listener's side of one connection's handshake.
 pub struct Listening {
+    protocol: Protocol,
     security: Security,
     peer: Role,
     /// Plaintext frames not yet decoded: the socket's bytes before TLS, the session's
@@ -77,17 +77,12 @@ impl std::fmt::Debug for Listening {
     }
 }
 
-fn frame_limits() -> Limits {
-    Limits {
-        max_body: MAX_HANDSHAKE_FRAME,
-        ..Limits::default()
-    }
-}
-
 impl Listening {
-    /// A handshake with an opener that must be a `peer`, secured as `security` says.
-    pub fn new(security: Security, peer: Role) -> Listening {
+    /// A handshake with an opener that must be a `peer` speaking `protocol`, secured as
+    /// `security` says.
+    pub fn new(protocol: Protocol, security: Security, peer: Role) -> Listening {
         Listening {
+            protocol,
             security,
             peer,
             input: Vec::new(),
@@ -168,9 +163,9 @@ impl Listening {
     }
 
     /// The next whole plaintext frame of the input.
-    fn next_frame(&mut self) -> Result<Option<Message>, Error> {
+    fn next_frame(&mut self) -> Result<Option<Control>, Error> {
         let channel = self.channel();
-        match decode(&self.input, &frame_limits()) {
+        match Control::decode_frame(&self.input, MAX_HANDSHAKE_FRAME) {
             Ok(Some((msg, used))) => {
                 self.input.drain(..used);
                 Ok(Some(msg))
@@ -181,9 +176,11 @@ impl Listening {
     }
 
     /// The opener's HELLO: the role and the security must be ours.
-    fn hello(&mut self, msg: Message) -> Result<(), Error> {
-        let Some((hello, theirs)) = Hello::of(&msg) else {
-            return Err(unexpected(msg, "HELLO", Channel::Main));
+    fn hello(&mut self, msg: Control) -> Result<(), Error> {
+        let (hello, theirs) = match Hello::of(&msg, &self.protocol) {
+            Some(Ok(said)) => said,
+            Some(Err(e)) => return Err(LinkError::malformed(Channel::Main, e).into()),
+            None => return Err(unexpected(msg, "HELLO", Channel::Main)),
         };
         let ours = self.security.kind();
         if theirs != ours {
@@ -205,7 +202,7 @@ impl Listening {
         match &self.security {
             Security::PreSharedKey(_) => {
                 let challenge = nonce()?;
-                encode(&Message::Challenge { nonce: challenge }, &mut self.output);
+                Control::Challenge { nonce: challenge }.encode(&mut self.output);
                 self.stage = Stage::Challenged { hello, challenge };
             }
             Security::Tls(config) => {
@@ -213,7 +210,7 @@ impl Listening {
                     what: "start a session",
                     source,
                 })?;
-                encode(&Message::StartTls, &mut self.output);
+                Control::StartTls.encode(&mut self.output);
                 self.stage = Stage::Tls {
                     hello,
                     outer: msg,
@@ -229,13 +226,13 @@ impl Listening {
         &mut self,
         hello: Hello,
         challenge: &[u8; 32],
-        msg: Message,
+        msg: Control,
     ) -> Result<Progress, Error> {
         let Security::PreSharedKey(key) = &self.security else {
             unreachable!("a challenge is only sent with a pre-shared key");
         };
         let (proof, theirs) = match msg {
-            Message::Auth { proof, nonce } => (proof, nonce),
+            Control::Auth { proof, nonce } => (proof, nonce),
             other => return Err(unexpected(other, "AUTH", hello.channel)),
         };
         if !key.verify(b"open", challenge, hello.session, &proof) {
@@ -275,7 +272,7 @@ impl Listening {
             let processed = tls.process_new_packets();
             let _ = tls.write_tls(&mut self.output); // alerts go out before we close
             if let Err(e) = processed {
-                return Err(handshake_error(e, || expected.clone()).into());
+                return Err(handshake_error(e, || expected.clone()));
             }
             if n == 0 {
                 return Err(LinkError::Closed { channel }.into());
@@ -296,7 +293,7 @@ impl Listening {
         if tls.is_handshaking() {
             return Ok(Progress::More);
         }
-        let inner = match decode(&self.input, &frame_limits()) {
+        let inner = match Control::decode_frame(&self.input, MAX_HANDSHAKE_FRAME) {
             Ok(Some((msg, used))) => {
                 self.input.drain(..used);
                 msg
@@ -326,13 +323,8 @@ impl Listening {
     /// Queues a SHUT for the opener (sealed, once inside TLS).
     fn shut(&mut self, reason: ShutReason, detail: &str) {
         let mut frame = Vec::new();
-        encode(
-            &Message::Shut {
-                reason,
-                detail: detail.into(),
-            },
-            &mut frame,
-        );
+        let detail = detail.into();
+        Control::Shut { reason, detail }.encode(&mut frame);
         self.send(&frame);
     }
 
@@ -364,13 +356,11 @@ impl Listening {
         };
         let mut frame = Vec::new();
         match (&self.security, proof_for) {
-            (Security::PreSharedKey(key), Some(theirs)) => encode(
-                &Message::AuthOk {
-                    proof: key.proof(b"listen", &theirs, hello.session),
-                },
-                &mut frame,
-            ),
-            _ => encode(&Message::Admitted, &mut frame),
+            (Security::PreSharedKey(key), Some(theirs)) => Control::AuthOk {
+                proof: key.proof(b"listen", &theirs, hello.session),
+            }
+            .encode(&mut frame),
+            _ => Control::Admitted.encode(&mut frame),
         }
         self.stage = Stage::Admitted { tls };
         self.send(&frame);

@@ -1,30 +1,4 @@
-//! Connection pairs that notice when they die.
-//!
-//! A session runs over a `Pair` of authenticated connections: *main* (control and the
-//! background stream) and *urgent* (requested pages, so they never queue behind the
-//! stream). While a pair lives, one thread reads each connection and one sends a PING on
-//! both every [`Timing::heartbeat`]; every read and write has the [`Timing::silence`]
-//! deadline. So a connection that breaks *or goes silent* (a partition: both ends
-//! established, nothing flowing) is noticed on both sides within the deadline, and the
-//! side that notices cuts both connections, which tells a reachable peer at once.
-//!
-//! Readers hand data frames to the endpoint's `Inbound` on their own thread (pages are
-//! placed, requests answered, without a hop) and queue everything else for the endpoint's
-//! phase logic, which reads the queue with `Pair::next`. A broken pair ends in one
-//! [`LinkError`]: the first cause.
-//!
-//! Pairs are made by a `dial::Dialer` (with backoff, bounded) or an
-//! `accept::Acceptor` (which pairs the two connections of one session generation and
-//! lets a newer generation supersede the older pair).
-
-pub(crate) mod accept;
-pub(crate) mod dial;
-mod forward;
-mod gate;
-mod sessions;
-
-pub use sessions::AcceptStats;
-pub use transport::link::{Admission, Timing};
+//! A live connection pair: its channels' writers, the readers and the heartbeat.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -32,25 +6,21 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use self::forward::Forward;
-use transport::Link;
-
-use crate::error::LinkError;
-use transport::conn::{FrameReader, FrameWriter};
-
-use crate::net::{Conn, RecvMessage, SendMessage};
-use crate::wire::{Advise, Channel, Frame, Limits, Message, PageRange};
-use crate::Error;
+use super::forward::Forward;
+use super::{Channel, LinkError, Timing};
+use crate::conn::{Conn, FrameReader, FrameWriter};
+use crate::net::Link;
+use crate::wire::{kind, Control};
 
 /// Pairs' epochs, increasing in the order pairs start, process-wide.
 static EPOCHS: AtomicU64 = AtomicU64::new(1);
 
 /// One connection's writing side, shared by the threads that send on it.
-pub(crate) struct Chan {
+pub struct Chan {
     /// What it carries.
     pub channel: Channel,
-    /// Its pair's epoch: a receiver lands frames only from the pair it greeted last, the
-    /// newest (see `Receiver`), so nothing a superseded pair still carries is applied.
+    /// Its pair's epoch ([`Pair::epoch`]): a receiver can tell frames of a superseded pair
+    /// from the newest's.
     pub pair_epoch: u64,
     writer: Mutex<FrameWriter>,
     link: Link,
@@ -65,7 +35,7 @@ pub(crate) struct Chan {
 }
 
 /// The writer of a [`Chan`], held for one or more frames; the send is timed while held.
-pub(crate) struct Sending<'a> {
+pub struct Sending<'a> {
     writer: MutexGuard<'a, FrameWriter>,
     busy: &'a AtomicU64,
 }
@@ -132,9 +102,14 @@ impl Chan {
         since != 0 && self.now().saturating_sub(since) > limit.as_nanos() as u64
     }
 
-    /// Sends one message.
-    pub fn send(&self, msg: &Message) -> Result<(), LinkError> {
-        self.writer().send(msg)
+    /// Sends the frame `encode` writes (into the writer's preallocated buffer).
+    pub fn send_with(&self, encode: impl FnOnce(&mut Vec<u8>)) -> Result<(), LinkError> {
+        self.writer().send_with(encode)
+    }
+
+    /// Sends one of the link's messages (a SHUT).
+    pub fn send_control(&self, msg: &Control) -> Result<(), LinkError> {
+        self.writer().send_control(msg)
     }
 
     /// Sends a heartbeat unless another thread is sending (its bytes show the link is
@@ -145,30 +120,26 @@ impl Chan {
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
         };
-        self.sending(writer).send(&Message::Ping { seq })
+        self.sending(writer).send_control(&Control::Ping { seq })
     }
 
-    /// Sends REQ_PAGES without allocating — on an encrypted connection, through the
-    /// pair's forwarding thread; on failure shuts the connection down (its reader reports
-    /// the break). For fault handlers.
-    pub fn request(&self, ranges: &[PageRange]) {
-        match &self.forward {
-            Some(forward) => {
-                if !forward.push(ranges) {
-                    self.link.shutdown();
-                }
-            }
-            None => {
-                if self.writer().request(ranges).is_err() {
-                    self.link.shutdown();
-                }
-            }
+    /// Sends the frames `encode` writes (at most `len` bytes) without allocating — on an
+    /// encrypted connection through the pair's forwarding thread (see
+    /// [`Inbound::forwards_requests`]); on failure shuts the connection down (its reader
+    /// reports the break). For fault handlers, which must not allocate.
+    pub fn request_with(&self, len: usize, encode: impl FnOnce(&mut Vec<u8>)) {
+        let sent = match &self.forward {
+            Some(forward) => forward.push(len, encode),
+            None => self.writer().send_with(encode).is_ok(),
+        };
+        if !sent {
+            self.link.shutdown();
         }
     }
 }
 
 /// Cuts a pair's two connections, once, remembering the first cause.
-pub(crate) struct Cutter {
+pub struct Cutter {
     links: [Link; 2],
     cut: AtomicBool,
     cause: Mutex<Option<LinkError>>,
@@ -176,6 +147,7 @@ pub(crate) struct Cutter {
 }
 
 impl Cutter {
+    /// The cutter of `main` and `urgent`.
     pub fn new(main: &Conn, urgent: &Conn) -> std::io::Result<Arc<Cutter>> {
         Ok(Arc::new(Cutter {
             links: [main.link.try_clone()?, urgent.link.try_clone()?],
@@ -210,7 +182,7 @@ impl Cutter {
     }
 
     /// Sleeps up to `d`, or until the pair is cut; true if it was.
-    fn sleep(&self, d: Duration) -> bool {
+    pub fn sleep(&self, d: Duration) -> bool {
         let guard = self.cause.lock().unwrap_or_else(|p| p.into_inner());
         let _ = self
             .wake
@@ -220,30 +192,45 @@ impl Cutter {
     }
 }
 
-/// What an endpoint does with frames, on the reading thread of the connection they came
-/// on: use data frames (place pages, answer requests) and return `None`, or return the
-/// message for the phase logic's queue. An error other than [`Error::Link`] ends the
-/// session.
-pub(crate) trait Inbound: Send + Sync {
-    /// Handles one frame read on `chan`'s connection (PING and PONG never get here).
-    fn frame(&self, chan: &Chan, frame: Frame<'_>) -> Result<Option<Message>, Error>;
+/// What a protocol does with its frames, on the reading thread of the connection they
+/// came on: use data frames (place pages, answer requests) and return `None`, or return
+/// the message for the phase logic's queue ([`Pair::next`]). An error that is not a
+/// broken link ([`Failure::into_link`]) ends the session.
+pub trait Inbound: Send + Sync {
+    /// The protocol's messages.
+    type Message: Send + 'static;
+    /// The protocol's errors.
+    type Error: Failure;
 
-    /// Whether fault handlers ask for pages through [`Chan::request`] on this pair.
-    fn asks_for_pages(&self) -> bool {
+    /// Handles one whole frame (header to trailer, as read) that arrived on `chan`'s
+    /// connection; the link's heartbeats never get here.
+    fn frame(&self, chan: &Chan, frame: &[u8]) -> Result<Option<Self::Message>, Self::Error>;
+
+    /// Whether fault handlers send on the urgent connection ([`Chan::request_with`]):
+    /// over an encrypted connection the pair then runs a thread that seals their frames.
+    fn forwards_requests(&self) -> bool {
         false
     }
 }
 
-/// What the readers queue for the phase logic.
-enum Queued {
-    Message(Channel, Message),
-    Broken,
-    Failed(Error),
+/// A protocol's error type, of which a broken link is one case.
+pub trait Failure: From<LinkError> + Send + 'static {
+    /// The broken link it is, or itself if it is anything else.
+    fn into_link(self) -> Result<LinkError, Self>;
 }
+
+/// What the readers queue for the phase logic.
+enum Queued<M, E> {
+    Message(Channel, M),
+    Broken,
+    Failed(E),
+}
+
+type Handler<M, E> = Arc<dyn Inbound<Message = M, Error = E>>;
 
 /// A live connection pair with its reader and heartbeat threads. Dropping it cuts both
 /// connections and joins the threads.
-pub(crate) struct Pair {
+pub struct Pair<M, E> {
     /// The main connection.
     pub main: Arc<Chan>,
     /// The urgent connection.
@@ -252,45 +239,56 @@ pub(crate) struct Pair {
     pub cutter: Arc<Cutter>,
     /// Greater than every pair's started before it in this process.
     pub epoch: u64,
-    queue: mpsc::Receiver<Queued>,
+    queue: mpsc::Receiver<Queued<M, E>>,
     forward: Option<Arc<Forward>>,
     threads: Vec<JoinHandle<()>>,
 }
 
-impl Pair {
-    /// Starts the readers (decoding against `advise`, handing frames to `inbound`) and
-    /// the heartbeat.
+impl<M: Send + 'static, E: Failure> Pair<M, E> {
+    /// Makes a pair of two connections: cuts both when either breaks.
+    pub fn new(
+        conns: (Conn, Conn),
+        inbound: Handler<M, E>,
+        timing: &Timing,
+    ) -> Result<Pair<M, E>, crate::Error> {
+        let cutter =
+            Cutter::new(&conns.0, &conns.1).map_err(crate::Error::io("clone a connection"))?;
+        Pair::start(conns, cutter, inbound, timing)
+    }
+
+    /// Starts the readers (handing frames to `inbound`) and the heartbeat of two
+    /// connections that `cutter` cuts.
     pub fn start(
         (main, urgent): (Conn, Conn),
         cutter: Arc<Cutter>,
-        advise: &Advise,
-        inbound: Arc<dyn Inbound>,
+        inbound: Handler<M, E>,
         timing: &Timing,
-    ) -> Result<Pair, Error> {
-        let limits = Limits::default().advised(advise);
+    ) -> Result<Pair<M, E>, crate::Error> {
         // Relaxed: a unique, increasing number; the pair's threads start after it.
         let epoch = EPOCHS.fetch_add(1, Ordering::Relaxed);
         let (tx, queue) = mpsc::channel();
         let mut threads = Vec::new();
         let mut chans = Vec::new();
-        let forward = (urgent.writes_allocate() && inbound.asks_for_pages())
+        let forward = (urgent.writes_allocate() && inbound.forwards_requests())
             .then(|| Arc::new(Forward::new(timing.silence)));
         for (channel, conn) in [(Channel::Main, main), (Channel::Urgent, urgent)] {
             let Conn { r, w, link, .. } = conn;
             let fwd = forward.clone().filter(|_| channel == Channel::Urgent);
             let chan = Arc::new(Chan::new((channel, epoch), w, link, fwd));
             let (c, cut, inb, tx) = (chan.clone(), cutter.clone(), inbound.clone(), tx.clone());
-            threads.push(spawn(&format!("pc-{channel}-rx"), move || {
-                read_loop((r, &limits), &c, &cut, &*inb, &tx)
+            threads.push(spawn(&format!("link-{channel}-rx"), move || {
+                read_loop(r, &c, &cut, &*inb, &tx)
             })?);
             chans.push(chan);
         }
         let (main, urgent) = (chans[0].clone(), chans[1].clone());
         let (m, u, cut, t) = (main.clone(), urgent.clone(), cutter.clone(), *timing);
-        threads.push(spawn("pc-heartbeat", move || heartbeat(&m, &u, &cut, &t))?);
+        threads.push(spawn("link-heartbeat", move || {
+            heartbeat(&m, &u, &cut, &t)
+        })?);
         if let Some(f) = &forward {
             let (f, u, cut) = (f.clone(), urgent.clone(), cutter.clone());
-            threads.push(spawn("pc-requests", move || f.run(&u, &cut))?);
+            threads.push(spawn("link-requests", move || f.run(&u, &cut))?);
         }
         Ok(Pair {
             main,
@@ -305,7 +303,7 @@ impl Pair {
 
     /// The next queued message, waiting up to `wait`: `Ok(None)` if none came; the
     /// pair's cause once it is broken; the error that failed an inbound handler.
-    pub fn next_within(&self, wait: Duration) -> Result<Option<(Channel, Message)>, Error> {
+    pub fn next_within(&self, wait: Duration) -> Result<Option<(Channel, M)>, E> {
         match self.queue.recv_timeout(wait) {
             Ok(Queued::Message(c, m)) => Ok(Some((c, m))),
             Ok(Queued::Failed(e)) => Err(e),
@@ -318,7 +316,7 @@ impl Pair {
 
     /// The next queued message, however long it takes (the pair's liveness bounds it:
     /// a dead or silent pair ends in its cause).
-    pub fn wait(&self) -> Result<(Channel, Message), Error> {
+    pub fn wait(&self) -> Result<(Channel, M), E> {
         match self.queue.recv() {
             Ok(Queued::Message(c, m)) => Ok((c, m)),
             Ok(Queued::Failed(e)) => Err(e),
@@ -327,11 +325,7 @@ impl Pair {
     }
 
     /// The next queued message; [`LinkError::NoAnswer`] after `limit`.
-    pub fn next(
-        &self,
-        expected: &'static str,
-        limit: Duration,
-    ) -> Result<(Channel, Message), Error> {
+    pub fn next(&self, expected: &'static str, limit: Duration) -> Result<(Channel, M), E> {
         match self.next_within(limit)? {
             Some(m) => Ok(m),
             None => {
@@ -348,7 +342,7 @@ impl Pair {
     }
 }
 
-impl Drop for Pair {
+impl<M, E> Drop for Pair<M, E> {
     fn drop(&mut self) {
         self.cutter.cut(LinkError::Cut);
         if let Some(f) = &self.forward {
@@ -360,44 +354,51 @@ impl Drop for Pair {
     }
 }
 
-fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, Error> {
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, crate::Error> {
     std::thread::Builder::new()
         .name(name.into())
         .spawn(f)
-        .map_err(Error::io("start a connection thread"))
+        .map_err(crate::Error::io("start a connection thread"))
 }
 
-fn read_loop(
-    (mut r, limits): (FrameReader, &Limits),
+fn read_loop<M: Send + 'static, E: Failure>(
+    mut r: FrameReader,
     chan: &Chan,
     cutter: &Cutter,
-    inbound: &dyn Inbound,
-    tx: &mpsc::Sender<Queued>,
+    inbound: &dyn Inbound<Message = M, Error = E>,
+    tx: &mpsc::Sender<Queued<M, E>>,
 ) {
     let failed = loop {
-        let frame = match r.recv_frame(limits) {
-            Ok(Frame::Other(Message::Ping { .. } | Message::Pong { .. })) => continue,
+        let frame = match r.recv_raw() {
             Ok(frame) => frame,
             Err(e) => break Queued::Broken.with_cut(cutter, e),
         };
-        match inbound.frame(chan, frame) {
+        if let kind::PING | kind::PONG = frame[4] {
+            match Control::decode_frame(frame, usize::MAX) {
+                Ok(_) => continue,
+                Err(e) => {
+                    break Queued::Broken.with_cut(cutter, LinkError::malformed(chan.channel, e))
+                }
+            }
+        }
+        match inbound.frame(chan, frame).map_err(Failure::into_link) {
             Ok(None) => {}
             Ok(Some(msg)) => {
                 if tx.send(Queued::Message(chan.channel, msg)).is_err() {
                     return;
                 }
             }
-            Err(Error::Link(e)) => break Queued::Broken.with_cut(cutter, e),
-            Err(e) => break Queued::Failed(e).with_cut(cutter, LinkError::Cut),
+            Err(Ok(e)) => break Queued::Broken.with_cut(cutter, e),
+            Err(Err(e)) => break Queued::Failed(e).with_cut(cutter, LinkError::Cut),
         }
     };
     let _ = tx.send(failed);
 }
 
-impl Queued {
-    fn with_cut(self, cutter: &Cutter, cause: LinkError) -> Queued {
+impl<M, E> Queued<M, E> {
+    fn with_cut(self, cutter: &Cutter, cause: LinkError) -> Self {
         if !cutter.is_cut() {
-            log::debug!("connection pair broken: {}", crate::error::chain(&cause));
+            log::debug!("connection pair broken: {}", crate::chain(&cause));
         }
         cutter.cut(cause);
         self
@@ -420,15 +421,4 @@ fn heartbeat(main: &Chan, urgent: &Chan, cutter: &Cutter, timing: &Timing) {
             }
         }
     }
-}
-
-/// Makes a pair from two connections: their cutter, then the running [`Pair`].
-pub(crate) fn pair(
-    conns: (Conn, Conn),
-    advise: &Advise,
-    inbound: Arc<dyn Inbound>,
-    timing: &Timing,
-) -> Result<Pair, Error> {
-    let cutter = Cutter::new(&conns.0, &conns.1).map_err(Error::io("clone a connection"))?;
-    Pair::start(conns, cutter, advise, inbound, timing)
 }

@@ -74,7 +74,7 @@ pub struct Timing {
     /// Largest reconnection delay.
     pub max_backoff: Duration,
     /// A side without a working connection for this long (paused, or never connected)
-    /// gives up (postcopy's `Error::GaveUp`).
+    /// gives up ([`crate::Error::GaveUp`]).
     pub give_up_after: Duration,
 }
 

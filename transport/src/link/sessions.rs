@@ -7,16 +7,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
-use transport::{Listener, Security};
-
-use super::{Admission, Cutter, Timing};
-use crate::error::{LinkError, Refusal};
+use super::{Admission, Channel, Cutter, LinkError, Role, ShutReason, Timing};
+use crate::error::Refusal;
 use crate::handshake::Hello;
-use crate::net::Conn;
-use crate::wire::{Channel, Role, ShutReason};
+use crate::wire::Protocol;
+use crate::{Conn, Listener, Security};
 
 /// An authenticated connection pair of one session generation.
-pub(crate) struct Arrival {
+pub struct Arrival {
     /// Its session.
     pub session: u64,
     /// The main and the urgent connection.
@@ -27,7 +25,7 @@ pub(crate) struct Arrival {
 
 /// Which sessions a listener takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Admit {
+pub enum Admit {
     /// The first authenticated session only (a migration destination).
     OneSession,
     /// Up to [`Admission::max_sessions`] at once (a page server).
@@ -64,6 +62,7 @@ pub(super) type Deliver = Box<dyn Fn(Arrival) + Send + Sync>;
 /// What the gate and the pairing share.
 pub(super) struct Shared {
     pub listener: Listener,
+    pub protocol: Protocol,
     pub security: Security,
     pub timing: Timing,
     pub admission: Admission,

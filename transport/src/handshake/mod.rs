@@ -2,7 +2,7 @@
 //!
 //! The opener's HELLO always goes first and in the clear: who it is (role), what the
 //! connection carries (channel), its session and which connection pair of it
-//! (generation), and whether it speaks TLS ([`Features::TLS`]). Nothing in it is secret;
+//! (generation), and whether it speaks TLS ([`crate::wire::HELLO_TLS`]). Nothing in it is secret;
 //! it lets the listener refuse a peer that speaks the other security at once, with a
 //! SHUT saying so (each end then reports [`Refusal::SecurityMismatch`] naming both), and
 //! lets what sits between the ends (a proxy, a fault injector) tell the channels apart.
@@ -25,22 +25,22 @@
 //!
 //! Openers handshake with blocking I/O on their own thread; listeners run
 //! [`Listening`], which does no I/O at all, so that one thread can take any number of
-//! strangers' connections through it at once (see `link::gate`).
+//! strangers' connections through it at once (the gate of [`crate::link::Acceptor`]).
 //!
 //! [`Refusal::SecurityMismatch`]: crate::Refusal::SecurityMismatch
-//! [`LinkError::Busy`]: crate::LinkError::Busy
+//! [`LinkError::Busy`]: crate::link::LinkError::Busy
 
 mod listen;
 mod open;
 mod psk;
 
-pub use listen::{Listening, Progress};
+pub use listen::{Listening, Progress, MAX_HANDSHAKE_FRAME};
 pub(crate) use open::open;
-pub(crate) use psk::refuse;
-pub use transport::Security;
+pub use psk::refuse;
 
-use crate::error::{LinkError, Refusal, SecurityKind};
-use crate::wire::{Channel, Features, Message, Role, ShutReason, VERSION};
+use crate::error::{Refusal, SecurityKind};
+use crate::link::{Channel, LinkError, Role, ShutReason};
+use crate::wire::{Control, Protocol, WireError, HELLO_TLS};
 use crate::Error;
 
 /// What an opener says of itself in its HELLO.
@@ -57,15 +57,16 @@ pub struct Hello {
 }
 
 impl Hello {
-    /// The HELLO message an opener speaking `security` sends.
-    pub fn message(&self, security: SecurityKind) -> Message {
-        let mut features = Features::ZERO_RUNS | Features::URGENT_CHANNEL | Features::RECOVERY;
-        if security == SecurityKind::Tls {
-            features |= Features::TLS;
-        }
-        Message::Hello {
-            version: VERSION,
-            features,
+    /// The HELLO an opener speaking `protocol`, secured as `security`, sends.
+    pub fn message(&self, protocol: &Protocol, security: SecurityKind) -> Control {
+        let tls = match security {
+            SecurityKind::Tls => HELLO_TLS,
+            SecurityKind::PreSharedKey => 0,
+        };
+        Control::Hello {
+            magic: protocol.magic,
+            version: protocol.version,
+            features: protocol.features | tls,
             role: self.role,
             channel: self.channel,
             session: self.session,
@@ -73,31 +74,42 @@ impl Hello {
         }
     }
 
-    /// The opener's words in a HELLO message, and the security it asks for.
-    fn of(msg: &Message) -> Option<(Hello, SecurityKind)> {
-        match *msg {
-            Message::Hello {
-                features,
-                role,
-                channel,
-                session,
-                generation,
-                ..
-            } => {
-                let hello = Hello {
-                    role,
-                    channel,
-                    session,
-                    generation,
-                };
-                let kind = match features.contains(Features::TLS) {
-                    true => SecurityKind::Tls,
-                    false => SecurityKind::PreSharedKey,
-                };
-                Some((hello, kind))
-            }
-            _ => None,
+    /// The opener's words in a HELLO message of `protocol`, and the security it asks
+    /// for: `None` if it is not a HELLO; an error if it speaks another protocol.
+    fn of(msg: &Control, protocol: &Protocol) -> Option<Result<(Hello, SecurityKind), WireError>> {
+        let Control::Hello {
+            magic,
+            version,
+            features,
+            role,
+            channel,
+            session,
+            generation,
+        } = *msg
+        else {
+            return None;
+        };
+        if magic != protocol.magic {
+            return Some(Err(WireError::BadMagic));
         }
+        if version != protocol.version {
+            let ours = protocol.version;
+            return Some(Err(WireError::BadVersion {
+                theirs: version,
+                ours,
+            }));
+        }
+        let hello = Hello {
+            role,
+            channel,
+            session,
+            generation,
+        };
+        let kind = match features & HELLO_TLS != 0 {
+            true => SecurityKind::Tls,
+            false => SecurityKind::PreSharedKey,
+        };
+        Some(Ok((hello, kind)))
     }
 }
 
@@ -110,7 +122,7 @@ fn other(kind: SecurityKind) -> SecurityKind {
 }
 
 /// What a listener's SHUT during the handshake means to an opener speaking `ours`.
-pub(crate) fn refused_by_listener(ours: SecurityKind, reason: ShutReason, detail: String) -> Error {
+fn refused_by_listener(ours: SecurityKind, reason: ShutReason, detail: String) -> Error {
     match reason {
         ShutReason::SecurityMismatch => Error::refused(Refusal::SecurityMismatch {
             ours,
@@ -119,5 +131,18 @@ pub(crate) fn refused_by_listener(ours: SecurityKind, reason: ShutReason, detail
         ShutReason::Busy => LinkError::Busy { detail }.into(),
         ShutReason::Auth if ours == SecurityKind::PreSharedKey => Error::refused(Refusal::WrongKey),
         reason => Error::refused(Refusal::PeerShut { reason, detail }),
+    }
+}
+
+/// What a handshake message out of turn means: a SHUT is the peer refusing, anything
+/// else is [`Error::Unexpected`].
+fn unexpected(msg: Control, expected: &'static str, channel: Channel) -> Error {
+    match msg {
+        Control::Shut { reason, detail } => Error::refused(Refusal::PeerShut { reason, detail }),
+        other => Error::Unexpected {
+            expected,
+            got: other.name(),
+            channel,
+        },
     }
 }

@@ -14,27 +14,25 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use transport::{Addr, Listener, Security};
-
-use super::sessions::{AcceptStats, Deliver, Shared};
-pub(crate) use super::sessions::{Admit, Arrival};
-use super::{Admission, Timing};
-use crate::wire::Role;
-use crate::Error;
+use super::sessions::{AcceptStats, Admit, Arrival, Deliver, Shared};
+use super::{Admission, Role, Timing};
+use crate::wire::Protocol;
+use crate::{Addr, Error, Listener, Security};
 
 /// A listener admitting sessions on a thread of its own; stops on drop.
-pub(crate) struct Acceptor {
+pub struct Acceptor {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Acceptor {
-    /// Accepts openers of role `peer` on `listener`, secured as `security` says. With
+    /// Accepts openers of role `peer` speaking `protocol` on `listener`, secured as
+    /// `security` says. With
     /// `deliver`, each ready pair is handed to it (on the accepting thread: it must not
     /// block); without, pairs wait for [`Acceptor::take`].
     pub fn start(
         listener: Listener,
-        security: Security,
+        (protocol, security): (Protocol, Security),
         (timing, admission): (Timing, Admission),
         (peer, admit): (Role, Admit),
         deliver: Option<Deliver>,
@@ -44,6 +42,7 @@ impl Acceptor {
             .map_err(Error::io("make the listener non-blocking"))?;
         let shared = Arc::new(Shared {
             listener,
+            protocol,
             security,
             timing,
             admission,
@@ -57,7 +56,7 @@ impl Acceptor {
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
-            .name("pc-accept".into())
+            .name("link-accept".into())
             .spawn(move || super::gate::run(&s))
             .map_err(Error::io("start the accepting thread"))?;
         Ok(Acceptor {

@@ -1,25 +1,28 @@
-//! The opener's side of the pre-shared-key challenge–response (see [`transport::key`] for
+//! The opener's side of the pre-shared-key challenge–response (see [`crate::key`] for
 //! the proofs), and the SHUT a refused connection gets.
 
 use std::time::{Duration, Instant};
 
-use transport::{Key, SecurityKind};
+use super::{refused_by_listener, unexpected};
+use crate::error::{Refusal, SecurityKind};
+use crate::link::ShutReason;
+use crate::wire::Control;
+use crate::{Conn, Error, Key};
 
-use super::{refused_by_listener, Hello};
-use crate::error::{unexpected, Refusal};
-use crate::net::{Conn, RecvMessage, SendMessage};
-use crate::wire::{Message, ShutReason};
-use crate::Error;
-
-/// The opener's side: HELLO in the clear, then the challenge–response; succeeds once both
-/// ends have proved the key.
-pub(crate) fn open(conn: &mut Conn, key: &Key, hello: Hello) -> Result<(), Error> {
-    let channel = hello.channel;
+/// The opener's side: its HELLO (`hello`) in the clear, then the challenge–response;
+/// succeeds once both ends have proved the key.
+pub(crate) fn open(conn: &mut Conn, key: &Key, hello: Control) -> Result<(), Error> {
+    let Control::Hello {
+        channel, session, ..
+    } = hello
+    else {
+        unreachable!("an opener starts with its HELLO");
+    };
     conn.set_channel(channel);
-    conn.w.send(&hello.message(SecurityKind::PreSharedKey))?;
-    let challenge = match conn.r.recv()? {
-        Message::Challenge { nonce } => nonce,
-        Message::Shut { reason, detail } => {
+    conn.w.send_control(&hello)?;
+    let challenge = match conn.r.recv_control()? {
+        Control::Challenge { nonce } => nonce,
+        Control::Shut { reason, detail } => {
             return Err(refused_by_listener(
                 SecurityKind::PreSharedKey,
                 reason,
@@ -28,15 +31,15 @@ pub(crate) fn open(conn: &mut Conn, key: &Key, hello: Hello) -> Result<(), Error
         }
         other => return Err(unexpected(other, "CHALLENGE", channel)),
     };
-    let mine = transport::key::nonce()?;
-    conn.w.send(&Message::Auth {
-        proof: key.proof(b"open", &challenge, hello.session),
+    let mine = crate::key::nonce()?;
+    conn.w.send_control(&Control::Auth {
+        proof: key.proof(b"open", &challenge, session),
         nonce: mine,
     })?;
-    match conn.r.recv()? {
-        Message::AuthOk { proof } if key.verify(b"listen", &mine, hello.session, &proof) => Ok(()),
-        Message::AuthOk { .. } => Err(Error::refused(Refusal::WrongKey)),
-        Message::Shut { reason, detail } => Err(refused_by_listener(
+    match conn.r.recv_control()? {
+        Control::AuthOk { proof } if key.verify(b"listen", &mine, session, &proof) => Ok(()),
+        Control::AuthOk { .. } => Err(Error::refused(Refusal::WrongKey)),
+        Control::Shut { reason, detail } => Err(refused_by_listener(
             SecurityKind::PreSharedKey,
             reason,
             detail,
@@ -49,16 +52,16 @@ pub(crate) fn open(conn: &mut Conn, key: &Key, hello: Hello) -> Result<(), Error
 const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 
 /// Tells the peer why it is refused (best effort: it may be gone), waits — at most
-/// [`REFUSAL_LINGER`], reading what it still sends — for the peer to close first, and
+/// two seconds, reading what it still sends — for the peer to close first, and
 /// closes. Closing at once, with the peer's frames (its heartbeats) unread, resets the
 /// connection, and the pair's other connection with it: the peer could see a reset before
 /// it reads the SHUT, take it for a break and dial again until it gives up.
-pub(crate) fn refuse(conn: &mut Conn, reason: ShutReason, detail: &str) {
-    let shut = Message::Shut {
+pub fn refuse(conn: &mut Conn, reason: ShutReason, detail: &str) {
+    let shut = Control::Shut {
         reason,
         detail: detail.into(),
     };
-    if conn.w.send(&shut).is_ok() {
+    if conn.w.send_control(&shut).is_ok() {
         let until = Instant::now() + REFUSAL_LINGER;
         loop {
             let left = until.saturating_duration_since(Instant::now());

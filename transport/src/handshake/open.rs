@@ -4,25 +4,21 @@
 use std::io::{self, Read, Write};
 use std::time::Duration;
 
-use transport::tls::rustls::pki_types::ServerName;
-use transport::tls::{handshake_error, rustls, rustls_error, TlsConfig};
-use transport::{Addr, Socket};
+use rustls::pki_types::ServerName;
 
-use super::{refused_by_listener, Hello, Security};
-use crate::error::{unexpected, LinkError, SecurityKind};
-use transport::conn::link_error;
-
-use crate::net::{Conn, RecvMessage, SendMessage};
-use crate::wire::{
-    decode, encode, frame_len, Channel, Limits, Message, WireError, HEADER_LEN, MAX_DETAIL,
-};
-use crate::Error;
+use super::{refused_by_listener, unexpected, Hello};
+use crate::conn::{link_error, Conn};
+use crate::error::SecurityKind;
+use crate::link::{Channel, LinkError};
+use crate::tls::{handshake_error, rustls, rustls_error, TlsConfig};
+use crate::wire::{frame_len, Control, Protocol, WireError, HEADER_LEN, MAX_DETAIL};
+use crate::{Addr, Error, Security, Socket};
 
 /// Opens `socket` (connected to `addr`, its reads and writes bounded by `deadline`) as
-/// the connection `hello` describes, secured as `security` says.
+/// the connection `hello` describes, speaking `protocol`, secured as `security` says.
 pub(crate) fn open(
     socket: Socket,
-    security: &Security,
+    (protocol, security): (&Protocol, &Security),
     hello: Hello,
     addr: &Addr,
     deadline: Duration,
@@ -34,10 +30,17 @@ pub(crate) fn open(
     match security {
         Security::PreSharedKey(key) => {
             let mut conn = Conn::plain(socket).map_err(failed)?;
-            super::psk::open(&mut conn, key, hello)?;
+            super::psk::open(
+                &mut conn,
+                key,
+                hello.message(protocol, SecurityKind::PreSharedKey),
+            )?;
             Ok(conn)
         }
-        Security::Tls(config) => open_tls(socket, config, hello, (addr, deadline)),
+        Security::Tls(config) => {
+            let said = hello.message(protocol, SecurityKind::Tls);
+            open_tls(socket, config, (hello.channel, said), (addr, deadline))
+        }
     }
 }
 
@@ -45,18 +48,16 @@ pub(crate) fn open(
 fn open_tls(
     mut socket: Socket,
     config: &TlsConfig,
-    hello: Hello,
+    (channel, said): (Channel, Control),
     (addr, deadline): (&Addr, Duration),
 ) -> Result<Conn, Error> {
-    let channel = hello.channel;
-    let said = hello.message(SecurityKind::Tls);
     let mut frame = Vec::new();
-    encode(&said, &mut frame);
+    said.encode(&mut frame);
     let io = |e| Error::Link(link_error(channel, deadline, e));
     socket.write_all(&frame).map_err(io)?;
     match read_frame(&mut socket, channel, deadline)? {
-        Message::StartTls => {}
-        Message::Shut { reason, detail } => {
+        Control::StartTls => {}
+        Control::Shut { reason, detail } => {
             return Err(refused_by_listener(SecurityKind::Tls, reason, detail))
         }
         other => return Err(unexpected(other, "START_TLS", channel)),
@@ -78,10 +79,10 @@ fn open_tls(
     conn.set_channel(channel);
     // The answer is read even if the send failed: a listener that refused our
     // certificate sent its alert before closing.
-    let sent = conn.w.send(&said);
-    match conn.r.recv() {
-        Ok(Message::Admitted) => sent.map(|()| conn).map_err(Error::from),
-        Ok(Message::Shut { reason, detail }) => {
+    let sent = conn.w.send_control(&said);
+    match conn.r.recv_control() {
+        Ok(Control::Admitted) => sent.map(|()| conn).map_err(Error::from),
+        Ok(Control::Shut { reason, detail }) => {
             Err(refused_by_listener(SecurityKind::Tls, reason, detail))
         }
         Ok(other) => Err(unexpected(other, "ADMITTED", channel)),
@@ -96,17 +97,14 @@ fn open_tls(
 /// or a broken link.
 fn failure(e: io::Error, (channel, deadline): (Channel, Duration), name: &ServerName<'_>) -> Error {
     match rustls_error(&e) {
-        Some(tls) => handshake_error(tls.clone(), || name.to_str().into_owned()).into(),
+        Some(tls) => handshake_error(tls.clone(), || name.to_str().into_owned()),
         None => link_error(channel, deadline, e).into(),
     }
 }
 
 /// Reads exactly one plaintext frame (nothing past it: what follows is TLS).
-fn read_frame(socket: &mut Socket, channel: Channel, deadline: Duration) -> Result<Message, Error> {
-    let limits = Limits {
-        max_body: MAX_DETAIL + 64,
-        ..Limits::default()
-    };
+fn read_frame(socket: &mut Socket, channel: Channel, deadline: Duration) -> Result<Control, Error> {
+    let max_body = MAX_DETAIL + 64;
     let malformed = |source: WireError| LinkError::malformed(channel, source);
     let io = |e: io::Error| match e.kind() {
         io::ErrorKind::UnexpectedEof => LinkError::Closed { channel },
@@ -114,12 +112,12 @@ fn read_frame(socket: &mut Socket, channel: Channel, deadline: Duration) -> Resu
     };
     let mut buf = vec![0u8; HEADER_LEN];
     socket.read_exact(&mut buf).map_err(io)?;
-    let total = frame_len(&buf, &limits)
+    let total = frame_len(&buf, max_body)
         .map_err(malformed)?
         .expect("a whole header");
     buf.resize(total, 0);
     socket.read_exact(&mut buf[HEADER_LEN..]).map_err(io)?;
-    let (msg, _) = decode(&buf, &limits)
+    let (msg, _) = Control::decode_frame(&buf, max_body)
         .map_err(malformed)?
         .expect("a whole frame");
     Ok(msg)

@@ -1,28 +1,24 @@
-//! Fault handlers' page requests on an encrypted connection.
+//! Fault handlers' frames (page requests) on an encrypted connection.
 //!
 //! A fault handler must reach its next `read()` without allocating (a forking thread of
 //! the faulting process may hold the allocator's locks until the handler reads the FORK
 //! event; see the pager's worker docs), and sealing a TLS record allocates. So on such a
-//! connection a request is queued — in a buffer allocated once, under a lock held only
-//! by our own threads — and a thread of the pair seals and sends it. That costs one
-//! thread wake-up per batch of requests; `uffdkit migrate netbench --tls` measures it.
+//! connection a frame is queued — encoded into a buffer allocated once, under a lock held
+//! only by our own threads — and a thread of the pair seals and sends the queue. That
+//! costs one thread wake-up per batch; `uffdkit migrate netbench --tls` measures it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::{Chan, Cutter};
-use crate::net::SendMessage;
-use crate::wire::PageRange;
 
-/// Ranges the queue holds before a fault handler waits for room.
-const QUEUED: usize = 1024;
-/// Ranges per REQ_PAGES frame (fits the writer's preallocated buffer).
-const PER_FRAME: usize = 200;
+/// Bytes of frames the queue holds before a fault handler waits for room.
+const QUEUED: usize = 64 << 10;
 
-/// Requests waiting for the forwarding thread.
-pub(crate) struct Forward {
-    queue: Mutex<Vec<PageRange>>,
+/// Frames waiting for the forwarding thread.
+pub(super) struct Forward {
+    queue: Mutex<Vec<u8>>,
     wake: Condvar,
     room: Condvar,
     closed: AtomicBool,
@@ -41,7 +37,7 @@ impl Forward {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<PageRange>> {
+    fn lock(&self) -> MutexGuard<'_, Vec<u8>> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -50,24 +46,28 @@ impl Forward {
         self.closed.load(Ordering::Relaxed)
     }
 
-    /// Queues `ranges` without allocating (the queue never grows past its capacity);
-    /// false if no room came within the patience or the pair is closing.
-    pub fn push(&self, ranges: &[PageRange]) -> bool {
-        let mut queue = self.lock();
-        for r in ranges {
-            while queue.len() >= QUEUED {
-                if self.is_closed() {
-                    return false;
-                }
-                let (q, waited) = (self.room.wait_timeout(queue, self.patience))
-                    .unwrap_or_else(|p| p.into_inner());
-                queue = q;
-                if waited.timed_out() && queue.len() >= QUEUED {
-                    return false;
-                }
-            }
-            queue.push(*r);
+    /// Queues the frames `encode` writes (at most `len` bytes) without allocating (the
+    /// queue never grows past its capacity); false if no room came within the patience,
+    /// the pair is closing, or they could never fit.
+    pub fn push(&self, len: usize, encode: impl FnOnce(&mut Vec<u8>)) -> bool {
+        if len > QUEUED {
+            return false;
         }
+        let mut queue = self.lock();
+        while queue.len() + len > QUEUED {
+            if self.is_closed() {
+                return false;
+            }
+            let (q, waited) =
+                (self.room.wait_timeout(queue, self.patience)).unwrap_or_else(|p| p.into_inner());
+            queue = q;
+            if waited.timed_out() && queue.len() + len > QUEUED {
+                return false;
+            }
+        }
+        let before = queue.len();
+        encode(&mut queue);
+        debug_assert!(queue.len() - before <= len, "a frame longer than announced");
         drop(queue);
         self.wake.notify_one();
         true
@@ -98,10 +98,8 @@ impl Forward {
                 std::mem::swap(&mut *queue, &mut batch);
             }
             self.room.notify_all();
-            for ranges in batch.chunks(PER_FRAME) {
-                if let Err(e) = chan.writer().request(ranges) {
-                    return cutter.cut(e);
-                }
+            if let Err(e) = chan.writer().write_raw(&batch) {
+                return cutter.cut(e);
             }
             batch.clear();
         }

@@ -3,20 +3,17 @@
 
 use std::time::{Duration, Instant};
 
-use transport::{Addr, Socket};
-
-use super::Timing;
-use crate::error::LinkError;
-use crate::handshake::{self, Hello, Security};
-use crate::net::Conn;
-use crate::wire::{Channel, Role};
-use crate::Error;
+use super::{Channel, Failure, LinkError, Role, Timing};
+use crate::handshake::{self, Hello};
+use crate::wire::Protocol;
+use crate::{Addr, Conn, Error, Security, Socket};
 
 /// Opens connection pairs of one session, each attempt a newer generation (so the
 /// listener lets it supersede whatever pair of the session it still holds).
-pub(crate) struct Dialer {
+pub struct Dialer {
     /// Where.
     pub addr: Addr,
+    protocol: Protocol,
     security: Security,
     role: Role,
     /// The session id.
@@ -27,18 +24,19 @@ pub(crate) struct Dialer {
 }
 
 impl Dialer {
-    /// A dialer for a new session.
+    /// A dialer for a new session of `protocol` with the listener at `addr`.
     pub fn new(
         addr: Addr,
-        security: Security,
+        (protocol, security): (Protocol, Security),
         role: Role,
         timing: Timing,
     ) -> Result<Dialer, Error> {
         Ok(Dialer {
             addr,
+            protocol,
             security,
             role,
-            session: transport::key::session_id()?,
+            session: crate::key::session_id()?,
             generation: 0,
             timing,
         })
@@ -66,7 +64,8 @@ impl Dialer {
             session: self.session,
             generation: self.generation,
         };
-        let mut conn = handshake::open(socket, &self.security, hello, &self.addr, silence)?;
+        let security = (&self.protocol, &self.security);
+        let mut conn = handshake::open(socket, security, hello, &self.addr, silence)?;
         conn.set_deadline(silence).map_err(connect)?;
         Ok(conn)
     }
@@ -77,13 +76,14 @@ impl Dialer {
     /// spends each delay and says whether to try now (it may end a delay early, hold
     /// attempts back until an operator says so, or fail to abort). Gives up once
     /// [`Timing::give_up_after`] has passed since `since`; any error other than a broken
-    /// link (a refusal, a wrong key) ends it at once.
-    pub fn connect<T>(
+    /// link (a refusal, a wrong key) ends it at once. `E` is the protocol's error, which
+    /// takes the transport's.
+    pub fn connect<T, E: Failure + From<Error>>(
         &mut self,
         since: Instant,
-        mut wait: impl FnMut(Duration) -> Result<bool, Error>,
-        mut greet: impl FnMut(Conn, Conn) -> Result<T, Error>,
-    ) -> Result<T, Error> {
+        mut wait: impl FnMut(Duration) -> Result<bool, E>,
+        mut greet: impl FnMut(Conn, Conn) -> Result<T, E>,
+    ) -> Result<T, E> {
         let t = self.timing;
         let mut delay = Duration::ZERO;
         let mut last = None;
@@ -99,33 +99,33 @@ impl Dialer {
                         "giving up on {} after {:?}: {}",
                         self.addr,
                         t.give_up_after,
-                        crate::error::chain(&last)
+                        crate::chain(&last)
                     );
-                    return Err(Error::GaveUp {
+                    return Err(E::from(Error::GaveUp {
                         after: t.give_up_after,
                         last,
-                    });
+                    }));
                 }
                 if wait(delay.min(left))? {
                     break;
                 }
             }
-            match self
-                .attempt()
-                .and_then(|(main, urgent)| greet(main, urgent))
-            {
+            let attempt = self.attempt().map_err(E::from);
+            match attempt.and_then(|(main, urgent)| greet(main, urgent)) {
                 Ok(done) => return Ok(done),
-                Err(Error::Link(e)) => {
-                    // The first failure is news; the retries after it are detail.
-                    let level = match last {
-                        None => log::Level::Info,
-                        Some(_) => log::Level::Debug,
-                    };
-                    let (addr, n, why) = (&self.addr, self.generation, crate::error::chain(&e));
-                    log::log!(level, "connecting to {addr} (attempt {n}): {why}; retrying");
-                    last = Some(e);
-                }
-                Err(e) => return Err(e),
+                Err(e) => match e.into_link() {
+                    Ok(e) => {
+                        // The first failure is news; the retries after it are detail.
+                        let level = match last {
+                            None => log::Level::Info,
+                            Some(_) => log::Level::Debug,
+                        };
+                        let (addr, n, why) = (&self.addr, self.generation, crate::chain(&e));
+                        log::log!(level, "connecting to {addr} (attempt {n}): {why}; retrying");
+                        last = Some(e);
+                    }
+                    Err(e) => return Err(e),
+                },
             }
             delay = (delay * 2).clamp(t.first_backoff, t.max_backoff.max(t.first_backoff));
         }

@@ -28,13 +28,11 @@ use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{recv, send, shutdown, MsgFlags, Shutdown};
 
-use transport::Socket;
-
 use super::sessions::Shared;
-use crate::error::{chain, Refusal};
+use super::ShutReason;
+use crate::error::Refusal;
 use crate::handshake::{Hello, Listening, Progress};
-use crate::wire::ShutReason;
-use crate::Error;
+use crate::{chain, Error, Socket};
 
 /// Connections accepted per turn of the loop (then the handshakes get their turn).
 const ACCEPTS_PER_TURN: usize = 64;
@@ -333,7 +331,8 @@ impl Gate<'_> {
                     if self.pending.len() >= self.shared.admission.max_handshakes.max(1) {
                         self.evict_oldest();
                     }
-                    let shake = Listening::new(self.shared.security.clone(), self.shared.peer);
+                    let s = self.shared;
+                    let shake = Listening::new(s.protocol, s.security.clone(), s.peer);
                     self.pending.push(Pending {
                         socket,
                         shake,

@@ -1,0 +1,113 @@
+//! Connection pairs over real sockets with a protocol of the test's own: its frames reach
+//! the other side's phase logic, heartbeats keep an idle pair alive, and a peer that goes
+//! silent — its sockets open, nothing flowing — breaks the pair within the deadline.
+
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use transport::link::{Chan, Inbound, LinkError, Pair, Timing};
+use transport::wire::{open_frame, put_frame, DEFAULT_MAX_BODY};
+use transport::{Conn, Error, Socket};
+
+/// The test protocol's one message: kind 100 with a `u64` body.
+const KIND: u8 = 100;
+
+struct Numbers;
+
+impl Inbound for Numbers {
+    type Message = u64;
+    type Error = Error;
+
+    fn frame(&self, chan: &Chan, frame: &[u8]) -> Result<Option<u64>, Error> {
+        let malformed = |e| Error::Link(LinkError::malformed(chan.channel, e));
+        let f = open_frame(frame, DEFAULT_MAX_BODY)
+            .map_err(malformed)?
+            .expect("whole");
+        assert_eq!(f.kind, KIND, "heartbeats never reach the protocol");
+        Ok(Some(u64::from_le_bytes(
+            f.body.try_into().expect("8 bytes"),
+        )))
+    }
+}
+
+fn timing() -> Timing {
+    Timing {
+        heartbeat: Duration::from_millis(50),
+        silence: Duration::from_millis(600),
+        ..Timing::default()
+    }
+}
+
+/// Two connected connections (main, urgent) at each end, with the silence deadline.
+fn ends() -> ((Conn, Conn), (Conn, Conn)) {
+    let conn = |s: UnixStream| {
+        let mut c = Conn::plain(Socket::Unix(s)).unwrap();
+        c.set_deadline(timing().silence).unwrap();
+        c
+    };
+    let (a1, b1) = UnixStream::pair().unwrap();
+    let (a2, b2) = UnixStream::pair().unwrap();
+    ((conn(a1), conn(a2)), (conn(b1), conn(b2)))
+}
+
+fn pair(conns: (Conn, Conn)) -> Pair<u64, Error> {
+    Pair::new(conns, Arc::new(Numbers), &timing()).unwrap()
+}
+
+#[test]
+fn frames_reach_the_other_side_on_their_channel_and_an_idle_pair_stays_up() {
+    let (a, b) = ends();
+    let (a, b) = (pair(a), pair(b));
+    for (chan, n) in [(&a.main, 7u64), (&a.urgent, 8)] {
+        chan.send_with(|buf| put_frame(buf, KIND, |w| w.u64(n)))
+            .unwrap();
+    }
+    let mut got = vec![b.next("a number", Duration::from_secs(5)).unwrap()];
+    got.push(b.next("a number", Duration::from_secs(5)).unwrap());
+    got.sort_by_key(|(_, n)| *n);
+    let channels: Vec<_> = got.iter().map(|(c, n)| (c.name(), *n)).collect();
+    assert_eq!(channels, [("main", 7), ("urgent", 8)]);
+    // Three silence deadlines with nothing but heartbeats: still up, nothing queued.
+    let idle = timing().silence * 3;
+    assert!(matches!(b.next_within(idle), Ok(None)));
+    assert!(matches!(a.next_within(Duration::ZERO), Ok(None)));
+    assert!(!a.cutter.is_cut() && !b.cutter.is_cut());
+}
+
+#[test]
+fn a_silent_peer_breaks_the_pair_within_the_deadline() {
+    let (a, frozen) = ends();
+    let a = pair(a);
+    let t = Instant::now();
+    let err = a.wait().expect_err("a silent peer");
+    let took = t.elapsed();
+    assert!(
+        matches!(err, Error::Link(LinkError::Silent { .. })),
+        "{err:?}"
+    );
+    let silence = timing().silence;
+    assert!(
+        took >= silence && took < silence * 4,
+        "broken after {took:?} (deadline {silence:?})"
+    );
+    drop(frozen);
+}
+
+#[test]
+fn a_peer_that_closes_breaks_the_pair_at_once_and_the_first_cause_is_kept() {
+    let (a, b) = ends();
+    let a = pair(a);
+    drop(b);
+    let t = Instant::now();
+    let err = a.wait().expect_err("closed");
+    assert!(
+        // Its reader sees the end, or the heartbeat a broken pipe, whichever is first.
+        matches!(
+            err,
+            Error::Link(LinkError::Closed { .. } | LinkError::Io { .. })
+        ),
+        "{err:?}"
+    );
+    assert!(t.elapsed() < timing().silence, "{:?}", t.elapsed());
+}
