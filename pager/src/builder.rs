@@ -338,9 +338,8 @@ impl PagerBuilder {
         if !self.child_shares_source {
             // A child's engine that serves from its parent's source does not attach it
             // again (its placer is the parent's).
-            self.source.attach(Placer {
-                shared: Arc::downgrade(&shared),
-            });
+            let engine: std::sync::Weak<Shared> = Arc::downgrade(&shared);
+            self.source.attach(Placer::new(engine));
         }
         // Threads join through the pager: an error past this point stops what started.
         let mut pager = Pager::new(shared.clone(), Vec::new(), self.record.take(), self.mode);
