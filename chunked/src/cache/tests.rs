@@ -9,6 +9,15 @@ fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// A fresh 1 MiB cache in `temp_dir(name)`, and a 4 KiB chunk of `byte`s with its digest.
+fn cache_and_chunk(name: &str, byte: u8) -> (PathBuf, ChunkCache, Vec<u8>, Digest) {
+    let dir = temp_dir(name);
+    let cache = ChunkCache::open(&dir, 1 << 20).unwrap();
+    let data = vec![byte; 4096];
+    let d = Digest::of(&data);
+    (dir, cache, data, d)
+}
+
 #[test]
 fn open_reclaims_the_temporary_files_of_dead_writers_only() {
     let dir = temp_dir("orphans");
@@ -45,10 +54,7 @@ fn open_reclaims_the_temporary_files_of_dead_writers_only() {
 
 #[test]
 fn put_then_get_returns_the_chunk_and_counts_a_hit() {
-    let dir = temp_dir("hit");
-    let cache = ChunkCache::open(&dir, 1 << 20).unwrap();
-    let data = vec![7u8; 4096];
-    let d = Digest::of(&data);
+    let (dir, cache, data, d) = cache_and_chunk("hit", 7);
     assert_eq!(cache.get(&d, 4096), None);
     cache.put(&d, &data).unwrap();
     assert_eq!(cache.get(&d, 4096), Some(data));
@@ -59,10 +65,7 @@ fn put_then_get_returns_the_chunk_and_counts_a_hit() {
 
 #[test]
 fn a_corrupted_cache_file_is_dropped_not_served() {
-    let dir = temp_dir("corrupt");
-    let cache = ChunkCache::open(&dir, 1 << 20).unwrap();
-    let data = vec![1u8; 4096];
-    let d = Digest::of(&data);
+    let (dir, cache, data, d) = cache_and_chunk("corrupt", 1);
     cache.put(&d, &data).unwrap();
     std::fs::write(cache.path(&d), vec![2u8; 4096]).unwrap();
     assert_eq!(cache.get(&d, 4096), None);
@@ -124,10 +127,7 @@ fn a_second_open_description_sees_the_fetch_lock_taken() {
 
 #[test]
 fn a_fifo_at_a_chunks_name_is_dropped_not_waited_on() {
-    let dir = temp_dir("fifo");
-    let cache = ChunkCache::open(&dir, 1 << 20).unwrap();
-    let data = vec![3u8; 4096];
-    let d = Digest::of(&data);
+    let (dir, cache, data, d) = cache_and_chunk("fifo", 3);
     cache.put(&d, &data).unwrap();
     std::fs::remove_file(cache.path(&d)).unwrap();
     nix::unistd::mkfifo(&cache.path(&d), nix::sys::stat::Mode::S_IRWXU).unwrap();
@@ -141,10 +141,8 @@ fn a_fifo_at_a_chunks_name_is_dropped_not_waited_on() {
 
 #[test]
 fn a_sparse_file_counts_the_blocks_it_takes_not_its_length() {
-    let dir = temp_dir("sparse");
-    let cache = ChunkCache::open(&dir, 1 << 20).unwrap();
-    let data = vec![4u8; 4096];
-    cache.put(&Digest::of(&data), &data).unwrap();
+    let (dir, cache, data, d) = cache_and_chunk("sparse", 4);
+    cache.put(&d, &data).unwrap();
     let filler = dir.join("chunks/ab/filler");
     std::fs::create_dir_all(filler.parent().unwrap()).unwrap();
     std::fs::File::create(&filler)
@@ -154,7 +152,7 @@ fn a_sparse_file_counts_the_blocks_it_takes_not_its_length() {
     let cache = ChunkCache::open(&dir, 1 << 20).unwrap();
     assert!(cache.stats().used < 1 << 20, "{:?}", cache.stats());
     cache.evict().unwrap();
-    assert!(cache.contains(&Digest::of(&data)), "nothing evicted for a hole");
+    assert!(cache.contains(&d), "nothing evicted for a hole");
     std::fs::remove_dir_all(dir).unwrap();
 }
 
