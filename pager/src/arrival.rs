@@ -1,7 +1,8 @@
-//! How a page a remote source delivers is placed: the engine's side of the [`Placer`],
-//! with the same rules as the fault path (gate, removed pages as zeros, EEXIST, EAGAIN
-//! retried). The placer reaches it through the [`Engine`] trait, so the handle a source
-//! holds (defined below the source) never names the engine that holds the source.
+//! How a page a remote source delivers is placed: the engine's side of the
+//! [`Placer`](crate::Placer), with the same rules as the fault path (gate, removed pages as
+//! zeros, EEXIST, EAGAIN retried). The placer reaches it through the [`Engine`] trait, so
+//! the handle a source holds (defined below the source) never names the engine that holds
+//! the source.
 
 use std::time::Duration;
 

@@ -262,7 +262,7 @@ impl PagerBuilder {
     /// memory (default: on in debug builds; with `PAGEMAP_SCAN`, Linux 6.7). A page marked
     /// Received that was never written reads as zeros forever: the pager never serves it.
     /// Made only when the pager registers the regions (they are then this process's
-    /// memory); copy regions only. Refused with [`Error::SeededNotPresent`].
+    /// memory); copy regions only. Refused with [`Error::SeededNotPresent`](crate::Error::SeededNotPresent).
     pub fn check_seeded(mut self, check: bool) -> Self {
         self.check_seeded = check;
         self
@@ -270,7 +270,7 @@ impl PagerBuilder {
 
     /// Forked children served at once (with `EVENT_FORK`; default 64). A child forked
     /// while that many are served is refused, as is one whose source cannot serve it
-    /// ([`Source::child`](crate::Source::child)): logged, counted
+    /// ([`Source::child`]): logged, counted
     /// ([`StatsSnapshot::forks_refused`](crate::StatsSnapshot)), its missing pages
     /// poisoned (a touch raises SIGBUS) and its uffd closed.
     pub fn max_fork_children(mut self, children: usize) -> Self {
