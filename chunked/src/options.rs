@@ -1,6 +1,6 @@
 //! What a push is told ([`PushOptions`], [`Holes`]) and what it reports ([`PushReport`]):
 //! the inputs and output of an [`ImageWriter`](crate::ImageWriter), which
-//! [`push`](crate::push) drives, owned here below both.
+//! [`push`](crate::push()) drives, owned here below both.
 
 use crate::store::StoreOptions;
 use crate::manifest::Manifest;

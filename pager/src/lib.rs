@@ -86,7 +86,8 @@
 //!    against the reading of REMOVE events), decide the content (a dropped page gets
 //!    zeros), one ioctl, then count and publish Received. EEXIST wakes; EAGAIN parks the
 //!    fault for a retry once the pending events are read.
-//! 4. `placer.rs` — arrivals from a remote source take the same path from any thread;
+//! 4. `placer.rs` — arrivals from a remote source take the same path from any thread
+//!    (`arrival.rs` is the engine's side of the handle);
 //!    `prefetch.rs` pushes the rest in the background; `sigbus.rs` resolves faults inside
 //!    the faulting thread instead, async-signal-safe; `fork.rs` serves forked children.
 //! 5. `shared.rs` — a fatal error settles the stop: poison what is not placed, then tell
@@ -96,6 +97,7 @@
 //! The state they share is in `shared.rs`; regions in `region.rs`; counters in
 //! `stats.rs` and `histogram.rs`.
 
+mod arrival;
 mod builder;
 mod cpu;
 mod error;

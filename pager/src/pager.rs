@@ -117,9 +117,8 @@ impl Pager {
 
     /// A handle for placing pages that arrive from a remote source.
     pub fn placer(&self) -> Placer {
-        Placer {
-            shared: Arc::downgrade(&self.shared),
-        }
+        let engine: std::sync::Weak<Shared> = Arc::downgrade(&self.shared);
+        Placer::new(engine)
     }
 
     /// The page states, read-only.

@@ -1,16 +1,30 @@
 //! The placement handle for remote sources: pages that arrive later, on a thread of the
 //! source's own, are placed through a cloneable [`Placer`] with the same rules as the
 //! fault path (gate, removed pages as zeros, EEXIST, EAGAIN retried).
+//!
+//! The handle sits below the engine: a [`Source`](crate::Source) is handed a placer, and the
+//! engine holds its source, so the placer reaches the engine only through the [`Engine`]
+//! trait defined here (the engine implements it in `arrival.rs`).
 
-use std::time::Duration;
+use std::sync::Weak;
 
 use page_state::PageState;
 
-use crate::error::{Error, Result};
-use crate::place::{Content, Origin, Placement, Request};
-use crate::shared::Shared;
+use crate::error::{Result, SourceError};
 use crate::states::PageStates;
-use crate::stats::bump;
+
+/// What a placer needs of the engine that placed it: the arrival path, the failure
+/// report and the page states.
+pub(crate) trait Engine: Send + Sync {
+    /// See [`Placer::place`].
+    fn place_arrival(&self, offset: u64, data: Option<&[u8]>) -> Result<Placed>;
+    /// See [`Placer::place_run`].
+    fn place_arrivals(&self, offset: u64, data: &[u8]) -> Result<Option<usize>>;
+    /// See [`Placer::fail`].
+    fn fail_source(&self, error: SourceError);
+    /// The page states, read-only.
+    fn page_states(&self) -> PageStates<'_>;
+}
 
 /// A cloneable handle through which any thread places pages that arrive from a remote
 /// source. Addresses are found from the image offset; page states and stats are kept.
@@ -19,7 +33,7 @@ use crate::stats::bump;
 /// the pager (and its userfaultfd) alive once the [`Pager`](crate::Pager) is gone.
 #[derive(Clone)]
 pub struct Placer {
-    pub(crate) shared: std::sync::Weak<Shared>,
+    engine: Weak<dyn Engine>,
 }
 
 impl std::fmt::Debug for Placer {
@@ -42,57 +56,17 @@ pub enum Placed {
 }
 
 impl Placer {
+    /// A placer for `engine`, held weakly.
+    pub(crate) fn new(engine: Weak<dyn Engine>) -> Placer {
+        Placer { engine }
+    }
+
     /// Places the page at image offset `offset` (page aligned) with `data` (one page), or
     /// a zero page when `data` is `None`. Retries while the address space is changing.
     pub fn place(&self, offset: u64, data: Option<&[u8]>) -> Result<Placed> {
-        let Some(shared) = self.shared.upgrade() else {
-            return Ok(Placed::Stopped);
-        };
-        let Some(p) = shared.regions.by_offset(offset) else {
-            return Ok(Placed::NoRegion);
-        };
-        if p.offset != offset {
-            return Err(Error::BadRegion {
-                base: p.addr,
-                len: p.size,
-                reason: "arrival offset is not page aligned",
-            });
-        }
-        if let Some(d) = data {
-            if d.len() != p.size {
-                return Err(Error::BadRegion {
-                    base: p.addr,
-                    len: d.len(),
-                    reason: "arrival is not exactly one page",
-                });
-            }
-        }
-        let content = match shared.states.get(p.page) {
-            Ok(PageState::Received) => return Ok(Placed::Duplicate),
-            // Dropped (REMOVE) or known zero: the arrival is stale; the page reads zero.
-            Ok(PageState::Zero) => Content::Zero,
-            _ => data.map_or(Content::Zero, Content::Data),
-        };
-        loop {
-            if shared.stopping() {
-                return Ok(Placed::Stopped);
-            }
-            match shared.place(Request {
-                at: p,
-                count: 1,
-                content,
-                wake: true,
-                origin: Origin::Arrival,
-            }) {
-                Placement::Done | Placement::Asked => return Ok(Placed::Placed),
-                Placement::Again { .. } => std::thread::sleep(Duration::from_micros(50)),
-                Placement::Dropped => return Ok(Placed::Stopped),
-                failed => {
-                    // The pager stops with the kernel's refusal; the source sees it stop.
-                    shared.fail_placement(failed);
-                    return Ok(Placed::Stopped);
-                }
-            }
+        match self.engine.upgrade() {
+            Some(engine) => engine.place_arrival(offset, data),
+            None => Ok(Placed::Stopped),
         }
     }
 
@@ -104,97 +78,10 @@ impl Placer {
     ///
     /// [`place`]: Placer::place
     pub fn place_run(&self, offset: u64, data: &[u8]) -> Result<Option<usize>> {
-        let Some(shared) = self.shared.upgrade() else {
-            return Ok(None);
-        };
-        let lookup = |off: u64| shared.regions.by_offset(off);
-        let one_by_one = |from: usize, ps: usize| -> Result<Option<usize>> {
-            let mut placed = 0;
-            for i in from..data.len() / ps {
-                match self.place(offset + (i * ps) as u64, Some(&data[i * ps..(i + 1) * ps]))? {
-                    Placed::Placed => placed += 1,
-                    Placed::Duplicate | Placed::NoRegion => {}
-                    Placed::Stopped => return Ok(None),
-                }
-            }
-            Ok(Some(placed))
-        };
-        let Some(p) = lookup(offset) else {
-            // Its first page went away: place what is still mapped, page by page (pages
-            // are the smallest size a region uses).
-            let ps = shared.regions.min_page_size();
-            return if data.len() % ps == 0 && !data.is_empty() {
-                one_by_one(0, ps)
-            } else {
-                Ok(None)
-            };
-        };
-        if p.offset != offset || data.len() % p.size != 0 || data.is_empty() {
-            return Err(Error::BadRegion {
-                base: p.addr,
-                len: data.len(),
-                reason: "an arriving run must start on a page and hold whole pages",
-            });
+        match self.engine.upgrade() {
+            Some(engine) => engine.place_arrivals(offset, data),
+            None => Ok(None),
         }
-        let ps = p.size;
-        let n = data.len() / ps;
-        let contiguous = lookup(offset + ((n - 1) * ps) as u64)
-            .is_some_and(|last| last.page == p.page + n - 1 && last.addr == p.addr + (n - 1) * ps);
-        if !contiguous {
-            return one_by_one(0, ps);
-        }
-        let open = |i: usize| {
-            matches!(
-                shared.states.get(p.page + i),
-                Ok(PageState::Missing | PageState::Requested)
-            )
-        };
-        let mut placed = 0;
-        let mut i = 0;
-        while i < n {
-            if shared.stopping() {
-                return Ok(None);
-            }
-            if !open(i) {
-                // Received: a duplicate. Zero: dropped here meanwhile, `place` zeroes it.
-                if let Ok(PageState::Zero) = shared.states.get(p.page + i) {
-                    let off = offset + (i * ps) as u64;
-                    if self.place(off, Some(&data[i * ps..(i + 1) * ps]))? == Placed::Placed {
-                        placed += 1;
-                    }
-                }
-                i += 1;
-                continue;
-            }
-            let mut j = i + 1;
-            while j < n && open(j) {
-                j += 1;
-            }
-            let Some(q) = shared.page(p.page + i) else {
-                // Unmapped meanwhile: what is left goes page by page (and is skipped).
-                return Ok(one_by_one(i, ps)?.map(|rest| placed + rest));
-            };
-            match shared.place(Request {
-                at: q,
-                count: j - i,
-                content: Content::Data(&data[i * ps..j * ps]),
-                wake: true,
-                origin: Origin::Arrival,
-            }) {
-                Placement::Done | Placement::Asked => placed += j - i,
-                // The address space is changing: the careful path, page by page.
-                Placement::Again { .. } => {
-                    return Ok(one_by_one(i, ps)?.map(|rest| placed + rest));
-                }
-                Placement::Dropped => return Ok(None),
-                failed => {
-                    shared.fail_placement(failed);
-                    return Ok(None);
-                }
-            }
-            i = j;
-        }
-        Ok(Some(placed))
     }
 
     /// Reports that a remote source can no longer deliver pages it answered
@@ -203,10 +90,9 @@ impl Placer {
     /// placed (unless told not to: the faulting threads get SIGBUS, never zeros), tells
     /// the embedder ([`Pager::wait`](crate::Pager::wait)) and returns the error from
     /// [`Pager::stop`](crate::Pager::stop).
-    pub fn fail(&self, error: crate::SourceError) {
-        if let Some(shared) = self.shared.upgrade() {
-            bump(&shared.stats.source_errors);
-            shared.fail(error.into());
+    pub fn fail(&self, error: SourceError) {
+        if let Some(engine) = self.engine.upgrade() {
+            engine.fail_source(error);
         }
     }
 
@@ -214,15 +100,13 @@ impl Placer {
     /// it reconnects: the present set, the pages still Requested); `None` once the pager
     /// is gone.
     pub fn states<R>(&self, f: impl FnOnce(PageStates<'_>) -> R) -> Option<R> {
-        let shared = self.shared.upgrade()?;
-        Some(f(PageStates {
-            map: &shared.states,
-        }))
+        let engine = self.engine.upgrade()?;
+        Some(f(engine.page_states()))
     }
 
     /// Whether page `page` (index in the state map) is still to be placed; `None` once
     /// the pager is gone.
     pub fn state(&self, page: usize) -> Option<PageState> {
-        self.shared.upgrade()?.states.get(page).ok()
+        self.engine.upgrade()?.page_states().get(page)
     }
 }

@@ -4,7 +4,7 @@
 //! [`Source::fetch`] at once with the bytes ([`Fetched::Data`]) or "known zero"
 //! ([`Fetched::Zero`]). A *remote* source sends a request and answers
 //! [`Fetched::Pending`]; the page arrives later on the source's own thread, which places
-//! it through the [`Placer`](crate::Placer) handed to [`Source::attach`]. The fault loop
+//! it through the [`Placer`] handed to [`Source::attach`]. The fault loop
 //! never blocks on a remote round trip.
 
 use std::fs::File;

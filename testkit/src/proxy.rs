@@ -28,14 +28,16 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{setsockopt, sockopt::Linger};
+use link::{accept, Link};
+
+mod link;
 
 /// How a cut breaks (or degrades) connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,92 +110,6 @@ pub struct ProxyOptions {
     pub direction: Direction,
     /// Each connection's first bytes (in that direction) are not counted.
     pub settle: u64,
-}
-
-/// One proxied connection.
-struct Link {
-    /// Its number, in accepting order.
-    id: u64,
-    /// Pumps still running (two, until a side closes).
-    pumps: AtomicU64,
-    tag: OnceLock<&'static str>,
-    sockets: [TcpStream; 2],
-    frozen: AtomicBool,
-    /// One direction frozen (indexed by `Direction as usize`).
-    half: [AtomicBool; 2],
-    reset: AtomicBool,
-    /// Nothing moves before this.
-    held_until: Mutex<Option<Instant>>,
-    /// Until when, and how many bytes a tick each way.
-    drip: Mutex<Option<(Instant, usize)>>,
-}
-
-impl Link {
-    /// Whether a cut can still hit it: a half-open link can still freeze or reset whole.
-    fn live(&self) -> bool {
-        self.pumps.load(Ordering::SeqCst) > 0
-            && !self.frozen.load(Ordering::SeqCst)
-            && !self.reset.load(Ordering::SeqCst)
-    }
-
-    /// Whether nothing flows in `dir` any more.
-    fn blocked(&self, dir: Direction) -> bool {
-        self.frozen.load(Ordering::SeqCst) || self.half[dir as usize].load(Ordering::SeqCst)
-    }
-
-    /// How long nothing may move yet, if held.
-    fn held(&self) -> Option<Duration> {
-        let until = (*self.held_until.lock().unwrap_or_else(|p| p.into_inner()))?;
-        until.checked_duration_since(Instant::now())
-    }
-
-    /// Bytes one read may take now: a tick's worth while dripping.
-    fn allowance(&self, full: usize) -> (usize, bool) {
-        match *self.drip.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some((until, per_tick)) if Instant::now() < until => (per_tick.min(full), true),
-            _ => (full, false),
-        }
-    }
-
-    fn hit_by(&self, target: Target) -> bool {
-        match target {
-            Target::All => true,
-            Target::Tag(t) => self.tag.get() == Some(&t),
-        }
-    }
-
-    fn apply(&self, mode: CutMode) {
-        match mode {
-            CutMode::Freeze => self.frozen.store(true, Ordering::SeqCst),
-            CutMode::HalfOpen(dir) => self.half[dir as usize].store(true, Ordering::SeqCst),
-            CutMode::Delay(d) => {
-                *self.held_until.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some(Instant::now() + d)
-            }
-            CutMode::Drip {
-                bytes_per_sec,
-                lasting,
-            } => {
-                let per_tick = (bytes_per_sec as u128 * TICK.as_millis() / 1000).max(1) as usize;
-                *self.drip.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some((Instant::now() + lasting, per_tick));
-            }
-            CutMode::Reset => {
-                for s in &self.sockets {
-                    // Linger 0: the last close sends RST instead of FIN.
-                    let _ = setsockopt(
-                        s,
-                        Linger,
-                        &nix::libc::linger {
-                            l_onoff: 1,
-                            l_linger: 0,
-                        },
-                    );
-                }
-                self.reset.store(true, Ordering::SeqCst);
-            }
-        }
-    }
 }
 
 #[derive(Default)]
@@ -417,166 +333,4 @@ impl State {
         plan.next_at = plan.counted + plan.cuts.front().map_or(0, |c| c.after);
         (before, Some(cut))
     }
-}
-
-fn accept(state: &Arc<State>, listener: &TcpListener) {
-    while !state.stop.load(Ordering::SeqCst) {
-        let opener = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(5));
-                continue;
-            }
-            Err(_) => continue,
-        };
-        if state.blocked.load(Ordering::SeqCst) {
-            continue; // closed at once: the opener sees its connection end
-        }
-        let Ok(listener_side) = TcpStream::connect(state.upstream) else {
-            continue; // the opener sees its connection closed, as if refused
-        };
-        let setup = || -> io::Result<Arc<Link>> {
-            for s in [&opener, &listener_side] {
-                s.set_nodelay(true)?;
-                s.set_read_timeout(Some(TICK))?;
-                s.set_write_timeout(Some(TICK))?;
-            }
-            Ok(Arc::new(Link {
-                id: state.connections.load(Ordering::SeqCst),
-                pumps: AtomicU64::new(2),
-                tag: OnceLock::new(),
-                sockets: [opener.try_clone()?, listener_side.try_clone()?],
-                frozen: AtomicBool::new(false),
-                half: [AtomicBool::new(false), AtomicBool::new(false)],
-                reset: AtomicBool::new(false),
-                held_until: Mutex::new(None),
-                drip: Mutex::new(None),
-            }))
-        };
-        let Ok(link) = setup() else { continue };
-        state.connections.fetch_add(1, Ordering::SeqCst);
-        state
-            .links
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(link.clone());
-        for (dir, from, to) in [
-            (
-                Direction::ToListener,
-                opener.try_clone(),
-                listener_side.try_clone(),
-            ),
-            (
-                Direction::ToOpener,
-                listener_side.try_clone(),
-                opener.try_clone(),
-            ),
-        ] {
-            let (Ok(from), Ok(to)) = (from, to) else {
-                continue;
-            };
-            let (s, l) = (state.clone(), link.clone());
-            std::thread::spawn(move || {
-                pump(&s, &l, dir, from, to);
-                l.pumps.fetch_sub(1, Ordering::SeqCst);
-            });
-        }
-    }
-}
-
-/// Forwards one direction of one connection until it closes, is reset, or the proxy
-/// stops; frozen, it holds the sockets open and moves nothing.
-fn pump(state: &State, link: &Link, dir: Direction, mut from: TcpStream, mut to: TcpStream) {
-    let mut buf = vec![0u8; 64 << 10];
-    let (mut first, mut carried) = (Vec::new(), 0u64);
-    loop {
-        if state.stop.load(Ordering::SeqCst) || link.reset.load(Ordering::SeqCst) {
-            return;
-        }
-        if link.blocked(dir) {
-            std::thread::sleep(TICK);
-            continue;
-        }
-        if let Some(wait) = link.held() {
-            std::thread::sleep(wait.min(TICK));
-            continue;
-        }
-        let (allowed, dripping) = link.allowance(buf.len());
-        if dripping {
-            std::thread::sleep(TICK);
-        }
-        let n = match from.read(&mut buf[..allowed]) {
-            Ok(0) => {
-                let _ = to.shutdown(std::net::Shutdown::Write);
-                return;
-            }
-            Ok(n) => n,
-            Err(e) if transient(&e) => continue,
-            Err(_) => return link.apply(CutMode::Reset),
-        };
-        if dir == Direction::ToListener && link.tag.get().is_none() {
-            first.extend_from_slice(&buf[..n]);
-            if let Some(tag) = (state.opts.classify)(&first).or((first.len() > 4096).then_some(""))
-            {
-                let _ = link.tag.set(tag);
-            }
-        }
-        let counted = dir == state.opts.direction
-            && link.tag.get() == Some(&state.opts.counted)
-            && link.id >= state.fresh_from.load(Ordering::SeqCst);
-        let skip = if counted {
-            state.opts.settle.saturating_sub(carried).min(n as u64)
-        } else {
-            n as u64
-        };
-        carried += n as u64;
-        let (go, cut) = state.count(n as u64 - skip);
-        let go = (skip + go) as usize;
-        if !write_all(state, link, dir, &mut to, &buf[..go]) {
-            return;
-        }
-        if let Some(cut) = cut {
-            state.cut(cut.mode, cut.target);
-            if link.blocked(dir) || link.reset.load(Ordering::SeqCst) {
-                continue; // the rest of this read never arrives
-            }
-        }
-        if !write_all(state, link, dir, &mut to, &buf[go..n]) {
-            return;
-        }
-    }
-}
-
-/// A timed-out or interrupted read or write: try again.
-fn transient(e: &io::Error) -> bool {
-    use io::ErrorKind::{Interrupted, TimedOut, WouldBlock};
-    matches!(e.kind(), WouldBlock | TimedOut | Interrupted)
-}
-
-/// Writes all of `bytes` unless the link is reset or frozen, or the proxy stops meanwhile.
-fn write_all(
-    state: &State,
-    link: &Link,
-    dir: Direction,
-    to: &mut TcpStream,
-    mut bytes: &[u8],
-) -> bool {
-    while !bytes.is_empty() {
-        if state.stop.load(Ordering::SeqCst) || link.reset.load(Ordering::SeqCst) {
-            return false;
-        }
-        if link.blocked(dir) {
-            return true;
-        }
-        match to.write(bytes) {
-            Ok(0) => return false,
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if transient(&e) => {}
-            Err(_) => {
-                link.apply(CutMode::Reset);
-                return false;
-            }
-        }
-    }
-    true
 }

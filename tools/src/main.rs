@@ -21,6 +21,7 @@ mod restore;
 mod serve;
 mod signals;
 mod snapshot;
+mod stretched;
 mod sweep;
 mod units;
 mod workload;

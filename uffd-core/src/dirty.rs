@@ -22,8 +22,8 @@
 
 use std::ops::Range;
 
-use crate::api::Features;
 use crate::error::{Error, Op, Result};
+use crate::features::Features;
 use crate::ioctl::WriteProtectMode;
 use crate::open::Uffd;
 use crate::pagemap::{PageRegion, Pagemap, ScanQuery};

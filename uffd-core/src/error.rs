@@ -4,7 +4,7 @@ use std::fmt;
 
 use nix::errno::Errno;
 
-use crate::api::Features;
+use crate::features::Features;
 
 /// The userfaultfd operation an error came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,8 +14,8 @@ use std::os::fd::AsRawFd;
 use bitflags::bitflags;
 use nix::errno::Errno;
 
-use crate::api::Features;
 use crate::error::{Error, Op, Result};
+use crate::features::Features;
 use crate::open::Uffd;
 use crate::register::check_range;
 use crate::sys;

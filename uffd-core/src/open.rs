@@ -10,8 +10,9 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
 
-use crate::api::{api_ioctl, ApiInfo, Features, Ioctls, INTERNAL_FEATURE_BITS};
+use crate::api::{api_ioctl, ApiInfo};
 use crate::error::{Error, Op, Result};
+use crate::features::{Features, Ioctls, INTERNAL_FEATURE_BITS};
 use crate::sys;
 
 /// How the fd was obtained.

@@ -100,6 +100,9 @@ pub struct PageRegion {
     pub categories: u64,
 }
 
+// The kernel's `struct page_region`, which `PAGEMAP_SCAN` writes an array of.
+const _: () = assert!(std::mem::size_of::<PageRegion>() == 24);
+
 /// `/proc/self/pagemap`, open for `PAGEMAP_SCAN`.
 #[derive(Debug)]
 pub struct Pagemap {

@@ -2,8 +2,9 @@
 
 use nix::errno::Errno;
 
-use crate::api::{api_ioctl, Features, Ioctls};
+use crate::api::api_ioctl;
 use crate::error::Result;
+use crate::features::{Features, Ioctls};
 use crate::mapping::{Mapping, MemoryKind};
 use crate::open::{PathPolicy, Uffd, UserMode};
 use crate::register::RegisterMode;

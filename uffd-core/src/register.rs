@@ -2,8 +2,8 @@
 
 use bitflags::bitflags;
 
-use crate::api::Ioctls;
 use crate::error::{Error, Op, Result};
+use crate::features::Ioctls;
 use crate::open::Uffd;
 use crate::sys;
 

@@ -218,7 +218,6 @@ pub const USERFAULTFD_IOC_NEW: u32 = ioc(0, 0x00, 0);
 
 const _: () = {
     assert!(size_of::<pm_scan_arg>() == 96);
-    assert!(size_of::<crate::pagemap::PageRegion>() == 24);
     assert!(size_of::<uffdio_api>() == 24);
     assert!(size_of::<uffdio_range>() == 16);
     assert!(size_of::<uffdio_register>() == 32);

@@ -1,8 +1,9 @@
 //! One bench case: a CPU placement of faulting and handler threads, measured for the
 //! pager, the raw loop and first-touch faults, each side recording where it ran.
 
-use super::raw::{raw_sigbus, Cyclic, Raw};
+use super::raw::{raw_sigbus, Raw};
 use super::*;
+use crate::stretched::Stretched;
 
 pub(super) struct Case<'a> {
     pub args: &'a Args,
@@ -10,7 +11,7 @@ pub(super) struct Case<'a> {
     pub page_size: usize,
     /// Pages each faulting thread touches (`--pages`, or a `--sizes` entry's share).
     pub pages: usize,
-    /// The repeating image (see [`Cyclic`]).
+    /// The repeating image (see [`Stretched::repeated`]).
     pub image: Arc<Vec<u8>>,
     /// The CPUs this process may run on.
     pub cpus: Vec<usize>,
@@ -135,10 +136,10 @@ impl Case<'_> {
 
     fn source(&self) -> Arc<dyn Source> {
         match self.args.source {
-            SourceKind::Memory => Arc::new(Cyclic {
-                image: self.image.clone(),
-                len: (self.total_pages() * self.page_size) as u64,
-            }),
+            SourceKind::Memory => Arc::new(Stretched::repeated(
+                self.image.clone(),
+                (self.total_pages() * self.page_size) as u64,
+            )),
             SourceKind::Zero => Arc::new(ZeroSource::new(
                 (self.total_pages() * self.page_size) as u64,
             )),

@@ -1,6 +1,7 @@
 //! The same-run baselines' handlers: a minimal raw loop built directly on uffd-core (read
 //! events, copy or zero the page, wake on EEXIST), and its SIGBUS twin. And the bench's
-//! image: a repeating pattern, so a sweep to many GiB costs only the memory it faults.
+//! image: a repeating pattern ([`Stretched::repeated`](crate::stretched::Stretched::repeated)),
+//! so a sweep to many GiB costs only the memory it faults.
 
 use super::*;
 
@@ -8,8 +9,9 @@ use super::*;
 #[derive(Clone)]
 pub(super) struct Raw {
     pub uffd: Arc<Uffd>,
-    /// The repeating image ([`Cyclic`]'s): page `i` holds the image's page `i mod` its
-    /// length.
+    /// The repeating image (the pager's source is
+    /// [`Stretched::repeated`](crate::stretched::Stretched::repeated) over it): page `i`
+    /// holds the image's page `i mod` its length.
     pub image: Arc<Vec<u8>>,
     pub base: usize,
     pub page_size: usize,
@@ -118,71 +120,3 @@ pub(super) mod raw_sigbus {
 /// last-level cache (every copy still comes from DRAM, as from a unique image) and a
 /// multiple of 2 MiB (hugetlb pages, and aligned placement runs never wrap).
 pub(super) const IMAGE_PERIOD: usize = 64 << 20;
-
-/// A source of `len` bytes repeating `image`: a sweep to 8 GiB needs no 8 GiB image.
-/// Answers from the image itself (no copy) unless a run wraps round its end.
-pub(super) struct Cyclic {
-    pub image: Arc<Vec<u8>>,
-    pub len: u64,
-}
-
-impl Source for Cyclic {
-    fn len(&self) -> u64 {
-        self.len
-    }
-
-    fn fetch<'a>(
-        &'a self,
-        offset: u64,
-        scratch: &'a mut [u8],
-    ) -> Result<pager::Fetched<'a>, pager::SourceError> {
-        let period = self.image.len();
-        let at = (offset % period as u64) as usize;
-        let want = scratch.len();
-        if at + want <= period {
-            return Ok(pager::Fetched::Data(&self.image[at..at + want]));
-        }
-        let (mut filled, mut from) = (0, at);
-        while filled < want {
-            let n = (period - from).min(want - filled);
-            scratch[filled..filled + n].copy_from_slice(&self.image[from..from + n]);
-            filled += n;
-            from = 0;
-        }
-        Ok(pager::Fetched::Data(scratch))
-    }
-
-    fn is_signal_safe(&self) -> bool {
-        true
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_cyclic_source_repeats_its_image_across_the_wrap() {
-        let image: Vec<u8> = (0..16u8).collect();
-        let src = Cyclic {
-            image: Arc::new(image),
-            len: 64,
-        };
-        let mut scratch = [0u8; 8];
-        let pager::Fetched::Data(d) = src.fetch(12, &mut scratch).unwrap() else {
-            panic!("data")
-        };
-        assert_eq!(d, &[12, 13, 14, 15, 0, 1, 2, 3]);
-        let mut scratch = [0u8; 4];
-        let pager::Fetched::Data(d) = src.fetch(36, &mut scratch).unwrap() else {
-            panic!("data")
-        };
-        assert_eq!(d, &[4, 5, 6, 7]);
-        let mut long = [0u8; 40];
-        let pager::Fetched::Data(d) = src.fetch(10, &mut long).unwrap() else {
-            panic!("data")
-        };
-        let want: Vec<u8> = (10..50).map(|i| (i % 16) as u8).collect();
-        assert_eq!(d, want.as_slice());
-    }
-}

@@ -2,6 +2,7 @@
 //! sampled over time.
 
 use super::*;
+use crate::stretched::Stretched;
 
 pub(super) fn run_pager(
     args: &Args,
@@ -38,10 +39,7 @@ pub(super) fn run_pager(
         .require(Features::EVENT_REMOVE | extra)
         .open()?;
     // The image may end in a partial page: serve whole pages, zero-padded.
-    let padded: Arc<dyn Source> = Arc::new(Padded {
-        inner: source,
-        len: map_len as u64,
-    });
+    let padded: Arc<dyn Source> = Arc::new(Stretched::padded(source, map_len as u64));
     let builder = Pager::builder(uffd, padded)
         .mapping(memory.clone(), 0)
         .mode(DeliveryMode::from(mode));

@@ -14,6 +14,9 @@
 //! prefetches itself, because it knows which chunks are already on their way and keeps
 //! every page it has not placed `Missing`, so a fault on a chunk still queued in the
 //! background reaches the source and is served first.
+//!
+//! Here the source, its shared state and the [`Source`] side; `dispatch.rs` what is read
+//! next, `place.rs` how what arrives is placed.
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
@@ -21,13 +24,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use pager::{ChildSource, Fetched, Placed, Placer, Source, SourceError};
+use pager::{ChildSource, Fetched, Placer, Source, SourceError};
 
 use crate::cache::ChunkCache;
 use crate::error::{Error, Result};
-use crate::fetch::{FetchStats, Fetcher, RetryPolicy, Sink};
+use crate::fetch::{FetchStats, Fetcher, RetryPolicy};
 use crate::layout::{Layout, Slot};
 use crate::manifest::Geometry;
+
+mod dispatch;
+mod place;
 
 /// What the source fetches when no fault asks for anything.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -255,209 +261,6 @@ impl Shared {
     fn geometry(&self) -> Geometry {
         self.fetcher.layout.geometry
     }
-
-    /// Picks the next reads: urgent chunks first (each with its queued neighbours), then
-    /// background runs while capacity is left.
-    fn next_reads(&self) -> Vec<(Vec<usize>, bool)> {
-        let o = &self.options;
-        let mut t = self.lock();
-        let mut reads = Vec::new();
-        let per_read = (o.max_read / u64::from(self.geometry().chunk_size)).max(1) as usize;
-        while t.in_flight < o.max_in_flight {
-            let Some(c) = t.urgent.pop_front() else { break };
-            if t.state[c] != State::Queued {
-                continue;
-            }
-            let run = self.claim_run(&mut t, c, per_read, State::Queued);
-            reads.push((run, false));
-        }
-        let limit = o.max_in_flight.saturating_sub(o.reserved_for_faults).max(1);
-        while t.started_background
-            && t.in_flight < limit
-            && t.background_in_flight < o.max_background
-            && o.background != Background::None
-        {
-            let Some(c) = self.next_background(&mut t) else {
-                break;
-            };
-            let run = self.claim_run(&mut t, c, per_read, State::Idle);
-            t.background_in_flight += run.len();
-            reads.push((run, true));
-        }
-        reads
-    }
-
-    /// Marks `c` and following chunks in state `like` (and storage-adjacent) in flight.
-    fn claim_run(&self, t: &mut Table, c: usize, per_read: usize, like: State) -> Vec<usize> {
-        let layout = &self.fetcher.layout;
-        let mut run = vec![c];
-        t.state[c] = State::InFlight;
-        while run.len() < per_read {
-            let next = c + run.len();
-            if next >= t.state.len() || t.state[next] != like || !layout.follows(next - 1, next) {
-                break;
-            }
-            t.state[next] = State::InFlight;
-            run.push(next);
-        }
-        t.in_flight += run.len();
-        run
-    }
-
-    fn next_background(&self, t: &mut Table) -> Option<usize> {
-        while let Some(c) = t.replay.pop_front() {
-            if t.state[c] == State::Idle {
-                return Some(c);
-            }
-        }
-        let n = t.state.len();
-        // Relaxed: a position hint; the table (under its lock) is the truth.
-        let cursor = self.cursor.load(Ordering::Relaxed);
-        if cursor != usize::MAX {
-            t.scan = cursor % n.max(1);
-            self.cursor.store(usize::MAX, Ordering::Relaxed);
-        }
-        for k in 0..n {
-            let c = (t.scan + k) % n;
-            if t.state[c] == State::Idle {
-                t.scan = c;
-                return Some(c);
-            }
-        }
-        None
-    }
-
-    /// Places a verified chunk: its faulted pages first (each woken at once), then the
-    /// whole chunk with one placement (pages already placed are skipped).
-    fn place_chunk(&self, index: usize, data: &[u8]) {
-        let Some(placer) = self.placer.get() else {
-            return;
-        };
-        let g = self.geometry();
-        let ps = g.page_size as usize;
-        let start = g.chunk_range(index).start;
-        let padded;
-        let data = if data.len() % ps == 0 {
-            data
-        } else {
-            padded = pad(data, ps);
-            &padded[..]
-        };
-        let waiting = self.lock().waiting.remove(&index).unwrap_or_default();
-        for off in waiting {
-            let i = ((off - start) as usize) / ps;
-            if let Some(page) = data.get(i * ps..(i + 1) * ps) {
-                let _ = placer.place(off - off % ps as u64, Some(page));
-            }
-        }
-        match placer.place_run(start, data) {
-            Ok(Some(_)) => {}
-            // Part of the chunk lies outside every region (or a region ends inside it):
-            // place page by page, passing over what no region holds.
-            Ok(None) if !self.stopped.load(Ordering::Relaxed) => {
-                for (i, page) in data.chunks_exact(ps).enumerate() {
-                    if matches!(
-                        placer.place(start + (i * ps) as u64, Some(page)),
-                        Ok(Placed::Stopped)
-                    ) {
-                        break;
-                    }
-                }
-            }
-            Ok(None) => {}
-            // A region whose pages do not tile the chunk (2 MiB pages, smaller chunks):
-            // nothing of it can ever be placed, so stop rather than strand its faults.
-            Err(e) => {
-                self.stopped.store(true, Ordering::Relaxed);
-                placer.fail(SourceError {
-                    what: "place chunk",
-                    offset: start,
-                    source: std::io::Error::other(e),
-                });
-                return;
-            }
-        }
-        let _ = self.first_place.set(Instant::now());
-        self.placed.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn place_zero_pages(&self) {
-        let pages = std::mem::take(&mut self.lock().zero_pages);
-        let (Some(placer), false) = (self.placer.get(), pages.is_empty()) else {
-            return;
-        };
-        let ps = u64::from(self.geometry().page_size);
-        for r in pages {
-            for off in (r.start..r.end).step_by(ps as usize) {
-                let _ = placer.place(off, None);
-            }
-        }
-    }
-
-    fn finish(&self, run: &[usize], ok: bool, background: bool) {
-        let mut t = self.lock();
-        if background {
-            t.background_in_flight -= run.len();
-        }
-        for &c in run {
-            if t.state[c] == State::InFlight {
-                t.state[c] = if ok { State::Done } else { State::Idle };
-            }
-        }
-        t.in_flight -= run.len();
-    }
-}
-
-fn pad(data: &[u8], ps: usize) -> Vec<u8> {
-    let mut v = data.to_vec();
-    v.resize(data.len().next_multiple_of(ps), 0);
-    v
-}
-
-impl Sink for Shared {
-    fn deliver(&self, index: usize, data: &[u8]) {
-        self.place_chunk(index, data);
-    }
-
-    fn fail(&self, index: usize, error: Error) {
-        log::error!("chunk {index}: {error}");
-        self.stopped.store(true, Ordering::Relaxed);
-        let offset = self.geometry().chunk_range(index).start;
-        if let Some(placer) = self.placer.get() {
-            placer.fail(SourceError {
-                what: "fetch chunk",
-                offset,
-                source: std::io::Error::other(error),
-            });
-        }
-    }
-}
-
-/// The dispatcher: runs until the source is dropped or fails.
-async fn dispatch(shared: Arc<Shared>) {
-    loop {
-        if shared.stopped.load(Ordering::Relaxed) {
-            return;
-        }
-        // Registered before looking at the table, so a wake-up in between is not lost.
-        let woken = shared.wake.notified();
-        shared.place_zero_pages();
-        for (run, background) in shared.next_reads() {
-            let s = shared.clone();
-            let counter = if background {
-                &s.background
-            } else {
-                &s.faulted
-            };
-            counter.fetch_add(run.len() as u64, Ordering::Relaxed);
-            tokio::spawn(async move {
-                let ok = s.fetcher.fetch(&run, &*s).await;
-                s.finish(&run, ok, background);
-                s.wake.notify_one();
-            });
-        }
-        woken.await;
-    }
 }
 
 impl Source for ChunkedSource {
@@ -519,7 +322,7 @@ impl Source for ChunkedSource {
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
         {
-            rt.spawn(dispatch(self.shared.clone()));
+            rt.spawn(dispatch::run(self.shared.clone()));
         }
     }
 }
