@@ -208,12 +208,3 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     }
     text
 }
-
-impl crate::link::Failure for Error {
-    fn into_link(self) -> Result<LinkError, Error> {
-        match self {
-            Error::Link(link) => Ok(link),
-            other => Err(other),
-        }
-    }
-}

@@ -2,8 +2,9 @@
 //! `sender::Sender` (page server sessions, migration source) and the
 //! `receiver::Receiver` (page server clients, migration destination).
 
+mod land;
 pub(crate) mod receiver;
 pub(crate) mod sender;
 
-pub use receiver::RecvStats;
+pub use land::RecvStats;
 pub use sender::SendStats;

@@ -21,10 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use pager::{
-    AtomicLatencyHistogram, Fetched, Mapping, PageState, PageStateMap, Placed, Placer, Source,
-    SourceError,
-};
+use pager::{AtomicLatencyHistogram, Fetched, PageState, Placed, Placer, Source, SourceError};
 
 use crate::error::unexpected;
 use crate::link::{Chan, Inbound, Messages, Pair};
@@ -32,56 +29,15 @@ use crate::net::{Conn, RecvMessage, SendMessage};
 use crate::wire::{Advise, Channel, Frame, Message, PageRange};
 use crate::Error;
 
+pub(crate) use super::land::{Land, OnLand};
+use super::RecvStats;
+
 /// The sender's ADVISE, first on every main connection.
 pub(crate) fn read_advise(main: &mut Conn) -> Result<Advise, Error> {
     match main.r.recv()? {
         Message::Advise(a) => Ok(a),
         other => Err(unexpected(other, "ADVISE", Channel::Main)),
     }
-}
-
-/// Where arriving pages go.
-pub(crate) enum Land {
-    /// Nowhere yet: pages are unexpected.
-    Idle,
-    /// Copied into `memory`, which no pager serves yet, their states kept in `states`
-    /// (the map the pager will start with).
-    Copy {
-        /// The memory (the destination's own, or its embedder's).
-        memory: Arc<Mapping>,
-        /// Its page states.
-        states: PageStateMap,
-    },
-    /// Placed by a running pager.
-    Place(Placer),
-}
-
-/// Told of every page a receiver lands in memory, before it is published as placed (the
-/// migration destination digests what it placed: see `migrate`'s delivery invariant).
-pub(crate) trait OnLand: Send + Sync {
-    /// Page `page` is being landed from the current pair with `data` (`None`: zeros), in a
-    /// copy (precopy: the latest copy wins) or a placement of a page not present yet.
-    fn landed(&self, page: u64, data: Option<&[u8]>);
-    /// Pages `pages` were dropped by DISCARD (they read as zeros until landed again).
-    fn dropped(&self, pages: std::ops::Range<usize>);
-}
-
-/// Counters of what a receiver received.
-#[derive(Debug, Default)]
-pub struct RecvStats {
-    /// Pages copied in before a pager ran (re-sends included).
-    pub copied: AtomicU64,
-    /// Pages placed through the pager.
-    pub placed: AtomicU64,
-    /// Pages asked for by faults.
-    pub requested: AtomicU64,
-    /// Pages dropped by DISCARD (before a pager ran).
-    pub discarded: AtomicU64,
-    /// Time spent applying DISCARD, in nanoseconds.
-    pub discarding_ns: AtomicU64,
-    /// Frames refused because they came on a pair older than the one greeted last (a
-    /// superseded connection still delivering): never applied.
-    pub stale_frames: AtomicU64,
 }
 
 /// Relaxed: counters and timestamps that only feed statistics.

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use super::{Chan, Cutter};
+use super::LinkError;
 
 /// Bytes of frames the queue holds before a fault handler waits for room.
 const QUEUED: usize = 64 << 10;
@@ -81,26 +81,29 @@ impl Forward {
         self.room.notify_all();
     }
 
-    /// Sends what is queued on `chan` until the pair is cut or closed.
-    pub fn run(&self, chan: &Chan, cutter: &Cutter) {
+    /// Writes what is queued with `write` until it fails (its error is returned), the
+    /// queue is closed or `cut()` says the pair is.
+    pub fn run(
+        &self,
+        cut: impl Fn() -> bool,
+        mut write: impl FnMut(&[u8]) -> Result<(), LinkError>,
+    ) -> Result<(), LinkError> {
         let mut batch = Vec::with_capacity(QUEUED);
         loop {
             {
                 let mut queue = self.lock();
-                while queue.is_empty() && !self.is_closed() && !cutter.is_cut() {
+                while queue.is_empty() && !self.is_closed() && !cut() {
                     queue = (self.wake.wait_timeout(queue, Duration::from_millis(100)))
                         .unwrap_or_else(|p| p.into_inner())
                         .0;
                 }
-                if self.is_closed() || cutter.is_cut() {
-                    return;
+                if self.is_closed() || cut() {
+                    return Ok(());
                 }
                 std::mem::swap(&mut *queue, &mut batch);
             }
             self.room.notify_all();
-            if let Err(e) = chan.writer().write_raw(&batch) {
-                return cutter.cut(e);
-            }
+            write(&batch)?;
             batch.clear();
         }
     }

@@ -219,6 +219,16 @@ pub trait Failure: From<LinkError> + Send + 'static {
     fn into_link(self) -> Result<LinkError, Self>;
 }
 
+/// The transport's own error is one: a pair whose protocol has no error of its own.
+impl Failure for crate::Error {
+    fn into_link(self) -> Result<LinkError, crate::Error> {
+        match self {
+            crate::Error::Link(link) => Ok(link),
+            other => Err(other),
+        }
+    }
+}
+
 /// What the readers queue for the phase logic.
 enum Queued<M, E> {
     Message(Channel, M),
@@ -288,7 +298,12 @@ impl<M: Send + 'static, E: Failure> Pair<M, E> {
         })?);
         if let Some(f) = &forward {
             let (f, u, cut) = (f.clone(), urgent.clone(), cutter.clone());
-            threads.push(spawn("link-requests", move || f.run(&u, &cut))?);
+            threads.push(spawn("link-requests", move || {
+                let write = |frames: &[u8]| u.writer().write_raw(frames);
+                if let Err(e) = f.run(|| cut.is_cut(), write) {
+                    cut.cut(e);
+                }
+            })?);
         }
         Ok(Pair {
             main,
