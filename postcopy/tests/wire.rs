@@ -61,16 +61,11 @@ fn message() -> impl Strategy<Value = Message> {
             proptest::collection::vec(any::<u64>(), 1..64)
         )
             .prop_map(|(first, digests)| Message::Digests { first, digests }),
-        ("[a-zA-Z0-9 é]{0,100}", 1u8..7).prop_map(|(detail, r)| Message::Shut {
-            reason: [
-                ShutReason::Done,
-                ShutReason::Error,
-                ShutReason::Auth,
-                ShutReason::Cancelled,
-                ShutReason::SecurityMismatch,
-                ShutReason::Busy,
-            ][usize::from(r - 1)],
-            detail,
+        ("[a-zA-Z0-9 é]{0,100}", 0..ShutReason::ALL.len()).prop_map(|(detail, r)| {
+            Message::Shut {
+                reason: ShutReason::ALL[r],
+                detail,
+            }
         }),
     ]
 }

@@ -8,14 +8,6 @@ use transport::wire::{
 
 fn control() -> impl Strategy<Value = Control> {
     let nonce = proptest::array::uniform32(any::<u8>());
-    let reasons = [
-        ShutReason::Done,
-        ShutReason::Error,
-        ShutReason::Auth,
-        ShutReason::Cancelled,
-        ShutReason::SecurityMismatch,
-        ShutReason::Busy,
-    ];
     prop_oneof![
         (
             proptest::array::uniform8(any::<u8>()),
@@ -41,9 +33,11 @@ fn control() -> impl Strategy<Value = Control> {
         Just(Control::Admitted),
         any::<u64>().prop_map(|seq| Control::Ping { seq }),
         any::<u64>().prop_map(|seq| Control::Pong { seq }),
-        ("[a-zA-Z0-9 é]{0,100}", 0..reasons.len()).prop_map(move |(detail, r)| Control::Shut {
-            reason: reasons[r],
-            detail,
+        ("[a-zA-Z0-9 é]{0,100}", 0..ShutReason::ALL.len()).prop_map(|(detail, r)| {
+            Control::Shut {
+                reason: ShutReason::ALL[r],
+                detail,
+            }
         }),
     ]
 }

@@ -1,7 +1,7 @@
 //! Decoding: a frame's bytes into a message, refusing anything malformed with a typed
 //! [`WireError`].
 
-use transport::wire::{open_frame, Control, Opened, Reader};
+use transport::wire::{open_frame, within, Control, Opened, Reader};
 
 use super::*;
 
@@ -159,14 +159,7 @@ fn advise(r: &mut Reader<'_>, limits: &Limits) -> Result<Advise, WireError> {
 
 /// RUN: the device state, length-prefixed, at most [`MAX_DEVICE_STATE`] bytes.
 fn run(r: &mut Reader<'_>) -> Result<Message, WireError> {
-    let len = r.u32()? as usize;
-    if len > MAX_DEVICE_STATE {
-        return Err(WireError::OutOfRange {
-            what: "device state length",
-            value: len as u64,
-            limit: MAX_DEVICE_STATE as u64,
-        });
-    }
+    let len = within("device state length", r.u32()? as usize, MAX_DEVICE_STATE)?;
     let device_state = r.take(len)?.to_vec();
     Ok(Message::Run { device_state })
 }

@@ -44,6 +44,18 @@ pub enum ShutReason {
     Busy = 6,
 }
 
+impl ShutReason {
+    /// Every reason, in the order of their bytes on the wire (1 and up).
+    pub const ALL: [ShutReason; 6] = [
+        ShutReason::Done,
+        ShutReason::Error,
+        ShutReason::Auth,
+        ShutReason::Cancelled,
+        ShutReason::SecurityMismatch,
+        ShutReason::Busy,
+    ];
+}
+
 impl Channel {
     /// `main` or `urgent`.
     pub fn name(self) -> &'static str {

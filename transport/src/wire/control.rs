@@ -1,7 +1,7 @@
 //! The link's own messages: the handshake's, the heartbeats and SHUT, in frames of the
 //! kinds reserved for them ([`kind`]).
 
-use super::{open_frame, put_frame, Reader, WireError, DEFAULT_MAX_BODY, MAX_DETAIL};
+use super::{open_frame, put_frame, within, Reader, WireError, DEFAULT_MAX_BODY, MAX_DETAIL};
 use crate::link::{Channel, Role, ShutReason};
 
 /// The link's frame kinds. A protocol must not use them for its own messages.
@@ -228,23 +228,11 @@ fn hello(r: &mut Reader<'_>) -> Result<Control, WireError> {
 }
 
 fn shut(r: &mut Reader<'_>) -> Result<Control, WireError> {
-    let reason = match r.u8()? {
-        1 => ShutReason::Done,
-        2 => ShutReason::Error,
-        3 => ShutReason::Auth,
-        4 => ShutReason::Cancelled,
-        5 => ShutReason::SecurityMismatch,
-        6 => ShutReason::Busy,
-        _ => return Err(WireError::Invalid("unknown shut reason")),
+    let byte = usize::from(r.u8()?);
+    let Some(&reason) = byte.checked_sub(1).and_then(|i| ShutReason::ALL.get(i)) else {
+        return Err(WireError::Invalid("unknown shut reason"));
     };
-    let len = r.u16()? as usize;
-    if len > MAX_DETAIL {
-        return Err(WireError::OutOfRange {
-            what: "shut detail length",
-            value: len as u64,
-            limit: MAX_DETAIL as u64,
-        });
-    }
+    let len = within("shut detail length", r.u16()?.into(), MAX_DETAIL)?;
     let detail = std::str::from_utf8(r.take(len)?)
         .map_err(|_| WireError::Invalid("shut detail is not UTF-8"))?
         .to_string();

@@ -160,14 +160,7 @@ impl<'a> Reader<'a> {
     /// A count prefix, refused above `max` and above what the remaining bytes can hold
     /// at `item` bytes each (so a lying count cannot make us allocate).
     pub fn count(&mut self, max: usize, item: usize) -> Result<usize, WireError> {
-        let n = self.u32()? as usize;
-        if n > max {
-            return Err(WireError::OutOfRange {
-                what: "item count",
-                value: n as u64,
-                limit: max as u64,
-            });
-        }
+        let n = within("item count", self.u32()? as usize, max)?;
         if n.saturating_mul(item) > self.buf.len() {
             return Err(WireError::Truncated { kind: self.kind });
         }
@@ -182,6 +175,18 @@ impl<'a> Reader<'a> {
                 extra,
             }),
         }
+    }
+}
+
+/// `value` if it is at most `limit`; else [`WireError::OutOfRange`] naming `what`.
+pub fn within(what: &'static str, value: usize, limit: usize) -> Result<usize, WireError> {
+    match value <= limit {
+        true => Ok(value),
+        false => Err(WireError::OutOfRange {
+            what,
+            value: value as u64,
+            limit: limit as u64,
+        }),
     }
 }
 
