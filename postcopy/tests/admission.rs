@@ -4,7 +4,7 @@
 //! deadline all the same; beyond the session cap a client is told it is busy, retries,
 //! and gets in once a session ends.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

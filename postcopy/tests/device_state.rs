@@ -3,7 +3,7 @@
 //! embedder's own memory, and a verdict that holds while the resumed workload writes.
 //! Breaks at the switch, with the state in flight: `explore.rs`.
 
-mod common;
+use crate::common;
 
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};

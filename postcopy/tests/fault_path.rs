@@ -18,7 +18,7 @@ use postcopy::Security;
 use postcopy::Timing;
 use transport::Key;
 
-mod common;
+use crate::common;
 
 struct Counting;
 

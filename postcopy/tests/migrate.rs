@@ -3,7 +3,7 @@
 //! recovery from in-process faults (a cut pair, a frame cut in half, a reader that stops).
 //! Faults from outside (resets, silent freezes through a proxy): `recovery.rs`.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

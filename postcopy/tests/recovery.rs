@@ -7,7 +7,7 @@
 //! ends resumed exactly once per cut. `tests/explore.rs` draws such schedules by the
 //! thousand.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -14,7 +14,7 @@ use testkit::proxy::{CutMode, Direction, Proxy, ProxyOptions, Target};
 use transport::Addr;
 use transport::Key;
 
-mod common;
+use crate::common;
 use common::PS;
 use uffd_core::{Mapping, MemoryKind};
 

@@ -4,7 +4,7 @@
 //! opener's error, and the listener's count of it), and raw TLS clients that break the
 //! protocol after a valid handshake refused by the decoder.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
