@@ -4,7 +4,7 @@
 //! within its bound, exit 1 and say why once — never hang with its workload blocked, never
 //! die of the poisoned pages' SIGBUS.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
