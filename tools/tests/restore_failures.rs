@@ -147,47 +147,6 @@ fn file_damaged(test: &str, how: Damage) -> (Dir, String) {
     (dir, url)
 }
 
-#[test]
-fn restore_from_a_file_store_whose_pack_was_removed_exits_1_in_every_mode() {
-    let (_dir, url) = file_damaged("fail-removed", Damage::Removed);
-    for mode in MODES {
-        restore_fails(
-            &url,
-            &[],
-            mode,
-            60,
-            Duration::from_secs(20),
-            &["not found", "No such file"],
-        );
-    }
-}
-
-#[test]
-fn restore_from_a_file_store_whose_pack_is_corrupt_exits_1_naming_the_verification() {
-    let (_dir, url) = file_damaged("fail-corrupt", Damage::Corrupted);
-    restore_fails(
-        &url,
-        &[],
-        "percpu",
-        60,
-        Duration::from_secs(20),
-        &["failed verification"],
-    );
-}
-
-#[test]
-fn restore_from_a_file_store_whose_pack_is_truncated_exits_1() {
-    let (_dir, url) = file_damaged("fail-truncated", Damage::Truncated);
-    restore_fails(
-        &url,
-        &[],
-        "thread",
-        60,
-        Duration::from_secs(20),
-        &["truncated in the store"],
-    );
-}
-
 /// Where the S3 tests push their image.
 const S3_URL: &str = "s3://images/snap/img";
 
@@ -200,57 +159,101 @@ fn s3_pushed(test: &str) -> Option<(S3Server, Dir, PathBuf)> {
     Some((server, dir, raw))
 }
 
-/// An image pushed to a fresh `s3s-fs`, damaged as `how`.
-fn s3_damaged(test: &str, how: Damage) -> Option<(S3Server, Dir)> {
-    let (server, dir, _raw) = s3_pushed(test)?;
-    damage(server.data_dir(), how);
-    Some((server, dir))
+/// Where a damaged image is served from.
+#[derive(Clone, Copy)]
+enum Store {
+    /// A `file://` store in the test's own directory.
+    File,
+    /// A fresh `s3s-fs`.
+    S3,
 }
 
-#[test]
-fn restore_from_s3_whose_pack_was_removed_exits_1_with_the_stores_words() {
-    let Some((server, _dir)) = s3_damaged("s3_pack_removed", Damage::Removed) else {
-        return;
+/// An image pushed to `store` under `test`'s name, its packs damaged as `how`, restored in
+/// each of `modes` (no cache, `--retry-secs 60`): each must exit 1 within 20 s, the pager's
+/// error naming one of `cause`. Without `s3s-fs`, an S3 case is skipped loudly.
+fn damaged_restores_fail(store: Store, test: &str, how: Damage, modes: &[&str], cause: &[&str]) {
+    let (_server, _dir, url, env) = match store {
+        Store::File => {
+            let (dir, url) = file_damaged(test, how);
+            (None, dir, url, Vec::new())
+        }
+        Store::S3 => {
+            let Some((server, dir, _raw)) = s3_pushed(test) else {
+                return;
+            };
+            damage(server.data_dir(), how);
+            let env = server.env();
+            (Some(server), dir, S3_URL.to_owned(), env)
+        }
     };
-    for mode in MODES {
-        restore_fails(
-            S3_URL,
-            &server.env(),
-            mode,
-            60,
-            Duration::from_secs(20),
-            &["not found", "NotFound", "NoSuchKey", "404"],
-        );
+    for mode in modes {
+        restore_fails(&url, &env, mode, 60, Duration::from_secs(20), cause);
     }
 }
 
 #[test]
+fn restore_from_a_file_store_whose_pack_was_removed_exits_1_in_every_mode() {
+    let cause = ["not found", "No such file"];
+    damaged_restores_fail(Store::File, "fail-removed", Damage::Removed, &MODES, &cause);
+}
+
+#[test]
+fn restore_from_a_file_store_whose_pack_is_corrupt_exits_1_naming_the_verification() {
+    let cause = ["failed verification"];
+    damaged_restores_fail(
+        Store::File,
+        "fail-corrupt",
+        Damage::Corrupted,
+        &["percpu"],
+        &cause,
+    );
+}
+
+#[test]
+fn restore_from_a_file_store_whose_pack_is_truncated_exits_1() {
+    let cause = ["truncated in the store"];
+    damaged_restores_fail(
+        Store::File,
+        "fail-truncated",
+        Damage::Truncated,
+        &["thread"],
+        &cause,
+    );
+}
+
+#[test]
+fn restore_from_s3_whose_pack_was_removed_exits_1_with_the_stores_words() {
+    let cause = ["not found", "NotFound", "NoSuchKey", "404"];
+    damaged_restores_fail(
+        Store::S3,
+        "s3_pack_removed",
+        Damage::Removed,
+        &MODES,
+        &cause,
+    );
+}
+
+#[test]
 fn restore_from_s3_whose_pack_is_corrupt_exits_1_naming_the_verification() {
-    let Some((server, _dir)) = s3_damaged("s3_pack_corrupt", Damage::Corrupted) else {
-        return;
-    };
-    restore_fails(
-        S3_URL,
-        &server.env(),
-        "percpu",
-        60,
-        Duration::from_secs(20),
-        &["failed verification"],
+    let cause = ["failed verification"];
+    damaged_restores_fail(
+        Store::S3,
+        "s3_pack_corrupt",
+        Damage::Corrupted,
+        &["percpu"],
+        &cause,
     );
 }
 
 #[test]
 fn restore_from_s3_whose_pack_is_truncated_exits_1() {
-    let Some((server, _dir)) = s3_damaged("s3_pack_truncated", Damage::Truncated) else {
-        return;
-    };
-    restore_fails(
-        S3_URL,
-        &server.env(),
-        "percpu",
-        60,
-        Duration::from_secs(20),
-        &["truncated in the store"],
+    let cause = ["truncated in the store"];
+    damaged_restores_fail(
+        Store::S3,
+        "s3_pack_truncated",
+        Damage::Truncated,
+        &["percpu"],
+        &cause,
     );
 }
 
