@@ -2,7 +2,7 @@
 //! told what its holes mean; told they inherit, the layer restores a VM (fc-handler
 //! `--image`, the Firecracker-like client verifying every page) to the merged memory.
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::os::unix::fs::FileExt;

@@ -4,7 +4,7 @@
 //! the socket exists, the peer killed on a fatal error, the socket path's life cycle,
 //! and how errors read.
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::os::fd::AsFd;

@@ -3,7 +3,7 @@
 //! time per GiB and the growth exponent, and `--plot` writes an SVG that parses. Small sizes
 //! only: these check the instruments, not the machine's figures.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -5,7 +5,7 @@
 //! a restore through `fc-handler --source` survives the same cuts, or, cut off for good,
 //! kills the VMM (`fc-client`) rather than leave it hanging.
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! terminal (a real pseudo-terminal here), plain lines when it is not, nothing with `-q`,
 //! and with `--json` nothing but JSON on stdout either way.
 
-mod common;
+use crate::common;
 
 use std::io::Read;
 use std::os::fd::OwnedFd;

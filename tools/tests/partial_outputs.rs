@@ -3,7 +3,7 @@
 //! nor under the temporary one it was written to. A full-length sparse file whose unsaved
 //! pages are holes would read as a good snapshot of zero pages.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

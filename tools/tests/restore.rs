@@ -1,7 +1,7 @@
 //! `uffdkit restore` run as a user runs it: a chunked image's URL with the default
 //! options, against the file it was pushed from.
 
-mod common;
+use crate::common;
 
 use common::{run, temp, uffdkit};
 

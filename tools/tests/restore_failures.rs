@@ -4,9 +4,13 @@
 //! within its bound, exit 1 and say why once — never hang with its workload blocked, never
 //! die of the poisoned pages' SIGBUS.
 
-mod common;
+use crate::common;
 
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{run, temp, uffdkit, Finished, Proc};
@@ -133,111 +137,123 @@ fn restore_fails(
 
 const MODES: [&str; 3] = ["thread", "poll", "percpu"];
 
-#[test]
-fn restore_from_a_file_store_whose_pack_was_removed_exits_1_in_every_mode() {
-    let dir = Dir(temp("fail-removed"));
+/// An image pushed to a `file://` store in the test's own directory, its packs damaged as
+/// `how`: the directory and the image's URL.
+fn file_damaged(test: &str, how: Damage) -> (Dir, String) {
+    let dir = Dir(temp(test));
     let url = format!("file://{}/store/img", dir.0.display());
     push(&dir.0, &url, &[]);
-    damage(&dir.0.join("store"), Damage::Removed);
-    for mode in MODES {
-        restore_fails(
-            &url,
-            &[],
-            mode,
-            60,
-            Duration::from_secs(20),
-            &["not found", "No such file"],
-        );
+    damage(&dir.0.join("store"), how);
+    (dir, url)
+}
+
+/// Where the S3 tests push their image.
+const S3_URL: &str = "s3://images/snap/img";
+
+/// An image pushed to [`S3_URL`] on a fresh `s3s-fs`: the server, the test's own directory
+/// and the raw image; `None` (skipped loudly) when `s3s-fs` is not installed.
+fn s3_pushed(test: &str) -> Option<(S3Server, Dir, PathBuf)> {
+    let server = S3Server::start(test, "images")?;
+    let dir = Dir(temp(test));
+    let raw = push(&dir.0, S3_URL, &server.env());
+    Some((server, dir, raw))
+}
+
+/// Where a damaged image is served from.
+#[derive(Clone, Copy)]
+enum Store {
+    /// A `file://` store in the test's own directory.
+    File,
+    /// A fresh `s3s-fs`.
+    S3,
+}
+
+/// An image pushed to `store` under `test`'s name, its packs damaged as `how`, restored in
+/// each of `modes` (no cache, `--retry-secs 60`): each must exit 1 within 20 s, the pager's
+/// error naming one of `cause`. Without `s3s-fs`, an S3 case is skipped loudly.
+fn damaged_restores_fail(store: Store, test: &str, how: Damage, modes: &[&str], cause: &[&str]) {
+    let (_server, _dir, url, env) = match store {
+        Store::File => {
+            let (dir, url) = file_damaged(test, how);
+            (None, dir, url, Vec::new())
+        }
+        Store::S3 => {
+            let Some((server, dir, _raw)) = s3_pushed(test) else {
+                return;
+            };
+            damage(server.data_dir(), how);
+            let env = server.env();
+            (Some(server), dir, S3_URL.to_owned(), env)
+        }
+    };
+    for mode in modes {
+        restore_fails(&url, &env, mode, 60, Duration::from_secs(20), cause);
     }
 }
 
 #[test]
+fn restore_from_a_file_store_whose_pack_was_removed_exits_1_in_every_mode() {
+    let cause = ["not found", "No such file"];
+    damaged_restores_fail(Store::File, "fail-removed", Damage::Removed, &MODES, &cause);
+}
+
+#[test]
 fn restore_from_a_file_store_whose_pack_is_corrupt_exits_1_naming_the_verification() {
-    let dir = Dir(temp("fail-corrupt"));
-    let url = format!("file://{}/store/img", dir.0.display());
-    push(&dir.0, &url, &[]);
-    damage(&dir.0.join("store"), Damage::Corrupted);
-    restore_fails(
-        &url,
-        &[],
-        "percpu",
-        60,
-        Duration::from_secs(20),
-        &["failed verification"],
+    let cause = ["failed verification"];
+    damaged_restores_fail(
+        Store::File,
+        "fail-corrupt",
+        Damage::Corrupted,
+        &["percpu"],
+        &cause,
     );
 }
 
 #[test]
 fn restore_from_a_file_store_whose_pack_is_truncated_exits_1() {
-    let dir = Dir(temp("fail-truncated"));
-    let url = format!("file://{}/store/img", dir.0.display());
-    push(&dir.0, &url, &[]);
-    damage(&dir.0.join("store"), Damage::Truncated);
-    restore_fails(
-        &url,
-        &[],
-        "thread",
-        60,
-        Duration::from_secs(20),
-        &["truncated in the store"],
+    let cause = ["truncated in the store"];
+    damaged_restores_fail(
+        Store::File,
+        "fail-truncated",
+        Damage::Truncated,
+        &["thread"],
+        &cause,
     );
-}
-
-/// An image pushed to a fresh `s3s-fs`, damaged as `how`; `None` (skipped loudly) when
-/// `s3s-fs` is not installed.
-fn s3_damaged(test: &str, how: Damage) -> Option<(S3Server, Dir, String)> {
-    let server = S3Server::start(test, "images")?;
-    let dir = Dir(temp(test));
-    let url = "s3://images/snap/img".to_owned();
-    push(&dir.0, &url, &server.env());
-    damage(server.data_dir(), how);
-    Some((server, dir, url))
 }
 
 #[test]
 fn restore_from_s3_whose_pack_was_removed_exits_1_with_the_stores_words() {
-    let Some((server, _dir, url)) = s3_damaged("s3_pack_removed", Damage::Removed) else {
-        return;
-    };
-    for mode in MODES {
-        restore_fails(
-            &url,
-            &server.env(),
-            mode,
-            60,
-            Duration::from_secs(20),
-            &["not found", "NotFound", "NoSuchKey", "404"],
-        );
-    }
+    let cause = ["not found", "NotFound", "NoSuchKey", "404"];
+    damaged_restores_fail(
+        Store::S3,
+        "s3_pack_removed",
+        Damage::Removed,
+        &MODES,
+        &cause,
+    );
 }
 
 #[test]
 fn restore_from_s3_whose_pack_is_corrupt_exits_1_naming_the_verification() {
-    let Some((server, _dir, url)) = s3_damaged("s3_pack_corrupt", Damage::Corrupted) else {
-        return;
-    };
-    restore_fails(
-        &url,
-        &server.env(),
-        "percpu",
-        60,
-        Duration::from_secs(20),
-        &["failed verification"],
+    let cause = ["failed verification"];
+    damaged_restores_fail(
+        Store::S3,
+        "s3_pack_corrupt",
+        Damage::Corrupted,
+        &["percpu"],
+        &cause,
     );
 }
 
 #[test]
 fn restore_from_s3_whose_pack_is_truncated_exits_1() {
-    let Some((server, _dir, url)) = s3_damaged("s3_pack_truncated", Damage::Truncated) else {
-        return;
-    };
-    restore_fails(
-        &url,
-        &server.env(),
-        "percpu",
-        60,
-        Duration::from_secs(20),
-        &["truncated in the store"],
+    let cause = ["truncated in the store"];
+    damaged_restores_fail(
+        Store::S3,
+        "s3_pack_truncated",
+        Damage::Truncated,
+        &["percpu"],
+        &cause,
     );
 }
 
@@ -260,13 +276,14 @@ enum Fate {
     Hang,
 }
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-
 impl DyingStore {
-    fn start(upstream: std::net::SocketAddr, fate: Fate) -> DyingStore {
+    /// A relay in front of `server`'s endpoint.
+    fn in_front_of(server: &S3Server, fate: Fate) -> DyingStore {
+        let upstream: std::net::SocketAddr = server
+            .endpoint()
+            .trim_start_matches("http://")
+            .parse()
+            .expect("the store's address");
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the relay");
         let addr = listener.local_addr().expect("relay address");
         let killed = Arc::new(AtomicBool::new(false));
@@ -291,6 +308,20 @@ impl DyingStore {
             }
         });
         DyingStore { addr, killed }
+    }
+
+    /// Waits until `client` has asked for a pack (the relay has met its fate); fails if it
+    /// ends first, or has not asked within the deadline.
+    fn wait_for_pack_request(&self, client: &mut Proc) {
+        let until = Instant::now() + common::DEADLINE;
+        while !self.killed.load(Ordering::SeqCst) {
+            assert!(
+                !client.exited(),
+                "the client ended before asking for a pack"
+            );
+            assert!(Instant::now() < until, "the client never asked for a pack");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     fn env(&self, server: &S3Server) -> Vec<(String, String)> {
@@ -356,21 +387,13 @@ const LONG_RETRY_SECS: u64 = 35;
 #[test]
 #[ignore = "needs s3s-fs: scripts/test installs it and runs the ignored tests"]
 fn restore_from_a_store_killed_past_the_retry_bound_exits_1_at_the_bound() {
-    let Some(server) = S3Server::start("s3_store_killed", "images") else {
+    let Some((server, _dir, _raw)) = s3_pushed("s3_store_killed") else {
         return;
     };
-    let dir = Dir(temp("s3_store_killed"));
-    let url = "s3://images/snap/img";
-    push(&dir.0, url, &server.env());
-    let upstream = server
-        .endpoint()
-        .trim_start_matches("http://")
-        .parse()
-        .unwrap();
-    let store = DyingStore::start(upstream, Fate::Die);
+    let store = DyingStore::in_front_of(&server, Fate::Die);
     let started = Instant::now();
     let out = restore_fails(
-        url,
+        S3_URL,
         &store.env(&server),
         "percpu",
         LONG_RETRY_SECS,
@@ -388,10 +411,7 @@ fn restore_from_a_store_killed_past_the_retry_bound_exits_1_at_the_bound() {
 #[test]
 fn image_pull_of_a_damaged_image_exits_1_and_leaves_no_file() {
     for how in [Damage::Removed, Damage::Corrupted, Damage::Truncated] {
-        let dir = Dir(temp("pull-damaged"));
-        let url = format!("file://{}/store/img", dir.0.display());
-        push(&dir.0, &url, &[]);
-        damage(&dir.0.join("store"), how);
+        let (dir, url) = file_damaged("pull-damaged", how);
         let out_dir = dir.0.join("out");
         std::fs::create_dir_all(&out_dir).expect("dir");
         let mut cmd = uffdkit(["image", "pull", "--no-cache", &url]);
@@ -413,30 +433,19 @@ fn image_pull_of_a_damaged_image_exits_1_and_leaves_no_file() {
 /// store that never answers its pack request, then SIGSTOPped — it holds the fetch locks
 /// of the chunks it asked for and makes no progress. Returns it (killed when dropped), the
 /// raw image, and the test's directory.
-fn frozen_peer(server: &S3Server, test: &str, url: &str) -> (Proc, PathBuf, Dir) {
-    let dir = Dir(temp(test));
-    let raw = push(&dir.0, url, &server.env());
-    let upstream = server
-        .endpoint()
-        .trim_start_matches("http://")
-        .parse()
-        .unwrap();
-    let store = DyingStore::start(upstream, Fate::Hang);
-    let mut cmd = uffdkit(["image", "pull", url]);
+fn frozen_peer(test: &str) -> Option<(S3Server, Proc, PathBuf, Dir)> {
+    let (server, dir, raw) = s3_pushed(test)?;
+    let store = DyingStore::in_front_of(&server, Fate::Hang);
+    let mut cmd = uffdkit(["image", "pull", S3_URL]);
     cmd.arg(dir.0.join("peer.raw"))
         .arg("--cache")
         .arg(dir.0.join("cache"))
-        .envs(store.env(server));
+        .envs(store.env(&server));
     let mut peer = Proc::start(cmd);
-    let until = Instant::now() + common::DEADLINE;
     // Its pack request is out: it holds the locks of the chunks it asked for.
-    while !store.killed.load(Ordering::SeqCst) {
-        assert!(!peer.exited(), "the peer ended before asking for a pack");
-        assert!(Instant::now() < until, "the peer never asked for a pack");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    store.wait_for_pack_request(&mut peer);
     peer.signal(nix::sys::signal::Signal::SIGSTOP);
-    (peer, raw, dir)
+    Some((server, peer, raw, dir))
 }
 
 /// Another pull of the same image through the same cache overtakes a frozen peer and
@@ -445,12 +454,10 @@ fn frozen_peer(server: &S3Server, test: &str, url: &str) -> (Proc, PathBuf, Dir)
 #[test]
 #[ignore = "needs s3s-fs: scripts/test installs it and runs the ignored tests"]
 fn a_pull_sharing_the_cache_with_a_frozen_peer_overtakes_it() {
-    let Some(server) = S3Server::start("s3_frozen_peer_pull", "images") else {
+    let Some((server, _peer, raw, dir)) = frozen_peer("s3_frozen_peer_pull") else {
         return;
     };
-    let url = "s3://images/snap/img";
-    let (_peer, raw, dir) = frozen_peer(&server, "s3_frozen_peer_pull", url);
-    let mut cmd = uffdkit(["image", "pull", url]);
+    let mut cmd = uffdkit(["image", "pull", S3_URL]);
     cmd.arg(dir.0.join("mem.raw"))
         .arg("--cache")
         .arg(dir.0.join("cache"))
@@ -476,11 +483,9 @@ fn a_pull_sharing_the_cache_with_a_frozen_peer_overtakes_it() {
 #[test]
 #[ignore = "needs s3s-fs: scripts/test installs it and runs the ignored tests"]
 fn a_restore_sharing_the_cache_with_a_frozen_peer_overtakes_it() {
-    let Some(server) = S3Server::start("s3_frozen_peer_restore", "images") else {
+    let Some((server, _peer, raw, dir)) = frozen_peer("s3_frozen_peer_restore") else {
         return;
     };
-    let url = "s3://images/snap/img";
-    let (_peer, raw, dir) = frozen_peer(&server, "s3_frozen_peer_restore", url);
     let mut cmd = uffdkit([
         "restore",
         "--json",
@@ -489,7 +494,7 @@ fn a_restore_sharing_the_cache_with_a_frozen_peer_overtakes_it() {
         "--touch",
         "1",
         "--image",
-        url,
+        S3_URL,
     ]);
     cmd.arg("--cache")
         .arg(dir.0.join("cache"))
@@ -514,29 +519,16 @@ fn a_restore_sharing_the_cache_with_a_frozen_peer_overtakes_it() {
 #[test]
 #[ignore = "needs s3s-fs: scripts/test installs it and runs the ignored tests"]
 fn a_terminated_pull_leaves_no_output() {
-    let Some(server) = S3Server::start("s3_terminated_pull", "images") else {
+    let Some((server, dir, _raw)) = s3_pushed("s3_terminated_pull") else {
         return;
     };
-    let url = "s3://images/snap/img";
-    let dir = Dir(temp("s3_terminated_pull"));
-    push(&dir.0, url, &server.env());
-    let upstream = server
-        .endpoint()
-        .trim_start_matches("http://")
-        .parse()
-        .unwrap();
-    let store = DyingStore::start(upstream, Fate::Hang);
+    let store = DyingStore::in_front_of(&server, Fate::Hang);
     let out = dir.0.join("out");
     std::fs::create_dir_all(&out).expect("dir");
-    let mut cmd = uffdkit(["image", "pull", "--no-cache", url]);
+    let mut cmd = uffdkit(["image", "pull", "--no-cache", S3_URL]);
     cmd.arg(out.join("mem.raw")).envs(store.env(&server));
     let mut pull = Proc::start(cmd);
-    let until = Instant::now() + common::DEADLINE;
-    while !store.killed.load(Ordering::SeqCst) {
-        assert!(!pull.exited(), "the pull ended before asking for a pack");
-        assert!(Instant::now() < until, "the pull never asked for a pack");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    store.wait_for_pack_request(&mut pull);
     let left = || -> Vec<_> {
         std::fs::read_dir(&out)
             .expect("read")
@@ -556,20 +548,12 @@ fn a_terminated_pull_leaves_no_output() {
 #[test]
 #[ignore = "needs s3s-fs: scripts/test installs it and runs the ignored tests"]
 fn restore_from_a_store_that_never_answers_exits_1_at_the_bound() {
-    let Some(server) = S3Server::start("s3_store_hangs", "images") else {
+    let Some((server, _dir, _raw)) = s3_pushed("s3_store_hangs") else {
         return;
     };
-    let dir = Dir(temp("s3_store_hangs"));
-    let url = "s3://images/snap/img";
-    push(&dir.0, url, &server.env());
-    let upstream = server
-        .endpoint()
-        .trim_start_matches("http://")
-        .parse()
-        .unwrap();
-    let store = DyingStore::start(upstream, Fate::Hang);
+    let store = DyingStore::in_front_of(&server, Fate::Hang);
     restore_fails(
-        url,
+        S3_URL,
         &store.env(&server),
         "percpu",
         3,

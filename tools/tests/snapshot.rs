@@ -3,7 +3,7 @@
 //! lazily and merged; a Firecracker-style diff-snapshot chain served by `fc-handler` to
 //! `fc-client` (which plays Firecracker and verifies every page) without rebase-snap.
 
-mod common;
+use crate::common;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

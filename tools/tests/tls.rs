@@ -6,7 +6,7 @@
 //! --tls` runs with certificates it makes itself; `--help` says a pre-shared key leaves
 //! pages unencrypted.
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};

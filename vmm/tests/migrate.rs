@@ -10,7 +10,7 @@
 //! The two VMs live in one process here (two KVM VMs, two guest memories, a TCP
 //! connection between them).
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};

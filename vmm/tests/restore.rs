@@ -2,7 +2,7 @@
 //! pager (real userfaultfd): the guest's own checksum must match the model's, before and
 //! after, and keep matching as the restored guest writes on.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! directory store). The vCPU state comes from the snapshot's `vm.json`; only memory
 //! travels. Checked by the guest's checksum, as in `restore.rs`.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

@@ -1,6 +1,6 @@
 //! Findings 1–3: the chunk cache (links, fillers, modes, locks, FIFOs).
 
-use crate::*;
+use super::*;
 
 /// Finding 1: a cache directory another user created, with `fetch.lock` and
 /// `evict.lock` linked to root's files and every fan-out directory linked into a

@@ -1,6 +1,6 @@
 //! Finding 5: FIFOs, devices and readable keys as inputs; absurd sizes; socket files.
 
-use crate::*;
+use super::*;
 
 /// Finding 5: a FIFO given as the memory file hung `fc-handler` before it listened (and
 /// `serve` and `restore` the same way).

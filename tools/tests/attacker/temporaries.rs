@@ -1,6 +1,6 @@
 //! Finding 4: temporary directories and scratch files at names another user can guess.
 
-use crate::*;
+use super::*;
 
 /// Finding 4: `migrate local` used `$TMPDIR/uffdkit-migrate-<pid>` and accepted an
 /// existing one: a planted `key` link made root overwrite a file of root's with the key.

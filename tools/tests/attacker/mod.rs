@@ -7,8 +7,7 @@
 //! sticky, world-writable `shared/` in it standing in for `/var/tmp` or `/tmp`, and a
 //! root-owned `victims/` holding the files the attacker would like root to damage.
 
-#[path = "../common/mod.rs"]
-mod common;
+use crate::common;
 
 mod cache;
 mod inputs;
