@@ -101,7 +101,12 @@ fn idle_strangers_are_evicted_beyond_the_cap_and_closed_at_the_deadline_while_a_
     let s = counted(&srv, "every stranger counted", |s| {
         s.evicted + s.timed_out >= strangers.len() as u64 && s.handshaking == 0
     });
-    assert_eq!((s.refused, s.pairs), (0, 1), "{s:?}");
+    // Nobody was refused. The client may have needed more than one pair: the gate closes
+    // the oldest handshake when a newer connection comes beyond the cap, and on a loaded
+    // host the client's TLS handshake can be the oldest (by design: it then retries, as it
+    // did beside two busy loops in 3 of 12 runs; its restore above completed either way).
+    assert_eq!(s.refused, 0, "{s:?}");
+    assert!(s.pairs >= 1, "{s:?}");
     eprintln!("{} strangers: {s:?}", strangers.len());
 }
 
