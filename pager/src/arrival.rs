@@ -10,7 +10,7 @@ use page_state::PageState;
 
 use crate::error::{Error, Result, SourceError};
 use crate::place::{Content, Origin, Placement, Request};
-use crate::placer::{Engine, Placed};
+use crate::placer::{Engine, Placed, Run};
 use crate::shared::Shared;
 use crate::states::PageStates;
 use crate::stats::bump;
@@ -65,14 +65,13 @@ impl Engine for Shared {
         }
     }
 
-    fn place_arrivals(&self, offset: u64, data: &[u8]) -> Result<Option<usize>> {
+    fn place_arrivals(&self, offset: u64, run: Run<'_>) -> Result<Option<usize>> {
         let lookup = |off: u64| self.regions.by_offset(off);
+        let len = run.len();
         let one_by_one = |from: usize, ps: usize| -> Result<Option<usize>> {
             let mut placed = 0;
-            for i in from..data.len() / ps {
-                match self
-                    .place_arrival(offset + (i * ps) as u64, Some(&data[i * ps..(i + 1) * ps]))?
-                {
+            for i in from..len / ps {
+                match self.place_arrival(offset + (i * ps) as u64, run.page(i, ps))? {
                     Placed::Placed => placed += 1,
                     Placed::Duplicate | Placed::NoRegion => {}
                     Placed::Stopped => return Ok(None),
@@ -84,21 +83,21 @@ impl Engine for Shared {
             // Its first page went away: place what is still mapped, page by page (pages
             // are the smallest size a region uses).
             let ps = self.regions.min_page_size();
-            return if data.len() % ps == 0 && !data.is_empty() {
+            return if len % ps == 0 && len != 0 {
                 one_by_one(0, ps)
             } else {
                 Ok(None)
             };
         };
-        if p.offset != offset || data.len() % p.size != 0 || data.is_empty() {
+        if p.offset != offset || len % p.size != 0 || len == 0 {
             return Err(Error::BadRegion {
                 base: p.addr,
-                len: data.len(),
+                len,
                 reason: "an arriving run must start on a page and hold whole pages",
             });
         }
         let ps = p.size;
-        let n = data.len() / ps;
+        let n = len / ps;
         let contiguous = lookup(offset + ((n - 1) * ps) as u64)
             .is_some_and(|last| last.page == p.page + n - 1 && last.addr == p.addr + (n - 1) * ps);
         if !contiguous {
@@ -120,8 +119,7 @@ impl Engine for Shared {
                 // Received: a duplicate. Zero: dropped here meanwhile, `place_arrival` zeroes it.
                 if let Ok(PageState::Zero) = self.states.get(p.page + i) {
                     let off = offset + (i * ps) as u64;
-                    if self.place_arrival(off, Some(&data[i * ps..(i + 1) * ps]))? == Placed::Placed
-                    {
+                    if self.place_arrival(off, run.page(i, ps))? == Placed::Placed {
                         placed += 1;
                     }
                 }
@@ -139,7 +137,7 @@ impl Engine for Shared {
             match self.place(Request {
                 at: q,
                 count: j - i,
-                content: Content::Data(&data[i * ps..j * ps]),
+                content: run.content(i * ps..j * ps),
                 wake: true,
                 origin: Origin::Arrival,
             }) {

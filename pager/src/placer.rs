@@ -11,6 +11,7 @@ use std::sync::Weak;
 use page_state::PageState;
 
 use crate::error::{Result, SourceError};
+use crate::place::Content;
 use crate::states::PageStates;
 
 /// What a placer needs of the engine that placed it: the arrival path, the failure
@@ -18,12 +19,44 @@ use crate::states::PageStates;
 pub(crate) trait Engine: Send + Sync {
     /// See [`Placer::place`].
     fn place_arrival(&self, offset: u64, data: Option<&[u8]>) -> Result<Placed>;
-    /// See [`Placer::place_run`].
-    fn place_arrivals(&self, offset: u64, data: &[u8]) -> Result<Option<usize>>;
+    /// See [`Placer::place_run`] and [`Placer::place_zero_run`].
+    fn place_arrivals(&self, offset: u64, run: Run<'_>) -> Result<Option<usize>>;
     /// See [`Placer::fail`].
     fn fail_source(&self, error: SourceError);
     /// The page states, read-only.
     fn page_states(&self) -> PageStates<'_>;
+}
+
+/// An arriving run of whole pages: their bytes, or `len` bytes known to be zero.
+#[derive(Clone, Copy)]
+pub(crate) enum Run<'a> {
+    Data(&'a [u8]),
+    Zeros(usize),
+}
+
+impl<'a> Run<'a> {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Run::Data(d) => d.len(),
+            Run::Zeros(len) => *len,
+        }
+    }
+
+    /// Page `i` of `ps` bytes: its data, or `None` for zeros (as [`Placer::place`] takes it).
+    pub(crate) fn page(&self, i: usize, ps: usize) -> Option<&'a [u8]> {
+        match self {
+            Run::Data(d) => Some(&d[i * ps..(i + 1) * ps]),
+            Run::Zeros(_) => None,
+        }
+    }
+
+    /// What to place for the bytes `range` of the run.
+    pub(crate) fn content(&self, range: std::ops::Range<usize>) -> Content<'a> {
+        match self {
+            Run::Data(d) => Content::Data(&d[range]),
+            Run::Zeros(_) => Content::Zero,
+        }
+    }
 }
 
 /// A cloneable handle through which any thread places pages that arrive from a remote
@@ -79,7 +112,22 @@ impl Placer {
     /// [`place`]: Placer::place
     pub fn place_run(&self, offset: u64, data: &[u8]) -> Result<Option<usize>> {
         match self.engine.upgrade() {
-            Some(engine) => engine.place_arrivals(offset, data),
+            Some(engine) => engine.place_arrivals(offset, Run::Data(data)),
+            None => Ok(None),
+        }
+    }
+
+    /// Places a run of `len` bytes of zero pages from image offset `offset` (a run the
+    /// source knows is all zeros), as [`place_run`] places data: one ioctl
+    /// (`UFFDIO_ZEROPAGE`, or a copy of zeros where the kernel has no zero page for the
+    /// memory) per stretch of pages still to be placed, so a thread waiting in the run is
+    /// woken once for all of it. Returns how many pages were placed, or `None` if the pager
+    /// is gone or stopping.
+    ///
+    /// [`place_run`]: Placer::place_run
+    pub fn place_zero_run(&self, offset: u64, len: usize) -> Result<Option<usize>> {
+        match self.engine.upgrade() {
+            Some(engine) => engine.place_arrivals(offset, Run::Zeros(len)),
             None => Ok(None),
         }
     }

@@ -675,3 +675,56 @@ fn threads_waiting_on_a_page_already_asked_for_tell_the_source_and_do_not_refaul
         stats.faults()
     );
 }
+
+#[test]
+fn a_zero_run_arrival_places_what_is_missing_and_wakes_a_waiter_once_for_all() {
+    let pages = 8;
+    let image = common::image(pages, PS, 0);
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
+    // Even pages are remote: their peer would answer only after the test is over.
+    let source = Remote::new(image.clone(), Duration::from_secs(30));
+    let pager = Pager::builder(common::uffd(), source)
+        .mapping(memory.clone(), 0)
+        .mode(DeliveryMode::Thread)
+        .start()
+        .expect("start");
+    // Page 1 is local (odd): in place before the run arrives, so the run must skip it.
+    // SAFETY: served region.
+    let one = unsafe { common::bytes(memory.page_addr(1), PS) };
+    assert_eq!(one, &image[PS..2 * PS]);
+    // A thread waits on remote page 4.
+    let addr = memory.page_addr(4);
+    // SAFETY: served region.
+    let waiter = std::thread::spawn(move || unsafe { std::ptr::read_volatile(addr as *const u8) });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pager.states().get(4) != Some(PageState::Requested) {
+        assert!(Instant::now() < deadline, "page 4 asked for");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let placed = pager.placer().place_zero_run(0, pages * PS).expect("place");
+    assert_eq!(placed, Some(pages - 1), "every page but the present one");
+    assert_eq!(
+        waiter.join().expect("waiter"),
+        0,
+        "the waiter reads the zero page"
+    );
+    for page in 0..pages {
+        assert_eq!(pager.states().get(page), Some(PageState::Received));
+        // SAFETY: served region, every page placed.
+        let got = unsafe { common::bytes(memory.page_addr(page), PS) };
+        if page == 1 {
+            assert_eq!(
+                got,
+                &image[PS..2 * PS],
+                "the present page is not overwritten"
+            );
+        } else {
+            assert!(got.iter().all(|&b| b == 0), "page {page} reads zero");
+        }
+    }
+    let stats = pager.stop().expect("stop");
+    assert_eq!(
+        (stats.placed_zero, stats.placed_arrival),
+        (pages as u64 - 1, 0)
+    );
+}
