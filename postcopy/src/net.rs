@@ -16,6 +16,10 @@ use crate::wire::{decode_frame, encode, encode_request, kind, Frame, Limits, Mes
 
 pub use transport::conn::Conn;
 
+/// The shortest run of zero pages inside page data that [`SendMessage::send_page_data`]
+/// sends as a ZERO_RUN; shorter ones travel as data.
+pub const MIN_ZERO_RUN: usize = 16;
+
 /// Decoding frames into messages.
 pub trait RecvMessage {
     /// The next message, checked against the default [`Limits`] (before ADVISE);
@@ -59,6 +63,10 @@ pub trait SendMessage {
 
     /// Sends whole pages `data` (from page `first`, pages of `page_size` bytes): runs of
     /// zero pages as ZERO_RUN, the rest as PAGES. Returns the data bytes sent.
+    ///
+    /// A zero run shorter than [`MIN_ZERO_RUN`] pages inside the data goes as data: a
+    /// ZERO_RUN there would cut one frame into three, and the receiver would place (and
+    /// wake its faulting threads for) three runs instead of one.
     fn send_page_data(
         &mut self,
         first: u64,
@@ -97,24 +105,34 @@ impl SendMessage for FrameWriter {
         let n = data.len() / page_size;
         let zero = |i: usize| is_zero(&data[i * page_size..(i + 1) * page_size]);
         let mut bytes = 0;
-        let mut i = 0;
-        while i < n {
-            let z = zero(i);
-            let mut j = i + 1;
-            while j < n && zero(j) == z {
-                j += 1;
+        // Pages `from..k` are data still to send (short zero runs included); each page is
+        // looked at once.
+        let (mut from, mut k) = (0, 0);
+        while k < n {
+            if !zero(k) {
+                k += 1;
+                continue;
             }
-            let at = first + i as u64;
-            if z {
+            let mut end = k + 1;
+            while end < n && zero(end) {
+                end += 1;
+            }
+            if end - k >= MIN_ZERO_RUN || (k == 0 && end == n) {
+                if from < k {
+                    self.send_pages(first + from as u64, &data[from * page_size..k * page_size])?;
+                    bytes += ((k - from) * page_size) as u64;
+                }
                 self.send(&Message::ZeroRun(PageRange {
-                    first: at,
-                    count: (j - i) as u64,
+                    first: first + k as u64,
+                    count: (end - k) as u64,
                 }))?;
-            } else {
-                self.send_pages(at, &data[i * page_size..j * page_size])?;
-                bytes += ((j - i) * page_size) as u64;
+                from = end;
             }
-            i = j;
+            k = end;
+        }
+        if from < n {
+            self.send_pages(first + from as u64, &data[from * page_size..])?;
+            bytes += ((n - from) * page_size) as u64;
         }
         Ok(bytes)
     }

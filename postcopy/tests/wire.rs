@@ -429,3 +429,79 @@ fn run_with_a_device_state_too_long_or_cut_short_is_refused() {
         Err(WireError::Truncated { kind: 13 })
     );
 }
+
+/// What `send_page_data` wrote, decoded: (kind, first page, page count, data bytes).
+fn page_frames(data: &[u8]) -> (Vec<(&'static str, u64, u64)>, u64) {
+    use postcopy::net::SendMessage;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let out = Shared::default();
+    let mut w = transport::conn::FrameWriter::new(Box::new(out.clone()));
+    let sent = w.send_page_data(100, data, 4096).unwrap();
+    let bytes = out.0.lock().unwrap().clone();
+    let (mut frames, mut at) = (Vec::new(), 0);
+    while at < bytes.len() {
+        let (msg, used) = decode(&bytes[at..], &advised())
+            .unwrap()
+            .expect("whole frames");
+        frames.push(match msg {
+            Message::Pages { first, data } => ("PAGES", first, data.len() as u64 / 4096),
+            Message::ZeroRun(r) => ("ZERO_RUN", r.first, r.count),
+            other => panic!("unexpected {other:?}"),
+        });
+        at += used;
+    }
+    (frames, sent)
+}
+
+fn pages_with_zeros(n: usize, zero: impl Fn(usize) -> bool) -> Vec<u8> {
+    let mut data = vec![0u8; n * 4096];
+    for (i, page) in data.chunks_exact_mut(4096).enumerate() {
+        if !zero(i) {
+            page.fill(i as u8 | 1);
+        }
+    }
+    data
+}
+
+#[test]
+fn short_zero_runs_travel_inside_the_page_data_and_long_ones_as_zero_runs() {
+    use postcopy::net::MIN_ZERO_RUN as MIN;
+    // One page in seven zero (as `uffdkit migrate`'s image): one frame, every byte sent.
+    let (frames, sent) = page_frames(&pages_with_zeros(64, |i| i % 7 == 6));
+    assert_eq!(frames, [("PAGES", 100, 64)]);
+    assert_eq!(sent, 64 * 4096);
+    // A run of MIN zero pages in the middle is a ZERO_RUN between two PAGES.
+    let (frames, sent) = page_frames(&pages_with_zeros(64, |i| (10..10 + MIN).contains(&i)));
+    let rest = 64 - 10 - MIN as u64;
+    assert_eq!(
+        frames,
+        [
+            ("PAGES", 100, 10),
+            ("ZERO_RUN", 110, MIN as u64),
+            ("PAGES", 110 + MIN as u64, rest)
+        ]
+    );
+    assert_eq!(sent, (64 - MIN as u64) * 4096);
+    // One shorter stays inside; all zeros is one ZERO_RUN, whatever its length.
+    let (frames, _) = page_frames(&pages_with_zeros(64, |i| (10..9 + MIN).contains(&i)));
+    assert_eq!(frames, [("PAGES", 100, 64)]);
+    let (frames, sent) = page_frames(&pages_with_zeros(3, |_| true));
+    assert_eq!((frames, sent), (vec![("ZERO_RUN", 100, 3)], 0));
+    // A long run at the end, and short zeros at the end of the data.
+    let (frames, _) = page_frames(&pages_with_zeros(40, |i| i >= 20));
+    assert_eq!(frames, [("PAGES", 100, 20), ("ZERO_RUN", 120, 20)]);
+    let (frames, _) = page_frames(&pages_with_zeros(40, |i| i >= 30));
+    assert_eq!(frames, [("PAGES", 100, 40)]);
+}

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use pager::{AtomicLatencyHistogram, Fetched, PageState, Placed, Placer, Source, SourceError};
+use pager::{AtomicLatencyHistogram, Fetched, PageState, Source, SourceError};
 
 use crate::error::unexpected;
 use crate::link::{Chan, Inbound, Messages, Pair};
@@ -335,7 +335,7 @@ impl Receiver {
                 });
                 let placed = match data {
                     Some(d) => placer.place_run(first * ps as u64, d)?,
-                    None => place_zeros(placer, first, count, ps)?,
+                    None => placer.place_zero_run(first * ps as u64, count as usize * ps)?,
                 };
                 let placed = placed.ok_or(Error::PagerStopped)?;
                 self.stats.placed.fetch_add(placed as u64, STAT);
@@ -413,19 +413,6 @@ impl Source for Receiver {
         self.request(offset / self.ps as u64, count);
         Ok(Fetched::Pending)
     }
-}
-
-/// Places zero pages one by one; `None` once the pager stops.
-fn place_zeros(placer: &Placer, first: u64, count: u64, ps: usize) -> Result<Option<usize>, Error> {
-    let mut placed = 0;
-    for p in first..first + count {
-        match placer.place(p * ps as u64, None)? {
-            Placed::Placed => placed += 1,
-            Placed::Duplicate => {}
-            Placed::NoRegion | Placed::Stopped => return Ok(None),
-        }
-    }
-    Ok(Some(placed))
 }
 
 impl Inbound for Receiver {
