@@ -187,13 +187,26 @@ fn timeline(area: &Area, title: &str, series: &[(String, Vec<(f64, f64)>)]) -> R
         .max_light_lines(0)
         .x_desc("time since the restore started, ms")
         .y_desc("pages placed")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()
         .map_err(drawing)?;
-    for (i, (name, pts)) in series.iter().enumerate() {
+    // The first series (the workload's touches) is drawn last and dashed: it often lies
+    // on another (a workload right behind the prefetcher), and must stay visible.
+    for (i, (name, pts)) in series
+        .iter()
+        .enumerate()
+        .skip(1)
+        .chain(series.iter().enumerate().take(1))
+    {
         let c = color(i);
-        let pts = thin(pts).into_iter().map(|(t, y)| (t * 1e3, y));
-        chart
-            .draw_series(LineSeries::new(pts, c.stroke_width(2)))
+        let pts: Vec<_> = thin(pts).into_iter().map(|(t, y)| (t * 1e3, y)).collect();
+        let drawn = if i == 0 {
+            chart.draw_series(DashedLineSeries::new(pts, 8, 6, c.stroke_width(2)))
+        } else {
+            chart.draw_series(LineSeries::new(pts, c.stroke_width(2)))
+        };
+        drawn
             .map_err(drawing)?
             .label(name.as_str())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
