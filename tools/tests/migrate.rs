@@ -113,6 +113,21 @@ fn migrate_local_moves_a_written_region_between_two_processes_and_verifies_it() 
 }
 
 #[test]
+fn migrate_local_reports_when_the_destination_resumed_within_the_downtime() {
+    let text = success_text(&["migrate", "local", "--size", "16M", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    let downtime = v["source"]["downtime_ms"].as_f64().expect("downtime_ms");
+    let resumed = v["stop_to_resume_ms"].as_f64().expect("stop_to_resume_ms");
+    // The destination resumes before it acknowledges RUN, which ends the downtime the
+    // source measures from the same stop.
+    assert!(
+        resumed > 0.0 && resumed <= downtime,
+        "stop → resume {resumed} ms, downtime {downtime} ms"
+    );
+    assert_eq!(v["source"]["verified"], 4096);
+}
+
+#[test]
 #[ignore = "needs free 2 MiB hugepages: scripts/test reserves them and runs the ignored tests"]
 fn migrate_local_json_with_2mib_pages_over_unix() {
     if !testkit::hugepages::available("migrate_local_json_with_2mib_pages_over_unix", 16) {

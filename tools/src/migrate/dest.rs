@@ -78,8 +78,11 @@ pub(super) fn dest(a: &DestArgs) -> Result<()> {
     let workload = a.workload;
     let touched: Arc<Mutex<Option<JoinHandle<Duration>>>> = Arc::default();
     let t = touched.clone();
+    let resumed_at = Arc::new(AtomicU64::new(0));
+    let resumed = resumed_at.clone();
     let result = progress::track(module_path!(), "dest", status, || {
         d.run(move |mem| {
+            resumed.store(monotonic_ns(), Ordering::Relaxed);
             *t.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::thread::spawn(move || {
                 touch_all(mem.base, mem.len, workload)
             }));
@@ -110,6 +113,7 @@ pub(super) fn dest(a: &DestArgs) -> Result<()> {
             "run_ms": ms(r.switch.run),
         },
         "workload_ms": workload_ms,
+        "resumed_at_ns": resumed_at.load(Ordering::Relaxed),
         "reconnects": r.reconnects,
         "faults": r.pager.faults(),
         // What each fault needed: a wake (its page was placed already, e.g. arrived while

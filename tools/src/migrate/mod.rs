@@ -7,7 +7,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -254,4 +254,12 @@ fn print_report(report: &serde_json::Value, json: bool) -> Result<()> {
 fn us_or_none(v: &serde_json::Value) -> String {
     v.as_u64()
         .map_or_else(|| "n/a (no requests)".into(), |us| format!("≤ {us} µs"))
+}
+
+/// `CLOCK_MONOTONIC` in ns: one clock for every process on the host, so `migrate local`
+/// can tell how long after the source's workload stopped the destination's resumed.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    })
 }

@@ -135,8 +135,11 @@ pub(super) fn source(a: &SourceArgs) -> Result<()> {
         link_status(format!("{phase:?}"), &p.link, counters)
     };
     let stopper = writer.clone();
+    let stopped_at = Arc::new(AtomicU64::new(0));
+    let stopped = stopped_at.clone();
     let result = progress::track(module_path!(), "source", status, || {
         migration.run(move || {
+            stopped.store(monotonic_ns(), Ordering::Relaxed);
             if let Some(w) = stopper.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 let writes = w.stop();
                 log::info!("source: workload stopped after {writes} writes");
@@ -164,6 +167,7 @@ pub(super) fn source(a: &SourceArgs) -> Result<()> {
         "requests": r.requests,
         "already_sent": r.already_sent,
         "downtime_ms": r.downtime.as_secs_f64() * 1e3,
+        "stopped_at_ns": stopped_at.load(Ordering::Relaxed),
         "switch": {
             "early_discard_ms": ms(r.switch.early_discard),
             "stop_ms": ms(r.switch.stop),
