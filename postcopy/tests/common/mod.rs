@@ -408,11 +408,20 @@ pub fn same_bytes(src: &Mapping, dst: &Mapping) {
 /// Bytes per page of a page server.
 pub const PS: usize = 4096;
 
-/// An image of `pages` pages: most patterned, every 5th zero (travels as a zero run).
+/// An image of `pages` pages: most patterned, every 5th zero (travels inside the page
+/// data: a zero run that short is not worth a frame of its own), and, from 256 pages on,
+/// the 64 pages from the middle zero (some of them travel as a ZERO_RUN however frames
+/// and requests cut the run: a frame inside it holds zeros only, and the two at its ends
+/// cannot both hold fewer than `postcopy::net::MIN_ZERO_RUN` of it and cover it all).
 pub fn image(pages: usize) -> Vec<u8> {
+    let long_run = if pages >= 256 {
+        pages / 2..pages / 2 + 64
+    } else {
+        0..0
+    };
     let mut out = vec![0u8; pages * PS];
     for (i, page) in out.chunks_exact_mut(PS).enumerate() {
-        if i % 5 == 4 {
+        if i % 5 == 4 || long_run.contains(&i) {
             continue;
         }
         let seed = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
