@@ -137,7 +137,10 @@ impl Engine for Shared {
             match self.place(Request {
                 at: q,
                 count: j - i,
-                content: run.content(i * ps..j * ps),
+                content: match run {
+                    Run::Data(d) => Content::Data(&d[i * ps..j * ps]),
+                    Run::Zeros(_) => Content::Zero,
+                },
                 wake: true,
                 origin: Origin::Arrival,
             }) {

@@ -11,7 +11,6 @@ use std::sync::Weak;
 use page_state::PageState;
 
 use crate::error::{Result, SourceError};
-use crate::place::Content;
 use crate::states::PageStates;
 
 /// What a placer needs of the engine that placed it: the arrival path, the failure
@@ -47,14 +46,6 @@ impl<'a> Run<'a> {
         match self {
             Run::Data(d) => Some(&d[i * ps..(i + 1) * ps]),
             Run::Zeros(_) => None,
-        }
-    }
-
-    /// What to place for the bytes `range` of the run.
-    pub(crate) fn content(&self, range: std::ops::Range<usize>) -> Content<'a> {
-        match self {
-            Run::Data(d) => Content::Data(&d[range]),
-            Run::Zeros(_) => Content::Zero,
         }
     }
 }
