@@ -7,4 +7,3 @@ mod common;
 mod migrate;
 mod restore;
 mod sources;
-mod two_processes;
