@@ -128,6 +128,49 @@ fn migrate_local_reports_when_the_destination_resumed_within_the_downtime() {
 }
 
 #[test]
+fn the_source_region_is_thp_backed_unless_asked_for_base_pages() {
+    let thp =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    if thp.is_empty() || thp.contains("[never]") {
+        let why = format!("transparent huge pages are off here ({})", thp.trim());
+        testkit::skip(
+            "the_source_region_is_thp_backed_unless_asked_for_base_pages",
+            &why,
+        );
+        return;
+    }
+    let huge = |memory: &str| {
+        // 1 MiB/s of sequential writes: over a run of a second or two they split (a
+        // write to a protected huge page splits it) one or two of the eight 2 MiB pages.
+        let text = success_text(&[
+            "migrate",
+            "local",
+            "--size",
+            "16M",
+            "--workload",
+            "seq",
+            "--dirty-rate",
+            "1",
+            "--source-memory",
+            memory,
+            "--json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        assert_eq!(v["source"]["source_memory"], memory);
+        assert_eq!(v["source"]["verified"], 4096);
+        v["source"]["huge_mapped_at_stop"]
+            .as_u64()
+            .expect("huge_mapped_at_stop")
+    };
+    let thp = huge("thp");
+    assert!(
+        thp >= 8 << 20,
+        "{thp} bytes of 16 MiB mapped huge at the stop"
+    );
+    assert_eq!(huge("4k"), 0);
+}
+
+#[test]
 #[ignore = "needs free 2 MiB hugepages: scripts/test reserves them and runs the ignored tests"]
 fn migrate_local_json_with_2mib_pages_over_unix() {
     if !testkit::hugepages::available("migrate_local_json_with_2mib_pages_over_unix", 16) {

@@ -77,6 +77,7 @@ pub(super) fn local(a: &LocalArgs) -> Result<()> {
         .args(["--precopy-rounds", &s.precopy_rounds.to_string()])
         .args(["--page-size", &s.page_size])
         .args(["--dirty-rate", &s.dirty_rate.to_string()])
+        .args(["--source-memory", &s.source_memory])
         .args(s.liveness.args())
         .args(opener.to_args())
         .stdout(Stdio::piped())
@@ -159,10 +160,12 @@ fn print_local(a: &LocalArgs, src: &serde_json::Value, dst: &serde_json::Value, 
     let sw = &src["switch"];
     let dsw = &dst["switch"];
     println!(
-        "  switch (ms): before the stop: DISCARD {:.2}; downtime: stop {:.2}, last scan {:.2}, DISCARD sent {:.2}, LISTEN round trip {:.2} (destination: DISCARD applied {:.2}, pager started {:.2}), RUN round trip {:.2} (destination's embedder {:.2})",
+        "  switch (ms): before the stop: DISCARD {:.2}; downtime: stop {:.2}, last scan {:.2} (source memory {}: {:.0} MiB mapped huge), DISCARD sent {:.2}, LISTEN round trip {:.2} (destination: DISCARD applied {:.2}, pager started {:.2}), RUN round trip {:.2} (destination's embedder {:.2})",
         f(sw, "early_discard_ms"),
         f(sw, "stop_ms"),
         f(sw, "scan_ms"),
+        src["source_memory"].as_str().unwrap_or("?"),
+        mib_of(src, "huge_mapped_at_stop"),
         f(sw, "discard_ms"),
         f(sw, "listen_ms"),
         f(dsw, "discard_ms"),

@@ -116,6 +116,12 @@ pub struct Shape {
     /// Source workload write rate, MiB/s of 4 KiB pages dirtied (0: unthrottled).
     #[arg(long, default_value_t = 64)]
     dirty_rate: u64,
+    /// The source region's memory: thp (anonymous memory with MADV_HUGEPAGE, as QEMU
+    /// gives its guest RAM: the kernel maps 2 MiB where it can, and the dirty tracker's
+    /// page-table walk passes over an unwritten 2 MiB in one entry, where a write splits
+    /// it) or 4k (base pages only: every scan walks a page-table entry per 4 KiB).
+    #[arg(long, default_value = "thp", value_parser = ["thp", "4k"])]
+    source_memory: String,
     #[command(flatten)]
     liveness: Liveness,
 }

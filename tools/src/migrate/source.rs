@@ -1,6 +1,44 @@
 //! `uffdkit migrate source`: the region, its writer workload, the operator's signals.
 
 use super::*;
+use uffd_core::pagemap::{PageCategories, PageRegion, Pagemap, ScanFlags, ScanQuery};
+
+/// The source's region, unfilled: anonymous memory, 2 MiB aligned and THP-advised unless
+/// `--source-memory 4k`.
+fn region(shape: &Shape, size: usize) -> Result<Mapping> {
+    if shape.source_memory == "4k" {
+        return Mapping::new(MemoryKind::Anon, size).context("map the region");
+    }
+    let memory = Mapping::anon_aligned(size, HUGE_PAGE_SIZE).context("map the region")?;
+    memory
+        .madvise(0, size, libc::MADV_HUGEPAGE)
+        .context("madvise(MADV_HUGEPAGE) on the region")?;
+    Ok(memory)
+}
+
+/// Bytes of `memory` the kernel maps with huge pages now (`PAGEMAP_SCAN`'s `PAGE_IS_HUGE`).
+fn huge_mapped(memory: &Mapping) -> Result<u64> {
+    let pagemap = Pagemap::open()?;
+    let query = ScanQuery {
+        flags: ScanFlags::empty(),
+        inverted: PageCategories::empty(),
+        mask: PageCategories::HUGE,
+        any_of: PageCategories::empty(),
+        report: PageCategories::HUGE,
+        max_pages: 0,
+    };
+    let mut out = vec![PageRegion::default(); 512];
+    let (mut at, end, mut bytes) = (memory.addr(), memory.addr() + memory.len(), 0);
+    while at < end {
+        let (n, walk_end) = pagemap.scan(at, end, &query, &mut out)?;
+        bytes += out[..n].iter().map(|r| r.end - r.start).sum::<u64>();
+        if walk_end <= at {
+            break;
+        }
+        at = walk_end;
+    }
+    Ok(bytes)
+}
 
 /// The source's writer: dirties pages until stopped.
 struct Writer {
@@ -15,7 +53,8 @@ impl Writer {
         let thread = std::thread::spawn(move || {
             let pages = (len / 4096) as u64;
             let hot = (pages / 20).max(1);
-            let per_ms = rate_mib * 256 / 1000; // 4 KiB pages per millisecond
+            let per_s = rate_mib * 256; // 4 KiB pages per second
+            let check_every = (per_s / 1000).max(1); // about once a millisecond
             let started = Instant::now();
             let mut x = 0x2545_f491_4f6c_dd1du64;
             let mut i = 0u64;
@@ -36,9 +75,9 @@ impl Writer {
                     w.write_volatile(w.read_volatile().wrapping_add(x | 1));
                 }
                 i += 1;
-                if per_ms > 0 && i % per_ms.max(1) == 0 {
-                    // Throttle: i writes should take i / per_ms milliseconds.
-                    let due = Duration::from_millis(i / per_ms);
+                if per_s > 0 && i % check_every == 0 {
+                    // Throttle: i writes should take i / per_s seconds.
+                    let due = Duration::from_nanos(i * 1_000_000_000 / per_s);
                     if let Some(ahead) = due.checked_sub(started.elapsed()) {
                         // Parked, not asleep: `stop` unparks it, so the stop (downtime)
                         // does not wait out the throttle.
@@ -94,7 +133,7 @@ pub(super) fn source(a: &SourceArgs) -> Result<()> {
         timing: a.shape.liveness.timing()?,
         ..SourceOptions::default()
     };
-    let memory = Mapping::new(MemoryKind::Anon, size).context("map the region")?;
+    let memory = region(&a.shape, size)?;
     for p in 0..size / 4096 {
         // SAFETY: our fresh mapping; no other thread yet.
         let page =
@@ -150,7 +189,11 @@ pub(super) fn source(a: &SourceArgs) -> Result<()> {
         w.stop();
     }
     let r = result.context("migration failed")?;
+    // Nothing writes the region any more: what is mapped huge now was so at the stop.
+    let huge = huge_mapped(&memory).context("scan the region for huge pages")?;
     let report = json!({
+        "source_memory": a.shape.source_memory,
+        "huge_mapped_at_stop": huge,
         "pages": r.pages,
         "page_size": r.page_size,
         "rounds": r.rounds.iter().map(|x| json!({
