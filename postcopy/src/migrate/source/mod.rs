@@ -212,7 +212,8 @@ pub struct Round {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SwitchSteps {
     /// Before the stop, not downtime: DISCARD of the pages the last round found written,
-    /// sent while the workload still runs, until the destination confirms it applied it.
+    /// sent while the workload still runs, until the destination confirms it applied it
+    /// and landed every page sent before it.
     pub early_discard: Duration,
     /// The embedder's callback: the workload stopped, its device state taken.
     pub stop: Duration,

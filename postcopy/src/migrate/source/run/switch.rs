@@ -95,14 +95,15 @@ impl Run<'_> {
     /// discarded again; only what the workload rewrites from here to the stop is
     /// discarded in the downtime. Unconfirmed (the pair broke), they stay sent and dirty,
     /// and are discarded again at the switch, after the present-set was re-read: the
-    /// destination never keeps a stale version of a page as present.
+    /// destination never keeps a stale version of a page as present. With nothing to
+    /// discard the SYNC still goes: the pages of the last round still in flight or
+    /// landing must not sit in the downtime in front of LISTEN.
     fn discard_before_stop(&mut self, pair: &Pair) -> Result<(), Error> {
         let at = Instant::now();
         let ranges = self.sent_and_dirty();
-        if ranges.is_empty() {
-            return Ok(());
+        if !ranges.is_empty() {
+            self.send_discard(pair, &ranges, "EARLY DISCARD")?;
         }
-        self.send_discard(pair, &ranges, "EARLY DISCARD")?;
         let seq = self.unconfirmed.barrier();
         pair.main.send(&Message::Sync { seq })?;
         while !self.unconfirmed.confirmed(seq) {
