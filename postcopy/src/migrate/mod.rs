@@ -34,66 +34,31 @@
 //!   ACK(3) (heard: the destination may go) ▶
 //! ```
 //!
-//! **Recovery, in every phase.** A connection that breaks or goes silent (see
-//! [`Timing`]) pauses both sides; nothing is lost, because the destination's page-state
-//! map says what it has. The source reconnects (with backoff, or at once on
-//! [`SourceControl::resume`]) with a newer generation of the session, which supersedes
-//! whatever the destination still holds; it sends ADVISE again, and the destination
-//! answers with what it has (RECV_BITMAP) and how far it got (its *step*). From those the
-//! source re-plans: in precopy, pages that never arrived count as dirty (the workload
-//! kept running and the dirty tracker kept counting); at the switch, it repeats only what
-//! the destination did not do; in postcopy, it streams what is missing, and the
-//! destination asks again for its outstanding requests. Either side gives up after
-//! [`Timing::give_up_after`] without a working pair, with [`Error::GaveUp`].
+//! What each side guarantees, in one line each — the README's `uffdkit migrate` section
+//! argues every one of them at length, and `tests/explore.rs` checks them under seeded
+//! fault schedules:
 //!
-//! **The delivery invariant** (the README argues it at length): a page counts as delivered
-//! only once the destination confirmed it — SYNCED for precopy pages (after a break, every
-//! page not confirmed counts as dirty, whatever the present-set says: it cannot tell an old
-//! version from the new one that died in a frozen connection), the ACK of LISTEN for all of
-//! precopy, the present-set (RECV_BITMAP) after the switch, when each page has one version;
-//! nothing a superseded pair still carries is applied (the receiver lands frames only from
-//! the pair it greeted last); a page is placed once after the switch, so no older version
-//! overwrites a newer one. `tests/explore.rs` checks it under seeded fault schedules.
+//! - **Recovery in every phase.** A connection that breaks or goes silent ([`Timing`])
+//!   pauses both sides; the source reconnects with a newer generation of the session
+//!   (with backoff, or on [`SourceControl::resume`]), the destination answers with what it
+//!   has (RECV_BITMAP) and its *step*, and the source re-plans from those. Either side
+//!   gives up after [`Timing::give_up_after`] without a working pair ([`Error::GaveUp`]).
+//! - **Delivery.** A page counts as delivered only once confirmed: SYNCED in precopy (after
+//!   a break every unconfirmed page counts as dirty), the ACK of LISTEN for all of precopy,
+//!   the present-set after the switch; nothing a superseded pair carries is applied; a page
+//!   is placed once after the switch, so no older version overwrites a newer one.
+//! - **Downtime** holds only what must wait for the stop (the stop, the last dirty scan,
+//!   the DISCARD of what was rewritten since the last round, LISTEN and RUN in one round
+//!   trip); the bulk of DISCARD goes, confirmed, before it. [`SourceReport::switch`] and
+//!   [`DestReport::switch`] time each step.
+//! - **The device state** ([`Migration::run_with_state`]) rides in RUN and is handed to the
+//!   destination's embedder exactly once, before the workload resumes, whatever breaks.
+//! - **The verdict** compares the source's final content with digests of what the
+//!   destination *placed* in each page (`dest/placed.rs`), not of its live memory: it holds
+//!   while the destination's workload runs.
 //!
-//! **The switch's downtime** holds only what must wait for the stop: the stop itself, the
-//! last dirty scan, DISCARD of what was rewritten since the last round's scan, LISTEN and
-//! RUN — RUN right behind LISTEN, one round trip for both. The bulk of DISCARD (every page
-//! when precopy did not converge) goes before the stop, confirmed by a SYNCED before the
-//! workload is stopped; a discarded page can still never be read stale, because it is
-//! unmapped (and Missing) at the destination before LISTEN, and the pager serves it from
-//! the source. Unregistering the dirty tracker comes after RUN is acknowledged.
-//! [`SourceReport::switch`] and [`DestReport::switch`] time each step.
-//!
-//! **The device state** (a VMM's vCPU registers, device models: opaque bytes the
-//! source's embedder gives when its workload stops, [`Migration::run_with_state`]) rides
-//! in RUN, and is delivered exactly once, before the workload resumes, whatever breaks:
-//! the destination hands it to its embedder while handling RUN, before it acknowledges
-//! (step 2), and reports step 2 on every later pair; the source keeps it and sends RUN
-//! again, with the same bytes, on every new pair until it hears step 2 (by ACK, or in a
-//! resumed pair's greeting); a RUN on a pair that breaks before it lands is lost with the
-//! pair and sent again; and `on_run` is taken once, so a RUN could not be applied twice
-//! even if one came. If either embedder fails with it, the migration ends before step 2,
-//! with nothing run at the destination.
-//!
-//! **The verdict holds for a running workload.** The destination's digests (DIGESTS) are
-//! not of its memory at the end — the workload has run there since RUN and may have
-//! written anywhere — but of what it *placed*: each page's digest is taken from the bytes
-//! it lands, as they land (`dest/placed.rs`): a precopy copy (a later copy of the same page
-//! replaces it; a DISCARD resets it to zeros, for the page reads zeros until placed
-//! again), and after LISTEN a placement of a page not present yet (a page present already
-//! is not placed again, so an arrival for it changes nothing — a stale precopy version a
-//! failed DISCARD left behind still shows as the stale version); a page never landed
-//! counts as zeros (a known-zero page, which the pager fills with zeros). The digest is
-//! taken before the page is published as placed, and read only once every page is seen
-//! placed, so DIGESTS covers every placement. The source compares them with its final
-//! content, frozen since the stop. So the check is: every page the workload found at the
-//! destination, when it first touched it, was the source's final version — which is what
-//! the delivery invariant promises — and it no longer depends on the workload keeping
-//! still. What it does not check is the kernel's copy of those bytes into memory
-//! (`UFFDIO_COPY`), which the byte-for-byte comparisons of the tests do.
-//!
-//! **Dirty tracking** is userfaultfd async write-protect plus `PAGEMAP_SCAN`; see
-//! [`uffd_core::DirtyTracker`] for why it beats soft-dirty bits.
+//! Dirty tracking is userfaultfd async write-protect plus `PAGEMAP_SCAN`
+//! ([`uffd_core::DirtyTracker`]).
 //!
 //! ## Example: migrate 1 MiB within one process
 //!
