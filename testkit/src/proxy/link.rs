@@ -38,6 +38,11 @@ impl Link {
             && !self.reset.load(Ordering::SeqCst)
     }
 
+    /// Whether both of its pumps ended: each end closed its side (or the link broke).
+    pub(super) fn ended(&self) -> bool {
+        self.pumps.load(Ordering::SeqCst) == 0
+    }
+
     /// Whether nothing flows in `dir` any more.
     pub(super) fn blocked(&self, dir: Direction) -> bool {
         self.frozen.load(Ordering::SeqCst) || self.half[dir as usize].load(Ordering::SeqCst)
