@@ -95,6 +95,22 @@ fn run_with(mut case: Case, p: Plan) -> Outcome {
     let i = injector.lock().unwrap();
     assert_eq!(i.pending(), 0, "every planned cut landed");
     assert_eq!(i.unnoticed, 0, "both ends noticed every cut at its event");
+    // Each in its own phase: a round, the stop, postcopy (or its digests).
+    let (before, after) = i.landed_at.split_at(p.precopy.len());
+    let rounds = before.iter().all(|&r| Trigger::in_precopy(r));
+    assert!(rounds, "precopy: {:?}", i.landed_at);
+    assert_eq!(
+        after[0],
+        Trigger::Stopped.rank(),
+        "the switch: {:?}",
+        i.landed_at
+    );
+    let postcopy = Trigger::Postcopy { frames: 0 }.rank()..=Trigger::Digests.rank();
+    assert!(
+        after[1..].iter().all(|r| postcopy.contains(r)),
+        "postcopy: {:?}",
+        i.landed_at
+    );
     drop(i);
     let planned = (p.precopy.len() + 1 + p.postcopy.len()) as u64;
     assert_eq!(o.cuts, planned, "cuts made");

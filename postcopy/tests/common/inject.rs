@@ -36,19 +36,28 @@ pub enum Trigger {
     Digests,
 }
 
+/// The first rank after precopy: above any round a migration runs (a plan may let
+/// precopy run a thousand rounds; round 100 must not rank as the stop).
+const AFTER_ROUNDS: u32 = 1 << 24;
+
 impl Trigger {
     pub fn rank(self) -> u32 {
         match self {
-            Trigger::Round { round, .. } => round,
-            Trigger::Sent("EARLY DISCARD") => 99,
-            Trigger::Stopped => 100,
-            Trigger::Sent("DISCARD") => 101,
-            Trigger::Sent("LISTEN") => 102,
-            Trigger::Sent("RUN") => 103,
-            Trigger::Postcopy { .. } => 104,
-            Trigger::Digests => 105,
-            Trigger::Sent(_) => 106, // SHUT
+            Trigger::Round { round, .. } => round.min(AFTER_ROUNDS - 1),
+            Trigger::Sent("EARLY DISCARD") => AFTER_ROUNDS,
+            Trigger::Stopped => AFTER_ROUNDS + 1,
+            Trigger::Sent("DISCARD") => AFTER_ROUNDS + 2,
+            Trigger::Sent("LISTEN") => AFTER_ROUNDS + 3,
+            Trigger::Sent("RUN") => AFTER_ROUNDS + 4,
+            Trigger::Postcopy { .. } => AFTER_ROUNDS + 5,
+            Trigger::Digests => AFTER_ROUNDS + 6,
+            Trigger::Sent(_) => AFTER_ROUNDS + 7, // SHUT
         }
+    }
+
+    /// Whether `rank` is a precopy round's.
+    pub fn in_precopy(rank: u32) -> bool {
+        rank < AFTER_ROUNDS
     }
 
     pub fn frames(self) -> u32 {
@@ -76,11 +85,11 @@ impl Trigger {
 /// The rank an event moves the run to, if it is a phase event.
 fn rank_of(event: Event) -> Option<u32> {
     Some(match event {
-        Event::Round(r) => r,
-        Event::Stopped => 100,
+        Event::Round(round) => Trigger::Round { round, frames: 0 }.rank(),
+        Event::Stopped => Trigger::Stopped.rank(),
         Event::Sent(m) => Trigger::Sent(m).rank(),
-        Event::Postcopy => 104,
-        Event::Digests => 105,
+        Event::Postcopy => Trigger::Postcopy { frames: 0 }.rank(),
+        Event::Digests => Trigger::Digests.rank(),
         Event::PageFrame(_) | Event::Resumed => return None,
     })
 }
@@ -121,6 +130,9 @@ pub struct Injector {
     frames: u32,
     /// The phases and modes of the faults that landed.
     pub landed: Vec<(&'static str, &'static str)>,
+    /// The phase rank the run was in as each landed (a fault due lands at the first
+    /// event that finds it due: at its own, or later).
+    pub landed_at: Vec<u32>,
     /// Faults that landed but that the ends had not noticed within [`NOTICED_WITHIN`]:
     /// the source went on past their event anyway.
     pub unnoticed: usize,
@@ -147,6 +159,7 @@ impl Injector {
             rank: 0,
             frames: 0,
             landed: Vec::new(),
+            landed_at: Vec::new(),
             unnoticed: 0,
         }));
         let inj = injector.clone();
@@ -203,6 +216,7 @@ impl Injector {
             return None;
         }
         self.landed.push((t.phase(), mode_name(f.mode)));
+        self.landed_at.push(self.rank);
         self.next += 1;
         (self.one_per_pair && f.mode.breaks()).then_some(cutoff)
     }
