@@ -42,7 +42,7 @@ mod link;
 /// How a cut breaks (or degrades) connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CutMode {
-    /// Both ends get a reset (RST).
+    /// Both ends get a reset (RST), at once.
     Reset,
     /// Nothing flows any more, both ways, and nothing is closed: both ends see silence.
     Freeze,

@@ -98,6 +98,11 @@ impl Link {
                     );
                 }
                 self.reset.store(true, Ordering::SeqCst);
+                // Wakes the pumps from their reads: they let go of the sockets now, and
+                // the last close sends the RST (a read shut down sends nothing).
+                for s in &self.sockets {
+                    let _ = s.shutdown(std::net::Shutdown::Read);
+                }
             }
         }
     }
@@ -190,6 +195,7 @@ fn pump(state: &State, link: &Link, dir: Direction, mut from: TcpStream, mut to:
             std::thread::sleep(TICK);
         }
         let n = match from.read(&mut buf[..allowed]) {
+            Ok(0) if link.reset.load(Ordering::SeqCst) => return, // no FIN before the RST
             Ok(0) => {
                 let _ = to.shutdown(std::net::Shutdown::Write);
                 return;
