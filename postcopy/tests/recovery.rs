@@ -1,11 +1,11 @@
 //! Migrations through testkit's fault-injecting proxy: connections reset or silently
-//! frozen (a partition: both ends established, nothing flowing) at seeded random byte
-//! offsets of precopy's first round (whose volume is fixed), as the workload stops, and in
-//! postcopy at the source's protocol events (so every planned cut lands, whatever the
-//! timing), on the main connection alone, the urgent one alone, or both. Each run ends
-//! with the digest verdict and a byte-for-byte comparison (zero pages lost), and both
-//! ends resumed exactly once per cut. `tests/explore.rs` draws such schedules by the
-//! thousand.
+//! frozen (a partition: both ends established, nothing flowing) in precopy's first round,
+//! as the workload stops, and in postcopy — at the source's protocol events, the source
+//! held at each until both ends noticed the cut (so every planned cut lands in its phase
+//! and is resumed from, whatever the timing) — on the main connection alone, the urgent
+//! one alone, or both. Each run ends with the digest verdict and a byte-for-byte
+//! comparison (zero pages lost), and both ends resumed exactly once per cut.
+//! `tests/explore.rs` draws such schedules by the thousand.
 
 use crate::common;
 
