@@ -16,7 +16,8 @@ use postcopy::client::RemoteSource;
 use postcopy::server::PageServer;
 use postcopy::Security;
 use postcopy::Timing;
-use transport::Key;
+use testkit::proxy::{Cut, CutMode, Direction, Target};
+use transport::{Addr, Key};
 
 use crate::common;
 
@@ -75,26 +76,39 @@ fn fetch_allocates_nothing(listener: Security, opener: Security) {
     let image: Vec<u8> = (0..PAGES as usize * 4096)
         .map(|i| (i / 4096) as u8)
         .collect();
+    // The stream stops at its second MiB (main frozen towards the client; urgent flows)
+    // until the requests were answered: free, it brings every page first (64 MiB in
+    // ~20 ms in release), the session ends, and no request goes out. Nothing breaks the
+    // pair meanwhile (a silence deadline far past the test).
+    let timing = Timing {
+        silence: Duration::from_secs(120),
+        ..Timing::default()
+    };
     let server = PageServer::bind(
         &"127.0.0.1:0".parse().unwrap(),
         Arc::new(MemorySource::new(image)),
         listener,
-        Timing::default(),
+        timing,
     )
     .expect("bind");
-    let source =
-        Arc::new(RemoteSource::connect(&server.local_addr().unwrap(), opener).expect("connect"));
+    let proxy = common::proxy_to(&server.local_addr().unwrap(), Direction::ToOpener);
+    proxy.plan(vec![Cut {
+        mode: CutMode::HalfOpen(Direction::ToOpener),
+        target: Target::Tag("main"),
+        after: 1 << 20,
+    }]);
+    let at = Addr::Tcp(proxy.addr());
+    let source = Arc::new(RemoteSource::connect_with(&at, opener, timing).expect("connect"));
     let memory = Mapping::new(MemoryKind::Anon, PAGES as usize * 4096).expect("map");
     // Attaching starts the client: its first pair greets, and requests go to it.
     let pager = common::pager_for(source.clone(), &memory);
-    // Once the stream runs, the client has greeted: requests go out on the urgent
+    // Once the stream is held, the client has greeted: requests go out on the urgent
     // connection.
     let t = Instant::now();
-    while pager.stats().placed_arrival == 0 {
+    while proxy.pending() > 0 {
         assert!(t.elapsed() < Duration::from_secs(30), "the stream started");
         std::thread::sleep(Duration::from_millis(1));
     }
-    std::thread::sleep(Duration::from_millis(20));
     let mut scratch = vec![0u8; 4096];
     let connected = allocations_in(|| {
         for page in (0..PAGES).rev().step_by(7) {
@@ -113,6 +127,8 @@ fn fetch_allocates_nothing(listener: Security, opener: Security) {
         );
         std::thread::sleep(Duration::from_millis(1));
     }
+    // The rest of the stream comes on the next pair.
+    assert_eq!(proxy.cut_now(CutMode::Reset, Target::Tag("main")), 1);
     assert!(
         pager.wait_complete(Duration::from_secs(30)),
         "the stream completed"

@@ -1,11 +1,11 @@
 //! Migrations through testkit's fault-injecting proxy: connections reset or silently
-//! frozen (a partition: both ends established, nothing flowing) at seeded random byte
-//! offsets of precopy's first round (whose volume is fixed), as the workload stops, and in
-//! postcopy at the source's protocol events (so every planned cut lands, whatever the
-//! timing), on the main connection alone, the urgent one alone, or both. Each run ends
-//! with the digest verdict and a byte-for-byte comparison (zero pages lost), and both
-//! ends resumed exactly once per cut. `tests/explore.rs` draws such schedules by the
-//! thousand.
+//! frozen (a partition: both ends established, nothing flowing) in precopy's first round,
+//! as the workload stops, and in postcopy — at the source's protocol events, the source
+//! held at each until both ends noticed the cut (so every planned cut lands in its phase
+//! and is resumed from, whatever the timing) — on the main connection alone, the urgent
+//! one alone, or both. Each run ends with the digest verdict and a byte-for-byte
+//! comparison (zero pages lost), and both ends resumed exactly once per cut.
+//! `tests/explore.rs` draws such schedules by the thousand.
 
 use crate::common;
 
@@ -22,7 +22,9 @@ use transport::Addr;
 use uffd_core::HUGE_PAGE_SIZE;
 
 /// Where and how one run cuts, each cut once every earlier one was resumed from (one per
-/// connection pair), at the source's protocol events (so each lands whatever the timing).
+/// connection pair), at the source's protocol events (so each lands whatever the timing),
+/// the source held at the event until both ends noticed the cut (so the phase it belongs
+/// to cannot end before it was felt: see `common::inject`).
 struct Plan {
     /// Cuts in precopy, each at the second page frame after the last resume; precopy goes
     /// on (round after round) until every one of them was resumed from.
@@ -90,11 +92,26 @@ fn run_with(mut case: Case, p: Plan) -> Outcome {
     case.reconnects = None;
     let o = case.run_all();
     let injector = injector.lock().unwrap().clone().expect("the injector");
+    let i = injector.lock().unwrap();
+    assert_eq!(i.pending(), 0, "every planned cut landed");
+    assert_eq!(i.unnoticed, 0, "both ends noticed every cut at its event");
+    // Each in its own phase: a round, the stop, postcopy (or its digests).
+    let (before, after) = i.landed_at.split_at(p.precopy.len());
+    let rounds = before.iter().all(|&r| Trigger::in_precopy(r));
+    assert!(rounds, "precopy: {:?}", i.landed_at);
     assert_eq!(
-        injector.lock().unwrap().pending(),
-        0,
-        "every planned cut landed"
+        after[0],
+        Trigger::Stopped.rank(),
+        "the switch: {:?}",
+        i.landed_at
     );
+    let postcopy = Trigger::Postcopy { frames: 0 }.rank()..=Trigger::Digests.rank();
+    assert!(
+        after[1..].iter().all(|r| postcopy.contains(r)),
+        "postcopy: {:?}",
+        i.landed_at
+    );
+    drop(i);
     let planned = (p.precopy.len() + 1 + p.postcopy.len()) as u64;
     assert_eq!(o.cuts, planned, "cuts made");
     assert_eq!(o.src.reconnects, o.cuts, "the source resumed once per cut");
@@ -144,9 +161,10 @@ fn silent_freezes_in_precopy_at_the_switch_and_in_postcopy_lose_nothing() {
         Plan {
             precopy: vec![(CutMode::Freeze, URGENT), (CutMode::Freeze, Target::All)],
             switch: (CutMode::Freeze, MAIN),
-            // Not the urgent connection alone: postcopy could end on main before the
-            // freeze is noticed (a correct run, but not one resumed once per cut).
-            postcopy: vec![(CutMode::Freeze, MAIN)],
+            // The urgent connection alone too: postcopy could end on main before that
+            // freeze is noticed, but the injector holds the source at the cut's event
+            // until both ends noticed it.
+            postcopy: vec![(CutMode::Freeze, MAIN), (CutMode::Freeze, URGENT)],
         },
     );
 }

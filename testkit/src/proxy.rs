@@ -42,7 +42,7 @@ mod link;
 /// How a cut breaks (or degrades) connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CutMode {
-    /// Both ends get a reset (RST).
+    /// Both ends get a reset (RST), at once.
     Reset,
     /// Nothing flows any more, both ways, and nothing is closed: both ends see silence.
     Freeze,
@@ -223,6 +223,12 @@ impl Proxy {
 
     /// Cuts `target` now; returns how many connections it hit.
     pub fn cut_now(&self, mode: CutMode, target: Target) -> usize {
+        self.state.cut(mode, target).hit
+    }
+
+    /// Cuts `target` now; the [`Cutoff`] says how many connections it hit and, later,
+    /// whether both ends closed the live connections it spared.
+    pub fn cut_watched(&self, mode: CutMode, target: Target) -> Cutoff {
         self.state.cut(mode, target)
     }
 
@@ -267,6 +273,24 @@ impl Proxy {
     }
 }
 
+/// A cut made by [`Proxy::cut_watched`], and the connections it left live.
+pub struct Cutoff {
+    /// Connections it hit.
+    pub hit: usize,
+    spared: Vec<Arc<Link>>,
+}
+
+impl Cutoff {
+    /// Whether both ends have closed every connection that was live at the cut and that
+    /// the cut spared. An endpoint that finds one connection of a pair broken closes the
+    /// pair's others, so when the cut hit one connection of the only pair live, this says
+    /// that both ends noticed the break — which a reset (carried late, or read late) or a
+    /// freeze (noticed at a silence deadline) does not say by itself.
+    pub fn noticed(&self) -> bool {
+        self.spared.iter().all(|l| l.ended())
+    }
+}
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.state.stop.store(true, Ordering::SeqCst);
@@ -288,10 +312,14 @@ impl Drop for Proxy {
 }
 
 impl State {
-    fn cut(&self, mode: CutMode, target: Target) -> usize {
+    fn cut(&self, mode: CutMode, target: Target) -> Cutoff {
         let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
-        let mut hit = 0;
-        for link in links.iter().filter(|l| l.hit_by(target) && l.live()) {
+        let (mut hit, mut spared) = (0, Vec::new());
+        for link in links.iter().filter(|l| l.live()) {
+            if !link.hit_by(target) {
+                spared.push(link.clone());
+                continue;
+            }
             link.apply(mode);
             hit += 1;
         }
@@ -307,7 +335,7 @@ impl State {
             let n = self.cuts.fetch_add(1, Ordering::SeqCst) + 1;
             eprintln!("proxy: cut {n}: {mode:?} of {target:?} ({hit} connections)");
         }
-        hit
+        Cutoff { hit, spared }
     }
 
     /// Counts `n` bytes; returns how many may go before a cut that is due, and the cut.

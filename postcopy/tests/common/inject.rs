@@ -2,12 +2,22 @@
 //! an [`Injector`], which makes the proxy cut when a planned fault is due — so a planned
 //! fault always lands (the events happen whatever the timing), unlike a cut at a byte
 //! offset of traffic whose volume depends on timing.
+//!
+//! Landing is not enough for a plan of one fault per pair: a cut must also be *noticed*
+//! by both ends before the migration moves past the event it was planned at, or the
+//! phase it belongs to may end (a whole postcopy streamed on `main` while the reset of
+//! `urgent` is still on its way) and the next fault find no event left to make it due.
+//! How soon a cut is noticed is timing (a reset is read when it arrives, a freeze at the
+//! silence deadline), so the injector does not race it: it holds the source's thread at
+//! the event until both ends closed the pair ([`Cutoff::noticed`]).
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use postcopy::fault::Event;
 use postcopy::migrate::SourceControl;
-use testkit::proxy::{CutMode, Proxy, Target};
+use postcopy::wire::Channel;
+use testkit::proxy::{CutMode, Cutoff, Proxy, Target};
 
 /// Where in the protocol a fault is due: events ranked in the order a migration makes
 /// them (a resumed migration makes some again).
@@ -26,19 +36,28 @@ pub enum Trigger {
     Digests,
 }
 
+/// The first rank after precopy: above any round a migration runs (a plan may let
+/// precopy run a thousand rounds; round 100 must not rank as the stop).
+const AFTER_ROUNDS: u32 = 1 << 24;
+
 impl Trigger {
     pub fn rank(self) -> u32 {
         match self {
-            Trigger::Round { round, .. } => round,
-            Trigger::Sent("EARLY DISCARD") => 99,
-            Trigger::Stopped => 100,
-            Trigger::Sent("DISCARD") => 101,
-            Trigger::Sent("LISTEN") => 102,
-            Trigger::Sent("RUN") => 103,
-            Trigger::Postcopy { .. } => 104,
-            Trigger::Digests => 105,
-            Trigger::Sent(_) => 106, // SHUT
+            Trigger::Round { round, .. } => round.min(AFTER_ROUNDS - 1),
+            Trigger::Sent("EARLY DISCARD") => AFTER_ROUNDS,
+            Trigger::Stopped => AFTER_ROUNDS + 1,
+            Trigger::Sent("DISCARD") => AFTER_ROUNDS + 2,
+            Trigger::Sent("LISTEN") => AFTER_ROUNDS + 3,
+            Trigger::Sent("RUN") => AFTER_ROUNDS + 4,
+            Trigger::Postcopy { .. } => AFTER_ROUNDS + 5,
+            Trigger::Digests => AFTER_ROUNDS + 6,
+            Trigger::Sent(_) => AFTER_ROUNDS + 7, // SHUT
         }
+    }
+
+    /// Whether `rank` is a precopy round's.
+    pub fn in_precopy(rank: u32) -> bool {
+        rank < AFTER_ROUNDS
     }
 
     pub fn frames(self) -> u32 {
@@ -66,11 +85,11 @@ impl Trigger {
 /// The rank an event moves the run to, if it is a phase event.
 fn rank_of(event: Event) -> Option<u32> {
     Some(match event {
-        Event::Round(r) => r,
-        Event::Stopped => 100,
+        Event::Round(round) => Trigger::Round { round, frames: 0 }.rank(),
+        Event::Stopped => Trigger::Stopped.rank(),
         Event::Sent(m) => Trigger::Sent(m).rank(),
-        Event::Postcopy => 104,
-        Event::Digests => 105,
+        Event::Postcopy => Trigger::Postcopy { frames: 0 }.rank(),
+        Event::Digests => Trigger::Digests.rank(),
         Event::PageFrame(_) | Event::Resumed => return None,
     })
 }
@@ -99,8 +118,10 @@ pub struct Injector {
     faults: Vec<Fault>,
     next: usize,
     /// Arm a fault only once the source resumed from every cut the proxy made so far
-    /// (by this injector or by a byte plan): one breaking fault per pair, each resumed
-    /// from on its own. For breaking faults only (a delay resumes nothing).
+    /// (by this injector or by a byte plan), and hold the source at the event that made
+    /// it due until both ends noticed it: one breaking fault per pair, each resumed from
+    /// on its own, whatever the timing. For breaking faults only (a delay resumes
+    /// nothing).
     one_per_pair: bool,
     resumed: u64,
     /// The highest phase rank seen, and page frames since it was entered (or since the
@@ -109,7 +130,17 @@ pub struct Injector {
     frames: u32,
     /// The phases and modes of the faults that landed.
     pub landed: Vec<(&'static str, &'static str)>,
+    /// The phase rank the run was in as each landed (a fault due lands at the first
+    /// event that finds it due: at its own, or later).
+    pub landed_at: Vec<u32>,
+    /// Faults that landed but that the ends had not noticed within [`NOTICED_WITHIN`]:
+    /// the source went on past their event anyway.
+    pub unnoticed: usize,
 }
+
+/// How long the source is held at a fault's event for both ends to notice it: far past
+/// any silence deadline a test sets (a frozen connection is noticed at it).
+const NOTICED_WITHIN: Duration = Duration::from_secs(60);
 
 impl Injector {
     /// Plans `faults` (in trigger order) against `proxy`, and hears `control`'s events.
@@ -128,10 +159,18 @@ impl Injector {
             rank: 0,
             frames: 0,
             landed: Vec::new(),
+            landed_at: Vec::new(),
+            unnoticed: 0,
         }));
         let inj = injector.clone();
         control.observe(Arc::new(move |e| {
-            inj.lock().unwrap_or_else(|p| p.into_inner()).on(e)
+            let cutoff = inj.lock().unwrap_or_else(|p| p.into_inner()).on(e);
+            // Held outside the lock: the source's other threads report events meanwhile.
+            if let Some(cutoff) = cutoff {
+                if !noticed(&cutoff) {
+                    inj.lock().unwrap_or_else(|p| p.into_inner()).unnoticed += 1;
+                }
+            }
         }));
         injector
     }
@@ -146,7 +185,9 @@ impl Injector {
         self.faults.len() - self.next
     }
 
-    fn on(&mut self, event: Event) {
+    /// Takes `event`; returns the cut it made, if the source must be held until both
+    /// ends noticed it.
+    fn on(&mut self, event: Event) -> Option<Cutoff> {
         match (rank_of(event), event) {
             (Some(r), _) if r > self.rank => (self.rank, self.frames) = (r, 0),
             (None, Event::PageFrame(_)) => self.frames += 1,
@@ -154,18 +195,48 @@ impl Injector {
             _ => {}
         }
         if self.one_per_pair && self.resumed < self.proxy.cuts() {
-            return;
+            return None;
         }
-        let Some(f) = self.faults.get(self.next).copied() else {
-            return;
-        };
+        // An answer's frame is reported on the reader of `urgent`, which must stay free
+        // to hear a cut: it counts, but the fault fires at the next event of the phase
+        // logic or the stream (the digests at the latest).
+        if self.one_per_pair && event == Event::PageFrame(Channel::Urgent) {
+            return None;
+        }
+        let f = self.faults.get(self.next).copied()?;
         let t = f.trigger;
         let due = self.rank > t.rank() || (self.rank == t.rank() && self.frames >= t.frames());
+        if !due {
+            return None;
+        }
         // A fault that hits nothing live (an earlier one still holds every connection)
         // stays due: it lands on the next pair.
-        if due && self.proxy.cut_now(f.mode, f.target) > 0 {
-            self.landed.push((t.phase(), mode_name(f.mode)));
-            self.next += 1;
+        let cutoff = self.proxy.cut_watched(f.mode, f.target);
+        if cutoff.hit == 0 {
+            return None;
         }
+        self.landed.push((t.phase(), mode_name(f.mode)));
+        self.landed_at.push(self.rank);
+        self.next += 1;
+        (self.one_per_pair && f.mode.breaks()).then_some(cutoff)
     }
+}
+
+/// Waits (bounded by [`NOTICED_WITHIN`]) until both ends noticed `cutoff`; false if
+/// they had not by then. On the source's phase or stream thread, neither of which hears
+/// of a break (the pair's readers and heartbeat do, and the destination's).
+fn noticed(cutoff: &Cutoff) -> bool {
+    let at = Instant::now();
+    while !cutoff.noticed() {
+        if at.elapsed() >= NOTICED_WITHIN {
+            eprintln!("injector: the cut was not noticed within {NOTICED_WITHIN:?}");
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    eprintln!(
+        "injector: both ends noticed the cut after {:.1?}",
+        at.elapsed()
+    );
+    true
 }

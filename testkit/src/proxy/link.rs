@@ -38,6 +38,11 @@ impl Link {
             && !self.reset.load(Ordering::SeqCst)
     }
 
+    /// Whether both of its pumps ended: each end closed its side (or the link broke).
+    pub(super) fn ended(&self) -> bool {
+        self.pumps.load(Ordering::SeqCst) == 0
+    }
+
     /// Whether nothing flows in `dir` any more.
     pub(super) fn blocked(&self, dir: Direction) -> bool {
         self.frozen.load(Ordering::SeqCst) || self.half[dir as usize].load(Ordering::SeqCst)
@@ -93,6 +98,11 @@ impl Link {
                     );
                 }
                 self.reset.store(true, Ordering::SeqCst);
+                // Wakes the pumps from their reads: they let go of the sockets now, and
+                // the last close sends the RST (a read shut down sends nothing).
+                for s in &self.sockets {
+                    let _ = s.shutdown(std::net::Shutdown::Read);
+                }
             }
         }
     }
@@ -185,6 +195,7 @@ fn pump(state: &State, link: &Link, dir: Direction, mut from: TcpStream, mut to:
             std::thread::sleep(TICK);
         }
         let n = match from.read(&mut buf[..allowed]) {
+            Ok(0) if link.reset.load(Ordering::SeqCst) => return, // no FIN before the RST
             Ok(0) => {
                 let _ = to.shutdown(std::net::Shutdown::Write);
                 return;
