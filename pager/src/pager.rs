@@ -265,9 +265,17 @@ impl Pager {
     }
 
     /// Stops every thread, writes the recorded working set if asked, and returns the
-    /// final counters, or the fatal error that stopped the pager early.
+    /// final counters (every placement that had woken a thread counted), or the fatal
+    /// error that stopped the pager early.
     pub fn stop(mut self) -> Result<StatsSnapshot> {
         self.join();
+        // A remote source's own thread may still be inside a placement whose ioctl already
+        // woke its waiters (the embedder saw the page): its counts land before it leaves
+        // the gate, so the final counters wait for it (briefly: a placement is one ioctl).
+        let until = Instant::now() + Duration::from_secs(1);
+        while self.shared.gate.placing() > 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_micros(50));
+        }
         let stats = self.stats();
         if self.process_gone() {
             log::info!("pager stopped: the faulting process exited");
