@@ -87,7 +87,8 @@
 //!    zeros), one ioctl, then count and publish Received. EEXIST wakes; EAGAIN parks the
 //!    fault for a retry once the pending events are read.
 //! 4. `placer.rs` — arrivals from a remote source take the same path from any thread
-//!    (`arrival.rs` is the engine's side of the handle);
+//!    (`arrival.rs` is the engine's side of the handle; `helper.rs` lends a receiver a
+//!    second thread to land a long run in pieces);
 //!    `prefetch.rs` pushes the rest in the background; `sigbus.rs` resolves faults inside
 //!    the faulting thread instead, async-signal-safe; `fork.rs` serves forked children.
 //! 5. `shared.rs` — a fatal error settles the stop: poison what is not placed, then tell
@@ -107,6 +108,7 @@ mod fault;
 pub mod firecracker;
 mod fork;
 mod gate;
+mod helper;
 mod histogram;
 #[cfg(feature = "fault-injection")]
 #[doc(hidden)]
@@ -132,6 +134,7 @@ mod worker;
 pub use builder::PagerBuilder;
 pub use cpu::pin_to_cpu;
 pub use error::{Error, Result, SourceError};
+pub use helper::Helper;
 pub use histogram::{AtomicLatencyHistogram, LatencyHistogram};
 pub use pager::{DeliveryMode, Pager};
 pub use placer::{Placed, Placer};

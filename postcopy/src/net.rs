@@ -1,8 +1,8 @@
 //! postcopy's messages on the transport's framed connections.
 //!
 //! The transport cuts a connection's bytes into frames and knows nothing of what is in
-//! them ([`transport::conn`]); here [`RecvMessage`] decodes them into [`Message`]s (page
-//! data borrowed from the receive buffer: [`Frame`]) and [`SendMessage`] encodes them —
+//! them ([`transport::conn`]); here [`RecvMessage`] decodes them into [`Message`]s (a
+//! pair's readers decode page data in place: `link.rs`) and [`SendMessage`] encodes them —
 //! page data straight from the caller's memory, fault handlers' requests without
 //! allocating.
 
@@ -12,7 +12,7 @@ use transport::conn::{FrameReader, FrameWriter};
 use transport::wire::envelope;
 
 use crate::error::LinkError;
-use crate::wire::{decode_frame, encode, encode_request, kind, Frame, Limits, Message, PageRange};
+use crate::wire::{decode_frame, encode, encode_request, kind, Limits, Message, PageRange};
 
 pub use transport::conn::Conn;
 
@@ -25,22 +25,13 @@ pub trait RecvMessage {
     /// The next message, checked against the default [`Limits`] (before ADVISE);
     /// [`LinkError::Closed`] at a clean end of stream between frames.
     fn recv(&mut self) -> Result<Message, LinkError>;
-
-    /// The next frame checked against `limits`, its page data borrowed from the receive
-    /// buffer (valid until the next call).
-    fn recv_frame(&mut self, limits: &Limits) -> Result<Frame<'_>, LinkError>;
 }
 
 impl RecvMessage for FrameReader {
     fn recv(&mut self) -> Result<Message, LinkError> {
-        self.recv_frame(&Limits::default()).map(Frame::into_owned)
-    }
-
-    fn recv_frame(&mut self, limits: &Limits) -> Result<Frame<'_>, LinkError> {
         let channel = self.channel();
-        let bytes = self.recv_raw()?;
-        match decode_frame(bytes, limits) {
-            Ok(Some((frame, _))) => Ok(frame),
+        match decode_frame(self.recv_raw()?, &Limits::default()) {
+            Ok(Some((frame, _))) => Ok(frame.into_owned()),
             Ok(None) => unreachable!("the transport hands whole frames"),
             Err(e) => Err(LinkError::malformed(channel, e)),
         }
@@ -55,11 +46,6 @@ pub trait SendMessage {
     /// Sends REQ_PAGES for `ranges` without allocating (while the encoded frame fits the
     /// writer's preallocated buffer: 4 KiB, some 250 ranges). For fault handlers.
     fn request(&mut self, ranges: &[PageRange]) -> Result<(), LinkError>;
-
-    /// Sends a PAGES frame for `data` (whole pages starting at page `first`) straight from
-    /// the caller's memory: the same bytes as `send(&Message::Pages { .. })` without
-    /// copying the data into a message first.
-    fn send_pages(&mut self, first: u64, data: &[u8]) -> Result<(), LinkError>;
 
     /// Sends whole pages `data` (from page `first`, pages of `page_size` bytes): runs of
     /// zero pages as ZERO_RUN, the rest as PAGES. Returns the data bytes sent.
@@ -82,18 +68,6 @@ impl SendMessage for FrameWriter {
 
     fn request(&mut self, ranges: &[PageRange]) -> Result<(), LinkError> {
         self.send_with(|buf| encode_request(ranges, buf))
-    }
-
-    fn send_pages(&mut self, first: u64, data: &[u8]) -> Result<(), LinkError> {
-        let first = first.to_le_bytes();
-        let (head, crc) = envelope(kind::PAGES, &[&first, data]);
-        let mut slices = [
-            IoSlice::new(&head),
-            IoSlice::new(&first),
-            IoSlice::new(data),
-            IoSlice::new(&crc),
-        ];
-        self.send_vectored(&mut slices)
     }
 
     fn send_page_data(
@@ -119,7 +93,11 @@ impl SendMessage for FrameWriter {
             }
             if end - k >= MIN_ZERO_RUN || (k == 0 && end == n) {
                 if from < k {
-                    self.send_pages(first + from as u64, &data[from * page_size..k * page_size])?;
+                    send_pages(
+                        self,
+                        first + from as u64,
+                        &data[from * page_size..k * page_size],
+                    )?;
                     bytes += ((k - from) * page_size) as u64;
                 }
                 self.send(&Message::ZeroRun(PageRange {
@@ -131,11 +109,25 @@ impl SendMessage for FrameWriter {
             k = end;
         }
         if from < n {
-            self.send_pages(first + from as u64, &data[from * page_size..])?;
+            send_pages(self, first + from as u64, &data[from * page_size..])?;
             bytes += ((n - from) * page_size) as u64;
         }
         Ok(bytes)
     }
+}
+
+/// Sends a PAGES frame for `data` (whole pages from page `first`) straight from the
+/// caller's memory: the bytes of `send(&Message::Pages { .. })` without copying the data.
+fn send_pages(w: &mut FrameWriter, first: u64, data: &[u8]) -> Result<(), LinkError> {
+    let first = first.to_le_bytes();
+    let (head, crc) = envelope(kind::PAGES, &[&first, data]);
+    let mut slices = [
+        IoSlice::new(&head),
+        IoSlice::new(&first),
+        IoSlice::new(data),
+        IoSlice::new(&crc),
+    ];
+    w.send_vectored(&mut slices)
 }
 
 /// Whether `page` is all zero (64-byte blocks OR-reduced: vectorises, unlike an early-exit

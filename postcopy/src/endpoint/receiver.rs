@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use pager::{AtomicLatencyHistogram, Fetched, PageState, Source, SourceError};
+use pager::{AtomicLatencyHistogram, Fetched, Helper, PageState, Source, SourceError};
 
 use crate::error::unexpected;
 use crate::link::{Chan, Inbound, Messages, Pair};
@@ -61,6 +61,8 @@ pub(crate) struct Receiver {
     stats: Arc<RecvStats>,
     /// Told of every page landed (set once, before the receiver is shared).
     pub on_land: Option<Arc<dyn OnLand>>,
+    /// Lands runs of pages in pieces on two threads.
+    helper: Helper,
     #[cfg(feature = "fault-injection")]
     pub faults: Arc<crate::fault::Faults>,
 }
@@ -79,6 +81,7 @@ impl Receiver {
             latency: AtomicLatencyHistogram::default(),
             stats,
             on_land: None,
+            helper: Helper::new("land-helper"),
             #[cfg(feature = "fault-injection")]
             faults: Default::default(),
         }
@@ -265,12 +268,6 @@ impl Receiver {
         }
     }
 
-    /// [`Receiver::current`], taking the read lock for the check.
-    fn current_now(&self, chan: &Chan, what: &'static str) -> Result<(), Error> {
-        let _land = self.land();
-        self.current(chan, what)
-    }
-
     /// Lands pages `first..` with `data`, or zero pages when `data` is `None`, if `chan`'s
     /// pair is current.
     fn land_pages(
@@ -280,11 +277,26 @@ impl Receiver {
         count: u64,
         data: Option<&[u8]>,
     ) -> Result<(), Error> {
-        let ps = self.ps;
-        let (start, end) = (first as usize, (first + count) as usize);
+        const PIECE: u64 = 32; // ~70 µs of landing, a few times a helper's wakeup
         let land = self.land();
         self.current(chan, "pages")?;
-        match &*land {
+        // In pieces on both CPUs: one thread landing a whole stream (digest and copy) was
+        // its bottleneck, the other CPU idle.
+        self.helper.for_each(count.div_ceil(PIECE) as usize, |i| {
+            let (at, ps) = (i as u64 * PIECE, self.ps);
+            let (first, count) = (first + at, PIECE.min(count - at));
+            let data = data.map(|d| &d[at as usize * ps..][..count as usize * ps]);
+            self.land_piece(&land, PageRange { first, count }, data)
+        })?;
+        self.arrived(first, count);
+        Ok(())
+    }
+
+    /// Lands the pages of `range`, a piece of a run ([`Receiver::land_pages`]).
+    fn land_piece(&self, land: &Land, range: PageRange, data: Option<&[u8]>) -> Result<(), Error> {
+        let (ps, first, count) = (self.ps, range.first, range.count);
+        let (start, end) = (first as usize, (first + count) as usize);
+        match land {
             Land::Idle => {
                 return Err(Error::Unexpected {
                     expected: "no pages before the session runs",
@@ -293,13 +305,13 @@ impl Receiver {
                 })
             }
             Land::Copy { memory, states } => {
-                self.tell_landed(first, count, data, |_| true);
+                self.tell_landed(range, data, |_| true);
                 match data {
                     Some(d) => {
                         // SAFETY: the decoder checked first + count <= pages of the advised
                         // geometry, which `memory` was mapped for; no pager serves it yet
-                        // and no other thread reads or writes it (the workload starts
-                        // after this land is gone, and pages land on one thread).
+                        // and no other thread reads or writes these pages (the workload
+                        // starts after this land is gone, and a run's pieces are disjoint).
                         unsafe {
                             std::ptr::copy_nonoverlapping(
                                 d.as_ptr(),
@@ -319,14 +331,13 @@ impl Receiver {
                     }
                 }
                 self.stats.copied.fetch_add(count, STAT);
-                return Ok(());
             }
             Land::Place(placer) => {
                 // Told before placing: the placement publishes Received (a Release CAS),
                 // so whoever sees the page placed sees what was told of it. A page present
                 // already is not placed again, and not told of.
                 placer.states(|s| {
-                    self.tell_landed(first, count, data, |p| {
+                    self.tell_landed(range, data, |p| {
                         matches!(
                             s.get(p as usize),
                             Some(PageState::Missing | PageState::Requested)
@@ -341,7 +352,6 @@ impl Receiver {
                 self.stats.placed.fetch_add(placed as u64, STAT);
             }
         }
-        self.arrived(first, count);
         Ok(())
     }
 }
@@ -381,19 +391,13 @@ impl Receiver {
         Ok(())
     }
 
-    /// Tells [`Receiver::on_land`] of pages `first..first + count` landing with `data`
+    /// Tells [`Receiver::on_land`] of the pages of `r` landing with `data`
     /// (`None`: zeros), those for which `lands(page)` holds.
-    fn tell_landed(
-        &self,
-        first: u64,
-        count: u64,
-        data: Option<&[u8]>,
-        lands: impl Fn(u64) -> bool,
-    ) {
+    fn tell_landed(&self, r: PageRange, data: Option<&[u8]>, lands: impl Fn(u64) -> bool) {
         let Some(on_land) = &self.on_land else {
             return;
         };
-        for (i, p) in (first..first + count).enumerate() {
+        for (i, p) in (r.first..r.first + r.count).enumerate() {
             if lands(p) {
                 on_land.landed(p, data.map(|d| &d[i * self.ps..(i + 1) * self.ps]));
             }
@@ -431,7 +435,9 @@ impl Inbound for Receiver {
             Frame::Other(Message::Sync { seq }) => {
                 // Every frame before it on this connection has landed (in order, on this
                 // thread): confirm them, unless this pair was superseded meanwhile.
-                self.current_now(chan, "SYNC")?;
+                let land = self.land();
+                self.current(chan, "SYNC")?;
+                drop(land);
                 chan.send(&Message::Synced { seq })?;
             }
             Frame::Other(msg) => return Ok(Some(msg)),
