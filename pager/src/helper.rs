@@ -241,15 +241,21 @@ mod tests {
     fn every_index_is_called_once_and_both_threads_take_part() {
         let helper = Helper::new("test-helper");
         let here = std::thread::current().id();
-        let (helping, ran) = (AtomicUsize::new(0), Mutex::new(vec![Vec::new(); 64]));
+        let (mine, helping) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let ran = Mutex::new(vec![Vec::new(); 64]);
         helper
             .for_each(64, |i| {
                 let me = std::thread::current().id();
                 ran.lock().unwrap()[i].push(me);
-                match me == here {
-                    true => until(&helping),
-                    false => _ = helping.fetch_add(1, Ordering::Release),
-                }
+                // Each thread, once in, waits for the other to be in too: whichever
+                // starts first (the helper can, if this thread is preempted after handing
+                // the job over) cannot take every index alone.
+                let (own, other) = match me == here {
+                    true => (&mine, &helping),
+                    false => (&helping, &mine),
+                };
+                own.fetch_add(1, Ordering::Release);
+                until(other);
                 Ok::<_, ()>(())
             })
             .unwrap();
@@ -302,12 +308,17 @@ mod tests {
         let helper = Helper::new("test-helper");
         let here = std::thread::current().id();
         let (started, finished) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let entered = AtomicUsize::new(0);
         let r = catch_unwind(AssertUnwindSafe(|| {
             helper.for_each(8, |_| {
                 if std::thread::current().id() == here {
+                    entered.store(1, Ordering::Release);
                     until(&started);
                     panic!("here");
                 }
+                // Not every index before this thread took one (it may be preempted after
+                // handing the job over): it must get to panic.
+                until(&entered);
                 started.fetch_add(1, Ordering::Release);
                 std::thread::sleep(Duration::from_millis(20));
                 finished.fetch_add(1, Ordering::Release);
