@@ -97,6 +97,9 @@ impl Gate<'_> {
         let now = Instant::now();
         let accepting = self.paused_until.is_none_or(|t| now >= t);
         let (listener, ready) = self.wait(accepting, now);
+        // After the wait: a connection accepted now came now (its deadline counts from
+        // here, not from before the poll), and deadlines are checked against the time.
+        let now = Instant::now();
         let mut i = 0;
         let mut ready = ready.into_iter();
         while i < self.pending.len() {
