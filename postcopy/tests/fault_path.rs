@@ -16,7 +16,7 @@ use postcopy::client::RemoteSource;
 use postcopy::server::PageServer;
 use postcopy::Security;
 use postcopy::Timing;
-use testkit::proxy::{Cut, CutMode, Direction, Target};
+use testkit::proxy::{CutMode, Target};
 use transport::{Addr, Key};
 
 use crate::common;
@@ -91,12 +91,7 @@ fn fetch_allocates_nothing(listener: Security, opener: Security) {
         timing,
     )
     .expect("bind");
-    let proxy = common::proxy_to(&server.local_addr().unwrap(), Direction::ToOpener);
-    proxy.plan(vec![Cut {
-        mode: CutMode::HalfOpen(Direction::ToOpener),
-        target: Target::Tag("main"),
-        after: 1 << 20,
-    }]);
+    let proxy = common::stream_held_after(&server.local_addr().unwrap(), 1 << 20);
     let at = Addr::Tcp(proxy.addr());
     let source = Arc::new(RemoteSource::connect_with(&at, opener, timing).expect("connect"));
     let memory = Mapping::new(MemoryKind::Anon, PAGES as usize * 4096).expect("map");

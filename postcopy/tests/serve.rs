@@ -10,7 +10,7 @@ use postcopy::client::RemoteSource;
 use postcopy::server::{PageServer, ServerOptions};
 use postcopy::Security;
 use postcopy::Timing;
-use testkit::proxy::{Cut, CutMode, Direction, Proxy, ProxyOptions, Target};
+use testkit::proxy::{CutMode, Direction, Proxy, ProxyOptions, Target};
 use transport::Addr;
 use transport::Key;
 
@@ -219,12 +219,7 @@ fn urgent_pages_overtake_the_background_stream() {
     let source = Arc::new(MemorySource::new(img.clone()));
     let at = "127.0.0.1:0".parse().unwrap();
     let srv = PageServer::bind(&at, source, key(), timing).expect("bind");
-    let proxy = common::proxy_to(&srv.local_addr().unwrap(), Direction::ToOpener);
-    proxy.plan(vec![Cut {
-        mode: CutMode::HalfOpen(Direction::ToOpener),
-        target: Target::Tag("main"),
-        after: 1 << 20,
-    }]);
+    let proxy = common::stream_held_after(&srv.local_addr().unwrap(), 1 << 20);
     let via = Addr::Tcp(proxy.addr());
     let source = Arc::new(RemoteSource::connect_with(&via, key(), timing).expect("connect"));
     let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");

@@ -113,6 +113,18 @@ pub fn channel_of(first: &[u8]) -> Option<&'static str> {
 
 /// A proxy in front of `to` counting the bytes the opener sends on `main` (the source's
 /// pages; a page server's client would count the other way).
+/// A proxy to the page server at `to` that holds its stream once `after` bytes of `main`
+/// went through (main half-open towards the client; urgent keeps flowing).
+pub fn stream_held_after(to: &Addr, after: u64) -> Arc<Proxy> {
+    let proxy = proxy_to(to, Direction::ToOpener);
+    proxy.plan(vec![testkit::proxy::Cut {
+        mode: testkit::proxy::CutMode::HalfOpen(Direction::ToOpener),
+        target: testkit::proxy::Target::Tag("main"),
+        after,
+    }]);
+    proxy
+}
+
 pub fn proxy_to(to: &Addr, direction: Direction) -> Arc<Proxy> {
     let Addr::Tcp(to) = to else {
         panic!("the proxy speaks TCP")
