@@ -179,34 +179,11 @@ fn shut_session(pair: &Pair, cause: &Error, within: Duration) {
     while let Ok(Some(_)) = pair.next_within(until.saturating_duration_since(Instant::now())) {}
 }
 
-/// The 64-bit digest of one page (FNV-1a over 64-bit words, then a final mix): what the
-/// destination sends in DIGESTS and the source checks against its final content.
+/// The 64-bit digest of one page (XXH3-64): what the destination sends in DIGESTS and the
+/// source checks against its final content. The destination takes it from every page it
+/// lands, on the stream's path, so it must run near memory speed.
 pub fn digest(page: &[u8]) -> u64 {
-    // SAFETY: a slice is readable for its length.
-    unsafe { digest_raw(page.as_ptr(), page.len()) }
-}
-
-/// [`digest`] of `len` bytes at `ptr`, read with volatile loads (the memory may be
-/// another thread's, e.g. a workload doing content-preserving atomic writes).
-///
-/// # Safety
-/// `ptr..ptr + len` must be readable.
-pub unsafe fn digest_raw(ptr: *const u8, len: usize) -> u64 {
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let words = len / 8;
-    for i in 0..words {
-        // SAFETY: within the readable range (caller); unaligned read.
-        let w = unsafe { std::ptr::read_volatile(ptr.add(i * 8).cast::<[u8; 8]>()) };
-        h = (h ^ u64::from_le_bytes(w)).wrapping_mul(PRIME);
-    }
-    for i in words * 8..len {
-        // SAFETY: as above.
-        h = (h ^ u64::from(unsafe { std::ptr::read_volatile(ptr.add(i)) })).wrapping_mul(PRIME);
-    }
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^ (h >> 33)
+    xxhash_rust::xxh3::xxh3_64(page)
 }
 
 /// Copies `dst.len()` bytes from `src` with volatile 8-byte loads: memory a workload is

@@ -26,8 +26,9 @@ pub const MAGIC: [u8; 8] = *b"UFFDKPC\0";
 /// The wire version this crate speaks (3: a HELLO asking for TLS is answered with START_TLS,
 /// and the connection is admitted inside TLS with ADMITTED; 4: precopy pages count as
 /// delivered only once a SYNC after them is answered with SYNCED; 5: RUN carries the
-/// source's opaque device state, handed to the destination's embedder before it resumes).
-pub const VERSION: u16 = 5;
+/// source's opaque device state, handed to the destination's embedder before it resumes;
+/// 6: DIGESTS are XXH3-64 of each page).
+pub const VERSION: u16 = 6;
 /// Page counts above this are refused (2^40 pages: 4 PiB of 4 KiB pages).
 pub const MAX_PAGES: u64 = 1 << 40;
 /// Most regions in one ADVISE.
@@ -155,8 +156,8 @@ pub enum Message {
         /// `ceil(page_count / 64)` words.
         words: Vec<u64>,
     },
-    /// After END: 64-bit digests of the destination's pages `first..first + n`, for the
-    /// source to verify against its final content.
+    /// After END: digests ([`crate::migrate::digest`]) of the destination's pages
+    /// `first..first + n`, for the source to verify against its final content.
     Digests {
         /// First page index.
         first: u64,

@@ -11,7 +11,7 @@ use page_state::Bitmap;
 
 use transport::Addr;
 
-use super::{copy_raw, digest_raw, shut_session, step, BoxError, LinkStatus, Timing};
+use super::{copy_raw, digest, shut_session, step, BoxError, LinkStatus, Timing};
 use crate::endpoint::sender::{Pages, Sender};
 use crate::endpoint::SendStats;
 use crate::error::{unexpected, LinkError, Refusal};
@@ -295,10 +295,16 @@ impl Memory {
         (self.base + p as usize * self.ps) as *const u8
     }
 
+    /// Page `p`'s digest; only once frozen (the verdict comes after the stop).
     fn digest(&self, p: u64) -> u64 {
-        // SAFETY: in the region `Migration::new`'s caller keeps mapped; frozen, so
-        // nothing writes it (and the digest reads with volatile loads anyway).
-        unsafe { digest_raw(self.page_ptr(p), self.ps) }
+        // Acquire: pairs with the Release store at the switch, after the workload stopped.
+        assert!(
+            self.frozen.load(Ordering::Acquire),
+            "digest of a page still written"
+        );
+        // SAFETY: in the region `Migration::new`'s caller keeps mapped; frozen, so nothing
+        // writes it any more and a shared slice over the page is sound (as in `read`).
+        digest(unsafe { std::slice::from_raw_parts(self.page_ptr(p), self.ps) })
     }
 }
 
