@@ -111,3 +111,47 @@ fn a_peer_that_closes_breaks_the_pair_at_once_and_the_first_cause_is_kept() {
     );
     assert!(t.elapsed() < timing().silence, "{:?}", t.elapsed());
 }
+
+#[test]
+fn a_send_that_fails_after_a_cut_reports_the_cut_s_cause() {
+    let (a, _b) = ends();
+    let a = pair(a);
+    let after = Duration::from_millis(1);
+    a.cut(LinkError::NoAnswer {
+        expected: "an answer",
+        after,
+    });
+    // The cut shut the sockets down: a send now fails, and says nothing of why.
+    let failed = a
+        .main
+        .send_with(|buf| put_frame(buf, KIND, |w| w.u64(1)))
+        .expect_err("the connection was shut down");
+    assert!(matches!(failed, LinkError::Io { .. }), "{failed:?}");
+    let reported = a.cause(failed);
+    assert!(
+        matches!(
+            reported,
+            LinkError::NoAnswer {
+                expected: "an answer",
+                ..
+            }
+        ),
+        "{reported:?}"
+    );
+    // Reported once: a later error is its own.
+    let later = a.cause(LinkError::Cut);
+    assert!(matches!(later, LinkError::Cut), "{later:?}");
+}
+
+#[test]
+fn a_send_error_on_a_pair_nobody_cut_is_reported_as_it_is_and_cuts_the_pair() {
+    let (a, _b) = ends();
+    let a = pair(a);
+    let e = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+    let reported = a.cause(LinkError::Io {
+        channel: a.main.channel,
+        source: e,
+    });
+    assert!(matches!(reported, LinkError::Io { .. }), "{reported:?}");
+    assert!(a.cutter.is_cut());
+}

@@ -161,6 +161,15 @@ impl LinkStatus {
     }
 }
 
+/// What a side reports when `cause` breaks off its phase on `pair`: the pair's first
+/// cause where `cause` is only a send failing on a pair cut before ([`Pair::cause`]).
+fn first_cause(pair: &Pair, cause: Error) -> Error {
+    match cause {
+        Error::Link(e) => Error::Link(pair.cause(e)),
+        other => other,
+    }
+}
+
 /// Ends the session over `cause`: SHUT (error) on main, then waits, up to `within`, for
 /// the peer to close the pair first — closing ours at once, the peer may see a connection
 /// close before it reads the SHUT, take it for a break and wait out its bound for a

@@ -165,6 +165,23 @@ impl Cutter {
             *first = Some(cause);
         }
         drop(first);
+        self.shut();
+    }
+
+    /// Cuts with `e` and returns it, or, if the pair was cut before with a cause nobody
+    /// has taken yet, returns that cause instead ([`Pair::cause`]).
+    fn cause_for(&self, e: LinkError) -> LinkError {
+        let mut first = self.cause.lock().unwrap_or_else(|p| p.into_inner());
+        let earlier = match self.cut.swap(true, Ordering::Relaxed) {
+            true => first.take(),
+            false => None,
+        };
+        drop(first);
+        self.shut();
+        earlier.unwrap_or(e)
+    }
+
+    fn shut(&self) {
         for l in &self.links {
             l.shutdown();
         }
@@ -354,6 +371,14 @@ impl<M: Send + 'static, E: Failure> Pair<M, E> {
     /// Cuts both connections (the readers then end).
     pub fn cut(&self, cause: LinkError) {
         self.cutter.cut(cause);
+    }
+
+    /// What to report for `e`, an error a session met on this pair (a failed send, say):
+    /// the pair's first cause if it was cut before and nobody has reported that cause yet
+    /// — a write on a connection the cut shut down fails with `EPIPE`, which says nothing
+    /// of why (a silent peer, a reset) — else `e`. The pair is cut either way.
+    pub fn cause(&self, e: LinkError) -> LinkError {
+        self.cutter.cause_for(e)
     }
 }
 

@@ -119,6 +119,10 @@ impl<'d> DestRun<'d> {
 
     /// Pauses after `cause` until the source's next pair is up, or gives up.
     pub(super) fn resume(&mut self, cause: Error) -> Result<(), Error> {
+        let cause = match &self.pair {
+            Some(pair) => first_cause(pair, cause),
+            None => cause,
+        };
         let control = &self.d.control;
         let phase = format!("{:?}", control.phase());
         control.link.pause("destination", &phase, &cause);

@@ -145,6 +145,7 @@ impl<'m> Run<'m> {
 
     /// Pauses after `cause` until a new pair is up.
     pub(super) fn resume(&mut self, pair: Pair, cause: Error) -> Result<Pair, Error> {
+        let cause = first_cause(&pair, cause);
         let phase = self.progress().phase();
         self.progress()
             .link
