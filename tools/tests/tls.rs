@@ -316,6 +316,11 @@ fn netbench_tls_reports_tls_against_plaintext_and_raw_tcp_from_one_run() {
         ("TLS loaded p50", &tls["requested_loaded_us"]["p50"]),
         ("plaintext stream", &v["stream_mib_s"]),
         ("raw TCP", &v["raw_tcp_same_cpu_mib_s"]),
+        ("round trip, pinned same CPU", &v["rtt_same_cpu_us"]["p50"]),
+        (
+            "round trip, pinned across CPUs",
+            &v["rtt_cross_cpu_us"]["p50"],
+        ),
     ] {
         assert!(positive(x), "{what}: {x} in {v}");
     }
