@@ -5,28 +5,50 @@
 //! `uffdio_move` is the other half of a design that receives into fresh pages and moves
 //! them into place: that design pays `fresh_page_memcpy` (as `recv`'s copy) plus it.
 //!
-//! Every case covers a 64 MiB region in runs of 32 pages, the piece the receiver lands at
-//! once (`Receiver::land_pages`): one ioctl per run, as `Placer::place_run` issues. The
-//! source of every run is one 128 KiB buffer, resident in cache as a just-received frame
-//! is; the region is emptied between iterations outside the timed part (`iter_custom`).
+//! Every case covers a 64 MiB region (`UFFDKIT_LANDING_MIB`) in runs of 32 pages, the
+//! piece the receiver lands at once (`Receiver::land_pages`): one ioctl per run, as
+//! `Placer::place_run` issues. The source of every run is one 128 KiB buffer, resident in
+//! cache as a just-received frame is; the region is emptied between iterations outside the
+//! timed part (`iter_custom`). 64 MiB fits this machine's last-level cache (300 MiB); a
+//! migration lands GiBs of cold memory, which `UFFDKIT_LANDING_MIB=1024` measures.
 //!
 //! `taskset -c 1 nice cargo bench -p uffdkit-benches --bench landing`
-//! (one CPU, as the README's raw-TCP figure; criterion's time is wall time, so a busy
-//! machine inflates every case).
+//! (one CPU, as the README's raw-TCP figure). Criterion's time is wall time, which a busy
+//! machine inflates; with `UFFDKIT_CLOCK=cpu` each case is timed by the CPU time (user and
+//! system) of the thread that runs it instead: what landing costs a CPU, while others share it.
 
 use std::hint::black_box;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use nix::time::{clock_gettime, ClockId};
 use uffd_core::{CopyMode, Features, Mapping, MemoryKind, MoveMode, RegisterMode, Uffd};
 
 const PAGE: usize = 4096;
 /// Pages per run: the receiver's piece (`PIECE` in postcopy's receiver).
 const RUN_PAGES: usize = 32;
 const RUN: usize = RUN_PAGES * PAGE;
-const REGION: usize = 64 << 20;
-const RUNS: usize = REGION / RUN;
+
+/// The region's size in bytes: 64 MiB, or `UFFDKIT_LANDING_MIB` MiB. A region the size
+/// of the last-level cache or more shows what writing to cold memory adds to each copy.
+fn region_len() -> usize {
+    static MIB: OnceLock<usize> = OnceLock::new();
+    let mib = *MIB.get_or_init(|| match std::env::var("UFFDKIT_LANDING_MIB") {
+        Err(_) => 64,
+        Ok(v) => match v.parse() {
+            Ok(mib) if mib > 0 => mib,
+            _ => panic!("UFFDKIT_LANDING_MIB={v}: a whole number of MiB"),
+        },
+    });
+    mib << 20
+}
+
+/// Runs in the region.
+fn runs() -> usize {
+    region_len() / RUN
+}
 
 /// One run's bytes, every page different and no page zero.
 fn source() -> Vec<u8> {
@@ -47,12 +69,36 @@ fn empty(m: &Mapping) {
 
 /// Panics unless every run of `m` reads back as `src`.
 fn assert_holds_runs(m: &Mapping, src: &[u8]) {
-    // SAFETY: `m` is mapped for REGION bytes and every page is present (placed or
+    // SAFETY: `m` is mapped for its length and every page is present (placed or
     // written), so no read faults into a userfaultfd; nothing writes it meanwhile.
-    let bytes = unsafe { std::slice::from_raw_parts(m.as_ptr().cast_const(), REGION) };
+    let bytes = unsafe { std::slice::from_raw_parts(m.as_ptr().cast_const(), m.len()) };
     for (r, run) in bytes.chunks_exact(RUN).enumerate() {
         assert!(run == src, "run {r} does not hold the source bytes");
     }
+}
+
+/// What the cases are timed by (`UFFDKIT_CLOCK`: `wall`, the default, or `cpu`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Clock {
+    Wall,
+    /// `CLOCK_THREAD_CPUTIME_ID`: this thread's user and system time, page faults and
+    /// ioctls included; time spent waiting for the CPU is not.
+    ThreadCpu,
+}
+
+fn clock() -> Clock {
+    static CLOCK: OnceLock<Clock> = OnceLock::new();
+    *CLOCK.get_or_init(|| match std::env::var("UFFDKIT_CLOCK").as_deref() {
+        Ok("cpu") => Clock::ThreadCpu,
+        Ok("wall") | Err(_) => Clock::Wall,
+        Ok(other) => panic!("UFFDKIT_CLOCK={other}: wall or cpu"),
+    })
+}
+
+fn thread_cpu_time() -> Duration {
+    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .expect("CLOCK_THREAD_CPUTIME_ID")
+        .into()
 }
 
 /// Sums the times of `iters` calls of `body`, each after an untimed `prepare`.
@@ -60,9 +106,18 @@ fn timed(iters: u64, mut prepare: impl FnMut(), mut body: impl FnMut()) -> Durat
     let mut total = Duration::ZERO;
     for _ in 0..iters {
         prepare();
-        let start = Instant::now();
-        body();
-        total += start.elapsed();
+        total += match clock() {
+            Clock::Wall => {
+                let start = Instant::now();
+                body();
+                start.elapsed()
+            }
+            Clock::ThreadCpu => {
+                let start = thread_cpu_time();
+                body();
+                thread_cpu_time() - start
+            }
+        };
     }
     total
 }
@@ -80,8 +135,8 @@ fn registered(region: &Mapping, features: Features) -> Uffd {
 
 /// Copies `src` into each run of `dst` as the receiver's unregistered land does.
 fn memcpy_runs(dst: &Mapping, src: &[u8]) {
-    for r in 0..RUNS {
-        // SAFETY: `dst` is our unregistered mapping of REGION bytes and the run lies in
+    for r in 0..runs() {
+        // SAFETY: `dst` is our unregistered mapping of `region_len()` bytes and the run lies in
         // it; `src` is a separate buffer of RUN bytes.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_ptr().add(r * RUN), RUN) };
     }
@@ -89,7 +144,7 @@ fn memcpy_runs(dst: &Mapping, src: &[u8]) {
 
 /// Places `src` into each run of the empty, registered `region` with one `UFFDIO_COPY`.
 fn copy_runs(uffd: &Uffd, region: &Mapping, src: &[u8]) {
-    for r in 0..RUNS {
+    for r in 0..runs() {
         // SAFETY: the run lies in `region`, registered with `uffd`; only this bench reads
         // it, and expects `src` there.
         let placed = unsafe { uffd.copy(region.addr() + r * RUN, src, CopyMode::empty()) }
@@ -100,7 +155,7 @@ fn copy_runs(uffd: &Uffd, region: &Mapping, src: &[u8]) {
 
 /// Moves each run of `from` into the empty, registered `region` with one `UFFDIO_MOVE`.
 fn move_runs(uffd: &Uffd, region: &Mapping, from: &Mapping) {
-    for r in 0..RUNS {
+    for r in 0..runs() {
         let off = r * RUN;
         // SAFETY: the run lies in `region`, registered with `uffd`, which only this bench
         // reads; `from` is our unregistered mapping, whose pages we give up.
@@ -118,7 +173,7 @@ fn move_runs(uffd: &Uffd, region: &Mapping, from: &Mapping) {
 }
 
 fn uffdio_copy(g: &mut BenchmarkGroup<'_, WallTime>, src: &[u8]) {
-    let region = anon(REGION);
+    let region = anon(region_len());
     let uffd = registered(&region, Features::empty());
     // Once, outside timing: the placed pages hold the source. Every timed pass places into
     // an emptied region too: a page left present would fail the copy with EEXIST.
@@ -136,7 +191,7 @@ fn uffdio_copy(g: &mut BenchmarkGroup<'_, WallTime>, src: &[u8]) {
 }
 
 fn uffdio_move(g: &mut BenchmarkGroup<'_, WallTime>, src: &[u8]) {
-    let region = anon(REGION);
+    let region = anon(region_len());
     let uffd = registered(&region, Features::MOVE);
     if !uffd.features().contains(Features::MOVE) {
         testkit::skip("landing/uffdio_move", "the kernel has no UFFDIO_MOVE");
@@ -144,12 +199,12 @@ fn uffdio_move(g: &mut BenchmarkGroup<'_, WallTime>, src: &[u8]) {
     }
     // Where a receiver that reads into fresh pages would have them; filled (faulted in)
     // before each pass, outside timing: fresh_page_memcpy is that part.
-    let from = anon(REGION);
+    let from = anon(region_len());
     memcpy_runs(&from, src);
     move_runs(&uffd, &region, &from);
     assert_holds_runs(&region, src);
     // SAFETY: `from` is mapped and unregistered: its moved-away pages read as zero.
-    let left = unsafe { std::slice::from_raw_parts(from.as_ptr().cast_const(), REGION) };
+    let left = unsafe { std::slice::from_raw_parts(from.as_ptr().cast_const(), from.len()) };
     assert!(
         left.iter().all(|&b| b == 0),
         "the moved pages left their source"
@@ -167,7 +222,7 @@ fn uffdio_move(g: &mut BenchmarkGroup<'_, WallTime>, src: &[u8]) {
 }
 
 fn memcpy(g: &mut BenchmarkGroup<'_, WallTime>, src: &[u8]) {
-    let dst = anon(REGION);
+    let dst = anon(region_len());
     memcpy_runs(&dst, src); // faults every page in, before any timing
     assert_holds_runs(&dst, src);
     g.bench_function("memcpy", |b| {
@@ -176,7 +231,7 @@ fn memcpy(g: &mut BenchmarkGroup<'_, WallTime>, src: &[u8]) {
 }
 
 fn fresh_page_memcpy(g: &mut BenchmarkGroup<'_, WallTime>, src: &[u8]) {
-    let dst = anon(REGION);
+    let dst = anon(region_len());
     memcpy_runs(&dst, src);
     assert_holds_runs(&dst, src);
     g.bench_function("fresh_page_memcpy", |b| {
@@ -185,7 +240,7 @@ fn fresh_page_memcpy(g: &mut BenchmarkGroup<'_, WallTime>, src: &[u8]) {
 }
 
 /// Sums `f` over the region's runs (all from `src`) in `chunk`-byte pieces, and checks
-/// the sum is RUNS times one run's: the pass read every byte it was given.
+/// the sum is `runs()` times one run's: the pass read every byte it was given.
 fn summed(
     g: &mut BenchmarkGroup<'_, WallTime>,
     name: &str,
@@ -196,10 +251,10 @@ fn summed(
     let one_run = src
         .chunks_exact(chunk)
         .fold(0u64, |a, c| a.wrapping_add(f(c)));
-    let expected = one_run.wrapping_mul(RUNS as u64);
+    let expected = one_run.wrapping_mul(runs() as u64);
     let pass = || {
         let mut sum = 0u64;
-        for _ in 0..RUNS {
+        for _ in 0..runs() {
             for c in black_box(src).chunks_exact(chunk) {
                 sum = sum.wrapping_add(f(c));
             }
@@ -249,8 +304,9 @@ fn crc32(g: &mut BenchmarkGroup<'_, WallTime>, src: &[u8]) {
 
 fn landing(c: &mut Criterion) {
     let src = source();
-    let mut g = c.benchmark_group("landing_64mib");
-    g.throughput(Throughput::Bytes(REGION as u64));
+    eprintln!("landing: timed by {:?} (UFFDKIT_CLOCK)", clock());
+    let mut g = c.benchmark_group(format!("landing_{}mib", region_len() >> 20));
+    g.throughput(Throughput::Bytes(region_len() as u64));
     g.sample_size(10);
     g.warm_up_time(Duration::from_secs(1));
     g.measurement_time(Duration::from_secs(4));
