@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use nix::sys::resource::{getrusage, UsageWho};
 use postcopy::migrate::{DestOptions, Destination, Migration, SourceOptions};
 use postcopy::net::Conn;
 use postcopy::Security;
@@ -104,9 +105,24 @@ fn round_trips(n: usize, pin: Option<[usize; 2]>) -> Result<Summary> {
     rtt
 }
 
-/// MiB/s of `bytes` written in 256 KiB chunks to a reader that discards them, the writer
-/// pinned to CPU 0 and the reader to `reader_cpu`.
-fn raw_tcp(bytes: usize, reader_cpu: usize) -> Result<f64> {
+/// CPU time this process has used, all its threads (gone ones too) and both modes.
+fn process_cpu() -> Result<Duration> {
+    let u = getrusage(UsageWho::RUSAGE_SELF)?;
+    let tv =
+        |t: nix::sys::time::TimeVal| Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000);
+    Ok(tv(u.user_time()) + tv(u.system_time()))
+}
+
+/// Milliseconds of CPU per GiB moved.
+fn per_gib(cpu: Duration, bytes: usize) -> f64 {
+    cpu.as_secs_f64() * 1e3 * f64::from(1u32 << 30) / bytes as f64
+}
+
+/// Raw TCP: MiB/s of `bytes` written in 256 KiB chunks to a reader that discards them,
+/// the writer pinned to CPU 0 and the reader to `reader_cpu`, and the CPU both took per
+/// GiB.
+fn raw_tcp(bytes: usize, reader_cpu: usize) -> Result<(f64, f64)> {
+    let cpu = process_cpu()?;
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
     let reader = std::thread::spawn(move || -> Result<()> {
@@ -144,25 +160,33 @@ fn raw_tcp(bytes: usize, reader_cpu: usize) -> Result<f64> {
     reader
         .join()
         .map_err(|_| anyhow::anyhow!("reader panicked"))??;
-    Ok(bytes as f64 / took.as_secs_f64() / f64::from(1u32 << 20))
+    let cpu = per_gib(process_cpu()? - cpu, bytes);
+    Ok((
+        bytes as f64 / took.as_secs_f64() / f64::from(1u32 << 20),
+        cpu,
+    ))
 }
 
 /// One in-process pure-postcopy migration of `bytes` of non-zero pages. `touches`: the
 /// destination workload times that many random-page reads at RUN (then, without
 /// `background`, reads every page so the demand-only run completes). Returns the
-/// destination's RUN → complete time and the touch latencies of pages that faulted.
+/// destination's RUN → complete time, the touch latencies of pages that faulted, and the
+/// CPU both ends took per GiB from RUN to their end (the digests and verdict included).
 fn migration(
     (listener, opener): &(Security, Security),
     bytes: usize,
     background: bool,
     touches: usize,
-) -> Result<(Duration, Vec<u32>)> {
+) -> Result<(Duration, Vec<u32>, f64)> {
     let dest = Destination::bind(&"127.0.0.1:0".parse()?, listener, DestOptions::default())?;
     let addr = dest.local_addr()?;
     let lat: Arc<Mutex<Option<std::thread::JoinHandle<Vec<u32>>>>> = Arc::default();
     let l = lat.clone();
+    let at_run: Arc<Mutex<Option<Duration>>> = Arc::default();
+    let r = at_run.clone();
     let dest_t = std::thread::spawn(move || {
         dest.run(move |mem| {
+            *r.lock().unwrap_or_else(|p| p.into_inner()) = process_cpu().ok();
             *l.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::thread::spawn(move || {
                 let pages = mem.len / 4096;
                 let mut timed: Vec<usize> = order(Pattern::Random, pages, 11);
@@ -201,9 +225,11 @@ fn migration(
         .take()
         .and_then(|h| h.join().ok())
         .unwrap_or_default();
+    let at_run = at_run.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let cpu = per_gib(process_cpu()? - at_run.context("no RUN")?, bytes);
     // A touch of a present page costs well under 2 µs here; a fault costs tens of µs.
     let faulted = ns.into_iter().filter(|&n| n > 2_000).collect();
-    Ok((report.postcopy, faulted))
+    Ok((report.postcopy, faulted, cpu))
 }
 
 /// Both ends of a link secured one way.
@@ -222,10 +248,12 @@ fn ends(tls: bool) -> Result<(Ends, Option<Ends>)> {
     Ok((psk, Some((end()?, end()?))))
 }
 
-/// One security's series: stream MiB/s per run, requested-page latencies (ns).
+/// One security's series: stream MiB/s and CPU ms per GiB per run, requested-page
+/// latencies (ns).
 #[derive(Default)]
 struct Series {
     stream: Vec<f64>,
+    cpu: Vec<f64>,
     idle: Vec<u32>,
     loaded: Vec<u32>,
 }
@@ -233,9 +261,10 @@ struct Series {
 impl Series {
     /// One run of each measurement over `ends`.
     fn run(&mut self, ends: &Ends, a: &NetArgs) -> Result<()> {
-        let (t, _) = migration(ends, a.size, true, 0)?;
+        let (t, _, cpu) = migration(ends, a.size, true, 0)?;
         self.stream
             .push(a.size as f64 / t.as_secs_f64() / f64::from(1u32 << 20));
+        self.cpu.push(cpu);
         self.idle
             .extend(migration(ends, a.idle_size, false, a.touches)?.1);
         self.loaded
@@ -243,11 +272,11 @@ impl Series {
         Ok(())
     }
 
-    /// Median stream MiB/s, idle and loaded latency summaries.
-    fn figures(self) -> (f64, Summary, Summary) {
+    /// Median stream MiB/s and CPU ms per GiB, idle and loaded latency summaries.
+    fn figures(self) -> (f64, f64, Summary, Summary) {
         let wall = Duration::from_secs(1);
         let (idle, loaded) = (summarize(self.idle, wall), summarize(self.loaded, wall));
-        (median(self.stream), idle, loaded)
+        (median(self.stream), median(self.cpu), idle, loaded)
     }
 }
 
@@ -272,8 +301,12 @@ pub fn run(a: &NetArgs) -> Result<()> {
             tls.run(ends, a).context("over TLS")?;
         }
     }
-    let (same, cross) = (median(raw_same), median(raw_cross));
-    let (stream, idle, loaded) = plain.figures();
+    let split = |v: Vec<(f64, f64)>| -> (f64, f64) {
+        let (rate, cpu): (Vec<f64>, Vec<f64>) = v.into_iter().unzip();
+        (median(rate), median(cpu))
+    };
+    let ((same, same_cpu), (cross, cross_cpu)) = (split(raw_same), split(raw_cross));
+    let (stream, stream_cpu, idle, loaded) = plain.figures();
     let tls = tls_ends.map(|_| tls.figures());
     let mut figures = json!({
         "placement": "unpinned, TCP loopback, destination per-CPU handlers",
@@ -285,14 +318,20 @@ pub fn run(a: &NetArgs) -> Result<()> {
         "stream_mib_s": stream,
         "stream_vs_raw_same_cpu": stream / same,
         "stream_vs_raw_cross_cpu": stream / cross,
+        "cpu_ms_per_gib": {
+            "raw_tcp_same_cpu": same_cpu,
+            "raw_tcp_cross_cpu": cross_cpu,
+            "stream": stream_cpu,
+        },
         "requested_idle_us": { "p50": idle.p50_us, "p99": idle.p99_us, "count": idle.count },
         "requested_loaded_us": { "p50": loaded.p50_us, "p99": loaded.p99_us, "count": loaded.count },
         "idle_p50_vs_rtt": idle.p50_us / rtt.p50_us,
         "loaded_p50_vs_rtt": loaded.p50_us / rtt.p50_us,
     });
-    if let Some((t_stream, t_idle, t_loaded)) = &tls {
+    if let Some((t_stream, t_cpu, t_idle, t_loaded)) = &tls {
         figures["tls"] = json!({
             "stream_mib_s": t_stream,
+            "stream_cpu_ms_per_gib": t_cpu,
             "stream_vs_raw_same_cpu": t_stream / same,
             "stream_vs_raw_cross_cpu": t_stream / cross,
             "stream_vs_plaintext": t_stream / stream,
@@ -330,7 +369,7 @@ pub fn run(a: &NetArgs) -> Result<()> {
     let demand = format!(", {} MiB demand-only", a.idle_size >> 20);
     latency("link idle", &idle, demand.clone());
     latency("stream saturating", &loaded, String::new());
-    if let Some((_, t_idle, t_loaded)) = &tls {
+    if let Some((_, _, t_idle, t_loaded)) = &tls {
         let vs = |t: &Summary, p: &Summary| format!(", {:.2}× plaintext", t.p50_us / p.p50_us);
         latency(
             "TLS, link idle",
@@ -353,5 +392,11 @@ pub fn run(a: &NetArgs) -> Result<()> {
             100.0 * t_stream / stream
         );
     }
+    let tls_cpu = tls
+        .as_ref()
+        .map_or(String::new(), |t| format!(", over TLS {:.0} ms", t.1));
+    println!(
+        "  CPU per GiB, both ends, every thread: raw TCP {same_cpu:.0} / {cross_cpu:.0} ms (same / across CPUs); stream {stream_cpu:.0} ms{tls_cpu} (RUN to the end, the digests included)"
+    );
     Ok(())
 }

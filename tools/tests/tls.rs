@@ -318,6 +318,12 @@ fn netbench_tls_reports_tls_against_plaintext_and_raw_tcp_from_one_run() {
         ("raw TCP", &v["raw_tcp_same_cpu_mib_s"]),
         ("round trip, pinned same CPU", &v["rtt_same_cpu_us"]["p50"]),
         (
+            "raw TCP CPU per GiB",
+            &v["cpu_ms_per_gib"]["raw_tcp_same_cpu"],
+        ),
+        ("stream CPU per GiB", &v["cpu_ms_per_gib"]["stream"]),
+        ("TLS stream CPU per GiB", &tls["stream_cpu_ms_per_gib"]),
+        (
             "round trip, pinned across CPUs",
             &v["rtt_cross_cpu_us"]["p50"],
         ),
