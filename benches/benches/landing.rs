@@ -4,6 +4,10 @@
 //! pages (fault, zeroing, copy) costs, so the stream's ceiling is a measured figure.
 //! `uffdio_move` is the other half of a design that receives into fresh pages and moves
 //! them into place: that design pays `fresh_page_memcpy` (as `recv`'s copy) plus it.
+//! `shmem_continue` is a third design, for guest memory that is a memfd: receive straight
+//! into its page cache through an unregistered alias, then map the pages with
+//! `UFFDIO_CONTINUE` — one copy in all (its `memcpy` stands for `recv`'s), against
+//! `recv`'s plus `UFFDIO_COPY`'s.
 //!
 //! Every case covers a 64 MiB region (`UFFDKIT_LANDING_MIB`) in runs of 32 pages, the
 //! piece the receiver lands at once (`Receiver::land_pages`): one ioctl per run, as
@@ -24,7 +28,9 @@ use std::time::{Duration, Instant};
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use nix::time::{clock_gettime, ClockId};
-use uffd_core::{CopyMode, Features, Mapping, MemoryKind, MoveMode, RegisterMode, Uffd};
+use uffd_core::{
+    ContinueMode, CopyMode, Features, Mapping, MemoryKind, MoveMode, RegisterMode, Uffd,
+};
 
 const PAGE: usize = 4096;
 /// Pages per run: the receiver's piece (`PIECE` in postcopy's receiver).
@@ -221,6 +227,63 @@ fn uffdio_move(g: &mut BenchmarkGroup<'_, WallTime>, src: &[u8]) {
     });
 }
 
+/// Writes each run of `src` through `alias` into the page cache (populated in bulk first,
+/// as a receiver would before `recv` into it), then maps it in `region` (registered MINOR)
+/// with one `UFFDIO_CONTINUE`.
+fn continue_runs(uffd: &Uffd, region: &Mapping, alias: &Mapping, src: &[u8]) {
+    for r in 0..runs() {
+        let off = r * RUN;
+        alias
+            .madvise(off, RUN, libc::MADV_POPULATE_WRITE)
+            .expect("MADV_POPULATE_WRITE");
+        // SAFETY: the run lies in `alias`, our unregistered mapping of the memfd; `src`
+        // is a separate buffer of RUN bytes.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), alias.as_ptr().add(off), RUN) };
+        // SAFETY: the run lies in `region`, registered with `uffd`; only this bench reads
+        // it, and expects what was just written behind it.
+        let mapped =
+            unsafe { uffd.continue_range(region.addr() + off, RUN, ContinueMode::empty()) }
+                .expect("UFFDIO_CONTINUE");
+        assert_eq!(mapped, RUN);
+    }
+}
+
+fn shmem_continue(g: &mut BenchmarkGroup<'_, WallTime>, src: &[u8]) {
+    let region = Mapping::new(MemoryKind::Shmem, region_len()).expect("map a memfd");
+    let alias = region.alias().expect("a second mapping of the memfd");
+    let uffd = Uffd::builder()
+        .optional(Features::MINOR_SHMEM)
+        .open()
+        .expect("open a userfaultfd (root, or vm.unprivileged_userfaultfd=1)");
+    if !uffd.features().contains(Features::MINOR_SHMEM) {
+        testkit::skip(
+            "landing/shmem_continue",
+            "the kernel has no MINOR mode on shmem",
+        );
+        return;
+    }
+    uffd.register(region.addr(), region.len(), RegisterMode::MINOR)
+        .expect("register MINOR");
+    // Punches the whole file out: page cache and both mappings empty again.
+    let punch = || {
+        region
+            .madvise(0, region.len(), libc::MADV_REMOVE)
+            .expect("MADV_REMOVE");
+    };
+    continue_runs(&uffd, &region, &alias, src);
+    assert_holds_runs(&region, src);
+    punch();
+    // A page already mapped would fail the next pass's UFFDIO_CONTINUE with EEXIST: the
+    // punch emptied the registered mapping too.
+    g.bench_function("shmem_continue", |b| {
+        b.iter_custom(|iters| {
+            timed(iters, punch, || {
+                continue_runs(&uffd, &region, &alias, black_box(src))
+            })
+        })
+    });
+}
+
 fn memcpy(g: &mut BenchmarkGroup<'_, WallTime>, src: &[u8]) {
     let dst = anon(region_len());
     memcpy_runs(&dst, src); // faults every page in, before any timing
@@ -312,6 +375,7 @@ fn landing(c: &mut Criterion) {
     g.measurement_time(Duration::from_secs(4));
     uffdio_copy(&mut g, &src);
     uffdio_move(&mut g, &src);
+    shmem_continue(&mut g, &src);
     memcpy(&mut g, &src);
     fresh_page_memcpy(&mut g, &src);
     digest(&mut g, &src);
