@@ -70,17 +70,28 @@ fn run_with(mut case: Case, p: Plan) -> Outcome {
     let in_precopy = p.precopy.len();
     let injector: Arc<Mutex<Option<Arc<Mutex<Injector>>>>> = Arc::default();
     let (inj, px) = (injector.clone(), proxy.clone());
+    // The destination's control (its hook runs before the source's): each fault waits
+    // until both ends resumed from the last one.
+    let destination = Arc::new(Mutex::new(None));
+    let dst = destination.clone();
+    case.dst = Box::new(move |control| *dst.lock().unwrap() = Some(control.clone()));
     case.src = Box::new(move |control| {
         let pr = px.lock().unwrap().clone().expect("the proxy");
         let injector = Injector::start(pr.clone(), faults, true, control);
+        let destination = destination.lock().unwrap().take();
+        injector
+            .lock()
+            .unwrap()
+            .wait_for_destination(destination.expect("the destination's control"));
         *inj.lock().unwrap() = Some(injector.clone());
-        // The switch once precopy's cuts landed and were resumed from (bounded).
+        // The switch once precopy's cuts landed and were resumed from on both ends
+        // (bounded).
         let control = control.clone();
         std::thread::spawn(move || {
             let until = Instant::now() + Duration::from_secs(120);
             while Instant::now() < until {
                 let i = injector.lock().unwrap();
-                if i.landed.len() >= in_precopy && i.resumed() >= pr.cuts() {
+                if i.landed.len() >= in_precopy && i.caught_up() {
                     break;
                 }
                 drop(i);

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use postcopy::fault::Event;
-use postcopy::migrate::SourceControl;
+use postcopy::migrate::{DestControl, SourceControl};
 use postcopy::wire::Channel;
 use testkit::proxy::{CutMode, Cutoff, Proxy, Target};
 
@@ -117,13 +117,16 @@ pub struct Injector {
     proxy: Arc<Proxy>,
     faults: Vec<Fault>,
     next: usize,
-    /// Arm a fault only once the source resumed from every cut the proxy made so far
-    /// (by this injector or by a byte plan), and hold the source at the event that made
-    /// it due until both ends noticed it: one breaking fault per pair, each resumed from
-    /// on its own, whatever the timing. For breaking faults only (a delay resumes
-    /// nothing).
+    /// Arm a fault only once the source (and the destination, if watched) resumed from
+    /// every cut the proxy made so far (by this injector or by a byte plan), and hold the
+    /// source at the event that made it due until both ends noticed it: one breaking fault
+    /// per pair, each resumed from on its own, whatever the timing. For breaking faults
+    /// only (a delay resumes nothing).
     one_per_pair: bool,
     resumed: u64,
+    /// The destination, when the plan needs it greeted too before a fault lands
+    /// ([`Injector::wait_for_destination`]).
+    destination: Option<Arc<DestControl>>,
     /// The highest phase rank seen, and page frames since it was entered (or since the
     /// last resume).
     rank: u32,
@@ -156,6 +159,7 @@ impl Injector {
             next: 0,
             one_per_pair,
             resumed: 0,
+            destination: None,
             rank: 0,
             frames: 0,
             landed: Vec::new(),
@@ -180,6 +184,27 @@ impl Injector {
         self.resumed
     }
 
+    /// Arms a fault only once `destination` too resumed from every cut made so far: it
+    /// counts a resume once its half of the greeting is done (RECV_BITMAP, the ACK, the
+    /// requests still outstanding asked again on `urgent`), and a cut that lands before that
+    /// breaks the greeting, so that the destination resumes once from two cuts. The
+    /// source's resume, which alone armed the next fault, comes when the ACK arrives: before
+    /// the destination has asked again, often by microseconds, not always.
+    pub fn wait_for_destination(&mut self, destination: Arc<DestControl>) {
+        self.destination = Some(destination);
+    }
+
+    /// Resumes the destination made so far, if the injector watches it.
+    pub fn destination_resumed(&self) -> Option<u64> {
+        self.destination.as_ref().map(|d| d.link.reconnects())
+    }
+
+    /// Whether both ends (the destination if watched) resumed from every cut so far.
+    pub fn caught_up(&self) -> bool {
+        let cuts = self.proxy.cuts();
+        self.resumed >= cuts && self.destination_resumed().is_none_or(|d| d >= cuts)
+    }
+
     /// Planned faults that have not landed.
     pub fn pending(&self) -> usize {
         self.faults.len() - self.next
@@ -194,7 +219,7 @@ impl Injector {
             (None, Event::Resumed) => (self.resumed, self.frames) = (self.resumed + 1, 0),
             _ => {}
         }
-        if self.one_per_pair && self.resumed < self.proxy.cuts() {
+        if self.one_per_pair && !self.caught_up() {
             return None;
         }
         // An answer's frame is reported on the reader of `urgent`, which must stay free
