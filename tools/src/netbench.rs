@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use nix::sys::resource::{getrusage, UsageWho};
 use postcopy::migrate::{DestOptions, Destination, Migration, SourceOptions};
 use postcopy::net::Conn;
 use postcopy::Security;
@@ -23,7 +22,7 @@ use transport::Key;
 use transport::Socket;
 use uffd_core::{Mapping, MemoryKind};
 
-use crate::workload::{fill_page, order, summarize, timed_touch, Pattern, Summary};
+use crate::workload::{fill_page, order, process_cpu, summarize, timed_touch, Pattern, Summary};
 
 /// Options of `uffdkit migrate netbench`.
 #[derive(clap::Args, Debug)]
@@ -103,14 +102,6 @@ fn round_trips(n: usize, pin: Option<[usize; 2]>) -> Result<Summary> {
     };
     let _ = echo.join();
     rtt
-}
-
-/// CPU time this process has used, all its threads (gone ones too) and both modes.
-fn process_cpu() -> Result<Duration> {
-    let u = getrusage(UsageWho::RUSAGE_SELF)?;
-    let tv =
-        |t: nix::sys::time::TimeVal| Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000);
-    Ok(tv(u.user_time()) + tv(u.system_time()))
 }
 
 /// Milliseconds of CPU per GiB moved.

@@ -150,3 +150,11 @@ pub fn summarize(mut ns: Vec<u32>, wall: Duration) -> Summary {
         count: ns.len(),
     }
 }
+
+/// User and system CPU time of the whole process so far: every thread, gone ones too.
+pub fn process_cpu() -> nix::Result<Duration> {
+    let u = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)?;
+    let d =
+        |t: nix::sys::time::TimeVal| Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000);
+    Ok(d(u.user_time()) + d(u.system_time()))
+}

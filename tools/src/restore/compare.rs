@@ -11,6 +11,7 @@ use super::baselines::{run_eager, run_mmap};
 use super::lazy::run_pager;
 use super::*;
 use crate::sweep::{Curve, Point, Spread};
+use crate::workload::process_cpu;
 
 /// What is compared: the pager in one delivery mode, or a baseline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,20 +56,6 @@ fn memory_before() -> Result<MemoryBefore> {
         free_kib: field("MemFree"),
         available_kib: field("MemAvailable"),
     })
-}
-
-/// User and system CPU time of the whole process so far.
-fn process_cpu() -> Duration {
-    use nix::sys::resource::{getrusage, UsageWho};
-    match getrusage(UsageWho::RUSAGE_SELF) {
-        Ok(u) => {
-            let d = |t: nix::sys::time::TimeVal| {
-                Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000)
-            };
-            d(u.user_time()) + d(u.system_time())
-        }
-        Err(_) => Duration::ZERO,
-    }
 }
 
 /// Brings the page cache to `state` for a run over the first `len` bytes of `image`.
@@ -188,7 +175,7 @@ fn measure(plan: &Plan, len: u64, touched: &[usize]) -> Result<Vec<Measured>> {
             let i = (round + position) % contenders.len();
             prepare(cache, image, len)?;
             let memory = memory_before()?;
-            let cpu_before = process_cpu();
+            let cpu_before = process_cpu().unwrap_or_default();
             let mut outcome = match measured[i].contender {
                 Contender::Pager(mode) => run_pager(args, image, len, mode, touched, reference)?,
                 Contender::Eager => run_eager(args, image, len, touched, reference)?,
@@ -198,7 +185,7 @@ fn measure(plan: &Plan, len: u64, touched: &[usize]) -> Result<Vec<Measured>> {
                 },
             };
             // Every thread of the process (workload, handlers, prefetcher) during the run.
-            let cpu = process_cpu().saturating_sub(cpu_before);
+            let cpu = process_cpu().unwrap_or_default().saturating_sub(cpu_before);
             merge(
                 &mut outcome.detail,
                 json!({ "process_cpu_s": cpu.as_secs_f64() }),
