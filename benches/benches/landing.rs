@@ -7,7 +7,10 @@
 //! `shmem_continue` is a third design, for guest memory that is a memfd: receive straight
 //! into its page cache through an unregistered alias, then map the pages with
 //! `UFFDIO_CONTINUE` — one copy in all (its `memcpy` stands for `recv`'s), against
-//! `recv`'s plus `UFFDIO_COPY`'s.
+//! `recv`'s plus `UFFDIO_COPY`'s. `thp_move` is a whole fourth design: receive into fresh
+//! transparent huge pages and move each whole 2 MiB into place with one `UFFDIO_MOVE` —
+//! `recv`'s copy (its `memcpy`), the huge page's fault and zeroing, and the move; compare
+//! it with `uffdio_copy` plus `memcpy`, what the receiver pays today for the same bytes.
 //!
 //! Every case covers a 64 MiB region (`UFFDKIT_LANDING_MIB`) in runs of 32 pages, the
 //! piece the receiver lands at once (`Receiver::land_pages`): one ioctl per run, as
@@ -29,13 +32,16 @@ use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use nix::time::{clock_gettime, ClockId};
 use uffd_core::{
-    ContinueMode, CopyMode, Features, Mapping, MemoryKind, MoveMode, RegisterMode, Uffd,
+    ContinueMode, CopyMode, Features, Mapping, MemoryKind, MoveMode, PageCategories, Pagemap,
+    RegisterMode, ScanFlags, ScanQuery, Uffd,
 };
 
 const PAGE: usize = 4096;
 /// Pages per run: the receiver's piece (`PIECE` in postcopy's receiver).
 const RUN_PAGES: usize = 32;
 const RUN: usize = RUN_PAGES * PAGE;
+/// A transparent huge page.
+const HUGE: usize = 2 << 20;
 
 /// The region's size in bytes: 64 MiB, or `UFFDKIT_LANDING_MIB` MiB. A region the size
 /// of the last-level cache or more shows what writing to cold memory adds to each copy.
@@ -227,6 +233,91 @@ fn uffdio_move(g: &mut BenchmarkGroup<'_, WallTime>, src: &[u8]) {
     });
 }
 
+/// Anonymous memory on 2 MiB boundaries, advised for transparent huge pages.
+fn thp_advised(len: usize) -> Mapping {
+    let m = Mapping::anon_aligned(len, HUGE).expect("map aligned anonymous memory");
+    m.madvise(0, len, libc::MADV_HUGEPAGE)
+        .expect("MADV_HUGEPAGE");
+    m
+}
+
+/// Whether every page of `m` is present in a huge page (`PAGEMAP_SCAN` finds none that
+/// is not).
+fn all_huge(m: &Mapping) -> bool {
+    let not_huge = ScanQuery {
+        flags: ScanFlags::empty(),
+        inverted: PageCategories::HUGE,
+        mask: PageCategories::HUGE,
+        any_of: PageCategories::empty(),
+        report: PageCategories::HUGE,
+        max_pages: 1,
+    };
+    let mut out = [Default::default(); 1];
+    let (found, _) = Pagemap::open()
+        .and_then(|p| p.scan(m.addr(), m.addr() + m.len(), &not_huge, &mut out))
+        .expect("PAGEMAP_SCAN");
+    found == 0
+}
+
+/// Fills `from` (fresh, THP-advised) with the runs of `src`, as `recv` into it would, and
+/// moves it into the empty, registered `region` 2 MiB at a time.
+fn thp_move_runs(uffd: &Uffd, region: &Mapping, from: &Mapping, src: &[u8]) {
+    memcpy_runs(from, src);
+    for off in (0..region.len()).step_by(HUGE) {
+        // SAFETY: the 2 MiB lie in `region`, registered with `uffd`, which only this bench
+        // reads; `from` is our unregistered mapping, whose pages we give up.
+        let moved = unsafe {
+            uffd.move_pages(
+                region.addr() + off,
+                from.addr() + off,
+                HUGE,
+                MoveMode::empty(),
+            )
+        }
+        .expect("UFFDIO_MOVE of a huge page into missing memory");
+        assert_eq!(moved, HUGE);
+    }
+}
+
+fn thp_move(g: &mut BenchmarkGroup<'_, WallTime>, src: &[u8]) {
+    assert_eq!(
+        region_len() % HUGE,
+        0,
+        "UFFDKIT_LANDING_MIB: a multiple of 2"
+    );
+    let region = thp_advised(region_len());
+    let uffd = registered(&region, Features::MOVE);
+    if !uffd.features().contains(Features::MOVE) {
+        testkit::skip("landing/thp_move", "the kernel has no UFFDIO_MOVE");
+        return;
+    }
+    let from = thp_advised(region_len());
+    memcpy_runs(&from, src);
+    if !all_huge(&from) {
+        // THP disabled (`/sys/kernel/mm/transparent_hugepage/enabled`: never), or memory
+        // too fragmented for 2 MiB pages: this design would not have them either.
+        testkit::skip(
+            "landing/thp_move",
+            "fresh memory did not get transparent huge pages",
+        );
+        return;
+    }
+    empty(&from);
+    thp_move_runs(&uffd, &region, &from, src);
+    assert_holds_runs(&region, src);
+    assert!(all_huge(&region), "the huge pages were moved whole");
+    g.bench_function("thp_move", |b| {
+        b.iter_custom(|iters| {
+            // The moves left `from` empty: only the region is emptied again.
+            timed(
+                iters,
+                || empty(&region),
+                || thp_move_runs(&uffd, &region, &from, black_box(src)),
+            )
+        })
+    });
+}
+
 /// Writes each run of `src` through `alias` into the page cache (populated in bulk first,
 /// as a receiver would before `recv` into it), then maps it in `region` (registered MINOR)
 /// with one `UFFDIO_CONTINUE`.
@@ -376,6 +467,7 @@ fn landing(c: &mut Criterion) {
     uffdio_copy(&mut g, &src);
     uffdio_move(&mut g, &src);
     shmem_continue(&mut g, &src);
+    thp_move(&mut g, &src);
     memcpy(&mut g, &src);
     fresh_page_memcpy(&mut g, &src);
     digest(&mut g, &src);
