@@ -140,6 +140,7 @@ impl Engine for Shared {
                 content: match run {
                     Run::Data(d) => Content::Data(&d[i * ps..j * ps]),
                     Run::Zeros(_) => Content::Zero,
+                    Run::Moving { at, .. } => Content::Move(at + i * ps),
                 },
                 wake: true,
                 origin: Origin::Arrival,
@@ -158,6 +159,12 @@ impl Engine for Shared {
             i = j;
         }
         Ok(Some(placed))
+    }
+
+    fn may_move_from(&self, data: &[u8]) -> bool {
+        let (start, len) = (data.as_ptr() as usize, data.len());
+        let ps = uffd_core::page_size();
+        start % ps == 0 && len % ps == 0 && len > 0 && !self.regions.overlaps(start, len)
     }
 
     fn fail_source(&self, error: SourceError) {

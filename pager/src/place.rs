@@ -1,5 +1,5 @@
-//! Placement: putting a page's content into memory with one ioctl (COPY, ZEROPAGE, or a
-//! page-cache write and CONTINUE), publishing it in the page states and the counters, and
+//! Placement: putting a page's content into memory with one ioctl (COPY, ZEROPAGE, MOVE of
+//! pages the caller gave up, or a page-cache write and CONTINUE), publishing it in the page states and the counters, and
 //! turning the kernel's answers into what the caller does next: EEXIST → mark and wake,
 //! EAGAIN → retry after the pending events are read, ENOENT → retry while the region is
 //! still ours, ESRCH → the process is gone.
@@ -9,7 +9,9 @@
 //! zeros, never the image's bytes. Async-signal-safe: atomics and ioctls only.
 
 use nix::errno::Errno;
-use uffd_core::{ContinueMode, CopyMode, Error as UffdError, ZeropageMode};
+use uffd_core::{
+    ContinueMode, CopyMode, Error as UffdError, Features, MemoryKind, MoveMode, ZeropageMode,
+};
 
 use crate::error::SourceError;
 use crate::region::{PageRef, Resolve};
@@ -22,6 +24,10 @@ use page_state::PageState;
 pub(crate) enum Content<'a> {
     /// The image's bytes (exactly the placement's length).
     Data(&'a [u8]),
+    /// The image's bytes in whole pages at this address, which the caller gave up
+    /// (`Placer::place_run_moving`): moved into place with `UFFDIO_MOVE` where the region
+    /// allows it (`Shared::movable`), copied from there otherwise or if the kernel refuses.
+    Move(usize),
     /// Zeros.
     Zero,
     /// MINOR mode only: map what the page cache already holds (a page the workload
@@ -102,7 +108,9 @@ impl Shared {
         let state = self.states.get(p.page);
         let dropped = matches!(state, Ok(PageState::Zero | PageState::Received));
         let content = match (p.resolve, content) {
-            (Resolve::Copy, Content::Data(_)) if removed || dropped => Content::Zero,
+            (Resolve::Copy, Content::Data(_) | Content::Move(_)) if removed || dropped => {
+                Content::Zero
+            }
             (Resolve::Copy, Content::Present) => Content::Zero,
             // Shared memory: a page placed before may be mapped (a fault that raced its
             // placement) or unmapped with its page cache intact (MADV_DONTNEED): map it
@@ -120,6 +128,14 @@ impl Shared {
 
     /// [`place`](Self::place) with the gate already entered.
     fn place_in_gate(&self, req: Request<'_>) -> Placement {
+        let req = match req.content {
+            Content::Move(src) if !self.movable(&req.at) => Request {
+                // SAFETY: `Content::Move`'s pages, nothing moved out of them yet.
+                content: Content::Data(unsafe { moving(src, req.at.size * req.count) }),
+                ..req
+            },
+            _ => req,
+        };
         let (first, count) = (req.at.page, req.count);
         if count > 1 {
             let any_zero = (first..first + count).any(|q| self.must_be_zero(q));
@@ -142,6 +158,7 @@ impl Shared {
             };
             let one = match req.content {
                 Content::Data(d) => Content::Data(&d[i * size..(i + 1) * size]),
+                Content::Move(src) => Content::Move(src + i * size),
                 other => other,
             };
             let (one, removed) = self.decide(&q, one);
@@ -178,6 +195,17 @@ impl Shared {
                 // the pager keeps alive); COPY only fills pages still missing.
                 unsafe { self.uffd.copy(p.addr, &data[..len], copy_mode(wake)) }
             }
+            (Resolve::Copy, Content::Move(src)) => {
+                let mode = if wake {
+                    MoveMode::empty()
+                } else {
+                    MoveMode::DONTWAKE
+                };
+                // SAFETY: as for COPY, the destination is the pager's to fill and MOVE only
+                // fills pages still missing; the source pages are the caller's, given up
+                // for this (`Placer::place_run_moving` holds them exclusively borrowed).
+                unsafe { self.uffd.move_pages(p.addr, src, len, mode) }
+            }
             (Resolve::Copy, Content::Zero | Content::Present) if !p.kind.is_hugetlb() => {
                 let mode = if wake {
                     ZeropageMode::empty()
@@ -191,6 +219,23 @@ impl Shared {
                 self.continue_with(alias + p.in_region, p.addr, len, content, wake)
             }
         };
+        if let (Content::Move(src), Err(e)) = (content, &result) {
+            if !matches!(
+                e,
+                UffdError::Exists { .. } | UffdError::Again { .. } | UffdError::ProcessGone { .. }
+            ) {
+                // Refused (a source page not exclusively ours, a hole in it: EBUSY,
+                // ENOENT…): nothing moved, so the pages still hold the data: copy them.
+                bump(&self.stats.move_refused);
+                // SAFETY: `Content::Move`'s pages; the refused move moved none of them.
+                let data = unsafe { moving(src, len) };
+                let req = Request {
+                    content: Content::Data(data),
+                    ..req
+                };
+                return self.place_one_ioctl(req, removed);
+            }
+        }
         match result {
             Ok(_) => {
                 // Count before publishing Received: whoever sees the page done (e.g.
@@ -290,6 +335,9 @@ impl Shared {
         };
         let bytes = match content {
             Content::Data(data) => &data[..len],
+            // Not reached (`place_in_gate` copies pages it cannot move), but a copy is right.
+            // SAFETY: `Content::Move`'s pages, nothing moved out of them.
+            Content::Move(src) => unsafe { moving(src, len) },
             Content::Zero => &self.zeros[..len.min(self.zeros.len())],
             Content::Present => {
                 // SAFETY: the page cache behind `addr` holds what the page must show.
@@ -351,7 +399,10 @@ impl Shared {
         match content {
             Content::Zero => add(&self.stats.placed_zero, n),
             Content::Present => {}
-            Content::Data(_) => {
+            Content::Data(_) | Content::Move(_) => {
+                if let Content::Move(_) = content {
+                    add(&self.stats.placed_moved, n);
+                }
                 add(&self.stats.bytes, bytes as u64);
                 match origin {
                     Origin::Fault => add(&self.stats.placed_fault, n),
@@ -361,6 +412,28 @@ impl Shared {
             }
         }
     }
+}
+
+impl Shared {
+    /// Whether pages placed at `p` may be moved in rather than copied: private anonymous
+    /// memory resolved by copy (`UFFDIO_MOVE` takes nothing else), and a userfaultfd
+    /// opened with `UFFD_FEATURE_MOVE`.
+    fn movable(&self, p: &PageRef) -> bool {
+        p.resolve == Resolve::Copy
+            && p.kind == MemoryKind::Anon
+            && self.uffd.features().contains(Features::MOVE)
+    }
+}
+
+/// The bytes of `len` bytes of pages at `src` that a `Content::Move` names.
+///
+/// # Safety
+/// `src..src + len` are pages `Placer::place_run_moving` holds exclusively borrowed, and
+/// the slice must not outlive the placement (nothing else reads or writes them meanwhile;
+/// a page moved out of them reads zeros afterwards, which no slice spans).
+unsafe fn moving<'a>(src: usize, len: usize) -> &'a [u8] {
+    // SAFETY: the caller's.
+    unsafe { std::slice::from_raw_parts(src as *const u8, len) }
 }
 
 fn copy_mode(wake: bool) -> CopyMode {

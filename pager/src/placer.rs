@@ -6,6 +6,7 @@
 //! engine holds its source, so the placer reaches the engine only through the [`Engine`]
 //! trait defined here (the engine implements it in `arrival.rs`).
 
+use std::marker::PhantomData;
 use std::sync::Weak;
 
 use page_state::PageState;
@@ -20,32 +21,54 @@ pub(crate) trait Engine: Send + Sync {
     fn place_arrival(&self, offset: u64, data: Option<&[u8]>) -> Result<Placed>;
     /// See [`Placer::place_run`] and [`Placer::place_zero_run`].
     fn place_arrivals(&self, offset: u64, run: Run<'_>) -> Result<Option<usize>>;
+    /// Whether pages may be moved out of `data`: whole pages, in no region of this pager
+    /// (see [`Placer::place_run_moving`]).
+    fn may_move_from(&self, data: &[u8]) -> bool;
     /// See [`Placer::fail`].
     fn fail_source(&self, error: SourceError);
     /// The page states, read-only.
     fn page_states(&self) -> PageStates<'_>;
 }
 
-/// An arriving run of whole pages: their bytes, or `len` bytes known to be zero.
+/// An arriving run of whole pages: their bytes, `len` bytes known to be zero, or
+/// `len` bytes of whole pages at an address that the caller gives up (moved into place
+/// where they can be: [`Placer::place_run_moving`]).
 #[derive(Clone, Copy)]
 pub(crate) enum Run<'a> {
     Data(&'a [u8]),
     Zeros(usize),
+    Moving {
+        /// First byte, page aligned.
+        at: usize,
+        len: usize,
+        /// The caller's exclusive borrow of the pages, for as long as the run is placed.
+        borrow: PhantomData<&'a mut [u8]>,
+    },
 }
 
 impl<'a> Run<'a> {
     pub(crate) fn len(&self) -> usize {
         match self {
             Run::Data(d) => d.len(),
-            Run::Zeros(len) => *len,
+            Run::Zeros(len) | Run::Moving { len, .. } => *len,
         }
     }
 
     /// Page `i` of `ps` bytes: its data, or `None` for zeros (as [`Placer::place`] takes it).
+    /// For a moving run: what the page holds now (zeros once it was moved out; a page
+    /// moved out was placed, and is a duplicate for whoever places it again).
     pub(crate) fn page(&self, i: usize, ps: usize) -> Option<&'a [u8]> {
-        match self {
+        match *self {
             Run::Data(d) => Some(&d[i * ps..(i + 1) * ps]),
             Run::Zeros(_) => None,
+            Run::Moving { at, .. } => {
+                // SAFETY: page `i` lies in the pages the caller lent exclusively for `'a`;
+                // they stay mapped (a page moved out reads zeros), and nothing moves a
+                // page out of them while a slice given here is in use: moves happen only
+                // inside a placement of the run's own `Content::Move`, never of data read
+                // from it.
+                Some(unsafe { std::slice::from_raw_parts((at + i * ps) as *const u8, ps) })
+            }
         }
     }
 }
@@ -106,6 +129,37 @@ impl Placer {
             Some(engine) => engine.place_arrivals(offset, Run::Data(data)),
             None => Ok(None),
         }
+    }
+
+    /// Places a run of arriving pages like [`place_run`](Placer::place_run), taking them
+    /// from `data` by moving them (`UFFDIO_MOVE`) rather than copying where it can: the
+    /// receiving side of a zero-copy transfer, which reads pages straight into memory of
+    /// its own and then gives that memory up. Moving needs whole pages of private
+    /// anonymous memory on both sides (a region of `MemoryKind::Anon`, `data` page aligned
+    /// and in no region of this pager), a userfaultfd opened with
+    /// [`Features::MOVE`](uffd_core::Features::MOVE), and pages of `data` that are this
+    /// process's alone (not shared with a forked child); 2 MiB-aligned stretches of
+    /// transparent huge pages move whole. Whatever cannot move — or the kernel refuses to
+    /// — is copied, as `place_run` would. Pages already present are not placed again.
+    ///
+    /// Afterwards `data` holds unspecified bytes: every page moved out of it reads zeros
+    /// (and takes a fresh page when written). Returns how many pages were placed
+    /// ([`StatsSnapshot::placed_moved`](crate::StatsSnapshot::placed_moved) of them by
+    /// moving), or `None` if the pager is gone or stopping.
+    pub fn place_run_moving(&self, offset: u64, data: &mut [u8]) -> Result<Option<usize>> {
+        let Some(engine) = self.engine.upgrade() else {
+            return Ok(None);
+        };
+        let run = if engine.may_move_from(data) {
+            Run::Moving {
+                at: data.as_mut_ptr() as usize,
+                len: data.len(),
+                borrow: PhantomData,
+            }
+        } else {
+            Run::Data(data)
+        };
+        engine.place_arrivals(offset, run)
     }
 
     /// Places a run of `len` bytes of zero pages from image offset `offset` (a run the

@@ -198,6 +198,15 @@ impl RegionTable {
         })
     }
 
+    /// Whether any region (mapped or not: its range may be mapped again) overlaps
+    /// `[start, start + len)`.
+    pub fn overlaps(&self, start: usize, len: usize) -> bool {
+        self.regions.iter().any(|r| {
+            let base = r.base();
+            start < base + r.spec.len && base < start + len
+        })
+    }
+
     /// Page `page` of the state map, if its region is still mapped.
     #[inline]
     pub fn by_page(&self, page: usize) -> Option<PageRef> {

@@ -20,6 +20,8 @@ pub(crate) struct Stats {
     pub placed_prefetch: AtomicU64,
     pub placed_zero: AtomicU64,
     pub placed_arrival: AtomicU64,
+    pub placed_moved: AtomicU64,
+    pub move_refused: AtomicU64,
     pub bytes: AtomicU64,
     pub exists: AtomicU64,
     pub again: AtomicU64,
@@ -70,6 +72,8 @@ impl Stats {
             placed_prefetch: l(&self.placed_prefetch),
             placed_zero: l(&self.placed_zero),
             placed_arrival: l(&self.placed_arrival),
+            placed_moved: l(&self.placed_moved),
+            move_refused: l(&self.move_refused),
             bytes: l(&self.bytes),
             exists: l(&self.exists),
             again: l(&self.again),
@@ -115,6 +119,12 @@ pub struct StatsSnapshot {
     pub placed_zero: u64,
     /// Pages placed on arrival from a remote source.
     pub placed_arrival: u64,
+    /// Of `placed_arrival`: pages moved into place rather than copied
+    /// ([`Placer::place_run_moving`](crate::Placer::place_run_moving)).
+    pub placed_moved: u64,
+    /// Moves the kernel refused (a source page shared with a forked child, a hole in the
+    /// source…): those pages were copied instead.
+    pub move_refused: u64,
     /// Bytes of data placed.
     pub bytes: u64,
     /// Placements that found the page present (EEXIST).

@@ -13,6 +13,7 @@ mod failure;
 #[cfg(feature = "firecracker")]
 mod firecracker;
 mod fork;
+mod moving;
 mod stop;
 mod takeover;
 mod unprivileged;
