@@ -29,6 +29,13 @@ pub(crate) trait Inbound: Send + Sync {
     /// Handles one frame read on `chan`'s connection (heartbeats never get here).
     fn frame(&self, chan: &Chan, frame: Frame<'_>) -> Result<Option<Message>, Error>;
 
+    /// Handles one PAGES frame: whole pages from `first`, checked against the advised
+    /// geometry, in the reader's buffer, which the endpoint may consume (move pages out
+    /// of: see [`Receiver`](crate::endpoint::receiver::Receiver)).
+    fn pages(&self, chan: &Chan, first: u64, data: &mut [u8]) -> Result<Option<Message>, Error> {
+        self.frame(chan, Frame::Pages { first, data })
+    }
+
     /// Whether fault handlers ask for pages through [`Messages::request`] on this pair.
     fn asks_for_pages(&self) -> bool {
         false
@@ -45,12 +52,17 @@ impl transport::link::Inbound for Decoding {
     type Message = Message;
     type Error = Error;
 
-    fn frame(&self, chan: &Chan, frame: &[u8]) -> Result<Option<Message>, Error> {
-        match decode_frame(frame, &self.limits) {
-            Ok(Some((frame, _))) => self.inner.frame(chan, frame),
+    fn frame(&self, chan: &Chan, bytes: &mut [u8]) -> Result<Option<Message>, Error> {
+        let (first, data) = match decode_frame(bytes, &self.limits) {
+            Ok(Some((Frame::Pages { first, data }, _))) => {
+                let at = data.as_ptr() as usize - bytes.as_ptr() as usize;
+                (first, at..at + data.len())
+            }
+            Ok(Some((frame, _))) => return self.inner.frame(chan, frame),
             Ok(None) => unreachable!("the transport hands whole frames"),
-            Err(e) => Err(LinkError::malformed(chan.channel, e).into()),
-        }
+            Err(e) => return Err(LinkError::malformed(chan.channel, e).into()),
+        };
+        self.inner.pages(chan, first, &mut bytes[data])
     }
 
     fn forwards_requests(&self) -> bool {

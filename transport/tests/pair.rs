@@ -19,7 +19,7 @@ impl Inbound for Numbers {
     type Message = u64;
     type Error = Error;
 
-    fn frame(&self, chan: &Chan, frame: &[u8]) -> Result<Option<u64>, Error> {
+    fn frame(&self, chan: &Chan, frame: &mut [u8]) -> Result<Option<u64>, Error> {
         let malformed = |e| Error::Link(LinkError::malformed(chan.channel, e));
         let f = open_frame(frame, DEFAULT_MAX_BODY)
             .map_err(malformed)?

@@ -220,8 +220,10 @@ pub trait Inbound: Send + Sync {
     type Error: Failure;
 
     /// Handles one whole frame (header to trailer, as read) that arrived on `chan`'s
-    /// connection; the link's heartbeats never get here.
-    fn frame(&self, chan: &Chan, frame: &[u8]) -> Result<Option<Self::Message>, Self::Error>;
+    /// connection; the link's heartbeats never get here. The bytes are the reader's
+    /// buffer, the inbound's to consume: it may move whole pages out of a body that
+    /// [`FrameReader::align_bodies`](crate::conn::FrameReader::align_bodies) aligned.
+    fn frame(&self, chan: &Chan, frame: &mut [u8]) -> Result<Option<Self::Message>, Self::Error>;
 
     /// Whether fault handlers send on the urgent connection ([`Chan::request_with`]):
     /// over an encrypted connection the pair then runs a thread that seals their frames.
