@@ -119,6 +119,76 @@ fn pure_postcopy_serves_faults_by_request() {
     assert!(dst.latency.count() > 0, "requested-page latency recorded");
 }
 
+/// Whether the kernel can move pages (`UFFDIO_MOVE`, Linux 6.8+); skips loudly if not.
+fn can_move(test: &str) -> bool {
+    let uffd = uffd_core::Uffd::builder()
+        .optional(uffd_core::Features::MOVE)
+        .open()
+        .expect("open a userfaultfd");
+    let can = uffd.features().contains(uffd_core::Features::MOVE);
+    if !can {
+        testkit::skip(test, "the kernel has no UFFDIO_MOVE");
+    }
+    can
+}
+
+/// Pages of `m` that huge pages hold.
+fn huge_pages_in(m: &uffd_core::Mapping) -> u64 {
+    use uffd_core::{PageCategories, PageRegion, Pagemap, ScanFlags, ScanQuery};
+    let huge = ScanQuery {
+        flags: ScanFlags::empty(),
+        inverted: PageCategories::empty(),
+        mask: PageCategories::HUGE,
+        any_of: PageCategories::empty(),
+        report: PageCategories::HUGE,
+        max_pages: 0,
+    };
+    let mut out = vec![PageRegion::default(); 4096];
+    let (found, _) = Pagemap::open()
+        .and_then(|p| p.scan(m.addr(), m.addr() + m.len(), &huge, &mut out))
+        .expect("PAGEMAP_SCAN");
+    out[..found].iter().map(|r| (r.end - r.start) / 4096).sum()
+}
+
+/// The kernel's count of huge page faults that fell back to small pages (`/proc/vmstat`).
+fn thp_fallbacks() -> u64 {
+    let vmstat = std::fs::read_to_string("/proc/vmstat").expect("/proc/vmstat");
+    vmstat
+        .lines()
+        .find_map(|l| l.strip_prefix("thp_fault_fallback "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn the_stream_moves_whole_blocks_in_and_they_stay_huge_pages() {
+    let test = "migrate::the_stream_moves_whole_blocks_in_and_they_stay_huge_pages";
+    if !can_move(test) {
+        return;
+    }
+    let mut case = Case::new("127.0.0.1:0", 32 << 20);
+    case.opts.max_rounds = 0;
+    // No faults at the destination: a block that a requested page reached first is
+    // copied (moving the rest would split the huge page in the reader's buffer). Every
+    // byte is checked by the case.
+    case.workload = idle;
+    let fallbacks = thp_fallbacks();
+    let (_, dst) = case.run();
+    let moved = dst.pager.placed_moved;
+    let huge = huge_pages_in(&dst.memory);
+    eprintln!("moved {moved} of {} pages; {huge} in huge pages", dst.pages);
+    // The stream's frames are whole aligned blocks (the source's memory has no zero
+    // pages), each read aligned: every one moves.
+    assert_eq!(moved, dst.pages, "{:?}", dst.pager);
+    if huge == 0 || thp_fallbacks() != fallbacks {
+        // THP off (`transparent_hugepage/enabled`: never), or a huge page could not be had
+        // (this process's or another's): the reader's buffer had small pages somewhere,
+        // and those blocks moved in 4 KiB pages.
+        return testkit::skip(test, "not every receive buffer got transparent huge pages");
+    }
+    assert_eq!(huge, moved, "every moved block landed as a huge page");
+}
+
 fn injected(fault: Fault, after: u64, addr: &'static str) {
     injected_with(fault, after, addr, 4096, 32 << 20);
 }

@@ -15,8 +15,11 @@ use crate::net::SendMessage;
 use crate::wire::{Frame, Message, PageRange};
 use crate::Error;
 
-/// Bytes of page data per PAGES frame (at least one page).
-const FRAME_BYTES: usize = 1 << 20;
+/// Bytes of page data per PAGES frame (at least one page): a 2 MiB block, and frames are
+/// cut on block boundaries (pages `k * per_frame..`), so that a receiver whose memory is
+/// aligned alike can move each whole block into place as one huge page
+/// (`Receiver::move_blocks`).
+const FRAME_BYTES: usize = 2 << 20;
 
 /// Where a sender's pages come from: the page server's image (a [`pager::Source`] behind
 /// it, adapted in `server.rs`) or the migration source's live memory (read in place: the
@@ -119,8 +122,8 @@ impl Sender {
     }
 
     /// Sends pages `first..first + count` on `chan` as PAGES and ZERO_RUN frames of at
-    /// most a frame's worth each, taking the writer per frame (heartbeats and other
-    /// senders get their turn); returns the data bytes sent.
+    /// most a frame's worth each, cut on frame boundaries, taking the writer per frame
+    /// (heartbeats and other senders get their turn); returns the data bytes sent.
     pub fn send(
         &self,
         chan: &Chan,
@@ -130,7 +133,7 @@ impl Sender {
     ) -> Result<u64, Error> {
         let (end, mut p, mut bytes) = (first + count, first, 0);
         while p < end {
-            let n = (end - p).min(self.per_frame);
+            let n = (end - p).min(self.per_frame - p % self.per_frame);
             let data = self.pages.read(p, n, scratch)?;
             let mut w = chan.writer();
             let sent = match data {
@@ -223,11 +226,10 @@ impl Sender {
                 continue;
             }
             let first = first as u64;
+            // Up to the next frame boundary (see `FRAME_BYTES`).
+            let frame = self.per_frame - first % self.per_frame;
             let mut n = 0;
-            while n < self.per_frame
-                && first + n < self.count
-                && self.need.clear((first + n) as usize)
-            {
+            while n < frame && first + n < self.count && self.need.clear((first + n) as usize) {
                 self.carried.set((first + n) as usize);
                 n += 1;
             }

@@ -29,6 +29,10 @@ pub const MAGIC: [u8; 8] = *b"UFFDKPC\0";
 /// source's opaque device state, handed to the destination's embedder before it resumes;
 /// 6: DIGESTS are XXH3-64 of each page).
 pub const VERSION: u16 = 6;
+/// Where a PAGES body's page data begins (after the first page's number): the byte a
+/// receiver aligns to move whole pages out of its buffer
+/// (`transport::conn::FrameReader::align_bodies`).
+pub const PAGES_DATA_AT: usize = 8;
 /// Page counts above this are refused (2^40 pages: 4 PiB of 4 KiB pages).
 pub const MAX_PAGES: u64 = 1 << 40;
 /// Most regions in one ADVISE.

@@ -17,7 +17,7 @@
 //! the migration source discards most pages before it stops its workload, and waits for
 //! that confirmation, so that little is left to drop in the downtime.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,8 @@ use crate::Error;
 
 pub(crate) use super::land::{Land, OnLand};
 use super::RecvStats;
+
+mod landing;
 
 /// The sender's ADVISE, first on every main connection.
 pub(crate) fn read_advise(main: &mut Conn) -> Result<Advise, Error> {
@@ -63,6 +65,9 @@ pub(crate) struct Receiver {
     pub on_land: Option<Arc<dyn OnLand>>,
     /// Lands runs of pages in pieces on two threads.
     helper: Helper,
+    /// Whole 2 MiB blocks of arriving pages are moved into place rather than copied
+    /// ([`Receiver::move_blocks`]).
+    moves: AtomicBool,
     #[cfg(feature = "fault-injection")]
     pub faults: Arc<crate::fault::Faults>,
 }
@@ -82,6 +87,7 @@ impl Receiver {
             stats,
             on_land: None,
             helper: Helper::new("land-helper"),
+            moves: AtomicBool::new(false),
             #[cfg(feature = "fault-injection")]
             faults: Default::default(),
         }
@@ -89,6 +95,16 @@ impl Receiver {
 
     fn land(&self) -> std::sync::RwLockReadGuard<'_, Land> {
         self.land.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// From now on, moves PAGES frames' whole 2 MiB blocks into place (`UFFDIO_MOVE`) out
+    /// of the reader's buffer, rather than copy them, where the frame's body was read
+    /// aligned (`FrameReader::align_bodies`) and every page of the block is still to be
+    /// placed. For a pager whose memory is private anonymous memory on 2 MiB boundaries
+    /// and whose userfaultfd can move pages: the blocks then land as transparent huge
+    /// pages, and nothing copies the bytes after `recv`.
+    pub fn move_blocks(&self) {
+        self.moves.store(true, Ordering::Relaxed);
     }
 
     /// Replaces where pages land; returns the old one.
@@ -267,142 +283,6 @@ impl Receiver {
             }),
         }
     }
-
-    /// Lands pages `first..` with `data`, or zero pages when `data` is `None`, if `chan`'s
-    /// pair is current.
-    fn land_pages(
-        &self,
-        chan: &Chan,
-        first: u64,
-        count: u64,
-        data: Option<&[u8]>,
-    ) -> Result<(), Error> {
-        const PIECE: u64 = 32; // ~70 µs of landing, a few times a helper's wakeup
-        let land = self.land();
-        self.current(chan, "pages")?;
-        // In pieces on both CPUs: one thread landing a whole stream (digest and copy) was
-        // its bottleneck, the other CPU idle.
-        self.helper.for_each(count.div_ceil(PIECE) as usize, |i| {
-            let (at, ps) = (i as u64 * PIECE, self.ps);
-            let (first, count) = (first + at, PIECE.min(count - at));
-            let data = data.map(|d| &d[at as usize * ps..][..count as usize * ps]);
-            self.land_piece(&land, PageRange { first, count }, data)
-        })?;
-        self.arrived(first, count);
-        Ok(())
-    }
-
-    /// Lands the pages of `range`, a piece of a run ([`Receiver::land_pages`]).
-    fn land_piece(&self, land: &Land, range: PageRange, data: Option<&[u8]>) -> Result<(), Error> {
-        let (ps, first, count) = (self.ps, range.first, range.count);
-        let (start, end) = (first as usize, (first + count) as usize);
-        match land {
-            Land::Idle => {
-                return Err(Error::Unexpected {
-                    expected: "no pages before the session runs",
-                    got: "pages",
-                    channel: Channel::Main,
-                })
-            }
-            Land::Copy { memory, states } => {
-                self.tell_landed(range, data, |_| true);
-                match data {
-                    Some(d) => {
-                        // SAFETY: the decoder checked first + count <= pages of the advised
-                        // geometry, which `memory` was mapped for; no pager serves it yet
-                        // and no other thread reads or writes these pages (the workload
-                        // starts after this land is gone, and a run's pieces are disjoint).
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                d.as_ptr(),
-                                memory.as_ptr().add(start * ps),
-                                d.len(),
-                            )
-                        };
-                        states.mark_received_range(start, end)?;
-                    }
-                    // Known zero: dropped here (a private mapping reads zero after
-                    // DONTNEED); a fault there later gets a zero page locally.
-                    None => {
-                        memory
-                            .madvise(start * ps, (end - start) * ps, libc::MADV_DONTNEED)
-                            .map_err(Error::io("drop zero pages"))?;
-                        states.mark_zero_range(start, end)?;
-                    }
-                }
-                self.stats.copied.fetch_add(count, STAT);
-            }
-            Land::Place(placer) => {
-                // Told before placing: the placement publishes Received (a Release CAS),
-                // so whoever sees the page placed sees what was told of it. A page present
-                // already is not placed again, and not told of.
-                placer.states(|s| {
-                    self.tell_landed(range, data, |p| {
-                        matches!(
-                            s.get(p as usize),
-                            Some(PageState::Missing | PageState::Requested)
-                        )
-                    })
-                });
-                let placed = match data {
-                    Some(d) => placer.place_run(first * ps as u64, d)?,
-                    None => placer.place_zero_run(first * ps as u64, count as usize * ps)?,
-                };
-                let placed = placed.ok_or(Error::PagerStopped)?;
-                self.stats.placed.fetch_add(placed as u64, STAT);
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Receiver {
-    /// Drops pages the sender wrote after sending them, if `chan`'s pair is current: they
-    /// are unmapped (a private mapping reads zeros, and faults once a pager serves it)
-    /// and become Missing, to be sent again or asked for. Only before a pager runs
-    /// ([`Land::Copy`]), when nothing but this thread touches the memory.
-    fn discard(&self, chan: &Chan, ranges: &[PageRange]) -> Result<(), Error> {
-        let at = Instant::now();
-        let ps = self.ps;
-        let land = self.land();
-        self.current(chan, "DISCARD")?;
-        let Land::Copy { memory, states } = &*land else {
-            return Err(Error::Unexpected {
-                expected: "DISCARD before LISTEN",
-                got: "DISCARD",
-                channel: chan.channel,
-            });
-        };
-        for r in ranges {
-            let (start, end) = (r.first as usize, (r.first + r.count) as usize);
-            memory
-                .madvise(start * ps, (end - start) * ps, libc::MADV_DONTNEED)
-                .map_err(Error::io("drop discarded pages"))?;
-            // A page sent as zero goes through Received (zero → received → missing).
-            states.mark_received_range(start, end)?;
-            states.discard_range(start, end)?;
-            if let Some(on_land) = &self.on_land {
-                on_land.dropped(start..end);
-            }
-            self.stats.discarded.fetch_add(r.count, STAT);
-        }
-        let took = at.elapsed().as_nanos() as u64;
-        self.stats.discarding_ns.fetch_add(took, STAT);
-        Ok(())
-    }
-
-    /// Tells [`Receiver::on_land`] of the pages of `r` landing with `data`
-    /// (`None`: zeros), those for which `lands(page)` holds.
-    fn tell_landed(&self, r: PageRange, data: Option<&[u8]>, lands: impl Fn(u64) -> bool) {
-        let Some(on_land) = &self.on_land else {
-            return;
-        };
-        for (i, p) in (r.first..r.first + r.count).enumerate() {
-            if lands(p) {
-                on_land.landed(p, data.map(|d| &d[i * self.ps..(i + 1) * self.ps]));
-            }
-        }
-    }
 }
 
 /// The receiver is the pager's source at a destination: a fault asks and returns at once.
@@ -424,6 +304,15 @@ impl Inbound for Receiver {
         true
     }
 
+    fn pages(&self, chan: &Chan, first: u64, data: &mut [u8]) -> Result<Option<Message>, Error> {
+        match self.land_moving(chan, first, data) {
+            Some(landed) => landed?,
+            None => self.land_pages(chan, first, (data.len() / self.ps) as u64, Some(data))?,
+        }
+        self.landed_frame();
+        Ok(None)
+    }
+
     fn frame(&self, chan: &Chan, frame: Frame<'_>) -> Result<Option<Message>, Error> {
         match frame {
             Frame::Pages { first, data } => {
@@ -442,12 +331,19 @@ impl Inbound for Receiver {
             }
             Frame::Other(msg) => return Ok(Some(msg)),
         }
+        self.landed_frame();
+        Ok(None)
+    }
+}
+
+impl Receiver {
+    /// After a frame landed: a planned stall of the reader (`fault-injection`), if due.
+    fn landed_frame(&self) {
         #[cfg(feature = "fault-injection")]
         if let Some(crate::fault::Fault::Stall(d)) =
             (self.faults).due(self.stats.placed.load(STAT) + self.stats.copied.load(STAT))
         {
             std::thread::sleep(d);
         }
-        Ok(None)
     }
 }

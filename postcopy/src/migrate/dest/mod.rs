@@ -26,7 +26,7 @@ use crate::endpoint::receiver::{read_advise, Land, Receiver};
 use crate::endpoint::RecvStats;
 use crate::error::{unexpected, LinkError, Refusal};
 use crate::link::{self, Acceptor, Admission, Admit, Arrival, Messages, Pair};
-use crate::wire::{Advise, Message, Role, ShutReason, PROTOCOL};
+use crate::wire::{Advise, Message, Role, ShutReason, PAGES_DATA_AT, PROTOCOL};
 use crate::Error;
 use crate::Security;
 
@@ -220,6 +220,13 @@ impl Destination {
     /// From then until `on_run` its content is the destination's: the embedder runs
     /// nothing on it (its bytes are a mix of versions until the switch), and it must not
     /// be registered with another userfaultfd.
+    ///
+    /// Anonymous memory is advised `MADV_NOHUGEPAGE` at ADVISE (khugepaged could otherwise
+    /// fill pages DISCARD dropped with zeros before a userfaultfd guards them) and
+    /// `MADV_HUGEPAGE` at LISTEN, once registered. On 2 MiB boundaries, and with a kernel
+    /// that has `UFFDIO_MOVE`, the stream's whole 2 MiB blocks are then moved in from the
+    /// receive buffer, uncopied, as transparent huge pages (the destination's own memory
+    /// is mapped so).
     pub fn with_memory(mut self, memory: Arc<Mapping>) -> Destination {
         self.memory = Some(memory);
         self

@@ -19,6 +19,10 @@ pub(super) struct DestRun<'d> {
     run_at: Option<Instant>,
     complete_at: Option<Instant>,
     verdict: String,
+    /// The memory is private anonymous memory on 2 MiB boundaries: PAGES bodies are read
+    /// aligned, and whole blocks are moved into place once a pager runs (if its
+    /// userfaultfd can move pages).
+    blocks: bool,
 }
 
 impl<'d> DestRun<'d> {
@@ -65,6 +69,15 @@ impl<'d> DestRun<'d> {
             }
             None => Arc::new(map(kind, ps, pages)?),
         };
+        // No huge pages before LISTEN: khugepaged could collapse a range around pages that
+        // DISCARD dropped, filling them with zeros that would never fault. Registered, the
+        // memory is safe from that (a missing page in a userfaultfd range is never filled).
+        if kind == MemoryKind::Anon {
+            memory
+                .madvise(0, memory.len(), libc::MADV_NOHUGEPAGE)
+                .map_err(Error::io("advise the memory against huge pages"))?;
+        }
+        let blocks = kind == MemoryKind::Anon && memory.addr() % uffd_core::HUGE_PAGE_SIZE == 0;
         let states = PageStateMap::new(pages as usize);
         let land = Land::Copy { memory, states };
         let placed = Arc::new(Placed::new(ps, pages));
@@ -88,6 +101,7 @@ impl<'d> DestRun<'d> {
             run_at: None,
             complete_at: None,
             verdict: String::new(),
+            blocks,
         };
         d.control.set_phase(DestPhase::Precopy);
         let advise = run.advise.clone();
@@ -105,6 +119,15 @@ impl<'d> DestRun<'d> {
             let e = Refusal::GeometryChanged;
             transport::handshake::refuse(&mut arrival.conns.0, ShutReason::Error, &e.to_string());
             return Err(Error::refused(e));
+        }
+        if self.blocks {
+            let block = uffd_core::HUGE_PAGE_SIZE;
+            arrival
+                .conns
+                .0
+                .r
+                .align_bodies(PAGES_DATA_AT, block)
+                .map_err(Error::io("map an aligned receive buffer"))?;
         }
         let (timing, receiver) = (&self.d.opts.timing, self.receiver.clone());
         let pair = link::start(arrival.conns, arrival.cutter, &advise, receiver, timing)?;
@@ -172,13 +195,24 @@ impl<'d> DestRun<'d> {
         let uffd = Uffd::builder()
             .non_blocking(true)
             .require(UffdFeatures::EVENT_REMOVE)
+            .optional(UffdFeatures::MOVE)
             .open()?;
+        let moves = self.blocks && uffd.features().contains(UffdFeatures::MOVE);
         let pager = Pager::builder(uffd, self.receiver.clone())
             .mapping(memory.clone(), 0)
             .mode(self.d.opts.mode)
             .prefetch(Prefetch::None)
             .states(states)
             .start()?;
+        if memory.kind() == MemoryKind::Anon {
+            // Registered now (see `start`): huge pages for the workload where they fit.
+            memory
+                .madvise(0, memory.len(), libc::MADV_HUGEPAGE)
+                .map_err(Error::io("advise the memory for huge pages"))?;
+        }
+        if moves {
+            self.receiver.move_blocks();
+        }
         self.receiver.set_land(Land::Place(pager.placer()));
         (self.memory, self.pager) = (Some(memory), Some(pager));
         self.steps.listen = at.elapsed();
@@ -373,8 +407,14 @@ fn check_memory(memory: Option<&Mapping>, ps: usize, pages: u64) -> Result<(), E
 
 /// Maps the destination memory; a hugetlb pool too small is named as such.
 fn map(kind: MemoryKind, ps: usize, pages: u64) -> Result<Mapping, Error> {
-    Mapping::new(kind, ps * pages as usize).map_err(|source| {
-        match (kind.is_hugetlb(), uffd_core::hugetlb::free()) {
+    let len = ps * pages as usize;
+    let mapped = match kind {
+        // On 2 MiB boundaries: whole blocks can then arrive as huge pages.
+        MemoryKind::Anon => Mapping::anon_aligned(len, uffd_core::HUGE_PAGE_SIZE),
+        _ => Mapping::new(kind, len),
+    };
+    mapped.map_err(
+        |source| match (kind.is_hugetlb(), uffd_core::hugetlb::free()) {
             (true, Ok(free)) if (free as u64) < pages => Error::HugePages {
                 needed: pages,
                 free: free as u64,
@@ -383,8 +423,8 @@ fn map(kind: MemoryKind, ps: usize, pages: u64) -> Result<Mapping, Error> {
                 what: "map the destination memory",
                 source,
             },
-        }
-    })
+        },
+    )
 }
 
 fn check_advise(a: &Advise) -> Result<(usize, u64), Error> {
