@@ -160,20 +160,25 @@ fn thp_fallbacks() -> u64 {
         .unwrap_or(0)
 }
 
+/// A pure postcopy migration of 32 MiB with no faults at the destination (a block that a
+/// requested page reached first is copied: moving the rest would split the huge page in
+/// the reader's buffer), huge pages on or off. Every byte is checked by the case.
+fn streamed(huge_pages: bool) -> postcopy::migrate::DestReport {
+    let mut case = Case::new("127.0.0.1:0", 32 << 20);
+    case.opts.max_rounds = 0;
+    case.workload = idle;
+    case.huge_pages = huge_pages;
+    case.run().1
+}
+
 #[test]
 fn the_stream_moves_whole_blocks_in_and_they_stay_huge_pages() {
     let test = "migrate::the_stream_moves_whole_blocks_in_and_they_stay_huge_pages";
     if !can_move(test) {
         return;
     }
-    let mut case = Case::new("127.0.0.1:0", 32 << 20);
-    case.opts.max_rounds = 0;
-    // No faults at the destination: a block that a requested page reached first is
-    // copied (moving the rest would split the huge page in the reader's buffer). Every
-    // byte is checked by the case.
-    case.workload = idle;
     let fallbacks = thp_fallbacks();
-    let (_, dst) = case.run();
+    let dst = streamed(true);
     let moved = dst.pager.placed_moved;
     let huge = huge_pages_in(&dst.memory);
     eprintln!("moved {moved} of {} pages; {huge} in huge pages", dst.pages);
@@ -187,6 +192,18 @@ fn the_stream_moves_whole_blocks_in_and_they_stay_huge_pages() {
         return testkit::skip(test, "not every receive buffer got transparent huge pages");
     }
     assert_eq!(huge, moved, "every moved block landed as a huge page");
+}
+
+#[test]
+fn without_huge_pages_every_page_is_copied_into_small_pages() {
+    let dst = streamed(false);
+    assert_eq!(dst.pager.placed_moved, 0, "{:?}", dst.pager);
+    assert_eq!(dst.postcopy_pages, dst.pages, "every page placed");
+    assert_eq!(
+        huge_pages_in(&dst.memory),
+        0,
+        "advised MADV_NOHUGEPAGE throughout"
+    );
 }
 
 fn injected(fault: Fault, after: u64, addr: &'static str) {

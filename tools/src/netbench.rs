@@ -43,6 +43,10 @@ pub struct NetArgs {
     /// with a pre-shared key in the same run.
     #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "auto")]
     pub tls: Option<crate::link_args::AutoTls>,
+    /// The destination copies every page into small pages instead of moving the stream's
+    /// whole 2 MiB blocks in as transparent huge pages (`DestOptions::huge_pages` off).
+    #[arg(long)]
+    pub no_huge_pages: bool,
     /// Print the figures as JSON.
     #[arg(long)]
     pub json: bool,
@@ -163,13 +167,18 @@ fn raw_tcp(bytes: usize, reader_cpu: usize) -> Result<(f64, f64)> {
 /// `background`, reads every page so the demand-only run completes). Returns the
 /// destination's RUN → complete time, the touch latencies of pages that faulted, and the
 /// CPU both ends took per GiB from RUN to their end (the digests and verdict included).
+/// `huge_pages`: the destination's [`DestOptions::huge_pages`].
 fn migration(
     (listener, opener): &(Security, Security),
     bytes: usize,
-    background: bool,
-    touches: usize,
+    (background, touches): (bool, usize),
+    huge_pages: bool,
 ) -> Result<(Duration, Vec<u32>, f64)> {
-    let dest = Destination::bind(&"127.0.0.1:0".parse()?, listener, DestOptions::default())?;
+    let opts = DestOptions {
+        huge_pages,
+        ..DestOptions::default()
+    };
+    let dest = Destination::bind(&"127.0.0.1:0".parse()?, listener, opts)?;
     let addr = dest.local_addr()?;
     let lat: Arc<Mutex<Option<std::thread::JoinHandle<Vec<u32>>>>> = Arc::default();
     let l = lat.clone();
@@ -252,14 +261,15 @@ struct Series {
 impl Series {
     /// One run of each measurement over `ends`.
     fn run(&mut self, ends: &Ends, a: &NetArgs) -> Result<()> {
-        let (t, _, cpu) = migration(ends, a.size, true, 0)?;
+        let huge = !a.no_huge_pages;
+        let (t, _, cpu) = migration(ends, a.size, (true, 0), huge)?;
         self.stream
             .push(a.size as f64 / t.as_secs_f64() / f64::from(1u32 << 20));
         self.cpu.push(cpu);
         self.idle
-            .extend(migration(ends, a.idle_size, false, a.touches)?.1);
+            .extend(migration(ends, a.idle_size, (false, a.touches), huge)?.1);
         self.loaded
-            .extend(migration(ends, a.size, true, a.touches)?.1);
+            .extend(migration(ends, a.size, (true, a.touches), huge)?.1);
         Ok(())
     }
 
@@ -301,6 +311,7 @@ pub fn run(a: &NetArgs) -> Result<()> {
     let tls = tls_ends.map(|_| tls.figures());
     let mut figures = json!({
         "placement": "unpinned, TCP loopback, destination per-CPU handlers",
+        "huge_pages": !a.no_huge_pages,
         "rtt_us": { "p50": rtt.p50_us, "p99": rtt.p99_us },
         "rtt_same_cpu_us": { "p50": rtt_same.p50_us, "p99": rtt_same.p99_us },
         "rtt_cross_cpu_us": { "p50": rtt_cross.p50_us, "p99": rtt_cross.p99_us },
@@ -336,8 +347,13 @@ pub fn run(a: &NetArgs) -> Result<()> {
         println!("{figures}");
         return Ok(());
     }
+    let landing = if a.no_huge_pages {
+        "every page copied"
+    } else {
+        "whole blocks moved in as huge pages"
+    };
     println!(
-        "migrate netbench (TCP loopback, unpinned; medians of {} runs; same run):",
+        "migrate netbench (TCP loopback, unpinned; medians of {} runs; same run; {landing}):",
         a.repeat
     );
     println!(

@@ -276,6 +276,8 @@ pub struct Case {
     pub ends: (Security, Security),
     pub src: Hook<SourceControl>,
     pub dst: Hook<DestControl>,
+    /// The destination's `DestOptions::huge_pages`.
+    pub huge_pages: bool,
 }
 
 /// What a case did.
@@ -309,6 +311,7 @@ impl Case {
             ends: psk_ends(),
             src: Box::new(|_| {}),
             dst: Box::new(|_| {}),
+            huge_pages: true,
         }
     }
 
@@ -334,6 +337,7 @@ impl Case {
         let opts = DestOptions {
             mode: DeliveryMode::Thread,
             timing: self.dest_timing,
+            huge_pages: self.huge_pages,
             ..DestOptions::default()
         };
         let (listener, opener) = self.ends.clone();

@@ -47,6 +47,15 @@ pub struct DestOptions {
     pub timing: Timing,
     /// What strangers may hold while the destination listens (one session is served).
     pub admission: Admission,
+    /// Transparent huge pages for the workload (anonymous memory; the default): the
+    /// memory is advised `MADV_HUGEPAGE` from LISTEN on, and where it lies on 2 MiB
+    /// boundaries the stream's whole blocks are moved in from the receive buffer as huge
+    /// pages, uncopied ([`Destination::with_memory`] says more). What it costs: the
+    /// connection's reader zeroes each huge page before it receives into it, and beside
+    /// two busy loops the stream ran ~10 % slower (README, "The network data path").
+    /// Off, the memory stays advised `MADV_NOHUGEPAGE` from ADVISE on, as QEMU's postcopy
+    /// destination leaves it, and every page is copied in.
+    pub huge_pages: bool,
 }
 
 impl Default for DestOptions {
@@ -55,6 +64,7 @@ impl Default for DestOptions {
             mode: DeliveryMode::PerCpu,
             timing: Timing::default(),
             admission: Admission::default(),
+            huge_pages: true,
         }
     }
 }
@@ -222,11 +232,11 @@ impl Destination {
     /// be registered with another userfaultfd.
     ///
     /// Anonymous memory is advised `MADV_NOHUGEPAGE` at ADVISE (khugepaged could otherwise
-    /// fill pages DISCARD dropped with zeros before a userfaultfd guards them) and
-    /// `MADV_HUGEPAGE` at LISTEN, once registered. On 2 MiB boundaries, and with a kernel
-    /// that has `UFFDIO_MOVE`, the stream's whole 2 MiB blocks are then moved in from the
-    /// receive buffer, uncopied, as transparent huge pages (the destination's own memory
-    /// is mapped so).
+    /// fill pages DISCARD dropped with zeros before a userfaultfd guards them) and, with
+    /// [`DestOptions::huge_pages`], `MADV_HUGEPAGE` at LISTEN, once registered. On 2 MiB
+    /// boundaries, and with a kernel that has `UFFDIO_MOVE`, the stream's whole 2 MiB
+    /// blocks are then moved in from the receive buffer, uncopied, as transparent huge
+    /// pages (the destination's own memory is mapped so).
     pub fn with_memory(mut self, memory: Arc<Mapping>) -> Destination {
         self.memory = Some(memory);
         self

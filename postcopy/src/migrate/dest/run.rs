@@ -77,7 +77,9 @@ impl<'d> DestRun<'d> {
                 .madvise(0, memory.len(), libc::MADV_NOHUGEPAGE)
                 .map_err(Error::io("advise the memory against huge pages"))?;
         }
-        let blocks = kind == MemoryKind::Anon && memory.addr() % uffd_core::HUGE_PAGE_SIZE == 0;
+        let blocks = d.opts.huge_pages
+            && kind == MemoryKind::Anon
+            && memory.addr() % uffd_core::HUGE_PAGE_SIZE == 0;
         let states = PageStateMap::new(pages as usize);
         let land = Land::Copy { memory, states };
         let placed = Arc::new(Placed::new(ps, pages));
@@ -204,7 +206,7 @@ impl<'d> DestRun<'d> {
             .prefetch(Prefetch::None)
             .states(states)
             .start()?;
-        if memory.kind() == MemoryKind::Anon {
+        if self.d.opts.huge_pages && memory.kind() == MemoryKind::Anon {
             // Registered now (see `start`): huge pages for the workload where they fit.
             memory
                 .madvise(0, memory.len(), libc::MADV_HUGEPAGE)
