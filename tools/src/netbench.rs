@@ -43,10 +43,10 @@ pub struct NetArgs {
     /// with a pre-shared key in the same run.
     #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "auto")]
     pub tls: Option<crate::link_args::AutoTls>,
-    /// The destination copies every page into small pages instead of moving the stream's
-    /// whole 2 MiB blocks in as transparent huge pages (`DestOptions::huge_pages` off).
+    /// The destination moves the stream's whole 2 MiB blocks in as transparent huge pages
+    /// instead of copying every page (`DestOptions::huge_pages`).
     #[arg(long)]
-    pub no_huge_pages: bool,
+    pub huge_pages: bool,
     /// Print the figures as JSON.
     #[arg(long)]
     pub json: bool,
@@ -261,7 +261,7 @@ struct Series {
 impl Series {
     /// One run of each measurement over `ends`.
     fn run(&mut self, ends: &Ends, a: &NetArgs) -> Result<()> {
-        let huge = !a.no_huge_pages;
+        let huge = a.huge_pages;
         let (t, _, cpu) = migration(ends, a.size, (true, 0), huge)?;
         self.stream
             .push(a.size as f64 / t.as_secs_f64() / f64::from(1u32 << 20));
@@ -311,7 +311,7 @@ pub fn run(a: &NetArgs) -> Result<()> {
     let tls = tls_ends.map(|_| tls.figures());
     let mut figures = json!({
         "placement": "unpinned, TCP loopback, destination per-CPU handlers",
-        "huge_pages": !a.no_huge_pages,
+        "huge_pages": a.huge_pages,
         "rtt_us": { "p50": rtt.p50_us, "p99": rtt.p99_us },
         "rtt_same_cpu_us": { "p50": rtt_same.p50_us, "p99": rtt_same.p99_us },
         "rtt_cross_cpu_us": { "p50": rtt_cross.p50_us, "p99": rtt_cross.p99_us },
@@ -347,10 +347,10 @@ pub fn run(a: &NetArgs) -> Result<()> {
         println!("{figures}");
         return Ok(());
     }
-    let landing = if a.no_huge_pages {
-        "every page copied"
-    } else {
+    let landing = if a.huge_pages {
         "whole blocks moved in as huge pages"
+    } else {
+        "every page copied"
     };
     println!(
         "migrate netbench (TCP loopback, unpinned; medians of {} runs; same run; {landing}):",

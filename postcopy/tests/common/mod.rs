@@ -311,7 +311,7 @@ impl Case {
             ends: psk_ends(),
             src: Box::new(|_| {}),
             dst: Box::new(|_| {}),
-            huge_pages: true,
+            huge_pages: false,
         }
     }
 

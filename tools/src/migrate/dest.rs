@@ -52,7 +52,7 @@ pub(super) fn dest(a: &DestArgs) -> Result<()> {
     let opts = DestOptions {
         mode: a.mode.into(),
         timing: a.liveness.timing()?,
-        huge_pages: !a.no_huge_pages,
+        huge_pages: a.huge_pages,
         ..DestOptions::default()
     };
     raise_open_files();

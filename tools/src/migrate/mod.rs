@@ -169,10 +169,11 @@ pub struct DestArgs {
     /// for a source migrating 2 MiB pages.
     #[arg(long, value_name = "PAGES")]
     reserve_hugepages: Option<usize>,
-    /// Copy every page into small pages instead of moving the stream's whole 2 MiB blocks
-    /// in as transparent huge pages (postcopy's `DestOptions::huge_pages` off).
+    /// Move the stream's whole 2 MiB blocks in as transparent huge pages, uncopied, and
+    /// advise the memory for huge pages from LISTEN on (postcopy's `DestOptions::huge_pages`);
+    /// beside busy loops the stream runs ~10 % slower.
     #[arg(long)]
-    no_huge_pages: bool,
+    huge_pages: bool,
     /// Fault injection: SIGKILL this process once this many postcopy pages arrived.
     #[arg(long, hide = true)]
     die_after_pages: Option<u64>,

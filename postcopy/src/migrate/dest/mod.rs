@@ -47,12 +47,12 @@ pub struct DestOptions {
     pub timing: Timing,
     /// What strangers may hold while the destination listens (one session is served).
     pub admission: Admission,
-    /// Transparent huge pages for the workload (anonymous memory; the default): the
-    /// memory is advised `MADV_HUGEPAGE` from LISTEN on, and where it lies on 2 MiB
-    /// boundaries the stream's whole blocks are moved in from the receive buffer as huge
-    /// pages, uncopied ([`Destination::with_memory`] says more). What it costs: the
-    /// connection's reader zeroes each huge page before it receives into it, and beside
-    /// two busy loops the stream ran ~10 % slower (README, "The network data path").
+    /// Transparent huge pages for the workload (anonymous memory): the memory is advised
+    /// `MADV_HUGEPAGE` from LISTEN on, and where it lies on 2 MiB boundaries the stream's
+    /// whole blocks are moved in from the receive buffer as huge pages, uncopied
+    /// ([`Destination::with_memory`] says more). What it costs: the connection's reader
+    /// zeroes each huge page before it receives into it, and beside two busy loops the
+    /// stream ran ~10 % slower (README, "The network data path"), so it is off by default.
     /// Off, the memory stays advised `MADV_NOHUGEPAGE` from ADVISE on, as QEMU's postcopy
     /// destination leaves it, and every page is copied in.
     pub huge_pages: bool,
@@ -64,7 +64,7 @@ impl Default for DestOptions {
             mode: DeliveryMode::PerCpu,
             timing: Timing::default(),
             admission: Admission::default(),
-            huge_pages: true,
+            huge_pages: false,
         }
     }
 }
