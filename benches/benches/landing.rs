@@ -32,8 +32,7 @@ use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use nix::time::{clock_gettime, ClockId};
 use uffd_core::{
-    ContinueMode, CopyMode, Features, Mapping, MemoryKind, MoveMode, PageCategories, Pagemap,
-    RegisterMode, ScanFlags, ScanQuery, Uffd,
+    ContinueMode, CopyMode, Features, Mapping, MemoryKind, MoveMode, RegisterMode, Uffd,
 };
 
 const PAGE: usize = 4096;
@@ -241,24 +240,6 @@ fn thp_advised(len: usize) -> Mapping {
     m
 }
 
-/// Whether every page of `m` is present in a huge page (`PAGEMAP_SCAN` finds none that
-/// is not).
-fn all_huge(m: &Mapping) -> bool {
-    let not_huge = ScanQuery {
-        flags: ScanFlags::empty(),
-        inverted: PageCategories::HUGE,
-        mask: PageCategories::HUGE,
-        any_of: PageCategories::empty(),
-        report: PageCategories::HUGE,
-        max_pages: 1,
-    };
-    let mut out = [Default::default(); 1];
-    let (found, _) = Pagemap::open()
-        .and_then(|p| p.scan(m.addr(), m.addr() + m.len(), &not_huge, &mut out))
-        .expect("PAGEMAP_SCAN");
-    found == 0
-}
-
 /// Fills `from` (fresh, THP-advised) with the runs of `src`, as `recv` into it would, and
 /// moves it into the empty, registered `region` 2 MiB at a time.
 fn thp_move_runs(uffd: &Uffd, region: &Mapping, from: &Mapping, src: &[u8]) {
@@ -293,7 +274,7 @@ fn thp_move(g: &mut BenchmarkGroup<'_, WallTime>, src: &[u8]) {
     }
     let from = thp_advised(region_len());
     memcpy_runs(&from, src);
-    if !all_huge(&from) {
+    if !testkit::hugepages::all_transparent(&from) {
         // THP disabled (`/sys/kernel/mm/transparent_hugepage/enabled`: never), or memory
         // too fragmented for 2 MiB pages: this design would not have them either.
         testkit::skip(
@@ -305,7 +286,10 @@ fn thp_move(g: &mut BenchmarkGroup<'_, WallTime>, src: &[u8]) {
     empty(&from);
     thp_move_runs(&uffd, &region, &from, src);
     assert_holds_runs(&region, src);
-    assert!(all_huge(&region), "the huge pages were moved whole");
+    assert!(
+        testkit::hugepages::all_transparent(&region),
+        "the huge pages were moved whole"
+    );
     g.bench_function("thp_move", |b| {
         b.iter_custom(|iters| {
             // The moves left `from` empty: only the region is emptied again.

@@ -8,9 +8,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pager::{DeliveryMode, Fetched, Pager, Placer, Source, SourceError};
-use uffd_core::{
-    Features, Mapping, MemoryKind, PageCategories, Pagemap, ScanFlags, ScanQuery, Uffd,
-};
+use uffd_core::{Features, Mapping, MemoryKind, Uffd};
 
 use crate::common;
 
@@ -99,23 +97,6 @@ fn bytes(m: &Mapping) -> &[u8] {
     unsafe { std::slice::from_raw_parts(m.as_ptr().cast_const(), m.len()) }
 }
 
-/// Whether every page of `m` is present in a huge page.
-fn all_huge(m: &Mapping) -> bool {
-    let not_huge = ScanQuery {
-        flags: ScanFlags::empty(),
-        inverted: PageCategories::HUGE,
-        mask: PageCategories::HUGE,
-        any_of: PageCategories::empty(),
-        report: PageCategories::HUGE,
-        max_pages: 1,
-    };
-    let mut out = [Default::default(); 1];
-    let (found, _) = Pagemap::open()
-        .and_then(|p| p.scan(m.addr(), m.addr() + m.len(), &not_huge, &mut out))
-        .expect("PAGEMAP_SCAN");
-    found == 0
-}
-
 /// Threads reading one byte of each of `pages` of `memory` (each blocks until its page
 /// is placed); returns once the pager was asked for all of them.
 fn waiters(
@@ -155,7 +136,7 @@ fn move_whole_image(test: &str, len: usize, huge: bool) -> Option<(bool, bool)> 
     let waiting = waiters(&memory, &[0, 3, len / PS / 2, len / PS - 1], &far);
     let mut staging = aligned(len, huge);
     bytes_mut(&mut staging).copy_from_slice(&image);
-    let staged_huge = all_huge(&staging);
+    let staged_huge = testkit::hugepages::all_transparent(&staging);
     let placed = placer
         .place_run_moving(0, bytes_mut(&mut staging))
         .expect("place");
@@ -165,7 +146,7 @@ fn move_whole_image(test: &str, len: usize, huge: bool) -> Option<(bool, bool)> 
         assert_eq!(got, image[page * PS + 7], "page {page} woke with its data");
     }
     assert!(bytes(&memory) == &image[..], "the memory holds the image");
-    let landed_huge = all_huge(&memory);
+    let landed_huge = testkit::hugepages::all_transparent(&memory);
     assert!(
         bytes(&staging).iter().all(|&b| b == 0),
         "the pages left the staging memory (moved, not copied)"

@@ -132,24 +132,6 @@ fn can_move(test: &str) -> bool {
     can
 }
 
-/// Pages of `m` that huge pages hold.
-fn huge_pages_in(m: &uffd_core::Mapping) -> u64 {
-    use uffd_core::{PageCategories, PageRegion, Pagemap, ScanFlags, ScanQuery};
-    let huge = ScanQuery {
-        flags: ScanFlags::empty(),
-        inverted: PageCategories::empty(),
-        mask: PageCategories::HUGE,
-        any_of: PageCategories::empty(),
-        report: PageCategories::HUGE,
-        max_pages: 0,
-    };
-    let mut out = vec![PageRegion::default(); 4096];
-    let (found, _) = Pagemap::open()
-        .and_then(|p| p.scan(m.addr(), m.addr() + m.len(), &huge, &mut out))
-        .expect("PAGEMAP_SCAN");
-    out[..found].iter().map(|r| (r.end - r.start) / 4096).sum()
-}
-
 /// The kernel's count of huge page faults that fell back to small pages (`/proc/vmstat`).
 fn thp_fallbacks() -> u64 {
     let vmstat = std::fs::read_to_string("/proc/vmstat").expect("/proc/vmstat");
@@ -180,7 +162,7 @@ fn the_stream_moves_whole_blocks_in_and_they_stay_huge_pages() {
     let fallbacks = thp_fallbacks();
     let dst = streamed(true);
     let moved = dst.pager.placed_moved;
-    let huge = huge_pages_in(&dst.memory);
+    let huge = hugepages::transparent_in(&dst.memory);
     eprintln!("moved {moved} of {} pages; {huge} in huge pages", dst.pages);
     // The stream's frames are whole aligned blocks (the source's memory has no zero
     // pages), each read aligned: every one moves.
@@ -200,7 +182,7 @@ fn without_huge_pages_every_page_is_copied_into_small_pages() {
     assert_eq!(dst.pager.placed_moved, 0, "{:?}", dst.pager);
     assert_eq!(dst.postcopy_pages, dst.pages, "every page placed");
     assert_eq!(
-        huge_pages_in(&dst.memory),
+        hugepages::transparent_in(&dst.memory),
         0,
         "advised MADV_NOHUGEPAGE throughout"
     );

@@ -38,3 +38,35 @@ pub fn available(test: &str, pages: usize) -> bool {
         }
     }
 }
+
+/// Pages of the 4 KiB pages of `m` that transparent huge pages hold (`PAGEMAP_SCAN`, which
+/// reports each page of a PMD-mapped huge page as huge).
+pub fn transparent_in(m: &uffd_core::Mapping) -> u64 {
+    use uffd_core::{PageCategories, PageRegion, Pagemap, ScanFlags, ScanQuery};
+    let huge = ScanQuery {
+        flags: ScanFlags::empty(),
+        inverted: PageCategories::empty(),
+        mask: PageCategories::HUGE,
+        any_of: PageCategories::empty(),
+        report: PageCategories::HUGE,
+        max_pages: 0,
+    };
+    let (mut at, end, mut pages) = (m.addr(), m.addr() + m.len(), 0);
+    let mut out = vec![PageRegion::default(); 1024];
+    while at < end {
+        let (found, walked) = Pagemap::open()
+            .and_then(|p| p.scan(at, end, &huge, &mut out))
+            .expect("PAGEMAP_SCAN");
+        pages += out[..found]
+            .iter()
+            .map(|r| (r.end - r.start) / 4096)
+            .sum::<u64>();
+        at = walked;
+    }
+    pages
+}
+
+/// Whether every 4 KiB page of `m` is held by a transparent huge page.
+pub fn all_transparent(m: &uffd_core::Mapping) -> bool {
+    transparent_in(m) == (m.len() / 4096) as u64
+}
