@@ -39,31 +39,13 @@ pub fn available(test: &str, pages: usize) -> bool {
     }
 }
 
-/// Pages of the 4 KiB pages of `m` that transparent huge pages hold (`PAGEMAP_SCAN`, which
-/// reports each page of a PMD-mapped huge page as huge).
+/// How many of the 4 KiB pages of `m` transparent huge pages hold.
 pub fn transparent_in(m: &uffd_core::Mapping) -> u64 {
-    use uffd_core::{PageCategories, PageRegion, Pagemap, ScanFlags, ScanQuery};
-    let huge = ScanQuery {
-        flags: ScanFlags::empty(),
-        inverted: PageCategories::empty(),
-        mask: PageCategories::HUGE,
-        any_of: PageCategories::empty(),
-        report: PageCategories::HUGE,
-        max_pages: 0,
-    };
-    let (mut at, end, mut pages) = (m.addr(), m.addr() + m.len(), 0);
-    let mut out = vec![PageRegion::default(); 1024];
-    while at < end {
-        let (found, walked) = Pagemap::open()
-            .and_then(|p| p.scan(at, end, &huge, &mut out))
-            .expect("PAGEMAP_SCAN");
-        pages += out[..found]
-            .iter()
-            .map(|r| (r.end - r.start) / 4096)
-            .sum::<u64>();
-        at = walked;
-    }
-    pages
+    let end = m.addr() + m.len();
+    let bytes = uffd_core::Pagemap::open()
+        .and_then(|p| p.huge_bytes(m.addr(), end))
+        .expect("PAGEMAP_SCAN");
+    bytes / 4096
 }
 
 /// Whether every 4 KiB page of `m` is held by a transparent huge page.

@@ -175,4 +175,28 @@ impl Pagemap {
         }
         Ok((ret as usize, arg.walk_end as usize))
     }
+
+    /// Bytes of `[start, end)` (page aligned) that huge pages map now (`PAGE_IS_HUGE`: a
+    /// PMD-mapped transparent huge page, or hugetlb), walking the whole range.
+    pub fn huge_bytes(&self, start: usize, end: usize) -> Result<u64> {
+        let huge = ScanQuery {
+            flags: ScanFlags::empty(),
+            inverted: PageCategories::empty(),
+            mask: PageCategories::HUGE,
+            any_of: PageCategories::empty(),
+            report: PageCategories::HUGE,
+            max_pages: 0,
+        };
+        let mut out = [PageRegion::default(); 64];
+        let (mut at, mut bytes) = (start, 0);
+        while at < end {
+            let (n, walk_end) = self.scan(at, end, &huge, &mut out)?;
+            bytes += out[..n].iter().map(|r| r.end - r.start).sum::<u64>();
+            if walk_end <= at {
+                break;
+            }
+            at = walk_end;
+        }
+        Ok(bytes)
+    }
 }

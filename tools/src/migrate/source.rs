@@ -1,7 +1,7 @@
 //! `uffdkit migrate source`: the region, its writer workload, the operator's signals.
 
 use super::*;
-use uffd_core::pagemap::{PageCategories, PageRegion, Pagemap, ScanFlags, ScanQuery};
+use uffd_core::pagemap::Pagemap;
 
 /// The source's region, unfilled: anonymous memory, 2 MiB aligned and THP-advised unless
 /// `--source-memory 4k`.
@@ -18,26 +18,8 @@ fn region(shape: &Shape, size: usize) -> Result<Mapping> {
 
 /// Bytes of `memory` the kernel maps with huge pages now (`PAGEMAP_SCAN`'s `PAGE_IS_HUGE`).
 fn huge_mapped(memory: &Mapping) -> Result<u64> {
-    let pagemap = Pagemap::open()?;
-    let query = ScanQuery {
-        flags: ScanFlags::empty(),
-        inverted: PageCategories::empty(),
-        mask: PageCategories::HUGE,
-        any_of: PageCategories::empty(),
-        report: PageCategories::HUGE,
-        max_pages: 0,
-    };
-    let mut out = vec![PageRegion::default(); 512];
-    let (mut at, end, mut bytes) = (memory.addr(), memory.addr() + memory.len(), 0);
-    while at < end {
-        let (n, walk_end) = pagemap.scan(at, end, &query, &mut out)?;
-        bytes += out[..n].iter().map(|r| r.end - r.start).sum::<u64>();
-        if walk_end <= at {
-            break;
-        }
-        at = walk_end;
-    }
-    Ok(bytes)
+    let end = memory.addr() + memory.len();
+    Ok(Pagemap::open()?.huge_bytes(memory.addr(), end)?)
 }
 
 /// The source's writer: dirties pages until stopped.
