@@ -32,7 +32,16 @@ pub(crate) trait Inbound: Send + Sync {
     /// Handles one PAGES frame: whole pages from `first`, checked against the advised
     /// geometry, in the reader's buffer, which the endpoint may consume (move pages out
     /// of: see [`Receiver`](crate::endpoint::receiver::Receiver)).
-    fn pages(&self, chan: &Chan, first: u64, data: &mut [u8]) -> Result<Option<Message>, Error> {
+    /// `spare`: where the reader will read the next body of this size (see
+    /// `transport::conn::FrameReader::recv_spare`), empty now, or an empty slice.
+    fn pages(
+        &self,
+        chan: &Chan,
+        first: u64,
+        data: &mut [u8],
+        spare: &mut [u8],
+    ) -> Result<Option<Message>, Error> {
+        let _ = spare;
         self.frame(chan, Frame::Pages { first, data })
     }
 
@@ -53,6 +62,15 @@ impl transport::link::Inbound for Decoding {
     type Error = Error;
 
     fn frame(&self, chan: &Chan, bytes: &mut [u8]) -> Result<Option<Message>, Error> {
+        self.frame_with_spare(chan, bytes, &mut [])
+    }
+
+    fn frame_with_spare(
+        &self,
+        chan: &Chan,
+        bytes: &mut [u8],
+        spare: &mut [u8],
+    ) -> Result<Option<Message>, Error> {
         let (first, data) = match decode_frame(bytes, &self.limits) {
             Ok(Some((Frame::Pages { first, data }, _))) => {
                 let at = data.as_ptr() as usize - bytes.as_ptr() as usize;
@@ -62,7 +80,7 @@ impl transport::link::Inbound for Decoding {
             Ok(None) => unreachable!("the transport hands whole frames"),
             Err(e) => return Err(LinkError::malformed(chan.channel, e).into()),
         };
-        self.inner.pages(chan, first, &mut bytes[data])
+        self.inner.pages(chan, first, &mut bytes[data], spare)
     }
 
     fn forwards_requests(&self) -> bool {

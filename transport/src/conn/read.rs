@@ -17,6 +17,10 @@ pub const BODY_ALIGN: usize = 2 << 20;
 /// Bytes asked of each read.
 const READ: usize = 256 << 10;
 
+/// How far apart the two places are where aligned bodies are read, by turns
+/// ([`FrameReader::recv_spare`]).
+const SLOT: usize = 2 * BODY_ALIGN;
+
 /// Reads whole frames.
 pub struct FrameReader {
     inner: Box<dyn Read + Send>,
@@ -29,6 +33,8 @@ pub struct FrameReader {
     pub max_body: usize,
     /// Bodies aligned: which byte, from which body size on ([`FrameReader::align_bodies`]).
     align: Option<(usize, usize)>,
+    /// Which of the two slots the next aligned body is read into.
+    slot: usize,
 }
 
 /// A reader's buffer: a vector, or an aligned mapping of huge pages.
@@ -79,6 +85,7 @@ impl FrameReader {
             deadline: Duration::ZERO,
             max_body: DEFAULT_MAX_BODY,
             align: None,
+            slot: 0,
         }
     }
 
@@ -96,7 +103,19 @@ impl FrameReader {
     /// is moved to the front only when the space behind it runs short (or to where its body
     /// must be aligned), and the buffer grows only for a frame larger than it.
     pub fn recv_raw(&mut self) -> Result<&mut [u8], LinkError> {
+        Ok(self.recv_spare()?.0)
+    }
+
+    /// [`recv_raw`](Self::recv_raw), and with it, after a body read aligned
+    /// ([`align_bodies`](Self::align_bodies)), the spare: the whole 2 MiB blocks where the
+    /// next body of the same size will be read (aligned bodies alternate between two
+    /// places), empty now. A receiver that moves the frame's pages out can populate the
+    /// spare meanwhile, on another thread (`MADV_POPULATE_WRITE`): the next `recv` then
+    /// writes into pages already there, and the reading thread does not wait for the
+    /// kernel to zero them. Otherwise the spare is empty.
+    pub fn recv_spare(&mut self) -> Result<(&mut [u8], &mut [u8]), LinkError> {
         let channel = self.channel;
+        let mut aligned = false;
         let len = loop {
             let have = &self.buf.bytes()[self.start..self.end];
             // How much one read may bring: the rest of a frame being aligned, no more (the
@@ -114,7 +133,8 @@ impl FrameReader {
                 Ok(Some(n)) if n <= have.len() => break n,
                 Ok(Some(n)) => {
                     let had = have.len();
-                    if self.align(n) {
+                    aligned = self.align(n);
+                    if aligned {
                         want = n - had;
                     }
                 }
@@ -145,6 +165,15 @@ impl FrameReader {
         };
         let at = self.start;
         self.start += len;
+        let mut spare = 0..0;
+        if aligned {
+            // The next aligned body goes to the other slot; the spare is its whole blocks.
+            self.slot ^= 1;
+            let (body_at, _) = self.align.expect("aligned");
+            let from = self.align_from() + HEADER_LEN + body_at;
+            let blocks = (len - HEADER_LEN - body_at - TRAILER_LEN) / BODY_ALIGN * BODY_ALIGN;
+            spare = from..from + blocks;
+        }
         if self.start == self.end {
             // Nothing unparsed behind it: the next read fills the buffer from the front,
             // or from where a frame's body would be aligned (the frame's bytes stay where
@@ -152,7 +181,18 @@ impl FrameReader {
             self.start = self.align_from();
             self.end = self.start;
         }
-        Ok(&mut self.buf.bytes()[at..at + len])
+        if spare.end > self.buf.bytes().len() || (spare.start < at + len && at < spare.end) {
+            spare = 0..0;
+        }
+        let bytes = self.buf.bytes();
+        let (frame, spare) = if spare.start >= at + len {
+            let (head, tail) = bytes.split_at_mut(spare.start);
+            (&mut head[at..at + len], &mut tail[..spare.len()])
+        } else {
+            let (head, tail) = bytes.split_at_mut(at);
+            (&mut tail[..len], &mut head[spare])
+        };
+        Ok((frame, spare))
     }
 
     /// From now on, reads each frame whose body is at least `min` bytes so that the body's
@@ -162,7 +202,7 @@ impl FrameReader {
     /// is `max_body` and 2 MiB of address space, touched as frames need it; a moved-out
     /// page takes a fresh one when the next frame is read there.
     pub fn align_bodies(&mut self, at: usize, min: usize) -> io::Result<()> {
-        let len = BODY_ALIGN + HEADER_LEN + self.max_body + TRAILER_LEN + READ;
+        let len = SLOT + BODY_ALIGN + HEADER_LEN + self.max_body + TRAILER_LEN + READ;
         let mapping = Mapping::anon_aligned(len, BODY_ALIGN)?;
         mapping.madvise(0, mapping.len(), libc::MADV_HUGEPAGE)?;
         let mut buf = RecvBuf::Aligned(mapping);
@@ -176,11 +216,14 @@ impl FrameReader {
         Ok(())
     }
 
-    /// Where a frame must start for its body to be aligned (0 if bodies are not).
+    /// Where a frame must start for its body to be aligned, in the slot the next aligned
+    /// body is read into (0 if bodies are not aligned).
     fn align_from(&self) -> usize {
         match self.align {
             // The buffer starts on a boundary.
-            Some((at, _)) => (BODY_ALIGN - (HEADER_LEN + at) % BODY_ALIGN) % BODY_ALIGN,
+            Some((at, _)) => {
+                (BODY_ALIGN - (HEADER_LEN + at) % BODY_ALIGN) % BODY_ALIGN + self.slot * SLOT
+            }
             None => 0,
         }
     }
@@ -296,23 +339,47 @@ mod tests {
     /// fresh pages).
     fn read_aligned(r: &mut FrameReader, frames: &[Vec<u8>]) {
         r.align_bodies(8, 1 << 20).unwrap();
+        // Where the last large body said the next one would go.
+        let mut next: Option<usize> = None;
         for (i, want) in frames.iter().enumerate() {
-            let got = r.recv_raw().unwrap();
+            let (got, spare) = r.recv_spare().unwrap();
             assert!(got == &want[..], "frame {i} arrived whole");
-            if got.len() > 1 << 20 {
-                let end = got.len() - TRAILER_LEN;
-                let data = &mut got[HEADER_LEN + 8..end];
-                assert_eq!(
-                    data.as_ptr() as usize % BODY_ALIGN,
-                    0,
-                    "frame {i}'s body aligned"
-                );
-                // SAFETY: whole pages of the reader's own buffer, ours until the next read.
-                let dropped = unsafe {
-                    libc::madvise(data.as_mut_ptr().cast(), data.len(), libc::MADV_DONTNEED)
-                };
-                assert_eq!(dropped, 0);
+            if got.len() <= 1 << 20 {
+                assert!(spare.is_empty(), "no spare after small frame {i}");
+                continue;
             }
+            let end = got.len() - TRAILER_LEN;
+            let data = &mut got[HEADER_LEN + 8..end];
+            let at = data.as_ptr() as usize;
+            assert_eq!(at % BODY_ALIGN, 0, "frame {i}'s body aligned");
+            if let Some(next) = next {
+                assert_eq!(at, next, "frame {i}'s body is where the spare was");
+            }
+            assert_eq!(
+                spare.len(),
+                data.len() / BODY_ALIGN * BODY_ALIGN,
+                "frame {i}'s spare"
+            );
+            let s = spare.as_ptr() as usize;
+            assert!(
+                s + spare.len() <= at || at + data.len() <= s,
+                "the spare is elsewhere"
+            );
+            next = Some(s);
+            // Consumed, as a receiver moving its pages out leaves it, and the spare
+            // populated, as it would be meanwhile.
+            // SAFETY: whole pages of the reader's own buffer, ours until the next read.
+            let (dropped, populated) = unsafe {
+                (
+                    libc::madvise(data.as_mut_ptr().cast(), data.len(), libc::MADV_DONTNEED),
+                    libc::madvise(
+                        spare.as_mut_ptr().cast(),
+                        spare.len(),
+                        libc::MADV_POPULATE_WRITE,
+                    ),
+                )
+            };
+            assert_eq!((dropped, populated), (0, 0));
         }
     }
 

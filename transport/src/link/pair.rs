@@ -225,6 +225,20 @@ pub trait Inbound: Send + Sync {
     /// [`FrameReader::align_bodies`](crate::conn::FrameReader::align_bodies) aligned.
     fn frame(&self, chan: &Chan, frame: &mut [u8]) -> Result<Option<Self::Message>, Self::Error>;
 
+    /// [`frame`](Self::frame), with the reader's spare: where the next body of the same
+    /// size will be read, when this one was read aligned (else empty; see
+    /// [`FrameReader::recv_spare`](crate::conn::FrameReader::recv_spare)). By default
+    /// the spare is left alone.
+    fn frame_with_spare(
+        &self,
+        chan: &Chan,
+        frame: &mut [u8],
+        spare: &mut [u8],
+    ) -> Result<Option<Self::Message>, Self::Error> {
+        let _ = spare;
+        self.frame(chan, frame)
+    }
+
     /// Whether fault handlers send on the urgent connection ([`Chan::request_with`]):
     /// over an encrypted connection the pair then runs a thread that seals their frames.
     fn forwards_requests(&self) -> bool {
@@ -411,8 +425,8 @@ fn read_loop<M: Send + 'static, E: Failure>(
     tx: &mpsc::Sender<Queued<M, E>>,
 ) {
     let failed = loop {
-        let frame = match r.recv_raw() {
-            Ok(frame) => frame,
+        let (frame, spare) = match r.recv_spare() {
+            Ok(read) => read,
             Err(e) => break Queued::Broken.with_cut(cutter, e),
         };
         if let kind::PING | kind::PONG = frame[4] {
@@ -423,7 +437,10 @@ fn read_loop<M: Send + 'static, E: Failure>(
                 }
             }
         }
-        match inbound.frame(chan, frame).map_err(Failure::into_link) {
+        match inbound
+            .frame_with_spare(chan, frame, spare)
+            .map_err(Failure::into_link)
+        {
             Ok(None) => {}
             Ok(Some(msg)) => {
                 if tx.send(Queued::Message(chan.channel, msg)).is_err() {

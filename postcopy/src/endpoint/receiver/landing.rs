@@ -44,6 +44,7 @@ impl Receiver {
         chan: &Chan,
         first: u64,
         data: &mut [u8],
+        spare: &mut [u8],
     ) -> Option<Result<(), Error>> {
         const BLOCK: usize = uffd_core::HUGE_PAGE_SIZE;
         let (ps, count) = (self.ps, (data.len() / self.ps) as u64);
@@ -69,20 +70,28 @@ impl Receiver {
         }
         Some((|| {
             self.current(chan, "pages")?;
-            // Told before placing, in pieces on both CPUs (see `land_piece`).
+            // Told before placing, in pieces on both CPUs (see `land_piece`); and first,
+            // the spare populated, where the reader will receive the next such frame: the
+            // kernel zeroes its huge pages here, beside the digests, rather than on the
+            // reading thread inside its next `recv`.
             const PIECE: u64 = 32;
             let told = &*data;
-            self.helper.for_each(count.div_ceil(PIECE) as usize, |i| {
-                let at = i as u64 * PIECE;
-                let n = PIECE.min(count - at);
-                let piece = &told[at as usize * ps..(at + n) as usize * ps];
-                let range = PageRange {
-                    first: first + at,
-                    count: n,
-                };
-                placer.states(|s| self.tell_landed(range, Some(piece), |p| open(&s, p)));
-                Ok::<_, Error>(())
-            })?;
+            let spare = (spare.as_mut_ptr() as usize, spare.len());
+            self.helper
+                .for_each(count.div_ceil(PIECE) as usize + 1, |i| {
+                    let Some(i) = i.checked_sub(1) else {
+                        return populate(spare);
+                    };
+                    let at = i as u64 * PIECE;
+                    let n = PIECE.min(count - at);
+                    let piece = &told[at as usize * ps..(at + n) as usize * ps];
+                    let range = PageRange {
+                        first: first + at,
+                        count: n,
+                    };
+                    placer.states(|s| self.tell_landed(range, Some(piece), |p| open(&s, p)));
+                    Ok::<_, Error>(())
+                })?;
             let placed = placer.place_run_moving(first * ps as u64, data)?;
             let placed = placed.ok_or(Error::PagerStopped)?;
             self.stats.placed.fetch_add(placed as u64, STAT);
@@ -199,4 +208,20 @@ impl Receiver {
             }
         }
     }
+}
+
+/// Populates the reader's spare, `len` bytes at `at` (none if empty): an advice, so a
+/// failure only costs the reading thread the faults.
+fn populate((at, len): (usize, usize)) -> Result<(), Error> {
+    use nix::sys::mman::{madvise, MmapAdvise};
+    let Some(at) = std::ptr::NonNull::new(at as *mut std::ffi::c_void).filter(|_| len > 0) else {
+        return Ok(());
+    };
+    // SAFETY: the spare is whole pages of the reader's own buffer, which it lent us with
+    // the frame; populating writes nothing a reader could see (zeros into pages that are
+    // not there).
+    if let Err(e) = unsafe { madvise(at, len, MmapAdvise::MADV_POPULATE_WRITE) } {
+        log::debug!("populating the reader's spare: {e}");
+    }
+    Ok(())
 }

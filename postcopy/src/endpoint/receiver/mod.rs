@@ -304,8 +304,14 @@ impl Inbound for Receiver {
         true
     }
 
-    fn pages(&self, chan: &Chan, first: u64, data: &mut [u8]) -> Result<Option<Message>, Error> {
-        match self.land_moving(chan, first, data) {
+    fn pages(
+        &self,
+        chan: &Chan,
+        first: u64,
+        data: &mut [u8],
+        spare: &mut [u8],
+    ) -> Result<Option<Message>, Error> {
+        match self.land_moving(chan, first, data, spare) {
             Some(landed) => landed?,
             None => self.land_pages(chan, first, (data.len() / self.ps) as u64, Some(data))?,
         }
