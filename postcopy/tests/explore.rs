@@ -6,7 +6,8 @@
 //! the source's workload (random writes, a hot set rewritten all the time, a sequential
 //! sweep), precopy rounds (0–3), whether the destination's workload touches every page,
 //! the size of the device state RUN carries (none, small, or megabytes, so that a fault at
-//! RUN can catch it in flight), and one to four faults — resets, silent freezes, half-open links (one direction
+//! RUN can catch it in flight), whether the destination moves whole blocks in as huge
+//! pages (`DestOptions::huge_pages`), and one to four faults — resets, silent freezes, half-open links (one direction
 //! frozen), delay spikes and slow drips, on main, urgent or both — each triggered by a
 //! protocol event the source reports (precopy round *r* after *k* page frames, the
 //! DISCARD before the stop, the stop, DISCARD, LISTEN, RUN, postcopy after *k* frames, the digests, SHUT) or by a
@@ -101,6 +102,8 @@ struct Schedule {
     byte_cuts: Vec<Cut>,
     /// Bytes of device state the source gives at the stop.
     device_state: usize,
+    /// The destination moves whole blocks in as huge pages (`DestOptions::huge_pages`).
+    huge_pages: bool,
 }
 
 const MAIN: Target = Target::Tag("main");
@@ -138,7 +141,7 @@ impl Schedule {
         let workload = rng.pick(&[Workload::Random, Workload::Hot, Workload::Sequential]);
         let rounds = rng.below(4) as u32;
         let dest_touches = !rng.chance(3);
-        let frames_per_round = (bytes / (1 << 20)) as u64; // PAGES frames carry 1 MiB
+        let frames_per_round = (bytes / (2 << 20)) as u64; // PAGES frames carry 2 MiB
         let mut faults = Vec::new();
         let mut byte_cuts = Vec::new();
         match kind {
@@ -203,6 +206,7 @@ impl Schedule {
         }
         // Drawn last: the draws above are what they were before RUN carried a state.
         let device_state = rng.pick(&[0, 300, 70_000, 3 << 20]);
+        let huge_pages = rng.chance(2);
         Schedule {
             seed,
             kind,
@@ -215,6 +219,7 @@ impl Schedule {
             dest_touches,
             faults,
             byte_cuts,
+            huge_pages,
         }
     }
 
@@ -250,6 +255,8 @@ struct Outcome {
     missed: usize,
     reconnects: u64,
     took: Duration,
+    /// Pages the destination moved in as whole blocks (`huge_pages` seeds).
+    moved: u64,
 }
 
 fn pick_of(w: Workload) -> fn(u64, usize) -> usize {
@@ -291,6 +298,7 @@ fn run_migration(s: &Schedule) -> Result<Outcome, String> {
     let opts = DestOptions {
         mode: DeliveryMode::Thread,
         timing: timing(),
+        huge_pages: s.huge_pages,
         ..DestOptions::default()
     };
     let dest = Destination::bind(&"127.0.0.1:0".parse().unwrap(), listener, opts)
@@ -402,6 +410,7 @@ fn run_migration(s: &Schedule) -> Result<Outcome, String> {
         missed: inj.pending() + proxy.pending(),
         reconnects: src.reconnects,
         took: t0.elapsed(),
+        moved: dst.pager.placed_moved,
     })
 }
 
@@ -430,6 +439,7 @@ fn run_page_server(s: &Schedule) -> Result<Outcome, String> {
         missed: proxy.pending(),
         reconnects: client.reconnects(),
         took: t0.elapsed(),
+        moved: 0,
     })
 }
 
@@ -581,12 +591,15 @@ fn main() {
 fn summarize(results: &[(Schedule, Result<Outcome, String>)], wall: Duration) {
     let (mut phases, mut modes) = (BTreeMap::new(), BTreeMap::new());
     let (mut passed, mut failed, mut missed, mut faults) = (0, Vec::new(), 0, 0);
+    let (mut moved, mut moving_seeds) = (0, 0);
     for (s, r) in results {
         match r {
             Ok(o) => {
                 passed += 1;
                 missed += o.missed;
                 faults += o.landed.len();
+                moved += o.moved;
+                moving_seeds += usize::from(o.moved > 0);
                 for p in &o.landed {
                     *phases.entry(*p).or_insert(0) += 1;
                 }
@@ -605,6 +618,7 @@ fn summarize(results: &[(Schedule, Result<Outcome, String>)], wall: Duration) {
     );
     println!("faults by phase: {phases:?}");
     println!("faults by kind: {modes:?}");
+    println!("pages moved in as whole 2 MiB blocks: {moved}, in {moving_seeds} seeds");
     if !failed.is_empty() {
         let list: Vec<String> = failed.iter().map(|s| format!("{s:#x}")).collect();
         println!("FAILED seeds: {}", list.join(" "));
