@@ -170,8 +170,8 @@ pub struct DestArgs {
     #[arg(long, value_name = "PAGES")]
     reserve_hugepages: Option<usize>,
     /// Move the stream's whole 2 MiB blocks in as transparent huge pages, uncopied, and
-    /// advise the memory for huge pages from LISTEN on (postcopy's `DestOptions::huge_pages`);
-    /// beside busy loops the stream runs ~10 % slower.
+    /// advise the memory for huge pages from LISTEN on (postcopy's `DestOptions::huge_pages`;
+    /// the README's "The network data path" has what it costs).
     #[arg(long)]
     huge_pages: bool,
     /// Fault injection: SIGKILL this process once this many postcopy pages arrived.

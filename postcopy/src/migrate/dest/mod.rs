@@ -50,9 +50,11 @@ pub struct DestOptions {
     /// Transparent huge pages for the workload (anonymous memory): the memory is advised
     /// `MADV_HUGEPAGE` from LISTEN on, and where it lies on 2 MiB boundaries the stream's
     /// whole blocks are moved in from the receive buffer as huge pages, uncopied
-    /// ([`Destination::with_memory`] says more). What it costs: the connection's reader
-    /// zeroes each huge page before it receives into it, and beside two busy loops the
-    /// stream ran ~10 % slower (README, "The network data path"), so it is off by default.
+    /// ([`Destination::with_memory`] says more). What it costs: the kernel zeroes each huge
+    /// page before the connection's reader receives into it. Beside two busy loops the
+    /// stream first ran ~10 % slower; with that zeroing moved off the reader it measured
+    /// within the noise of copying (README, "The network data path"). Not settled, so it
+    /// is off by default.
     /// Off, the memory stays advised `MADV_NOHUGEPAGE` from ADVISE on, as QEMU's postcopy
     /// destination leaves it, and every page is copied in.
     pub huge_pages: bool,
