@@ -98,7 +98,8 @@ fn bytes(m: &Mapping) -> &[u8] {
 }
 
 /// Threads reading one byte of each of `pages` of `memory` (each blocks until its page
-/// is placed); returns once the pager was asked for all of them.
+/// is placed); returns once the pager was asked for all of them. The pages must lie far
+/// apart: one fault-around ask covering two of them would be one ask, not two.
 fn waiters(
     memory: &Arc<Mapping>,
     pages: &[usize],
@@ -133,7 +134,11 @@ fn move_whole_image(test: &str, len: usize, huge: bool) -> Option<(bool, bool)> 
     let image = common::image(len / PS, PS, 0);
     let memory = Arc::new(aligned(len, huge));
     let (pager, placer, far) = start(uffd, &[(memory.clone(), 0)], len);
-    let waiting = waiters(&memory, &[0, 3, len / PS / 2, len / PS - 1], &far);
+    let waiting = waiters(
+        &memory,
+        &[0, len / PS / 4, len / PS / 2, len / PS - 1],
+        &far,
+    );
     let mut staging = aligned(len, huge);
     bytes_mut(&mut staging).copy_from_slice(&image);
     let staged_huge = testkit::hugepages::all_transparent(&staging);
