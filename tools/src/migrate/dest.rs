@@ -103,10 +103,10 @@ pub(super) fn dest(a: &DestArgs) -> Result<()> {
         "discarded": r.discarded,
         "postcopy_pages": r.postcopy_pages,
         "requested": r.requested,
-        "latency_buckets_log2_us": r.latency.counts().to_vec(),
-        "requested_p50_us": requested_quantile_us(&r.latency, 0.5),
-        "requested_p99_us": requested_quantile_us(&r.latency, 0.99),
-        "blocktime_ms": r.blocktime.as_secs_f64() * 1e3,
+        "latency_buckets_log2_us": r.pager.latency.counts().to_vec(),
+        "fault_p50_us": quantile_us(&r.pager.latency, 0.5),
+        "fault_p99_us": quantile_us(&r.pager.latency, 0.99),
+        "blocktime_ms": r.pager.blocktime.as_secs_f64() * 1e3,
         "postcopy_ms": r.postcopy.as_secs_f64() * 1e3,
         "switch": {
             "discard_ms": ms(r.switch.discard),
@@ -133,7 +133,7 @@ pub(super) fn dest(a: &DestArgs) -> Result<()> {
     });
     print_report(&report, a.json)?;
     if !a.json {
-        for line in r.latency.lines() {
+        for line in r.pager.latency.lines() {
             eprintln!("  {line}");
         }
     }
@@ -142,7 +142,7 @@ pub(super) fn dest(a: &DestArgs) -> Result<()> {
     Ok(())
 }
 
-/// A quantile bound of requested-page latencies in µs (`None`: nothing requested).
-pub(super) fn requested_quantile_us(latency: &pager::LatencyHistogram, q: f64) -> Option<u64> {
+/// A quantile bound of fault latencies in µs (`None`: nothing faulted).
+pub(super) fn quantile_us(latency: &pager::LatencyHistogram, q: f64) -> Option<u64> {
     latency.quantile(q).map(|d| d.as_micros() as u64)
 }

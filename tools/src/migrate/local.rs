@@ -181,14 +181,14 @@ fn print_local(a: &LocalArgs, src: &serde_json::Value, dst: &serde_json::Value, 
         src["needed_at_switch"]
     );
     println!(
-        "  requested pages {} ({} requests answered with {} pages), stream pages {}; blocktime {:.1} ms; requested-page latency p50 {}, p99 {}",
+        "  requested pages {} ({} requests answered with {} pages), stream pages {}; blocktime {:.1} ms; fault latency (read → placed) p50 {}, p99 {}",
         dst["requested"],
         src["requests"],
         src["urgent_pages"],
         src["stream_pages"],
         f(dst, "blocktime_ms"),
-        us_or_none(&dst["requested_p50_us"]),
-        us_or_none(&dst["requested_p99_us"])
+        us_or_none(&dst["fault_p50_us"]),
+        us_or_none(&dst["fault_p99_us"])
     );
     let kinds = &dst["faults_by_kind"];
     println!(

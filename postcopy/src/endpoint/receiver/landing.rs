@@ -33,7 +33,6 @@ impl Receiver {
             let data = data.map(|d| &d[at as usize * ps..][..count as usize * ps]);
             self.land_piece(&land, PageRange { first, count }, data)
         })?;
-        self.arrived(first, count);
         Ok(())
     }
 
@@ -95,7 +94,6 @@ impl Receiver {
             let placed = placer.place_run_moving(first * ps as u64, data)?;
             let placed = placed.ok_or(Error::PagerStopped)?;
             self.stats.placed.fetch_add(placed as u64, STAT);
-            self.arrived(first, count);
             Ok(())
         })())
     }

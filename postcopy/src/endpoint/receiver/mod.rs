@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use pager::{AtomicLatencyHistogram, Fetched, Helper, PageState, Source, SourceError};
+use pager::{Fetched, Helper, PageState, Source, SourceError};
 
 use crate::error::unexpected;
 use crate::link::{Chan, Inbound, Messages, Pair};
@@ -55,11 +55,7 @@ pub(crate) struct Receiver {
     /// under `land`'s write lock, read under its read lock (the lock orders it: Relaxed).
     greeted: AtomicU64,
     urgent: Mutex<Option<Arc<Chan>>>,
-    /// Per page: when it was requested (ns since `epoch`, plus one), or 0.
-    asked: Box<[AtomicU64]>,
-    epoch: Instant,
-    /// Requested-page latency: request sent → page placed.
-    pub latency: AtomicLatencyHistogram,
+    pages: u64,
     stats: Arc<RecvStats>,
     /// Told of every page landed (set once, before the receiver is shared).
     pub on_land: Option<Arc<dyn OnLand>>,
@@ -81,9 +77,7 @@ impl Receiver {
             land: RwLock::new(land),
             greeted: AtomicU64::new(0),
             urgent: Mutex::new(None),
-            asked: (0..pages).map(|_| AtomicU64::new(0)).collect(),
-            epoch: Instant::now(),
-            latency: AtomicLatencyHistogram::default(),
+            pages,
             stats,
             on_land: None,
             helper: Helper::new("land-helper"),
@@ -113,21 +107,11 @@ impl Receiver {
         std::mem::replace(&mut *l, land)
     }
 
-    fn now(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64 + 1
-    }
-
     /// Asks for pages `first..first + count` on the urgent connection, or, while there
     /// is none (paused), only remembers them: they stay Requested and are asked again
     /// on the next pair. Called by fault handlers: allocates nothing, and its locks are
     /// held only by our own threads, never across an allocation.
     pub fn request(&self, first: u64, count: u64) {
-        let now = self.now();
-        for p in first..first + count {
-            if let Some(a) = self.asked.get(p as usize) {
-                let _ = a.compare_exchange(0, now, STAT, STAT);
-            }
-        }
         self.stats.requested.fetch_add(count, STAT);
         let urgent = self.urgent.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(chan) = urgent.as_ref() {
@@ -188,7 +172,7 @@ impl Receiver {
         match &*self.land() {
             Land::Copy { states, .. } => states.export_present(),
             Land::Place(placer) => placer.states(|s| s.export_present()).unwrap_or_default(),
-            Land::Idle => vec![0; self.asked.len().div_ceil(64)],
+            Land::Idle => vec![0; self.pages.div_ceil(64) as usize],
         }
     }
 
@@ -248,18 +232,6 @@ impl Receiver {
         Ok(())
     }
 
-    /// Records the latency of requested pages among `first..first + count`.
-    fn arrived(&self, first: u64, count: u64) {
-        let now = self.now();
-        for p in first..first + count {
-            let asked = self.asked.get(p as usize).map_or(0, |a| a.swap(0, STAT));
-            if asked != 0 {
-                self.latency
-                    .record(Duration::from_nanos(now.saturating_sub(asked)));
-            }
-        }
-    }
-
     /// Whether a frame that came on `chan` may land: its pair is the one greeted last.
     /// A frame of an older pair is counted and ends that pair (superseded); one of a pair
     /// not greeted yet breaks the protocol (nothing but RECV_BITMAP's answer may follow
@@ -288,7 +260,7 @@ impl Receiver {
 /// The receiver is the pager's source at a destination: a fault asks and returns at once.
 impl Source for Receiver {
     fn len(&self) -> u64 {
-        self.asked.len() as u64 * self.ps as u64
+        self.pages * self.ps as u64
     }
 
     /// Asks for the pages ([`Receiver::request`]: allocation-free) and answers Pending.

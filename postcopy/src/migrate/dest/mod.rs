@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pager::{DeliveryMode, LatencyHistogram, PageStateMap, Pager, Prefetch};
+use pager::{DeliveryMode, PageStateMap, Pager, Prefetch};
 use uffd_core::{Features as UffdFeatures, Mapping, MemoryKind, Uffd};
 
 use transport::{Addr, Listener};
@@ -165,18 +165,15 @@ pub struct DestReport {
     pub postcopy_pages: u64,
     /// Pages requested by faults.
     pub requested: u64,
-    /// Requested-page latency (request sent → page placed).
-    pub latency: LatencyHistogram,
-    /// Sum of requested-page latencies: the time faulting threads spent waiting for the
-    /// source (an upper bound; concurrent faults on one page count once).
-    pub blocktime: Duration,
     /// Reconnections.
     pub reconnects: u64,
     /// RUN → every page present.
     pub postcopy: Duration,
     /// Its share of the switch.
     pub switch: DestSwitchSteps,
-    /// The pager's counters.
+    /// The pager's counters, its fault latency among them (`pager.latency`: the pager
+    /// read the fault → its page placed, requested pages' round trips included) and their
+    /// sum (`pager.blocktime`: what faulting threads waited, as QEMU's postcopy blocktime).
     pub pager: pager::StatsSnapshot,
     /// The source's verdict.
     pub verdict: String,

@@ -357,7 +357,6 @@ impl<'d> DestRun<'d> {
         let stats_of = &self.d.control.received;
         let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         let run_at = self.run_at.unwrap_or_else(Instant::now);
-        let latency = self.receiver.latency.snapshot();
         Ok(DestReport {
             memory: self.memory.take().expect("mapped at LISTEN"),
             page_size: self.advise.page_size as usize,
@@ -366,8 +365,6 @@ impl<'d> DestRun<'d> {
             discarded: get(&stats_of.discarded),
             postcopy_pages: get(&stats_of.placed),
             requested: get(&stats_of.requested),
-            blocktime: latency.sum(),
-            latency,
             reconnects: self.d.control.link.reconnects(),
             postcopy: self
                 .complete_at

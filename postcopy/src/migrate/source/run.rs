@@ -328,10 +328,13 @@ impl<'m> Run<'m> {
         let (sender, background) = (self.sender.clone(), self.m.opts.background);
         let (main, cutter) = (&pair.main, &pair.cutter);
         let verdict = std::thread::scope(|s| {
-            let streamed = s.spawn(|| {
-                let r = sender.stream(main, cutter, background);
-                r.map(|()| Instant::now())
-            });
+            let streamed = std::thread::Builder::new()
+                .name("pc-stream".into())
+                .spawn_scoped(s, || {
+                    let r = sender.stream(main, cutter, background);
+                    r.map(|()| Instant::now())
+                })
+                .map_err(Error::io("start the stream"))?;
             let verdict = self.digests(pair);
             if verdict.is_err() {
                 pair.cut(LinkError::Cut);
