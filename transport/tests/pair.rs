@@ -6,8 +6,8 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use transport::link::{Chan, Inbound, LinkError, Pair, Timing};
-use transport::wire::{open_frame, put_frame, DEFAULT_MAX_BODY};
+use transport::link::{Chan, Inbound, LinkError, Pair, ShutReason, Timing};
+use transport::wire::{open_frame, put_frame, Control, DEFAULT_MAX_BODY, MAX_DETAIL};
 use transport::{Conn, Error, Socket};
 
 /// The test protocol's one message: kind 100 with a `u64` body.
@@ -154,4 +154,48 @@ fn a_send_error_on_a_pair_nobody_cut_is_reported_as_it_is_and_cuts_the_pair() {
     });
     assert!(matches!(reported, LinkError::Io { .. }), "{reported:?}");
     assert!(a.cutter.is_cut());
+}
+
+/// Hears SHUT: its detail's length as the message.
+struct Shuts;
+
+impl Inbound for Shuts {
+    type Message = u64;
+    type Error = Error;
+
+    fn frame(&self, chan: &Chan, frame: &mut [u8]) -> Result<Option<u64>, Error> {
+        let malformed = |e| Error::Link(LinkError::malformed(chan.channel, e));
+        let f = open_frame(frame, DEFAULT_MAX_BODY)
+            .map_err(malformed)?
+            .expect("whole");
+        match Control::decode(f.kind, f.body).map_err(malformed)? {
+            Control::Shut { reason, detail } => {
+                assert_eq!(reason, ShutReason::Error);
+                Ok(Some(detail.len() as u64))
+            }
+            other => panic!("only SHUT is sent, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_shut_reaches_the_peer_cut_on_a_character_boundary_and_the_shutting_side_waits_for_it_to_close()
+{
+    let (a, b) = ends();
+    let a = pair(a);
+    let b = Pair::new(b, Arc::new(Shuts), &timing()).unwrap();
+    // Three-byte characters: MAX_DETAIL bytes would split one unless MAX_DETAIL % 3 == 0.
+    let detail = "€".repeat(MAX_DETAIL);
+    let within = Duration::from_secs(30);
+    let shutting = std::thread::spawn(move || {
+        let t = Instant::now();
+        a.shut(&detail, within);
+        t.elapsed()
+    });
+    let (_, len) = b.next("the SHUT", Duration::from_secs(10)).unwrap();
+    assert_eq!(len as usize, MAX_DETAIL / 3 * 3);
+    drop(b);
+    // It returned when the peer closed, not at its bound.
+    let took = shutting.join().unwrap();
+    assert!(took < within / 2, "{took:?}");
 }

@@ -99,15 +99,9 @@ pub use source::{
     Migration, Phase, Progress, Round, SourceControl, SourceOptions, SourceReport, SwitchReason,
     SwitchSteps,
 };
-pub use transport::link::Timing;
+pub use transport::link::{LinkStatus, Timing};
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
-
-use crate::error::chain;
-use crate::link::{Messages, Pair};
-use crate::wire::{Message, ShutReason, MAX_DETAIL};
+use crate::link::Pair;
 use crate::Error;
 
 /// What an embedder's device-state callback may fail with.
@@ -125,42 +119,6 @@ pub(crate) mod step {
     pub const VERIFIED: u64 = 3;
 }
 
-/// Whether an endpoint is paused (its connection pair broke) and how often it resumed.
-#[derive(Debug, Default)]
-pub struct LinkStatus {
-    paused: Mutex<Option<(Instant, String)>>,
-    reconnects: AtomicU64,
-}
-
-impl LinkStatus {
-    /// How long it has been paused and why, if it is.
-    pub fn paused(&self) -> Option<(Duration, String)> {
-        let p = self.paused.lock().unwrap_or_else(|p| p.into_inner());
-        p.as_ref()
-            .map(|(since, why)| (since.elapsed(), why.clone()))
-    }
-
-    /// Pairs re-established after a break, as this side counts them: once it finished its
-    /// half of the greeting. A pair that breaks while the greeting is under way may count
-    /// at one side only, so the two ends' counts can differ when breaks come close together.
-    pub fn reconnects(&self) -> u64 {
-        self.reconnects.load(Ordering::Relaxed)
-    }
-
-    fn pause(&self, side: &str, phase: &str, cause: &Error) {
-        let why = chain(cause);
-        log::warn!("{side}: paused in {phase}: {why}");
-        *self.paused.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), why));
-    }
-
-    fn resumed(&self, side: &str) {
-        let was = self.paused.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let n = self.reconnects.fetch_add(1, Ordering::Relaxed) + 1;
-        let after = was.map_or(Duration::ZERO, |(since, _)| since.elapsed());
-        log::info!("{side}: resumed after {after:.2?} (reconnection {n})");
-    }
-}
-
 /// What a side reports when `cause` breaks off its phase on `pair`: the pair's first
 /// cause where `cause` is only a send failing on a pair cut before ([`Pair::cause`]).
 fn first_cause(pair: &Pair, cause: Error) -> Error {
@@ -168,24 +126,6 @@ fn first_cause(pair: &Pair, cause: Error) -> Error {
         Error::Link(e) => Error::Link(pair.cause(e)),
         other => other,
     }
-}
-
-/// Ends the session over `cause`: SHUT (error) on main, then waits, up to `within`, for
-/// the peer to close the pair first — closing ours at once, the peer may see a connection
-/// close before it reads the SHUT, take it for a break and wait out its bound for a
-/// reconnection that never comes.
-fn shut_session(pair: &Pair, cause: &Error, within: Duration) {
-    // At most MAX_DETAIL bytes: a char is at most 4.
-    let detail = chain(cause).chars().take(MAX_DETAIL / 4).collect();
-    let shut = Message::Shut {
-        reason: ShutReason::Error,
-        detail,
-    };
-    if let Err(e) = pair.main.send(&shut) {
-        return log::debug!("the SHUT was not sent: {e}");
-    }
-    let until = Instant::now() + within;
-    while let Ok(Some(_)) = pair.next_within(until.saturating_duration_since(Instant::now())) {}
 }
 
 /// The 64-bit digest of one page (XXH3-64): what the destination sends in DIGESTS and the

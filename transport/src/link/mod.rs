@@ -23,10 +23,12 @@ mod forward;
 mod gate;
 mod pair;
 mod sessions;
+mod status;
 mod terms;
 
 pub use accept::Acceptor;
 pub use dial::Dialer;
 pub use pair::{Chan, Cutter, Failure, Inbound, Pair, Sending};
 pub use sessions::{AcceptStats, Admit, Arrival};
+pub use status::LinkStatus;
 pub use terms::{Admission, Channel, LinkError, Role, ShutReason, Timing};

@@ -384,6 +384,29 @@ impl<M: Send + 'static, E: Failure> Pair<M, E> {
         }
     }
 
+    /// Ends the session over an error: SHUT (error, `detail` cut to [`MAX_DETAIL`] bytes
+    /// on a character boundary) on main, then waits, up to `within`, for the peer to close
+    /// the pair first. Closing ours at once, the peer may see the connection close before
+    /// it reads the SHUT, take it for a break and wait out its bound for a reconnection
+    /// that never comes.
+    ///
+    /// [`MAX_DETAIL`]: crate::wire::MAX_DETAIL
+    pub fn shut(&self, detail: &str, within: Duration) {
+        let mut end = detail.len().min(crate::wire::MAX_DETAIL);
+        while !detail.is_char_boundary(end) {
+            end -= 1;
+        }
+        let shut = Control::Shut {
+            reason: super::ShutReason::Error,
+            detail: detail[..end].to_owned(),
+        };
+        if let Err(e) = self.main.send_control(&shut) {
+            return log::debug!("the SHUT was not sent: {e}");
+        }
+        let until = Instant::now() + within;
+        while let Ok(Some(_)) = self.next_within(until.saturating_duration_since(Instant::now())) {}
+    }
+
     /// Cuts both connections (the readers then end).
     pub fn cut(&self, cause: LinkError) {
         self.cutter.cut(cause);

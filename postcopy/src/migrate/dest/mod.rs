@@ -21,7 +21,7 @@ use uffd_core::{Features as UffdFeatures, Mapping, MemoryKind, Uffd};
 
 use transport::{Addr, Listener};
 
-use super::{first_cause, shut_session, step, BoxError, LinkStatus, Timing};
+use super::{first_cause, step, BoxError, LinkStatus, Timing};
 use crate::endpoint::receiver::{read_advise, Land, Receiver};
 use crate::endpoint::RecvStats;
 use crate::error::{unexpected, LinkError, Refusal};

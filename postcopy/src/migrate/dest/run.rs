@@ -250,7 +250,8 @@ impl<'d> DestRun<'d> {
             if let Err(source) = ran {
                 let what = "the destination's embedder could not take it";
                 let e = Error::DeviceState { what, source };
-                shut_session(self.pair(), &e, self.d.opts.timing.silence);
+                self.pair()
+                    .shut(&crate::error::chain(&e), self.d.opts.timing.silence);
                 return Err(e);
             }
             self.run_at = Some(Instant::now());

@@ -11,7 +11,7 @@ use page_state::Bitmap;
 
 use transport::Addr;
 
-use super::{copy_raw, digest, first_cause, shut_session, step, BoxError, LinkStatus, Timing};
+use super::{copy_raw, digest, first_cause, step, BoxError, LinkStatus, Timing};
 use crate::endpoint::sender::{Pages, Sender};
 use crate::endpoint::SendStats;
 use crate::error::{unexpected, LinkError, Refusal};

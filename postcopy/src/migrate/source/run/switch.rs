@@ -32,7 +32,7 @@ impl Run<'_> {
                 Err(source) => {
                     let what = "the source's embedder could not give it";
                     let e = Error::DeviceState { what, source };
-                    shut_session(pair, &e, self.m.opts.timing.silence);
+                    pair.shut(&crate::error::chain(&e), self.m.opts.timing.silence);
                     return Err(e);
                 }
             };
