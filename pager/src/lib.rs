@@ -141,7 +141,7 @@ pub use placer::{Placed, Placer};
 pub use prefetch::Prefetch;
 pub use region::{RegionSpec, Resolve};
 pub use sigsafe::in_fault_handler;
-pub use source::{ChildSource, Fetched, FileSource, MemorySource, Source, ZeroSource};
+pub use source::{is_zero, ChildSource, Fetched, FileSource, MemorySource, Source, ZeroSource};
 pub use states::PageStates;
 pub use stats::StatsSnapshot;
 

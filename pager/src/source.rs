@@ -442,3 +442,31 @@ impl Source for ZeroSource {
         true
     }
 }
+
+/// Whether `bytes` are all zero: 64 bytes at a time (the OR of a block vectorises), so a
+/// page of data usually stops in its first block. For sources that answer
+/// [`Fetched::Zero`] for pages they read, and senders that leave zero pages out.
+pub fn is_zero(bytes: &[u8]) -> bool {
+    let mut blocks = bytes.chunks_exact(64);
+    blocks
+        .by_ref()
+        .all(|b| b.iter().fold(0, |acc, &x| acc | x) == 0)
+        && blocks.remainder().iter().all(|&x| x == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_zero;
+
+    #[test]
+    fn is_zero_finds_a_single_set_byte_anywhere() {
+        let mut page = vec![0u8; 4096 + 17];
+        assert!(is_zero(&page));
+        for at in [0, 63, 64, 4095, 4096, 4096 + 16] {
+            page[at] = 1;
+            assert!(!is_zero(&page), "byte {at}");
+            page[at] = 0;
+        }
+        assert!(is_zero(&[]));
+    }
+}

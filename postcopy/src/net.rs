@@ -8,6 +8,7 @@
 
 use std::io::IoSlice;
 
+use pager::is_zero;
 use transport::conn::{FrameReader, FrameWriter};
 use transport::wire::envelope;
 
@@ -128,11 +129,4 @@ fn send_pages(w: &mut FrameWriter, first: u64, data: &[u8]) -> Result<(), LinkEr
         IoSlice::new(&crc),
     ];
     w.send_vectored(&mut slices)
-}
-
-/// Whether `page` is all zero (64-byte blocks OR-reduced: vectorises, unlike an early-exit
-/// byte loop).
-fn is_zero(page: &[u8]) -> bool {
-    page.chunks(64)
-        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::error::{Error, Result};
+use pager::is_zero;
 
 /// A destination for saved pages (see the module docs).
 pub trait PageSink: Send + Sync {
@@ -19,15 +20,6 @@ pub trait PageSink: Send + Sync {
 
 /// Granule of zero detection: all-zero 4 KiB pieces are left as holes.
 const ZERO_GRANULE: usize = 4096;
-
-fn is_zero(bytes: &[u8]) -> bool {
-    // Eight bytes at a time; the compiler vectorises this loop.
-    let (words, rest) = bytes.split_at(bytes.len() / 8 * 8);
-    words
-        .chunks_exact(8)
-        .all(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")) == 0)
-        && rest.iter().all(|&b| b == 0)
-}
 
 /// A raw image file: a fresh sparse file of the image's length, all-zero pages left as
 /// holes (`SEEK_HOLE` finds them, so `pager::FileSource::sparse` and `chunked` push skip

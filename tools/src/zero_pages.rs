@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use pager::{Fetched, FileSource, Placer, Source, SourceError};
+use pager::{is_zero, Fetched, FileSource, Placer, Source, SourceError};
 
 /// A source whose all-zero pages are answered [`Fetched::Zero`], and whose file holes are
 /// known zero up front; counts what it found.
@@ -64,16 +64,6 @@ impl ZeroChecked {
     }
 }
 
-/// Whether `bytes` are all zero: 64 bytes at a time (the OR of a block vectorises), so a
-/// data page usually stops in its first block.
-pub fn is_zero(bytes: &[u8]) -> bool {
-    let mut blocks = bytes.chunks_exact(64);
-    blocks
-        .by_ref()
-        .all(|b| b.iter().fold(0, |acc, &x| acc | x) == 0)
-        && blocks.remainder().iter().all(|&x| x == 0)
-}
-
 impl Source for ZeroChecked {
     fn len(&self) -> u64 {
         self.inner.len()
@@ -112,18 +102,6 @@ impl Source for ZeroChecked {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn is_zero_finds_a_single_set_byte_anywhere() {
-        let mut page = vec![0u8; 4096 + 17];
-        assert!(is_zero(&page));
-        for at in [0, 63, 64, 4095, 4096, 4096 + 16] {
-            page[at] = 1;
-            assert!(!is_zero(&page), "byte {at}");
-            page[at] = 0;
-        }
-        assert!(is_zero(&[]));
-    }
 
     #[test]
     fn all_zero_pages_are_answered_zero_and_counted() {
