@@ -36,9 +36,41 @@ impl PageStates<'_> {
         self.map.states()
     }
 
+    /// The runs of consecutive pages in `state`, in order: what a remote source asks for
+    /// again on a new connection (its Requested runs), say.
+    pub fn runs(&self, state: PageState) -> Vec<std::ops::Range<usize>> {
+        let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+        for (i, _) in self.iter().enumerate().filter(|&(_, s)| s == state) {
+            match runs.last_mut() {
+                Some(r) if r.end == i => r.end += 1,
+                _ => runs.push(i..i + 1),
+            }
+        }
+        runs
+    }
+
     /// The present set (Received ∪ Zero) as a bitmap, 64 pages per word: what a migration
     /// destination reports on resume.
     pub fn export_present(&self) -> Vec<u64> {
         self.map.export_present()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_are_the_maximal_stretches_of_one_state_in_order() {
+        let map = PageStateMap::new(10);
+        for p in [0, 1, 4, 5, 6, 9] {
+            map.request(p).unwrap();
+        }
+        map.mark_received(5).unwrap();
+        let states = PageStates { map: &map };
+        assert_eq!(states.runs(PageState::Requested), [0..2, 4..5, 6..7, 9..10]);
+        assert_eq!(states.runs(PageState::Received), vec![5..6usize]);
+        assert_eq!(states.runs(PageState::Missing), [2..4, 7..9]);
+        assert!(states.runs(PageState::Zero).is_empty());
     }
 }

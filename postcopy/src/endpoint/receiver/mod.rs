@@ -181,22 +181,12 @@ impl Receiver {
         let Land::Place(placer) = &*self.land() else {
             return Vec::new();
         };
-        let mut runs: Vec<PageRange> = Vec::new();
-        placer.states(|s| {
-            for (i, state) in s.iter().enumerate() {
-                if state != PageState::Requested {
-                    continue;
-                }
-                match runs.last_mut() {
-                    Some(r) if r.first + r.count == i as u64 => r.count += 1,
-                    _ => runs.push(PageRange {
-                        first: i as u64,
-                        count: 1,
-                    }),
-                }
-            }
-        });
-        runs
+        let runs = placer.states(|s| s.runs(PageState::Requested));
+        let range = |r: std::ops::Range<usize>| PageRange {
+            first: r.start as u64,
+            count: r.len() as u64,
+        };
+        runs.into_iter().flatten().map(range).collect()
     }
 
     /// Pages not yet present (missing or requested); `None` if nothing lands yet or
