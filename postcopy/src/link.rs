@@ -97,7 +97,10 @@ pub(crate) fn start(
     inbound: Arc<dyn Inbound>,
     timing: &Timing,
 ) -> Result<Pair, Error> {
-    let limits = Limits::default().advised(advise);
+    let limits = Limits {
+        sealed: conns.0.sealed() && conns.1.sealed(),
+        ..Limits::default().advised(advise)
+    };
     let decoding = Arc::new(Decoding {
         limits,
         inner: inbound,

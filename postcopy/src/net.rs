@@ -121,7 +121,7 @@ impl SendMessage for FrameWriter {
 /// caller's memory: the bytes of `send(&Message::Pages { .. })` without copying the data.
 fn send_pages(w: &mut FrameWriter, first: u64, data: &[u8]) -> Result<(), LinkError> {
     let first = first.to_le_bytes();
-    let (head, crc) = envelope(kind::PAGES, &[&first, data]);
+    let (head, crc) = envelope(kind::PAGES, &[&first, data], w.sealed());
     let mut slices = [
         IoSlice::new(&head),
         IoSlice::new(&first),

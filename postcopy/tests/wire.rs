@@ -505,3 +505,52 @@ fn short_zero_runs_travel_inside_the_page_data_and_long_ones_as_zero_runs() {
     let (frames, _) = page_frames(&pages_with_zeros(40, |i| i >= 30));
     assert_eq!(frames, [("PAGES", 100, 40)]);
 }
+
+/// A TLS connection is sealed (its AEAD authenticates every byte): the sender leaves the
+/// checksum of page data out, and only a decoder told so takes the frame.
+#[test]
+fn page_data_without_its_checksum_decodes_only_on_a_sealed_connection() {
+    let data = vec![7u8; 2 * 4096];
+    let mut frame = Vec::new();
+    encode(
+        &Message::Pages {
+            first: 5,
+            data: data.clone(),
+        },
+        &mut frame,
+    );
+    let n = frame.len();
+    frame[n - TRAILER_LEN..].fill(0); // as the sender writes it on a sealed connection
+    assert!(matches!(
+        decode_frame(&frame, &advised()),
+        Err(WireError::BadChecksum { .. })
+    ));
+    let sealed = Limits {
+        sealed: true,
+        ..advised()
+    };
+    let (got, used) = decode_frame(&frame, &sealed).unwrap().unwrap();
+    assert_eq!(
+        (got, used),
+        (
+            Frame::Pages {
+                first: 5,
+                data: &data
+            },
+            n
+        )
+    );
+    // Sealed, the geometry is still checked.
+    let mut beyond = Vec::new();
+    encode(
+        &Message::Pages {
+            first: PAGES - 1,
+            data,
+        },
+        &mut beyond,
+    );
+    assert!(matches!(
+        decode_frame(&beyond, &sealed),
+        Err(WireError::OutOfRange { .. })
+    ));
+}

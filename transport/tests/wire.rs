@@ -3,7 +3,8 @@
 use proptest::prelude::*;
 use transport::link::{Channel, Role, ShutReason};
 use transport::wire::{
-    kind, open_frame, peek_channel, put_frame, Control, WireError, DEFAULT_MAX_BODY, MAX_DETAIL,
+    envelope, kind, open_frame, open_frame_with, peek_channel, put_frame, Control, WireError,
+    DEFAULT_MAX_BODY, MAX_DETAIL,
 };
 
 fn control() -> impl Strategy<Value = Control> {
@@ -67,6 +68,45 @@ fn raw(kind: u8, body: &[u8]) -> Vec<u8> {
     let mut f = Vec::new();
     put_frame(&mut f, kind, |w| w.bytes(body));
     f
+}
+
+/// A frame sent straight from the caller's memory: header, parts, trailer.
+fn enveloped(kind: u8, parts: &[&[u8]], sealed: bool) -> Vec<u8> {
+    let (head, trailer) = envelope(kind, parts, sealed);
+    [&head[..], &parts.concat(), &trailer[..]].concat()
+}
+
+#[test]
+fn only_a_sealed_connection_takes_a_frame_without_its_checksum() {
+    let parts: [&[u8]; 2] = [b"first", &[0xa5; 100]];
+    // Unsealed, the envelope's frame is the one `put_frame` writes.
+    let body = parts.concat();
+    assert_eq!(enveloped(42, &parts, false), raw(42, &body));
+    let sealed = enveloped(42, &parts, true);
+    assert_eq!(sealed[sealed.len() - 4..], [0; 4], "no checksum computed");
+    assert_eq!(
+        open_frame(&sealed, 1024).map(|o| o.map(|f| f.kind)),
+        Err(WireError::BadChecksum { kind: 42 })
+    );
+    let opened = open_frame_with(&sealed, 1024, true).unwrap().unwrap();
+    assert_eq!(
+        (opened.kind, opened.body, opened.len),
+        (42, &body[..], sealed.len())
+    );
+    // Sealed, everything but the checksum is still checked.
+    let mut reserved = sealed.clone();
+    reserved[6] = 1;
+    assert_eq!(
+        open_frame_with(&reserved, 1024, true).map(|o| o.map(|f| f.kind)),
+        Err(WireError::Reserved { kind: 42 })
+    );
+    assert_eq!(
+        open_frame_with(&sealed, 64, true).map(|o| o.map(|f| f.kind)),
+        Err(WireError::Oversize {
+            len: body.len(),
+            max: 64
+        })
+    );
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Decoding: a frame's bytes into a message, refusing anything malformed with a typed
 //! [`WireError`].
 
-use transport::wire::{open_frame, within, Control, Opened, Reader};
+use transport::wire::{open_frame_with, within, Control, Opened, Reader};
 
 use super::*;
 
@@ -220,7 +220,7 @@ pub fn decode_frame<'a>(
         kind,
         body,
         len: total,
-    }) = open_frame(buf, limits.max_body)?
+    }) = open_frame_with(buf, limits.max_body, limits.sealed)?
     else {
         return Ok(None);
     };

@@ -27,8 +27,9 @@ pub const MAGIC: [u8; 8] = *b"UFFDKPC\0";
 /// and the connection is admitted inside TLS with ADMITTED; 4: precopy pages count as
 /// delivered only once a SYNC after them is answered with SYNCED; 5: RUN carries the
 /// source's opaque device state, handed to the destination's embedder before it resumes;
-/// 6: DIGESTS are XXH3-64 of each page).
-pub const VERSION: u16 = 6;
+/// 6: DIGESTS are XXH3-64 of each page; 7: on a TLS connection PAGES frames carry no
+/// checksum, the AEAD authenticating them).
+pub const VERSION: u16 = 7;
 /// Where a PAGES body's page data begins (after the first page's number): the byte a
 /// receiver aligns to move whole pages out of its buffer
 /// (`transport::conn::FrameReader::align_bodies`).
@@ -205,6 +206,9 @@ pub struct Limits {
     pub page_size: Option<u32>,
     /// The advised page count, once known.
     pub page_count: Option<u64>,
+    /// The frames come on a sealed connection (TLS): their checksum is not checked
+    /// (`transport::wire::open_frame_with`).
+    pub sealed: bool,
 }
 
 impl Default for Limits {
@@ -213,6 +217,7 @@ impl Default for Limits {
             max_body: DEFAULT_MAX_BODY,
             page_size: None,
             page_count: None,
+            sealed: false,
         }
     }
 }

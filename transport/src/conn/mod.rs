@@ -39,6 +39,7 @@ pub struct FrameWriter {
     buf: Vec<u8>,
     channel: Channel,
     deadline: Duration,
+    sealed: bool,
 }
 
 impl std::fmt::Debug for FrameWriter {
@@ -57,7 +58,14 @@ impl FrameWriter {
             buf: Vec::with_capacity(4096),
             channel: Channel::Main,
             deadline: Duration::ZERO,
+            sealed: false,
         }
+    }
+
+    /// Whether its connection is sealed (TLS): frames need no checksum
+    /// ([`envelope`](crate::wire::envelope)).
+    pub fn sealed(&self) -> bool {
+        self.sealed
     }
 
     fn fail(&self, e: io::Error) -> LinkError {
@@ -131,10 +139,19 @@ impl Conn {
         }
     }
 
-    /// A connection over the TLS `session` established on `socket`.
+    /// A connection over the TLS `session` established on `socket`: sealed (its AEAD
+    /// authenticates every byte, so frames need no checksum: see [`crate::wire`]).
     pub fn tls(socket: Socket, session: rustls::Connection) -> io::Result<Conn> {
         let (r, w) = crate::tls::split(&socket, session)?;
-        Ok(Conn::over(Link::new(socket), Box::new(r), Box::new(w)))
+        let mut conn = Conn::over(Link::new(socket), Box::new(r), Box::new(w));
+        conn.w.sealed = true;
+        Ok(conn)
+    }
+
+    /// Whether the connection is sealed (TLS): its frames' checksums are neither needed
+    /// nor checked ([`open_frame_with`](crate::wire::open_frame_with)).
+    pub fn sealed(&self) -> bool {
+        self.w.sealed
     }
 
     /// Whether a write may allocate (an encrypted session seals each record in a fresh

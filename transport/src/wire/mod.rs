@@ -1,7 +1,11 @@
 //! The frame every link message travels in, and the link's own messages.
 //!
 //! A frame is `body_len: u32 | kind: u8 | flags: u8 | reserved: u16 | body | crc32: u32`,
-//! little endian, the CRC-32 covering kind, flags, reserved and body. The kinds of
+//! little endian, the CRC-32 covering kind, flags, reserved and body — except where the
+//! connection is *sealed* (TLS: the AEAD authenticates every byte, so a CRC adds nothing):
+//! there a protocol may leave it zero ([`envelope`]) and its decoder does not check it
+//! ([`open_frame_with`]). Whether a connection is sealed is each end's own knowledge of
+//! its connection, never a bit on the wire a peer could set. The kinds of
 //! [`Control`] are the link's (the handshake, heartbeats, SHUT); a protocol spoken on
 //! the link takes every other kind and encodes its bodies with [`Writer`] and decodes
 //! them with [`Reader`], through [`put_frame`] and [`open_frame`]. Decoding refuses
@@ -204,12 +208,16 @@ pub fn put_frame(out: &mut Vec<u8>, kind: u8, body: impl FnOnce(&mut Writer<'_>)
 
 /// The header and trailer of a frame of `kind` whose body is `parts` one after another:
 /// for sending a body straight from the caller's memory (`writev` of header, parts,
-/// trailer) without copying it into a frame first.
-pub fn envelope(kind: u8, parts: &[&[u8]]) -> ([u8; HEADER_LEN], [u8; TRAILER_LEN]) {
+/// trailer) without copying it into a frame first. On a `sealed` connection the trailer
+/// is zero and the parts are not read (see the module's docs).
+pub fn envelope(kind: u8, parts: &[&[u8]], sealed: bool) -> ([u8; HEADER_LEN], [u8; TRAILER_LEN]) {
     let len: usize = parts.iter().map(|p| p.len()).sum();
     let mut head = [0u8; HEADER_LEN];
     head[..4].copy_from_slice(&(len as u32).to_le_bytes());
     head[4] = kind;
+    if sealed {
+        return (head, [0; TRAILER_LEN]);
+    }
     let mut crc = crc32fast::Hasher::new();
     crc.update(&head[4..]);
     for p in parts {
@@ -245,6 +253,16 @@ pub struct Opened<'a> {
 /// The first frame of `buf`, checked (length, checksum, reserved bits): `Ok(None)` while
 /// it is incomplete.
 pub fn open_frame(buf: &[u8], max_body: usize) -> Result<Option<Opened<'_>>, WireError> {
+    open_frame_with(buf, max_body, false)
+}
+
+/// [`open_frame`] for a frame read from a connection that is `sealed` or not: on a sealed
+/// one the checksum is not checked (see the module's docs), everything else is.
+pub fn open_frame_with(
+    buf: &[u8],
+    max_body: usize,
+    sealed: bool,
+) -> Result<Option<Opened<'_>>, WireError> {
     let Some(len) = frame_len(buf, max_body)? else {
         return Ok(None);
     };
@@ -253,7 +271,7 @@ pub fn open_frame(buf: &[u8], max_body: usize) -> Result<Option<Opened<'_>>, Wir
     }
     let kind = buf[4];
     let crc = u32::from_le_bytes(buf[len - 4..len].try_into().expect("4 bytes"));
-    if crc32fast::hash(&buf[4..len - 4]) != crc {
+    if !sealed && crc32fast::hash(&buf[4..len - 4]) != crc {
         return Err(WireError::BadChecksum { kind });
     }
     if buf[5..8] != [0, 0, 0] {
