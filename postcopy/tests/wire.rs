@@ -554,3 +554,15 @@ fn page_data_without_its_checksum_decodes_only_on_a_sealed_connection() {
         Err(WireError::OutOfRange { .. })
     ));
 }
+
+/// DIGESTS carry XXH3-64 of each page (wire version 6 on): both ends must compute exactly
+/// that, whichever implementation and SIMD loop they run. The values are XXH3's seed-0
+/// vectors as xxhash-rust 0.8.21 (another implementation) computes them.
+#[test]
+fn the_page_digest_is_xxh3_64() {
+    use postcopy::migrate::digest;
+    assert_eq!(digest(&[]), 0x2d06_8005_38d3_94c2);
+    // 4 KiB takes XXH3's long-input loop (over 240 bytes), the one that has SIMD paths.
+    let page: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
+    assert_eq!(digest(&page), 0x5d90_27c8_4d5f_33f7);
+}

@@ -132,7 +132,7 @@ fn first_cause(pair: &Pair, cause: Error) -> Error {
 /// source checks against its final content. The destination takes it from every page it
 /// lands, on the stream's path, so it must run near memory speed.
 pub fn digest(page: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(page)
+    twox_hash::XxHash3_64::oneshot(page)
 }
 
 /// Copies `dst.len()` bytes from `src` with volatile 8-byte loads: memory a workload is
