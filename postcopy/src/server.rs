@@ -258,7 +258,10 @@ fn serve(
     }
     std::thread::scope(|s| {
         let (main, cutter) = (&pair.main, &pair.cutter);
-        let stream = s.spawn(|| sender.stream(main, cutter, true));
+        let stream = std::thread::Builder::new()
+            .name("pc-stream".into())
+            .spawn_scoped(s, || sender.stream(main, cutter, true))
+            .map_err(Error::io("start the stream"))?;
         let end = match pair.wait() {
             Ok((_, Message::Shut { .. })) => Ok(()),
             Ok((channel, other)) => Err(unexpected(other, "SHUT", channel)),
