@@ -435,3 +435,62 @@ fn the_operator_switches_to_postcopy_after_the_current_round() {
     assert_eq!(src.switch_reason, SwitchReason::Operator);
     assert_eq!(src.rounds.len(), 1, "the switch came after the first round");
 }
+
+/// The verdict reads the source's final content: an embedder whose stop left something
+/// writing — here a write to pages 0–2 just after the stream sent them — gets a mismatch
+/// naming exactly those pages, never "verified". (The write is made on the sending thread
+/// between two frames, where no part of the library reads the memory.)
+#[test]
+fn a_write_after_the_stop_to_pages_already_sent_fails_the_verdict() {
+    use postcopy::fault::Event;
+    use postcopy::wire::Channel;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let memory = source_memory(4 << 20);
+    let dest = destination(test_timing());
+    let addr = dest.local_addr().unwrap();
+    let receiving = std::thread::spawn(move || dest.run(|_| {}));
+    let opts = SourceOptions {
+        max_rounds: 0,
+        timing: test_timing(),
+        ..SourceOptions::default()
+    };
+    // SAFETY: our mapping, alive until `run` returns; only the observer below writes it.
+    let m = unsafe { Migration::new(addr, key(), memory.addr(), memory.len(), opts).unwrap() };
+    let (base, stopped, wrote) = (
+        memory.addr(),
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let (s, w) = (stopped.clone(), wrote.clone());
+    m.control().observe(Arc::new(move |event| match event {
+        Event::Stopped => s.store(true, Ordering::SeqCst),
+        // The first frame of the stream (pages 0–511, from the cursor at 0: nothing
+        // faults at the destination) is in the socket: rewrite three of its pages.
+        Event::PageFrame(Channel::Main)
+            if s.load(Ordering::SeqCst) && !w.swap(true, Ordering::SeqCst) =>
+        {
+            for p in 0..3 {
+                // SAFETY: inside the mapping; no slice over it is alive between frames.
+                unsafe { std::ptr::write_volatile((base + p * 4096) as *mut u64, !0) };
+            }
+        }
+        _ => {}
+    }));
+    let err = m
+        .run(|| {})
+        .expect_err("pages changed after they were sent");
+    assert!(wrote.load(Ordering::SeqCst), "the observer wrote");
+    assert!(
+        matches!(err, Error::Mismatch { pages: 3, first: 0 }),
+        "{err:?}"
+    );
+    // The destination hears the verdict and ends with it.
+    let dst = receiving.join().unwrap();
+    assert!(
+        dst.is_err(),
+        "the destination was not told: {:?}",
+        dst.map(|r| r.verdict)
+    );
+}
