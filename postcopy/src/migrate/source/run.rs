@@ -349,9 +349,13 @@ impl<'m> Run<'m> {
     }
 
     /// Checks DIGESTS against the final content until every page is checked; returns
-    /// the pages that differ.
+    /// the pages that differ, in order. Each page is read from memory again (its final
+    /// content, whatever was sent), in pieces on two threads: the pages are cold by now,
+    /// and one thread reading them all was most of the time from END to the verdict.
     fn digests(&self, pair: &Pair) -> Result<Vec<u64>, Error> {
-        let (mut checked, mut bad) = (0, Vec::new());
+        const PIECE: usize = 512;
+        let (mut checked, bad) = (0, Mutex::new(Vec::new()));
+        let helper = pager::Helper::new("pc-verify");
         while checked < self.memory.pages {
             match pair.wait()? {
                 (_, Message::Digests { first, digests }) => {
@@ -359,17 +363,26 @@ impl<'m> Run<'m> {
                         event!(self.m.control, Digests);
                     }
                     self.progress().set_phase(Phase::Verifying);
-                    for (i, d) in digests.into_iter().enumerate() {
-                        let p = first + i as u64;
-                        if self.memory.digest(p) != d {
-                            bad.push(p);
+                    helper.for_each(digests.len().div_ceil(PIECE), |k| {
+                        let at = k * PIECE;
+                        let piece = &digests[at..digests.len().min(at + PIECE)];
+                        let first = first + at as u64;
+                        let differ = (first..)
+                            .zip(piece)
+                            .filter(|&(p, &d)| self.memory.digest(p) != d);
+                        let differ: Vec<u64> = differ.map(|(p, _)| p).collect();
+                        if !differ.is_empty() {
+                            bad.lock().unwrap_or_else(|p| p.into_inner()).extend(differ);
                         }
-                        checked += 1;
-                    }
+                        Ok::<_, Error>(())
+                    })?;
+                    checked += digests.len() as u64;
                 }
                 (channel, other) => return Err(unexpected(other, "DIGESTS", channel)),
             }
         }
+        let mut bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
+        bad.sort_unstable();
         Ok(bad)
     }
 
