@@ -114,6 +114,11 @@ impl Receiver {
                 self.tell_landed(range, data, |_| true);
                 match data {
                     Some(d) => {
+                        // Populated in one call, then copied: a first write faulting in
+                        // each page costs ~60 % more here (405 against 260 ms per GiB of
+                        // 4 KiB pages, `taskset -c 1`). An advice: if it fails, the copy
+                        // faults the pages in.
+                        let _ = memory.madvise(start * ps, d.len(), libc::MADV_POPULATE_WRITE);
                         // SAFETY: the decoder checked first + count <= pages of the advised
                         // geometry, which `memory` was mapped for; no pager serves it yet
                         // and no other thread reads or writes these pages (the workload
