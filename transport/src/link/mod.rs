@@ -18,6 +18,7 @@
 //! the older pair), behind a gate that strangers cannot exhaust.
 
 mod accept;
+mod chan;
 mod dial;
 mod forward;
 mod gate;
@@ -27,8 +28,9 @@ mod status;
 mod terms;
 
 pub use accept::Acceptor;
+pub use chan::{Chan, Sending};
 pub use dial::Dialer;
-pub use pair::{Chan, Cutter, Failure, Inbound, Pair, Sending};
+pub use pair::{Cutter, Failure, Inbound, Pair};
 pub use sessions::{AcceptStats, Admit, Arrival};
 pub use status::LinkStatus;
 pub use terms::{Admission, Channel, LinkError, Role, ShutReason, Timing};
