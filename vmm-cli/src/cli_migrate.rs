@@ -19,7 +19,7 @@ use pager::DeliveryMode;
 use postcopy::migrate::{DestOptions, Destination, Migration, SourceOptions};
 use serde::{Deserialize, Serialize};
 use transport::{Addr, Key};
-use uffdkit_vmm::{Command, GuestModel, Vm, VmConfig, VmState};
+use vmm::{Command, GuestModel, Vm, VmConfig, VmState};
 
 /// What the source hands over at the switch, as postcopy's device state.
 #[derive(Serialize, Deserialize)]

@@ -17,8 +17,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use pager::{DeliveryMode, MemoryKind, Prefetch};
-use uffdkit_vmm::bench::{median, prepare, time_restore};
-use uffdkit_vmm::{Command, Error, Lazy, Restore, Vm, VmConfig};
+use vmm::bench::{median, prepare, time_restore};
+use vmm::{Command, Error, Lazy, Restore, Vm, VmConfig};
 
 #[derive(Parser)]
 #[command(about = "A minimal KVM VMM embedding the uffdkit pager")]
@@ -179,7 +179,7 @@ fn probe(dir: Option<PathBuf>) -> anyhow::Result<()> {
     });
     let pages = config.data_pages();
     let checksum = vec![vec![Command::Checksum { first: 0, pages }]];
-    let report = |what: &str, outcome: Result<Vec<uffdkit_vmm::RunReport>, Error>| match outcome {
+    let report = |what: &str, outcome: Result<Vec<vmm::RunReport>, Error>| match outcome {
         Ok(r) if r[0].results == [model.checksum(0, pages)] => {
             println!("{what}: served, checksum matches")
         }
@@ -192,13 +192,7 @@ fn probe(dir: Option<PathBuf>) -> anyhow::Result<()> {
     let mut vm = Vm::restore(&dir, config.clone(), sigbus.clone())?;
     // SAFETY: guest memory is mapped and no vCPU runs; the read faults and the pager's
     // SIGBUS handler places the code page in this thread.
-    unsafe {
-        std::ptr::read_volatile(
-            vm.memory()
-                .as_ptr()
-                .add(uffdkit_vmm::guest::CODE_GPA as usize),
-        )
-    };
+    unsafe { std::ptr::read_volatile(vm.memory().as_ptr().add(vmm::guest::CODE_GPA as usize)) };
     report("SIGBUS mode, data read", vm.run(&checksum));
     drop(vm);
     let mut vm = Vm::restore(&dir, config.clone(), Restore::LAZY)?;

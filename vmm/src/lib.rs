@@ -1,4 +1,4 @@
-//! # uffdkit-vmm: the pager embedded in a minimal KVM VMM
+//! # vmm: the pager embedded in a minimal KVM VMM
 //!
 //! A VMM of our own on rust-vmm's `kvm-ioctls`, small enough to read in one sitting, that
 //! runs a tiny guest of our own ([`guest`]: hand-assembled 32-bit code that fills guest
@@ -24,7 +24,7 @@
 //! the worked example of embedding the pager there, using only its public API.
 //!
 //! ```no_run
-//! use uffdkit_vmm::{Command, GuestModel, Restore, Vm, VmConfig};
+//! use vmm::{Command, GuestModel, Restore, Vm, VmConfig};
 //!
 //! let config = VmConfig::new(16);
 //! let pages = config.data_pages();

@@ -20,7 +20,7 @@ use common::{kvm_available, run_checked};
 use pager::DeliveryMode;
 use postcopy::migrate::{DestOptions, Destination, Migration, SourceOptions};
 use transport::Key;
-use uffdkit_vmm::{Command, GuestModel, Vm, VmConfig, VmState};
+use vmm::{Command, GuestModel, Vm, VmConfig, VmState};
 
 /// Commands the source guest runs at least before the switch stops it.
 const WRITES_BEFORE_SWITCH: u64 = 200;
@@ -115,14 +115,14 @@ fn postcopy_migration_of_a_running_guest_matches_checksum() {
         // At RUN the guest gets its vCPU state from RUN's device state and resumes at
         // once, on memory the pager is still filling (faults in KVM_RUN become requests).
         let destination = scope.spawn(move || {
-            dest.run_with_state(move |_memory, state| -> uffdkit_vmm::Result<()> {
+            dest.run_with_state(move |_memory, state| -> vmm::Result<()> {
                 let mut vm = target;
                 vm.load_state(&VmState::from_bytes(&state)?)?;
                 let resumed = scope.spawn(move || {
                     let during = vm.run(&[during])?;
                     verified_rx.recv().expect("the migration verified");
                     let after = vm.run(&[after])?;
-                    Ok::<_, uffdkit_vmm::Error>([during, after])
+                    Ok::<_, vmm::Error>([during, after])
                 });
                 resumed_tx.send(resumed).expect("hand over the guest");
                 Ok(())

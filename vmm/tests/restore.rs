@@ -11,8 +11,8 @@ use common::{
     share, SnapshotDir, SETTLE,
 };
 use pager::{DeliveryMode, MemoryKind, PageState, Prefetch};
-use uffdkit_vmm::guest::CODE_GPA;
-use uffdkit_vmm::{Command, Error, GuestModel, Lazy, Restore, Vm, VmConfig};
+use vmm::guest::CODE_GPA;
+use vmm::{Command, Error, GuestModel, Lazy, Restore, Vm, VmConfig};
 
 /// Restores lazily, checks nothing was placed before the first `KVM_RUN`, that the
 /// checksum matches, that every data page was placed by a fault from KVM_RUN, and that the
@@ -260,7 +260,7 @@ fn sigbus_restore_serves_the_guest_or_reports_the_unreached_page() {
     // SAFETY: the guest memory mapping is live and no vCPU runs; the read faults and the
     // pager's SIGBUS handler places the page in this thread.
     let code = unsafe { std::ptr::read_volatile(vm.memory().as_ptr().add(CODE_GPA as usize)) };
-    assert_eq!(code, uffdkit_vmm::guest::CODE[0]);
+    assert_eq!(code, vmm::guest::CODE[0]);
     eprintln!(
         "SIGBUS restore, data read: {}",
         sigbus_outcome(&config, &mut vm, &model)

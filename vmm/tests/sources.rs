@@ -17,8 +17,8 @@ use postcopy::client::RemoteSource;
 use postcopy::server::PageServer;
 use postcopy::Timing;
 use transport::Key;
-use uffdkit_vmm::snapshot::MEMORY_FILE;
-use uffdkit_vmm::{GuestModel, Lazy, Vm, VmConfig};
+use vmm::snapshot::MEMORY_FILE;
+use vmm::{GuestModel, Lazy, Vm, VmConfig};
 
 /// Restores the snapshot in `dir` (of `model`) with memory from `source`, checks the
 /// checksum and that every data page was placed, then lets the guest write on.
@@ -102,8 +102,5 @@ fn restore_from_refuses_a_source_smaller_than_guest_memory() {
     boot_and_snapshot(&config, &dir);
     let short = Arc::new(pager::MemorySource::new(vec![0u8; 1 << 20]));
     let err = Vm::restore_from(dir.path(), config, short, Lazy::DEMAND).err();
-    assert!(
-        matches!(err, Some(uffdkit_vmm::Error::Mismatch(_))),
-        "{err:?}"
-    );
+    assert!(matches!(err, Some(vmm::Error::Mismatch(_))), "{err:?}");
 }

@@ -7,8 +7,8 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use uffdkit_vmm::guest::{DATA_GPA, GUEST_PAGE};
-use uffdkit_vmm::{Command, GuestModel, Vm, VmConfig};
+use vmm::guest::{DATA_GPA, GUEST_PAGE};
+use vmm::{Command, GuestModel, Vm, VmConfig};
 
 /// Whether `/dev/kvm` can be opened; if not, reports the skip loudly.
 pub fn kvm_available(test: &str) -> bool {
