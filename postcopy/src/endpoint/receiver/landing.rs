@@ -5,12 +5,25 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use pager::PageState;
+use pager::{PageState, PageStates};
 
 use super::{Land, Receiver, STAT};
 use crate::link::Chan;
 use crate::wire::{Channel, PageRange};
 use crate::Error;
+
+/// Pages a run lands in pieces of, on two threads: ~70 µs of landing, a few times a
+/// helper's wakeup.
+const PIECE: u64 = 32;
+
+/// Whether page `p` is still to be placed (Missing or Requested): only such pages are
+/// placed, and told of, from a frame.
+fn unplaced(s: &PageStates<'_>, p: u64) -> bool {
+    matches!(
+        s.get(p as usize),
+        Some(PageState::Missing | PageState::Requested)
+    )
+}
 
 impl Receiver {
     /// Lands pages `first..` with `data`, or zero pages when `data` is `None`, if `chan`'s
@@ -22,7 +35,6 @@ impl Receiver {
         count: u64,
         data: Option<&[u8]>,
     ) -> Result<(), Error> {
-        const PIECE: u64 = 32; // ~70 µs of landing, a few times a helper's wakeup
         let land = self.land();
         self.current(chan, "pages")?;
         // In pieces on both CPUs: one thread landing a whole stream (digest and copy) was
@@ -56,15 +68,9 @@ impl Receiver {
         let Land::Place(placer) = &*land else {
             return None;
         };
-        let open = |s: &pager::PageStates<'_>, p: u64| {
-            matches!(
-                s.get(p as usize),
-                Some(PageState::Missing | PageState::Requested)
-            )
-        };
         // A block with a page present already would be split in the buffer by a partial
         // move (its huge page then faults back in 4 KiB pieces): those are copied.
-        if placer.states(|s| (first..first + count).all(|p| open(&s, p))) != Some(true) {
+        if placer.states(|s| (first..first + count).all(|p| unplaced(&s, p))) != Some(true) {
             return None;
         }
         Some((|| {
@@ -73,7 +79,6 @@ impl Receiver {
             // the spare populated, where the reader will receive the next such frame: the
             // kernel zeroes its huge pages here, beside the digests, rather than on the
             // reading thread inside its next `recv`.
-            const PIECE: u64 = 32;
             let told = &*data;
             let spare = (spare.as_mut_ptr() as usize, spare.len());
             self.helper
@@ -88,7 +93,7 @@ impl Receiver {
                         first: first + at,
                         count: n,
                     };
-                    placer.states(|s| self.tell_landed(range, Some(piece), |p| open(&s, p)));
+                    placer.states(|s| self.tell_landed(range, Some(piece), |p| unplaced(&s, p)));
                     Ok::<_, Error>(())
                 })?;
             let placed = placer.place_run_moving(first * ps as u64, data)?;
@@ -147,14 +152,7 @@ impl Receiver {
                 // Told before placing: the placement publishes Received (a Release CAS),
                 // so whoever sees the page placed sees what was told of it. A page present
                 // already is not placed again, and not told of.
-                placer.states(|s| {
-                    self.tell_landed(range, data, |p| {
-                        matches!(
-                            s.get(p as usize),
-                            Some(PageState::Missing | PageState::Requested)
-                        )
-                    })
-                });
+                placer.states(|s| self.tell_landed(range, data, |p| unplaced(&s, p)));
                 let placed = match data {
                     Some(d) => placer.place_run(first * ps as u64, d)?,
                     None => placer.place_zero_run(first * ps as u64, count as usize * ps)?,
