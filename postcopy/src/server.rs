@@ -85,6 +85,9 @@ pub struct ServerStats {
     pub zero_pages_sent: u64,
     /// Requests answered.
     pub requests: u64,
+    /// Requested pages answered although the stream had sent them on the same pair (its
+    /// copy still behind the main connection's backlog): the client keeps the first.
+    pub resent: u64,
 }
 
 /// An image behind a local [`Source`], as a sender's pages.
@@ -213,6 +216,7 @@ impl PageServer {
             pages_sent: sent.saturating_sub(zero),
             zero_pages_sent: zero,
             requests: get(&s.requests),
+            resent: get(&s.resent),
         }
     }
 

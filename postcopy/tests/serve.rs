@@ -246,6 +246,55 @@ fn urgent_pages_overtake_the_background_stream() {
     pager.stop().expect("stop");
 }
 
+#[test]
+fn a_requested_page_the_stream_sent_already_is_answered_again_on_the_urgent_connection() {
+    // The stream's first frame (pages 0..512, taken whole before it is sent) held after
+    // its first MiB by the proxy, main frozen towards the client and urgent flowing: page
+    // 400 is on its way on main and will not arrive while the proxy holds it. A fault
+    // there must not wait for that copy (it would wait for the cut below); its request is
+    // answered on urgent.
+    let pages = 16384;
+    let img = common::image(pages);
+    let timing = Timing {
+        silence: Duration::from_secs(120),
+        ..Timing::default()
+    };
+    let source = Arc::new(MemorySource::new(img.clone()));
+    let at = "127.0.0.1:0".parse().unwrap();
+    let srv = PageServer::bind(&at, source, key(), timing).expect("bind");
+    let proxy = common::stream_held_after(&srv.local_addr().unwrap(), 1 << 20);
+    let via = Addr::Tcp(proxy.addr());
+    let source = Arc::new(RemoteSource::connect_with(&via, key(), timing).expect("connect"));
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
+    let pager = common::pager_for(source, &memory);
+    let t = Instant::now();
+    while proxy.pending() > 0 {
+        assert!(t.elapsed() < Duration::from_secs(30), "the stream started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let m = memory.clone();
+    std::thread::spawn(move || {
+        // SAFETY: the served region, alive (`m`) for as long as the thread.
+        let b = unsafe { std::ptr::read_volatile(m.page_addr(400) as *const u8) };
+        tx.send(b)
+    });
+    let got = rx.recv_timeout(Duration::from_secs(30));
+    let stats = srv.stats();
+    // Whatever came, the held stream goes on on the next pair (and frees a stuck reader).
+    assert_eq!(proxy.cut_now(CutMode::Reset, Target::Tag("main")), 1);
+    assert_eq!(
+        got.expect("the page came while the stream's copy was held"),
+        img[400 * PS]
+    );
+    assert!(stats.resent >= 1, "{stats:?}");
+    assert!(
+        pager.wait_complete(Duration::from_secs(60)),
+        "stream completed"
+    );
+    pager.stop().expect("stop");
+}
+
 /// A hugepage-backed guest restored from a page server serving 2 MiB pages: faults on
 /// hugetlb memory, answered and streamed a 2 MiB page at a time, every byte verified
 /// (one page zero, sent as a zero run).

@@ -28,6 +28,13 @@ pub(crate) trait OnLand: Send + Sync {
     /// Page `page` is being landed from the current pair with `data` (`None`: zeros), in a
     /// copy (precopy: the latest copy wins) or a placement of a page not present yet.
     fn landed(&self, page: u64, data: Option<&[u8]>);
+    /// As [`landed`](OnLand::landed), for a page an answer on the urgent connection brought
+    /// after the switch. The stream may bring the same page too (a requested page is
+    /// answered although the stream sent it: see `endpoint::sender`), and both copies may
+    /// be told of before either is placed.
+    fn landed_urgent(&self, page: u64, data: Option<&[u8]>) {
+        self.landed(page, data);
+    }
     /// Pages `pages` were dropped by DISCARD (they read as zeros until landed again).
     fn dropped(&self, pages: std::ops::Range<usize>);
 }

@@ -2,6 +2,14 @@
 //! both push pages through it. It frames page data and zero runs, answers urgent requests
 //! at once (moving the stream's cursor just past them: spatial locality), and streams what
 //! is still needed, in order from that cursor, over page-state's [`Bitmap`].
+//!
+//! A requested page is answered on the urgent connection even when the stream sent it
+//! already: the stream's copy may sit behind megabytes in the main connection's buffers
+//! and the receiver's, milliseconds away, while the faulting thread waits. QEMU skips such
+//! a page (it is not dirty any more); here they were skipped too, and they were the whole
+//! tail of the fault latency under a saturating stream. The receiver places whichever copy
+//! lands first and drops the other (the content is the same: frozen memory, or an image).
+//! Only a page answered before on the same pair is not sent again.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -52,9 +60,13 @@ pub struct SendStats {
     pub urgent_pages: AtomicU64,
     /// REQ_PAGES messages answered.
     pub requests: AtomicU64,
-    /// Requested pages not sent again: already on their way (streamed, or answered
-    /// before) on this connection pair.
+    /// Requested pages not sent again: answered before on this connection pair (a second
+    /// request for a page on its way).
     pub already_sent: AtomicU64,
+    /// Requested pages answered although the stream had sent them on this pair already:
+    /// its copy was still behind the main connection's backlog as far as the request
+    /// could tell (the receiver drops whichever copy lands second).
+    pub resent: AtomicU64,
     /// Pages that went as zero runs (no data).
     pub zero_pages: AtomicU64,
     /// Page data bytes sent (stream and requests).
@@ -72,9 +84,9 @@ pub(crate) struct Sender {
     per_frame: u64,
     /// Pages the stream still has to push (requests clear them too).
     pub need: Bitmap,
-    /// Pages sent on the current connection pair by the stream or an answer: on their
-    /// way, so a request for one is not answered again (see [`Sender::new_pair`]).
-    carried: Bitmap,
+    /// Pages answered on the current connection pair: on their way on its urgent
+    /// connection, so a request for one is not answered again (see [`Sender::new_pair`]).
+    answered: Bitmap,
     cursor: AtomicU64,
     answering: AtomicBool,
     urgent_scratch: Mutex<Vec<u8>>,
@@ -91,7 +103,7 @@ impl Sender {
         let per_frame = (FRAME_BYTES / ps).max(1) as u64;
         Sender {
             need: Bitmap::new(count as usize),
-            carried: Bitmap::new(count as usize),
+            answered: Bitmap::new(count as usize),
             cursor: AtomicU64::new(0),
             answering: AtomicBool::new(false),
             urgent_scratch: Mutex::new(vec![0; per_frame as usize * ps]),
@@ -108,7 +120,7 @@ impl Sender {
     /// A new connection pair begins (the last one is gone, its threads joined): nothing is
     /// on its way any more.
     pub fn new_pair(&self) {
-        self.carried.clear_all();
+        self.answered.clear_all();
     }
 
     /// Answers REQ_PAGES from now on (before, a request is an unexpected message).
@@ -156,8 +168,9 @@ impl Sender {
         Ok(bytes)
     }
 
-    /// Answers one REQ_PAGES on the connection it came on, with the requested pages this
-    /// pair has not carried yet: no page is sent twice on a pair.
+    /// Answers one REQ_PAGES on the connection it came on, with the requested pages not
+    /// answered on this pair yet, whether the stream sent them or not (see the module
+    /// docs).
     fn answer(&self, chan: &Chan, ranges: &[PageRange]) -> Result<(), Error> {
         self.stats.requests.fetch_add(1, STAT);
         let mut scratch = self
@@ -168,19 +181,24 @@ impl Sender {
             let end = (r.first + r.count).min(self.count);
             let mut p = r.first;
             while p < end {
-                // Only what this pair has not carried yet: a page the stream took is on
-                // its way on main, one answered before is on its way here.
-                if self.carried.set(p as usize) {
+                // Only what was not answered on this pair yet: that is on its way here.
+                if self.answered.set(p as usize) {
                     self.stats.already_sent.fetch_add(1, STAT);
                     p += 1;
                     continue;
                 }
                 let first = p;
                 p += 1;
-                while p < end && !self.carried.set(p as usize) {
+                while p < end && !self.answered.set(p as usize) {
                     p += 1;
                 }
-                self.need.clear_range(first as usize..p as usize)?;
+                let mut resent = 0;
+                for q in first..p {
+                    if !self.need.clear(q as usize) {
+                        resent += 1; // the stream took it
+                    }
+                }
+                self.stats.resent.fetch_add(resent, STAT);
                 let b = self.send(chan, first, p - first, &mut scratch)?;
                 self.stats.bytes.fetch_add(b, STAT);
                 self.stats.urgent_pages.fetch_add(p - first, STAT);
@@ -230,7 +248,6 @@ impl Sender {
             let frame = self.per_frame - first % self.per_frame;
             let mut n = 0;
             while n < frame && first + n < self.count && self.need.clear((first + n) as usize) {
-                self.carried.set((first + n) as usize);
                 n += 1;
             }
             if n == 0 {

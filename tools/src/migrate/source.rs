@@ -191,6 +191,7 @@ pub(super) fn source(a: &SourceArgs) -> Result<()> {
         "urgent_pages": r.urgent_pages,
         "requests": r.requests,
         "already_sent": r.already_sent,
+        "resent": r.resent,
         "downtime_ms": r.downtime.as_secs_f64() * 1e3,
         "stopped_at_ns": stopped_at.load(Ordering::Relaxed),
         "switch": {

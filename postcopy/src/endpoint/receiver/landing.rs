@@ -37,13 +37,14 @@ impl Receiver {
     ) -> Result<(), Error> {
         let land = self.land();
         self.current(chan, "pages")?;
+        let urgent = chan.channel == Channel::Urgent;
         // In pieces on both CPUs: one thread landing a whole stream (digest and copy) was
         // its bottleneck, the other CPU idle.
         self.helper.for_each(count.div_ceil(PIECE) as usize, |i| {
             let (at, ps) = (i as u64 * PIECE, self.ps);
             let (first, count) = (first + at, PIECE.min(count - at));
             let data = data.map(|d| &d[at as usize * ps..][..count as usize * ps]);
-            self.land_piece(&land, PageRange { first, count }, data)
+            self.land_piece(&land, PageRange { first, count }, data, urgent)
         })?;
         Ok(())
     }
@@ -79,7 +80,7 @@ impl Receiver {
             // the spare populated, where the reader will receive the next such frame: the
             // kernel zeroes its huge pages here, beside the digests, rather than on the
             // reading thread inside its next `recv`.
-            let told = &*data;
+            let (told, urgent) = (&*data, chan.channel == Channel::Urgent);
             let spare = (spare.as_mut_ptr() as usize, spare.len());
             self.helper
                 .for_each(count.div_ceil(PIECE) as usize + 1, |i| {
@@ -93,7 +94,9 @@ impl Receiver {
                         first: first + at,
                         count: n,
                     };
-                    placer.states(|s| self.tell_landed(range, Some(piece), |p| unplaced(&s, p)));
+                    placer.states(|s| {
+                        self.tell_landed(range, Some(piece), urgent, |p| unplaced(&s, p))
+                    });
                     Ok::<_, Error>(())
                 })?;
             let placed = placer.place_run_moving(first * ps as u64, data)?;
@@ -103,8 +106,15 @@ impl Receiver {
         })())
     }
 
-    /// Lands the pages of `range`, a piece of a run ([`Receiver::land_pages`]).
-    fn land_piece(&self, land: &Land, range: PageRange, data: Option<&[u8]>) -> Result<(), Error> {
+    /// Lands the pages of `range`, a piece of a run ([`Receiver::land_pages`]) that came on
+    /// the urgent connection or not.
+    fn land_piece(
+        &self,
+        land: &Land,
+        range: PageRange,
+        data: Option<&[u8]>,
+        urgent: bool,
+    ) -> Result<(), Error> {
         let (ps, first, count) = (self.ps, range.first, range.count);
         let (start, end) = (first as usize, (first + count) as usize);
         match land {
@@ -116,7 +126,7 @@ impl Receiver {
                 })
             }
             Land::Copy { memory, states } => {
-                self.tell_landed(range, data, |_| true);
+                self.tell_landed(range, data, false, |_| true);
                 match data {
                     Some(d) => {
                         // Populated in one call, then copied: a first write faulting in
@@ -152,7 +162,7 @@ impl Receiver {
                 // Told before placing: the placement publishes Received (a Release CAS),
                 // so whoever sees the page placed sees what was told of it. A page present
                 // already is not placed again, and not told of.
-                placer.states(|s| self.tell_landed(range, data, |p| unplaced(&s, p)));
+                placer.states(|s| self.tell_landed(range, data, urgent, |p| unplaced(&s, p)));
                 let placed = match data {
                     Some(d) => placer.place_run(first * ps as u64, d)?,
                     None => placer.place_zero_run(first * ps as u64, count as usize * ps)?,
@@ -198,14 +208,25 @@ impl Receiver {
     }
 
     /// Tells [`Receiver::on_land`] of the pages of `r` landing with `data`
-    /// (`None`: zeros), those for which `lands(page)` holds.
-    fn tell_landed(&self, r: PageRange, data: Option<&[u8]>, lands: impl Fn(u64) -> bool) {
+    /// (`None`: zeros), those for which `lands(page)` holds; `urgent`: an answer on the
+    /// urgent connection ([`OnLand::landed_urgent`](super::OnLand::landed_urgent)).
+    fn tell_landed(
+        &self,
+        r: PageRange,
+        data: Option<&[u8]>,
+        urgent: bool,
+        lands: impl Fn(u64) -> bool,
+    ) {
         let Some(on_land) = &self.on_land else {
             return;
         };
         for (i, p) in (r.first..r.first + r.count).enumerate() {
             if lands(p) {
-                on_land.landed(p, data.map(|d| &d[i * self.ps..(i + 1) * self.ps]));
+                let page = data.map(|d| &d[i * self.ps..(i + 1) * self.ps]);
+                match urgent {
+                    true => on_land.landed_urgent(p, page),
+                    false => on_land.landed(p, page),
+                }
             }
         }
     }

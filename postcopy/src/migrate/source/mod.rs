@@ -254,9 +254,12 @@ pub struct SourceReport {
     pub urgent_pages: u64,
     /// REQ_PAGES messages answered.
     pub requests: u64,
-    /// Requested pages not sent again because they were on their way already (streamed
-    /// or answered before on the same pair).
+    /// Requested pages not sent again: answered before on the same pair.
     pub already_sent: u64,
+    /// Requested pages answered although the stream had sent them on the same pair: its
+    /// copy may still be megabytes behind on the main connection (the destination drops
+    /// whichever lands second).
+    pub resent: u64,
     /// Workload stopped → the destination acknowledged RUN.
     pub downtime: Duration,
     /// The downtime (and what was moved out of it), step by step.

@@ -445,6 +445,7 @@ impl<'m> Run<'m> {
             urgent_pages: get(&prog.postcopy.urgent_pages),
             requests: get(&prog.postcopy.requests),
             already_sent: get(&prog.postcopy.already_sent),
+            resent: get(&prog.postcopy.resent),
             downtime: self.downtime,
             switch: self.steps,
             postcopy: self
