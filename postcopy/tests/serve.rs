@@ -203,15 +203,23 @@ fn many_clients_restore_from_one_server_at_once_and_a_dying_one_harms_nobody() {
     }
 }
 
-#[test]
-fn urgent_pages_overtake_the_background_stream() {
-    // 64 MiB, the stream held at its second MiB (main frozen towards the client, urgent
-    // flowing): the last page can come only by its request, ahead of the stream, however
-    // fast the stream runs or slowly the fault is served (a race of the two timed, the
-    // stream won it in release beside two busy loops). Nothing breaks the pair meanwhile
-    // (a silence deadline far past the test).
-    let pages = 16384;
-    let img = common::image(pages);
+/// A restore of 64 MiB from a page server whose stream a proxy holds after its first MiB
+/// (main frozen towards the client, urgent flowing), with the hold on. Nothing breaks the
+/// pair meanwhile (a silence deadline far past the test); `release` lets the stream go on
+/// on the next pair.
+struct Held {
+    // Dropped in this order (on a failed assertion): the pager before its memory.
+    pager: pager::Pager,
+    proxy: Arc<Proxy>,
+    srv: PageServer,
+    memory: Arc<Mapping>,
+    img: Vec<u8>,
+}
+
+const HELD_PAGES: usize = 16384;
+
+fn stream_held() -> Held {
+    let img = common::image(HELD_PAGES);
     let timing = Timing {
         silence: Duration::from_secs(120),
         ..Timing::default()
@@ -222,77 +230,74 @@ fn urgent_pages_overtake_the_background_stream() {
     let proxy = common::stream_held_after(&srv.local_addr().unwrap(), 1 << 20);
     let via = Addr::Tcp(proxy.addr());
     let source = Arc::new(RemoteSource::connect_with(&via, key(), timing).expect("connect"));
-    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, HELD_PAGES * PS).expect("map"));
     let pager = common::pager_for(source, &memory);
     let t = Instant::now();
     while proxy.pending() > 0 {
         assert!(t.elapsed() < Duration::from_secs(30), "the stream started");
         std::thread::sleep(Duration::from_millis(1));
     }
-    let t = Instant::now();
+    Held {
+        pager,
+        proxy,
+        srv,
+        memory,
+        img,
+    }
+}
+
+impl Held {
+    /// Cuts main: the rest of the stream comes on the next pair; then every page.
+    fn release(self) {
+        assert_eq!(self.proxy.cut_now(CutMode::Reset, Target::Tag("main")), 1);
+        assert!(
+            self.pager.wait_complete(Duration::from_secs(60)),
+            "stream completed"
+        );
+        self.pager.stop().expect("stop");
+    }
+}
+
+#[test]
+fn urgent_pages_overtake_the_background_stream() {
+    // The last page can come only by its request, ahead of the stream, however fast the
+    // stream runs or slowly the fault is served (a race of the two timed, the stream won
+    // it in release beside two busy loops).
+    let held = stream_held();
+    let (pages, t) = (HELD_PAGES, Instant::now());
     // SAFETY: the served region; the last page, far from where the stream stands.
-    let b = unsafe { std::ptr::read_volatile(memory.page_addr(pages - 3) as *const u8) };
+    let b = unsafe { std::ptr::read_volatile(held.memory.page_addr(pages - 3) as *const u8) };
     let urgent = t.elapsed();
-    assert_eq!(b, img[(pages - 3) * PS]);
-    let streamed = pager.stats().placed_arrival;
+    assert_eq!(b, held.img[(pages - 3) * PS]);
+    let streamed = held.pager.stats().placed_arrival;
     eprintln!("urgent page {urgent:?}, with {streamed} pages of {pages} arrived");
     assert!(streamed < pages as u64 / 2, "the stream was held");
-    // The rest of the stream comes on the next pair.
-    assert_eq!(proxy.cut_now(CutMode::Reset, Target::Tag("main")), 1);
-    assert!(
-        pager.wait_complete(Duration::from_secs(60)),
-        "stream completed"
-    );
-    pager.stop().expect("stop");
+    held.release();
 }
 
 #[test]
 fn a_requested_page_the_stream_sent_already_is_answered_again_on_the_urgent_connection() {
-    // The stream's first frame (pages 0..512, taken whole before it is sent) held after
-    // its first MiB by the proxy, main frozen towards the client and urgent flowing: page
-    // 400 is on its way on main and will not arrive while the proxy holds it. A fault
-    // there must not wait for that copy (it would wait for the cut below); its request is
-    // answered on urgent.
-    let pages = 16384;
-    let img = common::image(pages);
-    let timing = Timing {
-        silence: Duration::from_secs(120),
-        ..Timing::default()
-    };
-    let source = Arc::new(MemorySource::new(img.clone()));
-    let at = "127.0.0.1:0".parse().unwrap();
-    let srv = PageServer::bind(&at, source, key(), timing).expect("bind");
-    let proxy = common::stream_held_after(&srv.local_addr().unwrap(), 1 << 20);
-    let via = Addr::Tcp(proxy.addr());
-    let source = Arc::new(RemoteSource::connect_with(&via, key(), timing).expect("connect"));
-    let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
-    let pager = common::pager_for(source, &memory);
-    let t = Instant::now();
-    while proxy.pending() > 0 {
-        assert!(t.elapsed() < Duration::from_secs(30), "the stream started");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    // The stream's first frame (pages 0..512) was taken whole before it was sent, and the
+    // proxy holds it after its first MiB: page 400 is on its way on main and will not
+    // arrive while the hold lasts. A fault there must not wait for that copy (it would
+    // wait for the release); its request is answered on urgent.
+    let held = stream_held();
     let (tx, rx) = std::sync::mpsc::channel();
-    let m = memory.clone();
+    let m = held.memory.clone();
     std::thread::spawn(move || {
         // SAFETY: the served region, alive (`m`) for as long as the thread.
         let b = unsafe { std::ptr::read_volatile(m.page_addr(400) as *const u8) };
         tx.send(b)
     });
     let got = rx.recv_timeout(Duration::from_secs(30));
-    let stats = srv.stats();
-    // Whatever came, the held stream goes on on the next pair (and frees a stuck reader).
-    assert_eq!(proxy.cut_now(CutMode::Reset, Target::Tag("main")), 1);
+    let (stats, want) = (held.srv.stats(), held.img[400 * PS]);
+    // Whatever came, the stream goes on (and frees a thread still waiting).
+    held.release();
     assert_eq!(
         got.expect("the page came while the stream's copy was held"),
-        img[400 * PS]
+        want
     );
     assert!(stats.resent >= 1, "{stats:?}");
-    assert!(
-        pager.wait_complete(Duration::from_secs(60)),
-        "stream completed"
-    );
-    pager.stop().expect("stop");
 }
 
 /// A hugepage-backed guest restored from a page server serving 2 MiB pages: faults on
