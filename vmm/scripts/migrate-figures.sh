@@ -2,7 +2,7 @@
 # Live migration of the tiny guest between two uffdkit-vmm processes over loopback TCP,
 # N times (default 5): prints each run's source line (downtime, postcopy) and destination
 # line (RUN -> first instruction), and fails if a run does not end with the guest's
-# checksum matching the source's model. Build first: cargo build --release -p uffdkit-vmm-cli
+# checksum matching the source's model. Build first: cargo build --release -p uffdkit-tools --bin uffdkit-vmm
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
 BIN=${BIN:-$here/target/release/uffdkit-vmm}

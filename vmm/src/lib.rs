@@ -14,8 +14,8 @@
 //! needs: a guest that keeps working while precopy runs, its vCPU state as the device
 //! state postcopy's RUN carries, and the VM's own guest memory (already KVM's memory slot)
 //! for the migration destination to register and fill (`Destination::with_memory`). The
-//! `uffdkit-vmm` program's `migrate-in`/`migrate-out` commands (package `uffdkit-vmm-cli`,
-//! `vmm-cli/`) and `tests/migrate.rs` use `postcopy` with them; this library prints
+//! `uffdkit-vmm` program's `migrate-in`/`migrate-out` commands (in the tools package,
+//! `tools/src/bin/uffdkit-vmm/`) and `tests/migrate.rs` use `postcopy` with them; this library prints
 //! nothing (it logs).
 //!
 //! Why a VMM and not a thread touching memory: KVM resolves a guest access through the

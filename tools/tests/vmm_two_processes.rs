@@ -4,7 +4,7 @@
 //! the guest at RUN, where it goes on rewriting its memory during postcopy, and checks its
 //! checksum against the source's model and its own commands.
 
-use crate::common;
+use crate::vmm_common as common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::OpenOptionsExt;

@@ -1,5 +1,5 @@
-//! `uffdkit-vmm`: the minimal KVM VMM's command line — this package is the program; the
-//! `uffdkit-vmm` library (`vmm/`) logs and prints nothing.
+//! `uffdkit-vmm`: the minimal KVM VMM's command line, the tools package's second program;
+//! the `vmm` library it runs on logs and prints nothing.
 //!
 //! - `uffdkit-vmm bench`: boot the tiny guest, fill its memory, snapshot it, then restore
 //!   it eagerly and lazily (through the pager) several times each, checking the guest's
