@@ -85,8 +85,10 @@ pub struct ServerStats {
     pub zero_pages_sent: u64,
     /// Requests answered.
     pub requests: u64,
-    /// Requested pages answered although the stream had sent them on the same pair (its
-    /// copy still behind the main connection's backlog): the client keeps the first.
+    /// Requested pages answered that were no longer needed
+    /// ([`SendStats::resent`](crate::endpoint::SendStats::resent)): nearly always the
+    /// stream had sent them on the same pair, its copy still behind the main connection's
+    /// backlog; the client keeps the first.
     pub resent: u64,
 }
 

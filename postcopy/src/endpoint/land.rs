@@ -25,16 +25,16 @@ pub(crate) enum Land {
 /// Told of every page a receiver lands in memory, before it is published as placed (the
 /// migration destination digests what it placed: see `migrate`'s delivery invariant).
 pub(crate) trait OnLand: Send + Sync {
-    /// Page `page` is being landed from the current pair with `data` (`None`: zeros), in a
-    /// copy (precopy: the latest copy wins) or a placement of a page not present yet.
-    fn landed(&self, page: u64, data: Option<&[u8]>);
-    /// As [`landed`](OnLand::landed), for a page an answer on the urgent connection brought
-    /// after the switch. The stream may bring the same page too (a requested page is
-    /// answered although the stream sent it: see `endpoint::sender`), and both copies may
-    /// be told of before either is placed.
-    fn landed_urgent(&self, page: u64, data: Option<&[u8]>) {
-        self.landed(page, data);
-    }
+    /// Page `page` is being copied in from the current pair with `data` (`None`: zeros)
+    /// before a pager runs: precopy, where a page sent again was written again, so the
+    /// latest copy wins.
+    fn copied(&self, page: u64, data: Option<&[u8]>);
+    /// Page `page`, not present, is being placed through the pager with `data`. After the
+    /// switch a page may come twice — answered on the urgent connection and in the stream
+    /// (a requested page is answered although the stream sent it: see `endpoint::sender`),
+    /// or again on a later pair — and two copies may both be told of before either is
+    /// placed.
+    fn placing(&self, page: u64, data: Option<&[u8]>);
     /// Pages `pages` were dropped by DISCARD (they read as zeros until landed again).
     fn dropped(&self, pages: std::ops::Range<usize>);
 }

@@ -64,9 +64,10 @@ pub struct SendStats {
     /// Requested pages not sent again: answered before on this connection pair (a second
     /// request for a page on its way).
     pub already_sent: AtomicU64,
-    /// Requested pages answered although the stream had sent them on this pair already:
-    /// its copy was still behind the main connection's backlog as far as the request
-    /// could tell (the receiver drops whichever copy lands second).
+    /// Requested pages answered that were no longer needed: nearly always the stream had
+    /// sent them on this pair already, its copy still behind the main connection's
+    /// backlog as far as the request could tell (the receiver drops whichever copy lands
+    /// second); else the destination had reported them held when the pair began.
     pub resent: AtomicU64,
     /// Pages that went as zero runs (no data).
     pub zero_pages: AtomicU64,

@@ -127,7 +127,8 @@ struct TlsWriter {
     socket: Socket,
     /// Records sealed under the lock, written after it.
     out: Vec<u8>,
-    /// A failed socket write leaves part of a record sent: nothing may follow it.
+    /// A failed write leaves part of a record sent, or the session's record sequence
+    /// ahead of what the peer got: nothing may follow it.
     broken: Option<io::ErrorKind>,
 }
 
@@ -144,36 +145,46 @@ impl Write for TlsWriter {
             ));
         }
         self.out.clear();
-        let mut taken = 0;
-        {
-            let mut tls = lock(&self.session);
-            let mut at = (0, 0);
-            while taken < SEAL_CHUNK {
-                let mut slices = [IoSlice::new(&[]); 8];
-                let (n, offered) = piece(bufs, at, &mut slices);
-                if offered == 0 {
-                    break;
-                }
-                let sealed = tls.writer().write_vectored(&slices[..n])?;
-                while tls.wants_write() {
-                    tls.write_tls(&mut self.out)?;
-                }
-                taken += sealed;
-                if sealed < offered {
-                    break; // the session's buffer is full
-                }
-                at = advance(bufs, at, sealed);
-            }
-        }
-        if let Err(e) = self.socket.write_all(&self.out) {
+        // A failure once records were sealed leaves the session's record sequence ahead
+        // of what the peer will read: nothing may follow it either.
+        let written = self
+            .seal(bufs)
+            .and_then(|taken| self.socket.write_all(&self.out).map(|()| taken));
+        if let Err(e) = &written {
             self.broken = Some(e.kind());
-            return Err(e);
         }
-        Ok(taken)
+        written
     }
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+impl TlsWriter {
+    /// Seals what the session takes of `bufs` (at most [`SEAL_CHUNK`] bytes, a record at a
+    /// time) into `out`, draining each record at once so that the next reuses its memory:
+    /// how many bytes it took.
+    fn seal(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let mut tls = lock(&self.session);
+        let (mut taken, mut at) = (0, (0, 0));
+        while taken < SEAL_CHUNK {
+            let mut slices = [IoSlice::new(&[]); 8];
+            let (n, offered) = piece(bufs, at, &mut slices);
+            if offered == 0 {
+                break;
+            }
+            let sealed = tls.writer().write_vectored(&slices[..n])?;
+            while tls.wants_write() {
+                tls.write_tls(&mut self.out)?;
+            }
+            taken += sealed;
+            if sealed < offered {
+                break; // the session's buffer is full
+            }
+            at = advance(bufs, at, sealed);
+        }
+        Ok(taken)
     }
 }
 

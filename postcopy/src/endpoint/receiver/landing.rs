@@ -37,14 +37,13 @@ impl Receiver {
     ) -> Result<(), Error> {
         let land = self.land();
         self.current(chan, "pages")?;
-        let urgent = chan.channel == Channel::Urgent;
         // In pieces on both CPUs: one thread landing a whole stream (digest and copy) was
         // its bottleneck, the other CPU idle.
         self.helper.for_each(count.div_ceil(PIECE) as usize, |i| {
             let (at, ps) = (i as u64 * PIECE, self.ps);
             let (first, count) = (first + at, PIECE.min(count - at));
             let data = data.map(|d| &d[at as usize * ps..][..count as usize * ps]);
-            self.land_piece(&land, PageRange { first, count }, data, urgent)
+            self.land_piece(&land, PageRange { first, count }, data)
         })?;
         Ok(())
     }
@@ -80,7 +79,7 @@ impl Receiver {
             // the spare populated, where the reader will receive the next such frame: the
             // kernel zeroes its huge pages here, beside the digests, rather than on the
             // reading thread inside its next `recv`.
-            let (told, urgent) = (&*data, chan.channel == Channel::Urgent);
+            let told = &*data;
             let spare = (spare.as_mut_ptr() as usize, spare.len());
             self.helper
                 .for_each(count.div_ceil(PIECE) as usize + 1, |i| {
@@ -95,7 +94,7 @@ impl Receiver {
                         count: n,
                     };
                     placer.states(|s| {
-                        self.tell_landed(range, Some(piece), urgent, |p| unplaced(&s, p))
+                        self.tell_landed(range, Some(piece), false, |p| unplaced(&s, p))
                     });
                     Ok::<_, Error>(())
                 })?;
@@ -106,15 +105,8 @@ impl Receiver {
         })())
     }
 
-    /// Lands the pages of `range`, a piece of a run ([`Receiver::land_pages`]) that came on
-    /// the urgent connection or not.
-    fn land_piece(
-        &self,
-        land: &Land,
-        range: PageRange,
-        data: Option<&[u8]>,
-        urgent: bool,
-    ) -> Result<(), Error> {
+    /// Lands the pages of `range`, a piece of a run ([`Receiver::land_pages`]).
+    fn land_piece(&self, land: &Land, range: PageRange, data: Option<&[u8]>) -> Result<(), Error> {
         let (ps, first, count) = (self.ps, range.first, range.count);
         let (start, end) = (first as usize, (first + count) as usize);
         match land {
@@ -126,7 +118,7 @@ impl Receiver {
                 })
             }
             Land::Copy { memory, states } => {
-                self.tell_landed(range, data, false, |_| true);
+                self.tell_landed(range, data, true, |_| true);
                 match data {
                     Some(d) => {
                         // Populated in one call, then copied: a first write faulting in
@@ -162,7 +154,7 @@ impl Receiver {
                 // Told before placing: the placement publishes Received (a Release CAS),
                 // so whoever sees the page placed sees what was told of it. A page present
                 // already is not placed again, and not told of.
-                placer.states(|s| self.tell_landed(range, data, urgent, |p| unplaced(&s, p)));
+                placer.states(|s| self.tell_landed(range, data, false, |p| unplaced(&s, p)));
                 let placed = match data {
                     Some(d) => placer.place_run(first * ps as u64, d)?,
                     None => placer.place_zero_run(first * ps as u64, count as usize * ps)?,
@@ -207,14 +199,15 @@ impl Receiver {
         Ok(())
     }
 
-    /// Tells [`Receiver::on_land`] of the pages of `r` landing with `data`
-    /// (`None`: zeros), those for which `lands(page)` holds; `urgent`: an answer on the
-    /// urgent connection ([`OnLand::landed_urgent`](super::OnLand::landed_urgent)).
+    /// Tells [`Receiver::on_land`] of the pages of `r` landing with `data` (`None`:
+    /// zeros), those for which `lands(page)` holds: copied in before a pager runs
+    /// ([`OnLand::copied`](super::OnLand::copied)) if `copied`, else placed through it
+    /// ([`OnLand::placing`](super::OnLand::placing)).
     fn tell_landed(
         &self,
         r: PageRange,
         data: Option<&[u8]>,
-        urgent: bool,
+        copied: bool,
         lands: impl Fn(u64) -> bool,
     ) {
         let Some(on_land) = &self.on_land else {
@@ -223,9 +216,9 @@ impl Receiver {
         for (i, p) in (r.first..r.first + r.count).enumerate() {
             if lands(p) {
                 let page = data.map(|d| &d[i * self.ps..(i + 1) * self.ps]);
-                match urgent {
-                    true => on_land.landed_urgent(p, page),
-                    false => on_land.landed(p, page),
+                match copied {
+                    true => on_land.copied(p, page),
+                    false => on_land.placing(p, page),
                 }
             }
         }

@@ -6,16 +6,18 @@
 //! counts as zeros: it is a known-zero page, which the pager fills with zeros locally.
 //! See the delivery invariant in [`crate::migrate`] for why this checks the protocol.
 //!
-//! After the switch a requested page may come twice, on the urgent connection and in the
-//! stream (`endpoint::sender` says why), and both copies may be told of before either is
+//! After the switch a page may come more than once — a requested page is answered on the
+//! urgent connection although the stream sent it (`endpoint::sender` says why), and a
+//! later pair may bring it again — and two copies may both be told of before either is
 //! placed, so which one is in memory is not known here. It need not be: the source's
-//! memory is frozen, so the two are the same bytes. If they are not, the source's memory
+//! memory is frozen then, so they are the same bytes. If they are not, the source's memory
 //! changed after its stop, and the page's digest becomes one that matches neither copy,
-//! so the verdict fails.
+//! so the verdict fails. A page being placed is not present, so its digest is one only
+//! copies after the switch wrote (a precopy copy made it present; DISCARD made it untold
+//! again): each such copy is compared with the digest there, none overwrites it.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
 use super::super::digest;
 use crate::endpoint::receiver::OnLand;
@@ -33,10 +35,8 @@ const UNTOLD: u64 = u64::MAX;
 pub(super) struct Placed {
     /// The digest of a page of zeros.
     zero: u64,
-    /// What the stream (and precopy) brought, or [`UNTOLD`].
+    /// Each page's digest, or [`UNTOLD`].
     of: Box<[AtomicU64]>,
-    /// What urgent answers brought, page and digest, until [`Placed::settle`].
-    urgent: Mutex<Vec<(u64, u64)>>,
 }
 
 impl Placed {
@@ -45,29 +45,10 @@ impl Placed {
         Placed {
             zero: digest(&vec![0; ps]),
             of: (0..pages).map(|_| AtomicU64::new(UNTOLD)).collect(),
-            urgent: Mutex::new(Vec::new()),
         }
     }
 
-    /// Takes in what urgent answers brought: a page the stream brought too keeps its
-    /// digest if the two copies agree, and gets one that matches neither if they do not.
-    /// Before the digests are read (again, if a late copy was told since).
-    pub(super) fn settle(&self) {
-        let urgent = std::mem::take(&mut *self.urgent.lock().unwrap_or_else(|p| p.into_inner()));
-        for (page, d) in urgent {
-            let of = &self.of[page as usize];
-            match of.load(DIGEST) {
-                UNTOLD => of.store(d, DIGEST),
-                same if same == d => {}
-                other => {
-                    log::warn!("page {page} came twice, with different content");
-                    of.store(neither(other, d), DIGEST);
-                }
-            }
-        }
-    }
-
-    /// Page `page`'s digest (after [`Placed::settle`]).
+    /// Page `page`'s digest.
     pub(super) fn get(&self, page: usize) -> u64 {
         match self.of[page].load(DIGEST) {
             UNTOLD => self.zero,
@@ -85,16 +66,24 @@ fn neither(a: u64, b: u64) -> u64 {
 }
 
 impl OnLand for Placed {
-    fn landed(&self, page: u64, data: Option<&[u8]>) {
+    fn copied(&self, page: u64, data: Option<&[u8]>) {
         let d = data.map_or(self.zero, digest);
         // The receiver checked the page against the advised geometry, which sized `of`.
         self.of[page as usize].store(d, DIGEST);
     }
 
-    fn landed_urgent(&self, page: u64, data: Option<&[u8]>) {
+    fn placing(&self, page: u64, data: Option<&[u8]>) {
         let d = data.map_or(self.zero, digest);
-        let mut urgent = self.urgent.lock().unwrap_or_else(|p| p.into_inner());
-        urgent.push((page, d));
+        let of = &self.of[page as usize];
+        // The first copy's digest stands; a later one must agree with it.
+        let _ = of.fetch_update(DIGEST, DIGEST, |told| match told {
+            UNTOLD => Some(d),
+            same if same == d => None,
+            other => {
+                log::warn!("page {page} came twice, with different content");
+                Some(neither(other, d))
+            }
+        });
     }
 
     fn dropped(&self, pages: Range<usize>) {
@@ -109,24 +98,68 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_page_brought_twice_keeps_its_digest_only_if_both_copies_agree() {
+    fn a_page_placed_twice_keeps_its_digest_only_if_both_copies_agree() {
         let (a, b) = (vec![1u8; 4096], vec![2u8; 4096]);
-        let placed = Placed::new(4096, 5);
-        placed.landed(0, Some(&a)); // the stream only
-        placed.landed_urgent(1, Some(&a)); // an answer only
-        placed.landed(2, Some(&a)); // both, alike, in either order
-        placed.landed_urgent(2, Some(&a));
-        placed.landed_urgent(3, Some(&b)); // both, different: the memory changed
-        placed.landed(3, Some(&a));
-        placed.settle();
+        let placed = Placed::new(4096, 6);
+        placed.placing(0, Some(&a)); // one copy
+        placed.placing(1, Some(&a)); // two, alike
+        placed.placing(1, Some(&a));
+        placed.placing(2, Some(&b)); // two, different: the memory changed after the stop
+        placed.placing(2, Some(&a));
+        placed.placing(3, None); // a zero run and zero data are alike
+        placed.placing(3, Some(&[0; 4096]));
         assert_eq!(placed.get(0), digest(&a));
         assert_eq!(placed.get(1), digest(&a));
-        assert_eq!(placed.get(2), digest(&a));
-        let got = placed.get(3);
+        let got = placed.get(2);
         assert!(got != digest(&a) && got != digest(&b), "neither copy");
+        placed.placing(2, Some(&b)); // a third copy does not make it right again
+        let third = placed.get(2);
+        assert!(
+            third != digest(&a) && third != digest(&b),
+            "still neither copy"
+        );
+        assert_eq!(placed.get(3), digest(&[0; 4096]));
         assert_eq!(placed.get(4), digest(&[0; 4096]), "never landed: zeros");
-        placed.landed(4, Some(&b));
-        placed.dropped(4..5);
-        assert_eq!(placed.get(4), digest(&[0; 4096]), "dropped: zeros");
+    }
+
+    #[test]
+    fn two_threads_placing_the_same_pages_at_once_agree_or_leave_neither_digest() {
+        // Both threads tell every page at once, as the urgent reader and the stream's
+        // landing threads may: even pages alike, odd ones different.
+        let pages = 4096;
+        let placed = Placed::new(4096, pages);
+        let (a, b) = (vec![1u8; 4096], vec![2u8; 4096]);
+        std::thread::scope(|s| {
+            for mine in [&a, &b] {
+                let (placed, a) = (&placed, &a);
+                s.spawn(move || {
+                    for p in 0..pages {
+                        placed.placing(p, Some(if p % 2 == 0 { a } else { mine }));
+                    }
+                });
+            }
+        });
+        for p in 0..pages as usize {
+            let got = placed.get(p);
+            if p % 2 == 0 {
+                assert_eq!(got, digest(&a), "page {p}: alike");
+            } else {
+                assert!(got != digest(&a) && got != digest(&b), "page {p}: neither");
+            }
+        }
+    }
+
+    #[test]
+    fn a_copy_before_the_switch_is_replaced_by_the_next_and_dropped_by_discard() {
+        let (a, b) = (vec![1u8; 4096], vec![2u8; 4096]);
+        let placed = Placed::new(4096, 2);
+        placed.copied(0, Some(&a));
+        placed.copied(0, Some(&b)); // sent again in a later round: the latest wins
+        assert_eq!(placed.get(0), digest(&b));
+        placed.copied(1, Some(&b));
+        placed.dropped(1..2);
+        assert_eq!(placed.get(1), digest(&[0; 4096]), "dropped: zeros");
+        placed.placing(1, Some(&a)); // then placed after the switch
+        assert_eq!(placed.get(1), digest(&a));
     }
 }

@@ -297,7 +297,6 @@ impl<'d> DestRun<'d> {
 
     fn send_digests(&self, pair: &Pair) -> Result<(), Error> {
         let pages = self.advise.page_count as usize;
-        self.placed.settle();
         for first in (0..pages).step_by(DIGESTS_PER_FRAME) {
             let n = DIGESTS_PER_FRAME.min(pages - first);
             // Of what was placed, not of memory now: the workload may have written since.

@@ -256,9 +256,9 @@ pub struct SourceReport {
     pub requests: u64,
     /// Requested pages not sent again: answered before on the same pair.
     pub already_sent: u64,
-    /// Requested pages answered although the stream had sent them on the same pair: its
-    /// copy may still be megabytes behind on the main connection (the destination drops
-    /// whichever lands second).
+    /// Requested pages answered that were no longer needed ([`SendStats::resent`]): nearly
+    /// always the stream had sent them on the same pair, its copy possibly megabytes behind
+    /// on the main connection (the destination drops whichever lands second).
     pub resent: u64,
     /// Workload stopped → the destination acknowledged RUN.
     pub downtime: Duration,
