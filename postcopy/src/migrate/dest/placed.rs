@@ -17,7 +17,7 @@
 //! again): each such copy is compared with the digest there, none overwrites it.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::super::digest;
 use crate::endpoint::receiver::OnLand;
@@ -37,6 +37,9 @@ pub(super) struct Placed {
     zero: u64,
     /// Each page's digest, or [`UNTOLD`].
     of: Box<[AtomicU64]>,
+    /// A page came twice with different content (logged once: a stop that left a writer
+    /// running changes many).
+    differed: AtomicBool,
 }
 
 impl Placed {
@@ -45,6 +48,7 @@ impl Placed {
         Placed {
             zero: digest(&vec![0; ps]),
             of: (0..pages).map(|_| AtomicU64::new(UNTOLD)).collect(),
+            differed: AtomicBool::new(false),
         }
     }
 
@@ -80,7 +84,12 @@ impl OnLand for Placed {
             UNTOLD => Some(d),
             same if same == d => None,
             other => {
-                log::warn!("page {page} came twice, with different content");
+                if !self.differed.swap(true, Ordering::Relaxed) {
+                    log::warn!(
+                        "page {page} came twice with different content: the source's memory \
+                         changed after its stop (further pages not logged)"
+                    );
+                }
                 Some(neither(other, d))
             }
         });
