@@ -3,7 +3,9 @@
 //! Each page's digest is taken from the bytes the receiver lands (a precopy copy, the
 //! latest winning; a postcopy placement of a page not present yet), never from memory
 //! afterwards, where the resumed workload may already have written. A page never landed
-//! counts as zeros: it is a known-zero page, which the pager fills with zeros locally.
+//! counts as zeros. Every page is sent (zero ones as zero runs), so that is a page the
+//! workload dropped before it arrived — which then fails the verdict unless the source's
+//! page is zeros too (a known limitation: README, "Why the final check holds").
 //! See the delivery invariant in [`crate::migrate`] for why this checks the protocol.
 //!
 //! After the switch a page may come more than once — a requested page is answered on the
