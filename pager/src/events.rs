@@ -50,6 +50,9 @@ impl Shared {
     /// is looked at, so a claim given back meanwhile (requested → missing) is caught
     /// either way: marked Zero here, or zeroed by its next placement.
     fn drop_range(&self, range: std::ops::Range<usize>) {
+        // Before the states: whoever sees the page Zero sees it dropped. In range: the
+        // region table gave it.
+        let _ = self.dropped.set_range(range.clone());
         if self.states.mark_zero_range(range.start, range.end).is_ok() {
             return;
         }

@@ -128,6 +128,15 @@ impl Pager {
         }
     }
 
+    /// Whether the workload dropped page `page` (index in the state map) while the pager
+    /// served it: a REMOVE event (`MADV_DONTNEED`, `MADV_REMOVE`, a balloon) reached it,
+    /// so it reads zeros of the workload's own making, whatever the source holds. A page
+    /// dropped before it was placed is never placed (it is Zero); a migration destination
+    /// leaves such pages out of its verdict. `false` beyond the end.
+    pub fn dropped(&self, page: usize) -> bool {
+        self.shared.dropped.test(page)
+    }
+
     /// The delivery mode in use.
     pub fn mode(&self) -> DeliveryMode {
         self.mode

@@ -26,6 +26,9 @@ pub(crate) struct Shared {
     /// Pages a REMOVE hit while a claimant (or an arrival) was bringing them in: whoever
     /// places one next places zeros instead, and clears the bit.
     pub removed: Bitmap,
+    /// Pages a REMOVE reached at any time: the workload's own zeros from then on
+    /// ([`Pager::dropped`](crate::Pager::dropped)).
+    pub dropped: Bitmap,
     /// Pages the background prefetcher holds claimed (Requested): a fault waiting on one
     /// of them for long places it itself (the prefetcher runs at SCHED_IDLE).
     pub background: Bitmap,
@@ -123,6 +126,7 @@ impl Shared {
             uffd,
             states,
             removed: Bitmap::new(pages),
+            dropped: Bitmap::new(pages),
             background: Bitmap::new(pages),
             source,
             stats: Stats::default(),

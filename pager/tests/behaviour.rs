@@ -78,6 +78,8 @@ fn removed_pages_fault_back_as_zeros_never_image_data() {
         } else {
             assert_eq!(got, &image[page * PS..(page + 1) * PS], "page {page} kept");
         }
+        // The pager read the REMOVE before it resolved the fault just taken.
+        assert_eq!(pager.dropped(page), (16..24).contains(&page), "page {page}");
     }
     let stats = pager.stop().expect("stop");
     assert_eq!(stats.events_remove, 1);

@@ -494,3 +494,82 @@ fn a_write_after_the_stop_to_pages_already_sent_fails_the_verdict() {
         dst.map(|r| r.verdict)
     );
 }
+
+/// A page the destination's workload drops (`MADV_DONTNEED`: a balloon, free-page
+/// reporting) before any copy of it lands holds the workload's own zeros: DIGESTS marks it,
+/// and the verdict leaves it out and counts it, every other page verified. (The stream is
+/// held after its first frame until the drop is done, so no dropped page landed before.)
+#[test]
+fn pages_the_destination_drops_before_they_land_are_left_out_of_the_verdict_and_counted() {
+    use postcopy::fault::Event;
+    use postcopy::wire::Channel;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc, Arc, Mutex};
+
+    const PS: usize = 4096;
+    let bytes = 4 << 20;
+    let pages = (bytes / PS) as u64;
+    let dest = destination(test_timing());
+    let addr = dest.local_addr().unwrap();
+    let (dropped_tx, dropped_rx) = mpsc::channel();
+    let receiving = std::thread::spawn(move || {
+        dest.run(move |mem: RunningMemory| {
+            let half = mem.len / 2;
+            // SAFETY: the destination's registered memory, alive until `run` returns; a
+            // drop of whole pages, which read zeros afterwards.
+            let r =
+                unsafe { libc::madvise((mem.base + half) as *mut _, half, libc::MADV_DONTNEED) };
+            assert_eq!(r, 0, "madvise: {}", std::io::Error::last_os_error());
+            dropped_tx.send(()).expect("the stream waits for the drop");
+        })
+    });
+    let memory = source_memory(bytes);
+    let opts = SourceOptions {
+        max_rounds: 0,
+        timing: test_timing(),
+        ..SourceOptions::default()
+    };
+    // SAFETY: our mapping, alive until `run` returns; nothing writes it.
+    let m = unsafe { Migration::new(addr, key(), memory.addr(), bytes, opts).unwrap() };
+    let (stopped, held) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let dropped_rx = Mutex::new(dropped_rx);
+    let (s, h) = (stopped.clone(), held.clone());
+    m.control().observe(Arc::new(move |event| match event {
+        Event::Stopped => s.store(true, Ordering::SeqCst),
+        // The stream's first frame (pages 0–255) is out: hold it until the drop is done.
+        Event::PageFrame(Channel::Main)
+            if s.load(Ordering::SeqCst) && !h.swap(true, Ordering::SeqCst) =>
+        {
+            let rx = dropped_rx.lock().unwrap();
+            rx.recv_timeout(Duration::from_secs(20))
+                .expect("the destination dropped");
+        }
+        _ => {}
+    }));
+    let src = m.run(|| {}).expect("verified, the dropped pages left out");
+    assert!(held.load(Ordering::SeqCst), "the stream was held");
+    assert_eq!(src.dropped_at_destination, pages / 2, "{src:?}");
+    assert_eq!(src.verified, pages / 2, "{src:?}");
+    let dst = receiving
+        .join()
+        .unwrap()
+        .expect("the destination heard the verdict");
+    assert!(dst.verdict.contains("dropped"), "{}", dst.verdict);
+    for p in 0..pages as usize {
+        // SAFETY: both mappings alive; nothing writes them any more.
+        let (a, b) = unsafe {
+            (
+                std::slice::from_raw_parts((memory.addr() + p * PS) as *const u8, PS),
+                std::slice::from_raw_parts((dst.memory.addr() + p * PS) as *const u8, PS),
+            )
+        };
+        if p < pages as usize / 2 {
+            assert!(a == b, "page {p}: the source's");
+        } else {
+            assert!(b.iter().all(|&x| x == 0), "page {p}: the workload's zeros");
+        }
+    }
+}

@@ -43,6 +43,13 @@ pub const MAX_RANGES: usize = 1 << 16;
 /// Largest device state RUN carries (vCPU registers and device models are kilobytes; a
 /// frame must stay under [`DEFAULT_MAX_BODY`]).
 pub const MAX_DEVICE_STATE: usize = 16 << 20;
+/// A DIGESTS entry for a page the destination's workload dropped (`MADV_DONTNEED`, a
+/// balloon: [`pager::Pager::dropped`]) before any copy of it landed. It holds the
+/// workload's own zeros, nothing the protocol brought, so the source leaves it out of its
+/// verdict and counts it. A real digest of this value (one in 2^64) is taken as the mark.
+/// A source that predates the mark counts it as a mismatch, as it counted the zero digest
+/// sent before.
+pub const DROPPED: u64 = u64::MAX;
 
 bitflags! {
     /// Protocol features, negotiated in HELLO (the intersection is used).

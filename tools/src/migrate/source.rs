@@ -206,6 +206,7 @@ pub(super) fn source(a: &SourceArgs) -> Result<()> {
         "total_ms": r.total.as_secs_f64() * 1e3,
         "reconnects": r.reconnects,
         "verified": r.verified,
+        "dropped_at_destination": r.dropped_at_destination,
     });
     print_report(&report, a.json)
 }

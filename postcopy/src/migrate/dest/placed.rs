@@ -3,9 +3,9 @@
 //! Each page's digest is taken from the bytes the receiver lands (a precopy copy, the
 //! latest winning; a postcopy placement of a page not present yet), never from memory
 //! afterwards, where the resumed workload may already have written. A page never landed
-//! counts as zeros. Every page is sent (zero ones as zero runs), so that is a page the
-//! workload dropped before it arrived — which then fails the verdict unless the source's
-//! page is zeros too (a known limitation: README, "Why the final check holds").
+//! reads as zeros here. Every page is sent (zero ones as zero runs), so in a finished
+//! migration that is a page the workload dropped before a copy arrived; DIGESTS marks it
+//! so ([`crate::wire::DROPPED`]) when the pager saw the drop.
 //! See the delivery invariant in [`crate::migrate`] for why this checks the protocol.
 //!
 //! After the switch a page may come more than once — a requested page is answered on the
@@ -54,7 +54,12 @@ impl Placed {
         }
     }
 
-    /// Page `page`'s digest.
+    /// Whether a copy of page `page` was told of (landed, or being placed).
+    pub(super) fn told(&self, page: usize) -> bool {
+        self.of[page].load(DIGEST) != UNTOLD
+    }
+
+    /// Page `page`'s digest (of zeros if no copy was told of).
     pub(super) fn get(&self, page: usize) -> u64 {
         match self.of[page].load(DIGEST) {
             UNTOLD => self.zero,

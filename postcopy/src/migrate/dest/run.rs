@@ -300,7 +300,13 @@ impl<'d> DestRun<'d> {
         for first in (0..pages).step_by(DIGESTS_PER_FRAME) {
             let n = DIGESTS_PER_FRAME.min(pages - first);
             // Of what was placed, not of memory now: the workload may have written since.
-            let digests = (first..first + n).map(|p| self.placed.get(p)).collect();
+            // A page never landed that the workload dropped holds its zeros: marked.
+            let dropped = |p| self.pager.as_ref().is_some_and(|g| g.dropped(p));
+            let digest = |p| match self.placed.told(p) || !dropped(p) {
+                true => self.placed.get(p),
+                false => crate::wire::DROPPED,
+            };
+            let digests = (first..first + n).map(digest).collect();
             pair.main.send(&Message::Digests {
                 first: first as u64,
                 digests,

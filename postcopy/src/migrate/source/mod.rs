@@ -272,6 +272,9 @@ pub struct SourceReport {
     pub reconnects: u64,
     /// Pages whose destination digest matched.
     pub verified: u64,
+    /// Pages the destination's workload dropped before they landed
+    /// ([`DROPPED`](crate::wire::DROPPED)): its own zeros, left out of the verdict.
+    pub dropped_at_destination: u64,
 }
 
 /// A migration of `[base, base + len)` of this process to a destination.

@@ -3,6 +3,7 @@
 
 use super::confirm::{Unconfirmed, SYNC_EVERY};
 use super::*;
+use crate::wire::DROPPED;
 
 mod switch;
 
@@ -34,6 +35,7 @@ pub(super) struct Run<'m> {
     run_at: Option<Instant>,
     last_sent: Option<Instant>,
     verified: u64,
+    dropped_at_destination: u64,
     /// The workload's device state, taken at the stop; RUN carries it.
     device_state: Vec<u8>,
 }
@@ -102,6 +104,7 @@ impl<'m> Run<'m> {
             run_at: None,
             last_sent: None,
             verified: 0,
+            dropped_at_destination: 0,
             device_state: Vec::new(),
         })
     }
@@ -349,12 +352,14 @@ impl<'m> Run<'m> {
     }
 
     /// Checks DIGESTS against the final content until every page is checked; returns
-    /// the pages that differ, in order. Each page is read from memory again (its final
+    /// the pages that differ, in order, and how many the destination's workload dropped
+    /// before they landed ([`DROPPED`](crate::wire::DROPPED): not checked). Each page is read from memory again (its final
     /// content, whatever was sent), in pieces on two threads: the pages are cold by now,
     /// and one thread reading them all was most of the time from END to the verdict.
-    fn digests(&self, pair: &Pair) -> Result<Vec<u64>, Error> {
+    fn digests(&self, pair: &Pair) -> Result<(Vec<u64>, u64), Error> {
         const PIECE: usize = 512;
         let (mut checked, bad) = (0, Mutex::new(Vec::new()));
+        let mut dropped = 0;
         let helper = pager::Helper::new("pc-verify");
         while checked < self.memory.pages {
             match pair.wait()? {
@@ -363,13 +368,14 @@ impl<'m> Run<'m> {
                         event!(self.m.control, Digests);
                     }
                     self.progress().set_phase(Phase::Verifying);
+                    dropped += digests.iter().filter(|&&d| d == DROPPED).count() as u64;
                     helper.for_each(digests.len().div_ceil(PIECE), |k| {
                         let at = k * PIECE;
                         let piece = &digests[at..digests.len().min(at + PIECE)];
                         let first = first + at as u64;
                         let differ = (first..)
                             .zip(piece)
-                            .filter(|&(p, &d)| self.memory.digest(p) != d);
+                            .filter(|&(p, &d)| d != DROPPED && self.memory.digest(p) != d);
                         let differ: Vec<u64> = differ.map(|(p, _)| p).collect();
                         if !differ.is_empty() {
                             bad.lock().unwrap_or_else(|p| p.into_inner()).extend(differ);
@@ -383,11 +389,11 @@ impl<'m> Run<'m> {
         }
         let mut bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
         bad.sort_unstable();
-        Ok(bad)
+        Ok((bad, dropped))
     }
 
     /// Sends the verdict; a match waits for the destination to acknowledge it.
-    fn verdict(&mut self, pair: &Pair, bad: Vec<u64>) -> Result<(), Error> {
+    fn verdict(&mut self, pair: &Pair, (bad, dropped): (Vec<u64>, u64)) -> Result<(), Error> {
         let pages = self.memory.pages;
         if let Some(&first) = bad.first() {
             let e = Error::Mismatch {
@@ -401,14 +407,21 @@ impl<'m> Run<'m> {
             });
             return Err(e);
         }
-        let detail = format!("verified {pages} pages");
+        let detail = match dropped {
+            0 => format!("verified {pages} pages"),
+            n => format!(
+                "verified {} pages; {n} dropped by the destination's workload before they \
+                 landed, not checked",
+                pages - n
+            ),
+        };
         pair.main.send(&Message::Shut {
             reason: ShutReason::Done,
             detail,
         })?;
         event!(self.m.control, Sent("SHUT"));
         self.expect_step(pair, step::VERIFIED)?;
-        self.verified = pages;
+        (self.verified, self.dropped_at_destination) = (pages - dropped, dropped);
         self.heard_end(pair);
         Ok(())
     }
@@ -455,6 +468,7 @@ impl<'m> Run<'m> {
             total: self.started.elapsed(),
             reconnects: prog.link.reconnects(),
             verified: self.verified,
+            dropped_at_destination: self.dropped_at_destination,
         }
     }
 }
