@@ -301,10 +301,13 @@ impl<'d> DestRun<'d> {
             let n = DIGESTS_PER_FRAME.min(pages - first);
             // Of what was placed, not of memory now: the workload may have written since.
             // A page never landed that the workload dropped holds its zeros: marked.
-            let dropped = |p| self.pager.as_ref().is_some_and(|g| g.dropped(p));
-            let digest = |p| match self.placed.told(p) || !dropped(p) {
-                true => self.placed.get(p),
-                false => crate::wire::DROPPED,
+            let digest = |p| {
+                let dropped = || self.pager.as_ref().is_some_and(|g| g.dropped(p));
+                if !self.placed.told(p) && dropped() {
+                    crate::wire::DROPPED
+                } else {
+                    self.placed.get(p)
+                }
             };
             let digests = (first..first + n).map(digest).collect();
             pair.main.send(&Message::Digests {
