@@ -401,10 +401,16 @@ impl<'m> Run<'m> {
                 first,
             };
             let detail = e.to_string();
-            let _ = pair.main.send(&Message::Shut {
-                reason: ShutReason::Error,
-                detail,
-            });
+            if pair
+                .main
+                .send(&Message::Shut {
+                    reason: ShutReason::Error,
+                    detail,
+                })
+                .is_ok()
+            {
+                self.until_closed(pair);
+            }
             return Err(e);
         }
         let detail = match dropped {
@@ -437,6 +443,14 @@ impl<'m> Run<'m> {
         }) {
             return log::debug!("source: the last ACK was not sent: {e}");
         }
+        self.until_closed(pair);
+    }
+
+    /// Waits (bounded by the silence deadline) for the destination to close the pair
+    /// after our last message: closing first, with its heartbeats unread, would reset the
+    /// connection, and the reset may discard that message before the destination read it
+    /// — a failed verdict lost so left it waiting out its give-up bound.
+    fn until_closed(&self, pair: &Pair) {
         let until = Instant::now() + self.m.opts.timing.silence;
         while let Ok(Some(_)) = pair.next_within(until.saturating_duration_since(Instant::now())) {}
     }
