@@ -208,7 +208,9 @@ pub struct Round {
 }
 
 /// Where the switch's time went, step by step, as the source saw it (the last attempt's,
-/// if a break made it repeat a step). Everything from `stop` on is downtime.
+/// if a break made it repeat a step; zero for a step the destination acknowledged only in
+/// a later pair's greeting, its ACK lost with a broken pair — the downtime then counts
+/// the reconnection). Everything from `stop` on is downtime.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SwitchSteps {
     /// Before the stop, not downtime: DISCARD of the pages the last round found written,

@@ -34,8 +34,10 @@ pub(super) struct Run<'m> {
     needed_at_switch: u64,
     run_at: Option<Instant>,
     last_sent: Option<Instant>,
-    verified: u64,
-    dropped_at_destination: u64,
+    /// What the verdict found — pages verified, pages the destination's workload dropped
+    /// — set before SHUT(Done) goes: the destination can report step 3 (on this pair or,
+    /// its ACK lost, a later one) only after this.
+    checked: Option<(u64, u64)>,
     /// The workload's device state, taken at the stop; RUN carries it.
     device_state: Vec<u8>,
 }
@@ -103,8 +105,7 @@ impl<'m> Run<'m> {
             needed_at_switch: 0,
             run_at: None,
             last_sent: None,
-            verified: 0,
-            dropped_at_destination: 0,
+            checked: None,
             device_state: Vec::new(),
         })
     }
@@ -184,6 +185,11 @@ impl<'m> Run<'m> {
                     self.sent.clear(p);
                     self.dirty.set(p);
                 }
+            }
+            // Step 3 is the destination's answer to our SHUT(Done), sent only after a
+            // verdict: from any other source it is refused, never counted as verified.
+            step::VERIFIED if self.checked.is_none() => {
+                return Err(Error::refused(Refusal::Step { step }))
             }
             step::LISTENING | step::RUNNING | step::VERIFIED if switched => {
                 // It handled LISTEN, so every precopy page before it had landed.
@@ -318,9 +324,8 @@ impl<'m> Run<'m> {
     /// reader), then check the destination's digests and send the verdict.
     pub(super) fn postcopy(&mut self, pair: &Pair) -> Result<(), Error> {
         if self.step == step::VERIFIED {
-            // The destination had our verdict (sent only once every digest matched);
-            // its ACK was lost with the last pair.
-            self.verified = self.memory.pages;
+            // The destination had our verdict (`checked`: every digest matched); its ACK
+            // was lost with the last pair.
             self.heard_end(pair);
             return Ok(());
         }
@@ -421,13 +426,13 @@ impl<'m> Run<'m> {
                 pages - n
             ),
         };
+        self.checked = Some((pages - dropped, dropped));
         pair.main.send(&Message::Shut {
             reason: ShutReason::Done,
             detail,
         })?;
         event!(self.m.control, Sent("SHUT"));
         self.expect_step(pair, step::VERIFIED)?;
-        (self.verified, self.dropped_at_destination) = (pages - dropped, dropped);
         self.heard_end(pair);
         Ok(())
     }
@@ -481,8 +486,8 @@ impl<'m> Run<'m> {
                 .saturating_duration_since(run_at),
             total: self.started.elapsed(),
             reconnects: prog.link.reconnects(),
-            verified: self.verified,
-            dropped_at_destination: self.dropped_at_destination,
+            verified: self.checked.map_or(0, |(verified, _)| verified),
+            dropped_at_destination: self.checked.map_or(0, |(_, dropped)| dropped),
         }
     }
 }

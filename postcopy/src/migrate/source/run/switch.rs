@@ -78,6 +78,10 @@ impl Run<'_> {
         if self.step == step::LISTENING {
             self.expect_step(pair, step::RUNNING)?;
             self.steps.lap(at, |s| &mut s.run);
+        }
+        // The destination runs: RUN acknowledged just now, or in this pair's greeting
+        // (its ACK lost with the last pair; the downtime then counts the reconnection).
+        if self.run_at.is_none() {
             let stopped = self.stopped.unwrap_or(self.started);
             self.downtime = stopped.elapsed();
             self.run_at = Some(Instant::now());
