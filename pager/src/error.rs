@@ -154,6 +154,10 @@ pub enum RecordingError {
     /// It could not be read or written.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// Refused before a byte was read or written: a link, FIFO or device at the path,
+    /// another user's file (see [`uffd_core::private_fs`]).
+    #[error(transparent)]
+    Refused(#[from] uffd_core::private_fs::FsError),
     /// It does not start with the working-set magic.
     #[error("not a uffdkit working-set file (no UFWS0001 header)")]
     NotAWorkingSet,

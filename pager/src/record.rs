@@ -9,6 +9,8 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use uffd_core::private_fs::{create_temp_for, open_regular, FsError};
+
 pub use crate::error::RecordingError;
 use crate::error::{Error, Result};
 
@@ -21,7 +23,20 @@ fn bad(path: &Path) -> impl FnOnce(RecordingError) -> Error + '_ {
     }
 }
 
-/// Writes `pages` as a working-set file (atomically: a temporary file renamed over it).
+/// A refusal as such; a failed system call as the kernel's answer (the error around it
+/// names the file already).
+fn refused(e: FsError) -> RecordingError {
+    match e {
+        FsError::Io { source, .. } => RecordingError::Io(source),
+        e => RecordingError::Refused(e),
+    }
+}
+
+/// Writes `pages` as a working-set file, 0600 and atomically: into a new temporary file
+/// of an unguessable name beside it (`O_EXCL | O_NOFOLLOW`), renamed over `path` once
+/// complete. Whatever sits at `path` must be a regular file of ours: a link planted
+/// there (a shared directory) is refused, never followed, and so is another user's file
+/// (see [`uffd_core::private_fs::create_temp_for`]).
 pub fn save(path: &Path, pages: &[u64]) -> Result<()> {
     let mut out = Vec::with_capacity(16 + pages.len() * 8);
     out.extend_from_slice(MAGIC);
@@ -29,28 +44,34 @@ pub fn save(path: &Path, pages: &[u64]) -> Result<()> {
     for p in pages {
         out.extend_from_slice(&p.to_le_bytes());
     }
-    let tmp = path.with_extension("tmp-ufws");
-    std::fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(&out))
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| bad(path)(e.into()))
+    let (mut file, tmp) = create_temp_for(path).map_err(|e| bad(path)(refused(e)))?;
+    let written = file
+        .write_all(&out)
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        // Nothing partial is left behind; the removal failing too changes nothing.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(bad(path)(e.into()));
+    }
+    Ok(())
 }
 
-/// Checks that a working-set file can be written at `path` (its directory exists and is
-/// writable), without leaving anything behind: for callers that must refuse a bad
-/// `--record` path before they start serving.
+/// Checks that [`save`] could write a working-set file at `path` (its directory exists
+/// and is writable, nothing but a file of ours sits at the path), without leaving
+/// anything behind: for callers that must refuse a bad `--record` path before they start
+/// serving.
 pub fn check_writable(path: &Path) -> Result<()> {
-    let tmp = path.with_extension("tmp-ufws");
-    std::fs::File::create(&tmp)
-        .and_then(|_| std::fs::remove_file(&tmp))
-        .map_err(|e| bad(path)(e.into()))
+    let (_, tmp) = create_temp_for(path).map_err(|e| bad(path)(refused(e)))?;
+    std::fs::remove_file(&tmp).map_err(|e| bad(path)(e.into()))
 }
 
-/// Reads a working-set file, refusing anything malformed or naming pages beyond `pages`.
+/// Reads a working-set file, refusing anything malformed or naming pages beyond `pages`,
+/// and anything but a regular file (a FIFO at the path is refused, not waited on).
 pub fn load(path: &Path, pages: usize) -> Result<Vec<u64>> {
     let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
+    let file = open_regular(path, false).map_err(|e| bad(path)(refused(e)))?;
+    (&file)
+        .read_to_end(&mut bytes)
         .map_err(|e| bad(path)(e.into()))?;
     parse(&bytes, pages).map_err(bad(path))
 }
@@ -138,6 +159,66 @@ mod tests {
             })
         ));
         assert_eq!(parse(&f, 13).expect("valid"), vec![3, 12]);
+    }
+
+    #[test]
+    fn a_saved_working_set_is_private_and_reads_back() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = uffd_core::private_fs::TempDir::new("record-").unwrap();
+        let path = dir.path().join("ws.bin");
+        save(&path, &[3, 1, 2]).unwrap();
+        save(&path, &[5, 4]).unwrap(); // over the last one
+        assert_eq!(load(&path, 8).unwrap(), vec![5, 4]);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "no temporary file left behind");
+    }
+
+    #[test]
+    fn a_link_planted_at_the_path_is_refused_never_written_through() {
+        let dir = uffd_core::private_fs::TempDir::new("record-").unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let path = dir.path().join("ws.bin");
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        // The temporary name of old, fixed and guessable, planted too.
+        std::os::unix::fs::symlink(&victim, path.with_extension("tmp-ufws")).unwrap();
+        for e in [
+            save(&path, &[1]).unwrap_err(),
+            check_writable(&path).unwrap_err(),
+        ] {
+            assert!(
+                matches!(
+                    &e,
+                    Error::BadRecording {
+                        problem: RecordingError::Refused(_),
+                        ..
+                    }
+                ),
+                "{e:?}"
+            );
+        }
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(std::fs::symlink_metadata(&path).unwrap().is_symlink());
+    }
+
+    #[test]
+    fn a_fifo_at_the_replay_path_is_refused_not_waited_on() {
+        let dir = uffd_core::private_fs::TempDir::new("record-").unwrap();
+        let fifo = dir.path().join("ws.bin");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = load(&fifo, 8).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                Error::BadRecording {
+                    problem: RecordingError::Refused(_),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
     }
 
     #[test]

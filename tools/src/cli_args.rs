@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use pager::{DeliveryMode, PagerBuilder, Prefetch};
 
 /// Delivery modes as named on the command line.
@@ -84,7 +84,8 @@ impl PrefetchArgs {
             load_replay(path, usize::MAX)?;
         }
         if let Some(path) = &self.record {
-            check_writable(path).with_context(|| format!("record file {}", path.display()))?;
+            pager::record::check_writable(path)
+                .with_context(|| format!("record file {}", path.display()))?;
         }
         Ok(())
     }
@@ -112,35 +113,8 @@ impl PrefetchArgs {
     }
 }
 
-/// Loads a working-set file (the library's error names the file).
+/// Loads a working-set file (the library's error names the file; a FIFO or device at the
+/// path is refused, not waited on).
 fn load_replay(path: &Path, pages: usize) -> Result<Vec<u64>> {
-    // Refuses a FIFO (or device) at the path before the loader could block on it; a file
-    // that cannot be opened at all is left to the loader, which says so in its words.
-    if let Err(e @ uffd_core::private_fs::FsError::WrongKind { .. }) =
-        uffd_core::private_fs::open_regular(path, false)
-    {
-        return Err(anyhow::Error::new(e).context("cannot use the --replay file"));
-    }
     pager::record::load(path, pages).context("cannot use the --replay file")
-}
-
-/// Fails unless `path` can be opened for writing; creates nothing that was not there.
-pub fn check_writable(path: &Path) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let existed = std::fs::symlink_metadata(path).is_ok();
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        // A FIFO at the path must not block the open (nor be written to).
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .context("cannot open it for writing")?;
-    if !file.metadata()?.is_file() {
-        bail!("not a regular file");
-    }
-    if !existed {
-        std::fs::remove_file(path).context("remove the probe")?;
-    }
-    Ok(())
 }
