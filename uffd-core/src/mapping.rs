@@ -255,7 +255,9 @@ impl Mapping {
 
     /// `madvise(2)` on a sub-range (e.g. `MADV_DONTNEED`, which raises a REMOVE event).
     pub fn madvise(&self, offset: usize, len: usize, advice: i32) -> io::Result<()> {
-        assert!(offset + len <= self.len, "madvise range beyond the mapping");
+        // Checked: a wrapping sum would pass a range far outside the mapping.
+        let inside = offset.checked_add(len).is_some_and(|end| end <= self.len);
+        assert!(inside, "madvise range beyond the mapping");
         // SAFETY: the range lies within this mapping.
         if unsafe { libc::madvise((self.addr + offset) as *mut _, len, advice) } < 0 {
             return Err(io::Error::last_os_error());
@@ -353,5 +355,20 @@ pub mod hugetlb {
     /// Free 2 MiB pages.
     pub fn free() -> io::Result<usize> {
         read("free_hugepages")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An offset and length whose sum wraps around must not pass the bounds check and
+    /// reach memory outside the mapping (in a release build the sum wrapped silently).
+    #[test]
+    #[should_panic(expected = "madvise range beyond the mapping")]
+    fn a_madvise_range_that_wraps_around_is_refused() {
+        let m = Mapping::new(MemoryKind::Anon, 4 * 4096).expect("map");
+        let offset = usize::MAX - 4095; // offset + 2 pages wraps to 4095
+        let _ = m.madvise(offset, 2 * 4096, libc::MADV_DONTNEED);
     }
 }
