@@ -105,8 +105,16 @@ impl Drop for Claimed {
 }
 
 /// Binds a listener at `path`: refuses a path where a listener answers or that is not a
-/// socket, removes a stale socket file first.
+/// socket, removes a stale socket file first. The socket is 0600 — connecting needs
+/// write permission on it, so only we (and root) can — whatever the process's umask.
 pub fn claim(path: &Path) -> Result<Claimed, ClaimError> {
+    claim_for(path, None)
+}
+
+/// [`claim`], the socket handed to user `peer_uid` if one is named (owned by it, 0600:
+/// only it, we and root can connect — a jailed VMM running as its own user). Handing a
+/// file to another user needs `CAP_CHOWN` (root).
+pub fn claim_for(path: &Path, peer_uid: Option<u32>) -> Result<Claimed, ClaimError> {
     let io = |what| {
         let path = path.to_path_buf();
         move |source| ClaimError::Io { what, path, source }
@@ -137,6 +145,11 @@ pub fn claim(path: &Path) -> Result<Claimed, ClaimError> {
     }
     let temp = temporary_name(path).map_err(io("name a temporary socket beside"))?;
     let listener = UnixListener::bind(&temp).map_err(io("bind"))?; // bind + listen
+                                                                   // Access is settled before the file appears under `path`.
+    if let Err(e) = restrict(&temp, peer_uid) {
+        let _ = std::fs::remove_file(&temp); // ours, never visible under `path`
+        return Err(io("set who may connect to the socket")(e));
+    }
     let meta = std::fs::symlink_metadata(&temp).map_err(io("inspect the bound socket"))?;
     if let Err(e) = renameat2(
         AT_FDCWD,
@@ -161,6 +174,31 @@ pub fn claim(path: &Path) -> Result<Claimed, ClaimError> {
             ino: meta.ino(),
         },
     })
+}
+
+/// Makes the socket just bound at `temp` 0600, and owned by `peer_uid` if one is named:
+/// through an `O_PATH | O_NOFOLLOW` descriptor checked to be a socket of ours, so a link
+/// swapped in for it is never followed (`chmod` through the descriptor's `/proc` path:
+/// `fchmod` refuses an `O_PATH` descriptor).
+fn restrict(temp: &Path, peer_uid: Option<u32>) -> io::Result<()> {
+    use nix::fcntl::{open, OFlag};
+    use nix::sys::stat::{fchmodat, fstat, FchmodatFlags, Mode, SFlag};
+    use std::os::fd::AsRawFd;
+    let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let fd = open(temp, flags, Mode::empty())?;
+    let st = fstat(&fd)?;
+    let socket = st.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFSOCK.bits();
+    if !socket || st.st_uid != nix::unistd::geteuid().as_raw() {
+        return Err(io::Error::other("the bound socket was replaced"));
+    }
+    let by_fd = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    let owner_only = Mode::S_IRUSR | Mode::S_IWUSR;
+    fchmodat(AT_FDCWD, &by_fd, owner_only, FchmodatFlags::FollowSymlink)?;
+    if let Some(uid) = peer_uid {
+        let uid = Some(nix::unistd::Uid::from_raw(uid));
+        nix::unistd::fchownat(&fd, "", uid, None, nix::fcntl::AtFlags::AT_EMPTY_PATH)?;
+    }
+    Ok(())
 }
 
 /// An unguessable name beside `path` (same directory, so the rename is atomic; short, as
@@ -244,6 +282,21 @@ mod tests {
         assert_eq!(names, ["s.sock"], "only the socket itself");
         drop(claimed);
         std::fs::remove_dir(&dir).expect("empty after drop");
+    }
+
+    /// Connecting needs write permission on the socket: 0600 whatever the umask (under
+    /// the common 022 it was 0755, under 002 a group could connect).
+    #[test]
+    fn a_claimed_socket_is_its_owners_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let path = temp("mode");
+        let _ = std::fs::remove_file(&path);
+        let claimed = claim(&path).expect("free path");
+        let meta = std::fs::symlink_metadata(&path).expect("lstat");
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+        assert_eq!(meta.uid(), nix::unistd::geteuid().as_raw());
+        drop(claimed);
     }
 
     #[test]

@@ -6,10 +6,13 @@
 //! exists, so a bad option never reaches Firecracker; a path another handler listens on
 //! is refused (taking it over would orphan that one), a stale socket file replaced, and
 //! ours removed on exit and on SIGINT/SIGTERM/SIGHUP; once Firecracker has handed over its
-//! userfaultfd, any fatal error kills it (SIGKILL, the `SO_PEERCRED` pid), as Firecracker's
+//! userfaultfd, any fatal error kills it (SIGKILL through the pidfd its connection gave,
+//! `SO_PEERPIDFD`; by pid only on kernels older than 6.5), as Firecracker's
 //! example handlers do, rather than leave it hanging in `PUT /snapshot/load` with its API
 //! dead — unless `--no-kill-peer`. A second VMM that connects while one is served has
 //! handed over its userfaultfd too, and nobody would serve it: the same policy applies.
+//! The socket is 0600 whatever the umask (handed to `--peer-uid` if named), and a
+//! connection from any user but ours, root and `--peer-uid` is closed unread.
 
 use std::io::{ErrorKind, Write};
 use std::os::fd::AsFd;
@@ -23,7 +26,6 @@ use anyhow::{bail, Context, Result};
 use log::{debug, info, warn};
 use pager::firecracker::{self, GuestRegion, Handshake, HandshakeError, ServeOptions};
 use pager::{FileSource, Source, StatsSnapshot};
-use uffd_core::{peer_credentials, PeerCredentials};
 
 use crate::cli_args::{HandlerMode, PrefetchArgs};
 use crate::units;
@@ -33,7 +35,7 @@ use transport::socket_file::{self, SocketFile};
 mod summary;
 mod vmm;
 use summary::{summary, Geometry};
-use vmm::{accept_vmm, end_peer, refuse_others, vmm_name, Intruders};
+use vmm::{accept_vmm, end_peer, refuse_others, vmm_name, Intruders, Peer};
 
 const AFTER_HELP: &str = "\
 Drop-in for Firecracker's example handlers: `uffdkit fc-handler SOCKET MEMFILE` is the \
@@ -43,7 +45,7 @@ Before the socket exists, the handler checks its options, the memory file (reada
 empty), the replay file and the record path, and refuses a SOCKET where another listener \
 answers; a stale socket file is replaced. Once Firecracker has sent its userfaultfd, any \
 fatal error (a memory file shorter than the guest, a refused region table, a failing \
-source, SIGINT/SIGTERM/SIGHUP) SIGKILLs the Firecracker process (SO_PEERCRED), which \
+source, SIGINT/SIGTERM/SIGHUP) SIGKILLs the Firecracker process (through its pidfd), which \
 would otherwise hang on faults nobody serves; so is a second Firecracker that connects \
 while one is served; --no-kill-peer leaves them running. The \
 socket is removed on every exit. Exit status: 0 when Firecracker closed the connection \
@@ -116,6 +118,12 @@ pub struct Args {
     /// SIGKILLing it (its guest then hangs on its next fault until someone kills it).
     #[arg(long)]
     no_kill_peer: bool,
+    /// The user the VMM runs as, when it is not ours (a jailed Firecracker, `--uid` of
+    /// its jailer): the socket is handed to it (owned by it, 0600; needs root) and its
+    /// connections are served. Without it only our own user (and root) can connect. A
+    /// connection from any other user is closed unread, whatever the socket's mode.
+    #[arg(long, value_name = "UID")]
+    peer_uid: Option<u32>,
     /// Accepted for old command lines: killing the peer on error is now the default.
     #[arg(long, hide = true, conflicts_with = "no_kill_peer")]
     kill_peer_on_error: bool,
@@ -150,20 +158,20 @@ struct Serves {
 #[derive(Default)]
 struct Session {
     socket: Mutex<Option<SocketFile>>,
-    peer: Mutex<Option<PeerCredentials>>,
+    peer: Mutex<Option<Peer>>,
 }
 
 impl Session {
     /// Claims the socket path, holding the lock the termination handler takes: a signal
     /// that comes while the file appears waits for it to be recorded, then removes it.
-    fn claim_socket(&self, path: &Path) -> Result<socket_file::Claimed> {
+    fn claim_socket(&self, path: &Path, peer_uid: Option<u32>) -> Result<socket_file::Claimed> {
         let mut slot = self.socket.lock().unwrap_or_else(|p| p.into_inner());
-        let claimed = socket_file::claim(path)?;
+        let claimed = socket_file::claim_for(path, peer_uid)?;
         *slot = Some(claimed.file.clone());
         Ok(claimed)
     }
 
-    fn set_peer(&self, peer: Option<PeerCredentials>) {
+    fn set_peer(&self, peer: Option<Peer>) {
         *self.peer.lock().unwrap_or_else(|p| p.into_inner()) = peer;
     }
 
@@ -171,8 +179,8 @@ impl Session {
     /// told to), then our socket.
     fn terminate(&self, signal: nix::sys::signal::Signal, kill: bool) {
         warn!("{signal}: stopping");
-        if let Some(peer) = *self.peer.lock().unwrap_or_else(|p| p.into_inner()) {
-            end_peer(&peer, kill, &format!("the handler got {signal}"));
+        if let Some(peer) = &*self.peer.lock().unwrap_or_else(|p| p.into_inner()) {
+            end_peer(peer, kill, &format!("the handler got {signal}"));
         }
         if let Some(file) = &*self.socket.lock().unwrap_or_else(|p| p.into_inner()) {
             file.remove();
@@ -196,16 +204,15 @@ pub fn run(args: &Args) -> Result<()> {
     }
     args.prefetch.check()?;
     let memory = open_memory(args)?;
-    let claimed = session.claim_socket(socket)?;
+    let claimed = session.claim_socket(socket, args.peer_uid)?;
     info!("listening on {} for Firecracker", socket.display());
 
-    let hs = accept_vmm(&claimed.listener, kill)?;
-    session.set_peer(hs.peer);
-    let peer = hs.peer;
-    let who = vmm_name(peer);
+    let (hs, peer) = accept_vmm(&claimed.listener, kill, args.peer_uid)?;
+    session.set_peer(peer.clone());
+    let who = vmm_name(hs.peer);
     let geometry = Geometry::of(&hs.regions);
     info!("{who} connected: {}", geometry.describe());
-    let intruders = refuse_others(&claimed.listener, who.clone(), kill)?;
+    let intruders = refuse_others(&claimed.listener, who.clone(), kill, args.peer_uid)?;
 
     // Held until the VMM is dealt with: closing the last descriptor of its userfaultfd
     // would release its blocked faults onto zero pages before it is killed.
@@ -216,8 +223,8 @@ pub fn run(args: &Args) -> Result<()> {
         .context("duplicate the VMM's userfaultfd")?;
     let started = Instant::now();
     let result = serve(args, &memory, &geometry, hs);
-    if let (Err(_), Some(peer)) = (&result, peer) {
-        end_peer(&peer, kill, "the restore failed (the error follows)");
+    if let (Err(_), Some(peer)) = (&result, &peer) {
+        end_peer(peer, kill, "the restore failed (the error follows)");
     }
     drop(hold_uffd);
     let stats = result?;

@@ -11,6 +11,7 @@ use crate::common;
 
 mod cache;
 mod inputs;
+mod socket;
 mod temporaries;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
