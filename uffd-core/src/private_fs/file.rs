@@ -133,11 +133,28 @@ pub fn create_temp_for(dest: &Path) -> Result<(File, PathBuf)> {
     create_temp_in(dir, &format!(".{name}.partial."))
 }
 
-/// Reads a secret (a key file): a regular file, at most `max` bytes, and — unless
-/// `allow_shared` — not readable by group or others.
+/// Reads a secret (a key file) or what decides whom we trust (a certificate, a CA): a
+/// regular file of root's or ours (as OpenSSH's `StrictModes` wants a key: whoever owns
+/// the file could change it, and would then know the key or be trusted), writable by
+/// no one else, at most `max` bytes, and — unless `allow_shared` — not readable by group
+/// or others.
 pub fn read_secret(path: &Path, max: u64, allow_shared: bool) -> Result<Vec<u8>> {
     let file = open_regular(path, false)?;
     let st = fstat(&file).map_err(io("stat", path))?;
+    let euid = geteuid().as_raw();
+    if st.st_uid != 0 && st.st_uid != euid {
+        return Err(FsError::NotOwned {
+            path: path.to_owned(),
+            owner: st.st_uid,
+            euid,
+        });
+    }
+    if st.st_mode & 0o022 != 0 {
+        return Err(FsError::Writable {
+            path: path.to_owned(),
+            mode: st.st_mode & 0o7777,
+        });
+    }
     if !allow_shared && st.st_mode & 0o044 != 0 {
         return Err(FsError::Exposed {
             path: path.to_owned(),
@@ -187,6 +204,34 @@ mod tests {
             Err(FsError::WrongKind { .. })
         ));
         assert!(read_secret(&fifo, 64, true).is_err());
+    }
+
+    #[test]
+    fn a_secret_another_user_owns_or_others_can_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = TempDir::new("private-fs-").unwrap();
+        let key = tmp.path().join("key");
+        std::fs::write(&key, b"0123456789abcdef").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o646)).unwrap();
+        for shared in [false, true] {
+            assert!(matches!(
+                read_secret(&key, 64, shared),
+                Err(FsError::Writable { .. })
+            ));
+        }
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(read_secret(&key, 64, false).is_ok());
+        if !geteuid().is_root() {
+            let test = "a_secret_another_user_owns_or_others_can_write_is_refused";
+            return testkit::skip(test, "its other-owner half needs root (chown)");
+        }
+        nix::unistd::chown(&key, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+        for shared in [false, true] {
+            assert!(matches!(
+                read_secret(&key, 64, shared),
+                Err(FsError::NotOwned { owner: 65534, .. })
+            ));
+        }
     }
 
     #[test]

@@ -47,7 +47,7 @@ pub use file::{create_private, create_temp_for, create_temp_in, open_regular, re
 #[non_exhaustive]
 pub enum FsError {
     /// Owned by another user: whoever owns it can rename, replace or plant in it.
-    #[error("{path} is owned by uid {owner}, not by uid {euid} or root: refusing it (another user could plant links in it)")]
+    #[error("{path} is owned by uid {owner}, not by uid {euid} or root: refusing it (another user controls it)")]
     NotOwned {
         /// The refused path.
         path: PathBuf,
