@@ -179,6 +179,25 @@ fn serve_and_migrate_dest_remove_their_socket_files_on_sigterm() {
         assert_eq!(f.code(), Some(143), "{name}: {}", f.text());
         assert!(!sock.exists(), "{name} left {}", sock.display());
     }
+    // A socket another listener bound at the path since is not ours to remove.
+    for name in ["serve", "dest"] {
+        let sock = dir.join(format!("{name}-rebound.sock"));
+        let mut cmd = match name {
+            "serve" => uffdkit(["serve".as_ref(), "--image".as_ref(), image.as_os_str()]),
+            _ => uffdkit(["migrate", "dest"]),
+        };
+        cmd.arg("--key-file").arg(&key);
+        cmd.arg("--listen").arg(format!("unix:{}", sock.display()));
+        let mut proc = Proc::start(cmd);
+        common::wait_listening(&sock, &mut proc);
+        std::fs::remove_file(&sock).expect("someone removes it");
+        let theirs = std::os::unix::net::UnixListener::bind(&sock).expect("and binds theirs");
+        proc.signal(nix::sys::signal::Signal::SIGTERM);
+        let f = proc.finish_within(Duration::from_secs(20));
+        assert_eq!(f.code(), Some(143), "{name}: {}", f.text());
+        assert!(sock.exists(), "{name} removed another listener's socket");
+        drop(theirs);
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
