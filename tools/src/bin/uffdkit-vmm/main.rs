@@ -78,11 +78,16 @@ struct BenchArgs {
     dir: Option<PathBuf>,
 }
 
+/// The snapshot's directory: `dir`, which must not exist yet (created 0700), or a fresh
+/// one under the temporary directory with an unguessable name (`mkdtemp(3)`, 0700 —
+/// never a pid-derived name another user could create first). The run removes it.
 fn snapshot_dir(dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
-    let dir = dir.unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("uffdkit-vmm-{}", std::process::id()))
-    });
+    let Some(dir) = dir else {
+        let template = std::env::temp_dir().join("uffdkit-vmm-XXXXXX");
+        return nix::unistd::mkdtemp(&template)
+            .with_context(|| format!("create a directory like {}", template.display()));
+    };
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&dir)
