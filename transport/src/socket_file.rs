@@ -141,14 +141,32 @@ pub fn claim_for(path: &Path, peer_uid: Option<u32>) -> Result<Claimed, ClaimErr
                 path: path.to_path_buf(),
             })
         }
-        Ok(_) => match UnixStream::connect(path) {
+        Ok(stale) => match UnixStream::connect(path) {
             Ok(_) => {
                 return Err(ClaimError::InUse {
                     path: path.to_path_buf(),
                 })
             }
             Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-                std::fs::remove_file(path).map_err(io("remove the stale socket"))?;
+                // Another claimer may have replaced the stale file with its live socket
+                // since we looked: only the file we probed is removed (the window is now
+                // a stat, where it was the whole probe). Gone already is fine: our
+                // rename never replaces a file.
+                match std::fs::symlink_metadata(path) {
+                    Ok(now) if (now.dev(), now.ino()) != (stale.dev(), stale.ino()) => {
+                        return Err(ClaimError::InUse {
+                            path: path.to_path_buf(),
+                        })
+                    }
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) => return Err(io("inspect")(e)),
+                    Ok(_) => match std::fs::remove_file(path) {
+                        Err(e) if e.kind() != ErrorKind::NotFound => {
+                            return Err(io("remove the stale socket")(e))
+                        }
+                        _ => {}
+                    },
+                }
                 log::info!(
                     "removed a stale socket file {} (nobody listening)",
                     path.display()
