@@ -42,17 +42,19 @@ impl Engine for Shared {
             Ok(PageState::Zero) => Content::Zero,
             _ => data.map_or(Content::Zero, Content::Data),
         };
+        let since = std::time::Instant::now();
         loop {
             if self.stopping() {
                 return Ok(Placed::Stopped);
             }
-            match self.place(Request {
+            let placement = self.place(Request {
                 at: p,
                 count: 1,
                 content,
                 wake: true,
                 origin: Origin::Arrival,
-            }) {
+            });
+            match placement.or_give_up(since) {
                 Placement::Done | Placement::Asked => return Ok(Placed::Placed),
                 Placement::Again { .. } => std::thread::sleep(Duration::from_micros(50)),
                 Placement::Dropped => return Ok(Placed::Stopped),
@@ -98,8 +100,12 @@ impl Engine for Shared {
         }
         let ps = p.size;
         let n = len / ps;
-        let contiguous = lookup(offset + ((n - 1) * ps) as u64)
-            .is_some_and(|last| last.page == p.page + n - 1 && last.addr == p.addr + (n - 1) * ps);
+        // One region, in one piece: the run is placed with one ioctl built from `p`.
+        let contiguous = lookup(offset + ((n - 1) * ps) as u64).is_some_and(|last| {
+            last.region == p.region
+                && last.page == p.page + n - 1
+                && last.addr == p.addr + (n - 1) * ps
+        });
         if !contiguous {
             return one_by_one(0, ps);
         }

@@ -10,7 +10,7 @@
 //! the SIGBUS handler takes the same path. Failures are returned, never logged here.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use page_state::RequestOutcome;
 use uffd_core::FaultFlags;
@@ -101,13 +101,16 @@ impl Shared {
         }
     }
 
-    /// Resolves one fault; `scratch` holds at least one page plus a fault-around run.
+    /// Resolves one fault, first seen at `since` (its ENOENT retries end
+    /// [`RANGE_GONE_GRACE`](crate::place::RANGE_GONE_GRACE) after);
+    /// `scratch` holds at least one page plus a fault-around run.
     pub fn on_fault(
         &self,
         addr: usize,
         flags: FaultFlags,
         scratch: &mut [u8],
         wake: bool,
+        since: Instant,
     ) -> FaultOutcome {
         if flags.contains(FaultFlags::MINOR) {
             bump(&self.stats.faults_minor);
@@ -173,7 +176,7 @@ impl Shared {
                 })
             }
         };
-        match placement {
+        match placement.or_give_up(since) {
             Placement::Done | Placement::Dropped => FaultOutcome::Resolved,
             Placement::Asked => FaultOutcome::Asked,
             Placement::Again { .. } => FaultOutcome::FollowUp(p, FollowUp::Retry),
@@ -270,14 +273,18 @@ impl Shared {
     ) -> Result<usize, Placement> {
         let mut done = 0;
         let mut failed = None;
+        let since = Instant::now(); // clock_gettime(2)
         while done < count && !self.stopping() {
             // An UNMAP may have taken the region away since the pages were claimed.
             let Some(at) = self.page(first.page + done) else {
                 break;
             };
-            match self.fetch_and_place(&at, count - done, scratch, true, origin) {
+            match self
+                .fetch_and_place(&at, count - done, scratch, true, origin)
+                .or_give_up(since)
+            {
                 Placement::Done | Placement::Asked => done = count,
-                Placement::Again { done: more } => {
+                Placement::Again { done: more, .. } => {
                     done += more;
                     if !retry {
                         break;

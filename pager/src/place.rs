@@ -1,16 +1,19 @@
 //! Placement: putting a page's content into memory with one ioctl (COPY, ZEROPAGE, MOVE of
 //! pages the caller gave up, or a page-cache write and CONTINUE), publishing it in the page states and the counters, and
 //! turning the kernel's answers into what the caller does next: EEXIST → mark and wake,
-//! EAGAIN → retry after the pending events are read, ENOENT → retry while the region is
-//! still ours, ESRCH → the process is gone.
+//! EAGAIN → retry after the pending events are read, ENOENT → a run placed page by page
+//! (it may span two VMAs), a page retried while the region is still ours for at most
+//! [`RANGE_GONE_GRACE`], then a failure; ESRCH → the process is gone.
 //!
 //! Every placement runs inside the [gate](crate::gate), from the decision of what to put
 //! there to the end of its ioctl; a page a REMOVE dropped (removed bit set, or Zero) gets
 //! zeros, never the image's bytes. Async-signal-safe: atomics and ioctls only.
 
+use std::time::{Duration, Instant};
+
 use nix::errno::Errno;
 use uffd_core::{
-    ContinueMode, CopyMode, Error as UffdError, Features, MemoryKind, MoveMode, ZeropageMode,
+    ContinueMode, CopyMode, Error as UffdError, Features, MemoryKind, MoveMode, Op, ZeropageMode,
 };
 
 use crate::error::SourceError;
@@ -59,6 +62,12 @@ pub(crate) struct Request<'a> {
     pub origin: Origin,
 }
 
+/// How long a page the kernel calls gone (ENOENT) while the region table still holds it is
+/// retried, from the first attempt: long enough for the UNMAP or REMAP event behind a
+/// transient ENOENT to be read (the kernel looks the VMA up before it checks for pending
+/// events), then the refusal is a failure — the range changed without the pager being told.
+pub(crate) const RANGE_GONE_GRACE: Duration = Duration::from_secs(1);
+
 /// The result of one placement attempt.
 #[derive(Debug)]
 pub(crate) enum Placement {
@@ -66,7 +75,9 @@ pub(crate) enum Placement {
     Done,
     /// EAGAIN (or ENOENT while the region is ours): an address-space change is pending;
     /// the first `done` pages were placed. Retry the rest after the events are read.
-    Again { done: usize },
+    /// `gone`: it was ENOENT, from `op` — retried only for [`RANGE_GONE_GRACE`]
+    /// ([`Placement::or_give_up`]).
+    Again { done: usize, gone: Option<Op> },
     /// The page's range is gone (unmapped) or the process exited: nothing to do.
     Dropped,
     /// A remote source was asked (it answered `Pending`): the page arrives through the
@@ -77,6 +88,20 @@ pub(crate) enum Placement {
     Failed(UffdError),
     /// The source failed; reported like `Failed`.
     SourceFailed(SourceError),
+}
+
+impl Placement {
+    /// An ENOENT retry (`Again` with `gone`) of an attempt that started at `since` and has
+    /// been retried for [`RANGE_GONE_GRACE`] becomes the failure it is; anything else is
+    /// returned as it is. Every caller that retries a placement passes its result here.
+    pub fn or_give_up(self, since: Instant) -> Placement {
+        match self {
+            Placement::Again { gone: Some(op), .. } if since.elapsed() >= RANGE_GONE_GRACE => {
+                Placement::Failed(UffdError::RangeGone { op })
+            }
+            other => other,
+        }
+    }
 }
 
 impl Shared {
@@ -170,7 +195,7 @@ impl Shared {
             };
             match self.place_one_ioctl(one, removed) {
                 Placement::Done => {}
-                Placement::Again { .. } => return Placement::Again { done: i },
+                Placement::Again { gone, .. } => return Placement::Again { done: i, gone },
                 other => return other,
             }
         }
@@ -259,17 +284,23 @@ impl Shared {
                 }
                 Placement::Done
             }
-            Err(UffdError::Again { done, .. }) => self.again(&req, removed, done),
+            Err(UffdError::Again { done, .. }) => self.again(&req, removed, done, None),
             Err(UffdError::ProcessGone { .. }) => {
                 self.gone.store(true, std::sync::atomic::Ordering::Relaxed);
                 self.request_stop();
                 Placement::Dropped
             }
-            // ENOENT also means "the layout changed under the operation" (a REMOVE being
-            // applied): while the region is still ours, retry like EAGAIN; an UNMAP event
-            // unmaps it in the table, and then the page is dropped for good.
-            Err(UffdError::RangeGone { .. }) if self.page(p.page).is_some() => {
-                self.again(&req, removed, 0)
+            // No VMA holds the whole range: a run over two VMAs of one region (an
+            // embedder's mprotect split it, or it spans two mappings) goes page by page.
+            Err(UffdError::RangeGone { .. }) if count > 1 && self.page(p.page).is_some() => {
+                self.place_each_in_gate(req)
+            }
+            // ENOENT also means "the layout changed under the operation" (an UNMAP or REMAP
+            // whose event is not read yet): while the region is still ours, retry like
+            // EAGAIN, bounded by the caller (`or_give_up`); an UNMAP event unmaps it in the
+            // table, and then the page is dropped for good.
+            Err(UffdError::RangeGone { op }) if self.page(p.page).is_some() => {
+                self.again(&req, removed, 0, Some(op))
             }
             Err(UffdError::RangeGone { .. }) => Placement::Dropped,
             Err(e) => Placement::Failed(e),
@@ -277,8 +308,8 @@ impl Shared {
     }
 
     /// The kernel stopped after `done` bytes: count and publish the whole pages placed,
-    /// put back a consumed removed bit, and ask for a retry of the rest.
-    fn again(&self, req: &Request<'_>, removed: bool, done: usize) -> Placement {
+    /// put back a consumed removed bit, and ask for a retry of the rest (`gone`: ENOENT).
+    fn again(&self, req: &Request<'_>, removed: bool, done: usize, gone: Option<Op>) -> Placement {
         bump(&self.stats.again);
         let p = &req.at;
         let whole = done / p.size;
@@ -289,7 +320,7 @@ impl Shared {
             self.account(req.origin, req.content, whole * p.size, whole);
             self.mark_received(p.page, whole);
         }
-        Placement::Again { done: whole }
+        Placement::Again { done: whole, gone }
     }
 
     /// Zero pages where ZEROPAGE cannot be used (hugetlb): COPY from the zero buffer.

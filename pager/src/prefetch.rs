@@ -200,10 +200,10 @@ fn zero_run(shared: &Shared, page: usize) -> usize {
     let Some(first) = shared.page(page) else {
         return page + 1;
     };
-    let mut count = 1;
+    let (mut last, mut count) = (first, 1);
     while count < BATCH_BYTES / first.size {
         match shared.page(page + count) {
-            Some(next) if next.addr == first.addr + count * first.size => {}
+            Some(next) if last.is_followed_by(&next) => last = next,
             _ => break,
         }
         if shared.states.get(page + count) != Ok(PageState::Zero) {
@@ -211,14 +211,16 @@ fn zero_run(shared: &Shared, page: usize) -> usize {
         }
         count += 1;
     }
+    let since = std::time::Instant::now();
     while !shared.stopping() {
-        match shared.place(Request {
+        let placement = shared.place(Request {
             at: first,
             count,
             content: Content::Zero,
             wake: true,
             origin: Origin::Prefetch,
-        }) {
+        });
+        match placement.or_give_up(since) {
             Placement::Again { .. } => std::thread::sleep(Duration::from_micros(200)),
             Placement::Done | Placement::Asked | Placement::Dropped => break,
             failed => {

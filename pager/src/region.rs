@@ -76,6 +76,8 @@ pub(crate) struct Region {
     pub spec: RegionSpec,
     /// Index of the region's first page in the pager's page state map.
     pub first_page: usize,
+    /// The region's index in its table (what `PageRef::region` names).
+    index: usize,
     /// The current base: follows REMAP events.
     base: AtomicUsize,
     /// Cleared by an UNMAP event: the range is gone, its pages are never served again.
@@ -107,14 +109,20 @@ pub(crate) struct PageRef {
     pub resolve: Resolve,
     /// The page's offset from its region's base (for alias addressing).
     pub in_region: usize,
+    /// The index of the page's region in the table: a run never spans two.
+    pub region: usize,
     /// Memory kind.
     pub kind: MemoryKind,
 }
 
 impl PageRef {
-    /// Whether `other` is the page right after this one in the same region.
+    /// Whether `other` is the page right after this one in the same region. Adjacency alone
+    /// is not enough: the next region may start where this one ends, with other image
+    /// offsets, another alias and perhaps another VMA.
     pub fn is_followed_by(&self, other: &PageRef) -> bool {
-        other.page == self.page + 1 && other.addr == self.addr + self.size
+        other.region == self.region
+            && other.page == self.page + 1
+            && other.addr == self.addr + self.size
     }
 }
 
@@ -130,11 +138,12 @@ impl RegionTable {
     pub fn new(specs: &[RegionSpec]) -> Result<Self> {
         let mut regions: Vec<Region> = Vec::with_capacity(specs.len());
         let mut pages = 0;
-        for spec in specs {
+        for (index, spec) in specs.iter().enumerate() {
             check(spec, &regions)?;
             regions.push(Region {
                 spec: *spec,
                 first_page: pages,
+                index,
                 base: AtomicUsize::new(spec.base),
                 mapped: AtomicBool::new(true),
             });
@@ -185,6 +194,7 @@ impl RegionTable {
             resolve: spec.resolve,
             in_region,
             kind: spec.kind,
+            region: region.index,
         }
     }
 
@@ -342,6 +352,23 @@ mod tests {
         assert_eq!(t.by_offset(5 * 4096 + 12), Some(p));
         assert!(t.by_addr(0x20_0000 + 2 * 4096).is_none());
         assert!(t.by_page(6).is_none());
+    }
+
+    #[test]
+    fn the_last_page_of_a_region_is_not_followed_by_the_first_of_an_adjacent_one() {
+        let t = RegionTable::new(&[
+            RegionSpec::new(0x10_0000, 2 * 4096, MemoryKind::Anon, 0),
+            RegionSpec::new(0x10_2000, 2 * 4096, MemoryKind::Anon, 8 * 4096),
+        ])
+        .expect("valid");
+        let (last, next) = (t.by_page(1).expect("page 1"), t.by_page(2).expect("page 2"));
+        assert_eq!(
+            last.addr + last.size,
+            next.addr,
+            "adjacent in the address space"
+        );
+        assert!(!last.is_followed_by(&next));
+        assert!(t.by_page(0).expect("page 0").is_followed_by(&last));
     }
 
     #[test]

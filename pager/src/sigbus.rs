@@ -263,7 +263,7 @@ fn resolve(engine: &Engine, addr: usize) -> bool {
         // The signal says nothing of the fault's kind: MISSING unless the page cache
         // holds it (fault.rs treats a received page in MINOR mode alike either way).
         let outcome = with_slot(engine, |scratch| {
-            shared.on_fault(addr, FaultFlags::empty(), scratch, true)
+            shared.on_fault(addr, FaultFlags::empty(), scratch, true, started)
         });
         match outcome {
             FaultOutcome::Resolved => {

@@ -225,7 +225,7 @@ impl Worker {
         let shared = &*self.shared;
         for fault in self.faults.iter_mut() {
             let (addr, flags, _) = *fault;
-            let outcome = shared.on_fault(addr, flags, &mut self.scratch, wake_each);
+            let outcome = shared.on_fault(addr, flags, &mut self.scratch, wake_each, now);
             fault.2 = matches!(outcome, FaultOutcome::Resolved);
             match outcome {
                 FaultOutcome::Resolved if wake_each => shared.stats.record_latency(now.elapsed()),
@@ -300,7 +300,7 @@ impl Worker {
                 // refaults and is handled afresh.
                 _ => shared.wake(p.addr, p.size),
             };
-            match placement {
+            match placement.or_give_up(parked.since) {
                 Placement::Again { .. } => true,
                 Placement::Done => {
                     shared.stats.record_latency(parked.since.elapsed());

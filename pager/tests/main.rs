@@ -14,6 +14,7 @@ mod failure;
 mod firecracker;
 mod fork;
 mod moving;
+mod regions;
 mod stop;
 mod takeover;
 mod unprivileged;

@@ -1,0 +1,210 @@
+//! Runs of pages never leave their region, and a placement the kernel keeps refusing for a
+//! range that is still mapped ends the pager instead of retrying forever. Regions side by
+//! side in the address space (two `Mapping::new` calls usually are) are where a run could
+//! cross; tests that hung before the fix run in a process of their own (`testkit::isolated`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use page_state::PageState;
+use pager::{DeliveryMode, Features, Mapping, MemoryKind, MemorySource, Pager, Prefetch, Uffd};
+
+use crate::common;
+
+const PS: usize = 4096;
+const PAGES: usize = 4;
+const WATCHDOG: Duration = Duration::from_secs(30);
+
+/// Two mappings of `kind`, `lo` right below `hi` in the address space (mmap places a later
+/// mapping below an earlier one; a few tries find a pair with nothing in between).
+fn adjacent(kind: MemoryKind, pages: usize) -> (Arc<Mapping>, Arc<Mapping>) {
+    let mut misses = Vec::new();
+    for _ in 0..16 {
+        let hi = Mapping::new(kind, pages * PS).expect("map hi");
+        let lo = Mapping::new(kind, pages * PS).expect("map lo");
+        if lo.addr() + lo.len() == hi.addr() {
+            return (Arc::new(lo), Arc::new(hi));
+        }
+        misses.push((hi, lo));
+    }
+    panic!("no two adjacent mappings in 16 tries");
+}
+
+/// Waits until page `page` of `pager` is Received, at most 10 s.
+fn wait_received(pager: &Pager, page: usize) {
+    let state = pager.wait_placed(page, Duration::from_secs(10));
+    assert_eq!(state, Some(PageState::Received), "page {page} placed");
+}
+
+/// Pages of `memory` that do not hold image pages `from..`: (page, image page they hold).
+fn wrong_pages(memory: &Mapping, image: &[u8], from: usize) -> Vec<(usize, Option<usize>)> {
+    (0..memory.len() / PS)
+        .filter_map(|i| {
+            // SAFETY: served by the pager: a raw read of whatever it placed.
+            let got = unsafe { common::bytes(memory.addr() + i * PS, PS) };
+            let want = &image[(from + i) * PS..(from + i + 1) * PS];
+            (got != want).then(|| (i, image.chunks(PS).position(|c| c == got)))
+        })
+        .collect()
+}
+
+#[test]
+fn fault_around_stops_at_the_end_of_its_region() {
+    let (lo, hi) = adjacent(MemoryKind::Anon, PAGES);
+    // lo is served from image pages 0..4, hi from 8..12: the pages after lo's are not hi's.
+    let image = common::image(3 * PAGES, PS, 0);
+    let pager = Pager::builder(common::uffd(), Arc::new(MemorySource::new(image.clone())))
+        .mapping(lo.clone(), 0)
+        .mapping(hi.clone(), (2 * PAGES * PS) as u64)
+        .mode(DeliveryMode::Thread)
+        .fault_around(8)
+        .start()
+        .expect("start");
+    // SAFETY: served by the pager.
+    let _ = unsafe { std::ptr::read_volatile((lo.addr() + (PAGES - 2) * PS) as *const u8) };
+    // Fault-around places lo's last page in one ioctl with whatever else its run holds.
+    wait_received(&pager, PAGES - 1);
+    let hi_states: Vec<_> = (PAGES..2 * PAGES).map(|p| pager.states().get(p)).collect();
+    assert!(
+        hi_states.iter().all(|s| *s == Some(PageState::Missing)),
+        "hi's pages untouched by lo's fault-around: {hi_states:?}"
+    );
+    assert_eq!(wrong_pages(&hi, &image, 2 * PAGES), vec![], "hi's content");
+    assert_eq!(wrong_pages(&lo, &image, 0), vec![], "lo's content");
+    pager.stop().expect("stop");
+}
+
+#[test]
+fn minor_fault_around_stages_only_through_its_own_regions_alias() {
+    if !testkit::isolated(
+        "regions::minor_fault_around_stages_only_through_its_own_regions_alias",
+        WATCHDOG,
+    ) {
+        return;
+    }
+    let (lo, hi) = adjacent(MemoryKind::Shmem, PAGES);
+    let image = common::image(2 * PAGES, PS, 0);
+    let pager = Pager::builder(common::uffd(), Arc::new(MemorySource::new(image.clone())))
+        .mapping_minor(lo.clone(), 0)
+        .mapping_minor(hi.clone(), (PAGES * PS) as u64)
+        .mode(DeliveryMode::Thread)
+        .fault_around(4)
+        .start()
+        .expect("start");
+    // SAFETY: served by the pager (a hang here is the defect: the watchdog fails the test).
+    let _ = unsafe { std::ptr::read_volatile((lo.addr() + (PAGES - 2) * PS) as *const u8) };
+    wait_received(&pager, PAGES - 1);
+    let hi_states: Vec<_> = (PAGES..2 * PAGES).map(|p| pager.states().get(p)).collect();
+    assert!(
+        hi_states.iter().all(|s| *s == Some(PageState::Missing)),
+        "hi's pages untouched by lo's fault-around: {hi_states:?}"
+    );
+    assert_eq!(wrong_pages(&lo, &image, 0), vec![], "lo's content");
+    assert_eq!(wrong_pages(&hi, &image, PAGES), vec![], "hi's content");
+    pager.stop().expect("stop");
+}
+
+#[test]
+fn prefetch_completes_over_adjacent_regions_of_two_vmas() {
+    if !testkit::isolated(
+        "regions::prefetch_completes_over_adjacent_regions_of_two_vmas",
+        WATCHDOG,
+    ) {
+        return;
+    }
+    // Two shmem mappings are two VMAs (two memfds): one COPY may not span both.
+    let (lo, hi) = adjacent(MemoryKind::Shmem, PAGES);
+    let image = common::image(2 * PAGES, PS, 0);
+    let pager = Pager::builder(common::uffd(), Arc::new(MemorySource::new(image.clone())))
+        .mapping(lo.clone(), 0)
+        .mapping(hi.clone(), (PAGES * PS) as u64)
+        .mode(DeliveryMode::Thread)
+        .fault_around(8)
+        .prefetch(Prefetch::Sequential)
+        .start()
+        .expect("start");
+    assert!(
+        pager.wait_complete(Duration::from_secs(10)),
+        "prefetch completes: {:?}",
+        pager.stats()
+    );
+    assert_eq!(wrong_pages(&lo, &image, 0), vec![], "lo's content");
+    assert_eq!(wrong_pages(&hi, &image, PAGES), vec![], "hi's content");
+    pager.stop().expect("stop");
+}
+
+#[test]
+fn a_run_over_two_vmas_of_one_region_is_placed_page_by_page() {
+    if !testkit::isolated(
+        "regions::a_run_over_two_vmas_of_one_region_is_placed_page_by_page",
+        WATCHDOG,
+    ) {
+        return;
+    }
+    let (lo, hi) = adjacent(MemoryKind::Shmem, PAGES);
+    let image = common::image(2 * PAGES, PS, 0);
+    let spec = pager::RegionSpec::new(lo.addr(), 2 * PAGES * PS, MemoryKind::Shmem, 0);
+    let builder = Pager::builder(common::uffd(), Arc::new(MemorySource::new(image.clone())));
+    // SAFETY: both mappings are ours, alive until the end of the test (after `stop`), and
+    // only read raw; the region spans them both.
+    let pager = unsafe { builder.region(spec) }
+        .mode(DeliveryMode::Thread)
+        .prefetch(Prefetch::Sequential)
+        .start()
+        .expect("start");
+    assert!(
+        pager.wait_complete(Duration::from_secs(10)),
+        "prefetch completes: {:?}",
+        pager.stats()
+    );
+    assert_eq!(wrong_pages(&lo, &image, 0), vec![], "lo's content");
+    assert_eq!(wrong_pages(&hi, &image, PAGES), vec![], "hi's content");
+    pager.stop().expect("stop");
+}
+
+#[test]
+fn a_page_the_kernel_keeps_calling_gone_while_its_region_is_mapped_fails_the_pager() {
+    if !testkit::isolated(
+        "regions::a_page_the_kernel_keeps_calling_gone_while_its_region_is_mapped_fails_the_pager",
+        WATCHDOG,
+    ) {
+        return;
+    }
+    let len = PAGES * PS;
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    // SAFETY: a fresh mapping of our own, given to the pager under its contract.
+    let base = unsafe { libc::mmap(std::ptr::null_mut(), len, rw, anon, -1, 0) };
+    assert_ne!(base, libc::MAP_FAILED, "mmap");
+    let base = base as usize;
+    // Without UNMAP events the pager is never told of the hole punched below.
+    let uffd = Uffd::builder()
+        .non_blocking(true)
+        .require(Features::EVENT_REMOVE)
+        .open()
+        .expect("uffd");
+    let image = common::image(PAGES, PS, 0);
+    let builder = Pager::builder(uffd, Arc::new(MemorySource::new(image)));
+    let spec = pager::RegionSpec::new(base, len, MemoryKind::Anon, 0);
+    // SAFETY: our own mapping, never read; its page 2 is unmapped behind the pager's back
+    // on purpose (what the test is about), the rest only when this process exits.
+    let builder = unsafe { builder.region(spec) }.mode(DeliveryMode::Thread);
+    // SAFETY: page 2 of our own mapping, before the pager starts placing.
+    assert_eq!(unsafe { libc::munmap((base + 2 * PS) as *mut _, PS) }, 0);
+    let started = Instant::now();
+    let pager = builder
+        .prefetch(Prefetch::Sequential)
+        .start()
+        .expect("start");
+    assert!(
+        pager.wait(Some(Duration::from_secs(20))),
+        "the pager gives up on the page: {:?}",
+        pager.stats()
+    );
+    let error = pager.stop().expect_err("a fatal error");
+    assert!(
+        error.to_string().contains("ENOENT") || format!("{error:?}").contains("RangeGone"),
+        "the error names the refusal: {error:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
