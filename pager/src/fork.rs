@@ -27,7 +27,6 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use uffd_core::{Mapping, Uffd};
 
 use crate::pager::Pager;
-use crate::region::RegionSpec;
 use crate::shared::Shared;
 use crate::source::{ChildSource, Source};
 use crate::stats::bump;
@@ -125,10 +124,11 @@ fn refuse(shared: &Shared, fd: OwnedFd, why: &str) {
     }
 }
 
-/// How a child engine is built: what the parent's engine was built from.
+/// How a child engine is built: what the parent's engine was built from. The regions are
+/// not part of it: a child gets the parent's regions as they are when it is served (moved
+/// by REMAP, gone by UNMAP), not as they were at start.
 pub(crate) struct ChildPlan {
     pub source: Arc<dyn Source>,
-    pub regions: Vec<RegionSpec>,
     /// The memory the parent keeps alive (a MINOR region's alias is written for the
     /// child too).
     pub keep: Vec<Arc<Mapping>>,
@@ -138,11 +138,15 @@ pub(crate) struct ChildPlan {
     pub poison_on_fatal: bool,
 }
 
-/// Builds and starts a child engine for a forked child's uffd, from the parent's plan,
-/// with the child's own source if it has one (the builder's job: see
+/// Builds and starts a child engine for a forked child's uffd, from the parent's plan and
+/// regions, with the child's own source if it has one (the builder's job: see
 /// `builder::start_child`; passed in, so this file never names the builder).
-pub(crate) type StartChild =
-    fn(OwnedFd, &ChildPlan, Option<Arc<dyn Source>>) -> crate::Result<Pager>;
+pub(crate) type StartChild = fn(
+    OwnedFd,
+    &ChildPlan,
+    Vec<crate::region::RegionSpec>,
+    Option<Arc<dyn Source>>,
+) -> crate::Result<Pager>;
 
 /// Runs the fork service until the parent's engine stops: starts child engines for the
 /// queued uffds (with `start_child`), reaps those whose process has exited, stops the
@@ -199,7 +203,11 @@ pub(crate) fn serve(
             };
             // A spare descriptor, to poison the child's pages through if its engine fails.
             let spare = fd.as_fd().try_clone_to_owned();
-            match start_child(fd, &plan, source) {
+            // The parent's regions now. A REMAP or UNMAP the parent made after the fork and
+            // the service applied before this read is the child's too (a race left open:
+            // the handler that reads the FORK event may not allocate a copy).
+            let regions = shared.regions.current_specs();
+            match start_child(fd, &plan, regions, source) {
                 Ok(child) => {
                     bump(&shared.stats.forks_served);
                     children.push(child);

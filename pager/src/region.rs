@@ -248,6 +248,19 @@ impl RegionTable {
             .map(|r| r.first_page..r.first_page + r.spec.pages())
     }
 
+    /// The regions as they are now: each still mapped region's spec at its current base
+    /// (after REMAP events), for a forked child, whose address space is the parent's now.
+    pub fn current_specs(&self) -> Vec<RegionSpec> {
+        self.regions
+            .iter()
+            .filter(|r| r.mapped())
+            .map(|r| RegionSpec {
+                base: r.base(),
+                ..r.spec
+            })
+            .collect()
+    }
+
     /// The page ranges of the regions an UNMAP took away.
     pub fn unmapped(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
         self.regions
@@ -385,6 +398,12 @@ mod tests {
         let mut seen = Vec::new();
         t.for_each_page_range(0, usize::MAX, |_, r| seen.push(r));
         assert_eq!(seen, vec![4..6]);
+        let now: Vec<_> = t.current_specs().iter().map(|s| s.base).collect();
+        assert_eq!(
+            now,
+            vec![0x20_0000],
+            "a child gets the regions still mapped, where they are"
+        );
     }
 
     #[test]

@@ -413,3 +413,76 @@ fn a_forked_child_with_a_remote_source_of_its_own_is_served() {
         "{stats:?}"
     );
 }
+
+#[test]
+fn a_child_forked_after_a_remap_is_served_at_the_moved_address() {
+    if !testkit::isolated(
+        "fork::a_child_forked_after_a_remap_is_served_at_the_moved_address",
+        WATCHDOG,
+    ) {
+        return;
+    }
+    let pages = 8;
+    let image = common::image(pages, PS, 0);
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    // SAFETY: fresh mappings of our own.
+    let (base, target) = unsafe {
+        (
+            libc::mmap(std::ptr::null_mut(), pages * PS, rw, anon, -1, 0),
+            libc::mmap(std::ptr::null_mut(), pages * PS, rw, anon, -1, 0),
+        )
+    };
+    assert!(
+        base != libc::MAP_FAILED && target != libc::MAP_FAILED,
+        "mmap"
+    );
+    let (base, target) = (base as usize, target as usize);
+    let uffd = uffd_with(Features::EVENT_UNMAP | Features::EVENT_REMAP | Features::EVENT_FORK);
+    let builder = Pager::builder(uffd, Arc::new(MemorySource::new(image.clone())));
+    // SAFETY: our own mapping, only read raw, moved only with the pager told (REMAP).
+    let pager = unsafe { builder.region(RegionSpec::new(base, pages * PS, MemoryKind::Anon, 0)) }
+        .mode(DeliveryMode::Thread)
+        .start()
+        .expect("start");
+    // SAFETY: moves our mapping onto our other one, which it replaces.
+    let moved = unsafe {
+        libc::mremap(
+            base as *mut _,
+            pages * PS,
+            pages * PS,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            target as *mut libc::c_void,
+        )
+    };
+    assert_eq!(moved as usize, target, "mremap");
+    // Reading a page is a fault the handler reads after the REMAP event: the table moved.
+    // SAFETY: served by the pager.
+    let page = unsafe { common::bytes(target, PS) };
+    assert_eq!(page, &image[..PS], "parent after REMAP");
+    // SAFETY: the child only reads a page and exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: the child's copy of the served region.
+        let ok = unsafe { common::bytes(target + PS, PS) } == &image[PS..2 * PS];
+        // SAFETY: ends the child without running the parent's destructors.
+        unsafe { libc::_exit(i32::from(!ok)) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut status = 0;
+    // SAFETY: our child, polled without blocking.
+    while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } != pid {
+        if Instant::now() >= deadline {
+            // SAFETY: our child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("the child's fault on the moved region is not resolved in 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the child read its page at the moved address: status {status:#x}"
+    );
+    let stats = pager.stop().expect("stop");
+    assert_eq!(stats.forks_served, 1);
+}

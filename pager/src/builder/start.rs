@@ -15,7 +15,7 @@ use crate::fork::{self, ChildPlan, ForkQueue};
 use crate::pager::{DeliveryMode, Pager};
 use crate::placer::Placer;
 use crate::prefetch::{self, Prefetch};
-use crate::region::{RegionTable, Resolve};
+use crate::region::{RegionSpec, RegionTable, Resolve};
 use crate::shared::Shared;
 use crate::source::Source;
 use crate::thread::spawn;
@@ -68,7 +68,6 @@ impl PagerBuilder {
         let forks = if self.child_probe.is_none() {
             let plan = ChildPlan {
                 source: self.source.clone(),
-                regions: self.regions.clone(),
                 keep,
                 batch: self.batch,
                 max_children: self.max_fork_children,
@@ -194,6 +193,7 @@ const CHILD_EXIT_PROBE: Duration = Duration::from_millis(20);
 fn start_child(
     fd: OwnedFd,
     plan: &ChildPlan,
+    regions: Vec<RegionSpec>,
     own: Option<Arc<dyn Source>>,
 ) -> crate::Result<Pager> {
     log::debug!("starting a child engine for forked uffd {}", fd.as_raw_fd());
@@ -201,10 +201,11 @@ fn start_child(
     let shares = own.is_none();
     let source = own.unwrap_or_else(|| plan.source.clone());
     let builder = Pager::builder(uffd, source);
-    // SAFETY: the child's regions are its copies of the parent's, whose contract the
-    // parent's embedder gave (or that the parent checked as mappings, kept alive in
-    // `plan.keep` with their aliases); the child's uffd serves the child's address space.
-    let builder = unsafe { builder.regions(plan.regions.iter().copied()) };
+    // SAFETY: the child's regions are its copies of the parent's, at the bases the parent's
+    // region table holds now (`current_specs`), whose contract the parent's embedder gave
+    // (or that the parent checked as mappings, kept alive in `plan.keep` with their
+    // aliases); the child's uffd serves the child's address space.
+    let builder = unsafe { builder.regions(regions) };
     builder
         .mode(DeliveryMode::Thread)
         .register(false)
