@@ -66,6 +66,16 @@ impl Shared {
     ) -> Placement {
         let len = p.size * count;
         match self.source.fetch(p.offset, &mut scratch[..len]) {
+            // A source bug, not a panic in the placement (which would abort the SIGBUS path).
+            Ok(Fetched::Data(data)) if data.len() != len => {
+                bump(&self.stats.source_errors);
+                Placement::SourceFailed(crate::SourceError {
+                    what: "the source answered a length other than asked",
+                    offset: p.offset,
+                    // An OS error, not a message: built without allocating (SIGBUS path).
+                    source: std::io::Error::from_raw_os_error(nix::errno::Errno::EIO as i32),
+                })
+            }
             Ok(Fetched::Data(data)) => {
                 add(&self.stats.source_reads, count as u64);
                 self.place(Request {

@@ -196,8 +196,9 @@ extern "C" fn on_sigbus(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_
     // Only a fault on an address (BUS_ADRERR: what a uffd in SIGBUS mode raises) can be
     // ours; a sent signal (si_code <= 0), a poisoned page (BUS_MCEERR_*) never is.
     // SAFETY: non-null engines stay alive while ACTIVE > 0.
-    let handled =
-        !engine.is_null() && code == libc::BUS_ADRERR && unsafe { resolve(&*engine, addr) };
+    let handled = !engine.is_null()
+        && code == libc::BUS_ADRERR
+        && resolve_or_report_panic(unsafe { &*engine }, addr);
     if !handled && !engine.is_null() {
         // SAFETY: as above; `info` and `ctx` are the kernel's, passed on unchanged.
         unsafe { chain(&(*engine).previous, sig, info, ctx, code) };
@@ -247,6 +248,30 @@ unsafe fn chain(
             // SAFETY: the embedder installed this one-argument handler for SIGBUS.
             let f: extern "C" fn(i32) = unsafe { std::mem::transmute(handler) };
             f(sig);
+        }
+    }
+}
+
+/// [`resolve`], with a panic in it (a [`Source`](crate::Source) bug) caught and reported as
+/// the pager's fatal error (`fail_in_signal`: its unplaced pages are then poisoned) instead
+/// of aborting the process at the `extern "C"` boundary without a word.
+///
+/// Catching is the best that can be done here, not a sound recovery: the panic already
+/// allocated its payload and ran the panic hook (which writes to stderr) inside the signal
+/// handler — a deadlock if the interrupted code held the allocator's or stderr's lock, as
+/// before. What is caught is reported; the payload is leaked, since freeing it here is no
+/// safer than allocating it was. The SIGBUS is then handed on like any other failure.
+fn resolve_or_report_panic(engine: &Engine, addr: usize) -> bool {
+    // AssertUnwindSafe: after a panic the engine is only used to record the failure
+    // (atomics) and stop; scratch slots are released by their guard while unwinding.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| resolve(engine, addr))) {
+        Ok(handled) => handled,
+        Err(payload) => {
+            std::mem::forget(payload);
+            let shared = &*engine.shared;
+            let offset = shared.page_at(addr).map_or(0, |p| p.offset);
+            shared.fail_in_signal(offset, Errno::EIO as i32);
+            false
         }
     }
 }
@@ -330,6 +355,16 @@ fn errno_of(e: &UffdError) -> i32 {
     }
 }
 
+/// A claimed slot's `busy` flag, cleared on drop.
+struct Held<'a>(&'a AtomicBool);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        // Release: our buffer writes happen before the next holder's.
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// Runs `f` with a claimed scratch slot, waiting until one is free.
 fn with_slot<T>(engine: &Engine, f: impl FnOnce(&mut [u8]) -> T) -> T {
     let mut spins = 0;
@@ -341,11 +376,10 @@ fn with_slot<T>(engine: &Engine, f: impl FnOnce(&mut [u8]) -> T) -> T {
                 .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
             {
+                // Given back on return or while a panic unwinds (`resolve_or_report_panic`).
+                let _held = Held(&slot.busy);
                 // SAFETY: we won the slot's flag; nobody else touches its buffer.
-                let result = f(unsafe { &mut *slot.buf.get() });
-                // Release: our buffer writes happen before the next holder's.
-                slot.busy.store(false, Ordering::Release);
-                return result;
+                return f(unsafe { &mut *slot.buf.get() });
             }
         }
         backoff(&mut spins);

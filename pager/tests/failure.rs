@@ -379,3 +379,87 @@ fn an_embedder_that_gives_up_fails_the_pager_and_its_waiting_threads_get_sigbus(
         other => panic!("stop returned {other:?}"),
     }
 }
+
+/// A signal-safe source that answers one byte short, or panics.
+struct Misbehaving {
+    panics: bool,
+}
+
+impl Source for Misbehaving {
+    fn len(&self) -> u64 {
+        (16 * PS) as u64
+    }
+    fn fetch<'a>(
+        &'a self,
+        _offset: u64,
+        scratch: &'a mut [u8],
+    ) -> Result<Fetched<'a>, SourceError> {
+        assert!(!self.panics, "a source bug");
+        let short = scratch.len() - 1;
+        Ok(Fetched::Data(&scratch[..short]))
+    }
+    fn is_signal_safe(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn a_short_answer_from_the_source_fails_the_pager_with_a_source_error() {
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, 16 * PS).expect("map"));
+    // The prefetcher asks: no thread faults on a page the failure then poisons.
+    let pager = Pager::builder(common::uffd(), Arc::new(Misbehaving { panics: false }))
+        .mapping(memory, 0)
+        .mode(DeliveryMode::Thread)
+        .prefetch(Prefetch::Sequential)
+        .start()
+        .expect("start");
+    assert!(pager.wait(Some(SIGBUS_WAIT)), "the pager stops");
+    match pager.stop() {
+        Err(Error::Source(e)) => assert!(e.what.contains("length other than asked"), "{e:?}"),
+        other => panic!("a source error, not {other:?}"),
+    }
+}
+
+/// The embedder's SIGBUS handler, installed before the pager: a fault the pager hands on
+/// ends the process with code 4 (an abort would end it with SIGABRT).
+extern "C" fn embedder_on_sigbus(_: i32) {
+    // SAFETY: ends the process at once (async-signal-safe).
+    unsafe { libc::_exit(4) };
+}
+
+#[test]
+fn a_panicking_source_in_sigbus_mode_fails_the_pager_and_the_sigbus_is_handed_on() {
+    const NAME: &str =
+        "failure::a_panicking_source_in_sigbus_mode_fails_the_pager_and_the_sigbus_is_handed_on";
+    if let Some((status, output)) = testkit::isolated_outcome(NAME, WATCHDOG) {
+        assert_eq!(
+            status.code(),
+            Some(4),
+            "the pager reports the panic and hands the SIGBUS on, no abort: {status}\n{output}"
+        );
+        return;
+    }
+    let handler = nix::sys::signal::SigAction::new(
+        nix::sys::signal::SigHandler::Handler(embedder_on_sigbus),
+        nix::sys::signal::SaFlags::empty(),
+        nix::sys::signal::SigSet::empty(),
+    );
+    // SAFETY: the handler only calls `_exit`.
+    unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGBUS, &handler) }
+        .expect("install the embedder's handler");
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, 16 * PS).expect("map"));
+    let uffd = pager::Uffd::builder()
+        .non_blocking(true)
+        .require(pager::Features::SIGBUS | pager::Features::EVENT_REMOVE)
+        .open()
+        .expect("open");
+    let pager = Pager::builder(uffd, Arc::new(Misbehaving { panics: true }))
+        .mapping(memory.clone(), 0)
+        .mode(DeliveryMode::Sigbus)
+        .start()
+        .expect("start");
+    // SAFETY: the served region; the fault ends the process through the embedder's handler.
+    let byte = unsafe { std::ptr::read_volatile(memory.as_ptr()) };
+    drop(pager);
+    panic!("the fault was served from a panicking source: read {byte}");
+}

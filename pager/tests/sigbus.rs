@@ -304,3 +304,63 @@ fn a_foreign_sigbus_is_chained_to_the_embedders_handler_and_the_pager_keeps_serv
         "the VMM's handler is back"
     );
 }
+
+/// A signal-safe source that answers one byte short.
+struct Short;
+
+impl pager::Source for Short {
+    fn len(&self) -> u64 {
+        (16 * PS) as u64
+    }
+    fn fetch<'a>(
+        &'a self,
+        _offset: u64,
+        scratch: &'a mut [u8],
+    ) -> Result<pager::Fetched<'a>, pager::SourceError> {
+        let short = scratch.len() - 1;
+        Ok(pager::Fetched::Data(&scratch[..short]))
+    }
+    fn is_signal_safe(&self) -> bool {
+        true
+    }
+}
+
+/// The embedder's SIGBUS handler for the test below: ends the process with code 4.
+extern "C" fn exit_4_on_sigbus(_: i32) {
+    // SAFETY: ends the process at once (async-signal-safe).
+    unsafe { libc::_exit(4) };
+}
+
+/// A short answer is a source error inside the handler (recorded without allocating, under
+/// the guarded allocator), and the SIGBUS goes on to the embedder's handler: no abort.
+#[test]
+fn a_short_answer_from_the_source_fails_in_the_handler_and_the_sigbus_is_handed_on() {
+    const NAME: &str =
+        "a_short_answer_from_the_source_fails_in_the_handler_and_the_sigbus_is_handed_on";
+    if let Some((status, output)) = testkit::isolated_outcome(NAME, Duration::from_secs(60)) {
+        assert_eq!(
+            status.code(),
+            Some(4),
+            "handed on, no abort: {status}\n{output}"
+        );
+        return;
+    }
+    let handler = nix::sys::signal::SigAction::new(
+        nix::sys::signal::SigHandler::Handler(exit_4_on_sigbus),
+        nix::sys::signal::SaFlags::empty(),
+        nix::sys::signal::SigSet::empty(),
+    );
+    // SAFETY: the handler only calls `_exit`.
+    unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGBUS, &handler) }
+        .expect("install the embedder's handler");
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, 16 * PS).expect("map"));
+    let pager = Pager::builder(sigbus_uffd(), Arc::new(Short))
+        .mapping(memory.clone(), 0)
+        .mode(DeliveryMode::Sigbus)
+        .start()
+        .expect("start");
+    // SAFETY: the served region; the fault ends the process through the embedder's handler.
+    let byte = unsafe { std::ptr::read_volatile(memory.as_ptr()) };
+    drop(pager);
+    panic!("the fault was served from a short answer: read {byte}");
+}
