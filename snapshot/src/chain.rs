@@ -88,6 +88,9 @@ pub struct Chain {
     /// Pages written since the last snapshot that no tracker saw (a live base's writes
     /// before the hand-over), by page index.
     carried: Option<Bitmap>,
+    /// What a layer that failed had found written (its scans protected those pages again,
+    /// so no tracker reports them any more): the next layer takes them.
+    unsaved: Written,
     /// Where a layer's written pages are copied in its pause (reused: see `copy_ranges`).
     buf: Vec<u8>,
 }
@@ -137,6 +140,7 @@ impl Chain {
             regions,
             trackers,
             carried: None,
+            unsaved: Vec::new(),
             buf: Vec::new(),
         })
     }
@@ -183,6 +187,7 @@ impl Chain {
                     regions,
                     trackers,
                     carried: Some(carried),
+                    unsaved: Vec::new(),
                     buf: Vec::new(),
                 },
                 report,
@@ -200,12 +205,34 @@ impl Chain {
     /// store root: the previous snapshot, which holds this memory as it was then). Only
     /// the chunks written since are stored; the layer takes its parent's geometry, whose
     /// chunk size is therefore the granule of change (smaller chunks, smaller layers).
+    ///
+    /// A layer that fails (the store refuses, a parent cannot be read) loses nothing: what
+    /// it found written is taken by the next layer, which may be retried with the same
+    /// arguments.
     pub fn layer(
         &mut self,
         url: &str,
         parent: &str,
         store: &StoreOptions,
         quiesce: &mut dyn Quiesce,
+    ) -> Result<LayerReport> {
+        let mut found = std::mem::take(&mut self.unsaved);
+        let layer = self.take_layer(url, parent, store, quiesce, &mut found);
+        if layer.is_err() {
+            self.unsaved = found;
+        }
+        layer
+    }
+
+    /// [`layer`](Self::layer), adding to `found` what it finds written (from the scans
+    /// on, which protect those pages again).
+    fn take_layer(
+        &mut self,
+        url: &str,
+        parent: &str,
+        store: &StoreOptions,
+        quiesce: &mut dyn Quiesce,
+        found: &mut Written,
     ) -> Result<LayerReport> {
         let options = PushOptions {
             parent: Some(parent.to_owned()),
@@ -232,9 +259,9 @@ impl Chain {
         }
         let (((dirty_pages, find, copy), written), paused) = paused(quiesce, || {
             let t = Instant::now();
-            let (ranges, pages) = self.find_written()?;
+            let pages = self.find_written(found)?;
             let find = t.elapsed();
-            let written = self.copy_ranges(&ranges)?;
+            let written = self.copy_ranges(found)?;
             Ok(((pages, find, t.elapsed() - find), written))
         })?;
         let t = Instant::now();
@@ -253,12 +280,12 @@ impl Chain {
         })
     }
 
-    /// What was written since the last snapshot, as (region, range of image offsets) in
-    /// order: the trackers' scans (which protect those pages again) and what was carried
-    /// over. Also the 4 KiB pages written.
-    fn find_written(&mut self) -> Result<(Written, u64)> {
-        let mut ranges: Vec<(usize, Range<u64>)> = Vec::new();
-        let mut pages = 0;
+    /// Adds to `found` what was written since the last snapshot, as (region, range of image
+    /// offsets), merged and in order: the trackers' scans (which protect those pages
+    /// again) and what was carried over, with what `found` held (a failed layer's).
+    /// Returns the 4 KiB pages written.
+    fn find_written(&mut self, found: &mut Written) -> Result<u64> {
+        let mut pages: u64 = found.iter().map(|(_, r)| (r.end - r.start) / 4096).sum();
         for (i, (t, n)) in self
             .trackers
             .iter_mut()
@@ -267,28 +294,29 @@ impl Chain {
         {
             let off = n.region.offset;
             pages += t
-                .collect_runs(|r| ranges.push((i, off + r.start as u64..off + r.end as u64)))
+                .collect_runs(|r| found.push((i, off + r.start as u64..off + r.end as u64)))
                 .map_err(Error::uffd("find the written pages"))?;
         }
         if let Some(carried) = self.carried.take() {
             for run in carried.runs() {
                 for index in run {
                     let (i, p) = self.regions.locate(index);
-                    ranges.push((i, p.offset..p.offset + p.size as u64));
+                    found.push((i, p.offset..p.offset + p.size as u64));
                     pages += (p.size / 4096) as u64;
                 }
             }
         }
         // Ranges of one region merged: a page reported twice is copied once.
-        ranges.sort_by_key(|(i, r)| (*i, r.start));
-        let mut merged: Vec<(usize, Range<u64>)> = Vec::with_capacity(ranges.len());
-        for (i, r) in ranges {
+        found.sort_by_key(|(i, r)| (*i, r.start));
+        let mut merged: Written = Vec::with_capacity(found.len());
+        for (i, r) in found.drain(..) {
             match merged.last_mut() {
                 Some((j, last)) if *j == i && last.end >= r.start => last.end = last.end.max(r.end),
                 _ => merged.push((i, r)),
             }
         }
-        Ok((merged, pages))
+        *found = merged;
+        Ok(pages)
     }
 
     /// Copies the written ranges out of memory (with the workload paused) into the chain's

@@ -205,3 +205,47 @@ fn a_layer_over_an_image_of_another_shape_is_refused() {
         "{err}"
     );
 }
+
+/// A layer that fails after its scan (here the store cannot take its manifest) loses no
+/// write: the scan protected the written pages again, so only the chain remembers them,
+/// and the retried layer holds them.
+#[test]
+fn a_layer_retried_after_a_store_failure_still_holds_what_the_failed_one_found_written() {
+    const PS: usize = 4096;
+    let store = Store::new("retry");
+    let len = 1 << 20;
+    let (map, _) = memory(MemoryKind::Anon, len);
+    let base = store.0.join("base.raw");
+    std::fs::write(&base, contents(&map)).unwrap();
+    let opts = PushOptions {
+        chunk_size: 64 << 10,
+        ..PushOptions::default()
+    };
+    chunked::push(&base, &store.url("vm.0"), &opts).unwrap();
+    // SAFETY: the mapping outlives the chain; only this test writes it, between layers.
+    let mut chain = unsafe { Chain::start(&[Region::new(map.addr(), len, MemoryKind::Anon, 0)]) }
+        .expect("track");
+    let written = [0, 17 * PS, len - PS];
+    for &at in &written {
+        // SAFETY: inside the mapping; nothing else touches it now.
+        unsafe { *map.as_ptr().add(at) ^= 0xff };
+    }
+    // A directory where the layer's manifest goes: the push fails at its last step.
+    std::fs::create_dir_all(store.0.join("bad").join("manifest")).unwrap();
+    let layer = |chain: &mut Chain, name: &str| {
+        chain.layer(
+            &store.url(name),
+            "vm.0",
+            &StoreOptions::default(),
+            &mut snapshot::Stopped,
+        )
+    };
+    layer(&mut chain, "bad").expect_err("the store cannot take the manifest");
+    let retried = layer(&mut chain, "vm.1").expect("retried");
+    assert_eq!(retried.dirty_pages, written.len() as u64, "{retried:?}");
+    assert_eq!(
+        restore(&store.url("vm.1"), MemoryKind::Anon, len),
+        contents(&map),
+        "the retried layer restores the memory as it is"
+    );
+}
