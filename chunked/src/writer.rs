@@ -80,6 +80,14 @@ impl ImageWriter {
                     });
                 }
                 let image = runtime.block_on(Image::open_in(store.clone(), parent.clone()))?;
+                // Not only the parent: a layer written over any image of its own chain
+                // replaces a manifest the chain stands on, and every image above it breaks.
+                if image.chain().layers().iter().any(|(n, _)| *n == name) {
+                    return Err(Error::Chain {
+                        layer: url.to_owned(),
+                        source: ChainError::Cycle(name),
+                    });
+                }
                 let g = image.flattened().geometry();
                 if g.len != len {
                     return Err(refuse_geometry(format!(

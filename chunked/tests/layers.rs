@@ -532,6 +532,19 @@ fn malformed_layers_are_refused_with_the_reason() {
     let e = ImageWriter::create(&store.url("vm"), memory.len() as u64, &options)
         .expect_err("self-parent");
     assert!(matches!(chain_error(&e), ChainError::Cycle(_)), "{e}");
+    // … nor over any image of its parent's chain: pushed, it would replace a manifest the
+    // chain stands on (the images above it broken, the old one gone).
+    let options = PushOptions {
+        parent: Some("deep3".into()),
+        ..PushOptions::default()
+    };
+    let e = ImageWriter::create(&store.url("deep1"), memory.len() as u64, &options)
+        .expect_err("an ancestor of its parent");
+    assert!(
+        matches!(chain_error(&e), ChainError::Cycle(name) if name == "deep1"),
+        "{e}"
+    );
+    Image::open(&store.url("deep3"), &StoreOptions::default()).expect("the chain stands");
     let base_options = PushOptions {
         chunk_size: CHUNK,
         ..PushOptions::default()
