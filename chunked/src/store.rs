@@ -131,17 +131,26 @@ impl Store {
         &self.objects
     }
 
-    /// Reads and decodes manifest `name`.
+    /// Reads and decodes manifest `name`: read only up to one byte past the largest a
+    /// manifest can be, so a store that sends without end cannot make us allocate it all.
     pub async fn manifest(&self, name: &str) -> Result<Manifest> {
+        use futures::StreamExt;
         let path = self.object(name);
-        let bytes = self
+        let mut stream = self
             .objects
             .get(&path)
             .await
             .map_err(Error::store("get manifest", &path))?
-            .bytes()
-            .await
-            .map_err(Error::store("read manifest", &path))?;
+            .into_stream();
+        let mut bytes = Vec::new();
+        while let Some(piece) = stream.next().await {
+            let piece = piece.map_err(Error::store("read manifest", &path))?;
+            let room = (MAX_MANIFEST_BYTES + 1).saturating_sub(bytes.len());
+            bytes.extend_from_slice(&piece[..piece.len().min(room)]);
+            if bytes.len() > MAX_MANIFEST_BYTES {
+                break; // the decoder refuses it as too large
+            }
+        }
         Manifest::decode_limited(&bytes, self.max_image).map_err(|source| Error::Manifest {
             name: format!("{}{name}", self.url),
             source,

@@ -49,7 +49,11 @@ impl RetryPolicy {
         let mut waited = Duration::ZERO;
         let mut attempts = 1u32;
         while waited < self.deadline && attempts < u32::MAX {
-            waited += self.backoff(attempts - 1);
+            let wait = self.backoff(attempts - 1);
+            if wait.is_zero() {
+                return u32::MAX; // no waits at all: only the deadline bounds the attempts
+            }
+            waited += wait;
             attempts += 1;
         }
         attempts
@@ -65,6 +69,21 @@ impl RetryPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A policy without waits between attempts is bounded by its deadline alone, at once
+    /// (the count of attempts used to be found by looping up to `u32::MAX`).
+    #[test]
+    fn no_backoff_leaves_the_attempts_to_the_deadline() {
+        let policy = RetryPolicy {
+            initial_backoff: Duration::ZERO,
+            deadline: Duration::from_secs(5),
+            ..RetryPolicy::default()
+        };
+        let t = std::time::Instant::now();
+        assert_eq!(policy.attempts_within(), u32::MAX);
+        // Counting to u32::MAX took seconds; a second is far from either.
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    }
 
     /// The waits between the attempts a policy allows, all added up.
     fn waits(policy: &RetryPolicy) -> Duration {
