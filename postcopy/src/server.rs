@@ -198,6 +198,12 @@ impl PageServer {
         Ok(self.acceptor.local_addr()?)
     }
 
+    /// The socket file of a Unix listener (its path and identity: remove it only while
+    /// it is still this one); `None` on TCP.
+    pub fn socket_file(&self) -> Option<transport::socket_file::SocketFile> {
+        self.acceptor.socket_file()
+    }
+
     /// The counters now.
     pub fn stats(&self) -> ServerStats {
         let (a, s) = (self.acceptor.stats(), &self.stats);

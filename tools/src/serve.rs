@@ -76,8 +76,10 @@ pub fn run(args: &Args) -> Result<()> {
         page_size: args.page_size,
     };
     let kind = security.kind();
-    let server = socket_file
-        .bind(|| PageServer::bind_with(&addr, std::sync::Arc::new(image), security, opts))?;
+    let server = socket_file.bind(
+        || PageServer::bind_with(&addr, std::sync::Arc::new(image), security, opts),
+        PageServer::socket_file,
+    )?;
     let bound = server.local_addr()?;
     log::info!(
         "{} ({}) on {bound}, {kind}; at most {} handshakes ({:?} each) and {} clients at once, {open_files} open files",

@@ -33,19 +33,15 @@ pub fn on_termination(cleanup: impl FnOnce(Signal) + Send + 'static) -> Result<(
 }
 
 /// Removes the Unix socket file of `addr` (if it is one) when the command is terminated,
-/// once the file is ours and only while it still is (its device and inode as bound: a
-/// socket another listener bound at the path since is left alone): a socket file left
-/// behind after SIGTERM names a listener that is gone. Bind through [`SocketFile::bind`],
-/// which holds the lock the signal thread takes, so a signal arriving while the file
-/// appears waits for the bind and then removes it. Same rule as [`on_termination`]: call
-/// it before the process starts any thread.
+/// once the file is ours and only while it still is (the device and inode its claim
+/// recorded: a socket another listener bound at the path since is left alone): a socket
+/// file left behind after SIGTERM names a listener that is gone. Bind through
+/// [`SocketFile::bind`], which holds the lock the signal thread takes, so a signal
+/// arriving while the file appears waits for the bind and then removes it. Same rule as
+/// [`on_termination`]: call it before the process starts any thread.
 pub fn remove_socket_on_termination(addr: &transport::Addr) -> Result<SocketFile> {
     let bound = std::sync::Arc::new(std::sync::Mutex::new(None));
-    let path = match addr {
-        transport::Addr::Unix(path) => Some(path.clone()),
-        transport::Addr::Tcp(_) => None,
-    };
-    if path.is_some() {
+    if let transport::Addr::Unix(_) = addr {
         let ours = bound.clone();
         on_termination(move |_| {
             let file: &Option<transport::socket_file::SocketFile> =
@@ -53,31 +49,34 @@ pub fn remove_socket_on_termination(addr: &transport::Addr) -> Result<SocketFile
             if let Some(file) = file {
                 if !file.remove() {
                     log::warn!(
-                        "left {}: not the socket we bound any more",
+                        "left {}: not the socket we bound any more, or it could not be removed",
                         file.path().display()
                     );
                 }
             }
         })?;
     }
-    Ok(SocketFile { path, bound })
+    Ok(SocketFile { bound })
 }
 
 /// The socket file ours to remove on termination, once bound (see
 /// [`remove_socket_on_termination`]).
 pub struct SocketFile {
-    path: Option<std::path::PathBuf>,
     bound: std::sync::Arc<std::sync::Mutex<Option<transport::socket_file::SocketFile>>>,
 }
 
 impl SocketFile {
-    /// Runs `bind` (which creates the socket file) with termination held off; once it
-    /// succeeded, the file it made is ours to remove.
-    pub fn bind<T, E>(&self, bind: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+    /// Runs `bind` (which claims the socket file) with termination held off; once it
+    /// succeeded, the file its claim made (`claimed` of what it bound) is ours to remove.
+    pub fn bind<T, E>(
+        &self,
+        bind: impl FnOnce() -> Result<T, E>,
+        claimed: impl FnOnce(&T) -> Option<transport::socket_file::SocketFile>,
+    ) -> Result<T, E> {
         let mut bound = self.bound.lock().unwrap_or_else(|p| p.into_inner());
         let r = bind();
-        if let (Ok(_), Some(path)) = (&r, &self.path) {
-            *bound = transport::socket_file::SocketFile::at(path).ok();
+        if let Ok(t) = &r {
+            *bound = claimed(t);
         }
         r
     }

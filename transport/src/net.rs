@@ -179,6 +179,15 @@ impl Listener {
         })
     }
 
+    /// The socket file a Unix listener claimed (its path and identity), for removing it
+    /// only while it is still ours; `None` for TCP.
+    pub fn socket_file(&self) -> Option<&socket_file::SocketFile> {
+        match self {
+            Listener::Tcp(_) => None,
+            Listener::Unix(c) => Some(&c.file),
+        }
+    }
+
     /// The bound address (for TCP port 0).
     pub fn local_addr(&self) -> io::Result<Addr> {
         Ok(match self {

@@ -77,20 +77,6 @@ impl SocketFile {
         &self.path
     }
 
-    /// The socket file at `path` now, by its identity: for a caller that bound it through
-    /// a listener it does not hold (say, to remove it from a signal handler's thread).
-    pub fn at(path: &Path) -> io::Result<SocketFile> {
-        let meta = std::fs::symlink_metadata(path)?;
-        if !meta.file_type().is_socket() {
-            return Err(io::Error::new(ErrorKind::InvalidInput, "not a socket"));
-        }
-        Ok(SocketFile {
-            path: path.to_path_buf(),
-            dev: meta.dev(),
-            ino: meta.ino(),
-        })
-    }
-
     /// Removes the path if it still names the socket we bound (not one another process
     /// bound there since); true if it did.
     pub fn remove(&self) -> bool {

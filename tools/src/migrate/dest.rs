@@ -57,7 +57,10 @@ pub(super) fn dest(a: &DestArgs) -> Result<()> {
     };
     raise_open_files();
     let d = socket_file
-        .bind(|| Destination::bind(&addr, security, opts))
+        .bind(
+            || Destination::bind(&addr, security, opts),
+            Destination::socket_file,
+        )
         .context("bind")?;
     println!("LISTEN {}", d.local_addr()?);
     std::io::stdout().flush()?;

@@ -70,6 +70,11 @@ impl Acceptor {
         (self.shared.listener.local_addr()).map_err(Error::io("read the listening address"))
     }
 
+    /// The socket file a Unix listener claimed (see [`Listener::socket_file`]).
+    pub fn socket_file(&self) -> Option<crate::socket_file::SocketFile> {
+        self.shared.listener.socket_file().cloned()
+    }
+
     /// The counters.
     pub fn stats(&self) -> &AcceptStats {
         &self.shared.stats

@@ -246,6 +246,12 @@ impl Destination {
         Ok(self.acceptor.local_addr()?)
     }
 
+    /// The socket file of a Unix listener (its path and identity: remove it only while
+    /// it is still this one); `None` on TCP.
+    pub fn socket_file(&self) -> Option<transport::socket_file::SocketFile> {
+        self.acceptor.socket_file()
+    }
+
     /// Progress.
     pub fn control(&self) -> Arc<DestControl> {
         self.control.clone()
