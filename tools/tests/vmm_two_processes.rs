@@ -87,3 +87,64 @@ fn migration_between_two_vmm_processes_matches_checksum() {
     assert!(dst_status.success(), "migrate-in: {dst_status}\n{rest}");
     assert!(rest.contains("matches the source's model"), "{rest}");
 }
+
+/// A migration that fails before the switch (here the destination refuses the source's
+/// key) ends `migrate-out` with the error; it used to wait forever for a guest nobody
+/// told to stop, printing nothing.
+#[test]
+#[ignore = "needs /dev/kvm: scripts/test runs the ignored tests and says SKIPPED where it is missing"]
+fn migrate_out_refused_before_the_switch_ends_with_the_error() {
+    let test = "migrate_out_refused_before_the_switch_ends_with_the_error";
+    if !kvm_available(test) {
+        return;
+    }
+    let dir = SnapshotDir::new(test);
+    let write_key = |name: &str, key: &[u8]| {
+        let path = dir.path().join(name);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, key))
+            .expect("write a key");
+        path
+    };
+    let (theirs, ours) = (
+        write_key("theirs", b"uffdkit-vmm-the-destinations-key"),
+        write_key("ours", b"uffdkit-vmm-another-key-entirely"),
+    );
+    let exe = env!("CARGO_BIN_EXE_uffdkit-vmm");
+    let mut dest = Command::new(exe)
+        .arg("migrate-in")
+        .arg("--key-file")
+        .arg(&theirs)
+        .args(["--mib", "16"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start migrate-in");
+    let mut lines = BufReader::new(dest.stdout.take().expect("its stdout"));
+    let mut first = String::new();
+    lines.read_line(&mut first).expect("its address");
+    let addr = first
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("migrate-in said {first:?}"))
+        .to_owned();
+    let errors = dir.path().join("stderr");
+    let source = Command::new(exe)
+        .arg("migrate-out")
+        .args(["--to", &addr, "--mib", "16"])
+        .arg("--key-file")
+        .arg(&ours)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&errors).expect("a file for its stderr"))
+        .spawn()
+        .expect("start migrate-out");
+    let (status, _) = wait(source, "migrate-out");
+    let _ = dest.kill();
+    let _ = dest.wait();
+    let said = std::fs::read_to_string(&errors).expect("its stderr");
+    assert!(!status.success(), "migrate-out: {status}\n{said}");
+    assert!(said.contains("key"), "the refusal, said: {said}");
+}

@@ -104,8 +104,12 @@ pub fn out(args: OutArgs) -> anyhow::Result<()> {
         issued.fetch_add(1, Ordering::Release);
         rewrite(pages / 2, 0x2222_0000, n)
     };
+    let key = key(&args.common.key_file)?;
     std::thread::scope(|scope| {
         let (stop, next) = (&stop, &next);
+        // However this closure returns (an error before the switch included), the guest
+        // stops: the scope joins its thread, which would otherwise run forever.
+        let _guest_stops = StopOnDrop(stop);
         let guest = scope.spawn(move || {
             let reports = vm.run_until(stop, next);
             (vm, reports)
@@ -127,15 +131,7 @@ pub fn out(args: OutArgs) -> anyhow::Result<()> {
         // from its thread in the stop callback and is kept in `stopped` until this scope
         // ends, after `run_with_state` returned; only its guest writes the memory, and the
         // callback returns once the vCPU has halted.
-        let migration = unsafe {
-            Migration::new(
-                to,
-                key(&args.common.key_file)?,
-                base,
-                len,
-                SourceOptions::default(),
-            )
-        }?;
+        let migration = unsafe { Migration::new(to, key, base, len, SourceOptions::default()) }?;
         let mut stopped = None;
         let report = migration.run_with_state(|| -> anyhow::Result<Vec<u8>> {
             stop.store(true, Ordering::Release);
@@ -164,6 +160,16 @@ pub fn out(args: OutArgs) -> anyhow::Result<()> {
         );
         Ok(())
     })
+}
+
+/// Sets its flag when dropped.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        // Release: pairs with the guest loop's Acquire of the flag.
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 /// What the guest did at the destination.
