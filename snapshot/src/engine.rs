@@ -13,12 +13,16 @@
 //!   each run of them with one copy, un-protect the run (unless writes are tracked for a
 //!   chain: then captured pages stay protected, and their first write later faults once,
 //!   costing no copy, to be recorded as written), and write it to the sink with one call.
-//!   The last saver to finish wakes the handlers.
+//!   Handlers serve until the snapshot is finished: a REMOVE event (a discard, see
+//!   [`crate::discard`]) holds the discarding thread until it is read.
 //!
 //! Nothing is un-protected until the whole cut has been applied (the threads start after
 //! it), which is what makes the result a consistent cut across pages: a writer that
 //! blocked on a page protected early cannot go on to write, unnoticed, a page protected
 //! later.
+//!
+//! A discard of a page not yet captured fails the snapshot (its content at the cut is
+//! gone); of a captured page it is only recorded as a write (for a chain).
 //!
 //! On any failure the engine releases everything at once (un-protect with wake over every
 //! region), so no writer is ever left blocked on a snapshot that will not complete.
@@ -33,8 +37,9 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use page_state::Bitmap;
 use pager::AtomicLatencyHistogram;
-use uffd_core::{Event, EventBuffer, FaultFlags, ReadStatus, Uffd, WriteProtectMode};
+use uffd_core::{EventBuffer, Uffd, WriteProtectMode};
 
+use crate::discard::{CopyCheck, Discards};
 use crate::error::{Error, Result};
 use crate::memory::Memory;
 use crate::region::{Batch, Page, Regions};
@@ -61,11 +66,13 @@ pub(crate) struct Engine {
     pub memory: Memory,
     pub sink: Arc<dyn PageSink>,
     /// A page someone is capturing or has captured: set once, by the one who captures it.
-    claimed: Bitmap,
+    pub(crate) claimed: Bitmap,
     /// A page whose content at the cut is copied out: only then may it be un-protected.
-    captured: Bitmap,
-    /// Pages written since the cut (chains only): their first write after the cut faulted.
+    pub(crate) captured: Bitmap,
+    /// Pages written or discarded since the cut (chains only).
     pub written: Option<Bitmap>,
+    /// Reads of REMOVE events against copies (see [`crate::discard`]).
+    pub(crate) discards: Discards,
     batches: Vec<Batch>,
     batch_bytes: usize,
     max_page: usize,
@@ -82,17 +89,21 @@ pub(crate) struct Engine {
 }
 
 /// One worker's scratch: preallocated, reused for every fault and batch.
-struct Scratch {
-    events: EventBuffer,
+pub(crate) struct Scratch {
+    pub(crate) events: EventBuffer,
     /// The faults of the last read.
-    faults: Vec<usize>,
+    pub(crate) faults: Vec<usize>,
     buf: Vec<u8>,
     /// Faults read while waiting out an EAGAIN, served next.
-    deferred: VecDeque<usize>,
+    pub(crate) deferred: VecDeque<usize>,
 }
 
 /// Events one read takes at most.
-const EVENTS_PER_READ: usize = 64;
+pub(crate) const EVENTS_PER_READ: usize = 64;
+
+/// How often releasing a region reads pending events and tries again before giving up
+/// (unregistering, which follows, releases the writers anyway).
+const RELEASE_TRIES: usize = 1000;
 
 /// How long a worker with nothing to do sleeps before looking at the stop flag again
 /// (a stop also writes the eventfd, so this only bounds a lost wake-up).
@@ -126,6 +137,7 @@ impl Engine {
             claimed: Bitmap::new(pages),
             captured: Bitmap::new(pages),
             written: track_writes.then(|| Bitmap::new(pages)),
+            discards: Discards::new(pages),
             regions,
             next_batch: AtomicUsize::new(0),
             stored_pages: AtomicUsize::new(0),
@@ -181,13 +193,29 @@ impl Engine {
 
     /// Un-protects every region (waking whoever waits on one): the snapshot gives up its
     /// hold on the memory.
+    ///
+    /// A pending event (EAGAIN) is read and let go first: the snapshot is over, and its
+    /// sender waits until it is read.
     pub fn release_all(&self) {
+        let mut events = EventBuffer::new(EVENTS_PER_READ);
         for n in self.regions.list() {
-            if let Err(e) =
-                self.uffd
-                    .write_protect(n.region.addr, n.region.len, WriteProtectMode::empty())
-            {
-                log::warn!("releasing {:#x}+{:#x}: {e}", n.region.addr, n.region.len);
+            let (addr, len) = (n.region.addr, n.region.len);
+            let mut tries = 0;
+            loop {
+                match self
+                    .uffd
+                    .write_protect(addr, len, WriteProtectMode::empty())
+                {
+                    Ok(()) => break,
+                    Err(uffd_core::Error::Again { .. }) if tries < RELEASE_TRIES => {
+                        tries += 1;
+                        self.let_go_events(&mut events);
+                    }
+                    Err(e) => {
+                        log::warn!("releasing {addr:#x}+{len:#x}: {e}");
+                        break;
+                    }
+                }
             }
         }
     }
@@ -215,27 +243,22 @@ impl Engine {
             while let Some(addr) = s.deferred.pop_front() {
                 self.serve_fault(addr, s)?;
             }
-            match self.uffd.read_events(&mut s.events) {
-                Ok(ReadStatus::Events(_)) => {
-                    s.faults.clear();
-                    s.faults.extend(s.events.drain().filter_map(fault_addr));
-                    for i in 0..s.faults.len() {
-                        let addr = s.faults[i];
-                        self.serve_fault(addr, s)?;
-                    }
-                    last = Instant::now();
-                    continue;
+            s.faults.clear();
+            if self.read_events(s, false)? {
+                for i in 0..s.faults.len() {
+                    let addr = s.faults[i];
+                    self.serve_fault(addr, s)?;
                 }
-                Ok(ReadStatus::WouldBlock) => {}
-                Err(e) => return Err(Error::uffd("read write-protect faults")(e)),
+                last = Instant::now();
+                continue;
             }
             if last.elapsed() < self.spin {
                 std::hint::spin_loop();
                 continue;
             }
             // Acquire: pairs with request_stop.
-            if self.stop.load(Ordering::Acquire) || (self.written.is_none() && self.all_saved()) {
-                return Ok(()); // standalone: nothing protected is left
+            if self.stop.load(Ordering::Acquire) {
+                return Ok(());
             }
             self.sleep()?;
         }
@@ -262,9 +285,6 @@ impl Engine {
                 Ok(false) => break,
                 Err(e) => return self.fail(e),
             }
-        }
-        if self.all_saved() {
-            let _ = self.wakeup.write(1); // the handlers can go
         }
     }
 
@@ -330,10 +350,20 @@ impl Engine {
 
     /// Copies `count` claimed pages of one region starting at `first` into the scratch
     /// buffer with one read, and marks them captured: from now on they may be released.
+    /// A copy a discard may have reached fails the snapshot (see [`crate::discard`]).
     fn capture(&self, first: Page, count: usize, s: &mut Scratch) -> Result<()> {
-        self.memory
-            .read(first.addr, &mut s.buf[..first.size * count])?;
-        for i in first.index..first.index + count {
+        let len = first.size * count;
+        let pages = first.index..first.index + count;
+        let ticket = self.discards.before_copy();
+        self.memory.read(first.addr, &mut s.buf[..len])?;
+        let give_up = || self.failed() || self.stop.load(Ordering::Acquire);
+        if self.discards.after_copy(ticket, pages.clone(), give_up) != CopyCheck::HoldsTheCut {
+            return Err(Error::Discarded {
+                addr: first.addr,
+                len,
+            });
+        }
+        for i in pages {
             self.captured.set(i);
         }
         Ok(())
@@ -389,7 +419,7 @@ impl Engine {
     }
 
     /// Un-protects `[addr, addr + len)` and wakes its writers. An EAGAIN (an address-space
-    /// event such as a REMOVE is pending on a received uffd) is waited out: a handler
+    /// event such as a REMOVE is pending) is waited out: a handler
     /// (`events` given) reads the events itself and defers the faults among them; a saver
     /// yields until a handler has read them.
     fn unprotect(&self, addr: usize, len: usize, mut events: Option<&mut Scratch>) -> Result<()> {
@@ -401,9 +431,7 @@ impl Engine {
                 Ok(()) => return Ok(()),
                 Err(uffd_core::Error::Again { .. }) => {
                     if let Some(s) = events.as_deref_mut() {
-                        if let Ok(ReadStatus::Events(_)) = self.uffd.read_events(&mut s.events) {
-                            s.deferred.extend(s.events.drain().filter_map(fault_addr));
-                        }
+                        self.read_events(s, true)?;
                     }
                     // Acquire: pairs with request_stop.
                     if self.stop.load(Ordering::Acquire) {
@@ -413,25 +441,6 @@ impl Engine {
                 }
                 Err(e) => return Err(Error::uffd("un-protect a saved page")(e)),
             }
-        }
-    }
-}
-
-/// The address of a write-protect fault; other events are logged and let go (a REMOVE's
-/// pages read as zero from now on, which is what the workload asked for; a forked
-/// child's uffd is closed, releasing the child).
-fn fault_addr(event: Event) -> Option<usize> {
-    match event {
-        Event::Pagefault { addr, flags, .. } if flags.contains(FaultFlags::WP) => Some(addr),
-        Event::Pagefault { addr, flags, .. } => {
-            log::warn!(
-                "a {flags:?} fault at {addr:#x} is not a write-protect fault: not ours to serve"
-            );
-            None
-        }
-        other => {
-            log::debug!("live snapshot: {other:?}");
-            None
         }
     }
 }

@@ -121,6 +121,16 @@ pub enum Error {
         /// The base's.
         base_len: u64,
     },
+    /// Memory was discarded (`madvise(2)` `MADV_DONTNEED`, `MADV_FREE` or `MADV_REMOVE`)
+    /// after the cut, before the live snapshot had saved all of it: its content at the cut
+    /// is gone, so the snapshot cannot hold it (see [`crate::LiveSnapshot`]).
+    #[error("{len:#x} bytes at {addr:#x} were discarded after the cut before the snapshot saved them: their content at the cut is lost")]
+    Discarded {
+        /// Start of the discarded range (or of the copy it reached).
+        addr: usize,
+        /// Its length in bytes.
+        len: usize,
+    },
 }
 
 impl Error {

@@ -64,9 +64,11 @@
 //! [`DirtyTracker`]: uffd_core::DirtyTracker
 
 mod chain;
+mod discard;
 mod dump;
 mod engine;
 mod error;
+mod events;
 mod layered;
 mod live;
 mod memory;

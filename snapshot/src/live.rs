@@ -10,6 +10,20 @@
 //!
 //! The memory may be this process's, or another process's whose userfaultfd came over a
 //! socket (read with `process_vm_readv(2)`).
+//!
+//! A discard after the cut (`madvise(2)` `MADV_DONTNEED`, `MADV_FREE`, `MADV_REMOVE`: glibc
+//! trimming an arena, jemalloc purging, a balloon) is seen as a REMOVE event, which the
+//! kernel sends before it discards anything (see `discard.rs`). Of pages already saved it
+//! changes nothing; of a page not saved yet it fails the snapshot with
+//! [`Error::Discarded`] naming the range — its content at the cut is gone (on anonymous
+//! memory the zap also drops the write-protection, so later writes would go unseen) —
+//! and every writer is released. The event does not say which advice
+//! it was, so shmem fails alike, although `MADV_DONTNEED` keeps its content (and
+//! markers): only `MADV_REMOVE` punches a hole. Not seen at all: a hole punched or a
+//! truncation through the backing file itself (`fallocate(2)`, `ftruncate(2)` on a
+//! memfd), which raises no event — a workload that does that cannot be snapshot live.
+//! A discard pending while the cut is applied fails the start (`UFFDIO_WRITEPROTECT`
+//! answers EAGAIN); taking it again is safe.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -99,8 +113,9 @@ impl LiveSnapshotBuilder {
 
     /// Uses `uffd` instead of opening one: a userfaultfd of another process, received over
     /// a socket (see [`LiveSnapshotBuilder::start_remote`]). It must have been negotiated
-    /// without `WP_ASYNC`, with `WP_UNPOPULATED` for anonymous memory and
-    /// `WP_HUGETLBFS_SHMEM` for shmem or hugetlb; the snapshot registers the regions in WP
+    /// without `WP_ASYNC`, with `EVENT_REMOVE` (a discard must not go unseen: see the
+    /// module docs), `WP_UNPOPULATED` for anonymous memory and `WP_HUGETLBFS_SHMEM` for
+    /// shmem or hugetlb; the snapshot registers the regions in WP
     /// mode on it (replacing any mode they had) and reads all its events while it runs.
     pub fn uffd(mut self, uffd: Uffd) -> Self {
         self.uffd = Some(uffd);
@@ -240,9 +255,10 @@ impl LiveSnapshotBuilder {
     }
 }
 
-/// The write-protect features the regions' memory needs.
+/// The features the regions' memory needs: write-protect, and the REMOVE events that
+/// tell of discards.
 fn needed_features(regions: &[Region]) -> Features {
-    let mut f = Features::empty();
+    let mut f = Features::EVENT_REMOVE;
     for r in regions {
         f |= match r.kind {
             MemoryKind::Anon => Features::WP_UNPOPULATED,

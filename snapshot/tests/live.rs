@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{contents, memory, writers};
@@ -197,9 +197,10 @@ fn unsuitable_userfaultfds_and_regions_are_refused() {
         .region(region)
         .uffd(bare)
         .start_remote(std::process::id(), sink())
-        .expect_err("no WP_UNPOPULATED");
+        .expect_err("no WP_UNPOPULATED, no EVENT_REMOVE");
     assert!(
-        matches!(err, Error::MissingFeatures { missing } if missing == Features::WP_UNPOPULATED),
+        matches!(err, Error::MissingFeatures { missing }
+            if missing == Features::WP_UNPOPULATED | Features::EVENT_REMOVE),
         "{err}"
     );
     let err = LiveSnapshot::builder()
@@ -230,7 +231,7 @@ fn remote_child(socket: &str) {
     let mut stream = UnixStream::connect(socket).expect("connect");
     let (map, mut initial) = memory(MemoryKind::Anon, REMOTE_LEN);
     let uffd = Uffd::builder()
-        .require(Features::WP_UNPOPULATED)
+        .require(Features::WP_UNPOPULATED | Features::EVENT_REMOVE)
         .open()
         .expect("uffd");
     let w = writers(&map, 2, 50_000);
@@ -366,4 +367,105 @@ fn a_stop_the_world_dump_of_paused_writers_is_their_memory() {
     log.check_cut(&mut initial, &dumped)
         .expect("a consistent cut");
     assert_eq!(report.bytes, 8 << 20);
+}
+
+/// A memory sink whose writes wait until it is opened: a saver holding a batch stops
+/// there, so the pages after that batch stay unsaved until the test says otherwise.
+struct GatedSink {
+    sink: MemorySink,
+    open: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl GatedSink {
+    fn new(len: usize) -> GatedSink {
+        GatedSink {
+            sink: MemorySink::new(len),
+            open: Mutex::new(false),
+            opened: Condvar::new(),
+        }
+    }
+
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+}
+
+impl PageSink for GatedSink {
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let open = self.open.lock().unwrap();
+        drop(self.opened.wait_while(open, |open| !*open).unwrap());
+        self.sink.write(offset, data)
+    }
+}
+
+/// Discards (`advice`) the last page of `kind` memory after the cut, while the one saver
+/// is held at its first batch, then writes it: the snapshot must fail naming that page,
+/// not hold what the page became.
+fn discard_before_saved_fails(kind: MemoryKind, advice: libc::c_int) {
+    let len = 4 << 20;
+    let (map, _) = memory(kind, len);
+    let last = map.addr() + len - 4096;
+    let sink = Arc::new(GatedSink::new(len));
+    // SAFETY: the mapping outlives the snapshot; no other uffd is registered on it.
+    let live = unsafe {
+        LiveSnapshot::builder()
+            .region(Region::new(map.addr(), len, kind, 0))
+            .savers(1)
+            .start(sink.clone())
+    }
+    .expect("start");
+    // Returns once a handler has read the REMOVE event: the page is discarded after that.
+    map.madvise(len - 4096, 4096, advice).expect("madvise");
+    // SAFETY: our mapping; released (the snapshot failed) or never protected again.
+    unsafe { (last as *mut u8).write_volatile(9) };
+    sink.open();
+    let err = live
+        .finish()
+        .expect_err("a page discarded before it was saved");
+    assert!(
+        matches!(err, Error::Discarded { addr, len } if addr <= last && last < addr + len),
+        "{kind:?}: {err}"
+    );
+}
+
+#[test]
+fn discarding_anonymous_pages_not_yet_saved_fails_the_snapshot_naming_them() {
+    discard_before_saved_fails(MemoryKind::Anon, libc::MADV_DONTNEED);
+}
+
+#[test]
+fn punching_a_hole_in_shared_memory_not_yet_saved_fails_the_snapshot_naming_it() {
+    discard_before_saved_fails(MemoryKind::Shmem, libc::MADV_REMOVE);
+}
+
+#[test]
+fn discarding_pages_already_saved_leaves_the_snapshot_holding_the_cut() {
+    let len = 1 << 20;
+    let map = uffd_core::Mapping::new(MemoryKind::Anon, len).expect("map");
+    // SAFETY: our fresh mapping, nothing else uses it yet.
+    unsafe { std::ptr::write_bytes(map.as_ptr(), 7, len) };
+    let sink = Arc::new(MemorySink::new(len));
+    // SAFETY: as above.
+    let mut live = unsafe {
+        LiveSnapshot::builder()
+            .region(Region::new(map.addr(), len, MemoryKind::Anon, 0))
+            .start(sink.clone())
+    }
+    .expect("start");
+    assert!(live.wait_saved(None).expect("saved"), "every page saved");
+    // Returns once a handler has read the REMOVE event (handlers serve until finish).
+    map.madvise(len - 4096, 4096, libc::MADV_DONTNEED)
+        .expect("madvise");
+    // SAFETY: our mapping; every page is saved and un-protected.
+    unsafe { map.as_ptr().add(len - 4096).write_volatile(9) };
+    let report = live
+        .finish()
+        .expect("a discard of saved pages is no failure");
+    assert_eq!(report.pages as usize, len / 4096);
+    let got = sink.to_vec();
+    assert!(got.iter().all(|&b| b == 7), "the snapshot holds the cut");
+    // SAFETY: our mapping, no longer registered.
+    assert_eq!(unsafe { *map.as_ptr().add(len - 4096) }, 9);
 }
