@@ -22,7 +22,9 @@ use transport::Key;
 use transport::Socket;
 use uffd_core::{Mapping, MemoryKind};
 
-use crate::workload::{fill_page, order, process_cpu, summarize, timed_touch, Pattern, Summary};
+use crate::workload::{
+    fill_page, order, process_cpu, summarize, timed_touch, Pattern, Summary, Touch,
+};
 
 /// Options of `uffdkit migrate netbench`.
 #[derive(clap::Args, Debug)]
@@ -191,10 +193,10 @@ fn migration(
                 let pages = mem.len / 4096;
                 let mut timed: Vec<usize> = order(Pattern::Random, pages, 11);
                 timed.truncate(touches);
-                let (ns, _) = timed_touch(mem.base, 4096, &timed);
+                let (ns, _) = timed_touch(mem.base, 4096, &timed, Touch::Read);
                 if !background {
                     let all: Vec<usize> = (0..pages).collect();
-                    let _ = timed_touch(mem.base, 4096, &all);
+                    let _ = timed_touch(mem.base, 4096, &all, Touch::Read);
                 }
                 ns
             }));

@@ -96,16 +96,37 @@ pub fn clustered(pages: usize, want: usize, seed: u64) -> Vec<usize> {
     out
 }
 
-/// Reads one byte of each page of `order` under `base` and records each access's
-/// latency in nanoseconds. Returns the latencies and the byte sum (so the reads happen).
-pub fn timed_touch(base: usize, page_size: usize, order: &[usize]) -> (Vec<u32>, u64) {
+/// How a timed touch reaches its page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Touch {
+    /// A one-byte read. On fresh private anonymous memory with nothing registered it maps
+    /// the shared zero page: no page is allocated or zeroed.
+    Read,
+    /// A one-byte write: the first touch allocates (and zeroes) a page on every kind.
+    Write,
+}
+
+/// Touches one byte of each page of `order` under `base` (`touch`: a read or a write)
+/// and records each access's latency in nanoseconds. Returns the latencies and the byte
+/// sum of the reads (so they happen).
+pub fn timed_touch(
+    base: usize,
+    page_size: usize,
+    order: &[usize],
+    touch: Touch,
+) -> (Vec<u32>, u64) {
     let mut lat = Vec::with_capacity(order.len());
     let mut sum = 0u64;
     for &page in order {
+        let addr = (base + page * page_size) as *mut u8;
         let t = Instant::now();
-        // SAFETY: callers pass a mapped region covering every page of `order`.
-        sum +=
-            u64::from(unsafe { std::ptr::read_volatile((base + page * page_size) as *const u8) });
+        match touch {
+            // SAFETY: callers pass a mapped region covering every page of `order`.
+            Touch::Read => sum += u64::from(unsafe { std::ptr::read_volatile(addr) }),
+            // SAFETY: as above, and writable: callers map it read-write for this.
+            Touch::Write => unsafe { std::ptr::write_volatile(addr, 1) },
+        }
         lat.push(t.elapsed().as_nanos().min(u32::MAX as u128) as u32);
     }
     (lat, sum)

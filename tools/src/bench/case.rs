@@ -5,6 +5,14 @@ use super::raw::{raw_sigbus, Raw};
 use super::*;
 use crate::stretched::Stretched;
 
+/// How the pager and the raw loop touch: a read, which on a missing registered page is
+/// served like a write (a page allocated and filled: copied, or zeroed on shmem/hugetlb).
+pub(super) const UFFD_TOUCH: Touch = Touch::Read;
+
+/// How the floor touches: a write, because a read of fresh anonymous memory maps the
+/// shared zero page (nothing allocated) while the uffd sides' read allocates a page.
+pub(super) const FLOOR_TOUCH: Touch = Touch::Write;
+
 pub(super) struct Case<'a> {
     pub args: &'a Args,
     pub placement: Placement,
@@ -86,7 +94,7 @@ impl Case<'_> {
         }
     }
 
-    fn map(&self) -> Result<Mapping> {
+    pub(super) fn map(&self) -> Result<Mapping> {
         let kind = match self.args.kind {
             Kind::Anon => MemoryKind::Anon,
             Kind::Shmem => MemoryKind::Shmem,
@@ -95,9 +103,9 @@ impl Case<'_> {
         Ok(Mapping::new(kind, self.total_pages() * self.page_size)?)
     }
 
-    /// Runs the faulting threads over `region`; summarises their latencies and returns
-    /// them (ns, for the plot).
-    fn fault(&self, region: &Mapping) -> Result<(Summary, Vec<u32>)> {
+    /// Runs the faulting threads over `region`, each touching its pages as `touch` says;
+    /// summarises their latencies and returns them (ns, for the plot).
+    fn fault(&self, region: &Mapping, touch: Touch) -> Result<(Summary, Vec<u32>)> {
         let threads = self.args.threads;
         let barrier = Arc::new(Barrier::new(threads + 1));
         let handles: Vec<JoinHandle<Result<Vec<u32>>>> = (0..threads)
@@ -113,7 +121,7 @@ impl Case<'_> {
                     let pinned = cpu.map_or(Ok(()), pin_to_cpu);
                     barrier.wait(); // whatever happened, so that nobody waits forever
                     pinned.with_context(|| format!("pin a faulting thread to CPU {cpu:?}"))?;
-                    Ok(timed_touch(base, ps, &pages).0)
+                    Ok(timed_touch(base, ps, &pages, touch).0)
                 })
             })
             .collect();
@@ -177,7 +185,7 @@ impl Case<'_> {
             ),
         };
         let pager = builder.start()?;
-        let (summary, lat) = self.fault(&region)?;
+        let (summary, lat) = self.fault(&region, UFFD_TOUCH)?;
         let stats = pager.stop()?;
         if stats.placed() != self.total_pages() as u64 {
             bail!(
@@ -203,7 +211,7 @@ impl Case<'_> {
         let mut handlers = None;
         let (summary, lat) = if mode == Mode::Sigbus {
             let guard = raw_sigbus::install(raw);
-            let s = self.fault(&region);
+            let s = self.fault(&region, UFFD_TOUCH);
             drop(guard);
             s?
         } else {
@@ -220,7 +228,7 @@ impl Case<'_> {
                     std::thread::spawn(move || raw.serve(cpu, spin, &stop))
                 })
                 .collect();
-            let s = self.fault(&region);
+            let s = self.fault(&region, UFFD_TOUCH);
             stop.store(true, Ordering::Relaxed);
             for h in threads {
                 h.join()
@@ -232,8 +240,14 @@ impl Case<'_> {
         Ok((summary, lat, self.placed(handlers.as_deref())))
     }
 
+    /// The floor: first touches of fresh memory of the same kind, no uffd.
     pub fn run_first_touch(&self) -> Result<(Summary, Vec<u32>)> {
-        let region = self.map()?;
-        self.fault(&region)
+        self.first_touch_on(&self.map()?)
+    }
+
+    /// [`run_first_touch`](Self::run_first_touch) over `region` (fresh, of this case's
+    /// size and kind), which the caller keeps to look at afterwards.
+    pub(super) fn first_touch_on(&self, region: &Mapping) -> Result<(Summary, Vec<u32>)> {
+        self.fault(region, FLOOR_TOUCH)
     }
 }

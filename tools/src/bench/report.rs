@@ -92,6 +92,10 @@ fn size_json(args: &Args, page_size: usize, cpus: &[usize], m: &Measured) -> ser
             "repeat": args.repeat, "cpus": cpus,
         },
         "first_touch": m.first_touch,
+        // What each side's touch is: the floor writes (an allocating fault), the uffd
+        // sides read (a missing registered page is allocated and filled for a read too).
+        "first_touch_access": case::FLOOR_TOUCH,
+        "pager_access": case::UFFD_TOUCH,
         "first_touch_placed": Where {
             faulting: None,
             resolving: Resolving::FaultingThread,
@@ -107,7 +111,7 @@ fn print_size(args: &Args, page_size: usize, cpus: &[usize], m: &Measured) {
         args.threads, m.pages, page_size / 1024, args.pattern, args.kind, args.source, args.repeat, cpus.len()
     );
     println!(
-        "first-touch faults on the same memory kind, no uffd, unpinned: p50 {:.2} µs, p99 {:.2} µs, {:.0} pages/s",
+        "first-touch writes (allocating faults) on the same memory kind, no uffd, unpinned: p50 {:.2} µs, p99 {:.2} µs, {:.0} pages/s",
         first_touch.p50_us, first_touch.p99_us, first_touch.pages_per_s
     );
     println!(
@@ -157,7 +161,8 @@ fn print_size(args: &Args, page_size: usize, cpus: &[usize], m: &Measured) {
     println!(
         "placement: unpinned = nothing pinned; same = faulting threads and handler on CPU {}; \
          other = faulting on CPU {}, handler on CPU {} (per-CPU handlers: one on each of {:?}); \
-         n/a = no ratio of unlike placements (vs touch: the floor is unpinned)",
+         n/a = no ratio of unlike placements (vs touch: the floor is unpinned, and allocates \
+         a page per touch, which --source zero on anon memory does not)",
         cpus[0],
         cpus[0],
         cpus.get(1).map_or("-".to_string(), |c| c.to_string()),
