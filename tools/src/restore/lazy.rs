@@ -13,6 +13,9 @@ pub(super) fn run_pager(
     reference: Option<&std::fs::File>,
 ) -> Result<Outcome> {
     let map_len = (len as usize).next_multiple_of(PS);
+    // Before the image is opened: the download baseline's clock (`run_eager`) counts its
+    // open too, and a remote image's open (manifest, first round trips) is restore time.
+    let start = Instant::now();
     let chunked_source = match image {
         Image::Url(url) => Some(crate::image::open_source(
             url,
@@ -28,7 +31,6 @@ pub(super) fn run_pager(
     } else {
         Features::empty()
     };
-    let start = Instant::now();
     let source: Arc<dyn Source> = match (&chunked_source, image) {
         (Some(c), _) => c.clone(),
         (None, Image::File(_, path)) => file_source(args, path)?,
