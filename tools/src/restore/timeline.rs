@@ -85,6 +85,9 @@ fn sample(pager: &Pager, touched: &AtomicUsize, start: Instant) -> Sample {
 
 /// The longest time the workload's touch count stood still while it had pages left, and
 /// when that stall began (seconds since the start): the instrument for a stalled restore.
+/// Exact to the sampling period ([`EVERY`]) only because the workload publishes its
+/// count after every touch: a count published every n touches stands still for n touches'
+/// time in a restore that never stalled.
 pub fn longest_stall(samples: &[Sample], total_touches: u64) -> Option<(f64, f64)> {
     let mut best: Option<(f64, f64)> = None;
     let mut since: Option<&Sample> = None;
