@@ -2,8 +2,10 @@
 //! memory, lazy (through the pager) against eager (copy the memory file, then run), each
 //! run checked by the guest's checksum.
 //!
-//! "First instruction" is the first return from `KVM_RUN`: the guest has fetched its code
-//! page and run up to its first `in` (three instructions after the `hlt` it was saved at).
+//! "First instruction" is the first return from `KVM_RUN` for the guest's own port I/O:
+//! the guest has fetched its code page and run up to its first `in` (three instructions
+//! after the `hlt` it was saved at). In SIGBUS mode the faults the vCPU thread resolved
+//! on the way (the code page's) come before it, not at it.
 //! "First full pass" ends when every vCPU has reported the checksum of all its pages. Both
 //! are timed from the start of the restore (reading `vm.json`, mapping memory, creating the
 //! VM and, for lazy, starting the pager). The memory file is in the page cache for both.
@@ -19,7 +21,7 @@ use crate::vm::{Vm, VmConfig};
 /// One restore's figures.
 #[derive(Debug, Clone, Copy)]
 pub struct RestoreTiming {
-    /// Restore start to the first `KVM_RUN` return of the first vCPU.
+    /// Restore start to the first vCPU's first `KVM_RUN` return for its own port I/O.
     pub first_instruction: Duration,
     /// Restore start to every vCPU's checksum of all its pages.
     pub full_pass: Duration,

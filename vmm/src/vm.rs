@@ -54,18 +54,23 @@ impl VmConfig {
 }
 
 /// One vCPU run's outcome: what the guest wrote to [`PORT_RESULT`], and when it first
-/// exited (its first instruction that needs the VMM: the measure of "running again").
+/// exited to the VMM for something other than a fault (its first instruction that needs
+/// the VMM: the measure of "running again").
 #[derive(Debug, Clone)]
 pub struct RunReport {
     /// The commands the guest read, in order (the halt that ended the run left out).
     pub commands: Vec<Command>,
     /// The guest's results, in order: one per command but [`Command::Halt`].
     pub results: Vec<u32>,
-    /// When `KVM_RUN` first returned.
+    /// When `KVM_RUN` first returned with an exit the guest's program made (port I/O, the
+    /// halt), not a fault the vCPU thread resolved: by then the guest has run.
     pub first_exit: Instant,
     /// Exits the vCPU thread resolved itself (SIGBUS mode: MMIO exits and memory-fault
     /// exits inside guest RAM, instruction fetches retried; see `in_thread.rs`).
     pub resolved_in_thread: u64,
+    /// Of those, the ones before [`first_exit`](Self::first_exit): the faults the guest
+    /// needed resolved before it could run to its first exit.
+    pub resolved_before_first_exit: u64,
 }
 
 /// A VM of our own: KVM, its memory and vCPUs, and (after a lazy restore) the pager
@@ -305,13 +310,23 @@ fn run_vcpu(
     let mut commands = Vec::new();
     let mut halting = false;
     let mut results = Vec::new();
-    let mut first_exit = None;
+    // When the guest's program first exited, and the in-thread resolutions before it.
+    let mut first_exit: Option<(Instant, u64)> = None;
     let mut resolved_in_thread = 0;
     let mut refetched = None; // the instruction last retried, so a failure cannot loop
     let unexpected = |exit: String| Error::Exit { vcpu: index, exit };
     loop {
         let exit = vcpu.run();
-        first_exit.get_or_insert_with(Instant::now);
+        let returned = Instant::now();
+        // A fault resolved below is not "the guest ran": in SIGBUS mode the first return
+        // is the fault on the code page, before any instruction.
+        let ran = matches!(
+            exit,
+            Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..) | VcpuExit::Hlt)
+        );
+        if ran {
+            first_exit.get_or_insert((returned, resolved_in_thread));
+        }
         match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
                 if script.is_empty() && !halting {
@@ -340,12 +355,15 @@ fn run_vcpu(
                 results.push(u32::from_le_bytes(word));
             }
             Ok(VcpuExit::Hlt) if halting && script.is_empty() => {
+                let (first_exit, resolved_before_first_exit) =
+                    first_exit.expect("set above: a halt is an exit the guest made");
                 return Ok(RunReport {
                     commands,
                     results,
-                    first_exit: first_exit.expect("set above"),
+                    first_exit,
                     resolved_in_thread,
-                })
+                    resolved_before_first_exit,
+                });
             }
             Ok(VcpuExit::MmioRead(gpa, data)) => match ram {
                 Some(ram) if ram.contains(gpa, data.len()) => {

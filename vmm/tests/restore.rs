@@ -305,6 +305,12 @@ fn sigbus_restore_resolved_in_the_vcpu_thread_matches_checksum() {
             );
             assert!(report.resolved_in_thread > 0, "vCPU {index}: {report:?}");
         }
+        // The code page was missing: the vCPU that fetched it first reached its first exit
+        // (its first `in`) after its thread resolved that fault, not at it.
+        assert!(
+            reports.iter().any(|r| r.resolved_before_first_exit > 0),
+            "{reports:?}"
+        );
         let pager = vm.pager().expect("the pager");
         for page in 0..config.data_pages() {
             assert_eq!(
