@@ -1,5 +1,20 @@
 //! The VM: one KVM memory slot over a [`Mapping`] of guest memory, vCPUs in flat 32-bit
 //! protected mode, and the run loop that answers the guest's port I/O.
+//!
+//! When the pager fails (its source gave up), it poisons every page it has not placed
+//! (`UFFDIO_POISON`). On this nested host KVM's access to such a page comes back as an
+//! MMIO exit, and [`Vm::run`] returns the pager's error in its place. Where KVM maps guest
+//! memory itself (not nested), a poisoned page makes KVM send the vCPU thread a
+//! hardware-poison SIGBUS (`BUS_MCEERR_AR`) instead. This crate installs no SIGBUS
+//! handler (a library does not own the process's signals), so in thread mode that SIGBUS
+//! meets the default action and ends the process; in SIGBUS mode the pager chains it, a
+//! SIGBUS it cannot serve, to the disposition it found, with the same end. A handler that
+//! only returns does not help: `KVM_RUN` fails with EINTR, is run again and faults again.
+//! An embedder that must report the cause installs, before the pager starts, a handler
+//! that parks a thread whose SIGBUS is in guest memory, waits on
+//! [`Pager::stopped_fd`] and reports [`Pager::take_error`] (what `uffdkit restore` does
+//! for its workload, `tools/src/guarded.rs`). Not exercised here: this host gives MMIO
+//! exits.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -195,7 +210,9 @@ impl Vm {
 
     /// Runs every vCPU, each in a thread of its own, through its program (`programs[i]`
     /// for vCPU `i`, then [`Command::Halt`]) and returns when all have halted. A vCPU
-    /// thread blocks in `KVM_RUN` while the pager places a page its guest touched.
+    /// thread blocks in `KVM_RUN` while the pager places a page its guest touched. If the
+    /// pager failed (its source did) and a vCPU ended on guest memory, the error is the
+    /// pager's ([`Error::Pager`]), not the exit it showed as.
     pub fn run(&mut self, programs: &[Vec<Command>]) -> Result<Vec<RunReport>> {
         assert_eq!(programs.len(), self.vcpus.len(), "one program per vCPU");
         self.run_with(&|index, n| programs[index].get(n as usize).copied())
@@ -215,6 +232,41 @@ impl Vm {
     }
 
     fn run_with(
+        &mut self,
+        next: &(dyn Fn(usize, u64) -> Option<Command> + Sync),
+    ) -> Result<Vec<RunReport>> {
+        let result = self.run_vcpus(next);
+        self.blame_pager(result)
+    }
+
+    /// A run that ended on guest memory KVM could not reach while the pager had failed
+    /// ended because of the pager: its error (a source error, say) is the cause, the exit
+    /// (an MMIO read of a page it poisoned, on this nested host) only how that showed.
+    /// The error is taken from the pager: its [`stop`](Pager::stop) then gives counters.
+    fn blame_pager(&self, result: Result<Vec<RunReport>>) -> Result<Vec<RunReport>> {
+        let Err(exit) = result else {
+            return result;
+        };
+        let on_guest_memory = match &exit {
+            Error::MmioRead { gpa, .. } | Error::MemoryFault { gpa, .. } => {
+                *gpa < self.memory.len() as u64
+            }
+            // An instruction fetch the emulator could not make, an MMIO write: no address
+            // to check, and only a failed pager (below) makes them its doing.
+            Error::Internal { .. } | Error::Exit { .. } => true,
+            _ => false,
+        };
+        let failed = self.pager.as_ref().filter(|_| on_guest_memory);
+        match failed.and_then(Pager::take_error) {
+            Some(cause) => {
+                log::warn!("vCPU run ended on memory the pager could not serve ({exit})");
+                Err(Error::Pager(cause))
+            }
+            None => Err(exit),
+        }
+    }
+
+    fn run_vcpus(
         &mut self,
         next: &(dyn Fn(usize, u64) -> Option<Command> + Sync),
     ) -> Result<Vec<RunReport>> {

@@ -12,7 +12,7 @@ use common::{
     boot_and_snapshot, checksum_programs, fill_programs, kvm_available, pager_page, run_checked,
     SnapshotDir, SETTLE,
 };
-use pager::{FileSource, PageState, Source};
+use pager::{Fetched, FileSource, PageState, Source, SourceError};
 use postcopy::client::RemoteSource;
 use postcopy::server::PageServer;
 use postcopy::Timing;
@@ -103,4 +103,46 @@ fn restore_from_refuses_a_source_smaller_than_guest_memory() {
     let short = Arc::new(pager::MemorySource::new(vec![0u8; 1 << 20]));
     let err = Vm::restore_from(dir.path(), config, short, Lazy::DEMAND).err();
     assert!(matches!(err, Some(vmm::Error::Mismatch(_))), "{err:?}");
+}
+
+/// The memory file, failing every read at or above the data pages: a source that broke
+/// while the guest ran.
+struct FailingAboveCode(FileSource);
+
+impl Source for FailingAboveCode {
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+
+    fn fetch<'a>(&'a self, offset: u64, scratch: &'a mut [u8]) -> Result<Fetched<'a>, SourceError> {
+        if offset + scratch.len() as u64 > vmm::guest::DATA_GPA {
+            return Err(SourceError {
+                what: "read the test's failing image",
+                offset,
+                source: std::io::Error::other("the test says so"),
+            });
+        }
+        self.0.fetch(offset, scratch)
+    }
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: scripts/test runs the ignored tests and says SKIPPED where it is missing"]
+fn a_source_failing_under_a_running_guest_ends_the_run_with_the_pagers_error() {
+    let test = "a_source_failing_under_a_running_guest_ends_the_run_with_the_pagers_error";
+    if !kvm_available(test) {
+        return;
+    }
+    let config = VmConfig::new(4);
+    let dir = SnapshotDir::new(test);
+    boot_and_snapshot(&config, &dir);
+    let image = FileSource::pread(dir.path().join(MEMORY_FILE)).expect("image");
+    let source = Arc::new(FailingAboveCode(image));
+    let mut vm =
+        Vm::restore_from(dir.path(), config.clone(), source, Lazy::DEMAND).expect("restore");
+    let err = vm.run(&checksum_programs(&config)).err();
+    assert!(
+        matches!(err, Some(vmm::Error::Pager(pager::Error::Source(ref e))) if e.offset >= vmm::guest::DATA_GPA),
+        "{err:?}"
+    );
 }
