@@ -20,7 +20,7 @@ use transport::tls::Authority;
 use transport::wire::Control;
 use transport::Key;
 use transport::Socket;
-use uffd_core::{Mapping, MemoryKind};
+use uffd_core::{Mapping, MemoryKind, PageCategories, PageRegion, Pagemap, ScanFlags, ScanQuery};
 
 use crate::workload::{
     fill_page, order, process_cpu, summarize, timed_touch, Pattern, Summary, Touch,
@@ -182,7 +182,8 @@ fn migration(
     };
     let dest = Destination::bind(&"127.0.0.1:0".parse()?, listener, opts)?;
     let addr = dest.local_addr()?;
-    let lat: Arc<Mutex<Option<std::thread::JoinHandle<Vec<u32>>>>> = Arc::default();
+    type Touches = std::thread::JoinHandle<uffd_core::Result<Vec<u32>>>;
+    let lat: Arc<Mutex<Option<Touches>>> = Arc::default();
     let l = lat.clone();
     let at_run: Arc<Mutex<Option<Duration>>> = Arc::default();
     let r = at_run.clone();
@@ -193,12 +194,12 @@ fn migration(
                 let pages = mem.len / 4096;
                 let mut timed: Vec<usize> = order(Pattern::Random, pages, 11);
                 timed.truncate(touches);
-                let (ns, _) = timed_touch(mem.base, 4096, &timed, Touch::Read);
+                let ns = requested_touches(mem.base, &timed)?;
                 if !background {
                     let all: Vec<usize> = (0..pages).collect();
                     let _ = timed_touch(mem.base, 4096, &all, Touch::Read);
                 }
-                ns
+                Ok(ns)
             }));
         })
     });
@@ -221,17 +222,44 @@ fn migration(
         .join()
         .map_err(|_| anyhow::anyhow!("destination panicked"))?
         .context("destination")?;
-    let ns = lat
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take()
-        .and_then(|h| h.join().ok())
-        .unwrap_or_default();
+    let touches = lat.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let faulted = touches
+        .context("no RUN: the destination workload never started")?
+        .join()
+        .map_err(|_| anyhow::anyhow!("destination workload panicked"))?
+        .context("destination workload")?;
     let at_run = at_run.lock().unwrap_or_else(|p| p.into_inner()).take();
     let cpu = per_gib(process_cpu()? - at_run.context("no RUN")?, bytes);
-    // A touch of a present page costs well under 2 µs here; a fault costs tens of µs.
-    let faulted = ns.into_iter().filter(|&n| n > 2_000).collect();
     Ok((report.postcopy, faulted, cpu))
+}
+
+/// Reads one byte of each page of `order` under `base` (4 KiB pages), timing each, and
+/// returns the latencies of the touches whose page was not present just before
+/// (`PAGEMAP_SCAN`): the requested pages, told apart by the page tables, not by a time
+/// threshold (a present page's touch can be preempted past any threshold). A page the
+/// stream places between the scan and the touch counts though it did not fault: a window
+/// of one syscall's return.
+fn requested_touches(base: usize, order: &[usize]) -> uffd_core::Result<Vec<u32>> {
+    let pagemap = Pagemap::open()?;
+    let present = ScanQuery {
+        flags: ScanFlags::empty(),
+        inverted: PageCategories::empty(),
+        mask: PageCategories::PRESENT,
+        any_of: PageCategories::empty(),
+        report: PageCategories::PRESENT,
+        max_pages: 0,
+    };
+    let mut found = [PageRegion::default(); 1];
+    let mut faulted = Vec::new();
+    for &page in order {
+        let addr = base + page * 4096;
+        let (regions, _) = pagemap.scan(addr, addr + 4096, &present, &mut found)?;
+        let (ns, _) = timed_touch(base, 4096, &[page], Touch::Read);
+        if regions == 0 {
+            faulted.extend(ns);
+        }
+    }
+    Ok(faulted)
 }
 
 /// Both ends of a link secured one way.
@@ -275,12 +303,28 @@ impl Series {
         Ok(())
     }
 
-    /// Median stream MiB/s and CPU ms per GiB, idle and loaded latency summaries.
-    fn figures(self) -> (f64, f64, Summary, Summary) {
+    /// Median stream MiB/s and CPU ms per GiB, idle and loaded latency summaries (`None`:
+    /// not measured — `--touches 0`, or no touched page was missing).
+    fn figures(self) -> (f64, f64, Option<Summary>, Option<Summary>) {
         let wall = Duration::from_secs(1);
-        let (idle, loaded) = (summarize(self.idle, wall), summarize(self.loaded, wall));
+        let summary = |ns: Vec<u32>| (!ns.is_empty()).then(|| summarize(ns, wall));
+        let (idle, loaded) = (summary(self.idle), summary(self.loaded));
         (median(self.stream), median(self.cpu), idle, loaded)
     }
+}
+
+/// A requested-page latency as JSON: `null` figures when not measured.
+fn latency_json(s: &Option<Summary>) -> serde_json::Value {
+    json!({
+        "p50": s.map(|s| s.p50_us),
+        "p99": s.map(|s| s.p99_us),
+        "count": s.map_or(0, |s| s.count),
+    })
+}
+
+/// `a`'s p50 over `b`'s, when both were measured.
+fn p50_ratio(a: &Option<Summary>, b: &Option<Summary>) -> Option<f64> {
+    Some(a.as_ref()?.p50_us / b.as_ref()?.p50_us)
 }
 
 /// Runs the benchmark.
@@ -327,10 +371,10 @@ pub fn run(a: &NetArgs) -> Result<()> {
             "raw_tcp_cross_cpu": cross_cpu,
             "stream": stream_cpu,
         },
-        "requested_idle_us": { "p50": idle.p50_us, "p99": idle.p99_us, "count": idle.count },
-        "requested_loaded_us": { "p50": loaded.p50_us, "p99": loaded.p99_us, "count": loaded.count },
-        "idle_p50_vs_rtt": idle.p50_us / rtt.p50_us,
-        "loaded_p50_vs_rtt": loaded.p50_us / rtt.p50_us,
+        "requested_idle_us": latency_json(&idle),
+        "requested_loaded_us": latency_json(&loaded),
+        "idle_p50_vs_rtt": p50_ratio(&idle, &Some(rtt)),
+        "loaded_p50_vs_rtt": p50_ratio(&loaded, &Some(rtt)),
     });
     if let Some((t_stream, t_cpu, t_idle, t_loaded)) = &tls {
         figures["tls"] = json!({
@@ -339,10 +383,10 @@ pub fn run(a: &NetArgs) -> Result<()> {
             "stream_vs_raw_same_cpu": t_stream / same,
             "stream_vs_raw_cross_cpu": t_stream / cross,
             "stream_vs_plaintext": t_stream / stream,
-            "requested_idle_us": { "p50": t_idle.p50_us, "p99": t_idle.p99_us, "count": t_idle.count },
-            "requested_loaded_us": { "p50": t_loaded.p50_us, "p99": t_loaded.p99_us, "count": t_loaded.count },
-            "idle_p50_vs_plaintext": t_idle.p50_us / idle.p50_us,
-            "loaded_p50_vs_plaintext": t_loaded.p50_us / loaded.p50_us,
+            "requested_idle_us": latency_json(t_idle),
+            "requested_loaded_us": latency_json(t_loaded),
+            "idle_p50_vs_plaintext": p50_ratio(t_idle, &idle),
+            "loaded_p50_vs_plaintext": p50_ratio(t_loaded, &loaded),
         });
     }
     if a.json {
@@ -366,20 +410,28 @@ pub fn run(a: &NetArgs) -> Result<()> {
         "    pinned: same CPU p50 {:.1} µs, across CPUs p50 {:.1} µs (the ratios below use the unpinned one)",
         rtt_same.p50_us, rtt_cross.p50_us
     );
-    let latency = |what: &str, s: &Summary, extra: String| {
-        println!(
+    let latency = |what: &str, s: &Option<Summary>, extra: String| {
+        match s {
+        Some(s) => println!(
             "  requested page, {what:<23}p50 {:>8.1} µs  p99 {:>8.1} µs  ({:.1}× RTT, {} faults{extra})",
             s.p50_us,
             s.p99_us,
             s.p50_us / rtt.p50_us,
             s.count
-        );
+        ),
+        None => println!(
+            "  requested page, {what:<23}not measured (no timed touch found its page missing; --touches {})",
+            a.touches
+        ),
+    }
     };
     let demand = format!(", {} MiB demand-only", a.idle_size >> 20);
     latency("link idle", &idle, demand.clone());
     latency("stream saturating", &loaded, String::new());
     if let Some((_, _, t_idle, t_loaded)) = &tls {
-        let vs = |t: &Summary, p: &Summary| format!(", {:.2}× plaintext", t.p50_us / p.p50_us);
+        let vs = |t: &Option<Summary>, p: &Option<Summary>| {
+            p50_ratio(t, p).map_or(String::new(), |r| format!(", {r:.2}× plaintext"))
+        };
         latency(
             "TLS, link idle",
             t_idle,

@@ -178,3 +178,41 @@ fn restore_of_a_missing_image_fails_clearly() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/image"));
 }
+
+#[test]
+fn vmm_bench_refuses_zero_runs_as_a_usage_error() {
+    // A median of no runs has no value: refused before any guest is booted.
+    let out = Command::new(env!("CARGO_BIN_EXE_uffdkit-vmm"))
+        .args(["bench", "--runs", "0"])
+        .output()
+        .expect("run uffdkit-vmm");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--runs"), "{stderr}");
+}
+
+#[test]
+fn netbench_without_touches_says_its_latencies_were_not_measured() {
+    let out = uffdkit(&[
+        "migrate",
+        "netbench",
+        "--touches",
+        "0",
+        "--size",
+        "4M",
+        "--idle-size",
+        "1M",
+        "--repeat",
+        "1",
+    ]);
+    let text = success_text(&out);
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("requested page"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    for line in lines {
+        assert!(line.contains("not measured"), "{line}");
+        assert!(!line.contains("p50"), "{line}");
+    }
+}

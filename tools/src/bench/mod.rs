@@ -233,12 +233,14 @@ fn measure(args: &Args, page_size: usize, pages: usize, cpus: &[usize]) -> Resul
 }
 
 /// The pager's p50 over the floor's, only where both do alike: the floor is unpinned (so
-/// the pager's faulting threads must be too) and allocates a page per touch, which the
-/// pager does not for `--source zero` on anonymous memory (UFFDIO_ZEROPAGE maps the shared
-/// zero page there).
+/// nothing of the pager's may be pinned: not its faulting threads, nor its handlers, which
+/// per-CPU mode pins one to each CPU under every placement) and allocates a page per
+/// touch, which the pager does not for `--source zero` on anonymous memory (UFFDIO_ZEROPAGE
+/// maps the shared zero page there).
 fn floor_ratio(args: &Args, pager: &Summary, placed: &Where, floor: &Summary) -> Option<f64> {
     let zero_page = args.source == SourceKind::Zero && args.kind == Kind::Anon;
-    (placed.faulting.is_none() && !zero_page).then(|| pager.p50_us / floor.p50_us.max(1e-3))
+    let pinned = placed.faulting.is_some() || matches!(placed.resolving, Resolving::Cpus(_));
+    (!pinned && !zero_page).then(|| pager.p50_us / floor.p50_us.max(1e-3))
 }
 
 /// Runs `uffdkit bench`.
@@ -371,6 +373,22 @@ mod tests {
             floor_ratio(&shmem_zero, &pager, &unpinned, &floor),
             Some(2.0)
         );
+    }
+
+    #[test]
+    fn no_floor_ratio_for_pinned_handlers_under_the_unpinned_placement() {
+        let (pager, floor) = (summary(2.0), summary(1.0));
+        // Per-CPU mode's placement under "unpinned": faulting threads free, handlers pinned.
+        let percpu = Where {
+            faulting: None,
+            resolving: Resolving::Cpus(vec![0, 1]),
+        };
+        assert_eq!(floor_ratio(&args(&[]), &pager, &percpu, &floor), None);
+        let sigbus = Where {
+            faulting: None,
+            resolving: Resolving::FaultingThread,
+        };
+        assert_eq!(floor_ratio(&args(&[]), &pager, &sigbus, &floor), Some(2.0));
     }
 
     #[test]

@@ -161,8 +161,9 @@ fn print_size(args: &Args, page_size: usize, cpus: &[usize], m: &Measured) {
     println!(
         "placement: unpinned = nothing pinned; same = faulting threads and handler on CPU {}; \
          other = faulting on CPU {}, handler on CPU {} (per-CPU handlers: one on each of {:?}); \
-         n/a = no ratio of unlike placements (vs touch: the floor is unpinned, and allocates \
-         a page per touch, which --source zero on anon memory does not)",
+         n/a = no ratio of unlike placements (vs touch: the floor is unpinned, so none for \
+         pinned handlers — per-CPU ones are pinned under every placement —, and allocates a \
+         page per touch, which --source zero on anon memory does not)",
         cpus[0],
         cpus[0],
         cpus.get(1).map_or("-".to_string(), |c| c.to_string()),

@@ -51,9 +51,9 @@ struct BenchArgs {
     /// vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: usize,
-    /// Restores of each kind (the median is printed).
-    #[arg(long, default_value_t = 5)]
-    runs: usize,
+    /// Restores of each kind (the median is printed; at least 1).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    runs: u64,
     /// 2 MiB hugetlb guest memory instead of anonymous 4 KiB pages.
     #[arg(long)]
     hugetlb: bool,
