@@ -69,7 +69,7 @@ macro_rules! either {
 }
 
 impl Socket {
-    /// Connects to `addr`, giving up on TCP after `timeout`.
+    /// Connects to `addr`, giving up after `timeout` (`TimedOut`).
     pub fn connect(addr: &Addr, timeout: Duration) -> io::Result<Socket> {
         Ok(match addr {
             Addr::Tcp(a) => {
@@ -77,7 +77,7 @@ impl Socket {
                 s.set_nodelay(true)?;
                 Socket::Tcp(s)
             }
-            Addr::Unix(p) => Socket::Unix(UnixStream::connect(p)?),
+            Addr::Unix(p) => Socket::Unix(unix_connect(p, timeout)?),
         })
     }
 
@@ -102,6 +102,35 @@ impl Socket {
             s.set_write_timeout(write)
         })
     }
+}
+
+/// `connect(2)` to a Unix socket, bounded: a listener that does not accept (stopped,
+/// wedged) fills its backlog, and a blocking connect would then wait forever. Non-blocking,
+/// a full backlog answers `EAGAIN` at once; we try again until `timeout` has passed.
+fn unix_connect(path: &std::path::Path, timeout: Duration) -> io::Result<UnixStream> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let addr = UnixAddr::new(path)?;
+    let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
+    let fd = socket(AddressFamily::Unix, SockType::Stream, flags, None)?;
+    let until = std::time::Instant::now() + timeout;
+    loop {
+        match connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => break,
+            Err(nix::errno::Errno::EAGAIN) if std::time::Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(nix::errno::Errno::EAGAIN) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the listener's backlog stayed full: it does not accept",
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let stream = UnixStream::from(fd);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
 }
 
 impl AsFd for Socket {
@@ -247,5 +276,45 @@ impl AsFd for Listener {
             Listener::Tcp(l) => l.as_fd(),
             Listener::Unix(c) => c.listener.as_fd(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::UnixAddr;
+    use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType};
+
+    /// A listener that never accepts (stopped, wedged): once its backlog is full, a connect
+    /// gives up at its bound instead of blocking forever.
+    #[test]
+    fn a_unix_connect_to_a_listener_that_never_accepts_gives_up_at_its_bound() {
+        let path = std::env::temp_dir().join(format!("uffdkit-net-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        bind(listener.as_raw_fd(), &UnixAddr::new(&path).expect("addr")).expect("bind");
+        listen(&listener, Backlog::new(1).expect("backlog")).expect("listen");
+        // Connections queued and never accepted, until the backlog is full.
+        let mut queued = Vec::new();
+        loop {
+            match unix_connect(&path, Duration::ZERO) {
+                Ok(s) => queued.push(s),
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => break,
+                Err(e) => panic!("connect: {e}"),
+            }
+            assert!(queued.len() < 64, "the backlog of 1 never filled");
+        }
+        let bound = Duration::from_millis(200);
+        let t = std::time::Instant::now();
+        let e = Socket::connect(&Addr::Unix(path.clone()), bound).expect_err("a full backlog");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(t.elapsed() >= bound, "{:?}", t.elapsed());
+        let _ = std::fs::remove_file(&path);
     }
 }
