@@ -54,9 +54,13 @@ impl Forward {
             return false;
         }
         let mut queue = self.lock();
-        while queue.len() + len > QUEUED {
+        loop {
+            // Closed (the pair cut, the forwarder gone): nothing would send it.
             if self.is_closed() {
                 return false;
+            }
+            if queue.len() + len <= QUEUED {
+                break;
             }
             let (q, waited) =
                 (self.room.wait_timeout(queue, self.patience)).unwrap_or_else(|p| p.into_inner());
@@ -75,15 +79,28 @@ impl Forward {
 
     /// Ends [`Forward::run`] and any wait for room.
     pub fn close(&self) {
-        self.closed.store(true, Ordering::Relaxed);
         let _queue = self.lock();
+        // Under the lock: a push that takes it after this sees the queue closed.
+        self.closed.store(true, Ordering::Relaxed);
         self.wake.notify_all();
         self.room.notify_all();
     }
 
     /// Writes what is queued with `write` until it fails (its error is returned), the
-    /// queue is closed or `cut()` says the pair is.
+    /// queue is closed or `cut()` says the pair is; then closes the queue, so a frame
+    /// pushed later is refused at once rather than accepted and never sent (and a fault
+    /// handler waiting for room does not wait out its patience).
     pub fn run(
+        &self,
+        cut: impl Fn() -> bool,
+        write: impl FnMut(&[u8]) -> Result<(), LinkError>,
+    ) -> Result<(), LinkError> {
+        let ended = self.forward(cut, write);
+        self.close();
+        ended
+    }
+
+    fn forward(
         &self,
         cut: impl Fn() -> bool,
         mut write: impl FnMut(&[u8]) -> Result<(), LinkError>,
@@ -106,5 +123,33 @@ impl Forward {
             write(&batch)?;
             batch.clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Once the forwarding thread has stopped (the pair was cut), a frame pushed is
+    /// refused at once — not accepted into a queue nobody sends — and a handler waiting
+    /// for room is let go without waiting out its patience.
+    #[test]
+    fn frames_pushed_after_the_forwarder_stopped_are_refused_at_once() {
+        let forward = Forward::new(Duration::from_secs(30));
+        assert!(forward.push(16, |q| q.extend_from_slice(&[1; 16])));
+        let sent = std::cell::Cell::new(0);
+        let ended = forward.run(
+            || sent.get() > 0,
+            |batch| {
+                sent.set(sent.get() + batch.len());
+                Ok(())
+            },
+        );
+        assert!(ended.is_ok());
+        assert_eq!(sent.get(), 16, "what was queued before the cut went out");
+        let t = std::time::Instant::now();
+        assert!(!forward.push(16, |q| q.extend_from_slice(&[2; 16])));
+        assert!(!forward.push(QUEUED, |q| q.resize(q.len() + QUEUED, 3)));
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     }
 }
