@@ -244,9 +244,11 @@ fn serve(
     arrival: Arrival,
     timing: &Timing,
 ) -> Result<(), Error> {
+    // Held to the end: however serving ends, the connections close and the slot is free.
     let Arrival {
         conns: (mut main, urgent),
         cutter,
+        guard: _cut_at_end,
         ..
     } = arrival;
     let (page_size, pages) = image.geometry();

@@ -188,3 +188,98 @@ fn beyond_the_session_cap_a_client_is_told_busy_and_gets_in_once_a_session_ends(
     let s = srv.stats();
     assert!(s.busy >= 2 && s.refused == 0, "{s:?}");
 }
+
+/// One connection of `session` opened by hand and authenticated with the test key
+/// (its ADVISE, if any, left unread).
+fn authenticated(to: SocketAddr, session: u64, channel: Channel) -> TcpStream {
+    use transport::wire::Control;
+    let mut s = TcpStream::connect(to).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let hello = Hello {
+        role: Role::Destination,
+        channel,
+        session,
+        generation: 1,
+    };
+    let mut frame = Vec::new();
+    hello
+        .message(&PROTOCOL, SecurityKind::PreSharedKey)
+        .encode(&mut frame);
+    s.write_all(&frame).expect("hello");
+    let mut buf = Vec::new();
+    let mut read = |s: &mut TcpStream| loop {
+        if let Some((m, used)) = Control::decode_frame(&buf, 4096).expect("a control frame") {
+            buf.drain(..used);
+            return m;
+        }
+        let mut b = [0u8; 256];
+        let n = s.read(&mut b).expect("read");
+        assert!(n > 0, "closed during the handshake");
+        buf.extend_from_slice(&b[..n]);
+    };
+    let Control::Challenge { nonce } = read(&mut s) else {
+        panic!("no challenge")
+    };
+    let proof = common::key().proof(b"open", &nonce, session);
+    let mut frame = Vec::new();
+    Control::Auth {
+        proof,
+        nonce: [9; 32],
+    }
+    .encode(&mut frame);
+    s.write_all(&frame).expect("auth");
+    assert!(
+        matches!(read(&mut s), Control::AuthOk { .. }),
+        "not admitted"
+    );
+    s
+}
+
+/// Closes `s` with a reset (SO_LINGER 0): a send on the server's end then fails.
+fn reset(s: TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket fd, and a `linger` of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    drop(s);
+}
+
+/// Found by review: serving failed on ADVISE, before its pair existed, and the slot's
+/// cutter (duplicates of both sockets) was never cut: the session stayed held for good
+/// and, at `max_sessions: 1`, every client after it was told Busy.
+#[test]
+fn a_session_whose_main_connection_resets_before_its_pair_starts_frees_its_slot() {
+    let admission = Admission {
+        max_sessions: 1,
+        ..Admission::default()
+    };
+    let srv = server(common::key().into(), 64, admission);
+    let to = tcp_of(&srv);
+    let session = 0x5eed;
+    // On loopback the reset reaches the server's socket before `close` returns, so
+    // serving the pair (once urgent completes it) fails on its first send, the ADVISE.
+    reset(authenticated(to, session, Channel::Main));
+    let urgent = authenticated(to, session, Channel::Urgent);
+    counted(&srv, "the pair served", |s| s.pairs == 1);
+    counted(&srv, "the failed session forgotten", |s| s.sessions == 0);
+    drop(urgent);
+    let short = Timing {
+        give_up_after: Duration::from_secs(5),
+        ..test_timing()
+    };
+    let got = RemoteSource::connect_with(&srv.local_addr().expect("addr"), common::key(), short);
+    assert!(got.is_ok(), "{:?}, {:?}", got.err(), srv.stats());
+}

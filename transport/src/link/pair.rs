@@ -76,6 +76,11 @@ impl Cutter {
         cause.take().unwrap_or(LinkError::Cut)
     }
 
+    /// A guard that cuts this pair when dropped, unless disarmed once a [`Pair`] owns it.
+    pub fn cut_on_drop(self: &Arc<Self>) -> CutOnDrop {
+        CutOnDrop(Some(self.clone()))
+    }
+
     /// Sleeps up to `d`, or until the pair is cut; true if it was.
     pub fn sleep(&self, d: Duration) -> bool {
         let guard = self.cause.lock().unwrap_or_else(|p| p.into_inner());
@@ -84,6 +89,28 @@ impl Cutter {
             .wait_timeout_while(guard, d, |_| !self.is_cut())
             .unwrap_or_else(|p| p.into_inner());
         self.is_cut()
+    }
+}
+
+/// Cuts a pair when dropped ([`Cutter::cut_on_drop`]): whoever takes an
+/// [`Arrival`](super::Arrival) apart holds it until a [`Pair`] runs on the connections, so
+/// that no way out before that (a failed send, a refusal, a crash of the step) leaves them
+/// open and their session's place at the listener held.
+#[must_use = "dropped at once, it cuts the pair at once"]
+pub struct CutOnDrop(Option<Arc<Cutter>>);
+
+impl CutOnDrop {
+    /// The pair runs: its [`Pair`] cuts it from now on.
+    pub fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CutOnDrop {
+    fn drop(&mut self) {
+        if let Some(cutter) = self.0.take() {
+            cutter.cut(LinkError::Cut);
+        }
     }
 }
 

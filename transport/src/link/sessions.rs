@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
-use super::{Admission, Channel, Cutter, LinkError, Role, ShutReason, Timing};
+use super::{Admission, Channel, CutOnDrop, Cutter, LinkError, Role, ShutReason, Timing};
 use crate::error::Refusal;
 use crate::handshake::Hello;
 use crate::wire::Protocol;
@@ -21,6 +21,9 @@ pub struct Arrival {
     pub conns: (Conn, Conn),
     /// Cuts both (a newer generation cuts it too).
     pub cutter: Arc<Cutter>,
+    /// Cuts both when dropped (with the arrival, or wherever its taker keeps it) unless
+    /// disarmed: the session's place is held only while a pair can run on them.
+    pub guard: CutOnDrop,
 }
 
 /// Which sessions a listener takes.
@@ -188,6 +191,7 @@ impl Shared {
         let arrival = Arrival {
             session: hello.session,
             conns: (main, urgent),
+            guard: cutter.cut_on_drop(),
             cutter,
         };
         match &self.deliver {

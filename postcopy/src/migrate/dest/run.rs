@@ -132,7 +132,14 @@ impl<'d> DestRun<'d> {
                 .map_err(Error::io("map an aligned receive buffer"))?;
         }
         let (timing, receiver) = (&self.d.opts.timing, self.receiver.clone());
-        let pair = link::start(arrival.conns, arrival.cutter, &advise, receiver, timing)?;
+        let Arrival {
+            conns,
+            cutter,
+            guard,
+            ..
+        } = arrival;
+        let pair = link::start(conns, cutter, &advise, receiver, timing)?;
+        guard.disarm();
         self.receiver.greet(&pair, Some(self.step))?;
         self.pair = Some(pair);
         Ok(())
