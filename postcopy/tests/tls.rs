@@ -444,3 +444,36 @@ fn pages_on_a_tls_link_are_never_on_the_wire_in_the_clear() {
         assert_eq!(found, clear, "page 3 in the clear on the wire: {found}");
     }
 }
+
+/// Found by review: a session remembered its certificate only while its pair was up, so
+/// during a break another CA-signed peer sending the session's (cleartext) id with its
+/// own certificate was admitted into it.
+#[test]
+fn a_session_is_resumed_only_with_its_own_certificate_even_while_its_pair_is_down() {
+    use transport::link::Dialer;
+    let srv = server(tls_for(&NAMES), 64);
+    let dialer = |tls: TlsConfig| {
+        let ends = (PROTOCOL, tls.into());
+        Dialer::new(addr(&srv), ends, Role::Destination, common::test_timing()).expect("dialer")
+    };
+    let mut owner = dialer(tls_for(&NAMES));
+    let conns = owner.attempt().expect("the session's first pair");
+    counted(&srv, "the session served", |s| s.sessions == 1);
+    drop(conns);
+    counted(&srv, "its pair broken", |s| s.sessions == 0);
+    // Another certificate of the same CA, the same names: only the session id is copied.
+    let mut other = dialer(tls_for(&NAMES));
+    other.session = owner.session;
+    let Err(err) = other.attempt() else {
+        panic!("another certificate was admitted into the session")
+    };
+    let changed = Refusal::PeerChanged.to_string();
+    assert!(
+        matches!(err.refusal(), Some(Refusal::PeerShut { detail, .. }) if *detail == changed),
+        "{err}"
+    );
+    counted(&srv, "the refusal counted", |s| s.refused == 1);
+    owner
+        .attempt()
+        .expect("the session's own certificate resumes it");
+}

@@ -78,6 +78,9 @@ pub(super) struct Shared {
     pub stats: AcceptStats,
 }
 
+/// The table of sessions: the live ones, and the memory of those whose pair broke (their
+/// generation and certificate), at most `max_sessions` of those, the longest quiet
+/// forgotten first ([`Shared::remember`]).
 #[derive(Default)]
 pub(super) struct Slots {
     owner: Option<u64>,
@@ -85,8 +88,8 @@ pub(super) struct Slots {
 }
 
 /// One session's connections: the newest generation's halves, its pair ready to be
-/// taken, and the cutter of its latest pair (which the next pair supersedes).
-#[derive(Default)]
+/// taken, and the cutter of its latest pair (which the next pair supersedes); and, for as
+/// long as the session is remembered, the certificate it began with.
 struct Slot {
     generation: u32,
     main: Option<Conn>,
@@ -95,11 +98,27 @@ struct Slot {
     since: Option<Instant>,
     ready: Option<Arrival>,
     active: Option<Arc<Cutter>>,
-    /// The certificate the session authenticated with (TLS).
+    /// The certificate the session's first connection authenticated with (TLS): every
+    /// later connection of the session must show the same one, live pair or not.
     identity: Option<[u8; 32]>,
+    /// When a connection of the session last came (the memory forgets the oldest).
+    touched: Instant,
 }
 
 impl Slot {
+    fn new(identity: Option<[u8; 32]>) -> Slot {
+        Slot {
+            generation: 0,
+            main: None,
+            urgent: None,
+            since: None,
+            ready: None,
+            active: None,
+            identity,
+            touched: Instant::now(),
+        }
+    }
+
     /// Whether the session holds anything: a half, a pair to take, a live pair.
     fn live(&self) -> bool {
         self.main.is_some()
@@ -130,11 +149,14 @@ impl Shared {
                 _ => slots.owner = Some(hello.session),
             }
         }
-        if let Some(slot) = slots.sessions.get(&hello.session).filter(|s| s.live()) {
-            return match slot.identity == identity {
-                true => Ok(()),
-                false => Err((ShutReason::Error, Refusal::PeerChanged.to_string())),
-            };
+        if let Some(slot) = slots.sessions.get(&hello.session) {
+            // The session id travels in clear: only its own certificate may resume it.
+            if slot.identity != identity {
+                return Err((ShutReason::Error, Refusal::PeerChanged.to_string()));
+            }
+            if slot.live() {
+                return Ok(());
+            }
         }
         let live = slots.sessions.values().filter(|s| s.live()).count();
         let max = self.admission.max_sessions.max(1);
@@ -150,13 +172,20 @@ impl Shared {
     /// Files an admitted connection under its session; a completed pair supersedes the
     /// session's previous pair and is delivered.
     pub fn deposit(&self, hello: Hello, identity: Option<[u8; 32]>, conn: Conn) {
-        self.stats.admitted.fetch_add(1, Ordering::Relaxed);
         let mut slots = self.lock();
-        // Sessions whose pair broke and that have nothing pending are forgotten (a client
-        // coming back starts a slot afresh, its generation still newer than any stale one).
-        slots.sessions.retain(|_, s| s.live());
-        let slot = slots.sessions.entry(hello.session).or_default();
-        slot.identity = identity;
+        if !slots.sessions.contains_key(&hello.session) {
+            self.remember(&mut slots);
+        }
+        let slot = (slots.sessions)
+            .entry(hello.session)
+            .or_insert_with(|| Slot::new(identity));
+        // Two openers of a new session admitted before either was filed: the first keeps it.
+        if slot.identity != identity {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            return log::warn!("closed a connection of a session with another certificate");
+        }
+        self.stats.admitted.fetch_add(1, Ordering::Relaxed);
+        slot.touched = Instant::now();
         if hello.generation < slot.generation {
             return log::debug!(
                 "dropped a stale connection of generation {}",
@@ -206,6 +235,25 @@ impl Shared {
         }
     }
 
+    /// Makes room for one more session: forgets remembered sessions (no live pair) beyond
+    /// `max_sessions - 1` of them, the longest quiet first. Live sessions are at most
+    /// `max_sessions` (`admits`), so the table stays within twice that whoever connects;
+    /// a session forgotten and coming back is admitted as a new one.
+    fn remember(&self, slots: &mut Slots) {
+        let keep = self.admission.max_sessions.max(1) - 1;
+        let mut quiet: Vec<(Instant, u64)> = (slots.sessions.iter())
+            .filter(|(_, s)| !s.live())
+            .map(|(id, s)| (s.touched, *id))
+            .collect();
+        if quiet.len() <= keep {
+            return;
+        }
+        quiet.sort_unstable();
+        for (_, id) in &quiet[..quiet.len() - keep] {
+            slots.sessions.remove(id);
+        }
+    }
+
     /// Drops half pairs whose other half has not come within the handshake deadline.
     pub fn drop_stale_halves(&self) {
         let limit = self.admission.handshake_deadline;
@@ -216,7 +264,6 @@ impl Shared {
                 (slot.main, slot.urgent, slot.since) = (None, None, None);
             }
         }
-        slots.sessions.retain(|_, s| s.live());
     }
 
     /// Sessions held now (a pair or half of one, live or waiting to be taken).
