@@ -5,9 +5,12 @@
 //! It recovers like a migration does: a connection that breaks or goes silent pauses it
 //! (faults wait, their pages stay Requested), it reconnects with backoff, reports what it
 //! has, asks again for what is outstanding, and the stream resumes with what is still
-//! missing. After [`Timing::give_up_after`] without a working connection it fails the
+//! missing. After [`Timing::give_up_after`] without progress (no page landed, however
+//! many pairs connected meanwhile; reconnections that bring nothing back off) it fails the
 //! pager ([`Placer::fail`]), so the embedder stops — `uffdkit fc-handler` then kills the
-//! VMM rather than leave it hanging on faults nobody will serve.
+//! VMM rather than leave it hanging on faults nobody will serve. A server that says why it
+//! ends the session (a SHUT: it cannot read a page) fails the pager at once, with that
+//! cause.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,6 +37,7 @@ struct Client {
     advise: Advise,
     ps: usize,
     receiver: Arc<Receiver>,
+    stats: Arc<RecvStats>,
     dialer: Mutex<Dialer>,
     /// The pair connected before the pager attached.
     first: Mutex<Option<Pair>>,
@@ -88,7 +92,12 @@ impl RemoteSource {
             )));
         }
         let stats = Arc::new(RecvStats::default());
-        let receiver = Arc::new(Receiver::new(ps, advise.page_count, Land::Idle, stats));
+        let receiver = Arc::new(Receiver::new(
+            ps,
+            advise.page_count,
+            Land::Idle,
+            stats.clone(),
+        ));
         let pair = link::pair(conns, &advise, receiver.clone(), &timing)?;
         log::info!(
             "connected to the page server at {addr}: {} pages of {ps} bytes",
@@ -99,6 +108,7 @@ impl RemoteSource {
                 advise,
                 ps,
                 receiver,
+                stats,
                 dialer: Mutex::new(dialer),
                 cutter: Mutex::new(Some(pair.cutter.clone())),
                 first: Mutex::new(Some(pair)),
@@ -175,9 +185,17 @@ impl Client {
         self.stop.load(Ordering::Relaxed)
     }
 
+    /// Pages landed so far.
+    fn landed(&self) -> u64 {
+        self.stats.placed.load(Ordering::Relaxed)
+    }
+
     /// Runs sessions until every page is here, reconnecting after every break; fails
     /// the pager when it gives up.
     fn supervise(&self, mut pair: Pair, placer: &Placer) {
+        // When a page last landed (at most: when the pair that landed it broke), and the
+        // count then. The give-up runs from there, not from the last connection.
+        let mut progress = (Instant::now(), self.landed());
         loop {
             let error = match self.session(&pair) {
                 Ok(()) => return log::info!("every page arrived from the page server"),
@@ -195,7 +213,23 @@ impl Client {
             );
             self.receiver.pause();
             drop(pair);
-            pair = match self.reconnect() {
+            let progressed = self.landed() > progress.1;
+            if progressed {
+                progress = (Instant::now(), self.landed());
+            }
+            let after = self
+                .dialer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .timing
+                .give_up_after;
+            if progress.0.elapsed() >= after {
+                let Error::Link(last) = error else {
+                    unreachable!("only a broken link reconnects")
+                };
+                return self.fail(placer, Error::gave_up(after, last));
+            }
+            pair = match self.reconnect(progress.0, progressed) {
                 Ok(p) => p,
                 Err(Error::PagerStopped) => return,
                 Err(e) => return self.fail(placer, e),
@@ -232,12 +266,17 @@ impl Client {
         Ok(())
     }
 
-    /// A new pair of the session, with the same geometry.
-    fn reconnect(&self) -> Result<Pair, Error> {
+    /// A new pair of the session, with the same geometry, giving up
+    /// [`Timing::give_up_after`] after `since`; at once if the last one `progressed`,
+    /// else after a backoff.
+    fn reconnect(&self, since: Instant, progressed: bool) -> Result<Pair, Error> {
         let mut dialer = self.dialer.lock().unwrap_or_else(|p| p.into_inner());
+        if progressed {
+            dialer.progressed();
+        }
         let timing = dialer.timing;
         let pair = dialer.connect(
-            Instant::now(),
+            since,
             |d| sleep(d, &self.stop),
             |mut main, urgent| {
                 if read_advise(&mut main)? != self.advise {

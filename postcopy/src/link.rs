@@ -17,6 +17,9 @@ use crate::Error;
 /// A connection pair carrying postcopy's messages.
 pub(crate) type Pair = transport::link::Pair<Message, Error>;
 
+/// Fails a [`Pair`]'s session from a thread of its own.
+pub(crate) type Failing = transport::link::Failing<Message, Error>;
+
 pub(crate) use transport::link::{
     Acceptor, Admission, Admit, Arrival, Chan, Cutter, Dialer, Timing,
 };

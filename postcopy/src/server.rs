@@ -271,16 +271,20 @@ fn serve(
         (channel, other) => return Err(unexpected(other, "RECV_BITMAP", channel)),
     }
     std::thread::scope(|s| {
-        let (main, cutter) = (&pair.main, &pair.cutter);
+        let (main, cutter, failing) = (&pair.main, &pair.cutter, pair.failing());
         let stream = std::thread::Builder::new()
             .name("pc-stream".into())
-            .spawn_scoped(s, || sender.stream(main, cutter, true))
+            .spawn_scoped(s, move || sender.stream((main, cutter), &failing, true))
             .map_err(Error::io("start the stream"))?;
         let end = match pair.wait() {
             Ok((_, Message::Shut { .. })) => Ok(()),
             Ok((channel, other)) => Err(unexpected(other, "SHUT", channel)),
             Err(e) => Err(e),
         };
+        if let Some(e) = end.as_ref().err().filter(|e| !e.is_link()) {
+            // Said, so the client fails its pager with the cause rather than reconnect.
+            pair.shut(&crate::error::chain(e), timing.silence);
+        }
         pair.cut(LinkError::Cut);
         let streamed = stream.join().unwrap_or(Ok(()));
         end.and(streamed.or_else(|e| if e.is_link() { Ok(()) } else { Err(e) }))

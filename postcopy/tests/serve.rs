@@ -370,3 +370,66 @@ fn a_page_server_refuses_a_page_size_no_pager_places() {
         .expect("refused");
     assert!(err.to_string().contains("page size"), "{err}");
 }
+
+/// An image whose page `bad` cannot be read.
+struct Unreadable {
+    image: pager::MemorySource,
+    bad: u64,
+}
+
+impl pager::Source for Unreadable {
+    fn len(&self) -> u64 {
+        self.image.len()
+    }
+
+    fn fetch<'a>(
+        &'a self,
+        offset: u64,
+        scratch: &'a mut [u8],
+    ) -> Result<pager::Fetched<'a>, pager::SourceError> {
+        let bad = self.bad * 4096;
+        if (offset..offset + scratch.len() as u64).contains(&bad) {
+            let source = std::io::Error::other("EIO at the bad page");
+            return Err(pager::SourceError {
+                what: "read the image",
+                offset,
+                source,
+            });
+        }
+        self.image.fetch(offset, scratch)
+    }
+}
+
+/// Found by review: a server that could not read a page cut the pair without a word; the
+/// client took it for a broken link and reconnected at once, forever (each connection
+/// succeeded, so its give-up never ran out), and its pager was never failed. Now the
+/// server says why (SHUT) and the client fails its pager with that cause, at once.
+#[test]
+fn a_server_that_cannot_read_a_page_says_why_and_the_client_fails_its_pager_with_it() {
+    let pages = 64;
+    let image = pager::MemorySource::new(common::image(pages));
+    let src = Arc::new(Unreadable { image, bad: 40 });
+    let addr = "127.0.0.1:0".parse().expect("addr");
+    let srv = PageServer::bind(&addr, src, common::key(), common::test_timing()).expect("bind");
+    let at = srv.local_addr().expect("addr");
+    let source = RemoteSource::connect_with(&at, common::key(), common::test_timing());
+    let source = Arc::new(source.expect("connect"));
+    let memory = Mapping::new(MemoryKind::Anon, pages * 4096).expect("memory");
+    let pager = common::pager_for(source.clone(), &memory);
+    // Bounded far below the client's give-up (30 s): only the SHUT can end it this soon.
+    let until = Instant::now() + Duration::from_secs(10);
+    while !pager.has_stopped() {
+        assert!(
+            Instant::now() < until,
+            "never failed: {} reconnections",
+            source.reconnects()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(source.reconnects(), 0, "a refusal is not a broken link");
+    let err = pager.stop().expect_err("the pager failed");
+    assert!(
+        format!("{err:?}").contains("EIO at the bad page"),
+        "{err:?}"
+    );
+}

@@ -19,7 +19,7 @@ use std::time::Duration;
 use page_state::Bitmap;
 
 use crate::error::LinkError;
-use crate::link::{Chan, Cutter, Inbound, Messages};
+use crate::link::{Chan, Cutter, Failing, Inbound, Messages};
 use crate::net::SendMessage;
 use crate::wire::{Frame, Message, PageRange};
 use crate::Error;
@@ -212,18 +212,24 @@ impl Sender {
     }
 
     /// Pushes every needed page on `chan` in order from the cursor (with `push` off,
-    /// only waits for requests to take them all: demand-only), then sends END. On any
-    /// failure the pair is cut (a broken link's cause becomes the pair's); it returns
-    /// early once the pair is cut.
-    pub fn stream(&self, chan: &Chan, cutter: &Cutter, push: bool) -> Result<(), Error> {
+    /// only waits for requests to take them all: demand-only), then sends END (then
+    /// `Ok`); returns early once the pair is cut. A broken link cuts the pair (its cause becomes the
+    /// pair's); any other failure (a page that cannot be read) goes to the phase logic
+    /// through `failing`, the pair left up for it to tell the peer why.
+    pub fn stream(
+        &self,
+        (chan, cutter): (&Chan, &Cutter),
+        failing: &Failing,
+        push: bool,
+    ) -> Result<(), Error> {
         match self.push(chan, cutter, push) {
             Err(Error::Link(e)) => {
                 cutter.cut(e);
                 Err(LinkError::Cut.into())
             }
             Err(e) => {
-                cutter.cut(LinkError::Cut);
-                Err(e)
+                failing.fail(e);
+                Err(LinkError::Cut.into())
             }
             Ok(()) => Ok(()),
         }

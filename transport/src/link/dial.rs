@@ -21,6 +21,9 @@ pub struct Dialer {
     generation: u32,
     /// Deadlines and backoff.
     pub timing: Timing,
+    /// The delay before the next connection: nothing at first and after progress
+    /// ([`Dialer::progressed`]), else where the last [`Dialer::connect`] left it.
+    backoff: Duration,
 }
 
 impl Dialer {
@@ -39,6 +42,7 @@ impl Dialer {
             session: crate::key::session_id()?,
             generation: 0,
             timing,
+            backoff: Duration::ZERO,
         })
     }
 
@@ -70,9 +74,17 @@ impl Dialer {
         Ok(conn)
     }
 
+    /// The last pair got somewhere (pages landed): the next connection is tried at once.
+    pub fn progressed(&mut self) {
+        self.backoff = Duration::ZERO;
+    }
+
     /// Connects and greets until `greet` succeeds. A broken link (connecting, the
-    /// handshake, or the greeting) is retried after a delay that starts at nothing and
-    /// then doubles from [`Timing::first_backoff`] up to [`Timing::max_backoff`]; `wait(d)`
+    /// handshake, or the greeting) is retried after a delay that doubles from
+    /// [`Timing::first_backoff`] up to [`Timing::max_backoff`]. It starts at nothing, and
+    /// after a pair that broke without progress ([`Dialer::progressed`] not called since
+    /// the last connection) where the last connection left it: pairs that connect and
+    /// break at once are not remade in a tight loop; `wait(d)`
     /// spends each delay and says whether to try now (it may end a delay early, hold
     /// attempts back until an operator says so, or fail to abort). Gives up once
     /// [`Timing::give_up_after`] has passed since `since`; any error other than a broken
@@ -85,7 +97,8 @@ impl Dialer {
         mut greet: impl FnMut(Conn, Conn) -> Result<T, E>,
     ) -> Result<T, E> {
         let t = self.timing;
-        let mut delay = Duration::ZERO;
+        let next = |d: Duration| (d * 2).clamp(t.first_backoff, t.max_backoff.max(t.first_backoff));
+        let mut delay = self.backoff;
         let mut last = None;
         loop {
             loop {
@@ -112,7 +125,10 @@ impl Dialer {
             }
             let attempt = self.attempt().map_err(E::from);
             match attempt.and_then(|(main, urgent)| greet(main, urgent)) {
-                Ok(done) => return Ok(done),
+                Ok(done) => {
+                    self.backoff = next(delay);
+                    return Ok(done);
+                }
                 Err(e) => match e.into_link() {
                     Ok(e) => {
                         // The first failure is news; the retries after it are detail.
@@ -127,7 +143,7 @@ impl Dialer {
                     Err(e) => return Err(e),
                 },
             }
-            delay = (delay * 2).clamp(t.first_backoff, t.max_backoff.max(t.first_backoff));
+            delay = next(delay);
         }
     }
 }

@@ -30,7 +30,7 @@ mod terms;
 pub use accept::Acceptor;
 pub use chan::{Chan, Sending};
 pub use dial::Dialer;
-pub use pair::{CutOnDrop, Cutter, Failure, Inbound, Pair};
+pub use pair::{CutOnDrop, Cutter, Failing, Failure, Inbound, Pair};
 pub use sessions::{AcceptStats, Admit, Arrival};
 pub use status::LinkStatus;
 pub use terms::{Admission, Channel, LinkError, Role, ShutReason, Timing};

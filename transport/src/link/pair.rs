@@ -117,7 +117,9 @@ impl Drop for CutOnDrop {
 /// What a protocol does with its frames, on the reading thread of the connection they
 /// came on: use data frames (place pages, answer requests) and return `None`, or return
 /// the message for the phase logic's queue ([`Pair::next`]). An error that is not a
-/// broken link ([`Failure::into_link`]) ends the session.
+/// broken link ([`Failure::into_link`]) ends the session: that connection is read no
+/// more, and the phase logic gets the error with the pair still up, to tell the peer why
+/// ([`Pair::shut`]) before it ends it.
 pub trait Inbound: Send + Sync {
     /// The protocol's messages.
     type Message: Send + 'static;
@@ -176,6 +178,17 @@ enum Queued<M, E> {
 
 type Handler<M, E> = Arc<dyn Inbound<Message = M, Error = E>>;
 
+/// Fails a pair's session from a thread of its own ([`Pair::failing`]).
+pub struct Failing<M, E>(mpsc::Sender<Queued<M, E>>);
+
+impl<M, E> Failing<M, E> {
+    /// The phase logic's next message is `e` (an error that ends the session, met off the
+    /// readers: a stream that cannot read a page); the pair stays up for it to say why.
+    pub fn fail(&self, e: E) {
+        let _ = self.0.send(Queued::Failed(e));
+    }
+}
+
 /// A live connection pair with its reader and heartbeat threads. Dropping it cuts both
 /// connections and joins the threads.
 pub struct Pair<M, E> {
@@ -188,6 +201,7 @@ pub struct Pair<M, E> {
     /// Greater than every pair's started before it in this process.
     pub epoch: u64,
     queue: mpsc::Receiver<Queued<M, E>>,
+    failing: mpsc::Sender<Queued<M, E>>,
     forward: Option<Arc<Forward>>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -249,6 +263,7 @@ impl<M: Send + 'static, E: Failure> Pair<M, E> {
             cutter,
             epoch,
             queue,
+            failing: tx,
             forward,
             threads,
         })
@@ -310,6 +325,11 @@ impl<M: Send + 'static, E: Failure> Pair<M, E> {
         }
         let until = Instant::now() + within;
         while let Ok(Some(_)) = self.next_within(until.saturating_duration_since(Instant::now())) {}
+    }
+
+    /// Fails the session from another thread (the phase logic hears it next).
+    pub fn failing(&self) -> Failing<M, E> {
+        Failing(self.failing.clone())
     }
 
     /// Cuts both connections (the readers then end).
@@ -376,7 +396,8 @@ fn read_loop<M: Send + 'static, E: Failure>(
                 }
             }
             Err(Ok(e)) => break Queued::Broken.with_cut(cutter, e),
-            Err(Err(e)) => break Queued::Failed(e).with_cut(cutter, LinkError::Cut),
+            // Not cut: the phase logic may tell the peer why first (`Pair::shut`).
+            Err(Err(e)) => break Queued::Failed(e),
         }
     };
     let _ = tx.send(failed);

@@ -212,11 +212,7 @@ impl Receiver {
             }
             // Nothing but pages may come before every page is here.
             if let Some((channel, msg)) = pair.next_within(Duration::from_millis(2))? {
-                return Err(Error::Unexpected {
-                    expected: "pages",
-                    got: msg.name(),
-                    channel,
-                });
+                return Err(crate::error::unexpected(msg, "pages", channel));
             }
         }
         Ok(())

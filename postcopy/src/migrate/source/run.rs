@@ -334,12 +334,12 @@ impl<'m> Run<'m> {
         let needed = self.sender.need.count() as u64;
         self.progress().needed.store(needed, Ordering::Relaxed);
         let (sender, background) = (self.sender.clone(), self.m.opts.background);
-        let (main, cutter) = (&pair.main, &pair.cutter);
+        let (main, cutter, failing) = (&pair.main, &pair.cutter, pair.failing());
         let verdict = std::thread::scope(|s| {
             let streamed = std::thread::Builder::new()
                 .name("pc-stream".into())
-                .spawn_scoped(s, || {
-                    let r = sender.stream(main, cutter, background);
+                .spawn_scoped(s, move || {
+                    let r = sender.stream((main, cutter), &failing, background);
                     r.map(|()| Instant::now())
                 })
                 .map_err(Error::io("start the stream"))?;
