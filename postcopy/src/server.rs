@@ -267,7 +267,10 @@ fn serve(
     let pair = link::start((main, urgent), cutter, &advise, sender.clone(), timing)?;
     // The client says what it has; the stream brings the rest.
     match pair.next("RECV_BITMAP", timing.give_up_after)? {
-        (_, Message::RecvBitmap { words }) => sender.need.store_complement_of(&words)?,
+        (_, Message::RecvBitmap { words }) => {
+            sender.need.store_complement_of(&words)?;
+            sender.planned();
+        }
         (channel, other) => return Err(unexpected(other, "RECV_BITMAP", channel)),
     }
     std::thread::scope(|s| {

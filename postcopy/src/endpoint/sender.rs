@@ -91,6 +91,11 @@ pub(crate) struct Sender {
     answered: Bitmap,
     cursor: AtomicU64,
     answering: AtomicBool,
+    /// Whether `need` holds this pair's plan ([`Sender::planned`]); read and written under
+    /// `urgent_scratch`'s lock.
+    planned: AtomicBool,
+    /// Held by each answer, and by [`Sender::planned`]: no answer runs between a plan's
+    /// store and the removal of what was answered before it.
     urgent_scratch: Mutex<Vec<u8>>,
     stats: Arc<SendStats>,
     #[cfg(feature = "fault-injection")]
@@ -108,6 +113,7 @@ impl Sender {
             answered: Bitmap::new(count as usize),
             cursor: AtomicU64::new(0),
             answering: AtomicBool::new(false),
+            planned: AtomicBool::new(false),
             urgent_scratch: Mutex::new(vec![0; per_frame as usize * ps]),
             pages,
             ps,
@@ -122,7 +128,29 @@ impl Sender {
     /// A new connection pair begins (the last one is gone, its threads joined): nothing is
     /// on its way any more.
     pub fn new_pair(&self) {
+        let _answers = self
+            .urgent_scratch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        self.planned.store(false, STAT);
         self.answered.clear_all();
+    }
+
+    /// `need` now holds the pair's plan (stored from the peer's RECV_BITMAP): the pages
+    /// answered on this pair before it are on their way, so not needed again, and from
+    /// now on a requested page no longer needed counts as resent (before, `need` said
+    /// nothing of what the peer holds).
+    pub fn planned(&self) {
+        let _answers = self
+            .urgent_scratch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for run in self.answered.runs() {
+            for p in run {
+                self.need.clear(p);
+            }
+        }
+        self.planned.store(true, STAT);
     }
 
     /// Answers REQ_PAGES from now on (before, a request is an unexpected message).
@@ -194,9 +222,9 @@ impl Sender {
                 while p < end && !self.answered.set(p as usize) {
                     p += 1;
                 }
-                let mut resent = 0;
+                let (mut resent, planned) = (0, self.planned.load(STAT));
                 for q in first..p {
-                    if !self.need.clear(q as usize) {
+                    if !self.need.clear(q as usize) && planned {
                         resent += 1; // the stream took it
                     }
                 }

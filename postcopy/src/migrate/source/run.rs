@@ -195,6 +195,7 @@ impl<'m> Run<'m> {
                 // It handled LISTEN, so every precopy page before it had landed.
                 self.unconfirmed.confirm_all();
                 self.sender.need.store_complement_of(&present.to_words())?;
+                self.sender.planned();
             }
             _ => return Err(Error::refused(Refusal::Step { step })),
         }

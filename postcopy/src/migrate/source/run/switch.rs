@@ -133,6 +133,7 @@ impl Run<'_> {
         for run in self.dirty.runs() {
             need.set_range(run)?;
         }
+        self.sender.planned();
         let ranges = self.sent_and_dirty();
         if self.needed_at_switch == 0 {
             self.discarded += ranges.iter().map(|r| r.count).sum::<u64>();
