@@ -19,6 +19,7 @@ fn limits() -> Limits {
             first_page: 0,
             pages: 1 << 20,
         }],
+        image: 0,
     })
 }
 

@@ -279,8 +279,16 @@ impl Client {
             since,
             |d| sleep(d, &self.stop),
             |mut main, urgent| {
-                if read_advise(&mut main)? != self.advise {
-                    return Err(Error::refused(Refusal::GeometryChanged));
+                let advise = read_advise(&mut main)?;
+                if advise != self.advise {
+                    let same_geometry = Advise {
+                        image: self.advise.image,
+                        ..advise
+                    } == self.advise;
+                    return Err(Error::refused(match same_geometry {
+                        true => Refusal::ImageChanged,
+                        false => Refusal::GeometryChanged,
+                    }));
                 }
                 link::pair((main, urgent), &self.advise, self.receiver.clone(), &timing)
             },

@@ -21,6 +21,10 @@ pub enum Refusal {
     /// The geometry advised on a reconnection differs from the first one.
     #[error("the geometry changed on reconnection")]
     GeometryChanged,
+    /// The geometry is the same on a reconnection, but the image is another (a page
+    /// server restarted with another snapshot of the same size).
+    #[error("the peer sends another image than before the break (restarted with another?)")]
+    ImageChanged,
     /// Geometry this endpoint cannot serve.
     #[error("unsupported geometry: {0}")]
     Geometry(&'static str),

@@ -43,6 +43,12 @@ pub struct ServerOptions {
     /// The page size served (one of [`PAGE_SIZES`]): the clients' guest memory's, as
     /// their pagers place whole pages.
     pub page_size: usize,
+    /// The image's identity in ADVISE, which a client resuming after a break must find
+    /// unchanged ([`Refusal::ImageChanged`](crate::Refusal::ImageChanged) otherwise).
+    /// `None`: a random one per server, so a client never resumes against another server
+    /// process; name one (a digest of the image, or of its file's identity) to let clients
+    /// resume across a restart serving the same image.
+    pub image: Option<u64>,
 }
 
 impl Default for ServerOptions {
@@ -51,6 +57,7 @@ impl Default for ServerOptions {
             timing: Timing::default(),
             admission: Admission::default(),
             page_size: 4096,
+            image: None,
         }
     }
 }
@@ -166,13 +173,17 @@ impl PageServer {
             page_size,
             source,
         });
+        let id = match opts.image {
+            Some(id) => id,
+            None => transport::key::session_id()?,
+        };
         let stats = Arc::new(SendStats::default());
         let s = stats.clone();
         let deliver = Box::new(move |arrival: Arrival| {
             let (image, stats) = (image.clone(), s.clone());
             let served = std::thread::Builder::new()
                 .name("pc-serve".into())
-                .spawn(move || match serve(image, stats, arrival, &timing) {
+                .spawn(move || match serve((image, id), stats, arrival, &timing) {
                     Ok(()) => log::info!("a client finished its restore"),
                     Err(e) if e.is_link() => {
                         log::info!("a client's connection broke: {}", crate::error::chain(&e))
@@ -239,7 +250,7 @@ impl PageServer {
 /// Serves one connection pair of a client session until the client is done or the
 /// pair breaks.
 fn serve(
-    image: Arc<dyn Pages>,
+    (image, id): (Arc<dyn Pages>, u64),
     stats: Arc<SendStats>,
     arrival: Arrival,
     timing: &Timing,
@@ -260,6 +271,7 @@ fn serve(
             first_page: 0,
             pages,
         }],
+        image: id,
     };
     main.w.send(&Message::Advise(advise.clone()))?;
     let sender = Arc::new(Sender::new(image, stats));

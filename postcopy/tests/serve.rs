@@ -433,3 +433,72 @@ fn a_server_that_cannot_read_a_page_says_why_and_the_client_fails_its_pager_with
         "{err:?}"
     );
 }
+
+/// A page server restarted at the same address while a client is cut off from it: the
+/// client resumes only against the same image. Another image of the same size (a newer
+/// snapshot) is refused (`ImageChanged`) and the pager fails with it — the client used to
+/// resume and mix the two images' pages in one guest; the same image, named by the
+/// embedder (`ServerOptions::image`), is resumed from byte for byte.
+#[test]
+fn a_client_resumes_only_against_the_same_image_after_its_server_restarted() {
+    let pages = 256;
+    let (old, new) = (
+        common::image(pages),
+        common::image(pages + 1)[PS..].to_vec(),
+    );
+    assert_ne!(old, new);
+    for (named, restarted_with) in [(false, &new), (true, &old)] {
+        let image = named.then_some(0x5eed);
+        let serve = |bytes: &[u8], at: &str| {
+            let opts = ServerOptions {
+                timing: common::test_timing(),
+                image,
+                ..ServerOptions::default()
+            };
+            let source = Arc::new(MemorySource::new(bytes.to_vec()));
+            PageServer::bind_with(&at.parse().expect("addr"), source, key(), opts)
+        };
+        let first = serve(&old, "127.0.0.1:0").expect("bind");
+        let Addr::Tcp(at) = first.local_addr().unwrap() else {
+            unreachable!("a TCP server")
+        };
+        let opts = ProxyOptions {
+            classify: common::channel_of,
+            counted: "main",
+            direction: Direction::ToOpener,
+            settle: 4096,
+        };
+        let proxy = Proxy::start(at, opts).expect("proxy");
+        let addr = Addr::Tcp(proxy.addr());
+        let source = RemoteSource::connect_with(&addr, key(), common::test_timing());
+        let source = Arc::new(source.expect("connect"));
+        // Cut off before a page moved; the old server goes; the new one binds its port.
+        proxy.partition(true);
+        proxy.cut_now(CutMode::Reset, Target::All);
+        drop(first);
+        let until = Instant::now() + Duration::from_secs(20);
+        let _second = loop {
+            match serve(restarted_with, &at.to_string()) {
+                Ok(s) => break s,
+                Err(e) => assert!(Instant::now() < until, "rebind {at}: {e}"),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        proxy.partition(false);
+        if named {
+            common::restore_from(source.clone(), &old, 1);
+            continue;
+        }
+        let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("memory");
+        let pager = common::pager_for(source.clone(), &memory);
+        while !pager.has_stopped() {
+            assert!(
+                Instant::now() < until,
+                "the client never refused the new image"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let err = pager.stop().expect_err("the pager failed");
+        assert!(format!("{err:?}").contains("ImageChanged"), "{err:?}");
+    }
+}

@@ -19,26 +19,31 @@ fn range() -> impl Strategy<Value = PageRange> {
 
 fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
-        proptest::collection::vec((1u64..1000, 1u64..1000), 0..20).prop_map(|gaps| {
-            let mut first = 0;
-            let regions = gaps
-                .into_iter()
-                .map(|(gap, pages)| {
-                    let r = WireRegion {
-                        first_page: first + gap,
-                        pages,
-                    };
-                    first += gap + pages;
-                    r
+        (
+            proptest::collection::vec((1u64..1000, 1u64..1000), 0..20),
+            any::<u64>()
+        )
+            .prop_map(|(gaps, image)| {
+                let mut first = 0;
+                let regions = gaps
+                    .into_iter()
+                    .map(|(gap, pages)| {
+                        let r = WireRegion {
+                            first_page: first + gap,
+                            pages,
+                        };
+                        first += gap + pages;
+                        r
+                    })
+                    .collect();
+                Message::Advise(Advise {
+                    page_size: 4096,
+                    page_count: PAGES,
+                    features: Features::ZERO_RUNS,
+                    regions,
+                    image,
                 })
-                .collect();
-            Message::Advise(Advise {
-                page_size: 4096,
-                page_count: PAGES,
-                features: Features::ZERO_RUNS,
-                regions,
-            })
-        }),
+            }),
         proptest::collection::vec(range(), 0..50).prop_map(|ranges| Message::Discard { ranges }),
         proptest::collection::vec(range(), 0..50).prop_map(|ranges| Message::ReqPages { ranges }),
         Just(Message::Listen),
@@ -270,6 +275,7 @@ fn advise_geometry_is_checked() {
                 pages: 10,
             },
         ],
+        image: 0,
     });
     assert!(matches!(
         decode(&frame(&overlapping), &Limits::default()),
@@ -280,6 +286,7 @@ fn advise_geometry_is_checked() {
         page_count: 100,
         features: Features::empty(),
         regions: vec![],
+        image: 0,
     });
     assert!(matches!(
         decode(&frame(&odd_page), &Limits::default()),
@@ -293,6 +300,7 @@ fn advise_geometry_is_checked() {
             first_page: 90,
             pages: 20,
         }],
+        image: 0,
     });
     assert!(matches!(
         decode(&frame(&beyond), &Limits::default()),

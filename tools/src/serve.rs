@@ -64,8 +64,9 @@ pub fn run(args: &Args) -> Result<()> {
         ..Timing::default()
     };
     // A regular file, checked without blocking: a FIFO at the path would hang the open.
-    uffd_core::private_fs::open_regular(&args.image, false)
+    let file = uffd_core::private_fs::open_regular(&args.image, false)
         .with_context(|| format!("open {}", args.image.display()))?;
+    let id = identity(&file).with_context(|| format!("stat {}", args.image.display()))?;
     let image =
         FileSource::mmap(&args.image).with_context(|| format!("open {}", args.image.display()))?;
     let len = image.len();
@@ -74,6 +75,7 @@ pub fn run(args: &Args) -> Result<()> {
         timing,
         admission,
         page_size: args.page_size,
+        image: Some(id),
     };
     let kind = security.kind();
     let server = socket_file.bind(
@@ -125,4 +127,18 @@ fn strangers(s: &postcopy::server::ServerStats) -> String {
         "; {} in handshake, {} refused, {} timed out, {} evicted, {} busy",
         s.handshaking, s.refused, s.timed_out, s.evicted, s.busy
     )
+}
+
+/// The image file's identity for ADVISE (`ServerOptions::image`): its device, inode, size
+/// and modification time, hashed. A client that lost its connection resumes against this
+/// server restarted on the same unchanged file, and is refused by one serving another
+/// file, or this one rewritten (std's hasher: stable for one build of uffdkit; a server
+/// of another build is, at worst, refused as another image).
+fn identity(file: &std::fs::File) -> std::io::Result<u64> {
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata()?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()).hash(&mut h);
+    Ok(h.finish())
 }

@@ -154,6 +154,7 @@ fn advise(r: &mut Reader<'_>, limits: &Limits) -> Result<Advise, WireError> {
         page_count,
         features,
         regions,
+        image: r.u64()?,
     })
 }
 

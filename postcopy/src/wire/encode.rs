@@ -25,6 +25,7 @@ impl Message {
                     w.u64(r.first_page);
                     w.u64(r.pages);
                 }
+                w.u64(a.image);
             }
             Message::Discard { ranges: r } | Message::ReqPages { ranges: r } => ranges(w, r),
             Message::Listen | Message::End => {}

@@ -28,8 +28,9 @@ pub const MAGIC: [u8; 8] = *b"UFFDKPC\0";
 /// delivered only once a SYNC after them is answered with SYNCED; 5: RUN carries the
 /// source's opaque device state, handed to the destination's embedder before it resumes;
 /// 6: DIGESTS are XXH3-64 of each page; 7: on a TLS connection PAGES frames carry no
-/// checksum, the AEAD authenticating them).
-pub const VERSION: u16 = 7;
+/// checksum, the AEAD authenticating them; 8: ADVISE names the image, so a client
+/// resuming after a break refuses a server now serving another one).
+pub const VERSION: u16 = 8;
 /// Where a PAGES body's page data begins (after the first page's number): the byte a
 /// receiver aligns to move whole pages out of its buffer
 /// (`transport::conn::FrameReader::align_bodies`).
@@ -107,6 +108,10 @@ pub struct Advise {
     pub features: Features,
     /// The regions, sorted and disjoint, within `page_count`.
     pub regions: Vec<WireRegion>,
+    /// Which pages these are: the same on every pair of a session, so that a pair that
+    /// resumes it after a break is refused if the sender now sends other ones (a page
+    /// server restarted with another image of the same size) rather than mixing them.
+    pub image: u64,
 }
 
 /// Every message.

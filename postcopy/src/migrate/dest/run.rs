@@ -118,7 +118,14 @@ impl<'d> DestRun<'d> {
     /// RECV_BITMAP and the step go back.
     fn adopt(&mut self, mut arrival: Arrival, advise: Advise) -> Result<(), Error> {
         if advise != self.advise {
-            let e = Refusal::GeometryChanged;
+            let e = match (Advise {
+                image: self.advise.image,
+                ..advise
+            }) == self.advise
+            {
+                true => Refusal::ImageChanged,
+                false => Refusal::GeometryChanged,
+            };
             transport::handshake::refuse(&mut arrival.conns.0, ShutReason::Error, &e.to_string());
             return Err(Error::refused(e));
         }

@@ -92,6 +92,8 @@ impl<'m> Run<'m> {
                     first_page: 0,
                     pages,
                 }],
+                // The memory of this run, whichever pair carries it.
+                image: transport::key::session_id()?,
             },
             step: step::ADVISED,
             rounds: Vec::new(),
