@@ -81,7 +81,7 @@ impl Bitmap {
         if i >= self.len {
             return Err(Error::OutOfRange {
                 start: i,
-                end: i + 1,
+                end: i.saturating_add(1),
                 len: self.len,
             });
         }

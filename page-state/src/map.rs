@@ -92,7 +92,7 @@ impl PageStateMap {
     /// The state of page `page`.
     #[inline]
     pub fn get(&self, page: usize) -> Result<PageState, Error> {
-        self.check(page, page + 1)?;
+        self.check(page, page.saturating_add(1))?;
         let shift = 2 * (page % PAGES_PER_WORD);
         Ok(PageState::from_bits(
             self.words[page / PAGES_PER_WORD].load(LOAD) >> shift,
@@ -142,7 +142,7 @@ impl PageStateMap {
         if page >= self.len {
             return Err(Error::OutOfRange {
                 start: page,
-                end: page + 1,
+                end: page.saturating_add(1),
                 len: self.len,
             });
         }

@@ -92,3 +92,15 @@ fn illegal_transitions_name_page_state_and_transition() {
     }
     assert!(map.get(40).is_err(), "out of range");
 }
+
+/// The last index there is: out of range like any other, never an overflow panic while
+/// the error names the range (`i + 1` overflowed in debug builds).
+#[test]
+fn the_largest_index_is_out_of_range_not_an_overflow() {
+    let bits = page_state::Bitmap::new(10);
+    assert!(!bits.test(usize::MAX));
+    assert!(bits.set(usize::MAX), "beyond the end reads as set");
+    assert!(!bits.clear(usize::MAX));
+    let map = page_state::PageStateMap::new(10);
+    assert!(map.get(usize::MAX).is_err());
+}

@@ -237,7 +237,10 @@ impl Shared {
                 } else {
                     ZeropageMode::DONTWAKE
                 };
-                self.uffd.zeropage(p.addr, len, mode)
+                // SAFETY: the range is the pager's to fill, as for COPY (its regions'
+                // contract, or mappings it checked): anonymous or shared memory whose
+                // missing pages the pager decides, never a private mapping of a file.
+                unsafe { self.uffd.zeropage(p.addr, len, mode) }
             }
             (Resolve::Copy, _) => self.place_zeros_by_copy(p, count, wake),
             (Resolve::Continue { alias }, content) => {

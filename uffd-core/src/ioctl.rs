@@ -5,9 +5,11 @@
 //! as [`Error::Again`] with the bytes done, whichever way the kernel encoded it.
 //!
 //! Which of them are `unsafe`: those that make *content* appear in memory (copy, continue,
-//! move — move also takes pages away from its source). Zero pages and poison markers
-//! cannot give memory a value other than what an untouched anonymous page would have, or
-//! a fault, so they are safe.
+//! move — move also takes pages away from its source), and zeropage: zeros are what an
+//! untouched anonymous page holds, but in a private mapping of a file (a binary or a
+//! library on tmpfs, a memfd mapped `MAP_PRIVATE`: registrable in MISSING mode) a missing
+//! page must read as the file, and the kernel maps the zero page there all the same.
+//! Poison markers give no value at all, only a fault, so poison is safe.
 
 use std::os::fd::AsRawFd;
 
@@ -141,7 +143,14 @@ impl Uffd {
     /// `[start, start + len)`. Not available on hugetlb ranges.
     ///
     /// See `ioctl_userfaultfd(2)`, `UFFDIO_ZEROPAGE`. Since Linux 4.3.
-    pub fn zeropage(&self, start: usize, len: usize, mode: ZeropageMode) -> Result<usize> {
+    ///
+    /// # Safety
+    /// `[start, start + len)` lies in a range registered with this fd, in the address space
+    /// this fd serves, and the caller is entitled to decide that its missing pages read as
+    /// zeros: no code there relies on them reading as anything else — in particular the
+    /// range is not a private mapping of a file (the kernel maps the zero page over the
+    /// file's data there: a `static` of a binary on tmpfs would change).
+    pub unsafe fn zeropage(&self, start: usize, len: usize, mode: ZeropageMode) -> Result<usize> {
         check_range(Op::Zeropage, start, len)?;
         let mut arg = sys::uffdio_zeropage {
             range: sys::uffdio_range {

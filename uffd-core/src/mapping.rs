@@ -159,8 +159,13 @@ impl Mapping {
     /// 2 MiB so that transparent huge pages can back it.
     pub fn anon_aligned(len: usize, align: usize) -> io::Result<Mapping> {
         assert!(align.is_power_of_two(), "alignment must be a power of two");
-        let len = len.next_multiple_of(crate::page_size());
-        let raw_len = len + align;
+        // Checked: a length that wraps would map a little and trim (unmap) memory that is
+        // not ours, then claim a mapping of almost the whole address space.
+        let too_large = || io::Error::new(io::ErrorKind::InvalidInput, "mapping too large");
+        let len = len
+            .checked_next_multiple_of(crate::page_size())
+            .ok_or_else(too_large)?;
+        let raw_len = len.checked_add(align).ok_or_else(too_large)?;
         let raw = mmap(
             raw_len,
             RW,
@@ -364,6 +369,17 @@ mod tests {
 
     /// An offset and length whose sum wraps around must not pass the bounds check and
     /// reach memory outside the mapping (in a release build the sum wrapped silently).
+    /// A length that wraps when rounded up and padded for alignment is refused; it used to
+    /// map a page, unmap one below it that was not ours, and claim a mapping of almost the
+    /// whole address space (whose bounds checks then let safe calls reach anything).
+    #[test]
+    fn an_aligned_mapping_too_large_to_be_is_refused() {
+        let e = Mapping::anon_aligned(usize::MAX - 4095, 8192).expect_err("wraps");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+        let e = Mapping::anon_aligned(usize::MAX - 100, 4096).expect_err("wraps");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+    }
+
     #[test]
     #[should_panic(expected = "madvise range beyond the mapping")]
     fn a_madvise_range_that_wraps_around_is_refused() {

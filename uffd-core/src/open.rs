@@ -371,14 +371,14 @@ impl AsRawFd for Uffd {
 
 /// Reads the `API:` line of `/proc/self/fdinfo/FD` (`API:\t<api>:<features>:<ioctls>`).
 fn negotiated_features(fd: BorrowedFd<'_>) -> Result<Features> {
-    let not_uffd = Error::InvalidArgument {
+    let not_uffd = || Error::InvalidArgument {
         op: Op::Adopt,
         reason: "not a userfaultfd that has been through UFFDIO_API",
     };
     let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
         .map_err(|_| not_uffd_errno())?;
     if link.as_os_str() != "anon_inode:[userfaultfd]" {
-        return Err(not_uffd);
+        return Err(not_uffd());
     }
     let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))
         .map_err(|_| not_uffd_errno())?;
@@ -387,7 +387,11 @@ fn negotiated_features(fd: BorrowedFd<'_>) -> Result<Features> {
         .find_map(|l| l.strip_prefix("API:"))
         .and_then(|rest| rest.trim().split(':').nth(1))
         .and_then(|hex| u64::from_str_radix(hex, 16).ok())
-        .ok_or(not_uffd)?;
+        .ok_or_else(not_uffd)?;
+    // The kernel's UFFD_FEATURE_INITIALIZED: set by UFFDIO_API, and only by it.
+    if features & INTERNAL_FEATURE_BITS == 0 {
+        return Err(not_uffd());
+    }
     let features = features & !INTERNAL_FEATURE_BITS;
     Ok(Features::from_bits_retain(features))
 }

@@ -156,7 +156,9 @@ fn placements_return_again_with_nothing_done_while_a_remove_is_unread() {
     // SAFETY: a missing page of our registered region.
     let copy = unsafe { uffd.copy(dst, &data, CopyMode::empty()) };
     again(copy, "copy");
-    again(uffd.zeropage(dst, PS, ZeropageMode::empty()), "zeropage");
+    // SAFETY: as for the copy.
+    let zero = unsafe { uffd.zeropage(dst, PS, ZeropageMode::empty()) };
+    again(zero, "zeropage");
     // SAFETY: dst as above; src is our own page.
     let moved = unsafe { uffd.move_pages(dst, src.addr(), PS, MoveMode::empty()) };
     again(moved, "move");
@@ -212,8 +214,8 @@ fn fault_events_carry_the_faulting_thread_id_when_asked() {
         Event::Pagefault { thread, .. } => assert_eq!(thread, Some(tid)),
         other => panic!("{other:?}"),
     }
-    uffd.zeropage(addr, PS, ZeropageMode::empty())
-        .expect("zeropage");
+    // SAFETY: a missing page of our own registered anonymous region.
+    unsafe { uffd.zeropage(addr, PS, ZeropageMode::empty()) }.expect("zeropage");
     reader.join().expect("reader");
 }
 
@@ -253,7 +255,8 @@ fn many_faults_are_read_in_one_batch() {
         uffd_core::ReadStatus::Events(pages),
         "one read returns every pending fault"
     );
-    uffd.zeropage(region.addr(), region.len(), ZeropageMode::empty())
+    // SAFETY: our own registered region, every page of it ours to decide.
+    unsafe { uffd.zeropage(region.addr(), region.len(), ZeropageMode::empty()) }
         .expect("zeropage all");
     for r in readers {
         assert_eq!(r.join().expect("reader"), 0);

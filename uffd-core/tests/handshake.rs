@@ -136,6 +136,11 @@ fn adopting_a_non_uffd_fails_clearly() {
         .into();
     let err = Uffd::from_fd(file).expect_err("a file is no userfaultfd");
     assert!(err.to_string().contains("not a userfaultfd"), "{err}");
+    // A userfaultfd that never went through UFFDIO_API is refused too, as documented (it
+    // was adopted with no features, and every call on it then failed with EINVAL).
+    let fresh = Uffd::builder().open_unnegotiated().expect("open");
+    let err = Uffd::from_fd(fresh.into_fd()).expect_err("not negotiated");
+    assert!(err.to_string().contains("UFFDIO_API"), "{err}");
 }
 
 #[test]

@@ -73,16 +73,16 @@ fn zeropage_reads_as_zero_and_is_refused_on_hugetlb() {
         uffd.register(region.addr(), region.len(), RegisterMode::MISSING)
             .expect("register");
         if kind.is_hugetlb() {
-            let err = uffd
-                .zeropage(region.addr(), ps, ZeropageMode::empty())
+            // SAFETY: our own registered region (refused: hugetlb).
+            let err = unsafe { uffd.zeropage(region.addr(), ps, ZeropageMode::empty()) }
                 .expect_err("no ZEROPAGE on hugetlb");
             assert_eq!(err.errno(), Some(Errno::EINVAL), "{err}");
             continue;
         }
         let reader = read_on_thread(region.addr() + 7);
         let (addr, _) = fault_addr(next_event(&uffd, &mut EventBuffer::new(4)));
-        uffd.zeropage(addr, ps, ZeropageMode::empty())
-            .expect("zeropage");
+        // SAFETY: a missing page of our own registered region (anonymous or shared).
+        unsafe { uffd.zeropage(addr, ps, ZeropageMode::empty()) }.expect("zeropage");
         assert_eq!(reader.join().expect("reader"), 0);
         // SAFETY: present now.
         let present = unsafe { bytes(addr, ps) };
@@ -112,7 +112,8 @@ fn copy_onto_present_page_reports_exists_then_wake_releases_waiter() {
             "{kind:?}: {again:?}"
         );
         if !kind.is_hugetlb() {
-            let zero = uffd.zeropage(addr, ps, ZeropageMode::DONTWAKE);
+            // SAFETY: our own registered region (refused: present).
+            let zero = unsafe { uffd.zeropage(addr, ps, ZeropageMode::DONTWAKE) };
             assert!(
                 matches!(zero, Err(Error::Exists { .. })),
                 "{kind:?}: {zero:?}"

@@ -23,8 +23,11 @@ impl Raw {
         let page = addr & !(self.page_size - 1);
         let at = (page - self.base) % self.image.len();
         let r = if self.zero {
-            self.uffd
-                .zeropage(page, self.page_size, ZeropageMode::empty())
+            // SAFETY: `page` is a missing page of the bench's own registered region.
+            unsafe {
+                self.uffd
+                    .zeropage(page, self.page_size, ZeropageMode::empty())
+            }
         } else {
             // SAFETY: `page` is a missing page of the bench's registered region.
             unsafe {

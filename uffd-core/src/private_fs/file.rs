@@ -163,7 +163,7 @@ pub fn read_secret(path: &Path, max: u64, allow_shared: bool) -> Result<Vec<u8>>
     }
     let mut out = Vec::new();
     // One byte more than allowed tells a too-long file from one at the bound.
-    file.take(max + 1)
+    file.take(max.saturating_add(1))
         .read_to_end(&mut out)
         .map_err(|source| FsError::Io {
             op: "read",
