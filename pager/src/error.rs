@@ -223,12 +223,6 @@ pub enum HandshakeError {
         /// Its page size.
         size: u64,
     },
-    /// A region without `page_size` or `page_size_kib`.
-    #[error("region at {base:#x}: no page_size or page_size_kib")]
-    NoPageSize {
-        /// The region's base address.
-        base: u64,
-    },
     /// A region this process cannot address.
     #[error("region at {base:#x} of {size} bytes lies beyond this process's address space")]
     AddressSpace {

@@ -54,17 +54,16 @@ pub struct GuestRegion {
 }
 
 impl GuestRegion {
-    /// The region's page size: `page_size`, else `page_size_kib`; 4 KiB or 2 MiB.
+    /// The region's page size: `page_size` (Firecracker 1.12 on), else `page_size_kib`
+    /// (1.7 to 1.11, in bytes despite its name), else 4 KiB (before 1.7, which sent
+    /// neither and had no huge pages); 4 KiB or 2 MiB.
     pub fn page_size(&self) -> Result<usize, HandshakeError> {
-        match self.page_size.or(self.page_size_kib) {
-            Some(4096) => Ok(4096),
-            Some(2097152) => Ok(2 << 20),
-            Some(size) => Err(HandshakeError::PageSize {
+        match self.page_size.or(self.page_size_kib).unwrap_or(4096) {
+            4096 => Ok(4096),
+            2097152 => Ok(2 << 20),
+            size => Err(HandshakeError::PageSize {
                 base: self.base_host_virt_addr,
                 size,
-            }),
-            None => Err(HandshakeError::NoPageSize {
-                base: self.base_host_virt_addr,
             }),
         }
     }
@@ -107,7 +106,6 @@ impl HandshakeError {
             | Self::TooLarge(_)
             | Self::NoRegions
             | Self::PageSize { .. }
-            | Self::NoPageSize { .. }
             | Self::AddressSpace { .. } => true,
         }
     }
@@ -333,8 +331,9 @@ impl Default for ServeOptions {
     }
 }
 
-/// Serves the handshake's regions from `source` until the VMM closes the connection
-/// (exits) or its process is gone. Returns the final counters.
+/// Serves the handshake's regions from `source` until the VMM's process exits (see
+/// `wait_for_exit`: not when it closes the connection, which Firecracker before 1.12 does
+/// right after the handshake). Returns the final counters.
 pub fn serve(
     hs: Handshake,
     source: Arc<dyn Source>,
@@ -389,25 +388,68 @@ fn serve_inner(
         builder = builder.record(path);
     }
     let pager = builder.start()?;
-    wait_for_eof(&hs.stream, &pager);
+    wait_for_exit(&hs.stream, (hs.peer, hs.peer_pidfd.as_ref()), &pager);
     pager.stop()
 }
 
-/// Blocks until the peer closes the connection or the pager stops by itself.
-fn wait_for_eof(stream: &UnixStream, pager: &Pager) {
+/// Blocks until the VMM's process exits or the pager stops by itself.
+///
+/// Not until the connection closes: Firecracker before 1.12 drops its end of the socket
+/// right after sending the handshake (`send_uffd_handshake` returned with the socket a
+/// local; 1.12 keeps it open), while it goes on running on the userfaultfd it keeps.
+/// The process is watched through a pidfd — `SO_PEERPIDFD`'s, or `pidfd_open(2)` of the
+/// `SO_PEERCRED` pid where the kernel gives no such option (a pid the connected peer
+/// still holds: it waits for its pages) — readable once it exits. Only with neither
+/// (a kernel before 5.3) does the connection's end stand for the process's.
+fn wait_for_exit(
+    stream: &UnixStream,
+    (peer, peer_pidfd): (Option<PeerCredentials>, Option<&OwnedFd>),
+    pager: &Pager,
+) {
+    let opened = match (peer_pidfd, peer) {
+        (Some(_), _) => None,
+        (None, Some(peer)) => pidfd_open(peer.pid).ok(),
+        (None, None) => None,
+    };
+    let pidfd = peer_pidfd.or(opened.as_ref());
     let mut sink = [0u8; 256];
+    let mut open = true;
     loop {
-        let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+        let mut fds = Vec::with_capacity(2);
+        if let Some(fd) = pidfd {
+            fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+        }
+        if open {
+            fds.push(PollFd::new(stream.as_fd(), PollFlags::POLLIN));
+        }
         let n = poll(&mut fds, PollTimeout::from(50u8)).unwrap_or(0);
-        if pager.has_stopped() {
+        let exited = pidfd.is_some() && fds[0].any().unwrap_or(false);
+        let readable = open && fds.last().and_then(|f| f.any()).unwrap_or(false);
+        drop(fds);
+        if pager.has_stopped() || exited {
             return;
         }
-        if n > 0 {
-            // Firecracker never writes after the handshake: data is ignored, EOF ends.
-            match (&*stream).read(&mut sink) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
+        if n > 0 && readable {
+            // Firecracker never writes after the handshake: data is ignored.
+            if let Ok(0) | Err(_) = (&*stream).read(&mut sink) {
+                if pidfd.is_none() {
+                    return;
+                }
+                log::debug!("the VMM closed its end of the socket; serving until it exits");
+                open = false;
             }
         }
     }
+}
+
+/// `pidfd_open(2)` (Linux 5.3): a descriptor for process `pid`, readable once it exits.
+fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open(2) with a pid and no flags; nix does not wrap it. A non-negative
+    // result is a new descriptor we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0u32) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above: ours, open, not owned elsewhere.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
 }

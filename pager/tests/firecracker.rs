@@ -316,6 +316,11 @@ fn malformed_handshakes_are_refused_clearly_without_hanging() {
     let region: firecracker::GuestRegion =
         serde_json::from_str(&kib_only[1..kib_only.len() - 1]).expect("parses");
     assert_eq!(region.page_size().expect("size"), 4096);
+    // Firecracker before 1.7 sent neither field (4 KiB pages only): it was refused, and
+    // so killed, at its handshake.
+    let neither = r#"{"base_host_virt_addr":4096,"size":4096,"offset":0}"#;
+    let region: firecracker::GuestRegion = serde_json::from_str(neither).expect("parses");
+    assert_eq!(region.page_size().expect("size"), 4096);
 }
 
 #[test]

@@ -34,6 +34,15 @@ pub struct ClientArgs {
     /// Drop (MADV_DONTNEED) a quarter of the first region mid-run and expect zeros there.
     #[arg(long)]
     dontneed: bool,
+    /// Close the socket right after the handshake, as Firecracker before 1.12 does
+    /// (it then runs on its userfaultfd alone); by default it stays open until exit, as
+    /// from 1.12.
+    #[arg(long)]
+    close_socket: bool,
+    /// Once every page is verified (the line printed), keep running until stdin closes:
+    /// a VMM that goes on after its restore (the handler serves until it exits).
+    #[arg(long)]
+    hold: bool,
 }
 
 /// Runs `uffdkit fc-client`: maps guest memory as Firecracker does, hands the uffd over,
@@ -80,6 +89,7 @@ pub fn run(args: &ClientArgs) -> Result<()> {
     let started = Instant::now();
     send_fds(&stream, body.as_bytes(), &[uffd.as_fd()]).context("send the region table")?;
     drop(uffd); // the handler owns it now, as with Firecracker
+    let stream = (!args.close_socket).then_some(stream);
     let mut want = vec![0u8; ps];
     let mut zeroed = 0..0;
     for (r, (m, off)) in maps.iter().enumerate() {
@@ -113,8 +123,12 @@ pub fn run(args: &ClientArgs) -> Result<()> {
         elapsed.as_secs_f64() * 1e3,
         resident()
     );
-    drop(stream); // EOF: the handler exits
-    Ok(())
+    if args.hold {
+        std::io::Write::flush(&mut std::io::stdout())?;
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new())?;
+    }
+    drop(stream);
+    Ok(()) // the process exits next: the handler, watching it, stops
 }
 
 /// This process's resident anonymous memory (`RssAnon`): the guest pages placed as data

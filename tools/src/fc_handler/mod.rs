@@ -48,8 +48,10 @@ fatal error (a memory file shorter than the guest, a refused region table, a fai
 source, SIGINT/SIGTERM/SIGHUP) SIGKILLs the Firecracker process (through its pidfd), which \
 would otherwise hang on faults nobody serves; so is a second Firecracker that connects \
 while one is served; --no-kill-peer leaves them running. The \
-socket is removed on every exit. Exit status: 0 when Firecracker closed the connection \
-(it exited) after a clean restore; 1 on failure; 2 on a usage error; 128+N on signal N.";
+socket is removed on every exit. Exit status: 0 when Firecracker exited after a clean \
+restore (its process, watched through a pidfd: Firecracker before 1.12 closes the socket \
+right after the handshake and goes on running); 1 on failure; 2 on a usage error; \
+128+N on signal N.";
 
 /// Options of `uffdkit fc-handler`.
 #[derive(clap::Args, Debug)]

@@ -63,7 +63,7 @@ pub(super) fn summary(
         None => "mixed page sizes".into(),
     };
     let mut lines = vec![format!(
-        "fc-handler: {who} closed the connection after {:.2} s; it had {}.",
+        "fc-handler: {who} exited after {:.2} s; it had {}.",
         elapsed.as_secs_f64(),
         geometry.describe()
     )];

@@ -117,6 +117,26 @@ impl Proc {
         (proc, line)
     }
 
+    /// Starts `cmd` (an `fc-client --hold`) with its stdin piped and reads its first
+    /// stdout line; closing the returned stdin lets it exit.
+    pub fn start_holding(mut cmd: Command) -> (Proc, String, std::process::ChildStdin) {
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn uffdkit");
+        let stdin = child.stdin.take().expect("piped stdin");
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut out, &mut line);
+        let err = drain(child.stderr.take());
+        let proc = Proc {
+            child: Some(child),
+            out: drain(Some(out)),
+            err,
+        };
+        (proc, line, stdin)
+    }
+
     /// Starts `cmd` as configured.
     pub fn start_with(cmd: &mut Command) -> Proc {
         let mut child = cmd.spawn().expect("spawn uffdkit");
