@@ -415,3 +415,106 @@ fn fc_handler_cut_off_from_its_page_server_gives_up_and_kills_the_vmm() {
         started.elapsed()
     );
 }
+
+/// The processes whose command line names `needle`.
+fn naming(needle: &str) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .collect()
+}
+
+/// SIGTERM to `migrate local` takes its processes and its key with it: they were left
+/// running (re-parented, migrating on) and the key stayed on disk. (Its destination is
+/// stopped as soon as it exists, so the run stalls wherever it got to — before or after
+/// the source started — and the signal always comes mid-run.) And a source that fails says
+/// why on the terminal, and the destination is not waited out.
+#[test]
+fn migrate_local_ends_its_processes_and_removes_its_key_when_terminated() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let scratch = temp("mlocal-term");
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).expect("scratch");
+    let mut cmd = uffdkit(["migrate", "local", "--size", "64M"]);
+    cmd.env("TMPDIR", &scratch);
+    let mut run = Proc::start(cmd);
+    let needle = scratch.display().to_string();
+    let until = Instant::now() + Duration::from_secs(30);
+    let dest = loop {
+        let dest = naming(&needle)
+            .into_iter()
+            .find(|&pid| cmdline(pid).contains("migrate\0dest"));
+        if let Some(pid) = dest {
+            break pid;
+        }
+        assert!(
+            !run.exited(),
+            "migrate local ended before its destination ran"
+        );
+        assert!(Instant::now() < until, "its destination never ran");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    kill(Pid::from_raw(dest), Signal::SIGSTOP).expect("stop the destination");
+    run.signal(Signal::SIGTERM);
+    let until = Instant::now() + Duration::from_secs(20);
+    while !run.exited() {
+        assert!(
+            Instant::now() < until,
+            "migrate local did not end on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let until = Instant::now() + Duration::from_secs(10);
+    while !naming(&needle).is_empty() {
+        if Instant::now() > until {
+            let left = naming(&needle);
+            for &pid in &left {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL); // not to hang the test
+            }
+            panic!("left running: {left:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let f = run.finish_within(Duration::from_secs(20));
+    assert_eq!(f.code(), Some(143), "{}", f.text());
+    let left: Vec<_> = std::fs::read_dir(&scratch).expect("scratch").collect();
+    assert!(left.is_empty(), "left on disk: {left:?}");
+    let _ = std::fs::remove_dir_all(&scratch);
+
+    let t = Instant::now();
+    let f = Proc::start(uffdkit([
+        "migrate",
+        "local",
+        "--size",
+        "100000G",
+        "--give-up",
+        "60",
+    ]))
+    .finish_within(Duration::from_secs(60));
+    assert_eq!(f.code(), Some(1), "{}", f.text());
+    assert!(
+        f.stderr.contains("map the region"),
+        "the source's words: {}",
+        f.text()
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "waited out: {:?}",
+        t.elapsed()
+    );
+}
+
+/// Process `pid`'s command line (its arguments NUL-separated).
+fn cmdline(pid: i32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).into_owned())
+        .unwrap_or_default()
+}

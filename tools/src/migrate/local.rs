@@ -4,11 +4,16 @@ use uffd_core::private_fs::TempDir;
 
 use super::*;
 
-/// Starts `uffdkit migrate dest` for `local`; returns it and its listening address.
+/// A child process started through it is killed on a termination signal.
+type Spawn<'a> = &'a dyn Fn(&mut Command) -> std::io::Result<std::process::Child>;
+
+/// Starts `uffdkit migrate dest` for `local` (through `spawn`); returns it and its
+/// listening address.
 fn start_dest(
     a: &LocalArgs,
     security: &SecurityArgs,
     listen: &str,
+    spawn: Spawn<'_>,
 ) -> Result<(
     std::process::Child,
     BufReader<std::process::ChildStdout>,
@@ -30,7 +35,7 @@ fn start_dest(
             &s.size.div_ceil(HUGE_PAGE_SIZE).to_string(),
         ]);
     }
-    let mut dest = cmd.spawn().context("start the destination")?;
+    let mut dest = spawn(&mut cmd).context("start the destination")?;
     let mut out = BufReader::new(dest.stdout.take().context("dest stdout")?);
     let mut line = String::new();
     out.read_line(&mut line)?;
@@ -49,6 +54,27 @@ pub(super) fn local(a: &LocalArgs) -> Result<()> {
     // pre-create it, plant links in it, or reach the key and the socket in it.
     let tmp = TempDir::new("uffdkit-migrate-").context("create a temporary directory")?;
     let dir = tmp.path();
+    // Before any thread: SIGTERM, SIGINT or SIGHUP ends both children (SIGKILL: the run
+    // is abandoned) and removes the key with the directory. A child is started and its pid
+    // recorded under the lock the cleanup holds to the end, so none is started unseen (a
+    // pid stays ours until we wait for the child, which we do only after).
+    let children = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u32>::new()));
+    let (ours, scratch) = (children.clone(), dir.to_path_buf());
+    crate::signals::on_termination(move |_| {
+        let pids = ours.lock().unwrap_or_else(|p| p.into_inner());
+        for &pid in pids.iter() {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        let _ = std::fs::remove_dir_all(&scratch);
+        std::mem::forget(pids); // held until the exit that follows: no child after this
+    })?;
+    let spawn = |cmd: &mut Command| {
+        let mut pids = children.lock().unwrap_or_else(|p| p.into_inner());
+        let child = cmd.spawn()?;
+        pids.push(child.id());
+        Ok(child)
+    };
     let (listener, opener) = match a.tls {
         Some(AutoTls::Auto) => crate::link_args::throwaway(dir)?,
         None => {
@@ -67,22 +93,30 @@ pub(super) fn local(a: &LocalArgs) -> Result<()> {
         _ => "127.0.0.1:0".to_string(),
     };
     let started = Instant::now();
-    let (mut dest, mut dest_out, addr) = start_dest(a, &listener, &listen)?;
+    let (mut dest, mut dest_out, addr) = start_dest(a, &listener, &listen, &spawn)?;
     let s = &a.shape;
-    let source = Command::new(std::env::current_exe()?)
-        .args(["migrate", "source", "--json", "--connect", &addr])
-        .args(["--progress", "lines"])
-        .args(["--size", &s.size.to_string()])
-        .args(["--workload", &format!("{:?}", s.workload).to_lowercase()])
-        .args(["--precopy-rounds", &s.precopy_rounds.to_string()])
-        .args(["--page-size", &s.page_size])
-        .args(["--dirty-rate", &s.dirty_rate.to_string()])
-        .args(["--source-memory", &s.source_memory])
-        .args(s.liveness.args())
-        .args(opener.to_args())
-        .stdout(Stdio::piped())
-        .output()
-        .context("run the source")?;
+    let source = spawn(
+        Command::new(std::env::current_exe()?)
+            .args(["migrate", "source", "--json", "--connect", &addr])
+            .args(["--progress", "lines"])
+            .args(["--size", &s.size.to_string()])
+            .args(["--workload", &format!("{:?}", s.workload).to_lowercase()])
+            .args(["--precopy-rounds", &s.precopy_rounds.to_string()])
+            .args(["--page-size", &s.page_size])
+            .args(["--dirty-rate", &s.dirty_rate.to_string()])
+            .args(["--source-memory", &s.source_memory])
+            .args(s.liveness.args())
+            .args(opener.to_args())
+            .stdout(Stdio::piped())
+            // Its messages (progress, the error that ended it) are the user's to read.
+            .stderr(Stdio::inherit()),
+    )
+    .context("start the source")?;
+    let source = source.wait_with_output().context("run the source")?;
+    if !source.status.success() {
+        // Not left to wait out its give-up bound for a source that is gone.
+        let _ = dest.kill();
+    }
     let mut dest_json = String::new();
     std::io::Read::read_to_string(&mut dest_out, &mut dest_json)?;
     let dest_status = dest.wait()?;
