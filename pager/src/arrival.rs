@@ -9,7 +9,7 @@ use std::time::Duration;
 use page_state::PageState;
 
 use crate::error::{Error, Result, SourceError};
-use crate::place::{Content, Origin, Placement, Request};
+use crate::place::{Content, GoneSince, Origin, Placement, Request};
 use crate::placer::{Engine, Placed, Run};
 use crate::shared::Shared;
 use crate::states::PageStates;
@@ -42,7 +42,7 @@ impl Engine for Shared {
             Ok(PageState::Zero) => Content::Zero,
             _ => data.map_or(Content::Zero, Content::Data),
         };
-        let since = std::time::Instant::now();
+        let mut gone = GoneSince::default();
         loop {
             if self.stopping() {
                 return Ok(Placed::Stopped);
@@ -54,7 +54,7 @@ impl Engine for Shared {
                 wake: true,
                 origin: Origin::Arrival,
             });
-            match placement.or_give_up(since) {
+            match placement.or_give_up(&mut gone) {
                 Placement::Done | Placement::Asked => return Ok(Placed::Placed),
                 Placement::Again { .. } => std::thread::sleep(Duration::from_micros(50)),
                 Placement::Dropped => return Ok(Placed::Stopped),

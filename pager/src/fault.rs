@@ -10,12 +10,12 @@
 //! the SIGBUS handler takes the same path. Failures are returned, never logged here.
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use page_state::RequestOutcome;
 use uffd_core::FaultFlags;
 
-use crate::place::{Content, Origin, Placement, Request};
+use crate::place::{Content, GoneSince, Origin, Placement, Request};
 use crate::region::{PageRef, Resolve};
 use crate::shared::Shared;
 use crate::sigsafe;
@@ -111,8 +111,8 @@ impl Shared {
         }
     }
 
-    /// Resolves one fault, first seen at `since` (its ENOENT retries end
-    /// [`RANGE_GONE_GRACE`](crate::place::RANGE_GONE_GRACE) after);
+    /// Resolves one fault (`gone`: when its retries first met ENOENT, kept across them:
+    /// they end [`RANGE_GONE_GRACE`](crate::place::RANGE_GONE_GRACE) after);
     /// `scratch` holds at least one page plus a fault-around run.
     pub fn on_fault(
         &self,
@@ -120,7 +120,7 @@ impl Shared {
         flags: FaultFlags,
         scratch: &mut [u8],
         wake: bool,
-        since: Instant,
+        gone: &mut GoneSince,
     ) -> FaultOutcome {
         if flags.contains(FaultFlags::MINOR) {
             bump(&self.stats.faults_minor);
@@ -186,7 +186,7 @@ impl Shared {
                 })
             }
         };
-        match placement.or_give_up(since) {
+        match placement.or_give_up(gone) {
             Placement::Done | Placement::Dropped => FaultOutcome::Resolved,
             Placement::Asked => FaultOutcome::Asked,
             Placement::Again { .. } => FaultOutcome::FollowUp(p, FollowUp::Retry),
@@ -283,7 +283,7 @@ impl Shared {
     ) -> Result<usize, Placement> {
         let mut done = 0;
         let mut failed = None;
-        let since = Instant::now(); // clock_gettime(2)
+        let mut gone = GoneSince::default();
         while done < count && !self.stopping() {
             // An UNMAP may have taken the region away since the pages were claimed.
             let Some(at) = self.page(first.page + done) else {
@@ -291,7 +291,7 @@ impl Shared {
             };
             match self
                 .fetch_and_place(&at, count - done, scratch, true, origin)
-                .or_give_up(since)
+                .or_give_up(&mut gone)
             {
                 Placement::Done | Placement::Asked => done = count,
                 Placement::Again { done: more, .. } => {

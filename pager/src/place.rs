@@ -63,7 +63,7 @@ pub(crate) struct Request<'a> {
 }
 
 /// How long a page the kernel calls gone (ENOENT) while the region table still holds it is
-/// retried, from the first attempt: long enough for the UNMAP or REMAP event behind a
+/// retried, from the first ENOENT ([`GoneSince`]): long enough for the UNMAP or REMAP event behind a
 /// transient ENOENT to be read (the kernel looks the VMA up before it checks for pending
 /// events), then the refusal is a failure — the range changed without the pager being told.
 pub(crate) const RANGE_GONE_GRACE: Duration = Duration::from_secs(1);
@@ -90,14 +90,25 @@ pub(crate) enum Placement {
     SourceFailed(SourceError),
 }
 
+/// When a retried placement first met ENOENT: its grace runs from there, not from the
+/// attempt's start (a slow fetch before it is no sign of a range gone).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct GoneSince(Option<Instant>);
+
 impl Placement {
-    /// An ENOENT retry (`Again` with `gone`) of an attempt that started at `since` and has
-    /// been retried for [`RANGE_GONE_GRACE`] becomes the failure it is; anything else is
-    /// returned as it is. Every caller that retries a placement passes its result here.
-    pub fn or_give_up(self, since: Instant) -> Placement {
+    /// An ENOENT retry (`Again` with `gone`) refused for [`RANGE_GONE_GRACE`] since the
+    /// first ENOENT (`gone`, kept by the caller across its retries) becomes the failure
+    /// it is; anything else is returned as it is. Every caller that retries a placement
+    /// passes its result here.
+    pub fn or_give_up(self, gone: &mut GoneSince) -> Placement {
         match self {
-            Placement::Again { gone: Some(op), .. } if since.elapsed() >= RANGE_GONE_GRACE => {
-                Placement::Failed(UffdError::RangeGone { op })
+            Placement::Again { gone: Some(op), .. } => {
+                // clock_gettime(2): async-signal-safe.
+                let first = *gone.0.get_or_insert_with(Instant::now);
+                match first.elapsed() >= RANGE_GONE_GRACE {
+                    true => Placement::Failed(UffdError::RangeGone { op }),
+                    false => self,
+                }
             }
             other => other,
         }

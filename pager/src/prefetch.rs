@@ -24,7 +24,7 @@ use page_state::PageState;
 
 use crate::error::Result;
 use crate::pager::Pager;
-use crate::place::{Content, Origin, Placement, Request};
+use crate::place::{Content, GoneSince, Origin, Placement, Request};
 use crate::shared::Shared;
 use crate::thread::spawn;
 
@@ -211,7 +211,7 @@ fn zero_run(shared: &Shared, page: usize) -> usize {
         }
         count += 1;
     }
-    let since = std::time::Instant::now();
+    let mut gone = GoneSince::default();
     while !shared.stopping() {
         let placement = shared.place(Request {
             at: first,
@@ -220,7 +220,7 @@ fn zero_run(shared: &Shared, page: usize) -> usize {
             wake: true,
             origin: Origin::Prefetch,
         });
-        match placement.or_give_up(since) {
+        match placement.or_give_up(&mut gone) {
             Placement::Again { .. } => std::thread::sleep(Duration::from_micros(200)),
             Placement::Done | Placement::Asked | Placement::Dropped => break,
             failed => {

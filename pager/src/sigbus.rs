@@ -43,7 +43,7 @@ use uffd_core::{Error as UffdError, FaultFlags};
 
 use crate::error::{Error, Result};
 use crate::fault::{FaultOutcome, FollowUp, MAX_AROUND_BYTES};
-use crate::place::Placement;
+use crate::place::{GoneSince, Placement};
 use crate::shared::Shared;
 use crate::sigsafe::{backoff, sleep, HandlerScope};
 
@@ -280,6 +280,7 @@ fn resolve_or_report_panic(engine: &Engine, addr: usize) -> bool {
 /// (`fault.rs`, async-signal-safe); false if it is not ours or cannot be served.
 fn resolve(engine: &Engine, addr: usize) -> bool {
     let started = Instant::now(); // clock_gettime(2)
+    let mut gone = GoneSince::default();
     let shared = &*engine.shared;
     if shared.page_at(addr).is_none() {
         return false;
@@ -288,7 +289,7 @@ fn resolve(engine: &Engine, addr: usize) -> bool {
         // The signal says nothing of the fault's kind: MISSING unless the page cache
         // holds it (fault.rs treats a received page in MINOR mode alike either way).
         let outcome = with_slot(engine, |scratch| {
-            shared.on_fault(addr, FaultFlags::empty(), scratch, true, started)
+            shared.on_fault(addr, FaultFlags::empty(), scratch, true, &mut gone)
         });
         match outcome {
             FaultOutcome::Resolved => {

@@ -19,7 +19,7 @@ use uffd_core::{Event, EventBuffer, FaultFlags, ReadStatus, WriteProtectMode};
 
 use crate::fault::{FaultOutcome, FollowUp, MAX_AROUND_BYTES};
 use crate::fork::ForkQueue;
-use crate::place::{Content, Origin, Placement, Request};
+use crate::place::{Content, GoneSince, Origin, Placement, Request};
 use crate::region::PageRef;
 use crate::shared::Shared;
 
@@ -37,6 +37,8 @@ pub(crate) enum Wait {
 struct Parked {
     page: PageRef,
     since: Instant,
+    /// When its retries first met ENOENT.
+    gone: GoneSince,
     follow_up: FollowUp,
 }
 
@@ -225,7 +227,8 @@ impl Worker {
         let shared = &*self.shared;
         for fault in self.faults.iter_mut() {
             let (addr, flags, _) = *fault;
-            let outcome = shared.on_fault(addr, flags, &mut self.scratch, wake_each, now);
+            let mut gone = GoneSince::default();
+            let outcome = shared.on_fault(addr, flags, &mut self.scratch, wake_each, &mut gone);
             fault.2 = matches!(outcome, FaultOutcome::Resolved);
             match outcome {
                 FaultOutcome::Resolved if wake_each => shared.stats.record_latency(now.elapsed()),
@@ -237,6 +240,7 @@ impl Worker {
                     Parked {
                         page,
                         since: now,
+                        gone,
                         follow_up,
                     },
                 ),
@@ -263,7 +267,7 @@ impl Worker {
     fn retry_parked(&mut self) {
         let shared = &*self.shared;
         let scratch = &mut self.scratch;
-        self.parked.retain(|parked| {
+        self.parked.retain_mut(|parked| {
             let p = &parked.page;
             let placement = match (parked.follow_up, shared.states.get(p.page)) {
                 // In someone else's hands for long (a SCHED_IDLE prefetcher starved of CPU
@@ -300,7 +304,7 @@ impl Worker {
                 // refaults and is handled afresh.
                 _ => shared.wake(p.addr, p.size),
             };
-            match placement.or_give_up(parked.since) {
+            match placement.or_give_up(&mut parked.gone) {
                 Placement::Again { .. } => true,
                 Placement::Done => {
                     shared.stats.record_latency(parked.since.elapsed());
