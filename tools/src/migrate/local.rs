@@ -75,6 +75,16 @@ pub(super) fn local(a: &LocalArgs) -> Result<()> {
         pids.push(child.id());
         Ok(child)
     };
+    // Waits for a child to exit, then forgets its pid and reaps it under that lock: once
+    // reaped, its pid may name another process, which the cleanup must never kill.
+    let reap = |child: &mut std::process::Child| -> Result<std::process::ExitStatus> {
+        use nix::sys::wait::{waitid, Id, WaitPidFlag};
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT)?;
+        let mut pids = children.lock().unwrap_or_else(|p| p.into_inner());
+        pids.retain(|&p| p != child.id());
+        Ok(child.wait()?)
+    };
     let (listener, opener) = match a.tls {
         Some(AutoTls::Auto) => crate::link_args::throwaway(dir)?,
         None => {
@@ -95,7 +105,7 @@ pub(super) fn local(a: &LocalArgs) -> Result<()> {
     let started = Instant::now();
     let (mut dest, mut dest_out, addr) = start_dest(a, &listener, &listen, &spawn)?;
     let s = &a.shape;
-    let source = spawn(
+    let mut source = spawn(
         Command::new(std::env::current_exe()?)
             .args(["migrate", "source", "--json", "--connect", &addr])
             .args(["--progress", "lines"])
@@ -112,23 +122,26 @@ pub(super) fn local(a: &LocalArgs) -> Result<()> {
             .stderr(Stdio::inherit()),
     )
     .context("start the source")?;
-    let source = source.wait_with_output().context("run the source")?;
-    if !source.status.success() {
+    let mut source_json = Vec::new();
+    let mut source_out = source.stdout.take().context("source stdout")?;
+    std::io::Read::read_to_end(&mut source_out, &mut source_json).context("run the source")?;
+    let source_status = reap(&mut source).context("run the source")?;
+    if !source_status.success() {
         // Not left to wait out its give-up bound for a source that is gone.
         let _ = dest.kill();
     }
     let mut dest_json = String::new();
     std::io::Read::read_to_string(&mut dest_out, &mut dest_json)?;
-    let dest_status = dest.wait()?;
+    let dest_status = reap(&mut dest)?;
     let wall = started.elapsed();
     drop(tmp);
-    if !source.status.success() || !dest_status.success() {
+    if !source_status.success() || !dest_status.success() {
         bail!(
-            "migration failed (source {}, destination {dest_status}); see the messages above",
-            source.status
+            "migration failed (source {source_status}, destination {dest_status}); see the \
+             messages above"
         );
     }
-    let src: serde_json::Value = serde_json::from_slice(&source.stdout).context("source report")?;
+    let src: serde_json::Value = serde_json::from_slice(&source_json).context("source report")?;
     let dst: serde_json::Value = serde_json::from_str(dest_json.trim()).context("dest report")?;
     if a.json {
         let all = json!({
