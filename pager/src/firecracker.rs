@@ -5,8 +5,10 @@
 //! "backend_path": SOCK}`. During `PUT /snapshot/load` it connects to SOCK and sends, in
 //! one `sendmsg`, a JSON array of guest memory regions with the userfaultfd attached
 //! (already through `UFFDIO_API` with `EVENT_REMOVE`, non-blocking, every region
-//! registered MISSING). It then keeps the socket open and never writes again: EOF means
-//! it has exited. It touches guest memory during the load call, so serving starts the
+//! registered MISSING). It never writes again; from 1.12 it keeps the socket open, before
+//! 1.12 it closed it right after sending — so its exit is watched through a pidfd, never
+//! taken from the socket's end (see [`serve`]). It touches guest memory during the load
+//! call, so serving starts the
 //! moment the fd arrives. Balloon inflation and free-page reporting raise REMOVE events:
 //! those pages then read as zeros, never as snapshot data.
 //!
@@ -122,8 +124,9 @@ impl From<std::io::Error> for HandshakeError {
 /// the listener (a VMM queued behind it is already touching its memory).
 pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(3);
 
-/// A completed handshake: the connection (kept open: EOF means the VMM exited), the
-/// VMM's userfaultfd, its regions, and who it is.
+/// A completed handshake: the connection (Firecracker before 1.12 closes its end at once;
+/// later ones keep it open until they exit), the VMM's userfaultfd, its regions, and who
+/// it is.
 #[derive(Debug)]
 pub struct Handshake {
     /// The connection.
@@ -136,9 +139,10 @@ pub struct Handshake {
     pub regions: Vec<GuestRegion>,
     /// The VMM process (`SO_PEERCRED`).
     pub peer: Option<PeerCredentials>,
-    /// A pidfd of the VMM process (`SO_PEERPIDFD`, Linux 6.5), taken as the connection
-    /// was accepted: it names that process for good, where its PID may be reused once it
-    /// exits. [`kill_pidfd`] signals through it.
+    /// A pidfd of the VMM process (`SO_PEERPIDFD`, Linux 6.5; before, `pidfd_open(2)` of
+    /// the `SO_PEERCRED` pid, Linux 5.3), taken as the connection was accepted: it names
+    /// that process for good, where its PID may be reused once it exits. [`kill_pidfd`]
+    /// signals through it, [`serve`] watches it for the VMM's exit.
     pub peer_pidfd: Option<OwnedFd>,
 }
 
@@ -169,7 +173,11 @@ pub fn handshake_within(
     deadline: Duration,
 ) -> Result<Handshake, HandshakeError> {
     let peer = peer_credentials(&stream).ok();
-    let peer_pidfd = getsockopt(&stream, PeerPidfd).ok();
+    // Where the kernel gives no SO_PEERPIDFD (before 6.5): pidfd_open(2) of the pid now,
+    // while the peer is connected and waits for our answer (its pid still its own).
+    let peer_pidfd = getsockopt(&stream, PeerPidfd)
+        .ok()
+        .or_else(|| peer.and_then(|p| pidfd_open(p.pid).ok()));
     let (regions, uffd) = receive_table(&stream, deadline)?;
     stream.set_read_timeout(None)?;
     if regions.is_empty() {
@@ -388,7 +396,7 @@ fn serve_inner(
         builder = builder.record(path);
     }
     let pager = builder.start()?;
-    wait_for_exit(&hs.stream, (hs.peer, hs.peer_pidfd.as_ref()), &pager);
+    wait_for_exit(&hs.stream, hs.peer_pidfd.as_ref(), &pager);
     pager.stop()
 }
 
@@ -397,21 +405,10 @@ fn serve_inner(
 /// Not until the connection closes: Firecracker before 1.12 drops its end of the socket
 /// right after sending the handshake (`send_uffd_handshake` returned with the socket a
 /// local; 1.12 keeps it open), while it goes on running on the userfaultfd it keeps.
-/// The process is watched through a pidfd — `SO_PEERPIDFD`'s, or `pidfd_open(2)` of the
-/// `SO_PEERCRED` pid where the kernel gives no such option (a pid the connected peer
-/// still holds: it waits for its pages) — readable once it exits. Only with neither
-/// (a kernel before 5.3) does the connection's end stand for the process's.
-fn wait_for_exit(
-    stream: &UnixStream,
-    (peer, peer_pidfd): (Option<PeerCredentials>, Option<&OwnedFd>),
-    pager: &Pager,
-) {
-    let opened = match (peer_pidfd, peer) {
-        (Some(_), _) => None,
-        (None, Some(peer)) => pidfd_open(peer.pid).ok(),
-        (None, None) => None,
-    };
-    let pidfd = peer_pidfd.or(opened.as_ref());
+/// The process is watched through its pidfd ([`Handshake::peer_pidfd`]), readable once
+/// it exits. Only without one (a kernel before 5.3) does the connection's end stand for
+/// the process's.
+fn wait_for_exit(stream: &UnixStream, pidfd: Option<&OwnedFd>, pager: &Pager) {
     let mut sink = [0u8; 256];
     let mut open = true;
     loop {
