@@ -166,7 +166,36 @@ impl Shared {
                 format!("{live} sessions in progress, the most this listener serves"),
             ));
         }
+        if !slots.sessions.contains_key(&hello.session) && !self.has_room(&slots, identity) {
+            return Err((
+                ShutReason::Busy,
+                format!(
+                    "{} paused sessions may still come back (for {:?} after their break)",
+                    max - 1,
+                    self.timing.give_up_after
+                ),
+            ));
+        }
         Ok(())
+    }
+
+    /// Whether a new session of a peer with `identity` can be remembered: fewer than
+    /// `max_sessions - 1` paused ones, or one `remember` may forget for it.
+    fn has_room(&self, slots: &Slots, identity: Option<[u8; 32]>) -> bool {
+        let keep = self.admission.max_sessions.max(1) - 1;
+        let paused = slots.sessions.values().filter(|s| !s.live());
+        paused.clone().count() < keep.max(1)
+            || paused.into_iter().any(|s| self.forgettable(s, identity))
+    }
+
+    /// Whether a paused session may be forgotten to make room for a new one of a peer with
+    /// `identity`: one of that same peer's (it takes nothing from anyone else), or one
+    /// paused longer than the give-up bound (its peer gave up on it). A session of another
+    /// peer paused more recently may come back, and forgotten it would be admitted anew
+    /// with any certificate: peers opening and dropping sessions could flush it out and
+    /// take it over.
+    fn forgettable(&self, slot: &Slot, identity: Option<[u8; 32]>) -> bool {
+        slot.identity == identity || slot.touched.elapsed() >= self.timing.give_up_after
     }
 
     /// Files an admitted connection under its session; a completed pair supersedes the
@@ -174,7 +203,7 @@ impl Shared {
     pub fn deposit(&self, hello: Hello, identity: Option<[u8; 32]>, conn: Conn) {
         let mut slots = self.lock();
         if !slots.sessions.contains_key(&hello.session) {
-            self.remember(&mut slots);
+            self.remember(&mut slots, identity);
         }
         let slot = (slots.sessions)
             .entry(hello.session)
@@ -235,16 +264,19 @@ impl Shared {
         }
     }
 
-    /// Makes room for one more session: forgets remembered sessions (no live pair) beyond
-    /// `max_sessions - 1` of them, the longest quiet first. Live sessions are at most
-    /// `max_sessions` (`admits`), so the table stays within twice that whoever connects;
-    /// a session forgotten and coming back is admitted as a new one.
-    fn remember(&self, slots: &mut Slots) {
+    /// Makes room for one more session, of a peer with `identity`: forgets remembered
+    /// sessions (no live pair) beyond `max_sessions - 1` of them, the longest quiet first,
+    /// among those it may ([`forgettable`](Self::forgettable)). `admits` refuses a new
+    /// session while none can be forgotten, so the table stays within twice `max_sessions`
+    /// (but for openers admitted at once, racing to be filed).
+    fn remember(&self, slots: &mut Slots, identity: Option<[u8; 32]>) {
         let keep = self.admission.max_sessions.max(1) - 1;
         let mut quiet: Vec<(Instant, u64)> = (slots.sessions.iter())
-            .filter(|(_, s)| !s.live())
+            .filter(|(_, s)| !s.live() && self.forgettable(s, identity))
             .map(|(id, s)| (s.touched, *id))
             .collect();
+        let paused = slots.sessions.values().filter(|s| !s.live()).count();
+        let keep = keep.saturating_sub(paused - quiet.len());
         if quiet.len() <= keep {
             return;
         }
