@@ -466,7 +466,11 @@ fn a_session_is_resumed_only_with_its_own_certificate_even_while_its_pair_is_dow
     // the paused session out of its memory (forgotten, it would be admitted anew).
     let theirs = tls_for(&NAMES);
     for _ in 0..70 {
-        drop(dialer(theirs.clone()).attempt().expect("a session of its own"));
+        drop(
+            dialer(theirs.clone())
+                .attempt()
+                .expect("a session of its own"),
+        );
     }
     let mut other = dialer(theirs);
     other.session = owner.session;

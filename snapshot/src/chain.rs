@@ -283,9 +283,9 @@ impl Chain {
     /// Adds to `found` what was written since the last snapshot, as (region, range of image
     /// offsets), merged and in order: the trackers' scans (which protect those pages
     /// again) and what was carried over, with what `found` held (a failed layer's).
-    /// Returns the 4 KiB pages written.
+    /// Returns the 4 KiB pages written (counted once merged: a page a failed layer found
+    /// and written again since is one page).
     fn find_written(&mut self, found: &mut Written) -> Result<u64> {
-        let mut pages: u64 = found.iter().map(|(_, r)| (r.end - r.start) / 4096).sum();
         for (i, (t, n)) in self
             .trackers
             .iter_mut()
@@ -293,8 +293,7 @@ impl Chain {
             .enumerate()
         {
             let off = n.region.offset;
-            pages += t
-                .collect_runs(|r| found.push((i, off + r.start as u64..off + r.end as u64)))
+            t.collect_runs(|r| found.push((i, off + r.start as u64..off + r.end as u64)))
                 .map_err(Error::uffd("find the written pages"))?;
         }
         if let Some(carried) = self.carried.take() {
@@ -302,7 +301,6 @@ impl Chain {
                 for index in run {
                     let (i, p) = self.regions.locate(index);
                     found.push((i, p.offset..p.offset + p.size as u64));
-                    pages += (p.size / 4096) as u64;
                 }
             }
         }
@@ -316,7 +314,7 @@ impl Chain {
             }
         }
         *found = merged;
-        Ok(pages)
+        Ok(found.iter().map(|(_, r)| (r.end - r.start) / 4096).sum())
     }
 
     /// Copies the written ranges out of memory (with the workload paused) into the chain's

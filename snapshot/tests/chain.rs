@@ -241,6 +241,9 @@ fn a_layer_retried_after_a_store_failure_still_holds_what_the_failed_one_found_w
         )
     };
     layer(&mut chain, "bad").expect_err("the store cannot take the manifest");
+    // One of them written again since: still one page to the retried layer.
+    // SAFETY: as above.
+    unsafe { *map.as_ptr().add(written[1]) ^= 0x0f };
     let retried = layer(&mut chain, "vm.1").expect("retried");
     assert_eq!(retried.dirty_pages, written.len() as u64, "{retried:?}");
     assert_eq!(
