@@ -45,13 +45,18 @@ fn proxied_server(image: &[u8], listener: Security) -> (PageServer, Arc<Proxy>) 
     let Addr::Tcp(to) = srv.local_addr().unwrap() else {
         unreachable!("a TCP server")
     };
+    (srv, Arc::new(counting_proxy(to)))
+}
+
+/// A proxy to `to` that counts the pages streamed to its client.
+fn counting_proxy(to: std::net::SocketAddr) -> Proxy {
     let opts = ProxyOptions {
         classify: common::channel_of,
         counted: "main",
         direction: Direction::ToOpener,
         settle: 4096,
     };
-    (srv, Arc::new(Proxy::start(to, opts).expect("proxy")))
+    Proxy::start(to, opts).expect("proxy")
 }
 
 #[test]
@@ -462,13 +467,7 @@ fn a_client_resumes_only_against_the_same_image_after_its_server_restarted() {
         let Addr::Tcp(at) = first.local_addr().unwrap() else {
             unreachable!("a TCP server")
         };
-        let opts = ProxyOptions {
-            classify: common::channel_of,
-            counted: "main",
-            direction: Direction::ToOpener,
-            settle: 4096,
-        };
-        let proxy = Proxy::start(at, opts).expect("proxy");
+        let proxy = counting_proxy(at);
         let addr = Addr::Tcp(proxy.addr());
         let source = RemoteSource::connect_with(&addr, key(), common::test_timing());
         let source = Arc::new(source.expect("connect"));

@@ -32,30 +32,27 @@ fn wait(mut child: Child, what: &str) -> (std::process::ExitStatus, String) {
     }
 }
 
-#[test]
-#[ignore = "needs /dev/kvm: scripts/test runs the ignored tests and says SKIPPED where it is missing"]
-fn migration_between_two_vmm_processes_matches_checksum() {
-    let test = "migration_between_two_vmm_processes_matches_checksum";
-    if !kvm_available(test) {
-        return;
-    }
-    let dir = SnapshotDir::new(test);
-    let key = dir.path().join("key");
+/// Writes key file `name` (0600) in `dir`.
+fn write_key(dir: &std::path::Path, name: &str, key: &[u8]) -> std::path::PathBuf {
+    let path = dir.join(name);
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&key)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, b"uffdkit-vmm-two-processes-key"))
-        .expect("write the key");
-    let exe = env!("CARGO_BIN_EXE_uffdkit-vmm");
-    let common = |cmd: &mut Command| {
-        cmd.arg("--key-file").arg(&key).args(["--mib", "16"]);
-    };
-    let mut dest = Command::new(exe);
-    dest.arg("migrate-in");
-    common(&mut dest);
-    let mut dest = dest
+        .open(&path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, key))
+        .expect("write a key");
+    path
+}
+
+/// Starts `uffdkit-vmm migrate-in` with `key` on a 16 MiB guest; returns it, the rest of
+/// its stdout, and the address it listens on.
+fn migrate_in(key: &std::path::Path) -> (Child, BufReader<std::process::ChildStdout>, String) {
+    let mut dest = Command::new(env!("CARGO_BIN_EXE_uffdkit-vmm"))
+        .arg("migrate-in")
+        .arg("--key-file")
+        .arg(key)
+        .args(["--mib", "16"])
         .stdout(Stdio::piped())
         .spawn()
         .expect("start migrate-in");
@@ -67,11 +64,25 @@ fn migration_between_two_vmm_processes_matches_checksum() {
         .strip_prefix("listening on ")
         .unwrap_or_else(|| panic!("migrate-in said {first:?}"))
         .to_owned();
-    dest.stdout = None;
+    (dest, lines, addr)
+}
 
-    let mut source = Command::new(exe);
-    source.arg("migrate-out").args(["--to", &addr]);
-    common(&mut source);
+#[test]
+#[ignore = "needs /dev/kvm: scripts/test runs the ignored tests and says SKIPPED where it is missing"]
+fn migration_between_two_vmm_processes_matches_checksum() {
+    let test = "migration_between_two_vmm_processes_matches_checksum";
+    if !kvm_available(test) {
+        return;
+    }
+    let dir = SnapshotDir::new(test);
+    let key = write_key(dir.path(), "key", b"uffdkit-vmm-two-processes-key");
+    let (dest, mut lines, addr) = migrate_in(&key);
+
+    let mut source = Command::new(env!("CARGO_BIN_EXE_uffdkit-vmm"));
+    source
+        .arg("migrate-out")
+        .args(["--to", &addr, "--mib", "16"]);
+    source.arg("--key-file").arg(&key);
     let source = source
         .stdout(Stdio::piped())
         .spawn()
@@ -99,40 +110,11 @@ fn migrate_out_refused_before_the_switch_ends_with_the_error() {
         return;
     }
     let dir = SnapshotDir::new(test);
-    let write_key = |name: &str, key: &[u8]| {
-        let path = dir.path().join(name);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, key))
-            .expect("write a key");
-        path
-    };
-    let (theirs, ours) = (
-        write_key("theirs", b"uffdkit-vmm-the-destinations-key"),
-        write_key("ours", b"uffdkit-vmm-another-key-entirely"),
-    );
-    let exe = env!("CARGO_BIN_EXE_uffdkit-vmm");
-    let mut dest = Command::new(exe)
-        .arg("migrate-in")
-        .arg("--key-file")
-        .arg(&theirs)
-        .args(["--mib", "16"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start migrate-in");
-    let mut lines = BufReader::new(dest.stdout.take().expect("its stdout"));
-    let mut first = String::new();
-    lines.read_line(&mut first).expect("its address");
-    let addr = first
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("migrate-in said {first:?}"))
-        .to_owned();
+    let theirs = write_key(dir.path(), "theirs", b"uffdkit-vmm-the-destinations-key");
+    let ours = write_key(dir.path(), "ours", b"uffdkit-vmm-another-key-entirely");
+    let (mut dest, _lines, addr) = migrate_in(&theirs);
     let errors = dir.path().join("stderr");
-    let source = Command::new(exe)
+    let source = Command::new(env!("CARGO_BIN_EXE_uffdkit-vmm"))
         .arg("migrate-out")
         .args(["--to", &addr, "--mib", "16"])
         .arg("--key-file")

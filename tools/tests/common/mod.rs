@@ -101,30 +101,22 @@ impl Proc {
     /// Starts `cmd` and reads its first stdout line (`LISTEN <addr>` for the commands
     /// that listen); the rest of its output is drained as usual.
     pub fn start_reading_first_line(mut cmd: Command) -> (Proc, String) {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn uffdkit");
-        let mut out = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
-        let mut line = String::new();
-        let _ = std::io::BufRead::read_line(&mut out, &mut line);
-        let err = drain(child.stderr.take());
-        let proc = Proc {
-            child: Some(child),
-            out: drain(Some(out)),
-            err,
-        };
+        let (proc, line, _) = Self::start_first_line(cmd.stdin(Stdio::null()));
         (proc, line)
     }
 
     /// Starts `cmd` (an `fc-client --hold`) with its stdin piped and reads its first
     /// stdout line; closing the returned stdin lets it exit.
     pub fn start_holding(mut cmd: Command) -> (Proc, String, std::process::ChildStdin) {
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn uffdkit");
-        let stdin = child.stdin.take().expect("piped stdin");
+        let (proc, line, stdin) = Self::start_first_line(cmd.stdin(Stdio::piped()));
+        (proc, line, stdin.expect("piped stdin"))
+    }
+
+    fn start_first_line(cmd: &mut Command) -> (Proc, String, Option<std::process::ChildStdin>) {
+        let mut child = (cmd.stdout(Stdio::piped()).stderr(Stdio::piped()))
+            .spawn()
+            .expect("spawn uffdkit");
+        let stdin = child.stdin.take();
         let mut out = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
         let mut line = String::new();
         let _ = std::io::BufRead::read_line(&mut out, &mut line);

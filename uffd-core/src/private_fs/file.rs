@@ -9,7 +9,10 @@ use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::{fchmod, fstat, Mode, SFlag};
 use nix::unistd::geteuid;
 
-use super::{blocking, expect_kind, io, is, unguessable_name, FsError, Result, GROUP_OTHER_ANY};
+use super::{
+    blocking, expect_kind, io, is, owned_by_root_or_us, unguessable_name, FsError, Result,
+    GROUP_OTHER_ANY, GROUP_OTHER_WRITE,
+};
 
 const READ_FLAGS: OFlag = OFlag::O_RDONLY
     .union(OFlag::O_NONBLOCK)
@@ -141,15 +144,8 @@ pub fn create_temp_for(dest: &Path) -> Result<(File, PathBuf)> {
 pub fn read_secret(path: &Path, max: u64, allow_shared: bool) -> Result<Vec<u8>> {
     let file = open_regular(path, false)?;
     let st = fstat(&file).map_err(io("stat", path))?;
-    let euid = geteuid().as_raw();
-    if st.st_uid != 0 && st.st_uid != euid {
-        return Err(FsError::NotOwned {
-            path: path.to_owned(),
-            owner: st.st_uid,
-            euid,
-        });
-    }
-    if st.st_mode & 0o022 != 0 {
+    owned_by_root_or_us(&st, path)?;
+    if st.st_mode & GROUP_OTHER_WRITE != 0 {
         return Err(FsError::Writable {
             path: path.to_owned(),
             mode: st.st_mode & 0o7777,

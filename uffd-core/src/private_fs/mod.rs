@@ -156,11 +156,8 @@ const GROUP_OTHER_WRITE: u32 = 0o022;
 /// Mode bits of "any access by group or others".
 const GROUP_OTHER_ANY: u32 = 0o077;
 
-/// A directory on the way to ours: owned by root or us, and nobody else can change its
-/// entries (not writable by group/other, or a root-owned sticky directory like `/tmp`,
-/// where others cannot rename or remove what is not theirs).
-fn check_ancestor(st: &FileStat, path: &Path) -> Result<()> {
-    expect_kind(st, SFlag::S_IFDIR, path)?;
+/// Refuses what neither root nor the effective user owns: its owner could change it.
+fn owned_by_root_or_us(st: &FileStat, path: &Path) -> Result<()> {
     let euid = geteuid().as_raw();
     if st.st_uid != 0 && st.st_uid != euid {
         return Err(FsError::NotOwned {
@@ -169,6 +166,15 @@ fn check_ancestor(st: &FileStat, path: &Path) -> Result<()> {
             euid,
         });
     }
+    Ok(())
+}
+
+/// A directory on the way to ours: owned by root or us, and nobody else can change its
+/// entries (not writable by group/other, or a root-owned sticky directory like `/tmp`,
+/// where others cannot rename or remove what is not theirs).
+fn check_ancestor(st: &FileStat, path: &Path) -> Result<()> {
+    expect_kind(st, SFlag::S_IFDIR, path)?;
+    owned_by_root_or_us(st, path)?;
     let sticky = st.st_mode & Mode::S_ISVTX.bits() != 0;
     if st.st_mode & GROUP_OTHER_WRITE != 0 && !(sticky && st.st_uid == 0) {
         return Err(FsError::Writable {
