@@ -173,11 +173,7 @@ pub fn handshake_within(
     deadline: Duration,
 ) -> Result<Handshake, HandshakeError> {
     let peer = peer_credentials(&stream).ok();
-    // Where the kernel gives no SO_PEERPIDFD (before 6.5): pidfd_open(2) of the pid now,
-    // while the peer is connected and waits for our answer (its pid still its own).
-    let peer_pidfd = getsockopt(&stream, PeerPidfd)
-        .ok()
-        .or_else(|| peer.and_then(|p| pidfd_open(p.pid).ok()));
+    let peer_pidfd = peer_pidfd(&stream, peer);
     let (regions, uffd) = receive_table(&stream, deadline)?;
     stream.set_read_timeout(None)?;
     if regions.is_empty() {
@@ -437,6 +433,15 @@ fn wait_for_exit(stream: &UnixStream, pidfd: Option<&OwnedFd>, pager: &Pager) {
             }
         }
     }
+}
+
+/// A pidfd of the process at the other end of `stream` (whose credentials are `peer`):
+/// `SO_PEERPIDFD` (Linux 6.5), else `pidfd_open(2)` of its pid — taken while the peer is
+/// connected and waits for an answer, so the pid is still its own. `None` without either.
+pub fn peer_pidfd(stream: &UnixStream, peer: Option<PeerCredentials>) -> Option<OwnedFd> {
+    getsockopt(stream, PeerPidfd)
+        .ok()
+        .or_else(|| peer.and_then(|p| pidfd_open(p.pid).ok()))
 }
 
 /// `pidfd_open(2)` (Linux 5.3): a descriptor for process `pid`, readable once it exits.

@@ -420,13 +420,6 @@ fn a_short_answer_from_the_source_fails_the_pager_with_a_source_error() {
     }
 }
 
-/// The embedder's SIGBUS handler, installed before the pager: a fault the pager hands on
-/// ends the process with code 4 (an abort would end it with SIGABRT).
-extern "C" fn embedder_on_sigbus(_: i32) {
-    // SAFETY: ends the process at once (async-signal-safe).
-    unsafe { libc::_exit(4) };
-}
-
 #[test]
 fn a_panicking_source_in_sigbus_mode_fails_the_pager_and_the_sigbus_is_handed_on() {
     const NAME: &str =
@@ -434,32 +427,10 @@ fn a_panicking_source_in_sigbus_mode_fails_the_pager_and_the_sigbus_is_handed_on
     if let Some((status, output)) = testkit::isolated_outcome(NAME, WATCHDOG) {
         assert_eq!(
             status.code(),
-            Some(4),
+            Some(common::HANDED_ON),
             "the pager reports the panic and hands the SIGBUS on, no abort: {status}\n{output}"
         );
         return;
     }
-    let handler = nix::sys::signal::SigAction::new(
-        nix::sys::signal::SigHandler::Handler(embedder_on_sigbus),
-        nix::sys::signal::SaFlags::empty(),
-        nix::sys::signal::SigSet::empty(),
-    );
-    // SAFETY: the handler only calls `_exit`.
-    unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGBUS, &handler) }
-        .expect("install the embedder's handler");
-    let memory = Arc::new(Mapping::new(MemoryKind::Anon, 16 * PS).expect("map"));
-    let uffd = pager::Uffd::builder()
-        .non_blocking(true)
-        .require(pager::Features::SIGBUS | pager::Features::EVENT_REMOVE)
-        .open()
-        .expect("open");
-    let pager = Pager::builder(uffd, Arc::new(Misbehaving { panics: true }))
-        .mapping(memory.clone(), 0)
-        .mode(DeliveryMode::Sigbus)
-        .start()
-        .expect("start");
-    // SAFETY: the served region; the fault ends the process through the embedder's handler.
-    let byte = unsafe { std::ptr::read_volatile(memory.as_ptr()) };
-    drop(pager);
-    panic!("the fault was served from a panicking source: read {byte}");
+    common::touch_in_sigbus_mode(Arc::new(Misbehaving { panics: true }));
 }

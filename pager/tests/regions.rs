@@ -48,6 +48,28 @@ fn wrong_pages(memory: &Mapping, image: &[u8], from: usize) -> Vec<(usize, Optio
         .collect()
 }
 
+/// Touches the second-to-last page of `lo` (served by `pager` with fault-around) and
+/// checks the run it brings stops at `lo`'s end: `hi`'s pages still Missing, then both
+/// regions' content, `hi` holding image pages `hi_from..`.
+fn fault_around_stays_in_lo(
+    pager: &Pager,
+    (lo, hi): (&Mapping, &Mapping),
+    image: &[u8],
+    hi_from: usize,
+) {
+    // SAFETY: served by the pager (a hang here is the defect: the watchdog fails the test).
+    let _ = unsafe { std::ptr::read_volatile((lo.addr() + (PAGES - 2) * PS) as *const u8) };
+    // Fault-around places lo's last page in one ioctl with whatever else its run holds.
+    wait_received(pager, PAGES - 1);
+    let hi_states: Vec<_> = (PAGES..2 * PAGES).map(|p| pager.states().get(p)).collect();
+    assert!(
+        hi_states.iter().all(|s| *s == Some(PageState::Missing)),
+        "hi's pages untouched by lo's fault-around: {hi_states:?}"
+    );
+    assert_eq!(wrong_pages(hi, image, hi_from), vec![], "hi's content");
+    assert_eq!(wrong_pages(lo, image, 0), vec![], "lo's content");
+}
+
 #[test]
 fn fault_around_stops_at_the_end_of_its_region() {
     let (lo, hi) = adjacent(MemoryKind::Anon, PAGES);
@@ -60,17 +82,7 @@ fn fault_around_stops_at_the_end_of_its_region() {
         .fault_around(8)
         .start()
         .expect("start");
-    // SAFETY: served by the pager.
-    let _ = unsafe { std::ptr::read_volatile((lo.addr() + (PAGES - 2) * PS) as *const u8) };
-    // Fault-around places lo's last page in one ioctl with whatever else its run holds.
-    wait_received(&pager, PAGES - 1);
-    let hi_states: Vec<_> = (PAGES..2 * PAGES).map(|p| pager.states().get(p)).collect();
-    assert!(
-        hi_states.iter().all(|s| *s == Some(PageState::Missing)),
-        "hi's pages untouched by lo's fault-around: {hi_states:?}"
-    );
-    assert_eq!(wrong_pages(&hi, &image, 2 * PAGES), vec![], "hi's content");
-    assert_eq!(wrong_pages(&lo, &image, 0), vec![], "lo's content");
+    fault_around_stays_in_lo(&pager, (&lo, &hi), &image, 2 * PAGES);
     pager.stop().expect("stop");
 }
 
@@ -91,16 +103,7 @@ fn minor_fault_around_stages_only_through_its_own_regions_alias() {
         .fault_around(4)
         .start()
         .expect("start");
-    // SAFETY: served by the pager (a hang here is the defect: the watchdog fails the test).
-    let _ = unsafe { std::ptr::read_volatile((lo.addr() + (PAGES - 2) * PS) as *const u8) };
-    wait_received(&pager, PAGES - 1);
-    let hi_states: Vec<_> = (PAGES..2 * PAGES).map(|p| pager.states().get(p)).collect();
-    assert!(
-        hi_states.iter().all(|s| *s == Some(PageState::Missing)),
-        "hi's pages untouched by lo's fault-around: {hi_states:?}"
-    );
-    assert_eq!(wrong_pages(&lo, &image, 0), vec![], "lo's content");
-    assert_eq!(wrong_pages(&hi, &image, PAGES), vec![], "hi's content");
+    fault_around_stays_in_lo(&pager, (&lo, &hi), &image, PAGES);
     pager.stop().expect("stop");
 }
 

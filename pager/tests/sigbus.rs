@@ -325,12 +325,6 @@ impl pager::Source for Short {
     }
 }
 
-/// The embedder's SIGBUS handler for the test below: ends the process with code 4.
-extern "C" fn exit_4_on_sigbus(_: i32) {
-    // SAFETY: ends the process at once (async-signal-safe).
-    unsafe { libc::_exit(4) };
-}
-
 /// A short answer is a source error inside the handler (recorded without allocating, under
 /// the guarded allocator), and the SIGBUS goes on to the embedder's handler: no abort.
 #[test]
@@ -340,27 +334,10 @@ fn a_short_answer_from_the_source_fails_in_the_handler_and_the_sigbus_is_handed_
     if let Some((status, output)) = testkit::isolated_outcome(NAME, Duration::from_secs(60)) {
         assert_eq!(
             status.code(),
-            Some(4),
+            Some(common::HANDED_ON),
             "handed on, no abort: {status}\n{output}"
         );
         return;
     }
-    let handler = nix::sys::signal::SigAction::new(
-        nix::sys::signal::SigHandler::Handler(exit_4_on_sigbus),
-        nix::sys::signal::SaFlags::empty(),
-        nix::sys::signal::SigSet::empty(),
-    );
-    // SAFETY: the handler only calls `_exit`.
-    unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGBUS, &handler) }
-        .expect("install the embedder's handler");
-    let memory = Arc::new(Mapping::new(MemoryKind::Anon, 16 * PS).expect("map"));
-    let pager = Pager::builder(sigbus_uffd(), Arc::new(Short))
-        .mapping(memory.clone(), 0)
-        .mode(DeliveryMode::Sigbus)
-        .start()
-        .expect("start");
-    // SAFETY: the served region; the fault ends the process through the embedder's handler.
-    let byte = unsafe { std::ptr::read_volatile(memory.as_ptr()) };
-    drop(pager);
-    panic!("the fault was served from a short answer: read {byte}");
+    common::touch_in_sigbus_mode(Arc::new(Short));
 }

@@ -6,14 +6,13 @@
 use crate::common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{key, proxy_to, source_memory, test_timing};
 use pager::DeliveryMode;
 use postcopy::fault::Event;
 use postcopy::migrate::{DestOptions, Destination, Migration, RunningMemory, SourceOptions};
-use postcopy::wire::Channel;
 use testkit::proxy::{CutMode, Direction, Proxy, Target};
 use transport::Addr;
 
@@ -89,15 +88,8 @@ fn run_acknowledged_only_in_the_next_greeting_still_records_the_downtime() {
 fn a_verdict_acknowledged_only_in_the_next_greeting_reports_what_it_checked() {
     let bytes = 4 << 20;
     let pages = (bytes / PS) as u64;
-    let (dropped_tx, dropped_rx) = mpsc::channel();
-    let (proxy, receiving) = destination_behind_proxy(move |mem: RunningMemory| {
-        let half = mem.len / 2;
-        // SAFETY: the destination's registered memory, alive until `run` returns; a drop
-        // of whole pages, which read zeros afterwards.
-        let r = unsafe { libc::madvise((mem.base + half) as *mut _, half, libc::MADV_DONTNEED) };
-        assert_eq!(r, 0, "madvise: {}", std::io::Error::last_os_error());
-        dropped_tx.send(()).expect("the stream waits for the drop");
-    });
+    let (on_run, hold) = common::drop_second_half_at_run();
+    let (proxy, receiving) = destination_behind_proxy(on_run);
     let memory = source_memory(bytes);
     let opts = SourceOptions {
         max_rounds: 0,
@@ -107,34 +99,26 @@ fn a_verdict_acknowledged_only_in_the_next_greeting_reports_what_it_checked() {
     // SAFETY: our mapping, alive until `run` returns; nothing writes it.
     let m = unsafe { Migration::new(Addr::Tcp(proxy.addr()), key(), memory.addr(), bytes, opts) }
         .unwrap();
-    let (stopped, held, cut) = (
+    let (cut, h, p) = (
         Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicBool::new(false)),
+        hold.clone(),
+        proxy.clone(),
     );
-    let dropped_rx = Mutex::new(dropped_rx);
-    let (s, h, c, p) = (stopped.clone(), held.clone(), cut.clone(), proxy.clone());
-    m.control().observe(Arc::new(move |event| match event {
-        Event::Stopped => s.store(true, Ordering::SeqCst),
-        // The stream's first frame is out: hold it until the drop is done.
-        Event::PageFrame(Channel::Main)
-            if s.load(Ordering::SeqCst) && !h.swap(true, Ordering::SeqCst) =>
-        {
-            let rx = dropped_rx.lock().unwrap();
-            rx.recv_timeout(Duration::from_secs(20))
-                .expect("the destination dropped");
-        }
+    let c = cut.clone();
+    m.control().observe(Arc::new(move |event| {
+        h.hear(event);
         // Its only DIGESTS frame (1 024 pages: one frame holds 8 192) is in, SHUT not yet
         // sent: the ACK of the verdict cannot slip through ahead of the cut.
-        Event::Digests if !c.swap(true, Ordering::SeqCst) => lose_what_the_destination_says(&p),
-        _ => {}
+        if event == Event::Digests && !c.swap(true, Ordering::SeqCst) {
+            lose_what_the_destination_says(&p);
+        }
     }));
     let src = m.run(|| {}).expect("verified, the dropped pages left out");
     let dst = receiving
         .join()
         .unwrap()
         .expect("the destination heard the verdict");
-    assert!(held.load(Ordering::SeqCst) && cut.load(Ordering::SeqCst));
+    assert!(hold.held() && cut.load(Ordering::SeqCst));
     assert!(src.reconnects >= 1, "the ACK was lost: {src:?}");
     assert_eq!(
         (src.verified, src.dropped_at_destination),

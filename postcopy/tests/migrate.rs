@@ -501,28 +501,13 @@ fn a_write_after_the_stop_to_pages_already_sent_fails_the_verdict() {
 /// held after its first frame until the drop is done, so no dropped page landed before.)
 #[test]
 fn pages_the_destination_drops_before_they_land_are_left_out_of_the_verdict_and_counted() {
-    use postcopy::fault::Event;
-    use postcopy::wire::Channel;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{mpsc, Arc, Mutex};
-
     const PS: usize = 4096;
     let bytes = 4 << 20;
     let pages = (bytes / PS) as u64;
     let dest = destination(test_timing());
     let addr = dest.local_addr().unwrap();
-    let (dropped_tx, dropped_rx) = mpsc::channel();
-    let receiving = std::thread::spawn(move || {
-        dest.run(move |mem: RunningMemory| {
-            let half = mem.len / 2;
-            // SAFETY: the destination's registered memory, alive until `run` returns; a
-            // drop of whole pages, which read zeros afterwards.
-            let r =
-                unsafe { libc::madvise((mem.base + half) as *mut _, half, libc::MADV_DONTNEED) };
-            assert_eq!(r, 0, "madvise: {}", std::io::Error::last_os_error());
-            dropped_tx.send(()).expect("the stream waits for the drop");
-        })
-    });
+    let (on_run, hold) = common::drop_second_half_at_run();
+    let receiving = std::thread::spawn(move || dest.run(on_run));
     let memory = source_memory(bytes);
     let opts = SourceOptions {
         max_rounds: 0,
@@ -531,26 +516,11 @@ fn pages_the_destination_drops_before_they_land_are_left_out_of_the_verdict_and_
     };
     // SAFETY: our mapping, alive until `run` returns; nothing writes it.
     let m = unsafe { Migration::new(addr, key(), memory.addr(), bytes, opts).unwrap() };
-    let (stopped, held) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicBool::new(false)),
-    );
-    let dropped_rx = Mutex::new(dropped_rx);
-    let (s, h) = (stopped.clone(), held.clone());
-    m.control().observe(Arc::new(move |event| match event {
-        Event::Stopped => s.store(true, Ordering::SeqCst),
-        // The stream's first frame (pages 0–255) is out: hold it until the drop is done.
-        Event::PageFrame(Channel::Main)
-            if s.load(Ordering::SeqCst) && !h.swap(true, Ordering::SeqCst) =>
-        {
-            let rx = dropped_rx.lock().unwrap();
-            rx.recv_timeout(Duration::from_secs(20))
-                .expect("the destination dropped");
-        }
-        _ => {}
-    }));
+    let h = hold.clone();
+    m.control()
+        .observe(std::sync::Arc::new(move |event| h.hear(event)));
     let src = m.run(|| {}).expect("verified, the dropped pages left out");
-    assert!(held.load(Ordering::SeqCst), "the stream was held");
+    assert!(hold.held(), "the stream was held");
     assert_eq!(src.dropped_at_destination, pages / 2, "{src:?}");
     assert_eq!(src.verified, pages / 2, "{src:?}");
     let dst = receiving

@@ -174,3 +174,41 @@ pub fn wait(pid: i32) -> i32 {
         128 + libc::WTERMSIG(status)
     }
 }
+
+/// The exit code of the embedder's SIGBUS handler [`touch_in_sigbus_mode`] installs: the
+/// pager handed the signal on (an abort would end the process with SIGABRT instead).
+pub const HANDED_ON: i32 = 4;
+
+extern "C" fn exit_handed_on(_: i32) {
+    // SAFETY: ends the process at once (async-signal-safe).
+    unsafe { libc::_exit(HANDED_ON) };
+}
+
+/// In a test's own process: installs an embedder's SIGBUS handler (before the pager)
+/// ending the process with [`HANDED_ON`], serves a 16-page region from `source` in SIGBUS
+/// mode and touches its first page. Returns only to fail: the touch was served.
+pub fn touch_in_sigbus_mode(source: Arc<dyn Source>) -> ! {
+    let handler = nix::sys::signal::SigAction::new(
+        nix::sys::signal::SigHandler::Handler(exit_handed_on),
+        nix::sys::signal::SaFlags::empty(),
+        nix::sys::signal::SigSet::empty(),
+    );
+    // SAFETY: the handler only calls `_exit`.
+    unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGBUS, &handler) }
+        .expect("install the embedder's handler");
+    let memory = Arc::new(uffd_core::Mapping::new(MemoryKind::Anon, 16 * 4096).expect("map"));
+    let uffd = Uffd::builder()
+        .non_blocking(true)
+        .require(Features::SIGBUS | Features::EVENT_REMOVE)
+        .open()
+        .expect("open");
+    let pager = pager::Pager::builder(uffd, source)
+        .mapping(memory.clone(), 0)
+        .mode(pager::DeliveryMode::Sigbus)
+        .start()
+        .expect("start");
+    // SAFETY: the served region; the fault ends the process through the embedder's handler.
+    let byte = unsafe { std::ptr::read_volatile(memory.as_ptr()) };
+    drop(pager);
+    panic!("the touch was served: read {byte}");
+}

@@ -477,3 +477,57 @@ pub fn restore_from(
     }
     pager.stop().expect("stop")
 }
+
+/// A destination workload that drops (`MADV_DONTNEED`: a balloon, free-page reporting)
+/// the second half of its memory at RUN, and what the source's observer hears to hold its
+/// stream after the first frame past the stop until the drop is done: so no page of that
+/// half has landed before it.
+pub struct DropAtRun {
+    stopped: AtomicBool,
+    held: AtomicBool,
+    dropped: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+/// The destination's RUN callback and the source's side of [`DropAtRun`].
+pub fn drop_second_half_at_run() -> (impl FnOnce(RunningMemory) + Send + 'static, Arc<DropAtRun>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let on_run = move |mem: RunningMemory| {
+        let half = mem.len / 2;
+        // SAFETY: the destination's registered memory, alive until `run` returns; a drop
+        // of whole pages, which read zeros afterwards.
+        let r = unsafe { libc::madvise((mem.base + half) as *mut _, half, libc::MADV_DONTNEED) };
+        assert_eq!(r, 0, "madvise: {}", std::io::Error::last_os_error());
+        tx.send(()).expect("the stream waits for the drop");
+    };
+    let hold = DropAtRun {
+        stopped: AtomicBool::new(false),
+        held: AtomicBool::new(false),
+        dropped: Mutex::new(rx),
+    };
+    (on_run, Arc::new(hold))
+}
+
+impl DropAtRun {
+    /// Hears a source event: holds the stream's first frame after the stop until the
+    /// destination's drop is done.
+    pub fn hear(&self, event: postcopy::fault::Event) {
+        use postcopy::fault::Event;
+        match event {
+            Event::Stopped => self.stopped.store(true, Ordering::SeqCst),
+            Event::PageFrame(Channel::Main)
+                if self.stopped.load(Ordering::SeqCst)
+                    && !self.held.swap(true, Ordering::SeqCst) =>
+            {
+                let rx = self.dropped.lock().unwrap();
+                rx.recv_timeout(Duration::from_secs(20))
+                    .expect("the destination dropped");
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether the stream was held.
+    pub fn held(&self) -> bool {
+        self.held.load(Ordering::SeqCst)
+    }
+}

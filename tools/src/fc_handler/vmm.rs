@@ -6,7 +6,6 @@ use super::*;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 
-use nix::sys::socket::{getsockopt, sockopt::PeerPidfd};
 use uffd_core::{peer_credentials, PeerCredentials};
 
 /// Waits for Firecracker: a connection from a user not allowed is closed unread; one
@@ -56,7 +55,7 @@ pub(super) fn accept_vmm(
 }
 
 /// A connection's peer process, as of its `connect(2)`: its credentials (`SO_PEERCRED`)
-/// and, where the kernel gives one (`SO_PEERPIDFD`, Linux 6.5), a pidfd that names that
+/// and, where the kernel gives one ([`firecracker::peer_pidfd`]), a pidfd that names that
 /// process for good — its pid may name another process once it exits.
 #[derive(Debug, Clone)]
 pub(super) struct Peer {
@@ -67,7 +66,7 @@ pub(super) struct Peer {
 impl Peer {
     fn of(stream: &UnixStream) -> Option<Peer> {
         let creds = peer_credentials(stream).ok()?;
-        let pidfd = getsockopt(stream, PeerPidfd).ok().map(Arc::new);
+        let pidfd = firecracker::peer_pidfd(stream, Some(creds)).map(Arc::new);
         Some(Peer { creds, pidfd })
     }
 
