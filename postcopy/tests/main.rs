@@ -7,6 +7,7 @@ mod common;
 mod admission;
 mod device_state;
 mod fault_path;
+mod headway;
 mod lost_acks;
 mod migrate;
 mod recovery;

@@ -41,8 +41,10 @@
 //! - **Recovery in every phase.** A connection that breaks or goes silent ([`Timing`])
 //!   pauses both sides; the source reconnects with a newer generation of the session
 //!   (with backoff, or on [`SourceControl::resume`]), the destination answers with what it
-//!   has (RECV_BITMAP) and its *step*, and the source re-plans from those. Either side
-//!   gives up after [`Timing::give_up_after`] without a working pair ([`Error::GaveUp`]).
+//!   has (RECV_BITMAP) and its *step*, and the source re-plans from those. The source
+//!   gives up after [`Timing::give_up_after`] without progress, however many pairs
+//!   connect meanwhile ([`Migration::run_with_state`] says what counts); the destination
+//!   after [`Timing::give_up_after`] without a working pair ([`Error::GaveUp`]).
 //! - **Delivery.** A page counts as delivered only once confirmed: SYNCED in precopy (after
 //!   a break every unconfirmed page counts as dirty), the ACK of LISTEN for all of precopy,
 //!   the present-set after the switch; nothing a superseded pair carries is applied; a page

@@ -86,7 +86,9 @@ pub struct Timing {
     /// Largest reconnection delay.
     pub max_backoff: Duration,
     /// A side without a working connection for this long (paused, or never connected)
-    /// gives up ([`crate::Error::GaveUp`]).
+    /// gives up ([`crate::Error::GaveUp`]). A protocol may count from its last progress
+    /// instead (postcopy's migration source and restore client do): pairs that connect
+    /// and carry nothing then do not keep it going.
     pub give_up_after: Duration,
 }
 

@@ -35,6 +35,7 @@ macro_rules! event {
 }
 
 mod confirm;
+mod headway;
 mod run;
 use run::Run;
 
@@ -410,9 +411,23 @@ impl Migration {
     ///
     /// Failures: a broken or silent connection in any phase pauses the migration (the
     /// workload keeps running before the switch; after it the destination holds it) and
-    /// it resumes on a new pair, until [`Timing::give_up_after`] passes without one: then
-    /// [`Error::Transport`] with [`transport::Error::GaveUp`]. Before RUN nothing runs at the destination, so the caller may
-    /// simply resume its workload if it was already stopped.
+    /// it resumes on a new pair. It gives up, with [`Error::Transport`] holding
+    /// [`transport::Error::GaveUp`], once [`Timing::give_up_after`] has passed since its
+    /// last progress — however many pairs connected meanwhile: a new pair is not
+    /// progress. Progress is what the destination confirms: precopy pages (SYNCED), a step
+    /// acknowledged (LISTEN, RUN, the verdict), and after the switch more pages held than
+    /// it ever reported before (its RECV_BITMAP, at the next greeting); the stop of the
+    /// workload counts too. A pair that sent what only the next greeting can confirm
+    /// (postcopy pages, LISTEN, RUN, the verdict) counts as progress at its break until
+    /// that greeting shows none of it landed. The bound is checked at each break, before
+    /// each connection attempt, in the greeting's waits and after each greeting (the
+    /// destination is then told why, with a SHUT); a pair that stays up is bounded by its
+    /// own waits (silent for [`Timing::silence`], or an awaited ACK or SYNCED not answered
+    /// within [`Timing::give_up_after`], and it breaks). After a pair that progressed
+    /// (or whose greeting showed that the last one did) the next is dialed at once, else
+    /// after a backoff doubling from [`Timing::first_backoff`] to [`Timing::max_backoff`].
+    /// Before RUN nothing runs at the destination, so the caller may simply resume its
+    /// workload if it was already stopped.
     pub fn run_with_state<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
         self,
         stop_workload: impl FnOnce() -> Result<Vec<u8>, E>,

@@ -2,6 +2,7 @@
 //! rounds, the switch, postcopy, resumption — as its own function.
 
 use super::confirm::{Unconfirmed, SYNC_EVERY};
+use super::headway::Headway;
 use super::*;
 use crate::wire::DROPPED;
 
@@ -39,8 +40,10 @@ pub(super) struct Run<'m> {
     /// — set before SHUT(Done) goes: the destination can report step 3 (on this pair or,
     /// its ACK lost, a later one) only after this.
     checked: Option<(u64, u64)>,
-    /// [`Run::moved`] when the current pair was connected.
-    moved_at_connect: u64,
+    /// The last progress: what the give-up bound runs from.
+    headway: Headway,
+    /// [`Run::postcopy_pages`] when the current pair was connected.
+    pages_at_connect: u64,
     /// The workload's device state, taken at the stop; RUN carries it.
     device_state: Vec<u8>,
 }
@@ -111,7 +114,8 @@ impl<'m> Run<'m> {
             run_at: None,
             last_sent: None,
             checked: None,
-            moved_at_connect: 0,
+            headway: Headway::new(m.opts.timing.give_up_after),
+            pages_at_connect: 0,
             device_state: Vec::new(),
         })
     }
@@ -120,14 +124,16 @@ impl<'m> Run<'m> {
         &self.m.control.progress
     }
 
-    /// Page data bytes sent so far, precopy and postcopy.
-    fn moved(&self) -> u64 {
-        let prog = self.progress();
-        prog.precopy_bytes.load(Ordering::Relaxed) + prog.postcopy.bytes.load(Ordering::Relaxed)
+    /// Pages sent in postcopy so far (streamed and requested).
+    fn postcopy_pages(&self) -> u64 {
+        let stats = &self.progress().postcopy;
+        stats.stream_pages.load(Ordering::Relaxed) + stats.urgent_pages.load(Ordering::Relaxed)
     }
 
     /// A new pair of the session (the first, or after a break): ADVISE, then the
-    /// destination's RECV_BITMAP and step, from which the plan is redone.
+    /// destination's RECV_BITMAP and step, from which the plan is redone. Dialing and the
+    /// greeting give up once [`Timing::give_up_after`] passed since
+    /// [`Headway::since`].
     pub(super) fn connect(&mut self, first: bool) -> Result<Pair, Error> {
         let (control, auto) = (&self.m.control, self.m.opts.auto_resume || first);
         let timing = self.m.opts.timing;
@@ -140,22 +146,25 @@ impl<'m> Run<'m> {
             }
             Ok(control.wait_resume(&mut seen, d.max(Duration::from_millis(200))))
         };
+        let since = self.headway.since();
+        let left = || (since + timing.give_up_after).saturating_duration_since(Instant::now());
         let greet = |mut main: crate::net::Conn, urgent| {
             main.w.send(&Message::Advise(advise.clone()))?;
             // The last pair is gone (joined): what it carried is not on its way any more.
             sender.new_pair();
             let pair = link::pair((main, urgent), advise, sender.clone(), &timing)?;
-            let present = match pair.next("RECV_BITMAP", timing.give_up_after)? {
+            let present = match pair.next("RECV_BITMAP", left())? {
                 (_, Message::RecvBitmap { words }) => words,
                 (channel, other) => return Err(unexpected(other, "RECV_BITMAP", channel)),
             };
-            match pair.next("ACK", timing.give_up_after)? {
+            match pair.next("ACK", left())? {
                 (_, Message::Ack { seq }) => Ok((pair, present, seq)),
                 (channel, other) => Err(unexpected(other, "ACK", channel)),
             }
         };
-        let (pair, present, step) = self.dialer.connect(Instant::now(), wait, greet)?;
+        let (pair, present, step) = self.dialer.connect(since, wait, greet)?;
         self.replan(&present, step)?;
+        self.pages_at_connect = self.postcopy_pages();
         Ok(pair)
     }
 
@@ -167,14 +176,28 @@ impl<'m> Run<'m> {
             .link
             .pause("source", &format!("{phase:?}"), &cause);
         drop(pair);
-        // A pair that moved pages got somewhere: the next is dialed at once (the dialer
-        // backs off only between pairs that bring nothing).
-        let moved = self.moved();
-        if moved > self.moved_at_connect {
+        if self.postcopy_pages() > self.pages_at_connect {
+            self.headway.sent();
+        }
+        let progressed = self.headway.broke();
+        let after = self.m.opts.timing.give_up_after;
+        if self.headway.passed() {
+            return Err(gave_up(after, cause));
+        }
+        // A pair that got somewhere: the next is dialed at once (the dialer backs off
+        // only between pairs that bring nothing).
+        if progressed {
             self.dialer.progressed();
         }
         let pair = self.connect(false)?;
-        self.moved_at_connect = moved;
+        if self.headway.passed() {
+            // The greeting showed that nothing of what the last pair sent landed.
+            pair.shut(
+                &format!("no progress in {after:?}"),
+                self.m.opts.timing.silence,
+            );
+            return Err(gave_up(after, cause));
+        }
         self.progress().link.resumed("source");
         event!(self.m.control, Resumed);
         Ok(pair)
@@ -186,10 +209,12 @@ impl<'m> Run<'m> {
     /// confirmed it — by SYNCED in precopy, by acknowledging LISTEN (it lands every page
     /// before handling a later message), or by its present-set once it runs the pager
     /// (after the switch only one version of a page exists, so present means current).
+    /// Tells [`Headway`] whether the last pair got somewhere that only this shows.
     fn replan(&mut self, present: &[u64], step: u64) -> Result<(), Error> {
         let pages = self.memory.pages as usize;
         let present = Bitmap::from_words(pages, present)?;
         let switched = self.stopped.is_some();
+        let mut held = None;
         match step {
             step::ADVISED => {
                 // Not confirmed: what the destination holds may be an older version (the
@@ -215,9 +240,11 @@ impl<'m> Run<'m> {
                 self.unconfirmed.confirm_all();
                 self.sender.need.store_complement_of(&present.to_words())?;
                 self.sender.planned();
+                held = Some(present.count() as u64);
             }
             _ => return Err(Error::refused(Refusal::Step { step })),
         }
+        self.headway.greeted(held, step > self.step);
         self.step = step;
         Ok(())
     }
@@ -304,7 +331,11 @@ impl<'m> Run<'m> {
         expected: &'static str,
     ) -> Result<(), Error> {
         match msg {
-            Message::Synced { seq } => self.unconfirmed.confirm(seq),
+            Message::Synced { seq } => {
+                self.unconfirmed.confirm(seq)?;
+                self.headway.made();
+                Ok(())
+            }
             other => Err(unexpected(other, expected, channel)),
         }
     }
@@ -405,5 +436,17 @@ impl<'m> Run<'m> {
             verified: self.checked.map_or(0, |(verified, _)| verified),
             dropped_at_destination: self.checked.map_or(0, |(_, dropped)| dropped),
         }
+    }
+}
+
+/// Gave up after `after` without progress, the last pair broken by `cause`.
+fn gave_up(after: Duration, cause: Error) -> Error {
+    log::warn!(
+        "source: giving up: no progress in {after:?}; {}",
+        crate::error::chain(&cause)
+    );
+    match cause {
+        Error::Link(last) => Error::gave_up(after, last),
+        other => other,
     }
 }

@@ -36,6 +36,9 @@ impl Run<'_> {
                     return Err(e);
                 }
             };
+            // A step of the migration, taken once: the give-up bound does not count the
+            // embedder's time against the destination.
+            self.headway.made();
             let at = self.steps.lap(at, |s| &mut s.stop);
             let dirty = &self.dirty;
             // The last scan: a walk of every page-table entry of the region, the one
@@ -59,6 +62,7 @@ impl Run<'_> {
             self.discard(pair, planned)?;
             at = self.steps.lap(at, |s| &mut s.discard);
             pair.main.send(&Message::Listen)?;
+            self.headway.sent();
             event!(self.m.control, Sent("LISTEN"));
         }
         if self.step <= step::LISTENING {
@@ -67,6 +71,7 @@ impl Run<'_> {
             pair.main.send(&Message::Run {
                 device_state: self.device_state.clone(),
             })?;
+            self.headway.sent();
             event!(self.m.control, Sent("RUN"));
         }
         if listen {
@@ -134,6 +139,8 @@ impl Run<'_> {
             need.set_range(run)?;
         }
         self.sender.planned();
+        self.headway
+            .listening_with(self.memory.pages - need.count() as u64);
         let ranges = self.sent_and_dirty();
         if self.needed_at_switch == 0 {
             self.discarded += ranges.iter().map(|r| r.count).sum::<u64>();
@@ -185,6 +192,7 @@ impl Run<'_> {
             match pair.next("ACK", self.m.opts.timing.give_up_after)? {
                 (_, Message::Ack { seq }) if seq == want => {
                     self.step = want;
+                    self.headway.made();
                     return Ok(());
                 }
                 (channel, other) => self.confirmed(channel, other, "ACK")?,

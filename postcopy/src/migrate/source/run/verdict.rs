@@ -83,6 +83,7 @@ impl Run<'_> {
             reason: ShutReason::Done,
             detail,
         })?;
+        self.headway.sent();
         event!(self.m.control, Sent("SHUT"));
         self.expect_step(pair, step::VERIFIED)?;
         self.heard_end(pair);

@@ -1,0 +1,244 @@
+//! The migration source's give-up bound runs from its last progress, not from its last
+//! break: a path to the destination that accepts every new pair and lets its greeting
+//! through (ADVISE, RECV_BITMAP, the ACK of the step) but nothing after it — frozen or
+//! reset right there, in precopy, at the switch or in postcopy — moves no page and
+//! acknowledges no step, however many pairs it accepts, and the source must end in
+//! `GaveUp` within its bound instead of retrying forever.
+
+use crate::common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{key, proxy_to, source_memory};
+use pager::DeliveryMode;
+use postcopy::fault::Event;
+use postcopy::migrate::{DestOptions, Destination, Migration, SourceOptions, Timing};
+use postcopy::Error;
+use testkit::proxy::{CutMode, Direction, Proxy, Target};
+use transport::Addr;
+
+/// The source's liveness: a freeze is noticed within about a second, and it gives up
+/// after three without progress.
+fn timing() -> Timing {
+    Timing {
+        heartbeat: Duration::from_millis(150),
+        silence: Duration::from_secs(1),
+        first_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(300),
+        give_up_after: Duration::from_secs(3),
+    }
+}
+
+/// What the stalling path did.
+#[derive(Default)]
+struct Stalled {
+    /// When it first cut (the phase's event), if it did.
+    first: Option<Instant>,
+    /// Pairs it cut.
+    pairs: u64,
+}
+
+/// From the first event that `phase` picks on, cuts every pair with `mode` as soon as it
+/// is up: at that event (the first pair), then at every resume (right after the
+/// greeting). The cut is made on the source's own thread, before it sends anything more.
+fn stall_from(
+    proxy: Arc<Proxy>,
+    mode: CutMode,
+    phase: fn(Event) -> bool,
+    m: &Migration,
+) -> Arc<Mutex<Stalled>> {
+    let stalled = Arc::new(Mutex::new(Stalled::default()));
+    let s = stalled.clone();
+    m.control().observe(Arc::new(move |e| {
+        let mut s = s.lock().unwrap_or_else(|p| p.into_inner());
+        let now = match s.first {
+            None => phase(e),
+            Some(_) => e == Event::Resumed,
+        };
+        if now && proxy.cut_now(mode, Target::All) > 0 {
+            s.first.get_or_insert_with(Instant::now);
+            s.pairs += 1;
+        }
+    }));
+    stalled
+}
+
+/// Migrates 8 MiB (`rounds` of precopy) through a path that stalls every pair from the
+/// first event `phase` picks on; the source must give up once `give_up_after` passed
+/// without progress — not before the bound after its start, and within a few silence
+/// deadlines of it after the stall began — and the destination, left alone, too.
+fn gives_up_without_progress(rounds: u32, mode: CutMode, phase: fn(Event) -> bool) {
+    let t = timing();
+    // The destination waits longer than the source: were the source to retry forever,
+    // its pairs would keep the destination waiting too (it gives up from its last break).
+    let dest_timing = Timing {
+        give_up_after: Duration::from_secs(6),
+        ..t
+    };
+    let opts = DestOptions {
+        mode: DeliveryMode::Thread,
+        timing: dest_timing,
+        ..DestOptions::default()
+    };
+    let dest = Destination::bind(&"127.0.0.1:0".parse().unwrap(), key(), opts).unwrap();
+    let proxy = proxy_to(&dest.local_addr().unwrap(), Direction::ToListener);
+    let dest_t = std::thread::spawn(move || dest.run(|_| {}));
+    let memory = source_memory(8 << 20);
+    let opts = SourceOptions {
+        max_rounds: rounds,
+        switch_below_bytes: 0,
+        timing: t,
+        ..SourceOptions::default()
+    };
+    // SAFETY: our mapping; nothing writes it.
+    let m = unsafe {
+        Migration::new(
+            Addr::Tcp(proxy.addr()),
+            key(),
+            memory.addr(),
+            memory.len(),
+            opts,
+        )
+    }
+    .unwrap();
+    let control = m.control();
+    let stalled = stall_from(proxy.clone(), mode, phase, &m);
+    let started = Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = m.run(|| {});
+        let _ = tx.send((r, Instant::now()));
+    });
+    // The stall's last pair may have begun just before the bound: it is noticed broken
+    // within a silence deadline (and a heartbeat), and one more pair may be greeted to
+    // learn whether what the last one sent landed. Generous past that for a loaded machine.
+    let bound = t.give_up_after + t.silence * 4 + t.max_backoff + Duration::from_secs(5);
+    let Ok((src, ended)) = rx.recv_timeout(bound + Duration::from_secs(20)) else {
+        // The source still reads it.
+        std::mem::forget(memory);
+        let s = stalled.lock().unwrap();
+        panic!(
+            "the source still retries {:?} after it began ({} stalled pairs, {} reconnects)",
+            started.elapsed(),
+            s.pairs,
+            control.progress.link.reconnects()
+        );
+    };
+    let s = stalled.lock().unwrap();
+    let first = s.first.expect("the path stalled a pair");
+    assert!(
+        matches!(src, Err(Error::Transport(transport::Error::GaveUp { .. }))),
+        "the source gave up: {src:?}"
+    );
+    assert!(s.pairs >= 2, "the path accepted new pairs: {}", s.pairs);
+    let since_start = ended - started;
+    assert!(
+        since_start >= t.give_up_after,
+        "the source gave up only after give_up_after without progress: {since_start:?}"
+    );
+    let since_stall = ended - first;
+    assert!(
+        since_stall < bound,
+        "the source gave up within {bound:?} of the stall: {since_stall:?} ({} pairs)",
+        s.pairs
+    );
+    eprintln!(
+        "gave up {since_stall:.1?} after the stall began, {since_start:.1?} after the start, \
+         {} pairs stalled",
+        s.pairs
+    );
+    // The destination's own bound, from its last break.
+    let dst = dest_t.join().expect("destination thread");
+    assert!(dst.is_err(), "the destination did not complete: {dst:?}");
+}
+
+#[test]
+fn a_source_whose_pairs_all_freeze_after_the_greeting_in_precopy_gives_up() {
+    gives_up_without_progress(50, CutMode::Freeze, |e| matches!(e, Event::Round(1)));
+}
+
+#[test]
+fn a_source_whose_pairs_all_reset_after_the_greeting_at_the_switch_gives_up() {
+    gives_up_without_progress(1, CutMode::Reset, |e| e == Event::Stopped);
+}
+
+#[test]
+fn a_source_whose_pairs_all_freeze_after_the_greeting_in_postcopy_gives_up() {
+    gives_up_without_progress(0, CutMode::Freeze, |e| e == Event::Postcopy);
+}
+
+#[test]
+fn a_source_whose_pairs_all_reset_after_the_greeting_in_postcopy_gives_up() {
+    gives_up_without_progress(0, CutMode::Reset, |e| e == Event::Postcopy);
+}
+
+/// Pairs that each outlive `give_up_after` and then break still count as progress when
+/// the pages they streamed landed: postcopy has no acknowledgement of its own, so the
+/// source learns it only from the next pair's greeting (the destination holds more), and
+/// must not give up before it asked. Each of three pairs streams until a frame of it was
+/// placed at the destination, is held past the bound, and is reset; the migration then
+/// completes, byte for byte, long past the bound.
+#[test]
+fn postcopy_pairs_that_outlive_the_bound_and_land_pages_keep_the_migration_going() {
+    let give_up_after = Duration::from_secs(2);
+    let cuts = 3;
+    let mut case = common::Case::new("127.0.0.1:0", 32 << 20);
+    case.opts.max_rounds = 0;
+    case.opts.timing = Timing {
+        give_up_after,
+        ..common::test_timing()
+    };
+    // No faults at the destination: only the stream moves pages.
+    case.workload = |_| std::thread::spawn(Vec::new);
+    case.reconnects = Some(cuts);
+    let proxy: Arc<Mutex<Option<Arc<Proxy>>>> = Arc::default();
+    let px = proxy.clone();
+    case.proxy = Some(Box::new(move |p: &Arc<Proxy>| {
+        *px.lock().unwrap() = Some(p.clone());
+    }));
+    let dest = Arc::new(Mutex::new(None));
+    let d = dest.clone();
+    case.dst = Box::new(move |control| *d.lock().unwrap() = Some(control.clone()));
+    case.src = Box::new(move |control| {
+        let proxy = proxy.lock().unwrap().clone().expect("the proxy");
+        let dest = dest.lock().unwrap().clone().expect("the destination");
+        let placed = move || {
+            dest.received
+                .placed
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        // This pair's postcopy: when it began and the pages placed then; cuts made.
+        let pair = Mutex::new((None, 0u64));
+        control.observe(Arc::new(move |e| {
+            let mut p = pair.lock().unwrap_or_else(|p| p.into_inner());
+            match e {
+                Event::Postcopy if p.1 < cuts => p.0 = Some((Instant::now(), placed())),
+                // On the stream's thread: it sends nothing more until this returns.
+                Event::PageFrame(postcopy::wire::Channel::Main) => {
+                    let Some((began, before)) = p.0.take() else {
+                        return;
+                    };
+                    let until = Instant::now() + Duration::from_secs(30);
+                    while placed() <= before {
+                        assert!(Instant::now() < until, "a frame of the pair was placed");
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    let held = began + give_up_after + Duration::from_millis(500);
+                    std::thread::sleep(held.saturating_duration_since(Instant::now()));
+                    assert!(proxy.cut_now(CutMode::Reset, Target::All) > 0, "cut");
+                    p.1 += 1;
+                }
+                _ => {}
+            }
+        }));
+    });
+    let started = Instant::now();
+    let (src, _) = case.run();
+    assert_eq!(src.reconnects, cuts);
+    assert!(
+        started.elapsed() > give_up_after * cuts as u32,
+        "the migration outlived its bound, with progress: {:?}",
+        started.elapsed()
+    );
+}
