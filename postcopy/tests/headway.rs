@@ -242,3 +242,76 @@ fn postcopy_pairs_that_outlive_the_bound_and_land_pages_keep_the_migration_going
         started.elapsed()
     );
 }
+
+/// When the source's pairs were cut and when it was greeted next.
+#[derive(Default)]
+struct Gaps {
+    /// Cut at the stop, on a pair that progressed (its precopy confirmed, the workload
+    /// stopped): (the cut, the next greeting).
+    progressed: Option<(Instant, Option<Instant>)>,
+    /// Cut right after that next greeting, so that pair brought nothing.
+    nothing: Option<(Instant, Option<Instant>)>,
+}
+
+/// The backoff between pairs is for pairs that bring nothing: after one that progressed
+/// the next is dialed at once, even though every connection before it succeeded (the
+/// dialer keeps its backoff across connections unless told of progress). With a backoff
+/// of 8 s, a pair that progressed and is reset is followed by the next one well within
+/// it; the pair after it, reset right after its greeting, is followed only after it.
+#[test]
+fn a_pair_that_progressed_is_followed_at_once_and_one_that_brought_nothing_after_the_backoff() {
+    let backoff = Duration::from_secs(8);
+    let mut case = common::Case::new("127.0.0.1:0", 8 << 20);
+    case.opts.max_rounds = 1;
+    case.opts.timing = Timing {
+        first_backoff: backoff,
+        max_backoff: backoff,
+        give_up_after: Duration::from_secs(120),
+        ..common::test_timing()
+    };
+    case.reconnects = Some(2);
+    let proxy: Arc<Mutex<Option<Arc<Proxy>>>> = Arc::default();
+    let px = proxy.clone();
+    case.proxy = Some(Box::new(move |p: &Arc<Proxy>| {
+        *px.lock().unwrap() = Some(p.clone());
+    }));
+    let gaps = Arc::new(Mutex::new(Gaps::default()));
+    let g = gaps.clone();
+    case.src = Box::new(move |control| {
+        let proxy = proxy.lock().unwrap().clone().expect("the proxy");
+        control.observe(Arc::new(move |e| {
+            let mut guard = g.lock().unwrap_or_else(|p| p.into_inner());
+            let g = &mut *guard;
+            let cut = |proxy: &Proxy| {
+                let hit = proxy.cut_now(CutMode::Reset, Target::All);
+                assert!(hit > 0, "the cut hit the pair");
+                Some((Instant::now(), None))
+            };
+            match (e, &mut g.progressed, &mut g.nothing) {
+                (Event::Stopped, progressed @ None, _) => *progressed = cut(&proxy),
+                (Event::Resumed, Some((_, next @ None)), nothing) => {
+                    *next = Some(Instant::now());
+                    *nothing = cut(&proxy);
+                }
+                (Event::Resumed, _, Some((_, next @ None))) => *next = Some(Instant::now()),
+                _ => {}
+            }
+        }));
+    });
+    case.run();
+    let g = gaps.lock().unwrap();
+    let gap = |w: Option<(Instant, Option<Instant>)>| {
+        let (cut, next) = w.expect("the cut was made");
+        next.expect("a next pair was greeted") - cut
+    };
+    let (after_progress, after_nothing) = (gap(g.progressed), gap(g.nothing));
+    eprintln!("next pair greeted {after_progress:.1?} after a pair that progressed, {after_nothing:.1?} after one that brought nothing");
+    assert!(
+        after_progress < backoff,
+        "a pair that progressed is followed at once, not after the backoff: {after_progress:?}"
+    );
+    assert!(
+        after_nothing >= backoff,
+        "a pair that brought nothing is followed after the backoff: {after_nothing:?}"
+    );
+}
