@@ -73,7 +73,12 @@ impl Engine for Shared {
         let one_by_one = |from: usize, ps: usize| -> Result<Option<usize>> {
             let mut placed = 0;
             for i in from..len / ps {
-                match self.place_arrival(offset + (i * ps) as u64, run.page(i, ps))? {
+                // Past 2^64 no image offset, so no region: the rest of the run is nowhere
+                // (a wrapping sum put it at offset 0 on, pages nobody named).
+                let Some(off) = offset.checked_add((i * ps) as u64) else {
+                    break;
+                };
+                match self.place_arrival(off, run.page(i, ps))? {
                     Placed::Placed => placed += 1,
                     Placed::Duplicate | Placed::NoRegion => {}
                     Placed::Stopped => return Ok(None),
@@ -101,7 +106,8 @@ impl Engine for Shared {
         let ps = p.size;
         let n = len / ps;
         // One region, in one piece: the run is placed with one ioctl built from `p`.
-        let contiguous = lookup(offset + ((n - 1) * ps) as u64).is_some_and(|last| {
+        let last = offset.checked_add(((n - 1) * ps) as u64);
+        let contiguous = last.and_then(lookup).is_some_and(|last| {
             last.region == p.region
                 && last.page == p.page + n - 1
                 && last.addr == p.addr + (n - 1) * ps

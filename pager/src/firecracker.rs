@@ -82,7 +82,9 @@ impl GuestRegion {
             usize::try_from(self.base_host_virt_addr),
             usize::try_from(self.size),
         );
-        let (Ok(base), Ok(len)) = (base, len) else {
+        let ends = |(base, len): (usize, usize)| base.checked_add(len).map(|_| (base, len));
+        let Some((base, len)) = base.ok().zip(len.ok()).and_then(ends) else {
+            // Beyond this process's addresses, or ending past the top of them.
             return Err(HandshakeError::AddressSpace {
                 base: self.base_host_virt_addr,
                 size: self.size,

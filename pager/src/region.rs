@@ -331,6 +331,13 @@ fn check(spec: &RegionSpec, regions: &[Region]) -> Result<()> {
     if spec.image_offset % ps as u64 != 0 {
         return bad("image offset must be page aligned");
     }
+    // Every later sum of a base or an image offset with a length stays below these.
+    if spec.base.checked_add(spec.len).is_none() {
+        return bad("wraps around the address space");
+    }
+    if spec.image_offset.checked_add(spec.len as u64).is_none() {
+        return bad("its image range passes 2^64 bytes");
+    }
     if let Some(other) = regions
         .iter()
         .find(|r| spec.base < r.spec.base + r.spec.len && r.spec.base < spec.base + spec.len)

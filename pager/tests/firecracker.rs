@@ -307,6 +307,16 @@ fn malformed_handshakes_are_refused_clearly_without_hanging() {
     let err = handshake_with(b"[]", &[uffd.as_fd()], false).expect_err("no regions");
     assert!(matches!(err, HandshakeError::NoRegions), "{err}");
 
+    // A region that would end past the top of the address space is refused at the
+    // handshake: it passed every check (the peer being this process stopped it here) and
+    // its end was summed, wrapping, once served.
+    let wraps = format!(
+        r#"[{{"base_host_virt_addr":{},"size":8192,"offset":0,"page_size":4096}}]"#,
+        u64::MAX - 4095
+    );
+    let err = handshake_with(wraps.as_bytes(), &[uffd.as_fd()], false).expect_err("wraps");
+    assert!(matches!(err, HandshakeError::AddressSpace { .. }), "{err}");
+
     // A table with page_size_kib alone passes every check of the table: what stops it
     // here is only that this test's own process is the peer.
     let kib_only = r#"[{"base_host_virt_addr":4096,"size":4096,"offset":0,"page_size_kib":4096}]"#;

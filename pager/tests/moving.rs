@@ -3,39 +3,16 @@
 //! them; what cannot move — shared memory, memory inside the pager's own regions or not
 //! page aligned, pages a forked child still shares — is copied, with the same content.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pager::{DeliveryMode, Fetched, Pager, Placer, Source, SourceError};
 use uffd_core::{Features, Mapping, MemoryKind, Uffd};
 
 use crate::common;
 
 const PS: usize = 4096;
 const HUGE: usize = 2 << 20;
-
-/// A remote source: every fetch answers Pending (and is counted); the test places.
-struct Far {
-    len: u64,
-    asked: AtomicU64,
-    placer: Mutex<Option<mpsc::Sender<Placer>>>,
-}
-
-impl Source for Far {
-    fn len(&self) -> u64 {
-        self.len
-    }
-    fn fetch<'a>(&'a self, _: u64, _: &'a mut [u8]) -> Result<Fetched<'a>, SourceError> {
-        self.asked.fetch_add(1, Ordering::Relaxed);
-        Ok(Fetched::Pending)
-    }
-    fn attach(&self, placer: Placer) {
-        if let Some(tx) = self.placer.lock().expect("placer").take() {
-            let _ = tx.send(placer);
-        }
-    }
-}
 
 /// A pager's uffd that can move pages, or `None` (skipped loudly) on a kernel without.
 fn move_uffd(test: &str) -> Option<Uffd> {
@@ -51,26 +28,6 @@ fn move_uffd(test: &str) -> Option<Uffd> {
         common::skip(test, "the kernel has no UFFDIO_MOVE (Linux 6.8+)");
         None
     }
-}
-
-/// A pager serving `regions` (memory, image offset) from a [`Far`] source of `len`
-/// bytes, and its placer.
-fn start(uffd: Uffd, regions: &[(Arc<Mapping>, u64)], len: usize) -> (Pager, Placer, Arc<Far>) {
-    let (tx, rx) = mpsc::channel();
-    let far = Arc::new(Far {
-        len: len as u64,
-        asked: AtomicU64::new(0),
-        placer: Mutex::new(Some(tx)),
-    });
-    let mut builder = Pager::builder(uffd, far.clone()).mode(DeliveryMode::Thread);
-    for (memory, offset) in regions {
-        builder = builder.mapping(memory.clone(), *offset);
-    }
-    let pager = builder.start().expect("start");
-    let placer = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the pager attaches its placer");
-    (pager, placer, far)
 }
 
 /// Anonymous memory on 2 MiB boundaries, advised for huge pages or against them.
@@ -103,7 +60,7 @@ fn bytes(m: &Mapping) -> &[u8] {
 fn waiters(
     memory: &Arc<Mapping>,
     pages: &[usize],
-    far: &Far,
+    far: &common::Far,
 ) -> Vec<std::thread::JoinHandle<(usize, u8)>> {
     let handles = pages
         .iter()
@@ -133,7 +90,7 @@ fn move_whole_image(test: &str, len: usize, huge: bool) -> Option<(bool, bool)> 
     let uffd = move_uffd(test)?;
     let image = common::image(len / PS, PS, 0);
     let memory = Arc::new(aligned(len, huge));
-    let (pager, placer, far) = start(uffd, &[(memory.clone(), 0)], len);
+    let (pager, placer, far) = common::remote(uffd, &[(memory.clone(), 0)], len);
     let waiting = waiters(
         &memory,
         &[0, len / PS / 4, len / PS / 2, len / PS - 1],
@@ -204,7 +161,7 @@ fn what_cannot_move_is_copied_with_the_same_content() {
             .enumerate()
             .map(|(i, m)| (m.clone(), ((i + 1) * len) as u64)),
     );
-    let (pager, placer, _far) = start(uffd, &regions, 4 * len);
+    let (pager, placer, _far) = common::remote(uffd, &regions, 4 * len);
 
     // Into shared memory: MOVE takes private anonymous memory only.
     let mut staging = aligned(len, false);

@@ -211,3 +211,98 @@ fn a_page_the_kernel_keeps_calling_gone_while_its_region_is_mapped_fails_the_pag
     );
     assert!(started.elapsed() < Duration::from_secs(20));
 }
+
+/// The last page-aligned image offset: a run that starts here and holds two pages has its
+/// second page past 2^64.
+const LAST_PAGE_OFFSET: u64 = u64::MAX - (PS as u64 - 1);
+
+/// A run handed to a placer whose pages pass image offset 2^64 places nothing: the
+/// offsets were summed without a check, so in release builds the run's second page landed
+/// at image offset 0 — a page the caller never named (in debug builds, a panic).
+#[test]
+fn a_run_whose_image_offsets_wrap_around_lands_nowhere() {
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, PAGES * PS).expect("map"));
+    let (pager, placer, _) = common::remote(common::uffd(), &[(memory.clone(), 0)], PAGES * PS);
+    let data = vec![0xAB; 2 * PS];
+    assert_eq!(
+        placer.place_run(LAST_PAGE_OFFSET, &data).expect("run"),
+        Some(0)
+    );
+    assert_eq!(
+        placer
+            .place_zero_run(LAST_PAGE_OFFSET, 2 * PS)
+            .expect("zero run"),
+        Some(0)
+    );
+    let staging = Mapping::anon_aligned(2 * PS, PS).expect("staging");
+    // SAFETY: our own mapping, unregistered, borrowed exclusively for the call.
+    let given = unsafe { std::slice::from_raw_parts_mut(staging.as_ptr(), 2 * PS) };
+    given.fill(0xCD);
+    assert_eq!(
+        placer
+            .place_run_moving(LAST_PAGE_OFFSET, given)
+            .expect("moving run"),
+        Some(0)
+    );
+    assert_eq!(
+        placer.state(0),
+        Some(PageState::Missing),
+        "page 0 untouched"
+    );
+    let stats = pager.stop().expect("stop");
+    assert_eq!(stats.placed_arrival + stats.placed_zero, 0, "{stats:?}");
+}
+
+/// A region whose image range would pass 2^64 bytes is refused at start: its end was
+/// summed without a check, so in release builds a two-page region at the last page offset
+/// "needed" one page of the image, started, and its second page was served image page 0
+/// (in debug builds, `start` panicked).
+#[test]
+fn a_region_whose_image_range_wraps_around_is_refused() {
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, 2 * PS).expect("map"));
+    let image = common::image(2, PS, 0);
+    let started = Pager::builder(common::uffd(), Arc::new(MemorySource::new(image.clone())))
+        .mapping(memory.clone(), LAST_PAGE_OFFSET)
+        .mode(DeliveryMode::Thread)
+        .start();
+    match started {
+        Err(pager::Error::BadRegion { reason, .. }) => {
+            assert!(reason.contains("image"), "{reason}")
+        }
+        Err(other) => panic!("refused for another reason: {other}"),
+        Ok(pager) => {
+            // SAFETY: served by the pager: a raw read of whatever it placed.
+            let second = unsafe { common::bytes(memory.addr() + PS, PS) };
+            let held = image.chunks(PS).position(|page| page == second);
+            panic!(
+                "started; its second page holds image page {held:?}; {:?}",
+                pager.stop()
+            )
+        }
+    }
+}
+
+/// A region named by address whose end would pass the top of the address space is
+/// refused with the reason, never summed into a wrapped end: the overlap check compared
+/// that end with the other regions' (an overflow panic in debug builds; in release builds
+/// only the kernel's EINVAL at registration stopped it).
+#[test]
+fn a_region_whose_address_range_wraps_around_is_refused() {
+    let image = common::image(4, PS, 0);
+    let builder = Pager::builder(common::uffd(), Arc::new(MemorySource::new(image)));
+    let specs = [
+        pager::RegionSpec::new(usize::MAX - (PS - 1), 2 * PS, MemoryKind::Anon, 0),
+        pager::RegionSpec::new(0x10_0000, 2 * PS, MemoryKind::Anon, 2 * PS as u64),
+    ];
+    // SAFETY: refused before anything is registered or placed (what the test checks).
+    let started = unsafe { builder.regions(specs) }
+        .mode(DeliveryMode::Thread)
+        .start();
+    match started {
+        Err(pager::Error::BadRegion { reason, .. }) => {
+            assert!(reason.contains("address space"), "{reason}")
+        }
+        Err(other) => panic!("refused for another reason: {other}"),
+        Ok(pager) => panic!("started: {:?}", pager.stop()),
+    }
+}

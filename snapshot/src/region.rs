@@ -97,6 +97,9 @@ impl Regions {
             if r.addr.checked_add(r.len).is_none() {
                 return bad("wraps around the address space");
             }
+            if r.offset.checked_add(r.len as u64).is_none() {
+                return bad("its image range passes 2^64 bytes");
+            }
         }
         let mut sorted: Vec<(usize, Region)> = regions.iter().copied().enumerate().collect();
         sorted.sort_by_key(|(_, r)| r.addr);
@@ -244,6 +247,24 @@ mod tests {
         assert_eq!(r.locate(1).1.addr, 0x10_1000);
         let b = r.batches(0x2000);
         assert_eq!(b.len(), 3, "2 pages, then 2 + 1");
+    }
+
+    /// An image range that passes 2^64 bytes is refused: its end was summed without a
+    /// check (an overflow panic in debug builds; in release builds the image length
+    /// wrapped and two regions' image ranges could overlap unseen).
+    #[test]
+    fn a_region_whose_image_range_wraps_around_is_refused() {
+        let last = u64::MAX - 0xfff;
+        let regions = [
+            Region::new(0x1000, 0x2000, MemoryKind::Anon, last),
+            Region::new(0x9000, 0x1000, MemoryKind::Anon, 0),
+        ];
+        match Regions::new(&regions) {
+            Err(Error::Region { index: 0, reason }) => {
+                assert!(reason.contains("image"), "{reason}")
+            }
+            other => panic!("accepted or refused otherwise: {other:?}"),
+        }
     }
 
     #[test]

@@ -3,10 +3,11 @@
 
 pub mod balloon;
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 
-use pager::{Fetched, Source, SourceError};
+use pager::{DeliveryMode, Fetched, Pager, Placer, Source, SourceError};
 use uffd_core::{Features, MemoryKind, Uffd};
 
 pub use testkit::skip;
@@ -106,6 +107,52 @@ impl<S: Source> Source for Counting<S> {
     }
 }
 
+/// A remote source: every fetch answers Pending (and is counted); the test places.
+pub struct Far {
+    pub len: u64,
+    pub asked: AtomicU64,
+    placer: Mutex<Option<mpsc::Sender<Placer>>>,
+}
+
+impl Source for Far {
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn fetch<'a>(&'a self, _: u64, _: &'a mut [u8]) -> Result<Fetched<'a>, SourceError> {
+        self.asked.fetch_add(1, Ordering::Relaxed);
+        Ok(Fetched::Pending)
+    }
+    fn attach(&self, placer: Placer) {
+        if let Some(tx) = self.placer.lock().expect("placer").take() {
+            let _ = tx.send(placer);
+        }
+    }
+}
+
+/// A pager serving `regions` (memory, image offset) from a [`Far`] source of `len`
+/// bytes, and its placer.
+pub fn remote(
+    uffd: Uffd,
+    regions: &[(Arc<uffd_core::Mapping>, u64)],
+    len: usize,
+) -> (Pager, Placer, Arc<Far>) {
+    let (tx, rx) = mpsc::channel();
+    let far = Arc::new(Far {
+        len: len as u64,
+        asked: AtomicU64::new(0),
+        placer: Mutex::new(Some(tx)),
+    });
+    let mut builder = Pager::builder(uffd, far.clone()).mode(DeliveryMode::Thread);
+    for (memory, offset) in regions {
+        builder = builder.mapping(memory.clone(), *offset);
+    }
+    let pager = builder.start().expect("start");
+    let placer = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the pager attaches its placer");
+    (pager, placer, far)
+}
+
 /// Memory of `kind` for the tests (hugetlb needs its pool).
 pub fn kinds(test: &str) -> Vec<MemoryKind> {
     let mut kinds = vec![MemoryKind::Anon, MemoryKind::Shmem];
@@ -202,9 +249,9 @@ pub fn touch_in_sigbus_mode(source: Arc<dyn Source>) -> ! {
         .require(Features::SIGBUS | Features::EVENT_REMOVE)
         .open()
         .expect("open");
-    let pager = pager::Pager::builder(uffd, source)
+    let pager = Pager::builder(uffd, source)
         .mapping(memory.clone(), 0)
-        .mode(pager::DeliveryMode::Sigbus)
+        .mode(DeliveryMode::Sigbus)
         .start()
         .expect("start");
     // SAFETY: the served region; the fault ends the process through the embedder's handler.
