@@ -58,7 +58,8 @@
 //!
 //! Memory the pager can check itself takes no promise: [`PagerBuilder::mapping`] and
 //! [`PagerBuilder::mapping_minor`] take an `Arc<Mapping>`, keep it alive, and make the
-//! alias themselves. The Firecracker handshake (module `firecracker`, feature `firecracker`)
+//! alias themselves (with a userfaultfd opened in this process: an adopted one, which may
+//! serve another process, is refused). The Firecracker handshake (module `firecracker`, feature `firecracker`)
 //! serves memory of another process, named by that process.
 //!
 //! ## When something fails

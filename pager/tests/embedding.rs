@@ -1,12 +1,16 @@
 //! What an embedder (a VMM) uses of the pager beyond serving faults: the kernel-fault
-//! user mode it must ask for, and the pager's account of a page it saw touched.
+//! user mode it must ask for, the pager's account of a page it saw touched, and the
+//! userfaultfd a safe `mapping` needs (this process's own).
 
+use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pager::{
     DeliveryMode, Features, Mapping, MemoryKind, MemorySource, PageState, Pager, Uffd, UserMode,
 };
+
+use crate::common;
 
 const PS: usize = 4096;
 
@@ -59,4 +63,44 @@ fn wait_placed_reports_a_touched_page_received_and_an_untouched_one_missing_at_i
 
     let stats = pager.stop().expect("stop");
     assert_eq!(stats.placed_fault, 1, "{stats:?}");
+}
+
+/// A `Mapping` is this process's memory, so `mapping` needs a userfaultfd that serves this
+/// process: an adopted one (`Uffd::from_fd`) may serve another, and is refused. It was
+/// taken: the pager registered the mapping's addresses in the other process (here a
+/// forked child, which has its own copy of the mapping there) and filled them with image
+/// pages — memory of that process nobody had named, which read zeros before.
+#[test]
+fn a_mapping_is_refused_with_a_userfaultfd_adopted_from_elsewhere() {
+    let image = common::image(4, PS, 0);
+    assert_ne!(image[0], 0, "the image's first byte tells it from zeros");
+    // Mapped before the fork: the child has its own copy at the same address, untouched.
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, 4 * PS).expect("map"));
+    let (go, wait) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    let first = memory.addr();
+    let (pid, uffd, _, _) = common::child_with_uffd(1, move |_| {
+        let mut byte = [0u8; 1];
+        let _ = (&wait).read(&mut byte);
+        // SAFETY: the child's own copy of the parent's mapping, mapped since the fork.
+        let got = unsafe { std::ptr::read_volatile(first as *const u8) };
+        i32::from(got != 0)
+    });
+    let started = Pager::builder(uffd, Arc::new(MemorySource::new(image)))
+        .mapping(memory.clone(), 0)
+        .mode(DeliveryMode::Thread)
+        .start();
+    (&go).write_all(b"g").expect("tell the child to read");
+    let child_read_image = common::wait(pid) == 1;
+    match started {
+        Err(pager::Error::BadRegion { reason, .. }) => {
+            assert!(reason.contains("adopted"), "{reason}");
+            assert!(!child_read_image, "the child's memory untouched");
+        }
+        Err(other) => panic!("refused for another reason: {other}"),
+        Ok(pager) => panic!(
+            "started (the child read image data where its memory held zeros: \
+             {child_read_image}); {:?}",
+            pager.stop()
+        ),
+    }
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use page_state::{PageState, PageStateMap};
-use uffd_core::{Features, Mapping};
+use uffd_core::{Features, Mapping, OpenPath};
 
 use crate::cpu::allowed_cpus;
 use crate::error::{Error, Result};
@@ -34,10 +34,24 @@ impl PagerBuilder {
         Ok(keep)
     }
 
-    /// Refuses what cannot be served: regions beyond the image, a SIGBUS mode without the
-    /// feature or a signal-safe source, handler CPUs this process may not use or that the
-    /// mode does not use, a MINOR region whose alias is not its file's shared mapping.
+    /// Refuses what cannot be served: a mapping with an adopted userfaultfd, regions beyond
+    /// the image, a SIGBUS mode without the feature or a signal-safe source, handler CPUs
+    /// this process may not use or that the mode does not use, a MINOR region whose alias
+    /// is not its file's shared mapping.
     pub(super) fn check(&self, table: &RegionTable) -> Result<()> {
+        // A Mapping is this process's memory; an adopted userfaultfd may serve another
+        // process, whose memory at the mapping's addresses the pager would fill.
+        if let Some(owned) = self.owned.first() {
+            if self.uffd.open_path() == OpenPath::Adopted {
+                let spec = &self.regions[owned.region];
+                return Err(Error::BadRegion {
+                    base: spec.base,
+                    len: spec.len,
+                    reason: "a Mapping needs a userfaultfd opened in this process, not one \
+                             adopted (Uffd::from_fd), which may serve another process",
+                });
+            }
+        }
         for r in table.regions() {
             let need = r.spec.image_offset + r.spec.len as u64;
             if need > self.source.len() {

@@ -131,7 +131,10 @@ impl PagerBuilder {
 
     /// Adds the whole of `memory` as a region resolved by copy, at `image_offset` in the
     /// image. Safe: the pager keeps the mapping alive while it (or a placer) may place
-    /// pages into it, and a [`Mapping`] hands out no references to its bytes.
+    /// pages into it, and a [`Mapping`] hands out no references to its bytes. The
+    /// userfaultfd must be one opened in this process: `start` refuses an adopted one
+    /// ([`Uffd::from_fd`]), which may serve another process (name that process's memory
+    /// with [`region`](Self::region)).
     pub fn mapping(mut self, memory: Arc<Mapping>, image_offset: u64) -> Self {
         self.regions.push(RegionSpec::new(
             memory.addr(),
@@ -149,7 +152,8 @@ impl PagerBuilder {
 
     /// Adds the whole of a shared `memory` (shmem or hugetlb) as a region resolved in
     /// MINOR mode (`UFFDIO_CONTINUE`); the pager maps its own alias of the file to stage
-    /// pages in. `start` refuses memory that is not shared.
+    /// pages in. `start` refuses memory that is not shared, and an adopted userfaultfd
+    /// (as for [`mapping`](Self::mapping)).
     pub fn mapping_minor(mut self, memory: Arc<Mapping>, image_offset: u64) -> Self {
         // The alias is made at start, where its failure can be returned.
         self.regions.push(RegionSpec::new(
