@@ -256,7 +256,8 @@ impl FileSource {
         Ok((file, len))
     }
 
-    /// Reads pages with `pread(2)`.
+    /// Reads pages with `pread(2)`. A file that shrinks while served fails the fetches of
+    /// what it lost (a fatal error: those pages are poisoned, never read as zeros).
     pub fn pread(path: impl AsRef<Path>) -> Result<Self, SourceError> {
         let (file, len) = Self::open(path.as_ref())?;
         Ok(Self {
@@ -268,7 +269,9 @@ impl FileSource {
     }
 
     /// Maps the file read-only and copies pages from the mapping (no syscall per page
-    /// beyond the placement itself; the page cache is read on first touch).
+    /// beyond the placement itself; the page cache is read on first touch). The file must
+    /// not be truncated while served: a copy past its new end raises SIGBUS in the
+    /// handler, which ends the process; where that can happen, use [`FileSource::pread`].
     pub fn mmap(path: impl AsRef<Path>) -> Result<Self, SourceError> {
         let (file, len) = Self::open(path.as_ref())?;
         let map_len = usize::try_from(len).map_err(|_| SourceError {
@@ -385,6 +388,16 @@ impl Source for FileSource {
                         .read_at(&mut scratch[done..], offset + done as u64)
                         .map_err(io_err("read image", offset))?;
                     if n == 0 {
+                        if offset + (done as u64) < self.len {
+                            // The file ends before the length it had when opened: it was
+                            // truncated while served. What it lost is not zero in the
+                            // image: a failure (poison), never zeros.
+                            return Err(SourceError {
+                                what: "read image (the file shrank while served)",
+                                offset,
+                                source: std::io::ErrorKind::UnexpectedEof.into(),
+                            });
+                        }
                         scratch[done..].fill(0); // past the end of the image
                         break;
                     }

@@ -434,3 +434,43 @@ fn a_panicking_source_in_sigbus_mode_fails_the_pager_and_the_sigbus_is_handed_on
     }
     common::touch_in_sigbus_mode(Arc::new(Misbehaving { panics: true }));
 }
+
+/// An image file truncated while it is served: the pages it lost are not holes of the
+/// image. The pager fails with the source's error and a touch there raises SIGBUS — it
+/// read them as zeros before (a read that hit the new end was taken for the image's end).
+#[test]
+fn a_file_image_truncated_while_served_fails_the_pager_instead_of_serving_zeros() {
+    const NAME: &str =
+        "a_file_image_truncated_while_served_fails_the_pager_instead_of_serving_zeros";
+    if !testkit::isolated(NAME, WATCHDOG) {
+        return;
+    }
+    let pages = 16;
+    let image = common::image(pages, PS, 0);
+    let path = std::env::temp_dir().join(format!("uffdkit-test-{}-truncated", std::process::id()));
+    std::fs::write(&path, &image).expect("write the image");
+    let source = Arc::new(pager::FileSource::pread(&path).expect("open"));
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
+    let pager = Pager::builder(common::uffd(), source)
+        .mapping(memory.clone(), 0)
+        .mode(DeliveryMode::Thread)
+        .start()
+        .expect("start");
+    // SAFETY: the served region.
+    let first = unsafe { common::bytes(memory.addr(), PS) };
+    assert_eq!(first, &image[..PS], "served from the file");
+    // Another process shrinks the image under the pager.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|f| f.set_len((pages / 2 * PS) as u64))
+        .expect("truncate the image");
+    let touched = testkit::sigbus::touch_expecting_sigbus(memory.addr() + 12 * PS, SIGBUS_WAIT);
+    let _ = std::fs::remove_file(&path);
+    touched.expect("a page the file lost raises SIGBUS");
+    assert!(pager.wait(Some(SIGBUS_WAIT)), "the pager stops");
+    match pager.stop() {
+        Err(Error::Source(e)) => assert_eq!(e.offset, (12 * PS) as u64, "{e:?}"),
+        other => panic!("a source error, not {other:?}"),
+    }
+}
