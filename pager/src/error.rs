@@ -113,6 +113,12 @@ pub enum Error {
         /// Its address.
         addr: usize,
     },
+    /// A forked child's engine stopped with its parent's pager: the child's pages not
+    /// placed yet are served no more, and poisoned.
+    #[error(
+        "the parent's pager stopped: a forked child's pages not yet placed are served no more"
+    )]
+    ParentStopped,
     /// A forked child's engine, serving from its parent's source
     /// ([`ChildSource::Shared`](crate::ChildSource::Shared)), got `Pending`: the
     /// source is remote and must give the child a source of its own or refuse it.

@@ -16,7 +16,9 @@
 //! uffd is closed: a touch raises SIGBUS, never reads zeros, and never blocks.
 //!
 //! A child engine stops when its process exits (its handler probes for that while idle)
-//! and is reaped here.
+//! and is reaped here. One still running when the parent's pager stops — asked to or
+//! failed — is failed ([`Error::ParentStopped`](crate::Error::ParentStopped)): its pages
+//! not placed yet are poisoned, counted as `forks_failed`, never left to read zeros.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -24,10 +26,10 @@ use std::sync::Arc;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use uffd_core::{Mapping, Uffd};
+use uffd_core::{Mapping, Uffd, WriteProtectMode};
 
 use crate::pager::Pager;
-use crate::shared::Shared;
+use crate::shared::{Poison, Shared};
 use crate::source::{ChildSource, Source};
 use crate::stats::bump;
 
@@ -104,7 +106,7 @@ impl Drop for ForkQueue {
 pub(crate) fn refuse_quietly(shared: &Shared, uffd: &Uffd) {
     bump(&shared.stats.forks_refused);
     bump(&shared.refused_unlogged);
-    let _ = shared.poison_in(uffd, true);
+    let _ = shared.poison_in(uffd, Poison::Child);
 }
 
 /// [`refuse_quietly`], logged, for a child's uffd `fd`.
@@ -112,7 +114,7 @@ fn refuse(shared: &Shared, fd: OwnedFd, why: &str) {
     match Uffd::from_fd(fd) {
         Ok(uffd) => {
             bump(&shared.stats.forks_refused);
-            let _ = shared.poison_in(&uffd, true);
+            let _ = shared.poison_in(&uffd, Poison::Child);
             log::warn!("refusing a forked child ({why}): its missing pages are poisoned");
         }
         Err(e) => {
@@ -180,14 +182,7 @@ pub(crate) fn serve(
         children.retain_mut(|child| {
             let done = child.has_stopped();
             if done {
-                child.join();
-                // A child engine that failed (its pages poisoned by then) is counted.
-                if let Some(e) = child.take_fatal() {
-                    bump(&shared.stats.forks_failed);
-                    log::error!(
-                        "a forked child's engine failed (its missing pages are poisoned): {e}"
-                    );
-                }
+                reap(&shared, child);
             }
             !done
         });
@@ -215,7 +210,7 @@ pub(crate) fn serve(
                 Err(e) => {
                     bump(&shared.stats.forks_failed);
                     if let Some(uffd) = spare.ok().and_then(|fd| Uffd::from_fd(fd).ok()) {
-                        let _ = shared.poison_in(&uffd, true);
+                        let _ = shared.poison_in(&uffd, Poison::Child);
                     }
                     log::error!(
                         "cannot serve a forked child (its missing pages are poisoned): {e}"
@@ -224,7 +219,43 @@ pub(crate) fn serve(
             }
         });
     }
+    // The children still running are served no more. Each engine is failed, so the pages
+    // it has not placed are poisoned (a touch raises SIGBUS) before its uffd is closed,
+    // which would hand them zeros; one whose process has exited is only reaped.
     for mut child in children {
-        child.join();
+        if !child.has_stopped() && !child.process_exited() {
+            child.fail_engine(crate::Error::ParentStopped);
+        }
+        reap(&shared, &mut child);
+    }
+}
+
+/// Joins a stopped child engine; one that failed (its pages poisoned by then) is counted
+/// and logged.
+fn reap(shared: &Shared, child: &mut Pager) {
+    child.join();
+    if let Some(e) = child.take_fatal() {
+        bump(&shared.stats.forks_failed);
+        log::error!("a forked child's engine failed (its missing pages are poisoned): {e}");
+    }
+}
+
+impl Shared {
+    /// Whether the process this engine serves has exited (then recorded in `gone`):
+    /// `UFFDIO_WRITEPROTECT` un-protecting one page of a region not registered for
+    /// write-protection changes nothing and answers ENOENT while the process lives, ESRCH
+    /// once it is gone. For a child engine's idle probe and the fork service's end.
+    pub(crate) fn probe_gone(&self) -> bool {
+        let Some(p) = self.page(0) else {
+            return false;
+        };
+        let probe = self
+            .uffd
+            .write_protect(p.addr, p.size, WriteProtectMode::DONTWAKE);
+        let gone = matches!(probe, Err(uffd_core::Error::ProcessGone { .. }));
+        if gone {
+            self.gone.store(true, Ordering::Relaxed);
+        }
+        gone
     }
 }

@@ -268,6 +268,17 @@ impl Pager {
         self.shared.settle();
     }
 
+    /// Whether the served process has exited, probed now (for the fork service).
+    pub(crate) fn process_exited(&self) -> bool {
+        self.shared.probe_gone()
+    }
+
+    /// Fails the pager with `error` (for the fork service: a child engine whose parent
+    /// stopped); [`join`](Self::join) then settles it.
+    pub(crate) fn fail_engine(&self, error: crate::Error) {
+        self.shared.fail(error);
+    }
+
     /// The fatal error that stopped the pager, taken (for the fork service's reaping).
     pub(crate) fn take_fatal(&self) -> Option<crate::Error> {
         self.shared.take_fatal()

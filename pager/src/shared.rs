@@ -18,6 +18,19 @@ use crate::region::{PageRef, RegionTable, Resolve};
 use crate::source::Source;
 use crate::stats::{add, PendingFaults, Stats};
 
+/// Which pages [`Shared::poison_in`] poisons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Poison {
+    /// This engine failed, its uffd open until the embedder drops the pager: every page a
+    /// fault would wait on for good — Missing, Requested, Zero (a known-zero page not
+    /// placed yet) and the Received pages a REMOVE reached (their next touch faults).
+    Stopped,
+    /// A forked child that is not (or no longer) served, its uffd closed next: Missing and
+    /// Requested pages, and every Received one (the child's copy may lack a page its
+    /// parent received after the fork). Zero pages read zeros once the uffd is closed.
+    Child,
+}
+
 /// State shared by all the pager's threads.
 pub(crate) struct Shared {
     pub uffd: Uffd,
@@ -263,20 +276,27 @@ impl Shared {
         *self.settled.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Poisons every page still Missing or Requested in a mapped region (`UFFDIO_POISON`,
-    /// one ioctl per run, page by page where a run meets a placed page). Returns the pages
-    /// poisoned and those that could not be.
+    /// Poisons every page of a mapped region the stopped pager would leave a fault waiting
+    /// on (`UFFDIO_POISON`, one ioctl per run, page by page where a run meets a placed
+    /// page). Returns the pages poisoned and those that could not be.
     fn poison_unplaced(&self) -> (usize, usize) {
-        self.poison_in(&self.uffd, false)
+        self.poison_in(&self.uffd, Poison::Stopped)
     }
 
-    /// Poisons, through `uffd`, the pages of the regions that are not known zero: the
-    /// Missing and Requested ones in runs, and with `received` the Received ones too, one
-    /// by one (a forked child's copy may lack a page its parent received after the fork;
-    /// a present page answers EEXIST and keeps its content). Allocates nothing.
-    pub fn poison_in(&self, uffd: &Uffd, received: bool) -> (usize, usize) {
+    /// Poisons, through `uffd`, the pages of the regions that `which` says, in runs where
+    /// they are not placed and one by one where they may be (a present page answers
+    /// EEXIST and keeps its content). Allocates nothing.
+    pub fn poison_in(&self, uffd: &Uffd, which: Poison) -> (usize, usize) {
         let state = |page| self.states.get(page);
-        let open = |page| matches!(state(page), Ok(PageState::Missing | PageState::Requested));
+        let open = |page| match state(page) {
+            Ok(PageState::Missing | PageState::Requested) => true,
+            Ok(PageState::Zero) => which == Poison::Stopped,
+            _ => false,
+        };
+        let received = |page| match which {
+            Poison::Child => true,
+            Poison::Stopped => self.dropped.test(page),
+        };
         let (mut poisoned, mut left) = (0, 0);
         let mut page = 0;
         while page < self.states.len() {
@@ -295,7 +315,7 @@ impl Shared {
                     count += 1;
                 }
                 count
-            } else if received && state(page) == Ok(PageState::Received) {
+            } else if state(page) == Ok(PageState::Received) && received(page) {
                 1
             } else {
                 page += 1;

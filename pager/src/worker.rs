@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use page_state::PageState;
-use uffd_core::{Event, EventBuffer, FaultFlags, ReadStatus, WriteProtectMode};
+use uffd_core::{Event, EventBuffer, FaultFlags, ReadStatus};
 
 use crate::fault::{FaultOutcome, FollowUp, MAX_AROUND_BYTES};
 use crate::fork::ForkQueue;
@@ -158,24 +158,9 @@ impl Worker {
         matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
     }
 
-    /// A child engine's process may have exited: `UFFDIO_WRITEPROTECT` un-protecting one
-    /// page of a region not registered for write-protection changes nothing and answers
-    /// ENOENT while the process lives, ESRCH once it is gone.
+    /// A child engine's process may have exited: stop if it has.
     fn probe_process(&self) {
-        if self.probe_exit.is_none() {
-            return;
-        }
-        let Some(p) = self.shared.page(0) else {
-            return;
-        };
-        if let Err(uffd_core::Error::ProcessGone { .. }) =
-            self.shared
-                .uffd
-                .write_protect(p.addr, p.size, WriteProtectMode::DONTWAKE)
-        {
-            self.shared
-                .gone
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+        if self.probe_exit.is_some() && self.shared.probe_gone() {
             self.shared.request_stop();
         }
     }

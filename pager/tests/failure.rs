@@ -474,3 +474,34 @@ fn a_file_image_truncated_while_served_fails_the_pager_instead_of_serving_zeros(
         other => panic!("a source error, not {other:?}"),
     }
 }
+
+/// After a fatal error no thread is left blocked on a page the pager will never serve: a
+/// page known zero (a hole of the image) that was not placed yet raises SIGBUS like the
+/// others — it was left out of the poison, and a touch waited on the stopped pager until
+/// the embedder dropped it (a VMM joining its vCPU threads first never does).
+#[test]
+fn after_a_fatal_error_a_touch_of_a_known_zero_page_raises_sigbus_instead_of_hanging() {
+    const NAME: &str =
+        "after_a_fatal_error_a_touch_of_a_known_zero_page_raises_sigbus_instead_of_hanging";
+    if !testkit::isolated(NAME, WATCHDOG) {
+        return;
+    }
+    let pages = 16;
+    // Every 4th page zero: pages 3, 7, 11, 15 are known zero, never fetched.
+    let source = MemorySource::new(common::image(pages, PS, 4)).with_zero_scan(PS);
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
+    let pager = Pager::builder(common::uffd(), Arc::new(source))
+        .mapping(memory.clone(), 0)
+        .mode(DeliveryMode::Thread)
+        .start()
+        .expect("start");
+    assert_eq!(pager.states().get(7), Some(pager::PageState::Zero));
+    pager.fail(SourceError {
+        what: "the embedder gave up",
+        offset: 0,
+        source: std::io::Error::from(std::io::ErrorKind::ConnectionReset),
+    });
+    testkit::sigbus::touch_expecting_sigbus(memory.addr() + 7 * PS, SIGBUS_WAIT)
+        .expect("a known-zero page touched after the failure raises SIGBUS");
+    assert!(pager.stop().is_err());
+}

@@ -317,6 +317,12 @@ fn fork_and_read(memory: &Mapping, image: &[u8]) -> i32 {
         // SAFETY: ends the child.
         unsafe { libc::_exit(code) };
     }
+    wait_bounded(pid)
+}
+
+/// Waits for child `pid`; returns its exit code (128 + signal if killed), killing it after
+/// 20 s (a hang: -1).
+fn wait_bounded(pid: i32) -> i32 {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let mut status = 0;
@@ -485,4 +491,103 @@ fn a_child_forked_after_a_remap_is_served_at_the_moved_address() {
     );
     let stats = pager.stop().expect("stop");
     assert_eq!(stats.forks_served, 1);
+}
+
+/// How the parent's pager ends while a forked child runs on.
+#[derive(Clone, Copy, Debug)]
+enum ParentEnd {
+    /// A fatal error (here the embedder's `fail`).
+    Fails,
+    /// The embedder's `stop`.
+    Stops,
+}
+
+/// Serves 16 pages with fork events on and forks a child that waits for the parent's word,
+/// then reads page 9, which nobody had touched at the fork. The parent's pager ends as
+/// told before the word is given. Returns how the child ended (`CHILD_*`, -1: it hung), and
+/// the parent's final counters if its pager stopped cleanly.
+fn child_after_its_parents_pager_ends(end: ParentEnd) -> (i32, Option<pager::StatsSnapshot>) {
+    let pages = 16;
+    let image = common::image(pages, PS, 0);
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
+    let pager = Pager::builder(
+        uffd_with(Features::EVENT_FORK),
+        Arc::new(MemorySource::new(image.clone())),
+    )
+    .mapping(memory.clone(), 0)
+    .mode(DeliveryMode::Thread)
+    .start()
+    .expect("start");
+    let (word_in, word_out) = nix::unistd::pipe().expect("pipe");
+    let page = memory.addr() + 9 * PS;
+    // SAFETY: the child only reads a pipe and memory, and `_exit`s.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        let mut word = [0u8; 1];
+        let code = match nix::unistd::read(&word_in, &mut word) {
+            Ok(1) => {
+                // SAFETY: the child's copy of the served region.
+                let got = unsafe { common::bytes(page, PS) };
+                if got == &image[9 * PS..10 * PS] {
+                    CHILD_SERVED
+                } else if got.iter().all(|&b| b == 0) {
+                    CHILD_SAW_ZEROS
+                } else {
+                    CHILD_WRONG
+                }
+            }
+            _ => CHILD_WRONG,
+        };
+        // SAFETY: ends the child without running the parent's exit handlers.
+        unsafe { libc::_exit(code) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pager.stats().forks_served == 0 {
+        assert!(Instant::now() < deadline, "the child is served");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if let ParentEnd::Fails = end {
+        pager.fail(SourceError {
+            what: "the embedder gave up",
+            offset: 0,
+            source: std::io::Error::from(std::io::ErrorKind::ConnectionReset),
+        });
+    }
+    let stats = pager.stop().ok();
+    nix::unistd::write(&word_out, b"x").expect("the word");
+    (wait_bounded(pid), stats)
+}
+
+#[test]
+fn a_forked_child_whose_parents_pager_fails_gets_sigbus_not_zeros() {
+    let name = "fork::a_forked_child_whose_parents_pager_fails_gets_sigbus_not_zeros";
+    if !testkit::isolated(name, WATCHDOG) {
+        return;
+    }
+    let (outcome, stats) = child_after_its_parents_pager_ends(ParentEnd::Fails);
+    assert_eq!(
+        outcome, CHILD_SIGBUS,
+        "the child dies of SIGBUS (3: it read zeros, -1: it hung)"
+    );
+    assert!(stats.is_none(), "the parent's pager failed");
+}
+
+#[test]
+fn a_forked_child_still_running_when_its_parents_pager_stops_gets_sigbus_not_zeros() {
+    let name =
+        "fork::a_forked_child_still_running_when_its_parents_pager_stops_gets_sigbus_not_zeros";
+    if !testkit::isolated(name, WATCHDOG) {
+        return;
+    }
+    let (outcome, stats) = child_after_its_parents_pager_ends(ParentEnd::Stops);
+    assert_eq!(
+        outcome, CHILD_SIGBUS,
+        "the child dies of SIGBUS (3: it read zeros, -1: it hung)"
+    );
+    let stats = stats.expect("the parent's pager stops cleanly");
+    assert_eq!(
+        stats.forks_failed, 1,
+        "the child's engine, stopped with pages unplaced, is counted: {stats:?}"
+    );
 }
