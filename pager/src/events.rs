@@ -7,13 +7,16 @@
 //! closed. Nothing here allocates or locks, so a handler reaches its next `read(2)` even
 //! while another thread of the process is inside `fork()` (see `worker.rs`).
 //!
-//! Shared memory in MINOR mode: a REMOVE is taken as a hole punched (`MADV_REMOVE`, zeros);
-//! a `MADV_DONTNEED` that kept the page cache shows up as a MINOR fault on the page, which
-//! is then mapped again as it is (see `fault.rs`).
+//! Shared memory in MINOR mode: the page cache, not the event, says what a page placed
+//! before holds after a REMOVE — the workload's bytes after a `MADV_DONTNEED` (the cache
+//! keeps them), zeros after a `MADV_REMOVE` (the hole punched) — so such a page stays
+//! Received and its next fault maps the cache as it is (zeros if it is gone: `place.rs`).
+//! Only a page never placed becomes Zero: what its cache held was never the workload's.
 
 use page_state::PageState;
 use uffd_core::{Event, Uffd};
 
+use crate::region::Resolve;
 use crate::shared::Shared;
 use crate::stats::bump;
 
@@ -25,7 +28,10 @@ impl Shared {
             Event::Remove { start, end } => {
                 bump(&self.stats.events_remove);
                 self.regions
-                    .for_each_page_range(start, end, |_, range| self.drop_range(range));
+                    .for_each_page_range(start, end, |region, range| {
+                        let cached = region.spec.resolve != Resolve::Copy;
+                        self.drop_range(range, cached)
+                    });
             }
             Event::Unmap { start, end } => {
                 bump(&self.stats.events_unmap);
@@ -48,17 +54,20 @@ impl Shared {
     /// Received pages become Zero; a page someone is bringing in (Requested) gets its
     /// removed bit, so whoever places it next places zeros. The bit is set before the state
     /// is looked at, so a claim given back meanwhile (requested → missing) is caught
-    /// either way: marked Zero here, or zeroed by its next placement.
-    fn drop_range(&self, range: std::ops::Range<usize>) {
+    /// either way: marked Zero here, or zeroed by its next placement. In a MINOR region
+    /// (`cached`) a Received page stays so: its page cache decides (module docs).
+    fn drop_range(&self, range: std::ops::Range<usize>, cached: bool) {
         // Before the states: whoever sees the page Zero sees it dropped. In range: the
         // region table gave it.
         let _ = self.dropped.set_range(range.clone());
-        if self.states.mark_zero_range(range.start, range.end).is_ok() {
+        if !cached && self.states.mark_zero_range(range.start, range.end).is_ok() {
             return;
         }
         for page in range {
-            if self.states.get(page) == Ok(PageState::Zero) {
-                continue;
+            match self.states.get(page) {
+                Ok(PageState::Zero) => continue,
+                Ok(PageState::Received) if cached => continue,
+                _ => {}
             }
             self.removed.set(page);
             if self.states.get(page) == Ok(PageState::Missing) {

@@ -133,6 +133,9 @@ impl Shared {
             bump(&self.stats.faults_unknown);
             return FaultOutcome::Resolved;
         };
+        if let (Resolve::Continue { .. }, Some(parent)) = (p.resolve, &self.parent) {
+            return self.on_shared_fault(parent, p, scratch, wake, gone);
+        }
         // Relaxed: a hint for the prefetcher's position, not a synchronisation point.
         self.cursor.store(p.page + 1, Ordering::Relaxed);
         let Ok(outcome) = self.states.request(p.page) else {
@@ -171,20 +174,16 @@ impl Shared {
                     origin: Origin::Fault,
                 })
             }
-            RequestOutcome::IsZero => {
-                let content = match (p.resolve, flags.contains(FaultFlags::MINOR)) {
-                    // The page cache still holds the page (DONTNEED on shared memory).
-                    (Resolve::Continue { .. }, true) => Content::Present,
-                    _ => Content::Zero,
-                };
-                self.place(Request {
-                    at: p,
-                    count: 1,
-                    content,
-                    wake,
-                    origin: Origin::Fault,
-                })
-            }
+            // Zero even in a MINOR region whose page cache holds a page: a Zero page was
+            // never placed (a page placed, then dropped, stays Received there: events.rs),
+            // so what the cache holds is stale, not the workload's.
+            RequestOutcome::IsZero => self.place(Request {
+                at: p,
+                count: 1,
+                content: Content::Zero,
+                wake,
+                origin: Origin::Fault,
+            }),
         };
         match placement.or_give_up(gone) {
             Placement::Done | Placement::Dropped => FaultOutcome::Resolved,

@@ -71,6 +71,9 @@ pub(crate) struct Shared {
     /// A forked child's engine serving from its parent's source, which must answer at
     /// once: `Pending` there is a fatal error (see `Source::child`).
     pub pending_is_fatal: bool,
+    /// A forked child's engine: its parent's, which decides the pages of MINOR regions
+    /// (one page cache for both: see `Shared::on_shared_fault`).
+    pub parent: Option<Arc<Shared>>,
     /// Set once the source answers `Pending` (see `Shared::is_remote`).
     pub remote: AtomicBool,
     /// Zeros for placing zero pages where ZEROPAGE is unavailable (hugetlb, minor mode).
@@ -155,6 +158,7 @@ impl Shared {
             readahead,
             remote: AtomicBool::new(false),
             pending_is_fatal: false,
+            parent: None,
             zeros: zeros.into_boxed_slice(),
             fatal: Mutex::new(None),
             failed: AtomicBool::new(false),
@@ -287,7 +291,7 @@ impl Shared {
     /// they are not placed and one by one where they may be (a present page answers
     /// EEXIST and keeps its content). Allocates nothing.
     pub fn poison_in(&self, uffd: &Uffd, which: Poison) -> (usize, usize) {
-        let state = |page| self.states.get(page);
+        let state = |page| self.decider(page).states.get(page);
         let open = |page| match state(page) {
             Ok(PageState::Missing | PageState::Requested) => true,
             Ok(PageState::Zero) => which == Poison::Stopped,
@@ -328,6 +332,15 @@ impl Shared {
             page += count;
         }
         (poisoned, left)
+    }
+
+    /// The engine whose states decide page `page`: the parent's for a forked child's MINOR
+    /// region (see `Shared::on_shared_fault`), this one's otherwise.
+    fn decider(&self, page: usize) -> &Shared {
+        match (&self.parent, self.page(page)) {
+            (Some(parent), Some(p)) if p.resolve != Resolve::Copy => parent,
+            _ => self,
+        }
     }
 
     /// Poisons `count` pages from `first`, skipping pages that turn out placed (EEXIST).

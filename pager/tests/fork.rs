@@ -591,3 +591,58 @@ fn a_forked_child_still_running_when_its_parents_pager_stops_gets_sigbus_not_zer
         "the child's engine, stopped with pages unplaced, is counted: {stats:?}"
     );
 }
+
+/// Shared memory resolved in MINOR mode is one page cache for parent and child (fork
+/// copies no page table entries of a shared mapping: the child faults on every page). The
+/// child sees what the parent wrote, and its engine never writes over it: before, the
+/// child's engine, starting with every page missing, wrote the image over the parent's
+/// page, in the child's view and in the parent's.
+#[test]
+fn a_forked_child_of_a_minor_region_sees_its_parents_writes_and_never_overwrites_them() {
+    let name =
+        "fork::a_forked_child_of_a_minor_region_sees_its_parents_writes_and_never_overwrites_them";
+    if !testkit::isolated(name, WATCHDOG) {
+        return;
+    }
+    let pages = 8;
+    let image = common::image(pages, PS, 0);
+    let memory = Arc::new(Mapping::new(MemoryKind::Shmem, pages * PS).expect("map"));
+    let pager = Pager::builder(
+        uffd_with(Features::EVENT_FORK | Features::MINOR_SHMEM),
+        Arc::new(MemorySource::new(image.clone())),
+    )
+    .mapping_minor(memory.clone(), 0)
+    .mode(DeliveryMode::Thread)
+    .start()
+    .expect("start");
+    let page = |i: usize| memory.addr() + i * PS;
+    // SAFETY: the served region; page 2 is placed by the read, then written.
+    unsafe {
+        assert_eq!(common::bytes(page(2), PS), &image[2 * PS..3 * PS]);
+        std::ptr::write_bytes(page(2) as *mut u8, 0x5A, PS);
+    }
+    let (written, untouched) = (page(2), page(4));
+    // SAFETY: the child only reads memory and `_exit`s.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: the child's view of the shared region.
+        let (a, b) = unsafe { (common::bytes(written, PS), common::bytes(untouched, PS)) };
+        let ok = a.iter().all(|&x| x == 0x5A) && b == &image[4 * PS..5 * PS];
+        // SAFETY: ends the child without running the parent's exit handlers.
+        unsafe { libc::_exit(if ok { CHILD_SERVED } else { CHILD_WRONG }) };
+    }
+    let outcome = wait_bounded(pid);
+    // SAFETY: the served region.
+    let after = unsafe { common::bytes(page(2), PS) };
+    assert!(
+        after.iter().all(|&x| x == 0x5A),
+        "the parent's page keeps what it wrote, not {:?}",
+        &after[..8]
+    );
+    assert_eq!(
+        outcome, CHILD_SERVED,
+        "the child sees the parent's bytes and the image elsewhere (1: other bytes, -1: hung)"
+    );
+    pager.stop().expect("stop");
+}

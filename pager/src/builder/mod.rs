@@ -16,6 +16,7 @@ use crate::pager::{DeliveryMode, Pager};
 use crate::prefetch::Prefetch;
 use crate::record;
 use crate::region::{RegionSpec, RegionTable};
+use crate::shared::Shared;
 use crate::source::Source;
 
 mod check;
@@ -59,6 +60,8 @@ pub struct PagerBuilder {
     child_shares_source: bool,
     /// Memory kept alive for a forked child's engine (its parent's mappings).
     keep_alive: Vec<Arc<Mapping>>,
+    /// A forked child's engine: its parent's engine (see `Shared::parent`).
+    parent: Option<Arc<Shared>>,
 }
 
 impl std::fmt::Debug for PagerBuilder {
@@ -98,6 +101,7 @@ impl Pager {
             child_probe: None,
             child_shares_source: false,
             keep_alive: Vec::new(),
+            parent: None,
         }
     }
 }
@@ -289,9 +293,15 @@ impl PagerBuilder {
         self
     }
 
-    pub(crate) fn child_of_fork(mut self, probe: Duration, shares_source: bool) -> Self {
+    pub(crate) fn child_of_fork(
+        mut self,
+        probe: Duration,
+        shares_source: bool,
+        parent: Arc<Shared>,
+    ) -> Self {
         self.child_probe = Some(probe);
         self.child_shares_source = shares_source;
+        self.parent = Some(parent);
         self
     }
 

@@ -52,6 +52,7 @@ impl PagerBuilder {
         shared.keep = keep.clone();
         shared.poison_on_fatal = self.poison_on_fatal;
         shared.pending_is_fatal = self.child_shares_source;
+        shared.parent = self.parent.take();
         let shared = Arc::new(shared);
         shared.mark_known_zero();
         if self.check_seeded && seeded && self.register {
@@ -195,6 +196,7 @@ fn start_child(
     plan: &ChildPlan,
     regions: Vec<RegionSpec>,
     own: Option<Arc<dyn Source>>,
+    parent: &Arc<Shared>,
 ) -> crate::Result<Pager> {
     log::debug!("starting a child engine for forked uffd {}", fd.as_raw_fd());
     let uffd = Uffd::from_fd(fd)?;
@@ -213,7 +215,7 @@ fn start_child(
         .poison_on_fatal(plan.poison_on_fatal)
         .check_seeded(false)
         .keep_alive(plan.keep.clone())
-        .child_of_fork(CHILD_EXIT_PROBE, shares)
+        .child_of_fork(CHILD_EXIT_PROBE, shares, parent.clone())
         .start()
 }
 
