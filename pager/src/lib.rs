@@ -68,7 +68,9 @@
 //! the uffd in error (POLLERR/POLLHUP), a placement or wake the kernel refuses, a pin to a
 //! CPU that fails — stops the pager, and every page not yet placed is **poisoned**
 //! (`UFFDIO_POISON`, Linux 6.6): a later touch raises SIGBUS, even after the uffd is
-//! closed, rather than reading zeros ([`PagerBuilder::poison_on_fatal`]). The embedder
+//! closed, rather than reading zeros ([`PagerBuilder::poison_on_fatal`]); then the regions
+//! are let go (unregistered, the queued events read), so the workload's `madvise`,
+//! `munmap`, `mremap` or `fork` never waits on the stopped pager. The embedder
 //! learns it without polling ([`Pager::wait`], or [`Pager::stopped_fd`] in its event loop)
 //! and gets the error from [`Pager::stop`]. A forked child is served or refused as its
 //! source says ([`Source::child`]), never left blocked; a refusal is counted, logged, and
@@ -92,9 +94,10 @@
 //!    second thread to land a long run in pieces);
 //!    `prefetch.rs` pushes the rest in the background; `sigbus.rs` resolves faults inside
 //!    the faulting thread instead, async-signal-safe; `fork.rs` serves forked children.
-//! 5. `shared.rs` — a fatal error settles the stop: poison what is not placed, then tell
-//!    the embedder (`stopped_fd`). `maps.rs` checks a MINOR region's alias; `seeded.rs`
-//!    checks a seeded map's Received pages are in memory.
+//! 5. `shared.rs` — a fatal error settles the stop: poison what is not placed, let go of
+//!    the regions (`release.rs`), then tell the embedder (`stopped_fd`). `maps.rs` checks
+//!    a MINOR region's alias; `seeded.rs` checks a seeded map's Received pages are in
+//!    memory.
 //!
 //! The state they share is in `shared.rs`; regions in `region.rs`; counters in
 //! `stats.rs` and `histogram.rs`.
@@ -121,6 +124,7 @@ mod placer;
 mod prefetch;
 pub mod record;
 mod region;
+mod release;
 mod seeded;
 mod shared;
 mod sigbus;

@@ -252,6 +252,9 @@ impl Shared {
         if self.failed() && !self.gone.load(Ordering::Relaxed) {
             if self.poison_on_fatal {
                 let (poisoned, left) = self.poison_unplaced();
+                if left == 0 {
+                    self.let_go();
+                }
                 log::error!(
                     "pager failed: {poisoned} page(s) not yet placed were poisoned (a touch \
                      raises SIGBUS){}",

@@ -505,3 +505,76 @@ fn after_a_fatal_error_a_touch_of_a_known_zero_page_raises_sigbus_instead_of_han
         .expect("a known-zero page touched after the failure raises SIGBUS");
     assert!(pager.stop().is_err());
 }
+
+/// After a fatal error the workload's own changes to its address space do not wait on the
+/// pager that serves nothing more: a `MADV_DONTNEED`, an `munmap` and a `fork` each raise
+/// an event the kernel holds the caller on until it is read, and nobody read them any
+/// more — the caller waited until the embedder dropped the pager (one joining the
+/// workload first never does).
+#[test]
+fn after_a_fatal_error_the_workloads_madvise_munmap_and_fork_do_not_wait_on_the_pager() {
+    const NAME: &str =
+        "after_a_fatal_error_the_workloads_madvise_munmap_and_fork_do_not_wait_on_the_pager";
+    if !testkit::isolated(NAME, WATCHDOG) {
+        return;
+    }
+    let pages = 16;
+    let image = common::image(pages, PS, 0);
+    let memory = Mapping::new(MemoryKind::Anon, pages * PS).expect("map");
+    let uffd = pager::Uffd::builder()
+        .non_blocking(true)
+        .require(
+            pager::Features::EVENT_REMOVE
+                | pager::Features::EVENT_UNMAP
+                | pager::Features::EVENT_FORK,
+        )
+        .open()
+        .expect("uffd");
+    let builder = Pager::builder(uffd, Arc::new(MemorySource::new(image.clone())));
+    let (base, len) = (memory.addr(), memory.len());
+    // SAFETY: our own mapping, only read raw; unmapped only with the pager told (UNMAP).
+    let pager = unsafe { builder.region(pager::RegionSpec::new(base, len, MemoryKind::Anon, 0)) }
+        .mode(DeliveryMode::Thread)
+        .start()
+        .expect("start");
+    // SAFETY: the served region.
+    assert_eq!(unsafe { common::bytes(base, PS) }, &image[..PS]);
+    pager.fail(SourceError {
+        what: "the embedder gave up",
+        offset: 0,
+        source: std::io::Error::from(std::io::ErrorKind::ConnectionReset),
+    });
+    /// Runs `f` on a thread of its own; whether it returned within `SIGBUS_WAIT`.
+    fn returns(f: impl FnOnce() + Send + 'static) -> bool {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            f();
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(SIGBUS_WAIT).is_ok()
+    }
+    let memory = Arc::new(memory);
+    let m = memory.clone();
+    assert!(
+        returns(move || m.madvise(0, PS, libc::MADV_DONTNEED).expect("madvise")),
+        "MADV_DONTNEED returns"
+    );
+    assert!(
+        returns(|| {
+            // SAFETY: the child only `_exit`s.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                // SAFETY: ends the child at once.
+                unsafe { libc::_exit(0) };
+            }
+            assert!(pid > 0, "fork");
+            assert_eq!(common::wait(pid), 0);
+        }),
+        "fork returns"
+    );
+    assert!(
+        returns(move || drop(Arc::into_inner(memory).expect("the last reference"))),
+        "munmap returns"
+    );
+    assert!(pager.stop().is_err());
+}
