@@ -10,7 +10,9 @@
 //! taken from the socket's end (see [`serve`]). It touches guest memory during the load
 //! call, so serving starts the
 //! moment the fd arrives. Balloon inflation and free-page reporting raise REMOVE events:
-//! those pages then read as zeros, never as snapshot data.
+//! those pages then read as zeros, never as snapshot data. Before 1.11 the balloon of a
+//! UFFD-restored VM mapped fresh memory over its pages instead, which no event reports:
+//! they are left to Firecracker ([`PagerBuilder::silent_unmaps`](crate::PagerBuilder::silent_unmaps)).
 //!
 //! Firecracker keeps its own copy of the userfaultfd, so once it has sent it, a handler
 //! that gives up leaves its vCPUs hanging on their next fault and its API dead inside
@@ -389,7 +391,11 @@ fn serve_inner(
         .prefetch_after_first_fault(true)
         .fault_around(options.fault_around)
         .readahead(options.readahead)
-        .poison_on_fatal(options.poison_on_fatal);
+        .poison_on_fatal(options.poison_on_fatal)
+        // Firecracker 1.1 to 1.10 maps fresh memory over a balloon's pages after a UFFD
+        // restore (`remove_range` with `restored`), and its uffd has no UNMAP event: those
+        // pages are its own from then on, never a reason to fail (and kill it).
+        .silent_unmaps(true);
     if let Some(path) = &options.record {
         builder = builder.record(path);
     }

@@ -1,9 +1,9 @@
 //! Placement: putting a page's content into memory with one ioctl (COPY, ZEROPAGE, MOVE of
-//! pages the caller gave up, or a page-cache write and CONTINUE), publishing it in the page states and the counters, and
-//! turning the kernel's answers into what the caller does next: EEXIST → mark and wake,
-//! EAGAIN → retry after the pending events are read, ENOENT → a run placed page by page
-//! (it may span two VMAs), a page retried while the region is still ours for at most
-//! [`RANGE_GONE_GRACE`], then a failure; ESRCH → the process is gone.
+//! pages the caller gave up, or a page-cache write and CONTINUE), publishing it in the page
+//! states and the counters, and turning the kernel's answers into what the caller does next:
+//! EEXIST → mark and wake, EAGAIN → retry once the events are read, ENOENT → a run placed
+//! page by page (over two VMAs), a page left to the process (`silent_unmaps`) or retried
+//! while its region is ours for [`RANGE_GONE_GRACE`], then failed; ESRCH → process gone.
 //!
 //! Every placement runs inside the [gate](crate::gate), from the decision of what to put
 //! there to the end of its ioctl; a page a REMOVE dropped (removed bit set, or Zero) gets
@@ -309,6 +309,19 @@ impl Shared {
             Err(UffdError::RangeGone { .. }) if count > 1 && self.page(p.page).is_some() => {
                 self.place_each_in_gate(req)
             }
+            // `silent_unmaps` (no UNMAP or REMAP event can follow): the process took the
+            // page back for good. Received, so nothing places it again; counted apart; a
+            // thread that faulted there before is woken to fault on what is mapped now.
+            Err(UffdError::RangeGone { .. })
+                if self.silent_unmaps && self.page(p.page).is_some() =>
+            {
+                add(&self.stats.gone_silently, count as u64);
+                self.mark_received(p.page, count);
+                if wake {
+                    return self.wake(p.addr, len);
+                }
+                Placement::Done
+            }
             // ENOENT also means "the layout changed under the operation" (an UNMAP or REMAP
             // whose event is not read yet): while the region is still ours, retry like
             // EAGAIN, bounded by the caller (`or_give_up`); an UNMAP event unmaps it in the
@@ -457,9 +470,7 @@ impl Shared {
             }
         }
     }
-}
 
-impl Shared {
     /// Whether pages placed at `p` may be moved in rather than copied: private anonymous
     /// memory resolved by copy (`UFFDIO_MOVE` takes nothing else), and a userfaultfd
     /// opened with `UFFD_FEATURE_MOVE`.
@@ -482,9 +493,7 @@ unsafe fn moving<'a>(src: usize, len: usize) -> &'a [u8] {
 }
 
 fn copy_mode(wake: bool) -> CopyMode {
-    if wake {
-        CopyMode::empty()
-    } else {
-        CopyMode::DONTWAKE
-    }
+    let mut mode = CopyMode::empty();
+    mode.set(CopyMode::DONTWAKE, !wake);
+    mode
 }

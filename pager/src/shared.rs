@@ -90,6 +90,10 @@ pub(crate) struct Shared {
     pub serving: AtomicBool,
     /// Poison every page not yet placed on a fatal error (the default).
     pub poison_on_fatal: bool,
+    /// An ENOENT for a page of a mapped region means the process took the range back
+    /// without an event (`PagerBuilder::silent_unmaps`, on a uffd without UNMAP and REMAP
+    /// events): the page is left to it.
+    pub silent_unmaps: bool,
     /// Written once the pager has stopped and settled (pages poisoned after a fatal
     /// error): what an embedder polls or waits on.
     stopped: EventFd,
@@ -165,6 +169,7 @@ impl Shared {
             serving: AtomicBool::new(false),
             refused_unlogged: AtomicU64::new(0),
             poison_on_fatal: true,
+            silent_unmaps: false,
             stopped,
             settled: Mutex::new(false),
             keep: Vec::new(),

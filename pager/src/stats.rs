@@ -32,6 +32,7 @@ pub(crate) struct Stats {
     pub events_remove: AtomicU64,
     pub events_unmap: AtomicU64,
     pub events_remap: AtomicU64,
+    pub gone_silently: AtomicU64,
     pub events_fork: AtomicU64,
     pub forks_served: AtomicU64,
     pub forks_refused: AtomicU64,
@@ -84,6 +85,7 @@ impl Stats {
             events_remove: l(&self.events_remove),
             events_unmap: l(&self.events_unmap),
             events_remap: l(&self.events_remap),
+            gone_silently: l(&self.gone_silently),
             events_fork: l(&self.events_fork),
             forks_served: l(&self.forks_served),
             forks_refused: l(&self.forks_refused),
@@ -145,6 +147,10 @@ pub struct StatsSnapshot {
     pub events_unmap: u64,
     /// REMAP events.
     pub events_remap: u64,
+    /// Pages whose range the process unmapped or mapped over without an event, found
+    /// when a placement met ENOENT ([`PagerBuilder::silent_unmaps`](crate::PagerBuilder::silent_unmaps)):
+    /// left to the process, not placed.
+    pub gone_silently: u64,
     /// FORK events.
     pub events_fork: u64,
     /// Forked children served by a child engine.

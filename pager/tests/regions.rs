@@ -306,3 +306,75 @@ fn a_region_whose_address_range_wraps_around_is_refused() {
         Ok(pager) => panic!("started: {:?}", pager.stop()),
     }
 }
+
+/// What Firecracker 1.1 to 1.10 does to a restored VM's balloon pages: fresh anonymous
+/// memory mapped over them (MAP_FIXED), which no event reports to a uffd without UNMAP
+/// events. With `silent_unmaps` the page is the process's from then on: left alone,
+/// counted, and the rest of the region served — where without it the pager fails (above).
+#[test]
+fn with_silent_unmaps_a_page_mapped_over_is_left_to_the_process() {
+    if !testkit::isolated(
+        "regions::with_silent_unmaps_a_page_mapped_over_is_left_to_the_process",
+        WATCHDOG,
+    ) {
+        return;
+    }
+    use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
+    use std::num::NonZeroUsize;
+    let len = PAGES * PS;
+    let rw = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
+    let size = NonZeroUsize::new(len).expect("len");
+    // SAFETY: a fresh mapping of our own, given to the pager under its contract.
+    let base = unsafe { mmap_anonymous(None, size, rw, MapFlags::MAP_PRIVATE) }.expect("mmap");
+    let base = base.as_ptr() as usize;
+    let uffd = Uffd::builder()
+        .non_blocking(true)
+        .require(Features::EVENT_REMOVE)
+        .open()
+        .expect("uffd");
+    // Registered first, as the VMM does; the memory put over page 2 after is not.
+    uffd.register(base, len, uffd_core::RegisterMode::MISSING)
+        .expect("register");
+    let page2 = NonZeroUsize::new(base + 2 * PS).expect("addr");
+    let one = NonZeroUsize::new(PS).expect("len");
+    // SAFETY: page 2 of our own mapping, replaced before the pager exists.
+    unsafe {
+        mmap_anonymous(
+            Some(page2),
+            one,
+            rw,
+            MapFlags::MAP_PRIVATE | MapFlags::MAP_FIXED,
+        )
+    }
+    .expect("map over page 2");
+    let image = common::image(PAGES, PS, 0);
+    let builder = Pager::builder(uffd, Arc::new(MemorySource::new(image.clone())));
+    let spec = pager::RegionSpec::new(base, len, MemoryKind::Anon, 0);
+    // SAFETY: our own mapping, read raw only after the pager completes; its page 2 was
+    // mapped over behind the pager's back on purpose (what the test is about).
+    let builder = unsafe { builder.region(spec) }
+        .register(false)
+        .mode(DeliveryMode::Thread)
+        .silent_unmaps(true);
+    let pager = builder
+        .prefetch(Prefetch::Sequential)
+        .start()
+        .expect("start");
+    assert!(
+        pager.wait_complete(Duration::from_secs(20)),
+        "the prefetch completes: {:?}",
+        pager.stats()
+    );
+    let stats = pager.stop().expect("no fatal error");
+    assert_eq!(stats.gone_silently, 1, "{stats:?}");
+    assert_eq!(stats.placed(), PAGES as u64 - 1, "{stats:?}");
+    for page in 0..PAGES {
+        // SAFETY: our own mapping, every page present (placed, or plain memory).
+        let got = unsafe { std::slice::from_raw_parts((base + page * PS) as *const u8, PS) };
+        let want = match page {
+            2 => vec![0u8; PS],
+            _ => image[page * PS..(page + 1) * PS].to_vec(),
+        };
+        assert!(got == want.as_slice(), "page {page}");
+    }
+}

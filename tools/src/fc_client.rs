@@ -43,6 +43,14 @@ pub struct ClientArgs {
     /// a VMM that goes on after its restore (the handler serves until it exits).
     #[arg(long)]
     hold: bool,
+    /// Inflate a balloon as Firecracker 1.1 to 1.10 does after a UFFD restore: fresh
+    /// anonymous memory mapped over a quarter of the first region (`MAP_FIXED`, then
+    /// `MADV_DONTNEED`: its `remove_range` with `restored`), which takes the range out of
+    /// the userfaultfd without any event. Done right after the handshake, before a page is
+    /// touched; those pages must read zero (4 KiB pages only: no balloon with huge pages
+    /// before 1.14).
+    #[arg(long, conflicts_with = "dontneed")]
+    balloon_mmap: bool,
 }
 
 /// Runs `uffdkit fc-client`: maps guest memory as Firecracker does, hands the uffd over,
@@ -59,6 +67,9 @@ pub fn run(args: &ClientArgs) -> Result<()> {
     let pages = len / ps;
     if args.regions == 0 || pages < args.regions {
         bail!("{pages} pages cannot make {} regions", args.regions);
+    }
+    if args.balloon_mmap && ps != 4096 {
+        bail!("--balloon-mmap needs 4 KiB pages (no balloon with huge pages before 1.14)");
     }
     let per = pages / args.regions;
     let maps: Vec<(Mapping, u64)> = (0..args.regions)
@@ -92,6 +103,10 @@ pub fn run(args: &ClientArgs) -> Result<()> {
     let stream = (!args.close_socket).then_some(stream);
     let mut want = vec![0u8; ps];
     let mut zeroed = 0..0;
+    if args.balloon_mmap {
+        zeroed = per / 4..per / 2;
+        balloon_mmap(&maps[0].0, zeroed.start * ps, zeroed.len() * ps)?;
+    }
     for (r, (m, off)) in maps.iter().enumerate() {
         for (i, page) in order(args.pattern, per, 7 + r as u64)
             .into_iter()
@@ -129,6 +144,38 @@ pub fn run(args: &ClientArgs) -> Result<()> {
     }
     drop(stream);
     Ok(()) // the process exits next: the handler, watching it, stops
+}
+
+/// What Firecracker 1.1 to 1.10 does to a balloon's pages in a restored VM: fresh
+/// anonymous memory mapped over them (`MAP_FIXED`), then `MADV_DONTNEED`. The new mapping
+/// is not registered with any userfaultfd: the range leaves the handler's, silently.
+fn balloon_mmap(memory: &Mapping, offset: usize, len: usize) -> Result<()> {
+    use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
+    use std::num::NonZeroUsize;
+    let inside = offset
+        .checked_add(len)
+        .is_some_and(|end| end <= memory.len());
+    let (Some(addr), Some(size), true) = (
+        NonZeroUsize::new(memory.addr() + offset),
+        NonZeroUsize::new(len),
+        inside,
+    ) else {
+        bail!("the balloon's range is empty or beyond the region");
+    };
+    // SAFETY: MAP_FIXED over part of our own guest mapping, which hands out no references
+    // into its bytes (they are read raw, by address, in `run`); `memory` unmaps the whole
+    // range, this part included, when dropped.
+    unsafe {
+        mmap_anonymous(
+            Some(addr),
+            size,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_PRIVATE | MapFlags::MAP_FIXED,
+        )
+    }
+    .context("map over the balloon's pages")?;
+    memory.madvise(offset, len, libc::MADV_DONTNEED)?;
+    Ok(())
 }
 
 /// This process's resident anonymous memory (`RssAnon`): the guest pages placed as data

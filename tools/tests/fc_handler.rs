@@ -814,3 +814,40 @@ fn two_mib_guest_pages_from_an_image_and_from_a_page_server_byte_for_byte() {
         h.text()
     );
 }
+
+/// Firecracker 1.1 to 1.10, in a VM restored through UFFD, frees a balloon's pages by
+/// mapping fresh anonymous memory over them (`remove_range` with `restored`, MAP_FIXED):
+/// the range leaves the userfaultfd and no event says so (Firecracker asks for REMOVE
+/// events only). Those pages are Firecracker's from then on. The prefetcher met ENOENT
+/// there, retried for its grace, failed — and the handler killed the VMM.
+#[test]
+fn a_balloon_firecracker_before_1_11_maps_over_is_left_to_it_not_fatal() {
+    let (sock, mem) = (temp("balloon-mmap.sock"), temp("balloon-mmap.mem"));
+    let _files = Files(vec![sock.clone(), mem.clone()]);
+    common::image(&mem, 4 << 20);
+    let mut cmd = uffdkit([OsStr::new("fc-handler"), os(&sock), os(&mem)]);
+    cmd.env("UFFDKIT_LOG", "pager::prefetch=debug");
+    let (mut h, lines) = Proc::start_watching_stderr(cmd);
+    wait_listening(&sock, &mut h);
+    let mut cmd = uffdkit(["fc-client", "--hold", "--balloon-mmap", "--socket"]);
+    cmd.arg(&sock).arg("--mem-file").arg(&mem);
+    let (vmm, said, hold) = Proc::start_holding(cmd);
+    // The prefetcher goes over every page, the balloon's included, and is done.
+    let complete = common::wait_for_line(&lines, "prefetch complete");
+    drop(hold);
+    let (vmm, h) = (vmm.finish(), h.finish());
+    assert!(
+        complete && said.contains("touched and verified"),
+        "the VMM served whole, its balloon's pages zero: {said}\nclient: {}\nhandler: {}",
+        vmm.text(),
+        h.text()
+    );
+    assert!(vmm.status.success(), "client: {}", vmm.text());
+    assert!(h.status.success(), "handler: {}", h.text());
+    assert!(
+        h.stdout
+            .contains("taken back by Firecracker without an event: 256 pages"),
+        "{}",
+        h.text()
+    );
+}

@@ -53,6 +53,7 @@ pub struct PagerBuilder {
     states: Option<PageStateMap>,
     max_fork_children: usize,
     poison_on_fatal: bool,
+    silent_unmaps: bool,
     check_seeded: bool,
     /// A forked child's engine: probe for the child's exit this often while idle.
     child_probe: Option<Duration>,
@@ -97,6 +98,7 @@ impl Pager {
             states: None,
             max_fork_children: MAX_FORK_CHILDREN,
             poison_on_fatal: true,
+            silent_unmaps: false,
             check_seeded: cfg!(debug_assertions),
             child_probe: None,
             child_shares_source: false,
@@ -311,6 +313,21 @@ impl PagerBuilder {
     /// only where the embedder ends the faulting process itself.
     pub fn poison_on_fatal(mut self, poison: bool) -> Self {
         self.poison_on_fatal = poison;
+        self
+    }
+
+    /// Whether the served process may unmap parts of its regions, or map other memory
+    /// over them, without telling (default: no). With it, a page the kernel calls gone
+    /// (ENOENT: its range is no longer under this userfaultfd) is left to the process —
+    /// counted in [`StatsSnapshot::gone_silently`](crate::StatsSnapshot::gone_silently),
+    /// never placed — instead of failing the pager after a grace. Firecracker 1.1 to 1.10
+    /// does this after a UFFD restore: its balloon maps fresh anonymous memory over the
+    /// pages it takes back (`MAP_FIXED`), and no event tells the handler. Applies only to
+    /// a userfaultfd without UNMAP and REMAP events, where no event can ever explain an
+    /// ENOENT; with them, an ENOENT is waited out until its event is read, as without
+    /// this setting.
+    pub fn silent_unmaps(mut self, on: bool) -> Self {
+        self.silent_unmaps = on;
         self
     }
 }

@@ -51,6 +51,11 @@ impl PagerBuilder {
         )?;
         shared.keep = keep.clone();
         shared.poison_on_fatal = self.poison_on_fatal;
+        shared.silent_unmaps = self.silent_unmaps
+            && !shared
+                .uffd
+                .features()
+                .intersects(Features::EVENT_UNMAP | Features::EVENT_REMAP);
         shared.pending_is_fatal = self.child_shares_source;
         shared.parent = self.parent.take();
         let shared = Arc::new(shared);

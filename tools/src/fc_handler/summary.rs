@@ -126,6 +126,12 @@ pub(super) fn summary(
             stats.events_remove
         ));
     }
+    if stats.gone_silently > 0 {
+        lines.push(format!(
+            "  taken back by Firecracker without an event: {} pages (memory mapped over them, as its balloon does before 1.11: left to it, not placed)",
+            stats.gone_silently
+        ));
+    }
     if let Some(path) = &args.prefetch.record {
         lines.push(format!("  working set recorded to {}", path.display()));
     }

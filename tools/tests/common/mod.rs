@@ -4,10 +4,11 @@
 #![allow(dead_code)] // each test file uses its own part
 
 use std::ffi::OsStr;
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::Receiver;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -129,6 +130,36 @@ impl Proc {
         (proc, line, stdin)
     }
 
+    /// Starts `cmd` like [`Proc::start`], each line of its stderr also sent on the
+    /// returned channel as it comes (the channel closes with the child's stderr).
+    pub fn start_watching_stderr(mut cmd: Command) -> (Proc, Receiver<String>) {
+        cmd.stdin(Stdio::null());
+        let mut child = (cmd.stdout(Stdio::piped()).stderr(Stdio::piped()))
+            .spawn()
+            .expect("spawn uffdkit");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let err = child.stderr.take().map(|s| {
+            std::thread::spawn(move || {
+                let mut all = String::new();
+                for line in std::io::BufReader::new(s).lines().map_while(Result::ok) {
+                    all.push_str(&line);
+                    all.push('\n');
+                    let _ = tx.send(line);
+                }
+                all
+            })
+        });
+        let out = drain(child.stdout.take());
+        (
+            Proc {
+                child: Some(child),
+                out,
+                err,
+            },
+            rx,
+        )
+    }
+
     /// Starts `cmd` as configured.
     pub fn start_with(cmd: &mut Command) -> Proc {
         let mut child = cmd.spawn().expect("spawn uffdkit");
@@ -209,6 +240,20 @@ pub fn wait_listening(path: &Path, proc: &mut Proc) {
         assert!(!proc.exited(), "exited before listening on {path:?}");
         assert!(Instant::now() < until, "nothing listened on {path:?}");
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits for a line containing `needle` on `lines` (from
+/// [`Proc::start_watching_stderr`]): false if the stream ends or the deadline passes first.
+pub fn wait_for_line(lines: &Receiver<String>, needle: &str) -> bool {
+    let until = Instant::now() + DEADLINE;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
     }
 }
 
