@@ -229,6 +229,15 @@ pub enum HandshakeError {
         /// Its page size.
         size: u64,
     },
+    /// A region of `guest_memfd` memory (Firecracker's secret freedom), whose faults
+    /// come partly as requests on the socket: not served.
+    #[error(
+        "region at {base:#x}: guest_memfd memory (\"is_guest_memfd\": true, Firecracker's secret freedom) is not supported: its faults come as requests on the socket this handler does not answer"
+    )]
+    GuestMemfd {
+        /// The region's base address.
+        base: u64,
+    },
     /// A region this process cannot address.
     #[error("region at {base:#x} of {size} bytes lies beyond this process's address space")]
     AddressSpace {

@@ -55,6 +55,13 @@ pub struct GuestRegion {
     /// Deprecated duplicate of `page_size` (also in bytes, despite the name).
     #[serde(default)]
     pub page_size_kib: Option<u64>,
+    /// Sent by Firecracker's secret-freedom builds (branch `feature/secret-hiding`, in no
+    /// release up to 1.16): true when guest memory is a `guest_memfd`, which comes as a
+    /// second fd and is registered MINOR as well, and whose vCPU faults arrive as requests
+    /// on the socket that wait for replies. Not served here: refused
+    /// ([`HandshakeError::GuestMemfd`]).
+    #[serde(default)]
+    pub is_guest_memfd: bool,
 }
 
 impl GuestRegion {
@@ -74,6 +81,11 @@ impl GuestRegion {
 
     /// The pager region for this guest region.
     pub fn spec(&self) -> Result<RegionSpec, HandshakeError> {
+        if self.is_guest_memfd {
+            return Err(HandshakeError::GuestMemfd {
+                base: self.base_host_virt_addr,
+            });
+        }
         let page = self.page_size()?;
         let kind = if page == 4096 {
             MemoryKind::Anon
@@ -112,6 +124,7 @@ impl HandshakeError {
             | Self::TooLarge(_)
             | Self::NoRegions
             | Self::PageSize { .. }
+            | Self::GuestMemfd { .. }
             | Self::AddressSpace { .. } => true,
         }
     }

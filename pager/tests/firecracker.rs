@@ -333,6 +333,48 @@ fn malformed_handshakes_are_refused_clearly_without_hanging() {
     assert_eq!(region.page_size().expect("size"), 4096);
 }
 
+/// Firecracker's secret-freedom builds (branch `feature/secret-hiding`: no release up to
+/// 1.16) add `gpa_start` and `is_guest_memfd` to each region. False, the region is plain
+/// anonymous memory, served as before; true, its faults come partly as requests on the
+/// socket, which this handler does not answer: refused, as a table that leaves the VMM
+/// waiting (so it is killed), naming the field.
+#[test]
+fn guest_memfd_regions_are_refused_and_their_other_fields_tolerated() {
+    let uffd = vmm_uffd();
+    let region = |memfd: bool| {
+        format!(
+            r#"{{"base_host_virt_addr":4096,"size":4096,"offset":0,"gpa_start":0,"page_size":4096,"is_guest_memfd":{memfd},"page_size_kib":4096}}"#
+        )
+    };
+    let plain: firecracker::GuestRegion = serde_json::from_str(&region(false)).expect("parses");
+    assert_eq!(plain.spec().expect("served").page_size, 4096);
+    let err = handshake_with(
+        format!("[{}]", region(false)).as_bytes(),
+        &[uffd.as_fd()],
+        false,
+    )
+    .expect_err("the peer is this process");
+    assert!(matches!(err, HandshakeError::OwnProcess), "{err}");
+
+    let (r, _w) = nix::unistd::pipe().expect("pipe");
+    let table = format!("[{}]", region(true));
+    let err = handshake_with(
+        table.as_bytes(),
+        &[uffd.as_fd(), r.as_fd(), r.as_fd()],
+        false,
+    )
+    .expect_err("guest_memfd");
+    assert!(
+        matches!(err, HandshakeError::GuestMemfd { base: 4096 }),
+        "{err}"
+    );
+    assert!(err.leaves_vmm_waiting(), "its uffd came: the VMM waits");
+    assert!(
+        err.to_string().contains("\"is_guest_memfd\": true"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_connection_closed_without_data_is_reported_as_empty_not_as_a_vmm() {
     let (server, client) = UnixStream::pair().expect("socketpair");

@@ -51,6 +51,11 @@ pub struct ClientArgs {
     /// before 1.14).
     #[arg(long, conflicts_with = "dontneed")]
     balloon_mmap: bool,
+    /// Send the region table of Firecracker's secret-freedom builds (`feature/secret-hiding`,
+    /// no release up to 1.16): `gpa_start` and `"is_guest_memfd": true`, with two more fds
+    /// after the userfaultfd (stand-ins for the guest_memfd and the userfault bitmap).
+    #[arg(long)]
+    secret_free: bool,
 }
 
 /// Runs `uffdkit fc-client`: maps guest memory as Firecracker does, hands the uffd over,
@@ -82,15 +87,21 @@ pub fn run(args: &ClientArgs) -> Result<()> {
     for (m, _) in &maps {
         uffd.register(m.addr(), m.len(), RegisterMode::MISSING)?;
     }
+    // Firecracker's secret-freedom builds add `gpa_start` and `is_guest_memfd`.
+    let secret = |off: u64| match args.secret_free {
+        true => format!(r#","gpa_start":{off},"is_guest_memfd":true"#),
+        false => String::new(),
+    };
     let table: Vec<String> = maps
         .iter()
         .map(|(m, off)| {
             format!(
-                r#"{{"base_host_virt_addr":{},"size":{},"offset":{},"page_size":{},"page_size_kib":{}}}"#,
+                r#"{{"base_host_virt_addr":{},"size":{},"offset":{},"page_size":{}{},"page_size_kib":{}}}"#,
                 m.addr(),
                 m.len(),
                 off,
                 ps,
+                secret(*off),
                 ps
             )
         })
@@ -98,7 +109,15 @@ pub fn run(args: &ClientArgs) -> Result<()> {
     let body = format!("[{}]", table.join(","));
     let stream = UnixStream::connect(&args.socket).context("connect to the handler")?;
     let started = Instant::now();
-    send_fds(&stream, body.as_bytes(), &[uffd.as_fd()]).context("send the region table")?;
+    let stand_ins = match args.secret_free {
+        true => vec![file.try_clone()?, file.try_clone()?],
+        false => Vec::new(),
+    };
+    let fds: Vec<_> = std::iter::once(uffd.as_fd())
+        .chain(stand_ins.iter().map(|f| f.as_fd()))
+        .collect();
+    send_fds(&stream, body.as_bytes(), &fds).context("send the region table")?;
+    drop(fds);
     drop(uffd); // the handler owns it now, as with Firecracker
     let stream = (!args.close_socket).then_some(stream);
     let mut want = vec![0u8; ps];

@@ -851,3 +851,32 @@ fn a_balloon_firecracker_before_1_11_maps_over_is_left_to_it_not_fatal() {
         h.text()
     );
 }
+
+/// Firecracker's secret-freedom builds (`feature/secret-hiding`, no release up to 1.16)
+/// send `"is_guest_memfd": true` with the guest_memfd as a second fd, and ask for their
+/// vCPUs' faults on the socket: nothing this handler answers. It served such a table as
+/// anonymous memory, and the VM would hang on its first request; it is refused, and the
+/// VMM killed, saying why.
+#[test]
+fn a_secret_free_vm_is_refused_clearly_and_killed() {
+    let (sock, mem) = (temp("secret.sock"), temp("secret.mem"));
+    let _files = Files(vec![sock.clone(), mem.clone()]);
+    common::image(&mem, 1 << 20);
+    let h = handler(&sock, &[os(&sock), os(&mem)]);
+    let c = client(&sock, &mem, &["--secret-free"]).finish();
+    let h = h.finish();
+    assert_eq!(
+        c.signal(),
+        Some(libc::SIGKILL),
+        "the VMM was killed, not served wrongly: {}\nhandler: {}",
+        c.text(),
+        h.text()
+    );
+    assert_eq!(h.code(), Some(1), "{}", h.text());
+    assert!(
+        h.stderr.contains("guest_memfd memory") && h.stderr.contains("is not supported"),
+        "{}",
+        h.text()
+    );
+    assert!(h.stderr.contains("killed Firecracker (pid"), "{}", h.text());
+}
