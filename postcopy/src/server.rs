@@ -7,8 +7,8 @@
 //! the old one, and the stream resumes from what the client still misses.
 //!
 //! Strangers cannot exhaust it: connections wait for their handshake on one thread, each
-//! with a deadline, at most [`Admission::max_handshakes`] at once (the oldest goes when
-//! one more comes), and at most [`Admission::max_sessions`] sessions are served. So its
+//! with a deadline, at most [`Admission::max_handshakes`] at once (one more closes a
+//! silent one, or one of the busiest address's drawn at random), and at most [`Admission::max_sessions`] sessions are served. So its
 //! threads are bounded by `2 + 5 × max_sessions` whatever anyone opens: the accepting
 //! thread, and per session one serving it, one reading each connection, a heartbeat and
 //! the stream.

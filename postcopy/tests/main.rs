@@ -7,6 +7,7 @@ mod common;
 mod admission;
 mod device_state;
 mod fault_path;
+mod flood;
 mod headway;
 mod lost_acks;
 mod migrate;

@@ -4,7 +4,9 @@
 //! link (one direction frozen, the other flowing) — or degrade them: a **delay spike**
 //! (nothing moves for a while, then everything does, nothing lost) or a **slow drip**
 //! (bandwidth throttled to a trickle for a while) — at planned byte offsets, or now
-//! (a test that hears the endpoints' protocol events cuts at those).
+//! (a test that hears the endpoints' protocol events cuts at those). A **latency**
+//! ([`Proxy::latency`]) puts a distance between them: every connection and every chunk
+//! arrives that long after it was sent, as across a WAN.
 //!
 //! Each connection is tagged by a classifier that reads the opener's first bytes (a
 //! postcopy test tags `main` and `urgent` from the HELLO), so a cut can hit one channel
@@ -126,6 +128,8 @@ struct State {
     blocked: AtomicBool,
     links: Mutex<Vec<Arc<Link>>>,
     plan: Mutex<Plan>,
+    /// One-way delay of connections accepted from now on (nanoseconds).
+    latency: AtomicU64,
     /// Only connections accepted after the last cut count bytes: a cut never lands on
     /// what is left of a pair an earlier cut already broke.
     fresh_from: AtomicU64,
@@ -156,6 +160,7 @@ impl Proxy {
             upstream,
             stop: AtomicBool::new(false),
             blocked: AtomicBool::new(false),
+            latency: AtomicU64::new(0),
             links: Mutex::default(),
             plan: Mutex::default(),
             fresh_from: AtomicU64::new(0),
@@ -239,6 +244,17 @@ impl Proxy {
         if on {
             self.state.cut(CutMode::Freeze, Target::All);
         }
+    }
+
+    /// Carries every connection accepted from now on `one_way` late, each way: the
+    /// connection to the listener is made that long after the opener's came (with the
+    /// opener's first bytes, if it spoke first: they travel together, as a TCP handshake's
+    /// last packet and the first data do), and each chunk is forwarded that long after it
+    /// was read. The next chunk is read once this one is forwarded, so a stream moves at
+    /// most a read (64 KiB) per delay: a distance for handshakes, not a long fat pipe.
+    pub fn latency(&self, one_way: Duration) {
+        let nanos = u64::try_from(one_way.as_nanos()).unwrap_or(u64::MAX);
+        self.state.latency.store(nanos, Ordering::SeqCst);
     }
 
     /// Cuts made so far (each hit at least one connection).

@@ -171,8 +171,8 @@ pub struct AdmissionArgs {
     /// closed.
     #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
     handshake_deadline: f64,
-    /// Most connections in their handshake at once; one more closes the oldest (idle
-    /// strangers cannot keep a real client out).
+    /// Most connections in their handshake at once; one more closes a silent one, or one
+    /// of the busiest address's drawn at random (a flood cannot keep a real client out for good).
     #[arg(long, value_name = "N", default_value_t = 256)]
     max_handshakes: usize,
     /// Most clients served at once; more are told the server is busy and retry.

@@ -1,6 +1,7 @@
 //! The proxy's data path: each accepted connection is a [`Link`] (tagged by the
 //! classifier, its cut flags beside it), dialled upstream and forwarded by two pumps, one
-//! per direction, that count the bytes and honour freezes, resets, delays and drips.
+//! per direction, that count the bytes and honour freezes, resets, delays, drips and the
+//! latency.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -28,6 +29,8 @@ pub(super) struct Link {
     held_until: Mutex<Option<Instant>>,
     /// Until when, and how many bytes a tick each way.
     drip: Mutex<Option<(Instant, usize)>>,
+    /// How late every chunk arrives.
+    latency: Duration,
 }
 
 impl Link {
@@ -121,61 +124,110 @@ pub(super) fn accept(state: &Arc<State>, listener: &TcpListener) {
         if state.blocked.load(Ordering::SeqCst) {
             continue; // closed at once: the opener sees its connection end
         }
-        let Ok(listener_side) = TcpStream::connect(state.upstream) else {
-            continue; // the opener sees its connection closed, as if refused
-        };
-        let setup = || -> io::Result<Arc<Link>> {
-            for s in [&opener, &listener_side] {
-                s.set_nodelay(true)?;
-                s.set_read_timeout(Some(TICK))?;
-                s.set_write_timeout(Some(TICK))?;
-            }
-            Ok(Arc::new(Link {
-                id: state.connections.load(Ordering::SeqCst),
-                pumps: AtomicU64::new(2),
-                tag: OnceLock::new(),
-                sockets: [opener.try_clone()?, listener_side.try_clone()?],
-                frozen: AtomicBool::new(false),
-                half: [AtomicBool::new(false), AtomicBool::new(false)],
-                reset: AtomicBool::new(false),
-                held_until: Mutex::new(None),
-                drip: Mutex::new(None),
-            }))
-        };
-        let Ok(link) = setup() else { continue };
-        state.connections.fetch_add(1, Ordering::SeqCst);
-        state
-            .links
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(link.clone());
-        for (dir, from, to) in [
-            (
-                Direction::ToListener,
-                opener.try_clone(),
-                listener_side.try_clone(),
-            ),
-            (
-                Direction::ToOpener,
-                listener_side.try_clone(),
-                opener.try_clone(),
-            ),
-        ] {
-            let (Ok(from), Ok(to)) = (from, to) else {
-                continue;
-            };
-            let (s, l) = (state.clone(), link.clone());
-            std::thread::spawn(move || {
-                pump(&s, &l, dir, from, to);
-                l.pumps.fetch_sub(1, Ordering::SeqCst);
-            });
+        let latency = Duration::from_nanos(state.latency.load(Ordering::SeqCst));
+        if latency.is_zero() {
+            connect(state, opener, None, latency);
+        } else {
+            let s = state.clone();
+            std::thread::spawn(move || connect_late(&s, opener, latency));
         }
     }
 }
 
+/// Connects to the listener `latency` after the opener came, with the opener's first
+/// bytes if it sends them within that time (they arrive with the connection).
+fn connect_late(state: &Arc<State>, opener: TcpStream, latency: Duration) {
+    let came = Instant::now();
+    let mut buf = vec![0u8; 64 << 10];
+    let _ = opener.set_read_timeout(Some(latency));
+    let first = match (&opener).read(&mut buf) {
+        Ok(0) | Err(_) => None,
+        Ok(n) => Some((buf[..n].to_vec(), Instant::now())),
+    };
+    sleep_until(came + latency);
+    if !state.stop.load(Ordering::SeqCst) {
+        connect(state, opener, first, latency);
+    }
+}
+
+/// Dials the listener for `opener` and starts the pumps; `ahead` is what the opener sent
+/// before (and when it came).
+fn connect(
+    state: &Arc<State>,
+    opener: TcpStream,
+    ahead: Option<(Vec<u8>, Instant)>,
+    latency: Duration,
+) {
+    let Ok(listener_side) = TcpStream::connect(state.upstream) else {
+        return; // the opener sees its connection closed, as if refused
+    };
+    let setup = || -> io::Result<Arc<Link>> {
+        for s in [&opener, &listener_side] {
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(TICK))?;
+            s.set_write_timeout(Some(TICK))?;
+        }
+        Ok(Arc::new(Link {
+            id: state.connections.load(Ordering::SeqCst),
+            pumps: AtomicU64::new(2),
+            tag: OnceLock::new(),
+            sockets: [opener.try_clone()?, listener_side.try_clone()?],
+            frozen: AtomicBool::new(false),
+            half: [AtomicBool::new(false), AtomicBool::new(false)],
+            reset: AtomicBool::new(false),
+            held_until: Mutex::new(None),
+            drip: Mutex::new(None),
+            latency,
+        }))
+    };
+    let Ok(link) = setup() else { return };
+    state.connections.fetch_add(1, Ordering::SeqCst);
+    state
+        .links
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(link.clone());
+    let mut ahead = Some(ahead);
+    for (dir, from, to) in [
+        (
+            Direction::ToListener,
+            opener.try_clone(),
+            listener_side.try_clone(),
+        ),
+        (
+            Direction::ToOpener,
+            listener_side.try_clone(),
+            opener.try_clone(),
+        ),
+    ] {
+        let (Ok(from), Ok(to)) = (from, to) else {
+            continue;
+        };
+        let (s, l) = (state.clone(), link.clone());
+        let ahead = ahead.take().flatten();
+        std::thread::spawn(move || {
+            pump(&s, &l, dir, (from, ahead), to);
+            l.pumps.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+}
+
+fn sleep_until(t: Instant) {
+    if let Some(wait) = t.checked_duration_since(Instant::now()) {
+        std::thread::sleep(wait);
+    }
+}
+
 /// Forwards one direction of one connection until it closes, is reset, or the proxy
-/// stops; frozen, it holds the sockets open and moves nothing.
-fn pump(state: &State, link: &Link, dir: Direction, mut from: TcpStream, mut to: TcpStream) {
+/// stops; frozen, it holds the sockets open and moves nothing. `ahead`: bytes read before
+/// it started, and when they came.
+fn pump(
+    state: &State,
+    link: &Link,
+    dir: Direction,
+    (mut from, mut ahead): (TcpStream, Option<(Vec<u8>, Instant)>),
+    mut to: TcpStream,
+) {
     let mut buf = vec![0u8; 64 << 10];
     let (mut first, mut carried) = (Vec::new(), 0u64);
     loop {
@@ -194,9 +246,18 @@ fn pump(state: &State, link: &Link, dir: Direction, mut from: TcpStream, mut to:
         if dripping {
             std::thread::sleep(TICK);
         }
-        let n = match from.read(&mut buf[..allowed]) {
+        // What was read (or its end) reaches the other side `latency` after it came.
+        let (read, came) = match ahead.take() {
+            Some((bytes, came)) => {
+                buf[..bytes.len()].copy_from_slice(&bytes);
+                (Ok(bytes.len()), came)
+            }
+            None => (from.read(&mut buf[..allowed]), Instant::now()),
+        };
+        let n = match read {
             Ok(0) if link.reset.load(Ordering::SeqCst) => return, // no FIN before the RST
             Ok(0) => {
+                sleep_until(came + link.latency);
                 let _ = to.shutdown(std::net::Shutdown::Write);
                 return;
             }
@@ -204,6 +265,7 @@ fn pump(state: &State, link: &Link, dir: Direction, mut from: TcpStream, mut to:
             Err(e) if transient(&e) => continue,
             Err(_) => return link.apply(CutMode::Reset),
         };
+        sleep_until(came + link.latency);
         if dir == Direction::ToListener && link.tag.get().is_none() {
             first.extend_from_slice(&buf[..n]);
             if let Some(tag) = (state.opts.classify)(&first).or((first.len() > 4096).then_some(""))

@@ -55,9 +55,10 @@ impl Acceptor {
             stats: AcceptStats::default(),
         });
         let s = shared.clone();
+        let draw = super::evict::Draw::new()?;
         let thread = std::thread::Builder::new()
             .name("link-accept".into())
-            .spawn(move || super::gate::run(&s))
+            .spawn(move || super::gate::run(&s, draw))
             .map_err(Error::io("start the accepting thread"))?;
         Ok(Acceptor {
             shared,

@@ -7,11 +7,11 @@
 //!
 //! - each connection has the handshake deadline, whole (not per read: one byte a second
 //!   does not keep a connection in);
-//! - at most `max_handshakes` connections are in their handshake; one more closes the
-//!   oldest, so an opener that completes its handshake in milliseconds gets in however
-//!   many idle sockets strangers keep opening;
-//! - out of file descriptors, the gate closes the oldest handshake to accept the next,
-//!   or, with none to close, stops accepting for a moment (backing off to a second) and
+//! - at most `max_handshakes` connections are in their handshake; one more closes one of
+//!   them, by the rule below, so strangers cannot keep an opener out however many sockets
+//!   they open and whatever they send on them;
+//! - out of file descriptors, the gate closes a handshake (by the same rule) to accept
+//!   the next, or, with none to close, stops accepting for a moment (backing off to a second) and
 //!   goes on — it never stops listening.
 //!
 //! A refused opener is told why (SHUT, or a TLS alert) and its connection closed
@@ -19,6 +19,38 @@
 //! passes, so it reads the reason rather than a reset. Every connection not admitted is
 //! counted by why ([`AcceptStats`](super::AcceptStats)); refusals are logged, at most ten
 //! lines per ten seconds, then summed up.
+//!
+//! # Who makes room
+//!
+//! Nothing a connection sends before it proves its peer can be told from a stranger's
+//! imitation: the HELLO is plaintext anyone can write; with a pre-shared key a stranger
+//! can take the CHALLENGE and sit on it; with TLS it can send a ClientHello (replayed
+//! bytes, no key needed), take our whole flight and stop before its certificate. The proof
+//! (an AUTH that verifies; a client certificate, its signature and the HELLO inside) cannot
+//! be faked, and a connection past it leaves the gate at once, admitted or refused. So
+//! ranking handshakes by progress protects no one: a flood that imitates the progress
+//! ranks beside the client, and the oldest-first rule then closes every client that needs
+//! more than `max_handshakes` newcomers' time — a WAN handshake of a few round trips,
+//! against a few thousand one-byte connections a second, forever. What a stranger cannot
+//! choose is its address (TCP's handshake proves it) and our draws. A newcomer beyond the
+//! cap closes (`evict::victim`):
+//!
+//! 1. the oldest refused connection (only its last words were left to send);
+//! 2. else, of the connections in their handshake, from the sources (an IPv4 address, an
+//!    IPv6 /64) holding the most of them: the oldest one polled since it came and silent —
+//!    an opener speaks first, so a client's first bytes come with its connection — or else
+//!    one drawn uniformly at random (SHA-256 of a secret seed and a counter);
+//! 3. else the oldest (authenticated ones, their answer still being sent).
+//!
+//! A flood from other addresses than the client's thus never closes the client's
+//! connection while the flood's addresses hold more handshakes than the client's. A flood
+//! from the client's own address, or spread over as many addresses as there are slots, is
+//! met by the draw: a connection that stays through `n` newcomers survives with
+//! probability `(1 - 1/max_handshakes)^n`, about `e^(-rate × handshake time / cap)` —
+//! never zero, so the opener's retries get through, and `max_handshakes` (a socket and a
+//! few KiB each) is what an operator raises against a larger flood. A stranger that sends
+//! nothing is closed first (a client is not: its HELLO comes with its connection); a byte
+//! brings it only to the draw.
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::Ordering;
@@ -28,6 +60,8 @@ use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{recv, send, shutdown, MsgFlags, Shutdown};
 
+use super::evict::{self, Draw, Source, Standing};
+use super::notes::Notes;
 use super::sessions::Shared;
 use super::ShutReason;
 use crate::error::Refusal;
@@ -44,9 +78,10 @@ const LINGER: Duration = Duration::from_secs(1);
 const TICK: Duration = Duration::from_millis(200);
 
 /// Runs the gate until the listener stops.
-pub(super) fn run(shared: &Shared) {
+pub(super) fn run(shared: &Shared, draw: Draw) {
     let mut gate = Gate {
         shared,
+        draw,
         pending: Vec::new(),
         scratch: vec![0; 16 << 10].into_boxed_slice(),
         paused_until: None,
@@ -66,8 +101,31 @@ struct Pending {
     shake: Listening,
     deadline: Instant,
     then: Then,
-    /// Whether it has sent anything: a peer in its handshake has, an idle stranger not.
-    heard: bool,
+    /// Where it comes from.
+    source: Source,
+    said: Said,
+}
+
+/// What a connection at the gate has sent since it came.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Said {
+    /// Not polled yet.
+    Unpolled,
+    /// Polled, and nothing came: an opener speaks first, so no client in its handshake.
+    Nothing,
+    /// Some bytes (which prove nothing).
+    Something,
+}
+
+impl Pending {
+    fn standing(&self) -> Standing {
+        match (&self.then, self.said) {
+            (Then::Close { .. }, _) => Standing::Refused,
+            (Then::HandOver(..), _) => Standing::Admitted,
+            (Then::Shake, Said::Nothing) => Standing::Silent,
+            (Then::Shake, _) => Standing::Unproven,
+        }
+    }
 }
 
 /// What happens to a connection once its output is sent.
@@ -82,6 +140,8 @@ enum Then {
 
 struct Gate<'a> {
     shared: &'a Shared,
+    /// Which connection makes room, when one must.
+    draw: Draw,
     /// Oldest first.
     pending: Vec<Pending>,
     scratch: Box<[u8]>,
@@ -198,6 +258,9 @@ impl Gate<'_> {
             }
         }
         let p = &mut self.pending[i];
+        if p.said == Said::Unpolled {
+            p.said = Said::Nothing;
+        }
         match p.then {
             Then::HandOver(..) => !p.shake.output().is_empty(),
             Then::Close { shut: false } if p.shake.output().is_empty() => {
@@ -216,7 +279,9 @@ impl Gate<'_> {
         if let Then::Close { .. } = p.then {
             return;
         }
-        p.heard |= n > 0;
+        if n > 0 {
+            p.said = Said::Something;
+        }
         // (An admitted opener waits for its answer: bytes now are refused by `feed`.)
         match p.shake.feed(&self.scratch[..n]) {
             Ok(Progress::More) => {}
@@ -332,22 +397,24 @@ impl Gate<'_> {
                         continue;
                     }
                     if self.pending.len() >= self.shared.admission.max_handshakes.max(1) {
-                        self.evict_oldest();
+                        self.make_room();
                     }
                     let s = self.shared;
                     let shake = Listening::new(s.protocol, s.security.clone(), s.peer);
+                    let source = Source::of(&socket);
                     self.pending.push(Pending {
                         socket,
                         shake,
                         deadline: now + self.shared.admission.handshake_deadline,
                         then: Then::Shake,
-                        heard: false,
+                        source,
+                        said: Said::Unpolled,
                     });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-                    // Closing the oldest handshake frees a descriptor for the newcomer.
-                    if !self.evict_oldest() {
+                    // Closing a handshake frees a descriptor for the newcomer.
+                    if !self.make_room() {
                         return self.pause(now, "no file descriptor left to accept with");
                     }
                 }
@@ -357,18 +424,18 @@ impl Gate<'_> {
         }
     }
 
-    /// Closes the oldest connection at the gate that has sent nothing yet (an idle
-    /// stranger, not a peer in the middle of its handshake), or else the oldest; false if
-    /// there is none. A flood of idle connections thus never evicts a real client.
-    fn evict_oldest(&mut self) -> bool {
-        if self.pending.is_empty() {
+    /// Closes the connection the rule (module doc) picks; false if there is none.
+    fn make_room(&mut self) -> bool {
+        let standings: Vec<_> = (self.pending.iter())
+            .map(|p| (p.source, p.standing()))
+            .collect();
+        let Some(i) = evict::victim(&standings, &mut self.draw) else {
             return false;
-        }
-        let oldest_idle = self.pending.iter().position(|p| !p.heard).unwrap_or(0);
-        let p = self.pending.remove(oldest_idle);
+        };
+        let p = self.pending.remove(i);
         if let Then::Shake | Then::HandOver(..) = p.then {
             self.shared.stats.evicted.fetch_add(1, Ordering::Relaxed);
-            log::debug!("closed the oldest connection in its handshake to make room");
+            log::debug!("closed a connection in its handshake to make room");
         }
         true
     }
@@ -406,53 +473,4 @@ fn transient(e: &std::io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::ECONNABORTED | libc::EPROTO | libc::EINTR | libc::EPERM | libc::EHOSTUNREACH)
     ) || e.kind() == std::io::ErrorKind::Interrupted
-}
-
-/// Refusals' log lines: at most [`Notes::PER_WINDOW`] per window, the rest summed up.
-struct Notes {
-    since: Instant,
-    told: u32,
-    held: u64,
-}
-
-impl Notes {
-    const PER_WINDOW: u32 = 10;
-    const WINDOW: Duration = Duration::from_secs(10);
-
-    fn new() -> Notes {
-        Notes {
-            since: Instant::now(),
-            told: 0,
-            held: 0,
-        }
-    }
-
-    fn tell(&mut self, level: log::Level, line: &str) {
-        if level == log::Level::Debug || self.told < Self::PER_WINDOW {
-            self.told += u32::from(level != log::Level::Debug);
-            log::log!(level, "{line}");
-        } else {
-            self.held += 1;
-        }
-    }
-
-    /// At the end of a window, the lines held back, with the listener's totals.
-    fn summary(&mut self, stats: &super::AcceptStats) {
-        if self.since.elapsed() < Self::WINDOW {
-            return;
-        }
-        if self.held > 0 {
-            let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-            log::warn!(
-                "{} more refusals in the last {:?} (so far: {} refused, {} at the handshake deadline, {} evicted, {} busy)",
-                self.held,
-                Self::WINDOW,
-                get(&stats.refused),
-                get(&stats.timed_out),
-                get(&stats.evicted),
-                get(&stats.busy)
-            );
-        }
-        *self = Notes::new();
-    }
 }

@@ -20,8 +20,10 @@
 mod accept;
 mod chan;
 mod dial;
+mod evict;
 mod forward;
 mod gate;
+mod notes;
 mod pair;
 mod sessions;
 mod status;

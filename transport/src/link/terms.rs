@@ -111,8 +111,11 @@ pub struct Admission {
     /// A connection that has not completed its handshake (and sent everything it was
     /// answered) within this is closed.
     pub handshake_deadline: Duration,
-    /// Most connections in their handshake at once; one more closes the oldest, so a
-    /// flood of idle strangers cannot keep an opener that completes its handshake out.
+    /// Most connections in their handshake at once; one more closes one of them: a silent
+    /// one, else one of the address holding the most, drawn at random. So strangers,
+    /// whatever they send, cannot keep an opener out for good: from other addresses they
+    /// close their own; from its address, each of its connections survives `n` newcomers
+    /// with a probability of about `(1 - 1/max_handshakes)^n`, and its retries get in.
     /// Each costs a socket and a few KiB, never a thread.
     pub max_handshakes: usize,
     /// Most sessions served at once (a page server's clients; a migration destination
