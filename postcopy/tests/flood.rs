@@ -2,8 +2,10 @@
 //! tens of milliseconds) against a page server flooded by strangers that connect
 //! directly, each send the first byte of a HELLO and then stay silent, faster than
 //! `max_handshakes` per handshake time: the client is admitted within a bound while the
-//! flood goes on — never evicted when the flood comes from another address, and through
-//! its retries when it comes from the client's own.
+//! flood goes on, never evicted when the flood comes from another address. (A flood from
+//! the client's own address meets the gate's random draw, which lets a client in only
+//! by chance on each attempt: that is shown by `transport`'s unit tests of the draw, not
+//! here, where a bound on retries would pass or fail by luck.)
 
 use crate::common;
 
@@ -204,18 +206,4 @@ fn a_client_a_wan_away_gets_in_at_once_among_strangers_from_another_address_each
     let stats = among.stats;
     let (_client, connections) = among.admitted(8);
     assert_eq!(connections, 2, "the client was evicted; {stats:?}");
-}
-
-/// Strangers from the client's own address, each sending a byte, 1.5 × `max_handshakes`
-/// of them during each of the client's connections' time at the gate: every eviction
-/// takes one of the handshakes at random, so each connection of the client survives its
-/// ~48 newcomers with a probability of about e^−1.5 — a pair ~5 %, less on a loaded
-/// machine, where its handshakes take longer — and its retries (~0.2–0.5 s each) get in.
-/// The old rule let it in only by luck (a stall made the flood come in bursts, and it
-/// closed the newest connections not yet read first), so the reproduction that fails
-/// every time without the new rule is the test above.
-#[test]
-fn a_client_a_wan_away_gets_in_through_its_retries_among_strangers_from_its_own_address() {
-    let among = dial_among_flood(32, "127.0.0.1", 1.5, Duration::from_secs(180));
-    among.admitted(32);
 }
