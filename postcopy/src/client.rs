@@ -171,11 +171,18 @@ impl Source for RemoteSource {
         };
         self.client.receiver.set_land(Land::Place(placer.clone()));
         let client = self.client.clone();
+        let supervisor = placer.clone();
         let started = std::thread::Builder::new()
             .name("pc-client".into())
-            .spawn(move || client.supervise(pair, &placer));
-        if let Err(e) = started {
-            log::error!("cannot start the page server client: {e}");
+            .spawn(move || client.supervise(pair, &supervisor));
+        // Without its thread no page would ever arrive: the pager fails (its pages
+        // poisoned), rather than its faults waiting forever.
+        if let Err(source) = started {
+            placer.fail(SourceError {
+                what: "start the page server client's thread",
+                offset: 0,
+                source,
+            });
         }
     }
 }
