@@ -269,9 +269,11 @@ impl FileSource {
     }
 
     /// Maps the file read-only and copies pages from the mapping (no syscall per page
-    /// beyond the placement itself; the page cache is read on first touch). The file must
-    /// not be truncated while served: a copy past its new end raises SIGBUS in the
-    /// handler, which ends the process; where that can happen, use [`FileSource::pread`].
+    /// beyond the placement itself; the page cache is read on first touch). A file
+    /// truncated while served: the pager's `UFFDIO_COPY` of a page past its new end
+    /// fails with EFAULT (a fatal error, the rest poisoned), but whoever reads the
+    /// fetched bytes itself (a checksum, a comparison) gets SIGBUS, which ends the
+    /// process; where that can happen, use [`FileSource::pread`].
     pub fn mmap(path: impl AsRef<Path>) -> Result<Self, SourceError> {
         let (file, len) = Self::open(path.as_ref())?;
         let map_len = usize::try_from(len).map_err(|_| SourceError {
@@ -376,7 +378,8 @@ impl Source for FileSource {
             Access::Mmap { addr, len } => {
                 // SAFETY: the mapping covers `len` readable bytes while `self` lives, and
                 // nothing in this process writes it (read-only, private). The image file
-                // must not be truncated while served (that would raise SIGBUS here).
+                // must not be truncated while served (a read of the bytes past its new end
+                // raises SIGBUS; the kernel's copy gets EFAULT).
                 let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
                 Ok(Fetched::Data(slice_or_pad(bytes, offset, scratch)))
             }
