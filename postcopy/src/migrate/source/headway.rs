@@ -10,7 +10,10 @@
 //! that sent what only that greeting can confirm (postcopy pages, LISTEN, RUN, SHUT) counts
 //! as progress at its break until the greeting shows that none of it landed. The stop of
 //! the source's own workload counts too: a step taken once, whose time is the embedder's,
-//! not the destination's.
+//! not the destination's. And so does a postcopy pair that was up and idle (demand-only,
+//! no request): it had nothing to deliver, so its time is the workload's, not a stall —
+//! but only if it lived two silence deadlines after its greeting, which a pair frozen or
+//! cut right after it never does (a frozen one breaks one deadline after its last byte).
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +30,8 @@ pub(super) struct Headway {
     sent: bool,
     /// When the last pair broke, if it had sent such.
     unknown: Option<Instant>,
+    /// When the current pair was greeted.
+    greeted_at: Instant,
     /// The most pages the destination held since it handled LISTEN, as far as known.
     held: u64,
 }
@@ -40,7 +45,18 @@ impl Headway {
             on_pair: false,
             sent: false,
             unknown: None,
+            greeted_at: Instant::now(),
             held: 0,
+        }
+    }
+
+    /// The current pair broke with nothing to deliver on it (the caller knows: postcopy
+    /// after RUN, no page sent on it, no verdict awaited): if it lived two silence
+    /// deadlines (`silence`) or more since its greeting, it was up and idle, and counts as
+    /// progress at its break. Call before [`Headway::broke`].
+    pub fn idle_for(&mut self, silence: Duration) {
+        if self.greeted_at.elapsed() >= 2 * silence {
+            self.made();
         }
     }
 
@@ -87,6 +103,7 @@ impl Headway {
         self.held = self.held.max(present.unwrap_or(0));
         let unknown = self.unknown.take();
         self.sent = false;
+        self.greeted_at = Instant::now();
         self.on_pair = more || stepped;
         if self.on_pair {
             // It landed on the last pair: at the latest when that pair broke.

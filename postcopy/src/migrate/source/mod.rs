@@ -417,7 +417,8 @@ impl Migration {
     /// progress. Progress is what the destination confirms: precopy pages (SYNCED), a step
     /// acknowledged (LISTEN, RUN, the verdict), and after the switch more pages held than
     /// it ever reported before (its RECV_BITMAP, at the next greeting); the stop of the
-    /// workload counts too. A pair that sent what only the next greeting can confirm
+    /// workload counts too, and so does a postcopy pair that broke after two silence
+    /// deadlines up with nothing to deliver (demand-only, no request: idle, not stalled). A pair that sent what only the next greeting can confirm
     /// (postcopy pages, LISTEN, RUN, the verdict) counts as progress at its break until
     /// that greeting shows none of it landed. The bound is checked at each break, before
     /// each connection attempt, in the greeting's waits and after each greeting (the

@@ -178,6 +178,10 @@ impl<'m> Run<'m> {
         drop(pair);
         if self.postcopy_pages() > self.pages_at_connect {
             self.headway.sent();
+        } else if self.step >= step::RUNNING && self.checked.is_none() {
+            // Postcopy, nothing sent on it and no verdict awaited: it may have been idle
+            // (demand-only, no request), not stalled.
+            self.headway.idle_for(self.m.opts.timing.silence);
         }
         let progressed = self.headway.broke();
         let after = self.m.opts.timing.give_up_after;
