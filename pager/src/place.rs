@@ -312,8 +312,9 @@ impl Shared {
             // `silent_unmaps` (no UNMAP or REMAP event can follow): the process took the
             // page back for good. Received, so nothing places it again; counted apart; a
             // thread that faulted there before is woken to fault on what is mapped now.
+            // Not once stopping: a late placement's ENOENT is then our let-go (release.rs).
             Err(UffdError::RangeGone { .. })
-                if self.silent_unmaps && self.page(p.page).is_some() =>
+                if self.silent_unmaps && !self.stopping() && self.page(p.page).is_some() =>
             {
                 add(&self.stats.gone_silently, count as u64);
                 self.mark_received(p.page, count);
