@@ -280,16 +280,26 @@ fn a_migration_through_a_cutting_proxy_pauses_says_why_and_resumes_once_per_cut(
 fn both_ends_give_up_and_exit_1_when_the_network_never_heals() {
     let key = key_file("heal.key");
     let _files = Files(vec![key.clone()]);
-    let liveness = ["--silence", "1", "--give-up", "3"];
-    let (d, addr) = dest(&key, &liveness);
+    // The destination's bound is also how long it waits for its first source, which
+    // fills 64 MiB before it dials: 4-5 s of wall beside busy loops on one CPU (0.4 s of
+    // CPU), when a 3 s bound there had both ends give up before any connection.
+    let (mut d, addr) = dest(&key, &["--silence", "1", "--give-up", "10"]);
     let proxy = proxy(&addr, Direction::ToListener);
     let via = proxy.addr().to_string();
-    let mut args = vec!["--size", "64M", "--precopy-rounds", "2"];
-    args.extend(liveness);
+    let args = ["--size", "64M", "--precopy-rounds", "2"];
     let started = Instant::now();
-    let s = source(&key, &via, &args);
+    let mut s = source(
+        &key,
+        &via,
+        &[&args[..], &["--silence", "1", "--give-up", "3"]].concat(),
+    );
     // In precopy (the first round is 64 MiB), the network goes and never comes back.
     while proxy.connections() < 2 {
+        // Bounded: an end that exits before its pair is up is a failure, never a hang.
+        if s.exited() || d.exited() || started.elapsed() > common::DEADLINE {
+            let (s, d) = (s.finish(), d.finish());
+            panic!("no pair: source {}\ndestination {}", s.text(), d.text());
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
     std::thread::sleep(Duration::from_millis(100));
