@@ -270,10 +270,7 @@ fn prefetch_places_every_page_and_cuts_faults() {
     .prefetch(Prefetch::Sequential)
     .start()
     .expect("start");
-    assert!(
-        pager.wait_complete(Duration::from_secs(20)),
-        "prefetch placed every page"
-    );
+    assert!(common::prefetched(&pager), "prefetch placed every page");
     assert_eq!(pager.states().count(PageState::Received), pages);
     // SAFETY: served region (now fully present).
     let all = unsafe { common::bytes(memory.addr(), memory.len()) };
@@ -457,7 +454,7 @@ fn unmapping_a_region_during_prefetch_stops_serving_it_and_the_prefetch_complete
     drop(gone); // munmap: an UNMAP event while the prefetcher holds its run
     source.open.store(true, Ordering::SeqCst);
     assert!(
-        pager.wait_complete(Duration::from_secs(20)),
+        common::prefetched(&pager),
         "the prefetch completes: every page of the mapped region placed, the unmapped \
          region's pages never served again ({} received of {})",
         pager.states().count(PageState::Received),

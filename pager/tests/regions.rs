@@ -127,7 +127,7 @@ fn prefetch_completes_over_adjacent_regions_of_two_vmas() {
         .start()
         .expect("start");
     assert!(
-        pager.wait_complete(Duration::from_secs(10)),
+        common::prefetched(&pager),
         "prefetch completes: {:?}",
         pager.stats()
     );
@@ -156,7 +156,7 @@ fn a_run_over_two_vmas_of_one_region_is_placed_page_by_page() {
         .start()
         .expect("start");
     assert!(
-        pager.wait_complete(Duration::from_secs(10)),
+        common::prefetched(&pager),
         "prefetch completes: {:?}",
         pager.stats()
     );

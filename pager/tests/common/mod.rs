@@ -5,8 +5,9 @@ pub mod balloon;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use page_state::PageState;
 use pager::{DeliveryMode, Fetched, Pager, Placer, Source, SourceError};
 use uffd_core::{Features, MemoryKind, Uffd};
 
@@ -25,6 +26,27 @@ pub fn hugetlb_available(test: &str) -> bool {
             false
         }
     }
+}
+
+/// How long a prefetch may place nothing before [`prefetched`] calls it hung.
+pub const PREFETCH_STALL: Duration = Duration::from_secs(20);
+
+/// Waits for `pager` to have placed every page; false only if no page was placed for
+/// [`PREFETCH_STALL`]. A sequential prefetch is paced by a SCHED_IDLE thread: it places a
+/// batch only when a CPU is idle, so its whole run takes as long as busy CPUs leave it
+/// (beside busy loops on one CPU, 22-30 s for 8 MiB), and only a stall is a hang.
+pub fn prefetched(pager: &Pager) -> bool {
+    let received = || pager.states().count(PageState::Received);
+    let (mut placed, mut since) = (received(), Instant::now());
+    while !pager.wait_complete(Duration::from_millis(100)) {
+        let now = received();
+        if now != placed {
+            (placed, since) = (now, Instant::now());
+        } else if since.elapsed() >= PREFETCH_STALL {
+            return false;
+        }
+    }
+    true
 }
 
 /// A non-blocking uffd with the events a pager handles.
