@@ -58,12 +58,9 @@ fn a_child_sends_its_uffd_and_the_pager_serves_the_child() {
     );
 }
 
-#[test]
-fn a_forked_child_is_served_by_a_child_engine() {
-    if !testkit::isolated("a_forked_child_is_served_by_a_child_engine", WATCHDOG) {
-        return;
-    }
-    let pages = 64;
+/// `pages` of an image served with fork events on, one handler thread, into memory of
+/// this process.
+fn forking_pager(pages: usize) -> (Vec<u8>, Arc<Mapping>, Pager) {
     let image = common::image(pages, PS, 0);
     let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
     let pager = Pager::builder(
@@ -74,6 +71,16 @@ fn a_forked_child_is_served_by_a_child_engine() {
     .mode(DeliveryMode::Thread)
     .start()
     .expect("start");
+    (image, memory, pager)
+}
+
+#[test]
+fn a_forked_child_is_served_by_a_child_engine() {
+    if !testkit::isolated("a_forked_child_is_served_by_a_child_engine", WATCHDOG) {
+        return;
+    }
+    let pages = 64;
+    let (image, memory, pager) = forking_pager(pages);
     // The parent faults the first half in; the child inherits those pages and faults the
     // second half through its own uffd, served by the engine the fork event started.
     // SAFETY: served region.
@@ -508,16 +515,7 @@ enum ParentEnd {
 /// the parent's final counters if its pager stopped cleanly.
 fn child_after_its_parents_pager_ends(end: ParentEnd) -> (i32, Option<pager::StatsSnapshot>) {
     let pages = 16;
-    let image = common::image(pages, PS, 0);
-    let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
-    let pager = Pager::builder(
-        uffd_with(Features::EVENT_FORK),
-        Arc::new(MemorySource::new(image.clone())),
-    )
-    .mapping(memory.clone(), 0)
-    .mode(DeliveryMode::Thread)
-    .start()
-    .expect("start");
+    let (image, memory, pager) = forking_pager(pages);
     let (word_in, word_out) = nix::unistd::pipe().expect("pipe");
     let page = memory.addr() + 9 * PS;
     // SAFETY: the child only reads a pipe and memory, and `_exit`s.
