@@ -16,7 +16,6 @@ use postcopy::fault::Event;
 use postcopy::migrate::{DestOptions, Destination, Migration, SourceOptions, Timing};
 use postcopy::Error;
 use testkit::proxy::{CutMode, Direction, Proxy, Target};
-use transport::Addr;
 
 /// The source's liveness: a freeze is noticed within about a second, and it gives up
 /// after three without progress.
@@ -91,17 +90,7 @@ fn gives_up_without_progress(rounds: u32, mode: CutMode, phase: fn(Event) -> boo
         timing: t,
         ..SourceOptions::default()
     };
-    // SAFETY: our mapping; nothing writes it.
-    let m = unsafe {
-        Migration::new(
-            Addr::Tcp(proxy.addr()),
-            key(),
-            memory.addr(),
-            memory.len(),
-            opts,
-        )
-    }
-    .unwrap();
+    let m = common::migration_through(&proxy, &memory, opts);
     let control = m.control();
     let stalled = stall_from(proxy.clone(), mode, phase, &m);
     let started = Instant::now();

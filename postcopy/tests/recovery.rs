@@ -15,10 +15,9 @@ use std::time::{Duration, Instant};
 use common::inject::{Fault, Injector, Trigger};
 use common::{hot_pick, key, proxy_to, source_memory, test_timing, Case, Outcome};
 use pager::DeliveryMode;
-use postcopy::migrate::{DestOptions, Destination, Migration, SourceOptions, Timing};
+use postcopy::migrate::{DestOptions, Destination, SourceOptions, Timing};
 use postcopy::Error;
 use testkit::proxy::{CutMode, Direction, Proxy, Target};
-use transport::Addr;
 use uffd_core::HUGE_PAGE_SIZE;
 
 /// Where and how one run cuts, each cut once every earlier one was resumed from (one per
@@ -299,17 +298,7 @@ fn never_heals(
         timing,
         ..SourceOptions::default()
     };
-    // SAFETY: our mapping; nothing writes it.
-    let m = unsafe {
-        Migration::new(
-            Addr::Tcp(proxy.addr()),
-            key(),
-            memory.addr(),
-            memory.len(),
-            opts,
-        )
-    }
-    .unwrap();
+    let m = common::migration_through(&proxy, &memory, opts);
     let fault = Fault {
         trigger,
         mode,

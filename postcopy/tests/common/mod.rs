@@ -138,6 +138,22 @@ pub fn proxy_to(to: &Addr, direction: Direction) -> Arc<Proxy> {
     Arc::new(Proxy::start(*to, opts).expect("start the proxy"))
 }
 
+/// A migration of the whole of `memory` to `proxy`'s address, with the test key.
+pub fn migration_through(proxy: &Proxy, memory: &Mapping, opts: SourceOptions) -> Migration {
+    // SAFETY: the caller's mapping, which outlives the migration; nothing writes it
+    // unless the test says so.
+    unsafe {
+        Migration::new(
+            Addr::Tcp(proxy.addr()),
+            key(),
+            memory.addr(),
+            memory.len(),
+            opts,
+        )
+    }
+    .expect("a migration")
+}
+
 /// Source memory: most pages patterned, every 5th left zero (travels as a zero run).
 pub fn source_memory(bytes: usize) -> Mapping {
     let m = Mapping::new(MemoryKind::Anon, bytes).expect("map source");
