@@ -89,11 +89,7 @@ fn serve_and_verify(kind: MemoryKind, minor: bool, src: SourceKind, mode: Delive
         return; // SIGBUS mode takes signal-safe sources only (tested in tests/sigbus.rs)
     }
     let uffd = if mode == DeliveryMode::Sigbus {
-        uffd_core::Uffd::builder()
-            .non_blocking(true)
-            .require(uffd_core::Features::SIGBUS | uffd_core::Features::EVENT_REMOVE)
-            .open()
-            .expect("open")
+        common::sigbus_uffd()
     } else {
         common::uffd()
     };

@@ -17,14 +17,6 @@ use uffd_core::{Features, Mapping, MemoryKind, ReadStatus, Uffd};
 
 const PS: usize = 4096;
 
-fn sigbus_uffd() -> Uffd {
-    Uffd::builder()
-        .non_blocking(true)
-        .require(Features::SIGBUS | Features::EVENT_REMOVE)
-        .open()
-        .expect("open")
-}
-
 /// The system allocator, refusing to serve the SIGBUS handler.
 struct Guarded;
 
@@ -73,7 +65,7 @@ fn sigbus_mode_serves_every_page_in_the_faulting_threads() {
     for kind in [MemoryKind::Anon, MemoryKind::Shmem] {
         let memory = Arc::new(Mapping::new(kind, pages * PS).expect("map"));
         let pager = Pager::builder(
-            sigbus_uffd(),
+            common::sigbus_uffd(),
             Arc::new(MemorySource::new(image.clone()).with_zero_scan(PS)),
         )
         .mapping(memory.clone(), 0)
@@ -127,7 +119,7 @@ fn sigbus_mode_refuses_a_uffd_without_the_feature_or_an_unsafe_source() {
     std::fs::write(&path, vec![1u8; 4 * PS]).expect("write");
     let pread = pager::FileSource::pread(&path).expect("open");
     std::fs::remove_file(&path).ok();
-    let err = Pager::builder(sigbus_uffd(), Arc::new(pread))
+    let err = Pager::builder(common::sigbus_uffd(), Arc::new(pread))
         .mapping(memory.clone(), 0)
         .mode(DeliveryMode::Sigbus)
         .start()
@@ -142,7 +134,7 @@ fn sigbus_mode_records_the_first_fault_order() {
     let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
     let path = std::env::temp_dir().join(format!("uffdkit-sigbus-ws-{}", std::process::id()));
     let pager = Pager::builder(
-        sigbus_uffd(),
+        common::sigbus_uffd(),
         Arc::new(MemorySource::new(common::image(pages, PS, 0))),
     )
     .mapping(memory.clone(), 0)
@@ -233,7 +225,7 @@ fn the_allocator_guard_aborts_a_fault_handler_that_allocates() {
     // In the child: one fault through a source that allocates.
     let memory = Arc::new(Mapping::new(MemoryKind::Anon, 4 * PS).expect("map"));
     let pager = Pager::builder(
-        sigbus_uffd(),
+        common::sigbus_uffd(),
         Arc::new(Allocating(MemorySource::new(vec![7u8; 4 * PS]))),
     )
     .mapping(memory.clone(), 0)
@@ -281,11 +273,14 @@ fn a_foreign_sigbus_is_chained_to_the_embedders_handler_and_the_pager_keeps_serv
     let pages = 8;
     let image = common::image(pages, PS, 0);
     let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
-    let pager = Pager::builder(sigbus_uffd(), Arc::new(MemorySource::new(image.clone())))
-        .mapping(memory.clone(), 0)
-        .mode(DeliveryMode::Sigbus)
-        .start()
-        .expect("start");
+    let pager = Pager::builder(
+        common::sigbus_uffd(),
+        Arc::new(MemorySource::new(image.clone())),
+    )
+    .mapping(memory.clone(), 0)
+    .mode(DeliveryMode::Sigbus)
+    .start()
+    .expect("start");
     // SAFETY: served region.
     assert_eq!(unsafe { common::bytes(memory.addr(), PS) }, &image[..PS]);
     // A SIGBUS sent to us (not a fault on the pager's memory) is the VMM's.

@@ -64,6 +64,16 @@ pub fn uffd() -> Uffd {
         .expect("open uffd")
 }
 
+/// A non-blocking uffd for SIGBUS delivery (the pager's SIGBUS mode needs the feature and
+/// REMOVE events).
+pub fn sigbus_uffd() -> Uffd {
+    Uffd::builder()
+        .non_blocking(true)
+        .require(Features::SIGBUS | Features::EVENT_REMOVE)
+        .open()
+        .expect("open a SIGBUS-mode uffd")
+}
+
 /// A synthetic image: page `i` holds a pattern derived from `i`, except every
 /// `zero_every`-th page which is all zero.
 pub fn image(pages: usize, page_size: usize, zero_every: usize) -> Vec<u8> {
@@ -266,12 +276,7 @@ pub fn touch_in_sigbus_mode(source: Arc<dyn Source>) -> ! {
     unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGBUS, &handler) }
         .expect("install the embedder's handler");
     let memory = Arc::new(uffd_core::Mapping::new(MemoryKind::Anon, 16 * 4096).expect("map"));
-    let uffd = Uffd::builder()
-        .non_blocking(true)
-        .require(Features::SIGBUS | Features::EVENT_REMOVE)
-        .open()
-        .expect("open");
-    let pager = Pager::builder(uffd, source)
+    let pager = Pager::builder(sigbus_uffd(), source)
         .mapping(memory.clone(), 0)
         .mode(DeliveryMode::Sigbus)
         .start()
