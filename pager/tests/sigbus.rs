@@ -223,15 +223,8 @@ fn the_allocator_guard_aborts_a_fault_handler_that_allocates() {
         return;
     }
     // In the child: one fault through a source that allocates.
-    let memory = Arc::new(Mapping::new(MemoryKind::Anon, 4 * PS).expect("map"));
-    let pager = Pager::builder(
-        common::sigbus_uffd(),
-        Arc::new(Allocating(MemorySource::new(vec![7u8; 4 * PS]))),
-    )
-    .mapping(memory.clone(), 0)
-    .mode(DeliveryMode::Sigbus)
-    .start()
-    .expect("start");
+    let source = Arc::new(Allocating(MemorySource::new(vec![7u8; 4 * PS])));
+    let (memory, pager) = common::sigbus_pager(source, 4);
     // SAFETY: the served region.
     let byte = unsafe { std::ptr::read_volatile(memory.as_ptr()) };
     drop(pager);
@@ -272,15 +265,7 @@ fn a_foreign_sigbus_is_chained_to_the_embedders_handler_and_the_pager_keeps_serv
     unsafe { sigaction(Signal::SIGBUS, &vmm) }.expect("install the VMM's handler");
     let pages = 8;
     let image = common::image(pages, PS, 0);
-    let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
-    let pager = Pager::builder(
-        common::sigbus_uffd(),
-        Arc::new(MemorySource::new(image.clone())),
-    )
-    .mapping(memory.clone(), 0)
-    .mode(DeliveryMode::Sigbus)
-    .start()
-    .expect("start");
+    let (memory, pager) = common::sigbus_pager(Arc::new(MemorySource::new(image.clone())), pages);
     // SAFETY: served region.
     assert_eq!(unsafe { common::bytes(memory.addr(), PS) }, &image[..PS]);
     // A SIGBUS sent to us (not a fault on the pager's memory) is the VMM's.

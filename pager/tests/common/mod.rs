@@ -254,6 +254,17 @@ pub fn wait(pid: i32) -> i32 {
     }
 }
 
+/// A pager in SIGBUS mode serving `pages` anonymous 4 KiB pages from `source`.
+pub fn sigbus_pager(source: Arc<dyn Source>, pages: usize) -> (Arc<uffd_core::Mapping>, Pager) {
+    let memory = Arc::new(uffd_core::Mapping::new(MemoryKind::Anon, pages * 4096).expect("map"));
+    let pager = Pager::builder(sigbus_uffd(), source)
+        .mapping(memory.clone(), 0)
+        .mode(DeliveryMode::Sigbus)
+        .start()
+        .expect("start in SIGBUS mode");
+    (memory, pager)
+}
+
 /// The exit code of the embedder's SIGBUS handler [`touch_in_sigbus_mode`] installs: the
 /// pager handed the signal on (an abort would end the process with SIGABRT instead).
 pub const HANDED_ON: i32 = 4;
@@ -275,12 +286,7 @@ pub fn touch_in_sigbus_mode(source: Arc<dyn Source>) -> ! {
     // SAFETY: the handler only calls `_exit`.
     unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGBUS, &handler) }
         .expect("install the embedder's handler");
-    let memory = Arc::new(uffd_core::Mapping::new(MemoryKind::Anon, 16 * 4096).expect("map"));
-    let pager = Pager::builder(sigbus_uffd(), source)
-        .mapping(memory.clone(), 0)
-        .mode(DeliveryMode::Sigbus)
-        .start()
-        .expect("start");
+    let (memory, pager) = sigbus_pager(source, 16);
     // SAFETY: the served region; the fault ends the process through the embedder's handler.
     let byte = unsafe { std::ptr::read_volatile(memory.as_ptr()) };
     drop(pager);
