@@ -349,3 +349,49 @@ fn an_idle_postcopy_pair_that_outlived_the_bound_and_broke_is_resumed() {
     let (src, _) = case.run();
     assert_eq!(src.reconnects, 1);
 }
+
+/// A slow but live link: every connection carries at most `RATE` bytes a second each way,
+/// less than the 4 MiB (SYNC_EVERY, once the SYNCs' only spacing) in `give_up_after`, and
+/// less than what the kernel's buffers take at once ahead of a SYNC (here all of
+/// precopy). Pages land all along, so the migration is making progress, and it must
+/// complete, byte for byte, through a reset more than `give_up_after` into precopy's
+/// pages (the source waiting for them to land before its stop) and another after some
+/// of the rest landed in postcopy, never giving up.
+const RATE: u64 = 256 << 10;
+
+#[test]
+fn a_precopy_over_a_slow_link_that_breaks_twice_completes() {
+    let timing = Timing {
+        heartbeat: Duration::from_millis(250),
+        silence: Duration::from_secs(2),
+        first_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(300),
+        give_up_after: Duration::from_secs(3),
+    };
+    let mut case = common::Case::new("127.0.0.1:0", 3 << 20);
+    case.opts.max_rounds = 3;
+    case.opts.timing = timing;
+    case.dest_timing = timing;
+    // A workload that keeps eight pages dirty: the later rounds and postcopy are short.
+    case.pick = |i, _| (i % 8) as usize;
+    case.workload = common::idle;
+    case.reconnects = Some(2);
+    case.proxy = Some(Box::new(|p: &Arc<Proxy>| {
+        p.rate(RATE);
+        // Counted bytes of main, source → destination, past each pair's greeting.
+        let reset = |after| testkit::proxy::Cut {
+            mode: CutMode::Reset,
+            target: Target::All,
+            after,
+        };
+        p.plan(vec![reset(1 << 20), reset(1536 << 10)]);
+    }));
+    let started = Instant::now();
+    let o = case.run_all();
+    assert_eq!(o.cuts, 2, "both cuts were made");
+    eprintln!(
+        "completed in {:.1?} at {RATE} B/s, {} reconnects",
+        started.elapsed(),
+        o.src.reconnects
+    );
+}

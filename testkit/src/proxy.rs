@@ -6,7 +6,8 @@
 //! (bandwidth throttled to a trickle for a while) — at planned byte offsets, or now
 //! (a test that hears the endpoints' protocol events cuts at those). A **latency**
 //! ([`Proxy::latency`]) puts a distance between them: every connection and every chunk
-//! arrives that long after it was sent, as across a WAN.
+//! arrives that long after it was sent, as across a WAN; a **rate** ([`Proxy::rate`]) makes
+//! every connection a slow link, for good.
 //!
 //! Each connection is tagged by a classifier that reads the opener's first bytes (a
 //! postcopy test tags `main` and `urgent` from the HELLO), so a cut can hit one channel
@@ -130,6 +131,8 @@ struct State {
     plan: Mutex<Plan>,
     /// One-way delay of connections accepted from now on (nanoseconds).
     latency: AtomicU64,
+    /// Bytes a second each way of connections accepted from now on (0: unlimited).
+    rate: AtomicU64,
     /// Only connections accepted after the last cut count bytes: a cut never lands on
     /// what is left of a pair an earlier cut already broke.
     fresh_from: AtomicU64,
@@ -161,6 +164,7 @@ impl Proxy {
             stop: AtomicBool::new(false),
             blocked: AtomicBool::new(false),
             latency: AtomicU64::new(0),
+            rate: AtomicU64::new(0),
             links: Mutex::default(),
             plan: Mutex::default(),
             fresh_from: AtomicU64::new(0),
@@ -255,6 +259,13 @@ impl Proxy {
     pub fn latency(&self, one_way: Duration) {
         let nanos = u64::try_from(one_way.as_nanos()).unwrap_or(u64::MAX);
         self.state.latency.store(nanos, Ordering::SeqCst);
+    }
+
+    /// Carries every connection accepted from now on at most `bytes_per_sec` each way, for
+    /// as long as it lives: a slow link (a drip that never ends). The pumps move a tick's
+    /// worth (20 ms) at a time.
+    pub fn rate(&self, bytes_per_sec: u64) {
+        self.state.rate.store(bytes_per_sec, Ordering::SeqCst);
     }
 
     /// Cuts made so far (each hit at least one connection).

@@ -31,6 +31,8 @@ pub(super) struct Link {
     drip: Mutex<Option<(Instant, usize)>>,
     /// How late every chunk arrives.
     latency: Duration,
+    /// Bytes a tick each way for good ([`Proxy::rate`](super::Proxy::rate)), if limited.
+    rate: Option<usize>,
 }
 
 impl Link {
@@ -57,11 +59,15 @@ impl Link {
         until.checked_duration_since(Instant::now())
     }
 
-    /// Bytes one read may take now: a tick's worth while dripping.
+    /// Bytes one read may take now: a tick's worth while dripping or rate-limited.
     pub(super) fn allowance(&self, full: usize) -> (usize, bool) {
-        match *self.drip.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some((until, per_tick)) if Instant::now() < until => (per_tick.min(full), true),
-            _ => (full, false),
+        let drip = match *self.drip.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((until, per_tick)) if Instant::now() < until => Some(per_tick),
+            _ => None,
+        };
+        match (drip, self.rate) {
+            (None, None) => (full, false),
+            (a, b) => (a.into_iter().chain(b).fold(full, usize::min), true),
         }
     }
 
@@ -84,7 +90,7 @@ impl Link {
                 bytes_per_sec,
                 lasting,
             } => {
-                let per_tick = (bytes_per_sec as u128 * TICK.as_millis() / 1000).max(1) as usize;
+                let per_tick = per_tick(bytes_per_sec);
                 *self.drip.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some((Instant::now() + lasting, per_tick));
             }
@@ -109,6 +115,11 @@ impl Link {
             }
         }
     }
+}
+
+/// Bytes a tick at `bytes_per_sec` (at least one).
+fn per_tick(bytes_per_sec: u64) -> usize {
+    (bytes_per_sec as u128 * TICK.as_millis() / 1000).max(1) as usize
 }
 
 pub(super) fn accept(state: &Arc<State>, listener: &TcpListener) {
@@ -178,6 +189,10 @@ fn connect(
             held_until: Mutex::new(None),
             drip: Mutex::new(None),
             latency,
+            rate: match state.rate.load(Ordering::SeqCst) {
+                0 => None,
+                r => Some(per_tick(r)),
+            },
         }))
     };
     let Ok(link) = setup() else { return };

@@ -1,7 +1,7 @@
 //! A running migration: its state across connection pairs, and each phase — precopy
 //! rounds, the switch, postcopy, resumption — as its own function.
 
-use super::confirm::{Unconfirmed, SYNC_EVERY};
+use super::confirm::Unconfirmed;
 use super::headway::Headway;
 use super::*;
 use crate::wire::DROPPED;
@@ -82,7 +82,7 @@ impl<'m> Run<'m> {
             sender: Arc::new(sender),
             sent: Bitmap::new(pages as usize),
             dirty,
-            unconfirmed: Unconfirmed::default(),
+            unconfirmed: Unconfirmed::new(sync_pace(&m.opts.timing)),
             tracker,
             dialer: Dialer::new(
                 m.addr.clone(),
@@ -163,6 +163,7 @@ impl<'m> Run<'m> {
             }
         };
         let (pair, present, step) = self.dialer.connect(since, wait, greet)?;
+        self.unconfirmed.new_pair();
         self.replan(&present, step)?;
         self.pages_at_connect = self.postcopy_pages();
         Ok(pair)
@@ -258,7 +259,6 @@ impl<'m> Run<'m> {
     pub(super) fn precopy(&mut self, pair: &Pair) -> Result<(), Error> {
         self.progress().set_phase(Phase::Precopy);
         let ps = self.memory.ps;
-        let per_sync = (SYNC_EVERY as usize / ps).max(1);
         let mut scratch = self.sender.scratch();
         loop {
             let round = self.rounds.len() as u32 + 1;
@@ -268,8 +268,12 @@ impl<'m> Run<'m> {
             event!(self.m.control, Round(round));
             let runs: Vec<Range<usize>> = self.dirty.runs().collect();
             for run in runs {
-                for start in run.clone().step_by(per_sync) {
-                    let part = start..(start + per_sync).min(run.end);
+                let mut start = run.start;
+                while start < run.end {
+                    // A piece of the SYNCs' spacing now (which confirmations adapt).
+                    let piece = (self.unconfirmed.spacing() as usize / ps).max(1);
+                    let part = start..(start + piece).min(run.end);
+                    start = part.end;
                     self.send_precopy(pair, part, &mut scratch)?;
                 }
             }
@@ -292,7 +296,8 @@ impl<'m> Run<'m> {
     }
 
     /// Sends the pages of `part`, counted as sent, not dirty and not yet confirmed; a SYNC
-    /// after every [`SYNC_EVERY`] bytes; takes the confirmations that came meanwhile.
+    /// after every [`Unconfirmed::spacing`] bytes; takes the confirmations that came
+    /// meanwhile.
     fn send_precopy(
         &mut self,
         pair: &Pair,
@@ -441,6 +446,13 @@ impl<'m> Run<'m> {
             dropped_at_destination: self.checked.map_or(0, |(_, dropped)| dropped),
         }
     }
+}
+
+/// How often precopy's confirmations should come ([`Unconfirmed`] spaces its SYNCs for
+/// it): well within the give-up bound, whose progress they are, and within half the
+/// silence deadline, which no piece of precopy (one send) may take.
+fn sync_pace(t: &Timing) -> Duration {
+    (t.give_up_after / 8).min(t.silence / 2)
 }
 
 /// Gave up after `after` without progress, the last pair broken by `cause`.
