@@ -308,8 +308,8 @@ fn a_pair_that_progressed_is_followed_at_once_and_one_that_brought_nothing_after
 /// A healthy postcopy pair may stay up idle for longer than the bound (demand-only, the
 /// destination's workload touching nothing for a while): it broke without any failure of
 /// progress on the source's side, and the source must reconnect, not give up at the break.
-/// (It lives 3 s, past two silence deadlines: a pair frozen after its greeting breaks one
-/// deadline after it.)
+/// Nor may the destination, whose bound is as short. (It lives 3 s, past two silence
+/// deadlines: a pair frozen after its greeting breaks one deadline after it.)
 #[test]
 fn an_idle_postcopy_pair_that_outlived_the_bound_and_broke_is_resumed() {
     let give_up_after = Duration::from_secs(2);
@@ -321,6 +321,8 @@ fn an_idle_postcopy_pair_that_outlived_the_bound_and_broke_is_resumed() {
         silence: Duration::from_secs(1),
         ..common::test_timing()
     };
+    // The destination's bound as short: its pair was idle too, not stalled.
+    case.dest_timing = case.opts.timing;
     // Idle past the cut, then touches every page (demand-only: that ends postcopy).
     case.workload = |mem| {
         std::thread::spawn(move || {
@@ -394,4 +396,71 @@ fn a_precopy_over_a_slow_link_that_breaks_twice_completes() {
         started.elapsed(),
         o.src.reconnects
     );
+}
+
+/// The destination's give-up bound runs from its last progress too, not from its last
+/// break: a source that keeps reconnecting through a path that carries nothing after
+/// the greeting (each pair frozen there) must not keep it waiting for as long as the
+/// source keeps trying. The source's bound is far longer than the destination's; the
+/// destination must give up within its own bound (and a few silence deadlines) of the
+/// stall, while the source still reconnects.
+#[test]
+fn a_destination_whose_source_reconnects_but_carries_nothing_gives_up() {
+    let t = timing();
+    let dest_timing = t; // 3 s
+    let src_timing = Timing {
+        give_up_after: Duration::from_secs(20),
+        ..t
+    };
+    let opts = DestOptions {
+        mode: DeliveryMode::Thread,
+        timing: dest_timing,
+        ..DestOptions::default()
+    };
+    let dest = Destination::bind(&"127.0.0.1:0".parse().unwrap(), key(), opts).unwrap();
+    let dest_control = dest.control();
+    let proxy = proxy_to(&dest.local_addr().unwrap(), Direction::ToListener);
+    let dest_t = std::thread::spawn(move || {
+        let r = dest.run(|_| {});
+        (r, Instant::now())
+    });
+    let memory = source_memory(8 << 20);
+    let opts = SourceOptions {
+        max_rounds: 50,
+        switch_below_bytes: 0,
+        timing: src_timing,
+        ..SourceOptions::default()
+    };
+    let m = common::migration_through(&proxy, &memory, opts);
+    let stalled = stall_from(
+        proxy.clone(),
+        CutMode::Freeze,
+        |e| matches!(e, Event::Round(1)),
+        &m,
+    );
+    let src_t = std::thread::spawn(move || m.run(|| {}));
+    let (dst, ended) = dest_t.join().expect("destination thread");
+    let first = stalled
+        .lock()
+        .unwrap()
+        .first
+        .expect("the path stalled a pair");
+    let bound = dest_timing.give_up_after + t.silence * 4 + Duration::from_secs(2);
+    assert!(
+        matches!(dst, Err(Error::Transport(transport::Error::GaveUp { .. }))),
+        "the destination gave up: {dst:?}"
+    );
+    let reconnects = dest_control.link.reconnects();
+    assert!(reconnects >= 2, "it took new pairs meanwhile: {reconnects}");
+    assert!(
+        ended - first < bound,
+        "the destination gave up within {bound:?} of the stall: {:?} ({reconnects} pairs taken)",
+        ended - first
+    );
+    assert!(
+        ended - first < src_timing.give_up_after,
+        "before the source stopped trying"
+    );
+    let src = src_t.join().expect("source thread");
+    assert!(src.is_err(), "the source did not complete: {src:?}");
 }

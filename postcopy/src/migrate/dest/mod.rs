@@ -30,6 +30,7 @@ use crate::wire::{Advise, Message, Role, ShutReason, PAGES_DATA_AT, PROTOCOL};
 use crate::Error;
 use crate::Security;
 
+mod headway;
 mod placed;
 mod run;
 use placed::Placed;
@@ -281,8 +282,11 @@ impl Destination {
     /// here, may resume its own workload — with [`Error::DeviceState`].
     ///
     /// A broken or silent connection pauses (after RUN the pager keeps the workload's
-    /// faults waiting) until the source reconnects, or fails after
-    /// [`Timing::give_up_after`]. If the migration fails after RUN, the memory is left
+    /// faults waiting) until the source reconnects, or fails once [`Timing::give_up_after`]
+    /// has passed since the last progress — however many pairs the source opened
+    /// meanwhile. Progress is what lands here (pages copied in, placed or dropped, a step
+    /// taken) and a pair that was up two silence deadlines after its greeting (the source
+    /// idle, or stopping its workload). If the migration fails after RUN, the memory is left
     /// mapped (the workload may still use it) and every page that never arrived is
     /// poisoned: a touch raises SIGBUS, never reads zeros.
     ///

@@ -1,6 +1,7 @@
 //! A running destination: its state across connection pairs, and each phase — precopy,
 //! LISTEN, RUN, postcopy, the digests, resumption — as its own function.
 
+use super::headway::Headway;
 use super::*;
 
 /// A running destination's state, across connection pairs.
@@ -23,6 +24,8 @@ pub(super) struct DestRun<'d> {
     /// aligned, and whole blocks are moved into place once a pager runs (if its
     /// userfaultfd can move pages).
     blocks: bool,
+    /// The last progress: what the give-up bound runs from.
+    headway: Headway,
 }
 
 impl<'d> DestRun<'d> {
@@ -104,6 +107,7 @@ impl<'d> DestRun<'d> {
             complete_at: None,
             verdict: String::new(),
             blocks,
+            headway: Headway::new(t.give_up_after, t.silence),
         };
         d.control.set_phase(DestPhase::Precopy);
         let advise = run.advise.clone();
@@ -148,15 +152,24 @@ impl<'d> DestRun<'d> {
         let pair = link::start(conns, cutter, &advise, receiver, timing)?;
         guard.disarm();
         self.receiver.greet(&pair, Some(self.step))?;
+        self.headway.greeted(self.landed(), self.step);
         self.pair = Some(pair);
         Ok(())
+    }
+
+    /// Pages landed so far: copied in, placed, dropped by DISCARD.
+    fn landed(&self) -> u64 {
+        let r = &self.d.control.received;
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        get(&r.copied) + get(&r.placed) + get(&r.discarded)
     }
 
     fn pair(&self) -> &Pair {
         self.pair.as_ref().expect("a pair between adopt and resume")
     }
 
-    /// Pauses after `cause` until the source's next pair is up, or gives up.
+    /// Pauses after `cause` until the source's next pair is up, or gives up once
+    /// [`Timing::give_up_after`] passed since the last progress ([`Headway`]).
     pub(super) fn resume(&mut self, cause: Error) -> Result<(), Error> {
         let cause = match &self.pair {
             Some(pair) => first_cause(pair, cause),
@@ -172,7 +185,12 @@ impl<'d> DestRun<'d> {
             Error::Link(e) => e,
             _ => LinkError::Cut,
         };
-        match self.next_pair(Instant::now() + after, &mut last) {
+        let until = self.headway.broke(self.landed(), self.step);
+        if until <= Instant::now() {
+            // Even if the source's next pair is already waiting to be taken.
+            return Err(self.fail(Error::gave_up(after, last)));
+        }
+        match self.next_pair(until, &mut last) {
             Ok(true) => {}
             Ok(false) => return Err(self.fail(Error::gave_up(after, last))),
             Err(e) => return Err(self.fail(e)),
