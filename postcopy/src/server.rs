@@ -285,11 +285,14 @@ fn serve(
         }
         (channel, other) => return Err(unexpected(other, "RECV_BITMAP", channel)),
     }
+    let silence = timing.silence;
     std::thread::scope(|s| {
         let (main, cutter, failing) = (&pair.main, &pair.cutter, pair.failing());
         let stream = std::thread::Builder::new()
             .name("pc-stream".into())
-            .spawn_scoped(s, move || sender.stream((main, cutter), &failing, true))
+            .spawn_scoped(s, move || {
+                sender.stream((main, cutter), &failing, true, silence)
+            })
             .map_err(Error::io("start the stream"))?;
         let end = match pair.wait() {
             Ok((_, Message::Shut { .. })) => Ok(()),

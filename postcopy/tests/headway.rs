@@ -398,6 +398,47 @@ fn a_precopy_over_a_slow_link_that_breaks_twice_completes() {
     );
 }
 
+/// Postcopy over a slow link: the stream's pages are acknowledged by nothing but the next
+/// pair's greeting (the destination holds more), and a frame lands whole or not at all,
+/// behind whatever the kernel's buffers took at once. Each pair here breaks later than
+/// `give_up_after` after the last progress, when what landed of its stream is all the
+/// progress there is; it must be some, and the migration complete, byte for byte.
+#[test]
+fn a_postcopy_over_a_slow_link_that_breaks_twice_completes() {
+    let timing = Timing {
+        heartbeat: Duration::from_millis(250),
+        silence: Duration::from_secs(2),
+        first_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(300),
+        give_up_after: Duration::from_secs(3),
+    };
+    let mut case = common::Case::new("127.0.0.1:0", 1 << 20);
+    case.opts.max_rounds = 0;
+    case.opts.timing = timing;
+    case.dest_timing = timing;
+    // No faults at the destination: only the stream moves pages.
+    case.workload = common::idle;
+    case.reconnects = Some(2);
+    case.proxy = Some(Box::new(|p: &Arc<Proxy>| {
+        p.rate(RATE / 2);
+        let reset = |after| testkit::proxy::Cut {
+            mode: CutMode::Reset,
+            target: Target::All,
+            after,
+        };
+        p.plan(vec![reset(512 << 10), reset(384 << 10)]);
+    }));
+    let started = Instant::now();
+    let o = case.run_all();
+    assert_eq!(o.cuts, 2, "both cuts were made");
+    eprintln!(
+        "completed in {:.1?} at {} B/s, {} reconnects",
+        started.elapsed(),
+        RATE / 2,
+        o.src.reconnects
+    );
+}
+
 /// The destination's give-up bound runs from its last progress too, not from its last
 /// break: a source that keeps reconnecting through a path that carries nothing after
 /// the greeting (each pair frozen there) must not keep it waiting for as long as the
@@ -463,4 +504,59 @@ fn a_destination_whose_source_reconnects_but_carries_nothing_gives_up() {
     );
     let src = src_t.join().expect("source thread");
     assert!(src.is_err(), "the source did not complete: {src:?}");
+}
+
+/// The destination's side of an idle pair: greeted after RUN (the first pair is cut as
+/// postcopy begins), its second pair is up and idle past both ends' bound — nothing
+/// lands and no step is taken on it — and then breaks. It lived two silence deadlines, so
+/// it was idle, not stalled: the destination must take the next pair, not give up.
+#[test]
+fn a_destination_resumes_after_an_idle_pair_that_outlived_its_bound() {
+    let give_up_after = Duration::from_secs(2);
+    let mut case = common::Case::new("127.0.0.1:0", 1 << 20);
+    case.opts.max_rounds = 0;
+    case.opts.background = false;
+    case.opts.timing = Timing {
+        give_up_after,
+        silence: Duration::from_secs(1),
+        ..common::test_timing()
+    };
+    case.dest_timing = case.opts.timing;
+    // Idle past both cuts, then touches every page (demand-only: that ends postcopy).
+    case.workload = |mem| {
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(6));
+            common::toucher(mem).join().unwrap()
+        })
+    };
+    case.reconnects = Some(2);
+    let proxy: Arc<Mutex<Option<Arc<Proxy>>>> = Arc::default();
+    let px = proxy.clone();
+    case.proxy = Some(Box::new(move |p: &Arc<Proxy>| {
+        *px.lock().unwrap() = Some(p.clone());
+    }));
+    case.src = Box::new(move |control| {
+        let proxy = proxy.lock().unwrap().clone().expect("the proxy");
+        let pairs = Mutex::new(0);
+        control.observe(Arc::new(move |e| {
+            if !matches!(e, Event::Postcopy) {
+                return;
+            }
+            let mut n = pairs.lock().unwrap_or_else(|p| p.into_inner());
+            *n += 1;
+            let proxy = proxy.clone();
+            match *n {
+                1 => assert!(proxy.cut_now(CutMode::Reset, Target::All) > 0, "cut"),
+                2 => {
+                    std::thread::spawn(move || {
+                        std::thread::sleep(give_up_after + Duration::from_secs(1));
+                        assert!(proxy.cut_now(CutMode::Reset, Target::All) > 0, "cut");
+                    });
+                }
+                _ => {}
+            }
+        }));
+    });
+    let (src, _) = case.run();
+    assert_eq!(src.reconnects, 2);
 }

@@ -30,6 +30,13 @@ use crate::Error;
 /// (`Receiver::move_blocks`).
 const FRAME_BYTES: usize = 2 << 20;
 
+/// The stream's first frames on a pair (at least one page), doubled per quick send up to
+/// [`FRAME_BYTES`]: a frame lands whole or not at all, and on a slow link what the kernel's
+/// buffers took at once sits ahead of everything after it, so the first frames must be
+/// small for some of them to land early (a receiver holding more pages at the next
+/// greeting is the source's only sign of postcopy progress).
+const FIRST_FRAME_BYTES: usize = 64 << 10;
+
 /// Where a sender's pages come from: the page server's image (a [`pager::Source`] behind
 /// it, adapted in `server.rs`) or the migration source's live memory (read in place: the
 /// migration source does not use the pager at all, it has no faults to serve).
@@ -241,16 +248,21 @@ impl Sender {
 
     /// Pushes every needed page on `chan` in order from the cursor (with `push` off,
     /// only waits for requests to take them all: demand-only), then sends END (then
-    /// `Ok`); returns early once the pair is cut. A broken link cuts the pair (its cause becomes the
-    /// pair's); any other failure (a page that cannot be read) goes to the phase logic
-    /// through `failing`, the pair left up for it to tell the peer why.
+    /// `Ok`); returns early once the pair is cut. Frames start at [`FIRST_FRAME_BYTES`],
+    /// double after each whole one sent quicker than a sixteenth of `silence` and halve
+    /// after one slower than a quarter of it: a frame is one send, which the link cuts once
+    /// it takes longer than `silence`, however the socket trickles. A broken link cuts the
+    /// pair (its cause becomes the pair's); any other failure (a page that cannot be read)
+    /// goes to the phase logic through `failing`, the pair left up for it to tell the peer
+    /// why.
     pub fn stream(
         &self,
         (chan, cutter): (&Chan, &Cutter),
         failing: &Failing,
         push: bool,
+        silence: Duration,
     ) -> Result<(), Error> {
-        match self.push(chan, cutter, push) {
+        match self.push(chan, cutter, push, silence) {
             Err(Error::Link(e)) => {
                 cutter.cut(e);
                 Err(LinkError::Cut.into())
@@ -263,8 +275,17 @@ impl Sender {
         }
     }
 
-    fn push(&self, chan: &Chan, cutter: &Cutter, push: bool) -> Result<(), Error> {
+    fn push(
+        &self,
+        chan: &Chan,
+        cutter: &Cutter,
+        push: bool,
+        silence: Duration,
+    ) -> Result<(), Error> {
         let mut scratch = self.scratch();
+        // Pages per frame now: a power of two, so frames stay on block boundaries.
+        let first_frame = (FIRST_FRAME_BYTES / self.ps).max(1) as u64;
+        let mut per_frame = first_frame.next_power_of_two().min(self.per_frame);
         loop {
             if cutter.is_cut() {
                 return Err(LinkError::Cut.into());
@@ -281,7 +302,7 @@ impl Sender {
             }
             let first = first as u64;
             // Up to the next frame boundary (see `FRAME_BYTES`).
-            let frame = self.per_frame - first % self.per_frame;
+            let frame = per_frame - first % per_frame;
             let mut n = 0;
             while n < frame && first + n < self.count && self.need.clear((first + n) as usize) {
                 n += 1;
@@ -290,7 +311,14 @@ impl Sender {
                 continue; // a request took it meanwhile
             }
             self.cursor.store((first + n) % self.count, STAT);
+            let began = std::time::Instant::now();
             let b = self.send(chan, first, n, &mut scratch)?;
+            let took = began.elapsed();
+            if took < silence / 16 && n == per_frame {
+                per_frame = (per_frame * 2).min(self.per_frame);
+            } else if took > silence / 4 {
+                per_frame = (per_frame / 2).max(1);
+            }
             self.stats.bytes.fetch_add(b, STAT);
             self.stats.stream_pages.fetch_add(n, STAT);
         }

@@ -394,12 +394,13 @@ impl<'m> Run<'m> {
         let needed = self.sender.need.count() as u64;
         self.progress().needed.store(needed, Ordering::Relaxed);
         let (sender, background) = (self.sender.clone(), self.m.opts.background);
+        let silence = self.m.opts.timing.silence;
         let (main, cutter, failing) = (&pair.main, &pair.cutter, pair.failing());
         let verdict = std::thread::scope(|s| {
             let streamed = std::thread::Builder::new()
                 .name("pc-stream".into())
                 .spawn_scoped(s, move || {
-                    let r = sender.stream((main, cutter), &failing, background);
+                    let r = sender.stream((main, cutter), &failing, background, silence);
                     r.map(|()| Instant::now())
                 })
                 .map_err(Error::io("start the stream"))?;
