@@ -165,15 +165,22 @@ fn the_stream_moves_whole_blocks_in_and_they_stay_huge_pages() {
     let huge = hugepages::transparent_in(&dst.memory);
     eprintln!("moved {moved} of {} pages; {huge} in huge pages", dst.pages);
     // The stream's frames are whole aligned blocks (the source's memory has no zero
-    // pages), each read aligned: every one moves.
-    assert_eq!(moved, dst.pages, "{:?}", dst.pager);
+    // pages), each read aligned, once its first frames grew to a block: every block but
+    // the first moves (that one went in six smaller frames, the ramp up from 64 KiB that
+    // lets a slow link land some of the stream early).
+    let block = (2 << 20) / dst.page_size as u64;
+    assert_eq!(moved, dst.pages - block, "{:?}", dst.pager);
     if huge == 0 || thp_fallbacks() != fallbacks {
         // THP off (`transparent_hugepage/enabled`: never), or a huge page could not be had
         // (this process's or another's): the reader's buffer had small pages somewhere,
         // and those blocks moved in 4 KiB pages.
         return testkit::skip(test, "not every receive buffer got transparent huge pages");
     }
-    assert_eq!(huge, moved, "every moved block landed as a huge page");
+    // (The first, copied block may have been collapsed into one by khugepaged since.)
+    assert!(
+        huge == moved || huge == moved + block,
+        "every moved block landed as a huge page: {huge} of {moved}"
+    );
 }
 
 #[test]
