@@ -14,7 +14,7 @@
 //!   precopy rounds: PAGES / ZERO_RUN ───▶  copied in, no uffd yet           (step 0)
 //!     (round k sends what round k-1's
 //!      dirty scan found written)
-//!   SYNC(n) every 4 MiB and per round ──▶
+//!   SYNC(n) every 16 KiB–4 MiB, per round ▶  (spaced by how fast SYNCED comes)
 //!                               ◀────────  SYNCED(n): every page before it landed
 //!   DISCARD (sent ∧ dirty), SYNC(n) ────▶  drop those pages (in order with pages)
 //!                               ◀────────  SYNCED(n): dropped; the workload still runs
@@ -44,7 +44,7 @@
 //!   has (RECV_BITMAP) and its *step*, and the source re-plans from those. The source
 //!   gives up after [`Timing::give_up_after`] without progress, however many pairs
 //!   connect meanwhile ([`Migration::run_with_state`] says what counts); the destination
-//!   after [`Timing::give_up_after`] without a working pair ([`Error::GaveUp`]).
+//!   likewise, from what lands there ([`Destination::run_with_state`]; [`Error::GaveUp`]).
 //! - **Delivery.** A page counts as delivered only once confirmed: SYNCED in precopy (after
 //!   a break every unconfirmed page counts as dirty), the ACK of LISTEN for all of precopy,
 //!   the present-set after the switch; nothing a superseded pair carries is applied; a page
