@@ -44,7 +44,8 @@ const DIGESTS_PER_FRAME: usize = 8192;
 pub struct DestOptions {
     /// How the pager receives faults.
     pub mode: DeliveryMode,
-    /// Liveness, and the bound on waiting for the source (first, and after a break).
+    /// Liveness, and the bound on waiting for the source (first, and since the last
+    /// progress: [`Destination::run_with_state`]).
     pub timing: Timing,
     /// What strangers may hold while the destination listens (one session is served).
     pub admission: Admission,
