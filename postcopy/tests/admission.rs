@@ -218,10 +218,15 @@ fn authenticated(to: SocketAddr, session: u64, channel: Channel) -> TcpStream {
         assert!(n > 0, "closed during the handshake");
         buf.extend_from_slice(&b[..n]);
     };
-    let Control::Challenge { nonce } = read(&mut s) else {
-        panic!("no challenge")
-    };
-    let proof = common::key().proof(b"open", &nonce, session);
+    let challenge = read(&mut s);
+    assert!(
+        matches!(challenge, Control::Challenge { .. }),
+        "no challenge"
+    );
+    let mut said = transport::key::Transcript::new();
+    said.said(&hello.message(&PROTOCOL, SecurityKind::PreSharedKey));
+    said.said(&challenge);
+    let proof = common::key().proof(b"open", &said);
     let mut frame = Vec::new();
     Control::Auth {
         proof,

@@ -3,16 +3,22 @@
 //! so a stranger can neither pull memory from a page server nor push pages into a
 //! destination. Between hosts, use TLS ([`crate::tls`]).
 //!
-//! Opener: HELLO → (listener) CHALLENGE{n_l} → AUTH{HMAC(k, "open"|n_l|session), n_o} →
-//! (listener verifies) AUTH_OK{HMAC(k, "listen"|n_o|session)} → opener verifies.
-//! HMAC-SHA256 ([`Key::proof`], [`Key::verify`]); comparisons in constant time. The
-//! messages themselves are the handshake's ([`crate::handshake`]).
+//! Opener: HELLO → (listener) CHALLENGE{n_l} → AUTH{HMAC(k, "open"|H(HELLO|CHALLENGE)), n_o}
+//! → (listener verifies) AUTH_OK{HMAC(k, "listen"|H(HELLO|CHALLENGE|AUTH))} → opener
+//! verifies. Each proof covers a [`Transcript`]: the SHA-256 of every frame said so far,
+//! as TLS's Finished does, so a man in the middle who rewrites any field of the HELLO
+//! (its role, channel, session, generation, version, features) or of a later message
+//! makes the proofs disagree and the connection is refused as a wrong key: what the
+//! listener files the connection under is what the opener said. Nonces on both sides
+//! keep each proof fresh. HMAC-SHA256 ([`Key::proof`], [`Key::verify`]); comparisons in
+//! constant time. The messages themselves are the handshake's ([`crate::handshake`]).
 
 use std::io::Read;
 
 use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 
+use crate::wire::Control;
 use crate::Error;
 
 /// The longest key file read: far more than any key needs, little enough to read at once.
@@ -52,27 +58,62 @@ impl Key {
         Key::new(text.trim_ascii().to_vec())
     }
 
-    fn mac(&self, label: &[u8], nonce: &[u8; 32], session: u64) -> Hmac<Sha256> {
+    fn mac(&self, label: &[u8], transcript: &Transcript) -> Hmac<Sha256> {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
-        mac.update(b"uffdkit-postcopy-v1|");
+        mac.update(b"uffdkit-link-v2|");
         mac.update(label);
-        mac.update(nonce);
-        mac.update(&session.to_le_bytes());
+        mac.update(b"|");
+        mac.update(&transcript.digest());
         mac
     }
 
-    /// HMAC-SHA256 over the domain label `label`, `nonce` and `session`: what the side
-    /// proving the key sends.
-    pub fn proof(&self, label: &[u8], nonce: &[u8; 32], session: u64) -> [u8; 32] {
-        self.mac(label, nonce, session)
-            .finalize()
-            .into_bytes()
-            .into()
+    /// HMAC-SHA256 over the domain label `label` and the handshake's `transcript` so far:
+    /// what the side proving the key sends.
+    pub fn proof(&self, label: &[u8], transcript: &Transcript) -> [u8; 32] {
+        self.mac(label, transcript).finalize().into_bytes().into()
     }
 
     /// Whether `proof` is [`Key::proof`] of the same inputs (in constant time).
-    pub fn verify(&self, label: &[u8], nonce: &[u8; 32], session: u64, proof: &[u8; 32]) -> bool {
-        self.mac(label, nonce, session).verify_slice(proof).is_ok()
+    pub fn verify(&self, label: &[u8], transcript: &Transcript, proof: &[u8; 32]) -> bool {
+        self.mac(label, transcript).verify_slice(proof).is_ok()
+    }
+}
+
+/// Every message of a pre-shared-key handshake so far, hashed in the order said (each
+/// frame carries its length, so the concatenation is unambiguous): what the proofs cover.
+/// Each end adds what it sent and what it received, decoded and encoded again (decoding
+/// refuses anything but the one encoding, so these are the bytes on the wire).
+#[derive(Clone)]
+pub struct Transcript(Sha256);
+
+impl Default for Transcript {
+    fn default() -> Self {
+        Transcript::new()
+    }
+}
+
+impl std::fmt::Debug for Transcript {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Transcript(..)")
+    }
+}
+
+impl Transcript {
+    /// An empty transcript.
+    pub fn new() -> Transcript {
+        Transcript(Sha256::new())
+    }
+
+    /// Adds `msg`, said by either end.
+    pub fn said(&mut self, msg: &Control) {
+        let mut frame = Vec::new();
+        msg.encode(&mut frame);
+        self.0.update(&frame);
+    }
+
+    /// The SHA-256 of what was said so far.
+    fn digest(&self) -> [u8; 32] {
+        self.0.clone().finalize().into()
     }
 }
 

@@ -21,8 +21,9 @@
 //! let addr: Addr = "unix:/run/uffdkit.sock".parse()?;
 //! assert_eq!(addr.to_string(), "unix:/run/uffdkit.sock");
 //! let key = Key::new(*b"sixteen byte key")?;
-//! let (nonce, session) = ([7u8; 32], 42);
-//! assert!(key.verify(b"open", &nonce, session, &key.proof(b"open", &nonce, session)));
+//! let mut said = transport::key::Transcript::new();
+//! said.said(&transport::wire::Control::Challenge { nonce: [7; 32] });
+//! assert!(key.verify(b"open", &said, &key.proof(b"open", &said)));
 //! assert_eq!(Security::from(key).kind(), SecurityKind::PreSharedKey);
 //! # Ok::<(), transport::Error>(())
 //! ```

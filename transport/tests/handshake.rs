@@ -2,6 +2,7 @@
 //! what it admits, and what it refuses and how it says so.
 
 use transport::handshake::{Hello, Listening, Progress};
+use transport::key::Transcript;
 use transport::link::{Channel, LinkError, Role, ShutReason};
 use transport::wire::{Control, Protocol, WireError, DEFAULT_MAX_BODY};
 use transport::{Error, Key, Refusal, SecurityKind};
@@ -52,14 +53,19 @@ fn a_pre_shared_key_opener_is_challenged_authenticated_and_admitted_with_a_proof
     assert_eq!(shake.feed(&hello[..5]).unwrap(), Progress::More);
     assert!(shake.output().is_empty());
     assert_eq!(shake.feed(&hello[5..]).unwrap(), Progress::More);
-    let Control::Challenge { nonce: challenge } = answer(&mut shake) else {
-        panic!("a CHALLENGE");
-    };
-    let mine = [9u8; 32];
+    let challenge = answer(&mut shake);
+    assert!(
+        matches!(challenge, Control::Challenge { .. }),
+        "a CHALLENGE"
+    );
+    let mut said = Transcript::new();
+    said.said(&HELLO.message(&PROTOCOL, SecurityKind::PreSharedKey));
+    said.said(&challenge);
     let auth = Control::Auth {
-        proof: key().proof(b"open", &challenge, HELLO.session),
-        nonce: mine,
+        proof: key().proof(b"open", &said),
+        nonce: [9u8; 32],
     };
+    said.said(&auth);
     assert_eq!(
         shake.feed(&bytes(&auth)).unwrap(),
         Progress::Authenticated(HELLO)
@@ -68,7 +74,7 @@ fn a_pre_shared_key_opener_is_challenged_authenticated_and_admitted_with_a_proof
     let Control::AuthOk { proof } = answer(&mut shake) else {
         panic!("AUTH_OK");
     };
-    assert!(key().verify(b"listen", &mine, HELLO.session, &proof));
+    assert!(key().verify(b"listen", &said, &proof));
 }
 
 #[test]
@@ -79,12 +85,12 @@ fn a_wrong_key_is_refused_with_a_shut_saying_so() {
             &HELLO.message(&PROTOCOL, SecurityKind::PreSharedKey),
         ))
         .unwrap();
-    let Control::Challenge { nonce } = answer(&mut shake) else {
-        panic!("a CHALLENGE");
-    };
+    let mut said = Transcript::new();
+    said.said(&HELLO.message(&PROTOCOL, SecurityKind::PreSharedKey));
+    said.said(&answer(&mut shake));
     let other = Key::new(*b"another key, also long!!").unwrap();
     let auth = Control::Auth {
-        proof: other.proof(b"open", &nonce, HELLO.session),
+        proof: other.proof(b"open", &said),
         nonce: [0; 32],
     };
     let err = shake.feed(&bytes(&auth)).unwrap_err();

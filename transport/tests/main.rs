@@ -3,4 +3,5 @@
 
 mod handshake;
 mod pair;
+mod rewrite;
 mod wire;

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use super::{other, unexpected, Hello};
 use crate::error::Refusal;
-use crate::key::nonce;
+use crate::key::{nonce, Transcript};
 use crate::link::{Channel, LinkError, Role, ShutReason};
 use crate::tls::handshake_error;
 use crate::wire::{Control, Protocol};
@@ -35,18 +35,22 @@ pub enum Progress {
 enum Stage {
     /// Waiting for the opener's HELLO.
     Hello,
-    /// Pre-shared key: CHALLENGE sent, AUTH awaited.
-    Challenged { hello: Hello, challenge: [u8; 32] },
+    /// Pre-shared key: CHALLENGE sent, AUTH awaited; what was said so far.
+    Challenged {
+        hello: Hello,
+        transcript: Transcript,
+    },
     /// TLS: START_TLS sent; the TLS handshake, then the HELLO repeated inside it.
     Tls {
         hello: Hello,
         outer: Control,
         tls: Box<ServerConnection>,
     },
-    /// Authenticated; waiting for the verdict. `proof_for` is the opener's nonce (PSK).
+    /// Authenticated; waiting for the verdict. `proof_for` is what was said up to the
+    /// opener's AUTH (PSK), which our proof covers.
     Authenticated {
         hello: Hello,
-        proof_for: Option<[u8; 32]>,
+        proof_for: Option<Transcript>,
         tls: Option<Box<ServerConnection>>,
     },
     /// Admitted: [`Listening::into_conn`] once the output is sent.
@@ -140,8 +144,8 @@ impl Listening {
         while let Some(msg) = self.next_frame()? {
             match std::mem::replace(&mut self.stage, Stage::Over) {
                 Stage::Hello => self.hello(msg)?,
-                Stage::Challenged { hello, challenge } => {
-                    return self.auth(hello, &challenge, msg);
+                Stage::Challenged { hello, transcript } => {
+                    return self.auth(hello, transcript, msg);
                 }
                 _ => unreachable!("only plaintext stages decode here"),
             }
@@ -201,9 +205,12 @@ impl Listening {
         }
         match &self.security {
             Security::PreSharedKey(_) => {
-                let challenge = nonce()?;
-                Control::Challenge { nonce: challenge }.encode(&mut self.output);
-                self.stage = Stage::Challenged { hello, challenge };
+                let challenge = Control::Challenge { nonce: nonce()? };
+                challenge.encode(&mut self.output);
+                let mut transcript = Transcript::new();
+                transcript.said(&msg);
+                transcript.said(&challenge);
+                self.stage = Stage::Challenged { hello, transcript };
             }
             Security::Tls(config) => {
                 let tls = ServerConnection::new(config.server()).map_err(|source| Error::Tls {
@@ -221,30 +228,31 @@ impl Listening {
         Ok(())
     }
 
-    /// The opener's AUTH: its proof of the key over our challenge.
+    /// The opener's AUTH: its proof of the key over what was said (its HELLO as we read
+    /// it, our challenge).
     fn auth(
         &mut self,
         hello: Hello,
-        challenge: &[u8; 32],
+        mut transcript: Transcript,
         msg: Control,
     ) -> Result<Progress, Error> {
         let Security::PreSharedKey(key) = &self.security else {
             unreachable!("a challenge is only sent with a pre-shared key");
         };
-        let (proof, theirs) = match msg {
-            Control::Auth { proof, nonce } => (proof, nonce),
-            other => return Err(unexpected(other, "AUTH", hello.channel)),
+        let Control::Auth { proof, .. } = msg else {
+            return Err(unexpected(msg, "AUTH", hello.channel));
         };
-        if !key.verify(b"open", challenge, hello.session, &proof) {
+        if !key.verify(b"open", &transcript, &proof) {
             self.shut(ShutReason::Auth, "authentication failed: wrong key");
             return Err(Error::refused(Refusal::WrongKey));
         }
         if !self.input.is_empty() {
             return Err(self.early("nothing before AUTH_OK"));
         }
+        transcript.said(&msg);
         self.stage = Stage::Authenticated {
             hello,
-            proof_for: Some(theirs),
+            proof_for: Some(transcript),
             tls: None,
         };
         Ok(Progress::Authenticated(hello))
@@ -346,18 +354,15 @@ impl Listening {
 
     /// Admits the authenticated opener: AUTH_OK (with our proof of the key) or ADMITTED.
     pub fn admit(&mut self) -> Result<(), Error> {
-        let Stage::Authenticated {
-            hello,
-            proof_for,
-            tls,
-        } = std::mem::replace(&mut self.stage, Stage::Over)
+        let Stage::Authenticated { proof_for, tls, .. } =
+            std::mem::replace(&mut self.stage, Stage::Over)
         else {
             return Err(LinkError::Cut.into());
         };
         let mut frame = Vec::new();
         match (&self.security, proof_for) {
-            (Security::PreSharedKey(key), Some(theirs)) => Control::AuthOk {
-                proof: key.proof(b"listen", &theirs, hello.session),
+            (Security::PreSharedKey(key), Some(transcript)) => Control::AuthOk {
+                proof: key.proof(b"listen", &transcript),
             }
             .encode(&mut frame),
             _ => Control::Admitted.encode(&mut frame),

@@ -16,6 +16,9 @@
 //!                                                          ◀───────────────── ADMITTED
 //! ```
 //!
+//! With a pre-shared key, each proof is a MAC over everything said so far (a
+//! [`crate::key::Transcript`], the HELLO first), so a HELLO rewritten on the way fails the
+//! opener's proof and the connection is refused as a wrong key.
 //! With TLS, the listener admits the connection only if the HELLO repeated inside the
 //! encrypted session is the one sent outside (so the session, channel and generation it
 //! files the connection under are authenticated). Either way the listener may instead

@@ -5,23 +5,24 @@ use std::time::{Duration, Instant};
 
 use super::{refused_by_listener, unexpected};
 use crate::error::{Refusal, SecurityKind};
+use crate::key::Transcript;
 use crate::link::ShutReason;
 use crate::wire::Control;
 use crate::{Conn, Error, Key};
 
 /// The opener's side: its HELLO (`hello`) in the clear, then the challenge–response;
-/// succeeds once both ends have proved the key.
+/// succeeds once both ends have proved the key over everything said (so over the HELLO
+/// the listener read being the one sent).
 pub(crate) fn open(conn: &mut Conn, key: &Key, hello: Control) -> Result<(), Error> {
-    let Control::Hello {
-        channel, session, ..
-    } = hello
-    else {
+    let Control::Hello { channel, .. } = hello else {
         unreachable!("an opener starts with its HELLO");
     };
     conn.set_channel(channel);
+    let mut transcript = Transcript::new();
+    transcript.said(&hello);
     conn.w.send_control(&hello)?;
     let challenge = match conn.r.recv_control()? {
-        Control::Challenge { nonce } => nonce,
+        challenge @ Control::Challenge { .. } => challenge,
         Control::Shut { reason, detail } => {
             return Err(refused_by_listener(
                 SecurityKind::PreSharedKey,
@@ -31,13 +32,15 @@ pub(crate) fn open(conn: &mut Conn, key: &Key, hello: Control) -> Result<(), Err
         }
         other => return Err(unexpected(other, "CHALLENGE", channel)),
     };
-    let mine = crate::key::nonce()?;
-    conn.w.send_control(&Control::Auth {
-        proof: key.proof(b"open", &challenge, session),
-        nonce: mine,
-    })?;
+    transcript.said(&challenge);
+    let auth = Control::Auth {
+        proof: key.proof(b"open", &transcript),
+        nonce: crate::key::nonce()?,
+    };
+    transcript.said(&auth);
+    conn.w.send_control(&auth)?;
     match conn.r.recv_control()? {
-        Control::AuthOk { proof } if key.verify(b"listen", &mine, session, &proof) => Ok(()),
+        Control::AuthOk { proof } if key.verify(b"listen", &transcript, &proof) => Ok(()),
         Control::AuthOk { .. } => Err(Error::refused(Refusal::WrongKey)),
         Control::Shut { reason, detail } => Err(refused_by_listener(
             SecurityKind::PreSharedKey,
