@@ -67,7 +67,7 @@ pub mod probe;
 pub mod register;
 pub mod sys;
 
-pub use api::{api_ioctl, ApiInfo};
+pub use api::ApiInfo;
 pub use dirty::DirtyTracker;
 pub use error::{Error, Op, Result};
 pub use event::{Event, EventBuffer, FaultFlags, ReadStatus};

@@ -236,7 +236,7 @@ fn open_syscall(flags: i32) -> std::result::Result<OwnedFd, Errno> {
 /// Every feature the kernel supports, learned on a throwaway fd opened like `builder`'s.
 pub(crate) fn supported_features(builder: &UffdBuilder) -> Result<Features> {
     let probe = builder.open_unnegotiated()?;
-    Ok(api_ioctl(probe.as_fd(), sys::UFFD_API, Features::empty())?.features)
+    Ok(api_ioctl(&probe, sys::UFFD_API, Features::empty())?.features)
 }
 
 /// An open userfaultfd.
@@ -269,7 +269,7 @@ impl Uffd {
     ///
     /// See `ioctl_userfaultfd(2)`. Since Linux 4.3.
     pub fn api(&mut self, version: u64, features: Features) -> Result<ApiInfo> {
-        let info = api_ioctl(self.fd.as_fd(), version, features)?;
+        let info = api_ioctl(self, version, features)?;
         self.features = features;
         self.ioctls = info.ioctls;
         Ok(info)

@@ -9,7 +9,6 @@ use crate::mapping::{Mapping, MemoryKind};
 use crate::open::{PathPolicy, Uffd, UserMode};
 use crate::register::RegisterMode;
 use crate::sys;
-use std::os::fd::AsFd;
 
 /// Whether one open path works, and with what.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,7 +136,7 @@ pub fn probe() -> Result<Probe> {
     let device = probe_path(PathPolicy::DeviceOnly);
     let syscall = probe_path(PathPolicy::SyscallOnly);
     let fd = Uffd::builder().open_unnegotiated()?;
-    let info = api_ioctl(fd.as_fd(), sys::UFFD_API, Features::empty())?;
+    let info = api_ioctl(&fd, sys::UFFD_API, Features::empty())?;
     let kinds = [MemoryKind::Anon, MemoryKind::Shmem, MemoryKind::Hugetlb]
         .into_iter()
         .map(|kind| probe_kind(kind, info.features))

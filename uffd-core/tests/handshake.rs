@@ -3,9 +3,7 @@
 use std::os::fd::{AsFd, OwnedFd};
 
 use nix::errno::Errno;
-use uffd_core::{
-    api_ioctl, probe, sys, Error, Features, Ioctls, OpenPath, PathPolicy, Uffd, UserMode,
-};
+use uffd_core::{probe, sys, Error, Features, Ioctls, OpenPath, PathPolicy, Uffd, UserMode};
 
 #[test]
 fn device_path_is_tried_first_and_reported() {
@@ -144,9 +142,9 @@ fn adopting_a_non_uffd_fails_clearly() {
 }
 
 #[test]
-fn raw_api_ioctl_on_fresh_fd_lists_all_supported_features() {
-    let fd = Uffd::builder().open_unnegotiated().expect("open");
-    let info = api_ioctl(fd.as_fd(), sys::UFFD_API, Features::empty()).expect("api");
+fn raw_api_on_a_fresh_uffd_lists_all_supported_features() {
+    let mut fresh = Uffd::builder().open_unnegotiated().expect("open");
+    let info = fresh.api(sys::UFFD_API, Features::empty()).expect("api");
     assert!(
         info.features.contains(Features::all_named()),
         "{:?}",
