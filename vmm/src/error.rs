@@ -57,6 +57,16 @@ pub enum Error {
         /// The guest physical address.
         gpa: u64,
     },
+    /// A poisoned guest page (a page the failed pager poisoned or could not serve, or
+    /// memory the hardware lost) met by the vCPU thread: its own access, or KVM's
+    /// hardware-poison SIGBUS to it.
+    #[error("vCPU {vcpu}: guest memory at {gpa:#x} is poisoned")]
+    Poisoned {
+        /// The vCPU.
+        vcpu: usize,
+        /// The guest physical address.
+        gpa: u64,
+    },
     /// `KVM_EXIT_MEMORY_FAULT`: KVM could not fault the page in and said where.
     #[error("vCPU {vcpu}: memory fault at {gpa:#x} (+{size:#x}, flags {flags:#x})")]
     MemoryFault {

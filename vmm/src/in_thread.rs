@@ -12,6 +12,7 @@
 //! is placed. Anything else stays an error.
 
 use crate::guest::GUEST_PAGE;
+use crate::poison::{read_byte, write_byte, Poisoned};
 
 /// Guest RAM as the vCPU thread sees it: guest physical address 0 at `base`.
 #[derive(Debug, Clone, Copy)]
@@ -38,46 +39,48 @@ impl GuestRam {
 
     /// Reads one byte of every guest page in `[gpa, gpa + len)`, so the pager's SIGBUS
     /// handler places each in this thread. The caller checked [`contains`](Self::contains).
-    pub(crate) fn touch(&self, gpa: u64, len: u64) {
+    pub(crate) fn touch(&self, gpa: u64, len: u64) -> Result<(), Poisoned> {
         let first = gpa / GUEST_PAGE;
         let last = (gpa + len.max(1) - 1) / GUEST_PAGE;
         for page in first..=last {
             // SAFETY: inside the mapping (the caller checked `contains`), which is live
-            // for this run; a volatile read of guest memory that the guest may write
-            // concurrently is what every VMM does (the byte's value is not used).
-            unsafe {
-                std::ptr::read_volatile((self.base + (page * GUEST_PAGE) as usize) as *const u8)
-            };
+            // for this run, on the vCPU thread that guards it (`run_vcpu`); the byte's
+            // value is not used.
+            unsafe { read_byte((self.base + (page * GUEST_PAGE) as usize) as *const u8) }?;
         }
+        Ok(())
     }
 
     /// Touches the pages of the instruction at `rip` (flat segments: linear = physical).
     /// Returns false if it is not in guest RAM.
-    pub(crate) fn touch_instruction(&self, rip: u64) -> bool {
+    pub(crate) fn touch_instruction(&self, rip: u64) -> Result<bool, Poisoned> {
         let len = MAX_INSTRUCTION.min((self.len as u64).saturating_sub(rip));
         if len == 0 || !self.contains(rip, len as usize) {
-            return false;
+            return Ok(false);
         }
-        self.touch(rip, len);
-        true
+        self.touch(rip, len)?;
+        Ok(true)
     }
 
     /// Completes a guest read KVM handed to the VMM: copies guest RAM at `gpa` into
     /// `data`. The caller checked [`contains`](Self::contains).
-    pub(crate) fn read(&self, gpa: u64, data: &mut [u8]) {
+    pub(crate) fn read(&self, gpa: u64, data: &mut [u8]) -> Result<(), Poisoned> {
         for (i, byte) in data.iter_mut().enumerate() {
-            // SAFETY: as in `touch`; byte by byte, volatile, inside the live mapping.
-            *byte = unsafe { std::ptr::read_volatile((self.base + gpa as usize + i) as *const u8) };
+            // SAFETY: as in `touch`; byte by byte, inside the live mapping.
+            *byte = unsafe { read_byte((self.base + gpa as usize + i) as *const u8) }?;
         }
+        Ok(())
     }
 
     /// Completes a guest write KVM handed to the VMM. The caller checked
     /// [`contains`](Self::contains).
-    pub(crate) fn write(&self, gpa: u64, data: &[u8]) {
+    pub(crate) fn write(&self, gpa: u64, data: &[u8]) -> Result<(), Poisoned> {
         for (i, &byte) in data.iter().enumerate() {
             // SAFETY: as in `touch`: inside the live mapping of guest RAM, which only the
-            // guest and this VMM write; the guest is stopped in this very access.
-            unsafe { std::ptr::write_volatile((self.base + gpa as usize + i) as *mut u8, byte) };
+            // guest and this VMM write (no Rust reference covers it); the guest is stopped
+            // in this very access.
+            unsafe { write_byte((self.base + gpa as usize + i) as *mut u8, byte) }?;
         }
+        Ok(())
     }
 }

@@ -47,6 +47,7 @@ pub mod bench;
 pub mod error;
 pub mod guest;
 mod in_thread;
+mod poison;
 pub mod restore;
 pub mod snapshot;
 pub mod vm;

@@ -152,6 +152,8 @@ fn serve(path: &Path, memory: &Arc<Mapping>, lazy: Lazy) -> Result<Pager> {
 
 /// Starts a pager serving `memory` from `source` (guest physical address = image offset).
 fn serve_from(source: Arc<dyn Source>, memory: &Arc<Mapping>, lazy: Lazy) -> Result<Pager> {
+    // Before a SIGBUS-mode pager, which then chains a poisoned page's SIGBUS to it.
+    crate::poison::install();
     let mode = lazy.mode;
     let features = match mode {
         DeliveryMode::Sigbus => Features::SIGBUS,

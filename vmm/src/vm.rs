@@ -3,18 +3,12 @@
 //!
 //! When the pager fails (its source gave up), it poisons every page it has not placed
 //! (`UFFDIO_POISON`). On this nested host KVM's access to such a page comes back as an
-//! MMIO exit, and [`Vm::run`] returns the pager's error in its place. Where KVM maps guest
-//! memory itself (not nested), a poisoned page makes KVM send the vCPU thread a
-//! hardware-poison SIGBUS (`BUS_MCEERR_AR`) instead. This crate installs no SIGBUS
-//! handler (a library does not own the process's signals), so in thread mode that SIGBUS
-//! meets the default action and ends the process; in SIGBUS mode the pager chains it, a
-//! SIGBUS it cannot serve, to the disposition it found, with the same end. A handler that
-//! only returns does not help: `KVM_RUN` fails with EINTR, is run again and faults again.
-//! An embedder that must report the cause installs, before the pager starts, a handler
-//! that parks a thread whose SIGBUS is in guest memory, waits on
-//! [`Pager::stopped_fd`] and reports [`Pager::take_error`] (what `uffdkit restore` does
-//! for its workload, `tools/src/guarded.rs`). Not exercised here: this host gives MMIO
-//! exits.
+//! MMIO exit (in SIGBUS mode completed by the vCPU thread, whose own read of the page then
+//! raises SIGBUS); where KVM maps guest memory itself (not nested), KVM sends the vCPU
+//! thread a hardware-poison SIGBUS (`BUS_MCEERR_AR`) and `KVM_RUN` fails with EINTR.
+//! Either way the vCPU's run ends ([`Error::Poisoned`], `poison.rs`: a SIGBUS handler that
+//! takes only those, in our vCPU threads), and [`Vm::run`] returns the pager's error in
+//! its place. (KVM's own SIGBUS is argued, not exercised: this host gives MMIO exits.)
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,6 +25,7 @@ use crate::guest::{
     Command, CODE, CODE_GPA, DATA_GPA, GUEST_PAGE, PORT_ARGS, PORT_COMMAND, PORT_RESULT,
 };
 use crate::in_thread::GuestRam;
+use crate::poison::{self, Poisoned, VcpuGuard};
 
 /// The shape of a VM: memory size and kind, vCPU count, where the vCPU threads run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +117,7 @@ impl Vm {
     /// Like [`Vm::create`] over memory the caller mapped (and maybe registered already).
     pub(crate) fn with_memory(config: VmConfig, memory: Arc<Mapping>) -> Result<Vm> {
         assert_eq!(memory.len(), config.memory_len(), "memory of the VM's size");
+        poison::install();
         let kvm_fd = Kvm::new().map_err(kvm("open /dev/kvm"))?;
         let vm = kvm_fd.create_vm().map_err(kvm("create VM"))?;
         let slot = kvm_userspace_memory_region {
@@ -248,9 +244,9 @@ impl Vm {
             return result;
         };
         let on_guest_memory = match &exit {
-            Error::MmioRead { gpa, .. } | Error::MemoryFault { gpa, .. } => {
-                *gpa < self.memory.len() as u64
-            }
+            Error::MmioRead { gpa, .. }
+            | Error::MemoryFault { gpa, .. }
+            | Error::Poisoned { gpa, .. } => *gpa < self.memory.len() as u64,
             // An instruction fetch the emulator could not make, an MMIO write: no address
             // to check, and only a failed pager (below) makes them its doing.
             Error::Internal { .. } | Error::Exit { .. } => true,
@@ -271,8 +267,9 @@ impl Vm {
         next: &(dyn Fn(usize, u64) -> Option<Command> + Sync),
     ) -> Result<Vec<RunReport>> {
         let pin = &self.config.pin;
-        let in_thread = (self.in_thread && self.pager.is_some())
-            .then(|| GuestRam::new(self.memory.addr(), self.memory.len()));
+        let guest = (self.memory.addr(), self.memory.len());
+        let in_thread =
+            (self.in_thread && self.pager.is_some()).then(|| GuestRam::new(guest.0, guest.1));
         std::thread::scope(|scope| {
             // Every vCPU thread that started is joined (the scope would anyway), and the
             // first error — a thread that could not start included — is the result.
@@ -292,7 +289,8 @@ impl Vm {
                                     source,
                                 })?;
                             }
-                            run_vcpu(index, vcpu, &|n| next(index, n), in_thread)
+                            let guard = VcpuGuard::new(guest.0, guest.1);
+                            run_vcpu(index, (vcpu, &guard), &|n| next(index, n), in_thread)
                         })
                         .map_err(|source| Error::Spawn {
                             vcpu: index,
@@ -351,10 +349,11 @@ fn port_words(command: Command) -> impl Iterator<Item = (u16, u32)> {
     std::iter::once((PORT_COMMAND, number)).chain(args.map(|a| (PORT_ARGS, a)))
 }
 
-/// Runs one vCPU through its program. `ram`: resolve SIGBUS-mode faults in this thread.
+/// Runs one vCPU through its program, on the thread `guard` marks. `ram`: resolve
+/// SIGBUS-mode faults in this thread.
 fn run_vcpu(
     index: usize,
-    vcpu: &mut VcpuFd,
+    (vcpu, guard): (&mut VcpuFd, &VcpuGuard),
     next: &dyn Fn(u64) -> Option<Command>,
     ram: Option<GuestRam>,
 ) -> Result<RunReport> {
@@ -367,9 +366,19 @@ fn run_vcpu(
     let mut resolved_in_thread = 0;
     let mut refetched = None; // the instruction last retried, so a failure cannot loop
     let unexpected = |exit: String| Error::Exit { vcpu: index, exit };
+    let poisoned = |at: Poisoned| Error::Poisoned {
+        vcpu: index,
+        gpa: guard.gpa(at),
+    };
     loop {
+        guard.entering_run();
         let exit = vcpu.run();
+        guard.left_run();
         let returned = Instant::now();
+        // KVM sent this thread a hardware-poison SIGBUS (`poison.rs`): the run is over.
+        if let Some(at) = guard.take_poisoned() {
+            return Err(poisoned(at));
+        }
         // A fault resolved below is not "the guest ran": in SIGBUS mode the first return
         // is the fault on the code page, before any instruction.
         let ran = matches!(
@@ -419,14 +428,14 @@ fn run_vcpu(
             }
             Ok(VcpuExit::MmioRead(gpa, data)) => match ram {
                 Some(ram) if ram.contains(gpa, data.len()) => {
-                    ram.read(gpa, data);
+                    ram.read(gpa, data).map_err(poisoned)?;
                     resolved_in_thread += 1;
                 }
                 _ => return Err(Error::MmioRead { vcpu: index, gpa }),
             },
             Ok(VcpuExit::MmioWrite(gpa, data)) => match ram {
                 Some(ram) if ram.contains(gpa, data.len()) => {
-                    ram.write(gpa, data);
+                    ram.write(gpa, data).map_err(poisoned)?;
                     resolved_in_thread += 1;
                 }
                 _ => return Err(unexpected(format!("MMIO write at {gpa:#x}"))),
@@ -434,7 +443,7 @@ fn run_vcpu(
             Ok(VcpuExit::MemoryFault { gpa, size, .. })
                 if ram.is_some_and(|ram| ram.contains(gpa, size as usize)) =>
             {
-                ram.expect("checked").touch(gpa, size);
+                ram.expect("checked").touch(gpa, size).map_err(poisoned)?;
                 resolved_in_thread += 1;
             }
             Ok(VcpuExit::MemoryFault { flags, gpa, size }) => {
@@ -448,7 +457,7 @@ fn run_vcpu(
             Ok(VcpuExit::InternalError) => {
                 if let Some(ram) = ram {
                     let rip = vcpu.get_regs().map_err(kvm("get regs"))?.rip;
-                    if refetched != Some(rip) && ram.touch_instruction(rip) {
+                    if refetched != Some(rip) && ram.touch_instruction(rip).map_err(poisoned)? {
                         refetched = Some(rip);
                         resolved_in_thread += 1;
                         continue;

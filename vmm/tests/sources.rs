@@ -106,7 +106,7 @@ fn restore_from_refuses_a_source_smaller_than_guest_memory() {
 }
 
 /// The memory file, failing every read at or above the data pages: a source that broke
-/// while the guest ran.
+/// while the guest ran. Signal-safe if the file source is (its error allocates nothing).
 struct FailingAboveCode(FileSource);
 
 impl Source for FailingAboveCode {
@@ -119,10 +119,14 @@ impl Source for FailingAboveCode {
             return Err(SourceError {
                 what: "read the test's failing image",
                 offset,
-                source: std::io::Error::other("the test says so"),
+                source: std::io::Error::from_raw_os_error(5), // EIO,
             });
         }
         self.0.fetch(offset, scratch)
+    }
+
+    fn is_signal_safe(&self) -> bool {
+        self.0.is_signal_safe()
     }
 }
 
@@ -145,4 +149,47 @@ fn a_source_failing_under_a_running_guest_ends_the_run_with_the_pagers_error() {
         matches!(err, Some(vmm::Error::Pager(pager::Error::Source(ref e))) if e.offset >= vmm::guest::DATA_GPA),
         "{err:?}"
     );
+}
+
+/// SIGBUS mode, the vCPU thread completing the guest's reads itself: once the source
+/// fails, the pager poisons the data pages and the vCPU thread's own read of one raises a
+/// SIGBUS in that thread (as KVM's access to it would on a host where KVM maps guest
+/// memory itself). The run ends with the pager's error; the process lives on, and a run
+/// again meets the poison again, and ends with an error again.
+#[test]
+#[ignore = "needs /dev/kvm: scripts/test runs the ignored tests and says SKIPPED where it is missing"]
+fn a_poisoned_page_read_by_the_vcpu_thread_ends_the_run_with_the_pagers_error_not_the_process() {
+    let test = "a_poisoned_page_read_by_the_vcpu_thread_ends_the_run_with_the_pagers_error_not_the_process";
+    // One SIGBUS-mode pager per process: this test runs in a process of its own.
+    if !kvm_available(test) || !testkit::isolated(test, std::time::Duration::from_secs(120)) {
+        return;
+    }
+    for vcpus in [1, 2] {
+        let config = VmConfig {
+            vcpus,
+            ..VmConfig::new(4)
+        };
+        let dir = SnapshotDir::new(&format!("{test}-{vcpus}"));
+        boot_and_snapshot(&config, &dir);
+        let image = FileSource::mmap(dir.path().join(MEMORY_FILE)).expect("image");
+        let source = Arc::new(FailingAboveCode(image));
+        let lazy = Lazy {
+            mode: pager::DeliveryMode::Sigbus,
+            in_thread: true,
+            ..Lazy::DEMAND
+        };
+        let mut vm = Vm::restore_from(dir.path(), config.clone(), source, lazy).expect("restore");
+        let err = vm.run(&checksum_programs(&config)).err();
+        assert!(
+            matches!(err, Some(vmm::Error::Pager(pager::Error::Source(ref e))) if e.offset >= vmm::guest::DATA_GPA),
+            "{vcpus} vCPUs: {err:?}"
+        );
+        // The guest retries its read of a page now poisoned: another SIGBUS in the vCPU
+        // thread, the pager's error again.
+        let again = vm.run(&checksum_programs(&config)).err();
+        assert!(
+            matches!(again, Some(vmm::Error::Pager(pager::Error::Source(_)))),
+            "{vcpus} vCPUs, again: {again:?}"
+        );
+    }
 }
