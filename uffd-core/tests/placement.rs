@@ -195,6 +195,50 @@ fn move_resolves_a_fault_and_leaves_the_source_empty() {
     }
 }
 
+/// The kernel stops a move at a destination page that is present (after moving the pages
+/// before it) and says how far it got: the partial move is reported as `Again` with the
+/// bytes moved, never as a plain failure that would hide pages gone from the source.
+#[test]
+fn a_move_stopped_partway_reports_again_with_the_bytes_it_moved() {
+    let ps = uffd_core::page_size();
+    let src = Mapping::new(MemoryKind::Anon, 4 * ps).expect("map src");
+    let dst = Mapping::new(MemoryKind::Anon, 4 * ps).expect("map dst");
+    dont_fork(&src);
+    let data = pattern(3, 4 * ps, 11);
+    // SAFETY: src is our own unregistered mapping of 4 pages.
+    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), src.as_ptr(), 4 * ps) };
+    let uffd = open(Features::MOVE);
+    uffd.register(dst.addr(), dst.len(), RegisterMode::MISSING)
+        .expect("register");
+    let present = vec![0xEEu8; ps];
+    // SAFETY: dst's third page is missing and ours.
+    unsafe { uffd.copy(dst.addr() + 2 * ps, &present, CopyMode::empty()) }.expect("copy");
+    // SAFETY: dst missing (but the third page) and ours; src ours and given up.
+    let partial = unsafe { uffd.move_pages(dst.addr(), src.addr(), 4 * ps, MoveMode::empty()) };
+    assert!(
+        matches!(partial, Err(Error::Again { done, .. }) if done == 2 * ps),
+        "{partial:?}"
+    );
+    // SAFETY: all mapped; dst's first three pages present, src's first two now zero.
+    unsafe {
+        assert_eq!(bytes(dst.addr(), 2 * ps), &data[..2 * ps], "moved");
+        assert_eq!(bytes(dst.addr() + 2 * ps, ps), present.as_slice());
+        assert!(bytes(src.addr(), 2 * ps).iter().all(|&b| b == 0), "gone");
+        assert_eq!(bytes(src.addr() + 2 * ps, 2 * ps), &data[2 * ps..], "kept");
+    }
+    // Resumed where it stopped, the present page is the whole answer.
+    // SAFETY: as above.
+    let rest = unsafe {
+        uffd.move_pages(
+            dst.addr() + 2 * ps,
+            src.addr() + 2 * ps,
+            2 * ps,
+            MoveMode::empty(),
+        )
+    };
+    assert!(matches!(rest, Err(Error::Exists { .. })), "{rest:?}");
+}
+
 #[test]
 fn move_without_the_feature_is_unsupported() {
     let ps = uffd_core::page_size();
