@@ -273,6 +273,13 @@ impl Mapping {
     /// Moves this mapping onto `target`'s range with `mremap(MREMAP_MAYMOVE |
     /// MREMAP_FIXED)` (what a VMM moving guest memory does; a registered range raises a
     /// REMAP event). `target`'s pages are replaced; the result owns the moved range.
+    ///
+    /// If the kernel refuses, both ranges are given up, not unmapped: a failed `mremap`
+    /// may have moved part of the source already (since Linux 6.17 it moves VMA by VMA,
+    /// and stops at one it may not move, such as a page registered with a userfaultfd
+    /// without `EVENT_REMAP`) or unmapped the target (before 6.17 it did that first), and
+    /// another thread may have mapped its own memory in those holes since: unmapping them
+    /// could take that away. What stays mapped is leaked.
     pub fn move_onto(self, target: Mapping) -> io::Result<Mapping> {
         if target.len != self.len {
             return Err(io::Error::new(
@@ -296,21 +303,9 @@ impl Mapping {
         // SAFETY: `me` is never dropped, so its Arc is moved out exactly once.
         let file = unsafe { std::ptr::read(&me.file) };
         if moved == libc::MAP_FAILED {
-            let e = io::Error::last_os_error();
-            // Both ranges are still mapped and ours: unmap them rather than leak.
-            drop(Mapping {
-                addr: to,
-                len: me.len,
-                kind: me.kind,
-                file: None,
-            });
-            drop(Mapping {
-                addr: me.addr,
-                len: me.len,
-                kind: me.kind,
-                file,
-            });
-            return Err(e);
+            // Parts of either range may be holes now, which are no longer ours to unmap
+            // (see above): leak them rather than unmap what another thread mapped there.
+            return Err(io::Error::last_os_error());
         }
         Ok(Mapping {
             addr: to,

@@ -273,3 +273,82 @@ fn fdinfo_pending(uffd: &uffd_core::Uffd) -> usize {
         .and_then(|v| v.trim().parse().ok())
         .expect("pending line")
 }
+
+/// Whether `addr`'s page is mapped (`mincore(2)` fails with ENOMEM on a hole).
+fn is_mapped(addr: usize) -> bool {
+    let mut v = 0u8;
+    // SAFETY: mincore writes one byte per page of the one-page range into `v`.
+    unsafe { libc::mincore(addr as *mut _, PS, &mut v) == 0 }
+}
+
+/// A failed `mremap` may have moved part of the source (since Linux 6.17 it moves VMA by
+/// VMA, and stops at one it may not move: here, a page registered without
+/// `EVENT_REMAP`), leaving a hole there that another thread can map. `move_onto`'s error
+/// must not unmap what is no longer its own. The target's registration with
+/// `EVENT_UNMAP` holds the mover in `mremap` until its event is read, so the hole is
+/// taken at a known moment.
+#[test]
+fn a_failed_move_onto_leaves_alone_what_another_thread_mapped_in_the_holes_it_left() {
+    let region = Mapping::new(MemoryKind::Anon, 3 * PS).expect("map");
+    let target = Mapping::new(MemoryKind::Anon, 3 * PS).expect("map target");
+    // SAFETY: inside our unregistered region.
+    unsafe { std::ptr::write_volatile(region.as_ptr(), 1) };
+    let uffd = open(Features::EVENT_UNMAP);
+    uffd.register(region.addr() + PS, PS, RegisterMode::MISSING)
+        .expect("register the source's middle page");
+    uffd.register(target.addr(), target.len(), RegisterMode::MISSING)
+        .expect("register the target");
+    let hole = region.addr();
+    let mover = std::thread::spawn(move || region.move_onto(target).map(drop));
+    let mut buf = EventBuffer::new(4);
+    assert!(
+        uffd.wait_readable(Some(Duration::from_secs(5)))
+            .expect("poll"),
+        "the target's UNMAP event"
+    );
+    // The mover waits in mremap for its event to be read. If its first page moved, that
+    // page is a hole now: another thread maps its own memory there.
+    let moved_first = !is_mapped(hole);
+    let foreign = moved_first.then(|| {
+        // SAFETY: a new private page at a free address (MAP_FIXED_NOREPLACE fails
+        // rather than replace anything); the test owns it.
+        let p = unsafe {
+            libc::mmap(
+                hole as *mut _,
+                PS,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        assert_eq!(p as usize, hole, "map the hole");
+        // SAFETY: the page just mapped.
+        unsafe { std::ptr::write_volatile(hole as *mut u8, 0x77) };
+    });
+    // Read events until the mover is done: its own unmaps raise more UNMAP events.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !mover.is_finished() {
+        assert!(std::time::Instant::now() < deadline, "the mover is stuck");
+        if uffd
+            .wait_readable(Some(Duration::from_millis(10)))
+            .expect("poll")
+        {
+            uffd.read_events(&mut buf).expect("read");
+        }
+    }
+    let moved = mover.join().expect("the mover");
+    assert!(moved.is_err(), "the move stops at the registered page");
+    if foreign.is_none() {
+        common::skip(
+            "a_failed_move_onto_leaves_alone_what_another_thread_mapped_in_the_holes_it_left",
+            "this kernel moved nothing before failing (before Linux 6.17)",
+        );
+        return;
+    }
+    assert!(is_mapped(hole), "move_onto unmapped another thread's page");
+    // SAFETY: mapped, as just checked.
+    assert_eq!(unsafe { std::ptr::read_volatile(hole as *const u8) }, 0x77);
+    // SAFETY: the test's own page.
+    unsafe { libc::munmap(hole as *mut _, PS) };
+}
