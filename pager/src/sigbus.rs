@@ -11,7 +11,7 @@
 //! - the fault path shared with the handler threads (`fault.rs`, `place.rs`), including
 //!   fault-around runs;
 //! - the source's `fetch` (and `prioritize`), which
-//!   [`Source::is_signal_safe`](crate::Source::is_signal_safe) promises copy from memory
+//!   [`Source::signal_safe`](crate::Source::signal_safe) promises copy from memory
 //!   without allocating or locking;
 //! - the placement ioctls (`UFFDIO_COPY`, `ZEROPAGE`, `CONTINUE`, `WAKE`);
 //! - `clock_gettime(2)` (latency), `sched_yield(2)` and `clock_nanosleep(2)` (waiting on

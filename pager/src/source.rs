@@ -21,7 +21,7 @@ use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use nix::unistd::{lseek, Whence};
 
 use crate::error::SourceError;
-use crate::Placer;
+use crate::{Placer, SignalSafe};
 
 /// A source's answer for one fetch, which may span several pages (fault-around,
 /// readahead, prefetch batches): it covers the whole `scratch` range asked for.
@@ -141,10 +141,13 @@ pub trait Source: Send + Sync {
         ChildSource::Shared
     }
 
-    /// Whether [`Source::fetch`] can answer without allocating or blocking on anything
-    /// but memory (required by the SIGBUS delivery mode).
-    fn is_signal_safe(&self) -> bool {
-        false
+    /// The source's promise that [`Source::fetch`] and [`Source::prioritize`] are
+    /// async-signal-safe, or `None` (the default): required by the SIGBUS delivery mode,
+    /// which calls them inside a signal handler. Made with `unsafe`
+    /// ([`SignalSafe::promise`]), since a source that breaks it is not a wrong answer
+    /// the pager could catch but undefined behaviour (see [`SignalSafe`]).
+    fn signal_safe(&self) -> Option<SignalSafe> {
+        None
     }
 }
 
@@ -215,8 +218,9 @@ impl Source for MemorySource {
         self.zero.clone()
     }
 
-    fn is_signal_safe(&self) -> bool {
-        true
+    fn signal_safe(&self) -> Option<SignalSafe> {
+        // SAFETY: `fetch` copies out of the bytes it owns: no allocation, no lock.
+        Some(unsafe { SignalSafe::promise() })
     }
 }
 
@@ -415,9 +419,11 @@ impl Source for FileSource {
         self.holes.clone()
     }
 
-    fn is_signal_safe(&self) -> bool {
-        // Copying out of a file mapping may take page-cache faults but no locks of ours.
-        matches!(self.access, Access::Mmap { .. }) && self.holes.is_empty()
+    fn signal_safe(&self) -> Option<SignalSafe> {
+        let mapped = matches!(self.access, Access::Mmap { .. }) && self.holes.is_empty();
+        // SAFETY: a mapped `fetch` without holes copies out of the file mapping (page-cache
+        // faults, no allocation, no lock of ours).
+        mapped.then(|| unsafe { SignalSafe::promise() })
     }
 }
 
@@ -454,8 +460,9 @@ impl Source for ZeroSource {
         all
     }
 
-    fn is_signal_safe(&self) -> bool {
-        true
+    fn signal_safe(&self) -> Option<SignalSafe> {
+        // SAFETY: `fetch` answers Zero and does nothing else.
+        Some(unsafe { SignalSafe::promise() })
     }
 }
 

@@ -85,7 +85,7 @@ fn serve_and_verify(kind: MemoryKind, minor: bool, src: SourceKind, mode: Delive
     let tag = format!("{kind:?}-{minor}-{src:?}-{mode:?}");
     let (source, expect) = source(src, &image, ps, &tag);
     let memory = Arc::new(Mapping::new(kind, pages * ps).expect("map"));
-    if mode == DeliveryMode::Sigbus && !source.is_signal_safe() {
+    if mode == DeliveryMode::Sigbus && source.signal_safe().is_none() {
         return; // SIGBUS mode takes signal-safe sources only (tested in tests/sigbus.rs)
     }
     let uffd = if mode == DeliveryMode::Sigbus {

@@ -398,8 +398,9 @@ impl Source for Misbehaving {
         let short = scratch.len() - 1;
         Ok(Fetched::Data(&scratch[..short]))
     }
-    fn is_signal_safe(&self) -> bool {
-        true
+    fn signal_safe(&self) -> Option<pager::SignalSafe> {
+        // SAFETY: the test's `fetch` copies from memory it owns (or fails), no more.
+        Some(unsafe { pager::SignalSafe::promise() })
     }
 }
 

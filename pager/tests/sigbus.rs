@@ -202,8 +202,9 @@ impl pager::Source for Allocating {
         std::hint::black_box(&copy);
         self.0.fetch(offset, scratch)
     }
-    fn is_signal_safe(&self) -> bool {
-        true
+    fn signal_safe(&self) -> Option<pager::SignalSafe> {
+        // SAFETY: the test's `fetch` copies from memory it owns (or fails), no more.
+        Some(unsafe { pager::SignalSafe::promise() })
     }
 }
 
@@ -300,8 +301,9 @@ impl pager::Source for Short {
         let short = scratch.len() - 1;
         Ok(pager::Fetched::Data(&scratch[..short]))
     }
-    fn is_signal_safe(&self) -> bool {
-        true
+    fn signal_safe(&self) -> Option<pager::SignalSafe> {
+        // SAFETY: the test's `fetch` copies from memory it owns (or fails), no more.
+        Some(unsafe { pager::SignalSafe::promise() })
     }
 }
 

@@ -319,8 +319,9 @@ impl Source for LayeredSource {
         Ok(Fetched::Data(scratch))
     }
 
-    fn is_signal_safe(&self) -> bool {
-        true // an index lookup and a copy out of mappings: no lock, no allocation
+    fn signal_safe(&self) -> Option<pager::SignalSafe> {
+        // SAFETY: an index lookup and a copy out of mappings: no lock, no allocation.
+        Some(unsafe { pager::SignalSafe::promise() })
     }
 
     fn zero_ranges(&self) -> Vec<Range<u64>> {

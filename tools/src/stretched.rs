@@ -102,10 +102,11 @@ impl Source for Stretched {
         }
     }
 
-    fn is_signal_safe(&self) -> bool {
+    fn signal_safe(&self) -> Option<pager::SignalSafe> {
         match &self.content {
-            Content::Padded(inner) => inner.is_signal_safe(),
-            Content::Repeated(_) => true,
+            Content::Padded(inner) => inner.signal_safe(),
+            // SAFETY: a repeated image is copied out of memory it owns.
+            Content::Repeated(_) => Some(unsafe { pager::SignalSafe::promise() }),
         }
     }
 }

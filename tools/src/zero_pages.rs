@@ -93,9 +93,10 @@ impl Source for ZeroChecked {
         self.inner.prioritize(offset)
     }
 
-    fn is_signal_safe(&self) -> bool {
-        // The check reads memory and bumps an atomic: nothing more than the inner fetch.
-        self.inner.is_signal_safe()
+    fn signal_safe(&self) -> Option<pager::SignalSafe> {
+        // The check reads memory and bumps an atomic: nothing more than the inner fetch,
+        // whose promise is this one.
+        self.inner.signal_safe()
     }
 }
 

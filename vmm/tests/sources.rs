@@ -125,8 +125,9 @@ impl Source for FailingAboveCode {
         self.0.fetch(offset, scratch)
     }
 
-    fn is_signal_safe(&self) -> bool {
-        self.0.is_signal_safe()
+    fn signal_safe(&self) -> Option<pager::SignalSafe> {
+        // Its error is built without allocating; otherwise the file source's fetch.
+        self.0.signal_safe()
     }
 }
 

@@ -71,7 +71,7 @@ impl PagerBuilder {
                     reason: "the userfaultfd was not negotiated with the SIGBUS feature".into(),
                 });
             }
-            if !self.source.is_signal_safe() {
+            if self.source.signal_safe().is_none() {
                 return Err(Error::Mode {
                     mode: "sigbus",
                     reason: "the source cannot answer inside a signal handler (use a memory \

@@ -66,8 +66,9 @@ impl Source for Slow {
         self.inner.fetch(offset, scratch)
     }
 
-    fn is_signal_safe(&self) -> bool {
-        true
+    fn signal_safe(&self) -> Option<pager::SignalSafe> {
+        // SAFETY: the test's `fetch` copies from memory it owns (or fails), no more.
+        Some(unsafe { pager::SignalSafe::promise() })
     }
 }
 
