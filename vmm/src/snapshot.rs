@@ -101,6 +101,24 @@ fn write_new(
     std::fs::rename(&tmp, &path).map_err(err(&path))
 }
 
+/// How much guest memory a snapshot copies out per write.
+const SNAPSHOT_CHUNK: usize = 1 << 20;
+
+/// Copies `out.len()` bytes from `from` with volatile word reads (memory that may change
+/// while it is read).
+///
+/// # Safety
+///
+/// `[from, from + out.len())` is readable, `from` 8-byte aligned and `out.len()` a
+/// multiple of 8.
+unsafe fn copy_out(from: *const u8, out: &mut [u8]) {
+    for (i, word) in out.chunks_exact_mut(8).enumerate() {
+        // SAFETY: the caller's promise: an aligned word inside the range.
+        let w = unsafe { std::ptr::read_volatile(from.cast::<u64>().add(i)) };
+        word.copy_from_slice(&w.to_ne_bytes());
+    }
+}
+
 fn o_nofollow() -> i32 {
     nix::fcntl::OFlag::O_NOFOLLOW.bits()
 }
@@ -108,17 +126,27 @@ fn o_nofollow() -> i32 {
 impl Vm {
     /// Saves the halted VM into `dir` (which must exist): vCPU state and all of guest
     /// memory. Pages a lazy restore has not placed yet are read through the pager.
+    ///
+    /// No vCPU runs meanwhile (`run` takes `&mut self`), but other code holding
+    /// [`Vm::memory`] may change guest memory as it is read (a migration destination's
+    /// discard, `Mapping::madvise`): the snapshot is then torn, and consistent only if
+    /// nothing does.
     pub fn snapshot(&self, dir: &Path) -> Result<()> {
         let state = self.state()?;
         let memory = self.memory();
         // Memory first: a `vm.json` beside it says the snapshot is complete.
         write_new(dir, MEMORY_FILE, |file| {
-            // SAFETY: the mapping is live for `&self`, and no vCPU runs while `&self` is
-            // borrowed (`run` takes `&mut self`), so the guest writes nothing during this
-            // read; a pager (its fault path or prefetcher) only fills pages not yet present,
-            // each whole by one UFFDIO_COPY, so no byte this read can see ever changes.
-            let bytes = unsafe { std::slice::from_raw_parts(memory.as_ptr(), memory.len()) };
-            file.write_all(bytes)
+            // Copied out a chunk at a time, never held as a `&[u8]`, whose bytes must not
+            // change while it lives: these may (see above).
+            let mut chunk = vec![0u8; SNAPSHOT_CHUNK.min(memory.len())];
+            for at in (0..memory.len()).step_by(chunk.len()) {
+                let n = chunk.len().min(memory.len() - at);
+                // SAFETY: `[at, at + n)` is inside the mapping, live for `&self`, and
+                // 8-byte aligned in whole words (page-aligned mapping, chunks of pages).
+                unsafe { copy_out(memory.as_ptr().add(at), &mut chunk[..n]) };
+                file.write_all(&chunk[..n])?;
+            }
+            Ok(())
         })?;
         state.save(dir)
     }
