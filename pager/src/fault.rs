@@ -12,7 +12,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use page_state::RequestOutcome;
+use page_state::{PageState, RequestOutcome};
 use uffd_core::FaultFlags;
 
 use crate::place::{Content, GoneSince, Origin, Placement, Request};
@@ -51,6 +51,18 @@ pub(crate) enum FollowUp {
     Retry,
     /// Another party requested the page: wake the fault once the page leaves Requested.
     Watch,
+    /// A forked child's fault on shared memory whose page the parent's engine has not
+    /// placed yet: follow the parent's page up as `Retry` (`retry`: its placement met
+    /// EAGAIN) or `Watch` says, then map it here (`parent.rs`). Waits for the parent's
+    /// placement without polling (the parent rings the child's bell).
+    Parent { retry: bool },
+}
+
+impl FollowUp {
+    /// Whether the follow-up retries a placement (as opposed to waiting for someone else's).
+    pub fn retries(self) -> bool {
+        matches!(self, FollowUp::Retry | FollowUp::Parent { retry: true })
+    }
 }
 
 impl Shared {
@@ -324,7 +336,7 @@ impl Shared {
             return;
         };
         self.pending.asked(p.page, at);
-        if self.states.get(p.page) == Ok(page_state::PageState::Received) {
+        if self.states.get(p.page) == Ok(PageState::Received) {
             self.pending.placed(p.page, 1, &self.stats);
         }
     }
@@ -359,7 +371,7 @@ impl Shared {
                 Some(next)
                     if last.is_followed_by(&next)
                         && self.background.test(q)
-                        && self.states.get(q) == Ok(page_state::PageState::Requested) =>
+                        && self.states.get(q) == Ok(PageState::Requested) =>
                 {
                     last = next;
                     count += 1;
@@ -375,7 +387,52 @@ impl Shared {
     pub fn release(&self, page: usize) {
         if self.states.release(page).is_ok() {
             bump(&self.stats.released);
+            // A forked child waiting on the page fetches it afresh.
+            self.ring_children();
         }
+    }
+
+    /// The next step of a fault parked on page `p` (`Retry` or `Watch`) that has waited
+    /// `waited`: its page may be Zero now (REMOVE), placed by someone else, or still ours
+    /// to fetch. `None`: still in someone else's hands, keep watching.
+    pub fn retry_fault(
+        &self,
+        p: &PageRef,
+        follow_up: FollowUp,
+        waited: Duration,
+        scratch: &mut [u8],
+    ) -> Option<Placement> {
+        let retry = follow_up.retries();
+        Some(match (retry, self.states.get(p.page)) {
+            // In someone else's hands for long (a SCHED_IDLE prefetcher starved of CPU
+            // holding its claim): a local page is fetched and placed here instead — a
+            // fault never waits on a background thread's priority.
+            (false, Ok(PageState::Requested)) if self.may_take_over(p.page, waited) => {
+                self.take_over(p, scratch)
+            }
+            // Still in someone else's hands: keep watching.
+            (false, Ok(PageState::Requested)) => return None,
+            (true, Ok(PageState::Requested)) => {
+                self.fetch_and_place(p, 1, scratch, true, Origin::Fault)
+            }
+            (true, Ok(PageState::Zero)) => self.place(Request {
+                at: *p,
+                count: 1,
+                content: Content::Zero,
+                wake: true,
+                origin: Origin::Fault,
+            }),
+            (true, Ok(PageState::Received)) => self.place(Request {
+                at: *p,
+                count: 1,
+                content: self.received_again(p),
+                wake: true,
+                origin: Origin::Fault,
+            }),
+            // Given back (Missing) or done: wake; a thread still missing its page
+            // refaults and is handled afresh.
+            _ => self.wake(p.addr, p.size),
+        })
     }
 
     /// Reports a fatal placement outcome (not from the SIGBUS handler).

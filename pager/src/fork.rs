@@ -17,9 +17,7 @@
 //!
 //! A MINOR region is shared memory: the child's copy is its parent's page cache (fork
 //! copies no page table entries there, so the child faults on every page). The parent's
-//! engine decides those pages — it places one the child needs as on a fault of its own —
-//! and the child's engine only maps the cache (`Shared::on_shared_fault`): a page the
-//! parent placed, and the workload wrote since, is never written over.
+//! engine decides those pages and the child's engine only maps the cache (`parent.rs`).
 //!
 //! A child engine stops when its process exits (its handler probes for that while idle)
 //! and is reaped here. One still running when the parent's pager stops — asked to or
@@ -32,13 +30,9 @@ use std::sync::Arc;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use page_state::PageState;
-use uffd_core::{FaultFlags, Mapping, Uffd, WriteProtectMode};
+use uffd_core::{Mapping, Uffd, WriteProtectMode};
 
-use crate::fault::{FaultOutcome, FollowUp};
 use crate::pager::Pager;
-use crate::place::{Content, GoneSince, Origin, Placement, Request};
-use crate::region::PageRef;
 use crate::shared::{Poison, Shared};
 use crate::source::{ChildSource, Source};
 use crate::stats::bump;
@@ -268,49 +262,5 @@ impl Shared {
             self.gone.store(true, Ordering::Relaxed);
         }
         gone
-    }
-
-    /// A forked child's fault (this engine is the child's) on a page of a MINOR region,
-    /// whose page cache the child shares with its parent: the parent's engine decides the
-    /// page — its states say whether it was placed, and it places it if not, as on a fault
-    /// of its own — then the child maps the cache as it is. The child's own states are not
-    /// used for such pages: a page the parent placed, and the workload wrote since, is
-    /// never written over with the image (or zeros).
-    pub(crate) fn on_shared_fault(
-        &self,
-        parent: &Shared,
-        p: PageRef,
-        scratch: &mut [u8],
-        wake: bool,
-        gone: &mut GoneSince,
-    ) -> FaultOutcome {
-        let placed = |page| parent.states.get(page) == Ok(PageState::Received);
-        // A page of a region the parent unmapped since: its cache is all there is.
-        if let (false, Some(q)) = (placed(p.page), parent.page(p.page)) {
-            let mut parent_gone = GoneSince::default();
-            match parent.on_fault(q.addr, FaultFlags::empty(), scratch, true, &mut parent_gone) {
-                FaultOutcome::Failed(failed) => {
-                    // Not left claimed in the parent: its own next fault meets the failure.
-                    parent.release(p.page);
-                    return FaultOutcome::Failed(failed);
-                }
-                _ if placed(p.page) => {}
-                // Someone else is placing it (a claimant, the parent's remote source), or
-                // the kernel asked for a retry: the child's fault is retried.
-                _ => return FaultOutcome::FollowUp(p, FollowUp::Retry),
-            }
-        }
-        let placement = self.place(Request {
-            at: p,
-            count: 1,
-            content: Content::Present,
-            wake,
-            origin: Origin::Fault,
-        });
-        match placement.or_give_up(gone) {
-            Placement::Done | Placement::Dropped | Placement::Asked => FaultOutcome::Resolved,
-            Placement::Again { .. } => FaultOutcome::FollowUp(p, FollowUp::Retry),
-            failed => FaultOutcome::Failed(failed),
-        }
     }
 }

@@ -93,7 +93,8 @@
 //!    (`arrival.rs` is the engine's side of the handle; `helper.rs` lends a receiver a
 //!    second thread to land a long run in pieces);
 //!    `prefetch.rs` pushes the rest in the background; `sigbus.rs` resolves faults inside
-//!    the faulting thread instead, async-signal-safe; `fork.rs` serves forked children.
+//!    the faulting thread instead, async-signal-safe; `fork.rs` serves forked children,
+//!    whose faults on shared memory their parent's engine decides (`parent.rs`).
 //! 5. `shared.rs` — a fatal error settles the stop: poison what is not placed, let go of
 //!    the regions (`release.rs`), then tell the embedder (`stopped_fd`). `maps.rs` checks
 //!    a MINOR region's alias; `seeded.rs` checks a seeded map's Received pages are in
@@ -119,6 +120,7 @@ mod histogram;
 pub mod inject;
 mod maps;
 mod pager;
+mod parent;
 mod place;
 mod placer;
 mod prefetch;

@@ -447,10 +447,10 @@ impl Shared {
     }
 
     fn mark_received(&self, page: usize, count: usize) {
-        // A page already received (raced placement, EEXIST) stays so.
-        let _ = self.states.mark_received_range(page, page + count);
-        // Faults a remote source answered later are timed now that their page is in.
+        let _ = self.states.mark_received_range(page, page + count); // a received one stays
+                                                                     // Faults a remote source answered later are timed now that their page is in.
         self.pending.placed(page, count, &self.stats);
+        self.ring_children(); // forked children waiting on it map it now
     }
 
     fn account(&self, origin: Origin, content: Content<'_>, bytes: usize, count: usize) {

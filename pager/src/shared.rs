@@ -72,8 +72,12 @@ pub(crate) struct Shared {
     /// once: `Pending` there is a fatal error (see `Source::child`).
     pub pending_is_fatal: bool,
     /// A forked child's engine: its parent's, which decides the pages of MINOR regions
-    /// (one page cache for both: see `Shared::on_shared_fault`).
+    /// (one page cache for both: see `parent.rs`).
     pub parent: Option<Arc<Shared>>,
+    /// With fork events: rung when a page leaves Requested while `watched` handlers of
+    /// forked children have faults waiting on this engine's pages (`parent.rs`).
+    pub bell: Option<EventFd>,
+    pub watched: AtomicUsize,
     /// Set once the source answers `Pending` (see `Shared::is_remote`).
     pub remote: AtomicBool,
     /// Zeros for placing zero pages where ZEROPAGE is unavailable (hugetlb, minor mode).
@@ -163,6 +167,8 @@ impl Shared {
             remote: AtomicBool::new(false),
             pending_is_fatal: false,
             parent: None,
+            bell: None,
+            watched: AtomicUsize::new(0),
             zeros: zeros.into_boxed_slice(),
             fatal: Mutex::new(None),
             failed: AtomicBool::new(false),
@@ -343,7 +349,7 @@ impl Shared {
     }
 
     /// The engine whose states decide page `page`: the parent's for a forked child's MINOR
-    /// region (see `Shared::on_shared_fault`), this one's otherwise.
+    /// region (see `parent.rs`), this one's otherwise.
     fn decider(&self, page: usize) -> &Shared {
         match (&self.parent, self.page(page)) {
             (Some(parent), Some(p)) if p.resolve != Resolve::Copy => parent,

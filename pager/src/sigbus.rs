@@ -296,7 +296,8 @@ fn resolve(engine: &Engine, addr: usize) -> bool {
                 shared.stats.record_latency(started.elapsed());
                 return true;
             }
-            FaultOutcome::FollowUp(p, FollowUp::Watch) => {
+            // (`Parent` is a forked child's engine's, which never runs in SIGBUS mode.)
+            FaultOutcome::FollowUp(p, FollowUp::Watch | FollowUp::Parent { .. }) => {
                 // Another thread is placing it: wait for that, then retry the access —
                 // or, if it takes long (a starved SCHED_IDLE prefetcher holding the
                 // claim), place it here from the local source.

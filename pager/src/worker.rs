@@ -14,12 +14,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use page_state::PageState;
 use uffd_core::{Event, EventBuffer, FaultFlags, ReadStatus};
 
-use crate::fault::{FaultOutcome, FollowUp, MAX_AROUND_BYTES};
+use crate::error::Result;
+use crate::fault::{FaultOutcome, FollowUp, MAX_AROUND_BYTES, TAKE_OVER_AFTER};
 use crate::fork::ForkQueue;
-use crate::place::{Content, GoneSince, Origin, Placement, Request};
+use crate::parent::Bell;
+use crate::place::{GoneSince, Placement};
 use crate::region::PageRef;
 use crate::shared::Shared;
 
@@ -33,7 +34,8 @@ pub(crate) enum Wait {
 }
 
 /// A fault refused with EAGAIN (retry once the pending events are read), or one waiting
-/// on a page another party requested (wake it once the page leaves Requested).
+/// on a page another party requested (wake it once the page leaves Requested), or a
+/// forked child's fault waiting on its parent's page (`parent.rs`).
 struct Parked {
     page: PageRef,
     since: Instant,
@@ -61,6 +63,11 @@ pub(crate) struct Worker {
     /// A child engine's process may exit without telling us: probe for it this often
     /// while idle.
     probe_exit: Option<Duration>,
+    /// A child engine's: rung by its parent's engine when a page leaves Requested.
+    bell: Option<Bell>,
+    /// Whether this (child's) handler is counted among its parent's watchers: while it has
+    /// faults parked on the parent's pages.
+    watching: bool,
 }
 
 impl Worker {
@@ -69,7 +76,7 @@ impl Worker {
         batch: usize,
         forks: Option<Arc<ForkQueue>>,
         probe_exit: Option<Duration>,
-    ) -> Self {
+    ) -> Result<Self> {
         let max_page = shared.regions.max_page_size();
         let around = if shared.fault_around > 0 || shared.readahead {
             MAX_AROUND_BYTES
@@ -77,7 +84,8 @@ impl Worker {
             0
         };
         let scratch = vec![0u8; max_page.max(around)];
-        Self {
+        Ok(Self {
+            bell: Bell::of_parent(&shared)?,
             shared,
             events: EventBuffer::new(batch),
             scratch,
@@ -85,7 +93,8 @@ impl Worker {
             faults: Vec::with_capacity(batch),
             forks,
             probe_exit,
-        }
+            watching: false,
+        })
     }
 
     /// Runs until the pager stops or the faulting process is gone.
@@ -107,10 +116,11 @@ impl Worker {
         }
     }
 
-    /// Blocks in poll until the uffd is readable, the pager stops, or (with parked faults
-    /// or an exit probe) a short interval passes. Returns whether the uffd is readable.
+    /// Blocks in poll until the uffd is readable, the pager stops, the parent rings (a
+    /// child engine's), or (with parked faults to retry or an exit probe) a short interval
+    /// passes. Returns whether the uffd is readable.
     fn poll(&mut self) -> bool {
-        let timeout = if !self.parked.is_empty() {
+        let timeout = if self.needs_tick() {
             PollTimeout::from(1u8)
         } else if let Some(every) = self.probe_exit {
             PollTimeout::try_from(every).unwrap_or(PollTimeout::MAX)
@@ -118,16 +128,27 @@ impl Worker {
             PollTimeout::NONE
         };
         let (uffd_events, _) = {
+            let shared = &*self.shared;
             let mut fds = [
-                PollFd::new(self.shared.uffd.as_fd(), PollFlags::POLLIN),
-                PollFd::new(self.shared.wakeup.as_fd(), PollFlags::POLLIN),
+                PollFd::new(shared.uffd.as_fd(), PollFlags::POLLIN),
+                PollFd::new(shared.wakeup.as_fd(), PollFlags::POLLIN),
+                // Without a bell, the wakeup again (readable only when stopping).
+                PollFd::new(
+                    self.bell.as_ref().map_or(shared.wakeup.as_fd(), Bell::fd),
+                    PollFlags::POLLIN,
+                ),
             ];
             match poll(&mut fds, timeout) {
                 Ok(0) => {
                     self.probe_process();
                     return false;
                 }
-                Ok(_) => (fds[0].revents().unwrap_or(PollFlags::empty()), ()),
+                Ok(_) => {
+                    if let (Some(bell), Some(PollFlags::POLLIN)) = (&self.bell, fds[2].revents()) {
+                        bell.clear(); // the parked faults are retried next
+                    }
+                    (fds[0].revents().unwrap_or(PollFlags::empty()), ())
+                }
                 Err(_) => return false, // EINTR: loop and look at the stop flag
             }
         };
@@ -149,6 +170,25 @@ impl Worker {
             return false;
         }
         uffd_events.contains(PollFlags::POLLIN)
+    }
+
+    /// Whether a parked fault needs retrying on a timer: one refused with EAGAIN (nothing
+    /// tells when the events are read), one watching a page of this engine, or a child's
+    /// waiting on a page its parent's starved prefetcher holds (taken over after
+    /// [`TAKE_OVER_AFTER`]). A child's fault waiting on its parent's remote source or
+    /// handler waits for the parent's bell.
+    fn needs_tick(&self) -> bool {
+        let parent = self
+            .shared
+            .parent
+            .as_deref()
+            .filter(|_| self.bell.is_some());
+        self.parked.iter().any(|e| match (e.follow_up, parent) {
+            (FollowUp::Parent { retry: false }, Some(parent)) => {
+                parent.may_take_over(e.page.page, TAKE_OVER_AFTER)
+            }
+            _ => true,
+        })
     }
 
     /// Whether the uffd is readable right now (a zero-timeout poll: the gate is closed
@@ -248,46 +288,25 @@ impl Worker {
     }
 
     /// Retries every parked fault in place: its page may be Zero now (REMOVE), placed by
-    /// someone else, or still ours to fetch.
+    /// someone else, or still ours to fetch; a child's fault on shared memory follows its
+    /// parent's page (`parent.rs`).
     fn retry_parked(&mut self) {
         let shared = &*self.shared;
+        let parent = shared.parent.as_deref();
+        // Counted before the parent's states are read (`parent.rs`: the parent rings).
+        self.watching = watch(parent, self.watching, &self.parked);
         let scratch = &mut self.scratch;
         self.parked.retain_mut(|parked| {
             let p = &parked.page;
-            let placement = match (parked.follow_up, shared.states.get(p.page)) {
-                // In someone else's hands for long (a SCHED_IDLE prefetcher starved of CPU
-                // holding its claim): a local page is fetched and placed here instead —
-                // a fault never waits on a background thread's priority.
-                (FollowUp::Watch, Ok(PageState::Requested))
-                    if shared.may_take_over(p.page, parked.since.elapsed()) =>
-                {
-                    shared.take_over(p, scratch)
+            let waited = parked.since.elapsed();
+            let placement = match (parked.follow_up, parent) {
+                (FollowUp::Parent { .. }, Some(parent)) => {
+                    shared.retry_shared(parent, p, &mut parked.follow_up, waited, scratch)
                 }
-                // Still in someone else's hands: keep watching.
-                (FollowUp::Watch, Ok(PageState::Requested)) => return true,
-                (FollowUp::Retry, Ok(PageState::Requested)) => {
-                    shared.fetch_and_place(p, 1, scratch, true, Origin::Fault)
-                }
-                (FollowUp::Retry, Ok(PageState::Zero)) => shared.place(Request {
-                    at: *p,
-                    count: 1,
-                    content: Content::Zero,
-                    wake: true,
-                    origin: Origin::Fault,
-                }),
-                (FollowUp::Retry, Ok(PageState::Received)) => {
-                    let content = shared.received_again(p);
-                    shared.place(Request {
-                        at: *p,
-                        count: 1,
-                        content,
-                        wake: true,
-                        origin: Origin::Fault,
-                    })
-                }
-                // Given back (Missing) or done: wake; a thread still missing its page
-                // refaults and is handled afresh.
-                _ => shared.wake(p.addr, p.size),
+                (follow_up, _) => shared.retry_fault(p, follow_up, waited, scratch),
+            };
+            let Some(placement) = placement else {
+                return true; // still in someone else's hands
             };
             match placement.or_give_up(&mut parked.gone) {
                 Placement::Again { .. } => true,
@@ -302,7 +321,40 @@ impl Worker {
                 }
             }
         });
+        self.watching = watch(parent, self.watching, &self.parked);
     }
+}
+
+impl Drop for Worker {
+    /// A child's handler that stops with faults parked on its parent's pages stops
+    /// counting among its watchers, and gives back the parent's claims it held (a
+    /// placement it retried: `parent.rs`), so the parent's own faults fetch them.
+    fn drop(&mut self) {
+        let Some(parent) = self.shared.parent.as_deref() else {
+            return;
+        };
+        for parked in &self.parked {
+            if parked.follow_up == (FollowUp::Parent { retry: true }) {
+                parent.release(parked.page.page);
+            }
+        }
+        watch(Some(parent), self.watching, &[]);
+    }
+}
+
+/// Counts a child's handler among its parent's watchers while it has faults parked on
+/// the parent's pages (`parent.rs`); returns whether it is.
+fn watch(parent: Option<&Shared>, watching: bool, parked: &[Parked]) -> bool {
+    let Some(parent) = parent else {
+        return false;
+    };
+    let now = parked
+        .iter()
+        .any(|e| matches!(e.follow_up, FollowUp::Parent { .. }));
+    if now != watching {
+        parent.watch(now);
+    }
+    now
 }
 
 /// Applies the batch's address-space events (the gate is closed) and keeps its faults.
@@ -336,8 +388,8 @@ fn take_events(
 /// being watched or retried.
 fn park(parked: &mut Vec<Parked>, new: Parked) {
     if let Some(old) = parked.iter_mut().find(|p| p.page.page == new.page.page) {
-        if new.follow_up == FollowUp::Retry {
-            old.follow_up = FollowUp::Retry;
+        if new.follow_up.retries() {
+            old.follow_up = new.follow_up;
         }
         return;
     }

@@ -13,6 +13,7 @@ mod failure;
 #[cfg(feature = "firecracker")]
 mod firecracker;
 mod fork;
+mod fork_shared;
 mod minor;
 mod moving;
 mod regions;
