@@ -1,10 +1,19 @@
 //! `uffdkit serve`: a page server many destinations restore one image from at once.
+//!
+//! The image is read with `pread(2)`, never through a mapping: the server reads every
+//! byte it sends (the frames' checksums), and a file truncated under it would raise SIGBUS
+//! there for the pages it lost — the server died, and its clients, cut off, gave up only
+//! at their bound. A read that fails (the file shrank, an I/O error) breaks the image
+//! ([`Image`]): every read after it fails too, so each client is told why (a SHUT naming
+//! the cause: it fails its restore at once instead of reconnecting), and once no client
+//! has come for a while the server exits 1 saying so.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use pager::{FileSource, Source};
+use anyhow::{bail, Context, Result};
+use pager::{Fetched, FileSource, Source, SourceError};
 use postcopy::server::{PageServer, ServerOptions};
 use postcopy::Timing;
 use transport::Addr;
@@ -67,8 +76,9 @@ pub fn run(args: &Args) -> Result<()> {
     let file = uffd_core::private_fs::open_regular(&args.image, false)
         .with_context(|| format!("open {}", args.image.display()))?;
     let id = identity(&file).with_context(|| format!("stat {}", args.image.display()))?;
-    let image =
-        FileSource::mmap(&args.image).with_context(|| format!("open {}", args.image.display()))?;
+    let image = Arc::new(Image::new(
+        FileSource::pread(&args.image).with_context(|| format!("open {}", args.image.display()))?,
+    ));
     let len = image.len();
     let open_files = raise_open_files();
     let opts = ServerOptions {
@@ -79,7 +89,7 @@ pub fn run(args: &Args) -> Result<()> {
     };
     let kind = security.kind();
     let server = socket_file.bind(
-        || PageServer::bind_with(&addr, std::sync::Arc::new(image), security, opts),
+        || PageServer::bind_with(&addr, image.clone(), security, opts),
         PageServer::socket_file,
     )?;
     let bound = server.local_addr()?;
@@ -114,7 +124,75 @@ pub fn run(args: &Args) -> Result<()> {
             ),
         }
     };
-    progress::track(module_path!(), "serve", status, || server.serve_forever())
+    let cause = progress::track(module_path!(), "serve", status, || image.wait_broken());
+    // Each session tells its client why as its next read fails. A client that took the
+    // end of its pair for a break (the SHUT behind the pages on its way) reconnects, and
+    // its new session tells it at once: serve on until no session came for a while.
+    let (quiet, until) = (2 * silence, Instant::now() + 10 * silence);
+    let mut idle_since = Instant::now();
+    while Instant::now() < until {
+        if server.stats().sessions > 0 {
+            idle_since = Instant::now();
+        } else if idle_since.elapsed() >= quiet {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    bail!(
+        "{} can no longer be served (its clients were told): {cause}",
+        args.image.display()
+    )
+}
+
+/// The image as served: its reads, and the first that failed, after which every read
+/// fails (see the module docs).
+struct Image {
+    file: FileSource,
+    /// Why the image broke (the first failed read, with its cause), once it did.
+    broken: Mutex<Option<String>>,
+    changed: Condvar,
+}
+
+impl Image {
+    fn new(file: FileSource) -> Image {
+        Image {
+            file,
+            broken: Mutex::new(None),
+            changed: Condvar::new(),
+        }
+    }
+
+    /// Blocks until a read fails; returns why.
+    fn wait_broken(&self) -> String {
+        let mut broken = self.broken.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(cause) = &*broken {
+                return cause.clone();
+            }
+            broken = self.changed.wait(broken).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+impl Source for Image {
+    fn len(&self) -> u64 {
+        self.file.len()
+    }
+
+    fn fetch<'a>(&'a self, offset: u64, scratch: &'a mut [u8]) -> Result<Fetched<'a>, SourceError> {
+        let broken = || self.broken.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(cause) = &*broken() {
+            return Err(SourceError {
+                what: "read image (an earlier read failed)",
+                offset,
+                source: std::io::Error::other(cause.clone()),
+            });
+        }
+        self.file.fetch(offset, scratch).inspect_err(|e| {
+            broken().get_or_insert_with(|| format!("{e}: {}", e.source));
+            self.changed.notify_all();
+        })
+    }
 }
 
 /// What strangers cost the server, when they cost anything: connections in their

@@ -5,7 +5,7 @@
 //! read, a copy and a page of host memory each, where `UFFDIO_ZEROPAGE` maps the shared
 //! zero page for nothing. Two ways to know a page is zero: the file's holes
 //! (`SEEK_DATA`/`SEEK_HOLE`, learnt once at open: never read), and a check of the bytes as
-//! they are read, before they are copied. The check reads memory the copy would read
+//! they are read, before they are copied. The check reads bytes the copy would read
 //! anyway and stops at the first non-zero 64 bytes, so a data page costs almost nothing
 //! more and a zero page saves the copy and the allocation (README, "Zero pages").
 //!
@@ -30,16 +30,16 @@ pub struct ZeroChecked {
 }
 
 impl ZeroChecked {
-    /// A plain memory file: read through a mapping, its holes learnt with `SEEK_HOLE`.
+    /// A plain memory file: read with `pread(2)`, its holes learnt with `SEEK_HOLE`. Not
+    /// through a mapping: the check reads the bytes here, and a file truncated under the
+    /// handler would raise SIGBUS for the pages it lost (the handler died, the VMM read
+    /// zeros); a read short of the file's first length fails the restore instead.
     pub fn file(path: &Path) -> Result<ZeroChecked> {
-        let holes = FileSource::sparse(path)
-            .with_context(|| format!("find the holes of {}", path.display()))?
-            .holes()
-            .to_vec();
-        let inner = FileSource::mmap(path).with_context(|| format!("map {}", path.display()))?;
+        let inner = FileSource::sparse(path)
+            .with_context(|| format!("open {} and find its holes", path.display()))?;
         Ok(ZeroChecked {
+            holes: inner.holes().to_vec(),
             inner: Arc::new(inner),
-            holes,
             found: AtomicU64::new(0),
         })
     }
@@ -80,9 +80,7 @@ impl Source for ZeroChecked {
     }
 
     fn zero_ranges(&self) -> Vec<Range<u64>> {
-        let mut ranges = self.inner.zero_ranges();
-        ranges.extend(self.holes.iter().cloned());
-        ranges
+        self.inner.zero_ranges() // a file's holes among them (`FileSource::sparse`)
     }
 
     fn attach(&self, placer: Placer) {

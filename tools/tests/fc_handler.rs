@@ -882,3 +882,37 @@ fn a_secret_free_vm_is_refused_clearly_and_killed() {
     );
     assert!(h.stderr.contains("killed Firecracker (pid"), "{}", h.text());
 }
+
+/// A memory file truncated under the handler: the pages it lost are not the guest's. The
+/// zero-page check read them from a mapping of the file, which raised SIGBUS in the
+/// handler (it died, and the VMM was left to whatever its closed userfaultfd gave it);
+/// now the read fails, the restore fails naming the cause, and the VMM is killed.
+#[test]
+fn a_memory_file_truncated_under_the_handler_fails_the_restore_and_kills_the_vmm() {
+    let (sock, mem, served) = (
+        temp("trunc.sock"),
+        temp("trunc.mem"),
+        temp("trunc-served.mem"),
+    );
+    let _files = Files(vec![sock.clone(), mem.clone(), served.clone()]);
+    common::image(&mem, 64 << 20);
+    std::fs::copy(&mem, &served).expect("copy the memory file");
+    let h = handler(&sock, &[os(&sock), os(&served)]);
+    // Truncated once the handler has the file open: a quarter stays. The client verifies
+    // against the full copy.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&served)
+        .and_then(|f| f.set_len(16 << 20))
+        .expect("truncate the served memory file");
+    let c = client(&sock, &mem, &[]).finish();
+    let h = h.finish();
+    let all = format!("handler: {}\nclient: {}", h.text(), c.text());
+    assert_eq!(
+        (h.code(), h.signal()),
+        (Some(1), None),
+        "the handler fails (signal 7: SIGBUS)\n{all}"
+    );
+    assert!(h.stderr.contains("shrank"), "the handler says why\n{all}");
+    assert_eq!(c.signal(), Some(9), "the VMM was killed\n{all}");
+}

@@ -426,6 +426,69 @@ fn fc_handler_cut_off_from_its_page_server_gives_up_and_kills_the_vmm() {
     );
 }
 
+/// `uffdkit serve` of an image file truncated under it: the pages the file lost are not
+/// the image's any more, and reading them from a mapping raised SIGBUS in the server (it
+/// died; its client, cut off, gave up only at its bound). Now the server tells each client
+/// why (a SHUT naming the cause, so the client fails at once rather than reconnect) and
+/// exits 1 saying so.
+#[test]
+fn serve_of_an_image_truncated_under_it_tells_its_clients_and_exits_1() {
+    let (sock, mem, served, key) = (
+        temp("trunc-fc.sock"),
+        temp("trunc-fc.mem"),
+        temp("trunc-fc.image"),
+        key_file("trunc-fc.key"),
+    );
+    let _files = Files(vec![sock.clone(), mem.clone(), served.clone(), key.clone()]);
+    common::image(&mem, 64 << 20);
+    std::fs::copy(&mem, &served).expect("copy the image");
+    let (server, addr) = serve(&served, &key);
+    // Truncated once the server has the file open (and mapped, before): a quarter stays.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&served)
+        .and_then(|f| f.set_len(16 << 20))
+        .expect("truncate the served image");
+    let started = Instant::now();
+    // The client's bound on a silent or absent server is far beyond the test's.
+    let liveness = ["--silence", "2", "--give-up", "60", "--mode", "thread"];
+    let h = remote_handler(&sock, &addr, &key, &liveness);
+    let c = fc_client(&sock, &mem);
+    let s = server.finish_within(Duration::from_secs(40));
+    assert_eq!(
+        (s.code(), s.signal()),
+        (Some(1), None),
+        "the server exits 1 (signal 7: SIGBUS): {}",
+        s.text()
+    );
+    assert!(
+        s.stderr.contains("shrank"),
+        "the server says why: {}",
+        s.text()
+    );
+    let (h, c) = (
+        h.finish_within(Duration::from_secs(40)),
+        c.finish_within(Duration::from_secs(40)),
+    );
+    let all = format!(
+        "server: {}\nhandler: {}\nclient: {}",
+        s.text(),
+        h.text(),
+        c.text()
+    );
+    assert_eq!(h.code(), Some(1), "the restore fails\n{all}");
+    assert!(
+        h.stderr.contains("shrank"),
+        "the handler was told why\n{all}"
+    );
+    assert_eq!(c.signal(), Some(9), "the VMM was killed\n{all}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "told at once, not at the client's bound: {:?}\n{all}",
+        started.elapsed()
+    );
+}
+
 /// The processes whose command line names `needle`.
 fn naming(needle: &str) -> Vec<i32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
