@@ -33,7 +33,8 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use uffd_core::{Mapping, Uffd, WriteProtectMode};
 
 use crate::pager::Pager;
-use crate::shared::{Poison, Shared};
+use crate::poison::Poison;
+use crate::shared::Shared;
 use crate::source::{ChildSource, Source};
 use crate::stats::bump;
 

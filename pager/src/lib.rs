@@ -95,8 +95,9 @@
 //!    `prefetch.rs` pushes the rest in the background; `sigbus.rs` resolves faults inside
 //!    the faulting thread instead, async-signal-safe; `fork.rs` serves forked children,
 //!    whose faults on shared memory their parent's engine decides (`parent.rs`).
-//! 5. `shared.rs` — a fatal error settles the stop: poison what is not placed, let go of
-//!    the regions (`release.rs`), then tell the embedder (`stopped_fd`). `maps.rs` checks
+//! 5. `shared.rs` — a fatal error settles the stop: poison what is not placed
+//!    (`poison.rs`), let go of the regions (`release.rs`), then tell the embedder
+//!    (`stopped_fd`). `maps.rs` checks
 //!    a MINOR region's alias; `seeded.rs` checks a seeded map's Received pages are in
 //!    memory.
 //!
@@ -123,6 +124,7 @@ mod pager;
 mod parent;
 mod place;
 mod placer;
+mod poison;
 mod prefetch;
 pub mod record;
 mod region;

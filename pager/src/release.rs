@@ -35,6 +35,27 @@ impl Shared {
                 );
             }
         }
+        self.read_queued();
+    }
+
+    /// Reads the events queued now and applies them, with the gate closed as a handler
+    /// does (a late placement of another thread never lands image bytes on a page a
+    /// REMOVE read here dropped), a forked child refused. For a stopped pager, whose
+    /// handlers read no more: while a REMOVE is queued the kernel refuses every placement
+    /// and poison (EAGAIN) and holds the `madvise` until the event is read, so the poison
+    /// of a failed pager reads them as it goes (`Shared::poison_run`), and so does the
+    /// let-go. If a handler still reading holds the gate, it takes them: this waits for it,
+    /// and reads what it left.
+    pub(crate) fn read_queued(&self) {
+        let _closed = loop {
+            match self.gate.try_close() {
+                Some(closed) => break closed,
+                None => self.gate.wait_open(),
+            }
+            if !self.readable_now() {
+                return;
+            }
+        };
         let mut events = EventBuffer::new(BATCH);
         while self.readable_now() {
             let Ok(ReadStatus::Events(_)) = self.uffd.read_events(&mut events) else {

@@ -9,27 +9,14 @@ use std::sync::{Arc, Mutex};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use page_state::{Bitmap, PageState, PageStateMap};
-use uffd_core::{Error as UffdError, Features, Mapping, PoisonMode, Uffd};
+use uffd_core::{Features, Mapping, Uffd};
 
 use crate::error::{Error, Result, SourceError};
 use crate::gate::Gate;
 use crate::record::Recorder;
 use crate::region::{PageRef, RegionTable, Resolve};
 use crate::source::Source;
-use crate::stats::{add, PendingFaults, Stats};
-
-/// Which pages [`Shared::poison_in`] poisons.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Poison {
-    /// This engine failed, its uffd open until the embedder drops the pager: every page a
-    /// fault would wait on for good — Missing, Requested, Zero (a known-zero page not
-    /// placed yet) and the Received pages a REMOVE reached (their next touch faults).
-    Stopped,
-    /// A forked child that is not (or no longer) served, its uffd closed next: Missing and
-    /// Requested pages, and every Received one (the child's copy may lack a page its
-    /// parent received after the fork). Zero pages read zeros once the uffd is closed.
-    Child,
-}
+use crate::stats::{PendingFaults, Stats};
 
 /// State shared by all the pager's threads.
 pub(crate) struct Shared {
@@ -292,119 +279,6 @@ impl Shared {
     /// Whether the stop has been settled.
     pub fn is_settled(&self) -> bool {
         *self.settled.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Poisons every page of a mapped region the stopped pager would leave a fault waiting
-    /// on (`UFFDIO_POISON`, one ioctl per run, page by page where a run meets a placed
-    /// page). Returns the pages poisoned and those that could not be.
-    fn poison_unplaced(&self) -> (usize, usize) {
-        self.poison_in(&self.uffd, Poison::Stopped)
-    }
-
-    /// Poisons, through `uffd`, the pages of the regions that `which` says, in runs where
-    /// they are not placed and one by one where they may be (a present page answers
-    /// EEXIST and keeps its content). Allocates nothing.
-    pub fn poison_in(&self, uffd: &Uffd, which: Poison) -> (usize, usize) {
-        let state = |page| self.decider(page).states.get(page);
-        let open = |page| match state(page) {
-            Ok(PageState::Missing | PageState::Requested) => true,
-            Ok(PageState::Zero) => which == Poison::Stopped,
-            _ => false,
-        };
-        let received = |page| match which {
-            Poison::Child => true,
-            Poison::Stopped => self.dropped.test(page),
-        };
-        let (mut poisoned, mut left) = (0, 0);
-        let mut page = 0;
-        while page < self.states.len() {
-            let Some(first) = self.page(page) else {
-                page += 1;
-                continue;
-            };
-            let count = if open(page) {
-                let mut count = 1;
-                let mut prev = first;
-                while let Some(next) = self.page(page + count) {
-                    if !prev.is_followed_by(&next) || !open(page + count) {
-                        break;
-                    }
-                    prev = next;
-                    count += 1;
-                }
-                count
-            } else if state(page) == Ok(PageState::Received) && received(page) {
-                1
-            } else {
-                page += 1;
-                continue;
-            };
-            let (done, failed) = self.poison_run(uffd, &first, count);
-            add(&self.stats.poisoned, done as u64);
-            poisoned += done;
-            left += failed;
-            page += count;
-        }
-        (poisoned, left)
-    }
-
-    /// The engine whose states decide page `page`: the parent's for a forked child's MINOR
-    /// region (see `parent.rs`), this one's otherwise.
-    fn decider(&self, page: usize) -> &Shared {
-        match (&self.parent, self.page(page)) {
-            (Some(parent), Some(p)) if p.resolve != Resolve::Copy => parent,
-            _ => self,
-        }
-    }
-
-    /// Poisons `count` pages from `first`, skipping pages that turn out placed (EEXIST).
-    fn poison_run(&self, uffd: &Uffd, first: &PageRef, count: usize) -> (usize, usize) {
-        let (mut done, mut failed) = (0, 0);
-        let mut i = 0;
-        let mut tries = 0;
-        while i < count {
-            let addr = first.addr + i * first.size;
-            let len = (count - i) * first.size;
-            match uffd.poison(addr, len, PoisonMode::empty()) {
-                Ok(_) => {
-                    done += count - i;
-                    break;
-                }
-                // A page of the run is present: that one keeps its content.
-                Err(UffdError::Exists { .. }) if count - i == 1 => i += 1,
-                Err(UffdError::Exists { .. }) => {
-                    let (d, f) = self.poison_run(uffd, &self.page_after(first, i), 1);
-                    (done, failed) = (done + d, failed + f);
-                    i += 1;
-                }
-                // An address-space change is pending that no handler may read any more:
-                // a few tries, then give up on the rest.
-                Err(UffdError::Again { done: bytes, .. }) if tries < 100 => {
-                    let whole = bytes / first.size;
-                    done += whole;
-                    i += whole;
-                    tries += 1;
-                    crate::sigsafe::sleep(std::time::Duration::from_micros(100));
-                }
-                Err(UffdError::RangeGone { .. }) | Err(UffdError::ProcessGone { .. }) => break,
-                Err(_) => {
-                    failed += count - i;
-                    break;
-                }
-            }
-        }
-        (done, failed)
-    }
-
-    /// The page `i` pages after `first` in the same region.
-    fn page_after(&self, first: &PageRef, i: usize) -> PageRef {
-        PageRef {
-            page: first.page + i,
-            addr: first.addr + i * first.size,
-            offset: first.offset + (i * first.size) as u64,
-            in_region: first.in_region + i * first.size,
-            ..*first
-        }
     }
 
     /// The fatal error that stopped the pager, if any.

@@ -10,6 +10,7 @@ mod behaviour;
 mod content;
 mod embedding;
 mod failure;
+mod fatal;
 #[cfg(feature = "firecracker")]
 mod firecracker;
 mod fork;
