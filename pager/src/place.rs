@@ -413,12 +413,11 @@ impl Shared {
             let n = bytes.len().min(len - off);
             // SAFETY: `alias..alias + len` lies in the region's alias, which `start` checked
             // (maps.rs) is a writable shared mapping, in this process, of the region's own
-            // file at the same offsets, overlapping no region — made by the pager itself
-            // for a `mapping_minor` region; what it holds is the region's content, which
-            // the pager decides (the same contract). The pages are not mapped in the
-            // registered range yet (a mapped page is Received and never written here) and
-            // only the claimant writes them.
-            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), (alias + off) as *mut u8, n) };
+            // file at the same offsets, overlapping no region (or made by the pager for a
+            // `mapping_minor` region); the region's content, which the pager decides. Its
+            // pages are not mapped in the region yet (a mapped page is Received and never
+            // written here) and only the claimant writes them.
+            unsafe { crate::sigsafe::copy_or_efault(alias + off, &bytes[..n]) }?;
         }
         // SAFETY: the page cache behind `addr` now holds the bytes the page must show.
         unsafe { self.uffd.continue_range(addr, len, mode) }

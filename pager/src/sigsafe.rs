@@ -2,9 +2,12 @@
 //! `signal-safety(7)`), and the thread-local flag that marks the SIGBUS handler.
 
 use std::cell::Cell;
+use std::io::IoSliceMut;
 use std::time::Duration;
 
+use nix::errno::Errno;
 use nix::sys::time::TimeSpec;
+use nix::sys::uio::{process_vm_readv, RemoteIoVec};
 use nix::time::{clock_nanosleep, ClockId, ClockNanosleepFlags};
 
 thread_local! {
@@ -62,5 +65,40 @@ pub(crate) fn backoff(spins: &mut u32) {
             let _ = nix::sched::sched_yield();
         }
         _ => sleep(Duration::from_micros(20)),
+    }
+}
+
+/// Copies `src` to `dst` (a MINOR region's alias: the page cache a `UFFDIO_CONTINUE` maps
+/// next) as the kernel copies from user memory: a page of `src` that cannot be read (a
+/// mapping of an image file truncated since) fails the placement with EFAULT instead of
+/// raising SIGBUS in the calling thread (`process_vm_readv(2)` on this process; a plain
+/// copy where a seccomp filter refuses that call). Async-signal-safe.
+///
+/// # Safety
+/// `dst..dst + src.len()` is writable memory that nothing else reads or writes meanwhile.
+pub(crate) unsafe fn copy_or_efault(dst: usize, src: &[u8]) -> uffd_core::Result<()> {
+    let failed = |errno| uffd_core::Error::Os {
+        op: uffd_core::Op::Continue,
+        errno,
+    };
+    let remote = [RemoteIoVec {
+        base: src.as_ptr() as usize,
+        len: src.len(),
+    }];
+    // SAFETY: the caller's promise.
+    let local = unsafe { std::slice::from_raw_parts_mut(dst as *mut u8, src.len()) };
+    match process_vm_readv(
+        nix::unistd::getpid(),
+        &mut [IoSliceMut::new(local)],
+        &remote,
+    ) {
+        Ok(n) if n == src.len() => Ok(()),
+        Ok(_) => Err(failed(Errno::EFAULT)),
+        Err(Errno::EPERM | Errno::ENOSYS) => {
+            // SAFETY: the caller's promise; `src` is readable (a shared borrow).
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
+            Ok(())
+        }
+        Err(e) => Err(failed(e)),
     }
 }

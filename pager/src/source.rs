@@ -274,10 +274,10 @@ impl FileSource {
 
     /// Maps the file read-only and copies pages from the mapping (no syscall per page
     /// beyond the placement itself; the page cache is read on first touch). A file
-    /// truncated while served: the pager's `UFFDIO_COPY` of a page past its new end
-    /// fails with EFAULT (a fatal error, the rest poisoned), but whoever reads the
-    /// fetched bytes itself (a checksum, a comparison) gets SIGBUS, which ends the
-    /// process; where that can happen, use [`FileSource::pread`].
+    /// truncated while served: the pager's placement of a page past its new end fails
+    /// with EFAULT (`UFFDIO_COPY`, or its copy into a MINOR region's page cache: a fatal
+    /// error, the rest poisoned), but whoever else reads the fetched bytes (a checksum, a
+    /// comparison) gets SIGBUS, which ends the process; there, use [`FileSource::pread`].
     pub fn mmap(path: impl AsRef<Path>) -> Result<Self, SourceError> {
         let (file, len) = Self::open(path.as_ref())?;
         let map_len = usize::try_from(len).map_err(|_| SourceError {

@@ -579,3 +579,41 @@ fn after_a_fatal_error_the_workloads_madvise_munmap_and_fork_do_not_wait_on_the_
     );
     assert!(pager.stop().is_err());
 }
+
+/// The same over shared memory resolved in MINOR mode, from a mapping of the file: the
+/// pager copies a page's bytes into the page cache itself (through the alias), and that
+/// copy out of the truncated file's mapping raised SIGBUS in the handler thread, which
+/// ended the process. The copy fails instead (EFAULT): the pager fails, and a touch of a
+/// page the file lost raises SIGBUS.
+#[test]
+fn a_mapped_file_image_truncated_under_a_minor_region_fails_the_pager_not_its_handler() {
+    const NAME: &str =
+        "a_mapped_file_image_truncated_under_a_minor_region_fails_the_pager_not_its_handler";
+    if !testkit::isolated(NAME, WATCHDOG) {
+        return;
+    }
+    let pages = 16;
+    let image = common::image(pages, PS, 0);
+    let path = std::env::temp_dir().join(format!("uffdkit-test-{}-truncated", std::process::id()));
+    std::fs::write(&path, &image).expect("write the image");
+    let source = Arc::new(pager::FileSource::mmap(&path).expect("open"));
+    let memory = Arc::new(Mapping::new(MemoryKind::Shmem, pages * PS).expect("map"));
+    let pager = Pager::builder(common::uffd(), source)
+        .mapping_minor(memory.clone(), 0)
+        .mode(DeliveryMode::Thread)
+        .start()
+        .expect("start");
+    // SAFETY: the served region.
+    let first = unsafe { common::bytes(memory.addr(), PS) };
+    assert_eq!(first, &image[..PS], "served from the file");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|f| f.set_len((pages / 2 * PS) as u64))
+        .expect("truncate the image");
+    let touched = testkit::sigbus::touch_expecting_sigbus(memory.addr() + 12 * PS, SIGBUS_WAIT);
+    let _ = std::fs::remove_file(&path);
+    touched.expect("the touch of a page the file lost raises SIGBUS (not the pager's thread)");
+    assert!(pager.wait(Some(SIGBUS_WAIT)), "the pager stops");
+    assert!(pager.stop().is_err(), "the pager failed");
+}
