@@ -387,8 +387,7 @@ impl Shared {
     pub fn release(&self, page: usize) {
         if self.states.release(page).is_ok() {
             bump(&self.stats.released);
-            // A forked child waiting on the page fetches it afresh.
-            self.ring_children();
+            self.ring(); // whoever waits on the page fetches it afresh
         }
     }
 

@@ -94,7 +94,8 @@
 //!    second thread to land a long run in pieces);
 //!    `prefetch.rs` pushes the rest in the background; `sigbus.rs` resolves faults inside
 //!    the faulting thread instead, async-signal-safe; `fork.rs` serves forked children,
-//!    whose faults on shared memory their parent's engine decides (`parent.rs`).
+//!    whose faults on shared memory their parent's engine decides (`parent.rs`). Who
+//!    waits on a page in flight sleeps until the engine rings its bell (`bell.rs`).
 //! 5. `shared.rs` — a fatal error settles the stop: poison what is not placed
 //!    (`poison.rs`), let go of the regions (`release.rs`), then tell the embedder
 //!    (`stopped_fd`). `maps.rs` checks
@@ -105,6 +106,7 @@
 //! `stats.rs` and `histogram.rs`.
 
 mod arrival;
+mod bell;
 mod builder;
 mod cpu;
 mod error;

@@ -6,31 +6,21 @@
 //!
 //! **Waiting for the parent.** A page the parent has in flight (claimed by a handler or
 //! the prefetcher, or asked of a remote source) is not the child's to place: the child's
-//! fault is parked ([`FollowUp::Parent`]) until the parent's page leaves Requested. The
-//! parent then rings its bell (an eventfd, written only while a child waits:
-//! [`Shared::ring_children`]), which each child engine's handler watches edge-triggered
-//! through an epoll of its own ([`Bell`]): one write wakes every waiting child, and none
-//! has to read (reset) it for the others. Before, the child's fault was woken at once, it
-//! faulted again, and the pair went round until the page landed — a CPU burnt, a
-//! `prioritize` per round. A child whose source promised answers at once
+//! fault is parked ([`FollowUp::Parent`]) until the parent's page leaves Requested, which
+//! rings the parent's bell (`bell.rs`) that each child engine's handler watches. Before,
+//! the child's fault was woken at once, it faulted again, and the pair went round until
+//! the page landed — a CPU burnt, a `prioritize` per round. A child whose source promised answers at once
 //! ([`ChildSource::Shared`](crate::ChildSource::Shared)) is failed instead when the page
 //! waits on a remote source (`pending_is_fatal`), as its own fetch would be. The parent's
 //! stop reaches a waiting child through the fork service, which fails it.
-//!
-//! Orderings: a child counts itself in the parent's `watched` and then reads the page's
-//! state; the parent publishes the state and then reads `watched`; a SeqCst fence between
-//! the two steps on each side means at least one of them sees the other (Dekker): the
-//! child sees the page placed, or the parent rings.
 
-use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use page_state::PageState;
 use uffd_core::FaultFlags;
 
-use crate::error::{Error, Result};
+use crate::error::Error;
 use crate::fault::{FaultOutcome, FollowUp};
 use crate::place::{Content, GoneSince, Origin, Placement, Request};
 use crate::region::PageRef;
@@ -157,66 +147,9 @@ impl Shared {
             origin: Origin::Fault,
         })
     }
-
-    /// A child's fault starts (`true`) or stops waiting on this engine's pages.
-    pub(crate) fn watch(&self, start: bool) {
-        if start {
-            self.watched.fetch_add(1, Ordering::Relaxed);
-            // SeqCst: the count is visible before the caller reads the page's state
-            // (module docs), or the parent's placement might not ring.
-            fence(Ordering::SeqCst);
-        } else {
-            self.watched.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-
-    /// A page of this engine left Requested: wakes the forked children's engines waiting
-    /// on one (module docs). Async-signal-safe: a fence, a load and `write(2)`.
-    pub(crate) fn ring_children(&self) {
-        let Some(bell) = &self.bell else {
-            return;
-        };
-        // SeqCst: the page's new state is visible before `watched` is read (module docs).
-        fence(Ordering::SeqCst);
-        if self.watched.load(Ordering::Relaxed) > 0 {
-            let _ = bell.write(1);
-        }
-    }
 }
 
 /// Whether the parent placed page `page`.
 fn placed(parent: &Shared, page: usize) -> bool {
     parent.states.get(page) == Ok(PageState::Received)
-}
-
-/// A child engine's handler's view of its parent's bell: an epoll holding the bell
-/// edge-triggered, readable after each ring until [`clear`](Self::clear)ed.
-pub(crate) struct Bell(Epoll);
-
-impl Bell {
-    /// The bell of `shared`'s parent, for a child engine whose parent has one.
-    pub fn of_parent(shared: &Shared) -> Result<Option<Bell>> {
-        let Some(bell) = shared.parent.as_ref().and_then(|p| p.bell.as_ref()) else {
-            return Ok(None);
-        };
-        let io = |e: nix::Error| Error::Io {
-            what: "watch the parent's bell (a forked child's engine)",
-            source: e.into(),
-        };
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io)?;
-        let edge = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, 0);
-        epoll.add(bell.as_fd(), edge).map_err(io)?;
-        Ok(Some(Bell(epoll)))
-    }
-
-    /// What to poll: readable once the parent rang since the last [`clear`](Self::clear).
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.0 .0.as_fd()
-    }
-
-    /// Takes the rings so far (the next one makes [`fd`](Self::fd) readable again).
-    pub fn clear(&self) {
-        let mut events = [EpollEvent::empty()];
-        let _ = self.0.wait(&mut events, EpollTimeout::ZERO);
-    }
 }

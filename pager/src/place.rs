@@ -449,7 +449,7 @@ impl Shared {
         let _ = self.states.mark_received_range(page, page + count); // a received one stays
                                                                      // Faults a remote source answered later are timed now that their page is in.
         self.pending.placed(page, count, &self.stats);
-        self.ring_children(); // forked children waiting on it map it now
+        self.ring(); // whoever waits on it (bell.rs) goes on
     }
 
     fn account(&self, origin: Origin, content: Content<'_>, bytes: usize, count: usize) {

@@ -61,9 +61,8 @@ pub(crate) struct Shared {
     /// A forked child's engine: its parent's, which decides the pages of MINOR regions
     /// (one page cache for both: see `parent.rs`).
     pub parent: Option<Arc<Shared>>,
-    /// With fork events: rung when a page leaves Requested while `watched` handlers of
-    /// forked children have faults waiting on this engine's pages (`parent.rs`).
-    pub bell: Option<EventFd>,
+    /// Rung when a page leaves Requested while `watched` waiters wait on one (`bell.rs`).
+    pub bell: EventFd,
     pub watched: AtomicUsize,
     /// Set once the source answers `Pending` (see `Shared::is_remote`).
     pub remote: AtomicBool,
@@ -122,7 +121,7 @@ impl Shared {
                     source: e.into(),
                 })
         };
-        let (wakeup, stopped) = (eventfd()?, eventfd()?);
+        let (wakeup, stopped, bell) = (eventfd()?, eventfd()?, eventfd()?);
         let pages = regions.pages();
         let zeros = vec![
             0u8;
@@ -154,7 +153,7 @@ impl Shared {
             remote: AtomicBool::new(false),
             pending_is_fatal: false,
             parent: None,
-            bell: None,
+            bell,
             watched: AtomicUsize::new(0),
             zeros: zeros.into_boxed_slice(),
             fatal: Mutex::new(None),
@@ -194,6 +193,7 @@ impl Shared {
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.wakeup.write(1);
+        let _ = self.bell.write(1); // waiters on pages look at the stop too
     }
 
     /// Records a fatal error (the first one wins) and stops. Not for the SIGBUS path.

@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use uffd_core::{Event, EventBuffer, FaultFlags, ReadStatus};
 
+use crate::bell::Bell;
 use crate::error::Result;
 use crate::fault::{FaultOutcome, FollowUp, MAX_AROUND_BYTES, TAKE_OVER_AFTER};
 use crate::fork::ForkQueue;
-use crate::parent::Bell;
 use crate::place::{GoneSince, Placement};
 use crate::region::PageRef;
 use crate::shared::Shared;
@@ -85,7 +85,7 @@ impl Worker {
         };
         let scratch = vec![0u8; max_page.max(around)];
         Ok(Self {
-            bell: Bell::of_parent(&shared)?,
+            bell: shared.parent.as_deref().map(Bell::of).transpose()?,
             shared,
             events: EventBuffer::new(batch),
             scratch,

@@ -21,3 +21,4 @@ mod regions;
 mod stop;
 mod takeover;
 mod unprivileged;
+mod waits;

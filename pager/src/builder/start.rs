@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
-use nix::sys::eventfd::{EfdFlags, EventFd};
 use uffd_core::{Features, Ioctls, RegisterMode, Uffd};
 
 use crate::cpu::{allowed_cpus, pin_to_cpu};
@@ -58,15 +57,6 @@ impl PagerBuilder {
                 .features()
                 .intersects(Features::EVENT_UNMAP | Features::EVENT_REMAP);
         shared.pending_is_fatal = self.child_shares_source;
-        if shared.uffd.features().contains(Features::EVENT_FORK) {
-            // Forked children's engines may wait on this one's pages (parent.rs).
-            let bell =
-                EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK);
-            shared.bell = Some(bell.map_err(|e| Error::Io {
-                what: "eventfd",
-                source: e.into(),
-            })?);
-        }
         shared.parent = self.parent.take();
         let shared = Arc::new(shared);
         shared.mark_known_zero();
