@@ -14,6 +14,7 @@ use std::sync::{mpsc, Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
+use nix::sys::mman::{madvise, MmapAdvise};
 use nix::sys::uio::{process_vm_readv, RemoteIoVec};
 use pager::{DeliveryMode, Fetched, Mapping, MemoryKind, Pager, Prefetch, Source, SourceError};
 
@@ -128,15 +129,10 @@ fn run_once(image: &Arc<Vec<u8>>, budget: i64, seed: u64) -> Vec<(usize, Read)> 
                     // The dropper: the workload's own zeros, and REMOVE events queued as
                     // the pager fails (its madvise must not wait on the stopped pager).
                     dropped[page].store(true, SeqCst);
+                    let at = std::ptr::NonNull::new((memory.addr() + page * PS) as *mut _)
+                        .expect("mapped");
                     // SAFETY: a page of our own mapping, whose content we do not rely on.
-                    let r = unsafe {
-                        libc::madvise(
-                            (memory.addr() + page * PS) as *mut libc::c_void,
-                            PS,
-                            libc::MADV_DONTNEED,
-                        )
-                    };
-                    assert_eq!(r, 0, "madvise");
+                    unsafe { madvise(at, PS, MmapAdvise::MADV_DONTNEED) }.expect("madvise");
                     std::thread::sleep(Duration::from_micros(200));
                     continue;
                 }
