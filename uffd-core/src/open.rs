@@ -10,7 +10,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
 
-use crate::api::{api_ioctl, ApiInfo};
+use crate::api::ApiInfo;
 use crate::error::{Error, Op, Result};
 use crate::features::{Features, Ioctls, INTERNAL_FEATURE_BITS};
 use crate::sys;
@@ -236,7 +236,7 @@ fn open_syscall(flags: i32) -> std::result::Result<OwnedFd, Errno> {
 /// Every feature the kernel supports, learned on a throwaway fd opened like `builder`'s.
 pub(crate) fn supported_features(builder: &UffdBuilder) -> Result<Features> {
     let probe = builder.open_unnegotiated()?;
-    Ok(api_ioctl(&probe, sys::UFFD_API, Features::empty())?.features)
+    Ok(probe.api_ioctl(sys::UFFD_API, Features::empty())?.features)
 }
 
 /// An open userfaultfd.
@@ -269,10 +269,36 @@ impl Uffd {
     ///
     /// See `ioctl_userfaultfd(2)`. Since Linux 4.3.
     pub fn api(&mut self, version: u64, features: Features) -> Result<ApiInfo> {
-        let info = api_ioctl(self, version, features)?;
+        let info = self.api_ioctl(version, features)?;
         self.features = features;
         self.ioctls = info.ioctls;
         Ok(info)
+    }
+
+    /// Issues `UFFDIO_API` on this fd with the given API version and feature request.
+    ///
+    /// Low level: the kernel accepts one successful call per fd, refuses any version but
+    /// [`sys::UFFD_API`] and any feature bit it does not know. [`UffdBuilder::open`]
+    /// does the probe-then-request handshake; [`Uffd::api`] is the public way in. A method
+    /// of `Uffd` only: on any other fd the number may mean another driver's ioctl.
+    ///
+    /// See `ioctl_userfaultfd(2)`, `UFFDIO_API`. Since Linux 4.3.
+    pub(crate) fn api_ioctl(&self, version: u64, features: Features) -> Result<ApiInfo> {
+        let mut arg = sys::uffdio_api {
+            api: version,
+            features: features.bits(),
+            ioctls: 0,
+        };
+        // SAFETY: `self` is a userfaultfd (a `Uffd` holds nothing else), whose UFFDIO_API
+        // reads and writes exactly one `uffdio_api`, which `arg` is.
+        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), sys::UFFDIO_API as _, &mut arg) };
+        if ret < 0 {
+            return Err(Error::from_errno(Op::Api, Errno::last(), 0));
+        }
+        Ok(ApiInfo {
+            features: Features::from_bits_retain(arg.features),
+            ioctls: Ioctls::from_bits_retain(arg.ioctls),
+        })
     }
 
     /// Adopts a userfaultfd that came from elsewhere (another process, over a socket), reading

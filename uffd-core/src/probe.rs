@@ -2,7 +2,6 @@
 
 use nix::errno::Errno;
 
-use crate::api::api_ioctl;
 use crate::error::Result;
 use crate::features::{Features, Ioctls};
 use crate::mapping::{Mapping, MemoryKind};
@@ -136,7 +135,7 @@ pub fn probe() -> Result<Probe> {
     let device = probe_path(PathPolicy::DeviceOnly);
     let syscall = probe_path(PathPolicy::SyscallOnly);
     let fd = Uffd::builder().open_unnegotiated()?;
-    let info = api_ioctl(&fd, sys::UFFD_API, Features::empty())?;
+    let info = fd.api_ioctl(sys::UFFD_API, Features::empty())?;
     let kinds = [MemoryKind::Anon, MemoryKind::Shmem, MemoryKind::Hugetlb]
         .into_iter()
         .map(|kind| probe_kind(kind, info.features))
