@@ -148,6 +148,10 @@ pub struct PullArgs {
     /// Ranged reads in flight.
     #[arg(long, default_value_t = 16)]
     in_flight: usize,
+    /// Give up on a chunk after this many seconds of failed attempts (or of waiting for
+    /// another process fetching it).
+    #[arg(long, default_value_t = 60)]
+    retry_secs: u64,
 }
 
 /// Options of `uffdkit image inspect`.
@@ -241,12 +245,13 @@ fn pull(args: &PullArgs) -> Result<()> {
         file,
         out.temp_path(),
         args.cache.open()?,
-        RetryPolicy::default(),
+        RetryPolicy::within(Duration::from_secs(args.retry_secs)),
         args.in_flight,
     )?;
     out.commit()?;
     println!(
-        "pulled {} to {} in {:.2} s: {} MiB, {} chunks fetched in {} reads ({} MiB), {} from the cache",
+        "pulled {} to {} in {:.2} s: {} MiB, {} chunks fetched in {} reads ({} MiB), {} from the cache, \
+         {} overtaken from a stalled peer",
         args.url,
         args.file.display(),
         started.elapsed().as_secs_f64(),
@@ -254,7 +259,8 @@ fn pull(args: &PullArgs) -> Result<()> {
         r.fetch.chunks_fetched,
         r.fetch.reads,
         r.fetch.bytes_fetched >> 20,
-        r.fetch.cache_hits
+        r.fetch.cache_hits,
+        r.fetch.overtaken
     );
     Ok(())
 }

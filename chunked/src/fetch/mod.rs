@@ -32,6 +32,11 @@ pub struct FetchStats {
     pub cache_hits: u64,
     /// Chunks another process was fetching, waited for and then read from the cache.
     pub peer_waits: u64,
+    /// Chunks fetched here while another process held their fetch lock: a peer that
+    /// published nothing for the [patience](RetryPolicy::peer_patience) (frozen,
+    /// stalled, starved of CPU) or not within the deadline. Only these may be fetched
+    /// twice on one host: every other chunk is fetched by the one process holding its lock.
+    pub overtaken: u64,
     /// Reads retried after a transient failure.
     pub retries: u64,
     /// Chunks that failed verification (each refetched or reported).
@@ -45,6 +50,7 @@ struct Counters {
     reads: AtomicU64,
     cache_hits: AtomicU64,
     peer_waits: AtomicU64,
+    overtaken: AtomicU64,
     retries: AtomicU64,
     corrupt: AtomicU64,
 }
@@ -103,6 +109,7 @@ impl Fetcher {
             reads: l(&c.reads),
             cache_hits: l(&c.cache_hits),
             peer_waits: l(&c.peer_waits),
+            overtaken: l(&c.overtaken),
             retries: l(&c.retries),
             corrupt: l(&c.corrupt),
         }

@@ -64,6 +64,7 @@ impl Fetcher {
         }
         if !peers.is_empty() {
             self.peer_stalled.store(true, Ordering::Relaxed);
+            bump(&self.counters.overtaken, peers.len() as u64);
             log::debug!(
                 "{} chunk(s) another process is fetching made no progress for {:?}: fetching them here",
                 peers.len(),
@@ -93,7 +94,12 @@ impl Fetcher {
         }
         let slot = match cache.try_lock_fetch(&d) {
             FetchLock::Ours(slot) => Some(slot),
-            FetchLock::Peer => None, // a new peer took over; fetch anyway, bounded as ever
+            // A peer still holds it (past the deadline) or a new one took over: fetch
+            // anyway, bounded as ever.
+            FetchLock::Peer => {
+                bump(&self.counters.overtaken, 1);
+                None
+            }
         };
         let ok = self.fetch_run(c..c + 1, sink).await;
         if let Some(slot) = slot {

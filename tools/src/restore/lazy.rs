@@ -117,6 +117,7 @@ pub(super) fn run_pager(
             json!({
                 "bytes_fetched": s.fetch.bytes_fetched, "chunks_fetched": s.fetch.chunks_fetched,
                 "reads": s.fetch.reads, "cache_hits": s.fetch.cache_hits, "peer_waits": s.fetch.peer_waits,
+                "overtaken": s.fetch.overtaken,
                 "retries": s.fetch.retries, "chunks_faulted": s.chunks_faulted,
                 "chunks_background": s.chunks_background,
                 "first_fault_to_place_us": s.first_fault_to_place.map(|d| d.as_micros()),
