@@ -8,6 +8,7 @@ use crate::common;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use common::{run, temp, uffdkit, wait_listening, Finished, Proc};
 
@@ -80,24 +81,34 @@ fn snapshot_live_holds_one_instant_of_the_writers_and_reports_both_ways() {
     assert_eq!(std::fs::metadata(&out).unwrap().len(), 32 << 20);
 }
 
+/// Runs a command of the chain test: the bound is against hanging only (starved of CPU,
+/// pinned beside busy loops, the chain command took over a minute, its live base alone
+/// over 10 s).
+fn run_long(cmd: std::process::Command) -> Finished {
+    Proc::start(cmd).finish_within(Duration::from_secs(300))
+}
+
 #[test]
 fn snapshot_chain_layers_restore_lazily_and_merge_to_the_same_memory() {
     let dir = Dir::new("snap-chain");
     let reference = dir.path("reference.raw");
     let work = dir.path("work");
-    let f = ok(run(uffdkit([
+    let f = ok(run_long(uffdkit([
         "snapshot",
         "chain",
         "--size",
         "16M",
         "--dirty-rate",
         "8",
-        // 90 % of the writes to a hot 5 %: when a layer is slow (a starved machine) the
-        // uniform writes alone dirtied every one of the 256 chunks, and none was inherited.
+        // 90 % of the writes to a hot 5 %: live layers leave most chunks unchanged too.
         "--workload",
         "hot",
         "--layers",
         "5",
+        // Layers 1–3 live; 4 with the writers stopped (what they wrote since 3); 5 finds
+        // nothing written, whatever the timing was.
+        "--still-layers",
+        "2",
         "--interval",
         "0.1",
         "--chunk-kib",
@@ -113,15 +124,28 @@ fn snapshot_chain_layers_restore_lazily_and_merge_to_the_same_memory() {
     let v = json(&f);
     let layers = v["layers"].as_array().unwrap();
     assert_eq!(layers.len(), 5);
-    let inherited: u64 = layers
-        .iter()
-        .map(|l| l["inherited_chunks"].as_u64().unwrap())
-        .sum();
-    assert!(inherited > 0, "unchanged chunks are inherited: {v}");
-    let stored: u64 = layers
-        .iter()
-        .map(|l| l["uploaded_bytes"].as_u64().unwrap())
-        .sum();
+    let count = |l: &serde_json::Value, k: &str| {
+        l[k].as_u64()
+            .unwrap_or_else(|| panic!("{k} of layer {}: {v}", l["layer"]))
+    };
+    // A layer stores the chunks written since its parent, at most: every other chunk is
+    // inherited (a written chunk whose content is unchanged may be inherited too).
+    for l in layers {
+        assert_eq!(count(l, "chunks"), 256, "16 MiB in 64 KiB chunks: {v}");
+        assert!(
+            count(l, "inherited_chunks") + count(l, "dirty_chunks") >= 256,
+            "unchanged chunks are inherited, not stored: layer {l}"
+        );
+    }
+    let last = &layers[4];
+    assert_eq!(count(last, "dirty_pages"), 0, "nothing written: {last}");
+    assert_eq!(
+        count(last, "inherited_chunks"),
+        256,
+        "all inherited: {last}"
+    );
+    assert_eq!(count(last, "uploaded_bytes"), 0, "nothing stored: {last}");
+    let stored: u64 = layers.iter().map(|l| count(l, "uploaded_bytes")).sum();
     assert!(
         stored < v["full"]["uploaded_bytes"].as_u64().unwrap() * 5,
         "five layers store less than five full images: {v}"
@@ -129,7 +153,7 @@ fn snapshot_chain_layers_restore_lazily_and_merge_to_the_same_memory() {
     let top = dir.url("vm.5");
     // The chain restores lazily, verified page by page against the memory at layer 5.
     let restore = |image: &str| {
-        ok(run(uffdkit([
+        ok(run_long(uffdkit([
             "restore",
             "--image",
             image,
@@ -142,11 +166,13 @@ fn snapshot_chain_layers_restore_lazily_and_merge_to_the_same_memory() {
     };
     restore(&top);
     let merged = dir.url("merged");
-    let m = ok(run(uffdkit(["image", "merge", &top, "--out", &merged])));
+    let m = ok(run_long(uffdkit([
+        "image", "merge", &top, "--out", &merged,
+    ])));
     assert!(m.stdout.contains("no chunk data copied"), "{}", m.text());
     restore(&merged);
     let raw = dir.path("merged.raw");
-    ok(run(uffdkit([
+    ok(run_long(uffdkit([
         "image",
         "merge",
         &top,
@@ -154,10 +180,33 @@ fn snapshot_chain_layers_restore_lazily_and_merge_to_the_same_memory() {
         raw.to_str().unwrap(),
     ])));
     assert!(std::fs::read(&raw).unwrap() == std::fs::read(&reference).unwrap());
-    let i = ok(run(uffdkit(["image", "inspect", &top, "--json"])));
+    let i = ok(run_long(uffdkit(["image", "inspect", &top, "--json"])));
     let iv = json(&i);
     assert_eq!(iv["chain"].as_array().unwrap().len(), 6, "{iv}");
     assert_eq!(iv["parent"]["name"], "vm.4");
+}
+
+/// A chain needs a layer (the writers stop before the last one, and the full image is
+/// dumped after it), and at least that last one still.
+#[test]
+fn snapshot_chain_refuses_no_layers_and_no_still_layer() {
+    let dir = Dir::new("snap-chain-none");
+    for (flag, value) in [("--layers", "0"), ("--still-layers", "0")] {
+        let f = run(uffdkit([
+            "snapshot",
+            "chain",
+            "--size",
+            "1M",
+            flag,
+            value,
+            "--url",
+            &dir.url("vm"),
+            "--work-dir",
+            dir.path("work").to_str().unwrap(),
+        ]));
+        assert_eq!(f.code(), Some(2), "{flag} {value}: {}", f.text());
+        assert!(f.stderr.contains(flag), "{flag} {value}: {}", f.text());
+    }
 }
 
 const PS: usize = 4096;

@@ -5,7 +5,7 @@ use super::*;
 
 fn layer_json(k: u32, r: &LayerReport) -> serde_json::Value {
     json!({
-        "layer": k, "dirty_pages": r.dirty_pages, "dirty_chunks": r.dirty_chunks,
+        "layer": k, "chunks": r.push.chunks, "dirty_pages": r.dirty_pages, "dirty_chunks": r.dirty_chunks,
         "find_ms": r.find.as_secs_f64() * 1e3, "copy_ms": r.copy.as_secs_f64() * 1e3,
         "paused_ms": r.paused.as_secs_f64() * 1e3, "write_ms": r.write.as_secs_f64() * 1e3,
         "uploaded_bytes": r.push.uploaded_bytes, "inherited_chunks": r.push.inherited_chunks,
@@ -49,9 +49,9 @@ pub(super) fn chain(args: &ChainArgs) -> Result<()> {
     let mut writers = Some(writers);
     for k in 1..=args.layers {
         std::thread::sleep(Duration::from_secs_f64(args.interval));
-        // The last layer is taken with the writers stopped, so that the reference and the
-        // full image below hold exactly its memory.
-        if k == args.layers {
+        // The last layers are taken with the writers stopped, so that the reference and
+        // the full image below hold exactly the last one's memory.
+        if k + args.still_layers > args.layers {
             if let Some(w) = writers.take() {
                 w.stop();
             }

@@ -99,9 +99,15 @@ pub struct ChainArgs {
     /// The base image's URL (file:///dir/NAME, s3://…); layer k is NAME.k beside it.
     #[arg(long)]
     url: String,
-    /// Layers after the base.
-    #[arg(long, default_value_t = 5)]
+    /// Layers after the base (at least one: the writers stop before the last).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     layers: u32,
+    /// Of those, the last N are taken with the writers stopped (at least 1, so that the
+    /// reference and the full image hold exactly the last layer's memory). The first of
+    /// them holds what was written since the layer before; the later ones find nothing
+    /// written and inherit every chunk.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    still_layers: u32,
     /// Seconds between snapshots.
     #[arg(long, default_value_t = 1.0)]
     interval: f64,
