@@ -3,10 +3,12 @@
 
 use crate::common;
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use page_state::PageState;
 use pager::{
     DeliveryMode, Fetched, MemorySource, Pager, Placer, Prefetch, RegionSpec, Source, SourceError,
@@ -87,12 +89,18 @@ fn removed_pages_fault_back_as_zeros_never_image_data() {
 }
 
 /// A memory source whose fetch of one page first drops that page with MADV_DONTNEED on
-/// another thread and waits, so the copy meets an unread REMOVE (EAGAIN).
+/// another thread and waits until the REMOVE is queued on the uffd (the uffd turns
+/// readable: nothing else is pending while the only handler, us, fetches), so the copy
+/// meets an unread REMOVE (EAGAIN) whatever the scheduling.
 struct RacingRemove {
     inner: MemorySource,
     victim: u64,
     addr: usize,
+    /// The pager's uffd (a duplicate), watched for the REMOVE.
+    uffd: OwnedFd,
     fired: AtomicBool,
+    /// Whether the REMOVE was seen queued before the fetch returned.
+    queued: AtomicBool,
 }
 
 impl Source for RacingRemove {
@@ -106,8 +114,12 @@ impl Source for RacingRemove {
                 // SAFETY: a page of the test's mapping.
                 unsafe { libc::madvise(at as *mut _, PS, libc::MADV_DONTNEED) };
             });
-            // Give madvise time to queue its REMOVE; the handler (us) cannot read it yet.
-            std::thread::sleep(Duration::from_millis(100));
+            // madvise blocks until its REMOVE is read, which the handler (us) cannot do
+            // yet: the uffd turns readable once the REMOVE is queued (bounded, so that a
+            // failing test ends).
+            let mut fds = [PollFd::new(self.uffd.as_fd(), PollFlags::POLLIN)];
+            let ready = poll(&mut fds, PollTimeout::from(10_000u16)).is_ok_and(|n| n > 0);
+            self.queued.store(ready, Ordering::Relaxed);
         }
         self.inner.fetch(offset, scratch)
     }
@@ -118,13 +130,16 @@ fn a_remove_racing_a_fault_is_retried_through_eagain_and_yields_zeros() {
     let pages = 8;
     let image = common::image(pages, PS, 0);
     let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
+    let uffd = common::uffd();
     let source = Arc::new(RacingRemove {
         inner: MemorySource::new(image.clone()),
         victim: 3 * PS as u64,
         addr: memory.addr(),
+        uffd: uffd.as_fd().try_clone_to_owned().expect("dup the uffd"),
         fired: AtomicBool::new(false),
+        queued: AtomicBool::new(false),
     });
-    let pager = Pager::builder(common::uffd(), source)
+    let pager = Pager::builder(uffd, source.clone())
         .mapping(memory.clone(), 0)
         .mode(DeliveryMode::Thread)
         .start()
@@ -135,6 +150,10 @@ fn a_remove_racing_a_fault_is_retried_through_eagain_and_yields_zeros() {
         victim.iter().all(|&b| b == 0),
         "dropped while in flight: zeros, not image data"
     );
+    assert!(
+        source.queued.load(Ordering::Relaxed),
+        "the REMOVE was queued before the fetch returned"
+    );
     // SAFETY: served region.
     let other = unsafe { common::bytes(memory.page_addr(4), PS) };
     assert_eq!(other, &image[4 * PS..5 * PS]);
@@ -143,21 +162,21 @@ fn a_remove_racing_a_fault_is_retried_through_eagain_and_yields_zeros() {
     assert_eq!(stats.events_remove, 1);
 }
 
-/// A remote-style source: even pages are "remote" (answered after `delay` by another
-/// thread through the placer), odd pages local. Counts requests per page.
+/// A remote-style source: even pages are "remote" (answered by another thread through the
+/// placer once `gate` is open), odd pages local. Counts requests per page.
 struct Remote {
     image: Arc<Vec<u8>>,
-    delay: Duration,
+    gate: Arc<Gate>,
     requests: Vec<AtomicU32>,
     queue: Mutex<Option<mpsc::Sender<u64>>>,
 }
 
 impl Remote {
-    fn new(image: Vec<u8>, delay: Duration) -> Arc<Self> {
+    fn new(image: Vec<u8>, gate: Arc<Gate>) -> Arc<Self> {
         let pages = image.len() / PS;
         Arc::new(Self {
             image: Arc::new(image),
-            delay,
+            gate,
             requests: (0..pages).map(|_| AtomicU32::new(0)).collect(),
             queue: Mutex::new(None),
         })
@@ -181,17 +200,55 @@ impl Source for Remote {
     }
     fn attach(&self, placer: Placer) {
         *self.queue.lock().expect("queue") =
-            Some(remote_peer(placer, self.image.clone(), self.delay));
+            Some(remote_peer(placer, self.image.clone(), self.gate.clone()));
+    }
+}
+
+/// What a remote peer waits for before it answers: a test opens it, so whatever the test
+/// checks while a page is pending holds by construction, not because a delay was long
+/// enough.
+#[derive(Default)]
+struct Gate {
+    open: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl Gate {
+    /// Longest a peer waits for its gate: a test that fails before opening it ends.
+    const BOUND: Duration = Duration::from_secs(60);
+
+    fn shut() -> Arc<Gate> {
+        Arc::default()
+    }
+
+    fn opened() -> Arc<Gate> {
+        let gate = Gate::shut();
+        gate.open();
+        gate
+    }
+
+    fn open(&self) {
+        *self.open.lock().expect("gate") = true;
+        self.opened.notify_all();
+    }
+
+    /// Waits until the gate is open (at most [`Gate::BOUND`]).
+    fn wait(&self) {
+        let open = self.open.lock().expect("gate");
+        let _open = self
+            .opened
+            .wait_timeout_while(open, Self::BOUND, |open| !*open)
+            .expect("gate");
     }
 }
 
 /// A test source's remote peer: a thread that places each page offset sent on the
-/// returned queue, `delay` after it arrives.
-fn remote_peer(placer: Placer, image: Arc<Vec<u8>>, delay: Duration) -> mpsc::Sender<u64> {
+/// returned queue once `gate` is open.
+fn remote_peer(placer: Placer, image: Arc<Vec<u8>>, gate: Arc<Gate>) -> mpsc::Sender<u64> {
     let (tx, rx) = mpsc::channel::<u64>();
     std::thread::spawn(move || {
         for offset in rx {
-            std::thread::sleep(delay);
+            gate.wait();
             let at = offset as usize;
             let _ = placer.place(offset, Some(&image[at..at + PS]));
         }
@@ -199,11 +256,21 @@ fn remote_peer(placer: Placer, image: Arc<Vec<u8>>, delay: Duration) -> mpsc::Se
     tx
 }
 
+/// Waits until the pager has read `faults` faults (each from a thread now blocked in it).
+fn wait_for_faults(pager: &Pager, faults: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pager.stats().faults() < faults {
+        assert!(Instant::now() < deadline, "{faults} faults read");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 #[test]
 fn a_remote_source_never_blocks_the_loop_and_is_asked_once_per_page() {
     let pages = 64;
     let image = common::image(pages, PS, 0);
-    let source = Remote::new(image.clone(), Duration::from_millis(300));
+    let gate = Gate::shut();
+    let source = Remote::new(image.clone(), gate.clone());
     let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
     let pager = Pager::builder(common::uffd(), source.clone())
         .mapping(memory.clone(), 0)
@@ -211,48 +278,44 @@ fn a_remote_source_never_blocks_the_loop_and_is_asked_once_per_page() {
         .start()
         .expect("start");
     let addr = memory.addr();
-    // Four threads wait on the same remote page 0.
+    // Four threads wait on the same remote page 0, which is not answered until the gate
+    // opens.
     let slow: Vec<_> = (0..4)
         .map(|_| {
-            std::thread::spawn(move || {
-                let t = Instant::now();
-                // SAFETY: served region.
-                let b = unsafe { std::ptr::read_volatile((addr + 8) as *const u8) };
-                (b, t.elapsed())
-            })
+            // SAFETY: served region.
+            std::thread::spawn(move || unsafe { std::ptr::read_volatile((addr + 8) as *const u8) })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(20));
+    // All four have faulted (nothing else has): one asked the source, three found the
+    // page asked for.
+    wait_for_faults(&pager, 4);
+    let asked = pager.stats();
+    assert_eq!(
+        (asked.faults(), asked.faults_duplicate),
+        (4, 3),
+        "later faults on page 0 asked nothing: {asked:?}"
+    );
     // Meanwhile the single handler thread serves every local (odd) page.
-    let t = Instant::now();
     for page in (1..pages).step_by(2) {
         // SAFETY: served region.
         let got = unsafe { common::bytes(addr + page * PS, PS) };
         assert_eq!(got, &image[page * PS..(page + 1) * PS]);
     }
-    let local = t.elapsed();
-    for s in slow {
-        let (b, waited) = s.join().expect("slow reader");
-        assert_eq!(b, image[8]);
-        assert!(
-            waited >= Duration::from_millis(250),
-            "remote page took the delay: {waited:?}"
-        );
-    }
     assert!(
-        local < Duration::from_millis(200),
-        "local pages were served while the remote page was pending ({local:?})"
+        slow.iter().all(|s| !s.is_finished()),
+        "local pages were served while the remote page was pending"
     );
+    assert_eq!(pager.stats().placed_arrival, 0);
+    gate.open();
+    for s in slow {
+        assert_eq!(s.join().expect("slow reader"), image[8]);
+    }
     assert_eq!(
         source.requests[0].load(Ordering::Relaxed),
         1,
         "page 0 asked once"
     );
     let stats = pager.stop().expect("stop");
-    assert!(
-        stats.faults_duplicate >= 1,
-        "later faults on page 0 asked nothing: {stats:?}"
-    );
     assert_eq!(stats.placed_arrival, 1);
 }
 
@@ -533,7 +596,7 @@ fn an_arrival_for_a_removed_page_places_zeros_not_the_stale_data() {
     let pages = 8;
     let image = common::image(pages, PS, 0);
     let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
-    let source = Remote::new(image.clone(), Duration::from_millis(1));
+    let source = Remote::new(image.clone(), Gate::opened());
     let pager = Pager::builder(common::uffd(), source)
         .mapping(memory.clone(), 0)
         .mode(DeliveryMode::Thread)
@@ -604,13 +667,13 @@ fn readahead_turns_a_sequential_fault_stream_into_large_runs_and_leaves_random_f
     assert_eq!(r.faults(), random.len() as u64);
 }
 
-/// A remote source that answers every fetch later, counts `prioritize` calls, and
-/// answers the first page asked only after `hold`.
+/// A remote source that answers every fetch later, once `gate` is open, and counts
+/// `prioritize` calls.
 struct Prioritized {
     image: Arc<Vec<u8>>,
     queue: Mutex<Option<mpsc::Sender<u64>>>,
     prioritized: AtomicU32,
-    hold: Duration,
+    gate: Arc<Gate>,
 }
 
 impl Source for Prioritized {
@@ -630,7 +693,7 @@ impl Source for Prioritized {
     }
     fn attach(&self, placer: Placer) {
         *self.queue.lock().expect("queue") =
-            Some(remote_peer(placer, self.image.clone(), self.hold));
+            Some(remote_peer(placer, self.image.clone(), self.gate.clone()));
     }
 }
 
@@ -642,7 +705,7 @@ fn threads_waiting_on_a_page_already_asked_for_tell_the_source_and_do_not_refaul
         image: image.clone(),
         queue: Mutex::new(None),
         prioritized: AtomicU32::new(0),
-        hold: Duration::from_millis(300),
+        gate: Gate::shut(),
     });
     let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
     let pager = Pager::builder(common::uffd(), source.clone())
@@ -659,12 +722,24 @@ fn threads_waiting_on_a_page_already_asked_for_tell_the_source_and_do_not_refaul
             })
         })
         .collect();
+    // All 16 have faulted while the page is pending: one asked, fifteen found it asked
+    // for and told the source.
+    wait_for_faults(&pager, 16);
+    assert!(
+        source.prioritized.load(Ordering::Relaxed) >= 15,
+        "faults on a page already asked for reach the source: {:?}",
+        pager.stats()
+    );
+    // Pending a while longer: waiting threads stay blocked, they do not refault (a sleep
+    // can only hide a storm here, never fail the test).
+    std::thread::sleep(Duration::from_millis(300));
+    source.gate.open();
     for t in threads {
         assert_eq!(t.join().expect("reader"), image[5 * PS]);
     }
     let stats = pager.stop().expect("stop");
     assert!(
-        source.prioritized.load(Ordering::Relaxed) >= 1,
+        source.prioritized.load(Ordering::Relaxed) >= 15,
         "faults on a page already asked for reach the source: {stats:?}"
     );
     // 16 threads, one fault each, plus a few a wake may race; never a refault storm.
@@ -680,8 +755,8 @@ fn a_zero_run_arrival_places_what_is_missing_and_wakes_a_waiter_once_for_all() {
     let pages = 8;
     let image = common::image(pages, PS, 0);
     let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
-    // Even pages are remote: their peer would answer only after the test is over.
-    let source = Remote::new(image.clone(), Duration::from_secs(30));
+    // Even pages are remote: their peer answers nothing while the test runs.
+    let source = Remote::new(image.clone(), Gate::shut());
     let pager = Pager::builder(common::uffd(), source)
         .mapping(memory.clone(), 0)
         .mode(DeliveryMode::Thread)
