@@ -238,14 +238,14 @@ fn server_stopped_mid_restore_faults_wait_then_complete() {
     assert_eq!(page_of(&memory, 0), &bytes[..PS]);
     server.stop();
     let waiting = touch_async(&memory, 1600);
-    std::thread::sleep(Duration::from_millis(1500));
+    // A condition, not a delay: a starved machine may take long to fault and fail once.
+    assert!(
+        wait_until(Duration::from_secs(30), || source.stats().fetch.retries > 0),
+        "the fetch is being retried"
+    );
     assert!(
         !waiting.is_finished(),
         "the fault waits while the server is down"
-    );
-    assert!(
-        source.stats().fetch.retries > 0,
-        "the fetch is being retried"
     );
     server.resume();
     assert!(wait_until(Duration::from_secs(20), || waiting.is_finished()));
