@@ -457,24 +457,6 @@ fn frozen_peer(test: &str) -> Option<(S3Server, Proc, PathBuf, Dir)> {
     Some((server, peer, raw, dir))
 }
 
-/// The chunks a command overtook from a stalled peer, from its `overtaken` count (the
-/// restore's JSON detail) or the pull's summary line.
-fn overtaken(f: &Finished) -> u64 {
-    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&f.stdout) {
-        return v["results"][0]["detail"]["overtaken"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no overtaken count: {}", f.text()));
-    }
-    let (before, _) = f
-        .stdout
-        .split_once(" overtaken from a stalled peer")
-        .unwrap_or_else(|| panic!("no overtaken count: {}", f.text()));
-    let count = before.rsplit(' ').next().unwrap_or_default();
-    count
-        .parse()
-        .unwrap_or_else(|_| panic!("overtaken count {count:?}: {}", f.text()))
-}
-
 /// Another pull of the same image through the same cache overtakes a frozen peer instead
 /// of waiting for its chunks: with `--retry-secs 600` (before: the deadline per chunk;
 /// waiting even one would outlast [`FROZEN_PEER_BOUND`]), it ends and is the image.
@@ -491,7 +473,11 @@ fn a_pull_sharing_the_cache_with_a_frozen_peer_overtakes_it() {
         .envs(server.env());
     let f = Proc::start(cmd).finish_within(FROZEN_PEER_BOUND);
     assert!(f.status.success(), "{}", f.text());
-    assert!(overtaken(&f) > 0, "the frozen peer's chunks: {}", f.text());
+    assert!(
+        common::overtaken(&f) > 0,
+        "the frozen peer's chunks: {}",
+        f.text()
+    );
     assert_eq!(
         std::fs::read(dir.0.join("mem.raw")).expect("the pulled image"),
         std::fs::read(&raw).expect("the pushed image"),
@@ -532,7 +518,11 @@ fn a_restore_sharing_the_cache_with_a_frozen_peer_overtakes_it() {
     assert!(f.status.success(), "{}", f.text());
     let v: serde_json::Value = serde_json::from_str(&f.stdout).expect("json");
     assert_eq!(v["verified"], true, "{}", f.text());
-    assert!(overtaken(&f) > 0, "the frozen peer's chunks: {}", f.text());
+    assert!(
+        common::overtaken(&f) > 0,
+        "the frozen peer's chunks: {}",
+        f.text()
+    );
 }
 
 /// `image pull` terminated while its output is being written (its store hangs on the pack

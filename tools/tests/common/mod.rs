@@ -264,3 +264,21 @@ pub fn image(path: &Path, bytes: usize) {
         .collect();
     std::fs::write(path, data).expect("write image");
 }
+
+/// The chunks a command overtook from a stalled peer, from its `overtaken` count (the
+/// restore's JSON detail) or the pull's summary line.
+pub fn overtaken(f: &Finished) -> u64 {
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&f.stdout) {
+        return v["results"][0]["detail"]["overtaken"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no overtaken count: {}", f.text()));
+    }
+    let (before, _) = f
+        .stdout
+        .split_once(" overtaken from a stalled peer")
+        .unwrap_or_else(|| panic!("no overtaken count: {}", f.text()));
+    let count = before.rsplit(' ').next().unwrap_or_default();
+    count
+        .parse()
+        .unwrap_or_else(|_| panic!("overtaken count {count:?}: {}", f.text()))
+}
