@@ -51,7 +51,7 @@ pub(super) fn chain(args: &ChainArgs) -> Result<()> {
         std::thread::sleep(Duration::from_secs_f64(args.interval));
         // The last layers are taken with the writers stopped, so that the reference and
         // the full image below hold exactly the last one's memory.
-        if k + args.still_layers > args.layers {
+        if args.layers - k < args.still_layers {
             if let Some(w) = writers.take() {
                 w.stop();
             }
