@@ -446,21 +446,35 @@ fn a_file_image_truncated_while_served_fails_the_pager_instead_of_serving_zeros(
     if !testkit::isolated(NAME, WATCHDOG) {
         return;
     }
+    match serve_a_file_truncated_under(false) {
+        Err(Error::Source(e)) => assert_eq!(e.offset, (12 * PS) as u64, "{e:?}"),
+        other => panic!("a source error, not {other:?}"),
+    }
+}
+
+/// Serves a 16-page image file (read with `pread`, or mapped into a MINOR region of shared
+/// memory), truncates it to 8 pages under the pager (as another process would), touches
+/// page 12 — which must raise SIGBUS — and returns what the stopped pager says.
+fn serve_a_file_truncated_under(minor: bool) -> Result<(), Error> {
     let pages = 16;
     let image = common::image(pages, PS, 0);
     let path = std::env::temp_dir().join(format!("uffdkit-test-{}-truncated", std::process::id()));
     std::fs::write(&path, &image).expect("write the image");
-    let source = Arc::new(pager::FileSource::pread(&path).expect("open"));
-    let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
-    let pager = Pager::builder(common::uffd(), source)
-        .mapping(memory.clone(), 0)
-        .mode(DeliveryMode::Thread)
-        .start()
-        .expect("start");
+    let (memory, builder) = if minor {
+        let memory = Arc::new(Mapping::new(MemoryKind::Shmem, pages * PS).expect("map"));
+        let source = Arc::new(pager::FileSource::mmap(&path).expect("open"));
+        let builder = Pager::builder(common::uffd(), source).mapping_minor(memory.clone(), 0);
+        (memory, builder)
+    } else {
+        let memory = Arc::new(Mapping::new(MemoryKind::Anon, pages * PS).expect("map"));
+        let source = Arc::new(pager::FileSource::pread(&path).expect("open"));
+        let builder = Pager::builder(common::uffd(), source).mapping(memory.clone(), 0);
+        (memory, builder)
+    };
+    let pager = builder.mode(DeliveryMode::Thread).start().expect("start");
     // SAFETY: the served region.
     let first = unsafe { common::bytes(memory.addr(), PS) };
     assert_eq!(first, &image[..PS], "served from the file");
-    // Another process shrinks the image under the pager.
     std::fs::OpenOptions::new()
         .write(true)
         .open(&path)
@@ -468,12 +482,9 @@ fn a_file_image_truncated_while_served_fails_the_pager_instead_of_serving_zeros(
         .expect("truncate the image");
     let touched = testkit::sigbus::touch_expecting_sigbus(memory.addr() + 12 * PS, SIGBUS_WAIT);
     let _ = std::fs::remove_file(&path);
-    touched.expect("a page the file lost raises SIGBUS");
+    touched.expect("a touch of a page the file lost raises SIGBUS (not the pager's thread)");
     assert!(pager.wait(Some(SIGBUS_WAIT)), "the pager stops");
-    match pager.stop() {
-        Err(Error::Source(e)) => assert_eq!(e.offset, (12 * PS) as u64, "{e:?}"),
-        other => panic!("a source error, not {other:?}"),
-    }
+    pager.stop().map(drop)
 }
 
 /// After a fatal error no thread is left blocked on a page the pager will never serve: a
@@ -592,28 +603,8 @@ fn a_mapped_file_image_truncated_under_a_minor_region_fails_the_pager_not_its_ha
     if !testkit::isolated(NAME, WATCHDOG) {
         return;
     }
-    let pages = 16;
-    let image = common::image(pages, PS, 0);
-    let path = std::env::temp_dir().join(format!("uffdkit-test-{}-truncated", std::process::id()));
-    std::fs::write(&path, &image).expect("write the image");
-    let source = Arc::new(pager::FileSource::mmap(&path).expect("open"));
-    let memory = Arc::new(Mapping::new(MemoryKind::Shmem, pages * PS).expect("map"));
-    let pager = Pager::builder(common::uffd(), source)
-        .mapping_minor(memory.clone(), 0)
-        .mode(DeliveryMode::Thread)
-        .start()
-        .expect("start");
-    // SAFETY: the served region.
-    let first = unsafe { common::bytes(memory.addr(), PS) };
-    assert_eq!(first, &image[..PS], "served from the file");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .and_then(|f| f.set_len((pages / 2 * PS) as u64))
-        .expect("truncate the image");
-    let touched = testkit::sigbus::touch_expecting_sigbus(memory.addr() + 12 * PS, SIGBUS_WAIT);
-    let _ = std::fs::remove_file(&path);
-    touched.expect("the touch of a page the file lost raises SIGBUS (not the pager's thread)");
-    assert!(pager.wait(Some(SIGBUS_WAIT)), "the pager stops");
-    assert!(pager.stop().is_err(), "the pager failed");
+    assert!(
+        serve_a_file_truncated_under(true).is_err(),
+        "the pager failed"
+    );
 }
