@@ -312,25 +312,43 @@ fn a_pair_that_progressed_is_followed_at_once_and_one_that_brought_nothing_after
 /// deadlines: a pair frozen after its greeting breaks one deadline after it.)
 #[test]
 fn an_idle_postcopy_pair_that_outlived_the_bound_and_broke_is_resumed() {
-    let give_up_after = Duration::from_secs(2);
+    let reconnects = idle_postcopy(1, |n, proxy| {
+        if n == 1 {
+            std::thread::spawn(move || {
+                std::thread::sleep(IDLE_BOUND + Duration::from_secs(1));
+                assert!(proxy.cut_now(CutMode::Reset, Target::All) > 0, "cut");
+            });
+        }
+    });
+    assert_eq!(reconnects, 1);
+}
+
+/// Both ends' give-up bound in the idle-pair tests (silence 1 s).
+const IDLE_BOUND: Duration = Duration::from_secs(2);
+
+/// Runs a demand-only postcopy of 1 MiB whose workload idles 6 s and then touches every
+/// page, both ends' bound [`IDLE_BOUND`], through a proxy; `on_postcopy(n, proxy)` runs
+/// at the source's `n`-th postcopy (from 1). Returns the source's reconnects, of which
+/// `reconnects` are expected.
+fn idle_postcopy(reconnects: u64, on_postcopy: fn(u32, Arc<Proxy>)) -> u64 {
     let mut case = common::Case::new("127.0.0.1:0", 1 << 20);
     case.opts.max_rounds = 0;
     case.opts.background = false;
     case.opts.timing = Timing {
-        give_up_after,
+        give_up_after: IDLE_BOUND,
         silence: Duration::from_secs(1),
         ..common::test_timing()
     };
     // The destination's bound as short: its pair was idle too, not stalled.
     case.dest_timing = case.opts.timing;
-    // Idle past the cut, then touches every page (demand-only: that ends postcopy).
+    // Idle past the cuts, then touches every page (demand-only: that ends postcopy).
     case.workload = |mem| {
         std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_secs(5));
+            std::thread::sleep(Duration::from_secs(6));
             common::toucher(mem).join().unwrap()
         })
     };
-    case.reconnects = Some(1);
+    case.reconnects = Some(reconnects);
     let proxy: Arc<Mutex<Option<Arc<Proxy>>>> = Arc::default();
     let px = proxy.clone();
     case.proxy = Some(Box::new(move |p: &Arc<Proxy>| {
@@ -338,18 +356,16 @@ fn an_idle_postcopy_pair_that_outlived_the_bound_and_broke_is_resumed() {
     }));
     case.src = Box::new(move |control| {
         let proxy = proxy.lock().unwrap().clone().expect("the proxy");
+        let pairs = Mutex::new(0);
         control.observe(Arc::new(move |e| {
             if matches!(e, Event::Postcopy) {
-                let proxy = proxy.clone();
-                std::thread::spawn(move || {
-                    std::thread::sleep(give_up_after + Duration::from_secs(1));
-                    assert!(proxy.cut_now(CutMode::Reset, Target::All) > 0, "cut");
-                });
+                let mut n = pairs.lock().unwrap_or_else(|p| p.into_inner());
+                *n += 1;
+                on_postcopy(*n, proxy.clone());
             }
         }));
     });
-    let (src, _) = case.run();
-    assert_eq!(src.reconnects, 1);
+    case.run().0.reconnects
 }
 
 /// A slow but live link: every connection carries at most `RATE` bytes a second each way,
@@ -512,51 +528,15 @@ fn a_destination_whose_source_reconnects_but_carries_nothing_gives_up() {
 /// it was idle, not stalled: the destination must take the next pair, not give up.
 #[test]
 fn a_destination_resumes_after_an_idle_pair_that_outlived_its_bound() {
-    let give_up_after = Duration::from_secs(2);
-    let mut case = common::Case::new("127.0.0.1:0", 1 << 20);
-    case.opts.max_rounds = 0;
-    case.opts.background = false;
-    case.opts.timing = Timing {
-        give_up_after,
-        silence: Duration::from_secs(1),
-        ..common::test_timing()
-    };
-    case.dest_timing = case.opts.timing;
-    // Idle past both cuts, then touches every page (demand-only: that ends postcopy).
-    case.workload = |mem| {
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_secs(6));
-            common::toucher(mem).join().unwrap()
-        })
-    };
-    case.reconnects = Some(2);
-    let proxy: Arc<Mutex<Option<Arc<Proxy>>>> = Arc::default();
-    let px = proxy.clone();
-    case.proxy = Some(Box::new(move |p: &Arc<Proxy>| {
-        *px.lock().unwrap() = Some(p.clone());
-    }));
-    case.src = Box::new(move |control| {
-        let proxy = proxy.lock().unwrap().clone().expect("the proxy");
-        let pairs = Mutex::new(0);
-        control.observe(Arc::new(move |e| {
-            if !matches!(e, Event::Postcopy) {
-                return;
-            }
-            let mut n = pairs.lock().unwrap_or_else(|p| p.into_inner());
-            *n += 1;
-            let proxy = proxy.clone();
-            match *n {
-                1 => assert!(proxy.cut_now(CutMode::Reset, Target::All) > 0, "cut"),
-                2 => {
-                    std::thread::spawn(move || {
-                        std::thread::sleep(give_up_after + Duration::from_secs(1));
-                        assert!(proxy.cut_now(CutMode::Reset, Target::All) > 0, "cut");
-                    });
-                }
-                _ => {}
-            }
-        }));
+    let reconnects = idle_postcopy(2, |n, proxy| match n {
+        1 => assert!(proxy.cut_now(CutMode::Reset, Target::All) > 0, "cut"),
+        2 => {
+            std::thread::spawn(move || {
+                std::thread::sleep(IDLE_BOUND + Duration::from_secs(1));
+                assert!(proxy.cut_now(CutMode::Reset, Target::All) > 0, "cut");
+            });
+        }
+        _ => {}
     });
-    let (src, _) = case.run();
-    assert_eq!(src.reconnects, 2);
+    assert_eq!(reconnects, 2);
 }
