@@ -324,32 +324,7 @@ fn fork_and_read(memory: &Mapping, image: &[u8]) -> i32 {
         // SAFETY: ends the child.
         unsafe { libc::_exit(code) };
     }
-    wait_bounded(pid)
-}
-
-/// Waits for child `pid`; returns its exit code (128 + signal if killed), killing it after
-/// 20 s (a hang: -1).
-fn wait_bounded(pid: i32) -> i32 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let mut status = 0;
-        // SAFETY: polling our own child.
-        let waited = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if waited == pid {
-            return if libc::WIFEXITED(status) {
-                libc::WEXITSTATUS(status)
-            } else {
-                128 + libc::WTERMSIG(status)
-            };
-        }
-        if Instant::now() > deadline {
-            // SAFETY: our own child, hung.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            common::wait(pid);
-            return -1;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    common::wait_bounded(pid)
 }
 
 /// Serves `memory` from a remote source with fork events on; the parent reads the first
@@ -554,7 +529,7 @@ fn child_after_its_parents_pager_ends(end: ParentEnd) -> (i32, Option<pager::Sta
     }
     let stats = pager.stop().ok();
     nix::unistd::write(&word_out, b"x").expect("the word");
-    (wait_bounded(pid), stats)
+    (common::wait_bounded(pid), stats)
 }
 
 #[test]
@@ -630,7 +605,7 @@ fn a_forked_child_of_a_minor_region_sees_its_parents_writes_and_never_overwrites
         // SAFETY: ends the child without running the parent's exit handlers.
         unsafe { libc::_exit(if ok { CHILD_SERVED } else { CHILD_WRONG }) };
     }
-    let outcome = wait_bounded(pid);
+    let outcome = common::wait_bounded(pid);
     // SAFETY: the served region.
     let after = unsafe { common::bytes(page(2), PS) };
     assert!(

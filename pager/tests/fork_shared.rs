@@ -166,38 +166,13 @@ fn child_waits_on_parents_page(own_child: bool) -> Seen {
         cpu_time().saturating_sub(cpu0),
     );
     go.send(()).expect("the source's thread waits");
-    let outcome = wait_bounded(pid);
+    let outcome = common::wait_bounded(pid);
     let stats = pager.stop().expect("the parent's pager is fine");
     Seen {
         outcome,
         duplicates,
         cpu,
         stats,
-    }
-}
-
-/// Waits for child `pid`; returns its exit code (128 + signal if killed), killing it after
-/// 20 s (a hang: -1).
-fn wait_bounded(pid: i32) -> i32 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let mut status = 0;
-        // SAFETY: polling our own child.
-        let waited = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if waited == pid {
-            return if libc::WIFEXITED(status) {
-                libc::WEXITSTATUS(status)
-            } else {
-                128 + libc::WTERMSIG(status)
-            };
-        }
-        if Instant::now() > deadline {
-            // SAFETY: our own child, hung.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            common::wait(pid);
-            return -1;
-        }
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -329,7 +304,7 @@ fn a_child_faulting_on_a_shared_page_a_parents_handler_fetches_waits_and_is_serv
         "the parent reads the image"
     );
     assert_eq!(
-        wait_bounded(pid),
+        common::wait_bounded(pid),
         CHILD_SERVED,
         "the child reads the page once it lands (1: other bytes, 135: SIGBUS, -1: hung)"
     );

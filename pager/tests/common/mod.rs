@@ -292,3 +292,28 @@ pub fn touch_in_sigbus_mode(source: Arc<dyn Source>) -> ! {
     drop(pager);
     panic!("the touch was served: read {byte}");
 }
+
+/// Waits for child `pid`; returns its exit code (128 + signal if killed), killing it after
+/// 20 s (a hang: -1).
+pub fn wait_bounded(pid: i32) -> i32 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let mut status = 0;
+        // SAFETY: polling our own child.
+        let waited = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if waited == pid {
+            return if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else {
+                128 + libc::WTERMSIG(status)
+            };
+        }
+        if std::time::Instant::now() > deadline {
+            // SAFETY: our own child, hung.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            wait(pid);
+            return -1;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
