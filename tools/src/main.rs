@@ -85,7 +85,11 @@ fn main() -> ExitCode {
     let backtrace = exit::decide_backtraces(cli.verbose);
     logging::init(cli.verbose, cli.quiet);
     progress::set_display(cli.progress);
-    match run(cli.command.unwrap_or(Command::Demo(demo::Args::default()))) {
+    let outcome = run(cli.command.unwrap_or(Command::Demo(demo::Args::default())));
+    // A termination signal ends the process itself, after its cleanup: what the command
+    // returned meanwhile (often an error the cleanup caused) is not its outcome.
+    signals::await_termination();
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => exit::report(&e, backtrace),
     }

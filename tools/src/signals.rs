@@ -5,8 +5,30 @@
 //! signal handler; then the process exits with 128 + the signal's number, as a shell
 //! reports a process killed by it.
 
+use std::sync::atomic::{AtomicI32, Ordering};
+
 use anyhow::{Context, Result};
 use nix::sys::signal::{SigSet, Signal};
+
+/// The termination signal the signal thread took (0: none yet). Set before its cleanup
+/// runs, so whatever the cleanup causes (a child it killed, a file it removed) happens
+/// after it is set.
+static TERMINATING: AtomicI32 = AtomicI32::new(0);
+
+/// If a termination signal was taken, waits for the signal thread to end the process
+/// (with 128 plus the signal, after its cleanup) and never returns. The command's own outcome must not
+/// race that exit: its cleanup kills children and removes files, which the command then
+/// meets as errors of its own ("the destination did not start"), and a command exiting
+/// first, with 1 or 0, would both misreport the signal and cut the cleanup short. `main`
+/// calls it before it exits.
+pub fn await_termination() {
+    // SeqCst: pairs with the signal thread's store before its cleanup.
+    if TERMINATING.load(Ordering::SeqCst) != 0 {
+        loop {
+            std::thread::park();
+        }
+    }
+}
 
 /// Calls `cleanup` when SIGINT, SIGTERM or SIGHUP arrives, then exits 128 + signal.
 ///
@@ -24,6 +46,8 @@ pub fn on_termination(cleanup: impl FnOnce(Signal) + Send + 'static) -> Result<(
         .spawn(move || {
             // sigwait(2) fails only for an invalid set; then nothing can be caught.
             if let Ok(signal) = set.wait() {
+                // SeqCst: visible to `await_termination` before anything the cleanup does.
+                TERMINATING.store(signal as i32, Ordering::SeqCst);
                 cleanup(signal);
                 std::process::exit(128 + signal as i32);
             }
