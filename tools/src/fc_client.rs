@@ -119,6 +119,16 @@ pub fn run(args: &ClientArgs) -> Result<()> {
     send_fds(&stream, body.as_bytes(), &fds).context("send the region table")?;
     drop(fds);
     drop(uffd); // the handler owns it now, as with Firecracker
+    if args.secret_free {
+        // Such a Firecracker asks for its vCPUs' faults on the socket and waits for the
+        // answer; it never touches unregistered memory: wait as it would.
+        let mut byte = [0u8; 1];
+        let _ = std::io::Read::read(&mut &stream, &mut byte);
+        // Unanswered, it would hang; a handler that refused it kills it (its SIGKILL may
+        // come just after the socket closed): hang a while, then say so.
+        std::thread::sleep(std::time::Duration::from_secs(10));
+        bail!("the handler closed the socket without answering the secret-free VM");
+    }
     let stream = (!args.close_socket).then_some(stream);
     let mut want = vec![0u8; ps];
     let mut zeroed = 0..0;
